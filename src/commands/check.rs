@@ -1,0 +1,149 @@
+//! `lifeboat check`: the config is valid (it was loaded), every repository can be written,
+//! read back, listed and cleaned, conditional create is really honoured, and every job's
+//! source is reachable. Reports each item OK or what is wrong.
+
+use std::fmt;
+
+use bytes::Bytes;
+use serde::Serialize;
+
+use crate::config::{Config, JobSource};
+use crate::error::{Error, ErrorKind, Result};
+use crate::repository::Repository;
+use crate::storage::{self, StoreError};
+
+#[derive(Debug, Serialize)]
+pub struct CheckItem {
+    pub what: String,
+    pub problem: Option<String>,
+    pub notes: Vec<String>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct CheckReport {
+    pub config: String,
+    pub items: Vec<CheckItem>,
+}
+
+impl CheckReport {
+    pub fn outcome(&self) -> Result<()> {
+        let failed: Vec<&str> = self
+            .items
+            .iter()
+            .filter(|i| i.problem.is_some())
+            .map(|i| i.what.as_str())
+            .collect();
+        if failed.is_empty() {
+            return Ok(());
+        }
+        Err(Error::new(
+            ErrorKind::Storage,
+            format!("check failed for: {}", failed.join(", ")),
+        ))
+    }
+}
+
+pub async fn run(config: &Config) -> CheckReport {
+    let mut items = Vec::new();
+    for repository in Repository::open_all(config).await {
+        let what = format!(
+            "repository '{}' ({})",
+            repository.name,
+            repository.store.location()
+        );
+        let (problem, notes) = match probe(&repository).await {
+            Ok(notes) => (None, notes),
+            Err(e) => (Some(e), Vec::new()),
+        };
+        items.push(CheckItem {
+            what,
+            problem,
+            notes,
+        });
+    }
+    for job in &config.jobs {
+        let problem = match &job.source {
+            JobSource::Files(files) => files.paths.iter().find_map(|path| {
+                std::fs::symlink_metadata(path)
+                    .err()
+                    .map(|e| format!("path '{}': {e}", path.display()))
+            }),
+        };
+        items.push(CheckItem {
+            what: format!("job '{}' ({})", job.name, job.kind_name()),
+            problem,
+            notes: Vec::new(),
+        });
+    }
+    CheckReport {
+        config: config.path.display().to_string(),
+        items,
+    }
+}
+
+/// Writes, reads back, lists and deletes a probe object, and tests whether conditional
+/// create is enforced (some S3-compatible servers silently ignore If-None-Match).
+async fn probe(repository: &Repository) -> Result<Vec<String>, String> {
+    let store = repository.store.as_ref();
+    let token = format!(
+        "{}-{}-{}",
+        crate::commands::backup::host_name(),
+        std::process::id(),
+        chrono::Utc::now().timestamp_nanos_opt().unwrap_or_default()
+    );
+    let key = format!("check/probe-{token}");
+    let body = Bytes::from(format!("lifeboat check {token}\n"));
+    let fail =
+        |action: &str, e: StoreError| format!("unable to {action} probe object '{key}': {e}");
+
+    storage::put_bytes(store, &key, body.clone())
+        .await
+        .map_err(|e| fail("write", e))?;
+    let cleanup = async {
+        let read = storage::get_bytes(store, &key).await.map_err(|e| fail("read", e))?;
+        if read != body {
+            return Err(format!("probe object '{key}' read back different bytes than were written"));
+        }
+        let listed = store.list("check/").await.map_err(|e| fail("list", e))?;
+        if !listed.iter().any(|o| o.key == key) {
+            return Err(format!("probe object '{key}' was written but is not listed"));
+        }
+        let conditional = format!("{key}.conditional");
+        let mut notes = Vec::new();
+        store.create_if_absent(&conditional, body.clone()).await.map_err(|e| fail("create", e))?;
+        match store.create_if_absent(&conditional, body.clone()).await {
+            Err(StoreError::AlreadyExists { .. }) => notes.push("conditional create: enforced".to_string()),
+            Ok(()) => notes.push(
+                "conditional create: NOT enforced by this server (If-None-Match ignored); never run two backups of one job at once"
+                    .to_string(),
+            ),
+            Err(e) => return Err(fail("create", e)),
+        }
+        store.delete(&conditional).await.map_err(|e| fail("delete", e))?;
+        Ok(notes)
+    }
+    .await;
+    store.delete(&key).await.map_err(|e| fail("delete", e))?;
+    let notes = cleanup?;
+    match store.head(&key).await {
+        Err(StoreError::NotFound { .. }) => Ok(notes),
+        Ok(_) => Err(format!("probe object '{key}' is still there after delete")),
+        Err(e) => Err(fail("stat", e)),
+    }
+}
+
+impl fmt::Display for CheckReport {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        writeln!(f, "ok       config '{}'", self.config)?;
+        for item in &self.items {
+            match &item.problem {
+                None => writeln!(f, "ok       {}", item.what)?,
+                Some(problem) => writeln!(f, "FAILED   {}: {problem}", item.what)?,
+            }
+            for note in &item.notes {
+                writeln!(f, "         {note}")?;
+            }
+        }
+        Ok(())
+    }
+}

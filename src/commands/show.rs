@@ -1,0 +1,106 @@
+//! `lifeboat show BACKUP`: one manifest, readable (or as JSON).
+
+use std::fmt;
+
+use serde::Serialize;
+
+use super::human_size;
+use crate::config::Config;
+use crate::error::{Error, ErrorKind, Result};
+use crate::manifest::Manifest;
+use crate::repository::Repository;
+
+pub struct ShowOptions {
+    /// A backup id, or "latest" together with `job`.
+    pub backup: String,
+    pub job: Option<String>,
+    pub from: Option<String>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct ShowReport {
+    pub repository: String,
+    pub manifest: Manifest,
+}
+
+pub async fn run(config: &Config, options: &ShowOptions) -> Result<ShowReport> {
+    let repository = Repository::choose(config, options.from.as_deref()).await?;
+    let jobs: Vec<&str> = match &options.job {
+        Some(job) => vec![config.job(job)?.name.as_str()],
+        None => config.jobs.iter().map(|j| j.name.as_str()).collect(),
+    };
+    if options.backup == "latest" && jobs.len() != 1 {
+        return Err(Error::usage("`show latest` needs --job JOB"));
+    }
+    let mut found = Vec::new();
+    for job in jobs {
+        match repository.resolve_backup(job, &options.backup).await {
+            Ok(id) => found.push((job, id)),
+            Err(e) if e.kind() == ErrorKind::NotFound => {}
+            Err(e) => return Err(e),
+        }
+    }
+    match found.as_slice() {
+        [(job, id)] => Ok(ShowReport {
+            repository: repository.name.clone(),
+            manifest: repository.read_manifest(job, id).await?,
+        }),
+        [] => Err(Error::new(
+            ErrorKind::NotFound,
+            format!(
+                "unable to find backup '{}' in repository '{}'",
+                options.backup, repository.name
+            ),
+        )
+        .with_hint("run `lifeboat list` to see the backups each repository holds")),
+        several => Err(Error::usage(format!(
+            "backup id '{}' exists for several jobs ({}); add --job JOB",
+            options.backup,
+            several
+                .iter()
+                .map(|(job, _)| *job)
+                .collect::<Vec<_>>()
+                .join(", ")
+        ))),
+    }
+}
+
+impl fmt::Display for ShowReport {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let m = &self.manifest;
+        writeln!(f, "backup          {}/{}", m.job, m.id)?;
+        writeln!(f, "kind            {}", m.kind)?;
+        writeln!(f, "repository      {}", self.repository)?;
+        writeln!(f, "started         {}", m.started_at.to_rfc3339())?;
+        writeln!(f, "finished        {}", m.finished_at.to_rfc3339())?;
+        writeln!(f, "recovery point  {}", m.recovery_point.to_rfc3339())?;
+        writeln!(f, "host            {}", m.host)?;
+        writeln!(f, "lifeboat        {}", m.tool_version)?;
+        if !m.source.paths.is_empty() {
+            writeln!(f, "paths           {}", m.source.paths.join(", "))?;
+        }
+        if let Some(entries) = m.source.entries {
+            writeln!(f, "entries         {entries}")?;
+        }
+        writeln!(
+            f,
+            "size            {} stored, {} raw",
+            human_size(m.stored_size()),
+            human_size(m.raw_size())
+        )?;
+        writeln!(f, "objects")?;
+        for object in &m.objects {
+            writeln!(
+                f,
+                "  {}  {} stored ({}), {} raw",
+                object.name,
+                human_size(object.size),
+                object.compression,
+                human_size(object.raw_size)
+            )?;
+            writeln!(f, "    sha256      {}", object.sha256)?;
+            writeln!(f, "    raw_sha256  {}", object.raw_sha256)?;
+        }
+        Ok(())
+    }
+}

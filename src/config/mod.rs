@@ -1,0 +1,646 @@
+//! The config file: parsed from TOML into raw structs that mirror what users write, then
+//! validated into [`Config`], whose values are ready to use. Every validation error names the
+//! file, the field and the value. Depends only on `error`.
+
+mod raw;
+
+use std::collections::HashSet;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use crate::error::{Error, Result};
+
+pub const DEFAULT_CONFIG_PATH: &str = "/etc/lifeboat/lifeboat.toml";
+pub const EXAMPLE: &str = include_str!("example.toml");
+
+const MIN_PART_SIZE: u64 = 5 * 1024 * 1024;
+const MAX_PART_SIZE: u64 = 5 * 1024 * 1024 * 1024;
+const DEFAULT_PART_SIZE: u64 = 8 * 1024 * 1024;
+const DEFAULT_PARTS_IN_FLIGHT: usize = 4;
+const DEFAULT_MAX_ATTEMPTS: u32 = 5;
+
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub path: PathBuf,
+    pub targets: Targets,
+    pub compression: Compression,
+    pub repositories: Vec<RepositoryConfig>,
+    pub jobs: Vec<JobConfig>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Targets {
+    pub rto: Duration,
+    pub rpo: Duration,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Compression {
+    pub level: i32,
+    /// zstd worker threads; at least 1.
+    pub threads: u32,
+}
+
+#[derive(Debug, Clone)]
+pub struct RepositoryConfig {
+    pub name: String,
+    pub location: Location,
+}
+
+#[derive(Debug, Clone)]
+pub enum Location {
+    Local { path: PathBuf },
+    S3(S3Settings),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RequestChecksums {
+    /// Only the checksums lifeboat computes itself (sha256 per part) are sent.
+    WhenRequired,
+    /// Also the SDK's default checksum trailers; some S3-compatible servers reject these.
+    WhenSupported,
+}
+
+#[derive(Debug, Clone)]
+pub struct S3Settings {
+    pub bucket: String,
+    /// Empty, or ends without a slash: keys are `PREFIX/...`.
+    pub prefix: String,
+    pub region: String,
+    pub endpoint: Option<String>,
+    pub path_style: bool,
+    pub profile: Option<String>,
+    pub part_size: u64,
+    pub parts_in_flight: usize,
+    pub max_attempts: u32,
+    pub request_checksums: RequestChecksums,
+}
+
+#[derive(Debug, Clone)]
+pub struct JobConfig {
+    pub name: String,
+    pub schedule: Option<String>,
+    pub retention: Option<Retention>,
+    pub source: JobSource,
+}
+
+#[derive(Debug, Clone)]
+pub enum JobSource {
+    Files(FilesJob),
+}
+
+#[derive(Debug, Clone)]
+pub struct FilesJob {
+    pub paths: Vec<PathBuf>,
+    pub include: Vec<String>,
+    pub exclude: Vec<String>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Retention {
+    pub keep_last: Option<u32>,
+    pub keep_hourly: Option<u32>,
+    pub keep_daily: Option<u32>,
+    pub keep_weekly: Option<u32>,
+    pub keep_monthly: Option<u32>,
+    pub keep_yearly: Option<u32>,
+    pub keep_within: Option<Duration>,
+}
+
+impl Config {
+    /// Reads and validates the config file at `path`.
+    pub fn load(path: &Path) -> Result<Config> {
+        let text = std::fs::read_to_string(path).map_err(|e| {
+            let mut err = Error::config(format!("unable to read config file '{}'", path.display()))
+                .with_source(e);
+            if !path.exists() {
+                err = err.with_hint(format!(
+                    "run `lifeboat --config {} init` to write an example config",
+                    path.display()
+                ));
+            }
+            err
+        })?;
+        Config::parse(&text, path)
+    }
+
+    /// Parses config text; `path` is only used to name the file in errors.
+    pub fn parse(text: &str, path: &Path) -> Result<Config> {
+        let raw: raw::RawConfig = toml::from_str(text).map_err(|e| {
+            Error::config(format!(
+                "unable to parse config file '{}': {}",
+                path.display(),
+                e.to_string().trim_end()
+            ))
+        })?;
+        validate(raw, path).map_err(|problem| {
+            Error::config(format!(
+                "invalid config file '{}': {problem}",
+                path.display()
+            ))
+        })
+    }
+
+    pub fn job(&self, name: &str) -> Result<&JobConfig> {
+        self.jobs.iter().find(|j| j.name == name).ok_or_else(|| {
+            let known: Vec<&str> = self.jobs.iter().map(|j| j.name.as_str()).collect();
+            Error::usage(format!(
+                "unable to find job '{name}' in config file '{}'",
+                self.path.display()
+            ))
+            .with_hint(format!("configured jobs: {}", known.join(", ")))
+        })
+    }
+
+    pub fn repository(&self, name: &str) -> Result<&RepositoryConfig> {
+        self.repositories
+            .iter()
+            .find(|r| r.name == name)
+            .ok_or_else(|| {
+                let known: Vec<&str> = self.repositories.iter().map(|r| r.name.as_str()).collect();
+                Error::usage(format!(
+                    "unable to find repository '{name}' in config file '{}'",
+                    self.path.display()
+                ))
+                .with_hint(format!("configured repositories: {}", known.join(", ")))
+            })
+    }
+}
+
+impl JobConfig {
+    pub fn kind_name(&self) -> &'static str {
+        match self.source {
+            JobSource::Files(_) => "files",
+        }
+    }
+}
+
+/// A validation problem: the dotted field path and what is wrong with its value.
+type Problem = String;
+
+fn validate(raw: raw::RawConfig, path: &Path) -> Result<Config, Problem> {
+    let targets = raw.targets.unwrap_or_default();
+    let targets = Targets {
+        rto: duration_field("targets.rto", targets.rto.as_deref(), "4h")?,
+        rpo: duration_field("targets.rpo", targets.rpo.as_deref(), "1h")?,
+    };
+
+    let compression = raw.compression.unwrap_or_default();
+    let level = compression.level.unwrap_or(3);
+    if !(1..=19).contains(&level) {
+        return Err(format!(
+            "compression.level: must be between 1 and 19 (got {level})"
+        ));
+    }
+    let threads = match compression.threads.unwrap_or(0) {
+        0 => std::thread::available_parallelism().map_or(1, |n| n.get() as u32),
+        n if n <= 256 => n,
+        n => {
+            return Err(format!(
+                "compression.threads: must be at most 256 (got {n})"
+            ));
+        }
+    };
+
+    if raw.repository.is_empty() {
+        return Err("repository: at least one [[repository]] is required".into());
+    }
+    let mut names = HashSet::new();
+    let mut repositories = Vec::new();
+    for (index, repo) in raw.repository.into_iter().enumerate() {
+        let repository = validate_repository(index, repo)?;
+        if !names.insert(repository.name.clone()) {
+            return Err(format!(
+                "repository[{index}].name: duplicate repository name \"{}\"",
+                repository.name
+            ));
+        }
+        repositories.push(repository);
+    }
+
+    let mut names = HashSet::new();
+    let mut jobs = Vec::new();
+    for (index, job) in raw.job.into_iter().enumerate() {
+        let job = validate_job(index, job)?;
+        if !names.insert(job.name.clone()) {
+            return Err(format!(
+                "job[{index}].name: duplicate job name \"{}\"",
+                job.name
+            ));
+        }
+        jobs.push(job);
+    }
+
+    Ok(Config {
+        path: path.to_path_buf(),
+        targets,
+        compression: Compression { level, threads },
+        repositories,
+        jobs,
+    })
+}
+
+fn validate_name(field: &str, name: &str) -> Result<(), Problem> {
+    let valid = !name.is_empty()
+        && name.len() <= 64
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.')
+        && !name.starts_with('.');
+    if valid {
+        Ok(())
+    } else {
+        Err(format!(
+            "{field}: must be 1-64 characters of letters, digits, '-', '_' or '.', not starting with '.' (got \"{name}\")"
+        ))
+    }
+}
+
+fn validate_repository(
+    index: usize,
+    repo: raw::RawRepository,
+) -> Result<RepositoryConfig, Problem> {
+    let at = |field: &str| match &repo.name {
+        Some(name) => format!("repository[{index}] ({name}).{field}"),
+        None => format!("repository[{index}].{field}"),
+    };
+    let name = repo
+        .name
+        .clone()
+        .ok_or_else(|| format!("{}: is required", at("name")))?;
+    validate_name(&at("name"), &name)?;
+    let kind = repo
+        .r#type
+        .as_deref()
+        .ok_or_else(|| format!("{}: is required (\"s3\" or \"local\")", at("type")))?;
+
+    let s3_only = [
+        ("bucket", repo.bucket.is_some()),
+        ("prefix", repo.prefix.is_some()),
+        ("region", repo.region.is_some()),
+        ("endpoint", repo.endpoint.is_some()),
+        ("path_style", repo.path_style.is_some()),
+        ("profile", repo.profile.is_some()),
+        ("part_size", repo.part_size.is_some()),
+        ("parts_in_flight", repo.parts_in_flight.is_some()),
+        ("max_attempts", repo.max_attempts.is_some()),
+        ("request_checksums", repo.request_checksums.is_some()),
+    ];
+    let location = match kind {
+        "local" => {
+            if let Some((field, _)) = s3_only.iter().find(|(_, set)| *set) {
+                return Err(format!("{}: only valid for type = \"s3\"", at(field)));
+            }
+            let path = repo
+                .path
+                .ok_or_else(|| format!("{}: is required for type = \"local\"", at("path")))?;
+            if !path.is_absolute() {
+                return Err(format!(
+                    "{}: must be an absolute path (got \"{}\")",
+                    at("path"),
+                    path.display()
+                ));
+            }
+            Location::Local { path }
+        }
+        "s3" => {
+            if repo.path.is_some() {
+                return Err(format!("{}: only valid for type = \"local\"", at("path")));
+            }
+            let bucket = repo
+                .bucket
+                .ok_or_else(|| format!("{}: is required for type = \"s3\"", at("bucket")))?;
+            if bucket.trim().is_empty() {
+                return Err(format!("{}: must not be empty", at("bucket")));
+            }
+            let region = repo
+                .region
+                .ok_or_else(|| format!("{}: is required for type = \"s3\"", at("region")))?;
+            if region.trim().is_empty() {
+                return Err(format!("{}: must not be empty", at("region")));
+            }
+            let prefix = repo
+                .prefix
+                .unwrap_or_default()
+                .trim_matches('/')
+                .to_string();
+            if prefix.split('/').any(|part| part == ".." || part == ".") {
+                return Err(format!(
+                    "{}: must not contain '.' or '..' segments (got \"{prefix}\")",
+                    at("prefix")
+                ));
+            }
+            if let Some(endpoint) = &repo.endpoint {
+                validate_endpoint(&at("endpoint"), endpoint)?;
+            }
+            let part_size = match repo.part_size.as_deref() {
+                None => DEFAULT_PART_SIZE,
+                Some(text) => parse_size(&at("part_size"), text)?,
+            };
+            if part_size < MIN_PART_SIZE {
+                return Err(format!(
+                    "{}: must be at least 5 MiB (got {part_size})",
+                    at("part_size")
+                ));
+            }
+            if part_size > MAX_PART_SIZE {
+                return Err(format!(
+                    "{}: must be at most 5 GiB (got {part_size})",
+                    at("part_size")
+                ));
+            }
+            let parts_in_flight = repo.parts_in_flight.unwrap_or(DEFAULT_PARTS_IN_FLIGHT);
+            if !(1..=64).contains(&parts_in_flight) {
+                return Err(format!(
+                    "{}: must be between 1 and 64 (got {parts_in_flight})",
+                    at("parts_in_flight")
+                ));
+            }
+            let max_attempts = repo.max_attempts.unwrap_or(DEFAULT_MAX_ATTEMPTS);
+            if !(1..=20).contains(&max_attempts) {
+                return Err(format!(
+                    "{}: must be between 1 and 20 (got {max_attempts})",
+                    at("max_attempts")
+                ));
+            }
+            let request_checksums = match repo.request_checksums.as_deref() {
+                None | Some("when_required") => RequestChecksums::WhenRequired,
+                Some("when_supported") => RequestChecksums::WhenSupported,
+                Some(other) => {
+                    return Err(format!(
+                        "{}: must be \"when_required\" or \"when_supported\" (got \"{other}\")",
+                        at("request_checksums")
+                    ));
+                }
+            };
+            Location::S3(S3Settings {
+                bucket,
+                prefix,
+                region,
+                endpoint: repo.endpoint,
+                path_style: repo.path_style.unwrap_or(false),
+                profile: repo.profile,
+                part_size,
+                parts_in_flight,
+                max_attempts,
+                request_checksums,
+            })
+        }
+        other => {
+            return Err(format!(
+                "{}: must be \"s3\" or \"local\" (got \"{other}\")",
+                at("type")
+            ));
+        }
+    };
+    Ok(RepositoryConfig { name, location })
+}
+
+/// TLS is not optional off this machine: plain http is accepted for loopback endpoints only,
+/// which is where S3-compatible test servers and local gateways live.
+fn validate_endpoint(field: &str, endpoint: &str) -> Result<(), Problem> {
+    let (scheme, rest) = endpoint.split_once("://").ok_or_else(|| {
+        format!("{field}: must be a URL such as \"https://s3.example.com\" (got \"{endpoint}\")")
+    })?;
+    let authority = rest.split('/').next().unwrap_or_default();
+    let host = if let Some(v6) = authority.strip_prefix('[') {
+        v6.split(']').next().unwrap_or_default()
+    } else {
+        authority
+            .rsplit_once(':')
+            .map_or(authority, |(host, _)| host)
+    };
+    if host.is_empty() {
+        return Err(format!("{field}: has no host (got \"{endpoint}\")"));
+    }
+    match scheme {
+        "https" => Ok(()),
+        "http" if is_loopback_host(host) => Ok(()),
+        "http" => Err(format!(
+            "{field}: plain http is only allowed for loopback endpoints; use https (got \"{endpoint}\")"
+        )),
+        _ => Err(format!(
+            "{field}: scheme must be https (got \"{endpoint}\")"
+        )),
+    }
+}
+
+fn is_loopback_host(host: &str) -> bool {
+    host == "localhost"
+        || host
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
+}
+
+fn validate_job(index: usize, job: raw::RawJob) -> Result<JobConfig, Problem> {
+    let at = |field: &str| match &job.name {
+        Some(name) => format!("job[{index}] ({name}).{field}"),
+        None => format!("job[{index}].{field}"),
+    };
+    let name = job
+        .name
+        .clone()
+        .ok_or_else(|| format!("{}: is required", at("name")))?;
+    validate_name(&at("name"), &name)?;
+    let kind = job
+        .kind
+        .as_deref()
+        .ok_or_else(|| format!("{}: is required (\"files\")", at("kind")))?;
+    let retention = job
+        .retention
+        .map(|r| -> Result<Retention, Problem> {
+            Ok(Retention {
+                keep_last: r.keep_last,
+                keep_hourly: r.keep_hourly,
+                keep_daily: r.keep_daily,
+                keep_weekly: r.keep_weekly,
+                keep_monthly: r.keep_monthly,
+                keep_yearly: r.keep_yearly,
+                keep_within: r
+                    .keep_within
+                    .as_deref()
+                    .map(|text| parse_duration(&at("retention.keep_within"), text))
+                    .transpose()?,
+            })
+        })
+        .transpose()?;
+    if let Some(schedule) = &job.schedule
+        && schedule.trim().is_empty()
+    {
+        return Err(format!("{}: must not be empty", at("schedule")));
+    }
+    let source = match kind {
+        "files" => {
+            if job.paths.is_empty() {
+                return Err(format!(
+                    "{}: at least one path is required for kind = \"files\"",
+                    at("paths")
+                ));
+            }
+            for path in &job.paths {
+                if !path.is_absolute() {
+                    return Err(format!(
+                        "{}: must be absolute paths (got \"{}\")",
+                        at("paths"),
+                        path.display()
+                    ));
+                }
+            }
+            for (field, globs) in [("include", &job.include), ("exclude", &job.exclude)] {
+                for glob in globs {
+                    globset::Glob::new(glob)
+                        .map_err(|e| format!("{}: invalid glob \"{glob}\": {e}", at(field)))?;
+                }
+            }
+            JobSource::Files(FilesJob {
+                paths: job.paths,
+                include: job.include,
+                exclude: job.exclude,
+            })
+        }
+        "postgres" | "redis" => {
+            return Err(format!(
+                "{}: kind \"{kind}\" is not supported by lifeboat {} yet (supported: \"files\")",
+                at("kind"),
+                env!("CARGO_PKG_VERSION")
+            ));
+        }
+        other => {
+            return Err(format!(
+                "{}: unknown kind \"{other}\" (supported: \"files\")",
+                at("kind")
+            ));
+        }
+    };
+    Ok(JobConfig {
+        name,
+        schedule: job.schedule,
+        retention,
+        source,
+    })
+}
+
+fn duration_field(field: &str, text: Option<&str>, default: &str) -> Result<Duration, Problem> {
+    parse_duration(field, text.unwrap_or(default))
+}
+
+fn parse_duration(field: &str, text: &str) -> Result<Duration, Problem> {
+    match humantime::parse_duration(text) {
+        Ok(d) if !d.is_zero() => Ok(d),
+        Ok(_) => Err(format!(
+            "{field}: must be longer than zero (got \"{text}\")"
+        )),
+        Err(e) => Err(format!(
+            "{field}: invalid duration \"{text}\" ({e}); write it like \"4h\", \"90min\" or \"1h 30min\""
+        )),
+    }
+}
+
+fn parse_size(field: &str, text: &str) -> Result<u64, Problem> {
+    text.trim()
+        .parse::<bytesize::ByteSize>()
+        .map(|size| size.as_u64())
+        .map_err(|_| {
+            format!("{field}: invalid size \"{text}\"; write it like \"8MiB\" or \"64MiB\"")
+        })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<Config> {
+        Config::parse(text, Path::new("/etc/lifeboat/test.toml"))
+    }
+
+    const LOCAL: &str =
+        "[[repository]]\nname = \"local\"\ntype = \"local\"\npath = \"/var/backups\"\n";
+
+    #[test]
+    fn example_config_is_valid() {
+        let config = parse(EXAMPLE).expect("the example written by `init` must parse");
+        assert_eq!(config.targets.rto, Duration::from_secs(4 * 3600));
+        assert_eq!(config.targets.rpo, Duration::from_secs(3600));
+        assert_eq!(config.jobs.len(), 1);
+    }
+
+    #[test]
+    fn unknown_key_names_the_key_and_file() {
+        let err = parse(&format!("{LOCAL}buket = \"x\"\n")).unwrap_err();
+        assert_eq!(err.kind(), crate::error::ErrorKind::Config);
+        assert!(err.message().contains("buket"), "{}", err.message());
+        assert!(
+            err.message().contains("/etc/lifeboat/test.toml"),
+            "{}",
+            err.message()
+        );
+    }
+
+    #[test]
+    fn bad_duration_names_field_and_value() {
+        let err = parse(&format!("[targets]\nrto = \"4 fortnights\"\n{LOCAL}")).unwrap_err();
+        assert!(err.message().contains("targets.rto"), "{}", err.message());
+        assert!(err.message().contains("4 fortnights"), "{}", err.message());
+    }
+
+    #[test]
+    fn s3_without_bucket_names_the_field() {
+        let err = parse("[[repository]]\nname = \"dr\"\ntype = \"s3\"\nregion = \"eu-west-1\"\n")
+            .unwrap_err();
+        assert!(
+            err.message()
+                .contains("repository[0] (dr).bucket: is required"),
+            "{}",
+            err.message()
+        );
+        let err = parse("[[repository]]\nname = \"dr\"\ntype = \"s3\"\nbucket = \" \"\nregion = \"eu-west-1\"\n").unwrap_err();
+        assert!(
+            err.message()
+                .contains("repository[0] (dr).bucket: must not be empty"),
+            "{}",
+            err.message()
+        );
+    }
+
+    #[test]
+    fn small_part_size_is_refused_with_the_value() {
+        let err = parse("[[repository]]\nname = \"dr\"\ntype = \"s3\"\nbucket = \"b\"\nregion = \"r\"\npart_size = \"1MiB\"\n").unwrap_err();
+        assert!(
+            err.message()
+                .contains("repository[0] (dr).part_size: must be at least 5 MiB (got 1048576)"),
+            "{}",
+            err.message()
+        );
+    }
+
+    #[test]
+    fn duplicate_names_are_refused() {
+        let err = parse(&format!("{LOCAL}{LOCAL}")).unwrap_err();
+        assert!(
+            err.message()
+                .contains("duplicate repository name \"local\""),
+            "{}",
+            err.message()
+        );
+    }
+
+    #[test]
+    fn plain_http_is_only_for_loopback() {
+        let repo = |endpoint: &str| {
+            format!(
+                "[[repository]]\nname = \"s\"\ntype = \"s3\"\nbucket = \"b\"\nregion = \"r\"\nendpoint = \"{endpoint}\"\n"
+            )
+        };
+        assert!(parse(&repo("http://127.0.0.1:8333")).is_ok());
+        assert!(parse(&repo("http://localhost:8333")).is_ok());
+        assert!(parse(&repo("http://[::1]:8333")).is_ok());
+        assert!(parse(&repo("https://s3.example.com")).is_ok());
+        let err = parse(&repo("http://10.0.0.5:8333")).unwrap_err();
+        assert!(
+            err.message()
+                .contains("plain http is only allowed for loopback"),
+            "{}",
+            err.message()
+        );
+    }
+}

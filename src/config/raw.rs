@@ -1,0 +1,76 @@
+//! The config file exactly as users write it. Every table denies unknown keys so that a typo
+//! is an error, not a silently ignored setting.
+
+use std::path::PathBuf;
+
+use serde::Deserialize;
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawConfig {
+    pub targets: Option<RawTargets>,
+    pub compression: Option<RawCompression>,
+    #[serde(default)]
+    pub repository: Vec<RawRepository>,
+    #[serde(default)]
+    pub job: Vec<RawJob>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawTargets {
+    pub rto: Option<String>,
+    pub rpo: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawCompression {
+    pub level: Option<i32>,
+    pub threads: Option<u32>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawRepository {
+    pub name: Option<String>,
+    pub r#type: Option<String>,
+    pub path: Option<PathBuf>,
+    pub bucket: Option<String>,
+    pub prefix: Option<String>,
+    pub region: Option<String>,
+    pub endpoint: Option<String>,
+    pub path_style: Option<bool>,
+    pub profile: Option<String>,
+    pub part_size: Option<String>,
+    pub parts_in_flight: Option<usize>,
+    pub max_attempts: Option<u32>,
+    pub request_checksums: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawJob {
+    pub name: Option<String>,
+    pub kind: Option<String>,
+    pub schedule: Option<String>,
+    pub retention: Option<RawRetention>,
+    #[serde(default)]
+    pub paths: Vec<PathBuf>,
+    #[serde(default)]
+    pub include: Vec<String>,
+    #[serde(default)]
+    pub exclude: Vec<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawRetention {
+    pub keep_last: Option<u32>,
+    pub keep_hourly: Option<u32>,
+    pub keep_daily: Option<u32>,
+    pub keep_weekly: Option<u32>,
+    pub keep_monthly: Option<u32>,
+    pub keep_yearly: Option<u32>,
+    pub keep_within: Option<String>,
+}

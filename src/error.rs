@@ -1,0 +1,130 @@
+//! The one public error of lifeboat. Every module keeps its own detailed error and converts
+//! into this at its boundary; the `kind` decides the exit code and whether a retry can help.
+//! Depends on nothing else in the crate.
+
+use std::fmt;
+
+/// What went wrong, in the terms an operator acts on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorKind {
+    /// The config file is missing, unreadable or invalid.
+    Config,
+    /// The command line asks for something that cannot be done as asked.
+    Usage,
+    /// A data source (a path, a database, a child process) failed.
+    Source,
+    /// A repository could not be read or written.
+    Storage,
+    /// A backup, object or repository that was asked for does not exist.
+    NotFound,
+    /// Stored data does not match its manifest: damaged, truncated or tampered with.
+    Verification,
+    /// The restore target is unusable (not empty, not writable, unsafe entries).
+    Target,
+    /// The work was done, but not everywhere it should have been.
+    Degraded,
+}
+
+/// Stable process exit codes, documented in the README.
+pub mod exit_code {
+    pub const SUCCESS: i32 = 0;
+    pub const FAILURE: i32 = 1;
+    pub const USAGE: i32 = 2;
+    pub const DEGRADED: i32 = 3;
+}
+
+impl ErrorKind {
+    pub fn exit_code(self) -> i32 {
+        match self {
+            ErrorKind::Config | ErrorKind::Usage => exit_code::USAGE,
+            ErrorKind::Degraded => exit_code::DEGRADED,
+            _ => exit_code::FAILURE,
+        }
+    }
+}
+
+type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
+
+/// An error with a kind, a message in the form "unable to <verb> <object> '<name>'",
+/// an optional cause, and hints that tell the operator what to do next.
+#[derive(Debug)]
+pub struct Error {
+    kind: ErrorKind,
+    message: String,
+    hints: Vec<String>,
+    source: Option<BoxError>,
+}
+
+impl Error {
+    pub fn new(kind: ErrorKind, message: impl Into<String>) -> Self {
+        Error {
+            kind,
+            message: message.into(),
+            hints: Vec::new(),
+            source: None,
+        }
+    }
+
+    pub fn config(message: impl Into<String>) -> Self {
+        Error::new(ErrorKind::Config, message)
+    }
+
+    pub fn usage(message: impl Into<String>) -> Self {
+        Error::new(ErrorKind::Usage, message)
+    }
+
+    pub fn with_source(mut self, source: impl Into<BoxError>) -> Self {
+        self.source = Some(source.into());
+        self
+    }
+
+    pub fn with_hint(mut self, hint: impl Into<String>) -> Self {
+        self.hints.push(hint.into());
+        self
+    }
+
+    pub fn kind(&self) -> ErrorKind {
+        self.kind
+    }
+
+    pub fn message(&self) -> &str {
+        &self.message
+    }
+
+    pub fn hints(&self) -> &[String] {
+        &self.hints
+    }
+
+    /// The message followed by every cause, joined the way an operator reads them.
+    pub fn chain(&self) -> Vec<String> {
+        let mut lines = vec![self.message.clone()];
+        let mut cause: Option<&(dyn std::error::Error + 'static)> = self
+            .source
+            .as_deref()
+            .map(|e| e as &(dyn std::error::Error + 'static));
+        while let Some(err) = cause {
+            let text = err.to_string();
+            if lines.last() != Some(&text) {
+                lines.push(text);
+            }
+            cause = err.source();
+        }
+        lines
+    }
+}
+
+impl fmt::Display for Error {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+impl std::error::Error for Error {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        self.source
+            .as_deref()
+            .map(|e| e as &(dyn std::error::Error + 'static))
+    }
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;

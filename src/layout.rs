@@ -1,0 +1,85 @@
+//! Where things live inside a repository. Identical in every repository:
+//!
+//! ```text
+//! lifeboat.json                                repository marker
+//! jobs/JOB/backups/BACKUP_ID/OBJECT            objects, written first
+//! jobs/JOB/backups/BACKUP_ID/manifest.json     written last: the commit point
+//! ```
+
+use chrono::{DateTime, NaiveDateTime, Utc};
+
+pub const MARKER_KEY: &str = "lifeboat.json";
+pub const MANIFEST_NAME: &str = "manifest.json";
+const ID_FORMAT: &str = "%Y%m%dT%H%M%SZ";
+
+pub fn backups_prefix(job: &str) -> String {
+    format!("jobs/{job}/backups/")
+}
+
+pub fn backup_prefix(job: &str, id: &str) -> String {
+    format!("jobs/{job}/backups/{id}/")
+}
+
+pub fn object_key(job: &str, id: &str, object: &str) -> String {
+    format!("jobs/{job}/backups/{id}/{object}")
+}
+
+pub fn manifest_key(job: &str, id: &str) -> String {
+    object_key(job, id, MANIFEST_NAME)
+}
+
+/// Backup ids sort by time: `20261126T030000Z`.
+pub fn backup_id(at: DateTime<Utc>) -> String {
+    at.format(ID_FORMAT).to_string()
+}
+
+pub fn parse_backup_id(id: &str) -> Option<DateTime<Utc>> {
+    NaiveDateTime::parse_from_str(id, ID_FORMAT)
+        .ok()
+        .map(|naive| naive.and_utc())
+}
+
+/// The backup id of a manifest key under `backups_prefix(job)`, if it is one.
+pub fn manifest_backup_id<'k>(job: &str, key: &'k str) -> Option<&'k str> {
+    let rest = key
+        .strip_prefix("jobs/")?
+        .strip_prefix(job)?
+        .strip_prefix("/backups/")?;
+    let (id, name) = rest.split_once('/')?;
+    (name == MANIFEST_NAME && parse_backup_id(id).is_some()).then_some(id)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ids_round_trip_and_sort_by_time() {
+        let at = DateTime::parse_from_rfc3339("2026-11-26T03:00:00Z")
+            .unwrap()
+            .to_utc();
+        assert_eq!(backup_id(at), "20261126T030000Z");
+        assert_eq!(parse_backup_id("20261126T030000Z"), Some(at));
+        assert!(backup_id(at) < backup_id(at + chrono::Duration::seconds(1)));
+    }
+
+    #[test]
+    fn only_manifest_keys_name_backups() {
+        assert_eq!(
+            manifest_backup_id("db", "jobs/db/backups/20261126T030000Z/manifest.json"),
+            Some("20261126T030000Z")
+        );
+        assert_eq!(
+            manifest_backup_id("db", "jobs/db/backups/20261126T030000Z/app.dump.zst"),
+            None
+        );
+        assert_eq!(
+            manifest_backup_id("db", "jobs/dbx/backups/20261126T030000Z/manifest.json"),
+            None
+        );
+        assert_eq!(
+            manifest_backup_id("db", "jobs/db/backups/x/manifest.json"),
+            None
+        );
+    }
+}

@@ -1,0 +1,29 @@
+//! lifeboat: disaster-recovery backups that prove they restore.
+//!
+//! # Layout
+//!
+//! Arrows point one way: `commands` → (`transfer`, `sources`, `repository`) →
+//! (`pipeline`, `storage`, `manifest`, `layout`) → (`config`, `error`).
+//!
+//! - [`commands`]: one module per user command; each takes resolved options and returns a
+//!   report. Nothing here writes to stdout: the binary renders reports.
+//! - [`transfer`]: one object through the pipeline into every repository, or back out.
+//! - [`sources`]: what produces raw bytes (the `files` job's tar stream).
+//! - [`repository`]: a named store plus markers, manifests and backup ids.
+//! - [`pipeline`]: sha256 → zstd → sha256 in both directions, on blocking threads.
+//! - [`storage`]: the store trait and its backends; aws-sdk-s3 appears only in `storage::s3`.
+//! - [`manifest`], [`layout`]: the commit record and where things live.
+//! - [`config`], [`error`]: the config file and the one public error with its exit code.
+
+pub mod commands;
+pub mod config;
+pub mod error;
+pub mod layout;
+pub mod manifest;
+pub mod pipeline;
+pub mod repository;
+pub mod sources;
+pub mod storage;
+pub mod transfer;
+
+pub use error::{Error, ErrorKind, Result};

@@ -1,0 +1,267 @@
+//! The `lifeboat` binary: parses the command line, sets up logging, calls the library once,
+//! prints the report or the error chain, and turns the outcome into a stable exit code.
+
+use std::io::IsTerminal;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand, ValueEnum};
+use lifeboat::commands::{backup, check, init, list, restore, show, verify};
+use lifeboat::config::{Config, DEFAULT_CONFIG_PATH};
+use lifeboat::error::exit_code;
+use lifeboat::{Error, Result};
+
+#[derive(Parser)]
+#[command(
+    name = "lifeboat",
+    version,
+    about = "Disaster-recovery backups that prove they restore"
+)]
+struct Cli {
+    /// Config file.
+    #[arg(long, global = true, env = "LIFEBOAT_CONFIG", default_value = DEFAULT_CONFIG_PATH)]
+    config: PathBuf,
+    /// Log format on stderr.
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
+    /// More log output (-v debug, -vv trace).
+    #[arg(short, long, global = true, action = clap::ArgAction::Count, conflicts_with = "quiet")]
+    verbose: u8,
+    /// Only errors on stderr.
+    #[arg(short, long, global = true)]
+    quiet: bool,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum OutputFormat {
+    Text,
+    Json,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Write a commented example config to --config.
+    Init {
+        /// Replace an existing file.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Validate the config and reach every repository and source.
+    Check,
+    /// Take a backup now.
+    Backup {
+        /// The job to back up.
+        #[arg(required_unless_present = "all", conflicts_with = "all")]
+        job: Option<String>,
+        /// Back up every configured job; each failure is reported and the rest go on.
+        #[arg(long)]
+        all: bool,
+    },
+    /// List backups, newest first, with their presence per repository.
+    List {
+        job: Option<String>,
+        #[arg(long, value_enum, default_value_t = OutputFormat::Text)]
+        format: OutputFormat,
+    },
+    /// Show one backup's manifest.
+    Show {
+        /// Backup id (or "latest" with --job).
+        backup: String,
+        #[arg(long)]
+        job: Option<String>,
+        /// Repository to read from (default: the first in the config).
+        #[arg(long)]
+        from: Option<String>,
+        #[arg(long, value_enum, default_value_t = OutputFormat::Text)]
+        format: OutputFormat,
+    },
+    /// Restore a backup into a new or empty directory.
+    Restore {
+        job: String,
+        /// Backup id, or "latest".
+        #[arg(long, default_value = "latest")]
+        backup: String,
+        /// Repository to read from (default: the first in the config).
+        #[arg(long)]
+        from: Option<String>,
+        /// Directory to restore into; must be new or empty.
+        #[arg(long)]
+        into: PathBuf,
+    },
+    /// Re-read every object and check both checksums.
+    Verify {
+        job: Option<String>,
+        /// Only this backup id (or "latest").
+        #[arg(long)]
+        backup: Option<String>,
+        /// Repository to verify (default: the first in the config).
+        #[arg(long)]
+        from: Option<String>,
+        #[arg(long, value_enum, default_value_t = OutputFormat::Text)]
+        format: OutputFormat,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging(&cli);
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            return report_error(
+                &Error::new(lifeboat::ErrorKind::Source, "unable to start the runtime")
+                    .with_source(e),
+            );
+        }
+    };
+    let code = match runtime.block_on(run(cli)) {
+        Ok(code) => code,
+        Err(e) => return report_error(&e),
+    };
+    ExitCode::from(code as u8)
+}
+
+fn init_logging(cli: &Cli) {
+    let default = match (cli.quiet, cli.verbose) {
+        (true, _) => "error",
+        (false, 0) => "lifeboat=info,warn",
+        (false, 1) => "lifeboat=debug,info",
+        (false, _) => "trace",
+    };
+    let filter = tracing_subscriber::EnvFilter::try_from_env("LIFEBOAT_LOG")
+        .unwrap_or_else(|_| default.into());
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal());
+    match cli.log_format {
+        LogFormat::Text => builder.with_target(false).init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}
+
+fn report_error(error: &Error) -> ExitCode {
+    print_error(error);
+    ExitCode::from(error.kind().exit_code() as u8)
+}
+
+fn print_error(error: &Error) {
+    let mut chain = error.chain().into_iter();
+    if let Some(first) = chain.next() {
+        eprintln!("error: {first}");
+    }
+    for cause in chain {
+        eprintln!("caused by: {cause}");
+    }
+    for hint in error.hints() {
+        eprintln!("hint: {hint}");
+    }
+}
+
+fn print<T: std::fmt::Display + serde::Serialize>(report: &T, format: OutputFormat) {
+    match format {
+        OutputFormat::Text => print!("{report}"),
+        OutputFormat::Json => println!(
+            "{}",
+            serde_json::to_string_pretty(report).expect("reports serialize")
+        ),
+    }
+}
+
+async fn run(cli: Cli) -> Result<i32> {
+    if let Command::Init { force } = cli.command {
+        let path = init::run(&init::InitOptions {
+            path: cli.config,
+            force,
+        })?;
+        println!(
+            "wrote example config '{}'; edit it, then run `lifeboat --config {} check`",
+            path.display(),
+            path.display()
+        );
+        return Ok(exit_code::SUCCESS);
+    }
+    let config = Config::load(&cli.config)?;
+    match cli.command {
+        Command::Init { .. } => unreachable!("handled above"),
+        Command::Check => {
+            let report = check::run(&config).await;
+            print!("{report}");
+            report.outcome()?;
+        }
+        Command::Backup { job, all: _ } => {
+            let summary = backup::run(
+                &config,
+                &backup::BackupOptions {
+                    jobs: job.into_iter().collect(),
+                },
+            )
+            .await?;
+            for (_, outcome) in &summary.outcomes {
+                match outcome {
+                    Ok(report) => println!("{report}"),
+                    Err(e) => print_error(e),
+                }
+            }
+            return Ok(summary.exit_code());
+        }
+        Command::List { job, format } => {
+            let report = list::run(&config, &list::ListOptions { job }).await?;
+            print(&report, format);
+        }
+        Command::Show {
+            backup,
+            job,
+            from,
+            format,
+        } => {
+            let report = show::run(&config, &show::ShowOptions { backup, job, from }).await?;
+            match format {
+                OutputFormat::Text => print!("{report}"),
+                OutputFormat::Json => {
+                    print!("{}", String::from_utf8_lossy(&report.manifest.to_json()))
+                }
+            }
+        }
+        Command::Restore {
+            job,
+            backup,
+            from,
+            into,
+        } => {
+            let report = restore::run(
+                &config,
+                &restore::RestoreOptions {
+                    job,
+                    backup,
+                    from,
+                    into,
+                },
+            )
+            .await?;
+            println!("{report}");
+        }
+        Command::Verify {
+            job,
+            backup,
+            from,
+            format,
+        } => {
+            let report = verify::run(&config, &verify::VerifyOptions { job, backup, from }).await?;
+            print(&report, format);
+            report.outcome()?;
+        }
+    }
+    Ok(exit_code::SUCCESS)
+}

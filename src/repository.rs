@@ -1,0 +1,212 @@
+//! A repository: a named store plus what lifeboat keeps in it (marker, manifests, objects).
+//! Turns store errors into lifeboat errors that name the repository and the object.
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+
+use crate::config::{Config, Location, RepositoryConfig};
+use crate::error::{Error, ErrorKind, Result};
+use crate::layout;
+use crate::manifest::Manifest;
+use crate::storage::local::LocalStore;
+use crate::storage::s3::S3Store;
+use crate::storage::{self, ByteStream, Store, StoreError};
+
+const MARKER_FORMAT: u32 = 1;
+
+#[derive(Debug, Clone)]
+pub struct Repository {
+    pub name: String,
+    pub store: Arc<dyn Store>,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+struct Marker {
+    format: u32,
+    created_at: DateTime<Utc>,
+    created_by: String,
+}
+
+impl Repository {
+    pub async fn open(config: &RepositoryConfig) -> Repository {
+        let store: Arc<dyn Store> = match &config.location {
+            Location::Local { path } => Arc::new(LocalStore::new(path)),
+            Location::S3(settings) => Arc::new(S3Store::connect(settings).await),
+        };
+        Repository {
+            name: config.name.clone(),
+            store,
+        }
+    }
+
+    /// Every configured repository, in config order (which is restore preference).
+    pub async fn open_all(config: &Config) -> Vec<Repository> {
+        let mut repositories = Vec::with_capacity(config.repositories.len());
+        for repository in &config.repositories {
+            repositories.push(Repository::open(repository).await);
+        }
+        repositories
+    }
+
+    /// The repository to read from: the one named, else the first in config order.
+    pub async fn choose(config: &Config, from: Option<&str>) -> Result<Repository> {
+        let chosen = match from {
+            Some(name) => config.repository(name)?,
+            None => &config.repositories[0],
+        };
+        Ok(Repository::open(chosen).await)
+    }
+
+    /// "unable to <action> in repository 'NAME' (LOCATION)", with the store's cause.
+    pub fn error(&self, action: &str, err: StoreError) -> Error {
+        let kind = if err.is_not_found() {
+            ErrorKind::NotFound
+        } else {
+            ErrorKind::Storage
+        };
+        Error::new(
+            kind,
+            format!(
+                "unable to {action} in repository '{}' ({})",
+                self.name,
+                self.store.location()
+            ),
+        )
+        .with_source(err)
+    }
+
+    /// Writes the repository marker if the repository is new; refuses a repository written
+    /// by a newer, incompatible lifeboat.
+    pub async fn ensure_marker(&self) -> Result<()> {
+        let marker = Marker {
+            format: MARKER_FORMAT,
+            created_at: Utc::now(),
+            created_by: format!("lifeboat {}", env!("CARGO_PKG_VERSION")),
+        };
+        let body = Bytes::from(serde_json::to_vec_pretty(&marker).expect("marker serializes"));
+        match self.store.create_if_absent(layout::MARKER_KEY, body).await {
+            Ok(()) => Ok(()),
+            Err(StoreError::AlreadyExists { .. }) => {
+                let bytes = storage::get_bytes(self.store.as_ref(), layout::MARKER_KEY)
+                    .await
+                    .map_err(|e| self.error(&format!("read marker '{}'", layout::MARKER_KEY), e))?;
+                let existing: Marker = serde_json::from_slice(&bytes).map_err(|e| {
+                    Error::new(
+                        ErrorKind::Storage,
+                        format!(
+                            "unable to read marker '{}' in repository '{}': {e}",
+                            layout::MARKER_KEY,
+                            self.name
+                        ),
+                    )
+                    .with_hint(
+                        "the repository location holds something that is not a lifeboat repository",
+                    )
+                })?;
+                if existing.format > MARKER_FORMAT {
+                    return Err(Error::new(
+                        ErrorKind::Storage,
+                        format!(
+                            "unable to use repository '{}': it has format {} and lifeboat {} supports {MARKER_FORMAT}",
+                            self.name,
+                            existing.format,
+                            env!("CARGO_PKG_VERSION")
+                        ),
+                    )
+                    .with_hint("upgrade lifeboat on this host"));
+                }
+                Ok(())
+            }
+            Err(e) => Err(self.error(&format!("write marker '{}'", layout::MARKER_KEY), e)),
+        }
+    }
+
+    /// Ids of the committed backups of `job`, newest first. Directories without a
+    /// manifest are interrupted attempts and are not backups.
+    pub async fn backup_ids(&self, job: &str) -> Result<Vec<String>> {
+        let prefix = layout::backups_prefix(job);
+        let objects = self
+            .store
+            .list(&prefix)
+            .await
+            .map_err(|e| self.error(&format!("list backups of job '{job}'"), e))?;
+        let mut ids: Vec<String> = objects
+            .iter()
+            .filter_map(|o| layout::manifest_backup_id(job, &o.key).map(str::to_string))
+            .collect();
+        ids.sort_unstable_by(|a, b| b.cmp(a));
+        Ok(ids)
+    }
+
+    pub async fn read_manifest(&self, job: &str, id: &str) -> Result<Manifest> {
+        let key = layout::manifest_key(job, id);
+        let bytes = storage::get_bytes(self.store.as_ref(), &key)
+            .await
+            .map_err(|e| self.error(&format!("read manifest '{key}'"), e))?;
+        let manifest = Manifest::from_json(&bytes).map_err(|problem| {
+            Error::new(
+                ErrorKind::Verification,
+                format!(
+                    "unable to read manifest '{key}' in repository '{}': {problem}",
+                    self.name
+                ),
+            )
+            .with_hint(format!(
+                "run `lifeboat verify {job} --from {}` to list damaged backups",
+                self.name
+            ))
+        })?;
+        if manifest.job != job || manifest.id != id {
+            return Err(Error::new(
+                ErrorKind::Verification,
+                format!(
+                    "unable to use manifest '{key}' in repository '{}': it describes backup '{}/{}'",
+                    self.name, manifest.job, manifest.id
+                ),
+            ));
+        }
+        Ok(manifest)
+    }
+
+    /// Writes the manifest: the commit point. Never replaces a committed manifest.
+    pub async fn commit_manifest(&self, manifest: &Manifest) -> Result<()> {
+        let key = layout::manifest_key(&manifest.job, &manifest.id);
+        self.store
+            .create_if_absent(&key, Bytes::from(manifest.to_json()))
+            .await
+            .map_err(|e| self.error(&format!("write manifest '{key}'"), e))
+    }
+
+    pub async fn open_object(&self, job: &str, id: &str, object: &str) -> Result<ByteStream> {
+        let key = layout::object_key(job, id, object);
+        self.store
+            .get(&key, None)
+            .await
+            .map_err(|e| self.error(&format!("read object '{key}'"), e))
+    }
+
+    /// Resolves "latest" or an id to the id of a committed backup of `job`.
+    pub async fn resolve_backup(&self, job: &str, wanted: &str) -> Result<String> {
+        let ids = self.backup_ids(job).await?;
+        let found = if wanted == "latest" {
+            ids.first().cloned()
+        } else {
+            ids.iter().find(|id| *id == wanted).cloned()
+        };
+        found.ok_or_else(|| {
+            Error::new(
+                ErrorKind::NotFound,
+                format!(
+                    "unable to find backup '{wanted}' of job '{job}' in repository '{}'",
+                    self.name
+                ),
+            )
+            .with_hint(format!(
+                "run `lifeboat list {job}` to see the backups each repository holds"
+            ))
+        })
+    }
+}

@@ -1,0 +1,4 @@
+//! Sources: what produces the raw bytes of a backup's objects. Each source runs on a
+//! blocking thread and writes into the pipeline's `Write`.
+
+pub mod files;

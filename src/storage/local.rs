@@ -1,0 +1,303 @@
+//! A repository in a local directory (or a mounted filesystem). Writes go to a temp file in
+//! the destination directory, are fsynced, renamed into place, and the directory is fsynced,
+//! so a crash leaves the old object or the new one and never a torn file.
+
+use std::io::{self, SeekFrom};
+use std::ops::Range;
+use std::path::{Path, PathBuf};
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use chrono::{DateTime, Utc};
+use futures::StreamExt;
+use tokio::io::{AsyncReadExt, AsyncSeekExt, AsyncWriteExt};
+use tokio_util::io::ReaderStream;
+
+use super::{
+    ByteStream, IncompleteUpload, ObjectMeta, PartStream, PutReceipt, Store, StoreError,
+    validate_key,
+};
+
+/// Temp files carry this marker in their name; `list` hides them and `list_incomplete`
+/// reports them.
+const TEMP_MARKER: &str = ".lifeboat-tmp-";
+const READ_CHUNK: usize = 1024 * 1024;
+
+#[derive(Debug, Clone)]
+pub struct LocalStore {
+    root: PathBuf,
+}
+
+impl LocalStore {
+    pub fn new(root: impl Into<PathBuf>) -> Self {
+        LocalStore { root: root.into() }
+    }
+
+    fn path_of(&self, key: &str) -> Result<PathBuf, StoreError> {
+        validate_key(key)?;
+        Ok(self.root.join(key))
+    }
+
+    /// Writes `body` into a new temp file beside `dest` and fsyncs it; the caller moves it.
+    async fn write_temp(
+        &self,
+        key: &str,
+        dest: &Path,
+        mut body: PartStream,
+    ) -> Result<(tempfile::TempPath, u64), StoreError> {
+        let dir = dest.parent().expect("keys always have a parent directory");
+        tokio::fs::create_dir_all(dir)
+            .await
+            .map_err(|e| StoreError::io("create directory for", key, e))?;
+        let file_name = dest
+            .file_name()
+            .and_then(|n| n.to_str())
+            .unwrap_or("object");
+        let dir_owned = dir.to_path_buf();
+        let prefix = format!(".{file_name}{TEMP_MARKER}");
+        let temp = tokio::task::spawn_blocking(move || {
+            tempfile::Builder::new()
+                .prefix(&prefix)
+                .tempfile_in(dir_owned)
+        })
+        .await
+        .map_err(|e| StoreError::backend("create temp file for", key, e.to_string()))?
+        .map_err(|e| StoreError::io("create temp file for", key, e))?;
+        let (file, temp_path) = temp.into_parts();
+        let mut file = tokio::fs::File::from_std(file);
+        let mut size = 0u64;
+        while let Some(chunk) = body.next(key).await? {
+            file.write_all(&chunk)
+                .await
+                .map_err(|e| StoreError::io("write", key, e))?;
+            size += chunk.len() as u64;
+        }
+        file.sync_all()
+            .await
+            .map_err(|e| StoreError::io("fsync", key, e))?;
+        Ok((temp_path, size))
+    }
+
+    async fn sync_dir(&self, key: &str, dir: &Path) -> Result<(), StoreError> {
+        let dir = dir.to_path_buf();
+        tokio::task::spawn_blocking(move || std::fs::File::open(&dir)?.sync_all())
+            .await
+            .map_err(|e| StoreError::backend("fsync directory of", key, e.to_string()))?
+            .map_err(|e| StoreError::io("fsync directory of", key, e))
+    }
+
+    fn walk(&self, prefix: &str) -> io::Result<Vec<(String, std::fs::Metadata)>> {
+        // Walk the deepest directory the prefix names fully, then filter by the whole prefix.
+        let dir_part = match prefix.rfind('/') {
+            Some(i) => &prefix[..i],
+            None => "",
+        };
+        let start = if dir_part.is_empty() {
+            self.root.clone()
+        } else {
+            self.root.join(dir_part)
+        };
+        let mut found = Vec::new();
+        if !start.is_dir() {
+            return Ok(found);
+        }
+        for entry in walkdir::WalkDir::new(&start)
+            .follow_links(false)
+            .sort_by_file_name()
+        {
+            let entry = entry.map_err(io::Error::other)?;
+            if !entry.file_type().is_file() {
+                continue;
+            }
+            let relative = entry
+                .path()
+                .strip_prefix(&self.root)
+                .map_err(io::Error::other)?;
+            let Some(key) = relative.to_str().map(str::to_string) else {
+                continue;
+            };
+            if key.starts_with(prefix) {
+                found.push((key, entry.metadata().map_err(io::Error::other)?));
+            }
+        }
+        Ok(found)
+    }
+}
+
+fn modified(meta: &std::fs::Metadata) -> Option<DateTime<Utc>> {
+    meta.modified().ok().map(DateTime::<Utc>::from)
+}
+
+fn is_temp(key: &str) -> bool {
+    key.rsplit('/')
+        .next()
+        .is_some_and(|name| name.contains(TEMP_MARKER))
+}
+
+#[async_trait]
+impl Store for LocalStore {
+    fn location(&self) -> String {
+        self.root.display().to_string()
+    }
+
+    async fn put(&self, key: &str, body: PartStream) -> Result<PutReceipt, StoreError> {
+        let dest = self.path_of(key)?;
+        let (temp, size) = self.write_temp(key, &dest, body).await?;
+        let dest_owned = dest.clone();
+        tokio::task::spawn_blocking(move || temp.persist(&dest_owned))
+            .await
+            .map_err(|e| StoreError::backend("rename into place", key, e.to_string()))?
+            .map_err(|e| StoreError::io("rename into place", key, e.error))?;
+        self.sync_dir(key, dest.parent().expect("has parent"))
+            .await?;
+        Ok(PutReceipt { size })
+    }
+
+    async fn create_if_absent(&self, key: &str, body: Bytes) -> Result<(), StoreError> {
+        let dest = self.path_of(key)?;
+        let (temp, _) = self
+            .write_temp(key, &dest, PartStream::from_bytes(body))
+            .await?;
+        // link(2) fails with EEXIST atomically, which rename(2) would not.
+        match tokio::fs::hard_link(&temp, &dest).await {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
+                return Err(StoreError::AlreadyExists {
+                    key: key.to_string(),
+                });
+            }
+            Err(e) => return Err(StoreError::io("create", key, e)),
+        }
+        drop(temp);
+        self.sync_dir(key, dest.parent().expect("has parent")).await
+    }
+
+    async fn get(&self, key: &str, range: Option<Range<u64>>) -> Result<ByteStream, StoreError> {
+        let path = self.path_of(key)?;
+        let mut file = tokio::fs::File::open(&path)
+            .await
+            .map_err(|e| StoreError::io("open", key, e))?;
+        let len = file
+            .metadata()
+            .await
+            .map_err(|e| StoreError::io("stat", key, e))?
+            .len();
+        let (start, end) = match range {
+            Some(r) => (r.start.min(len), r.end.min(len).max(r.start.min(len))),
+            None => (0, len),
+        };
+        if start > 0 {
+            file.seek(SeekFrom::Start(start))
+                .await
+                .map_err(|e| StoreError::io("seek", key, e))?;
+        }
+        let owned_key = key.to_string();
+        let stream = ReaderStream::with_capacity(file.take(end - start), READ_CHUNK)
+            .map(move |chunk| chunk.map_err(|e| StoreError::io("read", &owned_key, e)));
+        Ok(stream.boxed())
+    }
+
+    async fn head(&self, key: &str) -> Result<ObjectMeta, StoreError> {
+        let path = self.path_of(key)?;
+        let meta = tokio::fs::metadata(&path)
+            .await
+            .map_err(|e| StoreError::io("stat", key, e))?;
+        if !meta.is_file() {
+            return Err(StoreError::NotFound {
+                key: key.to_string(),
+            });
+        }
+        Ok(ObjectMeta {
+            key: key.to_string(),
+            size: meta.len(),
+            last_modified: modified(&meta),
+        })
+    }
+
+    async fn list(&self, prefix: &str) -> Result<Vec<ObjectMeta>, StoreError> {
+        let store = self.clone();
+        let owned = prefix.to_string();
+        let found = tokio::task::spawn_blocking(move || store.walk(&owned))
+            .await
+            .map_err(|e| StoreError::backend("list", prefix, e.to_string()))?
+            .map_err(|e| StoreError::io("list", prefix, e))?;
+        Ok(found
+            .into_iter()
+            .filter(|(key, _)| !is_temp(key))
+            .map(|(key, meta)| ObjectMeta {
+                size: meta.len(),
+                last_modified: modified(&meta),
+                key,
+            })
+            .collect())
+    }
+
+    async fn delete(&self, key: &str) -> Result<(), StoreError> {
+        let path = self.path_of(key)?;
+        match tokio::fs::remove_file(&path).await {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+            Err(e) => return Err(StoreError::io("delete", key, e)),
+        }
+        // Empty directories are not objects; removing them keeps the tree honest for people
+        // who inspect it by hand. A directory that is not empty simply stays.
+        let mut dir = path.parent().map(Path::to_path_buf);
+        while let Some(current) = dir {
+            if current == self.root || tokio::fs::remove_dir(&current).await.is_err() {
+                break;
+            }
+            dir = current.parent().map(Path::to_path_buf);
+        }
+        Ok(())
+    }
+
+    async fn list_incomplete(&self, prefix: &str) -> Result<Vec<IncompleteUpload>, StoreError> {
+        let store = self.clone();
+        let owned = prefix.to_string();
+        let found = tokio::task::spawn_blocking(move || store.walk(""))
+            .await
+            .map_err(|e| StoreError::backend("list", prefix, e.to_string()))?
+            .map_err(|e| StoreError::io("list", prefix, e))?;
+        Ok(found
+            .into_iter()
+            .filter(|(key, _)| is_temp(key))
+            .filter_map(|(temp_key, meta)| {
+                let (dir, name) = temp_key.rsplit_once('/').unwrap_or(("", &temp_key));
+                let original = name.strip_prefix('.')?.split(TEMP_MARKER).next()?;
+                let key = if dir.is_empty() {
+                    original.to_string()
+                } else {
+                    format!("{dir}/{original}")
+                };
+                key.starts_with(owned.as_str()).then(|| IncompleteUpload {
+                    key,
+                    id: temp_key,
+                    initiated: modified(&meta),
+                })
+            })
+            .collect())
+    }
+
+    async fn abort_incomplete(&self, upload: &IncompleteUpload) -> Result<(), StoreError> {
+        self.delete(&upload.id).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn temp_files_are_incomplete_uploads_not_objects() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = LocalStore::new(dir.path());
+        std::fs::create_dir_all(dir.path().join("a")).unwrap();
+        std::fs::write(dir.path().join("a/.obj.zst.lifeboat-tmp-XyZ"), b"partial").unwrap();
+        assert!(store.list("a/").await.unwrap().is_empty());
+        let incomplete = store.list_incomplete("a/").await.unwrap();
+        assert_eq!(incomplete.len(), 1);
+        assert_eq!(incomplete[0].key, "a/obj.zst");
+        store.abort_incomplete(&incomplete[0]).await.unwrap();
+        assert!(store.list_incomplete("").await.unwrap().is_empty());
+    }
+}

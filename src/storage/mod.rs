@@ -1,0 +1,172 @@
+//! Storage: one small async trait that every repository backend implements, with the
+//! contract of each method stated here. Backends: a local directory ([`local`]) and S3
+//! ([`s3`]). Keys are relative to the repository root, use '/' as separator, and never
+//! contain empty, '.' or '..' segments. Depends on `error` only; aws-sdk-s3 appears only in
+//! [`s3`].
+
+pub mod local;
+pub mod parts;
+pub mod s3;
+
+use std::fmt;
+use std::ops::Range;
+
+use async_trait::async_trait;
+use bytes::{Bytes, BytesMut};
+use chrono::{DateTime, Utc};
+use futures::StreamExt;
+use futures::stream::BoxStream;
+
+pub use parts::{PartSender, PartStream};
+
+type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
+
+/// A stream of an object's bytes, in the order stored.
+pub type ByteStream = BoxStream<'static, Result<Bytes, StoreError>>;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("object '{key}' does not exist")]
+    NotFound { key: String },
+    #[error("object '{key}' already exists")]
+    AlreadyExists { key: String },
+    /// The body stream ended without its end marker: the producer failed, so the upload was
+    /// abandoned (and aborted) instead of storing a truncated object.
+    #[error("upload of '{key}' was abandoned because its source stopped before the end")]
+    Abandoned { key: String },
+    #[error("invalid object key '{key}': {reason}")]
+    InvalidKey { key: String, reason: &'static str },
+    #[error("unable to {operation} '{key}': {message}")]
+    Backend {
+        operation: &'static str,
+        key: String,
+        message: String,
+        #[source]
+        source: Option<BoxError>,
+    },
+}
+
+impl StoreError {
+    pub fn backend(operation: &'static str, key: &str, message: impl Into<String>) -> Self {
+        StoreError::Backend {
+            operation,
+            key: key.to_string(),
+            message: message.into(),
+            source: None,
+        }
+    }
+
+    pub fn io(operation: &'static str, key: &str, err: std::io::Error) -> Self {
+        if err.kind() == std::io::ErrorKind::NotFound {
+            return StoreError::NotFound {
+                key: key.to_string(),
+            };
+        }
+        StoreError::Backend {
+            operation,
+            key: key.to_string(),
+            message: err.to_string(),
+            source: None,
+        }
+    }
+
+    pub fn is_not_found(&self) -> bool {
+        matches!(self, StoreError::NotFound { .. })
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ObjectMeta {
+    pub key: String,
+    pub size: u64,
+    pub last_modified: Option<DateTime<Utc>>,
+}
+
+/// What a completed `put` stored.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PutReceipt {
+    pub size: u64,
+}
+
+/// An upload that was started and neither completed nor aborted: an S3 multipart upload,
+/// or a local temp file left by a killed process.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IncompleteUpload {
+    pub key: String,
+    pub id: String,
+    pub initiated: Option<DateTime<Utc>>,
+}
+
+#[async_trait]
+pub trait Store: Send + Sync + fmt::Debug {
+    /// Where this store keeps its objects, for messages: `s3://bucket/prefix` or a path.
+    fn location(&self) -> String;
+
+    /// Stores the whole body under `key`, replacing any object there. Atomic: readers see the
+    /// old object or the complete new one, never a part. If the body is abandoned (its sender
+    /// dropped without `finish`) or any write fails, nothing is stored and no incomplete
+    /// upload is left behind.
+    async fn put(&self, key: &str, body: PartStream) -> Result<PutReceipt, StoreError>;
+
+    /// Stores `body` under `key` only if no object is there; `AlreadyExists` otherwise.
+    /// Atomic in the same way as `put`.
+    async fn create_if_absent(&self, key: &str, body: Bytes) -> Result<(), StoreError>;
+
+    /// Streams the object, or the byte `range` of it (end exclusive). `NotFound` if missing.
+    async fn get(&self, key: &str, range: Option<Range<u64>>) -> Result<ByteStream, StoreError>;
+
+    /// Size and time of the object. `NotFound` if missing.
+    async fn head(&self, key: &str) -> Result<ObjectMeta, StoreError>;
+
+    /// Every object whose key starts with `prefix`, sorted by key. Incomplete uploads are
+    /// not objects and are never listed here.
+    async fn list(&self, prefix: &str) -> Result<Vec<ObjectMeta>, StoreError>;
+
+    /// Removes the object. Idempotent: removing a missing object succeeds.
+    async fn delete(&self, key: &str) -> Result<(), StoreError>;
+
+    /// Uploads under `prefix` that were started and never completed or aborted.
+    async fn list_incomplete(&self, prefix: &str) -> Result<Vec<IncompleteUpload>, StoreError>;
+
+    /// Discards an incomplete upload. Idempotent.
+    async fn abort_incomplete(&self, upload: &IncompleteUpload) -> Result<(), StoreError>;
+}
+
+/// Reads a whole (small) object into memory: manifests and markers.
+pub async fn get_bytes(store: &dyn Store, key: &str) -> Result<Bytes, StoreError> {
+    let mut stream = store.get(key, None).await?;
+    let mut buf = BytesMut::new();
+    while let Some(chunk) = stream.next().await {
+        buf.extend_from_slice(&chunk?);
+    }
+    Ok(buf.freeze())
+}
+
+/// Stores a small in-memory object.
+pub async fn put_bytes(
+    store: &dyn Store,
+    key: &str,
+    body: Bytes,
+) -> Result<PutReceipt, StoreError> {
+    store.put(key, PartStream::from_bytes(body)).await
+}
+
+pub(crate) fn validate_key(key: &str) -> Result<(), StoreError> {
+    let invalid = |reason| StoreError::InvalidKey {
+        key: key.to_string(),
+        reason,
+    };
+    if key.is_empty() {
+        return Err(invalid("empty"));
+    }
+    if key.starts_with('/') {
+        return Err(invalid("starts with '/'"));
+    }
+    if key
+        .split('/')
+        .any(|segment| segment.is_empty() || segment == "." || segment == "..")
+    {
+        return Err(invalid("has an empty, '.' or '..' segment"));
+    }
+    Ok(())
+}

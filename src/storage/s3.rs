@@ -1,0 +1,532 @@
+//! A repository in an S3 bucket (AWS or an S3-compatible server). The only module that
+//! knows aws-sdk-s3.
+//!
+//! Integrity does not depend on the server's defaults: the SDK's own checksum trailers are
+//! off unless configured (some S3-compatible servers reject aws-chunked trailers, others store
+//! them as data), and lifeboat sends the SHA-256 of every PutObject body and every part as an
+//! `x-amz-checksum-sha256` value, which the server must verify before it accepts the bytes.
+//! Transient errors are retried by the SDK's standard retry strategy, which classifies by
+//! status and error code, with bounded attempts and backoff.
+
+use std::ops::Range;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use aws_sdk_s3::Client;
+use aws_sdk_s3::config::http::HttpResponse;
+use aws_sdk_s3::config::retry::RetryConfig;
+use aws_sdk_s3::config::timeout::TimeoutConfig;
+use aws_sdk_s3::config::{
+    Credentials, Region, RequestChecksumCalculation, ResponseChecksumValidation,
+};
+use aws_sdk_s3::error::{DisplayErrorContext, ProvideErrorMetadata, SdkError};
+use aws_sdk_s3::primitives::ByteStream as SdkByteStream;
+use aws_sdk_s3::types::{ChecksumAlgorithm, CompletedMultipartUpload, CompletedPart};
+use base64::Engine;
+use bytes::{Bytes, BytesMut};
+use chrono::{DateTime, Utc};
+use futures::StreamExt;
+use futures::stream::FuturesUnordered;
+use sha2::{Digest, Sha256};
+
+use super::{
+    ByteStream, IncompleteUpload, ObjectMeta, PartStream, PutReceipt, Store, StoreError,
+    validate_key,
+};
+use crate::config::{RequestChecksums, S3Settings};
+
+/// S3 refuses multipart uploads with more parts than this.
+const MAX_PARTS: i32 = 10_000;
+
+#[derive(Debug, Clone)]
+pub struct S3Store {
+    client: Client,
+    bucket: String,
+    /// "" or "some/prefix/".
+    prefix: String,
+    part_size: usize,
+    parts_in_flight: usize,
+}
+
+impl S3Store {
+    /// Connects with credentials from the standard AWS chain (environment, profile,
+    /// instance role).
+    pub async fn connect(settings: &S3Settings) -> S3Store {
+        S3Store::connect_with(settings, None).await
+    }
+
+    /// Connects with the given key pair instead of the AWS chain, for programs that embed
+    /// lifeboat and hold credentials of their own.
+    pub async fn connect_with_key(
+        settings: &S3Settings,
+        access_key_id: &str,
+        secret_access_key: &str,
+    ) -> S3Store {
+        let credentials = Credentials::new(
+            access_key_id,
+            secret_access_key,
+            None,
+            None,
+            "lifeboat-embedded",
+        );
+        S3Store::connect_with(settings, Some(credentials)).await
+    }
+
+    async fn connect_with(settings: &S3Settings, credentials: Option<Credentials>) -> S3Store {
+        let mut loader = aws_config::defaults(aws_config::BehaviorVersion::latest())
+            .region(Region::new(settings.region.clone()));
+        if let Some(profile) = &settings.profile {
+            loader = loader.profile_name(profile);
+        }
+        if let Some(credentials) = credentials {
+            loader = loader.credentials_provider(credentials);
+        }
+        let shared = loader.load().await;
+        let checksums = match settings.request_checksums {
+            RequestChecksums::WhenRequired => RequestChecksumCalculation::WhenRequired,
+            RequestChecksums::WhenSupported => RequestChecksumCalculation::WhenSupported,
+        };
+        let mut builder = aws_sdk_s3::config::Builder::from(&shared)
+            .force_path_style(settings.path_style)
+            .request_checksum_calculation(checksums)
+            .response_checksum_validation(ResponseChecksumValidation::WhenRequired)
+            .retry_config(
+                RetryConfig::standard()
+                    .with_max_attempts(settings.max_attempts)
+                    .with_initial_backoff(Duration::from_millis(200))
+                    .with_max_backoff(Duration::from_secs(20)),
+            )
+            .timeout_config(
+                TimeoutConfig::builder()
+                    .connect_timeout(Duration::from_secs(10))
+                    .operation_attempt_timeout(Duration::from_secs(300))
+                    .build(),
+            );
+        if let Some(endpoint) = &settings.endpoint {
+            builder = builder.endpoint_url(endpoint);
+        }
+        let prefix = if settings.prefix.is_empty() {
+            String::new()
+        } else {
+            format!("{}/", settings.prefix)
+        };
+        S3Store {
+            client: Client::from_conf(builder.build()),
+            bucket: settings.bucket.clone(),
+            prefix,
+            part_size: settings.part_size as usize,
+            parts_in_flight: settings.parts_in_flight,
+        }
+    }
+
+    fn full_key(&self, key: &str) -> Result<String, StoreError> {
+        validate_key(key)?;
+        Ok(format!("{}{key}", self.prefix))
+    }
+
+    fn relative_key<'k>(&self, full: &'k str) -> Option<&'k str> {
+        full.strip_prefix(self.prefix.as_str())
+    }
+
+    async fn put_single(
+        &self,
+        key: &str,
+        full: &str,
+        body: Bytes,
+    ) -> Result<PutReceipt, StoreError> {
+        let size = body.len() as u64;
+        self.client
+            .put_object()
+            .bucket(&self.bucket)
+            .key(full)
+            .checksum_sha256(sha256_base64(&body))
+            .body(SdkByteStream::from(body))
+            .send()
+            .await
+            .map_err(|e| sdk_error("upload", key, e))?;
+        Ok(PutReceipt { size })
+    }
+
+    async fn upload_part(
+        &self,
+        key: &str,
+        full: &str,
+        upload_id: &str,
+        number: i32,
+        body: Bytes,
+    ) -> Result<CompletedPart, StoreError> {
+        let checksum = sha256_base64(&body);
+        let output = self
+            .client
+            .upload_part()
+            .bucket(&self.bucket)
+            .key(full)
+            .upload_id(upload_id)
+            .part_number(number)
+            .checksum_sha256(&checksum)
+            .body(SdkByteStream::from(body))
+            .send()
+            .await
+            .map_err(|e| sdk_error("upload part of", key, e))?;
+        Ok(CompletedPart::builder()
+            .part_number(number)
+            .set_e_tag(output.e_tag)
+            .checksum_sha256(checksum)
+            .build())
+    }
+
+    /// Uploads the parts of a multipart upload that is already created; the caller aborts
+    /// on error.
+    async fn upload_parts(
+        &self,
+        key: &str,
+        full: &str,
+        upload_id: &str,
+        read_ahead: Vec<Bytes>,
+        buffer: &mut BytesMut,
+        body: &mut PartStream,
+    ) -> Result<(Vec<CompletedPart>, u64), StoreError> {
+        let mut in_flight = FuturesUnordered::new();
+        let mut completed = Vec::new();
+        let mut size = 0u64;
+        let mut number = 0i32;
+        let mut read_ahead = read_ahead.into_iter();
+        loop {
+            let part = match read_ahead.next() {
+                Some(part) => Some(part),
+                None => next_part(body, key, buffer, self.part_size).await?,
+            };
+            let Some(part) = part else { break };
+            if number == MAX_PARTS {
+                return Err(StoreError::backend(
+                    "upload",
+                    key,
+                    format!(
+                        "the object needs more than {MAX_PARTS} parts; raise part_size for this repository"
+                    ),
+                ));
+            }
+            number += 1;
+            size += part.len() as u64;
+            in_flight.push(self.upload_part(key, full, upload_id, number, part));
+            while in_flight.len() >= self.parts_in_flight {
+                let done = in_flight.next().await.expect("not empty")?;
+                completed.push(done);
+            }
+        }
+        while let Some(done) = in_flight.next().await {
+            completed.push(done?);
+        }
+        completed.sort_by_key(|part| part.part_number);
+        Ok((completed, size))
+    }
+
+    async fn abort(&self, key: &str, full: &str, upload_id: &str) {
+        // The SDK retries transient failures; if the abort still fails, `list_incomplete`
+        // finds the upload and prune removes it.
+        if let Err(e) = self
+            .client
+            .abort_multipart_upload()
+            .bucket(&self.bucket)
+            .key(full)
+            .upload_id(upload_id)
+            .send()
+            .await
+        {
+            tracing::warn!(key, upload_id, error = %DisplayErrorContext(&e), "unable to abort multipart upload; prune will remove it");
+        }
+    }
+}
+
+/// Fills one part of `part_size` bytes from the body; a shorter part only at the end.
+async fn next_part(
+    body: &mut PartStream,
+    key: &str,
+    buffer: &mut BytesMut,
+    part_size: usize,
+) -> Result<Option<Bytes>, StoreError> {
+    while buffer.len() < part_size {
+        match body.next(key).await? {
+            // A chunk that is exactly one part passes through without a copy.
+            Some(chunk) if buffer.is_empty() && chunk.len() == part_size => return Ok(Some(chunk)),
+            Some(chunk) => buffer.extend_from_slice(&chunk),
+            None => break,
+        }
+    }
+    if buffer.is_empty() {
+        return Ok(None);
+    }
+    let take = buffer.len().min(part_size);
+    Ok(Some(buffer.split_to(take).freeze()))
+}
+
+fn sha256_base64(data: &[u8]) -> String {
+    base64::engine::general_purpose::STANDARD.encode(Sha256::digest(data))
+}
+
+fn status<E>(err: &SdkError<E, HttpResponse>) -> Option<u16> {
+    err.raw_response().map(|r| r.status().as_u16())
+}
+
+fn sdk_error<E>(operation: &'static str, key: &str, err: SdkError<E, HttpResponse>) -> StoreError
+where
+    E: std::error::Error + ProvideErrorMetadata + Send + Sync + 'static,
+{
+    if status(&err) == Some(404) {
+        return StoreError::NotFound {
+            key: key.to_string(),
+        };
+    }
+    StoreError::Backend {
+        operation,
+        key: key.to_string(),
+        message: DisplayErrorContext(&err).to_string(),
+        source: None,
+    }
+}
+
+fn to_utc(time: Option<&aws_sdk_s3::primitives::DateTime>) -> Option<DateTime<Utc>> {
+    time.and_then(|t| DateTime::<Utc>::from_timestamp(t.secs(), t.subsec_nanos()))
+}
+
+#[async_trait]
+impl Store for S3Store {
+    fn location(&self) -> String {
+        format!("s3://{}/{}", self.bucket, self.prefix.trim_end_matches('/'))
+    }
+
+    async fn put(&self, key: &str, mut body: PartStream) -> Result<PutReceipt, StoreError> {
+        let full = self.full_key(key)?;
+        let mut buffer = BytesMut::new();
+        let Some(first) = next_part(&mut body, key, &mut buffer, self.part_size).await? else {
+            return self.put_single(key, &full, Bytes::new()).await;
+        };
+        if first.len() < self.part_size {
+            // The whole body fits one part: one request, nothing to abort.
+            return self.put_single(key, &full, first).await;
+        }
+        // Peek: if the body ends right at one part, a single PutObject still suffices.
+        let second = next_part(&mut body, key, &mut buffer, self.part_size).await?;
+        let Some(second) = second else {
+            return self.put_single(key, &full, first).await;
+        };
+
+        let created = self
+            .client
+            .create_multipart_upload()
+            .bucket(&self.bucket)
+            .key(&full)
+            .checksum_algorithm(ChecksumAlgorithm::Sha256)
+            .send()
+            .await
+            .map_err(|e| sdk_error("start upload of", key, e))?;
+        let upload_id = created.upload_id.ok_or_else(|| {
+            StoreError::backend("start upload of", key, "the server returned no upload id")
+        })?;
+
+        let result = async {
+            let (parts, size) = self
+                .upload_parts(
+                    key,
+                    &full,
+                    &upload_id,
+                    vec![first, second],
+                    &mut buffer,
+                    &mut body,
+                )
+                .await?;
+            self.client
+                .complete_multipart_upload()
+                .bucket(&self.bucket)
+                .key(&full)
+                .upload_id(&upload_id)
+                .multipart_upload(
+                    CompletedMultipartUpload::builder()
+                        .set_parts(Some(parts))
+                        .build(),
+                )
+                .send()
+                .await
+                .map_err(|e| sdk_error("complete upload of", key, e))?;
+            Ok(PutReceipt { size })
+        }
+        .await;
+        if result.is_err() {
+            self.abort(key, &full, &upload_id).await;
+        }
+        result
+    }
+
+    async fn create_if_absent(&self, key: &str, body: Bytes) -> Result<(), StoreError> {
+        let full = self.full_key(key)?;
+        let result = self
+            .client
+            .put_object()
+            .bucket(&self.bucket)
+            .key(&full)
+            .if_none_match("*")
+            .checksum_sha256(sha256_base64(&body))
+            .body(SdkByteStream::from(body))
+            .send()
+            .await;
+        match result {
+            Ok(_) => Ok(()),
+            Err(e) if status(&e) == Some(412) => Err(StoreError::AlreadyExists {
+                key: key.to_string(),
+            }),
+            Err(e) => Err(sdk_error("create", key, e)),
+        }
+    }
+
+    async fn get(&self, key: &str, range: Option<Range<u64>>) -> Result<ByteStream, StoreError> {
+        let full = self.full_key(key)?;
+        let mut request = self.client.get_object().bucket(&self.bucket).key(&full);
+        if let Some(range) = &range {
+            if range.end <= range.start {
+                return Ok(futures::stream::empty().boxed());
+            }
+            request = request.range(format!("bytes={}-{}", range.start, range.end - 1));
+        }
+        let output = match request.send().await {
+            Ok(output) => output,
+            // A range past the end of the object is empty, as it is for the local store.
+            Err(e) if status(&e) == Some(416) => return Ok(futures::stream::empty().boxed()),
+            Err(e) => return Err(sdk_error("download", key, e)),
+        };
+        let owned_key = key.to_string();
+        let stream =
+            futures::stream::unfold((output.body, owned_key), |(mut body, key)| async move {
+                match body.next().await {
+                    Some(Ok(bytes)) => Some((Ok(bytes), (body, key))),
+                    Some(Err(e)) => {
+                        let err = StoreError::backend(
+                            "download",
+                            &key,
+                            DisplayErrorContext(&e).to_string(),
+                        );
+                        Some((Err(err), (body, key)))
+                    }
+                    None => None,
+                }
+            });
+        Ok(stream.boxed())
+    }
+
+    async fn head(&self, key: &str) -> Result<ObjectMeta, StoreError> {
+        let full = self.full_key(key)?;
+        let output = self
+            .client
+            .head_object()
+            .bucket(&self.bucket)
+            .key(&full)
+            .send()
+            .await
+            .map_err(|e| sdk_error("stat", key, e))?;
+        Ok(ObjectMeta {
+            key: key.to_string(),
+            size: output.content_length.unwrap_or_default().max(0) as u64,
+            last_modified: to_utc(output.last_modified.as_ref()),
+        })
+    }
+
+    async fn list(&self, prefix: &str) -> Result<Vec<ObjectMeta>, StoreError> {
+        let full_prefix = format!("{}{prefix}", self.prefix);
+        let mut pages = self
+            .client
+            .list_objects_v2()
+            .bucket(&self.bucket)
+            .prefix(&full_prefix)
+            .into_paginator()
+            .send();
+        let mut found = Vec::new();
+        while let Some(page) = pages.next().await {
+            let page = page.map_err(|e| sdk_error("list", prefix, e))?;
+            for object in page.contents.unwrap_or_default() {
+                let Some(key) = object.key.as_deref().and_then(|k| self.relative_key(k)) else {
+                    continue;
+                };
+                found.push(ObjectMeta {
+                    key: key.to_string(),
+                    size: object.size.unwrap_or_default().max(0) as u64,
+                    last_modified: to_utc(object.last_modified.as_ref()),
+                });
+            }
+        }
+        found.sort_by(|a, b| a.key.cmp(&b.key));
+        Ok(found)
+    }
+
+    async fn delete(&self, key: &str) -> Result<(), StoreError> {
+        let full = self.full_key(key)?;
+        match self
+            .client
+            .delete_object()
+            .bucket(&self.bucket)
+            .key(&full)
+            .send()
+            .await
+        {
+            Ok(_) => Ok(()),
+            Err(e) if status(&e) == Some(404) => Ok(()),
+            Err(e) => Err(sdk_error("delete", key, e)),
+        }
+    }
+
+    async fn list_incomplete(&self, prefix: &str) -> Result<Vec<IncompleteUpload>, StoreError> {
+        let full_prefix = format!("{}{prefix}", self.prefix);
+        let mut found = Vec::new();
+        let mut key_marker: Option<String> = None;
+        let mut upload_marker: Option<String> = None;
+        loop {
+            let page = self
+                .client
+                .list_multipart_uploads()
+                .bucket(&self.bucket)
+                .prefix(&full_prefix)
+                .set_key_marker(key_marker.take())
+                .set_upload_id_marker(upload_marker.take())
+                .send()
+                .await
+                .map_err(|e| sdk_error("list uploads under", prefix, e))?;
+            for upload in page.uploads.unwrap_or_default() {
+                let (Some(full), Some(id)) = (upload.key, upload.upload_id) else {
+                    continue;
+                };
+                let Some(key) = self.relative_key(&full) else {
+                    continue;
+                };
+                found.push(IncompleteUpload {
+                    key: key.to_string(),
+                    id,
+                    initiated: to_utc(upload.initiated.as_ref()),
+                });
+            }
+            if page.is_truncated != Some(true) {
+                break;
+            }
+            key_marker = page.next_key_marker;
+            upload_marker = page.next_upload_id_marker;
+            if key_marker.is_none() && upload_marker.is_none() {
+                break;
+            }
+        }
+        Ok(found)
+    }
+
+    async fn abort_incomplete(&self, upload: &IncompleteUpload) -> Result<(), StoreError> {
+        let full = self.full_key(&upload.key)?;
+        match self
+            .client
+            .abort_multipart_upload()
+            .bucket(&self.bucket)
+            .key(&full)
+            .upload_id(&upload.id)
+            .send()
+            .await
+        {
+            Ok(_) => Ok(()),
+            Err(e) if status(&e) == Some(404) => Ok(()),
+            Err(e) => Err(sdk_error("abort upload of", &upload.key, e)),
+        }
+    }
+}

@@ -1,0 +1,138 @@
+//! Moves one object between a pipeline and the repositories, in both directions:
+//! `store_object` runs a source through the encode pipeline into every repository at once;
+//! `read_object` runs one stored object through the decode pipeline into a consumer.
+
+use std::io::{self, Read, Write};
+
+use futures::TryStreamExt;
+use tokio_util::io::{StreamReader, SyncIoBridge};
+
+use crate::error::{Error, ErrorKind, Result};
+use crate::layout;
+use crate::manifest::{Manifest, ObjectEntry};
+use crate::pipeline::{self, CHANNEL_BOUND, DecodeError, Digests, EncodeOptions, ObjectWriter};
+use crate::repository::Repository;
+use crate::storage::{PartStream, StoreError};
+
+/// Streams what `produce` writes through the pipeline into `key` in every repository.
+/// The source is read and compressed once. Succeeds only if the source finished and every
+/// repository stored exactly the bytes the pipeline produced; otherwise every upload is
+/// abandoned (and aborted by its store) and the first real cause is returned.
+pub async fn store_object<T, F>(
+    repositories: &[Repository],
+    key: &str,
+    options: EncodeOptions,
+    produce: F,
+) -> Result<(Digests, T)>
+where
+    T: Send + 'static,
+    F: FnOnce(&mut dyn Write) -> Result<T> + Send + 'static,
+{
+    let mut senders = Vec::with_capacity(repositories.len());
+    let mut uploads = Vec::with_capacity(repositories.len());
+    for repository in repositories {
+        let (sender, stream) = PartStream::channel(CHANNEL_BOUND);
+        senders.push(sender);
+        let store = repository.store.clone();
+        let owned_key = key.to_string();
+        uploads.push(tokio::spawn(
+            async move { store.put(&owned_key, stream).await },
+        ));
+    }
+
+    let producer = tokio::task::spawn_blocking(move || -> Result<(Digests, T)> {
+        let mut writer = ObjectWriter::new(options, senders).map_err(|e| {
+            Error::new(ErrorKind::Source, "unable to start the zstd encoder").with_source(e)
+        })?;
+        let value = produce(&mut writer)?;
+        let digests = writer.finish().map_err(|e| {
+            Error::new(ErrorKind::Storage, "unable to finish the upload").with_source(e)
+        })?;
+        Ok((digests, value))
+    });
+
+    let produced = producer.await.unwrap_or_else(|e| {
+        Err(Error::new(ErrorKind::Source, "the backup source stopped unexpectedly").with_source(e))
+    });
+    let mut store_failure = None;
+    let mut receipts = Vec::with_capacity(repositories.len());
+    for (repository, upload) in repositories.iter().zip(uploads) {
+        match upload.await {
+            Ok(Ok(receipt)) => receipts.push((repository, receipt)),
+            // The store gave up because the source did; the source's error is the cause.
+            Ok(Err(StoreError::Abandoned { .. })) => {}
+            Ok(Err(e)) => {
+                store_failure
+                    .get_or_insert_with(|| repository.error(&format!("store object '{key}'"), e));
+            }
+            Err(e) => {
+                store_failure.get_or_insert_with(|| {
+                    Error::new(
+                        ErrorKind::Storage,
+                        format!(
+                            "unable to store object '{key}' in repository '{}'",
+                            repository.name
+                        ),
+                    )
+                    .with_source(e)
+                });
+            }
+        }
+    }
+    if let Some(failure) = store_failure {
+        return Err(failure);
+    }
+    let (digests, value) = produced?;
+    for (repository, receipt) in receipts {
+        if receipt.size != digests.size {
+            return Err(Error::new(
+                ErrorKind::Storage,
+                format!(
+                    "unable to store object '{key}' in repository '{}': it stored {} bytes of {}",
+                    repository.name, receipt.size, digests.size
+                ),
+            ));
+        }
+    }
+    Ok((digests, value))
+}
+
+/// Streams one object of `manifest` from `repository` through the decode pipeline into
+/// `consume` (on a blocking thread). Returns Ok only when both checksums match.
+pub async fn read_object<T, F>(
+    repository: &Repository,
+    manifest: &Manifest,
+    object: &ObjectEntry,
+    consume: F,
+) -> Result<T>
+where
+    T: Send + 'static,
+    F: FnOnce(&mut dyn Read) -> io::Result<T> + Send + 'static,
+{
+    let key = layout::object_key(&manifest.job, &manifest.id, &object.name);
+    let stream = repository
+        .open_object(&manifest.job, &manifest.id, &object.name)
+        .await?;
+    let reader = SyncIoBridge::new(StreamReader::new(stream.map_err(io::Error::other)));
+    let expected = object.digests();
+    let outcome = tokio::task::spawn_blocking(move || pipeline::decode(reader, &expected, consume))
+        .await
+        .map_err(|e| {
+            Error::new(ErrorKind::Storage, format!("unable to read object '{key}'")).with_source(e)
+        })?;
+    outcome.map_err(|e| {
+        let place = format!("object '{key}' in repository '{}'", repository.name);
+        match e {
+            DecodeError::Download(cause) => {
+                Error::new(ErrorKind::Storage, format!("unable to download {place}")).with_source(cause)
+            }
+            DecodeError::StoredMismatch(detail) | DecodeError::RawMismatch(detail) => {
+                Error::new(ErrorKind::Verification, format!("damaged {place}: {detail}")).with_hint(format!(
+                    "the copy in another repository may be intact: try `--from` another repository, then `lifeboat verify {}`",
+                    manifest.job
+                ))
+            }
+            DecodeError::Consumer(cause) => Error::new(ErrorKind::Target, format!("unable to restore {place}")).with_source(cause),
+        }
+    })
+}

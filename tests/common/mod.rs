@@ -1,0 +1,93 @@
+//! Test harness: real servers started per test, and helpers to run the `lifeboat` binary.
+
+#![allow(dead_code)]
+
+pub mod seaweedfs;
+pub mod tree;
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+pub use seaweedfs::SeaweedFs;
+
+/// What a run of the binary printed and how it ended.
+#[derive(Debug)]
+pub struct Run {
+    pub code: i32,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+impl Run {
+    fn from_output(output: Output) -> Run {
+        Run {
+            code: output.status.code().unwrap_or(-1),
+            stdout: String::from_utf8_lossy(&output.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
+        }
+    }
+
+    #[track_caller]
+    pub fn assert_code(&self, code: i32) -> &Run {
+        assert_eq!(
+            self.code, code,
+            "exit code\n--- stdout\n{}\n--- stderr\n{}",
+            self.stdout, self.stderr
+        );
+        self
+    }
+}
+
+pub fn lifeboat_command(config: &Path) -> Command {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_lifeboat"));
+    command
+        .env_remove("LIFEBOAT_CONFIG")
+        .env_remove("AWS_PROFILE")
+        .env("AWS_ACCESS_KEY_ID", seaweedfs::ACCESS_KEY)
+        .env("AWS_SECRET_ACCESS_KEY", seaweedfs::SECRET_KEY)
+        .env("AWS_EC2_METADATA_DISABLED", "true")
+        .arg("--config")
+        .arg(config);
+    command
+}
+
+/// Runs `lifeboat --config CONFIG ARGS...`.
+pub fn lifeboat(config: &Path, args: &[&str]) -> Run {
+    let output = lifeboat_command(config)
+        .args(args)
+        .output()
+        .expect("run the lifeboat binary");
+    Run::from_output(output)
+}
+
+pub fn run_command(command: &mut Command) -> Run {
+    Run::from_output(command.output().expect("run command"))
+}
+
+pub fn write_config(dir: &Path, text: &str) -> PathBuf {
+    let path = dir.join("lifeboat.toml");
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+pub fn local_repository(name: &str, path: &Path) -> String {
+    format!(
+        "[[repository]]\nname = \"{name}\"\ntype = \"local\"\npath = \"{}\"\n\n",
+        path.display()
+    )
+}
+
+pub fn files_job(name: &str, paths: &[&Path]) -> String {
+    let paths: Vec<String> = paths
+        .iter()
+        .map(|p| format!("\"{}\"", p.display()))
+        .collect();
+    format!(
+        "[[job]]\nname = \"{name}\"\nkind = \"files\"\npaths = [{}]\n\n",
+        paths.join(", ")
+    )
+}
+
+pub fn is_root() -> bool {
+    unsafe { libc::geteuid() == 0 }
+}

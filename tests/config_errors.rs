@@ -1,0 +1,73 @@
+//! Bad config: exit code 2 and a message that names the file, the field and the value.
+
+use crate::common::{Run, lifeboat, write_config};
+
+fn check_with(text: &str) -> Run {
+    let work = tempfile::tempdir().unwrap();
+    let config = write_config(work.path(), text);
+    lifeboat(&config, &["check"])
+}
+
+const LOCAL: &str =
+    "[[repository]]\nname = \"local\"\ntype = \"local\"\npath = \"/tmp/lifeboat-never-written\"\n";
+
+#[test]
+fn unknown_key_is_a_usage_error_naming_the_key() {
+    let run = check_with(&format!("{LOCAL}compresion_level = 3\n"));
+    run.assert_code(2);
+    assert!(
+        run.stderr.contains("unknown field `compresion_level`"),
+        "{}",
+        run.stderr
+    );
+    assert!(run.stderr.contains("lifeboat.toml"), "{}", run.stderr);
+}
+
+#[test]
+fn bad_duration_is_a_usage_error_naming_field_and_value() {
+    let run = check_with(&format!("[targets]\nrpo = \"an hour\"\n{LOCAL}"));
+    run.assert_code(2);
+    assert!(
+        run.stderr
+            .contains("targets.rpo: invalid duration \"an hour\""),
+        "{}",
+        run.stderr
+    );
+}
+
+#[test]
+fn missing_bucket_is_a_usage_error_naming_the_field() {
+    let run = check_with("[[repository]]\nname = \"dr\"\ntype = \"s3\"\nregion = \"eu-west-1\"\n");
+    run.assert_code(2);
+    assert!(
+        run.stderr
+            .contains("repository[0] (dr).bucket: is required"),
+        "{}",
+        run.stderr
+    );
+}
+
+#[test]
+fn a_missing_config_file_says_how_to_make_one() {
+    let work = tempfile::tempdir().unwrap();
+    let run = lifeboat(&work.path().join("absent.toml"), &["list"]);
+    run.assert_code(2);
+    assert!(
+        run.stderr.contains("unable to read config file"),
+        "{}",
+        run.stderr
+    );
+    assert!(run.stderr.contains("init"), "{}", run.stderr);
+}
+
+#[test]
+fn init_writes_a_config_that_loads_and_never_overwrites() {
+    let work = tempfile::tempdir().unwrap();
+    let path = work.path().join("etc/lifeboat.toml");
+    lifeboat(&path, &["init"]).assert_code(0);
+    let text = std::fs::read_to_string(&path).unwrap();
+    lifeboat::config::Config::parse(&text, &path).expect("the written example loads");
+    let again = lifeboat(&path, &["init"]);
+    again.assert_code(2);
+    assert!(again.stderr.contains("already exists"), "{}", again.stderr);
+}

@@ -1,0 +1,142 @@
+//! A directory tree backed up to a local and an S3 repository in one run, restored from each
+//! into an empty directory: bytes, modes, owners, mtimes and symlinks come back exactly.
+
+use std::path::Path;
+use std::process::Command;
+
+use crate::common::{
+    SeaweedFs, files_job, lifeboat, local_repository, run_command, tree, write_config,
+};
+
+fn restored_root(into: &Path, source: &Path) -> std::path::PathBuf {
+    into.join(source.strip_prefix("/").unwrap())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tree_of_a_thousand_files_restores_exactly_from_local_and_s3() {
+    let server = SeaweedFs::start().await;
+    server.create_bucket("backups").await;
+    let work = tempfile::tempdir().unwrap();
+    let source = work.path().join("etc-app");
+    tree::build(&source, 1_000, 100 * 1024 * 1024);
+
+    let config = write_config(
+        work.path(),
+        &format!(
+            "{}{}{}",
+            local_repository("local", &work.path().join("repo")),
+            server.repository("s3", "backups", "lifeboat"),
+            files_job("config", &[&source])
+        ),
+    );
+    let backup = lifeboat(&config, &["backup", "config"]);
+    backup.assert_code(0);
+    assert!(
+        backup.stdout.contains("repositories: local, s3"),
+        "{}",
+        backup.stdout
+    );
+
+    let list = lifeboat(&config, &["list", "config"]);
+    list.assert_code(0);
+    assert!(list.stdout.contains("local,s3"), "{}", list.stdout);
+
+    for repository in ["local", "s3"] {
+        let into = work.path().join(format!("restored-{repository}"));
+        lifeboat(
+            &config,
+            &[
+                "restore",
+                "config",
+                "--from",
+                repository,
+                "--into",
+                into.to_str().unwrap(),
+            ],
+        )
+        .assert_code(0);
+        let restored = restored_root(&into, &source);
+        run_command(
+            Command::new("diff")
+                .arg("-r")
+                .arg("--no-dereference")
+                .arg(&source)
+                .arg(&restored),
+        )
+        .assert_code(0);
+        tree::assert_same(&source, &restored);
+        // The restored data is a copy; the original was never touched.
+        assert!(source.join("big/blob.bin").exists());
+    }
+
+    // A stored object is a standard zstd frame holding a tar stream.
+    let objects: Vec<_> = walkdir::WalkDir::new(work.path().join("repo/jobs/config/backups"))
+        .into_iter()
+        .filter_map(Result::ok)
+        .filter(|e| e.file_name() == "files.tar.zst")
+        .collect();
+    assert_eq!(objects.len(), 1);
+    let listing = run_command(Command::new("sh").arg("-c").arg(format!(
+        "zstd -dc '{}' | tar -tf - | grep -c 'file[0-9]*.conf$'",
+        objects[0].path().display()
+    )));
+    listing.assert_code(0);
+    assert_eq!(listing.stdout.trim(), "1000");
+}
+
+#[test]
+fn restore_refuses_a_directory_that_is_not_empty() {
+    let work = tempfile::tempdir().unwrap();
+    let source = work.path().join("src");
+    tree::write_file(&source.join("a.conf"), b"a = 1\n", 0o644);
+    let config = write_config(
+        work.path(),
+        &format!(
+            "{}{}",
+            local_repository("local", &work.path().join("repo")),
+            files_job("config", &[&source])
+        ),
+    );
+    lifeboat(&config, &["backup", "config"]).assert_code(0);
+    let into = work.path().join("busy");
+    tree::write_file(&into.join("keep.me"), b"precious\n", 0o644);
+    let run = lifeboat(
+        &config,
+        &["restore", "config", "--into", into.to_str().unwrap()],
+    );
+    run.assert_code(1);
+    assert!(run.stderr.contains("is not empty"), "{}", run.stderr);
+    assert_eq!(std::fs::read(into.join("keep.me")).unwrap(), b"precious\n");
+    assert_eq!(std::fs::read_dir(&into).unwrap().count(), 1);
+}
+
+#[test]
+fn backup_all_keeps_going_after_a_failed_job() {
+    let work = tempfile::tempdir().unwrap();
+    let good = work.path().join("good");
+    tree::write_file(&good.join("a.conf"), b"a = 1\n", 0o644);
+    let missing = work.path().join("missing");
+    let config = write_config(
+        work.path(),
+        &format!(
+            "{}{}{}",
+            local_repository("local", &work.path().join("repo")),
+            files_job("broken", &[&missing]),
+            files_job("good", &[&good])
+        ),
+    );
+    let run = lifeboat(&config, &["backup", "--all"]);
+    run.assert_code(1);
+    assert!(
+        run.stderr.contains(&format!(
+            "unable to read path '{}' for job 'broken'",
+            missing.display()
+        )),
+        "{}",
+        run.stderr
+    );
+    assert!(run.stdout.contains("backup good/"), "{}", run.stdout);
+    let list = lifeboat(&config, &["list"]);
+    assert!(list.stdout.contains("good "), "{}", list.stdout);
+    assert!(!list.stdout.contains("broken "), "{}", list.stdout);
+}

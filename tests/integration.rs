@@ -1,0 +1,9 @@
+//! The one integration test binary. Every test starts the real servers it needs.
+
+mod common;
+
+mod config_errors;
+mod conformance;
+mod damaged;
+mod failed_backup;
+mod files_round_trip;
