@@ -132,7 +132,7 @@ where
                     manifest.job
                 ))
             }
-            DecodeError::Consumer(cause) => Error::new(ErrorKind::Target, format!("unable to restore {place}")).with_source(cause),
+            DecodeError::Consumer(cause) => Error::new(ErrorKind::Target, format!("unable to unpack {place}")).with_source(cause),
         }
     })
 }

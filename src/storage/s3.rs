@@ -35,6 +35,9 @@ use super::{
 };
 use crate::config::{RequestChecksums, S3Settings};
 
+/// How long a download may receive nothing before it is abandoned as stalled.
+const BODY_STALL_TIMEOUT: Duration = Duration::from_secs(120);
+
 /// S3 refuses multipart uploads with more parts than this.
 const MAX_PARTS: i32 = 10_000;
 
@@ -393,22 +396,28 @@ impl Store for S3Store {
             Err(e) if status(&e) == Some(416) => return Ok(futures::stream::empty().boxed()),
             Err(e) => return Err(sdk_error("download", key, e)),
         };
-        let owned_key = key.to_string();
-        let stream =
-            futures::stream::unfold((output.body, owned_key), |(mut body, key)| async move {
-                match body.next().await {
-                    Some(Ok(bytes)) => Some((Ok(bytes), (body, key))),
-                    Some(Err(e)) => {
-                        let err = StoreError::backend(
-                            "download",
-                            &key,
-                            DisplayErrorContext(&e).to_string(),
-                        );
-                        Some((Err(err), (body, key)))
-                    }
-                    None => None,
+        // The SDK's timeouts end when the response headers arrive; a body that stops
+        // flowing mid-download would otherwise hang a restore forever.
+        let state = (Some(output.body), key.to_string());
+        let stream = futures::stream::unfold(state, |(body, key)| async move {
+            let mut body = body?;
+            match tokio::time::timeout(BODY_STALL_TIMEOUT, body.next()).await {
+                Ok(Some(Ok(bytes))) => Some((Ok(bytes), (Some(body), key))),
+                Ok(Some(Err(e))) => {
+                    let err =
+                        StoreError::backend("download", &key, DisplayErrorContext(&e).to_string());
+                    Some((Err(err), (None, key)))
                 }
-            });
+                Ok(None) => None,
+                Err(_) => {
+                    let message = format!("no data for {} seconds", BODY_STALL_TIMEOUT.as_secs());
+                    Some((
+                        Err(StoreError::backend("download", &key, message)),
+                        (None, key),
+                    ))
+                }
+            }
+        });
         Ok(stream.boxed())
     }
 

@@ -116,7 +116,10 @@ impl SeaweedFs {
             ])
             .arg(format!("-s3.config={}", dir.join("s3.json").display()))
             // Its sockets default to /tmp; keep them in the server's own directory.
-            .arg(format!("-filer.localSocket={}", dir.join("filer.sock").display()))
+            .arg(format!(
+                "-filer.localSocket={}",
+                dir.join("filer.sock").display()
+            ))
             .arg(format!("-s3.localSocket={}", dir.join("s3.sock").display()))
             .env("TMPDIR", dir)
             .stdin(Stdio::null())
@@ -155,11 +158,18 @@ impl SeaweedFs {
 
     /// `weed` puts its gRPC sockets in /tmp whatever TMPDIR says; remove the ones of our ports.
     fn remove_grpc_sockets(&self) {
-        let suffixes: Vec<String> = self.ports.iter().map(|p| format!("-grpc-{}.sock", p + 10_000)).collect();
-        let Ok(entries) = std::fs::read_dir("/tmp") else { return };
+        let suffixes: Vec<String> = self
+            .ports
+            .iter()
+            .map(|p| format!("-grpc-{}.sock", p + 10_000))
+            .collect();
+        let Ok(entries) = std::fs::read_dir("/tmp") else {
+            return;
+        };
         for entry in entries.filter_map(Result::ok) {
             let name = entry.file_name().to_string_lossy().into_owned();
-            if name.starts_with("seaweedfs-") && suffixes.iter().any(|s| name.ends_with(s.as_str())) {
+            if name.starts_with("seaweedfs-") && suffixes.iter().any(|s| name.ends_with(s.as_str()))
+            {
                 let _ = std::fs::remove_file(entry.path());
             }
         }

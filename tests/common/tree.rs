@@ -68,6 +68,10 @@ pub fn build(root: &Path, files: usize, large: usize) {
     );
     fs::set_permissions(root.join("private"), fs::Permissions::from_mode(0o700)).unwrap();
     fs::create_dir_all(root.join("empty-dir")).unwrap();
+    // Names past the 100 bytes of a plain tar header, for files and symlink targets.
+    let deep = root.join("long".repeat(20)).join("name-".repeat(30));
+    write_file(&deep.join("value.conf"), b"deep = true\n", 0o644);
+    symlink(deep.join("value.conf"), root.join("long-target-link")).unwrap();
     // Directory mtimes last: writing children changes them.
     for entry in walkdir::WalkDir::new(root).contents_first(true) {
         let entry = entry.unwrap();
@@ -106,9 +110,8 @@ fn describe(root: &Path) -> Vec<Entry> {
         } else {
             "file"
         };
-        let content_sha256 = (kind == "file").then(|| {
-            hex::encode(Sha256::digest(fs::read(entry.path()).unwrap()))
-        });
+        let content_sha256 =
+            (kind == "file").then(|| hex::encode(Sha256::digest(fs::read(entry.path()).unwrap())));
         entries.push(Entry {
             path: entry.path().strip_prefix(root).unwrap().to_path_buf(),
             kind,
