@@ -6,19 +6,27 @@ use std::os::unix::process::CommandExt;
 use std::path::Path;
 
 use crate::common::{
-    Run, SeaweedFs, files_job, is_root, lifeboat_command, local_repository, run_command, tree,
-    write_config,
+    Run, SeaweedFs, binary_command, files_job, is_root, lifeboat_command, local_repository,
+    run_command, tree, write_config,
 };
 
 const NOBODY: u32 = 65_534;
 
 /// Root reads every file, so as root the backup runs as `nobody` to make the file unreadable.
+/// The binary is copied beside the test's files first: the checkout may sit in a directory
+/// that `nobody` cannot enter.
 fn backup_as_unprivileged(config: &Path) -> Run {
     let mut command = lifeboat_command(config);
-    command.args(["backup", "config"]);
     if is_root() {
+        let binary = config.parent().unwrap().join("lifeboat");
+        if !binary.exists() {
+            std::fs::copy(env!("CARGO_BIN_EXE_lifeboat"), &binary).unwrap();
+            std::fs::set_permissions(&binary, std::fs::Permissions::from_mode(0o755)).unwrap();
+        }
+        command = binary_command(&binary, config);
         command.uid(NOBODY).gid(NOBODY).env("HOME", "/nonexistent");
     }
+    command.args(["backup", "config"]);
     run_command(&mut command)
 }
 

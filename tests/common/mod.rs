@@ -39,7 +39,12 @@ impl Run {
 }
 
 pub fn lifeboat_command(config: &Path) -> Command {
-    let mut command = Command::new(env!("CARGO_BIN_EXE_lifeboat"));
+    binary_command(Path::new(env!("CARGO_BIN_EXE_lifeboat")), config)
+}
+
+/// A lifeboat command run from `binary`, with the environment every test run gets.
+pub fn binary_command(binary: &Path, config: &Path) -> Command {
+    let mut command = Command::new(binary);
     command
         .env_remove("LIFEBOAT_CONFIG")
         .env_remove("AWS_PROFILE")
