@@ -12,13 +12,38 @@ fn flip_middle_byte(data: &mut [u8]) {
     data[middle] ^= 0x20;
 }
 
-fn assert_nothing_written(into: &Path) {
+fn restore_from(config: &Path, repository: &str, into: &Path) -> crate::common::Run {
+    let into = into.to_str().unwrap();
+    lifeboat(
+        config,
+        &["restore", "config", "--from", repository, "--into", into],
+    )
+}
+
+/// `verify` names the damaged object and fails; `restore` refuses it and leaves neither the
+/// target nor its staging directory behind.
+fn assert_damage_is_caught(config: &Path, work: &Path, repository: &str, object_key: &str) {
+    let verify = lifeboat(config, &["verify", "config", "--from", repository]);
+    verify.assert_code(1);
+    assert!(
+        verify.stdout.contains(&format!("DAMAGED  {object_key}")),
+        "{}",
+        verify.stdout
+    );
+    let summary = format!("1 damaged object(s) in repository '{repository}'");
+    assert!(verify.stderr.contains(&summary), "{}", verify.stderr);
+
+    let into = work.join(format!("restore-from-damaged-{repository}"));
+    let restore = restore_from(config, repository, &into);
+    restore.assert_code(1);
+    let message = format!("damaged object '{object_key}' in repository '{repository}'");
+    assert!(restore.stderr.contains(&message), "{}", restore.stderr);
     assert!(
         !into.exists(),
         "the target '{}' was created",
         into.display()
     );
-    let leftovers: Vec<_> = std::fs::read_dir(into.parent().unwrap())
+    let staging: Vec<_> = std::fs::read_dir(work)
         .unwrap()
         .filter_map(Result::ok)
         .filter(|e| {
@@ -27,7 +52,7 @@ fn assert_nothing_written(into: &Path) {
                 .starts_with(".lifeboat-restore-")
         })
         .collect();
-    assert!(leftovers.is_empty(), "staging left behind: {leftovers:?}");
+    assert!(staging.is_empty(), "staging left behind: {staging:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -50,72 +75,25 @@ async fn a_flipped_byte_is_found_by_verify_and_refused_by_restore() {
     lifeboat(&config, &["verify", "--from", "local"]).assert_code(0);
     lifeboat(&config, &["verify", "--from", "s3"]).assert_code(0);
 
-    let id = std::fs::read_dir(work.path().join("repo/jobs/config/backups"))
+    let backups = work.path().join("repo/jobs/config/backups");
+    let id = std::fs::read_dir(backups)
         .unwrap()
         .next()
         .unwrap()
         .unwrap()
         .file_name();
-    let id = id.to_str().unwrap().to_string();
-    let object_key = format!("jobs/config/backups/{id}/files.tar.zst");
+    let object_key = format!("jobs/config/backups/{}/files.tar.zst", id.to_str().unwrap());
 
     // Damage the local copy.
     let local_object = work.path().join("repo").join(&object_key);
     let mut bytes = std::fs::read(&local_object).unwrap();
     flip_middle_byte(&mut bytes);
     std::fs::write(&local_object, &bytes).unwrap();
-
-    let verify = lifeboat(&config, &["verify", "--from", "local"]);
-    verify.assert_code(1);
-    assert!(
-        verify.stdout.contains(&format!("DAMAGED  {object_key}")),
-        "{}",
-        verify.stdout
-    );
-    assert!(
-        verify
-            .stderr
-            .contains("1 damaged object(s) in repository 'local'"),
-        "{}",
-        verify.stderr
-    );
-
-    let into = work.path().join("restore-from-local");
-    let restore = lifeboat(
-        &config,
-        &[
-            "restore",
-            "config",
-            "--from",
-            "local",
-            "--into",
-            into.to_str().unwrap(),
-        ],
-    );
-    restore.assert_code(1);
-    assert!(
-        restore.stderr.contains(&format!(
-            "damaged object '{object_key}' in repository 'local'"
-        )),
-        "{}",
-        restore.stderr
-    );
-    assert_nothing_written(&into);
+    assert_damage_is_caught(&config, work.path(), "local", &object_key);
 
     // The S3 copy is intact and restores.
     let into = work.path().join("restore-from-s3");
-    lifeboat(
-        &config,
-        &[
-            "restore",
-            "config",
-            "--from",
-            "s3",
-            "--into",
-            into.to_str().unwrap(),
-        ],
-    )
-    .assert_code(0);
+    restore_from(&config, "s3", &into).assert_code(0);
     tree::assert_same(&source, &into.join(source.strip_prefix("/").unwrap()));
 
     // Damage the S3 copy too.
@@ -130,41 +108,14 @@ async fn a_flipped_byte_is_found_by_verify_and_refused_by_restore() {
         .unwrap();
     let mut bytes = object.body.collect().await.unwrap().into_bytes().to_vec();
     flip_middle_byte(&mut bytes);
+    let body = ByteStream::from(bytes);
     client
         .put_object()
         .bucket("backups")
         .key(&s3_key)
-        .body(ByteStream::from(bytes))
+        .body(body)
         .send()
         .await
         .unwrap();
-
-    let verify = lifeboat(&config, &["verify", "config", "--from", "s3"]);
-    verify.assert_code(1);
-    assert!(
-        verify.stdout.contains(&format!("DAMAGED  {object_key}")),
-        "{}",
-        verify.stdout
-    );
-    let into = work.path().join("restore-from-damaged-s3");
-    let restore = lifeboat(
-        &config,
-        &[
-            "restore",
-            "config",
-            "--from",
-            "s3",
-            "--into",
-            into.to_str().unwrap(),
-        ],
-    );
-    restore.assert_code(1);
-    assert!(
-        restore
-            .stderr
-            .contains(&format!("damaged object '{object_key}' in repository 's3'")),
-        "{}",
-        restore.stderr
-    );
-    assert_nothing_written(&into);
+    assert_damage_is_caught(&config, work.path(), "s3", &object_key);
 }

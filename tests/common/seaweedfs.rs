@@ -240,6 +240,14 @@ impl SeaweedFs {
             .collect()
     }
 
+    /// Keys of every committed backup's manifest in the bucket.
+    pub async fn manifest_keys(&self, bucket: &str) -> Vec<String> {
+        let keys = self.keys(bucket, "").await;
+        keys.into_iter()
+            .filter(|k| k.ends_with("/manifest.json"))
+            .collect()
+    }
+
     pub async fn keys(&self, bucket: &str, prefix: &str) -> Vec<String> {
         let mut keys = Vec::new();
         let mut pages = self
