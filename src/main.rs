@@ -92,9 +92,11 @@ enum Command {
         /// Repository to read from (default: the first in the config).
         #[arg(long)]
         from: Option<String>,
-        /// Directory to restore into; must be new or empty.
+        /// files jobs: directory to restore into; must be new or empty.
         #[arg(long)]
-        into: PathBuf,
+        into: Option<PathBuf>,
+        #[command(flatten)]
+        postgres: PostgresRestoreArgs,
     },
     /// Re-read every object and check both checksums.
     Verify {
@@ -108,6 +110,35 @@ enum Command {
         #[arg(long, value_enum, default_value_t = OutputFormat::Text)]
         format: OutputFormat,
     },
+}
+
+/// Restore options for postgres jobs.
+#[derive(clap::Args)]
+struct PostgresRestoreArgs {
+    /// postgres jobs: DSN of the server to restore into (password from PGPASSWORD or ~/.pgpass).
+    #[arg(long)]
+    target: Option<String>,
+    /// Only this database of the backup.
+    #[arg(long)]
+    database: Option<String>,
+    /// Restore the one --database under this name.
+    #[arg(long = "as", value_name = "NAME", requires = "database")]
+    rename_to: Option<String>,
+    /// Parallel pg_restore jobs.
+    #[arg(long, default_value_t = 2)]
+    jobs: u32,
+    /// Also restore roles and tablespaces (before the databases).
+    #[arg(long)]
+    globals: bool,
+    /// Replace the objects of a database that already holds some.
+    #[arg(long)]
+    clean: bool,
+    /// Do not restore ownership and privileges.
+    #[arg(long)]
+    no_owner: bool,
+    /// Where to stage the verified dumps (default $TMPDIR, else /var/tmp).
+    #[arg(long)]
+    staging_dir: Option<PathBuf>,
 }
 
 fn main() -> ExitCode {
@@ -239,17 +270,27 @@ async fn run(cli: Cli) -> Result<i32> {
             backup,
             from,
             into,
+            postgres,
         } => {
-            let report = restore::run(
-                &config,
-                &restore::RestoreOptions {
-                    job,
-                    backup,
-                    from,
-                    into,
-                },
-            )
-            .await?;
+            let postgres = restore::PostgresRestoreOptions {
+                target: postgres.target,
+                database: postgres.database,
+                rename_to: postgres.rename_to,
+                jobs: postgres.jobs,
+                globals: postgres.globals,
+                clean: postgres.clean,
+                no_owner: postgres.no_owner,
+                staging_dir: postgres.staging_dir,
+                bin_dir: None,
+            };
+            let options = restore::RestoreOptions {
+                job,
+                backup,
+                from,
+                into,
+                postgres,
+            };
+            let report = restore::run(&config, &options).await?;
             println!("{report}");
         }
         Command::Verify {

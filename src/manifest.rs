@@ -52,6 +52,9 @@ pub struct ObjectEntry {
     pub raw_sha256: String,
     pub compression: String,
     pub encryption: Option<String>,
+    /// Postgres logical backups: the database this object is the dump of.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub database: Option<String>,
 }
 
 impl ObjectEntry {
@@ -64,6 +67,7 @@ impl ObjectEntry {
             raw_sha256: digests.raw_sha256.clone(),
             compression: "zstd".to_string(),
             encryption: None,
+            database: None,
         }
     }
 

@@ -7,9 +7,10 @@ use std::fmt;
 use bytes::Bytes;
 use serde::Serialize;
 
-use crate::config::{Config, JobSource};
+use crate::config::{Config, JobConfig, JobSource};
 use crate::error::{Error, ErrorKind, Result};
 use crate::repository::Repository;
+use crate::sources::postgres::{Binaries, Connection, logical};
 use crate::storage::{self, StoreError};
 
 #[derive(Debug, Serialize)]
@@ -62,22 +63,42 @@ pub async fn run(config: &Config) -> CheckReport {
         });
     }
     for job in &config.jobs {
-        let problem = match &job.source {
-            JobSource::Files(files) => files.paths.iter().find_map(|path| {
-                std::fs::symlink_metadata(path)
-                    .err()
-                    .map(|e| format!("path '{}': {e}", path.display()))
-            }),
+        let (problem, notes) = match check_source(job).await {
+            Ok(notes) => (None, notes),
+            Err(e) => (Some(e.chain().join(": ")), Vec::new()),
         };
         items.push(CheckItem {
             what: format!("job '{}' ({})", job.name, job.kind_name()),
             problem,
-            notes: Vec::new(),
+            notes,
         });
     }
     CheckReport {
         config: config.path.display().to_string(),
         items,
+    }
+}
+
+/// Reaches the job's source the way a backup would, without taking one.
+async fn check_source(job: &JobConfig) -> Result<Vec<String>> {
+    match &job.source {
+        JobSource::Files(files) => {
+            for path in &files.paths {
+                std::fs::symlink_metadata(path).map_err(|e| {
+                    Error::new(ErrorKind::Source, format!("unable to read path '{}'", path.display())).with_source(e)
+                })?;
+            }
+            Ok(Vec::new())
+        }
+        JobSource::Postgres(postgres) => {
+            let server = Connection::from_settings(&format!("job '{}'", job.name), &postgres.connection)?;
+            let (info, databases) = logical::discover(&server).await?;
+            let binaries = Binaries::find(postgres.bin_dir.as_deref(), info.major)?;
+            Ok(vec![
+                format!("PostgreSQL {} at {}, {} database(s)", info.version, server.describe(), databases.len()),
+                format!("client binaries: {} (version {})", binaries.dir.display(), binaries.major),
+            ])
+        }
     }
 }
 

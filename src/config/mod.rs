@@ -87,6 +87,35 @@ pub struct JobConfig {
 #[derive(Debug, Clone)]
 pub enum JobSource {
     Files(FilesJob),
+    Postgres(PostgresJob),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PostgresMode {
+    Logical,
+}
+
+/// Where and how to reach a PostgreSQL server. Either a `dsn` (URL or key=value) or the
+/// separate fields; the password never comes from here but from `password_file`,
+/// PGPASSWORD or a passfile.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PostgresConnection {
+    pub dsn: Option<String>,
+    pub host: Option<String>,
+    pub port: Option<u16>,
+    pub user: Option<String>,
+    pub dbname: Option<String>,
+    pub password_file: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone)]
+pub struct PostgresJob {
+    pub mode: PostgresMode,
+    pub connection: PostgresConnection,
+    /// None: every database that accepts connections and is not a template.
+    pub databases: Option<Vec<String>>,
+    pub bin_dir: Option<PathBuf>,
+    pub heartbeat: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -171,6 +200,7 @@ impl JobConfig {
     pub fn kind_name(&self) -> &'static str {
         match self.source {
             JobSource::Files(_) => "files",
+            JobSource::Postgres(_) => "postgres-logical",
         }
     }
 }
@@ -445,9 +475,10 @@ fn validate_job(index: usize, job: raw::RawJob) -> Result<JobConfig, Problem> {
     let kind = job
         .kind
         .as_deref()
-        .ok_or_else(|| format!("{}: is required (\"files\")", at("kind")))?;
+        .ok_or_else(|| format!("{}: is required (\"files\" or \"postgres\")", at("kind")))?;
     let retention = job
         .retention
+        .as_ref()
         .map(|r| -> Result<Retention, Problem> {
             Ok(Retention {
                 keep_last: r.keep_last,
@@ -469,45 +500,48 @@ fn validate_job(index: usize, job: raw::RawJob) -> Result<JobConfig, Problem> {
     {
         return Err(format!("{}: must not be empty", at("schedule")));
     }
+    let postgres_fields = [
+        ("mode", job.mode.is_some()),
+        ("dsn", job.dsn.is_some()),
+        ("host", job.host.is_some()),
+        ("port", job.port.is_some()),
+        ("user", job.user.is_some()),
+        ("dbname", job.dbname.is_some()),
+        ("password_file", job.password_file.is_some()),
+        ("databases", job.databases.is_some()),
+        ("bin_dir", job.bin_dir.is_some()),
+        ("heartbeat", job.heartbeat.is_some()),
+    ];
+    let files_fields = [
+        ("paths", !job.paths.is_empty()),
+        ("include", !job.include.is_empty()),
+        ("exclude", !job.exclude.is_empty()),
+    ];
+    let refuse_fields = |fields: &[(&str, bool)], kind: &str| -> Result<(), Problem> {
+        match fields.iter().find(|(_, set)| *set) {
+            Some((field, _)) => Err(format!("{}: not valid for kind = \"{kind}\"", at(field))),
+            None => Ok(()),
+        }
+    };
     let source = match kind {
         "files" => {
-            if job.paths.is_empty() {
-                return Err(format!(
-                    "{}: at least one path is required for kind = \"files\"",
-                    at("paths")
-                ));
-            }
-            for path in &job.paths {
-                if !path.is_absolute() {
-                    return Err(format!(
-                        "{}: must be absolute paths (got \"{}\")",
-                        at("paths"),
-                        path.display()
-                    ));
-                }
-            }
-            for (field, globs) in [("include", &job.include), ("exclude", &job.exclude)] {
-                for glob in globs {
-                    globset::Glob::new(glob)
-                        .map_err(|e| format!("{}: invalid glob \"{glob}\": {e}", at(field)))?;
-                }
-            }
-            JobSource::Files(FilesJob {
-                paths: job.paths,
-                include: job.include,
-                exclude: job.exclude,
-            })
+            refuse_fields(&postgres_fields, "files")?;
+            JobSource::Files(validate_files_job(&at, job.paths, job.include, job.exclude)?)
         }
-        "postgres" | "redis" => {
+        "postgres" => {
+            refuse_fields(&files_fields, "postgres")?;
+            JobSource::Postgres(validate_postgres_job(&at, &job)?)
+        }
+        "redis" => {
             return Err(format!(
-                "{}: kind \"{kind}\" is not supported by lifeboat {} yet (supported: \"files\")",
+                "{}: kind \"redis\" is not supported by lifeboat {} yet (supported: \"files\", \"postgres\")",
                 at("kind"),
                 env!("CARGO_PKG_VERSION")
             ));
         }
         other => {
             return Err(format!(
-                "{}: unknown kind \"{other}\" (supported: \"files\")",
+                "{}: unknown kind \"{other}\" (supported: \"files\", \"postgres\")",
                 at("kind")
             ));
         }
@@ -518,6 +552,101 @@ fn validate_job(index: usize, job: raw::RawJob) -> Result<JobConfig, Problem> {
         retention,
         source,
     })
+}
+
+fn validate_files_job(
+    at: &dyn Fn(&str) -> String,
+    paths: Vec<PathBuf>,
+    include: Vec<String>,
+    exclude: Vec<String>,
+) -> Result<FilesJob, Problem> {
+    if paths.is_empty() {
+        return Err(format!("{}: at least one path is required for kind = \"files\"", at("paths")));
+    }
+    for path in &paths {
+        if !path.is_absolute() {
+            return Err(format!("{}: must be absolute paths (got \"{}\")", at("paths"), path.display()));
+        }
+    }
+    for (field, globs) in [("include", &include), ("exclude", &exclude)] {
+        for glob in globs {
+            globset::Glob::new(glob).map_err(|e| format!("{}: invalid glob \"{glob}\": {e}", at(field)))?;
+        }
+    }
+    Ok(FilesJob { paths, include, exclude })
+}
+
+fn validate_postgres_job(at: &dyn Fn(&str) -> String, job: &raw::RawJob) -> Result<PostgresJob, Problem> {
+    let mode = match job.mode.as_deref() {
+        None | Some("logical") => PostgresMode::Logical,
+        Some("physical") => {
+            return Err(format!(
+                "{}: \"physical\" is not supported by lifeboat {} yet (supported: \"logical\")",
+                at("mode"),
+                env!("CARGO_PKG_VERSION")
+            ));
+        }
+        Some(other) => return Err(format!("{}: must be \"logical\" or \"physical\" (got \"{other}\")", at("mode"))),
+    };
+    if let Some(dsn) = &job.dsn {
+        if let Some((field, _)) = [("host", job.host.is_some()), ("port", job.port.is_some()), ("user", job.user.is_some()), ("dbname", job.dbname.is_some())]
+            .iter()
+            .find(|(_, set)| *set)
+        {
+            return Err(format!("{}: set either dsn or {field}, not both", at(field)));
+        }
+        if dsn.trim().is_empty() {
+            return Err(format!("{}: must not be empty", at("dsn")));
+        }
+        if dsn_has_password(dsn) {
+            return Err(format!(
+                "{}: must not contain a password; put it in a file named by password_file, or in PGPASSWORD or a passfile",
+                at("dsn")
+            ));
+        }
+    }
+    if let Some(path) = &job.password_file
+        && !path.is_absolute()
+    {
+        return Err(format!("{}: must be an absolute path (got \"{}\")", at("password_file"), path.display()));
+    }
+    if let Some(path) = &job.bin_dir
+        && !path.is_absolute()
+    {
+        return Err(format!("{}: must be an absolute path (got \"{}\")", at("bin_dir"), path.display()));
+    }
+    if let Some(databases) = &job.databases {
+        if databases.is_empty() {
+            return Err(format!("{}: must name at least one database, or be left out for all", at("databases")));
+        }
+        if let Some(empty) = databases.iter().find(|d| d.is_empty()) {
+            return Err(format!("{}: database names must not be empty (got \"{empty}\")", at("databases")));
+        }
+    }
+    Ok(PostgresJob {
+        mode,
+        connection: PostgresConnection {
+            dsn: job.dsn.clone(),
+            host: job.host.clone(),
+            port: job.port,
+            user: job.user.clone(),
+            dbname: job.dbname.clone(),
+            password_file: job.password_file.clone(),
+        },
+        databases: job.databases.clone(),
+        bin_dir: job.bin_dir.clone(),
+        heartbeat: job.heartbeat.unwrap_or(false),
+    })
+}
+
+/// A password in a DSN would end up in config backups, logs and child argv.
+fn dsn_has_password(dsn: &str) -> bool {
+    if let Some((_, rest)) = dsn.split_once("://") {
+        let authority = rest.split(['/', '?']).next().unwrap_or_default();
+        let userinfo = authority.rsplit_once('@').map(|(userinfo, _)| userinfo).unwrap_or_default();
+        return userinfo.contains(':') || rest.contains("password=");
+    }
+    dsn.split_whitespace().any(|pair| pair.trim_start().starts_with("password"))
 }
 
 fn duration_field(field: &str, text: Option<&str>, default: &str) -> Result<Duration, Problem> {
@@ -622,6 +751,23 @@ mod tests {
             "{}",
             err.message()
         );
+    }
+
+    #[test]
+    fn postgres_dsn_must_not_hold_a_password() {
+        let job = |dsn: &str| format!("{LOCAL}[[job]]\nname = \"db\"\nkind = \"postgres\"\ndsn = \"{dsn}\"\n");
+        assert!(parse(&job("postgresql://backup@db1:5432/postgres")).is_ok());
+        assert!(parse(&job("host=db1 user=backup dbname=postgres")).is_ok());
+        for dsn in ["postgresql://backup:secret@db1/postgres", "host=db1 password=secret", "postgresql://db1/postgres?password=secret"] {
+            let err = parse(&job(dsn)).unwrap_err();
+            assert!(err.message().contains("job[0] (db).dsn: must not contain a password"), "{}", err.message());
+        }
+    }
+
+    #[test]
+    fn fields_of_another_kind_are_refused() {
+        let err = parse(&format!("{LOCAL}[[job]]\nname = \"db\"\nkind = \"postgres\"\npaths = [\"/etc\"]\n")).unwrap_err();
+        assert!(err.message().contains("job[0] (db).paths: not valid for kind = \"postgres\""), "{}", err.message());
     }
 
     #[test]

@@ -55,12 +55,24 @@ pub struct RawJob {
     pub kind: Option<String>,
     pub schedule: Option<String>,
     pub retention: Option<RawRetention>,
+    pub heartbeat: Option<bool>,
+    // files
     #[serde(default)]
     pub paths: Vec<PathBuf>,
     #[serde(default)]
     pub include: Vec<String>,
     #[serde(default)]
     pub exclude: Vec<String>,
+    // postgres
+    pub mode: Option<String>,
+    pub dsn: Option<String>,
+    pub host: Option<String>,
+    pub port: Option<u16>,
+    pub user: Option<String>,
+    pub dbname: Option<String>,
+    pub password_file: Option<PathBuf>,
+    pub databases: Option<Vec<String>>,
+    pub bin_dir: Option<PathBuf>,
 }
 
 #[derive(Debug, Deserialize)]

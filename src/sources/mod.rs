@@ -2,3 +2,5 @@
 //! blocking thread and writes into the pipeline's `Write`.
 
 pub mod files;
+pub mod postgres;
+pub mod process;

@@ -4,20 +4,45 @@
 use std::fmt;
 use std::time::{Duration, Instant};
 
-use chrono::Utc;
+use chrono::{DateTime, Utc};
 use serde::Serialize;
 
-use super::{human_duration, human_size};
+use crate::commands::{human_duration, human_size};
 use crate::config::{Config, JobConfig, JobSource};
 use crate::error::{Error, ErrorKind, Result, exit_code};
 use crate::layout;
 use crate::manifest::{FORMAT, Manifest, ObjectEntry, SourceInfo};
 use crate::pipeline::EncodeOptions;
 use crate::repository::Repository;
-use crate::sources::files;
-use crate::transfer::store_object;
 
-pub const FILES_OBJECT: &str = "files.tar.zst";
+mod files;
+mod postgres;
+
+pub use files::FILES_OBJECT;
+pub use postgres::{GLOBALS_OBJECT, database_object_name};
+
+/// What one job's source stored, for its manifest.
+struct Captured {
+    objects: Vec<ObjectEntry>,
+    source: SourceInfo,
+    /// The newest moment whose data the backup holds; the start of the run when the source
+    /// cannot say more precisely.
+    recovery_point: Option<DateTime<Utc>>,
+}
+
+/// What every source needs to store its objects.
+struct Context<'a> {
+    repositories: &'a [Repository],
+    job_name: &'a str,
+    id: &'a str,
+    options: EncodeOptions,
+}
+
+impl Context<'_> {
+    fn object_key(&self, object: &str) -> String {
+        layout::object_key(self.job_name, self.id, object)
+    }
+}
 
 pub struct BackupOptions {
     /// Empty means every configured job.
@@ -119,29 +144,16 @@ async fn backup_job(
     };
     tracing::info!(job = %job.name, id = %id, "backup started");
 
-    let (objects, source) = match &job.source {
-        JobSource::Files(files_job) => {
-            let key = layout::object_key(&job.name, &id, FILES_OBJECT);
-            let job_name = job.name.clone();
-            let paths = files_job
-                .paths
-                .iter()
-                .map(|p| p.display().to_string())
-                .collect();
-            let files_job = files_job.clone();
-            let (digests, summary) = store_object(repositories, &key, options, move |out| {
-                files::write_archive(&job_name, &files_job, out)
-            })
-            .await?;
-            let source = SourceInfo {
-                paths,
-                entries: Some(summary.entries),
-                ..SourceInfo::default()
-            };
-            (vec![ObjectEntry::zstd(FILES_OBJECT, &digests)], source)
-        }
+    let context = Context {
+        repositories,
+        job_name: &job.name,
+        id: &id,
+        options,
     };
-
+    let captured = match &job.source {
+        JobSource::Files(files_job) => files::capture(&context, files_job).await?,
+        JobSource::Postgres(postgres_job) => postgres::capture(&context, postgres_job).await?,
+    };
     let finished_at = Utc::now();
     let manifest = Manifest {
         format: FORMAT,
@@ -150,12 +162,11 @@ async fn backup_job(
         kind: job.kind_name().to_string(),
         started_at,
         finished_at,
-        // Files are read over the run; every one is at least as new as the start.
-        recovery_point: started_at,
+        recovery_point: captured.recovery_point.unwrap_or(started_at),
         tool_version: env!("CARGO_PKG_VERSION").to_string(),
         host: host_name(),
-        source,
-        objects,
+        source: captured.source,
+        objects: captured.objects,
     };
     for repository in repositories {
         repository.commit_manifest(&manifest).await?;

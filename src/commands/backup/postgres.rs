@@ -1,0 +1,107 @@
+//! A logical `postgres` job: per database, an exported snapshot and a pg_dump of it; then
+//! the globals. One object each, all under one manifest.
+
+use chrono::{DateTime, Utc};
+
+use super::{Captured, Context};
+use crate::config::PostgresJob;
+use crate::error::{Error, ErrorKind, Result};
+use crate::manifest::{ObjectEntry, SourceInfo};
+use crate::sources::postgres::{Binaries, Connection, logical};
+use crate::sources::process;
+use crate::transfer::store_object;
+
+pub const GLOBALS_OBJECT: &str = "globals.sql.zst";
+
+/// `app` → `app.dump.zst`; bytes outside `[A-Za-z0-9_.-]` (and a leading '.') are
+/// percent-encoded, so any database name makes a safe object name.
+pub fn database_object_name(database: &str) -> String {
+    let mut name = String::new();
+    for (index, byte) in database.bytes().enumerate() {
+        let plain = byte.is_ascii_alphanumeric() || byte == b'_' || byte == b'-' || (byte == b'.' && index > 0);
+        if plain {
+            name.push(byte as char);
+        } else {
+            name.push_str(&format!("%{byte:02X}"));
+        }
+    }
+    format!("{name}.dump.zst")
+}
+
+pub(super) async fn capture(context: &Context<'_>, job: &PostgresJob) -> Result<Captured> {
+    let what = format!("job '{}'", context.job_name);
+    let server = Connection::from_settings(&what, &job.connection)?;
+    let (info, all_databases) = logical::discover(&server).await?;
+    let databases = match &job.databases {
+        None => all_databases,
+        Some(wanted) => {
+            if let Some(missing) = wanted.iter().find(|d| !all_databases.contains(d)) {
+                return Err(Error::new(
+                    ErrorKind::Source,
+                    format!("unable to back up database '{missing}' of {what}: it does not exist on {}", server.describe()),
+                )
+                .with_hint(format!("databases there: {}", all_databases.join(", "))));
+            }
+            wanted.clone()
+        }
+    };
+    let binaries = Binaries::find(job.bin_dir.as_deref(), info.major)?;
+    let auth = server.child_auth()?;
+    tracing::info!(server = %server.describe(), version = %info.version, pg_dump = %binaries.dir.display(), "dumping {} database(s)", databases.len());
+
+    let mut objects = Vec::new();
+    let mut recovery_point: Option<DateTime<Utc>> = None;
+    for database in &databases {
+        let connection = server.with_database(database);
+        if job.heartbeat {
+            logical::write_heartbeat(&connection, context.job_name).await?;
+        }
+        let snapshot = logical::export_snapshot(&connection).await?;
+        let command = logical::dump_command(&binaries, &connection, &snapshot.id, &auth);
+        let action = format!("dump database '{database}' with pg_dump");
+        let name = database_object_name(database);
+        let stored = store_object(context.repositories, &context.object_key(&name), context.options, move |out| {
+            process::stream_stdout(command, &action, out)
+        })
+        .await;
+        let taken_at = snapshot.taken_at;
+        snapshot.finish().await;
+        let (digests, _) = stored?;
+        // The backup as a whole holds data at least as new as its oldest snapshot.
+        recovery_point = Some(recovery_point.map_or(taken_at, |point| point.min(taken_at)));
+        let mut entry = ObjectEntry::zstd(&name, &digests);
+        entry.database = Some(database.clone());
+        objects.push(entry);
+    }
+
+    let command = logical::globals_command(&binaries, &server, &info, &auth);
+    let (digests, _) = store_object(context.repositories, &context.object_key(GLOBALS_OBJECT), context.options, move |out| {
+        process::stream_stdout(command, "dump globals (roles, tablespaces) with pg_dumpall", out)
+    })
+    .await?;
+    objects.push(ObjectEntry::zstd(GLOBALS_OBJECT, &digests));
+
+    Ok(Captured {
+        objects,
+        source: SourceInfo {
+            server_version: Some(info.version),
+            system_identifier: info.system_identifier,
+            databases,
+            ..SourceInfo::default()
+        },
+        recovery_point,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::database_object_name;
+
+    #[test]
+    fn database_names_become_safe_object_names() {
+        assert_eq!(database_object_name("app"), "app.dump.zst");
+        assert_eq!(database_object_name("my db/x"), "my%20db%2Fx.dump.zst");
+        assert_eq!(database_object_name(".hidden"), "%2Ehidden.dump.zst");
+        assert_eq!(database_object_name("café"), "caf%C3%A9.dump.zst");
+    }
+}

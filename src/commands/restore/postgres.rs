@@ -1,0 +1,166 @@
+//! Restoring a logical `postgres` backup into a server: every needed dump is downloaded and
+//! verified into staging first; then the globals (roles before the objects they own), then
+//! each database with `pg_restore --jobs N`. A database that holds objects is refused unless
+//! `--clean`; a database lifeboat created is dropped again if its restore fails.
+
+use std::process::Command;
+
+use super::staging::Staging;
+use super::{PostgresRestoreOptions, RestoreReport, Selected};
+use crate::commands::backup::GLOBALS_OBJECT;
+use crate::error::{Error, ErrorKind, Result};
+use crate::manifest::ObjectEntry;
+use crate::sources::postgres::{Binaries, ChildAuth, Connection, logical};
+use crate::sources::process;
+
+struct Planned<'a> {
+    object: &'a ObjectEntry,
+    source_database: String,
+    target_database: String,
+    exists: bool,
+}
+
+pub(super) async fn restore(selected: Selected, options: &PostgresRestoreOptions) -> Result<RestoreReport> {
+    let manifest = &selected.manifest;
+    let backup = format!("{}/{}", manifest.job, manifest.id);
+    let dsn = options.target.as_deref().ok_or_else(|| {
+        Error::usage(format!("restoring the postgres job '{}' needs --target DSN", manifest.job))
+            .with_hint("for example --target postgresql://postgres@127.0.0.1:5432/postgres")
+    })?;
+    if options.rename_to.is_some() && options.database.is_none() {
+        return Err(Error::usage("--as NAME needs --database NAME: only one database can be renamed"));
+    }
+    let server = Connection::from_dsn(dsn)?;
+
+    // Plan, and refuse what must be refused, before anything is downloaded.
+    let dumps: Vec<&ObjectEntry> = manifest
+        .objects
+        .iter()
+        .filter(|o| o.database.is_some())
+        .filter(|o| options.database.as_ref().is_none_or(|wanted| o.database.as_ref() == Some(wanted)))
+        .collect();
+    if dumps.is_empty() {
+        let wanted = options.database.as_deref().unwrap_or("any");
+        return Err(Error::new(
+            ErrorKind::NotFound,
+            format!("unable to find database '{wanted}' in backup '{backup}'"),
+        )
+        .with_hint(format!("the backup holds: {}", manifest.source.databases.join(", "))));
+    }
+    let mut plan = Vec::new();
+    for object in dumps {
+        let source_database = object.database.clone().expect("filtered");
+        let target_database = options.rename_to.clone().unwrap_or_else(|| source_database.clone());
+        let exists = logical::database_exists(&server, &target_database).await?;
+        if exists && !options.clean && !logical::database_is_empty(&server.with_database(&target_database)).await? {
+            return Err(Error::new(
+                ErrorKind::Target,
+                format!("unable to restore into database '{target_database}' on {}: it already holds tables", server.describe()),
+            )
+            .with_hint("restore under another name with --as NAME, or pass --clean to replace what is there"));
+        }
+        plan.push(Planned {
+            object,
+            source_database,
+            target_database,
+            exists,
+        });
+    }
+    let globals = match options.globals {
+        false => None,
+        true => Some(manifest.objects.iter().find(|o| o.name == GLOBALS_OBJECT).ok_or_else(|| {
+            Error::new(ErrorKind::NotFound, format!("unable to restore globals: backup '{backup}' has no '{GLOBALS_OBJECT}'"))
+        })?),
+    };
+    let binaries = Binaries::find(options.bin_dir.as_deref(), logical::server_major(&server).await?)?;
+
+    // Fetch and verify everything into staging.
+    let needed = plan.iter().map(|p| p.object.raw_size).sum::<u64>() + globals.map_or(0, |g| g.raw_size);
+    let staging = Staging::prepare(options.staging_dir.as_deref(), needed)?;
+    let globals_file = match globals {
+        Some(object) => Some(staging.fetch(&selected.repository, manifest, object).await?),
+        None => None,
+    };
+    let mut staged = Vec::new();
+    for planned in &plan {
+        staged.push(staging.fetch(&selected.repository, manifest, planned.object).await?);
+    }
+
+    // Write into the server.
+    let auth = server.child_auth()?;
+    let mut warnings = Vec::new();
+    if let Some(file) = &globals_file {
+        warnings.extend(apply_globals(&binaries, &server, &auth, file)?);
+    }
+    let mut restored = Vec::new();
+    for (planned, file) in plan.iter().zip(&staged) {
+        let target = server.with_database(&planned.target_database);
+        if !planned.exists {
+            logical::create_database(&server, &planned.target_database).await?;
+        }
+        let mut command = binaries.command("pg_restore");
+        command
+            .arg(format!("--jobs={}", options.jobs.max(1)))
+            .arg("--exit-on-error")
+            .arg("--no-password")
+            .arg(format!("--dbname={}", target.conninfo()));
+        if options.clean {
+            command.args(["--clean", "--if-exists"]);
+        }
+        if options.no_owner {
+            command.args(["--no-owner", "--no-acl"]);
+        }
+        command.arg(file);
+        auth.apply(&mut command);
+        let action = format!("restore database '{}' into '{}' with pg_restore", planned.source_database, planned.target_database);
+        if let Err(err) = process::run(command, &action) {
+            if planned.exists {
+                return Err(err.with_hint(format!("database '{}' existed before and may now be partly restored", planned.target_database)));
+            }
+            let cleanup = logical::drop_database(&server, &planned.target_database).await;
+            let hint = match cleanup {
+                Ok(()) => format!("the database '{}' that lifeboat created for it was dropped again", planned.target_database),
+                Err(_) => format!("drop the partly restored database '{}' before trying again", planned.target_database),
+            };
+            return Err(err.with_hint(hint).with_hint("restore the roles first with --globals, or ignore ownership with --no-owner"));
+        }
+        restored.push(if planned.source_database == planned.target_database {
+            format!("database '{}'", planned.target_database)
+        } else {
+            format!("database '{}' as '{}'", planned.source_database, planned.target_database)
+        });
+    }
+    if globals_file.is_some() {
+        restored.insert(0, "globals".to_string());
+    }
+    let bytes = needed;
+    Ok(selected.report(server.describe(), restored, bytes, warnings))
+}
+
+/// Runs the globals script with psql. Roles that already exist (the restoring superuser,
+/// at least) make harmless errors, so the script goes on past errors; the other errors come
+/// back as warnings.
+fn apply_globals(binaries: &Binaries, server: &Connection, auth: &ChildAuth, file: &std::path::Path) -> Result<Vec<String>> {
+    let mut command: Command = binaries.command("psql");
+    command
+        .args(["--no-psqlrc", "--quiet", "--no-password"])
+        .arg(format!("--dbname={}", server.conninfo()))
+        .arg("--file")
+        .arg(file);
+    auth.apply(&mut command);
+    let output = command
+        .stdin(std::process::Stdio::null())
+        .output()
+        .map_err(|e| Error::new(ErrorKind::Source, "unable to restore globals: cannot start psql").with_source(e))?;
+    if !output.status.success() {
+        return Err(Error::new(ErrorKind::Target, "unable to restore globals with psql").with_source(process::ChildFailure {
+            status: format!("psql failed ({})", output.status),
+            stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
+        }));
+    }
+    Ok(String::from_utf8_lossy(&output.stderr)
+        .lines()
+        .filter(|line| line.contains("ERROR:") && !line.contains("already exists"))
+        .map(|line| format!("globals: {line}"))
+        .collect())
+}

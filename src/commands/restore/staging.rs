@@ -1,0 +1,73 @@
+//! Local staging for restores that need a seekable file (pg_restore --jobs): the space is
+//! checked before anything is downloaded, and each object is verified while it is written.
+
+use std::io::{BufWriter, Write};
+use std::path::{Path, PathBuf};
+
+use crate::commands::human_size;
+use crate::error::{Error, ErrorKind, Result};
+use crate::manifest::{Manifest, ObjectEntry};
+use crate::repository::Repository;
+use crate::transfer::read_object;
+
+/// Room kept free beyond the staged bytes, so a restore does not fill the disk to the brim.
+const MARGIN: u64 = 64 * 1024 * 1024;
+
+pub(super) struct Staging {
+    dir: tempfile::TempDir,
+}
+
+fn free_bytes(dir: &Path) -> std::io::Result<u64> {
+    let path = std::ffi::CString::new(dir.as_os_str().as_encoded_bytes()).map_err(std::io::Error::other)?;
+    let mut stat: libc::statvfs = unsafe { std::mem::zeroed() };
+    // SAFETY: `path` is a valid C string and `stat` a valid out-pointer.
+    if unsafe { libc::statvfs(path.as_ptr(), &mut stat) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(stat.f_bavail as u64 * stat.f_frsize as u64)
+}
+
+impl Staging {
+    /// A private directory under `requested` (else $TMPDIR, else /var/tmp) with room for
+    /// `needed` bytes.
+    pub(super) fn prepare(requested: Option<&Path>, needed: u64) -> Result<Staging> {
+        let base = match requested {
+            Some(dir) => dir.to_path_buf(),
+            None => std::env::var_os("TMPDIR").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("/var/tmp")),
+        };
+        let error = |message: String| Error::new(ErrorKind::Target, message);
+        let free = free_bytes(&base)
+            .map_err(|e| error(format!("unable to use staging directory '{}'", base.display())).with_source(e))?;
+        if free < needed + MARGIN {
+            return Err(error(format!(
+                "unable to stage the restore in '{}': it needs {} ({} of dumps plus {} to spare) and {} is free",
+                base.display(),
+                human_size(needed + MARGIN),
+                human_size(needed),
+                human_size(MARGIN),
+                human_size(free)
+            ))
+            .with_hint("free space there, or pass --staging-dir DIR on a filesystem with room"));
+        }
+        let dir = tempfile::Builder::new()
+            .prefix("lifeboat-restore-")
+            .tempdir_in(&base)
+            .map_err(|e| error(format!("unable to create a staging directory in '{}'", base.display())).with_source(e))?;
+        Ok(Staging { dir })
+    }
+
+    /// Downloads, decompresses and verifies one object into the staging directory.
+    pub(super) async fn fetch(&self, repository: &Repository, manifest: &Manifest, object: &ObjectEntry) -> Result<PathBuf> {
+        let path = self.dir.path().join(object.name.trim_end_matches(".zst"));
+        let file = std::fs::File::create(&path).map_err(|e| {
+            Error::new(ErrorKind::Target, format!("unable to create staging file '{}'", path.display())).with_source(e)
+        })?;
+        read_object(repository, manifest, object, move |raw| {
+            let mut out = BufWriter::with_capacity(1024 * 1024, file);
+            std::io::copy(raw, &mut out)?;
+            out.flush()
+        })
+        .await?;
+        Ok(path)
+    }
+}

@@ -1,0 +1,310 @@
+//! Connection settings: parsed once from the job (or a restore target DSN), with libpq's
+//! defaults and environment variables, and rendered for lifeboat's own connection and for
+//! child processes.
+
+use std::io::Write;
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::str::FromStr;
+
+use tokio_postgres::config::{Host, SslMode};
+
+use crate::config::PostgresConnection;
+use crate::error::{Error, ErrorKind, Result};
+
+#[derive(Clone)]
+pub struct Connection {
+    config: tokio_postgres::Config,
+    password: Option<String>,
+}
+
+impl std::fmt::Debug for Connection {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Never the password.
+        write!(f, "Connection({})", self.describe())
+    }
+}
+
+/// A private passfile for child processes; removed when dropped.
+pub struct ChildAuth {
+    passfile: Option<(tempfile::TempDir, PathBuf)>,
+}
+
+impl ChildAuth {
+    /// Points `command` at the passfile and keeps lifeboat's own environment password away
+    /// from it.
+    pub fn apply(&self, command: &mut Command) {
+        command.env_remove("PGPASSWORD");
+        if let Some((_, path)) = &self.passfile {
+            command.env("PGPASSFILE", path);
+        }
+    }
+}
+
+fn env(name: &str) -> Option<String> {
+    std::env::var(name).ok().filter(|v| !v.is_empty())
+}
+
+fn os_user() -> Option<String> {
+    // SAFETY: getpwuid returns a pointer into static storage or null; we copy the name out
+    // before any other call could overwrite it.
+    unsafe {
+        let entry = libc::getpwuid(libc::geteuid());
+        if entry.is_null() {
+            return None;
+        }
+        std::ffi::CStr::from_ptr((*entry).pw_name).to_str().ok().map(str::to_string)
+    }
+}
+
+fn config_error(what: &str, message: impl Into<String>) -> Error {
+    Error::config(format!("{what}: {}", message.into()))
+}
+
+impl Connection {
+    /// From a job's settings; `what` names the job's fields in errors ("job 'maindb'").
+    pub fn from_settings(what: &str, settings: &PostgresConnection) -> Result<Connection> {
+        let mut config = match &settings.dsn {
+            Some(dsn) => tokio_postgres::Config::from_str(dsn)
+                .map_err(|e| config_error(&format!("{what}: dsn"), format!("unable to parse: {e}")))?,
+            None => tokio_postgres::Config::new(),
+        };
+        if let Some(host) = &settings.host {
+            config.host(host);
+        }
+        if let Some(port) = settings.port {
+            config.port(port);
+        }
+        if let Some(user) = &settings.user {
+            config.user(user);
+        }
+        if let Some(dbname) = &settings.dbname {
+            config.dbname(dbname);
+        }
+        let password = match &settings.password_file {
+            Some(path) => Some(read_password_file(path)?),
+            None => None,
+        };
+        Connection::complete(config, password)
+    }
+
+    /// From a DSN given on the command line (a restore target); the password comes from
+    /// PGPASSWORD or a passfile.
+    pub fn from_dsn(dsn: &str) -> Result<Connection> {
+        let config = tokio_postgres::Config::from_str(dsn)
+            .map_err(|e| Error::usage(format!("unable to parse target DSN: {e}")))?;
+        if config.get_password().is_some() {
+            return Err(Error::usage("the target DSN must not contain a password: it would be visible in the process list")
+                .with_hint("put the password in PGPASSWORD or a passfile (~/.pgpass)"));
+        }
+        Connection::complete(config, None)
+    }
+
+    /// Fills what libpq would take from the environment or its defaults.
+    fn complete(mut config: tokio_postgres::Config, password: Option<String>) -> Result<Connection> {
+        if config.get_hosts().is_empty() {
+            match env("PGHOST") {
+                Some(host) => config.host(&host),
+                None if Path::new("/var/run/postgresql").is_dir() => config.host_path("/var/run/postgresql"),
+                None => config.host("localhost"),
+            };
+        }
+        if config.get_ports().is_empty()
+            && let Some(port) = env("PGPORT").and_then(|p| p.parse().ok())
+        {
+            config.port(port);
+        }
+        if config.get_user().is_none() {
+            let user = env("PGUSER").or_else(os_user).ok_or_else(|| Error::config("no PostgreSQL user given and none could be found"))?;
+            config.user(&user);
+        }
+        if config.get_dbname().is_none() {
+            config.dbname(&env("PGDATABASE").unwrap_or_else(|| "postgres".to_string()));
+        }
+        config.application_name("lifeboat");
+        let mut connection = Connection { config, password };
+        if connection.password.is_none() {
+            connection.password = env("PGPASSWORD").or_else(|| connection.password_from_passfile());
+        }
+        Ok(connection)
+    }
+
+    pub fn database(&self) -> &str {
+        self.config.get_dbname().unwrap_or("postgres")
+    }
+
+    fn host_label(&self) -> String {
+        match self.config.get_hosts().first() {
+            Some(Host::Tcp(host)) => host.clone(),
+            Some(Host::Unix(path)) => path.display().to_string(),
+            None => "localhost".to_string(),
+        }
+    }
+
+    fn port(&self) -> u16 {
+        self.config.get_ports().first().copied().unwrap_or(5432)
+    }
+
+    fn user(&self) -> &str {
+        self.config.get_user().unwrap_or_default()
+    }
+
+    /// "user@host:port/dbname", for messages.
+    pub fn describe(&self) -> String {
+        format!("{}@{}:{}/{}", self.user(), self.host_label(), self.port(), self.database())
+    }
+
+    /// The same server, another database.
+    pub fn with_database(&self, database: &str) -> Connection {
+        let mut other = self.clone();
+        other.config.dbname(database);
+        other
+    }
+
+    pub async fn connect(&self) -> Result<tokio_postgres::Client> {
+        let mut config = self.config.clone();
+        if let Some(password) = &self.password {
+            config.password(password);
+        }
+        let (client, connection) = config.connect(tokio_postgres::NoTls).await.map_err(|e| {
+            let mut err = Error::new(ErrorKind::Source, format!("unable to connect to PostgreSQL at {}", self.describe())).with_source(e);
+            if self.config.get_ssl_mode() == SslMode::Require {
+                err = err.with_hint("lifeboat's own connection does not speak TLS yet; use sslmode=prefer or a local socket");
+            }
+            err
+        })?;
+        tokio::spawn(async move {
+            if let Err(e) = connection.await {
+                tracing::debug!(error = %e, "PostgreSQL connection closed");
+            }
+        });
+        Ok(client)
+    }
+
+    /// A libpq connection string for child processes. It never holds the password.
+    pub fn conninfo(&self) -> String {
+        let mut pairs = vec![
+            ("host", self.host_label()),
+            ("port", self.port().to_string()),
+            ("user", self.user().to_string()),
+            ("dbname", self.database().to_string()),
+            ("application_name", "lifeboat".to_string()),
+        ];
+        let sslmode = match self.config.get_ssl_mode() {
+            SslMode::Disable => Some("disable"),
+            SslMode::Require => Some("require"),
+            _ => None,
+        };
+        if let Some(mode) = sslmode {
+            pairs.push(("sslmode", mode.to_string()));
+        }
+        if let Some(timeout) = self.config.get_connect_timeout() {
+            pairs.push(("connect_timeout", timeout.as_secs().max(1).to_string()));
+        }
+        pairs
+            .into_iter()
+            .map(|(key, value)| format!("{key}='{}'", value.replace('\\', "\\\\").replace('\'', "\\'")))
+            .collect::<Vec<_>>()
+            .join(" ")
+    }
+
+    /// A private passfile holding the password, for child processes.
+    pub fn child_auth(&self) -> Result<ChildAuth> {
+        let Some(password) = &self.password else {
+            return Ok(ChildAuth { passfile: None });
+        };
+        let write = || -> std::io::Result<(tempfile::TempDir, PathBuf)> {
+            let dir = tempfile::Builder::new().prefix("lifeboat-pg-").tempdir()?;
+            let path = dir.path().join("pgpass");
+            let mut file = std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(&path)?;
+            let escaped = password.replace('\\', "\\\\").replace(':', "\\:");
+            writeln!(file, "*:*:*:*:{escaped}")?;
+            Ok((dir, path))
+        };
+        let passfile = write().map_err(|e| Error::new(ErrorKind::Source, "unable to write a private passfile for PostgreSQL tools").with_source(e))?;
+        Ok(ChildAuth { passfile: Some(passfile) })
+    }
+
+    /// libpq's passfile rules: `host:port:database:user:password`, `*` matches anything,
+    /// `\` escapes; the first matching line wins.
+    fn password_from_passfile(&self) -> Option<String> {
+        let path = env("PGPASSFILE")
+            .map(PathBuf::from)
+            .or_else(|| env("HOME").map(|home| Path::new(&home).join(".pgpass")))?;
+        let text = std::fs::read_to_string(path).ok()?;
+        let host = match self.config.get_hosts().first() {
+            Some(Host::Unix(_)) | None => "localhost".to_string(),
+            Some(Host::Tcp(host)) => host.clone(),
+        };
+        let wanted = [host, self.port().to_string(), self.database().to_string(), self.user().to_string()];
+        text.lines()
+            .filter(|line| !line.trim_start().starts_with('#'))
+            .find_map(|line| {
+                let fields = split_passfile_line(line);
+                if fields.len() != 5 {
+                    return None;
+                }
+                let matches = fields[..4].iter().zip(&wanted).all(|(field, want)| field == "*" || field == want);
+                matches.then(|| fields[4].clone())
+            })
+    }
+}
+
+fn split_passfile_line(line: &str) -> Vec<String> {
+    let mut fields = vec![String::new()];
+    let mut chars = line.chars();
+    while let Some(c) = chars.next() {
+        match c {
+            '\\' => {
+                if let Some(next) = chars.next() {
+                    fields.last_mut().expect("not empty").push(next);
+                }
+            }
+            ':' if fields.len() < 5 => fields.push(String::new()),
+            _ => fields.last_mut().expect("not empty").push(c),
+        }
+    }
+    fields
+}
+
+fn read_password_file(path: &Path) -> Result<String> {
+    let what = format!("password file '{}'", path.display());
+    let meta = std::fs::metadata(path).map_err(|e| Error::config(format!("unable to read {what}")).with_source(e))?;
+    let mode = meta.permissions().mode() & 0o777;
+    if mode & 0o077 != 0 {
+        return Err(Error::config(format!("unable to use {what}: it is readable by group or others (mode {mode:04o})"))
+            .with_hint(format!("run `chmod 600 {}`", path.display())));
+    }
+    let text = std::fs::read_to_string(path).map_err(|e| Error::config(format!("unable to read {what}")).with_source(e))?;
+    let password = text.trim_end_matches(['\n', '\r']).to_string();
+    if password.is_empty() {
+        return Err(Error::config(format!("unable to use {what}: it is empty")));
+    }
+    Ok(password)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn passfile_lines_split_on_unescaped_colons() {
+        assert_eq!(split_passfile_line("h:5432:*:u:p\\:w"), vec!["h", "5432", "*", "u", "p:w"]);
+        assert_eq!(split_passfile_line("h:1:d:u:a:b"), vec!["h", "1", "d", "u", "a:b"]);
+    }
+
+    #[test]
+    fn conninfo_never_holds_the_password_and_quotes_values() {
+        let settings = PostgresConnection {
+            dsn: Some("postgresql://backup@db1:6543/app".into()),
+            ..PostgresConnection::default()
+        };
+        let mut connection = Connection::from_settings("job 'db'", &settings).unwrap();
+        connection.password = Some("s3cret".into());
+        let info = connection.with_database("it's").conninfo();
+        assert!(!info.contains("s3cret"), "{info}");
+        assert!(info.contains("host='db1' port='6543' user='backup' dbname='it\\'s'"), "{info}");
+        assert!(!format!("{connection:?}").contains("s3cret"));
+    }
+}

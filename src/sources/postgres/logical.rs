@@ -1,0 +1,194 @@
+//! What a logical backup asks of the server: its identity, its databases, a heartbeat row,
+//! and an exported snapshot per database that pg_dump then reads, so the recovery point is
+//! the moment that snapshot was taken, not when the dump finished.
+
+use std::process::Command;
+
+use chrono::{DateTime, Utc};
+
+use super::{Binaries, ChildAuth, Connection, quote_identifier};
+use crate::error::{Error, ErrorKind, Result};
+
+#[derive(Debug, Clone)]
+pub struct ServerInfo {
+    pub version: String,
+    pub major: u32,
+    pub system_identifier: Option<String>,
+    pub is_superuser: bool,
+}
+
+fn query_error(connection: &Connection, what: &str, err: tokio_postgres::Error) -> Error {
+    Error::new(ErrorKind::Source, format!("unable to {what} on {}", connection.describe())).with_source(err)
+}
+
+/// Version, identity and databases that accept connections (templates excluded).
+pub async fn discover(connection: &Connection) -> Result<(ServerInfo, Vec<String>)> {
+    let client = connection.connect().await?;
+    let row = client
+        .query_one(
+            "select current_setting('server_version'), current_setting('server_version_num')::int, \
+             (select rolsuper from pg_roles where rolname = current_user)",
+            &[],
+        )
+        .await
+        .map_err(|e| query_error(connection, "read the server version", e))?;
+    let version: String = row.get(0);
+    let version_num: i32 = row.get(1);
+    let is_superuser: bool = row.get::<_, Option<bool>>(2).unwrap_or(false);
+    // pg_control_system() is for superusers and pg_monitor members; without it the manifest
+    // simply has no system identifier.
+    let system_identifier = client
+        .query_one("select system_identifier::text from pg_control_system()", &[])
+        .await
+        .ok()
+        .map(|row| row.get::<_, String>(0));
+    let databases = client
+        .query("select datname from pg_database where datallowconn and not datistemplate order by datname", &[])
+        .await
+        .map_err(|e| query_error(connection, "list databases", e))?
+        .iter()
+        .map(|row| row.get::<_, String>(0))
+        .collect();
+    Ok((
+        ServerInfo {
+            version,
+            major: (version_num / 10_000) as u32,
+            system_identifier,
+            is_superuser,
+        },
+        databases,
+    ))
+}
+
+/// Upserts `lifeboat.heartbeat(job, at)` so a restored database can tell how fresh it is.
+pub async fn write_heartbeat(connection: &Connection, job: &str) -> Result<DateTime<Utc>> {
+    let client = connection.connect().await?;
+    client
+        .batch_execute(
+            "create schema if not exists lifeboat; \
+             create table if not exists lifeboat.heartbeat (job text primary key, at timestamptz not null)",
+        )
+        .await
+        .map_err(|e| {
+            query_error(connection, "create the table lifeboat.heartbeat", e)
+                .with_hint("grant the backup role CREATE on the database, or set heartbeat = false")
+        })?;
+    let row = client
+        .query_one(
+            "insert into lifeboat.heartbeat (job, at) values ($1, now()) \
+             on conflict (job) do update set at = excluded.at returning at",
+            &[&job],
+        )
+        .await
+        .map_err(|e| query_error(connection, "write the heartbeat row", e))?;
+    Ok(row.get(0))
+}
+
+/// A snapshot exported from an open repeatable-read transaction; it stays importable
+/// until this value is finished or dropped.
+pub struct Snapshot {
+    client: tokio_postgres::Client,
+    pub id: String,
+    /// When the snapshot was taken: every transaction committed before it is in the dump.
+    pub taken_at: DateTime<Utc>,
+}
+
+pub async fn export_snapshot(connection: &Connection) -> Result<Snapshot> {
+    let client = connection.connect().await?;
+    client
+        .batch_execute("begin isolation level repeatable read read only")
+        .await
+        .map_err(|e| query_error(connection, "start the snapshot transaction", e))?;
+    // The snapshot is taken at the start of this first statement, after its timestamp.
+    let row = client
+        .query_one("select pg_export_snapshot(), statement_timestamp()", &[])
+        .await
+        .map_err(|e| query_error(connection, "export a snapshot", e))?;
+    Ok(Snapshot {
+        id: row.get(0),
+        taken_at: row.get(1),
+        client,
+    })
+}
+
+impl Snapshot {
+    pub async fn finish(self) {
+        let _ = self.client.batch_execute("commit").await;
+    }
+}
+
+/// `pg_dump --format=custom --compress=0` of one database, reading `snapshot`.
+pub fn dump_command(binaries: &Binaries, connection: &Connection, snapshot: &str, auth: &ChildAuth) -> Command {
+    let mut command = binaries.command("pg_dump");
+    command
+        .arg("--format=custom")
+        .arg("--compress=0")
+        .arg(format!("--snapshot={snapshot}"))
+        .arg("--no-password")
+        .arg(format!("--dbname={}", connection.conninfo()));
+    auth.apply(&mut command);
+    command
+}
+
+/// `pg_dumpall --globals-only`: roles and tablespaces. Role passwords are only readable by
+/// superusers; other roles get the globals without them, and a warning.
+pub fn globals_command(binaries: &Binaries, connection: &Connection, server: &ServerInfo, auth: &ChildAuth) -> Command {
+    let mut command = binaries.command("pg_dumpall");
+    command.arg("--globals-only").arg("--no-password");
+    if !server.is_superuser {
+        tracing::warn!("the backup role is not a superuser: globals are dumped without role passwords");
+        command.arg("--no-role-passwords");
+    }
+    command.arg(format!("--dbname={}", connection.conninfo()));
+    auth.apply(&mut command);
+    command
+}
+
+/// Whether `database` on the target holds any user object.
+pub async fn database_exists(connection: &Connection, database: &str) -> Result<bool> {
+    let client = connection.connect().await?;
+    let row = client
+        .query_opt("select 1 from pg_database where datname = $1", &[&database])
+        .await
+        .map_err(|e| query_error(connection, "look up databases", e))?;
+    Ok(row.is_some())
+}
+
+pub async fn database_is_empty(connection: &Connection) -> Result<bool> {
+    let client = connection.connect().await?;
+    let row = client
+        .query_one(
+            "select count(*) from pg_class c join pg_namespace n on n.oid = c.relnamespace \
+             where n.nspname not in ('pg_catalog', 'information_schema') \
+             and n.nspname not like 'pg\\_toast%' and n.nspname not like 'pg\\_temp%'",
+            &[],
+        )
+        .await
+        .map_err(|e| query_error(connection, "look for existing tables", e))?;
+    Ok(row.get::<_, i64>(0) == 0)
+}
+
+pub async fn create_database(connection: &Connection, database: &str) -> Result<()> {
+    let client = connection.connect().await?;
+    client
+        .batch_execute(&format!("create database {} template template0", quote_identifier(database)))
+        .await
+        .map_err(|e| query_error(connection, &format!("create database '{database}'"), e))
+}
+
+pub async fn drop_database(connection: &Connection, database: &str) -> Result<()> {
+    let client = connection.connect().await?;
+    client
+        .batch_execute(&format!("drop database if exists {} with (force)", quote_identifier(database)))
+        .await
+        .map_err(|e| query_error(connection, &format!("drop database '{database}'"), e))
+}
+
+pub async fn server_major(connection: &Connection) -> Result<u32> {
+    let client = connection.connect().await?;
+    let row = client
+        .query_one("select current_setting('server_version_num')::int", &[])
+        .await
+        .map_err(|e| query_error(connection, "read the server version", e))?;
+    Ok((row.get::<_, i32>(0) / 10_000) as u32)
+}

@@ -1,0 +1,28 @@
+//! PostgreSQL: how lifeboat reaches a server (its own connection with tokio-postgres, and
+//! the client binaries it runs), and what it asks of it. The only module that knows
+//! tokio-postgres.
+//!
+//! Passwords come from `password_file`, PGPASSWORD or a passfile, in that order. lifeboat
+//! uses the password for its own connection and hands it to child processes through a
+//! private temporary passfile (PGPASSFILE), never through argv or a log line.
+
+mod binaries;
+mod connection;
+pub mod logical;
+
+pub use binaries::Binaries;
+pub use connection::{ChildAuth, Connection};
+
+/// Quotes an SQL identifier: `"name"`, with inner quotes doubled.
+pub fn quote_identifier(name: &str) -> String {
+    format!("\"{}\"", name.replace('"', "\"\""))
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn identifiers_are_quoted() {
+        assert_eq!(super::quote_identifier("app"), "\"app\"");
+        assert_eq!(super::quote_identifier("we\"ird"), "\"we\"\"ird\"");
+    }
+}
