@@ -7,3 +7,4 @@ mod conformance;
 mod damaged;
 mod failed_backup;
 mod files_round_trip;
+mod postgres_logical;

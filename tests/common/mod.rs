@@ -2,6 +2,8 @@
 
 #![allow(dead_code)]
 
+pub mod postgres;
+pub mod procs;
 pub mod seaweedfs;
 pub mod tree;
 

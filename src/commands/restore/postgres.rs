@@ -3,6 +3,7 @@
 //! each database with `pg_restore --jobs N`. A database that holds objects is refused unless
 //! `--clean`; a database lifeboat created is dropped again if its restore fails.
 
+use std::path::Path;
 use std::process::Command;
 
 use super::staging::Staging;
@@ -10,7 +11,7 @@ use super::{PostgresRestoreOptions, RestoreReport, Selected};
 use crate::commands::backup::GLOBALS_OBJECT;
 use crate::error::{Error, ErrorKind, Result};
 use crate::manifest::ObjectEntry;
-use crate::sources::postgres::{Binaries, ChildAuth, Connection, logical};
+use crate::sources::postgres::{Binaries, ChildAuth, Connection, logical, quote_identifier};
 use crate::sources::process;
 
 struct Planned<'a> {
@@ -139,14 +140,29 @@ pub(super) async fn restore(selected: Selected, options: &PostgresRestoreOptions
 
 /// Runs the globals script with psql. Roles that already exist (the restoring superuser,
 /// at least) make harmless errors, so the script goes on past errors; the other errors come
-/// back as warnings.
-fn apply_globals(binaries: &Binaries, server: &Connection, auth: &ChildAuth, file: &std::path::Path) -> Result<Vec<String>> {
+/// back as warnings. The role this restore connects as keeps its own password and
+/// attributes: the source's `ALTER ROLE` for it would lock the running restore out.
+fn apply_globals(binaries: &Binaries, server: &Connection, auth: &ChildAuth, file: &Path) -> Result<Vec<String>> {
+    let mut warnings = Vec::new();
+    let script = std::fs::read_to_string(file)
+        .map_err(|e| Error::new(ErrorKind::Target, format!("unable to read staged globals '{}'", file.display())).with_source(e))?;
+    let (kept, skipped) = without_role_changes(&script, server.user());
+    if skipped > 0 {
+        warnings.push(format!(
+            "globals: kept the password and attributes of role '{}', which this restore connects as",
+            server.user()
+        ));
+    }
+    let filtered = file.with_extension("restore.sql");
+    std::fs::write(&filtered, kept)
+        .map_err(|e| Error::new(ErrorKind::Target, format!("unable to write '{}'", filtered.display())).with_source(e))?;
+
     let mut command: Command = binaries.command("psql");
     command
         .args(["--no-psqlrc", "--quiet", "--no-password"])
         .arg(format!("--dbname={}", server.conninfo()))
         .arg("--file")
-        .arg(file);
+        .arg(&filtered);
     auth.apply(&mut command);
     let output = command
         .stdin(std::process::Stdio::null())
@@ -158,9 +174,43 @@ fn apply_globals(binaries: &Binaries, server: &Connection, auth: &ChildAuth, fil
             stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
         }));
     }
-    Ok(String::from_utf8_lossy(&output.stderr)
-        .lines()
-        .filter(|line| line.contains("ERROR:") && !line.contains("already exists"))
-        .map(|line| format!("globals: {line}"))
-        .collect())
+    warnings.extend(
+        String::from_utf8_lossy(&output.stderr)
+            .lines()
+            .filter(|line| line.contains("ERROR:") && !line.contains("already exists"))
+            .map(|line| format!("globals: {line}")),
+    );
+    Ok(warnings)
+}
+
+/// The globals script without `ALTER ROLE` lines for `role` (as pg_dumpall writes them,
+/// quoted or not); and how many were left out.
+fn without_role_changes(script: &str, role: &str) -> (String, usize) {
+    let plain = format!("ALTER ROLE {role} ");
+    let quoted = format!("ALTER ROLE {} ", quote_identifier(role));
+    let mut skipped = 0;
+    let kept: String = script
+        .split_inclusive('\n')
+        .filter(|line| {
+            let skip = line.starts_with(&plain) || line.starts_with(&quoted);
+            skipped += skip as usize;
+            !skip
+        })
+        .collect();
+    (kept, skipped)
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn the_restoring_role_keeps_its_password() {
+        let script = "CREATE ROLE app;\nALTER ROLE app WITH LOGIN PASSWORD 'x';\nCREATE ROLE postgres;\nALTER ROLE postgres WITH SUPERUSER PASSWORD 'old';\nALTER ROLE \"Admin\" WITH LOGIN;\n";
+        let (kept, skipped) = super::without_role_changes(script, "postgres");
+        assert_eq!(skipped, 1);
+        assert!(kept.contains("ALTER ROLE app WITH LOGIN"));
+        assert!(!kept.contains("PASSWORD 'old'"));
+        let (kept, skipped) = super::without_role_changes(script, "Admin");
+        assert_eq!(skipped, 1);
+        assert!(!kept.contains("\"Admin\""));
+    }
 }

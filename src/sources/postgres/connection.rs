@@ -146,7 +146,7 @@ impl Connection {
         self.config.get_ports().first().copied().unwrap_or(5432)
     }
 
-    fn user(&self) -> &str {
+    pub fn user(&self) -> &str {
         self.config.get_user().unwrap_or_default()
     }
 
