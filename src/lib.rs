@@ -14,6 +14,7 @@
 //! - [`storage`]: the store trait and its backends; aws-sdk-s3 appears only in `storage::s3`.
 //! - [`manifest`], [`layout`]: the commit record and where things live.
 //! - [`config`], [`error`]: the config file and the one public error with its exit code.
+//! - [`progress`]: how long transfers report progress to whoever renders it.
 
 pub mod commands;
 pub mod config;
@@ -21,6 +22,7 @@ pub mod error;
 pub mod layout;
 pub mod manifest;
 pub mod pipeline;
+pub mod progress;
 pub mod repository;
 pub mod sources;
 pub mod storage;

@@ -6,6 +6,9 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand, ValueEnum};
+
+mod terminal;
+
 use lifeboat::commands::{backup, check, init, list, restore, show, verify};
 use lifeboat::config::{Config, DEFAULT_CONFIG_PATH};
 use lifeboat::error::exit_code;
@@ -163,6 +166,8 @@ fn main() -> ExitCode {
     ExitCode::from(code as u8)
 }
 
+/// Logs go to stderr. On a terminal, long transfers also show progress bars there; under a
+/// timer or a pipe nothing but the log lines is written.
 fn init_logging(cli: &Cli) {
     let default = match (cli.quiet, cli.verbose) {
         (true, _) => "error",
@@ -172,13 +177,18 @@ fn init_logging(cli: &Cli) {
     };
     let filter = tracing_subscriber::EnvFilter::try_from_env("LIFEBOAT_LOG")
         .unwrap_or_else(|_| default.into());
+    let on_terminal = std::io::stderr().is_terminal();
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal());
-    match cli.log_format {
-        LogFormat::Text => builder.with_target(false).init(),
-        LogFormat::Json => builder.json().init(),
+        .with_ansi(on_terminal);
+    let progress = (on_terminal && !cli.quiet).then(terminal::TerminalProgress::new);
+    match (cli.log_format, progress) {
+        (LogFormat::Text, Some(progress)) => {
+            lifeboat::progress::install(Box::new(progress.clone()));
+            builder.with_target(false).with_writer(progress).init()
+        }
+        (LogFormat::Text, None) => builder.with_target(false).with_writer(std::io::stderr).init(),
+        (LogFormat::Json, _) => builder.json().with_writer(std::io::stderr).init(),
     }
 }
 

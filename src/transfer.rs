@@ -10,6 +10,7 @@ use tokio_util::io::{StreamReader, SyncIoBridge};
 use crate::error::{Error, ErrorKind, Result};
 use crate::layout;
 use crate::manifest::{Manifest, ObjectEntry};
+use crate::progress::{self, CountingReader, CountingWriter};
 use crate::pipeline::{self, CHANNEL_BOUND, DecodeError, Digests, EncodeOptions, ObjectWriter};
 use crate::repository::Repository;
 use crate::storage::{PartStream, StoreError};
@@ -40,11 +41,17 @@ where
         ));
     }
 
+    let label = object_label(key);
     let producer = tokio::task::spawn_blocking(move || -> Result<(Digests, T)> {
         let mut writer = ObjectWriter::new(options, senders).map_err(|e| {
             Error::new(ErrorKind::Source, "unable to start the zstd encoder").with_source(e)
         })?;
-        let value = produce(&mut writer)?;
+        let mut task = progress::start(&format!("backup {label}"), None);
+        let value = produce(&mut CountingWriter {
+            inner: &mut writer,
+            task: task.as_mut(),
+        })?;
+        task.finish();
         let digests = writer.finish().map_err(|e| {
             Error::new(ErrorKind::Storage, "unable to finish the upload").with_source(e)
         })?;
@@ -97,6 +104,11 @@ where
     Ok((digests, value))
 }
 
+/// "jobs/db/backups/ID/app.dump.zst" → "db/ID/app.dump.zst", for progress lines.
+fn object_label(key: &str) -> String {
+    key.strip_prefix("jobs/").unwrap_or(key).replacen("/backups/", "/", 1)
+}
+
 /// Streams one object of `manifest` from `repository` through the decode pipeline into
 /// `consume` (on a blocking thread). Returns Ok only when both checksums match.
 pub async fn read_object<T, F>(
@@ -115,7 +127,18 @@ where
         .await?;
     let reader = SyncIoBridge::new(StreamReader::new(stream.map_err(io::Error::other)));
     let expected = object.digests();
-    let outcome = tokio::task::spawn_blocking(move || pipeline::decode(reader, &expected, consume))
+    let label = format!("restore {}", object.name);
+    let outcome = tokio::task::spawn_blocking(move || {
+        let mut task = progress::start(&label, Some(expected.raw_size));
+        let outcome = pipeline::decode(reader, &expected, |raw| {
+            consume(&mut CountingReader {
+                inner: raw,
+                task: task.as_mut(),
+            })
+        });
+        task.finish();
+        outcome
+    })
         .await
         .map_err(|e| {
             Error::new(ErrorKind::Storage, format!("unable to read object '{key}'")).with_source(e)
