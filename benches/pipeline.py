@@ -18,13 +18,14 @@ import subprocess
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from benchlib import LIFEBOAT, ROOT, measure, require  # noqa: E402
+
 DATA = ROOT / "target" / "bench" / "pipeline"
-LIFEBOAT = ROOT / "target" / "release" / "lifeboat"
 
 
 def make_input(size_mib: int) -> Path:
-    """Log- and dump-like text that zstd -3 shrinks about 4x, like real backups."""
+    """Log- and dump-like text with random ids and hashes; zstd -3 shrinks it about 2.3x."""
     path = DATA / f"input-{size_mib}MiB.txt"
     if path.exists() and path.stat().st_size == size_mib << 20:
         return path
@@ -48,30 +49,12 @@ def make_input(size_mib: int) -> Path:
     return path
 
 
-def measure(argv, env=None):
-    """Runs argv under GNU time; returns (wall s, cpu s, peak RSS KiB of the largest process).
-
-    GNU time, not this script's own wait4: a child forked from this (large) Python process
-    would report Python's RSS as its peak."""
-    timed = ["/usr/bin/time", "-f", "BENCH %e %U %S %M"] + argv
-    proc = subprocess.run(timed, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    if proc.returncode != 0:
-        sys.exit(f"benchmark command failed: {' '.join(argv)}\n{proc.stderr}")
-    line = [l for l in proc.stderr.splitlines() if l.startswith("BENCH ")][-1]
-    wall, user, system, rss = line.split()[1:]
-    return float(wall), float(user) + float(system), int(rss)
-
-
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--size-mib", type=int, default=1024)
     parser.add_argument("--runs", type=int, default=5)
     args = parser.parse_args()
-    if not LIFEBOAT.exists():
-        subprocess.run(["cargo", "build", "--release", "--locked"], cwd=ROOT, check=True)
-    for tool in ("zstd", "sha256sum", "/usr/bin/time"):
-        if not shutil.which(tool):
-            sys.exit(f"{tool} is needed for the baseline; run `bash .ci/setup`")
+    require("zstd", "sha256sum", "/usr/bin/time")
 
     source = make_input(args.size_mib)
     repo = DATA / "repo"

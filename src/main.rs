@@ -187,7 +187,10 @@ fn init_logging(cli: &Cli) {
             lifeboat::progress::install(Box::new(progress.clone()));
             builder.with_target(false).with_writer(progress).init()
         }
-        (LogFormat::Text, None) => builder.with_target(false).with_writer(std::io::stderr).init(),
+        (LogFormat::Text, None) => builder
+            .with_target(false)
+            .with_writer(std::io::stderr)
+            .init(),
         (LogFormat::Json, _) => builder.json().with_writer(std::io::stderr).init(),
     }
 }

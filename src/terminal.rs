@@ -29,7 +29,10 @@ impl Progress for TerminalProgress {
                 ProgressBar::new(total),
                 "{msg} {bar:30} {bytes}/{total_bytes} {bytes_per_sec} eta {eta}",
             ),
-            None => (ProgressBar::no_length(), "{msg} {spinner} {bytes} {bytes_per_sec} {elapsed}"),
+            None => (
+                ProgressBar::no_length(),
+                "{msg} {spinner} {bytes} {bytes_per_sec} {elapsed}",
+            ),
         };
         let bar = self.bars.add(bar);
         bar.set_style(ProgressStyle::with_template(template).expect("valid template"));
@@ -77,6 +80,8 @@ impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for TerminalProgress {
     type Writer = LogWriter;
 
     fn make_writer(&'a self) -> LogWriter {
-        LogWriter { bars: self.bars.clone() }
+        LogWriter {
+            bars: self.bars.clone(),
+        }
     }
 }

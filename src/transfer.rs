@@ -10,8 +10,8 @@ use tokio_util::io::{StreamReader, SyncIoBridge};
 use crate::error::{Error, ErrorKind, Result};
 use crate::layout;
 use crate::manifest::{Manifest, ObjectEntry};
-use crate::progress::{self, CountingReader, CountingWriter};
 use crate::pipeline::{self, CHANNEL_BOUND, DecodeError, Digests, EncodeOptions, ObjectWriter};
+use crate::progress::{self, CountingReader, CountingWriter};
 use crate::repository::Repository;
 use crate::storage::{PartStream, StoreError};
 
@@ -106,7 +106,9 @@ where
 
 /// "jobs/db/backups/ID/app.dump.zst" → "db/ID/app.dump.zst", for progress lines.
 fn object_label(key: &str) -> String {
-    key.strip_prefix("jobs/").unwrap_or(key).replacen("/backups/", "/", 1)
+    key.strip_prefix("jobs/")
+        .unwrap_or(key)
+        .replacen("/backups/", "/", 1)
 }
 
 /// Streams one object of `manifest` from `repository` through the decode pipeline into
@@ -139,10 +141,10 @@ where
         task.finish();
         outcome
     })
-        .await
-        .map_err(|e| {
-            Error::new(ErrorKind::Storage, format!("unable to read object '{key}'")).with_source(e)
-        })?;
+    .await
+    .map_err(|e| {
+        Error::new(ErrorKind::Storage, format!("unable to read object '{key}'")).with_source(e)
+    })?;
     outcome.map_err(|e| {
         let place = format!("object '{key}' in repository '{}'", repository.name);
         match e {

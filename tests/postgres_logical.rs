@@ -18,7 +18,10 @@ fn postgres_job(name: &str, dsn: &str, password_file: &Path, extra: &str) -> Str
 /// environment as an operator would have it.
 fn restore_into(config: &Path, target: &Postgres, args: &[&str]) -> crate::common::Run {
     let mut command = lifeboat_command(config);
-    command.env("PGPASSWORD", &target.password).args(["restore", "maindb", "--target", &target.dsn("postgres")]).args(args);
+    command
+        .env("PGPASSWORD", &target.password)
+        .args(["restore", "maindb", "--target", &target.dsn("postgres")])
+        .args(args);
     crate::common::run_command(&mut command)
 }
 
@@ -36,7 +39,12 @@ async fn logical_backup_restores_identical_databases_from_local_and_s3() {
             "{}{}{}",
             local_repository("local", &work.path().join("repo")),
             s3.repository("s3", "backups", "lifeboat"),
-            postgres_job("maindb", &source.dsn("postgres"), &password_file, "heartbeat = true")
+            postgres_job(
+                "maindb",
+                &source.dsn("postgres"),
+                &password_file,
+                "heartbeat = true"
+            )
         ),
     );
 
@@ -52,56 +60,161 @@ async fn logical_backup_restores_identical_databases_from_local_and_s3() {
     let (argvs, status) = procs::watch(child);
     let log = std::fs::read_to_string(&log_path).unwrap();
     assert!(status.success(), "backup failed:\n{log}");
-    assert!(argvs.values().any(|argv| argv.contains("pg_dump --format=custom")), "pg_dump was never seen: {argvs:?}");
-    assert!(argvs.values().any(|argv| argv.contains("pg_dumpall --globals-only")), "pg_dumpall was never seen: {argvs:?}");
+    assert!(
+        argvs
+            .values()
+            .any(|argv| argv.contains("pg_dump --format=custom")),
+        "pg_dump was never seen: {argvs:?}"
+    );
+    assert!(
+        argvs
+            .values()
+            .any(|argv| argv.contains("pg_dumpall --globals-only")),
+        "pg_dumpall was never seen: {argvs:?}"
+    );
     for argv in argvs.values() {
-        assert!(!argv.contains(&source.password), "the password is in a child's argv: {argv}");
+        assert!(
+            !argv.contains(&source.password),
+            "the password is in a child's argv: {argv}"
+        );
     }
-    assert!(log.contains("TRACE") || log.contains("DEBUG"), "the log is at -vv");
-    assert!(!log.contains(&source.password), "the password is in the log");
+    assert!(
+        log.contains("TRACE") || log.contains("DEBUG"),
+        "the log is at -vv"
+    );
+    assert!(
+        !log.contains(&source.password),
+        "the password is in the log"
+    );
 
     // The manifest: one object per database plus the globals, and a snapshot-time recovery point.
-    let show = lifeboat(&config, &["show", "latest", "--job", "maindb", "--format", "json"]);
+    let show = lifeboat(
+        &config,
+        &["show", "latest", "--job", "maindb", "--format", "json"],
+    );
     show.assert_code(0);
     let manifest: serde_json::Value = serde_json::from_str(&show.stdout).unwrap();
     assert_eq!(manifest["kind"], "postgres-logical");
-    let names: Vec<&str> = manifest["objects"].as_array().unwrap().iter().map(|o| o["name"].as_str().unwrap()).collect();
-    assert_eq!(names, ["app.dump.zst", "postgres.dump.zst", "globals.sql.zst"]);
-    assert_eq!(manifest["source"]["databases"], serde_json::json!(["app", "postgres"]));
-    assert!(manifest["source"]["server_version"].as_str().unwrap().starts_with(&source.psql("postgres", "show server_version")));
-    assert!(manifest["source"]["system_identifier"].as_str().is_some_and(|id| !id.is_empty()));
+    let names: Vec<&str> = manifest["objects"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|o| o["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        names,
+        ["app.dump.zst", "postgres.dump.zst", "globals.sql.zst"]
+    );
+    assert_eq!(
+        manifest["source"]["databases"],
+        serde_json::json!(["app", "postgres"])
+    );
+    assert!(
+        manifest["source"]["server_version"]
+            .as_str()
+            .unwrap()
+            .starts_with(&source.psql("postgres", "show server_version"))
+    );
+    assert!(
+        manifest["source"]["system_identifier"]
+            .as_str()
+            .is_some_and(|id| !id.is_empty())
+    );
     let point = manifest["recovery_point"].as_str().unwrap();
-    assert!(manifest["started_at"].as_str().unwrap() <= point && point <= manifest["finished_at"].as_str().unwrap());
+    assert!(
+        manifest["started_at"].as_str().unwrap() <= point
+            && point <= manifest["finished_at"].as_str().unwrap()
+    );
 
     let schema = source.schema("app");
     let fingerprint = source.data_fingerprint("app");
-    let heartbeat = source.psql("app", "select at from lifeboat.heartbeat where job = 'maindb'");
-    assert!(fingerprint.contains("shop.orders 1000000 "), "{fingerprint}");
+    let heartbeat = source.psql(
+        "app",
+        "select at from lifeboat.heartbeat where job = 'maindb'",
+    );
+    assert!(
+        fingerprint.contains("shop.orders 1000000 "),
+        "{fingerprint}"
+    );
 
     // From the local repository into a fresh cluster: one database, with the roles.
     let first = Postgres::start();
-    restore_into(&config, &first, &["--from", "local", "--database", "app", "--globals"]).assert_code(0);
-    assert_eq!(first.psql("postgres", "select count(*) from pg_roles where rolname in ('app_owner', 'app_reader')"), "2");
+    restore_into(
+        &config,
+        &first,
+        &["--from", "local", "--database", "app", "--globals"],
+    )
+    .assert_code(0);
+    assert_eq!(
+        first.psql(
+            "postgres",
+            "select count(*) from pg_roles where rolname in ('app_owner', 'app_reader')"
+        ),
+        "2"
+    );
     assert_eq!(first.schema("app"), schema, "schema differs after restore");
-    assert_eq!(first.data_fingerprint("app"), fingerprint, "data differs after restore");
-    assert_eq!(first.psql("app", "select at from lifeboat.heartbeat where job = 'maindb'"), heartbeat);
+    assert_eq!(
+        first.data_fingerprint("app"),
+        fingerprint,
+        "data differs after restore"
+    );
+    assert_eq!(
+        first.psql(
+            "app",
+            "select at from lifeboat.heartbeat where job = 'maindb'"
+        ),
+        heartbeat
+    );
 
     // A database that holds tables is not restored over without --clean.
     let again = restore_into(&config, &first, &["--from", "local", "--database", "app"]);
     again.assert_code(1);
-    assert!(again.stderr.contains("unable to restore into database 'app'") && again.stderr.contains("already holds tables"), "{}", again.stderr);
-    first.psql("app", "update shop.customers set name = 'changed' where id = 1");
-    restore_into(&config, &first, &["--from", "local", "--database", "app", "--clean"]).assert_code(0);
-    assert_eq!(first.data_fingerprint("app"), fingerprint, "--clean restores the backup's data");
+    assert!(
+        again
+            .stderr
+            .contains("unable to restore into database 'app'")
+            && again.stderr.contains("already holds tables"),
+        "{}",
+        again.stderr
+    );
+    first.psql(
+        "app",
+        "update shop.customers set name = 'changed' where id = 1",
+    );
+    restore_into(
+        &config,
+        &first,
+        &["--from", "local", "--database", "app", "--clean"],
+    )
+    .assert_code(0);
+    assert_eq!(
+        first.data_fingerprint("app"),
+        fingerprint,
+        "--clean restores the backup's data"
+    );
     // Side by side under another name.
-    restore_into(&config, &first, &["--from", "local", "--database", "app", "--as", "app_copy"]).assert_code(0);
+    restore_into(
+        &config,
+        &first,
+        &["--from", "local", "--database", "app", "--as", "app_copy"],
+    )
+    .assert_code(0);
     assert_eq!(first.data_fingerprint("app_copy"), fingerprint);
 
     // From S3 into another fresh cluster: every database of the backup.
     let second = Postgres::start();
-    let run = restore_into(&config, &second, &["--from", "s3", "--globals", "--jobs", "2"]);
+    let run = restore_into(
+        &config,
+        &second,
+        &["--from", "s3", "--globals", "--jobs", "2"],
+    );
     run.assert_code(0);
-    assert!(run.stdout.contains("globals, database 'app', database 'postgres'"), "{}", run.stdout);
+    assert!(
+        run.stdout
+            .contains("globals, database 'app', database 'postgres'"),
+        "{}",
+        run.stdout
+    );
     assert_eq!(second.schema("app"), schema);
     assert_eq!(second.data_fingerprint("app"), fingerprint);
 }
@@ -111,7 +224,11 @@ fn kill_after_writing(pid: u32, bytes: u64) {
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
     while std::time::Instant::now() < deadline {
         let io = std::fs::read_to_string(format!("/proc/{pid}/io")).unwrap_or_default();
-        let written: u64 = io.lines().find_map(|l| l.strip_prefix("wchar: ")).and_then(|v| v.trim().parse().ok()).unwrap_or(0);
+        let written: u64 = io
+            .lines()
+            .find_map(|l| l.strip_prefix("wchar: "))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or(0);
         if written >= bytes {
             break;
         }
@@ -136,26 +253,49 @@ async fn failed_pg_dump_commits_nothing_and_quotes_pg_dump() {
     let superuser_password = source.password_file(work.path(), &source.password);
     let limited_password = work.path().join("limited.pass");
     std::fs::write(&limited_password, "limited-pw\n").unwrap();
-    std::fs::set_permissions(&limited_password, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
+    std::fs::set_permissions(
+        &limited_password,
+        std::os::unix::fs::PermissionsExt::from_mode(0o600),
+    )
+    .unwrap();
     let config = write_config(
         work.path(),
         &format!(
             "{}{}{}{}",
             local_repository("local", &repo),
             s3.repository("s3", "backups", "lifeboat"),
-            postgres_job("maindb", &source.dsn("postgres"), &superuser_password, "databases = [\"app\"]"),
-            postgres_job("limited", &source.dsn_as("limited", "app"), &limited_password, "databases = [\"app\"]"),
+            postgres_job(
+                "maindb",
+                &source.dsn("postgres"),
+                &superuser_password,
+                "databases = [\"app\"]"
+            ),
+            postgres_job(
+                "limited",
+                &source.dsn_as("limited", "app"),
+                &limited_password,
+                "databases = [\"app\"]"
+            ),
         ),
     );
     let nothing_committed = || async {
         let local: Vec<_> = walkdir::WalkDir::new(&repo)
             .into_iter()
             .filter_map(Result::ok)
-            .filter(|e| e.file_name() == "manifest.json" || e.file_name().to_string_lossy().contains(".lifeboat-tmp-"))
+            .filter(|e| {
+                e.file_name() == "manifest.json"
+                    || e.file_name().to_string_lossy().contains(".lifeboat-tmp-")
+            })
             .collect();
         assert!(local.is_empty(), "local repository: {local:?}");
-        assert!(s3.manifest_keys("backups").await.is_empty(), "a manifest in S3");
-        assert!(s3.open_uploads("backups").await.is_empty(), "a multipart upload left open");
+        assert!(
+            s3.manifest_keys("backups").await.is_empty(),
+            "a manifest in S3"
+        );
+        assert!(
+            s3.open_uploads("backups").await.is_empty(),
+            "a multipart upload left open"
+        );
     };
 
     // pg_dump killed midway, once several MiB went out.
@@ -167,19 +307,70 @@ async fn failed_pg_dump_commits_nothing_and_quotes_pg_dump() {
         .spawn()
         .unwrap();
     // The dump itself, not the `pg_dump --version` probe before it.
-    let pg_dump = procs::wait_for_descendant(&mut child, |argv| argv.contains("pg_dump --format=custom")).expect("pg_dump started");
+    let pg_dump =
+        procs::wait_for_descendant(&mut child, |argv| argv.contains("pg_dump --format=custom"))
+            .expect("pg_dump started");
     kill_after_writing(pg_dump, 12 * 1024 * 1024);
     let status = child.wait().unwrap();
     let log = std::fs::read_to_string(&log_path).unwrap();
     assert_eq!(status.code(), Some(1), "{log}");
-    assert!(log.contains("error: unable to dump database 'app' with pg_dump"), "{log}");
+    assert!(
+        log.contains("error: unable to dump database 'app' with pg_dump"),
+        "{log}"
+    );
     assert!(log.contains("pg_dump failed (signal: 9"), "{log}");
     nothing_committed().await;
 
     // A permission error on one table: pg_dump's own words reach the operator.
     let run = lifeboat(&config, &["backup", "limited"]);
     run.assert_code(1);
-    assert!(run.stderr.contains("permission denied for table order_lines"), "{}", run.stderr);
+    assert!(
+        run.stderr
+            .contains("permission denied for table order_lines"),
+        "{}",
+        run.stderr
+    );
+    nothing_committed().await;
+
+    // A pg_dump older than the server is refused before anything runs.
+    let old_bin = work.path().join("old-bin");
+    std::fs::create_dir(&old_bin).unwrap();
+    std::fs::write(
+        old_bin.join("pg_dump"),
+        "#!/bin/sh\necho 'pg_dump (PostgreSQL) 9.6.24'\n",
+    )
+    .unwrap();
+    std::fs::set_permissions(
+        old_bin.join("pg_dump"),
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )
+    .unwrap();
+    let old_config = write_config(
+        &old_bin,
+        &format!(
+            "{}{}",
+            local_repository("local", &repo),
+            postgres_job(
+                "maindb",
+                &source.dsn("postgres"),
+                &superuser_password,
+                &format!("bin_dir = \"{}\"", old_bin.display())
+            ),
+        ),
+    );
+    let run = lifeboat(&old_config, &["backup", "maindb"]);
+    run.assert_code(1);
+    assert!(
+        run.stderr
+            .contains("the only client binaries found are older"),
+        "{}",
+        run.stderr
+    );
+    assert!(
+        run.stderr.contains("install postgresql-client-15"),
+        "{}",
+        run.stderr
+    );
     nothing_committed().await;
 
     // The next normal run succeeds.
@@ -192,17 +383,31 @@ fn a_password_file_readable_by_others_is_refused() {
     let work = tempfile::tempdir().unwrap();
     let password_file = work.path().join("pg.pass");
     std::fs::write(&password_file, "secret\n").unwrap();
-    std::fs::set_permissions(&password_file, std::os::unix::fs::PermissionsExt::from_mode(0o644)).unwrap();
+    std::fs::set_permissions(
+        &password_file,
+        std::os::unix::fs::PermissionsExt::from_mode(0o644),
+    )
+    .unwrap();
     let config = write_config(
         work.path(),
         &format!(
             "{}{}",
             local_repository("local", &work.path().join("repo")),
-            postgres_job("maindb", "postgresql://backup@127.0.0.1:1/postgres", &password_file, "")
+            postgres_job(
+                "maindb",
+                "postgresql://backup@127.0.0.1:1/postgres",
+                &password_file,
+                ""
+            )
         ),
     );
     let run = lifeboat(&config, &["backup", "maindb"]);
     run.assert_code(2);
-    assert!(run.stderr.contains("is readable by group or others (mode 0644)"), "{}", run.stderr);
+    assert!(
+        run.stderr
+            .contains("is readable by group or others (mode 0644)"),
+        "{}",
+        run.stderr
+    );
     assert!(run.stderr.contains("chmod 600"), "{}", run.stderr);
 }

@@ -85,18 +85,32 @@ async fn check_source(job: &JobConfig) -> Result<Vec<String>> {
         JobSource::Files(files) => {
             for path in &files.paths {
                 std::fs::symlink_metadata(path).map_err(|e| {
-                    Error::new(ErrorKind::Source, format!("unable to read path '{}'", path.display())).with_source(e)
+                    Error::new(
+                        ErrorKind::Source,
+                        format!("unable to read path '{}'", path.display()),
+                    )
+                    .with_source(e)
                 })?;
             }
             Ok(Vec::new())
         }
         JobSource::Postgres(postgres) => {
-            let server = Connection::from_settings(&format!("job '{}'", job.name), &postgres.connection)?;
+            let server =
+                Connection::from_settings(&format!("job '{}'", job.name), &postgres.connection)?;
             let (info, databases) = logical::discover(&server).await?;
             let binaries = Binaries::find(postgres.bin_dir.as_deref(), info.major)?;
             Ok(vec![
-                format!("PostgreSQL {} at {}, {} database(s)", info.version, server.describe(), databases.len()),
-                format!("client binaries: {} (version {})", binaries.dir.display(), binaries.major),
+                format!(
+                    "PostgreSQL {} at {}, {} database(s)",
+                    info.version,
+                    server.describe(),
+                    databases.len()
+                ),
+                format!(
+                    "client binaries: {} (version {})",
+                    binaries.dir.display(),
+                    binaries.major
+                ),
             ])
         }
     }

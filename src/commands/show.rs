@@ -76,6 +76,15 @@ impl fmt::Display for ShowReport {
         writeln!(f, "recovery point  {}", m.recovery_point.to_rfc3339())?;
         writeln!(f, "host            {}", m.host)?;
         writeln!(f, "lifeboat        {}", m.tool_version)?;
+        if let Some(version) = &m.source.server_version {
+            writeln!(f, "server          PostgreSQL {version}")?;
+        }
+        if let Some(identifier) = &m.source.system_identifier {
+            writeln!(f, "system id       {identifier}")?;
+        }
+        if !m.source.databases.is_empty() {
+            writeln!(f, "databases       {}", m.source.databases.join(", "))?;
+        }
         if !m.source.paths.is_empty() {
             writeln!(f, "paths           {}", m.source.paths.join(", "))?;
         }

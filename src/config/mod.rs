@@ -526,7 +526,12 @@ fn validate_job(index: usize, job: raw::RawJob) -> Result<JobConfig, Problem> {
     let source = match kind {
         "files" => {
             refuse_fields(&postgres_fields, "files")?;
-            JobSource::Files(validate_files_job(&at, job.paths, job.include, job.exclude)?)
+            JobSource::Files(validate_files_job(
+                &at,
+                job.paths,
+                job.include,
+                job.exclude,
+            )?)
         }
         "postgres" => {
             refuse_fields(&files_fields, "postgres")?;
@@ -561,22 +566,37 @@ fn validate_files_job(
     exclude: Vec<String>,
 ) -> Result<FilesJob, Problem> {
     if paths.is_empty() {
-        return Err(format!("{}: at least one path is required for kind = \"files\"", at("paths")));
+        return Err(format!(
+            "{}: at least one path is required for kind = \"files\"",
+            at("paths")
+        ));
     }
     for path in &paths {
         if !path.is_absolute() {
-            return Err(format!("{}: must be absolute paths (got \"{}\")", at("paths"), path.display()));
+            return Err(format!(
+                "{}: must be absolute paths (got \"{}\")",
+                at("paths"),
+                path.display()
+            ));
         }
     }
     for (field, globs) in [("include", &include), ("exclude", &exclude)] {
         for glob in globs {
-            globset::Glob::new(glob).map_err(|e| format!("{}: invalid glob \"{glob}\": {e}", at(field)))?;
+            globset::Glob::new(glob)
+                .map_err(|e| format!("{}: invalid glob \"{glob}\": {e}", at(field)))?;
         }
     }
-    Ok(FilesJob { paths, include, exclude })
+    Ok(FilesJob {
+        paths,
+        include,
+        exclude,
+    })
 }
 
-fn validate_postgres_job(at: &dyn Fn(&str) -> String, job: &raw::RawJob) -> Result<PostgresJob, Problem> {
+fn validate_postgres_job(
+    at: &dyn Fn(&str) -> String,
+    job: &raw::RawJob,
+) -> Result<PostgresJob, Problem> {
     let mode = match job.mode.as_deref() {
         None | Some("logical") => PostgresMode::Logical,
         Some("physical") => {
@@ -586,14 +606,27 @@ fn validate_postgres_job(at: &dyn Fn(&str) -> String, job: &raw::RawJob) -> Resu
                 env!("CARGO_PKG_VERSION")
             ));
         }
-        Some(other) => return Err(format!("{}: must be \"logical\" or \"physical\" (got \"{other}\")", at("mode"))),
+        Some(other) => {
+            return Err(format!(
+                "{}: must be \"logical\" or \"physical\" (got \"{other}\")",
+                at("mode")
+            ));
+        }
     };
     if let Some(dsn) = &job.dsn {
-        if let Some((field, _)) = [("host", job.host.is_some()), ("port", job.port.is_some()), ("user", job.user.is_some()), ("dbname", job.dbname.is_some())]
-            .iter()
-            .find(|(_, set)| *set)
+        if let Some((field, _)) = [
+            ("host", job.host.is_some()),
+            ("port", job.port.is_some()),
+            ("user", job.user.is_some()),
+            ("dbname", job.dbname.is_some()),
+        ]
+        .iter()
+        .find(|(_, set)| *set)
         {
-            return Err(format!("{}: set either dsn or {field}, not both", at(field)));
+            return Err(format!(
+                "{}: set either dsn or {field}, not both",
+                at(field)
+            ));
         }
         if dsn.trim().is_empty() {
             return Err(format!("{}: must not be empty", at("dsn")));
@@ -608,19 +641,33 @@ fn validate_postgres_job(at: &dyn Fn(&str) -> String, job: &raw::RawJob) -> Resu
     if let Some(path) = &job.password_file
         && !path.is_absolute()
     {
-        return Err(format!("{}: must be an absolute path (got \"{}\")", at("password_file"), path.display()));
+        return Err(format!(
+            "{}: must be an absolute path (got \"{}\")",
+            at("password_file"),
+            path.display()
+        ));
     }
     if let Some(path) = &job.bin_dir
         && !path.is_absolute()
     {
-        return Err(format!("{}: must be an absolute path (got \"{}\")", at("bin_dir"), path.display()));
+        return Err(format!(
+            "{}: must be an absolute path (got \"{}\")",
+            at("bin_dir"),
+            path.display()
+        ));
     }
     if let Some(databases) = &job.databases {
         if databases.is_empty() {
-            return Err(format!("{}: must name at least one database, or be left out for all", at("databases")));
+            return Err(format!(
+                "{}: must name at least one database, or be left out for all",
+                at("databases")
+            ));
         }
         if let Some(empty) = databases.iter().find(|d| d.is_empty()) {
-            return Err(format!("{}: database names must not be empty (got \"{empty}\")", at("databases")));
+            return Err(format!(
+                "{}: database names must not be empty (got \"{empty}\")",
+                at("databases")
+            ));
         }
     }
     Ok(PostgresJob {
@@ -643,10 +690,14 @@ fn validate_postgres_job(at: &dyn Fn(&str) -> String, job: &raw::RawJob) -> Resu
 fn dsn_has_password(dsn: &str) -> bool {
     if let Some((_, rest)) = dsn.split_once("://") {
         let authority = rest.split(['/', '?']).next().unwrap_or_default();
-        let userinfo = authority.rsplit_once('@').map(|(userinfo, _)| userinfo).unwrap_or_default();
+        let userinfo = authority
+            .rsplit_once('@')
+            .map(|(userinfo, _)| userinfo)
+            .unwrap_or_default();
         return userinfo.contains(':') || rest.contains("password=");
     }
-    dsn.split_whitespace().any(|pair| pair.trim_start().starts_with("password"))
+    dsn.split_whitespace()
+        .any(|pair| pair.trim_start().starts_with("password"))
 }
 
 fn duration_field(field: &str, text: Option<&str>, default: &str) -> Result<Duration, Problem> {
@@ -755,19 +806,38 @@ mod tests {
 
     #[test]
     fn postgres_dsn_must_not_hold_a_password() {
-        let job = |dsn: &str| format!("{LOCAL}[[job]]\nname = \"db\"\nkind = \"postgres\"\ndsn = \"{dsn}\"\n");
+        let job = |dsn: &str| {
+            format!("{LOCAL}[[job]]\nname = \"db\"\nkind = \"postgres\"\ndsn = \"{dsn}\"\n")
+        };
         assert!(parse(&job("postgresql://backup@db1:5432/postgres")).is_ok());
         assert!(parse(&job("host=db1 user=backup dbname=postgres")).is_ok());
-        for dsn in ["postgresql://backup:secret@db1/postgres", "host=db1 password=secret", "postgresql://db1/postgres?password=secret"] {
+        for dsn in [
+            "postgresql://backup:secret@db1/postgres",
+            "host=db1 password=secret",
+            "postgresql://db1/postgres?password=secret",
+        ] {
             let err = parse(&job(dsn)).unwrap_err();
-            assert!(err.message().contains("job[0] (db).dsn: must not contain a password"), "{}", err.message());
+            assert!(
+                err.message()
+                    .contains("job[0] (db).dsn: must not contain a password"),
+                "{}",
+                err.message()
+            );
         }
     }
 
     #[test]
     fn fields_of_another_kind_are_refused() {
-        let err = parse(&format!("{LOCAL}[[job]]\nname = \"db\"\nkind = \"postgres\"\npaths = [\"/etc\"]\n")).unwrap_err();
-        assert!(err.message().contains("job[0] (db).paths: not valid for kind = \"postgres\""), "{}", err.message());
+        let err = parse(&format!(
+            "{LOCAL}[[job]]\nname = \"db\"\nkind = \"postgres\"\npaths = [\"/etc\"]\n"
+        ))
+        .unwrap_err();
+        assert!(
+            err.message()
+                .contains("job[0] (db).paths: not valid for kind = \"postgres\""),
+            "{}",
+            err.message()
+        );
     }
 
     #[test]

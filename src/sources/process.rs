@@ -30,7 +30,10 @@ impl std::fmt::Display for ChildFailure {
 
 impl std::error::Error for ChildFailure {}
 
-fn drain_stderr(stderr: impl Read + Send + 'static, program: String) -> std::thread::JoinHandle<String> {
+fn drain_stderr(
+    stderr: impl Read + Send + 'static,
+    program: String,
+) -> std::thread::JoinHandle<String> {
     std::thread::spawn(move || {
         let mut tail = VecDeque::with_capacity(STDERR_TAIL_LINES);
         for line in BufReader::new(stderr).lines() {
@@ -61,7 +64,13 @@ pub fn stream_stdout(mut command: Command, action: &str, out: &mut dyn Write) ->
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
-        .map_err(|e| Error::new(ErrorKind::Source, format!("unable to {action}: cannot start {program}")).with_source(e))?;
+        .map_err(|e| {
+            Error::new(
+                ErrorKind::Source,
+                format!("unable to {action}: cannot start {program}"),
+            )
+            .with_source(e)
+        })?;
     let stderr = drain_stderr(child.stderr.take().expect("piped"), program.clone());
     let mut stdout = child.stdout.take().expect("piped");
 
@@ -88,15 +97,23 @@ pub fn stream_stdout(mut command: Command, action: &str, out: &mut dyn Write) ->
         return Err(Error::new(ErrorKind::Storage, format!("unable to {action}")).with_source(e));
     }
     drop(stdout);
-    let status = child
-        .wait()
-        .map_err(|e| Error::new(ErrorKind::Source, format!("unable to {action}: cannot wait for {program}")).with_source(e))?;
+    let status = child.wait().map_err(|e| {
+        Error::new(
+            ErrorKind::Source,
+            format!("unable to {action}: cannot wait for {program}"),
+        )
+        .with_source(e)
+    })?;
     let stderr_tail = stderr.join().unwrap_or_default();
     if !status.success() {
-        return Err(Error::new(ErrorKind::Source, format!("unable to {action}")).with_source(ChildFailure {
-            status: format!("{program} failed ({status})"),
-            stderr: stderr_tail,
-        }));
+        return Err(
+            Error::new(ErrorKind::Source, format!("unable to {action}")).with_source(
+                ChildFailure {
+                    status: format!("{program} failed ({status})"),
+                    stderr: stderr_tail,
+                },
+            ),
+        );
     }
     Ok(copied)
 }
@@ -104,17 +121,24 @@ pub fn stream_stdout(mut command: Command, action: &str, out: &mut dyn Write) ->
 /// Runs `command` to completion, returning its stdout; a failure quotes its stderr.
 pub fn run(mut command: Command, action: &str) -> Result<String> {
     let program = program_name(&command);
-    let output = command
-        .stdin(Stdio::null())
-        .output()
-        .map_err(|e| Error::new(ErrorKind::Source, format!("unable to {action}: cannot start {program}")).with_source(e))?;
+    let output = command.stdin(Stdio::null()).output().map_err(|e| {
+        Error::new(
+            ErrorKind::Source,
+            format!("unable to {action}: cannot start {program}"),
+        )
+        .with_source(e)
+    })?;
     if !output.status.success() {
         let stderr = String::from_utf8_lossy(&output.stderr);
         let tail: Vec<&str> = stderr.lines().rev().take(STDERR_TAIL_LINES).collect();
-        return Err(Error::new(ErrorKind::Source, format!("unable to {action}")).with_source(ChildFailure {
-            status: format!("{program} failed ({})", output.status),
-            stderr: tail.into_iter().rev().collect::<Vec<_>>().join("\n"),
-        }));
+        return Err(
+            Error::new(ErrorKind::Source, format!("unable to {action}")).with_source(
+                ChildFailure {
+                    status: format!("{program} failed ({})", output.status),
+                    stderr: tail.into_iter().rev().collect::<Vec<_>>().join("\n"),
+                },
+            ),
+        );
     }
     Ok(String::from_utf8_lossy(&output.stdout).into_owned())
 }
@@ -127,12 +151,18 @@ mod tests {
     fn stdout_is_streamed_and_a_failure_quotes_stderr() {
         let mut out = Vec::new();
         let mut command = Command::new("sh");
-        command.args(["-c", "printf hello; echo 'pg_dump: error: permission denied for table secret' >&2; exit 1"]);
+        command.args([
+            "-c",
+            "printf hello; echo 'pg_dump: error: permission denied for table secret' >&2; exit 1",
+        ]);
         let err = stream_stdout(command, "dump database 'app'", &mut out).unwrap_err();
         assert_eq!(out, b"hello");
         let chain = err.chain().join("\n");
         assert!(chain.contains("unable to dump database 'app'"), "{chain}");
-        assert!(chain.contains("permission denied for table secret"), "{chain}");
+        assert!(
+            chain.contains("permission denied for table secret"),
+            "{chain}"
+        );
     }
 
     #[test]

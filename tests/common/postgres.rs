@@ -23,7 +23,13 @@ pub fn bin_dir() -> PathBuf {
         return PathBuf::from(dir);
     }
     let mut found: Vec<PathBuf> = std::fs::read_dir("/usr/lib/postgresql")
-        .map(|entries| entries.filter_map(Result::ok).map(|e| e.path().join("bin")).filter(|p| p.join("initdb").exists()).collect())
+        .map(|entries| {
+            entries
+                .filter_map(Result::ok)
+                .map(|e| e.path().join("bin"))
+                .filter(|p| p.join("initdb").exists())
+                .collect()
+        })
         .unwrap_or_default();
     found.sort();
     found.pop().unwrap_or_else(|| {
@@ -36,7 +42,10 @@ fn postgres_ids() -> (u32, u32) {
     // SAFETY: getpwnam returns static storage or null; the ids are copied out at once.
     unsafe {
         let entry = libc::getpwnam(name.as_ptr());
-        assert!(!entry.is_null(), "the `postgres` user is needed to run initdb as root; run `bash .ci/setup`");
+        assert!(
+            !entry.is_null(),
+            "the `postgres` user is needed to run initdb as root; run `bash .ci/setup`"
+        );
         ((*entry).pw_uid, (*entry).pw_gid)
     }
 }
@@ -50,13 +59,20 @@ fn as_cluster_owner(command: &mut Command) {
 }
 
 fn free_port() -> u16 {
-    std::net::TcpListener::bind(("127.0.0.1", 0)).unwrap().local_addr().unwrap().port()
+    std::net::TcpListener::bind(("127.0.0.1", 0))
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 impl Postgres {
     pub fn start() -> Postgres {
         let dir = tempfile::tempdir().unwrap();
-        let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().subsec_nanos();
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .subsec_nanos();
         let password = format!("pw:{}\\{nanos}", std::process::id());
         if super::is_root() {
             let (uid, gid) = postgres_ids();
@@ -72,11 +88,23 @@ impl Postgres {
         initdb
             .arg("-D")
             .arg(dir.path().join("data"))
-            .args(["-U", SUPERUSER, "--auth=scram-sha-256", "-E", "UTF8", "--locale=C.UTF-8", "--no-sync"])
+            .args([
+                "-U",
+                SUPERUSER,
+                "--auth=scram-sha-256",
+                "-E",
+                "UTF8",
+                "--locale=C.UTF-8",
+                "--no-sync",
+            ])
             .arg(format!("--pwfile={}", pwfile.display()));
         as_cluster_owner(&mut initdb);
         let output = initdb.output().expect("run initdb");
-        assert!(output.status.success(), "initdb failed: {}", String::from_utf8_lossy(&output.stderr));
+        assert!(
+            output.status.success(),
+            "initdb failed: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
         std::fs::remove_file(&pwfile).unwrap();
 
         let mut server = Postgres {
@@ -93,7 +121,8 @@ impl Postgres {
             }
             server.stop();
         }
-        let log = std::fs::read_to_string(server.dir.path().join("postgres.log")).unwrap_or_default();
+        let log =
+            std::fs::read_to_string(server.dir.path().join("postgres.log")).unwrap_or_default();
         panic!("PostgreSQL did not start; its log:\n{log}");
     }
 
@@ -107,7 +136,14 @@ impl Postgres {
             .arg(self.port.to_string())
             .arg("-k")
             .arg(self.dir.path())
-            .args(["-c", "listen_addresses=127.0.0.1", "-c", "fsync=off", "-c", "full_page_writes=off"])
+            .args([
+                "-c",
+                "listen_addresses=127.0.0.1",
+                "-c",
+                "fsync=off",
+                "-c",
+                "full_page_writes=off",
+            ])
             .args(["-c", "synchronous_commit=off", "-c", "max_connections=50"])
             .stdin(Stdio::null())
             .stdout(log.try_clone().unwrap())
@@ -147,7 +183,10 @@ impl Postgres {
     }
 
     pub fn dsn(&self, database: &str) -> String {
-        format!("postgresql://{SUPERUSER}@127.0.0.1:{}/{database}", self.port)
+        format!(
+            "postgresql://{SUPERUSER}@127.0.0.1:{}/{database}",
+            self.port
+        )
     }
 
     pub fn dsn_as(&self, user: &str, database: &str) -> String {
@@ -166,7 +205,16 @@ impl Postgres {
 
     pub fn try_psql(&self, database: &str, sql: &str) -> Run {
         let mut command = self.command("psql", database);
-        command.args(["--no-psqlrc", "-v", "ON_ERROR_STOP=1", "--tuples-only", "--no-align", "--quiet", "-c", sql]);
+        command.args([
+            "--no-psqlrc",
+            "-v",
+            "ON_ERROR_STOP=1",
+            "--tuples-only",
+            "--no-align",
+            "--quiet",
+            "-c",
+            sql,
+        ]);
         super::run_command(&mut command)
     }
 
@@ -190,9 +238,15 @@ impl Postgres {
     /// indexes, a sequence, a view, a function, non-ASCII text, bytea, NULLs, a large object,
     /// a comment, a grant, and `orders_rows` rows in one table.
     pub fn create_app_database(&self, orders_rows: u64) {
-        self.psql("postgres", "create role app_owner login password 'app-owner-pw'; create role app_reader nologin");
+        self.psql(
+            "postgres",
+            "create role app_owner login password 'app-owner-pw'; create role app_reader nologin",
+        );
         self.psql("postgres", "create database app owner app_owner");
-        self.psql("app", &APP_SCHEMA.replace("ORDERS_ROWS", &orders_rows.to_string()));
+        self.psql(
+            "app",
+            &APP_SCHEMA.replace("ORDERS_ROWS", &orders_rows.to_string()),
+        );
     }
 
     /// For every user table of `database`: its name and an ordered checksum of its rows;

@@ -48,8 +48,13 @@ pub fn watch(mut child: Child) -> (BTreeMap<u32, String>, std::process::ExitStat
 }
 
 fn argv_of(pid: u32) -> Option<String> {
-    let raw = std::fs::read(format!("/proc/{pid}/cmdline")).ok().filter(|raw| !raw.is_empty())?;
-    let args: Vec<String> = raw.split(|b| *b == 0).map(|a| String::from_utf8_lossy(a).into_owned()).collect();
+    let raw = std::fs::read(format!("/proc/{pid}/cmdline"))
+        .ok()
+        .filter(|raw| !raw.is_empty())?;
+    let args: Vec<String> = raw
+        .split(|b| *b == 0)
+        .map(|a| String::from_utf8_lossy(a).into_owned())
+        .collect();
     Some(args.join(" ").trim().to_string())
 }
 

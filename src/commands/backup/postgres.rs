@@ -18,7 +18,10 @@ pub const GLOBALS_OBJECT: &str = "globals.sql.zst";
 pub fn database_object_name(database: &str) -> String {
     let mut name = String::new();
     for (index, byte) in database.bytes().enumerate() {
-        let plain = byte.is_ascii_alphanumeric() || byte == b'_' || byte == b'-' || (byte == b'.' && index > 0);
+        let plain = byte.is_ascii_alphanumeric()
+            || byte == b'_'
+            || byte == b'-'
+            || (byte == b'.' && index > 0);
         if plain {
             name.push(byte as char);
         } else {
@@ -38,7 +41,10 @@ pub(super) async fn capture(context: &Context<'_>, job: &PostgresJob) -> Result<
             if let Some(missing) = wanted.iter().find(|d| !all_databases.contains(d)) {
                 return Err(Error::new(
                     ErrorKind::Source,
-                    format!("unable to back up database '{missing}' of {what}: it does not exist on {}", server.describe()),
+                    format!(
+                        "unable to back up database '{missing}' of {what}: it does not exist on {}",
+                        server.describe()
+                    ),
                 )
                 .with_hint(format!("databases there: {}", all_databases.join(", "))));
             }
@@ -60,9 +66,12 @@ pub(super) async fn capture(context: &Context<'_>, job: &PostgresJob) -> Result<
         let command = logical::dump_command(&binaries, &connection, &snapshot.id, &auth);
         let action = format!("dump database '{database}' with pg_dump");
         let name = database_object_name(database);
-        let stored = store_object(context.repositories, &context.object_key(&name), context.options, move |out| {
-            process::stream_stdout(command, &action, out)
-        })
+        let stored = store_object(
+            context.repositories,
+            &context.object_key(&name),
+            context.options,
+            move |out| process::stream_stdout(command, &action, out),
+        )
         .await;
         let taken_at = snapshot.taken_at;
         snapshot.finish().await;
@@ -75,9 +84,18 @@ pub(super) async fn capture(context: &Context<'_>, job: &PostgresJob) -> Result<
     }
 
     let command = logical::globals_command(&binaries, &server, &info, &auth);
-    let (digests, _) = store_object(context.repositories, &context.object_key(GLOBALS_OBJECT), context.options, move |out| {
-        process::stream_stdout(command, "dump globals (roles, tablespaces) with pg_dumpall", out)
-    })
+    let (digests, _) = store_object(
+        context.repositories,
+        &context.object_key(GLOBALS_OBJECT),
+        context.options,
+        move |out| {
+            process::stream_stdout(
+                command,
+                "dump globals (roles, tablespaces) with pg_dumpall",
+                out,
+            )
+        },
+    )
     .await?;
     objects.push(ObjectEntry::zstd(GLOBALS_OBJECT, &digests));
 

@@ -12,12 +12,20 @@ use crate::transfer::read_object;
 pub(super) async fn restore(selected: Selected, into: &Path) -> Result<RestoreReport> {
     check_target(into)?;
     let manifest = &selected.manifest;
-    let object = manifest.objects.iter().find(|o| o.name == FILES_OBJECT).cloned().ok_or_else(|| {
-        Error::new(
-            ErrorKind::Verification,
-            format!("unable to restore backup '{}/{}': its manifest has no object '{FILES_OBJECT}'", manifest.job, manifest.id),
-        )
-    })?;
+    let object = manifest
+        .objects
+        .iter()
+        .find(|o| o.name == FILES_OBJECT)
+        .cloned()
+        .ok_or_else(|| {
+            Error::new(
+                ErrorKind::Verification,
+                format!(
+                    "unable to restore backup '{}/{}': its manifest has no object '{FILES_OBJECT}'",
+                    manifest.job, manifest.id
+                ),
+            )
+        })?;
 
     let parent = parent_of(into);
     std::fs::create_dir_all(&parent).map_err(|e| target_error(into, e))?;
@@ -26,11 +34,19 @@ pub(super) async fn restore(selected: Selected, into: &Path) -> Result<RestoreRe
         .tempdir_in(&parent)
         .map_err(|e| target_error(into, e))?;
     let staging_root = staging.path().to_path_buf();
-    let summary = read_object(&selected.repository, manifest, &object, move |raw| extract::extract(raw, &staging_root)).await?;
+    let summary = read_object(&selected.repository, manifest, &object, move |raw| {
+        extract::extract(raw, &staging_root)
+    })
+    .await?;
 
     move_into_place(staging.path(), into).map_err(|e| target_error(into, e))?;
     let target = format!("'{}'", into.display());
-    Ok(selected.report(target, vec![format!("{} entries", summary.entries)], summary.bytes, Vec::new()))
+    Ok(selected.report(
+        target,
+        vec![format!("{} entries", summary.entries)],
+        summary.bytes,
+        Vec::new(),
+    ))
 }
 
 fn parent_of(path: &Path) -> PathBuf {
@@ -41,7 +57,11 @@ fn parent_of(path: &Path) -> PathBuf {
 }
 
 fn target_error(into: &Path, err: std::io::Error) -> Error {
-    Error::new(ErrorKind::Target, format!("unable to restore into '{}'", into.display())).with_source(err)
+    Error::new(
+        ErrorKind::Target,
+        format!("unable to restore into '{}'", into.display()),
+    )
+    .with_source(err)
 }
 
 fn check_target(into: &Path) -> Result<()> {
@@ -50,7 +70,10 @@ fn check_target(into: &Path) -> Result<()> {
         Err(e) => Err(target_error(into, e)),
         Ok(meta) if !meta.is_dir() => Err(Error::new(
             ErrorKind::Target,
-            format!("unable to restore into '{}': it exists and is not a directory", into.display()),
+            format!(
+                "unable to restore into '{}': it exists and is not a directory",
+                into.display()
+            ),
         )),
         Ok(_) => {
             let mut entries = std::fs::read_dir(into).map_err(|e| target_error(into, e))?;

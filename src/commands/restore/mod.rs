@@ -93,7 +93,13 @@ struct Selected {
 }
 
 impl Selected {
-    fn report(self, target: String, restored: Vec<String>, bytes: u64, warnings: Vec<String>) -> RestoreReport {
+    fn report(
+        self,
+        target: String,
+        restored: Vec<String>,
+        bytes: u64,
+        warnings: Vec<String>,
+    ) -> RestoreReport {
         RestoreReport {
             job: self.manifest.job.clone(),
             id: self.manifest.id.clone(),
@@ -111,7 +117,9 @@ pub async fn run(config: &Config, options: &RestoreOptions) -> Result<RestoreRep
     let started = Instant::now();
     let job = config.job(&options.job)?;
     let repository = Repository::choose(config, options.from.as_deref()).await?;
-    let id = repository.resolve_backup(&job.name, &options.backup).await?;
+    let id = repository
+        .resolve_backup(&job.name, &options.backup)
+        .await?;
     let manifest = repository.read_manifest(&job.name, &id).await?;
     tracing::info!(job = %job.name, id = %id, repository = %repository.name, "restoring");
     let selected = Selected {
@@ -122,7 +130,10 @@ pub async fn run(config: &Config, options: &RestoreOptions) -> Result<RestoreRep
     match selected.manifest.kind.as_str() {
         "files" => {
             let into = options.into.as_deref().ok_or_else(|| {
-                Error::usage(format!("restoring the files job '{}' needs --into DIR", job.name))
+                Error::usage(format!(
+                    "restoring the files job '{}' needs --into DIR",
+                    job.name
+                ))
             })?;
             files::restore(selected, into).await
         }
@@ -135,7 +146,11 @@ pub async fn run(config: &Config, options: &RestoreOptions) -> Result<RestoreRep
         }
         other => Err(Error::new(
             ErrorKind::Verification,
-            format!("unable to restore backup '{}/{id}': lifeboat {} cannot restore kind '{other}'", job.name, env!("CARGO_PKG_VERSION")),
+            format!(
+                "unable to restore backup '{}/{id}': lifeboat {} cannot restore kind '{other}'",
+                job.name,
+                env!("CARGO_PKG_VERSION")
+            ),
         )),
     }
 }

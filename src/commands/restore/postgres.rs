@@ -11,7 +11,9 @@ use super::{PostgresRestoreOptions, RestoreReport, Selected};
 use crate::commands::backup::GLOBALS_OBJECT;
 use crate::error::{Error, ErrorKind, Result};
 use crate::manifest::ObjectEntry;
-use crate::sources::postgres::{Binaries, ChildAuth, Connection, logical, quote_identifier};
+use crate::sources::postgres::{
+    Binaries, ChildAuth, Connection, archive, logical, quote_identifier,
+};
 use crate::sources::process;
 
 struct Planned<'a> {
@@ -21,15 +23,23 @@ struct Planned<'a> {
     exists: bool,
 }
 
-pub(super) async fn restore(selected: Selected, options: &PostgresRestoreOptions) -> Result<RestoreReport> {
+pub(super) async fn restore(
+    selected: Selected,
+    options: &PostgresRestoreOptions,
+) -> Result<RestoreReport> {
     let manifest = &selected.manifest;
     let backup = format!("{}/{}", manifest.job, manifest.id);
     let dsn = options.target.as_deref().ok_or_else(|| {
-        Error::usage(format!("restoring the postgres job '{}' needs --target DSN", manifest.job))
-            .with_hint("for example --target postgresql://postgres@127.0.0.1:5432/postgres")
+        Error::usage(format!(
+            "restoring the postgres job '{}' needs --target DSN",
+            manifest.job
+        ))
+        .with_hint("for example --target postgresql://postgres@127.0.0.1:5432/postgres")
     })?;
     if options.rename_to.is_some() && options.database.is_none() {
-        return Err(Error::usage("--as NAME needs --database NAME: only one database can be renamed"));
+        return Err(Error::usage(
+            "--as NAME needs --database NAME: only one database can be renamed",
+        ));
     }
     let server = Connection::from_dsn(dsn)?;
 
@@ -38,7 +48,12 @@ pub(super) async fn restore(selected: Selected, options: &PostgresRestoreOptions
         .objects
         .iter()
         .filter(|o| o.database.is_some())
-        .filter(|o| options.database.as_ref().is_none_or(|wanted| o.database.as_ref() == Some(wanted)))
+        .filter(|o| {
+            options
+                .database
+                .as_ref()
+                .is_none_or(|wanted| o.database.as_ref() == Some(wanted))
+        })
         .collect();
     if dumps.is_empty() {
         let wanted = options.database.as_deref().unwrap_or("any");
@@ -46,14 +61,23 @@ pub(super) async fn restore(selected: Selected, options: &PostgresRestoreOptions
             ErrorKind::NotFound,
             format!("unable to find database '{wanted}' in backup '{backup}'"),
         )
-        .with_hint(format!("the backup holds: {}", manifest.source.databases.join(", "))));
+        .with_hint(format!(
+            "the backup holds: {}",
+            manifest.source.databases.join(", ")
+        )));
     }
     let mut plan = Vec::new();
     for object in dumps {
         let source_database = object.database.clone().expect("filtered");
-        let target_database = options.rename_to.clone().unwrap_or_else(|| source_database.clone());
+        let target_database = options
+            .rename_to
+            .clone()
+            .unwrap_or_else(|| source_database.clone());
         let exists = logical::database_exists(&server, &target_database).await?;
-        if exists && !options.clean && !logical::database_is_empty(&server.with_database(&target_database)).await? {
+        if exists
+            && !options.clean
+            && !logical::database_is_empty(&server.with_database(&target_database)).await?
+        {
             return Err(Error::new(
                 ErrorKind::Target,
                 format!("unable to restore into database '{target_database}' on {}: it already holds tables", server.describe()),
@@ -69,22 +93,45 @@ pub(super) async fn restore(selected: Selected, options: &PostgresRestoreOptions
     }
     let globals = match options.globals {
         false => None,
-        true => Some(manifest.objects.iter().find(|o| o.name == GLOBALS_OBJECT).ok_or_else(|| {
-            Error::new(ErrorKind::NotFound, format!("unable to restore globals: backup '{backup}' has no '{GLOBALS_OBJECT}'"))
-        })?),
+        true => Some(
+            manifest
+                .objects
+                .iter()
+                .find(|o| o.name == GLOBALS_OBJECT)
+                .ok_or_else(|| {
+                    Error::new(
+                        ErrorKind::NotFound,
+                        format!(
+                            "unable to restore globals: backup '{backup}' has no '{GLOBALS_OBJECT}'"
+                        ),
+                    )
+                })?,
+        ),
     };
-    let binaries = Binaries::find(options.bin_dir.as_deref(), logical::server_major(&server).await?)?;
+    let binaries = Binaries::find(
+        options.bin_dir.as_deref(),
+        logical::server_major(&server).await?,
+    )?;
 
     // Fetch and verify everything into staging.
-    let needed = plan.iter().map(|p| p.object.raw_size).sum::<u64>() + globals.map_or(0, |g| g.raw_size);
+    let needed =
+        plan.iter().map(|p| p.object.raw_size).sum::<u64>() + globals.map_or(0, |g| g.raw_size);
     let staging = Staging::prepare(options.staging_dir.as_deref(), needed)?;
     let globals_file = match globals {
-        Some(object) => Some(staging.fetch(&selected.repository, manifest, object).await?),
+        Some(object) => Some(
+            staging
+                .fetch(&selected.repository, manifest, object)
+                .await?,
+        ),
         None => None,
     };
     let mut staged = Vec::new();
     for planned in &plan {
-        staged.push(staging.fetch(&selected.repository, manifest, planned.object).await?);
+        let path = staging
+            .fetch(&selected.repository, manifest, planned.object)
+            .await?;
+        fill_offsets(&path).await;
+        staged.push(path);
     }
 
     // Write into the server.
@@ -113,22 +160,39 @@ pub(super) async fn restore(selected: Selected, options: &PostgresRestoreOptions
         }
         command.arg(file);
         auth.apply(&mut command);
-        let action = format!("restore database '{}' into '{}' with pg_restore", planned.source_database, planned.target_database);
+        let action = format!(
+            "restore database '{}' into '{}' with pg_restore",
+            planned.source_database, planned.target_database
+        );
         if let Err(err) = process::run(command, &action) {
             if planned.exists {
-                return Err(err.with_hint(format!("database '{}' existed before and may now be partly restored", planned.target_database)));
+                return Err(err.with_hint(format!(
+                    "database '{}' existed before and may now be partly restored",
+                    planned.target_database
+                )));
             }
             let cleanup = logical::drop_database(&server, &planned.target_database).await;
             let hint = match cleanup {
-                Ok(()) => format!("the database '{}' that lifeboat created for it was dropped again", planned.target_database),
-                Err(_) => format!("drop the partly restored database '{}' before trying again", planned.target_database),
+                Ok(()) => format!(
+                    "the database '{}' that lifeboat created for it was dropped again",
+                    planned.target_database
+                ),
+                Err(_) => format!(
+                    "drop the partly restored database '{}' before trying again",
+                    planned.target_database
+                ),
             };
-            return Err(err.with_hint(hint).with_hint("restore the roles first with --globals, or ignore ownership with --no-owner"));
+            return Err(err.with_hint(hint).with_hint(
+                "restore the roles first with --globals, or ignore ownership with --no-owner",
+            ));
         }
         restored.push(if planned.source_database == planned.target_database {
             format!("database '{}'", planned.target_database)
         } else {
-            format!("database '{}' as '{}'", planned.source_database, planned.target_database)
+            format!(
+                "database '{}' as '{}'",
+                planned.source_database, planned.target_database
+            )
         });
     }
     if globals_file.is_some() {
@@ -138,14 +202,38 @@ pub(super) async fn restore(selected: Selected, options: &PostgresRestoreOptions
     Ok(selected.report(server.describe(), restored, bytes, warnings))
 }
 
+/// Lets `pg_restore --jobs` seek straight to each table's data; see `archive`.
+async fn fill_offsets(path: &Path) {
+    let owned = path.to_path_buf();
+    match tokio::task::spawn_blocking(move || archive::fill_data_offsets(&owned)).await {
+        Ok(Ok(filled)) => {
+            tracing::debug!(path = %path.display(), filled, "filled in archive data offsets")
+        }
+        Ok(Err(e)) => {
+            tracing::warn!(path = %path.display(), error = %e, "unable to fill in archive data offsets; pg_restore will scan instead")
+        }
+        Err(e) => tracing::warn!(error = %e, "unable to fill in archive data offsets"),
+    }
+}
+
 /// Runs the globals script with psql. Roles that already exist (the restoring superuser,
 /// at least) make harmless errors, so the script goes on past errors; the other errors come
 /// back as warnings. The role this restore connects as keeps its own password and
 /// attributes: the source's `ALTER ROLE` for it would lock the running restore out.
-fn apply_globals(binaries: &Binaries, server: &Connection, auth: &ChildAuth, file: &Path) -> Result<Vec<String>> {
+fn apply_globals(
+    binaries: &Binaries,
+    server: &Connection,
+    auth: &ChildAuth,
+    file: &Path,
+) -> Result<Vec<String>> {
     let mut warnings = Vec::new();
-    let script = std::fs::read_to_string(file)
-        .map_err(|e| Error::new(ErrorKind::Target, format!("unable to read staged globals '{}'", file.display())).with_source(e))?;
+    let script = std::fs::read_to_string(file).map_err(|e| {
+        Error::new(
+            ErrorKind::Target,
+            format!("unable to read staged globals '{}'", file.display()),
+        )
+        .with_source(e)
+    })?;
     let (kept, skipped) = without_role_changes(&script, server.user());
     if skipped > 0 {
         warnings.push(format!(
@@ -154,8 +242,13 @@ fn apply_globals(binaries: &Binaries, server: &Connection, auth: &ChildAuth, fil
         ));
     }
     let filtered = file.with_extension("restore.sql");
-    std::fs::write(&filtered, kept)
-        .map_err(|e| Error::new(ErrorKind::Target, format!("unable to write '{}'", filtered.display())).with_source(e))?;
+    std::fs::write(&filtered, kept).map_err(|e| {
+        Error::new(
+            ErrorKind::Target,
+            format!("unable to write '{}'", filtered.display()),
+        )
+        .with_source(e)
+    })?;
 
     let mut command: Command = binaries.command("psql");
     command
@@ -167,12 +260,22 @@ fn apply_globals(binaries: &Binaries, server: &Connection, auth: &ChildAuth, fil
     let output = command
         .stdin(std::process::Stdio::null())
         .output()
-        .map_err(|e| Error::new(ErrorKind::Source, "unable to restore globals: cannot start psql").with_source(e))?;
+        .map_err(|e| {
+            Error::new(
+                ErrorKind::Source,
+                "unable to restore globals: cannot start psql",
+            )
+            .with_source(e)
+        })?;
     if !output.status.success() {
-        return Err(Error::new(ErrorKind::Target, "unable to restore globals with psql").with_source(process::ChildFailure {
-            status: format!("psql failed ({})", output.status),
-            stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
-        }));
+        return Err(
+            Error::new(ErrorKind::Target, "unable to restore globals with psql").with_source(
+                process::ChildFailure {
+                    status: format!("psql failed ({})", output.status),
+                    stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
+                },
+            ),
+        );
     }
     warnings.extend(
         String::from_utf8_lossy(&output.stderr)

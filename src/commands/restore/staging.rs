@@ -18,7 +18,8 @@ pub(super) struct Staging {
 }
 
 fn free_bytes(dir: &Path) -> std::io::Result<u64> {
-    let path = std::ffi::CString::new(dir.as_os_str().as_encoded_bytes()).map_err(std::io::Error::other)?;
+    let path = std::ffi::CString::new(dir.as_os_str().as_encoded_bytes())
+        .map_err(std::io::Error::other)?;
     let mut stat: libc::statvfs = unsafe { std::mem::zeroed() };
     // SAFETY: `path` is a valid C string and `stat` a valid out-pointer.
     if unsafe { libc::statvfs(path.as_ptr(), &mut stat) } != 0 {
@@ -33,11 +34,18 @@ impl Staging {
     pub(super) fn prepare(requested: Option<&Path>, needed: u64) -> Result<Staging> {
         let base = match requested {
             Some(dir) => dir.to_path_buf(),
-            None => std::env::var_os("TMPDIR").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("/var/tmp")),
+            None => std::env::var_os("TMPDIR")
+                .map(PathBuf::from)
+                .unwrap_or_else(|| PathBuf::from("/var/tmp")),
         };
         let error = |message: String| Error::new(ErrorKind::Target, message);
-        let free = free_bytes(&base)
-            .map_err(|e| error(format!("unable to use staging directory '{}'", base.display())).with_source(e))?;
+        let free = free_bytes(&base).map_err(|e| {
+            error(format!(
+                "unable to use staging directory '{}'",
+                base.display()
+            ))
+            .with_source(e)
+        })?;
         if free < needed + MARGIN {
             return Err(error(format!(
                 "unable to stage the restore in '{}': it needs {} ({} of dumps plus {} to spare) and {} is free",
@@ -52,15 +60,30 @@ impl Staging {
         let dir = tempfile::Builder::new()
             .prefix("lifeboat-restore-")
             .tempdir_in(&base)
-            .map_err(|e| error(format!("unable to create a staging directory in '{}'", base.display())).with_source(e))?;
+            .map_err(|e| {
+                error(format!(
+                    "unable to create a staging directory in '{}'",
+                    base.display()
+                ))
+                .with_source(e)
+            })?;
         Ok(Staging { dir })
     }
 
     /// Downloads, decompresses and verifies one object into the staging directory.
-    pub(super) async fn fetch(&self, repository: &Repository, manifest: &Manifest, object: &ObjectEntry) -> Result<PathBuf> {
+    pub(super) async fn fetch(
+        &self,
+        repository: &Repository,
+        manifest: &Manifest,
+        object: &ObjectEntry,
+    ) -> Result<PathBuf> {
         let path = self.dir.path().join(object.name.trim_end_matches(".zst"));
         let file = std::fs::File::create(&path).map_err(|e| {
-            Error::new(ErrorKind::Target, format!("unable to create staging file '{}'", path.display())).with_source(e)
+            Error::new(
+                ErrorKind::Target,
+                format!("unable to create staging file '{}'", path.display()),
+            )
+            .with_source(e)
         })?;
         read_object(repository, manifest, object, move |raw| {
             let mut out = BufWriter::with_capacity(1024 * 1024, file);

@@ -22,8 +22,14 @@ fn parse_major(version_output: &str) -> Option<u32> {
 }
 
 fn major_of(dir: &Path) -> Option<u32> {
-    let output = Command::new(dir.join("pg_dump")).arg("--version").output().ok()?;
-    output.status.success().then(|| parse_major(&String::from_utf8_lossy(&output.stdout)))?
+    let output = Command::new(dir.join("pg_dump"))
+        .arg("--version")
+        .output()
+        .ok()?;
+    output
+        .status
+        .success()
+        .then(|| parse_major(&String::from_utf8_lossy(&output.stdout)))?
 }
 
 fn candidates() -> Vec<PathBuf> {
@@ -31,7 +37,9 @@ fn candidates() -> Vec<PathBuf> {
     if let Ok(output) = Command::new("pg_config").arg("--bindir").output()
         && output.status.success()
     {
-        dirs.push(PathBuf::from(String::from_utf8_lossy(&output.stdout).trim()));
+        dirs.push(PathBuf::from(
+            String::from_utf8_lossy(&output.stdout).trim(),
+        ));
     }
     if let Ok(entries) = std::fs::read_dir("/usr/lib/postgresql") {
         dirs.extend(entries.filter_map(Result::ok).map(|e| e.path().join("bin")));
@@ -43,10 +51,16 @@ fn candidates() -> Vec<PathBuf> {
     dirs.into_iter()
         .filter(|dir| dir.join("pg_dump").is_file())
         .filter_map(|dir| {
-            let real = dir.join("pg_dump").canonicalize().ok()?.parent()?.to_path_buf();
-            (!seen.contains(&real)).then(|| {
-                seen.push(real.clone());
-                real
+            let real = dir.join("pg_dump").canonicalize().ok()?;
+            // Debian's /usr/bin/pg_dump is pg_wrapper, which picks a version by its own rules;
+            // lifeboat picks the version itself, from the real binaries.
+            if real.file_name()? != "pg_dump" {
+                return None;
+            }
+            let real_dir = real.parent()?.to_path_buf();
+            (!seen.contains(&real_dir)).then(|| {
+                seen.push(real_dir.clone());
+                real_dir
             })
         })
         .collect()
@@ -95,7 +109,10 @@ impl Binaries {
 mod tests {
     #[test]
     fn majors_are_read_from_version_output() {
-        assert_eq!(super::parse_major("pg_dump (PostgreSQL) 15.18 (Debian 15.18-0+deb12u1)\n"), Some(15));
+        assert_eq!(
+            super::parse_major("pg_dump (PostgreSQL) 15.18 (Debian 15.18-0+deb12u1)\n"),
+            Some(15)
+        );
         assert_eq!(super::parse_major("pg_dump (PostgreSQL) 17devel"), Some(17));
         assert_eq!(super::parse_major("pg_dump (PostgreSQL) 9.6.24"), Some(9));
         assert_eq!(super::parse_major("garbage"), None);

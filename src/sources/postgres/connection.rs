@@ -54,7 +54,10 @@ fn os_user() -> Option<String> {
         if entry.is_null() {
             return None;
         }
-        std::ffi::CStr::from_ptr((*entry).pw_name).to_str().ok().map(str::to_string)
+        std::ffi::CStr::from_ptr((*entry).pw_name)
+            .to_str()
+            .ok()
+            .map(str::to_string)
     }
 }
 
@@ -66,8 +69,9 @@ impl Connection {
     /// From a job's settings; `what` names the job's fields in errors ("job 'maindb'").
     pub fn from_settings(what: &str, settings: &PostgresConnection) -> Result<Connection> {
         let mut config = match &settings.dsn {
-            Some(dsn) => tokio_postgres::Config::from_str(dsn)
-                .map_err(|e| config_error(&format!("{what}: dsn"), format!("unable to parse: {e}")))?,
+            Some(dsn) => tokio_postgres::Config::from_str(dsn).map_err(|e| {
+                config_error(&format!("{what}: dsn"), format!("unable to parse: {e}"))
+            })?,
             None => tokio_postgres::Config::new(),
         };
         if let Some(host) = &settings.host {
@@ -102,11 +106,16 @@ impl Connection {
     }
 
     /// Fills what libpq would take from the environment or its defaults.
-    fn complete(mut config: tokio_postgres::Config, password: Option<String>) -> Result<Connection> {
+    fn complete(
+        mut config: tokio_postgres::Config,
+        password: Option<String>,
+    ) -> Result<Connection> {
         if config.get_hosts().is_empty() {
             match env("PGHOST") {
                 Some(host) => config.host(&host),
-                None if Path::new("/var/run/postgresql").is_dir() => config.host_path("/var/run/postgresql"),
+                None if Path::new("/var/run/postgresql").is_dir() => {
+                    config.host_path("/var/run/postgresql")
+                }
                 None => config.host("localhost"),
             };
         }
@@ -116,11 +125,13 @@ impl Connection {
             config.port(port);
         }
         if config.get_user().is_none() {
-            let user = env("PGUSER").or_else(os_user).ok_or_else(|| Error::config("no PostgreSQL user given and none could be found"))?;
+            let user = env("PGUSER")
+                .or_else(os_user)
+                .ok_or_else(|| Error::config("no PostgreSQL user given and none could be found"))?;
             config.user(&user);
         }
         if config.get_dbname().is_none() {
-            config.dbname(&env("PGDATABASE").unwrap_or_else(|| "postgres".to_string()));
+            config.dbname(env("PGDATABASE").unwrap_or_else(|| "postgres".to_string()));
         }
         config.application_name("lifeboat");
         let mut connection = Connection { config, password };
@@ -152,7 +163,13 @@ impl Connection {
 
     /// "user@host:port/dbname", for messages.
     pub fn describe(&self) -> String {
-        format!("{}@{}:{}/{}", self.user(), self.host_label(), self.port(), self.database())
+        format!(
+            "{}@{}:{}/{}",
+            self.user(),
+            self.host_label(),
+            self.port(),
+            self.database()
+        )
     }
 
     /// The same server, another database.
@@ -204,7 +221,12 @@ impl Connection {
         }
         pairs
             .into_iter()
-            .map(|(key, value)| format!("{key}='{}'", value.replace('\\', "\\\\").replace('\'', "\\'")))
+            .map(|(key, value)| {
+                format!(
+                    "{key}='{}'",
+                    value.replace('\\', "\\\\").replace('\'', "\\'")
+                )
+            })
             .collect::<Vec<_>>()
             .join(" ")
     }
@@ -217,13 +239,25 @@ impl Connection {
         let write = || -> std::io::Result<(tempfile::TempDir, PathBuf)> {
             let dir = tempfile::Builder::new().prefix("lifeboat-pg-").tempdir()?;
             let path = dir.path().join("pgpass");
-            let mut file = std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(&path)?;
+            let mut file = std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(&path)?;
             let escaped = password.replace('\\', "\\\\").replace(':', "\\:");
             writeln!(file, "*:*:*:*:{escaped}")?;
             Ok((dir, path))
         };
-        let passfile = write().map_err(|e| Error::new(ErrorKind::Source, "unable to write a private passfile for PostgreSQL tools").with_source(e))?;
-        Ok(ChildAuth { passfile: Some(passfile) })
+        let passfile = write().map_err(|e| {
+            Error::new(
+                ErrorKind::Source,
+                "unable to write a private passfile for PostgreSQL tools",
+            )
+            .with_source(e)
+        })?;
+        Ok(ChildAuth {
+            passfile: Some(passfile),
+        })
     }
 
     /// libpq's passfile rules: `host:port:database:user:password`, `*` matches anything,
@@ -237,7 +271,12 @@ impl Connection {
             Some(Host::Unix(_)) | None => "localhost".to_string(),
             Some(Host::Tcp(host)) => host.clone(),
         };
-        let wanted = [host, self.port().to_string(), self.database().to_string(), self.user().to_string()];
+        let wanted = [
+            host,
+            self.port().to_string(),
+            self.database().to_string(),
+            self.user().to_string(),
+        ];
         text.lines()
             .filter(|line| !line.trim_start().starts_with('#'))
             .find_map(|line| {
@@ -245,7 +284,10 @@ impl Connection {
                 if fields.len() != 5 {
                     return None;
                 }
-                let matches = fields[..4].iter().zip(&wanted).all(|(field, want)| field == "*" || field == want);
+                let matches = fields[..4]
+                    .iter()
+                    .zip(&wanted)
+                    .all(|(field, want)| field == "*" || field == want);
                 matches.then(|| fields[4].clone())
             })
     }
@@ -270,13 +312,17 @@ fn split_passfile_line(line: &str) -> Vec<String> {
 
 fn read_password_file(path: &Path) -> Result<String> {
     let what = format!("password file '{}'", path.display());
-    let meta = std::fs::metadata(path).map_err(|e| Error::config(format!("unable to read {what}")).with_source(e))?;
+    let meta = std::fs::metadata(path)
+        .map_err(|e| Error::config(format!("unable to read {what}")).with_source(e))?;
     let mode = meta.permissions().mode() & 0o777;
     if mode & 0o077 != 0 {
-        return Err(Error::config(format!("unable to use {what}: it is readable by group or others (mode {mode:04o})"))
-            .with_hint(format!("run `chmod 600 {}`", path.display())));
+        return Err(Error::config(format!(
+            "unable to use {what}: it is readable by group or others (mode {mode:04o})"
+        ))
+        .with_hint(format!("run `chmod 600 {}`", path.display())));
     }
-    let text = std::fs::read_to_string(path).map_err(|e| Error::config(format!("unable to read {what}")).with_source(e))?;
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| Error::config(format!("unable to read {what}")).with_source(e))?;
     let password = text.trim_end_matches(['\n', '\r']).to_string();
     if password.is_empty() {
         return Err(Error::config(format!("unable to use {what}: it is empty")));
@@ -290,8 +336,14 @@ mod tests {
 
     #[test]
     fn passfile_lines_split_on_unescaped_colons() {
-        assert_eq!(split_passfile_line("h:5432:*:u:p\\:w"), vec!["h", "5432", "*", "u", "p:w"]);
-        assert_eq!(split_passfile_line("h:1:d:u:a:b"), vec!["h", "1", "d", "u", "a:b"]);
+        assert_eq!(
+            split_passfile_line("h:5432:*:u:p\\:w"),
+            vec!["h", "5432", "*", "u", "p:w"]
+        );
+        assert_eq!(
+            split_passfile_line("h:1:d:u:a:b"),
+            vec!["h", "1", "d", "u", "a:b"]
+        );
     }
 
     #[test]
@@ -304,7 +356,10 @@ mod tests {
         connection.password = Some("s3cret".into());
         let info = connection.with_database("it's").conninfo();
         assert!(!info.contains("s3cret"), "{info}");
-        assert!(info.contains("host='db1' port='6543' user='backup' dbname='it\\'s'"), "{info}");
+        assert!(
+            info.contains("host='db1' port='6543' user='backup' dbname='it\\'s'"),
+            "{info}"
+        );
         assert!(!format!("{connection:?}").contains("s3cret"));
     }
 }

@@ -18,7 +18,11 @@ pub struct ServerInfo {
 }
 
 fn query_error(connection: &Connection, what: &str, err: tokio_postgres::Error) -> Error {
-    Error::new(ErrorKind::Source, format!("unable to {what} on {}", connection.describe())).with_source(err)
+    Error::new(
+        ErrorKind::Source,
+        format!("unable to {what} on {}", connection.describe()),
+    )
+    .with_source(err)
 }
 
 /// Version, identity and databases that accept connections (templates excluded).
@@ -38,7 +42,10 @@ pub async fn discover(connection: &Connection) -> Result<(ServerInfo, Vec<String
     // pg_control_system() is for superusers and pg_monitor members; without it the manifest
     // simply has no system identifier.
     let system_identifier = client
-        .query_one("select system_identifier::text from pg_control_system()", &[])
+        .query_one(
+            "select system_identifier::text from pg_control_system()",
+            &[],
+        )
         .await
         .ok()
         .map(|row| row.get::<_, String>(0));
@@ -118,7 +125,12 @@ impl Snapshot {
 }
 
 /// `pg_dump --format=custom --compress=0` of one database, reading `snapshot`.
-pub fn dump_command(binaries: &Binaries, connection: &Connection, snapshot: &str, auth: &ChildAuth) -> Command {
+pub fn dump_command(
+    binaries: &Binaries,
+    connection: &Connection,
+    snapshot: &str,
+    auth: &ChildAuth,
+) -> Command {
     let mut command = binaries.command("pg_dump");
     command
         .arg("--format=custom")
@@ -132,11 +144,18 @@ pub fn dump_command(binaries: &Binaries, connection: &Connection, snapshot: &str
 
 /// `pg_dumpall --globals-only`: roles and tablespaces. Role passwords are only readable by
 /// superusers; other roles get the globals without them, and a warning.
-pub fn globals_command(binaries: &Binaries, connection: &Connection, server: &ServerInfo, auth: &ChildAuth) -> Command {
+pub fn globals_command(
+    binaries: &Binaries,
+    connection: &Connection,
+    server: &ServerInfo,
+    auth: &ChildAuth,
+) -> Command {
     let mut command = binaries.command("pg_dumpall");
     command.arg("--globals-only").arg("--no-password");
     if !server.is_superuser {
-        tracing::warn!("the backup role is not a superuser: globals are dumped without role passwords");
+        tracing::warn!(
+            "the backup role is not a superuser: globals are dumped without role passwords"
+        );
         command.arg("--no-role-passwords");
     }
     command.arg(format!("--dbname={}", connection.conninfo()));
@@ -171,7 +190,10 @@ pub async fn database_is_empty(connection: &Connection) -> Result<bool> {
 pub async fn create_database(connection: &Connection, database: &str) -> Result<()> {
     let client = connection.connect().await?;
     client
-        .batch_execute(&format!("create database {} template template0", quote_identifier(database)))
+        .batch_execute(&format!(
+            "create database {} template template0",
+            quote_identifier(database)
+        ))
         .await
         .map_err(|e| query_error(connection, &format!("create database '{database}'"), e))
 }
@@ -179,7 +201,10 @@ pub async fn create_database(connection: &Connection, database: &str) -> Result<
 pub async fn drop_database(connection: &Connection, database: &str) -> Result<()> {
     let client = connection.connect().await?;
     client
-        .batch_execute(&format!("drop database if exists {} with (force)", quote_identifier(database)))
+        .batch_execute(&format!(
+            "drop database if exists {} with (force)",
+            quote_identifier(database)
+        ))
         .await
         .map_err(|e| query_error(connection, &format!("drop database '{database}'"), e))
 }

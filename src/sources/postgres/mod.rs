@@ -6,6 +6,7 @@
 //! uses the password for its own connection and hands it to child processes through a
 //! private temporary passfile (PGPASSFILE), never through argv or a log line.
 
+pub mod archive;
 mod binaries;
 mod connection;
 pub mod logical;
