@@ -127,9 +127,12 @@ pub(super) async fn restore(
     };
     let mut staged = Vec::new();
     for planned in &plan {
+        let started = std::time::Instant::now();
         let path = staging
             .fetch(&selected.repository, manifest, planned.object)
             .await?;
+        let elapsed = started.elapsed();
+        tracing::debug!(object = %planned.object.name, ?elapsed, "staged");
         fill_offsets(&path).await;
         staged.push(path);
     }
@@ -205,9 +208,11 @@ pub(super) async fn restore(
 /// Lets `pg_restore --jobs` seek straight to each table's data; see `archive`.
 async fn fill_offsets(path: &Path) {
     let owned = path.to_path_buf();
+    let started = std::time::Instant::now();
     match tokio::task::spawn_blocking(move || archive::fill_data_offsets(&owned)).await {
         Ok(Ok(filled)) => {
-            tracing::debug!(path = %path.display(), filled, "filled in archive data offsets")
+            let elapsed = started.elapsed();
+            tracing::debug!(path = %path.display(), filled, ?elapsed, "filled in archive data offsets")
         }
         Ok(Err(e)) => {
             tracing::warn!(path = %path.display(), error = %e, "unable to fill in archive data offsets; pg_restore will scan instead")
