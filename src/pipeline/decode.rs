@@ -5,7 +5,7 @@
 use std::io::{self, Read};
 use std::sync::{Arc, Mutex};
 
-use super::{Digests, Tally};
+use super::{BackgroundTally, Digests, Tally};
 
 #[derive(Debug, thiserror::Error)]
 pub enum DecodeError {
@@ -45,9 +45,11 @@ impl<R: Read> Read for TapReader<R> {
     }
 }
 
+/// The decompressed stream. Its sha256 runs on a thread of its own, so hashing overlaps
+/// decompression and the consumer's writes instead of adding to them (restore time is RTO).
 struct RawReader<R> {
     inner: R,
-    tally: Tally,
+    tally: BackgroundTally,
 }
 
 impl<R: Read> Read for RawReader<R> {
@@ -93,11 +95,11 @@ where
         let decoder = zstd::stream::read::Decoder::new(TapReader(tap.clone()))?;
         let mut raw = RawReader {
             inner: decoder,
-            tally: Tally::default(),
+            tally: BackgroundTally::start(),
         };
         let value = consume(&mut raw)?;
         io::copy(&mut raw, &mut io::sink())?;
-        Ok((value, raw.tally))
+        Ok((value, raw.tally.finish()))
     })();
 
     // Drain whatever the decoder left unread, so trailing damage is seen too.

@@ -48,3 +48,50 @@ impl Tally {
         (self.size, hex::encode(self.hasher.finalize()))
     }
 }
+
+/// A `Tally` computed on its own thread from batches of the stream.
+pub(crate) struct BackgroundTally {
+    pending: Vec<u8>,
+    sender: std::sync::mpsc::SyncSender<Vec<u8>>,
+    worker: std::thread::JoinHandle<Tally>,
+}
+
+const TALLY_BATCH: usize = 1024 * 1024;
+
+impl BackgroundTally {
+    pub(crate) fn start() -> BackgroundTally {
+        // A few batches in flight: enough to keep the hashing thread busy, bounded in memory.
+        let (sender, batches) = std::sync::mpsc::sync_channel::<Vec<u8>>(4);
+        let worker = std::thread::spawn(move || {
+            let mut tally = Tally::default();
+            for batch in batches {
+                tally.update(&batch);
+            }
+            tally
+        });
+        BackgroundTally {
+            pending: Vec::with_capacity(TALLY_BATCH),
+            sender,
+            worker,
+        }
+    }
+
+    pub(crate) fn update(&mut self, data: &[u8]) {
+        self.pending.extend_from_slice(data);
+        if self.pending.len() >= TALLY_BATCH {
+            let batch = std::mem::replace(&mut self.pending, Vec::with_capacity(TALLY_BATCH));
+            // The worker only stops when the sender is dropped, so this cannot fail.
+            let _ = self.sender.send(batch);
+        }
+    }
+
+    pub(crate) fn finish(self) -> Tally {
+        if !self.pending.is_empty() {
+            let _ = self.sender.send(self.pending);
+        }
+        drop(self.sender);
+        self.worker
+            .join()
+            .expect("the hashing thread does not panic")
+    }
+}
