@@ -28,6 +28,26 @@ fn free_bytes(dir: &Path) -> std::io::Result<u64> {
     Ok(stat.f_bavail as u64 * stat.f_frsize as u64)
 }
 
+/// Refuses, before anything is downloaded, a staging filesystem without room for `needed`
+/// bytes and the margin, saying how much is needed and how much there is.
+fn check_room(base: &Path, free: u64, needed: u64) -> Result<()> {
+    if free >= needed + MARGIN {
+        return Ok(());
+    }
+    Err(Error::new(
+        ErrorKind::Target,
+        format!(
+            "unable to stage the restore in '{}': it needs {} ({} of dumps plus {} to spare) and {} is free",
+            base.display(),
+            human_size(needed + MARGIN),
+            human_size(needed),
+            human_size(MARGIN),
+            human_size(free)
+        ),
+    )
+    .with_hint("free space there, or pass --staging-dir DIR on a filesystem with room"))
+}
+
 impl Staging {
     /// A private directory under `requested` (else $TMPDIR, else /var/tmp) with room for
     /// `needed` bytes.
@@ -46,17 +66,7 @@ impl Staging {
             ))
             .with_source(e)
         })?;
-        if free < needed + MARGIN {
-            return Err(error(format!(
-                "unable to stage the restore in '{}': it needs {} ({} of dumps plus {} to spare) and {} is free",
-                base.display(),
-                human_size(needed + MARGIN),
-                human_size(needed),
-                human_size(MARGIN),
-                human_size(free)
-            ))
-            .with_hint("free space there, or pass --staging-dir DIR on a filesystem with room"));
-        }
+        check_room(&base, free, needed)?;
         let dir = tempfile::Builder::new()
             .prefix("lifeboat-restore-")
             .tempdir_in(&base)
@@ -92,5 +102,26 @@ impl Staging {
         })
         .await?;
         Ok(path)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn too_little_room_is_refused_with_the_sizes() {
+        let gib = 1024 * 1024 * 1024;
+        let err = check_room(Path::new("/var/tmp"), gib, 2 * gib).unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::Target);
+        assert_eq!(
+            err.message(),
+            "unable to stage the restore in '/var/tmp': it needs 2.1 GiB (2.0 GiB of dumps plus 64.0 MiB to spare) and 1.0 GiB is free"
+        );
+        assert!(check_room(Path::new("/var/tmp"), 3 * gib, 2 * gib).is_ok());
+        assert!(
+            check_room(Path::new("/var/tmp"), 2 * gib, 2 * gib).is_err(),
+            "the margin counts"
+        );
     }
 }
