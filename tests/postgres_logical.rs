@@ -5,7 +5,9 @@ use std::path::Path;
 use std::process::Stdio;
 
 use crate::common::postgres::Postgres;
-use crate::common::{SeaweedFs, lifeboat, lifeboat_command, local_repository, procs, write_config};
+use crate::common::{
+    SeaweedFs, lifeboat, lifeboat_command, local_repository, procs, write_config, write_secret,
+};
 
 fn postgres_job(name: &str, dsn: &str, password_file: &Path, extra: &str) -> String {
     format!(
@@ -252,12 +254,7 @@ async fn failed_pg_dump_commits_nothing_and_quotes_pg_dump() {
     let repo = work.path().join("repo");
     let superuser_password = source.password_file(work.path(), &source.password);
     let limited_password = work.path().join("limited.pass");
-    std::fs::write(&limited_password, "limited-pw\n").unwrap();
-    std::fs::set_permissions(
-        &limited_password,
-        std::os::unix::fs::PermissionsExt::from_mode(0o600),
-    )
-    .unwrap();
+    write_secret(&limited_password, "limited-pw", 0o600);
     let config = write_config(
         work.path(),
         &format!(
@@ -382,12 +379,7 @@ async fn failed_pg_dump_commits_nothing_and_quotes_pg_dump() {
 fn a_password_file_readable_by_others_is_refused() {
     let work = tempfile::tempdir().unwrap();
     let password_file = work.path().join("pg.pass");
-    std::fs::write(&password_file, "secret\n").unwrap();
-    std::fs::set_permissions(
-        &password_file,
-        std::os::unix::fs::PermissionsExt::from_mode(0o644),
-    )
-    .unwrap();
+    write_secret(&password_file, "secret", 0o644);
     let config = write_config(
         work.path(),
         &format!(

@@ -95,6 +95,13 @@ pub fn files_job(name: &str, paths: &[&Path]) -> String {
     )
 }
 
+/// Writes a one-line secret (a password file) with the given mode.
+pub fn write_secret(path: &Path, secret: &str, mode: u32) {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::write(path, format!("{secret}\n")).unwrap();
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).unwrap();
+}
+
 pub fn is_root() -> bool {
     unsafe { libc::geteuid() == 0 }
 }

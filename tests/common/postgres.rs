@@ -227,10 +227,8 @@ impl Postgres {
 
     /// Writes a password file for `password`, readable only by its owner.
     pub fn password_file(&self, dir: &Path, password: &str) -> PathBuf {
-        use std::os::unix::fs::PermissionsExt;
         let path = dir.join(format!("pg-{}.pass", self.port));
-        std::fs::write(&path, format!("{password}\n")).unwrap();
-        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
+        super::write_secret(&path, password, 0o600);
         path
     }
 

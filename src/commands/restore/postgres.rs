@@ -12,7 +12,7 @@ use crate::commands::backup::GLOBALS_OBJECT;
 use crate::error::{Error, ErrorKind, Result};
 use crate::manifest::ObjectEntry;
 use crate::sources::postgres::{
-    Binaries, ChildAuth, Connection, archive, logical, quote_identifier,
+    Binaries, ChildAuth, Connection, Target, archive, quote_identifier,
 };
 use crate::sources::process;
 
@@ -42,6 +42,7 @@ pub(super) async fn restore(
         ));
     }
     let server = Connection::from_dsn(dsn)?;
+    let admin = Target::open(&server).await?;
 
     // Plan, and refuse what must be refused, before anything is downloaded.
     let dumps: Vec<&ObjectEntry> = manifest
@@ -73,11 +74,8 @@ pub(super) async fn restore(
             .rename_to
             .clone()
             .unwrap_or_else(|| source_database.clone());
-        let exists = logical::database_exists(&server, &target_database).await?;
-        if exists
-            && !options.clean
-            && !logical::database_is_empty(&server.with_database(&target_database)).await?
-        {
+        let exists = admin.database_exists(&target_database).await?;
+        if exists && !options.clean && !admin.database_is_empty(&target_database).await? {
             return Err(Error::new(
                 ErrorKind::Target,
                 format!("unable to restore into database '{target_database}' on {}: it already holds tables", server.describe()),
@@ -108,10 +106,7 @@ pub(super) async fn restore(
                 })?,
         ),
     };
-    let binaries = Binaries::find(
-        options.bin_dir.as_deref(),
-        logical::server_major(&server).await?,
-    )?;
+    let binaries = Binaries::find(options.bin_dir.as_deref(), admin.server_major().await?)?;
 
     // Fetch and verify everything into staging.
     let needed =
@@ -147,7 +142,7 @@ pub(super) async fn restore(
     for (planned, file) in plan.iter().zip(&staged) {
         let target = server.with_database(&planned.target_database);
         if !planned.exists {
-            logical::create_database(&server, &planned.target_database).await?;
+            admin.create_database(&planned.target_database).await?;
         }
         let mut command = binaries.command("pg_restore");
         command
@@ -174,7 +169,7 @@ pub(super) async fn restore(
                     planned.target_database
                 )));
             }
-            let cleanup = logical::drop_database(&server, &planned.target_database).await;
+            let cleanup = admin.drop_database(&planned.target_database).await;
             let hint = match cleanup {
                 Ok(()) => format!(
                     "the database '{}' that lifeboat created for it was dropped again",

@@ -6,7 +6,7 @@ use std::process::Command;
 
 use chrono::{DateTime, Utc};
 
-use super::{Binaries, ChildAuth, Connection, quote_identifier};
+use super::{Binaries, ChildAuth, Connection};
 use crate::error::{Error, ErrorKind, Result};
 
 #[derive(Debug, Clone)]
@@ -161,59 +161,4 @@ pub fn globals_command(
     command.arg(format!("--dbname={}", connection.conninfo()));
     auth.apply(&mut command);
     command
-}
-
-/// Whether `database` on the target holds any user object.
-pub async fn database_exists(connection: &Connection, database: &str) -> Result<bool> {
-    let client = connection.connect().await?;
-    let row = client
-        .query_opt("select 1 from pg_database where datname = $1", &[&database])
-        .await
-        .map_err(|e| query_error(connection, "look up databases", e))?;
-    Ok(row.is_some())
-}
-
-pub async fn database_is_empty(connection: &Connection) -> Result<bool> {
-    let client = connection.connect().await?;
-    let row = client
-        .query_one(
-            "select count(*) from pg_class c join pg_namespace n on n.oid = c.relnamespace \
-             where n.nspname not in ('pg_catalog', 'information_schema') \
-             and n.nspname not like 'pg\\_toast%' and n.nspname not like 'pg\\_temp%'",
-            &[],
-        )
-        .await
-        .map_err(|e| query_error(connection, "look for existing tables", e))?;
-    Ok(row.get::<_, i64>(0) == 0)
-}
-
-pub async fn create_database(connection: &Connection, database: &str) -> Result<()> {
-    let client = connection.connect().await?;
-    client
-        .batch_execute(&format!(
-            "create database {} template template0",
-            quote_identifier(database)
-        ))
-        .await
-        .map_err(|e| query_error(connection, &format!("create database '{database}'"), e))
-}
-
-pub async fn drop_database(connection: &Connection, database: &str) -> Result<()> {
-    let client = connection.connect().await?;
-    client
-        .batch_execute(&format!(
-            "drop database if exists {} with (force)",
-            quote_identifier(database)
-        ))
-        .await
-        .map_err(|e| query_error(connection, &format!("drop database '{database}'"), e))
-}
-
-pub async fn server_major(connection: &Connection) -> Result<u32> {
-    let client = connection.connect().await?;
-    let row = client
-        .query_one("select current_setting('server_version_num')::int", &[])
-        .await
-        .map_err(|e| query_error(connection, "read the server version", e))?;
-    Ok((row.get::<_, i32>(0) / 10_000) as u32)
 }

@@ -10,9 +10,11 @@ pub mod archive;
 mod binaries;
 mod connection;
 pub mod logical;
+mod target;
 
 pub use binaries::Binaries;
 pub use connection::{ChildAuth, Connection};
+pub use target::Target;
 
 /// Quotes an SQL identifier: `"name"`, with inner quotes doubled.
 pub fn quote_identifier(name: &str) -> String {

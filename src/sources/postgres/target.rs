@@ -1,0 +1,87 @@
+//! The server a restore writes into: one session kept for the whole restore, for the
+//! questions and changes around pg_restore (which databases exist, creating one, dropping
+//! one that lifeboat created when its restore fails).
+
+use super::{Connection, quote_identifier};
+use crate::error::{Error, ErrorKind, Result};
+
+pub struct Target {
+    connection: Connection,
+    client: tokio_postgres::Client,
+}
+
+fn query_error(connection: &Connection, what: &str, err: tokio_postgres::Error) -> Error {
+    Error::new(
+        ErrorKind::Source,
+        format!("unable to {what} on {}", connection.describe()),
+    )
+    .with_source(err)
+}
+
+impl Target {
+    pub async fn open(connection: &Connection) -> Result<Target> {
+        Ok(Target {
+            client: connection.connect().await?,
+            connection: connection.clone(),
+        })
+    }
+
+    pub async fn server_major(&self) -> Result<u32> {
+        let row = self
+            .client
+            .query_one("select current_setting('server_version_num')::int", &[])
+            .await
+            .map_err(|e| query_error(&self.connection, "read the server version", e))?;
+        Ok((row.get::<_, i32>(0) / 10_000) as u32)
+    }
+
+    pub async fn database_exists(&self, database: &str) -> Result<bool> {
+        let row = self
+            .client
+            .query_opt("select 1 from pg_database where datname = $1", &[&database])
+            .await
+            .map_err(|e| query_error(&self.connection, "look up databases", e))?;
+        Ok(row.is_some())
+    }
+
+    /// Whether `database` holds no table, view, sequence or index outside the system schemas.
+    pub async fn database_is_empty(&self, database: &str) -> Result<bool> {
+        let other = self.connection.with_database(database);
+        let client = other.connect().await?;
+        let row = client
+            .query_one(
+                "select count(*) from pg_class c join pg_namespace n on n.oid = c.relnamespace \
+                 where n.nspname not in ('pg_catalog', 'information_schema') \
+                 and n.nspname not like 'pg\\_toast%' and n.nspname not like 'pg\\_temp%'",
+                &[],
+            )
+            .await
+            .map_err(|e| query_error(&other, "look for existing tables", e))?;
+        Ok(row.get::<_, i64>(0) == 0)
+    }
+
+    pub async fn create_database(&self, database: &str) -> Result<()> {
+        let sql = format!(
+            "create database {} template template0",
+            quote_identifier(database)
+        );
+        self.client.batch_execute(&sql).await.map_err(|e| {
+            query_error(
+                &self.connection,
+                &format!("create database '{database}'"),
+                e,
+            )
+        })
+    }
+
+    pub async fn drop_database(&self, database: &str) -> Result<()> {
+        let sql = format!(
+            "drop database if exists {} with (force)",
+            quote_identifier(database)
+        );
+        self.client
+            .batch_execute(&sql)
+            .await
+            .map_err(|e| query_error(&self.connection, &format!("drop database '{database}'"), e))
+    }
+}
