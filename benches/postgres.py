@@ -10,7 +10,8 @@ and prints median wall and CPU time, peak RSS, and the ratios:
   backup  lifeboat backup (local repository)
           vs `pg_dump -Fc -Z0 | zstd -T0 -3 | tee >(sha256sum) > file`   target <= 1.0
           vs `pg_dump -Fc -Z0 > /dev/null`                              target <= 1.15
-  restore lifeboat restore --jobs 2 (download, verify, stage, pg_restore)
+  restore lifeboat restore --jobs 2 (download and verify the stored dump, decode it into
+          pg_restore; indexes 2 at a time), and with --parallel-data (stage it decompressed)
           vs `pg_restore -j 2` from a local file                       target <= 1.1
 """
 
@@ -92,6 +93,7 @@ def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--scale", type=int, default=100)
     parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--only", choices=["backup", "restore"], help="run one half of the benchmark")
     args = parser.parse_args()
     require("zstd", "sha256sum", "/usr/bin/time", str(PG_BIN / "pg_dump"))
 
@@ -100,6 +102,13 @@ def main():
         run(cluster, args)
     finally:
         cluster.stop()
+
+
+def settle(cluster):
+    """Checkpoints and flushes dirty pages before a timed run, so that one run's writeback
+    (a restored database, its WAL) is not billed to the next, whichever tool that is."""
+    cluster.psql("checkpoint")
+    os.sync()
 
 
 def run(cluster, args):
@@ -124,42 +133,56 @@ def run(cluster, args):
         "pg_dump -Fc -Z0 > /dev/null": (f"{pg_dump} > /dev/null", True),
     }
     samples = {label: [] for label in backups}
-    for number in range(args.runs):
+    for number in range(args.runs if args.only != "restore" else 0):
         shutil.rmtree(repo, ignore_errors=True)
         order = list(backups.items())
         if number % 2:
             order.reverse()
         for label, (argv, shell) in order:
+            settle(cluster)
             samples[label].append(measure(argv, env, shell=shell))
+    if args.only == "restore":
+        subprocess.run([str(LIFEBOAT), "backup", "bench"], env=env, check=True, stdout=subprocess.DEVNULL)
     stored = sum(f.stat().st_size for f in repo.rglob("*.zst"))
     print(f"database 'bench': pgbench scale {args.scale}, {size / 2**20:.0f} MiB on disk; "
           f"lifeboat stored {stored / 2**20:.0f} MiB; {args.runs} runs each, alternating, cpus={os.cpu_count()}")
-    values = print_table("backup", [(label, samples[label]) for label in backups])
-    lb = values["lifeboat backup bench (local repository)"]
-    ratio_line("vs pg_dump | zstd | tee >(sha256sum)", lb, values["pg_dump -Fc -Z0 | zstd -T0 -3 | tee >(sha256sum) > f"], 1.0)
-    ratio_line("vs pg_dump > /dev/null", lb, values["pg_dump -Fc -Z0 > /dev/null"], 1.15)
+    if args.only != "restore":
+        values = print_table("backup", [(label, samples[label]) for label in backups])
+        lb = values["lifeboat backup bench (local repository)"]
+        ratio_line("vs pg_dump | zstd | tee >(sha256sum)", lb,
+                   values["pg_dump -Fc -Z0 | zstd -T0 -3 | tee >(sha256sum) > f"], 1.0)
+        ratio_line("vs pg_dump > /dev/null", lb, values["pg_dump -Fc -Z0 > /dev/null"], 1.15)
+    if args.only == "backup":
+        return
 
     # Restore: the same backup into a new database each run.
     subprocess.run(["bash", "-c", f"{pg_dump} > '{dump}'"], check=True)
-    restores = {"lifeboat restore --jobs 2": [], "pg_restore -j 2 (local file)": []}
+    restores = {"lifeboat restore --jobs 2": [], "lifeboat restore --jobs 2 --parallel-data": [],
+                "pg_restore -j 2 (local file)": []}
     for number in range(args.runs):
         order = list(restores)
         if number % 2:
             order.reverse()
         for label in order:
-            name = f"restore_{number}_{'lb' if label.startswith('lifeboat') else 'base'}"
+            name = f"restore_{number}_{list(restores).index(label)}"
             cluster.psql(f"drop database if exists {name}")
             if label.startswith("lifeboat"):
                 argv = [str(LIFEBOAT), "restore", "bench", "--target", cluster.dsn("postgres"), "--database",
                         "bench", "--as", name, "--jobs", "2", "--staging-dir", str(staging)]
+                if "--parallel-data" in label:
+                    argv.append("--parallel-data")
+                settle(cluster)
                 restores[label].append(measure(argv, env))
             else:
                 cluster.psql(f"create database {name} template template0")
                 argv = [str(PG_BIN / "pg_restore"), "-j", "2", "-d", cluster.dsn(name), str(dump)]
+                settle(cluster)
                 restores[label].append(measure(argv, env))
             cluster.psql(f"drop database {name}")
     values = print_table("restore", [(label, restores[label]) for label in restores])
-    ratio_line("vs pg_restore -j 2", values["lifeboat restore --jobs 2"], values["pg_restore -j 2 (local file)"], 1.1)
+    baseline = values["pg_restore -j 2 (local file)"]
+    ratio_line("vs pg_restore -j 2", values["lifeboat restore --jobs 2"], baseline, 1.1)
+    ratio_line("--parallel-data vs pg_restore -j 2", values["lifeboat restore --jobs 2 --parallel-data"], baseline, 1.1)
 
 
 if __name__ == "__main__":

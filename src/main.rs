@@ -127,9 +127,13 @@ struct PostgresRestoreArgs {
     /// Restore the one --database under this name.
     #[arg(long = "as", value_name = "NAME", requires = "database")]
     rename_to: Option<String>,
-    /// Parallel pg_restore jobs.
+    /// Parallel pg_restore jobs: index and constraint builds (and, with --parallel-data, table loads).
     #[arg(long, default_value_t = 2)]
     jobs: u32,
+    /// Stage each dump decompressed so tables load in parallel too; needs room for the
+    /// uncompressed dumps (by default the data streams from the compressed copy).
+    #[arg(long)]
+    parallel_data: bool,
     /// Also restore roles and tablespaces (before the databases).
     #[arg(long)]
     globals: bool,
@@ -292,6 +296,7 @@ async fn run(cli: Cli) -> Result<i32> {
                 jobs: postgres.jobs,
                 globals: postgres.globals,
                 clean: postgres.clean,
+                parallel_data: postgres.parallel_data,
                 no_owner: postgres.no_owner,
                 staging_dir: postgres.staging_dir,
                 bin_dir: None,

@@ -3,6 +3,7 @@
 //! `read_object` runs one stored object through the decode pipeline into a consumer.
 
 use std::io::{self, Read, Write};
+use std::path::Path;
 
 use futures::TryStreamExt;
 use tokio_util::io::{StreamReader, SyncIoBridge};
@@ -146,18 +147,109 @@ where
         Error::new(ErrorKind::Storage, format!("unable to read object '{key}'")).with_source(e)
     })?;
     outcome.map_err(|e| {
-        let place = format!("object '{key}' in repository '{}'", repository.name);
-        match e {
-            DecodeError::Download(cause) => {
-                Error::new(ErrorKind::Storage, format!("unable to download {place}")).with_source(cause)
-            }
-            DecodeError::StoredMismatch(detail) | DecodeError::RawMismatch(detail) => {
-                Error::new(ErrorKind::Verification, format!("damaged {place}: {detail}")).with_hint(format!(
-                    "the copy in another repository may be intact: try `--from` another repository, then `lifeboat verify {}`",
-                    manifest.job
-                ))
-            }
-            DecodeError::Consumer(cause) => Error::new(ErrorKind::Target, format!("unable to unpack {place}")).with_source(cause),
-        }
+        decode_failure(
+            format!("object '{key}' in repository '{}'", repository.name),
+            &manifest.job,
+            e,
+        )
     })
+}
+
+/// Downloads one object of `manifest` as it is stored (compressed) into the file `path`,
+/// checking its stored size and sha256. For restores that stage before they decode.
+pub async fn download_object(
+    repository: &Repository,
+    manifest: &Manifest,
+    object: &ObjectEntry,
+    path: &Path,
+) -> Result<()> {
+    let key = layout::object_key(&manifest.job, &manifest.id, &object.name);
+    let file = std::fs::File::create(path).map_err(|e| {
+        Error::new(
+            ErrorKind::Target,
+            format!("unable to create staging file '{}'", path.display()),
+        )
+        .with_source(e)
+    })?;
+    let stream = repository
+        .open_object(&manifest.job, &manifest.id, &object.name)
+        .await?;
+    let reader = SyncIoBridge::new(StreamReader::new(stream.map_err(io::Error::other)));
+    let expected = object.digests();
+    let label = format!("download {}", object.name);
+    let outcome = tokio::task::spawn_blocking(move || {
+        let mut task = progress::start(&label, Some(expected.size));
+        let mut out = io::BufWriter::with_capacity(pipeline::CHUNK_SIZE, file);
+        let outcome = pipeline::copy_stored(
+            reader,
+            &expected,
+            &mut CountingWriter {
+                inner: &mut out,
+                task: task.as_mut(),
+            },
+        );
+        task.finish();
+        outcome
+    })
+    .await
+    .map_err(|e| {
+        Error::new(ErrorKind::Storage, format!("unable to read object '{key}'")).with_source(e)
+    })?;
+    outcome.map(|_| ()).map_err(|e| {
+        decode_failure(
+            format!("object '{key}' in repository '{}'", repository.name),
+            &manifest.job,
+            e,
+        )
+    })
+}
+
+/// Decodes an object that `download_object` staged at `staged` from `repository` into
+/// `consume`, on the calling thread. Returns Ok only when both checksums match.
+pub fn decode_staged<T>(
+    staged: &Path,
+    repository: &Repository,
+    manifest: &Manifest,
+    object: &ObjectEntry,
+    consume: impl FnOnce(&mut dyn Read) -> io::Result<T>,
+) -> Result<T> {
+    let key = layout::object_key(&manifest.job, &manifest.id, &object.name);
+    let place = format!("object '{key}' from repository '{}'", repository.name);
+    let file = std::fs::File::open(staged).map_err(|e| {
+        Error::new(
+            ErrorKind::Target,
+            format!(
+                "unable to open the staged copy '{}' of {place}",
+                staged.display()
+            ),
+        )
+        .with_source(e)
+    })?;
+    let expected = object.digests();
+    let mut task = progress::start(&format!("restore {}", object.name), Some(expected.raw_size));
+    let outcome = pipeline::decode(file, &expected, |raw| {
+        consume(&mut CountingReader {
+            inner: raw,
+            task: task.as_mut(),
+        })
+    });
+    task.finish();
+    outcome.map_err(|e| decode_failure(place, &manifest.job, e))
+}
+
+/// Words a decode failure of the object at `place`.
+fn decode_failure(place: String, job: &str, e: DecodeError) -> Error {
+    match e {
+        DecodeError::Download(cause) => {
+            Error::new(ErrorKind::Storage, format!("unable to download {place}")).with_source(cause)
+        }
+        DecodeError::StoredMismatch(detail) | DecodeError::RawMismatch(detail) => {
+            Error::new(ErrorKind::Verification, format!("damaged {place}: {detail}")).with_hint(format!(
+                "the copy in another repository may be intact: try `--from` another repository, then `lifeboat verify {job}`"
+            ))
+        }
+        DecodeError::Consumer(cause) => {
+            Error::new(ErrorKind::Target, format!("unable to unpack {place}")).with_source(cause)
+        }
+    }
 }

@@ -1,5 +1,6 @@
 //! Logical PostgreSQL backups against real clusters: a round trip that proves equality,
-//! the password kept out of argv and logs, and pg_dump failures that commit nothing.
+//! the password kept out of argv and logs, pg_dump failures that commit nothing, and
+//! restores that fail leaving the target as it was.
 
 use std::path::Path;
 use std::process::Stdio;
@@ -194,13 +195,22 @@ async fn logical_backup_restores_identical_databases_from_local_and_s3() {
         fingerprint,
         "--clean restores the backup's data"
     );
-    // Side by side under another name.
+    // Side by side under another name, staged decompressed to load tables in parallel.
     restore_into(
         &config,
         &first,
-        &["--from", "local", "--database", "app", "--as", "app_copy"],
+        &[
+            "--from",
+            "local",
+            "--database",
+            "app",
+            "--as",
+            "app_copy",
+            "--parallel-data",
+        ],
     )
     .assert_code(0);
+    assert_eq!(first.schema("app_copy"), schema);
     assert_eq!(first.data_fingerprint("app_copy"), fingerprint);
 
     // From S3 into another fresh cluster: every database of the backup.
@@ -402,4 +412,117 @@ fn a_password_file_readable_by_others_is_refused() {
         run.stderr
     );
     assert!(run.stderr.contains("chmod 600"), "{}", run.stderr);
+}
+
+fn database_exists(cluster: &Postgres, name: &str) -> bool {
+    cluster.psql(
+        "postgres",
+        &format!("select count(*) from pg_database where datname = '{name}'"),
+    ) == "1"
+}
+
+/// The one `objects[]` entry of the latest local manifest named `name`, edited by `edit`.
+fn edit_manifest_object(repo: &Path, name: &str, edit: impl FnOnce(&mut serde_json::Value)) {
+    let manifest_path = walkdir::WalkDir::new(repo)
+        .into_iter()
+        .filter_map(Result::ok)
+        .find(|e| e.file_name() == "manifest.json")
+        .expect("a committed manifest")
+        .into_path();
+    let mut manifest: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&manifest_path).unwrap()).unwrap();
+    let object = manifest["objects"]
+        .as_array_mut()
+        .unwrap()
+        .iter_mut()
+        .find(|o| o["name"] == name)
+        .expect("the object is in the manifest");
+    edit(object);
+    std::fs::write(
+        &manifest_path,
+        serde_json::to_vec_pretty(&manifest).unwrap(),
+    )
+    .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failed_restores_leave_the_target_as_it_was() {
+    let source = Postgres::start();
+    source.create_app_database(50_000);
+    let work = tempfile::tempdir().unwrap();
+    let repo = work.path().join("repo");
+    let password_file = source.password_file(work.path(), &source.password);
+    let config = write_config(
+        work.path(),
+        &format!(
+            "{}{}",
+            local_repository("local", &repo),
+            postgres_job(
+                "maindb",
+                &source.dsn("postgres"),
+                &password_file,
+                "databases = [\"app\"]"
+            )
+        ),
+    );
+    lifeboat(&config, &["backup", "maindb"]).assert_code(0);
+    let target = Postgres::start();
+    let roles = "select count(*) from pg_roles where rolname like 'app_%'";
+
+    // pg_restore fails midway (the objects' owner is not a role there): its words are quoted
+    // and the database lifeboat created for it is gone again.
+    let run = restore_into(&config, &target, &["--database", "app"]);
+    run.assert_code(1);
+    assert!(
+        run.stderr
+            .contains("unable to restore database 'app' into 'app' with pg_restore"),
+        "{}",
+        run.stderr
+    );
+    assert!(
+        run.stderr.contains("role \"app_owner\" does not exist"),
+        "{}",
+        run.stderr
+    );
+    assert!(run.stderr.contains("was dropped again"), "{}", run.stderr);
+    assert!(!database_exists(&target, "app"));
+
+    // The decompressed bytes turn out not to be the ones backed up, which is only known once
+    // they have all gone into pg_restore: the restored database is dropped again.
+    edit_manifest_object(&repo, "app.dump.zst", |object| {
+        object["raw_sha256"] = serde_json::json!("0".repeat(64));
+    });
+    let run = restore_into(&config, &target, &["--database", "app", "--globals"]);
+    run.assert_code(1);
+    assert!(
+        run.stderr.contains("damaged object") && run.stderr.contains("decompressed sha256"),
+        "{}",
+        run.stderr
+    );
+    assert!(run.stderr.contains("was dropped again"), "{}", run.stderr);
+    assert!(!run.stderr.contains("--globals"), "{}", run.stderr);
+    assert!(!database_exists(&target, "app"));
+    target.psql("postgres", "drop role app_owner; drop role app_reader");
+
+    // A flipped stored byte is found while downloading, before anything reaches the server:
+    // not even the globals are restored.
+    let stored = walkdir::WalkDir::new(&repo)
+        .into_iter()
+        .filter_map(Result::ok)
+        .find(|e| e.file_name() == "app.dump.zst")
+        .unwrap()
+        .into_path();
+    let mut bytes = std::fs::read(&stored).unwrap();
+    let middle = bytes.len() / 2;
+    bytes[middle] ^= 0x20;
+    std::fs::write(&stored, bytes).unwrap();
+    let run = restore_into(&config, &target, &["--database", "app", "--globals"]);
+    run.assert_code(1);
+    assert!(
+        run.stderr.contains("damaged object") && run.stderr.contains("stored sha256"),
+        "{}",
+        run.stderr
+    );
+    assert!(!database_exists(&target, "app"));
+    assert_eq!(target.psql("postgres", roles), "0");
 }

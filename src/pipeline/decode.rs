@@ -128,6 +128,37 @@ where
     Ok(value)
 }
 
+/// The decompressed stream of `stored`, with no checksum checked: for reading the start of
+/// an object whose stored checksum has already been checked.
+pub fn decode_unchecked<R: Read>(stored: R) -> io::Result<impl Read> {
+    zstd::stream::read::Decoder::new(stored)
+}
+
+/// Copies `stored` into `out` as it is, checking its size and sha256 against `expected`:
+/// the download half of decoding, for a restore that stages the compressed object first.
+pub fn copy_stored<R: Read>(
+    mut stored: R,
+    expected: &Digests,
+    out: &mut dyn io::Write,
+) -> Result<u64, DecodeError> {
+    let mut tally = Tally::default();
+    let mut buffer = vec![0u8; super::CHUNK_SIZE];
+    loop {
+        let n = match stored.read(&mut buffer) {
+            Ok(0) => break,
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(DecodeError::Download(e)),
+        };
+        tally.update(&buffer[..n]);
+        out.write_all(&buffer[..n]).map_err(DecodeError::Consumer)?;
+    }
+    out.flush().map_err(DecodeError::Consumer)?;
+    compare("stored", expected.size, &expected.sha256, tally)
+        .map_err(DecodeError::StoredMismatch)?;
+    Ok(expected.size)
+}
+
 struct TapReaderOwned<'a, R>(&'a mut Tap<R>);
 
 impl<R: Read> Read for TapReaderOwned<'_, R> {
@@ -202,6 +233,20 @@ mod tests {
         let (mut stored, digests) = encode(b"hello");
         stored.extend_from_slice(b"junk");
         let err = decode(&stored[..], &digests, |r| io::copy(r, &mut io::sink())).unwrap_err();
+        assert!(matches!(err, DecodeError::StoredMismatch(_)), "{err}");
+    }
+
+    #[test]
+    fn copy_stored_checks_the_stored_digest() {
+        let (mut stored, digests) = encode(&sample());
+        let mut copy = Vec::new();
+        assert_eq!(
+            copy_stored(&stored[..], &digests, &mut copy).unwrap(),
+            digests.size
+        );
+        assert_eq!(copy, stored);
+        stored[10] ^= 0x80;
+        let err = copy_stored(&stored[..], &digests, &mut Vec::new()).unwrap_err();
         assert!(matches!(err, DecodeError::StoredMismatch(_)), "{err}");
     }
 

@@ -11,7 +11,7 @@
 mod decode;
 mod encode;
 
-pub use decode::{DecodeError, decode};
+pub use decode::{DecodeError, copy_stored, decode, decode_unchecked};
 pub use encode::{EncodeOptions, ObjectWriter};
 
 use serde::{Deserialize, Serialize};

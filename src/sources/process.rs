@@ -118,6 +118,132 @@ pub fn stream_stdout(mut command: Command, action: &str, out: &mut dyn Write) ->
     Ok(copied)
 }
 
+/// The stdin of a child being fed. A child that stops reading and exits successfully has
+/// taken all it needs, so the rest is discarded (the feed still runs to its end, to check
+/// what it fed); a child that stops reading and fails ends the feed with its failure.
+struct ChildInput<'a> {
+    stdin: Option<std::process::ChildStdin>,
+    child: &'a mut std::process::Child,
+    failed: Option<std::process::ExitStatus>,
+}
+
+impl Write for ChildInput<'_> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let Some(stdin) = self.stdin.as_mut() else {
+            return Ok(buf.len());
+        };
+        match stdin.write(buf) {
+            Err(e) if e.kind() == io::ErrorKind::BrokenPipe => {
+                self.stdin = None;
+                let status = self.child.wait()?;
+                if status.success() {
+                    return Ok(buf.len());
+                }
+                self.failed = Some(status);
+                Err(e)
+            }
+            other => other,
+        }
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.stdin.as_mut().map_or(Ok(()), |stdin| stdin.flush())
+    }
+}
+
+/// Copies `reader` into `writer` in large blocks (`io::copy` moves 8 KiB at a time between
+/// trait objects, a system call and a decoder call each).
+pub fn copy_all(reader: &mut dyn Read, writer: &mut dyn Write) -> io::Result<u64> {
+    let mut buffer = vec![0u8; COPY_BUFFER];
+    let mut copied = 0u64;
+    loop {
+        let n = match reader.read(&mut buffer) {
+            Ok(0) => return Ok(copied),
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        };
+        writer.write_all(&buffer[..n])?;
+        copied += n as u64;
+    }
+}
+
+/// Asks for a 1 MiB pipe instead of the default 64 KiB, so a child reading in large gulps
+/// wakes the writer less often. Best effort: the pipe works either way.
+fn widen_pipe(pipe: &impl std::os::fd::AsRawFd) {
+    // SAFETY: F_SETPIPE_SZ on a pipe descriptor this process owns; failure is harmless.
+    unsafe {
+        libc::fcntl(
+            pipe.as_raw_fd(),
+            libc::F_SETPIPE_SZ,
+            COPY_BUFFER as libc::c_int * 4,
+        );
+    }
+}
+
+/// Runs `command` with `feed` writing its stdin. A failing child is the error, quoting its
+/// stderr; otherwise the feed's own outcome is returned for the caller to word. A feed that
+/// fails kills the child: what it was given so far must not be taken as the whole.
+pub fn run_with_stdin<T, E>(
+    mut command: Command,
+    action: &str,
+    feed: impl FnOnce(&mut dyn Write) -> std::result::Result<T, E>,
+) -> Result<std::result::Result<T, E>> {
+    let program = program_name(&command);
+    let mut child = command
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|e| {
+            Error::new(
+                ErrorKind::Source,
+                format!("unable to {action}: cannot start {program}"),
+            )
+            .with_source(e)
+        })?;
+    let stderr = drain_stderr(child.stderr.take().expect("piped"), program.clone());
+    let stdin = child.stdin.take();
+    if let Some(pipe) = &stdin {
+        widen_pipe(pipe);
+    }
+    let mut input = ChildInput {
+        stdin,
+        child: &mut child,
+        failed: None,
+    };
+    let fed = feed(&mut input);
+    let failed = input.failed;
+    drop(input);
+    if fed.is_err() && failed.is_none() {
+        let _ = child.kill();
+    }
+    let status = child.wait().map_err(|e| {
+        Error::new(
+            ErrorKind::Source,
+            format!("unable to {action}: cannot wait for {program}"),
+        )
+        .with_source(e)
+    })?;
+    let stderr_tail = stderr.join().unwrap_or_default();
+    let child_failed = match failed {
+        Some(status) => Some(status),
+        None if fed.is_ok() && !status.success() => Some(status),
+        None => None,
+    };
+    if let Some(status) = child_failed {
+        return Err(
+            Error::new(ErrorKind::Target, format!("unable to {action}")).with_source(
+                ChildFailure {
+                    status: format!("{program} failed ({status})"),
+                    stderr: stderr_tail,
+                },
+            ),
+        );
+    }
+    Ok(fed)
+}
+
 /// Runs `command` to completion, returning its stdout; a failure quotes its stderr.
 pub fn run(mut command: Command, action: &str) -> Result<String> {
     let program = program_name(&command);
@@ -182,5 +308,67 @@ mod tests {
         let err = stream_stdout(command, "dump", &mut Broken).unwrap_err();
         assert_eq!(err.kind(), ErrorKind::Storage);
         assert!(started.elapsed() < std::time::Duration::from_secs(10));
+    }
+
+    fn shell(script: &str) -> Command {
+        let mut command = Command::new("sh");
+        command.args(["-c", script]);
+        command
+    }
+
+    /// Feeds 64 MiB, far more than a pipe holds, in 1 MiB writes.
+    fn feed_plenty(stdin: &mut dyn Write) -> io::Result<u64> {
+        let block = vec![b'x'; 1024 * 1024];
+        for _ in 0..64 {
+            stdin.write_all(&block)?;
+        }
+        Ok(64 * 1024 * 1024)
+    }
+
+    #[test]
+    fn stdin_is_fed_to_the_end() {
+        let dir = tempfile::tempdir().unwrap();
+        let out = dir.path().join("out");
+        let command = shell(&format!("wc -c > '{}'", out.display()));
+        let fed = run_with_stdin(command, "count", feed_plenty)
+            .unwrap()
+            .unwrap();
+        assert_eq!(fed, 64 * 1024 * 1024);
+        let counted = std::fs::read_to_string(&out).unwrap();
+        assert_eq!(counted.trim(), (64 * 1024 * 1024).to_string());
+    }
+
+    #[test]
+    fn a_child_that_succeeds_without_reading_everything_lets_the_feed_finish() {
+        let command = shell("head -c 10 > /dev/null");
+        let fed = run_with_stdin(command, "read a little", feed_plenty).unwrap();
+        assert_eq!(fed.unwrap(), 64 * 1024 * 1024);
+    }
+
+    #[test]
+    fn a_child_that_fails_midway_is_the_error_and_quotes_stderr() {
+        let command = shell(
+            "head -c 10 > /dev/null; echo 'pg_restore: error: role \"app\" does not exist' >&2; exit 1",
+        );
+        let err = run_with_stdin(command, "restore database 'app'", feed_plenty).unwrap_err();
+        let chain = err.chain().join("\n");
+        assert!(
+            chain.contains("unable to restore database 'app'"),
+            "{chain}"
+        );
+        assert!(chain.contains("role \"app\" does not exist"), "{chain}");
+    }
+
+    #[test]
+    fn a_feed_that_fails_kills_the_child_and_is_returned() {
+        let command = shell("exec sleep 60");
+        let started = std::time::Instant::now();
+        let fed = run_with_stdin(command, "restore", |stdin| {
+            stdin.write_all(b"partial")?;
+            Err::<(), io::Error>(io::Error::other("damaged object"))
+        })
+        .unwrap();
+        assert_eq!(fed.unwrap_err().to_string(), "damaged object");
+        assert!(started.elapsed() < std::time::Duration::from_secs(30));
     }
 }

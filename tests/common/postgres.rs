@@ -234,8 +234,10 @@ impl Postgres {
 
     /// A realistic application database `app`, owned by the role `app_owner`: foreign keys,
     /// indexes, a sequence, a view, a function, non-ASCII text, bytea, NULLs, a large object,
-    /// a comment, a grant, and `orders_rows` rows in one table.
+    /// a comment, a grant, and `orders_rows` rows in one table (at least 50 000: the order
+    /// lines refer to the first 50 000 orders).
     pub fn create_app_database(&self, orders_rows: u64) {
+        assert!(orders_rows >= 50_000, "the order lines need 50 000 orders");
         self.psql(
             "postgres",
             "create role app_owner login password 'app-owner-pw'; create role app_reader nologin",

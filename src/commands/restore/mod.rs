@@ -1,6 +1,7 @@
 //! `lifeboat restore JOB`, by stage: select the backup (here), then the kind's own fetch,
-//! verify and write stages (`files`, `postgres`). Nothing reaches the target before every
-//! checksum of what it is built from matched.
+//! verify and write stages (`files`, `postgres`). Nothing reaches the target before the
+//! stored checksum of what it is built from matched; what is decoded into a target as it
+//! streams is checked again at its end, and a mismatch undoes what the restore created.
 
 mod extract;
 mod files;
@@ -39,8 +40,10 @@ pub struct PostgresRestoreOptions {
     pub database: Option<String>,
     /// Restore the one `database` under this name.
     pub rename_to: Option<String>,
-    /// pg_restore --jobs.
+    /// pg_restore --jobs: for indexes and constraints, and table data with `parallel_data`.
     pub jobs: u32,
+    /// Stage the dumps decompressed, so pg_restore loads tables in parallel too.
+    pub parallel_data: bool,
     /// Also restore roles and tablespaces, first.
     pub globals: bool,
     /// Restore into an existing database that holds objects, dropping them first.

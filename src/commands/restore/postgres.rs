@@ -1,20 +1,30 @@
 //! Restoring a logical `postgres` backup into a server: every needed dump is downloaded and
 //! verified into staging first; then the globals (roles before the objects they own), then
-//! each database with `pg_restore --jobs N`. A database that holds objects is refused unless
-//! `--clean`; a database lifeboat created is dropped again if its restore fails.
+//! each database with pg_restore. A database that holds objects is refused unless `--clean`;
+//! a database lifeboat created is dropped again if its restore fails.
+//!
+//! By default a dump is staged as stored (compressed) and decoded straight into pg_restore:
+//! no room is needed for the uncompressed dump, and loading starts without first writing it
+//! out. Tables then load one after another; indexes and constraints are still built
+//! `--jobs` at a time. `--parallel-data` (and `--clean`, whose drops pg_restore plans over
+//! the whole archive) stage the dump decompressed instead, for `pg_restore --jobs` to load
+//! tables in parallel too.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use super::staging::Staging;
 use super::{PostgresRestoreOptions, RestoreReport, Selected};
 use crate::commands::backup::GLOBALS_OBJECT;
 use crate::error::{Error, ErrorKind, Result};
-use crate::manifest::ObjectEntry;
+use crate::manifest::{Manifest, ObjectEntry};
+use crate::pipeline;
+use crate::repository::Repository;
 use crate::sources::postgres::{
     Binaries, ChildAuth, Connection, Target, archive, quote_identifier,
 };
 use crate::sources::process;
+use crate::transfer::decode_staged;
 
 struct Planned<'a> {
     object: &'a ObjectEntry,
@@ -108,9 +118,18 @@ pub(super) async fn restore(
     };
     let binaries = Binaries::find(options.bin_dir.as_deref(), admin.server_major().await?)?;
 
-    // Fetch and verify everything into staging.
-    let needed =
-        plan.iter().map(|p| p.object.raw_size).sum::<u64>() + globals.map_or(0, |g| g.raw_size);
+    // Fetch and verify everything into staging before the server is touched: the dumps as
+    // stored, to be decoded into pg_restore as they load; or decompressed, when pg_restore
+    // must seek (loading tables in parallel, or dropping objects first with --clean).
+    let decompress = options.clean || options.parallel_data;
+    let needed = plan
+        .iter()
+        .map(|p| match decompress {
+            true => p.object.raw_size,
+            false => p.object.size,
+        })
+        .sum::<u64>()
+        + globals.map_or(0, |g| g.raw_size);
     let staging = Staging::prepare(options.staging_dir.as_deref(), needed)?;
     let globals_file = match globals {
         Some(object) => Some(
@@ -123,13 +142,23 @@ pub(super) async fn restore(
     let mut staged = Vec::new();
     for planned in &plan {
         let started = std::time::Instant::now();
-        let path = staging
-            .fetch(&selected.repository, manifest, planned.object)
-            .await?;
+        let dump = if decompress {
+            let path = staging
+                .fetch(&selected.repository, manifest, planned.object)
+                .await?;
+            fill_offsets(&path).await;
+            Staged::Seekable(path)
+        } else {
+            let stored = staging
+                .fetch_stored(&selected.repository, manifest, planned.object)
+                .await?;
+            let toc = staging.path(&format!("{}.toc", planned.object.name));
+            let toc = write_toc(&stored, &toc).then_some(toc);
+            Staged::Stored { stored, toc }
+        };
         let elapsed = started.elapsed();
         tracing::debug!(object = %planned.object.name, ?elapsed, "staged");
-        fill_offsets(&path).await;
-        staged.push(path);
+        staged.push(dump);
     }
 
     // Write into the server.
@@ -139,30 +168,39 @@ pub(super) async fn restore(
         warnings.extend(apply_globals(&binaries, &server, &auth, file)?);
     }
     let mut restored = Vec::new();
-    for (planned, file) in plan.iter().zip(&staged) {
+    for (planned, dump) in plan.iter().zip(&staged) {
         let target = server.with_database(&planned.target_database);
         if !planned.exists {
             admin.create_database(&planned.target_database).await?;
         }
-        let mut command = binaries.command("pg_restore");
-        command
-            .arg(format!("--jobs={}", options.jobs.max(1)))
-            .arg("--exit-on-error")
-            .arg("--no-password")
-            .arg(format!("--dbname={}", target.conninfo()));
-        if options.clean {
-            command.args(["--clean", "--if-exists"]);
-        }
-        if options.no_owner {
-            command.args(["--no-owner", "--no-acl"]);
-        }
-        command.arg(file);
-        auth.apply(&mut command);
         let action = format!(
             "restore database '{}' into '{}' with pg_restore",
             planned.source_database, planned.target_database
         );
-        if let Err(err) = process::run(command, &action) {
+        let restore = PgRestore {
+            repository: &selected.repository,
+            binaries: &binaries,
+            target: &target,
+            auth: &auth,
+            options,
+            action: &action,
+        };
+        let started = std::time::Instant::now();
+        let outcome = match dump {
+            Staged::Seekable(file) => restore.seekable(file),
+            Staged::Stored { stored, toc } => {
+                if toc.is_none() {
+                    warnings.push(format!(
+                        "database '{}': its dump's table of contents was not understood, so pg_restore built its indexes one at a time",
+                        planned.source_database
+                    ));
+                }
+                restore.streamed(manifest, planned.object, stored, toc.as_deref())
+            }
+        };
+        let elapsed = started.elapsed();
+        tracing::debug!(database = %planned.target_database, ?elapsed, "pg_restore finished");
+        if let Err(err) = outcome {
             if planned.exists {
                 return Err(err.with_hint(format!(
                     "database '{}' existed before and may now be partly restored",
@@ -180,9 +218,13 @@ pub(super) async fn restore(
                     planned.target_database
                 ),
             };
-            return Err(err.with_hint(hint).with_hint(
-                "restore the roles first with --globals, or ignore ownership with --no-owner",
-            ));
+            let err = err.with_hint(hint);
+            return Err(match err.kind() {
+                ErrorKind::Verification => err,
+                _ => err.with_hint(
+                    "restore the roles first with --globals, or ignore ownership with --no-owner",
+                ),
+            });
         }
         restored.push(if planned.source_database == planned.target_database {
             format!("database '{}'", planned.target_database)
@@ -196,8 +238,110 @@ pub(super) async fn restore(
     if globals_file.is_some() {
         restored.insert(0, "globals".to_string());
     }
-    let bytes = needed;
+    let bytes =
+        plan.iter().map(|p| p.object.raw_size).sum::<u64>() + globals.map_or(0, |g| g.raw_size);
     Ok(selected.report(server.describe(), restored, bytes, warnings))
+}
+
+/// A dump in staging, verified.
+enum Staged {
+    /// Decompressed, with its data offsets filled in.
+    Seekable(PathBuf),
+    /// As stored, with its table of contents alone beside it (None: not understood).
+    Stored {
+        stored: PathBuf,
+        toc: Option<PathBuf>,
+    },
+}
+
+/// pg_restore runs for one database.
+struct PgRestore<'a> {
+    repository: &'a Repository,
+    binaries: &'a Binaries,
+    target: &'a Connection,
+    auth: &'a ChildAuth,
+    options: &'a PostgresRestoreOptions,
+    action: &'a str,
+}
+
+impl PgRestore<'_> {
+    fn command(&self) -> Command {
+        let mut command = self.binaries.command("pg_restore");
+        command
+            .arg("--exit-on-error")
+            .arg("--no-password")
+            .arg(format!("--dbname={}", self.target.conninfo()));
+        if self.options.no_owner {
+            command.args(["--no-owner", "--no-acl"]);
+        }
+        self.auth.apply(&mut command);
+        command
+    }
+
+    fn jobs(&self) -> String {
+        format!("--jobs={}", self.options.jobs.max(1))
+    }
+
+    /// The whole archive from a seekable file, `--jobs` at a time.
+    fn seekable(&self, file: &Path) -> Result<()> {
+        let mut command = self.command();
+        command.arg(self.jobs());
+        if self.options.clean {
+            command.args(["--clean", "--if-exists"]);
+        }
+        command.arg(file);
+        process::run(command, self.action).map(|_| ())
+    }
+
+    /// Schema and data decoded from the stored copy straight into pg_restore's stdin, one
+    /// table after another; then indexes and constraints, `--jobs` at a time, from the
+    /// table of contents alone. Without one, everything comes through stdin.
+    fn streamed(
+        &self,
+        manifest: &Manifest,
+        object: &ObjectEntry,
+        stored: &Path,
+        toc: Option<&Path>,
+    ) -> Result<()> {
+        let mut data = self.command();
+        if toc.is_some() {
+            data.args(["--section=pre-data", "--section=data"]);
+        }
+        process::run_with_stdin(data, self.action, |stdin| {
+            decode_staged(stored, self.repository, manifest, object, |raw| {
+                process::copy_all(raw, stdin)
+            })
+        })??;
+        let Some(toc) = toc else {
+            return Ok(());
+        };
+        let mut post_data = self.command();
+        post_data
+            .arg("--section=post-data")
+            .arg(self.jobs())
+            .arg(toc);
+        process::run(post_data, self.action).map(|_| ())
+    }
+}
+
+/// Writes the table of contents of the staged dump `stored` alone to `toc`; false (and a
+/// log line) when that cannot be done, leaving pg_restore to read it all from stdin.
+fn write_toc(stored: &Path, toc: &Path) -> bool {
+    let written = (|| {
+        let input = pipeline::decode_unchecked(std::fs::File::open(stored)?)?;
+        archive::toc_only(input, std::fs::File::create(toc)?)
+    })();
+    match written {
+        Ok(true) => true,
+        Ok(false) => {
+            tracing::warn!(dump = %stored.display(), "not a pg_dump archive format lifeboat knows; pg_restore will read it whole from stdin");
+            false
+        }
+        Err(e) => {
+            tracing::warn!(dump = %stored.display(), error = %e, "unable to read the dump's table of contents; pg_restore will read it whole from stdin");
+            false
+        }
+    }
 }
 
 /// Lets `pg_restore --jobs` seek straight to each table's data; see `archive`.

@@ -1,5 +1,7 @@
-//! Local staging for restores that need a seekable file (pg_restore --jobs): the space is
-//! checked before anything is downloaded, and each object is verified while it is written.
+//! Local staging for restores: an object is downloaded and verified here before anything
+//! reaches the target, either as stored (compressed, to be decoded into the target later) or
+//! decompressed, for tools that need a seekable file (pg_restore loading tables in
+//! parallel). The space is checked before anything is downloaded.
 
 use std::io::{BufWriter, Write};
 use std::path::{Path, PathBuf};
@@ -8,7 +10,7 @@ use crate::commands::human_size;
 use crate::error::{Error, ErrorKind, Result};
 use crate::manifest::{Manifest, ObjectEntry};
 use crate::repository::Repository;
-use crate::transfer::read_object;
+use crate::transfer::{download_object, read_object};
 
 /// Room kept free beyond the staged bytes, so a restore does not fill the disk to the brim.
 const MARGIN: u64 = 64 * 1024 * 1024;
@@ -78,6 +80,23 @@ impl Staging {
                 .with_source(e)
             })?;
         Ok(Staging { dir })
+    }
+
+    /// Downloads one object as stored into the staging directory, verifying its checksum.
+    pub(super) async fn fetch_stored(
+        &self,
+        repository: &Repository,
+        manifest: &Manifest,
+        object: &ObjectEntry,
+    ) -> Result<PathBuf> {
+        let path = self.dir.path().join(&object.name);
+        download_object(repository, manifest, object, &path).await?;
+        Ok(path)
+    }
+
+    /// A path in the staging directory for a file of the restore's own.
+    pub(super) fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
     }
 
     /// Downloads, decompresses and verifies one object into the staging directory.

@@ -1,9 +1,15 @@
 //! pg_dump's custom archive format, as far as restores need it. pg_dump writing to a pipe —
 //! which is how lifeboat streams it — cannot go back and record where each table's data
-//! starts, so `pg_restore --jobs N` would have to scan the file for every table. Once the
-//! archive is staged in a seekable file, lifeboat scans it once and fills those offsets in,
-//! exactly where pg_dump itself would have written them. Anything unexpected leaves the file
-//! as it was: pg_restore still reads it, only slower.
+//! starts. Two ways around that live here:
+//! - `toc_only` copies the header and table of contents alone: an archive with no data that
+//!   `pg_restore --section=post-data --jobs N` reads to build indexes and constraints in
+//!   parallel, while the data itself was streamed into a sequential pg_restore.
+//! - `fill_data_offsets` scans a fully staged archive once and fills the offsets in, exactly
+//!   where pg_dump itself would have written them, so `pg_restore --jobs N` seeks straight to
+//!   each table's data instead of scanning the file for every table.
+//!
+//! Anything unexpected leaves the caller to fall back: pg_restore still reads the archive,
+//! only slower.
 
 use std::fs::File;
 use std::io::{self, BufReader, Read, Seek, SeekFrom, Write};
@@ -19,8 +25,44 @@ const BLOCK_LARGE_OBJECTS: u8 = 3;
 const OFFSET_NOT_SET: u8 = 1;
 const OFFSET_SET: u8 = 2;
 
-struct Reader {
-    inner: BufReader<File>,
+/// Where the archive's bytes come from: a staged file, skipped over by seeking, or a stream
+/// being copied, skipped over by reading (and so copying) the bytes.
+trait Input: Read {
+    fn skip(&mut self, bytes: u64) -> io::Result<()>;
+}
+
+impl Input for BufReader<File> {
+    fn skip(&mut self, bytes: u64) -> io::Result<()> {
+        self.seek_relative(bytes as i64)
+    }
+}
+
+/// Reads `inner`, writing every byte read to `copy`.
+struct Copying<R, W> {
+    inner: R,
+    copy: W,
+}
+
+impl<R: Read, W: Write> Read for Copying<R, W> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.copy.write_all(&buf[..n])?;
+        Ok(n)
+    }
+}
+
+impl<R: Read, W: Write> Input for Copying<R, W> {
+    fn skip(&mut self, bytes: u64) -> io::Result<()> {
+        let skipped = io::copy(&mut self.take(bytes), &mut io::sink())?;
+        if skipped < bytes {
+            return Err(io::ErrorKind::UnexpectedEof.into());
+        }
+        Ok(())
+    }
+}
+
+struct Reader<I> {
+    inner: I,
     position: u64,
     version: u32,
     int_size: usize,
@@ -30,7 +72,7 @@ fn corrupt(what: &str) -> io::Error {
     io::Error::new(io::ErrorKind::InvalidData, what.to_string())
 }
 
-impl Reader {
+impl<I: Input> Reader<I> {
     fn byte(&mut self) -> io::Result<u8> {
         let mut byte = [0u8];
         self.inner.read_exact(&mut byte)?;
@@ -59,9 +101,18 @@ impl Reader {
     }
 
     fn skip(&mut self, bytes: u64) -> io::Result<()> {
-        self.inner.seek_relative(bytes as i64)?;
+        self.inner.skip(bytes)?;
         self.position += bytes;
         Ok(())
+    }
+
+    fn new(inner: I) -> Reader<I> {
+        Reader {
+            inner,
+            position: 0,
+            version: 0,
+            int_size: 4,
+        }
     }
 }
 
@@ -76,12 +127,7 @@ struct OffsetField {
 /// understands).
 pub fn fill_data_offsets(path: &Path) -> io::Result<usize> {
     let (fields, offset_size, blocks) = {
-        let mut reader = Reader {
-            inner: BufReader::with_capacity(64 * 1024, File::open(path)?),
-            position: 0,
-            version: 0,
-            int_size: 4,
-        };
+        let mut reader = Reader::new(BufReader::with_capacity(64 * 1024, File::open(path)?));
         let Some(offset_size) = read_header(&mut reader)? else {
             return Ok(0);
         };
@@ -109,9 +155,25 @@ pub fn fill_data_offsets(path: &Path) -> io::Result<usize> {
     Ok(filled)
 }
 
+/// Copies the header and table of contents of the archive `input` to `out`, stopping where
+/// the data begins. Returns false, having copied only part of it, when `input` is not a
+/// custom-format archive this code knows.
+pub fn toc_only(input: impl Read, out: impl Write) -> io::Result<bool> {
+    let mut reader = Reader::new(Copying {
+        inner: io::BufReader::with_capacity(64 * 1024, input),
+        copy: io::BufWriter::new(out),
+    });
+    let Some(offset_size) = read_header(&mut reader)? else {
+        return Ok(false);
+    };
+    read_toc(&mut reader, offset_size)?;
+    reader.inner.copy.flush()?;
+    Ok(true)
+}
+
 /// Checks the header and returns the archive's offset size, or None for an archive that is
 /// not a custom-format one this code knows.
-fn read_header(reader: &mut Reader) -> io::Result<Option<usize>> {
+fn read_header(reader: &mut Reader<impl Input>) -> io::Result<Option<usize>> {
     let mut magic = [0u8; 5];
     reader.inner.read_exact(&mut magic)?;
     reader.position += 5;
@@ -147,7 +209,7 @@ fn read_header(reader: &mut Reader) -> io::Result<Option<usize>> {
 }
 
 /// Reads the TOC and returns the offset fields that pg_dump left unset.
-fn read_toc(reader: &mut Reader, offset_size: usize) -> io::Result<Vec<OffsetField>> {
+fn read_toc(reader: &mut Reader<impl Input>, offset_size: usize) -> io::Result<Vec<OffsetField>> {
     let count = reader.int()?;
     if count < 0 {
         return Err(corrupt("negative TOC entry count"));
@@ -181,7 +243,7 @@ fn read_toc(reader: &mut Reader, offset_size: usize) -> io::Result<Vec<OffsetFie
 }
 
 /// Walks the data blocks after the TOC: (dump id, position of the block).
-fn scan_data_blocks(reader: &mut Reader) -> io::Result<Vec<(i64, u64)>> {
+fn scan_data_blocks(reader: &mut Reader<impl Input>) -> io::Result<Vec<(i64, u64)>> {
     let mut blocks = Vec::new();
     loop {
         let position = reader.position;
@@ -204,7 +266,7 @@ fn scan_data_blocks(reader: &mut Reader) -> io::Result<Vec<(i64, u64)>> {
     }
 }
 
-fn skip_chunks(reader: &mut Reader) -> io::Result<()> {
+fn skip_chunks(reader: &mut Reader<impl Input>) -> io::Result<()> {
     loop {
         let length = reader.int()?;
         if length == 0 {
