@@ -9,7 +9,7 @@ use clap::{Parser, Subcommand, ValueEnum};
 
 mod terminal;
 
-use lifeboat::commands::{backup, check, init, list, restore, show, verify};
+use lifeboat::commands::{backup, check, init, list, replicate, restore, show, verify};
 use lifeboat::config::{Config, DEFAULT_CONFIG_PATH};
 use lifeboat::error::exit_code;
 use lifeboat::{Error, Result};
@@ -59,6 +59,19 @@ enum Command {
     },
     /// Validate the config and reach every repository and source.
     Check,
+    /// Copy into each repository the backups (or objects) it lacks, from one that holds them.
+    Replicate {
+        /// Only this job's backups.
+        job: Option<String>,
+        /// Print what would be copied; copy nothing.
+        #[arg(long)]
+        dry_run: bool,
+        /// Also read every object each repository holds and replace damaged ones.
+        #[arg(long)]
+        verify: bool,
+        #[arg(long, value_enum, default_value_t = OutputFormat::Text)]
+        format: OutputFormat,
+    },
     /// Take a backup now.
     Backup {
         /// The job to back up.
@@ -263,6 +276,24 @@ async fn run(cli: Cli) -> Result<i32> {
                 }
             }
             return Ok(summary.exit_code());
+        }
+        Command::Replicate {
+            job,
+            dry_run,
+            verify,
+            format,
+        } => {
+            let report = replicate::run(
+                &config,
+                &replicate::ReplicateOptions {
+                    job,
+                    dry_run,
+                    verify,
+                },
+            )
+            .await?;
+            print(&report, format);
+            report.outcome()?;
         }
         Command::List { job, format } => {
             let report = list::run(&config, &list::ListOptions { job }).await?;

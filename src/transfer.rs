@@ -16,16 +16,24 @@ use crate::progress::{self, CountingReader, CountingWriter};
 use crate::repository::Repository;
 use crate::storage::{PartStream, StoreError};
 
-/// Streams what `produce` writes through the pipeline into `key` in every repository.
-/// The source is read and compressed once. Succeeds only if the source finished and every
-/// repository stored exactly the bytes the pipeline produced; otherwise every upload is
-/// abandoned (and aborted by its store) and the first real cause is returned.
+/// What `store_object` stored: the digests, the producer's value, and the repositories
+/// (by index into the slice given) that failed to store it, each with its cause.
+pub struct Stored<T> {
+    pub digests: Digests,
+    pub value: T,
+    pub failed: Vec<(usize, Error)>,
+}
+
+/// Streams what `produce` writes through the pipeline into `key` in every repository at
+/// once; the source is read and compressed once. A repository that fails drops out and the
+/// others go on (its upload is aborted by its store). Fails when the source fails — then
+/// every upload is abandoned — or when no repository stored the object.
 pub async fn store_object<T, F>(
     repositories: &[Repository],
     key: &str,
     options: EncodeOptions,
     produce: F,
-) -> Result<(Digests, T)>
+) -> Result<Stored<T>>
 where
     T: Send + 'static,
     F: FnOnce(&mut dyn Write) -> Result<T> + Send + 'static,
@@ -62,47 +70,69 @@ where
     let produced = producer.await.unwrap_or_else(|e| {
         Err(Error::new(ErrorKind::Source, "the backup source stopped unexpectedly").with_source(e))
     });
-    let mut store_failure = None;
-    let mut receipts = Vec::with_capacity(repositories.len());
+    // Each repository's outcome: stored (with the size it took), or why not. An upload the
+    // producer abandoned is no fault of the repository.
+    let mut outcomes: Vec<std::result::Result<u64, Option<Error>>> = Vec::new();
     for (repository, upload) in repositories.iter().zip(uploads) {
-        match upload.await {
-            Ok(Ok(receipt)) => receipts.push((repository, receipt)),
-            // The store gave up because the source did; the source's error is the cause.
-            Ok(Err(StoreError::Abandoned { .. })) => {}
-            Ok(Err(e)) => {
-                store_failure
-                    .get_or_insert_with(|| repository.error(&format!("store object '{key}'"), e));
-            }
-            Err(e) => {
-                store_failure.get_or_insert_with(|| {
-                    Error::new(
-                        ErrorKind::Storage,
-                        format!(
-                            "unable to store object '{key}' in repository '{}'",
-                            repository.name
-                        ),
-                    )
-                    .with_source(e)
-                });
-            }
+        outcomes.push(match upload.await {
+            Ok(Ok(receipt)) => Ok(receipt.size),
+            Ok(Err(StoreError::Abandoned { .. })) => Err(None),
+            Ok(Err(e)) => Err(Some(repository.error(&format!("store object '{key}'"), e))),
+            Err(e) => Err(Some(
+                Error::new(
+                    ErrorKind::Storage,
+                    format!(
+                        "unable to store object '{key}' in repository '{}'",
+                        repository.name
+                    ),
+                )
+                .with_source(e),
+            )),
+        });
+    }
+    let (digests, value) = match produced {
+        Ok(produced) => produced,
+        // The source failed, or stopped because every repository had: the first
+        // repository's own error is the cause in that case.
+        Err(source_failure) => {
+            let store_failure = outcomes.into_iter().find_map(|o| o.err().flatten());
+            return Err(match source_failure.kind() {
+                ErrorKind::Storage => store_failure.unwrap_or(source_failure),
+                _ => source_failure,
+            });
         }
-    }
-    if let Some(failure) = store_failure {
-        return Err(failure);
-    }
-    let (digests, value) = produced?;
-    for (repository, receipt) in receipts {
-        if receipt.size != digests.size {
-            return Err(Error::new(
+    };
+    let mut failed = Vec::new();
+    for (index, (repository, outcome)) in repositories.iter().zip(outcomes).enumerate() {
+        let failure = match outcome {
+            Ok(size) if size == digests.size => continue,
+            Ok(size) => Error::new(
                 ErrorKind::Storage,
                 format!(
-                    "unable to store object '{key}' in repository '{}': it stored {} bytes of {}",
-                    repository.name, receipt.size, digests.size
+                    "unable to store object '{key}' in repository '{}': it stored {size} bytes of {}",
+                    repository.name, digests.size
                 ),
-            ));
-        }
+            ),
+            Err(cause) => cause.unwrap_or_else(|| {
+                Error::new(
+                    ErrorKind::Storage,
+                    format!(
+                        "unable to store object '{key}' in repository '{}': the upload was abandoned",
+                        repository.name
+                    ),
+                )
+            }),
+        };
+        failed.push((index, failure));
     }
-    Ok((digests, value))
+    if failed.len() == repositories.len() {
+        return Err(failed.swap_remove(0).1);
+    }
+    Ok(Stored {
+        digests,
+        value,
+        failed,
+    })
 }
 
 /// "jobs/db/backups/ID/app.dump.zst" → "db/ID/app.dump.zst", for progress lines.

@@ -8,3 +8,4 @@ mod damaged;
 mod failed_backup;
 mod files_round_trip;
 mod postgres_logical;
+mod regions;

@@ -233,20 +233,11 @@ async fn logical_backup_restores_identical_databases_from_local_and_s3() {
 
 /// Waits until pg_dump has written `bytes` (so the upload is under way), then kills it.
 fn kill_after_writing(pid: u32, bytes: u64) {
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
-    while std::time::Instant::now() < deadline {
-        let io = std::fs::read_to_string(format!("/proc/{pid}/io")).unwrap_or_default();
-        let written: u64 = io
-            .lines()
-            .find_map(|l| l.strip_prefix("wchar: "))
-            .and_then(|v| v.trim().parse().ok())
-            .unwrap_or(0);
-        if written >= bytes {
-            break;
-        }
-        std::thread::sleep(std::time::Duration::from_millis(1));
+    procs::wait_until_written(pid, bytes);
+    // SAFETY: kill(2) on the pid of a pg_dump this test saw lifeboat start.
+    unsafe {
+        libc::kill(pid as i32, libc::SIGKILL);
     }
-    unsafe { libc::kill(pid as i32, libc::SIGKILL) };
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -10,6 +10,7 @@ use serde::Serialize;
 use super::{human_duration, human_size};
 use crate::config::Config;
 use crate::error::{Error, Result};
+use crate::inventory::{self, Holding, Presence};
 use crate::layout;
 use crate::repository::Repository;
 
@@ -24,7 +25,11 @@ pub struct ListRow {
     pub created_at: DateTime<Utc>,
     pub stored_size: u64,
     pub objects: usize,
+    /// Repositories holding the manifest and every object, in config order.
     pub present_in: Vec<String>,
+    /// Repositories holding part of it (for `lifeboat replicate` to complete).
+    pub incomplete_in: Vec<String>,
+    /// Repositories holding none of it (unreachable ones are not counted here).
     pub missing_from: Vec<String>,
 }
 
@@ -45,41 +50,62 @@ pub async fn run(config: &Config, options: &ListOptions) -> Result<ListReport> {
     let mut rows = Vec::new();
     let mut unreachable = Vec::new();
     for job in &jobs {
-        // id → the repositories holding it, in config order.
-        let mut presence: BTreeMap<String, Vec<&Repository>> = BTreeMap::new();
+        let mut listed: Vec<(&Repository, BTreeMap<String, Holding>)> = Vec::new();
         for repository in &repositories {
-            match repository.backup_ids(job).await {
-                Ok(ids) => {
-                    for id in ids {
-                        presence.entry(id).or_default().push(repository);
-                    }
-                }
+            match inventory::holdings(repository, job).await {
+                Ok(holdings) => listed.push((repository, holdings)),
                 Err(e) => unreachable.push((repository.name.clone(), chain_text(&e))),
             }
         }
-        for (id, holders) in presence.into_iter().rev() {
-            let manifest = holders[0].read_manifest(job, &id).await;
-            let (stored_size, objects) = manifest
-                .as_ref()
-                .map(|m| (m.stored_size(), m.objects.len()))
-                .unwrap_or_default();
-            let created_at = match &manifest {
-                Ok(m) => m.started_at,
-                Err(_) => layout::parse_backup_id(&id).unwrap_or_default(),
-            };
-            rows.push(ListRow {
+        // Committed backups: an id with a manifest in at least one repository.
+        let mut ids: Vec<&String> = listed
+            .iter()
+            .flat_map(|(_, holdings)| holdings.iter())
+            .filter(|(_, holding)| holding.manifest)
+            .map(|(id, _)| id)
+            .collect();
+        ids.sort_unstable_by(|a, b| b.cmp(a));
+        ids.dedup();
+        for id in ids {
+            let mut manifest = None;
+            for (repository, holdings) in &listed {
+                if holdings.get(id).is_some_and(|h| h.manifest)
+                    && let Ok(m) = repository.read_manifest(job, id).await
+                {
+                    manifest = Some(m);
+                    break;
+                }
+            }
+            let mut row = ListRow {
                 job: job.clone(),
-                created_at,
-                stored_size,
-                objects,
-                present_in: holders.iter().map(|r| r.name.clone()).collect(),
-                missing_from: repositories
-                    .iter()
-                    .filter(|r| !holders.iter().any(|h| h.name == r.name))
-                    .map(|r| r.name.clone())
-                    .collect(),
-                id,
-            });
+                id: id.clone(),
+                created_at: manifest
+                    .as_ref()
+                    .map(|m| m.started_at)
+                    .or_else(|| layout::parse_backup_id(id))
+                    .unwrap_or_default(),
+                stored_size: manifest.as_ref().map_or(0, |m| m.stored_size()),
+                objects: manifest.as_ref().map_or(0, |m| m.objects.len()),
+                present_in: Vec::new(),
+                incomplete_in: Vec::new(),
+                missing_from: Vec::new(),
+            };
+            for (repository, holdings) in &listed {
+                let holding = holdings.get(id).cloned().unwrap_or_default();
+                let presence = match &manifest {
+                    Some(manifest) => holding.presence(manifest),
+                    // No readable manifest anywhere: nothing to hold it against.
+                    None if holding.manifest => Presence::Incomplete,
+                    None => Presence::Missing,
+                };
+                let name = repository.name.clone();
+                match presence {
+                    Presence::Complete => row.present_in.push(name),
+                    Presence::Incomplete => row.incomplete_in.push(name),
+                    Presence::Missing => row.missing_from.push(name),
+                }
+            }
+            rows.push(row);
         }
     }
     unreachable.dedup();
@@ -107,6 +133,9 @@ impl fmt::Display for ListReport {
             for row in &self.rows {
                 let age = (self.now - row.created_at).to_std().unwrap_or_default();
                 let mut presence = row.present_in.join(",");
+                if !row.incomplete_in.is_empty() {
+                    presence.push_str(&format!(" (incomplete in {})", row.incomplete_in.join(",")));
+                }
                 if !row.missing_from.is_empty() {
                     presence.push_str(&format!(" (missing from {})", row.missing_from.join(",")));
                 }

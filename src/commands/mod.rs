@@ -5,6 +5,7 @@ pub mod backup;
 pub mod check;
 pub mod init;
 pub mod list;
+pub mod replicate;
 pub mod restore;
 pub mod show;
 pub mod verify;

@@ -25,6 +25,8 @@ pub struct Config {
     pub targets: Targets,
     pub compression: Compression,
     pub repositories: Vec<RepositoryConfig>,
+    /// How many repositories must hold a backup for it to count at all.
+    pub min_repositories: usize,
     pub jobs: Vec<JobConfig>,
 }
 
@@ -248,6 +250,16 @@ fn validate(raw: raw::RawConfig, path: &Path) -> Result<Config, Problem> {
         repositories.push(repository);
     }
 
+    let min_repositories = match raw.min_repositories.unwrap_or(1) {
+        n if n >= 1 && n as usize <= repositories.len() => n as usize,
+        n => {
+            return Err(format!(
+                "min_repositories: must be between 1 and the number of repositories, {} (got {n})",
+                repositories.len()
+            ));
+        }
+    };
+
     let mut names = HashSet::new();
     let mut jobs = Vec::new();
     for (index, job) in raw.job.into_iter().enumerate() {
@@ -266,6 +278,7 @@ fn validate(raw: raw::RawConfig, path: &Path) -> Result<Config, Problem> {
         targets,
         compression: Compression { level, threads },
         repositories,
+        min_repositories,
         jobs,
     })
 }

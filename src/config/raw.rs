@@ -9,6 +9,7 @@ use serde::Deserialize;
 #[serde(deny_unknown_fields)]
 pub struct RawConfig {
     pub targets: Option<RawTargets>,
+    pub min_repositories: Option<i64>,
     pub compression: Option<RawCompression>,
     #[serde(default)]
     pub repository: Vec<RawRepository>,

@@ -14,8 +14,9 @@ pub struct EncodeOptions {
 }
 
 /// Compresses and checksums everything written into it and sends the stored bytes to every
-/// repository's channel. Call [`ObjectWriter::finish`]; dropping it instead abandons the
-/// uploads, which the stores then abort.
+/// repository's channel. A repository that stops receiving (its store failed) drops out and
+/// the others go on; writing fails only when none is left. Call [`ObjectWriter::finish`];
+/// dropping it instead abandons the uploads, which the stores then abort.
 pub struct ObjectWriter {
     encoder: zstd::stream::write::Encoder<'static, StoredSink>,
     raw: Tally,
@@ -24,7 +25,8 @@ pub struct ObjectWriter {
 struct StoredSink {
     tally: Tally,
     pending: BytesMut,
-    senders: Vec<PartSender>,
+    /// One per repository, None once that repository stopped receiving.
+    senders: Vec<Option<PartSender>>,
 }
 
 impl ObjectWriter {
@@ -32,7 +34,7 @@ impl ObjectWriter {
         let sink = StoredSink {
             tally: Tally::default(),
             pending: BytesMut::with_capacity(CHUNK_SIZE),
-            senders,
+            senders: senders.into_iter().map(Some).collect(),
         };
         let mut encoder = zstd::stream::write::Encoder::new(sink, options.level)?;
         // The frame checksum lets plain `zstd -d` detect damage too, without lifeboat.
@@ -50,8 +52,9 @@ impl ObjectWriter {
     pub fn finish(self) -> io::Result<Digests> {
         let mut sink = self.encoder.finish()?;
         sink.send_pending()?;
-        for sender in sink.senders {
-            sender.blocking_finish().map_err(|_| repository_gone())?;
+        // A store that stops now reports it through its own upload's result.
+        for sender in sink.senders.into_iter().flatten() {
+            let _ = sender.blocking_finish();
         }
         let (size, sha256) = sink.tally.finish();
         let (raw_size, raw_sha256) = self.raw.finish();
@@ -78,10 +81,10 @@ impl Write for ObjectWriter {
     }
 }
 
-fn repository_gone() -> io::Error {
+fn every_repository_gone() -> io::Error {
     io::Error::new(
         io::ErrorKind::BrokenPipe,
-        "a repository stopped receiving the upload",
+        "every repository stopped receiving the upload",
     )
 }
 
@@ -91,10 +94,15 @@ impl StoredSink {
             return Ok(());
         }
         let chunk = self.pending.split().freeze();
-        for sender in &self.senders {
-            sender
-                .blocking_send(chunk.clone())
-                .map_err(|_| repository_gone())?;
+        for slot in &mut self.senders {
+            if let Some(sender) = slot
+                && sender.blocking_send(chunk.clone()).is_err()
+            {
+                *slot = None;
+            }
+        }
+        if self.senders.iter().all(Option::is_none) {
+            return Err(every_repository_gone());
         }
         Ok(())
     }
@@ -113,5 +121,66 @@ impl Write for StoredSink {
 
     fn flush(&mut self) -> io::Result<()> {
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::storage::PartStream;
+
+    fn incompressible(len: usize) -> Vec<u8> {
+        let mut state = 0x2545_f491_4f6c_dd1du64;
+        (0..len)
+            .map(|_| {
+                state ^= state << 13;
+                state ^= state >> 7;
+                state ^= state << 17;
+                state as u8
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_repository_that_stops_receiving_drops_out_and_the_others_go_on() {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        let (kept_sender, mut kept) = PartStream::channel(1024);
+        let (lost_sender, lost) = PartStream::channel(1024);
+        let options = EncodeOptions {
+            level: 1,
+            threads: 1,
+        };
+        let mut writer = ObjectWriter::new(options, vec![kept_sender, lost_sender]).unwrap();
+        drop(lost);
+        let raw = incompressible(4 * CHUNK_SIZE);
+        writer.write_all(&raw).unwrap();
+        let digests = writer.finish().unwrap();
+        let received = runtime.block_on(async {
+            let mut received = 0u64;
+            while let Some(chunk) = kept.next("k").await.unwrap() {
+                received += chunk.len() as u64;
+            }
+            received
+        });
+        assert_eq!(received, digests.size);
+        assert_eq!(digests.raw_size, raw.len() as u64);
+    }
+
+    #[test]
+    fn writing_fails_once_no_repository_is_left() {
+        let (sender, stream) = PartStream::channel(1024);
+        let options = EncodeOptions {
+            level: 1,
+            threads: 1,
+        };
+        let mut writer = ObjectWriter::new(options, vec![sender]).unwrap();
+        drop(stream);
+        let err = writer
+            .write_all(&incompressible(4 * CHUNK_SIZE))
+            .and_then(|()| writer.finish().map(|_| ()))
+            .unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::BrokenPipe);
     }
 }

@@ -75,3 +75,20 @@ pub fn wait_for_descendant(child: &mut Child, wanted: impl Fn(&str) -> bool) -> 
     }
     None
 }
+
+/// Waits (up to 60 s) until the process `pid` has written `bytes` in all.
+pub fn wait_until_written(pid: u32, bytes: u64) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while std::time::Instant::now() < deadline {
+        let io = std::fs::read_to_string(format!("/proc/{pid}/io")).unwrap_or_default();
+        let written: u64 = io
+            .lines()
+            .find_map(|l| l.strip_prefix("wchar: "))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or(0);
+        if written >= bytes {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    }
+}

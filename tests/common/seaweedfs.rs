@@ -180,6 +180,46 @@ impl SeaweedFs {
         self.kill();
     }
 
+    /// Starts the stopped server again on the same ports with the same data — the region
+    /// coming back.
+    pub async fn restart(&mut self) {
+        self.spawn();
+        if !self.wait_ready().await {
+            let log =
+                std::fs::read_to_string(self.data.path().join("weed.log")).unwrap_or_default();
+            panic!(
+                "SeaweedFS did not come back on {}; its log:\n{log}",
+                self.endpoint
+            );
+        }
+    }
+
+    pub async fn object(&self, bucket: &str, key: &str) -> Vec<u8> {
+        let output = self
+            .client()
+            .get_object()
+            .bucket(bucket)
+            .key(key)
+            .send()
+            .await
+            .unwrap_or_else(|e| panic!("get {key}: {e}"));
+        output.body.collect().await.unwrap().into_bytes().to_vec()
+    }
+
+    pub async fn delete_bucket_entirely(&self, bucket: &str) {
+        let client = self.client();
+        for key in self.keys(bucket, "").await {
+            client
+                .delete_object()
+                .bucket(bucket)
+                .key(&key)
+                .send()
+                .await
+                .unwrap();
+        }
+        client.delete_bucket().bucket(bucket).send().await.unwrap();
+    }
+
     pub fn client(&self) -> Client {
         let config = aws_sdk_s3::config::Builder::new()
             .behavior_version(BehaviorVersion::latest())

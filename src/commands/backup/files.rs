@@ -7,7 +7,6 @@ use crate::config::FilesJob;
 use crate::error::Result;
 use crate::manifest::{ObjectEntry, SourceInfo};
 use crate::sources::files;
-use crate::transfer::store_object;
 
 pub const FILES_OBJECT: &str = "files.tar.zst";
 
@@ -17,13 +16,11 @@ pub(super) async fn capture(context: &Context<'_>, job: &FilesJob) -> Result<Cap
     let job_name = context.job_name.to_string();
     let paths = job.paths.iter().map(|p| p.display().to_string()).collect();
     let owned_job = job.clone();
-    let (digests, summary) = store_object(
-        context.repositories,
-        &context.object_key(FILES_OBJECT),
-        context.options,
-        move |out| files::write_archive(&job_name, &owned_job, out),
-    )
-    .await?;
+    let (digests, summary) = context
+        .store(FILES_OBJECT, move |out| {
+            files::write_archive(&job_name, &owned_job, out)
+        })
+        .await?;
     Ok(Captured {
         objects: vec![ObjectEntry::zstd(FILES_OBJECT, &digests)],
         source: SourceInfo {

@@ -1,7 +1,12 @@
-//! `lifeboat backup JOB|--all`: one backup per job, into every repository. Objects first,
-//! the manifest last; a failure anywhere before the manifest commits nothing.
+//! `lifeboat backup JOB|--all`: one backup per job, into every repository at once. Objects
+//! first, the manifest last. A repository that fails drops out and the others go on; the
+//! manifest is committed wherever every object landed, and the report names the
+//! repositories that lack it. A source failure, or fewer than `min_repositories` left,
+//! commits nothing anywhere.
 
 use std::fmt;
+use std::io::Write;
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
@@ -12,8 +17,9 @@ use crate::config::{Config, JobConfig, JobSource};
 use crate::error::{Error, ErrorKind, Result, exit_code};
 use crate::layout;
 use crate::manifest::{FORMAT, Manifest, ObjectEntry, SourceInfo};
-use crate::pipeline::EncodeOptions;
+use crate::pipeline::{Digests, EncodeOptions};
 use crate::repository::Repository;
+use crate::transfer::store_object;
 
 mod files;
 mod postgres;
@@ -30,9 +36,81 @@ struct Captured {
     recovery_point: Option<DateTime<Utc>>,
 }
 
+/// The repositories one backup goes to, and those it lost on the way (with the cause).
+struct Destinations {
+    repositories: Vec<Repository>,
+    min: usize,
+    lost: Mutex<Vec<Option<Error>>>,
+}
+
+impl Destinations {
+    fn new(repositories: &[Repository], min: usize) -> Destinations {
+        Destinations {
+            repositories: repositories.to_vec(),
+            min,
+            lost: Mutex::new(repositories.iter().map(|_| None).collect()),
+        }
+    }
+
+    fn live(&self) -> Vec<Repository> {
+        let lost = self.lost.lock().expect("destinations lock");
+        self.repositories
+            .iter()
+            .zip(lost.iter())
+            .filter(|(_, lost)| lost.is_none())
+            .map(|(repository, _)| repository.clone())
+            .collect()
+    }
+
+    /// Drops `repository` from this backup; fails once fewer than `min` are left.
+    fn lose(&self, job: &str, repository: &str, cause: Error) -> Result<()> {
+        tracing::warn!(job = %job, repository = %repository, error = %cause.chain().join(": "), "repository dropped out of this backup");
+        let mut lost = self.lost.lock().expect("destinations lock");
+        if let Some(index) = self.repositories.iter().position(|r| r.name == repository) {
+            lost[index].get_or_insert(cause);
+        }
+        let live = lost.iter().filter(|l| l.is_none()).count();
+        if live >= self.min {
+            return Ok(());
+        }
+        let mut error = Error::new(
+            ErrorKind::Storage,
+            format!(
+                "unable to back up job '{job}': {live} of {} repositories can take it and min_repositories is {}",
+                self.repositories.len(),
+                self.min
+            ),
+        );
+        for (repository, cause) in self.repositories.iter().zip(lost.iter()) {
+            if let Some(cause) = cause {
+                error = error.with_hint(format!(
+                    "repository '{}': {}",
+                    repository.name,
+                    cause.chain().join(": ")
+                ));
+            }
+        }
+        Err(error)
+    }
+
+    fn missing(&self) -> Vec<MissingFrom> {
+        let lost = self.lost.lock().expect("destinations lock");
+        self.repositories
+            .iter()
+            .zip(lost.iter())
+            .filter_map(|(repository, cause)| {
+                cause.as_ref().map(|cause| MissingFrom {
+                    repository: repository.name.clone(),
+                    cause: cause.chain().join(": "),
+                })
+            })
+            .collect()
+    }
+}
+
 /// What every source needs to store its objects.
 struct Context<'a> {
-    repositories: &'a [Repository],
+    destinations: &'a Destinations,
     job_name: &'a str,
     id: &'a str,
     options: EncodeOptions,
@@ -41,6 +119,21 @@ struct Context<'a> {
 impl Context<'_> {
     fn object_key(&self, object: &str) -> String {
         layout::object_key(self.job_name, self.id, object)
+    }
+
+    /// Stores `object` in every repository still taking this backup (see `store_object`).
+    async fn store<T, F>(&self, object: &str, produce: F) -> Result<(Digests, T)>
+    where
+        T: Send + 'static,
+        F: FnOnce(&mut dyn Write) -> Result<T> + Send + 'static,
+    {
+        let live = self.destinations.live();
+        let stored = store_object(&live, &self.object_key(object), self.options, produce).await?;
+        for (index, cause) in stored.failed {
+            self.destinations
+                .lose(self.job_name, &live[index].name, cause)?;
+        }
+        Ok((stored.digests, stored.value))
     }
 }
 
@@ -57,7 +150,16 @@ pub struct BackupReport {
     pub raw_size: u64,
     pub stored_size: u64,
     pub duration: Duration,
+    /// Where the backup was committed.
     pub repositories: Vec<String>,
+    /// Where it was not, and why: a degraded backup, for `lifeboat replicate` to complete.
+    pub missing: Vec<MissingFrom>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct MissingFrom {
+    pub repository: String,
+    pub cause: String,
 }
 
 /// The outcome of every job asked for; one failure does not stop the others.
@@ -70,8 +172,11 @@ impl BackupSummary {
     pub fn exit_code(&self) -> i32 {
         self.outcomes
             .iter()
-            .filter_map(|(_, outcome)| outcome.as_ref().err())
-            .map(|e| e.kind().exit_code())
+            .map(|(_, outcome)| match outcome {
+                Ok(report) if report.missing.is_empty() => exit_code::SUCCESS,
+                Ok(_) => exit_code::DEGRADED,
+                Err(e) => e.kind().exit_code(),
+            })
             .max_by_key(|code| match *code {
                 exit_code::FAILURE => 3,
                 exit_code::USAGE => 2,
@@ -94,7 +199,15 @@ impl fmt::Display for BackupReport {
             human_size(self.stored_size),
             human_duration(self.duration),
             self.repositories.join(", ")
-        )
+        )?;
+        for missing in &self.missing {
+            write!(
+                f,
+                "\nwarning: repository '{}' lacks backup {}/{}: {}\n  run `lifeboat replicate {}` once it is reachable again",
+                missing.repository, self.job, self.id, missing.cause, self.job
+            )?;
+        }
+        Ok(())
     }
 }
 
@@ -133,11 +246,14 @@ async fn backup_job(
     job: &JobConfig,
 ) -> Result<BackupReport> {
     let clock = Instant::now();
+    let destinations = Destinations::new(repositories, config.min_repositories);
     for repository in repositories {
-        repository.ensure_marker().await?;
+        if let Err(cause) = repository.ensure_marker().await {
+            destinations.lose(&job.name, &repository.name, cause)?;
+        }
     }
     let started_at = Utc::now();
-    let id = unused_backup_id(repositories, &job.name, started_at).await?;
+    let id = unused_backup_id(&destinations, &job.name, started_at).await?;
     let options = EncodeOptions {
         level: config.compression.level,
         threads: config.compression.threads,
@@ -145,7 +261,7 @@ async fn backup_job(
     tracing::info!(job = %job.name, id = %id, "backup started");
 
     let context = Context {
-        repositories,
+        destinations: &destinations,
         job_name: &job.name,
         id: &id,
         options,
@@ -168,8 +284,25 @@ async fn backup_job(
         source: captured.source,
         objects: captured.objects,
     };
-    for repository in repositories {
-        repository.commit_manifest(&manifest).await?;
+    let mut committed: Vec<Repository> = Vec::new();
+    for repository in destinations.live() {
+        let outcome = match repository.commit_manifest(&manifest).await {
+            Ok(()) => {
+                committed.push(repository);
+                Ok(())
+            }
+            Err(cause) => destinations.lose(&job.name, &repository.name, cause),
+        };
+        if let Err(error) = outcome {
+            // Too few repositories hold it for the backup to count: it counts nowhere.
+            for repository in &committed {
+                let key = layout::manifest_key(&job.name, &id);
+                if let Err(e) = repository.store.delete(&key).await {
+                    tracing::error!(repository = %repository.name, key = %key, error = %e, "unable to withdraw the manifest");
+                }
+            }
+            return Err(error);
+        }
     }
     Ok(BackupReport {
         job: job.name.clone(),
@@ -178,14 +311,15 @@ async fn backup_job(
         raw_size: manifest.raw_size(),
         stored_size: manifest.stored_size(),
         duration: clock.elapsed(),
-        repositories: repositories.iter().map(|r| r.name.clone()).collect(),
+        repositories: committed.iter().map(|r| r.name.clone()).collect(),
+        missing: destinations.missing(),
     })
 }
 
 /// The id for a backup started at `at`: its UTC second, moved on while any repository
 /// already has something under that id (a committed backup or an interrupted attempt).
 async fn unused_backup_id(
-    repositories: &[Repository],
+    destinations: &Destinations,
     job: &str,
     at: chrono::DateTime<Utc>,
 ) -> Result<String> {
@@ -193,13 +327,18 @@ async fn unused_backup_id(
     for _ in 0..120 {
         let id = layout::backup_id(candidate);
         let mut taken = false;
-        for repository in repositories {
-            let existing = repository
+        for repository in destinations.live() {
+            match repository
                 .store
                 .list(&layout::backup_prefix(job, &id))
                 .await
-                .map_err(|e| repository.error(&format!("list backup '{job}/{id}'"), e))?;
-            taken |= !existing.is_empty();
+            {
+                Ok(existing) => taken |= !existing.is_empty(),
+                Err(e) => {
+                    let cause = repository.error(&format!("list backup '{job}/{id}'"), e);
+                    destinations.lose(job, &repository.name, cause)?;
+                }
+            }
         }
         if !taken {
             return Ok(id);

@@ -9,7 +9,6 @@ use crate::error::{Error, ErrorKind, Result};
 use crate::manifest::{ObjectEntry, SourceInfo};
 use crate::sources::postgres::{Binaries, Connection, logical};
 use crate::sources::process;
-use crate::transfer::store_object;
 
 pub const GLOBALS_OBJECT: &str = "globals.sql.zst";
 
@@ -66,13 +65,11 @@ pub(super) async fn capture(context: &Context<'_>, job: &PostgresJob) -> Result<
         let command = logical::dump_command(&binaries, &connection, &snapshot.id, &auth);
         let action = format!("dump database '{database}' with pg_dump");
         let name = database_object_name(database);
-        let stored = store_object(
-            context.repositories,
-            &context.object_key(&name),
-            context.options,
-            move |out| process::stream_stdout(command, &action, out),
-        )
-        .await;
+        let stored = context
+            .store(&name, move |out| {
+                process::stream_stdout(command, &action, out)
+            })
+            .await;
         let taken_at = snapshot.taken_at;
         snapshot.finish().await;
         let (digests, _) = stored?;
@@ -84,19 +81,15 @@ pub(super) async fn capture(context: &Context<'_>, job: &PostgresJob) -> Result<
     }
 
     let command = logical::globals_command(&binaries, &server, &info, &auth);
-    let (digests, _) = store_object(
-        context.repositories,
-        &context.object_key(GLOBALS_OBJECT),
-        context.options,
-        move |out| {
+    let (digests, _) = context
+        .store(GLOBALS_OBJECT, move |out| {
             process::stream_stdout(
                 command,
                 "dump globals (roles, tablespaces) with pg_dumpall",
                 out,
             )
-        },
-    )
-    .await?;
+        })
+        .await?;
     objects.push(ObjectEntry::zstd(GLOBALS_OBJECT, &digests));
 
     Ok(Captured {

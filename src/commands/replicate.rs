@@ -1,0 +1,424 @@
+//! `lifeboat replicate [JOB]`: makes every reachable repository hold every committed backup.
+//! What a repository lacks (or, with `--verify`, holds damaged) is copied from another
+//! that holds it intact, its sha256 checked while it streams; the manifest is written last,
+//! so a repository never shows a backup before it holds all of it. Uploads left open under
+//! a backup that is committed are aborted: nobody is writing them any more.
+
+use std::collections::BTreeMap;
+use std::fmt;
+
+use futures::StreamExt;
+use serde::Serialize;
+
+use super::human_size;
+use crate::config::Config;
+use crate::error::{Error, ErrorKind, Result};
+use crate::inventory::{self, Holding};
+use crate::layout;
+use crate::manifest::{Manifest, ObjectEntry};
+use crate::pipeline::{CHANNEL_BOUND, Tally};
+use crate::repository::Repository;
+use crate::storage::{self, PartStream};
+
+pub struct ReplicateOptions {
+    pub job: Option<String>,
+    /// Print the plan; copy nothing.
+    pub dry_run: bool,
+    /// Also read every object a repository holds and replace those whose sha256 is wrong.
+    pub verify: bool,
+}
+
+/// One thing done (or, in a dry run, to be done) to a repository.
+#[derive(Debug, Serialize)]
+pub struct Action {
+    pub job: String,
+    pub id: String,
+    /// An object name, or "manifest.json".
+    pub object: String,
+    pub bytes: u64,
+    pub from: Option<String>,
+    pub to: String,
+    pub what: ActionKind,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ActionKind {
+    Copy,
+    Replace,
+    AbortUpload,
+}
+
+#[derive(Debug, Serialize)]
+pub struct ReplicateReport {
+    pub dry_run: bool,
+    pub actions: Vec<Action>,
+    /// What could not be done, each naming the backup, object and repository.
+    pub failures: Vec<String>,
+    /// Repositories that could not be listed, with the reason.
+    pub unreachable: Vec<(String, String)>,
+}
+
+impl ReplicateReport {
+    /// Ok when every reachable repository now holds every backup and all were reachable.
+    pub fn outcome(&self) -> Result<()> {
+        if self.failures.is_empty() && self.unreachable.is_empty() {
+            return Ok(());
+        }
+        let mut error = Error::new(
+            ErrorKind::Storage,
+            format!(
+                "replication incomplete: {} failure(s), {} unreachable repository(ies)",
+                self.failures.len(),
+                self.unreachable.len()
+            ),
+        );
+        for (name, reason) in &self.unreachable {
+            error = error.with_hint(format!("repository '{name}': {reason}"));
+        }
+        Err(error.with_hint("run `lifeboat replicate` again once every repository is reachable"))
+    }
+}
+
+pub async fn run(config: &Config, options: &ReplicateOptions) -> Result<ReplicateReport> {
+    let jobs: Vec<String> = match &options.job {
+        Some(name) => vec![config.job(name)?.name.clone()],
+        None => config.jobs.iter().map(|j| j.name.clone()).collect(),
+    };
+    let repositories = Repository::open_all(config).await;
+    let mut report = ReplicateReport {
+        dry_run: options.dry_run,
+        actions: Vec::new(),
+        failures: Vec::new(),
+        unreachable: Vec::new(),
+    };
+    for job in &jobs {
+        let mut listed: Vec<(&Repository, BTreeMap<String, Holding>)> = Vec::new();
+        for repository in &repositories {
+            match inventory::holdings(repository, job).await {
+                Ok(holdings) => listed.push((repository, holdings)),
+                Err(e) => {
+                    let reason = e.chain().join(": ");
+                    if !report
+                        .unreachable
+                        .iter()
+                        .any(|(n, _)| n == &repository.name)
+                    {
+                        report.unreachable.push((repository.name.clone(), reason));
+                    }
+                }
+            }
+        }
+        let mut ids: Vec<String> = listed
+            .iter()
+            .flat_map(|(_, holdings)| holdings.iter())
+            .filter(|(_, holding)| holding.manifest)
+            .map(|(id, _)| id.clone())
+            .collect();
+        ids.sort_unstable();
+        ids.dedup();
+        for id in ids {
+            replicate_backup(job, &id, &listed, options, &mut report).await;
+        }
+    }
+    Ok(report)
+}
+
+/// The first readable manifest of `job/id`, with its exact bytes and where it came from.
+async fn find_manifest<'a>(
+    job: &str,
+    id: &str,
+    listed: &[(&'a Repository, BTreeMap<String, Holding>)],
+) -> Option<(Manifest, bytes::Bytes, &'a Repository)> {
+    let key = layout::manifest_key(job, id);
+    for (repository, holdings) in listed {
+        if !holdings.get(id).is_some_and(|h| h.manifest) {
+            continue;
+        }
+        let Ok(bytes) = storage::get_bytes(repository.store.as_ref(), &key).await else {
+            continue;
+        };
+        if let Ok(manifest) = Manifest::from_json(&bytes) {
+            return Some((manifest, bytes, repository));
+        }
+    }
+    None
+}
+
+async fn replicate_backup(
+    job: &str,
+    id: &str,
+    listed: &[(&Repository, BTreeMap<String, Holding>)],
+    options: &ReplicateOptions,
+    report: &mut ReplicateReport,
+) {
+    let Some((manifest, manifest_bytes, manifest_source)) = find_manifest(job, id, listed).await
+    else {
+        report.failures.push(format!(
+            "backup {job}/{id}: no repository holds a readable manifest"
+        ));
+        return;
+    };
+    for (target, holdings) in listed {
+        let holding = holdings.get(id).cloned().unwrap_or_default();
+        let mut target_failed = false;
+        for object in &manifest.objects {
+            let key = layout::object_key(job, id, &object.name);
+            let kind = if holding.objects.get(&object.name) != Some(&object.size) {
+                ActionKind::Copy
+            } else if options.verify && !options.dry_run && !intact(target, &key, object).await {
+                ActionKind::Replace
+            } else {
+                continue;
+            };
+            let sources: Vec<&Repository> = listed
+                .iter()
+                .filter(|(r, h)| {
+                    r.name != target.name
+                        && h.get(id)
+                            .is_some_and(|h| h.objects.get(&object.name) == Some(&object.size))
+                })
+                .map(|(r, _)| *r)
+                .collect();
+            let mut action = Action {
+                job: job.to_string(),
+                id: id.to_string(),
+                object: object.name.clone(),
+                bytes: object.size,
+                from: sources.first().map(|r| r.name.clone()),
+                to: target.name.clone(),
+                what: kind,
+            };
+            if options.dry_run {
+                report.actions.push(action);
+                continue;
+            }
+            let mut copied = false;
+            for source in &sources {
+                match copy_object(source, target, &key, object).await {
+                    Ok(()) => {
+                        action.from = Some(source.name.clone());
+                        copied = true;
+                        break;
+                    }
+                    Err(e) => {
+                        tracing::warn!(key = %key, from = %source.name, to = %target.name, error = %e.chain().join(": "), "copy failed; trying the next repository");
+                    }
+                }
+            }
+            if copied {
+                tracing::info!(key = %key, from = ?action.from, to = %target.name, "copied");
+                report.actions.push(action);
+            } else {
+                report.failures.push(format!(
+                    "backup {job}/{id}: unable to copy object '{}' into repository '{}': no other repository could provide an intact copy",
+                    object.name, target.name
+                ));
+                target_failed = true;
+            }
+        }
+        if target_failed {
+            continue;
+        }
+        if !holding.manifest {
+            let key = layout::manifest_key(job, id);
+            if !options.dry_run {
+                let written = target
+                    .store
+                    .create_if_absent(&key, manifest_bytes.clone())
+                    .await;
+                if let Err(e) = written
+                    && !matches!(e, storage::StoreError::AlreadyExists { .. })
+                {
+                    report.failures.push(
+                        target
+                            .error(&format!("write manifest '{key}'"), e)
+                            .chain()
+                            .join(": "),
+                    );
+                    continue;
+                }
+            }
+            report.actions.push(Action {
+                job: job.to_string(),
+                id: id.to_string(),
+                object: layout::MANIFEST_NAME.to_string(),
+                bytes: manifest_bytes.len() as u64,
+                from: Some(manifest_source.name.clone()),
+                to: target.name.clone(),
+                what: ActionKind::Copy,
+            });
+        }
+        abort_open_uploads(job, id, target, options.dry_run, report).await;
+    }
+}
+
+/// Aborts the uploads still open under a committed backup: interrupted attempts (a region
+/// that went away mid-upload could not be told to abort then).
+async fn abort_open_uploads(
+    job: &str,
+    id: &str,
+    target: &Repository,
+    dry_run: bool,
+    report: &mut ReplicateReport,
+) {
+    let prefix = layout::backup_prefix(job, id);
+    let Ok(open) = target.store.list_incomplete(&prefix).await else {
+        return;
+    };
+    for upload in open {
+        if !dry_run && let Err(e) = target.store.abort_incomplete(&upload).await {
+            report.failures.push(
+                target
+                    .error(&format!("abort the upload of '{}'", upload.key), e)
+                    .chain()
+                    .join(": "),
+            );
+            continue;
+        }
+        report.actions.push(Action {
+            job: job.to_string(),
+            id: id.to_string(),
+            object: upload
+                .key
+                .rsplit('/')
+                .next()
+                .unwrap_or_default()
+                .to_string(),
+            bytes: 0,
+            from: None,
+            to: target.name.clone(),
+            what: ActionKind::AbortUpload,
+        });
+    }
+}
+
+/// Whether `repository` holds `key` with the stored sha256 and size of `object`.
+async fn intact(repository: &Repository, key: &str, object: &ObjectEntry) -> bool {
+    let Ok(mut stream) = repository.store.get(key, None).await else {
+        return false;
+    };
+    let mut tally = Tally::default();
+    while let Some(chunk) = stream.next().await {
+        match chunk {
+            Ok(chunk) => tally.update(&chunk),
+            Err(_) => return false,
+        }
+    }
+    tally.finish() == (object.size, object.sha256.clone())
+}
+
+/// Streams `key` from `source` into `target`, checking its size and sha256 on the way; the
+/// upload is finished only if they match, so `target` never commits a damaged copy.
+async fn copy_object(
+    source: &Repository,
+    target: &Repository,
+    key: &str,
+    object: &ObjectEntry,
+) -> Result<()> {
+    let mut stream = source
+        .store
+        .get(key, None)
+        .await
+        .map_err(|e| source.error(&format!("read object '{key}'"), e))?;
+    let (sender, parts) = PartStream::channel(CHANNEL_BOUND);
+    let store = target.store.clone();
+    let owned_key = key.to_string();
+    let upload = tokio::spawn(async move { store.put(&owned_key, parts).await });
+    let mut tally = Tally::default();
+    let mut read_error = None;
+    while let Some(chunk) = stream.next().await {
+        match chunk {
+            Ok(chunk) => {
+                tally.update(&chunk);
+                if sender.send(chunk).await.is_err() {
+                    break;
+                }
+            }
+            Err(e) => {
+                read_error = Some(source.error(&format!("read object '{key}'"), e));
+                break;
+            }
+        }
+    }
+    let checked = match read_error {
+        Some(e) => Err(e),
+        None => {
+            let (size, sha256) = tally.finish();
+            if size == object.size && sha256 == object.sha256 {
+                Ok(())
+            } else {
+                Err(Error::new(
+                    ErrorKind::Verification,
+                    format!(
+                        "damaged object '{key}' in repository '{}': stored sha256 is {sha256} ({size} bytes), the manifest says {} ({} bytes)",
+                        source.name, object.sha256, object.size
+                    ),
+                ))
+            }
+        }
+    };
+    if checked.is_ok() {
+        // Only an explicit finish commits the upload; dropping the sender aborts it.
+        let _ = sender.finish().await;
+    } else {
+        drop(sender);
+    }
+    let stored = upload.await.map_err(|e| {
+        Error::new(
+            ErrorKind::Storage,
+            format!("unable to copy '{key}' into '{}'", target.name),
+        )
+        .with_source(e)
+    })?;
+    checked?;
+    stored
+        .map(|_| ())
+        .map_err(|e| target.error(&format!("store object '{key}'"), e))
+}
+
+impl fmt::Display for ReplicateReport {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let verb = |kind: ActionKind| match (self.dry_run, kind) {
+            (false, ActionKind::Copy) => "copied",
+            (false, ActionKind::Replace) => "replaced damaged",
+            (false, ActionKind::AbortUpload) => "aborted open upload of",
+            (true, ActionKind::Copy) => "would copy",
+            (true, ActionKind::Replace) => "would replace damaged",
+            (true, ActionKind::AbortUpload) => "would abort open upload of",
+        };
+        for action in &self.actions {
+            let from = action
+                .from
+                .as_ref()
+                .map(|from| format!(" from '{from}'"))
+                .unwrap_or_default();
+            writeln!(
+                f,
+                "{} {}/{}/{} ({}){from} into '{}'",
+                verb(action.what),
+                action.job,
+                action.id,
+                action.object,
+                human_size(action.bytes),
+                action.to
+            )?;
+        }
+        for failure in &self.failures {
+            writeln!(f, "failed: {failure}")?;
+        }
+        for (name, reason) in &self.unreachable {
+            writeln!(
+                f,
+                "warning: repository '{name}' could not be listed: {reason}"
+            )?;
+        }
+        if self.actions.is_empty() && self.failures.is_empty() {
+            writeln!(
+                f,
+                "nothing to copy: every reachable repository holds every backup"
+            )?;
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,179 @@
+//! Two S3 regions and a local directory: every backup lands in all three from one pass over
+//! the source; a region that goes away mid-backup is named, the others commit, and
+//! `replicate` completes it once the region is back.
+
+use std::path::Path;
+use std::process::Stdio;
+
+use sha2::{Digest, Sha256};
+
+use crate::common::postgres::Postgres;
+use crate::common::{SeaweedFs, lifeboat, lifeboat_command, local_repository, procs, write_config};
+
+const BUCKET: &str = "backups";
+const PREFIX: &str = "lifeboat";
+
+fn sha256_hex(bytes: &[u8]) -> String {
+    hex::encode(Sha256::digest(bytes))
+}
+
+/// Every key of the `maindb` job in the local repository, with the sha256 of its bytes.
+fn local_objects(repo: &Path) -> Vec<(String, String)> {
+    let mut objects: Vec<(String, String)> = walkdir::WalkDir::new(repo.join("jobs"))
+        .into_iter()
+        .filter_map(Result::ok)
+        .filter(|e| e.file_type().is_file())
+        .map(|e| {
+            let key = e
+                .path()
+                .strip_prefix(repo)
+                .unwrap()
+                .to_string_lossy()
+                .into_owned();
+            (key, sha256_hex(&std::fs::read(e.path()).unwrap()))
+        })
+        .collect();
+    objects.sort();
+    objects
+}
+
+async fn s3_objects(region: &SeaweedFs) -> Vec<(String, String)> {
+    let mut objects = Vec::new();
+    for key in region.keys(BUCKET, &format!("{PREFIX}/jobs/")).await {
+        let bytes = region.object(BUCKET, &key).await;
+        let key = key.strip_prefix(&format!("{PREFIX}/")).unwrap().to_string();
+        objects.push((key, sha256_hex(&bytes)));
+    }
+    objects.sort();
+    objects
+}
+
+fn list_json(config: &Path) -> serde_json::Value {
+    let list = lifeboat(config, &["list", "maindb", "--format", "json"]);
+    list.assert_code(0);
+    serde_json::from_str(&list.stdout).unwrap()
+}
+
+fn names(value: &serde_json::Value) -> Vec<&str> {
+    value
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_str().unwrap())
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_region_lost_mid_backup_is_named_and_replicated_when_back() {
+    let region_a = SeaweedFs::start().await;
+    let mut region_b = SeaweedFs::start().await;
+    region_a.create_bucket(BUCKET).await;
+    region_b.create_bucket(BUCKET).await;
+    let source = Postgres::start();
+    source.create_app_database(1_000_000);
+    let work = tempfile::tempdir().unwrap();
+    let repo = work.path().join("repo");
+    let password_file = source.password_file(work.path(), &source.password);
+    let config = write_config(
+        work.path(),
+        &format!(
+            "{}{}{}[[job]]\nname = \"maindb\"\nkind = \"postgres\"\ndsn = \"{}\"\npassword_file = \"{}\"\ndatabases = [\"app\"]\n",
+            local_repository("local", &repo),
+            region_a.repository("a", BUCKET, PREFIX),
+            region_b.repository("b", BUCKET, PREFIX),
+            source.dsn("postgres"),
+            password_file.display()
+        ),
+    );
+
+    // One pass over the source lands identical objects in all three repositories.
+    let child = lifeboat_command(&config)
+        .args(["backup", "maindb"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let (argvs, status) = procs::watch(child);
+    assert!(status.success());
+    let dumps = argvs
+        .values()
+        .filter(|argv| argv.contains("pg_dump --format=custom"))
+        .count();
+    assert_eq!(dumps, 1, "the source is dumped once: {argvs:?}");
+    let local = local_objects(&repo);
+    assert_eq!(local.len(), 3, "{local:?}");
+    assert_eq!(s3_objects(&region_a).await, local);
+    assert_eq!(s3_objects(&region_b).await, local);
+
+    // Region B goes away while the next backup is uploading.
+    let log_path = work.path().join("degraded.log");
+    let mut child = lifeboat_command(&config)
+        .args(["backup", "maindb"])
+        .stdout(std::fs::File::create(work.path().join("degraded.out")).unwrap())
+        .stderr(std::fs::File::create(&log_path).unwrap())
+        .spawn()
+        .unwrap();
+    let pg_dump =
+        procs::wait_for_descendant(&mut child, |argv| argv.contains("pg_dump --format=custom"))
+            .expect("pg_dump started");
+    procs::wait_until_written(pg_dump, 16 * 1024 * 1024);
+    region_b.stop();
+    let status = child.wait().unwrap();
+    let out = std::fs::read_to_string(work.path().join("degraded.out")).unwrap();
+    let log = std::fs::read_to_string(&log_path).unwrap();
+    assert_eq!(status.code(), Some(3), "{out}\n{log}");
+    assert!(
+        out.contains("(repositories: local, a)"),
+        "committed in local and a: {out}"
+    );
+    assert!(
+        out.contains("warning: repository 'b' lacks backup maindb/")
+            && out.contains("lifeboat replicate maindb"),
+        "{out}"
+    );
+
+    let listed = list_json(&config);
+    let newest = &listed["rows"][0];
+    assert_eq!(names(&newest["present_in"]), ["local", "a"]);
+    assert_eq!(listed["unreachable"][0][0], "b", "{listed}");
+
+    // B is back: it shows what it lacks, and replicate fills it in.
+    region_b.restart().await;
+    let listed = list_json(&config);
+    let newest = &listed["rows"][0];
+    assert_eq!(names(&newest["present_in"]), ["local", "a"]);
+    let lacking: Vec<&str> = names(&newest["missing_from"])
+        .into_iter()
+        .chain(names(&newest["incomplete_in"]))
+        .collect();
+    assert_eq!(lacking, ["b"], "{listed}");
+    assert_eq!(names(&listed["rows"][1]["present_in"]), ["local", "a", "b"]);
+
+    let plan = lifeboat(&config, &["replicate", "maindb", "--dry-run"]);
+    plan.assert_code(0);
+    assert!(plan.stdout.contains("would copy"), "{}", plan.stdout);
+    assert!(
+        s3_objects(&region_b).await.len() < local_objects(&repo).len(),
+        "a dry run copies nothing"
+    );
+
+    let replicate = lifeboat(&config, &["replicate", "maindb"]);
+    replicate.assert_code(0);
+    assert!(
+        replicate.stdout.contains("manifest.json") && replicate.stdout.contains("into 'b'"),
+        "{}",
+        replicate.stdout
+    );
+    assert_eq!(s3_objects(&region_b).await, local_objects(&repo));
+    assert!(
+        region_b.open_uploads(BUCKET).await.is_empty(),
+        "the upload B was cut off in is aborted"
+    );
+    lifeboat(&config, &["verify", "maindb", "--from", "b"]).assert_code(0);
+    let listed = list_json(&config);
+    assert_eq!(names(&listed["rows"][0]["present_in"]), ["local", "a", "b"]);
+
+    let again = lifeboat(&config, &["replicate", "maindb"]);
+    again.assert_code(0);
+    assert!(again.stdout.contains("nothing to copy"), "{}", again.stdout);
+}
