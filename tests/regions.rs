@@ -1,14 +1,18 @@
 //! Two S3 regions and a local directory: every backup lands in all three from one pass over
 //! the source; a region that goes away mid-backup is named, the others commit, and
-//! `replicate` completes it once the region is back.
+//! `replicate` completes it once the region is back; a restore reads on from the next region
+//! when a copy is damaged or a bucket is gone.
 
 use std::path::Path;
 use std::process::Stdio;
 
+use aws_sdk_s3::primitives::ByteStream;
 use sha2::{Digest, Sha256};
 
 use crate::common::postgres::Postgres;
-use crate::common::{SeaweedFs, lifeboat, lifeboat_command, local_repository, procs, write_config};
+use crate::common::{
+    SeaweedFs, files_job, lifeboat, lifeboat_command, local_repository, procs, tree, write_config,
+};
 
 const BUCKET: &str = "backups";
 const PREFIX: &str = "lifeboat";
@@ -176,4 +180,71 @@ async fn a_region_lost_mid_backup_is_named_and_replicated_when_back() {
     let again = lifeboat(&config, &["replicate", "maindb"]);
     again.assert_code(0);
     assert!(again.stdout.contains("nothing to copy"), "{}", again.stdout);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restore_reads_on_from_the_next_region_holding_an_intact_copy() {
+    let region_a = SeaweedFs::start().await;
+    let region_b = SeaweedFs::start().await;
+    region_a.create_bucket(BUCKET).await;
+    region_b.create_bucket(BUCKET).await;
+    let work = tempfile::tempdir().unwrap();
+    let source = work.path().join("etc");
+    tree::build(&source, 300, 2);
+    let config = write_config(
+        work.path(),
+        &format!(
+            "{}{}{}",
+            region_a.repository("a", BUCKET, PREFIX),
+            region_b.repository("b", BUCKET, PREFIX),
+            files_job("config", &[&source])
+        ),
+    );
+    lifeboat(&config, &["backup", "config"]).assert_code(0);
+    let object_key = region_a
+        .keys(BUCKET, PREFIX)
+        .await
+        .into_iter()
+        .find(|k| k.ends_with("/files.tar.zst"))
+        .unwrap();
+
+    // One flipped byte in region A's copy: the restore reads it from B and says so.
+    let mut bytes = region_a.object(BUCKET, &object_key).await;
+    let middle = bytes.len() / 2;
+    bytes[middle] ^= 0x01;
+    region_a
+        .client()
+        .put_object()
+        .bucket(BUCKET)
+        .key(&object_key)
+        .body(ByteStream::from(bytes))
+        .send()
+        .await
+        .unwrap();
+    let into = work.path().join("restored-after-damage");
+    let run = lifeboat(
+        &config,
+        &["restore", "config", "--into", into.to_str().unwrap()],
+    );
+    run.assert_code(0);
+    assert!(
+        run.stdout
+            .contains("files.tar.zst: served by repository 'b' after 'a' failed")
+            && run.stdout.contains("stored sha256"),
+        "{}",
+        run.stdout
+    );
+    assert!(run.stdout.contains("from repository 'b'"), "{}", run.stdout);
+    tree::assert_same(&source, &into.join(source.strip_prefix("/").unwrap()));
+
+    // Region A's bucket is gone altogether: B still restores.
+    region_a.delete_bucket_entirely(BUCKET).await;
+    let into = work.path().join("restored-without-a");
+    let run = lifeboat(
+        &config,
+        &["restore", "config", "--into", into.to_str().unwrap()],
+    );
+    run.assert_code(0);
+    assert!(run.stdout.contains("from repository 'b'"), "{}", run.stdout);
+    tree::assert_same(&source, &into.join(source.strip_prefix("/").unwrap()));
 }

@@ -29,15 +29,22 @@ pub(super) async fn restore(selected: Selected, into: &Path) -> Result<RestoreRe
 
     let parent = parent_of(into);
     std::fs::create_dir_all(&parent).map_err(|e| target_error(into, e))?;
-    let staging = tempfile::Builder::new()
-        .prefix(".lifeboat-restore-")
-        .tempdir_in(&parent)
-        .map_err(|e| target_error(into, e))?;
-    let staging_root = staging.path().to_path_buf();
-    let summary = read_object(&selected.repository, manifest, &object, move |raw| {
-        extract::extract(raw, &staging_root)
-    })
-    .await?;
+    // A fresh staging directory per repository tried: a copy that fails halfway leaves
+    // nothing behind for the next one to trip over.
+    let (staging, summary) = selected
+        .read_from_any(FILES_OBJECT, async |repository| {
+            let staging = tempfile::Builder::new()
+                .prefix(".lifeboat-restore-")
+                .tempdir_in(&parent)
+                .map_err(|e| target_error(into, e))?;
+            let staging_root = staging.path().to_path_buf();
+            let summary = read_object(repository, manifest, &object, move |raw| {
+                extract::extract(raw, &staging_root)
+            })
+            .await?;
+            Ok((staging, summary))
+        })
+        .await?;
 
     move_into_place(staging.path(), into).map_err(|e| target_error(into, e))?;
     let target = format!("'{}'", into.display());

@@ -10,6 +10,7 @@ mod staging;
 
 use std::fmt;
 use std::path::PathBuf;
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use serde::Serialize;
@@ -59,7 +60,12 @@ pub struct PostgresRestoreOptions {
 pub struct RestoreReport {
     pub job: String,
     pub id: String,
+    /// The repository that served it (the first, when a copy had to be read elsewhere).
     pub repository: String,
+    /// Every repository that served part of it, in the order used.
+    pub repositories: Vec<String>,
+    /// Each object and the repository it was read from.
+    pub served: Vec<(String, String)>,
     /// The directory or the server restored into.
     pub target: String,
     /// What was restored: a count of entries, or database names.
@@ -76,10 +82,14 @@ impl fmt::Display for RestoreReport {
         }
         write!(
             f,
-            "restored {}/{} from repository '{}' into {}: {}, {} in {}",
+            "restored {}/{} from repository {} into {}: {}, {} in {}",
             self.job,
             self.id,
-            self.repository,
+            self.repositories
+                .iter()
+                .map(|r| format!("'{r}'"))
+                .collect::<Vec<_>>()
+                .join(" and "),
             self.target,
             self.restored.join(", "),
             human_size(self.bytes),
@@ -88,25 +98,88 @@ impl fmt::Display for RestoreReport {
     }
 }
 
-/// The backup chosen for a restore, and where it is read from.
+/// The backup chosen for a restore, and the repositories holding it, in the order they are
+/// read from: `--from` alone, else config order.
 struct Selected {
-    repository: Repository,
+    sources: Vec<Repository>,
     manifest: Manifest,
     started: Instant,
+    /// Which repository served each object, and what failed on the way.
+    served: Mutex<Vec<(String, String)>>,
+    warnings: Mutex<Vec<String>>,
 }
 
 impl Selected {
+    /// Runs `attempt` against each repository holding the backup until one succeeds. A
+    /// failure of a repository's copy (missing, unreadable, damaged) moves on to the next;
+    /// a failure of the restore target does not.
+    async fn read_from_any<T>(
+        &self,
+        object: &str,
+        mut attempt: impl AsyncFnMut(&Repository) -> Result<T>,
+    ) -> Result<T> {
+        let mut failures: Vec<(String, Error)> = Vec::new();
+        for repository in &self.sources {
+            match attempt(repository).await {
+                Ok(value) => {
+                    if !failures.is_empty() {
+                        self.warnings.lock().expect("warnings lock").push(format!(
+                            "{object}: served by repository '{}' after {}",
+                            repository.name,
+                            failures
+                                .iter()
+                                .map(|(name, e)| format!(
+                                    "'{name}' failed: {}",
+                                    e.chain().join(": ")
+                                ))
+                                .collect::<Vec<_>>()
+                                .join("; ")
+                        ));
+                    }
+                    self.served
+                        .lock()
+                        .expect("served lock")
+                        .push((object.to_string(), repository.name.clone()));
+                    return Ok(value);
+                }
+                Err(e) if e.kind() == ErrorKind::Target => return Err(e),
+                Err(e) => {
+                    tracing::warn!(object = %object, repository = %repository.name, error = %e.chain().join(": "), "reading from the next repository that holds it");
+                    failures.push((repository.name.clone(), e));
+                }
+            }
+        }
+        let mut failures = failures.into_iter();
+        let (_, first) = failures.next().expect("a backup has at least one source");
+        Err(failures.fold(first, |error, (name, e)| {
+            error.with_hint(format!(
+                "repository '{name}' failed too: {}",
+                e.chain().join(": ")
+            ))
+        }))
+    }
+
     fn report(
         self,
         target: String,
         restored: Vec<String>,
         bytes: u64,
-        warnings: Vec<String>,
+        mut warnings: Vec<String>,
     ) -> RestoreReport {
+        let served = self.served.into_inner().expect("served lock");
+        let mut repositories: Vec<String> = Vec::new();
+        for (_, repository) in &served {
+            if !repositories.contains(repository) {
+                repositories.push(repository.clone());
+            }
+        }
+        warnings.extend(self.warnings.into_inner().expect("warnings lock"));
         RestoreReport {
             job: self.manifest.job.clone(),
             id: self.manifest.id.clone(),
-            repository: self.repository.name.clone(),
+            repository: repositories.first().cloned().unwrap_or_default(),
+            repositories,
+            served,
             target,
             restored,
             bytes,
@@ -116,20 +189,89 @@ impl Selected {
     }
 }
 
+/// Finds the backup: `--from` alone, else every repository in config order (one that
+/// cannot be listed is passed over with a warning). "latest" is the newest backup any of
+/// them holds.
+async fn select(config: &Config, job: &str, wanted: &str, from: Option<&str>) -> Result<Selected> {
+    let candidates = match from {
+        Some(_) => vec![Repository::choose(config, from).await?],
+        None => Repository::open_all(config).await,
+    };
+    let mut holders: Vec<(Repository, Vec<String>)> = Vec::new();
+    let mut unreachable: Vec<Error> = Vec::new();
+    for repository in candidates {
+        match repository.backup_ids(job).await {
+            Ok(ids) => holders.push((repository, ids)),
+            Err(e) => {
+                tracing::warn!(repository = %repository.name, error = %e.chain().join(": "), "passing over a repository that cannot be listed");
+                unreachable.push(e);
+            }
+        }
+    }
+    let id = if wanted == "latest" {
+        holders
+            .iter()
+            .filter_map(|(_, ids)| ids.first())
+            .max()
+            .cloned()
+    } else {
+        holders
+            .iter()
+            .any(|(_, ids)| ids.iter().any(|id| id == wanted))
+            .then(|| wanted.to_string())
+    };
+    let Some(id) = id else {
+        if holders.is_empty()
+            && let Some(first) = unreachable.into_iter().next()
+        {
+            return Err(first);
+        }
+        return Err(Error::new(
+            ErrorKind::NotFound,
+            format!("unable to find backup '{wanted}' of job '{job}' in any reachable repository"),
+        )
+        .with_hint(format!(
+            "run `lifeboat list {job}` to see the backups each repository holds"
+        )));
+    };
+    let sources: Vec<Repository> = holders
+        .into_iter()
+        .filter(|(_, ids)| ids.contains(&id))
+        .map(|(repository, _)| repository)
+        .collect();
+    let mut manifest_error = None;
+    let mut manifest = None;
+    for repository in &sources {
+        match repository.read_manifest(job, &id).await {
+            Ok(found) => {
+                manifest = Some(found);
+                break;
+            }
+            Err(e) => {
+                tracing::warn!(repository = %repository.name, error = %e.chain().join(": "), "unable to read the manifest; trying the next repository");
+                manifest_error.get_or_insert(e);
+            }
+        }
+    }
+    let Some(manifest) = manifest else {
+        return Err(manifest_error.expect("a source was tried"));
+    };
+    Ok(Selected {
+        sources,
+        manifest,
+        started: Instant::now(),
+        served: Mutex::new(Vec::new()),
+        warnings: Mutex::new(Vec::new()),
+    })
+}
+
 pub async fn run(config: &Config, options: &RestoreOptions) -> Result<RestoreReport> {
     let started = Instant::now();
     let job = config.job(&options.job)?;
-    let repository = Repository::choose(config, options.from.as_deref()).await?;
-    let id = repository
-        .resolve_backup(&job.name, &options.backup)
-        .await?;
-    let manifest = repository.read_manifest(&job.name, &id).await?;
-    tracing::info!(job = %job.name, id = %id, repository = %repository.name, "restoring");
-    let selected = Selected {
-        repository,
-        manifest,
-        started,
-    };
+    let mut selected = select(config, &job.name, &options.backup, options.from.as_deref()).await?;
+    selected.started = started;
+    let id = selected.manifest.id.clone();
+    tracing::info!(job = %job.name, id = %id, "restoring");
     match selected.manifest.kind.as_str() {
         "files" => {
             let into = options.into.as_deref().ok_or_else(|| {

@@ -133,8 +133,10 @@ pub(super) async fn restore(
     let staging = Staging::prepare(options.staging_dir.as_deref(), needed)?;
     let globals_file = match globals {
         Some(object) => Some(
-            staging
-                .fetch(&selected.repository, manifest, object)
+            selected
+                .read_from_any(&object.name, async |repository| {
+                    staging.fetch(repository, manifest, object).await
+                })
                 .await?,
         ),
         None => None,
@@ -142,19 +144,29 @@ pub(super) async fn restore(
     let mut staged = Vec::new();
     for planned in &plan {
         let started = std::time::Instant::now();
+        let object = planned.object;
         let dump = if decompress {
-            let path = staging
-                .fetch(&selected.repository, manifest, planned.object)
+            let path = selected
+                .read_from_any(&object.name, async |repository| {
+                    staging.fetch(repository, manifest, object).await
+                })
                 .await?;
             fill_offsets(&path).await;
             Staged::Seekable(path)
         } else {
-            let stored = staging
-                .fetch_stored(&selected.repository, manifest, planned.object)
+            let (stored, served_by) = selected
+                .read_from_any(&object.name, async |repository| {
+                    let path = staging.fetch_stored(repository, manifest, object).await?;
+                    Ok((path, repository.clone()))
+                })
                 .await?;
             let toc = staging.path(&format!("{}.toc", planned.object.name));
             let toc = write_toc(&stored, &toc).then_some(toc);
-            Staged::Stored { stored, toc }
+            Staged::Stored {
+                stored,
+                toc,
+                served_by,
+            }
         };
         let elapsed = started.elapsed();
         tracing::debug!(object = %planned.object.name, ?elapsed, "staged");
@@ -178,7 +190,6 @@ pub(super) async fn restore(
             planned.source_database, planned.target_database
         );
         let restore = PgRestore {
-            repository: &selected.repository,
             binaries: &binaries,
             target: &target,
             auth: &auth,
@@ -188,14 +199,18 @@ pub(super) async fn restore(
         let started = std::time::Instant::now();
         let outcome = match dump {
             Staged::Seekable(file) => restore.seekable(file),
-            Staged::Stored { stored, toc } => {
+            Staged::Stored {
+                stored,
+                toc,
+                served_by,
+            } => {
                 if toc.is_none() {
                     warnings.push(format!(
                         "database '{}': its dump's table of contents was not understood, so pg_restore built its indexes one at a time",
                         planned.source_database
                     ));
                 }
-                restore.streamed(manifest, planned.object, stored, toc.as_deref())
+                restore.streamed(served_by, manifest, planned.object, stored, toc.as_deref())
             }
         };
         let elapsed = started.elapsed();
@@ -247,16 +262,17 @@ pub(super) async fn restore(
 enum Staged {
     /// Decompressed, with its data offsets filled in.
     Seekable(PathBuf),
-    /// As stored, with its table of contents alone beside it (None: not understood).
+    /// As stored, with its table of contents alone beside it (None: not understood), and
+    /// the repository it came from.
     Stored {
         stored: PathBuf,
         toc: Option<PathBuf>,
+        served_by: Repository,
     },
 }
 
 /// pg_restore runs for one database.
 struct PgRestore<'a> {
-    repository: &'a Repository,
     binaries: &'a Binaries,
     target: &'a Connection,
     auth: &'a ChildAuth,
@@ -298,6 +314,7 @@ impl PgRestore<'_> {
     /// table of contents alone. Without one, everything comes through stdin.
     fn streamed(
         &self,
+        repository: &Repository,
         manifest: &Manifest,
         object: &ObjectEntry,
         stored: &Path,
@@ -308,7 +325,7 @@ impl PgRestore<'_> {
             data.args(["--section=pre-data", "--section=data"]);
         }
         process::run_with_stdin(data, self.action, |stdin| {
-            decode_staged(stored, self.repository, manifest, object, |raw| {
+            decode_staged(stored, repository, manifest, object, |raw| {
                 process::copy_all(raw, stdin)
             })
         })??;
