@@ -248,3 +248,57 @@ async fn restore_reads_on_from_the_next_region_holding_an_intact_copy() {
     assert!(run.stdout.contains("from repository 'b'"), "{}", run.stdout);
     tree::assert_same(&source, &into.join(source.strip_prefix("/").unwrap()));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn below_min_repositories_nothing_is_committed_anywhere() {
+    let mut region_a = SeaweedFs::start().await;
+    let mut region_b = SeaweedFs::start().await;
+    region_a.create_bucket(BUCKET).await;
+    region_b.create_bucket(BUCKET).await;
+    let work = tempfile::tempdir().unwrap();
+    let repo = work.path().join("repo");
+    let source = work.path().join("etc");
+    tree::build(&source, 20, 0);
+    let config = write_config(
+        work.path(),
+        &format!(
+            "min_repositories = 2\n\n{}{}{}{}",
+            local_repository("local", &repo),
+            region_a.repository("a", BUCKET, PREFIX),
+            region_b.repository("b", BUCKET, PREFIX),
+            files_job("config", &[&source])
+        ),
+    );
+    region_a.stop();
+    region_b.stop();
+    let run = lifeboat(&config, &["backup", "config"]);
+    run.assert_code(1);
+    assert!(
+        run.stderr
+            .contains("1 of 3 repositories can take it and min_repositories is 2"),
+        "{}",
+        run.stderr
+    );
+    assert!(
+        run.stderr.contains("repository 'a'") && run.stderr.contains("repository 'b'"),
+        "{}",
+        run.stderr
+    );
+    let manifests: Vec<_> = walkdir::WalkDir::new(&repo)
+        .into_iter()
+        .filter_map(Result::ok)
+        .filter(|e| e.file_name() == "manifest.json")
+        .collect();
+    assert!(manifests.is_empty(), "committed locally: {manifests:?}");
+
+    // With one region back, two repositories take it: committed there, degraded.
+    region_a.restart().await;
+    let run = lifeboat(&config, &["backup", "config"]);
+    run.assert_code(3);
+    assert!(
+        run.stdout.contains("(repositories: local, a)")
+            && run.stdout.contains("repository 'b' lacks backup config/"),
+        "{}",
+        run.stdout
+    );
+}
