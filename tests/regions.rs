@@ -237,6 +237,30 @@ async fn restore_reads_on_from_the_next_region_holding_an_intact_copy() {
     assert!(run.stdout.contains("from repository 'b'"), "{}", run.stdout);
     tree::assert_same(&source, &into.join(source.strip_prefix("/").unwrap()));
 
+    // verify reads on too: A's copy is damaged, B's intact, so the backup is degraded (3);
+    // A alone has no intact copy (1).
+    let key = object_key.strip_prefix(&format!("{PREFIX}/")).unwrap();
+    let verify = lifeboat(&config, &["verify", "config"]);
+    verify.assert_code(3);
+    assert!(
+        verify.stdout.contains(&format!("DAMAGED  {key} in 'a'"))
+            && verify.stdout.contains(&format!("ok       {key} in 'b'")),
+        "{}",
+        verify.stdout
+    );
+    lifeboat(&config, &["verify", "config", "--from", "a"]).assert_code(1);
+    // replicate --verify replaces the damaged copy from B; then every copy checks out.
+    let replicate = lifeboat(&config, &["replicate", "config", "--verify"]);
+    replicate.assert_code(0);
+    assert!(
+        replicate.stdout.contains("replaced damaged config/")
+            && replicate.stdout.contains("from 'b' into 'a'"),
+        "{}",
+        replicate.stdout
+    );
+    lifeboat(&config, &["verify", "config"]).assert_code(0);
+    lifeboat(&config, &["verify", "config", "--from", "a"]).assert_code(0);
+
     // Region A's bucket is gone altogether: B still restores.
     region_a.delete_bucket_entirely(BUCKET).await;
     let into = work.path().join("restored-without-a");
@@ -247,6 +271,15 @@ async fn restore_reads_on_from_the_next_region_holding_an_intact_copy() {
     run.assert_code(0);
     assert!(run.stdout.contains("from repository 'b'"), "{}", run.stdout);
     tree::assert_same(&source, &into.join(source.strip_prefix("/").unwrap()));
+    let verify = lifeboat(&config, &["verify", "config"]);
+    verify.assert_code(3);
+    assert!(
+        verify
+            .stdout
+            .contains("warning: repository 'a' could not be listed"),
+        "{}",
+        verify.stdout
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

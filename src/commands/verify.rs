@@ -1,5 +1,8 @@
 //! `lifeboat verify [JOB]`: re-reads every object of every committed backup (or one), checks
-//! the stored and the decompressed checksum, and reports each damaged one.
+//! the stored and the decompressed checksum, and reports each damaged copy. With `--from`
+//! it reads that repository alone; otherwise each object is read from the first repository
+//! in config order that holds it, and a missing, unreadable or damaged copy moves on to the
+//! next — so the report says both what is damaged where and whether an intact copy exists.
 
 use std::fmt;
 
@@ -22,109 +25,253 @@ pub struct ObjectCheck {
     pub backup: String,
     /// The object's name, or "manifest.json" when the manifest itself is unreadable.
     pub object: String,
-    pub problem: Option<String>,
+    /// The repository whose copy checked out, if any did.
+    pub intact_in: Option<String>,
+    /// Copies found missing, unreadable or damaged on the way, by repository.
+    pub damaged_in: Vec<(String, String)>,
+}
+
+impl ObjectCheck {
+    fn key(&self) -> String {
+        format!("jobs/{}/backups/{}/{}", self.job, self.backup, self.object)
+    }
 }
 
 #[derive(Debug, Serialize)]
 pub struct VerifyReport {
-    pub repository: String,
+    /// The repositories read, in order.
+    pub repositories: Vec<String>,
     pub backups: usize,
     pub checks: Vec<ObjectCheck>,
+    /// Repositories that could not be listed, with the reason.
+    pub unreachable: Vec<(String, String)>,
 }
 
 impl VerifyReport {
-    pub fn damaged(&self) -> impl Iterator<Item = &ObjectCheck> {
-        self.checks.iter().filter(|c| c.problem.is_some())
+    /// Objects of which no intact copy was found.
+    pub fn lost(&self) -> impl Iterator<Item = &ObjectCheck> {
+        self.checks.iter().filter(|c| c.intact_in.is_none())
     }
 
-    /// Ok if nothing is damaged; otherwise the error that decides the exit code.
+    pub fn damaged_copies(&self) -> usize {
+        self.checks.iter().map(|c| c.damaged_in.len()).sum()
+    }
+
+    /// Ok if every copy read is intact. An object with no intact copy is a failure; damaged
+    /// copies with an intact one elsewhere, or a repository that could not be read, leave the
+    /// backups restorable but degraded.
     pub fn outcome(&self) -> Result<()> {
-        let damaged = self.damaged().count();
-        if damaged == 0 {
+        let lost = self.lost().count();
+        let place = match self.repositories.as_slice() {
+            [only] => format!("repository '{only}'"),
+            _ => "any repository".to_string(),
+        };
+        if lost > 0 {
+            return Err(Error::new(
+                ErrorKind::Verification,
+                format!("{lost} damaged object(s) in {place}"),
+            )
+            .with_hint("restore from another repository with `--from`, and take a new backup"));
+        }
+        let damaged = self.damaged_copies();
+        if damaged == 0 && self.unreachable.is_empty() {
             return Ok(());
         }
-        Err(Error::new(
-            ErrorKind::Verification,
+        let mut error = Error::new(
+            ErrorKind::Degraded,
             format!(
-                "{damaged} damaged object(s) in repository '{}'",
-                self.repository
+                "{damaged} damaged copy(ies) and {} unreachable repository(ies); every object has an intact copy",
+                self.unreachable.len()
             ),
-        )
-        .with_hint("restore from another repository with `--from`, and take a new backup"))
+        );
+        for (name, reason) in &self.unreachable {
+            error = error.with_hint(format!("repository '{name}': {reason}"));
+        }
+        Err(error.with_hint("run `lifeboat replicate --verify` to replace the damaged copies"))
     }
 }
 
 pub async fn run(config: &Config, options: &VerifyOptions) -> Result<VerifyReport> {
-    let repository = Repository::choose(config, options.from.as_deref()).await?;
+    let repositories = match &options.from {
+        Some(_) => vec![Repository::choose(config, options.from.as_deref()).await?],
+        None => Repository::open_all(config).await,
+    };
     let jobs: Vec<String> = match &options.job {
         Some(name) => vec![config.job(name)?.name.clone()],
         None => config.jobs.iter().map(|j| j.name.clone()).collect(),
     };
-    let mut checks = Vec::new();
-    let mut backups = 0;
+    let mut report = VerifyReport {
+        repositories: repositories.iter().map(|r| r.name.clone()).collect(),
+        backups: 0,
+        checks: Vec::new(),
+        unreachable: Vec::new(),
+    };
     for job in &jobs {
-        let ids = match &options.backup {
-            Some(wanted) => vec![repository.resolve_backup(job, wanted).await?],
-            None => repository.backup_ids(job).await?,
-        };
-        for id in ids {
-            backups += 1;
-            let manifest = match repository.read_manifest(job, &id).await {
-                Ok(manifest) => manifest,
+        // Each repository's backup ids; one that cannot be listed is reported, not fatal,
+        // unless it is the only one asked for.
+        let mut listed: Vec<(&Repository, Vec<String>)> = Vec::new();
+        for repository in &repositories {
+            match repository.backup_ids(job).await {
+                Ok(ids) => listed.push((repository, ids)),
+                Err(e) if options.from.is_some() => return Err(e),
                 Err(e) => {
-                    checks.push(ObjectCheck {
-                        job: job.clone(),
-                        backup: id.clone(),
-                        object: crate::layout::MANIFEST_NAME.to_string(),
-                        problem: Some(e.chain().join(": ")),
-                    });
-                    continue;
+                    if !report
+                        .unreachable
+                        .iter()
+                        .any(|(n, _)| n == &repository.name)
+                    {
+                        report
+                            .unreachable
+                            .push((repository.name.clone(), e.chain().join(": ")));
+                    }
                 }
-            };
-            for object in &manifest.objects {
-                let result = read_object(&repository, &manifest, object, |raw| {
-                    std::io::copy(raw, &mut std::io::sink())
-                })
-                .await;
-                if let Err(e) = &result {
-                    tracing::error!(job = %job, backup = %id, object = %object.name, error = %e, "damaged object");
-                }
-                checks.push(ObjectCheck {
-                    job: job.clone(),
-                    backup: id.clone(),
-                    object: object.name.clone(),
-                    problem: result.err().map(|e| e.chain().join(": ")),
-                });
             }
         }
+        let mut ids: Vec<String> = listed.iter().flat_map(|(_, ids)| ids.clone()).collect();
+        ids.sort_unstable_by(|a, b| b.cmp(a));
+        ids.dedup();
+        let ids = match options.backup.as_deref() {
+            None => ids,
+            Some("latest") => ids.into_iter().take(1).collect(),
+            Some(wanted) if ids.iter().any(|id| id == wanted) => vec![wanted.to_string()],
+            Some(wanted) => {
+                return Err(Error::new(
+                    ErrorKind::NotFound,
+                    format!(
+                        "unable to find backup '{wanted}' of job '{job}' in {}",
+                        report.repositories.join(", ")
+                    ),
+                )
+                .with_hint(format!(
+                    "run `lifeboat list {job}` to see the backups each repository holds"
+                )));
+            }
+        };
+        for id in ids {
+            report.backups += 1;
+            let sources: Vec<&Repository> = listed
+                .iter()
+                .filter(|(_, ids)| ids.contains(&id))
+                .map(|(repository, _)| *repository)
+                .collect();
+            verify_backup(job, &id, &sources, &mut report.checks).await;
+        }
     }
-    Ok(VerifyReport {
-        repository: repository.name.clone(),
-        backups,
-        checks,
-    })
+    Ok(report)
+}
+
+async fn verify_backup(
+    job: &str,
+    id: &str,
+    sources: &[&Repository],
+    checks: &mut Vec<ObjectCheck>,
+) {
+    let mut manifest_check = ObjectCheck {
+        job: job.to_string(),
+        backup: id.to_string(),
+        object: crate::layout::MANIFEST_NAME.to_string(),
+        intact_in: None,
+        damaged_in: Vec::new(),
+    };
+    let mut manifest = None;
+    for repository in sources {
+        match repository.read_manifest(job, id).await {
+            Ok(found) => {
+                manifest = Some(found);
+                break;
+            }
+            Err(e) => manifest_check
+                .damaged_in
+                .push((repository.name.clone(), e.chain().join(": "))),
+        }
+    }
+    let Some(manifest) = manifest else {
+        checks.push(manifest_check);
+        return;
+    };
+    if !manifest_check.damaged_in.is_empty() {
+        checks.push(manifest_check);
+    }
+    for object in &manifest.objects {
+        let mut check = ObjectCheck {
+            job: job.to_string(),
+            backup: id.to_string(),
+            object: object.name.clone(),
+            intact_in: None,
+            damaged_in: Vec::new(),
+        };
+        for repository in sources {
+            let result = read_object(repository, &manifest, object, |raw| {
+                std::io::copy(raw, &mut std::io::sink())
+            })
+            .await;
+            match result {
+                Ok(_) => {
+                    check.intact_in = Some(repository.name.clone());
+                    break;
+                }
+                Err(e) => {
+                    tracing::error!(job = %job, backup = %id, object = %object.name, repository = %repository.name, error = %e, "damaged copy");
+                    check
+                        .damaged_in
+                        .push((repository.name.clone(), e.chain().join(": ")));
+                }
+            }
+        }
+        checks.push(check);
+    }
 }
 
 impl fmt::Display for VerifyReport {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let several = self.repositories.len() > 1;
         for check in &self.checks {
-            let key = format!(
-                "jobs/{}/backups/{}/{}",
-                check.job, check.backup, check.object
-            );
-            match &check.problem {
-                None => writeln!(f, "ok       {key}")?,
-                Some(problem) => writeln!(f, "DAMAGED  {key}: {problem}")?,
+            let key = check.key();
+            for (repository, problem) in &check.damaged_in {
+                match several {
+                    true => writeln!(f, "DAMAGED  {key} in '{repository}': {problem}")?,
+                    false => writeln!(f, "DAMAGED  {key}: {problem}")?,
+                }
+            }
+            match (&check.intact_in, several) {
+                (Some(repository), true) => writeln!(f, "ok       {key} in '{repository}'")?,
+                (Some(_), false) => writeln!(f, "ok       {key}")?,
+                (None, true) => writeln!(f, "LOST     {key}: no intact copy in any repository")?,
+                (None, false) => {}
             }
         }
-        let damaged = self.damaged().count();
-        writeln!(
-            f,
-            "verified {} backup(s), {} object(s) in repository '{}': {} damaged",
-            self.backups,
-            self.checks.len(),
-            self.repository,
-            damaged
-        )
+        for (name, reason) in &self.unreachable {
+            writeln!(
+                f,
+                "warning: repository '{name}' could not be listed: {reason}"
+            )?;
+        }
+        let objects = self.checks.len();
+        let place = self
+            .repositories
+            .iter()
+            .map(|r| format!("'{r}'"))
+            .collect::<Vec<_>>()
+            .join(", ");
+        let noun = if several {
+            "repositories"
+        } else {
+            "repository"
+        };
+        match several {
+            false => writeln!(
+                f,
+                "verified {} backup(s), {objects} object(s) in {noun} {place}: {} damaged",
+                self.backups,
+                self.lost().count()
+            ),
+            true => writeln!(
+                f,
+                "verified {} backup(s), {objects} object(s) in {noun} {place}: {} damaged copy(ies), {} object(s) without an intact copy",
+                self.backups,
+                self.damaged_copies(),
+                self.lost().count()
+            ),
+        }
     }
 }

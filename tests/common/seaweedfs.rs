@@ -184,7 +184,7 @@ impl SeaweedFs {
     /// coming back.
     pub async fn restart(&mut self) {
         self.spawn();
-        if !self.wait_ready().await {
+        if !self.wait_ready().await || !self.wait_writable().await {
             let log =
                 std::fs::read_to_string(self.data.path().join("weed.log")).unwrap_or_default();
             panic!(
@@ -192,6 +192,36 @@ impl SeaweedFs {
                 self.endpoint
             );
         }
+    }
+
+    /// After a restart ListBuckets answers before the volume server has rejoined: wait
+    /// until an object can be written and read back (in a bucket of its own).
+    async fn wait_writable(&self) -> bool {
+        let client = self.client();
+        let _ = client.create_bucket().bucket("ready-probe").send().await;
+        let deadline = Instant::now() + Duration::from_secs(40);
+        while Instant::now() < deadline {
+            let put = client
+                .put_object()
+                .bucket("ready-probe")
+                .key("probe")
+                .body(aws_sdk_s3::primitives::ByteStream::from_static(b"probe"))
+                .send()
+                .await;
+            if put.is_ok()
+                && client
+                    .get_object()
+                    .bucket("ready-probe")
+                    .key("probe")
+                    .send()
+                    .await
+                    .is_ok()
+            {
+                return true;
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        false
     }
 
     pub async fn object(&self, bucket: &str, key: &str) -> Vec<u8> {
