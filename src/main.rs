@@ -9,7 +9,7 @@ use clap::{Parser, Subcommand, ValueEnum};
 
 mod terminal;
 
-use lifeboat::commands::{backup, check, init, list, replicate, restore, show, verify};
+use lifeboat::commands::{backup, check, drill, init, list, replicate, restore, show, verify};
 use lifeboat::config::{Config, DEFAULT_CONFIG_PATH};
 use lifeboat::error::exit_code;
 use lifeboat::{Error, Result};
@@ -59,6 +59,11 @@ enum Command {
     },
     /// Validate the config and reach every repository and source.
     Check,
+    /// Restore drills: restore into a throw-away target, run checks, measure RTO and RPO.
+    Drill {
+        #[command(subcommand)]
+        action: DrillAction,
+    },
     /// Copy into each repository the backups (or objects) it lacks, from one that holds them.
     Replicate {
         /// Only this job's backups.
@@ -123,6 +128,20 @@ enum Command {
         /// Repository to verify (default: the first in the config).
         #[arg(long)]
         from: Option<String>,
+        #[arg(long, value_enum, default_value_t = OutputFormat::Text)]
+        format: OutputFormat,
+    },
+}
+
+#[derive(Subcommand)]
+enum DrillAction {
+    /// Run a drill file; exit 0 only if every check passes and RTO and RPO meet their targets.
+    Run {
+        /// The drill file (drills/*.toml).
+        file: PathBuf,
+        /// Where to write the JSON and Markdown reports.
+        #[arg(long, default_value = "drill-reports")]
+        report_dir: PathBuf,
         #[arg(long, value_enum, default_value_t = OutputFormat::Text)]
         format: OutputFormat,
     },
@@ -276,6 +295,18 @@ async fn run(cli: Cli) -> Result<i32> {
                 }
             }
             return Ok(summary.exit_code());
+        }
+        Command::Drill {
+            action:
+                DrillAction::Run {
+                    file,
+                    report_dir,
+                    format,
+                },
+        } => {
+            let report = drill::run(&config, &drill::DrillOptions { file, report_dir }).await?;
+            print(&report, format);
+            report.outcome()?;
         }
         Command::Replicate {
             job,

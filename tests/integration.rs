@@ -5,6 +5,7 @@ mod common;
 mod config_errors;
 mod conformance;
 mod damaged;
+mod drills;
 mod failed_backup;
 mod files_round_trip;
 mod postgres_logical;

@@ -3,6 +3,7 @@
 
 pub mod backup;
 pub mod check;
+pub mod drill;
 pub mod init;
 pub mod list;
 pub mod replicate;

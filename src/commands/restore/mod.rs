@@ -189,6 +189,16 @@ impl Selected {
     }
 }
 
+/// The manifest of the backup a restore with these arguments would use (see `select`).
+pub async fn find_backup(
+    config: &Config,
+    job: &str,
+    wanted: &str,
+    from: Option<&str>,
+) -> Result<Manifest> {
+    Ok(select(config, job, wanted, from).await?.manifest)
+}
+
 /// Finds the backup: `--from` alone, else every repository in config order (one that
 /// cannot be listed is passed over with a warning). "latest" is the newest backup any of
 /// them holds.

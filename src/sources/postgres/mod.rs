@@ -10,10 +10,12 @@ pub mod archive;
 mod binaries;
 mod connection;
 pub mod logical;
+mod scratch;
 mod target;
 
 pub use binaries::Binaries;
 pub use connection::{ChildAuth, Connection};
+pub use scratch::ScratchCluster;
 pub use target::Target;
 
 /// Quotes an SQL identifier: `"name"`, with inner quotes doubled.

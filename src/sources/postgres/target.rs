@@ -84,4 +84,23 @@ impl Target {
             .await
             .map_err(|e| query_error(&self.connection, &format!("drop database '{database}'"), e))
     }
+
+    /// The first column of the first row `sql` returns, as PostgreSQL prints it; None for
+    /// no row or NULL. For drill checks, which compare what an operator would see in psql.
+    pub async fn first_value(&self, sql: &str) -> Result<Option<String>> {
+        let messages = self
+            .client
+            .simple_query(sql)
+            .await
+            .map_err(|e| query_error(&self.connection, &format!("run `{sql}`"), e))?;
+        Ok(messages
+            .into_iter()
+            .find_map(|message| match message {
+                tokio_postgres::SimpleQueryMessage::Row(row) => {
+                    Some(row.get(0).map(str::to_string))
+                }
+                _ => None,
+            })
+            .flatten())
+    }
 }

@@ -1,0 +1,185 @@
+//! What a drill check expects of a value or a restored file, and whether it holds.
+
+use std::path::Path;
+
+use sha2::{Digest, Sha256};
+
+#[derive(Debug)]
+pub enum Expectation {
+    NonEmpty,
+    Compare(Operator, String),
+    Matches(regex::Regex),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Operator {
+    Eq,
+    Ne,
+    Ge,
+    Gt,
+    Le,
+    Lt,
+}
+
+impl Operator {
+    fn symbol(self) -> &'static str {
+        match self {
+            Operator::Eq => "=",
+            Operator::Ne => "!=",
+            Operator::Ge => ">=",
+            Operator::Gt => ">",
+            Operator::Le => "<=",
+            Operator::Lt => "<",
+        }
+    }
+}
+
+impl Expectation {
+    /// `= 42`, `>= 1000`, `!= 0`, `non-empty`, or `~ REGEX`.
+    pub fn parse(text: &str) -> Result<Expectation, String> {
+        let text = text.trim();
+        if text == "non-empty" {
+            return Ok(Expectation::NonEmpty);
+        }
+        if let Some(pattern) = text.strip_prefix('~') {
+            return regex::Regex::new(pattern.trim())
+                .map(Expectation::Matches)
+                .map_err(|e| format!("invalid regex: {e}"));
+        }
+        for (symbol, operator) in [
+            (">=", Operator::Ge),
+            ("<=", Operator::Le),
+            ("!=", Operator::Ne),
+            ("=", Operator::Eq),
+            (">", Operator::Gt),
+            ("<", Operator::Lt),
+        ] {
+            if let Some(value) = text.strip_prefix(symbol) {
+                let value = value.trim();
+                if value.is_empty() {
+                    return Err(format!("\"{text}\" has no value to compare with"));
+                }
+                if !matches!(operator, Operator::Eq | Operator::Ne) && value.parse::<f64>().is_err()
+                {
+                    return Err(format!("\"{text}\": {symbol} compares numbers"));
+                }
+                return Ok(Expectation::Compare(operator, value.to_string()));
+            }
+        }
+        Err(format!(
+            "\"{text}\" is not an expectation; write \"= 42\", \">= 1000\", \"!= 0\", \"non-empty\" or \"~ REGEX\""
+        ))
+    }
+
+    /// Whether `value` (None for no row or NULL) meets the expectation.
+    pub fn holds(&self, value: Option<&str>) -> bool {
+        let Some(value) = value else {
+            return false;
+        };
+        match self {
+            Expectation::NonEmpty => !value.is_empty(),
+            Expectation::Matches(regex) => regex.is_match(value),
+            Expectation::Compare(operator, wanted) => {
+                match (value.trim().parse::<f64>(), wanted.parse::<f64>()) {
+                    (Ok(got), Ok(wanted)) => match operator {
+                        Operator::Eq => got == wanted,
+                        Operator::Ne => got != wanted,
+                        Operator::Ge => got >= wanted,
+                        Operator::Gt => got > wanted,
+                        Operator::Le => got <= wanted,
+                        Operator::Lt => got < wanted,
+                    },
+                    _ => match operator {
+                        Operator::Eq => value == wanted,
+                        Operator::Ne => value != wanted,
+                        _ => false,
+                    },
+                }
+            }
+        }
+    }
+}
+
+impl std::fmt::Display for Expectation {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Expectation::NonEmpty => write!(f, "non-empty"),
+            Expectation::Matches(regex) => write!(f, "~ {}", regex.as_str()),
+            Expectation::Compare(operator, value) => write!(f, "{} {value}", operator.symbol()),
+        }
+    }
+}
+
+#[derive(Debug)]
+pub enum PathExpectation {
+    Exists(bool),
+    Sha256(String),
+    Contains(String),
+}
+
+impl std::fmt::Display for PathExpectation {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            PathExpectation::Exists(true) => write!(f, "exists"),
+            PathExpectation::Exists(false) => write!(f, "does not exist"),
+            PathExpectation::Sha256(sha) => write!(f, "sha256 {sha}"),
+            PathExpectation::Contains(text) => write!(f, "contains \"{text}\""),
+        }
+    }
+}
+
+impl PathExpectation {
+    /// Checks `path`; returns whether it holds and what was found.
+    pub fn check(&self, path: &Path) -> (bool, String) {
+        match self {
+            PathExpectation::Exists(wanted) => {
+                let exists = std::fs::symlink_metadata(path).is_ok();
+                (
+                    exists == *wanted,
+                    if exists { "exists" } else { "missing" }.to_string(),
+                )
+            }
+            PathExpectation::Sha256(wanted) => match std::fs::read(path) {
+                Ok(bytes) => {
+                    let got = hex::encode(Sha256::digest(&bytes));
+                    (got == *wanted, format!("sha256 {got}"))
+                }
+                Err(e) => (false, format!("unreadable: {e}")),
+            },
+            PathExpectation::Contains(text) => match std::fs::read(path) {
+                Ok(bytes) => {
+                    let found = String::from_utf8_lossy(&bytes).contains(text.as_str());
+                    (found, if found { "found" } else { "not found" }.to_string())
+                }
+                Err(e) => (false, format!("unreadable: {e}")),
+            },
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn expectations_parse_and_hold() {
+        let at_least = Expectation::parse(">= 1000").unwrap();
+        assert!(at_least.holds(Some("1000")));
+        assert!(at_least.holds(Some("1000000")));
+        assert!(!at_least.holds(Some("999")));
+        assert!(!at_least.holds(None));
+        assert!(Expectation::parse("= 42").unwrap().holds(Some("42")));
+        assert!(Expectation::parse("= paid").unwrap().holds(Some("paid")));
+        assert!(!Expectation::parse("!= 0").unwrap().holds(Some("0")));
+        assert!(Expectation::parse("non-empty").unwrap().holds(Some("x")));
+        assert!(!Expectation::parse("non-empty").unwrap().holds(Some("")));
+        assert!(
+            Expectation::parse("~ ^2026-")
+                .unwrap()
+                .holds(Some("2026-11-26"))
+        );
+        assert!(Expectation::parse("about 3").is_err());
+        assert!(Expectation::parse("> many").is_err());
+        assert!(Expectation::parse("~ (").is_err());
+    }
+}

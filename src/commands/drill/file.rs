@@ -1,0 +1,322 @@
+//! Drill files (`drills/*.toml`): what to restore, from where, into what, the targets, and
+//! the checks. Every error names the file, the line and the field.
+
+use std::ops::Range;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+use toml::Spanned;
+
+use super::check::{Expectation, PathExpectation};
+use crate::error::{Error, Result};
+
+#[derive(Debug)]
+pub struct Drill {
+    pub path: PathBuf,
+    pub name: String,
+    pub description: Option<String>,
+    pub job: String,
+    /// Restore from this repository alone (to play the loss of the others).
+    pub from: Option<String>,
+    /// "latest" or a backup id.
+    pub backup: String,
+    pub target: DrillTarget,
+    /// For `postgres` jobs: the database to restore and check (default: every database).
+    pub database: Option<String>,
+    pub rto: Duration,
+    pub rpo: Duration,
+    pub checks: Vec<Check>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DrillTarget {
+    /// A throw-away cluster (or directory, for `files` jobs) made for the drill and removed
+    /// after it.
+    Scratch,
+    /// An existing server, for `postgres` jobs.
+    Dsn(String),
+}
+
+#[derive(Debug)]
+pub struct Check {
+    pub name: String,
+    pub kind: CheckKind,
+}
+
+#[derive(Debug)]
+pub enum CheckKind {
+    Sql {
+        sql: String,
+        database: Option<String>,
+        expect: Expectation,
+        /// Its result is the newest data actually recovered (a timestamp).
+        rpo_marker: bool,
+    },
+    Path {
+        /// Relative to the restored tree; a leading `/` is the source's absolute path.
+        path: PathBuf,
+        expect: PathExpectation,
+    },
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawDrill {
+    name: Spanned<String>,
+    description: Option<String>,
+    job: Spanned<String>,
+    from: Option<Spanned<String>>,
+    backup: Option<Spanned<String>>,
+    target: Option<Spanned<String>>,
+    database: Option<Spanned<String>>,
+    rto: Option<Spanned<String>>,
+    rpo: Option<Spanned<String>>,
+    #[serde(default)]
+    check: Vec<Spanned<RawCheck>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawCheck {
+    name: Spanned<String>,
+    sql: Option<Spanned<String>>,
+    database: Option<String>,
+    expect: Option<Spanned<String>>,
+    #[serde(default)]
+    rpo_marker: bool,
+    path: Option<Spanned<String>>,
+    exists: Option<bool>,
+    sha256: Option<Spanned<String>>,
+    contains: Option<String>,
+}
+
+/// Reads the source text, to turn spans into line numbers.
+struct Source<'a> {
+    path: &'a Path,
+    text: &'a str,
+}
+
+impl Source<'_> {
+    fn line(&self, span: Range<usize>) -> usize {
+        self.text[..span.start.min(self.text.len())]
+            .matches('\n')
+            .count()
+            + 1
+    }
+
+    fn error(&self, span: Range<usize>, field: &str, problem: impl std::fmt::Display) -> Error {
+        Error::config(format!(
+            "invalid drill file '{}', line {}: {field}: {problem}",
+            self.path.display(),
+            self.line(span)
+        ))
+    }
+}
+
+fn duration(
+    source: &Source,
+    field: &str,
+    value: Option<&Spanned<String>>,
+    default: &str,
+) -> Result<Duration> {
+    let Some(value) = value else {
+        return Ok(humantime::parse_duration(default).expect("default durations parse"));
+    };
+    match humantime::parse_duration(value.get_ref()) {
+        Ok(d) if !d.is_zero() => Ok(d),
+        Ok(_) => Err(source.error(value.span(), field, "must be longer than zero")),
+        Err(e) => Err(source.error(
+            value.span(),
+            field,
+            format!(
+                "invalid duration \"{}\" ({e}); write it like \"4h\", \"90min\" or \"1h 30min\"",
+                value.get_ref()
+            ),
+        )),
+    }
+}
+
+impl Drill {
+    pub fn load(path: &Path) -> Result<Drill> {
+        let text = std::fs::read_to_string(path).map_err(|e| {
+            Error::config(format!("unable to read drill file '{}'", path.display())).with_source(e)
+        })?;
+        Drill::parse(&text, path)
+    }
+
+    pub fn parse(text: &str, path: &Path) -> Result<Drill> {
+        let source = Source { path, text };
+        let raw: RawDrill = toml::from_str(text).map_err(|e| {
+            let line = e.span().map(|span| source.line(span)).unwrap_or(1);
+            Error::config(format!(
+                "invalid drill file '{}', line {line}: {}",
+                path.display(),
+                e.message().trim_end()
+            ))
+        })?;
+        let target = match raw.target.as_ref().map(|t| t.get_ref().as_str()) {
+            None | Some("scratch") => DrillTarget::Scratch,
+            Some(dsn) if dsn.contains('=') || dsn.starts_with("postgres") => {
+                DrillTarget::Dsn(dsn.to_string())
+            }
+            Some(other) => {
+                return Err(source.error(
+                    raw.target.as_ref().expect("matched").span(),
+                    "target",
+                    format!("must be \"scratch\" or a PostgreSQL DSN (got \"{other}\")"),
+                ));
+            }
+        };
+        let mut checks = Vec::new();
+        let mut markers = 0;
+        for (index, spanned) in raw.check.iter().enumerate() {
+            let field = |name: &str| format!("check[{index}].{name}");
+            let check = spanned.get_ref();
+            let kind = match (&check.sql, &check.path) {
+                (Some(sql), None) => {
+                    let expect = match &check.expect {
+                        None => Expectation::NonEmpty,
+                        Some(text) => Expectation::parse(text.get_ref()).map_err(|problem| {
+                            source.error(text.span(), &field("expect"), problem)
+                        })?,
+                    };
+                    markers += check.rpo_marker as usize;
+                    if sql.get_ref().trim().is_empty() {
+                        return Err(source.error(sql.span(), &field("sql"), "is empty"));
+                    }
+                    CheckKind::Sql {
+                        sql: sql.get_ref().clone(),
+                        database: check.database.clone(),
+                        expect,
+                        rpo_marker: check.rpo_marker,
+                    }
+                }
+                (None, Some(path)) => {
+                    let expect = match (&check.sha256, &check.contains, check.exists) {
+                        (Some(sha), None, None | Some(true)) => {
+                            let hex = sha.get_ref().to_ascii_lowercase();
+                            if hex.len() != 64 || !hex.bytes().all(|b| b.is_ascii_hexdigit()) {
+                                return Err(source.error(
+                                    sha.span(),
+                                    &field("sha256"),
+                                    "must be 64 hex digits",
+                                ));
+                            }
+                            PathExpectation::Sha256(hex)
+                        }
+                        (None, Some(text), None | Some(true)) => {
+                            PathExpectation::Contains(text.clone())
+                        }
+                        (None, None, exists) => PathExpectation::Exists(exists.unwrap_or(true)),
+                        _ => {
+                            return Err(source.error(
+                                path.span(),
+                                &field("path"),
+                                "takes one of sha256, contains or exists",
+                            ));
+                        }
+                    };
+                    CheckKind::Path {
+                        path: PathBuf::from(path.get_ref()),
+                        expect,
+                    }
+                }
+                _ => {
+                    return Err(source.error(
+                        spanned.span(),
+                        &format!("check[{index}]"),
+                        "needs either sql (with expect) or path",
+                    ));
+                }
+            };
+            checks.push(Check {
+                name: check.name.get_ref().clone(),
+                kind,
+            });
+        }
+        if markers > 1 {
+            return Err(Error::config(format!(
+                "invalid drill file '{}': check: only one check may be the rpo_marker ({markers} are)",
+                path.display()
+            )));
+        }
+        Ok(Drill {
+            path: path.to_path_buf(),
+            name: raw.name.get_ref().clone(),
+            description: raw.description,
+            job: raw.job.get_ref().clone(),
+            from: raw.from.map(|f| f.into_inner()),
+            backup: raw
+                .backup
+                .map(|b| b.into_inner())
+                .unwrap_or_else(|| "latest".to_string()),
+            target,
+            database: raw.database.map(|d| d.into_inner()),
+            rto: duration(&source, "rto", raw.rto.as_ref(), "4h")?,
+            rpo: duration(&source, "rpo", raw.rpo.as_ref(), "1h")?,
+            checks,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<Drill> {
+        Drill::parse(text, Path::new("drills/x.toml"))
+    }
+
+    #[test]
+    fn a_full_drill_parses_with_defaults() {
+        let drill = parse(
+            "name = \"region-loss\"\njob = \"maindb\"\nfrom = \"dr\"\n\n[[check]]\nname = \"orders\"\nsql = \"select count(*) from orders\"\nexpect = \">= 1000\"\n\n[[check]]\nname = \"fresh\"\nsql = \"select max(at) from t\"\nrpo_marker = true\n",
+        )
+        .unwrap();
+        assert_eq!(drill.backup, "latest");
+        assert_eq!(drill.target, DrillTarget::Scratch);
+        assert_eq!(drill.rto, Duration::from_secs(4 * 3600));
+        assert_eq!(drill.rpo, Duration::from_secs(3600));
+        assert_eq!(drill.checks.len(), 2);
+    }
+
+    #[test]
+    fn errors_name_the_file_line_and_field() {
+        let err = parse("name = \"x\"\njob = \"db\"\n\n[[check]]\nname = \"c\"\nsql = \"select 1\"\nexpect = \"about 3\"\n").unwrap_err();
+        assert!(
+            err.message()
+                .starts_with("invalid drill file 'drills/x.toml', line 7: check[0].expect:"),
+            "{}",
+            err.message()
+        );
+        let err = parse("name = \"x\"\njob = \"db\"\nrto = \"soon\"\n").unwrap_err();
+        assert!(
+            err.message().contains("line 3: rto: invalid duration"),
+            "{}",
+            err.message()
+        );
+        let err = parse("name = \"x\"\njob = \"db\"\ncolour = \"red\"\n").unwrap_err();
+        assert!(
+            err.message().contains("line 3") && err.message().contains("colour"),
+            "{}",
+            err.message()
+        );
+        let err = parse("name = \"x\"\n").unwrap_err();
+        assert!(err.message().contains("job"), "{}", err.message());
+    }
+
+    #[test]
+    fn the_shipped_drills_parse() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("drills");
+        let mut parsed = 0;
+        for entry in std::fs::read_dir(dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.extension().is_some_and(|e| e == "toml") {
+                Drill::load(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+                parsed += 1;
+            }
+        }
+        assert!(parsed >= 2);
+    }
+}

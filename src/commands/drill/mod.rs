@@ -1,0 +1,329 @@
+//! `lifeboat drill run FILE`: a scripted restore drill. t0 is the moment the disaster is
+//! declared; each phase is timed (find the backup, start the target, restore — download,
+//! verify, load — and the checks). RTO is t0 until every check passed; RPO is t0 minus the
+//! newest data actually restored (the `rpo_marker` check, else the job's heartbeat row, else
+//! the backup's recovery point). PASS only if every check holds and both targets are met.
+
+mod check;
+mod file;
+mod report;
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use chrono::{DateTime, Utc};
+
+pub use file::{Drill, DrillTarget};
+pub use report::{CheckResult, DrillReport, Measured, Phase};
+
+use super::restore::{self, PostgresRestoreOptions, RestoreOptions};
+use crate::config::{Config, JobSource};
+use crate::error::{Error, ErrorKind, Result};
+use crate::manifest::Manifest;
+use crate::sources::postgres::{Binaries, Connection, ScratchCluster, Target};
+use file::CheckKind;
+
+pub struct DrillOptions {
+    pub file: PathBuf,
+    /// Where the JSON and Markdown reports are written.
+    pub report_dir: PathBuf,
+}
+
+/// Times the phases of a drill from t0.
+struct Clock {
+    t0: Instant,
+    phases: Vec<Phase>,
+}
+
+impl Clock {
+    fn phase(&mut self, name: &str, started: Instant) {
+        self.phases.push(Phase {
+            name: name.to_string(),
+            started_after: started.duration_since(self.t0).as_secs_f64(),
+            seconds: started.elapsed().as_secs_f64(),
+        });
+    }
+}
+
+pub async fn run(config: &Config, options: &DrillOptions) -> Result<DrillReport> {
+    let drill = Drill::load(&options.file)?;
+    let job = config.job(&drill.job).map_err(|e| {
+        Error::config(format!(
+            "invalid drill file '{}': job: {}",
+            drill.path.display(),
+            e.message()
+        ))
+    })?;
+    let declared_at = Utc::now();
+    let mut clock = Clock {
+        t0: Instant::now(),
+        phases: Vec::new(),
+    };
+    tracing::info!(drill = %drill.name, job = %drill.job, "drill started");
+
+    let started = Instant::now();
+    let manifest =
+        restore::find_backup(config, &job.name, &drill.backup, drill.from.as_deref()).await?;
+    clock.phase("find backup", started);
+
+    let outcome = match &job.source {
+        JobSource::Postgres(postgres) => {
+            run_postgres(
+                config,
+                &drill,
+                &manifest,
+                postgres.bin_dir.as_deref(),
+                postgres.heartbeat,
+                &mut clock,
+            )
+            .await?
+        }
+        JobSource::Files(_) => run_files(config, &drill, &mut clock).await?,
+    };
+    let rto = clock.t0.elapsed();
+
+    let (rpo_marker, marker_source) = match outcome.marker {
+        Some((at, source)) => (at, source),
+        None => (
+            manifest.recovery_point,
+            "the backup's recovery_point".to_string(),
+        ),
+    };
+    let rpo = (declared_at - rpo_marker).to_std().unwrap_or_default();
+    let checks_pass = outcome.checks.iter().all(|c| c.passed);
+    let report = DrillReport {
+        drill: drill.name.clone(),
+        description: drill.description.clone(),
+        file: drill.path.display().to_string(),
+        job: job.name.clone(),
+        kind: manifest.kind.clone(),
+        backup: manifest.id.clone(),
+        repositories: outcome.repositories,
+        target: outcome.target,
+        declared_at,
+        finished_at: Utc::now(),
+        rto: Measured::new(drill.rto, rto),
+        rpo: Measured::new(drill.rpo, rpo),
+        rpo_marker,
+        rpo_marker_source: marker_source,
+        phases: clock.phases,
+        checks: outcome.checks,
+        restored_bytes: manifest.raw_size(),
+        stored_bytes: manifest.stored_size(),
+        server_version: manifest.source.server_version.clone(),
+        lifeboat_version: env!("CARGO_PKG_VERSION").to_string(),
+        host: super::backup::host_name(),
+        passed: false,
+        written: Vec::new(),
+    };
+    let mut report = report.judged(checks_pass);
+    report.write(&options.report_dir)?;
+    Ok(report)
+}
+
+/// What restoring and checking produced.
+struct Outcome {
+    repositories: Vec<String>,
+    target: String,
+    checks: Vec<CheckResult>,
+    /// The newest data restored, and how it was found.
+    marker: Option<(DateTime<Utc>, String)>,
+}
+
+fn server_major(manifest: &Manifest) -> u32 {
+    manifest
+        .source
+        .server_version
+        .as_deref()
+        .and_then(|v| v.split(|c: char| !c.is_ascii_digit()).next())
+        .and_then(|major| major.parse().ok())
+        .unwrap_or(0)
+}
+
+async fn run_postgres(
+    config: &Config,
+    drill: &Drill,
+    manifest: &Manifest,
+    bin_dir: Option<&Path>,
+    heartbeat: bool,
+    clock: &mut Clock,
+) -> Result<Outcome> {
+    let started = Instant::now();
+    let (scratch, dsn) = match &drill.target {
+        DrillTarget::Scratch => {
+            let binaries = Binaries::find(bin_dir, server_major(manifest))?;
+            let cluster = ScratchCluster::start(&binaries).await?;
+            let dsn = cluster.dsn("postgres");
+            (Some(cluster), dsn)
+        }
+        DrillTarget::Dsn(dsn) => (None, dsn.clone()),
+    };
+    clock.phase("start target", started);
+
+    let started = Instant::now();
+    let restored = restore::run(
+        config,
+        &RestoreOptions {
+            job: drill.job.clone(),
+            backup: manifest.id.clone(),
+            from: drill.from.clone(),
+            into: None,
+            postgres: PostgresRestoreOptions {
+                target: Some(dsn.clone()),
+                database: drill.database.clone(),
+                jobs: 2,
+                globals: scratch.is_some(),
+                ..PostgresRestoreOptions::default()
+            },
+        },
+    )
+    .await?;
+    clock.phase("restore (download, verify, load)", started);
+
+    let started = Instant::now();
+    let default_database = drill
+        .database
+        .clone()
+        .or_else(|| {
+            manifest
+                .source
+                .databases
+                .iter()
+                .find(|d| *d != "postgres")
+                .cloned()
+        })
+        .unwrap_or_else(|| "postgres".to_string());
+    let server = Connection::from_dsn(&dsn)?;
+    let mut checks = Vec::new();
+    let mut marker = None;
+    for check in &drill.checks {
+        let CheckKind::Sql {
+            sql,
+            database,
+            expect,
+            rpo_marker,
+        } = &check.kind
+        else {
+            checks.push(CheckResult::failed(
+                check,
+                "a path check in a postgres drill".into(),
+            ));
+            continue;
+        };
+        let database = database.as_deref().unwrap_or(&default_database);
+        let value = match Target::open(&server.with_database(database)).await {
+            Ok(target) => target.first_value(sql).await,
+            Err(e) => Err(e),
+        };
+        match value {
+            Ok(value) => {
+                if *rpo_marker {
+                    marker = value
+                        .as_deref()
+                        .and_then(parse_timestamp)
+                        .map(|at| (at, format!("check '{}'", check.name)));
+                }
+                checks.push(CheckResult {
+                    name: check.name.clone(),
+                    passed: expect.holds(value.as_deref()),
+                    expected: expect.to_string(),
+                    returned: value.unwrap_or_else(|| "NULL (no row)".to_string()),
+                });
+            }
+            Err(e) => checks.push(CheckResult::failed(check, e.chain().join(": "))),
+        }
+    }
+    if marker.is_none() && heartbeat {
+        let sql = format!(
+            "select at from lifeboat.heartbeat where job = '{}'",
+            drill.job.replace('\'', "''")
+        );
+        if let Ok(target) = Target::open(&server.with_database(&default_database)).await
+            && let Ok(Some(at)) = target.first_value(&sql).await
+            && let Some(at) = parse_timestamp(&at)
+        {
+            marker = Some((at, format!("the heartbeat row in '{default_database}'")));
+        }
+    }
+    clock.phase("checks", started);
+    drop(scratch);
+    Ok(Outcome {
+        repositories: restored.repositories,
+        target: match &drill.target {
+            DrillTarget::Scratch => "a scratch PostgreSQL cluster (removed after the drill)".into(),
+            DrillTarget::Dsn(_) => restored.target,
+        },
+        checks,
+        marker,
+    })
+}
+
+async fn run_files(config: &Config, drill: &Drill, clock: &mut Clock) -> Result<Outcome> {
+    let scratch = tempfile::Builder::new()
+        .prefix("lifeboat-drill-")
+        .tempdir()
+        .map_err(|e| {
+            Error::new(ErrorKind::Target, "unable to create a scratch directory").with_source(e)
+        })?;
+    let into = scratch.path().join("restored");
+    let started = Instant::now();
+    let restored = restore::run(
+        config,
+        &RestoreOptions {
+            job: drill.job.clone(),
+            backup: drill.backup.clone(),
+            from: drill.from.clone(),
+            into: Some(into.clone()),
+            postgres: PostgresRestoreOptions::default(),
+        },
+    )
+    .await?;
+    clock.phase("restore (download, verify, unpack)", started);
+    let started = Instant::now();
+    let mut checks = Vec::new();
+    for check in &drill.checks {
+        let CheckKind::Path { path, expect } = &check.kind else {
+            checks.push(CheckResult::failed(
+                check,
+                "an SQL check in a files drill".into(),
+            ));
+            continue;
+        };
+        let relative = path.strip_prefix("/").unwrap_or(path);
+        let (passed, returned) = expect.check(&into.join(relative));
+        checks.push(CheckResult {
+            name: check.name.clone(),
+            passed,
+            expected: format!("{} {expect}", path.display()),
+            returned,
+        });
+    }
+    clock.phase("checks", started);
+    Ok(Outcome {
+        repositories: restored.repositories,
+        target: "a scratch directory (removed after the drill)".into(),
+        checks,
+        marker: None,
+    })
+}
+
+/// A timestamp as PostgreSQL prints one (`2026-11-26 03:00:00.123+00`), or RFC 3339.
+fn parse_timestamp(text: &str) -> Option<DateTime<Utc>> {
+    let text = text.trim();
+    DateTime::parse_from_rfc3339(text)
+        .ok()
+        .or_else(|| DateTime::parse_from_str(text, "%Y-%m-%d %H:%M:%S%.f%#z").ok())
+        .map(|at| at.to_utc())
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn postgres_timestamps_parse() {
+        let at = super::parse_timestamp("2026-11-26 03:00:00.25+00").unwrap();
+        assert_eq!(at.to_rfc3339(), "2026-11-26T03:00:00.250+00:00");
+        assert!(super::parse_timestamp("2026-11-26 04:00:00+01").is_some());
+        assert!(super::parse_timestamp("2026-11-26T03:00:00Z").is_some());
+        assert!(super::parse_timestamp("yesterday").is_none());
+    }
+}

@@ -1,0 +1,290 @@
+//! A drill's report: JSON for machines and Markdown for people (verdict first, targets
+//! against what was measured, the phase timeline, every check), written side by side.
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use serde::Serialize;
+
+use super::file::{Check, CheckKind};
+use crate::commands::{human_duration, human_size};
+use crate::error::{Error, ErrorKind, Result};
+
+#[derive(Debug, Serialize)]
+pub struct Phase {
+    pub name: String,
+    /// Seconds from t0 to the phase's start.
+    pub started_after: f64,
+    pub seconds: f64,
+}
+
+#[derive(Debug, Serialize)]
+pub struct CheckResult {
+    pub name: String,
+    pub passed: bool,
+    pub expected: String,
+    pub returned: String,
+}
+
+impl CheckResult {
+    pub(super) fn failed(check: &Check, why: String) -> CheckResult {
+        let expected = match &check.kind {
+            CheckKind::Sql { expect, .. } => expect.to_string(),
+            CheckKind::Path { path, expect } => format!("{} {expect}", path.display()),
+        };
+        CheckResult {
+            name: check.name.clone(),
+            passed: false,
+            expected,
+            returned: format!("error: {why}"),
+        }
+    }
+}
+
+/// A target against what was measured, in seconds.
+#[derive(Debug, Serialize)]
+pub struct Measured {
+    pub target_seconds: f64,
+    pub measured_seconds: f64,
+    pub met: bool,
+}
+
+impl Measured {
+    pub fn new(target: Duration, measured: Duration) -> Measured {
+        Measured {
+            target_seconds: target.as_secs_f64(),
+            measured_seconds: measured.as_secs_f64(),
+            met: measured <= target,
+        }
+    }
+}
+
+#[derive(Debug, Serialize)]
+pub struct DrillReport {
+    pub drill: String,
+    pub description: Option<String>,
+    pub file: String,
+    pub job: String,
+    pub kind: String,
+    pub backup: String,
+    /// The repositories the restore read from.
+    pub repositories: Vec<String>,
+    pub target: String,
+    /// t0: the moment the disaster was declared.
+    pub declared_at: DateTime<Utc>,
+    pub finished_at: DateTime<Utc>,
+    pub rto: Measured,
+    pub rpo: Measured,
+    /// The newest data restored, which RPO is measured to.
+    pub rpo_marker: DateTime<Utc>,
+    pub rpo_marker_source: String,
+    pub phases: Vec<Phase>,
+    pub checks: Vec<CheckResult>,
+    pub restored_bytes: u64,
+    pub stored_bytes: u64,
+    pub server_version: Option<String>,
+    pub lifeboat_version: String,
+    pub host: String,
+    pub passed: bool,
+    /// The report files written.
+    pub written: Vec<String>,
+}
+
+fn secs(seconds: f64) -> String {
+    human_duration(Duration::from_secs_f64(seconds.max(0.0)))
+}
+
+impl DrillReport {
+    pub(super) fn judged(mut self, checks_pass: bool) -> DrillReport {
+        self.passed = checks_pass && self.rto.met && self.rpo.met;
+        self
+    }
+
+    pub fn verdict(&self) -> &'static str {
+        if self.passed { "PASS" } else { "FAIL" }
+    }
+
+    /// Why it failed, one reason per line; empty on PASS.
+    pub fn reasons(&self) -> Vec<String> {
+        let mut reasons: Vec<String> = self
+            .checks
+            .iter()
+            .filter(|c| !c.passed)
+            .map(|c| {
+                format!(
+                    "check '{}' expected {}, got {}",
+                    c.name, c.expected, c.returned
+                )
+            })
+            .collect();
+        if !self.rto.met {
+            reasons.push(format!(
+                "RTO {} is over the target {}",
+                secs(self.rto.measured_seconds),
+                secs(self.rto.target_seconds)
+            ));
+        }
+        if !self.rpo.met {
+            reasons.push(format!(
+                "RPO {} is over the target {} (newest data restored: {}, from {})",
+                secs(self.rpo.measured_seconds),
+                secs(self.rpo.target_seconds),
+                self.rpo_marker.to_rfc3339(),
+                self.rpo_marker_source
+            ));
+        }
+        reasons
+    }
+
+    /// Ok on PASS; the error that makes the exit code 1 on FAIL.
+    pub fn outcome(&self) -> Result<()> {
+        if self.passed {
+            return Ok(());
+        }
+        let mut error = Error::new(
+            ErrorKind::Verification,
+            format!("drill '{}' failed", self.drill),
+        );
+        for reason in self.reasons() {
+            error = error.with_hint(reason);
+        }
+        Err(error)
+    }
+
+    pub fn markdown(&self) -> String {
+        let mut md = String::new();
+        let tick = |ok: bool| if ok { "yes" } else { "**no**" };
+        md.push_str(&format!("# Drill {}: {}\n\n", self.drill, self.verdict()));
+        if let Some(description) = &self.description {
+            md.push_str(&format!("{description}\n\n"));
+        }
+        for reason in self.reasons() {
+            md.push_str(&format!("- {reason}\n"));
+        }
+        md.push_str(&format!(
+            "\nDeclared at {} (t0); finished at {}. Job `{}` ({}), backup `{}`, read from {}; restored into {}.\n\n",
+            self.declared_at.to_rfc3339(),
+            self.finished_at.to_rfc3339(),
+            self.job,
+            self.kind,
+            self.backup,
+            self.repositories.iter().map(|r| format!("`{r}`")).collect::<Vec<_>>().join(", "),
+            self.target
+        ));
+        md.push_str("| | target | measured | met |\n|---|---|---|---|\n");
+        md.push_str(&format!(
+            "| RTO | {} | {} | {} |\n",
+            secs(self.rto.target_seconds),
+            secs(self.rto.measured_seconds),
+            tick(self.rto.met)
+        ));
+        md.push_str(&format!(
+            "| RPO | {} | {} | {} |\n\n",
+            secs(self.rpo.target_seconds),
+            secs(self.rpo.measured_seconds),
+            tick(self.rpo.met)
+        ));
+        md.push_str(&format!(
+            "RPO is measured to {} ({}).\n\n## Timeline\n\n| phase | from t0 | took |\n|---|---|---|\n",
+            self.rpo_marker.to_rfc3339(),
+            self.rpo_marker_source
+        ));
+        for phase in &self.phases {
+            md.push_str(&format!(
+                "| {} | {} | {} |\n",
+                phase.name,
+                secs(phase.started_after),
+                secs(phase.seconds)
+            ));
+        }
+        md.push_str("\n## Checks\n\n| check | expected | returned | passed |\n|---|---|---|---|\n");
+        for check in &self.checks {
+            md.push_str(&format!(
+                "| {} | `{}` | `{}` | {} |\n",
+                check.name,
+                check.expected,
+                check.returned.replace('|', "\\|"),
+                tick(check.passed)
+            ));
+        }
+        let restore_seconds = self
+            .phases
+            .iter()
+            .find(|p| p.name.starts_with("restore"))
+            .map_or(0.0, |p| p.seconds);
+        let throughput = if restore_seconds > 0.0 {
+            format!(
+                "{}/s",
+                human_size((self.restored_bytes as f64 / restore_seconds) as u64)
+            )
+        } else {
+            "n/a".into()
+        };
+        md.push_str(&format!(
+            "\n## Backup and environment\n\n- restored {} ({} stored), {throughput}\n- server version: {}\n- lifeboat {} on {}\n- drill file: `{}`\n",
+            human_size(self.restored_bytes),
+            human_size(self.stored_bytes),
+            self.server_version.as_deref().unwrap_or("n/a"),
+            self.lifeboat_version,
+            self.host,
+            self.file
+        ));
+        md
+    }
+
+    /// Writes `NAME-T0.json` and `NAME-T0.md` into `dir`.
+    pub(super) fn write(&mut self, dir: &Path) -> Result<()> {
+        std::fs::create_dir_all(dir).map_err(|e| write_error(dir, e))?;
+        let stem = format!(
+            "{}-{}",
+            self.drill,
+            crate::layout::backup_id(self.declared_at)
+        );
+        let json_path: PathBuf = dir.join(format!("{stem}.json"));
+        let md_path: PathBuf = dir.join(format!("{stem}.md"));
+        self.written = vec![
+            json_path.display().to_string(),
+            md_path.display().to_string(),
+        ];
+        let json = serde_json::to_vec_pretty(&*self).expect("the report serializes");
+        std::fs::write(&json_path, json).map_err(|e| write_error(&json_path, e))?;
+        std::fs::write(&md_path, self.markdown()).map_err(|e| write_error(&md_path, e))?;
+        Ok(())
+    }
+}
+
+fn write_error(path: &Path, e: std::io::Error) -> Error {
+    Error::new(
+        ErrorKind::Target,
+        format!("unable to write the drill report '{}'", path.display()),
+    )
+    .with_source(e)
+}
+
+impl fmt::Display for DrillReport {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for check in &self.checks {
+            let mark = if check.passed { "ok  " } else { "FAIL" };
+            writeln!(
+                f,
+                "{mark} check '{}': expected {}, got {}",
+                check.name, check.expected, check.returned
+            )?;
+        }
+        writeln!(
+            f,
+            "drill {}: {} — RTO {} (target {}), RPO {} (target {}), backup {} from {}",
+            self.drill,
+            self.verdict(),
+            secs(self.rto.measured_seconds),
+            secs(self.rto.target_seconds),
+            secs(self.rpo.measured_seconds),
+            secs(self.rpo.target_seconds),
+            self.backup,
+            self.repositories.join(", ")
+        )?;
+        write!(f, "report: {}", self.written.join(", "))
+    }
+}

@@ -1,0 +1,182 @@
+//! A throw-away PostgreSQL cluster for drills: initdb into a private temporary directory,
+//! started on a Unix socket in that directory only (no TCP port at all), stopped by its pid
+//! and removed when dropped — also when the drill fails.
+//!
+//! initdb refuses to run as root, so as root the cluster belongs to the `postgres` user.
+
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use super::{Binaries, Connection};
+use crate::error::{Error, ErrorKind, Result};
+
+/// The superuser initdb creates; trusted on the private socket only.
+const SUPERUSER: &str = "lifeboat";
+/// Only names the socket file, which lives in the cluster's own directory.
+const PORT: u16 = 5432;
+
+pub struct ScratchCluster {
+    dir: tempfile::TempDir,
+    postmaster: Option<Child>,
+}
+
+fn error(message: impl Into<String>) -> Error {
+    Error::new(ErrorKind::Target, message)
+}
+
+/// The uid and gid of `postgres`, when running as root.
+fn run_as() -> Result<Option<(u32, u32)>> {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        return Ok(None);
+    }
+    let name = std::ffi::CString::new("postgres").expect("no NUL");
+    // SAFETY: getpwnam with a valid C string; the result is read before any other call.
+    let entry = unsafe { libc::getpwnam(name.as_ptr()) };
+    if entry.is_null() {
+        return Err(error(
+            "unable to create a scratch PostgreSQL cluster as root: there is no 'postgres' user to own it",
+        )
+        .with_hint("install the PostgreSQL server package, or run the drill as an ordinary user"));
+    }
+    // SAFETY: a non-null entry from getpwnam.
+    let (uid, gid) = unsafe { ((*entry).pw_uid, (*entry).pw_gid) };
+    Ok(Some((uid, gid)))
+}
+
+impl ScratchCluster {
+    /// Creates and starts a cluster with `binaries`, waiting until it accepts connections.
+    pub async fn start(binaries: &Binaries) -> Result<ScratchCluster> {
+        let owner = run_as()?;
+        let base = std::env::var_os("TMPDIR")
+            .map(PathBuf::from)
+            .unwrap_or_else(std::env::temp_dir);
+        let dir = tempfile::Builder::new()
+            .prefix("lifeboat-drill-")
+            .tempdir_in(&base)
+            .map_err(|e| {
+                error(format!(
+                    "unable to create a scratch cluster directory in '{}'",
+                    base.display()
+                ))
+                .with_source(e)
+            })?;
+        if let Some((uid, gid)) = owner {
+            std::os::unix::fs::chown(dir.path(), Some(uid), Some(gid)).map_err(|e| {
+                error(format!(
+                    "unable to give '{}' to postgres",
+                    dir.path().display()
+                ))
+                .with_source(e)
+            })?;
+        }
+        let data = dir.path().join("data");
+        let mut initdb = binaries.command("initdb");
+        initdb
+            .arg("--pgdata")
+            .arg(&data)
+            .args(["--username", SUPERUSER, "--auth=trust", "--encoding=UTF8"])
+            .args(["--locale=C.UTF-8", "--no-sync"]);
+        as_owner(&mut initdb, owner);
+        crate::sources::process::run(initdb, "create a scratch cluster with initdb")?;
+
+        let mut postgres = binaries.command("postgres");
+        postgres
+            .arg("-D")
+            .arg(&data)
+            .arg("-p")
+            .arg(PORT.to_string())
+            .arg("-k")
+            .arg(dir.path())
+            .args(["-c", "listen_addresses="])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(
+                std::fs::File::create(dir.path().join("postgres.log")).map_err(|e| {
+                    error("unable to create the scratch cluster's log").with_source(e)
+                })?,
+            );
+        as_owner(&mut postgres, owner);
+        let child = postgres.spawn().map_err(|e| {
+            error("unable to start the scratch cluster: cannot run postgres").with_source(e)
+        })?;
+        let mut cluster = ScratchCluster {
+            dir,
+            postmaster: Some(child),
+        };
+        cluster.wait_ready().await?;
+        Ok(cluster)
+    }
+
+    /// A DSN for the cluster's `database`, over its private socket.
+    pub fn dsn(&self, database: &str) -> String {
+        format!(
+            "host={} port={PORT} user={SUPERUSER} dbname={database}",
+            self.dir.path().display()
+        )
+    }
+
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+
+    async fn wait_ready(&mut self) -> Result<()> {
+        let connection = Connection::from_dsn(&self.dsn("postgres"))?;
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            if let Some(child) = self.postmaster.as_mut()
+                && let Ok(Some(status)) = child.try_wait()
+            {
+                let log = std::fs::read_to_string(self.dir.path().join("postgres.log"))
+                    .unwrap_or_default();
+                return Err(error(format!(
+                    "the scratch cluster stopped at start ({status}); its log says:\n{}",
+                    log.trim_end()
+                )));
+            }
+            if connection.connect().await.is_ok() {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                return Err(error(
+                    "the scratch cluster did not accept connections within 60 s",
+                ));
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// Fast shutdown (SIGINT to the postmaster), waiting for it; SIGKILL after 30 s.
+    pub fn stop(&mut self) {
+        let Some(mut child) = self.postmaster.take() else {
+            return;
+        };
+        // SAFETY: kill(2) on the pid of the postmaster this process started.
+        unsafe {
+            libc::kill(child.id() as i32, libc::SIGINT);
+        }
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+}
+
+impl Drop for ScratchCluster {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+fn as_owner(command: &mut Command, owner: Option<(u32, u32)>) {
+    if let Some((uid, gid)) = owner {
+        command.uid(uid).gid(gid);
+    }
+}

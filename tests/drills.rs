@@ -1,0 +1,185 @@
+//! Restore drills against real servers: a drill restores into a scratch cluster from the
+//! "dr" repository, checks the data, measures RTO and RPO (from the heartbeat), writes its
+//! reports, and removes the scratch cluster; failing checks and targets fail the drill.
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
+
+use crate::common::postgres::Postgres;
+use crate::common::{Run, lifeboat_command, local_repository, run_command, write_config};
+
+fn drill(config: &Path, file: &Path, reports: &Path, tmp: &Path) -> Run {
+    run_command(
+        lifeboat_command(config)
+            .env("TMPDIR", tmp)
+            .args(["drill", "run"])
+            .arg(file)
+            .arg("--report-dir")
+            .arg(reports),
+    )
+}
+
+/// The scratch clusters a drill leaves behind in `tmp` (none, when it cleans up).
+fn leftovers(tmp: &Path) -> Vec<String> {
+    std::fs::read_dir(tmp)
+        .unwrap()
+        .filter_map(Result::ok)
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|name| name.starts_with("lifeboat-drill-"))
+        .collect()
+}
+
+fn report_json(reports: &Path) -> serde_json::Value {
+    let newest = std::fs::read_dir(reports)
+        .unwrap()
+        .filter_map(Result::ok)
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|e| e == "json"))
+        .max_by_key(|p| std::fs::metadata(p).unwrap().modified().unwrap())
+        .expect("a JSON report");
+    serde_json::from_slice(&std::fs::read(newest).unwrap()).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn drills_restore_check_measure_and_clean_up() {
+    let source = Postgres::start();
+    source.create_app_database(50_000);
+    let work = tempfile::tempdir().unwrap();
+    // Scratch clusters are made under TMPDIR; as root they belong to `postgres`, which
+    // must be able to reach them.
+    let tmp = work.path().join("tmp");
+    std::fs::create_dir(&tmp).unwrap();
+    std::fs::set_permissions(work.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o1777)).unwrap();
+    let reports = work.path().join("reports");
+    let password_file = source.password_file(work.path(), &source.password);
+    let config = write_config(
+        work.path(),
+        &format!(
+            "{}{}[[job]]\nname = \"maindb\"\nkind = \"postgres\"\ndsn = \"{}\"\npassword_file = \"{}\"\ndatabases = [\"app\"]\nheartbeat = true\n",
+            local_repository("primary", &work.path().join("primary")),
+            local_repository("dr", &work.path().join("dr")),
+            source.dsn("postgres"),
+            password_file.display()
+        ),
+    );
+    crate::common::lifeboat(&config, &["backup", "maindb"]).assert_code(0);
+    let heartbeat = source.psql(
+        "app",
+        "select extract(epoch from at) from lifeboat.heartbeat where job = 'maindb'",
+    );
+    let heartbeat: f64 = heartbeat.parse().unwrap();
+
+    // Region loss: restore from "dr" into a scratch cluster; every check passes.
+    let file = work.path().join("region-loss.toml");
+    std::fs::write(
+        &file,
+        r#"name = "region-loss"
+description = "The primary region is gone: restore the main database from dr."
+job = "maindb"
+from = "dr"
+database = "app"
+
+[[check]]
+name = "orders are back"
+sql = "select count(*) from shop.orders"
+expect = ">= 50000"
+
+[[check]]
+name = "non-ASCII text survived"
+sql = "select name from shop.customers where id = 1"
+expect = "~ Ærøskøbing"
+"#,
+    )
+    .unwrap();
+    let run = drill(&config, &file, &reports, &tmp);
+    run.assert_code(0);
+    assert!(
+        run.stdout.contains("drill region-loss: PASS"),
+        "{}",
+        run.stdout
+    );
+    let report = report_json(&reports);
+    assert_eq!(report["passed"], true);
+    assert_eq!(report["repositories"], serde_json::json!(["dr"]));
+    assert!(
+        report["rpo_marker_source"]
+            .as_str()
+            .unwrap()
+            .contains("heartbeat"),
+        "{report}"
+    );
+    // RPO is t0 minus the restored heartbeat: the heartbeat's age at t0, within a second.
+    let declared: chrono::DateTime<chrono::Utc> =
+        report["declared_at"].as_str().unwrap().parse().unwrap();
+    let age = declared.timestamp_micros() as f64 / 1e6 - heartbeat;
+    let measured = report["rpo"]["measured_seconds"].as_f64().unwrap();
+    assert!(
+        (measured - age).abs() < 1.0,
+        "RPO {measured} s, heartbeat age {age} s"
+    );
+    let markdown = std::fs::read_to_string(report["written"][1].as_str().unwrap()).unwrap();
+    assert!(
+        markdown.starts_with("# Drill region-loss: PASS"),
+        "{markdown}"
+    );
+    assert!(markdown.contains("| RTO | 4h00m |"), "{markdown}");
+    assert!(leftovers(&tmp).is_empty(), "{:?}", leftovers(&tmp));
+
+    // A check that does not hold fails the drill and says what came back.
+    let failing = work.path().join("failing.toml");
+    std::fs::write(
+        &failing,
+        "name = \"too-many\"\njob = \"maindb\"\ndatabase = \"app\"\n\n[[check]]\nname = \"a million orders\"\nsql = \"select count(*) from shop.orders\"\nexpect = \">= 1000000\"\n",
+    )
+    .unwrap();
+    let run = drill(&config, &failing, &reports, &tmp);
+    run.assert_code(1);
+    assert!(
+        run.stdout
+            .contains("FAIL check 'a million orders': expected >= 1000000, got 50000"),
+        "{}",
+        run.stdout
+    );
+    assert!(
+        run.stderr.contains("drill 'too-many' failed"),
+        "{}",
+        run.stderr
+    );
+    assert!(leftovers(&tmp).is_empty(), "{:?}", leftovers(&tmp));
+
+    // A backup older than the RPO target fails on RPO, and says so.
+    std::thread::sleep(std::time::Duration::from_millis(2100));
+    let strict = work.path().join("strict.toml");
+    std::fs::write(
+        &strict,
+        "name = \"strict\"\njob = \"maindb\"\ndatabase = \"app\"\nrpo = \"1s\"\n",
+    )
+    .unwrap();
+    let run = drill(&config, &strict, &reports, &tmp);
+    run.assert_code(1);
+    assert!(
+        run.stderr.contains("RPO") && run.stderr.contains("over the target 1.0s"),
+        "{}",
+        run.stderr
+    );
+    assert_eq!(report_json(&reports)["rpo"]["met"], false);
+
+    // A malformed drill file: exit 2, naming the file, the line and the field.
+    let bad = work.path().join("bad.toml");
+    std::fs::write(
+        &bad,
+        "name = \"bad\"\njob = \"maindb\"\n\n[[check]]\nname = \"c\"\nsql = \"select 1\"\nexpect = \"roughly 1\"\n",
+    )
+    .unwrap();
+    let run = drill(&config, &bad, &reports, &tmp);
+    run.assert_code(2);
+    assert!(
+        run.stderr.contains(&format!(
+            "invalid drill file '{}', line 7: check[0].expect",
+            bad.display()
+        )),
+        "{}",
+        run.stderr
+    );
+}
