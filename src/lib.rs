@@ -19,6 +19,7 @@
 pub mod commands;
 pub mod config;
 pub mod error;
+pub mod interrupt;
 pub mod inventory;
 pub mod layout;
 pub mod manifest;

@@ -195,7 +195,9 @@ fn main() -> ExitCode {
             );
         }
     };
-    let code = match runtime.block_on(run(cli)) {
+    let outcome = runtime.block_on(run(cli));
+    lifeboat::interrupt::exit_if_interrupted();
+    let code = match outcome {
         Ok(code) => code,
         Err(e) => return report_error(&e),
     };
@@ -304,6 +306,7 @@ async fn run(cli: Cli) -> Result<i32> {
                     format,
                 },
         } => {
+            lifeboat::interrupt::install();
             let report = drill::run(&config, &drill::DrillOptions { file, report_dir }).await?;
             print(&report, format);
             report.outcome()?;
@@ -370,6 +373,7 @@ async fn run(cli: Cli) -> Result<i32> {
                 into,
                 postgres,
             };
+            lifeboat::interrupt::install();
             let report = restore::run(&config, &options).await?;
             println!("{report}");
         }

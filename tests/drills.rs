@@ -1,12 +1,13 @@
 //! Restore drills against real servers: a drill restores into a scratch cluster from the
 //! "dr" repository, checks the data, measures RTO and RPO (from the heartbeat), writes its
-//! reports, and removes the scratch cluster; failing checks and targets fail the drill.
+//! reports, and removes the scratch cluster, also when interrupted; failing checks and
+//! targets fail the drill.
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 
 use crate::common::postgres::Postgres;
-use crate::common::{Run, lifeboat_command, local_repository, run_command, write_config};
+use crate::common::{Run, lifeboat_command, local_repository, procs, run_command, write_config};
 
 fn drill(config: &Path, file: &Path, reports: &Path, tmp: &Path) -> Run {
     run_command(
@@ -182,4 +183,86 @@ expect = "~ Ærøskøbing"
         "{}",
         run.stderr
     );
+}
+
+/// Processes whose command line mentions `path`.
+fn processes_mentioning(path: &Path) -> Vec<String> {
+    let needle = path.to_string_lossy().into_owned();
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .filter_map(Result::ok)
+        .filter(|e| e.file_name().to_string_lossy().parse::<u32>().is_ok())
+        .filter_map(|e| std::fs::read(e.path().join("cmdline")).ok())
+        .map(|raw| String::from_utf8_lossy(&raw).replace('\0', " "))
+        .filter(|argv| argv.contains(&needle))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_interrupted_drill_leaves_no_scratch_cluster_behind() {
+    let source = Postgres::start();
+    source.create_app_database(1_000_000);
+    let work = tempfile::tempdir().unwrap();
+    let tmp = work.path().join("tmp");
+    std::fs::create_dir(&tmp).unwrap();
+    std::fs::set_permissions(work.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o1777)).unwrap();
+    let password_file = source.password_file(work.path(), &source.password);
+    let config = write_config(
+        work.path(),
+        &format!(
+            "{}[[job]]\nname = \"maindb\"\nkind = \"postgres\"\ndsn = \"{}\"\npassword_file = \"{}\"\ndatabases = [\"app\"]\n",
+            local_repository("local", &work.path().join("repo")),
+            source.dsn("postgres"),
+            password_file.display()
+        ),
+    );
+    crate::common::lifeboat(&config, &["backup", "maindb"]).assert_code(0);
+    let file = work.path().join("interrupted.toml");
+    std::fs::write(
+        &file,
+        "name = \"interrupted\"\njob = \"maindb\"\ndatabase = \"app\"\n\n[[check]]\nname = \"orders\"\nsql = \"select count(*) from shop.orders\"\nexpect = \">= 1\"\n",
+    )
+    .unwrap();
+    let mut child = lifeboat_command(&config)
+        .env("TMPDIR", &tmp)
+        .args(["drill", "run"])
+        .arg(&file)
+        .arg("--report-dir")
+        .arg(work.path().join("reports"))
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Interrupt it while pg_restore is loading the scratch cluster.
+    procs::wait_for_descendant(&mut child, |argv| argv.contains("pg_restore"))
+        .expect("the drill reached pg_restore");
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    assert!(
+        !leftovers(&tmp).is_empty(),
+        "the scratch cluster exists mid-drill"
+    );
+    // SAFETY: kill(2) on the lifeboat this test started.
+    unsafe {
+        libc::kill(child.id() as i32, libc::SIGINT);
+    }
+    let output = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(130), "{stderr}");
+    assert!(stderr.contains("interrupted"), "{stderr}");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while !processes_mentioning(&tmp).is_empty() && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    assert!(
+        processes_mentioning(&tmp).is_empty(),
+        "left running: {:?}",
+        processes_mentioning(&tmp)
+    );
+    let left: Vec<_> = std::fs::read_dir(&tmp)
+        .unwrap()
+        .filter_map(Result::ok)
+        .map(|e| e.file_name())
+        .collect();
+    assert!(left.is_empty(), "left in TMPDIR: {left:?}");
 }

@@ -265,6 +265,7 @@ async fn run_files(config: &Config, drill: &Drill, clock: &mut Clock) -> Result<
         .map_err(|e| {
             Error::new(ErrorKind::Target, "unable to create a scratch directory").with_source(e)
         })?;
+    crate::interrupt::remove_on_interrupt(scratch.path());
     let into = scratch.path().join("restored");
     let started = Instant::now();
     let restored = restore::run(
@@ -299,6 +300,7 @@ async fn run_files(config: &Config, drill: &Drill, clock: &mut Clock) -> Result<
         });
     }
     clock.phase("checks", started);
+    crate::interrupt::forget(scratch.path());
     Ok(Outcome {
         repositories: restored.repositories,
         target: "a scratch directory (removed after the drill)".into(),

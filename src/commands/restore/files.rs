@@ -37,16 +37,22 @@ pub(super) async fn restore(selected: Selected, into: &Path) -> Result<RestoreRe
                 .prefix(".lifeboat-restore-")
                 .tempdir_in(&parent)
                 .map_err(|e| target_error(into, e))?;
+            crate::interrupt::remove_on_interrupt(staging.path());
             let staging_root = staging.path().to_path_buf();
             let summary = read_object(repository, manifest, &object, move |raw| {
                 extract::extract(raw, &staging_root)
             })
-            .await?;
-            Ok((staging, summary))
+            .await;
+            if summary.is_err() {
+                crate::interrupt::forget(staging.path());
+            }
+            Ok((staging, summary?))
         })
         .await?;
 
-    move_into_place(staging.path(), into).map_err(|e| target_error(into, e))?;
+    let moved = move_into_place(staging.path(), into).map_err(|e| target_error(into, e));
+    crate::interrupt::forget(staging.path());
+    moved?;
     let target = format!("'{}'", into.display());
     Ok(selected.report(
         target,

@@ -19,6 +19,12 @@ pub(super) struct Staging {
     dir: tempfile::TempDir,
 }
 
+impl Drop for Staging {
+    fn drop(&mut self) {
+        crate::interrupt::forget(self.dir.path());
+    }
+}
+
 fn free_bytes(dir: &Path) -> std::io::Result<u64> {
     let path = std::ffi::CString::new(dir.as_os_str().as_encoded_bytes())
         .map_err(std::io::Error::other)?;
@@ -79,6 +85,7 @@ impl Staging {
                 ))
                 .with_source(e)
             })?;
+        crate::interrupt::remove_on_interrupt(dir.path());
         Ok(Staging { dir })
     }
 

@@ -15,7 +15,7 @@ mod target;
 
 pub use binaries::Binaries;
 pub use connection::{ChildAuth, Connection};
-pub use scratch::ScratchCluster;
+pub use scratch::{ScratchCluster, stop_all as stop_all_scratch_clusters};
 pub use target::Target;
 
 /// Quotes an SQL identifier: `"name"`, with inner quotes doubled.

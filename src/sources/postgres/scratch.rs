@@ -7,6 +7,7 @@
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use super::{Binaries, Connection};
@@ -20,6 +21,35 @@ const PORT: u16 = 5432;
 pub struct ScratchCluster {
     dir: tempfile::TempDir,
     postmaster: Option<Child>,
+}
+
+/// Every scratch cluster running in this process (postmaster pid, directory), so that an
+/// interrupted drill can still remove them: `stop_all` runs from a signal handler's task
+/// while the drill itself may be blocked waiting on pg_restore.
+static RUNNING: Mutex<Vec<(u32, PathBuf)>> = Mutex::new(Vec::new());
+
+/// Stops every running scratch cluster (fast shutdown, SIGKILL after 30 s) and removes its
+/// directory. For interrupted drills; the clusters' owners need not be told.
+pub fn stop_all() {
+    let running = std::mem::take(&mut *RUNNING.lock().unwrap_or_else(|e| e.into_inner()));
+    for (pid, dir) in running {
+        // SAFETY: kill(2) and waitpid(2) on the pid of a postmaster this process started
+        // and has not reaped (it is removed from RUNNING before its owner reaps it).
+        unsafe {
+            libc::kill(pid as i32, libc::SIGINT);
+            let deadline = Instant::now() + Duration::from_secs(30);
+            let mut status = 0;
+            while libc::waitpid(pid as i32, &mut status, libc::WNOHANG) == 0 {
+                if Instant::now() > deadline {
+                    libc::kill(pid as i32, libc::SIGKILL);
+                    libc::waitpid(pid as i32, &mut status, 0);
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 }
 
 fn error(message: impl Into<String>) -> Error {
@@ -102,6 +132,10 @@ impl ScratchCluster {
         let child = postgres.spawn().map_err(|e| {
             error("unable to start the scratch cluster: cannot run postgres").with_source(e)
         })?;
+        RUNNING
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push((child.id(), dir.path().to_path_buf()));
         let mut cluster = ScratchCluster {
             dir,
             postmaster: Some(child),
@@ -153,6 +187,13 @@ impl ScratchCluster {
         let Some(mut child) = self.postmaster.take() else {
             return;
         };
+        let mut running = RUNNING.lock().unwrap_or_else(|e| e.into_inner());
+        let Some(index) = running.iter().position(|(pid, _)| *pid == child.id()) else {
+            // An interrupt's `stop_all` took it over (and reaps it).
+            return;
+        };
+        running.remove(index);
+        drop(running);
         // SAFETY: kill(2) on the pid of the postmaster this process started.
         unsafe {
             libc::kill(child.id() as i32, libc::SIGINT);

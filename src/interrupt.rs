@@ -1,0 +1,70 @@
+//! What an interrupted restore or drill (SIGINT, SIGTERM) must not leave behind: scratch
+//! clusters and staging directories. The work itself may be blocked in a child process and
+//! cannot unwind in time, so a task of its own catches the signal, removes what is
+//! registered here, and exits 130.
+
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+static DIRECTORIES: Mutex<Vec<PathBuf>> = Mutex::new(Vec::new());
+static INTERRUPTED: AtomicBool = AtomicBool::new(false);
+/// Held while the cleanup runs, so the run's own error path cannot exit before it is done.
+static CLEANING: Mutex<()> = Mutex::new(());
+
+fn directories() -> std::sync::MutexGuard<'static, Vec<PathBuf>> {
+    DIRECTORIES.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Removes `dir` if the run is interrupted, until `forget` is called for it.
+pub fn remove_on_interrupt(dir: &Path) {
+    directories().push(dir.to_path_buf());
+}
+
+pub fn forget(dir: &Path) {
+    directories().retain(|d| d != dir);
+}
+
+/// The exit code of an interrupted run, as shells report a SIGINT.
+pub const EXIT_INTERRUPTED: i32 = 130;
+
+/// If the run was interrupted, waits for the cleanup and exits 130: the run's own failure
+/// (a child that lost its scratch cluster) is a consequence, not the story.
+pub fn exit_if_interrupted() {
+    if INTERRUPTED.load(Ordering::SeqCst) {
+        drop(CLEANING.lock().unwrap_or_else(|e| e.into_inner()));
+        std::process::exit(EXIT_INTERRUPTED);
+    }
+}
+
+/// Starts the task that cleans up on SIGINT or SIGTERM. Call once, inside the runtime.
+pub fn install() {
+    tokio::spawn(async {
+        use tokio::signal::unix::{SignalKind, signal};
+        let (Ok(mut interrupt), Ok(mut terminate)) = (
+            signal(SignalKind::interrupt()),
+            signal(SignalKind::terminate()),
+        ) else {
+            tracing::warn!(
+                "unable to catch SIGINT/SIGTERM: an interrupted run may leave scratch files"
+            );
+            return;
+        };
+        tokio::select! {
+            _ = interrupt.recv() => {}
+            _ = terminate.recv() => {}
+        }
+        let _ = tokio::task::spawn_blocking(|| {
+            let cleaning = CLEANING.lock().unwrap_or_else(|e| e.into_inner());
+            INTERRUPTED.store(true, Ordering::SeqCst);
+            tracing::error!("interrupted: removing scratch clusters and staging directories");
+            crate::sources::postgres::stop_all_scratch_clusters();
+            for dir in std::mem::take(&mut *directories()) {
+                let _ = std::fs::remove_dir_all(dir);
+            }
+            drop(cleaning);
+            std::process::exit(EXIT_INTERRUPTED);
+        })
+        .await;
+    });
+}
