@@ -4,6 +4,7 @@
 //! lifeboat.json                                repository marker
 //! jobs/JOB/backups/BACKUP_ID/OBJECT            objects, written first
 //! jobs/JOB/backups/BACKUP_ID/manifest.json     written last: the commit point
+//! drills/DRILL/TIMESTAMP.json                  drill reports, kept with the backups
 //! ```
 
 use chrono::{DateTime, NaiveDateTime, Utc};
@@ -26,6 +27,13 @@ pub fn object_key(job: &str, id: &str, object: &str) -> String {
 
 pub fn manifest_key(job: &str, id: &str) -> String {
     object_key(job, id, MANIFEST_NAME)
+}
+
+pub const DRILLS_PREFIX: &str = "drills/";
+
+/// Where the report of `drill` declared at `at` is kept.
+pub fn drill_report_key(drill: &str, at: DateTime<Utc>) -> String {
+    format!("{DRILLS_PREFIX}{drill}/{}.json", backup_id(at))
 }
 
 /// Backup ids sort by time: `20261126T030000Z`.

@@ -145,6 +145,13 @@ enum DrillAction {
         #[arg(long, value_enum, default_value_t = OutputFormat::Text)]
         format: OutputFormat,
     },
+    /// Past drills, newest first, from the reports kept in the repositories.
+    History {
+        /// Only this drill.
+        name: Option<String>,
+        #[arg(long, value_enum, default_value_t = OutputFormat::Text)]
+        format: OutputFormat,
+    },
 }
 
 /// Restore options for postgres jobs.
@@ -310,6 +317,12 @@ async fn run(cli: Cli) -> Result<i32> {
             let report = drill::run(&config, &drill::DrillOptions { file, report_dir }).await?;
             print(&report, format);
             report.outcome()?;
+        }
+        Command::Drill {
+            action: DrillAction::History { name, format },
+        } => {
+            let history = drill::history(&config, name.as_deref()).await?;
+            print(&history, format);
         }
         Command::Replicate {
             job,

@@ -127,6 +127,29 @@ expect = "~ Ærøskøbing"
     assert!(markdown.contains("| RTO | 4h00m |"), "{markdown}");
     assert!(leftovers(&tmp).is_empty(), "{:?}", leftovers(&tmp));
 
+    // The report is kept with the backups, in every repository, and history lists it.
+    assert_eq!(report["stored_in"], serde_json::json!(["primary", "dr"]));
+    for repository in ["primary", "dr"] {
+        let kept = work.path().join(repository).join("drills/region-loss");
+        assert_eq!(
+            std::fs::read_dir(&kept).unwrap().count(),
+            1,
+            "{}",
+            kept.display()
+        );
+    }
+    let history = crate::common::lifeboat(&config, &["drill", "history"]);
+    history.assert_code(0);
+    let line = history
+        .stdout
+        .lines()
+        .find(|l| l.starts_with("region-loss"))
+        .unwrap_or_else(|| panic!("{}", history.stdout));
+    assert!(
+        line.contains("PASS") && line.ends_with("primary,dr"),
+        "{line}"
+    );
+
     // A check that does not hold fails the drill and says what came back.
     let failing = work.path().join("failing.toml");
     std::fs::write(
@@ -165,6 +188,24 @@ expect = "~ Ærøskøbing"
         run.stderr
     );
     assert_eq!(report_json(&reports)["rpo"]["met"], false);
+    let history = crate::common::lifeboat(&config, &["drill", "history", "--format", "json"]);
+    history.assert_code(0);
+    let history: serde_json::Value = serde_json::from_str(&history.stdout).unwrap();
+    let verdicts: Vec<(&str, bool)> = history["rows"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| (r["drill"].as_str().unwrap(), r["passed"].as_bool().unwrap()))
+        .collect();
+    assert_eq!(
+        verdicts,
+        [
+            ("strict", false),
+            ("too-many", false),
+            ("region-loss", true)
+        ],
+        "newest first"
+    );
 
     // A malformed drill file: exit 2, naming the file, the line and the field.
     let bad = work.path().join("bad.toml");

@@ -283,7 +283,7 @@ fn validate(raw: raw::RawConfig, path: &Path) -> Result<Config, Problem> {
     })
 }
 
-fn validate_name(field: &str, name: &str) -> Result<(), Problem> {
+pub(crate) fn validate_name(field: &str, name: &str) -> Result<(), Problem> {
     let valid = !name.is_empty()
         && name.len() <= 64
         && name

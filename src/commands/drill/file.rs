@@ -155,6 +155,13 @@ impl Drill {
                 e.message().trim_end()
             ))
         })?;
+        crate::config::validate_name("name", raw.name.get_ref()).map_err(|problem| {
+            source.error(
+                raw.name.span(),
+                "name",
+                problem.trim_start_matches("name: "),
+            )
+        })?;
         let target = match raw.target.as_ref().map(|t| t.get_ref().as_str()) {
             None | Some("scratch") => DrillTarget::Scratch,
             Some(dsn) if dsn.contains('=') || dsn.starts_with("postgres") => {

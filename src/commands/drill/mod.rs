@@ -6,6 +6,7 @@
 
 mod check;
 mod file;
+mod history;
 mod report;
 
 use std::path::{Path, PathBuf};
@@ -14,13 +15,16 @@ use std::time::Instant;
 use chrono::{DateTime, Utc};
 
 pub use file::{Drill, DrillTarget};
+pub use history::{DrillHistory, HistoryRow, history};
 pub use report::{CheckResult, DrillReport, Measured, Phase};
 
 use super::restore::{self, PostgresRestoreOptions, RestoreOptions};
 use crate::config::{Config, JobSource};
 use crate::error::{Error, ErrorKind, Result};
 use crate::manifest::Manifest;
+use crate::repository::Repository;
 use crate::sources::postgres::{Binaries, Connection, ScratchCluster, Target};
+use crate::storage;
 use file::CheckKind;
 
 pub struct DrillOptions {
@@ -115,10 +119,32 @@ pub async fn run(config: &Config, options: &DrillOptions) -> Result<DrillReport>
         host: super::backup::host_name(),
         passed: false,
         written: Vec::new(),
+        stored_in: Vec::new(),
+        warnings: Vec::new(),
     };
     let mut report = report.judged(checks_pass);
+    store_everywhere(config, &mut report).await;
     report.write(&options.report_dir)?;
     Ok(report)
+}
+
+/// Keeps the report with the backups, in every repository: a failure is a warning in the
+/// report, not a failed drill.
+async fn store_everywhere(config: &Config, report: &mut DrillReport) {
+    let key = crate::layout::drill_report_key(&report.drill, report.declared_at);
+    let body =
+        bytes::Bytes::from(serde_json::to_vec_pretty(&*report).expect("the report serializes"));
+    for repository in Repository::open_all(config).await {
+        match storage::put_bytes(repository.store.as_ref(), &key, body.clone()).await {
+            Ok(_) => report.stored_in.push(repository.name.clone()),
+            Err(e) => report.warnings.push(
+                repository
+                    .error(&format!("store the drill report '{key}'"), e)
+                    .chain()
+                    .join(": "),
+            ),
+        }
+    }
 }
 
 /// What restoring and checking produced.

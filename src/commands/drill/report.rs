@@ -6,13 +6,13 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use super::file::{Check, CheckKind};
 use crate::commands::{human_duration, human_size};
 use crate::error::{Error, ErrorKind, Result};
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, Deserialize)]
 pub struct Phase {
     pub name: String,
     /// Seconds from t0 to the phase's start.
@@ -20,7 +20,7 @@ pub struct Phase {
     pub seconds: f64,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, Deserialize)]
 pub struct CheckResult {
     pub name: String,
     pub passed: bool,
@@ -44,7 +44,7 @@ impl CheckResult {
 }
 
 /// A target against what was measured, in seconds.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, Deserialize)]
 pub struct Measured {
     pub target_seconds: f64,
     pub measured_seconds: f64,
@@ -61,7 +61,7 @@ impl Measured {
     }
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, Deserialize)]
 pub struct DrillReport {
     pub drill: String,
     pub description: Option<String>,
@@ -89,7 +89,13 @@ pub struct DrillReport {
     pub host: String,
     pub passed: bool,
     /// The report files written.
+    #[serde(default)]
     pub written: Vec<String>,
+    /// The repositories that keep a copy under `drills/DRILL/`.
+    #[serde(default)]
+    pub stored_in: Vec<String>,
+    #[serde(default)]
+    pub warnings: Vec<String>,
 }
 
 fn secs(seconds: f64) -> String {
@@ -265,6 +271,9 @@ fn write_error(path: &Path, e: std::io::Error) -> Error {
 
 impl fmt::Display for DrillReport {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for warning in &self.warnings {
+            writeln!(f, "warning: {warning}")?;
+        }
         for check in &self.checks {
             let mark = if check.passed { "ok  " } else { "FAIL" };
             writeln!(
@@ -285,6 +294,11 @@ impl fmt::Display for DrillReport {
             self.backup,
             self.repositories.join(", ")
         )?;
-        write!(f, "report: {}", self.written.join(", "))
+        write!(
+            f,
+            "report: {}; kept in repositories: {}",
+            self.written.join(", "),
+            self.stored_in.join(", ")
+        )
     }
 }
