@@ -84,7 +84,7 @@ pub async fn history(config: &Config, name: Option<&str>) -> Result<DrillHistory
             kept_in: repositories.iter().map(|r| r.name.clone()).collect(),
         });
     }
-    rows.sort_by(|a, b| b.declared_at.cmp(&a.declared_at));
+    rows.sort_by_key(|row| std::cmp::Reverse(row.declared_at));
     Ok(DrillHistory { rows, unreachable })
 }
 
