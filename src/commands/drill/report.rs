@@ -294,7 +294,7 @@ impl fmt::Display for DrillReport {
             self.backup,
             self.repositories.join(", ")
         )?;
-        write!(
+        writeln!(
             f,
             "report: {}; kept in repositories: {}",
             self.written.join(", "),
