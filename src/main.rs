@@ -383,6 +383,7 @@ async fn run(cli: Cli) -> Result<i32> {
                 job,
                 backup,
                 from,
+                exclude: Vec::new(),
                 into,
                 postgres,
             };

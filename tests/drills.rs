@@ -125,6 +125,26 @@ expect = "~ Ærøskøbing"
         "{markdown}"
     );
     assert!(markdown.contains("| RTO | 4h00m |"), "{markdown}");
+    let phases: Vec<&str> = report["phases"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        phases,
+        [
+            "find backup",
+            "start target",
+            "download and verify",
+            "load (pg_restore)",
+            "checks"
+        ]
+    );
+    assert!(
+        report["projection"]["rto_seconds"].as_f64().unwrap() > 0.0,
+        "{report}"
+    );
     assert!(leftovers(&tmp).is_empty(), "{:?}", leftovers(&tmp));
 
     // The report is kept with the backups, in every repository, and history lists it.
@@ -154,7 +174,7 @@ expect = "~ Ærøskøbing"
     let failing = work.path().join("failing.toml");
     std::fs::write(
         &failing,
-        "name = \"too-many\"\njob = \"maindb\"\ndatabase = \"app\"\n\n[[check]]\nname = \"a million orders\"\nsql = \"select count(*) from shop.orders\"\nexpect = \">= 1000000\"\n",
+        "name = \"too-many\"\njob = \"maindb\"\nexclude = [\"primary\"]\ndatabase = \"app\"\n\n[[check]]\nname = \"a million orders\"\nsql = \"select count(*) from shop.orders\"\nexpect = \">= 1000000\"\n",
     )
     .unwrap();
     let run = drill(&config, &failing, &reports, &tmp);

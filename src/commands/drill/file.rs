@@ -19,6 +19,8 @@ pub struct Drill {
     pub job: String,
     /// Restore from this repository alone (to play the loss of the others).
     pub from: Option<String>,
+    /// Restore from any repository but these.
+    pub exclude: Vec<String>,
     /// "latest" or a backup id.
     pub backup: String,
     pub target: DrillTarget,
@@ -67,6 +69,8 @@ struct RawDrill {
     description: Option<String>,
     job: Spanned<String>,
     from: Option<Spanned<String>>,
+    #[serde(default)]
+    exclude: Vec<String>,
     backup: Option<Spanned<String>>,
     target: Option<Spanned<String>>,
     database: Option<Spanned<String>>,
@@ -254,6 +258,7 @@ impl Drill {
             description: raw.description,
             job: raw.job.get_ref().clone(),
             from: raw.from.map(|f| f.into_inner()),
+            exclude: raw.exclude,
             backup: raw
                 .backup
                 .map(|b| b.into_inner())

@@ -16,7 +16,7 @@ use chrono::{DateTime, Utc};
 
 pub use file::{Drill, DrillTarget};
 pub use history::{DrillHistory, HistoryRow, history};
-pub use report::{CheckResult, DrillReport, Measured, Phase};
+pub use report::{CheckResult, DrillReport, Measured, Phase, Projection};
 
 use super::restore::{self, PostgresRestoreOptions, RestoreOptions};
 use crate::config::{Config, JobSource};
@@ -40,6 +40,19 @@ struct Clock {
 }
 
 impl Clock {
+    /// The stages a restore reported, one after another from `started`.
+    fn stages(&mut self, started: Instant, stages: &[(String, std::time::Duration)]) {
+        let mut offset = started.duration_since(self.t0);
+        for (name, took) in stages {
+            self.phases.push(Phase {
+                name: name.clone(),
+                started_after: offset.as_secs_f64(),
+                seconds: took.as_secs_f64(),
+            });
+            offset += *took;
+        }
+    }
+
     fn phase(&mut self, name: &str, started: Instant) {
         self.phases.push(Phase {
             name: name.to_string(),
@@ -66,8 +79,14 @@ pub async fn run(config: &Config, options: &DrillOptions) -> Result<DrillReport>
     tracing::info!(drill = %drill.name, job = %drill.job, "drill started");
 
     let started = Instant::now();
-    let manifest =
-        restore::find_backup(config, &job.name, &drill.backup, drill.from.as_deref()).await?;
+    let manifest = restore::find_backup(
+        config,
+        &job.name,
+        &drill.backup,
+        drill.from.as_deref(),
+        &drill.exclude,
+    )
+    .await?;
     clock.phase("find backup", started);
 
     let outcome = match &job.source {
@@ -85,6 +104,15 @@ pub async fn run(config: &Config, options: &DrillOptions) -> Result<DrillReport>
         JobSource::Files(_) => run_files(config, &drill, &mut clock).await?,
     };
     let rto = clock.t0.elapsed();
+    let projection = project(
+        config,
+        &job.name,
+        &manifest,
+        outcome.restore_seconds,
+        rto,
+        drill.rto,
+    )
+    .await;
 
     let (rpo_marker, marker_source) = match outcome.marker {
         Some((at, source)) => (at, source),
@@ -113,6 +141,8 @@ pub async fn run(config: &Config, options: &DrillOptions) -> Result<DrillReport>
         phases: clock.phases,
         checks: outcome.checks,
         restored_bytes: manifest.raw_size(),
+        restore_seconds: outcome.restore_seconds,
+        projection,
         stored_bytes: manifest.stored_size(),
         server_version: manifest.source.server_version.clone(),
         lifeboat_version: env!("CARGO_PKG_VERSION").to_string(),
@@ -126,6 +156,34 @@ pub async fn run(config: &Config, options: &DrillOptions) -> Result<DrillReport>
     store_everywhere(config, &mut report).await;
     report.write(&options.report_dir)?;
     Ok(report)
+}
+
+/// What the measured restore rate means for a full restore of the job's newest backup: a
+/// drill on an old or small backup still says whether production would meet the RTO.
+async fn project(
+    config: &Config,
+    job: &str,
+    restored: &Manifest,
+    restore_seconds: f64,
+    rto: std::time::Duration,
+    target: std::time::Duration,
+) -> Option<Projection> {
+    if restore_seconds <= 0.0 || restored.raw_size() == 0 {
+        return None;
+    }
+    let rate = restored.raw_size() as f64 / restore_seconds;
+    let newest = restore::find_backup(config, job, "latest", None, &[])
+        .await
+        .ok()?;
+    let projected_restore = newest.raw_size() as f64 / rate;
+    let rto_seconds = rto.as_secs_f64() - restore_seconds + projected_restore;
+    Some(Projection {
+        raw_bytes: newest.raw_size(),
+        backup: newest.id,
+        bytes_per_second: rate,
+        rto_seconds,
+        meets_target: rto_seconds <= target.as_secs_f64(),
+    })
 }
 
 /// Keeps the report with the backups, in every repository: a failure is a warning in the
@@ -150,6 +208,8 @@ async fn store_everywhere(config: &Config, report: &mut DrillReport) {
 /// What restoring and checking produced.
 struct Outcome {
     repositories: Vec<String>,
+    /// Seconds the restore itself took (download, verify, load).
+    restore_seconds: f64,
     target: String,
     checks: Vec<CheckResult>,
     /// The newest data restored, and how it was found.
@@ -193,6 +253,7 @@ async fn run_postgres(
             job: drill.job.clone(),
             backup: manifest.id.clone(),
             from: drill.from.clone(),
+            exclude: drill.exclude.clone(),
             into: None,
             postgres: PostgresRestoreOptions {
                 target: Some(dsn.clone()),
@@ -204,7 +265,7 @@ async fn run_postgres(
         },
     )
     .await?;
-    clock.phase("restore (download, verify, load)", started);
+    clock.stages(started, &restored.stages);
 
     let started = Instant::now();
     let default_database = drill
@@ -274,6 +335,7 @@ async fn run_postgres(
     clock.phase("checks", started);
     drop(scratch);
     Ok(Outcome {
+        restore_seconds: restored.stages.iter().map(|(_, d)| d.as_secs_f64()).sum(),
         repositories: restored.repositories,
         target: match &drill.target {
             DrillTarget::Scratch => "a scratch PostgreSQL cluster (removed after the drill)".into(),
@@ -300,12 +362,13 @@ async fn run_files(config: &Config, drill: &Drill, clock: &mut Clock) -> Result<
             job: drill.job.clone(),
             backup: drill.backup.clone(),
             from: drill.from.clone(),
+            exclude: drill.exclude.clone(),
             into: Some(into.clone()),
             postgres: PostgresRestoreOptions::default(),
         },
     )
     .await?;
-    clock.phase("restore (download, verify, unpack)", started);
+    clock.stages(started, &restored.stages);
     let started = Instant::now();
     let mut checks = Vec::new();
     for check in &drill.checks {
@@ -328,6 +391,7 @@ async fn run_files(config: &Config, drill: &Drill, clock: &mut Clock) -> Result<
     clock.phase("checks", started);
     crate::interrupt::forget(scratch.path());
     Ok(Outcome {
+        restore_seconds: restored.stages.iter().map(|(_, d)| d.as_secs_f64()).sum(),
         repositories: restored.repositories,
         target: "a scratch directory (removed after the drill)".into(),
         checks,

@@ -61,6 +61,17 @@ impl Measured {
     }
 }
 
+/// The restore rate measured, applied to the job's newest backup.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct Projection {
+    pub backup: String,
+    pub raw_bytes: u64,
+    pub bytes_per_second: f64,
+    /// The RTO a full restore of that backup would take at the measured rate.
+    pub rto_seconds: f64,
+    pub meets_target: bool,
+}
+
 #[derive(Debug, Serialize, Deserialize)]
 pub struct DrillReport {
     pub drill: String,
@@ -84,6 +95,11 @@ pub struct DrillReport {
     pub checks: Vec<CheckResult>,
     pub restored_bytes: u64,
     pub stored_bytes: u64,
+    /// Seconds the restore took (download, verify, load), for the rate.
+    #[serde(default)]
+    pub restore_seconds: f64,
+    #[serde(default)]
+    pub projection: Option<Projection>,
     pub server_version: Option<String>,
     pub lifeboat_version: String,
     pub host: String,
@@ -215,19 +231,24 @@ impl DrillReport {
                 tick(check.passed)
             ));
         }
-        let restore_seconds = self
-            .phases
-            .iter()
-            .find(|p| p.name.starts_with("restore"))
-            .map_or(0.0, |p| p.seconds);
-        let throughput = if restore_seconds > 0.0 {
-            format!(
+        let throughput = match self.restore_seconds {
+            seconds if seconds > 0.0 => format!(
                 "{}/s",
-                human_size((self.restored_bytes as f64 / restore_seconds) as u64)
-            )
-        } else {
-            "n/a".into()
+                human_size((self.restored_bytes as f64 / seconds) as u64)
+            ),
+            _ => "n/a".into(),
         };
+        if let Some(projection) = &self.projection {
+            md.push_str(&format!(
+                "\n## Projection\n\nAt the measured {}/s, a full restore of the newest backup `{}` ({}) would make the RTO {} — {} the {} target. (Not part of the verdict.)\n",
+                human_size(projection.bytes_per_second as u64),
+                projection.backup,
+                human_size(projection.raw_bytes),
+                secs(projection.rto_seconds),
+                if projection.meets_target { "within" } else { "**over**" },
+                secs(self.rto.target_seconds)
+            ));
+        }
         md.push_str(&format!(
             "\n## Backup and environment\n\n- restored {} ({} stored), {throughput}\n- server version: {}\n- lifeboat {} on {}\n- drill file: `{}`\n",
             human_size(self.restored_bytes),
@@ -294,6 +315,17 @@ impl fmt::Display for DrillReport {
             self.backup,
             self.repositories.join(", ")
         )?;
+        if let Some(projection) = &self.projection {
+            writeln!(
+                f,
+                "projected RTO for the newest backup {} ({}) at the measured {}/s: {} (target {})",
+                projection.backup,
+                human_size(projection.raw_bytes),
+                human_size(projection.bytes_per_second as u64),
+                secs(projection.rto_seconds),
+                secs(self.rto.target_seconds)
+            )?;
+        }
         writeln!(
             f,
             "report: {}; kept in repositories: {}",

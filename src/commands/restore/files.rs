@@ -27,6 +27,7 @@ pub(super) async fn restore(selected: Selected, into: &Path) -> Result<RestoreRe
             )
         })?;
 
+    let started = std::time::Instant::now();
     let parent = parent_of(into);
     std::fs::create_dir_all(&parent).map_err(|e| target_error(into, e))?;
     // A fresh staging directory per repository tried: a copy that fails halfway leaves
@@ -59,6 +60,7 @@ pub(super) async fn restore(selected: Selected, into: &Path) -> Result<RestoreRe
         vec![format!("{} entries", summary.entries)],
         summary.bytes,
         Vec::new(),
+        vec![("download, verify and unpack".to_string(), started.elapsed())],
     ))
 }
 

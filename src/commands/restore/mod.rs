@@ -28,6 +28,8 @@ pub struct RestoreOptions {
     /// A backup id, or "latest".
     pub backup: String,
     pub from: Option<String>,
+    /// Repositories not to read from (a drill playing their loss).
+    pub exclude: Vec<String>,
     /// `files` jobs: the directory to restore into.
     pub into: Option<PathBuf>,
     pub postgres: PostgresRestoreOptions,
@@ -66,6 +68,8 @@ pub struct RestoreReport {
     pub repositories: Vec<String>,
     /// Each object and the repository it was read from.
     pub served: Vec<(String, String)>,
+    /// How long each stage took, in order (download and verify, load, ...).
+    pub stages: Vec<(String, Duration)>,
     /// The directory or the server restored into.
     pub target: String,
     /// What was restored: a count of entries, or database names.
@@ -165,6 +169,7 @@ impl Selected {
         restored: Vec<String>,
         bytes: u64,
         mut warnings: Vec<String>,
+        stages: Vec<(String, Duration)>,
     ) -> RestoreReport {
         let served = self.served.into_inner().expect("served lock");
         let mut repositories: Vec<String> = Vec::new();
@@ -180,6 +185,7 @@ impl Selected {
             repository: repositories.first().cloned().unwrap_or_default(),
             repositories,
             served,
+            stages,
             target,
             restored,
             bytes,
@@ -195,18 +201,36 @@ pub async fn find_backup(
     job: &str,
     wanted: &str,
     from: Option<&str>,
+    exclude: &[String],
 ) -> Result<Manifest> {
-    Ok(select(config, job, wanted, from).await?.manifest)
+    Ok(select(config, job, wanted, from, exclude).await?.manifest)
 }
 
 /// Finds the backup: `--from` alone, else every repository in config order (one that
 /// cannot be listed is passed over with a warning). "latest" is the newest backup any of
 /// them holds.
-async fn select(config: &Config, job: &str, wanted: &str, from: Option<&str>) -> Result<Selected> {
-    let candidates = match from {
+async fn select(
+    config: &Config,
+    job: &str,
+    wanted: &str,
+    from: Option<&str>,
+    exclude: &[String],
+) -> Result<Selected> {
+    for name in exclude {
+        config.repository(name)?;
+    }
+    let candidates: Vec<Repository> = match from {
         Some(_) => vec![Repository::choose(config, from).await?],
         None => Repository::open_all(config).await,
-    };
+    }
+    .into_iter()
+    .filter(|r| !exclude.contains(&r.name))
+    .collect();
+    if candidates.is_empty() {
+        return Err(Error::usage(format!(
+            "unable to restore job '{job}': every repository is excluded"
+        )));
+    }
     let mut holders: Vec<(Repository, Vec<String>)> = Vec::new();
     let mut unreachable: Vec<Error> = Vec::new();
     for repository in candidates {
@@ -278,7 +302,14 @@ async fn select(config: &Config, job: &str, wanted: &str, from: Option<&str>) ->
 pub async fn run(config: &Config, options: &RestoreOptions) -> Result<RestoreReport> {
     let started = Instant::now();
     let job = config.job(&options.job)?;
-    let mut selected = select(config, &job.name, &options.backup, options.from.as_deref()).await?;
+    let mut selected = select(
+        config,
+        &job.name,
+        &options.backup,
+        options.from.as_deref(),
+        &options.exclude,
+    )
+    .await?;
     selected.started = started;
     let id = selected.manifest.id.clone();
     tracing::info!(job = %job.name, id = %id, "restoring");

@@ -130,6 +130,7 @@ pub(super) async fn restore(
         })
         .sum::<u64>()
         + globals.map_or(0, |g| g.raw_size);
+    let staging_started = std::time::Instant::now();
     let staging = Staging::prepare(options.staging_dir.as_deref(), needed)?;
     let globals_file = match globals {
         Some(object) => Some(
@@ -172,6 +173,9 @@ pub(super) async fn restore(
         tracing::debug!(object = %planned.object.name, ?elapsed, "staged");
         staged.push(dump);
     }
+
+    let staged_in = staging_started.elapsed();
+    let load_started = std::time::Instant::now();
 
     // Write into the server.
     let auth = server.child_auth()?;
@@ -255,7 +259,11 @@ pub(super) async fn restore(
     }
     let bytes =
         plan.iter().map(|p| p.object.raw_size).sum::<u64>() + globals.map_or(0, |g| g.raw_size);
-    Ok(selected.report(server.describe(), restored, bytes, warnings))
+    let stages = vec![
+        ("download and verify".to_string(), staged_in),
+        ("load (pg_restore)".to_string(), load_started.elapsed()),
+    ];
+    Ok(selected.report(server.describe(), restored, bytes, warnings, stages))
 }
 
 /// A dump in staging, verified.
