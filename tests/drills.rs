@@ -125,6 +125,15 @@ expect = "~ Ærøskøbing"
         "{markdown}"
     );
     assert!(markdown.contains("| RTO | 4h00m |"), "{markdown}");
+    let html = std::fs::read_to_string(report["written"][2].as_str().unwrap()).unwrap();
+    assert!(
+        html.contains("<title>Drill region-loss: PASS</title>") && html.contains("<svg"),
+        "{html}"
+    );
+    assert!(
+        html.contains("load (pg_restore)"),
+        "the timeline names the phases"
+    );
     let phases: Vec<&str> = report["phases"]
         .as_array()
         .unwrap()

@@ -261,7 +261,85 @@ impl DrillReport {
         md
     }
 
-    /// Writes `NAME-T0.json` and `NAME-T0.md` into `dir`.
+    /// A self-contained page: the verdict, targets against measured, the phase timeline drawn
+    /// as bars (inline SVG), and every check.
+    pub fn html(&self) -> String {
+        let total = self
+            .phases
+            .iter()
+            .map(|p| p.started_after + p.seconds)
+            .fold(self.rto.measured_seconds, f64::max)
+            .max(0.001);
+        let (width, row, label) = (640.0, 26.0, 210.0);
+        let mut bars = String::new();
+        for (index, phase) in self.phases.iter().enumerate() {
+            let y = index as f64 * row;
+            let x = label + phase.started_after / total * (width - label);
+            let w = (phase.seconds / total * (width - label)).max(1.0);
+            bars.push_str(&format!(
+                "<text x=\"0\" y=\"{:.1}\">{}</text><rect x=\"{x:.1}\" y=\"{:.1}\" width=\"{w:.1}\" height=\"16\" fill=\"#3b82f6\"><title>{}: {}</title></rect><text x=\"{:.1}\" y=\"{:.1}\" fill=\"#555\">{}</text>",
+                y + 13.0,
+                escape(&phase.name),
+                y + 2.0,
+                escape(&phase.name),
+                secs(phase.seconds),
+                (x + w + 4.0).min(width - 40.0),
+                y + 13.0,
+                secs(phase.seconds)
+            ));
+        }
+        let height = self.phases.len() as f64 * row + 4.0;
+        let verdict_colour = if self.passed { "#15803d" } else { "#b91c1c" };
+        let mut checks = String::new();
+        for check in &self.checks {
+            checks.push_str(&format!(
+                "<tr><td>{}</td><td><code>{}</code></td><td><code>{}</code></td><td>{}</td></tr>",
+                escape(&check.name),
+                escape(&check.expected),
+                escape(&check.returned),
+                if check.passed { "yes" } else { "<b>no</b>" }
+            ));
+        }
+        let reasons: String = self
+            .reasons()
+            .iter()
+            .map(|r| format!("<li>{}</li>", escape(r)))
+            .collect();
+        format!(
+            "<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\"><title>Drill {name}: {verdict}</title>\
+<style>body{{font-family:sans-serif;max-width:760px;margin:2em auto;color:#222}}table{{border-collapse:collapse}}\
+td,th{{border:1px solid #ccc;padding:4px 8px;text-align:left}}svg text{{font-size:12px}}</style></head><body>\
+<h1>Drill {name}: <span style=\"color:{verdict_colour}\">{verdict}</span></h1><p>{description}</p><ul>{reasons}</ul>\
+<table><tr><th></th><th>target</th><th>measured</th><th>met</th></tr>\
+<tr><td>RTO</td><td>{rto_target}</td><td>{rto}</td><td>{rto_met}</td></tr>\
+<tr><td>RPO</td><td>{rpo_target}</td><td>{rpo}</td><td>{rpo_met}</td></tr></table>\
+<p>Declared at {declared} (t0). Job <code>{job}</code>, backup <code>{backup}</code> from {repositories}; restored into {target}. RPO measured to {marker} ({marker_source}).</p>\
+<h2>Timeline</h2><svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{width}\" height=\"{height}\" role=\"img\" aria-label=\"phase timeline\">{bars}</svg>\
+<h2>Checks</h2><table><tr><th>check</th><th>expected</th><th>returned</th><th>passed</th></tr>{checks}</table>\
+<p>lifeboat {version} on {host}; drill file <code>{file}</code>.</p></body></html>\n",
+            name = escape(&self.drill),
+            verdict = self.verdict(),
+            description = escape(self.description.as_deref().unwrap_or("")),
+            rto_target = secs(self.rto.target_seconds),
+            rto = secs(self.rto.measured_seconds),
+            rto_met = if self.rto.met { "yes" } else { "<b>no</b>" },
+            rpo_target = secs(self.rpo.target_seconds),
+            rpo = secs(self.rpo.measured_seconds),
+            rpo_met = if self.rpo.met { "yes" } else { "<b>no</b>" },
+            declared = self.declared_at.to_rfc3339(),
+            job = escape(&self.job),
+            backup = escape(&self.backup),
+            repositories = escape(&self.repositories.join(", ")),
+            target = escape(&self.target),
+            marker = self.rpo_marker.to_rfc3339(),
+            marker_source = escape(&self.rpo_marker_source),
+            version = escape(&self.lifeboat_version),
+            host = escape(&self.host),
+            file = escape(&self.file),
+        )
+    }
+
+    /// Writes `NAME-T0.json`, `NAME-T0.md` and `NAME-T0.html` into `dir`.
     pub(super) fn write(&mut self, dir: &Path) -> Result<()> {
         std::fs::create_dir_all(dir).map_err(|e| write_error(dir, e))?;
         let stem = format!(
@@ -271,15 +349,34 @@ impl DrillReport {
         );
         let json_path: PathBuf = dir.join(format!("{stem}.json"));
         let md_path: PathBuf = dir.join(format!("{stem}.md"));
+        let html_path: PathBuf = dir.join(format!("{stem}.html"));
         self.written = vec![
             json_path.display().to_string(),
             md_path.display().to_string(),
+            html_path.display().to_string(),
         ];
         let json = serde_json::to_vec_pretty(&*self).expect("the report serializes");
         std::fs::write(&json_path, json).map_err(|e| write_error(&json_path, e))?;
         std::fs::write(&md_path, self.markdown()).map_err(|e| write_error(&md_path, e))?;
+        std::fs::write(&html_path, self.html()).map_err(|e| write_error(&html_path, e))?;
         Ok(())
     }
+}
+
+/// Text made safe to put inside HTML elements and attribute values.
+fn escape(text: &str) -> String {
+    let mut escaped = String::with_capacity(text.len());
+    for c in text.chars() {
+        match c {
+            '&' => escaped.push_str("&amp;"),
+            '<' => escaped.push_str("&lt;"),
+            '>' => escaped.push_str("&gt;"),
+            '"' => escaped.push_str("&quot;"),
+            '\'' => escaped.push_str("&#39;"),
+            c => escaped.push(c),
+        }
+    }
+    escaped
 }
 
 fn write_error(path: &Path, e: std::io::Error) -> Error {
