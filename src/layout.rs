@@ -31,9 +31,10 @@ pub fn manifest_key(job: &str, id: &str) -> String {
 
 pub const DRILLS_PREFIX: &str = "drills/";
 
-/// Where the report of `drill` declared at `at` is kept.
-pub fn drill_report_key(drill: &str, at: DateTime<Utc>) -> String {
-    format!("{DRILLS_PREFIX}{drill}/{}.json", backup_id(at))
+/// Where the report `report_id` (its t0, as a backup id; see `DrillReport::report_id`) of
+/// `drill` is kept.
+pub fn drill_report_key(drill: &str, report_id: &str) -> String {
+    format!("{DRILLS_PREFIX}{drill}/{report_id}.json")
 }
 
 /// Backup ids sort by time: `20261126T030000Z`.

@@ -139,9 +139,12 @@ enum DrillAction {
     Run {
         /// The drill file (drills/*.toml).
         file: PathBuf,
-        /// Where to write the JSON and Markdown reports.
+        /// Where to write the JSON, Markdown and HTML reports.
         #[arg(long, default_value = "drill-reports")]
         report_dir: PathBuf,
+        /// Run the drill once per repository holding the backup, each reading from it alone.
+        #[arg(long)]
+        each_repository: bool,
         #[arg(long, value_enum, default_value_t = OutputFormat::Text)]
         format: OutputFormat,
     },
@@ -310,11 +313,20 @@ async fn run(cli: Cli) -> Result<i32> {
                 DrillAction::Run {
                     file,
                     report_dir,
+                    each_repository,
                     format,
                 },
         } => {
             lifeboat::interrupt::install();
-            let report = drill::run(&config, &drill::DrillOptions { file, report_dir }).await?;
+            let report = drill::run(
+                &config,
+                &drill::DrillOptions {
+                    file,
+                    report_dir,
+                    each_repository,
+                },
+            )
+            .await?;
             print(&report, format);
             report.outcome()?;
         }

@@ -179,6 +179,31 @@ expect = "~ Ærøskøbing"
         "{line}"
     );
 
+    // Every region on its own: one report per repository holding the backup.
+    let run = run_command(
+        lifeboat_command(&config)
+            .env("TMPDIR", &tmp)
+            .args(["drill", "run", "--each-repository", "--format", "json"])
+            .arg(&file)
+            .arg("--report-dir")
+            .arg(&reports),
+    );
+    run.assert_code(0);
+    let each: serde_json::Value = serde_json::from_str(&run.stdout).unwrap();
+    let sources: Vec<(&str, bool)> = each["reports"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| {
+            (
+                r["repositories"][0].as_str().unwrap(),
+                r["passed"].as_bool().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(sources, [("primary", true), ("dr", true)]);
+    assert!(leftovers(&tmp).is_empty(), "{:?}", leftovers(&tmp));
+
     // A check that does not hold fails the drill and says what came back.
     let failing = work.path().join("failing.toml");
     std::fs::write(
@@ -231,9 +256,11 @@ expect = "~ Ærøskøbing"
         [
             ("strict", false),
             ("too-many", false),
+            ("region-loss", true),
+            ("region-loss", true),
             ("region-loss", true)
         ],
-        "newest first"
+        "newest first: the one from dr alone, the two from each repository"
     );
 
     // A malformed drill file: exit 2, naming the file, the line and the field.

@@ -4,7 +4,7 @@ use std::path::Path;
 
 use sha2::{Digest, Sha256};
 
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub enum Expectation {
     NonEmpty,
     Compare(Operator, String),
@@ -110,7 +110,7 @@ impl std::fmt::Display for Expectation {
     }
 }
 
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub enum PathExpectation {
     Exists(bool),
     Sha256(String),

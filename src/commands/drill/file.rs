@@ -11,7 +11,7 @@ use toml::Spanned;
 use super::check::{Expectation, PathExpectation};
 use crate::error::{Error, Result};
 
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct Drill {
     pub path: PathBuf,
     pub name: String,
@@ -40,13 +40,13 @@ pub enum DrillTarget {
     Dsn(String),
 }
 
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct Check {
     pub name: String,
     pub kind: CheckKind,
 }
 
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub enum CheckKind {
     Sql {
         sql: String,

@@ -29,8 +29,10 @@ use file::CheckKind;
 
 pub struct DrillOptions {
     pub file: PathBuf,
-    /// Where the JSON and Markdown reports are written.
+    /// Where the JSON, Markdown and HTML reports are written.
     pub report_dir: PathBuf,
+    /// Run the drill once per repository holding the backup, each reading from it alone.
+    pub each_repository: bool,
 }
 
 /// Times the phases of a drill from t0.
@@ -62,8 +64,72 @@ impl Clock {
     }
 }
 
-pub async fn run(config: &Config, options: &DrillOptions) -> Result<DrillReport> {
-    let drill = Drill::load(&options.file)?;
+/// The reports of one `drill run`: one, or one per repository.
+#[derive(Debug, serde::Serialize)]
+pub struct DrillRun {
+    pub reports: Vec<DrillReport>,
+}
+
+impl DrillRun {
+    /// Ok only if every report passed.
+    pub fn outcome(&self) -> Result<()> {
+        self.reports.iter().try_for_each(DrillReport::outcome)
+    }
+}
+
+impl std::fmt::Display for DrillRun {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.reports
+            .iter()
+            .try_for_each(|report| write!(f, "{report}"))
+    }
+}
+
+pub async fn run(config: &Config, options: &DrillOptions) -> Result<DrillRun> {
+    let mut drill = Drill::load(&options.file)?;
+    if !options.each_repository {
+        return Ok(DrillRun {
+            reports: vec![run_once(config, &drill, &options.report_dir, None).await?],
+        });
+    }
+    // The same backup from each repository that holds it, each on its own.
+    let manifest = restore::find_backup(config, &drill.job, &drill.backup, None, &[]).await?;
+    drill.backup = manifest.id.clone();
+    let mut reports = Vec::new();
+    for repository in &config.repositories {
+        match restore::find_backup(
+            config,
+            &drill.job,
+            &drill.backup,
+            Some(&repository.name),
+            &[],
+        )
+        .await
+        {
+            Ok(_) => {
+                let alone = Drill {
+                    from: Some(repository.name.clone()),
+                    exclude: Vec::new(),
+                    ..drill.clone()
+                };
+                reports.push(
+                    run_once(config, &alone, &options.report_dir, Some(&repository.name)).await?,
+                );
+            }
+            Err(e) => {
+                tracing::warn!(repository = %repository.name, error = %e.chain().join(": "), "the repository does not hold the backup; no drill from it")
+            }
+        }
+    }
+    Ok(DrillRun { reports })
+}
+
+async fn run_once(
+    config: &Config,
+    drill: &Drill,
+    report_dir: &Path,
+    only_from: Option<&str>,
+) -> Result<DrillReport> {
     let job = config.job(&drill.job).map_err(|e| {
         Error::config(format!(
             "invalid drill file '{}': job: {}",
@@ -93,7 +159,7 @@ pub async fn run(config: &Config, options: &DrillOptions) -> Result<DrillReport>
         JobSource::Postgres(postgres) => {
             run_postgres(
                 config,
-                &drill,
+                drill,
                 &manifest,
                 postgres.bin_dir.as_deref(),
                 postgres.heartbeat,
@@ -101,7 +167,7 @@ pub async fn run(config: &Config, options: &DrillOptions) -> Result<DrillReport>
             )
             .await?
         }
-        JobSource::Files(_) => run_files(config, &drill, &mut clock).await?,
+        JobSource::Files(_) => run_files(config, drill, &mut clock).await?,
     };
     let rto = clock.t0.elapsed();
     let projection = project(
@@ -148,13 +214,14 @@ pub async fn run(config: &Config, options: &DrillOptions) -> Result<DrillReport>
         lifeboat_version: env!("CARGO_PKG_VERSION").to_string(),
         host: super::backup::host_name(),
         passed: false,
+        only_from: only_from.map(str::to_string),
         written: Vec::new(),
         stored_in: Vec::new(),
         warnings: Vec::new(),
     };
     let mut report = report.judged(checks_pass);
     store_everywhere(config, &mut report).await;
-    report.write(&options.report_dir)?;
+    report.write(report_dir)?;
     Ok(report)
 }
 
@@ -189,7 +256,7 @@ async fn project(
 /// Keeps the report with the backups, in every repository: a failure is a warning in the
 /// report, not a failed drill.
 async fn store_everywhere(config: &Config, report: &mut DrillReport) {
-    let key = crate::layout::drill_report_key(&report.drill, report.declared_at);
+    let key = crate::layout::drill_report_key(&report.drill, &report.report_id());
     let body =
         bytes::Bytes::from(serde_json::to_vec_pretty(&*report).expect("the report serializes"));
     for repository in Repository::open_all(config).await {

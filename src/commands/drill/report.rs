@@ -104,6 +104,9 @@ pub struct DrillReport {
     pub lifeboat_version: String,
     pub host: String,
     pub passed: bool,
+    /// Set when `--each-repository` ran this drill from this repository alone.
+    #[serde(default)]
+    pub only_from: Option<String>,
     /// The report files written.
     #[serde(default)]
     pub written: Vec<String>,
@@ -122,6 +125,16 @@ impl DrillReport {
     pub(super) fn judged(mut self, checks_pass: bool) -> DrillReport {
         self.passed = checks_pass && self.rto.met && self.rpo.met;
         self
+    }
+
+    /// Its t0 as a backup id, and the repository when it ran from one alone:
+    /// `20261126T030000Z` or `20261126T030000Z-dr`.
+    pub fn report_id(&self) -> String {
+        let at = crate::layout::backup_id(self.declared_at);
+        match &self.only_from {
+            Some(repository) => format!("{at}-{repository}"),
+            None => at,
+        }
     }
 
     pub fn verdict(&self) -> &'static str {
@@ -342,11 +355,7 @@ td,th{{border:1px solid #ccc;padding:4px 8px;text-align:left}}svg text{{font-siz
     /// Writes `NAME-T0.json`, `NAME-T0.md` and `NAME-T0.html` into `dir`.
     pub(super) fn write(&mut self, dir: &Path) -> Result<()> {
         std::fs::create_dir_all(dir).map_err(|e| write_error(dir, e))?;
-        let stem = format!(
-            "{}-{}",
-            self.drill,
-            crate::layout::backup_id(self.declared_at)
-        );
+        let stem = format!("{}-{}", self.drill, self.report_id());
         let json_path: PathBuf = dir.join(format!("{stem}.json"));
         let md_path: PathBuf = dir.join(format!("{stem}.md"));
         let html_path: PathBuf = dir.join(format!("{stem}.html"));
