@@ -16,6 +16,8 @@ pub struct Drill {
     pub path: PathBuf,
     pub name: String,
     pub description: Option<String>,
+    /// The runbook section this drill proves.
+    pub runbook: Option<String>,
     pub job: String,
     /// Restore from this repository alone (to play the loss of the others).
     pub from: Option<String>,
@@ -67,6 +69,7 @@ pub enum CheckKind {
 struct RawDrill {
     name: Spanned<String>,
     description: Option<String>,
+    runbook: Option<String>,
     job: Spanned<String>,
     from: Option<Spanned<String>>,
     #[serde(default)]
@@ -256,6 +259,7 @@ impl Drill {
             path: path.to_path_buf(),
             name: raw.name.get_ref().clone(),
             description: raw.description,
+            runbook: raw.runbook,
             job: raw.job.get_ref().clone(),
             from: raw.from.map(|f| f.into_inner()),
             exclude: raw.exclude,
@@ -325,7 +329,17 @@ mod tests {
         for entry in std::fs::read_dir(dir).unwrap() {
             let path = entry.unwrap().path();
             if path.extension().is_some_and(|e| e == "toml") {
-                Drill::load(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+                let drill =
+                    Drill::load(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+                if let Some(runbook) = &drill.runbook {
+                    let file = runbook.split('#').next().unwrap();
+                    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+                    assert!(
+                        root.join(file).is_file(),
+                        "{}: no runbook {file}",
+                        path.display()
+                    );
+                }
                 parsed += 1;
             }
         }

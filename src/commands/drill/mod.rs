@@ -192,6 +192,7 @@ async fn run_once(
     let report = DrillReport {
         drill: drill.name.clone(),
         description: drill.description.clone(),
+        runbook: drill.runbook.clone(),
         file: drill.path.display().to_string(),
         job: job.name.clone(),
         kind: manifest.kind.clone(),

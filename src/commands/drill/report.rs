@@ -76,6 +76,9 @@ pub struct Projection {
 pub struct DrillReport {
     pub drill: String,
     pub description: Option<String>,
+    /// The runbook section the drill proves.
+    #[serde(default)]
+    pub runbook: Option<String>,
     pub file: String,
     pub job: String,
     pub kind: String,
@@ -194,6 +197,9 @@ impl DrillReport {
         md.push_str(&format!("# Drill {}: {}\n\n", self.drill, self.verdict()));
         if let Some(description) = &self.description {
             md.push_str(&format!("{description}\n\n"));
+        }
+        if let Some(runbook) = &self.runbook {
+            md.push_str(&format!("Proves the runbook section `{runbook}`.\n\n"));
         }
         for reason in self.reasons() {
             md.push_str(&format!("- {reason}\n"));
@@ -329,7 +335,7 @@ td,th{{border:1px solid #ccc;padding:4px 8px;text-align:left}}svg text{{font-siz
 <p>Declared at {declared} (t0). Job <code>{job}</code>, backup <code>{backup}</code> from {repositories}; restored into {target}. RPO measured to {marker} ({marker_source}).</p>\
 <h2>Timeline</h2><svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{width}\" height=\"{height}\" role=\"img\" aria-label=\"phase timeline\">{bars}</svg>\
 <h2>Checks</h2><table><tr><th>check</th><th>expected</th><th>returned</th><th>passed</th></tr>{checks}</table>\
-<p>lifeboat {version} on {host}; drill file <code>{file}</code>.</p></body></html>\n",
+<p>lifeboat {version} on {host}; drill file <code>{file}</code>; proves <code>{runbook}</code>.</p></body></html>\n",
             name = escape(&self.drill),
             verdict = self.verdict(),
             description = escape(self.description.as_deref().unwrap_or("")),
@@ -349,6 +355,7 @@ td,th{{border:1px solid #ccc;padding:4px 8px;text-align:left}}svg text{{font-siz
             version = escape(&self.lifeboat_version),
             host = escape(&self.host),
             file = escape(&self.file),
+            runbook = escape(self.runbook.as_deref().unwrap_or("no runbook named")),
         )
     }
 
