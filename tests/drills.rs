@@ -363,3 +363,69 @@ async fn an_interrupted_drill_leaves_no_scratch_cluster_behind() {
         .collect();
     assert!(left.is_empty(), "left in TMPDIR: {left:?}");
 }
+
+#[test]
+fn a_files_drill_checks_the_restored_tree() {
+    let work = tempfile::tempdir().unwrap();
+    let source = work.path().join("etc/nginx");
+    std::fs::create_dir_all(&source).unwrap();
+    let config_text = "server { listen 80; }\n";
+    std::fs::write(source.join("nginx.conf"), config_text).unwrap();
+    let config = write_config(
+        work.path(),
+        &format!(
+            "{}{}",
+            local_repository("local", &work.path().join("repo")),
+            crate::common::files_job("config", &[&source])
+        ),
+    );
+    crate::common::lifeboat(&config, &["backup", "config"]).assert_code(0);
+    let conf = source.join("nginx.conf");
+    let sha = hex::encode(<sha2::Sha256 as sha2::Digest>::digest(
+        config_text.as_bytes(),
+    ));
+    let file = work.path().join("config-files.toml");
+    let write_drill = |extra: &str| {
+        std::fs::write(
+            &file,
+            format!(
+                "name = \"config-files\"\njob = \"config\"\n\n[[check]]\nname = \"present\"\npath = \"{0}\"\nexists = true\n\n[[check]]\nname = \"intact\"\npath = \"{0}\"\nsha256 = \"{sha}\"\n\n[[check]]\nname = \"listens\"\npath = \"{0}\"\ncontains = \"listen 80\"\n{extra}",
+                conf.display()
+            ),
+        )
+        .unwrap();
+    };
+    let reports = work.path().join("reports");
+    write_drill("");
+    let run = run_command(
+        lifeboat_command(&config)
+            .args(["drill", "run"])
+            .arg(&file)
+            .arg("--report-dir")
+            .arg(&reports),
+    );
+    run.assert_code(0);
+    assert!(
+        run.stdout.contains("drill config-files: PASS"),
+        "{}",
+        run.stdout
+    );
+
+    write_drill(&format!(
+        "\n[[check]]\nname = \"no stray file\"\npath = \"{}\"\nexists = true\n",
+        source.join("missing.conf").display()
+    ));
+    let run = run_command(
+        lifeboat_command(&config)
+            .args(["drill", "run"])
+            .arg(&file)
+            .arg("--report-dir")
+            .arg(&reports),
+    );
+    run.assert_code(1);
+    assert!(
+        run.stdout.contains("FAIL check 'no stray file'") && run.stdout.contains("got missing"),
+        "{}",
+        run.stdout
+    );
+}
