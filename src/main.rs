@@ -59,24 +59,6 @@ enum Command {
     },
     /// Validate the config and reach every repository and source.
     Check,
-    /// Restore drills: restore into a throw-away target, run checks, measure RTO and RPO.
-    Drill {
-        #[command(subcommand)]
-        action: DrillAction,
-    },
-    /// Copy into each repository the backups (or objects) it lacks, from one that holds them.
-    Replicate {
-        /// Only this job's backups.
-        job: Option<String>,
-        /// Print what would be copied; copy nothing.
-        #[arg(long)]
-        dry_run: bool,
-        /// Also read every object each repository holds and replace damaged ones.
-        #[arg(long)]
-        verify: bool,
-        #[arg(long, value_enum, default_value_t = OutputFormat::Text)]
-        format: OutputFormat,
-    },
     /// Take a backup now.
     Backup {
         /// The job to back up.
@@ -104,7 +86,7 @@ enum Command {
         #[arg(long, value_enum, default_value_t = OutputFormat::Text)]
         format: OutputFormat,
     },
-    /// Restore a backup into a new or empty directory.
+    /// Restore a backup: files into a new or empty directory, databases into a server.
     Restore {
         job: String,
         /// Backup id, or "latest".
@@ -119,7 +101,7 @@ enum Command {
         #[command(flatten)]
         postgres: PostgresRestoreArgs,
     },
-    /// Re-read every object and check both checksums.
+    /// Re-read every object and check both checksums, reading on from the next repository holding it.
     Verify {
         job: Option<String>,
         /// Only this backup id (or "latest").
@@ -128,6 +110,24 @@ enum Command {
         /// Repository to verify (default: the first in the config).
         #[arg(long)]
         from: Option<String>,
+        #[arg(long, value_enum, default_value_t = OutputFormat::Text)]
+        format: OutputFormat,
+    },
+    /// Restore drills: restore into a throw-away target, run checks, measure RTO and RPO.
+    Drill {
+        #[command(subcommand)]
+        action: DrillAction,
+    },
+    /// Copy into each repository the backups (or objects) it lacks, from one that holds them.
+    Replicate {
+        /// Only this job's backups.
+        job: Option<String>,
+        /// Print what would be copied; copy nothing.
+        #[arg(long)]
+        dry_run: bool,
+        /// Also read every object each repository holds and replace damaged ones.
+        #[arg(long)]
+        verify: bool,
         #[arg(long, value_enum, default_value_t = OutputFormat::Text)]
         format: OutputFormat,
     },
