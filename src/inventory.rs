@@ -4,12 +4,15 @@
 
 use std::collections::BTreeMap;
 
+use bytes::Bytes;
+
 use serde::Serialize;
 
 use crate::error::Result;
 use crate::layout;
 use crate::manifest::Manifest;
 use crate::repository::Repository;
+use crate::storage;
 
 /// One backup id's keys in one repository.
 #[derive(Debug, Default, Clone)]
@@ -73,6 +76,64 @@ pub async fn holdings(repository: &Repository, job: &str) -> Result<BTreeMap<Str
         }
     }
     Ok(holdings)
+}
+
+/// What every repository holds of one job, in config order; and the repositories that could
+/// not be listed, with the reason.
+pub struct Survey<'a> {
+    pub listed: Vec<(&'a Repository, BTreeMap<String, Holding>)>,
+    pub unreachable: Vec<(String, String)>,
+}
+
+/// Lists `job` in every repository once.
+pub async fn survey<'a>(repositories: &'a [Repository], job: &str) -> Survey<'a> {
+    let mut survey = Survey {
+        listed: Vec::new(),
+        unreachable: Vec::new(),
+    };
+    for repository in repositories {
+        match holdings(repository, job).await {
+            Ok(held) => survey.listed.push((repository, held)),
+            Err(e) => survey
+                .unreachable
+                .push((repository.name.clone(), e.chain().join(": "))),
+        }
+    }
+    survey
+}
+
+impl<'a> Survey<'a> {
+    /// Ids with a manifest in at least one repository, oldest first.
+    pub fn committed_ids(&self) -> Vec<String> {
+        let mut ids: Vec<String> = self
+            .listed
+            .iter()
+            .flat_map(|(_, held)| held.iter())
+            .filter(|(_, holding)| holding.manifest)
+            .map(|(id, _)| id.clone())
+            .collect();
+        ids.sort_unstable();
+        ids.dedup();
+        ids
+    }
+
+    /// The first readable manifest of `job/id` in config order: parsed, its exact bytes, and
+    /// the repository it came from.
+    pub async fn manifest(&self, job: &str, id: &str) -> Option<(Manifest, Bytes, &'a Repository)> {
+        let key = layout::manifest_key(job, id);
+        for (repository, held) in &self.listed {
+            if !held.get(id).is_some_and(|h| h.manifest) {
+                continue;
+            }
+            let Ok(bytes) = storage::get_bytes(repository.store.as_ref(), &key).await else {
+                continue;
+            };
+            if let Ok(manifest) = Manifest::from_json(&bytes) {
+                return Some((manifest, bytes, *repository));
+            }
+        }
+        None
+    }
 }
 
 #[cfg(test)]

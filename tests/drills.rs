@@ -4,10 +4,12 @@
 //! targets fail the drill.
 
 use std::os::unix::fs::PermissionsExt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use crate::common::postgres::Postgres;
-use crate::common::{Run, lifeboat_command, local_repository, procs, run_command, write_config};
+use crate::common::{
+    Run, lifeboat_command, local_repository, postgres_job, procs, run_command, write_config,
+};
 
 fn drill(config: &Path, file: &Path, reports: &Path, tmp: &Path) -> Run {
     run_command(
@@ -18,6 +20,16 @@ fn drill(config: &Path, file: &Path, reports: &Path, tmp: &Path) -> Run {
             .arg("--report-dir")
             .arg(reports),
     )
+}
+
+/// A TMPDIR for the drill under `work`. Scratch clusters are made there; as root they belong
+/// to `postgres`, which must be able to reach them.
+fn scratch_tmp(work: &Path) -> PathBuf {
+    let tmp = work.join("tmp");
+    std::fs::create_dir(&tmp).unwrap();
+    std::fs::set_permissions(work, std::fs::Permissions::from_mode(0o755)).unwrap();
+    std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o1777)).unwrap();
+    tmp
 }
 
 /// The scratch clusters a drill leaves behind in `tmp` (none, when it cleans up).
@@ -46,22 +58,21 @@ async fn drills_restore_check_measure_and_clean_up() {
     let source = Postgres::start();
     source.create_app_database(50_000);
     let work = tempfile::tempdir().unwrap();
-    // Scratch clusters are made under TMPDIR; as root they belong to `postgres`, which
-    // must be able to reach them.
-    let tmp = work.path().join("tmp");
-    std::fs::create_dir(&tmp).unwrap();
-    std::fs::set_permissions(work.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
-    std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o1777)).unwrap();
+    let tmp = scratch_tmp(work.path());
     let reports = work.path().join("reports");
     let password_file = source.password_file(work.path(), &source.password);
     let config = write_config(
         work.path(),
         &format!(
-            "{}{}[[job]]\nname = \"maindb\"\nkind = \"postgres\"\ndsn = \"{}\"\npassword_file = \"{}\"\ndatabases = [\"app\"]\nheartbeat = true\n",
+            "{}{}{}",
             local_repository("primary", &work.path().join("primary")),
             local_repository("dr", &work.path().join("dr")),
-            source.dsn("postgres"),
-            password_file.display()
+            postgres_job(
+                "maindb",
+                &source.dsn("postgres"),
+                &password_file,
+                "databases = [\"app\"]\nheartbeat = true"
+            )
         ),
     );
     crate::common::lifeboat(&config, &["backup", "maindb"]).assert_code(0);
@@ -300,18 +311,19 @@ async fn an_interrupted_drill_leaves_no_scratch_cluster_behind() {
     let source = Postgres::start();
     source.create_app_database(1_000_000);
     let work = tempfile::tempdir().unwrap();
-    let tmp = work.path().join("tmp");
-    std::fs::create_dir(&tmp).unwrap();
-    std::fs::set_permissions(work.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
-    std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o1777)).unwrap();
+    let tmp = scratch_tmp(work.path());
     let password_file = source.password_file(work.path(), &source.password);
     let config = write_config(
         work.path(),
         &format!(
-            "{}[[job]]\nname = \"maindb\"\nkind = \"postgres\"\ndsn = \"{}\"\npassword_file = \"{}\"\ndatabases = [\"app\"]\n",
+            "{}{}",
             local_repository("local", &work.path().join("repo")),
-            source.dsn("postgres"),
-            password_file.display()
+            postgres_job(
+                "maindb",
+                &source.dsn("postgres"),
+                &password_file,
+                "databases = [\"app\"]"
+            )
         ),
     );
     crate::common::lifeboat(&config, &["backup", "maindb"]).assert_code(0);

@@ -7,15 +7,9 @@ use std::process::Stdio;
 
 use crate::common::postgres::Postgres;
 use crate::common::{
-    SeaweedFs, lifeboat, lifeboat_command, local_repository, procs, write_config, write_secret,
+    SeaweedFs, lifeboat, lifeboat_command, local_repository, postgres_job, procs, write_config,
+    write_secret,
 };
-
-fn postgres_job(name: &str, dsn: &str, password_file: &Path, extra: &str) -> String {
-    format!(
-        "[[job]]\nname = \"{name}\"\nkind = \"postgres\"\nmode = \"logical\"\ndsn = \"{dsn}\"\npassword_file = \"{}\"\n{extra}\n",
-        password_file.display()
-    )
-}
 
 /// `lifeboat restore` of a postgres job into `target`, with the target's password in the
 /// environment as an operator would have it.

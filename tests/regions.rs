@@ -11,7 +11,8 @@ use sha2::{Digest, Sha256};
 
 use crate::common::postgres::Postgres;
 use crate::common::{
-    SeaweedFs, files_job, lifeboat, lifeboat_command, local_repository, procs, tree, write_config,
+    SeaweedFs, files_job, lifeboat, lifeboat_command, local_repository, postgres_job, procs, tree,
+    write_config,
 };
 
 const BUCKET: &str = "backups";
@@ -81,12 +82,16 @@ async fn a_region_lost_mid_backup_is_named_and_replicated_when_back() {
     let config = write_config(
         work.path(),
         &format!(
-            "{}{}{}[[job]]\nname = \"maindb\"\nkind = \"postgres\"\ndsn = \"{}\"\npassword_file = \"{}\"\ndatabases = [\"app\"]\n",
+            "{}{}{}{}",
             local_repository("local", &repo),
             region_a.repository("a", BUCKET, PREFIX),
             region_b.repository("b", BUCKET, PREFIX),
-            source.dsn("postgres"),
-            password_file.display()
+            postgres_job(
+                "maindb",
+                &source.dsn("postgres"),
+                &password_file,
+                "databases = [\"app\"]"
+            )
         ),
     );
 

@@ -1,7 +1,6 @@
 //! `lifeboat list [JOB]`: committed backups, newest first, with their presence in each
 //! repository.
 
-use std::collections::BTreeMap;
 use std::fmt;
 
 use chrono::{DateTime, Utc};
@@ -9,8 +8,8 @@ use serde::Serialize;
 
 use super::{human_duration, human_size};
 use crate::config::Config;
-use crate::error::{Error, Result};
-use crate::inventory::{self, Holding, Presence};
+use crate::error::Result;
+use crate::inventory::{self, Presence};
 use crate::layout;
 use crate::repository::Repository;
 
@@ -50,32 +49,13 @@ pub async fn run(config: &Config, options: &ListOptions) -> Result<ListReport> {
     let mut rows = Vec::new();
     let mut unreachable = Vec::new();
     for job in &jobs {
-        let mut listed: Vec<(&Repository, BTreeMap<String, Holding>)> = Vec::new();
-        for repository in &repositories {
-            match inventory::holdings(repository, job).await {
-                Ok(holdings) => listed.push((repository, holdings)),
-                Err(e) => unreachable.push((repository.name.clone(), chain_text(&e))),
-            }
-        }
-        // Committed backups: an id with a manifest in at least one repository.
-        let mut ids: Vec<&String> = listed
-            .iter()
-            .flat_map(|(_, holdings)| holdings.iter())
-            .filter(|(_, holding)| holding.manifest)
-            .map(|(id, _)| id)
-            .collect();
-        ids.sort_unstable_by(|a, b| b.cmp(a));
-        ids.dedup();
-        for id in ids {
-            let mut manifest = None;
-            for (repository, holdings) in &listed {
-                if holdings.get(id).is_some_and(|h| h.manifest)
-                    && let Ok(m) = repository.read_manifest(job, id).await
-                {
-                    manifest = Some(m);
-                    break;
-                }
-            }
+        let survey = inventory::survey(&repositories, job).await;
+        unreachable.extend(survey.unreachable.iter().cloned());
+        for id in survey.committed_ids().iter().rev() {
+            let manifest = survey
+                .manifest(job, id)
+                .await
+                .map(|(manifest, _, _)| manifest);
             let mut row = ListRow {
                 job: job.clone(),
                 id: id.clone(),
@@ -90,7 +70,7 @@ pub async fn run(config: &Config, options: &ListOptions) -> Result<ListReport> {
                 incomplete_in: Vec::new(),
                 missing_from: Vec::new(),
             };
-            for (repository, holdings) in &listed {
+            for (repository, holdings) in &survey.listed {
                 let holding = holdings.get(id).cloned().unwrap_or_default();
                 let presence = match &manifest {
                     Some(manifest) => holding.presence(manifest),
@@ -114,10 +94,6 @@ pub async fn run(config: &Config, options: &ListOptions) -> Result<ListReport> {
         rows,
         unreachable,
     })
-}
-
-fn chain_text(e: &Error) -> String {
-    e.chain().join(": ")
 }
 
 impl fmt::Display for ListReport {

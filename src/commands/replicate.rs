@@ -4,7 +4,6 @@
 //! so a repository never shows a backup before it holds all of it. Uploads left open under
 //! a backup that is committed are aborted: nobody is writing them any more.
 
-use std::collections::BTreeMap;
 use std::fmt;
 
 use futures::StreamExt;
@@ -13,9 +12,9 @@ use serde::Serialize;
 use super::human_size;
 use crate::config::Config;
 use crate::error::{Error, ErrorKind, Result};
-use crate::inventory::{self, Holding};
+use crate::inventory::{self, Survey};
 use crate::layout;
-use crate::manifest::{Manifest, ObjectEntry};
+use crate::manifest::ObjectEntry;
 use crate::pipeline::{CHANNEL_BOUND, Tally};
 use crate::repository::Repository;
 use crate::storage::{self, PartStream};
@@ -93,67 +92,28 @@ pub async fn run(config: &Config, options: &ReplicateOptions) -> Result<Replicat
         unreachable: Vec::new(),
     };
     for job in &jobs {
-        let mut listed: Vec<(&Repository, BTreeMap<String, Holding>)> = Vec::new();
-        for repository in &repositories {
-            match inventory::holdings(repository, job).await {
-                Ok(holdings) => listed.push((repository, holdings)),
-                Err(e) => {
-                    let reason = e.chain().join(": ");
-                    if !report
-                        .unreachable
-                        .iter()
-                        .any(|(n, _)| n == &repository.name)
-                    {
-                        report.unreachable.push((repository.name.clone(), reason));
-                    }
-                }
+        let survey = inventory::survey(&repositories, job).await;
+        for (name, reason) in &survey.unreachable {
+            if !report.unreachable.iter().any(|(n, _)| n == name) {
+                report.unreachable.push((name.clone(), reason.clone()));
             }
         }
-        let mut ids: Vec<String> = listed
-            .iter()
-            .flat_map(|(_, holdings)| holdings.iter())
-            .filter(|(_, holding)| holding.manifest)
-            .map(|(id, _)| id.clone())
-            .collect();
-        ids.sort_unstable();
-        ids.dedup();
-        for id in ids {
-            replicate_backup(job, &id, &listed, options, &mut report).await;
+        for id in survey.committed_ids() {
+            replicate_backup(job, &id, &survey, options, &mut report).await;
         }
     }
     Ok(report)
 }
 
-/// The first readable manifest of `job/id`, with its exact bytes and where it came from.
-async fn find_manifest<'a>(
-    job: &str,
-    id: &str,
-    listed: &[(&'a Repository, BTreeMap<String, Holding>)],
-) -> Option<(Manifest, bytes::Bytes, &'a Repository)> {
-    let key = layout::manifest_key(job, id);
-    for (repository, holdings) in listed {
-        if !holdings.get(id).is_some_and(|h| h.manifest) {
-            continue;
-        }
-        let Ok(bytes) = storage::get_bytes(repository.store.as_ref(), &key).await else {
-            continue;
-        };
-        if let Ok(manifest) = Manifest::from_json(&bytes) {
-            return Some((manifest, bytes, repository));
-        }
-    }
-    None
-}
-
 async fn replicate_backup(
     job: &str,
     id: &str,
-    listed: &[(&Repository, BTreeMap<String, Holding>)],
+    survey: &Survey<'_>,
     options: &ReplicateOptions,
     report: &mut ReplicateReport,
 ) {
-    let Some((manifest, manifest_bytes, manifest_source)) = find_manifest(job, id, listed).await
-    else {
+    let listed = &survey.listed;
+    let Some((manifest, manifest_bytes, manifest_source)) = survey.manifest(job, id).await else {
         report.failures.push(format!(
             "backup {job}/{id}: no repository holds a readable manifest"
         ));

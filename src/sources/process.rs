@@ -55,65 +55,67 @@ fn program_name(command: &Command) -> String {
         .unwrap_or_default()
 }
 
-/// Runs `command`, copying its stdout into `out`; returns the bytes copied. `action` words
-/// the error: "unable to {action}".
-pub fn stream_stdout(mut command: Command, action: &str, out: &mut dyn Write) -> Result<u64> {
-    let program = program_name(&command);
-    let mut child = command
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .map_err(|e| {
-            Error::new(
-                ErrorKind::Source,
-                format!("unable to {action}: cannot start {program}"),
-            )
-            .with_source(e)
-        })?;
-    let stderr = drain_stderr(child.stderr.take().expect("piped"), program.clone());
-    let mut stdout = child.stdout.take().expect("piped");
+/// Starts `command` with stderr piped and drained into a tail; the other streams as set.
+fn spawn(
+    command: &mut Command,
+    action: &str,
+    program: &str,
+) -> Result<(std::process::Child, std::thread::JoinHandle<String>)> {
+    let mut child = command.stderr(Stdio::piped()).spawn().map_err(|e| {
+        Error::new(
+            ErrorKind::Source,
+            format!("unable to {action}: cannot start {program}"),
+        )
+        .with_source(e)
+    })?;
+    let stderr = drain_stderr(child.stderr.take().expect("piped"), program.to_string());
+    Ok((child, stderr))
+}
 
-    let mut buffer = vec![0u8; COPY_BUFFER];
-    let mut copied = 0u64;
-    let copy_result: io::Result<()> = loop {
-        match stdout.read(&mut buffer) {
-            Ok(0) => break Ok(()),
-            Ok(n) => {
-                if let Err(e) = out.write_all(&buffer[..n]) {
-                    break Err(e);
-                }
-                copied += n as u64;
-            }
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-            Err(e) => break Err(e),
-        }
-    };
-    if let Err(e) = copy_result {
-        // The consumer failed (a repository stopped): the child must not run on unread.
-        let _ = child.kill();
-        let _ = child.wait();
-        let _ = stderr.join();
-        return Err(Error::new(ErrorKind::Storage, format!("unable to {action}")).with_source(e));
-    }
-    drop(stdout);
-    let status = child.wait().map_err(|e| {
+fn wait(
+    child: &mut std::process::Child,
+    action: &str,
+    program: &str,
+) -> Result<std::process::ExitStatus> {
+    child.wait().map_err(|e| {
         Error::new(
             ErrorKind::Source,
             format!("unable to {action}: cannot wait for {program}"),
         )
         .with_source(e)
-    })?;
+    })
+}
+
+/// "unable to {action}", caused by the child's exit status and the tail of its stderr.
+fn child_failed(kind: ErrorKind, action: &str, status: String, stderr: String) -> Error {
+    Error::new(kind, format!("unable to {action}")).with_source(ChildFailure { status, stderr })
+}
+
+/// Runs `command`, copying its stdout into `out`; returns the bytes copied. `action` words
+/// the error: "unable to {action}".
+pub fn stream_stdout(mut command: Command, action: &str, out: &mut dyn Write) -> Result<u64> {
+    let program = program_name(&command);
+    command.stdin(Stdio::null()).stdout(Stdio::piped());
+    let (mut child, stderr) = spawn(&mut command, action, &program)?;
+    let mut stdout = child.stdout.take().expect("piped");
+    let copied = match copy_all(&mut stdout, out) {
+        Ok(copied) => copied,
+        Err(e) => {
+            // The consumer failed (a repository stopped): the child must not run on unread.
+            let _ = child.kill();
+            let _ = child.wait();
+            let _ = stderr.join();
+            return Err(
+                Error::new(ErrorKind::Storage, format!("unable to {action}")).with_source(e),
+            );
+        }
+    };
+    drop(stdout);
+    let status = wait(&mut child, action, &program)?;
     let stderr_tail = stderr.join().unwrap_or_default();
     if !status.success() {
-        return Err(
-            Error::new(ErrorKind::Source, format!("unable to {action}")).with_source(
-                ChildFailure {
-                    status: format!("{program} failed ({status})"),
-                    stderr: stderr_tail,
-                },
-            ),
-        );
+        let status = format!("{program} failed ({status})");
+        return Err(child_failed(ErrorKind::Source, action, status, stderr_tail));
     }
     Ok(copied)
 }
@@ -190,19 +192,8 @@ pub fn run_with_stdin<T, E>(
     feed: impl FnOnce(&mut dyn Write) -> std::result::Result<T, E>,
 ) -> Result<std::result::Result<T, E>> {
     let program = program_name(&command);
-    let mut child = command
-        .stdin(Stdio::piped())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .map_err(|e| {
-            Error::new(
-                ErrorKind::Source,
-                format!("unable to {action}: cannot start {program}"),
-            )
-            .with_source(e)
-        })?;
-    let stderr = drain_stderr(child.stderr.take().expect("piped"), program.clone());
+    command.stdin(Stdio::piped()).stdout(Stdio::null());
+    let (mut child, stderr) = spawn(&mut command, action, &program)?;
     let stdin = child.stdin.take();
     if let Some(pipe) = &stdin {
         widen_pipe(pipe);
@@ -218,28 +209,16 @@ pub fn run_with_stdin<T, E>(
     if fed.is_err() && failed.is_none() {
         let _ = child.kill();
     }
-    let status = child.wait().map_err(|e| {
-        Error::new(
-            ErrorKind::Source,
-            format!("unable to {action}: cannot wait for {program}"),
-        )
-        .with_source(e)
-    })?;
+    let status = wait(&mut child, action, &program)?;
     let stderr_tail = stderr.join().unwrap_or_default();
-    let child_failed = match failed {
+    let failed = match failed {
         Some(status) => Some(status),
         None if fed.is_ok() && !status.success() => Some(status),
         None => None,
     };
-    if let Some(status) = child_failed {
-        return Err(
-            Error::new(ErrorKind::Target, format!("unable to {action}")).with_source(
-                ChildFailure {
-                    status: format!("{program} failed ({status})"),
-                    stderr: stderr_tail,
-                },
-            ),
-        );
+    if let Some(status) = failed {
+        let status = format!("{program} failed ({status})");
+        return Err(child_failed(ErrorKind::Target, action, status, stderr_tail));
     }
     Ok(fed)
 }
@@ -257,14 +236,9 @@ pub fn run(mut command: Command, action: &str) -> Result<String> {
     if !output.status.success() {
         let stderr = String::from_utf8_lossy(&output.stderr);
         let tail: Vec<&str> = stderr.lines().rev().take(STDERR_TAIL_LINES).collect();
-        return Err(
-            Error::new(ErrorKind::Source, format!("unable to {action}")).with_source(
-                ChildFailure {
-                    status: format!("{program} failed ({})", output.status),
-                    stderr: tail.into_iter().rev().collect::<Vec<_>>().join("\n"),
-                },
-            ),
-        );
+        let status = format!("{program} failed ({})", output.status);
+        let tail = tail.into_iter().rev().collect::<Vec<_>>().join("\n");
+        return Err(child_failed(ErrorKind::Source, action, status, tail));
     }
     Ok(String::from_utf8_lossy(&output.stdout).into_owned())
 }

@@ -84,6 +84,15 @@ pub fn local_repository(name: &str, path: &Path) -> String {
     )
 }
 
+/// A `[[job]]` block of a logical `postgres` job connecting with `dsn` and the password in
+/// `password_file`; `extra` is appended (more keys).
+pub fn postgres_job(name: &str, dsn: &str, password_file: &Path, extra: &str) -> String {
+    format!(
+        "[[job]]\nname = \"{name}\"\nkind = \"postgres\"\nmode = \"logical\"\ndsn = \"{dsn}\"\npassword_file = \"{}\"\n{extra}\n",
+        password_file.display()
+    )
+}
+
 pub fn files_job(name: &str, paths: &[&Path]) -> String {
     let paths: Vec<String> = paths
         .iter()
