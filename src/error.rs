@@ -31,6 +31,9 @@ pub mod exit_code {
     pub const FAILURE: i32 = 1;
     pub const USAGE: i32 = 2;
     pub const DEGRADED: i32 = 3;
+    /// `wal-fetch` only: no repository could say whether it holds the file. Above 125, so
+    /// PostgreSQL stops recovery instead of taking it for the end of the archive.
+    pub const STOP_RECOVERY: i32 = 255;
 }
 
 impl ErrorKind {

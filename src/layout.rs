@@ -4,6 +4,7 @@
 //! lifeboat.json                                repository marker
 //! jobs/JOB/backups/BACKUP_ID/OBJECT            objects, written first
 //! jobs/JOB/backups/BACKUP_ID/manifest.json     written last: the commit point
+//! jobs/JOB/wal/TIMELINE/FILE.zst               WAL archive (segments, .history, .backup)
 //! drills/DRILL/TIMESTAMP.json                  drill reports, kept with the backups
 //! ```
 
@@ -27,6 +28,23 @@ pub fn object_key(job: &str, id: &str, object: &str) -> String {
 
 pub fn manifest_key(job: &str, id: &str) -> String {
     object_key(job, id, MANIFEST_NAME)
+}
+
+pub fn wal_prefix(job: &str) -> String {
+    format!("jobs/{job}/wal/")
+}
+
+/// Where the archived WAL file `file` of `job` is kept: under its timeline.
+pub fn wal_key(job: &str, file: &crate::wal::WalFile) -> String {
+    format!("jobs/{job}/wal/{:08X}/{}.zst", file.timeline, file.name)
+}
+
+/// The WAL file a key under `wal_prefix(job)` holds, if it is one.
+pub fn wal_file_of_key(job: &str, key: &str) -> Option<crate::wal::WalFile> {
+    let rest = key.strip_prefix(&wal_prefix(job))?;
+    let (timeline, name) = rest.split_once('/')?;
+    let file = crate::wal::WalFile::parse(name.strip_suffix(".zst")?)?;
+    (timeline == format!("{:08X}", file.timeline)).then_some(file)
 }
 
 pub const DRILLS_PREFIX: &str = "drills/";

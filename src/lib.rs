@@ -13,6 +13,7 @@
 //! - [`pipeline`]: sha256 → zstd → sha256 in both directions, on blocking threads.
 //! - [`storage`]: the store trait and its backends; aws-sdk-s3 appears only in `storage::s3`.
 //! - [`manifest`], [`layout`]: the commit record and where things live.
+//! - [`wal`]: LSNs, timelines and WAL file names, for physical backups and the WAL archive.
 //! - [`config`], [`error`]: the config file and the one public error with its exit code.
 //! - [`progress`]: how long transfers report progress to whoever renders it.
 
@@ -29,5 +30,6 @@ pub mod repository;
 pub mod sources;
 pub mod storage;
 pub mod transfer;
+pub mod wal;
 
 pub use error::{Error, ErrorKind, Result};

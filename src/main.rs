@@ -9,7 +9,7 @@ use clap::{Parser, Subcommand, ValueEnum};
 
 mod terminal;
 
-use lifeboat::commands::{backup, check, drill, init, list, replicate, restore, show, verify};
+use lifeboat::commands::{backup, check, drill, init, list, replicate, restore, show, verify, wal};
 use lifeboat::config::{Config, DEFAULT_CONFIG_PATH};
 use lifeboat::error::exit_code;
 use lifeboat::{Error, Result};
@@ -100,6 +100,8 @@ enum Command {
         into: Option<PathBuf>,
         #[command(flatten)]
         postgres: PostgresRestoreArgs,
+        #[command(flatten)]
+        physical: PhysicalRestoreArgs,
     },
     /// Re-read every object and check both checksums, reading on from the next repository holding it.
     Verify {
@@ -130,6 +132,30 @@ enum Command {
         verify: bool,
         #[arg(long, value_enum, default_value_t = OutputFormat::Text)]
         format: OutputFormat,
+    },
+    /// Archive one WAL file into every repository: PostgreSQL's archive_command.
+    #[command(name = "wal-push")]
+    WalPush {
+        /// The file PostgreSQL passes as %p.
+        path: PathBuf,
+        /// The physical job archiving it (default: the only physical job).
+        #[arg(long)]
+        job: Option<String>,
+    },
+    /// Fetch one archived WAL file: PostgreSQL's restore_command. Exits 1 when the archive
+    /// lacks it, 255 when no repository could tell (PostgreSQL then stops recovery).
+    #[command(name = "wal-fetch")]
+    WalFetch {
+        /// The file name PostgreSQL passes as %f.
+        name: String,
+        /// Where to write it, as PostgreSQL passes %p.
+        dest: PathBuf,
+        /// The physical job (default: the only physical job).
+        #[arg(long)]
+        job: Option<String>,
+        /// Read only from this repository.
+        #[arg(long)]
+        from: Option<String>,
     },
 }
 
@@ -188,6 +214,57 @@ struct PostgresRestoreArgs {
     /// Where to stage the verified dumps (default $TMPDIR, else /var/tmp).
     #[arg(long)]
     staging_dir: Option<PathBuf>,
+}
+
+/// Restore options for physical postgres jobs.
+#[derive(clap::Args)]
+struct PhysicalRestoreArgs {
+    /// physical postgres jobs: the data directory to restore into; must be new or empty.
+    #[arg(long)]
+    data_dir: Option<PathBuf>,
+    /// Recover to this moment (RFC 3339, e.g. 2026-11-26T14:01:00Z) instead of the end of the archive.
+    #[arg(long, conflicts_with = "to_lsn", requires = "data_dir")]
+    to_time: Option<chrono::DateTime<chrono::FixedOffset>>,
+    /// Recover to this WAL position (e.g. 0/3000100).
+    #[arg(long, requires = "data_dir")]
+    to_lsn: Option<String>,
+    /// Start the restored server and wait until recovery has finished.
+    #[arg(long, requires = "data_dir")]
+    start: bool,
+    /// The port the restored server listens on.
+    #[arg(long, requires = "data_dir")]
+    port: Option<u16>,
+    /// Keep archive_mode as the backup had it (by default the restored server does not archive).
+    #[arg(long, requires = "data_dir")]
+    keep_archiving: bool,
+}
+
+impl PhysicalRestoreArgs {
+    fn options(self) -> Result<Option<restore::PhysicalRestoreOptions>> {
+        let Some(data_dir) = self.data_dir else {
+            return Ok(None);
+        };
+        let target = match (self.to_time, self.to_lsn) {
+            (Some(at), _) => restore::RecoveryTarget::Time(at.to_utc()),
+            (None, Some(lsn)) => {
+                restore::RecoveryTarget::Lsn(lifeboat::wal::Lsn::parse(&lsn).ok_or_else(|| {
+                    Error::usage(format!(
+                        "--to-lsn '{lsn}' is not a WAL position such as 0/3000100"
+                    ))
+                })?)
+            }
+            (None, None) => restore::RecoveryTarget::EndOfArchive,
+        };
+        Ok(Some(restore::PhysicalRestoreOptions {
+            data_dir,
+            target,
+            start: self.start,
+            port: self.port,
+            keep_archiving: self.keep_archiving,
+            from: None,
+            bin_dir: None,
+        }))
+    }
 }
 
 fn main() -> ExitCode {
@@ -284,7 +361,15 @@ async fn run(cli: Cli) -> Result<i32> {
         );
         return Ok(exit_code::SUCCESS);
     }
-    let config = Config::load(&cli.config)?;
+    let config = match Config::load(&cli.config) {
+        Ok(config) => config,
+        // PostgreSQL must not read a broken config as "the archive ends here".
+        Err(e) if matches!(cli.command, Command::WalFetch { .. }) => {
+            print_error(&e);
+            return Ok(exit_code::STOP_RECOVERY);
+        }
+        Err(e) => return Err(e),
+    };
     match cli.command {
         Command::Init { .. } => unreachable!("handled above"),
         Command::Check => {
@@ -378,6 +463,7 @@ async fn run(cli: Cli) -> Result<i32> {
             from,
             into,
             postgres,
+            physical,
         } => {
             let postgres = restore::PostgresRestoreOptions {
                 target: postgres.target,
@@ -398,10 +484,36 @@ async fn run(cli: Cli) -> Result<i32> {
                 exclude: Vec::new(),
                 into,
                 postgres,
+                physical: physical.options()?,
             };
             lifeboat::interrupt::install();
             let report = restore::run(&config, &options).await?;
             println!("{report}");
+        }
+        Command::WalPush { path, job } => {
+            let report = wal::push(&config, &wal::WalPushOptions { path, job }).await?;
+            println!("{report}");
+        }
+        Command::WalFetch {
+            name,
+            dest,
+            job,
+            from,
+        } => {
+            let options = wal::WalFetchOptions {
+                name,
+                dest,
+                job,
+                from,
+            };
+            return Ok(match wal::fetch(&config, &options).await {
+                Ok(wal::WalFetchOutcome::Fetched { .. }) => exit_code::SUCCESS,
+                Ok(wal::WalFetchOutcome::NotArchived) => exit_code::FAILURE,
+                Err(e) => {
+                    print_error(&e);
+                    exit_code::STOP_RECOVERY
+                }
+            });
         }
         Command::Verify {
             job,

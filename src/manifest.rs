@@ -35,6 +35,13 @@ pub struct SourceInfo {
     pub start_lsn: Option<String>,
     pub stop_lsn: Option<String>,
     pub timeline: Option<u32>,
+    /// Physical backups: the WAL segments replay needs, first and last, and their size.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub first_wal: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_wal: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub wal_segment_size: Option<u64>,
     /// Files jobs: the configured paths, and how many entries the archive holds.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub paths: Vec<String>,

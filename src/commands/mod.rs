@@ -10,6 +10,7 @@ pub mod replicate;
 pub mod restore;
 pub mod show;
 pub mod verify;
+pub mod wal;
 
 use std::time::Duration;
 

@@ -94,7 +94,10 @@ pub enum JobSource {
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum PostgresMode {
+    /// pg_dump per database plus the globals.
     Logical,
+    /// A pg_basebackup tar stream, with WAL archived continuously by `wal-push`.
+    Physical,
 }
 
 /// Where and how to reach a PostgreSQL server. Either a `dsn` (URL or key=value) or the
@@ -202,7 +205,14 @@ impl JobConfig {
     pub fn kind_name(&self) -> &'static str {
         match self.source {
             JobSource::Files(_) => "files",
-            JobSource::Postgres(_) => "postgres-logical",
+            JobSource::Postgres(PostgresJob {
+                mode: PostgresMode::Logical,
+                ..
+            }) => "postgres-logical",
+            JobSource::Postgres(PostgresJob {
+                mode: PostgresMode::Physical,
+                ..
+            }) => "postgres-physical",
         }
     }
 }
@@ -612,13 +622,7 @@ fn validate_postgres_job(
 ) -> Result<PostgresJob, Problem> {
     let mode = match job.mode.as_deref() {
         None | Some("logical") => PostgresMode::Logical,
-        Some("physical") => {
-            return Err(format!(
-                "{}: \"physical\" is not supported by lifeboat {} yet (supported: \"logical\")",
-                at("mode"),
-                env!("CARGO_PKG_VERSION")
-            ));
-        }
+        Some("physical") => PostgresMode::Physical,
         Some(other) => {
             return Err(format!(
                 "{}: must be \"logical\" or \"physical\" (got \"{other}\")",
@@ -667,6 +671,12 @@ fn validate_postgres_job(
             "{}: must be an absolute path (got \"{}\")",
             at("bin_dir"),
             path.display()
+        ));
+    }
+    if mode == PostgresMode::Physical && job.databases.is_some() {
+        return Err(format!(
+            "{}: not valid for mode = \"physical\", which backs up the whole cluster",
+            at("databases")
         ));
     }
     if let Some(databases) = &job.databases {

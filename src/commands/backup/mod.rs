@@ -13,7 +13,7 @@ use chrono::{DateTime, Utc};
 use serde::Serialize;
 
 use crate::commands::{human_duration, human_size};
-use crate::config::{Config, JobConfig, JobSource};
+use crate::config::{Config, JobConfig, JobSource, PostgresMode};
 use crate::error::{Error, ErrorKind, Result, exit_code};
 use crate::layout;
 use crate::manifest::{FORMAT, Manifest, ObjectEntry, SourceInfo};
@@ -22,9 +22,11 @@ use crate::repository::Repository;
 use crate::transfer::store_object;
 
 mod files;
+mod physical;
 mod postgres;
 
 pub use files::FILES_OBJECT;
+pub use physical::BASE_OBJECT;
 pub use postgres::{GLOBALS_OBJECT, database_object_name};
 
 /// What one job's source stored, for its manifest.
@@ -268,7 +270,10 @@ async fn backup_job(
     };
     let captured = match &job.source {
         JobSource::Files(files_job) => files::capture(&context, files_job).await?,
-        JobSource::Postgres(postgres_job) => postgres::capture(&context, postgres_job).await?,
+        JobSource::Postgres(postgres_job) => match postgres_job.mode {
+            PostgresMode::Logical => postgres::capture(&context, postgres_job).await?,
+            PostgresMode::Physical => physical::capture(&context, postgres_job).await?,
+        },
     };
     let finished_at = Utc::now();
     let manifest = Manifest {

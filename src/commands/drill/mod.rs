@@ -330,6 +330,7 @@ async fn run_postgres(
                 globals: scratch.is_some(),
                 ..PostgresRestoreOptions::default()
             },
+            physical: None,
         },
     )
     .await?;
@@ -433,6 +434,7 @@ async fn run_files(config: &Config, drill: &Drill, clock: &mut Clock) -> Result<
             exclude: drill.exclude.clone(),
             into: Some(into.clone()),
             postgres: PostgresRestoreOptions::default(),
+            physical: None,
         },
     )
     .await?;

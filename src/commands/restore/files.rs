@@ -64,14 +64,14 @@ pub(super) async fn restore(selected: Selected, into: &Path) -> Result<RestoreRe
     ))
 }
 
-fn parent_of(path: &Path) -> PathBuf {
+pub(super) fn parent_of(path: &Path) -> PathBuf {
     match path.parent() {
         Some(parent) if !parent.as_os_str().is_empty() => parent.to_path_buf(),
         _ => PathBuf::from("."),
     }
 }
 
-fn target_error(into: &Path, err: std::io::Error) -> Error {
+pub(super) fn target_error(into: &Path, err: std::io::Error) -> Error {
     Error::new(
         ErrorKind::Target,
         format!("unable to restore into '{}'", into.display()),
@@ -79,7 +79,7 @@ fn target_error(into: &Path, err: std::io::Error) -> Error {
     .with_source(err)
 }
 
-fn check_target(into: &Path) -> Result<()> {
+pub(super) fn check_target(into: &Path) -> Result<()> {
     match std::fs::symlink_metadata(into) {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
         Err(e) => Err(target_error(into, e)),
@@ -104,7 +104,7 @@ fn check_target(into: &Path) -> Result<()> {
     }
 }
 
-fn move_into_place(staging: &Path, into: &Path) -> std::io::Result<()> {
+pub(super) fn move_into_place(staging: &Path, into: &Path) -> std::io::Result<()> {
     std::fs::create_dir_all(into)?;
     for entry in std::fs::read_dir(staging)? {
         let entry = entry?;

@@ -5,6 +5,7 @@
 
 mod extract;
 mod files;
+mod physical;
 mod postgres;
 mod staging;
 
@@ -18,10 +19,12 @@ use serde::Serialize;
 use super::{human_duration, human_size};
 use crate::config::Config;
 use crate::error::{Error, ErrorKind, Result};
+use crate::layout;
 use crate::manifest::Manifest;
 use crate::repository::Repository;
 
 pub use extract::ExtractSummary;
+pub use physical::{PhysicalRestoreOptions, RecoveryTarget};
 
 pub struct RestoreOptions {
     pub job: String,
@@ -33,6 +36,8 @@ pub struct RestoreOptions {
     /// `files` jobs: the directory to restore into.
     pub into: Option<PathBuf>,
     pub postgres: PostgresRestoreOptions,
+    /// Physical postgres jobs: where and how far to recover.
+    pub physical: Option<PhysicalRestoreOptions>,
 }
 
 #[derive(Debug, Clone, Default)]
@@ -195,6 +200,53 @@ impl Selected {
     }
 }
 
+/// The newest backup of a physical job from which recovery can reach `target`.
+async fn newest_reaching(
+    config: &Config,
+    job: &str,
+    from: Option<&str>,
+    exclude: &[String],
+    target: RecoveryTarget,
+) -> Result<String> {
+    let repositories: Vec<Repository> = match from {
+        Some(_) => vec![Repository::choose(config, from).await?],
+        None => Repository::open_all(config).await,
+    }
+    .into_iter()
+    .filter(|r| !exclude.contains(&r.name))
+    .collect();
+    let survey = crate::inventory::survey(&repositories, job).await;
+    let mut oldest_end = None;
+    for id in survey.committed_ids().into_iter().rev() {
+        if let (RecoveryTarget::Time(at), Some(started)) = (target, layout::parse_backup_id(&id))
+            && started > at
+        {
+            continue;
+        }
+        let Some((manifest, _, _)) = survey.manifest(job, &id).await else {
+            continue;
+        };
+        if target.reachable_from(&manifest) {
+            return Ok(id);
+        }
+        oldest_end = Some(manifest.recovery_point);
+    }
+    let mut error = Error::new(
+        ErrorKind::NotFound,
+        format!(
+            "unable to find a backup of job '{job}' that ends before {}",
+            target.describe()
+        ),
+    );
+    if let Some(end) = oldest_end {
+        error = error.with_hint(format!(
+            "the oldest backup looked at ends at {}",
+            end.to_rfc3339()
+        ));
+    }
+    Err(error.with_hint(format!("run `lifeboat list {job}` to see the backups")))
+}
+
 /// The manifest of the backup a restore with these arguments would use (see `select`).
 pub async fn find_backup(
     config: &Config,
@@ -302,10 +354,25 @@ async fn select(
 pub async fn run(config: &Config, options: &RestoreOptions) -> Result<RestoreReport> {
     let started = Instant::now();
     let job = config.job(&options.job)?;
+    let wanted = match &options.physical {
+        Some(physical)
+            if options.backup == "latest" && physical.target != RecoveryTarget::EndOfArchive =>
+        {
+            newest_reaching(
+                config,
+                &job.name,
+                options.from.as_deref(),
+                &options.exclude,
+                physical.target,
+            )
+            .await?
+        }
+        _ => options.backup.clone(),
+    };
     let mut selected = select(
         config,
         &job.name,
-        &options.backup,
+        &wanted,
         options.from.as_deref(),
         &options.exclude,
     )
@@ -329,6 +396,36 @@ pub async fn run(config: &Config, options: &RestoreOptions) -> Result<RestoreRep
                 postgres_options.bin_dir = job.bin_dir.clone();
             }
             postgres::restore(selected, &postgres_options).await
+        }
+        "postgres-physical" => {
+            let mut physical_options = options.physical.clone().ok_or_else(|| {
+                Error::usage(format!(
+                    "restoring the physical postgres job '{}' needs --data-dir DIR",
+                    job.name
+                ))
+                .with_hint("a new or empty directory; add --to-time TS for point-in-time recovery and --start to start the server")
+            })?;
+            if let crate::config::JobSource::Postgres(job) = &job.source {
+                physical_options.bin_dir = job.bin_dir.clone();
+            }
+            physical_options.from = options.from.clone();
+            if !physical_options.target.reachable_from(&selected.manifest) {
+                return Err(Error::usage(format!(
+                    "unable to recover backup '{}/{id}' to {}: the backup ends later ({})",
+                    job.name,
+                    physical_options.target_description(),
+                    selected.manifest.recovery_point.to_rfc3339()
+                ))
+                .with_hint(
+                    "leave out --backup to pick the newest backup that ends before the target",
+                ));
+            }
+            let source = physical::WalSource {
+                config_path: std::path::absolute(&config.path)
+                    .unwrap_or_else(|_| config.path.clone()),
+                job: job.name.clone(),
+            };
+            physical::restore(selected, &physical_options, &source).await
         }
         other => Err(Error::new(
             ErrorKind::Verification,

@@ -10,6 +10,7 @@ pub mod archive;
 mod binaries;
 mod connection;
 pub mod logical;
+pub mod physical;
 mod scratch;
 mod target;
 

@@ -1,0 +1,409 @@
+//! Restoring a physical backup: the base backup unpacked into an empty data directory, set
+//! up to replay WAL from the archive (`restore_command = lifeboat wal-fetch`) up to a time,
+//! an LSN, or the end of the archive, then promote. With `--start` the server is started
+//! and lifeboat waits until recovery has finished.
+
+use std::fmt::Write as _;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use chrono::{DateTime, Utc};
+
+use super::files::{check_target, move_into_place, parent_of, target_error};
+use super::{RestoreReport, Selected, extract};
+use crate::commands::backup::BASE_OBJECT;
+use crate::error::{Error, ErrorKind, Result};
+use crate::manifest::Manifest;
+use crate::sources::postgres::Binaries;
+use crate::transfer::read_object;
+use crate::wal::Lsn;
+
+/// Where recovery stops.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RecoveryTarget {
+    /// Replay everything the archive holds.
+    EndOfArchive,
+    Time(DateTime<Utc>),
+    Lsn(Lsn),
+}
+
+impl RecoveryTarget {
+    /// Whether a backup that ends at `manifest`'s stop can reach this target: recovery
+    /// cannot stop before the backup is consistent.
+    pub fn reachable_from(&self, manifest: &Manifest) -> bool {
+        match self {
+            RecoveryTarget::EndOfArchive => true,
+            RecoveryTarget::Time(at) => manifest.recovery_point <= *at,
+            RecoveryTarget::Lsn(lsn) => manifest
+                .source
+                .stop_lsn
+                .as_deref()
+                .and_then(Lsn::parse)
+                .is_some_and(|stop| stop <= *lsn),
+        }
+    }
+
+    pub fn describe(&self) -> String {
+        match self {
+            RecoveryTarget::EndOfArchive => "the end of the WAL archive".to_string(),
+            RecoveryTarget::Time(at) => at.to_rfc3339(),
+            RecoveryTarget::Lsn(lsn) => format!("LSN {lsn}"),
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct PhysicalRestoreOptions {
+    pub data_dir: PathBuf,
+    pub target: RecoveryTarget,
+    /// Start the server and wait until recovery has finished.
+    pub start: bool,
+    /// `port` for the restored server.
+    pub port: Option<u16>,
+    /// Leave `archive_mode` as the backup had it; by default the restored server does not
+    /// archive, so a test restore never writes a new timeline into the production archive.
+    pub keep_archiving: bool,
+    /// Read WAL (and the backup) from this repository only.
+    pub from: Option<String>,
+    pub bin_dir: Option<PathBuf>,
+}
+
+impl PhysicalRestoreOptions {
+    pub fn target_description(&self) -> String {
+        self.target.describe()
+    }
+}
+
+/// How the restored cluster fetches its WAL: this very binary and config.
+pub struct WalSource {
+    pub config_path: PathBuf,
+    pub job: String,
+}
+
+pub(super) async fn restore(
+    selected: Selected,
+    options: &PhysicalRestoreOptions,
+    source: &WalSource,
+) -> Result<RestoreReport> {
+    let into = &options.data_dir;
+    check_target(into)?;
+    let binaries = server_binaries(&selected.manifest, options.bin_dir.as_deref())?;
+    let mut stages = Vec::new();
+    let clock = Instant::now();
+    let bytes = unpack_base_backup(&selected, into).await?;
+    stages.push(("download, verify and unpack".to_string(), clock.elapsed()));
+
+    let owner = data_dir_owner(into)?;
+    configure_recovery(into, options, source, owner)?;
+    let mut warnings = vec![format!(
+        "the restored server fetches WAL with `lifeboat wal-fetch` as its own user: that user needs to read '{}' and the repositories' credentials",
+        source.config_path.display()
+    )];
+    if !options.keep_archiving {
+        warnings.push(
+            "archive_mode is off in the restored cluster; when it becomes the primary, turn it on with its own job".to_string(),
+        );
+    }
+    let mut restored = vec![format!(
+        "base backup {} replaying to {}",
+        selected.manifest.id,
+        options.target.describe()
+    )];
+    if options.start {
+        let clock = Instant::now();
+        start_and_wait(&binaries, into, owner).await?;
+        stages.push(("WAL replay".to_string(), clock.elapsed()));
+        restored.push("recovery finished, server running".to_string());
+    } else {
+        restored.push(format!(
+            "start it with `pg_ctl -D {} start`",
+            into.display()
+        ));
+    }
+    Ok(selected.report(
+        format!("data directory '{}'", into.display()),
+        restored,
+        bytes,
+        warnings,
+        stages,
+    ))
+}
+
+/// The server binaries of the backup's major version: a data directory only starts with
+/// those.
+fn server_binaries(manifest: &Manifest, bin_dir: Option<&Path>) -> Result<Binaries> {
+    let version = manifest
+        .source
+        .server_version
+        .as_deref()
+        .unwrap_or_default();
+    let major: u32 = version
+        .split(|c: char| !c.is_ascii_digit())
+        .next()
+        .and_then(|n| n.parse().ok())
+        .ok_or_else(|| {
+            Error::new(
+                ErrorKind::Verification,
+                format!(
+                    "unable to restore backup '{}/{}': its manifest has no server version",
+                    manifest.job, manifest.id
+                ),
+            )
+        })?;
+    let binaries = Binaries::find(bin_dir, major)?;
+    if binaries.major != major || !binaries.dir.join("postgres").is_file() {
+        return Err(Error::new(
+            ErrorKind::Target,
+            format!(
+                "unable to restore backup '{}/{}': it is a PostgreSQL {major} data directory and the PostgreSQL {major} server binaries were not found",
+                manifest.job, manifest.id
+            ),
+        )
+        .with_hint(format!("install postgresql-{major}, or set bin_dir on the job")));
+    }
+    Ok(binaries)
+}
+
+/// Unpacks `base.tar.zst` into staging beside `into`, then moves it into place; returns
+/// the bytes unpacked.
+async fn unpack_base_backup(selected: &Selected, into: &Path) -> Result<u64> {
+    let manifest = &selected.manifest;
+    let object = manifest
+        .objects
+        .iter()
+        .find(|o| o.name == BASE_OBJECT)
+        .cloned()
+        .ok_or_else(|| {
+            Error::new(
+                ErrorKind::Verification,
+                format!(
+                    "unable to restore backup '{}/{}': its manifest has no object '{BASE_OBJECT}'",
+                    manifest.job, manifest.id
+                ),
+            )
+        })?;
+    let parent = parent_of(into);
+    std::fs::create_dir_all(&parent).map_err(|e| target_error(into, e))?;
+    let (staging, summary) = selected
+        .read_from_any(BASE_OBJECT, async |repository| {
+            let staging = tempfile::Builder::new()
+                .prefix(".lifeboat-restore-")
+                .tempdir_in(&parent)
+                .map_err(|e| target_error(into, e))?;
+            crate::interrupt::remove_on_interrupt(staging.path());
+            let staging_root = staging.path().to_path_buf();
+            let summary = read_object(repository, manifest, &object, move |raw| {
+                extract::extract(raw, &staging_root)
+            })
+            .await;
+            if summary.is_err() {
+                crate::interrupt::forget(staging.path());
+            }
+            Ok((staging, summary?))
+        })
+        .await?;
+    let moved = move_into_place(staging.path(), into).map_err(|e| target_error(into, e));
+    crate::interrupt::forget(staging.path());
+    moved?;
+    Ok(summary.bytes)
+}
+
+/// Who the restored files must belong to: as root, the owner of the directory when it was
+/// made ready beforehand (`install -d -o postgres -m 700 DIR`), else `postgres`; otherwise
+/// whoever restores.
+fn data_dir_owner(into: &Path) -> Result<Option<(u32, u32)>> {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        return Ok(None);
+    }
+    let meta = std::fs::metadata(into).map_err(|e| target_error(into, e))?;
+    use std::os::unix::fs::MetadataExt;
+    if meta.uid() != 0 {
+        return Ok(Some((meta.uid(), meta.gid())));
+    }
+    let name = std::ffi::CString::new("postgres").expect("no NUL");
+    // SAFETY: getpwnam with a valid C string; the entry is read at once.
+    let entry = unsafe { libc::getpwnam(name.as_ptr()) };
+    if entry.is_null() {
+        return Err(Error::new(
+            ErrorKind::Target,
+            format!(
+                "unable to restore into '{}' as root: PostgreSQL will not run as root and there is no 'postgres' user to own the data",
+                into.display()
+            ),
+        )
+        .with_hint("create the directory owned by the server's user first: install -d -o USER -m 700 DIR"));
+    }
+    // SAFETY: a non-null entry from getpwnam.
+    Ok(Some(unsafe { ((*entry).pw_uid, (*entry).pw_gid) }))
+}
+
+fn chown_tree(root: &Path, (uid, gid): (u32, u32)) -> std::io::Result<()> {
+    for entry in walkdir::WalkDir::new(root) {
+        let entry = entry.map_err(std::io::Error::other)?;
+        std::os::unix::fs::lchown(entry.path(), Some(uid), Some(gid))?;
+    }
+    Ok(())
+}
+
+/// Shell-quotes one word for `restore_command`, which PostgreSQL runs with /bin/sh.
+fn shell_word(word: &str) -> String {
+    format!("'{}'", word.replace('\'', "'\\''"))
+}
+
+/// A value in postgresql.conf syntax.
+fn conf_string(value: &str) -> String {
+    format!("'{}'", value.replace('\'', "''"))
+}
+
+/// Appends the recovery settings to `postgresql.auto.conf` (they override postgresql.conf)
+/// and creates `recovery.signal`.
+fn configure_recovery(
+    into: &Path,
+    options: &PhysicalRestoreOptions,
+    source: &WalSource,
+    owner: Option<(u32, u32)>,
+) -> Result<()> {
+    let exe = std::env::current_exe().map_err(|e| {
+        Error::new(
+            ErrorKind::Target,
+            "unable to find the lifeboat binary for restore_command",
+        )
+        .with_source(e)
+    })?;
+    let mut fetch = format!(
+        "{} --config {} wal-fetch --job {}",
+        shell_word(&exe.to_string_lossy()),
+        shell_word(&source.config_path.to_string_lossy()),
+        shell_word(&source.job)
+    );
+    if let Some(from) = &options.from {
+        write!(fetch, " --from {}", shell_word(from)).expect("writing to a String");
+    }
+    fetch.push_str(" %f %p");
+    let mut settings = format!(
+        "\n# Written by lifeboat restore at {}: replay WAL from the archive, then promote.\n",
+        Utc::now().to_rfc3339()
+    );
+    let mut set = |name: &str, value: String| {
+        writeln!(settings, "{name} = {value}").expect("writing to a String");
+    };
+    set("restore_command", conf_string(&fetch));
+    match options.target {
+        RecoveryTarget::EndOfArchive => {}
+        RecoveryTarget::Time(at) => {
+            set(
+                "recovery_target_time",
+                conf_string(&at.format("%Y-%m-%d %H:%M:%S%.6f+00").to_string()),
+            );
+            set("recovery_target_action", conf_string("promote"));
+        }
+        RecoveryTarget::Lsn(lsn) => {
+            set("recovery_target_lsn", conf_string(&lsn.to_string()));
+            set("recovery_target_action", conf_string("promote"));
+        }
+    }
+    set("recovery_target_timeline", conf_string("latest"));
+    if !options.keep_archiving {
+        set("archive_mode", conf_string("off"));
+    }
+    if let Some(port) = options.port {
+        set("port", port.to_string());
+    }
+    let write = || -> std::io::Result<()> {
+        use std::io::Write;
+        let mut auto = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(into.join("postgresql.auto.conf"))?;
+        auto.write_all(settings.as_bytes())?;
+        std::fs::write(into.join("recovery.signal"), b"")?;
+        // pg_basebackup leaves pg_wal empty (or out, when it is a symlink elsewhere).
+        std::fs::create_dir_all(into.join("pg_wal/archive_status"))?;
+        if !into.join("postgresql.conf").exists() {
+            // Packaged clusters keep their config outside the data directory.
+            std::fs::write(into.join("postgresql.conf"), b"")?;
+        }
+        std::fs::set_permissions(into, std::fs::Permissions::from_mode(0o700))?;
+        if let Some(owner) = owner {
+            chown_tree(into, owner)?;
+        }
+        Ok(())
+    };
+    write().map_err(|e| {
+        Error::new(
+            ErrorKind::Target,
+            format!("unable to set up recovery in '{}'", into.display()),
+        )
+        .with_source(e)
+    })
+}
+
+/// Starts the restored server with pg_ctl (it keeps running after lifeboat exits) and waits
+/// until recovery has finished: `recovery.signal` gone and the control file "in production".
+async fn start_and_wait(binaries: &Binaries, into: &Path, owner: Option<(u32, u32)>) -> Result<()> {
+    let log = into.join("lifeboat-recovery.log");
+    let mut pg_ctl = binaries.command("pg_ctl");
+    pg_ctl
+        .arg("start")
+        .arg("--pgdata")
+        .arg(into)
+        .arg("--log")
+        .arg(&log)
+        .arg("--no-wait")
+        .env("LC_MESSAGES", "C");
+    if let Some((uid, gid)) = owner {
+        use std::os::unix::process::CommandExt;
+        pg_ctl.uid(uid).gid(gid);
+    }
+    crate::sources::process::run(pg_ctl, "start the restored server with pg_ctl")?;
+    let failed = |why: &str| {
+        let log_text = std::fs::read_to_string(&log).unwrap_or_default();
+        let tail: Vec<&str> = log_text.lines().rev().take(20).collect();
+        Error::new(
+            ErrorKind::Target,
+            format!("the restored server in '{}' {why}", into.display()),
+        )
+        .with_hint(format!(
+            "its log '{}' ends with:\n{}",
+            log.display(),
+            tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+        ))
+    };
+    let mut started = false;
+    let waiting_since = Instant::now();
+    loop {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let pid_file = std::fs::read_to_string(into.join("postmaster.pid")).ok();
+        let alive = pid_file
+            .as_deref()
+            .and_then(|text| text.lines().next())
+            .and_then(|pid| pid.trim().parse::<i32>().ok())
+            // SAFETY: signal 0 only checks that the process exists.
+            .is_some_and(|pid| unsafe { libc::kill(pid, 0) } == 0);
+        started |= alive;
+        if started && !alive {
+            return Err(failed("stopped during recovery"));
+        }
+        if !started && waiting_since.elapsed() > Duration::from_secs(60) {
+            return Err(failed("did not start within 60 s"));
+        }
+        if alive && !into.join("recovery.signal").exists() && in_production(binaries, into) {
+            return Ok(());
+        }
+    }
+}
+
+fn in_production(binaries: &Binaries, into: &Path) -> bool {
+    binaries
+        .command("pg_controldata")
+        .arg(into)
+        .env("LC_MESSAGES", "C")
+        .output()
+        .is_ok_and(|out| {
+            String::from_utf8_lossy(&out.stdout)
+                .lines()
+                .any(|l| l.starts_with("Database cluster state:") && l.ends_with("in production"))
+        })
+}

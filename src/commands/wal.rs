@@ -1,0 +1,427 @@
+//! `lifeboat wal-push PATH` (PostgreSQL's `archive_command`) and `lifeboat wal-fetch NAME
+//! DEST` (its `restore_command`). Both run once per 16 MiB segment, so they work in memory,
+//! talk to every repository at once, and answer PostgreSQL in its own terms: wal-push
+//! succeeds only once the file is durably stored in `min_repositories` (or already was,
+//! byte for byte); wal-fetch exits 1 only when the archive truly lacks the file.
+
+use std::fmt;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use serde::Serialize;
+
+use crate::config::{Config, JobConfig, JobSource, PostgresMode};
+use crate::error::{Error, ErrorKind, Result};
+use crate::layout;
+use crate::pipeline::Tally;
+use crate::repository::Repository;
+use crate::storage::{self, StoreError};
+use crate::wal::{WalFile, WalFileKind};
+
+/// The physical job `name` names, or the only physical job when no name is given.
+pub fn physical_job<'c>(config: &'c Config, name: Option<&str>) -> Result<&'c JobConfig> {
+    let is_physical = |job: &JobConfig| matches!(&job.source, JobSource::Postgres(p) if p.mode == PostgresMode::Physical);
+    if let Some(name) = name {
+        let job = config.job(name)?;
+        if !is_physical(job) {
+            return Err(Error::usage(format!(
+                "job '{name}' in '{}' is not a physical postgres job (it is {})",
+                config.path.display(),
+                job.kind_name()
+            ))
+            .with_hint("WAL archiving needs `kind = \"postgres\"` and `mode = \"physical\"`"));
+        }
+        return Ok(job);
+    }
+    let physical: Vec<&JobConfig> = config.jobs.iter().filter(|j| is_physical(j)).collect();
+    match physical.as_slice() {
+        [job] => Ok(job),
+        [] => Err(Error::usage(format!(
+            "no physical postgres job in '{}' to archive WAL for",
+            config.path.display()
+        ))
+        .with_hint("add a job with `kind = \"postgres\"` and `mode = \"physical\"`")),
+        several => Err(Error::usage(format!(
+            "'{}' has {} physical postgres jobs; say which one with --job",
+            config.path.display(),
+            several.len()
+        ))
+        .with_hint(format!(
+            "jobs: {}",
+            several
+                .iter()
+                .map(|j| j.name.as_str())
+                .collect::<Vec<_>>()
+                .join(", ")
+        ))),
+    }
+}
+
+fn wal_file(name: &str) -> Result<WalFile> {
+    WalFile::parse(name).ok_or_else(|| {
+        Error::usage(format!("'{name}' is not the name of a WAL archive file"))
+            .with_hint("expected a segment (24 hex digits), TTTTTTTT.history, SEGMENT.OFFSET.backup or SEGMENT.partial, as PostgreSQL passes in %f / %p")
+    })
+}
+
+pub struct WalPushOptions {
+    pub path: PathBuf,
+    pub job: Option<String>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct WalPushReport {
+    pub job: String,
+    pub file: String,
+    pub raw_size: u64,
+    pub stored_size: u64,
+    /// Repositories that took the file now.
+    pub stored: Vec<String>,
+    /// Repositories that already held the same file (a retry by PostgreSQL).
+    pub already_archived: Vec<String>,
+    /// Repositories that lack it, with the cause: for `lifeboat replicate` to fill in.
+    pub missing: Vec<(String, String)>,
+    pub duration: Duration,
+}
+
+impl fmt::Display for WalPushReport {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "archived {}/{} ({} → {} bytes) in {} ms",
+            self.job,
+            self.file,
+            self.raw_size,
+            self.stored_size,
+            self.duration.as_millis()
+        )?;
+        if !self.stored.is_empty() {
+            write!(f, "; stored in {}", self.stored.join(", "))?;
+        }
+        if !self.already_archived.is_empty() {
+            write!(f, "; already held by {}", self.already_archived.join(", "))?;
+        }
+        for (repository, cause) in &self.missing {
+            write!(
+                f,
+                "\nwarning: repository '{repository}' lacks {}: {cause}\n  run `lifeboat replicate {}` once it is reachable again",
+                self.file, self.job
+            )?;
+        }
+        Ok(())
+    }
+}
+
+/// What one repository did with a pushed file.
+enum Placed {
+    Stored,
+    AlreadyThere,
+}
+
+pub async fn push(config: &Config, options: &WalPushOptions) -> Result<WalPushReport> {
+    let clock = Instant::now();
+    let job = physical_job(config, options.job.as_deref())?;
+    let name = options
+        .path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let file = wal_file(&name)?;
+    let raw = tokio::fs::read(&options.path).await.map_err(|e| {
+        Error::new(
+            ErrorKind::Source,
+            format!(
+                "unable to read WAL file '{}' for job '{}'",
+                options.path.display(),
+                job.name
+            ),
+        )
+        .with_source(e)
+    })?;
+    let level = config.compression.level;
+    let threads = config.compression.threads;
+    let (body, raw_sha256) = tokio::task::spawn_blocking(move || compress(&raw, level, threads))
+        .await
+        .map_err(|e| Error::new(ErrorKind::Source, "the compressor stopped").with_source(e))?
+        .map_err(|e| {
+            Error::new(
+                ErrorKind::Source,
+                format!("unable to compress WAL file '{name}'"),
+            )
+            .with_source(e)
+        })?;
+    let raw_size = std::fs::metadata(&options.path).map_or(0, |m| m.len());
+    let key = layout::wal_key(&job.name, &file);
+    let repositories = Repository::open_all(config).await;
+    let outcomes = futures::future::join_all(
+        repositories
+            .iter()
+            .map(|repository| place(repository, &key, body.clone(), &raw_sha256)),
+    )
+    .await;
+
+    let mut report = WalPushReport {
+        job: job.name.clone(),
+        file: file.name.clone(),
+        raw_size,
+        stored_size: body.len() as u64,
+        stored: Vec::new(),
+        already_archived: Vec::new(),
+        missing: Vec::new(),
+        duration: Duration::ZERO,
+    };
+    let mut conflict = None;
+    for (repository, outcome) in repositories.iter().zip(outcomes) {
+        match outcome {
+            Ok(Placed::Stored) => report.stored.push(repository.name.clone()),
+            Ok(Placed::AlreadyThere) => report.already_archived.push(repository.name.clone()),
+            Err(e) if e.kind() == ErrorKind::Verification => {
+                conflict.get_or_insert(e);
+            }
+            Err(e) => {
+                tracing::warn!(repository = %repository.name, error = %e.chain().join(": "), "WAL file not archived here");
+                report
+                    .missing
+                    .push((repository.name.clone(), e.chain().join(": ")));
+            }
+        }
+    }
+    if let Some(conflict) = conflict {
+        return Err(conflict);
+    }
+    let held = report.stored.len() + report.already_archived.len();
+    if held < config.min_repositories {
+        let mut error = Error::new(
+            ErrorKind::Storage,
+            format!(
+                "unable to archive WAL file '{}' of job '{}': {held} of {} repositories hold it and min_repositories is {}",
+                file.name,
+                job.name,
+                repositories.len(),
+                config.min_repositories
+            ),
+        )
+        .with_hint("PostgreSQL keeps the file and retries; WAL accumulates in pg_wal until the repositories are reachable");
+        for (repository, cause) in &report.missing {
+            error = error.with_hint(format!("repository '{repository}': {cause}"));
+        }
+        return Err(error);
+    }
+    report.duration = clock.elapsed();
+    Ok(report)
+}
+
+/// The stored form of a WAL file (a zstd frame with its checksum) and the raw sha256.
+fn compress(raw: &[u8], level: i32, threads: u32) -> std::io::Result<(Bytes, String)> {
+    let (compressed, raw_sha256) = std::thread::scope(|scope| {
+        let hashing = scope.spawn(|| {
+            let mut tally = Tally::default();
+            tally.update(raw);
+            tally.finish().1
+        });
+        let compressed = (|| {
+            let mut encoder =
+                zstd::stream::write::Encoder::new(Vec::with_capacity(raw.len() / 4), level)?;
+            encoder.include_checksum(true)?;
+            encoder.set_pledged_src_size(Some(raw.len() as u64))?;
+            if threads > 1 {
+                encoder.multithread(threads)?;
+            }
+            encoder.write_all(raw)?;
+            encoder.finish()
+        })();
+        (compressed, hashing.join().expect("hashing does not panic"))
+    });
+    Ok((Bytes::from(compressed?), raw_sha256))
+}
+
+/// The raw sha256 of a stored WAL object, checking its zstd frame on the way.
+fn raw_sha256_of_stored(stored: &[u8]) -> std::io::Result<String> {
+    let mut tally = TallyWriter(Tally::default());
+    zstd::stream::copy_decode(stored, &mut tally)?;
+    Ok(tally.0.finish().1)
+}
+
+struct TallyWriter(Tally);
+
+impl Write for TallyWriter {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.update(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// Stores `body` under `key` unless an object is there already; an object that is there
+/// must hold the same raw bytes, else this is PostgreSQL's "different file, same name"
+/// failure. The look first keeps a retry from uploading again, and the conditional create
+/// keeps two pushers from replacing each other on servers that honour it.
+async fn place(
+    repository: &Repository,
+    key: &str,
+    body: Bytes,
+    raw_sha256: &str,
+) -> Result<Placed> {
+    let store = repository.store.as_ref();
+    match store.head(key).await {
+        Ok(_) => return same_as_archived(repository, key, raw_sha256).await,
+        Err(e) if e.is_not_found() => {}
+        Err(e) => return Err(repository.error(&format!("look up '{key}'"), e)),
+    }
+    match store.create_if_absent(key, body).await {
+        Ok(()) => Ok(Placed::Stored),
+        Err(StoreError::AlreadyExists { .. }) => {
+            same_as_archived(repository, key, raw_sha256).await
+        }
+        Err(e) => Err(repository.error(&format!("store '{key}'"), e)),
+    }
+}
+
+async fn same_as_archived(repository: &Repository, key: &str, raw_sha256: &str) -> Result<Placed> {
+    let stored = storage::get_bytes(repository.store.as_ref(), key)
+        .await
+        .map_err(|e| repository.error(&format!("read the archived '{key}'"), e))?;
+    let archived = tokio::task::spawn_blocking(move || raw_sha256_of_stored(&stored))
+        .await
+        .map_err(|e| Error::new(ErrorKind::Storage, "the decompressor stopped").with_source(e))?;
+    match archived {
+        Ok(archived) if archived == raw_sha256 => Ok(Placed::AlreadyThere),
+        Ok(_) => Err(Error::new(
+            ErrorKind::Verification,
+            format!(
+                "unable to archive '{key}': repository '{}' already holds a different file under that name",
+                repository.name
+            ),
+        )
+        .with_hint("two clusters may be archiving into the same job, or this cluster was restored without a new timeline; give each cluster its own job")),
+        Err(e) => Err(Error::new(
+            ErrorKind::Verification,
+            format!(
+                "unable to archive '{key}': the copy repository '{}' holds under that name is damaged",
+                repository.name
+            ),
+        )
+        .with_source(e)
+        .with_hint("remove the damaged object so the next push stores it again, after checking that the file being pushed is the right one")),
+    }
+}
+
+pub struct WalFetchOptions {
+    pub name: String,
+    pub dest: PathBuf,
+    pub job: Option<String>,
+    /// Read only from this repository.
+    pub from: Option<String>,
+}
+
+#[derive(Debug)]
+pub enum WalFetchOutcome {
+    Fetched {
+        repository: String,
+        size: u64,
+    },
+    /// Every repository that answered lacks the file: PostgreSQL's normal end of the archive.
+    NotArchived,
+}
+
+/// Fetches `options.name` from the first repository (in config order) holding an intact
+/// copy into `options.dest`, atomically. `NotArchived` when at least one repository said it
+/// does not have the file and none had it; an error when no repository could tell.
+pub async fn fetch(config: &Config, options: &WalFetchOptions) -> Result<WalFetchOutcome> {
+    let job = physical_job(config, options.job.as_deref())?;
+    let file = wal_file(&options.name)?;
+    let key = layout::wal_key(&job.name, &file);
+    let repositories = match &options.from {
+        Some(name) => vec![Repository::open(config.repository(name)?).await],
+        None => Repository::open_all(config).await,
+    };
+    let mut answered_missing = false;
+    let mut failures = Vec::new();
+    for repository in &repositories {
+        let stored = match storage::get_bytes(repository.store.as_ref(), &key).await {
+            Ok(stored) => stored,
+            Err(e) if e.is_not_found() => {
+                answered_missing = true;
+                continue;
+            }
+            Err(e) => {
+                failures.push(repository.error(&format!("read '{key}'"), e));
+                continue;
+            }
+        };
+        let dest = options.dest.clone();
+        let kind = file.kind;
+        let written = tokio::task::spawn_blocking(move || write_decoded(&stored, &dest, kind))
+            .await
+            .map_err(|e| {
+                Error::new(ErrorKind::Storage, "the decompressor stopped").with_source(e)
+            })?;
+        match written {
+            Ok(size) => {
+                return Ok(WalFetchOutcome::Fetched {
+                    repository: repository.name.clone(),
+                    size,
+                });
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::InvalidData => failures.push(
+                Error::new(
+                    ErrorKind::Verification,
+                    format!("damaged '{key}' in repository '{}'", repository.name),
+                )
+                .with_source(e),
+            ),
+            Err(e) => {
+                return Err(Error::new(
+                    ErrorKind::Target,
+                    format!("unable to write WAL file '{}'", options.dest.display()),
+                )
+                .with_source(e));
+            }
+        }
+    }
+    if failures.is_empty() || (answered_missing && failures.iter().all(is_unreachable)) {
+        return Ok(WalFetchOutcome::NotArchived);
+    }
+    let mut failures = failures.into_iter();
+    let first = failures.next().expect("not empty");
+    Err(failures.fold(first, |error, other| {
+        error.with_hint(other.chain().join(": "))
+    }))
+}
+
+/// A repository that could not be read at all, as opposed to one holding a damaged copy.
+fn is_unreachable(error: &Error) -> bool {
+    error.kind() == ErrorKind::Storage
+}
+
+/// Decodes `stored` into a temp file beside `dest`, checks it, syncs it and renames it into
+/// place: PostgreSQL must never see a partial segment under the real name.
+fn write_decoded(stored: &[u8], dest: &Path, kind: WalFileKind) -> std::io::Result<u64> {
+    let parent = dest
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    let mut temp = tempfile::Builder::new()
+        .prefix(".lifeboat-wal-fetch-")
+        .tempfile_in(parent)?;
+    zstd::stream::copy_decode(stored, temp.as_file_mut())
+        .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))?;
+    let size = temp.as_file().metadata()?.len();
+    // Segments are a power of two between 1 MiB and 1 GiB; anything else is not one.
+    if kind == WalFileKind::Segment
+        && !(size.is_power_of_two() && (1 << 20..=1 << 30).contains(&size))
+    {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            format!("it decodes to {size} bytes, which is no WAL segment size"),
+        ));
+    }
+    temp.as_file().sync_all()?;
+    temp.persist(dest).map_err(|e| e.error)?;
+    Ok(size)
+}
