@@ -9,4 +9,5 @@ mod drills;
 mod failed_backup;
 mod files_round_trip;
 mod postgres_logical;
+mod postgres_physical;
 mod regions;

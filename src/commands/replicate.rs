@@ -2,8 +2,10 @@
 //! What a repository lacks (or, with `--verify`, holds damaged) is copied from another
 //! that holds it intact, its sha256 checked while it streams; the manifest is written last,
 //! so a repository never shows a backup before it holds all of it. Uploads left open under
-//! a backup that is committed are aborted: nobody is writing them any more.
+//! a backup that is committed are aborted: nobody is writing them any more. Archived WAL
+//! a repository lacks is copied too, checked by decoding it on the way.
 
+use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 
 use futures::StreamExt;
@@ -101,8 +103,110 @@ pub async fn run(config: &Config, options: &ReplicateOptions) -> Result<Replicat
         for id in survey.committed_ids() {
             replicate_backup(job, &id, &survey, options, &mut report).await;
         }
+        let reachable: Vec<&Repository> = survey.listed.iter().map(|(r, _)| *r).collect();
+        replicate_wal(job, &reachable, options, &mut report).await;
     }
     Ok(report)
+}
+
+/// Copies into each repository the archived WAL files it lacks. WAL has no manifest: an
+/// object is taken as intact when its zstd frame (with its checksum) decodes completely.
+async fn replicate_wal(
+    job: &str,
+    repositories: &[&Repository],
+    options: &ReplicateOptions,
+    report: &mut ReplicateReport,
+) {
+    let prefix = layout::wal_prefix(job);
+    let mut listed: Vec<(&Repository, BTreeMap<String, u64>)> = Vec::new();
+    for repository in repositories {
+        match repository.store.list(&prefix).await {
+            Ok(objects) => listed.push((
+                repository,
+                objects
+                    .into_iter()
+                    .filter(|o| layout::wal_file_of_key(job, &o.key).is_some())
+                    .map(|o| (o.key, o.size))
+                    .collect(),
+            )),
+            Err(e) => report.failures.push(
+                repository
+                    .error(&format!("list the WAL archive '{prefix}'"), e)
+                    .chain()
+                    .join(": "),
+            ),
+        }
+    }
+    let every_key: BTreeSet<&String> = listed.iter().flat_map(|(_, keys)| keys.keys()).collect();
+    for key in every_key {
+        let name = key.rsplit('/').next().unwrap_or_default().to_string();
+        for (target, held) in &listed {
+            if held.contains_key(key) {
+                continue;
+            }
+            let sources: Vec<&Repository> = listed
+                .iter()
+                .filter(|(_, keys)| keys.contains_key(key))
+                .map(|(r, _)| *r)
+                .collect();
+            let mut action = Action {
+                job: job.to_string(),
+                id: "wal".to_string(),
+                object: name.clone(),
+                bytes: listed
+                    .iter()
+                    .find_map(|(_, keys)| keys.get(key).copied())
+                    .unwrap_or_default(),
+                from: sources.first().map(|r| r.name.clone()),
+                to: target.name.clone(),
+                what: ActionKind::Copy,
+            };
+            if !options.dry_run {
+                let mut copied = false;
+                for source in &sources {
+                    match copy_wal(source, target, key).await {
+                        Ok(()) => {
+                            action.from = Some(source.name.clone());
+                            copied = true;
+                            break;
+                        }
+                        Err(e) => {
+                            tracing::warn!(key = %key, from = %source.name, to = %target.name, error = %e.chain().join(": "), "WAL copy failed; trying the next repository");
+                        }
+                    }
+                }
+                if !copied {
+                    report.failures.push(format!(
+                        "WAL {job}/{name}: unable to copy it into repository '{}': no other repository could provide an intact copy",
+                        target.name
+                    ));
+                    continue;
+                }
+            }
+            report.actions.push(action);
+        }
+    }
+}
+
+async fn copy_wal(source: &Repository, target: &Repository, key: &str) -> Result<()> {
+    let stored = storage::get_bytes(source.store.as_ref(), key)
+        .await
+        .map_err(|e| source.error(&format!("read '{key}'"), e))?;
+    let checked = stored.clone();
+    tokio::task::spawn_blocking(move || crate::commands::wal::raw_sha256_of_stored(&checked))
+        .await
+        .map_err(|e| Error::new(ErrorKind::Storage, "the decompressor stopped").with_source(e))?
+        .map_err(|e| {
+            Error::new(
+                ErrorKind::Verification,
+                format!("damaged '{key}' in repository '{}'", source.name),
+            )
+            .with_source(e)
+        })?;
+    match target.store.create_if_absent(key, stored).await {
+        Ok(()) | Err(storage::StoreError::AlreadyExists { .. }) => Ok(()),
+        Err(e) => Err(target.error(&format!("store '{key}'"), e)),
+    }
 }
 
 async fn replicate_backup(

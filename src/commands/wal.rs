@@ -238,7 +238,7 @@ fn compress(raw: &[u8], level: i32, threads: u32) -> std::io::Result<(Bytes, Str
 }
 
 /// The raw sha256 of a stored WAL object, checking its zstd frame on the way.
-fn raw_sha256_of_stored(stored: &[u8]) -> std::io::Result<String> {
+pub(crate) fn raw_sha256_of_stored(stored: &[u8]) -> std::io::Result<String> {
     let mut tally = TallyWriter(Tally::default());
     zstd::stream::copy_decode(stored, &mut tally)?;
     Ok(tally.0.finish().1)

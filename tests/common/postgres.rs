@@ -16,6 +16,9 @@ pub struct Postgres {
     pub port: u16,
     /// The superuser's password; it has a ':' and a '\' so passfile escaping is exercised.
     pub password: String,
+    /// `-c name=value` settings beyond the defaults, and environment for the server.
+    settings: Vec<String>,
+    env: Vec<(String, String)>,
 }
 
 pub fn bin_dir() -> PathBuf {
@@ -68,6 +71,12 @@ fn free_port() -> u16 {
 
 impl Postgres {
     pub fn start() -> Postgres {
+        Postgres::start_with(&[], &[])
+    }
+
+    /// A server with extra `name=value` settings, whose processes (archive_command too)
+    /// get `env`.
+    pub fn start_with(settings: &[String], env: &[(&str, &str)]) -> Postgres {
         let dir = tempfile::tempdir().unwrap();
         let nanos = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
@@ -112,6 +121,11 @@ impl Postgres {
             dir,
             port: 0,
             password,
+            settings: settings.to_vec(),
+            env: env
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
         };
         for _ in 0..5 {
             server.port = free_port();
@@ -145,6 +159,8 @@ impl Postgres {
                 "full_page_writes=off",
             ])
             .args(["-c", "synchronous_commit=off", "-c", "max_connections=50"])
+            .args(self.settings.iter().flat_map(|s| ["-c", s.as_str()]))
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
             .stdout(log.try_clone().unwrap())
             .stderr(log);
@@ -179,6 +195,42 @@ impl Postgres {
             }
             let _ = child.kill();
             let _ = child.wait();
+        }
+    }
+
+    /// A server that something else started (a restore with `--start`) on `port`, reached
+    /// with `password`; dropping it stops nothing.
+    pub fn attach(port: u16, password: &str) -> Postgres {
+        Postgres {
+            child: None,
+            dir: tempfile::tempdir().unwrap(),
+            port,
+            password: password.to_string(),
+            settings: Vec::new(),
+            env: Vec::new(),
+        }
+    }
+
+    /// Switches to a new WAL segment and waits until the archiver has archived the one
+    /// that ended, so everything committed before is in the archive.
+    pub fn archive_current_wal(&self) -> String {
+        let segment = self.psql("postgres", "select pg_walfile_name(pg_switch_wal())");
+        let deadline = Instant::now() + Duration::from_secs(90);
+        loop {
+            let archived = self.psql(
+                "postgres",
+                "select coalesce(last_archived_wal, '') || '|' || coalesce(last_failed_wal, '') from pg_stat_archiver",
+            );
+            let (last, _failed) = archived.split_once('|').unwrap();
+            if last.len() >= 24 && &last[..24] >= segment.as_str() {
+                return segment;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "segment {segment} was not archived within 90 s (pg_stat_archiver: {archived}); server log:\n{}",
+                std::fs::read_to_string(self.dir.path().join("postgres.log")).unwrap_or_default()
+            );
+            std::thread::sleep(Duration::from_millis(100));
         }
     }
 
@@ -285,6 +337,25 @@ impl Postgres {
             .filter(|line| !line.starts_with("\\restrict ") && !line.starts_with("\\unrestrict "))
             .collect::<Vec<_>>()
             .join("\n")
+    }
+}
+
+/// Stops (fast shutdown) the server running from `data_dir` that a test had lifeboat start,
+/// by the pid in its postmaster.pid.
+pub fn stop_data_dir(data_dir: &Path) {
+    let Ok(pid_file) = std::fs::read_to_string(data_dir.join("postmaster.pid")) else {
+        return;
+    };
+    let pid: i32 = pid_file.lines().next().unwrap().trim().parse().unwrap();
+    unsafe { libc::kill(pid, libc::SIGINT) };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    // A daemonized postmaster is not our child to reap; its pid file goes when it ends.
+    while data_dir.join("postmaster.pid").exists() && unsafe { libc::kill(pid, 0) } == 0 {
+        if Instant::now() > deadline {
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
     }
 }
 

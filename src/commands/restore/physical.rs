@@ -351,13 +351,21 @@ async fn start_and_wait(binaries: &Binaries, into: &Path, owner: Option<(u32, u3
         .arg(into)
         .arg("--log")
         .arg(&log)
-        .arg("--no-wait")
+        // pg_ctl notices a server that dies while starting; how long replay until it accepts
+        // connections takes is the data's business, not a timeout's.
+        .args(["--wait", "--timeout=2147483"])
         .env("LC_MESSAGES", "C");
     if let Some((uid, gid)) = owner {
         use std::os::unix::process::CommandExt;
         pg_ctl.uid(uid).gid(gid);
     }
-    crate::sources::process::run(pg_ctl, "start the restored server with pg_ctl")?;
+    let started = tokio::task::spawn_blocking(move || {
+        crate::sources::process::run(pg_ctl, "start the restored server with pg_ctl")
+    })
+    .await
+    .map_err(|e| {
+        Error::new(ErrorKind::Target, "unable to start the restored server").with_source(e)
+    })?;
     let failed = |why: &str| {
         let log_text = std::fs::read_to_string(&log).unwrap_or_default();
         let tail: Vec<&str> = log_text.lines().rev().take(20).collect();
@@ -371,8 +379,10 @@ async fn start_and_wait(binaries: &Binaries, into: &Path, owner: Option<(u32, u3
             tail.into_iter().rev().collect::<Vec<_>>().join("\n")
         ))
     };
-    let mut started = false;
-    let waiting_since = Instant::now();
+    if let Err(e) = started {
+        let hint = failed("did not start").hints().join("\n");
+        return Err(e.with_hint(hint));
+    }
     loop {
         tokio::time::sleep(Duration::from_millis(200)).await;
         let pid_file = std::fs::read_to_string(into.join("postmaster.pid")).ok();
@@ -382,12 +392,8 @@ async fn start_and_wait(binaries: &Binaries, into: &Path, owner: Option<(u32, u3
             .and_then(|pid| pid.trim().parse::<i32>().ok())
             // SAFETY: signal 0 only checks that the process exists.
             .is_some_and(|pid| unsafe { libc::kill(pid, 0) } == 0);
-        started |= alive;
-        if started && !alive {
+        if !alive {
             return Err(failed("stopped during recovery"));
-        }
-        if !started && waiting_since.elapsed() > Duration::from_secs(60) {
-            return Err(failed("did not start within 60 s"));
         }
         if alive && !into.join("recovery.signal").exists() && in_production(binaries, into) {
             return Ok(());

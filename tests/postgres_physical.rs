@@ -1,0 +1,465 @@
+//! Physical backups against a real cluster archiving its WAL with `lifeboat wal-push` into
+//! real S3 servers: point-in-time recovery keeps exactly the rows committed before the
+//! target, recovery to the end of the archive reproduces the source's data, and wal-push
+//! keeps PostgreSQL's archive_command promises with a region down.
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+
+use crate::common::postgres::{Postgres, stop_data_dir};
+use crate::common::{SeaweedFs, lifeboat, seaweedfs, write_config};
+
+const BUCKET: &str = "backups";
+const PREFIX: &str = "lifeboat";
+const JOB: &str = "pitr";
+
+/// A work directory the `postgres` user can read (archive_command reads the config in it).
+fn shared_work_dir() -> tempfile::TempDir {
+    let work = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(work.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    work
+}
+
+fn physical_config(
+    work: &Path,
+    regions: &[&SeaweedFs],
+    port: u16,
+    password_file: &Path,
+    extra: &str,
+) -> PathBuf {
+    let mut text = String::from(extra);
+    for (index, region) in regions.iter().enumerate() {
+        text.push_str(&region.repository(&format!("region{}", index + 1), BUCKET, PREFIX));
+    }
+    text.push_str(&format!(
+        "[[job]]\nname = \"{JOB}\"\nkind = \"postgres\"\nmode = \"physical\"\ndsn = \"postgresql://postgres@127.0.0.1:{port}/postgres\"\npassword_file = \"{}\"\nheartbeat = true\n",
+        password_file.display()
+    ));
+    write_config(work, &text)
+}
+
+/// A cluster archiving into `regions` with `lifeboat wal-push`, and the config naming it.
+fn archiving_cluster(work: &Path, regions: &[&SeaweedFs], extra: &str) -> (Postgres, PathBuf) {
+    let password_file = work.join("pg.pass");
+    // The archiver reads the config from the first segment on; the port is known later.
+    let config = physical_config(work, regions, 5432, &password_file, extra);
+    let archive_command = format!(
+        "{} --config {} wal-push --job {JOB} %p",
+        env!("CARGO_BIN_EXE_lifeboat"),
+        config.display()
+    );
+    let source = Postgres::start_with(
+        &[
+            "archive_mode=on".to_string(),
+            format!("archive_command={archive_command}"),
+            "archive_timeout=60s".to_string(),
+        ],
+        &[
+            ("AWS_ACCESS_KEY_ID", seaweedfs::ACCESS_KEY),
+            ("AWS_SECRET_ACCESS_KEY", seaweedfs::SECRET_KEY),
+            ("AWS_EC2_METADATA_DISABLED", "true"),
+        ],
+    );
+    crate::common::write_secret(&password_file, &source.password, 0o600);
+    physical_config(work, regions, source.port, &password_file, extra);
+    // A restored copy must not depend on /var/run/postgresql existing on this machine; the
+    // source's own command line (-k) still wins for the source.
+    source.psql(
+        "postgres",
+        "alter system set unix_socket_directories = '/tmp'",
+    );
+    source.psql(
+        "postgres",
+        "alter system set listen_addresses = '127.0.0.1'",
+    );
+    (source, config)
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind(("127.0.0.1", 0))
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// The server's clock now, as RFC 3339 UTC with microseconds.
+fn server_now(source: &Postgres) -> String {
+    source.psql(
+        "postgres",
+        "select to_char(clock_timestamp() at time zone 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"')",
+    )
+}
+
+/// Stops the server a restore started, even when an assertion fails first.
+struct Restored(PathBuf);
+
+impl Drop for Restored {
+    fn drop(&mut self) {
+        stop_data_dir(&self.0);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn point_in_time_recovery_keeps_exactly_the_rows_committed_before_the_target() {
+    let region = SeaweedFs::start().await;
+    region.create_bucket(BUCKET).await;
+    let work = shared_work_dir();
+    let (source, config) = archiving_cluster(work.path(), &[&region], "");
+    source.psql(
+        "postgres",
+        "create table events (id int primary key, at timestamptz not null default clock_timestamp())",
+    );
+    let insert = |id: u32| {
+        source.psql(
+            "postgres",
+            &format!("insert into events (id) values ({id})"),
+        );
+        std::thread::sleep(std::time::Duration::from_millis(300));
+    };
+    for id in 1..=3 {
+        insert(id);
+    }
+
+    lifeboat(&config, &["backup", JOB]).assert_code(0);
+    let show = lifeboat(
+        &config,
+        &["show", "latest", "--job", JOB, "--format", "json"],
+    );
+    show.assert_code(0);
+    let manifest: serde_json::Value = serde_json::from_str(&show.stdout).unwrap();
+    assert_eq!(manifest["kind"], "postgres-physical");
+    assert_eq!(manifest["objects"][0]["name"], "base.tar.zst");
+    let first_wal = manifest["source"]["first_wal"].as_str().unwrap();
+    assert!(first_wal.starts_with("00000001"), "{manifest}");
+    assert!(manifest["source"]["stop_lsn"].is_string(), "{manifest}");
+
+    // Rows on both sides of the target, across several WAL segments.
+    for id in 4..=6 {
+        insert(id);
+        source.psql("postgres", "select pg_switch_wal()");
+    }
+    let target = server_now(&source);
+    std::thread::sleep(std::time::Duration::from_millis(700));
+    for id in 7..=9 {
+        insert(id);
+    }
+    source.archive_current_wal();
+
+    let data_dir = work.path().join("restored");
+    let port = free_port();
+    let _restored = Restored(data_dir.clone());
+    let run = lifeboat(
+        &config,
+        &[
+            "restore",
+            JOB,
+            "--data-dir",
+            data_dir.to_str().unwrap(),
+            "--to-time",
+            &target,
+            "--start",
+            "--port",
+            &port.to_string(),
+        ],
+    );
+    run.assert_code(0);
+    assert!(
+        run.stdout.contains(manifest["id"].as_str().unwrap()),
+        "{}",
+        run.stdout
+    );
+    let restored = Postgres::attach(port, &source.password);
+    assert_eq!(
+        restored.psql(
+            "postgres",
+            "select string_agg(id::text, ',' order by id) from events"
+        ),
+        "1,2,3,4,5,6",
+        "exactly the rows committed before {target}"
+    );
+    assert_eq!(restored.psql("postgres", "select pg_is_in_recovery()"), "f");
+
+    // A target before the first backup ended cannot be reached from any backup.
+    let early = lifeboat(
+        &config,
+        &[
+            "restore",
+            JOB,
+            "--data-dir",
+            work.path().join("too-early").to_str().unwrap(),
+            "--to-time",
+            "2020-01-01T00:00:00Z",
+        ],
+    );
+    early.assert_code(1);
+    assert!(
+        early.stderr.contains("that ends before 2020-01-01"),
+        "{}",
+        early.stderr
+    );
+    assert!(!work.path().join("too-early").exists());
+
+    // The data directory must be empty.
+    let occupied = lifeboat(
+        &config,
+        &["restore", JOB, "--data-dir", data_dir.to_str().unwrap()],
+    );
+    occupied.assert_code(1);
+    assert!(occupied.stderr.contains("not empty"), "{}", occupied.stderr);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn recovery_to_the_end_of_the_archive_reproduces_the_source_data() {
+    let region = SeaweedFs::start().await;
+    region.create_bucket(BUCKET).await;
+    let work = shared_work_dir();
+    let (source, config) = archiving_cluster(work.path(), &[&region], "");
+    source.create_app_database(50_000);
+    lifeboat(&config, &["backup", JOB]).assert_code(0);
+
+    // Changes after the base backup reach the restore through the WAL archive only.
+    source.psql(
+        "app",
+        "update shop.orders set status = 'shipped' where id % 7 = 0; \
+         delete from shop.order_lines where order_id % 11 = 0; \
+         insert into shop.orders (customer_id, created_at, total, status) \
+           select 1 + i % 100, now(), i, 'new' from generate_series(1, 20000) i",
+    );
+    source.archive_current_wal();
+    let expected = source.data_fingerprint("app");
+
+    let data_dir = work.path().join("restored");
+    let port = free_port();
+    let _restored = Restored(data_dir.clone());
+    lifeboat(
+        &config,
+        &[
+            "restore",
+            JOB,
+            "--data-dir",
+            data_dir.to_str().unwrap(),
+            "--start",
+            "--port",
+            &port.to_string(),
+        ],
+    )
+    .assert_code(0);
+    let restored = Postgres::attach(port, &source.password);
+    let actual = restored.data_fingerprint("app");
+    // Every table's rows (and the large objects) are identical. Sequences are WAL-logged
+    // 32 values ahead, so after recovery they may stand further on, never behind.
+    let (tables, sequences) = split_sequences(&expected);
+    let (restored_tables, restored_sequences) = split_sequences(&actual);
+    assert_eq!(restored_tables, tables);
+    for ((name, value), (restored_name, restored_value)) in
+        sequences.iter().zip(&restored_sequences)
+    {
+        assert_eq!(name, restored_name);
+        assert!(
+            restored_value >= value,
+            "sequence {name} went back: {restored_value} < {value}"
+        );
+    }
+    // The restored cluster does not write a new timeline into the job's archive.
+    assert_eq!(restored.psql("postgres", "show archive_mode"), "off");
+}
+
+/// A fingerprint without its sequences line, and the sequences' values by name.
+fn split_sequences(fingerprint: &str) -> (Vec<&str>, Vec<(String, u64)>) {
+    let mut others = Vec::new();
+    let mut sequences = Vec::new();
+    for line in fingerprint.lines() {
+        if line.contains("_seq=") {
+            for pair in line.split(',') {
+                let (name, value) = pair.split_once('=').unwrap();
+                sequences.push((name.to_string(), value.parse().unwrap()));
+            }
+        } else {
+            others.push(line);
+        }
+    }
+    (others, sequences)
+}
+
+/// A file named like a WAL segment, 16 MiB, whose content depends on `seed`.
+fn fake_segment(dir: &Path, name: &str, seed: u8) -> PathBuf {
+    let dir = dir.join(format!("pg_wal-{seed}"));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join(name);
+    let mut bytes = vec![0u8; 16 * 1024 * 1024];
+    for (index, byte) in bytes.iter_mut().enumerate().step_by(4096) {
+        *byte = seed ^ (index / 4096) as u8;
+    }
+    std::fs::write(&path, bytes).unwrap();
+    path
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wal_push_keeps_the_archive_command_promises_with_a_region_down() {
+    let region1 = SeaweedFs::start().await;
+    let mut region2 = SeaweedFs::start().await;
+    region1.create_bucket(BUCKET).await;
+    region2.create_bucket(BUCKET).await;
+    let work = shared_work_dir();
+    let config = physical_config(
+        work.path(),
+        &[&region1, &region2],
+        5432,
+        &work.path().join("unused.pass"),
+        "min_repositories = 1\n",
+    );
+    let name = "000000010000000000000007";
+    let key = format!("{PREFIX}/jobs/{JOB}/wal/00000001/{name}.zst");
+    let segment = fake_segment(work.path(), name, 1);
+    let segment_arg = segment.to_str().unwrap();
+
+    let first = lifeboat(&config, &["wal-push", segment_arg]);
+    first.assert_code(0);
+    assert!(
+        first.stdout.contains("stored in region1, region2"),
+        "{}",
+        first.stdout
+    );
+    let stored = region1.object(BUCKET, &key).await;
+    assert_eq!(region2.object(BUCKET, &key).await, stored);
+    assert_eq!(
+        zstd::decode_all(&stored[..]).unwrap(),
+        std::fs::read(&segment).unwrap()
+    );
+
+    // PostgreSQL retries a segment it is unsure about: the same bytes succeed, unchanged.
+    let again = lifeboat(&config, &["wal-push", "--job", JOB, segment_arg]);
+    again.assert_code(0);
+    assert!(
+        again.stdout.contains("already held by region1, region2")
+            && !again.stdout.contains("stored in"),
+        "{}",
+        again.stdout
+    );
+    assert_eq!(region1.object(BUCKET, &key).await, stored);
+
+    // A different file under an archived name is refused, and the archive keeps the first.
+    let impostor = fake_segment(work.path(), name, 2);
+    let refused = lifeboat(&config, &["wal-push", impostor.to_str().unwrap()]);
+    refused.assert_code(1);
+    assert!(
+        refused
+            .stderr
+            .contains("already holds a different file under that name"),
+        "{}",
+        refused.stderr
+    );
+    assert_eq!(region1.object(BUCKET, &key).await, stored);
+
+    // Names that are not WAL files never become keys.
+    let odd = work.path().join("notes.txt");
+    std::fs::write(&odd, "x").unwrap();
+    let bad = lifeboat(&config, &["wal-push", odd.to_str().unwrap()]);
+    bad.assert_code(2);
+    assert!(
+        bad.stderr
+            .contains("'notes.txt' is not the name of a WAL archive file")
+    );
+
+    // Region 2 down: with min_repositories = 1 the push succeeds into region 1 and says
+    // what region 2 lacks.
+    region2.stop();
+    let next_name = "000000010000000000000008";
+    let next = fake_segment(work.path(), next_name, 3);
+    let degraded = lifeboat(&config, &["wal-push", next.to_str().unwrap()]);
+    degraded.assert_code(0);
+    assert!(
+        degraded
+            .stdout
+            .contains("warning: repository 'region2' lacks 000000010000000000000008")
+            && degraded.stdout.contains("lifeboat replicate pitr"),
+        "{}",
+        degraded.stdout
+    );
+    let next_key = format!("{PREFIX}/jobs/{JOB}/wal/00000001/{next_name}.zst");
+    assert_eq!(
+        zstd::decode_all(&region1.object(BUCKET, &next_key).await[..]).unwrap(),
+        std::fs::read(&next).unwrap()
+    );
+
+    // wal-fetch reads what the first reachable region holds, and says "not archived" (exit 1,
+    // quietly) for what no reachable region holds.
+    let fetched = work.path().join("fetched");
+    let fetch = lifeboat(
+        &config,
+        &["wal-fetch", next_name, fetched.to_str().unwrap()],
+    );
+    fetch.assert_code(0);
+    assert_eq!(
+        std::fs::read(&fetched).unwrap(),
+        std::fs::read(&next).unwrap()
+    );
+    let absent = lifeboat(
+        &config,
+        &[
+            "wal-fetch",
+            "000000010000000000000099",
+            fetched.to_str().unwrap(),
+        ],
+    );
+    absent.assert_code(1);
+    assert_eq!(absent.stderr.trim(), "", "quiet on a missing segment");
+    // Asked to read only from the region that is down, it cannot tell: PostgreSQL must stop
+    // recovery (exit above 125), not take it for the end of the archive.
+    let unsure = lifeboat(
+        &config,
+        &[
+            "wal-fetch",
+            "--from",
+            "region2",
+            next_name,
+            fetched.to_str().unwrap(),
+        ],
+    );
+    unsure.assert_code(255);
+    assert!(unsure.stderr.contains("region2"), "{}", unsure.stderr);
+
+    // Back up: replicate copies the segment region 2 missed.
+    region2.restart().await;
+    let replicate = lifeboat(&config, &["replicate", JOB]);
+    replicate.assert_code(0);
+    assert!(
+        replicate
+            .stdout
+            .contains(&format!("copied {JOB}/wal/{next_name}.zst")),
+        "{}",
+        replicate.stdout
+    );
+    assert_eq!(
+        region2.object(BUCKET, &next_key).await,
+        region1.object(BUCKET, &next_key).await
+    );
+    let settled = lifeboat(&config, &["replicate", JOB]);
+    settled.assert_code(0);
+    assert!(
+        settled.stdout.contains("nothing to copy"),
+        "{}",
+        settled.stdout
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cluster_without_archiving_is_refused_with_the_setting_to_change() {
+    let region = SeaweedFs::start().await;
+    region.create_bucket(BUCKET).await;
+    let source = Postgres::start();
+    let work = shared_work_dir();
+    let password_file = work.path().join("pg.pass");
+    crate::common::write_secret(&password_file, &source.password, 0o600);
+    let config = physical_config(work.path(), &[&region], source.port, &password_file, "");
+    let run = lifeboat(&config, &["backup", JOB]);
+    run.assert_code(1);
+    assert!(run.stderr.contains("archive_mode is off"), "{}", run.stderr);
+    assert!(
+        run.stderr.contains("archive_command = 'lifeboat --config"),
+        "{}",
+        run.stderr
+    );
+    assert!(region.manifest_keys(BUCKET).await.is_empty());
+}
