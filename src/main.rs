@@ -9,7 +9,9 @@ use clap::{Parser, Subcommand, ValueEnum};
 
 mod terminal;
 
-use lifeboat::commands::{backup, check, drill, init, list, replicate, restore, show, verify, wal};
+use lifeboat::commands::{
+    backup, check, drill, heartbeat, init, list, replicate, restore, show, verify, wal,
+};
 use lifeboat::config::{Config, DEFAULT_CONFIG_PATH};
 use lifeboat::error::exit_code;
 use lifeboat::{Error, Result};
@@ -133,6 +135,8 @@ enum Command {
         #[arg(long, value_enum, default_value_t = OutputFormat::Text)]
         format: OutputFormat,
     },
+    /// Write the job's heartbeat row on its server (for physical jobs, every minute from a timer).
+    Heartbeat { job: String },
     /// Archive one WAL file into every repository: PostgreSQL's archive_command.
     #[command(name = "wal-push")]
     WalPush {
@@ -156,6 +160,9 @@ enum Command {
         /// Read only from this repository.
         #[arg(long)]
         from: Option<String>,
+        /// Never read from this repository (repeatable).
+        #[arg(long)]
+        exclude: Vec<String>,
     },
 }
 
@@ -262,6 +269,7 @@ impl PhysicalRestoreArgs {
             port: self.port,
             keep_archiving: self.keep_archiving,
             from: None,
+            exclude: Vec::new(),
             bin_dir: None,
         }))
     }
@@ -490,6 +498,10 @@ async fn run(cli: Cli) -> Result<i32> {
             let report = restore::run(&config, &options).await?;
             println!("{report}");
         }
+        Command::Heartbeat { job } => {
+            let at = heartbeat::run(&config, &job).await?;
+            println!("heartbeat {job}: {}", at.to_rfc3339());
+        }
         Command::WalPush { path, job } => {
             let report = wal::push(&config, &wal::WalPushOptions { path, job }).await?;
             println!("{report}");
@@ -499,12 +511,14 @@ async fn run(cli: Cli) -> Result<i32> {
             dest,
             job,
             from,
+            exclude,
         } => {
             let options = wal::WalFetchOptions {
                 name,
                 dest,
                 job,
                 from,
+                exclude,
             };
             return Ok(match wal::fetch(&config, &options).await {
                 Ok(wal::WalFetchOutcome::Fetched { .. }) => exit_code::SUCCESS,

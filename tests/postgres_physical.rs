@@ -463,3 +463,87 @@ async fn a_cluster_without_archiving_is_refused_with_the_setting_to_change() {
     );
     assert!(region.manifest_keys(BUCKET).await.is_empty());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_physical_drill_from_the_second_region_measures_the_archive_rpo() {
+    let region1 = SeaweedFs::start().await;
+    let region2 = SeaweedFs::start().await;
+    region1.create_bucket(BUCKET).await;
+    region2.create_bucket(BUCKET).await;
+    let work = shared_work_dir();
+    let (source, config) = archiving_cluster(work.path(), &[&region1, &region2], "");
+    source.psql(
+        "postgres",
+        "create table orders as select i as id from generate_series(1, 1000) i",
+    );
+    lifeboat(&config, &["backup", JOB]).assert_code(0);
+    source.psql(
+        "postgres",
+        "insert into orders select i from generate_series(1001, 1500) i",
+    );
+
+    // The minutely timer's heartbeat reaches the archive through archive_timeout (60 s)
+    // alone: nothing forces a WAL switch.
+    let beat = lifeboat(&config, &["heartbeat", JOB]);
+    beat.assert_code(0);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+    while source.psql(
+        "postgres",
+        "select coalesce(last_archived_time > (select at from lifeboat.heartbeat), false) from pg_stat_archiver",
+    ) != "t"
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "archive_timeout did not ship the heartbeat within 120 s"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(500));
+    }
+
+    let drill = work.path().join("second-region.toml");
+    std::fs::write(
+        &drill,
+        format!(
+            "name = \"second-region\"\njob = \"{JOB}\"\nfrom = \"region2\"\nrto = \"15m\"\nrpo = \"2m\"\n\n\
+             [[check]]\nname = \"every order\"\nsql = \"select count(*) from orders\"\nexpect = \"= 1500\"\n"
+        ),
+    )
+    .unwrap();
+    let tmp = work.path().join("tmp");
+    std::fs::create_dir(&tmp).unwrap();
+    std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o1777)).unwrap();
+    let run = crate::common::run_command(
+        crate::common::lifeboat_command(&config)
+            .env("TMPDIR", &tmp)
+            .args(["drill", "run", "--format", "json"])
+            .arg(&drill)
+            .arg("--report-dir")
+            .arg(work.path().join("reports")),
+    );
+    run.assert_code(0);
+    let reports: serde_json::Value = serde_json::from_str(&run.stdout).unwrap();
+    let report = &reports["reports"][0];
+    assert_eq!(report["passed"], true, "{report}");
+    assert_eq!(report["kind"], "postgres-physical");
+    assert_eq!(report["repositories"], serde_json::json!(["region2"]));
+    let rpo = report["rpo"]["measured_seconds"].as_f64().unwrap();
+    assert!(rpo < 120.0, "RPO {rpo} s");
+    assert!(
+        report["rpo_marker_source"]
+            .as_str()
+            .unwrap()
+            .contains("heartbeat"),
+        "{report}"
+    );
+    let phases: Vec<&str> = report["phases"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["name"].as_str().unwrap())
+        .collect();
+    assert!(phases.contains(&"WAL replay"), "{phases:?}");
+    assert_eq!(
+        std::fs::read_dir(&tmp).unwrap().count(),
+        0,
+        "the scratch cluster is removed"
+    );
+}

@@ -4,6 +4,7 @@
 pub mod backup;
 pub mod check;
 pub mod drill;
+pub mod heartbeat;
 pub mod init;
 pub mod list;
 pub mod replicate;

@@ -317,6 +317,8 @@ pub struct WalFetchOptions {
     pub job: Option<String>,
     /// Read only from this repository.
     pub from: Option<String>,
+    /// Never read from these repositories.
+    pub exclude: Vec<String>,
 }
 
 #[derive(Debug)]
@@ -336,10 +338,16 @@ pub async fn fetch(config: &Config, options: &WalFetchOptions) -> Result<WalFetc
     let job = physical_job(config, options.job.as_deref())?;
     let file = wal_file(&options.name)?;
     let key = layout::wal_key(&job.name, &file);
-    let repositories = match &options.from {
+    for name in &options.exclude {
+        config.repository(name)?;
+    }
+    let repositories: Vec<Repository> = match &options.from {
         Some(name) => vec![Repository::open(config.repository(name)?).await],
         None => Repository::open_all(config).await,
-    };
+    }
+    .into_iter()
+    .filter(|r| !options.exclude.contains(&r.name))
+    .collect();
     let mut answered_missing = false;
     let mut failures = Vec::new();
     for repository in &repositories {

@@ -409,6 +409,7 @@ pub async fn run(config: &Config, options: &RestoreOptions) -> Result<RestoreRep
                 physical_options.bin_dir = job.bin_dir.clone();
             }
             physical_options.from = options.from.clone();
+            physical_options.exclude = options.exclude.clone();
             if !physical_options.target.reachable_from(&selected.manifest) {
                 return Err(Error::usage(format!(
                     "unable to recover backup '{}/{id}' to {}: the backup ends later ({})",

@@ -66,6 +66,8 @@ pub struct PhysicalRestoreOptions {
     pub keep_archiving: bool,
     /// Read WAL (and the backup) from this repository only.
     pub from: Option<String>,
+    /// Never read WAL from these repositories (a drill playing their loss).
+    pub exclude: Vec<String>,
     pub bin_dir: Option<PathBuf>,
 }
 
@@ -280,6 +282,9 @@ fn configure_recovery(
     );
     if let Some(from) = &options.from {
         write!(fetch, " --from {}", shell_word(from)).expect("writing to a String");
+    }
+    for excluded in &options.exclude {
+        write!(fetch, " --exclude {}", shell_word(excluded)).expect("writing to a String");
     }
     fetch.push_str(" %f %p");
     let mut settings = format!(

@@ -16,7 +16,7 @@ mod target;
 
 pub use binaries::Binaries;
 pub use connection::{ChildAuth, Connection};
-pub use scratch::{ScratchCluster, stop_all as stop_all_scratch_clusters};
+pub use scratch::{ScratchCluster, ScratchDir, stop_all as stop_all_scratch_clusters};
 pub use target::Target;
 
 /// Quotes an SQL identifier: `"name"`, with inner quotes doubled.

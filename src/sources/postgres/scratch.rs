@@ -21,6 +21,7 @@ const PORT: u16 = 5432;
 pub struct ScratchCluster {
     dir: tempfile::TempDir,
     postmaster: Option<Child>,
+    superuser: String,
 }
 
 /// Every scratch cluster running in this process (postmaster pid, directory), so that an
@@ -76,9 +77,17 @@ fn run_as() -> Result<Option<(u32, u32)>> {
     Ok(Some((uid, gid)))
 }
 
-impl ScratchCluster {
-    /// Creates and starts a cluster with `binaries`, waiting until it accepts connections.
-    pub async fn start(binaries: &Binaries) -> Result<ScratchCluster> {
+/// A private directory for a scratch cluster, before it runs: `data` inside it is made by
+/// initdb ([`ScratchCluster::start`]) or restored from a base backup by the caller
+/// ([`ScratchCluster::start_restored`]). Removed when dropped.
+pub struct ScratchDir {
+    dir: tempfile::TempDir,
+    owner: Option<(u32, u32)>,
+}
+
+impl ScratchDir {
+    /// In $TMPDIR; as root it belongs to `postgres`, who runs the cluster.
+    pub fn create() -> Result<ScratchDir> {
         let owner = run_as()?;
         let base = std::env::var_os("TMPDIR")
             .map(PathBuf::from)
@@ -102,53 +111,118 @@ impl ScratchCluster {
                 .with_source(e)
             })?;
         }
-        let data = dir.path().join("data");
-        let mut initdb = binaries.command("initdb");
-        initdb
-            .arg("--pgdata")
-            .arg(&data)
-            .args(["--username", SUPERUSER, "--auth=trust", "--encoding=UTF8"])
-            .args(["--locale=C.UTF-8", "--no-sync"]);
-        as_owner(&mut initdb, owner);
-        crate::sources::process::run(initdb, "create a scratch cluster with initdb")?;
+        crate::interrupt::remove_on_interrupt(dir.path());
+        Ok(ScratchDir { dir, owner })
+    }
 
+    pub fn data_dir(&self) -> PathBuf {
+        self.dir.path().join("data")
+    }
+
+    /// Runs the postmaster on the private socket only, with `settings` (`name=value`).
+    fn spawn(
+        self,
+        binaries: &Binaries,
+        settings: &[String],
+        superuser: &str,
+    ) -> Result<ScratchCluster> {
         let mut postgres = binaries.command("postgres");
         postgres
             .arg("-D")
-            .arg(&data)
+            .arg(self.data_dir())
             .arg("-p")
             .arg(PORT.to_string())
             .arg("-k")
-            .arg(dir.path())
+            .arg(self.dir.path())
             .args(["-c", "listen_addresses="])
+            .args(settings.iter().flat_map(|s| ["-c", s.as_str()]))
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(
-                std::fs::File::create(dir.path().join("postgres.log")).map_err(|e| {
+                std::fs::File::create(self.dir.path().join("postgres.log")).map_err(|e| {
                     error("unable to create the scratch cluster's log").with_source(e)
                 })?,
             );
-        as_owner(&mut postgres, owner);
+        as_owner(&mut postgres, self.owner);
         let child = postgres.spawn().map_err(|e| {
             error("unable to start the scratch cluster: cannot run postgres").with_source(e)
         })?;
         RUNNING
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .push((child.id(), dir.path().to_path_buf()));
-        let mut cluster = ScratchCluster {
-            dir,
+            .push((child.id(), self.dir.path().to_path_buf()));
+        crate::interrupt::forget(self.dir.path());
+        Ok(ScratchCluster {
+            dir: self.dir,
             postmaster: Some(child),
-        };
+            superuser: superuser.to_string(),
+        })
+    }
+}
+
+impl ScratchCluster {
+    /// Creates and starts a cluster with `binaries`, waiting until it accepts connections.
+    pub async fn start(binaries: &Binaries) -> Result<ScratchCluster> {
+        let scratch = ScratchDir::create()?;
+        let mut initdb = binaries.command("initdb");
+        initdb
+            .arg("--pgdata")
+            .arg(scratch.data_dir())
+            .args(["--username", SUPERUSER, "--auth=trust", "--encoding=UTF8"])
+            .args(["--locale=C.UTF-8", "--no-sync"]);
+        as_owner(&mut initdb, scratch.owner);
+        crate::sources::process::run(initdb, "create a scratch cluster with initdb")?;
+        let mut cluster = scratch.spawn(binaries, &[], SUPERUSER)?;
         cluster.wait_ready().await?;
         Ok(cluster)
+    }
+
+    /// Starts the data directory a physical restore wrote into `scratch`, set up for
+    /// recovery, and waits until recovery has finished. The source's roles and pg_hba are
+    /// in it; lifeboat trusts the private socket instead (its own hba file), reaches the
+    /// cluster as `user` and goes on as the bootstrap superuser. It never archives.
+    pub async fn start_restored(
+        scratch: ScratchDir,
+        binaries: &Binaries,
+        user: &str,
+    ) -> Result<ScratchCluster> {
+        let hba = scratch.dir.path().join("lifeboat_hba.conf");
+        std::fs::write(&hba, "local all all trust\n")
+            .map_err(|e| error("unable to write the scratch cluster's hba file").with_source(e))?;
+        let settings = [
+            format!("hba_file={}", hba.display()),
+            "archive_mode=off".to_string(),
+            "hot_standby=on".to_string(),
+        ];
+        // No deadline: replay takes as long as the archive is long, and that time is the
+        // drill's measurement. A postmaster that gives up is noticed at once.
+        let mut cluster = scratch.spawn(binaries, &settings, user)?;
+        let connection = Connection::from_dsn(&cluster.dsn("postgres"))?;
+        loop {
+            cluster.check_running()?;
+            if let Ok(client) = connection.connect().await
+                && let Ok(row) = client
+                    .query_one(
+                        "select pg_is_in_recovery(), (select rolname from pg_roles where oid = 10)",
+                        &[],
+                    )
+                    .await
+            {
+                if !row.get::<_, bool>(0) {
+                    cluster.superuser = row.get(1);
+                    return Ok(cluster);
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
     }
 
     /// A DSN for the cluster's `database`, over its private socket.
     pub fn dsn(&self, database: &str) -> String {
         format!(
-            "host={} port={PORT} user={SUPERUSER} dbname={database}",
-            self.dir.path().display()
+            "host={} port={PORT} user={} dbname={database}",
+            self.dir.path().display(),
+            self.superuser
         )
     }
 
@@ -156,20 +230,27 @@ impl ScratchCluster {
         self.dir.path()
     }
 
+    /// Fails, quoting the end of its log, once the postmaster has exited.
+    fn check_running(&mut self) -> Result<()> {
+        if let Some(child) = self.postmaster.as_mut()
+            && let Ok(Some(status)) = child.try_wait()
+        {
+            let log =
+                std::fs::read_to_string(self.dir.path().join("postgres.log")).unwrap_or_default();
+            let tail: Vec<&str> = log.lines().rev().take(30).collect();
+            return Err(error(format!(
+                "the scratch cluster stopped ({status}); its log ends with:\n{}",
+                tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+            )));
+        }
+        Ok(())
+    }
+
     async fn wait_ready(&mut self) -> Result<()> {
         let connection = Connection::from_dsn(&self.dsn("postgres"))?;
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {
-            if let Some(child) = self.postmaster.as_mut()
-                && let Ok(Some(status)) = child.try_wait()
-            {
-                let log = std::fs::read_to_string(self.dir.path().join("postgres.log"))
-                    .unwrap_or_default();
-                return Err(error(format!(
-                    "the scratch cluster stopped at start ({status}); its log says:\n{}",
-                    log.trim_end()
-                )));
-            }
+            self.check_running()?;
             if connection.connect().await.is_ok() {
                 return Ok(());
             }
