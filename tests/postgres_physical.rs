@@ -462,6 +462,16 @@ async fn a_cluster_without_archiving_is_refused_with_the_setting_to_change() {
         run.stderr
     );
     assert!(region.manifest_keys(BUCKET).await.is_empty());
+    let check = lifeboat(&config, &["check"]);
+    check.assert_code(1);
+    assert!(
+        check
+            .stdout
+            .contains("FAILED   job 'pitr' (postgres-physical)")
+            && check.stdout.contains("archive_mode is off"),
+        "{}",
+        check.stdout
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -1,17 +1,21 @@
 //! `lifeboat check`: the config is valid (it was loaded), every repository can be written,
 //! read back, listed and cleaned, conditional create is really honoured, and every job's
-//! source is reachable. Reports each item OK or what is wrong.
+//! source is reachable; for physical jobs, that a WAL segment reaches every repository.
+//! Reports each item OK or what is wrong.
 
 use std::fmt;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use serde::Serialize;
 
-use crate::config::{Config, JobConfig, JobSource};
+use crate::config::{Config, JobConfig, JobSource, PostgresJob, PostgresMode};
 use crate::error::{Error, ErrorKind, Result};
+use crate::layout;
 use crate::repository::Repository;
-use crate::sources::postgres::{Binaries, Connection, logical};
+use crate::sources::postgres::{Binaries, Connection, logical, physical};
 use crate::storage::{self, StoreError};
+use crate::wal::WalFile;
 
 #[derive(Debug, Serialize)]
 pub struct CheckItem {
@@ -63,7 +67,7 @@ pub async fn run(config: &Config) -> CheckReport {
         });
     }
     for job in &config.jobs {
-        let (problem, notes) = match check_source(job).await {
+        let (problem, notes) = match check_source(config, job).await {
             Ok(notes) => (None, notes),
             Err(e) => (Some(e.chain().join(": ")), Vec::new()),
         };
@@ -80,8 +84,11 @@ pub async fn run(config: &Config) -> CheckReport {
 }
 
 /// Reaches the job's source the way a backup would, without taking one.
-async fn check_source(job: &JobConfig) -> Result<Vec<String>> {
+async fn check_source(config: &Config, job: &JobConfig) -> Result<Vec<String>> {
     match &job.source {
+        JobSource::Postgres(postgres) if postgres.mode == PostgresMode::Physical => {
+            check_archiving(config, job, postgres).await
+        }
         JobSource::Files(files) => {
             for path in &files.paths {
                 std::fs::symlink_metadata(path).map_err(|e| {
@@ -115,6 +122,75 @@ async fn check_source(job: &JobConfig) -> Result<Vec<String>> {
         }
     }
 }
+
+/// Like `pgbackrest check`: the cluster is set up for physical backups, and a WAL segment
+/// it is made to end reaches every repository.
+async fn check_archiving(
+    config: &Config,
+    job: &JobConfig,
+    postgres: &PostgresJob,
+) -> Result<Vec<String>> {
+    let server = Connection::from_settings(&format!("job '{}'", job.name), &postgres.connection)?;
+    let cluster = physical::preflight(&server, &job.name).await?;
+    let binaries = Binaries::find(postgres.bin_dir.as_deref(), cluster.major)?;
+    let clock = Instant::now();
+    let segment = physical::switch_wal(&server).await?;
+    let file = WalFile::parse(&segment).ok_or_else(|| {
+        Error::new(
+            ErrorKind::Source,
+            format!("the server named its WAL segment '{segment}', which is not a segment name"),
+        )
+    })?;
+    let key = layout::wal_key(&job.name, &file);
+    let mut waiting = Repository::open_all(config).await;
+    while !waiting.is_empty() && clock.elapsed() < ARCHIVE_WAIT {
+        let mut still = Vec::new();
+        for repository in waiting {
+            if repository.store.head(&key).await.is_err() {
+                still.push(repository);
+            }
+        }
+        waiting = still;
+        if !waiting.is_empty() {
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+    }
+    if !waiting.is_empty() {
+        let names: Vec<&str> = waiting.iter().map(|r| r.name.as_str()).collect();
+        return Err(Error::new(
+            ErrorKind::Source,
+            format!(
+                "WAL archiving does not work end to end: segment {segment} did not reach repository {} within {} s",
+                names.join(", "),
+                ARCHIVE_WAIT.as_secs()
+            ),
+        )
+        .with_hint(format!(
+            "archive_command is '{}'; see pg_stat_archiver (last_failed_wal) and the server log for the archiver's errors",
+            cluster.archive_command
+        )));
+    }
+    Ok(vec![
+        format!(
+            "PostgreSQL {} at {}, system {}",
+            cluster.version,
+            server.describe(),
+            cluster.system_identifier
+        ),
+        format!(
+            "client binaries: {} (version {})",
+            binaries.dir.display(),
+            binaries.major
+        ),
+        format!(
+            "WAL archiving: segment {segment} reached every repository in {:.1}s",
+            clock.elapsed().as_secs_f64()
+        ),
+    ])
+}
+
+/// How long `check` waits for a switched segment to be archived everywhere.
+const ARCHIVE_WAIT: Duration = Duration::from_secs(60);
 
 /// Writes, reads back, lists and deletes a probe object, and tests whether conditional
 /// create is enforced (some S3-compatible servers silently ignore If-None-Match).

@@ -153,6 +153,25 @@ pub async fn preflight(connection: &Connection, job: &str) -> Result<ClusterInfo
     })
 }
 
+/// Ends the current WAL segment so the archiver ships it; returns its name. A restore point
+/// first makes sure there is WAL to end, as an idle server has none.
+pub async fn switch_wal(connection: &Connection) -> Result<String> {
+    let client = connection.connect().await?;
+    let _ = client
+        .query_one("select pg_create_restore_point('lifeboat check')", &[])
+        .await;
+    let row = client
+        .query_one("select pg_walfile_name(pg_switch_wal())", &[])
+        .await
+        .map_err(|e| {
+            query_error(connection, "switch to a new WAL segment", e).with_hint(format!(
+                "run `GRANT EXECUTE ON FUNCTION pg_switch_wal() TO {}` (and pg_create_restore_point) as a superuser",
+                connection.user()
+            ))
+        })?;
+    Ok(row.get(0))
+}
+
 /// `pg_basebackup` writing one tar stream to stdout after a fast checkpoint. WAL is not
 /// included: it comes from the archive, and pg_basebackup waits until the last segment the
 /// backup needs has been archived before it ends.

@@ -207,11 +207,10 @@ impl ScratchCluster {
                         &[],
                     )
                     .await
+                && !row.get::<_, bool>(0)
             {
-                if !row.get::<_, bool>(0) {
-                    cluster.superuser = row.get(1);
-                    return Ok(cluster);
-                }
+                cluster.superuser = row.get(1);
+                return Ok(cluster);
             }
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
