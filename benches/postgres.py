@@ -42,7 +42,8 @@ def free_port():
 
 
 class Cluster:
-    def __init__(self, scale):
+    def __init__(self, scale, settings=()):
+        """settings: extra `name=value` server settings for this start."""
         self.dir = DATA / f"cluster-s{scale}"
         self.port = free_port()
         fresh = not (self.dir / "data" / "PG_VERSION").exists()
@@ -58,7 +59,8 @@ class Cluster:
         self.proc = subprocess.Popen(as_owner([str(PG_BIN / "postgres"), "-D", str(self.dir / "data"),
                                                "-p", str(self.port), "-k", str(self.dir),
                                                "-c", "listen_addresses=127.0.0.1", "-c", "max_wal_size=4GB",
-                                               "-c", "maintenance_work_mem=256MB"]),
+                                               "-c", "maintenance_work_mem=256MB"]
+                                              + [arg for setting in settings for arg in ("-c", setting)]),
                                      stdout=log, stderr=log)
         for _ in range(300):
             if subprocess.run([str(PG_BIN / "pg_isready"), "-q", "-h", "127.0.0.1", "-p", str(self.port)]).returncode == 0:

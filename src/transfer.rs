@@ -38,6 +38,47 @@ where
     T: Send + 'static,
     F: FnOnce(&mut dyn Write) -> Result<T> + Send + 'static,
 {
+    store_with(
+        repositories,
+        key,
+        move |senders| ObjectWriter::new(options, senders),
+        produce,
+    )
+    .await
+}
+
+/// Like `store_object`, for a source that writes a zstd stream itself (compressed where it
+/// runs): stored as it comes; decoded on the way for the raw digests, and into `inspect`.
+pub async fn store_precompressed_object<T, F>(
+    repositories: &[Repository],
+    key: &str,
+    inspect: Box<dyn Write + Send>,
+    produce: F,
+) -> Result<Stored<T>>
+where
+    T: Send + 'static,
+    F: FnOnce(&mut dyn Write) -> Result<T> + Send + 'static,
+{
+    store_with(
+        repositories,
+        key,
+        move |senders| Ok(ObjectWriter::precompressed(senders, inspect)),
+        produce,
+    )
+    .await
+}
+
+async fn store_with<T, F, W>(
+    repositories: &[Repository],
+    key: &str,
+    make_writer: W,
+    produce: F,
+) -> Result<Stored<T>>
+where
+    T: Send + 'static,
+    F: FnOnce(&mut dyn Write) -> Result<T> + Send + 'static,
+    W: FnOnce(Vec<crate::storage::PartSender>) -> io::Result<ObjectWriter> + Send + 'static,
+{
     let mut senders = Vec::with_capacity(repositories.len());
     let mut uploads = Vec::with_capacity(repositories.len());
     for repository in repositories {
@@ -52,7 +93,7 @@ where
 
     let label = object_label(key);
     let producer = tokio::task::spawn_blocking(move || -> Result<(Digests, T)> {
-        let mut writer = ObjectWriter::new(options, senders).map_err(|e| {
+        let mut writer = make_writer(senders).map_err(|e| {
             Error::new(ErrorKind::Source, "unable to start the zstd encoder").with_source(e)
         })?;
         let mut task = progress::start(&format!("backup {label}"), None);
@@ -62,7 +103,13 @@ where
         })?;
         task.finish();
         let digests = writer.finish().map_err(|e| {
-            Error::new(ErrorKind::Storage, "unable to finish the upload").with_source(e)
+            // A source stream that does not decode is the source's fault, not a store's.
+            let kind = if e.kind() == io::ErrorKind::InvalidData {
+                ErrorKind::Source
+            } else {
+                ErrorKind::Storage
+            };
+            Error::new(kind, "unable to finish the upload").with_source(e)
         })?;
         Ok((digests, value))
     });

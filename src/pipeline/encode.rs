@@ -18,46 +18,64 @@ pub struct EncodeOptions {
 /// the others go on; writing fails only when none is left. Call [`ObjectWriter::finish`];
 /// dropping it instead abandons the uploads, which the stores then abort.
 pub struct ObjectWriter {
-    encoder: zstd::stream::write::Encoder<'static, StoredSink>,
-    raw: Tally,
+    mode: Mode,
 }
 
-struct StoredSink {
-    tally: Tally,
-    pending: BytesMut,
-    /// One per repository, None once that repository stopped receiving.
-    senders: Vec<Option<PartSender>>,
+enum Mode {
+    /// Raw bytes in: compressed here.
+    Encode {
+        encoder: zstd::stream::write::Encoder<'static, StoredSink>,
+        raw: Tally,
+    },
+    /// A zstd stream in (compressed by the source): stored as it comes, and decoded on
+    /// another thread for the raw digests.
+    Store {
+        sink: StoredSink,
+        decoder: RawDecoder,
+    },
 }
 
 impl ObjectWriter {
     pub fn new(options: EncodeOptions, senders: Vec<PartSender>) -> io::Result<ObjectWriter> {
-        let sink = StoredSink {
-            tally: Tally::default(),
-            pending: BytesMut::with_capacity(CHUNK_SIZE),
-            senders: senders.into_iter().map(Some).collect(),
-        };
-        let mut encoder = zstd::stream::write::Encoder::new(sink, options.level)?;
+        let mut encoder =
+            zstd::stream::write::Encoder::new(StoredSink::new(senders), options.level)?;
         // The frame checksum lets plain `zstd -d` detect damage too, without lifeboat.
         encoder.include_checksum(true)?;
         if options.threads > 1 {
             encoder.multithread(options.threads)?;
         }
         Ok(ObjectWriter {
-            encoder,
-            raw: Tally::default(),
+            mode: Mode::Encode {
+                encoder,
+                raw: Tally::default(),
+            },
         })
+    }
+
+    /// For a source whose output already is a zstd stream. Its raw bytes, decoded on the
+    /// way, also go to `inspect` (which reads what the source itself says, e.g. a tar's
+    /// headers). A stream that does not decode fails the object at `finish`.
+    pub fn precompressed(senders: Vec<PartSender>, inspect: Box<dyn Write + Send>) -> ObjectWriter {
+        ObjectWriter {
+            mode: Mode::Store {
+                sink: StoredSink::new(senders),
+                decoder: RawDecoder::start(inspect),
+            },
+        }
     }
 
     /// Ends the zstd frame, sends the last chunk and the end marker, and returns the digests.
     pub fn finish(self) -> io::Result<Digests> {
-        let mut sink = self.encoder.finish()?;
+        let (mut sink, (raw_size, raw_sha256)) = match self.mode {
+            Mode::Encode { encoder, raw } => (encoder.finish()?, raw.finish()),
+            Mode::Store { sink, decoder } => (sink, decoder.finish()?),
+        };
         sink.send_pending()?;
         // A store that stops now reports it through its own upload's result.
         for sender in sink.senders.into_iter().flatten() {
             let _ = sender.blocking_finish();
         }
         let (size, sha256) = sink.tally.finish();
-        let (raw_size, raw_sha256) = self.raw.finish();
         Ok(Digests {
             size,
             sha256,
@@ -69,9 +87,18 @@ impl ObjectWriter {
 
 impl Write for ObjectWriter {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        let written = self.encoder.write(buf)?;
-        self.raw.update(&buf[..written]);
-        Ok(written)
+        match &mut self.mode {
+            Mode::Encode { encoder, raw } => {
+                let written = encoder.write(buf)?;
+                raw.update(&buf[..written]);
+                Ok(written)
+            }
+            Mode::Store { sink, decoder } => {
+                decoder.feed(buf);
+                sink.write_all(buf)?;
+                Ok(buf.len())
+            }
+        }
     }
 
     fn flush(&mut self) -> io::Result<()> {
@@ -79,6 +106,120 @@ impl Write for ObjectWriter {
         // `finish`.
         Ok(())
     }
+}
+
+/// Decodes a zstd stream fed in batches on its own thread: raw sha256 and size, and the
+/// raw bytes handed to an inspector.
+struct RawDecoder {
+    pending: Vec<u8>,
+    sender: Option<std::sync::mpsc::SyncSender<Vec<u8>>>,
+    worker: std::thread::JoinHandle<io::Result<(u64, String)>>,
+}
+
+const DECODE_BATCH: usize = 1024 * 1024;
+
+/// The batches a `RawDecoder` is fed, as a `Read`.
+struct Batches {
+    receiver: std::sync::mpsc::Receiver<Vec<u8>>,
+    current: Vec<u8>,
+    offset: usize,
+}
+
+impl io::Read for Batches {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        while self.offset == self.current.len() {
+            match self.receiver.recv() {
+                Ok(batch) => {
+                    self.current = batch;
+                    self.offset = 0;
+                }
+                Err(_) => return Ok(0),
+            }
+        }
+        let n = buf.len().min(self.current.len() - self.offset);
+        buf[..n].copy_from_slice(&self.current[self.offset..self.offset + n]);
+        self.offset += n;
+        Ok(n)
+    }
+}
+
+/// Counts, hashes and inspects decoded bytes.
+struct RawTally {
+    tally: Tally,
+    inspect: Box<dyn Write + Send>,
+}
+
+impl Write for RawTally {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.tally.update(buf);
+        self.inspect.write_all(buf)?;
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+impl RawDecoder {
+    fn start(inspect: Box<dyn Write + Send>) -> RawDecoder {
+        let (sender, receiver) = std::sync::mpsc::sync_channel::<Vec<u8>>(8);
+        let worker = std::thread::spawn(move || {
+            let batches = Batches {
+                receiver,
+                current: Vec::new(),
+                offset: 0,
+            };
+            let mut raw = RawTally {
+                tally: Tally::default(),
+                inspect,
+            };
+            let decoded = zstd::stream::copy_decode(batches, &mut raw).map_err(|e| {
+                io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    format!("the source's zstd stream does not decode: {e}"),
+                )
+            });
+            decoded.map(|()| raw.tally.finish())
+        });
+        RawDecoder {
+            pending: Vec::with_capacity(DECODE_BATCH),
+            sender: Some(sender),
+            worker,
+        }
+    }
+
+    fn feed(&mut self, data: &[u8]) {
+        self.pending.extend_from_slice(data);
+        if self.pending.len() >= DECODE_BATCH {
+            let batch = std::mem::replace(&mut self.pending, Vec::with_capacity(DECODE_BATCH));
+            // A decoder that stopped has failed; `finish` reports why.
+            if let Some(sender) = &self.sender
+                && sender.send(batch).is_err()
+            {
+                self.sender = None;
+            }
+        }
+    }
+
+    fn finish(mut self) -> io::Result<(u64, String)> {
+        // Taking the sender drops it: the decoder sees the end of the stream.
+        if let Some(sender) = self.sender.take()
+            && !self.pending.is_empty()
+        {
+            let _ = sender.send(std::mem::take(&mut self.pending));
+        }
+        self.worker
+            .join()
+            .map_err(|_| io::Error::other("the decoding thread panicked"))?
+    }
+}
+
+struct StoredSink {
+    tally: Tally,
+    pending: BytesMut,
+    /// One per repository, None once that repository stopped receiving.
+    senders: Vec<Option<PartSender>>,
 }
 
 fn every_repository_gone() -> io::Error {
@@ -89,6 +230,14 @@ fn every_repository_gone() -> io::Error {
 }
 
 impl StoredSink {
+    fn new(senders: Vec<PartSender>) -> StoredSink {
+        StoredSink {
+            tally: Tally::default(),
+            pending: BytesMut::with_capacity(CHUNK_SIZE),
+            senders: senders.into_iter().map(Some).collect(),
+        }
+    }
+
     fn send_pending(&mut self) -> io::Result<()> {
         if self.pending.is_empty() {
             return Ok(());
@@ -166,6 +315,70 @@ mod tests {
         });
         assert_eq!(received, digests.size);
         assert_eq!(digests.raw_size, raw.len() as u64);
+    }
+
+    /// Collects what it is given, for a test to read after the writer is gone.
+    #[derive(Clone, Default)]
+    struct Seen(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+
+    impl Write for Seen {
+        fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(buf);
+            Ok(buf.len())
+        }
+
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+
+    fn drain(mut stream: PartStream) -> Vec<u8> {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        runtime.block_on(async {
+            let mut received = Vec::new();
+            while let Some(chunk) = stream.next("k").await.unwrap() {
+                received.extend_from_slice(&chunk);
+            }
+            received
+        })
+    }
+
+    #[test]
+    fn a_precompressed_stream_is_stored_as_it_comes_with_the_digests_of_what_it_decodes_to() {
+        let raw: Vec<u8> = incompressible(3 * CHUNK_SIZE)
+            .into_iter()
+            .chain(std::iter::repeat_n(7u8, 5 * CHUNK_SIZE))
+            .collect();
+        let compressed = zstd::encode_all(&raw[..], 3).unwrap();
+        let (sender, stream) = PartStream::channel(1024);
+        let seen = Seen::default();
+        let mut writer = ObjectWriter::precompressed(vec![sender], Box::new(seen.clone()));
+        for piece in compressed.chunks(100_000) {
+            writer.write_all(piece).unwrap();
+        }
+        let digests = writer.finish().unwrap();
+        assert_eq!(drain(stream), compressed);
+        assert_eq!(*seen.0.lock().unwrap(), raw);
+        let mut raw_tally = Tally::default();
+        raw_tally.update(&raw);
+        let mut stored_tally = Tally::default();
+        stored_tally.update(&compressed);
+        assert_eq!((digests.raw_size, digests.raw_sha256), raw_tally.finish());
+        assert_eq!((digests.size, digests.sha256), stored_tally.finish());
+    }
+
+    #[test]
+    fn a_precompressed_stream_that_does_not_decode_fails_the_object() {
+        let mut compressed = zstd::encode_all(&incompressible(CHUNK_SIZE)[..], 3).unwrap();
+        let middle = compressed.len() / 2;
+        compressed.truncate(middle);
+        let (sender, _stream) = PartStream::channel(1024);
+        let mut writer = ObjectWriter::precompressed(vec![sender], Box::new(io::sink()));
+        writer.write_all(&compressed).unwrap();
+        let err = writer.finish().unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::InvalidData, "{err}");
     }
 
     #[test]

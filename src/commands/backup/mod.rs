@@ -19,7 +19,7 @@ use crate::layout;
 use crate::manifest::{FORMAT, Manifest, ObjectEntry, SourceInfo};
 use crate::pipeline::{Digests, EncodeOptions};
 use crate::repository::Repository;
-use crate::transfer::store_object;
+use crate::transfer::{store_object, store_precompressed_object};
 
 mod files;
 mod physical;
@@ -131,11 +131,37 @@ impl Context<'_> {
     {
         let live = self.destinations.live();
         let stored = store_object(&live, &self.object_key(object), self.options, produce).await?;
-        for (index, cause) in stored.failed {
+        self.drop_failed(&live, stored.failed)?;
+        Ok((stored.digests, stored.value))
+    }
+}
+
+impl Context<'_> {
+    /// Like `store`, for a source that writes a zstd stream itself (see
+    /// `transfer::store_precompressed_object`).
+    async fn store_precompressed<T, F>(
+        &self,
+        object: &str,
+        inspect: Box<dyn Write + Send>,
+        produce: F,
+    ) -> Result<(Digests, T)>
+    where
+        T: Send + 'static,
+        F: FnOnce(&mut dyn Write) -> Result<T> + Send + 'static,
+    {
+        let live = self.destinations.live();
+        let stored =
+            store_precompressed_object(&live, &self.object_key(object), inspect, produce).await?;
+        self.drop_failed(&live, stored.failed)?;
+        Ok((stored.digests, stored.value))
+    }
+
+    fn drop_failed(&self, live: &[Repository], failed: Vec<(usize, Error)>) -> Result<()> {
+        for (index, cause) in failed {
             self.destinations
                 .lose(self.job_name, &live[index].name, cause)?;
         }
-        Ok((stored.digests, stored.value))
+        Ok(())
     }
 }
 

@@ -1,16 +1,20 @@
-//! A physical `postgres` job: one pg_basebackup tar stream as `base.tar.zst`. The backup is
-//! only as good as the WAL that makes it consistent, so it commits only in repositories
-//! that hold every segment from its start to its stop.
+//! A physical `postgres` job: one pg_basebackup tar stream as `base.tar.zst`, compressed by
+//! the server itself where it can (PostgreSQL 15+), else here. The backup is only as good
+//! as the WAL that makes it consistent, so it commits only in repositories that hold every
+//! segment from its start to its stop.
+
+use chrono::{DateTime, Utc};
 
 use super::{Captured, Context};
 use crate::config::PostgresJob;
 use crate::error::{Error, ErrorKind, Result};
 use crate::layout;
 use crate::manifest::{ObjectEntry, SourceInfo};
-use crate::sources::postgres::physical::{self, TarWatch};
+use crate::sources::postgres::physical::{self, SharedScanner, TarWatch};
 use crate::sources::postgres::{Binaries, Connection, logical};
 use crate::sources::process;
-use crate::wal::{self, WalFile};
+use crate::storage;
+use crate::wal::{self, Lsn, WalFile};
 
 pub const BASE_OBJECT: &str = "base.tar.zst";
 
@@ -25,26 +29,66 @@ pub(super) async fn capture(context: &Context<'_>, job: &PostgresJob) -> Result<
     }
     tracing::info!(server = %server.describe(), version = %cluster.version, "taking a base backup with pg_basebackup");
 
-    let command = physical::basebackup_command(
-        &binaries,
-        &server,
-        &format!("lifeboat-{}", context.id),
-        &auth,
-    );
-    let (digests, findings) = context
-        .store(BASE_OBJECT, move |out| {
-            let mut watch = TarWatch::new(out);
-            process::stream_stdout(command, "take a base backup with pg_basebackup", &mut watch)?;
-            Ok(watch.findings)
-        })
-        .await?;
-    let range = findings.wal_range().map_err(|problem| {
+    let label = format!("lifeboat-{}", context.id);
+    let action = "take a base backup with pg_basebackup";
+    let scanner = SharedScanner::default();
+    let (digests, _) = if cluster.major >= SERVER_ZSTD_SINCE {
+        let level = context.options.level.min(MAX_SERVER_ZSTD_LEVEL);
+        let command = physical::basebackup_command(
+            &binaries,
+            &server,
+            &label,
+            &auth,
+            Some((level, context.options.threads)),
+        );
+        context
+            .store_precompressed(BASE_OBJECT, Box::new(scanner.clone()), move |out| {
+                process::stream_stdout(command, action, out)
+            })
+            .await?
+    } else {
+        let command = physical::basebackup_command(&binaries, &server, &label, &auth, None);
+        let watched = scanner.clone();
+        context
+            .store(BASE_OBJECT, move |out| {
+                process::stream_stdout(command, action, &mut TarWatch::new(out, watched))
+            })
+            .await?
+    };
+    let streamed_until = Utc::now();
+    let findings = scanner.findings();
+    let unreadable = |problem: String| {
         Error::new(
             ErrorKind::Source,
             format!("unable to read the base backup of {what}: {problem}"),
         )
-        .with_hint("pg_basebackup of PostgreSQL 13 or newer writes both; check bin_dir")
-    })?;
+    };
+    let (start_lsn, start_timeline) = findings.start().map_err(unreadable)?;
+    let (stop_lsn, stop_timeline, recovery_point) = match findings.stop() {
+        Some(stop) => {
+            let (lsn, timeline) = stop.map_err(unreadable)?;
+            (
+                lsn,
+                timeline,
+                findings.manifest_started_at.unwrap_or(streamed_until),
+            )
+        }
+        None => {
+            let history =
+                physical::backup_history_name(start_lsn, start_timeline, cluster.wal_segment_size);
+            let (lsn, timeline, stopped) =
+                read_backup_history(context, &history, &cluster.archive_command).await?;
+            // STOP TIME is in whole seconds: its end bounds the moment the backup stopped.
+            let stopped = (stopped + chrono::Duration::seconds(1)).min(streamed_until);
+            (lsn, timeline, stopped)
+        }
+    };
+    let range = physical::WalRange {
+        start_lsn,
+        start_timeline,
+        stop_lsn,
+        stop_timeline,
+    };
     let (first, last) =
         wal::segments_needed(range.start_lsn, range.stop_lsn, cluster.wal_segment_size);
     let first_wal = wal::segment_name(range.start_timeline, first, cluster.wal_segment_size);
@@ -77,8 +121,62 @@ pub(super) async fn capture(context: &Context<'_>, job: &PostgresJob) -> Result<
             wal_segment_size: Some(cluster.wal_segment_size),
             ..SourceInfo::default()
         },
-        recovery_point: findings.manifest_started_at,
+        recovery_point: Some(recovery_point),
     })
+}
+
+/// PostgreSQL 15 is the first whose pg_basebackup can have the server compress with zstd.
+const SERVER_ZSTD_SINCE: u32 = 15;
+/// The highest level PostgreSQL accepts for server-side zstd without `long` tuning.
+const MAX_SERVER_ZSTD_LEVEL: i32 = 19;
+
+/// Reads the backup's `.backup` history file from the archive: PostgreSQL archives it
+/// before pg_basebackup returns, through `lifeboat wal-push`.
+async fn read_backup_history(
+    context: &Context<'_>,
+    name: &str,
+    archive_command: &str,
+) -> Result<(Lsn, u32, DateTime<Utc>)> {
+    let file = WalFile::parse(name).expect("history names are valid");
+    let key = layout::wal_key(context.job_name, &file);
+    let mut last_error = None;
+    for repository in context.destinations.live() {
+        let stored = match storage::get_bytes(repository.store.as_ref(), &key).await {
+            Ok(stored) => stored,
+            Err(e) => {
+                last_error =
+                    Some(repository.error(&format!("read the backup history file '{key}'"), e));
+                continue;
+            }
+        };
+        let text = zstd::stream::decode_all(&stored[..])
+            .map(|raw| String::from_utf8_lossy(&raw).into_owned());
+        if let Some(stop) = text
+            .ok()
+            .as_deref()
+            .and_then(physical::parse_backup_history)
+        {
+            return Ok(stop);
+        }
+        last_error = Some(Error::new(
+            ErrorKind::Verification,
+            format!(
+                "unable to read the backup history file '{key}' in repository '{}': it has no STOP WAL LOCATION, STOP TIMELINE and STOP TIME",
+                repository.name
+            ),
+        ));
+    }
+    Err(last_error
+        .unwrap_or_else(|| {
+            Error::new(
+                ErrorKind::Storage,
+                "no repository is left to read the backup history file from",
+            )
+        })
+        .with_hint(format!(
+            "archive_command is '{archive_command}'; it must be `lifeboat wal-push --job {} %p` for this job's backups to restore",
+            context.job_name
+        )))
 }
 
 /// Drops from this backup every repository that lacks one of the `needed` segments: there

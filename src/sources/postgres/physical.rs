@@ -5,6 +5,7 @@
 
 use std::io::{self, Write};
 use std::process::Command;
+use std::sync::{Arc, Mutex};
 
 use chrono::{DateTime, Utc};
 
@@ -175,15 +176,29 @@ pub async fn switch_wal(connection: &Connection) -> Result<String> {
 /// `pg_basebackup` writing one tar stream to stdout after a fast checkpoint. WAL is not
 /// included: it comes from the archive, and pg_basebackup waits until the last segment the
 /// backup needs has been archived before it ends.
+///
+/// With `server_zstd` (level, workers; PostgreSQL 15 and newer) the server compresses the
+/// stream with zstd itself, in parallel, which is what makes a single-stream base backup as
+/// fast as a tool that reads the data files directly; the tar then carries no
+/// backup_manifest (it cannot be injected into a compressed stream), and the backup's stop
+/// comes from its `.backup` history file in the archive instead.
 pub fn basebackup_command(
     binaries: &Binaries,
     connection: &Connection,
     label: &str,
     auth: &ChildAuth,
+    server_zstd: Option<(i32, u32)>,
 ) -> Command {
     let mut command = binaries.command("pg_basebackup");
+    command.args(["--pgdata=-", "--format=tar", "--wal-method=none"]);
+    if let Some((level, workers)) = server_zstd {
+        let mut spec = format!("--compress=server-zstd:level={level}");
+        if workers > 1 {
+            spec.push_str(&format!(",workers={workers}"));
+        }
+        command.arg(spec).arg("--no-manifest");
+    }
     command
-        .args(["--pgdata=-", "--format=tar", "--wal-method=none"])
         .arg("--checkpoint=fast")
         .arg(format!("--label={label}"))
         .arg("--no-password")
@@ -209,10 +224,10 @@ pub struct TarFindings {
     pub entries: u64,
 }
 
-/// Passes a tar stream through to `inner` unchanged, reading its headers on the way and
-/// keeping `backup_label` and the end of `backup_manifest`.
-pub struct TarWatch<'w> {
-    inner: &'w mut dyn Write,
+/// Reads a tar stream's headers as it goes by, keeping `backup_label` and the end of
+/// `backup_manifest`; the data itself is skipped.
+#[derive(Debug, Default)]
+pub struct TarScanner {
     header: Vec<u8>,
     /// Bytes left of the current entry's data, then of its padding.
     data_left: u64,
@@ -221,26 +236,16 @@ pub struct TarWatch<'w> {
     pub findings: TarFindings,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 enum Capture {
+    #[default]
     Nothing,
     Label,
     Manifest,
 }
 
-impl<'w> TarWatch<'w> {
-    pub fn new(inner: &'w mut dyn Write) -> TarWatch<'w> {
-        TarWatch {
-            inner,
-            header: Vec::with_capacity(BLOCK),
-            data_left: 0,
-            padding_left: 0,
-            capture: Capture::Nothing,
-            findings: TarFindings::default(),
-        }
-    }
-
-    fn observe(&mut self, mut data: &[u8]) {
+impl TarScanner {
+    pub fn observe(&mut self, mut data: &[u8]) {
         while !data.is_empty() {
             if self.data_left > 0 {
                 let n = (self.data_left.min(data.len() as u64)) as usize;
@@ -305,10 +310,43 @@ impl<'w> TarWatch<'w> {
     }
 }
 
+/// A scanner shared with whoever reads its findings afterwards: a `Write` that only scans.
+#[derive(Debug, Clone, Default)]
+pub struct SharedScanner(pub Arc<Mutex<TarScanner>>);
+
+impl SharedScanner {
+    pub fn findings(&self) -> TarFindings {
+        self.0.lock().expect("scanner lock").findings.clone()
+    }
+}
+
+impl Write for SharedScanner {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.0.lock().expect("scanner lock").observe(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+/// Passes a tar stream through to `inner` unchanged, scanning it on the way.
+pub struct TarWatch<'w> {
+    inner: &'w mut dyn Write,
+    scanner: SharedScanner,
+}
+
+impl<'w> TarWatch<'w> {
+    pub fn new(inner: &'w mut dyn Write, scanner: SharedScanner) -> TarWatch<'w> {
+        TarWatch { inner, scanner }
+    }
+}
+
 impl Write for TarWatch<'_> {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
         let written = self.inner.write(buf)?;
-        self.observe(&buf[..written]);
+        self.scanner.write_all(&buf[..written])?;
         Ok(written)
     }
 
@@ -327,18 +365,31 @@ pub struct WalRange {
 }
 
 impl TarFindings {
-    pub fn wal_range(&self) -> std::result::Result<WalRange, String> {
+    /// Where the backup starts: from its backup_label.
+    pub fn start(&self) -> std::result::Result<(Lsn, u32), String> {
         let label = self
             .backup_label
             .as_deref()
             .ok_or("the tar stream has no backup_label")?;
-        let (start_lsn, start_timeline) = parse_backup_label(label)
-            .ok_or("its backup_label has no START WAL LOCATION or START TIMELINE")?;
-        if self.manifest_started_at.is_none() {
-            return Err("the tar stream has no backup_manifest".into());
-        }
-        let (stop_timeline, stop_lsn) = parse_manifest_wal_end(&self.manifest_tail)
-            .ok_or("its backup_manifest has no WAL-Ranges")?;
+        parse_backup_label(label)
+            .ok_or_else(|| "its backup_label has no START WAL LOCATION or START TIMELINE".into())
+    }
+
+    /// Where the backup stops, when the stream carries its backup_manifest.
+    pub fn stop(&self) -> Option<std::result::Result<(Lsn, u32), String>> {
+        self.manifest_started_at?;
+        Some(
+            parse_manifest_wal_end(&self.manifest_tail)
+                .map(|(timeline, lsn)| (lsn, timeline))
+                .ok_or_else(|| "its backup_manifest has no WAL-Ranges".into()),
+        )
+    }
+
+    pub fn wal_range(&self) -> std::result::Result<WalRange, String> {
+        let (start_lsn, start_timeline) = self.start()?;
+        let (stop_lsn, stop_timeline) = self
+            .stop()
+            .ok_or("the tar stream has no backup_manifest")??;
         Ok(WalRange {
             start_lsn,
             start_timeline,
@@ -346,6 +397,38 @@ impl TarFindings {
             stop_timeline,
         })
     }
+}
+
+/// The name of the `.backup` history file PostgreSQL archives for a backup that started at
+/// `start` on `timeline`: `SEGMENT.OFFSET.backup`.
+pub fn backup_history_name(start: Lsn, timeline: u32, segment_size: u64) -> String {
+    format!(
+        "{}.{:08X}.backup",
+        crate::wal::segment_name(
+            timeline,
+            crate::wal::segment_of(start, segment_size),
+            segment_size
+        ),
+        start.0 % segment_size
+    )
+}
+
+/// From a `.backup` history file: `STOP WAL LOCATION`, `STOP TIMELINE` and `STOP TIME`
+/// (whole seconds, UTC).
+pub fn parse_backup_history(text: &str) -> Option<(Lsn, u32, DateTime<Utc>)> {
+    let field = |name: &str| {
+        text.lines()
+            .find_map(|line| line.strip_prefix(name))
+            .map(str::trim)
+    };
+    let lsn = Lsn::parse(field("STOP WAL LOCATION:")?.split_whitespace().next()?)?;
+    let timeline = field("STOP TIMELINE:")?.parse().ok()?;
+    let time = field("STOP TIME:")?;
+    let stopped =
+        chrono::NaiveDateTime::parse_from_str(time.trim_end_matches(" UTC"), "%Y-%m-%d %H:%M:%S")
+            .ok()?
+            .and_utc();
+    time.ends_with(" UTC").then_some((lsn, timeline, stopped))
 }
 
 /// `START WAL LOCATION: 0/3000028 (file …)` and `START TIMELINE: 1`.
@@ -406,11 +489,12 @@ mod tests {
         ]);
         for chunk in [1, 100, 511, 512, 513, 4096, stream.len()] {
             let mut out = Vec::new();
-            let mut watch = TarWatch::new(&mut out);
+            let scanner = SharedScanner::default();
+            let mut watch = TarWatch::new(&mut out, scanner.clone());
             for piece in stream.chunks(chunk) {
                 watch.write_all(piece).unwrap();
             }
-            let findings = watch.findings.clone();
+            let findings = scanner.findings();
             assert_eq!(out, stream, "chunk {chunk}");
             assert_eq!(findings.entries, 3);
             assert_eq!(
@@ -428,29 +512,38 @@ mod tests {
 
     #[test]
     fn a_stream_without_its_label_or_manifest_has_no_wal_range() {
-        let stream = tar_of(&[("base/1/1", b"x")]);
-        let mut out = Vec::new();
-        let mut watch = TarWatch::new(&mut out);
-        watch.write_all(&stream).unwrap();
-        assert!(
-            watch
-                .findings
-                .wal_range()
-                .unwrap_err()
-                .contains("backup_label")
-        );
+        let mut scanner = SharedScanner::default();
+        scanner.write_all(&tar_of(&[("base/1/1", b"x")])).unwrap();
+        let problem = scanner.findings().wal_range().unwrap_err();
+        assert!(problem.contains("backup_label"), "{problem}");
 
-        let stream = tar_of(&[("backup_label", LABEL.as_bytes())]);
-        let mut out = Vec::new();
-        let mut watch = TarWatch::new(&mut out);
-        watch.write_all(&stream).unwrap();
-        assert!(
-            watch
-                .findings
-                .wal_range()
-                .unwrap_err()
-                .contains("backup_manifest")
+        let mut scanner = SharedScanner::default();
+        scanner
+            .write_all(&tar_of(&[("backup_label", LABEL.as_bytes())]))
+            .unwrap();
+        let findings = scanner.findings();
+        assert_eq!(findings.start(), Ok((Lsn(0x3000028), 1)));
+        assert!(findings.stop().is_none());
+        let problem = findings.wal_range().unwrap_err();
+        assert!(problem.contains("backup_manifest"), "{problem}");
+    }
+
+    #[test]
+    fn a_backup_history_file_names_the_stop() {
+        let mb16 = 16 * 1024 * 1024;
+        assert_eq!(
+            backup_history_name(Lsn(0x3000028), 1, mb16),
+            "000000010000000000000003.00000028.backup"
         );
+        let text = "START WAL LOCATION: 0/3000028 (file 000000010000000000000003)\n\
+            STOP WAL LOCATION: 0/3000100 (file 000000010000000000000003)\n\
+            CHECKPOINT LOCATION: 0/3000060\nBACKUP METHOD: streamed\nBACKUP FROM: primary\n\
+            START TIME: 2026-11-26 13:29:32 UTC\nLABEL: lifeboat-X\nSTART TIMELINE: 1\n\
+            STOP TIME: 2026-11-26 13:29:33 UTC\nSTOP TIMELINE: 1\n";
+        let (lsn, timeline, stopped) = parse_backup_history(text).unwrap();
+        assert_eq!((lsn, timeline), (Lsn(0x3000100), 1));
+        assert_eq!(stopped.to_rfc3339(), "2026-11-26T13:29:33+00:00");
+        assert_eq!(parse_backup_history("STOP TIMELINE: 1\n"), None);
     }
 
     #[test]

@@ -1,0 +1,175 @@
+#!/usr/bin/env python3
+"""Physical backups and WAL archiving, against what an SRE would run instead, on the same
+cluster, alternating runs, in one command:
+
+    python3 benches/physical.py [--scale 100] [--runs 3] [--segments 30]
+
+Uses the pgbench cluster of benches/postgres.py (target/bench/postgres/cluster-sSCALE), started
+with archive_mode = on and archive_command = `lifeboat wal-push`, and prints median wall and
+CPU time, peak RSS and the ratios:
+  base backup  lifeboat backup (physical job, local repository)
+               vs `pg_basebackup -Ft -D - -X none -c fast | zstd -T0 -3 > file`   target <= 1.0
+               vs pgBackRest full backup (posix repo, compress-type=zst, level 3,
+                  process-max=2, start-fast)                                  target <= 1.0
+  wal-push     per-segment latency (median, p95, max) of `lifeboat wal-push` over real
+               16 MiB segments copied from the cluster's pg_wal, into a local repository and
+               into SeaweedFS; beside it `zstd -T0 -3` of the same segment to a file.
+               Median target <= 100 ms.
+Both pg_basebackup runs wait for the last segment to be archived by the same
+archive_command; pgBackRest runs with archive-check=n, so it does not wait.
+"""
+
+import argparse
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from benchlib import LIFEBOAT, measure, print_table, ratio_line, require  # noqa: E402
+from postgres import DATA, PG_BIN, Cluster, as_owner, settle  # noqa: E402
+from regions import ACCESS_KEY, SECRET_KEY, WEED, Region  # noqa: E402
+
+WORK = DATA.parent / "physical"
+
+
+def give_to_postgres(path):
+    if os.geteuid() == 0:
+        for root, dirs, files in os.walk(path):
+            shutil.chown(root, "postgres", "postgres")
+            for name in files:
+                shutil.chown(os.path.join(root, name), "postgres", "postgres")
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--scale", type=int, default=100)
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--segments", type=int, default=30)
+    args = parser.parse_args()
+    require("zstd", "pgbackrest", "aws", "/usr/bin/time", str(WEED), str(PG_BIN / "pg_basebackup"))
+
+    shutil.rmtree(WORK, ignore_errors=True)
+    (WORK / "repo").mkdir(parents=True)
+    (WORK / "pgbackrest").mkdir()
+    config = WORK / "lifeboat.toml"
+    archive_command = f"{LIFEBOAT} --config {config} wal-push --job bench %p"
+    cluster = Cluster(args.scale, ["archive_mode=on", f"archive_command={archive_command}",
+                                   "archive_timeout=0", "wal_level=replica"])
+    config.write_text(
+        f'[compression]\nlevel = 3\n\n'
+        f'[[repository]]\nname = "local"\ntype = "local"\npath = "{WORK / "repo"}"\n\n'
+        f'[[job]]\nname = "bench"\nkind = "postgres"\nmode = "physical"\n'
+        f'dsn = "{cluster.dsn("postgres")}"\n')
+    give_to_postgres(WORK)
+    regions = []
+    try:
+        base_backups(cluster, config, args)
+        regions = [Region("wal", WORK)]
+        wal_push(cluster, config, regions[0], args)
+    finally:
+        for region in regions:
+            region.stop()
+        cluster.stop()
+
+
+def base_backups(cluster, config, args):
+    pgbackrest_conf = WORK / "pgbackrest.conf"
+    pgbackrest_conf.write_text(
+        "[global]\n"
+        f"repo1-path={WORK / 'pgbackrest' / 'repo'}\n"
+        f"lock-path={WORK / 'pgbackrest' / 'lock'}\n"
+        "repo1-retention-full=100\ncompress-type=zst\ncompress-level=3\nprocess-max=2\n"
+        "start-fast=y\narchive-check=n\nlog-level-console=warn\nlog-level-file=off\n\n"
+        f"[bench]\npg1-path={cluster.dir / 'data'}\npg1-port={cluster.port}\npg1-socket-path={cluster.dir}\n")
+    give_to_postgres(WORK)
+    pgbackrest = ["pgbackrest", f"--config={pgbackrest_conf}", "--stanza=bench"]
+    subprocess.run(as_owner(pgbackrest + ["stanza-create"]), check=True, stdout=subprocess.DEVNULL)
+
+    env = dict(os.environ, LIFEBOAT_LOG="error")
+    basebackup = (f"{PG_BIN}/pg_basebackup -d '{cluster.dsn('postgres')}' -Ft -D - -X none -c fast "
+                  f"| zstd -q -T0 -3 > '{WORK}/base.tar.zst'")
+    runs = {
+        "lifeboat backup (physical, local repository)": (as_owner([str(LIFEBOAT), "--config", str(config),
+                                                                    "backup", "bench"]), False),
+        "pg_basebackup -Ft -D - | zstd -T0 -3 > f": (basebackup, True),
+        "pgBackRest full (zst, process-max=2)": (as_owner(pgbackrest + ["--type=full", "backup"]), False),
+    }
+    samples = {label: [] for label in runs}
+    for number in range(args.runs):
+        order = list(runs.items())
+        if number % 2:
+            order.reverse()
+        for label, (argv, shell) in order:
+            settle(cluster)
+            samples[label].append(measure(argv, env, shell=shell))
+    size = int(cluster.psql("select sum(pg_database_size(oid)) from pg_database"))
+    stored = sorted(p.stat().st_size for p in (WORK / "repo").rglob("base.tar.zst"))
+    print(f"cluster: pgbench scale {args.scale}, {size / 2**20:.0f} MiB of databases; lifeboat stored "
+          f"{stored[-1] / 2**20:.0f} MiB per base backup, pg_basebackup | zstd "
+          f"{(WORK / 'base.tar.zst').stat().st_size / 2**20:.0f} MiB; {args.runs} runs each, alternating, "
+          f"cpus={os.cpu_count()}")
+    values = print_table("base backup", [(label, samples[label]) for label in runs])
+    lifeboat = values["lifeboat backup (physical, local repository)"]
+    ratio_line("vs pg_basebackup | zstd", lifeboat, values["pg_basebackup -Ft -D - | zstd -T0 -3 > f"], 1.0)
+    ratio_line("vs pgBackRest full", lifeboat, values["pgBackRest full (zst, process-max=2)"], 1.0)
+
+
+def percentile(values, fraction):
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(round(fraction * (len(ordered) - 1))))]
+
+
+def wal_push(cluster, config, region, args):
+    """Real segments from the cluster's pg_wal, pushed one process per segment as
+    archive_command does, under fresh names so that every push stores."""
+    segments_dir = WORK / "segments"
+    segments_dir.mkdir()
+    pg_wal = cluster.dir / "data" / "pg_wal"
+    real = sorted((p for p in pg_wal.iterdir() if len(p.name) == 24), key=lambda p: p.stat().st_mtime)
+    real = real[-args.segments:]
+    for number, source in enumerate(real):
+        shutil.copyfile(source, segments_dir / f"0000000A{number:016X}")
+    segments = sorted(segments_dir.iterdir())
+    env = dict(os.environ, LIFEBOAT_LOG="error", AWS_ACCESS_KEY_ID=ACCESS_KEY,
+               AWS_SECRET_ACCESS_KEY=SECRET_KEY)
+    job = '[[job]]\nname = "walbench"\nkind = "postgres"\nmode = "physical"\ndsn = "postgresql://x@127.0.0.1/x"\n'
+    targets = {
+        "local repository": f'[[repository]]\nname = "local"\ntype = "local"\npath = "{WORK / "walrepo"}"\n\n',
+        "SeaweedFS (S3 on loopback)": region.repository(),
+    }
+    print(f"wal-push: {len(segments)} real 16 MiB segments from pg_wal, one process each")
+    print(f"  {'':44} {'median':>10} {'p95':>10} {'max':>10} {'ratio':>8}")
+    baseline = []
+    for segment in segments:
+        started = time.perf_counter()
+        subprocess.run(["zstd", "-q", "-f", "-T0", "-3", str(segment), "-o", str(WORK / "segment.zst")], check=True)
+        baseline.append(time.perf_counter() - started)
+    reference = statistics.median(baseline)
+    row("zstd -T0 -3 SEG -o file (reference)", baseline, reference)
+    for label, repository in targets.items():
+        path = WORK / f"walbench-{len(label)}.toml"
+        path.write_text("[compression]\nlevel = 3\n\n" + repository + job)
+        latencies = []
+        for segment in segments:
+            started = time.perf_counter()
+            subprocess.run([str(LIFEBOAT), "--config", str(path), "wal-push", str(segment)], env=env,
+                           check=True, stdout=subprocess.DEVNULL)
+            latencies.append(time.perf_counter() - started)
+        row(f"lifeboat wal-push → {label}", latencies, reference)
+        median = statistics.median(latencies) * 1000
+        verdict = "within" if median <= 100 else "OVER"
+        print(f"  {'':44} median {median:.0f} ms (target <= 100 ms: {verdict})")
+
+
+def row(label, latencies, reference):
+    median = statistics.median(latencies)
+    print(f"  {label:44} {median * 1000:8.0f}ms {percentile(latencies, 0.95) * 1000:8.0f}ms "
+          f"{max(latencies) * 1000:8.0f}ms {median / reference:7.2f}x")
+
+
+if __name__ == "__main__":
+    main()
