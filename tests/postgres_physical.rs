@@ -6,7 +6,7 @@
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
-use crate::common::postgres::{Postgres, stop_data_dir};
+use crate::common::postgres::{Postgres, free_port, stop_data_dir};
 use crate::common::{SeaweedFs, lifeboat, seaweedfs, write_config};
 
 const BUCKET: &str = "backups";
@@ -75,14 +75,6 @@ fn archiving_cluster(work: &Path, regions: &[&SeaweedFs], extra: &str) -> (Postg
     (source, config)
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind(("127.0.0.1", 0))
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 /// The server's clock now, as RFC 3339 UTC with microseconds.
 fn server_now(source: &Postgres) -> String {
     source.psql(
@@ -134,17 +126,35 @@ async fn point_in_time_recovery_keeps_exactly_the_rows_committed_before_the_targ
     assert!(first_wal.starts_with("00000001"), "{manifest}");
     assert!(manifest["source"]["stop_lsn"].is_string(), "{manifest}");
 
-    // Rows on both sides of the target, across several WAL segments.
-    for id in 4..=6 {
-        insert(id);
-        source.psql("postgres", "select pg_switch_wal()");
-    }
-    let target = server_now(&source);
-    std::thread::sleep(std::time::Duration::from_millis(700));
-    for id in 7..=9 {
-        insert(id);
+    // After the backup, a row every 20 s for three minutes, as an application writes: the
+    // archiver ships them through archive_timeout (60 s), nothing forces a WAL switch. The
+    // server's clock after each commit is the moment a user would name.
+    let mut committed = Vec::new();
+    for id in 4..=12 {
+        source.psql(
+            "postgres",
+            &format!("insert into events (id) values ({id})"),
+        );
+        committed.push((
+            id,
+            server_now(&source),
+            source.psql("postgres", "select pg_current_wal_insert_lsn()"),
+        ));
+        if id == 10 {
+            // A newer backup, which ends after the target: the restore must not pick it.
+            lifeboat(&config, &["backup", JOB]).assert_code(0);
+        }
+        if id < 12 {
+            std::thread::sleep(std::time::Duration::from_secs(20));
+        }
     }
     source.archive_current_wal();
+    // Someone dropped a table at 14:02; recover to 14:01: here, just after row 8 committed.
+    let (_, target, _) = committed
+        .iter()
+        .find(|(id, _, _)| *id == 8)
+        .unwrap()
+        .clone();
 
     let data_dir = work.path().join("restored");
     let port = free_port();
@@ -164,9 +174,11 @@ async fn point_in_time_recovery_keeps_exactly_the_rows_committed_before_the_targ
         ],
     );
     run.assert_code(0);
+    let first_backup = manifest["id"].as_str().unwrap();
     assert!(
-        run.stdout.contains(manifest["id"].as_str().unwrap()),
-        "{}",
+        run.stdout
+            .contains(&format!("restored {JOB}/{first_backup} from")),
+        "the newest backup that ends before the target: {}",
         run.stdout
     );
     let restored = Postgres::attach(port, &source.password);
@@ -175,10 +187,54 @@ async fn point_in_time_recovery_keeps_exactly_the_rows_committed_before_the_targ
             "postgres",
             "select string_agg(id::text, ',' order by id) from events"
         ),
-        "1,2,3,4,5,6",
+        "1,2,3,4,5,6,7,8",
         "exactly the rows committed before {target}"
     );
+    // Their commit timestamps came through unchanged.
+    assert_eq!(
+        restored.psql(
+            "postgres",
+            "select string_agg(at::text, ',' order by id) from events"
+        ),
+        source.psql(
+            "postgres",
+            "select string_agg(at::text, ',' order by id) from events where id <= 8"
+        )
+    );
     assert_eq!(restored.psql("postgres", "select pg_is_in_recovery()"), "f");
+
+    // The same by WAL position: everything up to just after row 6's commit.
+    let (_, _, lsn) = committed
+        .iter()
+        .find(|(id, _, _)| *id == 6)
+        .unwrap()
+        .clone();
+    let by_lsn = work.path().join("restored-by-lsn");
+    let lsn_port = free_port();
+    let _by_lsn = Restored(by_lsn.clone());
+    lifeboat(
+        &config,
+        &[
+            "restore",
+            JOB,
+            "--data-dir",
+            by_lsn.to_str().unwrap(),
+            "--to-lsn",
+            &lsn,
+            "--start",
+            "--port",
+            &lsn_port.to_string(),
+        ],
+    )
+    .assert_code(0);
+    assert_eq!(
+        Postgres::attach(lsn_port, &source.password).psql(
+            "postgres",
+            "select string_agg(id::text, ',' order by id) from events"
+        ),
+        "1,2,3,4,5,6",
+        "exactly the rows committed before {lsn}"
+    );
 
     // A target before the first backup ended cannot be reached from any backup.
     let early = lifeboat(

@@ -344,11 +344,6 @@ async fn run_postgres(
     let restored = restore::run(
         config,
         &RestoreOptions {
-            job: drill.job.clone(),
-            backup: manifest.id.clone(),
-            from: drill.from.clone(),
-            exclude: drill.exclude.clone(),
-            into: None,
             postgres: PostgresRestoreOptions {
                 target: Some(dsn.clone()),
                 database: drill.database.clone(),
@@ -356,7 +351,7 @@ async fn run_postgres(
                 globals: scratch.is_some(),
                 ..PostgresRestoreOptions::default()
             },
-            physical: None,
+            ..restore_options(drill, &manifest.id)
         },
     )
     .await?;
@@ -476,12 +471,6 @@ async fn run_physical(
     let restored = restore::run(
         config,
         &RestoreOptions {
-            job: drill.job.clone(),
-            backup: manifest.id.clone(),
-            from: drill.from.clone(),
-            exclude: drill.exclude.clone(),
-            into: None,
-            postgres: PostgresRestoreOptions::default(),
             physical: Some(PhysicalRestoreOptions {
                 data_dir: scratch.data_dir(),
                 target: RecoveryTarget::EndOfArchive,
@@ -492,6 +481,7 @@ async fn run_physical(
                 exclude: Vec::new(),
                 bin_dir: None,
             }),
+            ..restore_options(drill, &manifest.id)
         },
     )
     .await?;
@@ -539,13 +529,8 @@ async fn run_files(config: &Config, drill: &Drill, clock: &mut Clock) -> Result<
     let restored = restore::run(
         config,
         &RestoreOptions {
-            job: drill.job.clone(),
-            backup: drill.backup.clone(),
-            from: drill.from.clone(),
-            exclude: drill.exclude.clone(),
             into: Some(into.clone()),
-            postgres: PostgresRestoreOptions::default(),
-            physical: None,
+            ..restore_options(drill, &drill.backup)
         },
     )
     .await?;
@@ -578,6 +563,20 @@ async fn run_files(config: &Config, drill: &Drill, clock: &mut Clock) -> Result<
         checks,
         marker: None,
     })
+}
+
+/// Restore options that read `backup` the way the drill says (`from`, `exclude`); the
+/// kind's own options are left at their defaults for the caller to set.
+fn restore_options(drill: &Drill, backup: &str) -> RestoreOptions {
+    RestoreOptions {
+        job: drill.job.clone(),
+        backup: backup.to_string(),
+        from: drill.from.clone(),
+        exclude: drill.exclude.clone(),
+        into: None,
+        postgres: PostgresRestoreOptions::default(),
+        physical: None,
+    }
 }
 
 /// A timestamp as PostgreSQL prints one (`2026-11-26 03:00:00.123+00`), or RFC 3339.

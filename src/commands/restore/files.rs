@@ -4,36 +4,48 @@
 
 use std::path::{Path, PathBuf};
 
-use super::{RestoreReport, Selected, extract};
+use super::{ExtractSummary, RestoreReport, Selected, extract};
 use crate::commands::backup::FILES_OBJECT;
 use crate::error::{Error, ErrorKind, Result};
 use crate::transfer::read_object;
 
 pub(super) async fn restore(selected: Selected, into: &Path) -> Result<RestoreReport> {
     check_target(into)?;
+    let started = std::time::Instant::now();
+    let summary = unpack(&selected, FILES_OBJECT, into).await?;
+    let target = format!("'{}'", into.display());
+    Ok(selected.report(
+        target,
+        vec![format!("{} entries", summary.entries)],
+        summary.bytes,
+        Vec::new(),
+        vec![("download, verify and unpack".to_string(), started.elapsed())],
+    ))
+}
+
+/// Unpacks the tar object `name` of the selected backup into staging beside `into`, then
+/// moves it into place once both checksums matched. A fresh staging directory per
+/// repository tried: a copy that fails halfway leaves nothing for the next to trip over.
+pub(super) async fn unpack(selected: &Selected, name: &str, into: &Path) -> Result<ExtractSummary> {
     let manifest = &selected.manifest;
     let object = manifest
         .objects
         .iter()
-        .find(|o| o.name == FILES_OBJECT)
+        .find(|o| o.name == name)
         .cloned()
         .ok_or_else(|| {
             Error::new(
                 ErrorKind::Verification,
                 format!(
-                    "unable to restore backup '{}/{}': its manifest has no object '{FILES_OBJECT}'",
+                    "unable to restore backup '{}/{}': its manifest has no object '{name}'",
                     manifest.job, manifest.id
                 ),
             )
         })?;
-
-    let started = std::time::Instant::now();
     let parent = parent_of(into);
     std::fs::create_dir_all(&parent).map_err(|e| target_error(into, e))?;
-    // A fresh staging directory per repository tried: a copy that fails halfway leaves
-    // nothing behind for the next one to trip over.
     let (staging, summary) = selected
-        .read_from_any(FILES_OBJECT, async |repository| {
+        .read_from_any(name, async |repository| {
             let staging = tempfile::Builder::new()
                 .prefix(".lifeboat-restore-")
                 .tempdir_in(&parent)
@@ -50,21 +62,13 @@ pub(super) async fn restore(selected: Selected, into: &Path) -> Result<RestoreRe
             Ok((staging, summary?))
         })
         .await?;
-
     let moved = move_into_place(staging.path(), into).map_err(|e| target_error(into, e));
     crate::interrupt::forget(staging.path());
     moved?;
-    let target = format!("'{}'", into.display());
-    Ok(selected.report(
-        target,
-        vec![format!("{} entries", summary.entries)],
-        summary.bytes,
-        Vec::new(),
-        vec![("download, verify and unpack".to_string(), started.elapsed())],
-    ))
+    Ok(summary)
 }
 
-pub(super) fn parent_of(path: &Path) -> PathBuf {
+fn parent_of(path: &Path) -> PathBuf {
     match path.parent() {
         Some(parent) if !parent.as_os_str().is_empty() => parent.to_path_buf(),
         _ => PathBuf::from("."),
@@ -104,7 +108,7 @@ pub(super) fn check_target(into: &Path) -> Result<()> {
     }
 }
 
-pub(super) fn move_into_place(staging: &Path, into: &Path) -> std::io::Result<()> {
+fn move_into_place(staging: &Path, into: &Path) -> std::io::Result<()> {
     std::fs::create_dir_all(into)?;
     for entry in std::fs::read_dir(staging)? {
         let entry = entry?;

@@ -10,13 +10,12 @@ use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
 
-use super::files::{check_target, move_into_place, parent_of, target_error};
-use super::{RestoreReport, Selected, extract};
+use super::files::{check_target, target_error, unpack};
+use super::{RestoreReport, Selected};
 use crate::commands::backup::BASE_OBJECT;
 use crate::error::{Error, ErrorKind, Result};
 use crate::manifest::Manifest;
 use crate::sources::postgres::Binaries;
-use crate::transfer::read_object;
 use crate::wal::Lsn;
 
 /// Where recovery stops.
@@ -93,7 +92,7 @@ pub(super) async fn restore(
     let binaries = server_binaries(&selected.manifest, options.bin_dir.as_deref())?;
     let mut stages = Vec::new();
     let clock = Instant::now();
-    let bytes = unpack_base_backup(&selected, into).await?;
+    let bytes = unpack(&selected, BASE_OBJECT, into).await?.bytes;
     stages.push(("download, verify and unpack".to_string(), clock.elapsed()));
 
     let owner = data_dir_owner(into)?;
@@ -165,50 +164,6 @@ fn server_binaries(manifest: &Manifest, bin_dir: Option<&Path>) -> Result<Binari
         .with_hint(format!("install postgresql-{major}, or set bin_dir on the job")));
     }
     Ok(binaries)
-}
-
-/// Unpacks `base.tar.zst` into staging beside `into`, then moves it into place; returns
-/// the bytes unpacked.
-async fn unpack_base_backup(selected: &Selected, into: &Path) -> Result<u64> {
-    let manifest = &selected.manifest;
-    let object = manifest
-        .objects
-        .iter()
-        .find(|o| o.name == BASE_OBJECT)
-        .cloned()
-        .ok_or_else(|| {
-            Error::new(
-                ErrorKind::Verification,
-                format!(
-                    "unable to restore backup '{}/{}': its manifest has no object '{BASE_OBJECT}'",
-                    manifest.job, manifest.id
-                ),
-            )
-        })?;
-    let parent = parent_of(into);
-    std::fs::create_dir_all(&parent).map_err(|e| target_error(into, e))?;
-    let (staging, summary) = selected
-        .read_from_any(BASE_OBJECT, async |repository| {
-            let staging = tempfile::Builder::new()
-                .prefix(".lifeboat-restore-")
-                .tempdir_in(&parent)
-                .map_err(|e| target_error(into, e))?;
-            crate::interrupt::remove_on_interrupt(staging.path());
-            let staging_root = staging.path().to_path_buf();
-            let summary = read_object(repository, manifest, &object, move |raw| {
-                extract::extract(raw, &staging_root)
-            })
-            .await;
-            if summary.is_err() {
-                crate::interrupt::forget(staging.path());
-            }
-            Ok((staging, summary?))
-        })
-        .await?;
-    let moved = move_into_place(staging.path(), into).map_err(|e| target_error(into, e));
-    crate::interrupt::forget(staging.path());
-    moved?;
-    Ok(summary.bytes)
 }
 
 /// Who the restored files must belong to: as root, the owner of the directory when it was

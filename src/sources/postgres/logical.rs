@@ -6,8 +6,8 @@ use std::process::Command;
 
 use chrono::{DateTime, Utc};
 
-use super::{Binaries, ChildAuth, Connection};
-use crate::error::{Error, ErrorKind, Result};
+use super::{Binaries, ChildAuth, Connection, query_error};
+use crate::error::Result;
 
 #[derive(Debug, Clone)]
 pub struct ServerInfo {
@@ -15,14 +15,6 @@ pub struct ServerInfo {
     pub major: u32,
     pub system_identifier: Option<String>,
     pub is_superuser: bool,
-}
-
-fn query_error(connection: &Connection, what: &str, err: tokio_postgres::Error) -> Error {
-    Error::new(
-        ErrorKind::Source,
-        format!("unable to {what} on {}", connection.describe()),
-    )
-    .with_source(err)
 }
 
 /// Version, identity and databases that accept connections (templates excluded).

@@ -19,6 +19,19 @@ pub use connection::{ChildAuth, Connection};
 pub use scratch::{ScratchCluster, ScratchDir, stop_all as stop_all_scratch_clusters};
 pub use target::Target;
 
+/// "unable to {what} on user@host:port/db", caused by the server's error.
+pub(crate) fn query_error(
+    connection: &Connection,
+    what: &str,
+    err: tokio_postgres::Error,
+) -> crate::error::Error {
+    crate::error::Error::new(
+        crate::error::ErrorKind::Source,
+        format!("unable to {what} on {}", connection.describe()),
+    )
+    .with_source(err)
+}
+
 /// Quotes an SQL identifier: `"name"`, with inner quotes doubled.
 pub fn quote_identifier(name: &str) -> String {
     format!("\"{}\"", name.replace('"', "\"\""))

@@ -9,7 +9,7 @@ use std::sync::{Arc, Mutex};
 
 use chrono::{DateTime, Utc};
 
-use super::{Binaries, ChildAuth, Connection};
+use super::{Binaries, ChildAuth, Connection, query_error};
 use crate::error::{Error, ErrorKind, Result};
 use crate::wal::Lsn;
 
@@ -21,14 +21,6 @@ pub struct ClusterInfo {
     pub system_identifier: String,
     pub wal_segment_size: u64,
     pub archive_command: String,
-}
-
-fn query_error(connection: &Connection, what: &str, err: tokio_postgres::Error) -> Error {
-    Error::new(
-        ErrorKind::Source,
-        format!("unable to {what} on {}", connection.describe()),
-    )
-    .with_source(err)
 }
 
 fn not_ready(connection: &Connection, problem: String, fix: &str) -> Error {
