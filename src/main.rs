@@ -97,9 +97,14 @@ enum Command {
         /// Repository to read from (default: the first in the config).
         #[arg(long)]
         from: Option<String>,
-        /// files jobs: directory to restore into; must be new or empty.
+        /// files jobs: directory to restore into, new or empty; redis jobs: the RDB file to
+        /// write, which must not exist.
         #[arg(long)]
         into: Option<PathBuf>,
+        /// redis jobs: load the RDB into a throw-away redis-server on a free loopback port,
+        /// left running; prints its address.
+        #[arg(long, conflicts_with = "into")]
+        start_scratch: bool,
         #[command(flatten)]
         postgres: PostgresRestoreArgs,
         #[command(flatten)]
@@ -470,6 +475,7 @@ async fn run(cli: Cli) -> Result<i32> {
             backup,
             from,
             into,
+            start_scratch,
             postgres,
             physical,
         } => {
@@ -493,6 +499,7 @@ async fn run(cli: Cli) -> Result<i32> {
                 into,
                 postgres,
                 physical: physical.options()?,
+                start_scratch,
             };
             lifeboat::interrupt::install();
             let report = restore::run(&config, &options).await?;

@@ -14,6 +14,7 @@ use crate::error::{Error, ErrorKind, Result};
 use crate::layout;
 use crate::repository::Repository;
 use crate::sources::postgres::{Binaries, Connection, logical, physical};
+use crate::sources::redis::RedisServer;
 use crate::storage::{self, StoreError};
 use crate::wal::WalFile;
 
@@ -88,6 +89,16 @@ async fn check_source(config: &Config, job: &JobConfig) -> Result<Vec<String>> {
     match &job.source {
         JobSource::Postgres(postgres) if postgres.mode == PostgresMode::Physical => {
             check_archiving(config, job, postgres).await
+        }
+        JobSource::Redis(redis) => {
+            let server = RedisServer::from_job(redis)?;
+            let info = server.info().await?;
+            Ok(vec![format!(
+                "Redis {} at {}, {} key(s)",
+                info.version,
+                server.describe(),
+                info.keys
+            )])
         }
         JobSource::Files(files) => {
             for path in &files.paths {

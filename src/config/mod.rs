@@ -90,6 +90,22 @@ pub struct JobConfig {
 pub enum JobSource {
     Files(FilesJob),
     Postgres(PostgresJob),
+    Redis(RedisJob),
+}
+
+/// A Redis server, backed up over a replication connection.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RedisJob {
+    /// `redis://host:port[/db]`: never a password.
+    pub host: String,
+    pub port: u16,
+    pub username: Option<String>,
+    /// Else REDISCLI_AUTH, else no AUTH.
+    pub password_file: Option<PathBuf>,
+    pub heartbeat: bool,
+    /// Where the server writes its RDB file, for servers that refuse SYNC: lifeboat then
+    /// asks for BGSAVE and reads this file once LASTSAVE moves.
+    pub rdb_path: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -213,6 +229,7 @@ impl JobConfig {
                 mode: PostgresMode::Physical,
                 ..
             }) => "postgres-physical",
+            JobSource::Redis(_) => "redis",
         }
     }
 }
@@ -498,7 +515,12 @@ fn validate_job(index: usize, job: raw::RawJob) -> Result<JobConfig, Problem> {
     let kind = job
         .kind
         .as_deref()
-        .ok_or_else(|| format!("{}: is required (\"files\" or \"postgres\")", at("kind")))?;
+        .ok_or_else(|| {
+            format!(
+                "{}: is required (\"files\", \"postgres\" or \"redis\")",
+                at("kind")
+            )
+        })?;
     let retention = job
         .retention
         .as_ref()
@@ -523,17 +545,24 @@ fn validate_job(index: usize, job: raw::RawJob) -> Result<JobConfig, Problem> {
     {
         return Err(format!("{}: must not be empty", at("schedule")));
     }
-    let postgres_fields = [
+    let postgres_only = [
         ("mode", job.mode.is_some()),
         ("dsn", job.dsn.is_some()),
         ("host", job.host.is_some()),
         ("port", job.port.is_some()),
         ("user", job.user.is_some()),
         ("dbname", job.dbname.is_some()),
-        ("password_file", job.password_file.is_some()),
         ("databases", job.databases.is_some()),
         ("bin_dir", job.bin_dir.is_some()),
+    ];
+    let server_fields = [
+        ("password_file", job.password_file.is_some()),
         ("heartbeat", job.heartbeat.is_some()),
+    ];
+    let redis_only = [
+        ("url", job.url.is_some()),
+        ("username", job.username.is_some()),
+        ("rdb_path", job.rdb_path.is_some()),
     ];
     let files_fields = [
         ("paths", !job.paths.is_empty()),
@@ -548,7 +577,9 @@ fn validate_job(index: usize, job: raw::RawJob) -> Result<JobConfig, Problem> {
     };
     let source = match kind {
         "files" => {
-            refuse_fields(&postgres_fields, "files")?;
+            refuse_fields(&postgres_only, "files")?;
+            refuse_fields(&server_fields, "files")?;
+            refuse_fields(&redis_only, "files")?;
             JobSource::Files(validate_files_job(
                 &at,
                 job.paths,
@@ -558,18 +589,17 @@ fn validate_job(index: usize, job: raw::RawJob) -> Result<JobConfig, Problem> {
         }
         "postgres" => {
             refuse_fields(&files_fields, "postgres")?;
+            refuse_fields(&redis_only, "postgres")?;
             JobSource::Postgres(validate_postgres_job(&at, &job)?)
         }
         "redis" => {
-            return Err(format!(
-                "{}: kind \"redis\" is not supported by lifeboat {} yet (supported: \"files\", \"postgres\")",
-                at("kind"),
-                env!("CARGO_PKG_VERSION")
-            ));
+            refuse_fields(&files_fields, "redis")?;
+            refuse_fields(&postgres_only, "redis")?;
+            JobSource::Redis(validate_redis_job(&at, &job)?)
         }
         other => {
             return Err(format!(
-                "{}: unknown kind \"{other}\" (supported: \"files\", \"postgres\")",
+                "{}: unknown kind \"{other}\" (supported: \"files\", \"postgres\", \"redis\")",
                 at("kind")
             ));
         }
@@ -706,6 +736,60 @@ fn validate_postgres_job(
         databases: job.databases.clone(),
         bin_dir: job.bin_dir.clone(),
         heartbeat: job.heartbeat.unwrap_or(false),
+    })
+}
+
+fn validate_redis_job(
+    at: &dyn Fn(&str) -> String,
+    job: &raw::RawJob,
+) -> Result<RedisJob, Problem> {
+    let url = job
+        .url
+        .as_deref()
+        .ok_or_else(|| format!("{}: is required for kind = \"redis\" (\"redis://host:6379\")", at("url")))?;
+    let rest = url.strip_prefix("redis://").ok_or_else(|| {
+        format!(
+            "{}: must start with redis:// (got \"{url}\"); TLS (rediss://) is not supported yet",
+            at("url")
+        )
+    })?;
+    let authority = rest.split('/').next().unwrap_or_default();
+    if authority.contains('@') {
+        return Err(format!(
+            "{}: must not hold a user or password; set username and password_file",
+            at("url")
+        ));
+    }
+    let (host, port) = match authority.rsplit_once(':') {
+        Some((host, port)) => (
+            host,
+            port.parse::<u16>()
+                .map_err(|_| format!("{}: invalid port \"{port}\"", at("url")))?,
+        ),
+        None => (authority, 6379),
+    };
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    if host.is_empty() {
+        return Err(format!("{}: has no host (got \"{url}\")", at("url")));
+    }
+    for (field, path) in [("password_file", &job.password_file), ("rdb_path", &job.rdb_path)] {
+        if let Some(path) = path
+            && !path.is_absolute()
+        {
+            return Err(format!(
+                "{}: must be an absolute path (got \"{}\")",
+                at(field),
+                path.display()
+            ));
+        }
+    }
+    Ok(RedisJob {
+        host: host.to_string(),
+        port,
+        username: job.username.clone(),
+        password_file: job.password_file.clone(),
+        heartbeat: job.heartbeat.unwrap_or(false),
+        rdb_path: job.rdb_path.clone(),
     })
 }
 

@@ -74,6 +74,10 @@ pub struct RawJob {
     pub password_file: Option<PathBuf>,
     pub databases: Option<Vec<String>>,
     pub bin_dir: Option<PathBuf>,
+    // redis
+    pub url: Option<String>,
+    pub username: Option<String>,
+    pub rdb_path: Option<PathBuf>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -24,9 +24,11 @@ use crate::transfer::{store_object, store_precompressed_object};
 mod files;
 mod physical;
 mod postgres;
+mod redis;
 
 pub use files::FILES_OBJECT;
 pub use physical::BASE_OBJECT;
+pub use redis::RDB_OBJECT;
 pub use postgres::{GLOBALS_OBJECT, database_object_name};
 
 /// What one job's source stored, for its manifest.
@@ -300,6 +302,7 @@ async fn backup_job(
             PostgresMode::Logical => postgres::capture(&context, postgres_job).await?,
             PostgresMode::Physical => physical::capture(&context, postgres_job).await?,
         },
+        JobSource::Redis(redis_job) => redis::capture(&context, redis_job).await?,
     };
     let finished_at = Utc::now();
     let manifest = Manifest {

@@ -62,6 +62,12 @@ pub enum CheckKind {
         path: PathBuf,
         expect: PathExpectation,
     },
+    /// A Redis command (`DBSIZE`, `GET key`, `TTL key`) against the restored server.
+    Redis {
+        command: Vec<String>,
+        expect: Expectation,
+        rpo_marker: bool,
+    },
 }
 
 #[derive(Deserialize)]
@@ -93,6 +99,7 @@ struct RawCheck {
     #[serde(default)]
     rpo_marker: bool,
     path: Option<Spanned<String>>,
+    redis: Option<Spanned<String>>,
     exists: Option<bool>,
     sha256: Option<Spanned<String>>,
     contains: Option<String>,
@@ -187,14 +194,32 @@ impl Drill {
         for (index, spanned) in raw.check.iter().enumerate() {
             let field = |name: &str| format!("check[{index}].{name}");
             let check = spanned.get_ref();
-            let kind = match (&check.sql, &check.path) {
-                (Some(sql), None) => {
-                    let expect = match &check.expect {
-                        None => Expectation::NonEmpty,
-                        Some(text) => Expectation::parse(text.get_ref()).map_err(|problem| {
-                            source.error(text.span(), &field("expect"), problem)
-                        })?,
-                    };
+            let expectation = || match &check.expect {
+                None => Ok(Expectation::NonEmpty),
+                Some(text) => Expectation::parse(text.get_ref())
+                    .map_err(|problem| source.error(text.span(), &field("expect"), problem)),
+            };
+            let kind = match (&check.sql, &check.path, &check.redis) {
+                (None, None, Some(command)) => {
+                    let expect = expectation()?;
+                    markers += check.rpo_marker as usize;
+                    let command: Vec<String> =
+                        command.get_ref().split_whitespace().map(str::to_string).collect();
+                    if command.is_empty() {
+                        return Err(source.error(
+                            check.redis.as_ref().expect("matched").span(),
+                            &field("redis"),
+                            "is empty",
+                        ));
+                    }
+                    CheckKind::Redis {
+                        command,
+                        expect,
+                        rpo_marker: check.rpo_marker,
+                    }
+                }
+                (Some(sql), None, None) => {
+                    let expect = expectation()?;
                     markers += check.rpo_marker as usize;
                     if sql.get_ref().trim().is_empty() {
                         return Err(source.error(sql.span(), &field("sql"), "is empty"));
@@ -206,7 +231,7 @@ impl Drill {
                         rpo_marker: check.rpo_marker,
                     }
                 }
-                (None, Some(path)) => {
+                (None, Some(path), None) => {
                     let expect = match (&check.sha256, &check.contains, check.exists) {
                         (Some(sha), None, None | Some(true)) => {
                             let hex = sha.get_ref().to_ascii_lowercase();
@@ -240,7 +265,7 @@ impl Drill {
                     return Err(source.error(
                         spanned.span(),
                         &format!("check[{index}]"),
-                        "needs either sql (with expect) or path",
+                        "needs one of sql, redis (each with expect) or path",
                     ));
                 }
             };

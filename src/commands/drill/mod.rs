@@ -26,6 +26,7 @@ use crate::error::{Error, ErrorKind, Result};
 use crate::manifest::Manifest;
 use crate::repository::Repository;
 use crate::sources::postgres::{Binaries, Connection, ScratchCluster, ScratchDir, Target, logical};
+use crate::sources::redis::ScratchRedis;
 use crate::storage;
 use file::CheckKind;
 
@@ -194,6 +195,7 @@ async fn run_once(
             .await?
         }
         JobSource::Files(_) => run_files(config, drill, &mut clock).await?,
+        JobSource::Redis(redis) => run_redis(config, drill, &manifest, redis.heartbeat, &mut clock).await?,
     };
     let rto = clock.t0.elapsed();
     let projection = project(
@@ -516,6 +518,92 @@ async fn run_physical(
     })
 }
 
+/// A Redis drill: the RDB restored and loaded into a scratch redis-server on loopback,
+/// then the checks; RPO from the heartbeat key when the job writes one.
+async fn run_redis(
+    config: &Config,
+    drill: &Drill,
+    manifest: &Manifest,
+    heartbeat: bool,
+    clock: &mut Clock,
+) -> Result<Outcome> {
+    if drill.target != DrillTarget::Scratch {
+        return Err(Error::config(format!(
+            "invalid drill file '{}': target: a Redis backup restores into a scratch redis-server only; leave target out",
+            drill.path.display()
+        )));
+    }
+    let (dir, rdb) = ScratchRedis::prepare()?;
+    let started = Instant::now();
+    let restored = restore::run(
+        config,
+        &RestoreOptions {
+            into: Some(rdb),
+            ..restore_options(drill, &manifest.id)
+        },
+    )
+    .await?;
+    clock.stages(started, &restored.stages);
+    let started = Instant::now();
+    let scratch = ScratchRedis::start(dir).await?;
+    let load = started.elapsed();
+    clock.phase("load into redis-server", started);
+
+    let started = Instant::now();
+    let server = scratch.server();
+    let mut checks = Vec::new();
+    let mut marker = None;
+    for check in &drill.checks {
+        let CheckKind::Redis {
+            command,
+            expect,
+            rpo_marker,
+        } = &check.kind
+        else {
+            checks.push(CheckResult::failed(
+                check,
+                "an SQL or path check in a Redis drill".into(),
+            ));
+            continue;
+        };
+        match server.query(command).await {
+            Ok(value) => {
+                if *rpo_marker {
+                    marker = value
+                        .as_deref()
+                        .and_then(parse_timestamp)
+                        .map(|at| (at, format!("check '{}'", check.name)));
+                }
+                checks.push(CheckResult {
+                    name: check.name.clone(),
+                    passed: expect.holds(value.as_deref()),
+                    expected: expect.to_string(),
+                    returned: value.unwrap_or_else(|| "nil".to_string()),
+                });
+            }
+            Err(e) => checks.push(CheckResult::failed(check, e.chain().join(": "))),
+        }
+    }
+    if marker.is_none() && heartbeat {
+        let key = crate::sources::redis::heartbeat_key(&drill.job);
+        if let Ok(Some(at)) = server.query(&["GET".to_string(), key.clone()]).await
+            && let Some(at) = parse_timestamp(&at)
+        {
+            marker = Some((at, format!("the heartbeat key '{key}'")));
+        }
+    }
+    clock.phase("checks", started);
+    drop(scratch);
+    Ok(Outcome {
+        restore_seconds: restored.stages.iter().map(|(_, d)| d.as_secs_f64()).sum::<f64>()
+            + load.as_secs_f64(),
+        repositories: restored.repositories,
+        target: "a scratch redis-server on loopback (removed after the drill)".into(),
+        checks,
+        marker,
+    })
+}
+
 async fn run_files(config: &Config, drill: &Drill, clock: &mut Clock) -> Result<Outcome> {
     let scratch = tempfile::Builder::new()
         .prefix("lifeboat-drill-")
@@ -576,6 +664,7 @@ fn restore_options(drill: &Drill, backup: &str) -> RestoreOptions {
         into: None,
         postgres: PostgresRestoreOptions::default(),
         physical: None,
+        start_scratch: false,
     }
 }
 

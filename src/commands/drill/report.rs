@@ -31,7 +31,7 @@ pub struct CheckResult {
 impl CheckResult {
     pub(super) fn failed(check: &Check, why: String) -> CheckResult {
         let expected = match &check.kind {
-            CheckKind::Sql { expect, .. } => expect.to_string(),
+            CheckKind::Sql { expect, .. } | CheckKind::Redis { expect, .. } => expect.to_string(),
             CheckKind::Path { path, expect } => format!("{} {expect}", path.display()),
         };
         CheckResult {

@@ -7,6 +7,7 @@ mod extract;
 mod files;
 mod physical;
 mod postgres;
+mod redis;
 mod staging;
 
 use std::fmt;
@@ -38,6 +39,8 @@ pub struct RestoreOptions {
     pub postgres: PostgresRestoreOptions,
     /// Physical postgres jobs: where and how far to recover.
     pub physical: Option<PhysicalRestoreOptions>,
+    /// Redis jobs: load the RDB into a throw-away redis-server left running.
+    pub start_scratch: bool,
 }
 
 #[derive(Debug, Clone, Default)]
@@ -397,6 +400,7 @@ pub async fn run(config: &Config, options: &RestoreOptions) -> Result<RestoreRep
             }
             postgres::restore(selected, &postgres_options).await
         }
+        "redis" => redis::restore(selected, options.into.as_deref(), options.start_scratch).await,
         "postgres-physical" => {
             let mut physical_options = options.physical.clone().ok_or_else(|| {
                 Error::usage(format!(

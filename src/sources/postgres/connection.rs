@@ -3,7 +3,7 @@
 //! child processes.
 
 use std::io::Write;
-use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::str::FromStr;
@@ -87,7 +87,7 @@ impl Connection {
             config.dbname(dbname);
         }
         let password = match &settings.password_file {
-            Some(path) => Some(read_password_file(path)?),
+            Some(path) => Some(crate::sources::read_password_file(path)?),
             None => None,
         };
         Connection::complete(config, password)
@@ -308,26 +308,6 @@ fn split_passfile_line(line: &str) -> Vec<String> {
         }
     }
     fields
-}
-
-fn read_password_file(path: &Path) -> Result<String> {
-    let what = format!("password file '{}'", path.display());
-    let meta = std::fs::metadata(path)
-        .map_err(|e| Error::config(format!("unable to read {what}")).with_source(e))?;
-    let mode = meta.permissions().mode() & 0o777;
-    if mode & 0o077 != 0 {
-        return Err(Error::config(format!(
-            "unable to use {what}: it is readable by group or others (mode {mode:04o})"
-        ))
-        .with_hint(format!("run `chmod 600 {}`", path.display())));
-    }
-    let text = std::fs::read_to_string(path)
-        .map_err(|e| Error::config(format!("unable to read {what}")).with_source(e))?;
-    let password = text.trim_end_matches(['\n', '\r']).to_string();
-    if password.is_empty() {
-        return Err(Error::config(format!("unable to use {what}: it is empty")));
-    }
-    Ok(password)
 }
 
 #[cfg(test)]

@@ -1,0 +1,127 @@
+//! Restoring a `redis` backup: the RDB written to a file (temp file + rename) for an
+//! operator to put in place, or loaded into a throw-away redis-server on a free loopback
+//! port. The RDB is checked twice on the way: both sha256s, and its own CRC-64.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use super::files::target_error;
+use super::{RestoreReport, Selected};
+use crate::commands::backup::RDB_OBJECT;
+use crate::error::{Error, ErrorKind, Result};
+use crate::sources::redis::{RdbCheck, ScratchRedis};
+use crate::transfer::read_object;
+
+/// Writes the verified RDB of the selected backup into `dest`, which must not exist.
+pub(super) async fn write_rdb(selected: &Selected, dest: &Path) -> Result<u64> {
+    if dest.symlink_metadata().is_ok() {
+        return Err(Error::new(
+            ErrorKind::Target,
+            format!("unable to restore into '{}': it exists", dest.display()),
+        )
+        .with_hint("name a new file; lifeboat never overwrites a live RDB"));
+    }
+    let manifest = &selected.manifest;
+    let object = manifest
+        .objects
+        .iter()
+        .find(|o| o.name == RDB_OBJECT)
+        .cloned()
+        .ok_or_else(|| {
+            Error::new(
+                ErrorKind::Verification,
+                format!(
+                    "unable to restore backup '{}/{}': its manifest has no object '{RDB_OBJECT}'",
+                    manifest.job, manifest.id
+                ),
+            )
+        })?;
+    let parent = match dest.parent() {
+        Some(parent) if !parent.as_os_str().is_empty() => parent.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    selected
+        .read_from_any(RDB_OBJECT, async |repository| {
+            let mut temp = tempfile::Builder::new()
+                .prefix(".lifeboat-restore-")
+                .tempfile_in(&parent)
+                .map_err(|e| target_error(dest, e))?;
+            let file = temp.as_file().try_clone().map_err(|e| target_error(dest, e))?;
+            let size = read_object(repository, manifest, &object, move |raw| {
+                let mut check = RdbCheck::default();
+                let mut out = std::io::BufWriter::new(file);
+                let mut buf = vec![0u8; 256 * 1024];
+                let mut size = 0u64;
+                loop {
+                    let n = raw.read(&mut buf)?;
+                    if n == 0 {
+                        break;
+                    }
+                    check.update(&buf[..n]);
+                    out.write_all(&buf[..n])?;
+                    size += n as u64;
+                }
+                check
+                    .finish()
+                    .map_err(|why| std::io::Error::new(std::io::ErrorKind::InvalidData, why))?;
+                out.into_inner().map_err(|e| e.into_error())?.sync_all()?;
+                Ok(size)
+            })
+            .await?;
+            temp.as_file_mut().sync_all().map_err(|e| target_error(dest, e))?;
+            temp.persist_noclobber(dest)
+                .map_err(|e| target_error(dest, e.error))?;
+            Ok(size)
+        })
+        .await
+}
+
+pub(super) async fn restore(
+    selected: Selected,
+    into: Option<&Path>,
+    start_scratch: bool,
+) -> Result<RestoreReport> {
+    let clock = Instant::now();
+    match (into, start_scratch) {
+        (Some(dest), false) => {
+            let bytes = write_rdb(&selected, dest).await?;
+            let stages = vec![("download, verify and write".to_string(), clock.elapsed())];
+            Ok(selected.report(
+                format!("'{}'", dest.display()),
+                vec![format!(
+                    "RDB for redis-server (stop it, replace its dbfilename with this file, start it)"
+                )],
+                bytes,
+                Vec::new(),
+                stages,
+            ))
+        }
+        (None, true) => {
+            let (dir, rdb) = ScratchRedis::prepare()?;
+            let bytes = write_rdb(&selected, &rdb).await?;
+            let loaded = Instant::now();
+            let scratch = ScratchRedis::start(dir).await?;
+            let address = scratch.address();
+            let stages = vec![
+                ("download, verify and write".to_string(), loaded - clock),
+                ("load into redis-server".to_string(), loaded.elapsed()),
+            ];
+            let (pid, dir) = scratch.keep();
+            Ok(selected.report(
+                format!("a scratch redis-server at {address}"),
+                vec![format!(
+                    "redis-server pid {pid} serving the restored data at {address}; stop it with `kill {pid}` and remove {}",
+                    dir.display()
+                )],
+                bytes,
+                Vec::new(),
+                stages,
+            ))
+        }
+        _ => Err(Error::usage(format!(
+            "restoring the redis job '{}' needs --into FILE or --start-scratch",
+            selected.manifest.job
+        ))),
+    }
+}

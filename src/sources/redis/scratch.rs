@@ -1,0 +1,172 @@
+//! A throw-away redis-server loading a restored RDB: on a free loopback port, persistence
+//! off, in a private directory. Stopped (by its pid) and removed when dropped, unless it is
+//! handed over to the operator with [`ScratchRedis::keep`].
+
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use super::RedisServer;
+use crate::error::{Error, ErrorKind, Result};
+
+pub struct ScratchRedis {
+    dir: Option<tempfile::TempDir>,
+    child: Option<Child>,
+    pub port: u16,
+}
+
+fn error(message: impl Into<String>) -> Error {
+    Error::new(ErrorKind::Target, message)
+}
+
+fn free_port() -> std::io::Result<u16> {
+    Ok(std::net::TcpListener::bind(("127.0.0.1", 0))?
+        .local_addr()?
+        .port())
+}
+
+impl ScratchRedis {
+    /// A private directory in $TMPDIR to restore the RDB into, as `dump.rdb`.
+    pub fn prepare() -> Result<(tempfile::TempDir, PathBuf)> {
+        let dir = tempfile::Builder::new()
+            .prefix("lifeboat-redis-")
+            .tempdir()
+            .map_err(|e| error("unable to create a scratch directory for redis-server").with_source(e))?;
+        crate::interrupt::remove_on_interrupt(dir.path());
+        let rdb = dir.path().join("dump.rdb");
+        Ok((dir, rdb))
+    }
+
+    /// Starts redis-server on the `dump.rdb` in `dir` and waits until it has loaded it.
+    pub async fn start(dir: tempfile::TempDir) -> Result<ScratchRedis> {
+        let path = dir.path().to_path_buf();
+        let mut scratch = ScratchRedis {
+            dir: Some(dir),
+            child: None,
+            port: 0,
+        };
+        let mut last_log = String::new();
+        for _ in 0..5 {
+            scratch.port =
+                free_port().map_err(|e| error("unable to find a free port").with_source(e))?;
+            scratch.child = Some(spawn(&path, scratch.port)?);
+            match scratch.wait_loaded().await {
+                Ok(()) => return Ok(scratch),
+                Err(log) => {
+                    scratch.stop();
+                    // Another process may have taken the port between the probe and the start.
+                    let retry = log.contains("Address already in use");
+                    last_log = log;
+                    if !retry {
+                        break;
+                    }
+                }
+            }
+        }
+        Err(error(format!(
+            "unable to start a scratch redis-server on the restored RDB; its log ends with:\n{last_log}"
+        )))
+    }
+
+    pub fn address(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+
+    pub fn server(&self) -> RedisServer {
+        RedisServer::local(self.port)
+    }
+
+    fn log_tail(&self) -> String {
+        let Some(dir) = &self.dir else {
+            return String::new();
+        };
+        let log = std::fs::read_to_string(dir.path().join("redis.log")).unwrap_or_default();
+        let tail: Vec<&str> = log.lines().rev().take(20).collect();
+        tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+    }
+
+    /// Ok once PING answers (it says LOADING until the RDB is in); Err with the log tail if
+    /// the server exits first.
+    async fn wait_loaded(&mut self) -> std::result::Result<(), String> {
+        let server = self.server();
+        let started = Instant::now();
+        loop {
+            if let Some(child) = self.child.as_mut()
+                && let Ok(Some(status)) = child.try_wait()
+            {
+                return Err(format!("({status})\n{}", self.log_tail()));
+            }
+            if let Ok(Some(reply)) = server.query(&["PING".to_string()]).await
+                && reply == "PONG"
+            {
+                return Ok(());
+            }
+            if started.elapsed() > Duration::from_secs(3600) {
+                return Err(format!("it did not load within an hour\n{}", self.log_tail()));
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Leaves the server running for the operator; returns its pid and directory, which
+    /// they remove when done.
+    // Never waited for on purpose: it outlives lifeboat, which exits right after this.
+    #[allow(clippy::zombie_processes)]
+    pub fn keep(mut self) -> (u32, PathBuf) {
+        let child = self.child.take().expect("running");
+        let dir = self.dir.take().expect("kept").keep();
+        crate::interrupt::forget(&dir);
+        (child.id(), dir)
+    }
+
+    pub fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            // SAFETY: kill(2) on the pid of the redis-server this process started.
+            unsafe {
+                libc::kill(child.id() as i32, libc::SIGTERM);
+            }
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while Instant::now() < deadline {
+                if let Ok(Some(_)) = child.try_wait() {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+impl Drop for ScratchRedis {
+    fn drop(&mut self) {
+        self.stop();
+        if let Some(dir) = &self.dir {
+            crate::interrupt::forget(dir.path());
+        }
+    }
+}
+
+fn spawn(dir: &Path, port: u16) -> Result<Child> {
+    let mut command = Command::new("redis-server");
+    command
+        .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+        .arg("--dir")
+        .arg(dir)
+        .args(["--dbfilename", "dump.rdb", "--save", "", "--appendonly", "no"])
+        .args(["--daemonize", "no", "--protected-mode", "yes"])
+        .arg("--logfile")
+        .arg(dir.join("redis.log"))
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        // Its own process group: an operator's Ctrl-C on lifeboat does not reach a server
+        // handed over with `keep`.
+        .process_group(0);
+    command.spawn().map_err(|e| {
+        error("unable to start a scratch redis-server: cannot run redis-server")
+            .with_source(e)
+            .with_hint("install it (Debian: apt-get install redis-server)")
+    })
+}
