@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
-# Quickstart: a scratch PostgreSQL source with sample data and a directory of configuration
-# files, two local-directory repositories standing in for two regions ("primary" and "dr"),
+# Quickstart: a scratch PostgreSQL source with sample data, a scratch Redis with sessions,
+# and a directory of configuration files, two local-directory repositories standing in for two regions ("primary" and "dr"),
 # a backup of both jobs into both, then a restore drill that restores the database from "dr"
-# alone into a scratch cluster, checks it and measures RTO and RPO; and a restore of the
-# files compared with the original. Everything lives under ./quickstart/ (and a scratch
+# alone into a scratch cluster, checks it and measures RTO and RPO; the same for the
+# sessions (drills/sessions.toml); and a restore of the files compared with the original. Everything lives under ./quickstart/ (and a scratch
 # cluster under /tmp that is removed at the end). Works as root (clusters run as `postgres`)
 # and as an ordinary user.
 set -euo pipefail
@@ -25,6 +25,10 @@ as_owner=()
 source_dir="$(mktemp -d /tmp/lifeboat-quickstart-XXXXXX)"
 [ "$(id -u)" = 0 ] && chown postgres: "$source_dir"
 cleanup() {
+    if [ -n "${redis_pid:-}" ]; then
+        kill "$redis_pid" 2>/dev/null || true
+        wait "$redis_pid" 2>/dev/null || true
+    fi
     if [ -n "${source_pid:-}" ]; then
         kill -INT "$source_pid" 2>/dev/null || true   # fast shutdown of the postmaster
         wait "$source_pid" 2>/dev/null || true
@@ -52,6 +56,24 @@ insert into orders select i, 1 + i % 1000, now() - i * interval '1 minute', (i %
     from generate_series(1, 10000) i;
 SQL
 
+# Sessions in a scratch Redis on a free loopback port, with a password.
+command -v redis-server > /dev/null || { echo "quickstart: redis-server not found; run: bash .ci/setup" >&2; exit 1; }
+redis_port="$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')"
+printf 'quickstart-redis\n' > "$source_dir/redis.pass"
+chmod 600 "$source_dir/redis.pass"
+redis-server --port "$redis_port" --bind 127.0.0.1 --dir "$source_dir" --save '' \
+    --requirepass quickstart-redis --logfile "$source_dir/redis.log" > /dev/null 2>&1 &
+redis_pid=$!
+rcli() { REDISCLI_AUTH=quickstart-redis redis-cli -p "$redis_port" "$@"; }
+for _ in $(seq 100); do
+    [ "$(rcli ping 2>/dev/null)" = PONG ] && break
+    sleep 0.1
+done
+for i in $(seq 1 2000); do
+    printf 'SET session:%d user-%d EX 86400\n' "$i" "$i"
+done | rcli > /dev/null
+rcli hset config:site name shop currency EUR > /dev/null
+
 # Some configuration to protect.
 printf 'listen 8080;\nworkers 4;\n' > "$here/etc/app/app.conf"
 printf 'max_connections = 100\n' > "$here/etc/app/conf.d/db.conf"
@@ -78,6 +100,13 @@ databases = ["shop"]
 heartbeat = true
 
 [[job]]
+name = "sessions"
+kind = "redis"
+url = "redis://127.0.0.1:$redis_port"
+password_file = "$source_dir/redis.pass"
+heartbeat = true
+
+[[job]]
 name = "config"
 kind = "files"
 paths = ["$here/etc/app"]
@@ -91,8 +120,9 @@ set -x
 "$lifeboat" list
 "$lifeboat" verify
 "$lifeboat" drill run drills/quickstart.toml --report-dir "$here/drill-reports"
+"$lifeboat" drill run drills/sessions.toml --report-dir "$here/drill-reports"
 "$lifeboat" drill history
 "$lifeboat" restore config --backup latest --from dr --into "$here/restored"
 diff -r --no-dereference "$here/etc/app" "$here/restored$here/etc/app"
 set +x
-echo "quickstart: the drill passed (report in $here/drill-reports); the restored files are identical (see $here/restored)"
+echo "quickstart: the drills passed (reports in $here/drill-reports); the restored files are identical (see $here/restored)"

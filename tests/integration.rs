@@ -10,4 +10,5 @@ mod failed_backup;
 mod files_round_trip;
 mod postgres_logical;
 mod postgres_physical;
+mod redis;
 mod regions;

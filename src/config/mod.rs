@@ -512,15 +512,12 @@ fn validate_job(index: usize, job: raw::RawJob) -> Result<JobConfig, Problem> {
         .clone()
         .ok_or_else(|| format!("{}: is required", at("name")))?;
     validate_name(&at("name"), &name)?;
-    let kind = job
-        .kind
-        .as_deref()
-        .ok_or_else(|| {
-            format!(
-                "{}: is required (\"files\", \"postgres\" or \"redis\")",
-                at("kind")
-            )
-        })?;
+    let kind = job.kind.as_deref().ok_or_else(|| {
+        format!(
+            "{}: is required (\"files\", \"postgres\" or \"redis\")",
+            at("kind")
+        )
+    })?;
     let retention = job
         .retention
         .as_ref()
@@ -739,14 +736,13 @@ fn validate_postgres_job(
     })
 }
 
-fn validate_redis_job(
-    at: &dyn Fn(&str) -> String,
-    job: &raw::RawJob,
-) -> Result<RedisJob, Problem> {
-    let url = job
-        .url
-        .as_deref()
-        .ok_or_else(|| format!("{}: is required for kind = \"redis\" (\"redis://host:6379\")", at("url")))?;
+fn validate_redis_job(at: &dyn Fn(&str) -> String, job: &raw::RawJob) -> Result<RedisJob, Problem> {
+    let url = job.url.as_deref().ok_or_else(|| {
+        format!(
+            "{}: is required for kind = \"redis\" (\"redis://host:6379\")",
+            at("url")
+        )
+    })?;
     let rest = url.strip_prefix("redis://").ok_or_else(|| {
         format!(
             "{}: must start with redis:// (got \"{url}\"); TLS (rediss://) is not supported yet",
@@ -772,7 +768,10 @@ fn validate_redis_job(
     if host.is_empty() {
         return Err(format!("{}: has no host (got \"{url}\")", at("url")));
     }
-    for (field, path) in [("password_file", &job.password_file), ("rdb_path", &job.rdb_path)] {
+    for (field, path) in [
+        ("password_file", &job.password_file),
+        ("rdb_path", &job.rdb_path),
+    ] {
         if let Some(path) = path
             && !path.is_absolute()
         {

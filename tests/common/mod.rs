@@ -4,6 +4,7 @@
 
 pub mod postgres;
 pub mod procs;
+pub mod redis;
 pub mod seaweedfs;
 pub mod tree;
 

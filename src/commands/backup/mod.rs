@@ -28,8 +28,8 @@ mod redis;
 
 pub use files::FILES_OBJECT;
 pub use physical::BASE_OBJECT;
-pub use redis::RDB_OBJECT;
 pub use postgres::{GLOBALS_OBJECT, database_object_name};
+pub use redis::RDB_OBJECT;
 
 /// What one job's source stored, for its manifest.
 struct Captured {

@@ -16,10 +16,10 @@ pub const RDB_OBJECT: &str = "dump.rdb.zst";
 
 pub(super) async fn capture(context: &Context<'_>, job: &RedisJob) -> Result<Captured> {
     let server = RedisServer::from_job(job)?;
-    let info = server.info().await?;
     if job.heartbeat {
         server.write_heartbeat(context.job_name).await?;
     }
+    let info = server.info().await?;
     // The RDB holds the data as of the fork the server makes on SYNC, which comes after this.
     let recovery_point = Utc::now();
     tracing::info!(server = %server.describe(), version = %info.version, keys = info.keys, "reading the RDB over a replication connection");
@@ -52,8 +52,11 @@ pub(super) async fn capture(context: &Context<'_>, job: &RedisJob) -> Result<Cap
                         } else {
                             ErrorKind::Storage
                         };
-                        Error::new(kind, format!("unable to back up the RDB file '{}'", path.display()))
-                            .with_source(e)
+                        Error::new(
+                            kind,
+                            format!("unable to back up the RDB file '{}'", path.display()),
+                        )
+                        .with_source(e)
                     })
                 })
                 .await?;

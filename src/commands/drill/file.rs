@@ -203,8 +203,11 @@ impl Drill {
                 (None, None, Some(command)) => {
                     let expect = expectation()?;
                     markers += check.rpo_marker as usize;
-                    let command: Vec<String> =
-                        command.get_ref().split_whitespace().map(str::to_string).collect();
+                    let command: Vec<String> = command
+                        .get_ref()
+                        .split_whitespace()
+                        .map(str::to_string)
+                        .collect();
                     if command.is_empty() {
                         return Err(source.error(
                             check.redis.as_ref().expect("matched").span(),

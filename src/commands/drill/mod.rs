@@ -195,7 +195,9 @@ async fn run_once(
             .await?
         }
         JobSource::Files(_) => run_files(config, drill, &mut clock).await?,
-        JobSource::Redis(redis) => run_redis(config, drill, &manifest, redis.heartbeat, &mut clock).await?,
+        JobSource::Redis(redis) => {
+            run_redis(config, drill, &manifest, redis.heartbeat, &mut clock).await?
+        }
     };
     let rto = clock.t0.elapsed();
     let projection = project(
@@ -595,7 +597,11 @@ async fn run_redis(
     clock.phase("checks", started);
     drop(scratch);
     Ok(Outcome {
-        restore_seconds: restored.stages.iter().map(|(_, d)| d.as_secs_f64()).sum::<f64>()
+        restore_seconds: restored
+            .stages
+            .iter()
+            .map(|(_, d)| d.as_secs_f64())
+            .sum::<f64>()
             + load.as_secs_f64(),
         repositories: restored.repositories,
         target: "a scratch redis-server on loopback (removed after the drill)".into(),

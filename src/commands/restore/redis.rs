@@ -47,7 +47,10 @@ pub(super) async fn write_rdb(selected: &Selected, dest: &Path) -> Result<u64> {
                 .prefix(".lifeboat-restore-")
                 .tempfile_in(&parent)
                 .map_err(|e| target_error(dest, e))?;
-            let file = temp.as_file().try_clone().map_err(|e| target_error(dest, e))?;
+            let file = temp
+                .as_file()
+                .try_clone()
+                .map_err(|e| target_error(dest, e))?;
             let size = read_object(repository, manifest, &object, move |raw| {
                 let mut check = RdbCheck::default();
                 let mut out = std::io::BufWriter::new(file);
@@ -69,7 +72,9 @@ pub(super) async fn write_rdb(selected: &Selected, dest: &Path) -> Result<u64> {
                 Ok(size)
             })
             .await?;
-            temp.as_file_mut().sync_all().map_err(|e| target_error(dest, e))?;
+            temp.as_file_mut()
+                .sync_all()
+                .map_err(|e| target_error(dest, e))?;
             temp.persist_noclobber(dest)
                 .map_err(|e| target_error(dest, e.error))?;
             Ok(size)

@@ -23,6 +23,8 @@ pub use scratch::ScratchRedis;
 use crate::config::RedisJob;
 use crate::error::{Error, ErrorKind, Result};
 
+const AUTH_HINT: &str = "check username and password_file (or REDISCLI_AUTH) for this job";
+
 /// The key each backup sets to its start time when `heartbeat = true`.
 pub fn heartbeat_key(job: &str) -> String {
     format!("lifeboat:heartbeat:{job}")
@@ -50,7 +52,11 @@ pub struct RedisInfo {
     pub keys: u64,
 }
 
-fn error(server: &RedisServer, what: &str, cause: impl Into<Box<dyn std::error::Error + Send + Sync>>) -> Error {
+fn error(
+    server: &RedisServer,
+    what: &str,
+    cause: impl Into<Box<dyn std::error::Error + Send + Sync>>,
+) -> Error {
     Error::new(
         ErrorKind::Source,
         format!("unable to {what} on Redis at {}", server.describe()),
@@ -62,7 +68,9 @@ impl RedisServer {
     pub fn from_job(job: &RedisJob) -> Result<RedisServer> {
         let password = match &job.password_file {
             Some(path) => Some(crate::sources::read_password_file(path)?),
-            None => std::env::var("REDISCLI_AUTH").ok().filter(|p| !p.is_empty()),
+            None => std::env::var("REDISCLI_AUTH")
+                .ok()
+                .filter(|p| !p.is_empty()),
         };
         Ok(RedisServer {
             host: job.host.clone(),
@@ -107,13 +115,14 @@ impl RedisServer {
             .get_multiplexed_async_connection()
             .await
             .map_err(|e| {
-                let wrong_password = e.to_string().contains("WRONGPASS")
-                    || e.to_string().contains("invalid username-password");
-                let err = error(self, "connect", e);
-                if wrong_password {
-                    err.with_hint("check username and password_file (or REDISCLI_AUTH) for this job")
+                let text = e.to_string().to_ascii_lowercase();
+                let refused = e.kind() == redis::ErrorKind::AuthenticationFailed
+                    || text.contains("authentication failed")
+                    || text.contains("wrongpass");
+                if refused {
+                    error(self, "authenticate (wrong username or password)", e).with_hint(AUTH_HINT)
                 } else {
-                    err
+                    error(self, "connect", e)
                 }
             })
     }
@@ -179,7 +188,7 @@ impl RedisServer {
                 _ => ErrorKind::Source,
             };
             let hint = match &e {
-                SyncError::Auth(_) => Some("check username and password_file (or REDISCLI_AUTH) for this job"),
+                SyncError::Auth(_) => Some(AUTH_HINT),
                 SyncError::Refused(_) => Some("the server (or the user's ACL) does not allow SYNC; set rdb_path on the job to back up through BGSAVE and the server's RDB file instead"),
                 _ => None,
             };
@@ -218,13 +227,21 @@ impl RedisServer {
                 break;
             }
             if started.elapsed() > Duration::from_secs(6 * 3600) {
-                return Err(error(self, "wait for BGSAVE", "LASTSAVE did not move in 6 hours"));
+                return Err(error(
+                    self,
+                    "wait for BGSAVE",
+                    "LASTSAVE did not move in 6 hours",
+                ));
             }
         }
         std::fs::File::open(rdb_path).map_err(|e| {
             Error::new(
                 ErrorKind::Source,
-                format!("unable to read the RDB file '{}' of Redis at {}", rdb_path.display(), self.describe()),
+                format!(
+                    "unable to read the RDB file '{}' of Redis at {}",
+                    rdb_path.display(),
+                    self.describe()
+                ),
             )
             .with_source(e)
         })

@@ -149,8 +149,10 @@ mod tests {
         flipped[12] ^= 0x01;
         let problem = check(&flipped, 5).unwrap_err();
         assert!(problem.contains("CRC-64"), "{problem}");
-        assert!(check(b"NOTREDIS0010\xff\0\0\0\0\0\0\0\0", 4)
-            .unwrap_err()
-            .contains("magic"));
+        assert!(
+            check(b"NOTREDIS0010\xff\0\0\0\0\0\0\0\0", 4)
+                .unwrap_err()
+                .contains("magic")
+        );
     }
 }

@@ -101,10 +101,9 @@ pub fn sync_rdb(
         .to_socket_addrs()
         .map_err(SyncError::Connect)?
         .next()
-        .ok_or_else(|| {
-            SyncError::Connect(io::Error::new(io::ErrorKind::NotFound, "no address"))
-        })?;
-    let stream = TcpStream::connect_timeout(&address, CONNECT_TIMEOUT).map_err(SyncError::Connect)?;
+        .ok_or_else(|| SyncError::Connect(io::Error::new(io::ErrorKind::NotFound, "no address")))?;
+    let stream =
+        TcpStream::connect_timeout(&address, CONNECT_TIMEOUT).map_err(SyncError::Connect)?;
     stream
         .set_read_timeout(Some(SILENCE))
         .map_err(SyncError::Connect)?;
@@ -129,7 +128,9 @@ pub fn sync_rdb(
     send(&[b"REPLCONF", b"capa", b"eof"])?;
     let reply = read_line(&mut reader)?;
     if reply.starts_with("-NOAUTH") || reply.starts_with("-NOPERM") {
-        return Err(SyncError::Refused(reply.trim_start_matches('-').to_string()));
+        return Err(SyncError::Refused(
+            reply.trim_start_matches('-').to_string(),
+        ));
     }
     // Older servers do not know rdb-only; they then stream commands after the RDB, which
     // the payload framing tells apart.
@@ -162,9 +163,9 @@ pub fn sync_rdb(
             PayloadForm::Delimited,
         )
     } else {
-        let length: u64 = header
-            .parse()
-            .map_err(|_| SyncError::Stream(format!("the payload header '${header}' has no length")))?;
+        let length: u64 = header.parse().map_err(|_| {
+            SyncError::Stream(format!("the payload header '${header}' has no length"))
+        })?;
         copy_sized(&mut reader, length, &mut check, out)?;
         (length, PayloadForm::Sized)
     };

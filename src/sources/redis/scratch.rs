@@ -32,7 +32,9 @@ impl ScratchRedis {
         let dir = tempfile::Builder::new()
             .prefix("lifeboat-redis-")
             .tempdir()
-            .map_err(|e| error("unable to create a scratch directory for redis-server").with_source(e))?;
+            .map_err(|e| {
+                error("unable to create a scratch directory for redis-server").with_source(e)
+            })?;
         crate::interrupt::remove_on_interrupt(dir.path());
         let rdb = dir.path().join("dump.rdb");
         Ok((dir, rdb))
@@ -103,7 +105,10 @@ impl ScratchRedis {
                 return Ok(());
             }
             if started.elapsed() > Duration::from_secs(3600) {
-                return Err(format!("it did not load within an hour\n{}", self.log_tail()));
+                return Err(format!(
+                    "it did not load within an hour\n{}",
+                    self.log_tail()
+                ));
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
@@ -154,7 +159,14 @@ fn spawn(dir: &Path, port: u16) -> Result<Child> {
         .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
         .arg("--dir")
         .arg(dir)
-        .args(["--dbfilename", "dump.rdb", "--save", "", "--appendonly", "no"])
+        .args([
+            "--dbfilename",
+            "dump.rdb",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+        ])
         .args(["--daemonize", "no", "--protected-mode", "yes"])
         .arg("--logfile")
         .arg(dir.join("redis.log"))

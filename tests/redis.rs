@@ -1,0 +1,344 @@
+//! Redis jobs against real redis-servers: every type, binary values and TTLs survive a
+//! backup and a restore into a scratch server, in both payload forms SYNC can take; a
+//! connection cut mid-payload and a wrong password commit nothing.
+
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::path::Path;
+
+use crate::common::redis::{PASSWORD, Redis, snapshot};
+use crate::common::{lifeboat, local_repository, write_config, write_secret};
+
+const JOB: &str = "sessions";
+
+fn redis_config(work: &Path, url: &str, password: &str) -> std::path::PathBuf {
+    let password_file = work.join("redis.pass");
+    write_secret(&password_file, password, 0o600);
+    write_config(
+        work,
+        &format!(
+            "{}[[job]]\nname = \"{JOB}\"\nkind = \"redis\"\nurl = \"{url}\"\npassword_file = \"{}\"\nheartbeat = true\n",
+            local_repository("local", &work.join("repo")),
+            password_file.display()
+        ),
+    )
+}
+
+/// Over 100k keys of every type: strings (some binary), hashes, lists, sets, sorted sets,
+/// streams, and keys with TTLs.
+fn populate(connection: &mut redis::Connection) {
+    for chunk in 0..6 {
+        let mut pipe = redis::pipe();
+        for i in chunk * 10_000..(chunk + 1) * 10_000 {
+            if i % 10 == 0 {
+                let binary: Vec<u8> = vec![0, 255, (i % 256) as u8, b'\n', 0, 128];
+                pipe.cmd("SET").arg(format!("bin:{i}")).arg(binary).ignore();
+            } else {
+                pipe.cmd("SET")
+                    .arg(format!("s:{i}"))
+                    .arg(format!("session-{i}-ünï"))
+                    .ignore();
+            }
+        }
+        let () = pipe.query(connection).unwrap();
+    }
+    let mut pipe = redis::pipe();
+    for i in 0..10_000 {
+        pipe.cmd("HSET")
+            .arg(format!("h:{i}"))
+            .arg("user")
+            .arg(i)
+            .arg("role")
+            .arg("admin")
+            .arg("seen")
+            .arg(i * 7)
+            .ignore();
+        pipe.cmd("RPUSH")
+            .arg(format!("l:{i}"))
+            .arg("a")
+            .arg(i)
+            .arg("c")
+            .arg("a")
+            .ignore();
+        pipe.cmd("SADD")
+            .arg(format!("set:{i}"))
+            .arg("x")
+            .arg(i)
+            .arg("z")
+            .ignore();
+        pipe.cmd("ZADD")
+            .arg(format!("z:{i}"))
+            .arg(1.5)
+            .arg("one")
+            .arg(i)
+            .arg("two")
+            .arg(-3)
+            .arg("three")
+            .ignore();
+    }
+    let () = pipe.query(connection).unwrap();
+    let mut pipe = redis::pipe();
+    for i in 0..1_000 {
+        for entry in 1..=3 {
+            pipe.cmd("XADD")
+                .arg(format!("x:{i}"))
+                .arg(format!("{}-{entry}", 1_700_000_000_000u64 + i))
+                .arg("event")
+                .arg(format!("login {entry}"))
+                .ignore();
+        }
+    }
+    for i in 0..5_000 {
+        pipe.cmd("SET")
+            .arg(format!("t:{i}"))
+            .arg(i)
+            .arg("PX")
+            .arg(3_600_000 + i * 1_000)
+            .ignore();
+    }
+    let () = pipe.query(connection).unwrap();
+    let keys: u64 = redis::cmd("DBSIZE").query(connection).unwrap();
+    assert!(keys >= 100_000, "{keys} keys");
+}
+
+/// Stops the scratch redis-server a restore left running, even when an assertion fails.
+struct Scratch {
+    pid: i32,
+    dir: String,
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        unsafe { libc::kill(self.pid, libc::SIGTERM) };
+        for _ in 0..200 {
+            if unsafe { libc::kill(self.pid, 0) } != 0 {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// "… redis-server pid PID serving the restored data at 127.0.0.1:PORT; stop it with `kill PID` and remove DIR, …"
+fn scratch_from(stdout: &str) -> (Scratch, u16) {
+    let after = stdout.split("redis-server pid ").nth(1).expect(stdout);
+    let pid: i32 = after.split_whitespace().next().unwrap().parse().unwrap();
+    let address = after.split(" at 127.0.0.1:").nth(1).unwrap();
+    let port: u16 = address.split(';').next().unwrap().parse().unwrap();
+    let dir = after
+        .split(" and remove ")
+        .nth(1)
+        .unwrap()
+        .split(',')
+        .next()
+        .unwrap()
+        .to_string();
+    (Scratch { pid, dir }, port)
+}
+
+fn round_trip(diskless: &str, form: &str) {
+    let source = Redis::start(&[
+        "--repl-diskless-sync",
+        diskless,
+        "--repl-diskless-sync-delay",
+        "0",
+    ]);
+    let mut connection = source.connection().unwrap();
+    populate(&mut connection);
+    let work = tempfile::tempdir().unwrap();
+    let config = redis_config(work.path(), &source.url(), PASSWORD);
+
+    let backup = lifeboat(&config, &["backup", JOB]);
+    backup.assert_code(0);
+    assert!(
+        backup.stderr.contains(&format!("form={form}")),
+        "the {form} payload form: {}",
+        backup.stderr
+    );
+    let expected = snapshot(&mut connection);
+    let show = lifeboat(
+        &config,
+        &["show", "latest", "--job", JOB, "--format", "json"],
+    );
+    let manifest: serde_json::Value = serde_json::from_str(&show.stdout).unwrap();
+    assert_eq!(manifest["kind"], "redis");
+    assert_eq!(manifest["source"]["keys"], expected.len() as u64);
+    assert!(
+        manifest["source"]["server_version"]
+            .as_str()
+            .unwrap()
+            .starts_with('7')
+    );
+
+    let restore = lifeboat(&config, &["restore", JOB, "--start-scratch"]);
+    restore.assert_code(0);
+    let (_scratch, port) = scratch_from(&restore.stdout);
+    let mut restored = redis::Client::open(format!("redis://127.0.0.1:{port}/"))
+        .unwrap()
+        .get_connection()
+        .unwrap();
+    let actual = snapshot(&mut restored);
+    assert_eq!(actual.len(), expected.len());
+    for (got, want) in actual.iter().zip(&expected) {
+        assert_eq!(got, want, "key {:?}", String::from_utf8_lossy(&want.0));
+    }
+    let with_ttl = actual.iter().filter(|k| k.3 > 0).count();
+    assert_eq!(with_ttl, 5_000, "every TTL survives, to the millisecond");
+
+    // The RDB as a file for an operator, never over an existing one.
+    let rdb = work.path().join("restored.rdb");
+    lifeboat(&config, &["restore", JOB, "--into", rdb.to_str().unwrap()]).assert_code(0);
+    assert!(std::fs::read(&rdb).unwrap().starts_with(b"REDIS"));
+    let again = lifeboat(&config, &["restore", JOB, "--into", rdb.to_str().unwrap()]);
+    again.assert_code(1);
+    assert!(again.stderr.contains("it exists"), "{}", again.stderr);
+}
+
+#[test]
+fn every_key_type_value_and_ttl_survives_a_disk_based_sync() {
+    round_trip("no", "Sized");
+}
+
+#[test]
+fn every_key_type_value_and_ttl_survives_a_diskless_sync() {
+    round_trip("yes", "Delimited");
+}
+
+/// A proxy to `port` that passes each connection only `limit` bytes from the server, then
+/// closes both sides: commands with short replies go through, a payload is cut.
+fn cutting_proxy(port: u16, limit: usize) -> u16 {
+    let listener = TcpListener::bind(("127.0.0.1", 0)).unwrap();
+    let proxy_port = listener.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        for client in listener.incoming() {
+            let Ok(mut client) = client else { return };
+            std::thread::spawn(move || {
+                let mut server = TcpStream::connect(("127.0.0.1", port)).unwrap();
+                let mut to_server = server.try_clone().unwrap();
+                let mut from_client = client.try_clone().unwrap();
+                std::thread::spawn(move || {
+                    let _ = std::io::copy(&mut from_client, &mut to_server);
+                });
+                let mut passed = 0;
+                let mut buf = [0u8; 8192];
+                while passed < limit {
+                    let n = match server.read(&mut buf) {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => n.min(limit - passed),
+                    };
+                    if client.write_all(&buf[..n]).is_err() {
+                        break;
+                    }
+                    passed += n;
+                }
+                let _ = client.shutdown(std::net::Shutdown::Both);
+                let _ = server.shutdown(std::net::Shutdown::Both);
+            });
+        }
+    });
+    proxy_port
+}
+
+#[test]
+fn a_connection_cut_mid_payload_or_a_wrong_password_commits_nothing() {
+    let source = Redis::start(&["--repl-diskless-sync", "no"]);
+    let mut connection = source.connection().unwrap();
+    populate(&mut connection);
+    let work = tempfile::tempdir().unwrap();
+
+    let proxy = cutting_proxy(source.port, 512 * 1024);
+    let config = redis_config(work.path(), &format!("redis://127.0.0.1:{proxy}"), PASSWORD);
+    let run = lifeboat(&config, &["backup", JOB]);
+    run.assert_code(1);
+    assert!(
+        run.stderr.contains("bytes of the payload"),
+        "the error says where the payload stopped: {}",
+        run.stderr
+    );
+    let manifests = walkdir::WalkDir::new(work.path().join("repo"))
+        .into_iter()
+        .filter_map(Result::ok)
+        .filter(|e| e.file_name() == "manifest.json")
+        .count();
+    assert_eq!(manifests, 0, "no manifest for a cut payload");
+
+    let wrong = tempfile::tempdir().unwrap();
+    let config = redis_config(wrong.path(), &source.url(), "not-the-password");
+    let run = lifeboat(&config, &["backup", JOB]);
+    run.assert_code(1);
+    assert!(
+        run.stderr
+            .contains("unable to authenticate (wrong username or password) on Redis at")
+            && run
+                .stderr
+                .contains("hint: check username and password_file"),
+        "{}",
+        run.stderr
+    );
+}
+
+#[test]
+fn where_sync_is_refused_the_rdb_file_after_bgsave_is_the_fallback() {
+    let source = Redis::start(&[]);
+    let mut connection = source.connection().unwrap();
+    populate(&mut connection);
+    // A managed-service-like user: everything but replication.
+    let () = redis::cmd("ACL")
+        .arg("SETUSER")
+        .arg("backup")
+        .arg("on")
+        .arg(">backup-pw")
+        .arg("~*")
+        .arg("&*")
+        .arg("+@all")
+        .arg("-sync")
+        .arg("-psync")
+        .query(&mut connection)
+        .unwrap();
+    let work = tempfile::tempdir().unwrap();
+    let password_file = work.path().join("redis.pass");
+    write_secret(&password_file, "backup-pw", 0o600);
+    let job = |rdb_path: &str| {
+        format!(
+            "{}[[job]]\nname = \"{JOB}\"\nkind = \"redis\"\nurl = \"{}\"\nusername = \"backup\"\npassword_file = \"{}\"\n{rdb_path}\n",
+            local_repository("local", &work.path().join("repo")),
+            source.url(),
+            password_file.display()
+        )
+    };
+
+    // Without rdb_path the refusal is named, with what to do.
+    let config = write_config(work.path(), &job(""));
+    let refused = lifeboat(&config, &["backup", JOB]);
+    refused.assert_code(1);
+    assert!(
+        refused.stderr.contains("SYNC was refused") && refused.stderr.contains("set rdb_path"),
+        "{}",
+        refused.stderr
+    );
+
+    let config = write_config(
+        work.path(),
+        &job(&format!(
+            "rdb_path = \"{}\"",
+            source.dir.path().join("dump.rdb").display()
+        )),
+    );
+    let fallback = lifeboat(&config, &["backup", JOB]);
+    fallback.assert_code(0);
+    assert!(
+        fallback.stderr.contains("falling back to BGSAVE"),
+        "{}",
+        fallback.stderr
+    );
+    let expected = snapshot(&mut connection);
+    let restore = lifeboat(&config, &["restore", JOB, "--start-scratch"]);
+    restore.assert_code(0);
+    let (_scratch, port) = scratch_from(&restore.stdout);
+    let mut restored = redis::Client::open(format!("redis://127.0.0.1:{port}/"))
+        .unwrap()
+        .get_connection()
+        .unwrap();
+    assert_eq!(snapshot(&mut restored), expected);
+}
