@@ -2,9 +2,11 @@
 //! opcode and (unless the server has `rdbchecksum no`) the CRC-64 over everything before
 //! it at the end. A payload cut short fails here, not at restore time.
 
-use crc::{CRC_64_REDIS, Crc, Digest};
+use crc::{CRC_64_REDIS, Crc, Digest, Table};
 
-static CRC64: Crc<u64> = Crc::<u64>::new(&CRC_64_REDIS);
+/// Slice-by-16 tables: several times the bytewise table's speed, which keeps the check off
+/// the critical path of a multi-GiB RDB.
+static CRC64: Crc<u64, Table<16>> = Crc::<u64, Table<16>>::new(&CRC_64_REDIS);
 
 /// The RDB opcode that ends the data; the 8-byte checksum follows it.
 const EOF_OPCODE: u8 = 0xFF;
@@ -13,7 +15,7 @@ const HEADER_LEN: usize = 9;
 
 pub struct RdbCheck {
     header: Vec<u8>,
-    digest: Digest<'static, u64>,
+    digest: Digest<'static, u64, Table<16>>,
     /// The last bytes seen, not yet in the digest: they may be the checksum.
     held: Vec<u8>,
     last_digested: Option<u8>,

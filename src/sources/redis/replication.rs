@@ -225,6 +225,7 @@ fn copy_delimited(
     let mut buf = vec![0u8; READ_CHUNK];
     let mut window: Vec<u8> = Vec::with_capacity(READ_CHUNK + MARK_LEN);
     let mut written = 0u64;
+    let finder = memchr::memmem::Finder::new(mark);
     loop {
         let n = read_some(reader, &mut buf, written + window.len() as u64)?;
         if n == 0 {
@@ -234,7 +235,7 @@ fn copy_delimited(
             )));
         }
         window.extend_from_slice(&buf[..n]);
-        if let Some(at) = window.windows(MARK_LEN).position(|w| w == mark) {
+        if let Some(at) = finder.find(&window) {
             check.update(&window[..at]);
             out.write_all(&window[..at]).map_err(SyncError::Output)?;
             return Ok(written + at as u64);
