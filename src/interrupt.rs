@@ -59,6 +59,7 @@ pub fn install() {
             INTERRUPTED.store(true, Ordering::SeqCst);
             tracing::error!("interrupted: removing scratch clusters and staging directories");
             crate::sources::postgres::stop_all_scratch_clusters();
+            crate::sources::redis::stop_all_scratch_servers();
             for dir in std::mem::take(&mut *directories()) {
                 let _ = std::fs::remove_dir_all(dir);
             }

@@ -18,7 +18,7 @@ use redis::{ConnectionAddr, IntoConnectionInfo, RedisConnectionInfo};
 
 pub use rdb::RdbCheck;
 pub use replication::{PayloadForm, SyncError, Synced};
-pub use scratch::ScratchRedis;
+pub use scratch::{ScratchRedis, stop_all as stop_all_scratch_servers};
 
 use crate::config::RedisJob;
 use crate::error::{Error, ErrorKind, Result};
@@ -204,35 +204,53 @@ impl RedisServer {
         })
     }
 
-    /// The fallback where SYNC is refused: BGSAVE, wait until LASTSAVE moves, then the
-    /// server's RDB file at `rdb_path` into `out`, checked like a synced payload.
+    /// The fallback where SYNC is refused: BGSAVE, wait until it has finished, then the
+    /// server's RDB file at `rdb_path`, opened for the caller to copy (and check).
     pub async fn bgsave_rdb(&self, rdb_path: &Path) -> Result<std::fs::File> {
         let mut connection = self.connect().await?;
-        let before: i64 = redis::cmd("LASTSAVE")
-            .query_async(&mut connection)
-            .await
-            .map_err(|e| error(self, "run LASTSAVE", e))?;
+        let persistence = async |connection: &mut redis::aio::MultiplexedConnection| {
+            let text: String = redis::cmd("INFO")
+                .arg("persistence")
+                .query_async(connection)
+                .await
+                .map_err(|e| error(self, "run INFO persistence", e))?;
+            Ok::<_, Error>(parse_persistence(&text))
+        };
+        let before = persistence(&mut connection).await?;
         let _: redis::Value = redis::cmd("BGSAVE")
             .query_async(&mut connection)
             .await
             .map_err(|e| error(self, "run BGSAVE", e))?;
+        // LASTSAVE has whole seconds, so a save that ends within the second it started
+        // changes nothing there; the count of saves (Redis 7), or the save seen in progress,
+        // tells.
         let started = Instant::now();
+        let mut saw_progress = false;
         loop {
-            tokio::time::sleep(Duration::from_millis(200)).await;
-            let now: i64 = redis::cmd("LASTSAVE")
-                .query_async(&mut connection)
-                .await
-                .map_err(|e| error(self, "run LASTSAVE", e))?;
-            if now != before {
+            let now = persistence(&mut connection).await?;
+            saw_progress |= now.in_progress;
+            let finished = match (now.saves, before.saves) {
+                (Some(now_saves), Some(saves_before)) => now_saves > saves_before,
+                _ => saw_progress || now.last_save > before.last_save,
+            };
+            if !now.in_progress && finished {
+                if !now.last_ok {
+                    return Err(error(
+                        self,
+                        "save the RDB with BGSAVE",
+                        "rdb_last_bgsave_status is err; see the server's log",
+                    ));
+                }
                 break;
             }
             if started.elapsed() > Duration::from_secs(6 * 3600) {
                 return Err(error(
                     self,
                     "wait for BGSAVE",
-                    "LASTSAVE did not move in 6 hours",
+                    "it did not finish in 6 hours",
                 ));
             }
+            tokio::time::sleep(Duration::from_millis(100)).await;
         }
         std::fs::File::open(rdb_path).map_err(|e| {
             Error::new(
@@ -245,6 +263,31 @@ impl RedisServer {
             )
             .with_source(e)
         })
+    }
+}
+
+/// What INFO persistence says about RDB saves.
+struct Persistence {
+    in_progress: bool,
+    /// `rdb_saves`, from Redis 7 on.
+    saves: Option<i64>,
+    last_save: i64,
+    last_ok: bool,
+}
+
+fn parse_persistence(text: &str) -> Persistence {
+    let field = |name: &str| {
+        text.lines()
+            .find_map(|line| line.strip_prefix(name))
+            .map(str::trim)
+            .unwrap_or_default()
+            .to_string()
+    };
+    Persistence {
+        in_progress: field("rdb_bgsave_in_progress:") == "1",
+        saves: field("rdb_saves:").parse().ok(),
+        last_save: field("rdb_last_save_time:").parse().unwrap_or(0),
+        last_ok: field("rdb_last_bgsave_status:") != "err",
     }
 }
 
@@ -290,6 +333,19 @@ fn parse_info(text: &str) -> RedisInfo {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn info_persistence_tells_a_finished_save() {
+        let p = super::parse_persistence(
+            "# Persistence\r\nloading:0\r\nrdb_bgsave_in_progress:0\r\nrdb_last_save_time:1764160000\r\n\
+             rdb_last_bgsave_status:ok\r\nrdb_saves:3\r\n",
+        );
+        assert!(!p.in_progress && p.last_ok);
+        assert_eq!((p.saves, p.last_save), (Some(3), 1_764_160_000));
+        let old =
+            super::parse_persistence("rdb_bgsave_in_progress:1\r\nrdb_last_bgsave_status:err\r\n");
+        assert!(old.in_progress && !old.last_ok && old.saves.is_none());
+    }
+
     #[test]
     fn info_gives_the_version_and_the_keys_of_every_database() {
         let info = super::parse_info(

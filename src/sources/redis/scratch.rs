@@ -10,6 +10,26 @@ use std::time::{Duration, Instant};
 use super::RedisServer;
 use crate::error::{Error, ErrorKind, Result};
 
+/// Pids of the scratch servers running in this process, for an interrupted run to stop.
+static RUNNING: std::sync::Mutex<Vec<u32>> = std::sync::Mutex::new(Vec::new());
+
+/// Stops every scratch redis-server this process started and still runs (SIGTERM).
+pub fn stop_all() {
+    for pid in std::mem::take(&mut *RUNNING.lock().unwrap_or_else(|e| e.into_inner())) {
+        // SAFETY: kill(2) on the pid of a redis-server this process started.
+        unsafe {
+            libc::kill(pid as i32, libc::SIGTERM);
+        }
+    }
+}
+
+fn forget_pid(pid: u32) {
+    RUNNING
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .retain(|p| *p != pid);
+}
+
 pub struct ScratchRedis {
     dir: Option<tempfile::TempDir>,
     child: Option<Child>,
@@ -52,7 +72,12 @@ impl ScratchRedis {
         for _ in 0..5 {
             scratch.port =
                 free_port().map_err(|e| error("unable to find a free port").with_source(e))?;
-            scratch.child = Some(spawn(&path, scratch.port)?);
+            let child = spawn(&path, scratch.port)?;
+            RUNNING
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .push(child.id());
+            scratch.child = Some(child);
             match scratch.wait_loaded().await {
                 Ok(()) => return Ok(scratch),
                 Err(log) => {
@@ -120,6 +145,7 @@ impl ScratchRedis {
     #[allow(clippy::zombie_processes)]
     pub fn keep(mut self) -> (u32, PathBuf) {
         let child = self.child.take().expect("running");
+        forget_pid(child.id());
         let dir = self.dir.take().expect("kept").keep();
         crate::interrupt::forget(&dir);
         (child.id(), dir)
@@ -127,6 +153,7 @@ impl ScratchRedis {
 
     pub fn stop(&mut self) {
         if let Some(mut child) = self.child.take() {
+            forget_pid(child.id());
             // SAFETY: kill(2) on the pid of the redis-server this process started.
             unsafe {
                 libc::kill(child.id() as i32, libc::SIGTERM);
