@@ -14,6 +14,7 @@
 //! - [`storage`]: the store trait and its backends; aws-sdk-s3 appears only in `storage::s3`.
 //! - [`manifest`], [`layout`]: the commit record and where things live.
 //! - [`wal`]: LSNs, timelines and WAL file names, for physical backups and the WAL archive.
+//! - [`retention`]: which backups a retention policy keeps, and why (pure).
 //! - [`config`], [`error`]: the config file and the one public error with its exit code.
 //! - [`progress`]: how long transfers report progress to whoever renders it.
 
@@ -27,6 +28,7 @@ pub mod manifest;
 pub mod pipeline;
 pub mod progress;
 pub mod repository;
+pub mod retention;
 pub mod sources;
 pub mod storage;
 pub mod transfer;
