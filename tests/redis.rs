@@ -137,6 +137,18 @@ fn scratch_from(stdout: &str) -> (Scratch, u16) {
     (Scratch { pid, dir }, port)
 }
 
+/// `restore --start-scratch`, and a connection to the server it left running.
+fn restore_into_scratch(config: &Path) -> (Scratch, redis::Connection) {
+    let restore = lifeboat(config, &["restore", JOB, "--start-scratch"]);
+    restore.assert_code(0);
+    let (scratch, port) = scratch_from(&restore.stdout);
+    let connection = redis::Client::open(format!("redis://127.0.0.1:{port}/"))
+        .unwrap()
+        .get_connection()
+        .unwrap();
+    (scratch, connection)
+}
+
 fn round_trip(diskless: &str, form: &str) {
     let source = Redis::start(&[
         "--repl-diskless-sync",
@@ -171,13 +183,7 @@ fn round_trip(diskless: &str, form: &str) {
             .starts_with('7')
     );
 
-    let restore = lifeboat(&config, &["restore", JOB, "--start-scratch"]);
-    restore.assert_code(0);
-    let (_scratch, port) = scratch_from(&restore.stdout);
-    let mut restored = redis::Client::open(format!("redis://127.0.0.1:{port}/"))
-        .unwrap()
-        .get_connection()
-        .unwrap();
+    let (_scratch, mut restored) = restore_into_scratch(&config);
     let actual = snapshot(&mut restored);
     assert_eq!(actual.len(), expected.len());
     for (got, want) in actual.iter().zip(&expected) {
@@ -333,12 +339,6 @@ fn where_sync_is_refused_the_rdb_file_after_bgsave_is_the_fallback() {
         fallback.stderr
     );
     let expected = snapshot(&mut connection);
-    let restore = lifeboat(&config, &["restore", JOB, "--start-scratch"]);
-    restore.assert_code(0);
-    let (_scratch, port) = scratch_from(&restore.stdout);
-    let mut restored = redis::Client::open(format!("redis://127.0.0.1:{port}/"))
-        .unwrap()
-        .get_connection()
-        .unwrap();
+    let (_scratch, mut restored) = restore_into_scratch(&config);
     assert_eq!(snapshot(&mut restored), expected);
 }

@@ -419,23 +419,14 @@ async fn sql_checks(
             Ok(target) => target.first_value(sql).await,
             Err(e) => Err(e),
         };
-        match value {
-            Ok(value) => {
-                if *rpo_marker {
-                    marker = value
-                        .as_deref()
-                        .and_then(parse_timestamp)
-                        .map(|at| (at, format!("check '{}'", check.name)));
-                }
-                checks.push(CheckResult {
-                    name: check.name.clone(),
-                    passed: expect.holds(value.as_deref()),
-                    expected: expect.to_string(),
-                    returned: value.unwrap_or_else(|| "NULL (no row)".to_string()),
-                });
-            }
-            Err(e) => checks.push(CheckResult::failed(check, e.chain().join(": "))),
-        }
+        checks.push(judge(
+            check,
+            expect,
+            *rpo_marker,
+            value,
+            "NULL (no row)",
+            &mut marker,
+        ));
     }
     if marker.is_none() && heartbeat {
         let sql = format!(
@@ -568,23 +559,8 @@ async fn run_redis(
             ));
             continue;
         };
-        match server.query(command).await {
-            Ok(value) => {
-                if *rpo_marker {
-                    marker = value
-                        .as_deref()
-                        .and_then(parse_timestamp)
-                        .map(|at| (at, format!("check '{}'", check.name)));
-                }
-                checks.push(CheckResult {
-                    name: check.name.clone(),
-                    passed: expect.holds(value.as_deref()),
-                    expected: expect.to_string(),
-                    returned: value.unwrap_or_else(|| "nil".to_string()),
-                });
-            }
-            Err(e) => checks.push(CheckResult::failed(check, e.chain().join(": "))),
-        }
+        let value = server.query(command).await;
+        checks.push(judge(check, expect, *rpo_marker, value, "nil", &mut marker));
     }
     if marker.is_none() && heartbeat {
         let key = crate::sources::redis::heartbeat_key(&drill.job);
@@ -657,6 +633,34 @@ async fn run_files(config: &Config, drill: &Drill, clock: &mut Clock) -> Result<
         checks,
         marker: None,
     })
+}
+
+/// The result of a query check: passed if `expect` holds for what came back (`absent` names
+/// no value); a check marked `rpo_marker` also sets the marker from its timestamp.
+fn judge(
+    check: &file::Check,
+    expect: &check::Expectation,
+    rpo_marker: bool,
+    value: Result<Option<String>>,
+    absent: &str,
+    marker: &mut Option<(DateTime<Utc>, String)>,
+) -> CheckResult {
+    let value = match value {
+        Ok(value) => value,
+        Err(e) => return CheckResult::failed(check, e.chain().join(": ")),
+    };
+    if rpo_marker {
+        *marker = value
+            .as_deref()
+            .and_then(parse_timestamp)
+            .map(|at| (at, format!("check '{}'", check.name)));
+    }
+    CheckResult {
+        name: check.name.clone(),
+        passed: expect.holds(value.as_deref()),
+        expected: expect.to_string(),
+        returned: value.unwrap_or_else(|| absent.to_string()),
+    }
 }
 
 /// Restore options that read `backup` the way the drill says (`from`, `exclude`); the

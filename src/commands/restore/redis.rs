@@ -2,7 +2,6 @@
 //! operator to put in place, or loaded into a throw-away redis-server on a free loopback
 //! port. The RDB is checked twice on the way: both sha256s, and its own CRC-64.
 
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
@@ -10,7 +9,7 @@ use super::files::target_error;
 use super::{RestoreReport, Selected};
 use crate::commands::backup::RDB_OBJECT;
 use crate::error::{Error, ErrorKind, Result};
-use crate::sources::redis::{RdbCheck, ScratchRedis};
+use crate::sources::redis::{ScratchRedis, copy_rdb_file};
 use crate::transfer::read_object;
 
 /// Writes the verified RDB of the selected backup into `dest`, which must not exist.
@@ -52,22 +51,8 @@ pub(super) async fn write_rdb(selected: &Selected, dest: &Path) -> Result<u64> {
                 .try_clone()
                 .map_err(|e| target_error(dest, e))?;
             let size = read_object(repository, manifest, &object, move |raw| {
-                let mut check = RdbCheck::default();
                 let mut out = std::io::BufWriter::new(file);
-                let mut buf = vec![0u8; 256 * 1024];
-                let mut size = 0u64;
-                loop {
-                    let n = raw.read(&mut buf)?;
-                    if n == 0 {
-                        break;
-                    }
-                    check.update(&buf[..n]);
-                    out.write_all(&buf[..n])?;
-                    size += n as u64;
-                }
-                check
-                    .finish()
-                    .map_err(|why| std::io::Error::new(std::io::ErrorKind::InvalidData, why))?;
+                let (size, _) = copy_rdb_file(raw, &mut out)?;
                 out.into_inner().map_err(|e| e.into_error())?.sync_all()?;
                 Ok(size)
             })
