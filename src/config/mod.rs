@@ -965,4 +965,56 @@ mod tests {
             err.message()
         );
     }
+
+    #[test]
+    fn redis_jobs_take_a_url_without_credentials() {
+        let job = |extra: &str| {
+            format!(
+                "[[repository]]\nname = \"l\"\ntype = \"local\"\npath = \"/b\"\n[[job]]\nname = \"s\"\nkind = \"redis\"\n{extra}\n"
+            )
+        };
+        let config = parse(&job("url = \"redis://10.0.0.5\"\nheartbeat = true")).unwrap();
+        let JobSource::Redis(redis) = &config.jobs[0].source else {
+            panic!("not a redis job")
+        };
+        assert_eq!(
+            (redis.host.as_str(), redis.port, redis.heartbeat),
+            ("10.0.0.5", 6379, true)
+        );
+        for (extra, problem) in [
+            ("", "url: is required"),
+            (
+                "url = \"redis://:pw@h:6379\"",
+                "must not hold a user or password",
+            ),
+            ("url = \"rediss://h:6380\"", "must start with redis://"),
+            ("url = \"redis://h:port\"", "invalid port"),
+            (
+                "url = \"redis://h\"\ndsn = \"x\"",
+                "dsn: not valid for kind = \"redis\"",
+            ),
+            (
+                "url = \"redis://h\"\nrdb_path = \"dump.rdb\"",
+                "rdb_path: must be an absolute path",
+            ),
+        ] {
+            let err = parse(&job(extra)).unwrap_err();
+            assert!(
+                err.message().contains(problem),
+                "{extra}: {}",
+                err.message()
+            );
+        }
+        let err = parse(
+            &job("url = \"redis://h\"")
+                .replace("kind = \"redis\"", "kind = \"files\"\npaths = [\"/etc\"]"),
+        )
+        .unwrap_err();
+        assert!(
+            err.message()
+                .contains("url: not valid for kind = \"files\""),
+            "{}",
+            err.message()
+        );
+    }
 }
