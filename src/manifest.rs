@@ -121,6 +121,17 @@ impl Manifest {
         Ok(manifest)
     }
 
+    /// The source server's major version (`15` of "15.18 (Debian …)"), if it has one.
+    pub fn server_major(&self) -> Option<u32> {
+        self.source
+            .server_version
+            .as_deref()?
+            .split(|c: char| !c.is_ascii_digit())
+            .next()?
+            .parse()
+            .ok()
+    }
+
     pub fn stored_size(&self) -> u64 {
         self.objects.iter().map(|o| o.size).sum()
     }

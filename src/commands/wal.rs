@@ -140,6 +140,7 @@ pub async fn push(config: &Config, options: &WalPushOptions) -> Result<WalPushRe
         )
         .with_source(e)
     })?;
+    let raw_size = raw.len() as u64;
     let level = config.compression.level;
     let threads = config.compression.threads;
     let (body, raw_sha256) = tokio::task::spawn_blocking(move || compress(&raw, level, threads))
@@ -152,7 +153,6 @@ pub async fn push(config: &Config, options: &WalPushOptions) -> Result<WalPushRe
             )
             .with_source(e)
         })?;
-    let raw_size = std::fs::metadata(&options.path).map_or(0, |m| m.len());
     let key = layout::wal_key(&job.name, &file);
     let repositories = Repository::open_all(config).await;
     let outcomes = futures::future::join_all(

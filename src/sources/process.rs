@@ -91,6 +91,24 @@ fn child_failed(kind: ErrorKind, action: &str, status: String, stderr: String) -
     Error::new(kind, format!("unable to {action}")).with_source(ChildFailure { status, stderr })
 }
 
+/// Stops a server this process started: `signal` (its clean, fast shutdown), then SIGKILL
+/// if it has not exited within `grace`; reaped either way.
+pub fn stop_child(child: &mut std::process::Child, signal: i32, grace: std::time::Duration) {
+    // SAFETY: kill(2) on the pid of a child this process started and has not reaped.
+    unsafe {
+        libc::kill(child.id() as i32, signal);
+    }
+    let deadline = std::time::Instant::now() + grace;
+    while std::time::Instant::now() < deadline {
+        if let Ok(Some(_)) = child.try_wait() {
+            return;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
 /// Runs `command`, copying its stdout into `out`; returns the bytes copied. `action` words
 /// the error: "unable to {action}".
 pub fn stream_stdout(mut command: Command, action: &str, out: &mut dyn Write) -> Result<u64> {

@@ -10,7 +10,7 @@ use super::{Captured, Context};
 use crate::config::RedisJob;
 use crate::error::{Error, ErrorKind, Result};
 use crate::manifest::{ObjectEntry, SourceInfo};
-use crate::sources::redis::{RedisServer, copy_rdb_file};
+use crate::sources::redis::{RedisServer, SyncError, copy_rdb_file};
 
 pub const RDB_OBJECT: &str = "dump.rdb.zst";
 
@@ -28,10 +28,11 @@ pub(super) async fn capture(context: &Context<'_>, job: &RedisJob) -> Result<Cap
     let saw_refusal = refused.clone();
     let synced = context
         .store(RDB_OBJECT, move |out| {
-            syncing.sync_rdb(out).inspect_err(|e| {
-                if e.hints().iter().any(|h| h.contains("does not allow SYNC")) {
+            syncing.sync_rdb(out).map_err(|e| {
+                if matches!(e, SyncError::Refused(_)) {
                     saw_refusal.store(true, Ordering::SeqCst);
                 }
+                syncing.sync_error(e)
             })
         })
         .await;

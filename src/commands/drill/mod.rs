@@ -314,16 +314,6 @@ struct Outcome {
     marker: Option<(DateTime<Utc>, String)>,
 }
 
-fn server_major(manifest: &Manifest) -> u32 {
-    manifest
-        .source
-        .server_version
-        .as_deref()
-        .and_then(|v| v.split(|c: char| !c.is_ascii_digit()).next())
-        .and_then(|major| major.parse().ok())
-        .unwrap_or(0)
-}
-
 async fn run_postgres(
     config: &Config,
     drill: &Drill,
@@ -335,7 +325,7 @@ async fn run_postgres(
     let started = Instant::now();
     let (scratch, dsn) = match &drill.target {
         DrillTarget::Scratch => {
-            let binaries = Binaries::find(bin_dir, server_major(manifest))?;
+            let binaries = Binaries::find(bin_dir, manifest.server_major().unwrap_or(0))?;
             let cluster = ScratchCluster::start(&binaries).await?;
             let dsn = cluster.dsn("postgres");
             (Some(cluster), dsn)
@@ -460,7 +450,7 @@ async fn run_physical(
         )));
     }
     let server = Connection::from_settings(&format!("job '{}'", drill.job), &job.connection)?;
-    let binaries = Binaries::find(job.bin_dir.as_deref(), server_major(manifest))?;
+    let binaries = Binaries::find(job.bin_dir.as_deref(), manifest.server_major().unwrap_or(0))?;
     let scratch = ScratchDir::create()?;
     let started = Instant::now();
     let restored = restore::run(

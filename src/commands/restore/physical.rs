@@ -134,24 +134,15 @@ pub(super) async fn restore(
 /// The server binaries of the backup's major version: a data directory only starts with
 /// those.
 fn server_binaries(manifest: &Manifest, bin_dir: Option<&Path>) -> Result<Binaries> {
-    let version = manifest
-        .source
-        .server_version
-        .as_deref()
-        .unwrap_or_default();
-    let major: u32 = version
-        .split(|c: char| !c.is_ascii_digit())
-        .next()
-        .and_then(|n| n.parse().ok())
-        .ok_or_else(|| {
-            Error::new(
-                ErrorKind::Verification,
-                format!(
-                    "unable to restore backup '{}/{}': its manifest has no server version",
-                    manifest.job, manifest.id
-                ),
-            )
-        })?;
+    let major = manifest.server_major().ok_or_else(|| {
+        Error::new(
+            ErrorKind::Verification,
+            format!(
+                "unable to restore backup '{}/{}': its manifest has no server version",
+                manifest.job, manifest.id
+            ),
+        )
+    })?;
     let binaries = Binaries::find(bin_dir, major)?;
     if binaries.major != major || !binaries.dir.join("postgres").is_file() {
         return Err(Error::new(

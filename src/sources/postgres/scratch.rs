@@ -274,19 +274,7 @@ impl ScratchCluster {
         };
         running.remove(index);
         drop(running);
-        // SAFETY: kill(2) on the pid of the postmaster this process started.
-        unsafe {
-            libc::kill(child.id() as i32, libc::SIGINT);
-        }
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while Instant::now() < deadline {
-            if let Ok(Some(_)) = child.try_wait() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        let _ = child.kill();
-        let _ = child.wait();
+        crate::sources::process::stop_child(&mut child, libc::SIGINT, Duration::from_secs(30));
     }
 }
 

@@ -176,32 +176,40 @@ impl RedisServer {
         Ok(now)
     }
 
-    /// Streams the RDB over a replication connection into `out` (blocking).
-    pub fn sync_rdb(&self, out: &mut dyn Write) -> Result<Synced> {
+    /// Streams the RDB over a replication connection into `out` (blocking). The error is
+    /// the sync's own, so a caller can tell a refusal; `sync_error` words it.
+    pub fn sync_rdb(&self, out: &mut dyn Write) -> std::result::Result<Synced, SyncError> {
         let auth = self
             .password
             .as_deref()
             .map(|password| (self.username.as_deref(), password));
-        replication::sync_rdb(&self.host, self.port, auth, out).map_err(|e| {
-            let kind = match &e {
-                SyncError::Output(_) => ErrorKind::Storage,
-                _ => ErrorKind::Source,
-            };
-            let hint = match &e {
-                SyncError::Auth(_) => Some(AUTH_HINT),
-                SyncError::Refused(_) => Some("the server (or the user's ACL) does not allow SYNC; set rdb_path on the job to back up through BGSAVE and the server's RDB file instead"),
-                _ => None,
-            };
-            let err = Error::new(
-                kind,
-                format!("unable to read the RDB of Redis at {} over a replication connection", self.describe()),
-            )
-            .with_source(e);
-            match hint {
-                Some(hint) => err.with_hint(hint),
-                None => err,
-            }
-        })
+        replication::sync_rdb(&self.host, self.port, auth, out)
+    }
+
+    pub fn sync_error(&self, e: SyncError) -> Error {
+        let kind = match &e {
+            SyncError::Output(_) => ErrorKind::Storage,
+            _ => ErrorKind::Source,
+        };
+        let hint = match &e {
+            SyncError::Auth(_) => Some(AUTH_HINT),
+            SyncError::Refused(_) => Some(
+                "the server (or the user's ACL) does not allow SYNC; set rdb_path on the job to back up through BGSAVE and the server's RDB file instead",
+            ),
+            _ => None,
+        };
+        let err = Error::new(
+            kind,
+            format!(
+                "unable to read the RDB of Redis at {} over a replication connection",
+                self.describe()
+            ),
+        )
+        .with_source(e);
+        match hint {
+            Some(hint) => err.with_hint(hint),
+            None => err,
+        }
     }
 
     /// The fallback where SYNC is refused: BGSAVE, wait until it has finished, then the

@@ -154,19 +154,7 @@ impl ScratchRedis {
     pub fn stop(&mut self) {
         if let Some(mut child) = self.child.take() {
             forget_pid(child.id());
-            // SAFETY: kill(2) on the pid of the redis-server this process started.
-            unsafe {
-                libc::kill(child.id() as i32, libc::SIGTERM);
-            }
-            let deadline = Instant::now() + Duration::from_secs(10);
-            while Instant::now() < deadline {
-                if let Ok(Some(_)) = child.try_wait() {
-                    return;
-                }
-                std::thread::sleep(Duration::from_millis(20));
-            }
-            let _ = child.kill();
-            let _ = child.wait();
+            crate::sources::process::stop_child(&mut child, libc::SIGTERM, Duration::from_secs(10));
         }
     }
 }
