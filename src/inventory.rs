@@ -20,6 +20,8 @@ pub struct Holding {
     pub manifest: bool,
     /// Object name → stored size.
     pub objects: BTreeMap<String, u64>,
+    /// When the newest of its keys was written, where the store says.
+    pub newest: Option<chrono::DateTime<chrono::Utc>>,
 }
 
 /// How completely a repository holds a committed backup.
@@ -69,6 +71,7 @@ pub async fn holdings(repository: &Repository, job: &str) -> Result<BTreeMap<Str
             continue;
         }
         let holding = holdings.entry(id.to_string()).or_default();
+        holding.newest = holding.newest.max(object.last_modified);
         if name == layout::MANIFEST_NAME {
             holding.manifest = true;
         } else {

@@ -5,6 +5,8 @@
 //! jobs/JOB/backups/BACKUP_ID/OBJECT            objects, written first
 //! jobs/JOB/backups/BACKUP_ID/manifest.json     written last: the commit point
 //! jobs/JOB/wal/TIMELINE/FILE.zst               WAL archive (segments, .history, .backup)
+//! jobs/JOB/verified/BACKUP_ID.json             the last `verify` that found it intact
+//! jobs/JOB/prune.json                          backups a `prune` is removing, until it ends
 //! drills/DRILL/TIMESTAMP.json                  drill reports, kept with the backups
 //! ```
 
@@ -32,6 +34,28 @@ pub fn manifest_key(job: &str, id: &str) -> String {
 
 pub fn wal_prefix(job: &str) -> String {
     format!("jobs/{job}/wal/")
+}
+
+/// Backup objects, manifests and WAL: what Object Lock makes immutable. Records that are
+/// replaced or removed as a matter of course (verify records, the prune journal, drill
+/// reports) are not.
+pub fn is_backup_data(key: &str) -> bool {
+    let mut parts = key.split('/');
+    parts.next() == Some("jobs")
+        && parts.next().is_some()
+        && matches!(parts.next(), Some("backups" | "wal"))
+}
+
+pub fn verified_prefix(job: &str) -> String {
+    format!("jobs/{job}/verified/")
+}
+
+pub fn verified_key(job: &str, id: &str) -> String {
+    format!("jobs/{job}/verified/{id}.json")
+}
+
+pub fn prune_journal_key(job: &str) -> String {
+    format!("jobs/{job}/prune.json")
 }
 
 /// Where the archived WAL file `file` of `job` is kept: under its timeline.
@@ -88,6 +112,23 @@ mod tests {
         assert_eq!(backup_id(at), "20261126T030000Z");
         assert_eq!(parse_backup_id("20261126T030000Z"), Some(at));
         assert!(backup_id(at) < backup_id(at + chrono::Duration::seconds(1)));
+    }
+
+    #[test]
+    fn only_backup_data_is_locked() {
+        assert!(is_backup_data(
+            "jobs/db/backups/20261126T030000Z/app.dump.zst"
+        ));
+        assert!(is_backup_data(
+            "jobs/db/backups/20261126T030000Z/manifest.json"
+        ));
+        assert!(is_backup_data(
+            "jobs/db/wal/00000001/000000010000000000000003.zst"
+        ));
+        assert!(!is_backup_data(&verified_key("db", "20261126T030000Z")));
+        assert!(!is_backup_data(&prune_journal_key("db")));
+        assert!(!is_backup_data(&drill_report_key("q", "20261126T030000Z")));
+        assert!(!is_backup_data(MARKER_KEY));
     }
 
     #[test]

@@ -10,7 +10,7 @@ use clap::{Parser, Subcommand, ValueEnum};
 mod terminal;
 
 use lifeboat::commands::{
-    backup, check, drill, heartbeat, init, list, replicate, restore, show, verify, wal,
+    backup, check, drill, heartbeat, init, list, prune, replicate, restore, show, verify, wal,
 };
 use lifeboat::config::{Config, DEFAULT_CONFIG_PATH};
 use lifeboat::error::exit_code;
@@ -137,6 +137,20 @@ enum Command {
         /// Also read every object each repository holds and replace damaged ones.
         #[arg(long)]
         verify: bool,
+        #[arg(long, value_enum, default_value_t = OutputFormat::Text)]
+        format: OutputFormat,
+    },
+    /// Apply each job's retention policy in every repository, and clear leftovers.
+    Prune {
+        /// Only this job.
+        job: Option<String>,
+        /// Print the plan; change nothing.
+        #[arg(long)]
+        dry_run: bool,
+        /// Age after which a backup directory without a manifest, or an unfinished upload,
+        /// counts as abandoned (a running backup is younger).
+        #[arg(long, default_value = "24h", value_parser = humantime::parse_duration)]
+        grace: std::time::Duration,
         #[arg(long, value_enum, default_value_t = OutputFormat::Text)]
         format: OutputFormat,
     },
@@ -449,6 +463,21 @@ async fn run(cli: Cli) -> Result<i32> {
                 },
             )
             .await?;
+            print(&report, format);
+            report.outcome()?;
+        }
+        Command::Prune {
+            job,
+            dry_run,
+            grace,
+            format,
+        } => {
+            let options = prune::PruneOptions {
+                job,
+                dry_run,
+                grace,
+            };
+            let report = prune::run(&config, &options).await?;
             print(&report, format);
             report.outcome()?;
         }

@@ -34,7 +34,11 @@ impl Repository {
     pub async fn open(config: &RepositoryConfig) -> Repository {
         let store: Arc<dyn Store> = match &config.location {
             Location::Local { path } => Arc::new(LocalStore::new(path)),
-            Location::S3(settings) => Arc::new(S3Store::connect(settings).await),
+            Location::S3(settings) => Arc::new(
+                S3Store::connect(settings)
+                    .await
+                    .lock_keys(layout::is_backup_data),
+            ),
         };
         Repository {
             name: config.name.clone(),

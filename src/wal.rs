@@ -108,6 +108,19 @@ impl WalFile {
     }
 }
 
+impl WalFile {
+    /// The number of the segment the file belongs to (for `.backup` and `.partial` files,
+    /// the segment they name); None for timeline history files.
+    pub fn segment(&self, segment_size: u64) -> Option<u64> {
+        if self.kind == WalFileKind::History {
+            return None;
+        }
+        let log = u64::from_str_radix(self.name.get(8..16)?, 16).ok()?;
+        let seg = u64::from_str_radix(self.name.get(16..24)?, 16).ok()?;
+        Some(log * (0x1_0000_0000 / segment_size) + seg)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -121,6 +134,18 @@ mod tests {
             assert_eq!(Lsn::parse(bad), None, "{bad}");
         }
         assert!(Lsn::parse("0/3000100") > Lsn::parse("0/3000028"));
+    }
+
+    #[test]
+    fn every_file_but_history_belongs_to_a_segment() {
+        let mb16 = 16 * 1024 * 1024;
+        let of = |name: &str| WalFile::parse(name).unwrap().segment(mb16);
+        assert_eq!(of("000000020000000100000005"), Some(256 + 5));
+        assert_eq!(of("000000020000000100000005.partial"), Some(256 + 5));
+        assert_eq!(of("000000010000000000000003.00000028.backup"), Some(3));
+        assert_eq!(of("00000002.history"), None);
+        let name = segment_name(3, 4242, mb16);
+        assert_eq!(of(&name), Some(4242));
     }
 
     #[test]

@@ -10,5 +10,6 @@ mod failed_backup;
 mod files_round_trip;
 mod postgres_logical;
 mod postgres_physical;
+mod prune;
 mod redis;
 mod regions;

@@ -9,12 +9,12 @@ use std::path::{Path, PathBuf};
 use crate::common::postgres::{Postgres, free_port, stop_data_dir};
 use crate::common::{SeaweedFs, lifeboat, seaweedfs, write_config};
 
-const BUCKET: &str = "backups";
-const PREFIX: &str = "lifeboat";
-const JOB: &str = "pitr";
+pub(crate) const BUCKET: &str = "backups";
+pub(crate) const PREFIX: &str = "lifeboat";
+pub(crate) const JOB: &str = "pitr";
 
 /// A work directory the `postgres` user can read (archive_command reads the config in it).
-fn shared_work_dir() -> tempfile::TempDir {
+pub(crate) fn shared_work_dir() -> tempfile::TempDir {
     let work = tempfile::tempdir().unwrap();
     std::fs::set_permissions(work.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
     work
@@ -39,7 +39,11 @@ fn physical_config(
 }
 
 /// A cluster archiving into `regions` with `lifeboat wal-push`, and the config naming it.
-fn archiving_cluster(work: &Path, regions: &[&SeaweedFs], extra: &str) -> (Postgres, PathBuf) {
+pub(crate) fn archiving_cluster(
+    work: &Path,
+    regions: &[&SeaweedFs],
+    extra: &str,
+) -> (Postgres, PathBuf) {
     let password_file = work.join("pg.pass");
     // The archiver reads the config from the first segment on; the port is known later.
     let config = physical_config(work, regions, 5432, &password_file, extra);
@@ -84,7 +88,7 @@ fn server_now(source: &Postgres) -> String {
 }
 
 /// Stops the server a restore started, even when an assertion fails first.
-struct Restored(PathBuf);
+pub(crate) struct Restored(pub(crate) PathBuf);
 
 impl Drop for Restored {
     fn drop(&mut self) {

@@ -9,13 +9,13 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use serde::Serialize;
 
-use crate::config::{Config, JobConfig, JobSource, PostgresJob, PostgresMode};
+use crate::config::{Config, JobConfig, JobSource, Location, PostgresJob, PostgresMode};
 use crate::error::{Error, ErrorKind, Result};
 use crate::layout;
 use crate::repository::Repository;
 use crate::sources::postgres::{Binaries, Connection, logical, physical};
 use crate::sources::redis::RedisServer;
-use crate::storage::{self, StoreError};
+use crate::storage::{self, LockSupport, StoreError};
 use crate::wal::WalFile;
 
 #[derive(Debug, Serialize)]
@@ -51,13 +51,24 @@ impl CheckReport {
 
 pub async fn run(config: &Config) -> CheckReport {
     let mut items = Vec::new();
-    for repository in Repository::open_all(config).await {
+    for repository_config in &config.repositories {
+        let repository = Repository::open(repository_config).await;
         let what = format!(
             "repository '{}' ({})",
             repository.name,
             repository.store.location()
         );
-        let (problem, notes) = match probe(&repository).await {
+        let lock_wanted =
+            matches!(&repository_config.location, Location::S3(s3) if s3.object_lock.is_some());
+        let probed = match probe(&repository).await {
+            Ok(notes) => probe_lock(&repository, lock_wanted).await.map(|lock| {
+                let mut notes = notes;
+                notes.extend(lock);
+                notes
+            }),
+            Err(e) => Err(e),
+        };
+        let (problem, notes) = match probed {
             Ok(notes) => (None, notes),
             Err(e) => (Some(e), Vec::new()),
         };
@@ -241,16 +252,44 @@ async fn probe(repository: &Repository) -> Result<Vec<String>, String> {
             ),
             Err(e) => return Err(fail("create", e)),
         }
-        store.delete(&conditional).await.map_err(|e| fail("delete", e))?;
+        store.delete_unless_retained(&conditional).await.map_err(|e| fail("delete", e))?;
         Ok(notes)
     }
     .await;
-    store.delete(&key).await.map_err(|e| fail("delete", e))?;
+    store
+        .delete_unless_retained(&key)
+        .await
+        .map_err(|e| fail("delete", e))?;
     let notes = cleanup?;
     match store.head(&key).await {
         Err(StoreError::NotFound { .. }) => Ok(notes),
         Ok(_) => Err(format!("probe object '{key}' is still there after delete")),
         Err(e) => Err(fail("stat", e)),
+    }
+}
+
+/// Whether backups in this repository are really immutable: a failure when `object_lock`
+/// is configured and the bucket does not enforce it, a note otherwise.
+async fn probe_lock(repository: &Repository, wanted: bool) -> Result<Option<String>, String> {
+    let key = format!(
+        "check/lock-probe-{}-{}",
+        std::process::id(),
+        chrono::Utc::now().timestamp_nanos_opt().unwrap_or_default()
+    );
+    let support = repository
+        .store
+        .probe_lock(&key)
+        .await
+        .map_err(|e| format!("unable to probe Object Lock: {e}"))?;
+    match (support, wanted) {
+        (LockSupport::Unsupported, false) => Ok(None),
+        (LockSupport::Unsupported, true) => Err("object_lock is set but this repository cannot lock objects".to_string()),
+        (LockSupport::NotEnabled, false) => Ok(Some("Object Lock: not enabled on the bucket (backups can be deleted with the repository's credentials)".to_string())),
+        (LockSupport::NotEnabled, true) => Err("object_lock is set but the bucket does not have Object Lock enabled: backups are NOT immutable; create the bucket with Object Lock enabled".to_string()),
+        (LockSupport::NotEnforced, false) => Ok(Some("Object Lock: the bucket says enabled but a locked probe could be deleted; this server does not enforce it".to_string())),
+        (LockSupport::NotEnforced, true) => Err("the server accepts Object Lock settings but let a locked probe be deleted: backups are NOT immutable on this server".to_string()),
+        (LockSupport::Enforced, true) => Ok(Some("Object Lock: enforced (a locked probe could not be deleted before its date)".to_string())),
+        (LockSupport::Enforced, false) => Ok(Some("Object Lock: enabled and enforced on the bucket, but object_lock is not set, so backups are written without a retain-until date".to_string())),
     }
 }
 

@@ -7,6 +7,7 @@ pub mod drill;
 pub mod heartbeat;
 pub mod init;
 pub mod list;
+pub mod prune;
 pub mod replicate;
 pub mod restore;
 pub mod show;

@@ -154,10 +154,42 @@ pub async fn run(config: &Config, options: &VerifyOptions) -> Result<VerifyRepor
                 .filter(|(_, ids)| ids.contains(&id))
                 .map(|(repository, _)| *repository)
                 .collect();
+            let first_check = report.checks.len();
             verify_backup(job, &id, &sources, &mut report.checks).await;
+            let checks = &report.checks[first_check..];
+            if !checks.is_empty() && checks.iter().all(|c| c.intact_in.is_some()) {
+                record_verified(job, &id, &sources).await;
+            }
         }
     }
     Ok(report)
+}
+
+/// When a backup last checked out intact: `prune` never removes the newest such backup.
+#[derive(Debug, Serialize, serde::Deserialize)]
+pub struct VerifiedRecord {
+    pub job: String,
+    pub backup: String,
+    pub verified_at: chrono::DateTime<chrono::Utc>,
+}
+
+/// Keeps the record in every repository read; one that cannot take it is only a warning,
+/// because the backups themselves are fine.
+async fn record_verified(job: &str, id: &str, repositories: &[&Repository]) {
+    let record = VerifiedRecord {
+        job: job.to_string(),
+        backup: id.to_string(),
+        verified_at: chrono::Utc::now(),
+    };
+    let body = bytes::Bytes::from(serde_json::to_vec_pretty(&record).expect("record serializes"));
+    let key = crate::layout::verified_key(job, id);
+    for repository in repositories {
+        if let Err(e) =
+            crate::storage::put_bytes(repository.store.as_ref(), &key, body.clone()).await
+        {
+            tracing::warn!(repository = %repository.name, key = %key, error = %e, "unable to record the verification");
+        }
+    }
 }
 
 async fn verify_backup(

@@ -76,6 +76,23 @@ pub struct S3Settings {
     pub parts_in_flight: usize,
     pub max_attempts: u32,
     pub request_checksums: RequestChecksums,
+    /// Backups and WAL written with a retain-until date, so that a stolen credential cannot
+    /// delete or overwrite them before it passes.
+    pub object_lock: Option<ObjectLock>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ObjectLockMode {
+    /// Users with `s3:BypassGovernanceRetention` can still remove objects.
+    Governance,
+    /// Nobody, not even the account root, can remove objects before the date.
+    Compliance,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ObjectLock {
+    pub mode: ObjectLockMode,
+    pub days: u32,
 }
 
 #[derive(Debug, Clone)]
@@ -355,6 +372,7 @@ fn validate_repository(
         ("parts_in_flight", repo.parts_in_flight.is_some()),
         ("max_attempts", repo.max_attempts.is_some()),
         ("request_checksums", repo.request_checksums.is_some()),
+        ("object_lock", repo.object_lock.is_some()),
     ];
     let location = match kind {
         "local" => {
@@ -443,6 +461,10 @@ fn validate_repository(
                     ));
                 }
             };
+            let object_lock = repo
+                .object_lock
+                .map(|lock| validate_object_lock(&at("object_lock"), lock))
+                .transpose()?;
             Location::S3(S3Settings {
                 bucket,
                 prefix,
@@ -454,6 +476,7 @@ fn validate_repository(
                 parts_in_flight,
                 max_attempts,
                 request_checksums,
+                object_lock,
             })
         }
         other => {
@@ -464,6 +487,35 @@ fn validate_repository(
         }
     };
     Ok(RepositoryConfig { name, location })
+}
+
+fn validate_object_lock(field: &str, lock: raw::RawObjectLock) -> Result<ObjectLock, Problem> {
+    let mode = match lock.mode.as_deref() {
+        Some("governance") => ObjectLockMode::Governance,
+        Some("compliance") => ObjectLockMode::Compliance,
+        Some(other) => {
+            return Err(format!(
+                "{field}.mode: must be \"governance\" or \"compliance\" (got \"{other}\")"
+            ));
+        }
+        None => {
+            return Err(format!(
+                "{field}.mode: is required (\"governance\" or \"compliance\")"
+            ));
+        }
+    };
+    let days = lock
+        .days
+        .ok_or_else(|| format!("{field}.days: is required (days each backup stays locked)"))?;
+    if !(1..=36_500).contains(&days) {
+        return Err(format!(
+            "{field}.days: must be between 1 and 36500 (got {days})"
+        ));
+    }
+    Ok(ObjectLock {
+        mode,
+        days: days as u32,
+    })
 }
 
 /// TLS is not optional off this machine: plain http is accepted for loopback endpoints only,

@@ -47,6 +47,14 @@ pub struct RawRepository {
     pub parts_in_flight: Option<usize>,
     pub max_attempts: Option<u32>,
     pub request_checksums: Option<String>,
+    pub object_lock: Option<RawObjectLock>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawObjectLock {
+    pub mode: Option<String>,
+    pub days: Option<i64>,
 }
 
 #[derive(Debug, Deserialize)]

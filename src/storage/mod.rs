@@ -97,6 +97,28 @@ pub struct IncompleteUpload {
     pub initiated: Option<DateTime<Utc>>,
 }
 
+/// What `delete_unless_retained` did with an object.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Deletion {
+    /// Removed, or was already gone.
+    Deleted,
+    /// Left in place: a retention lock or legal hold protects it, until the date if known.
+    Retained { until: Option<DateTime<Utc>> },
+}
+
+/// Whether a store really keeps objects immutable, as found by writing a probe object.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LockSupport {
+    /// The backend has no notion of locks (a local directory).
+    Unsupported,
+    /// The bucket does not have Object Lock enabled.
+    NotEnabled,
+    /// The server accepted a locked write but let the probe be deleted: the lock is not real.
+    NotEnforced,
+    /// A locked probe could not be deleted before its date.
+    Enforced,
+}
+
 #[async_trait]
 pub trait Store: Send + Sync + fmt::Debug {
     /// Where this store keeps its objects, for messages: `s3://bucket/prefix` or a path.
@@ -124,6 +146,18 @@ pub trait Store: Send + Sync + fmt::Debug {
 
     /// Removes the object. Idempotent: removing a missing object succeeds.
     async fn delete(&self, key: &str) -> Result<(), StoreError>;
+
+    /// Removes the object unless a retention lock or legal hold still protects it. Where
+    /// objects are versioned (Object Lock), the version itself is removed, so no hidden copy
+    /// stays behind a delete marker. Idempotent.
+    async fn delete_unless_retained(&self, key: &str) -> Result<Deletion, StoreError> {
+        self.delete(key).await.map(|()| Deletion::Deleted)
+    }
+
+    /// Writes, checks and removes a short-lived locked probe under `probe_key`.
+    async fn probe_lock(&self, _probe_key: &str) -> Result<LockSupport, StoreError> {
+        Ok(LockSupport::Unsupported)
+    }
 
     /// Uploads under `prefix` that were started and never completed or aborted.
     async fn list_incomplete(&self, prefix: &str) -> Result<Vec<IncompleteUpload>, StoreError>;

@@ -21,7 +21,10 @@ use aws_sdk_s3::config::{
 };
 use aws_sdk_s3::error::{DisplayErrorContext, ProvideErrorMetadata, SdkError};
 use aws_sdk_s3::primitives::ByteStream as SdkByteStream;
-use aws_sdk_s3::types::{ChecksumAlgorithm, CompletedMultipartUpload, CompletedPart};
+use aws_sdk_s3::types::{
+    ChecksumAlgorithm, CompletedMultipartUpload, CompletedPart, ObjectLockLegalHoldStatus,
+    ObjectLockMode as SdkLockMode,
+};
 use base64::Engine;
 use bytes::{Bytes, BytesMut};
 use chrono::{DateTime, Utc};
@@ -30,13 +33,16 @@ use futures::stream::FuturesUnordered;
 use sha2::{Digest, Sha256};
 
 use super::{
-    ByteStream, IncompleteUpload, ObjectMeta, PartStream, PutReceipt, Store, StoreError,
-    validate_key,
+    ByteStream, Deletion, IncompleteUpload, LockSupport, ObjectMeta, PartStream, PutReceipt, Store,
+    StoreError, validate_key,
 };
-use crate::config::{RequestChecksums, S3Settings};
+use crate::config::{ObjectLock, ObjectLockMode, RequestChecksums, S3Settings};
 
 /// How long a download may receive nothing before it is abandoned as stalled.
 const BODY_STALL_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// How long `probe_lock` locks its probe object: it waits this long to remove it.
+const PROBE_LOCK_SECONDS: i64 = 2;
 
 /// S3 refuses multipart uploads with more parts than this.
 const MAX_PARTS: i32 = 10_000;
@@ -49,6 +55,15 @@ pub struct S3Store {
     prefix: String,
     part_size: usize,
     parts_in_flight: usize,
+    object_lock: Option<ObjectLock>,
+    /// Which keys are written locked: the repository decides, the store only applies it.
+    locked_keys: fn(&str) -> bool,
+}
+
+/// A retain-until date to write with an object.
+struct Retention {
+    mode: SdkLockMode,
+    until: aws_sdk_s3::primitives::DateTime,
 }
 
 impl S3Store {
@@ -119,7 +134,31 @@ impl S3Store {
             prefix,
             part_size: settings.part_size as usize,
             parts_in_flight: settings.parts_in_flight,
+            object_lock: settings.object_lock,
+            locked_keys: |_| false,
         }
+    }
+
+    /// Writes the keys `locked` selects with the repository's Object Lock retention, if it
+    /// has one configured.
+    pub fn lock_keys(mut self, locked: fn(&str) -> bool) -> S3Store {
+        self.locked_keys = locked;
+        self
+    }
+
+    fn retention_for(&self, key: &str) -> Option<Retention> {
+        let lock = self.object_lock?;
+        if !(self.locked_keys)(key) {
+            return None;
+        }
+        let until = Utc::now() + chrono::Duration::days(i64::from(lock.days));
+        Some(Retention {
+            mode: match lock.mode {
+                ObjectLockMode::Governance => SdkLockMode::Governance,
+                ObjectLockMode::Compliance => SdkLockMode::Compliance,
+            },
+            until: aws_sdk_s3::primitives::DateTime::from_secs(until.timestamp()),
+        })
     }
 
     fn full_key(&self, key: &str) -> Result<String, StoreError> {
@@ -138,10 +177,13 @@ impl S3Store {
         body: Bytes,
     ) -> Result<PutReceipt, StoreError> {
         let size = body.len() as u64;
+        let retention = self.retention_for(key);
         self.client
             .put_object()
             .bucket(&self.bucket)
             .key(full)
+            .set_object_lock_mode(retention.as_ref().map(|r| r.mode.clone()))
+            .set_object_lock_retain_until_date(retention.map(|r| r.until))
             .checksum_sha256(sha256_base64(&body))
             .body(SdkByteStream::from(body))
             .send()
@@ -314,11 +356,14 @@ impl Store for S3Store {
             return self.put_single(key, &full, first).await;
         };
 
+        let retention = self.retention_for(key);
         let created = self
             .client
             .create_multipart_upload()
             .bucket(&self.bucket)
             .key(&full)
+            .set_object_lock_mode(retention.as_ref().map(|r| r.mode.clone()))
+            .set_object_lock_retain_until_date(retention.map(|r| r.until))
             .checksum_algorithm(ChecksumAlgorithm::Sha256)
             .send()
             .await
@@ -362,12 +407,15 @@ impl Store for S3Store {
 
     async fn create_if_absent(&self, key: &str, body: Bytes) -> Result<(), StoreError> {
         let full = self.full_key(key)?;
+        let retention = self.retention_for(key);
         let result = self
             .client
             .put_object()
             .bucket(&self.bucket)
             .key(&full)
             .if_none_match("*")
+            .set_object_lock_mode(retention.as_ref().map(|r| r.mode.clone()))
+            .set_object_lock_retain_until_date(retention.map(|r| r.until))
             .checksum_sha256(sha256_base64(&body))
             .body(SdkByteStream::from(body))
             .send()
@@ -479,6 +527,111 @@ impl Store for S3Store {
             Err(e) if status(&e) == Some(404) => Ok(()),
             Err(e) => Err(sdk_error("delete", key, e)),
         }
+    }
+
+    async fn delete_unless_retained(&self, key: &str) -> Result<Deletion, StoreError> {
+        if self.object_lock.is_none() {
+            return self.delete(key).await.map(|()| Deletion::Deleted);
+        }
+        let full = self.full_key(key)?;
+        let head = match self
+            .client
+            .head_object()
+            .bucket(&self.bucket)
+            .key(&full)
+            .send()
+            .await
+        {
+            Ok(head) => head,
+            Err(e) if status(&e) == Some(404) => return Ok(Deletion::Deleted),
+            Err(e) => return Err(sdk_error("stat", key, e)),
+        };
+        let until = to_utc(head.object_lock_retain_until_date());
+        let held = head.object_lock_legal_hold_status() == Some(&ObjectLockLegalHoldStatus::On);
+        if held || until.is_some_and(|until| until > Utc::now()) {
+            return Ok(Deletion::Retained { until });
+        }
+        match self
+            .client
+            .delete_object()
+            .bucket(&self.bucket)
+            .key(&full)
+            .set_version_id(head.version_id().map(str::to_string))
+            .send()
+            .await
+        {
+            Ok(_) => Ok(Deletion::Deleted),
+            Err(e) if status(&e) == Some(404) => Ok(Deletion::Deleted),
+            // A lock that HEAD did not show (a bucket default, a clock ahead of the server's).
+            Err(e) if status(&e) == Some(403) => Ok(Deletion::Retained { until }),
+            Err(e) => Err(sdk_error("delete", key, e)),
+        }
+    }
+
+    async fn probe_lock(&self, probe_key: &str) -> Result<LockSupport, StoreError> {
+        match self
+            .client
+            .get_object_lock_configuration()
+            .bucket(&self.bucket)
+            .send()
+            .await
+        {
+            Ok(output) => {
+                let enabled = output
+                    .object_lock_configuration()
+                    .and_then(|c| c.object_lock_enabled())
+                    .is_some_and(|e| e.as_str() == "Enabled");
+                if !enabled {
+                    return Ok(LockSupport::NotEnabled);
+                }
+            }
+            Err(e) if matches!(status(&e), Some(404) | Some(400)) => {
+                return Ok(LockSupport::NotEnabled);
+            }
+            Err(e) => return Err(sdk_error("read the Object Lock configuration of", "", e)),
+        }
+        // The configuration can say Enabled on a server that ignores lock headers: write a
+        // probe locked for a few seconds and try to delete that very version.
+        let full = self.full_key(probe_key)?;
+        let until = Utc::now() + chrono::Duration::seconds(PROBE_LOCK_SECONDS);
+        let body = Bytes::from_static(b"lifeboat object lock probe");
+        let put = self
+            .client
+            .put_object()
+            .bucket(&self.bucket)
+            .key(&full)
+            .object_lock_mode(SdkLockMode::Governance)
+            .object_lock_retain_until_date(aws_sdk_s3::primitives::DateTime::from_secs(
+                until.timestamp(),
+            ))
+            .checksum_sha256(sha256_base64(&body))
+            .body(SdkByteStream::from(body))
+            .send()
+            .await
+            .map_err(|e| sdk_error("write a locked probe", probe_key, e))?;
+        let version = put.version_id().map(str::to_string);
+        let early = self
+            .client
+            .delete_object()
+            .bucket(&self.bucket)
+            .key(&full)
+            .set_version_id(version.clone())
+            .send()
+            .await;
+        if early.is_ok() {
+            return Ok(LockSupport::NotEnforced);
+        }
+        let wait = (until - Utc::now()).to_std().unwrap_or_default() + Duration::from_secs(1);
+        tokio::time::sleep(wait).await;
+        self.client
+            .delete_object()
+            .bucket(&self.bucket)
+            .key(&full)
+            .set_version_id(version)
+            .send()
+            .await
+            .map_err(|e| sdk_error("remove the probe", probe_key, e))?;
+        Ok(LockSupport::Enforced)
     }
 
     async fn list_incomplete(&self, prefix: &str) -> Result<Vec<IncompleteUpload>, StoreError> {

@@ -282,6 +282,7 @@ impl SeaweedFs {
             parts_in_flight: 4,
             max_attempts: 3,
             request_checksums: RequestChecksums::WhenRequired,
+            object_lock: None,
         }
     }
 
@@ -316,6 +317,28 @@ impl SeaweedFs {
         keys.into_iter()
             .filter(|k| k.ends_with("/manifest.json"))
             .collect()
+    }
+
+    /// Every object under `prefix` in the bucket with its size, by key.
+    pub async fn listing(
+        &self,
+        bucket: &str,
+        prefix: &str,
+    ) -> std::collections::BTreeMap<String, i64> {
+        let mut listing = std::collections::BTreeMap::new();
+        let mut pages = self
+            .client()
+            .list_objects_v2()
+            .bucket(bucket)
+            .prefix(prefix)
+            .into_paginator()
+            .send();
+        while let Some(page) = pages.next().await {
+            for object in page.unwrap().contents.unwrap_or_default() {
+                listing.insert(object.key.unwrap(), object.size.unwrap_or_default());
+            }
+        }
+        listing
     }
 
     pub async fn keys(&self, bucket: &str, prefix: &str) -> Vec<String> {

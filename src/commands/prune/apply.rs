@@ -1,0 +1,229 @@
+//! Removal in one repository, in the order that keeps every manifest whole: the journal
+//! first (so an interrupted prune is finished by the next one instead of waiting out the
+//! grace period), then per backup its manifest, its objects and its verify record, then
+//! the leftovers; the journal goes last.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use bytes::Bytes;
+use chrono::{DateTime, Utc};
+use futures::StreamExt;
+use serde::{Deserialize, Serialize};
+
+use super::report::{JobPrune, Leftover, Retained, StaleUpload};
+use crate::inventory::{Holding, Survey};
+use crate::layout;
+use crate::repository::Repository;
+use crate::storage::{self, Deletion};
+
+/// Deletes in flight per repository: enough to hide S3 latency, few enough to be polite.
+const DELETES_IN_FLIGHT: usize = 16;
+
+#[derive(Debug, Serialize, Deserialize)]
+struct Journal {
+    started_at: DateTime<Utc>,
+    removing: Vec<String>,
+}
+
+/// Ids an earlier prune was removing, from every repository's journal.
+pub(super) async fn read_journal(survey: &Survey<'_>, job: &str) -> BTreeSet<String> {
+    let key = layout::prune_journal_key(job);
+    let mut ids = BTreeSet::new();
+    for (repository, _) in &survey.listed {
+        let Ok(bytes) = storage::get_bytes(repository.store.as_ref(), &key).await else {
+            continue;
+        };
+        match serde_json::from_slice::<Journal>(&bytes) {
+            Ok(journal) => ids.extend(journal.removing),
+            Err(e) => {
+                tracing::warn!(repository = %repository.name, key = %key, error = %e, "unreadable prune journal")
+            }
+        }
+    }
+    ids
+}
+
+#[derive(Default)]
+pub(super) struct Removal {
+    pub retained: Vec<Retained>,
+    pub failures: Vec<String>,
+}
+
+impl Removal {
+    fn complete(&self) -> bool {
+        self.retained.is_empty() && self.failures.is_empty()
+    }
+}
+
+pub(super) async fn delete_keys(repository: &Repository, keys: Vec<String>) -> Removal {
+    let results: Vec<(String, Result<Deletion, storage::StoreError>)> = futures::stream::iter(keys)
+        .map(|key| async move {
+            let result = repository.store.delete_unless_retained(&key).await;
+            (key, result)
+        })
+        .buffer_unordered(DELETES_IN_FLIGHT)
+        .collect()
+        .await;
+    let mut removal = Removal::default();
+    for (key, result) in results {
+        match result {
+            Ok(Deletion::Deleted) => {}
+            Ok(Deletion::Retained { until }) => removal.retained.push(Retained {
+                repository: repository.name.clone(),
+                key,
+                until,
+            }),
+            Err(e) => removal.failures.push(format!(
+                "removing '{key}' from repository '{}': {e}",
+                repository.name
+            )),
+        }
+    }
+    removal
+}
+
+fn object_keys(job: &str, id: &str, holding: &Holding) -> Vec<String> {
+    holding
+        .objects
+        .keys()
+        .map(|name| layout::object_key(job, id, name))
+        .collect()
+}
+
+/// Removes `removals` (committed backups the plan lets go) and `leftovers` from one
+/// repository, recording what happened in `outcome`.
+pub(super) async fn remove_from(
+    repository: &Repository,
+    job: &str,
+    held: &BTreeMap<String, Holding>,
+    removals: &[&String],
+    leftovers: Vec<Leftover>,
+    dry_run: bool,
+    outcome: &mut JobPrune,
+) {
+    if removals.is_empty() && leftovers.is_empty() {
+        return;
+    }
+    if dry_run {
+        for id in removals {
+            if let Some(backup) = outcome.backups.iter_mut().find(|b| &&b.id == id) {
+                backup.removed_from.push(repository.name.clone());
+            }
+        }
+        outcome.leftovers.extend(leftovers);
+        return;
+    }
+    let journal_key = layout::prune_journal_key(job);
+    let journal = Journal {
+        started_at: Utc::now(),
+        removing: removals
+            .iter()
+            .map(|id| id.to_string())
+            .chain(leftovers.iter().map(|l| l.id.clone()))
+            .collect(),
+    };
+    let body = Bytes::from(serde_json::to_vec_pretty(&journal).expect("journal serializes"));
+    if let Err(e) = storage::put_bytes(repository.store.as_ref(), &journal_key, body).await {
+        outcome.failures.push(format!(
+            "writing the prune journal '{journal_key}' to repository '{}' (nothing removed there): {e}",
+            repository.name
+        ));
+        return;
+    }
+
+    // Whether some id lost its manifest here but kept objects: the journal then stays, so the
+    // next prune finishes it without waiting out the grace period.
+    let mut unfinished = false;
+    for id in removals {
+        let holding = &held[id.as_str()];
+        let mut removal = Removal::default();
+        if holding.manifest {
+            removal = delete_keys(repository, vec![layout::manifest_key(job, id)]).await;
+        }
+        // A manifest that stays (locked, or the delete failed) keeps its objects with it.
+        if removal.complete() {
+            removal = delete_keys(repository, object_keys(job, id, holding)).await;
+            unfinished |= !removal.complete();
+        }
+        if removal.complete() {
+            removal = delete_keys(repository, vec![layout::verified_key(job, id)]).await;
+        }
+        let backup = outcome
+            .backups
+            .iter_mut()
+            .find(|b| &&b.id == id)
+            .expect("every removal is in the plan");
+        if removal.complete() {
+            backup.removed_from.push(repository.name.clone());
+        }
+        backup.retained.extend(removal.retained);
+        outcome.failures.extend(removal.failures);
+    }
+    for mut leftover in leftovers {
+        let removal = delete_keys(
+            repository,
+            object_keys(job, &leftover.id, &held[&leftover.id]),
+        )
+        .await;
+        leftover.removed = removal.complete();
+        unfinished |= !removal.complete();
+        leftover.retained = removal.retained;
+        outcome.failures.extend(removal.failures);
+        outcome.leftovers.push(leftover);
+    }
+    if !unfinished && let Err(e) = repository.store.delete_unless_retained(&journal_key).await {
+        outcome.failures.push(format!(
+            "removing the prune journal '{journal_key}' from repository '{}': {e}",
+            repository.name
+        ));
+    }
+}
+
+/// Aborts uploads of `job` started before `before`: a backup still running is younger.
+pub(super) async fn abort_stale_uploads(
+    repository: &Repository,
+    job: &str,
+    before: DateTime<Utc>,
+    dry_run: bool,
+    outcome: &mut JobPrune,
+) {
+    let uploads = match repository
+        .store
+        .list_incomplete(&format!("jobs/{job}/"))
+        .await
+    {
+        Ok(uploads) => uploads,
+        Err(e) => {
+            outcome.failures.push(format!(
+                "listing incomplete uploads in repository '{}': {e}",
+                repository.name
+            ));
+            return;
+        }
+    };
+    for upload in uploads
+        .into_iter()
+        .filter(|u| u.initiated.is_some_and(|at| at < before))
+    {
+        let aborted = if dry_run {
+            false
+        } else {
+            match repository.store.abort_incomplete(&upload).await {
+                Ok(()) => true,
+                Err(e) => {
+                    outcome.failures.push(format!(
+                        "aborting the upload of '{}' in repository '{}': {e}",
+                        upload.key, repository.name
+                    ));
+                    false
+                }
+            }
+        };
+        outcome.stale_uploads.push(StaleUpload {
+            repository: repository.name.clone(),
+            key: upload.key,
+            initiated: upload.initiated,
+            aborted,
+        });
+    }
+}

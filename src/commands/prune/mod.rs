@@ -1,0 +1,438 @@
+//! `lifeboat prune [JOB] [--dry-run]`: applies each job's retention policy in every
+//! repository. The plan comes from `retention::plan` plus protections that no policy can
+//! override: the newest backup that passed `verify`, every backup a passing drill proved in
+//! the last 100 days, and — for physical jobs with `keep_within` — the base backup that
+//! point-in-time recovery to the start of that window replays from. A plan that would remove
+//! every backup is refused. Removal, per repository: a journal naming what goes, then for
+//! each backup its manifest (so no manifest ever points to a removed object), its objects and
+//! its verify record; then leftovers of interrupted backups, stale multipart uploads, and WAL
+//! that no kept physical backup needs. Objects under Object Lock are left and reported.
+
+mod apply;
+mod report;
+mod wal;
+
+use std::collections::BTreeSet;
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+
+use crate::config::{Config, JobConfig, JobSource, PostgresMode, Retention};
+use crate::error::Result;
+use crate::inventory::{self, Survey};
+use crate::layout;
+use crate::repository::Repository;
+use crate::retention::{self, Candidate, Decision};
+
+pub use report::{BackupOutcome, JobPrune, Leftover, PruneReport, Retained, StaleUpload};
+pub use wal::{WalFloor, WalPrune, WalRepositoryPrune};
+
+/// A drill that passed proves its backup restores: that backup is kept this long.
+pub const DRILL_PROOF_DAYS: i64 = 100;
+/// Leftovers younger than this may belong to a backup still running.
+pub const DEFAULT_GRACE: Duration = Duration::from_secs(24 * 3600);
+
+pub struct PruneOptions {
+    pub job: Option<String>,
+    pub dry_run: bool,
+    /// How old a backup directory without a manifest, or an incomplete upload, must be
+    /// before it counts as abandoned.
+    pub grace: Duration,
+}
+
+/// A passing drill of a backup, from the drill reports in the repositories.
+#[derive(Debug, Clone)]
+struct Proof {
+    job: String,
+    backup: String,
+    drill: String,
+    declared_at: DateTime<Utc>,
+}
+
+pub async fn run(config: &Config, options: &PruneOptions) -> Result<PruneReport> {
+    let jobs: Vec<&JobConfig> = match &options.job {
+        Some(name) => vec![config.job(name)?],
+        None => config.jobs.iter().collect(),
+    };
+    let repositories = Repository::open_all(config).await;
+    let now = Utc::now();
+    let proofs = drill_proofs(config, now).await?;
+    let mut report = PruneReport {
+        dry_run: options.dry_run,
+        jobs: Vec::new(),
+    };
+    for job in jobs {
+        report
+            .jobs
+            .push(prune_job(job, &repositories, &proofs, now, options).await);
+    }
+    Ok(report)
+}
+
+async fn drill_proofs(config: &Config, now: DateTime<Utc>) -> Result<Vec<Proof>> {
+    let since = now - chrono::Duration::days(DRILL_PROOF_DAYS);
+    let history = crate::commands::drill::history(config, None).await?;
+    Ok(history
+        .rows
+        .into_iter()
+        .filter(|row| row.passed && row.declared_at > since)
+        .map(|row| Proof {
+            job: row.job,
+            backup: row.backup,
+            drill: row.drill,
+            declared_at: row.declared_at,
+        })
+        .collect())
+}
+
+async fn prune_job(
+    job: &JobConfig,
+    repositories: &[Repository],
+    proofs: &[Proof],
+    now: DateTime<Utc>,
+    options: &PruneOptions,
+) -> JobPrune {
+    let survey = inventory::survey(repositories, &job.name).await;
+    let mut outcome = JobPrune::new(&job.name, survey.unreachable.clone());
+    if survey.listed.is_empty() {
+        outcome.refused = Some("no repository could be listed".to_string());
+        return outcome;
+    }
+    let committed = survey.committed_ids();
+    let verified = verified_ids(&survey, &job.name).await;
+    let decisions = decide(job, &committed, &verified, proofs, now);
+    if !committed.is_empty() && decisions.iter().all(|d| !d.keep) {
+        outcome.refused = Some(format!(
+            "the plan would remove all {} backup(s); nothing was removed",
+            committed.len()
+        ));
+        outcome.backups = decisions.into_iter().map(BackupOutcome::planned).collect();
+        return outcome;
+    }
+    let journal = apply::read_journal(&survey, &job.name).await;
+    let removals: BTreeSet<String> = decisions
+        .iter()
+        .filter(|d| !d.keep)
+        .map(|d| d.id.clone())
+        .collect();
+    let committed_set: BTreeSet<&String> = committed.iter().collect();
+    let grace = chrono::Duration::from_std(options.grace).unwrap_or(chrono::Duration::MAX);
+    outcome.backups = decisions.into_iter().map(BackupOutcome::planned).collect();
+
+    for (repository, held) in &survey.listed {
+        let leftovers: Vec<Leftover> = held
+            .iter()
+            .filter(|(id, _)| !committed_set.contains(id))
+            .filter_map(|(id, holding)| {
+                let why = if journal.contains(id) {
+                    "left by an interrupted prune".to_string()
+                } else {
+                    let started = layout::parse_backup_id(id)?;
+                    let written = holding.newest.unwrap_or(started).max(started);
+                    if now - written < grace {
+                        return None;
+                    }
+                    format!(
+                        "no manifest, last written {}",
+                        written.format("%Y-%m-%d %H:%M:%S UTC")
+                    )
+                };
+                Some(Leftover {
+                    repository: repository.name.clone(),
+                    id: id.clone(),
+                    objects: holding.objects.len(),
+                    why,
+                    removed: false,
+                    retained: Vec::new(),
+                })
+            })
+            .collect();
+        let held_removals: Vec<&String> = removals
+            .iter()
+            .filter(|id| held.contains_key(*id))
+            .collect();
+        apply::remove_from(
+            repository,
+            &job.name,
+            held,
+            &held_removals,
+            leftovers,
+            options.dry_run,
+            &mut outcome,
+        )
+        .await;
+        apply::abort_stale_uploads(
+            repository,
+            &job.name,
+            now - grace,
+            options.dry_run,
+            &mut outcome,
+        )
+        .await;
+    }
+
+    if let JobSource::Postgres(postgres) = &job.source
+        && postgres.mode == PostgresMode::Physical
+    {
+        match wal::floors(&survey, &job.name, &outcome.backups).await {
+            Ok(floors) => {
+                let pruned = wal::prune(
+                    &survey,
+                    &job.name,
+                    floors,
+                    options.dry_run,
+                    &mut outcome.failures,
+                )
+                .await;
+                outcome.wal = Some(pruned);
+            }
+            Err(why) => outcome.wal_skipped = Some(why),
+        }
+    }
+    outcome
+}
+
+/// Ids with a verify record in any repository.
+async fn verified_ids(survey: &Survey<'_>, job: &str) -> BTreeSet<String> {
+    let prefix = layout::verified_prefix(job);
+    let mut ids = BTreeSet::new();
+    for (repository, _) in &survey.listed {
+        let Ok(records) = repository.store.list(&prefix).await else {
+            continue;
+        };
+        ids.extend(records.iter().filter_map(|record| {
+            let name = record.key.strip_prefix(&prefix)?.strip_suffix(".json")?;
+            layout::parse_backup_id(name).map(|_| name.to_string())
+        }));
+    }
+    ids
+}
+
+/// The retention plan with the protections no policy overrides, newest first.
+fn decide(
+    job: &JobConfig,
+    committed: &[String],
+    verified: &BTreeSet<String>,
+    proofs: &[Proof],
+    now: DateTime<Utc>,
+) -> Vec<Decision> {
+    let candidates: Vec<Candidate> = committed
+        .iter()
+        .filter_map(|id| {
+            Some(Candidate {
+                id: id.clone(),
+                at: layout::parse_backup_id(id)?,
+            })
+        })
+        .collect();
+    let policy = job.retention.clone().unwrap_or_default();
+    let mut decisions = retention::plan(&candidates, now, &policy);
+    let mut protect = |id: &str, reason: String| {
+        if let Some(decision) = decisions.iter_mut().find(|d| d.id == id) {
+            if !decision.keep {
+                decision.reasons.clear();
+                decision.keep = true;
+            }
+            decision.reasons.push(reason);
+        }
+    };
+    if let Some(newest) = committed.iter().rev().find(|id| verified.contains(*id)) {
+        protect(newest, "newest verified".to_string());
+    }
+    for proof in proofs.iter().filter(|p| p.job == job.name) {
+        protect(
+            &proof.backup,
+            format!(
+                "proved by drill {} on {}",
+                proof.drill,
+                proof.declared_at.format("%Y-%m-%d")
+            ),
+        );
+    }
+    if let Some(base) = pitr_base(job, &policy, &candidates, now) {
+        protect(
+            &base.id,
+            format!(
+                "base for PITR to {}",
+                (now - base.within).format("%Y-%m-%d %H:%M UTC")
+            ),
+        );
+    }
+    decisions
+}
+
+struct PitrBase {
+    id: String,
+    within: chrono::Duration,
+}
+
+/// For a physical job with `keep_within`, the newest backup taken at or before the start of
+/// the window: without it, no time early in the window could be recovered to.
+fn pitr_base(
+    job: &JobConfig,
+    policy: &Retention,
+    candidates: &[Candidate],
+    now: DateTime<Utc>,
+) -> Option<PitrBase> {
+    let JobSource::Postgres(postgres) = &job.source else {
+        return None;
+    };
+    if postgres.mode != PostgresMode::Physical {
+        return None;
+    }
+    let within = chrono::Duration::from_std(policy.keep_within?).ok()?;
+    let start = now - within;
+    candidates
+        .iter()
+        .filter(|c| c.at <= start)
+        .max_by_key(|c| c.at)
+        .map(|c| PitrBase {
+            id: c.id.clone(),
+            within,
+        })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{FilesJob, PostgresJob};
+
+    fn at(text: &str) -> DateTime<Utc> {
+        DateTime::parse_from_rfc3339(text).unwrap().to_utc()
+    }
+
+    fn job(source: JobSource, retention: Retention) -> JobConfig {
+        JobConfig {
+            name: "db".to_string(),
+            schedule: None,
+            retention: Some(retention),
+            source,
+        }
+    }
+
+    fn files() -> JobSource {
+        JobSource::Files(FilesJob {
+            paths: Vec::new(),
+            include: Vec::new(),
+            exclude: Vec::new(),
+        })
+    }
+
+    fn physical() -> JobSource {
+        JobSource::Postgres(PostgresJob {
+            mode: PostgresMode::Physical,
+            connection: Default::default(),
+            databases: None,
+            bin_dir: None,
+            heartbeat: false,
+        })
+    }
+
+    /// Daily backups at 03:00 from the 1st to the 10th of November 2026.
+    fn ten_days() -> Vec<String> {
+        (1..=10).map(|d| format!("202611{d:02}T030000Z")).collect()
+    }
+
+    fn kept(decisions: &[Decision]) -> Vec<&str> {
+        decisions
+            .iter()
+            .filter(|d| d.keep)
+            .map(|d| d.id.as_str())
+            .collect()
+    }
+
+    #[test]
+    fn the_newest_verified_backup_and_drilled_backups_are_kept_whatever_the_policy() {
+        let now = at("2026-11-10T12:00:00Z");
+        let policy = Retention {
+            keep_last: Some(1),
+            ..Retention::default()
+        };
+        let verified: BTreeSet<String> = ["20261102T030000Z", "20261104T030000Z"]
+            .map(String::from)
+            .into();
+        let proofs = vec![
+            Proof {
+                job: "db".to_string(),
+                backup: "20261101T030000Z".to_string(),
+                drill: "quarterly".to_string(),
+                declared_at: at("2026-11-05T10:00:00Z"),
+            },
+            // Another job's drill of a backup with the same id proves nothing here.
+            Proof {
+                job: "other".to_string(),
+                backup: "20261107T030000Z".to_string(),
+                drill: "quarterly".to_string(),
+                declared_at: at("2026-11-08T10:00:00Z"),
+            },
+        ];
+        let decisions = decide(&job(files(), policy), &ten_days(), &verified, &proofs, now);
+        assert_eq!(
+            kept(&decisions),
+            ["20261110T030000Z", "20261104T030000Z", "20261101T030000Z"]
+        );
+        let reasons = |id: &str| {
+            decisions
+                .iter()
+                .find(|d| d.id == id)
+                .unwrap()
+                .reasons
+                .join(", ")
+        };
+        assert_eq!(reasons("20261104T030000Z"), "newest verified");
+        assert_eq!(
+            reasons("20261101T030000Z"),
+            "proved by drill quarterly on 2026-11-05"
+        );
+        assert_eq!(reasons("20261102T030000Z"), "no rule keeps it");
+    }
+
+    #[test]
+    fn a_physical_job_keeps_the_base_backup_of_its_recovery_window() {
+        let now = at("2026-11-10T12:00:00Z");
+        let policy = Retention {
+            keep_within: Some(Duration::from_secs(3 * 86_400)),
+            ..Retention::default()
+        };
+        let none = BTreeSet::new();
+        // Within three days: the 8th, 9th and 10th. Recovering to the window's start (7th,
+        // 12:00) replays from the backup of the 7th.
+        let decisions = decide(
+            &job(physical(), policy.clone()),
+            &ten_days(),
+            &none,
+            &[],
+            now,
+        );
+        assert_eq!(
+            kept(&decisions),
+            [
+                "20261110T030000Z",
+                "20261109T030000Z",
+                "20261108T030000Z",
+                "20261107T030000Z"
+            ]
+        );
+        assert!(decisions[3].reasons[0].starts_with("base for PITR to 2026-11-07 12:00"));
+        // A logical job has no recovery window to keep a base for.
+        let decisions = decide(&job(files(), policy), &ten_days(), &none, &[], now);
+        assert_eq!(kept(&decisions).len(), 3);
+    }
+
+    #[test]
+    fn a_window_with_no_backup_in_it_keeps_nothing_and_prune_refuses() {
+        let now = at("2026-12-31T00:00:00Z");
+        let policy = Retention {
+            keep_within: Some(Duration::from_secs(86_400)),
+            ..Retention::default()
+        };
+        let decisions = decide(
+            &job(files(), policy),
+            &ten_days(),
+            &BTreeSet::new(),
+            &[],
+            now,
+        );
+        assert!(decisions.iter().all(|d| !d.keep));
+    }
+}
