@@ -157,6 +157,21 @@ async fn list_with_pagination(store: Arc<dyn Store>) {
     // A prefix is a string prefix, not only a directory.
     assert_eq!(store.list("many/k0104").await.unwrap().len(), 10);
     assert_eq!(store.list("many").await.unwrap().len(), count + 1);
+
+    // Page by page, the same keys in the same order, each once.
+    let mut paged = Vec::new();
+    let mut after: Option<String> = None;
+    loop {
+        let page = store
+            .list_page("many/", after.as_deref(), 400)
+            .await
+            .unwrap();
+        assert!(page.len() <= 400);
+        let Some(last) = page.last() else { break };
+        after = Some(last.key.clone());
+        paged.extend(page.into_iter().map(|o| o.key));
+    }
+    assert_eq!(paged, keys);
 }
 
 async fn multipart(store: &dyn Store) {

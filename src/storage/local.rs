@@ -86,8 +86,9 @@ impl LocalStore {
             .map_err(|e| StoreError::io("fsync directory of", key, e))
     }
 
-    fn walk(&self, prefix: &str) -> io::Result<Vec<(String, std::fs::Metadata)>> {
-        // Walk the deepest directory the prefix names fully, then filter by the whole prefix.
+    /// Files under the deepest directory `prefix` names fully whose key `keep` accepts,
+    /// sorted by key. Only what is kept is held in memory.
+    fn walk(&self, prefix: &str, keep: impl Fn(&str) -> bool) -> io::Result<Vec<ObjectMeta>> {
         let dir_part = match prefix.rfind('/') {
             Some(i) => &prefix[..i],
             None => "",
@@ -101,10 +102,9 @@ impl LocalStore {
         if !start.is_dir() {
             return Ok(found);
         }
-        for entry in walkdir::WalkDir::new(&start)
-            .follow_links(false)
-            .sort_by_file_name()
-        {
+        // Unsorted: a sorted walk would hold every entry of a directory (a WAL archive's
+        // hundred thousand) to sort it; sorting only what is kept is cheaper.
+        for entry in walkdir::WalkDir::new(&start).follow_links(false) {
             let entry = entry.map_err(io::Error::other)?;
             if !entry.file_type().is_file() {
                 continue;
@@ -116,16 +116,93 @@ impl LocalStore {
             let Some(key) = relative.to_str().map(str::to_string) else {
                 continue;
             };
-            if key.starts_with(prefix) {
-                found.push((key, entry.metadata().map_err(io::Error::other)?));
+            if keep(&key) {
+                let meta = entry.metadata().map_err(io::Error::other)?;
+                found.push(ObjectMeta {
+                    size: meta.len(),
+                    last_modified: modified(&meta),
+                    key,
+                });
             }
         }
+        found.sort_unstable_by(|a, b| a.key.cmp(&b.key));
         Ok(found)
+    }
+}
+
+impl LocalStore {
+    /// One page of `list_page`: an unsorted walk that keeps only the `max` smallest keys
+    /// after `start_after`, so memory stays bounded however many files a directory holds.
+    fn walk_page(
+        &self,
+        prefix: &str,
+        start_after: Option<&str>,
+        max: usize,
+    ) -> io::Result<Vec<ObjectMeta>> {
+        let dir_part = prefix.rfind('/').map_or("", |i| &prefix[..i]);
+        let start = self.root.join(dir_part);
+        if !start.is_dir() || max == 0 {
+            return Ok(Vec::new());
+        }
+        let mut smallest: std::collections::BinaryHeap<String> =
+            std::collections::BinaryHeap::new();
+        for entry in walkdir::WalkDir::new(&start).follow_links(false) {
+            let entry = entry.map_err(io::Error::other)?;
+            if !entry.file_type().is_file() {
+                continue;
+            }
+            let Some(key) = entry
+                .path()
+                .strip_prefix(&self.root)
+                .ok()
+                .and_then(|relative| relative.to_str())
+            else {
+                continue;
+            };
+            if !key.starts_with(prefix)
+                || is_temp(key)
+                || start_after.is_some_and(|after| key <= after)
+                || (smallest.len() == max && smallest.peek().is_some_and(|top| key >= top.as_str()))
+            {
+                continue;
+            }
+            smallest.push(key.to_string());
+            if smallest.len() > max {
+                smallest.pop();
+            }
+        }
+        let mut page = Vec::with_capacity(smallest.len());
+        for key in smallest.into_sorted_vec() {
+            match std::fs::metadata(self.root.join(&key)) {
+                Ok(meta) => page.push(ObjectMeta {
+                    size: meta.len(),
+                    last_modified: modified(&meta),
+                    key,
+                }),
+                // Removed since the walk saw it: no longer an object.
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(page)
     }
 }
 
 fn modified(meta: &std::fs::Metadata) -> Option<DateTime<Utc>> {
     meta.modified().ok().map(DateTime::<Utc>::from)
+}
+
+/// The key a temp file was being written for; None if `key` is not a temp file.
+fn original_key(key: &str) -> Option<String> {
+    let (dir, name) = key.rsplit_once('/').unwrap_or(("", key));
+    let original = name.strip_prefix('.')?.split(TEMP_MARKER).next()?;
+    if !name.contains(TEMP_MARKER) {
+        return None;
+    }
+    Some(match dir {
+        "" => original.to_string(),
+        _ => format!("{dir}/{original}"),
+    })
 }
 
 fn is_temp(key: &str) -> bool {
@@ -217,19 +294,29 @@ impl Store for LocalStore {
     async fn list(&self, prefix: &str) -> Result<Vec<ObjectMeta>, StoreError> {
         let store = self.clone();
         let owned = prefix.to_string();
-        let found = tokio::task::spawn_blocking(move || store.walk(&owned))
+        tokio::task::spawn_blocking(move || {
+            store.walk(&owned, |key| {
+                key.starts_with(owned.as_str()) && !is_temp(key)
+            })
+        })
+        .await
+        .map_err(|e| StoreError::backend("list", prefix, e.to_string()))?
+        .map_err(|e| StoreError::io("list", prefix, e))
+    }
+
+    async fn list_page(
+        &self,
+        prefix: &str,
+        start_after: Option<&str>,
+        max: usize,
+    ) -> Result<Vec<ObjectMeta>, StoreError> {
+        let store = self.clone();
+        let owned = prefix.to_string();
+        let after = start_after.map(str::to_string);
+        tokio::task::spawn_blocking(move || store.walk_page(&owned, after.as_deref(), max))
             .await
             .map_err(|e| StoreError::backend("list", prefix, e.to_string()))?
-            .map_err(|e| StoreError::io("list", prefix, e))?;
-        Ok(found
-            .into_iter()
-            .filter(|(key, _)| !is_temp(key))
-            .map(|(key, meta)| ObjectMeta {
-                size: meta.len(),
-                last_modified: modified(&meta),
-                key,
-            })
-            .collect())
+            .map_err(|e| StoreError::io("list", prefix, e))
     }
 
     async fn delete(&self, key: &str) -> Result<(), StoreError> {
@@ -254,25 +341,21 @@ impl Store for LocalStore {
     async fn list_incomplete(&self, prefix: &str) -> Result<Vec<IncompleteUpload>, StoreError> {
         let store = self.clone();
         let owned = prefix.to_string();
-        let found = tokio::task::spawn_blocking(move || store.walk(""))
-            .await
-            .map_err(|e| StoreError::backend("list", prefix, e.to_string()))?
-            .map_err(|e| StoreError::io("list", prefix, e))?;
+        let found = tokio::task::spawn_blocking(move || {
+            store.walk(&owned, |key| {
+                original_key(key).is_some_and(|original| original.starts_with(owned.as_str()))
+            })
+        })
+        .await
+        .map_err(|e| StoreError::backend("list", prefix, e.to_string()))?
+        .map_err(|e| StoreError::io("list", prefix, e))?;
         Ok(found
             .into_iter()
-            .filter(|(key, _)| is_temp(key))
-            .filter_map(|(temp_key, meta)| {
-                let (dir, name) = temp_key.rsplit_once('/').unwrap_or(("", &temp_key));
-                let original = name.strip_prefix('.')?.split(TEMP_MARKER).next()?;
-                let key = if dir.is_empty() {
-                    original.to_string()
-                } else {
-                    format!("{dir}/{original}")
-                };
-                key.starts_with(owned.as_str()).then(|| IncompleteUpload {
-                    key,
-                    id: temp_key,
-                    initiated: modified(&meta),
+            .filter_map(|temp| {
+                Some(IncompleteUpload {
+                    key: original_key(&temp.key)?,
+                    id: temp.key,
+                    initiated: temp.last_modified,
                 })
             })
             .collect())

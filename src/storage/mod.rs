@@ -144,6 +144,15 @@ pub trait Store: Send + Sync + fmt::Debug {
     /// not objects and are never listed here.
     async fn list(&self, prefix: &str) -> Result<Vec<ObjectMeta>, StoreError>;
 
+    /// Up to `max` objects under `prefix` whose keys sort after `start_after`, sorted by key:
+    /// one page of a listing too large to hold whole. An empty page means the end.
+    async fn list_page(
+        &self,
+        prefix: &str,
+        start_after: Option<&str>,
+        max: usize,
+    ) -> Result<Vec<ObjectMeta>, StoreError>;
+
     /// Removes the object. Idempotent: removing a missing object succeeds.
     async fn delete(&self, key: &str) -> Result<(), StoreError>;
 

@@ -513,6 +513,39 @@ impl Store for S3Store {
         Ok(found)
     }
 
+    async fn list_page(
+        &self,
+        prefix: &str,
+        start_after: Option<&str>,
+        max: usize,
+    ) -> Result<Vec<ObjectMeta>, StoreError> {
+        let page = self
+            .client
+            .list_objects_v2()
+            .bucket(&self.bucket)
+            .prefix(format!("{}{prefix}", self.prefix))
+            .set_start_after(start_after.map(|key| format!("{}{key}", self.prefix)))
+            .max_keys(i32::try_from(max).unwrap_or(i32::MAX))
+            .send()
+            .await
+            .map_err(|e| sdk_error("list", prefix, e))?;
+        let mut found: Vec<ObjectMeta> = page
+            .contents
+            .unwrap_or_default()
+            .into_iter()
+            .filter_map(|object| {
+                let key = object.key.as_deref().and_then(|k| self.relative_key(k))?;
+                Some(ObjectMeta {
+                    key: key.to_string(),
+                    size: object.size.unwrap_or_default().max(0) as u64,
+                    last_modified: to_utc(object.last_modified.as_ref()),
+                })
+            })
+            .collect();
+        found.sort_by(|a, b| a.key.cmp(&b.key));
+        Ok(found)
+    }
+
     async fn delete(&self, key: &str) -> Result<(), StoreError> {
         let full = self.full_key(key)?;
         match self

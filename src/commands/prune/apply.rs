@@ -56,30 +56,31 @@ impl Removal {
 }
 
 pub(super) async fn delete_keys(repository: &Repository, keys: Vec<String>) -> Removal {
-    let results: Vec<(String, Result<Deletion, storage::StoreError>)> = futures::stream::iter(keys)
+    futures::stream::iter(keys)
         .map(|key| async move {
             let result = repository.store.delete_unless_retained(&key).await;
             (key, result)
         })
         .buffer_unordered(DELETES_IN_FLIGHT)
-        .collect()
-        .await;
-    let mut removal = Removal::default();
-    for (key, result) in results {
-        match result {
-            Ok(Deletion::Deleted) => {}
-            Ok(Deletion::Retained { until }) => removal.retained.push(Retained {
-                repository: repository.name.clone(),
-                key,
-                until,
-            }),
-            Err(e) => removal.failures.push(format!(
-                "removing '{key}' from repository '{}': {e}",
-                repository.name
-            )),
-        }
-    }
-    removal
+        .fold(
+            Removal::default(),
+            |mut removal, (key, result)| async move {
+                match result {
+                    Ok(Deletion::Deleted) => {}
+                    Ok(Deletion::Retained { until }) => removal.retained.push(Retained {
+                        repository: repository.name.clone(),
+                        key,
+                        until,
+                    }),
+                    Err(e) => removal.failures.push(format!(
+                        "removing '{key}' from repository '{}': {e}",
+                        repository.name
+                    )),
+                }
+                removal
+            },
+        )
+        .await
 }
 
 fn object_keys(job: &str, id: &str, holding: &Holding) -> Vec<String> {

@@ -14,6 +14,9 @@ use crate::inventory::Survey;
 use crate::layout;
 use crate::wal::{WalFile, WalFileKind};
 
+/// WAL keys listed and removed at a time.
+const WAL_PAGE: usize = 10_000;
+
 /// Where one kept backup starts replaying.
 #[derive(Debug, Clone, Serialize)]
 pub struct WalFloor {
@@ -133,36 +136,51 @@ pub(super) async fn prune(
     let prefix = layout::wal_prefix(job);
     let mut repositories = Vec::new();
     for (repository, _) in &survey.listed {
-        let listed = match repository.store.list(&prefix).await {
-            Ok(listed) => listed,
-            Err(e) => {
-                failures.push(format!(
-                    "listing WAL in repository '{}': {e}",
-                    repository.name
-                ));
-                continue;
-            }
-        };
-        let total = listed.len();
-        let unneeded: Vec<String> = listed
-            .into_iter()
-            .filter(|object| {
-                layout::wal_file_of_key(job, &object.key).is_some_and(|f| !floors.needed(&f))
-            })
-            .map(|object| object.key)
-            .collect();
         let mut outcome = WalRepositoryPrune {
             repository: repository.name.clone(),
-            removed: unneeded.len(),
-            kept: total - unneeded.len(),
+            removed: 0,
+            kept: 0,
             retained: 0,
         };
-        if !dry_run {
-            let removal = delete_keys(repository, unneeded).await;
-            outcome.retained = removal.retained.len();
-            outcome.removed -= removal.retained.len() + removal.failures.len();
-            outcome.kept += removal.retained.len() + removal.failures.len();
-            failures.extend(removal.failures);
+        // Page by page, so that memory does not grow with the archive; removing keys behind
+        // the cursor does not disturb the listing.
+        let mut after: Option<String> = None;
+        loop {
+            let page = match repository
+                .store
+                .list_page(&prefix, after.as_deref(), WAL_PAGE)
+                .await
+            {
+                Ok(page) => page,
+                Err(e) => {
+                    failures.push(format!(
+                        "listing WAL in repository '{}': {e}",
+                        repository.name
+                    ));
+                    break;
+                }
+            };
+            let Some(last) = page.last() else { break };
+            after = Some(last.key.clone());
+            let total = page.len();
+            let unneeded: Vec<String> = page
+                .into_iter()
+                .filter(|object| {
+                    layout::wal_file_of_key(job, &object.key).is_some_and(|f| !floors.needed(&f))
+                })
+                .map(|object| object.key)
+                .collect();
+            let mut removed = unneeded.len();
+            outcome.kept += total - removed;
+            if !dry_run {
+                let removal = delete_keys(repository, unneeded).await;
+                let left = removal.retained.len() + removal.failures.len();
+                removed -= left;
+                outcome.kept += left;
+                outcome.retained += removal.retained.len();
+                failures.extend(removal.failures);
+            }
+            outcome.removed += removed;
         }
         repositories.push(outcome);
     }
