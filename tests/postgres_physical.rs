@@ -7,7 +7,7 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
 use crate::common::postgres::{Postgres, free_port, stop_data_dir};
-use crate::common::{SeaweedFs, lifeboat, seaweedfs, write_config};
+use crate::common::{Run, SeaweedFs, lifeboat, seaweedfs, write_config};
 
 pub(crate) const BUCKET: &str = "backups";
 pub(crate) const PREFIX: &str = "lifeboat";
@@ -87,6 +87,16 @@ fn server_now(source: &Postgres) -> String {
     )
 }
 
+/// `lifeboat restore JOB --data-dir DIR ARGS... --start --port PORT`: a restored cluster
+/// started on a free port.
+pub(crate) fn restore_started(config: &Path, data_dir: &Path, port: u16, args: &[&str]) -> Run {
+    let port = port.to_string();
+    let mut all = vec!["restore", JOB, "--data-dir", data_dir.to_str().unwrap()];
+    all.extend_from_slice(args);
+    all.extend(["--start", "--port", &port]);
+    lifeboat(config, &all)
+}
+
 /// Stops the server a restore started, even when an assertion fails first.
 pub(crate) struct Restored(pub(crate) PathBuf);
 
@@ -163,20 +173,7 @@ async fn point_in_time_recovery_keeps_exactly_the_rows_committed_before_the_targ
     let data_dir = work.path().join("restored");
     let port = free_port();
     let _restored = Restored(data_dir.clone());
-    let run = lifeboat(
-        &config,
-        &[
-            "restore",
-            JOB,
-            "--data-dir",
-            data_dir.to_str().unwrap(),
-            "--to-time",
-            &target,
-            "--start",
-            "--port",
-            &port.to_string(),
-        ],
-    );
+    let run = restore_started(&config, &data_dir, port, &["--to-time", &target]);
     run.assert_code(0);
     let first_backup = manifest["id"].as_str().unwrap();
     assert!(
@@ -216,21 +213,7 @@ async fn point_in_time_recovery_keeps_exactly_the_rows_committed_before_the_targ
     let by_lsn = work.path().join("restored-by-lsn");
     let lsn_port = free_port();
     let _by_lsn = Restored(by_lsn.clone());
-    lifeboat(
-        &config,
-        &[
-            "restore",
-            JOB,
-            "--data-dir",
-            by_lsn.to_str().unwrap(),
-            "--to-lsn",
-            &lsn,
-            "--start",
-            "--port",
-            &lsn_port.to_string(),
-        ],
-    )
-    .assert_code(0);
+    restore_started(&config, &by_lsn, lsn_port, &["--to-lsn", &lsn]).assert_code(0);
     assert_eq!(
         Postgres::attach(lsn_port, &source.password).psql(
             "postgres",
@@ -292,19 +275,7 @@ async fn recovery_to_the_end_of_the_archive_reproduces_the_source_data() {
     let data_dir = work.path().join("restored");
     let port = free_port();
     let _restored = Restored(data_dir.clone());
-    lifeboat(
-        &config,
-        &[
-            "restore",
-            JOB,
-            "--data-dir",
-            data_dir.to_str().unwrap(),
-            "--start",
-            "--port",
-            &port.to_string(),
-        ],
-    )
-    .assert_code(0);
+    restore_started(&config, &data_dir, port, &[]).assert_code(0);
     let restored = Postgres::attach(port, &source.password);
     let actual = restored.data_fingerprint("app");
     // Every table's rows (and the large objects) are identical. Sequences are WAL-logged

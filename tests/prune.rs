@@ -12,7 +12,9 @@ use crate::common::postgres::{Postgres, free_port};
 use crate::common::{
     SeaweedFs, files_job, lifeboat, lifeboat_command, local_repository, write_config,
 };
-use crate::postgres_physical::{BUCKET, JOB, PREFIX, Restored, archiving_cluster, shared_work_dir};
+use crate::postgres_physical::{
+    BUCKET, JOB, PREFIX, Restored, archiving_cluster, restore_started, shared_work_dir,
+};
 
 fn backup_id(config: &Path, job: &str) -> String {
     let show = lifeboat(
@@ -192,21 +194,7 @@ async fn prune_keeps_exactly_the_plan_in_three_repositories_and_kept_backups_sti
         let data_dir = work.path().join(format!("restored-{id}"));
         let port = free_port();
         let _restored = Restored(data_dir.clone());
-        lifeboat(
-            &config,
-            &[
-                "restore",
-                JOB,
-                "--backup",
-                &id,
-                "--data-dir",
-                data_dir.to_str().unwrap(),
-                "--start",
-                "--port",
-                &port.to_string(),
-            ],
-        )
-        .assert_code(0);
+        restore_started(&config, &data_dir, port, &["--backup", &id]).assert_code(0);
         let restored = Postgres::attach(port, &source.password);
         assert_eq!(
             restored.psql("postgres", "select count(*) from events"),

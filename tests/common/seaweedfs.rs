@@ -342,24 +342,7 @@ impl SeaweedFs {
     }
 
     pub async fn keys(&self, bucket: &str, prefix: &str) -> Vec<String> {
-        let mut keys = Vec::new();
-        let mut pages = self
-            .client()
-            .list_objects_v2()
-            .bucket(bucket)
-            .prefix(prefix)
-            .into_paginator()
-            .send();
-        while let Some(page) = pages.next().await {
-            keys.extend(
-                page.unwrap()
-                    .contents
-                    .unwrap_or_default()
-                    .into_iter()
-                    .filter_map(|o| o.key),
-            );
-        }
-        keys
+        self.listing(bucket, prefix).await.into_keys().collect()
     }
 }
 
