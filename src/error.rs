@@ -23,6 +23,8 @@ pub enum ErrorKind {
     Target,
     /// The work was done, but not everywhere it should have been.
     Degraded,
+    /// Another run of the same job holds its lock; nothing was done.
+    Locked,
 }
 
 /// Stable process exit codes, documented in the README.
@@ -34,6 +36,8 @@ pub mod exit_code {
     /// `wal-fetch` only: no repository could say whether it holds the file. Above 125, so
     /// PostgreSQL stops recovery instead of taking it for the end of the archive.
     pub const STOP_RECOVERY: i32 = 255;
+    /// Another run of the job holds its lock (sysexits' EX_TEMPFAIL: try again later).
+    pub const LOCKED: i32 = 75;
 }
 
 impl ErrorKind {
@@ -41,6 +45,7 @@ impl ErrorKind {
         match self {
             ErrorKind::Config | ErrorKind::Usage => exit_code::USAGE,
             ErrorKind::Degraded => exit_code::DEGRADED,
+            ErrorKind::Locked => exit_code::LOCKED,
             _ => exit_code::FAILURE,
         }
     }

@@ -14,6 +14,7 @@
 //! - [`storage`]: the store trait and its backends; aws-sdk-s3 appears only in `storage::s3`.
 //! - [`manifest`], [`layout`]: the commit record and where things live.
 //! - [`wal`]: LSNs, timelines and WAL file names, for physical backups and the WAL archive.
+//! - [`lock`]: per-job run locks that a killed run never leaves behind.
 //! - [`retention`]: which backups a retention policy keeps, and why (pure).
 //! - [`config`], [`error`]: the config file and the one public error with its exit code.
 //! - [`progress`]: how long transfers report progress to whoever renders it.
@@ -24,6 +25,7 @@ pub mod error;
 pub mod interrupt;
 pub mod inventory;
 pub mod layout;
+pub mod lock;
 pub mod manifest;
 pub mod pipeline;
 pub mod progress;

@@ -8,6 +8,7 @@ mod damaged;
 mod drills;
 mod failed_backup;
 mod files_round_trip;
+mod locks;
 mod postgres_logical;
 mod postgres_physical;
 mod prune;

@@ -27,6 +27,8 @@ pub struct Config {
     pub repositories: Vec<RepositoryConfig>,
     /// How many repositories must hold a backup for it to count at all.
     pub min_repositories: usize,
+    /// Where the per-job run locks live: a local directory, never a network file system.
+    pub lock_dir: PathBuf,
     pub jobs: Vec<JobConfig>,
 }
 
@@ -304,6 +306,17 @@ fn validate(raw: raw::RawConfig, path: &Path) -> Result<Config, Problem> {
         }
     };
 
+    let lock_dir = match raw.lock_dir {
+        Some(dir) if dir.is_absolute() => dir,
+        Some(dir) => {
+            return Err(format!(
+                "lock_dir: must be an absolute path (got \"{}\")",
+                dir.display()
+            ));
+        }
+        None => default_lock_dir(),
+    };
+
     let mut names = HashSet::new();
     let mut jobs = Vec::new();
     for (index, job) in raw.job.into_iter().enumerate() {
@@ -323,8 +336,20 @@ fn validate(raw: raw::RawConfig, path: &Path) -> Result<Config, Problem> {
         compression: Compression { level, threads },
         repositories,
         min_repositories,
+        lock_dir,
         jobs,
     })
+}
+
+/// /run/lock/lifeboat where the system has /run/lock (a tmpfs: nothing stale survives a
+/// reboot), else a directory under the temp dir.
+fn default_lock_dir() -> PathBuf {
+    let run_lock = Path::new("/run/lock");
+    if run_lock.is_dir() {
+        run_lock.join("lifeboat")
+    } else {
+        std::env::temp_dir().join("lifeboat-locks")
+    }
 }
 
 pub(crate) fn validate_name(field: &str, name: &str) -> Result<(), Problem> {
@@ -935,6 +960,47 @@ mod tests {
         assert!(
             err.message()
                 .contains("repository[0] (dr).bucket: must not be empty"),
+            "{}",
+            err.message()
+        );
+    }
+
+    #[test]
+    fn lock_dir_must_be_absolute_and_object_lock_complete() {
+        let repo = "[[repository]]\nname = \"local\"\ntype = \"local\"\npath = \"/r\"\n";
+        let err = parse(&format!("lock_dir = \"locks\"\n{repo}")).unwrap_err();
+        assert!(
+            err.message()
+                .contains("lock_dir: must be an absolute path (got \"locks\")"),
+            "{}",
+            err.message()
+        );
+        let s3 = "[[repository]]\nname = \"dr\"\ntype = \"s3\"\nbucket = \"b\"\nregion = \"r\"\n";
+        let err = parse(&format!("{s3}object_lock = {{ mode = \"governance\" }}\n")).unwrap_err();
+        assert!(
+            err.message()
+                .contains("repository[0] (dr).object_lock.days: is required"),
+            "{}",
+            err.message()
+        );
+        let err = parse(&format!(
+            "{s3}object_lock = {{ mode = \"strict\", days = 7 }}\n"
+        ))
+        .unwrap_err();
+        assert!(
+            err.message().contains(
+                "object_lock.mode: must be \"governance\" or \"compliance\" (got \"strict\")"
+            ),
+            "{}",
+            err.message()
+        );
+        let err = parse(&format!(
+            "{repo}object_lock = {{ mode = \"governance\", days = 7 }}\n"
+        ))
+        .unwrap_err();
+        assert!(
+            err.message()
+                .contains("object_lock: only valid for type = \"s3\""),
             "{}",
             err.message()
         );

@@ -10,6 +10,7 @@ use serde::Deserialize;
 pub struct RawConfig {
     pub targets: Option<RawTargets>,
     pub min_repositories: Option<i64>,
+    pub lock_dir: Option<PathBuf>,
     pub compression: Option<RawCompression>,
     #[serde(default)]
     pub repository: Vec<RawRepository>,

@@ -208,7 +208,8 @@ impl BackupSummary {
                 Err(e) => e.kind().exit_code(),
             })
             .max_by_key(|code| match *code {
-                exit_code::FAILURE => 3,
+                exit_code::FAILURE => 4,
+                exit_code::LOCKED => 3,
                 exit_code::USAGE => 2,
                 exit_code::DEGRADED => 1,
                 _ => 0,
@@ -260,7 +261,10 @@ pub async fn run(config: &Config, options: &BackupOptions) -> Result<BackupSumma
     let repositories = Repository::open_all(config).await;
     let mut outcomes = Vec::with_capacity(jobs.len());
     for job in jobs {
-        let outcome = backup_job(config, &repositories, job).await;
+        let outcome = match crate::lock::acquire(config, &job.name, "backup") {
+            Ok(_lock) => backup_job(config, &repositories, job).await,
+            Err(e) => Err(e),
+        };
         match &outcome {
             Ok(report) => tracing::info!(job = %report.job, id = %report.id, "backup committed"),
             Err(e) => tracing::error!(job = %job.name, error = %e, "backup failed"),

@@ -54,6 +54,12 @@ pub async fn run(config: &Config, options: &PruneOptions) -> Result<PruneReport>
         Some(name) => vec![config.job(name)?],
         None => config.jobs.iter().collect(),
     };
+    // Every job's lock first: a backup or replicate of a job must not run while its
+    // backups are being removed.
+    let _locks = jobs
+        .iter()
+        .map(|job| crate::lock::acquire(config, &job.name, "prune"))
+        .collect::<Result<Vec<_>>>()?;
     let repositories = Repository::open_all(config).await;
     let now = Utc::now();
     let proofs = drill_proofs(config, now).await?;

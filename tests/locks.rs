@@ -1,0 +1,113 @@
+//! Per-job run locks: two backups of one job started together never both run, the one that
+//! finds the lock taken says who holds it, and a holder killed with SIGKILL leaves nothing
+//! that blocks the next run.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Stdio};
+use std::time::{Duration, Instant};
+
+use crate::common::{files_job, lifeboat, lifeboat_command, local_repository, write_config};
+
+/// A files job over a 1 GiB sparse file: reading and hashing it keeps a backup busy for a
+/// few seconds.
+fn slow_job(work: &Path) -> PathBuf {
+    let tree = work.join("data");
+    std::fs::create_dir_all(&tree).unwrap();
+    let big = std::fs::File::create(tree.join("big.img")).unwrap();
+    big.set_len(1024 * 1024 * 1024).unwrap();
+    write_config(
+        work,
+        &format!(
+            "lock_dir = \"{}\"\n{}{}",
+            work.join("locks").display(),
+            local_repository("local", &work.join("repo")),
+            files_job("data", &[&tree])
+        ),
+    )
+}
+
+fn spawn_backup(config: &Path) -> Child {
+    lifeboat_command(config)
+        .args(["backup", "data"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap()
+}
+
+fn committed(work: &Path) -> usize {
+    let backups = work.join("repo/jobs/data/backups");
+    std::fs::read_dir(backups)
+        .map(|dirs| {
+            dirs.filter(|d| d.as_ref().unwrap().path().join("manifest.json").exists())
+                .count()
+        })
+        .unwrap_or(0)
+}
+
+#[test]
+fn two_backups_of_one_job_started_together_run_one_at_a_time() {
+    let work = tempfile::tempdir().unwrap();
+    let config = slow_job(work.path());
+    let first = spawn_backup(&config);
+    let second = spawn_backup(&config);
+    let (first_pid, second_pid) = (first.id(), second.id());
+    let outputs = [
+        first.wait_with_output().unwrap(),
+        second.wait_with_output().unwrap(),
+    ];
+    let codes: Vec<i32> = outputs.iter().map(|o| o.status.code().unwrap()).collect();
+    let (winner, loser, winner_pid) = match codes.as_slice() {
+        [0, 75] => (&outputs[0], &outputs[1], first_pid),
+        [75, 0] => (&outputs[1], &outputs[0], second_pid),
+        other => panic!(
+            "expected one success and one exit 75, got {other:?}\n{}\n{}",
+            String::from_utf8_lossy(&outputs[0].stderr),
+            String::from_utf8_lossy(&outputs[1].stderr)
+        ),
+    };
+    let message = String::from_utf8_lossy(&loser.stderr);
+    assert!(
+        message.contains("job 'data' is locked by another run")
+            && message.contains(&format!("pid {winner_pid} on host"))
+            && message.contains("`lifeboat backup`"),
+        "{message}"
+    );
+    assert!(String::from_utf8_lossy(&winner.stdout).contains("data"));
+    assert_eq!(committed(work.path()), 1, "exactly one backup ran");
+}
+
+#[test]
+fn a_backup_killed_with_sigkill_does_not_block_the_next() {
+    let work = tempfile::tempdir().unwrap();
+    let config = slow_job(work.path());
+    let mut running = spawn_backup(&config);
+    let pid = running.id();
+    // Killed once it holds the lock: its pid is in the lock file.
+    let locks = work.path().join("locks");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let holds = std::fs::read_dir(&locks)
+            .into_iter()
+            .flatten()
+            .filter_map(|entry| std::fs::read_to_string(entry.unwrap().path()).ok())
+            .any(|text| text.contains(&format!("\"pid\":{pid},")));
+        if holds {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the backup never took its lock");
+        assert!(
+            running.try_wait().unwrap().is_none(),
+            "the backup ended early"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    running.kill().unwrap();
+    running.wait().unwrap();
+
+    let next = lifeboat(&config, &["backup", "data"]);
+    next.assert_code(0);
+    assert_eq!(committed(work.path()), 1);
+    // And a prune of the job is not blocked either.
+    lifeboat(&config, &["prune", "--dry-run"]).assert_code(0);
+}
