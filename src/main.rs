@@ -10,7 +10,8 @@ use clap::{Parser, Subcommand, ValueEnum};
 mod terminal;
 
 use lifeboat::commands::{
-    backup, check, drill, heartbeat, init, list, prune, replicate, restore, show, verify, wal,
+    backup, check, drill, heartbeat, init, list, prune, replicate, restore, show, status, verify,
+    wal,
 };
 use lifeboat::config::{Config, DEFAULT_CONFIG_PATH};
 use lifeboat::error::exit_code;
@@ -137,6 +138,14 @@ enum Command {
         /// Also read every object each repository holds and replace damaged ones.
         #[arg(long)]
         verify: bool,
+        #[arg(long, value_enum, default_value_t = OutputFormat::Text)]
+        format: OutputFormat,
+    },
+    /// Are we inside our targets now: backup age against the RPO, drills, projected RTO.
+    /// Nagios exit codes: 0 OK, 1 WARNING, 2 CRITICAL, 3 UNKNOWN.
+    Status {
+        /// Only this job.
+        job: Option<String>,
         #[arg(long, value_enum, default_value_t = OutputFormat::Text)]
         format: OutputFormat,
     },
@@ -395,6 +404,11 @@ async fn run(cli: Cli) -> Result<i32> {
             print_error(&e);
             return Ok(exit_code::STOP_RECOVERY);
         }
+        // A monitoring system reads 2 as CRITICAL; a status that cannot even be read is UNKNOWN.
+        Err(e) if matches!(cli.command, Command::Status { .. }) => {
+            print_error(&e);
+            return Ok(status::State::Unknown.exit_code());
+        }
         Err(e) => return Err(e),
     };
     match cli.command {
@@ -465,6 +479,17 @@ async fn run(cli: Cli) -> Result<i32> {
             .await?;
             print(&report, format);
             report.outcome()?;
+        }
+        Command::Status { job, format } => {
+            let report = match status::run(&config, &status::StatusOptions { job }).await {
+                Ok(report) => report,
+                Err(e) => {
+                    print_error(&e);
+                    return Ok(status::State::Unknown.exit_code());
+                }
+            };
+            print(&report, format);
+            return Ok(report.state.exit_code());
         }
         Command::Prune {
             job,

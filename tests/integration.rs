@@ -14,3 +14,4 @@ mod postgres_physical;
 mod prune;
 mod redis;
 mod regions;
+mod status;

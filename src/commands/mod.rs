@@ -11,6 +11,7 @@ pub mod prune;
 pub mod replicate;
 pub mod restore;
 pub mod show;
+pub mod status;
 pub mod verify;
 pub mod wal;
 

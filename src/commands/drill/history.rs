@@ -24,6 +24,9 @@ pub struct HistoryRow {
     pub rpo_seconds: f64,
     pub job: String,
     pub backup: String,
+    /// What the restore moved and how long it took: the rate a projected RTO uses.
+    pub restored_bytes: u64,
+    pub restore_seconds: f64,
     /// The repositories keeping this report.
     pub kept_in: Vec<String>,
 }
@@ -81,6 +84,8 @@ pub async fn history(config: &Config, name: Option<&str>) -> Result<DrillHistory
             rpo_seconds: report.rpo.measured_seconds,
             job: report.job,
             backup: report.backup,
+            restored_bytes: report.restored_bytes,
+            restore_seconds: report.restore_seconds,
             kept_in: repositories.iter().map(|r| r.name.clone()).collect(),
         });
     }

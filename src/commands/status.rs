@@ -1,0 +1,358 @@
+//! `lifeboat status [JOB]`: are we inside our targets right now? Per job, read from the
+//! repositories: how old the newest restorable point is against the RPO (for physical jobs
+//! the newest archived WAL counts), which repositories lack the newest backup, the last drill,
+//! and the RTO the last drill's restore rate projects for the newest backup. Nagios states and
+//! exit codes: 0 OK, 1 WARNING, 2 CRITICAL, 3 UNKNOWN.
+
+use std::fmt;
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use serde::Serialize;
+
+use super::drill::{HistoryRow, history};
+use super::human_duration;
+use crate::config::{Config, JobConfig, JobSource, PostgresMode};
+use crate::error::Result;
+use crate::inventory::{self, Presence};
+use crate::layout;
+use crate::repository::Repository;
+
+/// Share of a target that turns OK into WARNING.
+const WARN_AT: f64 = 0.8;
+/// A drill older than this is a WARNING: quarterly drills, with a few days' grace.
+const DRILL_MAX_AGE_DAYS: i64 = 92;
+
+/// Nagios states, declared from least to most severe.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize)]
+#[serde(rename_all = "UPPERCASE")]
+pub enum State {
+    Ok,
+    Warning,
+    Unknown,
+    Critical,
+}
+
+impl State {
+    pub fn exit_code(self) -> i32 {
+        match self {
+            State::Ok => 0,
+            State::Warning => 1,
+            State::Critical => 2,
+            State::Unknown => 3,
+        }
+    }
+
+    fn label(self) -> &'static str {
+        match self {
+            State::Ok => "OK",
+            State::Warning => "WARNING",
+            State::Critical => "CRITICAL",
+            State::Unknown => "UNKNOWN",
+        }
+    }
+}
+
+pub struct StatusOptions {
+    pub job: Option<String>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct LastDrill {
+    pub drill: String,
+    pub declared_at: DateTime<Utc>,
+    pub passed: bool,
+    pub backup: String,
+    pub rto_seconds: f64,
+    pub rpo_seconds: f64,
+}
+
+#[derive(Debug, Serialize)]
+pub struct JobStatus {
+    pub job: String,
+    pub kind: &'static str,
+    pub state: State,
+    /// Why the state is not OK, worst first.
+    pub problems: Vec<(State, String)>,
+    pub newest_backup: Option<String>,
+    pub recovery_point: Option<DateTime<Utc>>,
+    /// Physical jobs: when the newest archived WAL file was stored.
+    pub newest_wal_at: Option<DateTime<Utc>>,
+    /// How much data (as time) a disaster now would lose.
+    pub exposure_seconds: Option<f64>,
+    pub rpo_target_seconds: f64,
+    pub present_in: Vec<String>,
+    pub missing_from: Vec<String>,
+    pub unreachable: Vec<String>,
+    pub last_drill: Option<LastDrill>,
+    pub projected_rto_seconds: Option<f64>,
+    pub rto_target_seconds: f64,
+}
+
+impl JobStatus {
+    fn flag(&mut self, state: State, problem: String) {
+        self.state = self.state.max(state);
+        self.problems.push((state, problem));
+    }
+}
+
+#[derive(Debug, Serialize)]
+pub struct StatusReport {
+    pub now: DateTime<Utc>,
+    pub state: State,
+    pub jobs: Vec<JobStatus>,
+}
+
+pub async fn run(config: &Config, options: &StatusOptions) -> Result<StatusReport> {
+    let jobs: Vec<&JobConfig> = match &options.job {
+        Some(name) => vec![config.job(name)?],
+        None => config.jobs.iter().collect(),
+    };
+    let repositories = Repository::open_all(config).await;
+    let now = Utc::now();
+    // A drill report that cannot be read leaves the drill columns empty, not the status.
+    let drills = history(config, None)
+        .await
+        .map(|h| h.rows)
+        .unwrap_or_default();
+    let mut report = StatusReport {
+        now,
+        state: State::Ok,
+        jobs: Vec::new(),
+    };
+    for job in jobs {
+        let status = job_status(config, job, &repositories, &drills, now).await;
+        report.state = report.state.max(status.state);
+        report.jobs.push(status);
+    }
+    Ok(report)
+}
+
+async fn job_status(
+    config: &Config,
+    job: &JobConfig,
+    repositories: &[Repository],
+    drills: &[HistoryRow],
+    now: DateTime<Utc>,
+) -> JobStatus {
+    let mut status = JobStatus {
+        job: job.name.clone(),
+        kind: job.kind_name(),
+        state: State::Ok,
+        problems: Vec::new(),
+        newest_backup: None,
+        recovery_point: None,
+        newest_wal_at: None,
+        exposure_seconds: None,
+        rpo_target_seconds: config.targets.rpo.as_secs_f64(),
+        present_in: Vec::new(),
+        missing_from: Vec::new(),
+        unreachable: Vec::new(),
+        last_drill: None,
+        projected_rto_seconds: None,
+        rto_target_seconds: config.targets.rto.as_secs_f64(),
+    };
+    let survey = inventory::survey(repositories, &job.name).await;
+    status.unreachable = survey.unreachable.iter().map(|(n, _)| n.clone()).collect();
+    for (name, reason) in &survey.unreachable {
+        status.flag(
+            State::Warning,
+            format!("repository '{name}' could not be listed: {reason}"),
+        );
+    }
+    if survey.listed.is_empty() {
+        status.flag(State::Unknown, "no repository could be listed".to_string());
+        return status;
+    }
+    let Some(newest) = survey.committed_ids().pop() else {
+        status.flag(State::Critical, "no backup in any repository".to_string());
+        return status;
+    };
+    let Some((manifest, _, _)) = survey.manifest(&job.name, &newest).await else {
+        status.flag(
+            State::Unknown,
+            format!("the manifest of the newest backup {newest} could not be read"),
+        );
+        return status;
+    };
+    for (repository, held) in &survey.listed {
+        let presence = held
+            .get(&newest)
+            .map_or(Presence::Missing, |h| h.presence(&manifest));
+        match presence {
+            Presence::Complete => status.present_in.push(repository.name.clone()),
+            _ => status.missing_from.push(repository.name.clone()),
+        }
+    }
+    if !status.missing_from.is_empty() {
+        status.flag(
+            State::Warning,
+            format!(
+                "newest backup {newest} is missing from {} (run `lifeboat replicate {}`)",
+                status.missing_from.join(", "),
+                job.name
+            ),
+        );
+    }
+    status.newest_backup = Some(newest.clone());
+    status.recovery_point = Some(manifest.recovery_point);
+    let mut restorable = manifest.recovery_point;
+    if matches!(&job.source, JobSource::Postgres(p) if p.mode == PostgresMode::Physical) {
+        status.newest_wal_at = newest_wal(&survey, &job.name).await;
+        restorable = restorable.max(status.newest_wal_at.unwrap_or(restorable));
+    }
+    let exposure = (now - restorable).to_std().unwrap_or_default();
+    status.exposure_seconds = Some(exposure.as_secs_f64());
+    judge_against(
+        &mut status,
+        "RPO",
+        exposure,
+        config.targets.rpo,
+        "newest restorable point is",
+    );
+
+    let Some(drill) = drills.iter().find(|row| row.job == job.name) else {
+        status.flag(
+            State::Warning,
+            "no drill on record: these backups are not proven to restore".to_string(),
+        );
+        return status;
+    };
+    status.last_drill = Some(LastDrill {
+        drill: drill.drill.clone(),
+        declared_at: drill.declared_at,
+        passed: drill.passed,
+        backup: drill.backup.clone(),
+        rto_seconds: drill.rto_seconds,
+        rpo_seconds: drill.rpo_seconds,
+    });
+    let age = now - drill.declared_at;
+    if !drill.passed {
+        status.flag(
+            State::Critical,
+            format!(
+                "last drill '{}' FAILED on {}",
+                drill.drill,
+                drill.declared_at.format("%Y-%m-%d %H:%M UTC")
+            ),
+        );
+    } else if age > chrono::Duration::days(DRILL_MAX_AGE_DAYS) {
+        status.flag(
+            State::Warning,
+            format!(
+                "last drill '{}' is {} days old (drill at least every {DRILL_MAX_AGE_DAYS})",
+                drill.drill,
+                age.num_days()
+            ),
+        );
+    }
+    if drill.restore_seconds > 0.0 && drill.restored_bytes > 0 {
+        let rate = drill.restored_bytes as f64 / drill.restore_seconds;
+        let projected =
+            drill.rto_seconds - drill.restore_seconds + manifest.raw_size() as f64 / rate;
+        status.projected_rto_seconds = Some(projected);
+        judge_against(
+            &mut status,
+            "RTO",
+            Duration::from_secs_f64(projected.max(0.0)),
+            config.targets.rto,
+            "projected restore of the newest backup takes",
+        );
+    }
+    status
+}
+
+/// CRITICAL past the target, WARNING past 80% of it.
+fn judge_against(
+    status: &mut JobStatus,
+    target_name: &str,
+    measured: Duration,
+    target: Duration,
+    what: &str,
+) {
+    let used = measured.as_secs_f64() / target.as_secs_f64().max(f64::MIN_POSITIVE);
+    let problem = format!(
+        "{what} {} against the {target_name} of {} ({:.0}% of it)",
+        human_duration(measured),
+        human_duration(target),
+        used * 100.0
+    );
+    if used > 1.0 {
+        status.flag(
+            State::Critical,
+            format!("{target_name} breached: {problem}"),
+        );
+    } else if used > WARN_AT {
+        status.flag(State::Warning, problem);
+    }
+}
+
+/// When the newest archived WAL file was stored, in any repository; paged, as WAL can be
+/// long.
+async fn newest_wal(survey: &inventory::Survey<'_>, job: &str) -> Option<DateTime<Utc>> {
+    let prefix = layout::wal_prefix(job);
+    let mut newest: Option<DateTime<Utc>> = None;
+    for (repository, _) in &survey.listed {
+        let mut after: Option<String> = None;
+        while let Ok(page) = repository
+            .store
+            .list_page(&prefix, after.as_deref(), 10_000)
+            .await
+        {
+            let Some(last) = page.last() else { break };
+            after = Some(last.key.clone());
+            newest = newest.max(page.iter().filter_map(|o| o.last_modified).max());
+        }
+    }
+    newest
+}
+
+impl fmt::Display for StatusReport {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let age = |at: DateTime<Utc>| human_duration((self.now - at).to_std().unwrap_or_default());
+        for job in &self.jobs {
+            write!(f, "{:<8} {}", job.state.label(), job.job)?;
+            match (&job.newest_backup, job.exposure_seconds) {
+                (Some(id), Some(exposure)) => write!(
+                    f,
+                    ": newest {id}, exposure {} (RPO {}), in {}",
+                    human_duration(Duration::from_secs_f64(exposure)),
+                    human_duration(Duration::from_secs_f64(job.rpo_target_seconds)),
+                    if job.present_in.is_empty() {
+                        "no repository completely".to_string()
+                    } else {
+                        job.present_in.join(", ")
+                    }
+                )?,
+                _ => write!(f, ": no backup")?,
+            }
+            if let Some(at) = job.newest_wal_at {
+                write!(f, "; newest WAL {} ago", age(at))?;
+            }
+            if let Some(drill) = &job.last_drill {
+                write!(
+                    f,
+                    "; drill {} {} {} ago",
+                    drill.drill,
+                    if drill.passed { "PASS" } else { "FAIL" },
+                    age(drill.declared_at)
+                )?;
+            }
+            if let Some(rto) = job.projected_rto_seconds {
+                write!(
+                    f,
+                    "; projected RTO {} (target {})",
+                    human_duration(Duration::from_secs_f64(rto.max(0.0))),
+                    human_duration(Duration::from_secs_f64(job.rto_target_seconds))
+                )?;
+            }
+            writeln!(f)?;
+            let mut problems: Vec<&(State, String)> = job.problems.iter().collect();
+            problems.sort_by_key(|(state, _)| std::cmp::Reverse(*state));
+            for (state, problem) in problems {
+                writeln!(f, "  {}: {problem}", state.label())?;
+            }
+        }
+        writeln!(f, "status: {}", self.state.label())
+    }
+}

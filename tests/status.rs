@@ -1,0 +1,148 @@
+//! `lifeboat status` against real repositories and drills: OK with a fresh backup and a
+//! passing drill, WARNING past 80% of the RPO, CRITICAL past it and after a failed drill —
+//! with the Nagios exit codes monitoring reads.
+
+use std::path::Path;
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+
+use crate::common::{Run, files_job, lifeboat, local_repository, write_config};
+
+const RPO_SECONDS: i64 = 20;
+
+fn drill_file(dir: &Path, name: &str, file: &Path, expect: &str) -> std::path::PathBuf {
+    let path = dir.join(format!("{name}.toml"));
+    std::fs::write(
+        &path,
+        format!(
+            "name = \"{name}\"\njob = \"conf\"\nbackup = \"latest\"\nrto = \"1h\"\nrpo = \"{RPO_SECONDS}s\"\n\n\
+             [[check]]\nname = \"the app config is back\"\npath = \"{}\"\ncontains = \"{expect}\"\n",
+            file.display()
+        ),
+    )
+    .unwrap();
+    path
+}
+
+fn status(config: &Path) -> (Run, serde_json::Value) {
+    let text = lifeboat(config, &["status"]);
+    let json = lifeboat(config, &["status", "--format", "json"]);
+    assert_eq!(text.code, json.code, "{}\n{}", text.stdout, json.stdout);
+    (text, serde_json::from_str(&json.stdout).unwrap())
+}
+
+/// Sleeps until `seconds` after `since`.
+fn sleep_until(since: DateTime<Utc>, seconds: i64) {
+    let wake = since + chrono::Duration::seconds(seconds);
+    if let Ok(wait) = (wake - Utc::now()).to_std() {
+        std::thread::sleep(wait);
+    }
+}
+
+#[test]
+fn status_follows_the_rpo_and_the_last_drill_with_nagios_codes() {
+    let work = tempfile::tempdir().unwrap();
+    let tree = work.path().join("etc");
+    std::fs::create_dir_all(&tree).unwrap();
+    let app_conf = tree.join("app.conf");
+    std::fs::write(&app_conf, "listen = 8080\n").unwrap();
+    let config = write_config(
+        work.path(),
+        &format!(
+            "[targets]\nrto = \"1h\"\nrpo = \"{RPO_SECONDS}s\"\n\n{}{}",
+            local_repository("local", &work.path().join("repo")),
+            files_job("conf", &[&tree])
+        ),
+    );
+    let reports = work.path().join("reports");
+    let passing = drill_file(work.path(), "restore-conf", &app_conf, "listen = 8080");
+
+    lifeboat(&config, &["backup", "conf"]).assert_code(0);
+    lifeboat(
+        &config,
+        &[
+            "drill",
+            "run",
+            passing.to_str().unwrap(),
+            "--report-dir",
+            reports.to_str().unwrap(),
+        ],
+    )
+    .assert_code(0);
+    let (run, json) = status(&config);
+    run.assert_code(0);
+    assert!(run.stdout.starts_with("OK       conf"), "{}", run.stdout);
+    let show = lifeboat(
+        &config,
+        &["show", "latest", "--job", "conf", "--format", "json"],
+    );
+    let manifest: serde_json::Value = serde_json::from_str(&show.stdout).unwrap();
+    let job = &json["jobs"][0];
+    assert_eq!(job["newest_backup"], manifest["id"]);
+    assert_eq!(job["recovery_point"], manifest["recovery_point"]);
+    assert_eq!(job["present_in"], serde_json::json!(["local"]));
+    assert_eq!(job["last_drill"]["passed"], true);
+    assert!(job["projected_rto_seconds"].as_f64().unwrap() < 3600.0);
+    let recovery_point: DateTime<Utc> = manifest["recovery_point"]
+        .as_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+
+    // 85% of the RPO gone: WARNING.
+    sleep_until(recovery_point, RPO_SECONDS * 85 / 100);
+    let (run, json) = status(&config);
+    run.assert_code(1);
+    assert_eq!(json["state"], "WARNING");
+    assert!(
+        run.stdout.contains("WARNING: newest restorable point is"),
+        "{}",
+        run.stdout
+    );
+
+    // Past the RPO: CRITICAL.
+    sleep_until(recovery_point, RPO_SECONDS + 1);
+    let (run, json) = status(&config);
+    run.assert_code(2);
+    assert_eq!(json["state"], "CRITICAL");
+    assert!(
+        run.stdout.contains("CRITICAL: RPO breached"),
+        "{}",
+        run.stdout
+    );
+
+    // A fresh backup, but the last drill failed: CRITICAL all the same.
+    std::fs::write(&app_conf, "listen = 9090\n").unwrap();
+    std::thread::sleep(Duration::from_millis(1100));
+    lifeboat(&config, &["backup", "conf"]).assert_code(0);
+    let failing = drill_file(work.path(), "restore-conf-old", &app_conf, "listen = 8080");
+    lifeboat(
+        &config,
+        &[
+            "drill",
+            "run",
+            failing.to_str().unwrap(),
+            "--report-dir",
+            reports.to_str().unwrap(),
+        ],
+    )
+    .assert_code(1);
+    let (run, json) = status(&config);
+    run.assert_code(2);
+    assert_eq!(json["jobs"][0]["last_drill"]["passed"], false);
+    assert!(
+        run.stdout
+            .contains("CRITICAL: last drill 'restore-conf-old' FAILED"),
+        "{}",
+        run.stdout
+    );
+    assert!(!run.stdout.contains("RPO breached"), "{}", run.stdout);
+}
+
+#[test]
+fn status_of_an_unreadable_config_is_unknown() {
+    let work = tempfile::tempdir().unwrap();
+    let missing = work.path().join("missing.toml");
+    lifeboat(&missing, &["status"]).assert_code(3);
+}
