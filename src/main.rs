@@ -10,8 +10,8 @@ use clap::{Parser, Subcommand, ValueEnum};
 mod terminal;
 
 use lifeboat::commands::{
-    backup, check, drill, heartbeat, init, list, prune, replicate, restore, show, status, verify,
-    wal,
+    backup, check, drill, heartbeat, init, list, prune, replicate, restore, schedule, show, status,
+    verify, wal,
 };
 use lifeboat::config::{Config, DEFAULT_CONFIG_PATH};
 use lifeboat::error::exit_code;
@@ -44,6 +44,12 @@ struct Cli {
 enum LogFormat {
     Text,
     Json,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum ScheduleFormat {
+    Systemd,
+    Cron,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -140,6 +146,17 @@ enum Command {
         verify: bool,
         #[arg(long, value_enum, default_value_t = OutputFormat::Text)]
         format: OutputFormat,
+    },
+    /// Print (or install) systemd timers or crontab lines for the schedules in the config.
+    Schedule {
+        #[arg(value_enum)]
+        format: ScheduleFormat,
+        /// systemd: write the units into --unit-dir; in /etc/systemd/system also enable and
+        /// start the timers.
+        #[arg(long)]
+        install: bool,
+        #[arg(long, default_value = schedule::SYSTEMD_UNIT_DIR, requires = "install")]
+        unit_dir: PathBuf,
     },
     /// Are we inside our targets now: backup age against the RPO, drills, projected RTO.
     /// Nagios exit codes: 0 OK, 1 WARNING, 2 CRITICAL, 3 UNKNOWN.
@@ -479,6 +496,27 @@ async fn run(cli: Cli) -> Result<i32> {
             .await?;
             print(&report, format);
             report.outcome()?;
+        }
+        Command::Schedule {
+            format,
+            install,
+            unit_dir,
+        } => {
+            let format = match format {
+                ScheduleFormat::Systemd => schedule::Format::Systemd,
+                ScheduleFormat::Cron => schedule::Format::Cron,
+            };
+            if install && format == schedule::Format::Cron {
+                return Err(Error::usage(
+                    "--install is for systemd; give the cron lines to `crontab -e`",
+                ));
+            }
+            let options = schedule::ScheduleOptions {
+                format,
+                install,
+                unit_dir,
+            };
+            print!("{}", schedule::run(&config, &options).await?);
         }
         Command::Status { job, format } => {
             let report = match status::run(&config, &status::StatusOptions { job }).await {

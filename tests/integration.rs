@@ -14,4 +14,5 @@ mod postgres_physical;
 mod prune;
 mod redis;
 mod regions;
+mod schedule;
 mod status;

@@ -10,6 +10,7 @@ pub mod list;
 pub mod prune;
 pub mod replicate;
 pub mod restore;
+pub mod schedule;
 pub mod show;
 pub mod status;
 pub mod verify;

@@ -29,7 +29,18 @@ pub struct Config {
     pub min_repositories: usize,
     /// Where the per-job run locks live: a local directory, never a network file system.
     pub lock_dir: PathBuf,
+    /// When the maintenance commands and drills run, for `lifeboat schedule`.
+    pub schedules: Schedules,
     pub jobs: Vec<JobConfig>,
+}
+
+/// Calendar expressions in systemd's OnCalendar syntax (`hourly`, `*-*-* 03:00:00`).
+#[derive(Debug, Clone, Default)]
+pub struct Schedules {
+    pub prune: Option<String>,
+    pub replicate: Option<String>,
+    /// Drill files, each with its own `schedule`.
+    pub drills: Vec<PathBuf>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -317,6 +328,22 @@ fn validate(raw: raw::RawConfig, path: &Path) -> Result<Config, Problem> {
         None => default_lock_dir(),
     };
 
+    let raw_schedule = raw.schedule.unwrap_or_default();
+    for (field, value) in [
+        ("schedule.prune", &raw_schedule.prune),
+        ("schedule.replicate", &raw_schedule.replicate),
+    ] {
+        if value.as_ref().is_some_and(|v| v.trim().is_empty()) {
+            return Err(format!("{field}: must not be empty"));
+        }
+    }
+    let base = path.parent().unwrap_or(Path::new("."));
+    let schedules = Schedules {
+        prune: raw_schedule.prune,
+        replicate: raw_schedule.replicate,
+        drills: raw_schedule.drills.iter().map(|d| base.join(d)).collect(),
+    };
+
     let mut names = HashSet::new();
     let mut jobs = Vec::new();
     for (index, job) in raw.job.into_iter().enumerate() {
@@ -337,6 +364,7 @@ fn validate(raw: raw::RawConfig, path: &Path) -> Result<Config, Problem> {
         repositories,
         min_repositories,
         lock_dir,
+        schedules,
         jobs,
     })
 }

@@ -11,6 +11,7 @@ pub struct RawConfig {
     pub targets: Option<RawTargets>,
     pub min_repositories: Option<i64>,
     pub lock_dir: Option<PathBuf>,
+    pub schedule: Option<RawSchedule>,
     pub compression: Option<RawCompression>,
     #[serde(default)]
     pub repository: Vec<RawRepository>,
@@ -99,4 +100,13 @@ pub struct RawRetention {
     pub keep_monthly: Option<u32>,
     pub keep_yearly: Option<u32>,
     pub keep_within: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawSchedule {
+    pub prune: Option<String>,
+    pub replicate: Option<String>,
+    #[serde(default)]
+    pub drills: Vec<PathBuf>,
 }

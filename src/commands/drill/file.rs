@@ -30,6 +30,8 @@ pub struct Drill {
     pub database: Option<String>,
     pub rto: Duration,
     pub rpo: Duration,
+    /// When `lifeboat schedule` runs it: a systemd calendar expression (`quarterly`).
+    pub schedule: Option<String>,
     pub checks: Vec<Check>,
 }
 
@@ -85,6 +87,7 @@ struct RawDrill {
     database: Option<Spanned<String>>,
     rto: Option<Spanned<String>>,
     rpo: Option<Spanned<String>>,
+    schedule: Option<Spanned<String>>,
     #[serde(default)]
     check: Vec<Spanned<RawCheck>>,
 }
@@ -299,6 +302,12 @@ impl Drill {
             database: raw.database.map(|d| d.into_inner()),
             rto: duration(&source, "rto", raw.rto.as_ref(), "4h")?,
             rpo: duration(&source, "rpo", raw.rpo.as_ref(), "1h")?,
+            schedule: match raw.schedule {
+                Some(schedule) if schedule.get_ref().trim().is_empty() => {
+                    return Err(source.error(schedule.span(), "schedule", "must not be empty"));
+                }
+                schedule => schedule.map(|s| s.into_inner()),
+            },
             checks,
         })
     }

@@ -1,0 +1,404 @@
+//! `lifeboat schedule systemd|cron`: timer units or crontab lines from the schedules in the
+//! config — each job's `schedule` (backup), `[schedule] prune` and `replicate`, and the
+//! `schedule` of each drill file listed in `[schedule] drills`. Calendar expressions use
+//! systemd's OnCalendar syntax and are checked with `systemd-analyze calendar` where it is
+//! installed; cron gets the expressions it can say exactly, and an error for the rest.
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use serde::Serialize;
+
+use super::drill::Drill;
+use crate::config::Config;
+use crate::error::{Error, ErrorKind, Result};
+
+pub const SYSTEMD_UNIT_DIR: &str = "/etc/systemd/system";
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Format {
+    Systemd,
+    Cron,
+}
+
+pub struct ScheduleOptions {
+    pub format: Format,
+    /// Write the units into `unit_dir` instead of printing them; in the system's unit
+    /// directory they are also enabled and started.
+    pub install: bool,
+    pub unit_dir: PathBuf,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Work {
+    /// Reads the sources: runs gently beside production.
+    Backup,
+    Maintenance,
+    Drill,
+}
+
+/// One scheduled command.
+#[derive(Debug, Clone, Serialize)]
+pub struct Scheduled {
+    /// The unit name without suffix: `lifeboat-backup-maindb`.
+    pub name: String,
+    pub description: String,
+    /// Arguments after `lifeboat --config FILE`.
+    pub args: Vec<String>,
+    /// Where the expression came from, for errors: `job 'maindb' schedule`.
+    pub origin: String,
+    pub calendar: String,
+    pub work: Work,
+}
+
+#[derive(Debug, Serialize)]
+pub struct ScheduleReport {
+    pub format: &'static str,
+    /// The files written, when installing.
+    pub written: Vec<String>,
+    /// Printed output (units or crontab), when not installing.
+    pub text: String,
+}
+
+impl fmt::Display for ScheduleReport {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.text)?;
+        for path in &self.written {
+            writeln!(f, "wrote {path}")?;
+        }
+        Ok(())
+    }
+}
+
+/// Every scheduled command the config asks for.
+pub fn plan(config: &Config) -> Result<Vec<Scheduled>> {
+    let mut planned = Vec::new();
+    for job in &config.jobs {
+        if let Some(calendar) = &job.schedule {
+            planned.push(Scheduled {
+                name: format!("lifeboat-backup-{}", job.name),
+                description: format!("lifeboat backup of job {}", job.name),
+                args: vec!["backup".to_string(), job.name.clone()],
+                origin: format!("job '{}' schedule", job.name),
+                calendar: calendar.clone(),
+                work: Work::Backup,
+            });
+        }
+    }
+    for (command, calendar) in [
+        ("prune", &config.schedules.prune),
+        ("replicate", &config.schedules.replicate),
+    ] {
+        if let Some(calendar) = calendar {
+            planned.push(Scheduled {
+                name: format!("lifeboat-{command}"),
+                description: format!("lifeboat {command} of every job"),
+                args: vec![command.to_string()],
+                origin: format!("schedule.{command}"),
+                calendar: calendar.clone(),
+                work: Work::Maintenance,
+            });
+        }
+    }
+    for path in &config.schedules.drills {
+        let drill = Drill::load(path)?;
+        let Some(calendar) = drill.schedule else {
+            return Err(Error::config(format!(
+                "drill file '{}' is listed in schedule.drills of '{}' but has no `schedule`",
+                path.display(),
+                config.path.display()
+            ))
+            .with_hint("add e.g. `schedule = \"quarterly\"` to the drill file"));
+        };
+        planned.push(Scheduled {
+            name: format!("lifeboat-drill-{}", drill.name),
+            description: format!("lifeboat drill {}", drill.name),
+            args: vec![
+                "drill".to_string(),
+                "run".to_string(),
+                absolute(path).display().to_string(),
+            ],
+            origin: format!("drill file '{}' schedule", path.display()),
+            calendar,
+            work: Work::Drill,
+        });
+    }
+    Ok(planned)
+}
+
+fn absolute(path: &Path) -> PathBuf {
+    path.canonicalize().unwrap_or_else(|_| path.to_path_buf())
+}
+
+/// Asks `systemd-analyze calendar` whether systemd accepts `calendar`; Ok(false) when the
+/// tool is not installed.
+fn systemd_accepts(scheduled: &Scheduled) -> Result<bool> {
+    let output = match Command::new("systemd-analyze")
+        .args(["calendar", &scheduled.calendar])
+        .output()
+    {
+        Ok(output) => output,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(false),
+        Err(e) => {
+            return Err(
+                Error::new(ErrorKind::Source, "unable to run systemd-analyze").with_source(e),
+            );
+        }
+    };
+    if output.status.success() {
+        return Ok(true);
+    }
+    Err(Error::config(format!(
+        "{}: \"{}\" is not a valid systemd calendar expression: {}",
+        scheduled.origin,
+        scheduled.calendar,
+        String::from_utf8_lossy(&output.stderr).trim()
+    ))
+    .with_hint("see `man systemd.time`, e.g. \"hourly\", \"*-*-* 03:00:00\", \"Mon *-*-* 04:00\""))
+}
+
+/// Spread over this much after the planned time, so that many hosts do not hit the
+/// repositories in the same second.
+fn randomized_delay(work: Work) -> &'static str {
+    match work {
+        Work::Backup => "5min",
+        Work::Maintenance => "15min",
+        Work::Drill => "1h",
+    }
+}
+
+pub fn service_unit(scheduled: &Scheduled, exe: &Path, config: &Path) -> String {
+    let mut unit = format!(
+        "[Unit]\nDescription={}\nDocumentation=file://{}\nWants=network-online.target\nAfter=network-online.target\n\n\
+         [Service]\nType=oneshot\nExecStart={} --config {} {}\n",
+        scheduled.description,
+        config.display(),
+        exe.display(),
+        config.display(),
+        scheduled.args.join(" ")
+    );
+    if scheduled.work == Work::Backup {
+        unit.push_str("Nice=10\nIOSchedulingClass=best-effort\nIOSchedulingPriority=7\n");
+    }
+    // Drill reports are written relative to the working directory: a state directory that
+    // systemd creates, not the root of the file system.
+    unit.push_str("StateDirectory=lifeboat\nWorkingDirectory=/var/lib/lifeboat\n");
+    unit.push_str("ProtectSystem=full\nPrivateTmp=true\nNoNewPrivileges=true\n");
+    unit
+}
+
+pub fn timer_unit(scheduled: &Scheduled) -> String {
+    format!(
+        "[Unit]\nDescription={} ({})\n\n[Timer]\nOnCalendar={}\nPersistent=true\nRandomizedDelaySec={}\nAccuracySec=1min\n\n[Install]\nWantedBy=timers.target\n",
+        scheduled.description,
+        scheduled.calendar,
+        scheduled.calendar,
+        randomized_delay(scheduled.work)
+    )
+}
+
+/// The cron fields (minute hour day-of-month month day-of-week) for the OnCalendar
+/// expressions cron can say exactly; None for the others.
+pub fn cron_fields(calendar: &str) -> Option<String> {
+    let named = match calendar.trim() {
+        "minutely" => Some("* * * * *"),
+        "hourly" => Some("0 * * * *"),
+        "daily" => Some("0 0 * * *"),
+        "weekly" => Some("0 0 * * 1"),
+        "monthly" => Some("0 0 1 * *"),
+        "quarterly" => Some("0 0 1 1,4,7,10 *"),
+        "yearly" | "annually" => Some("0 0 1 1 *"),
+        _ => None,
+    };
+    if let Some(fields) = named {
+        return Some(fields.to_string());
+    }
+    let mut parts: Vec<&str> = calendar.split_whitespace().collect();
+    let weekday = match parts.as_slice() {
+        [day, _, _] | [day, _] if day.chars().all(|c| c.is_ascii_alphabetic()) => {
+            let number = match day.to_ascii_lowercase().get(..3)? {
+                "sun" => 0,
+                "mon" => 1,
+                "tue" => 2,
+                "wed" => 3,
+                "thu" => 4,
+                "fri" => 5,
+                "sat" => 6,
+                _ => return None,
+            };
+            parts.remove(0);
+            number.to_string()
+        }
+        _ => "*".to_string(),
+    };
+    let (date, time) = match parts.as_slice() {
+        [date, time] => (*date, *time),
+        [time] if time.contains(':') => ("*-*-*", *time),
+        _ => return None,
+    };
+    if date != "*-*-*" {
+        return None;
+    }
+    let mut time = time.split(':');
+    let (hour, minute, second) = (time.next()?, time.next()?, time.next().unwrap_or("00"));
+    if time.next().is_some() || !matches!(second, "0" | "00") {
+        return None;
+    }
+    let number = |text: &str, max: u32| -> Option<String> {
+        if text == "*" {
+            return Some("*".to_string());
+        }
+        text.parse::<u32>()
+            .ok()
+            .filter(|n| *n <= max)
+            .map(|n| n.to_string())
+    };
+    let minute = number(minute, 59).filter(|m| m != "*")?;
+    let hour = number(hour, 23)?;
+    Some(format!("{minute} {hour} * * {weekday}"))
+}
+
+pub async fn run(config: &Config, options: &ScheduleOptions) -> Result<ScheduleReport> {
+    let planned = plan(config)?;
+    if planned.is_empty() {
+        return Err(Error::usage(format!(
+            "nothing is scheduled in '{}'",
+            config.path.display()
+        ))
+        .with_hint("set `schedule` on a job, or `[schedule] prune`/`replicate`/`drills`"));
+    }
+    let exe = std::env::current_exe().map_err(|e| {
+        Error::new(ErrorKind::Source, "unable to find the lifeboat binary").with_source(e)
+    })?;
+    let config_path = absolute(&config.path);
+    let mut report = ScheduleReport {
+        format: match options.format {
+            Format::Systemd => "systemd",
+            Format::Cron => "cron",
+        },
+        written: Vec::new(),
+        text: String::new(),
+    };
+    for scheduled in &planned {
+        systemd_accepts(scheduled)?;
+    }
+    match options.format {
+        Format::Cron => {
+            report
+                .text
+                .push_str("# lifeboat schedules; install with `crontab -e` (as root)\n");
+            for scheduled in &planned {
+                let fields = cron_fields(&scheduled.calendar).ok_or_else(|| {
+                    Error::usage(format!(
+                        "{}: \"{}\" has no exact cron equivalent",
+                        scheduled.origin, scheduled.calendar
+                    ))
+                    .with_hint("use `lifeboat schedule systemd`, or a simpler expression such as \"*-*-* 03:00:00\"")
+                })?;
+                report.text.push_str(&format!(
+                    "{fields} {} --config {} -q {}\n",
+                    exe.display(),
+                    config_path.display(),
+                    scheduled.args.join(" ")
+                ));
+            }
+        }
+        Format::Systemd if !options.install => {
+            for scheduled in &planned {
+                report.text.push_str(&format!(
+                    "# {0}.service\n{1}\n# {0}.timer\n{2}\n",
+                    scheduled.name,
+                    service_unit(scheduled, &exe, &config_path),
+                    timer_unit(scheduled)
+                ));
+            }
+        }
+        Format::Systemd => install(&planned, &exe, &config_path, options, &mut report)?,
+    }
+    Ok(report)
+}
+
+fn install(
+    planned: &[Scheduled],
+    exe: &Path,
+    config: &Path,
+    options: &ScheduleOptions,
+    report: &mut ScheduleReport,
+) -> Result<()> {
+    let write = |path: &Path, text: &str| {
+        std::fs::write(path, text).map_err(|e| {
+            Error::new(
+                ErrorKind::Target,
+                format!("unable to write unit file '{}'", path.display()),
+            )
+            .with_source(e)
+        })
+    };
+    for scheduled in planned {
+        let service = options.unit_dir.join(format!("{}.service", scheduled.name));
+        let timer = options.unit_dir.join(format!("{}.timer", scheduled.name));
+        write(&service, &service_unit(scheduled, exe, config))?;
+        write(&timer, &timer_unit(scheduled))?;
+        report.written.push(service.display().to_string());
+        report.written.push(timer.display().to_string());
+    }
+    if options.unit_dir != Path::new(SYSTEMD_UNIT_DIR) {
+        return Ok(());
+    }
+    systemctl(&["daemon-reload"])?;
+    for scheduled in planned {
+        systemctl(&["enable", "--now", &format!("{}.timer", scheduled.name)])?;
+    }
+    Ok(())
+}
+
+fn systemctl(args: &[&str]) -> Result<()> {
+    let output = Command::new("systemctl")
+        .args(args)
+        .output()
+        .map_err(|e| Error::new(ErrorKind::Source, "unable to run systemctl").with_source(e))?;
+    if output.status.success() {
+        return Ok(());
+    }
+    Err(Error::new(
+        ErrorKind::Source,
+        format!(
+            "`systemctl {}` failed: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&output.stderr).trim()
+        ),
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cron_gets_the_expressions_it_can_say_exactly() {
+        for (calendar, fields) in [
+            ("hourly", "0 * * * *"),
+            ("daily", "0 0 * * *"),
+            ("quarterly", "0 0 1 1,4,7,10 *"),
+            ("*-*-* 03:00:00", "0 3 * * *"),
+            ("*-*-* 03:15", "15 3 * * *"),
+            ("*-*-* *:30:00", "30 * * * *"),
+            ("Mon *-*-* 04:00:00", "0 4 * * 1"),
+            ("sunday 23:45", "45 23 * * 0"),
+        ] {
+            assert_eq!(cron_fields(calendar).as_deref(), Some(fields), "{calendar}");
+        }
+        for calendar in [
+            "*-*-* 03:00:30",
+            "*-*-01 03:00:00",
+            "Mon..Fri 04:00",
+            "*-*-* 25:00",
+            "*:0/15",
+            "every day",
+        ] {
+            assert_eq!(cron_fields(calendar), None, "{calendar}");
+        }
+    }
+}

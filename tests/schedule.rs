@@ -1,0 +1,202 @@
+//! `lifeboat schedule`: the systemd units it writes pass `systemd-analyze verify` (which
+//! rejects a broken copy of them), its crontab lines parse and fire when systemd's timers
+//! would, and a bad calendar expression is refused naming where it came from.
+
+use std::path::Path;
+use std::process::Command;
+use std::str::FromStr;
+
+use crate::common::{files_job, lifeboat, local_repository, write_config};
+
+fn scheduled_config(work: &Path, backup_calendar: &str) -> std::path::PathBuf {
+    let tree = work.join("etc");
+    std::fs::create_dir_all(&tree).unwrap();
+    std::fs::write(
+        work.join("quarterly.toml"),
+        format!(
+            "name = \"quarterly\"\njob = \"conf\"\nschedule = \"quarterly\"\n\n[[check]]\nname = \"etc is back\"\npath = \"{}\"\nexists = true\n",
+            tree.display()
+        ),
+    )
+    .unwrap();
+    write_config(
+        work,
+        &format!(
+            "[schedule]\nprune = \"daily\"\nreplicate = \"*-*-* *:30:00\"\ndrills = [\"quarterly.toml\"]\n\n{}{}schedule = \"{backup_calendar}\"\n",
+            local_repository("local", &work.join("repo")),
+            files_job("conf", &[&tree]).trim_end().to_string() + "\n"
+        ),
+    )
+}
+
+fn systemd_analyze_present() -> bool {
+    Command::new("systemd-analyze")
+        .arg("--version")
+        .output()
+        .is_ok()
+}
+
+#[test]
+fn installed_units_pass_systemd_analyze_verify() {
+    let work = tempfile::tempdir().unwrap();
+    let config = scheduled_config(work.path(), "*-*-* 03:00:00");
+    let units = work.path().join("units");
+    std::fs::create_dir_all(&units).unwrap();
+    let run = lifeboat(
+        &config,
+        &[
+            "schedule",
+            "systemd",
+            "--install",
+            "--unit-dir",
+            units.to_str().unwrap(),
+        ],
+    );
+    run.assert_code(0);
+    let mut names: Vec<String> = std::fs::read_dir(&units)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    names.sort();
+    assert_eq!(
+        names,
+        [
+            "lifeboat-backup-conf.service",
+            "lifeboat-backup-conf.timer",
+            "lifeboat-drill-quarterly.service",
+            "lifeboat-drill-quarterly.timer",
+            "lifeboat-prune.service",
+            "lifeboat-prune.timer",
+            "lifeboat-replicate.service",
+            "lifeboat-replicate.timer",
+        ]
+    );
+    let read = |name: &str| std::fs::read_to_string(units.join(name)).unwrap();
+    let backup = read("lifeboat-backup-conf.service");
+    for line in [
+        "Type=oneshot",
+        "Nice=10",
+        "IOSchedulingClass=best-effort",
+        "ProtectSystem=full",
+        "PrivateTmp=true",
+        "NoNewPrivileges=true",
+    ] {
+        assert!(backup.lines().any(|l| l == line), "{line} in\n{backup}");
+    }
+    assert!(
+        backup.contains(&format!(
+            " --config {} backup conf\n",
+            config.canonicalize().unwrap().display()
+        )),
+        "{backup}"
+    );
+    assert!(
+        !read("lifeboat-prune.service").contains("Nice="),
+        "only backups are niced"
+    );
+    let timer = read("lifeboat-backup-conf.timer");
+    for line in [
+        "OnCalendar=*-*-* 03:00:00",
+        "Persistent=true",
+        "RandomizedDelaySec=5min",
+        "WantedBy=timers.target",
+    ] {
+        assert!(timer.lines().any(|l| l == line), "{line} in\n{timer}");
+    }
+    assert!(read("lifeboat-drill-quarterly.timer").contains("OnCalendar=quarterly\n"));
+
+    if !systemd_analyze_present() {
+        return;
+    }
+    let verify = |paths: &[std::path::PathBuf]| {
+        Command::new("systemd-analyze")
+            .arg("verify")
+            .args(paths)
+            .output()
+            .unwrap()
+    };
+    let all: Vec<_> = names.iter().map(|n| units.join(n)).collect();
+    let output = verify(&all);
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    // The check has teeth: the same timer with a calendar systemd cannot read fails it.
+    let broken = units.join("broken.timer");
+    std::fs::write(&broken, timer.replace("*-*-* 03:00:00", "at three-ish")).unwrap();
+    std::fs::write(units.join("broken.service"), backup).unwrap();
+    assert!(!verify(&[broken]).status.success());
+}
+
+/// When systemd would next fire `calendar`, in UTC, as "YYYY-MM-DD HH:MM:SS".
+fn systemd_next(calendar: &str) -> String {
+    let output = Command::new("systemd-analyze")
+        .env("TZ", "UTC")
+        .args(["calendar", calendar])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&output.stdout);
+    let line = text
+        .lines()
+        .find(|l| l.trim_start().starts_with("Next elapse:"))
+        .unwrap_or_else(|| panic!("{text}"));
+    // "Next elapse: Fri 2026-11-27 03:00:00 UTC"
+    let fields: Vec<&str> = line.split_whitespace().collect();
+    format!("{} {}", fields[3], fields[4])
+}
+
+#[test]
+fn cron_lines_parse_and_fire_when_the_timers_would() {
+    let work = tempfile::tempdir().unwrap();
+    let config = scheduled_config(work.path(), "Mon *-*-* 04:15:00");
+    let run = lifeboat(&config, &["schedule", "cron"]);
+    run.assert_code(0);
+    let lines: Vec<&str> = run.stdout.lines().filter(|l| !l.starts_with('#')).collect();
+    assert_eq!(lines.len(), 4, "{}", run.stdout);
+    let calendars = ["Mon *-*-* 04:15:00", "daily", "*-*-* *:30:00", "quarterly"];
+    let now = chrono::Utc::now();
+    for (line, calendar) in lines.iter().zip(calendars) {
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        let pattern = fields[..5].join(" ");
+        let cron = croner::Cron::from_str(&pattern)
+            .unwrap_or_else(|e| panic!("'{pattern}' from {line}: {e}"));
+        assert!(fields[5].ends_with("lifeboat"), "{line}");
+        if systemd_analyze_present() {
+            let next = cron.find_next_occurrence(&now, false).unwrap();
+            assert_eq!(
+                next.format("%Y-%m-%d %H:%M:%S").to_string(),
+                systemd_next(calendar),
+                "{calendar} as cron '{pattern}'"
+            );
+        }
+    }
+}
+
+#[test]
+fn a_bad_calendar_is_refused_naming_its_origin() {
+    let work = tempfile::tempdir().unwrap();
+    if systemd_analyze_present() {
+        let config = scheduled_config(work.path(), "at three-ish");
+        let run = lifeboat(&config, &["schedule", "systemd"]);
+        run.assert_code(2);
+        assert!(
+            run.stderr.contains(
+                "job 'conf' schedule: \"at three-ish\" is not a valid systemd calendar expression"
+            ),
+            "{}",
+            run.stderr
+        );
+    }
+    // Valid for systemd, but no cron line says it exactly.
+    let config = scheduled_config(work.path(), "Mon..Fri *-*-* 04:00:00");
+    let run = lifeboat(&config, &["schedule", "cron"]);
+    run.assert_code(2);
+    assert!(
+        run.stderr.contains(
+            "job 'conf' schedule: \"Mon..Fri *-*-* 04:00:00\" has no exact cron equivalent"
+        ),
+        "{}",
+        run.stderr
+    );
+}
