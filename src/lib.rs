@@ -15,6 +15,7 @@
 //! - [`manifest`], [`layout`]: the commit record and where things live.
 //! - [`wal`]: LSNs, timelines and WAL file names, for physical backups and the WAL archive.
 //! - [`lock`]: per-job run locks that a killed run never leaves behind.
+//! - [`metrics`]: Prometheus textfile metrics for alerting.
 //! - [`retention`]: which backups a retention policy keeps, and why (pure).
 //! - [`config`], [`error`]: the config file and the one public error with its exit code.
 //! - [`progress`]: how long transfers report progress to whoever renders it.
@@ -27,6 +28,7 @@ pub mod inventory;
 pub mod layout;
 pub mod lock;
 pub mod manifest;
+pub mod metrics;
 pub mod pipeline;
 pub mod progress;
 pub mod repository;

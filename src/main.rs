@@ -15,6 +15,7 @@ use lifeboat::commands::{
 };
 use lifeboat::config::{Config, DEFAULT_CONFIG_PATH};
 use lifeboat::error::exit_code;
+use lifeboat::metrics;
 use lifeboat::{Error, Result};
 
 #[derive(Parser)]
@@ -391,6 +392,24 @@ fn print_error(error: &Error) {
     }
 }
 
+/// Metrics after a command that changed state (when `metrics_dir` is set).
+async fn record_run(
+    config: &Config,
+    command: &str,
+    job: &str,
+    started_at: chrono::DateTime<chrono::Utc>,
+    success: bool,
+) {
+    let run = metrics::RunRecord {
+        command,
+        job,
+        success,
+        started_at,
+        finished_at: chrono::Utc::now(),
+    };
+    metrics::record(config, &[run]).await;
+}
+
 fn print<T: std::fmt::Display + serde::Serialize>(report: &T, format: OutputFormat) {
     match format {
         OutputFormat::Text => print!("{report}"),
@@ -436,6 +455,7 @@ async fn run(cli: Cli) -> Result<i32> {
             report.outcome()?;
         }
         Command::Backup { job, all: _ } => {
+            let started_at = chrono::Utc::now();
             let summary = backup::run(
                 &config,
                 &backup::BackupOptions {
@@ -449,6 +469,19 @@ async fn run(cli: Cli) -> Result<i32> {
                     Err(e) => print_error(e),
                 }
             }
+            let finished_at = chrono::Utc::now();
+            let runs: Vec<metrics::RunRecord> = summary
+                .outcomes
+                .iter()
+                .map(|(job, outcome)| metrics::RunRecord {
+                    command: "backup",
+                    job,
+                    success: matches!(outcome, Ok(report) if report.missing.is_empty()),
+                    started_at,
+                    finished_at,
+                })
+                .collect();
+            metrics::record(&config, &runs).await;
             return Ok(summary.exit_code());
         }
         Command::Drill {
@@ -461,6 +494,7 @@ async fn run(cli: Cli) -> Result<i32> {
                 },
         } => {
             lifeboat::interrupt::install();
+            let started_at = chrono::Utc::now();
             let report = drill::run(
                 &config,
                 &drill::DrillOptions {
@@ -471,7 +505,11 @@ async fn run(cli: Cli) -> Result<i32> {
             )
             .await?;
             print(&report, format);
-            report.outcome()?;
+            let outcome = report.outcome();
+            if let Some(first) = report.reports.first() {
+                record_run(&config, "drill", &first.job, started_at, outcome.is_ok()).await;
+            }
+            outcome?;
         }
         Command::Drill {
             action: DrillAction::History { name, format },
@@ -485,6 +523,8 @@ async fn run(cli: Cli) -> Result<i32> {
             verify,
             format,
         } => {
+            let started_at = chrono::Utc::now();
+            let label = job.clone().unwrap_or_else(|| "all".to_string());
             let report = replicate::run(
                 &config,
                 &replicate::ReplicateOptions {
@@ -495,7 +535,11 @@ async fn run(cli: Cli) -> Result<i32> {
             )
             .await?;
             print(&report, format);
-            report.outcome()?;
+            let outcome = report.outcome();
+            if !dry_run {
+                record_run(&config, "replicate", &label, started_at, outcome.is_ok()).await;
+            }
+            outcome?;
         }
         Command::Schedule {
             format,
@@ -535,6 +579,8 @@ async fn run(cli: Cli) -> Result<i32> {
             grace,
             format,
         } => {
+            let started_at = chrono::Utc::now();
+            let label = job.clone().unwrap_or_else(|| "all".to_string());
             let options = prune::PruneOptions {
                 job,
                 dry_run,
@@ -542,7 +588,11 @@ async fn run(cli: Cli) -> Result<i32> {
             };
             let report = prune::run(&config, &options).await?;
             print(&report, format);
-            report.outcome()?;
+            let outcome = report.outcome();
+            if !dry_run {
+                record_run(&config, "prune", &label, started_at, outcome.is_ok()).await;
+            }
+            outcome?;
         }
         Command::List { job, format } => {
             let report = list::run(&config, &list::ListOptions { job }).await?;

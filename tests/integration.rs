@@ -9,6 +9,7 @@ mod drills;
 mod failed_backup;
 mod files_round_trip;
 mod locks;
+mod metrics;
 mod postgres_logical;
 mod postgres_physical;
 mod prune;

@@ -76,6 +76,10 @@ pub struct JobStatus {
     pub problems: Vec<(State, String)>,
     pub newest_backup: Option<String>,
     pub recovery_point: Option<DateTime<Utc>>,
+    /// The newest backup's size before and after compression, and how long it took.
+    pub newest_raw_bytes: Option<u64>,
+    pub newest_stored_bytes: Option<u64>,
+    pub newest_duration_seconds: Option<f64>,
     /// Physical jobs: when the newest archived WAL file was stored.
     pub newest_wal_at: Option<DateTime<Utc>>,
     /// How much data (as time) a disaster now would lose.
@@ -142,6 +146,9 @@ async fn job_status(
         problems: Vec::new(),
         newest_backup: None,
         recovery_point: None,
+        newest_raw_bytes: None,
+        newest_stored_bytes: None,
+        newest_duration_seconds: None,
         newest_wal_at: None,
         exposure_seconds: None,
         rpo_target_seconds: config.targets.rpo.as_secs_f64(),
@@ -196,6 +203,14 @@ async fn job_status(
     }
     status.newest_backup = Some(newest.clone());
     status.recovery_point = Some(manifest.recovery_point);
+    status.newest_raw_bytes = Some(manifest.raw_size());
+    status.newest_stored_bytes = Some(manifest.objects.iter().map(|o| o.size).sum());
+    status.newest_duration_seconds = Some(
+        (manifest.finished_at - manifest.started_at)
+            .to_std()
+            .unwrap_or_default()
+            .as_secs_f64(),
+    );
     let mut restorable = manifest.recovery_point;
     if matches!(&job.source, JobSource::Postgres(p) if p.mode == PostgresMode::Physical) {
         status.newest_wal_at = newest_wal(&survey, &job.name).await;

@@ -29,6 +29,8 @@ pub struct Config {
     pub min_repositories: usize,
     /// Where the per-job run locks live: a local directory, never a network file system.
     pub lock_dir: PathBuf,
+    /// Where Prometheus textfile metrics go (node_exporter's textfile collector directory).
+    pub metrics_dir: Option<PathBuf>,
     /// When the maintenance commands and drills run, for `lifeboat schedule`.
     pub schedules: Schedules,
     pub jobs: Vec<JobConfig>,
@@ -327,6 +329,12 @@ fn validate(raw: raw::RawConfig, path: &Path) -> Result<Config, Problem> {
         }
         None => default_lock_dir(),
     };
+    if let Some(dir) = raw.metrics_dir.as_ref().filter(|d| !d.is_absolute()) {
+        return Err(format!(
+            "metrics_dir: must be an absolute path (got \"{}\")",
+            dir.display()
+        ));
+    }
 
     let raw_schedule = raw.schedule.unwrap_or_default();
     for (field, value) in [
@@ -364,6 +372,7 @@ fn validate(raw: raw::RawConfig, path: &Path) -> Result<Config, Problem> {
         repositories,
         min_repositories,
         lock_dir,
+        metrics_dir: raw.metrics_dir,
         schedules,
         jobs,
     })

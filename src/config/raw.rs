@@ -11,6 +11,7 @@ pub struct RawConfig {
     pub targets: Option<RawTargets>,
     pub min_repositories: Option<i64>,
     pub lock_dir: Option<PathBuf>,
+    pub metrics_dir: Option<PathBuf>,
     pub schedule: Option<RawSchedule>,
     pub compression: Option<RawCompression>,
     #[serde(default)]
