@@ -3,11 +3,18 @@
 //! kernel releases it when the holder exits, however it exits, so a killed run never blocks
 //! the next one and there is no stale lock to clean up. The file also names its holder (pid,
 //! host, command, start), for the message of whoever finds the lock taken.
+//!
+//! Where several hosts may run the same jobs, `lock = "redis://..."` adds a lock in Redis:
+//! `SET key HOLDER NX PX ttl`, renewed while the run lasts and released only by the holder
+//! that set it (compare-and-delete in one script). A holder killed on another host blocks
+//! until the key expires (one TTL); one killed on this host is seen to be gone (its pid no
+//! longer exists) and its key is taken over at once.
 
 use std::fs::{File, OpenOptions, TryLockError};
 use std::io::{Read, Seek, Write};
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
@@ -15,12 +22,38 @@ use sha2::{Digest, Sha256};
 
 use crate::config::Config;
 use crate::error::{Error, ErrorKind, Result};
+use crate::sources::redis::RedisServer;
+
+/// How long a Redis lock lives without renewal; renewed every third of it.
+const SHARED_TTL: Duration = Duration::from_secs(60);
 
 /// Held while alive; dropping it (or the process ending) releases the lock.
 #[derive(Debug)]
 pub struct JobLock {
     _file: File,
+    _shared: Option<SharedLock>,
 }
+
+#[derive(Debug)]
+struct SharedLock {
+    server: RedisServer,
+    key: String,
+    token: String,
+    renewer: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for SharedLock {
+    fn drop(&mut self) {
+        self.renewer.abort();
+        // Synchronous, as Drop cannot wait on the runtime: one short round trip.
+        if let Err(e) = release_blocking(&self.server, &self.key, &self.token) {
+            tracing::warn!(key = %self.key, error = %e, "unable to release the Redis lock; it expires by itself");
+        }
+    }
+}
+
+const RENEW: &str = "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('pexpire', KEYS[1], ARGV[2]) else return 0 end";
+const RELEASE: &str = "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) else return 0 end";
 
 #[derive(Debug, Serialize, Deserialize)]
 struct Holder {
@@ -42,9 +75,21 @@ pub fn lock_path(config: &Config, job: &str) -> PathBuf {
     config.lock_dir.join(format!("{job}-{tag}.lock"))
 }
 
-/// Takes the lock of `job` for `command` (`backup`, `prune`, ...), or fails at once with
-/// `ErrorKind::Locked` naming the run that holds it.
-pub fn acquire(config: &Config, job: &str, command: &str) -> Result<JobLock> {
+/// Takes the lock of `job` for `command` (`backup`, `prune`, ...) on this host and, when
+/// configured, in Redis; or fails at once with `ErrorKind::Locked` naming the holder.
+pub async fn acquire(config: &Config, job: &str, command: &str) -> Result<JobLock> {
+    let file = acquire_file(config, job, command)?;
+    let shared = match &config.shared_lock {
+        Some(redis) => Some(acquire_shared(RedisServer::from_job(redis)?, job, command).await?),
+        None => None,
+    };
+    Ok(JobLock {
+        _file: file,
+        _shared: shared,
+    })
+}
+
+fn acquire_file(config: &Config, job: &str, command: &str) -> Result<File> {
     let path = lock_path(config, job);
     let fail = |action: &str, e: std::io::Error| {
         Error::new(
@@ -66,12 +111,15 @@ pub fn acquire(config: &Config, job: &str, command: &str) -> Result<JobLock> {
     match file.try_lock() {
         Ok(()) => {}
         Err(TryLockError::WouldBlock) => {
+            let mut text = String::new();
+            let holder = file
+                .rewind()
+                .and_then(|()| file.read_to_string(&mut text))
+                .ok()
+                .and_then(|_| serde_json::from_str::<Holder>(&text).ok());
             return Err(Error::new(
                 ErrorKind::Locked,
-                format!(
-                    "job '{job}' is locked by another run: {}",
-                    describe_holder(&mut file)
-                ),
+                format!("job '{job}' is locked by another run: {}", describe(holder.as_ref())),
             )
             .with_hint(format!(
                 "nothing was done; wait for that run to end (its lock is '{}' and is released when it exits, even if killed)",
@@ -80,27 +128,142 @@ pub fn acquire(config: &Config, job: &str, command: &str) -> Result<JobLock> {
         }
         Err(TryLockError::Error(e)) => return Err(fail("lock", e)),
     }
-    let holder = Holder {
-        pid: std::process::id(),
-        host: crate::commands::backup::host_name(),
-        command: command.to_string(),
-        started_at: Utc::now(),
-    };
-    let record = serde_json::to_vec(&holder).expect("holder serializes");
+    let record = serde_json::to_vec(&Holder::me(command)).expect("holder serializes");
     file.set_len(0)
         .and_then(|()| file.rewind())
         .and_then(|()| file.write_all(&record))
         .map_err(|e| fail("write", e))?;
-    Ok(JobLock { _file: file })
+    Ok(file)
 }
 
-fn describe_holder(file: &mut File) -> String {
-    let mut text = String::new();
-    let holder = file
-        .rewind()
-        .and_then(|()| file.read_to_string(&mut text))
-        .ok()
-        .and_then(|_| serde_json::from_str::<Holder>(&text).ok());
+impl Holder {
+    fn me(command: &str) -> Holder {
+        Holder {
+            pid: std::process::id(),
+            host: crate::commands::backup::host_name(),
+            command: command.to_string(),
+            started_at: Utc::now(),
+        }
+    }
+
+    /// A holder on this host whose process no longer exists.
+    fn is_gone(&self) -> bool {
+        if self.host != crate::commands::backup::host_name() {
+            return false;
+        }
+        let Ok(pid) = libc::pid_t::try_from(self.pid) else {
+            return false;
+        };
+        // Signal 0 checks existence; EPERM means it exists under another user.
+        let alive = unsafe { libc::kill(pid, 0) } == 0
+            || std::io::Error::last_os_error().raw_os_error() == Some(libc::EPERM);
+        !alive
+    }
+}
+
+async fn acquire_shared(server: RedisServer, job: &str, command: &str) -> Result<SharedLock> {
+    let key = format!("lifeboat:lock:{job}");
+    let token = serde_json::to_string(&Holder::me(command)).expect("holder serializes");
+    let mut connection = server.connect().await?;
+    let failed = |e: redis::RedisError| {
+        Error::new(
+            ErrorKind::Source,
+            format!(
+                "unable to take the lock '{key}' on Redis at {}",
+                server.describe()
+            ),
+        )
+        .with_source(e)
+    };
+    let ttl = SHARED_TTL.as_millis() as u64;
+    for attempt in 0..2 {
+        let set: Option<String> = redis::cmd("SET")
+            .arg(&key)
+            .arg(&token)
+            .arg("NX")
+            .arg("PX")
+            .arg(ttl)
+            .query_async(&mut connection)
+            .await
+            .map_err(failed)?;
+        if set.is_some() {
+            break;
+        }
+        let current: Option<String> = redis::cmd("GET")
+            .arg(&key)
+            .query_async(&mut connection)
+            .await
+            .map_err(failed)?;
+        let holder = current
+            .as_deref()
+            .and_then(|text| serde_json::from_str::<Holder>(text).ok());
+        if attempt == 0
+            && let (Some(text), Some(gone)) = (&current, holder.as_ref().filter(|h| h.is_gone()))
+        {
+            tracing::warn!(key = %key, pid = gone.pid, "taking over the Redis lock of a run that no longer exists");
+            let _: i64 = eval(RELEASE, &key, &[text])
+                .query_async(&mut connection)
+                .await
+                .map_err(failed)?;
+            continue;
+        }
+        return Err(Error::new(
+            ErrorKind::Locked,
+            format!(
+                "job '{job}' is locked in Redis at {} by another run: {}",
+                server.describe(),
+                describe(holder.as_ref())
+            ),
+        )
+        .with_hint(format!(
+            "nothing was done; the lock '{key}' is released when that run ends, or expires {} s after its host stops renewing it",
+            SHARED_TTL.as_secs()
+        )));
+    }
+    let renewer = {
+        let (server, key, token) = (server.clone(), key.clone(), token.clone());
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(SHARED_TTL / 3).await;
+                let renewed = async {
+                    let mut connection = server.connect().await.ok()?;
+                    eval(RENEW, &key, &[&token, &ttl.to_string()])
+                        .query_async::<i64>(&mut connection)
+                        .await
+                        .ok()
+                }
+                .await;
+                if renewed != Some(1) {
+                    tracing::error!(key = %key, "the Redis lock could not be renewed; another host may start this job");
+                }
+            }
+        })
+    };
+    Ok(SharedLock {
+        server,
+        key,
+        token,
+        renewer,
+    })
+}
+
+fn release_blocking(server: &RedisServer, key: &str, token: &str) -> redis::RedisResult<()> {
+    let mut connection = server.connect_blocking()?;
+    let _: i64 = eval(RELEASE, key, &[token]).query(&mut connection)?;
+    Ok(())
+}
+
+/// `EVAL script 1 key args...`: the check and the change in one step on the server.
+fn eval(script: &str, key: &str, args: &[&str]) -> redis::Cmd {
+    let mut cmd = redis::cmd("EVAL");
+    cmd.arg(script).arg(1).arg(key);
+    for arg in args {
+        cmd.arg(*arg);
+    }
+    cmd
+}
+
+fn describe(holder: Option<&Holder>) -> String {
     match holder {
         Some(h) => format!(
             "`lifeboat {}`, pid {} on host {}, started {}",

@@ -370,7 +370,14 @@ fn init_logging(cli: &Cli) {
             .with_target(false)
             .with_writer(std::io::stderr)
             .init(),
-        (LogFormat::Json, _) => builder.json().with_writer(std::io::stderr).init(),
+        // One object per line, the span fields (job, backup) flattened into each.
+        (LogFormat::Json, _) => builder
+            .json()
+            .flatten_event(true)
+            .with_current_span(false)
+            .with_span_list(true)
+            .with_writer(std::io::stderr)
+            .init(),
     }
 }
 

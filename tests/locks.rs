@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
 
+use crate::common::redis::Redis;
 use crate::common::{files_job, lifeboat, lifeboat_command, local_repository, write_config};
 
 /// A files job over a 1 GiB sparse file: reading and hashing it keeps a backup busy for a
@@ -110,4 +111,81 @@ fn a_backup_killed_with_sigkill_does_not_block_the_next() {
     assert_eq!(committed(work.path()), 1);
     // And a prune of the job is not blocked either.
     lifeboat(&config, &["prune", "--dry-run"]).assert_code(0);
+}
+
+/// The slow job of `slow_job`, for a second "host": its own lock directory, and a lock
+/// shared through Redis.
+fn shared_lock_config(work: &Path, host: &str, redis: &Redis) -> PathBuf {
+    let dir = work.join(host);
+    std::fs::create_dir_all(&dir).unwrap();
+    let password = work.join("redis.pass");
+    crate::common::write_secret(&password, crate::common::redis::PASSWORD, 0o600);
+    write_config(
+        &dir,
+        &format!(
+            "lock_dir = \"{}\"\nlock = \"{}\"\nlock_password_file = \"{}\"\n{}{}",
+            dir.join("locks").display(),
+            redis.url(),
+            password.display(),
+            local_repository("local", &work.join("repo")),
+            files_job("data", &[&work.join("data")])
+        ),
+    )
+}
+
+fn redis_holder(redis: &Redis) -> Option<String> {
+    let mut connection = redis.connection().unwrap();
+    redis::cmd("GET")
+        .arg("lifeboat:lock:data")
+        .query(&mut connection)
+        .unwrap()
+}
+
+fn wait_for_redis_holder(redis: &Redis, pid: u32, running: &mut Child) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !redis_holder(redis).is_some_and(|h| h.contains(&format!("\"pid\":{pid},"))) {
+        assert!(
+            Instant::now() < deadline,
+            "the backup never took the Redis lock"
+        );
+        assert!(
+            running.try_wait().unwrap().is_none(),
+            "the backup ended early"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+#[test]
+fn a_lock_in_redis_keeps_two_hosts_from_running_one_job_at_once() {
+    let redis = Redis::start(&[]);
+    let work = tempfile::tempdir().unwrap();
+    slow_job(work.path());
+    let host_a = shared_lock_config(work.path(), "a", &redis);
+    let host_b = shared_lock_config(work.path(), "b", &redis);
+
+    let mut first = spawn_backup(&host_a);
+    let pid = first.id();
+    wait_for_redis_holder(&redis, pid, &mut first);
+    let second = lifeboat(&host_b, &["backup", "data"]);
+    second.assert_code(75);
+    assert!(
+        second.stderr.contains("job 'data' is locked in Redis at")
+            && second.stderr.contains(&format!("pid {pid} on host")),
+        "{}",
+        second.stderr
+    );
+    assert!(first.wait().unwrap().success());
+    assert_eq!(redis_holder(&redis), None, "released when the run ended");
+    lifeboat(&host_b, &["backup", "data"]).assert_code(0);
+
+    // Killed while holding it: the key stays, but its holder is seen to be gone.
+    let mut killed = spawn_backup(&host_a);
+    let pid = killed.id();
+    wait_for_redis_holder(&redis, pid, &mut killed);
+    killed.kill().unwrap();
+    killed.wait().unwrap();
+    assert!(redis_holder(&redis).is_some());
+    lifeboat(&host_b, &["backup", "data"]).assert_code(0);
+    assert_eq!(redis_holder(&redis), None);
 }

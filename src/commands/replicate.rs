@@ -86,10 +86,10 @@ pub async fn run(config: &Config, options: &ReplicateOptions) -> Result<Replicat
         Some(name) => vec![config.job(name)?.name.clone()],
         None => config.jobs.iter().map(|j| j.name.clone()).collect(),
     };
-    let _locks = jobs
-        .iter()
-        .map(|job| crate::lock::acquire(config, job, "replicate"))
-        .collect::<Result<Vec<_>>>()?;
+    let mut held_locks = Vec::with_capacity(jobs.len());
+    for job in &jobs {
+        held_locks.push(crate::lock::acquire(config, job, "replicate").await?);
+    }
     let repositories = Repository::open_all(config).await;
     let mut report = ReplicateReport {
         dry_run: options.dry_run,

@@ -29,6 +29,8 @@ pub struct Config {
     pub min_repositories: usize,
     /// Where the per-job run locks live: a local directory, never a network file system.
     pub lock_dir: PathBuf,
+    /// A Redis server holding the job locks too, for jobs that several hosts may run.
+    pub shared_lock: Option<RedisJob>,
     /// Where Prometheus textfile metrics go (node_exporter's textfile collector directory).
     pub metrics_dir: Option<PathBuf>,
     /// When the maintenance commands and drills run, for `lifeboat schedule`.
@@ -329,6 +331,32 @@ fn validate(raw: raw::RawConfig, path: &Path) -> Result<Config, Problem> {
         }
         None => default_lock_dir(),
     };
+    let shared_lock = match &raw.lock {
+        Some(url) => {
+            let (host, port) = parse_redis_url("lock", url)?;
+            if let Some(path) = raw.lock_password_file.as_ref().filter(|p| !p.is_absolute()) {
+                return Err(format!(
+                    "lock_password_file: must be an absolute path (got \"{}\")",
+                    path.display()
+                ));
+            }
+            Some(RedisJob {
+                host,
+                port,
+                username: raw.lock_username.clone(),
+                password_file: raw.lock_password_file.clone(),
+                heartbeat: false,
+                rdb_path: None,
+            })
+        }
+        None if raw.lock_username.is_some() || raw.lock_password_file.is_some() => {
+            return Err(
+                "lock_username, lock_password_file: only valid with lock = \"redis://...\""
+                    .to_string(),
+            );
+        }
+        None => None,
+    };
     if let Some(dir) = raw.metrics_dir.as_ref().filter(|d| !d.is_absolute()) {
         return Err(format!(
             "metrics_dir: must be an absolute path (got \"{}\")",
@@ -372,6 +400,7 @@ fn validate(raw: raw::RawConfig, path: &Path) -> Result<Config, Problem> {
         repositories,
         min_repositories,
         lock_dir,
+        shared_lock,
         metrics_dir: raw.metrics_dir,
         schedules,
         jobs,
@@ -857,31 +886,7 @@ fn validate_redis_job(at: &dyn Fn(&str) -> String, job: &raw::RawJob) -> Result<
             at("url")
         )
     })?;
-    let rest = url.strip_prefix("redis://").ok_or_else(|| {
-        format!(
-            "{}: must start with redis:// (got \"{url}\"); TLS (rediss://) is not supported yet",
-            at("url")
-        )
-    })?;
-    let authority = rest.split('/').next().unwrap_or_default();
-    if authority.contains('@') {
-        return Err(format!(
-            "{}: must not hold a user or password; set username and password_file",
-            at("url")
-        ));
-    }
-    let (host, port) = match authority.rsplit_once(':') {
-        Some((host, port)) => (
-            host,
-            port.parse::<u16>()
-                .map_err(|_| format!("{}: invalid port \"{port}\"", at("url")))?,
-        ),
-        None => (authority, 6379),
-    };
-    let host = host.trim_start_matches('[').trim_end_matches(']');
-    if host.is_empty() {
-        return Err(format!("{}: has no host (got \"{url}\")", at("url")));
-    }
+    let (host, port) = parse_redis_url(&at("url"), url)?;
     for (field, path) in [
         ("password_file", &job.password_file),
         ("rdb_path", &job.rdb_path),
@@ -897,13 +902,41 @@ fn validate_redis_job(at: &dyn Fn(&str) -> String, job: &raw::RawJob) -> Result<
         }
     }
     Ok(RedisJob {
-        host: host.to_string(),
+        host,
         port,
         username: job.username.clone(),
         password_file: job.password_file.clone(),
         heartbeat: job.heartbeat.unwrap_or(false),
         rdb_path: job.rdb_path.clone(),
     })
+}
+
+/// Host and port of `redis://host[:port][/db]`; never credentials, which belong in files.
+fn parse_redis_url(field: &str, url: &str) -> Result<(String, u16), Problem> {
+    let rest = url.strip_prefix("redis://").ok_or_else(|| {
+        format!(
+            "{field}: must start with redis:// (got \"{url}\"); TLS (rediss://) is not supported yet"
+        )
+    })?;
+    let authority = rest.split('/').next().unwrap_or_default();
+    if authority.contains('@') {
+        return Err(format!(
+            "{field}: must not hold a user or password; set the username and password_file fields"
+        ));
+    }
+    let (host, port) = match authority.rsplit_once(':') {
+        Some((host, port)) => (
+            host,
+            port.parse::<u16>()
+                .map_err(|_| format!("{field}: invalid port \"{port}\""))?,
+        ),
+        None => (authority, 6379),
+    };
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    if host.is_empty() {
+        return Err(format!("{field}: has no host (got \"{url}\")"));
+    }
+    Ok((host.to_string(), port))
 }
 
 /// A password in a DSN would end up in config backups, logs and child argv.

@@ -11,6 +11,10 @@ pub struct RawConfig {
     pub targets: Option<RawTargets>,
     pub min_repositories: Option<i64>,
     pub lock_dir: Option<PathBuf>,
+    /// `redis://host:port`: a lock shared by every host that runs the same jobs.
+    pub lock: Option<String>,
+    pub lock_username: Option<String>,
+    pub lock_password_file: Option<PathBuf>,
     pub metrics_dir: Option<PathBuf>,
     pub schedule: Option<RawSchedule>,
     pub compression: Option<RawCompression>,

@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
 use serde::Serialize;
+use tracing::Instrument;
 
 use crate::commands::{human_duration, human_size};
 use crate::config::{Config, JobConfig, JobSource, PostgresMode};
@@ -261,8 +262,14 @@ pub async fn run(config: &Config, options: &BackupOptions) -> Result<BackupSumma
     let repositories = Repository::open_all(config).await;
     let mut outcomes = Vec::with_capacity(jobs.len());
     for job in jobs {
-        let outcome = match crate::lock::acquire(config, &job.name, "backup") {
-            Ok(_lock) => backup_job(config, &repositories, job).await,
+        // Every log line of the run carries the job, and the backup id once it is chosen.
+        let span = tracing::info_span!("backup", job = %job.name, backup = tracing::field::Empty);
+        let outcome = match crate::lock::acquire(config, &job.name, "backup").await {
+            Ok(_lock) => {
+                backup_job(config, &repositories, job)
+                    .instrument(span)
+                    .await
+            }
             Err(e) => Err(e),
         };
         match &outcome {
@@ -288,6 +295,7 @@ async fn backup_job(
     }
     let started_at = Utc::now();
     let id = unused_backup_id(&destinations, &job.name, started_at).await?;
+    tracing::Span::current().record("backup", tracing::field::display(&id));
     let options = EncodeOptions {
         level: config.compression.level,
         threads: config.compression.threads,

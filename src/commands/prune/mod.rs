@@ -16,6 +16,7 @@ use std::collections::BTreeSet;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
+use tracing::Instrument;
 
 use crate::config::{Config, JobConfig, JobSource, PostgresMode, Retention};
 use crate::error::Result;
@@ -56,10 +57,10 @@ pub async fn run(config: &Config, options: &PruneOptions) -> Result<PruneReport>
     };
     // Every job's lock first: a backup or replicate of a job must not run while its
     // backups are being removed.
-    let _locks = jobs
-        .iter()
-        .map(|job| crate::lock::acquire(config, &job.name, "prune"))
-        .collect::<Result<Vec<_>>>()?;
+    let mut held_locks = Vec::with_capacity(jobs.len());
+    for job in &jobs {
+        held_locks.push(crate::lock::acquire(config, &job.name, "prune").await?);
+    }
     let repositories = Repository::open_all(config).await;
     let now = Utc::now();
     let proofs = drill_proofs(config, now).await?;
@@ -68,9 +69,12 @@ pub async fn run(config: &Config, options: &PruneOptions) -> Result<PruneReport>
         jobs: Vec::new(),
     };
     for job in jobs {
-        report
-            .jobs
-            .push(prune_job(job, &repositories, &proofs, now, options).await);
+        let span = tracing::info_span!("prune", job = %job.name);
+        report.jobs.push(
+            prune_job(job, &repositories, &proofs, now, options)
+                .instrument(span)
+                .await,
+        );
     }
     Ok(report)
 }

@@ -98,7 +98,7 @@ impl RedisServer {
         }
     }
 
-    pub async fn connect(&self) -> Result<redis::aio::MultiplexedConnection> {
+    fn client(&self) -> redis::RedisResult<redis::Client> {
         let mut settings = RedisConnectionInfo::default();
         if let Some(user) = &self.username {
             settings = settings.set_username(user);
@@ -107,10 +107,19 @@ impl RedisServer {
             settings = settings.set_password(password);
         }
         let info = ConnectionAddr::Tcp(self.host.clone(), self.port)
-            .into_connection_info()
-            .map_err(|e| error(self, "connect", e))?
+            .into_connection_info()?
             .set_redis_settings(settings);
-        let client = redis::Client::open(info).map_err(|e| error(self, "connect", e))?;
+        redis::Client::open(info)
+    }
+
+    /// A blocking connection, for the few places that cannot await (a lock released in Drop).
+    pub fn connect_blocking(&self) -> redis::RedisResult<redis::Connection> {
+        self.client()?
+            .get_connection_with_timeout(Duration::from_secs(2))
+    }
+
+    pub async fn connect(&self) -> Result<redis::aio::MultiplexedConnection> {
+        let client = self.client().map_err(|e| error(self, "connect", e))?;
         client
             .get_multiplexed_async_connection()
             .await
