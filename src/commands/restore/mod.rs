@@ -16,6 +16,7 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use serde::Serialize;
+use tracing::Instrument;
 
 use super::{human_duration, human_size};
 use crate::config::Config;
@@ -383,6 +384,20 @@ pub async fn run(config: &Config, options: &RestoreOptions) -> Result<RestoreRep
     selected.started = started;
     let id = selected.manifest.id.clone();
     tracing::info!(job = %job.name, id = %id, "restoring");
+    // Every log line of the restore carries the job and the backup id.
+    let span = tracing::info_span!("restore", job = %job.name, backup = %id);
+    restore_selected(config, options, job, selected, &id)
+        .instrument(span)
+        .await
+}
+
+async fn restore_selected(
+    config: &Config,
+    options: &RestoreOptions,
+    job: &crate::config::JobConfig,
+    selected: Selected,
+    id: &str,
+) -> Result<RestoreReport> {
     match selected.manifest.kind.as_str() {
         "files" => {
             let into = options.into.as_deref().ok_or_else(|| {
