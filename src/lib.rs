@@ -14,6 +14,7 @@
 //! - [`storage`]: the store trait and its backends; aws-sdk-s3 appears only in `storage::s3`.
 //! - [`manifest`], [`layout`]: the commit record and where things live.
 //! - [`wal`]: LSNs, timelines and WAL file names, for physical backups and the WAL archive.
+//! - [`keys`]: age identities and recipients.
 //! - [`lock`]: per-job run locks that a killed run never leaves behind.
 //! - [`metrics`]: Prometheus textfile metrics for alerting.
 //! - [`retention`]: which backups a retention policy keeps, and why (pure).
@@ -25,6 +26,7 @@ pub mod config;
 pub mod error;
 pub mod interrupt;
 pub mod inventory;
+pub mod keys;
 pub mod layout;
 pub mod lock;
 pub mod manifest;

@@ -148,6 +148,12 @@ enum Command {
         #[arg(long, value_enum, default_value_t = OutputFormat::Text)]
         format: OutputFormat,
     },
+    /// Write a new age identity (mode 0600) and print its recipient (public key).
+    Keygen {
+        /// The identity file to create; never replaced.
+        #[arg(long, short)]
+        output: PathBuf,
+    },
     /// Print (or install) systemd timers or crontab lines for the schedules in the config.
     Schedule {
         #[arg(value_enum)]
@@ -440,6 +446,15 @@ async fn run(cli: Cli) -> Result<i32> {
         );
         return Ok(exit_code::SUCCESS);
     }
+    if let Command::Keygen { output } = &cli.command {
+        let recipient = lifeboat::keys::keygen(output)?;
+        eprintln!(
+            "wrote identity '{}' (mode 0600); keep a copy offline, it is the only way to read what is encrypted to it alone",
+            output.display()
+        );
+        println!("{recipient}");
+        return Ok(exit_code::SUCCESS);
+    }
     let config = match Config::load(&cli.config) {
         Ok(config) => config,
         // PostgreSQL must not read a broken config as "the archive ends here".
@@ -455,7 +470,7 @@ async fn run(cli: Cli) -> Result<i32> {
         Err(e) => return Err(e),
     };
     match cli.command {
-        Command::Init { .. } => unreachable!("handled above"),
+        Command::Init { .. } | Command::Keygen { .. } => unreachable!("handled above"),
         Command::Check => {
             let report = check::run(&config).await;
             print!("{report}");

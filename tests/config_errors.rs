@@ -71,3 +71,47 @@ fn init_writes_a_config_that_loads_and_never_overwrites() {
     again.assert_code(2);
     assert!(again.stderr.contains("already exists"), "{}", again.stderr);
 }
+
+#[test]
+fn keygen_writes_a_private_identity_once_and_prints_its_recipient() {
+    let work = tempfile::tempdir().unwrap();
+    let key = work.path().join("escrow.key");
+    // No config is needed to make a key.
+    let missing_config = work.path().join("none.toml");
+    let run = lifeboat(
+        &missing_config,
+        &["keygen", "--output", key.to_str().unwrap()],
+    );
+    run.assert_code(0);
+    let recipient = run.stdout.trim();
+    assert!(
+        recipient.starts_with("age1") && !recipient.contains('\n'),
+        "{}",
+        run.stdout
+    );
+    use std::os::unix::fs::PermissionsExt;
+    assert_eq!(
+        std::fs::metadata(&key).unwrap().permissions().mode() & 0o777,
+        0o600
+    );
+    let text = std::fs::read_to_string(&key).unwrap();
+    assert!(text.contains(recipient) && text.contains("AGE-SECRET-KEY-1"));
+    // The secret never reaches stdout or stderr.
+    let secret = text
+        .lines()
+        .find(|l| l.starts_with("AGE-SECRET-KEY-"))
+        .unwrap();
+    assert!(!run.stdout.contains(secret) && !run.stderr.contains(secret));
+
+    let again = lifeboat(
+        &missing_config,
+        &["keygen", "--output", key.to_str().unwrap()],
+    );
+    again.assert_code(1);
+    assert!(
+        again.stderr.contains("unable to create identity file"),
+        "{}",
+        again.stderr
+    );
+    assert_eq!(std::fs::read_to_string(&key).unwrap(), text);
+}
