@@ -10,6 +10,7 @@ use std::fmt;
 
 use futures::StreamExt;
 use serde::Serialize;
+use tracing::Instrument;
 
 use super::human_size;
 use crate::config::Config;
@@ -105,10 +106,15 @@ pub async fn run(config: &Config, options: &ReplicateOptions) -> Result<Replicat
             }
         }
         for id in survey.committed_ids() {
-            replicate_backup(job, &id, &survey, options, &mut report).await;
+            let span = tracing::info_span!("replicate", job = %job, backup = %id);
+            replicate_backup(job, &id, &survey, options, &mut report)
+                .instrument(span)
+                .await;
         }
         let reachable: Vec<&Repository> = survey.listed.iter().map(|(r, _)| *r).collect();
-        replicate_wal(job, &reachable, options, &mut report).await;
+        replicate_wal(job, &reachable, options, &mut report)
+            .instrument(tracing::info_span!("replicate", job = %job))
+            .await;
     }
     Ok(report)
 }

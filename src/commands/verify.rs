@@ -7,6 +7,7 @@
 use std::fmt;
 
 use serde::Serialize;
+use tracing::Instrument;
 
 use crate::config::Config;
 use crate::error::{Error, ErrorKind, Result};
@@ -155,7 +156,10 @@ pub async fn run(config: &Config, options: &VerifyOptions) -> Result<VerifyRepor
                 .map(|(repository, _)| *repository)
                 .collect();
             let first_check = report.checks.len();
-            verify_backup(job, &id, &sources, &mut report.checks).await;
+            let span = tracing::info_span!("verify", job = %job, backup = %id);
+            verify_backup(job, &id, &sources, &mut report.checks)
+                .instrument(span)
+                .await;
             let checks = &report.checks[first_check..];
             if !checks.is_empty() && checks.iter().all(|c| c.intact_in.is_some()) {
                 record_verified(job, &id, &sources).await;

@@ -13,6 +13,7 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use chrono::{DateTime, Utc};
+use tracing::Instrument;
 
 pub use file::{Drill, DrillTarget};
 pub use history::{DrillHistory, HistoryRow, history};
@@ -127,7 +128,20 @@ pub async fn run(config: &Config, options: &DrillOptions) -> Result<DrillRun> {
     Ok(DrillRun { reports })
 }
 
+/// One drill run; its log lines carry the drill and the job.
 async fn run_once(
+    config: &Config,
+    drill: &Drill,
+    report_dir: &Path,
+    only_from: Option<&str>,
+) -> Result<DrillReport> {
+    let span = tracing::info_span!("drill", drill = %drill.name, job = %drill.job);
+    run_drill(config, drill, report_dir, only_from)
+        .instrument(span)
+        .await
+}
+
+async fn run_drill(
     config: &Config,
     drill: &Drill,
     report_dir: &Path,
