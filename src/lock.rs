@@ -111,12 +111,7 @@ fn acquire_file(config: &Config, job: &str, command: &str) -> Result<File> {
     match file.try_lock() {
         Ok(()) => {}
         Err(TryLockError::WouldBlock) => {
-            let mut text = String::new();
-            let holder = file
-                .rewind()
-                .and_then(|()| file.read_to_string(&mut text))
-                .ok()
-                .and_then(|_| serde_json::from_str::<Holder>(&text).ok());
+            let holder = read_holder(&mut file);
             return Err(Error::new(
                 ErrorKind::Locked,
                 format!("job '{job}' is locked by another run: {}", describe(holder.as_ref())),
@@ -134,6 +129,24 @@ fn acquire_file(config: &Config, job: &str, command: &str) -> Result<File> {
         .and_then(|()| file.write_all(&record))
         .map_err(|e| fail("write", e))?;
     Ok(file)
+}
+
+/// The holder's record. It writes it right after taking the lock, so a run that finds the
+/// lock taken a moment after gives it a little time before calling it unnamed.
+fn read_holder(file: &mut File) -> Option<Holder> {
+    for _ in 0..50 {
+        let mut text = String::new();
+        let holder = file
+            .rewind()
+            .and_then(|()| file.read_to_string(&mut text))
+            .ok()
+            .and_then(|_| serde_json::from_str::<Holder>(&text).ok());
+        if holder.is_some() {
+            return holder;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    None
 }
 
 impl Holder {
