@@ -17,6 +17,7 @@ use crate::error::Result;
 use crate::inventory::{self, Presence};
 use crate::layout;
 use crate::repository::Repository;
+use crate::storage::{self, ObjectMeta};
 
 /// Share of a target that turns OK into WARNING.
 const WARN_AT: f64 = 0.8;
@@ -308,16 +309,16 @@ async fn newest_wal(survey: &inventory::Survey<'_>, job: &str) -> Option<DateTim
     let prefix = layout::wal_prefix(job);
     let mut newest: Option<DateTime<Utc>> = None;
     for (repository, _) in &survey.listed {
-        let mut after: Option<String> = None;
-        while let Ok(page) = repository
-            .store
-            .list_page(&prefix, after.as_deref(), 10_000)
-            .await
-        {
-            let Some(last) = page.last() else { break };
-            after = Some(last.key.clone());
-            newest = newest.max(page.iter().filter_map(|o| o.last_modified).max());
-        }
+        // A repository that cannot be listed just has no say in the newest time.
+        let _ = storage::for_each_page(
+            repository.store.as_ref(),
+            &prefix,
+            crate::commands::prune::WAL_PAGE,
+            async |page: Vec<ObjectMeta>| {
+                newest = newest.max(page.iter().filter_map(|o| o.last_modified).max());
+            },
+        )
+        .await;
     }
     newest
 }

@@ -86,24 +86,19 @@ impl LocalStore {
             .map_err(|e| StoreError::io("fsync directory of", key, e))
     }
 
-    /// Files under the deepest directory `prefix` names fully whose key `keep` accepts,
-    /// sorted by key. Only what is kept is held in memory.
-    fn walk(&self, prefix: &str, keep: impl Fn(&str) -> bool) -> io::Result<Vec<ObjectMeta>> {
-        let dir_part = match prefix.rfind('/') {
-            Some(i) => &prefix[..i],
-            None => "",
-        };
-        let start = if dir_part.is_empty() {
-            self.root.clone()
-        } else {
-            self.root.join(dir_part)
-        };
-        let mut found = Vec::new();
+    /// Calls `each` with the key and entry of every file under the deepest directory `prefix`
+    /// names fully, in no particular order. Unsorted on purpose: a sorted walk holds every
+    /// entry of a directory (a WAL archive's hundred thousand) to sort it.
+    fn visit(
+        &self,
+        prefix: &str,
+        mut each: impl FnMut(&str, &walkdir::DirEntry) -> io::Result<()>,
+    ) -> io::Result<()> {
+        let dir_part = prefix.rfind('/').map_or("", |i| &prefix[..i]);
+        let start = self.root.join(dir_part);
         if !start.is_dir() {
-            return Ok(found);
+            return Ok(());
         }
-        // Unsorted: a sorted walk would hold every entry of a directory (a WAL archive's
-        // hundred thousand) to sort it; sorting only what is kept is cheaper.
         for entry in walkdir::WalkDir::new(&start).follow_links(false) {
             let entry = entry.map_err(io::Error::other)?;
             if !entry.file_type().is_file() {
@@ -113,18 +108,27 @@ impl LocalStore {
                 .path()
                 .strip_prefix(&self.root)
                 .map_err(io::Error::other)?;
-            let Some(key) = relative.to_str().map(str::to_string) else {
-                continue;
-            };
-            if keep(&key) {
+            if let Some(key) = relative.to_str() {
+                each(key, &entry)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Files whose key `keep` accepts, sorted by key. Only what is kept is held in memory.
+    fn walk(&self, prefix: &str, keep: impl Fn(&str) -> bool) -> io::Result<Vec<ObjectMeta>> {
+        let mut found = Vec::new();
+        self.visit(prefix, |key, entry| {
+            if keep(key) {
                 let meta = entry.metadata().map_err(io::Error::other)?;
                 found.push(ObjectMeta {
                     size: meta.len(),
                     last_modified: modified(&meta),
-                    key,
+                    key: key.to_string(),
                 });
             }
-        }
+            Ok(())
+        })?;
         found.sort_unstable_by(|a, b| a.key.cmp(&b.key));
         Ok(found)
     }
@@ -139,38 +143,24 @@ impl LocalStore {
         start_after: Option<&str>,
         max: usize,
     ) -> io::Result<Vec<ObjectMeta>> {
-        let dir_part = prefix.rfind('/').map_or("", |i| &prefix[..i]);
-        let start = self.root.join(dir_part);
-        if !start.is_dir() || max == 0 {
+        if max == 0 {
             return Ok(Vec::new());
         }
         let mut smallest: std::collections::BinaryHeap<String> =
             std::collections::BinaryHeap::new();
-        for entry in walkdir::WalkDir::new(&start).follow_links(false) {
-            let entry = entry.map_err(io::Error::other)?;
-            if !entry.file_type().is_file() {
-                continue;
+        self.visit(prefix, |key, _| {
+            let wanted = key.starts_with(prefix)
+                && !is_temp(key)
+                && start_after.is_none_or(|after| key > after)
+                && (smallest.len() < max || smallest.peek().is_some_and(|top| key < top.as_str()));
+            if wanted {
+                smallest.push(key.to_string());
+                if smallest.len() > max {
+                    smallest.pop();
+                }
             }
-            let Some(key) = entry
-                .path()
-                .strip_prefix(&self.root)
-                .ok()
-                .and_then(|relative| relative.to_str())
-            else {
-                continue;
-            };
-            if !key.starts_with(prefix)
-                || is_temp(key)
-                || start_after.is_some_and(|after| key <= after)
-                || (smallest.len() == max && smallest.peek().is_some_and(|top| key >= top.as_str()))
-            {
-                continue;
-            }
-            smallest.push(key.to_string());
-            if smallest.len() > max {
-                smallest.pop();
-            }
-        }
+            Ok(())
+        })?;
         let mut page = Vec::with_capacity(smallest.len());
         for key in smallest.into_sorted_vec() {
             match std::fs::metadata(self.root.join(&key)) {

@@ -185,6 +185,25 @@ pub async fn get_bytes(store: &dyn Store, key: &str) -> Result<Bytes, StoreError
     Ok(buf.freeze())
 }
 
+/// Hands `each` the objects under `prefix` a page of `page_size` at a time, in key order:
+/// for listings too large to hold. Removing keys already handed over does not disturb it.
+pub async fn for_each_page(
+    store: &dyn Store,
+    prefix: &str,
+    page_size: usize,
+    mut each: impl AsyncFnMut(Vec<ObjectMeta>),
+) -> Result<(), StoreError> {
+    let mut after: Option<String> = None;
+    loop {
+        let page = store.list_page(prefix, after.as_deref(), page_size).await?;
+        let Some(last) = page.last() else {
+            return Ok(());
+        };
+        after = Some(last.key.clone());
+        each(page).await;
+    }
+}
+
 /// Stores a small in-memory object.
 pub async fn put_bytes(
     store: &dyn Store,

@@ -26,7 +26,7 @@ use crate::repository::Repository;
 use crate::retention::{self, Candidate, Decision};
 
 pub use report::{BackupOutcome, JobPrune, Leftover, PruneReport, Retained, StaleUpload};
-pub use wal::{WalFloor, WalPrune, WalRepositoryPrune};
+pub use wal::{WAL_PAGE, WalFloor, WalPrune, WalRepositoryPrune};
 
 /// A drill that passed proves its backup restores: that backup is kept this long.
 pub const DRILL_PROOF_DAYS: i64 = 100;

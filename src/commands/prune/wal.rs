@@ -12,10 +12,11 @@ use super::apply::delete_keys;
 use super::report::BackupOutcome;
 use crate::inventory::Survey;
 use crate::layout;
+use crate::storage::{self, ObjectMeta};
 use crate::wal::{WalFile, WalFileKind};
 
 /// WAL keys listed and removed at a time.
-const WAL_PAGE: usize = 10_000;
+pub const WAL_PAGE: usize = 10_000;
 
 /// Where one kept backup starts replaying.
 #[derive(Debug, Clone, Serialize)]
@@ -142,45 +143,40 @@ pub(super) async fn prune(
             kept: 0,
             retained: 0,
         };
-        // Page by page, so that memory does not grow with the archive; removing keys behind
-        // the cursor does not disturb the listing.
-        let mut after: Option<String> = None;
-        loop {
-            let page = match repository
-                .store
-                .list_page(&prefix, after.as_deref(), WAL_PAGE)
-                .await
-            {
-                Ok(page) => page,
-                Err(e) => {
-                    failures.push(format!(
-                        "listing WAL in repository '{}': {e}",
-                        repository.name
-                    ));
-                    break;
+        // Page by page, so that memory does not grow with the archive.
+        let listed = storage::for_each_page(
+            repository.store.as_ref(),
+            &prefix,
+            WAL_PAGE,
+            async |page: Vec<ObjectMeta>| {
+                let total = page.len();
+                let unneeded: Vec<String> = page
+                    .into_iter()
+                    .filter(|object| {
+                        layout::wal_file_of_key(job, &object.key)
+                            .is_some_and(|f| !floors.needed(&f))
+                    })
+                    .map(|object| object.key)
+                    .collect();
+                let mut removed = unneeded.len();
+                outcome.kept += total - removed;
+                if !dry_run {
+                    let removal = delete_keys(repository, unneeded).await;
+                    let left = removal.retained.len() + removal.failures.len();
+                    removed -= left;
+                    outcome.kept += left;
+                    outcome.retained += removal.retained.len();
+                    failures.extend(removal.failures);
                 }
-            };
-            let Some(last) = page.last() else { break };
-            after = Some(last.key.clone());
-            let total = page.len();
-            let unneeded: Vec<String> = page
-                .into_iter()
-                .filter(|object| {
-                    layout::wal_file_of_key(job, &object.key).is_some_and(|f| !floors.needed(&f))
-                })
-                .map(|object| object.key)
-                .collect();
-            let mut removed = unneeded.len();
-            outcome.kept += total - removed;
-            if !dry_run {
-                let removal = delete_keys(repository, unneeded).await;
-                let left = removal.retained.len() + removal.failures.len();
-                removed -= left;
-                outcome.kept += left;
-                outcome.retained += removal.retained.len();
-                failures.extend(removal.failures);
-            }
-            outcome.removed += removed;
+                outcome.removed += removed;
+            },
+        )
+        .await;
+        if let Err(e) = listed {
+            failures.push(format!(
+                "listing WAL in repository '{}': {e}",
+                repository.name
+            ));
         }
         repositories.push(outcome);
     }
