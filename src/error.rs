@@ -25,6 +25,8 @@ pub enum ErrorKind {
     Degraded,
     /// Another run of the same job holds its lock; nothing was done.
     Locked,
+    /// An encrypted object cannot be decrypted: no identity, or none that matches.
+    Key,
 }
 
 /// Stable process exit codes, documented in the README.

@@ -58,15 +58,28 @@ pub fn prune_journal_key(job: &str) -> String {
     format!("jobs/{job}/prune.json")
 }
 
-/// Where the archived WAL file `file` of `job` is kept: under its timeline.
-pub fn wal_key(job: &str, file: &crate::wal::WalFile) -> String {
-    format!("jobs/{job}/wal/{:08X}/{}.zst", file.timeline, file.name)
+/// Where the archived WAL file `file` of `job` is kept: under its timeline, as
+/// `NAME.zst`, or `NAME.zst.age` when `encrypted`.
+pub fn wal_key(job: &str, file: &crate::wal::WalFile, encrypted: bool) -> String {
+    let suffix = if encrypted { ".zst.age" } else { ".zst" };
+    format!("jobs/{job}/wal/{:08X}/{}{suffix}", file.timeline, file.name)
+}
+
+/// Both keys the WAL file `file` may be archived under, the `encrypted` form first: a
+/// file archived before encryption was turned on (or after it was turned off) is still
+/// found.
+pub fn wal_keys(job: &str, file: &crate::wal::WalFile, encrypted: bool) -> [String; 2] {
+    [
+        wal_key(job, file, encrypted),
+        wal_key(job, file, !encrypted),
+    ]
 }
 
 /// The WAL file a key under `wal_prefix(job)` holds, if it is one.
 pub fn wal_file_of_key(job: &str, key: &str) -> Option<crate::wal::WalFile> {
     let rest = key.strip_prefix(&wal_prefix(job))?;
     let (timeline, name) = rest.split_once('/')?;
+    let name = name.strip_suffix(".age").unwrap_or(name);
     let file = crate::wal::WalFile::parse(name.strip_suffix(".zst")?)?;
     (timeline == format!("{:08X}", file.timeline)).then_some(file)
 }

@@ -127,6 +127,10 @@ enum Command {
         /// Repository to verify (default: the first in the config).
         #[arg(long)]
         from: Option<String>,
+        /// Also decrypt encrypted objects and check what they hold; needs an identity
+        /// (LIFEBOAT_IDENTITY_FILE or identity_file in [encryption]).
+        #[arg(long)]
+        deep: bool,
         #[arg(long, value_enum, default_value_t = OutputFormat::Text)]
         format: OutputFormat,
     },
@@ -215,6 +219,10 @@ enum Command {
         /// Never read from this repository (repeatable).
         #[arg(long)]
         exclude: Vec<String>,
+        /// Decrypt with this identity file (default: LIFEBOAT_IDENTITY_FILE, else the
+        /// config's identity_file).
+        #[arg(long)]
+        identity_file: Option<PathBuf>,
     },
 }
 
@@ -664,6 +672,7 @@ async fn run(cli: Cli) -> Result<i32> {
                 postgres,
                 physical: physical.options()?,
                 start_scratch,
+                identity_file: None,
             };
             lifeboat::interrupt::install();
             let report = restore::run(&config, &options).await?;
@@ -683,6 +692,7 @@ async fn run(cli: Cli) -> Result<i32> {
             job,
             from,
             exclude,
+            identity_file,
         } => {
             let options = wal::WalFetchOptions {
                 name,
@@ -690,6 +700,7 @@ async fn run(cli: Cli) -> Result<i32> {
                 job,
                 from,
                 exclude,
+                identity_file,
             };
             return Ok(match wal::fetch(&config, &options).await {
                 Ok(wal::WalFetchOutcome::Fetched { .. }) => exit_code::SUCCESS,
@@ -704,9 +715,16 @@ async fn run(cli: Cli) -> Result<i32> {
             job,
             backup,
             from,
+            deep,
             format,
         } => {
-            let report = verify::run(&config, &verify::VerifyOptions { job, backup, from }).await?;
+            let options = verify::VerifyOptions {
+                job,
+                backup,
+                from,
+                deep,
+            };
+            let report = verify::run(&config, &options).await?;
             print(&report, format);
             report.outcome()?;
         }

@@ -61,7 +61,12 @@ pub struct ObjectEntry {
     pub raw_size: u64,
     pub raw_sha256: String,
     pub compression: String,
+    /// "age" when the stored bytes are an age file wrapping the zstd frame.
     pub encryption: Option<String>,
+    /// Encrypted objects: the public keys (`age1…`) of every recipient that can decrypt
+    /// them. Never a secret.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub recipients: Vec<String>,
     /// Postgres logical backups: the database this object is the dump of.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub database: Option<String>,
@@ -77,8 +82,41 @@ impl ObjectEntry {
             raw_sha256: digests.raw_sha256.clone(),
             compression: "zstd".to_string(),
             encryption: None,
+            recipients: Vec::new(),
             database: None,
         }
+    }
+
+    /// The entry of the object `logical` (e.g. `app.dump.zst`) stored with `digests`,
+    /// encrypted to `recipients` when given: then it is stored as `app.dump.zst.age`.
+    pub fn stored(
+        logical: &str,
+        digests: &Digests,
+        recipients: Option<&crate::keys::Recipients>,
+    ) -> ObjectEntry {
+        let mut entry = ObjectEntry::zstd(logical, digests);
+        if let Some(recipients) = recipients {
+            entry.name = encrypted_name(logical, None);
+            entry.encryption = Some(crate::keys::AGE.to_string());
+            entry.recipients = recipients.texts().to_vec();
+        }
+        entry
+    }
+
+    /// What the object is, whatever its stored name: `app.dump.zst` for `app.dump.zst`,
+    /// `app.dump.zst.age` and `app.dump.zst.20261126T030000Z.age` (re-encrypted by `rekey`).
+    pub fn logical_name(&self) -> &str {
+        let Some(sealed) = self.name.strip_suffix(".age") else {
+            return &self.name;
+        };
+        match sealed.rsplit_once('.') {
+            Some((logical, stamp)) if crate::layout::parse_backup_id(stamp).is_some() => logical,
+            _ => sealed,
+        }
+    }
+
+    pub fn is_encrypted(&self) -> bool {
+        self.encryption.is_some()
     }
 
     pub fn digests(&self) -> Digests {
@@ -88,6 +126,15 @@ impl ObjectEntry {
             raw_size: self.raw_size,
             raw_sha256: self.raw_sha256.clone(),
         }
+    }
+}
+
+/// The stored name of the encrypted object `logical`; `generation` (a backup-id-like time
+/// stamp) tells a re-encrypted copy from the one it replaces.
+pub fn encrypted_name(logical: &str, generation: Option<&str>) -> String {
+    match generation {
+        None => format!("{logical}.age"),
+        Some(stamp) => format!("{logical}.{stamp}.age"),
     }
 }
 
@@ -138,5 +185,25 @@ impl Manifest {
 
     pub fn raw_size(&self) -> u64 {
         self.objects.iter().map(|o| o.raw_size).sum()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_encrypted_object_is_found_by_what_it_holds_whatever_its_stored_name() {
+        let mut entry = ObjectEntry::zstd("app.dump.zst", &Digests::default());
+        assert_eq!(entry.logical_name(), "app.dump.zst");
+        entry.name = encrypted_name("app.dump.zst", None);
+        assert_eq!(entry.name, "app.dump.zst.age");
+        assert_eq!(entry.logical_name(), "app.dump.zst");
+        entry.name = encrypted_name("app.dump.zst", Some("20261126T030000Z"));
+        assert_eq!(entry.name, "app.dump.zst.20261126T030000Z.age");
+        assert_eq!(entry.logical_name(), "app.dump.zst");
+        // A dot in a database's name is not a generation.
+        entry.name = "my.db.dump.zst.age".to_string();
+        assert_eq!(entry.logical_name(), "my.db.dump.zst");
     }
 }

@@ -184,6 +184,17 @@ impl Repository {
             .map_err(|e| self.error(&format!("write manifest '{key}'"), e))
     }
 
+    /// Replaces the committed manifest of a backup: `rekey` only, once every object the
+    /// new one names is stored and checked. A reader sees the old manifest or the new one,
+    /// and both point to objects that are there.
+    pub async fn replace_manifest(&self, manifest: &Manifest) -> Result<()> {
+        let key = layout::manifest_key(&manifest.job, &manifest.id);
+        storage::put_bytes(self.store.as_ref(), &key, Bytes::from(manifest.to_json()))
+            .await
+            .map(|_| ())
+            .map_err(|e| self.error(&format!("replace manifest '{key}'"), e))
+    }
+
     pub async fn open_object(&self, job: &str, id: &str, object: &str) -> Result<ByteStream> {
         let key = layout::object_key(job, id, object);
         self.store

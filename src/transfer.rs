@@ -4,11 +4,13 @@
 
 use std::io::{self, Read, Write};
 use std::path::Path;
+use std::sync::Arc;
 
 use futures::TryStreamExt;
 use tokio_util::io::{StreamReader, SyncIoBridge};
 
 use crate::error::{Error, ErrorKind, Result};
+use crate::keys::{self, Identity, Keyring, OpenError, Recipients};
 use crate::layout;
 use crate::manifest::{Manifest, ObjectEntry};
 use crate::pipeline::{self, CHANNEL_BOUND, DecodeError, Digests, EncodeOptions, ObjectWriter};
@@ -41,7 +43,7 @@ where
     store_with(
         repositories,
         key,
-        move |senders| ObjectWriter::new(options, senders),
+        move |senders| ObjectWriter::new(&options, senders),
         produce,
     )
     .await
@@ -52,6 +54,7 @@ where
 pub async fn store_precompressed_object<T, F>(
     repositories: &[Repository],
     key: &str,
+    recipients: Option<Recipients>,
     inspect: Box<dyn Write + Send>,
     produce: F,
 ) -> Result<Stored<T>>
@@ -62,7 +65,7 @@ where
     store_with(
         repositories,
         key,
-        move |senders| Ok(ObjectWriter::precompressed(senders, inspect)),
+        move |senders| ObjectWriter::precompressed(senders, recipients.as_ref(), inspect),
         produce,
     )
     .await
@@ -189,12 +192,61 @@ fn object_label(key: &str) -> String {
         .replacen("/backups/", "/", 1)
 }
 
+/// The identities that open `object` (at `place`), or None when it is not encrypted.
+fn identities_for(
+    keyring: &Keyring,
+    object: &ObjectEntry,
+    place: &str,
+) -> Result<Option<Arc<Vec<Identity>>>> {
+    if !object.is_encrypted() {
+        return Ok(None);
+    }
+    keyring.identities(place).map(Some)
+}
+
+/// Checks, by reading only its header, that `keyring` opens the encrypted `object`: a
+/// restore finds out it has the wrong key before it touches anything.
+pub async fn check_key(
+    repository: &Repository,
+    manifest: &Manifest,
+    object: &ObjectEntry,
+    keyring: &Keyring,
+) -> Result<()> {
+    let key = layout::object_key(&manifest.job, &manifest.id, &object.name);
+    let place = format!("object '{key}' in repository '{}'", repository.name);
+    let Some(identities) = identities_for(keyring, object, &place)? else {
+        return Ok(());
+    };
+    let end = object.size.min(keys::HEADER_READ);
+    let mut stream = repository
+        .store
+        .get(&key, Some(0..end))
+        .await
+        .map_err(|e| repository.error(&format!("read object '{key}'"), e))?;
+    let mut header = Vec::new();
+    while let Some(chunk) = futures::StreamExt::next(&mut stream).await {
+        header.extend_from_slice(
+            &chunk.map_err(|e| repository.error(&format!("read object '{key}'"), e))?,
+        );
+    }
+    match keys::open(&header[..], &identities) {
+        Ok(_) => Ok(()),
+        Err(OpenError::NoMatchingKey) => Err(keyring.no_match(&place, &object.recipients)),
+        Err(OpenError::Damaged(problem)) => Err(Error::new(
+            ErrorKind::Verification,
+            format!("damaged {place}: {problem}"),
+        )),
+    }
+}
+
 /// Streams one object of `manifest` from `repository` through the decode pipeline into
-/// `consume` (on a blocking thread). Returns Ok only when both checksums match.
+/// `consume` (on a blocking thread), decrypting it with `keyring` when it is encrypted.
+/// Returns Ok only when both checksums match.
 pub async fn read_object<T, F>(
     repository: &Repository,
     manifest: &Manifest,
     object: &ObjectEntry,
+    keyring: &Keyring,
     consume: F,
 ) -> Result<T>
 where
@@ -202,6 +254,8 @@ where
     F: FnOnce(&mut dyn Read) -> io::Result<T> + Send + 'static,
 {
     let key = layout::object_key(&manifest.job, &manifest.id, &object.name);
+    let place = format!("object '{key}' in repository '{}'", repository.name);
+    let identities = identities_for(keyring, object, &place)?;
     let stream = repository
         .open_object(&manifest.job, &manifest.id, &object.name)
         .await?;
@@ -210,12 +264,17 @@ where
     let label = format!("restore {}", object.name);
     let outcome = tokio::task::spawn_blocking(move || {
         let mut task = progress::start(&label, Some(expected.raw_size));
-        let outcome = pipeline::decode(reader, &expected, |raw| {
-            consume(&mut CountingReader {
-                inner: raw,
-                task: task.as_mut(),
-            })
-        });
+        let outcome = pipeline::decode(
+            reader,
+            &expected,
+            identities.as_deref().map(Vec::as_slice),
+            |raw| {
+                consume(&mut CountingReader {
+                    inner: raw,
+                    task: task.as_mut(),
+                })
+            },
+        );
         task.finish();
         outcome
     })
@@ -223,13 +282,66 @@ where
     .map_err(|e| {
         Error::new(ErrorKind::Storage, format!("unable to read object '{key}'")).with_source(e)
     })?;
-    outcome.map_err(|e| {
-        decode_failure(
-            format!("object '{key}' in repository '{}'", repository.name),
-            &manifest.job,
-            e,
-        )
-    })
+    outcome.map_err(|e| decode_failure(place, &manifest.job, object, keyring, e))
+}
+
+/// Re-encrypts `object` of `manifest` in `repository` to `recipients`, streaming: its zstd
+/// stream is decrypted with `keyring` (when it is encrypted), encrypted again and stored as
+/// `new_name` beside it, while it is decompressed on the way to check the raw checksum.
+/// Returns the new object's entry; the old object is left for the caller to remove once
+/// the manifest names the new one.
+pub async fn reseal_object(
+    repository: &Repository,
+    manifest: &Manifest,
+    object: &ObjectEntry,
+    keyring: &Keyring,
+    recipients: &Recipients,
+    new_name: &str,
+) -> Result<ObjectEntry> {
+    let key = layout::object_key(&manifest.job, &manifest.id, &object.name);
+    let new_key = layout::object_key(&manifest.job, &manifest.id, new_name);
+    let place = format!("object '{key}' in repository '{}'", repository.name);
+    let identities = identities_for(keyring, object, &place)?;
+    let stream = repository
+        .open_object(&manifest.job, &manifest.id, &object.name)
+        .await?;
+    let reader = SyncIoBridge::new(StreamReader::new(stream.map_err(io::Error::other)));
+    let expected = object.digests();
+    let (job, entry, failure_keyring) = (manifest.job.clone(), object.clone(), keyring.clone());
+    let failure_place = place.clone();
+    let stored = store_precompressed_object(
+        std::slice::from_ref(repository),
+        &new_key,
+        Some(recipients.clone()),
+        Box::new(io::sink()),
+        move |out| {
+            pipeline::copy_unsealed(
+                reader,
+                &expected,
+                identities.as_deref().map(Vec::as_slice),
+                out,
+            )
+            .map_err(|e| decode_failure(failure_place, &job, &entry, &failure_keyring, e))
+        },
+    )
+    .await?;
+    let digests = stored.digests;
+    if (digests.raw_size, digests.raw_sha256.as_str())
+        != (object.raw_size, object.raw_sha256.as_str())
+    {
+        let _ = repository.store.delete(&new_key).await;
+        return Err(Error::new(
+            ErrorKind::Verification,
+            format!(
+                "unable to re-encrypt {place}: it decodes to {} bytes with sha256 {}, the manifest says {} bytes with {}",
+                digests.raw_size, digests.raw_sha256, object.raw_size, object.raw_sha256
+            ),
+        ));
+    }
+    let mut entry = ObjectEntry::stored(object.logical_name(), &digests, Some(recipients));
+    entry.name = new_name.to_string();
+    entry.database = object.database.clone();
+    Ok(entry)
 }
 
 /// Downloads one object of `manifest` as it is stored (compressed) into the file `path`,
@@ -240,7 +352,6 @@ pub async fn download_object(
     object: &ObjectEntry,
     path: &Path,
 ) -> Result<()> {
-    let key = layout::object_key(&manifest.job, &manifest.id, &object.name);
     let file = std::fs::File::create(path).map_err(|e| {
         Error::new(
             ErrorKind::Target,
@@ -248,12 +359,34 @@ pub async fn download_object(
         )
         .with_source(e)
     })?;
+    copy_object(repository, manifest, object, Box::new(file), "download").await
+}
+
+/// Reads one object of `manifest` as it is stored and checks its stored size and sha256
+/// only: what can be checked of an encrypted object without its key.
+pub async fn check_stored(
+    repository: &Repository,
+    manifest: &Manifest,
+    object: &ObjectEntry,
+) -> Result<()> {
+    copy_object(repository, manifest, object, Box::new(io::sink()), "verify").await
+}
+
+async fn copy_object(
+    repository: &Repository,
+    manifest: &Manifest,
+    object: &ObjectEntry,
+    out: Box<dyn Write + Send>,
+    verb: &str,
+) -> Result<()> {
+    let key = layout::object_key(&manifest.job, &manifest.id, &object.name);
+    let file = out;
     let stream = repository
         .open_object(&manifest.job, &manifest.id, &object.name)
         .await?;
     let reader = SyncIoBridge::new(StreamReader::new(stream.map_err(io::Error::other)));
     let expected = object.digests();
-    let label = format!("download {}", object.name);
+    let label = format!("{verb} {}", object.name);
     let outcome = tokio::task::spawn_blocking(move || {
         let mut task = progress::start(&label, Some(expected.size));
         let mut out = io::BufWriter::with_capacity(pipeline::CHUNK_SIZE, file);
@@ -276,6 +409,8 @@ pub async fn download_object(
         decode_failure(
             format!("object '{key}' in repository '{}'", repository.name),
             &manifest.job,
+            object,
+            &Keyring::default(),
             e,
         )
     })
@@ -288,10 +423,12 @@ pub fn decode_staged<T>(
     repository: &Repository,
     manifest: &Manifest,
     object: &ObjectEntry,
+    keyring: &Keyring,
     consume: impl FnOnce(&mut dyn Read) -> io::Result<T>,
 ) -> Result<T> {
     let key = layout::object_key(&manifest.job, &manifest.id, &object.name);
     let place = format!("object '{key}' from repository '{}'", repository.name);
+    let identities = identities_for(keyring, object, &place)?;
     let file = std::fs::File::open(staged).map_err(|e| {
         Error::new(
             ErrorKind::Target,
@@ -304,19 +441,35 @@ pub fn decode_staged<T>(
     })?;
     let expected = object.digests();
     let mut task = progress::start(&format!("restore {}", object.name), Some(expected.raw_size));
-    let outcome = pipeline::decode(file, &expected, |raw| {
-        consume(&mut CountingReader {
-            inner: raw,
-            task: task.as_mut(),
-        })
-    });
+    let outcome = pipeline::decode(
+        file,
+        &expected,
+        identities.as_deref().map(Vec::as_slice),
+        |raw| {
+            consume(&mut CountingReader {
+                inner: raw,
+                task: task.as_mut(),
+            })
+        },
+    );
     task.finish();
-    outcome.map_err(|e| decode_failure(place, &manifest.job, e))
+    outcome.map_err(|e| decode_failure(place, &manifest.job, object, keyring, e))
 }
 
-/// Words a decode failure of the object at `place`.
-fn decode_failure(place: String, job: &str, e: DecodeError) -> Error {
+/// Words a decode failure of `object`, at `place`.
+fn decode_failure(
+    place: String,
+    job: &str,
+    object: &ObjectEntry,
+    keyring: &Keyring,
+    e: DecodeError,
+) -> Error {
     match e {
+        DecodeError::Key(OpenError::NoMatchingKey) => keyring.no_match(&place, &object.recipients),
+        DecodeError::Key(OpenError::Damaged(problem)) => Error::new(
+            ErrorKind::Verification,
+            format!("damaged {place}: {problem}"),
+        ),
         DecodeError::Download(cause) => {
             Error::new(ErrorKind::Storage, format!("unable to download {place}")).with_source(cause)
         }

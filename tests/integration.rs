@@ -6,6 +6,7 @@ mod config_errors;
 mod conformance;
 mod damaged;
 mod drills;
+mod encryption;
 mod failed_backup;
 mod files_round_trip;
 mod locks;

@@ -163,12 +163,20 @@ async fn check_archiving(
             format!("the server named its WAL segment '{segment}', which is not a segment name"),
         )
     })?;
-    let key = layout::wal_key(&job.name, &file);
+    let keys = layout::wal_keys(
+        &job.name,
+        &file,
+        crate::commands::wal::encrypts(config, &file),
+    );
     let mut waiting = Repository::open_all(config).await;
     while !waiting.is_empty() && clock.elapsed() < ARCHIVE_WAIT {
         let mut still = Vec::new();
         for repository in waiting {
-            if repository.store.head(&key).await.is_err() {
+            let mut archived = false;
+            for key in &keys {
+                archived = archived || repository.store.head(key).await.is_ok();
+            }
+            if !archived {
                 still.push(repository);
             }
         }

@@ -3,6 +3,8 @@
 //! it reads that repository alone; otherwise each object is read from the first repository
 //! in config order that holds it, and a missing, unreadable or damaged copy moves on to the
 //! next — so the report says both what is damaged where and whether an intact copy exists.
+//! An encrypted object is decrypted too when an identity is at hand (`--deep` insists on
+//! one); without one only its stored checksum is checked, and the report says so.
 
 use std::fmt;
 
@@ -11,13 +13,17 @@ use tracing::Instrument;
 
 use crate::config::Config;
 use crate::error::{Error, ErrorKind, Result};
+use crate::keys::Keyring;
+use crate::manifest::{Manifest, ObjectEntry};
 use crate::repository::Repository;
-use crate::transfer::read_object;
+use crate::transfer::{check_stored, read_object};
 
 pub struct VerifyOptions {
     pub job: Option<String>,
     pub backup: Option<String>,
     pub from: Option<String>,
+    /// Decrypt encrypted objects too, failing when no identity is configured.
+    pub deep: bool,
 }
 
 #[derive(Debug, Serialize)]
@@ -46,6 +52,8 @@ pub struct VerifyReport {
     pub checks: Vec<ObjectCheck>,
     /// Repositories that could not be listed, with the reason.
     pub unreachable: Vec<(String, String)>,
+    /// Encrypted objects of which only the stored checksum was checked: no identity.
+    pub stored_only: usize,
 }
 
 impl VerifyReport {
@@ -106,7 +114,10 @@ pub async fn run(config: &Config, options: &VerifyOptions) -> Result<VerifyRepor
         backups: 0,
         checks: Vec::new(),
         unreachable: Vec::new(),
+        stored_only: 0,
     };
+    let keyring = Keyring::from_config(config);
+    let decrypt = options.deep || keyring.has_identity();
     for job in &jobs {
         // Each repository's backup ids; one that cannot be listed is reported, not fatal,
         // unless it is the only one asked for.
@@ -157,9 +168,15 @@ pub async fn run(config: &Config, options: &VerifyOptions) -> Result<VerifyRepor
                 .collect();
             let first_check = report.checks.len();
             let span = tracing::info_span!("verify", job = %job, backup = %id);
-            verify_backup(job, &id, &sources, &mut report.checks)
-                .instrument(span)
-                .await;
+            report.stored_only += verify_backup(
+                job,
+                &id,
+                &sources,
+                decrypt.then_some(&keyring),
+                &mut report.checks,
+            )
+            .instrument(span)
+            .await?;
             let checks = &report.checks[first_check..];
             if !checks.is_empty() && checks.iter().all(|c| c.intact_in.is_some()) {
                 record_verified(job, &id, &sources).await;
@@ -196,12 +213,16 @@ async fn record_verified(job: &str, id: &str, repositories: &[&Repository]) {
     }
 }
 
+/// Checks every object of one backup, each in the first source with an intact copy; returns
+/// how many were checked by their stored checksum alone. A key that does not open an
+/// object fails the whole run: no other copy would do better.
 async fn verify_backup(
     job: &str,
     id: &str,
     sources: &[&Repository],
+    keyring: Option<&Keyring>,
     checks: &mut Vec<ObjectCheck>,
-) {
+) -> Result<usize> {
     let mut manifest_check = ObjectCheck {
         job: job.to_string(),
         backup: id.to_string(),
@@ -223,11 +244,12 @@ async fn verify_backup(
     }
     let Some(manifest) = manifest else {
         checks.push(manifest_check);
-        return;
+        return Ok(0);
     };
     if !manifest_check.damaged_in.is_empty() {
         checks.push(manifest_check);
     }
+    let mut stored_only = 0;
     for object in &manifest.objects {
         let mut check = ObjectCheck {
             job: job.to_string(),
@@ -236,13 +258,13 @@ async fn verify_backup(
             intact_in: None,
             damaged_in: Vec::new(),
         };
+        if object.is_encrypted() && keyring.is_none() {
+            stored_only += 1;
+        }
         for repository in sources {
-            let result = read_object(repository, &manifest, object, |raw| {
-                std::io::copy(raw, &mut std::io::sink())
-            })
-            .await;
-            match result {
-                Ok(_) => {
+            match check_object(repository, &manifest, object, keyring).await {
+                Err(e) if e.kind() == ErrorKind::Key => return Err(e),
+                Ok(()) => {
                     check.intact_in = Some(repository.name.clone());
                     break;
                 }
@@ -255,6 +277,27 @@ async fn verify_backup(
             }
         }
         checks.push(check);
+    }
+    Ok(stored_only)
+}
+
+/// Both checksums of one copy; only the stored one for an encrypted object without keys.
+async fn check_object(
+    repository: &Repository,
+    manifest: &Manifest,
+    object: &ObjectEntry,
+    keyring: Option<&Keyring>,
+) -> Result<()> {
+    match keyring {
+        None if object.is_encrypted() => check_stored(repository, manifest, object).await,
+        _ => {
+            let keyring = keyring.cloned().unwrap_or_default();
+            read_object(repository, manifest, object, &keyring, |raw| {
+                std::io::copy(raw, &mut std::io::sink())
+            })
+            .await
+            .map(|_| ())
+        }
     }
 }
 
@@ -280,6 +323,14 @@ impl fmt::Display for VerifyReport {
             writeln!(
                 f,
                 "warning: repository '{name}' could not be listed: {reason}"
+            )?;
+        }
+        if self.stored_only > 0 {
+            writeln!(
+                f,
+                "note: {} encrypted object(s) checked by their stored sha256 only: no identity file; set {} to decrypt them and check what they hold too (`--deep` insists on it)",
+                self.stored_only,
+                crate::keys::IDENTITY_ENV
             )?;
         }
         let objects = self.checks.len();

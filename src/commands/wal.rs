@@ -14,11 +14,20 @@ use serde::Serialize;
 
 use crate::config::{Config, JobConfig, JobSource, PostgresMode};
 use crate::error::{Error, ErrorKind, Result};
+use crate::keys::{self, Identity, Keyring, Recipients, WalNote};
 use crate::layout;
 use crate::pipeline::Tally;
 use crate::repository::Repository;
 use crate::storage::{self, StoreError};
 use crate::wal::{WalFile, WalFileKind};
+
+/// Whether `file` is archived encrypted: segments are, when `[encryption]` is configured.
+/// Timeline and backup history files hold LSNs, times and the backup label, never data;
+/// they stay readable with zstd alone, because the backup host, which holds public keys
+/// only, reads them to finish a base backup.
+pub fn encrypts(config: &Config, file: &WalFile) -> bool {
+    config.encryption.is_some() && file.kind == WalFileKind::Segment
+}
 
 /// The physical job `name` names, or the only physical job when no name is given.
 pub fn physical_job<'c>(config: &'c Config, name: Option<&str>) -> Result<&'c JobConfig> {
@@ -143,17 +152,23 @@ pub async fn push(config: &Config, options: &WalPushOptions) -> Result<WalPushRe
     let raw_size = raw.len() as u64;
     let level = config.compression.level;
     let threads = config.compression.threads;
-    let (body, raw_sha256) = tokio::task::spawn_blocking(move || compress(&raw, level, threads))
-        .await
-        .map_err(|e| Error::new(ErrorKind::Source, "the compressor stopped").with_source(e))?
-        .map_err(|e| {
-            Error::new(
-                ErrorKind::Source,
-                format!("unable to compress WAL file '{name}'"),
-            )
-            .with_source(e)
-        })?;
-    let key = layout::wal_key(&job.name, &file);
+    let recipients = match encrypts(config, &file) {
+        true => Recipients::from_config(config)?,
+        false => None,
+    };
+    let encrypted = recipients.is_some();
+    let (body, raw_sha256) =
+        tokio::task::spawn_blocking(move || compress(&raw, level, threads, recipients.as_ref()))
+            .await
+            .map_err(|e| Error::new(ErrorKind::Source, "the compressor stopped").with_source(e))?
+            .map_err(|e| {
+                Error::new(
+                    ErrorKind::Source,
+                    format!("unable to compress WAL file '{name}'"),
+                )
+                .with_source(e)
+            })?;
+    let key = layout::wal_key(&job.name, &file, encrypted);
     let repositories = Repository::open_all(config).await;
     let outcomes = futures::future::join_all(
         repositories
@@ -213,8 +228,14 @@ pub async fn push(config: &Config, options: &WalPushOptions) -> Result<WalPushRe
     Ok(report)
 }
 
-/// The stored form of a WAL file (a zstd frame with its checksum) and the raw sha256.
-fn compress(raw: &[u8], level: i32, threads: u32) -> std::io::Result<(Bytes, String)> {
+/// The stored form of a WAL file (a zstd frame with its checksum, encrypted to
+/// `recipients` with a `WalNote` when given) and the raw sha256.
+fn compress(
+    raw: &[u8],
+    level: i32,
+    threads: u32,
+    recipients: Option<&Recipients>,
+) -> std::io::Result<(Bytes, String)> {
     let (compressed, raw_sha256) = std::thread::scope(|scope| {
         let hashing = scope.spawn(|| {
             let mut tally = Tally::default();
@@ -234,11 +255,36 @@ fn compress(raw: &[u8], level: i32, threads: u32) -> std::io::Result<(Bytes, Str
         })();
         (compressed, hashing.join().expect("hashing does not panic"))
     });
-    Ok((Bytes::from(compressed?), raw_sha256))
+    let compressed = compressed?;
+    let Some(recipients) = recipients else {
+        return Ok((Bytes::from(compressed), raw_sha256));
+    };
+    let note = WalNote {
+        raw_sha256: raw_sha256.clone(),
+        fingerprint: recipients.fingerprint(),
+    };
+    let mut sealed = Vec::with_capacity(compressed.len() + 1024);
+    let mut writer = recipients
+        .encryptor(Some(&note))?
+        .wrap_output(&mut sealed)?;
+    writer.write_all(&compressed)?;
+    writer.finish()?;
+    Ok((Bytes::from(sealed), raw_sha256))
 }
 
-/// The raw sha256 of a stored WAL object, checking its zstd frame on the way.
+/// The raw sha256 of a stored WAL object: from its `WalNote` when it is encrypted (the
+/// archiving host has no key to decrypt it), else by decoding its zstd frame.
 pub(crate) fn raw_sha256_of_stored(stored: &[u8]) -> std::io::Result<String> {
+    if keys::is_age(stored) {
+        return keys::read_wal_note(stored)
+            .map(|note| note.raw_sha256)
+            .ok_or_else(|| {
+                std::io::Error::new(
+                    std::io::ErrorKind::InvalidData,
+                    "an encrypted WAL object without lifeboat's note of its raw sha256",
+                )
+            });
+    }
     let mut tally = TallyWriter(Tally::default());
     zstd::stream::copy_decode(stored, &mut tally)?;
     Ok(tally.0.finish().1)
@@ -319,6 +365,8 @@ pub struct WalFetchOptions {
     pub from: Option<String>,
     /// Never read from these repositories.
     pub exclude: Vec<String>,
+    /// Decrypt with this identity file (the restore's), else as the config says.
+    pub identity_file: Option<PathBuf>,
 }
 
 #[derive(Debug)]
@@ -337,7 +385,11 @@ pub enum WalFetchOutcome {
 pub async fn fetch(config: &Config, options: &WalFetchOptions) -> Result<WalFetchOutcome> {
     let job = physical_job(config, options.job.as_deref())?;
     let file = wal_file(&options.name)?;
-    let key = layout::wal_key(&job.name, &file);
+    let candidates = layout::wal_keys(&job.name, &file, encrypts(config, &file));
+    let keyring = match &options.identity_file {
+        Some(path) => Keyring::from_file(path.clone(), "--identity-file"),
+        None => Keyring::from_config(config),
+    };
     for name in &options.exclude {
         config.repository(name)?;
     }
@@ -351,30 +403,48 @@ pub async fn fetch(config: &Config, options: &WalFetchOptions) -> Result<WalFetc
     let mut answered_missing = false;
     let mut failures = Vec::new();
     for repository in &repositories {
-        let stored = match storage::get_bytes(repository.store.as_ref(), &key).await {
-            Ok(stored) => stored,
-            Err(e) if e.is_not_found() => {
+        let (key, stored) = match find_wal(repository, &candidates).await {
+            Ok(Some(found)) => found,
+            Ok(None) => {
                 answered_missing = true;
                 continue;
             }
             Err(e) => {
-                failures.push(repository.error(&format!("read '{key}'"), e));
+                failures.push(e);
                 continue;
             }
         };
+        let identities = match keys::is_age(&stored) {
+            true => Some(keyring.identities(&format!(
+                "WAL file '{key}' in repository '{}'",
+                repository.name
+            ))?),
+            false => None,
+        };
         let dest = options.dest.clone();
         let kind = file.kind;
-        let written = tokio::task::spawn_blocking(move || write_decoded(&stored, &dest, kind))
-            .await
-            .map_err(|e| {
-                Error::new(ErrorKind::Storage, "the decompressor stopped").with_source(e)
-            })?;
+        let written = tokio::task::spawn_blocking(move || {
+            write_decoded(
+                &stored,
+                identities.as_deref().map(Vec::as_slice),
+                &dest,
+                kind,
+            )
+        })
+        .await
+        .map_err(|e| Error::new(ErrorKind::Storage, "the decompressor stopped").with_source(e))?;
         match written {
             Ok(size) => {
                 return Ok(WalFetchOutcome::Fetched {
                     repository: repository.name.clone(),
                     size,
                 });
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => {
+                return Err(keyring.no_match(
+                    &format!("WAL file '{key}' in repository '{}'", repository.name),
+                    &[],
+                ));
             }
             Err(e) if e.kind() == std::io::ErrorKind::InvalidData => failures.push(
                 Error::new(
@@ -402,14 +472,36 @@ pub async fn fetch(config: &Config, options: &WalFetchOptions) -> Result<WalFetc
     }))
 }
 
+/// The first of `candidates` that `repository` holds, with its bytes; None when it holds
+/// neither.
+async fn find_wal(
+    repository: &Repository,
+    candidates: &[String],
+) -> Result<Option<(String, Bytes)>> {
+    for key in candidates {
+        match storage::get_bytes(repository.store.as_ref(), key).await {
+            Ok(stored) => return Ok(Some((key.clone(), stored))),
+            Err(e) if e.is_not_found() => continue,
+            Err(e) => return Err(repository.error(&format!("read '{key}'"), e)),
+        }
+    }
+    Ok(None)
+}
+
 /// A repository that could not be read at all, as opposed to one holding a damaged copy.
 fn is_unreachable(error: &Error) -> bool {
     error.kind() == ErrorKind::Storage
 }
 
-/// Decodes `stored` into a temp file beside `dest`, checks it, syncs it and renames it into
-/// place: PostgreSQL must never see a partial segment under the real name.
-fn write_decoded(stored: &[u8], dest: &Path, kind: WalFileKind) -> std::io::Result<u64> {
+/// Decodes `stored` (decrypting it with `identities` when given) into a temp file beside
+/// `dest`, checks it, syncs it and renames it into place: PostgreSQL must never see a
+/// partial segment under the real name. A key that does not open it is PermissionDenied.
+fn write_decoded(
+    stored: &[u8],
+    identities: Option<&[Identity]>,
+    dest: &Path,
+    kind: WalFileKind,
+) -> std::io::Result<u64> {
     let parent = dest
         .parent()
         .filter(|p| !p.as_os_str().is_empty())
@@ -417,8 +509,20 @@ fn write_decoded(stored: &[u8], dest: &Path, kind: WalFileKind) -> std::io::Resu
     let mut temp = tempfile::Builder::new()
         .prefix(".lifeboat-wal-fetch-")
         .tempfile_in(parent)?;
-    zstd::stream::copy_decode(stored, temp.as_file_mut())
-        .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))?;
+    let decoded = match identities {
+        None => zstd::stream::copy_decode(stored, temp.as_file_mut()),
+        Some(identities) => match keys::open(stored, identities) {
+            Ok(plain) => zstd::stream::copy_decode(plain, temp.as_file_mut()),
+            Err(keys::OpenError::NoMatchingKey) => {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::PermissionDenied,
+                    "no matching key",
+                ));
+            }
+            Err(e) => Err(std::io::Error::other(e)),
+        },
+    };
+    decoded.map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))?;
     let size = temp.as_file().metadata()?.len();
     // Segments are a power of two between 1 MiB and 1 GiB; anything else is not one.
     if kind == WalFileKind::Segment

@@ -24,6 +24,8 @@ pub struct Config {
     pub path: PathBuf,
     pub targets: Targets,
     pub compression: Compression,
+    /// age encryption of every stored object, when configured.
+    pub encryption: Option<Encryption>,
     pub repositories: Vec<RepositoryConfig>,
     /// How many repositories must hold a backup for it to count at all.
     pub min_repositories: usize,
@@ -36,6 +38,15 @@ pub struct Config {
     /// When the maintenance commands and drills run, for `lifeboat schedule`.
     pub schedules: Schedules,
     pub jobs: Vec<JobConfig>,
+}
+
+/// age encryption: who can read what is stored, and where this host's own identity is
+/// (only restores and drills need one).
+#[derive(Debug, Clone)]
+pub struct Encryption {
+    /// Public keys (`age1…`) every object is encrypted to, in the order configured.
+    pub recipients: Vec<String>,
+    pub identity_file: Option<PathBuf>,
 }
 
 /// Calendar expressions in systemd's OnCalendar syntax (`hourly`, `*-*-* 03:00:00`).
@@ -380,6 +391,11 @@ fn validate(raw: raw::RawConfig, path: &Path) -> Result<Config, Problem> {
         drills: raw_schedule.drills.iter().map(|d| base.join(d)).collect(),
     };
 
+    let encryption = raw
+        .encryption
+        .map(|encryption| validate_encryption(encryption, base))
+        .transpose()?;
+
     let mut names = HashSet::new();
     let mut jobs = Vec::new();
     for (index, job) in raw.job.into_iter().enumerate() {
@@ -397,6 +413,7 @@ fn validate(raw: raw::RawConfig, path: &Path) -> Result<Config, Problem> {
         path: path.to_path_buf(),
         targets,
         compression: Compression { level, threads },
+        encryption,
         repositories,
         min_repositories,
         lock_dir,
@@ -404,6 +421,49 @@ fn validate(raw: raw::RawConfig, path: &Path) -> Result<Config, Problem> {
         metrics_dir: raw.metrics_dir,
         schedules,
         jobs,
+    })
+}
+
+/// Recipients from the config and from `recipients_file` (one per line, `#` comments, as
+/// `age -R` reads them), each checked; relative paths are relative to the config file.
+fn validate_encryption(raw: raw::RawEncryption, base: &Path) -> Result<Encryption, Problem> {
+    let mut recipients = Vec::new();
+    for (index, text) in raw.recipients.iter().enumerate() {
+        crate::keys::parse_recipient(text)
+            .map_err(|e| format!("encryption.recipients[{index}]: {e}"))?;
+        recipients.push(text.trim().to_string());
+    }
+    if let Some(file) = &raw.recipients_file {
+        let file = base.join(file);
+        let text = std::fs::read_to_string(&file).map_err(|e| {
+            format!(
+                "encryption.recipients_file: unable to read '{}': {e}",
+                file.display()
+            )
+        })?;
+        for (number, line) in text.lines().enumerate() {
+            let line = line.trim();
+            if line.is_empty() || line.starts_with('#') {
+                continue;
+            }
+            crate::keys::parse_recipient(line).map_err(|e| {
+                format!(
+                    "encryption.recipients_file: '{}' line {}: {e}",
+                    file.display(),
+                    number + 1
+                )
+            })?;
+            recipients.push(line.to_string());
+        }
+    }
+    if recipients.is_empty() {
+        return Err("encryption: at least one recipient is required (recipients = [\"age1…\"] or recipients_file); `lifeboat keygen --output FILE` makes a key pair".into());
+    }
+    let mut seen = HashSet::new();
+    recipients.retain(|r| seen.insert(r.clone()));
+    Ok(Encryption {
+        recipients,
+        identity_file: raw.identity_file.map(|f| base.join(f)),
     })
 }
 
@@ -995,6 +1055,55 @@ mod tests {
         assert_eq!(config.targets.rto, Duration::from_secs(4 * 3600));
         assert_eq!(config.targets.rpo, Duration::from_secs(3600));
         assert_eq!(config.jobs.len(), 1);
+    }
+
+    #[test]
+    fn encryption_recipients_are_checked_where_they_are_written() {
+        let dir = tempfile::tempdir().unwrap();
+        let config_path = dir.path().join("lifeboat.toml");
+        let parse_here = |text: &str| Config::parse(text, &config_path);
+        let recipient = crate::keys::keygen(&dir.path().join("ops.key")).unwrap();
+        let escrow = crate::keys::keygen(&dir.path().join("escrow.key")).unwrap();
+        std::fs::write(
+            dir.path().join("escrow.pub"),
+            format!("# escrow\n\n{escrow}\n{recipient}\n"),
+        )
+        .unwrap();
+        let config = parse_here(&format!(
+            "[encryption]\nrecipients = [\"{recipient}\"]\nrecipients_file = \"escrow.pub\"\nidentity_file = \"ops.key\"\n{LOCAL}"
+        ))
+        .unwrap();
+        let encryption = config.encryption.unwrap();
+        assert_eq!(encryption.recipients, vec![recipient.clone(), escrow]);
+        assert_eq!(encryption.identity_file, Some(dir.path().join("ops.key")));
+
+        let err = parse_here(&format!(
+            "[encryption]\nrecipients = [\"{recipient}\", \"age1nope\"]\n{LOCAL}"
+        ))
+        .unwrap_err();
+        assert!(
+            err.message()
+                .contains("encryption.recipients[1]: not an age recipient (\"age1nope\")"),
+            "{}",
+            err.message()
+        );
+        std::fs::write(dir.path().join("bad.pub"), "age1nope\n").unwrap();
+        let err = parse_here(&format!(
+            "[encryption]\nrecipients_file = \"bad.pub\"\n{LOCAL}"
+        ))
+        .unwrap_err();
+        assert!(
+            err.message()
+                .contains("bad.pub' line 1: not an age recipient"),
+            "{}",
+            err.message()
+        );
+        let err = parse_here(&format!("[encryption]\n{LOCAL}")).unwrap_err();
+        assert!(
+            err.message().contains("encryption: at least one recipient"),
+            "{}",
+            err.message()
+        );
     }
 
     #[test]

@@ -18,6 +18,7 @@ pub struct RawConfig {
     pub metrics_dir: Option<PathBuf>,
     pub schedule: Option<RawSchedule>,
     pub compression: Option<RawCompression>,
+    pub encryption: Option<RawEncryption>,
     #[serde(default)]
     pub repository: Vec<RawRepository>,
     #[serde(default)]
@@ -29,6 +30,15 @@ pub struct RawConfig {
 pub struct RawTargets {
     pub rto: Option<String>,
     pub rpo: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawEncryption {
+    #[serde(default)]
+    pub recipients: Vec<String>,
+    pub recipients_file: Option<PathBuf>,
+    pub identity_file: Option<PathBuf>,
 }
 
 #[derive(Debug, Default, Deserialize)]

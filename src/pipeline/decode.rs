@@ -6,6 +6,7 @@ use std::io::{self, Read};
 use std::sync::{Arc, Mutex};
 
 use super::{BackgroundTally, Digests, Tally};
+use crate::keys::{self, Identity, OpenError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum DecodeError {
@@ -15,6 +16,9 @@ pub enum DecodeError {
     StoredMismatch(String),
     #[error("decompressed bytes do not match the manifest: {0}")]
     RawMismatch(String),
+    /// The stored bytes are intact, and none of the identities opens them.
+    #[error("{0}")]
+    Key(OpenError),
     #[error("{0}")]
     Consumer(io::Error),
 }
@@ -75,37 +79,50 @@ fn compare(what: &str, expected_size: u64, expected_sha: &str, tally: Tally) -> 
     Ok(())
 }
 
-/// Decodes `stored` and hands the raw stream to `consume`; then drains and checks both
-/// checksums against `expected`. A mismatch of the stored bytes is reported before anything
-/// else, because it explains every other symptom.
-pub fn decode<R, T>(
-    stored: R,
-    expected: &Digests,
-    consume: impl FnOnce(&mut dyn Read) -> io::Result<T>,
-) -> Result<T, DecodeError>
-where
-    R: Read,
-{
-    let tap = Arc::new(Mutex::new(Tap {
-        inner: stored,
-        tally: Tally::default(),
-        error: None,
-    }));
-    let consumed = (|| -> io::Result<(T, Tally)> {
-        let decoder = zstd::stream::read::Decoder::new(TapReader(tap.clone()))?;
-        let mut raw = RawReader {
-            inner: decoder,
-            tally: BackgroundTally::start(),
-        };
-        let value = consume(&mut raw)?;
-        io::copy(&mut raw, &mut io::sink())?;
-        Ok((value, raw.tally.finish()))
-    })();
+/// The zstd stream inside a stored object: the object itself, or what age decrypts it to.
+enum Unsealed<R> {
+    Plain(R),
+    Age(age::stream::StreamReader<R>),
+}
 
-    // Drain whatever the decoder left unread, so trailing damage is seen too.
+impl<R: Read> Unsealed<R> {
+    fn open(stored: R, identities: Option<&[Identity]>) -> Result<Unsealed<R>, OpenError> {
+        Ok(match identities {
+            None => Unsealed::Plain(stored),
+            Some(identities) => Unsealed::Age(keys::open(stored, identities)?),
+        })
+    }
+}
+
+impl<R: Read> Read for Unsealed<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        match self {
+            Unsealed::Plain(reader) => reader.read(buf),
+            Unsealed::Age(reader) => reader.read(buf),
+        }
+    }
+}
+
+enum Failure {
+    Key(OpenError),
+    Io(io::Error),
+}
+
+impl Failure {
+    fn into_decode_error(self) -> DecodeError {
+        match self {
+            Failure::Key(e) => DecodeError::Key(e),
+            Failure::Io(e) => DecodeError::Consumer(e),
+        }
+    }
+}
+
+/// Drains whatever the reader left unread of the stored stream, so trailing damage is seen
+/// too, and checks its size and sha256.
+fn finish_tap<R: Read>(tap: Arc<Mutex<Tap<R>>>, expected: &Digests) -> Result<(), DecodeError> {
     let mut tap = match Arc::try_unwrap(tap) {
         Ok(mutex) => mutex.into_inner().expect("tap lock"),
-        Err(_) => unreachable!("the decoder that shared the tap has been dropped"),
+        Err(_) => unreachable!("the reader that shared the tap has been dropped"),
     };
     if tap.error.is_none()
         && let Err(e) = io::copy(&mut TapReaderOwned(&mut tap), &mut io::sink())
@@ -116,8 +133,72 @@ where
         return Err(DecodeError::Download(io::Error::other(error)));
     }
     compare("stored", expected.size, &expected.sha256, tap.tally)
-        .map_err(DecodeError::StoredMismatch)?;
-    let (value, raw_tally) = consumed.map_err(DecodeError::Consumer)?;
+        .map_err(DecodeError::StoredMismatch)
+}
+
+/// Copies the zstd stream inside `stored` (decrypted with `identities` when given) into
+/// `out` without decompressing it, checking the stored size and sha256: re-encrypting an
+/// object to other recipients.
+pub fn copy_unsealed<R: Read>(
+    stored: R,
+    expected: &Digests,
+    identities: Option<&[Identity]>,
+    out: &mut dyn io::Write,
+) -> Result<(), DecodeError> {
+    let tap = Arc::new(Mutex::new(Tap {
+        inner: stored,
+        tally: Tally::default(),
+        error: None,
+    }));
+    let copied = (|| -> Result<(), Failure> {
+        let mut unsealed =
+            Unsealed::open(TapReader(tap.clone()), identities).map_err(Failure::Key)?;
+        io::copy(&mut unsealed, out)?;
+        Ok(())
+    })();
+    finish_tap(tap, expected)?;
+    copied.map_err(Failure::into_decode_error)
+}
+
+impl From<io::Error> for Failure {
+    fn from(e: io::Error) -> Failure {
+        Failure::Io(e)
+    }
+}
+
+/// Decodes `stored` (decrypting it with `identities` when given: the object is age) and
+/// hands the raw stream to `consume`; then drains and checks both checksums against
+/// `expected`. A mismatch of the stored bytes is reported before anything else, because it
+/// explains every other symptom; a key that does not open the object comes next, and then
+/// `consume` has not been called.
+pub fn decode<R, T>(
+    stored: R,
+    expected: &Digests,
+    identities: Option<&[Identity]>,
+    consume: impl FnOnce(&mut dyn Read) -> io::Result<T>,
+) -> Result<T, DecodeError>
+where
+    R: Read,
+{
+    let tap = Arc::new(Mutex::new(Tap {
+        inner: stored,
+        tally: Tally::default(),
+        error: None,
+    }));
+    let consumed = (|| -> Result<(T, Tally), Failure> {
+        let unsealed = Unsealed::open(TapReader(tap.clone()), identities).map_err(Failure::Key)?;
+        let decoder = zstd::stream::read::Decoder::new(unsealed)?;
+        let mut raw = RawReader {
+            inner: decoder,
+            tally: BackgroundTally::start(),
+        };
+        let value = consume(&mut raw)?;
+        io::copy(&mut raw, &mut io::sink())?;
+        Ok((value, raw.tally.finish()))
+    })();
+
+    finish_tap(tap, expected)?;
+    let (value, raw_tally) = consumed.map_err(Failure::into_decode_error)?;
     compare(
         "decompressed",
         expected.raw_size,
@@ -130,8 +211,12 @@ where
 
 /// The decompressed stream of `stored`, with no checksum checked: for reading the start of
 /// an object whose stored checksum has already been checked.
-pub fn decode_unchecked<R: Read>(stored: R) -> io::Result<impl Read> {
-    zstd::stream::read::Decoder::new(stored)
+pub fn decode_unchecked<R: Read>(
+    stored: R,
+    identities: Option<&[Identity]>,
+) -> io::Result<impl Read> {
+    let unsealed = Unsealed::open(stored, identities).map_err(io::Error::other)?;
+    zstd::stream::read::Decoder::new(unsealed)
 }
 
 /// Copies `stored` into `out` as it is, checking its size and sha256 against `expected`:
@@ -172,20 +257,26 @@ impl<R: Read> Read for TapReaderOwned<'_, R> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::keys::Recipients;
     use crate::pipeline::{EncodeOptions, ObjectWriter};
     use crate::storage::PartStream;
     use std::io::Write;
 
     /// Runs the encode side into memory, returning the stored bytes and digests.
     fn encode(raw: &[u8]) -> (Vec<u8>, Digests) {
+        encode_to(raw, None)
+    }
+
+    fn encode_to(raw: &[u8], recipients: Option<Recipients>) -> (Vec<u8>, Digests) {
         let runtime = tokio::runtime::Builder::new_current_thread()
             .build()
             .unwrap();
         let (sender, mut stream) = PartStream::channel(1024);
         let mut writer = ObjectWriter::new(
-            EncodeOptions {
+            &EncodeOptions {
                 level: 3,
                 threads: 2,
+                recipients,
             },
             vec![sender],
         )
@@ -215,7 +306,7 @@ mod tests {
         assert_eq!(digests.raw_size, raw.len() as u64);
         assert_eq!(digests.size, stored.len() as u64);
         let mut out = Vec::new();
-        decode(&stored[..], &digests, |r| r.read_to_end(&mut out)).unwrap();
+        decode(&stored[..], &digests, None, |r| r.read_to_end(&mut out)).unwrap();
         assert_eq!(out, raw);
     }
 
@@ -224,7 +315,10 @@ mod tests {
         let (mut stored, digests) = encode(&sample());
         let middle = stored.len() / 2;
         stored[middle] ^= 0x01;
-        let err = decode(&stored[..], &digests, |r| io::copy(r, &mut io::sink())).unwrap_err();
+        let err = decode(&stored[..], &digests, None, |r| {
+            io::copy(r, &mut io::sink())
+        })
+        .unwrap_err();
         assert!(matches!(err, DecodeError::StoredMismatch(_)), "{err}");
     }
 
@@ -232,7 +326,10 @@ mod tests {
     fn trailing_garbage_is_a_stored_mismatch() {
         let (mut stored, digests) = encode(b"hello");
         stored.extend_from_slice(b"junk");
-        let err = decode(&stored[..], &digests, |r| io::copy(r, &mut io::sink())).unwrap_err();
+        let err = decode(&stored[..], &digests, None, |r| {
+            io::copy(r, &mut io::sink())
+        })
+        .unwrap_err();
         assert!(matches!(err, DecodeError::StoredMismatch(_)), "{err}");
     }
 
@@ -254,7 +351,64 @@ mod tests {
     fn a_wrong_raw_digest_is_a_raw_mismatch() {
         let (stored, mut digests) = encode(b"hello");
         digests.raw_sha256 = "0".repeat(64);
-        let err = decode(&stored[..], &digests, |r| io::copy(r, &mut io::sink())).unwrap_err();
+        let err = decode(&stored[..], &digests, None, |r| {
+            io::copy(r, &mut io::sink())
+        })
+        .unwrap_err();
         assert!(matches!(err, DecodeError::RawMismatch(_)), "{err}");
+    }
+
+    fn identity_and_recipients() -> (Vec<Identity>, Recipients) {
+        let identity = age::x25519::Identity::generate();
+        let recipients = Recipients::parse(&[identity.to_public().to_string()]).unwrap();
+        (vec![Box::new(identity) as Identity], recipients)
+    }
+
+    #[test]
+    fn an_encrypted_object_is_age_over_zstd_and_only_its_identity_reads_it() {
+        let raw = sample();
+        let (identities, recipients) = identity_and_recipients();
+        let (stored, digests) = encode_to(&raw, Some(recipients));
+        assert!(crate::keys::is_age(&stored));
+        assert!(zstd::decode_all(&stored[..]).is_err(), "zstd alone read it");
+        let mut tally = Tally::default();
+        tally.update(&stored);
+        assert_eq!((digests.size, digests.sha256.clone()), tally.finish());
+
+        let mut out = Vec::new();
+        decode(&stored[..], &digests, Some(&identities), |r| {
+            r.read_to_end(&mut out)
+        })
+        .unwrap();
+        assert_eq!(out, raw);
+
+        let (strangers, _) = identity_and_recipients();
+        let mut called = false;
+        let err = decode(&stored[..], &digests, Some(&strangers), |r| {
+            called = true;
+            io::copy(r, &mut io::sink())
+        })
+        .unwrap_err();
+        assert!(
+            matches!(err, DecodeError::Key(crate::keys::OpenError::NoMatchingKey)),
+            "{err}"
+        );
+        assert!(
+            !called,
+            "the consumer saw bytes of an object it could not open"
+        );
+    }
+
+    #[test]
+    fn a_flipped_byte_of_an_encrypted_object_is_a_stored_mismatch() {
+        let (identities, recipients) = identity_and_recipients();
+        let (mut stored, digests) = encode_to(&sample(), Some(recipients));
+        let middle = stored.len() / 2;
+        stored[middle] ^= 0x01;
+        let err = decode(&stored[..], &digests, Some(&identities), |r| {
+            io::copy(r, &mut io::sink())
+        })
+        .unwrap_err();
+        assert!(matches!(err, DecodeError::StoredMismatch(_)), "{err}");
     }
 }

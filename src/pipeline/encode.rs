@@ -5,12 +5,15 @@ use std::io::{self, Write};
 use bytes::BytesMut;
 
 use super::{CHUNK_SIZE, Digests, Tally};
+use crate::keys::Recipients;
 use crate::storage::PartSender;
 
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct EncodeOptions {
     pub level: i32,
     pub threads: u32,
+    /// Encrypt the compressed stream to these recipients (age), or store it as it is.
+    pub recipients: Option<Recipients>,
 }
 
 /// Compresses and checksums everything written into it and sends the stored bytes to every
@@ -24,21 +27,53 @@ pub struct ObjectWriter {
 enum Mode {
     /// Raw bytes in: compressed here.
     Encode {
-        encoder: zstd::stream::write::Encoder<'static, StoredSink>,
+        encoder: zstd::stream::write::Encoder<'static, Sealed>,
         raw: Tally,
     },
     /// A zstd stream in (compressed by the source): stored as it comes, and decoded on
     /// another thread for the raw digests.
-    Store {
-        sink: StoredSink,
-        decoder: RawDecoder,
-    },
+    Store { sink: Sealed, decoder: RawDecoder },
+}
+
+/// The compressed stream on its way to the stores: as it is, or encrypted with age.
+enum Sealed {
+    Plain(StoredSink),
+    Age(age::stream::StreamWriter<StoredSink>),
+}
+
+impl Sealed {
+    fn new(sink: StoredSink, recipients: Option<&Recipients>) -> io::Result<Sealed> {
+        Ok(match recipients {
+            None => Sealed::Plain(sink),
+            Some(recipients) => Sealed::Age(recipients.encryptor(None)?.wrap_output(sink)?),
+        })
+    }
+
+    fn finish(self) -> io::Result<StoredSink> {
+        match self {
+            Sealed::Plain(sink) => Ok(sink),
+            Sealed::Age(writer) => writer.finish(),
+        }
+    }
+}
+
+impl Write for Sealed {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        match self {
+            Sealed::Plain(sink) => sink.write(buf),
+            Sealed::Age(writer) => writer.write(buf),
+        }
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
 }
 
 impl ObjectWriter {
-    pub fn new(options: EncodeOptions, senders: Vec<PartSender>) -> io::Result<ObjectWriter> {
-        let mut encoder =
-            zstd::stream::write::Encoder::new(StoredSink::new(senders), options.level)?;
+    pub fn new(options: &EncodeOptions, senders: Vec<PartSender>) -> io::Result<ObjectWriter> {
+        let sink = Sealed::new(StoredSink::new(senders), options.recipients.as_ref())?;
+        let mut encoder = zstd::stream::write::Encoder::new(sink, options.level)?;
         // The frame checksum lets plain `zstd -d` detect damage too, without lifeboat.
         encoder.include_checksum(true)?;
         if options.threads > 1 {
@@ -55,20 +90,27 @@ impl ObjectWriter {
     /// For a source whose output already is a zstd stream. Its raw bytes, decoded on the
     /// way, also go to `inspect` (which reads what the source itself says, e.g. a tar's
     /// headers). A stream that does not decode fails the object at `finish`.
-    pub fn precompressed(senders: Vec<PartSender>, inspect: Box<dyn Write + Send>) -> ObjectWriter {
-        ObjectWriter {
+    pub fn precompressed(
+        senders: Vec<PartSender>,
+        recipients: Option<&Recipients>,
+        inspect: Box<dyn Write + Send>,
+    ) -> io::Result<ObjectWriter> {
+        Ok(ObjectWriter {
             mode: Mode::Store {
-                sink: StoredSink::new(senders),
+                sink: Sealed::new(StoredSink::new(senders), recipients)?,
                 decoder: RawDecoder::start(inspect),
             },
-        }
+        })
     }
 
     /// Ends the zstd frame, sends the last chunk and the end marker, and returns the digests.
     pub fn finish(self) -> io::Result<Digests> {
         let (mut sink, (raw_size, raw_sha256)) = match self.mode {
-            Mode::Encode { encoder, raw } => (encoder.finish()?, raw.finish()),
-            Mode::Store { sink, decoder } => (sink, decoder.finish()?),
+            Mode::Encode { encoder, raw } => (encoder.finish()?.finish()?, raw.finish()),
+            Mode::Store { sink, decoder } => {
+                let raw = decoder.finish()?;
+                (sink.finish()?, raw)
+            }
         };
         sink.send_pending()?;
         // A store that stops now reports it through its own upload's result.
@@ -300,8 +342,9 @@ mod tests {
         let options = EncodeOptions {
             level: 1,
             threads: 1,
+            recipients: None,
         };
-        let mut writer = ObjectWriter::new(options, vec![kept_sender, lost_sender]).unwrap();
+        let mut writer = ObjectWriter::new(&options, vec![kept_sender, lost_sender]).unwrap();
         drop(lost);
         let raw = incompressible(4 * CHUNK_SIZE);
         writer.write_all(&raw).unwrap();
@@ -354,7 +397,8 @@ mod tests {
         let compressed = zstd::encode_all(&raw[..], 3).unwrap();
         let (sender, stream) = PartStream::channel(1024);
         let seen = Seen::default();
-        let mut writer = ObjectWriter::precompressed(vec![sender], Box::new(seen.clone()));
+        let mut writer =
+            ObjectWriter::precompressed(vec![sender], None, Box::new(seen.clone())).unwrap();
         for piece in compressed.chunks(100_000) {
             writer.write_all(piece).unwrap();
         }
@@ -375,7 +419,8 @@ mod tests {
         let middle = compressed.len() / 2;
         compressed.truncate(middle);
         let (sender, _stream) = PartStream::channel(1024);
-        let mut writer = ObjectWriter::precompressed(vec![sender], Box::new(io::sink()));
+        let mut writer =
+            ObjectWriter::precompressed(vec![sender], None, Box::new(io::sink())).unwrap();
         writer.write_all(&compressed).unwrap();
         let err = writer.finish().unwrap_err();
         assert_eq!(err.kind(), io::ErrorKind::InvalidData, "{err}");
@@ -387,8 +432,9 @@ mod tests {
         let options = EncodeOptions {
             level: 1,
             threads: 1,
+            recipients: None,
         };
-        let mut writer = ObjectWriter::new(options, vec![sender]).unwrap();
+        let mut writer = ObjectWriter::new(&options, vec![sender]).unwrap();
         drop(stream);
         let err = writer
             .write_all(&incompressible(4 * CHUNK_SIZE))

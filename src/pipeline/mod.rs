@@ -11,7 +11,7 @@
 mod decode;
 mod encode;
 
-pub use decode::{DecodeError, copy_stored, decode, decode_unchecked};
+pub use decode::{DecodeError, copy_stored, copy_unsealed, decode, decode_unchecked};
 pub use encode::{EncodeOptions, ObjectWriter};
 
 use serde::{Deserialize, Serialize};
@@ -23,7 +23,7 @@ pub const CHUNK_SIZE: usize = 1024 * 1024;
 pub const CHANNEL_BOUND: usize = 8;
 
 /// Sizes and checksums of one object, on both sides of compression.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Digests {
     pub size: u64,
     pub sha256: String,

@@ -50,6 +50,7 @@ pub fn binary_command(binary: &Path, config: &Path) -> Command {
     let mut command = Command::new(binary);
     command
         .env_remove("LIFEBOAT_CONFIG")
+        .env_remove("LIFEBOAT_IDENTITY_FILE")
         .env_remove("AWS_PROFILE")
         .env("AWS_ACCESS_KEY_ID", seaweedfs::ACCESS_KEY)
         .env("AWS_SECRET_ACCESS_KEY", seaweedfs::SECRET_KEY)

@@ -5,7 +5,7 @@ use chrono::Utc;
 use super::{Captured, Context};
 use crate::config::FilesJob;
 use crate::error::Result;
-use crate::manifest::{ObjectEntry, SourceInfo};
+use crate::manifest::SourceInfo;
 use crate::sources::files;
 
 pub const FILES_OBJECT: &str = "files.tar.zst";
@@ -16,13 +16,13 @@ pub(super) async fn capture(context: &Context<'_>, job: &FilesJob) -> Result<Cap
     let job_name = context.job_name.to_string();
     let paths = job.paths.iter().map(|p| p.display().to_string()).collect();
     let owned_job = job.clone();
-    let (digests, summary) = context
+    let (entry, summary) = context
         .store(FILES_OBJECT, move |out| {
             files::write_archive(&job_name, &owned_job, out)
         })
         .await?;
     Ok(Captured {
-        objects: vec![ObjectEntry::zstd(FILES_OBJECT, &digests)],
+        objects: vec![entry],
         source: SourceInfo {
             paths,
             entries: Some(summary.entries),

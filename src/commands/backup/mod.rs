@@ -16,6 +16,7 @@ use tracing::Instrument;
 use crate::commands::{human_duration, human_size};
 use crate::config::{Config, JobConfig, JobSource, PostgresMode};
 use crate::error::{Error, ErrorKind, Result, exit_code};
+use crate::keys::Recipients;
 use crate::layout;
 use crate::manifest::{FORMAT, Manifest, ObjectEntry, SourceInfo};
 use crate::pipeline::{Digests, EncodeOptions};
@@ -126,16 +127,32 @@ impl Context<'_> {
         layout::object_key(self.job_name, self.id, object)
     }
 
-    /// Stores `object` in every repository still taking this backup (see `store_object`).
-    async fn store<T, F>(&self, object: &str, produce: F) -> Result<(Digests, T)>
+    /// Stores `object` in every repository still taking this backup (see `store_object`),
+    /// under its stored name (`.age` added when encrypted); returns its manifest entry.
+    async fn store<T, F>(&self, object: &str, produce: F) -> Result<(ObjectEntry, T)>
     where
         T: Send + 'static,
         F: FnOnce(&mut dyn Write) -> Result<T> + Send + 'static,
     {
         let live = self.destinations.live();
-        let stored = store_object(&live, &self.object_key(object), self.options, produce).await?;
+        let name = self.stored_name(object);
+        let stored = store_object(
+            &live,
+            &self.object_key(&name),
+            self.options.clone(),
+            produce,
+        )
+        .await?;
         self.drop_failed(&live, stored.failed)?;
-        Ok((stored.digests, stored.value))
+        Ok((self.entry(object, &stored.digests), stored.value))
+    }
+
+    fn stored_name(&self, object: &str) -> String {
+        self.entry(object, &Digests::default()).name
+    }
+
+    fn entry(&self, object: &str, digests: &Digests) -> ObjectEntry {
+        ObjectEntry::stored(object, digests, self.options.recipients.as_ref())
     }
 }
 
@@ -147,16 +164,17 @@ impl Context<'_> {
         object: &str,
         inspect: Box<dyn Write + Send>,
         produce: F,
-    ) -> Result<(Digests, T)>
+    ) -> Result<(ObjectEntry, T)>
     where
         T: Send + 'static,
         F: FnOnce(&mut dyn Write) -> Result<T> + Send + 'static,
     {
         let live = self.destinations.live();
-        let stored =
-            store_precompressed_object(&live, &self.object_key(object), inspect, produce).await?;
+        let key = self.object_key(&self.stored_name(object));
+        let recipients = self.options.recipients.clone();
+        let stored = store_precompressed_object(&live, &key, recipients, inspect, produce).await?;
         self.drop_failed(&live, stored.failed)?;
-        Ok((stored.digests, stored.value))
+        Ok((self.entry(object, &stored.digests), stored.value))
     }
 
     fn drop_failed(&self, live: &[Repository], failed: Vec<(usize, Error)>) -> Result<()> {
@@ -299,6 +317,7 @@ async fn backup_job(
     let options = EncodeOptions {
         level: config.compression.level,
         threads: config.compression.threads,
+        recipients: Recipients::from_config(config)?,
     };
     tracing::info!(job = %job.name, id = %id, "backup started");
 

@@ -9,11 +9,11 @@ use super::{Captured, Context};
 use crate::config::PostgresJob;
 use crate::error::{Error, ErrorKind, Result};
 use crate::layout;
-use crate::manifest::{ObjectEntry, SourceInfo};
+use crate::manifest::SourceInfo;
 use crate::sources::postgres::physical::{self, SharedScanner, TarWatch};
 use crate::sources::postgres::{Binaries, Connection, logical};
 use crate::sources::process;
-use crate::storage;
+use crate::storage::{self, StoreError};
 use crate::wal::{self, Lsn, WalFile};
 
 pub const BASE_OBJECT: &str = "base.tar.zst";
@@ -32,7 +32,7 @@ pub(super) async fn capture(context: &Context<'_>, job: &PostgresJob) -> Result<
     let label = format!("lifeboat-{}", context.id);
     let action = "take a base backup with pg_basebackup";
     let scanner = SharedScanner::default();
-    let (digests, _) = if cluster.major >= SERVER_ZSTD_SINCE {
+    let (entry, _) = if cluster.major >= SERVER_ZSTD_SINCE {
         let level = context.options.level.min(MAX_SERVER_ZSTD_LEVEL);
         let command = physical::basebackup_command(
             &binaries,
@@ -109,7 +109,7 @@ pub(super) async fn capture(context: &Context<'_>, job: &PostgresJob) -> Result<
     require_wal(context, &needed, &cluster.archive_command).await?;
 
     Ok(Captured {
-        objects: vec![ObjectEntry::zstd(BASE_OBJECT, &digests)],
+        objects: vec![entry],
         source: SourceInfo {
             server_version: Some(cluster.version),
             system_identifier: Some(cluster.system_identifier),
@@ -138,7 +138,8 @@ async fn read_backup_history(
     archive_command: &str,
 ) -> Result<(Lsn, u32, DateTime<Utc>)> {
     let file = WalFile::parse(name).expect("history names are valid");
-    let key = layout::wal_key(context.job_name, &file);
+    // History files are never encrypted (see `commands::wal::encrypts`).
+    let key = layout::wal_key(context.job_name, &file, false);
     let mut last_error = None;
     for repository in context.destinations.live() {
         let stored = match storage::get_bytes(repository.store.as_ref(), &key).await {
@@ -190,8 +191,16 @@ async fn require_wal(
     for repository in context.destinations.live() {
         for name in needed {
             let file = WalFile::parse(name).expect("segment names are valid");
-            let key = layout::wal_key(context.job_name, &file);
-            let missing = match repository.store.head(&key).await {
+            let [key, other] = layout::wal_keys(
+                context.job_name,
+                &file,
+                context.options.recipients.is_some(),
+            );
+            let mut found = repository.store.head(&key).await;
+            if found.as_ref().is_err_and(StoreError::is_not_found) {
+                found = repository.store.head(&other).await;
+            }
+            let missing = match found {
                 Ok(_) => continue,
                 Err(e) if e.is_not_found() => Error::new(
                     ErrorKind::Source,

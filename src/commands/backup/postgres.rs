@@ -6,7 +6,7 @@ use chrono::{DateTime, Utc};
 use super::{Captured, Context};
 use crate::config::PostgresJob;
 use crate::error::{Error, ErrorKind, Result};
-use crate::manifest::{ObjectEntry, SourceInfo};
+use crate::manifest::SourceInfo;
 use crate::sources::postgres::{Binaries, Connection, logical};
 use crate::sources::process;
 
@@ -72,16 +72,15 @@ pub(super) async fn capture(context: &Context<'_>, job: &PostgresJob) -> Result<
             .await;
         let taken_at = snapshot.taken_at;
         snapshot.finish().await;
-        let (digests, _) = stored?;
+        let (mut entry, _) = stored?;
         // The backup as a whole holds data at least as new as its oldest snapshot.
         recovery_point = Some(recovery_point.map_or(taken_at, |point| point.min(taken_at)));
-        let mut entry = ObjectEntry::zstd(&name, &digests);
         entry.database = Some(database.clone());
         objects.push(entry);
     }
 
     let command = logical::globals_command(&binaries, &server, &info, &auth);
-    let (digests, _) = context
+    let (entry, _) = context
         .store(GLOBALS_OBJECT, move |out| {
             process::stream_stdout(
                 command,
@@ -90,7 +89,7 @@ pub(super) async fn capture(context: &Context<'_>, job: &PostgresJob) -> Result<
             )
         })
         .await?;
-    objects.push(ObjectEntry::zstd(GLOBALS_OBJECT, &digests));
+    objects.push(entry);
 
     Ok(Captured {
         objects,

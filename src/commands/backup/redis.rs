@@ -9,7 +9,7 @@ use chrono::Utc;
 use super::{Captured, Context};
 use crate::config::RedisJob;
 use crate::error::{Error, ErrorKind, Result};
-use crate::manifest::{ObjectEntry, SourceInfo};
+use crate::manifest::SourceInfo;
 use crate::sources::redis::{RedisServer, SyncError, copy_rdb_file};
 
 pub const RDB_OBJECT: &str = "dump.rdb.zst";
@@ -36,16 +36,16 @@ pub(super) async fn capture(context: &Context<'_>, job: &RedisJob) -> Result<Cap
             })
         })
         .await;
-    let digests = match (synced, &job.rdb_path) {
-        (Ok((digests, synced)), _) => {
+    let entry = match (synced, &job.rdb_path) {
+        (Ok((entry, synced)), _) => {
             tracing::info!(form = ?synced.form, rdb_version = synced.rdb_version, bytes = synced.size, "RDB received");
-            digests
+            entry
         }
         (Err(e), Some(rdb_path)) if refused.load(Ordering::SeqCst) => {
             tracing::warn!(error = %e.chain().join(": "), rdb_path = %rdb_path.display(), "SYNC refused; falling back to BGSAVE and the RDB file");
             let file = server.bgsave_rdb(rdb_path).await?;
             let path = rdb_path.clone();
-            let (digests, _) = context
+            let (entry, _) = context
                 .store(RDB_OBJECT, move |out| {
                     copy_rdb_file(file, out).map_err(|e| {
                         let kind = if e.kind() == std::io::ErrorKind::InvalidData {
@@ -61,12 +61,12 @@ pub(super) async fn capture(context: &Context<'_>, job: &RedisJob) -> Result<Cap
                     })
                 })
                 .await?;
-            digests
+            entry
         }
         (Err(e), _) => return Err(e),
     };
     Ok(Captured {
-        objects: vec![ObjectEntry::zstd(RDB_OBJECT, &digests)],
+        objects: vec![entry],
         source: SourceInfo {
             server_version: Some(info.version),
             keys: Some(info.keys),

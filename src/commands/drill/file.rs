@@ -23,6 +23,9 @@ pub struct Drill {
     pub from: Option<String>,
     /// Restore from any repository but these.
     pub exclude: Vec<String>,
+    /// Decrypt with this identity alone (the escrow key from the safe), relative to the
+    /// drill file; else as `restore` would.
+    pub identity_file: Option<PathBuf>,
     /// "latest" or a backup id.
     pub backup: String,
     pub target: DrillTarget,
@@ -82,6 +85,7 @@ struct RawDrill {
     from: Option<Spanned<String>>,
     #[serde(default)]
     exclude: Vec<String>,
+    identity_file: Option<PathBuf>,
     backup: Option<Spanned<String>>,
     target: Option<Spanned<String>>,
     database: Option<Spanned<String>>,
@@ -294,6 +298,9 @@ impl Drill {
             job: raw.job.get_ref().clone(),
             from: raw.from.map(|f| f.into_inner()),
             exclude: raw.exclude,
+            identity_file: raw
+                .identity_file
+                .map(|f| path.parent().unwrap_or(Path::new(".")).join(f)),
             backup: raw
                 .backup
                 .map(|b| b.into_inner())

@@ -679,6 +679,7 @@ fn restore_options(drill: &Drill, backup: &str) -> RestoreOptions {
         postgres: PostgresRestoreOptions::default(),
         physical: None,
         start_scratch: false,
+        identity_file: drill.identity_file.clone(),
     }
 }
 

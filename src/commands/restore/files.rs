@@ -31,7 +31,7 @@ pub(super) async fn unpack(selected: &Selected, name: &str, into: &Path) -> Resu
     let object = manifest
         .objects
         .iter()
-        .find(|o| o.name == name)
+        .find(|o| o.logical_name() == name)
         .cloned()
         .ok_or_else(|| {
             Error::new(
@@ -52,9 +52,13 @@ pub(super) async fn unpack(selected: &Selected, name: &str, into: &Path) -> Resu
                 .map_err(|e| target_error(into, e))?;
             crate::interrupt::remove_on_interrupt(staging.path());
             let staging_root = staging.path().to_path_buf();
-            let summary = read_object(repository, manifest, &object, move |raw| {
-                extract::extract(raw, &staging_root)
-            })
+            let summary = read_object(
+                repository,
+                manifest,
+                &object,
+                &selected.keyring,
+                move |raw| extract::extract(raw, &staging_root),
+            )
             .await;
             if summary.is_err() {
                 crate::interrupt::forget(staging.path());

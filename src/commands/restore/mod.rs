@@ -11,7 +11,7 @@ mod redis;
 mod staging;
 
 use std::fmt;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
@@ -21,9 +21,11 @@ use tracing::Instrument;
 use super::{human_duration, human_size};
 use crate::config::Config;
 use crate::error::{Error, ErrorKind, Result};
+use crate::keys::Keyring;
 use crate::layout;
 use crate::manifest::Manifest;
 use crate::repository::Repository;
+use crate::transfer::check_key;
 
 pub use extract::ExtractSummary;
 pub use physical::{PhysicalRestoreOptions, RecoveryTarget};
@@ -42,6 +44,9 @@ pub struct RestoreOptions {
     pub physical: Option<PhysicalRestoreOptions>,
     /// Redis jobs: load the RDB into a throw-away redis-server left running.
     pub start_scratch: bool,
+    /// Decrypt with this identity file instead of `LIFEBOAT_IDENTITY_FILE` or the config's
+    /// (a drill proving the escrow key).
+    pub identity_file: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, Default)]
@@ -120,6 +125,8 @@ struct Selected {
     /// Which repository served each object, and what failed on the way.
     served: Mutex<Vec<(String, String)>>,
     warnings: Mutex<Vec<String>>,
+    /// The identities that decrypt the backup's objects, if they are encrypted.
+    keyring: Keyring,
 }
 
 impl Selected {
@@ -155,7 +162,8 @@ impl Selected {
                         .push((object.to_string(), repository.name.clone()));
                     return Ok(value);
                 }
-                Err(e) if e.kind() == ErrorKind::Target => return Err(e),
+                // The target, or the key, would fail the same way with any other copy.
+                Err(e) if matches!(e.kind(), ErrorKind::Target | ErrorKind::Key) => return Err(e),
                 Err(e) => {
                     tracing::warn!(object = %object, repository = %repository.name, error = %e.chain().join(": "), "reading from the next repository that holds it");
                     failures.push((repository.name.clone(), e));
@@ -170,6 +178,21 @@ impl Selected {
                 e.chain().join(": ")
             ))
         }))
+    }
+
+    /// Fails before anything is restored when the backup is encrypted and the keyring
+    /// holds no identity that opens it (read from the first object's header alone).
+    async fn check_key(&self) -> Result<()> {
+        let Some(object) = self.manifest.objects.iter().find(|o| o.is_encrypted()) else {
+            return Ok(());
+        };
+        self.read_from_any(&object.name, async |repository| {
+            check_key(repository, &self.manifest, object, &self.keyring).await
+        })
+        .await?;
+        self.served.lock().expect("served lock").clear();
+        self.warnings.lock().expect("warnings lock").clear();
+        Ok(())
     }
 
     fn report(
@@ -352,6 +375,7 @@ async fn select(
         started: Instant::now(),
         served: Mutex::new(Vec::new()),
         warnings: Mutex::new(Vec::new()),
+        keyring: Keyring::default(),
     })
 }
 
@@ -382,6 +406,11 @@ pub async fn run(config: &Config, options: &RestoreOptions) -> Result<RestoreRep
     )
     .await?;
     selected.started = started;
+    selected.keyring = match &options.identity_file {
+        Some(path) => Keyring::from_file(path.clone(), "the drill's identity_file"),
+        None => Keyring::from_config(config),
+    };
+    selected.check_key().await?;
     let id = selected.manifest.id.clone();
     tracing::info!(job = %job.name, id = %id, "restoring");
     // Every log line of the restore carries the job and the backup id.
@@ -444,6 +473,7 @@ async fn restore_selected(
                 config_path: std::path::absolute(&config.path)
                     .unwrap_or_else(|_| config.path.clone()),
                 job: job.name.clone(),
+                identity_file: selected.keyring.path().map(Path::to_path_buf),
             };
             physical::restore(selected, &physical_options, &source).await
         }

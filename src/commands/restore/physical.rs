@@ -80,6 +80,8 @@ impl PhysicalRestoreOptions {
 pub struct WalSource {
     pub config_path: PathBuf,
     pub job: String,
+    /// The identity file that decrypts the archive, if the restore was given one.
+    pub identity_file: Option<PathBuf>,
 }
 
 pub(super) async fn restore(
@@ -98,8 +100,15 @@ pub(super) async fn restore(
     let owner = data_dir_owner(into)?;
     configure_recovery(into, options, source, owner)?;
     let mut warnings = vec![format!(
-        "the restored server fetches WAL with `lifeboat wal-fetch` as its own user: that user needs to read '{}' and the repositories' credentials",
-        source.config_path.display()
+        "the restored server fetches WAL with `lifeboat wal-fetch` as its own user: that user needs to read '{}'{} and the repositories' credentials",
+        source.config_path.display(),
+        match &source.identity_file {
+            Some(identity) => format!(
+                ", the identity file '{}' (its own, mode 0600)",
+                identity.display()
+            ),
+            None => String::new(),
+        }
     )];
     if !options.keep_archiving {
         warnings.push(
@@ -231,6 +240,16 @@ fn configure_recovery(
     }
     for excluded in &options.exclude {
         write!(fetch, " --exclude {}", shell_word(excluded)).expect("writing to a String");
+    }
+    // The server fetches WAL long after this process is gone, without its environment.
+    if let Some(identity) = &source.identity_file {
+        let identity = std::path::absolute(identity).unwrap_or_else(|_| identity.clone());
+        write!(
+            fetch,
+            " --identity-file {}",
+            shell_word(&identity.to_string_lossy())
+        )
+        .expect("writing to a String");
     }
     fetch.push_str(" %f %p");
     let mut settings = format!(

@@ -17,6 +17,7 @@ use super::staging::Staging;
 use super::{PostgresRestoreOptions, RestoreReport, Selected};
 use crate::commands::backup::GLOBALS_OBJECT;
 use crate::error::{Error, ErrorKind, Result};
+use crate::keys::{Identity, Keyring};
 use crate::manifest::{Manifest, ObjectEntry};
 use crate::pipeline;
 use crate::repository::Repository;
@@ -105,7 +106,7 @@ pub(super) async fn restore(
             manifest
                 .objects
                 .iter()
-                .find(|o| o.name == GLOBALS_OBJECT)
+                .find(|o| o.logical_name() == GLOBALS_OBJECT)
                 .ok_or_else(|| {
                     Error::new(
                         ErrorKind::NotFound,
@@ -136,7 +137,9 @@ pub(super) async fn restore(
         Some(object) => Some(
             selected
                 .read_from_any(&object.name, async |repository| {
-                    staging.fetch(repository, manifest, object).await
+                    staging
+                        .fetch(repository, manifest, object, &selected.keyring)
+                        .await
                 })
                 .await?,
         ),
@@ -149,7 +152,9 @@ pub(super) async fn restore(
         let dump = if decompress {
             let path = selected
                 .read_from_any(&object.name, async |repository| {
-                    staging.fetch(repository, manifest, object).await
+                    staging
+                        .fetch(repository, manifest, object, &selected.keyring)
+                        .await
                 })
                 .await?;
             fill_offsets(&path).await;
@@ -162,7 +167,12 @@ pub(super) async fn restore(
                 })
                 .await?;
             let toc = staging.path(&format!("{}.toc", planned.object.name));
-            let toc = write_toc(&stored, &toc).then_some(toc);
+            let identities = match object.is_encrypted() {
+                true => Some(selected.keyring.identities(&object.name)?),
+                false => None,
+            };
+            let toc =
+                write_toc(&stored, &toc, identities.as_deref().map(Vec::as_slice)).then_some(toc);
             Staged::Stored {
                 stored,
                 toc,
@@ -214,7 +224,14 @@ pub(super) async fn restore(
                         planned.source_database
                     ));
                 }
-                restore.streamed(served_by, manifest, planned.object, stored, toc.as_deref())
+                restore.streamed(
+                    served_by,
+                    manifest,
+                    planned.object,
+                    &selected.keyring,
+                    stored,
+                    toc.as_deref(),
+                )
             }
         };
         let elapsed = started.elapsed();
@@ -325,6 +342,7 @@ impl PgRestore<'_> {
         repository: &Repository,
         manifest: &Manifest,
         object: &ObjectEntry,
+        keyring: &Keyring,
         stored: &Path,
         toc: Option<&Path>,
     ) -> Result<()> {
@@ -333,7 +351,7 @@ impl PgRestore<'_> {
             data.args(["--section=pre-data", "--section=data"]);
         }
         process::run_with_stdin(data, self.action, |stdin| {
-            decode_staged(stored, repository, manifest, object, |raw| {
+            decode_staged(stored, repository, manifest, object, keyring, |raw| {
                 process::copy_all(raw, stdin)
             })
         })??;
@@ -351,9 +369,9 @@ impl PgRestore<'_> {
 
 /// Writes the table of contents of the staged dump `stored` alone to `toc`; false (and a
 /// log line) when that cannot be done, leaving pg_restore to read it all from stdin.
-fn write_toc(stored: &Path, toc: &Path) -> bool {
+fn write_toc(stored: &Path, toc: &Path, identities: Option<&[Identity]>) -> bool {
     let written = (|| {
-        let input = pipeline::decode_unchecked(std::fs::File::open(stored)?)?;
+        let input = pipeline::decode_unchecked(std::fs::File::open(stored)?, identities)?;
         archive::toc_only(input, std::fs::File::create(toc)?)
     })();
     match written {

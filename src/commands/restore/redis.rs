@@ -25,7 +25,7 @@ pub(super) async fn write_rdb(selected: &Selected, dest: &Path) -> Result<u64> {
     let object = manifest
         .objects
         .iter()
-        .find(|o| o.name == RDB_OBJECT)
+        .find(|o| o.logical_name() == RDB_OBJECT)
         .cloned()
         .ok_or_else(|| {
             Error::new(
@@ -50,12 +50,18 @@ pub(super) async fn write_rdb(selected: &Selected, dest: &Path) -> Result<u64> {
                 .as_file()
                 .try_clone()
                 .map_err(|e| target_error(dest, e))?;
-            let size = read_object(repository, manifest, &object, move |raw| {
-                let mut out = std::io::BufWriter::new(file);
-                let (size, _) = copy_rdb_file(raw, &mut out)?;
-                out.into_inner().map_err(|e| e.into_error())?.sync_all()?;
-                Ok(size)
-            })
+            let size = read_object(
+                repository,
+                manifest,
+                &object,
+                &selected.keyring,
+                move |raw| {
+                    let mut out = std::io::BufWriter::new(file);
+                    let (size, _) = copy_rdb_file(raw, &mut out)?;
+                    out.into_inner().map_err(|e| e.into_error())?.sync_all()?;
+                    Ok(size)
+                },
+            )
             .await?;
             temp.as_file_mut()
                 .sync_all()

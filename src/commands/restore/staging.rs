@@ -8,6 +8,7 @@ use std::path::{Path, PathBuf};
 
 use crate::commands::human_size;
 use crate::error::{Error, ErrorKind, Result};
+use crate::keys::Keyring;
 use crate::manifest::{Manifest, ObjectEntry};
 use crate::repository::Repository;
 use crate::transfer::{download_object, read_object};
@@ -112,8 +113,12 @@ impl Staging {
         repository: &Repository,
         manifest: &Manifest,
         object: &ObjectEntry,
+        keyring: &Keyring,
     ) -> Result<PathBuf> {
-        let path = self.dir.path().join(object.name.trim_end_matches(".zst"));
+        let path = self
+            .dir
+            .path()
+            .join(object.logical_name().trim_end_matches(".zst"));
         let file = std::fs::File::create(&path).map_err(|e| {
             Error::new(
                 ErrorKind::Target,
@@ -121,7 +126,7 @@ impl Staging {
             )
             .with_source(e)
         })?;
-        read_object(repository, manifest, object, move |raw| {
+        read_object(repository, manifest, object, keyring, move |raw| {
             let mut out = BufWriter::with_capacity(1024 * 1024, file);
             std::io::copy(raw, &mut out)?;
             out.flush()

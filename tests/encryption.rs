@@ -1,0 +1,469 @@
+//! age encryption against real servers: files, PostgreSQL (logical, and physical with its
+//! WAL) and Redis backups stored as `age(zstd(raw))`, restored byte-identical with the
+//! right key, refused with a wrong one before anything is written, and readable with the
+//! standard `age` and `zstd` tools alone.
+
+use std::io::Write;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+
+use sha2::{Digest, Sha256};
+
+use crate::common::postgres::{Postgres, free_port};
+use crate::common::redis::Redis;
+use crate::common::{
+    Run, SeaweedFs, files_job, lifeboat, lifeboat_command, local_repository, postgres_job,
+    run_command, tree, write_config, write_secret,
+};
+use crate::postgres_physical::{JOB as PHYSICAL_JOB, Restored, archiving_cluster, shared_work_dir};
+
+const BUCKET: &str = "backups";
+const PREFIX: &str = "lifeboat";
+
+/// `lifeboat keygen --output DIR/NAME`: the identity's path and its recipient.
+fn keygen(dir: &Path, name: &str) -> (PathBuf, String) {
+    let path = dir.join(name);
+    let run = lifeboat(
+        &dir.join("unused.toml"),
+        &["keygen", "--output", path.to_str().unwrap()],
+    );
+    run.assert_code(0);
+    (path, run.stdout.trim().to_string())
+}
+
+/// Runs lifeboat with `LIFEBOAT_IDENTITY_FILE` set to `identity`.
+fn with_identity(config: &Path, identity: &Path, args: &[&str]) -> Run {
+    let mut command = lifeboat_command(config);
+    command.env("LIFEBOAT_IDENTITY_FILE", identity).args(args);
+    run_command(&mut command)
+}
+
+fn sha256_hex(bytes: &[u8]) -> String {
+    hex::encode(Sha256::digest(bytes))
+}
+
+/// `age -d -i IDENTITY < stored | zstd -d`, as the runbook for "lifeboat is unavailable"
+/// does it: the raw stream, from standard tools alone.
+fn standard_tools_decode(stored: &[u8], identity: &Path) -> Vec<u8> {
+    let mut age = Command::new("age")
+        .args(["-d", "-i"])
+        .arg(identity)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("the age tool is installed by .ci/setup");
+    let zstd = Command::new("zstd")
+        .args(["-d", "-c"])
+        .stdin(age.stdout.take().unwrap())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdin = age.stdin.take().unwrap();
+    let input = stored.to_vec();
+    let feeder = std::thread::spawn(move || stdin.write_all(&input));
+    let output = zstd.wait_with_output().unwrap();
+    feeder.join().unwrap().unwrap();
+    assert!(age.wait().unwrap().success(), "age -d failed");
+    assert!(output.status.success(), "zstd -d failed");
+    output.stdout
+}
+
+fn manifest(config: &Path, job: &str) -> serde_json::Value {
+    let show = lifeboat(
+        config,
+        &["show", "latest", "--job", job, "--format", "json"],
+    );
+    show.assert_code(0);
+    serde_json::from_str(&show.stdout).unwrap()
+}
+
+/// Every object of `job`'s newest backup is an age file to exactly `recipients`, which zstd
+/// alone cannot read, and which `age -d | zstd -d` turns back into the raw stream.
+async fn assert_sealed(
+    s3: &SeaweedFs,
+    config: &Path,
+    job: &str,
+    recipients: &[&str],
+    escrow: &Path,
+) -> serde_json::Value {
+    let manifest = manifest(config, job);
+    let objects = manifest["objects"].as_array().unwrap();
+    assert!(!objects.is_empty());
+    for object in objects {
+        let name = object["name"].as_str().unwrap();
+        assert!(name.ends_with(".zst.age"), "{object}");
+        assert_eq!(object["encryption"], "age");
+        assert_eq!(object["recipients"], serde_json::json!(recipients));
+        let key = format!(
+            "{PREFIX}/jobs/{job}/backups/{}/{name}",
+            manifest["id"].as_str().unwrap()
+        );
+        let stored = s3.object(BUCKET, &key).await;
+        assert!(stored.starts_with(b"age-encryption.org/v1\n"), "{key}");
+        assert_eq!(sha256_hex(&stored), object["sha256"].as_str().unwrap());
+        assert!(
+            zstd::decode_all(&stored[..]).is_err(),
+            "zstd alone read {key}"
+        );
+        let raw = standard_tools_decode(&stored, escrow);
+        assert_eq!(raw.len() as u64, object["raw_size"].as_u64().unwrap());
+        assert_eq!(
+            sha256_hex(&raw),
+            object["raw_sha256"].as_str().unwrap(),
+            "{key}"
+        );
+    }
+    manifest
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn encrypted_files_postgres_and_redis_backups_restore_only_with_a_recipients_key() {
+    let s3 = SeaweedFs::start().await;
+    s3.create_bucket(BUCKET).await;
+    let source = Postgres::start();
+    source.create_app_database(50_000);
+    let redis = Redis::start(&[]);
+    let mut connection = redis.connection().unwrap();
+    let mut pipe = redis::pipe();
+    for index in 0..2_000 {
+        pipe.cmd("SET")
+            .arg(format!("session:{index}"))
+            .arg(format!("user-{index}"))
+            .ignore();
+    }
+    let () = pipe.query(&mut connection).unwrap();
+    let work = tempfile::tempdir().unwrap();
+    let (ops, ops_recipient) = keygen(work.path(), "ops.key");
+    let (escrow, escrow_recipient) = keygen(work.path(), "escrow.key");
+    let (stranger, _) = keygen(work.path(), "stranger.key");
+    std::fs::write(
+        work.path().join("escrow.pub"),
+        format!("# the offline escrow key, in the safe\n{escrow_recipient}\n"),
+    )
+    .unwrap();
+    let tree_root = work.path().join("etc-app");
+    tree::build(&tree_root, 60, 2);
+    let marker = tree_root.join("escrow-check.conf");
+    std::fs::write(&marker, "listen 443;\n").unwrap();
+    let pg_password = source.password_file(work.path(), &source.password);
+    let redis_password = work.path().join("redis.pass");
+    write_secret(&redis_password, crate::common::redis::PASSWORD, 0o600);
+    let config = write_config(
+        work.path(),
+        &format!(
+            "[encryption]\nrecipients = [\"{ops_recipient}\"]\nrecipients_file = \"escrow.pub\"\n\n{}{}{}{}[[job]]\nname = \"sessions\"\nkind = \"redis\"\nurl = \"{}\"\npassword_file = \"{}\"\n",
+            s3.repository("s3", BUCKET, PREFIX),
+            local_repository("local", &work.path().join("repo")),
+            files_job("conf", &[&tree_root]),
+            postgres_job("maindb", &source.dsn("postgres"), &pg_password, ""),
+            redis.url(),
+            redis_password.display()
+        ),
+    );
+    let recipients = [ops_recipient.as_str(), escrow_recipient.as_str()];
+
+    // Backing up needs no identity at all: the backup host holds public keys only.
+    for job in ["conf", "maindb", "sessions"] {
+        lifeboat(&config, &["backup", job]).assert_code(0);
+    }
+    let conf = assert_sealed(&s3, &config, "conf", &recipients, &escrow).await;
+    assert_sealed(&s3, &config, "maindb", &recipients, &escrow).await;
+    let sessions = assert_sealed(&s3, &config, "sessions", &recipients, &escrow).await;
+
+    // Files: a stranger's key, no key, and a key others can read are refused before the
+    // target exists; the ops key restores the tree exactly.
+    let into = work.path().join("restored-conf");
+    let into_arg = into.to_str().unwrap();
+    let wrong = with_identity(&config, &stranger, &["restore", "conf", "--into", into_arg]);
+    wrong.assert_code(1);
+    let object_key = format!(
+        "jobs/conf/backups/{}/files.tar.zst.age",
+        conf["id"].as_str().unwrap()
+    );
+    assert!(
+        wrong
+            .stderr
+            .contains(&format!("unable to decrypt object '{object_key}'"))
+            && wrong
+                .stderr
+                .contains("does not match any recipient it was encrypted to"),
+        "{}",
+        wrong.stderr
+    );
+    assert!(wrong.stderr.contains(&escrow_recipient), "{}", wrong.stderr);
+    assert!(!into.exists(), "a refused restore created its target");
+    let keyless = lifeboat(&config, &["restore", "conf", "--into", into_arg]);
+    keyless.assert_code(1);
+    assert!(
+        keyless.stderr.contains("no identity file is configured")
+            && keyless.stderr.contains("LIFEBOAT_IDENTITY_FILE"),
+        "{}",
+        keyless.stderr
+    );
+    let exposed = work.path().join("exposed.key");
+    std::fs::copy(&ops, &exposed).unwrap();
+    std::fs::set_permissions(&exposed, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let readable = with_identity(&config, &exposed, &["restore", "conf", "--into", into_arg]);
+    readable.assert_code(2);
+    assert!(
+        readable.stderr.contains("readable by group or others")
+            && readable.stderr.contains("chmod 600"),
+        "{}",
+        readable.stderr
+    );
+    assert!(!into.exists());
+    with_identity(&config, &ops, &["restore", "conf", "--into", into_arg]).assert_code(0);
+    tree::assert_same(&tree_root, &into.join(tree_root.strip_prefix("/").unwrap()));
+
+    // PostgreSQL: the wrong key creates no database on the target; the escrow key alone
+    // restores every row.
+    let target = Postgres::start();
+    let mut wrong_pg = lifeboat_command(&config);
+    wrong_pg
+        .env("PGPASSWORD", &target.password)
+        .env("LIFEBOAT_IDENTITY_FILE", &stranger)
+        .args(["restore", "maindb", "--target", &target.dsn("postgres")]);
+    run_command(&mut wrong_pg).assert_code(1);
+    assert_eq!(
+        target.psql(
+            "postgres",
+            "select count(*) from pg_database where datname = 'app'"
+        ),
+        "0"
+    );
+    let mut restore_pg = lifeboat_command(&config);
+    restore_pg
+        .env("PGPASSWORD", &target.password)
+        .env("LIFEBOAT_IDENTITY_FILE", &escrow)
+        .args([
+            "restore",
+            "maindb",
+            "--globals",
+            "--target",
+            &target.dsn("postgres"),
+        ]);
+    run_command(&mut restore_pg).assert_code(0);
+    assert_eq!(
+        target.data_fingerprint("app"),
+        source.data_fingerprint("app")
+    );
+
+    // Redis: the RDB restored as a file is the one backed up, byte for byte.
+    let rdb = work.path().join("restored.rdb");
+    with_identity(
+        &config,
+        &ops,
+        &["restore", "sessions", "--into", rdb.to_str().unwrap()],
+    )
+    .assert_code(0);
+    let restored = std::fs::read(&rdb).unwrap();
+    assert_eq!(
+        sha256_hex(&restored),
+        sessions["objects"][0]["raw_sha256"].as_str().unwrap()
+    );
+
+    // The key-escrow drill: the escrow key alone, from the S3 region alone, even with a
+    // stranger's key in the environment; and a drill with the wrong key fails.
+    let drill = |name: &str, key: &str| {
+        let file = work.path().join(format!("{name}.toml"));
+        std::fs::write(
+            &file,
+            format!(
+                "name = \"{name}\"\njob = \"conf\"\nfrom = \"s3\"\nidentity_file = \"{key}\"\n\n[[check]]\nname = \"intact\"\npath = \"{}\"\nsha256 = \"{}\"\n",
+                marker.display(),
+                sha256_hex(b"listen 443;\n")
+            ),
+        )
+        .unwrap();
+        let mut command = lifeboat_command(&config);
+        command
+            .env("LIFEBOAT_IDENTITY_FILE", &stranger)
+            .args(["drill", "run"])
+            .arg(&file)
+            .arg("--report-dir")
+            .arg(work.path().join("reports"));
+        run_command(&mut command)
+    };
+    let escrow_drill = drill("escrow-key", "escrow.key");
+    escrow_drill.assert_code(0);
+    assert!(
+        escrow_drill.stdout.contains("drill escrow-key: PASS"),
+        "{}",
+        escrow_drill.stdout
+    );
+    let wrong_drill = drill("wrong-key", "stranger.key");
+    wrong_drill.assert_code(1);
+    assert!(
+        format!("{}{}", wrong_drill.stdout, wrong_drill.stderr)
+            .contains("does not match any recipient"),
+        "{}\n{}",
+        wrong_drill.stdout,
+        wrong_drill.stderr
+    );
+
+    // verify: without a key the stored checksums, and it says so; --deep insists on a key;
+    // with one it decrypts; a byte flipped in the ciphertext is found without any key.
+    let shallow = lifeboat(&config, &["verify", "conf"]);
+    shallow.assert_code(0);
+    assert!(
+        shallow
+            .stdout
+            .contains("checked by their stored sha256 only"),
+        "{}",
+        shallow.stdout
+    );
+    let deep_keyless = lifeboat(&config, &["verify", "conf", "--deep"]);
+    deep_keyless.assert_code(1);
+    assert!(
+        deep_keyless
+            .stderr
+            .contains("no identity file is configured"),
+        "{}",
+        deep_keyless.stderr
+    );
+    let deep = with_identity(&config, &ops, &["verify", "--deep"]);
+    deep.assert_code(0);
+    assert!(
+        !deep.stdout.contains("stored sha256 only"),
+        "{}",
+        deep.stdout
+    );
+    let local_object = work.path().join("repo").join(&object_key);
+    let mut damaged = std::fs::read(&local_object).unwrap();
+    let middle = damaged.len() / 2;
+    damaged[middle] ^= 0x01;
+    std::fs::write(&local_object, damaged).unwrap();
+    let found = lifeboat(&config, &["verify", "conf", "--from", "local"]);
+    found.assert_code(1);
+    assert!(found.stdout.contains("DAMAGED"), "{}", found.stdout);
+}
+
+/// The `lifeboat-wal` note in an encrypted WAL object's header: its raw sha256.
+fn wal_note_sha(stored: &[u8]) -> String {
+    let header = String::from_utf8_lossy(&stored[..stored.len().min(4096)]);
+    let line = header
+        .lines()
+        .find(|l| l.starts_with("-> lifeboat-wal "))
+        .expect("an encrypted segment carries lifeboat's note");
+    line.split(' ').nth(2).unwrap().to_string()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_encrypted_physical_backup_and_its_wal_replay_with_the_key_and_only_with_it() {
+    let region = SeaweedFs::start().await;
+    region.create_bucket(BUCKET).await;
+    let work = shared_work_dir();
+    let (identity, recipient) = keygen(work.path(), "restore.key");
+    let (stranger, _) = keygen(work.path(), "stranger.key");
+    // The restored server runs wal-fetch as postgres: the key must be postgres's own.
+    let chown = Command::new("chown")
+        .args(["postgres"])
+        .arg(&identity)
+        .status()
+        .unwrap();
+    assert!(chown.success());
+    let (source, config) = archiving_cluster(
+        work.path(),
+        &[&region],
+        &format!("[encryption]\nrecipients = [\"{recipient}\"]\n\n"),
+    );
+    source.psql("postgres", "create table events (id int primary key)");
+    source.psql(
+        "postgres",
+        "insert into events select generate_series(1, 1000)",
+    );
+    lifeboat(&config, &["backup", PHYSICAL_JOB]).assert_code(0);
+    source.psql(
+        "postgres",
+        "insert into events select generate_series(1001, 2000)",
+    );
+    source.archive_current_wal();
+
+    // Segments are sealed and carry their raw sha256; history files stay zstd.
+    let wal = region
+        .keys(BUCKET, &format!("{PREFIX}/jobs/{PHYSICAL_JOB}/wal/"))
+        .await;
+    let segments: Vec<&String> = wal.iter().filter(|k| k.ends_with(".zst.age")).collect();
+    assert!(segments.len() >= 2, "{wal:?}");
+    assert!(
+        wal.iter()
+            .filter(|k| !k.ends_with(".zst.age"))
+            .all(|k| k.ends_with(".backup.zst") || k.ends_with(".history.zst")),
+        "{wal:?}"
+    );
+    let segment_key = segments[0];
+    let stored = region.object(BUCKET, segment_key).await;
+    let raw = standard_tools_decode(&stored, &identity);
+    assert_eq!(raw.len(), 16 << 20);
+    assert_eq!(wal_note_sha(&stored), sha256_hex(&raw));
+
+    // wal-push of the same segment again (no key on this host) succeeds; a different file
+    // under its name fails, as PostgreSQL requires.
+    let name = segment_key
+        .rsplit('/')
+        .next()
+        .unwrap()
+        .trim_end_matches(".zst.age");
+    let again = work.path().join("again");
+    std::fs::create_dir(&again).unwrap();
+    let segment = again.join(name);
+    std::fs::write(&segment, &raw).unwrap();
+    let seg_arg = segment.to_str().unwrap();
+    lifeboat(&config, &["wal-push", "--job", PHYSICAL_JOB, seg_arg]).assert_code(0);
+    let mut different = raw.clone();
+    different[100] ^= 0xff;
+    std::fs::write(&segment, &different).unwrap();
+    let conflict = lifeboat(&config, &["wal-push", "--job", PHYSICAL_JOB, seg_arg]);
+    conflict.assert_code(1);
+    assert!(
+        conflict.stderr.contains("already holds a different file"),
+        "{}",
+        conflict.stderr
+    );
+
+    // A stranger's key: refused before the data directory is made.
+    let data_dir = work.path().join("restored");
+    let port = free_port().to_string();
+    let restore_args = [
+        "restore",
+        PHYSICAL_JOB,
+        "--data-dir",
+        data_dir.to_str().unwrap(),
+        "--start",
+        "--port",
+        &port,
+    ];
+    let wrong = with_identity(&config, &stranger, &restore_args);
+    wrong.assert_code(1);
+    assert!(
+        wrong.stderr.contains("does not match any recipient"),
+        "{}",
+        wrong.stderr
+    );
+    assert!(!data_dir.exists());
+    // wal-fetch with the wrong key stops recovery rather than ending it quietly.
+    let fetched = work.path().join("fetched");
+    let mut fetch = lifeboat_command(&config);
+    fetch
+        .args(["wal-fetch", "--job", PHYSICAL_JOB, "--identity-file"])
+        .arg(&stranger)
+        .arg(name)
+        .arg(&fetched);
+    let fetch = run_command(&mut fetch);
+    fetch.assert_code(255);
+    assert!(
+        fetch.stderr.contains("does not match any recipient"),
+        "{}",
+        fetch.stderr
+    );
+    assert!(!fetched.exists());
+
+    let _restored = Restored(data_dir.clone());
+    with_identity(&config, &identity, &restore_args).assert_code(0);
+    let restored = Postgres::attach(port.parse().unwrap(), &source.password);
+    assert_eq!(
+        restored.psql("postgres", "select count(*), sum(id) from events"),
+        source.psql("postgres", "select count(*), sum(id) from events"),
+    );
+}
