@@ -10,8 +10,8 @@ use clap::{Parser, Subcommand, ValueEnum};
 mod terminal;
 
 use lifeboat::commands::{
-    backup, check, drill, heartbeat, init, list, prune, replicate, restore, schedule, show, status,
-    verify, wal,
+    backup, check, drill, heartbeat, init, list, prune, rekey, replicate, restore, schedule, show,
+    status, verify, wal,
 };
 use lifeboat::config::{Config, DEFAULT_CONFIG_PATH};
 use lifeboat::error::exit_code;
@@ -157,6 +157,23 @@ enum Command {
         /// The identity file to create; never replaced.
         #[arg(long, short)]
         output: PathBuf,
+    },
+    /// Re-encrypt stored backups and WAL to the config's recipients plus --add-recipient,
+    /// minus --remove-recipient (needs an identity that opens them).
+    Rekey {
+        /// Only this job's backups.
+        job: Option<String>,
+        /// A public key (age1…) to encrypt to as well (repeatable).
+        #[arg(long = "add-recipient")]
+        add: Vec<String>,
+        /// A public key no object may stay encrypted to (repeatable).
+        #[arg(long = "remove-recipient")]
+        remove: Vec<String>,
+        /// Say what would be re-encrypted; change nothing.
+        #[arg(long)]
+        dry_run: bool,
+        #[arg(long, value_enum, default_value_t = OutputFormat::Text)]
+        format: OutputFormat,
     },
     /// Print (or install) systemd timers or crontab lines for the schedules in the config.
     Schedule {
@@ -623,6 +640,23 @@ async fn run(cli: Cli) -> Result<i32> {
                 record_run(&config, "prune", &label, started_at, outcome.is_ok()).await;
             }
             outcome?;
+        }
+        Command::Rekey {
+            job,
+            add,
+            remove,
+            dry_run,
+            format,
+        } => {
+            let options = rekey::RekeyOptions {
+                job,
+                add,
+                remove,
+                dry_run,
+            };
+            let report = rekey::run(&config, &options).await?;
+            print(&report, format);
+            report.outcome()?;
         }
         Command::List { job, format } => {
             let report = list::run(&config, &list::ListOptions { job }).await?;

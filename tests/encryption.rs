@@ -3,10 +3,12 @@
 //! right key, refused with a wrong one before anything is written, and readable with the
 //! standard `age` and `zstd` tools alone.
 
+use std::collections::BTreeSet;
 use std::io::Write;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
 
 use sha2::{Digest, Sha256};
 
@@ -465,5 +467,313 @@ async fn an_encrypted_physical_backup_and_its_wal_replay_with_the_key_and_only_w
     assert_eq!(
         restored.psql("postgres", "select count(*), sum(id) from events"),
         source.psql("postgres", "select count(*), sum(id) from events"),
+    );
+
+    // Key rotation: the base backup and every archived segment move to the new key; the
+    // old key opens none of them, and a restore with the new key alone replays them all.
+    let (new_identity, new_recipient) = keygen(work.path(), "new.key");
+    assert!(
+        Command::new("chown")
+            .arg("postgres")
+            .arg(&new_identity)
+            .status()
+            .unwrap()
+            .success()
+    );
+    let rekey = with_identity(
+        &config,
+        &identity,
+        &[
+            "rekey",
+            "--add-recipient",
+            &new_recipient,
+            "--remove-recipient",
+            &recipient,
+        ],
+    );
+    rekey.assert_code(0);
+    let mut sealed: Vec<String> = region
+        .keys(BUCKET, &format!("{PREFIX}/jobs/{PHYSICAL_JOB}/"))
+        .await
+        .into_iter()
+        .filter(|k| k.ends_with(".age"))
+        .collect();
+    sealed.sort();
+    assert!(sealed.iter().any(|k| k.contains("/backups/")), "{sealed:?}");
+    assert!(sealed.len() > segments.len(), "{sealed:?}");
+    for key in &sealed {
+        let stored = region.object(BUCKET, key).await;
+        assert!(
+            !age_opens(&stored, &identity),
+            "the old key still opens {key}"
+        );
+        let raw = standard_tools_decode(&stored, &new_identity);
+        if key.contains("/wal/") {
+            assert_eq!(wal_note_sha(&stored), sha256_hex(&raw), "{key}");
+        }
+    }
+    let rotated_dir = work.path().join("restored-after-rotation");
+    let rotated_port = free_port().to_string();
+    let _rotated = Restored(rotated_dir.clone());
+    with_identity(
+        &config,
+        &new_identity,
+        &[
+            "restore",
+            PHYSICAL_JOB,
+            "--data-dir",
+            rotated_dir.to_str().unwrap(),
+            "--start",
+            "--port",
+            &rotated_port,
+        ],
+    )
+    .assert_code(0);
+    assert_eq!(
+        Postgres::attach(rotated_port.parse().unwrap(), &source.password)
+            .psql("postgres", "select count(*), sum(id) from events"),
+        source.psql("postgres", "select count(*), sum(id) from events"),
+    );
+}
+
+/// Whether `age -d -i IDENTITY` opens `stored`.
+fn age_opens(stored: &[u8], identity: &Path) -> bool {
+    let mut age = Command::new("age")
+        .args(["-d", "-o", "/dev/null", "-i"])
+        .arg(identity)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut stdin = age.stdin.take().unwrap();
+    // age stops reading once the header fails; a broken pipe is its answer, not an error.
+    let _ = stdin.write_all(stored);
+    drop(stdin);
+    age.wait().unwrap().success()
+}
+
+/// The keys under `dir` (recursively) whose file name ends with `.age`.
+fn sealed_files(dir: &Path) -> BTreeSet<PathBuf> {
+    let mut found = BTreeSet::new();
+    let mut pending = vec![dir.to_path_buf()];
+    while let Some(next) = pending.pop() {
+        let Ok(entries) = std::fs::read_dir(&next) else {
+            continue;
+        };
+        for entry in entries.flatten() {
+            let path = entry.path();
+            if path.is_dir() {
+                pending.push(path);
+            } else if path.to_string_lossy().ends_with(".age") {
+                found.insert(path);
+            }
+        }
+    }
+    found
+}
+
+/// Starts `rekey ARGS` with `identity` and kills it with SIGKILL once `count` new `.age`
+/// files have appeared in the local repository; whether the kill came before it ended.
+fn kill_rekey_after(
+    config: &Path,
+    identity: &Path,
+    args: &[&str],
+    repo: &Path,
+    count: usize,
+) -> bool {
+    let before = sealed_files(repo);
+    let mut child = lifeboat_command(config)
+        .env("LIFEBOAT_IDENTITY_FILE", identity)
+        .arg("rekey")
+        .args(args)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while Instant::now() < deadline {
+        if child.try_wait().unwrap().is_some() {
+            return false;
+        }
+        if sealed_files(repo).difference(&before).count() >= count {
+            child.kill().unwrap();
+            child.wait().unwrap();
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    child.kill().unwrap();
+    panic!("rekey neither stored anything nor ended within a minute");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rekey_moves_every_backup_to_the_new_key_and_a_kill_never_strands_one() {
+    let s3 = SeaweedFs::start().await;
+    s3.create_bucket(BUCKET).await;
+    let work = tempfile::tempdir().unwrap();
+    let (old, old_recipient) = keygen(work.path(), "old.key");
+    let (new, new_recipient) = keygen(work.path(), "new.key");
+    let source = work.path().join("data");
+    std::fs::create_dir(&source).unwrap();
+    let repo = work.path().join("repo");
+    let config = write_config(
+        work.path(),
+        &format!(
+            "[encryption]\nrecipients = [\"{old_recipient}\"]\n\n{}{}{}",
+            local_repository("local", &repo),
+            s3.repository("s3", BUCKET, PREFIX),
+            files_job("conf", &[&source])
+        ),
+    );
+    // Three backups, each of different incompressible data, so re-encrypting takes a
+    // moment to kill in.
+    let mut expected = Vec::new();
+    for seed in 1..=3u64 {
+        let data = tree::noise(24 << 20, seed);
+        std::fs::write(source.join("data.bin"), &data).unwrap();
+        lifeboat(&config, &["backup", "conf"]).assert_code(0);
+        expected.push((
+            manifest(&config, "conf")["id"]
+                .as_str()
+                .unwrap()
+                .to_string(),
+            sha256_hex(&data),
+        ));
+        std::thread::sleep(Duration::from_millis(1100));
+    }
+    // Restores backup `id` from `repository` with `key`: the restored file's sha256, or None.
+    let restore_with = |key: &Path, repository: &str, id: &str| -> Option<String> {
+        let into = tempfile::tempdir_in(work.path())
+            .unwrap()
+            .keep()
+            .join("out");
+        let run = with_identity(
+            &config,
+            key,
+            &[
+                "restore",
+                "conf",
+                "--backup",
+                id,
+                "--from",
+                repository,
+                "--into",
+                into.to_str().unwrap(),
+            ],
+        );
+        (run.code == 0).then(|| {
+            let restored = into
+                .join(source.strip_prefix("/").unwrap())
+                .join("data.bin");
+            sha256_hex(&std::fs::read(restored).unwrap())
+        })
+    };
+
+    let args = [
+        "--add-recipient",
+        &new_recipient,
+        "--remove-recipient",
+        &old_recipient,
+    ];
+    let mut killed = 0;
+    for count in 1..=3 {
+        killed += usize::from(kill_rekey_after(&config, &old, &args, &repo, count));
+        // Every backup, in every repository, still restores byte-identical with one of the
+        // two keys.
+        for repository in ["local", "s3"] {
+            for (id, sha) in &expected {
+                let restored = restore_with(&old, repository, id)
+                    .or_else(|| restore_with(&new, repository, id));
+                assert_eq!(
+                    restored.as_ref(),
+                    Some(sha),
+                    "backup {id} in {repository} after kill {count}"
+                );
+            }
+        }
+    }
+    assert!(
+        killed >= 2,
+        "only {killed} of 3 rekeys were killed before they ended"
+    );
+
+    let finished = with_identity(
+        &config,
+        &old,
+        &[
+            "rekey",
+            "--add-recipient",
+            &new_recipient,
+            "--remove-recipient",
+            &old_recipient,
+        ],
+    );
+    finished.assert_code(0);
+    assert!(
+        finished.stdout.contains("warning: [encryption]"),
+        "{}",
+        finished.stdout
+    );
+    // Only the new key reads anything now, and nothing but what manifests name is left.
+    for repository in ["local", "s3"] {
+        for (id, sha) in &expected {
+            assert_eq!(
+                restore_with(&new, repository, id).as_ref(),
+                Some(sha),
+                "{id} in {repository}"
+            );
+            assert_eq!(
+                restore_with(&old, repository, id),
+                None,
+                "the old key still reads {id} in {repository}"
+            );
+        }
+    }
+    for (id, _) in &expected {
+        let show = lifeboat(&config, &["show", id, "--job", "conf", "--format", "json"]);
+        let manifest: serde_json::Value = serde_json::from_str(&show.stdout).unwrap();
+        let object = &manifest["objects"][0];
+        assert_eq!(object["recipients"], serde_json::json!([new_recipient]));
+        let name = object["name"].as_str().unwrap();
+        let mut wanted = vec![
+            format!("{PREFIX}/jobs/conf/backups/{id}/manifest.json"),
+            format!("{PREFIX}/jobs/conf/backups/{id}/{name}"),
+        ];
+        wanted.sort();
+        assert_eq!(
+            s3.keys(BUCKET, &format!("{PREFIX}/jobs/conf/backups/{id}/"))
+                .await,
+            wanted
+        );
+        let local: BTreeSet<PathBuf> =
+            std::fs::read_dir(repo.join(format!("jobs/conf/backups/{id}")))
+                .unwrap()
+                .map(|e| e.unwrap().path())
+                .collect();
+        assert_eq!(local.len(), 2, "{local:?}");
+        let stored = s3
+            .object(BUCKET, &format!("{PREFIX}/jobs/conf/backups/{id}/{name}"))
+            .await;
+        assert_eq!(sha256_hex(&standard_tools_decode(&stored, &new)).len(), 64);
+    }
+    let again = with_identity(
+        &config,
+        &new,
+        &[
+            "rekey",
+            "--add-recipient",
+            &new_recipient,
+            "--remove-recipient",
+            &old_recipient,
+        ],
+    );
+    again.assert_code(0);
+    assert!(
+        again
+            .stdout
+            .contains("re-encrypted 0 object(s) of 0 backup(s) (3 already)"),
+        "{}",
+        again.stdout
     );
 }

@@ -8,6 +8,7 @@ pub mod heartbeat;
 pub mod init;
 pub mod list;
 pub mod prune;
+pub mod rekey;
 pub mod replicate;
 pub mod restore;
 pub mod schedule;
