@@ -604,6 +604,7 @@ fn kill_rekey_after(
         std::thread::sleep(Duration::from_millis(2));
     }
     child.kill().unwrap();
+    child.wait().unwrap();
     panic!("rekey neither stored anything nor ended within a minute");
 }
 
