@@ -17,4 +17,5 @@ mod prune;
 mod redis;
 mod regions;
 mod schedule;
+mod secrets;
 mod status;

@@ -107,6 +107,17 @@ pub struct S3Settings {
     /// Backups and WAL written with a retain-until date, so that a stolen credential cannot
     /// delete or overwrite them before it passes.
     pub object_lock: Option<ObjectLock>,
+    /// Server-side encryption asked of S3 for every object written.
+    pub sse: Option<ServerSideEncryption>,
+}
+
+/// S3 server-side encryption, passed through as `x-amz-server-side-encryption` (and the
+/// KMS key id): the bucket's keys at rest, on top of (or instead of) lifeboat's own age.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServerSideEncryption {
+    /// "AES256", "aws:kms" or "aws:kms:dsse".
+    pub algorithm: String,
+    pub kms_key_id: Option<String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -524,6 +535,8 @@ fn validate_repository(
         ("max_attempts", repo.max_attempts.is_some()),
         ("request_checksums", repo.request_checksums.is_some()),
         ("object_lock", repo.object_lock.is_some()),
+        ("sse", repo.sse.is_some()),
+        ("sse_kms_key_id", repo.sse_kms_key_id.is_some()),
     ];
     let location = match kind {
         "local" => {
@@ -616,6 +629,33 @@ fn validate_repository(
                 .object_lock
                 .map(|lock| validate_object_lock(&at("object_lock"), lock))
                 .transpose()?;
+            let sse = match (repo.sse, repo.sse_kms_key_id) {
+                (None, None) => None,
+                (None, Some(_)) => {
+                    return Err(format!(
+                        "{}: only valid with sse = \"aws:kms\" or \"aws:kms:dsse\"",
+                        at("sse_kms_key_id")
+                    ));
+                }
+                (Some(algorithm), kms_key_id) => {
+                    if !["AES256", "aws:kms", "aws:kms:dsse"].contains(&algorithm.as_str()) {
+                        return Err(format!(
+                            "{}: must be \"AES256\", \"aws:kms\" or \"aws:kms:dsse\" (got \"{algorithm}\")",
+                            at("sse")
+                        ));
+                    }
+                    if kms_key_id.is_some() && algorithm == "AES256" {
+                        return Err(format!(
+                            "{}: only valid with sse = \"aws:kms\" or \"aws:kms:dsse\"",
+                            at("sse_kms_key_id")
+                        ));
+                    }
+                    Some(ServerSideEncryption {
+                        algorithm,
+                        kms_key_id,
+                    })
+                }
+            };
             Location::S3(S3Settings {
                 bucket,
                 prefix,
@@ -628,6 +668,7 @@ fn validate_repository(
                 max_attempts,
                 request_checksums,
                 object_lock,
+                sse,
             })
         }
         other => {

@@ -65,6 +65,8 @@ pub struct RawRepository {
     pub max_attempts: Option<u32>,
     pub request_checksums: Option<String>,
     pub object_lock: Option<RawObjectLock>,
+    pub sse: Option<String>,
+    pub sse_kms_key_id: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -38,21 +38,23 @@ enum Mode {
 /// The compressed stream on its way to the stores: as it is, or encrypted with age.
 enum Sealed {
     Plain(StoredSink),
-    Age(age::stream::StreamWriter<StoredSink>),
+    Age(BackgroundSeal),
 }
 
 impl Sealed {
     fn new(sink: StoredSink, recipients: Option<&Recipients>) -> io::Result<Sealed> {
         Ok(match recipients {
             None => Sealed::Plain(sink),
-            Some(recipients) => Sealed::Age(recipients.encryptor(None)?.wrap_output(sink)?),
+            Some(recipients) => {
+                Sealed::Age(BackgroundSeal::start(sink, recipients.encryptor(None)?))
+            }
         })
     }
 
     fn finish(self) -> io::Result<StoredSink> {
         match self {
             Sealed::Plain(sink) => Ok(sink),
-            Sealed::Age(writer) => writer.finish(),
+            Sealed::Age(seal) => seal.finish(),
         }
     }
 }
@@ -61,8 +63,75 @@ impl Write for Sealed {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
         match self {
             Sealed::Plain(sink) => sink.write(buf),
-            Sealed::Age(writer) => writer.write(buf),
+            Sealed::Age(seal) => seal.write(buf),
         }
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+/// age encryption (and the stored checksum, and the hand-off to the stores) on a thread of
+/// its own, fed batches of the compressed stream: it overlaps compression instead of adding
+/// to the thread that drives it.
+struct BackgroundSeal {
+    pending: Vec<u8>,
+    sender: Option<std::sync::mpsc::SyncSender<Vec<u8>>>,
+    worker: Option<std::thread::JoinHandle<io::Result<StoredSink>>>,
+}
+
+impl BackgroundSeal {
+    fn start(sink: StoredSink, encryptor: age::Encryptor) -> BackgroundSeal {
+        let (sender, batches) = std::sync::mpsc::sync_channel::<Vec<u8>>(4);
+        let worker = std::thread::spawn(move || {
+            let mut writer = encryptor.wrap_output(sink)?;
+            for batch in batches {
+                writer.write_all(&batch)?;
+            }
+            writer.finish()
+        });
+        BackgroundSeal {
+            pending: Vec::with_capacity(CHUNK_SIZE),
+            sender: Some(sender),
+            worker: Some(worker),
+        }
+    }
+
+    fn send_pending(&mut self) -> io::Result<()> {
+        let batch = std::mem::replace(&mut self.pending, Vec::with_capacity(CHUNK_SIZE));
+        let sender = self.sender.as_ref().ok_or_else(every_repository_gone)?;
+        if sender.send(batch).is_err() {
+            // The worker stopped: its own error says why.
+            self.sender = None;
+            return Err(self.join().err().unwrap_or_else(every_repository_gone));
+        }
+        Ok(())
+    }
+
+    fn join(&mut self) -> io::Result<StoredSink> {
+        let worker = self.worker.take().ok_or_else(every_repository_gone)?;
+        worker
+            .join()
+            .map_err(|_| io::Error::other("the encrypting thread panicked"))?
+    }
+
+    fn finish(mut self) -> io::Result<StoredSink> {
+        if !self.pending.is_empty() {
+            self.send_pending()?;
+        }
+        self.sender = None;
+        self.join()
+    }
+}
+
+impl Write for BackgroundSeal {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.pending.extend_from_slice(buf);
+        if self.pending.len() >= CHUNK_SIZE {
+            self.send_pending()?;
+        }
+        Ok(buf.len())
     }
 
     fn flush(&mut self) -> io::Result<()> {

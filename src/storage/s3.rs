@@ -36,7 +36,9 @@ use super::{
     ByteStream, Deletion, IncompleteUpload, LockSupport, ObjectMeta, PartStream, PutReceipt, Store,
     StoreError, validate_key,
 };
-use crate::config::{ObjectLock, ObjectLockMode, RequestChecksums, S3Settings};
+use crate::config::{
+    ObjectLock, ObjectLockMode, RequestChecksums, S3Settings, ServerSideEncryption,
+};
 
 /// How long a download may receive nothing before it is abandoned as stalled.
 const BODY_STALL_TIMEOUT: Duration = Duration::from_secs(120);
@@ -56,6 +58,7 @@ pub struct S3Store {
     part_size: usize,
     parts_in_flight: usize,
     object_lock: Option<ObjectLock>,
+    sse: Option<ServerSideEncryption>,
     /// Which keys are written locked: the repository decides, the store only applies it.
     locked_keys: fn(&str) -> bool,
 }
@@ -135,6 +138,7 @@ impl S3Store {
             part_size: settings.part_size as usize,
             parts_in_flight: settings.parts_in_flight,
             object_lock: settings.object_lock,
+            sse: settings.sse.clone(),
             locked_keys: |_| false,
         }
     }
@@ -161,6 +165,16 @@ impl S3Store {
         })
     }
 
+    fn sse_algorithm(&self) -> Option<aws_sdk_s3::types::ServerSideEncryption> {
+        self.sse
+            .as_ref()
+            .map(|sse| aws_sdk_s3::types::ServerSideEncryption::from(sse.algorithm.as_str()))
+    }
+
+    fn sse_kms_key_id(&self) -> Option<String> {
+        self.sse.as_ref().and_then(|sse| sse.kms_key_id.clone())
+    }
+
     fn full_key(&self, key: &str) -> Result<String, StoreError> {
         validate_key(key)?;
         Ok(format!("{}{key}", self.prefix))
@@ -184,6 +198,8 @@ impl S3Store {
             .key(full)
             .set_object_lock_mode(retention.as_ref().map(|r| r.mode.clone()))
             .set_object_lock_retain_until_date(retention.map(|r| r.until))
+            .set_server_side_encryption(self.sse_algorithm())
+            .set_ssekms_key_id(self.sse_kms_key_id())
             .checksum_sha256(sha256_base64(&body))
             .body(SdkByteStream::from(body))
             .send()
@@ -364,6 +380,8 @@ impl Store for S3Store {
             .key(&full)
             .set_object_lock_mode(retention.as_ref().map(|r| r.mode.clone()))
             .set_object_lock_retain_until_date(retention.map(|r| r.until))
+            .set_server_side_encryption(self.sse_algorithm())
+            .set_ssekms_key_id(self.sse_kms_key_id())
             .checksum_algorithm(ChecksumAlgorithm::Sha256)
             .send()
             .await
@@ -416,6 +434,8 @@ impl Store for S3Store {
             .if_none_match("*")
             .set_object_lock_mode(retention.as_ref().map(|r| r.mode.clone()))
             .set_object_lock_retain_until_date(retention.map(|r| r.until))
+            .set_server_side_encryption(self.sse_algorithm())
+            .set_ssekms_key_id(self.sse_kms_key_id())
             .checksum_sha256(sha256_base64(&body))
             .body(SdkByteStream::from(body))
             .send()
@@ -637,6 +657,8 @@ impl Store for S3Store {
             .object_lock_retain_until_date(aws_sdk_s3::primitives::DateTime::from_secs(
                 until.timestamp(),
             ))
+            .set_server_side_encryption(self.sse_algorithm())
+            .set_ssekms_key_id(self.sse_kms_key_id())
             .checksum_sha256(sha256_base64(&body))
             .body(SdkByteStream::from(body))
             .send()

@@ -283,6 +283,7 @@ impl SeaweedFs {
             max_attempts: 3,
             request_checksums: RequestChecksums::WhenRequired,
             object_lock: None,
+            sse: None,
         }
     }
 
