@@ -778,3 +778,57 @@ async fn rekey_moves_every_backup_to_the_new_key_and_a_kill_never_strands_one() 
         again.stdout
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn s3_server_side_encryption_is_asked_for_every_object_written() {
+    let s3 = SeaweedFs::start().await;
+    s3.create_bucket(BUCKET).await;
+    let work = tempfile::tempdir().unwrap();
+    let source = work.path().join("etc");
+    std::fs::create_dir(&source).unwrap();
+    // Large enough for a multipart upload (5 MiB parts), and a small file beside it.
+    std::fs::write(source.join("big.bin"), tree::noise(12 << 20, 7)).unwrap();
+    std::fs::write(source.join("small.conf"), "x = 1\n").unwrap();
+    let repository = s3
+        .repository("s3", BUCKET, PREFIX)
+        .replace("max_attempts = 2\n", "max_attempts = 2\nsse = \"AES256\"\n");
+    let config = write_config(
+        work.path(),
+        &format!("{repository}{}", files_job("conf", &[&source])),
+    );
+    lifeboat(&config, &["backup", "conf"]).assert_code(0);
+    let keys = s3
+        .keys(BUCKET, &format!("{PREFIX}/jobs/conf/backups/"))
+        .await;
+    assert_eq!(keys.len(), 2, "{keys:?}");
+    for key in keys {
+        let head = s3
+            .client()
+            .head_object()
+            .bucket(BUCKET)
+            .key(&key)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(
+            head.server_side_encryption().map(|s| s.as_str()),
+            Some("AES256"),
+            "{key}"
+        );
+    }
+    let bad = write_config(
+        work.path(),
+        &format!(
+            "{}{}",
+            repository.replace("sse = \"AES256\"", "sse = \"rot13\""),
+            files_job("conf", &[&source])
+        ),
+    );
+    let refused = lifeboat(&bad, &["backup", "conf"]);
+    refused.assert_code(2);
+    assert!(
+        refused.stderr.contains("repository[0] (s3).sse: must be \"AES256\", \"aws:kms\" or \"aws:kms:dsse\" (got \"rot13\")"),
+        "{}",
+        refused.stderr
+    );
+}
