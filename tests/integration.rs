@@ -19,3 +19,4 @@ mod regions;
 mod schedule;
 mod secrets;
 mod status;
+mod tls;

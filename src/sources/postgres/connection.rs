@@ -8,8 +8,9 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::str::FromStr;
 
-use tokio_postgres::config::{Host, SslMode};
+use tokio_postgres::config::Host;
 
+use super::tls::{self, SslMode, TlsSettings};
 use crate::config::PostgresConnection;
 use crate::error::{Error, ErrorKind, Result};
 
@@ -17,6 +18,7 @@ use crate::error::{Error, ErrorKind, Result};
 pub struct Connection {
     config: tokio_postgres::Config,
     password: Option<String>,
+    tls: TlsSettings,
 }
 
 impl std::fmt::Debug for Connection {
@@ -61,6 +63,17 @@ fn os_user() -> Option<String> {
     }
 }
 
+/// Runs a connection's I/O until it closes.
+async fn drive<S, T>(connection: tokio_postgres::Connection<S, T>)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+    T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    if let Err(e) = connection.await {
+        tracing::debug!(error = %e, "PostgreSQL connection closed");
+    }
+}
+
 fn config_error(what: &str, message: impl Into<String>) -> Error {
     Error::config(format!("{what}: {}", message.into()))
 }
@@ -68,11 +81,17 @@ fn config_error(what: &str, message: impl Into<String>) -> Error {
 impl Connection {
     /// From a job's settings; `what` names the job's fields in errors ("job 'maindb'").
     pub fn from_settings(what: &str, settings: &PostgresConnection) -> Result<Connection> {
-        let mut config = match &settings.dsn {
-            Some(dsn) => tokio_postgres::Config::from_str(dsn).map_err(|e| {
-                config_error(&format!("{what}: dsn"), format!("unable to parse: {e}"))
-            })?,
-            None => tokio_postgres::Config::new(),
+        let (mut config, tls) = match &settings.dsn {
+            Some(dsn) => {
+                let unparsable = |e: String| {
+                    config_error(&format!("{what}: dsn"), format!("unable to parse: {e}"))
+                };
+                let (rest, tls) = tls::split_dsn(dsn).map_err(unparsable)?;
+                let config = tokio_postgres::Config::from_str(&rest)
+                    .map_err(|e| unparsable(e.to_string()))?;
+                (config, tls)
+            }
+            None => (tokio_postgres::Config::new(), TlsSettings::default()),
         };
         if let Some(host) = &settings.host {
             config.host(host);
@@ -90,26 +109,40 @@ impl Connection {
             Some(path) => Some(crate::sources::read_password_file(path)?),
             None => None,
         };
-        Connection::complete(config, password)
+        Connection::complete(config, password, tls)
     }
 
     /// From a DSN given on the command line (a restore target); the password comes from
     /// PGPASSWORD or a passfile.
     pub fn from_dsn(dsn: &str) -> Result<Connection> {
-        let config = tokio_postgres::Config::from_str(dsn)
-            .map_err(|e| Error::usage(format!("unable to parse target DSN: {e}")))?;
+        let unparsable = |e: String| Error::usage(format!("unable to parse target DSN: {e}"));
+        let (rest, tls) = tls::split_dsn(dsn).map_err(unparsable)?;
+        let config =
+            tokio_postgres::Config::from_str(&rest).map_err(|e| unparsable(e.to_string()))?;
         if config.get_password().is_some() {
             return Err(Error::usage("the target DSN must not contain a password: it would be visible in the process list")
                 .with_hint("put the password in PGPASSWORD or a passfile (~/.pgpass)"));
         }
-        Connection::complete(config, None)
+        Connection::complete(config, None, tls)
     }
 
     /// Fills what libpq would take from the environment or its defaults.
     fn complete(
         mut config: tokio_postgres::Config,
         password: Option<String>,
+        mut tls: TlsSettings,
     ) -> Result<Connection> {
+        if tls.mode.is_none()
+            && let Some(mode) = env("PGSSLMODE")
+        {
+            tls.mode = Some(SslMode::parse(&mode).ok_or_else(|| {
+                Error::config(format!("PGSSLMODE: must be disable, allow, prefer, require, verify-ca or verify-full (got \"{mode}\")"))
+            })?);
+        }
+        if tls.root_cert.is_none() {
+            tls.root_cert = env("PGSSLROOTCERT");
+        }
+        config.ssl_mode(tls.mode().negotiation());
         if config.get_hosts().is_empty() {
             match env("PGHOST") {
                 Some(host) => config.host(&host),
@@ -134,7 +167,11 @@ impl Connection {
             config.dbname(env("PGDATABASE").unwrap_or_else(|| "postgres".to_string()));
         }
         config.application_name("lifeboat");
-        let mut connection = Connection { config, password };
+        let mut connection = Connection {
+            config,
+            password,
+            tls,
+        };
         if connection.password.is_none() {
             connection.password = env("PGPASSWORD").or_else(|| connection.password_from_passfile());
         }
@@ -184,18 +221,44 @@ impl Connection {
         if let Some(password) = &self.password {
             config.password(password);
         }
-        let (client, connection) = config.connect(tokio_postgres::NoTls).await.map_err(|e| {
-            let mut err = Error::new(ErrorKind::Source, format!("unable to connect to PostgreSQL at {}", self.describe())).with_source(e);
-            if self.config.get_ssl_mode() == SslMode::Require {
-                err = err.with_hint("lifeboat's own connection does not speak TLS yet; use sslmode=prefer or a local socket");
+        let failed = |e: tokio_postgres::Error| {
+            let mut err = Error::new(
+                ErrorKind::Source,
+                format!("unable to connect to PostgreSQL at {}", self.describe()),
+            )
+            .with_source(e);
+            if self.tls.mode().verifies() {
+                err = err.with_hint(format!(
+                    "sslmode={}: the server's certificate must be signed by a CA in sslrootcert ({}){}",
+                    self.tls.mode().as_str(),
+                    self.tls.root_cert.as_deref().unwrap_or("~/.postgresql/root.crt"),
+                    match self.tls.mode() {
+                        SslMode::VerifyFull => " and name the host connected to",
+                        _ => "",
+                    }
+                ));
             }
             err
+        };
+        if self.tls.mode() == SslMode::Disable {
+            let (client, connection) = config
+                .connect(tokio_postgres::NoTls)
+                .await
+                .map_err(failed)?;
+            tokio::spawn(drive(connection));
+            return Ok(client);
+        }
+        let tls_config = self.tls.client_config().map_err(|problem| {
+            Error::config(format!(
+                "unable to connect to PostgreSQL at {}: {problem}",
+                self.describe()
+            ))
         })?;
-        tokio::spawn(async move {
-            if let Err(e) = connection.await {
-                tracing::debug!(error = %e, "PostgreSQL connection closed");
-            }
-        });
+        let (client, connection) = config
+            .connect(tokio_postgres_rustls::MakeRustlsConnect::new(tls_config))
+            .await
+            .map_err(failed)?;
+        tokio::spawn(drive(connection));
         Ok(client)
     }
 
@@ -208,13 +271,11 @@ impl Connection {
             ("dbname", self.database().to_string()),
             ("application_name", "lifeboat".to_string()),
         ];
-        let sslmode = match self.config.get_ssl_mode() {
-            SslMode::Disable => Some("disable"),
-            SslMode::Require => Some("require"),
-            _ => None,
-        };
-        if let Some(mode) = sslmode {
-            pairs.push(("sslmode", mode.to_string()));
+        if let Some(mode) = self.tls.mode {
+            pairs.push(("sslmode", mode.as_str().to_string()));
+        }
+        if let Some(root_cert) = &self.tls.root_cert {
+            pairs.push(("sslrootcert", root_cert.clone()));
         }
         if let Some(timeout) = self.config.get_connect_timeout() {
             pairs.push(("connect_timeout", timeout.as_secs().max(1).to_string()));

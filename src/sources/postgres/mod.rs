@@ -13,6 +13,7 @@ pub mod logical;
 pub mod physical;
 mod scratch;
 mod target;
+mod tls;
 
 pub use binaries::Binaries;
 pub use connection::{ChildAuth, Connection};
