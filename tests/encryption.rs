@@ -165,6 +165,23 @@ async fn encrypted_files_postgres_and_redis_backups_restore_only_with_a_recipien
     );
     let recipients = [ops_recipient.as_str(), escrow_recipient.as_str()];
 
+    // `check` finds a restore key that matches no recipient before a restore needs it.
+    let checked = with_identity(&config, &ops, &["check"]);
+    checked.assert_code(0);
+    assert!(
+        checked.stdout.contains("encrypting to 2 recipient(s)")
+            && checked.stdout.contains("opens what is encrypted to them"),
+        "{}",
+        checked.stdout
+    );
+    let mismatched = with_identity(&config, &stranger, &["check"]);
+    mismatched.assert_code(1);
+    assert!(
+        mismatched.stdout.contains("matches none of the recipients"),
+        "{}",
+        mismatched.stdout
+    );
+
     // Backing up needs no identity at all: the backup host holds public keys only.
     for job in ["conf", "maindb", "sessions"] {
         lifeboat(&config, &["backup", job]).assert_code(0);
@@ -731,32 +748,44 @@ async fn rekey_moves_every_backup_to_the_new_key_and_a_kill_never_strands_one() 
             );
         }
     }
+    // Each repository holds exactly what its own manifest names (each was re-encrypted on
+    // its own, so the new objects' names may differ between them).
     for (id, _) in &expected {
-        let show = lifeboat(&config, &["show", id, "--job", "conf", "--format", "json"]);
-        let manifest: serde_json::Value = serde_json::from_str(&show.stdout).unwrap();
-        let object = &manifest["objects"][0];
-        assert_eq!(object["recipients"], serde_json::json!([new_recipient]));
-        let name = object["name"].as_str().unwrap();
-        let mut wanted = vec![
-            format!("{PREFIX}/jobs/conf/backups/{id}/manifest.json"),
-            format!("{PREFIX}/jobs/conf/backups/{id}/{name}"),
-        ];
-        wanted.sort();
-        assert_eq!(
-            s3.keys(BUCKET, &format!("{PREFIX}/jobs/conf/backups/{id}/"))
-                .await,
-            wanted
-        );
-        let local: BTreeSet<PathBuf> =
-            std::fs::read_dir(repo.join(format!("jobs/conf/backups/{id}")))
-                .unwrap()
-                .map(|e| e.unwrap().path())
-                .collect();
-        assert_eq!(local.len(), 2, "{local:?}");
-        let stored = s3
-            .object(BUCKET, &format!("{PREFIX}/jobs/conf/backups/{id}/{name}"))
-            .await;
-        assert_eq!(sha256_hex(&standard_tools_decode(&stored, &new)).len(), 64);
+        for repository in ["local", "s3"] {
+            let show = lifeboat(
+                &config,
+                &[
+                    "show", id, "--job", "conf", "--from", repository, "--format", "json",
+                ],
+            );
+            let manifest: serde_json::Value = serde_json::from_str(&show.stdout).unwrap();
+            let object = &manifest["objects"][0];
+            assert_eq!(object["recipients"], serde_json::json!([new_recipient]));
+            let name = object["name"].as_str().unwrap();
+            let mut held: Vec<String> = match repository {
+                "s3" => s3
+                    .keys(BUCKET, &format!("{PREFIX}/jobs/conf/backups/{id}/"))
+                    .await
+                    .into_iter()
+                    .map(|k| k.rsplit('/').next().unwrap().to_string())
+                    .collect(),
+                _ => std::fs::read_dir(repo.join(format!("jobs/conf/backups/{id}")))
+                    .unwrap()
+                    .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+                    .collect(),
+            };
+            held.sort();
+            let mut wanted = vec!["manifest.json".to_string(), name.to_string()];
+            wanted.sort();
+            assert_eq!(held, wanted, "{id} in {repository}");
+            if repository == "s3" {
+                let stored = s3
+                    .object(BUCKET, &format!("{PREFIX}/jobs/conf/backups/{id}/{name}"))
+                    .await;
+                let raw = standard_tools_decode(&stored, &new);
+                assert_eq!(sha256_hex(&raw), object["raw_sha256"].as_str().unwrap());
+            }
+        }
     }
     let again = with_identity(
         &config,

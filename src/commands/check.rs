@@ -78,6 +78,17 @@ pub async fn run(config: &Config) -> CheckReport {
             notes,
         });
     }
+    if config.encryption.is_some() {
+        let (problem, notes) = match check_encryption(config) {
+            Ok(notes) => (None, notes),
+            Err(e) => (Some(e.chain().join(": ")), Vec::new()),
+        };
+        items.push(CheckItem {
+            what: "encryption (age)".to_string(),
+            problem,
+            notes,
+        });
+    }
     for job in &config.jobs {
         let (problem, notes) = match check_source(config, job).await {
             Ok(notes) => (None, notes),
@@ -93,6 +104,55 @@ pub async fn run(config: &Config) -> CheckReport {
         config: config.path.display().to_string(),
         items,
     }
+}
+
+/// The recipients parse, and an identity configured on this host (if any) opens what is
+/// encrypted to them: found now, not at the restore that needs it.
+fn check_encryption(config: &Config) -> Result<Vec<String>> {
+    let Some(recipients) = crate::keys::Recipients::from_config(config)? else {
+        return Ok(Vec::new());
+    };
+    let mut notes = vec![format!(
+        "encrypting to {} recipient(s): {}",
+        recipients.texts().len(),
+        recipients.texts().join(", ")
+    )];
+    let keyring = crate::keys::Keyring::from_config(config);
+    if !keyring.has_identity() {
+        notes.push(format!(
+            "no identity here: restores, drills and verify --deep need {} (a backup-only host needs none)",
+            crate::keys::IDENTITY_ENV
+        ));
+        return Ok(notes);
+    }
+    let identities = keyring.identities("the probe")?;
+    let mut sealed = Vec::new();
+    let opened = (|| -> std::io::Result<bool> {
+        use std::io::{Read, Write};
+        let mut writer = recipients.encryptor(None)?.wrap_output(&mut sealed)?;
+        writer.write_all(b"lifeboat check")?;
+        writer.finish()?;
+        let mut plain = Vec::new();
+        Ok(match crate::keys::open(&sealed[..], &identities) {
+            Ok(mut reader) => reader.read_to_end(&mut plain).is_ok() && plain == b"lifeboat check",
+            Err(_) => false,
+        })
+    })()
+    .map_err(|e| Error::new(ErrorKind::Config, "unable to encrypt a probe").with_source(e))?;
+    if !opened {
+        return Err(Error::new(
+            ErrorKind::Key,
+            format!(
+                "the key in {} matches none of the recipients: restores with it would fail",
+                keyring.describe()
+            ),
+        ));
+    }
+    notes.push(format!(
+        "{} opens what is encrypted to them",
+        keyring.describe()
+    ));
+    Ok(notes)
 }
 
 /// Reaches the job's source the way a backup would, without taking one.

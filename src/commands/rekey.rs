@@ -256,7 +256,9 @@ impl Rekey<'_> {
     }
 
     /// Removes every key in the backup's directory its manifest does not name: the objects
-    /// a rekey replaced, and new ones an interrupted rekey stored but never committed.
+    /// a rekey replaced, and new ones an interrupted rekey stored but never committed; and
+    /// aborts the uploads an interrupted rekey left open there (the job lock is held, so no
+    /// backup of this job is writing).
     async fn remove_unnamed(
         &self,
         manifest: &Manifest,
@@ -274,6 +276,17 @@ impl Rekey<'_> {
             .map(|o| layout::object_key(&manifest.job, &manifest.id, &o.name))
             .chain([layout::manifest_key(&manifest.job, &manifest.id)])
             .collect();
+        let open = store.list_incomplete(&prefix).await.map_err(|e| {
+            self.repository
+                .error(&format!("list open uploads under '{prefix}'"), e)
+        })?;
+        for upload in &open {
+            store.abort_incomplete(upload).await.map_err(|e| {
+                self.repository
+                    .error(&format!("abort the upload of '{}'", upload.key), e)
+            })?;
+            outcome.leftovers_removed += 1;
+        }
         for object in listed.iter().filter(|o| !named.contains(&o.key)) {
             match store.delete_unless_retained(&object.key).await {
                 Ok(Deletion::Deleted) => outcome.leftovers_removed += 1,

@@ -240,7 +240,14 @@ impl Connection {
             }
             err
         };
-        if self.tls.mode() == SslMode::Disable {
+        // libpq never speaks TLS over a Unix socket, whatever sslmode says.
+        let socket = self
+            .config
+            .get_hosts()
+            .iter()
+            .all(|host| matches!(host, Host::Unix(_)));
+        if self.tls.mode() == SslMode::Disable || socket {
+            config.ssl_mode(tokio_postgres::config::SslMode::Disable);
             let (client, connection) = config
                 .connect(tokio_postgres::NoTls)
                 .await
