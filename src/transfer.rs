@@ -263,20 +263,7 @@ where
     let expected = object.digests();
     let label = format!("restore {}", object.name);
     let outcome = tokio::task::spawn_blocking(move || {
-        let mut task = progress::start(&label, Some(expected.raw_size));
-        let outcome = pipeline::decode(
-            reader,
-            &expected,
-            identities.as_deref().map(Vec::as_slice),
-            |raw| {
-                consume(&mut CountingReader {
-                    inner: raw,
-                    task: task.as_mut(),
-                })
-            },
-        );
-        task.finish();
-        outcome
+        decode_with_progress(reader, &expected, identities.as_deref(), &label, consume)
     })
     .await
     .map_err(|e| {
@@ -439,21 +426,34 @@ pub fn decode_staged<T>(
         )
         .with_source(e)
     })?;
-    let expected = object.digests();
-    let mut task = progress::start(&format!("restore {}", object.name), Some(expected.raw_size));
-    let outcome = pipeline::decode(
+    let label = format!("restore {}", object.name);
+    let outcome = decode_with_progress(
         file,
-        &expected,
-        identities.as_deref().map(Vec::as_slice),
-        |raw| {
-            consume(&mut CountingReader {
-                inner: raw,
-                task: task.as_mut(),
-            })
-        },
+        &object.digests(),
+        identities.as_deref(),
+        &label,
+        consume,
     );
-    task.finish();
     outcome.map_err(|e| decode_failure(place, &manifest.job, object, keyring, e))
+}
+
+/// `pipeline::decode` with a progress line labelled `label`.
+fn decode_with_progress<R: Read, T>(
+    stored: R,
+    expected: &Digests,
+    identities: Option<&Vec<Identity>>,
+    label: &str,
+    consume: impl FnOnce(&mut dyn Read) -> io::Result<T>,
+) -> std::result::Result<T, DecodeError> {
+    let mut task = progress::start(label, Some(expected.raw_size));
+    let outcome = pipeline::decode(stored, expected, identities.map(Vec::as_slice), |raw| {
+        consume(&mut CountingReader {
+            inner: raw,
+            task: task.as_mut(),
+        })
+    });
+    task.finish();
+    outcome
 }
 
 /// Words a decode failure of `object`, at `place`.

@@ -8,14 +8,14 @@ use std::io::Write;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use sha2::{Digest, Sha256};
 
 use crate::common::postgres::{Postgres, free_port};
 use crate::common::redis::Redis;
 use crate::common::{
-    Run, SeaweedFs, files_job, lifeboat, lifeboat_command, local_repository, postgres_job,
+    Run, SeaweedFs, files_job, lifeboat, lifeboat_command, local_repository, postgres_job, procs,
     run_command, tree, write_config, write_secret,
 };
 use crate::postgres_physical::{JOB as PHYSICAL_JOB, Restored, archiving_cluster, shared_work_dir};
@@ -600,7 +600,7 @@ fn kill_rekey_after(
     count: usize,
 ) -> bool {
     let before = sealed_files(repo);
-    let mut child = lifeboat_command(config)
+    let child = lifeboat_command(config)
         .env("LIFEBOAT_IDENTITY_FILE", identity)
         .arg("rekey")
         .args(args)
@@ -608,21 +608,11 @@ fn kill_rekey_after(
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while Instant::now() < deadline {
-        if child.try_wait().unwrap().is_some() {
-            return false;
-        }
-        if sealed_files(repo).difference(&before).count() >= count {
-            child.kill().unwrap();
-            child.wait().unwrap();
-            return true;
-        }
-        std::thread::sleep(Duration::from_millis(2));
-    }
-    child.kill().unwrap();
-    child.wait().unwrap();
-    panic!("rekey neither stored anything nor ended within a minute");
+    procs::kill_when(
+        child,
+        || sealed_files(repo).difference(&before).count() >= count,
+        "rekey",
+    )
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

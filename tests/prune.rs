@@ -6,7 +6,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 use std::process::Stdio;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use crate::common::postgres::{Postgres, free_port};
 use crate::common::{
@@ -245,27 +245,13 @@ fn local_listing(root: &Path) -> BTreeMap<String, i64> {
 /// Starts a prune and kills it with SIGKILL as soon as `started` says it has removed
 /// something; returns whether the kill came before the prune ended on its own.
 fn kill_prune_when(config: &Path, started: impl Fn() -> bool) -> bool {
-    let mut child = lifeboat_command(config)
+    let child = lifeboat_command(config)
         .arg("prune")
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while Instant::now() < deadline {
-        if child.try_wait().unwrap().is_some() {
-            return false;
-        }
-        if started() {
-            child.kill().unwrap();
-            child.wait().unwrap();
-            return true;
-        }
-        std::thread::sleep(Duration::from_millis(1));
-    }
-    child.kill().unwrap();
-    child.wait().unwrap();
-    panic!("prune neither removed anything nor ended within a minute");
+    crate::common::procs::kill_when(child, started, "prune")
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -92,3 +92,24 @@ pub fn wait_until_written(pid: u32, bytes: u64) {
         std::thread::sleep(Duration::from_millis(1));
     }
 }
+
+/// Kills `child` with SIGKILL as soon as `ready()` holds, checking every 2 ms for up to a
+/// minute; returns whether the kill came before the child ended on its own. `what` names
+/// the command when it does neither.
+pub fn kill_when(mut child: Child, ready: impl Fn() -> bool, what: &str) -> bool {
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while std::time::Instant::now() < deadline {
+        if child.try_wait().unwrap().is_some() {
+            return false;
+        }
+        if ready() {
+            child.kill().unwrap();
+            child.wait().unwrap();
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+    panic!("{what} neither got there nor ended within a minute");
+}
