@@ -16,6 +16,7 @@ mod postgres_physical;
 mod prune;
 mod redis;
 mod regions;
+mod runbooks;
 mod schedule;
 mod secrets;
 mod status;

@@ -1,0 +1,428 @@
+//! Runbooks that cannot rot: every fenced block tagged `sh runbook` in `runbooks/*.md` is run,
+//! in order, against scratch servers and repositories, with the placeholders a runbook
+//! names (`$RESTORE_DIR`, `$LIVE_DIR`, …) set by the harness. A command that fails — a flag
+//! that no longer exists, a step that no longer works — fails the test with the runbook's
+//! file and line. Drills and runbooks that name each other must both exist.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use crate::common::postgres::Postgres;
+use crate::common::{SeaweedFs, files_job, lifeboat, postgres_job, seaweedfs, tree, write_config};
+
+const RUNBOOKS: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/runbooks");
+const DRILLS: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/drills");
+
+/// One `sh runbook` block: where it starts (the line after the fence) and its text.
+struct Block {
+    line: usize,
+    code: String,
+}
+
+fn blocks(path: &Path) -> Vec<Block> {
+    let text = std::fs::read_to_string(path).unwrap();
+    let mut found = Vec::new();
+    let mut current: Option<Block> = None;
+    for (index, line) in text.lines().enumerate() {
+        match &mut current {
+            None if line.trim_end() == "```sh runbook" => {
+                current = Some(Block {
+                    line: index + 2,
+                    code: String::new(),
+                })
+            }
+            Some(_) if line.trim_end() == "```" => found.extend(current.take()),
+            Some(block) => {
+                block.code.push_str(line);
+                block.code.push('\n');
+            }
+            None => {}
+        }
+    }
+    assert!(
+        current.is_none(),
+        "{}: an unterminated block",
+        path.display()
+    );
+    found
+}
+
+/// Runs every `sh runbook` block of `path` in order in one bash (so a variable set in one
+/// step is there in the next), with `env` and the lifeboat binary first on PATH. On failure:
+/// the runbook's file and line, the command, and what it printed.
+fn run_runbook(path: &Path, env: &[(&str, String)], cwd: &Path) -> Result<String, String> {
+    let blocks = blocks(path);
+    if blocks.is_empty() {
+        return Err(format!("{}: no `sh runbook` block", path.display()));
+    }
+    // Script line → runbook line, to name where a failure is.
+    let mut script =
+        String::from("set -euo pipefail\ntrap 'echo \"@@failed-at $LINENO\" >&2' ERR\n");
+    let mut origin: Vec<usize> = vec![0, 0];
+    for block in &blocks {
+        for (offset, line) in block.code.lines().enumerate() {
+            script.push_str(line);
+            script.push('\n');
+            origin.push(block.line + offset);
+        }
+    }
+    let binary_dir = Path::new(env!("CARGO_BIN_EXE_lifeboat")).parent().unwrap();
+    let path_var = format!(
+        "{}:{}:{}",
+        binary_dir.display(),
+        crate::common::postgres::bin_dir().display(),
+        std::env::var("PATH").unwrap_or_default()
+    );
+    let output = Command::new("bash")
+        .arg("-c")
+        .arg(&script)
+        .current_dir(cwd)
+        .env("PATH", path_var)
+        .env_remove("LIFEBOAT_IDENTITY_FILE")
+        .env("AWS_ACCESS_KEY_ID", seaweedfs::ACCESS_KEY)
+        .env("AWS_SECRET_ACCESS_KEY", seaweedfs::SECRET_KEY)
+        .env("AWS_EC2_METADATA_DISABLED", "true")
+        .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
+    let stderr = String::from_utf8_lossy(&output.stderr).into_owned();
+    if output.status.success() {
+        return Ok(stdout);
+    }
+    let failed_line = stderr
+        .lines()
+        .filter_map(|l| l.strip_prefix("@@failed-at "))
+        .filter_map(|n| n.trim().parse::<usize>().ok())
+        .last();
+    // $LINENO counts from 1; `origin` from 0.
+    let (place, command) =
+        match failed_line.and_then(|n| origin.get(n.checked_sub(1)?).map(|line| (n, *line))) {
+            Some((script_line, runbook_line)) if runbook_line > 0 => (
+                format!("{}:{runbook_line}", path.display()),
+                script
+                    .lines()
+                    .nth(script_line - 1)
+                    .unwrap_or_default()
+                    .to_string(),
+            ),
+            _ => (path.display().to_string(), String::new()),
+        };
+    Err(format!(
+        "{place}: `{}` failed ({})\n--- stdout\n{stdout}\n--- stderr\n{stderr}",
+        command.trim(),
+        output.status
+    ))
+}
+
+#[test]
+fn a_failing_step_names_the_runbook_file_and_line() {
+    let work = tempfile::tempdir().unwrap();
+    let runbook = work.path().join("broken.md");
+    std::fs::write(
+        &runbook,
+        "# Broken\n\n```sh runbook\ntrue\n```\n\nText.\n\n```sh runbook\necho step two\nlifeboat restore config --into-the-past /x\necho never\n```\n",
+    )
+    .unwrap();
+    let config = write_config(
+        work.path(),
+        &crate::common::local_repository("local", &work.path().join("repo")),
+    );
+    let err = run_runbook(
+        &runbook,
+        &[("LIFEBOAT_CONFIG", config.display().to_string())],
+        work.path(),
+    )
+    .unwrap_err();
+    assert!(
+        err.starts_with(&format!(
+            "{}:11: `lifeboat restore config --into-the-past /x` failed",
+            runbook.display()
+        )),
+        "{err}"
+    );
+    assert!(
+        err.contains("unexpected argument '--into-the-past'"),
+        "{err}"
+    );
+}
+
+/// GitHub's anchor of a Markdown heading: lower case, punctuation dropped, spaces to '-'.
+fn anchor(heading: &str) -> String {
+    heading
+        .trim()
+        .to_lowercase()
+        .chars()
+        .filter(|c| c.is_alphanumeric() || *c == ' ' || *c == '-' || *c == '_')
+        .map(|c| if c == ' ' { '-' } else { c })
+        .collect()
+}
+
+fn anchors(runbook: &Path) -> Vec<String> {
+    std::fs::read_to_string(runbook)
+        .unwrap()
+        .lines()
+        .filter_map(|l| {
+            l.strip_prefix('#')
+                .map(|h| anchor(h.trim_start_matches('#')))
+        })
+        .collect()
+}
+
+fn files_in(dir: &str, extension: &str) -> Vec<PathBuf> {
+    let mut found: Vec<PathBuf> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == extension))
+        .collect();
+    found.sort();
+    found
+}
+
+#[test]
+fn drills_and_runbooks_that_name_each_other_exist() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    for drill in files_in(DRILLS, "toml") {
+        let text = std::fs::read_to_string(&drill).unwrap();
+        let table: toml::Table = text.parse().unwrap();
+        let Some(reference) = table.get("runbook").and_then(|r| r.as_str()) else {
+            continue;
+        };
+        let (file, section) = reference.split_once('#').unwrap_or((reference, ""));
+        let runbook = root.join(file);
+        assert!(
+            runbook.exists(),
+            "{} names {file}, which does not exist",
+            drill.display()
+        );
+        if !section.is_empty() {
+            assert!(
+                anchors(&runbook).iter().any(|a| a == section),
+                "{} names section #{section} of {file}, which has no such heading: {:?}",
+                drill.display(),
+                anchors(&runbook)
+            );
+        }
+    }
+    for runbook in files_in(RUNBOOKS, "md") {
+        let text = std::fs::read_to_string(&runbook).unwrap();
+        for (index, _) in text.match_indices("drills/") {
+            let name: String = text[index..]
+                .chars()
+                .take_while(|c| c.is_alphanumeric() || matches!(c, '/' | '-' | '_' | '.'))
+                .collect();
+            let name = name.trim_end_matches('.');
+            if name.ends_with(".toml") {
+                assert!(
+                    root.join(name).exists(),
+                    "{} names {name}, which does not exist",
+                    runbook.display()
+                );
+            }
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn config_restore_runbook_puts_the_backed_up_files_back() {
+    let s3 = SeaweedFs::start().await;
+    for bucket in ["backups-primary", "backups-dr"] {
+        s3.create_bucket(bucket).await;
+    }
+    let work = tempfile::tempdir().unwrap();
+    let live = work.path().join("live/etc/app");
+    tree::build(&live, 40, 1);
+    let original = work.path().join("original");
+    assert!(
+        Command::new("cp")
+            .arg("-a")
+            .arg(&live)
+            .arg(&original)
+            .status()
+            .unwrap()
+            .success()
+    );
+    let config = write_config(
+        work.path(),
+        &format!(
+            "{}{}{}",
+            s3.repository("primary", "backups-primary", "lifeboat"),
+            s3.repository("dr", "backups-dr", "lifeboat"),
+            files_job("config", &[&live])
+        ),
+    );
+    lifeboat(&config, &["backup", "config"]).assert_code(0);
+    // The damage: a file overwritten, one removed.
+    let mut files: Vec<PathBuf> = walk(&live);
+    files.sort();
+    std::fs::write(&files[0], b"garbage").unwrap();
+    std::fs::remove_file(&files[1]).unwrap();
+
+    let restore_dir = work.path().join("restore-config");
+    run_runbook(
+        &Path::new(RUNBOOKS).join("config-restore.md"),
+        &[
+            ("LIFEBOAT_CONFIG", config.display().to_string()),
+            ("RESTORE_DIR", restore_dir.display().to_string()),
+            ("LIVE_DIR", live.display().to_string()),
+        ],
+        work.path(),
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    tree::assert_same(&original, &live);
+}
+
+fn walk(dir: &Path) -> Vec<PathBuf> {
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.is_dir() {
+            found.extend(walk(&path));
+        } else if path.is_file() {
+            found.push(path);
+        }
+    }
+    found
+}
+
+/// The deployment the PostgreSQL runbooks are written for: a `maindb` job (logical, with a
+/// heartbeat) backed up into a `primary` and a `dr` repository, and a new empty server to
+/// restore into.
+struct PostgresDeployment {
+    s3: SeaweedFs,
+    source: Postgres,
+    target: Postgres,
+    work: tempfile::TempDir,
+    config: PathBuf,
+}
+
+impl PostgresDeployment {
+    async fn start() -> PostgresDeployment {
+        PostgresDeployment::start_with("").await
+    }
+
+    /// `extra`: top-level config text (an `[encryption]` table).
+    async fn start_with(extra: &str) -> PostgresDeployment {
+        let s3 = SeaweedFs::start().await;
+        for bucket in ["backups-primary", "backups-dr"] {
+            s3.create_bucket(bucket).await;
+        }
+        let source = Postgres::start();
+        source.create_app_database(50_000);
+        let work = tempfile::tempdir().unwrap();
+        let password_file = source.password_file(work.path(), &source.password);
+        let config = write_config(
+            work.path(),
+            &format!(
+                "{extra}{}{}{}",
+                s3.repository("primary", "backups-primary", "lifeboat"),
+                s3.repository("dr", "backups-dr", "lifeboat"),
+                postgres_job(
+                    "maindb",
+                    &source.dsn("postgres"),
+                    &password_file,
+                    "heartbeat = true"
+                )
+            ),
+        );
+        lifeboat(&config, &["backup", "maindb"]).assert_code(0);
+        PostgresDeployment {
+            s3,
+            source,
+            target: Postgres::start(),
+            work,
+            config,
+        }
+    }
+
+    fn env(&self) -> Vec<(&'static str, String)> {
+        vec![
+            ("LIFEBOAT_CONFIG", self.config.display().to_string()),
+            ("TARGET_DSN", self.target.dsn("postgres")),
+            ("APP_DSN", self.target.dsn("app")),
+            ("PGPASSWORD", self.target.password.clone()),
+        ]
+    }
+
+    fn run(&self, runbook: &str) -> String {
+        run_runbook(
+            &Path::new(RUNBOOKS).join(runbook),
+            &self.env(),
+            self.work.path(),
+        )
+        .unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    fn assert_restored(&self) {
+        assert_eq!(
+            self.target.data_fingerprint("app"),
+            self.source.data_fingerprint("app")
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_restore_latest_runbook_restores_every_row() {
+    let deployment = PostgresDeployment::start().await;
+    let printed = deployment.run("postgres-restore-latest.md");
+    deployment.assert_restored();
+    // Step 4 shows the heartbeat the backup wrote.
+    assert!(printed.contains("maindb|"), "{printed}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn region_outage_runbook_restores_from_dr_and_reseeds_the_primary() {
+    let deployment = PostgresDeployment::start().await;
+    // The primary region's bucket is gone, and comes back empty.
+    deployment
+        .s3
+        .delete_bucket_entirely("backups-primary")
+        .await;
+    deployment.s3.create_bucket("backups-primary").await;
+    deployment.run("region-outage.md");
+    deployment.assert_restored();
+    let reseeded = deployment
+        .s3
+        .keys("backups-primary", "lifeboat/jobs/maindb/backups/")
+        .await;
+    let in_dr = deployment
+        .s3
+        .keys("backups-dr", "lifeboat/jobs/maindb/backups/")
+        .await;
+    assert_eq!(reseeded, in_dr);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_lifeboat_runbook_restores_with_standard_tools_alone() {
+    let keys = tempfile::tempdir().unwrap();
+    let identity = keys.path().join("escrow.key");
+    let keygen = lifeboat(
+        &keys.path().join("none.toml"),
+        &["keygen", "--output", identity.to_str().unwrap()],
+    );
+    keygen.assert_code(0);
+    let deployment = PostgresDeployment::start_with(&format!(
+        "[encryption]\nrecipients = [\"{}\"]\n\n",
+        keygen.stdout.trim()
+    ))
+    .await;
+    let target = &deployment.target;
+    let steps = run_runbook(
+        &Path::new(RUNBOOKS).join("without-lifeboat.md"),
+        &[
+            ("REPOSITORY", "s3://backups-dr/lifeboat".to_string()),
+            ("S3_ENDPOINT", deployment.s3.endpoint.clone()),
+            ("IDENTITY", identity.display().to_string()),
+            ("DATABASE", "app".to_string()),
+            ("PGHOST", "127.0.0.1".to_string()),
+            ("PGPORT", target.port.to_string()),
+            ("PGUSER", "postgres".to_string()),
+            ("PGPASSWORD", target.password.clone()),
+        ],
+        deployment.work.path(),
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    // The objects were the encrypted ones, and each checked out against the manifest.
+    assert!(steps.contains("app.dump.zst.age: OK"), "{steps}");
+    deployment.assert_restored();
+}
