@@ -92,9 +92,9 @@ fn run_runbook(path: &Path, env: &[(&str, String)], cwd: &Path) -> Result<String
     }
     let failed_line = stderr
         .lines()
+        .rev()
         .filter_map(|l| l.strip_prefix("@@failed-at "))
-        .filter_map(|n| n.trim().parse::<usize>().ok())
-        .last();
+        .find_map(|n| n.trim().parse::<usize>().ok());
     // $LINENO counts from 1; `origin` from 0.
     let (place, command) =
         match failed_line.and_then(|n| origin.get(n.checked_sub(1)?).map(|line| (n, *line))) {
