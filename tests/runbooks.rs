@@ -204,8 +204,36 @@ fn drills_and_runbooks_that_name_each_other_exist() {
             );
         }
     }
+    // Every alert a runbook names is one the rules define, and alerts.md explains each.
+    let rules: serde_norway::Value =
+        serde_norway::from_str(&std::fs::read_to_string(root.join("runbooks/alerts.yml")).unwrap())
+            .unwrap();
+    let alerts: Vec<String> = rules["groups"][0]["rules"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .map(|rule| rule["alert"].as_str().unwrap().to_string())
+        .collect();
+    let explained = anchors(&root.join("runbooks/alerts.md"));
+    for alert in &alerts {
+        assert!(
+            explained
+                .iter()
+                .any(|a| a.starts_with(&alert.to_lowercase())),
+            "runbooks/alerts.md has no section for {alert}"
+        );
+    }
     for runbook in files_in(RUNBOOKS, "md") {
         let text = std::fs::read_to_string(&runbook).unwrap();
+        let named = regex::Regex::new(r"\bLifeboat[A-Z][A-Za-z]+").unwrap();
+        for name in named.find_iter(&text) {
+            assert!(
+                alerts.iter().any(|a| a == name.as_str()),
+                "{} names the alert {}, which runbooks/alerts.yml does not define",
+                runbook.display(),
+                name.as_str()
+            );
+        }
         for (index, _) in text.match_indices("drills/") {
             let name: String = text[index..]
                 .chars()
@@ -425,4 +453,85 @@ async fn without_lifeboat_runbook_restores_with_standard_tools_alone() {
     // The objects were the encrypted ones, and each checked out against the manifest.
     assert!(steps.contains("app.dump.zst.age: OK"), "{steps}");
     deployment.assert_restored();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn point_in_time_runbook_brings_back_a_dropped_table() {
+    use crate::postgres_physical::{BUCKET, JOB, Restored, archiving_cluster, shared_work_dir};
+    let s3 = SeaweedFs::start().await;
+    s3.create_bucket(BUCKET).await;
+    let work = shared_work_dir();
+    let (source, config) = archiving_cluster(work.path(), &[&s3], "");
+    source.psql("postgres", "create table orders (id int primary key)");
+    source.psql(
+        "postgres",
+        "insert into orders select generate_series(1, 500)",
+    );
+    lifeboat(&config, &["backup", JOB]).assert_code(0);
+    source.psql(
+        "postgres",
+        "insert into orders select generate_series(501, 700)",
+    );
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    let before_damage = source.psql(
+        "postgres",
+        "select to_char(clock_timestamp() at time zone 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"')",
+    );
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    source.psql("postgres", "drop table orders");
+    source.archive_current_wal();
+
+    let data_dir = work.path().join("recovered");
+    let _restored = Restored(data_dir.clone());
+    let port = crate::common::postgres::free_port();
+    let printed = run_runbook(
+        &Path::new(RUNBOOKS).join("postgres-point-in-time.md"),
+        &[
+            ("LIFEBOAT_CONFIG", config.display().to_string()),
+            ("JOB", JOB.to_string()),
+            ("RECOVERY_TIME", before_damage.clone()),
+            ("DATA_DIR", data_dir.display().to_string()),
+            ("PORT", port.to_string()),
+            ("PGPASSWORD", source.password.clone()),
+        ],
+        work.path(),
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    assert!(printed.contains("orders"), "{printed}");
+    assert_eq!(
+        Postgres::attach(port, &source.password)
+            .psql("postgres", "select count(*), max(id) from orders"),
+        "700|700",
+        "every row committed before {before_damage}"
+    );
+}
+
+#[test]
+fn alerts_runbook_checks_run() {
+    let work = tempfile::tempdir().unwrap();
+    let source = work.path().join("etc/app");
+    tree::build(&source, 10, 0);
+    let metrics = work.path().join("metrics");
+    std::fs::create_dir(&metrics).unwrap();
+    let config = write_config(
+        work.path(),
+        &format!(
+            "metrics_dir = \"{}\"\n\n{}{}",
+            metrics.display(),
+            crate::common::local_repository("local", &work.path().join("repo")),
+            files_job("config", &[&source])
+        ),
+    );
+    lifeboat(&config, &["backup", "config"]).assert_code(0);
+    let printed = run_runbook(
+        &Path::new(RUNBOOKS).join("alerts.md"),
+        &[
+            ("LIFEBOAT_CONFIG", config.display().to_string()),
+            ("JOB", "config".to_string()),
+            ("METRICS_DIR", metrics.display().to_string()),
+        ],
+        work.path(),
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    assert!(printed.contains("lifeboat-backup-config.prom"), "{printed}");
 }
