@@ -223,9 +223,9 @@ fn drills_and_runbooks_that_name_each_other_exist() {
             "runbooks/alerts.md has no section for {alert}"
         );
     }
+    let named = regex::Regex::new(r"\bLifeboat[A-Z][A-Za-z]+").unwrap();
     for runbook in files_in(RUNBOOKS, "md") {
         let text = std::fs::read_to_string(&runbook).unwrap();
-        let named = regex::Regex::new(r"\bLifeboat[A-Z][A-Za-z]+").unwrap();
         for name in named.find_iter(&text) {
             assert!(
                 alerts.iter().any(|a| a == name.as_str()),
