@@ -73,21 +73,28 @@ fn run_runbook(path: &Path, env: &[(&str, String)], cwd: &Path) -> Result<String
         crate::common::postgres::bin_dir().display(),
         std::env::var("PATH").unwrap_or_default()
     );
-    let output = Command::new("bash")
+    // Files, not pipes: a daemon a runbook starts keeps its inherited descriptors open, and
+    // a pipe would then never reach its end.
+    let logs = tempfile::tempdir().unwrap();
+    let (stdout_path, stderr_path) = (logs.path().join("stdout"), logs.path().join("stderr"));
+    let status = Command::new("bash")
         .arg("-c")
         .arg(&script)
         .current_dir(cwd)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::fs::File::create(&stdout_path).unwrap())
+        .stderr(std::fs::File::create(&stderr_path).unwrap())
         .env("PATH", path_var)
         .env_remove("LIFEBOAT_IDENTITY_FILE")
         .env("AWS_ACCESS_KEY_ID", seaweedfs::ACCESS_KEY)
         .env("AWS_SECRET_ACCESS_KEY", seaweedfs::SECRET_KEY)
         .env("AWS_EC2_METADATA_DISABLED", "true")
         .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
-        .output()
+        .status()
         .unwrap();
-    let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
-    let stderr = String::from_utf8_lossy(&output.stderr).into_owned();
-    if output.status.success() {
+    let stdout = String::from_utf8_lossy(&std::fs::read(&stdout_path).unwrap()).into_owned();
+    let stderr = String::from_utf8_lossy(&std::fs::read(&stderr_path).unwrap()).into_owned();
+    if status.success() {
         return Ok(stdout);
     }
     let failed_line = stderr
@@ -111,7 +118,7 @@ fn run_runbook(path: &Path, env: &[(&str, String)], cwd: &Path) -> Result<String
     Err(format!(
         "{place}: `{}` failed ({})\n--- stdout\n{stdout}\n--- stderr\n{stderr}",
         command.trim(),
-        output.status
+        status
     ))
 }
 
@@ -534,4 +541,84 @@ fn alerts_runbook_checks_run() {
     )
     .unwrap_or_else(|e| panic!("{e}"));
     assert!(printed.contains("lifeboat-backup-config.prom"), "{printed}");
+}
+
+#[test]
+fn redis_restore_runbook_brings_the_sessions_back_into_the_live_server() {
+    use crate::common::redis::{PASSWORD, Redis, snapshot};
+    let live = Redis::start(&[]);
+    let mut connection = live.connection().unwrap();
+    let mut pipe = redis::pipe();
+    for index in 0..3_000 {
+        pipe.cmd("SET")
+            .arg(format!("session:{index}"))
+            .arg(format!("user-{index}"))
+            .arg("EX")
+            .arg(86_400)
+            .ignore();
+    }
+    let () = pipe.query(&mut connection).unwrap();
+    let work = tempfile::tempdir().unwrap();
+    let password_file = work.path().join("redis.pass");
+    crate::common::write_secret(&password_file, PASSWORD, 0o600);
+    let config = write_config(
+        work.path(),
+        &format!(
+            "{}[[job]]\nname = \"sessions\"\nkind = \"redis\"\nurl = \"{}\"\npassword_file = \"{}\"\nheartbeat = true\n",
+            crate::common::local_repository("local", &work.path().join("repo")),
+            live.url(),
+            password_file.display()
+        ),
+    );
+    lifeboat(&config, &["backup", "sessions"]).assert_code(0);
+    let expected = snapshot(&mut connection);
+    // The damage: every key gone.
+    let () = redis::cmd("FLUSHALL").query(&mut connection).unwrap();
+
+    // After the runbook stops the live server, it starts one like it on the same port and
+    // data directory: what `systemctl start` does on a real host.
+    let pidfile = live.dir.path().join("restarted.pid");
+    let redis_conf = work.path().join("redis.conf");
+    std::fs::write(
+        &redis_conf,
+        format!(
+            "port {}\nbind 127.0.0.1\ndir \"{}\"\nsave \"\"\nappendonly no\nrequirepass \"{}\"\ndaemonize yes\npidfile \"{}\"\nlogfile \"{}\"\n",
+            live.port,
+            live.dir.path().display(),
+            PASSWORD.replace('\\', "\\\\"),
+            pidfile.display(),
+            live.dir.path().join("restarted.log").display()
+        ),
+    )
+    .unwrap();
+    let start = format!("redis-server {}", redis_conf.display());
+    let _restarted = StopByPidfile(pidfile.clone());
+    let outcome = run_runbook(
+        &Path::new(RUNBOOKS).join("redis-restore.md"),
+        &[
+            ("LIFEBOAT_CONFIG", config.display().to_string()),
+            ("REDISCLI_AUTH", PASSWORD.to_string()),
+            ("REDIS_PORT", live.port.to_string()),
+            ("REDIS_START", start),
+        ],
+        work.path(),
+    );
+    outcome.unwrap_or_else(|e| panic!("{e}"));
+    let restored = snapshot(&mut live.connection().unwrap());
+    assert_eq!(restored.len(), expected.len());
+    assert_eq!(restored, expected);
+}
+
+/// Stops, when dropped, the daemon whose pid is in the file (if it was started).
+struct StopByPidfile(PathBuf);
+
+impl Drop for StopByPidfile {
+    fn drop(&mut self) {
+        if let Some(pid) = std::fs::read_to_string(&self.0)
+            .ok()
+            .and_then(|p| p.trim().parse::<i32>().ok())
+        {
+            unsafe { libc::kill(pid, libc::SIGTERM) };
+        }
+    }
 }
