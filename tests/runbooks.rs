@@ -186,6 +186,44 @@ fn files_in(dir: &str, extension: &str) -> Vec<PathBuf> {
     found
 }
 
+/// Every runbook, and the test that runs it.
+const EXECUTED: [&str; 8] = [
+    "alerts.md",
+    "config-restore.md",
+    "postgres-point-in-time.md",
+    "postgres-restore-latest.md",
+    "quarterly-drill.md",
+    "redis-restore.md",
+    "region-outage.md",
+    "without-lifeboat.md",
+];
+
+#[test]
+fn every_runbook_has_steps_the_tests_run() {
+    let present: Vec<String> = files_in(RUNBOOKS, "md")
+        .iter()
+        .map(|p| p.file_name().unwrap().to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(
+        present, EXECUTED,
+        "a runbook without a test that runs it, or the reverse"
+    );
+    let tests =
+        std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/runbooks.rs"))
+            .unwrap();
+    for runbook in EXECUTED {
+        assert!(
+            !blocks(&Path::new(RUNBOOKS).join(runbook)).is_empty(),
+            "{runbook} has no `sh runbook` block"
+        );
+        // Named once in EXECUTED, and again by the test that runs it.
+        assert!(
+            tests.matches(&format!("\"{runbook}\"")).count() >= 2,
+            "no test runs {runbook}"
+        );
+    }
+}
+
 #[test]
 fn drills_and_runbooks_that_name_each_other_exist() {
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
@@ -621,4 +659,50 @@ impl Drop for StopByPidfile {
             unsafe { libc::kill(pid, libc::SIGTERM) };
         }
     }
+}
+
+#[test]
+fn quarterly_drill_runbook_runs_reads_and_files_a_drill() {
+    let work = tempfile::tempdir().unwrap();
+    let source = work.path().join("etc/app");
+    std::fs::create_dir_all(&source).unwrap();
+    std::fs::write(source.join("app.conf"), "listen 8080\n").unwrap();
+    let config = write_config(
+        work.path(),
+        &format!(
+            "{}{}",
+            crate::common::local_repository("local", &work.path().join("repo")),
+            files_job("config", &[&source])
+        ),
+    );
+    lifeboat(&config, &["backup", "config"]).assert_code(0);
+    let drill = work.path().join("config-files.toml");
+    std::fs::write(
+        &drill,
+        format!(
+            "name = \"config-files\"\njob = \"config\"\n\n[[check]]\nname = \"the app config is back\"\npath = \"{}\"\ncontains = \"listen 8080\"\n",
+            source.join("app.conf").display()
+        ),
+    )
+    .unwrap();
+    let evidence = work.path().join("evidence");
+    let printed = run_runbook(
+        &Path::new(RUNBOOKS).join("quarterly-drill.md"),
+        &[
+            ("LIFEBOAT_CONFIG", config.display().to_string()),
+            ("DRILL", drill.display().to_string()),
+            ("EVIDENCE_DIR", evidence.display().to_string()),
+        ],
+        work.path(),
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    assert!(printed.contains("drill config-files: PASS"), "{printed}");
+    let sums = std::fs::read_to_string(evidence.join("SHA256SUMS")).unwrap();
+    assert_eq!(sums.lines().count(), 3, "{sums}");
+    let check = Command::new("sha256sum")
+        .args(["--check", "--quiet", "SHA256SUMS"])
+        .current_dir(&evidence)
+        .status()
+        .unwrap();
+    assert!(check.success());
 }
