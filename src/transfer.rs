@@ -6,7 +6,8 @@ use std::io::{self, Read, Write};
 use std::path::Path;
 use std::sync::Arc;
 
-use futures::TryStreamExt;
+use futures::stream::BoxStream;
+use futures::{StreamExt, TryStreamExt};
 use tokio_util::io::{StreamReader, SyncIoBridge};
 
 use crate::error::{Error, ErrorKind, Result};
@@ -239,6 +240,36 @@ pub async fn check_key(
     }
 }
 
+/// A stored object opened for a blocking reader, with what decrypting it needs.
+struct Opened {
+    key: String,
+    /// "object 'KEY' in repository 'NAME'", for messages.
+    place: String,
+    identities: Option<Arc<Vec<Identity>>>,
+    reader: SyncIoBridge<StreamReader<BoxStream<'static, io::Result<bytes::Bytes>>, bytes::Bytes>>,
+}
+
+async fn open_stored(
+    repository: &Repository,
+    manifest: &Manifest,
+    object: &ObjectEntry,
+    keyring: &Keyring,
+) -> Result<Opened> {
+    let key = layout::object_key(&manifest.job, &manifest.id, &object.name);
+    let place = format!("object '{key}' in repository '{}'", repository.name);
+    let identities = identities_for(keyring, object, &place)?;
+    let stream = repository
+        .open_object(&manifest.job, &manifest.id, &object.name)
+        .await?;
+    let reader = SyncIoBridge::new(StreamReader::new(stream.map_err(io::Error::other).boxed()));
+    Ok(Opened {
+        key,
+        place,
+        identities,
+        reader,
+    })
+}
+
 /// Streams one object of `manifest` from `repository` through the decode pipeline into
 /// `consume` (on a blocking thread), decrypting it with `keyring` when it is encrypted.
 /// Returns Ok only when both checksums match.
@@ -253,13 +284,12 @@ where
     T: Send + 'static,
     F: FnOnce(&mut dyn Read) -> io::Result<T> + Send + 'static,
 {
-    let key = layout::object_key(&manifest.job, &manifest.id, &object.name);
-    let place = format!("object '{key}' in repository '{}'", repository.name);
-    let identities = identities_for(keyring, object, &place)?;
-    let stream = repository
-        .open_object(&manifest.job, &manifest.id, &object.name)
-        .await?;
-    let reader = SyncIoBridge::new(StreamReader::new(stream.map_err(io::Error::other)));
+    let Opened {
+        key,
+        place,
+        identities,
+        reader,
+    } = open_stored(repository, manifest, object, keyring).await?;
     let expected = object.digests();
     let label = format!("restore {}", object.name);
     let outcome = tokio::task::spawn_blocking(move || {
@@ -285,14 +315,13 @@ pub async fn reseal_object(
     recipients: &Recipients,
     new_name: &str,
 ) -> Result<ObjectEntry> {
-    let key = layout::object_key(&manifest.job, &manifest.id, &object.name);
     let new_key = layout::object_key(&manifest.job, &manifest.id, new_name);
-    let place = format!("object '{key}' in repository '{}'", repository.name);
-    let identities = identities_for(keyring, object, &place)?;
-    let stream = repository
-        .open_object(&manifest.job, &manifest.id, &object.name)
-        .await?;
-    let reader = SyncIoBridge::new(StreamReader::new(stream.map_err(io::Error::other)));
+    let Opened {
+        place,
+        identities,
+        reader,
+        ..
+    } = open_stored(repository, manifest, object, keyring).await?;
     let expected = object.digests();
     let (job, entry, failure_keyring) = (manifest.job.clone(), object.clone(), keyring.clone());
     let failure_place = place.clone();
