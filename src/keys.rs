@@ -39,18 +39,8 @@ impl std::fmt::Debug for Recipients {
 
 impl Recipients {
     /// The recipients of `[encryption]`, or None when objects are stored unencrypted.
-    pub fn from_config(config: &crate::config::Config) -> Result<Option<Recipients>> {
-        let Some(encryption) = &config.encryption else {
-            return Ok(None);
-        };
-        Recipients::parse(&encryption.recipients)
-            .map(Some)
-            .map_err(|e| {
-                Error::config(format!(
-                    "invalid config file '{}': encryption.recipients: {e}",
-                    config.path.display()
-                ))
-            })
+    pub fn from_config(config: &crate::config::Config) -> Option<Recipients> {
+        config.encryption.as_ref().map(|e| e.recipients.clone())
     }
 
     pub fn parse(texts: &[String]) -> std::result::Result<Recipients, String> {

@@ -17,7 +17,7 @@ use crate::manifest::{Manifest, ObjectEntry};
 use crate::pipeline::{self, CHANNEL_BOUND, DecodeError, Digests, EncodeOptions, ObjectWriter};
 use crate::progress::{self, CountingReader, CountingWriter};
 use crate::repository::Repository;
-use crate::storage::{PartStream, StoreError};
+use crate::storage::{self, PartStream, StoreError};
 
 /// What `store_object` stored: the digests, the producer's value, and the repositories
 /// (by index into the slice given) that failed to store it, each with its cause.
@@ -218,18 +218,10 @@ pub async fn check_key(
     let Some(identities) = identities_for(keyring, object, &place)? else {
         return Ok(());
     };
-    let end = object.size.min(keys::HEADER_READ);
-    let mut stream = repository
-        .store
-        .get(&key, Some(0..end))
-        .await
-        .map_err(|e| repository.error(&format!("read object '{key}'"), e))?;
-    let mut header = Vec::new();
-    while let Some(chunk) = futures::StreamExt::next(&mut stream).await {
-        header.extend_from_slice(
-            &chunk.map_err(|e| repository.error(&format!("read object '{key}'"), e))?,
-        );
-    }
+    let header =
+        storage::get_range_bytes(repository.store.as_ref(), &key, Some(0..keys::HEADER_READ))
+            .await
+            .map_err(|e| repository.error(&format!("read object '{key}'"), e))?;
     match keys::open(&header[..], &identities) {
         Ok(_) => Ok(()),
         Err(OpenError::NoMatchingKey) => Err(keyring.no_match(&place, &object.recipients)),

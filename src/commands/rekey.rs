@@ -88,7 +88,7 @@ fn target_recipients(config: &Config, options: &RekeyOptions) -> Result<(Recipie
     let configured: Vec<String> = config
         .encryption
         .as_ref()
-        .map(|e| e.recipients.clone())
+        .map(|e| e.recipients.texts().to_vec())
         .unwrap_or_default();
     let mut texts = configured.clone();
     for (flag, keys) in [
@@ -326,10 +326,12 @@ impl Rekey<'_> {
                 .error(&format!("list the WAL of job '{job}'"), e)
         })?;
         for key in sealed {
-            let stored = storage::get_bytes(store, &key)
+            // The note is in the header: a segment already on these recipients is not
+            // downloaded whole.
+            let header = storage::get_range_bytes(store, &key, Some(0..keys::HEADER_READ))
                 .await
                 .map_err(|e| self.repository.error(&format!("read '{key}'"), e))?;
-            let note = keys::read_wal_note(&stored).ok_or_else(|| {
+            let note = keys::read_wal_note(&header).ok_or_else(|| {
                 Error::new(
                     ErrorKind::Verification,
                     format!("unable to re-encrypt '{key}' in repository '{}': it has no lifeboat-wal note", self.repository.name),
@@ -345,6 +347,9 @@ impl Rekey<'_> {
             }
             let place = format!("WAL file '{key}' in repository '{}'", self.repository.name);
             let identities = self.keyring.identities(&place)?;
+            let stored = storage::get_bytes(store, &key)
+                .await
+                .map_err(|e| self.repository.error(&format!("read '{key}'"), e))?;
             let recipients = self.recipients.clone();
             let resealed = tokio::task::spawn_blocking(move || {
                 reseal_wal(&stored, &note, &identities, &recipients)

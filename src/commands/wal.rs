@@ -153,7 +153,7 @@ pub async fn push(config: &Config, options: &WalPushOptions) -> Result<WalPushRe
     let level = config.compression.level;
     let threads = config.compression.threads;
     let recipients = match encrypts(config, &file) {
-        true => Recipients::from_config(config)?,
+        true => Recipients::from_config(config),
         false => None,
     };
     let encrypted = recipients.is_some();

@@ -45,7 +45,7 @@ pub struct Config {
 #[derive(Debug, Clone)]
 pub struct Encryption {
     /// Public keys (`age1…`) every object is encrypted to, in the order configured.
-    pub recipients: Vec<String>,
+    pub recipients: crate::keys::Recipients,
     pub identity_file: Option<PathBuf>,
 }
 
@@ -473,7 +473,9 @@ fn validate_encryption(raw: raw::RawEncryption, base: &Path) -> Result<Encryptio
     let mut seen = HashSet::new();
     recipients.retain(|r| seen.insert(r.clone()));
     Ok(Encryption {
-        recipients,
+        // Each one was parsed above, naming where it was written.
+        recipients: crate::keys::Recipients::parse(&recipients)
+            .map_err(|e| format!("encryption.recipients: {e}"))?,
         identity_file: raw.identity_file.map(|f| base.join(f)),
     })
 }
@@ -1115,7 +1117,7 @@ mod tests {
         ))
         .unwrap();
         let encryption = config.encryption.unwrap();
-        assert_eq!(encryption.recipients, vec![recipient.clone(), escrow]);
+        assert_eq!(encryption.recipients.texts(), [recipient.clone(), escrow]);
         assert_eq!(encryption.identity_file, Some(dir.path().join("ops.key")));
 
         let err = parse_here(&format!(

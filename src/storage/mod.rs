@@ -177,7 +177,16 @@ pub trait Store: Send + Sync + fmt::Debug {
 
 /// Reads a whole (small) object into memory: manifests and markers.
 pub async fn get_bytes(store: &dyn Store, key: &str) -> Result<Bytes, StoreError> {
-    let mut stream = store.get(key, None).await?;
+    get_range_bytes(store, key, None).await
+}
+
+/// Reads the byte `range` of an object (clamped to its size), or all of it, into memory.
+pub async fn get_range_bytes(
+    store: &dyn Store,
+    key: &str,
+    range: Option<Range<u64>>,
+) -> Result<Bytes, StoreError> {
+    let mut stream = store.get(key, range).await?;
     let mut buf = BytesMut::new();
     while let Some(chunk) = stream.next().await {
         buf.extend_from_slice(&chunk?);

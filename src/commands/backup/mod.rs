@@ -317,7 +317,7 @@ async fn backup_job(
     let options = EncodeOptions {
         level: config.compression.level,
         threads: config.compression.threads,
-        recipients: Recipients::from_config(config)?,
+        recipients: Recipients::from_config(config),
     };
     tracing::info!(job = %job.name, id = %id, "backup started");
 
