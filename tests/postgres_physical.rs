@@ -11,7 +11,7 @@ use crate::common::{Run, SeaweedFs, lifeboat, seaweedfs, write_config};
 
 pub(crate) const BUCKET: &str = "backups";
 pub(crate) const PREFIX: &str = "lifeboat";
-pub(crate) const JOB: &str = "pitr";
+pub(crate) const JOB: &str = "maindb-pitr";
 
 /// A work directory the `postgres` user can read (archive_command reads the config in it).
 pub(crate) fn shared_work_dir() -> tempfile::TempDir {
@@ -404,7 +404,7 @@ async fn wal_push_keeps_the_archive_command_promises_with_a_region_down() {
         degraded
             .stdout
             .contains("warning: repository 'region2' lacks 000000010000000000000008")
-            && degraded.stdout.contains("lifeboat replicate pitr"),
+            && degraded.stdout.contains("lifeboat replicate maindb-pitr"),
         "{}",
         degraded.stdout
     );
@@ -498,7 +498,7 @@ async fn a_cluster_without_archiving_is_refused_with_the_setting_to_change() {
     assert!(
         check
             .stdout
-            .contains("FAILED   job 'pitr' (postgres-physical)")
+            .contains("FAILED   job 'maindb-pitr' (postgres-physical)")
             && check.stdout.contains("archive_mode is off"),
         "{}",
         check.stdout

@@ -154,6 +154,144 @@ fn a_failing_step_names_the_runbook_file_and_line() {
     );
 }
 
+/// Where each runbook shows its last drill: between a `<!-- last drill: REPORT -->` line and
+/// this one, the RTO/RPO and timeline tables of the drill report `runbooks/REPORT`, kept from
+/// a real run (`LIFEBOAT_RECORD_DRILLS=1`, below).
+const LAST_DRILL_START: &str = "<!-- last drill: ";
+const LAST_DRILL_END: &str = "<!-- /last drill -->";
+
+/// Runs `drill` with `config` and returns its Markdown report; it must pass.
+fn run_drill(config: &Path, drill: &Path) -> String {
+    let reports = tempfile::tempdir().unwrap();
+    let run = lifeboat(
+        config,
+        &[
+            "drill",
+            "run",
+            drill.to_str().unwrap(),
+            "--report-dir",
+            reports.path().to_str().unwrap(),
+        ],
+    );
+    run.assert_code(0);
+    let report = files_in(reports.path().to_str().unwrap(), "md")
+        .pop()
+        .expect("the drill wrote a Markdown report");
+    let report = std::fs::read_to_string(report).unwrap();
+    keep_if_recording(&report);
+    report
+}
+
+/// With `LIFEBOAT_RECORD_DRILLS` set: keeps the Markdown `report` of a drill that passed as
+/// `runbooks/last-drills/NAME.md` and gives every runbook that shows it its tables.
+fn keep_if_recording(report: &str) {
+    if std::env::var_os("LIFEBOAT_RECORD_DRILLS").is_some() {
+        let name = drill_name(report);
+        let kept = Path::new(RUNBOOKS).join(format!("last-drills/{name}.md"));
+        std::fs::create_dir_all(kept.parent().unwrap()).unwrap();
+        std::fs::write(&kept, report).unwrap();
+        for runbook in files_in(RUNBOOKS, "md") {
+            let text = std::fs::read_to_string(&runbook).unwrap();
+            if let Some((block, reference)) = last_drill_block(&text)
+                && reference == format!("last-drills/{name}.md")
+            {
+                let rendered = render_last_drill(&reference, report);
+                std::fs::write(&runbook, text.replacen(block, &rendered, 1)).unwrap();
+            }
+        }
+    }
+}
+
+/// `# Drill NAME: PASS` → NAME.
+fn drill_name(report: &str) -> &str {
+    let heading = report.lines().next().unwrap_or_default();
+    heading
+        .strip_prefix("# Drill ")
+        .and_then(|rest| rest.rsplit_once(": "))
+        .map(|(name, _)| name)
+        .unwrap_or_else(|| panic!("not a drill report: {heading}"))
+}
+
+/// The runbook's last-drill block (markers included) and the report it names.
+fn last_drill_block(runbook: &str) -> Option<(&str, String)> {
+    let start = runbook.find(LAST_DRILL_START)?;
+    let end = start + runbook[start..].find(LAST_DRILL_END)? + LAST_DRILL_END.len();
+    let block = &runbook[start..end];
+    let reference = block[LAST_DRILL_START.len()..]
+        .split_once(" -->")?
+        .0
+        .to_string();
+    Some((block, reference))
+}
+
+/// The block a runbook shows for `report` (kept as `runbooks/REFERENCE`): which drill, when,
+/// the verdict, and the report's own RTO/RPO and timeline tables, verbatim.
+fn render_last_drill(reference: &str, report: &str) -> String {
+    let name = drill_name(report);
+    let verdict = report.lines().next().unwrap().rsplit_once(": ").unwrap().1;
+    let declared = report
+        .lines()
+        .find_map(|l| l.strip_prefix("Declared at "))
+        .and_then(|l| l.split_once(" (t0)"))
+        .map(|(at, _)| at)
+        .expect("the report says when the drill was declared");
+    let table = |header: &str| -> String {
+        report
+            .lines()
+            .skip_while(|l| *l != header)
+            .take_while(|l| l.starts_with('|'))
+            .map(|l| format!("{l}\n"))
+            .collect()
+    };
+    let restored = report
+        .lines()
+        .find_map(|l| l.strip_prefix("- restored "))
+        .expect("the report says how much was restored");
+    let targets = table("| | target | measured | met |");
+    let timeline = table("| phase | from t0 | took |");
+    assert!(
+        !targets.is_empty() && !timeline.is_empty(),
+        "{reference}: no RTO/RPO or timeline table"
+    );
+    // 2026-11-26T20:49:13.029206634+00:00 → 2026-11-26 20:49:13 UTC
+    let declared = format!(
+        "{} UTC",
+        declared.get(..19).unwrap_or(declared).replace('T', " ")
+    );
+    format!(
+        "{LAST_DRILL_START}{reference} -->\n[`drills/{name}.toml`](../drills/{name}.toml), run {declared}: **{verdict}**, restored {restored} ([the report]({reference})).\n\n{targets}\n{timeline}{LAST_DRILL_END}"
+    )
+}
+
+#[test]
+fn every_runbook_shows_its_last_drill_from_a_kept_report() {
+    if std::env::var_os("LIFEBOAT_RECORD_DRILLS").is_some() {
+        // The other tests are rewriting the blocks; run again without it to check them.
+        return;
+    }
+    for runbook in EXECUTED {
+        let path = Path::new(RUNBOOKS).join(runbook);
+        let text = std::fs::read_to_string(&path).unwrap();
+        let (block, reference) = last_drill_block(&text)
+            .unwrap_or_else(|| panic!("{runbook} has no `{LAST_DRILL_START}…` block"));
+        let report = std::fs::read_to_string(Path::new(RUNBOOKS).join(&reference))
+            .unwrap_or_else(|e| panic!("{runbook} shows {reference}: {e}"));
+        assert_eq!(
+            block,
+            render_last_drill(&reference, &report),
+            "{runbook}: its last-drill block is not {reference}'s tables; LIFEBOAT_RECORD_DRILLS=1 \
+             cargo test --release --test integration runbooks records them again"
+        );
+        assert!(report.starts_with(&format!("# Drill {}: PASS", drill_name(&report))));
+        let drill = Path::new(DRILLS).join(format!("{}.toml", drill_name(&report)));
+        assert!(
+            drill.exists(),
+            "{reference} is a drill that {} no longer is",
+            drill.display()
+        );
+    }
+}
+
 /// GitHub's anchor of a Markdown heading: lower case, punctuation dropped, spaces to '-'.
 fn anchor(heading: &str) -> String {
     heading
@@ -303,8 +441,13 @@ async fn config_restore_runbook_puts_the_backed_up_files_back() {
         s3.create_bucket(bucket).await;
     }
     let work = tempfile::tempdir().unwrap();
-    let live = work.path().join("live/etc/app");
+    let live = work.path().join("live/etc/nginx");
     tree::build(&live, 40, 1);
+    std::fs::write(
+        live.join("nginx.conf"),
+        "http {\n    server {\n        listen 8080;\n    }\n}\n",
+    )
+    .unwrap();
     let original = work.path().join("original");
     assert!(
         Command::new("cp")
@@ -343,6 +486,18 @@ async fn config_restore_runbook_puts_the_backed_up_files_back() {
     )
     .unwrap_or_else(|e| panic!("{e}"));
     tree::assert_same(&original, &live);
+
+    // The drill the runbook links, its /etc/nginx being the scratch tree here.
+    let drill = work.path().join("config-files.toml");
+    std::fs::write(
+        &drill,
+        std::fs::read_to_string(Path::new(DRILLS).join("config-files.toml"))
+            .unwrap()
+            .replace("\"/etc/nginx/", &format!("\"{}/", live.display())),
+    )
+    .unwrap();
+    let report = run_drill(&config, &drill);
+    assert!(report.contains("| nginx main config is back |"), "{report}");
 }
 
 fn walk(dir: &Path) -> Vec<PathBuf> {
@@ -549,6 +704,7 @@ async fn point_in_time_runbook_brings_back_a_dropped_table() {
         "700|700",
         "every row committed before {before_damage}"
     );
+    run_drill(&config, &Path::new(DRILLS).join("point-in-time.toml"));
 }
 
 #[test]
@@ -595,6 +751,11 @@ fn redis_restore_runbook_brings_the_sessions_back_into_the_live_server() {
             .arg(86_400)
             .ignore();
     }
+    pipe.cmd("HSET")
+        .arg("config:site")
+        .arg("currency")
+        .arg("EUR")
+        .ignore();
     let () = pipe.query(&mut connection).unwrap();
     let work = tempfile::tempdir().unwrap();
     let password_file = work.path().join("redis.pass");
@@ -602,8 +763,9 @@ fn redis_restore_runbook_brings_the_sessions_back_into_the_live_server() {
     let config = write_config(
         work.path(),
         &format!(
-            "{}[[job]]\nname = \"sessions\"\nkind = \"redis\"\nurl = \"{}\"\npassword_file = \"{}\"\nheartbeat = true\n",
-            crate::common::local_repository("local", &work.path().join("repo")),
+            "{}{}[[job]]\nname = \"sessions\"\nkind = \"redis\"\nurl = \"{}\"\npassword_file = \"{}\"\nheartbeat = true\n",
+            crate::common::local_repository("primary", &work.path().join("primary")),
+            crate::common::local_repository("dr", &work.path().join("dr")),
             live.url(),
             password_file.display()
         ),
@@ -645,6 +807,7 @@ fn redis_restore_runbook_brings_the_sessions_back_into_the_live_server() {
     let restored = snapshot(&mut live.connection().unwrap());
     assert_eq!(restored.len(), expected.len());
     assert_eq!(restored, expected);
+    run_drill(&config, &Path::new(DRILLS).join("sessions.toml"));
 }
 
 /// Stops, when dropped, the daemon whose pid is in the file (if it was started).
@@ -661,42 +824,28 @@ impl Drop for StopByPidfile {
     }
 }
 
-#[test]
-fn quarterly_drill_runbook_runs_reads_and_files_a_drill() {
-    let work = tempfile::tempdir().unwrap();
-    let source = work.path().join("etc/app");
-    std::fs::create_dir_all(&source).unwrap();
-    std::fs::write(source.join("app.conf"), "listen 8080\n").unwrap();
-    let config = write_config(
-        work.path(),
-        &format!(
-            "{}{}",
-            crate::common::local_repository("local", &work.path().join("repo")),
-            files_job("config", &[&source])
-        ),
-    );
-    lifeboat(&config, &["backup", "config"]).assert_code(0);
-    let drill = work.path().join("config-files.toml");
-    std::fs::write(
-        &drill,
-        format!(
-            "name = \"config-files\"\njob = \"config\"\n\n[[check]]\nname = \"the app config is back\"\npath = \"{}\"\ncontains = \"listen 8080\"\n",
-            source.join("app.conf").display()
-        ),
-    )
-    .unwrap();
+/// The drill the quarterly runbook runs is the one the PostgreSQL runbooks show as their last.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn quarterly_drill_runbook_runs_reads_and_files_a_drill() {
+    let deployment = PostgresDeployment::start().await;
+    let work = &deployment.work;
     let evidence = work.path().join("evidence");
+    let mut env = deployment.env();
+    env.push((
+        "DRILL",
+        Path::new(DRILLS)
+            .join("region-loss.toml")
+            .display()
+            .to_string(),
+    ));
+    env.push(("EVIDENCE_DIR", evidence.display().to_string()));
     let printed = run_runbook(
         &Path::new(RUNBOOKS).join("quarterly-drill.md"),
-        &[
-            ("LIFEBOAT_CONFIG", config.display().to_string()),
-            ("DRILL", drill.display().to_string()),
-            ("EVIDENCE_DIR", evidence.display().to_string()),
-        ],
+        &env,
         work.path(),
     )
     .unwrap_or_else(|e| panic!("{e}"));
-    assert!(printed.contains("drill config-files: PASS"), "{printed}");
+    assert!(printed.contains("drill region-loss: PASS"), "{printed}");
     let sums = std::fs::read_to_string(evidence.join("SHA256SUMS")).unwrap();
     assert_eq!(sums.lines().count(), 3, "{sums}");
     let check = Command::new("sha256sum")
@@ -705,4 +854,6 @@ fn quarterly_drill_runbook_runs_reads_and_files_a_drill() {
         .status()
         .unwrap();
     assert!(check.success());
+    let report = files_in(evidence.to_str().unwrap(), "md").pop().unwrap();
+    keep_if_recording(&std::fs::read_to_string(report).unwrap());
 }
