@@ -8,6 +8,7 @@ mod damaged;
 mod drills;
 mod encryption;
 mod failed_backup;
+mod faults;
 mod files_round_trip;
 mod locks;
 mod metrics;

@@ -34,13 +34,26 @@ pub struct ObjectCheck {
     pub object: String,
     /// The repository whose copy checked out, if any did.
     pub intact_in: Option<String>,
-    /// Copies found missing, unreadable or damaged on the way, by repository.
+    /// Copies found missing or damaged on the way, by repository.
     pub damaged_in: Vec<(String, String)>,
+    /// Copies that could not be read (the repository failed or timed out mid-way), by
+    /// repository: not checked, so neither intact nor damaged.
+    pub unreadable_in: Vec<(String, String)>,
 }
 
 impl ObjectCheck {
     fn key(&self) -> String {
         format!("jobs/{}/backups/{}/{}", self.job, self.backup, self.object)
+    }
+
+    /// A copy that failed: damaged when what was read (or not found) is wrong, unreadable
+    /// when the repository itself failed before the copy could be judged.
+    fn record_failure(&mut self, repository: &str, e: &Error) {
+        let entry = (repository.to_string(), e.chain().join(": "));
+        match e.kind() {
+            ErrorKind::Verification | ErrorKind::NotFound => self.damaged_in.push(entry),
+            _ => self.unreadable_in.push(entry),
+        }
     }
 }
 
@@ -66,15 +79,33 @@ impl VerifyReport {
         self.checks.iter().map(|c| c.damaged_in.len()).sum()
     }
 
+    pub fn unreadable_copies(&self) -> usize {
+        self.checks.iter().map(|c| c.unreadable_in.len()).sum()
+    }
+
     /// Ok if every copy read is intact. An object with no intact copy is a failure; damaged
     /// copies with an intact one elsewhere, or a repository that could not be read, leave the
     /// backups restorable but degraded.
     pub fn outcome(&self) -> Result<()> {
+        if !self.repositories.is_empty() && self.unreachable.len() == self.repositories.len() {
+            let mut error = Error::new(
+                ErrorKind::Storage,
+                "no repository could be listed, so nothing was verified",
+            );
+            for (name, reason) in &self.unreachable {
+                error = error.with_hint(format!("repository '{name}': {reason}"));
+            }
+            return Err(error);
+        }
         let lost = self.lost().count();
         let place = match self.repositories.as_slice() {
             [only] => format!("repository '{only}'"),
             _ => "any repository".to_string(),
         };
+        // An object none of whose copies could be read is not known to be damaged: it is
+        // unchecked, which is a failure of the run, not a finding about the backup.
+        let unread = self.lost().filter(|c| c.damaged_in.is_empty()).count();
+        let lost = lost - unread;
         if lost > 0 {
             return Err(Error::new(
                 ErrorKind::Verification,
@@ -82,21 +113,33 @@ impl VerifyReport {
             )
             .with_hint("restore from another repository with `--from`, and take a new backup"));
         }
+        if unread > 0 {
+            return Err(Error::new(
+                ErrorKind::Storage,
+                format!("{unread} object(s) could not be read from {place}, so they were not checked"),
+            )
+            .with_hint("the repository failed mid-way (the UNREADABLE lines say how); run `lifeboat verify` again when it answers"));
+        }
         let damaged = self.damaged_copies();
-        if damaged == 0 && self.unreachable.is_empty() {
+        let unreadable = self.unreadable_copies();
+        if damaged == 0 && unreadable == 0 && self.unreachable.is_empty() {
             return Ok(());
         }
         let mut error = Error::new(
             ErrorKind::Degraded,
             format!(
-                "{damaged} damaged copy(ies) and {} unreachable repository(ies); every object has an intact copy",
+                "{damaged} damaged copy(ies), {unreadable} unreadable copy(ies) and {} unreachable repository(ies); every object has an intact copy",
                 self.unreachable.len()
             ),
         );
         for (name, reason) in &self.unreachable {
             error = error.with_hint(format!("repository '{name}': {reason}"));
         }
-        Err(error.with_hint("run `lifeboat replicate --verify` to replace the damaged copies"))
+        if damaged > 0 {
+            error =
+                error.with_hint("run `lifeboat replicate --verify` to replace the damaged copies");
+        }
+        Err(error)
     }
 }
 
@@ -229,6 +272,7 @@ async fn verify_backup(
         object: crate::layout::MANIFEST_NAME.to_string(),
         intact_in: None,
         damaged_in: Vec::new(),
+        unreadable_in: Vec::new(),
     };
     let mut manifest = None;
     for repository in sources {
@@ -237,16 +281,14 @@ async fn verify_backup(
                 manifest = Some(found);
                 break;
             }
-            Err(e) => manifest_check
-                .damaged_in
-                .push((repository.name.clone(), e.chain().join(": "))),
+            Err(e) => manifest_check.record_failure(&repository.name, &e),
         }
     }
     let Some(manifest) = manifest else {
         checks.push(manifest_check);
         return Ok(0);
     };
-    if !manifest_check.damaged_in.is_empty() {
+    if !manifest_check.damaged_in.is_empty() || !manifest_check.unreadable_in.is_empty() {
         checks.push(manifest_check);
     }
     let mut stored_only = 0;
@@ -257,6 +299,7 @@ async fn verify_backup(
             object: object.name.clone(),
             intact_in: None,
             damaged_in: Vec::new(),
+            unreadable_in: Vec::new(),
         };
         if object.is_encrypted() && keyring.is_none() {
             stored_only += 1;
@@ -269,10 +312,8 @@ async fn verify_backup(
                     break;
                 }
                 Err(e) => {
-                    tracing::error!(job = %job, backup = %id, object = %object.name, repository = %repository.name, error = %e, "damaged copy");
-                    check
-                        .damaged_in
-                        .push((repository.name.clone(), e.chain().join(": ")));
+                    tracing::error!(job = %job, backup = %id, object = %object.name, repository = %repository.name, error = %e, "copy not intact");
+                    check.record_failure(&repository.name, &e);
                 }
             }
         }
@@ -306,10 +347,15 @@ impl fmt::Display for VerifyReport {
         let several = self.repositories.len() > 1;
         for check in &self.checks {
             let key = check.key();
-            for (repository, problem) in &check.damaged_in {
-                match several {
-                    true => writeln!(f, "DAMAGED  {key} in '{repository}': {problem}")?,
-                    false => writeln!(f, "DAMAGED  {key}: {problem}")?,
+            for (label, copies) in [
+                ("DAMAGED ", &check.damaged_in),
+                ("UNREADABLE", &check.unreadable_in),
+            ] {
+                for (repository, problem) in copies {
+                    match several {
+                        true => writeln!(f, "{label} {key} in '{repository}': {problem}")?,
+                        false => writeln!(f, "{label} {key}: {problem}")?,
+                    }
                 }
             }
             match (&check.intact_in, several) {
@@ -348,15 +394,17 @@ impl fmt::Display for VerifyReport {
         match several {
             false => writeln!(
                 f,
-                "verified {} backup(s), {objects} object(s) in {noun} {place}: {} damaged",
+                "verified {} backup(s), {objects} object(s) in {noun} {place}: {} damaged, {} unreadable",
                 self.backups,
-                self.lost().count()
+                self.damaged_copies(),
+                self.unreadable_copies()
             ),
             true => writeln!(
                 f,
-                "verified {} backup(s), {objects} object(s) in {noun} {place}: {} damaged copy(ies), {} object(s) without an intact copy",
+                "verified {} backup(s), {objects} object(s) in {noun} {place}: {} damaged copy(ies), {} unreadable, {} object(s) without an intact copy",
                 self.backups,
                 self.damaged_copies(),
+                self.unreadable_copies(),
                 self.lost().count()
             ),
         }

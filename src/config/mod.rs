@@ -80,7 +80,7 @@ pub struct RepositoryConfig {
 #[derive(Debug, Clone)]
 pub enum Location {
     Local { path: PathBuf },
-    S3(S3Settings),
+    S3(Box<S3Settings>),
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -103,6 +103,10 @@ pub struct S3Settings {
     pub part_size: u64,
     pub parts_in_flight: usize,
     pub max_attempts: u32,
+    /// How long one attempt of a request may take, its body included, before it is retried.
+    pub attempt_timeout: Duration,
+    /// How long a download may receive nothing before it is abandoned as stalled.
+    pub stall_timeout: Duration,
     pub request_checksums: RequestChecksums,
     /// Backups and WAL written with a retain-until date, so that a stolen credential cannot
     /// delete or overwrite them before it passes.
@@ -535,6 +539,8 @@ fn validate_repository(
         ("part_size", repo.part_size.is_some()),
         ("parts_in_flight", repo.parts_in_flight.is_some()),
         ("max_attempts", repo.max_attempts.is_some()),
+        ("attempt_timeout", repo.attempt_timeout.is_some()),
+        ("stall_timeout", repo.stall_timeout.is_some()),
         ("request_checksums", repo.request_checksums.is_some()),
         ("object_lock", repo.object_lock.is_some()),
         ("sse", repo.sse.is_some()),
@@ -617,6 +623,14 @@ fn validate_repository(
                     at("max_attempts")
                 ));
             }
+            // A part of 5 GiB at 20 MiB/s takes over four minutes.
+            let attempt_timeout = duration_field(
+                &at("attempt_timeout"),
+                repo.attempt_timeout.as_deref(),
+                "5min",
+            )?;
+            let stall_timeout =
+                duration_field(&at("stall_timeout"), repo.stall_timeout.as_deref(), "2min")?;
             let request_checksums = match repo.request_checksums.as_deref() {
                 None | Some("when_required") => RequestChecksums::WhenRequired,
                 Some("when_supported") => RequestChecksums::WhenSupported,
@@ -658,7 +672,7 @@ fn validate_repository(
                     })
                 }
             };
-            Location::S3(S3Settings {
+            Location::S3(Box::new(S3Settings {
                 bucket,
                 prefix,
                 region,
@@ -668,10 +682,12 @@ fn validate_repository(
                 part_size,
                 parts_in_flight,
                 max_attempts,
+                attempt_timeout,
+                stall_timeout,
                 request_checksums,
                 object_lock,
                 sse,
-            })
+            }))
         }
         other => {
             return Err(format!(

@@ -63,6 +63,8 @@ pub struct RawRepository {
     pub part_size: Option<String>,
     pub parts_in_flight: Option<usize>,
     pub max_attempts: Option<u32>,
+    pub attempt_timeout: Option<String>,
+    pub stall_timeout: Option<String>,
     pub request_checksums: Option<String>,
     pub object_lock: Option<RawObjectLock>,
     pub sse: Option<String>,

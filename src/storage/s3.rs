@@ -40,9 +40,6 @@ use crate::config::{
     ObjectLock, ObjectLockMode, RequestChecksums, S3Settings, ServerSideEncryption,
 };
 
-/// How long a download may receive nothing before it is abandoned as stalled.
-const BODY_STALL_TIMEOUT: Duration = Duration::from_secs(120);
-
 /// How long `probe_lock` locks its probe object: it waits this long to remove it.
 const PROBE_LOCK_SECONDS: i64 = 2;
 
@@ -57,6 +54,8 @@ pub struct S3Store {
     prefix: String,
     part_size: usize,
     parts_in_flight: usize,
+    max_attempts: u32,
+    stall_timeout: Duration,
     object_lock: Option<ObjectLock>,
     sse: Option<ServerSideEncryption>,
     /// Which keys are written locked: the repository decides, the store only applies it.
@@ -120,7 +119,7 @@ impl S3Store {
             .timeout_config(
                 TimeoutConfig::builder()
                     .connect_timeout(Duration::from_secs(10))
-                    .operation_attempt_timeout(Duration::from_secs(300))
+                    .operation_attempt_timeout(settings.attempt_timeout)
                     .build(),
             );
         if let Some(endpoint) = &settings.endpoint {
@@ -137,6 +136,8 @@ impl S3Store {
             prefix,
             part_size: settings.part_size as usize,
             parts_in_flight: settings.parts_in_flight,
+            max_attempts: settings.max_attempts,
+            stall_timeout: settings.stall_timeout,
             object_lock: settings.object_lock,
             sse: settings.sse.clone(),
             locked_keys: |_| false,
@@ -294,7 +295,7 @@ impl S3Store {
             .send()
             .await
         {
-            tracing::warn!(key, upload_id, error = %DisplayErrorContext(&e), "unable to abort multipart upload; prune will remove it");
+            tracing::warn!(key, upload_id, error = %describe(&e), "unable to abort multipart upload; prune will remove it");
         }
     }
 }
@@ -341,8 +342,122 @@ where
     StoreError::Backend {
         operation,
         key: key.to_string(),
-        message: DisplayErrorContext(&err).to_string(),
+        message: describe(&err),
         source: None,
+    }
+}
+
+/// What S3 answered, in one line: `SlowDown: Please reduce your request rate (HTTP 503)`,
+/// not the SDK's whole response dump; transport failures keep their cause chain.
+fn describe<E>(err: &SdkError<E, HttpResponse>) -> String
+where
+    E: std::error::Error + ProvideErrorMetadata + Send + Sync + 'static,
+{
+    match err {
+        SdkError::ServiceError(service) => {
+            let status = service.raw().status().as_u16();
+            let answer = service.err();
+            match (answer.code(), answer.message()) {
+                (Some(code), Some(message)) => format!("{code}: {message} (HTTP {status})"),
+                (Some(code), None) => format!("{code} (HTTP {status})"),
+                _ => format!("HTTP {status}"),
+            }
+        }
+        other => DisplayErrorContext(other).to_string(),
+    }
+}
+
+/// One object being downloaded. The SDK retries a request until its response headers
+/// arrive; a body cut or stalled after that is resumed here, with a ranged GET from the
+/// first byte not yet received, pinned to the same object version by its ETag.
+struct Download {
+    client: Client,
+    bucket: String,
+    full_key: String,
+    key: String,
+    /// The offset of the next byte to hand on.
+    next: u64,
+    /// The end of the range asked for (exclusive); None: the end of the object.
+    end: Option<u64>,
+    etag: Option<String>,
+    body: Option<SdkByteStream>,
+    resumes_left: u32,
+    stall_timeout: Duration,
+}
+
+impl Download {
+    /// Sends the GET for the bytes from `next`; false when the range is past the end.
+    async fn open(&mut self) -> Result<bool, StoreError> {
+        let range = match self.end {
+            Some(end) => Some(format!("bytes={}-{}", self.next, end - 1)),
+            None if self.next > 0 => Some(format!("bytes={}-", self.next)),
+            None => None,
+        };
+        let result = self
+            .client
+            .get_object()
+            .bucket(&self.bucket)
+            .key(&self.full_key)
+            .set_range(range)
+            .set_if_match(self.etag.clone())
+            .send()
+            .await;
+        match result {
+            Ok(output) => {
+                if self.etag.is_none() {
+                    self.etag = output.e_tag().map(str::to_string);
+                }
+                self.body = Some(output.body);
+                Ok(true)
+            }
+            Err(e) if status(&e) == Some(416) => Ok(false),
+            Err(e) if status(&e) == Some(412) => Err(StoreError::backend(
+                "download",
+                &self.key,
+                "the object was replaced while it was being downloaded; run the command again",
+            )),
+            Err(e) => Err(sdk_error("download", &self.key, e)),
+        }
+    }
+
+    /// The next piece of the body; None at its end (or after an error was handed on).
+    async fn next_chunk(&mut self) -> Option<Result<Bytes, StoreError>> {
+        loop {
+            let body = self.body.as_mut()?;
+            let failure = match tokio::time::timeout(self.stall_timeout, body.next()).await {
+                Ok(Some(Ok(bytes))) => {
+                    self.next += bytes.len() as u64;
+                    return Some(Ok(bytes));
+                }
+                Ok(None) => {
+                    self.body = None;
+                    return None;
+                }
+                Ok(Some(Err(e))) => DisplayErrorContext(&e).to_string(),
+                // The SDK's timeouts end when the response headers arrive; a body that stops
+                // flowing would otherwise hang a restore forever.
+                Err(_) => format!(
+                    "no data for {}; the connection stalled (stall_timeout)",
+                    humantime::format_duration(self.stall_timeout)
+                ),
+            };
+            self.body = None;
+            if self.resumes_left == 0 {
+                return Some(Err(StoreError::backend("download", &self.key, failure)));
+            }
+            self.resumes_left -= 1;
+            tracing::warn!(
+                key = %self.key,
+                offset = self.next,
+                "download interrupted ({failure}); resuming from there"
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            match self.open().await {
+                Ok(true) => {}
+                Ok(false) => return None,
+                Err(e) => return Some(Err(e)),
+            }
+        }
     }
 }
 
@@ -451,40 +566,30 @@ impl Store for S3Store {
 
     async fn get(&self, key: &str, range: Option<Range<u64>>) -> Result<ByteStream, StoreError> {
         let full = self.full_key(key)?;
-        let mut request = self.client.get_object().bucket(&self.bucket).key(&full);
-        if let Some(range) = &range {
-            if range.end <= range.start {
-                return Ok(futures::stream::empty().boxed());
-            }
-            request = request.range(format!("bytes={}-{}", range.start, range.end - 1));
-        }
-        let output = match request.send().await {
-            Ok(output) => output,
-            // A range past the end of the object is empty, as it is for the local store.
-            Err(e) if status(&e) == Some(416) => return Ok(futures::stream::empty().boxed()),
-            Err(e) => return Err(sdk_error("download", key, e)),
+        let (start, end) = match &range {
+            Some(range) if range.end <= range.start => return Ok(futures::stream::empty().boxed()),
+            Some(range) => (range.start, Some(range.end)),
+            None => (0, None),
         };
-        // The SDK's timeouts end when the response headers arrive; a body that stops
-        // flowing mid-download would otherwise hang a restore forever.
-        let state = (Some(output.body), key.to_string());
-        let stream = futures::stream::unfold(state, |(body, key)| async move {
-            let mut body = body?;
-            match tokio::time::timeout(BODY_STALL_TIMEOUT, body.next()).await {
-                Ok(Some(Ok(bytes))) => Some((Ok(bytes), (Some(body), key))),
-                Ok(Some(Err(e))) => {
-                    let err =
-                        StoreError::backend("download", &key, DisplayErrorContext(&e).to_string());
-                    Some((Err(err), (None, key)))
-                }
-                Ok(None) => None,
-                Err(_) => {
-                    let message = format!("no data for {} seconds", BODY_STALL_TIMEOUT.as_secs());
-                    Some((
-                        Err(StoreError::backend("download", &key, message)),
-                        (None, key),
-                    ))
-                }
-            }
+        let mut download = Download {
+            client: self.client.clone(),
+            bucket: self.bucket.clone(),
+            full_key: full,
+            key: key.to_string(),
+            next: start,
+            end,
+            etag: None,
+            body: None,
+            resumes_left: self.max_attempts.saturating_sub(1),
+            stall_timeout: self.stall_timeout,
+        };
+        if !download.open().await? {
+            // A range past the end of the object is empty, as it is for the local store.
+            return Ok(futures::stream::empty().boxed());
+        }
+        let stream = futures::stream::unfold(download, |mut download| async move {
+            let item = download.next_chunk().await?;
+            Some((item, download))
         });
         Ok(stream.boxed())
     }

@@ -281,6 +281,8 @@ impl SeaweedFs {
             part_size: 5 * 1024 * 1024,
             parts_in_flight: 4,
             max_attempts: 3,
+            attempt_timeout: std::time::Duration::from_secs(300),
+            stall_timeout: std::time::Duration::from_secs(120),
             request_checksums: RequestChecksums::WhenRequired,
             object_lock: None,
             sse: None,
