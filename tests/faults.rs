@@ -27,6 +27,8 @@ enum Expect {
     Recovers,
     /// Non-zero (not 3), the output naming each of these.
     Fails(&'static [&'static str]),
+    /// Exit 3: done where it could be, the output naming each of these.
+    Degraded(&'static [&'static str]),
 }
 
 /// One outcome, for the table the suite prints.
@@ -34,7 +36,8 @@ struct Outcome {
     case: String,
     code: i32,
     said: String,
-    uploads_left: usize,
+    /// None while the server is down.
+    uploads_left: Option<usize>,
 }
 
 /// A SeaweedFS behind the fault proxy, a config whose only repository goes through it, and a
@@ -46,6 +49,8 @@ struct Rig {
     source: PathBuf,
     config: PathBuf,
     outcomes: Vec<Outcome>,
+    /// While the S3 server is stopped, its uploads cannot be counted.
+    s3_down: bool,
 }
 
 impl Rig {
@@ -72,6 +77,7 @@ impl Rig {
             source,
             config,
             outcomes: Vec::new(),
+            s3_down: false,
         }
     }
 
@@ -85,23 +91,37 @@ impl Rig {
             !faulted.is_empty(),
             "{name}: no request met the fault; the case tests nothing"
         );
+        self.judge(name, run, expect).await
+    }
+
+    /// Checks a run that met a fault against `expect`, and keeps its outcome for the table.
+    async fn judge(&mut self, name: &str, run: Run, expect: Expect) -> Run {
         let said = format!("{}{}", run.stdout, run.stderr);
         match expect {
             Expect::Recovers => {
                 assert_eq!(run.code, 0, "{name}: the fault was to be got over\n{said}")
             }
-            Expect::Fails(words) => {
+            Expect::Fails(words) | Expect::Degraded(words) => {
+                let degraded = matches!(expect, Expect::Degraded(_));
                 assert!(
-                    run.code != 0 && run.code != 3,
-                    "{name}: exit {} where a failure was due\n{said}",
-                    run.code
+                    run.code != 0 && (run.code == 3) == degraded,
+                    "{name}: exit {} where {} was due\n{said}",
+                    run.code,
+                    if degraded {
+                        "3 (degraded)"
+                    } else {
+                        "a failure"
+                    }
                 );
                 for word in words {
                     assert!(said.contains(word), "{name}: no '{word}' in\n{said}");
                 }
             }
         }
-        let uploads_left = self.s3.open_uploads(BUCKET).await.len();
+        let uploads_left = match self.s3_down {
+            true => None,
+            false => Some(self.s3.open_uploads(BUCKET).await.len()),
+        };
         self.outcomes.push(Outcome {
             case: name.to_string(),
             code: run.code,
@@ -127,6 +147,16 @@ impl Rig {
             Vec::<String>::new(),
             "{name}: uploads left after prune"
         );
+    }
+
+    fn stop_s3(&mut self) {
+        self.s3.stop();
+        self.s3_down = true;
+    }
+
+    async fn restart_s3(&mut self) {
+        self.s3.restart().await;
+        self.s3_down = false;
     }
 
     fn backup_ids(&self) -> Vec<String> {
@@ -178,7 +208,9 @@ impl Rig {
                 "| {} | {} | {} | {} |",
                 outcome.case,
                 outcome.code,
-                outcome.uploads_left,
+                outcome
+                    .uploads_left
+                    .map_or("(server down)".to_string(), |n| n.to_string()),
                 outcome.said.replace('|', "\\|")
             );
         }
@@ -194,15 +226,21 @@ fn s3_repository(name: &str, endpoint: &str) -> String {
     )
 }
 
+/// The error and its deepest cause, or the first line printed on success.
 fn first_error_line(run: &Run) -> String {
-    run.stderr
-        .lines()
-        .find(|l| l.starts_with("error:"))
-        .or_else(|| run.stdout.lines().find(|l| !l.trim().is_empty()))
-        .unwrap_or_default()
-        .chars()
-        .take(160)
-        .collect()
+    let line = match run.stderr.lines().find(|l| l.starts_with("error:")) {
+        Some(error) => match run.stderr.lines().rfind(|l| l.starts_with("caused by:")) {
+            Some(cause) => format!("{error} — {cause}"),
+            None => error.to_string(),
+        },
+        None => run
+            .stdout
+            .lines()
+            .find(|l| !l.trim().is_empty())
+            .unwrap_or_default()
+            .to_string(),
+    };
+    line.chars().take(240).collect()
 }
 
 const SLOW_DOWN: Fault = Fault::Respond(503, "SlowDown");
@@ -428,4 +466,488 @@ async fn restore_and_verify_resume_or_retry_transient_faults_and_name_lasting_on
     rig.assert_whole("restore and verify").await;
     rig.assert_every_backup_restores();
     rig.print_table("restore and verify");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replicate_and_prune_leave_no_manifest_without_its_data() {
+    let mut rig = Rig::start().await;
+    // The backups are taken into a local "primary" alone; "dr" (through the proxy) lacks them.
+    let primary = rig.work.path().join("primary");
+    let job = format!(
+        "[[job]]\nname = \"{JOB}\"\nkind = \"files\"\npaths = [\"{}\"]\nretention = {{ keep_last = 2 }}\n",
+        rig.source.display()
+    );
+    std::fs::create_dir_all(rig.work.path().join("primary-only")).unwrap();
+    let primary_only = write_config(
+        &rig.work.path().join("primary-only"),
+        &format!(
+            "{}{job}",
+            crate::common::local_repository("primary", &primary)
+        ),
+    );
+    std::fs::write(
+        &rig.config,
+        format!(
+            "{}{}{job}",
+            crate::common::local_repository("primary", &primary),
+            s3_repository("dr", &rig.proxy.endpoint)
+        ),
+    )
+    .unwrap();
+    let replicate = ["replicate", JOB];
+    let in_dr = |rig: &Rig| -> usize {
+        let list = lifeboat(&rig.config, &["list", JOB, "--format", "json"]);
+        let value: serde_json::Value = serde_json::from_str(&list.stdout).unwrap();
+        value["rows"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|row| {
+                row["present_in"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .any(|r| r == "dr")
+            })
+            .count()
+    };
+
+    let cases: Vec<(&str, Rule, Expect)> = vec![
+        (
+            "replicate: 503 on a part",
+            Rule::once("PUT", UPLOAD_PART, SLOW_DOWN),
+            Expect::Recovers,
+        ),
+        (
+            "replicate: a part cut after 1 MiB",
+            Rule::once("PUT", UPLOAD_PART, Fault::CutRequestAfter(1 << 20)),
+            Expect::Recovers,
+        ),
+        (
+            "replicate: every part 503",
+            Rule::always("PUT", UPLOAD_PART, SLOW_DOWN),
+            Expect::Fails(&["SlowDown", "dr"]),
+        ),
+        (
+            "replicate: the manifest always 500",
+            Rule::always("PUT", MANIFEST, INTERNAL),
+            Expect::Fails(&["InternalError", "manifest"]),
+        ),
+        (
+            "replicate: the manifest stalled",
+            Rule::always("PUT", MANIFEST, Fault::Stall),
+            Expect::Fails(&["manifest"]),
+        ),
+        (
+            "replicate: the listing of dr 503",
+            Rule::always("GET", LISTING, SLOW_DOWN),
+            Expect::Fails(&["SlowDown", "dr"]),
+        ),
+    ];
+    for (name, rule, expect) in cases {
+        lifeboat(&primary_only, &["backup", JOB]).assert_code(0);
+        let before = in_dr(&rig);
+        rig.case(name, &replicate, vec![rule], expect).await;
+        let after = in_dr(&rig);
+        match expect {
+            Expect::Recovers => assert_eq!(after, before + 1, "{name}"),
+            _ => assert_eq!(after, before, "{name}: dr committed a backup"),
+        }
+        rig.assert_whole(name).await;
+        lifeboat(&rig.config, &replicate).assert_code(0);
+    }
+
+    // Prune, keep_last = 2: each case has a third backup to remove from both repositories.
+    let prune = ["prune", JOB];
+    let cases: Vec<(&str, Vec<Rule>, Expect)> = vec![
+        (
+            "prune: 503 on a delete",
+            vec![
+                Rule::once("DELETE", "", SLOW_DOWN),
+                Rule::once("POST", "?delete", SLOW_DOWN),
+            ],
+            Expect::Recovers,
+        ),
+        (
+            "prune: every delete 503",
+            vec![
+                Rule::always("DELETE", "", SLOW_DOWN),
+                Rule::always("POST", "?delete", SLOW_DOWN),
+            ],
+            Expect::Fails(&["SlowDown"]),
+        ),
+        (
+            "prune: the listing of dr 503",
+            vec![Rule::always("GET", LISTING, SLOW_DOWN)],
+            Expect::Degraded(&["SlowDown", "'dr'"]),
+        ),
+    ];
+    for (name, rules, expect) in cases {
+        lifeboat(&rig.config, &["backup", JOB]).assert_code(0);
+        rig.case(name, &prune, rules, expect).await;
+        // Whatever was cut short, nothing kept points to a removed object.
+        rig.assert_whole(name).await;
+        assert_eq!(
+            rig.backup_ids().len(),
+            2,
+            "{name}: the next prune finishes the plan"
+        );
+    }
+    rig.assert_every_backup_restores();
+    rig.print_table("replicate and prune");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wal_push_and_drill_retry_transient_faults_and_fail_loudly_on_lasting_ones() {
+    let mut rig = Rig::start().await;
+    lifeboat(&rig.config, &["backup", JOB]).assert_code(0);
+    let text = std::fs::read_to_string(&rig.config).unwrap();
+    std::fs::write(
+        &rig.config,
+        format!("{text}\n[[job]]\nname = \"db\"\nkind = \"postgres\"\nmode = \"physical\"\ndsn = \"postgresql://postgres@127.0.0.1:9/postgres\"\n"),
+    )
+    .unwrap();
+    let wal_dir = rig.work.path().join("pg_wal");
+    std::fs::create_dir(&wal_dir).unwrap();
+    let mut segment_number = 0;
+    let mut next_segment = || {
+        segment_number += 1;
+        let path = wal_dir.join(format!("0000000100000000{segment_number:08X}"));
+        tree::write_file(&path, &tree::noise(16 << 20, segment_number), 0o600);
+        path
+    };
+    let cases: Vec<(&str, Rule, Expect)> = vec![
+        (
+            "wal-push: 503 on the segment",
+            Rule::once("PUT", "/wal/", SLOW_DOWN),
+            Expect::Recovers,
+        ),
+        (
+            "wal-push: the segment cut after 1 MiB",
+            Rule::once("PUT", "/wal/", Fault::CutRequestAfter(1 << 20)),
+            Expect::Recovers,
+        ),
+        (
+            "wal-push: the segment stalled once",
+            Rule::once("PUT", "/wal/", Fault::Stall),
+            Expect::Recovers,
+        ),
+        (
+            "wal-push: every try 503",
+            Rule::always("PUT", "/wal/", SLOW_DOWN),
+            Expect::Fails(&["SlowDown"]),
+        ),
+        (
+            "wal-push: every try cut",
+            Rule::always("PUT", "/wal/", Fault::CutRequestAfter(1 << 20)),
+            Expect::Fails(&["s3"]),
+        ),
+    ];
+    for (name, rule, expect) in cases {
+        let segment = next_segment();
+        let file_name = segment.file_name().unwrap().to_str().unwrap().to_string();
+        let push = ["wal-push", "--job", "db", segment.to_str().unwrap()];
+        rig.case(name, &push, vec![rule], expect).await;
+        if let Expect::Fails(_) = expect {
+            // PostgreSQL keeps the segment and calls again: the next try stores it.
+            lifeboat(&rig.config, &push).assert_code(0);
+        }
+        let fetched = rig.work.path().join("fetched");
+        lifeboat(
+            &rig.config,
+            &[
+                "wal-fetch",
+                "--job",
+                "db",
+                &file_name,
+                fetched.to_str().unwrap(),
+            ],
+        )
+        .assert_code(0);
+        assert_eq!(
+            std::fs::read(&fetched).unwrap(),
+            std::fs::read(&segment).unwrap(),
+            "{name}: the archived segment is not the one pushed"
+        );
+        std::fs::remove_file(&fetched).unwrap();
+    }
+
+    let drill = rig.work.path().join("conf.toml");
+    std::fs::write(
+        &drill,
+        format!(
+            "name = \"conf\"\njob = \"{JOB}\"\n\n[[check]]\nname = \"the large file is back\"\npath = \"{}\"\nexists = true\n",
+            rig.source.join("large.bin").display()
+        ),
+    )
+    .unwrap();
+    let reports = rig.work.path().join("reports");
+    let run = [
+        "drill",
+        "run",
+        drill.to_str().unwrap(),
+        "--report-dir",
+        reports.to_str().unwrap(),
+    ];
+    rig.case(
+        "drill: 503 on the object",
+        &run,
+        vec![Rule::once("GET", OBJECT, SLOW_DOWN)],
+        Expect::Recovers,
+    )
+    .await;
+    rig.case(
+        "drill: the object cut after 2 MiB",
+        &run,
+        vec![Rule::once("GET", OBJECT, Fault::CutResponseAfter(2 << 20))],
+        Expect::Recovers,
+    )
+    .await;
+    rig.case(
+        "drill: the object always cut",
+        &run,
+        vec![Rule::always(
+            "GET",
+            OBJECT,
+            Fault::CutResponseAfter(2 << 20),
+        )],
+        Expect::Fails(&["files.tar.zst"]),
+    )
+    .await;
+    rig.case(
+        "drill: the manifest always 503",
+        &run,
+        vec![Rule::always("GET", MANIFEST, SLOW_DOWN)],
+        Expect::Fails(&["SlowDown"]),
+    )
+    .await;
+    rig.assert_whole("wal-push and drill").await;
+    rig.print_table("wal-push and drill");
+}
+
+/// A tmpfs of `size` mounted at `path` (with `options`), unmounted when dropped.
+struct Tmpfs(PathBuf);
+
+impl Tmpfs {
+    fn mount(path: &std::path::Path, options: &str) -> Tmpfs {
+        std::fs::create_dir_all(path).unwrap();
+        let mounted = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", options, "lifeboat-test"])
+            .arg(path)
+            .status()
+            .unwrap();
+        assert!(
+            mounted.success(),
+            "mount a tmpfs at {} (root needed)",
+            path.display()
+        );
+        Tmpfs(path.to_path_buf())
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount").arg(&self.0).status();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn process_faults_a_server_down_a_full_disk_a_read_only_target_lose_nothing() {
+    let mut rig = Rig::start().await;
+    lifeboat(&rig.config, &["backup", JOB]).assert_code(0);
+    let backup = ["backup", JOB];
+
+    // The S3 server is down for the whole run, then comes back.
+    rig.stop_s3();
+    let run = lifeboat(&rig.config, &backup);
+    rig.judge("backup: the S3 server down", run, Expect::Fails(&["'s3'"]))
+        .await;
+    let into = rig.work.path().join("restored");
+    let run = lifeboat(
+        &rig.config,
+        &["restore", JOB, "--into", into.to_str().unwrap()],
+    );
+    rig.judge("restore: the S3 server down", run, Expect::Fails(&["'s3'"]))
+        .await;
+    assert!(!into.exists());
+    rig.restart_s3().await;
+    rig.assert_whole("the S3 server back").await;
+    lifeboat(&rig.config, &backup).assert_code(0);
+
+    // The S3 server goes down mid-upload (each part slowed so that there is a middle).
+    rig.proxy.set(vec![Rule::always(
+        "PUT",
+        UPLOAD_PART,
+        Fault::Delay(Duration::from_millis(700)),
+    )]);
+    let before = rig.backup_ids();
+    let parts_before = rig.proxy.count("PUT", UPLOAD_PART);
+    let child = crate::common::lifeboat_command(&rig.config)
+        .args(backup)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while rig.proxy.count("PUT", UPLOAD_PART) == parts_before
+        && std::time::Instant::now() < deadline
+    {
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    rig.stop_s3();
+    let run = Run::from_output(child.wait_with_output().unwrap());
+    rig.proxy.clear();
+    rig.judge(
+        "backup: the S3 server stopped mid-upload",
+        run,
+        Expect::Fails(&["files.tar.zst"]),
+    )
+    .await;
+    rig.restart_s3().await;
+    assert_eq!(rig.backup_ids(), before, "a backup was committed");
+    rig.assert_whole("the S3 server back after a cut upload")
+        .await;
+    lifeboat(&rig.config, &backup).assert_code(0);
+
+    // The restore disk fills up: 4 MiB for 12 MiB of files.
+    let full = Tmpfs::mount(&rig.work.path().join("small"), "size=4m");
+    let into = full.0.join("restored");
+    let run = lifeboat(
+        &rig.config,
+        &["restore", JOB, "--into", into.to_str().unwrap()],
+    );
+    rig.judge(
+        "restore: the disk fills up",
+        run,
+        Expect::Fails(&["No space left on device", "/small/.lifeboat-restore-"]),
+    )
+    .await;
+    assert_eq!(
+        std::fs::read_dir(&full.0).unwrap().count(),
+        0,
+        "a failed restore left its staging or target behind"
+    );
+    drop(full);
+
+    // A read-only target.
+    let read_only = Tmpfs::mount(&rig.work.path().join("read-only"), "size=4m,ro");
+    let into = read_only.0.join("restored");
+    let run = lifeboat(
+        &rig.config,
+        &["restore", JOB, "--into", into.to_str().unwrap()],
+    );
+    rig.judge(
+        "restore: a read-only target",
+        run,
+        Expect::Fails(&["Read-only file system"]),
+    )
+    .await;
+    drop(read_only);
+
+    // lifeboat itself killed mid-restore: the target is not created, the next restore works.
+    rig.proxy.set(vec![Rule::always(
+        "GET",
+        OBJECT,
+        Fault::Delay(Duration::from_millis(1_500)),
+    )]);
+    let into = rig.work.path().join("restored-after-kill");
+    let child = crate::common::lifeboat_command(&rig.config)
+        .args(["restore", JOB, "--into", into.to_str().unwrap()])
+        .spawn()
+        .unwrap();
+    let proxy = &rig.proxy;
+    let gets_before = proxy.count("GET", OBJECT);
+    let killed = crate::common::procs::kill_when(
+        child,
+        || proxy.count("GET", OBJECT) > gets_before,
+        "restore",
+    );
+    rig.proxy.clear();
+    assert!(killed, "the restore ended before it could be killed");
+    assert!(!into.exists(), "a killed restore touched its target");
+    lifeboat(
+        &rig.config,
+        &["restore", JOB, "--into", into.to_str().unwrap()],
+    )
+    .assert_code(0);
+    tree::assert_same(
+        &rig.source,
+        &into.join(rig.source.strip_prefix("/").unwrap()),
+    );
+
+    rig.assert_whole("process faults").await;
+    rig.assert_every_backup_restores();
+    rig.print_table("process faults");
+}
+
+/// A small deterministic generator for the kill moments; the seed is printed so that a failure
+/// can be replayed.
+struct Moments(u64);
+
+impl Moments {
+    fn next_below(&mut self, bound: u64) -> u64 {
+        self.0 = self
+            .0
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        (self.0 >> 33) % bound.max(1)
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn twenty_backups_killed_at_random_moments_leave_every_committed_backup_whole() {
+    let rig = Rig::start().await;
+    let backup = ["backup", JOB];
+    lifeboat(&rig.config, &backup).assert_code(0);
+    // Kill moments spread over a whole backup: the slowest of three timed here.
+    let mut slowest = 0;
+    for _ in 0..3 {
+        let started = std::time::Instant::now();
+        lifeboat(&rig.config, &backup).assert_code(0);
+        slowest = slowest.max(started.elapsed().as_millis() as u64);
+    }
+    let span = slowest.max(50);
+    let seed = std::env::var("LIFEBOAT_KILL_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| {
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .as_nanos() as u64
+        });
+    eprintln!("kill moments: seed {seed} (LIFEBOAT_KILL_SEED), over {span} ms");
+    let mut moments = Moments(seed);
+    let mut killed = 0;
+    for _ in 0..20 {
+        let mut child = crate::common::lifeboat_command(&rig.config)
+            .args(backup)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        std::thread::sleep(Duration::from_millis(moments.next_below(span)));
+        if child.try_wait().unwrap().is_none() {
+            killed += 1;
+        }
+        child.kill().unwrap();
+        child.wait().unwrap();
+    }
+    eprintln!("{killed} of 20 backups were killed before they ended");
+    assert!(
+        killed >= 10,
+        "too few kills landed mid-backup: {killed} of 20"
+    );
+    lifeboat(&rig.config, &backup).assert_code(0);
+    let prune = lifeboat(&rig.config, &["prune", "--grace", "1ms"]);
+    prune.assert_code(0);
+    assert_eq!(rig.s3.open_uploads(BUCKET).await, Vec::<String>::new());
+    let verify = lifeboat(&rig.config, &["verify", JOB]);
+    assert_eq!(verify.code, 0, "{}{}", verify.stdout, verify.stderr);
+    // Every backup that committed — the two normal ones and any killed after its manifest —
+    // restores byte-identical.
+    let committed = rig.backup_ids().len();
+    assert!(committed >= 5);
+    eprintln!("{committed} committed backup(s) restore identical");
+    rig.assert_every_backup_restores();
 }

@@ -59,7 +59,15 @@ pub(super) async fn unpack(selected: &Selected, name: &str, into: &Path) -> Resu
                 &selected.keyring,
                 move |raw| extract::extract(raw, &staging_root),
             )
-            .await;
+            .await
+            .map_err(|e| match e.kind() {
+                // Writing failed, not reading: say where it was writing.
+                crate::error::ErrorKind::Target => e.with_hint(format!(
+                    "it was being unpacked under '{}' (removed again); free space or choose another --into",
+                    staging.path().display()
+                )),
+                _ => e,
+            });
             if summary.is_err() {
                 crate::interrupt::forget(staging.path());
             }
