@@ -1,12 +1,20 @@
 //! The manifest: the commit record of a backup. It names every object with sizes and both
 //! checksums, and never holds a secret. A backup exists once its manifest is written.
+//!
+//! Its last field, `manifest_sha256`, seals it: the sha256 of the manifest's own bytes with
+//! that value written as 64 zeros. A manifest changed after lifeboat wrote it (edited by
+//! hand, or damaged in a way that still parses) is refused, whatever was changed.
 
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
 
 use crate::pipeline::Digests;
 
 pub const FORMAT: u32 = 1;
+
+const SEAL_FIELD: &str = "manifest_sha256";
+const UNSEALED: &str = "0000000000000000000000000000000000000000000000000000000000000000";
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -139,15 +147,55 @@ pub fn encrypted_name(logical: &str, generation: Option<&str>) -> String {
 }
 
 impl Manifest {
+    /// The manifest as stored: pretty JSON, sealed by its last field.
     pub fn to_json(&self) -> Vec<u8> {
-        let mut json = serde_json::to_vec_pretty(self).expect("manifests always serialize");
-        json.push(b'\n');
-        json
+        let body = serde_json::to_string_pretty(self).expect("manifests always serialize");
+        let open = body
+            .strip_suffix("\n}")
+            .expect("a pretty-printed object ends with its brace");
+        let unsealed = format!("{open},\n  \"{SEAL_FIELD}\": \"{UNSEALED}\"\n}}\n");
+        let digest = hex::encode(Sha256::digest(unsealed.as_bytes()));
+        let at = unsealed.rfind(UNSEALED).expect("the seal was just written");
+        format!(
+            "{}{digest}{}",
+            &unsealed[..at],
+            &unsealed[at + UNSEALED.len()..]
+        )
+        .into_bytes()
     }
 
     /// Parses and checks a manifest read from `key`; the error names what is wrong.
     pub fn from_json(bytes: &[u8]) -> Result<Manifest, String> {
-        let manifest: Manifest = serde_json::from_slice(bytes).map_err(|e| e.to_string())?;
+        let text = std::str::from_utf8(bytes).map_err(|_| "it is not UTF-8 text".to_string())?;
+        let mut fields = match serde_json::from_str(text).map_err(|e| e.to_string())? {
+            serde_json::Value::Object(fields) => fields,
+            _ => return Err("it is not a JSON object".to_string()),
+        };
+        let seal = match fields.remove(SEAL_FIELD) {
+            Some(serde_json::Value::String(seal)) => seal,
+            _ => {
+                return Err(format!(
+                    "it has no {SEAL_FIELD}, so it cannot be shown to be the one lifeboat wrote"
+                ));
+            }
+        };
+        let written = format!("\"{SEAL_FIELD}\": \"{seal}\"");
+        let at = text
+            .rfind(&written)
+            .filter(|_| seal.len() == UNSEALED.len())
+            .ok_or_else(|| format!("its {SEAL_FIELD} is not where or what lifeboat writes"))?;
+        let unsealed = format!(
+            "{}\"{SEAL_FIELD}\": \"{UNSEALED}\"{}",
+            &text[..at],
+            &text[at + written.len()..]
+        );
+        if hex::encode(Sha256::digest(unsealed.as_bytes())) != seal {
+            return Err(format!(
+                "its content does not match its {SEAL_FIELD}: it was changed after lifeboat wrote it (edited by hand, or damaged)"
+            ));
+        }
+        let manifest: Manifest =
+            serde_json::from_value(serde_json::Value::Object(fields)).map_err(|e| e.to_string())?;
         if manifest.format != FORMAT {
             return Err(format!(
                 "manifest format {} is not supported by lifeboat {} (supports {FORMAT})",
@@ -191,6 +239,62 @@ impl Manifest {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn sample() -> Manifest {
+        Manifest {
+            format: FORMAT,
+            id: "20261126T030000Z".into(),
+            job: "maindb".into(),
+            kind: "postgres-logical".into(),
+            started_at: "2026-11-26T03:00:00Z".parse().unwrap(),
+            finished_at: "2026-11-26T03:04:00Z".parse().unwrap(),
+            recovery_point: "2026-11-26T03:00:01Z".parse().unwrap(),
+            tool_version: "0.1.0".into(),
+            host: "db1".into(),
+            source: SourceInfo {
+                databases: vec!["app".into()],
+                ..SourceInfo::default()
+            },
+            objects: vec![
+                ObjectEntry::zstd("globals.sql.zst", &Digests::default()),
+                ObjectEntry::zstd("app.dump.zst", &Digests::default()),
+            ],
+        }
+    }
+
+    #[test]
+    fn a_sealed_manifest_reads_back_and_any_byte_changed_is_refused() {
+        let manifest = sample();
+        let json = manifest.to_json();
+        assert_eq!(Manifest::from_json(&json).unwrap(), manifest);
+        for at in 0..json.len() {
+            let mut changed = json.clone();
+            changed[at] ^= 0x01;
+            assert!(
+                Manifest::from_json(&changed).is_err(),
+                "byte {at} ('{}') changed and the manifest was still accepted",
+                json[at] as char
+            );
+        }
+    }
+
+    #[test]
+    fn a_hand_edit_is_named_as_one() {
+        let json = String::from_utf8(sample().to_json()).unwrap();
+        let edited = json.replacen(
+            "\"name\": \"app.dump.zst\"",
+            "\"name\": \"globals.sql.zst\"",
+            1,
+        );
+        assert_ne!(edited, json);
+        let problem = Manifest::from_json(edited.as_bytes()).unwrap_err();
+        assert!(
+            problem.contains("changed after lifeboat wrote it"),
+            "{problem}"
+        );
+        let unsealed = json.replace(SEAL_FIELD, "note");
+        assert!(Manifest::from_json(unsealed.as_bytes()).is_err());
+    }
 
     #[test]
     fn an_encrypted_object_is_found_by_what_it_holds_whatever_its_stored_name() {

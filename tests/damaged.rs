@@ -119,3 +119,93 @@ async fn a_flipped_byte_is_found_by_verify_and_refused_by_restore() {
         .unwrap();
     assert_damage_is_caught(&config, work.path(), "s3", &object_key);
 }
+
+/// A manifest edited by hand — an object renamed to point elsewhere, a size changed — is
+/// found by `verify` and refused by `restore`, which reads the intact manifest of the other
+/// repository when there is one and touches no target otherwise.
+#[test]
+fn a_manifest_edited_by_hand_is_found_by_verify_and_refused_by_restore() {
+    let work = tempfile::tempdir().unwrap();
+    let source = work.path().join("src");
+    tree::build(&source, 20, 0);
+    let config = write_config(
+        work.path(),
+        &format!(
+            "{}{}{}",
+            local_repository("a", &work.path().join("a")),
+            local_repository("b", &work.path().join("b")),
+            files_job("config", &[&source])
+        ),
+    );
+    lifeboat(&config, &["backup", "config"]).assert_code(0);
+    let id = std::fs::read_dir(work.path().join("a/jobs/config/backups"))
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap()
+        .file_name();
+    let key = format!("jobs/config/backups/{}/manifest.json", id.to_str().unwrap());
+    let original = std::fs::read_to_string(work.path().join("a").join(&key)).unwrap();
+    // Something for the renamed entry to point at.
+    let object_dir = work
+        .path()
+        .join("a")
+        .join(&key)
+        .parent()
+        .unwrap()
+        .to_path_buf();
+    std::fs::copy(
+        object_dir.join("files.tar.zst"),
+        object_dir.join("other.tar.zst"),
+    )
+    .unwrap();
+    let size = regex::Regex::new(r#""size": (\d+)"#).unwrap();
+    let stored = size.captures(&original).unwrap()[1].parse::<u64>().unwrap();
+    let edits = [
+        (
+            "an object renamed",
+            original.replace("\"name\": \"files.tar.zst\"", "\"name\": \"other.tar.zst\""),
+        ),
+        (
+            "a size changed",
+            original.replacen(
+                &format!("\"size\": {stored}"),
+                &format!("\"size\": {}", stored + 1),
+                1,
+            ),
+        ),
+    ];
+    for (what, edited) in edits {
+        assert_ne!(edited, original, "{what}: the edit changed nothing");
+        std::fs::write(work.path().join("a").join(&key), &edited).unwrap();
+
+        let verify = lifeboat(&config, &["verify", "config", "--from", "a"]);
+        verify.assert_code(1);
+        assert!(
+            verify.stdout.contains(&format!("DAMAGED  {key}"))
+                && verify.stdout.contains("changed after lifeboat wrote it"),
+            "{what}: {}",
+            verify.stdout
+        );
+        let into = work.path().join("restored");
+        let restore = restore_from(&config, "a", &into);
+        restore.assert_code(1);
+        assert!(
+            restore
+                .stderr
+                .contains(&format!("manifest '{key}' in repository 'a'"))
+                && restore.stderr.contains("changed after lifeboat wrote it"),
+            "{what}: {}",
+            restore.stderr
+        );
+        assert!(!into.exists(), "{what}: the target was created");
+        // Without --from, the intact manifest in 'b' serves.
+        lifeboat(
+            &config,
+            &["restore", "config", "--into", into.to_str().unwrap()],
+        )
+        .assert_code(0);
+        tree::assert_same(&source, &into.join(source.strip_prefix("/").unwrap()));
+        std::fs::remove_dir_all(&into).unwrap();
+    }
+}
