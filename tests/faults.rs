@@ -951,3 +951,49 @@ async fn twenty_backups_killed_at_random_moments_leave_every_committed_backup_wh
     eprintln!("{committed} committed backup(s) restore identical");
     rig.assert_every_backup_restores();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pg_basebackup_killed_midway_commits_nothing_and_the_committed_base_backup_stays_whole() {
+    use crate::common::procs;
+    use crate::postgres_physical::{BUCKET, JOB, archiving_cluster, shared_work_dir};
+    let s3 = SeaweedFs::start().await;
+    s3.create_bucket(BUCKET).await;
+    let work = shared_work_dir();
+    let (source, config) = archiving_cluster(work.path(), &[&s3], "");
+    lifeboat(&config, &["backup", JOB]).assert_code(0);
+    // Enough data that pg_basebackup is still streaming when it is killed.
+    source.psql(
+        "postgres",
+        "create table filler as select g, repeat(md5(g::text), 8) as pad from generate_series(1, 300000) g",
+    );
+    let log_path = work.path().join("killed.log");
+    let mut child = crate::common::lifeboat_command(&config)
+        .args(["backup", JOB])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(&log_path).unwrap())
+        .spawn()
+        .unwrap();
+    let pid = procs::wait_for_descendant(&mut child, |argv| argv.contains("--pgdata=-"))
+        .expect("pg_basebackup started");
+    procs::wait_until_written(pid, 4 << 20);
+    // SAFETY: kill(2) on the pid of a pg_basebackup this test saw lifeboat start.
+    unsafe {
+        libc::kill(pid as i32, libc::SIGKILL);
+    }
+    let status = child.wait().unwrap();
+    let log = std::fs::read_to_string(&log_path).unwrap();
+    assert_eq!(status.code(), Some(1), "{log}");
+    assert!(log.contains("pg_basebackup"), "{log}");
+    assert_eq!(
+        s3.manifest_keys(BUCKET).await.len(),
+        1,
+        "the killed backup committed"
+    );
+    lifeboat(&config, &["prune", "--grace", "1ms"]).assert_code(0);
+    assert_eq!(s3.open_uploads(BUCKET).await, Vec::<String>::new());
+    // The base backup committed before is whole, and the next one works.
+    lifeboat(&config, &["verify", JOB]).assert_code(0);
+    lifeboat(&config, &["backup", JOB]).assert_code(0);
+    assert_eq!(s3.manifest_keys(BUCKET).await.len(), 2);
+    lifeboat(&config, &["verify", JOB]).assert_code(0);
+}

@@ -406,7 +406,9 @@ fn database_exists(cluster: &Postgres, name: &str) -> bool {
     ) == "1"
 }
 
-/// The one `objects[]` entry of the latest local manifest named `name`, edited by `edit`.
+/// The one `objects[]` entry of the latest local manifest named `name`, edited by `edit`,
+/// and the manifest sealed again as lifeboat seals it (its `manifest_sha256` is the sha256
+/// of the manifest with that value as 64 zeros): damage the seal cannot see.
 fn edit_manifest_object(repo: &Path, name: &str, edit: impl FnOnce(&mut serde_json::Value)) {
     let manifest_path = walkdir::WalkDir::new(repo)
         .into_iter()
@@ -423,9 +425,17 @@ fn edit_manifest_object(repo: &Path, name: &str, edit: impl FnOnce(&mut serde_js
         .find(|o| o["name"] == name)
         .expect("the object is in the manifest");
     edit(object);
+    let zeros = "0".repeat(64);
+    manifest["manifest_sha256"] = serde_json::json!(zeros);
+    let unsealed = serde_json::to_string_pretty(&manifest).unwrap();
+    let seal = {
+        use sha2::Digest;
+        hex::encode(sha2::Sha256::digest(unsealed.as_bytes()))
+    };
+    let field = |value: &str| format!("\"manifest_sha256\": \"{value}\"");
     std::fs::write(
         &manifest_path,
-        serde_json::to_vec_pretty(&manifest).unwrap(),
+        unsealed.replacen(&field(&zeros), &field(&seal), 1),
     )
     .unwrap();
 }
