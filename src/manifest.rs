@@ -196,6 +196,13 @@ impl Manifest {
         }
         let manifest: Manifest =
             serde_json::from_value(serde_json::Value::Object(fields)).map_err(|e| e.to_string())?;
+        if let Some(size) = manifest.source.wal_segment_size
+            && !crate::wal::is_segment_size(size)
+        {
+            return Err(format!(
+                "wal_segment_size {size} is not a PostgreSQL WAL segment size (a power of two from 1 MiB to 1 GiB)"
+            ));
+        }
         if manifest.format != FORMAT {
             return Err(format!(
                 "manifest format {} is not supported by lifeboat {} (supports {FORMAT})",

@@ -108,16 +108,23 @@ impl WalFile {
     }
 }
 
+/// A size PostgreSQL allows for WAL segments: a power of two from 1 MiB to 1 GiB.
+pub fn is_segment_size(size: u64) -> bool {
+    size.is_power_of_two() && (1 << 20..=1 << 30).contains(&size)
+}
+
 impl WalFile {
     /// The number of the segment the file belongs to (for `.backup` and `.partial` files,
-    /// the segment they name); None for timeline history files.
+    /// the segment they name); None for timeline history files, and for a name no segment
+    /// of that size has (its low part past the segments in 4 GiB).
     pub fn segment(&self, segment_size: u64) -> Option<u64> {
-        if self.kind == WalFileKind::History {
+        if self.kind == WalFileKind::History || !is_segment_size(segment_size) {
             return None;
         }
+        let per_log = 0x1_0000_0000 / segment_size;
         let log = u64::from_str_radix(self.name.get(8..16)?, 16).ok()?;
         let seg = u64::from_str_radix(self.name.get(16..24)?, 16).ok()?;
-        Some(log * (0x1_0000_0000 / segment_size) + seg)
+        (seg < per_log).then_some(log * per_log + seg)
     }
 }
 
@@ -146,6 +153,13 @@ mod tests {
         assert_eq!(of("00000002.history"), None);
         let name = segment_name(3, 4242, mb16);
         assert_eq!(of(&name), Some(4242));
+        // Found by fuzzing: a low part past 0xFF is no 16 MiB segment, and must not alias
+        // segment 0x2A80's number.
+        assert_eq!(of("000030000028000000000280"), None);
+        assert_eq!(of("0000000100000000000000FF"), Some(255));
+        let file = WalFile::parse("000000010000000000000003").unwrap();
+        assert_eq!(file.segment(0), None);
+        assert_eq!(file.segment(3 << 20), None);
     }
 
     #[test]

@@ -96,7 +96,12 @@ pub(super) async fn floors(
                     backup.id
                 )
             })?;
-        let segment = file.segment(size).expect("segments have a number");
+        let segment = file.segment(size).ok_or_else(|| {
+            format!(
+                "kept backup {} names a first WAL segment {first_wal} that no segment of {size} bytes has",
+                backup.id
+            )
+        })?;
         // Only the lowest floor per timeline matters.
         match floors.iter_mut().find(|f| f.timeline == file.timeline) {
             Some(floor) if floor.segment <= segment => {}

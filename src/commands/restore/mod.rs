@@ -28,6 +28,8 @@ use crate::repository::Repository;
 use crate::transfer::check_key;
 
 pub use extract::ExtractSummary;
+/// The tar restore path on its own: what the fuzz tests drive.
+pub use extract::extract as extract_tar;
 pub use physical::{PhysicalRestoreOptions, RecoveryTarget};
 
 pub struct RestoreOptions {
