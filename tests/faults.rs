@@ -94,6 +94,15 @@ impl Rig {
         self.judge(name, run, expect).await
     }
 
+    /// Runs `args` once per case, each with its one rule; the runs, in order.
+    async fn cases(&mut self, args: &[&str], cases: Vec<(&str, Rule, Expect)>) -> Vec<Run> {
+        let mut runs = Vec::with_capacity(cases.len());
+        for (name, rule, expect) in cases {
+            runs.push(self.case(name, args, vec![rule], expect).await);
+        }
+        runs
+    }
+
     /// Checks a run that met a fault against `expect`, and keeps its outcome for the table.
     async fn judge(&mut self, name: &str, run: Run, expect: Expect) -> Run {
         let said = format!("{}{}", run.stdout, run.stderr);
@@ -423,46 +432,40 @@ async fn restore_and_verify_resume_or_retry_transient_faults_and_name_lasting_on
     }
 
     let verify = ["verify", JOB];
-    rig.case(
-        "verify: 503 on the object",
-        &verify,
-        vec![Rule::once("GET", OBJECT, SLOW_DOWN)],
-        Expect::Recovers,
-    )
-    .await;
-    rig.case(
-        "verify: the object cut after 2 MiB",
-        &verify,
-        vec![Rule::once("GET", OBJECT, Fault::CutResponseAfter(2 << 20))],
-        Expect::Recovers,
-    )
-    .await;
-    let run = rig
-        .case(
-            "verify: the object always cut",
+    let runs = rig
+        .cases(
             &verify,
-            vec![Rule::always(
-                "GET",
-                OBJECT,
-                Fault::CutResponseAfter(2 << 20),
-            )],
-            Expect::Fails(&["files.tar.zst"]),
+            vec![
+                (
+                    "verify: 503 on the object",
+                    Rule::once("GET", OBJECT, SLOW_DOWN),
+                    Expect::Recovers,
+                ),
+                (
+                    "verify: the object cut after 2 MiB",
+                    Rule::once("GET", OBJECT, Fault::CutResponseAfter(2 << 20)),
+                    Expect::Recovers,
+                ),
+                (
+                    "verify: the object always cut",
+                    Rule::always("GET", OBJECT, Fault::CutResponseAfter(2 << 20)),
+                    Expect::Fails(&["files.tar.zst"]),
+                ),
+                (
+                    "verify: the listing always 503",
+                    Rule::always("GET", LISTING, SLOW_DOWN),
+                    Expect::Fails(&["SlowDown"]),
+                ),
+            ],
         )
         .await;
     // Unreadable is not damaged: nothing to replace, only to read again.
-    assert!(run.stdout.contains("UNREADABLE"), "{}", run.stdout);
+    let always_cut = &runs[2].stdout;
+    assert!(always_cut.contains("UNREADABLE"), "{always_cut}");
     assert!(
-        run.stdout.contains(": 0 damaged, 1 unreadable"),
-        "{}",
-        run.stdout
+        always_cut.contains(": 0 damaged, 1 unreadable"),
+        "{always_cut}"
     );
-    rig.case(
-        "verify: the listing always 503",
-        &verify,
-        vec![Rule::always("GET", LISTING, SLOW_DOWN)],
-        Expect::Fails(&["SlowDown"]),
-    )
-    .await;
     rig.assert_whole("restore and verify").await;
     rig.assert_every_backup_restores();
     rig.print_table("restore and verify");
@@ -689,38 +692,40 @@ async fn wal_push_and_drill_retry_transient_faults_and_fail_loudly_on_lasting_on
         "--report-dir",
         reports.to_str().unwrap(),
     ];
-    rig.case(
-        "drill: 503 on the object",
+    rig.cases(
         &run,
-        vec![Rule::once("GET", OBJECT, SLOW_DOWN)],
-        Expect::Recovers,
+        vec![
+            (
+                "drill: 503 on the object",
+                Rule::once("GET", OBJECT, SLOW_DOWN),
+                Expect::Recovers,
+            ),
+            (
+                "drill: the object cut after 2 MiB",
+                Rule::once("GET", OBJECT, Fault::CutResponseAfter(2 << 20)),
+                Expect::Recovers,
+            ),
+            (
+                "drill: the object always cut",
+                Rule::always("GET", OBJECT, Fault::CutResponseAfter(2 << 20)),
+                Expect::Fails(&["files.tar.zst"]),
+            ),
+            (
+                "drill: the manifest always 503",
+                Rule::always("GET", MANIFEST, SLOW_DOWN),
+                Expect::Fails(&["SlowDown"]),
+            ),
+        ],
     )
     .await;
-    rig.case(
-        "drill: the object cut after 2 MiB",
-        &run,
-        vec![Rule::once("GET", OBJECT, Fault::CutResponseAfter(2 << 20))],
-        Expect::Recovers,
-    )
-    .await;
-    rig.case(
-        "drill: the object always cut",
-        &run,
-        vec![Rule::always(
-            "GET",
-            OBJECT,
-            Fault::CutResponseAfter(2 << 20),
-        )],
-        Expect::Fails(&["files.tar.zst"]),
-    )
-    .await;
-    rig.case(
-        "drill: the manifest always 503",
-        &run,
-        vec![Rule::always("GET", MANIFEST, SLOW_DOWN)],
-        Expect::Fails(&["SlowDown"]),
-    )
-    .await;
+    // The next drill, with the faults gone, passes.
+    let again = lifeboat(&rig.config, &run);
+    assert_eq!(again.code, 0, "{}{}", again.stdout, again.stderr);
+    assert!(
+        again.stdout.contains("drill conf: PASS"),
+        "{}",
+        again.stdout
+    );
     rig.assert_whole("wal-push and drill").await;
     rig.print_table("wal-push and drill");
 }

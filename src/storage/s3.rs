@@ -442,6 +442,10 @@ impl Download {
                 ),
             };
             self.body = None;
+            if self.end.is_some_and(|end| self.next >= end) {
+                // Every byte asked for arrived before the connection failed.
+                return None;
+            }
             if self.resumes_left == 0 {
                 return Some(Err(StoreError::backend("download", &self.key, failure)));
             }

@@ -7,7 +7,7 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
 #[derive(Debug, Clone, Copy)]
@@ -273,37 +273,14 @@ async fn serve(
 
     let mut server = TcpStream::connect(upstream).await?;
     server.write_all(closing(&head).as_bytes()).await?;
-    let (mut client_read, mut client_write) = client.into_split();
-    let (mut server_read, mut server_write) = server.into_split();
+    let (client_read, mut client_write) = client.into_split();
+    let (mut server_read, server_write) = server.into_split();
 
     let request_limit = match fault {
         Some(Fault::CutRequestAfter(bytes)) => Some(bytes),
         _ => None,
     };
-    let to_server = async move {
-        let mut sent = 0u64;
-        let mut pending = early_body;
-        let mut chunk = vec![0u8; 65536];
-        loop {
-            if !pending.is_empty() {
-                let allowed = match request_limit {
-                    Some(limit) => (limit.saturating_sub(sent) as usize).min(pending.len()),
-                    None => pending.len(),
-                };
-                server_write.write_all(&pending[..allowed]).await?;
-                sent += allowed as u64;
-                if allowed < pending.len() {
-                    return Ok::<bool, std::io::Error>(true);
-                }
-                pending.clear();
-            }
-            let read = client_read.read(&mut chunk).await?;
-            if read == 0 {
-                return Ok(false);
-            }
-            pending.extend_from_slice(&chunk[..read]);
-        }
-    };
+    let to_server = relay(client_read, server_write, early_body, request_limit);
 
     let response_limit = match fault {
         Some(Fault::CutResponseAfter(bytes)) | Some(Fault::StallResponseAfter(bytes)) => {
@@ -313,37 +290,19 @@ async fn serve(
     };
     let stall = matches!(fault, Some(Fault::StallResponseAfter(_)));
     let to_client = async move {
-        let Some((response_head, mut pending)) = read_head(&mut server_read).await? else {
+        let Some((response_head, pending)) = read_head(&mut server_read).await? else {
             return Ok::<(), std::io::Error>(());
         };
         client_write
             .write_all(closing(&response_head).as_bytes())
             .await?;
-        let mut relayed = 0u64;
-        let mut chunk = vec![0u8; 65536];
-        loop {
-            if !pending.is_empty() {
-                let allowed = match response_limit {
-                    Some(limit) => (limit.saturating_sub(relayed) as usize).min(pending.len()),
-                    None => pending.len(),
-                };
-                client_write.write_all(&pending[..allowed]).await?;
-                relayed += allowed as u64;
-                if allowed < pending.len() {
-                    if stall {
-                        std::future::pending::<()>().await;
-                    }
-                    return Ok(());
-                }
-                pending.clear();
-            }
-            let read = server_read.read(&mut chunk).await?;
-            if read == 0 {
-                client_write.shutdown().await?;
-                return Ok(());
-            }
-            pending.extend_from_slice(&chunk[..read]);
+        let cut = relay(&mut server_read, &mut client_write, pending, response_limit).await?;
+        match (cut, stall) {
+            (true, true) => std::future::pending::<()>().await,
+            (true, false) => {}
+            (false, _) => client_write.shutdown().await?,
         }
+        Ok(())
     };
 
     tokio::pin!(to_client);
@@ -358,4 +317,35 @@ async fn serve(
         _ = &mut to_client => {}
     }
     Ok(())
+}
+
+/// Copies `pending`, then everything `from` sends, to `to`, up to `limit` bytes in all;
+/// true when the limit cut it short, false at the end of `from`.
+async fn relay(
+    mut from: impl AsyncRead + Unpin,
+    mut to: impl AsyncWrite + Unpin,
+    mut pending: Vec<u8>,
+    limit: Option<u64>,
+) -> std::io::Result<bool> {
+    let mut passed = 0u64;
+    let mut chunk = vec![0u8; 65536];
+    loop {
+        if !pending.is_empty() {
+            let allowed = match limit {
+                Some(limit) => (limit.saturating_sub(passed) as usize).min(pending.len()),
+                None => pending.len(),
+            };
+            to.write_all(&pending[..allowed]).await?;
+            passed += allowed as u64;
+            if allowed < pending.len() {
+                return Ok(true);
+            }
+            pending.clear();
+        }
+        let read = from.read(&mut chunk).await?;
+        if read == 0 {
+            return Ok(false);
+        }
+        pending.extend_from_slice(&chunk[..read]);
+    }
 }
