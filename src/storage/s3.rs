@@ -19,7 +19,7 @@ use aws_sdk_s3::config::timeout::TimeoutConfig;
 use aws_sdk_s3::config::{
     Credentials, Region, RequestChecksumCalculation, ResponseChecksumValidation,
 };
-use aws_sdk_s3::error::{DisplayErrorContext, ProvideErrorMetadata, SdkError};
+use aws_sdk_s3::error::{ProvideErrorMetadata, SdkError};
 use aws_sdk_s3::primitives::ByteStream as SdkByteStream;
 use aws_sdk_s3::types::{
     ChecksumAlgorithm, CompletedMultipartUpload, CompletedPart, ObjectLockLegalHoldStatus,
@@ -363,8 +363,24 @@ where
                 _ => format!("HTTP {status}"),
             }
         }
-        other => DisplayErrorContext(other).to_string(),
+        other => cause_chain(other),
     }
+}
+
+/// An error and its sources in one line (`dispatch failure: io error: Connection refused`),
+/// without the debug dump the SDK's own rendering ends with.
+fn cause_chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        let line = cause.to_string();
+        if !text.ends_with(&line) {
+            text.push_str(": ");
+            text.push_str(&line);
+        }
+        source = cause.source();
+    }
+    text
 }
 
 /// One object being downloaded. The SDK retries a request until its response headers
@@ -433,7 +449,7 @@ impl Download {
                     self.body = None;
                     return None;
                 }
-                Ok(Some(Err(e))) => DisplayErrorContext(&e).to_string(),
+                Ok(Some(Err(e))) => cause_chain(&e),
                 // The SDK's timeouts end when the response headers arrive; a body that stops
                 // flowing would otherwise hang a restore forever.
                 Err(_) => format!(
