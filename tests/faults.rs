@@ -730,7 +730,7 @@ async fn wal_push_and_drill_retry_transient_faults_and_fail_loudly_on_lasting_on
     rig.print_table("wal-push and drill");
 }
 
-/// A tmpfs of `size` mounted at `path` (with `options`), unmounted when dropped.
+/// A tmpfs mounted at a path with `options` (`size=4m`, `ro`), unmounted when dropped.
 struct Tmpfs(PathBuf);
 
 impl Tmpfs {
