@@ -54,42 +54,47 @@ pub(super) async fn capture(context: &Context<'_>, job: &PostgresJob) -> Result<
     let auth = server.child_auth()?;
     tracing::info!(server = %server.describe(), version = %info.version, pg_dump = %binaries.dir.display(), "dumping {} database(s)", databases.len());
 
-    let mut objects = Vec::new();
-    let mut recovery_point: Option<DateTime<Utc>> = None;
-    for database in &databases {
-        let connection = server.with_database(database);
-        if job.heartbeat {
-            logical::write_heartbeat(&connection, context.job_name).await?;
+    // The globals are dumped beside the databases, not after them: pg_dumpall's start and
+    // its connection cost as much as a small database's dump. Both run to their end, so a
+    // failure of one never abandons the other's upload midway.
+    let dump_databases = async {
+        let mut objects = Vec::new();
+        let mut recovery_point: Option<DateTime<Utc>> = None;
+        for database in &databases {
+            let connection = server.with_database(database);
+            if job.heartbeat {
+                logical::write_heartbeat(&connection, context.job_name).await?;
+            }
+            let snapshot = logical::export_snapshot(&connection).await?;
+            let command = logical::dump_command(&binaries, &connection, &snapshot.id, &auth);
+            let action = format!("dump database '{database}' with pg_dump");
+            let name = database_object_name(database);
+            let stored = context
+                .store(&name, move |out| {
+                    process::stream_stdout(command, &action, out)
+                })
+                .await;
+            let taken_at = snapshot.taken_at;
+            snapshot.finish().await;
+            let (mut entry, _) = stored?;
+            // The backup as a whole holds data at least as new as its oldest snapshot.
+            recovery_point = Some(recovery_point.map_or(taken_at, |point| point.min(taken_at)));
+            entry.database = Some(database.clone());
+            objects.push(entry);
         }
-        let snapshot = logical::export_snapshot(&connection).await?;
-        let command = logical::dump_command(&binaries, &connection, &snapshot.id, &auth);
-        let action = format!("dump database '{database}' with pg_dump");
-        let name = database_object_name(database);
-        let stored = context
-            .store(&name, move |out| {
-                process::stream_stdout(command, &action, out)
-            })
-            .await;
-        let taken_at = snapshot.taken_at;
-        snapshot.finish().await;
-        let (mut entry, _) = stored?;
-        // The backup as a whole holds data at least as new as its oldest snapshot.
-        recovery_point = Some(recovery_point.map_or(taken_at, |point| point.min(taken_at)));
-        entry.database = Some(database.clone());
-        objects.push(entry);
-    }
-
-    let command = logical::globals_command(&binaries, &server, &info, &auth);
-    let (entry, _) = context
-        .store(GLOBALS_OBJECT, move |out| {
-            process::stream_stdout(
-                command,
-                "dump globals (roles, tablespaces) with pg_dumpall",
-                out,
-            )
-        })
-        .await?;
-    objects.push(entry);
+        Ok::<_, Error>((objects, recovery_point))
+    };
+    let globals = logical::globals_command(&binaries, &server, &info, &auth);
+    let dump_globals = context.store(GLOBALS_OBJECT, move |out| {
+        process::stream_stdout(
+            globals,
+            "dump globals (roles, tablespaces) with pg_dumpall",
+            out,
+        )
+    });
+    let (databases_dumped, globals_dumped) = tokio::join!(dump_databases, dump_globals);
+    let (mut objects, recovery_point) = databases_dumped?;
+    objects.push(globals_dumped?.0);
 
     Ok(Captured {
         objects,
