@@ -448,13 +448,24 @@ async fn record_run(
     metrics::record(config, &[run]).await;
 }
 
+/// Prints a report. A reader that went away (`lifeboat list | head`) is no error of the
+/// command's: its exit code still says how the command went.
 fn print<T: std::fmt::Display + serde::Serialize>(report: &T, format: OutputFormat) {
-    match format {
-        OutputFormat::Text => print!("{report}"),
-        OutputFormat::Json => println!(
+    use std::io::Write as _;
+    let mut out = std::io::stdout().lock();
+    let written = match format {
+        OutputFormat::Text => write!(out, "{report}"),
+        OutputFormat::Json => writeln!(
+            out,
             "{}",
             serde_json::to_string_pretty(report).expect("reports serialize")
         ),
+    };
+    match written.and_then(|()| out.flush()) {
+        Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => {
+            eprintln!("error: unable to write the report to stdout: {e}");
+        }
+        _ => {}
     }
 }
 
