@@ -459,7 +459,7 @@ pub fn decode_staged<T>(
 }
 
 /// `pipeline::decode` with a progress line labelled `label`.
-fn decode_with_progress<R: Read, T>(
+fn decode_with_progress<R: Read + Send, T>(
     stored: R,
     expected: &Digests,
     identities: Option<&Vec<Identity>>,

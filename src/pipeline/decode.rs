@@ -79,6 +79,68 @@ fn compare(what: &str, expected_size: u64, expected_sha: &str, tally: Tally) -> 
     Ok(())
 }
 
+/// Decoded chunks waiting for the consumer: bounded, so memory is too.
+const DECODED_AHEAD: usize = 4;
+
+/// Reads `reader` to its end in `CHUNK_SIZE` pieces into `chunks`; stops at the first error
+/// (handed on) or when the consumer is gone.
+fn read_ahead(mut reader: impl Read, chunks: std::sync::mpsc::SyncSender<io::Result<Vec<u8>>>) {
+    loop {
+        let mut chunk = vec![0u8; super::CHUNK_SIZE];
+        let mut filled = 0;
+        let outcome = loop {
+            match reader.read(&mut chunk[filled..]) {
+                Ok(0) => break Ok(()),
+                Ok(n) => {
+                    filled += n;
+                    if filled == chunk.len() {
+                        break Ok(());
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => break Err(e),
+            }
+        };
+        chunk.truncate(filled);
+        let end = filled == 0 || outcome.is_err();
+        if filled > 0 && chunks.send(Ok(chunk)).is_err() {
+            return;
+        }
+        if let Err(e) = outcome {
+            let _ = chunks.send(Err(e));
+        }
+        if end {
+            return;
+        }
+    }
+}
+
+/// The consumer's side of [`read_ahead`].
+struct Decoded {
+    receiver: std::sync::mpsc::Receiver<io::Result<Vec<u8>>>,
+    chunk: Vec<u8>,
+    at: usize,
+}
+
+impl Read for Decoded {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        while self.at == self.chunk.len() {
+            match self.receiver.recv() {
+                Ok(next) => {
+                    self.chunk = next?;
+                    self.at = 0;
+                }
+                // The reading thread finished: the end of the stream.
+                Err(_) => return Ok(0),
+            }
+        }
+        let n = buf.len().min(self.chunk.len() - self.at);
+        buf[..n].copy_from_slice(&self.chunk[self.at..self.at + n]);
+        self.at += n;
+        Ok(n)
+    }
+}
+
 /// The zstd stream inside a stored object: the object itself, or what age decrypts it to.
 enum Unsealed<R> {
     Plain(R),
@@ -178,7 +240,7 @@ pub fn decode<R, T>(
     consume: impl FnOnce(&mut dyn Read) -> io::Result<T>,
 ) -> Result<T, DecodeError>
 where
-    R: Read,
+    R: Read + Send,
 {
     let tap = Arc::new(Mutex::new(Tap {
         inner: stored,
@@ -188,13 +250,23 @@ where
     let consumed = (|| -> Result<(T, Tally), Failure> {
         let unsealed = Unsealed::open(TapReader(tap.clone()), identities).map_err(Failure::Key)?;
         let decoder = zstd::stream::read::Decoder::new(unsealed)?;
-        let mut raw = RawReader {
-            inner: decoder,
-            tally: BackgroundTally::start(),
-        };
-        let value = consume(&mut raw)?;
-        io::copy(&mut raw, &mut io::sink())?;
-        Ok((value, raw.tally.finish()))
+        // Decompression runs on a thread of its own, ahead of the consumer: unpacking a base
+        // backup writes as fast as one core can, and decoding on the same core came first.
+        std::thread::scope(|scope| {
+            let (chunks, receiver) = std::sync::mpsc::sync_channel(DECODED_AHEAD);
+            scope.spawn(move || read_ahead(decoder, chunks));
+            let mut raw = RawReader {
+                inner: Decoded {
+                    receiver,
+                    chunk: Vec::new(),
+                    at: 0,
+                },
+                tally: BackgroundTally::start(),
+            };
+            let value = consume(&mut raw)?;
+            io::copy(&mut raw, &mut io::sink())?;
+            Ok((value, raw.tally.finish()))
+        })
     })();
 
     finish_tap(tap, expected)?;
