@@ -209,9 +209,14 @@ fn append_file(
     let metadata = file.metadata()?;
     let mut header = tar::Header::new_gnu();
     header.set_metadata_in_mode(&metadata, tar::HeaderMode::Complete);
-    // Large reads: tar copies in 8 KiB steps, which would otherwise be one syscall each.
+    // Large reads: tar copies in 8 KiB steps, which would otherwise be one syscall each. A
+    // buffer no larger than the file: a 1 MiB one for each of thousands of small config files
+    // cost an mmap and munmap apiece.
+    let buffer = (metadata.len() as usize)
+        .saturating_add(1)
+        .clamp(8 * 1024, READ_BUFFER);
     let reader = ExactReader {
-        inner: io::BufReader::with_capacity(READ_BUFFER, file),
+        inner: io::BufReader::with_capacity(buffer, file),
         remaining: metadata.len(),
     };
     builder.append_data(&mut header, name, reader)
