@@ -42,9 +42,11 @@ def free_port():
 
 
 class Cluster:
-    def __init__(self, scale, settings=()):
-        """settings: extra `name=value` server settings for this start."""
-        self.dir = DATA / f"cluster-s{scale}"
+    def __init__(self, scale, settings=(), name=None, fill=None):
+        """settings: extra `name=value` server settings for this start; name: the cluster's
+        directory under DATA (default cluster-sSCALE); fill(cluster): makes the database
+        `bench` (default pgbench -i -s SCALE)."""
+        self.dir = DATA / (name or f"cluster-s{scale}")
         self.port = free_port()
         fresh = not (self.dir / "data" / "PG_VERSION").exists()
         if fresh:
@@ -55,6 +57,12 @@ class Cluster:
             subprocess.run(as_owner([str(PG_BIN / "initdb"), "-D", str(self.dir / "data"), "-U", "postgres",
                                      "--auth=trust", "-E", "UTF8", "--locale=C.UTF-8"]),
                            check=True, stdout=subprocess.DEVNULL)
+        conf = self.dir / "data" / "postgresql.conf"
+        socket_line = f"unix_socket_directories = '{self.dir}'\n"
+        if socket_line not in conf.read_text():
+            # Servers restored from this cluster's base backups start with its config.
+            with open(conf, "a") as out:
+                out.write(socket_line)
         log = open(self.dir / "postgres.log", "ab")
         self.proc = subprocess.Popen(as_owner([str(PG_BIN / "postgres"), "-D", str(self.dir / "data"),
                                                "-p", str(self.port), "-k", str(self.dir),
@@ -69,6 +77,11 @@ class Cluster:
         else:
             sys.exit(f"the benchmark cluster did not start; see {self.dir / 'postgres.log'}")
         if fresh or self.psql("select count(*) from pg_database where datname = 'bench'") != "1":
+            if fill:
+                print(f"filling the benchmark database in {self.dir.name} (once; kept in {self.dir})", flush=True)
+                self.psql("drop database if exists bench")
+                fill(self)
+                return
             print(f"filling the benchmark database: pgbench -i -s {scale} (once; kept in {self.dir})", flush=True)
             self.psql("create database bench")
             subprocess.run([str(PG_BIN / "pgbench"), "-i", "-q", "-s", str(scale), "-h", "127.0.0.1",
