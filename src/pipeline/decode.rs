@@ -83,10 +83,16 @@ fn compare(what: &str, expected_size: u64, expected_sha: &str, tally: Tally) -> 
 const DECODED_AHEAD: usize = 4;
 
 /// Reads `reader` to its end in `CHUNK_SIZE` pieces into `chunks`; stops at the first error
-/// (handed on) or when the consumer is gone.
-fn read_ahead(mut reader: impl Read, chunks: std::sync::mpsc::SyncSender<io::Result<Vec<u8>>>) {
+/// (handed on) or when the consumer is gone. Buffers the consumer is done with come back
+/// through `spare`: a fresh 1 MiB buffer per chunk cost a page fault per 4 KiB.
+fn read_ahead(
+    mut reader: impl Read,
+    chunks: std::sync::mpsc::SyncSender<io::Result<Vec<u8>>>,
+    spare: std::sync::mpsc::Receiver<Vec<u8>>,
+) {
     loop {
-        let mut chunk = vec![0u8; super::CHUNK_SIZE];
+        let mut chunk = spare.try_recv().unwrap_or_default();
+        chunk.resize(super::CHUNK_SIZE, 0);
         let mut filled = 0;
         let outcome = loop {
             match reader.read(&mut chunk[filled..]) {
@@ -118,6 +124,7 @@ fn read_ahead(mut reader: impl Read, chunks: std::sync::mpsc::SyncSender<io::Res
 /// The consumer's side of [`read_ahead`].
 struct Decoded {
     receiver: std::sync::mpsc::Receiver<io::Result<Vec<u8>>>,
+    spare: std::sync::mpsc::SyncSender<Vec<u8>>,
     chunk: Vec<u8>,
     at: usize,
 }
@@ -127,7 +134,9 @@ impl Read for Decoded {
         while self.at == self.chunk.len() {
             match self.receiver.recv() {
                 Ok(next) => {
-                    self.chunk = next?;
+                    let used = std::mem::replace(&mut self.chunk, next?);
+                    // Full or gone: either way a new buffer is allocated instead.
+                    let _ = self.spare.try_send(used);
                     self.at = 0;
                 }
                 // The reading thread finished: the end of the stream.
@@ -254,10 +263,12 @@ where
         // backup writes as fast as one core can, and decoding on the same core came first.
         std::thread::scope(|scope| {
             let (chunks, receiver) = std::sync::mpsc::sync_channel(DECODED_AHEAD);
-            scope.spawn(move || read_ahead(decoder, chunks));
+            let (spare, spares) = std::sync::mpsc::sync_channel(DECODED_AHEAD + 1);
+            scope.spawn(move || read_ahead(decoder, chunks, spares));
             let mut raw = RawReader {
                 inner: Decoded {
                     receiver,
+                    spare,
                     chunk: Vec::new(),
                     at: 0,
                 },
