@@ -118,17 +118,19 @@ def verify_files(root: Path, raw_mib: int):
     return root
 
 
+def resp(*args):
+    """One command in the Redis protocol, for redis-cli --pipe."""
+    parts = [f"*{len(args)}\r\n".encode()]
+    for arg in args:
+        data = arg if isinstance(arg, bytes) else str(arg).encode()
+        parts.append(b"$%d\r\n%s\r\n" % (len(data), data))
+    return b"".join(parts)
+
+
 def redis_fill(port, keys, flavour):
     """KEYS keys over redis-cli --pipe: strings with TTLs, hashes, lists, sets and sorted
     sets; `pgbench` values repeat words, `realistic` ones carry random ids and numbers."""
     rng = random.Random(42)
-
-    def resp(*args):
-        parts = [f"*{len(args)}\r\n".encode()]
-        for arg in args:
-            data = arg if isinstance(arg, bytes) else str(arg).encode()
-            parts.append(b"$%d\r\n%s\r\n" % (len(data), data))
-        return b"".join(parts)
 
     def text():
         if flavour == "pgbench":

@@ -24,6 +24,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from benchlib import LIFEBOAT, ROOT, measure, print_table, ratio_line, require  # noqa: E402
+from datasets import resp  # noqa: E402
 
 WORK = ROOT / "target" / "bench" / "redis"
 
@@ -39,13 +40,6 @@ def fill(port, keys):
     compress like zeros."""
     rng = random.Random(42)
     words = ["session", "user", "cart", "token", "token", "order", "eu-west", "admin", "Ω", "✓"]
-
-    def resp(*args):
-        parts = [f"*{len(args)}\r\n".encode()]
-        for arg in args:
-            data = arg if isinstance(arg, bytes) else str(arg).encode()
-            parts.append(b"$%d\r\n%s\r\n" % (len(data), data))
-        return b"".join(parts)
 
     pipe = subprocess.Popen(["redis-cli", "-p", str(port), "--pipe"], stdin=subprocess.PIPE,
                             stdout=subprocess.DEVNULL)
@@ -71,6 +65,22 @@ def fill(port, keys):
     pipe.wait()
 
 
+def start_server(work):
+    """A redis-server on a free loopback port keeping its files in WORK: persistence off,
+    diskless sync with no delay. Returns (process, port) once it answers PING."""
+    port = free_port()
+    log = open(work / "redis.log", "ab")
+    server = subprocess.Popen(["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--dir", str(work),
+                               "--save", "", "--appendonly", "no", "--repl-diskless-sync", "yes",
+                               "--repl-diskless-sync-delay", "0", "--dbfilename", "server.rdb"],
+                              stdout=log, stderr=log)
+    for _ in range(100):
+        if subprocess.run(["redis-cli", "-p", str(port), "ping"], capture_output=True).stdout.strip() == b"PONG":
+            break
+        time.sleep(0.1)
+    return server, port
+
+
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--keys", type=int, default=2_000_000)
@@ -80,17 +90,8 @@ def main():
 
     shutil.rmtree(WORK, ignore_errors=True)
     WORK.mkdir(parents=True)
-    port = free_port()
-    log = open(WORK / "redis.log", "ab")
-    server = subprocess.Popen(["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--dir", str(WORK),
-                               "--save", "", "--appendonly", "no", "--repl-diskless-sync", "yes",
-                               "--repl-diskless-sync-delay", "0", "--dbfilename", "server.rdb"],
-                              stdout=log, stderr=log)
+    server, port = start_server(WORK)
     try:
-        for _ in range(100):
-            if subprocess.run(["redis-cli", "-p", str(port), "ping"], capture_output=True).stdout.strip() == b"PONG":
-                break
-            time.sleep(0.1)
         print(f"filling redis with {args.keys} keys (once)", flush=True)
         fill(port, args.keys)
         run(port, args)

@@ -38,6 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import datasets  # noqa: E402
 from benchlib import LIFEBOAT, ROOT, require  # noqa: E402
 from postgres import PG_BIN, Cluster, as_owner, free_port  # noqa: E402
+import redis  # noqa: E402
 from regions import ACCESS_KEY, SECRET_KEY, WEED, Region  # noqa: E402
 
 WORK = ROOT / "target" / "bench" / "suite"
@@ -419,17 +420,8 @@ def config_pair(dataset, args, results, _regions):
 
 def redis_pair(dataset, args, results, _regions):
     work = fresh_dir(WORK / dataset / "redis")
-    port = free_port()
-    log = open(work / "redis.log", "ab")
-    server = subprocess.Popen(["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--dir", str(work),
-                               "--save", "", "--appendonly", "no", "--repl-diskless-sync", "yes",
-                               "--repl-diskless-sync-delay", "0", "--dbfilename", "server.rdb"],
-                              stdout=log, stderr=log)
+    server, port = redis.start_server(work)
     try:
-        for _ in range(100):
-            if subprocess.run(["redis-cli", "-p", str(port), "ping"], capture_output=True).stdout.strip() == b"PONG":
-                break
-            time.sleep(0.1)
         datasets.redis_fill(port, args.redis_keys, dataset)
         repo = work / "repo"
         config = lifeboat_config(work / "lifeboat.toml", [local_repository("local", repo)],
