@@ -244,37 +244,30 @@ def logical_pairs(dataset, args, results, regions):
             cluster.psql(f"drop database {restore_target['name']}")
 
         restore_target, restored_size = {}, {}
-        results.pair(dataset, "logical restore", Side(
-            "lifeboat restore --jobs 2", lambda: [
+
+        def lifeboat_restore(*extra):
+            return Side(f"lifeboat restore --jobs 2{''.join(' ' + e for e in extra)}", lambda: [
                 LIFEBOAT, "--config", local, "restore", "bench", "--target", cluster.dsn("postgres"), "--database",
-                "bench", "--as", restore_target["name"], "--jobs", "2", "--staging-dir", staging],
-            prepare=fresh_database(False), finish=drop_database, size=lambda: restored_size["bytes"]), Side(
-            "pg_restore -j 2 (local file)", lambda: [
+                "bench", "--as", restore_target["name"], "--jobs", "2", *extra, "--staging-dir", staging],
+                prepare=fresh_database(False), finish=drop_database, size=lambda: restored_size["bytes"])
+
+        def pg_restore_local():
+            return Side("pg_restore -j 2 (local file)", lambda: [
                 PG_BIN / "pg_restore", "-j", "2", "-d", cluster.dsn(restore_target["name"]), dump],
-            prepare=fresh_database(True), finish=drop_database, size=lambda: restored_size["bytes"]),
-            args.runs, settle)
+                prepare=fresh_database(True), finish=drop_database, size=lambda: restored_size["bytes"])
+
+        results.pair(dataset, "logical restore", lifeboat_restore(), pg_restore_local(), args.runs, settle)
         # What lifeboat does before pg_restore, by hand: check the stored copy, decompress it.
         stored_dump = next(newest_backup(repo, "bench").glob("bench.dump.zst"))
         by_hand = (f"sha256sum '{stored_dump}' > /dev/null && zstd -q -d -f '{stored_dump}' -o '{work}/by-hand.dump' "
                    f"&& {PG_BIN}/pg_restore -j 2 -d '{{dsn}}' '{work}/by-hand.dump'")
-        results.pair(dataset, "logical restore, the same steps by hand", Side(
-            "lifeboat restore --jobs 2", lambda: [
-                LIFEBOAT, "--config", local, "restore", "bench", "--target", cluster.dsn("postgres"), "--database",
-                "bench", "--as", restore_target["name"], "--jobs", "2", "--staging-dir", staging],
-            prepare=fresh_database(False), finish=drop_database, size=lambda: restored_size["bytes"]), Side(
+        results.pair(dataset, "logical restore, the same steps by hand", lifeboat_restore(), Side(
             "sha256sum f.zst && zstd -d f.zst && pg_restore -j 2 f",
             lambda: by_hand.format(dsn=cluster.dsn(restore_target["name"])), shell=True,
             prepare=fresh_database(True), finish=drop_database, size=lambda: restored_size["bytes"]),
             args.runs, settle)
-        results.pair(dataset, "logical restore, tables loaded in parallel", Side(
-            "lifeboat restore --jobs 2 --parallel-data", lambda: [
-                LIFEBOAT, "--config", local, "restore", "bench", "--target", cluster.dsn("postgres"), "--database",
-                "bench", "--as", restore_target["name"], "--jobs", "2", "--parallel-data", "--staging-dir", staging],
-            prepare=fresh_database(False), finish=drop_database, size=lambda: restored_size["bytes"]), Side(
-            "pg_restore -j 2 (local file)", lambda: [
-                PG_BIN / "pg_restore", "-j", "2", "-d", cluster.dsn(restore_target["name"]), dump],
-            prepare=fresh_database(True), finish=drop_database, size=lambda: restored_size["bytes"]),
-            args.runs, settle)
+        results.pair(dataset, "logical restore, tables loaded in parallel", lifeboat_restore("--parallel-data"),
+                     pg_restore_local(), args.runs, settle)
         dump.unlink()
         (work / "by-hand.dump").unlink()
     finally:

@@ -41,12 +41,7 @@ pub enum Presence {
 
 impl Holding {
     pub fn presence(&self, manifest: &Manifest) -> Presence {
-        let expected: BTreeMap<String, u64> = manifest
-            .objects
-            .iter()
-            .map(|o| (o.name.clone(), o.size))
-            .collect();
-        self.presence_of(&expected)
+        self.presence_of(&object_sizes(manifest))
     }
 
     /// Presence against the objects a backup is known to hold: name → stored size.
@@ -61,6 +56,15 @@ impl Holding {
             (false, false) => Presence::Missing,
         }
     }
+}
+
+/// The objects `manifest` names: name → stored size, as a listing shows them.
+pub fn object_sizes(manifest: &Manifest) -> BTreeMap<String, u64> {
+    manifest
+        .objects
+        .iter()
+        .map(|o| (o.name.clone(), o.size))
+        .collect()
 }
 
 /// Everything `repository` holds under the backups of `job`, by backup id.

@@ -76,16 +76,7 @@ pub async fn run(config: &Config, options: &ListOptions) -> Result<ListReport> {
             .collect();
         for (id, agreed) in ids.iter().zip(agreed) {
             let manifest = manifests.remove(id).flatten();
-            let expected = match (&manifest, agreed) {
-                (Some(manifest), _) => Some(
-                    manifest
-                        .objects
-                        .iter()
-                        .map(|o| (o.name.clone(), o.size))
-                        .collect::<BTreeMap<_, _>>(),
-                ),
-                (None, agreed) => agreed,
-            };
+            let expected = manifest.as_ref().map(inventory::object_sizes).or(agreed);
             let mut row = ListRow {
                 job: job.clone(),
                 id: id.clone(),
