@@ -5,7 +5,7 @@
 use std::io::{self, Read};
 use std::sync::{Arc, Mutex};
 
-use super::{BackgroundTally, Digests, Tally};
+use super::{Digests, Tally};
 use crate::keys::{self, Identity, OpenError};
 
 #[derive(Debug, thiserror::Error)]
@@ -46,21 +46,6 @@ impl<R: Read> Read for TapReader<R> {
                 Err(e)
             }
         }
-    }
-}
-
-/// The decompressed stream. Its sha256 runs on a thread of its own, so hashing overlaps
-/// decompression and the consumer's writes instead of adding to them (restore time is RTO).
-struct RawReader<R> {
-    inner: R,
-    tally: BackgroundTally,
-}
-
-impl<R: Read> Read for RawReader<R> {
-    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        let n = self.inner.read(buf)?;
-        self.tally.update(&buf[..n]);
-        Ok(n)
     }
 }
 
@@ -121,26 +106,49 @@ fn read_ahead(
     }
 }
 
-/// The consumer's side of [`read_ahead`].
+/// The consumer's side of [`read_ahead`]. Each chunk the consumer is done with goes whole,
+/// in order, to the hashing thread ([`hash_done`]): the raw sha256 overlaps decompression
+/// and the consumer's writes, and the decoded bytes are never copied just to be hashed.
 struct Decoded {
     receiver: std::sync::mpsc::Receiver<io::Result<Vec<u8>>>,
-    spare: std::sync::mpsc::SyncSender<Vec<u8>>,
+    done: std::sync::mpsc::SyncSender<Vec<u8>>,
     chunk: Vec<u8>,
     at: usize,
+}
+
+impl Decoded {
+    /// Moves on to the next chunk; false at the end of the stream.
+    fn advance(&mut self) -> io::Result<bool> {
+        let next = match self.receiver.recv() {
+            Ok(next) => next?,
+            // The reading thread finished: the end of the stream.
+            Err(_) => return Ok(false),
+        };
+        let used = std::mem::replace(&mut self.chunk, next);
+        self.at = 0;
+        if !used.is_empty() {
+            // The hashing thread only stops when this sender is dropped.
+            let _ = self.done.send(used);
+        }
+        Ok(true)
+    }
+
+    /// Hashes what the consumer left unread, without copying it anywhere.
+    fn drain(mut self) -> io::Result<()> {
+        while self.advance()? {}
+        let last = std::mem::take(&mut self.chunk);
+        if !last.is_empty() {
+            let _ = self.done.send(last);
+        }
+        Ok(())
+    }
 }
 
 impl Read for Decoded {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         while self.at == self.chunk.len() {
-            match self.receiver.recv() {
-                Ok(next) => {
-                    let used = std::mem::replace(&mut self.chunk, next?);
-                    // Full or gone: either way a new buffer is allocated instead.
-                    let _ = self.spare.try_send(used);
-                    self.at = 0;
-                }
-                // The reading thread finished: the end of the stream.
-                Err(_) => return Ok(0),
+            if !self.advance()? {
+                return Ok(0);
             }
         }
         let n = buf.len().min(self.chunk.len() - self.at);
@@ -148,6 +156,20 @@ impl Read for Decoded {
         self.at += n;
         Ok(n)
     }
+}
+
+/// Hashes the chunks the consumer is done with, then hands each back to [`read_ahead`] for
+/// reuse (or drops it when enough are waiting).
+fn hash_done(
+    done: std::sync::mpsc::Receiver<Vec<u8>>,
+    spare: std::sync::mpsc::SyncSender<Vec<u8>>,
+) -> Tally {
+    let mut tally = Tally::default();
+    for chunk in done {
+        tally.update(&chunk);
+        let _ = spare.try_send(chunk);
+    }
+    tally
 }
 
 /// The zstd stream inside a stored object: the object itself, or what age decrypts it to.
@@ -263,20 +285,20 @@ where
         // backup writes as fast as one core can, and decoding on the same core came first.
         std::thread::scope(|scope| {
             let (chunks, receiver) = std::sync::mpsc::sync_channel(DECODED_AHEAD);
+            let (done, to_hash) = std::sync::mpsc::sync_channel(DECODED_AHEAD);
             let (spare, spares) = std::sync::mpsc::sync_channel(DECODED_AHEAD + 1);
             scope.spawn(move || read_ahead(decoder, chunks, spares));
-            let mut raw = RawReader {
-                inner: Decoded {
-                    receiver,
-                    spare,
-                    chunk: Vec::new(),
-                    at: 0,
-                },
-                tally: BackgroundTally::start(),
+            let hashing = scope.spawn(move || hash_done(to_hash, spare));
+            let mut raw = Decoded {
+                receiver,
+                done,
+                chunk: Vec::new(),
+                at: 0,
             };
             let value = consume(&mut raw)?;
-            io::copy(&mut raw, &mut io::sink())?;
-            Ok((value, raw.tally.finish()))
+            raw.drain()?;
+            let tally = hashing.join().expect("the hashing thread does not panic");
+            Ok((value, tally))
         })
     })();
 
