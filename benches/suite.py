@@ -68,11 +68,12 @@ def timed(argv, shell=False, user=None, check=True):
 
 class Side:
     """One side of a pair: `prepare` and `finish` run untimed before and after each run;
-    `size` says how big its output is, after the last run."""
+    `size` says how big its output is, after the last run. Each run is printed as it ends
+    unless `each` is False."""
 
-    def __init__(self, label, argv, shell=False, user=None, prepare=None, finish=None, size=None):
+    def __init__(self, label, argv, shell=False, user=None, prepare=None, finish=None, size=None, each=True):
         self.label, self.argv, self.shell, self.user = label, argv, shell, user
-        self.prepare, self.finish, self.size = prepare, finish, size
+        self.prepare, self.finish, self.size, self.each = prepare, finish, size, each
         self.samples = []
 
     def run(self):
@@ -80,6 +81,9 @@ class Side:
             self.prepare()
         argv = self.argv() if callable(self.argv) else self.argv
         self.samples.append(timed(argv, self.shell, self.user))
+        if self.each:
+            wall, cpu, rss = self.samples[-1]
+            print(f"    {wall:6.2f} s wall {cpu:6.2f} s CPU {rss:4.0f} MiB  {self.label}", flush=True)
         if self.finish:
             self.finish()
 
@@ -376,9 +380,9 @@ def wal_push(dataset, args, results, cluster, work, repo):
     subprocess.run(as_owner(["pgbackrest", f"--config={pgbr_conf}", "--stanza=bench", "stanza-create"]), check=True,
                    stdout=subprocess.DEVNULL)
     lifeboat = Side("lifeboat wal-push (local repository)", None, user="postgres",
-                    size=lambda: tree_size(work / "walrepo", "*.zst"))
+                    size=lambda: tree_size(work / "walrepo", "*.zst"), each=False)
     pgbackrest = Side("pgbackrest archive-push (zst)", None, user="postgres",
-                      size=lambda: tree_size(work / "pgbackrest-wal" / "archive"))
+                      size=lambda: tree_size(work / "pgbackrest-wal" / "archive"), each=False)
     for number, segment in enumerate(sorted(segments.iterdir())):
         lifeboat.argv = [LIFEBOAT, "--config", config, "wal-push", "--job", "bench", segment]
         pgbackrest.argv = ["pgbackrest", f"--config={pgbr_conf}", "--stanza=bench", "archive-push", segment]
