@@ -279,11 +279,12 @@ struct PostgresRestoreArgs {
     /// Restore the one --database under this name.
     #[arg(long = "as", value_name = "NAME", requires = "database")]
     rename_to: Option<String>,
-    /// Parallel pg_restore jobs: index and constraint builds (and, with --parallel-data, table loads).
+    /// Parallel pg_restore jobs: table loads, then index and constraint builds.
     #[arg(long, default_value_t = 2)]
     jobs: u32,
-    /// Stage each dump decompressed so tables load in parallel too; needs room for the
-    /// uncompressed dumps (by default the data streams from the compressed copy).
+    /// Stage each dump decompressed for pg_restore --jobs to read: one decode instead of
+    /// one per job, but room for the uncompressed dumps (by default the data streams from
+    /// the compressed copy).
     #[arg(long)]
     parallel_data: bool,
     /// Also restore roles and tablespaces (before the databases).

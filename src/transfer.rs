@@ -458,6 +458,36 @@ pub fn decode_staged<T>(
     outcome.map_err(|e| decode_failure(place, &manifest.job, object, keyring, e))
 }
 
+/// Decodes an object staged at `staged` whose checksums a `decode_staged` of the same copy
+/// checks: a second reader of it, that needs no second check.
+pub fn read_staged<T>(
+    staged: &Path,
+    repository: &Repository,
+    manifest: &Manifest,
+    object: &ObjectEntry,
+    keyring: &Keyring,
+    consume: impl FnOnce(&mut dyn Read) -> io::Result<T>,
+) -> Result<T> {
+    let key = layout::object_key(&manifest.job, &manifest.id, &object.name);
+    let place = format!("object '{key}' from repository '{}'", repository.name);
+    let identities = identities_for(keyring, object, &place)?;
+    let read = (|| {
+        let file = std::fs::File::open(staged)?;
+        let mut raw = pipeline::decode_unchecked(file, identities.as_deref().map(Vec::as_slice))?;
+        consume(&mut raw)
+    })();
+    read.map_err(|e| {
+        Error::new(
+            ErrorKind::Target,
+            format!(
+                "unable to read the staged copy '{}' of {place}",
+                staged.display()
+            ),
+        )
+        .with_source(e)
+    })
+}
+
 /// `pipeline::decode` with a progress line labelled `label`.
 fn decode_with_progress<R: Read + Send, T>(
     stored: R,

@@ -5,10 +5,10 @@
 //!
 //! By default a dump is staged as stored (compressed) and decoded straight into pg_restore:
 //! no room is needed for the uncompressed dump, and loading starts without first writing it
-//! out. Tables then load one after another; indexes and constraints are still built
-//! `--jobs` at a time. `--parallel-data` (and `--clean`, whose drops pg_restore plans over
-//! the whole archive) stage the dump decompressed instead, for `pg_restore --jobs` to load
-//! tables in parallel too.
+//! out. `--jobs` pg_restore processes load the tables at once, each fed its own decode, and
+//! indexes and constraints are built `--jobs` at a time. `--parallel-data` (and `--clean`,
+//! whose drops pg_restore plans over the whole archive) stage the dump decompressed
+//! instead, for `pg_restore --jobs` to read: one decode instead of one per job.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -25,7 +25,7 @@ use crate::sources::postgres::{
     Binaries, ChildAuth, Connection, Target, archive, quote_identifier,
 };
 use crate::sources::process;
-use crate::transfer::decode_staged;
+use crate::transfer::{decode_staged, read_staged};
 
 struct Planned<'a> {
     object: &'a ObjectEntry,
@@ -224,14 +224,14 @@ pub(super) async fn restore(
                         planned.source_database
                     ));
                 }
-                restore.streamed(
-                    served_by,
+                let dump = StoredDump {
+                    repository: served_by,
                     manifest,
-                    planned.object,
-                    &selected.keyring,
-                    stored,
-                    toc.as_deref(),
-                )
+                    object: planned.object,
+                    keyring: &selected.keyring,
+                    path: stored,
+                };
+                restore.streamed(&dump, toc.as_deref())
             }
         };
         let elapsed = started.elapsed();
@@ -334,30 +334,21 @@ impl PgRestore<'_> {
         process::run(command, self.action).map(|_| ())
     }
 
-    /// Schema and data decoded from the stored copy straight into pg_restore's stdin, one
-    /// table after another; then indexes and constraints, `--jobs` at a time, from the
-    /// table of contents alone. Without one, everything comes through stdin.
-    fn streamed(
-        &self,
-        repository: &Repository,
-        manifest: &Manifest,
-        object: &ObjectEntry,
-        keyring: &Keyring,
-        stored: &Path,
-        toc: Option<&Path>,
-    ) -> Result<()> {
-        let mut data = self.command();
-        if toc.is_some() {
-            data.args(["--section=pre-data", "--section=data"]);
-        }
-        process::run_with_stdin(data, self.action, |stdin| {
-            decode_staged(stored, repository, manifest, object, keyring, |raw| {
-                process::copy_all(raw, stdin)
-            })
-        })??;
+    /// Schema, data, then indexes and constraints, with the data decoded from the stored
+    /// copy straight into pg_restore's stdin. With the table of contents alone beside it,
+    /// the schema and the post-data steps come from that, and `--jobs` pg_restore processes
+    /// load the tables at once, each fed its own decode of the stored copy. Without one,
+    /// everything comes through one stdin.
+    fn streamed(&self, dump: &StoredDump<'_>, toc: Option<&Path>) -> Result<()> {
         let Some(toc) = toc else {
-            return Ok(());
+            return self.feed(self.command(), dump, true, |raw, stdin| {
+                process::copy_all(raw, stdin).map(|_| ())
+            });
         };
+        let mut pre_data = self.command();
+        pre_data.arg("--section=pre-data").arg(toc);
+        process::run(pre_data, self.action)?;
+        self.load_data(dump)?;
         let mut post_data = self.command();
         post_data
             .arg("--section=post-data")
@@ -365,6 +356,71 @@ impl PgRestore<'_> {
             .arg(toc);
         process::run(post_data, self.action).map(|_| ())
     }
+
+    /// `--jobs` pg_restore processes loading the data section side by side; each table
+    /// goes to the first that reaches it (see `archive::share_data`). Only the first decode
+    /// checks the checksums: the stored copy was checked when it was staged, and every
+    /// decode of it is the same.
+    fn load_data(&self, dump: &StoredDump<'_>) -> Result<()> {
+        let shared = archive::SharedData::default();
+        let failure = std::sync::Mutex::new(None);
+        std::thread::scope(|scope| {
+            for loader in 0..self.options.jobs.max(1) {
+                let (shared, failure) = (&shared, &failure);
+                scope.spawn(move || {
+                    let mut command = self.command();
+                    command.arg("--section=data");
+                    let loaded = self.feed(command, dump, loader == 0, |raw, stdin| {
+                        archive::share_data(raw, stdin, shared)
+                    });
+                    if let Err(e) = loaded
+                        && shared.abandon()
+                    {
+                        *failure.lock().expect("failure lock") = Some(e);
+                    }
+                });
+            }
+        });
+        match failure.into_inner().expect("failure lock") {
+            Some(e) => Err(e),
+            None => Ok(()),
+        }
+    }
+
+    /// Runs `command` with `copy` writing a decode of the stored dump into its stdin.
+    fn feed(
+        &self,
+        command: Command,
+        dump: &StoredDump<'_>,
+        checked: bool,
+        copy: impl FnOnce(&mut dyn std::io::Read, &mut dyn std::io::Write) -> std::io::Result<()>,
+    ) -> Result<()> {
+        let StoredDump {
+            repository,
+            manifest,
+            object,
+            keyring,
+            path,
+        } = *dump;
+        process::run_with_stdin(command, self.action, |stdin| match checked {
+            true => decode_staged(path, repository, manifest, object, keyring, |raw| {
+                copy(raw, stdin)
+            }),
+            false => read_staged(path, repository, manifest, object, keyring, |raw| {
+                copy(raw, stdin)
+            }),
+        })?
+    }
+}
+
+/// A dump staged as stored, and where it came from.
+#[derive(Clone, Copy)]
+struct StoredDump<'a> {
+    repository: &'a Repository,
+    manifest: &'a Manifest,
+    object: &'a ObjectEntry,
+    keyring: &'a Keyring,
+    path: &'a Path,
 }
 
 /// Writes the table of contents of the staged dump `stored` alone to `toc`; false (and a

@@ -8,12 +8,19 @@
 //!   where pg_dump itself would have written them, so `pg_restore --jobs N` seeks straight to
 //!   each table's data instead of scanning the file for every table.
 //!
+//! - `share_data` copies a decoded stream with only the tables this copy claimed filled in,
+//!   so several pg_restore processes, each fed its own decode of the staged (compressed)
+//!   archive, load its tables in parallel.
+//!
 //! Anything unexpected leaves the caller to fall back: pg_restore still reads the archive,
 //! only slower.
 
+use std::collections::HashSet;
 use std::fs::File;
 use std::io::{self, BufReader, Read, Seek, SeekFrom, Write};
 use std::path::Path;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 const fn version(major: u32, minor: u32) -> u32 {
     (major << 16) | (minor << 8)
@@ -68,6 +75,21 @@ struct Reader<I> {
     int_size: usize,
 }
 
+/// pg_dump's integer: a sign byte, then `int_size` (at most 8) little-endian bytes.
+const MAX_INT_BYTES: usize = 9;
+
+fn decode_int(encoded: &[u8]) -> i64 {
+    let magnitude = encoded[1..]
+        .iter()
+        .rev()
+        .fold(0i64, |value, byte| (value << 8) | *byte as i64);
+    if encoded[0] != 0 {
+        -magnitude
+    } else {
+        magnitude
+    }
+}
+
 fn corrupt(what: &str) -> io::Error {
     io::Error::new(io::ErrorKind::InvalidData, what.to_string())
 }
@@ -80,14 +102,12 @@ impl<I: Input> Reader<I> {
         Ok(byte[0])
     }
 
-    /// pg_dump's integer: a sign byte, then `int_size` little-endian bytes.
     fn int(&mut self) -> io::Result<i64> {
-        let negative = self.byte()? != 0;
-        let mut value: i64 = 0;
-        for shift in 0..self.int_size {
-            value |= (self.byte()? as i64) << (8 * shift);
-        }
-        Ok(if negative { -value } else { value })
+        let mut bytes = [0u8; MAX_INT_BYTES];
+        let encoded = &mut bytes[..1 + self.int_size];
+        self.inner.read_exact(encoded)?;
+        self.position += encoded.len() as u64;
+        Ok(decode_int(encoded))
     }
 
     /// A length-prefixed string; a negative length is NULL.
@@ -276,5 +296,331 @@ fn skip_chunks(reader: &mut Reader<impl Input>) -> io::Result<()> {
             return Err(corrupt("negative data chunk length"));
         }
         reader.skip(length as u64)?;
+    }
+}
+
+/// The data blocks of one archive, shared among the readers loading it: each block goes to
+/// the first reader that reaches it. One reader failing calls it off for all of them.
+#[derive(Debug, Default)]
+pub struct SharedData {
+    claimed: Mutex<HashSet<i64>>,
+    abandoned: AtomicBool,
+}
+
+impl SharedData {
+    fn claim(&self, dump_id: i64) -> io::Result<bool> {
+        self.go_on()?;
+        Ok(self.claimed.lock().expect("claims lock").insert(dump_id))
+    }
+
+    fn go_on(&self) -> io::Result<()> {
+        match self.abandoned.load(Ordering::Relaxed) {
+            true => Err(io::Error::other(
+                "stopped because another pg_restore loading the same dump failed",
+            )),
+            false => Ok(()),
+        }
+    }
+
+    /// Stops every reader at its next chunk; true for the first call only, whose cause is
+    /// the one worth reporting.
+    pub fn abandon(&self) -> bool {
+        !self.abandoned.swap(true, Ordering::Relaxed)
+    }
+}
+
+/// Copies the archive `input` to `out` with only the data blocks this copy claims from
+/// `shared` filled in; every other block is kept, emptied. `pg_restore --section=data`
+/// reading `out` loads the claimed tables and finds nothing to load in the rest, so readers
+/// running side by side over the same archive load its tables in parallel, as
+/// `pg_restore --jobs` does from a seekable file: a reader busy with a big table falls
+/// behind, and the others claim the tables after it.
+pub fn share_data(input: impl Read, out: impl Write, shared: &SharedData) -> io::Result<()> {
+    let mut reader = Reader::new(Scanner::new(input, out));
+    let Some(offset_size) = read_header(&mut reader)? else {
+        return Err(corrupt(
+            "not a pg_dump custom-format archive lifeboat knows",
+        ));
+    };
+    read_toc(&mut reader, offset_size)?;
+    let int_size = reader.int_size;
+    let scanner = &mut reader.inner;
+    while let Some(kind) = scanner.byte()? {
+        let dump_id = scanner.int(int_size)?;
+        let claimed = shared.claim(dump_id)?;
+        scanner.keep(claimed)?;
+        match kind {
+            BLOCK_DATA => pass_chunks(scanner, int_size, shared)?,
+            BLOCK_LARGE_OBJECTS => {
+                while scanner.int(int_size)? != 0 {
+                    pass_chunks(scanner, int_size, shared)?;
+                }
+            }
+            _ => return Err(corrupt("unknown data block type")),
+        }
+        scanner.keep(true)?;
+        if !claimed {
+            // The end of the block, with nothing before it: a zero.
+            scanner
+                .out
+                .write_all(&[0u8; MAX_INT_BYTES][..1 + int_size])?;
+        }
+    }
+    scanner.flush()?;
+    scanner.out.flush()
+}
+
+/// Passes a table's data: chunks, each a length and its bytes, ended by a zero length.
+fn pass_chunks<R: Read, W: Write>(
+    scanner: &mut Scanner<R, W>,
+    int_size: usize,
+    shared: &SharedData,
+) -> io::Result<()> {
+    loop {
+        let length = scanner.int(int_size)?;
+        if length == 0 {
+            return Ok(());
+        }
+        if length < 0 {
+            return Err(corrupt("negative data chunk length"));
+        }
+        scanner.pass(length as u64)?;
+        shared.go_on()?;
+    }
+}
+
+const SCAN_BUFFER: usize = 1024 * 1024;
+
+/// A decoded archive read through one buffer; what is consumed from it is either written to
+/// `out` or dropped. pg_dump writes a chunk per row, so a table is millions of small chunks:
+/// they are walked inside the buffer and written out a buffer at a time.
+struct Scanner<R, W> {
+    input: R,
+    out: W,
+    buffer: Vec<u8>,
+    /// `buffer[written..start]` is consumed and not yet written out.
+    written: usize,
+    start: usize,
+    end: usize,
+    keeping: bool,
+}
+
+impl<R: Read, W: Write> Scanner<R, W> {
+    fn new(input: R, out: W) -> Scanner<R, W> {
+        Scanner {
+            input,
+            out,
+            buffer: vec![0; SCAN_BUFFER],
+            written: 0,
+            start: 0,
+            end: 0,
+            keeping: true,
+        }
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        if self.keeping && self.written < self.start {
+            self.out.write_all(&self.buffer[self.written..self.start])?;
+        }
+        self.written = self.start;
+        Ok(())
+    }
+
+    /// From here on, write what is consumed (true) or drop it.
+    fn keep(&mut self, keeping: bool) -> io::Result<()> {
+        self.flush()?;
+        self.keeping = keeping;
+        Ok(())
+    }
+
+    /// At least `n` unconsumed bytes in the buffer; false at the end of the input with none.
+    fn fill(&mut self, n: usize) -> io::Result<bool> {
+        if self.end - self.start >= n {
+            return Ok(true);
+        }
+        self.flush()?;
+        self.buffer.copy_within(self.start..self.end, 0);
+        self.end -= self.start;
+        (self.start, self.written) = (0, 0);
+        while self.end < n {
+            match self.input.read(&mut self.buffer[self.end..]) {
+                Ok(0) if self.end == 0 => return Ok(false),
+                Ok(0) => return Err(io::ErrorKind::UnexpectedEof.into()),
+                Ok(read) => self.end += read,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(true)
+    }
+
+    /// Consumes `n` bytes, however many buffers they span.
+    fn pass(&mut self, mut n: u64) -> io::Result<()> {
+        loop {
+            let here = n.min((self.end - self.start) as u64) as usize;
+            self.start += here;
+            if !self.keeping {
+                self.written = self.start;
+            }
+            n -= here as u64;
+            if n == 0 {
+                return Ok(());
+            }
+            if !self.fill(1)? {
+                return Err(io::ErrorKind::UnexpectedEof.into());
+            }
+        }
+    }
+
+    /// The next byte; None at the end of the input.
+    fn byte(&mut self) -> io::Result<Option<u8>> {
+        if !self.fill(1)? {
+            return Ok(None);
+        }
+        let byte = self.buffer[self.start];
+        self.pass(1)?;
+        Ok(Some(byte))
+    }
+
+    fn int(&mut self, int_size: usize) -> io::Result<i64> {
+        if !self.fill(1 + int_size)? {
+            return Err(io::ErrorKind::UnexpectedEof.into());
+        }
+        let value = decode_int(&self.buffer[self.start..self.start + 1 + int_size]);
+        self.pass(1 + int_size as u64)?;
+        Ok(value)
+    }
+}
+
+/// The header and table of contents are read through the scanner too, and kept.
+impl<R: Read, W: Write> Read for Scanner<R, W> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        if !self.fill(1)? {
+            return Ok(0);
+        }
+        let n = buf.len().min(self.end - self.start);
+        buf[..n].copy_from_slice(&self.buffer[self.start..self.start + n]);
+        self.pass(n as u64)?;
+        Ok(n)
+    }
+}
+
+impl<R: Read, W: Write> Input for Scanner<R, W> {
+    fn skip(&mut self, bytes: u64) -> io::Result<()> {
+        self.pass(bytes)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn int(value: i64) -> Vec<u8> {
+        let mut encoded = vec![(value < 0) as u8];
+        encoded.extend_from_slice(&(value.unsigned_abs() as u32).to_le_bytes());
+        encoded
+    }
+
+    fn string(text: &str) -> Vec<u8> {
+        [int(text.len() as i64), text.as_bytes().to_vec()].concat()
+    }
+
+    /// A custom-format archive (format 1.14) with no TOC entries, then `blocks`.
+    fn archive(blocks: &[Vec<u8>]) -> Vec<u8> {
+        let mut bytes = b"PGDMP".to_vec();
+        bytes.extend([1, 14, 0, 4, 8, FORMAT_CUSTOM]);
+        bytes.extend(int(0)); // compression level
+        for field in [0, 0, 0, 1, 0, 126, 0] {
+            bytes.extend(int(field));
+        }
+        for text in ["app", "15.0", "15.0"] {
+            bytes.extend(string(text));
+        }
+        bytes.extend(int(0)); // TOC entries
+        for block in blocks {
+            bytes.extend(block);
+        }
+        bytes
+    }
+
+    fn data_block(dump_id: i64, chunks: &[&[u8]]) -> Vec<u8> {
+        let mut block = vec![BLOCK_DATA];
+        block.extend(int(dump_id));
+        for chunk in chunks {
+            block.extend(int(chunk.len() as i64));
+            block.extend(*chunk);
+        }
+        block.extend(int(0));
+        block
+    }
+
+    fn empty_block(kind: u8, dump_id: i64) -> Vec<u8> {
+        [vec![kind], int(dump_id), int(0)].concat()
+    }
+
+    /// Hands out a few hundred bytes per read, so ints and chunks straddle every refill.
+    struct Trickle<'a>(&'a [u8]);
+
+    impl Read for Trickle<'_> {
+        fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+            let n = buf.len().min(self.0.len()).min(333);
+            buf[..n].copy_from_slice(&self.0[..n]);
+            self.0 = &self.0[n..];
+            Ok(n)
+        }
+    }
+
+    #[test]
+    fn each_table_is_loaded_by_the_reader_that_claims_it_and_found_empty_by_the_others() {
+        let rows: Vec<Vec<u8>> = (0..300_000)
+            .map(|row| format!("{row}\tx\n").into_bytes())
+            .collect();
+        let big = data_block(1, &rows.iter().map(Vec::as_slice).collect::<Vec<_>>());
+        let large_objects = {
+            let mut block = vec![BLOCK_LARGE_OBJECTS];
+            block.extend(int(3));
+            block.extend(int(16400));
+            block.extend(&data_block(0, &[b"lo"])[1 + 5..]);
+            block.extend(int(0));
+            block
+        };
+        let huge_chunk = vec![7u8; SCAN_BUFFER * 2 + 5];
+        let blocks = [
+            big.clone(),
+            data_block(2, &[b"c3"]),
+            large_objects.clone(),
+            data_block(4, &[&huge_chunk]),
+        ];
+        let input = archive(&blocks);
+
+        let shared = SharedData::default();
+        assert!(shared.claim(2).unwrap(), "another reader took table 2");
+        let mut first = Vec::new();
+        share_data(Trickle(&input), &mut first, &shared).unwrap();
+        let expected = archive(&[
+            big,
+            empty_block(BLOCK_DATA, 2),
+            large_objects,
+            blocks[3].clone(),
+        ]);
+        assert!(first == expected, "the first reader's copy differs");
+
+        let mut second = Vec::new();
+        share_data(&input[..], &mut second, &shared).unwrap();
+        let emptied = archive(&[
+            empty_block(BLOCK_DATA, 1),
+            empty_block(BLOCK_DATA, 2),
+            empty_block(BLOCK_LARGE_OBJECTS, 3),
+            empty_block(BLOCK_DATA, 4),
+        ]);
+        assert!(second == emptied, "the second reader's copy differs");
+
+        shared.abandon();
+        let error = share_data(&input[..], io::sink(), &shared).unwrap_err();
+        assert!(error.to_string().contains("another pg_restore"), "{error}");
+
+        let cut = &input[..input.len() - 100];
+        let error = share_data(cut, io::sink(), &SharedData::default()).unwrap_err();
+        assert_eq!(error.kind(), io::ErrorKind::UnexpectedEof);
     }
 }
