@@ -209,12 +209,11 @@ pub fn extract(reader: &mut dyn Read, root: &Path) -> io::Result<ExtractSummary>
                     None
                 },
             });
-        } else if kind.is_file() && !entry.path_bytes().ends_with(b"/") {
-            summary.bytes += entry.size();
-            write_file(&mut entry, &root.join(&path), &mut buffer, as_root)?;
         } else {
             summary.bytes += entry.size();
-            if !entry.unpack_in(root)? {
+            if kind.is_file() && !entry.path_bytes().ends_with(b"/") {
+                write_file(&mut entry, &root.join(&path), &mut buffer, as_root)?;
+            } else if !entry.unpack_in(root)? {
                 return Err(unsafe_entry(
                     &path,
                     "it would land outside the restore directory",
