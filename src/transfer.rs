@@ -424,16 +424,22 @@ async fn copy_object(
     })
 }
 
-/// Decodes an object that `download_object` staged at `staged` from `repository` into
-/// `consume`, on the calling thread. Returns Ok only when both checksums match.
-pub fn decode_staged<T>(
+/// A staged copy, opened for reading.
+struct StagedCopy {
+    file: std::fs::File,
+    /// What decrypts it, when it is encrypted.
+    identities: Option<Arc<Vec<Identity>>>,
+    /// Where it came from, for errors.
+    place: String,
+}
+
+fn open_staged(
     staged: &Path,
     repository: &Repository,
     manifest: &Manifest,
     object: &ObjectEntry,
     keyring: &Keyring,
-    consume: impl FnOnce(&mut dyn Read) -> io::Result<T>,
-) -> Result<T> {
+) -> Result<StagedCopy> {
     let key = layout::object_key(&manifest.job, &manifest.id, &object.name);
     let place = format!("object '{key}' from repository '{}'", repository.name);
     let identities = identities_for(keyring, object, &place)?;
@@ -447,6 +453,28 @@ pub fn decode_staged<T>(
         )
         .with_source(e)
     })?;
+    Ok(StagedCopy {
+        file,
+        identities,
+        place,
+    })
+}
+
+/// Decodes an object that `download_object` staged at `staged` from `repository` into
+/// `consume`, on the calling thread. Returns Ok only when both checksums match.
+pub fn decode_staged<T>(
+    staged: &Path,
+    repository: &Repository,
+    manifest: &Manifest,
+    object: &ObjectEntry,
+    keyring: &Keyring,
+    consume: impl FnOnce(&mut dyn Read) -> io::Result<T>,
+) -> Result<T> {
+    let StagedCopy {
+        file,
+        identities,
+        place,
+    } = open_staged(staged, repository, manifest, object, keyring)?;
     let label = format!("restore {}", object.name);
     let outcome = decode_with_progress(
         file,
@@ -468,11 +496,12 @@ pub fn read_staged<T>(
     keyring: &Keyring,
     consume: impl FnOnce(&mut dyn Read) -> io::Result<T>,
 ) -> Result<T> {
-    let key = layout::object_key(&manifest.job, &manifest.id, &object.name);
-    let place = format!("object '{key}' from repository '{}'", repository.name);
-    let identities = identities_for(keyring, object, &place)?;
+    let StagedCopy {
+        file,
+        identities,
+        place,
+    } = open_staged(staged, repository, manifest, object, keyring)?;
     let read = (|| {
-        let file = std::fs::File::open(staged)?;
         let mut raw = pipeline::decode_unchecked(file, identities.as_deref().map(Vec::as_slice))?;
         consume(&mut raw)
     })();
