@@ -64,19 +64,35 @@ fn compare(what: &str, expected_size: u64, expected_sha: &str, tally: Tally) -> 
     Ok(())
 }
 
-/// Decoded chunks waiting for the consumer: bounded, so memory is too.
+/// Decoded chunks waiting for the consumer, and consumed ones waiting to be hashed.
 const DECODED_AHEAD: usize = 4;
+/// Every buffer in circulation: waiting for the consumer or the hashing, being filled,
+/// read and hashed. A fixed set, so memory is bounded and no buffer is faulted in twice.
+const BUFFERS: usize = 2 * DECODED_AHEAD + 3;
 
 /// Reads `reader` to its end in `CHUNK_SIZE` pieces into `chunks`; stops at the first error
-/// (handed on) or when the consumer is gone. Buffers the consumer is done with come back
-/// through `spare`: a fresh 1 MiB buffer per chunk cost a page fault per 4 KiB.
+/// (handed on) or when the consumer is gone. Buffers come back through `spare` once hashed;
+/// with [`BUFFERS`] out, it waits for one: a fresh 1 MiB buffer per chunk cost a page fault
+/// per 4 KiB, and when hashing was the slowest step every chunk needed a fresh one.
 fn read_ahead(
     mut reader: impl Read,
     chunks: std::sync::mpsc::SyncSender<io::Result<Vec<u8>>>,
     spare: std::sync::mpsc::Receiver<Vec<u8>>,
 ) {
+    let mut allocated = 0;
     loop {
-        let mut chunk = spare.try_recv().unwrap_or_default();
+        let mut chunk = match spare.try_recv() {
+            Ok(chunk) => chunk,
+            Err(_) if allocated < BUFFERS => {
+                allocated += 1;
+                Vec::new()
+            }
+            Err(_) => match spare.recv() {
+                Ok(chunk) => chunk,
+                // The hashing thread is gone, so is the consumer.
+                Err(_) => return,
+            },
+        };
         chunk.resize(super::CHUNK_SIZE, 0);
         let mut filled = 0;
         let outcome = loop {
@@ -158,8 +174,7 @@ impl Read for Decoded {
     }
 }
 
-/// Hashes the chunks the consumer is done with, then hands each back to [`read_ahead`] for
-/// reuse (or drops it when enough are waiting).
+/// Hashes the chunks the consumer is done with, then hands each back to [`read_ahead`].
 fn hash_done(
     done: std::sync::mpsc::Receiver<Vec<u8>>,
     spare: std::sync::mpsc::SyncSender<Vec<u8>>,
@@ -286,7 +301,8 @@ where
         std::thread::scope(|scope| {
             let (chunks, receiver) = std::sync::mpsc::sync_channel(DECODED_AHEAD);
             let (done, to_hash) = std::sync::mpsc::sync_channel(DECODED_AHEAD);
-            let (spare, spares) = std::sync::mpsc::sync_channel(DECODED_AHEAD + 1);
+            // Room for every buffer, so handing one back never waits.
+            let (spare, spares) = std::sync::mpsc::sync_channel(BUFFERS);
             scope.spawn(move || read_ahead(decoder, chunks, spares));
             let hashing = scope.spawn(move || hash_done(to_hash, spare));
             let mut raw = Decoded {
