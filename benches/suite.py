@@ -270,7 +270,7 @@ def logical_pairs(dataset, args, results, regions):
             lambda: by_hand.format(dsn=cluster.dsn(restore_target["name"])), shell=True,
             prepare=fresh_database(True), finish=drop_database, size=lambda: restored_size["bytes"]),
             args.runs, settle)
-        results.pair(dataset, "logical restore, tables loaded in parallel", lifeboat_restore("--parallel-data"),
+        results.pair(dataset, "logical restore, staged decompressed", lifeboat_restore("--parallel-data"),
                      pg_restore_local(), args.runs, settle)
         dump.unlink()
         (work / "by-hand.dump").unlink()
