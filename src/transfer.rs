@@ -424,97 +424,87 @@ async fn copy_object(
     })
 }
 
-/// A staged copy, opened for reading.
-struct StagedCopy {
-    file: std::fs::File,
-    /// What decrypts it, when it is encrypted.
-    identities: Option<Arc<Vec<Identity>>>,
+/// An object that `download_object` staged at `path` from `repository`.
+#[derive(Clone, Copy)]
+pub struct StagedObject<'a> {
+    pub path: &'a Path,
+    pub repository: &'a Repository,
+    pub manifest: &'a Manifest,
+    pub object: &'a ObjectEntry,
+    pub keyring: &'a Keyring,
+}
+
+impl StagedObject<'_> {
     /// Where it came from, for errors.
-    place: String,
-}
+    fn place(&self) -> String {
+        let key = layout::object_key(&self.manifest.job, &self.manifest.id, &self.object.name);
+        format!("object '{key}' from repository '{}'", self.repository.name)
+    }
 
-fn open_staged(
-    staged: &Path,
-    repository: &Repository,
-    manifest: &Manifest,
-    object: &ObjectEntry,
-    keyring: &Keyring,
-) -> Result<StagedCopy> {
-    let key = layout::object_key(&manifest.job, &manifest.id, &object.name);
-    let place = format!("object '{key}' from repository '{}'", repository.name);
-    let identities = identities_for(keyring, object, &place)?;
-    let file = std::fs::File::open(staged).map_err(|e| {
-        Error::new(
-            ErrorKind::Target,
-            format!(
-                "unable to open the staged copy '{}' of {place}",
-                staged.display()
-            ),
-        )
-        .with_source(e)
-    })?;
-    Ok(StagedCopy {
-        file,
-        identities,
-        place,
-    })
-}
+    /// The staged file, opened, and what decrypts it when it is encrypted.
+    fn open(&self) -> Result<(std::fs::File, Option<Arc<Vec<Identity>>>)> {
+        let identities = identities_for(self.keyring, self.object, &self.place())?;
+        let file = std::fs::File::open(self.path).map_err(|e| {
+            Error::new(
+                ErrorKind::Target,
+                format!(
+                    "unable to open the staged copy '{}' of {}",
+                    self.path.display(),
+                    self.place()
+                ),
+            )
+            .with_source(e)
+        })?;
+        Ok((file, identities))
+    }
 
-/// Decodes an object that `download_object` staged at `staged` from `repository` into
-/// `consume`, on the calling thread. Returns Ok only when both checksums match.
-pub fn decode_staged<T>(
-    staged: &Path,
-    repository: &Repository,
-    manifest: &Manifest,
-    object: &ObjectEntry,
-    keyring: &Keyring,
-    consume: impl FnOnce(&mut dyn Read) -> io::Result<T>,
-) -> Result<T> {
-    let StagedCopy {
-        file,
-        identities,
-        place,
-    } = open_staged(staged, repository, manifest, object, keyring)?;
-    let label = format!("restore {}", object.name);
-    let outcome = decode_with_progress(
-        file,
-        &object.digests(),
-        identities.as_deref(),
-        &label,
-        consume,
-    );
-    outcome.map_err(|e| decode_failure(place, &manifest.job, object, keyring, e))
-}
+    /// Decodes it into `consume`, on the calling thread. Returns Ok only when both
+    /// checksums match.
+    pub fn decode<T>(&self, consume: impl FnOnce(&mut dyn Read) -> io::Result<T>) -> Result<T> {
+        let (file, identities) = self.open()?;
+        let label = format!("restore {}", self.object.name);
+        let outcome = decode_with_progress(
+            file,
+            &self.object.digests(),
+            identities.as_deref(),
+            &label,
+            consume,
+        );
+        outcome.map_err(|e| {
+            decode_failure(
+                self.place(),
+                &self.manifest.job,
+                self.object,
+                self.keyring,
+                e,
+            )
+        })
+    }
 
-/// Decodes an object staged at `staged` whose checksums a `decode_staged` of the same copy
-/// checks: a second reader of it, that needs no second check.
-pub fn read_staged<T>(
-    staged: &Path,
-    repository: &Repository,
-    manifest: &Manifest,
-    object: &ObjectEntry,
-    keyring: &Keyring,
-    consume: impl FnOnce(&mut dyn Read) -> io::Result<T>,
-) -> Result<T> {
-    let StagedCopy {
-        file,
-        identities,
-        place,
-    } = open_staged(staged, repository, manifest, object, keyring)?;
-    let read = (|| {
-        let mut raw = pipeline::decode_unchecked(file, identities.as_deref().map(Vec::as_slice))?;
-        consume(&mut raw)
-    })();
-    read.map_err(|e| {
-        Error::new(
-            ErrorKind::Target,
-            format!(
-                "unable to read the staged copy '{}' of {place}",
-                staged.display()
-            ),
-        )
-        .with_source(e)
-    })
+    /// Decodes it into `consume` without checking: a second reader of a copy that a
+    /// [`StagedObject::decode`] of it checks.
+    pub fn decode_unchecked<T>(
+        &self,
+        consume: impl FnOnce(&mut dyn Read) -> io::Result<T>,
+    ) -> Result<T> {
+        let (file, identities) = self.open()?;
+        let read = (|| {
+            let mut raw =
+                pipeline::decode_unchecked(file, identities.as_deref().map(Vec::as_slice))?;
+            consume(&mut raw)
+        })();
+        read.map_err(|e| {
+            Error::new(
+                ErrorKind::Target,
+                format!(
+                    "unable to read the staged copy '{}' of {}",
+                    self.path.display(),
+                    self.place()
+                ),
+            )
+            .with_source(e)
+        })
+    }
 }
 
 /// `pipeline::decode` with a progress line labelled `label`.

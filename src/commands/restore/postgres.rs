@@ -17,15 +17,15 @@ use super::staging::Staging;
 use super::{PostgresRestoreOptions, RestoreReport, Selected};
 use crate::commands::backup::GLOBALS_OBJECT;
 use crate::error::{Error, ErrorKind, Result};
-use crate::keys::{Identity, Keyring};
-use crate::manifest::{Manifest, ObjectEntry};
+use crate::keys::Identity;
+use crate::manifest::ObjectEntry;
 use crate::pipeline;
 use crate::repository::Repository;
 use crate::sources::postgres::{
     Binaries, ChildAuth, Connection, Target, archive, quote_identifier,
 };
 use crate::sources::process;
-use crate::transfer::{decode_staged, read_staged};
+use crate::transfer::StagedObject;
 
 struct Planned<'a> {
     object: &'a ObjectEntry,
@@ -224,12 +224,12 @@ pub(super) async fn restore(
                         planned.source_database
                     ));
                 }
-                let dump = StoredDump {
+                let dump = StagedObject {
+                    path: stored,
                     repository: served_by,
                     manifest,
                     object: planned.object,
                     keyring: &selected.keyring,
-                    path: stored,
                 };
                 restore.streamed(&dump, toc.as_deref())
             }
@@ -339,7 +339,7 @@ impl PgRestore<'_> {
     /// the schema and the post-data steps come from that, and `--jobs` pg_restore processes
     /// load the tables at once, each fed its own decode of the stored copy. Without one,
     /// everything comes through one stdin.
-    fn streamed(&self, dump: &StoredDump<'_>, toc: Option<&Path>) -> Result<()> {
+    fn streamed(&self, dump: &StagedObject<'_>, toc: Option<&Path>) -> Result<()> {
         let Some(toc) = toc else {
             return self.feed(self.command(), dump, true, |raw, stdin| {
                 process::copy_all(raw, stdin).map(|_| ())
@@ -361,7 +361,7 @@ impl PgRestore<'_> {
     /// goes to the first that reaches it (see `archive::share_data`). Only the first decode
     /// checks the checksums: the stored copy was checked when it was staged, and every
     /// decode of it is the same.
-    fn load_data(&self, dump: &StoredDump<'_>) -> Result<()> {
+    fn load_data(&self, dump: &StagedObject<'_>) -> Result<()> {
         let shared = archive::SharedData::default();
         let failure = std::sync::Mutex::new(None);
         std::thread::scope(|scope| {
@@ -391,36 +391,15 @@ impl PgRestore<'_> {
     fn feed(
         &self,
         command: Command,
-        dump: &StoredDump<'_>,
+        dump: &StagedObject<'_>,
         checked: bool,
         copy: impl FnOnce(&mut dyn std::io::Read, &mut dyn std::io::Write) -> std::io::Result<()>,
     ) -> Result<()> {
-        let StoredDump {
-            repository,
-            manifest,
-            object,
-            keyring,
-            path,
-        } = *dump;
         process::run_with_stdin(command, self.action, |stdin| match checked {
-            true => decode_staged(path, repository, manifest, object, keyring, |raw| {
-                copy(raw, stdin)
-            }),
-            false => read_staged(path, repository, manifest, object, keyring, |raw| {
-                copy(raw, stdin)
-            }),
+            true => dump.decode(|raw| copy(raw, stdin)),
+            false => dump.decode_unchecked(|raw| copy(raw, stdin)),
         })?
     }
-}
-
-/// A dump staged as stored, and where it came from.
-#[derive(Clone, Copy)]
-struct StoredDump<'a> {
-    repository: &'a Repository,
-    manifest: &'a Manifest,
-    object: &'a ObjectEntry,
-    keyring: &'a Keyring,
-    path: &'a Path,
 }
 
 /// Writes the table of contents of the staged dump `stored` alone to `toc`; false (and a
