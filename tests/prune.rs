@@ -225,11 +225,25 @@ fn assert_manifests_whole(
 }
 
 fn local_listing(root: &Path) -> BTreeMap<String, i64> {
+    // A prune may be removing what this walks: what vanishes under the walk is left out.
+    let vanished = |e: &walkdir::Error| {
+        e.io_error()
+            .is_some_and(|io| io.kind() == std::io::ErrorKind::NotFound)
+    };
     walkdir::WalkDir::new(root)
         .into_iter()
-        .map(Result::unwrap)
+        .filter_map(|entry| match entry {
+            Ok(entry) => Some(entry),
+            Err(e) if vanished(&e) => None,
+            Err(e) => panic!("unable to list '{}': {e}", root.display()),
+        })
         .filter(|e| e.file_type().is_file())
-        .map(|e| {
+        .filter_map(|e| {
+            let size = match e.metadata() {
+                Ok(meta) => meta.len() as i64,
+                Err(err) if vanished(&err) => return None,
+                Err(err) => panic!("unable to read '{}': {err}", e.path().display()),
+            };
             let key = e
                 .path()
                 .strip_prefix(root)
@@ -237,7 +251,7 @@ fn local_listing(root: &Path) -> BTreeMap<String, i64> {
                 .to_str()
                 .unwrap()
                 .to_string();
-            (key, e.metadata().unwrap().len() as i64)
+            Some((key, size))
         })
         .collect()
 }
