@@ -127,6 +127,21 @@ def resp(*args):
     return b"".join(parts)
 
 
+def pipe_commands(port, commands):
+    """Sends `commands` (RESP-encoded) through redis-cli --pipe, 10,000 at a time."""
+    pipe = subprocess.Popen(["redis-cli", "-p", str(port), "--pipe"], stdin=subprocess.PIPE,
+                            stdout=subprocess.DEVNULL)
+    batch = []
+    for command in commands:
+        batch.append(command)
+        if len(batch) == 10000:
+            pipe.stdin.write(b"".join(batch))
+            batch = []
+    pipe.stdin.write(b"".join(batch))
+    pipe.stdin.close()
+    pipe.wait()
+
+
 def redis_fill(port, keys, flavour):
     """KEYS keys over redis-cli --pipe: strings with TTLs, hashes, lists, sets and sorted
     sets; `pgbench` values repeat words, `realistic` ones carry random ids and numbers."""
@@ -137,24 +152,18 @@ def redis_fill(port, keys, flavour):
             return " ".join(WORDS[i % 8] for i in range(10))
         return " ".join(rng.choice(WORDS) for _ in range(6)) + f" {rng.getrandbits(40):x} {rng.random() * 100:.2f}"
 
-    pipe = subprocess.Popen(["redis-cli", "-p", str(port), "--pipe"], stdin=subprocess.PIPE,
-                            stdout=subprocess.DEVNULL)
-    batch = []
-    for i in range(keys):
-        kind = i % 10
-        if kind < 6:
-            batch.append(resp("SET", f"session:{i}", text(), "EX", 86400 + i % 3600))
-        elif kind == 6:
-            batch.append(resp("HSET", f"user:{i}", "name", text(), "cart", rng.getrandbits(32), "seen", 1764000000 + i))
-        elif kind == 7:
-            batch.append(resp("RPUSH", f"queue:{i}", *(text() for _ in range(3))))
-        elif kind == 8:
-            batch.append(resp("SADD", f"tags:{i}", *(f"{rng.choice(WORDS)}{rng.randrange(50)}" for _ in range(4))))
-        else:
-            batch.append(resp("ZADD", f"rank:{i}", rng.random(), "a", rng.random(), "b", rng.random(), "c"))
-        if len(batch) == 10000:
-            pipe.stdin.write(b"".join(batch))
-            batch = []
-    pipe.stdin.write(b"".join(batch))
-    pipe.stdin.close()
-    pipe.wait()
+    def commands():
+        for i in range(keys):
+            kind = i % 10
+            if kind < 6:
+                yield resp("SET", f"session:{i}", text(), "EX", 86400 + i % 3600)
+            elif kind == 6:
+                yield resp("HSET", f"user:{i}", "name", text(), "cart", rng.getrandbits(32), "seen", 1764000000 + i)
+            elif kind == 7:
+                yield resp("RPUSH", f"queue:{i}", *(text() for _ in range(3)))
+            elif kind == 8:
+                yield resp("SADD", f"tags:{i}", *(f"{rng.choice(WORDS)}{rng.randrange(50)}" for _ in range(4)))
+            else:
+                yield resp("ZADD", f"rank:{i}", rng.random(), "a", rng.random(), "b", rng.random(), "c")
+
+    pipe_commands(port, commands())

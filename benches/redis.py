@@ -24,7 +24,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from benchlib import LIFEBOAT, ROOT, measure, print_table, ratio_line, require  # noqa: E402
-from datasets import resp  # noqa: E402
+from datasets import pipe_commands, resp  # noqa: E402
 
 WORK = ROOT / "target" / "bench" / "redis"
 
@@ -41,28 +41,22 @@ def fill(port, keys):
     rng = random.Random(42)
     words = ["session", "user", "cart", "token", "token", "order", "eu-west", "admin", "Ω", "✓"]
 
-    pipe = subprocess.Popen(["redis-cli", "-p", str(port), "--pipe"], stdin=subprocess.PIPE,
-                            stdout=subprocess.DEVNULL)
-    batch = []
-    for i in range(keys):
-        kind = i % 10
-        if kind < 6:
-            value = " ".join(rng.choice(words) for _ in range(8)) + f" {rng.getrandbits(64):x}"
-            batch.append(resp("SET", f"s:{i}", value, "EX", 86400 + i % 3600))
-        elif kind == 6:
-            batch.append(resp("HSET", f"h:{i}", "user", i, "cart", rng.getrandbits(32), "seen", time.time()))
-        elif kind == 7:
-            batch.append(resp("RPUSH", f"l:{i}", *(rng.getrandbits(24) for _ in range(5))))
-        elif kind == 8:
-            batch.append(resp("SADD", f"set:{i}", *(rng.choice(words) + str(rng.getrandbits(8)) for _ in range(4))))
-        else:
-            batch.append(resp("ZADD", f"z:{i}", rng.random(), "a", rng.random(), "b", rng.random(), "c"))
-        if len(batch) == 10000:
-            pipe.stdin.write(b"".join(batch))
-            batch = []
-    pipe.stdin.write(b"".join(batch))
-    pipe.stdin.close()
-    pipe.wait()
+    def commands():
+        for i in range(keys):
+            kind = i % 10
+            if kind < 6:
+                value = " ".join(rng.choice(words) for _ in range(8)) + f" {rng.getrandbits(64):x}"
+                yield resp("SET", f"s:{i}", value, "EX", 86400 + i % 3600)
+            elif kind == 6:
+                yield resp("HSET", f"h:{i}", "user", i, "cart", rng.getrandbits(32), "seen", time.time())
+            elif kind == 7:
+                yield resp("RPUSH", f"l:{i}", *(rng.getrandbits(24) for _ in range(5)))
+            elif kind == 8:
+                yield resp("SADD", f"set:{i}", *(rng.choice(words) + str(rng.getrandbits(8)) for _ in range(4)))
+            else:
+                yield resp("ZADD", f"z:{i}", rng.random(), "a", rng.random(), "b", rng.random(), "c")
+
+    pipe_commands(port, commands())
 
 
 def start_server(work):
