@@ -9,7 +9,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use crate::common::faults::{Fault, FaultProxy, Rule};
-use crate::common::{Run, SeaweedFs, lifeboat, seaweedfs, tree, write_config};
+use crate::common::{Run, SeaweedFs, Tmpfs, lifeboat, seaweedfs, tree, write_config};
 
 const BUCKET: &str = "backups";
 const JOB: &str = "conf";
@@ -731,31 +731,6 @@ async fn wal_push_and_drill_retry_transient_faults_and_fail_loudly_on_lasting_on
 }
 
 /// A tmpfs mounted at a path with `options` (`size=4m`, `ro`), unmounted when dropped.
-struct Tmpfs(PathBuf);
-
-impl Tmpfs {
-    fn mount(path: &std::path::Path, options: &str) -> Tmpfs {
-        std::fs::create_dir_all(path).unwrap();
-        let mounted = std::process::Command::new("mount")
-            .args(["-t", "tmpfs", "-o", options, "lifeboat-test"])
-            .arg(path)
-            .status()
-            .unwrap();
-        assert!(
-            mounted.success(),
-            "mount a tmpfs at {} (root needed)",
-            path.display()
-        );
-        Tmpfs(path.to_path_buf())
-    }
-}
-
-impl Drop for Tmpfs {
-    fn drop(&mut self) {
-        let _ = std::process::Command::new("umount").arg(&self.0).status();
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn process_faults_a_server_down_a_full_disk_a_read_only_target_lose_nothing() {
     let mut rig = Rig::start().await;
@@ -824,7 +799,7 @@ async fn process_faults_a_server_down_a_full_disk_a_read_only_target_lose_nothin
     rig.judge(
         "restore: the disk fills up",
         run,
-        Expect::Fails(&["No space left on device", "/small/.lifeboat-restore-"]),
+        Expect::Fails(&["unable to stage the restore in", "/small/restored'"]),
     )
     .await;
     assert_eq!(
@@ -849,7 +824,8 @@ async fn process_faults_a_server_down_a_full_disk_a_read_only_target_lose_nothin
     .await;
     drop(read_only);
 
-    // lifeboat itself killed mid-restore: the target is not created, the next restore works.
+    // lifeboat itself killed mid-restore: the target holds only its staging, which the next
+    // restore removes, saying so.
     rig.proxy.set(vec![Rule::always(
         "GET",
         OBJECT,
@@ -869,12 +845,22 @@ async fn process_faults_a_server_down_a_full_disk_a_read_only_target_lose_nothin
     );
     rig.proxy.clear();
     assert!(killed, "the restore ended before it could be killed");
-    assert!(!into.exists(), "a killed restore touched its target");
-    lifeboat(
+    let left: Vec<String> = std::fs::read_dir(&into)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert!(
+        left.len() == 1 && left[0].starts_with(".lifeboat-restore-"),
+        "a killed restore left {left:?} in its target"
+    );
+    let next = lifeboat(
         &rig.config,
         &["restore", JOB, "--into", into.to_str().unwrap()],
-    )
-    .assert_code(0);
+    );
+    next.assert_code(0);
+    let said = format!("removed '{}'", into.join(&left[0]).display());
+    assert!(next.stdout.contains(&said), "{}", next.stdout);
+    assert!(!into.join(&left[0]).exists());
     tree::assert_same(
         &rig.source,
         &into.join(rig.source.strip_prefix("/").unwrap()),

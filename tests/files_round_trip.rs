@@ -5,7 +5,8 @@ use std::path::Path;
 use std::process::Command;
 
 use crate::common::{
-    SeaweedFs, files_job, lifeboat, local_repository, run_command, tree, write_config,
+    SeaweedFs, Tmpfs, files_job, is_root, lifeboat, local_repository, run_command, tree,
+    write_config,
 };
 
 fn restored_root(into: &Path, source: &Path) -> std::path::PathBuf {
@@ -139,4 +140,35 @@ fn backup_all_keeps_going_after_a_failed_job() {
     let list = lifeboat(&config, &["list"]);
     assert!(list.stdout.contains("good "), "{}", list.stdout);
     assert!(!list.stdout.contains("broken "), "{}", list.stdout);
+}
+
+/// "Attach a new disk and restore onto it": the target is a mount point, so staging beside it
+/// would sit on another filesystem. Staging lives inside it, and nothing crosses a filesystem.
+#[test]
+fn a_restore_onto_a_freshly_mounted_volume_lands_whole() {
+    assert!(is_root(), "mounting a tmpfs needs root");
+    let work = tempfile::tempdir().unwrap();
+    let source = work.path().join("etc-app");
+    tree::build(&source, 200, 8 * 1024 * 1024);
+    let config = write_config(
+        work.path(),
+        &format!(
+            "{}{}",
+            local_repository("local", &work.path().join("repo")),
+            files_job("config", &[&source])
+        ),
+    );
+    lifeboat(&config, &["backup", "config"]).assert_code(0);
+    let volume = Tmpfs::mount(&work.path().join("new-disk"), "size=64m");
+    let run = lifeboat(
+        &config,
+        &["restore", "config", "--into", volume.0.to_str().unwrap()],
+    );
+    run.assert_code(0);
+    tree::assert_same(&source, &restored_root(&volume.0, &source));
+    let top: Vec<_> = std::fs::read_dir(&volume.0)
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert_eq!(top, ["tmp"], "staging was left on the volume");
 }

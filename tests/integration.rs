@@ -10,6 +10,7 @@ mod encryption;
 mod failed_backup;
 mod faults;
 mod files_round_trip;
+mod hostile_restore;
 mod locks;
 mod metrics;
 mod postgres_logical;

@@ -7,7 +7,10 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
 use crate::common::postgres::{Postgres, free_port, stop_data_dir};
-use crate::common::{Run, SeaweedFs, lifeboat, seaweedfs, write_config};
+use crate::common::{
+    Run, SeaweedFs, Tmpfs, is_root, lifeboat, lifeboat_command, run_command, seaweedfs,
+    write_config,
+};
 
 pub(crate) const BUCKET: &str = "backups";
 pub(crate) const PREFIX: &str = "lifeboat";
@@ -294,6 +297,102 @@ async fn recovery_to_the_end_of_the_archive_reproduces_the_source_data() {
     }
     // The restored cluster does not write a new timeline into the job's archive.
     assert_eq!(restored.psql("postgres", "show archive_mode"), "off");
+}
+
+/// The two ways a DR restore meets its disk: as the `postgres` user into a directory it
+/// owns whose parent it cannot write (staging beside the target would be refused), and as
+/// root onto a freshly mounted volume (a rename from beside it would cross filesystems).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_physical_restore_as_postgres_into_its_own_directory_and_onto_a_fresh_volume() {
+    assert!(
+        is_root(),
+        "running as postgres and mounting a tmpfs need root"
+    );
+    let region = SeaweedFs::start().await;
+    region.create_bucket(BUCKET).await;
+    let work = shared_work_dir();
+    let (source, config) = archiving_cluster(work.path(), &[&region], "");
+    std::fs::set_permissions(&config, std::fs::Permissions::from_mode(0o644)).unwrap();
+    source.create_app_database(50_000);
+    lifeboat(&config, &["backup", JOB]).assert_code(0);
+    source.psql(
+        "app",
+        "insert into shop.orders (customer_id, created_at, total, status) \
+           select 1 + i % 100, now(), i, 'new' from generate_series(1, 5000) i",
+    );
+    source.archive_current_wal();
+    let source_fingerprint = source.data_fingerprint("app");
+    let (expected, _) = split_sequences(&source_fingerprint);
+
+    // postgres into its own directory under a root-owned 0755 parent.
+    let parent = work.path().join("srv");
+    std::fs::create_dir(&parent).unwrap();
+    std::fs::set_permissions(&parent, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let data_dir = parent.join("pgdata");
+    std::fs::create_dir(&data_dir).unwrap();
+    std::fs::set_permissions(&data_dir, std::fs::Permissions::from_mode(0o700)).unwrap();
+    let (uid, gid) = postgres_user();
+    std::os::unix::fs::chown(&data_dir, Some(uid), Some(gid)).unwrap();
+    let port = free_port();
+    let restored = Restored(data_dir.clone());
+    let mut command = lifeboat_command(&config);
+    {
+        use std::os::unix::process::CommandExt;
+        command.uid(uid).gid(gid).env("HOME", "/nonexistent");
+    }
+    command.args([
+        "restore",
+        JOB,
+        "--data-dir",
+        data_dir.to_str().unwrap(),
+        "--start",
+        "--port",
+        &port.to_string(),
+    ]);
+    run_command(&mut command).assert_code(0);
+    let fingerprint = Postgres::attach(port, &source.password).data_fingerprint("app");
+    assert_eq!(split_sequences(&fingerprint).0, expected);
+    drop(restored);
+    let stray: Vec<_> = std::fs::read_dir(&parent)
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert_eq!(
+        stray,
+        ["pgdata"],
+        "something was written beside the data directory"
+    );
+
+    // Root onto a tmpfs mounted at the data directory itself.
+    let volume = Tmpfs::mount(&work.path().join("new-disk"), "size=1g,mode=0700");
+    let port = free_port();
+    let restored = Restored(volume.0.clone());
+    restore_started(&config, &volume.0, port, &[]).assert_code(0);
+    let fingerprint = Postgres::attach(port, &source.password).data_fingerprint("app");
+    assert_eq!(split_sequences(&fingerprint).0, expected);
+    drop(restored);
+    assert!(
+        std::fs::read_dir(&volume.0).unwrap().all(|e| !e
+            .unwrap()
+            .file_name()
+            .to_string_lossy()
+            .starts_with(".lifeboat-restore-")),
+        "staging was left in the data directory"
+    );
+}
+
+/// The uid and gid of the `postgres` user.
+fn postgres_user() -> (u32, u32) {
+    let out = std::process::Command::new("id")
+        .arg("postgres")
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    let number = |key: &str| -> u32 {
+        let at = text.find(key).unwrap() + key.len();
+        text[at..].split('(').next().unwrap().parse().unwrap()
+    };
+    (number("uid="), number("gid="))
 }
 
 /// A fingerprint without its sequences line, and the sequences' values by name.

@@ -1,12 +1,32 @@
-//! Unpacks a `files` tar stream into a staging directory, refusing any entry that could land
-//! outside it: absolute paths, `..`, hard links out of the tree, relative symlinks that climb
-//! out, and anything written through a symlink. Absolute symlink targets are kept verbatim,
-//! because configuration trees hold them (`/etc/ssl/certs/*.pem`, nginx `sites-enabled`) and
-//! they only name live paths; nothing is ever written through them.
+//! Unpacks a tar stream beneath a directory handle, so that no entry can reach outside it:
+//! every path is made of plain names (no `..`, not absolute), every directory on the way is
+//! opened with `O_NOFOLLOW` from the one before it, and every file, link and attribute is
+//! created or set through the handle of its parent (`*at` calls, `AT_SYMLINK_NOFOLLOW`) or of
+//! the inode itself (`fchown`, `fchmod`, `futimens`). A symlink in the archive is created as
+//! a link and never followed, whatever it points at; an entry whose name exists already as
+//! another type is refused, never merged; attributes are only ever set on inodes this
+//! unpacking created. Directory modes, owners and times are set last, deepest first, as GNU
+//! tar does: a read-only directory still receives its files.
+//!
+//! Component-by-component `openat(O_NOFOLLOW)` rather than `openat2(RESOLVE_BENEATH |
+//! RESOLVE_NO_SYMLINKS)`: with paths made of plain names only, the two refuse the same
+//! entries, and `openat` works on every kernel and under seccomp filters that refuse
+//! `openat2` (it needs Linux 5.6, and container runtimes have blocked it).
+//!
+//! Absolute symlink targets are kept verbatim, because configuration trees hold them
+//! (`/etc/ssl/certs/*.pem`, nginx `sites-enabled`) and they only name live paths; nothing is
+//! ever written through them. Relative ones that climb out of the tree are refused. Device
+//! nodes and FIFOs are refused: lifeboat never stores them, so an archive holding one was not
+//! written by it.
 
+use std::collections::{HashMap, HashSet};
+use std::ffi::OsStr;
 use std::io::{self, Read};
-use std::os::unix::fs::PermissionsExt;
+use std::os::fd::{AsFd, OwnedFd};
 use std::path::{Component, Path, PathBuf};
+
+use rustix::fs::{AtFlags, FileType, Mode, OFlags, RenameFlags, Timespec, Timestamps};
+use rustix::io::Errno;
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct ExtractSummary {
@@ -14,40 +34,72 @@ pub struct ExtractSummary {
     pub bytes: u64,
 }
 
-fn unsafe_entry(path: &Path, why: &str) -> io::Error {
+/// Who owns what an unpacking creates.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Ownership {
+    /// The owners the archive names (root restoring a files backup).
+    Archive,
+    /// One owner for everything (root restoring a data directory for the server's user).
+    Fixed(u32, u32),
+    /// Whoever unpacks: only root can give files away.
+    Unpacker,
+}
+
+impl Ownership {
+    /// The archive's owners as root, else the unpacker's.
+    pub fn for_this_user() -> Ownership {
+        // SAFETY: geteuid has no preconditions.
+        if unsafe { libc::geteuid() } == 0 {
+            Ownership::Archive
+        } else {
+            Ownership::Unpacker
+        }
+    }
+
+    fn of(&self, header: &tar::Header) -> io::Result<Option<(u32, u32)>> {
+        Ok(match self {
+            Ownership::Archive => Some((header.uid()? as u32, header.gid()? as u32)),
+            Ownership::Fixed(uid, gid) => Some((*uid, *gid)),
+            Ownership::Unpacker => None,
+        })
+    }
+}
+
+fn refused(path: &Path, why: impl std::fmt::Display) -> io::Error {
     io::Error::new(
         io::ErrorKind::InvalidData,
         format!("refusing archive entry '{}': {why}", path.display()),
     )
 }
 
-/// The path must be relative and made of plain names only.
-fn check_relative(path: &Path) -> io::Result<()> {
+/// An entry's path as plain names; empty for the directory unpacked into itself.
+fn plain_names(path: &Path) -> io::Result<PathBuf> {
     if path.as_os_str().is_empty() {
-        return Err(unsafe_entry(path, "empty path"));
+        return Err(refused(path, "empty path"));
     }
+    let mut names = PathBuf::new();
     for component in path.components() {
         match component {
-            Component::Normal(_) | Component::CurDir => {}
-            Component::ParentDir => return Err(unsafe_entry(path, "path contains '..'")),
+            Component::Normal(name) => names.push(name),
+            Component::CurDir => {}
+            Component::ParentDir => return Err(refused(path, "path contains '..'")),
             Component::RootDir | Component::Prefix(_) => {
-                return Err(unsafe_entry(path, "absolute path"));
+                return Err(refused(path, "absolute path"));
             }
         }
     }
-    Ok(())
+    Ok(names)
 }
 
 /// A relative symlink target, resolved from the link's directory, must stay inside the tree.
 fn check_symlink(path: &Path, target: &Path) -> io::Result<()> {
+    if target.as_os_str().is_empty() {
+        return Err(refused(path, "symlink without a target"));
+    }
     if target.is_absolute() {
         return Ok(());
     }
-    let mut depth = path
-        .components()
-        .filter(|c| matches!(c, Component::Normal(_)))
-        .count() as i64
-        - 1;
+    let mut depth = path.components().count() as i64 - 1;
     for component in target.components() {
         match component {
             Component::Normal(_) => depth += 1,
@@ -55,9 +107,9 @@ fn check_symlink(path: &Path, target: &Path) -> io::Result<()> {
             _ => {}
         }
         if depth < 0 {
-            return Err(unsafe_entry(
+            return Err(refused(
                 path,
-                &format!(
+                format!(
                     "symlink to '{}' points outside the restore directory",
                     target.display()
                 ),
@@ -67,178 +119,545 @@ fn check_symlink(path: &Path, target: &Path) -> io::Result<()> {
     Ok(())
 }
 
-/// No existing component between `root` and the entry may be a symlink.
-fn check_no_symlink_parents(root: &Path, path: &Path) -> io::Result<()> {
-    let mut current = root.to_path_buf();
-    let parents: Vec<_> = path
-        .parent()
-        .map(|p| p.components().collect())
-        .unwrap_or_default();
-    for component in parents {
-        current.push(component);
-        match std::fs::symlink_metadata(&current) {
-            Ok(meta) if meta.file_type().is_symlink() => {
-                return Err(unsafe_entry(
-                    path,
-                    "a parent directory is a symlink; refusing to write through it",
-                ));
-            }
-            Ok(_) => {}
-            Err(e) if e.kind() == io::ErrorKind::NotFound => break,
-            Err(e) => return Err(e),
-        }
+fn type_name(mode: u32) -> &'static str {
+    match FileType::from_raw_mode(mode) {
+        FileType::RegularFile => "file",
+        FileType::Directory => "directory",
+        FileType::Symlink => "symlink",
+        FileType::Fifo => "FIFO",
+        FileType::Socket => "socket",
+        FileType::CharacterDevice | FileType::BlockDevice => "device node",
+        FileType::Unknown => "file of unknown type",
     }
-    Ok(())
 }
 
-struct DirectoryAttributes {
+/// An inode, by device and number.
+type InodeId = (u64, u64);
+
+fn inode_of(stat: &rustix::fs::Stat) -> InodeId {
+    (stat.st_dev, stat.st_ino)
+}
+
+fn timestamps(mtime: u64) -> Timestamps {
+    let at = Timespec {
+        tv_sec: mtime.min(i64::MAX as u64) as i64,
+        tv_nsec: 0,
+    };
+    Timestamps {
+        last_access: at,
+        last_modification: at,
+    }
+}
+
+const DIRECTORY: OFlags = OFlags::DIRECTORY
+    .union(OFlags::RDONLY)
+    .union(OFlags::NOFOLLOW)
+    .union(OFlags::CLOEXEC);
+
+/// A directory that paths are resolved beneath, never through a symlink.
+pub struct Beneath {
+    root: OwnedFd,
     path: PathBuf,
+}
+
+impl Beneath {
+    /// Opens `path`, the operator's own choice of directory (resolved as given).
+    pub fn open(path: &Path) -> io::Result<Beneath> {
+        let root = rustix::fs::open(
+            path,
+            OFlags::DIRECTORY | OFlags::RDONLY | OFlags::CLOEXEC,
+            Mode::empty(),
+        )?;
+        Ok(Beneath {
+            root,
+            path: path.to_path_buf(),
+        })
+    }
+
+    pub fn fd(&self) -> std::os::fd::BorrowedFd<'_> {
+        self.root.as_fd()
+    }
+
+    /// Opens the directory `names` (plain names, empty for the root itself) beneath the
+    /// root, refusing a symlink or a non-directory on the way. With `created`, missing
+    /// directories are made (with the default mode) and recorded there; without, a missing
+    /// one is `NotFound`. `entry` names what is being restored, for errors.
+    fn directory(
+        &self,
+        entry: &Path,
+        names: &Path,
+        mut created: Option<&mut HashSet<InodeId>>,
+    ) -> io::Result<OwnedFd> {
+        let mut current = rustix::fs::openat(&self.root, ".", DIRECTORY, Mode::empty())?;
+        let mut walked = PathBuf::new();
+        for name in names.iter() {
+            walked.push(name);
+            current = match rustix::fs::openat(&current, name, DIRECTORY, Mode::empty()) {
+                Ok(fd) => fd,
+                Err(Errno::NOENT) if created.is_some() => {
+                    rustix::fs::mkdirat(&current, name, Mode::from_raw_mode(0o777))?;
+                    let fd = rustix::fs::openat(&current, name, DIRECTORY, Mode::empty())?;
+                    if let Some(created) = created.as_deref_mut() {
+                        created.insert(inode_of(&rustix::fs::fstat(&fd)?));
+                    }
+                    fd
+                }
+                Err(Errno::LOOP) | Err(Errno::NOTDIR) => {
+                    let stat = rustix::fs::statat(&current, name, AtFlags::SYMLINK_NOFOLLOW)?;
+                    return Err(refused(
+                        entry,
+                        format!(
+                            "'{}' is a {}, not a directory; nothing is written through it",
+                            walked.display(),
+                            type_name(stat.st_mode)
+                        ),
+                    ));
+                }
+                Err(e) => return Err(e.into()),
+            };
+        }
+        Ok(current)
+    }
+
+    /// Opens (or, with `OFlags::CREATE`, creates with mode 0600) the file `names` beneath
+    /// the root, never through a symlink, the last component included.
+    pub fn open_file(&self, names: &Path, flags: OFlags) -> io::Result<OwnedFd> {
+        let names = plain_names(names)?;
+        let (parent, name) = split(&names)?;
+        let parent = self.directory(&names, parent, None)?;
+        Ok(rustix::fs::openat(
+            &parent,
+            name,
+            flags | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+            Mode::from_raw_mode(0o600),
+        )?)
+    }
+
+    /// Creates the directory `names` (and its missing parents) beneath the root, or opens
+    /// it when it exists.
+    pub fn create_directory(&self, names: &Path) -> io::Result<OwnedFd> {
+        let names = plain_names(names)?;
+        let mut ignored = HashSet::new();
+        self.directory(&names, &names, Some(&mut ignored))
+    }
+
+    /// Moves every entry of the directory `from` (beneath the root) into the root itself;
+    /// an entry of the same name already there is an error, never replaced.
+    pub fn move_up(&self, from: &Path) -> io::Result<()> {
+        let names = plain_names(from)?;
+        let source = self.directory(&names, &names, None)?;
+        // Read whole before anything moves: a directory changing under readdir may skip names.
+        let mut names = Vec::new();
+        for entry in rustix::fs::Dir::read_from(&source)? {
+            let name = entry?.file_name().to_owned();
+            if name.as_c_str() != c"." && name.as_c_str() != c".." {
+                names.push(name);
+            }
+        }
+        for name in names {
+            rustix::fs::renameat_with(&source, &*name, &self.root, &*name, RenameFlags::NOREPLACE)
+                .map_err(|e| {
+                    io::Error::new(
+                        io::Error::from(e).kind(),
+                        format!(
+                            "unable to move '{}' into '{}': {e}",
+                            name.to_string_lossy(),
+                            self.path.display()
+                        ),
+                    )
+                })?;
+        }
+        Ok(())
+    }
+}
+
+/// The parent and the last name of a path of plain names.
+fn split(names: &Path) -> io::Result<(&Path, &OsStr)> {
+    match (names.parent(), names.file_name()) {
+        (Some(parent), Some(name)) => Ok((parent, name)),
+        _ => Err(refused(names, "it names the restore directory itself")),
+    }
+}
+
+/// A directory whose attributes are set once everything beneath it is written.
+struct PendingDirectory {
+    names: PathBuf,
+    inode: InodeId,
     mode: u32,
     mtime: u64,
     owner: Option<(u32, u32)>,
 }
 
+/// What an unpacking left to do: the directories' attributes.
+pub struct Unpacked {
+    pub summary: ExtractSummary,
+    directories: Vec<PendingDirectory>,
+}
+
+impl Unpacked {
+    /// Sets the directories' modes, owners and times, deepest first, beneath `root` — the
+    /// directory unpacked into, or the one its entries were moved into since. A directory
+    /// that is no longer the inode this unpacking created is an error.
+    pub fn finish(self, root: &Beneath) -> io::Result<ExtractSummary> {
+        for directory in self.directories.iter().rev() {
+            let names = &directory.names;
+            let failed = |e: io::Error| {
+                io::Error::new(
+                    e.kind(),
+                    format!(
+                        "unable to set the attributes of '{}': {e}",
+                        root.path.join(names).display()
+                    ),
+                )
+            };
+            let fd = root.directory(names, names, None).map_err(failed)?;
+            let stat = rustix::fs::fstat(&fd).map_err(|e| failed(e.into()))?;
+            if inode_of(&stat) != directory.inode {
+                return Err(failed(io::Error::other(
+                    "it was replaced while the restore ran",
+                )));
+            }
+            let set = || -> rustix::io::Result<()> {
+                if let Some((uid, gid)) = directory.owner {
+                    rustix::fs::fchown(
+                        &fd,
+                        Some(rustix::fs::Uid::from_raw(uid)),
+                        Some(rustix::fs::Gid::from_raw(gid)),
+                    )?;
+                }
+                rustix::fs::fchmod(&fd, Mode::from_raw_mode(directory.mode & 0o7777))?;
+                rustix::fs::futimens(&fd, &timestamps(directory.mtime))
+            };
+            set().map_err(|e| failed(e.into()))?;
+        }
+        Ok(self.summary)
+    }
+}
+
 /// Largest write of a file's data.
 const WRITE_SIZE: usize = 1024 * 1024;
 
-/// Writes a regular file's data in pieces of up to 1 MiB: the tar crate's own unpacking
-/// writes 8 KiB at a time, and a base backup is mostly 1 GiB relation segments. The file
-/// must not exist yet (`create_new` also refuses a symlink in its place); the caller has
-/// checked its path and that no parent is a symlink. Attributes are set as tar sets them:
-/// owner, then mode (a chown clears set-id bits), and mtime.
-fn write_file(
-    entry: &mut tar::Entry<'_, &mut dyn Read>,
-    target: &Path,
-    buffer: &mut Vec<u8>,
-    as_root: bool,
-) -> io::Result<()> {
-    let failed = |e: io::Error| {
-        io::Error::new(
-            e.kind(),
-            format!("unable to write '{}': {e}", target.display()),
-        )
-    };
-    if let Some(parent) = target.parent() {
-        std::fs::create_dir_all(parent).map_err(failed)?;
-    }
-    let mut file = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .open(target)
-        .map_err(failed)?;
-    buffer.resize(WRITE_SIZE.min(entry.size() as usize).max(1), 0);
-    let mut written = 0;
-    loop {
-        let n = match entry.read(buffer) {
-            Ok(0) => break,
-            Ok(n) => n,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-            Err(e) => return Err(e),
-        };
-        io::Write::write_all(&mut file, &buffer[..n]).map_err(failed)?;
-        written += n as u64;
-    }
-    if written != entry.size() {
-        return Err(io::Error::new(
-            io::ErrorKind::UnexpectedEof,
-            format!(
-                "the archive ends inside '{}': {written} of its {} bytes",
-                target.display(),
-                entry.size()
-            ),
-        ));
-    }
-    let header = entry.header();
-    if as_root {
-        std::os::unix::fs::fchown(
-            &file,
-            Some(header.uid()? as u32),
-            Some(header.gid()? as u32),
-        )
-        .map_err(failed)?;
-    }
-    file.set_permissions(std::fs::Permissions::from_mode(header.mode()? & 0o7777))
-        .map_err(failed)?;
-    let mtime = filetime::FileTime::from_unix_time(header.mtime()? as i64, 0);
-    filetime::set_file_handle_times(&file, Some(mtime), Some(mtime)).map_err(failed)
+struct Unpacker<'a> {
+    root: &'a Beneath,
+    ownership: Ownership,
+    /// Every inode this unpacking created: the only ones it sets attributes on or links to.
+    created: HashSet<InodeId>,
+    directories: Vec<PendingDirectory>,
+    directory_index: HashMap<PathBuf, usize>,
+    /// The last parent directory opened, reused while entries stay in it.
+    parent: Option<(PathBuf, OwnedFd)>,
+    buffer: Vec<u8>,
 }
 
-pub fn extract(reader: &mut dyn Read, root: &Path) -> io::Result<ExtractSummary> {
-    // Ownership can only be given away by root; otherwise files belong to whoever restores.
-    let as_root = unsafe { libc::geteuid() } == 0;
-    let mut archive = tar::Archive::new(reader);
-    archive.set_preserve_permissions(true);
-    archive.set_preserve_mtime(true);
-    archive.set_preserve_ownerships(as_root);
-    archive.set_unpack_xattrs(false);
-    archive.set_overwrite(false);
+impl Unpacker<'_> {
+    /// The parent directory of `names`, made when missing, and the entry's own name.
+    fn parent<'n>(&mut self, names: &'n Path) -> io::Result<(&OwnedFd, &'n OsStr)> {
+        let (parent, name) = split(names)?;
+        let cached = matches!(&self.parent, Some((path, _)) if path == parent);
+        if !cached {
+            let fd = self
+                .root
+                .directory(names, parent, Some(&mut self.created))?;
+            self.parent = Some((parent.to_path_buf(), fd));
+        }
+        let (_, fd) = self.parent.as_ref().expect("just set");
+        Ok((fd, name))
+    }
 
-    let mut summary = ExtractSummary::default();
-    let mut directories = Vec::new();
-    let mut buffer = Vec::new();
-    for entry in archive.entries()? {
-        let mut entry = entry?;
-        let path = entry.path()?.into_owned();
-        check_relative(&path)?;
-        check_no_symlink_parents(root, &path)?;
-        let header = entry.header();
-        let kind = header.entry_type();
-        if kind.is_symlink() || kind.is_hard_link() {
-            let target = entry
-                .link_name()?
-                .ok_or_else(|| unsafe_entry(&path, "link without a target"))?
-                .into_owned();
-            if kind.is_symlink() {
-                check_symlink(&path, &target)?;
-            } else {
-                check_relative(&target)?;
+    /// An error for an entry whose name is taken already.
+    fn exists(&self, names: &Path, kind: &str) -> io::Error {
+        let existing = self
+            .parent
+            .as_ref()
+            .and_then(|(_, fd)| {
+                rustix::fs::statat(fd, names.file_name()?, AtFlags::SYMLINK_NOFOLLOW).ok()
+            })
+            .map(|stat| type_name(stat.st_mode))
+            .unwrap_or("entry");
+        refused(
+            names,
+            format!(
+                "it is a {kind} and '{}' exists already as a {existing}; entries of the same name are never merged",
+                names.display()
+            ),
+        )
+    }
+
+    fn directory(&mut self, names: &Path, header: &tar::Header) -> io::Result<()> {
+        if names.as_os_str().is_empty() {
+            // The restore directory itself: it is not this unpacking's to change.
+            return Ok(());
+        }
+        let (parent, name) = self.parent(names)?;
+        let inode = match rustix::fs::mkdirat(parent, name, Mode::from_raw_mode(0o700)) {
+            Ok(()) => {
+                let stat = rustix::fs::statat(parent, name, AtFlags::SYMLINK_NOFOLLOW)?;
+                self.created.insert(inode_of(&stat));
+                inode_of(&stat)
+            }
+            Err(Errno::EXIST) => {
+                let stat = rustix::fs::statat(parent, name, AtFlags::SYMLINK_NOFOLLOW)?;
+                let inode = inode_of(&stat);
+                if FileType::from_raw_mode(stat.st_mode) != FileType::Directory
+                    || !self.created.contains(&inode)
+                {
+                    return Err(self.exists(names, "directory"));
+                }
+                inode
+            }
+            Err(e) => return Err(e.into()),
+        };
+        let pending = PendingDirectory {
+            names: names.to_path_buf(),
+            inode,
+            mode: header.mode()?,
+            mtime: header.mtime()?,
+            owner: self.ownership.of(header)?,
+        };
+        match self.directory_index.get(names) {
+            Some(&at) => self.directories[at] = pending,
+            None => {
+                self.directory_index
+                    .insert(names.to_path_buf(), self.directories.len());
+                self.directories.push(pending);
             }
         }
-        if kind.is_dir() {
-            // Permissions and mtime are applied after the children are written: a read-only
-            // directory must still receive its files, and writing them changes the mtime.
-            let target = root.join(&path);
-            std::fs::create_dir_all(&target)?;
-            directories.push(DirectoryAttributes {
-                path: target,
-                mode: header.mode()?,
-                mtime: header.mtime()?,
-                owner: if as_root {
-                    Some((header.uid()? as u32, header.gid()? as u32))
-                } else {
-                    None
-                },
-            });
-        } else {
-            summary.bytes += entry.size();
-            if kind.is_file() && !entry.path_bytes().ends_with(b"/") {
-                write_file(&mut entry, &root.join(&path), &mut buffer, as_root)?;
-            } else if !entry.unpack_in(root)? {
-                return Err(unsafe_entry(
-                    &path,
-                    "it would land outside the restore directory",
+        Ok(())
+    }
+
+    /// Writes a regular file's data in pieces of up to 1 MiB (the tar crate's own unpacking
+    /// writes 8 KiB at a time, and a base backup is mostly 1 GiB relation segments), then
+    /// sets owner, mode (a chown clears set-id bits) and mtime on the open file.
+    fn file(&mut self, names: &Path, entry: &mut tar::Entry<'_, &mut dyn Read>) -> io::Result<()> {
+        let (parent, name) = self.parent(names)?;
+        let file = match rustix::fs::openat(
+            parent,
+            name,
+            OFlags::WRONLY | OFlags::CREATE | OFlags::EXCL | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+            Mode::from_raw_mode(0o600),
+        ) {
+            Ok(fd) => std::fs::File::from(fd),
+            Err(Errno::EXIST) => return Err(self.exists(names, "file")),
+            Err(e) => return Err(e.into()),
+        };
+        self.created.insert(inode_of(&rustix::fs::fstat(&file)?));
+        self.buffer
+            .resize(WRITE_SIZE.min(entry.size() as usize).max(1), 0);
+        let mut written = 0;
+        loop {
+            let n = match entry.read(&mut self.buffer) {
+                Ok(0) => break,
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(e),
+            };
+            io::Write::write_all(&mut &file, &self.buffer[..n])?;
+            written += n as u64;
+        }
+        if written != entry.size() {
+            return Err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                format!(
+                    "the archive ends inside '{}': {written} of its {} bytes",
+                    names.display(),
+                    entry.size()
+                ),
+            ));
+        }
+        let header = entry.header();
+        if let Some((uid, gid)) = self.ownership.of(header)? {
+            rustix::fs::fchown(
+                &file,
+                Some(rustix::fs::Uid::from_raw(uid)),
+                Some(rustix::fs::Gid::from_raw(gid)),
+            )?;
+        }
+        rustix::fs::fchmod(&file, Mode::from_raw_mode(header.mode()? & 0o7777))?;
+        Ok(rustix::fs::futimens(&file, &timestamps(header.mtime()?))?)
+    }
+
+    fn symlink(&mut self, names: &Path, target: &Path, header: &tar::Header) -> io::Result<()> {
+        check_symlink(names, target)?;
+        let owner = self.ownership.of(header)?;
+        let mtime = header.mtime()?;
+        let (parent, name) = self.parent(names)?;
+        match rustix::fs::symlinkat(target, parent, name) {
+            Ok(()) => {}
+            Err(Errno::EXIST) => return Err(self.exists(names, "symlink")),
+            Err(e) => return Err(e.into()),
+        }
+        let stat = rustix::fs::statat(parent, name, AtFlags::SYMLINK_NOFOLLOW)?;
+        if let Some((uid, gid)) = owner {
+            rustix::fs::chownat(
+                parent,
+                name,
+                Some(rustix::fs::Uid::from_raw(uid)),
+                Some(rustix::fs::Gid::from_raw(gid)),
+                AtFlags::SYMLINK_NOFOLLOW,
+            )?;
+        }
+        rustix::fs::utimensat(parent, name, &timestamps(mtime), AtFlags::SYMLINK_NOFOLLOW)?;
+        self.created.insert(inode_of(&stat));
+        Ok(())
+    }
+
+    /// A hard link to a file this unpacking created earlier in the archive.
+    fn hard_link(&mut self, names: &Path, target: &Path) -> io::Result<()> {
+        let target = plain_names(target).map_err(|e| {
+            refused(
+                names,
+                format!(
+                    "hard link to '{}': {}",
+                    target.display(),
+                    e.to_string().rsplit(": ").next().unwrap_or_default()
+                ),
+            )
+        })?;
+        let (source_parent, source_name) = split(&target)?;
+        let source = match self.root.directory(names, source_parent, None) {
+            Ok(fd) => fd,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                return Err(refused(
+                    names,
+                    format!(
+                        "hard link to '{}', which the archive does not hold before it",
+                        target.display()
+                    ),
                 ));
             }
+            Err(e) => return Err(e),
+        };
+        let linked = match rustix::fs::statat(&source, source_name, AtFlags::SYMLINK_NOFOLLOW) {
+            Ok(stat) => stat,
+            Err(Errno::NOENT) => {
+                return Err(refused(
+                    names,
+                    format!(
+                        "hard link to '{}', which the archive does not hold before it",
+                        target.display()
+                    ),
+                ));
+            }
+            Err(e) => return Err(e.into()),
+        };
+        if FileType::from_raw_mode(linked.st_mode) == FileType::Directory
+            || !self.created.contains(&inode_of(&linked))
+        {
+            return Err(refused(
+                names,
+                format!(
+                    "hard link to '{}', a {} this restore did not create",
+                    target.display(),
+                    type_name(linked.st_mode)
+                ),
+            ));
+        }
+        let (parent, name) = self.parent(names)?;
+        match rustix::fs::linkat(&source, source_name, parent, name, AtFlags::empty()) {
+            Ok(()) => Ok(()),
+            Err(Errno::EXIST) => Err(self.exists(names, "hard link")),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    fn entry(&mut self, entry: &mut tar::Entry<'_, &mut dyn Read>) -> io::Result<()> {
+        let raw = entry.path()?.into_owned();
+        let names = plain_names(&raw)?;
+        let kind = entry.header().entry_type();
+        // Old archivers mark directories as regular files with a trailing slash.
+        let is_directory = kind.is_dir() || (kind.is_file() && entry.path_bytes().ends_with(b"/"));
+        if !is_directory && names.as_os_str().is_empty() {
+            return Err(refused(&raw, "it names the restore directory itself"));
+        }
+        // Refusals name the entry already; anything else the system refused names the entry
+        // and where it was being written.
+        let root = &self.root.path;
+        let named = |e: io::Error| {
+            if e.kind() == io::ErrorKind::InvalidData || e.kind() == io::ErrorKind::UnexpectedEof {
+                return e;
+            }
+            io::Error::new(
+                e.kind(),
+                format!(
+                    "unable to restore archive entry '{}' as '{}': {e}",
+                    raw.display(),
+                    root.join(&names).display()
+                ),
+            )
+        };
+        if is_directory {
+            let header = entry.header().clone();
+            return self.directory(&names, &header).map_err(named);
+        }
+        match kind {
+            tar::EntryType::Regular | tar::EntryType::Continuous | tar::EntryType::GNUSparse => {
+                self.file(&names, entry).map_err(named)
+            }
+            tar::EntryType::Symlink | tar::EntryType::Link => {
+                let target = entry
+                    .link_name()?
+                    .ok_or_else(|| refused(&raw, "link without a target"))?
+                    .into_owned();
+                let header = entry.header().clone();
+                if kind == tar::EntryType::Symlink {
+                    self.symlink(&names, &target, &header).map_err(named)
+                } else {
+                    self.hard_link(&names, &target).map_err(named)
+                }
+            }
+            tar::EntryType::Char | tar::EntryType::Block => Err(refused(
+                &raw,
+                "a device node; lifeboat never stores them, so this archive was not written by it",
+            )),
+            tar::EntryType::Fifo => Err(refused(
+                &raw,
+                "a FIFO; lifeboat never stores them, so this archive was not written by it",
+            )),
+            tar::EntryType::XGlobalHeader => Ok(()),
+            other => Err(refused(&raw, format!("unknown entry type {other:?}"))),
+        }
+    }
+}
+
+/// Unpacks the tar stream `reader` beneath `root`, leaving the directories' attributes to
+/// [`Unpacked::finish`]; directories stay writable by their creator until then.
+pub fn unpack(reader: &mut dyn Read, root: &Beneath, ownership: Ownership) -> io::Result<Unpacked> {
+    let mut archive = tar::Archive::new(reader);
+    let mut unpacker = Unpacker {
+        root,
+        ownership,
+        created: HashSet::new(),
+        directories: Vec::new(),
+        directory_index: HashMap::new(),
+        parent: None,
+        buffer: Vec::new(),
+    };
+    let mut summary = ExtractSummary::default();
+    for entry in archive.entries()? {
+        let mut entry = entry?;
+        unpacker.entry(&mut entry)?;
+        if !entry.header().entry_type().is_dir() {
+            summary.bytes += entry.size();
         }
         summary.entries += 1;
     }
-    for directory in directories.iter().rev() {
-        if let Some((uid, gid)) = directory.owner {
-            std::os::unix::fs::chown(&directory.path, Some(uid), Some(gid))?;
-        }
-        std::fs::set_permissions(
-            &directory.path,
-            std::fs::Permissions::from_mode(directory.mode & 0o7777),
-        )?;
-        let mtime = filetime::FileTime::from_unix_time(directory.mtime as i64, 0);
-        filetime::set_file_mtime(&directory.path, mtime)?;
-    }
-    Ok(summary)
+    Ok(Unpacked {
+        summary,
+        directories: unpacker.directories,
+    })
+}
+
+/// Unpacks the tar stream `reader` into the directory `root`, attributes included, with
+/// the owners the archive names when run as root.
+pub fn extract(reader: &mut dyn Read, root: &Path) -> io::Result<ExtractSummary> {
+    let root = Beneath::open(root)?;
+    unpack(reader, &root, Ownership::for_this_user())?.finish(&root)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
 
     fn archive_with(build: impl FnOnce(&mut tar::Builder<Vec<u8>>)) -> Vec<u8> {
         let mut builder = tar::Builder::new(Vec::new());
@@ -351,6 +770,166 @@ mod tests {
         assert!(!outside.path().join("passwd").exists());
     }
 
+    /// The attack that changed an outside directory's owner, mode and mtime: a symlink to it,
+    /// then a directory entry of the same name.
+    #[test]
+    fn a_directory_entry_over_a_symlink_changes_nothing_through_it() {
+        let outside = tempfile::tempdir().unwrap();
+        std::fs::set_permissions(outside.path(), std::fs::Permissions::from_mode(0o750)).unwrap();
+        let before = std::fs::metadata(outside.path()).unwrap();
+        let target = outside.path().to_str().unwrap().to_string();
+        let bytes = archive_with(|b| {
+            entry(b, tar::EntryType::Symlink, "etc", Some(&target), b"");
+            let mut header = tar::Header::new_gnu();
+            header.set_entry_type(tar::EntryType::Directory);
+            header.set_mode(0o6777);
+            header.set_uid(0);
+            header.set_gid(0);
+            header.set_mtime(1);
+            header.set_size(0);
+            b.append_data(&mut header, "etc", &[][..]).unwrap();
+        });
+        let (_dir, result) = extract_bytes(&bytes);
+        let message = result.unwrap_err().to_string();
+        assert!(
+            message.contains("'etc'") && message.contains("exists already as a symlink"),
+            "{message}"
+        );
+        let after = std::fs::metadata(outside.path()).unwrap();
+        assert_eq!(after.mode(), before.mode());
+        assert_eq!(after.mtime(), before.mtime());
+        assert_eq!(after.uid(), before.uid());
+    }
+
+    #[test]
+    fn entries_of_the_same_name_and_another_type_are_refused_in_either_order() {
+        let kinds = [
+            (tar::EntryType::Directory, None),
+            (tar::EntryType::Regular, None),
+            (tar::EntryType::Symlink, Some("elsewhere")),
+        ];
+        for (first, first_link) in kinds {
+            for (second, second_link) in kinds {
+                if first == second && first == tar::EntryType::Directory {
+                    continue;
+                }
+                let bytes = archive_with(|b| {
+                    entry(b, first, "a", first_link, b"");
+                    entry(b, second, "a", second_link, b"");
+                });
+                let (_dir, result) = extract_bytes(&bytes);
+                let message = result.unwrap_err().to_string();
+                assert!(
+                    message.contains("refusing archive entry 'a'")
+                        && message.contains("exists already"),
+                    "{first:?} then {second:?}: {message}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn hard_links_only_reach_files_of_the_archive() {
+        let outside = tempfile::NamedTempFile::new().unwrap();
+        let bytes = archive_with(|b| {
+            entry(
+                b,
+                tar::EntryType::Symlink,
+                "out",
+                Some(outside.path().to_str().unwrap()),
+                b"",
+            );
+            entry(b, tar::EntryType::Link, "linked", Some("out"), b"");
+        });
+        let (dir, result) = extract_bytes(&bytes);
+        // A link to the symlink itself (never to what it names) is harmless; the outside
+        // file keeps its one link.
+        if result.is_ok() {
+            let meta = std::fs::symlink_metadata(dir.path().join("root/linked")).unwrap();
+            assert!(meta.file_type().is_symlink());
+        }
+        assert_eq!(std::fs::metadata(outside.path()).unwrap().nlink(), 1);
+
+        let bytes = archive_with(|b| {
+            entry(b, tar::EntryType::Link, "linked", Some("missing"), b"");
+        });
+        let (_dir, result) = extract_bytes(&bytes);
+        assert!(result.unwrap_err().to_string().contains("does not hold"));
+
+        let bytes = archive_with(|b| {
+            entry(b, tar::EntryType::Regular, "data", None, b"shared");
+            entry(b, tar::EntryType::Link, "again", Some("data"), b"");
+        });
+        let (dir, result) = extract_bytes(&bytes);
+        result.unwrap();
+        let first = std::fs::metadata(dir.path().join("root/data")).unwrap();
+        let second = std::fs::metadata(dir.path().join("root/again")).unwrap();
+        assert_eq!((first.ino(), first.nlink()), (second.ino(), 2));
+    }
+
+    #[test]
+    fn devices_and_fifos_are_refused() {
+        for kind in [
+            tar::EntryType::Char,
+            tar::EntryType::Block,
+            tar::EntryType::Fifo,
+        ] {
+            let bytes = archive_with(|b| entry(b, kind, "dev/node", None, b""));
+            let (dir, result) = extract_bytes(&bytes);
+            let message = result.unwrap_err().to_string();
+            assert!(message.contains("'dev/node'"), "{message}");
+            assert!(!dir.path().join("root/dev/node").exists());
+        }
+    }
+
+    #[test]
+    fn read_only_directories_receive_their_files_and_keep_their_modes() {
+        let bytes = archive_with(|b| {
+            let mut header = tar::Header::new_gnu();
+            header.set_entry_type(tar::EntryType::Directory);
+            header.set_mode(0o500);
+            header.set_uid(0);
+            header.set_gid(0);
+            header.set_mtime(1_000);
+            header.set_size(0);
+            b.append_data(&mut header, "locked", &[][..]).unwrap();
+            let mut header = tar::Header::new_gnu();
+            header.set_entry_type(tar::EntryType::Directory);
+            header.set_mode(0o000);
+            header.set_uid(0);
+            header.set_gid(0);
+            header.set_mtime(2_000);
+            header.set_size(0);
+            b.append_data(&mut header, "locked/closed", &[][..])
+                .unwrap();
+            entry(
+                b,
+                tar::EntryType::Regular,
+                "locked/closed/file",
+                None,
+                b"data",
+            );
+        });
+        let (dir, result) = extract_bytes(&bytes);
+        result.unwrap();
+        let root = dir.path().join("root");
+        let closed = std::fs::metadata(root.join("locked/closed")).unwrap();
+        assert_eq!((closed.mode() & 0o7777, closed.mtime()), (0, 2_000));
+        let locked = std::fs::metadata(root.join("locked")).unwrap();
+        assert_eq!((locked.mode() & 0o7777, locked.mtime()), (0o500, 1_000));
+        std::fs::set_permissions(root.join("locked"), std::fs::Permissions::from_mode(0o700))
+            .unwrap();
+        std::fs::set_permissions(
+            root.join("locked/closed"),
+            std::fs::Permissions::from_mode(0o700),
+        )
+        .unwrap();
+        assert_eq!(
+            std::fs::read(root.join("locked/closed/file")).unwrap(),
+            b"data"
+        );
+    }
+
     #[test]
     fn files_keep_their_bytes_mode_and_mtime_across_many_writes() {
         let data: Vec<u8> = (0..5 * WRITE_SIZE / 2)
@@ -373,7 +952,6 @@ mod tests {
         assert!(std::fs::read(&restored).unwrap() == data);
         let meta = std::fs::metadata(&restored).unwrap();
         assert_eq!(meta.permissions().mode() & 0o7777, 0o640);
-        use std::os::unix::fs::MetadataExt;
         assert_eq!(meta.mtime(), 1_000_000);
 
         // Cut inside the file's data: an error naming the file, not a short file.

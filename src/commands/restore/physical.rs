@@ -4,13 +4,13 @@
 //! and lifeboat waits until recovery has finished.
 
 use std::fmt::Write as _;
-use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
 
-use super::files::{check_target, target_error, unpack};
+use super::extract::{Beneath, Ownership};
+use super::files::{Target, target_error, unpack};
 use super::{RestoreReport, Selected};
 use crate::commands::backup::BASE_OBJECT;
 use crate::error::{Error, ErrorKind, Result};
@@ -90,16 +90,28 @@ pub(super) async fn restore(
     source: &WalSource,
 ) -> Result<RestoreReport> {
     let into = &options.data_dir;
-    check_target(into)?;
     let binaries = server_binaries(&selected.manifest, options.bin_dir.as_deref())?;
+    let target = Target::prepare(into)?;
     let mut stages = Vec::new();
     let clock = Instant::now();
-    let bytes = unpack(&selected, BASE_OBJECT, into).await?.bytes;
+    let (bytes, owner) = target
+        .undo_on_error(async {
+            let owner = data_dir_owner(into)?;
+            let ownership = match owner {
+                Some((uid, gid)) => Ownership::Fixed(uid, gid),
+                None => Ownership::Unpacker,
+            };
+            let bytes = unpack(&selected, BASE_OBJECT, &target, ownership)
+                .await?
+                .bytes;
+            Ok((bytes, owner))
+        })
+        .await?;
     stages.push(("download, verify and unpack".to_string(), clock.elapsed()));
 
-    let owner = data_dir_owner(into)?;
     configure_recovery(into, options, source, owner)?;
-    let mut warnings = vec![format!(
+    let mut warnings = target.warnings();
+    warnings.push(format!(
         "the restored server fetches WAL with `lifeboat wal-fetch` as its own user: that user needs to read '{}'{} and the repositories' credentials",
         source.config_path.display(),
         match &source.identity_file {
@@ -109,7 +121,7 @@ pub(super) async fn restore(
             ),
             None => String::new(),
         }
-    )];
+    ));
     if !options.keep_archiving {
         warnings.push(
             "archive_mode is off in the restored cluster; when it becomes the primary, turn it on with its own job".to_string(),
@@ -196,14 +208,6 @@ fn data_dir_owner(into: &Path) -> Result<Option<(u32, u32)>> {
     Ok(Some(unsafe { ((*entry).pw_uid, (*entry).pw_gid) }))
 }
 
-fn chown_tree(root: &Path, (uid, gid): (u32, u32)) -> std::io::Result<()> {
-    for entry in walkdir::WalkDir::new(root) {
-        let entry = entry.map_err(std::io::Error::other)?;
-        std::os::unix::fs::lchown(entry.path(), Some(uid), Some(gid))?;
-    }
-    Ok(())
-}
-
 /// Shell-quotes one word for `restore_command`, which PostgreSQL runs with /bin/sh.
 fn shell_word(word: &str) -> String {
     format!("'{}'", word.replace('\'', "'\\''"))
@@ -281,23 +285,46 @@ fn configure_recovery(
     if let Some(port) = options.port {
         set("port", port.to_string());
     }
+    // Through handles beneath the data directory, never through a symlink the base backup
+    // may hold in their place.
     let write = || -> std::io::Result<()> {
-        use std::io::Write;
-        let mut auto = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(into.join("postgresql.auto.conf"))?;
-        auto.write_all(settings.as_bytes())?;
-        std::fs::write(into.join("recovery.signal"), b"")?;
+        use rustix::fs::OFlags;
+        let dir = Beneath::open(into)?;
+        let give = |fd: &dyn std::os::fd::AsFd| -> std::io::Result<()> {
+            if let Some((uid, gid)) = owner {
+                rustix::fs::fchown(
+                    fd,
+                    Some(rustix::fs::Uid::from_raw(uid)),
+                    Some(rustix::fs::Gid::from_raw(gid)),
+                )?;
+            }
+            Ok(())
+        };
+        let mut auto = std::fs::File::from(dir.open_file(
+            Path::new("postgresql.auto.conf"),
+            OFlags::WRONLY | OFlags::APPEND | OFlags::CREATE,
+        )?);
+        std::io::Write::write_all(&mut auto, settings.as_bytes())?;
+        give(&auto)?;
+        give(&dir.open_file(
+            Path::new("recovery.signal"),
+            OFlags::WRONLY | OFlags::CREATE | OFlags::TRUNC,
+        )?)?;
         // pg_basebackup leaves pg_wal empty (or out, when it is a symlink elsewhere).
-        std::fs::create_dir_all(into.join("pg_wal/archive_status"))?;
-        if !into.join("postgresql.conf").exists() {
-            // Packaged clusters keep their config outside the data directory.
-            std::fs::write(into.join("postgresql.conf"), b"")?;
-        }
-        std::fs::set_permissions(into, std::fs::Permissions::from_mode(0o700))?;
-        if let Some(owner) = owner {
-            chown_tree(into, owner)?;
+        give(&dir.create_directory(Path::new("pg_wal"))?)?;
+        give(&dir.create_directory(Path::new("pg_wal/archive_status"))?)?;
+        // Packaged clusters keep their config outside the data directory.
+        give(&dir.open_file(
+            Path::new("postgresql.conf"),
+            OFlags::WRONLY | OFlags::CREATE,
+        )?)?;
+        rustix::fs::fchmod(dir.fd(), rustix::fs::Mode::from_raw_mode(0o700))?;
+        if let Some((uid, gid)) = owner {
+            rustix::fs::fchown(
+                dir.fd(),
+                Some(rustix::fs::Uid::from_raw(uid)),
+                Some(rustix::fs::Gid::from_raw(gid)),
+            )?;
         }
         Ok(())
     };

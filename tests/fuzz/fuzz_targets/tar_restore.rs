@@ -1,28 +1,92 @@
 //! The tar restore path: whatever the archive holds (`..`, absolute paths, symlinks out and
-//! through, hard links, huge headers), nothing is written outside the target directory.
-//! The target sits five levels below a scratch directory that must hold nothing else after.
+//! through, hard links, devices, entries of one name and several types, huge headers),
+//! nothing outside the target directory changes. The target sits five levels below a scratch
+//! directory; beside it lie a directory and a file an archive may name (`../outside`,
+//! `../outside-file`, or their absolute paths, which the seeds hold). After the restore the
+//! scratch tree holds nothing new, and every inode of it outside the target has the mode,
+//! owner, link count, size, times and contents it had.
 #![no_main]
 
+use std::collections::BTreeMap;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+
 use libfuzzer_sys::fuzz_target;
+
+#[derive(Debug, PartialEq)]
+struct State {
+    mode: u32,
+    owner: (u32, u32),
+    nlink: u64,
+    size: u64,
+    mtime: (i64, i64),
+    ctime: (i64, i64),
+    content: Vec<u8>,
+}
+
+/// Every inode under `scratch` but the target's own tree.
+fn outside(scratch: &Path, root: &Path) -> BTreeMap<PathBuf, State> {
+    let mut states = BTreeMap::new();
+    let mut pending = vec![scratch.to_path_buf()];
+    while let Some(path) = pending.pop() {
+        if path == root {
+            continue;
+        }
+        let meta = std::fs::symlink_metadata(&path).unwrap();
+        let mut content = Vec::new();
+        if meta.is_dir() {
+            let mut names: Vec<_> = std::fs::read_dir(&path)
+                .unwrap()
+                .map(|e| e.unwrap().file_name())
+                .collect();
+            names.sort();
+            for name in names {
+                content.extend_from_slice(name.as_encoded_bytes());
+                content.push(b'/');
+                pending.push(path.join(name));
+            }
+        } else if meta.is_file() {
+            content = std::fs::read(&path).unwrap();
+        } else if meta.file_type().is_symlink() {
+            content = std::fs::read_link(&path)
+                .unwrap()
+                .into_os_string()
+                .into_encoded_bytes();
+        }
+        states.insert(
+            path,
+            State {
+                mode: meta.mode(),
+                owner: (meta.uid(), meta.gid()),
+                nlink: meta.nlink(),
+                size: if meta.is_dir() { 0 } else { meta.size() },
+                mtime: (meta.mtime(), meta.mtime_nsec()),
+                ctime: (meta.ctime(), meta.ctime_nsec()),
+                content,
+            },
+        );
+    }
+    states
+}
 
 fuzz_target!(|data: &[u8]| {
     let scratch = tempfile::tempdir().unwrap();
     let fence = scratch.path().join("a/b/c/d/e");
     let root = fence.join("root");
     std::fs::create_dir_all(&root).unwrap();
+    std::fs::create_dir(fence.join("outside")).unwrap();
+    std::fs::write(fence.join("outside/victim"), b"precious").unwrap();
+    std::fs::write(fence.join("outside-file"), b"precious too").unwrap();
+    let before = outside(scratch.path(), &root);
     let _ = lifeboat::commands::restore::extract_tar(&mut &data[..], &root);
-    let mut level = scratch.path().to_path_buf();
-    for expected in ["a", "b", "c", "d", "e", "root"] {
-        let entries: Vec<_> = std::fs::read_dir(&level)
-            .unwrap()
-            .map(|e| e.unwrap().file_name())
-            .collect();
+    let after = outside(scratch.path(), &root);
+    for (path, state) in &after {
         assert_eq!(
-            entries,
-            [expected],
-            "something was written beside {}",
-            level.display()
+            before.get(path),
+            Some(state),
+            "'{}' changed outside the target",
+            path.display()
         );
-        level.push(expected);
     }
+    assert_eq!(before.len(), after.len(), "an inode outside the target went away");
 });

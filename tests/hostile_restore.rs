@@ -1,0 +1,519 @@
+//! Restores of hostile archives, run as root and as an unprivileged user: whatever the
+//! archive holds — entries that reach outside the target directly, through `..`, through an
+//! absolute path, through a symlink made earlier in the same archive or a chain of them, hard
+//! links out, devices, FIFOs, and every pair of entries of the same name and different types
+//! in both orders — nothing outside the target changes. Each archive is restored twice: under
+//! a forged manifest (sealed correctly, checksums matching), which fails naming the entry, and
+//! under the genuine manifest with the object replaced, which fails naming the object before
+//! anything is unpacked. Either way the target holds nothing.
+
+use std::collections::BTreeMap;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+
+use sha2::{Digest, Sha256};
+
+use crate::common::{
+    Run, binary_command, files_job, is_root, local_repository, run_command, tree, write_config,
+};
+
+const NOBODY: u32 = 65_534;
+
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Kind {
+    Directory,
+    File,
+    Symlink,
+    HardLink,
+    Device,
+    Fifo,
+}
+
+struct Entry {
+    kind: Kind,
+    name: String,
+    /// Symlink or hard link target.
+    link: Option<String>,
+}
+
+fn entry(kind: Kind, name: &str, link: Option<&str>) -> Entry {
+    Entry {
+        kind,
+        name: name.to_string(),
+        link: link.map(str::to_string),
+    }
+}
+
+/// A tar whose names and link names are written raw, as an attacker would send them.
+fn hostile_tar(entries: &[Entry]) -> Vec<u8> {
+    let mut builder = tar::Builder::new(Vec::new());
+    for entry in entries {
+        let mut header = tar::Header::new_gnu();
+        let (kind, data): (tar::EntryType, &[u8]) = match entry.kind {
+            Kind::Directory => (tar::EntryType::Directory, b""),
+            Kind::File => (tar::EntryType::Regular, b"written by a hostile archive\n"),
+            Kind::Symlink => (tar::EntryType::Symlink, b""),
+            Kind::HardLink => (tar::EntryType::Link, b""),
+            Kind::Device => (tar::EntryType::Char, b""),
+            Kind::Fifo => (tar::EntryType::Fifo, b""),
+        };
+        header.set_entry_type(kind);
+        // Set-id bits, world-writable, and a time far in the past: any of it seen outside
+        // the target is a finding.
+        header.set_mode(0o6777);
+        header.set_uid(NOBODY as u64);
+        header.set_gid(NOBODY as u64);
+        header.set_mtime(1);
+        header.set_size(data.len() as u64);
+        if entry.kind == Kind::Device {
+            header.set_device_major(1).unwrap();
+            header.set_device_minor(3).unwrap();
+        }
+        let old = header.as_old_mut();
+        assert!(entry.name.len() < old.name.len(), "{}", entry.name);
+        old.name[..entry.name.len()].copy_from_slice(entry.name.as_bytes());
+        if let Some(link) = &entry.link {
+            assert!(link.len() < old.linkname.len(), "{link}");
+            old.linkname[..link.len()].copy_from_slice(link.as_bytes());
+        }
+        header.set_cksum();
+        builder.append(&header, data).unwrap();
+    }
+    builder.into_inner().unwrap()
+}
+
+/// What can change about an inode: mode, owner, link count, size, times (ctime moves with
+/// any change of the others), extended attributes, and its contents or link target.
+#[derive(Debug, PartialEq)]
+struct InodeState {
+    mode: u32,
+    owner: (u32, u32),
+    nlink: u64,
+    size: u64,
+    mtime: (i64, i64),
+    ctime: (i64, i64),
+    xattrs: Vec<String>,
+    content: String,
+}
+
+fn xattr_names(path: &Path) -> Vec<String> {
+    let c_path = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()).unwrap();
+    let mut buffer = vec![0u8; 4096];
+    // SAFETY: a valid C string and a buffer of the length given.
+    let len =
+        unsafe { libc::llistxattr(c_path.as_ptr(), buffer.as_mut_ptr().cast(), buffer.len()) };
+    if len < 0 {
+        return Vec::new();
+    }
+    let mut names: Vec<String> = buffer[..len as usize]
+        .split(|b| *b == 0)
+        .filter(|n| !n.is_empty())
+        .map(|n| String::from_utf8_lossy(n).into_owned())
+        .collect();
+    names.sort();
+    names
+}
+
+fn inode_state(path: &Path) -> InodeState {
+    let meta = std::fs::symlink_metadata(path).unwrap();
+    let content = if meta.file_type().is_symlink() {
+        std::fs::read_link(path).unwrap().display().to_string()
+    } else if meta.is_file() {
+        hex::encode(Sha256::digest(std::fs::read(path).unwrap()))
+    } else if meta.is_dir() {
+        let mut names: Vec<String> = std::fs::read_dir(path)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        names.sort();
+        names.join("/")
+    } else {
+        String::new()
+    };
+    InodeState {
+        mode: meta.mode(),
+        owner: (meta.uid(), meta.gid()),
+        nlink: meta.nlink(),
+        size: if meta.is_dir() { 0 } else { meta.size() },
+        mtime: (meta.mtime(), meta.mtime_nsec()),
+        ctime: (meta.ctime(), meta.ctime_nsec()),
+        xattrs: xattr_names(path),
+        content,
+    }
+}
+
+/// Every inode under `fence` but the target's own tree, and every directory on the way up
+/// to the root: what a restore into `target` must leave exactly as it was.
+fn outside_state(fence: &Path, target: &Path) -> BTreeMap<PathBuf, InodeState> {
+    let mut states = BTreeMap::new();
+    for entry in walkdir::WalkDir::new(fence)
+        .into_iter()
+        .filter_entry(|e| e.path() != target)
+    {
+        let entry = entry.unwrap();
+        states.insert(entry.path().to_path_buf(), inode_state(entry.path()));
+    }
+    // Making and removing the target changes its parent's times, and nothing else of it.
+    if let Some(parent) = states.get_mut(target.parent().unwrap()) {
+        parent.mtime = (0, 0);
+        parent.ctime = (0, 0);
+    }
+    let mut up = fence.parent();
+    while let Some(dir) = up {
+        let mut state = inode_state(dir);
+        // Other tests come and go beside ours: only the directory's own attributes count.
+        state.content.clear();
+        state.nlink = 0;
+        state.ctime = (0, 0);
+        state.mtime = (0, 0);
+        states.insert(dir.to_path_buf(), state);
+        up = dir.parent();
+    }
+    states
+}
+
+/// The attacks: archives and the entry each must be refused at.
+fn attacks(outside: &str, outside_file: &str, fence: &str) -> Vec<(String, Vec<Entry>, String)> {
+    use Kind::*;
+    let mut cases: Vec<(String, Vec<Entry>, String)> = vec![
+        (
+            "a directory through '..'".into(),
+            vec![entry(Directory, "../outside", None)],
+            "../outside".into(),
+        ),
+        (
+            "a file at an absolute path".into(),
+            vec![entry(File, &format!("{outside}/planted"), None)],
+            format!("{outside}/planted"),
+        ),
+        (
+            "a directory over a symlink to an outside directory".into(),
+            vec![
+                entry(Symlink, "etc", Some(outside)),
+                entry(Directory, "etc", None),
+            ],
+            "etc".into(),
+        ),
+        (
+            "a file through a symlink made earlier".into(),
+            vec![
+                entry(Symlink, "etc", Some(outside)),
+                entry(File, "etc/victim", None),
+            ],
+            "etc/victim".into(),
+        ),
+        (
+            "a file through a chain of symlinks".into(),
+            vec![
+                entry(Symlink, "a", Some("b")),
+                entry(Symlink, "b", Some(outside)),
+                entry(File, "a/planted", None),
+            ],
+            "a/planted".into(),
+        ),
+        (
+            "a relative symlink that climbs out".into(),
+            vec![entry(Symlink, "up", Some("../outside"))],
+            "up".into(),
+        ),
+        (
+            "a hard link to an absolute path".into(),
+            vec![entry(HardLink, "h", Some(outside_file))],
+            "h".into(),
+        ),
+        (
+            "a hard link through '..'".into(),
+            vec![entry(HardLink, "h", Some("../outside-file"))],
+            "h".into(),
+        ),
+        (
+            "a hard link through a symlink made earlier".into(),
+            vec![
+                entry(Symlink, "s", Some(fence)),
+                entry(HardLink, "h", Some("s/outside-file")),
+            ],
+            "h".into(),
+        ),
+        (
+            "a device node inside".into(),
+            vec![entry(Device, "null", None)],
+            "null".into(),
+        ),
+        (
+            "a device node through '..'".into(),
+            vec![entry(Device, "../null", None)],
+            "../null".into(),
+        ),
+        (
+            "a FIFO through a symlink".into(),
+            vec![
+                entry(Symlink, "s", Some(outside)),
+                entry(Fifo, "s/fifo", None),
+            ],
+            "s/fifo".into(),
+        ),
+        (
+            "a symlink through a symlink".into(),
+            vec![
+                entry(Symlink, "s", Some(outside)),
+                entry(Symlink, "s/victim", Some("/etc/passwd")),
+            ],
+            "s/victim".into(),
+        ),
+        (
+            "a hard link through a symlink to a file".into(),
+            vec![
+                entry(Symlink, "s", Some(outside_file)),
+                entry(HardLink, "h", Some("s")),
+                entry(File, "h", None),
+            ],
+            "h".into(),
+        ),
+    ];
+    // Every pair of entries of the same name and different types, in both orders, then a
+    // file written beneath the name.
+    let kinds = [Directory, File, Symlink, HardLink, Device, Fifo];
+    for first in kinds {
+        for second in kinds {
+            if first == second {
+                continue;
+            }
+            let make = |kind: Kind| match kind {
+                Symlink => entry(Symlink, "x", Some(outside)),
+                HardLink => entry(HardLink, "x", Some("first")),
+                other => entry(other, "x", None),
+            };
+            let mut entries = vec![entry(File, "first", None), make(first), make(second)];
+            entries.push(entry(File, "x/inner", None));
+            cases.push((
+                format!("a {first:?} then a {second:?} named 'x'"),
+                entries,
+                "x".into(),
+            ));
+        }
+    }
+    cases
+}
+
+struct Rig {
+    _work: tempfile::TempDir,
+    config: PathBuf,
+    binary: PathBuf,
+    backup_dir: PathBuf,
+    genuine_manifest: Vec<u8>,
+    genuine_object: Vec<u8>,
+    fence: PathBuf,
+}
+
+impl Rig {
+    fn new() -> Rig {
+        let work = tempfile::tempdir().unwrap();
+        std::fs::set_permissions(work.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+        let source = work.path().join("src");
+        tree::write_file(&source.join("app.conf"), b"a = 1\n", 0o644);
+        let repo = work.path().join("repo");
+        let config = write_config(
+            work.path(),
+            &format!(
+                "{}{}",
+                local_repository("local", &repo),
+                files_job("config", &[&source])
+            ),
+        );
+        std::fs::set_permissions(&config, std::fs::Permissions::from_mode(0o644)).unwrap();
+        // The checkout may sit where the unprivileged user cannot enter.
+        let binary = work.path().join("lifeboat");
+        std::fs::copy(env!("CARGO_BIN_EXE_lifeboat"), &binary).unwrap();
+        std::fs::set_permissions(&binary, std::fs::Permissions::from_mode(0o755)).unwrap();
+        run_command(binary_command(&binary, &config).args(["backup", "config"])).assert_code(0);
+        let backups = repo.join("jobs/config/backups");
+        let id = std::fs::read_dir(&backups)
+            .unwrap()
+            .next()
+            .unwrap()
+            .unwrap()
+            .file_name();
+        let backup_dir = backups.join(id);
+        for entry in walkdir::WalkDir::new(&repo) {
+            let entry = entry.unwrap();
+            let mode = if entry.file_type().is_dir() {
+                0o755
+            } else {
+                0o644
+            };
+            std::fs::set_permissions(entry.path(), std::fs::Permissions::from_mode(mode)).unwrap();
+        }
+
+        // The fence: what lies around the target, owned by the unprivileged user where it
+        // could write it, so that only lifeboat stands between an archive and it.
+        let fence = work.path().join("fence");
+        let outside = fence.join("outside");
+        tree::write_file(&outside.join("victim"), b"precious\n", 0o640);
+        tree::write_file(&fence.join("outside-file"), b"precious too\n", 0o640);
+        std::fs::set_permissions(&outside, std::fs::Permissions::from_mode(0o750)).unwrap();
+        if is_root() {
+            for path in [
+                &fence,
+                &outside,
+                &outside.join("victim"),
+                &fence.join("outside-file"),
+            ] {
+                std::os::unix::fs::chown(path, Some(NOBODY), Some(NOBODY)).unwrap();
+            }
+        }
+        // An attribute a restore must not add to or take from; a filesystem without user
+        // xattrs still compares the rest.
+        let victim =
+            std::ffi::CString::new(outside.join("victim").into_os_string().into_encoded_bytes())
+                .unwrap();
+        // SAFETY: valid C strings and a value of the length given.
+        unsafe {
+            libc::setxattr(
+                victim.as_ptr(),
+                c"user.origin".as_ptr(),
+                b"fence".as_ptr().cast(),
+                5,
+                0,
+            );
+        }
+        Rig {
+            genuine_manifest: std::fs::read(backup_dir.join("manifest.json")).unwrap(),
+            genuine_object: std::fs::read(backup_dir.join("files.tar.zst")).unwrap(),
+            _work: work,
+            config,
+            binary,
+            backup_dir,
+            fence,
+        }
+    }
+
+    /// Puts `tar` in place of the backup's object, compressed; with `forge`, the manifest
+    /// is rewritten (and sealed) to match it, else the genuine one stays.
+    fn plant(&self, tar: &[u8], forge: bool) {
+        let stored = zstd::encode_all(tar, 3).unwrap();
+        std::fs::write(self.backup_dir.join("files.tar.zst"), &stored).unwrap();
+        let mut manifest = lifeboat::manifest::Manifest::from_json(&self.genuine_manifest).unwrap();
+        if forge {
+            let object = &mut manifest.objects[0];
+            object.size = stored.len() as u64;
+            object.sha256 = hex::encode(Sha256::digest(&stored));
+            object.raw_size = tar.len() as u64;
+            object.raw_sha256 = hex::encode(Sha256::digest(tar));
+        }
+        std::fs::write(self.backup_dir.join("manifest.json"), manifest.to_json()).unwrap();
+    }
+
+    fn restore(&self, target: &Path, unprivileged: bool) -> Run {
+        let mut command = binary_command(&self.binary, &self.config);
+        command.args(["restore", "config", "--into", target.to_str().unwrap()]);
+        if unprivileged {
+            command.uid(NOBODY).gid(NOBODY).env("HOME", "/nonexistent");
+        }
+        run_command(&mut command)
+    }
+
+    fn restore_genuine(&self) {
+        std::fs::write(
+            self.backup_dir.join("manifest.json"),
+            &self.genuine_manifest,
+        )
+        .unwrap();
+        std::fs::write(self.backup_dir.join("files.tar.zst"), &self.genuine_object).unwrap();
+    }
+}
+
+fn run_every_attack(unprivileged: bool) {
+    let rig = Rig::new();
+    let target = rig.fence.join("target");
+    let outside = rig.fence.join("outside");
+    let outside_file = rig.fence.join("outside-file");
+    let cases = attacks(
+        outside.to_str().unwrap(),
+        outside_file.to_str().unwrap(),
+        rig.fence.to_str().unwrap(),
+    );
+    let object_key = format!(
+        "jobs/config/backups/{}/files.tar.zst",
+        rig.backup_dir.file_name().unwrap().to_string_lossy()
+    );
+    let mut findings = Vec::new();
+    for (what, entries, refused_at) in &cases {
+        let tar = hostile_tar(entries);
+        for forge in [true, false] {
+            // The unprivileged user restores into a directory of its own.
+            if unprivileged {
+                std::fs::create_dir(&target).unwrap();
+                std::os::unix::fs::chown(&target, Some(NOBODY), Some(NOBODY)).unwrap();
+            }
+            let before = outside_state(&rig.fence, &target);
+            rig.plant(&tar, forge);
+            let run = rig.restore(&target, unprivileged);
+            let after = outside_state(&rig.fence, &target);
+            let case = format!(
+                "{what} ({}, {})",
+                if forge {
+                    "forged manifest"
+                } else {
+                    "replaced object"
+                },
+                if unprivileged { "unprivileged" } else { "root" }
+            );
+            if before != after {
+                for (path, state) in &after {
+                    if before.get(path) != Some(state) {
+                        findings.push(format!(
+                            "{case}: '{}' changed: {:?} -> {state:?}",
+                            path.display(),
+                            before.get(path)
+                        ));
+                    }
+                }
+            }
+            let expected = if forge {
+                format!("archive entry '{refused_at}'")
+            } else {
+                format!("damaged object '{object_key}'")
+            };
+            if run.code != 1 || !run.stderr.contains(&expected) {
+                findings.push(format!(
+                    "{case}: expected exit 1 naming {expected}, got {}: {}",
+                    run.code, run.stderr
+                ));
+            }
+            let left: Vec<_> = match std::fs::read_dir(&target) {
+                Ok(entries) => entries.map(|e| e.unwrap().file_name()).collect(),
+                Err(_) => Vec::new(),
+            };
+            if !left.is_empty() {
+                findings.push(format!("{case}: the target holds {left:?}"));
+            }
+            if target.exists() {
+                std::fs::remove_dir_all(&target).unwrap();
+            }
+        }
+    }
+    assert!(findings.is_empty(), "{}", findings.join("\n"));
+
+    // The genuine backup still restores, after all that.
+    rig.restore_genuine();
+    if unprivileged {
+        std::fs::create_dir(&target).unwrap();
+        std::os::unix::fs::chown(&target, Some(NOBODY), Some(NOBODY)).unwrap();
+    }
+    rig.restore(&target, unprivileged).assert_code(0);
+}
+
+#[test]
+fn hostile_archives_change_nothing_outside_the_target_as_root() {
+    run_every_attack(false);
+}
+
+#[test]
+fn hostile_archives_change_nothing_outside_the_target_unprivileged() {
+    if !is_root() {
+        // Already unprivileged: the test above is this one.
+        return;
+    }
+    run_every_attack(true);
+}
