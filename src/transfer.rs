@@ -370,6 +370,17 @@ pub async fn download_object(
     copy_object(repository, manifest, object, Box::new(file), "download").await
 }
 
+/// Downloads one object of `manifest` as it is stored into `file` (made by the caller, in a
+/// directory it holds), checking its stored size and sha256.
+pub async fn download_object_to(
+    repository: &Repository,
+    manifest: &Manifest,
+    object: &ObjectEntry,
+    file: std::fs::File,
+) -> Result<()> {
+    copy_object(repository, manifest, object, Box::new(file), "download").await
+}
+
 /// Reads one object of `manifest` as it is stored and checks its stored size and sha256
 /// only: what can be checked of an encrypted object without its key.
 pub async fn check_stored(
@@ -461,7 +472,18 @@ impl StagedObject<'_> {
     /// Decodes it into `consume`, on the calling thread. Returns Ok only when both
     /// checksums match.
     pub fn decode<T>(&self, consume: impl FnOnce(&mut dyn Read) -> io::Result<T>) -> Result<T> {
-        let (file, identities) = self.open()?;
+        let (file, _) = self.open()?;
+        self.decode_file(file, consume)
+    }
+
+    /// Like [`StagedObject::decode`], from the staged copy already opened as `file` (by a
+    /// caller that holds the directory it is in).
+    pub fn decode_file<T>(
+        &self,
+        file: std::fs::File,
+        consume: impl FnOnce(&mut dyn Read) -> io::Result<T>,
+    ) -> Result<T> {
+        let identities = identities_for(self.keyring, self.object, &self.place())?;
         let label = format!("restore {}", self.object.name);
         let outcome = decode_with_progress(
             file,
@@ -547,6 +569,15 @@ fn decode_failure(
             Error::new(ErrorKind::Verification, format!("damaged {place}: {detail}")).with_hint(format!(
                 "the copy in another repository may be intact: try `--from` another repository, then `lifeboat verify {job}`"
             ))
+        }
+        // What the object holds was refused (an archive entry that would reach outside its
+        // target, more bytes than its manifest says): the object is at fault, not the target.
+        DecodeError::Consumer(cause) if cause.kind() == io::ErrorKind::InvalidData => {
+            Error::new(ErrorKind::Verification, format!("unable to unpack {place}"))
+                .with_source(cause)
+                .with_hint(format!(
+                    "lifeboat does not write such backups: find out who else writes the repository, and try another copy with --from and `lifeboat verify {job}`"
+                ))
         }
         DecodeError::Consumer(cause) => {
             Error::new(ErrorKind::Target, format!("unable to unpack {place}")).with_source(cause)

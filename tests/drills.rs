@@ -441,3 +441,130 @@ fn a_files_drill_checks_the_restored_tree() {
         run.stdout
     );
 }
+
+/// A drill with a DSN target: its checks run read-only (a check that writes fails and
+/// writes nothing), the database it restored is dropped when it ends unless `keep = true`,
+/// and a target that is the job's own source server is refused before anything is restored.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_drill_into_a_server_writes_nothing_with_its_checks_and_drops_what_it_restored() {
+    let source = Postgres::start();
+    source.create_app_database(50_000);
+    let work = tempfile::tempdir().unwrap();
+    let tmp = scratch_tmp(work.path());
+    let reports = work.path().join("reports");
+    let password_file = source.password_file(work.path(), &source.password);
+    let config = write_config(
+        work.path(),
+        &format!(
+            "{}{}",
+            local_repository("primary", &work.path().join("primary")),
+            postgres_job(
+                "maindb",
+                &source.dsn("postgres"),
+                &password_file,
+                "databases = [\"app\"]"
+            )
+        ),
+    );
+    crate::common::lifeboat(&config, &["backup", "maindb"]).assert_code(0);
+    let target = Postgres::start();
+    target.psql(
+        "postgres",
+        "create role app_owner login; create role app_reader nologin",
+    );
+    let drill_file = |name: &str, dsn: &str, keep: bool| {
+        let file = work.path().join(format!("{name}.toml"));
+        std::fs::write(
+            &file,
+            format!(
+                r#"name = "{name}"
+job = "maindb"
+database = "app"
+target = "{dsn}"
+keep = {keep}
+
+[[check]]
+name = "orders are back"
+sql = "select count(*) from shop.orders"
+expect = ">= 50000"
+
+[[check]]
+name = "a check that writes"
+sql = "create table shop.written_by_a_check(); select 1"
+expect = "= 1"
+"#
+            ),
+        )
+        .unwrap();
+        file
+    };
+    let run_against = |file: &Path, password: &str| {
+        run_command(
+            lifeboat_command(&config)
+                .env("TMPDIR", &tmp)
+                .env("PGPASSWORD", password)
+                .args(["drill", "run"])
+                .arg(file)
+                .arg("--report-dir")
+                .arg(&reports),
+        )
+    };
+    let databases = |cluster: &Postgres| {
+        cluster.psql(
+            "postgres",
+            "select count(*) from pg_database where datname = 'app'",
+        )
+    };
+
+    // The writing check fails; the database restored for the drill is gone after it.
+    let file = drill_file("into-server", &target.dsn("postgres"), false);
+    let run = run_against(&file, &target.password);
+    run.assert_code(1);
+    let report = report_json(&reports);
+    assert_eq!(report["checks"][0]["passed"], true, "{report}");
+    assert_eq!(report["checks"][1]["passed"], false, "{report}");
+    assert!(
+        report["checks"][1]["returned"]
+            .as_str()
+            .unwrap()
+            .contains("read-only transaction"),
+        "{report}"
+    );
+    assert!(
+        report["warnings"]
+            .to_string()
+            .contains("dropped the restored database 'app'"),
+        "{report}"
+    );
+    assert_eq!(databases(&target), "0");
+
+    // keep = true leaves it, without the check's table.
+    let file = drill_file("into-server-kept", &target.dsn("postgres"), true);
+    run_against(&file, &target.password).assert_code(1);
+    assert_eq!(databases(&target), "1");
+    assert_eq!(
+        target.psql(
+            "app",
+            "select count(*) from pg_tables where tablename = 'written_by_a_check'"
+        ),
+        "0"
+    );
+    assert!(
+        report_json(&reports)["warnings"]
+            .to_string()
+            .contains("kept the restored database(s) app"),
+    );
+
+    // The job's own source is no drill target.
+    let before = source.data_fingerprint("app");
+    let file = drill_file("into-source", &source.dsn("postgres"), false);
+    let run = run_against(&file, &source.password);
+    run.assert_code(2);
+    assert!(
+        run.stderr.contains("it is the job's own source server"),
+        "{}",
+        run.stderr
+    );
+    assert_eq!(source.data_fingerprint("app"), before);
+    assert_eq!(databases(&source), "1");
+}

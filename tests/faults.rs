@@ -853,6 +853,18 @@ async fn process_faults_a_server_down_a_full_disk_a_read_only_target_lose_nothin
         left.len() == 1 && left[0].starts_with(".lifeboat-restore-"),
         "a killed restore left {left:?} in its target"
     );
+    // What it staged is its user's alone.
+    use std::os::unix::fs::MetadataExt;
+    for entry in walkdir::WalkDir::new(into.join(&left[0])) {
+        let entry = entry.unwrap();
+        let mode = entry.metadata().unwrap().mode() & 0o777;
+        let private = if entry.file_type().is_dir() {
+            0o700
+        } else {
+            0o600
+        };
+        assert_eq!(mode & !private, 0, "{} is {mode:o}", entry.path().display());
+    }
     let next = lifeboat(
         &rig.config,
         &["restore", JOB, "--into", into.to_str().unwrap()],

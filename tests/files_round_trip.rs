@@ -109,6 +109,38 @@ fn restore_refuses_a_directory_that_is_not_empty() {
     assert!(run.stderr.contains("is not empty"), "{}", run.stderr);
     assert_eq!(std::fs::read(into.join("keep.me")).unwrap(), b"precious\n");
     assert_eq!(std::fs::read_dir(&into).unwrap().count(), 1);
+
+    // A directory of the user's own that merely looks like lifeboat's staging is not taken
+    // for a leftover: nothing of it is removed, and the target is not empty.
+    let lookalike = work.path().join("lookalike");
+    tree::write_file(
+        &lookalike.join(".lifeboat-restore-notes/todo"),
+        b"mine\n",
+        0o644,
+    );
+    let run = lifeboat(
+        &config,
+        &["restore", "config", "--into", lookalike.to_str().unwrap()],
+    );
+    run.assert_code(1);
+    assert!(run.stderr.contains("is not empty"), "{}", run.stderr);
+    assert_eq!(
+        std::fs::read(lookalike.join(".lifeboat-restore-notes/todo")).unwrap(),
+        b"mine\n"
+    );
+
+    // A relative target, as typed at a shell.
+    let run = run_command(
+        crate::common::lifeboat_command(&config)
+            .current_dir(work.path())
+            .args(["restore", "config", "--into", "relative/here"]),
+    );
+    run.assert_code(0);
+    assert_eq!(
+        std::fs::read(restored_root(&work.path().join("relative/here"), &source).join("a.conf"))
+            .unwrap(),
+        b"a = 1\n"
+    );
 }
 
 #[test]
@@ -160,6 +192,8 @@ fn a_restore_onto_a_freshly_mounted_volume_lands_whole() {
     );
     lifeboat(&config, &["backup", "config"]).assert_code(0);
     let volume = Tmpfs::mount(&work.path().join("new-disk"), "size=64m");
+    // What mkfs.ext4 leaves on a new filesystem.
+    std::fs::create_dir(volume.0.join("lost+found")).unwrap();
     let run = lifeboat(
         &config,
         &["restore", "config", "--into", volume.0.to_str().unwrap()],
@@ -170,5 +204,7 @@ fn a_restore_onto_a_freshly_mounted_volume_lands_whole() {
         .unwrap()
         .map(|e| e.unwrap().file_name())
         .collect();
-    assert_eq!(top, ["tmp"], "staging was left on the volume");
+    let mut top = top;
+    top.sort();
+    assert_eq!(top, ["lost+found", "tmp"], "staging was left on the volume");
 }

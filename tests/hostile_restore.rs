@@ -15,7 +15,8 @@ use std::path::{Path, PathBuf};
 use sha2::{Digest, Sha256};
 
 use crate::common::{
-    Run, binary_command, files_job, is_root, local_repository, run_command, tree, write_config,
+    Run, Tmpfs, binary_command, files_job, is_root, local_repository, run_command, tree,
+    write_config,
 };
 
 const NOBODY: u32 = 65_534;
@@ -516,4 +517,155 @@ fn hostile_archives_change_nothing_outside_the_target_unprivileged() {
         return;
     }
     run_every_attack(true);
+}
+
+/// A forged manifest can make a tiny object stand for any raw size: a zstd bomb (64 MiB of
+/// zeros in a few KiB) under a manifest that says 4 KiB stops as soon as it passes that,
+/// before it fills the 16 MiB volume it is restored onto.
+#[test]
+fn a_zstd_bomb_stops_at_its_manifest_size_before_it_fills_the_disk() {
+    assert!(is_root(), "mounting a tmpfs needs root");
+    let rig = Rig::new();
+    let mut header = tar::Header::new_gnu();
+    header.set_entry_type(tar::EntryType::Regular);
+    header.set_mode(0o644);
+    header.set_uid(0);
+    header.set_gid(0);
+    header.set_mtime(1);
+    let zeros = vec![0u8; 64 << 20];
+    header.set_size(zeros.len() as u64);
+    let mut builder = tar::Builder::new(Vec::new());
+    builder
+        .append_data(&mut header, "bomb", &zeros[..])
+        .unwrap();
+    let tar = builder.into_inner().unwrap();
+    let stored = zstd::encode_all(&tar[..], 19).unwrap();
+    assert!(stored.len() < 64 << 10, "{} bytes", stored.len());
+    std::fs::write(rig.backup_dir.join("files.tar.zst"), &stored).unwrap();
+    let mut manifest = lifeboat::manifest::Manifest::from_json(&rig.genuine_manifest).unwrap();
+    let object = &mut manifest.objects[0];
+    object.size = stored.len() as u64;
+    object.sha256 = hex::encode(Sha256::digest(&stored));
+    object.raw_size = 4096;
+    object.raw_sha256 = hex::encode(Sha256::digest(&tar[..4096]));
+    std::fs::write(rig.backup_dir.join("manifest.json"), manifest.to_json()).unwrap();
+
+    let volume = Tmpfs::mount(&rig.fence.join("volume"), "size=16m");
+    let run = rig.restore(&volume.0, false);
+    run.assert_code(1);
+    assert!(
+        run.stderr
+            .contains("decompresses to more bytes than its manifest's raw_size"),
+        "{}",
+        run.stderr
+    );
+    assert_eq!(std::fs::read_dir(&volume.0).unwrap().count(), 0);
+}
+
+/// A GNU sparse entry (as `tar --sparse` writes) restores with its holes: 256 MiB of which
+/// a few KiB are data fit on a 16 MiB volume, read back equal.
+#[test]
+fn a_sparse_entry_restores_sparse() {
+    assert!(is_root(), "mounting a tmpfs needs root");
+    let rig = Rig::new();
+    let source = rig.fence.join("sparse-source");
+    std::fs::create_dir(&source).unwrap();
+    let file = source.join("disk.img");
+    {
+        use std::os::unix::fs::FileExt;
+        let f = std::fs::File::create(&file).unwrap();
+        f.set_len(256 << 20).unwrap();
+        f.write_all_at(b"start", 0).unwrap();
+        f.write_all_at(b"middle", 100 << 20).unwrap();
+        f.write_all_at(b"end", (256 << 20) - 3).unwrap();
+    }
+    let tar_path = rig.fence.join("sparse.tar");
+    run_command(
+        std::process::Command::new("tar")
+            .args(["--sparse", "--format=gnu", "-cf"])
+            .arg(&tar_path)
+            .arg("-C")
+            .arg(&source)
+            .arg("disk.img"),
+    )
+    .assert_code(0);
+    let tar = std::fs::read(&tar_path).unwrap();
+    assert!(tar.len() < 1 << 20, "tar wrote {} bytes", tar.len());
+    rig.plant(&tar, true);
+
+    let volume = Tmpfs::mount(&rig.fence.join("volume"), "size=16m");
+    rig.restore(&volume.0, false).assert_code(0);
+    let restored = volume.0.join("disk.img");
+    let meta = std::fs::metadata(&restored).unwrap();
+    assert_eq!(meta.len(), 256 << 20);
+    assert!(
+        meta.blocks() * 512 < 1 << 20,
+        "{} blocks allocated",
+        meta.blocks()
+    );
+    let (mut original, mut copy) = (
+        std::fs::File::open(&file).unwrap(),
+        std::fs::File::open(&restored).unwrap(),
+    );
+    let digest = |f: &mut std::fs::File| {
+        use std::io::Read;
+        let mut hasher = Sha256::new();
+        let mut buffer = vec![0u8; 1 << 20];
+        loop {
+            let n = f.read(&mut buffer).unwrap();
+            if n == 0 {
+                break;
+            }
+            hasher.update(&buffer[..n]);
+        }
+        hex::encode(hasher.finalize())
+    };
+    assert_eq!(digest(&mut original), digest(&mut copy));
+}
+
+/// Directories whose entries come after their children, and modes that shut their owner
+/// out, restored by an unprivileged user: every directory gets its mode, deepest first, and
+/// the tree lands whole.
+#[test]
+fn directories_listed_after_their_children_get_their_modes_as_nobody() {
+    if !is_root() {
+        return;
+    }
+    let rig = Rig::new();
+    let directory = |name: &str, mode: u32| {
+        let mut header = tar::Header::new_gnu();
+        header.set_entry_type(tar::EntryType::Directory);
+        header.set_mode(mode);
+        header.set_uid(NOBODY as u64);
+        header.set_gid(NOBODY as u64);
+        header.set_mtime(1_000);
+        header.set_size(0);
+        (header, name.to_string())
+    };
+    let mut builder = tar::Builder::new(Vec::new());
+    for (mut header, name) in [directory("a/b", 0o755), directory("c/d", 0o500)] {
+        builder.append_data(&mut header, name, &[][..]).unwrap();
+    }
+    let mut file = tar::Header::new_gnu();
+    file.set_entry_type(tar::EntryType::Regular);
+    file.set_mode(0o600);
+    file.set_uid(NOBODY as u64);
+    file.set_gid(NOBODY as u64);
+    file.set_mtime(1_000);
+    file.set_size(4);
+    builder
+        .append_data(&mut file, "a/b/f", &b"data"[..])
+        .unwrap();
+    for (mut header, name) in [directory("a", 0o000), directory("c", 0o000)] {
+        builder.append_data(&mut header, name, &[][..]).unwrap();
+    }
+    rig.plant(&builder.into_inner().unwrap(), true);
+    let target = rig.fence.join("target");
+    std::fs::create_dir(&target).unwrap();
+    std::os::unix::fs::chown(&target, Some(NOBODY), Some(NOBODY)).unwrap();
+    rig.restore(&target, true).assert_code(0);
+    let mode = |path: &str| std::fs::symlink_metadata(target.join(path)).unwrap().mode() & 0o7777;
+    assert_eq!((mode("a"), mode("c")), (0, 0));
+    assert_eq!((mode("a/b"), mode("c/d")), (0o755, 0o500));
+    assert_eq!(std::fs::read(target.join("a/b/f")).unwrap(), b"data");
 }

@@ -295,7 +295,10 @@ where
     }));
     let consumed = (|| -> Result<(T, Tally), Failure> {
         let unsealed = Unsealed::open(TapReader(tap.clone()), identities).map_err(Failure::Key)?;
-        let decoder = zstd::stream::read::Decoder::new(unsealed)?;
+        let decoder = AtMost {
+            inner: zstd::stream::read::Decoder::new(unsealed)?,
+            left: expected.raw_size,
+        };
         // Decompression runs on a thread of its own, ahead of the consumer: unpacking a base
         // backup writes as fast as one core can, and decoding on the same core came first.
         std::thread::scope(|scope| {
@@ -328,6 +331,28 @@ where
     )
     .map_err(DecodeError::RawMismatch)?;
     Ok(value)
+}
+
+/// A decoded stream that may not grow past the size its manifest gives: a small object that
+/// decompresses to far more (a zstd bomb) fails as soon as it passes it, before it fills the
+/// disk it is unpacked on.
+struct AtMost<R> {
+    inner: R,
+    left: u64,
+}
+
+impl<R: Read> Read for AtMost<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        if n as u64 > self.left {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                "it decompresses to more bytes than its manifest's raw_size",
+            ));
+        }
+        self.left -= n as u64;
+        Ok(n)
+    }
 }
 
 /// The decompressed stream of `stored`, with no checksum checked: for reading the start of

@@ -31,6 +31,9 @@ pub struct Drill {
     pub target: DrillTarget,
     /// For `postgres` jobs: the database to restore and check (default: every database).
     pub database: Option<String>,
+    /// With a DSN target: keep the databases the drill restored there (by default they are
+    /// dropped when it ends).
+    pub keep: bool,
     pub rto: Duration,
     pub rpo: Duration,
     /// When `lifeboat schedule` runs it: a systemd calendar expression (`quarterly`).
@@ -89,6 +92,8 @@ struct RawDrill {
     backup: Option<Spanned<String>>,
     target: Option<Spanned<String>>,
     database: Option<Spanned<String>>,
+    #[serde(default)]
+    keep: bool,
     rto: Option<Spanned<String>>,
     rpo: Option<Spanned<String>>,
     schedule: Option<Spanned<String>>,
@@ -307,6 +312,7 @@ impl Drill {
                 .unwrap_or_else(|| "latest".to_string()),
             target,
             database: raw.database.map(|d| d.into_inner()),
+            keep: raw.keep,
             rto: duration(&source, "rto", raw.rto.as_ref(), "4h")?,
             rpo: duration(&source, "rpo", raw.rpo.as_ref(), "1h")?,
             schedule: match raw.schedule {

@@ -265,6 +265,7 @@ async fn run_drill(
         warnings,
     };
     let mut report = report.judged(checks_pass);
+    report.warnings.extend(outcome.warnings);
     store_everywhere(config, &mut report).await;
     report.write(report_dir)?;
     Ok(report)
@@ -326,6 +327,7 @@ struct Outcome {
     checks: Vec<CheckResult>,
     /// The newest data restored, and how it was found.
     marker: Option<(DateTime<Utc>, String)>,
+    warnings: Vec<String>,
 }
 
 async fn run_postgres(
@@ -344,7 +346,10 @@ async fn run_postgres(
             let dsn = cluster.dsn("postgres");
             (Some(cluster), dsn)
         }
-        DrillTarget::Dsn(dsn) => (None, dsn.clone()),
+        DrillTarget::Dsn(dsn) => {
+            refuse_the_source(drill, manifest, dsn).await?;
+            (None, dsn.clone())
+        }
     };
     clock.phase("start target", started);
 
@@ -378,9 +383,23 @@ async fn run_postgres(
                 .cloned()
         })
         .unwrap_or_else(|| "postgres".to_string());
-    let (checks, marker) = sql_checks(drill, &dsn, &default_database, heartbeat).await?;
+    let checked = sql_checks(drill, &dsn, &default_database, heartbeat).await;
     clock.phase("checks", started);
     drop(scratch);
+    let mut warnings = Vec::new();
+    if let DrillTarget::Dsn(_) = &drill.target {
+        if drill.keep {
+            if !restored.created_databases.is_empty() {
+                warnings.push(format!(
+                    "kept the restored database(s) {} on the target (keep = true): drop them when done",
+                    restored.created_databases.join(", ")
+                ));
+            }
+        } else {
+            warnings.extend(drop_restored(&dsn, &restored.created_databases).await);
+        }
+    }
+    let (checks, marker) = checked?;
     Ok(Outcome {
         restore_seconds: restored.stages.iter().map(|(_, d)| d.as_secs_f64()).sum(),
         repositories: restored.repositories,
@@ -390,7 +409,54 @@ async fn run_postgres(
         },
         checks,
         marker,
+        warnings,
     })
+}
+
+/// Refuses a drill whose DSN target is the job's own source server: a drill restores into a
+/// throw-away target, and its checks and its cleanup must never reach production. Told by
+/// the system identifier the backup recorded; a target that will not say its own is
+/// restored into, since a fresh server that is not the source is the common case.
+async fn refuse_the_source(drill: &Drill, manifest: &Manifest, dsn: &str) -> Result<()> {
+    let Some(source) = &manifest.source.system_identifier else {
+        return Ok(());
+    };
+    let target = Target::open(&Connection::from_dsn(dsn)?).await?;
+    if target.system_identifier().await.as_ref() == Some(source) {
+        return Err(Error::config(format!(
+            "invalid drill file '{}': target: it is the job's own source server (system identifier {source}); a drill restores into a throw-away server",
+            drill.path.display()
+        ))
+        .with_hint("leave target out to restore into a scratch cluster, or name a server that is not the source"));
+    }
+    Ok(())
+}
+
+/// Drops the databases a drill restored into its DSN target, now that it has ended; says
+/// what it dropped, or what it could not.
+async fn drop_restored(dsn: &str, databases: &[String]) -> Vec<String> {
+    if databases.is_empty() {
+        return Vec::new();
+    }
+    let target = match Connection::from_dsn(dsn) {
+        Ok(server) => Target::open(&server).await,
+        Err(e) => Err(e),
+    };
+    let mut said = Vec::new();
+    for database in databases {
+        let dropped = match &target {
+            Ok(target) => target.drop_database(database).await,
+            Err(e) => Err(Error::new(e.kind(), e.chain().join(": "))),
+        };
+        said.push(match dropped {
+            Ok(()) => format!("dropped the restored database '{database}' from the target"),
+            Err(e) => format!(
+                "unable to drop the restored database '{database}' from the target: {}; drop it by hand",
+                e.chain().join(": ")
+            ),
+        });
+    }
+    said
 }
 
 /// Runs a postgres drill's SQL checks against `dsn`; also finds the RPO marker: the check
@@ -512,6 +578,7 @@ async fn run_physical(
         target: "a scratch PostgreSQL cluster recovered to the end of the WAL archive (removed after the drill)".into(),
         checks,
         marker,
+        warnings: Vec::new(),
     })
 }
 
@@ -587,6 +654,7 @@ async fn run_redis(
         target: "a scratch redis-server on loopback (removed after the drill)".into(),
         checks,
         marker,
+        warnings: Vec::new(),
     })
 }
 
@@ -636,6 +704,7 @@ async fn run_files(config: &Config, drill: &Drill, clock: &mut Clock) -> Result<
         target: "a scratch directory (removed after the drill)".into(),
         checks,
         marker: None,
+        warnings: Vec::new(),
     })
 }
 

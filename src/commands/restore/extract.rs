@@ -13,11 +13,13 @@
 //! entries, and `openat` works on every kernel and under seccomp filters that refuse
 //! `openat2` (it needs Linux 5.6, and container runtimes have blocked it).
 //!
-//! Absolute symlink targets are kept verbatim, because configuration trees hold them
-//! (`/etc/ssl/certs/*.pem`, nginx `sites-enabled`) and they only name live paths; nothing is
-//! ever written through them. Relative ones that climb out of the tree are refused. Device
-//! nodes and FIFOs are refused: lifeboat never stores them, so an archive holding one was not
-//! written by it.
+//! Symlinks are never followed, so where one points cannot move a write. Absolute targets
+//! are kept verbatim, because configuration trees hold them (`/etc/ssl/certs/*.pem`, nginx
+//! `sites-enabled`) and they only name live paths. A relative target whose own text climbs
+//! out of the tree is refused, as a sign of a hostile archive; that check reads the text
+//! alone (`up -> ..` then `x -> up/../..` passes it), and it is not what keeps writes inside.
+//! Device nodes and FIFOs are refused: lifeboat never stores them, so an archive holding one
+//! was not written by it. A GNU sparse entry keeps its holes (its zeros are not written).
 
 use std::collections::{HashMap, HashSet};
 use std::ffi::OsStr;
@@ -65,10 +67,26 @@ impl Ownership {
     }
 }
 
+/// A name from an archive, as it may be shown: control characters escaped, so that an
+/// entry cannot write to the terminal that reads the error.
+fn printable(path: &Path) -> String {
+    path.to_string_lossy()
+        .chars()
+        .flat_map(|c| {
+            let escaped: Vec<char> = if c.is_control() {
+                c.escape_default().collect()
+            } else {
+                vec![c]
+            };
+            escaped
+        })
+        .collect()
+}
+
 fn refused(path: &Path, why: impl std::fmt::Display) -> io::Error {
     io::Error::new(
         io::ErrorKind::InvalidData,
-        format!("refusing archive entry '{}': {why}", path.display()),
+        format!("refusing archive entry '{}': {why}", printable(path)),
     )
 }
 
@@ -172,6 +190,32 @@ impl Beneath {
             root,
             path: path.to_path_buf(),
         })
+    }
+
+    /// Opens a restore's target `path`: its parents are resolved as given (the operator's
+    /// choice), but not a symlink in its own place.
+    pub fn open_target(path: &Path) -> io::Result<Beneath> {
+        let root = rustix::fs::open(path, DIRECTORY, Mode::empty())?;
+        Ok(Beneath {
+            root,
+            path: path.to_path_buf(),
+        })
+    }
+
+    /// Makes the private (0700) directory `name` in the directory `parent` and opens it;
+    /// `path` says where that is, for messages.
+    pub fn create_at(
+        parent: std::os::fd::BorrowedFd<'_>,
+        name: &str,
+        path: PathBuf,
+    ) -> io::Result<Beneath> {
+        rustix::fs::mkdirat(parent, name, Mode::from_raw_mode(0o700))?;
+        let root = rustix::fs::openat(parent, name, DIRECTORY, Mode::empty())?;
+        Ok(Beneath { root, path })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
     }
 
     pub fn fd(&self) -> std::os::fd::BorrowedFd<'_> {
@@ -295,18 +339,43 @@ pub struct Unpacked {
 }
 
 impl Unpacked {
-    /// Sets the directories' modes, owners and times, deepest first, beneath `root` — the
-    /// directory unpacked into, or the one its entries were moved into since. A directory
-    /// that is no longer the inode this unpacking created is an error.
+    /// Sets the attributes of every directory but the top ones (those directly in the
+    /// directory unpacked into), deepest first, beneath `root`: the top ones can still be
+    /// moved elsewhere afterwards, by someone who may write them.
+    pub fn finish_nested(&mut self, root: &Beneath) -> io::Result<()> {
+        let (nested, top) = std::mem::take(&mut self.directories)
+            .into_iter()
+            .partition(|d| d.names.components().count() > 1);
+        self.directories = top;
+        set_directory_attributes(nested, root)
+    }
+
+    /// Sets the directories' modes, owners and times (those `finish_nested` left), deepest
+    /// first, beneath `root` — the directory unpacked into, or the one its entries were moved
+    /// into since. A directory that is no longer the inode this unpacking created is an
+    /// error.
     pub fn finish(self, root: &Beneath) -> io::Result<ExtractSummary> {
-        for directory in self.directories.iter().rev() {
+        set_directory_attributes(self.directories, root)?;
+        Ok(self.summary)
+    }
+}
+
+/// Sets the attributes of `directories` beneath `root`, deepest first: a directory is
+/// opened through its parents while they are still writable and searchable.
+fn set_directory_attributes(
+    mut directories: Vec<PendingDirectory>,
+    root: &Beneath,
+) -> io::Result<()> {
+    directories.sort_by_key(|d| std::cmp::Reverse(d.names.components().count()));
+    {
+        for directory in &directories {
             let names = &directory.names;
             let failed = |e: io::Error| {
                 io::Error::new(
                     e.kind(),
                     format!(
                         "unable to set the attributes of '{}': {e}",
-                        root.path.join(names).display()
+                        printable(&root.path.join(names))
                     ),
                 )
             };
@@ -330,12 +399,19 @@ impl Unpacked {
             };
             set().map_err(|e| failed(e.into()))?;
         }
-        Ok(self.summary)
     }
+    Ok(())
 }
 
 /// Largest write of a file's data.
 const WRITE_SIZE: usize = 1024 * 1024;
+
+/// A sparse file's zeros are left as holes in blocks of this size.
+const HOLE_BLOCK: usize = 4096;
+
+/// The largest sparse file restored: ext4's largest file. Its holes are read as zeros from
+/// the archive reader, so a larger one would keep a restore busy for days.
+const MAX_SPARSE_SIZE: u64 = 16 << 40;
 
 struct Unpacker<'a> {
     root: &'a Beneath,
@@ -441,6 +517,15 @@ impl Unpacker<'_> {
             Err(e) => return Err(e.into()),
         };
         self.created.insert(inode_of(&rustix::fs::fstat(&file)?));
+        // A sparse entry keeps its holes: its zeros are not written, so a small archive
+        // cannot fill the disk with them, and a sparse file restores sparse.
+        let sparse = entry.header().entry_type() == tar::EntryType::GNUSparse;
+        if sparse && entry.size() > MAX_SPARSE_SIZE {
+            return Err(refused(
+                names,
+                format!("a sparse file of {} bytes", entry.size()),
+            ));
+        }
         self.buffer
             .resize(WRITE_SIZE.min(entry.size() as usize).max(1), 0);
         let mut written = 0;
@@ -451,8 +536,20 @@ impl Unpacker<'_> {
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(e) => return Err(e),
             };
-            io::Write::write_all(&mut &file, &self.buffer[..n])?;
+            if sparse {
+                use std::os::unix::fs::FileExt;
+                for (index, block) in self.buffer[..n].chunks(HOLE_BLOCK).enumerate() {
+                    if block.iter().any(|b| *b != 0) {
+                        file.write_all_at(block, written + (index * HOLE_BLOCK) as u64)?;
+                    }
+                }
+            } else {
+                io::Write::write_all(&mut &file, &self.buffer[..n])?;
+            }
             written += n as u64;
+        }
+        if sparse {
+            file.set_len(written)?;
         }
         if written != entry.size() {
             return Err(io::Error::new(
@@ -695,6 +792,19 @@ mod tests {
         std::fs::create_dir(&root).unwrap();
         let result = extract(&mut &bytes[..], &root);
         (dir, result)
+    }
+
+    #[test]
+    fn names_cannot_write_to_the_terminal() {
+        let bytes =
+            archive_with(|b| entry(b, tar::EntryType::Fifo, "x\x1b[2K\rrestored OK", None, b""));
+        let (_dir, result) = extract_bytes(&bytes);
+        let message = result.unwrap_err().to_string();
+        assert!(
+            !message.contains('\x1b') && !message.contains('\r'),
+            "{message:?}"
+        );
+        assert!(message.contains("x\\u{1b}[2K\\rrestored OK"), "{message:?}");
     }
 
     #[test]

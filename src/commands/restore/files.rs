@@ -1,21 +1,23 @@
-//! Restoring a tar object (a `files` backup, a base backup) into a directory: the stored
-//! object is downloaded into a private staging directory *inside* the target and its sha256
-//! checked there, before a byte of it is decoded; then it is decoded and unpacked beneath the
-//! staging directory (never through a symlink), its raw sha256 checked at the end, and only
-//! then moved into place. A damaged or forged object changes nothing anywhere, and staging
-//! inside the target means no rename crosses a filesystem (a freshly mounted volume) and
-//! whoever may write the target may restore into it (`postgres` into its own directory).
-//! The target must be new or empty: lifeboat never overwrites files in place.
+//! Restoring a tar object (a `files` backup, a base backup) into a directory. The target is
+//! opened once, never through a symlink in its place, and everything after happens beneath
+//! that handle: the stored object is downloaded into a private staging directory *inside*
+//! the target and its sha256 checked there, before a byte of it is decoded; then it is
+//! decoded and unpacked beneath the staging directory (never through a symlink), its raw
+//! sha256 checked at the end, and only then moved into place. A damaged or forged object
+//! changes nothing anywhere, and staging inside the target means no rename crosses a
+//! filesystem (a freshly mounted volume) and whoever may write the target may restore into
+//! it (`postgres` into its own directory). The target must be new or empty: lifeboat never
+//! overwrites files in place.
 
-use std::os::unix::fs::DirBuilderExt;
+use std::ffi::OsString;
 use std::path::{Path, PathBuf};
 
 use super::extract::{Beneath, Ownership};
-use super::staging::{HIDDEN_PREFIX, Staging, remove_leftovers};
+use super::staging::{HIDDEN_PREFIX, Staging, contents, remove_abandoned};
 use super::{ExtractSummary, RestoreReport, Selected, extract};
 use crate::commands::backup::FILES_OBJECT;
 use crate::error::{Error, ErrorKind, Result};
-use crate::transfer::{StagedObject, download_object};
+use crate::transfer::{StagedObject, download_object_to};
 
 pub(super) async fn restore(selected: Selected, into: &Path) -> Result<RestoreReport> {
     let target = Target::prepare(into)?;
@@ -39,9 +41,10 @@ pub(super) async fn restore(selected: Selected, into: &Path) -> Result<RestoreRe
     ))
 }
 
-/// A restore's target directory, new or empty, and what preparing it did.
+/// A restore's target directory, new or empty, held open, and what preparing it did.
 pub(super) struct Target {
     pub(super) path: PathBuf,
+    pub(super) dir: Beneath,
     /// Whether this restore made it (and removes it again when it fails).
     created: bool,
     /// Staging directories of interrupted restores that were removed from it.
@@ -49,24 +52,80 @@ pub(super) struct Target {
 }
 
 impl Target {
-    /// Checks that `into` is a new or empty directory (but for the staging of restores that
-    /// were stopped before they ended, which it removes), then makes it.
+    /// Makes `into` when it is missing, opens it (refusing a symlink in its place), and
+    /// checks that it is empty but for an empty `lost+found` (a freshly made filesystem's)
+    /// and the staging of restores that were stopped before they ended, which it removes.
     pub(super) fn prepare(into: &Path) -> Result<Target> {
-        let leftovers = match std::fs::symlink_metadata(into) {
-            Ok(meta) if meta.is_dir() => remove_leftovers(into, HIDDEN_PREFIX),
-            _ => Vec::new(),
+        let created = match std::fs::create_dir(into) {
+            Ok(()) => true,
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => false,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                std::fs::create_dir_all(into).map_err(|e| target_error(into, e))?;
+                true
+            }
+            Err(e) => return Err(target_error(into, e)),
         };
+        let dir = Beneath::open_target(into).map_err(|e| {
+            let err = match e.raw_os_error() {
+                Some(libc::ELOOP) => Error::new(
+                    ErrorKind::Target,
+                    format!(
+                        "unable to restore into '{}': it is a symlink",
+                        into.display()
+                    ),
+                )
+                .with_hint("name the directory it points to"),
+                Some(libc::ENOTDIR) => Error::new(
+                    ErrorKind::Target,
+                    format!(
+                        "unable to restore into '{}': it exists and is not a directory",
+                        into.display()
+                    ),
+                ),
+                _ => target_error(into, e),
+            };
+            if created {
+                let _ = std::fs::remove_dir(into);
+            }
+            err
+        })?;
+        let target = Target {
+            path: into.to_path_buf(),
+            dir,
+            created,
+            leftovers: Vec::new(),
+        };
+        let found = contents(target.dir.fd(), HIDDEN_PREFIX).map_err(|e| target_error(into, e))?;
+        if let Some(name) = found.other.first() {
+            return Err(Error::new(
+                ErrorKind::Target,
+                format!(
+                    "unable to restore into '{}': the directory is not empty (it holds '{}')",
+                    into.display(),
+                    name.to_string_lossy().escape_debug()
+                ),
+            )
+            .with_hint(
+                "restore into a new or empty directory, compare, then copy what you need into place",
+            ));
+        }
+        if let Some(name) = found.running.first() {
+            return Err(Error::new(
+                ErrorKind::Target,
+                format!(
+                    "unable to restore into '{}': another restore into it is running (its staging directory '{}' is in use)",
+                    into.display(),
+                    name.to_string_lossy()
+                ),
+            ));
+        }
+        let leftovers = remove_abandoned(target.dir.fd(), into, &found.abandoned, HIDDEN_PREFIX);
         for removed in &leftovers {
             tracing::warn!(path = %removed.display(), "removed the staging directory of a restore that was stopped before it ended");
         }
-        let created = check_target(into)?;
-        if created {
-            std::fs::create_dir_all(into).map_err(|e| target_error(into, e))?;
-        }
         Ok(Target {
-            path: into.to_path_buf(),
-            created,
             leftovers,
+            ..target
         })
     }
 
@@ -120,38 +179,42 @@ pub(super) async fn unpack(
                 ),
             )
         })?;
-    let staging = Staging::inside(into, object.size.saturating_add(object.raw_size))?;
-    let stored = staging.path(&object.name);
-    let tree = staging.path("tree");
+    let staging = Staging::inside(
+        target.dir.fd(),
+        into,
+        object.size.saturating_add(object.raw_size),
+    )?;
+    let staged_path = staging.path(&object.name);
     let unpacked = selected
         .read_from_any(name, async |repository| {
             // What an earlier repository's copy left.
-            for removed in [std::fs::remove_file(&stored), std::fs::remove_dir_all(&tree)] {
-                match removed {
-                    Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
-                        return Err(target_error(into, e));
-                    }
-                    _ => {}
-                }
+            for name in [object.name.as_str(), TREE] {
+                staging.remove(name).map_err(|e| target_error(into, e))?;
             }
-            download_object(repository, manifest, &object, &stored).await?;
-            std::fs::DirBuilder::new()
-                .mode(0o700)
-                .create(&tree)
+            let file = staging.create_file(&object.name)?;
+            download_object_to(repository, manifest, &object, file).await?;
+            let stored = staging.open_file(&object.name)?;
+            let tree = Beneath::create_at(staging.fd(), TREE, staging.path(TREE))
                 .map_err(|e| target_error(into, e))?;
-            let beneath = Beneath::open(&tree).map_err(|e| target_error(into, e))?;
             let (repository, manifest, object) =
                 (repository.clone(), manifest.clone(), object.clone());
-            let (keyring, stored) = (selected.keyring.clone(), stored.clone());
+            let (keyring, staged_path) = (selected.keyring.clone(), staged_path.clone());
             tokio::task::spawn_blocking(move || {
                 let staged = StagedObject {
-                    path: &stored,
+                    path: &staged_path,
                     repository: &repository,
                     manifest: &manifest,
                     object: &object,
                     keyring: &keyring,
                 };
-                staged.decode(|raw| extract::unpack(raw, &beneath, ownership))
+                let mut unpacked =
+                    staged.decode_file(stored, |raw| extract::unpack(raw, &tree, ownership))?;
+                // Everything but the top directories, whose attributes would stop them from
+                // moving (a directory moves only while its owner may write it).
+                unpacked
+                    .finish_nested(&tree)
+                    .map_err(|e| target_error(tree.path(), e))?;
+                Ok(unpacked)
             })
             .await
             .map_err(|e| {
@@ -171,17 +234,19 @@ pub(super) async fn unpack(
             )),
             _ => e,
         })?;
-    let relative = staging
-        .dir()
-        .strip_prefix(into)
-        .expect("staging is inside the target")
-        .join("tree");
-    let placed = Beneath::open(into).and_then(|root| {
-        root.move_up(&relative)?;
-        unpacked.finish(&root)
-    });
+    let tree: PathBuf = [staging.name(), OsString::from(TREE).as_os_str()]
+        .iter()
+        .collect();
+    let placed = target
+        .dir
+        .move_up(&tree)
+        .and_then(|()| unpacked.finish(&target.dir));
+    drop(staging);
     placed.map_err(|e| target_error(into, e))
 }
+
+/// The staging directory's subdirectory that an object is unpacked into.
+const TREE: &str = "tree";
 
 pub(super) fn target_error(into: &Path, err: std::io::Error) -> Error {
     Error::new(
@@ -189,33 +254,4 @@ pub(super) fn target_error(into: &Path, err: std::io::Error) -> Error {
         format!("unable to restore into '{}'", into.display()),
     )
     .with_source(err)
-}
-
-/// Checks that `into` is new or an empty directory; true when it does not exist yet.
-pub(super) fn check_target(into: &Path) -> Result<bool> {
-    match std::fs::symlink_metadata(into) {
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(true),
-        Err(e) => Err(target_error(into, e)),
-        Ok(meta) if !meta.is_dir() => Err(Error::new(
-            ErrorKind::Target,
-            format!(
-                "unable to restore into '{}': it exists and is not a directory",
-                into.display()
-            ),
-        )),
-        Ok(_) => {
-            let mut entries = std::fs::read_dir(into).map_err(|e| target_error(into, e))?;
-            if let Some(entry) = entries.next() {
-                let named = entry
-                    .map(|e| format!(" (it holds '{}')", e.file_name().to_string_lossy()))
-                    .unwrap_or_default();
-                return Err(Error::new(
-                    ErrorKind::Target,
-                    format!("unable to restore into '{}': the directory is not empty{named}", into.display()),
-                )
-                .with_hint("restore into a new or empty directory, compare, then copy what you need into place"));
-            }
-            Ok(false)
-        }
-    }
 }

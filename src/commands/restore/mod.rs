@@ -90,6 +90,9 @@ pub struct RestoreReport {
     pub target: String,
     /// What was restored: a count of entries, or database names.
     pub restored: Vec<String>,
+    /// The databases this restore created on the target server (a drill drops them again).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub created_databases: Vec<String>,
     pub bytes: u64,
     pub duration: Duration,
     pub warnings: Vec<String>,
@@ -222,6 +225,7 @@ impl Selected {
             stages,
             target,
             restored,
+            created_databases: Vec::new(),
             bytes,
             duration: self.started.elapsed(),
             warnings,

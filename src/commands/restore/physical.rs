@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
 
-use super::extract::{Beneath, Ownership};
+use super::extract::Ownership;
 use super::files::{Target, target_error, unpack};
 use super::{RestoreReport, Selected};
 use crate::commands::backup::BASE_OBJECT;
@@ -96,7 +96,7 @@ pub(super) async fn restore(
     let clock = Instant::now();
     let (bytes, owner) = target
         .undo_on_error(async {
-            let owner = data_dir_owner(into)?;
+            let owner = data_dir_owner(&target)?;
             let ownership = match owner {
                 Some((uid, gid)) => Ownership::Fixed(uid, gid),
                 None => Ownership::Unpacker,
@@ -109,7 +109,7 @@ pub(super) async fn restore(
         .await?;
     stages.push(("download, verify and unpack".to_string(), clock.elapsed()));
 
-    configure_recovery(into, options, source, owner)?;
+    configure_recovery(&target, options, source, owner)?;
     let mut warnings = target.warnings();
     warnings.push(format!(
         "the restored server fetches WAL with `lifeboat wal-fetch` as its own user: that user needs to read '{}'{} and the repositories' credentials",
@@ -181,15 +181,15 @@ fn server_binaries(manifest: &Manifest, bin_dir: Option<&Path>) -> Result<Binari
 /// Who the restored files must belong to: as root, the owner of the directory when it was
 /// made ready beforehand (`install -d -o postgres -m 700 DIR`), else `postgres`; otherwise
 /// whoever restores.
-fn data_dir_owner(into: &Path) -> Result<Option<(u32, u32)>> {
+fn data_dir_owner(target: &Target) -> Result<Option<(u32, u32)>> {
+    let into = &target.path;
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } != 0 {
         return Ok(None);
     }
-    let meta = std::fs::metadata(into).map_err(|e| target_error(into, e))?;
-    use std::os::unix::fs::MetadataExt;
-    if meta.uid() != 0 {
-        return Ok(Some((meta.uid(), meta.gid())));
+    let meta = rustix::fs::fstat(target.dir.fd()).map_err(|e| target_error(into, e.into()))?;
+    if meta.st_uid != 0 {
+        return Ok(Some((meta.st_uid, meta.st_gid)));
     }
     let name = std::ffi::CString::new("postgres").expect("no NUL");
     // SAFETY: getpwnam with a valid C string; the entry is read at once.
@@ -221,7 +221,7 @@ fn conf_string(value: &str) -> String {
 /// Appends the recovery settings to `postgresql.auto.conf` (they override postgresql.conf)
 /// and creates `recovery.signal`.
 fn configure_recovery(
-    into: &Path,
+    target: &Target,
     options: &PhysicalRestoreOptions,
     source: &WalSource,
     owner: Option<(u32, u32)>,
@@ -287,9 +287,10 @@ fn configure_recovery(
     }
     // Through handles beneath the data directory, never through a symlink the base backup
     // may hold in their place.
+    let into = &target.path;
     let write = || -> std::io::Result<()> {
         use rustix::fs::OFlags;
-        let dir = Beneath::open(into)?;
+        let dir = &target.dir;
         let give = |fd: &dyn std::os::fd::AsFd| -> std::io::Result<()> {
             if let Some((uid, gid)) = owner {
                 rustix::fs::fchown(

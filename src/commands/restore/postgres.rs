@@ -185,6 +185,17 @@ pub(super) async fn restore(
     }
 
     let staged_in = staging_started.elapsed();
+    if !options.no_owner {
+        check_roles(
+            &admin,
+            &server,
+            &backup,
+            &plan,
+            &staged,
+            globals_file.as_deref(),
+        )
+        .await?;
+    }
     let load_started = std::time::Instant::now();
 
     // Write into the server.
@@ -280,7 +291,82 @@ pub(super) async fn restore(
         ("download and verify".to_string(), staged_in),
         ("load (pg_restore)".to_string(), load_started.elapsed()),
     ];
-    Ok(selected.report(server.describe(), restored, bytes, warnings, stages))
+    let created = plan
+        .iter()
+        .filter(|p| !p.exists)
+        .map(|p| p.target_database.clone())
+        .collect();
+    drop(plan);
+    let mut report = selected.report(server.describe(), restored, bytes, warnings, stages);
+    report.created_databases = created;
+    Ok(report)
+}
+
+/// Refuses, before anything is created, a restore whose dumps name roles (owners, grantees)
+/// that the target lacks and the globals being restored do not create: pg_restore would
+/// fail on the first of them halfway through. A dump whose table of contents is not
+/// understood is not checked.
+async fn check_roles(
+    admin: &Target,
+    server: &Connection,
+    backup: &str,
+    plan: &[Planned<'_>],
+    staged: &[Staged],
+    globals: Option<&Path>,
+) -> Result<()> {
+    let mut needed: std::collections::BTreeMap<String, Vec<&str>> = Default::default();
+    for (planned, dump) in plan.iter().zip(staged) {
+        let toc = match dump {
+            Staged::Seekable(path) => Some(path),
+            Staged::Stored { toc, .. } => toc.as_ref(),
+        };
+        let Some(toc) = toc else { continue };
+        let roles = std::fs::File::open(toc).and_then(archive::roles_named);
+        match roles {
+            Ok(Some(roles)) => {
+                for role in roles {
+                    needed
+                        .entry(role)
+                        .or_default()
+                        .push(&planned.source_database);
+                }
+            }
+            Ok(None) => {}
+            Err(e) => {
+                tracing::warn!(dump = %toc.display(), error = %e, "unable to read the roles the dump needs; pg_restore will find out")
+            }
+        }
+    }
+    if needed.is_empty() {
+        return Ok(());
+    }
+    let mut present = admin.role_names().await?;
+    if let Some(globals) = globals {
+        let text = std::fs::read_to_string(globals).unwrap_or_default();
+        present.extend(archive::roles_created(&text));
+    }
+    let missing: Vec<String> = needed
+        .iter()
+        .filter(|(role, _)| !present.contains(*role))
+        .map(|(role, databases)| {
+            let mut databases = databases.clone();
+            databases.dedup();
+            format!("'{role}' (database {})", databases.join(", "))
+        })
+        .collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    Err(Error::new(
+        ErrorKind::Target,
+        format!(
+            "unable to restore backup '{backup}' into {}: its objects belong or are granted to roles the server lacks: {}",
+            server.describe(),
+            missing.join(", ")
+        ),
+    )
+    .with_hint("restore the roles first with --globals, create them, or restore without owners and privileges with --no-owner")
+    .with_hint("nothing was created on the server"))
 }
 
 /// A dump in staging, verified.

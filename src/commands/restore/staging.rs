@@ -7,59 +7,196 @@
 //! restore killed before it ended (SIGKILL, a power cut) leaves it behind, unlocked: the next
 //! restore that stages in the same place removes it and says so.
 
+use std::ffi::{OsStr, OsString};
 use std::io::{BufWriter, Write};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
+
+use rustix::fs::{AtFlags, FileType, FlockOperation, Mode, OFlags};
+use rustix::io::Errno;
 
 use crate::commands::human_size;
 use crate::error::{Error, ErrorKind, Result};
 use crate::keys::Keyring;
 use crate::manifest::{Manifest, ObjectEntry};
 use crate::repository::Repository;
-use crate::transfer::{download_object, read_object};
+use crate::transfer::{download_object_to, read_object};
 
 /// Room kept free beyond the staged bytes, so a restore does not fill the disk to the brim.
 const MARGIN: u64 = 64 * 1024 * 1024;
 
-pub(super) struct Staging {
-    dir: tempfile::TempDir,
-    /// The directory itself, open and locked while the restore runs.
-    _lock: std::os::fd::OwnedFd,
-}
-
-/// The name of every staging directory starts with this (hidden inside a target, where an
-/// `ls` should not show it).
+/// The name of a staging directory starts with this: beside other files ($TMPDIR), or hidden
+/// inside a restore's target, where an `ls` should not show it.
 pub(super) const PREFIX: &str = "lifeboat-restore-";
 pub(super) const HIDDEN_PREFIX: &str = ".lifeboat-restore-";
+/// The file that marks a directory as lifeboat's staging, written once it is locked: a
+/// directory without it is never taken for a leftover.
+const MARKER: &str = ".lifeboat-staging";
 
-/// Removes the staging directories in `dir` whose names start with `prefix` and whose
-/// restore is gone (their lock is free), returning what it removed. One it cannot remove
-/// is left, with a warning: it never stops the restore that found it.
-pub(super) fn remove_leftovers(dir: &Path, prefix: &str) -> Vec<PathBuf> {
-    let Ok(entries) = std::fs::read_dir(dir) else {
-        return Vec::new();
+const DIRECTORY: OFlags = OFlags::DIRECTORY
+    .union(OFlags::RDONLY)
+    .union(OFlags::NOFOLLOW)
+    .union(OFlags::CLOEXEC);
+
+/// A private (0700) directory for one restore's staged files, in a base directory held by a
+/// handle: locked while the restore runs, removed (beneath the handle, never through a
+/// symlink) when it ends.
+pub(super) struct Staging {
+    base: OwnedFd,
+    name: OsString,
+    /// The directory itself, open and locked.
+    dir: OwnedFd,
+    /// Where it is, for messages and for the tools given its files.
+    path: PathBuf,
+}
+
+impl Drop for Staging {
+    fn drop(&mut self) {
+        if let Err(e) = remove_tree_at(self.base.as_fd(), &self.name) {
+            tracing::warn!(path = %self.path.display(), error = %e, "unable to remove the staging directory");
+        }
+        crate::interrupt::forget(&self.path);
+    }
+}
+
+/// Removes the directory `name` beneath `parent` and everything in it, never following a
+/// symlink; directories this user may not enter are opened up first (a restore's tree can
+/// hold mode-000 ones).
+pub(super) fn remove_tree_at(parent: BorrowedFd<'_>, name: &OsStr) -> std::io::Result<()> {
+    let dir = match rustix::fs::openat(parent, name, DIRECTORY, Mode::empty()) {
+        Ok(fd) => fd,
+        Err(Errno::NOENT) => return Ok(()),
+        Err(Errno::NOTDIR) | Err(Errno::LOOP) => {
+            return Ok(rustix::fs::unlinkat(parent, name, AtFlags::empty())?);
+        }
+        Err(Errno::ACCESS) => {
+            let stat = rustix::fs::statat(parent, name, AtFlags::SYMLINK_NOFOLLOW)?;
+            if FileType::from_raw_mode(stat.st_mode) != FileType::Directory {
+                return Ok(rustix::fs::unlinkat(parent, name, AtFlags::empty())?);
+            }
+            rustix::fs::chmodat(parent, name, Mode::from_raw_mode(0o700), AtFlags::empty())?;
+            rustix::fs::openat(parent, name, DIRECTORY, Mode::empty())?
+        }
+        Err(e) => return Err(e.into()),
     };
-    let mut removed = Vec::new();
-    for entry in entries.flatten() {
-        if !entry.file_name().to_string_lossy().starts_with(prefix)
-            || !entry.file_type().is_ok_and(|t| t.is_dir())
-        {
+    // A read-only directory's entries cannot be removed: it is going anyway.
+    let _ = rustix::fs::fchmod(&dir, Mode::from_raw_mode(0o700));
+    let mut names = Vec::new();
+    for entry in rustix::fs::Dir::read_from(&dir)? {
+        let entry = entry?;
+        let entry_name = entry.file_name();
+        if entry_name != c"." && entry_name != c".." {
+            let is_dir = entry.file_type() == FileType::Directory
+                || (entry.file_type() == FileType::Unknown
+                    && rustix::fs::statat(&dir, entry_name, AtFlags::SYMLINK_NOFOLLOW)
+                        .is_ok_and(|s| FileType::from_raw_mode(s.st_mode) == FileType::Directory));
+            names.push((
+                OsStr::from_bytes(entry_name.to_bytes()).to_os_string(),
+                is_dir,
+            ));
+        }
+    }
+    for (entry_name, is_dir) in names {
+        if is_dir {
+            remove_tree_at(dir.as_fd(), &entry_name)?;
+        } else {
+            match rustix::fs::unlinkat(&dir, &entry_name, AtFlags::empty()) {
+                Ok(()) | Err(Errno::NOENT) => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+    }
+    Ok(rustix::fs::unlinkat(parent, name, AtFlags::REMOVEDIR)?)
+}
+
+/// Whether the entry `name` of `base` is a staging directory of this user's that no running
+/// restore holds: it carries the marker and its lock is free. Returns it opened, locked.
+fn abandoned(base: BorrowedFd<'_>, name: &OsStr, prefix: &str) -> Option<OwnedFd> {
+    if !name.to_string_lossy().starts_with(prefix) {
+        return None;
+    }
+    let dir = rustix::fs::openat(base, name, DIRECTORY, Mode::empty()).ok()?;
+    let stat = rustix::fs::fstat(&dir).ok()?;
+    // SAFETY: geteuid has no preconditions.
+    if stat.st_uid != unsafe { libc::geteuid() } {
+        return None;
+    }
+    rustix::fs::flock(&dir, FlockOperation::NonBlockingLockExclusive).ok()?;
+    let marker = rustix::fs::statat(&dir, MARKER, AtFlags::SYMLINK_NOFOLLOW).ok()?;
+    (FileType::from_raw_mode(marker.st_mode) == FileType::RegularFile).then_some(dir)
+}
+
+/// What a directory holds, by kind, for deciding whether a restore may use it.
+pub(super) struct Contents {
+    /// Staging directories of restores that were stopped before they ended.
+    pub(super) abandoned: Vec<OsString>,
+    /// Staging directories of restores still running.
+    pub(super) running: Vec<OsString>,
+    /// Anything else, but an empty `lost+found` (a freshly made filesystem's).
+    pub(super) other: Vec<OsString>,
+}
+
+/// Sorts what the directory `base` holds.
+pub(super) fn contents(base: BorrowedFd<'_>, prefix: &str) -> std::io::Result<Contents> {
+    let mut contents = Contents {
+        abandoned: Vec::new(),
+        running: Vec::new(),
+        other: Vec::new(),
+    };
+    let listing = rustix::fs::openat(base, ".", DIRECTORY, Mode::empty())?;
+    for entry in rustix::fs::Dir::read_from(&listing)? {
+        let entry = entry?;
+        let name = entry.file_name();
+        if name == c"." || name == c".." {
             continue;
         }
-        let path = entry.path();
-        let Ok(lock) = rustix::fs::open(
-            &path,
-            rustix::fs::OFlags::DIRECTORY
-                | rustix::fs::OFlags::RDONLY
-                | rustix::fs::OFlags::NOFOLLOW
-                | rustix::fs::OFlags::CLOEXEC,
-            rustix::fs::Mode::empty(),
-        ) else {
+        let name = OsStr::from_bytes(name.to_bytes()).to_os_string();
+        if abandoned(base, &name, prefix).is_some() {
+            contents.abandoned.push(name);
+        } else if name.to_string_lossy().starts_with(prefix)
+            && rustix::fs::openat(base, &name, DIRECTORY, Mode::empty()).is_ok_and(|dir| {
+                rustix::fs::statat(&dir, MARKER, AtFlags::SYMLINK_NOFOLLOW).is_ok()
+            })
+        {
+            contents.running.push(name);
+        } else if name == "lost+found" && is_empty_directory(base, &name) {
+            continue;
+        } else {
+            contents.other.push(name);
+        }
+    }
+    Ok(contents)
+}
+
+fn is_empty_directory(base: BorrowedFd<'_>, name: &OsStr) -> bool {
+    let Ok(dir) = rustix::fs::openat(base, name, DIRECTORY, Mode::empty()) else {
+        return false;
+    };
+    let Ok(entries) = rustix::fs::Dir::read_from(&dir) else {
+        return false;
+    };
+    entries
+        .filter_map(|e| e.ok())
+        .all(|e| e.file_name() == c"." || e.file_name() == c"..")
+}
+
+/// Removes the abandoned staging directories `names` of `base` (at `base_path`), returning
+/// the paths it removed. One it cannot remove is left, with a warning.
+pub(super) fn remove_abandoned(
+    base: BorrowedFd<'_>,
+    base_path: &Path,
+    names: &[OsString],
+    prefix: &str,
+) -> Vec<PathBuf> {
+    let mut removed = Vec::new();
+    for name in names {
+        // Taken again: another restore may have claimed it since.
+        let Some(_lock) = abandoned(base, name, prefix) else {
             continue;
         };
-        if rustix::fs::flock(&lock, rustix::fs::FlockOperation::NonBlockingLockExclusive).is_err() {
-            continue; // a running restore's
-        }
-        match std::fs::remove_dir_all(&path) {
+        let path = base_path.join(name);
+        match remove_tree_at(base, name) {
             Ok(()) => removed.push(path),
             Err(e) => tracing::warn!(
                 path = %path.display(),
@@ -71,48 +208,48 @@ pub(super) fn remove_leftovers(dir: &Path, prefix: &str) -> Vec<PathBuf> {
     removed
 }
 
-/// Creates a private staging directory in `base` and locks it. A directory that a cleaner
-/// removed between its creation and the lock is made again.
-fn create_locked(
-    base: &Path,
-    prefix: &str,
-) -> std::io::Result<(tempfile::TempDir, std::os::fd::OwnedFd)> {
-    loop {
-        let dir = tempfile::Builder::new().prefix(prefix).tempdir_in(base)?;
-        let lock = rustix::fs::open(
-            dir.path(),
-            rustix::fs::OFlags::DIRECTORY
-                | rustix::fs::OFlags::RDONLY
-                | rustix::fs::OFlags::NOFOLLOW
-                | rustix::fs::OFlags::CLOEXEC,
-            rustix::fs::Mode::empty(),
-        )?;
-        rustix::fs::flock(&lock, rustix::fs::FlockOperation::LockExclusive)?;
-        let locked = rustix::fs::fstat(&lock)?;
-        match rustix::fs::stat(dir.path()) {
-            Ok(now) if (now.st_dev, now.st_ino) == (locked.st_dev, locked.st_ino) => {
-                return Ok((dir, lock));
-            }
-            _ => continue,
+/// Creates a private staging directory in `base` (at `base_path`) named `prefix` and a
+/// unique suffix, locks it, then marks it as staging.
+fn create_locked(base: BorrowedFd<'_>, base_path: &Path, prefix: &str) -> std::io::Result<Staging> {
+    let base = base.try_clone_to_owned()?;
+    for attempt in 0u32.. {
+        let unique = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.subsec_nanos())
+            .unwrap_or(0)
+            ^ std::process::id().rotate_left(16)
+            ^ attempt.wrapping_mul(0x9e37_79b9);
+        let name = OsString::from(format!("{prefix}{unique:08x}"));
+        match rustix::fs::mkdirat(&base, &name, Mode::from_raw_mode(0o700)) {
+            Ok(()) => {}
+            Err(Errno::EXIST) if attempt < 100 => continue,
+            Err(e) => return Err(e.into()),
         }
+        let dir = rustix::fs::openat(&base, &name, DIRECTORY, Mode::empty())?;
+        rustix::fs::flock(&dir, FlockOperation::LockExclusive)?;
+        // The umask may have narrowed it; nobody else ever may read what is staged.
+        rustix::fs::fchmod(&dir, Mode::from_raw_mode(0o700))?;
+        rustix::fs::openat(
+            &dir,
+            MARKER,
+            OFlags::WRONLY | OFlags::CREATE | OFlags::EXCL | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+            Mode::from_raw_mode(0o600),
+        )?;
+        let path = base_path.join(&name);
+        crate::interrupt::remove_on_interrupt(&path);
+        return Ok(Staging {
+            base,
+            name,
+            dir,
+            path,
+        });
     }
+    unreachable!("the loop returns or fails")
 }
 
-impl Drop for Staging {
-    fn drop(&mut self) {
-        crate::interrupt::forget(self.dir.path());
-    }
-}
-
-fn free_bytes(dir: &Path) -> std::io::Result<u64> {
-    let path = std::ffi::CString::new(dir.as_os_str().as_encoded_bytes())
-        .map_err(std::io::Error::other)?;
-    let mut stat: libc::statvfs = unsafe { std::mem::zeroed() };
-    // SAFETY: `path` is a valid C string and `stat` a valid out-pointer.
-    if unsafe { libc::statvfs(path.as_ptr(), &mut stat) } != 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    Ok(stat.f_bavail as u64 * stat.f_frsize as u64)
+fn free_bytes(dir: BorrowedFd<'_>) -> std::io::Result<u64> {
+    let stat = rustix::fs::fstatvfs(dir)?;
+    Ok(stat.f_bavail.saturating_mul(stat.f_frsize))
 }
 
 /// Refuses, before anything is downloaded, a staging filesystem without room for `needed`
@@ -149,62 +286,135 @@ fn check_room_with(base: &Path, free: u64, needed: u64, margin: u64) -> Result<(
 
 impl Staging {
     /// A private directory under `requested` (else $TMPDIR, else /var/tmp) with room for
-    /// `needed` bytes.
+    /// `needed` bytes. Staging directories of stopped restores found there are removed.
     pub(super) fn prepare(requested: Option<&Path>, needed: u64) -> Result<Staging> {
-        let base = match requested {
+        let base_path = match requested {
             Some(dir) => dir.to_path_buf(),
             None => std::env::var_os("TMPDIR")
                 .map(PathBuf::from)
                 .unwrap_or_else(|| PathBuf::from("/var/tmp")),
         };
         let error = |message: String| Error::new(ErrorKind::Target, message);
-        let free = free_bytes(&base).map_err(|e| {
+        let unusable = |e: std::io::Error| {
             error(format!(
                 "unable to use staging directory '{}'",
-                base.display()
+                base_path.display()
             ))
             .with_source(e)
-        })?;
-        check_room(&base, free, needed)?;
-        for removed in remove_leftovers(&base, PREFIX) {
-            tracing::warn!(path = %removed.display(), "removed the staging directory of a restore that was stopped before it ended");
+        };
+        let base = rustix::fs::open(
+            &base_path,
+            OFlags::DIRECTORY | OFlags::RDONLY | OFlags::CLOEXEC,
+            Mode::empty(),
+        )
+        .map_err(|e| unusable(e.into()))?;
+        let free = free_bytes(base.as_fd()).map_err(unusable)?;
+        check_room(&base_path, free, needed)?;
+        if let Ok(found) = contents(base.as_fd(), PREFIX) {
+            for removed in remove_abandoned(base.as_fd(), &base_path, &found.abandoned, PREFIX) {
+                tracing::warn!(path = %removed.display(), "removed the staging directory of a restore that was stopped before it ended");
+            }
         }
-        let (dir, lock) = create_locked(&base, PREFIX).map_err(|e| {
+        create_locked(base.as_fd(), &base_path, PREFIX).map_err(|e| {
             error(format!(
                 "unable to create a staging directory in '{}'",
-                base.display()
+                base_path.display()
             ))
             .with_source(e)
-        })?;
-        crate::interrupt::remove_on_interrupt(dir.path());
-        Ok(Staging { dir, _lock: lock })
+        })
     }
 
-    /// A private directory inside the restore's target `into` (so that nothing crosses a
-    /// filesystem and whoever may write the target may stage), with room for `needed` bytes
-    /// as well as what is already staged.
-    pub(super) fn inside(into: &Path, needed: u64) -> Result<Staging> {
-        let error = |message: String| Error::new(ErrorKind::Target, message);
-        let free = free_bytes(into).map_err(|e| {
-            error(format!("unable to restore into '{}'", into.display())).with_source(e)
-        })?;
-        check_room_with(into, free, needed, 0).map_err(|e| {
+    /// A private directory inside a restore's target, held by `target` (at `target_path`),
+    /// so that nothing crosses a filesystem and whoever may write the target may stage there,
+    /// with room for `needed` bytes.
+    pub(super) fn inside(
+        target: BorrowedFd<'_>,
+        target_path: &Path,
+        needed: u64,
+    ) -> Result<Staging> {
+        let failed = |e: std::io::Error| {
+            Error::new(
+                ErrorKind::Target,
+                format!("unable to restore into '{}'", target_path.display()),
+            )
+            .with_source(e)
+        };
+        let free = free_bytes(target).map_err(failed)?;
+        check_room_with(target_path, free, needed, 0).map_err(|e| {
             e.with_hint("free space there, or restore into a directory on a filesystem with room")
         })?;
-        let (dir, lock) = create_locked(into, HIDDEN_PREFIX).map_err(|e| {
-            error(format!(
-                "unable to create a staging directory in '{}'",
-                into.display()
-            ))
+        create_locked(target, target_path, HIDDEN_PREFIX).map_err(|e| {
+            Error::new(
+                ErrorKind::Target,
+                format!(
+                    "unable to create a staging directory in '{}'",
+                    target_path.display()
+                ),
+            )
             .with_source(e)
-        })?;
-        crate::interrupt::remove_on_interrupt(dir.path());
-        Ok(Staging { dir, _lock: lock })
+        })
     }
 
-    /// The staging directory itself.
+    /// The staging directory, held.
+    pub(super) fn fd(&self) -> BorrowedFd<'_> {
+        self.dir.as_fd()
+    }
+
+    /// Its name in the directory it was made in.
+    pub(super) fn name(&self) -> &OsStr {
+        &self.name
+    }
+
+    /// The staging directory's path, for messages.
     pub(super) fn dir(&self) -> &Path {
-        self.dir.path()
+        &self.path
+    }
+
+    /// A new file `name` in the staging directory, readable by this user alone.
+    pub(super) fn create_file(&self, name: &str) -> Result<std::fs::File> {
+        rustix::fs::openat(
+            &self.dir,
+            name,
+            OFlags::WRONLY | OFlags::CREATE | OFlags::EXCL | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+            Mode::from_raw_mode(0o600),
+        )
+        .map(std::fs::File::from)
+        .map_err(|e| {
+            Error::new(
+                ErrorKind::Target,
+                format!(
+                    "unable to create staging file '{}'",
+                    self.path(name).display()
+                ),
+            )
+            .with_source(std::io::Error::from(e))
+        })
+    }
+
+    /// Opens the staged file `name` for reading.
+    pub(super) fn open_file(&self, name: &str) -> Result<std::fs::File> {
+        rustix::fs::openat(
+            &self.dir,
+            name,
+            OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+            Mode::empty(),
+        )
+        .map(std::fs::File::from)
+        .map_err(|e| {
+            Error::new(
+                ErrorKind::Target,
+                format!(
+                    "unable to open staging file '{}'",
+                    self.path(name).display()
+                ),
+            )
+            .with_source(std::io::Error::from(e))
+        })
+    }
+
+    /// Removes what the staging directory holds under `name`, if anything.
+    pub(super) fn remove(&self, name: &str) -> std::io::Result<()> {
+        remove_tree_at(self.dir.as_fd(), OsStr::new(name))
     }
 
     /// Downloads one object as stored into the staging directory, verifying its checksum.
@@ -214,14 +424,17 @@ impl Staging {
         manifest: &Manifest,
         object: &ObjectEntry,
     ) -> Result<PathBuf> {
-        let path = self.dir.path().join(&object.name);
-        download_object(repository, manifest, object, &path).await?;
-        Ok(path)
+        self.remove(&object.name).map_err(|e| {
+            Error::new(ErrorKind::Target, "unable to clear the staging directory").with_source(e)
+        })?;
+        let file = self.create_file(&object.name)?;
+        download_object_to(repository, manifest, object, file).await?;
+        Ok(self.path(&object.name))
     }
 
     /// A path in the staging directory for a file of the restore's own.
     pub(super) fn path(&self, name: &str) -> PathBuf {
-        self.dir.path().join(name)
+        self.path.join(name)
     }
 
     /// Downloads, decompresses and verifies one object into the staging directory.
@@ -232,24 +445,18 @@ impl Staging {
         object: &ObjectEntry,
         keyring: &Keyring,
     ) -> Result<PathBuf> {
-        let path = self
-            .dir
-            .path()
-            .join(object.logical_name().trim_end_matches(".zst"));
-        let file = std::fs::File::create(&path).map_err(|e| {
-            Error::new(
-                ErrorKind::Target,
-                format!("unable to create staging file '{}'", path.display()),
-            )
-            .with_source(e)
+        let name = object.logical_name().trim_end_matches(".zst").to_string();
+        self.remove(&name).map_err(|e| {
+            Error::new(ErrorKind::Target, "unable to clear the staging directory").with_source(e)
         })?;
+        let file = self.create_file(&name)?;
         read_object(repository, manifest, object, keyring, move |raw| {
             let mut out = BufWriter::with_capacity(1024 * 1024, file);
             std::io::copy(raw, &mut out)?;
             out.flush()
         })
         .await?;
-        Ok(path)
+        Ok(self.path(&name))
     }
 }
 

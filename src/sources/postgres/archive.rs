@@ -126,6 +126,21 @@ impl<I: Input> Reader<I> {
         Ok(())
     }
 
+    /// A length-prefixed string, None for NULL; refused past `MAX_TEXT` bytes.
+    fn string(&mut self) -> io::Result<Option<String>> {
+        let length = self.int()?;
+        if length < 0 {
+            return Ok(None);
+        }
+        if length as u64 > MAX_TEXT {
+            return Err(corrupt("implausibly long string in the table of contents"));
+        }
+        let mut bytes = vec![0u8; length as usize];
+        self.inner.read_exact(&mut bytes)?;
+        self.position += length as u64;
+        Ok(Some(String::from_utf8_lossy(&bytes).into_owned()))
+    }
+
     fn new(inner: I) -> Reader<I> {
         Reader {
             inner,
@@ -260,6 +275,132 @@ fn read_toc(reader: &mut Reader<impl Input>, offset_size: usize) -> io::Result<V
         }
     }
     Ok(fields)
+}
+
+/// The longest TOC string `roles_named` reads: a function body or a view can be long, never
+/// this long.
+const MAX_TEXT: u64 = 256 * 1024 * 1024;
+
+/// The roles the objects of the archive `input` name: their owners, and whoever their
+/// privileges are granted to or revoked from (`PUBLIC` left out). None when `input` is not a
+/// custom-format archive this code knows. Reads the table of contents only.
+pub fn roles_named(input: impl Read) -> io::Result<Option<std::collections::BTreeSet<String>>> {
+    let mut reader = Reader::new(Copying {
+        inner: io::BufReader::with_capacity(64 * 1024, input),
+        copy: io::sink(),
+    });
+    let Some(offset_size) = read_header(&mut reader)? else {
+        return Ok(None);
+    };
+    let count = reader.int()?;
+    if count < 0 {
+        return Err(corrupt("negative TOC entry count"));
+    }
+    let mut roles = std::collections::BTreeSet::new();
+    for _ in 0..count {
+        reader.int()?; // dump id
+        reader.int()?; // had dumper
+        reader.skip_string()?; // table oid
+        reader.skip_string()?; // oid
+        reader.skip_string()?; // tag
+        let desc = reader.string()?.unwrap_or_default();
+        reader.int()?; // section
+        let defn = reader.string()?.unwrap_or_default();
+        for _ in 0..5 {
+            reader.skip_string()?; // drop, copy, namespace, tablespace, table access method
+        }
+        if reader.version >= version(1, 16) {
+            reader.int()?; // relkind
+        }
+        if let Some(owner) = reader.string()?.filter(|o| !o.is_empty()) {
+            roles.insert(owner);
+        }
+        reader.skip_string()?; // "with oids"
+        while reader.skip_string()? {} // dependencies, ended by NULL
+        reader.byte()?; // offset state
+        reader.skip(offset_size as u64)?;
+        if desc == "ACL" || desc == "DEFAULT ACL" {
+            roles.extend(grantees(&defn));
+        }
+    }
+    Ok(Some(roles))
+}
+
+/// The roles that the GRANT and REVOKE statements pg_dump wrote in `sql` name: `TO role`,
+/// `FROM role`, `FOR ROLE role` (quoted identifiers unquoted; PUBLIC left out).
+fn grantees(sql: &str) -> Vec<String> {
+    let mut roles = Vec::new();
+    for statement in sql.split(";\n") {
+        let statement = statement.trim();
+        let upper = statement.to_ascii_uppercase();
+        let keyword = if upper.starts_with("GRANT ") {
+            " TO "
+        } else if upper.starts_with("REVOKE ") {
+            " FROM "
+        } else if upper.starts_with("ALTER DEFAULT PRIVILEGES FOR ROLE ") {
+            let rest = &statement["ALTER DEFAULT PRIVILEGES FOR ROLE ".len()..];
+            if let Some((role, _)) = identifier(rest) {
+                roles.push(role);
+            }
+            let inner = upper.find(" GRANT ").or_else(|| upper.find(" REVOKE "));
+            if let Some(at) = inner {
+                roles.extend(grantees(&statement[at + 1..]));
+            }
+            continue;
+        } else {
+            continue;
+        };
+        // The last TO/FROM: object names come before it, and may hold the word quoted.
+        let Some(at) = upper.rfind(keyword) else {
+            continue;
+        };
+        let mut rest = &statement[at + keyword.len()..];
+        while let Some((role, after)) = identifier(rest) {
+            if !role.eq_ignore_ascii_case("public") || rest.starts_with('"') {
+                roles.push(role);
+            }
+            match after.trim_start().strip_prefix(',') {
+                Some(next) => rest = next.trim_start(),
+                None => break,
+            }
+        }
+    }
+    roles
+}
+
+/// The roles a `pg_dumpall --globals-only` script creates (`CREATE ROLE name;`).
+pub fn roles_created(script: &str) -> Vec<String> {
+    script
+        .lines()
+        .filter_map(|line| line.strip_prefix("CREATE ROLE "))
+        .filter_map(|rest| identifier(rest).map(|(role, _)| role))
+        .collect()
+}
+
+/// A role name at the start of `text`, quoted or not, and what follows it.
+fn identifier(text: &str) -> Option<(String, &str)> {
+    let text = text.trim_start();
+    if let Some(quoted) = text.strip_prefix('"') {
+        let mut name = String::new();
+        let mut chars = quoted.char_indices();
+        while let Some((at, c)) = chars.next() {
+            if c == '"' {
+                if quoted[at + 1..].starts_with('"') {
+                    name.push('"');
+                    chars.next();
+                } else {
+                    return Some((name, &quoted[at + 1..]));
+                }
+            } else {
+                name.push(c);
+            }
+        }
+        return None;
+    }
+    let end = text
+        .find(|c: char| !(c.is_alphanumeric() || c == '_' || c == '$'))
+        .unwrap_or(text.len());
+    (end > 0).then(|| (text[..end].to_string(), &text[end..]))
 }
 
 /// Walks the data blocks after the TOC: (dump id, position of the block).
@@ -552,6 +693,20 @@ mod tests {
         }
         block.extend(int(0));
         block
+    }
+
+    #[test]
+    fn grantees_are_read_from_what_pg_dump_writes() {
+        let sql = "REVOKE ALL ON SCHEMA public FROM PUBLIC;\nGRANT SELECT ON TABLE shop.\"to x\" TO app_reader;\nGRANT ALL ON TABLE shop.orders TO \"Odd \"\"Name\"\"\" WITH GRANT OPTION;\nGRANT USAGE ON SCHEMA public TO PUBLIC;\n";
+        assert_eq!(grantees(sql), ["app_reader", "Odd \"Name\""]);
+        let sql = "ALTER DEFAULT PRIVILEGES FOR ROLE app_owner IN SCHEMA shop GRANT SELECT ON TABLES TO app_reader;\n";
+        assert_eq!(grantees(sql), ["app_owner", "app_reader"]);
+        assert_eq!(
+            roles_created(
+                "CREATE ROLE app_owner;\nALTER ROLE app_owner WITH LOGIN;\nCREATE ROLE \"Big\";\n"
+            ),
+            ["app_owner", "Big"]
+        );
     }
 
     fn empty_block(kind: u8, dump_id: i64) -> Vec<u8> {

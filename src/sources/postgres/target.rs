@@ -60,6 +60,16 @@ impl Target {
         Ok(row.get::<_, i64>(0) == 0)
     }
 
+    /// Every role the server has.
+    pub async fn role_names(&self) -> Result<std::collections::BTreeSet<String>> {
+        let rows = self
+            .client
+            .query("select rolname::text from pg_roles", &[])
+            .await
+            .map_err(|e| query_error(&self.connection, "list roles", e))?;
+        Ok(rows.iter().map(|row| row.get::<_, String>(0)).collect())
+    }
+
     pub async fn create_database(&self, database: &str) -> Result<()> {
         let sql = format!(
             "create database {} template template0",
@@ -85,14 +95,33 @@ impl Target {
             .map_err(|e| query_error(&self.connection, &format!("drop database '{database}'"), e))
     }
 
+    /// The server's system identifier (from its control file); None when this role may not
+    /// read it (`pg_control_system()` is for superusers and pg_monitor).
+    pub async fn system_identifier(&self) -> Option<String> {
+        self.client
+            .query_one(
+                "select system_identifier::text from pg_control_system()",
+                &[],
+            )
+            .await
+            .ok()
+            .map(|row| row.get::<_, String>(0))
+    }
+
     /// The first column of the first row `sql` returns, as PostgreSQL prints it; None for
     /// no row or NULL. For drill checks, which compare what an operator would see in psql.
+    /// `sql` runs in a read-only transaction, in a session whose transactions are all
+    /// read-only (a `commit` inside it starts another read-only one), rolled back after: a
+    /// check reads, it never changes what it checks.
     pub async fn first_value(&self, sql: &str) -> Result<Option<String>> {
-        let messages = self
-            .client
-            .simple_query(sql)
+        self.client
+            .batch_execute("set default_transaction_read_only = on; begin transaction read only")
             .await
-            .map_err(|e| query_error(&self.connection, &format!("run `{sql}`"), e))?;
+            .map_err(|e| query_error(&self.connection, "start a read-only transaction", e))?;
+        let outcome = self.client.simple_query(sql).await;
+        let _ = self.client.batch_execute("rollback").await;
+        let messages =
+            outcome.map_err(|e| query_error(&self.connection, &format!("run `{sql}`"), e))?;
         Ok(messages
             .into_iter()
             .find_map(|message| match message {
