@@ -16,6 +16,15 @@ fn directories() -> std::sync::MutexGuard<'static, Vec<PathBuf>> {
     DIRECTORIES.lock().unwrap_or_else(|e| e.into_inner())
 }
 
+/// Held while a restore moves its verified tree into place: an interrupt waits for the move
+/// to end rather than leave the target half restored.
+static MOVING: Mutex<()> = Mutex::new(());
+
+/// Keeps an interrupt from cleaning up (and exiting) until the guard is dropped.
+pub fn hold_off() -> std::sync::MutexGuard<'static, ()> {
+    MOVING.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 /// Removes `dir` if the run is interrupted, until `forget` is called for it.
 pub fn remove_on_interrupt(dir: &Path) {
     directories().push(dir.to_path_buf());
@@ -55,6 +64,7 @@ pub fn install() {
             _ = terminate.recv() => {}
         }
         let _ = tokio::task::spawn_blocking(|| {
+            let _moving = hold_off();
             let cleaning = CLEANING.lock().unwrap_or_else(|e| e.into_inner());
             INTERRUPTED.store(true, Ordering::SeqCst);
             tracing::error!("interrupted: removing scratch clusters and staging directories");

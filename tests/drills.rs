@@ -492,6 +492,23 @@ expect = ">= 50000"
 name = "a check that writes"
 sql = "create table shop.written_by_a_check(); select 1"
 expect = "= 1"
+
+[[check]]
+name = "a check that turns its transaction read-write"
+sql = "set transaction read write"
+expect = "non-empty"
+
+[[check]]
+name = "a check that turns the session read-write"
+database = "postgres"
+sql = "select set_config('default_transaction_read_only', 'off', false)"
+expect = "non-empty"
+
+[[check]]
+name = "a check that commits, then writes"
+database = "postgres"
+sql = "commit; set transaction read write; create table public.written_by_a_check()"
+expect = "non-empty"
 "#
             ),
         )
@@ -527,8 +544,17 @@ expect = "= 1"
         report["checks"][1]["returned"]
             .as_str()
             .unwrap()
-            .contains("read-only transaction"),
+            .contains("multiple commands"),
         "{report}"
+    );
+    assert_eq!(report["checks"][2]["passed"], false, "{report}");
+    assert_eq!(report["checks"][4]["passed"], false, "{report}");
+    assert_eq!(
+        target.psql(
+            "postgres",
+            "select count(*) from pg_tables where tablename = 'written_by_a_check'"
+        ),
+        "0"
     );
     assert!(
         report["warnings"]

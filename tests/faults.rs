@@ -838,13 +838,31 @@ async fn process_faults_a_server_down_a_full_disk_a_read_only_target_lose_nothin
         .unwrap();
     let proxy = &rig.proxy;
     let gets_before = proxy.count("GET", OBJECT);
+    let second = std::cell::RefCell::new(None);
     let killed = crate::common::procs::kill_when(
         child,
-        || proxy.count("GET", OBJECT) > gets_before,
+        || {
+            let downloading = proxy.count("GET", OBJECT) > gets_before;
+            if downloading {
+                // A second restore into the same directory meanwhile is refused.
+                *second.borrow_mut() = Some(lifeboat(
+                    &rig.config,
+                    &["restore", JOB, "--into", into.to_str().unwrap()],
+                ));
+            }
+            downloading
+        },
         "restore",
     );
     rig.proxy.clear();
     assert!(killed, "the restore ended before it could be killed");
+    let second = second.into_inner().unwrap();
+    second.assert_code(1);
+    assert!(
+        second.stderr.contains("another restore into it is running"),
+        "{}",
+        second.stderr
+    );
     let left: Vec<String> = std::fs::read_dir(&into)
         .unwrap()
         .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())

@@ -129,6 +129,29 @@ fn restore_refuses_a_directory_that_is_not_empty() {
         b"mine\n"
     );
 
+    // A restore killed while it moved its tree into place left part of it there, with its
+    // staging directory listing what it was moving: the next restore removes both and says
+    // so. (The staging layout is lifeboat's own: a marker file, and the journal `moving`.)
+    let partial = work.path().join("partial");
+    let staging = partial.join(".lifeboat-restore-0badc0de");
+    tree::write_file(&staging.join(".lifeboat-staging"), b"", 0o600);
+    std::fs::write(staging.join("moving"), b"tmp\0").unwrap();
+    tree::write_file(&partial.join("tmp/half/moved.conf"), b"x\n", 0o644);
+    let run = lifeboat(
+        &config,
+        &["restore", "config", "--into", partial.to_str().unwrap()],
+    );
+    run.assert_code(0);
+    for removed in [&staging, &partial.join("tmp")] {
+        let said = format!("removed '{}'", removed.display());
+        assert!(run.stdout.contains(&said), "{said}: {}", run.stdout);
+    }
+    assert!(!partial.join("tmp/half").exists());
+    assert_eq!(
+        std::fs::read(restored_root(&partial, &source).join("a.conf")).unwrap(),
+        b"a = 1\n"
+    );
+
     // A relative target, as typed at a shell.
     let run = run_command(
         crate::common::lifeboat_command(&config)

@@ -379,6 +379,113 @@ async fn a_physical_restore_as_postgres_into_its_own_directory_and_onto_a_fresh_
             .starts_with(".lifeboat-restore-")),
         "staging was left in the data directory"
     );
+    drop(volume);
+
+    // A forged base backup: a file set-id to the server's user, and postgresql.auto.conf a
+    // symlink, so that setting up recovery fails once the tree is in place.
+    let keys = region.keys(BUCKET, PREFIX).await;
+    let base_key = keys
+        .iter()
+        .find(|k| k.ends_with("/base.tar.zst"))
+        .unwrap()
+        .clone();
+    let manifest_key = base_key.replace("base.tar.zst", "manifest.json");
+    let genuine_base = region.object(BUCKET, &base_key).await;
+    let genuine_manifest = region.object(BUCKET, &manifest_key).await;
+    let forge = |auto_conf_symlink: bool| {
+        let tar = zstd::decode_all(&genuine_base[..]).unwrap();
+        let mut archive = tar::Archive::new(&tar[..]);
+        let mut builder = tar::Builder::new(Vec::new());
+        for entry in archive.entries().unwrap() {
+            let mut entry = entry.unwrap();
+            let path = entry.path().unwrap().into_owned();
+            if auto_conf_symlink && path == Path::new("postgresql.auto.conf") {
+                let mut header = tar::Header::new_gnu();
+                header.set_entry_type(tar::EntryType::Symlink);
+                header.set_size(0);
+                header.set_mode(0o777);
+                header.set_mtime(1);
+                builder
+                    .append_link(&mut header, &path, "/nonexistent")
+                    .unwrap();
+                continue;
+            }
+            let mut header = entry.header().clone();
+            builder.append_data(&mut header, &path, &mut entry).unwrap();
+        }
+        let mut header = tar::Header::new_gnu();
+        header.set_entry_type(tar::EntryType::Regular);
+        header.set_mode(0o6755);
+        header.set_uid(0);
+        header.set_gid(0);
+        header.set_mtime(1);
+        header.set_size(4);
+        builder
+            .append_data(&mut header, "evil", &b"#!/\n"[..])
+            .unwrap();
+        let tar = builder.into_inner().unwrap();
+        let stored = zstd::encode_all(&tar[..], 3).unwrap();
+        let mut manifest = lifeboat::manifest::Manifest::from_json(&genuine_manifest).unwrap();
+        let object = manifest
+            .objects
+            .iter_mut()
+            .find(|o| o.name == "base.tar.zst")
+            .unwrap();
+        {
+            use sha2::Digest;
+            object.size = stored.len() as u64;
+            object.sha256 = hex::encode(sha2::Sha256::digest(&stored));
+            object.raw_size = tar.len() as u64;
+            object.raw_sha256 = hex::encode(sha2::Sha256::digest(&tar));
+        }
+        (stored, manifest.to_json())
+    };
+    let client = region.client();
+    let put = |key: String, body: Vec<u8>| {
+        let client = client.clone();
+        async move {
+            client
+                .put_object()
+                .bucket(BUCKET)
+                .key(key)
+                .body(body.into())
+                .send()
+                .await
+                .unwrap();
+        }
+    };
+    let (stored, manifest) = forge(true);
+    put(base_key.clone(), stored).await;
+    put(manifest_key.clone(), manifest).await;
+    let data_dir = work.path().join("forged");
+    let run = lifeboat(
+        &config,
+        &["restore", JOB, "--data-dir", data_dir.to_str().unwrap()],
+    );
+    run.assert_code(1);
+    assert!(
+        run.stderr.contains("unable to set up recovery"),
+        "{}",
+        run.stderr
+    );
+    assert!(
+        !data_dir.exists(),
+        "a failed restore left its data directory"
+    );
+
+    // The same without the trap restores, and the file has no set-id bits.
+    let (stored, manifest) = forge(false);
+    put(base_key.clone(), stored).await;
+    put(manifest_key.clone(), manifest).await;
+    lifeboat(
+        &config,
+        &["restore", JOB, "--data-dir", data_dir.to_str().unwrap()],
+    )
+    .assert_code(0);
+    use std::os::unix::fs::MetadataExt;
+    let evil = std::fs::metadata(data_dir.join("evil")).unwrap();
+    assert_eq!(evil.mode() & 0o7777, 0o755);
+    assert_eq!(std::fs::metadata(&data_dir).unwrap().mode() & 0o777, 0o700);
 }
 
 /// The uid and gid of the `postgres` user.

@@ -339,6 +339,7 @@ async fn run_postgres(
     clock: &mut Clock,
 ) -> Result<Outcome> {
     let started = Instant::now();
+    let mut warnings = Vec::new();
     let (scratch, dsn) = match &drill.target {
         DrillTarget::Scratch => {
             let binaries = Binaries::find(bin_dir, manifest.server_major().unwrap_or(0))?;
@@ -347,7 +348,7 @@ async fn run_postgres(
             (Some(cluster), dsn)
         }
         DrillTarget::Dsn(dsn) => {
-            refuse_the_source(drill, manifest, dsn).await?;
+            warnings.extend(refuse_the_source(drill, manifest, dsn).await?);
             (None, dsn.clone())
         }
     };
@@ -386,8 +387,20 @@ async fn run_postgres(
     let checked = sql_checks(drill, &dsn, &default_database, heartbeat).await;
     clock.phase("checks", started);
     drop(scratch);
-    let mut warnings = Vec::new();
     if let DrillTarget::Dsn(_) = &drill.target {
+        let restored_databases: Vec<String> = manifest
+            .objects
+            .iter()
+            .filter_map(|o| o.database.clone())
+            .filter(|d| drill.database.as_ref().is_none_or(|wanted| wanted == d))
+            .collect();
+        for database in restored_databases {
+            if !restored.created_databases.contains(&database) {
+                warnings.push(format!(
+                    "restored into the existing database '{database}' on the target, which the drill did not create and leaves as it is now"
+                ));
+            }
+        }
         if drill.keep {
             if !restored.created_databases.is_empty() {
                 warnings.push(format!(
@@ -417,19 +430,33 @@ async fn run_postgres(
 /// throw-away target, and its checks and its cleanup must never reach production. Told by
 /// the system identifier the backup recorded; a target that will not say its own is
 /// restored into, since a fresh server that is not the source is the common case.
-async fn refuse_the_source(drill: &Drill, manifest: &Manifest, dsn: &str) -> Result<()> {
+async fn refuse_the_source(
+    drill: &Drill,
+    manifest: &Manifest,
+    dsn: &str,
+) -> Result<Option<String>> {
+    let cannot_tell = |why: &str| {
+        Some(format!(
+            "could not tell whether the target is the job's own source server: {why}"
+        ))
+    };
     let Some(source) = &manifest.source.system_identifier else {
-        return Ok(());
+        return Ok(cannot_tell("the backup recorded no system identifier"));
     };
     let target = Target::open(&Connection::from_dsn(dsn)?).await?;
-    if target.system_identifier().await.as_ref() == Some(source) {
+    let Some(identifier) = target.system_identifier().await else {
+        return Ok(cannot_tell(
+            "the drill's role may not read pg_control_system() on the target",
+        ));
+    };
+    if &identifier == source {
         return Err(Error::config(format!(
             "invalid drill file '{}': target: it is the job's own source server (system identifier {source}); a drill restores into a throw-away server",
             drill.path.display()
         ))
         .with_hint("leave target out to restore into a scratch cluster, or name a server that is not the source"));
     }
-    Ok(())
+    Ok(None)
 }
 
 /// Drops the databases a drill restored into its DSN target, now that it has ended; says

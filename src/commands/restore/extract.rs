@@ -22,7 +22,7 @@
 //! was not written by it. A GNU sparse entry keeps its holes (its zeros are not written).
 
 use std::collections::{HashMap, HashSet};
-use std::ffi::OsStr;
+use std::ffi::{OsStr, OsString};
 use std::io::{self, Read};
 use std::os::fd::{AsFd, OwnedFd};
 use std::path::{Component, Path, PathBuf};
@@ -55,6 +55,16 @@ impl Ownership {
             Ownership::Archive
         } else {
             Ownership::Unpacker
+        }
+    }
+
+    /// The mode to give an inode the archive says has `mode`. Under one fixed owner (a data
+    /// directory), set-id bits have no place: a file set-id to the server's user would let
+    /// anyone run as it.
+    fn mode(&self, mode: u32) -> u32 {
+        match self {
+            Ownership::Fixed(..) => mode & 0o1777,
+            _ => mode & 0o7777,
         }
     }
 
@@ -286,30 +296,40 @@ impl Beneath {
     }
 
     /// Moves every entry of the directory `from` (beneath the root) into the root itself;
-    /// an entry of the same name already there is an error, never replaced.
-    pub fn move_up(&self, from: &Path) -> io::Result<()> {
+    /// an entry of the same name already there is an error, never replaced. `journal` is
+    /// given the names before the first moves; each name moved is pushed onto `moved`.
+    pub fn move_up(
+        &self,
+        from: &Path,
+        journal: impl FnOnce(&[OsString]) -> io::Result<()>,
+        moved: &mut Vec<OsString>,
+    ) -> io::Result<()> {
+        use std::os::unix::ffi::OsStrExt;
         let names = plain_names(from)?;
         let source = self.directory(&names, &names, None)?;
         // Read whole before anything moves: a directory changing under readdir may skip names.
         let mut names = Vec::new();
         for entry in rustix::fs::Dir::read_from(&source)? {
-            let name = entry?.file_name().to_owned();
-            if name.as_c_str() != c"." && name.as_c_str() != c".." {
-                names.push(name);
+            let entry = entry?;
+            let name = entry.file_name();
+            if name != c"." && name != c".." {
+                names.push(OsStr::from_bytes(name.to_bytes()).to_os_string());
             }
         }
+        journal(&names)?;
         for name in names {
-            rustix::fs::renameat_with(&source, &*name, &self.root, &*name, RenameFlags::NOREPLACE)
+            rustix::fs::renameat_with(&source, &name, &self.root, &name, RenameFlags::NOREPLACE)
                 .map_err(|e| {
                     io::Error::new(
                         io::Error::from(e).kind(),
                         format!(
                             "unable to move '{}' into '{}': {e}",
-                            name.to_string_lossy(),
+                            printable(Path::new(&name)),
                             self.path.display()
                         ),
                     )
                 })?;
+            moved.push(name);
         }
         Ok(())
     }
@@ -406,6 +426,10 @@ fn set_directory_attributes(
 /// Largest write of a file's data.
 const WRITE_SIZE: usize = 1024 * 1024;
 
+/// The deepest entry restored. Configuration trees and data directories are a few levels
+/// deep; each level costs a directory walk per entry and a descriptor when removing.
+const MAX_DEPTH: usize = 128;
+
 /// A sparse file's zeros are left as holes in blocks of this size.
 const HOLE_BLOCK: usize = 4096;
 
@@ -486,7 +510,7 @@ impl Unpacker<'_> {
         let pending = PendingDirectory {
             names: names.to_path_buf(),
             inode,
-            mode: header.mode()?,
+            mode: self.ownership.mode(header.mode()?),
             mtime: header.mtime()?,
             owner: self.ownership.of(header)?,
         };
@@ -569,7 +593,10 @@ impl Unpacker<'_> {
                 Some(rustix::fs::Gid::from_raw(gid)),
             )?;
         }
-        rustix::fs::fchmod(&file, Mode::from_raw_mode(header.mode()? & 0o7777))?;
+        rustix::fs::fchmod(
+            &file,
+            Mode::from_raw_mode(self.ownership.mode(header.mode()?)),
+        )?;
         Ok(rustix::fs::futimens(&file, &timestamps(header.mtime()?))?)
     }
 
@@ -660,6 +687,22 @@ impl Unpacker<'_> {
     fn entry(&mut self, entry: &mut tar::Entry<'_, &mut dyn Read>) -> io::Result<()> {
         let raw = entry.path()?.into_owned();
         let names = plain_names(&raw)?;
+        if names.components().count() > MAX_DEPTH {
+            return Err(refused(
+                &raw,
+                format!("it lies deeper than {MAX_DEPTH} directories"),
+            ));
+        }
+        if names.components().next().is_some_and(|top| {
+            top.as_os_str()
+                .to_string_lossy()
+                .starts_with(".lifeboat-restore-")
+        }) {
+            return Err(refused(
+                &raw,
+                "the name is lifeboat's own, for a restore's staging directory",
+            ));
+        }
         let kind = entry.header().entry_type();
         // Old archivers mark directories as regular files with a trailing slash.
         let is_directory = kind.is_dir() || (kind.is_file() && entry.path_bytes().ends_with(b"/"));

@@ -13,7 +13,7 @@ use std::ffi::OsString;
 use std::path::{Path, PathBuf};
 
 use super::extract::{Beneath, Ownership};
-use super::staging::{HIDDEN_PREFIX, Staging, contents, remove_abandoned};
+use super::staging::{HIDDEN_PREFIX, Staging, contents, remove_abandoned, remove_tree_at};
 use super::{ExtractSummary, RestoreReport, Selected, extract};
 use crate::commands::backup::FILES_OBJECT;
 use crate::error::{Error, ErrorKind, Result};
@@ -47,8 +47,11 @@ pub(super) struct Target {
     pub(super) dir: Beneath,
     /// Whether this restore made it (and removes it again when it fails).
     created: bool,
-    /// Staging directories of interrupted restores that were removed from it.
+    /// What interrupted restores left in it, removed: their staging directories, and the
+    /// entries they had moved into place.
     leftovers: Vec<PathBuf>,
+    /// The entries this restore moved into it, removed again when it fails.
+    moved: std::sync::Mutex<Vec<OsString>>,
 }
 
 impl Target {
@@ -75,6 +78,19 @@ impl Target {
                     ),
                 )
                 .with_hint("name the directory it points to"),
+                Some(libc::ENOTDIR)
+                    if std::fs::symlink_metadata(into)
+                        .is_ok_and(|m| m.file_type().is_symlink()) =>
+                {
+                    Error::new(
+                        ErrorKind::Target,
+                        format!(
+                            "unable to restore into '{}': it is a symlink",
+                            into.display()
+                        ),
+                    )
+                    .with_hint("name the directory it points to")
+                }
                 Some(libc::ENOTDIR) => Error::new(
                     ErrorKind::Target,
                     format!(
@@ -94,7 +110,24 @@ impl Target {
             dir,
             created,
             leftovers: Vec::new(),
+            moved: Default::default(),
         };
+        // One restore at a time into one directory: two that both found it empty would
+        // mix their trees. The lock goes with the process, however it ends.
+        if rustix::fs::flock(
+            target.dir.fd(),
+            rustix::fs::FlockOperation::NonBlockingLockExclusive,
+        )
+        .is_err()
+        {
+            return Err(Error::new(
+                ErrorKind::Target,
+                format!(
+                    "unable to restore into '{}': another restore into it is running",
+                    into.display()
+                ),
+            ));
+        }
         let found = contents(target.dir.fd(), HIDDEN_PREFIX).map_err(|e| target_error(into, e))?;
         if let Some(name) = found.other.first() {
             return Err(Error::new(
@@ -113,13 +146,25 @@ impl Target {
             return Err(Error::new(
                 ErrorKind::Target,
                 format!(
-                    "unable to restore into '{}': another restore into it is running (its staging directory '{}' is in use)",
+                    "unable to restore into '{}': it holds the staging directory '{}' of a restore that is still running, or of another user's",
                     into.display(),
                     name.to_string_lossy()
                 ),
             ));
         }
-        let leftovers = remove_abandoned(target.dir.fd(), into, &found.abandoned, HIDDEN_PREFIX);
+        let mut leftovers = Vec::new();
+        for name in &found.partial {
+            match remove_tree_at(target.dir.fd(), name) {
+                Ok(()) => leftovers.push(into.join(name)),
+                Err(e) => return Err(target_error(into, e)),
+            }
+        }
+        leftovers.extend(remove_abandoned(
+            target.dir.fd(),
+            into,
+            &found.abandoned,
+            HIDDEN_PREFIX,
+        ));
         for removed in &leftovers {
             tracing::warn!(path = %removed.display(), "removed the staging directory of a restore that was stopped before it ended");
         }
@@ -129,14 +174,23 @@ impl Target {
         })
     }
 
-    /// Runs `work`; when it fails, a target this restore made is removed again if empty.
+    /// Runs `work`; when it fails, what this restore moved into the target is removed, and
+    /// a target this restore made is removed again.
     pub(super) async fn undo_on_error<T>(
         &self,
         work: impl std::future::Future<Output = Result<T>>,
     ) -> Result<T> {
         let outcome = work.await;
-        if outcome.is_err() && self.created {
-            let _ = std::fs::remove_dir(&self.path);
+        if outcome.is_err() {
+            let moved = std::mem::take(&mut *self.moved.lock().expect("moved lock"));
+            for name in moved {
+                if let Err(e) = remove_tree_at(self.dir.fd(), &name) {
+                    tracing::warn!(path = %self.path.join(&name).display(), error = %e, "unable to remove what the failed restore put in place");
+                }
+            }
+            if self.created {
+                let _ = std::fs::remove_dir(&self.path);
+            }
         }
         outcome
     }
@@ -146,7 +200,7 @@ impl Target {
             .iter()
             .map(|path| {
                 format!(
-                    "removed '{}', the staging directory of a restore that was stopped before it ended",
+                    "removed '{}', left by a restore that was stopped before it ended",
                     path.display()
                 )
             })
@@ -237,10 +291,15 @@ pub(super) async fn unpack(
     let tree: PathBuf = [staging.name(), OsString::from(TREE).as_os_str()]
         .iter()
         .collect();
-    let placed = target
-        .dir
-        .move_up(&tree)
-        .and_then(|()| unpacked.finish(&target.dir));
+    // An interrupt waits for the move and the last attributes: a few renames.
+    let placed = {
+        let _moving = crate::interrupt::hold_off();
+        let mut moved = target.moved.lock().expect("moved lock");
+        target
+            .dir
+            .move_up(&tree, |names| staging.write_journal(names), &mut moved)
+            .and_then(|()| unpacked.finish(&target.dir))
+    };
     drop(staging);
     placed.map_err(|e| target_error(into, e))
 }

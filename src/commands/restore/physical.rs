@@ -96,6 +96,9 @@ pub(super) async fn restore(
     let clock = Instant::now();
     let (bytes, owner) = target
         .undo_on_error(async {
+            // Private before anything is moved into it, as PostgreSQL wants it anyway.
+            rustix::fs::fchmod(target.dir.fd(), rustix::fs::Mode::from_raw_mode(0o700))
+                .map_err(|e| target_error(into, e.into()))?;
             let owner = data_dir_owner(&target)?;
             let ownership = match owner {
                 Some((uid, gid)) => Ownership::Fixed(uid, gid),
@@ -104,12 +107,13 @@ pub(super) async fn restore(
             let bytes = unpack(&selected, BASE_OBJECT, &target, ownership)
                 .await?
                 .bytes;
+            // A data directory that cannot be set up is no restore: it is removed again.
+            configure_recovery(&target, options, source, owner)?;
             Ok((bytes, owner))
         })
         .await?;
     stages.push(("download, verify and unpack".to_string(), clock.elapsed()));
 
-    configure_recovery(&target, options, source, owner)?;
     let mut warnings = target.warnings();
     warnings.push(format!(
         "the restored server fetches WAL with `lifeboat wal-fetch` as its own user: that user needs to read '{}'{} and the repositories' credentials",

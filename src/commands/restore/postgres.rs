@@ -171,8 +171,13 @@ pub(super) async fn restore(
                 true => Some(selected.keyring.identities(&object.name)?),
                 false => None,
             };
-            let toc =
-                write_toc(&stored, &toc, identities.as_deref().map(Vec::as_slice)).then_some(toc);
+            let toc = write_toc(
+                &stored,
+                &toc,
+                identities.as_deref().map(Vec::as_slice),
+                object.raw_size,
+            )
+            .then_some(toc);
             Staged::Stored {
                 stored,
                 toc,
@@ -185,17 +190,15 @@ pub(super) async fn restore(
     }
 
     let staged_in = staging_started.elapsed();
-    if !options.no_owner {
-        check_roles(
-            &admin,
-            &server,
-            &backup,
-            &plan,
-            &staged,
-            globals_file.as_deref(),
-        )
-        .await?;
-    }
+    check_roles(
+        &admin,
+        &server,
+        &backup,
+        (&plan, &staged),
+        globals_file.as_deref(),
+        options.no_owner,
+    )
+    .await?;
     let load_started = std::time::Instant::now();
 
     // Write into the server.
@@ -302,17 +305,18 @@ pub(super) async fn restore(
     Ok(report)
 }
 
-/// Refuses, before anything is created, a restore whose dumps name roles (owners, grantees)
-/// that the target lacks and the globals being restored do not create: pg_restore would
-/// fail on the first of them halfway through. A dump whose table of contents is not
-/// understood is not checked.
+/// Refuses, before anything is created, a restore whose dumps name roles (owners, grantees,
+/// the roles of policies and user mappings) that the target lacks and the globals being
+/// restored do not create: pg_restore would fail on the first of them halfway through.
+/// With `no_owner` (pg_restore `--no-owner --no-acl`) owners and grantees are not needed. A
+/// dump whose table of contents is not understood is not checked.
 async fn check_roles(
     admin: &Target,
     server: &Connection,
     backup: &str,
-    plan: &[Planned<'_>],
-    staged: &[Staged],
+    (plan, staged): (&[Planned<'_>], &[Staged]),
     globals: Option<&Path>,
+    no_owner: bool,
 ) -> Result<()> {
     let mut needed: std::collections::BTreeMap<String, Vec<&str>> = Default::default();
     for (planned, dump) in plan.iter().zip(staged) {
@@ -323,7 +327,16 @@ async fn check_roles(
         let Some(toc) = toc else { continue };
         let roles = std::fs::File::open(toc).and_then(archive::roles_named);
         match roles {
-            Ok(Some(roles)) => {
+            Ok(Some(named)) => {
+                let roles: Vec<String> = match no_owner {
+                    true => named.others.into_iter().collect(),
+                    false => named
+                        .owners
+                        .into_iter()
+                        .chain(named.grantees)
+                        .chain(named.others)
+                        .collect(),
+                };
                 for role in roles {
                     needed
                         .entry(role)
@@ -365,7 +378,11 @@ async fn check_roles(
             missing.join(", ")
         ),
     )
-    .with_hint("restore the roles first with --globals, create them, or restore without owners and privileges with --no-owner")
+    .with_hint(if no_owner {
+        "create them (row security policies and user mappings need them even with --no-owner), or restore the roles first with --globals"
+    } else {
+        "restore the roles first with --globals, create them, or restore without owners and privileges with --no-owner"
+    })
     .with_hint("nothing was created on the server"))
 }
 
@@ -490,9 +507,15 @@ impl PgRestore<'_> {
 
 /// Writes the table of contents of the staged dump `stored` alone to `toc`; false (and a
 /// log line) when that cannot be done, leaving pg_restore to read it all from stdin.
-fn write_toc(stored: &Path, toc: &Path, identities: Option<&[Identity]>) -> bool {
+/// The table of contents is read from a stream whose checksum is checked only later: it
+/// may not run past the manifest's raw size, nor past this.
+const MAX_TOC: u64 = 1 << 30;
+
+fn write_toc(stored: &Path, toc: &Path, identities: Option<&[Identity]>, raw_size: u64) -> bool {
     let written = (|| {
-        let input = pipeline::decode_unchecked(std::fs::File::open(stored)?, identities)?;
+        use std::io::Read;
+        let input = pipeline::decode_unchecked(std::fs::File::open(stored)?, identities)?
+            .take(raw_size.min(MAX_TOC));
         archive::toc_only(input, std::fs::File::create(toc)?)
     })();
     match written {

@@ -127,10 +127,41 @@ fn abandoned(base: BorrowedFd<'_>, name: &OsStr, prefix: &str) -> Option<OwnedFd
     (FileType::from_raw_mode(marker.st_mode) == FileType::RegularFile).then_some(dir)
 }
 
+/// The file in a staging directory that lists, NUL-separated, the entries its restore is
+/// moving into the target: a restore killed while moving left those half in place.
+const JOURNAL: &str = "moving";
+
+/// The names the journal of the staging directory `dir` lists, if it has one.
+fn journal_names(dir: BorrowedFd<'_>) -> Vec<OsString> {
+    use std::io::Read;
+    let Ok(fd) = rustix::fs::openat(
+        dir,
+        JOURNAL,
+        OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+        Mode::empty(),
+    ) else {
+        return Vec::new();
+    };
+    let mut text = Vec::new();
+    if std::fs::File::from(fd)
+        .take(64 << 20)
+        .read_to_end(&mut text)
+        .is_err()
+    {
+        return Vec::new();
+    }
+    text.split(|b| *b == 0)
+        .filter(|name| !name.is_empty())
+        .map(|name| OsStr::from_bytes(name).to_os_string())
+        .collect()
+}
+
 /// What a directory holds, by kind, for deciding whether a restore may use it.
 pub(super) struct Contents {
     /// Staging directories of restores that were stopped before they ended.
     pub(super) abandoned: Vec<OsString>,
+    /// Entries such a restore had moved into place when it was stopped.
+    pub(super) partial: Vec<OsString>,
     /// Staging directories of restores still running.
     pub(super) running: Vec<OsString>,
     /// Anything else, but an empty `lost+found` (a freshly made filesystem's).
@@ -141,19 +172,32 @@ pub(super) struct Contents {
 pub(super) fn contents(base: BorrowedFd<'_>, prefix: &str) -> std::io::Result<Contents> {
     let mut contents = Contents {
         abandoned: Vec::new(),
+        partial: Vec::new(),
         running: Vec::new(),
         other: Vec::new(),
     };
     let listing = rustix::fs::openat(base, ".", DIRECTORY, Mode::empty())?;
+    let mut names = Vec::new();
     for entry in rustix::fs::Dir::read_from(&listing)? {
         let entry = entry?;
         let name = entry.file_name();
-        if name == c"." || name == c".." {
+        if name != c"." && name != c".." {
+            names.push(OsStr::from_bytes(name.to_bytes()).to_os_string());
+        }
+    }
+    let mut moved = std::collections::HashSet::new();
+    for name in &names {
+        if let Some(dir) = abandoned(base, name, prefix) {
+            moved.extend(journal_names(dir.as_fd()));
+            contents.abandoned.push(name.clone());
+        }
+    }
+    for name in names {
+        if contents.abandoned.contains(&name) {
             continue;
         }
-        let name = OsStr::from_bytes(name.to_bytes()).to_os_string();
-        if abandoned(base, &name, prefix).is_some() {
-            contents.abandoned.push(name);
+        if moved.contains(&name) {
+            contents.partial.push(name);
         } else if name.to_string_lossy().starts_with(prefix)
             && rustix::fs::openat(base, &name, DIRECTORY, Mode::empty()).is_ok_and(|dir| {
                 rustix::fs::statat(&dir, MARKER, AtFlags::SYMLINK_NOFOLLOW).is_ok()
@@ -410,6 +454,23 @@ impl Staging {
             )
             .with_source(std::io::Error::from(e))
         })
+    }
+
+    /// Notes the entries about to be moved into the target, for the restore after this one
+    /// should this one be killed while moving them.
+    pub(super) fn write_journal(&self, names: &[OsString]) -> std::io::Result<()> {
+        let mut text = Vec::new();
+        for name in names {
+            text.extend_from_slice(name.as_bytes());
+            text.push(0);
+        }
+        let fd = rustix::fs::openat(
+            &self.dir,
+            JOURNAL,
+            OFlags::WRONLY | OFlags::CREATE | OFlags::EXCL | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+            Mode::from_raw_mode(0o600),
+        )?;
+        std::fs::File::from(fd).write_all(&text)
     }
 
     /// Removes what the staging directory holds under `name`, if anything.

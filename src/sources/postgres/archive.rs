@@ -281,10 +281,23 @@ fn read_toc(reader: &mut Reader<impl Input>, offset_size: usize) -> io::Result<V
 /// this long.
 const MAX_TEXT: u64 = 256 * 1024 * 1024;
 
-/// The roles the objects of the archive `input` name: their owners, and whoever their
-/// privileges are granted to or revoked from (`PUBLIC` left out). None when `input` is not a
-/// custom-format archive this code knows. Reads the table of contents only.
-pub fn roles_named(input: impl Read) -> io::Result<Option<std::collections::BTreeSet<String>>> {
+/// The roles a dump's objects need on the server it is restored into.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct RolesNamed {
+    /// Owners of objects (pg_restore sets them unless `--no-owner`).
+    pub owners: std::collections::BTreeSet<String>,
+    /// Roles privileges are granted to, revoked from, or granted by (unless `--no-acl`).
+    pub grantees: std::collections::BTreeSet<String>,
+    /// Roles that row security policies apply to and user mappings are for: needed
+    /// whatever pg_restore is told.
+    pub others: std::collections::BTreeSet<String>,
+}
+
+/// The roles the objects of the archive `input` name, read from its table of contents
+/// alone. None when `input` is not a custom-format archive this code knows. The database's
+/// own entries (its owner, `GRANT CONNECT ON DATABASE`) are left out: pg_restore without
+/// `--create` does not restore them.
+pub fn roles_named(input: impl Read) -> io::Result<Option<RolesNamed>> {
     let mut reader = Reader::new(Copying {
         inner: io::BufReader::with_capacity(64 * 1024, input),
         copy: io::sink(),
@@ -296,13 +309,13 @@ pub fn roles_named(input: impl Read) -> io::Result<Option<std::collections::BTre
     if count < 0 {
         return Err(corrupt("negative TOC entry count"));
     }
-    let mut roles = std::collections::BTreeSet::new();
+    let mut roles = RolesNamed::default();
     for _ in 0..count {
         reader.int()?; // dump id
         reader.int()?; // had dumper
         reader.skip_string()?; // table oid
         reader.skip_string()?; // oid
-        reader.skip_string()?; // tag
+        let tag = reader.string()?.unwrap_or_default();
         let desc = reader.string()?.unwrap_or_default();
         reader.int()?; // section
         let defn = reader.string()?.unwrap_or_default();
@@ -312,60 +325,222 @@ pub fn roles_named(input: impl Read) -> io::Result<Option<std::collections::BTre
         if reader.version >= version(1, 16) {
             reader.int()?; // relkind
         }
-        if let Some(owner) = reader.string()?.filter(|o| !o.is_empty()) {
-            roles.insert(owner);
-        }
+        let owner = reader.string()?.filter(|o| !o.is_empty());
         reader.skip_string()?; // "with oids"
         while reader.skip_string()? {} // dependencies, ended by NULL
         reader.byte()?; // offset state
         reader.skip(offset_size as u64)?;
-        if desc == "ACL" || desc == "DEFAULT ACL" {
-            roles.extend(grantees(&defn));
+        let of_the_database = desc == "DATABASE"
+            || desc == "DATABASE PROPERTIES"
+            || (desc == "ACL" && tag.starts_with("DATABASE "));
+        if of_the_database {
+            continue;
+        }
+        if let Some(owner) = owner {
+            roles.owners.insert(owner);
+        }
+        match desc.as_str() {
+            "ACL" | "DEFAULT ACL" => roles.grantees.extend(roles_in_sql(&defn)),
+            "POLICY" | "USER MAPPING" => roles.others.extend(roles_in_sql(&defn)),
+            _ => {}
         }
     }
     Ok(Some(roles))
 }
 
-/// The roles that the GRANT and REVOKE statements pg_dump wrote in `sql` name: `TO role`,
-/// `FROM role`, `FOR ROLE role` (quoted identifiers unquoted; PUBLIC left out).
-fn grantees(sql: &str) -> Vec<String> {
-    let mut roles = Vec::new();
-    for statement in sql.split(";\n") {
-        let statement = statement.trim();
-        let upper = statement.to_ascii_uppercase();
-        let keyword = if upper.starts_with("GRANT ") {
-            " TO "
-        } else if upper.starts_with("REVOKE ") {
-            " FROM "
-        } else if upper.starts_with("ALTER DEFAULT PRIVILEGES FOR ROLE ") {
-            let rest = &statement["ALTER DEFAULT PRIVILEGES FOR ROLE ".len()..];
-            if let Some((role, _)) = identifier(rest) {
-                roles.push(role);
+/// A token of SQL as pg_dump writes it.
+#[derive(Debug, PartialEq)]
+enum Token {
+    /// An unquoted word (a keyword or an identifier, folded to lower case).
+    Word(String),
+    /// A double-quoted identifier, unquoted.
+    Quoted(String),
+    /// A string constant, a number's remains, or punctuation but the ones below.
+    Other,
+    Comma,
+    Semicolon,
+    Open,
+    Close,
+}
+
+fn tokens(sql: &str) -> Vec<Token> {
+    let chars: Vec<char> = sql.chars().collect();
+    let mut tokens = Vec::new();
+    let mut at = 0;
+    while at < chars.len() {
+        let c = chars[at];
+        match c {
+            c if c.is_whitespace() => at += 1,
+            '-' if chars.get(at + 1) == Some(&'-') => {
+                while at < chars.len() && chars[at] != '\n' {
+                    at += 1;
+                }
             }
-            let inner = upper.find(" GRANT ").or_else(|| upper.find(" REVOKE "));
-            if let Some(at) = inner {
-                roles.extend(grantees(&statement[at + 1..]));
+            '/' if chars.get(at + 1) == Some(&'*') => {
+                at += 2;
+                while at < chars.len() && !(chars[at] == '*' && chars.get(at + 1) == Some(&'/')) {
+                    at += 1;
+                }
+                at += 2;
             }
-            continue;
-        } else {
-            continue;
-        };
-        // The last TO/FROM: object names come before it, and may hold the word quoted.
-        let Some(at) = upper.rfind(keyword) else {
-            continue;
-        };
-        let mut rest = &statement[at + keyword.len()..];
-        while let Some((role, after)) = identifier(rest) {
-            if !role.eq_ignore_ascii_case("public") || rest.starts_with('"') {
-                roles.push(role);
+            '"' | '\'' => {
+                let mut text = String::new();
+                at += 1;
+                while at < chars.len() {
+                    if chars[at] == c {
+                        if chars.get(at + 1) == Some(&c) {
+                            text.push(c);
+                            at += 2;
+                            continue;
+                        }
+                        break;
+                    }
+                    text.push(chars[at]);
+                    at += 1;
+                }
+                at += 1;
+                tokens.push(if c == '"' {
+                    Token::Quoted(text)
+                } else {
+                    Token::Other
+                });
             }
-            match after.trim_start().strip_prefix(',') {
-                Some(next) => rest = next.trim_start(),
-                None => break,
+            '$' => {
+                // A dollar-quoted string: $tag$ ... $tag$.
+                let tag_end = chars[at + 1..]
+                    .iter()
+                    .position(|c| !(c.is_alphanumeric() || *c == '_'))
+                    .map(|p| at + 1 + p);
+                match tag_end {
+                    Some(end) if chars[end] == '$' => {
+                        let tag: String = chars[at..=end].iter().collect();
+                        let rest: String = chars[end + 1..].iter().collect();
+                        let skipped = rest.find(&tag).map_or(rest.len(), |p| p + tag.len());
+                        at = end + 1 + rest[..skipped].chars().count();
+                    }
+                    _ => at += 1,
+                }
+                tokens.push(Token::Other);
+            }
+            ',' => {
+                tokens.push(Token::Comma);
+                at += 1;
+            }
+            ';' => {
+                tokens.push(Token::Semicolon);
+                at += 1;
+            }
+            '(' => {
+                tokens.push(Token::Open);
+                at += 1;
+            }
+            ')' => {
+                tokens.push(Token::Close);
+                at += 1;
+            }
+            c if c.is_alphanumeric() || c == '_' => {
+                let start = at;
+                while at < chars.len()
+                    && (chars[at].is_alphanumeric() || chars[at] == '_' || chars[at] == '$')
+                {
+                    at += 1;
+                }
+                let word: String = chars[start..at].iter().collect();
+                tokens.push(Token::Word(word.to_lowercase()));
+            }
+            _ => {
+                tokens.push(Token::Other);
+                at += 1;
             }
         }
     }
+    tokens
+}
+
+/// Words that stand where a role may, and are none.
+const NOT_ROLES: [&str; 5] = [
+    "public",
+    "current_user",
+    "current_role",
+    "session_user",
+    "user",
+];
+
+/// The roles listed from `tokens[at]` on: names separated by commas.
+fn role_list(tokens: &[Token], mut at: usize, roles: &mut Vec<String>) {
+    loop {
+        match tokens.get(at) {
+            Some(Token::Quoted(name)) => roles.push(name.clone()),
+            Some(Token::Word(word)) if !NOT_ROLES.contains(&word.as_str()) => {
+                roles.push(word.clone())
+            }
+            Some(Token::Word(_)) => {}
+            _ => return,
+        }
+        if tokens.get(at + 1) != Some(&Token::Comma) {
+            return;
+        }
+        at += 2;
+    }
+}
+
+/// Where the keyword `word` first stands in `tokens`, outside parentheses.
+fn keyword(tokens: &[Token], word: &str) -> Option<usize> {
+    let mut depth = 0usize;
+    for (at, token) in tokens.iter().enumerate() {
+        match token {
+            Token::Open => depth += 1,
+            Token::Close => depth = depth.saturating_sub(1),
+            Token::Word(w) if depth == 0 && w == word => return Some(at),
+            _ => {}
+        }
+    }
+    None
+}
+
+/// The roles that the statements pg_dump writes for privileges, default privileges, row
+/// security policies and user mappings name.
+fn roles_in_sql(sql: &str) -> Vec<String> {
+    let tokens = tokens(sql);
+    let mut roles = Vec::new();
+    for statement in tokens.split(|t| *t == Token::Semicolon) {
+        statement_roles(statement, &mut roles);
+    }
     roles
+}
+
+fn statement_roles(statement: &[Token], roles: &mut Vec<String>) {
+    let word = |at: usize| match statement.get(at) {
+        Some(Token::Word(w)) => w.as_str(),
+        _ => "",
+    };
+    match (word(0), word(1), word(2)) {
+        ("grant", _, _) | ("revoke", _, _) => {
+            let list = if word(0) == "grant" { "to" } else { "from" };
+            if let Some(at) = keyword(statement, list) {
+                role_list(statement, at + 1, roles);
+            }
+            if let Some(at) = keyword(statement, "granted") {
+                role_list(statement, at + 2, roles);
+            }
+        }
+        ("alter", "default", "privileges") => {
+            if word(3) == "for" {
+                role_list(statement, 5, roles);
+            }
+            let inner = keyword(statement, "grant").or_else(|| keyword(statement, "revoke"));
+            if let Some(at) = inner {
+                statement_roles(&statement[at..], roles);
+            }
+        }
+        ("create", "policy", _) => {
+            if let Some(at) = keyword(statement, "to") {
+                role_list(statement, at + 1, roles);
+            }
+        }
+        ("create", "user", "mapping") if word(3) == "for" => role_list(statement, 4, roles),
+        _ => {}
+    }
 }
 
 /// The roles a `pg_dumpall --globals-only` script creates (`CREATE ROLE name;`).
@@ -696,11 +871,18 @@ mod tests {
     }
 
     #[test]
-    fn grantees_are_read_from_what_pg_dump_writes() {
-        let sql = "REVOKE ALL ON SCHEMA public FROM PUBLIC;\nGRANT SELECT ON TABLE shop.\"to x\" TO app_reader;\nGRANT ALL ON TABLE shop.orders TO \"Odd \"\"Name\"\"\" WITH GRANT OPTION;\nGRANT USAGE ON SCHEMA public TO PUBLIC;\n";
-        assert_eq!(grantees(sql), ["app_reader", "Odd \"Name\""]);
+    fn roles_are_read_from_what_pg_dump_writes() {
+        let sql = "REVOKE ALL ON SCHEMA public FROM PUBLIC;\nGRANT SELECT ON TABLE shop.\"to x\" TO app_reader;\nGRANT ALL ON TABLE shop.orders TO \"Odd to \"\"Name\"\"\" WITH GRANT OPTION;\nGRANT USAGE ON SCHEMA public TO PUBLIC;\nGRANT SELECT(\"to\") ON TABLE t TO \"public\" GRANTED BY boss;\n";
+        assert_eq!(
+            roles_in_sql(sql),
+            ["app_reader", "Odd to \"Name\"", "public", "boss"]
+        );
         let sql = "ALTER DEFAULT PRIVILEGES FOR ROLE app_owner IN SCHEMA shop GRANT SELECT ON TABLES TO app_reader;\n";
-        assert_eq!(grantees(sql), ["app_owner", "app_reader"]);
+        assert_eq!(roles_in_sql(sql), ["app_owner", "app_reader"]);
+        let sql = "CREATE POLICY p ON shop.orders AS PERMISSIVE FOR SELECT TO policy_role, \"Two\" USING ((status = 'to x'::text));\n";
+        assert_eq!(roles_in_sql(sql), ["policy_role", "Two"]);
+        let sql = "CREATE USER MAPPING FOR umrole SERVER srv OPTIONS (\n    \"user\" 'x'\n);\nCREATE USER MAPPING FOR PUBLIC SERVER srv;\n";
+        assert_eq!(roles_in_sql(sql), ["umrole"]);
         assert_eq!(
             roles_created(
                 "CREATE ROLE app_owner;\nALTER ROLE app_owner WITH LOGIN;\nCREATE ROLE \"Big\";\n"

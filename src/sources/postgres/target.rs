@@ -110,12 +110,19 @@ impl Target {
 
     /// The first column of the first row `sql` returns, as PostgreSQL prints it; None for
     /// no row or NULL. For drill checks, which compare what an operator would see in psql.
-    /// `sql` runs in a read-only transaction, in a session whose transactions are all
-    /// read-only (a `commit` inside it starts another read-only one), rolled back after: a
-    /// check reads, it never changes what it checks.
+    /// `sql` must be one statement (it is parsed first, without running, and several are
+    /// refused); it runs in a read-only transaction that has already run a query (so it
+    /// cannot be turned read-write), in a session whose transactions are all read-only, and
+    /// is rolled back after: a check reads, it never changes what it checks.
     pub async fn first_value(&self, sql: &str) -> Result<Option<String>> {
         self.client
-            .batch_execute("set default_transaction_read_only = on; begin transaction read only")
+            .prepare(sql)
+            .await
+            .map_err(|e| query_error(&self.connection, &format!("run `{sql}`"), e))?;
+        self.client
+            .batch_execute(
+                "set default_transaction_read_only = on; begin transaction read only; select 1",
+            )
             .await
             .map_err(|e| query_error(&self.connection, "start a read-only transaction", e))?;
         let outcome = self.client.simple_query(sql).await;
