@@ -231,3 +231,56 @@ fn a_restore_onto_a_freshly_mounted_volume_lands_whole() {
     top.sort();
     assert_eq!(top, ["lost+found", "tmp"], "staging was left on the volume");
 }
+
+/// Names of one file are stored as hard links to the first, and restored as links: one copy
+/// of the data in the object and on disk, the link count and inode sharing as in the source.
+#[test]
+fn hard_links_are_stored_once_and_restored_as_links() {
+    use std::os::unix::fs::MetadataExt;
+    let work = tempfile::tempdir().unwrap();
+    let source = work.path().join("src");
+    let data = tree::noise(4 * 1024 * 1024, 7);
+    tree::write_file(&source.join("a/data.bin"), &data, 0o640);
+    std::fs::create_dir_all(source.join("b")).unwrap();
+    std::fs::hard_link(source.join("a/data.bin"), source.join("b/same.bin")).unwrap();
+    std::fs::hard_link(source.join("a/data.bin"), source.join("b/again.bin")).unwrap();
+    let config = write_config(
+        work.path(),
+        &format!(
+            "{}{}",
+            local_repository("local", &work.path().join("repo")),
+            files_job("config", &[&source])
+        ),
+    );
+    lifeboat(&config, &["backup", "config"]).assert_code(0);
+    let object = walkdir::WalkDir::new(work.path().join("repo"))
+        .into_iter()
+        .filter_map(Result::ok)
+        .find(|e| e.file_name() == "files.tar.zst")
+        .unwrap()
+        .into_path();
+    // Noise does not compress: stored twice or three times, it would show.
+    let stored = std::fs::metadata(&object).unwrap().len();
+    assert!(stored < 5 * 1024 * 1024, "{stored} bytes stored");
+    let listing = run_command(Command::new("sh").arg("-c").arg(format!(
+        "zstd -dc '{}' | tar -tvf - | grep -c ' link to '",
+        object.display()
+    )));
+    assert_eq!(listing.stdout.trim(), "2", "{}", listing.stdout);
+
+    let into = work.path().join("restored");
+    lifeboat(
+        &config,
+        &["restore", "config", "--into", into.to_str().unwrap()],
+    )
+    .assert_code(0);
+    let root = restored_root(&into, &source);
+    let first = std::fs::metadata(root.join("a/data.bin")).unwrap();
+    assert_eq!(first.nlink(), 3);
+    for other in ["b/same.bin", "b/again.bin"] {
+        let meta = std::fs::metadata(root.join(other)).unwrap();
+        assert_eq!((meta.ino(), meta.nlink()), (first.ino(), 3), "{other}");
+    }
+    assert_eq!(std::fs::read(root.join("b/again.bin")).unwrap(), data);
+    assert_eq!(first.mode() & 0o7777, 0o640);
+}

@@ -136,6 +136,9 @@ pub fn write_archive(
     builder.follow_symlinks(false);
     builder.mode(tar::HeaderMode::Complete);
     let mut summary = ArchiveSummary::default();
+    // The archive name each multiply-linked file was first stored under: later names of the
+    // same inode are stored as hard links to it, so the data is stored, and restored, once.
+    let mut linked: std::collections::HashMap<(u64, u64), PathBuf> = Default::default();
 
     for root in &job.paths {
         std::fs::symlink_metadata(root)
@@ -176,8 +179,29 @@ pub fn write_archive(
                 if !filter.included(path) {
                     continue;
                 }
-                append_file(&mut builder, path, &name)
+                use std::os::unix::fs::MetadataExt;
+                let metadata = entry
+                    .metadata()
                     .map_err(|e| source_error(job_name, "read file", path, e))?;
+                let inode = (metadata.dev(), metadata.ino());
+                match linked.get(&inode) {
+                    Some(first) if metadata.nlink() > 1 => {
+                        let mut header = tar::Header::new_gnu();
+                        header.set_metadata_in_mode(&metadata, tar::HeaderMode::Complete);
+                        header.set_entry_type(tar::EntryType::Link);
+                        header.set_size(0);
+                        builder
+                            .append_link(&mut header, &name, first)
+                            .map_err(|e| source_error(job_name, "archive hard link", path, e))?;
+                    }
+                    _ => {
+                        append_file(&mut builder, path, &name)
+                            .map_err(|e| source_error(job_name, "read file", path, e))?;
+                        if metadata.nlink() > 1 {
+                            linked.insert(inode, name.clone());
+                        }
+                    }
+                }
             } else {
                 tracing::warn!(path = %path.display(), "skipping a socket, fifo or device file");
                 summary.skipped += 1;
