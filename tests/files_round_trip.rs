@@ -152,6 +152,41 @@ fn restore_refuses_a_directory_that_is_not_empty() {
         b"a = 1\n"
     );
 
+    // Killed after its move ended, a restore leaves a whole tree and a staging directory
+    // without a journal: nothing there is a leftover to remove, so the next restore refuses
+    // the directory as not empty and the tree (with what was added to it since) stays.
+    tree::write_file(&partial.join("tmp/added-since"), b"mine\n", 0o644);
+    let staging = partial.join(".lifeboat-restore-0badf00d");
+    tree::write_file(&staging.join(".lifeboat-staging"), b"", 0o600);
+    let run = lifeboat(
+        &config,
+        &["restore", "config", "--into", partial.to_str().unwrap()],
+    );
+    run.assert_code(1);
+    assert!(run.stderr.contains("is not empty"), "{}", run.stderr);
+    assert_eq!(
+        std::fs::read(partial.join("tmp/added-since")).unwrap(),
+        b"mine\n"
+    );
+
+    // A journal never takes a filesystem's lost+found for something it moved.
+    let volume = work.path().join("volume");
+    tree::write_file(
+        &volume.join("lost+found/#1234"),
+        b"recovered by fsck\n",
+        0o600,
+    );
+    let staging = volume.join(".lifeboat-restore-0badbeef");
+    tree::write_file(&staging.join(".lifeboat-staging"), b"", 0o600);
+    std::fs::write(staging.join("moving"), b"lost+found\0").unwrap();
+    let run = lifeboat(
+        &config,
+        &["restore", "config", "--into", volume.to_str().unwrap()],
+    );
+    run.assert_code(1);
+    assert!(run.stderr.contains("is not empty"), "{}", run.stderr);
+    assert!(volume.join("lost+found/#1234").exists());
+
     // A relative target, as typed at a shell.
     let run = run_command(
         crate::common::lifeboat_command(&config)

@@ -892,6 +892,22 @@ fn validate_files_job(
             ));
         }
     }
+    // A path inside another would be stored twice, and its second copy refused on restore.
+    for (index, path) in paths.iter().enumerate() {
+        for (other_index, other) in paths.iter().enumerate() {
+            if index != other_index
+                && path.starts_with(other)
+                && (index > other_index || path != other)
+            {
+                return Err(format!(
+                    "{}: \"{}\" lies inside \"{}\", which is backed up whole; leave it out",
+                    at("paths"),
+                    path.display(),
+                    other.display()
+                ));
+            }
+        }
+    }
     for (field, globs) in [("include", &include), ("exclude", &exclude)] {
         for glob in globs {
             globset::Glob::new(glob)
@@ -1286,6 +1302,30 @@ mod tests {
                 err.message()
             );
         }
+    }
+
+    #[test]
+    fn a_files_path_inside_another_is_refused() {
+        for paths in [
+            r#"["/etc", "/etc/nginx/"]"#,
+            r#"["/etc/nginx", "/etc"]"#,
+            r#"["/etc", "/etc"]"#,
+        ] {
+            let err = parse(&format!(
+                "{LOCAL}[[job]]\nname = \"conf\"\nkind = \"files\"\npaths = {paths}\n"
+            ))
+            .unwrap_err();
+            assert!(
+                err.message().contains("job[0] (conf).paths: ")
+                    && err.message().contains("lies inside"),
+                "{paths}: {}",
+                err.message()
+            );
+        }
+        parse(&format!(
+            "{LOCAL}[[job]]\nname = \"conf\"\nkind = \"files\"\npaths = [\"/etc\", \"/etcetera\"]\n"
+        ))
+        .unwrap();
     }
 
     #[test]

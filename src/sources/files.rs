@@ -180,9 +180,23 @@ pub fn write_archive(
                     continue;
                 }
                 use std::os::unix::fs::MetadataExt;
-                let metadata = entry
+                // The open file decides: a name replaced since the directory was read (an
+                // editor's rename) is stored as what it is now.
+                use std::os::unix::fs::OpenOptionsExt;
+                // Without blocking: a FIFO put in the name's place would wait for a writer.
+                let file = std::fs::OpenOptions::new()
+                    .read(true)
+                    .custom_flags(libc::O_NONBLOCK)
+                    .open(path)
+                    .map_err(|e| source_error(job_name, "read file", path, e))?;
+                let metadata = file
                     .metadata()
                     .map_err(|e| source_error(job_name, "read file", path, e))?;
+                if !metadata.is_file() {
+                    tracing::warn!(path = %path.display(), "skipping a file that is no longer a regular file");
+                    summary.skipped += 1;
+                    continue;
+                }
                 let inode = (metadata.dev(), metadata.ino());
                 match linked.get(&inode) {
                     Some(first) if metadata.nlink() > 1 => {
@@ -195,7 +209,7 @@ pub fn write_archive(
                             .map_err(|e| source_error(job_name, "archive hard link", path, e))?;
                     }
                     _ => {
-                        append_file(&mut builder, path, &name)
+                        append_file(&mut builder, file, &metadata, &name)
                             .map_err(|e| source_error(job_name, "read file", path, e))?;
                         if metadata.nlink() > 1 {
                             linked.insert(inode, name.clone());
@@ -223,16 +237,16 @@ pub fn write_archive(
     Ok(summary)
 }
 
+/// Stores the open `file`, its header from the open file's `metadata`, so that name, size
+/// and content describe one file.
 fn append_file(
     builder: &mut tar::Builder<&mut dyn Write>,
-    path: &Path,
+    file: File,
+    metadata: &std::fs::Metadata,
     name: &Path,
 ) -> io::Result<()> {
-    // Header from the open file's metadata, so name, size and content describe one file.
-    let file = File::open(path)?;
-    let metadata = file.metadata()?;
     let mut header = tar::Header::new_gnu();
-    header.set_metadata_in_mode(&metadata, tar::HeaderMode::Complete);
+    header.set_metadata_in_mode(metadata, tar::HeaderMode::Complete);
     // Large reads: tar copies in 8 KiB steps, which would otherwise be one syscall each. A
     // buffer no larger than the file: a 1 MiB one for each of thousands of small config files
     // cost an mmap and munmap apiece.

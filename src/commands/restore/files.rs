@@ -298,6 +298,7 @@ pub(super) async fn unpack(
         target
             .dir
             .move_up(&tree, |names| staging.write_journal(names), &mut moved)
+            .and_then(|()| staging.close_journal())
             .and_then(|()| unpacked.finish(&target.dir))
     };
     drop(staging);

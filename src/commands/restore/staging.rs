@@ -192,6 +192,8 @@ pub(super) fn contents(base: BorrowedFd<'_>, prefix: &str) -> std::io::Result<Co
             contents.abandoned.push(name.clone());
         }
     }
+    // A restore never moves a filesystem's own lost+found: whatever a journal says.
+    moved.remove(OsStr::new("lost+found"));
     for name in names {
         if contents.abandoned.contains(&name) {
             continue;
@@ -470,7 +472,17 @@ impl Staging {
             OFlags::WRONLY | OFlags::CREATE | OFlags::EXCL | OFlags::NOFOLLOW | OFlags::CLOEXEC,
             Mode::from_raw_mode(0o600),
         )?;
-        std::fs::File::from(fd).write_all(&text)
+        let mut journal = std::fs::File::from(fd);
+        journal.write_all(&text)?;
+        journal.sync_all()
+    }
+
+    /// The move the journal described has ended: a restore killed from here on left a whole
+    /// tree, which is no leftover to remove.
+    pub(super) fn close_journal(&self) -> std::io::Result<()> {
+        rustix::fs::unlinkat(&self.dir, JOURNAL, AtFlags::empty())?;
+        rustix::fs::fsync(&self.dir)?;
+        Ok(())
     }
 
     /// Removes what the staging directory holds under `name`, if anything.
