@@ -352,27 +352,10 @@ pub async fn reseal_object(
     Ok(entry)
 }
 
-/// Downloads one object of `manifest` as it is stored (compressed) into the file `path`,
-/// checking its stored size and sha256. For restores that stage before they decode.
+/// Downloads one object of `manifest` as it is stored (compressed) into `file` (made by the
+/// caller, in a directory it holds), checking its stored size and sha256. For restores that
+/// stage before they decode.
 pub async fn download_object(
-    repository: &Repository,
-    manifest: &Manifest,
-    object: &ObjectEntry,
-    path: &Path,
-) -> Result<()> {
-    let file = std::fs::File::create(path).map_err(|e| {
-        Error::new(
-            ErrorKind::Target,
-            format!("unable to create staging file '{}'", path.display()),
-        )
-        .with_source(e)
-    })?;
-    copy_object(repository, manifest, object, Box::new(file), "download").await
-}
-
-/// Downloads one object of `manifest` as it is stored into `file` (made by the caller, in a
-/// directory it holds), checking its stored size and sha256.
-pub async fn download_object_to(
     repository: &Repository,
     manifest: &Manifest,
     object: &ObjectEntry,

@@ -159,6 +159,18 @@ fn type_name(mode: u32) -> &'static str {
     }
 }
 
+/// Gives the open inode `fd` to `owner`, when there is one to give it to.
+pub(super) fn give_to(fd: impl AsFd, owner: Option<(u32, u32)>) -> rustix::io::Result<()> {
+    match owner {
+        Some((uid, gid)) => rustix::fs::fchown(
+            fd,
+            Some(rustix::fs::Uid::from_raw(uid)),
+            Some(rustix::fs::Gid::from_raw(gid)),
+        ),
+        None => Ok(()),
+    }
+}
+
 /// An inode, by device and number.
 type InodeId = (u64, u64);
 
@@ -177,7 +189,8 @@ fn timestamps(mtime: u64) -> Timestamps {
     }
 }
 
-const DIRECTORY: OFlags = OFlags::DIRECTORY
+/// How a directory is opened beneath another: never through a symlink in its place.
+pub(super) const DIRECTORY: OFlags = OFlags::DIRECTORY
     .union(OFlags::RDONLY)
     .union(OFlags::NOFOLLOW)
     .union(OFlags::CLOEXEC);
@@ -407,13 +420,7 @@ fn set_directory_attributes(
                 )));
             }
             let set = || -> rustix::io::Result<()> {
-                if let Some((uid, gid)) = directory.owner {
-                    rustix::fs::fchown(
-                        &fd,
-                        Some(rustix::fs::Uid::from_raw(uid)),
-                        Some(rustix::fs::Gid::from_raw(gid)),
-                    )?;
-                }
+                give_to(&fd, directory.owner)?;
                 rustix::fs::fchmod(&fd, Mode::from_raw_mode(directory.mode & 0o7777))?;
                 rustix::fs::futimens(&fd, &timestamps(directory.mtime))
             };
@@ -586,13 +593,7 @@ impl Unpacker<'_> {
             ));
         }
         let header = entry.header();
-        if let Some((uid, gid)) = self.ownership.of(header)? {
-            rustix::fs::fchown(
-                &file,
-                Some(rustix::fs::Uid::from_raw(uid)),
-                Some(rustix::fs::Gid::from_raw(gid)),
-            )?;
-        }
+        give_to(&file, self.ownership.of(header)?)?;
         rustix::fs::fchmod(
             &file,
             Mode::from_raw_mode(self.ownership.mode(header.mode()?)),

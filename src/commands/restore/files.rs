@@ -17,7 +17,7 @@ use super::staging::{HIDDEN_PREFIX, Staging, contents, remove_abandoned, remove_
 use super::{ExtractSummary, RestoreReport, Selected, extract};
 use crate::commands::backup::FILES_OBJECT;
 use crate::error::{Error, ErrorKind, Result};
-use crate::transfer::{StagedObject, download_object_to};
+use crate::transfer::{StagedObject, download_object};
 
 pub(super) async fn restore(selected: Selected, into: &Path) -> Result<RestoreReport> {
     let target = Target::prepare(into)?;
@@ -69,8 +69,11 @@ impl Target {
             Err(e) => return Err(target_error(into, e)),
         };
         let dir = Beneath::open_target(into).map_err(|e| {
+            // O_NOFOLLOW|O_DIRECTORY on a symlink says ELOOP or ENOTDIR, as the kernel likes.
+            let is_symlink =
+                std::fs::symlink_metadata(into).is_ok_and(|m| m.file_type().is_symlink());
             let err = match e.raw_os_error() {
-                Some(libc::ELOOP) => Error::new(
+                Some(libc::ELOOP | libc::ENOTDIR) if is_symlink => Error::new(
                     ErrorKind::Target,
                     format!(
                         "unable to restore into '{}': it is a symlink",
@@ -78,19 +81,6 @@ impl Target {
                     ),
                 )
                 .with_hint("name the directory it points to"),
-                Some(libc::ENOTDIR)
-                    if std::fs::symlink_metadata(into)
-                        .is_ok_and(|m| m.file_type().is_symlink()) =>
-                {
-                    Error::new(
-                        ErrorKind::Target,
-                        format!(
-                            "unable to restore into '{}': it is a symlink",
-                            into.display()
-                        ),
-                    )
-                    .with_hint("name the directory it points to")
-                }
                 Some(libc::ENOTDIR) => Error::new(
                     ErrorKind::Target,
                     format!(
@@ -246,7 +236,7 @@ pub(super) async fn unpack(
                 staging.remove(name).map_err(|e| target_error(into, e))?;
             }
             let file = staging.create_file(&object.name)?;
-            download_object_to(repository, manifest, &object, file).await?;
+            download_object(repository, manifest, &object, file).await?;
             let stored = staging.open_file(&object.name)?;
             let tree = Beneath::create_at(staging.fd(), TREE, staging.path(TREE))
                 .map_err(|e| target_error(into, e))?;

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
 
-use super::extract::Ownership;
+use super::extract::{Ownership, give_to};
 use super::files::{Target, target_error, unpack};
 use super::{RestoreReport, Selected};
 use crate::commands::backup::BASE_OBJECT;
@@ -295,16 +295,7 @@ fn configure_recovery(
     let write = || -> std::io::Result<()> {
         use rustix::fs::OFlags;
         let dir = &target.dir;
-        let give = |fd: &dyn std::os::fd::AsFd| -> std::io::Result<()> {
-            if let Some((uid, gid)) = owner {
-                rustix::fs::fchown(
-                    fd,
-                    Some(rustix::fs::Uid::from_raw(uid)),
-                    Some(rustix::fs::Gid::from_raw(gid)),
-                )?;
-            }
-            Ok(())
-        };
+        let give = |fd: &dyn std::os::fd::AsFd| give_to(fd, owner).map_err(std::io::Error::from);
         let mut auto = std::fs::File::from(dir.open_file(
             Path::new("postgresql.auto.conf"),
             OFlags::WRONLY | OFlags::APPEND | OFlags::CREATE,
@@ -324,13 +315,7 @@ fn configure_recovery(
             OFlags::WRONLY | OFlags::CREATE,
         )?)?;
         rustix::fs::fchmod(dir.fd(), rustix::fs::Mode::from_raw_mode(0o700))?;
-        if let Some((uid, gid)) = owner {
-            rustix::fs::fchown(
-                dir.fd(),
-                Some(rustix::fs::Uid::from_raw(uid)),
-                Some(rustix::fs::Gid::from_raw(gid)),
-            )?;
-        }
+        give_to(dir.fd(), owner)?;
         Ok(())
     };
     write().map_err(|e| {

@@ -16,12 +16,13 @@ use std::path::{Path, PathBuf};
 use rustix::fs::{AtFlags, FileType, FlockOperation, Mode, OFlags};
 use rustix::io::Errno;
 
+use super::extract::DIRECTORY;
 use crate::commands::human_size;
 use crate::error::{Error, ErrorKind, Result};
 use crate::keys::Keyring;
 use crate::manifest::{Manifest, ObjectEntry};
 use crate::repository::Repository;
-use crate::transfer::{download_object_to, read_object};
+use crate::transfer::{download_object, read_object};
 
 /// Room kept free beyond the staged bytes, so a restore does not fill the disk to the brim.
 const MARGIN: u64 = 64 * 1024 * 1024;
@@ -33,11 +34,6 @@ pub(super) const HIDDEN_PREFIX: &str = ".lifeboat-restore-";
 /// The file that marks a directory as lifeboat's staging, written once it is locked: a
 /// directory without it is never taken for a leftover.
 const MARKER: &str = ".lifeboat-staging";
-
-const DIRECTORY: OFlags = OFlags::DIRECTORY
-    .union(OFlags::RDONLY)
-    .union(OFlags::NOFOLLOW)
-    .union(OFlags::CLOEXEC);
 
 /// A private (0700) directory for one restore's staged files, in a base directory held by a
 /// handle: locked while the restore runs, removed (beneath the handle, never through a
@@ -501,7 +497,7 @@ impl Staging {
             Error::new(ErrorKind::Target, "unable to clear the staging directory").with_source(e)
         })?;
         let file = self.create_file(&object.name)?;
-        download_object_to(repository, manifest, object, file).await?;
+        download_object(repository, manifest, object, file).await?;
         Ok(self.path(&object.name))
     }
 
