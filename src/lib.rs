@@ -15,6 +15,7 @@
 //! - [`manifest`], [`layout`]: the commit record and where things live.
 //! - [`wal`]: LSNs, timelines and WAL file names, for physical backups and the WAL archive.
 //! - [`keys`]: age identities and recipients.
+//! - [`pax`]: extended attributes and ACLs as the PAX records of a tar entry.
 //! - [`lock`]: per-job run locks that a killed run never leaves behind.
 //! - [`metrics`]: Prometheus textfile metrics for alerting.
 //! - [`retention`]: which backups a retention policy keeps, and why (pure).
@@ -31,6 +32,7 @@ pub mod layout;
 pub mod lock;
 pub mod manifest;
 pub mod metrics;
+pub mod pax;
 pub mod pipeline;
 pub mod progress;
 pub mod repository;

@@ -55,9 +55,49 @@ pub struct SourceInfo {
     pub paths: Vec<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub entries: Option<u64>,
+    /// Files jobs: how many sockets, FIFOs and device nodes were found under the paths and
+    /// not stored, and the first [`MAX_NOT_STORED`] of them. Absent when there were none, so
+    /// that such a manifest reads as it did before lifeboat recorded them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub not_stored: Option<u64>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub not_stored_entries: Vec<NotStored>,
     /// Redis jobs: keys in every database when the backup started.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub keys: Option<u64>,
+}
+
+/// How many entries a manifest lists by name of those not stored.
+pub const MAX_NOT_STORED: usize = 1000;
+
+/// An entry of a files job's paths that the backup does not hold: lifeboat stores no
+/// sockets, FIFOs or device nodes (they are made by the programs and the system that use
+/// them), and says which it passed over.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NotStored {
+    pub path: String,
+    /// `socket`, `fifo`, `block device` or `character device`.
+    pub kind: String,
+}
+
+/// One line on the entries a files backup passed over: `count` of them, `listed` by name.
+pub fn describe_not_stored(count: u64, listed: &[NotStored]) -> String {
+    const SHOWN: usize = 10;
+    let mut names: Vec<String> = listed
+        .iter()
+        .take(SHOWN)
+        .map(|e| format!("'{}' ({})", e.path.escape_debug(), e.kind))
+        .collect();
+    let rest = count.saturating_sub(names.len() as u64);
+    if rest > 0 {
+        names.push(format!("and {rest} more"));
+    }
+    format!(
+        "{count} entr{} not in the backup (lifeboat stores no sockets, FIFOs or device nodes): {}",
+        if count == 1 { "y is" } else { "ies are" },
+        names.join(", ")
+    )
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

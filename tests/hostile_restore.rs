@@ -669,3 +669,168 @@ fn directories_listed_after_their_children_get_their_modes_as_nobody() {
     assert_eq!((mode("a/b"), mode("c/d")), (0o755, 0o500));
     assert_eq!(std::fs::read(target.join("a/b/f")).unwrap(), b"data");
 }
+
+/// A tar of one entry of `kind` named `name` (a symlink to `link`), after a PAX extended
+/// header holding `records`.
+fn tar_with_records(
+    kind: tar::EntryType,
+    name: &str,
+    link: Option<&str>,
+    records: &[(&str, &[u8])],
+) -> Vec<u8> {
+    let records: Vec<_> = records
+        .iter()
+        .map(|(key, value)| lifeboat::pax::Record {
+            key: key.to_string(),
+            value: value.to_vec(),
+        })
+        .collect();
+    let data = lifeboat::pax::encode_records(&records);
+    let mut builder = tar::Builder::new(Vec::new());
+    let mut pax = tar::Header::new_ustar();
+    pax.set_entry_type(tar::EntryType::XHeader);
+    pax.set_path("PaxHeaders/entry").unwrap();
+    pax.set_size(data.len() as u64);
+    pax.set_cksum();
+    builder.append(&pax, &data[..]).unwrap();
+    let mut header = tar::Header::new_gnu();
+    header.set_entry_type(kind);
+    header.set_mode(0o644);
+    header.set_mtime(1_000);
+    let body: &[u8] = if kind == tar::EntryType::Regular {
+        b"data\n"
+    } else {
+        b""
+    };
+    header.set_size(body.len() as u64);
+    if let Some(link) = link {
+        header.set_link_name(link).unwrap();
+    }
+    builder.append_data(&mut header, name, body).unwrap();
+    builder.into_inner().unwrap()
+}
+
+/// PAX records lifeboat never writes are refused before the entry is made: attributes
+/// outside the user, trusted and security namespaces (the raw ACL attributes), an ACL
+/// naming a user by name, attributes on a link, and a value whose newline would let its
+/// tail pose as a record of its own (`linkpath=/etc/evil`) to the tar crate's reader.
+#[test]
+fn pax_records_lifeboat_never_writes_are_refused() {
+    assert!(is_root(), "the fence is owned by another user");
+    let rig = Rig::new();
+    let target = rig.fence.join("target");
+    let file = tar::EntryType::Regular;
+    let smuggled: &[u8] = b"x\n22 linkpath=/etc/evil\n";
+    let cases: [(&str, Vec<u8>); 5] = [
+        (
+            "a raw ACL attribute",
+            tar_with_records(
+                file,
+                "a/f",
+                None,
+                &[("SCHILY.xattr.system.posix_acl_access", b"\x02\0\0\0")],
+            ),
+        ),
+        (
+            "an attribute of no kept namespace",
+            tar_with_records(file, "a/f", None, &[("SCHILY.xattr.os2.name", b"x")]),
+        ),
+        (
+            "an ACL naming a user",
+            tar_with_records(
+                file,
+                "a/f",
+                None,
+                &[(
+                    "SCHILY.acl.access",
+                    b"user::rw-,user:nobody:r--,group::r--,mask::r--,other::---",
+                )],
+            ),
+        ),
+        (
+            "a record smuggled in a value",
+            tar_with_records(file, "a/f", None, &[("SCHILY.xattr.user.note", smuggled)]),
+        ),
+        (
+            "attributes on a symlink",
+            tar_with_records(
+                tar::EntryType::Symlink,
+                "a/f",
+                Some("elsewhere"),
+                &[("SCHILY.xattr.user.note", b"x")],
+            ),
+        ),
+    ];
+    let mut findings = Vec::new();
+    for (what, tar) in cases {
+        let before = outside_state(&rig.fence, &target);
+        rig.plant(&tar, true);
+        let run = rig.restore(&target, false);
+        if run.code != 1 || !run.stderr.contains("archive entry 'a/f'") {
+            findings.push(format!("{what}: exit {}: {}", run.code, run.stderr));
+        }
+        if outside_state(&rig.fence, &target) != before {
+            findings.push(format!("{what}: something outside the target changed"));
+        }
+        let left: Vec<_> = std::fs::read_dir(&target)
+            .map(|d| d.map(|e| e.unwrap().file_name()).collect())
+            .unwrap_or_default();
+        if !left.is_empty() {
+            findings.push(format!("{what}: the target holds {left:?}"));
+        }
+        let _ = std::fs::remove_dir_all(&target);
+    }
+    assert!(findings.is_empty(), "{}", findings.join("\n"));
+}
+
+/// Restoring as another user than root, attributes only root may set (`trusted.*`) are not
+/// restored, and the restore says which, as it does for owners; the user's own attributes
+/// and the ACL are restored.
+#[test]
+fn attributes_that_need_root_are_named_when_restored_unprivileged() {
+    assert!(is_root(), "the restore runs as nobody");
+    let rig = Rig::new();
+    let tar = tar_with_records(
+        tar::EntryType::Regular,
+        "f",
+        None,
+        &[
+            ("SCHILY.xattr.user.note", b"kept"),
+            ("SCHILY.xattr.trusted.origin", b"root only"),
+            (
+                "SCHILY.acl.access",
+                b"user::rw-,user:0:r--,group::r--,mask::r--,other::---",
+            ),
+        ],
+    );
+    rig.plant(&tar, true);
+    let target = rig.fence.join("target");
+    std::fs::create_dir(&target).unwrap();
+    std::os::unix::fs::chown(&target, Some(NOBODY), Some(NOBODY)).unwrap();
+    let run = rig.restore(&target, true);
+    run.assert_code(0);
+    let said = format!("{}{}", run.stdout, run.stderr);
+    assert!(said.contains("trusted.origin of 'f'"), "{said}");
+    let attributes = run_command(
+        std::process::Command::new("getfattr")
+            .args(["-d", "-m", "-"])
+            .arg(target.join("f")),
+    );
+    assert!(
+        attributes.stdout.contains("user.note=\"kept\""),
+        "{}",
+        attributes.stdout
+    );
+    assert!(
+        !attributes.stdout.contains("trusted.origin"),
+        "{}",
+        attributes.stdout
+    );
+    let acl = run_command(
+        std::process::Command::new("getfacl")
+            .arg("-n")
+            .arg(target.join("f")),
+    );
+    assert!(acl.stdout.contains("user:0:r--"), "{}", acl.stdout);
+    assert_eq!(std::fs::read(target.join("f")).unwrap(), b"data\n");
+}

@@ -4,20 +4,55 @@
 
 use std::fs::File;
 use std::io::{self, Read, Write};
+use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 
 use globset::{Glob, GlobSet, GlobSetBuilder};
 
 use crate::config::FilesJob;
 use crate::error::{Error, ErrorKind, Result};
+use crate::manifest::{MAX_NOT_STORED, NotStored};
+use crate::pax::{self, Inode};
 
 const READ_BUFFER: usize = 1024 * 1024;
 
-/// What the archive holds.
+/// What the archive holds, and what it passed over.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct ArchiveSummary {
     pub entries: u64,
-    pub skipped: u64,
+    /// Sockets, FIFOs and device nodes (and files that became one while read): how many,
+    /// and the first [`MAX_NOT_STORED`] of them.
+    pub not_stored: u64,
+    pub not_stored_entries: Vec<NotStored>,
+}
+
+impl ArchiveSummary {
+    fn pass_over(&mut self, path: &Path, kind: &str) {
+        tracing::warn!(path = %path.display(), kind, "not stored: lifeboat stores no sockets, FIFOs or device nodes");
+        self.not_stored += 1;
+        if self.not_stored_entries.len() < MAX_NOT_STORED {
+            self.not_stored_entries.push(NotStored {
+                path: path.display().to_string(),
+                kind: kind.to_string(),
+            });
+        }
+    }
+}
+
+/// What a file that is not stored is.
+fn special_kind(file_type: std::fs::FileType) -> &'static str {
+    use std::os::unix::fs::FileTypeExt;
+    if file_type.is_socket() {
+        "socket"
+    } else if file_type.is_fifo() {
+        "fifo"
+    } else if file_type.is_block_device() {
+        "block device"
+    } else if file_type.is_char_device() {
+        "character device"
+    } else {
+        "special file"
+    }
 }
 
 /// Which paths are stored. A pattern with a '/' matches the whole absolute path; a pattern
@@ -165,8 +200,9 @@ pub fn write_archive(
             let name = archive_name(path);
             let file_type = entry.file_type();
             if file_type.is_dir() {
-                builder
-                    .append_dir(&name, path)
+                pax::read(Inode::Path(path))
+                    .and_then(|records| append_records(&mut builder, &name, &records))
+                    .and_then(|()| builder.append_dir(&name, path))
                     .map_err(|e| source_error(job_name, "archive directory", path, e))?;
             } else if file_type.is_symlink() {
                 if !filter.included(path) {
@@ -193,8 +229,7 @@ pub fn write_archive(
                     .metadata()
                     .map_err(|e| source_error(job_name, "read file", path, e))?;
                 if !metadata.is_file() {
-                    tracing::warn!(path = %path.display(), "skipping a file that is no longer a regular file");
-                    summary.skipped += 1;
+                    summary.pass_over(path, special_kind(metadata.file_type()));
                     continue;
                 }
                 let inode = (metadata.dev(), metadata.ino());
@@ -217,8 +252,9 @@ pub fn write_archive(
                     }
                 }
             } else {
-                tracing::warn!(path = %path.display(), "skipping a socket, fifo or device file");
-                summary.skipped += 1;
+                if filter.included(path) {
+                    summary.pass_over(path, special_kind(file_type));
+                }
                 continue;
             }
             summary.entries += 1;
@@ -237,14 +273,41 @@ pub fn write_archive(
     Ok(summary)
 }
 
+/// Writes a PAX extended header holding `records` for the entry `name` that follows it;
+/// nothing when there are none.
+fn append_records(
+    builder: &mut tar::Builder<&mut dyn Write>,
+    name: &Path,
+    records: &[pax::Record],
+) -> io::Result<()> {
+    if records.is_empty() {
+        return Ok(());
+    }
+    let data = pax::encode_records(records);
+    let mut header = tar::Header::new_ustar();
+    header.set_entry_type(tar::EntryType::XHeader);
+    // The name GNU tar gives it; readers ignore it, so a long one is cut.
+    let mut pax_name = b"PaxHeaders/".to_vec();
+    pax_name.extend_from_slice(name.file_name().unwrap_or_default().as_bytes());
+    pax_name.truncate(99);
+    header.as_old_mut().name[..pax_name.len()].copy_from_slice(&pax_name);
+    header.set_mode(0o644);
+    header.set_size(data.len() as u64);
+    header.set_cksum();
+    builder.append(&header, &data[..])
+}
+
 /// Stores the open `file`, its header from the open file's `metadata`, so that name, size
-/// and content describe one file.
+/// and content describe one file; its extended attributes and ACLs in a PAX header before
+/// it, and a file with holes as a GNU sparse entry, its holes left out.
 fn append_file(
     builder: &mut tar::Builder<&mut dyn Write>,
     file: File,
     metadata: &std::fs::Metadata,
     name: &Path,
 ) -> io::Result<()> {
+    use std::os::fd::AsFd;
+    append_records(builder, name, &pax::read(Inode::Open(file.as_fd()))?)?;
     let mut header = tar::Header::new_gnu();
     header.set_metadata_in_mode(metadata, tar::HeaderMode::Complete);
     // Large reads: tar copies in 8 KiB steps, which would otherwise be one syscall each. A
@@ -253,11 +316,148 @@ fn append_file(
     let buffer = (metadata.len() as usize)
         .saturating_add(1)
         .clamp(8 * 1024, READ_BUFFER);
-    let reader = ExactReader {
-        inner: io::BufReader::with_capacity(buffer, file),
-        remaining: metadata.len(),
+    let Some(extents) = data_extents(&file, metadata)? else {
+        let reader = ExactReader {
+            inner: io::BufReader::with_capacity(buffer, file),
+            remaining: metadata.len(),
+        };
+        return builder.append_data(&mut header, name, reader);
     };
+    // The old GNU sparse format, which GNU tar, bsdtar and the tar crate all read: four
+    // extents in the header, 21 in each extension block after it, then their data.
+    let stored: u64 = extents.iter().map(|e| e.length).sum();
+    header.set_entry_type(tar::EntryType::GNUSparse);
+    header.set_size(stored);
+    let gnu = header.as_gnu_mut().expect("a GNU header");
+    gnu.set_real_size(metadata.len());
+    let (first, rest) = extents.split_at(extents.len().min(gnu.sparse.len()));
+    for (slot, extent) in gnu.sparse.iter_mut().zip(first) {
+        slot.set_offset(extent.offset);
+        slot.set_length(extent.length);
+    }
+    gnu.set_is_extended(!rest.is_empty());
+    let mut map = Vec::new();
+    let mut blocks = rest.chunks(21).peekable();
+    while let Some(block) = blocks.next() {
+        let mut extension = tar::GnuExtSparseHeader::new();
+        for (slot, extent) in extension.sparse_mut().iter_mut().zip(block) {
+            slot.set_offset(extent.offset);
+            slot.set_length(extent.length);
+        }
+        extension.set_is_extended(blocks.peek().is_some());
+        map.extend_from_slice(extension.as_bytes());
+    }
+    let data = ExtentReader {
+        file: &file,
+        extents: extents.into_iter(),
+        current: None,
+    };
+    let reader = io::Cursor::new(map).chain(io::BufReader::with_capacity(buffer, data));
     builder.append_data(&mut header, name, reader)
+}
+
+/// A stretch of a file that holds data; the rest are holes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Extent {
+    offset: u64,
+    length: u64,
+}
+
+/// The most extents a sparse file is stored with; one with more is stored whole.
+const MAX_EXTENTS: usize = 1 << 20;
+
+/// The data extents of a file with holes, in order, ending with an empty one at its end (as
+/// GNU tar writes them), found with `SEEK_DATA` and `SEEK_HOLE`. None for a file without
+/// holes, one whose filesystem cannot say, or one that changed while being mapped: it is
+/// stored whole.
+fn data_extents(file: &File, metadata: &std::fs::Metadata) -> io::Result<Option<Vec<Extent>>> {
+    use rustix::fs::SeekFrom;
+    use rustix::io::Errno;
+    use std::os::unix::fs::MetadataExt;
+    let size = metadata.len();
+    // Holes or not, a file using as many blocks as its size needs has none worth keeping.
+    if size == 0 || metadata.blocks().saturating_mul(512) >= size {
+        return Ok(None);
+    }
+    let mut extents = Vec::new();
+    let mut at = 0;
+    while at < size {
+        let start = match rustix::fs::seek(file, SeekFrom::Data(at)) {
+            Ok(start) => start.min(size),
+            Err(Errno::NXIO) => break,
+            Err(Errno::INVAL | Errno::NOTSUP) => return Ok(None),
+            Err(e) => return Err(e.into()),
+        };
+        if start >= size {
+            break;
+        }
+        let end = match rustix::fs::seek(file, SeekFrom::Hole(start)) {
+            Ok(end) => end.min(size),
+            Err(Errno::NXIO) => return Ok(None),
+            Err(e) => return Err(e.into()),
+        };
+        if end <= start || extents.len() == MAX_EXTENTS {
+            return Ok(None);
+        }
+        extents.push(Extent {
+            offset: start,
+            length: end - start,
+        });
+        at = end;
+    }
+    // Every extent's data but the last's must fill whole 512-byte archive blocks.
+    let unaligned = extents.iter().rev().skip(1).any(|e| e.length % 512 != 0);
+    let whole = extents.len() == 1 && extents[0].length == size;
+    if unaligned || whole {
+        return Ok(None);
+    }
+    extents.push(Extent {
+        offset: size,
+        length: 0,
+    });
+    Ok(Some(extents))
+}
+
+/// Reads the data of `extents` one after the other; a file that shrank under one is an
+/// error, as for a whole file.
+struct ExtentReader<'a> {
+    file: &'a File,
+    extents: std::vec::IntoIter<Extent>,
+    current: Option<Extent>,
+}
+
+impl Read for ExtentReader<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        use std::os::unix::fs::FileExt;
+        loop {
+            let extent = match self.current {
+                Some(extent) if extent.length > 0 => extent,
+                _ => match self.extents.next() {
+                    Some(next) => {
+                        self.current = Some(next);
+                        continue;
+                    }
+                    None => return Ok(0),
+                },
+            };
+            let limit = buf.len().min(extent.length.min(usize::MAX as u64) as usize);
+            let n = self.file.read_at(&mut buf[..limit], extent.offset)?;
+            if n == 0 {
+                return Err(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    format!(
+                        "file shrank while being read (it ends before offset {})",
+                        extent.offset + extent.length
+                    ),
+                ));
+            }
+            self.current = Some(Extent {
+                offset: extent.offset + n as u64,
+                length: extent.length - n as u64,
+            });
+            return Ok(n);
+        }
+    }
 }
 
 #[cfg(test)]

@@ -26,6 +26,8 @@ pub(super) async fn capture(context: &Context<'_>, job: &FilesJob) -> Result<Cap
         source: SourceInfo {
             paths,
             entries: Some(summary.entries),
+            not_stored: (summary.not_stored > 0).then_some(summary.not_stored),
+            not_stored_entries: summary.not_stored_entries,
             ..SourceInfo::default()
         },
         recovery_point: Some(started_at),

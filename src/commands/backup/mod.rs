@@ -203,6 +203,12 @@ pub struct BackupReport {
     pub repositories: Vec<String>,
     /// Where it was not, and why: a degraded backup, for `lifeboat replicate` to complete.
     pub missing: Vec<MissingFrom>,
+    /// Files jobs: the sockets, FIFOs and device nodes passed over (how many, and the
+    /// first of them), as the manifest records them.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub not_stored: Option<u64>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub not_stored_entries: Vec<crate::manifest::NotStored>,
 }
 
 #[derive(Debug, Serialize)]
@@ -255,6 +261,13 @@ impl fmt::Display for BackupReport {
                 f,
                 "\nwarning: repository '{}' lacks backup {}/{}: {}\n  run `lifeboat replicate {}` once it is reachable again",
                 missing.repository, self.job, self.id, missing.cause, self.job
+            )?;
+        }
+        if let Some(count) = self.not_stored {
+            write!(
+                f,
+                "\nnote: {}",
+                crate::manifest::describe_not_stored(count, &self.not_stored_entries)
             )?;
         }
         Ok(())
@@ -378,6 +391,8 @@ async fn backup_job(
         duration: clock.elapsed(),
         repositories: committed.iter().map(|r| r.name.clone()).collect(),
         missing: destinations.missing(),
+        not_stored: manifest.source.not_stored,
+        not_stored_entries: manifest.source.not_stored_entries.clone(),
     })
 }
 

@@ -20,6 +20,9 @@
 //! alone (`up -> ..` then `x -> up/../..` passes it), and it is not what keeps writes inside.
 //! Device nodes and FIFOs are refused: lifeboat never stores them, so an archive holding one
 //! was not written by it. A GNU sparse entry keeps its holes (its zeros are not written).
+//! Extended attributes and ACLs (PAX records, see [`crate::pax`]) are set through the new
+//! inode's descriptor too, on files and directories only; a link entry carrying them is
+//! refused, as lifeboat never writes one.
 
 use std::collections::{HashMap, HashSet};
 use std::ffi::{OsStr, OsString};
@@ -30,10 +33,49 @@ use std::path::{Component, Path, PathBuf};
 use rustix::fs::{AtFlags, FileType, Mode, OFlags, RenameFlags, Timespec, Timestamps};
 use rustix::io::Errno;
 
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+use crate::pax;
+
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct ExtractSummary {
     pub entries: u64,
     pub bytes: u64,
+    /// Extended attributes and ACLs the target could not take: how many, and the first.
+    pub attributes_not_set: u64,
+    pub attributes_not_set_first: Vec<String>,
+}
+
+impl ExtractSummary {
+    /// How many of the first refusals are named.
+    const NAMED: usize = 10;
+
+    fn not_set(&mut self, path: &Path, attribute: &str, why: Errno) {
+        self.attributes_not_set += 1;
+        if self.attributes_not_set_first.len() < Self::NAMED {
+            self.attributes_not_set_first.push(format!(
+                "{attribute} of '{}' ({})",
+                printable(path),
+                io::Error::from(why)
+            ));
+        }
+    }
+
+    /// A warning on the attributes not restored, when there were any.
+    pub fn attributes_not_restored(&self) -> Option<String> {
+        if self.attributes_not_set == 0 {
+            return None;
+        }
+        let rest = self.attributes_not_set - self.attributes_not_set_first.len() as u64;
+        let more = if rest > 0 {
+            format!(", and {rest} more")
+        } else {
+            String::new()
+        };
+        Some(format!(
+            "{} extended attribute(s) or ACL(s) not restored, because the target's filesystem does not support them or they need root: {}{more}",
+            self.attributes_not_set,
+            self.attributes_not_set_first.join(", ")
+        ))
+    }
 }
 
 /// Who owns what an unpacking creates.
@@ -157,6 +199,39 @@ fn type_name(mode: u32) -> &'static str {
         FileType::CharacterDevice | FileType::BlockDevice => "device node",
         FileType::Unknown => "file of unknown type",
     }
+}
+
+/// Sets the extended attributes and ACLs `attributes` on the open inode `fd`, restored from
+/// the entry `path`. The kernel's refusal is an error, except where no restore could do better: a
+/// filesystem without extended attributes, or (restoring as another user than root)
+/// attributes that need root. Those are noted in `summary`, as owners a non-root restore
+/// cannot give are not restored either. Under one fixed owner (a data directory), file
+/// capabilities are dropped as set-id bits are.
+fn set_attributes(
+    fd: impl AsFd,
+    attributes: &pax::Attributes,
+    ownership: Ownership,
+    path: &Path,
+    summary: &mut ExtractSummary,
+) -> io::Result<()> {
+    if attributes.is_empty() {
+        return Ok(());
+    }
+    let without_capabilities = matches!(ownership, Ownership::Fixed(..));
+    for (attribute, why) in attributes.apply(fd, without_capabilities) {
+        let unprivileged = ownership == Ownership::Unpacker;
+        match why {
+            Errno::NOTSUP => summary.not_set(path, &attribute, why),
+            Errno::PERM | Errno::ACCESS if unprivileged => summary.not_set(path, &attribute, why),
+            why => {
+                return Err(io::Error::new(
+                    io::Error::from(why).kind(),
+                    format!("unable to set {attribute}: {}", io::Error::from(why)),
+                ));
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Gives the open inode `fd` to `owner`, when there is one to give it to.
@@ -363,6 +438,8 @@ struct PendingDirectory {
     mode: u32,
     mtime: u64,
     owner: Option<(u32, u32)>,
+    attributes: pax::Attributes,
+    ownership: Ownership,
 }
 
 /// What an unpacking left to do: the directories' attributes.
@@ -380,15 +457,15 @@ impl Unpacked {
             .into_iter()
             .partition(|d| d.names.components().count() > 1);
         self.directories = top;
-        set_directory_attributes(nested, root)
+        set_directory_attributes(nested, root, &mut self.summary)
     }
 
     /// Sets the directories' modes, owners and times (those `finish_nested` left), deepest
     /// first, beneath `root` — the directory unpacked into, or the one its entries were moved
     /// into since. A directory that is no longer the inode this unpacking created is an
     /// error.
-    pub fn finish(self, root: &Beneath) -> io::Result<ExtractSummary> {
-        set_directory_attributes(self.directories, root)?;
+    pub fn finish(mut self, root: &Beneath) -> io::Result<ExtractSummary> {
+        set_directory_attributes(self.directories, root, &mut self.summary)?;
         Ok(self.summary)
     }
 }
@@ -398,6 +475,7 @@ impl Unpacked {
 fn set_directory_attributes(
     mut directories: Vec<PendingDirectory>,
     root: &Beneath,
+    summary: &mut ExtractSummary,
 ) -> io::Result<()> {
     directories.sort_by_key(|d| std::cmp::Reverse(d.names.components().count()));
     {
@@ -419,12 +497,18 @@ fn set_directory_attributes(
                     "it was replaced while the restore ran",
                 )));
             }
-            let set = || -> rustix::io::Result<()> {
-                give_to(&fd, directory.owner)?;
-                rustix::fs::fchmod(&fd, Mode::from_raw_mode(directory.mode & 0o7777))?;
-                rustix::fs::futimens(&fd, &timestamps(directory.mtime))
-            };
-            set().map_err(|e| failed(e.into()))?;
+            give_to(&fd, directory.owner).map_err(|e| failed(e.into()))?;
+            set_attributes(
+                &fd,
+                &directory.attributes,
+                directory.ownership,
+                names,
+                summary,
+            )
+            .map_err(failed)?;
+            rustix::fs::fchmod(&fd, Mode::from_raw_mode(directory.mode & 0o7777))
+                .and_then(|()| rustix::fs::futimens(&fd, &timestamps(directory.mtime)))
+                .map_err(|e| failed(e.into()))?;
         }
     }
     Ok(())
@@ -454,6 +538,7 @@ struct Unpacker<'a> {
     /// The last parent directory opened, reused while entries stay in it.
     parent: Option<(PathBuf, OwnedFd)>,
     buffer: Vec<u8>,
+    summary: ExtractSummary,
 }
 
 impl Unpacker<'_> {
@@ -490,7 +575,12 @@ impl Unpacker<'_> {
         )
     }
 
-    fn directory(&mut self, names: &Path, header: &tar::Header) -> io::Result<()> {
+    fn directory(
+        &mut self,
+        names: &Path,
+        header: &tar::Header,
+        attributes: pax::Attributes,
+    ) -> io::Result<()> {
         if names.as_os_str().is_empty() {
             // The restore directory itself: it is not this unpacking's to change.
             return Ok(());
@@ -520,6 +610,8 @@ impl Unpacker<'_> {
             mode: self.ownership.mode(header.mode()?),
             mtime: header.mtime()?,
             owner: self.ownership.of(header)?,
+            attributes,
+            ownership: self.ownership,
         };
         match self.directory_index.get(names) {
             Some(&at) => self.directories[at] = pending,
@@ -534,8 +626,13 @@ impl Unpacker<'_> {
 
     /// Writes a regular file's data in pieces of up to 1 MiB (the tar crate's own unpacking
     /// writes 8 KiB at a time, and a base backup is mostly 1 GiB relation segments), then
-    /// sets owner, mode (a chown clears set-id bits) and mtime on the open file.
-    fn file(&mut self, names: &Path, entry: &mut tar::Entry<'_, &mut dyn Read>) -> io::Result<()> {
+    /// sets owner, extended attributes and ACLs, mode and mtime on the open file.
+    fn file(
+        &mut self,
+        names: &Path,
+        entry: &mut tar::Entry<'_, &mut dyn Read>,
+        attributes: &pax::Attributes,
+    ) -> io::Result<()> {
         let (parent, name) = self.parent(names)?;
         let file = match rustix::fs::openat(
             parent,
@@ -593,7 +690,11 @@ impl Unpacker<'_> {
             ));
         }
         let header = entry.header();
+        // Owner first (a chown clears capabilities and set-id bits), then attributes while
+        // the owner may still write the file (user attributes need it), then the mode (which
+        // agrees with an ACL's mask), then times.
         give_to(&file, self.ownership.of(header)?)?;
+        set_attributes(&file, attributes, self.ownership, names, &mut self.summary)?;
         rustix::fs::fchmod(
             &file,
             Mode::from_raw_mode(self.ownership.mode(header.mode()?)),
@@ -710,6 +811,7 @@ impl Unpacker<'_> {
         if !is_directory && names.as_os_str().is_empty() {
             return Err(refused(&raw, "it names the restore directory itself"));
         }
+        let attributes = attributes_of(entry).map_err(|why| refused(&raw, why))?;
         // Refusals name the entry already; anything else the system refused names the entry
         // and where it was being written.
         let root = &self.root.path;
@@ -728,11 +830,17 @@ impl Unpacker<'_> {
         };
         if is_directory {
             let header = entry.header().clone();
-            return self.directory(&names, &header).map_err(named);
+            return self.directory(&names, &header, attributes).map_err(named);
         }
         match kind {
             tar::EntryType::Regular | tar::EntryType::Continuous | tar::EntryType::GNUSparse => {
-                self.file(&names, entry).map_err(named)
+                self.file(&names, entry, &attributes).map_err(named)
+            }
+            tar::EntryType::Symlink | tar::EntryType::Link if !attributes.is_empty() => {
+                Err(refused(
+                    &raw,
+                    "a link with extended attributes or ACLs; lifeboat never stores them on links",
+                ))
             }
             tar::EntryType::Symlink | tar::EntryType::Link => {
                 let target = entry
@@ -760,6 +868,22 @@ impl Unpacker<'_> {
     }
 }
 
+/// The extended attributes and ACLs an entry's PAX records carry.
+fn attributes_of(entry: &mut tar::Entry<'_, &mut dyn Read>) -> Result<pax::Attributes, String> {
+    let Some(extensions) = entry.pax_extensions().map_err(|e| e.to_string())? else {
+        return Ok(pax::Attributes::default());
+    };
+    let mut records = Vec::new();
+    for extension in extensions {
+        let extension = extension.map_err(|e| e.to_string())?;
+        let key = extension
+            .key()
+            .map_err(|_| "a PAX record whose keyword is not UTF-8".to_string())?;
+        records.push((key.to_string(), extension.value_bytes().to_vec()));
+    }
+    pax::Attributes::from_records(records.iter().map(|(k, v)| (k.as_str(), v.as_slice())))
+}
+
 /// Unpacks the tar stream `reader` beneath `root`, leaving the directories' attributes to
 /// [`Unpacked::finish`]; directories stay writable by their creator until then.
 pub fn unpack(reader: &mut dyn Read, root: &Beneath, ownership: Ownership) -> io::Result<Unpacked> {
@@ -772,18 +896,18 @@ pub fn unpack(reader: &mut dyn Read, root: &Beneath, ownership: Ownership) -> io
         directory_index: HashMap::new(),
         parent: None,
         buffer: Vec::new(),
+        summary: ExtractSummary::default(),
     };
-    let mut summary = ExtractSummary::default();
     for entry in archive.entries()? {
         let mut entry = entry?;
         unpacker.entry(&mut entry)?;
         if !entry.header().entry_type().is_dir() {
-            summary.bytes += entry.size();
+            unpacker.summary.bytes += entry.size();
         }
-        summary.entries += 1;
+        unpacker.summary.entries += 1;
     }
     Ok(Unpacked {
-        summary,
+        summary: unpacker.summary,
         directories: unpacker.directories,
     })
 }

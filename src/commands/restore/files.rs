@@ -31,7 +31,15 @@ pub(super) async fn restore(selected: Selected, into: &Path) -> Result<RestoreRe
         ))
         .await?;
     let target_name = format!("'{}'", into.display());
-    let warnings = target.warnings();
+    let mut warnings = target.warnings();
+    let source = &selected.manifest.source;
+    if let Some(count) = source.not_stored {
+        warnings.push(crate::manifest::describe_not_stored(
+            count,
+            &source.not_stored_entries,
+        ));
+    }
+    warnings.extend(summary.attributes_not_restored());
     Ok(selected.report(
         target_name,
         vec![format!("{} entries", summary.entries)],
