@@ -8,7 +8,8 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-LIFEBOAT = ROOT / "target" / "release" / "lifeboat"
+# LIFEBOAT=PATH runs another build (an older one, to compare a suite row before and after).
+LIFEBOAT = Path(os.environ.get("LIFEBOAT", ROOT / "target" / "release" / "lifeboat"))
 
 
 def require(*tools):

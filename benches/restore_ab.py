@@ -1,6 +1,7 @@
 #!/usr/bin/env python3
-"""Two lifeboat binaries restoring the same backups, alternating runs, in one command: what a
-change to the restore path costs, measured against the binary before it.
+"""Two lifeboat binaries restoring the same backups (and backing up the same config tree),
+alternating runs, in one command: what a change to the restore path, or to the files
+backup, costs, measured against the binary before it.
 
     python3 benches/restore_ab.py --baseline OLD_BINARY [--candidate NEW_BINARY]
                                   [--scale 50] [--config-mib 100] [--runs 5]
@@ -12,6 +13,8 @@ nothing: both read the same repository files, warm):
   files      `restore config --into DIR` of the config tree
   physical   `restore bench --data-dir DIR` of the base backup (unpack and recovery
              settings; the server is not started)
+  backup     `backup config` of the config tree, each binary into a repository of its own,
+             emptied before each run
 and prints median wall and CPU time, peak RSS and the ratio candidate / baseline.
 """
 
@@ -85,9 +88,27 @@ def main():
                 shutil.rmtree(into, ignore_errors=True)
         values = print_table(f"\n{name} restore", [(f"{side} {name}", samples[side]) for side in binaries])
         rows[name] = values[f"candidate {name}"][0] / values[f"baseline {name}"][0]
+    samples = {side: [] for side in binaries}
+    for run in range(args.runs):
+        order = list(binaries) if run % 2 == 0 else list(reversed(binaries))
+        for side in order:
+            repo = WORK / f"backup-repo-{side}"
+            side_config = WORK / f"backup-{side}.toml"
+            side_config.write_text(
+                f'[[repository]]\nname = "local"\ntype = "local"\npath = "{repo}"\n\n'
+                f'[[job]]\nname = "config"\nkind = "files"\npaths = ["{tree}"]\n')
+            shutil.rmtree(repo, ignore_errors=True)
+            os.sync()
+            sample = measure([binaries[side], "--config", str(side_config), "backup", "config"])
+            samples[side].append(sample)
+            print(f"    {sample[0]:6.2f} s wall {sample[1]:6.2f} s CPU {sample[2] / 1024:5.0f} MiB"
+                  f"  {side} files backup", flush=True)
+    values = print_table("\nfiles backup", [(f"{side} backup", samples[side]) for side in binaries])
+    rows["files backup"] = values["candidate backup"][0] / values["baseline backup"][0]
     print()
     for name, ratio in rows.items():
-        print(f"  ratio candidate / baseline, {name} restore: {ratio:.2f}")
+        label = name if name.endswith("backup") else f"{name} restore"
+        print(f"  ratio candidate / baseline, {label}: {ratio:.2f}")
 
 
 if __name__ == "__main__":

@@ -131,7 +131,8 @@ pub fn read(inode: Inode<'_>) -> io::Result<Vec<Record>> {
         }
         let value = match inode.get(name) {
             Ok(value) => value,
-            Err(Errno::NODATA) => continue,
+            // Removed since it was listed, or one the filesystem lists but will not give.
+            Err(Errno::NODATA | Errno::NOTSUP) => continue,
             Err(e) => return Err(e.into()),
         };
         match acl_key {

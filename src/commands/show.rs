@@ -91,6 +91,13 @@ impl fmt::Display for ShowReport {
         if let Some(entries) = m.source.entries {
             writeln!(f, "entries         {entries}")?;
         }
+        if let Some(count) = m.source.not_stored {
+            writeln!(
+                f,
+                "not stored      {}",
+                crate::manifest::describe_not_stored(count, &m.source.not_stored_entries)
+            )?;
+        }
         writeln!(
             f,
             "size            {} stored, {} raw",

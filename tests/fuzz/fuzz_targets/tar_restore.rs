@@ -4,7 +4,7 @@
 //! directory; beside it lie a directory and a file an archive may name (`../outside`,
 //! `../outside-file`, or their absolute paths, which the seeds hold). After the restore the
 //! scratch tree holds nothing new, and every inode of it outside the target has the mode,
-//! owner, link count, size, times and contents it had.
+//! owner, link count, size, times, contents, extended attributes and ACLs it had.
 #![no_main]
 
 use std::collections::BTreeMap;
@@ -22,6 +22,8 @@ struct State {
     mtime: (i64, i64),
     ctime: (i64, i64),
     content: Vec<u8>,
+    /// Extended attributes and ACLs, as a backup would store them (never followed).
+    attributes: Vec<lifeboat::pax::Record>,
 }
 
 /// Every inode under `scratch` but the target's own tree.
@@ -53,6 +55,11 @@ fn outside(scratch: &Path, root: &Path) -> BTreeMap<PathBuf, State> {
                 .into_os_string()
                 .into_encoded_bytes();
         }
+        let attributes = if meta.file_type().is_symlink() {
+            Vec::new()
+        } else {
+            lifeboat::pax::read(lifeboat::pax::Inode::Path(&path)).unwrap()
+        };
         states.insert(
             path,
             State {
@@ -63,10 +70,22 @@ fn outside(scratch: &Path, root: &Path) -> BTreeMap<PathBuf, State> {
                 mtime: (meta.mtime(), meta.mtime_nsec()),
                 ctime: (meta.ctime(), meta.ctime_nsec()),
                 content,
+                attributes,
             },
         );
     }
     states
+}
+
+/// Sets the extended attribute `name` of `path`.
+fn set_attribute(path: &Path, name: &str, value: &[u8]) -> std::io::Result<()> {
+    let c_path = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()).unwrap();
+    let c_name = std::ffi::CString::new(name).unwrap();
+    // SAFETY: valid C strings, and a value of the length given.
+    let status = unsafe {
+        libc::setxattr(c_path.as_ptr(), c_name.as_ptr(), value.as_ptr().cast(), value.len(), 0)
+    };
+    if status == 0 { Ok(()) } else { Err(std::io::Error::last_os_error()) }
 }
 
 fuzz_target!(|data: &[u8]| {
@@ -77,6 +96,8 @@ fuzz_target!(|data: &[u8]| {
     std::fs::create_dir(fence.join("outside")).unwrap();
     std::fs::write(fence.join("outside/victim"), b"precious").unwrap();
     std::fs::write(fence.join("outside-file"), b"precious too").unwrap();
+    // An attribute for an archive to change or remove, where the filesystem keeps them.
+    let _ = set_attribute(&fence.join("outside-file"), "user.origin", b"fence");
     let before = outside(scratch.path(), &root);
     let _ = lifeboat::commands::restore::extract_tar(&mut &data[..], &root);
     let after = outside(scratch.path(), &root);
