@@ -72,12 +72,13 @@ pub const MAX_NOT_STORED: usize = 1000;
 
 /// An entry of a files job's paths that the backup does not hold: lifeboat stores no
 /// sockets, FIFOs or device nodes (they are made by the programs and the system that use
-/// them), and says which it passed over.
+/// them), nor what a restore could not make, and says which it passed over.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct NotStored {
     pub path: String,
-    /// `socket`, `fifo`, `block device` or `character device`.
+    /// `socket`, `fifo`, `block device`, `character device`, or why no restore could make
+    /// it (`deeper than 128 directories`, `file larger than 16 TiB`).
     pub kind: String,
 }
 
@@ -94,7 +95,7 @@ pub fn describe_not_stored(count: u64, listed: &[NotStored]) -> String {
         names.push(format!("and {rest} more"));
     }
     format!(
-        "{count} entr{} not in the backup (lifeboat stores no sockets, FIFOs or device nodes): {}",
+        "{count} entr{} not in the backup (lifeboat stores no sockets, FIFOs or device nodes, nor what no restore could make): {}",
         if count == 1 { "y is" } else { "ies are" },
         names.join(", ")
     )

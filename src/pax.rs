@@ -299,14 +299,6 @@ impl Attributes {
             (ACCESS_ATTRIBUTE, &self.access_acl),
             (DEFAULT_ATTRIBUTE, &self.default_acl),
         ];
-        for (name, value) in acls {
-            if let Some(value) = value
-                && let Err(e) =
-                    rustix::fs::fsetxattr(&fd, name, value, rustix::fs::XattrFlags::empty())
-            {
-                refused.push((name.to_string(), e));
-            }
-        }
         for (name, value) in &self.xattrs {
             let shown = name.to_string_lossy();
             if without_capabilities && shown == CAPABILITY {
@@ -316,6 +308,16 @@ impl Attributes {
                 rustix::fs::fsetxattr(&fd, name.as_c_str(), value, rustix::fs::XattrFlags::empty())
             {
                 refused.push((shown.into_owned(), e));
+            }
+        }
+        // ACLs last: one that takes write access from the owner would stop a non-root
+        // owner from setting the attributes.
+        for (name, value) in acls {
+            if let Some(value) = value
+                && let Err(e) =
+                    rustix::fs::fsetxattr(&fd, name, value, rustix::fs::XattrFlags::empty())
+            {
+                refused.push((name.to_string(), e));
             }
         }
         refused
@@ -496,6 +498,20 @@ fn parse_acl(text: &str) -> Result<Vec<AclEntry>, String> {
         });
     }
     entries.sort();
+    if let Some(twice) = entries
+        .windows(2)
+        .find(|pair| (pair[0].tag, pair[0].id) == (pair[1].tag, pair[1].id))
+    {
+        return Err(format!(
+            "it has two '{}' entries for the same {}",
+            twice[0].tag.word(),
+            if twice[0].id == NO_ID {
+                "owner".to_string()
+            } else {
+                format!("id {}", twice[0].id)
+            }
+        ));
+    }
     Ok(entries)
 }
 
@@ -548,6 +564,11 @@ mod tests {
         assert!(parse_acl("owner::rwx").unwrap_err().contains("unknown tag"));
         assert!(parse_acl("user::rwz").unwrap_err().contains("permissions"));
         assert!(parse_acl("user:1").unwrap_err().contains("TAG:ID"));
+        assert!(
+            parse_acl("user:5:rw-,user:5:r--")
+                .unwrap_err()
+                .contains("two")
+        );
         assert!(decode_acl(&[1, 0, 0, 0]).is_err());
         assert!(decode_acl(&[2, 0, 0, 0, 0x40, 0, 0, 0, 0, 0, 0, 0]).is_err());
     }

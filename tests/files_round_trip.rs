@@ -482,3 +482,46 @@ fn attributes_acls_links_and_holes_restore_as_they_were() {
     assert_eq!(std::fs::metadata(&copy).unwrap().len(), 1 << 30);
     run_command(Command::new("cmp").arg(&original).arg(&copy)).assert_code(0);
 }
+
+/// An entry deeper than any restore makes does not fail the backup, nor leave a backup that
+/// cannot restore: it is passed over and named (by the backup and the restore), and what was
+/// stored restores.
+#[test]
+fn entries_no_restore_could_make_are_named_and_the_rest_restores() {
+    let work = tempfile::tempdir().unwrap();
+    let source = work.path().join("src");
+    tree::write_file(&source.join("app.conf"), b"kept\n", 0o644);
+    let mut deep = source.join("deep");
+    for _ in 0..lifeboat::sources::files::MAX_DEPTH {
+        deep.push("d");
+    }
+    tree::write_file(&deep.join("f"), b"too deep\n", 0o644);
+    let config = write_config(
+        work.path(),
+        &format!(
+            "{}{}",
+            local_repository("local", &work.path().join("repo")),
+            files_job("config", &[&source])
+        ),
+    );
+    let backup = lifeboat(&config, &["backup", "config"]);
+    backup.assert_code(0);
+    assert!(
+        backup.stdout.contains("(deeper than 128 directories)"),
+        "{}",
+        backup.stdout
+    );
+    let into = work.path().join("restored");
+    let restore = lifeboat(
+        &config,
+        &["restore", "config", "--into", into.to_str().unwrap()],
+    );
+    restore.assert_code(0);
+    assert!(
+        restore.stdout.contains("1 entry is not in the backup"),
+        "{}",
+        restore.stdout
+    );
+    let root = restored_root(&into, &source);
+    assert_eq!(std::fs::read(root.join("app.conf")).unwrap(), b"kept\n");
+}

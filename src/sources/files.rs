@@ -16,6 +16,20 @@ use crate::pax::{self, Inode};
 
 const READ_BUFFER: usize = 1024 * 1024;
 
+/// The deepest entry a restore makes, counted in archive names (the absolute path without
+/// its `/`). Configuration trees and data directories are a few levels deep; each level costs
+/// a restore a directory walk per entry and a descriptor while removing. A backup passes over
+/// deeper entries, naming them, rather than store what no restore would make.
+pub const MAX_DEPTH: usize = 128;
+
+/// The largest sparse file stored and restored: ext4's largest file. A restore reads its
+/// holes as zeros from the tar reader, so a larger one would keep it busy for days.
+pub const MAX_SPARSE_SIZE: u64 = 16 << 40;
+
+/// The most data extents a sparse file is stored with; one with more is stored whole, holes
+/// as zeros, because the tar reader's time grows with the square of their number.
+const MAX_EXTENTS: usize = 1 << 16;
+
 /// What the archive holds, and what it passed over.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct ArchiveSummary {
@@ -28,7 +42,7 @@ pub struct ArchiveSummary {
 
 impl ArchiveSummary {
     fn pass_over(&mut self, path: &Path, kind: &str) {
-        tracing::warn!(path = %path.display(), kind, "not stored: lifeboat stores no sockets, FIFOs or device nodes");
+        tracing::warn!(path = %path.display(), kind, "not stored");
         self.not_stored += 1;
         if self.not_stored_entries.len() < MAX_NOT_STORED {
             self.not_stored_entries.push(NotStored {
@@ -37,6 +51,11 @@ impl ArchiveSummary {
             });
         }
     }
+}
+
+/// Whether `error` says the entry is gone: removed between listing and reading it.
+fn vanished(error: Option<&io::Error>) -> bool {
+    error.is_some_and(|e| e.kind() == io::ErrorKind::NotFound)
 }
 
 /// What a file that is not stored is.
@@ -183,13 +202,21 @@ pub fn write_archive(
             .sort_by_file_name()
             .into_iter();
         while let Some(entry) = walker.next() {
-            let entry = entry.map_err(|e| {
-                let path = e
-                    .path()
-                    .map(Path::to_path_buf)
-                    .unwrap_or_else(|| root.clone());
-                source_error(job_name, "read directory", &path, e)
-            })?;
+            let entry = match entry {
+                Ok(entry) => entry,
+                // Removed since its directory was read (a temporary file, a rotated log).
+                Err(e) if e.depth() > 0 && vanished(e.io_error()) => {
+                    tracing::warn!(path = ?e.path(), "skipping what was removed while the backup ran");
+                    continue;
+                }
+                Err(e) => {
+                    let path = e
+                        .path()
+                        .map(Path::to_path_buf)
+                        .unwrap_or_else(|| root.clone());
+                    return Err(source_error(job_name, "read directory", &path, e));
+                }
+            };
             let path = entry.path();
             if entry.depth() > 0 && filter.excluded(path) {
                 if entry.file_type().is_dir() {
@@ -199,6 +226,13 @@ pub fn write_archive(
             }
             let name = archive_name(path);
             let file_type = entry.file_type();
+            if name.components().count() > MAX_DEPTH {
+                if file_type.is_dir() {
+                    walker.skip_current_dir();
+                }
+                summary.pass_over(path, &format!("deeper than {MAX_DEPTH} directories"));
+                continue;
+            }
             if file_type.is_dir() {
                 pax::read(Inode::Path(path))
                     .and_then(|records| append_records(&mut builder, &name, &records))
@@ -220,16 +254,27 @@ pub fn write_archive(
                 // editor's rename) is stored as what it is now.
                 use std::os::unix::fs::OpenOptionsExt;
                 // Without blocking: a FIFO put in the name's place would wait for a writer.
-                let file = std::fs::OpenOptions::new()
+                let file = match std::fs::OpenOptions::new()
                     .read(true)
                     .custom_flags(libc::O_NONBLOCK)
                     .open(path)
-                    .map_err(|e| source_error(job_name, "read file", path, e))?;
+                {
+                    Ok(file) => file,
+                    Err(e) if vanished(Some(&e)) => {
+                        tracing::warn!(path = %path.display(), "skipping a file removed while the backup ran");
+                        continue;
+                    }
+                    Err(e) => return Err(source_error(job_name, "read file", path, e)),
+                };
                 let metadata = file
                     .metadata()
                     .map_err(|e| source_error(job_name, "read file", path, e))?;
                 if !metadata.is_file() {
                     summary.pass_over(path, special_kind(metadata.file_type()));
+                    continue;
+                }
+                if metadata.len() > MAX_SPARSE_SIZE {
+                    summary.pass_over(path, "file larger than 16 TiB");
                     continue;
                 }
                 let inode = (metadata.dev(), metadata.ino());
@@ -362,9 +407,6 @@ struct Extent {
     offset: u64,
     length: u64,
 }
-
-/// The most extents a sparse file is stored with; one with more is stored whole.
-const MAX_EXTENTS: usize = 1 << 20;
 
 /// The data extents of a file with holes, in order, ending with an empty one at its end (as
 /// GNU tar writes them), found with `SEEK_DATA` and `SEEK_HOLE`. None for a file without
