@@ -14,8 +14,14 @@ use crate::common::{files_job, lifeboat, lifeboat_command, local_repository, wri
 fn slow_job(work: &Path) -> PathBuf {
     let tree = work.join("data");
     std::fs::create_dir_all(&tree).unwrap();
+    // Allocated, not sparse (a sparse file's holes are skipped, and back up in no time): its
+    // unwritten 1 GiB is read as zeros, which takes the backup a while, yet costs the disk
+    // no writes.
     let big = std::fs::File::create(tree.join("big.img")).unwrap();
-    big.set_len(1024 * 1024 * 1024).unwrap();
+    use std::os::fd::AsRawFd;
+    // SAFETY: an open descriptor and a valid range.
+    let status = unsafe { libc::fallocate(big.as_raw_fd(), 0, 0, 1024 * 1024 * 1024) };
+    assert_eq!(status, 0, "fallocate: {}", std::io::Error::last_os_error());
     write_config(
         work,
         &format!(
