@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use crate::common::redis::Redis;
 use crate::common::{files_job, lifeboat, lifeboat_command, local_repository, write_config};
 
-/// A files job over a 1 GiB sparse file: reading and hashing it keeps a backup busy for a
+/// A files job over a 1 GiB allocated file: reading and hashing it keeps a backup busy for a
 /// few seconds.
 fn slow_job(work: &Path) -> PathBuf {
     let tree = work.join("data");
