@@ -39,6 +39,25 @@ const NAMESPACES: [&str; 3] = ["user.", "trusted.", "security."];
 /// The attribute that grants a program privileges, as a set-id bit does.
 pub const CAPABILITY: &str = "security.capability";
 
+/// The longest attribute name Linux takes (`XATTR_NAME_MAX`).
+const MAX_NAME: usize = 255;
+
+/// Text from an archive as a message shows it: escaped, and cut when long (a record can
+/// be as long as the archive).
+fn shown(text: &str) -> String {
+    const SHOWN: usize = 256;
+    let mut out: String = text
+        .chars()
+        .take(SHOWN)
+        .collect::<String>()
+        .escape_debug()
+        .to_string();
+    if text.chars().nth(SHOWN).is_some() {
+        out.push_str(&format!("… ({} bytes)", text.len()));
+    }
+    out
+}
+
 /// One PAX record: a keyword and its value, which may be any bytes.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Record {
@@ -200,12 +219,7 @@ fn unescape_name(keyword: &str) -> Result<Vec<u8>, String> {
             let byte = keyword
                 .get(at + 1..at + 3)
                 .and_then(|hex| u8::from_str_radix(hex, 16).ok())
-                .ok_or_else(|| {
-                    format!(
-                        "attribute name '{}' has a bad % escape",
-                        keyword.escape_debug()
-                    )
-                })?;
+                .ok_or_else(|| format!("attribute name '{}' has a bad % escape", shown(keyword)))?;
             out.push(byte);
             at += 3;
         } else {
@@ -268,7 +282,13 @@ impl Attributes {
                 (None, None) => None,
             };
             if let Some((name, value)) = xattr {
-                let shown = String::from_utf8_lossy(&name).escape_debug().to_string();
+                let shown = shown(&String::from_utf8_lossy(&name));
+                if name.len() > MAX_NAME {
+                    return Err(format!(
+                        "extended attribute name '{shown}' is {} bytes long; Linux takes at most {MAX_NAME}",
+                        name.len()
+                    ));
+                }
                 if !NAMESPACES.iter().any(|ns| name.starts_with(ns.as_bytes())) {
                     return Err(format!(
                         "extended attribute '{shown}' is outside the namespaces lifeboat stores (user, trusted, security)"
@@ -446,10 +466,7 @@ fn parse_acl(text: &str) -> Result<Vec<AclEntry>, String> {
         let (Some(tag), Some(qualifier), Some(permissions), None) =
             (fields.next(), fields.next(), fields.next(), fields.next())
         else {
-            return Err(format!(
-                "entry '{}' is not TAG:ID:PERMISSIONS",
-                line.escape_debug()
-            ));
+            return Err(format!("entry '{}' is not TAG:ID:PERMISSIONS", shown(line)));
         };
         let tag = match (tag, qualifier.is_empty()) {
             ("user" | "u", true) => Tag::UserObj,
@@ -459,10 +476,7 @@ fn parse_acl(text: &str) -> Result<Vec<AclEntry>, String> {
             ("mask" | "m", true) => Tag::Mask,
             ("other" | "o", true) => Tag::Other,
             _ => {
-                return Err(format!(
-                    "entry '{}' has an unknown tag",
-                    line.escape_debug()
-                ));
+                return Err(format!("entry '{}' has an unknown tag", shown(line)));
             }
         };
         let id =
@@ -472,7 +486,7 @@ fn parse_acl(text: &str) -> Result<Vec<AclEntry>, String> {
                 qualifier.parse::<u32>().ok().filter(|id| *id != NO_ID).ok_or_else(|| {
                 format!(
                     "entry '{}' does not name a numeric id (lifeboat stores ids, not names)",
-                    line.escape_debug()
+                    shown(line)
                 )
             })?
             };
@@ -484,10 +498,7 @@ fn parse_acl(text: &str) -> Result<Vec<AclEntry>, String> {
                 'x' => 1,
                 '-' => 0,
                 _ => {
-                    return Err(format!(
-                        "entry '{}' has unknown permissions",
-                        line.escape_debug()
-                    ));
+                    return Err(format!("entry '{}' has unknown permissions", shown(line)));
                 }
             };
         }
@@ -502,14 +513,13 @@ fn parse_acl(text: &str) -> Result<Vec<AclEntry>, String> {
         .windows(2)
         .find(|pair| (pair[0].tag, pair[0].id) == (pair[1].tag, pair[1].id))
     {
+        let whose = match twice[0].id {
+            NO_ID => String::new(),
+            id => format!(" for id {id}"),
+        };
         return Err(format!(
-            "it has two '{}' entries for the same {}",
-            twice[0].tag.word(),
-            if twice[0].id == NO_ID {
-                "owner".to_string()
-            } else {
-                format!("id {}", twice[0].id)
-            }
+            "it has two '{}' entries{whose}",
+            twice[0].tag.word()
         ));
     }
     Ok(entries)

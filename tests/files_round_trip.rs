@@ -483,11 +483,12 @@ fn attributes_acls_links_and_holes_restore_as_they_were() {
     run_command(Command::new("cmp").arg(&original).arg(&copy)).assert_code(0);
 }
 
-/// An entry deeper than any restore makes does not fail the backup, nor leave a backup that
-/// cannot restore: it is passed over and named (by the backup and the restore), and what was
-/// stored restores.
+/// Entries a backup cannot keep do not fail it, nor leave a backup that cannot restore: an
+/// entry deeper than any restore makes, and one whose path is longer than the system reads
+/// (anyone who may write in the tree can make one) are passed over and named, by the backup
+/// and the restore, and what was stored restores.
 #[test]
-fn entries_no_restore_could_make_are_named_and_the_rest_restores() {
+fn entries_a_backup_cannot_keep_are_named_and_the_rest_restores() {
     let work = tempfile::tempdir().unwrap();
     let source = work.path().join("src");
     tree::write_file(&source.join("app.conf"), b"kept\n", 0o644);
@@ -496,6 +497,11 @@ fn entries_no_restore_could_make_are_named_and_the_rest_restores() {
         deep.push("d");
     }
     tree::write_file(&deep.join("f"), b"too deep\n", 0o644);
+    // 20 names of 250 bytes: 5,000 bytes, past PATH_MAX, made one `cd` at a time.
+    run_command(Command::new("python3").current_dir(&source).arg("-c").arg(
+        "import os\nos.mkdir('long'); os.chdir('long')\nfor _ in range(20):\n    os.mkdir('n' * 250); os.chdir('n' * 250)\nopen('f', 'w').write('x')",
+    ))
+    .assert_code(0);
     let config = write_config(
         work.path(),
         &format!(
@@ -506,11 +512,12 @@ fn entries_no_restore_could_make_are_named_and_the_rest_restores() {
     );
     let backup = lifeboat(&config, &["backup", "config"]);
     backup.assert_code(0);
-    assert!(
-        backup.stdout.contains("(deeper than 128 directories)"),
-        "{}",
-        backup.stdout
-    );
+    for kind in [
+        "(deeper than 128 directories)",
+        "(path longer than the system reads)",
+    ] {
+        assert!(backup.stdout.contains(kind), "{kind}: {}", backup.stdout);
+    }
     let into = work.path().join("restored");
     let restore = lifeboat(
         &config,
@@ -518,10 +525,18 @@ fn entries_no_restore_could_make_are_named_and_the_rest_restores() {
     );
     restore.assert_code(0);
     assert!(
-        restore.stdout.contains("1 entry is not in the backup"),
+        restore.stdout.contains("2 entries are not in the backup"),
         "{}",
         restore.stdout
     );
     let root = restored_root(&into, &source);
     assert_eq!(std::fs::read(root.join("app.conf")).unwrap(), b"kept\n");
+    // The temporary directory cannot remove what it cannot reach by path.
+    run_command(
+        Command::new("rm")
+            .arg("-rf")
+            .arg("long")
+            .current_dir(&source),
+    )
+    .assert_code(0);
 }

@@ -54,8 +54,33 @@ impl ArchiveSummary {
 }
 
 /// Whether `error` says the entry is gone: removed between listing and reading it.
-fn vanished(error: Option<&io::Error>) -> bool {
-    error.is_some_and(|e| e.kind() == io::ErrorKind::NotFound)
+fn vanished(error: &io::Error) -> bool {
+    error.kind() == io::ErrorKind::NotFound
+}
+
+/// Whether `error` says the path is longer than the system resolves (`PATH_MAX`): anyone
+/// who may write in the tree can make one, and it must not stop the backup of the rest.
+fn too_long(error: &io::Error) -> bool {
+    error.raw_os_error() == Some(libc::ENAMETOOLONG)
+}
+
+/// What to do when reading `path` failed with `error` before anything of it was written:
+/// pass over an entry removed since its directory was listed, or one whose path is too
+/// long to read (naming it); anything else fails the backup.
+fn pass_over_or_fail(
+    summary: &mut ArchiveSummary,
+    path: &Path,
+    error: io::Error,
+) -> io::Result<()> {
+    if vanished(&error) {
+        tracing::warn!(path = %path.display(), "skipping what was removed while the backup ran");
+        Ok(())
+    } else if too_long(&error) {
+        summary.pass_over(path, "path longer than the system reads");
+        Ok(())
+    } else {
+        Err(error)
+    }
 }
 
 /// What a file that is not stored is.
@@ -204,16 +229,21 @@ pub fn write_archive(
         while let Some(entry) = walker.next() {
             let entry = match entry {
                 Ok(entry) => entry,
-                // Removed since its directory was read (a temporary file, a rotated log).
-                Err(e) if e.depth() > 0 && vanished(e.io_error()) => {
-                    tracing::warn!(path = ?e.path(), "skipping what was removed while the backup ran");
-                    continue;
-                }
                 Err(e) => {
                     let path = e
                         .path()
                         .map(Path::to_path_buf)
                         .unwrap_or_else(|| root.clone());
+                    // Removed since its directory was read (a temporary file, a rotated
+                    // log), or too long a path: not the configured path itself.
+                    let passed = e.depth() > 0
+                        && e.io_error().is_some_and(|io| vanished(io) || too_long(io));
+                    if passed {
+                        let io = e.into_io_error().expect("an I/O error");
+                        pass_over_or_fail(&mut summary, &path, io)
+                            .map_err(|e| source_error(job_name, "read directory", &path, e))?;
+                        continue;
+                    }
                     return Err(source_error(job_name, "read directory", &path, e));
                 }
             };
@@ -234,17 +264,40 @@ pub fn write_archive(
                 continue;
             }
             if file_type.is_dir() {
-                pax::read(Inode::Path(path))
-                    .and_then(|records| append_records(&mut builder, &name, &records))
-                    .and_then(|()| builder.append_dir(&name, path))
+                // Read whole before a byte is written: a directory removed meanwhile is
+                // passed over without leaving half an entry in the archive.
+                let read = std::fs::symlink_metadata(path)
+                    .and_then(|metadata| Ok((metadata, pax::read(Inode::Path(path))?)));
+                let (metadata, records) = match read {
+                    Ok(read) => read,
+                    Err(e) => {
+                        walker.skip_current_dir();
+                        pass_over_or_fail(&mut summary, path, e)
+                            .map_err(|e| source_error(job_name, "archive directory", path, e))?;
+                        continue;
+                    }
+                };
+                if !metadata.is_dir() {
+                    walker.skip_current_dir();
+                    tracing::warn!(path = %path.display(), "skipping a directory replaced while the backup ran");
+                    continue;
+                }
+                let mut header = tar::Header::new_gnu();
+                header.set_metadata_in_mode(&metadata, tar::HeaderMode::Complete);
+                header.set_size(0);
+                append_records(&mut builder, &name, &records)
+                    .and_then(|()| builder.append_data(&mut header, &name, io::empty()))
                     .map_err(|e| source_error(job_name, "archive directory", path, e))?;
             } else if file_type.is_symlink() {
                 if !filter.included(path) {
                     continue;
                 }
-                builder
-                    .append_path_with_name(path, &name)
-                    .map_err(|e| source_error(job_name, "archive symlink", path, e))?;
+                // The tar crate reads the link and its metadata before it writes anything.
+                if let Err(e) = builder.append_path_with_name(path, &name) {
+                    pass_over_or_fail(&mut summary, path, e)
+                        .map_err(|e| source_error(job_name, "archive symlink", path, e))?;
+                    continue;
+                }
             } else if file_type.is_file() {
                 if !filter.included(path) {
                     continue;
@@ -260,11 +313,11 @@ pub fn write_archive(
                     .open(path)
                 {
                     Ok(file) => file,
-                    Err(e) if vanished(Some(&e)) => {
-                        tracing::warn!(path = %path.display(), "skipping a file removed while the backup ran");
+                    Err(e) => {
+                        pass_over_or_fail(&mut summary, path, e)
+                            .map_err(|e| source_error(job_name, "read file", path, e))?;
                         continue;
                     }
-                    Err(e) => return Err(source_error(job_name, "read file", path, e)),
                 };
                 let metadata = file
                     .metadata()
