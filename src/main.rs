@@ -301,6 +301,29 @@ struct PostgresRestoreArgs {
     staging_dir: Option<PathBuf>,
 }
 
+/// A moment given on the command line: RFC 3339, with its offset. One without an offset
+/// is refused saying what to add: lifeboat never guesses the zone an operator meant.
+fn parse_moment(text: &str) -> Result<chrono::DateTime<chrono::FixedOffset>, String> {
+    if let Ok(moment) = text.parse::<chrono::DateTime<chrono::FixedOffset>>() {
+        return Ok(moment);
+    }
+    let naive = [
+        "%Y-%m-%dT%H:%M:%S%.f",
+        "%Y-%m-%d %H:%M:%S%.f",
+        "%Y-%m-%dT%H:%M",
+        "%Y-%m-%d %H:%M",
+    ]
+    .iter()
+    .find_map(|format| chrono::NaiveDateTime::parse_from_str(text, format).ok());
+    Err(match naive {
+        Some(naive) => {
+            let at = naive.format("%Y-%m-%dT%H:%M:%S");
+            format!("it has no time zone: write {at}Z for UTC, or {at}+02:00 for an offset")
+        }
+        None => "expected a moment in RFC 3339, such as 2026-11-26T14:01:00Z".to_string(),
+    })
+}
+
 /// Restore options for physical postgres jobs.
 #[derive(clap::Args)]
 struct PhysicalRestoreArgs {
@@ -308,7 +331,7 @@ struct PhysicalRestoreArgs {
     #[arg(long)]
     data_dir: Option<PathBuf>,
     /// Recover to this moment (RFC 3339, e.g. 2026-11-26T14:01:00Z) instead of the end of the archive.
-    #[arg(long, conflicts_with = "to_lsn", requires = "data_dir")]
+    #[arg(long, conflicts_with = "to_lsn", requires = "data_dir", value_parser = parse_moment)]
     to_time: Option<chrono::DateTime<chrono::FixedOffset>>,
     /// Recover to this WAL position (e.g. 0/3000100).
     #[arg(long, requires = "data_dir")]

@@ -82,9 +82,37 @@ impl Repository {
         .with_source(err)
     }
 
+    /// Proves the repository is there to answer: its marker can be read. A store lacking a
+    /// key says the key is missing only when it holds its marker: an unmounted path, a
+    /// bucket emptied or a prefix mistyped lack everything, and must not read as "not there".
+    pub async fn check_present(&self) -> Result<()> {
+        match storage::get_bytes(self.store.as_ref(), layout::MARKER_KEY).await {
+            Ok(_) => Ok(()),
+            Err(e) if e.is_not_found() => Err(Error::new(
+                ErrorKind::Storage,
+                format!(
+                    "repository '{}' ({}) holds no marker '{}': it is not mounted, not made yet, or not this repository",
+                    self.name,
+                    self.store.location(),
+                    layout::MARKER_KEY
+                ),
+            )
+            .with_hint(
+                "mount it, or check its path (bucket, prefix) in the config; its first backup writes the marker",
+            )),
+            Err(e) => Err(self.error(&format!("read marker '{}'", layout::MARKER_KEY), e)),
+        }
+    }
+
     /// Writes the repository marker if the repository is new; refuses a repository written
-    /// by a newer, incompatible lifeboat.
+    /// by a newer, incompatible lifeboat. One read when the marker is there (every run of
+    /// `backup`, and `wal-push` once per new segment, call it).
     pub async fn ensure_marker(&self) -> Result<()> {
+        match storage::get_bytes(self.store.as_ref(), layout::MARKER_KEY).await {
+            Ok(bytes) => return self.check_marker(&bytes),
+            Err(e) if e.is_not_found() => {}
+            Err(e) => return Err(self.error(&format!("read marker '{}'", layout::MARKER_KEY), e)),
+        }
         let marker = Marker {
             format: MARKER_FORMAT,
             created_at: Utc::now(),
@@ -93,39 +121,43 @@ impl Repository {
         let body = Bytes::from(serde_json::to_vec_pretty(&marker).expect("marker serializes"));
         match self.store.create_if_absent(layout::MARKER_KEY, body).await {
             Ok(()) => Ok(()),
+            // Another run made it meanwhile.
             Err(StoreError::AlreadyExists { .. }) => {
                 let bytes = storage::get_bytes(self.store.as_ref(), layout::MARKER_KEY)
                     .await
                     .map_err(|e| self.error(&format!("read marker '{}'", layout::MARKER_KEY), e))?;
-                let existing: Marker = serde_json::from_slice(&bytes).map_err(|e| {
-                    Error::new(
-                        ErrorKind::Storage,
-                        format!(
-                            "unable to read marker '{}' in repository '{}': {e}",
-                            layout::MARKER_KEY,
-                            self.name
-                        ),
-                    )
-                    .with_hint(
-                        "the repository location holds something that is not a lifeboat repository",
-                    )
-                })?;
-                if existing.format > MARKER_FORMAT {
-                    return Err(Error::new(
-                        ErrorKind::Storage,
-                        format!(
-                            "unable to use repository '{}': it has format {} and lifeboat {} supports {MARKER_FORMAT}",
-                            self.name,
-                            existing.format,
-                            env!("CARGO_PKG_VERSION")
-                        ),
-                    )
-                    .with_hint("upgrade lifeboat on this host"));
-                }
-                Ok(())
+                self.check_marker(&bytes)
             }
             Err(e) => Err(self.error(&format!("write marker '{}'", layout::MARKER_KEY), e)),
         }
+    }
+
+    /// Refuses a marker that is not lifeboat's, or of a newer format than this lifeboat's.
+    fn check_marker(&self, bytes: &[u8]) -> Result<()> {
+        let existing: Marker = serde_json::from_slice(bytes).map_err(|e| {
+            Error::new(
+                ErrorKind::Storage,
+                format!(
+                    "unable to read marker '{}' in repository '{}': {e}",
+                    layout::MARKER_KEY,
+                    self.name
+                ),
+            )
+            .with_hint("the repository location holds something that is not a lifeboat repository")
+        })?;
+        if existing.format > MARKER_FORMAT {
+            return Err(Error::new(
+                ErrorKind::Storage,
+                format!(
+                    "unable to use repository '{}': it has format {} and lifeboat {} supports {MARKER_FORMAT}",
+                    self.name,
+                    existing.format,
+                    env!("CARGO_PKG_VERSION")
+                ),
+            )
+            .with_hint("upgrade lifeboat on this host"));
+        }
+        Ok(())
     }
 
     /// Ids of the committed backups of `job`, newest first. Directories without a

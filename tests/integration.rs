@@ -23,3 +23,4 @@ mod schedule;
 mod secrets;
 mod status;
 mod tls;
+mod wal_archive;

@@ -2,7 +2,8 @@
 //! DEST` (its `restore_command`). Both run once per 16 MiB segment, so they work in memory,
 //! talk to every repository at once, and answer PostgreSQL in its own terms: wal-push
 //! succeeds only once the file is durably stored in `min_repositories` (or already was,
-//! byte for byte); wal-fetch exits 1 only when the archive truly lacks the file.
+//! byte for byte); wal-fetch exits 1 only when the archive truly lacks the file: a
+//! repository that answers (its marker is there) and holds neither name.
 
 use std::fmt;
 use std::io::Write;
@@ -319,6 +320,9 @@ async fn place(
         Err(e) if e.is_not_found() => {}
         Err(e) => return Err(repository.error(&format!("look up '{key}'"), e)),
     }
+    // A repository holding WAL holds its marker, so that wal-fetch can tell it lacks a file
+    // from its not being there at all.
+    repository.ensure_marker().await?;
     match store.create_if_absent(key, body).await {
         Ok(()) => Ok(Placed::Stored),
         Err(StoreError::AlreadyExists { .. }) => {
@@ -405,8 +409,13 @@ pub async fn fetch(config: &Config, options: &WalFetchOptions) -> Result<WalFetc
     for repository in &repositories {
         let (key, stored) = match find_wal(repository, &candidates).await {
             Ok(Some(found)) => found,
+            // Lacking the file proves it was not archived only where the repository is
+            // there to say so.
             Ok(None) => {
-                answered_missing = true;
+                match repository.check_present().await {
+                    Ok(()) => answered_missing = true,
+                    Err(e) => failures.push(e),
+                }
                 continue;
             }
             Err(e) => {

@@ -264,6 +264,14 @@ async fn newest_reaching(
         }
         oldest_end = Some(manifest.recovery_point);
     }
+    // A target before every backup began skipped them all: the oldest still says how far
+    // back a restore can reach.
+    if oldest_end.is_none()
+        && let Some(oldest) = survey.committed_ids().first()
+        && let Some((manifest, _, _)) = survey.manifest(job, oldest).await
+    {
+        oldest_end = Some(manifest.recovery_point);
+    }
     let mut error = Error::new(
         ErrorKind::NotFound,
         format!(
@@ -273,7 +281,7 @@ async fn newest_reaching(
     );
     if let Some(end) = oldest_end {
         error = error.with_hint(format!(
-            "the oldest backup looked at ends at {}",
+            "the oldest backup ends at {}: no restore reaches an earlier moment",
             end.to_rfc3339()
         ));
     }
