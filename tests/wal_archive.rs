@@ -52,3 +52,32 @@ fn wal_fetch_from_an_unmounted_repository_stops_recovery() {
     fetch("000000010000000000000001").assert_code(255);
     assert!(!dest.exists());
 }
+
+/// A recovery target without a zone is refused saying what to add: read as UTC or as the
+/// host's zone, it would recover to another moment than the operator meant.
+#[test]
+fn a_target_time_without_a_zone_says_what_to_add() {
+    let work = tempfile::tempdir().unwrap();
+    let config = write_config(
+        work.path(),
+        &local_repository("local", &work.path().join("repo")),
+    );
+    let run = lifeboat(
+        &config,
+        &[
+            "restore",
+            "db",
+            "--data-dir",
+            work.path().join("data").to_str().unwrap(),
+            "--to-time",
+            "2026-11-26 14:01:00",
+        ],
+    );
+    run.assert_code(2);
+    assert!(
+        run.stderr
+            .contains("it has no time zone: write 2026-11-26T14:01:00Z for UTC"),
+        "{}",
+        run.stderr
+    );
+}
