@@ -13,6 +13,26 @@ fn restored_root(into: &Path, source: &Path) -> std::path::PathBuf {
     into.join(source.strip_prefix("/").unwrap())
 }
 
+/// The config of a files job `config` over `source`, into a local repository under `work`.
+fn local_files_config(work: &Path, source: &Path) -> std::path::PathBuf {
+    write_config(
+        work,
+        &format!(
+            "{}{}",
+            local_repository("local", &work.join("repo")),
+            files_job("config", &[source])
+        ),
+    )
+}
+
+/// `restore config --into into`.
+fn restore_into(config: &Path, into: &Path) -> crate::common::Run {
+    lifeboat(
+        config,
+        &["restore", "config", "--into", into.to_str().unwrap()],
+    )
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tree_of_a_thousand_files_restores_exactly_from_local_and_s3() {
     let server = SeaweedFs::start().await;
@@ -90,14 +110,7 @@ fn restore_refuses_a_directory_that_is_not_empty() {
     let work = tempfile::tempdir().unwrap();
     let source = work.path().join("src");
     tree::write_file(&source.join("a.conf"), b"a = 1\n", 0o644);
-    let config = write_config(
-        work.path(),
-        &format!(
-            "{}{}",
-            local_repository("local", &work.path().join("repo")),
-            files_job("config", &[&source])
-        ),
-    );
+    let config = local_files_config(work.path(), &source);
     lifeboat(&config, &["backup", "config"]).assert_code(0);
     let into = work.path().join("busy");
     tree::write_file(&into.join("keep.me"), b"precious\n", 0o644);
@@ -240,14 +253,7 @@ fn a_restore_onto_a_freshly_mounted_volume_lands_whole() {
     let work = tempfile::tempdir().unwrap();
     let source = work.path().join("etc-app");
     tree::build(&source, 200, 8 * 1024 * 1024);
-    let config = write_config(
-        work.path(),
-        &format!(
-            "{}{}",
-            local_repository("local", &work.path().join("repo")),
-            files_job("config", &[&source])
-        ),
-    );
+    let config = local_files_config(work.path(), &source);
     lifeboat(&config, &["backup", "config"]).assert_code(0);
     let volume = Tmpfs::mount(&work.path().join("new-disk"), "size=64m");
     // What mkfs.ext4 leaves on a new filesystem.
@@ -279,14 +285,7 @@ fn hard_links_are_stored_once_and_restored_as_links() {
     std::fs::create_dir_all(source.join("b")).unwrap();
     std::fs::hard_link(source.join("a/data.bin"), source.join("b/same.bin")).unwrap();
     std::fs::hard_link(source.join("a/data.bin"), source.join("b/again.bin")).unwrap();
-    let config = write_config(
-        work.path(),
-        &format!(
-            "{}{}",
-            local_repository("local", &work.path().join("repo")),
-            files_job("config", &[&source])
-        ),
-    );
+    let config = local_files_config(work.path(), &source);
     lifeboat(&config, &["backup", "config"]).assert_code(0);
     let object = walkdir::WalkDir::new(work.path().join("repo"))
         .into_iter()
@@ -375,14 +374,7 @@ fn attributes_acls_links_and_holes_restore_as_they_were() {
     );
     let _socket = std::os::unix::net::UnixListener::bind(source.join("app/admin.sock")).unwrap();
 
-    let config = write_config(
-        work.path(),
-        &format!(
-            "{}{}",
-            local_repository("local", &work.path().join("repo")),
-            files_job("config", &[&source])
-        ),
-    );
+    let config = local_files_config(work.path(), &source);
     let backup = lifeboat(&config, &["backup", "config"]);
     backup.assert_code(0);
     for name in ["app/control.fifo' (fifo)", "app/admin.sock' (socket)"] {
@@ -425,10 +417,7 @@ fn attributes_acls_links_and_holes_restore_as_they_were() {
     }
 
     let into = work.path().join("restored");
-    let restore = lifeboat(
-        &config,
-        &["restore", "config", "--into", into.to_str().unwrap()],
-    );
+    let restore = restore_into(&config, &into);
     restore.assert_code(0);
     assert!(
         restore.stdout.contains("2 entries are not in the backup")
@@ -502,14 +491,7 @@ fn entries_a_backup_cannot_keep_are_named_and_the_rest_restores() {
         "import os\nos.mkdir('long'); os.chdir('long')\nfor _ in range(20):\n    os.mkdir('n' * 250); os.chdir('n' * 250)\nopen('f', 'w').write('x')",
     ))
     .assert_code(0);
-    let config = write_config(
-        work.path(),
-        &format!(
-            "{}{}",
-            local_repository("local", &work.path().join("repo")),
-            files_job("config", &[&source])
-        ),
-    );
+    let config = local_files_config(work.path(), &source);
     let backup = lifeboat(&config, &["backup", "config"]);
     backup.assert_code(0);
     for kind in [
@@ -519,10 +501,7 @@ fn entries_a_backup_cannot_keep_are_named_and_the_rest_restores() {
         assert!(backup.stdout.contains(kind), "{kind}: {}", backup.stdout);
     }
     let into = work.path().join("restored");
-    let restore = lifeboat(
-        &config,
-        &["restore", "config", "--into", into.to_str().unwrap()],
-    );
+    let restore = restore_into(&config, &into);
     restore.assert_code(0);
     assert!(
         restore.stdout.contains("2 entries are not in the backup"),
