@@ -262,6 +262,14 @@ async fn recovery_to_the_end_of_the_archive_reproduces_the_source_data() {
     let work = shared_work_dir();
     let (source, config) = archiving_cluster(work.path(), &[&region], "");
     source.create_app_database(50_000);
+    // What a cluster restored to a moment and promoted carries into every base backup of
+    // it: a restore of one to the end of the archive used to stop at that old moment.
+    for setting in [
+        "recovery_target_time = '2000-01-01 00:00:00+00'",
+        "recovery_target_action = 'promote'",
+    ] {
+        source.psql("postgres", &format!("alter system set {setting}"));
+    }
     lifeboat(&config, &["backup", JOB]).assert_code(0);
 
     // Changes after the base backup reach the restore through the WAL archive only.
@@ -278,7 +286,15 @@ async fn recovery_to_the_end_of_the_archive_reproduces_the_source_data() {
     let data_dir = work.path().join("restored");
     let port = free_port();
     let _restored = Restored(data_dir.clone());
-    restore_started(&config, &data_dir, port, &[]).assert_code(0);
+    let restore = restore_started(&config, &data_dir, port, &[]);
+    restore.assert_code(0);
+    assert!(
+        restore.stdout.contains(
+            "removed recovery settings the base backup carried (this restore sets its own): recovery_target_time, recovery_target_action"
+        ),
+        "{}",
+        restore.stdout
+    );
     let restored = Postgres::attach(port, &source.password);
     let actual = restored.data_fingerprint("app");
     // Every table's rows (and the large objects) are identical. Sequences are WAL-logged

@@ -94,7 +94,7 @@ pub(super) async fn restore(
     let target = Target::prepare(into)?;
     let mut stages = Vec::new();
     let clock = Instant::now();
-    let (bytes, owner) = target
+    let (bytes, owner, inherited) = target
         .undo_on_error(async {
             // Private before anything is moved into it, as PostgreSQL wants it anyway.
             rustix::fs::fchmod(target.dir.fd(), rustix::fs::Mode::from_raw_mode(0o700))
@@ -108,13 +108,19 @@ pub(super) async fn restore(
                 .await?
                 .bytes;
             // A data directory that cannot be set up is no restore: it is removed again.
-            configure_recovery(&target, options, source, owner)?;
-            Ok((bytes, owner))
+            let inherited = configure_recovery(&target, options, source, owner)?;
+            Ok((bytes, owner, inherited))
         })
         .await?;
     stages.push(("download, verify and unpack".to_string(), clock.elapsed()));
 
     let mut warnings = target.warnings();
+    if !inherited.is_empty() {
+        warnings.push(format!(
+            "removed recovery settings the base backup carried (this restore sets its own): {}",
+            inherited.join(", ")
+        ));
+    }
     warnings.push(format!(
         "the restored server fetches WAL with `lifeboat wal-fetch` as its own user: that user needs to read '{}'{} and the repositories' credentials",
         source.config_path.display(),
@@ -224,12 +230,69 @@ fn conf_string(value: &str) -> String {
 
 /// Appends the recovery settings to `postgresql.auto.conf` (they override postgresql.conf)
 /// and creates `recovery.signal`.
+/// The settings a restore owns. One the base backup carries (a cluster restored to a target
+/// and promoted keeps its `recovery_target_time` in `postgresql.auto.conf`, and so does every
+/// base backup of it) would stop this restore's replay where that earlier one stopped.
+const RECOVERY_SETTINGS: [&str; 15] = [
+    "restore_command",
+    "recovery_end_command",
+    "archive_cleanup_command",
+    "recovery_target",
+    "recovery_target_lsn",
+    "recovery_target_name",
+    "recovery_target_time",
+    "recovery_target_xid",
+    "recovery_target_inclusive",
+    "recovery_target_action",
+    "recovery_target_timeline",
+    "primary_conninfo",
+    "primary_slot_name",
+    "promote_trigger_file",
+    "standby_mode",
+];
+
+/// The recovery targets: those this restore does not set are set empty, which overrides a
+/// value in `postgresql.conf` or a file it includes.
+const RECOVERY_TARGETS: [&str; 5] = [
+    "recovery_target",
+    "recovery_target_lsn",
+    "recovery_target_name",
+    "recovery_target_time",
+    "recovery_target_xid",
+];
+
+/// `postgresql.auto.conf` without the lines setting what a restore owns, and the names of
+/// the settings removed (not their values: `primary_conninfo` may hold a password).
+fn without_recovery_settings(auto_conf: &str) -> (String, Vec<String>) {
+    let mut kept = String::new();
+    let mut removed = Vec::new();
+    for line in auto_conf.lines() {
+        let name = line
+            .split(['=', ' ', '\t'])
+            .next()
+            .unwrap_or_default()
+            .trim()
+            .to_ascii_lowercase();
+        if RECOVERY_SETTINGS.contains(&name.as_str()) {
+            if !removed.contains(&name) {
+                removed.push(name);
+            }
+        } else {
+            kept.push_str(line);
+            kept.push('\n');
+        }
+    }
+    (kept, removed)
+}
+
+/// Writes the recovery settings into the restored data directory, replacing any the base
+/// backup carried; returns what it removed (settings, and a `standby.signal`).
 fn configure_recovery(
     target: &Target,
     options: &PhysicalRestoreOptions,
     source: &WalSource,
     owner: Option<(u32, u32)>,
-) -> Result<()> {
+) -> Result<Vec<String>> {
     let exe = std::env::current_exe().map_err(|e| {
         Error::new(
             ErrorKind::Target,
@@ -268,6 +331,16 @@ fn configure_recovery(
         writeln!(settings, "{name} = {value}").expect("writing to a String");
     };
     set("restore_command", conf_string(&fetch));
+    let chosen = match options.target {
+        RecoveryTarget::EndOfArchive => None,
+        RecoveryTarget::Time(_) => Some("recovery_target_time"),
+        RecoveryTarget::Lsn(_) => Some("recovery_target_lsn"),
+    };
+    // First: PostgreSQL applies settings in the order written, and emptying a target after
+    // another was set is "multiple recovery targets specified".
+    for unused in RECOVERY_TARGETS.iter().filter(|t| Some(**t) != chosen) {
+        set(unused, conf_string(""));
+    }
     match options.target {
         RecoveryTarget::EndOfArchive => {}
         RecoveryTarget::Time(at) => {
@@ -292,16 +365,33 @@ fn configure_recovery(
     // Through handles beneath the data directory, never through a symlink the base backup
     // may hold in their place.
     let into = &target.path;
-    let write = || -> std::io::Result<()> {
+    let write = || -> std::io::Result<Vec<String>> {
         use rustix::fs::OFlags;
         let dir = &target.dir;
         let give = |fd: &dyn std::os::fd::AsFd| give_to(fd, owner).map_err(std::io::Error::from);
-        let mut auto = std::fs::File::from(dir.open_file(
-            Path::new("postgresql.auto.conf"),
-            OFlags::WRONLY | OFlags::APPEND | OFlags::CREATE,
-        )?);
+        let auto_conf = Path::new("postgresql.auto.conf");
+        let existing = match dir.open_file(auto_conf, OFlags::RDONLY) {
+            Ok(fd) => std::io::read_to_string(std::fs::File::from(fd))?,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
+            Err(e) => return Err(e),
+        };
+        let (kept, mut removed) = without_recovery_settings(&existing);
+        // A new file renamed over the old: a restore stopped here leaves one or the other.
+        let staged = Path::new("postgresql.auto.conf.lifeboat");
+        let _ = rustix::fs::unlinkat(dir.fd(), staged, rustix::fs::AtFlags::empty());
+        let mut auto = std::fs::File::from(
+            dir.open_file(staged, OFlags::WRONLY | OFlags::CREATE | OFlags::EXCL)?,
+        );
+        std::io::Write::write_all(&mut auto, kept.as_bytes())?;
         std::io::Write::write_all(&mut auto, settings.as_bytes())?;
         give(&auto)?;
+        rustix::fs::renameat(dir.fd(), staged, dir.fd(), auto_conf)?;
+        // A standby's signal would make the restored cluster a standby that never promotes.
+        match rustix::fs::unlinkat(dir.fd(), "standby.signal", rustix::fs::AtFlags::empty()) {
+            Ok(()) => removed.push("standby.signal".to_string()),
+            Err(rustix::io::Errno::NOENT) => {}
+            Err(e) => return Err(e.into()),
+        }
         give(&dir.open_file(
             Path::new("recovery.signal"),
             OFlags::WRONLY | OFlags::CREATE | OFlags::TRUNC,
@@ -316,7 +406,7 @@ fn configure_recovery(
         )?)?;
         rustix::fs::fchmod(dir.fd(), rustix::fs::Mode::from_raw_mode(0o700))?;
         give_to(dir.fd(), owner)?;
-        Ok(())
+        Ok(removed)
     };
     write().map_err(|e| {
         Error::new(
@@ -399,4 +489,35 @@ fn in_production(binaries: &Binaries, into: &Path) -> bool {
                 .lines()
                 .any(|l| l.starts_with("Database cluster state:") && l.ends_with("in production"))
         })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn inherited_recovery_settings_are_removed_and_named_without_their_values() {
+        let auto_conf = "# Do not edit this file manually!\n\
+            shared_buffers = '1GB'\n\
+            recovery_target_time = '2026-11-26 14:01:00+00'\n\
+            Recovery_Target_Action='promote'\n\
+            primary_conninfo = 'host=db-1 password=secret'\n\
+            restore_command = 'old'\n\
+            restore_command = 'older'\n";
+        let (kept, removed) = without_recovery_settings(auto_conf);
+        assert_eq!(
+            kept,
+            "# Do not edit this file manually!\nshared_buffers = '1GB'\n"
+        );
+        assert_eq!(
+            removed,
+            [
+                "recovery_target_time",
+                "recovery_target_action",
+                "primary_conninfo",
+                "restore_command"
+            ]
+        );
+        assert!(!removed.concat().contains("secret"));
+    }
 }
