@@ -71,7 +71,17 @@ pub fn lifeboat(config: &Path, args: &[&str]) -> Run {
 }
 
 pub fn run_command(command: &mut Command) -> Run {
-    Run::from_output(command.output().expect("run command"))
+    // A binary copied just now can be "busy": a child another test forked meanwhile holds the
+    // copy's descriptor until its own exec closes it.
+    for _ in 0..100 {
+        match command.output() {
+            Err(e) if e.kind() == std::io::ErrorKind::ExecutableFileBusy => {
+                std::thread::sleep(std::time::Duration::from_millis(10));
+            }
+            output => return Run::from_output(output.expect("run command")),
+        }
+    }
+    panic!("the binary stayed busy for a second");
 }
 
 pub fn write_config(dir: &Path, text: &str) -> PathBuf {
