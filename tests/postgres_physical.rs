@@ -810,3 +810,29 @@ async fn a_physical_drill_from_the_second_region_measures_the_archive_rpo() {
         "the scratch cluster is removed"
     );
 }
+
+/// A target the archive does not reach stops recovery with PostgreSQL's own error; the
+/// restore fails with the log's last lines and how to go on from there (the directory holds
+/// a base backup part-way through recovery).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_recovery_that_stops_short_says_how_to_go_on() {
+    let region = SeaweedFs::start().await;
+    region.create_bucket(BUCKET).await;
+    let work = shared_work_dir();
+    let (source, config) = archiving_cluster(work.path(), &[&region], "");
+    source.create_app_database(50_000);
+    lifeboat(&config, &["backup", JOB]).assert_code(0);
+    source.archive_current_wal();
+    let data_dir = work.path().join("restored");
+    let _restored = Restored(data_dir.clone());
+    let beyond = (chrono::Utc::now() + chrono::Duration::hours(1)).to_rfc3339();
+    let run = restore_started(&config, &data_dir, free_port(), &["--to-time", &beyond]);
+    assert_ne!(run.code, 0, "{}", run.stdout);
+    for said in [
+        "recovery ended before configured recovery target was reached",
+        "holds the base backup part-way through recovery",
+        &format!("pg_ctl -D {} start", data_dir.display()),
+    ] {
+        assert!(run.stderr.contains(said), "{said}: {}", run.stderr);
+    }
+}

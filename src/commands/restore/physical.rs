@@ -455,6 +455,11 @@ async fn start_and_wait(binaries: &Binaries, into: &Path, owner: Option<(u32, u3
             log.display(),
             tail.into_iter().rev().collect::<Vec<_>>().join("\n")
         ))
+        .with_hint(format!(
+            "'{}' holds the base backup part-way through recovery: fix what the log names and start it again as its owner (`pg_ctl -D {} start`; replay goes on from where it stopped), or empty it and run the restore again",
+            into.display(),
+            into.display()
+        ))
     };
     if let Err(e) = started {
         let hint = failed("did not start").hints().join("\n");
