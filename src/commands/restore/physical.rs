@@ -435,6 +435,13 @@ async fn start_and_wait(binaries: &Binaries, into: &Path, owner: Option<(u32, u3
     if let Some((uid, gid)) = owner {
         use std::os::unix::process::CommandExt;
         pg_ctl.uid(uid).gid(gid);
+        // The server's wal-fetch then reads its user's own files (`~/.aws`), not root's,
+        // which it may not read: each try warned into the recovery log, pushing the cause
+        // of a failure out of the lines a failed restore shows.
+        match home_of(uid) {
+            Some(home) => pg_ctl.env("HOME", home),
+            None => pg_ctl.env_remove("HOME"),
+        };
     }
     let started = tokio::task::spawn_blocking(move || {
         crate::sources::process::run(pg_ctl, "start the restored server with pg_ctl")
@@ -480,6 +487,21 @@ async fn start_and_wait(binaries: &Binaries, into: &Path, owner: Option<(u32, u3
         if alive && !into.join("recovery.signal").exists() && in_production(binaries, into) {
             return Ok(());
         }
+    }
+}
+
+/// The home directory of the user `uid`, from the password database.
+fn home_of(uid: u32) -> Option<PathBuf> {
+    use std::os::unix::ffi::OsStrExt;
+    // SAFETY: getpwuid returns null or an entry in static storage, whose directory is
+    // copied out before any other call.
+    unsafe {
+        let entry = libc::getpwuid(uid);
+        if entry.is_null() || (*entry).pw_dir.is_null() {
+            return None;
+        }
+        let dir = std::ffi::CStr::from_ptr((*entry).pw_dir);
+        Some(PathBuf::from(std::ffi::OsStr::from_bytes(dir.to_bytes())))
     }
 }
 
