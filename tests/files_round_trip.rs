@@ -114,10 +114,7 @@ fn restore_refuses_a_directory_that_is_not_empty() {
     lifeboat(&config, &["backup", "config"]).assert_code(0);
     let into = work.path().join("busy");
     tree::write_file(&into.join("keep.me"), b"precious\n", 0o644);
-    let run = lifeboat(
-        &config,
-        &["restore", "config", "--into", into.to_str().unwrap()],
-    );
+    let run = restore_into(&config, &into);
     run.assert_code(1);
     assert!(run.stderr.contains("is not empty"), "{}", run.stderr);
     assert_eq!(std::fs::read(into.join("keep.me")).unwrap(), b"precious\n");
@@ -131,10 +128,7 @@ fn restore_refuses_a_directory_that_is_not_empty() {
         b"mine\n",
         0o644,
     );
-    let run = lifeboat(
-        &config,
-        &["restore", "config", "--into", lookalike.to_str().unwrap()],
-    );
+    let run = restore_into(&config, &lookalike);
     run.assert_code(1);
     assert!(run.stderr.contains("is not empty"), "{}", run.stderr);
     assert_eq!(
@@ -150,10 +144,7 @@ fn restore_refuses_a_directory_that_is_not_empty() {
     tree::write_file(&staging.join(".lifeboat-staging"), b"", 0o600);
     std::fs::write(staging.join("moving"), b"tmp\0").unwrap();
     tree::write_file(&partial.join("tmp/half/moved.conf"), b"x\n", 0o644);
-    let run = lifeboat(
-        &config,
-        &["restore", "config", "--into", partial.to_str().unwrap()],
-    );
+    let run = restore_into(&config, &partial);
     run.assert_code(0);
     for removed in [&staging, &partial.join("tmp")] {
         let said = format!("removed '{}'", removed.display());
@@ -171,10 +162,7 @@ fn restore_refuses_a_directory_that_is_not_empty() {
     tree::write_file(&partial.join("tmp/added-since"), b"mine\n", 0o644);
     let staging = partial.join(".lifeboat-restore-0badf00d");
     tree::write_file(&staging.join(".lifeboat-staging"), b"", 0o600);
-    let run = lifeboat(
-        &config,
-        &["restore", "config", "--into", partial.to_str().unwrap()],
-    );
+    let run = restore_into(&config, &partial);
     run.assert_code(1);
     assert!(run.stderr.contains("is not empty"), "{}", run.stderr);
     assert_eq!(
@@ -192,10 +180,7 @@ fn restore_refuses_a_directory_that_is_not_empty() {
     let staging = volume.join(".lifeboat-restore-0badbeef");
     tree::write_file(&staging.join(".lifeboat-staging"), b"", 0o600);
     std::fs::write(staging.join("moving"), b"lost+found\0").unwrap();
-    let run = lifeboat(
-        &config,
-        &["restore", "config", "--into", volume.to_str().unwrap()],
-    );
+    let run = restore_into(&config, &volume);
     run.assert_code(1);
     assert!(run.stderr.contains("is not empty"), "{}", run.stderr);
     assert!(volume.join("lost+found/#1234").exists());
@@ -258,10 +243,7 @@ fn a_restore_onto_a_freshly_mounted_volume_lands_whole() {
     let volume = Tmpfs::mount(&work.path().join("new-disk"), "size=64m");
     // What mkfs.ext4 leaves on a new filesystem.
     std::fs::create_dir(volume.0.join("lost+found")).unwrap();
-    let run = lifeboat(
-        &config,
-        &["restore", "config", "--into", volume.0.to_str().unwrap()],
-    );
+    let run = restore_into(&config, &volume.0);
     run.assert_code(0);
     tree::assert_same(&source, &restored_root(&volume.0, &source));
     let top: Vec<_> = std::fs::read_dir(&volume.0)
@@ -303,11 +285,7 @@ fn hard_links_are_stored_once_and_restored_as_links() {
     assert_eq!(listing.stdout.trim(), "2", "{}", listing.stdout);
 
     let into = work.path().join("restored");
-    lifeboat(
-        &config,
-        &["restore", "config", "--into", into.to_str().unwrap()],
-    )
-    .assert_code(0);
+    restore_into(&config, &into).assert_code(0);
     let root = restored_root(&into, &source);
     let first = std::fs::metadata(root.join("a/data.bin")).unwrap();
     assert_eq!(first.nlink(), 3);
