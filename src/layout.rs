@@ -7,6 +7,7 @@
 //! jobs/JOB/wal/TIMELINE/FILE.zst               WAL archive (segments, .history, .backup)
 //! jobs/JOB/verified/BACKUP_ID.json             the last `verify` that found it intact
 //! jobs/JOB/prune.json                          backups a `prune` is removing, until it ends
+//! jobs/JOB/cluster.json                        the cluster whose WAL the job archives
 //! drills/DRILL/TIMESTAMP.json                  drill reports, kept with the backups
 //! ```
 
@@ -52,6 +53,10 @@ pub fn verified_prefix(job: &str) -> String {
 
 pub fn verified_key(job: &str, id: &str) -> String {
     format!("jobs/{job}/verified/{id}.json")
+}
+
+pub fn cluster_record_key(job: &str) -> String {
+    format!("jobs/{job}/cluster.json")
 }
 
 pub fn prune_journal_key(job: &str) -> String {

@@ -14,6 +14,7 @@ use crate::manifest::Manifest;
 use crate::storage::local::LocalStore;
 use crate::storage::s3::S3Store;
 use crate::storage::{self, ByteStream, Store, StoreError};
+use crate::wal::ClusterRecord;
 
 const MARKER_FORMAT: u32 = 1;
 
@@ -158,6 +159,51 @@ impl Repository {
             .with_hint("upgrade lifeboat on this host"));
         }
         Ok(())
+    }
+
+    /// The record of the cluster whose WAL `job` archives here, if one was made.
+    pub async fn cluster_record(&self, job: &str) -> Result<Option<ClusterRecord>> {
+        let key = layout::cluster_record_key(job);
+        let bytes = match storage::get_bytes(self.store.as_ref(), &key).await {
+            Ok(bytes) => bytes,
+            Err(e) if e.is_not_found() => return Ok(None),
+            Err(e) => return Err(self.error(&format!("read the cluster record '{key}'"), e)),
+        };
+        serde_json::from_slice(&bytes).map(Some).map_err(|e| {
+            Error::new(
+                ErrorKind::Verification,
+                format!(
+                    "unable to read the cluster record '{key}' in repository '{}': {e}",
+                    self.name
+                ),
+            )
+            .with_hint(format!(
+                "it names the cluster job '{job}' archives; remove it and the next backup or wal-push of the job records it again"
+            ))
+        })
+    }
+
+    /// Records `record` as the cluster `job` archives unless a record is there already, and
+    /// returns the one the repository holds: two hosts writing at once keep the first.
+    pub async fn keep_cluster_record(
+        &self,
+        job: &str,
+        record: &ClusterRecord,
+    ) -> Result<ClusterRecord> {
+        if let Some(held) = self.cluster_record(job).await? {
+            return Ok(held);
+        }
+        self.ensure_marker().await?;
+        let key = layout::cluster_record_key(job);
+        let body = Bytes::from(serde_json::to_vec_pretty(record).expect("record serializes"));
+        match self.store.create_if_absent(&key, body).await {
+            Ok(()) => Ok(record.clone()),
+            Err(StoreError::AlreadyExists { .. }) => Ok(self
+                .cluster_record(job)
+                .await?
+                .unwrap_or_else(|| record.clone())),
+            Err(e) => Err(self.error(&format!("write the cluster record '{key}'"), e)),
+        }
     }
 
     /// Ids of the committed backups of `job`, newest first. Directories without a

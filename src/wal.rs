@@ -128,9 +128,276 @@ impl WalFile {
     }
 }
 
+/// The fixed part of the first page of a WAL segment file: PostgreSQL's
+/// `XLogLongPageHeaderData`, in the byte order of the hosts lifeboat runs on (little-endian).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SegmentHeader {
+    pub magic: u16,
+    pub timeline: u32,
+    pub page_address: u64,
+    pub system_identifier: u64,
+    pub segment_size: u64,
+    pub block_size: u32,
+}
+
+/// `XLP_LONG_HEADER`: set on the first page of every segment.
+const LONG_HEADER_FLAG: u16 = 0x0002;
+const LONG_HEADER_SIZE: usize = 40;
+
+/// `XLOG_PAGE_MAGIC` of each PostgreSQL release lifeboat knows, by major version. A release
+/// changes it whenever the WAL format changes, so it names the server that wrote a segment.
+const PAGE_MAGICS: [(u32, u16); 9] = [
+    (10, 0xD097),
+    (11, 0xD098),
+    (12, 0xD101),
+    (13, 0xD106),
+    (14, 0xD10D),
+    (15, 0xD110),
+    (16, 0xD113),
+    (17, 0xD116),
+    (18, 0xD118),
+];
+
+/// The WAL page magic of PostgreSQL `major`, when lifeboat knows that release.
+pub fn page_magic_of(major: u32) -> Option<u16> {
+    PAGE_MAGICS
+        .iter()
+        .find(|(version, _)| *version == major)
+        .map(|(_, magic)| *magic)
+}
+
+/// The PostgreSQL release whose WAL carries `magic`, when lifeboat knows it.
+pub fn major_of_page_magic(magic: u16) -> Option<u32> {
+    PAGE_MAGICS
+        .iter()
+        .find(|(_, known)| *known == magic)
+        .map(|(version, _)| *version)
+}
+
+/// Every PostgreSQL release so far has used a magic in this range; a later one will too,
+/// and is accepted until the job's cluster record pins the magic.
+fn is_page_magic(magic: u16) -> bool {
+    (0xD000..=0xD1FF).contains(&magic)
+}
+
+impl SegmentHeader {
+    /// Reads the long page header at the start of `bytes`; says what is wrong when there is
+    /// none.
+    pub fn read(bytes: &[u8]) -> std::result::Result<SegmentHeader, String> {
+        let Some(header) = bytes.get(..LONG_HEADER_SIZE) else {
+            return Err(format!(
+                "it is {} bytes long, too short to hold a WAL page header",
+                bytes.len()
+            ));
+        };
+        let u16_at = |at: usize| u16::from_le_bytes([header[at], header[at + 1]]);
+        let u32_at =
+            |at: usize| u32::from_le_bytes(header[at..at + 4].try_into().expect("4 bytes"));
+        let u64_at =
+            |at: usize| u64::from_le_bytes(header[at..at + 8].try_into().expect("8 bytes"));
+        let magic = u16_at(0);
+        if !is_page_magic(magic) {
+            return Err(format!(
+                "it does not start with a WAL page header (magic 0x{magic:04X}, not one PostgreSQL writes)"
+            ));
+        }
+        if u16_at(2) & LONG_HEADER_FLAG == 0 {
+            return Err(
+                "its first page header is not the long header a segment starts with".to_string(),
+            );
+        }
+        let header = SegmentHeader {
+            magic,
+            timeline: u32_at(4),
+            page_address: u64_at(8),
+            system_identifier: u64_at(24),
+            segment_size: u64::from(u32_at(32)),
+            block_size: u32_at(36),
+        };
+        if !is_segment_size(header.segment_size) {
+            return Err(format!(
+                "its header gives a segment size of {} bytes, which PostgreSQL does not use",
+                header.segment_size
+            ));
+        }
+        if !(header.block_size.is_power_of_two() && (1024..=65536).contains(&header.block_size)) {
+            return Err(format!(
+                "its header gives a WAL block size of {} bytes, which PostgreSQL does not use",
+                header.block_size
+            ));
+        }
+        Ok(header)
+    }
+}
+
+/// Checks that `bytes` can be the WAL file `file` (a segment or a `.partial` one): a long
+/// page header whose page address is where the name says, on the name's timeline or an
+/// ancestor (a new timeline's first segment is a copy of its parent's), and the size the
+/// header gives (a `.partial` file may be shorter). Says what does not match.
+pub fn check_segment(file: &WalFile, bytes: &[u8]) -> std::result::Result<SegmentHeader, String> {
+    let header = SegmentHeader::read(bytes)?;
+    let size = bytes.len() as u64;
+    match file.kind {
+        WalFileKind::Segment if size != header.segment_size => {
+            return Err(format!(
+                "it is {size} bytes long and its header gives segments of {} bytes: it is cut short or padded",
+                header.segment_size
+            ));
+        }
+        WalFileKind::Partial if size > header.segment_size => {
+            return Err(format!(
+                "it is {size} bytes long, more than the {} bytes its header gives a segment",
+                header.segment_size
+            ));
+        }
+        _ => {}
+    }
+    let Some(segment) = file.segment(header.segment_size) else {
+        return Err(format!(
+            "its name is no segment of {} bytes",
+            header.segment_size
+        ));
+    };
+    let expected = segment * header.segment_size;
+    if header.page_address != expected {
+        let holds = header.page_address / header.segment_size;
+        return Err(format!(
+            "its header says it holds the WAL at {} (segment {}), not {} as its name says",
+            Lsn(header.page_address),
+            segment_name(file.timeline, holds, header.segment_size),
+            Lsn(expected)
+        ));
+    }
+    if header.timeline == 0 || header.timeline > file.timeline {
+        return Err(format!(
+            "its header says timeline {}, which cannot lead to timeline {} in its name",
+            header.timeline, file.timeline
+        ));
+    }
+    Ok(header)
+}
+
+/// The cluster whose WAL a job archives, as a repository records it (`cluster.json` beside
+/// the job's backups): learned from the job's first backup or first archived segment, then
+/// held against every segment pushed and every backup taken, so that one cluster's WAL
+/// never lands among another's.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct ClusterRecord {
+    /// As `pg_control_system()` prints it: decimal.
+    pub system_identifier: String,
+    pub wal_segment_size: u64,
+    /// Absent when it was learned from a server release lifeboat does not know.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub wal_page_magic: Option<u16>,
+    /// "backup ID" or "wal-push of NAME": where it came from, for the operator.
+    pub learned_from: String,
+    pub learned_at: chrono::DateTime<chrono::Utc>,
+}
+
+impl ClusterRecord {
+    pub fn from_segment(header: &SegmentHeader, name: &str) -> ClusterRecord {
+        ClusterRecord {
+            system_identifier: header.system_identifier.to_string(),
+            wal_segment_size: header.segment_size,
+            wal_page_magic: Some(header.magic),
+            learned_from: format!("wal-push of {name}"),
+            learned_at: chrono::Utc::now(),
+        }
+    }
+
+    /// What makes a segment with `header` not this cluster's WAL, if anything.
+    pub fn mismatch(&self, header: &SegmentHeader) -> Option<String> {
+        if self.system_identifier != header.system_identifier.to_string() {
+            return Some(format!(
+                "it was written by the cluster with system identifier {}, and this job archives the cluster {} (learned from {})",
+                header.system_identifier, self.system_identifier, self.learned_from
+            ));
+        }
+        if self.wal_segment_size != header.segment_size {
+            return Some(format!(
+                "its segments are {} bytes, and this job's cluster writes segments of {} bytes",
+                header.segment_size, self.wal_segment_size
+            ));
+        }
+        match self.wal_page_magic {
+            Some(magic) if magic != header.magic => Some(format!(
+                "it is WAL of {} (page magic 0x{:04X}), and this job's cluster writes WAL of {} (0x{magic:04X})",
+                describe_release(header.magic),
+                header.magic,
+                describe_release(magic)
+            )),
+            _ => None,
+        }
+    }
+}
+
+fn describe_release(magic: u16) -> String {
+    match major_of_page_magic(magic) {
+        Some(major) => format!("PostgreSQL {major}"),
+        None => "a PostgreSQL release lifeboat does not know".to_string(),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A long page header as PostgreSQL 15 writes it, then `size` bytes in all.
+    pub(crate) fn segment_bytes(timeline: u32, segment: u64, system: u64, size: usize) -> Vec<u8> {
+        let mut bytes = vec![0u8; size];
+        let mb16 = 16u32 << 20;
+        let header = [
+            &0xD110u16.to_le_bytes()[..],
+            &LONG_HEADER_FLAG.to_le_bytes(),
+            &timeline.to_le_bytes(),
+            &(segment * u64::from(mb16)).to_le_bytes(),
+            &0u32.to_le_bytes(),
+            &[0; 4],
+            &system.to_le_bytes(),
+            &mb16.to_le_bytes(),
+            &8192u32.to_le_bytes(),
+        ]
+        .concat();
+        let n = header.len().min(size);
+        bytes[..n].copy_from_slice(&header[..n]);
+        bytes
+    }
+
+    #[test]
+    fn a_segment_must_be_what_its_name_says() {
+        let mb16 = 16 << 20;
+        let file = |name: &str| WalFile::parse(name).unwrap();
+        let name = "000000010000000000000006";
+        let good = segment_bytes(1, 6, 42, mb16);
+        let header = check_segment(&file(name), &good).unwrap();
+        assert_eq!((header.system_identifier, header.magic), (42, 0xD110));
+        assert_eq!(major_of_page_magic(header.magic), Some(15));
+        assert_eq!(page_magic_of(15), Some(0xD110));
+
+        let refused = |bytes: &[u8], name: &str| check_segment(&file(name), bytes).unwrap_err();
+        assert!(refused(&[], name).contains("0 bytes long, too short"));
+        assert!(refused(&good[..8 << 20], name).contains("cut short"));
+        assert!(refused(&vec![0x5a; mb16], name).contains("magic 0x5A5A"));
+        assert!(
+            refused(&good, "000000010000000000000010").contains("segment 000000010000000000000006")
+        );
+        // The first segment of timeline 2 starts as a copy of timeline 1's: allowed. A
+        // later timeline in the header than in the name is not.
+        check_segment(&file("000000020000000000000006"), &good).unwrap();
+        let tl3 = segment_bytes(3, 6, 42, mb16);
+        assert!(refused(&tl3, "000000020000000000000006").contains("timeline 3"));
+        // A .partial file may be shorter than a segment, never longer.
+        check_segment(&file("000000010000000000000006.partial"), &good[..1 << 20]).unwrap();
+        let mut long = good.clone();
+        long.push(0);
+        assert!(refused(&long, "000000010000000000000006.partial").contains("more than"));
+        let mut short_header = good.clone();
+        short_header[2] = 0;
+        assert!(refused(&short_header, name).contains("long header"));
+        let mut odd_size = good.clone();
+        odd_size[32..36].copy_from_slice(&(3u32 << 20).to_le_bytes());
+        assert!(refused(&odd_size, name).contains("segment size of 3145728"));
+    }
 
     #[test]
     fn lsns_parse_and_print_like_postgres() {

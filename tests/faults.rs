@@ -615,8 +615,13 @@ async fn wal_push_and_drill_retry_transient_faults_and_fail_loudly_on_lasting_on
     let mut segment_number = 0;
     let mut next_segment = || {
         segment_number += 1;
-        let path = wal_dir.join(format!("0000000100000000{segment_number:08X}"));
-        tree::write_file(&path, &tree::noise(16 << 20, segment_number), 0o600);
+        let name = format!("0000000100000000{segment_number:08X}");
+        let path = wal_dir.join(&name);
+        tree::write_file(
+            &path,
+            &tree::wal_segment(&name, tree::FAKE_SYSTEM, segment_number),
+            0o600,
+        );
         path
     };
     let cases: Vec<(&str, Rule, Expect)> = vec![

@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 
 use crate::common::postgres::{Postgres, free_port, stop_data_dir};
 use crate::common::{
-    Run, SeaweedFs, Tmpfs, is_root, lifeboat, lifeboat_command, run_command, seaweedfs,
+    Run, SeaweedFs, Tmpfs, is_root, lifeboat, lifeboat_command, run_command, seaweedfs, tree,
     write_config,
 };
 
@@ -535,16 +535,16 @@ fn split_sequences(fingerprint: &str) -> (Vec<&str>, Vec<(String, u64)>) {
     (others, sequences)
 }
 
-/// A file named like a WAL segment, 16 MiB, whose content depends on `seed`.
+/// A WAL segment named `name` in its own directory, 16 MiB, whose content depends on `seed`.
 fn fake_segment(dir: &Path, name: &str, seed: u8) -> PathBuf {
     let dir = dir.join(format!("pg_wal-{seed}"));
     std::fs::create_dir_all(&dir).unwrap();
     let path = dir.join(name);
-    let mut bytes = vec![0u8; 16 * 1024 * 1024];
-    for (index, byte) in bytes.iter_mut().enumerate().step_by(4096) {
-        *byte = seed ^ (index / 4096) as u8;
-    }
-    std::fs::write(&path, bytes).unwrap();
+    std::fs::write(
+        &path,
+        tree::wal_segment(name, tree::FAKE_SYSTEM, seed.into()),
+    )
+    .unwrap();
     path
 }
 
@@ -725,6 +725,58 @@ async fn a_cluster_without_archiving_is_refused_with_the_setting_to_change() {
         "{}",
         check.stdout
     );
+}
+
+/// A job archives one cluster. A backup of another (a cluster made again by initdb or
+/// pg_upgrade, a DSN pointed at the wrong server) into it is refused before it is taken:
+/// its WAL would otherwise be mixed with the first cluster's under the same names.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backup_of_another_cluster_into_the_job_is_refused() {
+    let region = SeaweedFs::start().await;
+    region.create_bucket(BUCKET).await;
+    let work = shared_work_dir();
+    let (source, config) = archiving_cluster(work.path(), &[&region], "");
+    lifeboat(&config, &["backup", JOB]).assert_code(0);
+    let system = source.psql(
+        "postgres",
+        "select system_identifier from pg_control_system()",
+    );
+    let key = format!("{PREFIX}/jobs/{JOB}/cluster.json");
+    let record: serde_json::Value =
+        serde_json::from_slice(&region.object(BUCKET, &key).await).unwrap();
+    assert_eq!(record["system_identifier"], system.as_str(), "{record}");
+    assert_eq!(record["wal_segment_size"], 16 << 20, "{record}");
+
+    // The job's record names another cluster: this server is the stranger now.
+    let mut other = record.clone();
+    other["system_identifier"] = "7000000000000000001".into();
+    region
+        .client()
+        .put_object()
+        .bucket(BUCKET)
+        .key(&key)
+        .body(serde_json::to_vec(&other).unwrap().into())
+        .send()
+        .await
+        .unwrap();
+    let manifests = region.manifest_keys(BUCKET).await;
+    let refused = lifeboat(&config, &["backup", JOB]);
+    refused.assert_code(1);
+    assert!(
+        refused.stderr.contains(&format!(
+            "refusing to back up job '{JOB}': the server is the cluster with system identifier {system}"
+        )) && refused
+            .stderr
+            .contains("repository 'region1' holds this job's backups and WAL of the cluster 7000000000000000001"),
+        "{}",
+        refused.stderr
+    );
+    assert!(
+        refused.stderr.contains("a job of its own"),
+        "{}",
+        refused.stderr
+    );
+    assert_eq!(region.manifest_keys(BUCKET).await, manifests);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

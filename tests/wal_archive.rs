@@ -2,7 +2,7 @@
 //! archived", which ends recovery) only when a repository that is there answers that it
 //! lacks the file; anything it cannot tell exits 255, which stops recovery.
 
-use crate::common::{files_job, lifeboat, local_repository, write_config};
+use crate::common::{Run, files_job, lifeboat, local_repository, tree, write_config};
 
 /// An unmounted repository (its mount point empty, or gone) lacks every file, and used to
 /// read as "not archived": PostgreSQL then ended recovery early and promoted, losing
@@ -79,5 +79,178 @@ fn a_target_time_without_a_zone_says_what_to_add() {
             .contains("it has no time zone: write 2026-11-26T14:01:00Z for UTC"),
         "{}",
         run.stderr
+    );
+}
+
+/// A local repository and a physical job `db` that has archived the genuine segment
+/// 000000010000000000000005 of `tree::FAKE_SYSTEM`: the repository has learned the cluster.
+struct Archive {
+    work: tempfile::TempDir,
+    config: std::path::PathBuf,
+    repository: std::path::PathBuf,
+}
+
+const NAME: &str = "000000010000000000000006";
+
+impl Archive {
+    fn new() -> Archive {
+        let work = tempfile::tempdir().unwrap();
+        let repository = work.path().join("repo");
+        let config = write_config(
+            work.path(),
+            &format!(
+                "{}[[job]]\nname = \"db\"\nkind = \"postgres\"\nmode = \"physical\"\ndsn = \"postgresql://postgres@127.0.0.1:9/postgres\"\n",
+                local_repository("local", &repository),
+            ),
+        );
+        let archive = Archive {
+            work,
+            config,
+            repository,
+        };
+        let first = "000000010000000000000005";
+        archive
+            .push(first, &tree::wal_segment(first, tree::FAKE_SYSTEM, 5))
+            .assert_code(0);
+        archive
+    }
+
+    /// `wal-push` of `bytes` as PostgreSQL hands it over: `pg_wal/NAME`.
+    fn push(&self, name: &str, bytes: &[u8]) -> Run {
+        let dir = self.work.path().join("pg_wal");
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join(name);
+        std::fs::write(&path, bytes).unwrap();
+        lifeboat(
+            &self.config,
+            &["wal-push", "--job", "db", path.to_str().unwrap()],
+        )
+    }
+
+    fn stored(&self, name: &str) -> bool {
+        self.repository
+            .join(format!("jobs/db/wal/{}/{name}.zst", &name[..8]))
+            .exists()
+    }
+
+    /// Pushing `bad` as NAME is refused saying `why`, stores nothing, and the genuine
+    /// segment is archived after it and comes back whole.
+    fn refuses_then_takes_the_genuine(&self, bad: &[u8], why: &str) {
+        let refused = self.push(NAME, bad);
+        refused.assert_code(1);
+        assert!(
+            refused.stderr.contains(&format!(
+                "refusing to archive WAL file '{NAME}' of job 'db'"
+            )) && refused.stderr.contains(why),
+            "{}",
+            refused.stderr
+        );
+        assert!(refused.stderr.contains("nothing was stored"));
+        assert!(!self.stored(NAME), "a refused file was stored");
+
+        let genuine = tree::wal_segment(NAME, tree::FAKE_SYSTEM, 6);
+        self.push(NAME, &genuine).assert_code(0);
+        let fetched = self.work.path().join("fetched");
+        lifeboat(
+            &self.config,
+            &["wal-fetch", "--job", "db", NAME, fetched.to_str().unwrap()],
+        )
+        .assert_code(0);
+        assert_eq!(std::fs::read(&fetched).unwrap(), genuine);
+    }
+}
+
+/// A segment cut short (a full disk, a copy stopped halfway) was archived, and PostgreSQL's
+/// later push of the whole one refused as a different file.
+#[test]
+fn wal_push_refuses_a_truncated_segment() {
+    let archive = Archive::new();
+    let genuine = tree::wal_segment(NAME, tree::FAKE_SYSTEM, 6);
+    archive.refuses_then_takes_the_genuine(
+        &genuine[..8 << 20],
+        "it is 8388608 bytes long and its header gives segments of 16777216 bytes",
+    );
+}
+
+#[test]
+fn wal_push_refuses_an_empty_file() {
+    let archive = Archive::new();
+    archive.refuses_then_takes_the_genuine(&[], "it is 0 bytes long, too short");
+}
+
+#[test]
+fn wal_push_refuses_bytes_that_are_no_wal() {
+    let archive = Archive::new();
+    archive.refuses_then_takes_the_genuine(
+        &tree::noise(16 << 20, 99),
+        "it does not start with a WAL page header",
+    );
+}
+
+/// Segment 3's contents under segment 6's name: replayed, it would put old WAL where new
+/// WAL belongs.
+#[test]
+fn wal_push_refuses_a_segment_under_another_name() {
+    let archive = Archive::new();
+    let other = "000000010000000000000003";
+    archive.refuses_then_takes_the_genuine(
+        &tree::wal_segment(other, tree::FAKE_SYSTEM, 3),
+        &format!("its header says it holds the WAL at 0/3000000 (segment {other}), not 0/6000000"),
+    );
+}
+
+/// Another cluster's segment under a name this job has not used yet.
+#[test]
+fn wal_push_refuses_another_clusters_segment() {
+    let archive = Archive::new();
+    let foreign = tree::FAKE_SYSTEM + 1;
+    archive.refuses_then_takes_the_genuine(
+        &tree::wal_segment(NAME, foreign, 6),
+        &format!(
+            "it was written by the cluster with system identifier {foreign}, and this job archives the cluster {} (learned from wal-push of 000000010000000000000005)",
+            tree::FAKE_SYSTEM
+        ),
+    );
+}
+
+/// A repository written by an older lifeboat may hold a segment that can never be replayed;
+/// the genuine segment is refused (the archive keeps what it has) with which copy is valid
+/// and what to remove.
+#[test]
+fn a_conflict_with_a_broken_archived_copy_says_which_one_is_valid() {
+    let archive = Archive::new();
+    let genuine = tree::wal_segment(NAME, tree::FAKE_SYSTEM, 6);
+    let key = format!("jobs/db/wal/00000001/{NAME}.zst");
+    let broken = zstd::encode_all(&genuine[..8 << 20], 1).unwrap();
+    std::fs::write(archive.repository.join(&key), &broken).unwrap();
+
+    let refused = archive.push(NAME, &genuine);
+    refused.assert_code(1);
+    assert!(
+        refused
+            .stderr
+            .contains("already holds a different file under that name, and that one can never be replayed: it is 8388608 bytes long")
+            && refused.stderr.contains("The file being pushed is a valid segment")
+            && refused.stderr.contains(&format!("remove '{key}' from repository 'local'")),
+        "{}",
+        refused.stderr
+    );
+    assert_eq!(
+        std::fs::read(archive.repository.join(&key)).unwrap(),
+        broken
+    );
+    std::fs::remove_file(archive.repository.join(&key)).unwrap();
+    archive.push(NAME, &genuine).assert_code(0);
+
+    // Two valid segments of the cluster under one name: said as such.
+    let other = tree::wal_segment(NAME, tree::FAKE_SYSTEM, 8);
+    let twice = archive.push(NAME, &other);
+    twice.assert_code(1);
+    assert!(
+        twice
+            .stderr
+            .contains("both are valid segments of this job's cluster"),
+        "{}",
+        twice.stderr
     );
 }

@@ -20,7 +20,7 @@ use crate::layout;
 use crate::pipeline::Tally;
 use crate::repository::Repository;
 use crate::storage::{self, StoreError};
-use crate::wal::{WalFile, WalFileKind};
+use crate::wal::{self, ClusterRecord, WalFile, WalFileKind};
 
 /// Whether `file` is archived encrypted: segments are, when `[encryption]` is configured.
 /// Timeline and backup history files hold LSNs, times and the backup label, never data;
@@ -151,6 +151,17 @@ pub async fn push(config: &Config, options: &WalPushOptions) -> Result<WalPushRe
         .with_source(e)
     })?;
     let raw_size = raw.len() as u64;
+    let header = match file.kind {
+        WalFileKind::Segment | WalFileKind::Partial => {
+            Some(wal::check_segment(&file, &raw).map_err(|problem| {
+                refusal(&file, &job.name, &problem).with_hint(format!(
+                    "PostgreSQL keeps the file and calls again; look at '{}' (a damaged disk, a file copied in by hand, a pg_wal of another cluster)",
+                    options.path.display()
+                ))
+            })?)
+        }
+        WalFileKind::History | WalFileKind::BackupLabel => None,
+    };
     let level = config.compression.level;
     let threads = config.compression.threads;
     let recipients = match encrypts(config, &file) {
@@ -170,14 +181,7 @@ pub async fn push(config: &Config, options: &WalPushOptions) -> Result<WalPushRe
                 .with_source(e)
             })?;
     let key = layout::wal_key(&job.name, &file, encrypted);
-    let repositories = Repository::open_all(config).await;
-    let outcomes = futures::future::join_all(
-        repositories
-            .iter()
-            .map(|repository| place(repository, &key, body.clone(), &raw_sha256)),
-    )
-    .await;
-
+    let all = Repository::open_all(config).await;
     let mut report = WalPushReport {
         job: job.name.clone(),
         file: file.name.clone(),
@@ -188,6 +192,17 @@ pub async fn push(config: &Config, options: &WalPushOptions) -> Result<WalPushRe
         missing: Vec::new(),
         duration: Duration::ZERO,
     };
+    let repositories = match &header {
+        Some(header) => same_cluster(&all, &job.name, &file, header, &mut report.missing).await?,
+        None => all.iter().collect(),
+    };
+    let outcomes = futures::future::join_all(
+        repositories
+            .iter()
+            .map(|repository| place(repository, &key, &file, body.clone(), &raw_sha256)),
+    )
+    .await;
+
     let mut conflict = None;
     for (repository, outcome) in repositories.iter().zip(outcomes) {
         match outcome {
@@ -215,7 +230,7 @@ pub async fn push(config: &Config, options: &WalPushOptions) -> Result<WalPushRe
                 "unable to archive WAL file '{}' of job '{}': {held} of {} repositories hold it and min_repositories is {}",
                 file.name,
                 job.name,
-                repositories.len(),
+                all.len(),
                 config.min_repositories
             ),
         )
@@ -227,6 +242,83 @@ pub async fn push(config: &Config, options: &WalPushOptions) -> Result<WalPushRe
     }
     report.duration = clock.elapsed();
     Ok(report)
+}
+
+fn refusal(file: &WalFile, job: &str, problem: &str) -> Error {
+    Error::new(
+        ErrorKind::Verification,
+        format!(
+            "refusing to archive WAL file '{}' of job '{job}': {problem}; nothing was stored",
+            file.name
+        ),
+    )
+}
+
+/// The repositories a segment with `header` may go to: each one's record of the job's
+/// cluster must match it, and one lacking a record learns it (from another repository's, else
+/// from this segment) before any segment is stored. A mismatch anywhere refuses the push
+/// everywhere; a repository whose record cannot be read goes to `missing`.
+async fn same_cluster<'r>(
+    repositories: &'r [Repository],
+    job: &str,
+    file: &WalFile,
+    header: &wal::SegmentHeader,
+    missing: &mut Vec<(String, String)>,
+) -> Result<Vec<&'r Repository>> {
+    let records = futures::future::join_all(
+        repositories
+            .iter()
+            .map(|repository| repository.cluster_record(job)),
+    )
+    .await;
+    let mut known = None;
+    let mut learning = Vec::new();
+    let mut usable = Vec::new();
+    let refuse = |repository: &Repository, problem: String| {
+        refusal(file, job, &problem)
+            .with_hint(format!(
+                "the record is '{}' in repository '{}'",
+                layout::cluster_record_key(job),
+                repository.name
+            ))
+            .with_hint(
+                "a cluster made by initdb or pg_upgrade, or restored from another job's backup, is a new cluster: archive it into a job of its own (a new `[[job]]` name in the config and in archive_command); the old job's backups and WAL stay restorable",
+            )
+    };
+    for (repository, record) in repositories.iter().zip(records) {
+        match record {
+            Ok(Some(record)) => {
+                if let Some(problem) = record.mismatch(header) {
+                    return Err(refuse(repository, problem));
+                }
+                known.get_or_insert(record);
+                usable.push(repository);
+            }
+            Ok(None) => learning.push(repository),
+            Err(e) => missing.push((repository.name.clone(), e.chain().join(": "))),
+        }
+    }
+    let learned = known.unwrap_or_else(|| ClusterRecord::from_segment(header, &file.name));
+    let kept = futures::future::join_all(
+        learning
+            .iter()
+            .map(|repository| repository.keep_cluster_record(job, &learned)),
+    )
+    .await;
+    for (repository, kept) in learning.into_iter().zip(kept) {
+        match kept {
+            Ok(record) => match record.mismatch(header) {
+                Some(problem) => return Err(refuse(repository, problem)),
+                None => usable.push(repository),
+            },
+            Err(e) => missing.push((repository.name.clone(), e.chain().join(": "))),
+        }
+    }
+    // Config order, which the report follows.
+    Ok(repositories
+        .iter()
+        .filter(|repository| usable.iter().any(|u| std::ptr::eq(*u, *repository)))
+        .collect())
 }
 
 /// The stored form of a WAL file (a zstd frame with its checksum, encrypted to
@@ -311,12 +403,13 @@ impl Write for TallyWriter {
 async fn place(
     repository: &Repository,
     key: &str,
+    file: &WalFile,
     body: Bytes,
     raw_sha256: &str,
 ) -> Result<Placed> {
     let store = repository.store.as_ref();
     match store.head(key).await {
-        Ok(_) => return same_as_archived(repository, key, raw_sha256).await,
+        Ok(_) => return same_as_archived(repository, key, file, raw_sha256).await,
         Err(e) if e.is_not_found() => {}
         Err(e) => return Err(repository.error(&format!("look up '{key}'"), e)),
     }
@@ -326,27 +419,59 @@ async fn place(
     match store.create_if_absent(key, body).await {
         Ok(()) => Ok(Placed::Stored),
         Err(StoreError::AlreadyExists { .. }) => {
-            same_as_archived(repository, key, raw_sha256).await
+            same_as_archived(repository, key, file, raw_sha256).await
         }
         Err(e) => Err(repository.error(&format!("store '{key}'"), e)),
     }
 }
 
-async fn same_as_archived(repository: &Repository, key: &str, raw_sha256: &str) -> Result<Placed> {
+async fn same_as_archived(
+    repository: &Repository,
+    key: &str,
+    file: &WalFile,
+    raw_sha256: &str,
+) -> Result<Placed> {
     let stored = storage::get_bytes(repository.store.as_ref(), key)
         .await
         .map_err(|e| repository.error(&format!("read the archived '{key}'"), e))?;
-    let archived = tokio::task::spawn_blocking(move || raw_sha256_of_stored(&stored))
+    let checked = file.clone();
+    let archived = tokio::task::spawn_blocking(move || archived_copy(&stored, &checked))
         .await
         .map_err(|e| Error::new(ErrorKind::Storage, "the decompressor stopped").with_source(e))?;
+    let different = || {
+        format!(
+            "unable to archive '{key}': repository '{}' already holds a different file under that name",
+            repository.name
+        )
+    };
     match archived {
-        Ok(archived) if archived == raw_sha256 => Ok(Placed::AlreadyThere),
-        Ok(_) => Err(Error::new(
+        Ok((archived, _)) if archived == raw_sha256 => Ok(Placed::AlreadyThere),
+        // The file being pushed passed the same check before it got here.
+        Ok((_, Some(Err(problem)))) => Err(Error::new(
             ErrorKind::Verification,
             format!(
-                "unable to archive '{key}': repository '{}' already holds a different file under that name",
-                repository.name
+                "{}, and that one can never be replayed: {problem}. The file being pushed is a valid segment",
+                different()
             ),
+        )
+        .with_hint(format!(
+            "remove '{key}' from repository '{}' (an older lifeboat stored it unchecked); PostgreSQL's next call archives the valid file",
+            repository.name
+        ))),
+        Ok((_, Some(Ok(_)))) => Err(Error::new(
+            ErrorKind::Verification,
+            format!("{}; both are valid segments of this job's cluster", different()),
+        )
+        .with_hint("two servers of one cluster wrote the same segment differently: a restored copy promoted on the same timeline, or two primaries after a failover; give the second its own job")),
+        Ok((_, None)) if file.kind == WalFileKind::Segment || file.kind == WalFileKind::Partial => Err(Error::new(
+            ErrorKind::Verification,
+            different(),
+        )
+        .with_hint("the archived copy is encrypted, so this host cannot say which of the two is valid; `lifeboat wal-fetch` with the identity file shows it")
+        .with_hint("two clusters may be archiving into the same job, or this cluster was restored without a new timeline; give each cluster its own job")),
+        Ok((_, None)) => Err(Error::new(
+            ErrorKind::Verification,
+            different(),
         )
         .with_hint("two clusters may be archiving into the same job, or this cluster was restored without a new timeline; give each cluster its own job")),
         Err(e) => Err(Error::new(
@@ -359,6 +484,24 @@ async fn same_as_archived(repository: &Repository, key: &str, raw_sha256: &str) 
         .with_source(e)
         .with_hint("remove the damaged object so the next push stores it again, after checking that the file being pushed is the right one")),
     }
+}
+
+/// The raw sha256 of an archived copy and, when this host can read it (not encrypted) and it
+/// should be a segment, whether it is a valid one.
+type ArchivedCopy = (
+    String,
+    Option<std::result::Result<wal::SegmentHeader, String>>,
+);
+
+fn archived_copy(stored: &[u8], file: &WalFile) -> std::io::Result<ArchivedCopy> {
+    let is_segment = matches!(file.kind, WalFileKind::Segment | WalFileKind::Partial);
+    if keys::is_age(stored) || !is_segment {
+        return Ok((raw_sha256_of_stored(stored)?, None));
+    }
+    let raw = zstd::stream::decode_all(stored)?;
+    let mut tally = Tally::default();
+    tally.update(&raw);
+    Ok((tally.finish().1, Some(wal::check_segment(file, &raw))))
 }
 
 pub struct WalFetchOptions {

@@ -144,3 +144,32 @@ pub fn assert_same(original: &Path, restored: &Path) {
         "restored tree has a different number of entries"
     );
 }
+
+/// The system identifier of the clusters `wal_segment` pretends to be, unless told another.
+pub const FAKE_SYSTEM: u64 = 7_000_000_000_000_000_001;
+
+/// 16 MiB that wal-push takes for the segment `name` of the cluster `system`: PostgreSQL 15's
+/// long page header (magic, flags, timeline, page address, system identifier, segment and
+/// block size, little-endian) and then noise from `seed`.
+pub fn wal_segment(name: &str, system: u64, seed: u64) -> Vec<u8> {
+    let segment_size: u32 = 16 << 20;
+    let timeline = u32::from_str_radix(&name[..8], 16).unwrap();
+    let log = u64::from_str_radix(&name[8..16], 16).unwrap();
+    let segment = u64::from_str_radix(&name[16..24], 16).unwrap();
+    let page_address = (log << 32) | (segment * u64::from(segment_size));
+    let header = [
+        &0xD110u16.to_le_bytes()[..],
+        &2u16.to_le_bytes(),
+        &timeline.to_le_bytes(),
+        &page_address.to_le_bytes(),
+        &0u32.to_le_bytes(),
+        &[0; 4],
+        &system.to_le_bytes(),
+        &segment_size.to_le_bytes(),
+        &8192u32.to_le_bytes(),
+    ]
+    .concat();
+    let mut bytes = noise(segment_size as usize, seed);
+    bytes[..header.len()].copy_from_slice(&header);
+    bytes
+}

@@ -14,7 +14,7 @@ use crate::sources::postgres::physical::{self, SharedScanner, TarWatch};
 use crate::sources::postgres::{Binaries, Connection, logical};
 use crate::sources::process;
 use crate::storage::{self, StoreError};
-use crate::wal::{self, Lsn, WalFile};
+use crate::wal::{self, ClusterRecord, Lsn, WalFile};
 
 pub const BASE_OBJECT: &str = "base.tar.zst";
 
@@ -22,6 +22,7 @@ pub(super) async fn capture(context: &Context<'_>, job: &PostgresJob) -> Result<
     let what = format!("job '{}'", context.job_name);
     let server = Connection::from_settings(&what, &job.connection)?;
     let cluster = physical::preflight(&server, context.job_name).await?;
+    same_cluster(context, &cluster).await?;
     let binaries = Binaries::find(job.bin_dir.as_deref(), cluster.major)?;
     let auth = server.child_auth()?;
     if job.heartbeat {
@@ -123,6 +124,56 @@ pub(super) async fn capture(context: &Context<'_>, job: &PostgresJob) -> Result<
         },
         recovery_point: Some(recovery_point),
     })
+}
+
+/// Refuses to put a backup of one cluster among another's: each repository's record of the
+/// job's cluster (made by the first backup or wal-push, and made here if missing) must name
+/// this server's. A repository that cannot be asked drops out of the backup.
+async fn same_cluster(context: &Context<'_>, cluster: &physical::ClusterInfo) -> Result<()> {
+    let record = ClusterRecord {
+        system_identifier: cluster.system_identifier.clone(),
+        wal_segment_size: cluster.wal_segment_size,
+        wal_page_magic: wal::page_magic_of(cluster.major),
+        learned_from: format!("backup {}", context.id),
+        learned_at: Utc::now(),
+    };
+    for repository in context.destinations.live() {
+        let held = match repository
+            .keep_cluster_record(context.job_name, &record)
+            .await
+        {
+            Ok(held) => held,
+            Err(e) if e.kind() == ErrorKind::Verification => return Err(e),
+            Err(e) => {
+                context
+                    .destinations
+                    .lose(context.job_name, &repository.name, e)?;
+                continue;
+            }
+        };
+        if held.system_identifier != record.system_identifier
+            || held.wal_segment_size != record.wal_segment_size
+        {
+            return Err(Error::new(
+                ErrorKind::Verification,
+                format!(
+                    "refusing to back up job '{}': the server is the cluster with system identifier {} ({}-byte WAL segments), and repository '{}' holds this job's backups and WAL of the cluster {} ({}-byte segments, learned from {})",
+                    context.job_name,
+                    record.system_identifier,
+                    record.wal_segment_size,
+                    repository.name,
+                    held.system_identifier,
+                    held.wal_segment_size,
+                    held.learned_from
+                ),
+            )
+            .with_hint(format!(
+                "the record is '{}'; a cluster made by initdb or pg_upgrade is a new cluster: back it up and archive its WAL as a job of its own (a new `[[job]]` name, and the same name in archive_command)",
+                layout::cluster_record_key(context.job_name)
+            )));
+        }
+    }
+    Ok(())
 }
 
 /// PostgreSQL 15 is the first whose pg_basebackup can have the server compress with zstd.
