@@ -14,6 +14,7 @@
 //! - [`storage`]: the store trait and its backends; aws-sdk-s3 appears only in `storage::s3`.
 //! - [`manifest`], [`layout`]: the commit record and where things live.
 //! - [`wal`]: LSNs, timelines and WAL file names, for physical backups and the WAL archive.
+//! - [`continuity`]: how far the WAL archive carries a backup (timeline path, gaps).
 //! - [`keys`]: age identities and recipients.
 //! - [`pax`]: extended attributes and ACLs as the PAX records of a tar entry.
 //! - [`lock`]: per-job run locks that a killed run never leaves behind.
@@ -24,6 +25,7 @@
 
 pub mod commands;
 pub mod config;
+pub mod continuity;
 pub mod error;
 pub mod interrupt;
 pub mod inventory;

@@ -345,6 +345,10 @@ struct PhysicalRestoreArgs {
     /// Keep archive_mode as the backup had it (by default the restored server does not archive).
     #[arg(long, requires = "data_dir")]
     keep_archiving: bool,
+    /// Recover to a gap in the WAL archive (a segment no repository holds, with later ones
+    /// archived) and lose what was written after it; without it such a restore is refused.
+    #[arg(long, requires = "data_dir", conflicts_with_all = ["to_time", "to_lsn"])]
+    accept_gap: bool,
 }
 
 impl PhysicalRestoreArgs {
@@ -369,6 +373,7 @@ impl PhysicalRestoreArgs {
             start: self.start,
             port: self.port,
             keep_archiving: self.keep_archiving,
+            accept_gap: self.accept_gap,
             from: None,
             exclude: Vec::new(),
             bin_dir: None,

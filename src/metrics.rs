@@ -116,6 +116,11 @@ pub fn render_status(report: &StatusReport) -> String {
         &per_job(&|job| job.newest_wal_at.map(seconds)),
     );
     out.family(
+        "lifeboat_wal_restorable_timestamp_seconds",
+        "When the newest WAL segment recovery from the newest backup reaches without a gap was stored.",
+        &per_job(&|job| job.gap_free_wal_at.map(seconds)),
+    );
+    out.family(
         "lifeboat_rpo_exposure_seconds",
         "Data (as time) a disaster now would lose: age of the newest restorable point.",
         &per_job(&|job| job.exposure_seconds),

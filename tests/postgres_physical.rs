@@ -779,6 +779,188 @@ async fn a_backup_of_another_cluster_into_the_job_is_refused() {
     assert_eq!(region.manifest_keys(BUCKET).await, manifests);
 }
 
+/// One segment missing from the archive with later ones behind it used to read as the end
+/// of the archive: PostgreSQL promoted before the gap, exit 0, and the rows after it were
+/// gone though their WAL was archived. Now the restore knows the gap before it starts.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gap_in_the_archive_is_refused_named_and_filled_from_another_region() {
+    let region1 = SeaweedFs::start().await;
+    let region2 = SeaweedFs::start().await;
+    region1.create_bucket(BUCKET).await;
+    region2.create_bucket(BUCKET).await;
+    let work = shared_work_dir();
+    let (source, config) = archiving_cluster(work.path(), &[&region1, &region2], "");
+    source.psql("postgres", "create table events (id int primary key)");
+    lifeboat(&config, &["backup", JOB]).assert_code(0);
+    let mut batches = Vec::new();
+    for batch in 0..3 {
+        if batch == 2 {
+            // Stores keep times to the second: the newest segment is stored later than the
+            // last one before the gap.
+            std::thread::sleep(std::time::Duration::from_millis(1500));
+        }
+        source.psql(
+            "postgres",
+            &format!(
+                "insert into events select generate_series({}, {})",
+                batch * 100 + 1,
+                batch * 100 + 100
+            ),
+        );
+        batches.push(source.archive_current_wal());
+    }
+    // The second batch's segment is lost in region 1; region 2 still holds it.
+    let lost = &batches[1];
+    let key = format!("{PREFIX}/jobs/{JOB}/wal/00000001/{lost}.zst");
+    let delete = |region: &SeaweedFs| {
+        let client = region.client();
+        let key = key.clone();
+        async move {
+            client
+                .delete_object()
+                .bucket(BUCKET)
+                .key(key)
+                .send()
+                .await
+                .unwrap();
+        }
+    };
+    delete(&region1).await;
+    let rows = |port: u16| {
+        Postgres::attach(port, &source.password).psql("postgres", "select count(*) from events")
+    };
+
+    let only_region1 = work.path().join("only-region1");
+    let port = free_port();
+    let _restored = Restored(only_region1.clone());
+    let refused = restore_started(&config, &only_region1, port, &["--from", "region1"]);
+    refused.assert_code(1);
+    assert!(
+        refused.stderr.contains(&format!(
+            "WAL segment {lost} is in none of the repositories 'region1', and the archive goes on after it ({} (stored ",
+            batches[2]
+        )) && refused
+            .stderr
+            .contains(&format!("recovery would stop at the end of {}", batches[0])),
+        "{}",
+        refused.stderr
+    );
+    assert!(
+        refused.stderr.contains("--accept-gap"),
+        "{}",
+        refused.stderr
+    );
+    assert!(!only_region1.exists(), "a refused restore wrote the target");
+
+    let accepted = restore_started(
+        &config,
+        &only_region1,
+        port,
+        &["--from", "region1", "--accept-gap"],
+    );
+    accepted.assert_code(0);
+    assert!(
+        accepted.stdout.contains(&format!(
+            "--accept-gap: recovering to the gap: WAL segment {lost} is in no repository, so recovery ends with {}",
+            batches[0]
+        )),
+        "{}",
+        accepted.stdout
+    );
+    assert_eq!(rows(port), "100");
+
+    // Both regions: the segment is read where it survives, and every row comes back.
+    let both = work.path().join("both");
+    let port = free_port();
+    let _both = Restored(both.clone());
+    let whole = restore_started(&config, &both, port, &[]);
+    whole.assert_code(0);
+    assert!(
+        whole
+            .stdout
+            .contains(&format!("the archive reaches the end of {}", batches[2])),
+        "{}",
+        whole.stdout
+    );
+    assert_eq!(rows(port), "300");
+
+    // Lost everywhere: status measures exposure from the last gap-free point and says why.
+    delete(&region2).await;
+    let status = lifeboat(&config, &["status", "--format", "json"]);
+    let report: serde_json::Value = serde_json::from_str(&status.stdout).unwrap();
+    let job = &report["jobs"][0];
+    assert_eq!(job["wal_gap"], lost.as_str(), "{job}");
+    let at =
+        |field: &str| chrono::DateTime::parse_from_rfc3339(job[field].as_str().unwrap()).unwrap();
+    assert!(at("gap_free_wal_at") < at("newest_wal_at"), "{job}");
+    let text = lifeboat(&config, &["status"]);
+    assert!(
+        text.stdout.contains(&format!(
+            "WAL archive gap: segment {lost} is in no repository"
+        )),
+        "{}",
+        text.stdout
+    );
+}
+
+/// A segment that is there but does not replay (an older lifeboat stored it unchecked, or
+/// a disk damaged it before it was archived) also reads as the end of WAL to PostgreSQL;
+/// the restore checks where replay actually ended and fails when it is short.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_recovery_that_ends_before_the_archive_does_fails() {
+    let region = SeaweedFs::start().await;
+    region.create_bucket(BUCKET).await;
+    let work = shared_work_dir();
+    let (source, config) = archiving_cluster(work.path(), &[&region], "");
+    source.psql("postgres", "create table events (id int primary key)");
+    lifeboat(&config, &["backup", JOB]).assert_code(0);
+    let mut batches = Vec::new();
+    for batch in 0..3 {
+        source.psql(
+            "postgres",
+            &format!(
+                "insert into events select generate_series({}, {})",
+                batch * 100 + 1,
+                batch * 100 + 100
+            ),
+        );
+        batches.push(source.archive_current_wal());
+    }
+    // The first batch's segment keeps its first page and loses the rest.
+    let key = format!("{PREFIX}/jobs/{JOB}/wal/00000001/{}.zst", batches[0]);
+    let mut raw = zstd::decode_all(&region.object(BUCKET, &key).await[..]).unwrap();
+    raw[8192..].fill(0);
+    region
+        .client()
+        .put_object()
+        .bucket(BUCKET)
+        .key(&key)
+        .body(zstd::encode_all(&raw[..], 3).unwrap().into())
+        .send()
+        .await
+        .unwrap();
+
+    let data_dir = work.path().join("restored");
+    let port = free_port();
+    let _restored = Restored(data_dir.clone());
+    let short = restore_started(&config, &data_dir, port, &[]);
+    short.assert_code(1);
+    assert!(
+        short.stderr.contains("stopped replaying at LSN")
+            && short.stderr.contains(&format!(
+                "short of the end of the archive, {} (stored",
+                batches[2]
+            )),
+        "{}",
+        short.stderr
+    );
+    assert!(
+        short.stderr.contains("lifeboat-recovery.log' says why"),
+        "{}",
+        short.stderr
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_physical_drill_from_the_second_region_measures_the_archive_rpo() {
     let region1 = SeaweedFs::start().await;

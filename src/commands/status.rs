@@ -83,6 +83,12 @@ pub struct JobStatus {
     pub newest_duration_seconds: Option<f64>,
     /// Physical jobs: when the newest archived WAL file was stored.
     pub newest_wal_at: Option<DateTime<Utc>>,
+    /// Physical jobs: when the newest segment recovery from the newest backup reaches
+    /// without a gap was stored; RPO counts from here.
+    pub gap_free_wal_at: Option<DateTime<Utc>>,
+    /// Physical jobs: the first segment no repository holds, when the archive goes on after
+    /// it.
+    pub wal_gap: Option<String>,
     /// How much data (as time) a disaster now would lose.
     pub exposure_seconds: Option<f64>,
     pub rpo_target_seconds: f64,
@@ -151,6 +157,8 @@ async fn job_status(
         newest_stored_bytes: None,
         newest_duration_seconds: None,
         newest_wal_at: None,
+        gap_free_wal_at: None,
+        wal_gap: None,
         exposure_seconds: None,
         rpo_target_seconds: config.targets.rpo.as_secs_f64(),
         present_in: Vec::new(),
@@ -215,7 +223,36 @@ async fn job_status(
     let mut restorable = manifest.recovery_point;
     if matches!(&job.source, JobSource::Postgres(p) if p.mode == PostgresMode::Physical) {
         status.newest_wal_at = newest_wal(&survey, &job.name).await;
-        restorable = restorable.max(status.newest_wal_at.unwrap_or(restorable));
+        let listed: Vec<Repository> = survey.listed.iter().map(|(r, _)| (*r).clone()).collect();
+        match crate::continuity::reach_of_manifest(&listed, &manifest).await {
+            Ok(Some((reach, _, _))) => {
+                status.gap_free_wal_at = reach.gap_free_end.as_ref().and_then(|end| end.stored_at);
+                if let Some(lost) = reach.lost_range() {
+                    let end = reach.gap_free_end.as_ref();
+                    status.flag(
+                        State::Critical,
+                        format!(
+                            "WAL archive gap: segment {} is in no repository, so recovery from {newest} stops at the end of {} (stored {}) and the WAL archived after it, {lost}, cannot be replayed",
+                            reach.first_missing,
+                            end.map_or("its first segment", |end| end.name.as_str()),
+                            crate::continuity::describe_time(end.and_then(|end| end.stored_at))
+                        ),
+                    );
+                    status.wal_gap = Some(reach.first_missing.clone());
+                }
+                restorable = restorable.max(status.gap_free_wal_at.unwrap_or(restorable));
+            }
+            Ok(None) => {
+                restorable = restorable.max(status.newest_wal_at.unwrap_or(restorable));
+            }
+            Err(e) => status.flag(
+                State::Unknown,
+                format!(
+                    "the WAL archive's continuity could not be checked: {}",
+                    e.chain().join(": ")
+                ),
+            ),
+        }
     }
     let exposure = (now - restorable).to_std().unwrap_or_default();
     status.exposure_seconds = Some(exposure.as_secs_f64());

@@ -569,6 +569,7 @@ async fn run_physical(
                 start: false,
                 port: None,
                 keep_archiving: false,
+                accept_gap: false,
                 from: None,
                 exclude: Vec::new(),
                 bin_dir: None,

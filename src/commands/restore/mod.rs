@@ -489,7 +489,8 @@ async fn restore_selected(
                 job: job.name.clone(),
                 identity_file: selected.keyring.path().map(Path::to_path_buf),
             };
-            physical::restore(selected, &physical_options, &source).await
+            let plan = physical::plan_replay(config, &selected.manifest, &physical_options).await?;
+            physical::restore(selected, &physical_options, &source, plan).await
         }
         other => Err(Error::new(
             ErrorKind::Verification,

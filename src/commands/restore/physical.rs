@@ -13,10 +13,13 @@ use super::extract::{Ownership, give_to};
 use super::files::{Target, target_error, unpack};
 use super::{RestoreReport, Selected};
 use crate::commands::backup::BASE_OBJECT;
+use crate::config::Config;
+use crate::continuity::{self, Point};
 use crate::error::{Error, ErrorKind, Result};
 use crate::manifest::Manifest;
+use crate::repository::Repository;
 use crate::sources::postgres::Binaries;
-use crate::wal::Lsn;
+use crate::wal::{self, Lsn};
 
 /// Where recovery stops.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -63,6 +66,8 @@ pub struct PhysicalRestoreOptions {
     /// Leave `archive_mode` as the backup had it; by default the restored server does not
     /// archive, so a test restore never writes a new timeline into the production archive.
     pub keep_archiving: bool,
+    /// Recover to a gap in the archive rather than refuse (`--accept-gap`).
+    pub accept_gap: bool,
     /// Read WAL (and the backup) from this repository only.
     pub from: Option<String>,
     /// Never read WAL from these repositories (a drill playing their loss).
@@ -84,10 +89,151 @@ pub struct WalSource {
     pub identity_file: Option<PathBuf>,
 }
 
+/// What the archive lets this restore reach, known before anything is written: the
+/// segment recovery will end with and what the report says of it.
+#[derive(Debug, Default)]
+pub(super) struct ReplayPlan {
+    /// For a restore to the end of the archive: the last segment recovery can replay, which
+    /// it must reach.
+    end_of_archive: Option<Point>,
+    notes: Vec<String>,
+    warnings: Vec<String>,
+}
+
+/// Lists the archive in the repositories this restore reads WAL from and refuses what
+/// would stop short in silence: a segment the backup needs to be consistent missing, a
+/// restore to the end (without `--accept-gap`) or to a target past a gap, a target LSN past
+/// the archived WAL.
+pub(super) async fn plan_replay(
+    config: &Config,
+    manifest: &Manifest,
+    options: &PhysicalRestoreOptions,
+) -> Result<ReplayPlan> {
+    let job = &manifest.job;
+    let repositories: Vec<Repository> = match &options.from {
+        Some(name) => vec![Repository::open(config.repository(name)?).await],
+        None => Repository::open_all(config).await,
+    }
+    .into_iter()
+    .filter(|r| !options.exclude.contains(&r.name))
+    .collect();
+    let names = repositories
+        .iter()
+        .map(|r| format!("'{}'", r.name))
+        .collect::<Vec<_>>()
+        .join(", ");
+    let Some((reach, listing, last)) =
+        continuity::reach_of_manifest(&repositories, manifest).await?
+    else {
+        return Ok(ReplayPlan {
+            warnings: vec![format!(
+                "backup '{job}/{}' does not record its WAL range, so the archive's continuity was not checked",
+                manifest.id
+            )],
+            ..ReplayPlan::default()
+        });
+    };
+    let unreachable = |error: Error| {
+        listing
+            .unreachable
+            .iter()
+            .fold(error, |error, (name, cause)| {
+                error.with_hint(format!(
+                    "repository '{name}' could not be listed and may hold it: {cause}"
+                ))
+            })
+    };
+    let end = reach.gap_free_end.clone();
+    if end.as_ref().is_none_or(|end| end.segment < last) {
+        return Err(unreachable(Error::new(
+            ErrorKind::Verification,
+            format!(
+                "unable to restore backup '{job}/{}': WAL segment {} it needs to be consistent is in none of the repositories {names}",
+                manifest.id, reach.first_missing
+            ),
+        ))
+        .with_hint(format!(
+            "pick an older backup with --backup (`lifeboat list {job}`), or copy the segment into a repository from wherever it survives"
+        )));
+    }
+    let end = end.expect("checked above");
+    let reached = format!(
+        "the archive reaches the end of {} (stored {})",
+        end.name,
+        continuity::describe_time(end.stored_at)
+    );
+    let gap = |target: &str| {
+        unreachable(Error::new(
+            ErrorKind::Verification,
+            format!(
+                "unable to restore job '{job}' to {target}: WAL segment {} is in none of the repositories {names}, and the archive goes on after it ({}); recovery would stop at the end of {} (stored {}) and lose the rest",
+                reach.first_missing,
+                reach.lost_range().unwrap_or_default(),
+                end.name,
+                continuity::describe_time(end.stored_at)
+            ),
+        ))
+        .with_hint(format!(
+            "copy {} into a repository from wherever it survives (`lifeboat replicate {job}` fills one region in from another), then run the restore again",
+            reach.first_missing
+        ))
+    };
+    let mut plan = ReplayPlan::default();
+    match options.target {
+        RecoveryTarget::EndOfArchive if reach.resumes_at.is_some() => {
+            if !options.accept_gap {
+                return Err(gap(&options.target.describe()).with_hint(format!(
+                    "or add --accept-gap to recover to the end of {} and lose what was written after it",
+                    end.name
+                )));
+            }
+            plan.warnings.push(format!(
+                "--accept-gap: recovering to the gap: WAL segment {} is in no repository, so recovery ends with {} (stored {}); the WAL archived after it, {}, is not replayed",
+                reach.first_missing,
+                end.name,
+                continuity::describe_time(end.stored_at),
+                reach.lost_range().unwrap_or_default()
+            ));
+            plan.end_of_archive = Some(end.clone());
+        }
+        RecoveryTarget::EndOfArchive => plan.end_of_archive = Some(end.clone()),
+        RecoveryTarget::Time(at) => {
+            let past_gap = end.stored_at.is_none_or(|stored| at > stored);
+            if reach.resumes_at.is_some() && past_gap {
+                return Err(gap(&options.target.describe()).with_hint(format!(
+                    "a target at or before {} is reachable",
+                    continuity::describe_time(end.stored_at)
+                )));
+            }
+        }
+        RecoveryTarget::Lsn(lsn) => {
+            let end_lsn = reach.end_lsn().expect("a gap-free end");
+            if lsn > end_lsn {
+                if reach.resumes_at.is_some() {
+                    return Err(gap(&options.target.describe())
+                        .with_hint(format!("a target up to LSN {end_lsn} is reachable")));
+                }
+                return Err(unreachable(Error::new(
+                    ErrorKind::Verification,
+                    format!(
+                        "unable to restore job '{job}' to LSN {lsn}: the archived WAL ends at LSN {end_lsn}, with {} (stored {})",
+                        end.name,
+                        continuity::describe_time(end.stored_at)
+                    ),
+                ))
+                .with_hint("a target up to that LSN is reachable, or wait until the server has archived the segment holding it"));
+            }
+        }
+    }
+    plan.notes.push(reached);
+    Ok(plan)
+}
+
 pub(super) async fn restore(
     selected: Selected,
     options: &PhysicalRestoreOptions,
     source: &WalSource,
+    plan: ReplayPlan,
 ) -> Result<RestoreReport> {
     let into = &options.data_dir;
     let binaries = server_binaries(&selected.manifest, options.bin_dir.as_deref())?;
@@ -115,6 +261,7 @@ pub(super) async fn restore(
     stages.push(("download, verify and unpack".to_string(), clock.elapsed()));
 
     let mut warnings = target.warnings();
+    warnings.extend(plan.warnings);
     if !inherited.is_empty() {
         warnings.push(format!(
             "removed recovery settings the base backup carried (this restore sets its own): {}",
@@ -142,10 +289,17 @@ pub(super) async fn restore(
         selected.manifest.id,
         options.target.describe()
     )];
+    restored.extend(plan.notes);
     if options.start {
         let clock = Instant::now();
-        start_and_wait(&binaries, into, owner).await?;
+        let redo_done = start_and_wait(&binaries, into, owner).await?;
         stages.push(("WAL replay".to_string(), clock.elapsed()));
+        restored.push(stopped_where(
+            redo_done,
+            plan.end_of_archive.as_ref(),
+            &selected.manifest,
+            into,
+        )?);
         restored.push("recovery finished, server running".to_string());
     } else {
         restored.push(format!(
@@ -419,7 +573,11 @@ fn configure_recovery(
 
 /// Starts the restored server with pg_ctl (it keeps running after lifeboat exits) and waits
 /// until recovery has finished: `recovery.signal` gone and the control file "in production".
-async fn start_and_wait(binaries: &Binaries, into: &Path, owner: Option<(u32, u32)>) -> Result<()> {
+async fn start_and_wait(
+    binaries: &Binaries,
+    into: &Path,
+    owner: Option<(u32, u32)>,
+) -> Result<Option<Lsn>> {
     let log = into.join("lifeboat-recovery.log");
     let mut pg_ctl = binaries.command("pg_ctl");
     pg_ctl
@@ -485,9 +643,59 @@ async fn start_and_wait(binaries: &Binaries, into: &Path, owner: Option<(u32, u3
             return Err(failed("stopped during recovery"));
         }
         if alive && !into.join("recovery.signal").exists() && in_production(binaries, into) {
-            return Ok(());
+            let log_text = std::fs::read_to_string(&log).unwrap_or_default();
+            return Ok(redo_done_at(&log_text));
         }
     }
+}
+
+/// Where replay ended, from the server's log: `redo done at 0/5000110`, the last one.
+fn redo_done_at(log: &str) -> Option<Lsn> {
+    log.lines()
+        .rev()
+        .find_map(|line| line.split_once("redo done at ").map(|(_, rest)| rest))
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(Lsn::parse)
+}
+
+/// Says where recovery stopped, and fails when a restore to the end of the archive stopped
+/// before the last segment the archive holds without a gap: a segment that could not be
+/// read reads as the end of WAL to PostgreSQL.
+fn stopped_where(
+    redo_done: Option<Lsn>,
+    end_of_archive: Option<&Point>,
+    manifest: &Manifest,
+    into: &Path,
+) -> Result<String> {
+    let Some(redo_done) = redo_done else {
+        return Ok(
+            "recovery ended where its log does not say (no \"redo done at\" line)".to_string(),
+        );
+    };
+    let Some(segment_size) = manifest.source.wal_segment_size else {
+        return Ok(format!("replayed WAL up to LSN {redo_done}"));
+    };
+    let stopped_in = wal::segment_of(redo_done, segment_size);
+    if let Some(end) = end_of_archive
+        // The last record may begin in the segment before the one it ends in.
+        && stopped_in + 1 < end.segment
+    {
+        return Err(Error::new(
+            ErrorKind::Target,
+            format!(
+                "the restored server in '{}' stopped replaying at LSN {redo_done}, in segment {}, short of the end of the archive, {} (stored {}): it took WAL after that point for the end and promoted",
+                into.display(),
+                wal::segment_name(manifest.source.timeline.unwrap_or(1), stopped_in, segment_size),
+                end.name,
+                continuity::describe_time(end.stored_at)
+            ),
+        )
+        .with_hint(format!(
+            "its log '{}' says why replay ended there (a segment that did not decode, or that wal-fetch could not read); the server is running with that data: stop it, fix the archive, empty the directory and restore again",
+            into.join("lifeboat-recovery.log").display()
+        )));
+    }
+    Ok(format!("replayed WAL up to LSN {redo_done}"))
 }
 
 /// The home directory of the user `uid`, from the password database.
@@ -521,6 +729,19 @@ fn in_production(binaries: &Binaries, into: &Path) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_last_redo_done_line_says_where_replay_ended() {
+        let log = "2026-12-06 10:00:00 UTC [1] LOG:  redo starts at 0/2000028\n\
+            2026-12-06 10:00:01 UTC [1] LOG:  redo done at 0/5000110 system usage: CPU: user: 0.01 s\n\
+            2026-12-06 10:00:01 UTC [1] LOG:  selected new timeline ID: 2\n";
+        assert_eq!(redo_done_at(log), Some(Lsn(0x5000110)));
+        assert_eq!(
+            redo_done_at("LOG:  redo done at 0/3000100\n"),
+            Some(Lsn(0x3000100))
+        );
+        assert_eq!(redo_done_at("LOG:  database system is ready\n"), None);
+    }
 
     #[test]
     fn inherited_recovery_settings_are_removed_and_named_without_their_values() {
