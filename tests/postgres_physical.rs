@@ -961,6 +961,112 @@ async fn a_recovery_that_ends_before_the_archive_does_fails() {
     );
 }
 
+/// After a failover by restore: a cluster restored to a moment with --keep-archiving is the
+/// new primary, archives a new timeline into the job and is backed up. Its base backups used
+/// to carry the restore's `recovery_target_time`, and a restore of one to the end stopped at
+/// that old moment with exit 0.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_promoted_restore_becomes_a_primary_whose_backups_restore_whole() {
+    let region = SeaweedFs::start().await;
+    region.create_bucket(BUCKET).await;
+    let work = shared_work_dir();
+    let (mut source, config) = archiving_cluster(work.path(), &[&region], "");
+    // In postgresql.auto.conf, so that the restored copy archives too.
+    let archive_command = source.psql("postgres", "show archive_command");
+    source.psql("postgres", "alter system set archive_mode = on");
+    source.psql(
+        "postgres",
+        &format!(
+            "alter system set archive_command = '{}'",
+            archive_command.replace('\'', "''")
+        ),
+    );
+    source.psql("postgres", "create table events (id int primary key)");
+    let insert = |server: &Postgres, from: u32, to: u32| {
+        server.psql(
+            "postgres",
+            &format!("insert into events select generate_series({from}, {to})"),
+        );
+    };
+    insert(&source, 1, 100);
+    lifeboat(&config, &["backup", JOB]).assert_code(0);
+    insert(&source, 101, 200);
+    let target = server_now(&source);
+    insert(&source, 201, 300);
+    source.archive_current_wal();
+    source.stop();
+
+    let primary_dir = work.path().join("new-primary");
+    let port = free_port();
+    let _primary = Restored(primary_dir.clone());
+    let failover = restore_started(
+        &config,
+        &primary_dir,
+        port,
+        &["--to-time", &target, "--keep-archiving"],
+    );
+    failover.assert_code(0);
+    assert!(
+        failover
+            .stdout
+            .contains("recovery settings removed from postgresql.auto.conf after promotion"),
+        "{}",
+        failover.stdout
+    );
+    let primary = Postgres::attach(port, &source.password);
+    let count = |server: &Postgres| server.psql("postgres", "select count(*) from events");
+    assert_eq!(count(&primary), "200");
+    let auto_conf = std::fs::read_to_string(primary_dir.join("postgresql.auto.conf")).unwrap();
+    assert!(
+        !auto_conf.contains("recovery_target") && !auto_conf.contains("restore_command"),
+        "{auto_conf}"
+    );
+    assert_eq!(primary.psql("postgres", "show archive_mode"), "on");
+
+    // The new primary is backed up into the same job, and writes on.
+    insert(&primary, 1001, 1100);
+    let config = physical_config(
+        work.path(),
+        &[&region],
+        port,
+        &work.path().join("pg.pass"),
+        "",
+    );
+    lifeboat(&config, &["backup", JOB]).assert_code(0);
+    insert(&primary, 1101, 1200);
+    primary.archive_current_wal();
+    let newest = region
+        .manifest_keys(BUCKET)
+        .await
+        .into_iter()
+        .max()
+        .unwrap();
+    let base = region
+        .object(BUCKET, &newest.replace("manifest.json", "base.tar.zst"))
+        .await;
+    let mut archive = tar::Archive::new(zstd::Decoder::new(&base[..]).unwrap());
+    let carried = archive
+        .entries()
+        .unwrap()
+        .map(Result::unwrap)
+        .find(|entry| entry.path().unwrap().to_str() == Some("postgresql.auto.conf"))
+        .map(|mut entry| std::io::read_to_string(&mut entry).unwrap())
+        .unwrap();
+    assert!(!carried.contains("recovery_target"), "{carried}");
+
+    // Restored to the end, the new primary's backup brings back every row it had.
+    let again = work.path().join("again");
+    let again_port = free_port();
+    let _again = Restored(again.clone());
+    restore_started(&config, &again, again_port, &[]).assert_code(0);
+    let restored = Postgres::attach(again_port, &source.password);
+    assert_eq!(count(&restored), "400");
+    assert_eq!(
+        restored.psql("postgres", "select max(id) from events"),
+        "1200"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_physical_drill_from_the_second_region_measures_the_archive_rpo() {
     let region1 = SeaweedFs::start().await;

@@ -301,10 +301,25 @@ pub(super) async fn restore(
             into,
         )?);
         restored.push("recovery finished, server running".to_string());
+        // Promoted: the recovery settings have done their work. Left in place, every base
+        // backup of this cluster (it may become the primary) would carry them.
+        match forget_recovery_settings(&target, owner) {
+            Ok(()) => restored.push(
+                "recovery settings removed from postgresql.auto.conf after promotion".to_string(),
+            ),
+            Err(e) => warnings.push(format!(
+                "unable to remove the recovery settings from '{}' after promotion ({e}): remove the lines below \"{RESTORE_MARK}\" before this cluster's base backups are taken",
+                into.join("postgresql.auto.conf").display()
+            )),
+        }
     } else {
         restored.push(format!(
             "start it with `pg_ctl -D {} start`",
             into.display()
+        ));
+        warnings.push(format!(
+            "once the server has promoted, remove the recovery settings below \"{RESTORE_MARK}\" in '{}': every base backup of this cluster carries them",
+            into.join("postgresql.auto.conf").display()
         ));
     }
     Ok(selected.report(
@@ -439,6 +454,36 @@ fn without_recovery_settings(auto_conf: &str) -> (String, Vec<String>) {
     (kept, removed)
 }
 
+/// The comment above the settings a restore writes into `postgresql.auto.conf`.
+const RESTORE_MARK: &str = "# Written by lifeboat restore";
+
+/// Rewrites `postgresql.auto.conf` of a promoted cluster without the recovery settings and
+/// the restore's comment; what else it sets (port, archive_mode, the backup's own lines)
+/// stays.
+fn forget_recovery_settings(target: &Target, owner: Option<(u32, u32)>) -> std::io::Result<()> {
+    use rustix::fs::OFlags;
+    let dir = &target.dir;
+    let auto_conf = Path::new("postgresql.auto.conf");
+    let existing = std::io::read_to_string(std::fs::File::from(
+        dir.open_file(auto_conf, OFlags::RDONLY)?,
+    ))?;
+    let (kept, _) = without_recovery_settings(&existing);
+    let kept: String = kept
+        .lines()
+        .filter(|line| !line.starts_with(RESTORE_MARK))
+        .flat_map(|line| [line, "\n"])
+        .collect();
+    let staged = Path::new("postgresql.auto.conf.lifeboat");
+    let _ = rustix::fs::unlinkat(dir.fd(), staged, rustix::fs::AtFlags::empty());
+    let mut file =
+        std::fs::File::from(dir.open_file(staged, OFlags::WRONLY | OFlags::CREATE | OFlags::EXCL)?);
+    std::io::Write::write_all(&mut file, kept.as_bytes())?;
+    file.sync_all()?;
+    give_to(&file, owner)?;
+    rustix::fs::renameat(dir.fd(), staged, dir.fd(), auto_conf)?;
+    Ok(())
+}
+
 /// Writes the recovery settings into the restored data directory, replacing any the base
 /// backup carried; returns what it removed (settings, and a `standby.signal`).
 fn configure_recovery(
@@ -478,7 +523,7 @@ fn configure_recovery(
     }
     fetch.push_str(" %f %p");
     let mut settings = format!(
-        "\n# Written by lifeboat restore at {}: replay WAL from the archive, then promote.\n",
+        "\n{RESTORE_MARK} at {}: replay WAL from the archive, then promote.\n",
         Utc::now().to_rfc3339()
     );
     let mut set = |name: &str, value: String| {
