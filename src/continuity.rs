@@ -315,35 +315,99 @@ pub fn reach(listing: &ArchiveListing, path: &[Span], first: u64, segment_size: 
     }
 }
 
-/// What a restore of a backup from `first` (on `timeline`, stopping at `stop`) can reach
-/// in `repositories`, following `recovery_target_timeline = 'latest'` as PostgreSQL will.
-pub async fn reach_of_backup(
+/// The timeline recovery follows: `recovery_target_timeline`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum TimelineChoice {
+    /// The newest timeline archived (PostgreSQL's default).
+    #[default]
+    Latest,
+    /// The backup's own timeline, ignoring branches after it.
+    Current,
+    Numbered(u32),
+}
+
+impl TimelineChoice {
+    /// As `recovery_target_timeline` takes it.
+    pub fn setting(&self) -> String {
+        match self {
+            TimelineChoice::Latest => "latest".to_string(),
+            TimelineChoice::Current => "current".to_string(),
+            TimelineChoice::Numbered(timeline) => timeline.to_string(),
+        }
+    }
+
+    /// The timeline recovery of a backup on `from` ends on, as PostgreSQL picks it.
+    pub fn resolve(&self, listing: &ArchiveListing, from: u32) -> u32 {
+        match self {
+            TimelineChoice::Latest => listing.latest_timeline(from),
+            TimelineChoice::Current => from,
+            TimelineChoice::Numbered(timeline) => *timeline,
+        }
+    }
+}
+
+/// The timeline path from a backup on `timeline` that stopped at `stop` to the timeline
+/// `choice` names; None when that timeline does not lead on from the backup: it is not a
+/// descendant, or it branched off before the backup stopped (the backup was taken on a
+/// timeline another had already left: PostgreSQL refuses it as "not a child of this
+/// server's history").
+pub async fn path_for(
     repositories: &[Repository],
     job: &str,
-    timeline: u32,
-    first: u64,
-    stop: Lsn,
+    listing: &ArchiveListing,
+    (timeline, stop): (u32, Lsn),
+    choice: TimelineChoice,
     segment_size: u64,
-) -> Result<(Reach, ArchiveListing)> {
-    let listing = ArchiveListing::list(repositories, job, segment_size).await;
-    let latest = listing.latest_timeline(timeline);
-    let path = if latest == timeline {
-        vec![Span {
+) -> Result<Option<Vec<Span>>> {
+    let to = choice.resolve(listing, timeline);
+    if to == timeline {
+        return Ok(Some(vec![Span {
             timeline,
             begins: 0,
             switched_at: None,
-        }]
-    } else {
-        let history = read_history(repositories, job, latest).await?;
-        path_from_history(&history, timeline, latest, stop, segment_size).ok_or_else(|| {
-            Error::new(
-                ErrorKind::Verification,
-                format!(
-                    "the newest timeline of job '{job}', {latest}, does not lead on from this backup (timeline {timeline}, stopped at {stop}): PostgreSQL would refuse it as \"not a child of this server's history\""
-                ),
-            )
-            .with_hint("the backup was taken on a timeline that another had already branched off: back up the cluster that is now the primary")
-        })?
+        }]));
+    }
+    if to < timeline {
+        return Ok(None);
+    }
+    let history = read_history(repositories, job, to).await?;
+    Ok(path_from_history(
+        &history,
+        timeline,
+        to,
+        stop,
+        segment_size,
+    ))
+}
+
+/// What a restore of a backup from `first` (on `timeline`, stopping at `stop`) can reach
+/// in `repositories`, following the timeline `choice` as PostgreSQL will.
+pub async fn reach_of_backup(
+    repositories: &[Repository],
+    job: &str,
+    (timeline, first, stop): (u32, u64, Lsn),
+    choice: TimelineChoice,
+    segment_size: u64,
+) -> Result<(Reach, ArchiveListing)> {
+    let listing = ArchiveListing::list(repositories, job, segment_size).await;
+    let Some(path) = path_for(
+        repositories,
+        job,
+        &listing,
+        (timeline, stop),
+        choice,
+        segment_size,
+    )
+    .await?
+    else {
+        let to = choice.resolve(&listing, timeline);
+        return Err(Error::new(
+            ErrorKind::Verification,
+            format!(
+                "timeline {to} of job '{job}' does not lead on from this backup (timeline {timeline}, stopped at {stop}): split brain, the backup was taken on a timeline another had already branched off (an old primary kept running after a failover), or the timeline asked for does not descend from it; PostgreSQL would refuse it as \"not a child of this server's history\""
+            ),
+        )
+        .with_hint("pick a backup on the timeline's path with --backup, or say which timeline with --timeline; back up the cluster that is the primary now"));
     };
     Ok((reach(&listing, &path, first, segment_size), listing))
 }
@@ -353,6 +417,7 @@ pub async fn reach_of_backup(
 pub async fn reach_of_manifest(
     repositories: &[Repository],
     manifest: &Manifest,
+    choice: TimelineChoice,
 ) -> Result<Option<(Reach, ArchiveListing, u64)>> {
     let source = &manifest.source;
     let (Some(timeline), Some(first), Some(last), Some(stop), Some(segment_size)) = (
@@ -377,9 +442,8 @@ pub async fn reach_of_manifest(
     let (reach, listing) = reach_of_backup(
         repositories,
         &manifest.job,
-        timeline,
-        first,
-        stop,
+        (timeline, first, stop),
+        choice,
         segment_size,
     )
     .await?;

@@ -349,6 +349,23 @@ struct PhysicalRestoreArgs {
     /// archived) and lose what was written after it; without it such a restore is refused.
     #[arg(long, requires = "data_dir", conflicts_with_all = ["to_time", "to_lsn"])]
     accept_gap: bool,
+    /// The timeline to recover along: `latest` (the newest archived, the default), `current`
+    /// (the backup's own), or a number; a target on an older timeline after a branch needs
+    /// that timeline's number.
+    #[arg(long, requires = "data_dir", value_parser = parse_timeline, default_value = "latest")]
+    timeline: lifeboat::continuity::TimelineChoice,
+}
+
+fn parse_timeline(text: &str) -> std::result::Result<lifeboat::continuity::TimelineChoice, String> {
+    use lifeboat::continuity::TimelineChoice;
+    match text {
+        "latest" => Ok(TimelineChoice::Latest),
+        "current" => Ok(TimelineChoice::Current),
+        number => match number.parse::<u32>() {
+            Ok(timeline) if timeline > 0 => Ok(TimelineChoice::Numbered(timeline)),
+            _ => Err("expected latest, current or a timeline number such as 2".to_string()),
+        },
+    }
 }
 
 impl PhysicalRestoreArgs {
@@ -374,6 +391,7 @@ impl PhysicalRestoreArgs {
             port: self.port,
             keep_archiving: self.keep_archiving,
             accept_gap: self.accept_gap,
+            timeline: self.timeline,
             from: None,
             exclude: Vec::new(),
             bin_dir: None,

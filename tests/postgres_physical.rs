@@ -1067,6 +1067,112 @@ async fn a_promoted_restore_becomes_a_primary_whose_backups_restore_whole() {
     );
 }
 
+/// A failover by restore while the old primary kept running and was backed up into the
+/// same job (split brain). A target on the new timeline used to pick the old primary's newer
+/// backup and fail with "requested timeline 2 is not a child of this server's history"; a
+/// target on the old timeline after the branch could not be reached at all.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn targets_on_either_side_of_a_timeline_branch_pick_the_backup_on_their_path() {
+    let region = SeaweedFs::start().await;
+    region.create_bucket(BUCKET).await;
+    let work = shared_work_dir();
+    let (source, config) = archiving_cluster(work.path(), &[&region], "");
+    let archive_command = source.psql("postgres", "show archive_command");
+    source.psql("postgres", "alter system set archive_mode = on");
+    source.psql(
+        "postgres",
+        &format!(
+            "alter system set archive_command = '{}'",
+            archive_command.replace('\'', "''")
+        ),
+    );
+    source.psql("postgres", "create table events (id int primary key)");
+    let insert = |server: &Postgres, from: u32, to: u32| {
+        server.psql(
+            "postgres",
+            &format!("insert into events select generate_series({from}, {to})"),
+        );
+    };
+    let ids = |server: &Postgres| {
+        server.psql(
+            "postgres",
+            "select count(*) || ' ' || min(id) || '..' || max(id) from events",
+        )
+    };
+    insert(&source, 1, 100);
+    lifeboat(&config, &["backup", JOB]).assert_code(0);
+    insert(&source, 101, 200);
+    let branch = server_now(&source);
+    insert(&source, 201, 300);
+    source.archive_current_wal();
+
+    // Timeline 2: restored to the branch moment, promoted, writing.
+    let primary_dir = work.path().join("timeline2");
+    let port = free_port();
+    let _primary = Restored(primary_dir.clone());
+    restore_started(
+        &config,
+        &primary_dir,
+        port,
+        &["--to-time", &branch, "--keep-archiving"],
+    )
+    .assert_code(0);
+    let primary = Postgres::attach(port, &source.password);
+    insert(&primary, 1001, 1100);
+    let on_timeline2 = server_now(&primary);
+    insert(&primary, 1101, 1200);
+    primary.archive_current_wal();
+
+    // The old primary goes on writing on timeline 1 and is backed up after the branch.
+    insert(&source, 301, 350);
+    let on_timeline1 = server_now(&source);
+    insert(&source, 351, 400);
+    lifeboat(&config, &["backup", JOB]).assert_code(0);
+    source.archive_current_wal();
+
+    // A timeline-2 moment: the first backup, on the path, not the old primary's newer one.
+    let restore_to = |name: &str, args: &[&str]| {
+        let dir = work.path().join(name);
+        let port = free_port();
+        let run = restore_started(&config, &dir, port, args);
+        (Restored(dir), run, port)
+    };
+    let (_two, run, port2) = restore_to("at-timeline2", &["--to-time", &on_timeline2]);
+    run.assert_code(0);
+    let first_backup = region
+        .manifest_keys(BUCKET)
+        .await
+        .into_iter()
+        .min()
+        .unwrap();
+    let first_id = first_backup.rsplit('/').nth(1).unwrap();
+    assert!(
+        run.stdout.contains(&format!("base backup {first_id}")),
+        "{}",
+        run.stdout
+    );
+    // 1..200 from timeline 1 up to the branch, then 1001..1100 from timeline 2.
+    assert_eq!(
+        ids(&Postgres::attach(port2, &source.password)),
+        "300 1..1100"
+    );
+
+    // A timeline-1 moment after the branch, asked for by its timeline.
+    let (_one, run, port1) = restore_to(
+        "at-timeline1",
+        &["--timeline", "1", "--to-time", &on_timeline1],
+    );
+    run.assert_code(0);
+    assert_eq!(
+        ids(&Postgres::attach(port1, &source.password)),
+        "350 1..350"
+    );
+
+    // The old primary's backup is named for what it is.
+    let status = lifeboat(&config, &["status"]);
+    assert!(status.stdout.contains("split brain"), "{}", status.stdout);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_physical_drill_from_the_second_region_measures_the_archive_rpo() {
     let region1 = SeaweedFs::start().await;

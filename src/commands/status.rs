@@ -224,7 +224,7 @@ async fn job_status(
     if matches!(&job.source, JobSource::Postgres(p) if p.mode == PostgresMode::Physical) {
         status.newest_wal_at = newest_wal(&survey, &job.name).await;
         let listed: Vec<Repository> = survey.listed.iter().map(|(r, _)| (*r).clone()).collect();
-        match crate::continuity::reach_of_manifest(&listed, &manifest).await {
+        match crate::continuity::reach_of_manifest(&listed, &manifest, Default::default()).await {
             Ok(Some((reach, _, _))) => {
                 status.gap_free_wal_at = reach.gap_free_end.as_ref().and_then(|end| end.stored_at);
                 if let Some(lost) = reach.lost_range() {
@@ -245,6 +245,14 @@ async fn job_status(
             Ok(None) => {
                 restorable = restorable.max(status.newest_wal_at.unwrap_or(restorable));
             }
+            // What the archive holds contradicts the backup: that is known, not unknown.
+            Err(e) if e.kind() == crate::error::ErrorKind::Verification => status.flag(
+                State::Critical,
+                format!(
+                    "the newest backup {newest} cannot be recovered along the archive: {}",
+                    e.chain().join(": ")
+                ),
+            ),
             Err(e) => status.flag(
                 State::Unknown,
                 format!(

@@ -570,6 +570,7 @@ async fn run_physical(
                 port: None,
                 keep_archiving: false,
                 accept_gap: false,
+                timeline: Default::default(),
                 from: None,
                 exclude: Vec::new(),
                 bin_dir: None,

@@ -240,6 +240,7 @@ async fn newest_reaching(
     from: Option<&str>,
     exclude: &[String],
     target: RecoveryTarget,
+    timeline_choice: crate::continuity::TimelineChoice,
 ) -> Result<String> {
     let repositories: Vec<Repository> = match from {
         Some(_) => vec![Repository::choose(config, from).await?],
@@ -250,6 +251,8 @@ async fn newest_reaching(
     .collect();
     let survey = crate::inventory::survey(&repositories, job).await;
     let mut oldest_end = None;
+    let mut listing = None;
+    let mut off_path = Vec::new();
     for id in survey.committed_ids().into_iter().rev() {
         if let (RecoveryTarget::Time(at), Some(started)) = (target, layout::parse_backup_id(&id))
             && started > at
@@ -259,10 +262,45 @@ async fn newest_reaching(
         let Some((manifest, _, _)) = survey.manifest(job, &id).await else {
             continue;
         };
-        if target.reachable_from(&manifest) {
+        if !target.reachable_from(&manifest) {
+            oldest_end = Some(manifest.recovery_point);
+            continue;
+        }
+        let source = &manifest.source;
+        let (Some(timeline), Some(stop), Some(segment_size)) = (
+            source.timeline,
+            source.stop_lsn.as_deref().and_then(crate::wal::Lsn::parse),
+            source.wal_segment_size,
+        ) else {
+            return Ok(id);
+        };
+        if listing.is_none() {
+            listing = Some(
+                crate::continuity::ArchiveListing::list(&repositories, job, segment_size).await,
+            );
+        }
+        let listing = listing.as_ref().expect("listed above");
+        // A backup off the path to the timeline recovery follows cannot reach the target.
+        let path = crate::continuity::path_for(
+            &repositories,
+            job,
+            listing,
+            (timeline, stop),
+            timeline_choice,
+            segment_size,
+        )
+        .await?;
+        if path.is_some() {
             return Ok(id);
         }
-        oldest_end = Some(manifest.recovery_point);
+        off_path.push(format!(
+            "backup {id} (timeline {timeline}, stopped at {stop}) is not on the path to timeline {}: taken on a timeline after another branched off it (split brain), or not an ancestor",
+            timeline_choice.resolve(listing, timeline)
+        ));
+    }
+    if target == RecoveryTarget::EndOfArchive && off_path.is_empty() {
+        // No backup at all, or none readable: `select` says which, as for any job.
+        return Ok("latest".to_string());
     }
     // A target before every backup began skipped them all: the oldest still says how far
     // back a restore can reach.
@@ -284,6 +322,9 @@ async fn newest_reaching(
             "the oldest backup ends at {}: no restore reaches an earlier moment",
             end.to_rfc3339()
         ));
+    }
+    for skipped in off_path {
+        error = error.with_hint(skipped);
     }
     Err(error.with_hint(format!("run `lifeboat list {job}` to see the backups")))
 }
@@ -397,15 +438,14 @@ pub async fn run(config: &Config, options: &RestoreOptions) -> Result<RestoreRep
     let started = Instant::now();
     let job = config.job(&options.job)?;
     let wanted = match &options.physical {
-        Some(physical)
-            if options.backup == "latest" && physical.target != RecoveryTarget::EndOfArchive =>
-        {
+        Some(physical) if options.backup == "latest" => {
             newest_reaching(
                 config,
                 &job.name,
                 options.from.as_deref(),
                 &options.exclude,
                 physical.target,
+                physical.timeline,
             )
             .await?
         }

@@ -14,7 +14,7 @@ use super::files::{Target, target_error, unpack};
 use super::{RestoreReport, Selected};
 use crate::commands::backup::BASE_OBJECT;
 use crate::config::Config;
-use crate::continuity::{self, Point};
+use crate::continuity::{self, Point, TimelineChoice};
 use crate::error::{Error, ErrorKind, Result};
 use crate::manifest::Manifest;
 use crate::repository::Repository;
@@ -68,6 +68,8 @@ pub struct PhysicalRestoreOptions {
     pub keep_archiving: bool,
     /// Recover to a gap in the archive rather than refuse (`--accept-gap`).
     pub accept_gap: bool,
+    /// The timeline recovery follows (`--timeline`).
+    pub timeline: TimelineChoice,
     /// Read WAL (and the backup) from this repository only.
     pub from: Option<String>,
     /// Never read WAL from these repositories (a drill playing their loss).
@@ -123,7 +125,7 @@ pub(super) async fn plan_replay(
         .collect::<Vec<_>>()
         .join(", ");
     let Some((reach, listing, last)) =
-        continuity::reach_of_manifest(&repositories, manifest).await?
+        continuity::reach_of_manifest(&repositories, manifest, options.timeline).await?
     else {
         return Ok(ReplayPlan {
             warnings: vec![format!(
@@ -294,19 +296,44 @@ pub(super) async fn restore(
         let clock = Instant::now();
         let redo_done = start_and_wait(&binaries, into, owner).await?;
         stages.push(("WAL replay".to_string(), clock.elapsed()));
-        restored.push(stopped_where(
+        match stopped_where(
             redo_done,
             plan.end_of_archive.as_ref(),
             &selected.manifest,
             into,
-        )?);
+        ) {
+            Ok(stopped) => restored.push(stopped),
+            Err(e) => {
+                // Short of what was asked: no server keeps running with that data.
+                let stop = pg_ctl(&binaries, into, owner, &["stop", "--mode=fast", "--wait"]);
+                return Err(match stop {
+                    Ok(()) => e.with_hint(format!(
+                        "lifeboat stopped the server; '{}' holds the data as far as it got",
+                        into.display()
+                    )),
+                    Err(stop) => e.with_hint(format!(
+                        "stop the server, which is still running: {}",
+                        stop.chain().join(": ")
+                    )),
+                });
+            }
+        }
         restored.push("recovery finished, server running".to_string());
         // Promoted: the recovery settings have done their work. Left in place, every base
         // backup of this cluster (it may become the primary) would carry them.
         match forget_recovery_settings(&target, owner) {
-            Ok(()) => restored.push(
-                "recovery settings removed from postgresql.auto.conf after promotion".to_string(),
-            ),
+            Ok(()) => {
+                restored.push(
+                    "recovery settings removed from postgresql.auto.conf after promotion"
+                        .to_string(),
+                );
+                if options.keep_archiving {
+                    pg_ctl(&binaries, into, owner, &["reload"])?;
+                    restored.push(
+                        "archiving resumed: the new timeline goes to the job's archive".to_string(),
+                    );
+                }
+            }
             Err(e) => warnings.push(format!(
                 "unable to remove the recovery settings from '{}' after promotion ({e}): remove the lines below \"{RESTORE_MARK}\" before this cluster's base backups are taken",
                 into.join("postgresql.auto.conf").display()
@@ -457,6 +484,9 @@ fn without_recovery_settings(auto_conf: &str) -> (String, Vec<String>) {
 /// The comment above the settings a restore writes into `postgresql.auto.conf`.
 const RESTORE_MARK: &str = "# Written by lifeboat restore";
 
+/// What archives nothing, and fails so that PostgreSQL keeps the files for later.
+const HELD_ARCHIVE_COMMAND: &str = "false";
+
 /// Rewrites `postgresql.auto.conf` of a promoted cluster without the recovery settings and
 /// the restore's comment; what else it sets (port, archive_mode, the backup's own lines)
 /// stays.
@@ -468,9 +498,10 @@ fn forget_recovery_settings(target: &Target, owner: Option<(u32, u32)>) -> std::
         dir.open_file(auto_conf, OFlags::RDONLY)?,
     ))?;
     let (kept, _) = without_recovery_settings(&existing);
+    let held = format!("archive_command = {}", conf_string(HELD_ARCHIVE_COMMAND));
     let kept: String = kept
         .lines()
-        .filter(|line| !line.starts_with(RESTORE_MARK))
+        .filter(|line| !line.starts_with(RESTORE_MARK) && *line != held)
         .flat_map(|line| [line, "\n"])
         .collect();
     let staged = Path::new("postgresql.auto.conf.lifeboat");
@@ -554,9 +585,18 @@ fn configure_recovery(
             set("recovery_target_action", conf_string("promote"));
         }
     }
-    set("recovery_target_timeline", conf_string("latest"));
+    set(
+        "recovery_target_timeline",
+        conf_string(&options.timeline.setting()),
+    );
     if !options.keep_archiving {
         set("archive_mode", conf_string("off"));
+    } else if options.start {
+        // Held until lifeboat has checked where replay ended: a promotion short of the end
+        // must not put its new timeline into the job's archive, where every later restore
+        // would follow it. PostgreSQL keeps what it could not archive and sends it once the
+        // real command is back (`forget_recovery_settings`, then a reload).
+        set("archive_command", conf_string(HELD_ARCHIVE_COMMAND));
     }
     if let Some(port) = options.port {
         set("port", port.to_string());
@@ -694,6 +734,22 @@ async fn start_and_wait(
     }
 }
 
+/// Runs `pg_ctl ARGS --pgdata DIR` as the data directory's owner.
+fn pg_ctl(
+    binaries: &Binaries,
+    into: &Path,
+    owner: Option<(u32, u32)>,
+    args: &[&str],
+) -> Result<()> {
+    let mut command = binaries.command("pg_ctl");
+    command.args(args).arg("--pgdata").arg(into);
+    if let Some((uid, gid)) = owner {
+        use std::os::unix::process::CommandExt;
+        command.uid(uid).gid(gid);
+    }
+    crate::sources::process::run(command, &format!("run pg_ctl {}", args[0])).map(|_| ())
+}
+
 /// Where replay ended, from the server's log: `redo done at 0/5000110`, the last one.
 fn redo_done_at(log: &str) -> Option<Lsn> {
     log.lines()
@@ -728,15 +784,15 @@ fn stopped_where(
         return Err(Error::new(
             ErrorKind::Target,
             format!(
-                "the restored server in '{}' stopped replaying at LSN {redo_done}, in segment {}, short of the end of the archive, {} (stored {}): it took WAL after that point for the end and promoted",
+                "the restored server in '{}' stopped replaying at LSN {redo_done}, short of the end of the archive, {} (stored {}): it took the WAL after that point (from segment {} on) for the end and promoted",
                 into.display(),
-                wal::segment_name(manifest.source.timeline.unwrap_or(1), stopped_in, segment_size),
                 end.name,
-                continuity::describe_time(end.stored_at)
+                continuity::describe_time(end.stored_at),
+                wal::segment_name(manifest.source.timeline.unwrap_or(1), stopped_in + 1, segment_size),
             ),
         )
         .with_hint(format!(
-            "its log '{}' says why replay ended there (a segment that did not decode, or that wal-fetch could not read); the server is running with that data: stop it, fix the archive, empty the directory and restore again",
+            "its log '{}' says why replay ended there (a segment that did not decode, or that wal-fetch could not read): fix the archive, empty the directory and restore again",
             into.join("lifeboat-recovery.log").display()
         )));
     }
