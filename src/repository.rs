@@ -65,6 +65,26 @@ impl Repository {
         Ok(Repository::open(chosen).await)
     }
 
+    /// The repositories a restore may read, in config order: the one `from` names, else all,
+    /// less those `exclude` names (each must be configured).
+    pub async fn readable(
+        config: &Config,
+        from: Option<&str>,
+        exclude: &[String],
+    ) -> Result<Vec<Repository>> {
+        for name in exclude {
+            config.repository(name)?;
+        }
+        let repositories = match from {
+            Some(_) => vec![Repository::choose(config, from).await?],
+            None => Repository::open_all(config).await,
+        };
+        Ok(repositories
+            .into_iter()
+            .filter(|r| !exclude.contains(&r.name))
+            .collect())
+    }
+
     /// "unable to <action> in repository 'NAME' (LOCATION)", with the store's cause.
     pub fn error(&self, action: &str, err: StoreError) -> Error {
         let kind = if err.is_not_found() {

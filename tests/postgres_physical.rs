@@ -90,6 +90,43 @@ fn server_now(source: &Postgres) -> String {
     )
 }
 
+/// Writes the source's archiving (set on its command line) into `postgresql.auto.conf`, so
+/// that a copy restored with --keep-archiving archives too.
+fn archive_from_restored_copies(source: &Postgres) {
+    let archive_command = source.psql("postgres", "show archive_command");
+    source.psql("postgres", "alter system set archive_mode = on");
+    source.psql(
+        "postgres",
+        &format!(
+            "alter system set archive_command = '{}'",
+            archive_command.replace('\'', "''")
+        ),
+    );
+}
+
+/// Inserts ids `from..=to` into the table `events`.
+fn insert_events(server: &Postgres, from: u32, to: u32) {
+    server.psql(
+        "postgres",
+        &format!("insert into events select generate_series({from}, {to})"),
+    );
+}
+
+/// Three batches of 100 events, each ended by a WAL switch and archived: the segment
+/// names, in order. Stores keep times to the second, so the last is archived over a second
+/// after the first.
+fn archive_three_batches(source: &Postgres) -> Vec<String> {
+    let mut batches = Vec::new();
+    for batch in 0..3 {
+        if batch == 2 {
+            std::thread::sleep(std::time::Duration::from_millis(1500));
+        }
+        insert_events(source, batch * 100 + 1, batch * 100 + 100);
+        batches.push(source.archive_current_wal());
+    }
+    batches
+}
+
 /// `lifeboat restore JOB --data-dir DIR ARGS... --start --port PORT`: a restored cluster
 /// started on a free port.
 pub(crate) fn restore_started(config: &Path, data_dir: &Path, port: u16, args: &[&str]) -> Run {
@@ -792,23 +829,7 @@ async fn a_gap_in_the_archive_is_refused_named_and_filled_from_another_region() 
     let (source, config) = archiving_cluster(work.path(), &[&region1, &region2], "");
     source.psql("postgres", "create table events (id int primary key)");
     lifeboat(&config, &["backup", JOB]).assert_code(0);
-    let mut batches = Vec::new();
-    for batch in 0..3 {
-        if batch == 2 {
-            // Stores keep times to the second: the newest segment is stored later than the
-            // last one before the gap.
-            std::thread::sleep(std::time::Duration::from_millis(1500));
-        }
-        source.psql(
-            "postgres",
-            &format!(
-                "insert into events select generate_series({}, {})",
-                batch * 100 + 1,
-                batch * 100 + 100
-            ),
-        );
-        batches.push(source.archive_current_wal());
-    }
+    let batches = archive_three_batches(&source);
     // The second batch's segment is lost in region 1; region 2 still holds it.
     let lost = &batches[1];
     let key = format!("{PREFIX}/jobs/{JOB}/wal/00000001/{lost}.zst");
@@ -914,18 +935,7 @@ async fn a_recovery_that_ends_before_the_archive_does_fails() {
     let (source, config) = archiving_cluster(work.path(), &[&region], "");
     source.psql("postgres", "create table events (id int primary key)");
     lifeboat(&config, &["backup", JOB]).assert_code(0);
-    let mut batches = Vec::new();
-    for batch in 0..3 {
-        source.psql(
-            "postgres",
-            &format!(
-                "insert into events select generate_series({}, {})",
-                batch * 100 + 1,
-                batch * 100 + 100
-            ),
-        );
-        batches.push(source.archive_current_wal());
-    }
+    let batches = archive_three_batches(&source);
     // The first batch's segment keeps its first page and loses the rest.
     let key = format!("{PREFIX}/jobs/{JOB}/wal/00000001/{}.zst", batches[0]);
     let mut raw = zstd::decode_all(&region.object(BUCKET, &key).await[..]).unwrap();
@@ -971,23 +981,9 @@ async fn a_promoted_restore_becomes_a_primary_whose_backups_restore_whole() {
     region.create_bucket(BUCKET).await;
     let work = shared_work_dir();
     let (mut source, config) = archiving_cluster(work.path(), &[&region], "");
-    // In postgresql.auto.conf, so that the restored copy archives too.
-    let archive_command = source.psql("postgres", "show archive_command");
-    source.psql("postgres", "alter system set archive_mode = on");
-    source.psql(
-        "postgres",
-        &format!(
-            "alter system set archive_command = '{}'",
-            archive_command.replace('\'', "''")
-        ),
-    );
+    archive_from_restored_copies(&source);
     source.psql("postgres", "create table events (id int primary key)");
-    let insert = |server: &Postgres, from: u32, to: u32| {
-        server.psql(
-            "postgres",
-            &format!("insert into events select generate_series({from}, {to})"),
-        );
-    };
+    let insert = insert_events;
     insert(&source, 1, 100);
     lifeboat(&config, &["backup", JOB]).assert_code(0);
     insert(&source, 101, 200);
@@ -1077,22 +1073,9 @@ async fn targets_on_either_side_of_a_timeline_branch_pick_the_backup_on_their_pa
     region.create_bucket(BUCKET).await;
     let work = shared_work_dir();
     let (source, config) = archiving_cluster(work.path(), &[&region], "");
-    let archive_command = source.psql("postgres", "show archive_command");
-    source.psql("postgres", "alter system set archive_mode = on");
-    source.psql(
-        "postgres",
-        &format!(
-            "alter system set archive_command = '{}'",
-            archive_command.replace('\'', "''")
-        ),
-    );
+    archive_from_restored_copies(&source);
     source.psql("postgres", "create table events (id int primary key)");
-    let insert = |server: &Postgres, from: u32, to: u32| {
-        server.psql(
-            "postgres",
-            &format!("insert into events select generate_series({from}, {to})"),
-        );
-    };
+    let insert = insert_events;
     let ids = |server: &Postgres| {
         server.psql(
             "postgres",

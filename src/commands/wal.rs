@@ -537,16 +537,8 @@ pub async fn fetch(config: &Config, options: &WalFetchOptions) -> Result<WalFetc
         Some(path) => Keyring::from_file(path.clone(), "--identity-file"),
         None => Keyring::from_config(config),
     };
-    for name in &options.exclude {
-        config.repository(name)?;
-    }
-    let repositories: Vec<Repository> = match &options.from {
-        Some(name) => vec![Repository::open(config.repository(name)?).await],
-        None => Repository::open_all(config).await,
-    }
-    .into_iter()
-    .filter(|r| !options.exclude.contains(&r.name))
-    .collect();
+    let repositories =
+        Repository::readable(config, options.from.as_deref(), &options.exclude).await?;
     let mut answered_missing = false;
     let mut failures = Vec::new();
     for repository in &repositories {

@@ -242,13 +242,7 @@ async fn newest_reaching(
     target: RecoveryTarget,
     timeline_choice: crate::continuity::TimelineChoice,
 ) -> Result<String> {
-    let repositories: Vec<Repository> = match from {
-        Some(_) => vec![Repository::choose(config, from).await?],
-        None => Repository::open_all(config).await,
-    }
-    .into_iter()
-    .filter(|r| !exclude.contains(&r.name))
-    .collect();
+    let repositories = Repository::readable(config, from, exclude).await?;
     let survey = crate::inventory::survey(&repositories, job).await;
     let mut oldest_end = None;
     let mut listing = None;
@@ -350,16 +344,7 @@ async fn select(
     from: Option<&str>,
     exclude: &[String],
 ) -> Result<Selected> {
-    for name in exclude {
-        config.repository(name)?;
-    }
-    let candidates: Vec<Repository> = match from {
-        Some(_) => vec![Repository::choose(config, from).await?],
-        None => Repository::open_all(config).await,
-    }
-    .into_iter()
-    .filter(|r| !exclude.contains(&r.name))
-    .collect();
+    let candidates = Repository::readable(config, from, exclude).await?;
     if candidates.is_empty() {
         return Err(Error::usage(format!(
             "unable to restore job '{job}': every repository is excluded"

@@ -112,13 +112,8 @@ pub(super) async fn plan_replay(
     options: &PhysicalRestoreOptions,
 ) -> Result<ReplayPlan> {
     let job = &manifest.job;
-    let repositories: Vec<Repository> = match &options.from {
-        Some(name) => vec![Repository::open(config.repository(name)?).await],
-        None => Repository::open_all(config).await,
-    }
-    .into_iter()
-    .filter(|r| !options.exclude.contains(&r.name))
-    .collect();
+    let repositories =
+        Repository::readable(config, options.from.as_deref(), &options.exclude).await?;
     let names = repositories
         .iter()
         .map(|r| format!("'{}'", r.name))
