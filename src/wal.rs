@@ -143,6 +143,7 @@ pub struct SegmentHeader {
 /// `XLP_LONG_HEADER`: set on the first page of every segment.
 const LONG_HEADER_FLAG: u16 = 0x0002;
 const LONG_HEADER_SIZE: usize = 40;
+const SHORT_HEADER_SIZE: usize = 24;
 
 /// `XLOG_PAGE_MAGIC` of each PostgreSQL release lifeboat knows, by major version. A release
 /// changes it whenever the WAL format changes, so it names the server that wrote a segment.
@@ -274,7 +275,72 @@ pub fn check_segment(file: &WalFile, bytes: &[u8]) -> std::result::Result<Segmen
             header.timeline, file.timeline
         ));
     }
+    check_pages(file, bytes, &header)?;
     Ok(header)
+}
+
+/// Every page of a segment starts with a header, which PostgreSQL writes as it reaches each
+/// page, up to where a WAL switch ended the segment: the rest is zeros. Each header must carry the segment's magic, its own address, and a timeline that never
+/// goes back and never passes the name's. A `.partial` file ends where its timeline did, and
+/// what follows is whatever the recycled file held: its pages are read up to the first one
+/// that is not the next.
+fn check_pages(
+    file: &WalFile,
+    bytes: &[u8],
+    header: &SegmentHeader,
+) -> std::result::Result<(), String> {
+    let block = header.block_size as usize;
+    let mut timeline = header.timeline;
+    for (index, page) in bytes.chunks(block).enumerate().skip(1) {
+        let address = header.page_address + (index * block) as u64;
+        let problem = match page.get(..SHORT_HEADER_SIZE) {
+            None => Some("is cut short".to_string()),
+            Some(page) => {
+                let magic = u16::from_le_bytes([page[0], page[1]]);
+                let page_timeline = u32::from_le_bytes(page[4..8].try_into().expect("4 bytes"));
+                let page_address = u64::from_le_bytes(page[8..16].try_into().expect("8 bytes"));
+                if magic != header.magic {
+                    Some(format!(
+                        "has magic 0x{magic:04X}, not the segment's 0x{:04X}",
+                        header.magic
+                    ))
+                } else if page_address != address {
+                    Some(format!("says it is at {}", Lsn(page_address)))
+                } else if page_timeline < timeline || page_timeline > file.timeline {
+                    Some(format!("says timeline {page_timeline}"))
+                } else {
+                    timeline = page_timeline;
+                    None
+                }
+            }
+        };
+        match (problem, file.kind) {
+            (None, _) => {}
+            (Some(_), WalFileKind::Partial) => break,
+            // A WAL switch leaves the rest of the segment zeroed, headers and all.
+            (Some(_), _) if page.iter().all(|b| *b == 0) => {
+                let rest = &bytes[index * block..];
+                return match rest.iter().position(|b| *b != 0) {
+                    None => Ok(()),
+                    Some(at) => {
+                        let at = index * block + at;
+                        Err(format!(
+                            "it holds data at byte {at} (WAL {}) after the empty pages that end it: the segment is damaged",
+                            Lsn(header.page_address + at as u64)
+                        ))
+                    }
+                };
+            }
+            (Some(problem), _) => {
+                return Err(format!(
+                    "its page at byte {} (WAL {}) {problem}: the segment is damaged past its first page",
+                    index * block,
+                    Lsn(address)
+                ));
+            }
+        }
+    }
+    Ok(())
 }
 
 /// The cluster whose WAL a job archives, as a repository records it (`cluster.json` beside
@@ -360,6 +426,18 @@ mod tests {
         .concat();
         let n = header.len().min(size);
         bytes[..n].copy_from_slice(&header[..n]);
+        for (index, page) in bytes.chunks_mut(8192).enumerate().skip(1) {
+            let address = segment * u64::from(mb16) + index as u64 * 8192;
+            let short = [
+                &0xD110u16.to_le_bytes()[..],
+                &0u16.to_le_bytes(),
+                &timeline.to_le_bytes(),
+                &address.to_le_bytes(),
+            ]
+            .concat();
+            let n = short.len().min(page.len());
+            page[..n].copy_from_slice(&short[..n]);
+        }
         bytes
     }
 
@@ -394,6 +472,27 @@ mod tests {
         let mut short_header = good.clone();
         short_header[2] = 0;
         assert!(refused(&short_header, name).contains("long header"));
+        // A first page that is right does not vouch for the rest.
+        let mut damaged = good.clone();
+        damaged[3 * 8192..4 * 8192].fill(0x77);
+        assert!(
+            refused(&damaged, name)
+                .contains("its page at byte 24576 (WAL 0/6006000) has magic 0x7777")
+        );
+        let mut stale = good.clone();
+        stale[5 * 8192 + 8..5 * 8192 + 16].copy_from_slice(&(3u64 << 24).to_le_bytes());
+        assert!(refused(&stale, name).contains("says it is at 0/3000000"));
+        // Zeros to the end are what a WAL switch leaves; anything after them is damage.
+        let mut switched = good.clone();
+        switched[4 * 8192..].fill(0);
+        check_segment(&file(name), &switched).unwrap();
+        switched[7 * 8192 + 100] = 1;
+        assert!(refused(&switched, name).contains("data at byte 57444"));
+        // A .partial file's pages after its end are whatever the recycled file held.
+        let mut partial = good.clone();
+        partial[9 * 8192..].fill(0x33);
+        check_segment(&file("000000010000000000000006.partial"), &partial).unwrap();
+        assert!(refused(&partial, name).contains("byte 73728"));
         let mut odd_size = good.clone();
         odd_size[32..36].copy_from_slice(&(3u32 << 20).to_le_bytes());
         assert!(refused(&odd_size, name).contains("segment size of 3145728"));

@@ -925,35 +925,74 @@ async fn a_gap_in_the_archive_is_refused_named_and_filled_from_another_region() 
 }
 
 /// A segment that is there but does not replay (an older lifeboat stored it unchecked, or
-/// a disk damaged it before it was archived) also reads as the end of WAL to PostgreSQL;
-/// the restore checks where replay actually ended and fails when it is short.
+/// a disk damaged it before it was archived) also reads as the end of WAL to PostgreSQL.
+/// wal-fetch takes a copy damaged past its first page for damaged and reads another
+/// region's; damage within the records only PostgreSQL sees, so the restore checks where
+/// replay actually ended and fails when it is short.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_recovery_that_ends_before_the_archive_does_fails() {
-    let region = SeaweedFs::start().await;
-    region.create_bucket(BUCKET).await;
+    let region1 = SeaweedFs::start().await;
+    let region2 = SeaweedFs::start().await;
+    region1.create_bucket(BUCKET).await;
+    region2.create_bucket(BUCKET).await;
     let work = shared_work_dir();
-    let (source, config) = archiving_cluster(work.path(), &[&region], "");
+    let (source, config) = archiving_cluster(work.path(), &[&region1, &region2], "");
     source.psql("postgres", "create table events (id int primary key)");
     lifeboat(&config, &["backup", JOB]).assert_code(0);
     let batches = archive_three_batches(&source);
-    // The first batch's segment keeps its first page and loses the rest.
     let key = format!("{PREFIX}/jobs/{JOB}/wal/00000001/{}.zst", batches[0]);
-    let mut raw = zstd::decode_all(&region.object(BUCKET, &key).await[..]).unwrap();
-    raw[8192..].fill(0);
-    region
-        .client()
-        .put_object()
-        .bucket(BUCKET)
-        .key(&key)
-        .body(zstd::encode_all(&raw[..], 3).unwrap().into())
-        .send()
-        .await
-        .unwrap();
+    let genuine = zstd::decode_all(&region1.object(BUCKET, &key).await[..]).unwrap();
+    let replace = |region: &SeaweedFs, raw: Vec<u8>| {
+        let client = region.client();
+        let key = key.clone();
+        async move {
+            client
+                .put_object()
+                .bucket(BUCKET)
+                .key(key)
+                .body(zstd::encode_all(&raw[..], 3).unwrap().into())
+                .send()
+                .await
+                .unwrap();
+        }
+    };
+    let restore = |name: &str, args: &[&str]| {
+        let dir = work.path().join(name);
+        let port = free_port();
+        let run = restore_started(&config, &dir, port, args);
+        (Restored(dir), run, port)
+    };
 
-    let data_dir = work.path().join("restored");
-    let port = free_port();
-    let _restored = Restored(data_dir.clone());
-    let short = restore_started(&config, &data_dir, port, &[]);
+    // Region 1's copy has a page past the first overwritten: it is passed over.
+    let mut past_first_page = genuine.clone();
+    past_first_page[8192..2 * 8192].fill(0x77);
+    replace(&region1, past_first_page).await;
+    let (_whole, run, port) = restore("whole", &[]);
+    run.assert_code(0);
+    assert_eq!(
+        Postgres::attach(port, &source.password).psql("postgres", "select count(*) from events"),
+        "300"
+    );
+    // With region 1 alone, recovery stops rather than promote early.
+    let (_only, run, _) = restore("only-region1", &["--from", "region1"]);
+    run.assert_code(1);
+    let in_repository = format!("jobs/{JOB}/wal/00000001/{}.zst", batches[0]);
+    assert!(
+        run.stderr.contains("could not restore file")
+            && run.stderr.contains(&format!(
+                "damaged '{in_repository}' in repository 'region1'"
+            ))
+            && run.stderr.contains("its page at byte 8192"),
+        "{}",
+        run.stderr
+    );
+
+    // Every page header right, the records after the first one's zeroed: only replay shows it.
+    let mut records_lost = genuine.clone();
+    records_lost[40..8192].fill(0);
+    replace(&region1, records_lost.clone()).await;
+    replace(&region2, records_lost).await;
+    let (_short, short, _) = restore("short", &[]);
     short.assert_code(1);
     assert!(
         short.stderr.contains("stopped replaying at LSN")
@@ -965,7 +1004,8 @@ async fn a_recovery_that_ends_before_the_archive_does_fails() {
         short.stderr
     );
     assert!(
-        short.stderr.contains("lifeboat-recovery.log' says why"),
+        short.stderr.contains("lifeboat-recovery.log' says why")
+            && short.stderr.contains("lifeboat stopped the server"),
         "{}",
         short.stderr
     );

@@ -199,6 +199,18 @@ fn wal_push_refuses_a_segment_under_another_name() {
     );
 }
 
+/// A right first page in front of damage: the header alone does not vouch for a segment.
+#[test]
+fn wal_push_refuses_a_segment_damaged_past_its_first_page() {
+    let archive = Archive::new();
+    let mut damaged = tree::wal_segment(NAME, tree::FAKE_SYSTEM, 6);
+    damaged[8192..].copy_from_slice(&tree::noise((16 << 20) - 8192, 42));
+    archive.refuses_then_takes_the_genuine(
+        &damaged,
+        "its page at byte 8192 (WAL 0/6002000) has magic",
+    );
+}
+
 /// Another cluster's segment under a name this job has not used yet.
 #[test]
 fn wal_push_refuses_another_clusters_segment() {

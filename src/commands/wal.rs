@@ -566,13 +566,13 @@ pub async fn fetch(config: &Config, options: &WalFetchOptions) -> Result<WalFetc
             false => None,
         };
         let dest = options.dest.clone();
-        let kind = file.kind;
+        let wanted = file.clone();
         let written = tokio::task::spawn_blocking(move || {
             write_decoded(
                 &stored,
                 identities.as_deref().map(Vec::as_slice),
                 &dest,
-                kind,
+                &wanted,
             )
         })
         .await
@@ -647,7 +647,7 @@ fn write_decoded(
     stored: &[u8],
     identities: Option<&[Identity]>,
     dest: &Path,
-    kind: WalFileKind,
+    file: &WalFile,
 ) -> std::io::Result<u64> {
     let parent = dest
         .parent()
@@ -671,14 +671,18 @@ fn write_decoded(
     };
     decoded.map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))?;
     let size = temp.as_file().metadata()?.len();
-    // Segments are a power of two between 1 MiB and 1 GiB; anything else is not one.
-    if kind == WalFileKind::Segment
-        && !(size.is_power_of_two() && (1 << 20..=1 << 30).contains(&size))
-    {
-        return Err(std::io::Error::new(
-            std::io::ErrorKind::InvalidData,
-            format!("it decodes to {size} bytes, which is no WAL segment size"),
-        ));
+    // What PostgreSQL would take for the end of WAL must not reach it: a copy that is no
+    // replayable segment is damaged, and the next repository's copy is tried.
+    if file.kind == WalFileKind::Segment {
+        if !wal::is_segment_size(size) {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                format!("it decodes to {size} bytes, which is no WAL segment size"),
+            ));
+        }
+        let decoded = std::fs::read(temp.path())?;
+        wal::check_segment(file, &decoded)
+            .map_err(|problem| std::io::Error::new(std::io::ErrorKind::InvalidData, problem))?;
     }
     temp.persist(dest).map_err(|e| e.error)?;
     Ok(size)

@@ -150,7 +150,8 @@ pub const FAKE_SYSTEM: u64 = 7_000_000_000_000_000_001;
 
 /// 16 MiB that wal-push takes for the segment `name` of the cluster `system`: PostgreSQL 15's
 /// long page header (magic, flags, timeline, page address, system identifier, segment and
-/// block size, little-endian) and then noise from `seed`.
+/// block size, little-endian), a short header on every later 8 KiB page, and noise from
+/// `seed` between them.
 pub fn wal_segment(name: &str, system: u64, seed: u64) -> Vec<u8> {
     let segment_size: u32 = 16 << 20;
     let timeline = u32::from_str_radix(&name[..8], 16).unwrap();
@@ -171,5 +172,18 @@ pub fn wal_segment(name: &str, system: u64, seed: u64) -> Vec<u8> {
     .concat();
     let mut bytes = noise(segment_size as usize, seed);
     bytes[..header.len()].copy_from_slice(&header);
+    // Every later page starts with its own short header.
+    for (index, page) in bytes.chunks_mut(8192).enumerate().skip(1) {
+        let short = [
+            &0xD110u16.to_le_bytes()[..],
+            &0u16.to_le_bytes(),
+            &timeline.to_le_bytes(),
+            &(page_address + index as u64 * 8192).to_le_bytes(),
+            &0u32.to_le_bytes(),
+            &[0; 4],
+        ]
+        .concat();
+        page[..short.len()].copy_from_slice(&short);
+    }
     bytes
 }
