@@ -17,6 +17,8 @@ use crate::storage::{self, ByteStream, Store, StoreError};
 use crate::wal::ClusterRecord;
 
 const MARKER_FORMAT: u32 = 1;
+/// The most a cluster record may be.
+const CLUSTER_RECORD_LIMIT: u64 = 64 * 1024;
 
 #[derive(Debug, Clone)]
 pub struct Repository {
@@ -184,12 +186,23 @@ impl Repository {
     /// The record of the cluster whose WAL `job` archives here, if one was made.
     pub async fn cluster_record(&self, job: &str) -> Result<Option<ClusterRecord>> {
         let key = layout::cluster_record_key(job);
-        let bytes = match storage::get_bytes(self.store.as_ref(), &key).await {
+        // A record is a few hundred bytes; a larger object is no record, and is not read whole.
+        let bytes = match storage::get_range_bytes(
+            self.store.as_ref(),
+            &key,
+            Some(0..CLUSTER_RECORD_LIMIT + 1),
+        )
+        .await
+        {
             Ok(bytes) => bytes,
             Err(e) if e.is_not_found() => return Ok(None),
             Err(e) => return Err(self.error(&format!("read the cluster record '{key}'"), e)),
         };
-        serde_json::from_slice(&bytes).map(Some).map_err(|e| {
+        let parsed = match bytes.len() as u64 > CLUSTER_RECORD_LIMIT {
+            true => Err(format!("it is over {CLUSTER_RECORD_LIMIT} bytes")),
+            false => serde_json::from_slice(&bytes).map_err(|e| e.to_string()),
+        };
+        parsed.map(Some).map_err(|e| {
             Error::new(
                 ErrorKind::Verification,
                 format!(

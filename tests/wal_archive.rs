@@ -266,3 +266,86 @@ fn a_conflict_with_a_broken_archived_copy_says_which_one_is_valid() {
         twice.stderr
     );
 }
+
+/// One repository's cluster record planted (another cluster), damaged, oversized or a FIFO:
+/// the segment still goes to the repository whose record matches it, and the warning names
+/// the record; only when no record matches is the segment refused.
+#[test]
+fn one_bad_cluster_record_does_not_stop_archiving_into_the_others() {
+    let work = tempfile::tempdir().unwrap();
+    let (a, b) = (work.path().join("a"), work.path().join("b"));
+    let config = write_config(
+        work.path(),
+        &format!(
+            "min_repositories = 1\n{}{}[[job]]\nname = \"db\"\nkind = \"postgres\"\nmode = \"physical\"\ndsn = \"postgresql://postgres@127.0.0.1:9/postgres\"\n",
+            local_repository("a", &a),
+            local_repository("b", &b),
+        ),
+    );
+    let dir = work.path().join("pg_wal");
+    std::fs::create_dir_all(&dir).unwrap();
+    let push = |segment: u64, system: u64| {
+        let name = format!("0000000100000000{segment:08X}");
+        let path = dir.join(&name);
+        std::fs::write(&path, tree::wal_segment(&name, system, segment)).unwrap();
+        lifeboat(
+            &config,
+            &["wal-push", "--job", "db", path.to_str().unwrap()],
+        )
+    };
+    push(1, tree::FAKE_SYSTEM).assert_code(0);
+    let record = b.join("jobs/db/cluster.json");
+    let genuine = std::fs::read_to_string(&record).unwrap();
+    let planted = genuine.replace(&tree::FAKE_SYSTEM.to_string(), "42");
+    let huge = format!("{genuine}{}", " ".repeat(1 << 20));
+    let cases: [(&str, &dyn Fn()); 4] = [
+        ("another cluster", &|| {
+            std::fs::write(&record, &planted).unwrap()
+        }),
+        ("damaged", &|| {
+            std::fs::write(&record, "{\"system_id").unwrap()
+        }),
+        ("oversized", &|| std::fs::write(&record, &huge).unwrap()),
+        ("a FIFO", &|| {
+            rustix::fs::mknodat(
+                rustix::fs::CWD,
+                &record,
+                rustix::fs::FileType::Fifo,
+                rustix::fs::Mode::from_raw_mode(0o600),
+                0,
+            )
+            .unwrap();
+        }),
+    ];
+    for (segment, (what, plant)) in (2..).zip(cases) {
+        std::fs::remove_file(&record).unwrap();
+        plant();
+        let run = push(segment, tree::FAKE_SYSTEM);
+        run.assert_code(0);
+        assert!(
+            run.stdout.contains("; stored in a\n")
+                && run.stdout.contains("warning: repository 'b' lacks")
+                && run.stdout.contains("jobs/db/cluster.json"),
+            "{what}: {}",
+            run.stdout
+        );
+        assert!(
+            run.stderr.is_empty() || !run.stderr.contains("panicked"),
+            "{what}: {}",
+            run.stderr
+        );
+        std::fs::remove_file(&record).unwrap();
+        std::fs::write(&record, &genuine).unwrap();
+    }
+    // Every record names another cluster: refused, and nothing stored.
+    let name = "000000010000000000000009";
+    let refused = push(9, tree::FAKE_SYSTEM + 1);
+    refused.assert_code(1);
+    assert!(
+        refused.stderr.contains("repository 'b' records the same"),
+        "{}",
+        refused.stderr
+    );
+    assert!(!a.join(format!("jobs/db/wal/00000001/{name}.zst")).exists());
+    assert!(!b.join(format!("jobs/db/wal/00000001/{name}.zst")).exists());
+}

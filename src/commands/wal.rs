@@ -116,7 +116,7 @@ impl fmt::Display for WalPushReport {
         for (repository, cause) in &self.missing {
             write!(
                 f,
-                "\nwarning: repository '{repository}' lacks {}: {cause}\n  run `lifeboat replicate {}` once it is reachable again",
+                "\nwarning: repository '{repository}' lacks {}: {cause}\n  run `lifeboat replicate {}` once it can take it again",
                 self.file, self.job
             )?;
         }
@@ -254,10 +254,12 @@ fn refusal(file: &WalFile, job: &str, problem: &str) -> Error {
     )
 }
 
-/// The repositories a segment with `header` may go to: each one's record of the job's
-/// cluster must match it, and one lacking a record learns it (from another repository's, else
-/// from this segment) before any segment is stored. A mismatch anywhere refuses the push
-/// everywhere; a repository whose record cannot be read goes to `missing`.
+/// The repositories a segment with `header` may go to: those whose record of the job's
+/// cluster matches it, and those lacking a record, which learn it first (from a matching
+/// record, else from this segment). When no record matches and one names another cluster,
+/// the segment is refused everywhere: it is not this job's. A repository whose record names
+/// another cluster while others match it, or cannot be read, goes to `missing` with the
+/// cause: one planted or half-written record does not stop archiving into the rest.
 async fn same_cluster<'r>(
     repositories: &'r [Repository],
     job: &str,
@@ -271,34 +273,47 @@ async fn same_cluster<'r>(
             .map(|repository| repository.cluster_record(job)),
     )
     .await;
-    let mut known = None;
+    let key = layout::cluster_record_key(job);
+    let mut matching = None;
     let mut learning = Vec::new();
     let mut usable = Vec::new();
-    let refuse = |repository: &Repository, problem: String| {
-        refusal(file, job, &problem)
-            .with_hint(format!(
-                "the record is '{}' in repository '{}'",
-                layout::cluster_record_key(job),
-                repository.name
-            ))
-            .with_hint(
-                "a cluster made by initdb or pg_upgrade, or restored from another job's backup, is a new cluster: archive it into a job of its own (a new `[[job]]` name in the config and in archive_command); the old job's backups and WAL stay restorable",
-            )
-    };
+    let mut other_cluster = Vec::new();
     for (repository, record) in repositories.iter().zip(records) {
         match record {
-            Ok(Some(record)) => {
-                if let Some(problem) = record.mismatch(header) {
-                    return Err(refuse(repository, problem));
+            Ok(Some(record)) => match record.mismatch(header) {
+                Some(problem) => other_cluster.push((repository, problem)),
+                None => {
+                    matching.get_or_insert(record);
+                    usable.push(repository);
                 }
-                known.get_or_insert(record);
-                usable.push(repository);
-            }
+            },
             Ok(None) => learning.push(repository),
             Err(e) => missing.push((repository.name.clone(), e.chain().join(": "))),
         }
     }
-    let learned = known.unwrap_or_else(|| ClusterRecord::from_segment(header, &file.name));
+    if matching.is_none()
+        && let Some((repository, problem)) = other_cluster.first()
+    {
+        let mut refused = refusal(file, job, problem).with_hint(format!(
+            "the record is '{key}' in repository '{}'",
+            repository.name
+        ));
+        for (other, _) in &other_cluster[1..] {
+            refused = refused.with_hint(format!("repository '{}' records the same", other.name));
+        }
+        return Err(refused.with_hint(
+            "a cluster made by initdb or pg_upgrade, or restored from another job's backup, is a new cluster: archive it into a job of its own (a new `[[job]]` name in the config and in archive_command); the old job's backups and WAL stay restorable",
+        ));
+    }
+    for (repository, problem) in other_cluster {
+        missing.push((
+            repository.name.clone(),
+            format!(
+                "its record '{key}' disagrees with another repository's: {problem}; remove it there if it is wrong, and the next push records this cluster"
+            ),
+        ));
+    }
+    let learned = matching.unwrap_or_else(|| ClusterRecord::from_segment(header, &file.name));
     let kept = futures::future::join_all(
         learning
             .iter()
@@ -306,11 +321,13 @@ async fn same_cluster<'r>(
     )
     .await;
     for (repository, kept) in learning.into_iter().zip(kept) {
-        match kept {
-            Ok(record) => match record.mismatch(header) {
-                Some(problem) => return Err(refuse(repository, problem)),
-                None => usable.push(repository),
-            },
+        match kept.map(|record| record.mismatch(header)) {
+            Ok(None) => usable.push(repository),
+            // Another push recorded another cluster here at the same moment.
+            Ok(Some(problem)) => missing.push((
+                repository.name.clone(),
+                format!("its record '{key}' was just made by another push: {problem}"),
+            )),
             Err(e) => missing.push((repository.name.clone(), e.chain().join(": "))),
         }
     }

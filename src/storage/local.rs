@@ -241,14 +241,26 @@ impl Store for LocalStore {
 
     async fn get(&self, key: &str, range: Option<Range<u64>>) -> Result<ByteStream, StoreError> {
         let path = self.path_of(key)?;
-        let mut file = tokio::fs::File::open(&path)
+        // Non-blocking, so that a FIFO planted under a key fails here instead of waiting
+        // for a writer forever; a regular file reads the same either way.
+        let mut file = tokio::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NONBLOCK)
+            .open(&path)
             .await
             .map_err(|e| StoreError::io("open", key, e))?;
-        let len = file
+        let meta = file
             .metadata()
             .await
-            .map_err(|e| StoreError::io("stat", key, e))?
-            .len();
+            .map_err(|e| StoreError::io("stat", key, e))?;
+        if !meta.is_file() {
+            return Err(StoreError::io(
+                "open",
+                key,
+                std::io::Error::new(std::io::ErrorKind::InvalidData, "not a regular file"),
+            ));
+        }
+        let len = meta.len();
         let (start, end) = match range {
             Some(r) => (r.start.min(len), r.end.min(len).max(r.start.min(len))),
             None => (0, len),
