@@ -103,23 +103,6 @@ pub struct Span {
     pub switched_at: Option<Lsn>,
 }
 
-/// The entries of a timeline history file: each ancestor and where the next timeline
-/// branched off it (`1\t0/3000000\tno recovery target specified`).
-pub fn parse_history(text: &str) -> Option<Vec<(u32, Lsn)>> {
-    let mut entries = Vec::new();
-    for line in text.lines() {
-        let line = line.trim();
-        if line.is_empty() || line.starts_with('#') {
-            continue;
-        }
-        let mut fields = line.split_whitespace();
-        let timeline = fields.next()?.parse().ok()?;
-        let switched_at = Lsn::parse(fields.next()?)?;
-        entries.push((timeline, switched_at));
-    }
-    Some(entries)
-}
-
 /// The path from `from` (the backup's timeline) to `to`, given `to`'s history: the
 /// timelines recovery replays and where each takes over. None when `to` does not descend
 /// from `from`, or branched off it before `floor` (the backup's stop: recovery cannot
@@ -181,14 +164,14 @@ pub async fn read_history(
                 }
             };
             let entries = zstd::stream::decode_all(&stored[..])
-                .ok()
-                .and_then(|raw| parse_history(&String::from_utf8_lossy(&raw)));
+                .map_err(|e| format!("it does not decode: {e}"))
+                .and_then(|raw| wal::check_history(timeline, &raw));
             match entries {
-                Some(entries) => return Ok(entries),
-                None => problems.push(Error::new(
+                Ok(entries) => return Ok(entries),
+                Err(problem) => problems.push(Error::new(
                     ErrorKind::Verification,
                     format!(
-                        "the timeline history file '{key}' in repository '{}' does not decode to a history",
+                        "the timeline history file '{key}' in repository '{}' is no history: {problem}",
                         repository.name
                     ),
                 )),
@@ -229,6 +212,9 @@ pub struct Reach {
     pub resumes_at: Option<Point>,
     /// The newest segment archived on the path, past the gap or not.
     pub newest: Option<Point>,
+    /// A timeline later than the one recovery ends on whose WAL is archived: its history
+    /// file (or one before it) is missing, so `latest` cannot find it. Its first segment.
+    pub unfollowed: Option<String>,
 }
 
 impl Reach {
@@ -306,12 +292,19 @@ pub fn reach(listing: &ArchiveListing, path: &[Span], first: u64, segment_size: 
             newest = Some(found);
         }
     }
+    let last = path.last().map_or(0, |span| span.timeline);
+    let unfollowed = listing
+        .segments
+        .keys()
+        .find(|(timeline, _)| *timeline > last)
+        .map(|(timeline, segment)| wal::segment_name(*timeline, *segment, segment_size));
     Reach {
         segment_size,
         newest: newest.or_else(|| gap_free_end.clone()),
         gap_free_end,
         first_missing: point(next, None).name,
         resumes_at,
+        unfollowed,
     }
 }
 
@@ -507,7 +500,8 @@ mod tests {
     fn each_segment_comes_from_the_timeline_that_has_begun_by_then() {
         // Timeline 2 branched off 1 in segment 5: from there on, 1's segments are another
         // history and do not count.
-        let history = parse_history("1\t0/5000100\tno recovery target specified\n").unwrap();
+        let history =
+            wal::check_history(2, b"1\t0/5000100\tno recovery target specified\n").unwrap();
         assert_eq!(history, [(1, Lsn(0x5000100))]);
         let path = path_from_history(&history, 1, 2, Lsn(0x3000000), MB16).unwrap();
         assert_eq!(path[1].begins, 5);
@@ -522,6 +516,7 @@ mod tests {
         let reach = reach(&archive, &path, 3, MB16);
         assert_eq!(reach.gap_free_end.unwrap().name, "000000020000000000000005");
         assert_eq!(reach.first_missing, "000000020000000000000006");
+        assert_eq!(reach.unfollowed, None);
         assert_eq!(reach.resumes_at.unwrap().name, "000000020000000000000007");
         // A backup that stopped after the branch cannot follow it.
         assert_eq!(
@@ -538,12 +533,5 @@ mod tests {
         assert_eq!(archive.latest_timeline(1), 3);
         assert_eq!(archive.latest_timeline(3), 3);
         assert_eq!(archive.latest_timeline(4), 5);
-        assert_eq!(
-            parse_history("# comment\n\n1 0/3 reason\n2\t1/0\tx\n")
-                .unwrap()
-                .len(),
-            2
-        );
-        assert_eq!(parse_history("1 nonsense"), None);
     }
 }

@@ -343,6 +343,59 @@ fn check_pages(
     Ok(())
 }
 
+/// The most a timeline history file may be: one short line per ancestor.
+const HISTORY_LIMIT: usize = 1 << 20;
+
+/// The entries of the history file of `timeline`: each ancestor, oldest first, and where the
+/// next timeline branched off it (`1\t0/3000000\tno recovery target specified`). Says what
+/// is wrong with anything PostgreSQL would not read as one, or would follow somewhere it
+/// cannot go: timeline 1 has no history, ancestors come in rising order below the timeline
+/// itself, and branch points never go back.
+pub fn check_history(timeline: u32, bytes: &[u8]) -> std::result::Result<Vec<(u32, Lsn)>, String> {
+    if timeline < 2 {
+        return Err("timeline 1 has no history: PostgreSQL never writes one".to_string());
+    }
+    if bytes.len() > HISTORY_LIMIT {
+        return Err(format!("it is over {HISTORY_LIMIT} bytes"));
+    }
+    let text = std::str::from_utf8(bytes).map_err(|_| "it is not text".to_string())?;
+    let mut entries: Vec<(u32, Lsn)> = Vec::new();
+    for (number, line) in text.lines().enumerate() {
+        let line = line.trim();
+        if line.is_empty() || line.starts_with('#') {
+            continue;
+        }
+        let mut fields = line.split_whitespace();
+        let entry = fields
+            .next()
+            .and_then(|t| t.parse::<u32>().ok())
+            .zip(fields.next().and_then(Lsn::parse))
+            .ok_or_else(|| format!("line {} is not \"TIMELINE LSN REASON\"", number + 1))?;
+        if let Some(&(previous, switched)) = entries.last()
+            && (entry.0 <= previous || entry.1 < switched)
+        {
+            return Err(format!(
+                "line {} goes back: timeline {} at {} after timeline {previous} at {switched}",
+                number + 1,
+                entry.0,
+                entry.1
+            ));
+        }
+        if entry.0 == 0 || entry.0 >= timeline {
+            return Err(format!(
+                "line {} names timeline {}, which is no ancestor of timeline {timeline}",
+                number + 1,
+                entry.0
+            ));
+        }
+        entries.push(entry);
+    }
+    if entries.is_empty() {
+        return Err("it names no ancestor".to_string());
+    }
+    Ok(entries)
+}
+
 /// The cluster whose WAL a job archives, as a repository records it (`cluster.json` beside
 /// the job's backups): learned from the job's first backup or first archived segment, then
 /// held against every segment pushed and every backup taken, so that one cluster's WAL
@@ -407,6 +460,26 @@ fn describe_release(magic: u16) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_history_names_its_ancestors_in_rising_order() {
+        assert_eq!(
+            check_history(3, b"# comment\n\n1 0/3000000 reason\n2\t1/0\tx\n").unwrap(),
+            [(1, Lsn(0x3000000)), (2, Lsn(1 << 32))]
+        );
+        for (timeline, bad, why) in [
+            (1, &b"1 0/3 x\n"[..], "timeline 1 has no history"),
+            (2, b"", "names no ancestor"),
+            (2, b"1 nonsense\n", "line 1 is not"),
+            (3, b"2 0/5 x\n1 0/6 y\n", "line 2 goes back"),
+            (3, b"1 0/6 x\n2 0/5 y\n", "line 2 goes back"),
+            (4, b"1 0/6 x\n5 0/7 y\n", "timeline 5, which is no ancestor"),
+            (2, &[0xff, 0xfe][..], "not text"),
+        ] {
+            let problem = check_history(timeline, bad).unwrap_err();
+            assert!(problem.contains(why), "{problem}");
+        }
+    }
 
     /// A long page header as PostgreSQL 15 writes it, then `size` bytes in all.
     pub(crate) fn segment_bytes(timeline: u32, segment: u64, system: u64, size: usize) -> Vec<u8> {

@@ -1194,6 +1194,34 @@ async fn targets_on_either_side_of_a_timeline_branch_pick_the_backup_on_their_pa
     // The old primary's backup is named for what it is.
     let status = lifeboat(&config, &["status"]);
     assert!(status.stdout.contains("split brain"), "{}", status.stdout);
+
+    // Timeline 2's history lost: `latest` cannot find timeline 2, and says so rather than
+    // end on timeline 1 in silence.
+    region
+        .client()
+        .delete_object()
+        .bucket(BUCKET)
+        .key(format!(
+            "{PREFIX}/jobs/{JOB}/wal/00000002/00000002.history.zst"
+        ))
+        .send()
+        .await
+        .unwrap();
+    let (_lost, run, _) = restore_to("history-lost", &[]);
+    run.assert_code(1);
+    assert!(
+        run.stderr
+            .contains("WAL of a later timeline is archived (from 00000002")
+            && run.stderr.contains("the history file 00000002.history"),
+        "{}",
+        run.stderr
+    );
+    let status = lifeboat(&config, &["status"]);
+    assert!(
+        status.stdout.contains("its history file, 00000002.history"),
+        "{}",
+        status.stdout
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -349,3 +349,46 @@ fn one_bad_cluster_record_does_not_stop_archiving_into_the_others() {
     assert!(!a.join(format!("jobs/db/wal/00000001/{name}.zst")).exists());
     assert!(!b.join(format!("jobs/db/wal/00000001/{name}.zst")).exists());
 }
+
+/// A timeline history that PostgreSQL cannot follow used to be archived, after which every
+/// restore following the timeline failed; now it is refused, and a real one is taken.
+#[test]
+fn wal_push_refuses_a_history_that_is_none() {
+    let archive = Archive::new();
+    for (name, bytes, why) in [
+        ("00000003.history", tree::noise(100, 3), "it is not text"),
+        ("00000002.history", Vec::new(), "it names no ancestor"),
+        (
+            "00000001.history",
+            b"1\t0/3000000\tx\n".to_vec(),
+            "timeline 1 has no history",
+        ),
+        (
+            "00000004.history",
+            b"1\t0/3000000\tx\n5\t0/4000000\ty\n".to_vec(),
+            "line 2 names timeline 5, which is no ancestor of timeline 4",
+        ),
+    ] {
+        let refused = archive.push(name, &bytes);
+        refused.assert_code(1);
+        assert!(
+            refused
+                .stderr
+                .contains(&format!("refusing to archive WAL file '{name}' of job 'db': it is no timeline history: {why}")),
+            "{name}: {}",
+            refused.stderr
+        );
+        assert!(
+            !archive
+                .repository
+                .join(format!("jobs/db/wal/{}/{name}.zst", &name[..8]))
+                .exists()
+        );
+    }
+    archive
+        .push(
+            "00000002.history",
+            b"1\t0/6000000\tno recovery target specified\n",
+        )
+        .assert_code(0);
+}

@@ -240,6 +240,15 @@ async fn job_status(
                     );
                     status.wal_gap = Some(reach.first_missing.clone());
                 }
+                if let Some(unfollowed) = &reach.unfollowed {
+                    status.flag(
+                        State::Critical,
+                        format!(
+                            "WAL of a later timeline is archived (from {unfollowed}) but its history file, {}.history, or one before it, is in no repository: recovery cannot follow it",
+                            &unfollowed[..8]
+                        ),
+                    );
+                }
                 restorable = restorable.max(status.gap_free_wal_at.unwrap_or(restorable));
             }
             Ok(None) => {

@@ -160,7 +160,12 @@ pub async fn push(config: &Config, options: &WalPushOptions) -> Result<WalPushRe
                 ))
             })?)
         }
-        WalFileKind::History | WalFileKind::BackupLabel => None,
+        WalFileKind::History => {
+            wal::check_history(file.timeline, &raw)
+                .map_err(|problem| refusal(&file, &job.name, &format!("it is no timeline history: {problem}")))?;
+            None
+        }
+        WalFileKind::BackupLabel => None,
     };
     let level = config.compression.level;
     let threads = config.compression.threads;

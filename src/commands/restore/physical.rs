@@ -175,6 +175,24 @@ pub(super) async fn plan_replay(
             reach.first_missing
         ))
     };
+    // Only `latest` promises the newest timeline; a timeline it cannot find would be left
+    // behind in silence.
+    if options.timeline == TimelineChoice::Latest
+        && let Some(unfollowed) = &reach.unfollowed
+    {
+        let timeline = &unfollowed[..8];
+        return Err(unreachable(Error::new(
+            ErrorKind::Verification,
+            format!(
+                "unable to restore job '{job}' to {}: WAL of a later timeline is archived (from {unfollowed}) but the history file {timeline}.history, or one before it, is in none of the repositories {names}, so recovery cannot follow it and would end with {}",
+                options.target.describe(),
+                end.name
+            ),
+        ))
+        .with_hint(format!(
+            "copy {timeline}.history into a repository from wherever it survives, or say --timeline current to recover along the backup's own timeline and leave the later one behind"
+        )));
+    }
     let mut plan = ReplayPlan::default();
     match options.target {
         RecoveryTarget::EndOfArchive if reach.resumes_at.is_some() => {
