@@ -373,6 +373,45 @@ pub async fn path_for(
     ))
 }
 
+/// A later timeline that branched off `timeline` before `position`, and where: then a
+/// server (or a backup) on `timeline` at `position` is an old primary that kept writing
+/// after a failover, split brain. Reads the history files only.
+pub async fn branched_off(
+    repositories: &[Repository],
+    job: &str,
+    (timeline, position): (u32, Lsn),
+) -> Result<Option<(u32, Lsn)>> {
+    let mut histories = ArchiveListing::default();
+    for repository in repositories {
+        // Probed as PostgreSQL probes them, one history file after the next: no listing.
+        let mut next = timeline + 1;
+        loop {
+            let file = WalFile::parse(&format!("{next:08X}.history")).expect("valid name");
+            let key = layout::wal_key(job, &file, false);
+            match repository.store.head(&key).await {
+                Ok(_) => {
+                    histories.histories.insert(next);
+                    next += 1;
+                }
+                Err(e) if e.is_not_found() => break,
+                Err(e) => {
+                    return Err(repository.error(&format!("look up '{key}'"), e));
+                }
+            }
+        }
+    }
+    let latest = histories.latest_timeline(timeline);
+    if latest == timeline {
+        return Ok(None);
+    }
+    let history = read_history(repositories, job, latest).await?;
+    Ok(history
+        .iter()
+        .find(|(ancestor, _)| *ancestor == timeline)
+        .filter(|(_, switched_at)| *switched_at < position)
+        .map(|(_, switched_at)| (latest, *switched_at)))
+}
+
 /// What a restore of a backup from `first` (on `timeline`, stopping at `stop`) can reach
 /// in `repositories`, following the timeline `choice` as PostgreSQL will.
 pub async fn reach_of_backup(

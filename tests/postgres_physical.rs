@@ -873,6 +873,36 @@ async fn a_gap_in_the_archive_is_refused_named_and_filled_from_another_region() 
     );
     assert!(!only_region1.exists(), "a refused restore wrote the target");
 
+    // A drill of region 1 fails on the gap: it proves nothing about the lost rows.
+    let drill = work.path().join("region1.toml");
+    std::fs::write(
+        &drill,
+        format!(
+            "name = \"region1\"\njob = \"{JOB}\"\nfrom = \"region1\"\n\n[[check]]\nname = \"every event\"\nsql = \"select count(*) from events\"\nexpect = \"= 300\"\n"
+        ),
+    )
+    .unwrap();
+    let tmp = work.path().join("tmp");
+    std::fs::create_dir(&tmp).unwrap();
+    std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o1777)).unwrap();
+    let drilled = crate::common::run_command(
+        crate::common::lifeboat_command(&config)
+            .env("TMPDIR", &tmp)
+            .args(["drill", "run"])
+            .arg(&drill)
+            .arg("--report-dir")
+            .arg(work.path().join("reports")),
+    );
+    drilled.assert_code(1);
+    assert!(
+        format!("{}{}", drilled.stdout, drilled.stderr).contains(&format!(
+            "WAL segment {lost} is in none of the repositories 'region1'"
+        )),
+        "{}\n{}",
+        drilled.stdout,
+        drilled.stderr
+    );
+
     let accepted = restore_started(
         &config,
         &only_region1,
@@ -1150,8 +1180,25 @@ async fn targets_on_either_side_of_a_timeline_branch_pick_the_backup_on_their_pa
     insert(&source, 301, 350);
     let on_timeline1 = server_now(&source);
     insert(&source, 351, 400);
-    lifeboat(&config, &["backup", JOB]).assert_code(0);
+    let split = lifeboat(&config, &["backup", JOB]);
+    split.assert_code(0);
+    assert!(
+        split
+            .stderr
+            .contains("split brain: timeline 2 branched off this server's timeline 1 at"),
+        "{}",
+        split.stderr
+    );
     source.archive_current_wal();
+    let check = lifeboat(&config, &["check"]);
+    check.assert_code(1);
+    assert!(
+        check
+            .stdout
+            .contains("split brain: timeline 2 in job 'maindb-pitr''s archive"),
+        "{}",
+        check.stdout
+    );
 
     // A timeline-2 moment: the first backup, on the path, not the old primary's newer one.
     let restore_to = |name: &str, args: &[&str]| {

@@ -260,6 +260,24 @@ async fn check_archiving(
             cluster.archive_command
         )));
     }
+    // The switch this check made wrote to the end of that segment.
+    if let Some(number) = file.segment(cluster.wal_segment_size) {
+        let position = crate::wal::Lsn((number + 1) * cluster.wal_segment_size);
+        let repositories = Repository::open_all(config).await;
+        if let Some((newer, switched_at)) =
+            crate::continuity::branched_off(&repositories, &job.name, (file.timeline, position))
+                .await?
+        {
+            return Err(Error::new(
+                ErrorKind::Source,
+                format!(
+                    "split brain: timeline {newer} in job '{}''s archive branched off this server's timeline {} at {switched_at}, and the server has written on past it (to {position})",
+                    job.name, file.timeline
+                ),
+            )
+            .with_hint("this server is an old primary that kept running after a failover: stop it, or give it a job of its own; restores along the newest timeline pass its WAL and backups by"));
+        }
+    }
     Ok(vec![
         format!(
             "PostgreSQL {} at {}, system {}",

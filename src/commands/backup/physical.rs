@@ -108,6 +108,7 @@ pub(super) async fn capture(context: &Context<'_>, job: &PostgresJob) -> Result<
         ));
     }
     require_wal(context, &needed, &cluster.archive_command).await?;
+    warn_if_branched_off(context, &range).await;
 
     Ok(Captured {
         objects: vec![entry],
@@ -174,6 +175,26 @@ async fn same_cluster(context: &Context<'_>, cluster: &physical::ClusterInfo) ->
         }
     }
     Ok(())
+}
+
+/// Says so when a later timeline in the job's archive branched off this backup's before it
+/// stopped: the server is an old primary that kept running after a failover (split brain),
+/// and restores following the newest timeline will pass this backup by.
+async fn warn_if_branched_off(context: &Context<'_>, range: &physical::WalRange) {
+    let live = context.destinations.live();
+    let position = (range.stop_timeline, range.stop_lsn);
+    match crate::continuity::branched_off(&live, context.job_name, position).await {
+        Ok(Some((newer, switched_at))) => tracing::warn!(
+            job = %context.job_name,
+            "split brain: timeline {newer} branched off this server's timeline {} at {switched_at}, before this backup stopped at {}; this server is an old primary that kept running after a failover, and restores along the newest timeline will pass this backup by (stop it, or give it a job of its own)",
+            range.stop_timeline,
+            range.stop_lsn
+        ),
+        Ok(None) => {}
+        Err(e) => {
+            tracing::warn!(job = %context.job_name, error = %e.chain().join(": "), "unable to check the job's timelines for a split brain")
+        }
+    }
 }
 
 /// PostgreSQL 15 is the first whose pg_basebackup can have the server compress with zstd.
