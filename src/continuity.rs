@@ -413,15 +413,19 @@ pub async fn branched_off(
 }
 
 /// What a restore of a backup from `first` (on `timeline`, stopping at `stop`) can reach
-/// in `repositories`, following the timeline `choice` as PostgreSQL will.
+/// in `repositories`, following the timeline `choice` as PostgreSQL will; from `listed`
+/// when the archive was listed already.
 pub async fn reach_of_backup(
     repositories: &[Repository],
     job: &str,
     (timeline, first, stop): (u32, u64, Lsn),
     choice: TimelineChoice,
-    segment_size: u64,
+    (segment_size, listed): (u64, Option<ArchiveListing>),
 ) -> Result<(Reach, ArchiveListing)> {
-    let listing = ArchiveListing::list(repositories, job, segment_size).await;
+    let listing = match listed {
+        Some(listing) => listing,
+        None => ArchiveListing::list(repositories, job, segment_size).await,
+    };
     let Some(path) = path_for(
         repositories,
         job,
@@ -444,12 +448,14 @@ pub async fn reach_of_backup(
     Ok((reach(&listing, &path, first, segment_size), listing))
 }
 
-/// What a restore of the physical backup `manifest` can reach in `repositories`: None for
-/// a manifest that does not record its WAL range; also the segment the backup needs last.
+/// What a restore of the physical backup `manifest` can reach in `repositories` (from
+/// `listed`, when listed already): None for a manifest that does not record its WAL range;
+/// also the segment the backup needs last.
 pub async fn reach_of_manifest(
     repositories: &[Repository],
     manifest: &Manifest,
     choice: TimelineChoice,
+    listed: Option<ArchiveListing>,
 ) -> Result<Option<(Reach, ArchiveListing, u64)>> {
     let source = &manifest.source;
     let (Some(timeline), Some(first), Some(last), Some(stop), Some(segment_size)) = (
@@ -476,7 +482,7 @@ pub async fn reach_of_manifest(
         &manifest.job,
         (timeline, first, stop),
         choice,
-        segment_size,
+        (segment_size, listed),
     )
     .await?;
     Ok(Some((reach, listing, last)))

@@ -224,7 +224,9 @@ async fn job_status(
     if matches!(&job.source, JobSource::Postgres(p) if p.mode == PostgresMode::Physical) {
         status.newest_wal_at = newest_wal(&survey, &job.name).await;
         let listed: Vec<Repository> = survey.listed.iter().map(|(r, _)| (*r).clone()).collect();
-        match crate::continuity::reach_of_manifest(&listed, &manifest, Default::default()).await {
+        match crate::continuity::reach_of_manifest(&listed, &manifest, Default::default(), None)
+            .await
+        {
             Ok(Some((reach, _, _))) => {
                 status.gap_free_wal_at = reach.gap_free_end.as_ref().and_then(|end| end.stored_at);
                 if let Some(lost) = reach.lost_range() {

@@ -233,7 +233,8 @@ impl Selected {
     }
 }
 
-/// The newest backup of a physical job from which recovery can reach `target`.
+/// The newest backup of a physical job from which recovery can reach `target`, with the
+/// WAL archive's listing when it was read to follow the timelines.
 async fn newest_reaching(
     config: &Config,
     job: &str,
@@ -241,7 +242,7 @@ async fn newest_reaching(
     exclude: &[String],
     target: RecoveryTarget,
     timeline_choice: crate::continuity::TimelineChoice,
-) -> Result<String> {
+) -> Result<(String, Option<crate::continuity::ArchiveListing>)> {
     let repositories = Repository::readable(config, from, exclude).await?;
     let survey = crate::inventory::survey(&repositories, job).await;
     let mut oldest_end = None;
@@ -266,35 +267,35 @@ async fn newest_reaching(
             source.stop_lsn.as_deref().and_then(crate::wal::Lsn::parse),
             source.wal_segment_size,
         ) else {
-            return Ok(id);
+            return Ok((id, listing));
         };
         if listing.is_none() {
             listing = Some(
                 crate::continuity::ArchiveListing::list(&repositories, job, segment_size).await,
             );
         }
-        let listing = listing.as_ref().expect("listed above");
+        let listed = listing.as_ref().expect("listed above");
         // A backup off the path to the timeline recovery follows cannot reach the target.
         let path = crate::continuity::path_for(
             &repositories,
             job,
-            listing,
+            listed,
             (timeline, stop),
             timeline_choice,
             segment_size,
         )
         .await?;
         if path.is_some() {
-            return Ok(id);
+            return Ok((id, listing));
         }
         off_path.push(format!(
             "backup {id} (timeline {timeline}, stopped at {stop}) is not on the path to timeline {}: taken on a timeline after another branched off it (split brain), or not an ancestor",
-            timeline_choice.resolve(listing, timeline)
+            timeline_choice.resolve(listed, timeline)
         ));
     }
     if target == RecoveryTarget::EndOfArchive && off_path.is_empty() {
         // No backup at all, or none readable: `select` says which, as for any job.
-        return Ok("latest".to_string());
+        return Ok(("latest".to_string(), None));
     }
     // A target before every backup began skipped them all: the oldest still says how far
     // back a restore can reach.
@@ -422,7 +423,7 @@ async fn select(
 pub async fn run(config: &Config, options: &RestoreOptions) -> Result<RestoreReport> {
     let started = Instant::now();
     let job = config.job(&options.job)?;
-    let wanted = match &options.physical {
+    let (wanted, listed) = match &options.physical {
         Some(physical) if options.backup == "latest" => {
             newest_reaching(
                 config,
@@ -434,7 +435,7 @@ pub async fn run(config: &Config, options: &RestoreOptions) -> Result<RestoreRep
             )
             .await?
         }
-        _ => options.backup.clone(),
+        _ => (options.backup.clone(), None),
     };
     let mut selected = select(
         config,
@@ -454,17 +455,19 @@ pub async fn run(config: &Config, options: &RestoreOptions) -> Result<RestoreRep
     tracing::info!(job = %job.name, id = %id, "restoring");
     // Every log line of the restore carries the job and the backup id.
     let span = tracing::info_span!("restore", job = %job.name, backup = %id);
-    restore_selected(config, options, job, selected, &id)
+    restore_selected(config, options, job, selected, (&id, listed))
         .instrument(span)
         .await
 }
 
+/// Restores `selected` (backup `id`); `listed` is the WAL archive's listing when choosing
+/// the backup read it.
 async fn restore_selected(
     config: &Config,
     options: &RestoreOptions,
     job: &crate::config::JobConfig,
     selected: Selected,
-    id: &str,
+    (id, listed): (&str, Option<crate::continuity::ArchiveListing>),
 ) -> Result<RestoreReport> {
     match selected.manifest.kind.as_str() {
         "files" => {
@@ -514,7 +517,8 @@ async fn restore_selected(
                 job: job.name.clone(),
                 identity_file: selected.keyring.path().map(Path::to_path_buf),
             };
-            let plan = physical::plan_replay(config, &selected.manifest, &physical_options).await?;
+            let plan = physical::plan_replay(config, &selected.manifest, &physical_options, listed)
+                .await?;
             physical::restore(selected, &physical_options, &source, plan).await
         }
         other => Err(Error::new(

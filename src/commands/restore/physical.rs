@@ -14,7 +14,7 @@ use super::files::{Target, target_error, unpack};
 use super::{RestoreReport, Selected};
 use crate::commands::backup::BASE_OBJECT;
 use crate::config::Config;
-use crate::continuity::{self, Point, TimelineChoice};
+use crate::continuity::{self, ArchiveListing, Point, TimelineChoice};
 use crate::error::{Error, ErrorKind, Result};
 use crate::manifest::Manifest;
 use crate::repository::Repository;
@@ -110,6 +110,7 @@ pub(super) async fn plan_replay(
     config: &Config,
     manifest: &Manifest,
     options: &PhysicalRestoreOptions,
+    listed: Option<ArchiveListing>,
 ) -> Result<ReplayPlan> {
     let job = &manifest.job;
     let repositories =
@@ -120,7 +121,7 @@ pub(super) async fn plan_replay(
         .collect::<Vec<_>>()
         .join(", ");
     let Some((reach, listing, last)) =
-        continuity::reach_of_manifest(&repositories, manifest, options.timeline).await?
+        continuity::reach_of_manifest(&repositories, manifest, options.timeline, listed).await?
     else {
         return Ok(ReplayPlan {
             warnings: vec![format!(
