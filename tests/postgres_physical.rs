@@ -1039,6 +1039,35 @@ async fn a_recovery_that_ends_before_the_archive_does_fails() {
         "{}",
         short.stderr
     );
+
+    // Repositories that lack their marker (unmounted, emptied, a mistyped prefix) cannot
+    // say a segment is not archived: recovery stops at the end of what they hold instead of
+    // promoting.
+    replace(&region1, genuine.clone()).await;
+    replace(&region2, genuine).await;
+    for region in [&region1, &region2] {
+        region
+            .client()
+            .delete_object()
+            .bucket(BUCKET)
+            .key(format!("{PREFIX}/lifeboat.json"))
+            .send()
+            .await
+            .unwrap();
+    }
+    let (_unmounted, run, _) = restore("unmounted", &[]);
+    run.assert_code(1);
+    assert!(
+        run.stderr.contains("holds no marker 'lifeboat.json'")
+            && run.stderr.contains("could not restore file"),
+        "{}",
+        run.stderr
+    );
+    // PostgreSQL removes recovery.signal when it promotes.
+    assert!(
+        work.path().join("unmounted/recovery.signal").exists(),
+        "a stopped recovery promoted"
+    );
 }
 
 /// After a failover by restore: a cluster restored to a moment with --keep-archiving is the
