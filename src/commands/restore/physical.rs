@@ -720,7 +720,7 @@ async fn start_and_wait(
             tail.into_iter().rev().collect::<Vec<_>>().join("\n")
         ))
         .with_hint(format!(
-            "'{}' holds the base backup part-way through recovery: fix what the log names and start it again as its owner (`pg_ctl -D {} start`; replay goes on from where it stopped), or empty it and run the restore again",
+            "'{}' holds the base backup part-way through recovery: fix what the log names and start it again as its owner (`pg_ctl -D {} start`; replay goes on from where it stopped), or empty it and run the restore again; once it has promoted, remove the lines below \"{RESTORE_MARK}\" in its postgresql.auto.conf (with --keep-archiving they hold archiving with archive_command = 'false') and reload it",
             into.display(),
             into.display()
         ))
@@ -791,9 +791,12 @@ fn stopped_where(
         return Ok(format!("replayed WAL up to LSN {redo_done}"));
     };
     let stopped_in = wal::segment_of(redo_done, segment_size);
+    // The last archived segment ends with a WAL switch, or with a record that goes on into
+    // the next: either way the last record replayed begins in it. Zeros where records were
+    // (a damaged disk) look like the end of a switched segment to every check before
+    // replay, and show only here.
     if let Some(end) = end_of_archive
-        // The last record may begin in the segment before the one it ends in.
-        && stopped_in + 1 < end.segment
+        && stopped_in < end.segment
     {
         return Err(Error::new(
             ErrorKind::Target,
