@@ -1308,6 +1308,31 @@ async fn targets_on_either_side_of_a_timeline_branch_pick_the_backup_on_their_pa
         "350 1..350"
     );
 
+    // To the end of the archive: timeline 2's, from the first backup; the old primary's
+    // newer one is passed by, and the report says why.
+    let (_end, run, port_end) = restore_to("at-end", &[]);
+    run.assert_code(0);
+    let split_id = region
+        .manifest_keys(BUCKET)
+        .await
+        .into_iter()
+        .max()
+        .unwrap();
+    let split_id = split_id.rsplit('/').nth(1).unwrap();
+    assert!(
+        run.stdout.contains(&format!("base backup {first_id}"))
+            && run.stdout.contains(&format!(
+                "warning: passed by: backup {split_id} (timeline 1"
+            ))
+            && run.stdout.contains("(split brain)"),
+        "{}",
+        run.stdout
+    );
+    assert_eq!(
+        ids(&Postgres::attach(port_end, &source.password)),
+        "400 1..1200"
+    );
+
     // The old primary's backup is named for what it is.
     let status = lifeboat(&config, &["status"]);
     assert!(status.stdout.contains("split brain"), "{}", status.stdout);

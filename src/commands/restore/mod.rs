@@ -233,8 +233,15 @@ impl Selected {
     }
 }
 
-/// The newest backup of a physical job from which recovery can reach `target`, with the
-/// WAL archive's listing when it was read to follow the timelines.
+/// The backup a physical restore uses: its id, the WAL archive's listing when it was read
+/// to follow the timelines, and the newer backups passed by as off the timeline's path.
+type Chosen = (
+    String,
+    Option<crate::continuity::ArchiveListing>,
+    Vec<String>,
+);
+
+/// The newest backup of a physical job from which recovery can reach `target`.
 async fn newest_reaching(
     config: &Config,
     job: &str,
@@ -242,7 +249,7 @@ async fn newest_reaching(
     exclude: &[String],
     target: RecoveryTarget,
     timeline_choice: crate::continuity::TimelineChoice,
-) -> Result<(String, Option<crate::continuity::ArchiveListing>)> {
+) -> Result<Chosen> {
     let repositories = Repository::readable(config, from, exclude).await?;
     let survey = crate::inventory::survey(&repositories, job).await;
     let mut oldest_end = None;
@@ -267,7 +274,7 @@ async fn newest_reaching(
             source.stop_lsn.as_deref().and_then(crate::wal::Lsn::parse),
             source.wal_segment_size,
         ) else {
-            return Ok((id, listing));
+            return Ok((id, listing, off_path));
         };
         if listing.is_none() {
             listing = Some(
@@ -286,7 +293,7 @@ async fn newest_reaching(
         )
         .await?;
         if path.is_some() {
-            return Ok((id, listing));
+            return Ok((id, listing, off_path));
         }
         off_path.push(format!(
             "backup {id} (timeline {timeline}, stopped at {stop}) is not on the path to timeline {}: taken on a timeline after another branched off it (split brain), or not an ancestor",
@@ -295,7 +302,7 @@ async fn newest_reaching(
     }
     if target == RecoveryTarget::EndOfArchive && off_path.is_empty() {
         // No backup at all, or none readable: `select` says which, as for any job.
-        return Ok(("latest".to_string(), None));
+        return Ok(("latest".to_string(), None, off_path));
     }
     // A target before every backup began skipped them all: the oldest still says how far
     // back a restore can reach.
@@ -423,7 +430,7 @@ async fn select(
 pub async fn run(config: &Config, options: &RestoreOptions) -> Result<RestoreReport> {
     let started = Instant::now();
     let job = config.job(&options.job)?;
-    let (wanted, listed) = match &options.physical {
+    let (wanted, listed, passed_by) = match &options.physical {
         Some(physical) if options.backup == "latest" => {
             newest_reaching(
                 config,
@@ -435,7 +442,7 @@ pub async fn run(config: &Config, options: &RestoreOptions) -> Result<RestoreRep
             )
             .await?
         }
-        _ => (options.backup.clone(), None),
+        _ => (options.backup.clone(), None, Vec::new()),
     };
     let mut selected = select(
         config,
@@ -451,6 +458,11 @@ pub async fn run(config: &Config, options: &RestoreOptions) -> Result<RestoreRep
         None => Keyring::from_config(config),
     };
     selected.check_key().await?;
+    selected
+        .warnings
+        .lock()
+        .expect("warnings lock")
+        .extend(passed_by.into_iter().map(|why| format!("passed by: {why}")));
     let id = selected.manifest.id.clone();
     tracing::info!(job = %job.name, id = %id, "restoring");
     // Every log line of the restore carries the job and the backup id.
