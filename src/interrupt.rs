@@ -34,6 +34,32 @@ pub fn forget(dir: &Path) {
     directories().retain(|d| d != dir);
 }
 
+/// Work to undo if the run is interrupted, beyond files: a database a restore was loading
+/// beside the live one. Run after the children are killed, before the files go.
+type Undo = Box<dyn FnOnce() + Send>;
+static UNDO: Mutex<Vec<(u64, Undo)>> = Mutex::new(Vec::new());
+static NEXT_UNDO: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// Runs `undo` if the run is interrupted while the guard lives; dropping it forgets `undo`.
+#[must_use = "the undo is forgotten when the guard is dropped"]
+pub struct UndoGuard(u64);
+
+pub fn undo_on_interrupt(undo: impl FnOnce() + Send + 'static) -> UndoGuard {
+    let id = NEXT_UNDO.fetch_add(1, Ordering::SeqCst);
+    UNDO.lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .push((id, Box::new(undo)));
+    UndoGuard(id)
+}
+
+impl Drop for UndoGuard {
+    fn drop(&mut self) {
+        UNDO.lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .retain(|(id, _)| *id != self.0);
+    }
+}
+
 /// The exit code of an interrupted run, as shells report a SIGINT.
 pub const EXIT_INTERRUPTED: i32 = 130;
 
@@ -68,7 +94,13 @@ pub fn install() {
             let cleaning = CLEANING.lock().unwrap_or_else(|e| e.into_inner());
             INTERRUPTED.store(true, Ordering::SeqCst);
             tracing::error!("interrupted: removing scratch clusters and staging directories");
-            crate::sources::postgres::stop_all_scratch_clusters();
+            let clusters = crate::sources::postgres::take_scratch_clusters();
+            crate::sources::process::kill_all();
+            let undos = std::mem::take(&mut *UNDO.lock().unwrap_or_else(|e| e.into_inner()));
+            for (_, undo) in undos {
+                undo();
+            }
+            crate::sources::postgres::stop_scratch_clusters(clusters);
             crate::sources::redis::stop_all_scratch_servers();
             for dir in std::mem::take(&mut *directories()) {
                 let _ = std::fs::remove_dir_all(dir);

@@ -305,9 +305,38 @@ pub fn keygen(path: &Path) -> Result<String> {
 
 /// An age recipient (`age1…`), or why it is not one.
 pub fn parse_recipient(text: &str) -> std::result::Result<age::x25519::Recipient, String> {
-    text.trim()
-        .parse::<age::x25519::Recipient>()
-        .map_err(|e| format!("not an age recipient (\"{}\"): {e}", text.trim()))
+    let text = text.trim();
+    if let Some(kind) = ["ssh-ed25519", "ssh-rsa"]
+        .into_iter()
+        .find(|kind| text.starts_with(&format!("{kind} ")))
+    {
+        return Err(format!(
+            "an {kind} SSH key is not a recipient lifeboat encrypts to (\"{}…\"): it takes age X25519 recipients (age1…), made with `lifeboat keygen --output FILE`",
+            text.chars().take(24).collect::<String>()
+        ));
+    }
+    text.parse::<age::x25519::Recipient>()
+        .map_err(|e| format!("not an age recipient (\"{text}\"): {e}"))
+}
+
+/// The public keys (age1…) of the X25519 identities in the identity file `path`, the
+/// file checked as `load_identities` checks it.
+pub fn public_keys_of(path: &Path) -> Result<Vec<String>> {
+    load_identities(path)?;
+    let text = std::fs::read_to_string(path).map_err(|e| {
+        Error::new(
+            ErrorKind::Config,
+            format!("unable to read identity file '{}'", path.display()),
+        )
+        .with_source(e)
+    })?;
+    Ok(text
+        .lines()
+        .map(str::trim)
+        .filter(|line| line.starts_with("AGE-SECRET-KEY-"))
+        .filter_map(|line| line.parse::<age::x25519::Identity>().ok())
+        .map(|identity| identity.to_public().to_string())
+        .collect())
 }
 
 /// The identities in `path`. A file that group or others can read is refused: a secret key
@@ -334,6 +363,27 @@ pub fn load_identities(path: &Path) -> Result<Vec<Identity>> {
             ),
         )
         .with_hint(format!("run `chmod 600 {}`", path.display())));
+    }
+    // `age -p` output, or `age-keygen | age -p -a`: an identity kept under a passphrase.
+    let mut start = [0u8; 64];
+    let read = std::fs::File::open(path)
+        .and_then(|mut f| f.read(&mut start))
+        .map_err(unreadable)?;
+    let start = String::from_utf8_lossy(&start[..read]);
+    if start.starts_with("age-encryption.org/")
+        || start.starts_with("-----BEGIN AGE ENCRYPTED FILE-----")
+    {
+        return Err(Error::new(
+            ErrorKind::Config,
+            format!(
+                "unable to use identity file '{}': it is itself encrypted (with a passphrase), and lifeboat runs unattended and asks for none",
+                path.display()
+            ),
+        )
+        .with_hint(format!(
+            "decrypt it for the restore into a file only you can read (`age -d -o key.txt {}`, then chmod 600), point {IDENTITY_ENV} at that, and remove it afterwards",
+            path.display()
+        )));
     }
     let file = age::IdentityFile::from_file(path.display().to_string()).map_err(unreadable)?;
     let identities = file.into_identities().map_err(|e| {
@@ -404,6 +454,18 @@ mod tests {
             err.hints()[0],
             format!("run `chmod 600 {}`", path.display())
         );
+    }
+
+    #[test]
+    fn ssh_keys_are_refused_by_name() {
+        let err = parse_recipient("ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIOMqqnkVzrm0SdG6UOoqKLsabgH5C9okWi0dh2l9GKJl user@host").unwrap_err();
+        assert!(
+            err.starts_with("an ssh-ed25519 SSH key is not a recipient"),
+            "{err}"
+        );
+        assert!(err.contains("age1"), "{err}");
+        let err = parse_recipient("ssh-rsa AAAAB3NzaC1yc2EAAAADAQABAAABAQ").unwrap_err();
+        assert!(err.starts_with("an ssh-rsa SSH key"), "{err}");
     }
 
     #[test]

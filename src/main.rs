@@ -172,6 +172,9 @@ enum Command {
         /// Say what would be re-encrypted; change nothing.
         #[arg(long)]
         dry_run: bool,
+        /// Rekey even when no configured identity would open the result.
+        #[arg(long)]
+        force: bool,
         #[arg(long, value_enum, default_value_t = OutputFormat::Text)]
         format: OutputFormat,
     },
@@ -290,9 +293,24 @@ struct PostgresRestoreArgs {
     /// Also restore roles and tablespaces (before the databases).
     #[arg(long)]
     globals: bool,
-    /// Replace the objects of a database that already holds some.
+    /// With --globals from a backup without role passwords: create its login roles able
+    /// to log in anyway (by default they are created NOLOGIN until given a password).
+    #[arg(long, requires = "globals")]
+    keep_login: bool,
+    /// Replace a database that already holds tables: the backup is loaded into a new
+    /// database beside it and the two swap names once it loaded, the old one kept as
+    /// NAME_before_<time> (see --drop-previous).
     #[arg(long)]
     clean: bool,
+    /// With --clean: drop the replaced database once the swap is done instead of keeping it.
+    #[arg(long, requires = "clean")]
+    drop_previous: bool,
+    /// End the sessions still connected to a database being replaced, when the swap comes.
+    #[arg(long)]
+    terminate_sessions: bool,
+    /// How long the swap waits for the sessions on a database being replaced to end.
+    #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
+    swap_wait: std::time::Duration,
     /// Do not restore ownership and privileges.
     #[arg(long)]
     no_owner: bool,
@@ -704,6 +722,7 @@ async fn run(cli: Cli) -> Result<i32> {
             add,
             remove,
             dry_run,
+            force,
             format,
         } => {
             let options = rekey::RekeyOptions {
@@ -711,6 +730,7 @@ async fn run(cli: Cli) -> Result<i32> {
                 add,
                 remove,
                 dry_run,
+                force,
             };
             let report = rekey::run(&config, &options).await?;
             print(&report, format);
@@ -750,6 +770,10 @@ async fn run(cli: Cli) -> Result<i32> {
                 jobs: postgres.jobs,
                 globals: postgres.globals,
                 clean: postgres.clean,
+                drop_previous: postgres.drop_previous,
+                keep_login: postgres.keep_login,
+                terminate_sessions: postgres.terminate_sessions,
+                swap_wait: postgres.swap_wait,
                 parallel_data: postgres.parallel_data,
                 no_owner: postgres.no_owner,
                 staging_dir: postgres.staging_dir,

@@ -62,9 +62,45 @@ pub struct SourceInfo {
     pub not_stored: Option<u64>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub not_stored_entries: Vec<NotStored>,
+    /// Logical postgres jobs: the databases of the server that were not dumped, and why.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub skipped_databases: Vec<SkippedDatabase>,
+    /// Logical postgres jobs: the globals were dumped without role passwords (the backup
+    /// role is not a superuser), so the roles they create cannot log in as they could.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub without_role_passwords: bool,
     /// Redis jobs: keys in every database when the backup started.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub keys: Option<u64>,
+}
+
+/// A database a logical backup did not dump.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SkippedDatabase {
+    pub name: String,
+    pub reason: String,
+}
+
+/// What a backup's manifest says is missing from it by design, one line each: for the
+/// backup's report, `show` and restores.
+pub fn source_notes(source: &SourceInfo) -> Vec<String> {
+    let mut notes: Vec<String> = source
+        .skipped_databases
+        .iter()
+        .map(|skipped| {
+            format!(
+                "database '{}' was not backed up: {}",
+                skipped.name, skipped.reason
+            )
+        })
+        .collect();
+    if source.without_role_passwords {
+        notes.push(
+            "no role passwords: the backup role is not a superuser, so the globals hold the roles without their passwords".to_string(),
+        );
+    }
+    notes
 }
 
 /// How many entries a manifest lists by name of those not stored.

@@ -506,6 +506,8 @@ async fn an_encrypted_physical_backup_and_its_wal_replay_with_the_key_and_only_w
             &new_recipient,
             "--remove-recipient",
             &recipient,
+            // Away from the key this host holds: a new key proven elsewhere.
+            "--force",
         ],
     );
     rekey.assert_code(0);
@@ -683,6 +685,7 @@ async fn rekey_moves_every_backup_to_the_new_key_and_a_kill_never_strands_one() 
         &new_recipient,
         "--remove-recipient",
         &old_recipient,
+        "--force",
     ];
     let mut killed = 0;
     for count in 1..=3 {
@@ -706,6 +709,27 @@ async fn rekey_moves_every_backup_to_the_new_key_and_a_kill_never_strands_one() 
         "only {killed} of 3 rekeys were killed before they ended"
     );
 
+    // Without --force, a rotation away from the only key this host holds is refused.
+    let refused = with_identity(
+        &config,
+        &old,
+        &[
+            "rekey",
+            "--add-recipient",
+            &new_recipient,
+            "--remove-recipient",
+            &old_recipient,
+        ],
+    );
+    refused.assert_code(2);
+    assert!(
+        refused
+            .stderr
+            .contains("none of the recipients left is the key of a configured identity")
+            && refused.stderr.contains("--force"),
+        "{}",
+        refused.stderr
+    );
     let finished = with_identity(
         &config,
         &old,
@@ -715,6 +739,7 @@ async fn rekey_moves_every_backup_to_the_new_key_and_a_kill_never_strands_one() 
             &new_recipient,
             "--remove-recipient",
             &old_recipient,
+            "--force",
         ],
     );
     finished.assert_code(0);

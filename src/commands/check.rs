@@ -186,9 +186,15 @@ async fn check_source(config: &Config, job: &JobConfig) -> Result<Vec<String>> {
         JobSource::Postgres(postgres) => {
             let server =
                 Connection::from_settings(&format!("job '{}'", job.name), &postgres.connection)?;
-            let (info, databases) = logical::discover(&server).await?;
+            let (info, found) = logical::discover(&server).await?;
+            let databases = found.dumpable;
+            let skipped: Vec<String> = found
+                .skipped
+                .iter()
+                .map(|s| format!("database '{}' cannot be backed up: {}", s.name, s.reason))
+                .collect();
             let binaries = Binaries::find(postgres.bin_dir.as_deref(), info.major)?;
-            Ok(vec![
+            let mut lines = vec![
                 format!(
                     "PostgreSQL {} at {}, {} database(s)",
                     info.version,
@@ -200,7 +206,17 @@ async fn check_source(config: &Config, job: &JobConfig) -> Result<Vec<String>> {
                     binaries.dir.display(),
                     binaries.major
                 ),
-            ])
+            ];
+            if postgres.databases.is_none() {
+                lines.extend(skipped);
+            }
+            if !info.is_superuser {
+                lines.push(
+                    "the role is not a superuser: backups hold the roles without their passwords"
+                        .to_string(),
+                );
+            }
+            Ok(lines)
         }
     }
 }

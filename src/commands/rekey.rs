@@ -13,6 +13,7 @@
 
 use std::collections::BTreeSet;
 use std::fmt;
+use std::path::PathBuf;
 
 use serde::Serialize;
 use tracing::Instrument;
@@ -32,6 +33,8 @@ pub struct RekeyOptions {
     pub remove: Vec<String>,
     /// Say what would be re-encrypted; change nothing.
     pub dry_run: bool,
+    /// Re-encrypt even when no configured identity could open the result.
+    pub force: bool,
 }
 
 #[derive(Debug, Default, Serialize)]
@@ -117,6 +120,9 @@ fn target_recipients(config: &Config, options: &RekeyOptions) -> Result<(Recipie
         .with_hint("add the new key with --add-recipient in the same run"));
     }
     let recipients = Recipients::parse(&texts).map_err(Error::usage)?;
+    if !options.force {
+        refuse_locking_out(config, &texts)?;
+    }
     let mut warnings = Vec::new();
     if set_of(&configured) != set_of(&texts) {
         warnings.push(format!(
@@ -130,6 +136,41 @@ fn target_recipients(config: &Config, options: &RekeyOptions) -> Result<(Recipie
         ));
     }
     Ok((recipients, warnings))
+}
+
+/// Refuses a set of recipients that no configured identity (`LIFEBOAT_IDENTITY_FILE`, and
+/// `identity_file` in `[encryption]`) has a key of: after the rekey this host could restore
+/// nothing, and the only way back would be a key kept somewhere else.
+fn refuse_locking_out(config: &Config, texts: &[String]) -> Result<()> {
+    let mut identity_files: Vec<(PathBuf, &str)> = Vec::new();
+    if let Some(path) = std::env::var_os(keys::IDENTITY_ENV).filter(|p| !p.is_empty()) {
+        identity_files.push((PathBuf::from(path), keys::IDENTITY_ENV));
+    }
+    if let Some(path) = config
+        .encryption
+        .as_ref()
+        .and_then(|e| e.identity_file.clone())
+    {
+        identity_files.push((path, "identity_file in [encryption]"));
+    }
+    if identity_files.is_empty() {
+        return Ok(());
+    }
+    let kept = set_of(texts);
+    let mut named = Vec::new();
+    for (path, origin) in &identity_files {
+        let own = keys::public_keys_of(path)?;
+        if own.iter().any(|key| kept.contains(key.as_str())) {
+            return Ok(());
+        }
+        named.push(format!("'{}' (from {origin})", path.display()));
+    }
+    Err(Error::usage(format!(
+        "unable to rekey: none of the recipients left is the key of a configured identity ({}); every backup would then be readable only with a key this host does not have",
+        named.join(", ")
+    ))
+    .with_hint("keep one of them, or put the identity of a recipient that stays in the identity file beside the old one (one per line)")
+    .with_hint("if that other key is safe and tested (`lifeboat drill` with it), pass --force"))
 }
 
 fn set_of(texts: &[String]) -> BTreeSet<&str> {

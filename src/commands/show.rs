@@ -98,6 +98,9 @@ impl fmt::Display for ShowReport {
                 crate::manifest::describe_not_stored(count, &m.source.not_stored_entries)
             )?;
         }
+        for note in crate::manifest::source_notes(&m.source) {
+            writeln!(f, "note            {note}")?;
+        }
         writeln!(
             f,
             "size            {} stored, {} raw",

@@ -4,12 +4,173 @@
 
 use std::collections::VecDeque;
 use std::io::{self, BufRead, BufReader, Read, Write};
+use std::os::unix::process::CommandExt;
 use std::process::{Command, Stdio};
+use std::sync::Mutex;
 
 use crate::error::{Error, ErrorKind, Result};
 
 const STDERR_TAIL_LINES: usize = 20;
 const COPY_BUFFER: usize = 256 * 1024;
+
+/// The environment a child keeps: what finds programs, words messages and tells time.
+/// Everything else lifeboat was given (a PostgreSQL password, cloud keys, a Redis password)
+/// stays with lifeboat; what a child needs is handed to it by name.
+const KEPT_ENVIRONMENT: [&str; 8] = [
+    "PATH", "HOME", "USER", "LOGNAME", "LANG", "LANGUAGE", "TZ", "TMPDIR",
+];
+
+fn kept(name: &str, also: impl Fn(&str) -> bool) -> bool {
+    KEPT_ENVIRONMENT.contains(&name) || name.starts_with("LC_") || also(name)
+}
+
+/// A server lifeboat starts (a scratch postmaster, redis-server, pg_ctl): the kept
+/// environment alone. A check run inside a scratch server can read its environment.
+pub fn server(program: impl AsRef<std::ffi::OsStr>) -> Command {
+    let mut command = Command::new(program);
+    command.env_clear();
+    command.envs(
+        std::env::vars_os()
+            .filter(|(name, _)| name.to_str().is_some_and(|name| kept(name, |_| false))),
+    );
+    command
+}
+
+/// Adds the storage credentials lifeboat was given in its environment (`AWS_*`), for a
+/// server whose `restore_command` or `archive_command` runs lifeboat against the
+/// repositories.
+pub fn pass_storage_credentials(command: &mut Command) {
+    command.envs(
+        std::env::vars_os()
+            .filter(|(name, _)| name.to_str().is_some_and(|name| name.starts_with("AWS_"))),
+    );
+}
+
+/// A client tool lifeboat runs to its end (pg_dump, pg_restore, psql): the kept
+/// environment and libpq's own settings but the password (tools get a private passfile),
+/// in a process group of its own that dies with lifeboat: SIGKILL when lifeboat dies,
+/// however it dies, and the whole group when an interrupt stops the run (pg_restore
+/// `--jobs` forks workers of its own).
+pub fn tool(program: impl AsRef<std::ffi::OsStr>) -> Command {
+    let mut command = Command::new(program);
+    command.env_clear();
+    command.envs(std::env::vars_os().filter(|(name, _)| {
+        name.to_str()
+            .is_some_and(|name| kept(name, |name| name.starts_with("PG") && name != "PGPASSWORD"))
+    }));
+    command.process_group(0);
+    let parent = std::process::id() as libc::pid_t;
+    // SAFETY: prctl and getppid are async-signal-safe; nothing here allocates.
+    unsafe {
+        command.pre_exec(move || {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                return Err(io::Error::last_os_error());
+            }
+            // lifeboat died between fork and prctl: the signal will never come.
+            if libc::getppid() != parent {
+                libc::_exit(1);
+            }
+            Ok(())
+        });
+    }
+    command
+}
+
+/// The children running now, by pid: an interrupt kills them (and their process groups)
+/// before it removes what they were writing into.
+static RUNNING: Mutex<Vec<u32>> = Mutex::new(Vec::new());
+
+fn running() -> std::sync::MutexGuard<'static, Vec<u32>> {
+    RUNNING.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Kills every child started through this module that has not been reaped, with its
+/// process group. For an interrupted run, before it cleans up.
+pub fn kill_all() {
+    for pid in running().drain(..) {
+        // SAFETY: kill(2) on children this process started and has not reaped (a pid
+        // leaves RUNNING before it is reaped, see `reap`). A child in its own group is
+        // killed with the workers it forked; one in lifeboat's group only by its pid.
+        unsafe {
+            if libc::getpgid(pid as libc::pid_t) == pid as libc::pid_t {
+                libc::kill(-(pid as libc::pid_t), libc::SIGKILL);
+            }
+            libc::kill(pid as libc::pid_t, libc::SIGKILL);
+        }
+    }
+}
+
+/// Waits for `child` to exit, takes it out of RUNNING, then reaps it: until it is reaped
+/// its pid cannot be reused, so an interrupt never kills a stranger.
+fn reap(child: &mut std::process::Child) -> io::Result<std::process::ExitStatus> {
+    if let Ok(Some(status)) = child.try_wait() {
+        forget_pid(child.id());
+        return Ok(status);
+    }
+    loop {
+        // SAFETY: waitid on our own unreaped child, with WNOWAIT: it stays a zombie.
+        let waited = unsafe {
+            let mut info: libc::siginfo_t = std::mem::zeroed();
+            libc::waitid(
+                libc::P_PID,
+                child.id(),
+                &mut info,
+                libc::WEXITED | libc::WNOWAIT,
+            )
+        };
+        if waited == 0 {
+            break;
+        }
+        let e = io::Error::last_os_error();
+        if e.kind() != io::ErrorKind::Interrupted {
+            // Reaped elsewhere (ECHILD): std knows its status or reports the error.
+            break;
+        }
+    }
+    forget_pid(child.id());
+    child.wait()
+}
+
+fn forget_pid(pid: u32) {
+    running().retain(|p| *p != pid);
+}
+
+fn spawn_registered(command: &mut Command) -> io::Result<std::process::Child> {
+    let mut running = running();
+    let child = command.spawn()?;
+    running.push(child.id());
+    Ok(child)
+}
+
+/// Runs `command` to its end and returns what it wrote, like `Command::output`, killed
+/// with the run if the run is interrupted.
+pub fn output(command: &mut Command) -> io::Result<std::process::Output> {
+    let mut child = spawn_registered(
+        command
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped()),
+    )?;
+    let (mut stdout, mut stderr) = (child.stdout.take(), child.stderr.take());
+    let err_reader = std::thread::spawn(move || {
+        let mut text = Vec::new();
+        if let Some(stderr) = stderr.as_mut() {
+            let _ = stderr.read_to_end(&mut text);
+        }
+        text
+    });
+    let mut out = Vec::new();
+    if let Some(stdout) = stdout.as_mut() {
+        let _ = stdout.read_to_end(&mut out);
+    }
+    let status = reap(&mut child)?;
+    let err = err_reader.join().unwrap_or_default();
+    Ok(std::process::Output {
+        status,
+        stdout: out,
+        stderr: err,
+    })
+}
 
 /// What went wrong with a child, for the caller to word as "unable to <action>".
 #[derive(Debug)]
@@ -61,7 +222,7 @@ fn spawn(
     action: &str,
     program: &str,
 ) -> Result<(std::process::Child, std::thread::JoinHandle<String>)> {
-    let mut child = command.stderr(Stdio::piped()).spawn().map_err(|e| {
+    let mut child = spawn_registered(command.stderr(Stdio::piped())).map_err(|e| {
         Error::new(
             ErrorKind::Source,
             format!("unable to {action}: cannot start {program}"),
@@ -77,7 +238,7 @@ fn wait(
     action: &str,
     program: &str,
 ) -> Result<std::process::ExitStatus> {
-    child.wait().map_err(|e| {
+    reap(child).map_err(|e| {
         Error::new(
             ErrorKind::Source,
             format!("unable to {action}: cannot wait for {program}"),
@@ -121,7 +282,7 @@ pub fn stream_stdout(mut command: Command, action: &str, out: &mut dyn Write) ->
         Err(e) => {
             // The consumer failed (a repository stopped): the child must not run on unread.
             let _ = child.kill();
-            let _ = child.wait();
+            let _ = reap(&mut child);
             let _ = stderr.join();
             return Err(
                 Error::new(ErrorKind::Storage, format!("unable to {action}")).with_source(e),
@@ -155,7 +316,7 @@ impl Write for ChildInput<'_> {
         match stdin.write(buf) {
             Err(e) if e.kind() == io::ErrorKind::BrokenPipe => {
                 self.stdin = None;
-                let status = self.child.wait()?;
+                let status = reap(self.child)?;
                 if status.success() {
                     return Ok(buf.len());
                 }
@@ -244,7 +405,7 @@ pub fn run_with_stdin<T, E>(
 /// Runs `command` to completion, returning its stdout; a failure quotes its stderr.
 pub fn run(mut command: Command, action: &str) -> Result<String> {
     let program = program_name(&command);
-    let output = command.stdin(Stdio::null()).output().map_err(|e| {
+    let output = output(&mut command).map_err(|e| {
         Error::new(
             ErrorKind::Source,
             format!("unable to {action}: cannot start {program}"),

@@ -58,6 +58,14 @@ fn argv_of(pid: u32) -> Option<String> {
     Some(args.join(" ").trim().to_string())
 }
 
+/// Every descendant of `pid` now, with its argv.
+pub fn descendant_argvs(pid: u32) -> Vec<(u32, String)> {
+    descendants(pid)
+        .into_iter()
+        .filter_map(|child| argv_of(child).map(|argv| (child, argv)))
+        .collect()
+}
+
 /// The first descendant of `child` whose argv (joined with spaces) satisfies `wanted`,
 /// waiting up to 30 s.
 pub fn wait_for_descendant(child: &mut Child, wanted: impl Fn(&str) -> bool) -> Option<u32> {

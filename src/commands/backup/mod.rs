@@ -209,6 +209,10 @@ pub struct BackupReport {
     pub not_stored: Option<u64>,
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub not_stored_entries: Vec<crate::manifest::NotStored>,
+    /// What the backup lacks by design (databases not dumped, role passwords), as the
+    /// manifest records it.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub notes: Vec<String>,
 }
 
 #[derive(Debug, Serialize)]
@@ -269,6 +273,9 @@ impl fmt::Display for BackupReport {
                 "\nnote: {}",
                 crate::manifest::describe_not_stored(count, &self.not_stored_entries)
             )?;
+        }
+        for note in &self.notes {
+            write!(f, "\nnote: {note}")?;
         }
         Ok(())
     }
@@ -393,6 +400,7 @@ async fn backup_job(
         missing: destinations.missing(),
         not_stored: manifest.source.not_stored,
         not_stored_entries: manifest.source.not_stored_entries.clone(),
+        notes: crate::manifest::source_notes(&manifest.source),
     })
 }
 

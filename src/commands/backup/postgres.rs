@@ -33,10 +33,24 @@ pub fn database_object_name(database: &str) -> String {
 pub(super) async fn capture(context: &Context<'_>, job: &PostgresJob) -> Result<Captured> {
     let what = format!("job '{}'", context.job_name);
     let server = Connection::from_settings(&what, &job.connection)?;
-    let (info, all_databases) = logical::discover(&server).await?;
+    let (info, found) = logical::discover(&server).await?;
+    let all_databases = found.dumpable;
+    let mut skipped = found.skipped;
     let databases = match &job.databases {
         None => all_databases,
         Some(wanted) => {
+            if let Some(refused) = skipped.iter().find(|s| wanted.contains(&s.name)) {
+                return Err(Error::new(
+                    ErrorKind::Source,
+                    format!(
+                        "unable to back up database '{}' of {what}: {}",
+                        refused.name, refused.reason
+                    ),
+                )
+                .with_hint("back up as a superuser, or allow the backup role to connect to it"));
+            }
+            // Those not asked for were not skipped: they are not this job's.
+            skipped.clear();
             if let Some(missing) = wanted.iter().find(|d| !all_databases.contains(d)) {
                 return Err(Error::new(
                     ErrorKind::Source,
@@ -50,6 +64,9 @@ pub(super) async fn capture(context: &Context<'_>, job: &PostgresJob) -> Result<
             wanted.clone()
         }
     };
+    for database in &skipped {
+        tracing::warn!(database = %database.name, "not backed up: {}", database.reason);
+    }
     let binaries = Binaries::find(job.bin_dir.as_deref(), info.major)?;
     let auth = server.child_auth()?;
     tracing::info!(server = %server.describe(), version = %info.version, pg_dump = %binaries.dir.display(), "dumping {} database(s)", databases.len());
@@ -76,7 +93,7 @@ pub(super) async fn capture(context: &Context<'_>, job: &PostgresJob) -> Result<
                 .await;
             let taken_at = snapshot.taken_at;
             snapshot.finish().await;
-            let (mut entry, _) = stored?;
+            let (mut entry, _) = stored.map_err(|e| with_privilege_hints(e, server.user()))?;
             // The backup as a whole holds data at least as new as its oldest snapshot.
             recovery_point = Some(recovery_point.map_or(taken_at, |point| point.min(taken_at)));
             entry.database = Some(database.clone());
@@ -102,10 +119,28 @@ pub(super) async fn capture(context: &Context<'_>, job: &PostgresJob) -> Result<
             server_version: Some(info.version),
             system_identifier: info.system_identifier,
             databases,
+            skipped_databases: skipped,
+            without_role_passwords: !info.is_superuser,
             ..SourceInfo::default()
         },
         recovery_point,
     })
+}
+
+/// pg_dump's permission failures, with the grant that mends each.
+fn with_privilege_hints(err: Error, role: &str) -> Error {
+    let said = err.chain().join("\n");
+    if said.contains("permission denied for large object") {
+        return err.with_hint(format!(
+            "pg_read_all_data does not cover large objects: grant '{role}' SELECT on each (GRANT SELECT ON LARGE OBJECT oid TO {role}), set lo_compat_privileges = on on the server, or back up as a superuser"
+        ));
+    }
+    if said.contains("permission denied for") {
+        return err.with_hint(format!(
+            "grant '{role}' read access to everything it dumps: GRANT pg_read_all_data TO {role} (PostgreSQL 14 and newer), or back up as a superuser"
+        ));
+    }
+    err
 }
 
 #[cfg(test)]

@@ -141,7 +141,75 @@ async fn run_once(
         .await
 }
 
+/// Runs the drill; one that fails before it has anything to judge (no backup, a target
+/// that refuses, a restore that fails) still leaves a FAILED report saying why, kept like
+/// any other, and then fails.
 async fn run_drill(
+    config: &Config,
+    drill: &Drill,
+    report_dir: &Path,
+    only_from: Option<&str>,
+) -> Result<DrillReport> {
+    let declared_at = Utc::now();
+    let started = Instant::now();
+    let err = match attempt_drill(config, drill, report_dir, only_from).await {
+        Ok(report) => return Ok(report),
+        Err(e) => e,
+    };
+    // An interrupted drill ends as interrupted; there is nothing to judge.
+    crate::interrupt::exit_if_interrupted();
+    let why = err.chain().join(": ");
+    let mut report = DrillReport {
+        run_id: DrillReport::new_run_id(declared_at),
+        drill: drill.name.clone(),
+        description: drill.description.clone(),
+        runbook: drill.runbook.clone(),
+        file: drill.path.display().to_string(),
+        job: drill.job.clone(),
+        kind: config
+            .job(&drill.job)
+            .map(|job| job.kind_name().to_string())
+            .unwrap_or_default(),
+        backup: drill.backup.clone(),
+        repositories: Vec::new(),
+        target: "none: the drill stopped before it restored".to_string(),
+        declared_at,
+        finished_at: Utc::now(),
+        rto: Measured::new(drill.rto, started.elapsed()),
+        rpo: Measured {
+            target_seconds: drill.rpo.as_secs_f64(),
+            measured_seconds: 0.0,
+            met: false,
+        },
+        rpo_marker: declared_at,
+        rpo_marker_source: "none: nothing was restored".to_string(),
+        phases: Vec::new(),
+        checks: Vec::new(),
+        restored_bytes: 0,
+        restore_seconds: 0.0,
+        projection: None,
+        stored_bytes: 0,
+        server_version: None,
+        lifeboat_version: env!("CARGO_PKG_VERSION").to_string(),
+        host: super::backup::host_name(),
+        passed: false,
+        only_from: only_from.map(str::to_string),
+        written: Vec::new(),
+        stored_in: Vec::new(),
+        warnings: Vec::new(),
+        failure: Some(why),
+    };
+    store_everywhere(config, &mut report).await;
+    if let Err(e) = report.write(report_dir) {
+        tracing::warn!(error = %e.chain().join(": "), "unable to write the failed drill's report");
+    }
+    Err(err.with_hint(format!(
+        "the FAILED report: {}",
+        report.written.first().cloned().unwrap_or_default()
+    )))
+}
+
+async fn attempt_drill(
     config: &Config,
     drill: &Drill,
     report_dir: &Path,
@@ -234,6 +302,7 @@ async fn run_drill(
     let rpo = (declared_at - rpo_marker).to_std().unwrap_or_default();
     let checks_pass = outcome.checks.iter().all(|c| c.passed);
     let report = DrillReport {
+        run_id: DrillReport::new_run_id(declared_at),
         drill: drill.name.clone(),
         description: drill.description.clone(),
         runbook: drill.runbook.clone(),
@@ -250,7 +319,14 @@ async fn run_drill(
         rpo_marker,
         rpo_marker_source: marker_source,
         phases: clock.phases,
-        checks: outcome.checks,
+        checks: {
+            let secrets = configured_secrets(config);
+            outcome
+                .checks
+                .into_iter()
+                .map(|check| check.kept(&secrets))
+                .collect()
+        },
         restored_bytes: manifest.raw_size(),
         restore_seconds: outcome.restore_seconds,
         projection,
@@ -263,12 +339,47 @@ async fn run_drill(
         written: Vec::new(),
         stored_in: Vec::new(),
         warnings,
+        failure: None,
     };
     let mut report = report.judged(checks_pass);
     report.warnings.extend(outcome.warnings);
     store_everywhere(config, &mut report).await;
     report.write(report_dir)?;
     Ok(report)
+}
+
+/// The secrets lifeboat was given, to keep out of reports: the passwords in the environment
+/// and in every password file the config names, and the storage credentials.
+fn configured_secrets(config: &Config) -> Vec<String> {
+    let mut secrets: Vec<String> = [
+        "PGPASSWORD",
+        "REDISCLI_AUTH",
+        "AWS_SECRET_ACCESS_KEY",
+        "AWS_SESSION_TOKEN",
+    ]
+    .iter()
+    .filter_map(|name| std::env::var(name).ok())
+    .collect();
+    let mut files = Vec::new();
+    for job in &config.jobs {
+        match &job.source {
+            JobSource::Postgres(postgres) => {
+                files.extend(postgres.connection.password_file.clone())
+            }
+            JobSource::Redis(redis) => files.extend(redis.password_file.clone()),
+            JobSource::Files(_) => {}
+        }
+    }
+    if let Some(lock) = &config.shared_lock {
+        files.extend(lock.password_file.clone());
+    }
+    secrets.extend(
+        files
+            .iter()
+            .filter_map(|file| crate::sources::read_password_file(file).ok()),
+    );
+    secrets.retain(|s| !s.trim().is_empty());
+    secrets
 }
 
 /// What the measured restore rate means for a full restore of the job's newest backup: a

@@ -20,7 +20,7 @@ pub struct Phase {
     pub seconds: f64,
 }
 
-#[derive(Debug, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct CheckResult {
     pub name: String,
     pub passed: bool,
@@ -28,7 +28,36 @@ pub struct CheckResult {
     pub returned: String,
 }
 
+/// The most of a check's returned value a report keeps: a check reads one value, and a
+/// report is kept in every repository and mailed around.
+pub const MAX_RETURNED: usize = 1024;
+
 impl CheckResult {
+    /// The result as a report may keep it: every configured secret in what the check
+    /// returned replaced by `[redacted]` (a check may read one out of the restored data or
+    /// the server's environment), then cut to `MAX_RETURNED` bytes, saying so.
+    pub(super) fn kept(mut self, secrets: &[String]) -> CheckResult {
+        for secret in secrets.iter().filter(|s| s.len() >= 4) {
+            if self.returned.contains(secret.as_str()) {
+                self.returned = self.returned.replace(secret.as_str(), "[redacted]");
+            }
+        }
+        if self.returned.len() > MAX_RETURNED {
+            let total = self.returned.len();
+            let mut cut = MAX_RETURNED;
+            while !self.returned.is_char_boundary(cut) {
+                cut -= 1;
+            }
+            self.returned.truncate(cut);
+            self.returned.push_str(&format!(
+                "… (cut to the first {} of {})",
+                human_size(cut as u64),
+                human_size(total as u64)
+            ));
+        }
+        self
+    }
+
     pub(super) fn failed(check: &Check, why: String) -> CheckResult {
         let expected = match &check.kind {
             CheckKind::Sql { expect, .. } | CheckKind::Redis { expect, .. } => expect.to_string(),
@@ -74,6 +103,10 @@ pub struct Projection {
 
 #[derive(Debug, Serialize, Deserialize)]
 pub struct DrillReport {
+    /// This run's own: its t0 to the second and six hex digits, so that two runs in one
+    /// second (on one host or two) keep both reports. Empty in reports from before it.
+    #[serde(default)]
+    pub run_id: String,
     pub drill: String,
     pub description: Option<String>,
     /// The runbook section the drill proves.
@@ -118,6 +151,9 @@ pub struct DrillReport {
     pub stored_in: Vec<String>,
     #[serde(default)]
     pub warnings: Vec<String>,
+    /// Why a drill that failed before it had anything to judge failed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub failure: Option<String>,
 }
 
 fn secs(seconds: f64) -> String {
@@ -130,10 +166,26 @@ impl DrillReport {
         self
     }
 
-    /// Its t0 as a backup id, and the repository when it ran from one alone:
-    /// `20261126T030000Z` or `20261126T030000Z-dr`.
+    /// A new run id for a drill declared at `declared_at` (see `run_id`).
+    pub fn new_run_id(declared_at: DateTime<Utc>) -> String {
+        use std::hash::{BuildHasher, Hasher};
+        let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
+        hasher.write_u32(std::process::id());
+        hasher.write_i64(declared_at.timestamp_nanos_opt().unwrap_or_default());
+        format!(
+            "{}-{:06x}",
+            crate::layout::backup_id(declared_at),
+            hasher.finish() & 0xff_ffff
+        )
+    }
+
+    /// Its run id, and the repository when it ran from one alone:
+    /// `20261126T030000Z-3fa9c1` or `20261126T030000Z-3fa9c1-dr`.
     pub fn report_id(&self) -> String {
-        let at = crate::layout::backup_id(self.declared_at);
+        let at = match self.run_id.is_empty() {
+            true => crate::layout::backup_id(self.declared_at),
+            false => self.run_id.clone(),
+        };
         match &self.only_from {
             Some(repository) => format!("{at}-{repository}"),
             None => at,
@@ -146,6 +198,11 @@ impl DrillReport {
 
     /// Why it failed, one reason per line; empty on PASS.
     pub fn reasons(&self) -> Vec<String> {
+        if let Some(failure) = &self.failure {
+            return vec![format!(
+                "the drill failed before it could be judged: {failure}"
+            )];
+        }
         let mut reasons: Vec<String> = self
             .checks
             .iter()
@@ -191,62 +248,70 @@ impl DrillReport {
         Err(error)
     }
 
+    /// The report in Markdown. Everything that comes from the drill file, the backup or the
+    /// restored data is escaped (`md`): a check's result cannot add a row, a link or HTML.
     pub fn markdown(&self) -> String {
-        let mut md = String::new();
+        let mut out = String::new();
         let tick = |ok: bool| if ok { "yes" } else { "**no**" };
-        md.push_str(&format!("# Drill {}: {}\n\n", self.drill, self.verdict()));
+        out.push_str(&format!(
+            "# Drill {}: {}\n\n",
+            md(&self.drill),
+            self.verdict()
+        ));
         if let Some(description) = &self.description {
-            md.push_str(&format!("{description}\n\n"));
+            out.push_str(&format!("{}\n\n", md(description)));
         }
         if let Some(runbook) = &self.runbook {
-            md.push_str(&format!("Proves the runbook section `{runbook}`.\n\n"));
+            out.push_str(&format!("Proves the runbook section {}.\n\n", md(runbook)));
         }
         for reason in self.reasons() {
-            md.push_str(&format!("- {reason}\n"));
+            out.push_str(&format!("- {}\n", md(&reason)));
         }
-        md.push_str(&format!(
-            "\nDeclared at {} (t0); finished at {}. Job `{}` ({}), backup `{}`, read from {}; restored into {}.\n\n",
+        out.push_str(&format!(
+            "\nDeclared at {} (t0); finished at {}. Job {} ({}), backup {}, read from {}; restored into {}.\n\n",
             self.declared_at.to_rfc3339(),
             self.finished_at.to_rfc3339(),
-            self.job,
-            self.kind,
-            self.backup,
-            self.repositories.iter().map(|r| format!("`{r}`")).collect::<Vec<_>>().join(", "),
-            self.target
+            md(&self.job),
+            md(&self.kind),
+            md(&self.backup),
+            md(&self.repositories.join(", ")),
+            md(&self.target)
         ));
-        md.push_str("| | target | measured | met |\n|---|---|---|---|\n");
-        md.push_str(&format!(
+        out.push_str("| | target | measured | met |\n|---|---|---|---|\n");
+        out.push_str(&format!(
             "| RTO | {} | {} | {} |\n",
             secs(self.rto.target_seconds),
             secs(self.rto.measured_seconds),
             tick(self.rto.met)
         ));
-        md.push_str(&format!(
+        out.push_str(&format!(
             "| RPO | {} | {} | {} |\n\n",
             secs(self.rpo.target_seconds),
             secs(self.rpo.measured_seconds),
             tick(self.rpo.met)
         ));
-        md.push_str(&format!(
+        out.push_str(&format!(
             "RPO is measured to {} ({}).\n\n## Timeline\n\n| phase | from t0 | took |\n|---|---|---|\n",
             self.rpo_marker.to_rfc3339(),
-            self.rpo_marker_source
+            md(&self.rpo_marker_source)
         ));
         for phase in &self.phases {
-            md.push_str(&format!(
+            out.push_str(&format!(
                 "| {} | {} | {} |\n",
-                phase.name,
+                md(&phase.name),
                 secs(phase.started_after),
                 secs(phase.seconds)
             ));
         }
-        md.push_str("\n## Checks\n\n| check | expected | returned | passed |\n|---|---|---|---|\n");
+        out.push_str(
+            "\n## Checks\n\n| check | expected | returned | passed |\n|---|---|---|---|\n",
+        );
         for check in &self.checks {
-            md.push_str(&format!(
-                "| {} | `{}` | `{}` | {} |\n",
-                check.name,
-                check.expected,
-                check.returned.replace('|', "\\|"),
+            out.push_str(&format!(
+                "| {} | {} | {} | {} |\n",
+                md(&check.name),
+                md(&check.expected),
+                md(&check.returned),
                 tick(check.passed)
             ));
         }
@@ -258,26 +323,26 @@ impl DrillReport {
             _ => "n/a".into(),
         };
         if let Some(projection) = &self.projection {
-            md.push_str(&format!(
-                "\n## Projection\n\nAt the measured {}/s, a full restore of the newest backup `{}` ({}) would make the RTO {} — {} the {} target. (Not part of the verdict.)\n",
+            out.push_str(&format!(
+                "\n## Projection\n\nAt the measured {}/s, a full restore of the newest backup {} ({}) would make the RTO {} — {} the {} target. (Not part of the verdict.)\n",
                 human_size(projection.bytes_per_second as u64),
-                projection.backup,
+                md(&projection.backup),
                 human_size(projection.raw_bytes),
                 secs(projection.rto_seconds),
                 if projection.meets_target { "within" } else { "**over**" },
                 secs(self.rto.target_seconds)
             ));
         }
-        md.push_str(&format!(
-            "\n## Backup and environment\n\n- restored {} ({} stored), {throughput}\n- server version: {}\n- lifeboat {} on {}\n- drill file: `{}`\n",
+        out.push_str(&format!(
+            "\n## Backup and environment\n\n- restored {} ({} stored), {throughput}\n- server version: {}\n- lifeboat {} on {}\n- drill file: {}\n",
             human_size(self.restored_bytes),
             human_size(self.stored_bytes),
-            self.server_version.as_deref().unwrap_or("n/a"),
-            self.lifeboat_version,
-            self.host,
-            self.file
+            md(self.server_version.as_deref().unwrap_or("n/a")),
+            md(&self.lifeboat_version),
+            md(&self.host),
+            md(&self.file)
         ));
-        md
+        out
     }
 
     /// A self-contained page: the verdict, targets against measured, the phase timeline drawn
@@ -377,6 +442,25 @@ td,th{{border:1px solid #ccc;padding:4px 8px;text-align:left}}svg text{{font-siz
         std::fs::write(&html_path, self.html()).map_err(|e| write_error(&html_path, e))?;
         Ok(())
     }
+}
+
+/// Text made safe to put in Markdown, a table cell included: every mark that could start
+/// emphasis, code, a link, an image, a heading, HTML or a cell backslash-escaped (CommonMark
+/// shows it as itself), line breaks as spaces.
+fn md(text: &str) -> String {
+    let mut escaped = String::with_capacity(text.len());
+    for c in text.chars() {
+        match c {
+            '\n' | '\r' => escaped.push(' '),
+            '\\' | '`' | '*' | '_' | '[' | ']' | '(' | ')' | '<' | '>' | '&' | '|' | '#' | '~'
+            | '!' | '{' | '}' => {
+                escaped.push('\\');
+                escaped.push(c);
+            }
+            c => escaped.push(c),
+        }
+    }
+    escaped
 }
 
 /// Text made safe to put inside HTML elements and attribute values.

@@ -65,13 +65,35 @@ pub struct PostgresRestoreOptions {
     pub parallel_data: bool,
     /// Also restore roles and tablespaces, first.
     pub globals: bool,
-    /// Restore into an existing database that holds objects, dropping them first.
+    /// Replace an existing database that holds objects: load beside it, then swap names.
     pub clean: bool,
+    /// Drop the replaced database after the swap instead of keeping it.
+    pub drop_previous: bool,
+    /// End the sessions on a database being replaced when the swap comes.
+    pub terminate_sessions: bool,
+    /// How long the swap waits for those sessions to end (zero: the default, 30 s).
+    pub swap_wait: Duration,
+    /// Globals without passwords: create their login roles LOGIN anyway (not NOLOGIN).
+    pub keep_login: bool,
     pub no_owner: bool,
     /// Where to stage the verified dumps; default $TMPDIR or /var/tmp.
     pub staging_dir: Option<PathBuf>,
     /// The job's `bin_dir`, if it has one.
     pub bin_dir: Option<PathBuf>,
+}
+
+/// A database a `--clean` restore replaced, kept beside the restored one.
+#[derive(Debug, Clone, Serialize)]
+pub struct KeptDatabase {
+    pub database: String,
+    pub kept_as: String,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct TableRows {
+    pub database: String,
+    pub table: String,
+    pub rows: i64,
 }
 
 #[derive(Debug, Serialize)]
@@ -93,6 +115,12 @@ pub struct RestoreReport {
     /// The databases this restore created on the target server (a drill drops them again).
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub created_databases: Vec<String>,
+    /// The databases a `--clean` restore replaced, kept under these names.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub kept_databases: Vec<KeptDatabase>,
+    /// Every restored table with its row count, as counted before the swap.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub tables: Vec<TableRows>,
     pub bytes: u64,
     pub duration: Duration,
     pub warnings: Vec<String>,
@@ -191,6 +219,11 @@ impl Selected {
         let Some(object) = self.manifest.objects.iter().find(|o| o.is_encrypted()) else {
             return Ok(());
         };
+        // An identity file that cannot be used is the same for every repository.
+        self.keyring.identities(&format!(
+            "backup '{}/{}'",
+            self.manifest.job, self.manifest.id
+        ))?;
         self.read_from_any(&object.name, async |repository| {
             check_key(repository, &self.manifest, object, &self.keyring).await
         })
@@ -226,6 +259,8 @@ impl Selected {
             target,
             restored,
             created_databases: Vec::new(),
+            kept_databases: Vec::new(),
+            tables: Vec::new(),
             bytes,
             duration: self.started.elapsed(),
             warnings,

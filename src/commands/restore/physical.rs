@@ -678,7 +678,9 @@ async fn start_and_wait(
     owner: Option<(u32, u32)>,
 ) -> Result<Option<Lsn>> {
     let log = into.join("lifeboat-recovery.log");
-    let mut pg_ctl = binaries.command("pg_ctl");
+    let mut pg_ctl = binaries.server_command("pg_ctl");
+    // The restored server runs `lifeboat wal-fetch` (and with --keep-archiving, wal-push).
+    crate::sources::process::pass_storage_credentials(&mut pg_ctl);
     pg_ctl
         .arg("start")
         .arg("--pgdata")
@@ -755,7 +757,7 @@ fn pg_ctl(
     owner: Option<(u32, u32)>,
     args: &[&str],
 ) -> Result<()> {
-    let mut command = binaries.command("pg_ctl");
+    let mut command = binaries.server_command("pg_ctl");
     command.args(args).arg("--pgdata").arg(into);
     if let Some((uid, gid)) = owner {
         use std::os::unix::process::CommandExt;

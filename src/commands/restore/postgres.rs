@@ -1,20 +1,22 @@
 //! Restoring a logical `postgres` backup into a server: every needed dump is downloaded and
 //! verified into staging first; then the globals (roles before the objects they own), then
-//! each database with pg_restore. A database that holds objects is refused unless `--clean`;
-//! a database lifeboat created is dropped again if its restore fails.
+//! each database is loaded into a new database beside its target, created as its source
+//! was, and once all are loaded, counted and given their properties, they are swapped into
+//! place in one transaction. Until that swap nothing the server had is touched: a restore
+//! that fails or is interrupted drops what it loaded. A database that holds objects is
+//! replaced only with `--clean`, and kept beside under another name.
 //!
 //! By default a dump is staged as stored (compressed) and decoded straight into pg_restore:
 //! no room is needed for the uncompressed dump, and loading starts without first writing it
 //! out. `--jobs` pg_restore processes load the tables at once, each fed its own decode, and
-//! indexes and constraints are built `--jobs` at a time. `--parallel-data` (and `--clean`,
-//! whose drops pg_restore plans over the whole archive) stage the dump decompressed
-//! instead, for `pg_restore --jobs` to read: one decode instead of one per job.
+//! indexes and constraints are built `--jobs` at a time. `--parallel-data` stages the dump
+//! decompressed instead, for `pg_restore --jobs` to read: one decode instead of one per job.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use super::staging::Staging;
-use super::{PostgresRestoreOptions, RestoreReport, Selected};
+use super::{KeptDatabase, PostgresRestoreOptions, RestoreReport, Selected, TableRows};
 use crate::commands::backup::GLOBALS_OBJECT;
 use crate::error::{Error, ErrorKind, Result};
 use crate::keys::Identity;
@@ -27,11 +29,33 @@ use crate::sources::postgres::{
 use crate::sources::process;
 use crate::transfer::StagedObject;
 
+/// What a database of the backup meets on the target server.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Existing {
+    Absent,
+    /// A database of that name holding no table: replaced, and dropped after the swap.
+    Empty,
+    /// One holding tables: replaced with `--clean` only, and kept under another name.
+    Holding,
+}
+
 struct Planned<'a> {
     object: &'a ObjectEntry,
     source_database: String,
     target_database: String,
-    exists: bool,
+    existing: Existing,
+}
+
+/// The comment a database being loaded carries until the swap, so that one a killed
+/// restore left behind is recognised (and named) by the next.
+const LOADING_MARK: &str = "lifeboat: restore in progress";
+
+/// A database of the backup loaded under a name of its own beside its target, its
+/// properties set, its rows counted: ready to swap in.
+struct Loaded {
+    name: String,
+    /// Drops it if the run is interrupted before the swap.
+    undo: Option<crate::interrupt::UndoGuard>,
 }
 
 pub(super) async fn restore(
@@ -52,8 +76,8 @@ pub(super) async fn restore(
             "--as NAME needs --database NAME: only one database can be renamed",
         ));
     }
-    let server = Connection::from_dsn(dsn)?;
-    let admin = Target::open(&server).await?;
+    let mut server = Connection::from_dsn(dsn)?;
+    let mut admin = Target::open(&server).await?;
 
     // Plan, and refuse what must be refused, before anything is downloaded.
     let dumps: Vec<&ObjectEntry> = manifest
@@ -85,20 +109,39 @@ pub(super) async fn restore(
             .rename_to
             .clone()
             .unwrap_or_else(|| source_database.clone());
-        let exists = admin.database_exists(&target_database).await?;
-        if exists && !options.clean && !admin.database_is_empty(&target_database).await? {
+        let existing = match admin.database_exists(&target_database).await? {
+            false => Existing::Absent,
+            true => match admin.database_is_empty(&target_database).await? {
+                true => Existing::Empty,
+                false => Existing::Holding,
+            },
+        };
+        if existing == Existing::Holding && !options.clean {
             return Err(Error::new(
                 ErrorKind::Target,
                 format!("unable to restore into database '{target_database}' on {}: it already holds tables", server.describe()),
             )
-            .with_hint("restore under another name with --as NAME, or pass --clean to replace what is there"));
+            .with_hint("restore under another name with --as NAME, or pass --clean to replace it (the database there now is kept beside the restored one)"));
         }
         plan.push(Planned {
             object,
             source_database,
             target_database,
-            exists,
+            existing,
         });
+    }
+    // A database cannot be renamed by a session connected to it.
+    if plan
+        .iter()
+        .any(|p| p.existing != Existing::Absent && p.target_database == server.database())
+    {
+        let maintenance = if server.database() == "postgres" {
+            "template1"
+        } else {
+            "postgres"
+        };
+        server = server.with_database(maintenance);
+        admin = Target::open(&server).await?;
     }
     let globals = match options.globals {
         false => None,
@@ -118,11 +161,33 @@ pub(super) async fn restore(
         ),
     };
     let binaries = Binaries::find(options.bin_dir.as_deref(), admin.server_major().await?)?;
+    let mut warnings = leftovers(&admin).await;
+    if options.database.is_none() {
+        warnings.extend(manifest.source.skipped_databases.iter().map(|skipped| {
+            format!(
+                "database '{}' is not in this backup: {}",
+                skipped.name, skipped.reason
+            )
+        }));
+    }
+    warnings.extend(check_server_room(&admin, &server, &plan).await?);
+    for planned in plan.iter().filter(|p| p.existing != Existing::Absent) {
+        let sessions = admin.sessions_on(&planned.target_database).await?;
+        if !sessions.is_empty() && !options.terminate_sessions {
+            tracing::warn!(
+                database = %planned.target_database,
+                "{} session(s) use the database this restore replaces; the swap at the end waits up to {} for them to end: {}",
+                sessions.len(),
+                humantime::format_duration(options.swap_wait),
+                sessions.iter().map(ToString::to_string).collect::<Vec<_>>().join(", ")
+            );
+        }
+    }
 
     // Fetch and verify everything into staging before the server is touched: the dumps as
     // stored, to be decoded into pg_restore as they load; or decompressed, when pg_restore
-    // must seek (loading tables in parallel, or dropping objects first with --clean).
-    let decompress = options.clean || options.parallel_data;
+    // loads the tables in parallel from one file.
+    let decompress = options.parallel_data;
     let needed = plan
         .iter()
         .map(|p| match decompress {
@@ -190,101 +255,163 @@ pub(super) async fn restore(
     }
 
     let staged_in = staging_started.elapsed();
+    let entries: Vec<Option<archive::DatabaseEntries>> =
+        staged.iter().map(Staged::database_entries).collect();
     check_roles(
         &admin,
         &server,
         &backup,
-        (&plan, &staged),
+        (&plan, &staged, &entries),
         globals_file.as_deref(),
         options.no_owner,
     )
     .await?;
     let load_started = std::time::Instant::now();
 
-    // Write into the server.
+    // Write into the server: each database into a new one beside its target, then all of
+    // them swapped in at once. Until the swap nothing the server had is touched.
     let auth = server.child_auth()?;
-    let mut warnings = Vec::new();
     if let Some(file) = &globals_file {
-        warnings.extend(apply_globals(&binaries, &server, &auth, file)?);
+        let present = admin.role_names().await?;
+        let passwordless = manifest
+            .source
+            .without_role_passwords
+            .then_some((&present, options.keep_login));
+        warnings.extend(apply_globals(
+            &binaries,
+            &server,
+            &auth,
+            file,
+            passwordless,
+        )?);
     }
-    let mut restored = Vec::new();
-    for (planned, dump) in plan.iter().zip(&staged) {
-        let target = server.with_database(&planned.target_database);
-        if !planned.exists {
-            admin.create_database(&planned.target_database).await?;
+    let stamp = chrono::Utc::now().format("%Y%m%d_%H%M%S").to_string();
+    let mut taken: Vec<String> = Vec::new();
+    let mut loaded: Vec<Loaded> = Vec::new();
+    let mut tables = Vec::new();
+    for ((planned, dump), entries) in plan.iter().zip(&staged).zip(&entries) {
+        let copy = free_name(
+            &admin,
+            &planned.target_database,
+            "restoring",
+            &stamp,
+            &taken,
+        )
+        .await?;
+        taken.push(copy.clone());
+        let undo = drop_on_interrupt(&binaries, &server, &auth, &copy);
+        let outcome = load_one(
+            LoadContext {
+                admin: &admin,
+                server: &server,
+                binaries: &binaries,
+                auth: &auth,
+                options,
+                backup: &backup,
+                selected: &selected,
+            },
+            planned,
+            dump,
+            entries.as_ref(),
+            &copy,
+            &mut warnings,
+        )
+        .await;
+        // Created or not, it is dropped with the rest if anything fails from here on.
+        loaded.push(Loaded {
+            name: copy.clone(),
+            undo,
+        });
+        match outcome {
+            Ok(counted) => tables.extend(counted.into_iter().map(|(table, rows)| TableRows {
+                database: planned.target_database.clone(),
+                table,
+                rows,
+            })),
+            Err(err) => {
+                let hint = drop_loaded(&admin, &loaded).await;
+                let err = err.with_hint(hint);
+                return Err(match err.kind() {
+                    ErrorKind::Verification => err,
+                    _ => err.with_hint(
+                        "restore the roles first with --globals, or ignore ownership with --no-owner",
+                    ),
+                });
+            }
         }
-        let action = format!(
-            "restore database '{}' into '{}' with pg_restore",
-            planned.source_database, planned.target_database
-        );
-        let restore = PgRestore {
-            binaries: &binaries,
-            target: &target,
-            auth: &auth,
-            options,
-            action: &action,
-        };
-        let started = std::time::Instant::now();
-        let outcome = match dump {
-            Staged::Seekable(file) => restore.seekable(file),
-            Staged::Stored {
-                stored,
-                toc,
-                served_by,
-            } => {
-                if toc.is_none() {
-                    warnings.push(format!(
-                        "database '{}': its dump's table of contents was not understood, so pg_restore built its indexes one at a time",
-                        planned.source_database
-                    ));
-                }
-                let dump = StagedObject {
-                    path: stored,
-                    repository: served_by,
-                    manifest,
-                    object: planned.object,
-                    keyring: &selected.keyring,
-                };
-                restore.streamed(&dump, toc.as_deref())
+    }
+
+    // The swap: every replaced database renamed aside and every copy renamed into place, in
+    // one transaction, so that the server has all of this restore or none of it.
+    let mut renames = Vec::new();
+    let mut previous = Vec::new();
+    for planned in &plan {
+        if planned.existing != Existing::Absent {
+            let before =
+                free_name(&admin, &planned.target_database, "before", &stamp, &taken).await?;
+            taken.push(before.clone());
+            renames.push((planned.target_database.clone(), before.clone()));
+            previous.push((planned, before));
+        }
+    }
+    for (planned, copy) in plan.iter().zip(&loaded) {
+        renames.push((copy.name.clone(), planned.target_database.clone()));
+    }
+    let replaced: Vec<String> = previous
+        .iter()
+        .map(|(p, _)| p.target_database.clone())
+        .collect();
+    if let Err(err) = swap(&admin, &server, &renames, &replaced, &mut loaded, options).await {
+        let hint = drop_loaded(&admin, &loaded).await;
+        return Err(err.with_hint(hint));
+    }
+
+    let mut kept = Vec::new();
+    for (planned, before) in previous {
+        if planned.existing == Existing::Empty || options.drop_previous {
+            if let Err(e) = admin.drop_database(&before).await {
+                warnings.push(format!(
+                    "unable to drop the replaced database, kept as '{before}': {}",
+                    e.chain().join(": ")
+                ));
+                kept.push(KeptDatabase {
+                    database: planned.target_database.clone(),
+                    kept_as: before,
+                });
             }
-        };
-        let elapsed = started.elapsed();
-        tracing::debug!(database = %planned.target_database, ?elapsed, "pg_restore finished");
-        if let Err(err) = outcome {
-            if planned.exists {
-                return Err(err.with_hint(format!(
-                    "database '{}' existed before and may now be partly restored",
-                    planned.target_database
-                )));
-            }
-            let cleanup = admin.drop_database(&planned.target_database).await;
-            let hint = match cleanup {
-                Ok(()) => format!(
-                    "the database '{}' that lifeboat created for it was dropped again",
-                    planned.target_database
-                ),
-                Err(_) => format!(
-                    "drop the partly restored database '{}' before trying again",
-                    planned.target_database
-                ),
-            };
-            let err = err.with_hint(hint);
-            return Err(match err.kind() {
-                ErrorKind::Verification => err,
-                _ => err.with_hint(
-                    "restore the roles first with --globals, or ignore ownership with --no-owner",
-                ),
+        } else {
+            kept.push(KeptDatabase {
+                database: planned.target_database.clone(),
+                kept_as: before,
             });
         }
-        restored.push(if planned.source_database == planned.target_database {
-            format!("database '{}'", planned.target_database)
-        } else {
-            format!(
-                "database '{}' as '{}'",
-                planned.source_database, planned.target_database
-            )
-        });
     }
+
+    let mut restored: Vec<String> = plan
+        .iter()
+        .map(|planned| {
+            let name = if planned.source_database == planned.target_database {
+                format!("database '{}'", planned.target_database)
+            } else {
+                format!(
+                    "database '{}' as '{}'",
+                    planned.source_database, planned.target_database
+                )
+            };
+            let in_it = tables
+                .iter()
+                .filter(|t| t.database == planned.target_database);
+            let (count, rows) = in_it.fold((0, 0i64), |(n, rows), t| (n + 1, rows + t.rows));
+            let replaced = match kept.iter().find(|k| k.database == planned.target_database) {
+                Some(k) => format!("; the database it replaced is kept as '{}'", k.kept_as),
+                None if planned.existing == Existing::Holding => {
+                    "; the database it replaced was dropped".to_string()
+                }
+                None => String::new(),
+            };
+            format!("{name} ({count} tables, {rows} rows{replaced})")
+        })
+        .collect();
     if globals_file.is_some() {
         restored.insert(0, "globals".to_string());
     }
@@ -296,13 +423,518 @@ pub(super) async fn restore(
     ];
     let created = plan
         .iter()
-        .filter(|p| !p.exists)
+        .filter(|p| p.existing == Existing::Absent)
         .map(|p| p.target_database.clone())
         .collect();
     drop(plan);
     let mut report = selected.report(server.describe(), restored, bytes, warnings, stages);
     report.created_databases = created;
+    report.kept_databases = kept;
+    report.tables = tables;
     Ok(report)
+}
+
+/// What loading one database needs from the restore around it.
+struct LoadContext<'a> {
+    admin: &'a Target,
+    server: &'a Connection,
+    binaries: &'a Binaries,
+    auth: &'a ChildAuth,
+    options: &'a PostgresRestoreOptions,
+    backup: &'a str,
+    selected: &'a Selected,
+}
+
+/// Creates `copy` as the source database was created (encoding, locale, collation), loads
+/// the dump into it with pg_restore, gives it the source's owner, settings, comment and
+/// privileges, and counts its rows. What cannot be reproduced is a warning naming it.
+async fn load_one(
+    context: LoadContext<'_>,
+    planned: &Planned<'_>,
+    dump: &Staged,
+    entries: Option<&archive::DatabaseEntries>,
+    copy: &str,
+    warnings: &mut Vec<String>,
+) -> Result<Vec<(String, i64)>> {
+    let LoadContext {
+        admin,
+        server,
+        binaries,
+        auth,
+        options,
+        backup,
+        selected,
+    } = context;
+    let source = &planned.source_database;
+    let properties = DatabaseProperties::of(entries, source, copy, options.no_owner);
+    warnings.extend(properties.skipped.iter().map(|statement| {
+        format!(
+            "database '{source}': not restored, as it does not name the database: `{statement}`"
+        )
+    }));
+    if entries.is_none() {
+        warnings.push(format!(
+            "database '{source}': its dump does not say how the database was created; it was created with the server's defaults"
+        ));
+    }
+    create_copy(admin, &properties, copy, source, warnings).await?;
+    let mark = format!(
+        "{LOADING_MARK}: backup {backup} into '{}' by pid {} on host {} since {}",
+        planned.target_database,
+        std::process::id(),
+        crate::commands::backup::host_name(),
+        chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
+    );
+    let _ = admin
+        .execute(&format!(
+            "comment on database {} is {}",
+            quote_identifier(copy),
+            quote_literal(&mark)
+        ))
+        .await;
+
+    let target = server.with_database(copy);
+    let action = format!(
+        "restore database '{source}' into '{}' with pg_restore",
+        planned.target_database
+    );
+    let restore = PgRestore {
+        binaries,
+        target: &target,
+        auth,
+        options,
+        action: &action,
+    };
+    let started = std::time::Instant::now();
+    match dump {
+        Staged::Seekable(file) => restore.seekable(file)?,
+        Staged::Stored {
+            stored,
+            toc,
+            served_by,
+        } => {
+            if toc.is_none() {
+                warnings.push(format!(
+                    "database '{source}': its dump's table of contents was not understood, so pg_restore built its indexes one at a time"
+                ));
+            }
+            let dump = StagedObject {
+                path: stored,
+                repository: served_by,
+                manifest: &selected.manifest,
+                object: planned.object,
+                keyring: &selected.keyring,
+            };
+            restore.streamed(&dump, toc.as_deref())?;
+        }
+    }
+    let elapsed = started.elapsed();
+    tracing::debug!(database = %copy, ?elapsed, "pg_restore finished");
+
+    let counted = admin.table_rows(copy).await?;
+    for statement in &properties.after_load {
+        if let Err(e) = admin.execute(statement).await {
+            warnings.push(format!(
+                "database '{source}': not restored: `{statement}`: {}",
+                e.as_db_error()
+                    .map_or(e.to_string(), |d| d.message().to_string())
+            ));
+        }
+    }
+    if !properties.sets_comment {
+        let _ = admin
+            .execute(&format!(
+                "comment on database {} is null",
+                quote_identifier(copy)
+            ))
+            .await;
+    }
+    Ok(counted)
+}
+
+/// The statements that give a database being loaded the properties its source had, from
+/// the dump's own entries for it, renamed to the name it is loaded under.
+struct DatabaseProperties {
+    create: Option<String>,
+    /// Owner, settings, comment, privileges: set once the data is in (a connection limit
+    /// or revoked CONNECT must not stop pg_restore).
+    after_load: Vec<String>,
+    sets_comment: bool,
+    /// Statements among the entries that do not name the database: never run.
+    skipped: Vec<String>,
+}
+
+impl DatabaseProperties {
+    fn of(
+        entries: Option<&archive::DatabaseEntries>,
+        source: &str,
+        copy: &str,
+        no_owner: bool,
+    ) -> DatabaseProperties {
+        let mut properties = DatabaseProperties {
+            create: None,
+            after_load: Vec::new(),
+            sets_comment: false,
+            skipped: Vec::new(),
+        };
+        let Some(entries) = entries else {
+            return properties;
+        };
+        let mut take = |sql: &str, into: &mut Vec<String>| {
+            for statement in archive::database_statements(sql, source, copy) {
+                match statement {
+                    Ok(statement) => into.push(statement),
+                    Err(other) => properties.skipped.push(other),
+                }
+            }
+        };
+        let mut create = Vec::new();
+        if let Some(sql) = &entries.create {
+            take(sql, &mut create);
+        }
+        let mut after_load = Vec::new();
+        if let (Some(owner), false) = (&entries.owner, no_owner) {
+            after_load.push(format!(
+                "alter database {} owner to {}",
+                quote_identifier(copy),
+                quote_identifier(owner)
+            ));
+        }
+        for sql in &entries.properties {
+            take(sql, &mut after_load);
+        }
+        if !no_owner {
+            for sql in &entries.privileges {
+                take(sql, &mut after_load);
+            }
+        }
+        properties.create = create
+            .into_iter()
+            .find(|s| s.trim_start().to_ascii_uppercase().starts_with("CREATE"));
+        properties.sets_comment = after_load
+            .iter()
+            .any(|s| s.trim_start().to_ascii_uppercase().starts_with("COMMENT"));
+        properties.after_load = after_load;
+        properties
+    }
+}
+
+/// Creates the database `copy` with the source's `CREATE DATABASE`; when the server cannot
+/// (a locale or tablespace it lacks), with its defaults and a warning naming what was asked.
+async fn create_copy(
+    admin: &Target,
+    properties: &DatabaseProperties,
+    copy: &str,
+    source: &str,
+    warnings: &mut Vec<String>,
+) -> Result<()> {
+    if let Some(create) = &properties.create {
+        match admin.execute(create).await {
+            Ok(()) => return Ok(()),
+            Err(e) => warnings.push(format!(
+                "database '{source}' could not be created as its source was ({}): `{create}`; it was created with the server's defaults (encoding, locale) instead",
+                e.as_db_error().map_or(e.to_string(), |d| d.message().to_string())
+            )),
+        }
+    }
+    admin.create_database(copy).await
+}
+
+/// `quote_literal` for a string pg_dump did not write.
+fn quote_literal(text: &str) -> String {
+    format!("'{}'", text.replace('\'', "''"))
+}
+
+/// A name for `database` with `what` and `stamp` added that no database on the server has
+/// and this restore has not taken, within PostgreSQL's 63 bytes.
+async fn free_name(
+    admin: &Target,
+    database: &str,
+    what: &str,
+    stamp: &str,
+    taken: &[String],
+) -> Result<String> {
+    for attempt in 1u32.. {
+        let suffix = match attempt {
+            1 => format!("_{what}_{stamp}"),
+            n => format!("_{what}_{stamp}_{n}"),
+        };
+        let mut base = database.to_string();
+        while base.len() + suffix.len() > 63 {
+            base.pop();
+        }
+        let name = format!("{base}{suffix}");
+        if !taken.contains(&name) && !admin.database_exists(&name).await? {
+            return Ok(name);
+        }
+    }
+    unreachable!("the loop returns")
+}
+
+/// Has the database `name` dropped if the run is interrupted: by psql, since the interrupt
+/// cannot wait on this run's own connection. None (and a warning) if that cannot be set up.
+fn drop_on_interrupt(
+    binaries: &Binaries,
+    server: &Connection,
+    auth: &ChildAuth,
+    name: &str,
+) -> Option<crate::interrupt::UndoGuard> {
+    let auth = match auth.try_clone() {
+        Ok(auth) => auth,
+        Err(e) => {
+            tracing::warn!(error = %e, "an interrupted restore will not drop the database it was loading");
+            return None;
+        }
+    };
+    let mut command = binaries.command("psql");
+    command
+        .args(["--no-psqlrc", "--quiet", "--no-password"])
+        .arg(format!("--dbname={}", server.conninfo()))
+        .arg("--command")
+        .arg(format!(
+            "drop database if exists {} with (force)",
+            quote_identifier(name)
+        ));
+    auth.apply(&mut command);
+    let name = name.to_string();
+    Some(crate::interrupt::undo_on_interrupt(move || {
+        let _passfile = &auth;
+        match process::output(&mut command) {
+            Ok(output) if output.status.success() => tracing::error!(
+                "dropped '{name}', the database the interrupted restore was loading; the databases it was to replace are as they were"
+            ),
+            _ => tracing::error!(
+                "unable to drop '{name}', the database the interrupted restore was loading: drop it with DROP DATABASE; the databases it was to replace are as they were"
+            ),
+        }
+    }))
+}
+
+/// Drops the databases this restore loaded, for a restore that fails before its swap;
+/// says what became of them and of the server.
+async fn drop_loaded(admin: &Target, loaded: &[Loaded]) -> String {
+    let mut left = Vec::new();
+    for copy in loaded {
+        if admin.drop_database(&copy.name).await.is_err() {
+            left.push(format!("'{}'", copy.name));
+        }
+    }
+    match left.is_empty() {
+        true => {
+            "nothing on the server was changed: the databases this restore was loading were dropped"
+                .to_string()
+        }
+        false => format!(
+            "the databases on the server are as they were, but {} (loaded by this restore) could not be dropped: drop them with DROP DATABASE",
+            left.join(", ")
+        ),
+    }
+}
+
+/// Renames everything in `renames` in one transaction, waiting up to `--swap-wait` for the
+/// sessions on the databases being replaced to end (or ending them with
+/// `--terminate-sessions`). Once it committed, an interrupt no longer drops what was loaded.
+#[expect(
+    clippy::await_holding_lock,
+    reason = "the interrupt's cleanup waits on the hold from a blocking thread of its own; the swap's one round trip finishes on the runtime's other threads"
+)]
+async fn swap(
+    admin: &Target,
+    server: &Connection,
+    renames: &[(String, String)],
+    replaced: &[String],
+    loaded: &mut [Loaded],
+    options: &PostgresRestoreOptions,
+) -> Result<()> {
+    let wait = match options.swap_wait.is_zero() {
+        true => std::time::Duration::from_secs(30),
+        false => options.swap_wait,
+    };
+    let deadline = std::time::Instant::now() + wait;
+    loop {
+        if options.terminate_sessions {
+            for database in replaced {
+                admin.terminate_sessions(database).await?;
+            }
+        }
+        let remaining = deadline.saturating_duration_since(std::time::Instant::now());
+        let swapped = {
+            // An interrupt waits for the transaction to end: all of it or none.
+            let _hold = crate::interrupt::hold_off();
+            let swapped = admin
+                .rename_all(
+                    renames,
+                    remaining.max(std::time::Duration::from_millis(100)),
+                )
+                .await;
+            if swapped.is_ok() {
+                for copy in loaded.iter_mut() {
+                    copy.undo = None;
+                }
+            }
+            swapped
+        };
+        let e = match swapped {
+            Ok(()) => return Ok(()),
+            Err(e) => e,
+        };
+        let busy = matches!(
+            e.code(),
+            Some(&tokio_postgres::error::SqlState::OBJECT_IN_USE)
+                | Some(&tokio_postgres::error::SqlState::LOCK_NOT_AVAILABLE)
+        );
+        if busy && std::time::Instant::now() < deadline {
+            tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+            continue;
+        }
+        let mut sessions = Vec::new();
+        for database in replaced {
+            for session in admin.sessions_on(database).await.unwrap_or_default() {
+                sessions.push(format!("'{database}': {session}"));
+            }
+        }
+        let what = replaced
+            .iter()
+            .map(|d| format!("'{d}'"))
+            .collect::<Vec<_>>()
+            .join(", ");
+        let mut err = Error::new(
+            ErrorKind::Target,
+            match (busy, sessions.is_empty()) {
+                (true, false) => format!(
+                    "unable to replace {what} on {}: still in use after waiting {}: {}",
+                    server.describe(),
+                    humantime::format_duration(wait),
+                    sessions.join(", ")
+                ),
+                _ => format!(
+                    "unable to swap the restored databases into place on {}",
+                    server.describe()
+                ),
+            },
+        )
+        .with_source(e);
+        if busy {
+            err = err.with_hint("end those sessions (stop the application), or pass --terminate-sessions to end them when the swap comes; --swap-wait sets how long to wait");
+        }
+        return Err(err);
+    }
+}
+
+/// Databases that restores which were killed left on the server: dropped when the restore
+/// that loaded them ran on this host and its process is gone, else named for the operator.
+async fn leftovers(admin: &Target) -> Vec<String> {
+    let found = match admin.databases_commented(LOADING_MARK).await {
+        Ok(found) => found,
+        Err(e) => {
+            tracing::debug!(error = %e, "unable to look for databases left by interrupted restores");
+            return Vec::new();
+        }
+    };
+    let mut warnings = Vec::new();
+    for (name, comment) in found {
+        if loader_is_gone(&comment, &crate::commands::backup::host_name()) {
+            match admin.drop_database(&name).await {
+                Ok(()) => {
+                    warnings.push(format!(
+                        "dropped database '{name}', left on the server by a restore on this host that was killed ({comment})"
+                    ));
+                    continue;
+                }
+                Err(e) => {
+                    tracing::debug!(error = %e, database = %name, "unable to drop a leftover")
+                }
+            }
+        }
+        warnings.push(format!(
+            "database '{name}' on the server was left by a restore that did not finish ({comment}); drop it with DROP DATABASE once no restore is loading it"
+        ));
+    }
+    warnings
+}
+
+/// Whether the restore a loading mark names ran on `host` and its process no longer runs.
+fn loader_is_gone(mark: &str, host: &str) -> bool {
+    let Some(rest) = mark.split(" by pid ").nth(1) else {
+        return false;
+    };
+    let mut words = rest.split(' ');
+    let (Some(pid), Some("on"), Some("host"), Some(marked_host)) =
+        (words.next(), words.next(), words.next(), words.next())
+    else {
+        return false;
+    };
+    let Ok(pid) = pid.parse::<libc::pid_t>() else {
+        return false;
+    };
+    if marked_host != host || pid <= 0 {
+        return false;
+    }
+    // SAFETY: signal 0 only asks whether the process exists.
+    let alive = unsafe { libc::kill(pid, 0) } == 0
+        || std::io::Error::last_os_error().raw_os_error() == Some(libc::EPERM);
+    !alive
+}
+
+/// Refuses a restore that replaces databases when the server has no room for the copy it
+/// loads beside each one (about the size of the database there now), when the server is
+/// on this machine and its data directory can be looked at; a warning when it cannot.
+async fn check_server_room(
+    admin: &Target,
+    server: &Connection,
+    plan: &[Planned<'_>],
+) -> Result<Vec<String>> {
+    let mut needed = 0u64;
+    let mut sizes = Vec::new();
+    for planned in plan {
+        let size = match planned.existing {
+            Existing::Holding => admin
+                .database_size(&planned.target_database)
+                .await?
+                .max(planned.object.raw_size),
+            _ => planned.object.raw_size,
+        };
+        needed += size;
+        sizes.push(format!(
+            "'{}' {}",
+            planned.target_database,
+            crate::commands::human_size(size)
+        ));
+    }
+    if !plan.iter().any(|p| p.existing == Existing::Holding) {
+        return Ok(Vec::new());
+    }
+    let data_directory = match server.is_local() {
+        true => admin.data_directory().await,
+        false => None,
+    };
+    let free = data_directory.as_ref().and_then(|dir| {
+        rustix::fs::statvfs(dir.as_str())
+            .ok()
+            .map(|s| s.f_bavail.saturating_mul(s.f_frsize))
+    });
+    let (Some(dir), Some(free)) = (data_directory, free) else {
+        return Ok(vec![format!(
+            "the databases being replaced stay until the restored ones are in place: the server needs room for both, about {} more ({}); lifeboat could not check it from here",
+            crate::commands::human_size(needed),
+            sizes.join(", ")
+        )]);
+    };
+    if free < needed {
+        return Err(Error::new(
+            ErrorKind::Target,
+            format!(
+                "unable to replace the databases on {}: the restored copies are loaded beside them and need about {} ({}); the server's data directory '{dir}' has {} free",
+                server.describe(),
+                crate::commands::human_size(needed),
+                sizes.join(", "),
+                crate::commands::human_size(free)
+            ),
+        )
+        .with_hint("free space on the server, or restore under another name with --as NAME and drop the old database yourself")
+        .with_hint("nothing on the server was changed"));
+    }
+    Ok(Vec::new())
 }
 
 /// Refuses, before anything is created, a restore whose dumps name roles (owners, grantees,
@@ -314,11 +946,31 @@ async fn check_roles(
     admin: &Target,
     server: &Connection,
     backup: &str,
-    (plan, staged): (&[Planned<'_>], &[Staged]),
+    (plan, staged, entries): (
+        &[Planned<'_>],
+        &[Staged],
+        &[Option<archive::DatabaseEntries>],
+    ),
     globals: Option<&Path>,
     no_owner: bool,
 ) -> Result<()> {
     let mut needed: std::collections::BTreeMap<String, Vec<&str>> = Default::default();
+    // The database's own owner and grantees, when they are restored.
+    for (planned, entries) in plan.iter().zip(entries) {
+        let Some(entries) = entries.as_ref().filter(|_| !no_owner) else {
+            continue;
+        };
+        let grantees = entries
+            .privileges
+            .iter()
+            .flat_map(|sql| archive::roles_of_sql(sql));
+        for role in entries.owner.iter().cloned().chain(grantees) {
+            needed
+                .entry(role)
+                .or_default()
+                .push(&planned.source_database);
+        }
+    }
     for (planned, dump) in plan.iter().zip(staged) {
         let toc = match dump {
             Staged::Seekable(path) => Some(path),
@@ -399,6 +1051,24 @@ enum Staged {
     },
 }
 
+impl Staged {
+    /// The database's own entries, from the dump's table of contents; None when it cannot
+    /// be read (then the database is created with the server's defaults, and said so).
+    fn database_entries(&self) -> Option<archive::DatabaseEntries> {
+        let toc = match self {
+            Staged::Seekable(path) => path,
+            Staged::Stored { toc, .. } => toc.as_ref()?,
+        };
+        match std::fs::File::open(toc).and_then(archive::database_entries) {
+            Ok(entries) => entries,
+            Err(e) => {
+                tracing::warn!(dump = %toc.display(), error = %e, "unable to read the database's own entries from the dump");
+                None
+            }
+        }
+    }
+}
+
 /// pg_restore runs for one database.
 struct PgRestore<'a> {
     binaries: &'a Binaries,
@@ -430,9 +1100,6 @@ impl PgRestore<'_> {
     fn seekable(&self, file: &Path) -> Result<()> {
         let mut command = self.command();
         command.arg(self.jobs());
-        if self.options.clean {
-            command.args(["--clean", "--if-exists"]);
-        }
         command.arg(file);
         process::run(command, self.action).map(|_| ())
     }
@@ -551,11 +1218,16 @@ async fn fill_offsets(path: &Path) {
 /// at least) make harmless errors, so the script goes on past errors; the other errors come
 /// back as warnings. The role this restore connects as keeps its own password and
 /// attributes: the source's `ALTER ROLE` for it would lock the running restore out.
+///
+/// Globals dumped without passwords (by a backup role that is not a superuser) would make
+/// login roles nobody can log in as: the roles the server did not have before are created
+/// NOLOGIN instead (or, with `keep_login`, LOGIN and a warning), and said so.
 fn apply_globals(
     binaries: &Binaries,
     server: &Connection,
     auth: &ChildAuth,
     file: &Path,
+    passwordless: Option<(&std::collections::BTreeSet<String>, bool)>,
 ) -> Result<Vec<String>> {
     let mut warnings = Vec::new();
     let script = std::fs::read_to_string(file).map_err(|e| {
@@ -565,12 +1237,36 @@ fn apply_globals(
         )
         .with_source(e)
     })?;
-    let (kept, skipped) = without_role_changes(&script, server.user());
+    let (mut kept, skipped) = without_role_changes(&script, server.user());
     if skipped > 0 {
         warnings.push(format!(
             "globals: kept the password and attributes of role '{}', which this restore connects as",
             server.user()
         ));
+    }
+    if let Some((present, keep_login)) = passwordless {
+        let new_roles: std::collections::BTreeSet<String> = archive::roles_created(&kept)
+            .into_iter()
+            .filter(|role| !present.contains(role))
+            .collect();
+        let (without, changed) = archive::without_login(&kept, &new_roles);
+        let listed = changed
+            .iter()
+            .map(|r| format!("'{r}'"))
+            .collect::<Vec<_>>()
+            .join(", ");
+        if changed.is_empty() {
+            // Nothing to say: no login role is new here.
+        } else if keep_login {
+            warnings.push(format!(
+                "globals: the backup holds no role passwords, and these roles can now log in without one being set: {listed}; set each with ALTER ROLE name PASSWORD '...' before anyone relies on them"
+            ));
+        } else {
+            kept = without;
+            warnings.push(format!(
+                "globals: the backup holds no role passwords, so these roles were created NOLOGIN: {listed}; give each a password and LOGIN (ALTER ROLE name LOGIN PASSWORD '...'), or restore with --keep-login"
+            ));
+        }
     }
     let filtered = file.with_extension("restore.sql");
     std::fs::write(&filtered, kept).map_err(|e| {
@@ -636,6 +1332,29 @@ fn without_role_changes(script: &str, role: &str) -> (String, usize) {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn a_leftover_is_dropped_only_when_its_restore_ran_here_and_is_gone() {
+        let mark = |pid: i64, host: &str| {
+            format!(
+                "lifeboat: restore in progress: backup db/1 into 'app' by pid {pid} on host {host} since 2026-01-01T00:00:00Z"
+            )
+        };
+        let me = std::process::id() as i64;
+        assert!(!super::loader_is_gone(&mark(me, "here"), "here"));
+        assert!(!super::loader_is_gone(
+            &mark(i32::MAX as i64, "there"),
+            "here"
+        ));
+        assert!(super::loader_is_gone(
+            &mark(i32::MAX as i64, "here"),
+            "here"
+        ));
+        assert!(!super::loader_is_gone(
+            "lifeboat: restore in progress: garbled",
+            "here"
+        ));
+    }
+
     #[test]
     fn the_restoring_role_keeps_its_password() {
         let script = "CREATE ROLE app;\nALTER ROLE app WITH LOGIN PASSWORD 'x';\nCREATE ROLE postgres;\nALTER ROLE postgres WITH SUPERUSER PASSWORD 'old';\nALTER ROLE \"Admin\" WITH LOGIN;\n";

@@ -348,6 +348,123 @@ pub fn roles_named(input: impl Read) -> io::Result<Option<RolesNamed>> {
     Ok(Some(roles))
 }
 
+/// The entries of a dump that describe the database itself rather than what it holds:
+/// how it is created (encoding, locale provider, collation, tablespace), its owner, its
+/// settings (`ALTER DATABASE … SET`, `ALTER ROLE … IN DATABASE`, connection limit), its
+/// comment and its privileges. pg_dump always writes them; pg_restore uses them only with
+/// `--create`, which cannot restore under another name.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct DatabaseEntries {
+    /// The `CREATE DATABASE` statement, naming the database as it was dumped.
+    pub create: Option<String>,
+    pub owner: Option<String>,
+    /// Everything else, as pg_dump wrote it: statements separated by semicolons.
+    pub properties: Vec<String>,
+    /// The privileges: `REVOKE` and `GRANT … ON DATABASE`.
+    pub privileges: Vec<String>,
+}
+
+/// The database's own entries of the custom-format archive `input` (see `DatabaseEntries`),
+/// read from its table of contents alone. None when `input` is not an archive this code knows.
+pub fn database_entries(input: impl Read) -> io::Result<Option<DatabaseEntries>> {
+    let mut reader = Reader::new(Copying {
+        inner: io::BufReader::with_capacity(64 * 1024, input),
+        copy: io::sink(),
+    });
+    let Some(offset_size) = read_header(&mut reader)? else {
+        return Ok(None);
+    };
+    let count = reader.int()?;
+    if count < 0 {
+        return Err(corrupt("negative TOC entry count"));
+    }
+    let mut entries = DatabaseEntries::default();
+    for _ in 0..count {
+        reader.int()?; // dump id
+        reader.int()?; // had dumper
+        reader.skip_string()?; // table oid
+        reader.skip_string()?; // oid
+        let tag = reader.string()?.unwrap_or_default();
+        let desc = reader.string()?.unwrap_or_default();
+        reader.int()?; // section
+        let defn = reader.string()?.unwrap_or_default();
+        for _ in 0..5 {
+            reader.skip_string()?; // drop, copy, namespace, tablespace, table access method
+        }
+        if reader.version >= version(1, 16) {
+            reader.int()?; // relkind
+        }
+        let owner = reader.string()?.filter(|o| !o.is_empty());
+        reader.skip_string()?; // "with oids"
+        while reader.skip_string()? {} // dependencies, ended by NULL
+        reader.byte()?; // offset state
+        reader.skip(offset_size as u64)?;
+        let of_the_database = tag.starts_with("DATABASE ");
+        match desc.as_str() {
+            "DATABASE" => {
+                entries.create = Some(defn);
+                entries.owner = owner;
+            }
+            "DATABASE PROPERTIES" => entries.properties.push(defn),
+            "COMMENT" | "SECURITY LABEL" if of_the_database => entries.properties.push(defn),
+            "ACL" if of_the_database => entries.privileges.push(defn),
+            _ => {}
+        }
+    }
+    Ok(Some(entries))
+}
+
+/// The statements of `sql` (as pg_dump writes a database's entries) that act on the
+/// database `from`, rewritten to act on `to`: the identifier after the first `DATABASE`
+/// keyword of each. psql meta-commands (`\connect`) are left out. A statement that names
+/// no database, or another one, comes back as an `Err`: it is never run, since on the
+/// server being restored into it could act on another database (the live one beside the
+/// copy being loaded).
+pub fn database_statements(sql: &str, from: &str, to: &str) -> Vec<Result<String, String>> {
+    let sql: String = sql
+        .split_inclusive('\n')
+        .filter(|line| !line.trim_start().starts_with('\\'))
+        .collect();
+    let chars: Vec<char> = sql.chars().collect();
+    let tokens = spanned_tokens(&chars);
+    let mut statements = Vec::new();
+    for statement in tokens.split(|(token, _)| *token == Token::Semicolon) {
+        let (Some((_, first)), Some((_, last))) = (statement.first(), statement.last()) else {
+            continue;
+        };
+        let text = |range: std::ops::Range<usize>| chars[range].iter().collect::<String>();
+        let whole = text(first.start..last.end);
+        let matches = |name: &Token| match name {
+            Token::Quoted(name) => name == from,
+            // pg_dump leaves a name unquoted only when it is lower case already.
+            Token::Word(name) => name == from,
+            _ => false,
+        };
+        // The first `DATABASE name`: a role called "database" may come before it.
+        let named = statement.windows(2).find_map(|pair| match pair {
+            [(Token::Word(keyword), _), (name, span)] if keyword == "database" && matches(name) => {
+                Some(span.clone())
+            }
+            _ => None,
+        });
+        statements.push(match named {
+            Some(span) => Ok(format!(
+                "{}{}{}",
+                text(first.start..span.start),
+                super::quote_identifier(to),
+                text(span.end..last.end)
+            )),
+            _ => Err(whole),
+        });
+    }
+    statements
+}
+
+/// The roles that privilege statements (`GRANT`, `REVOKE`) written by pg_dump name.
+pub fn roles_of_sql(sql: &str) -> Vec<String> {
+    roles_in_sql(sql)
+}
+
 /// A token of SQL as pg_dump writes it.
 #[derive(Debug, PartialEq)]
 enum Token {
@@ -364,10 +481,19 @@ enum Token {
 }
 
 fn tokens(sql: &str) -> Vec<Token> {
-    let chars: Vec<char> = sql.chars().collect();
+    spanned_tokens(&sql.chars().collect::<Vec<_>>())
+        .into_iter()
+        .map(|(token, _)| token)
+        .collect()
+}
+
+/// The tokens of `chars`, each with the range of `chars` it was read from.
+fn spanned_tokens(chars: &[char]) -> Vec<(Token, std::ops::Range<usize>)> {
     let mut tokens = Vec::new();
     let mut at = 0;
     while at < chars.len() {
+        let start = at;
+        let mut push = |token: Token, end: usize| tokens.push((token, start..end.min(chars.len())));
         let c = chars[at];
         match c {
             c if c.is_whitespace() => at += 1,
@@ -399,11 +525,14 @@ fn tokens(sql: &str) -> Vec<Token> {
                     at += 1;
                 }
                 at += 1;
-                tokens.push(if c == '"' {
-                    Token::Quoted(text)
-                } else {
-                    Token::Other
-                });
+                push(
+                    if c == '"' {
+                        Token::Quoted(text)
+                    } else {
+                        Token::Other
+                    },
+                    at,
+                );
             }
             '$' => {
                 // A dollar-quoted string: $tag$ ... $tag$.
@@ -420,37 +549,36 @@ fn tokens(sql: &str) -> Vec<Token> {
                     }
                     _ => at += 1,
                 }
-                tokens.push(Token::Other);
+                push(Token::Other, at);
             }
             ',' => {
-                tokens.push(Token::Comma);
                 at += 1;
+                push(Token::Comma, at);
             }
             ';' => {
-                tokens.push(Token::Semicolon);
                 at += 1;
+                push(Token::Semicolon, at);
             }
             '(' => {
-                tokens.push(Token::Open);
                 at += 1;
+                push(Token::Open, at);
             }
             ')' => {
-                tokens.push(Token::Close);
                 at += 1;
+                push(Token::Close, at);
             }
             c if c.is_alphanumeric() || c == '_' => {
-                let start = at;
                 while at < chars.len()
                     && (chars[at].is_alphanumeric() || chars[at] == '_' || chars[at] == '$')
                 {
                     at += 1;
                 }
                 let word: String = chars[start..at].iter().collect();
-                tokens.push(Token::Word(word.to_lowercase()));
+                push(Token::Word(word.to_lowercase()), at);
             }
             _ => {
-                tokens.push(Token::Other);
                 at += 1;
+                push(Token::Other, at);
             }
         }
     }
@@ -541,6 +669,47 @@ fn statement_roles(statement: &[Token], roles: &mut Vec<String>) {
         ("create", "user", "mapping") if word(3) == "for" => role_list(statement, 4, roles),
         _ => {}
     }
+}
+
+/// The `ALTER ROLE name WITH … LOGIN …` lines of a `pg_dumpall --globals-only` script for
+/// roles in `roles`, made `NOLOGIN`; and the roles changed, in script order.
+pub fn without_login(
+    script: &str,
+    roles: &std::collections::BTreeSet<String>,
+) -> (String, Vec<String>) {
+    let mut changed = Vec::new();
+    let text = script
+        .split_inclusive('\n')
+        .map(|line| {
+            let Some((role, rest)) = line.strip_prefix("ALTER ROLE ").and_then(identifier) else {
+                return line.to_string();
+            };
+            let Some(attributes) = rest.strip_prefix(" WITH ") else {
+                return line.to_string();
+            };
+            if !roles.contains(&role) {
+                return line.to_string();
+            }
+            let mut found = false;
+            let attributes: Vec<String> = attributes
+                .split(' ')
+                .map(|word| match word.strip_prefix("LOGIN") {
+                    Some(tail) if tail.is_empty() || tail.starts_with(';') => {
+                        found = true;
+                        format!("NOLOGIN{tail}")
+                    }
+                    _ => word.to_string(),
+                })
+                .collect();
+            if !found {
+                return line.to_string();
+            }
+            changed.push(role);
+            let head = &line[..line.len() - rest.len()];
+            format!("{head} WITH {}", attributes.join(" "))
+        })
+        .collect();
+    (text, changed)
 }
 
 /// The roles a `pg_dumpall --globals-only` script creates (`CREATE ROLE name;`).
@@ -829,6 +998,54 @@ impl<R: Read, W: Write> Input for Scanner<R, W> {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn roles_without_passwords_lose_login() {
+        let script = "CREATE ROLE app;\nALTER ROLE app WITH NOSUPERUSER INHERIT LOGIN NOREPLICATION;\n\
+                      ALTER ROLE \"LOGIN x\" WITH NOSUPERUSER LOGIN;\n\
+                      ALTER ROLE kept WITH LOGIN NOBYPASSRLS;\nALTER ROLE nologin WITH NOLOGIN;\n";
+        let roles = ["app", "LOGIN x", "nologin"]
+            .iter()
+            .map(|r| r.to_string())
+            .collect();
+        let (text, changed) = super::without_login(script, &roles);
+        assert_eq!(changed, vec!["app".to_string(), "LOGIN x".to_string()]);
+        assert_eq!(
+            text,
+            "CREATE ROLE app;\nALTER ROLE app WITH NOSUPERUSER INHERIT NOLOGIN NOREPLICATION;\n\
+             ALTER ROLE \"LOGIN x\" WITH NOSUPERUSER NOLOGIN;\n\
+             ALTER ROLE kept WITH LOGIN NOBYPASSRLS;\nALTER ROLE nologin WITH NOLOGIN;\n"
+        );
+    }
+
+    #[test]
+    fn database_statements_are_renamed_and_others_refused() {
+        let sql = "CREATE DATABASE lat WITH TEMPLATE = template0 ENCODING = 'LATIN1';\n\\connect lat\n\
+                   COMMENT ON DATABASE lat IS 'the DATABASE lat; comment';\n\
+                   ALTER ROLE database IN DATABASE lat SET search_path TO 'x';\n\
+                   GRANT CONNECT ON DATABASE lat TO reader;\n\
+                   ALTER DATABASE \"Other\" SET work_mem TO '8MB';\n";
+        let statements = super::database_statements(sql, "lat", "lat_new\"x");
+        assert_eq!(
+            statements,
+            vec![
+                Ok("CREATE DATABASE \"lat_new\"\"x\" WITH TEMPLATE = template0 ENCODING = 'LATIN1'".to_string()),
+                Ok("COMMENT ON DATABASE \"lat_new\"\"x\" IS 'the DATABASE lat; comment'".to_string()),
+                Ok("ALTER ROLE database IN DATABASE \"lat_new\"\"x\" SET search_path TO 'x'".to_string()),
+                Ok("GRANT CONNECT ON DATABASE \"lat_new\"\"x\" TO reader".to_string()),
+                Err("ALTER DATABASE \"Other\" SET work_mem TO '8MB'".to_string()),
+            ]
+        );
+        let quoted = super::database_statements(
+            "ALTER DATABASE \"My DB\" CONNECTION LIMIT = 7;",
+            "My DB",
+            "b",
+        );
+        assert_eq!(
+            quoted,
+            vec![Ok("ALTER DATABASE \"b\" CONNECTION LIMIT = 7".to_string())]
+        );
+    }
+
     use super::*;
 
     fn int(value: i64) -> Vec<u8> {

@@ -100,8 +100,14 @@ impl Binaries {
         })
     }
 
+    /// A client tool (pg_dump, pg_restore, psql): see `process::tool`.
     pub fn command(&self, program: &str) -> Command {
-        Command::new(self.dir.join(program))
+        crate::sources::process::tool(self.dir.join(program))
+    }
+
+    /// A server or its control program (postgres, initdb, pg_ctl): see `process::server`.
+    pub fn server_command(&self, program: &str) -> Command {
+        crate::sources::process::server(self.dir.join(program))
     }
 }
 

@@ -3,7 +3,6 @@
 //! child processes.
 
 use std::io::Write;
-use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::str::FromStr;
@@ -28,18 +27,46 @@ impl std::fmt::Debug for Connection {
     }
 }
 
-/// A private passfile for child processes; removed when dropped.
+/// A private passfile for child processes: an anonymous file in memory (memfd), handed to
+/// each child as an open descriptor that libpq reads as `/proc/self/fd/N`. It is never on
+/// a disk, so no way lifeboat ends (SIGKILL included) leaves the password behind, and only
+/// the children it is applied to hold it.
 pub struct ChildAuth {
-    passfile: Option<(tempfile::TempDir, PathBuf)>,
+    passfile: Option<std::os::fd::OwnedFd>,
 }
 
 impl ChildAuth {
+    /// Another handle on the same passfile, for work that outlives the borrow of this one
+    /// (dropping a database when the run is interrupted).
+    pub fn try_clone(&self) -> std::io::Result<ChildAuth> {
+        Ok(ChildAuth {
+            passfile: self
+                .passfile
+                .as_ref()
+                .map(|fd| fd.try_clone())
+                .transpose()?,
+        })
+    }
+
     /// Points `command` at the passfile and keeps lifeboat's own environment password away
     /// from it.
     pub fn apply(&self, command: &mut Command) {
+        use std::os::fd::AsRawFd;
+        use std::os::unix::process::CommandExt;
         command.env_remove("PGPASSWORD");
-        if let Some((_, path)) = &self.passfile {
-            command.env("PGPASSFILE", path);
+        if let Some(passfile) = &self.passfile {
+            let fd = passfile.as_raw_fd();
+            command.env("PGPASSFILE", format!("/proc/self/fd/{fd}"));
+            // SAFETY: fcntl is async-signal-safe; it clears close-on-exec in the child
+            // alone, on a descriptor this ChildAuth keeps open while the child starts.
+            unsafe {
+                command.pre_exec(move || {
+                    if libc::fcntl(fd, libc::F_SETFD, 0) != 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    Ok(())
+                });
+            }
         }
     }
 }
@@ -190,6 +217,21 @@ impl Connection {
         }
     }
 
+    /// Whether the server runs on this machine: reached over a Unix socket or a loopback
+    /// address, so that its data directory is this machine's to look at.
+    pub fn is_local(&self) -> bool {
+        match self.config.get_hosts().first() {
+            Some(Host::Unix(_)) | None => true,
+            Some(Host::Tcp(host)) => {
+                host == "localhost"
+                    || host
+                        .trim_matches(['[', ']'])
+                        .parse::<std::net::IpAddr>()
+                        .is_ok_and(|ip| ip.is_loopback())
+            }
+        }
+    }
+
     fn port(&self) -> u16 {
         self.config.get_ports().first().copied().unwrap_or(5432)
     }
@@ -304,17 +346,20 @@ impl Connection {
         let Some(password) = &self.password else {
             return Ok(ChildAuth { passfile: None });
         };
-        let write = || -> std::io::Result<(tempfile::TempDir, PathBuf)> {
-            let dir = tempfile::Builder::new().prefix("lifeboat-pg-").tempdir()?;
-            let path = dir.path().join("pgpass");
-            let mut file = std::fs::OpenOptions::new()
-                .write(true)
-                .create_new(true)
-                .mode(0o600)
-                .open(&path)?;
+        let write = || -> std::io::Result<std::os::fd::OwnedFd> {
+            use std::os::fd::FromRawFd;
+            // SAFETY: memfd_create with a static name; the descriptor is owned at once.
+            let fd = unsafe { libc::memfd_create(c"lifeboat-pgpass".as_ptr(), libc::MFD_CLOEXEC) };
+            if fd < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            // SAFETY: fd was just created and is owned by nothing else.
+            let mut file = unsafe { std::fs::File::from_raw_fd(fd) };
+            // libpq ignores a passfile that group or others may read.
+            file.set_permissions(std::os::unix::fs::PermissionsExt::from_mode(0o600))?;
             let escaped = password.replace('\\', "\\\\").replace(':', "\\:");
             writeln!(file, "*:*:*:*:{escaped}")?;
-            Ok((dir, path))
+            Ok(file.into())
         };
         let passfile = write().map_err(|e| {
             Error::new(

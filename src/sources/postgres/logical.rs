@@ -17,8 +17,16 @@ pub struct ServerInfo {
     pub is_superuser: bool,
 }
 
-/// Version, identity and databases that accept connections (templates excluded).
-pub async fn discover(connection: &Connection) -> Result<(ServerInfo, Vec<String>)> {
+/// What a server has to back up: the databases the backup role can dump, and those it
+/// cannot, with why (templates are not databases to back up).
+#[derive(Debug, Clone, Default)]
+pub struct Databases {
+    pub dumpable: Vec<String>,
+    pub skipped: Vec<crate::manifest::SkippedDatabase>,
+}
+
+/// Version, identity and databases (see `Databases`).
+pub async fn discover(connection: &Connection) -> Result<(ServerInfo, Databases)> {
     let client = connection.connect().await?;
     let row = client
         .query_one(
@@ -41,13 +49,36 @@ pub async fn discover(connection: &Connection) -> Result<(ServerInfo, Vec<String
         .await
         .ok()
         .map(|row| row.get::<_, String>(0));
-    let databases = client
-        .query("select datname from pg_database where datallowconn and not datistemplate order by datname", &[])
+    let rows = client
+        .query(
+            "select datname::text, datallowconn, datconnlimit, has_database_privilege(oid, 'CONNECT') \
+             from pg_database where not datistemplate order by datname",
+            &[],
+        )
         .await
-        .map_err(|e| query_error(connection, "list databases", e))?
-        .iter()
-        .map(|row| row.get::<_, String>(0))
-        .collect();
+        .map_err(|e| query_error(connection, "list databases", e))?;
+    let mut databases = Databases::default();
+    for row in rows {
+        let name: String = row.get(0);
+        // Superusers pass connection limits and CONNECT privileges; nobody passes
+        // ALLOW_CONNECTIONS false, pg_dump included.
+        let reason = if !row.get::<_, bool>(1) {
+            Some("it does not accept connections (ALLOW_CONNECTIONS false)")
+        } else if !is_superuser && row.get::<_, i32>(2) == 0 {
+            Some("its connection limit is 0 and the backup role is not a superuser")
+        } else if !row.get::<_, bool>(3) {
+            Some("the backup role lacks the CONNECT privilege on it")
+        } else {
+            None
+        };
+        match reason {
+            Some(reason) => databases.skipped.push(crate::manifest::SkippedDatabase {
+                name,
+                reason: reason.to_string(),
+            }),
+            None => databases.dumpable.push(name),
+        }
+    }
     Ok((
         ServerInfo {
             version,

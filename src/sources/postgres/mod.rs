@@ -17,8 +17,11 @@ mod tls;
 
 pub use binaries::Binaries;
 pub use connection::{ChildAuth, Connection};
-pub use scratch::{ScratchCluster, ScratchDir, stop_all as stop_all_scratch_clusters};
-pub use target::Target;
+pub use scratch::{
+    ScratchCluster, ScratchDir, stop_taken as stop_scratch_clusters,
+    take_all as take_scratch_clusters,
+};
+pub use target::{Session, Target};
 
 /// "unable to {what} on user@host:port/db", caused by the server's error.
 pub(crate) fn query_error(

@@ -29,11 +29,21 @@ pub struct ScratchCluster {
 /// while the drill itself may be blocked waiting on pg_restore.
 static RUNNING: Mutex<Vec<(u32, PathBuf)>> = Mutex::new(Vec::new());
 
-/// Stops every running scratch cluster (fast shutdown, SIGKILL after 30 s) and removes its
-/// directory. For interrupted drills; the clusters' owners need not be told.
-pub fn stop_all() {
-    let running = std::mem::take(&mut *RUNNING.lock().unwrap_or_else(|e| e.into_inner()));
-    for (pid, dir) in running {
+/// Held while a cluster's owner stops it and removes its directory, so that an interrupt
+/// does not end the process halfway through.
+static STOPPING: Mutex<()> = Mutex::new(());
+
+/// The running scratch clusters, taken from their owners: from now on an owner that drops
+/// its cluster leaves the stopping to `stop_taken`. For an interrupt, first of all, so that
+/// what it does next (killing the clients) cannot hurry an owner into a stop of its own.
+pub fn take_all() -> Vec<(u32, PathBuf)> {
+    std::mem::take(&mut *RUNNING.lock().unwrap_or_else(|e| e.into_inner()))
+}
+
+/// Stops the scratch clusters `take_all` took (fast shutdown, SIGKILL after 30 s) and
+/// removes their directories; then waits for an owner still stopping its own.
+pub fn stop_taken(taken: Vec<(u32, PathBuf)>) {
+    for (pid, dir) in taken {
         // SAFETY: kill(2) and waitpid(2) on the pid of a postmaster this process started
         // and has not reaped (it is removed from RUNNING before its owner reaps it).
         unsafe {
@@ -51,6 +61,7 @@ pub fn stop_all() {
         }
         let _ = std::fs::remove_dir_all(&dir);
     }
+    drop(STOPPING.lock().unwrap_or_else(|e| e.into_inner()));
 }
 
 fn error(message: impl Into<String>) -> Error {
@@ -125,32 +136,9 @@ impl ScratchDir {
         binaries: &Binaries,
         settings: &[String],
         superuser: &str,
+        environment: ServerEnvironment,
     ) -> Result<ScratchCluster> {
-        let mut postgres = binaries.command("postgres");
-        postgres
-            .arg("-D")
-            .arg(self.data_dir())
-            .arg("-p")
-            .arg(PORT.to_string())
-            .arg("-k")
-            .arg(self.dir.path())
-            .args(["-c", "listen_addresses="])
-            .args(settings.iter().flat_map(|s| ["-c", s.as_str()]))
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(
-                std::fs::File::create(self.dir.path().join("postgres.log")).map_err(|e| {
-                    error("unable to create the scratch cluster's log").with_source(e)
-                })?,
-            );
-        as_owner(&mut postgres, self.owner);
-        let child = postgres.spawn().map_err(|e| {
-            error("unable to start the scratch cluster: cannot run postgres").with_source(e)
-        })?;
-        RUNNING
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .push((child.id(), self.dir.path().to_path_buf()));
+        let child = spawn_postmaster(self.dir.path(), self.owner, binaries, settings, environment)?;
         crate::interrupt::forget(self.dir.path());
         Ok(ScratchCluster {
             dir: self.dir,
@@ -160,11 +148,60 @@ impl ScratchDir {
     }
 }
 
+/// What a scratch postmaster is given of lifeboat's environment.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum ServerEnvironment {
+    /// The kept environment alone (`process::server`).
+    Plain,
+    /// And the storage credentials, for `restore_command = lifeboat wal-fetch` while it
+    /// replays. (A restart without them would lose what the checks read of the replay:
+    /// `pg_last_xact_replay_timestamp()`.)
+    WithStorageCredentials,
+}
+
+fn spawn_postmaster(
+    dir: &Path,
+    owner: Option<(u32, u32)>,
+    binaries: &Binaries,
+    settings: &[String],
+    environment: ServerEnvironment,
+) -> Result<Child> {
+    let mut postgres = binaries.server_command("postgres");
+    if environment == ServerEnvironment::WithStorageCredentials {
+        crate::sources::process::pass_storage_credentials(&mut postgres);
+    }
+    postgres
+        .arg("-D")
+        .arg(dir.join("data"))
+        .arg("-p")
+        .arg(PORT.to_string())
+        .arg("-k")
+        .arg(dir)
+        .args(["-c", "listen_addresses="])
+        .args(settings.iter().flat_map(|s| ["-c", s.as_str()]))
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(
+            std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(dir.join("postgres.log"))
+                .map_err(|e| error("unable to create the scratch cluster's log").with_source(e))?,
+        );
+    as_owner(&mut postgres, owner);
+    let mut running = RUNNING.lock().unwrap_or_else(|e| e.into_inner());
+    let child = postgres.spawn().map_err(|e| {
+        error("unable to start the scratch cluster: cannot run postgres").with_source(e)
+    })?;
+    running.push((child.id(), dir.to_path_buf()));
+    Ok(child)
+}
+
 impl ScratchCluster {
     /// Creates and starts a cluster with `binaries`, waiting until it accepts connections.
     pub async fn start(binaries: &Binaries) -> Result<ScratchCluster> {
         let scratch = ScratchDir::create()?;
-        let mut initdb = binaries.command("initdb");
+        let mut initdb = binaries.server_command("initdb");
         initdb
             .arg("--pgdata")
             .arg(scratch.data_dir())
@@ -172,7 +209,7 @@ impl ScratchCluster {
             .args(["--locale=C.UTF-8", "--no-sync"]);
         as_owner(&mut initdb, scratch.owner);
         crate::sources::process::run(initdb, "create a scratch cluster with initdb")?;
-        let mut cluster = scratch.spawn(binaries, &[], SUPERUSER)?;
+        let mut cluster = scratch.spawn(binaries, &[], SUPERUSER, ServerEnvironment::Plain)?;
         cluster.wait_ready().await?;
         Ok(cluster)
     }
@@ -196,7 +233,12 @@ impl ScratchCluster {
         ];
         // No deadline: replay takes as long as the archive is long, and that time is the
         // drill's measurement. A postmaster that gives up is noticed at once.
-        let mut cluster = scratch.spawn(binaries, &settings, user)?;
+        let mut cluster = scratch.spawn(
+            binaries,
+            &settings,
+            user,
+            ServerEnvironment::WithStorageCredentials,
+        )?;
         let connection = Connection::from_dsn(&cluster.dsn("postgres"))?;
         loop {
             cluster.check_running()?;
@@ -280,7 +322,9 @@ impl ScratchCluster {
 
 impl Drop for ScratchCluster {
     fn drop(&mut self) {
+        let _stopping = STOPPING.lock().unwrap_or_else(|e| e.into_inner());
         self.stop();
+        let _ = std::fs::remove_dir_all(self.dir.path());
     }
 }
 

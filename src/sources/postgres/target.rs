@@ -5,6 +5,33 @@
 use super::{Connection, quote_identifier};
 use crate::error::{Error, ErrorKind, Result};
 
+/// A session connected to a database, as pg_stat_activity shows it.
+#[derive(Debug, Clone)]
+pub struct Session {
+    pub pid: i32,
+    pub user: String,
+    pub application: String,
+    pub state: String,
+    /// When its open transaction began; empty when it has none.
+    pub transaction_since: String,
+}
+
+impl std::fmt::Display for Session {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "pid {} (user '{}'", self.pid, self.user)?;
+        if !self.application.is_empty() {
+            write!(f, ", application '{}'", self.application)?;
+        }
+        if !self.state.is_empty() {
+            write!(f, ", {}", self.state)?;
+        }
+        if !self.transaction_since.is_empty() {
+            write!(f, ", in a transaction since {}", self.transaction_since)?;
+        }
+        write!(f, ")")
+    }
+}
+
 pub struct Target {
     connection: Connection,
     client: tokio_postgres::Client,
@@ -84,6 +111,159 @@ impl Target {
         })
     }
 
+    /// Runs one statement that needs no result (a `CREATE DATABASE`, which cannot run in a
+    /// transaction block with others).
+    pub async fn execute(&self, sql: &str) -> std::result::Result<(), tokio_postgres::Error> {
+        self.client.batch_execute(sql).await
+    }
+
+    /// The sessions connected to `database`, but this one.
+    pub async fn sessions_on(&self, database: &str) -> Result<Vec<Session>> {
+        let rows = self
+            .client
+            .query(
+                "select pid, coalesce(usename::text, ''), coalesce(application_name, ''), \
+                 coalesce(state, ''), coalesce(to_char(xact_start, 'YYYY-MM-DD HH24:MI:SS TZ'), '') \
+                 from pg_stat_activity where datname = $1 and pid <> pg_backend_pid() order by pid",
+                &[&database],
+            )
+            .await
+            .map_err(|e| query_error(&self.connection, "list sessions", e))?;
+        Ok(rows
+            .iter()
+            .map(|row| Session {
+                pid: row.get(0),
+                user: row.get(1),
+                application: row.get(2),
+                state: row.get(3),
+                transaction_since: row.get(4),
+            })
+            .collect())
+    }
+
+    /// Ends the sessions connected to `database` (pg_terminate_backend), but this one.
+    pub async fn terminate_sessions(&self, database: &str) -> Result<()> {
+        self.client
+            .execute(
+                "select pg_terminate_backend(pid) from pg_stat_activity \
+                 where datname = $1 and pid <> pg_backend_pid()",
+                &[&database],
+            )
+            .await
+            .map(|_| ())
+            .map_err(|e| {
+                query_error(
+                    &self.connection,
+                    &format!("end the sessions on '{database}'"),
+                    e,
+                )
+            })
+    }
+
+    /// The size of `database` on disk (`pg_database_size`).
+    pub async fn database_size(&self, database: &str) -> Result<u64> {
+        let row = self
+            .client
+            .query_one("select pg_database_size($1::text)", &[&database])
+            .await
+            .map_err(|e| {
+                query_error(
+                    &self.connection,
+                    &format!("read the size of '{database}'"),
+                    e,
+                )
+            })?;
+        Ok(row.get::<_, i64>(0).max(0) as u64)
+    }
+
+    /// The server's data directory, when this role may read it (superusers and
+    /// pg_read_all_settings).
+    pub async fn data_directory(&self) -> Option<String> {
+        self.client
+            .query_one(
+                "select setting from pg_settings where name = 'data_directory'",
+                &[],
+            )
+            .await
+            .ok()
+            .map(|row| row.get::<_, String>(0))
+            .filter(|dir| !dir.is_empty())
+    }
+
+    /// Databases whose comment starts with `prefix`, with the comment.
+    pub async fn databases_commented(&self, prefix: &str) -> Result<Vec<(String, String)>> {
+        let rows = self
+            .client
+            .query(
+                "select datname::text, shobj_description(oid, 'pg_database') from pg_database \
+                 where starts_with(coalesce(shobj_description(oid, 'pg_database'), ''), $1) order by 1",
+                &[&prefix],
+            )
+            .await
+            .map_err(|e| query_error(&self.connection, "list databases", e))?;
+        Ok(rows.iter().map(|row| (row.get(0), row.get(1))).collect())
+    }
+
+    /// Every table of `database` (ordinary tables and partitions, not their parents) with
+    /// its exact row count, counted in one read-only transaction.
+    pub async fn table_rows(&self, database: &str) -> Result<Vec<(String, i64)>> {
+        let other = self.connection.with_database(database);
+        let client = other.connect().await?;
+        let failed = |e| query_error(&other, "count the restored rows", e);
+        client
+            .batch_execute("begin transaction isolation level repeatable read read only")
+            .await
+            .map_err(failed)?;
+        let tables = client
+            .query(
+                "select format('%I.%I', n.nspname, c.relname) from pg_class c \
+                 join pg_namespace n on n.oid = c.relnamespace where c.relkind = 'r' \
+                 and n.nspname not in ('pg_catalog', 'information_schema') \
+                 and n.nspname not like 'pg\\_toast%' order by 1",
+                &[],
+            )
+            .await
+            .map_err(failed)?;
+        let mut counted = Vec::new();
+        for table in tables {
+            let name: String = table.get(0);
+            let row = client
+                .query_one(&format!("select count(*) from {name}"), &[])
+                .await
+                .map_err(failed)?;
+            counted.push((name, row.get::<_, i64>(0)));
+        }
+        let _ = client.batch_execute("commit").await;
+        Ok(counted)
+    }
+
+    /// Renames databases in one transaction: every `(from, to)` pair, in order, or none.
+    /// It waits `lock_wait` at most for the locks it needs; a database still in use fails
+    /// at once with PostgreSQL's "being accessed by other users" (after its own 5 s).
+    pub async fn rename_all(
+        &self,
+        renames: &[(String, String)],
+        lock_wait: std::time::Duration,
+    ) -> std::result::Result<(), tokio_postgres::Error> {
+        let mut sql = format!(
+            "begin; set local lock_timeout = '{}ms';",
+            lock_wait.as_millis().max(1)
+        );
+        for (from, to) in renames {
+            sql.push_str(&format!(
+                " alter database {} rename to {};",
+                quote_identifier(from),
+                quote_identifier(to)
+            ));
+        }
+        sql.push_str(" commit;");
+        let outcome = self.client.batch_execute(&sql).await;
+        if outcome.is_err() {
+            let _ = self.client.batch_execute("rollback").await;
+        }
+        outcome
+    }
+
     pub async fn drop_database(&self, database: &str) -> Result<()> {
         let sql = format!(
             "drop database if exists {} with (force)",
@@ -108,8 +288,9 @@ impl Target {
             .map(|row| row.get::<_, String>(0))
     }
 
-    /// The first column of the first row `sql` returns, as PostgreSQL prints it; None for
-    /// no row or NULL. For drill checks, which compare what an operator would see in psql.
+    /// The first column of the one row `sql` returns, as PostgreSQL prints it; None for no
+    /// row or NULL; an error for several rows, since which one would answer the check is
+    /// anyone's guess. For drill checks, which compare what an operator would see in psql.
     /// `sql` must be one statement (it is parsed first, without running, and several are
     /// refused); it runs in a read-only transaction that has already run a query (so it
     /// cannot be turned read-write), in a session whose transactions are all read-only, and
@@ -129,14 +310,27 @@ impl Target {
         let _ = self.client.batch_execute("rollback").await;
         let messages =
             outcome.map_err(|e| query_error(&self.connection, &format!("run `{sql}`"), e))?;
-        Ok(messages
+        let rows: Vec<Option<String>> = messages
             .into_iter()
-            .find_map(|message| match message {
+            .filter_map(|message| match message {
                 tokio_postgres::SimpleQueryMessage::Row(row) => {
                     Some(row.get(0).map(str::to_string))
                 }
                 _ => None,
             })
-            .flatten())
+            .collect();
+        if rows.len() > 1 {
+            return Err(Error::new(
+                ErrorKind::Verification,
+                format!(
+                    "`{sql}` returned {} rows, and a check compares one value",
+                    rows.len()
+                ),
+            )
+            .with_hint(
+                "make it return one row: an aggregate (count, max), a narrower WHERE, or LIMIT 1",
+            ));
+        }
+        Ok(rows.into_iter().next().flatten())
     }
 }

@@ -4,7 +4,7 @@
 
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
 
 use super::RedisServer;
@@ -169,7 +169,7 @@ impl Drop for ScratchRedis {
 }
 
 fn spawn(dir: &Path, port: u16) -> Result<Child> {
-    let mut command = Command::new("redis-server");
+    let mut command = crate::sources::process::server("redis-server");
     command
         .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
         .arg("--dir")
