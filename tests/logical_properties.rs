@@ -256,7 +256,12 @@ struct Sampled {
 
 /// Samples, every few milliseconds until `child` ends: files under `tmp` nobody can read,
 /// and the environments of its descendants whose argv passes `watched`.
-fn sample(mut child: Child, tmp: &Path, watched: impl Fn(&str) -> bool) -> Sampled {
+fn sample(
+    mut child: Child,
+    tmp: &Path,
+    watched: impl Fn(&str) -> bool,
+    mut on_first_sight: impl FnMut(&str),
+) -> Sampled {
     let mut readable = Vec::new();
     let mut environments = Vec::new();
     let mut seen = std::collections::BTreeSet::new();
@@ -266,6 +271,7 @@ fn sample(mut child: Child, tmp: &Path, watched: impl Fn(&str) -> bool) -> Sampl
         }
         for (pid, argv) in procs::descendant_argvs(child.id()) {
             if watched(&argv) && seen.insert(pid) {
+                on_first_sight(&argv);
                 environments.push((argv, environment_of(pid)));
             }
         }
@@ -337,7 +343,7 @@ async fn plaintext_and_secrets_stay_with_lifeboat() {
         output,
         readable,
         environments,
-    } = sample(child, &tmp, |argv| argv.contains("pg_restore"));
+    } = sample(child, &tmp, |argv| argv.contains("pg_restore"), |_| {});
     assert_eq!(
         output.status.code(),
         Some(0),
@@ -421,6 +427,7 @@ async fn plaintext_and_secrets_stay_with_lifeboat() {
         "name = \"secrets\"\njob = \"maindb\"\ndatabase = \"app\"\n\n[[check]]\nname = \"orders\"\nsql = \"select count(*) from shop.orders\"\nexpect = \">= 1\"\n",
     )
     .unwrap();
+    let mut stranger_connected = Vec::new();
     let child = lifeboat_command(&config)
         .env("TMPDIR", &tmp)
         .env("LIFEBOAT_IDENTITY_FILE", &identity)
@@ -437,9 +444,46 @@ async fn plaintext_and_secrets_stay_with_lifeboat() {
         output,
         environments,
         ..
-    } = sample(child, &tmp, |argv| {
-        argv.contains("pg_restore") || argv.contains("postgres -D")
-    });
+    } = sample(
+        child,
+        &tmp,
+        |argv| argv.contains("pg_restore") || argv.contains("postgres -D"),
+        |argv| {
+            // Another user tries the scratch cluster's socket, which trusts whoever reaches it.
+            let Some(socket_dir) = argv.split(" -k ").nth(1).and_then(|r| r.split(' ').next())
+            else {
+                return;
+            };
+            if !crate::common::is_root() {
+                return;
+            }
+            use std::os::unix::process::CommandExt;
+            let port = argv
+                .split(" -p ")
+                .nth(1)
+                .and_then(|r| r.split(' ').next())
+                .unwrap();
+            let tried = Command::new(crate::common::postgres::bin_dir().join("psql"))
+                .args([
+                    "-h", socket_dir, "-p", port, "-U", "postgres", "-d", "postgres",
+                ])
+                .args(["--no-psqlrc", "-Atc", "select 1"])
+                .env_clear()
+                .uid(65534)
+                .gid(65534)
+                .output()
+                .unwrap();
+            stranger_connected.push(tried.status.success());
+        },
+    );
+    assert!(
+        !stranger_connected.is_empty() || !crate::common::is_root(),
+        "the scratch postmaster's socket was never tried"
+    );
+    assert!(
+        stranger_connected.iter().all(|connected| !connected),
+        "another user reached the scratch cluster"
+    );
     assert_eq!(
         output.status.code(),
         Some(0),

@@ -212,7 +212,8 @@ async fn a_clean_restore_stopped_at_any_moment_leaves_the_live_database_as_it_wa
                 libc::SIGKILL => assert_eq!(output.status.code(), None, "{what}: {stderr}"),
                 _ => assert_eq!(output.status.code(), Some(130), "{what}: {stderr}"),
             }
-            let deadline = Instant::now() + Duration::from_secs(5);
+            // Workers pg_restore forked die with it too, however lifeboat ended.
+            let deadline = Instant::now() + Duration::from_secs(1);
             while !pg_restores_into(&cluster).is_empty() && Instant::now() < deadline {
                 std::thread::sleep(Duration::from_millis(20));
             }
@@ -366,4 +367,172 @@ async fn a_clean_restore_waits_a_bounded_time_for_sessions_then_changes_nothing(
     assert_eq!(databases_like(&cluster, "app\\_%"), Vec::<String>::new());
     drop(session.stdin.take());
     let _ = session.wait();
+}
+
+/// The database a session holds a lock on, from another database: the swap can only wait.
+fn hold_database_lock(cluster: &Postgres) -> Child {
+    let mut session = std::process::Command::new(bin_dir().join("psql"))
+        .env("PGPASSWORD", &cluster.password)
+        .arg(format!("--dbname={}", cluster.dsn("postgres")))
+        .args(["--no-psqlrc", "--quiet"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    {
+        use std::io::Write;
+        let stdin = session.stdin.as_mut().unwrap();
+        stdin
+            .write_all(b"begin; alter database app connection limit 40;\n")
+            .unwrap();
+        stdin.flush().unwrap();
+    }
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while cluster.psql(
+        "postgres",
+        "select count(*) from pg_stat_activity where state = 'idle in transaction'",
+    ) != "1"
+    {
+        assert!(Instant::now() < deadline, "the session never took its lock");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    session
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restore_killed_while_its_swap_waits_never_swaps_after_its_death() {
+    let cluster = Postgres::start();
+    cluster.create_app_database(50_000);
+    let work = tempfile::tempdir().unwrap();
+    let password_file = cluster.password_file(work.path(), &cluster.password);
+    let config = write_config(
+        work.path(),
+        &format!(
+            "{}{}",
+            local_repository("local", &work.path().join("repo")),
+            postgres_job(
+                "maindb",
+                &cluster.dsn("postgres"),
+                &password_file,
+                "databases = [\"app\"]"
+            )
+        ),
+    );
+    lifeboat(&config, &["backup", "maindb"]).assert_code(0);
+    cluster.psql(
+        "app",
+        "update shop.customers set name = 'live' where id = 1",
+    );
+    let live = row_checksums(&cluster, "app");
+
+    let mut blocker = hold_database_lock(&cluster);
+    let mut child = restore_clean(&config, &cluster, &["--swap-wait", "60s"]);
+    let mut seen = false;
+    assert!(
+        wait_for(&mut child, &mut |argv| {
+            let now = argv.iter().any(|a| a.contains("pg_restore"));
+            let done = seen && !now;
+            seen |= now;
+            done
+        }),
+        "the restore ended before its swap"
+    );
+    // In the swap's wait for the lock now (a try gives up after 1 s and starts again).
+    std::thread::sleep(Duration::from_millis(2500));
+    assert!(
+        child.try_wait().unwrap().is_none(),
+        "the restore did not wait"
+    );
+    child.kill().unwrap();
+    child.wait().unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+    {
+        use std::io::Write;
+        let stdin = blocker.stdin.as_mut().unwrap();
+        stdin.write_all(b"rollback;\n").unwrap();
+        stdin.flush().unwrap();
+    }
+    drop(blocker.stdin.take());
+    let _ = blocker.wait();
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(row_checksums(&cluster, "app"), live);
+    assert_eq!(
+        databases_like(&cluster, "app\\_before\\_%"),
+        Vec::<String>::new()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_comment_that_looks_like_lifeboats_mark_drops_nothing() {
+    let cluster = Postgres::start();
+    cluster.create_app_database(50_000);
+    let work = tempfile::tempdir().unwrap();
+    let password_file = cluster.password_file(work.path(), &cluster.password);
+    let config = write_config(
+        work.path(),
+        &format!(
+            "{}{}",
+            local_repository("local", &work.path().join("repo")),
+            postgres_job(
+                "maindb",
+                &cluster.dsn("postgres"),
+                &password_file,
+                "databases = [\"app\"]"
+            )
+        ),
+    );
+    let host = hostname::get().unwrap().into_string().unwrap();
+    let oid = cluster.psql(
+        "postgres",
+        "select oid from pg_database where datname = 'app'",
+    );
+    // The owner of a database may comment on it: here, as lifeboat marks a copy it loads,
+    // for a restore on this host whose process is gone, with the database's own oid.
+    cluster.psql(
+        "postgres",
+        &format!(
+            "comment on database app is 'lifeboat: restore in progress: backup maindb/1 into ''app'' by pid 4000000 on host {host} since 2020-01-01T00:00:00Z (database oid {oid})'"
+        ),
+    );
+    lifeboat(&config, &["backup", "maindb"]).assert_code(0);
+    let output = restore_clean(&config, &cluster, &["--drop-previous"])
+        .wait_with_output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert_eq!(
+        output.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(
+        stdout.contains("not restored") && stdout.contains("COMMENT ON DATABASE"),
+        "{stdout}"
+    );
+    let live = row_checksums(&cluster, "app");
+    // Marked by hand on the live database itself: named by no restore, dropped by none.
+    let oid = cluster.psql(
+        "postgres",
+        "select oid from pg_database where datname = 'app'",
+    );
+    cluster.psql(
+        "postgres",
+        &format!(
+            "comment on database app is 'lifeboat: restore in progress: backup maindb/1 into ''app'' by pid 4000000 on host {host} since 2020-01-01T00:00:00Z (database oid {oid})'"
+        ),
+    );
+    let run = crate::common::run_command(
+        lifeboat_command(&config)
+            .env("PGPASSWORD", &cluster.password)
+            .args(["restore", "maindb", "--database", "app", "--as", "app_copy"])
+            .args(["--target", &cluster.dsn("postgres")]),
+    );
+    run.assert_code(0);
+    assert!(
+        !run.stdout.contains("dropped database 'app'"),
+        "{}",
+        run.stdout
+    );
+    assert_eq!(row_checksums(&cluster, "app"), live);
 }

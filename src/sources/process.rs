@@ -52,6 +52,28 @@ pub fn pass_storage_credentials(command: &mut Command) {
 /// however it dies, and the whole group when an interrupt stops the run (pg_restore
 /// `--jobs` forks workers of its own).
 pub fn tool(program: impl AsRef<std::ffi::OsStr>) -> Command {
+    tool_dying_by(program, libc::SIGKILL)
+}
+
+/// The name a guard (`tool_with_workers`) runs under, as its `$0`.
+const GUARD_NAME: &str = "lifeboat-guard";
+
+/// A client tool that forks workers of its own (pg_restore `--jobs`), which do not inherit
+/// the signal that kills it when lifeboat dies: it runs under a shell that leads its
+/// process group, gets SIGTERM when lifeboat dies, and then kills the whole group.
+pub fn tool_with_workers(program: impl AsRef<std::ffi::OsStr>) -> Command {
+    let mut command = tool_dying_by("/bin/sh", libc::SIGTERM);
+    command
+        .arg("-c")
+        // An asynchronous command's stdin is /dev/null before its own redirections: it
+        // gets lifeboat's pipe through descriptor 3.
+        .arg("exec 3<&0; trap 'kill -KILL 0' TERM; \"$@\" <&3 3<&- & wait $!")
+        .arg(GUARD_NAME)
+        .arg(program.as_ref());
+    command
+}
+
+fn tool_dying_by(program: impl AsRef<std::ffi::OsStr>, death_signal: i32) -> Command {
     let mut command = Command::new(program);
     command.env_clear();
     command.envs(std::env::vars_os().filter(|(name, _)| {
@@ -63,7 +85,7 @@ pub fn tool(program: impl AsRef<std::ffi::OsStr>) -> Command {
     // SAFETY: prctl and getppid are async-signal-safe; nothing here allocates.
     unsafe {
         command.pre_exec(move || {
-            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, death_signal) != 0 {
                 return Err(io::Error::last_os_error());
             }
             // lifeboat died between fork and prctl: the signal will never come.
@@ -210,7 +232,15 @@ fn drain_stderr(
 }
 
 fn program_name(command: &Command) -> String {
-    std::path::Path::new(command.get_program())
+    let guarded = command
+        .get_args()
+        .nth(2)
+        .is_some_and(|name| name == GUARD_NAME);
+    let program = match guarded {
+        true => command.get_args().nth(3).unwrap_or_default(),
+        false => command.get_program(),
+    };
+    std::path::Path::new(program)
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_default()
@@ -476,6 +506,20 @@ mod tests {
             stdin.write_all(&block)?;
         }
         Ok(64 * 1024 * 1024)
+    }
+
+    #[test]
+    fn a_guarded_tool_is_fed_its_stdin_and_named_by_its_own_name() {
+        let mut command = tool_with_workers("sh");
+        command.args(["-c", "wc -c; exit 3"]);
+        let err = run_with_stdin(command, "count", feed_plenty).unwrap_err();
+        let chain = err.chain().join("\n");
+        assert!(chain.contains("sh failed (exit status: 3)"), "{chain}");
+        // It fails unless it read every byte fed.
+        let mut command = tool_with_workers("sh");
+        command.args(["-c", "test \"$(wc -c)\" = 67108864"]);
+        let fed = run_with_stdin(command, "count", feed_plenty).unwrap();
+        assert_eq!(fed.unwrap(), 64 * 1024 * 1024);
     }
 
     #[test]

@@ -273,10 +273,15 @@ pub(super) async fn restore(
     let auth = server.child_auth()?;
     if let Some(file) = &globals_file {
         let present = admin.role_names().await?;
+        let can_login = admin.login_role_names().await?;
         let passwordless = manifest
             .source
             .without_role_passwords
-            .then_some((&present, options.keep_login));
+            .then_some(TargetRoles {
+                present: &present,
+                can_login: &can_login,
+                keep_login: options.keep_login,
+            });
         warnings.extend(apply_globals(
             &binaries,
             &server,
@@ -289,39 +294,39 @@ pub(super) async fn restore(
     let mut taken: Vec<String> = Vec::new();
     let mut loaded: Vec<Loaded> = Vec::new();
     let mut tables = Vec::new();
+    let mut comments = Vec::new();
     for ((planned, dump), entries) in plan.iter().zip(&staged).zip(&entries) {
-        let copy = free_name(
-            &admin,
-            &planned.target_database,
-            "restoring",
-            &stamp,
-            &taken,
-        )
-        .await?;
-        taken.push(copy.clone());
-        let undo = drop_on_interrupt(&binaries, &server, &auth, &copy);
-        let outcome = load_one(
-            LoadContext {
-                admin: &admin,
-                server: &server,
-                binaries: &binaries,
-                auth: &auth,
-                options,
-                backup: &backup,
-                selected: &selected,
-            },
+        let context = LoadContext {
+            admin: &admin,
+            server: &server,
+            binaries: &binaries,
+            auth: &auth,
+            options,
+            backup: &backup,
+            selected: &selected,
+        };
+        let created = create_copy(
+            &context,
             planned,
-            dump,
             entries.as_ref(),
-            &copy,
+            &stamp,
+            &mut taken,
             &mut warnings,
         )
         .await;
-        // Created or not, it is dropped with the rest if anything fails from here on.
+        let (copy, properties) = match created {
+            Ok(created) => created,
+            Err(err) => {
+                let hint = drop_loaded(&admin, &loaded).await;
+                return Err(err.with_hint(hint));
+            }
+        };
+        // From here on it is this restore's to drop if anything fails or stops it.
         loaded.push(Loaded {
+            undo: drop_on_interrupt(&binaries, &server, &auth, &copy),
             name: copy.clone(),
-            undo,
         });
+        let outcome = load_one(context, planned, dump, &copy, &properties, &mut warnings).await;
         match outcome {
             Ok(counted) => tables.extend(counted.into_iter().map(|(table, rows)| TableRows {
                 database: planned.target_database.clone(),
@@ -331,14 +336,22 @@ pub(super) async fn restore(
             Err(err) => {
                 let hint = drop_loaded(&admin, &loaded).await;
                 let err = err.with_hint(hint);
-                return Err(match err.kind() {
-                    ErrorKind::Verification => err,
-                    _ => err.with_hint(
-                        "restore the roles first with --globals, or ignore ownership with --no-owner",
-                    ),
-                });
+                let said = err.chain().join("\n");
+                return Err(
+                    if err.kind() != ErrorKind::Verification
+                        && said.contains("role")
+                        && said.contains("does not exist")
+                    {
+                        err.with_hint(
+                            "restore the roles first with --globals, or ignore ownership with --no-owner",
+                        )
+                    } else {
+                        err
+                    },
+                );
             }
         }
+        comments.extend(properties.comment);
     }
 
     // The swap: every replaced database renamed aside and every copy renamed into place, in
@@ -361,7 +374,12 @@ pub(super) async fn restore(
         .iter()
         .map(|(p, _)| p.target_database.clone())
         .collect();
-    if let Err(err) = swap(&admin, &server, &renames, &replaced, &mut loaded, options).await {
+    let swap_plan = SwapPlan {
+        comments: &comments,
+        renames: &renames,
+        replaced: &replaced,
+    };
+    if let Err(err) = swap(&admin, &server, swap_plan, &mut loaded, options).await {
         let hint = drop_loaded(&admin, &loaded).await;
         return Err(err.with_hint(hint));
     }
@@ -445,15 +463,70 @@ struct LoadContext<'a> {
     selected: &'a Selected,
 }
 
-/// Creates `copy` as the source database was created (encoding, locale, collation), loads
-/// the dump into it with pg_restore, gives it the source's owner, settings, comment and
-/// privileges, and counts its rows. What cannot be reproduced is a warning naming it.
+/// Creates the database this restore loads `planned` into, beside its target, as the
+/// source was created (encoding, locale, collation), under a name no database has, and
+/// marks it as being loaded; returns its name and the properties still to set.
+async fn create_copy(
+    context: &LoadContext<'_>,
+    planned: &Planned<'_>,
+    entries: Option<&archive::DatabaseEntries>,
+    stamp: &str,
+    taken: &mut Vec<String>,
+    warnings: &mut Vec<String>,
+) -> Result<(String, DatabaseProperties)> {
+    let admin = context.admin;
+    let source = &planned.source_database;
+    if entries.is_none() {
+        warnings.push(format!(
+            "database '{source}': its dump does not say how the database was created; it was created with the server's defaults"
+        ));
+    }
+    loop {
+        let copy = free_name(admin, &planned.target_database, "restoring", stamp, taken).await?;
+        taken.push(copy.clone());
+        let properties = DatabaseProperties::of(entries, source, &copy, context.options.no_owner);
+        // Another restore may take the same name between the look and the create.
+        if create_as_source(admin, &properties, &copy, source, warnings).await? {
+            warnings.extend(properties.skipped.iter().map(|statement| {
+                format!("database '{source}': not restored, as it does not name the database: `{statement}`")
+            }));
+            let oid = admin.database_oid(&copy).await?;
+            let mark = format!(
+                "{LOADING_MARK}: backup {} into '{}' by pid {} on host {} since {} (database oid {oid})",
+                context.backup,
+                planned.target_database,
+                std::process::id(),
+                crate::commands::backup::host_name(),
+                chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
+            );
+            admin
+                .execute(&format!(
+                    "comment on database {} is {}",
+                    quote_identifier(&copy),
+                    quote_literal(&mark)
+                ))
+                .await
+                .map_err(|e| {
+                    Error::new(
+                        ErrorKind::Target,
+                        format!("unable to mark the database '{copy}' as being loaded"),
+                    )
+                    .with_source(e)
+                })?;
+            return Ok((copy, properties));
+        }
+    }
+}
+
+/// Loads the dump into `copy` with pg_restore, gives it the source's owner, settings and
+/// privileges, and counts its rows. What cannot be reproduced is a warning naming it (and
+/// the database as the operator knows it, not the name it is loaded under).
 async fn load_one(
     context: LoadContext<'_>,
     planned: &Planned<'_>,
     dump: &Staged,
-    entries: Option<&archive::DatabaseEntries>,
     copy: &str,
+    properties: &DatabaseProperties,
     warnings: &mut Vec<String>,
 ) -> Result<Vec<(String, i64)>> {
     let LoadContext {
@@ -462,37 +535,10 @@ async fn load_one(
         binaries,
         auth,
         options,
-        backup,
         selected,
+        ..
     } = context;
     let source = &planned.source_database;
-    let properties = DatabaseProperties::of(entries, source, copy, options.no_owner);
-    warnings.extend(properties.skipped.iter().map(|statement| {
-        format!(
-            "database '{source}': not restored, as it does not name the database: `{statement}`"
-        )
-    }));
-    if entries.is_none() {
-        warnings.push(format!(
-            "database '{source}': its dump does not say how the database was created; it was created with the server's defaults"
-        ));
-    }
-    create_copy(admin, &properties, copy, source, warnings).await?;
-    let mark = format!(
-        "{LOADING_MARK}: backup {backup} into '{}' by pid {} on host {} since {}",
-        planned.target_database,
-        std::process::id(),
-        crate::commands::backup::host_name(),
-        chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
-    );
-    let _ = admin
-        .execute(&format!(
-            "comment on database {} is {}",
-            quote_identifier(copy),
-            quote_literal(&mark)
-        ))
-        .await;
-
     let target = server.with_database(copy);
     let action = format!(
         "restore database '{source}' into '{}' with pg_restore",
@@ -532,22 +578,30 @@ async fn load_one(
     tracing::debug!(database = %copy, ?elapsed, "pg_restore finished");
 
     let counted = admin.table_rows(copy).await?;
+    let named_as_known = |text: &str| {
+        text.replace(
+            &quote_identifier(copy),
+            &quote_identifier(&planned.target_database),
+        )
+    };
     for statement in &properties.after_load {
         if let Err(e) = admin.execute(statement).await {
             warnings.push(format!(
-                "database '{source}': not restored: `{statement}`: {}",
-                e.as_db_error()
-                    .map_or(e.to_string(), |d| d.message().to_string())
+                "database '{}': not restored: `{}`: {}",
+                planned.target_database,
+                named_as_known(statement),
+                named_as_known(
+                    &e.as_db_error()
+                        .map_or(e.to_string(), |d| d.message().to_string())
+                )
             ));
         }
     }
-    if !properties.sets_comment {
-        let _ = admin
-            .execute(&format!(
-                "comment on database {} is null",
-                quote_identifier(copy)
-            ))
-            .await;
+    if properties.privileges_left_out {
+        warnings.push(format!(
+            "database '{}': its privileges were not restored (--no-owner): the source's (for one, who may connect) are replaced by the server's defaults, where every role may connect",
+            planned.target_database
+        ));
     }
     Ok(counted)
 }
@@ -556,12 +610,16 @@ async fn load_one(
 /// the dump's own entries for it, renamed to the name it is loaded under.
 struct DatabaseProperties {
     create: Option<String>,
-    /// Owner, settings, comment, privileges: set once the data is in (a connection limit
-    /// or revoked CONNECT must not stop pg_restore).
+    /// Owner, settings, privileges: set once the data is in (a connection limit or revoked
+    /// CONNECT must not stop pg_restore).
     after_load: Vec<String>,
-    sets_comment: bool,
+    /// The comment, set in the swap's transaction: until then the database carries the
+    /// mark that it is being loaded.
+    comment: Option<String>,
     /// Statements among the entries that do not name the database: never run.
     skipped: Vec<String>,
+    /// The source restricted who may use the database, and `--no-owner` leaves that out.
+    privileges_left_out: bool,
 }
 
 impl DatabaseProperties {
@@ -571,13 +629,16 @@ impl DatabaseProperties {
         copy: &str,
         no_owner: bool,
     ) -> DatabaseProperties {
+        let null_comment = format!("comment on database {} is null", quote_identifier(copy));
         let mut properties = DatabaseProperties {
             create: None,
             after_load: Vec::new(),
-            sets_comment: false,
+            comment: None,
             skipped: Vec::new(),
+            privileges_left_out: false,
         };
         let Some(entries) = entries else {
+            properties.comment = Some(null_comment);
             return properties;
         };
         let mut take = |sql: &str, into: &mut Vec<String>| {
@@ -608,36 +669,64 @@ impl DatabaseProperties {
                 take(sql, &mut after_load);
             }
         }
+        properties.privileges_left_out = no_owner && !entries.privileges.is_empty();
         properties.create = create
             .into_iter()
             .find(|s| s.trim_start().to_ascii_uppercase().starts_with("CREATE"));
-        properties.sets_comment = after_load
-            .iter()
-            .any(|s| s.trim_start().to_ascii_uppercase().starts_with("COMMENT"));
-        properties.after_load = after_load;
+        let is_comment = |s: &String| s.trim_start().to_ascii_uppercase().starts_with("COMMENT");
+        let (comments, rest): (Vec<String>, Vec<String>) =
+            after_load.into_iter().partition(is_comment);
+        for comment in comments {
+            // Only lifeboat marks a database it is loading: a comment copied from a source
+            // must not make a live database look like a leftover to drop.
+            if comment.contains(LOADING_MARK) {
+                properties.skipped.push(comment);
+            } else {
+                properties.comment = Some(comment);
+            }
+        }
+        properties.after_load = rest;
+        properties.comment.get_or_insert(null_comment);
         properties
     }
 }
 
 /// Creates the database `copy` with the source's `CREATE DATABASE`; when the server cannot
 /// (a locale or tablespace it lacks), with its defaults and a warning naming what was asked.
-async fn create_copy(
+/// False when a database of that name appeared meanwhile (nothing was created).
+async fn create_as_source(
     admin: &Target,
     properties: &DatabaseProperties,
     copy: &str,
     source: &str,
     warnings: &mut Vec<String>,
-) -> Result<()> {
+) -> Result<bool> {
+    let taken = |e: &tokio_postgres::Error| {
+        e.code() == Some(&tokio_postgres::error::SqlState::DUPLICATE_DATABASE)
+    };
     if let Some(create) = &properties.create {
         match admin.execute(create).await {
-            Ok(()) => return Ok(()),
+            Ok(()) => return Ok(true),
+            Err(e) if taken(&e) => return Ok(false),
             Err(e) => warnings.push(format!(
                 "database '{source}' could not be created as its source was ({}): `{create}`; it was created with the server's defaults (encoding, locale) instead",
                 e.as_db_error().map_or(e.to_string(), |d| d.message().to_string())
             )),
         }
     }
-    admin.create_database(copy).await
+    let sql = format!(
+        "create database {} template template0",
+        quote_identifier(copy)
+    );
+    match admin.execute(&sql).await {
+        Ok(()) => Ok(true),
+        Err(e) if taken(&e) => Ok(false),
+        Err(e) => Err(Error::new(
+            ErrorKind::Target,
+            format!("unable to create database '{copy}' to restore '{source}' into"),
+        )
+        .with_source(e)),
+    }
 }
 
 /// `quote_literal` for a string pg_dump did not write.
@@ -731,9 +820,21 @@ async fn drop_loaded(admin: &Target, loaded: &[Loaded]) -> String {
     }
 }
 
-/// Renames everything in `renames` in one transaction, waiting up to `--swap-wait` for the
-/// sessions on the databases being replaced to end (or ending them with
-/// `--terminate-sessions`). Once it committed, an interrupt no longer drops what was loaded.
+/// What the swap does, in one transaction: set the loaded databases' comments (replacing
+/// the mark that they are being loaded), then the renames, in order.
+#[derive(Clone, Copy)]
+struct SwapPlan<'a> {
+    comments: &'a [String],
+    renames: &'a [(String, String)],
+    /// The databases being replaced, whose sessions the swap waits for.
+    replaced: &'a [String],
+}
+
+/// Runs the swap once no session uses the databases being replaced, waiting up to
+/// `--swap-wait` for them to end (or ending them with `--terminate-sessions`). Each try is
+/// short (a lock waited for 1 s at most, the whole statement 3 s) and dies with a client that
+/// went away, so that a lifeboat killed while it waits does not swap after its death. Once
+/// it committed, an interrupt no longer drops what was loaded.
 #[expect(
     clippy::await_holding_lock,
     reason = "the interrupt's cleanup waits on the hold from a blocking thread of its own; the swap's one round trip finishes on the runtime's other threads"
@@ -741,8 +842,7 @@ async fn drop_loaded(admin: &Target, loaded: &[Loaded]) -> String {
 async fn swap(
     admin: &Target,
     server: &Connection,
-    renames: &[(String, String)],
-    replaced: &[String],
+    plan: SwapPlan<'_>,
     loaded: &mut [Loaded],
     options: &PostgresRestoreOptions,
 ) -> Result<()> {
@@ -751,78 +851,96 @@ async fn swap(
         false => options.swap_wait,
     };
     let deadline = std::time::Instant::now() + wait;
+    let mut last_error = None;
     loop {
         if options.terminate_sessions {
-            for database in replaced {
+            for database in plan.replaced {
                 admin.terminate_sessions(database).await?;
             }
         }
-        let remaining = deadline.saturating_duration_since(std::time::Instant::now());
-        let swapped = {
-            // An interrupt waits for the transaction to end: all of it or none.
-            let _hold = crate::interrupt::hold_off();
-            let swapped = admin
-                .rename_all(
-                    renames,
-                    remaining.max(std::time::Duration::from_millis(100)),
-                )
-                .await;
-            if swapped.is_ok() {
-                for copy in loaded.iter_mut() {
-                    copy.undo = None;
+        let mut in_use = false;
+        for database in plan.replaced {
+            in_use |= !admin.sessions_on(database).await?.is_empty();
+        }
+        if !in_use {
+            let swapped = {
+                // An interrupt waits for the transaction to end: all of it or none.
+                let _hold = crate::interrupt::hold_off();
+                let swapped = admin.swap(plan.comments, plan.renames).await;
+                if swapped.is_ok() {
+                    for copy in loaded.iter_mut() {
+                        copy.undo = None;
+                    }
+                }
+                swapped
+            };
+            match swapped {
+                Ok(()) => return Ok(()),
+                Err(e) => {
+                    let busy = matches!(
+                        e.code(),
+                        Some(&tokio_postgres::error::SqlState::OBJECT_IN_USE)
+                            | Some(&tokio_postgres::error::SqlState::LOCK_NOT_AVAILABLE)
+                            | Some(&tokio_postgres::error::SqlState::QUERY_CANCELED)
+                    );
+                    if !busy {
+                        return Err(Error::new(
+                            ErrorKind::Target,
+                            format!(
+                                "unable to swap the restored databases into place on {}",
+                                server.describe()
+                            ),
+                        )
+                        .with_source(e));
+                    }
+                    last_error = Some(e);
                 }
             }
-            swapped
-        };
-        let e = match swapped {
-            Ok(()) => return Ok(()),
-            Err(e) => e,
-        };
-        let busy = matches!(
-            e.code(),
-            Some(&tokio_postgres::error::SqlState::OBJECT_IN_USE)
-                | Some(&tokio_postgres::error::SqlState::LOCK_NOT_AVAILABLE)
-        );
-        if busy && std::time::Instant::now() < deadline {
-            tokio::time::sleep(std::time::Duration::from_millis(200)).await;
-            continue;
         }
-        let mut sessions = Vec::new();
-        for database in replaced {
-            for session in admin.sessions_on(database).await.unwrap_or_default() {
-                sessions.push(format!("'{database}': {session}"));
-            }
+        if std::time::Instant::now() >= deadline {
+            break;
         }
-        let what = replaced
-            .iter()
-            .map(|d| format!("'{d}'"))
-            .collect::<Vec<_>>()
-            .join(", ");
-        let mut err = Error::new(
-            ErrorKind::Target,
-            match (busy, sessions.is_empty()) {
-                (true, false) => format!(
-                    "unable to replace {what} on {}: still in use after waiting {}: {}",
-                    server.describe(),
-                    humantime::format_duration(wait),
-                    sessions.join(", ")
-                ),
-                _ => format!(
-                    "unable to swap the restored databases into place on {}",
-                    server.describe()
-                ),
-            },
-        )
-        .with_source(e);
-        if busy {
-            err = err.with_hint("end those sessions (stop the application), or pass --terminate-sessions to end them when the swap comes; --swap-wait sets how long to wait");
-        }
-        return Err(err);
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
     }
+    let mut sessions = Vec::new();
+    for database in plan.replaced {
+        for session in admin.sessions_on(database).await.unwrap_or_default() {
+            sessions.push(format!("'{database}': {session}"));
+        }
+    }
+    let what = plan
+        .replaced
+        .iter()
+        .map(|d| format!("'{d}'"))
+        .collect::<Vec<_>>()
+        .join(", ");
+    let mut err = Error::new(
+        ErrorKind::Target,
+        match sessions.is_empty() {
+            false => format!(
+                "unable to replace {what} on {}: still in use after waiting {}: {}",
+                server.describe(),
+                humantime::format_duration(wait),
+                sessions.join(", ")
+            ),
+            true => format!(
+                "unable to replace {what} on {}: the swap kept waiting for locks for {}",
+                server.describe(),
+                humantime::format_duration(wait)
+            ),
+        },
+    );
+    if let Some(e) = last_error {
+        err = err.with_source(e);
+    }
+    Err(err.with_hint("end those sessions (stop the application), or pass --terminate-sessions to end them when the swap comes; --swap-wait sets how long to wait"))
 }
 
 /// Databases that restores which were killed left on the server: dropped when the restore
 /// that loaded them ran on this host and its process is gone, else named for the operator.
+/// Only a database named as lifeboat names a copy, carrying the mark lifeboat writes, with
+/// the database's own oid in it (a comment copied from elsewhere names another oid), is
+/// taken for one; and it is dropped only if nobody is connected to it.
 async fn leftovers(admin: &Target) -> Vec<String> {
     let found = match admin.databases_commented(LOADING_MARK).await {
         Ok(found) => found,
@@ -832,9 +950,17 @@ async fn leftovers(admin: &Target) -> Vec<String> {
         }
     };
     let mut warnings = Vec::new();
-    for (name, comment) in found {
+    for (name, comment, oid) in found {
+        let ours =
+            name.contains("_restoring_") && comment.ends_with(&format!("(database oid {oid})"));
+        if !ours {
+            continue;
+        }
         if loader_is_gone(&comment, &crate::commands::backup::host_name()) {
-            match admin.drop_database(&name).await {
+            match admin
+                .execute(&format!("drop database {}", quote_identifier(&name)))
+                .await
+            {
                 Ok(()) => {
                     warnings.push(format!(
                         "dropped database '{name}', left on the server by a restore on this host that was killed ({comment})"
@@ -901,9 +1027,7 @@ async fn check_server_room(
             crate::commands::human_size(size)
         ));
     }
-    if !plan.iter().any(|p| p.existing == Existing::Holding) {
-        return Ok(Vec::new());
-    }
+    let replacing = plan.iter().any(|p| p.existing == Existing::Holding);
     let data_directory = match server.is_local() {
         true => admin.data_directory().await,
         false => None,
@@ -914,6 +1038,9 @@ async fn check_server_room(
             .map(|s| s.f_bavail.saturating_mul(s.f_frsize))
     });
     let (Some(dir), Some(free)) = (data_directory, free) else {
+        if !replacing {
+            return Ok(Vec::new());
+        }
         return Ok(vec![format!(
             "the databases being replaced stay until the restored ones are in place: the server needs room for both, about {} more ({}); lifeboat could not check it from here",
             crate::commands::human_size(needed),
@@ -924,7 +1051,7 @@ async fn check_server_room(
         return Err(Error::new(
             ErrorKind::Target,
             format!(
-                "unable to replace the databases on {}: the restored copies are loaded beside them and need about {} ({}); the server's data directory '{dir}' has {} free",
+                "unable to restore into {}: the restored databases need about {} ({}) beside what the server holds, and its data directory '{dir}' has {} free",
                 server.describe(),
                 crate::commands::human_size(needed),
                 sizes.join(", "),
@@ -1080,7 +1207,7 @@ struct PgRestore<'a> {
 
 impl PgRestore<'_> {
     fn command(&self) -> Command {
-        let mut command = self.binaries.command("pg_restore");
+        let mut command = self.binaries.command_with_workers("pg_restore");
         command
             .arg("--exit-on-error")
             .arg("--no-password")
@@ -1214,6 +1341,14 @@ async fn fill_offsets(path: &Path) {
     }
 }
 
+/// The roles the target has, for globals restored without passwords.
+struct TargetRoles<'a> {
+    present: &'a std::collections::BTreeSet<String>,
+    can_login: &'a std::collections::BTreeSet<String>,
+    /// `--keep-login`: create the new login roles LOGIN anyway.
+    keep_login: bool,
+}
+
 /// Runs the globals script with psql. Roles that already exist (the restoring superuser,
 /// at least) make harmless errors, so the script goes on past errors; the other errors come
 /// back as warnings. The role this restore connects as keeps its own password and
@@ -1227,7 +1362,7 @@ fn apply_globals(
     server: &Connection,
     auth: &ChildAuth,
     file: &Path,
-    passwordless: Option<(&std::collections::BTreeSet<String>, bool)>,
+    passwordless: Option<TargetRoles<'_>>,
 ) -> Result<Vec<String>> {
     let mut warnings = Vec::new();
     let script = std::fs::read_to_string(file).map_err(|e| {
@@ -1244,28 +1379,42 @@ fn apply_globals(
             server.user()
         ));
     }
-    if let Some((present, keep_login)) = passwordless {
-        let new_roles: std::collections::BTreeSet<String> = archive::roles_created(&kept)
-            .into_iter()
-            .filter(|role| !present.contains(role))
+    if let Some(roles) = passwordless {
+        let created = archive::roles_created(&kept);
+        let new_roles: std::collections::BTreeSet<String> = created
+            .iter()
+            .filter(|role| !roles.present.contains(*role))
+            .cloned()
+            .collect();
+        // A role the server has that may not log in stays so: the source's LOGIN would
+        // bring back whatever password it had here.
+        let shut: std::collections::BTreeSet<String> = created
+            .iter()
+            .filter(|role| roles.present.contains(*role) && !roles.can_login.contains(*role))
+            .cloned()
             .collect();
         let (without, changed) = archive::without_login(&kept, &new_roles);
+        let (without, _) = archive::without_login(&without, &shut);
         let listed = changed
             .iter()
             .map(|r| format!("'{r}'"))
             .collect::<Vec<_>>()
             .join(", ");
-        if changed.is_empty() {
-            // Nothing to say: no login role is new here.
-        } else if keep_login {
-            warnings.push(format!(
-                "globals: the backup holds no role passwords, and these roles can now log in without one being set: {listed}; set each with ALTER ROLE name PASSWORD '...' before anyone relies on them"
-            ));
+        if roles.keep_login {
+            let (kept_shut, _) = archive::without_login(&kept, &shut);
+            kept = kept_shut;
+            if !changed.is_empty() {
+                warnings.push(format!(
+                    "globals: the backup holds no role passwords, and these roles can now log in without one being set: {listed}; set each with ALTER ROLE name PASSWORD '...' before anyone relies on them"
+                ));
+            }
         } else {
             kept = without;
-            warnings.push(format!(
-                "globals: the backup holds no role passwords, so these roles were created NOLOGIN: {listed}; give each a password and LOGIN (ALTER ROLE name LOGIN PASSWORD '...'), or restore with --keep-login"
-            ));
+            if !changed.is_empty() {
+                warnings.push(format!(
+                    "globals: the backup holds no role passwords, so these roles were created NOLOGIN: {listed}; give each a password and LOGIN (ALTER ROLE name LOGIN PASSWORD '...'), or restore with --keep-login"
+                ));
+            }
         }
     }
     let filtered = file.with_extension("restore.sql");

@@ -105,6 +105,11 @@ impl Binaries {
         crate::sources::process::tool(self.dir.join(program))
     }
 
+    /// A client tool that forks workers (pg_restore): see `process::tool_with_workers`.
+    pub fn command_with_workers(&self, program: &str) -> Command {
+        crate::sources::process::tool_with_workers(self.dir.join(program))
+    }
+
     /// A server or its control program (postgres, initdb, pg_ctl): see `process::server`.
     pub fn server_command(&self, program: &str) -> Command {
         crate::sources::process::server(self.dir.join(program))

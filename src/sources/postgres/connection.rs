@@ -359,7 +359,8 @@ impl Connection {
             file.set_permissions(std::os::unix::fs::PermissionsExt::from_mode(0o600))?;
             let escaped = password.replace('\\', "\\\\").replace(':', "\\:");
             writeln!(file, "*:*:*:*:{escaped}")?;
-            Ok(file.into())
+            // Children get a descriptor that can only read it.
+            std::fs::File::open(format!("/proc/self/fd/{fd}")).map(Into::into)
         };
         let passfile = write().map_err(|e| {
             Error::new(

@@ -66,6 +66,10 @@ pub async fn discover(connection: &Connection) -> Result<(ServerInfo, Databases)
             Some("it does not accept connections (ALLOW_CONNECTIONS false)")
         } else if !is_superuser && row.get::<_, i32>(2) == 0 {
             Some("its connection limit is 0 and the backup role is not a superuser")
+        } else if !is_superuser && row.get::<_, i32>(2) == 1 {
+            Some(
+                "its connection limit is 1, a dump needs two connections (lifeboat's snapshot and pg_dump), and the backup role is not a superuser",
+            )
         } else if !row.get::<_, bool>(3) {
             Some("the backup role lacks the CONNECT privilege on it")
         } else {

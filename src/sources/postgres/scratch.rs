@@ -103,8 +103,11 @@ impl ScratchDir {
         let base = std::env::var_os("TMPDIR")
             .map(PathBuf::from)
             .unwrap_or_else(std::env::temp_dir);
+        // tempfile makes directories with the umask's mode; this one holds the restored data
+        // and the cluster's socket, which trusts whoever reaches it: its owner's alone.
         let dir = tempfile::Builder::new()
             .prefix("lifeboat-drill-")
+            .permissions(std::os::unix::fs::PermissionsExt::from_mode(0o700))
             .tempdir_in(&base)
             .map_err(|e| {
                 error(format!(
@@ -177,7 +180,12 @@ fn spawn_postmaster(
         .arg(PORT.to_string())
         .arg("-k")
         .arg(dir)
-        .args(["-c", "listen_addresses="])
+        .args([
+            "-c",
+            "listen_addresses=",
+            "-c",
+            "unix_socket_permissions=0700",
+        ])
         .args(settings.iter().flat_map(|s| ["-c", s.as_str()]))
         .stdin(Stdio::null())
         .stdout(Stdio::null())

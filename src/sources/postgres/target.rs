@@ -87,6 +87,16 @@ impl Target {
         Ok(row.get::<_, i64>(0) == 0)
     }
 
+    /// The roles of the server that may log in.
+    pub async fn login_role_names(&self) -> Result<std::collections::BTreeSet<String>> {
+        let rows = self
+            .client
+            .query("select rolname::text from pg_roles where rolcanlogin", &[])
+            .await
+            .map_err(|e| query_error(&self.connection, "list roles", e))?;
+        Ok(rows.iter().map(|row| row.get::<_, String>(0)).collect())
+    }
+
     /// Every role the server has.
     pub async fn role_names(&self) -> Result<std::collections::BTreeSet<String>> {
         let rows = self
@@ -190,18 +200,21 @@ impl Target {
             .filter(|dir| !dir.is_empty())
     }
 
-    /// Databases whose comment starts with `prefix`, with the comment.
-    pub async fn databases_commented(&self, prefix: &str) -> Result<Vec<(String, String)>> {
+    /// Databases whose comment starts with `prefix`: name, comment, oid.
+    pub async fn databases_commented(&self, prefix: &str) -> Result<Vec<(String, String, u32)>> {
         let rows = self
             .client
             .query(
-                "select datname::text, shobj_description(oid, 'pg_database') from pg_database \
+                "select datname::text, shobj_description(oid, 'pg_database'), oid from pg_database \
                  where starts_with(coalesce(shobj_description(oid, 'pg_database'), ''), $1) order by 1",
                 &[&prefix],
             )
             .await
             .map_err(|e| query_error(&self.connection, "list databases", e))?;
-        Ok(rows.iter().map(|row| (row.get(0), row.get(1))).collect())
+        Ok(rows
+            .iter()
+            .map(|row| (row.get(0), row.get(1), row.get(2)))
+            .collect())
     }
 
     /// Every table of `database` (ordinary tables and partitions, not their parents) with
@@ -237,18 +250,27 @@ impl Target {
         Ok(counted)
     }
 
-    /// Renames databases in one transaction: every `(from, to)` pair, in order, or none.
-    /// It waits `lock_wait` at most for the locks it needs; a database still in use fails
-    /// at once with PostgreSQL's "being accessed by other users" (after its own 5 s).
-    pub async fn rename_all(
+    /// Runs `statements` then every `(from, to)` rename, in order, in one transaction: all
+    /// or none. A lock is waited for 1 s at most and the whole 3 s (PostgreSQL waits 5 s
+    /// for the sessions on a database being renamed to end); and the server drops it if
+    /// this client goes away meanwhile (PostgreSQL 14 and newer).
+    pub async fn swap(
         &self,
+        statements: &[String],
         renames: &[(String, String)],
-        lock_wait: std::time::Duration,
     ) -> std::result::Result<(), tokio_postgres::Error> {
-        let mut sql = format!(
-            "begin; set local lock_timeout = '{}ms';",
-            lock_wait.as_millis().max(1)
-        );
+        // Older servers lack the setting; they notice a dead client when they next write.
+        let _ = self
+            .client
+            .batch_execute("set client_connection_check_interval = '100ms'")
+            .await;
+        let mut sql =
+            "begin; set local lock_timeout = '1s'; set local statement_timeout = '3s';".to_string();
+        for statement in statements {
+            sql.push(' ');
+            sql.push_str(statement);
+            sql.push(';');
+        }
         for (from, to) in renames {
             sql.push_str(&format!(
                 " alter database {} rename to {};",
@@ -262,6 +284,19 @@ impl Target {
             let _ = self.client.batch_execute("rollback").await;
         }
         outcome
+    }
+
+    /// The oid of `database`.
+    pub async fn database_oid(&self, database: &str) -> Result<u32> {
+        let row = self
+            .client
+            .query_one(
+                "select oid from pg_database where datname = $1",
+                &[&database],
+            )
+            .await
+            .map_err(|e| query_error(&self.connection, "look up databases", e))?;
+        Ok(row.get::<_, u32>(0))
     }
 
     pub async fn drop_database(&self, database: &str) -> Result<()> {
