@@ -41,6 +41,27 @@ fn databases_like(cluster: &Postgres, pattern: &str) -> Vec<String> {
         .collect()
 }
 
+/// A work directory and a config whose job `maindb` backs up `app` of `cluster` into a
+/// local repository.
+fn job_of_app(cluster: &Postgres) -> (tempfile::TempDir, std::path::PathBuf) {
+    let work = tempfile::tempdir().unwrap();
+    let password_file = cluster.password_file(work.path(), &cluster.password);
+    let config = write_config(
+        work.path(),
+        &format!(
+            "{}{}",
+            local_repository("local", &work.path().join("repo")),
+            postgres_job(
+                "maindb",
+                &cluster.dsn("postgres"),
+                &password_file,
+                "databases = [\"app\"]"
+            )
+        ),
+    );
+    (work, config)
+}
+
 /// The pg_restore processes restoring into `cluster` (any parent), by argv.
 fn pg_restores_into(cluster: &Postgres) -> Vec<String> {
     let port = format!("port='{}'", cluster.port);
@@ -126,21 +147,7 @@ async fn a_clean_restore_stopped_at_any_moment_leaves_the_live_database_as_it_wa
         "create table shop.big as select g as id, md5(g::text) as note from generate_series(1, 3000000) g; \
          alter table shop.big add primary key (id)",
     );
-    let work = tempfile::tempdir().unwrap();
-    let password_file = cluster.password_file(work.path(), &cluster.password);
-    let config = write_config(
-        work.path(),
-        &format!(
-            "{}{}",
-            local_repository("local", &work.path().join("repo")),
-            postgres_job(
-                "maindb",
-                &cluster.dsn("postgres"),
-                &password_file,
-                "databases = [\"app\"]"
-            )
-        ),
-    );
+    let (work, config) = job_of_app(&cluster);
     lifeboat(&config, &["backup", "maindb"]).assert_code(0);
     let backed_up = row_checksums(&cluster, "app");
     // The live database moves on after the backup: a restore must not touch it unless it
@@ -273,21 +280,7 @@ async fn a_clean_restore_stopped_at_any_moment_leaves_the_live_database_as_it_wa
 async fn a_clean_restore_waits_a_bounded_time_for_sessions_then_changes_nothing() {
     let cluster = Postgres::start();
     cluster.create_app_database(50_000);
-    let work = tempfile::tempdir().unwrap();
-    let password_file = cluster.password_file(work.path(), &cluster.password);
-    let config = write_config(
-        work.path(),
-        &format!(
-            "{}{}",
-            local_repository("local", &work.path().join("repo")),
-            postgres_job(
-                "maindb",
-                &cluster.dsn("postgres"),
-                &password_file,
-                "databases = [\"app\"]"
-            )
-        ),
-    );
+    let (_work, config) = job_of_app(&cluster);
     lifeboat(&config, &["backup", "maindb"]).assert_code(0);
     cluster.psql(
         "app",
@@ -296,32 +289,7 @@ async fn a_clean_restore_waits_a_bounded_time_for_sessions_then_changes_nothing(
     let live = row_checksums(&cluster, "app");
 
     // A session sits in an open transaction on the live database.
-    let mut session = std::process::Command::new(bin_dir().join("psql"))
-        .env("PGPASSWORD", &cluster.password)
-        .arg(format!("--dbname={}", cluster.dsn("app")))
-        .args(["--no-psqlrc", "--quiet"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    {
-        use std::io::Write;
-        let stdin = session.stdin.as_mut().unwrap();
-        stdin
-            .write_all(b"begin; select count(*) from shop.customers;\n")
-            .unwrap();
-        stdin.flush().unwrap();
-    }
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while cluster.psql(
-        "postgres",
-        "select count(*) from pg_stat_activity where datname = 'app' and state = 'idle in transaction'",
-    ) != "1"
-    {
-        assert!(Instant::now() < deadline, "the session never opened its transaction");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    let mut session = open_transaction(&cluster, "app", "select count(*) from shop.customers");
 
     let started = Instant::now();
     let output = restore_clean(&config, &cluster, &["--swap-wait", "2s"])
@@ -369,11 +337,11 @@ async fn a_clean_restore_waits_a_bounded_time_for_sessions_then_changes_nothing(
     let _ = session.wait();
 }
 
-/// The database a session holds a lock on, from another database: the swap can only wait.
-fn hold_database_lock(cluster: &Postgres) -> Child {
+/// A psql session on `database` that has run `sql` in a transaction it keeps open.
+fn open_transaction(cluster: &Postgres, database: &str, sql: &str) -> Child {
     let mut session = std::process::Command::new(bin_dir().join("psql"))
         .env("PGPASSWORD", &cluster.password)
-        .arg(format!("--dbname={}", cluster.dsn("postgres")))
+        .arg(format!("--dbname={}", cluster.dsn(database)))
         .args(["--no-psqlrc", "--quiet"])
         .stdin(Stdio::piped())
         .stdout(Stdio::null())
@@ -384,7 +352,7 @@ fn hold_database_lock(cluster: &Postgres) -> Child {
         use std::io::Write;
         let stdin = session.stdin.as_mut().unwrap();
         stdin
-            .write_all(b"begin; alter database app connection limit 40;\n")
+            .write_all(format!("begin; {sql};\n").as_bytes())
             .unwrap();
         stdin.flush().unwrap();
     }
@@ -394,7 +362,10 @@ fn hold_database_lock(cluster: &Postgres) -> Child {
         "select count(*) from pg_stat_activity where state = 'idle in transaction'",
     ) != "1"
     {
-        assert!(Instant::now() < deadline, "the session never took its lock");
+        assert!(
+            Instant::now() < deadline,
+            "the session never opened its transaction"
+        );
         std::thread::sleep(Duration::from_millis(50));
     }
     session
@@ -404,21 +375,7 @@ fn hold_database_lock(cluster: &Postgres) -> Child {
 async fn a_restore_killed_while_its_swap_waits_never_swaps_after_its_death() {
     let cluster = Postgres::start();
     cluster.create_app_database(50_000);
-    let work = tempfile::tempdir().unwrap();
-    let password_file = cluster.password_file(work.path(), &cluster.password);
-    let config = write_config(
-        work.path(),
-        &format!(
-            "{}{}",
-            local_repository("local", &work.path().join("repo")),
-            postgres_job(
-                "maindb",
-                &cluster.dsn("postgres"),
-                &password_file,
-                "databases = [\"app\"]"
-            )
-        ),
-    );
+    let (_work, config) = job_of_app(&cluster);
     lifeboat(&config, &["backup", "maindb"]).assert_code(0);
     cluster.psql(
         "app",
@@ -426,7 +383,12 @@ async fn a_restore_killed_while_its_swap_waits_never_swaps_after_its_death() {
     );
     let live = row_checksums(&cluster, "app");
 
-    let mut blocker = hold_database_lock(&cluster);
+    // A session elsewhere holds a lock on the database: the swap can only wait.
+    let mut blocker = open_transaction(
+        &cluster,
+        "postgres",
+        "alter database app connection limit 40",
+    );
     let mut child = restore_clean(&config, &cluster, &["--swap-wait", "60s"]);
     let mut seen = false;
     assert!(
@@ -467,21 +429,7 @@ async fn a_restore_killed_while_its_swap_waits_never_swaps_after_its_death() {
 async fn a_comment_that_looks_like_lifeboats_mark_drops_nothing() {
     let cluster = Postgres::start();
     cluster.create_app_database(50_000);
-    let work = tempfile::tempdir().unwrap();
-    let password_file = cluster.password_file(work.path(), &cluster.password);
-    let config = write_config(
-        work.path(),
-        &format!(
-            "{}{}",
-            local_repository("local", &work.path().join("repo")),
-            postgres_job(
-                "maindb",
-                &cluster.dsn("postgres"),
-                &password_file,
-                "databases = [\"app\"]"
-            )
-        ),
-    );
+    let (_work, config) = job_of_app(&cluster);
     let host = hostname::get().unwrap().into_string().unwrap();
     let oid = cluster.psql(
         "postgres",

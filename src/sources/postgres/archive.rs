@@ -293,23 +293,28 @@ pub struct RolesNamed {
     pub others: std::collections::BTreeSet<String>,
 }
 
-/// The roles the objects of the archive `input` name, read from its table of contents
-/// alone. None when `input` is not a custom-format archive this code knows. The database's
-/// own entries (its owner, `GRANT CONNECT ON DATABASE`) are left out: pg_restore without
-/// `--create` does not restore them.
-pub fn roles_named(input: impl Read) -> io::Result<Option<RolesNamed>> {
+/// What `for_each_entry` reads of a table of contents entry.
+struct TocEntry {
+    tag: String,
+    desc: String,
+    defn: String,
+    owner: Option<String>,
+}
+
+/// Calls `each` with every entry of the table of contents of the custom-format archive
+/// `input`; false when `input` is not an archive this code knows.
+fn for_each_entry(input: impl Read, mut each: impl FnMut(TocEntry)) -> io::Result<bool> {
     let mut reader = Reader::new(Copying {
         inner: io::BufReader::with_capacity(64 * 1024, input),
         copy: io::sink(),
     });
     let Some(offset_size) = read_header(&mut reader)? else {
-        return Ok(None);
+        return Ok(false);
     };
     let count = reader.int()?;
     if count < 0 {
         return Err(corrupt("negative TOC entry count"));
     }
-    let mut roles = RolesNamed::default();
     for _ in 0..count {
         reader.int()?; // dump id
         reader.int()?; // had dumper
@@ -330,22 +335,38 @@ pub fn roles_named(input: impl Read) -> io::Result<Option<RolesNamed>> {
         while reader.skip_string()? {} // dependencies, ended by NULL
         reader.byte()?; // offset state
         reader.skip(offset_size as u64)?;
-        let of_the_database = desc == "DATABASE"
-            || desc == "DATABASE PROPERTIES"
-            || (desc == "ACL" && tag.starts_with("DATABASE "));
+        each(TocEntry {
+            tag,
+            desc,
+            defn,
+            owner,
+        });
+    }
+    Ok(true)
+}
+
+/// The roles the objects of the archive `input` name, read from its table of contents
+/// alone. None when `input` is not a custom-format archive this code knows. The database's
+/// own entries (its owner, `GRANT CONNECT ON DATABASE`) are left out: see `DatabaseEntries`.
+pub fn roles_named(input: impl Read) -> io::Result<Option<RolesNamed>> {
+    let mut roles = RolesNamed::default();
+    let known = for_each_entry(input, |entry| {
+        let of_the_database = entry.desc == "DATABASE"
+            || entry.desc == "DATABASE PROPERTIES"
+            || (entry.desc == "ACL" && entry.tag.starts_with("DATABASE "));
         if of_the_database {
-            continue;
+            return;
         }
-        if let Some(owner) = owner {
+        if let Some(owner) = entry.owner {
             roles.owners.insert(owner);
         }
-        match desc.as_str() {
-            "ACL" | "DEFAULT ACL" => roles.grantees.extend(roles_in_sql(&defn)),
-            "POLICY" | "USER MAPPING" => roles.others.extend(roles_in_sql(&defn)),
+        match entry.desc.as_str() {
+            "ACL" | "DEFAULT ACL" => roles.grantees.extend(roles_in_sql(&entry.defn)),
+            "POLICY" | "USER MAPPING" => roles.others.extend(roles_in_sql(&entry.defn)),
             _ => {}
         }
-    }
-    Ok(Some(roles))
+    })?;
+    Ok(known.then_some(roles))
 }
 
 /// The entries of a dump that describe the database itself rather than what it holds:
@@ -367,51 +388,21 @@ pub struct DatabaseEntries {
 /// The database's own entries of the custom-format archive `input` (see `DatabaseEntries`),
 /// read from its table of contents alone. None when `input` is not an archive this code knows.
 pub fn database_entries(input: impl Read) -> io::Result<Option<DatabaseEntries>> {
-    let mut reader = Reader::new(Copying {
-        inner: io::BufReader::with_capacity(64 * 1024, input),
-        copy: io::sink(),
-    });
-    let Some(offset_size) = read_header(&mut reader)? else {
-        return Ok(None);
-    };
-    let count = reader.int()?;
-    if count < 0 {
-        return Err(corrupt("negative TOC entry count"));
-    }
     let mut entries = DatabaseEntries::default();
-    for _ in 0..count {
-        reader.int()?; // dump id
-        reader.int()?; // had dumper
-        reader.skip_string()?; // table oid
-        reader.skip_string()?; // oid
-        let tag = reader.string()?.unwrap_or_default();
-        let desc = reader.string()?.unwrap_or_default();
-        reader.int()?; // section
-        let defn = reader.string()?.unwrap_or_default();
-        for _ in 0..5 {
-            reader.skip_string()?; // drop, copy, namespace, tablespace, table access method
-        }
-        if reader.version >= version(1, 16) {
-            reader.int()?; // relkind
-        }
-        let owner = reader.string()?.filter(|o| !o.is_empty());
-        reader.skip_string()?; // "with oids"
-        while reader.skip_string()? {} // dependencies, ended by NULL
-        reader.byte()?; // offset state
-        reader.skip(offset_size as u64)?;
-        let of_the_database = tag.starts_with("DATABASE ");
-        match desc.as_str() {
+    let known = for_each_entry(input, |entry| {
+        let of_the_database = entry.tag.starts_with("DATABASE ");
+        match entry.desc.as_str() {
             "DATABASE" => {
-                entries.create = Some(defn);
-                entries.owner = owner;
+                entries.create = Some(entry.defn);
+                entries.owner = entry.owner;
             }
-            "DATABASE PROPERTIES" => entries.properties.push(defn),
-            "COMMENT" | "SECURITY LABEL" if of_the_database => entries.properties.push(defn),
-            "ACL" if of_the_database => entries.privileges.push(defn),
+            "DATABASE PROPERTIES" => entries.properties.push(entry.defn),
+            "COMMENT" | "SECURITY LABEL" if of_the_database => entries.properties.push(entry.defn),
+            "ACL" if of_the_database => entries.privileges.push(entry.defn),
             _ => {}
         }
-    }
-    Ok(Some(entries))
+    })?;
+    Ok(known.then_some(entries))
 }
 
 /// The statements of `sql` (as pg_dump writes a database's entries) that act on the
