@@ -72,13 +72,15 @@ pub fn exit_if_interrupted() {
     }
 }
 
-/// Starts the task that cleans up on SIGINT or SIGTERM. Call once, inside the runtime.
+/// Starts the task that cleans up on SIGINT, SIGTERM or SIGHUP. Call once, inside the runtime.
 pub fn install() {
     tokio::spawn(async {
         use tokio::signal::unix::{SignalKind, signal};
-        let (Ok(mut interrupt), Ok(mut terminate)) = (
+        let (Ok(mut interrupt), Ok(mut terminate), Ok(mut hangup)) = (
             signal(SignalKind::interrupt()),
             signal(SignalKind::terminate()),
+            // The terminal went away (an SSH session dropped): the same clean stop.
+            signal(SignalKind::hangup()),
         ) else {
             tracing::warn!(
                 "unable to catch SIGINT/SIGTERM: an interrupted run may leave scratch files"
@@ -88,6 +90,7 @@ pub fn install() {
         tokio::select! {
             _ = interrupt.recv() => {}
             _ = terminate.recv() => {}
+            _ = hangup.recv() => {}
         }
         let _ = tokio::task::spawn_blocking(|| {
             let _moving = hold_off();

@@ -306,10 +306,19 @@ pub fn keygen(path: &Path) -> Result<String> {
 /// An age recipient (`age1…`), or why it is not one.
 pub fn parse_recipient(text: &str) -> std::result::Result<age::x25519::Recipient, String> {
     let text = text.trim();
-    if let Some(kind) = ["ssh-ed25519", "ssh-rsa"]
-        .into_iter()
-        .find(|kind| text.starts_with(&format!("{kind} ")))
+    let lower = text.to_ascii_lowercase();
+    if let Some(kind) = [
+        "ssh-ed25519",
+        "ssh-rsa",
+        "ecdsa-sha2-",
+        "sk-ssh-",
+        "sk-ecdsa-",
+        "ssh-dss",
+    ]
+    .into_iter()
+    .find(|kind| lower.starts_with(kind))
     {
+        let kind = text.split_whitespace().next().unwrap_or(kind);
         return Err(format!(
             "an {kind} SSH key is not a recipient lifeboat encrypts to (\"{}…\"): it takes age X25519 recipients (age1…), made with `lifeboat keygen --output FILE`",
             text.chars().take(24).collect::<String>()
@@ -349,10 +358,18 @@ pub fn load_identities(path: &Path) -> Result<Vec<Identity>> {
         )
         .with_source(e)
     };
-    let mode = std::fs::metadata(path)
-        .map_err(unreadable)?
-        .permissions()
-        .mode();
+    let metadata = std::fs::metadata(path).map_err(unreadable)?;
+    if !metadata.is_file() {
+        return Err(Error::new(
+            ErrorKind::Config,
+            format!(
+                "unable to use identity file '{}': it is not a file",
+                path.display()
+            ),
+        )
+        .with_hint("point it at the file `lifeboat keygen --output FILE` wrote"));
+    }
+    let mode = metadata.permissions().mode();
     if mode & 0o077 != 0 {
         return Err(Error::new(
             ErrorKind::Config,
@@ -376,12 +393,12 @@ pub fn load_identities(path: &Path) -> Result<Vec<Identity>> {
         return Err(Error::new(
             ErrorKind::Config,
             format!(
-                "unable to use identity file '{}': it is itself encrypted (with a passphrase), and lifeboat runs unattended and asks for none",
+                "unable to use identity file '{}': it is itself encrypted (with a passphrase or to another key), and lifeboat runs unattended and asks for none",
                 path.display()
             ),
         )
         .with_hint(format!(
-            "decrypt it for the restore into a file only you can read (`age -d -o key.txt {}`, then chmod 600), point {IDENTITY_ENV} at that, and remove it afterwards",
+            "decrypt it for the restore into a file only you can read (`age -d -o key.txt {}`, with `-i KEY` if it was encrypted to a key; then chmod 600), point {IDENTITY_ENV} at that, and remove it afterwards",
             path.display()
         )));
     }

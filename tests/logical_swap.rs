@@ -200,7 +200,7 @@ async fn a_clean_restore_stopped_at_any_moment_leaves_the_live_database_as_it_wa
             })
         }),
     ];
-    for signal in [libc::SIGINT, libc::SIGTERM, libc::SIGKILL] {
+    for signal in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP, libc::SIGKILL] {
         for (moment, reach) in &moments {
             let mut child = restore_clean(&config, &cluster, &[]);
             assert!(

@@ -107,12 +107,13 @@ fn target_recipients(config: &Config, options: &RekeyOptions) -> Result<(Recipie
             texts.push(key.trim().to_string());
         }
     }
+    // Bech32 is one key in either case.
     let removed: BTreeSet<String> = options
         .remove
         .iter()
-        .map(|k| k.trim().to_string())
+        .map(|k| k.trim().to_ascii_lowercase())
         .collect();
-    texts.retain(|k| !removed.contains(k));
+    texts.retain(|k| !removed.contains(&k.to_ascii_lowercase()));
     if texts.is_empty() {
         return Err(Error::usage(
             "unable to rekey: no recipient would be left; every object needs at least one",
@@ -156,11 +157,17 @@ fn refuse_locking_out(config: &Config, texts: &[String]) -> Result<()> {
     if identity_files.is_empty() {
         return Ok(());
     }
-    let kept = set_of(texts);
+    let kept: BTreeSet<String> = texts
+        .iter()
+        .map(|t| t.trim().to_ascii_lowercase())
+        .collect();
     let mut named = Vec::new();
     for (path, origin) in &identity_files {
         let own = keys::public_keys_of(path)?;
-        if own.iter().any(|key| kept.contains(key.as_str())) {
+        if own
+            .iter()
+            .any(|key| kept.contains(&key.to_ascii_lowercase()))
+        {
             return Ok(());
         }
         named.push(format!("'{}' (from {origin})", path.display()));

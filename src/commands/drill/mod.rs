@@ -158,11 +158,15 @@ async fn run_drill(
     };
     // An interrupted drill ends as interrupted; there is nothing to judge.
     crate::interrupt::exit_if_interrupted();
-    let why = err.chain().join(": ");
+    let secrets = configured_secrets(config);
+    let why = report::kept_text(&err.chain().join(": "), &secrets);
     let mut report = DrillReport {
         run_id: DrillReport::new_run_id(declared_at),
         drill: drill.name.clone(),
-        description: drill.description.clone(),
+        description: drill
+            .description
+            .as_deref()
+            .map(|d| report::kept_text(d, &secrets)),
         runbook: drill.runbook.clone(),
         file: drill.path.display().to_string(),
         job: drill.job.clone(),
@@ -301,10 +305,14 @@ async fn attempt_drill(
     };
     let rpo = (declared_at - rpo_marker).to_std().unwrap_or_default();
     let checks_pass = outcome.checks.iter().all(|c| c.passed);
+    let secrets = configured_secrets(config);
     let report = DrillReport {
         run_id: DrillReport::new_run_id(declared_at),
         drill: drill.name.clone(),
-        description: drill.description.clone(),
+        description: drill
+            .description
+            .as_deref()
+            .map(|d| report::kept_text(d, &secrets)),
         runbook: drill.runbook.clone(),
         file: drill.path.display().to_string(),
         job: job.name.clone(),
@@ -319,14 +327,11 @@ async fn attempt_drill(
         rpo_marker,
         rpo_marker_source: marker_source,
         phases: clock.phases,
-        checks: {
-            let secrets = configured_secrets(config);
-            outcome
-                .checks
-                .into_iter()
-                .map(|check| check.kept(&secrets))
-                .collect()
-        },
+        checks: outcome
+            .checks
+            .into_iter()
+            .map(|check| check.kept(&secrets))
+            .collect(),
         restored_bytes: manifest.raw_size(),
         restore_seconds: outcome.restore_seconds,
         projection,

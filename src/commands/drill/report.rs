@@ -28,6 +28,27 @@ pub struct CheckResult {
     pub returned: String,
 }
 
+/// `text` as reports and the terminal may show it: every configured secret in it replaced
+/// by `[redacted]`, then every control character written as an escape (`\u{1b}`), so that
+/// no value can move the cursor, clear a line or hide the verdict on a terminal.
+pub fn kept_text(text: &str, secrets: &[String]) -> String {
+    let mut text = text.to_string();
+    for secret in secrets.iter().filter(|s| s.len() >= 4) {
+        if text.contains(secret.as_str()) {
+            text = text.replace(secret.as_str(), "[redacted]");
+        }
+    }
+    if !text.chars().any(char::is_control) {
+        return text;
+    }
+    text.chars()
+        .map(|c| match c.is_control() {
+            true => format!("\\u{{{:x}}}", c as u32),
+            false => c.to_string(),
+        })
+        .collect()
+}
+
 /// The most of a check's returned value a report keeps: a check reads one value, and a
 /// report is kept in every repository and mailed around.
 pub const MAX_RETURNED: usize = 1024;
@@ -37,11 +58,9 @@ impl CheckResult {
     /// returned replaced by `[redacted]` (a check may read one out of the restored data or
     /// the server's environment), then cut to `MAX_RETURNED` bytes, saying so.
     pub(super) fn kept(mut self, secrets: &[String]) -> CheckResult {
-        for secret in secrets.iter().filter(|s| s.len() >= 4) {
-            if self.returned.contains(secret.as_str()) {
-                self.returned = self.returned.replace(secret.as_str(), "[redacted]");
-            }
-        }
+        self.name = kept_text(&self.name, secrets);
+        self.expected = kept_text(&self.expected, secrets);
+        self.returned = kept_text(&self.returned, secrets);
         if self.returned.len() > MAX_RETURNED {
             let total = self.returned.len();
             let mut cut = MAX_RETURNED;
@@ -451,7 +470,9 @@ fn md(text: &str) -> String {
     let mut escaped = String::with_capacity(text.len());
     for c in text.chars() {
         match c {
-            '\n' | '\r' => escaped.push(' '),
+            '\n' | '\r' | '\u{2028}' | '\u{2029}' => escaped.push(' '),
+            // GitHub's Markdown links bare `http://…` and `www.…`: a `/` escaped is no link.
+            '/' => escaped.push_str("\\/"),
             '\\' | '`' | '*' | '_' | '[' | ']' | '(' | ')' | '<' | '>' | '&' | '|' | '#' | '~'
             | '!' | '{' | '}' => {
                 escaped.push('\\');

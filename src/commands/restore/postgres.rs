@@ -56,6 +56,10 @@ struct Loaded {
     name: String,
     /// Drops it if the run is interrupted before the swap.
     undo: Option<crate::interrupt::UndoGuard>,
+    /// A session on it while it waits for the swap: another restore that takes it for a
+    /// leftover (its pid gone here, or reused, or on a host of the same name) cannot drop
+    /// a database someone is connected to.
+    hold: Option<tokio_postgres::Client>,
 }
 
 pub(super) async fn restore(
@@ -325,6 +329,7 @@ pub(super) async fn restore(
         loaded.push(Loaded {
             undo: drop_on_interrupt(&binaries, &server, &auth, &copy),
             name: copy.clone(),
+            hold: server.with_database(&copy).connect().await.ok(),
         });
         let outcome = load_one(context, planned, dump, &copy, &properties, &mut warnings).await;
         match outcome {
@@ -490,6 +495,11 @@ async fn create_copy(
             warnings.extend(properties.skipped.iter().map(|statement| {
                 format!("database '{source}': not restored, as it does not name the database: `{statement}`")
             }));
+            if let Some(comment) = &properties.mark_like_comment {
+                warnings.push(format!(
+                    "database '{source}': its comment was not restored, as it reads like the mark lifeboat gives a database it is loading: `{comment}`"
+                ));
+            }
             let oid = admin.database_oid(&copy).await?;
             let mark = format!(
                 "{LOADING_MARK}: backup {} into '{}' by pid {} on host {} since {} (database oid {oid})",
@@ -618,6 +628,8 @@ struct DatabaseProperties {
     comment: Option<String>,
     /// Statements among the entries that do not name the database: never run.
     skipped: Vec<String>,
+    /// A comment that reads like lifeboat's own mark for a database being loaded.
+    mark_like_comment: Option<String>,
     /// The source restricted who may use the database, and `--no-owner` leaves that out.
     privileges_left_out: bool,
 }
@@ -635,6 +647,7 @@ impl DatabaseProperties {
             after_load: Vec::new(),
             comment: None,
             skipped: Vec::new(),
+            mark_like_comment: None,
             privileges_left_out: false,
         };
         let Some(entries) = entries else {
@@ -680,7 +693,7 @@ impl DatabaseProperties {
             // Only lifeboat marks a database it is loading: a comment copied from a source
             // must not make a live database look like a leftover to drop.
             if comment.contains(LOADING_MARK) {
-                properties.skipped.push(comment);
+                properties.mark_like_comment = Some(comment);
             } else {
                 properties.comment = Some(comment);
             }
@@ -701,8 +714,13 @@ async fn create_as_source(
     source: &str,
     warnings: &mut Vec<String>,
 ) -> Result<bool> {
+    // Two restores creating the same name at once: one sees the other's row.
     let taken = |e: &tokio_postgres::Error| {
-        e.code() == Some(&tokio_postgres::error::SqlState::DUPLICATE_DATABASE)
+        matches!(
+            e.code(),
+            Some(&tokio_postgres::error::SqlState::DUPLICATE_DATABASE)
+                | Some(&tokio_postgres::error::SqlState::UNIQUE_VIOLATION)
+        )
     };
     if let Some(create) = &properties.create {
         match admin.execute(create).await {
@@ -863,6 +881,10 @@ async fn swap(
             in_use |= !admin.sessions_on(database).await?.is_empty();
         }
         if !in_use {
+            // Renaming a database needs it to have no session, this restore's own included.
+            for copy in loaded.iter_mut() {
+                copy.hold = None;
+            }
             let swapped = {
                 // An interrupt waits for the transaction to end: all of it or none.
                 let _hold = crate::interrupt::hold_off();
@@ -894,6 +916,9 @@ async fn swap(
                         .with_source(e));
                     }
                     last_error = Some(e);
+                    for copy in loaded.iter_mut() {
+                        copy.hold = server.with_database(&copy.name).connect().await.ok();
+                    }
                 }
             }
         }

@@ -64,6 +64,45 @@ fn error(
     .with_source(cause)
 }
 
+/// A reply as an operator would read it: scalars as themselves, arrays, sets and maps as
+/// their elements one per line (`key: value` for maps), never in a debug form that would
+/// escape (and so hide from redaction) what they hold.
+fn reply_text(value: redis::Value) -> Option<String> {
+    let joined = |items: Vec<redis::Value>| {
+        items
+            .into_iter()
+            .map(|item| reply_text(item).unwrap_or_else(|| "(nil)".to_string()))
+            .collect::<Vec<_>>()
+            .join("\n")
+    };
+    match value {
+        redis::Value::Nil => None,
+        redis::Value::Int(n) => Some(n.to_string()),
+        redis::Value::BulkString(bytes) => Some(String::from_utf8_lossy(&bytes).into_owned()),
+        redis::Value::SimpleString(text) => Some(text),
+        redis::Value::VerbatimString { text, .. } => Some(text),
+        redis::Value::Okay => Some("OK".to_string()),
+        redis::Value::Double(d) => Some(d.to_string()),
+        redis::Value::Boolean(b) => Some(b.to_string()),
+        redis::Value::BigNumber(n) => Some(String::from_utf8_lossy(&n).into_owned()),
+        redis::Value::Array(items) | redis::Value::Set(items) => Some(joined(items)),
+        redis::Value::Map(pairs) => Some(
+            pairs
+                .into_iter()
+                .map(|(k, v)| {
+                    format!(
+                        "{}: {}",
+                        reply_text(k).unwrap_or_default(),
+                        reply_text(v).unwrap_or_else(|| "(nil)".to_string())
+                    )
+                })
+                .collect::<Vec<_>>()
+                .join("\n"),
+        ),
+        other => Some(format!("{other:?}")),
+    }
+}
+
 impl RedisServer {
     pub fn from_job(job: &RedisJob) -> Result<RedisServer> {
         let password = match &job.password_file {
@@ -150,15 +189,7 @@ impl RedisServer {
             .query_async(&mut connection)
             .await
             .map_err(|e| error(self, &format!("run {}", args.join(" ")), e))?;
-        Ok(match value {
-            redis::Value::Nil => None,
-            redis::Value::Int(n) => Some(n.to_string()),
-            redis::Value::BulkString(bytes) => Some(String::from_utf8_lossy(&bytes).into_owned()),
-            redis::Value::SimpleString(text) => Some(text),
-            redis::Value::Okay => Some("OK".to_string()),
-            redis::Value::Double(d) => Some(d.to_string()),
-            other => Some(format!("{other:?}")),
-        })
+        Ok(reply_text(value))
     }
 
     pub async fn info(&self) -> Result<RedisInfo> {
