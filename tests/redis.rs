@@ -142,7 +142,22 @@ fn restore_into_scratch(config: &Path) -> (Scratch, redis::Connection) {
     let restore = lifeboat(config, &["restore", JOB, "--start-scratch"]);
     restore.assert_code(0);
     let (scratch, port) = scratch_from(&restore.stdout);
-    let connection = redis::Client::open(format!("redis://127.0.0.1:{port}/"))
+    // Without its password the server serves nothing.
+    let mut stranger = redis::Client::open(format!("redis://127.0.0.1:{port}/"))
+        .unwrap()
+        .get_connection()
+        .unwrap();
+    let refused: redis::RedisResult<i64> = redis::cmd("DBSIZE").query(&mut stranger);
+    assert!(
+        refused.is_err(),
+        "the scratch server answered without its password"
+    );
+    let password = std::fs::read_to_string(Path::new(&scratch.dir).join("password")).unwrap();
+    let mode = std::fs::metadata(Path::new(&scratch.dir).join("password"))
+        .unwrap()
+        .permissions();
+    assert_eq!(std::os::unix::fs::PermissionsExt::mode(&mode) & 0o077, 0);
+    let connection = redis::Client::open(format!("redis://:{}@127.0.0.1:{port}/", password.trim()))
         .unwrap()
         .get_connection()
         .unwrap();

@@ -99,15 +99,19 @@ pub(super) async fn restore(
             let loaded = Instant::now();
             let scratch = ScratchRedis::start(dir).await?;
             let address = scratch.address();
+            let scratch_port = scratch.port;
             let stages = vec![
                 ("download, verify and write".to_string(), loaded - clock),
                 ("load into redis-server".to_string(), loaded.elapsed()),
             ];
-            let (pid, dir) = scratch.keep();
+            let (pid, dir) = scratch.keep()?;
             Ok(selected.report(
                 format!("a scratch redis-server at {address}"),
                 vec![format!(
-                    "redis-server pid {pid} serving the restored data at {address}; stop it with `kill {pid}` and remove {}",
+                    "redis-server pid {pid} serving the restored data at {address}; its password is in {} (REDISCLI_AUTH=\"$(cat {})\" redis-cli -p {}); stop it with `kill {pid}` and remove {}",
+                    dir.join(crate::sources::redis::SCRATCH_PASSWORD_FILE).display(),
+                    dir.join(crate::sources::redis::SCRATCH_PASSWORD_FILE).display(),
+                    scratch_port,
                     dir.display()
                 )],
                 bytes,

@@ -18,7 +18,9 @@ use redis::{ConnectionAddr, IntoConnectionInfo, RedisConnectionInfo};
 
 pub use rdb::RdbCheck;
 pub use replication::{PayloadForm, SyncError, Synced};
-pub use scratch::{ScratchRedis, stop_all as stop_all_scratch_servers};
+pub use scratch::{
+    PASSWORD_FILE as SCRATCH_PASSWORD_FILE, ScratchRedis, stop_all as stop_all_scratch_servers,
+};
 
 use crate::config::RedisJob;
 use crate::error::{Error, ErrorKind, Result};
@@ -120,12 +122,12 @@ impl RedisServer {
     }
 
     /// A server on loopback without a password: a scratch server.
-    pub fn local(port: u16) -> RedisServer {
+    pub fn local(port: u16, password: Option<String>) -> RedisServer {
         RedisServer {
             host: "127.0.0.1".to_string(),
             port,
             username: None,
-            password: None,
+            password,
         }
     }
 

@@ -1,6 +1,7 @@
 //! A throw-away redis-server loading a restored RDB: on a free loopback port, persistence
-//! off, in a private directory. Stopped (by its pid) and removed when dropped, unless it is
-//! handed over to the operator with [`ScratchRedis::keep`].
+//! off, in a private directory, behind a password of its own (the port is anyone's on this
+//! host to reach; the restored data is not). Stopped (by its pid) and removed when dropped,
+//! unless it is handed over to the operator with [`ScratchRedis::keep`].
 
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
@@ -34,6 +35,36 @@ pub struct ScratchRedis {
     dir: Option<tempfile::TempDir>,
     child: Option<Child>,
     pub port: u16,
+    /// The server's `requirepass`, made for it.
+    password: String,
+}
+
+/// The name of the file, in a kept server's directory, that holds its password.
+pub const PASSWORD_FILE: &str = "password";
+
+/// 32 hex digits from the kernel's random source.
+fn new_password() -> Result<String> {
+    use std::io::Read;
+    let mut bytes = [0u8; 16];
+    std::fs::File::open("/dev/urandom")
+        .and_then(|mut random| random.read_exact(&mut bytes))
+        .map_err(|e| {
+            error("unable to make a password for the scratch redis-server").with_source(e)
+        })?;
+    Ok(hex::encode(bytes))
+}
+
+/// Writes `text` to `path`, readable by its owner alone.
+fn write_private(path: &Path, text: &str) -> Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+        .and_then(|mut file| file.write_all(text.as_bytes()))
+        .map_err(|e| error(format!("unable to write '{}'", path.display())).with_source(e))
 }
 
 fn error(message: impl Into<String>) -> Error {
@@ -65,10 +96,17 @@ impl ScratchRedis {
     /// Starts redis-server on the `dump.rdb` in `dir` and waits until it has loaded it.
     pub async fn start(dir: tempfile::TempDir) -> Result<ScratchRedis> {
         let path = dir.path().to_path_buf();
+        let password = new_password()?;
+        // In a file, not on the command line, where any user could read it.
+        write_private(
+            &path.join("redis.conf"),
+            &format!("requirepass {password}\n"),
+        )?;
         let mut scratch = ScratchRedis {
             dir: Some(dir),
             child: None,
             port: 0,
+            password,
         };
         let mut last_log = String::new();
         for _ in 0..5 {
@@ -103,7 +141,7 @@ impl ScratchRedis {
     }
 
     pub fn server(&self) -> RedisServer {
-        RedisServer::local(self.port)
+        RedisServer::local(self.port, Some(self.password.clone()))
     }
 
     fn log_tail(&self) -> String {
@@ -145,12 +183,19 @@ impl ScratchRedis {
     /// they remove when done.
     // Never waited for on purpose: it outlives lifeboat, which exits right after this.
     #[allow(clippy::zombie_processes)]
-    pub fn keep(mut self) -> (u32, PathBuf) {
+    /// Its password is left in `PASSWORD_FILE` in that directory (0600).
+    pub fn keep(mut self) -> Result<(u32, PathBuf)> {
+        if let Some(dir) = &self.dir {
+            write_private(
+                &dir.path().join(PASSWORD_FILE),
+                &format!("{}\n", self.password),
+            )?;
+        }
         let child = self.child.take().expect("running");
         forget_pid(child.id());
         let dir = self.dir.take().expect("kept").keep();
         crate::interrupt::forget(&dir);
-        (child.id(), dir)
+        Ok((child.id(), dir))
     }
 
     pub fn stop(&mut self) {
@@ -173,6 +218,7 @@ impl Drop for ScratchRedis {
 fn spawn(dir: &Path, port: u16) -> Result<Child> {
     let mut command = crate::sources::process::server("redis-server");
     command
+        .arg(dir.join("redis.conf"))
         .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
         .arg("--dir")
         .arg(dir)
