@@ -7,9 +7,7 @@ use std::io::Write;
 use std::path::Path;
 
 use crate::common::postgres::Postgres;
-use crate::common::{
-    lifeboat, lifeboat_command, local_repository, postgres_job, run_command, write_config,
-};
+use crate::common::{lifeboat, lifeboat_command, local_repository, run_command, write_config};
 
 fn drill_run(config: &Path, file: &Path, reports: &Path) -> crate::common::Run {
     run_command(
@@ -150,20 +148,7 @@ async fn checks_answer_with_one_value_escaped_cut_and_without_secrets() {
     let source = Postgres::start();
     source.create_app_database(50_000);
     let work = tempfile::tempdir().unwrap();
-    let password_file = source.password_file(work.path(), &source.password);
-    let config = write_config(
-        work.path(),
-        &format!(
-            "{}{}",
-            local_repository("local", &work.path().join("repo")),
-            postgres_job(
-                "maindb",
-                &source.dsn("postgres"),
-                &password_file,
-                "databases = [\"app\"]"
-            )
-        ),
-    );
+    let config = crate::common::maindb_config(work.path(), &source, &["app"], "");
     lifeboat(&config, &["backup", "maindb"]).assert_code(0);
     // The data holds the job's password, as a table of credentials might.
     let secret = source.password.replace('\\', "\\\\").replace('"', "\\\"");

@@ -10,8 +10,8 @@ use std::time::Duration;
 
 use crate::common::postgres::Postgres;
 use crate::common::{
-    lifeboat, lifeboat_command, local_repository, postgres_job, procs, run_command, write_config,
-    write_secret,
+    lifeboat, lifeboat_command, local_repository, maindb_config, postgres_job, procs, run_command,
+    write_config, write_secret,
 };
 
 /// `pg_dumpall --no-role-passwords` of `cluster`, without the random `\restrict` keys and
@@ -71,20 +71,7 @@ async fn a_database_comes_back_as_its_source_created_it() {
     assert_eq!(ordered, "a \u{e4} B z", "ICU orders as German does");
 
     let work = tempfile::tempdir().unwrap();
-    let password_file = source.password_file(work.path(), &source.password);
-    let config = write_config(
-        work.path(),
-        &format!(
-            "{}{}",
-            local_repository("local", &work.path().join("repo")),
-            postgres_job(
-                "maindb",
-                &source.dsn("postgres"),
-                &password_file,
-                "databases = [\"lat\", \"icu\"]"
-            )
-        ),
-    );
+    let config = maindb_config(work.path(), &source, &["lat", "icu"], "");
     lifeboat(&config, &["backup", "maindb"]).assert_code(0);
 
     // Into a fresh cluster, with the roles: pg_dumpall of both are the same.
@@ -296,19 +283,13 @@ async fn plaintext_and_secrets_stay_with_lifeboat() {
         &["keygen", "--output", identity.to_str().unwrap()],
     );
     keygen.assert_code(0);
-    let password_file = source.password_file(work.path(), &source.password);
-    let config = write_config(
+    let config = maindb_config(
         work.path(),
+        &source,
+        &["app"],
         &format!(
-            "[encryption]\nrecipients = [\"{}\"]\n\n{}{}",
-            keygen.stdout.trim(),
-            local_repository("local", &work.path().join("repo")),
-            postgres_job(
-                "maindb",
-                &source.dsn("postgres"),
-                &password_file,
-                "databases = [\"app\"]"
-            )
+            "[encryption]\nrecipients = [\"{}\"]\n\n",
+            keygen.stdout.trim()
         ),
     );
     lifeboat(&config, &["backup", "maindb"]).assert_code(0);

@@ -7,7 +7,7 @@ use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
 
 use crate::common::postgres::{Postgres, bin_dir};
-use crate::common::{lifeboat, lifeboat_command, local_repository, postgres_job, write_config};
+use crate::common::{lifeboat, lifeboat_command};
 
 /// Per table of `database`: its row count and an order-independent sum of its rows' hashes.
 /// Cheap enough to take fifteen times over three million rows.
@@ -45,20 +45,7 @@ fn databases_like(cluster: &Postgres, pattern: &str) -> Vec<String> {
 /// local repository.
 fn job_of_app(cluster: &Postgres) -> (tempfile::TempDir, std::path::PathBuf) {
     let work = tempfile::tempdir().unwrap();
-    let password_file = cluster.password_file(work.path(), &cluster.password);
-    let config = write_config(
-        work.path(),
-        &format!(
-            "{}{}",
-            local_repository("local", &work.path().join("repo")),
-            postgres_job(
-                "maindb",
-                &cluster.dsn("postgres"),
-                &password_file,
-                "databases = [\"app\"]"
-            )
-        ),
-    );
+    let config = crate::common::maindb_config(work.path(), cluster, &["app"], "");
     (work, config)
 }
 

@@ -97,6 +97,32 @@ pub fn local_repository(name: &str, path: &Path) -> String {
     )
 }
 
+/// Writes into `work` a config whose logical job `maindb` backs up `databases` of `cluster`
+/// (with the superuser's password in a file) into the local repository `work/repo`, after
+/// `preamble` (say, an `[encryption]` table).
+pub fn maindb_config(
+    work: &Path,
+    cluster: &postgres::Postgres,
+    databases: &[&str],
+    preamble: &str,
+) -> PathBuf {
+    let password_file = cluster.password_file(work, &cluster.password);
+    let listed: Vec<String> = databases.iter().map(|d| format!("\"{d}\"")).collect();
+    write_config(
+        work,
+        &format!(
+            "{preamble}{}{}",
+            local_repository("local", &work.join("repo")),
+            postgres_job(
+                "maindb",
+                &cluster.dsn("postgres"),
+                &password_file,
+                &format!("databases = [{}]", listed.join(", "))
+            )
+        ),
+    )
+}
+
 /// A `[[job]]` block of a logical `postgres` job connecting with `dsn` and the password in
 /// `password_file`; `extra` is appended (more keys).
 pub fn postgres_job(name: &str, dsn: &str, password_file: &Path, extra: &str) -> String {

@@ -1458,16 +1458,14 @@ fn apply_globals(
         .arg("--file")
         .arg(&filtered);
     auth.apply(&mut command);
-    let output = command
-        .stdin(std::process::Stdio::null())
-        .output()
-        .map_err(|e| {
-            Error::new(
-                ErrorKind::Source,
-                "unable to restore globals: cannot start psql",
-            )
-            .with_source(e)
-        })?;
+    // Through the runner that an interrupt kills, as every other child.
+    let output = process::output(&mut command).map_err(|e| {
+        Error::new(
+            ErrorKind::Source,
+            "unable to restore globals: cannot start psql",
+        )
+        .with_source(e)
+    })?;
     if !output.status.success() {
         return Err(
             Error::new(ErrorKind::Target, "unable to restore globals with psql").with_source(

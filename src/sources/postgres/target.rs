@@ -107,20 +107,6 @@ impl Target {
         Ok(rows.iter().map(|row| row.get::<_, String>(0)).collect())
     }
 
-    pub async fn create_database(&self, database: &str) -> Result<()> {
-        let sql = format!(
-            "create database {} template template0",
-            quote_identifier(database)
-        );
-        self.client.batch_execute(&sql).await.map_err(|e| {
-            query_error(
-                &self.connection,
-                &format!("create database '{database}'"),
-                e,
-            )
-        })
-    }
-
     /// Runs one statement that needs no result (a `CREATE DATABASE`, which cannot run in a
     /// transaction block with others).
     pub async fn execute(&self, sql: &str) -> std::result::Result<(), tokio_postgres::Error> {
