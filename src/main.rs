@@ -243,6 +243,10 @@ enum Command {
         /// config's identity_file).
         #[arg(long)]
         identity_file: Option<PathBuf>,
+        /// Fetch through a drill's WAL relay socket instead, reading no config and holding
+        /// no credential (what a drill writes into its scratch server's restore_command).
+        #[arg(long, value_name = "SOCKET", conflicts_with_all = ["job", "from", "exclude", "identity_file"])]
+        via: Option<PathBuf>,
     },
 }
 
@@ -413,6 +417,7 @@ impl PhysicalRestoreArgs {
             from: None,
             exclude: Vec::new(),
             bin_dir: None,
+            wal_relay: None,
         }))
     }
 }
@@ -534,6 +539,18 @@ fn print<T: std::fmt::Display + serde::Serialize>(report: &T, format: OutputForm
     }
 }
 
+/// PostgreSQL's terms: 1 is the end of the archive, anything else stops recovery.
+fn wal_fetch_exit_code(fetched: Result<wal::WalFetchOutcome>) -> i32 {
+    match fetched {
+        Ok(wal::WalFetchOutcome::Fetched { .. }) => exit_code::SUCCESS,
+        Ok(wal::WalFetchOutcome::NotArchived) => exit_code::FAILURE,
+        Err(e) => {
+            print_error(&e);
+            exit_code::STOP_RECOVERY
+        }
+    }
+}
+
 async fn run(cli: Cli) -> Result<i32> {
     if let Command::Init { force } = cli.command {
         let path = init::run(&init::InitOptions {
@@ -555,6 +572,16 @@ async fn run(cli: Cli) -> Result<i32> {
         );
         println!("{recipient}");
         return Ok(exit_code::SUCCESS);
+    }
+    if let Command::WalFetch {
+        name,
+        dest,
+        via: Some(socket),
+        ..
+    } = &cli.command
+    {
+        let fetched = lifeboat::commands::wal_relay::fetch_via(socket, name, dest);
+        return Ok(wal_fetch_exit_code(fetched));
     }
     let config = match Config::load(&cli.config) {
         Ok(config) => config,
@@ -809,6 +836,7 @@ async fn run(cli: Cli) -> Result<i32> {
             from,
             exclude,
             identity_file,
+            via: _,
         } => {
             let options = wal::WalFetchOptions {
                 name,
@@ -818,14 +846,7 @@ async fn run(cli: Cli) -> Result<i32> {
                 exclude,
                 identity_file,
             };
-            return Ok(match wal::fetch(&config, &options).await {
-                Ok(wal::WalFetchOutcome::Fetched { .. }) => exit_code::SUCCESS,
-                Ok(wal::WalFetchOutcome::NotArchived) => exit_code::FAILURE,
-                Err(e) => {
-                    print_error(&e);
-                    exit_code::STOP_RECOVERY
-                }
-            });
+            return Ok(wal_fetch_exit_code(wal::fetch(&config, &options).await));
         }
         Command::Verify {
             job,

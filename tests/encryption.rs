@@ -486,6 +486,34 @@ async fn an_encrypted_physical_backup_and_its_wal_replay_with_the_key_and_only_w
         source.psql("postgres", "select count(*), sum(id) from events"),
     );
 
+    // A drill decrypts the archive itself and relays the segments to its scratch server:
+    // the key stays lifeboat's (a copy only root reads), the server never holds it.
+    let root_only = work.path().join("root-only.key");
+    std::fs::copy(&identity, &root_only).unwrap();
+    std::fs::set_permissions(&root_only, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let drill = work.path().join("encrypted.toml");
+    std::fs::write(
+        &drill,
+        format!(
+            "name = \"encrypted\"\njob = \"{PHYSICAL_JOB}\"\nidentity_file = \"{}\"\n\n[[check]]\nname = \"events\"\nsql = \"select count(*) from events\"\nexpect = \"= 2000\"\n",
+            root_only.display()
+        ),
+    )
+    .unwrap();
+    let drilled = run_command(
+        lifeboat_command(&config)
+            .args(["drill", "run"])
+            .arg(&drill)
+            .arg("--report-dir")
+            .arg(work.path().join("reports")),
+    );
+    drilled.assert_code(0);
+    assert!(
+        drilled.stdout.contains("drill encrypted: PASS"),
+        "{}",
+        drilled.stdout
+    );
+
     // Key rotation: the base backup and every archived segment move to the new key; the
     // old key opens none of them, and a restore with the new key alone replays them all.
     let (new_identity, new_recipient) = keygen(work.path(), "new.key");

@@ -197,7 +197,7 @@ async fn a_least_privilege_backup_says_what_it_lacks_and_restores_no_login_witho
 }
 
 /// The environment of process `pid`, as `NAME=value` strings.
-fn environment_of(pid: u32) -> Vec<String> {
+pub(crate) fn environment_of(pid: u32) -> Vec<String> {
     std::fs::read(format!("/proc/{pid}/environ"))
         .map(|raw| {
             raw.split(|b| *b == 0)
@@ -235,15 +235,15 @@ fn shared_tmp(work: &Path) -> PathBuf {
 
 /// What `sample` saw: the child's output, files nobody else should have read, and each
 /// watched descendant's argv with its environment.
-struct Sampled {
-    output: std::process::Output,
-    readable: Vec<String>,
-    environments: Vec<(String, Vec<String>)>,
+pub(crate) struct Sampled {
+    pub output: std::process::Output,
+    pub readable: Vec<String>,
+    pub environments: Vec<(String, Vec<String>)>,
 }
 
 /// Samples, every few milliseconds until `child` ends: files under `tmp` nobody can read,
 /// and the environments of its descendants whose argv passes `watched`.
-fn sample(
+pub(crate) fn sample(
     mut child: Child,
     tmp: &Path,
     watched: impl Fn(&str) -> bool,

@@ -1413,16 +1413,48 @@ async fn a_physical_drill_from_the_second_region_measures_the_archive_rpo() {
     let tmp = work.path().join("tmp");
     std::fs::create_dir(&tmp).unwrap();
     std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o1777)).unwrap();
-    let run = crate::common::run_command(
-        crate::common::lifeboat_command(&config)
-            .env("TMPDIR", &tmp)
-            .args(["drill", "run", "--format", "json"])
-            .arg(&drill)
-            .arg("--report-dir")
-            .arg(work.path().join("reports")),
+    // The scratch server replays the archive through lifeboat's relay: the storage
+    // credentials in lifeboat's environment never reach the postmaster's, where a check
+    // (a superuser there) could read them.
+    let child = crate::common::lifeboat_command(&config)
+        .env("TMPDIR", &tmp)
+        .args(["drill", "run", "--format", "json"])
+        .arg(&drill)
+        .arg("--report-dir")
+        .arg(work.path().join("reports"))
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let sampled = crate::logical_properties::sample(
+        child,
+        &tmp,
+        |argv| argv.contains("postgres -D") || argv.contains("wal-fetch"),
+        |_| {},
     );
-    run.assert_code(0);
-    let reports: serde_json::Value = serde_json::from_str(&run.stdout).unwrap();
+    let stdout = String::from_utf8_lossy(&sampled.output.stdout).into_owned();
+    assert_eq!(
+        sampled.output.status.code(),
+        Some(0),
+        "{stdout}{}",
+        String::from_utf8_lossy(&sampled.output.stderr)
+    );
+    assert!(
+        sampled
+            .environments
+            .iter()
+            .any(|(argv, _)| argv.contains("postgres -D")),
+        "the scratch postmaster was never seen"
+    );
+    for (argv, environment) in &sampled.environments {
+        assert!(
+            !environment
+                .iter()
+                .any(|v| v.starts_with("AWS_") || v.contains(seaweedfs::SECRET_KEY)),
+            "{argv}: {environment:?}"
+        );
+    }
+    let reports: serde_json::Value = serde_json::from_str(&stdout).unwrap();
     let report = &reports["reports"][0];
     assert_eq!(report["passed"], true, "{report}");
     assert_eq!(report["kind"], "postgres-physical");

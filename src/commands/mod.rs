@@ -16,6 +16,7 @@ pub mod show;
 pub mod status;
 pub mod verify;
 pub mod wal;
+pub mod wal_relay;
 
 use std::time::Duration;
 

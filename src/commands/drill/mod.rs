@@ -22,6 +22,7 @@ pub use report::{CheckResult, DrillReport, Measured, Phase, Projection};
 use super::restore::{
     self, PhysicalRestoreOptions, PostgresRestoreOptions, RecoveryTarget, RestoreOptions,
 };
+use super::wal_relay::{RelaySource, WalRelay};
 use crate::config::{Config, JobSource, PostgresJob, PostgresMode};
 use crate::error::{Error, ErrorKind, Result};
 use crate::manifest::Manifest;
@@ -675,6 +676,14 @@ async fn run_physical(
     let server = Connection::from_settings(&format!("job '{}'", drill.job), &job.connection)?;
     let binaries = Binaries::find(job.bin_dir.as_deref(), manifest.server_major().unwrap_or(0))?;
     let scratch = ScratchDir::create()?;
+    // The scratch server replays WAL through lifeboat: the credentials stay here.
+    let relay = WalRelay::bind(scratch.path(), scratch.owner())?;
+    let relay_source = RelaySource {
+        job: Some(drill.job.clone()),
+        from: drill.from.clone(),
+        exclude: drill.exclude.clone(),
+        identity_file: drill.identity_file.clone(),
+    };
     let started = Instant::now();
     let restored = restore::run(
         config,
@@ -690,6 +699,7 @@ async fn run_physical(
                 from: None,
                 exclude: Vec::new(),
                 bin_dir: None,
+                wal_relay: Some(relay.socket().to_path_buf()),
             }),
             ..restore_options(drill, &manifest.id)
         },
@@ -697,25 +707,32 @@ async fn run_physical(
     .await?;
     clock.stages(started, &restored.stages);
 
-    let started = Instant::now();
-    let cluster = ScratchCluster::start_restored(scratch, &binaries, server.user()).await?;
-    let replay = started.elapsed();
-    clock.phase("WAL replay", started);
+    let replay_and_checks = async {
+        let started = Instant::now();
+        let cluster = ScratchCluster::start_restored(scratch, &binaries, server.user()).await?;
+        let replay = started.elapsed();
+        clock.phase("WAL replay", started);
 
-    let started = Instant::now();
-    let default_database = drill
-        .database
-        .clone()
-        .unwrap_or_else(|| server.database().to_string());
-    let (checks, marker) = sql_checks(
-        drill,
-        &cluster.dsn("postgres"),
-        &default_database,
-        job.heartbeat,
-    )
-    .await?;
-    clock.phase("checks", started);
-    drop(cluster);
+        let started = Instant::now();
+        let default_database = drill
+            .database
+            .clone()
+            .unwrap_or_else(|| server.database().to_string());
+        let checks = sql_checks(
+            drill,
+            &cluster.dsn("postgres"),
+            &default_database,
+            job.heartbeat,
+        )
+        .await?;
+        clock.phase("checks", started);
+        drop(cluster);
+        Ok::<_, Error>((replay, checks))
+    };
+    let (replay, (checks, marker)) = tokio::select! {
+        done = replay_and_checks => done?,
+        never = relay.serve(config, &relay_source) => match never {},
+    };
     Ok(Outcome {
         restore_seconds: restored.stages.iter().map(|(_, d)| d.as_secs_f64()).sum::<f64>()
             + replay.as_secs_f64(),

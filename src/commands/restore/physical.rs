@@ -75,6 +75,9 @@ pub struct PhysicalRestoreOptions {
     /// Never read WAL from these repositories (a drill playing their loss).
     pub exclude: Vec<String>,
     pub bin_dir: Option<PathBuf>,
+    /// Fetch WAL through this relay socket (a drill's, see `wal_relay`) rather than with
+    /// this binary, config and credentials.
+    pub wal_relay: Option<PathBuf>,
 }
 
 impl PhysicalRestoreOptions {
@@ -284,17 +287,19 @@ pub(super) async fn restore(
             inherited.join(", ")
         ));
     }
-    warnings.push(format!(
-        "the restored server fetches WAL with `lifeboat wal-fetch` as its own user: that user needs to read '{}'{} and the repositories' credentials",
-        source.config_path.display(),
-        match &source.identity_file {
-            Some(identity) => format!(
-                ", the identity file '{}' (its own, mode 0600)",
-                identity.display()
-            ),
-            None => String::new(),
-        }
-    ));
+    if options.wal_relay.is_none() {
+        warnings.push(format!(
+            "the restored server fetches WAL with `lifeboat wal-fetch` as its own user: that user needs to read '{}'{} and the repositories' credentials",
+            source.config_path.display(),
+            match &source.identity_file {
+                Some(identity) => format!(
+                    ", the identity file '{}' (its own, mode 0600)",
+                    identity.display()
+                ),
+                None => String::new(),
+            }
+        ));
+    }
     if !options.keep_archiving {
         warnings.push(
             "archive_mode is off in the restored cluster; when it becomes the primary, turn it on with its own job".to_string(),
@@ -529,6 +534,33 @@ fn forget_recovery_settings(target: &Target, owner: Option<(u32, u32)>) -> std::
     Ok(())
 }
 
+/// `lifeboat wal-fetch` with this restore's config, job, repositories and identity: the
+/// server fetches WAL long after this process is gone, without its environment.
+fn fetch_command(exe: &Path, options: &PhysicalRestoreOptions, source: &WalSource) -> String {
+    let mut fetch = format!(
+        "{} --config {} wal-fetch --job {}",
+        shell_word(&exe.to_string_lossy()),
+        shell_word(&source.config_path.to_string_lossy()),
+        shell_word(&source.job)
+    );
+    if let Some(from) = &options.from {
+        write!(fetch, " --from {}", shell_word(from)).expect("writing to a String");
+    }
+    for excluded in &options.exclude {
+        write!(fetch, " --exclude {}", shell_word(excluded)).expect("writing to a String");
+    }
+    if let Some(identity) = &source.identity_file {
+        let identity = std::path::absolute(identity).unwrap_or_else(|_| identity.clone());
+        write!(
+            fetch,
+            " --identity-file {}",
+            shell_word(&identity.to_string_lossy())
+        )
+        .expect("writing to a String");
+    }
+    fetch
+}
+
 /// Writes the recovery settings into the restored data directory, replacing any the base
 /// backup carried; returns what it removed (settings, and a `standby.signal`).
 fn configure_recovery(
@@ -544,28 +576,14 @@ fn configure_recovery(
         )
         .with_source(e)
     })?;
-    let mut fetch = format!(
-        "{} --config {} wal-fetch --job {}",
-        shell_word(&exe.to_string_lossy()),
-        shell_word(&source.config_path.to_string_lossy()),
-        shell_word(&source.job)
-    );
-    if let Some(from) = &options.from {
-        write!(fetch, " --from {}", shell_word(from)).expect("writing to a String");
-    }
-    for excluded in &options.exclude {
-        write!(fetch, " --exclude {}", shell_word(excluded)).expect("writing to a String");
-    }
-    // The server fetches WAL long after this process is gone, without its environment.
-    if let Some(identity) = &source.identity_file {
-        let identity = std::path::absolute(identity).unwrap_or_else(|_| identity.clone());
-        write!(
-            fetch,
-            " --identity-file {}",
-            shell_word(&identity.to_string_lossy())
-        )
-        .expect("writing to a String");
-    }
+    let mut fetch = match &options.wal_relay {
+        Some(socket) => format!(
+            "{} wal-fetch --via {}",
+            shell_word(&exe.to_string_lossy()),
+            shell_word(&socket.to_string_lossy())
+        ),
+        None => fetch_command(&exe, options, source),
+    };
     fetch.push_str(" %f %p");
     let mut settings = format!(
         "\n{RESTORE_MARK} at {}: replay WAL from the archive, then promote.\n",

@@ -133,15 +133,23 @@ impl ScratchDir {
         self.dir.path().join("data")
     }
 
+    pub fn path(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// Who runs the cluster, when lifeboat (as root) does not.
+    pub fn owner(&self) -> Option<(u32, u32)> {
+        self.owner
+    }
+
     /// Runs the postmaster on the private socket only, with `settings` (`name=value`).
     fn spawn(
         self,
         binaries: &Binaries,
         settings: &[String],
         superuser: &str,
-        environment: ServerEnvironment,
     ) -> Result<ScratchCluster> {
-        let child = spawn_postmaster(self.dir.path(), self.owner, binaries, settings, environment)?;
+        let child = spawn_postmaster(self.dir.path(), self.owner, binaries, settings)?;
         crate::interrupt::forget(self.dir.path());
         Ok(ScratchCluster {
             dir: self.dir,
@@ -151,28 +159,15 @@ impl ScratchDir {
     }
 }
 
-/// What a scratch postmaster is given of lifeboat's environment.
-#[derive(Clone, Copy, PartialEq, Eq)]
-enum ServerEnvironment {
-    /// The kept environment alone (`process::server`).
-    Plain,
-    /// And the storage credentials, for `restore_command = lifeboat wal-fetch` while it
-    /// replays. (A restart without them would lose what the checks read of the replay:
-    /// `pg_last_xact_replay_timestamp()`.)
-    WithStorageCredentials,
-}
-
 fn spawn_postmaster(
     dir: &Path,
     owner: Option<(u32, u32)>,
     binaries: &Binaries,
     settings: &[String],
-    environment: ServerEnvironment,
 ) -> Result<Child> {
+    // The kept environment alone (`process::server`): a restored cluster fetches its WAL
+    // through the drill's relay, without the storage credentials.
     let mut postgres = binaries.server_command("postgres");
-    if environment == ServerEnvironment::WithStorageCredentials {
-        crate::sources::process::pass_storage_credentials(&mut postgres);
-    }
     postgres
         .arg("-D")
         .arg(dir.join("data"))
@@ -217,7 +212,7 @@ impl ScratchCluster {
             .args(["--locale=C.UTF-8", "--no-sync"]);
         as_owner(&mut initdb, scratch.owner);
         crate::sources::process::run(initdb, "create a scratch cluster with initdb")?;
-        let mut cluster = scratch.spawn(binaries, &[], SUPERUSER, ServerEnvironment::Plain)?;
+        let mut cluster = scratch.spawn(binaries, &[], SUPERUSER)?;
         cluster.wait_ready().await?;
         Ok(cluster)
     }
@@ -241,12 +236,7 @@ impl ScratchCluster {
         ];
         // No deadline: replay takes as long as the archive is long, and that time is the
         // drill's measurement. A postmaster that gives up is noticed at once.
-        let mut cluster = scratch.spawn(
-            binaries,
-            &settings,
-            user,
-            ServerEnvironment::WithStorageCredentials,
-        )?;
+        let mut cluster = scratch.spawn(binaries, &settings, user)?;
         let connection = Connection::from_dsn(&cluster.dsn("postgres"))?;
         loop {
             cluster.check_running()?;
