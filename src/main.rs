@@ -655,11 +655,11 @@ async fn run(cli: Cli) -> Result<i32> {
             )
             .await?;
             print(&report, format);
-            let outcome = report.outcome();
+            let passed = report.reports.iter().all(|r| r.passed);
             if let Some(first) = report.reports.first() {
-                record_run(&config, "drill", &first.job, started_at, outcome.is_ok()).await;
+                record_run(&config, "drill", &first.job, started_at, passed).await;
             }
-            outcome?;
+            report.into_outcome()?;
         }
         Command::Drill {
             action: DrillAction::History { name, format },

@@ -38,6 +38,12 @@ fn assert_damage_is_caught(config: &Path, work: &Path, repository: &str, object_
     restore.assert_code(1);
     let message = format!("damaged object '{object_key}' in repository '{repository}'");
     assert!(restore.stderr.contains(&message), "{}", restore.stderr);
+    // It reads from that repository alone: no word of another one to read from.
+    assert!(
+        !restore.stderr.contains("reading from"),
+        "{}",
+        restore.stderr
+    );
     assert!(
         !into.exists(),
         "the target '{}' was created",

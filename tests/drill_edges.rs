@@ -141,6 +141,27 @@ fn every_run_keeps_its_report_and_a_refused_one_leaves_a_failed_report() {
     let history = lifeboat(&config, &["drill", "history", "missing"]);
     history.assert_code(0);
     assert!(history.stdout.contains("FAIL"), "{}", history.stdout);
+
+    // A script reading `--format json` gets the FAILED report too, not an empty stdout.
+    let run = run_command(
+        lifeboat_command(&config)
+            .args(["drill", "run", "--format", "json"])
+            .arg(&missing)
+            .arg("--report-dir")
+            .arg(&refused_reports),
+    );
+    run.assert_code(1);
+    let printed: serde_json::Value = serde_json::from_str(&run.stdout)
+        .unwrap_or_else(|e| panic!("{e}: {}{}", run.stdout, run.stderr));
+    let report = &printed["reports"][0];
+    assert_eq!(report["passed"], false, "{printed}");
+    assert!(
+        report["failure"]
+            .as_str()
+            .unwrap()
+            .contains("unable to find backup '20000101T000000Z'"),
+        "{printed}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -293,7 +314,7 @@ fn keys_that_cannot_serve_are_refused_by_name() {
         run.stderr
     );
     assert!(
-        !run.stderr.contains("reading from the next repository"),
+        !run.stderr.contains("reading from repository"),
         "{}",
         run.stderr
     );

@@ -581,6 +581,22 @@ expect = "non-empty"
             .contains("kept the restored database(s) app"),
     );
 
+    // Once more onto the kept database: refused in the drill's own terms (no restore flag
+    // a drill file cannot set), and the database there stays as it is.
+    let kept = target.data_fingerprint("app");
+    let run = run_against(&file, &target.password);
+    run.assert_code(2);
+    assert!(
+        run.stderr
+            .contains("target: database 'app' there already holds tables")
+            && run.stderr.contains("drop 'app' on that server first")
+            && !run.stderr.contains("--as")
+            && !run.stderr.contains("--clean"),
+        "{}",
+        run.stderr
+    );
+    assert_eq!(target.data_fingerprint("app"), kept);
+
     // The job's own source is no drill target.
     let before = source.data_fingerprint("app");
     let file = drill_file("into-source", &source.dsn("postgres"), false);

@@ -56,6 +56,52 @@ pub struct Check {
     pub kind: CheckKind,
 }
 
+/// The Redis commands a check may run: they read keys or the server's state and write
+/// nothing, reach no other host and touch no file (not CONFIG, SAVE, REPLICAOF, MIGRATE,
+/// MODULE, DEBUG, EVAL or anything that writes a key).
+const READ_ONLY_REDIS: &[&str] = &[
+    "BITCOUNT",
+    "DBSIZE",
+    "EXISTS",
+    "GET",
+    "GETRANGE",
+    "HEXISTS",
+    "HGET",
+    "HGETALL",
+    "HKEYS",
+    "HLEN",
+    "HMGET",
+    "HSTRLEN",
+    "HVALS",
+    "INFO",
+    "LASTSAVE",
+    "LINDEX",
+    "LLEN",
+    "LRANGE",
+    "MGET",
+    "PING",
+    "PTTL",
+    "SCARD",
+    "SISMEMBER",
+    "SMEMBERS",
+    "SMISMEMBER",
+    "STRLEN",
+    "TTL",
+    "TYPE",
+    "XLEN",
+    "ZCARD",
+    "ZCOUNT",
+    "ZRANGE",
+    "ZRANK",
+    "ZSCORE",
+];
+
+fn is_read_only(command: &str) -> bool {
+    READ_ONLY_REDIS
+        .iter()
+        .any(|allowed| allowed.eq_ignore_ascii_case(command))
+}
+
 #[derive(Debug, Clone)]
 pub enum CheckKind {
     Sql {
@@ -220,11 +266,18 @@ impl Drill {
                         .split_whitespace()
                         .map(str::to_string)
                         .collect();
-                    if command.is_empty() {
+                    let span = check.redis.as_ref().expect("matched").span();
+                    let Some(name) = command.first() else {
+                        return Err(source.error(span, &field("redis"), "is empty"));
+                    };
+                    if !is_read_only(name) {
                         return Err(source.error(
-                            check.redis.as_ref().expect("matched").span(),
+                            span,
                             &field("redis"),
-                            "is empty",
+                            format!(
+                                "'{name}' is not a read-only command; a check reads what was restored and changes nothing (one of: {})",
+                                READ_ONLY_REDIS.join(", ")
+                            ),
                         ));
                     }
                     CheckKind::Redis {
@@ -370,6 +423,34 @@ mod tests {
         );
         let err = parse("name = \"x\"\n").unwrap_err();
         assert!(err.message().contains("job"), "{}", err.message());
+    }
+
+    #[test]
+    fn a_redis_check_that_would_change_the_server_is_refused_by_name() {
+        let check = |command: &str| {
+            parse(&format!(
+                "name = \"x\"\njob = \"sessions\"\n\n[[check]]\nname = \"c\"\nredis = \"{command}\"\n"
+            ))
+        };
+        for refused in [
+            "CONFIG SET dir /root/.ssh",
+            "save",
+            "REPLICAOF 10.0.0.1 6379",
+            "FLUSHALL",
+            "SET k v",
+            "EVAL \\\"return 1\\\" 0",
+        ] {
+            let err = check(refused).unwrap_err();
+            assert!(
+                err.message().contains("line 6: check[0].redis:")
+                    && err.message().contains("is not a read-only command"),
+                "{refused}: {}",
+                err.message()
+            );
+        }
+        for allowed in ["DBSIZE", "get session:42", "TTL k", "hget h f"] {
+            check(allowed).unwrap_or_else(|e| panic!("{allowed}: {e}"));
+        }
     }
 
     #[test]

@@ -70,15 +70,35 @@ impl Clock {
 }
 
 /// The reports of one `drill run`: one, or one per repository.
-#[derive(Debug, serde::Serialize)]
+#[derive(Debug, Default, serde::Serialize)]
 pub struct DrillRun {
     pub reports: Vec<DrillReport>,
+    /// Why runs stopped before they could be judged (each has its FAILED report above).
+    #[serde(skip)]
+    stopped: Vec<Error>,
 }
 
 impl DrillRun {
-    /// Ok only if every report passed.
-    pub fn outcome(&self) -> Result<()> {
+    /// Ok only if every report passed. A run that stopped before it could be judged fails
+    /// with what stopped it (its exit code says what kind of failure it was).
+    pub fn into_outcome(self) -> Result<()> {
+        let mut stopped = self.stopped.into_iter();
+        if let Some(first) = stopped.next() {
+            return Err(stopped.fold(first, |error, other| {
+                error.with_hint(other.chain().join(": "))
+            }));
+        }
         self.reports.iter().try_for_each(DrillReport::outcome)
+    }
+
+    fn add(&mut self, run: std::result::Result<DrillReport, Stopped>) {
+        match run {
+            Ok(report) => self.reports.push(report),
+            Err(Stopped { report, error }) => {
+                self.reports.push(*report);
+                self.stopped.push(error);
+            }
+        }
     }
 }
 
@@ -90,17 +110,23 @@ impl std::fmt::Display for DrillRun {
     }
 }
 
+/// A run that failed before it had anything to judge, with the FAILED report it kept.
+struct Stopped {
+    report: Box<DrillReport>,
+    error: Error,
+}
+
 pub async fn run(config: &Config, options: &DrillOptions) -> Result<DrillRun> {
     let mut drill = Drill::load(&options.file)?;
+    let mut run = DrillRun::default();
     if !options.each_repository {
-        return Ok(DrillRun {
-            reports: vec![run_once(config, &drill, &options.report_dir, None).await?],
-        });
+        run.add(run_once(config, &drill, &options.report_dir, None).await);
+        return Ok(run);
     }
-    // The same backup from each repository that holds it, each on its own.
+    // The same backup from each repository that holds it, each on its own: one that stops
+    // does not keep the others from their proof.
     let manifest = restore::find_backup(config, &drill.job, &drill.backup, None, &[]).await?;
     drill.backup = manifest.id.clone();
-    let mut reports = Vec::new();
     for repository in &config.repositories {
         match restore::find_backup(
             config,
@@ -117,8 +143,8 @@ pub async fn run(config: &Config, options: &DrillOptions) -> Result<DrillRun> {
                     exclude: Vec::new(),
                     ..drill.clone()
                 };
-                reports.push(
-                    run_once(config, &alone, &options.report_dir, Some(&repository.name)).await?,
+                run.add(
+                    run_once(config, &alone, &options.report_dir, Some(&repository.name)).await,
                 );
             }
             Err(e) => {
@@ -126,7 +152,7 @@ pub async fn run(config: &Config, options: &DrillOptions) -> Result<DrillRun> {
             }
         }
     }
-    Ok(DrillRun { reports })
+    Ok(run)
 }
 
 /// One drill run; its log lines carry the drill and the job.
@@ -135,7 +161,7 @@ async fn run_once(
     drill: &Drill,
     report_dir: &Path,
     only_from: Option<&str>,
-) -> Result<DrillReport> {
+) -> std::result::Result<DrillReport, Stopped> {
     let span = tracing::info_span!("drill", drill = %drill.name, job = %drill.job);
     run_drill(config, drill, report_dir, only_from)
         .instrument(span)
@@ -150,7 +176,7 @@ async fn run_drill(
     drill: &Drill,
     report_dir: &Path,
     only_from: Option<&str>,
-) -> Result<DrillReport> {
+) -> std::result::Result<DrillReport, Stopped> {
     let declared_at = Utc::now();
     let started = Instant::now();
     let err = match attempt_drill(config, drill, report_dir, only_from).await {
@@ -208,10 +234,14 @@ async fn run_drill(
     if let Err(e) = report.write(report_dir) {
         tracing::warn!(error = %e.chain().join(": "), "unable to write the failed drill's report");
     }
-    Err(err.with_hint(format!(
+    let error = err.with_hint(format!(
         "the FAILED report: {}",
         report.written.first().cloned().unwrap_or_default()
-    )))
+    ));
+    Err(Stopped {
+        report: Box::new(report),
+        error,
+    })
 }
 
 async fn attempt_drill(
@@ -466,6 +496,7 @@ async fn run_postgres(
         }
         DrillTarget::Dsn(dsn) => {
             warnings.extend(refuse_the_source(drill, manifest, dsn).await?);
+            refuse_holding_databases(drill, manifest, dsn).await?;
             (None, dsn.clone())
         }
     };
@@ -574,6 +605,30 @@ async fn refuse_the_source(
         .with_hint("leave target out to restore into a scratch cluster, or name a server that is not the source"));
     }
     Ok(None)
+}
+
+/// Refuses a DSN target that already holds tables in a database the drill would restore:
+/// a drill never replaces data, and the restore's own advice (`--as`, `--clean`) is no
+/// drill file setting.
+async fn refuse_holding_databases(drill: &Drill, manifest: &Manifest, dsn: &str) -> Result<()> {
+    let target = Target::open(&Connection::from_dsn(dsn)?).await?;
+    let databases = manifest
+        .objects
+        .iter()
+        .filter_map(|o| o.database.as_deref())
+        .filter(|d| drill.database.as_deref().is_none_or(|wanted| wanted == *d));
+    for database in databases {
+        if target.database_exists(database).await? && !target.database_is_empty(database).await? {
+            return Err(Error::config(format!(
+                "invalid drill file '{}': target: database '{database}' there already holds tables, and a drill restores into a throw-away target",
+                drill.path.display()
+            ))
+            .with_hint(format!(
+                "drop '{database}' on that server first, name a server without it, or leave target out to restore into a scratch cluster"
+            )));
+        }
+    }
+    Ok(())
 }
 
 /// Drops the databases a drill restored into its DSN target, now that it has ended; says

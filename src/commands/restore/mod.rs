@@ -172,7 +172,8 @@ impl Selected {
         mut attempt: impl AsyncFnMut(&Repository) -> Result<T>,
     ) -> Result<T> {
         let mut failures: Vec<(String, Error)> = Vec::new();
-        for repository in &self.sources {
+        for (index, repository) in self.sources.iter().enumerate() {
+            let next = self.sources.get(index + 1);
             match attempt(repository).await {
                 Ok(value) => {
                     if !failures.is_empty() {
@@ -198,7 +199,9 @@ impl Selected {
                 // The target, or the key, would fail the same way with any other copy.
                 Err(e) if matches!(e.kind(), ErrorKind::Target | ErrorKind::Key) => return Err(e),
                 Err(e) => {
-                    tracing::warn!(object = %object, repository = %repository.name, error = %e.chain().join(": "), "reading from the next repository that holds it");
+                    if let Some(next) = next {
+                        tracing::warn!(object = %object, repository = %repository.name, error = %e.chain().join(": "), "reading from repository '{}', which holds it too", next.name);
+                    }
                     failures.push((repository.name.clone(), e));
                 }
             }
@@ -437,14 +440,16 @@ async fn select(
         .collect();
     let mut manifest_error = None;
     let mut manifest = None;
-    for repository in &sources {
+    for (index, repository) in sources.iter().enumerate() {
         match repository.read_manifest(job, &id).await {
             Ok(found) => {
                 manifest = Some(found);
                 break;
             }
             Err(e) => {
-                tracing::warn!(repository = %repository.name, error = %e.chain().join(": "), "unable to read the manifest; trying the next repository");
+                if let Some(next) = sources.get(index + 1) {
+                    tracing::warn!(repository = %repository.name, error = %e.chain().join(": "), "unable to read the manifest; trying repository '{}'", next.name);
+                }
                 manifest_error.get_or_insert(e);
             }
         }
