@@ -840,7 +840,7 @@ async fn run(cli: Cli) -> Result<i32> {
         } => {
             let options = wal::WalFetchOptions {
                 name,
-                dest,
+                dest: wal::WalDestination::Path(dest),
                 job,
                 from,
                 exclude,

@@ -528,7 +528,7 @@ fn archived_copy(stored: &[u8], file: &WalFile) -> std::io::Result<ArchivedCopy>
 
 pub struct WalFetchOptions {
     pub name: String,
-    pub dest: PathBuf,
+    pub dest: WalDestination,
     pub job: Option<String>,
     /// Read only from this repository.
     pub from: Option<String>,
@@ -536,6 +536,32 @@ pub struct WalFetchOptions {
     pub exclude: Vec<String>,
     /// Decrypt with this identity file (the restore's), else as the config says.
     pub identity_file: Option<PathBuf>,
+}
+
+/// Where `fetch` writes the file it found.
+pub enum WalDestination {
+    /// A path (PostgreSQL's %p): written beside it and renamed into place once whole and
+    /// checked.
+    Path(PathBuf),
+    /// An open file, rewritten from its start: a relay's unnamed one, which has no path
+    /// another user could swap and nothing to leave behind.
+    File(std::fs::File),
+}
+
+impl WalDestination {
+    fn describe(&self) -> String {
+        match self {
+            WalDestination::Path(path) => format!("'{}'", path.display()),
+            WalDestination::File(_) => "the relay's unnamed file".to_string(),
+        }
+    }
+
+    fn try_clone(&self) -> std::io::Result<WalDestination> {
+        Ok(match self {
+            WalDestination::Path(path) => WalDestination::Path(path.clone()),
+            WalDestination::File(file) => WalDestination::File(file.try_clone()?),
+        })
+    }
 }
 
 #[derive(Debug)]
@@ -587,7 +613,13 @@ pub async fn fetch(config: &Config, options: &WalFetchOptions) -> Result<WalFetc
             ))?),
             false => None,
         };
-        let dest = options.dest.clone();
+        let dest = options.dest.try_clone().map_err(|e| {
+            Error::new(
+                ErrorKind::Target,
+                format!("unable to write WAL file {}", options.dest.describe()),
+            )
+            .with_source(e)
+        })?;
         let wanted = file.clone();
         let written = tokio::task::spawn_blocking(move || {
             write_decoded(
@@ -622,7 +654,7 @@ pub async fn fetch(config: &Config, options: &WalFetchOptions) -> Result<WalFetc
             Err(e) => {
                 return Err(Error::new(
                     ErrorKind::Target,
-                    format!("unable to write WAL file '{}'", options.dest.display()),
+                    format!("unable to write WAL file {}", options.dest.describe()),
                 )
                 .with_source(e));
             }
@@ -659,29 +691,51 @@ fn is_unreachable(error: &Error) -> bool {
     error.kind() == ErrorKind::Storage
 }
 
-/// Decodes `stored` (decrypting it with `identities` when given) into a temp file beside
-/// `dest`, checks it and renames it into place: PostgreSQL must never see a partial segment
-/// under the real name. It is not synced: PostgreSQL replays it as soon as this returns and,
+/// Decodes `stored` (decrypting it with `identities` when given) into `dest`. A path gets a
+/// temp file beside it, checked, then renamed into place: PostgreSQL must never see a
+/// partial segment under the real name. It is not synced: PostgreSQL replays it as soon as this returns and,
 /// after a crash, fetches it from the archive again, so nothing needs it to outlive a power
 /// loss, and syncing 16 MiB took longer than decoding it (pgBackRest's archive-get does not
 /// sync either). A key that does not open it is PermissionDenied.
 fn write_decoded(
     stored: &[u8],
     identities: Option<&[Identity]>,
-    dest: &Path,
+    dest: &WalDestination,
     file: &WalFile,
 ) -> std::io::Result<u64> {
-    let parent = dest
-        .parent()
-        .filter(|p| !p.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
-    let mut temp = tempfile::Builder::new()
-        .prefix(".lifeboat-wal-fetch-")
-        .tempfile_in(parent)?;
+    match dest {
+        WalDestination::Path(dest) => {
+            let parent = dest
+                .parent()
+                .filter(|p| !p.as_os_str().is_empty())
+                .unwrap_or(Path::new("."));
+            let mut temp = tempfile::Builder::new()
+                .prefix(".lifeboat-wal-fetch-")
+                .tempfile_in(parent)?;
+            let size = decode_checked(stored, identities, temp.as_file_mut(), file)?;
+            temp.persist(dest).map_err(|e| e.error)?;
+            Ok(size)
+        }
+        WalDestination::File(out) => {
+            let mut out = out.try_clone()?;
+            out.set_len(0)?;
+            std::io::Seek::rewind(&mut out)?;
+            decode_checked(stored, identities, &mut out, file)
+        }
+    }
+}
+
+/// Decodes `stored` into `out` (empty, at its start) and checks what it decoded to.
+fn decode_checked(
+    stored: &[u8],
+    identities: Option<&[Identity]>,
+    out: &mut std::fs::File,
+    file: &WalFile,
+) -> std::io::Result<u64> {
     let decoded = match identities {
-        None => zstd::stream::copy_decode(stored, temp.as_file_mut()),
+        None => zstd::stream::copy_decode(stored, &mut *out),
         Some(identities) => match keys::open(stored, identities) {
-            Ok(plain) => zstd::stream::copy_decode(plain, temp.as_file_mut()),
+            Ok(plain) => zstd::stream::copy_decode(plain, &mut *out),
             Err(keys::OpenError::NoMatchingKey) => {
                 return Err(std::io::Error::new(
                     std::io::ErrorKind::PermissionDenied,
@@ -692,7 +746,7 @@ fn write_decoded(
         },
     };
     decoded.map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))?;
-    let size = temp.as_file().metadata()?.len();
+    let size = out.metadata()?.len();
     // What PostgreSQL would take for the end of WAL must not reach it: a copy that is no
     // replayable segment is damaged, and the next repository's copy is tried.
     if file.kind == WalFileKind::Segment {
@@ -702,10 +756,11 @@ fn write_decoded(
                 format!("it decodes to {size} bytes, which is no WAL segment size"),
             ));
         }
-        let decoded = std::fs::read(temp.path())?;
+        let mut decoded = Vec::with_capacity(size as usize);
+        std::io::Seek::rewind(out)?;
+        std::io::Read::read_to_end(out, &mut decoded)?;
         wal::check_segment(file, &decoded)
             .map_err(|problem| std::io::Error::new(std::io::ErrorKind::InvalidData, problem))?;
     }
-    temp.persist(dest).map_err(|e| e.error)?;
     Ok(size)
 }

@@ -10,14 +10,13 @@
 //! `failed MESSAGE\n` (recovery must stop).
 
 use std::io::{BufRead, BufReader, Read};
-use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt};
 use tokio::net::{UnixListener, UnixStream};
 
-use super::wal::{self, WalFetchOptions, WalFetchOutcome};
+use super::wal::{self, WalDestination, WalFetchOptions, WalFetchOutcome};
 use crate::config::Config;
 use crate::error::{Error, ErrorKind, Result};
 
@@ -35,43 +34,42 @@ pub struct RelaySource {
     pub identity_file: Option<PathBuf>,
 }
 
-/// A bound relay socket and the private directory each file is decoded into before it is
-/// passed on. Both live in the scratch directory, which is removed with the drill.
+/// A bound relay socket. Each file is decoded into an unnamed file of lifeboat's own (in
+/// `$TMPDIR`, opened `O_TMPFILE`) before it is passed on: nothing with a path the scratch
+/// server's user could swap for a link, and nothing left behind, even after SIGKILL.
 pub struct WalRelay {
     listener: UnixListener,
     socket: PathBuf,
-    staging: PathBuf,
 }
 
 impl WalRelay {
-    /// Binds `dir/wal-relay.sock`, usable by `owner` (the scratch server's user) alone.
+    /// Binds `dir/wal-relay.sock` for `owner` (the scratch server's user): `dir` is the
+    /// scratch directory, 0700 and theirs, so nobody else reaches the socket.
     pub fn bind(dir: &Path, owner: Option<(u32, u32)>) -> Result<WalRelay> {
         let socket = dir.join("wal-relay.sock");
-        let staging = dir.join("wal-relay");
         let failed = |what: &str, e: std::io::Error| {
             Error::new(
                 ErrorKind::Target,
-                format!("unable to {what} for the drill's WAL relay"),
+                format!(
+                    "unable to {what} '{}' for the drill's WAL relay",
+                    socket.display()
+                ),
             )
             .with_source(e)
         };
-        std::fs::DirBuilder::new()
-            .mode(0o700)
-            .create(&staging)
-            .map_err(|e| failed(&format!("create '{}'", staging.display()), e))?;
-        let listener = UnixListener::bind(&socket)
-            .map_err(|e| failed(&format!("listen on '{}'", socket.display()), e))?;
-        std::fs::set_permissions(&socket, std::fs::Permissions::from_mode(0o600))
-            .map_err(|e| failed(&format!("restrict '{}'", socket.display()), e))?;
+        let listener = UnixListener::bind(&socket).map_err(|e| failed("listen on", e))?;
         if let Some((uid, gid)) = owner {
-            std::os::unix::fs::chown(&socket, Some(uid), Some(gid))
-                .map_err(|e| failed(&format!("give '{}' to postgres", socket.display()), e))?;
+            // Not following a link: the directory is the other user's.
+            rustix::fs::chownat(
+                rustix::fs::CWD,
+                &socket,
+                Some(rustix::fs::Uid::from_raw(uid)),
+                Some(rustix::fs::Gid::from_raw(gid)),
+                rustix::fs::AtFlags::SYMLINK_NOFOLLOW,
+            )
+            .map_err(|e| failed("give to postgres", e.into()))?;
         }
-        Ok(WalRelay {
-            listener,
-            socket,
-            staging,
-        })
+        Ok(WalRelay { listener, socket })
     }
 
     pub fn socket(&self) -> &Path {
@@ -111,11 +109,10 @@ impl WalRelay {
         let Some(name) = line.strip_suffix('\n') else {
             return write.write_all(b"failed no request line\n").await;
         };
-        // The staged copy has a name of its own: the request names nothing on this side.
-        let dest = self.staging.join("file");
+        let staged = tempfile::tempfile()?;
         let options = WalFetchOptions {
             name: name.to_string(),
-            dest: dest.clone(),
+            dest: WalDestination::File(staged.try_clone()?),
             job: source.job.clone(),
             from: source.from.clone(),
             exclude: source.exclude.clone(),
@@ -123,9 +120,7 @@ impl WalRelay {
         };
         let answer = match wal::fetch(config, &options).await {
             Ok(WalFetchOutcome::Fetched { repository, size }) => {
-                let passed = pass_on(&dest, &repository, size, &mut write).await;
-                let _ = std::fs::remove_file(&dest);
-                return passed;
+                return pass_on(staged, &repository, size, &mut write).await;
             }
             Ok(WalFetchOutcome::NotArchived) => "missing\n".to_string(),
             Err(e) => format!("failed {}\n", one_line(&e.chain().join(": "))),
@@ -135,12 +130,13 @@ impl WalRelay {
 }
 
 async fn pass_on(
-    staged: &Path,
+    mut staged: std::fs::File,
     repository: &str,
     size: u64,
     write: &mut tokio::net::unix::OwnedWriteHalf,
 ) -> std::io::Result<()> {
-    let mut file = tokio::fs::File::open(staged).await?;
+    std::io::Seek::rewind(&mut staged)?;
+    let mut file = tokio::fs::File::from_std(staged).take(size);
     write
         .write_all(format!("fetched {size} {}\n", one_line(repository)).as_bytes())
         .await?;
@@ -225,4 +221,91 @@ pub fn fetch_via(socket: &Path, name: &str, dest: &Path) -> Result<WalFetchOutco
     }
     temp.persist(dest).map_err(|e| write_error(e.error))?;
     Ok(WalFetchOutcome::Fetched { repository, size })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::repository::Repository;
+
+    /// A config whose physical job archives into a local repository in `dir`, holding one
+    /// timeline history file.
+    async fn archive_with_history(dir: &Path) -> (Config, Vec<u8>) {
+        let text = format!(
+            "[[repository]]\nname = \"local\"\ntype = \"local\"\npath = \"{}\"\n\n\
+             [[job]]\nname = \"db\"\nkind = \"postgres\"\nmode = \"physical\"\ndsn = \"postgresql://postgres@127.0.0.1:1/postgres\"\n",
+            dir.join("repo").display()
+        );
+        let config = Config::parse(&text, &dir.join("lifeboat.toml")).unwrap();
+        Repository::open(&config.repositories[0])
+            .await
+            .ensure_marker()
+            .await
+            .unwrap();
+        let history = b"1\t0/3000000\tno recovery target specified\n".to_vec();
+        let file = crate::wal::WalFile::parse("00000002.history").unwrap();
+        let key = crate::layout::wal_keys("db", &file, false)[0].clone();
+        let path = dir.join("repo").join(key);
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        std::fs::write(&path, zstd::encode_all(&history[..], 3).unwrap()).unwrap();
+        (config, history)
+    }
+
+    fn raw_request(socket: &Path, request: &[u8]) -> String {
+        let mut stream = std::os::unix::net::UnixStream::connect(socket).unwrap();
+        let _ = std::io::Write::write_all(&mut stream, request);
+        let _ = stream.shutdown(std::net::Shutdown::Write);
+        let mut answer = String::new();
+        let _ = stream.read_to_string(&mut answer);
+        answer
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_relay_passes_archived_files_and_answers_hostile_requests_with_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let (config, history) = archive_with_history(dir.path()).await;
+        let relay = WalRelay::bind(dir.path(), None).unwrap();
+        let socket = relay.socket().to_path_buf();
+        let source = RelaySource {
+            job: None,
+            from: None,
+            exclude: Vec::new(),
+            identity_file: None,
+        };
+        let client = async {
+            let socket = socket.clone();
+            let out = dir.path().join("out");
+            tokio::task::spawn_blocking(move || {
+                std::fs::create_dir(&out).unwrap();
+                let dest = out.join("RECOVERYHISTORY");
+                let fetched = fetch_via(&socket, "00000002.history", &dest).unwrap();
+                assert!(matches!(fetched, WalFetchOutcome::Fetched { size, .. } if size == history.len() as u64));
+                assert_eq!(std::fs::read(&dest).unwrap(), history);
+                let missing = fetch_via(&socket, "00000003.history", &out.join("x")).unwrap();
+                assert!(matches!(missing, WalFetchOutcome::NotArchived));
+                assert!(!out.join("x").exists());
+                for hostile in ["../../etc/passwd", "00000002.history/../../x", ""] {
+                    let err = fetch_via(&socket, hostile, &out.join("y")).unwrap_err();
+                    assert!(
+                        err.message().contains("is not the name of a WAL archive file"),
+                        "{hostile}: {}",
+                        err.chain().join(": ")
+                    );
+                }
+                // A request line without its end, or longer than any name, gets no file.
+                assert_eq!(raw_request(&socket, b"00000002.history"), "failed no request line\n");
+                let long = format!("{}\n", "0".repeat(4096));
+                assert_eq!(raw_request(&socket, long.as_bytes()), "failed no request line\n");
+                // Only the file in out/, nothing the relay staged anywhere else.
+                let left: Vec<_> = std::fs::read_dir(&out).unwrap().collect();
+                assert_eq!(left.len(), 1, "{left:?}");
+            })
+            .await
+            .unwrap()
+        };
+        tokio::select! {
+            () = client => {}
+            never = relay.serve(&config, &source) => match never {},
+        }
+    }
 }

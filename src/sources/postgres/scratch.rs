@@ -227,7 +227,12 @@ impl ScratchCluster {
         user: &str,
     ) -> Result<ScratchCluster> {
         let hba = scratch.dir.path().join("lifeboat_hba.conf");
-        std::fs::write(&hba, "local all all trust\n")
+        // A new file, never one already there (or a link put there by the directory's owner).
+        std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(&hba)
+            .and_then(|mut file| std::io::Write::write_all(&mut file, b"local all all trust\n"))
             .map_err(|e| error("unable to write the scratch cluster's hba file").with_source(e))?;
         let settings = [
             format!("hba_file={}", hba.display()),
