@@ -542,7 +542,17 @@ fn print<T: std::fmt::Display + serde::Serialize>(report: &T, format: OutputForm
 /// PostgreSQL's terms: 1 is the end of the archive, anything else stops recovery.
 fn wal_fetch_exit_code(fetched: Result<wal::WalFetchOutcome>) -> i32 {
     match fetched {
-        Ok(wal::WalFetchOutcome::Fetched { .. }) => exit_code::SUCCESS,
+        Ok(wal::WalFetchOutcome::Fetched {
+            repository,
+            passed_over,
+            ..
+        }) => {
+            // Into the server's log, where an operator looks when replay was slow.
+            for problem in passed_over {
+                eprintln!("warning: {problem}; served by repository '{repository}'");
+            }
+            exit_code::SUCCESS
+        }
         Ok(wal::WalFetchOutcome::NotArchived) => exit_code::FAILURE,
         Err(e) => {
             print_error(&e);

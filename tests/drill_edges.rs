@@ -182,7 +182,9 @@ async fn checks_answer_with_one_value_escaped_cut_and_without_secrets() {
              [[check]]\nname = \"a <b>bold</b> | cell\"\nsql = \"select 'x | <script>alert(1)</script> [link](http://e) `code`'\"\nexpect = \"non-empty\"\n\n\
              [[check]]\nname = \"long\"\nsql = \"select repeat('y', 5000)\"\nexpect = \"non-empty\"\n\n\
              [[check]]\nname = \"secret\"\nsql = \"select 'pw=' || $${secret}$$\"\nexpect = \"non-empty\"\n\n\
-             [[check]]\nname = \"terminal\"\nsql = \"select chr(27) || '[2K' || chr(13) || 'drill edges: PASS'\"\nexpect = \"non-empty\"\n"
+             [[check]]\nname = \"terminal\"\nsql = \"select chr(27) || '[2K' || chr(13) || 'drill edges: PASS'\"\nexpect = \"non-empty\"\n\n\
+             [[check]]\nname = \"a host file\"\nsql = \"select reverse(pg_read_file('/etc/hostname'))\"\nexpect = \"non-empty\"\n\n\
+             [[check]]\nname = \"a program\"\nsql = \"copy (select 1) to program 'id'\"\nexpect = \"non-empty\"\n"
         ),
     )
     .unwrap();
@@ -225,6 +227,20 @@ async fn checks_answer_with_one_value_escaped_cut_and_without_secrets() {
             .to_string()
     };
     assert_eq!(returned("secret"), "pw=[redacted]");
+    // The checks' role reads the data, not the host: no file, no program.
+    for (name, refused) in [
+        ("a host file", "permission denied for function pg_read_file"),
+        (
+            "a program",
+            "must be superuser or have privileges of the pg_execute_server_program",
+        ),
+    ] {
+        assert!(
+            returned(name).contains(refused),
+            "{name}: {}",
+            returned(name)
+        );
+    }
     let long = returned("long");
     assert!(
         long.starts_with(&"y".repeat(1024)) && long.contains("cut to the first 1.0 KiB of 4.9 KiB"),
@@ -238,7 +254,7 @@ async fn checks_answer_with_one_value_escaped_cut_and_without_secrets() {
         .skip(2)
         .take_while(|l| l.starts_with('|'))
         .collect();
-    assert_eq!(rows.len(), 5, "{markdown}");
+    assert_eq!(rows.len(), 7, "{markdown}");
     assert!(
         !run.stdout.contains('\u{1b}') && !run.stderr.contains('\u{1b}'),
         "{}",

@@ -374,6 +374,57 @@ async fn an_interrupted_drill_leaves_no_scratch_cluster_behind() {
         .map(|e| e.file_name())
         .collect();
     assert!(left.is_empty(), "left in TMPDIR: {left:?}");
+
+    // Killed (SIGKILL) while a check runs: the scratch server dies with it, and the next
+    // drill removes the directory and names it.
+    let slow = work.path().join("slow.toml");
+    std::fs::write(
+        &slow,
+        "name = \"slow\"\njob = \"maindb\"\ndatabase = \"app\"\n\n[[check]]\nname = \"slow\"\nsql = \"select count(*) from pg_sleep(60)\"\nexpect = \">= 0\"\n",
+    )
+    .unwrap();
+    let mut child = lifeboat_command(&config)
+        .env("TMPDIR", &tmp)
+        .args(["drill", "run"])
+        .arg(&slow)
+        .arg("--report-dir")
+        .arg(work.path().join("reports"))
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    procs::wait_for_descendant(&mut child, |argv| argv.contains("SELECT"))
+        .expect("the drill reached its check");
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while !processes_mentioning(&tmp).is_empty() && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    assert!(
+        processes_mentioning(&tmp).is_empty(),
+        "left running after SIGKILL: {:?}",
+        processes_mentioning(&tmp)
+    );
+    let left = leftovers(&tmp);
+    assert_eq!(left.len(), 1, "{left:?}");
+    let run = run_command(
+        lifeboat_command(&config)
+            .env("TMPDIR", &tmp)
+            .args(["drill", "run"])
+            .arg(&file)
+            .arg("--report-dir")
+            .arg(work.path().join("reports")),
+    );
+    run.assert_code(0);
+    assert!(
+        run.stderr
+            .contains("of a drill that was stopped before it ended")
+            && run.stderr.contains(&left[0]),
+        "{}",
+        run.stderr
+    );
+    assert!(leftovers(&tmp).is_empty(), "{:?}", leftovers(&tmp));
 }
 
 #[test]
@@ -588,7 +639,7 @@ expect = "non-empty"
     run.assert_code(2);
     assert!(
         run.stderr
-            .contains("target: database 'app' there already holds tables")
+            .contains("target: database 'app' exists there already")
             && run.stderr.contains("drop 'app' on that server first")
             && !run.stderr.contains("--as")
             && !run.stderr.contains("--clean"),
@@ -596,6 +647,21 @@ expect = "non-empty"
         run.stderr
     );
     assert_eq!(target.data_fingerprint("app"), kept);
+    // No table at all, but a large object and a function: refused as well, kept whole.
+    target.psql("postgres", "drop database app");
+    target.psql("postgres", "create database app");
+    target.psql(
+        "app",
+        "select lo_from_bytea(424242, 'precious'); create function keep() returns int language sql as 'select 1'",
+    );
+    run_against(&file, &target.password).assert_code(2);
+    assert_eq!(
+        target.psql(
+            "app",
+            "select convert_from(lo_get(424242), 'UTF8') || keep()"
+        ),
+        "precious1"
+    );
 
     // The job's own source is no drill target.
     let before = source.data_fingerprint("app");

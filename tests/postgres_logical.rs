@@ -170,7 +170,8 @@ async fn logical_backup_restores_identical_databases_from_local_and_s3() {
         again
             .stderr
             .contains("unable to restore into database 'app'")
-            && again.stderr.contains("already holds tables"),
+            && again.stderr.contains("already holds")
+            && again.stderr.contains("tables, views, sequences or indexes"),
         "{}",
         again.stderr
     );

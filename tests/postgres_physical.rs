@@ -1510,3 +1510,106 @@ async fn a_recovery_that_stops_short_says_how_to_go_on() {
     // warning about files it may not read crowds the log's last lines.
     assert!(!run.stderr.contains("Permission denied"), "{}", run.stderr);
 }
+
+/// A segment whose last pages are zeros (a damaged disk under the archive) decodes and
+/// passes every check before replay; PostgreSQL takes the zeros for the end of WAL and
+/// promotes. A drill must fail there, not pass on part of the archive.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_physical_drill_whose_replay_ends_short_of_the_archive_fails() {
+    let region = SeaweedFs::start().await;
+    region.create_bucket(BUCKET).await;
+    let work = shared_work_dir();
+    let (source, config) = archiving_cluster(work.path(), &[&region], "");
+    source.psql("postgres", "create table events (id int, pad text)");
+    lifeboat(&config, &["backup", JOB]).assert_code(0);
+    source.psql(
+        "postgres",
+        "insert into events select i, repeat('x', 200) from generate_series(1, 200000) i",
+    );
+    source.archive_current_wal();
+
+    // The segment before the last is full: the WAL went on into the last one.
+    let mut segments: Vec<String> = region
+        .keys(BUCKET, &format!("{PREFIX}/jobs/{JOB}/wal/"))
+        .await
+        .into_iter()
+        .filter(|k| k.ends_with(".zst") && k.rsplit('/').next().unwrap().len() == 28)
+        .collect();
+    segments.sort();
+    assert!(segments.len() >= 4, "{segments:?}");
+    let key = segments[segments.len() - 2].clone();
+    let name = key.rsplit('/').next().unwrap().trim_end_matches(".zst");
+    let damaged = work.path().join("damaged");
+    std::fs::create_dir(&damaged).unwrap();
+    let segment = damaged.join(name);
+    lifeboat(
+        &config,
+        &["wal-fetch", "--job", JOB, name, segment.to_str().unwrap()],
+    )
+    .assert_code(0);
+    let mut raw = std::fs::read(&segment).unwrap();
+    raw[8 << 20..].fill(0);
+    std::fs::write(&segment, &raw).unwrap();
+    region
+        .client()
+        .delete_object()
+        .bucket(BUCKET)
+        .key(&key)
+        .send()
+        .await
+        .unwrap();
+    lifeboat(
+        &config,
+        &["wal-push", "--job", JOB, segment.to_str().unwrap()],
+    )
+    .assert_code(0);
+
+    // A check that the lost rows do not fail: only the drill's own end check can.
+    let drill = work.path().join("short.toml");
+    std::fs::write(
+        &drill,
+        format!(
+            "name = \"short\"\njob = \"{JOB}\"\n\n[[check]]\nname = \"some events\"\nsql = \"select count(*) from events\"\nexpect = \">= 1\"\n"
+        ),
+    )
+    .unwrap();
+    let tmp = work.path().join("tmp");
+    std::fs::create_dir(&tmp).unwrap();
+    std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o1777)).unwrap();
+    let run = run_command(
+        lifeboat_command(&config)
+            .env("TMPDIR", &tmp)
+            .args(["drill", "run", "--format", "json"])
+            .arg(&drill)
+            .arg("--report-dir")
+            .arg(work.path().join("reports")),
+    );
+    run.assert_code(1);
+    let reports: serde_json::Value = serde_json::from_str(&run.stdout)
+        .unwrap_or_else(|e| panic!("{e}: {}{}", run.stdout, run.stderr));
+    let report = &reports["reports"][0];
+    assert_eq!(report["passed"], false, "{report}");
+    assert!(
+        report["failure"]
+            .as_str()
+            .unwrap()
+            .contains("short of the end of the archive"),
+        "{report}"
+    );
+    // The FAILED report says which backup failed and how far the drill got.
+    assert_ne!(report["backup"], "latest", "{report}");
+    assert_eq!(report["rto"]["met"], false, "{report}");
+    assert!(
+        report["phases"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|p| p["name"] == "WAL replay"),
+        "{report}"
+    );
+    assert_eq!(
+        std::fs::read_dir(&tmp).unwrap().count(),
+        0,
+        "the scratch cluster is removed"
+    );
+}

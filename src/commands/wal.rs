@@ -569,6 +569,9 @@ pub enum WalFetchOutcome {
     Fetched {
         repository: String,
         size: u64,
+        /// The repositories tried first that could not serve it, and why: a damaged or
+        /// unreachable copy is no secret even when another one served.
+        passed_over: Vec<String>,
     },
     /// Every repository that answered lacks the file: PostgreSQL's normal end of the archive.
     NotArchived,
@@ -636,6 +639,7 @@ pub async fn fetch(config: &Config, options: &WalFetchOptions) -> Result<WalFetc
                 return Ok(WalFetchOutcome::Fetched {
                     repository: repository.name.clone(),
                     size,
+                    passed_over: failures.iter().map(|e| e.chain().join(": ")).collect(),
                 });
             }
             Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => {

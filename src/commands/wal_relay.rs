@@ -32,6 +32,26 @@ pub struct RelaySource {
     pub from: Option<String>,
     pub exclude: Vec<String>,
     pub identity_file: Option<PathBuf>,
+    /// The last segment the archive held when the drill listed it: replay ends there, so
+    /// that the drill measures the archive as it stood at its start, and a segment up to it
+    /// that is gone now fails the drill instead of ending replay early.
+    pub archive_end: Option<ArchiveEnd>,
+}
+
+#[derive(Clone, Debug)]
+pub struct ArchiveEnd {
+    pub name: String,
+    pub segment: u64,
+    pub timeline: u32,
+    pub segment_size: u64,
+}
+
+/// What the relay did that the drill's report tells: the repositories that served WAL, and
+/// what went wrong on the way (a copy passed over, a file refused).
+#[derive(Default, Debug)]
+pub struct RelayLog {
+    pub repositories: Vec<String>,
+    pub warnings: Vec<String>,
 }
 
 /// A bound relay socket. Each file is decoded into an unnamed file of lifeboat's own (in
@@ -40,6 +60,13 @@ pub struct RelaySource {
 pub struct WalRelay {
     listener: UnixListener,
     socket: PathBuf,
+    log: std::sync::Mutex<RelayLog>,
+}
+
+impl Drop for WalRelay {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.socket);
+    }
 }
 
 impl WalRelay {
@@ -69,27 +96,41 @@ impl WalRelay {
             )
             .map_err(|e| failed("give to postgres", e.into()))?;
         }
-        Ok(WalRelay { listener, socket })
+        Ok(WalRelay {
+            listener,
+            socket,
+            log: Default::default(),
+        })
     }
 
     pub fn socket(&self) -> &Path {
         &self.socket
     }
 
-    /// Answers requests one after another (PostgreSQL asks for one file at a time) until
-    /// the future is dropped. Never returns: a failed request is the client's answer.
+    /// What the relay did so far.
+    pub fn take_log(&self) -> RelayLog {
+        std::mem::take(&mut *self.log.lock().unwrap_or_else(|e| e.into_inner()))
+    }
+
+    /// Answers requests until the future is dropped, several at once: a client that says
+    /// nothing holds up no other. Never returns: a failed request is the client's answer.
     pub async fn serve(&self, config: &Config, source: &RelaySource) -> std::convert::Infallible {
+        use futures::StreamExt;
+        let mut answering = futures::stream::FuturesUnordered::new();
         loop {
-            let stream = match self.listener.accept().await {
-                Ok((stream, _)) => stream,
-                Err(e) => {
-                    tracing::warn!("the drill's WAL relay could not accept a request: {e}");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                    continue;
+            tokio::select! {
+                accepted = self.listener.accept() => match accepted {
+                    Ok((stream, _)) => answering.push(self.answer(stream, config, source)),
+                    Err(e) => {
+                        tracing::warn!("the drill's WAL relay could not accept a request: {e}");
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                    }
+                },
+                Some(answered) = answering.next(), if !answering.is_empty() => {
+                    if let Err(e) = answered {
+                        tracing::warn!("the drill's WAL relay could not answer a request: {e}");
+                    }
                 }
-            };
-            if let Err(e) = self.answer(stream, config, source).await {
-                tracing::warn!("the drill's WAL relay could not answer a request: {e}");
             }
         }
     }
@@ -109,6 +150,15 @@ impl WalRelay {
         let Some(name) = line.strip_suffix('\n') else {
             return write.write_all(b"failed no request line\n").await;
         };
+        let end = source.archive_end.as_ref();
+        let listed = crate::wal::WalFile::parse(name)
+            .filter(|file| file.kind == crate::wal::WalFileKind::Segment)
+            .and_then(|file| Some((file.timeline, file.segment(end?.segment_size)?)));
+        if let (Some(end), Some((_, segment))) = (end, listed)
+            && segment > end.segment
+        {
+            return write.write_all(b"missing\n").await;
+        }
         let staged = tempfile::tempfile()?;
         let options = WalFetchOptions {
             name: name.to_string(),
@@ -119,13 +169,45 @@ impl WalRelay {
             identity_file: source.identity_file.clone(),
         };
         let answer = match wal::fetch(config, &options).await {
-            Ok(WalFetchOutcome::Fetched { repository, size }) => {
+            Ok(WalFetchOutcome::Fetched {
+                repository,
+                size,
+                passed_over,
+            }) => {
+                self.note(
+                    &repository,
+                    passed_over.iter().map(|problem| {
+                        format!("WAL file '{name}': {problem}; served by repository '{repository}'")
+                    }),
+                );
                 return pass_on(staged, &repository, size, &mut write).await;
             }
-            Ok(WalFetchOutcome::NotArchived) => "missing\n".to_string(),
-            Err(e) => format!("failed {}\n", one_line(&e.chain().join(": "))),
+            Ok(WalFetchOutcome::NotArchived) => match (end, listed) {
+                (Some(end), Some((timeline, _))) if timeline == end.timeline => {
+                    let problem = format!(
+                        "WAL segment '{name}' was in the archive when the drill listed it (up to {}), and no repository holds it now",
+                        end.name
+                    );
+                    self.note("", [problem.clone()].into_iter());
+                    format!("failed {problem}\n")
+                }
+                _ => "missing\n".to_string(),
+            },
+            Err(e) => {
+                let problem = one_line(&e.chain().join(": "));
+                self.note("", [format!("WAL file '{name}': {problem}")].into_iter());
+                format!("failed {problem}\n")
+            }
         };
         write.write_all(answer.as_bytes()).await
+    }
+
+    fn note(&self, repository: &str, warnings: impl Iterator<Item = String>) {
+        let mut log = self.log.lock().unwrap_or_else(|e| e.into_inner());
+        if !repository.is_empty() && !log.repositories.iter().any(|r| r == repository) {
+            log.repositories.push(repository.to_string());
+        }
+        log.warnings.extend(warnings);
     }
 }
 
@@ -220,7 +302,11 @@ pub fn fetch_via(socket: &Path, name: &str, dest: &Path) -> Result<WalFetchOutco
         ));
     }
     temp.persist(dest).map_err(|e| write_error(e.error))?;
-    Ok(WalFetchOutcome::Fetched { repository, size })
+    Ok(WalFetchOutcome::Fetched {
+        repository,
+        size,
+        passed_over: Vec::new(),
+    })
 }
 
 #[cfg(test)]
@@ -271,18 +357,42 @@ mod tests {
             from: None,
             exclude: Vec::new(),
             identity_file: None,
+            archive_end: Some(ArchiveEnd {
+                name: "000000010000000000000005".to_string(),
+                segment: 5,
+                timeline: 1,
+                segment_size: 16 << 20,
+            }),
         };
         let client = async {
             let socket = socket.clone();
             let out = dir.path().join("out");
             tokio::task::spawn_blocking(move || {
                 std::fs::create_dir(&out).unwrap();
+                // A client that says nothing holds up no other: the one after it is
+                // answered while it still waits.
+                let mut silent = std::os::unix::net::UnixStream::connect(&socket).unwrap();
                 let dest = out.join("RECOVERYHISTORY");
                 let fetched = fetch_via(&socket, "00000002.history", &dest).unwrap();
+                silent.set_nonblocking(true).unwrap();
+                let pending = silent.read(&mut [0u8; 1]).unwrap_err();
+                assert_eq!(pending.kind(), std::io::ErrorKind::WouldBlock);
                 assert!(matches!(fetched, WalFetchOutcome::Fetched { size, .. } if size == history.len() as u64));
                 assert_eq!(std::fs::read(&dest).unwrap(), history);
                 let missing = fetch_via(&socket, "00000003.history", &out.join("x")).unwrap();
                 assert!(matches!(missing, WalFetchOutcome::NotArchived));
+                assert!(!out.join("x").exists());
+                // Past the archive as the drill listed it: its end, whatever came since.
+                let past = fetch_via(&socket, "000000010000000000000009", &out.join("x")).unwrap();
+                assert!(matches!(past, WalFetchOutcome::NotArchived));
+                // Listed, and gone now: recovery stops rather than promote early.
+                let gone = fetch_via(&socket, "000000010000000000000003", &out.join("x"))
+                    .unwrap_err();
+                assert!(
+                    gone.message().contains("was in the archive when the drill listed it"),
+                    "{}",
+                    gone.message()
+                );
                 assert!(!out.join("x").exists());
                 for hostile in ["../../etc/passwd", "00000002.history/../../x", ""] {
                     let err = fetch_via(&socket, hostile, &out.join("y")).unwrap_err();
@@ -307,5 +417,13 @@ mod tests {
             () = client => {}
             never = relay.serve(&config, &source) => match never {},
         }
+        let log = relay.take_log();
+        assert_eq!(log.repositories, ["local"]);
+        assert!(
+            log.warnings
+                .iter()
+                .any(|w| w.contains("000000010000000000000003")),
+            "{log:?}"
+        );
     }
 }

@@ -81,6 +81,14 @@ fn tool_dying_by(program: impl AsRef<std::ffi::OsStr>, death_signal: i32) -> Com
             .is_some_and(|name| kept(name, |name| name.starts_with("PG") && name != "PGPASSWORD"))
     }));
     command.process_group(0);
+    die_with_lifeboat(&mut command, death_signal);
+    command
+}
+
+/// The kernel sends `death_signal` to the child when lifeboat dies, however it dies. Set
+/// in the child after any change of user (which would clear it), and only for the thread
+/// that spawns: lifeboat spawns from threads that live as long as it does.
+pub fn die_with_lifeboat(command: &mut Command, death_signal: i32) {
     let parent = std::process::id() as libc::pid_t;
     // SAFETY: prctl and getppid are async-signal-safe; nothing here allocates.
     unsafe {
@@ -95,7 +103,6 @@ fn tool_dying_by(program: impl AsRef<std::ffi::OsStr>, death_signal: i32) -> Com
             Ok(())
         });
     }
-    command
 }
 
 /// The children running now, by pid: an interrupt kills them (and their process groups)

@@ -59,6 +59,13 @@ impl Expectation {
                 if value.is_empty() {
                     return Err(format!("\"{text}\" has no value to compare with"));
                 }
+                // "== 1" or "=> 5" is a typo, not a comparison with "= 1" (use "~ REGEX"
+                // for a value that truly starts so).
+                if value.starts_with(['=', '<', '>', '!']) {
+                    return Err(format!(
+                        "\"{text}\" is not an expectation: the value starts with an operator; write \"= 42\", \">= 1000\" or \"!= 0\""
+                    ));
+                }
                 if !matches!(operator, Operator::Eq | Operator::Ne) && value.parse::<f64>().is_err()
                 {
                     return Err(format!("\"{text}\": {symbol} compares numbers"));
@@ -181,5 +188,9 @@ mod tests {
         assert!(Expectation::parse("about 3").is_err());
         assert!(Expectation::parse("> many").is_err());
         assert!(Expectation::parse("~ (").is_err());
+        for typo in ["== 1", "=> 5", "=< 5", "<> 0", "= != 2"] {
+            let err = Expectation::parse(typo).unwrap_err();
+            assert!(err.contains("starts with an operator"), "{typo}: {err}");
+        }
     }
 }

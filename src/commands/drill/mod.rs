@@ -22,7 +22,7 @@ pub use report::{CheckResult, DrillReport, Measured, Phase, Projection};
 use super::restore::{
     self, PhysicalRestoreOptions, PostgresRestoreOptions, RecoveryTarget, RestoreOptions,
 };
-use super::wal_relay::{RelaySource, WalRelay};
+use super::wal_relay::{ArchiveEnd, RelaySource, WalRelay};
 use crate::config::{Config, JobSource, PostgresJob, PostgresMode};
 use crate::error::{Error, ErrorKind, Result};
 use crate::manifest::Manifest;
@@ -179,10 +179,17 @@ async fn run_drill(
 ) -> std::result::Result<DrillReport, Stopped> {
     let declared_at = Utc::now();
     let started = Instant::now();
-    let err = match attempt_drill(config, drill, report_dir, only_from).await {
-        Ok(report) => return Ok(report),
-        Err(e) => e,
+    // What the attempt got to before it failed goes into the FAILED report.
+    let mut clock = Clock {
+        t0: started,
+        phases: Vec::new(),
     };
+    let mut found = None;
+    let err =
+        match attempt_drill(config, drill, report_dir, only_from, &mut clock, &mut found).await {
+            Ok(report) => return Ok(report),
+            Err(e) => e,
+        };
     // An interrupted drill ends as interrupted; there is nothing to judge.
     crate::interrupt::exit_if_interrupted();
     let secrets = configured_secrets(config);
@@ -197,16 +204,31 @@ async fn run_drill(
         runbook: drill.runbook.clone(),
         file: drill.path.display().to_string(),
         job: drill.job.clone(),
-        kind: config
-            .job(&drill.job)
-            .map(|job| job.kind_name().to_string())
-            .unwrap_or_default(),
-        backup: drill.backup.clone(),
+        kind: found.as_ref().map(|m| m.kind.clone()).unwrap_or_else(|| {
+            config
+                .job(&drill.job)
+                .map(|job| job.kind_name().to_string())
+                .unwrap_or_default()
+        }),
+        backup: found
+            .as_ref()
+            .map(|m| m.id.clone())
+            .unwrap_or_else(|| drill.backup.clone()),
         repositories: Vec::new(),
-        target: "none: the drill stopped before it restored".to_string(),
+        target: match clock.phases.last() {
+            None => "none: the drill stopped before it restored".to_string(),
+            Some(phase) => format!(
+                "none: the drill stopped after its phase '{}' (see failure)",
+                phase.name
+            ),
+        },
         declared_at,
         finished_at: Utc::now(),
-        rto: Measured::new(drill.rto, started.elapsed()),
+        // Nothing was recovered that could be judged: the RTO was not met, whatever the time.
+        rto: Measured {
+            met: false,
+            ..Measured::new(drill.rto, started.elapsed())
+        },
         rpo: Measured {
             target_seconds: drill.rpo.as_secs_f64(),
             measured_seconds: 0.0,
@@ -214,13 +236,13 @@ async fn run_drill(
         },
         rpo_marker: declared_at,
         rpo_marker_source: "none: nothing was restored".to_string(),
-        phases: Vec::new(),
+        phases: std::mem::take(&mut clock.phases),
         checks: Vec::new(),
         restored_bytes: 0,
         restore_seconds: 0.0,
         projection: None,
-        stored_bytes: 0,
-        server_version: None,
+        stored_bytes: found.as_ref().map(Manifest::stored_size).unwrap_or(0),
+        server_version: found.as_ref().and_then(|m| m.source.server_version.clone()),
         lifeboat_version: env!("CARGO_PKG_VERSION").to_string(),
         host: super::backup::host_name(),
         passed: false,
@@ -249,6 +271,8 @@ async fn attempt_drill(
     drill: &Drill,
     report_dir: &Path,
     only_from: Option<&str>,
+    clock: &mut Clock,
+    found: &mut Option<Manifest>,
 ) -> Result<DrillReport> {
     let job = config.job(&drill.job).map_err(|e| {
         Error::config(format!(
@@ -279,10 +303,7 @@ async fn attempt_drill(
         }
     }
     let declared_at = Utc::now();
-    let mut clock = Clock {
-        t0: Instant::now(),
-        phases: Vec::new(),
-    };
+    clock.t0 = Instant::now();
     tracing::info!(drill = %drill.name, job = %drill.job, "drill started");
 
     let started = Instant::now();
@@ -295,10 +316,11 @@ async fn attempt_drill(
     )
     .await?;
     clock.phase("find backup", started);
+    *found = Some(manifest.clone());
 
     let outcome = match &job.source {
         JobSource::Postgres(postgres) if postgres.mode == PostgresMode::Physical => {
-            run_physical(config, drill, &manifest, postgres, &mut clock).await?
+            run_physical(config, drill, &manifest, postgres, clock).await?
         }
         JobSource::Postgres(postgres) => {
             run_postgres(
@@ -307,13 +329,13 @@ async fn attempt_drill(
                 &manifest,
                 postgres.bin_dir.as_deref(),
                 postgres.heartbeat,
-                &mut clock,
+                clock,
             )
             .await?
         }
-        JobSource::Files(_) => run_files(config, drill, &mut clock).await?,
+        JobSource::Files(_) => run_files(config, drill, clock).await?,
         JobSource::Redis(redis) => {
-            run_redis(config, drill, &manifest, redis.heartbeat, &mut clock).await?
+            run_redis(config, drill, &manifest, redis.heartbeat, clock).await?
         }
     };
     let rto = clock.t0.elapsed();
@@ -357,7 +379,7 @@ async fn attempt_drill(
         rpo: Measured::new(drill.rpo, rpo),
         rpo_marker,
         rpo_marker_source: marker_source,
-        phases: clock.phases,
+        phases: std::mem::take(&mut clock.phases),
         checks: outcome
             .checks
             .into_iter()
@@ -487,7 +509,7 @@ async fn run_postgres(
 ) -> Result<Outcome> {
     let started = Instant::now();
     let mut warnings = Vec::new();
-    let (scratch, dsn) = match &drill.target {
+    let (mut scratch, dsn) = match &drill.target {
         DrillTarget::Scratch => {
             let binaries = Binaries::find(bin_dir, manifest.server_major().unwrap_or(0))?;
             let cluster = ScratchCluster::start(&binaries).await?;
@@ -496,7 +518,7 @@ async fn run_postgres(
         }
         DrillTarget::Dsn(dsn) => {
             warnings.extend(refuse_the_source(drill, manifest, dsn).await?);
-            refuse_holding_databases(drill, manifest, dsn).await?;
+            refuse_existing_databases(drill, manifest, dsn).await?;
             (None, dsn.clone())
         }
     };
@@ -532,7 +554,16 @@ async fn run_postgres(
                 .cloned()
         })
         .unwrap_or_else(|| "postgres".to_string());
-    let checked = sql_checks(drill, &dsn, &default_database, heartbeat).await;
+    // On a scratch cluster the checks run as a role that reads everything and is no
+    // superuser; on a DSN target, as the drill's own user.
+    let check_dsn = match scratch.as_mut() {
+        Some(cluster) => {
+            warnings.extend(cluster.add_reader().await?);
+            cluster.check_dsn("postgres")
+        }
+        None => dsn.clone(),
+    };
+    let checked = sql_checks(drill, &check_dsn, &default_database, heartbeat).await;
     clock.phase("checks", started);
     drop(scratch);
     if let DrillTarget::Dsn(_) = &drill.target {
@@ -607,10 +638,10 @@ async fn refuse_the_source(
     Ok(None)
 }
 
-/// Refuses a DSN target that already holds tables in a database the drill would restore:
-/// a drill never replaces data, and the restore's own advice (`--as`, `--clean`) is no
-/// drill file setting.
-async fn refuse_holding_databases(drill: &Drill, manifest: &Manifest, dsn: &str) -> Result<()> {
+/// Refuses a DSN target that already has a database the drill would restore, empty or
+/// not: a drill creates what it restores and drops it again, and never replaces or drops
+/// what was there (the restore's own advice, `--as` and `--clean`, is no drill setting).
+async fn refuse_existing_databases(drill: &Drill, manifest: &Manifest, dsn: &str) -> Result<()> {
     let target = Target::open(&Connection::from_dsn(dsn)?).await?;
     let databases = manifest
         .objects
@@ -618,9 +649,9 @@ async fn refuse_holding_databases(drill: &Drill, manifest: &Manifest, dsn: &str)
         .filter_map(|o| o.database.as_deref())
         .filter(|d| drill.database.as_deref().is_none_or(|wanted| wanted == *d));
     for database in databases {
-        if target.database_exists(database).await? && !target.database_is_empty(database).await? {
+        if target.database_exists(database).await? {
             return Err(Error::config(format!(
-                "invalid drill file '{}': target: database '{database}' there already holds tables, and a drill restores into a throw-away target",
+                "invalid drill file '{}': target: database '{database}' exists there already, and a drill restores only into databases it creates (and drops again)",
                 drill.path.display()
             ))
             .with_hint(format!(
@@ -733,12 +764,6 @@ async fn run_physical(
     let scratch = ScratchDir::create()?;
     // The scratch server replays WAL through lifeboat: the credentials stay here.
     let relay = WalRelay::bind(scratch.path(), scratch.owner())?;
-    let relay_source = RelaySource {
-        job: Some(drill.job.clone()),
-        from: drill.from.clone(),
-        exclude: drill.exclude.clone(),
-        identity_file: drill.identity_file.clone(),
-    };
     let started = Instant::now();
     let restored = restore::run(
         config,
@@ -762,40 +787,84 @@ async fn run_physical(
     .await?;
     clock.stages(started, &restored.stages);
 
-    let replay_and_checks = async {
-        let started = Instant::now();
-        let cluster = ScratchCluster::start_restored(scratch, &binaries, server.user()).await?;
-        let replay = started.elapsed();
-        clock.phase("WAL replay", started);
-
-        let started = Instant::now();
-        let default_database = drill
-            .database
-            .clone()
-            .unwrap_or_else(|| server.database().to_string());
-        let checks = sql_checks(
-            drill,
-            &cluster.dsn("postgres"),
-            &default_database,
-            job.heartbeat,
-        )
-        .await?;
-        clock.phase("checks", started);
-        drop(cluster);
-        Ok::<_, Error>((replay, checks))
+    let relay_source = RelaySource {
+        job: Some(drill.job.clone()),
+        from: drill.from.clone(),
+        exclude: drill.exclude.clone(),
+        identity_file: drill.identity_file.clone(),
+        archive_end: restored.archive_end.as_ref().and_then(|end| {
+            Some(ArchiveEnd {
+                name: end.name.clone(),
+                segment: end.segment,
+                timeline: crate::wal::WalFile::parse(&end.name)?.timeline,
+                segment_size: manifest.source.wal_segment_size?,
+            })
+        }),
     };
-    let (replay, (checks, marker)) = tokio::select! {
-        done = replay_and_checks => done?,
+    let started = Instant::now();
+    // The relay serves until the server has promoted: nothing after that (a check least of
+    // all) fetches WAL.
+    let mut cluster = tokio::select! {
+        started = ScratchCluster::start_restored(scratch, &binaries, server.user()) => started?,
         never = relay.serve(config, &relay_source) => match never {},
     };
+    let relayed = relay.take_log();
+    drop(relay);
+    let replay = started.elapsed();
+    clock.phase("WAL replay", started);
+    // Where replay ended, against the archive as listed: a segment that did not decode or
+    // could not be read reads as the end of WAL to PostgreSQL, which then promotes.
+    let log = cluster.dir().join("postgres.log");
+    let replayed = restore::stopped_where(
+        restore::redo_done_at(&std::fs::read_to_string(&log).unwrap_or_default()),
+        restored.archive_end.as_ref(),
+        manifest,
+        &cluster.dir().join("data"),
+        &log,
+    )
+    .map_err(|e| {
+        relayed
+            .warnings
+            .iter()
+            .fold(e, |e, warning| e.with_hint(warning.clone()))
+    })?;
+    let mut warnings = relayed.warnings;
+    warnings.extend(cluster.add_reader().await?);
+
+    let started = Instant::now();
+    let default_database = drill
+        .database
+        .clone()
+        .unwrap_or_else(|| server.database().to_string());
+    let (checks, marker) = sql_checks(
+        drill,
+        &cluster.check_dsn("postgres"),
+        &default_database,
+        job.heartbeat,
+    )
+    .await?;
+    clock.phase("checks", started);
+    drop(cluster);
+    let mut repositories = restored.repositories;
+    for repository in relayed.repositories {
+        if !repositories.contains(&repository) {
+            repositories.push(repository);
+        }
+    }
     Ok(Outcome {
-        restore_seconds: restored.stages.iter().map(|(_, d)| d.as_secs_f64()).sum::<f64>()
+        restore_seconds: restored
+            .stages
+            .iter()
+            .map(|(_, d)| d.as_secs_f64())
+            .sum::<f64>()
             + replay.as_secs_f64(),
-        repositories: restored.repositories,
-        target: "a scratch PostgreSQL cluster recovered to the end of the WAL archive (removed after the drill)".into(),
+        repositories,
+        target: format!(
+            "a scratch PostgreSQL cluster recovered to the end of the WAL archive as listed at the start, {replayed} (removed after the drill)"
+        ),
         checks,
         marker,
-        warnings: Vec::new(),
+        warnings,
     })
 }
 

@@ -31,6 +31,7 @@ pub use extract::ExtractSummary;
 /// The tar restore path on its own: what the fuzz tests drive.
 pub use extract::extract as extract_tar;
 pub use physical::{PhysicalRestoreOptions, RecoveryTarget};
+pub(crate) use physical::{redo_done_at, stopped_where};
 
 pub struct RestoreOptions {
     pub job: String,
@@ -124,6 +125,10 @@ pub struct RestoreReport {
     pub bytes: u64,
     pub duration: Duration,
     pub warnings: Vec<String>,
+    /// A physical restore's last segment of the archive as listed when it began: where
+    /// replay to the end must get to (a drill checks it, and ends replay there).
+    #[serde(skip)]
+    pub archive_end: Option<crate::continuity::Point>,
 }
 
 impl fmt::Display for RestoreReport {
@@ -267,6 +272,7 @@ impl Selected {
             bytes,
             duration: self.started.elapsed(),
             warnings,
+            archive_end: None,
         }
     }
 }

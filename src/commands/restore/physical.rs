@@ -320,6 +320,7 @@ pub(super) async fn restore(
             plan.end_of_archive.as_ref(),
             &selected.manifest,
             into,
+            &into.join("lifeboat-recovery.log"),
         ) {
             Ok(stopped) => restored.push(stopped),
             Err(e) => {
@@ -368,13 +369,15 @@ pub(super) async fn restore(
             into.join("postgresql.auto.conf").display()
         ));
     }
-    Ok(selected.report(
+    let mut report = selected.report(
         format!("data directory '{}'", into.display()),
         restored,
         bytes,
         warnings,
         stages,
-    ))
+    );
+    report.archive_end = plan.end_of_archive;
+    Ok(report)
 }
 
 /// The server binaries of the backup's major version: a data directory only starts with
@@ -785,7 +788,7 @@ fn pg_ctl(
 }
 
 /// Where replay ended, from the server's log: `redo done at 0/5000110`, the last one.
-fn redo_done_at(log: &str) -> Option<Lsn> {
+pub(crate) fn redo_done_at(log: &str) -> Option<Lsn> {
     log.lines()
         .rev()
         .find_map(|line| line.split_once("redo done at ").map(|(_, rest)| rest))
@@ -796,11 +799,12 @@ fn redo_done_at(log: &str) -> Option<Lsn> {
 /// Says where recovery stopped, and fails when a restore to the end of the archive stopped
 /// before the last segment the archive holds without a gap: a segment that could not be
 /// read reads as the end of WAL to PostgreSQL.
-fn stopped_where(
+pub(crate) fn stopped_where(
     redo_done: Option<Lsn>,
     end_of_archive: Option<&Point>,
     manifest: &Manifest,
     into: &Path,
+    log: &Path,
 ) -> Result<String> {
     let Some(redo_done) = redo_done else {
         return Ok(
@@ -830,7 +834,7 @@ fn stopped_where(
         )
         .with_hint(format!(
             "its log '{}' says why replay ended there (a segment that did not decode, or that wal-fetch could not read): fix the archive, empty the directory and restore again",
-            into.join("lifeboat-recovery.log").display()
+            log.display()
         )));
     }
     Ok(format!("replayed WAL up to LSN {redo_done}"))

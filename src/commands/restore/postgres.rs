@@ -113,17 +113,24 @@ pub(super) async fn restore(
             .rename_to
             .clone()
             .unwrap_or_else(|| source_database.clone());
-        let existing = match admin.database_exists(&target_database).await? {
-            false => Existing::Absent,
-            true => match admin.database_is_empty(&target_database).await? {
-                true => Existing::Empty,
-                false => Existing::Holding,
-            },
+        let (existing, contents) = match admin.database_exists(&target_database).await? {
+            false => (Existing::Absent, Vec::new()),
+            true => {
+                let contents = admin.database_contents(&target_database).await?;
+                match contents.is_empty() {
+                    true => (Existing::Empty, contents),
+                    false => (Existing::Holding, contents),
+                }
+            }
         };
         if existing == Existing::Holding && !options.clean {
             return Err(Error::new(
                 ErrorKind::Target,
-                format!("unable to restore into database '{target_database}' on {}: it already holds tables", server.describe()),
+                format!(
+                    "unable to restore into database '{target_database}' on {}: it already holds {}",
+                    server.describe(),
+                    contents.join(", ")
+                ),
             )
             .with_hint("restore under another name with --as NAME, or pass --clean to replace it (the database there now is kept beside the restored one)"));
         }

@@ -20,9 +20,20 @@ const PORT: u16 = 5432;
 
 pub struct ScratchCluster {
     dir: tempfile::TempDir,
+    /// The directory's lock, held while this process may still use it: a directory whose
+    /// lock is free was left by a drill that was killed, and the next drill removes it.
+    _held: std::os::fd::OwnedFd,
     postmaster: Option<Child>,
     superuser: String,
+    /// The role the drill's checks run as: they read everything and are no superuser.
+    reader: Option<String>,
 }
+
+/// What scratch directories are called in `$TMPDIR`.
+const PREFIX: &str = "lifeboat-drill-";
+/// Inside a scratch directory made by a lifeboat that locks it: only those are ever taken
+/// for abandoned (an older lifeboat's running drill is not).
+const OWNER_FILE: &str = "lifeboat-drill.owner";
 
 /// Every scratch cluster running in this process (postmaster pid, directory), so that an
 /// interrupted drill can still remove them: `stop_all` runs from a signal handler's task
@@ -93,20 +104,25 @@ fn run_as() -> Result<Option<(u32, u32)>> {
 /// ([`ScratchCluster::start_restored`]). Removed when dropped.
 pub struct ScratchDir {
     dir: tempfile::TempDir,
+    held: std::os::fd::OwnedFd,
     owner: Option<(u32, u32)>,
 }
 
 impl ScratchDir {
-    /// In $TMPDIR; as root it belongs to `postgres`, who runs the cluster.
+    /// In $TMPDIR; as root it belongs to `postgres`, who runs the cluster. Scratch
+    /// directories of drills that were killed are removed first (and named).
     pub fn create() -> Result<ScratchDir> {
         let owner = run_as()?;
         let base = std::env::var_os("TMPDIR")
             .map(PathBuf::from)
             .unwrap_or_else(std::env::temp_dir);
+        for removed in remove_abandoned(&base) {
+            tracing::warn!("{removed}");
+        }
         // tempfile makes directories with the umask's mode; this one holds the restored data
         // and the cluster's socket, which trusts whoever reaches it: its owner's alone.
         let dir = tempfile::Builder::new()
-            .prefix("lifeboat-drill-")
+            .prefix(PREFIX)
             .permissions(std::os::unix::fs::PermissionsExt::from_mode(0o700))
             .tempdir_in(&base)
             .map_err(|e| {
@@ -116,17 +132,63 @@ impl ScratchDir {
                 ))
                 .with_source(e)
             })?;
+        let unusable = |e: std::io::Error| {
+            error(format!(
+                "unable to set up the scratch cluster directory '{}'",
+                dir.path().display()
+            ))
+            .with_source(e)
+        };
+        let held = rustix::fs::open(
+            dir.path(),
+            rustix::fs::OFlags::DIRECTORY
+                | rustix::fs::OFlags::RDONLY
+                | rustix::fs::OFlags::NOFOLLOW
+                | rustix::fs::OFlags::CLOEXEC,
+            rustix::fs::Mode::empty(),
+        )
+        .and_then(|fd| {
+            rustix::fs::flock(&fd, rustix::fs::FlockOperation::LockExclusive)?;
+            Ok(fd)
+        })
+        .map_err(|e| unusable(e.into()))?;
+        let host = hostname::get()
+            .map(|name| name.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        rustix::fs::openat(
+            &held,
+            OWNER_FILE,
+            rustix::fs::OFlags::WRONLY
+                | rustix::fs::OFlags::CREATE
+                | rustix::fs::OFlags::EXCL
+                | rustix::fs::OFlags::NOFOLLOW
+                | rustix::fs::OFlags::CLOEXEC,
+            rustix::fs::Mode::from_raw_mode(0o644),
+        )
+        .map_err(std::io::Error::from)
+        .and_then(|fd| {
+            std::io::Write::write_all(
+                &mut std::fs::File::from(fd),
+                format!("pid {} on host {host}\n", std::process::id()).as_bytes(),
+            )
+        })
+        .map_err(unusable)?;
         if let Some((uid, gid)) = owner {
-            std::os::unix::fs::chown(dir.path(), Some(uid), Some(gid)).map_err(|e| {
+            rustix::fs::fchown(
+                &held,
+                Some(rustix::fs::Uid::from_raw(uid)),
+                Some(rustix::fs::Gid::from_raw(gid)),
+            )
+            .map_err(|e| {
                 error(format!(
                     "unable to give '{}' to postgres",
                     dir.path().display()
                 ))
-                .with_source(e)
+                .with_source(std::io::Error::from(e))
             })?;
         }
         crate::interrupt::remove_on_interrupt(dir.path());
-        Ok(ScratchDir { dir, owner })
+        Ok(ScratchDir { dir, held, owner })
     }
 
     pub fn data_dir(&self) -> PathBuf {
@@ -153,8 +215,10 @@ impl ScratchDir {
         crate::interrupt::forget(self.dir.path());
         Ok(ScratchCluster {
             dir: self.dir,
+            _held: self.held,
             postmaster: Some(child),
             superuser: superuser.to_string(),
+            reader: None,
         })
     }
 }
@@ -166,8 +230,11 @@ fn spawn_postmaster(
     settings: &[String],
 ) -> Result<Child> {
     // The kept environment alone (`process::server`): a restored cluster fetches its WAL
-    // through the drill's relay, without the storage credentials.
+    // through the drill's relay, without the storage credentials. Immediate shutdown
+    // (SIGQUIT) when lifeboat dies, even by SIGKILL: no scratch server outlives its drill.
     let mut postgres = binaries.server_command("postgres");
+    as_owner(&mut postgres, owner);
+    crate::sources::process::die_with_lifeboat(&mut postgres, libc::SIGQUIT);
     postgres
         .arg("-D")
         .arg(dir.join("data"))
@@ -191,7 +258,6 @@ fn spawn_postmaster(
                 .open(dir.join("postgres.log"))
                 .map_err(|e| error("unable to create the scratch cluster's log").with_source(e))?,
         );
-    as_owner(&mut postgres, owner);
     let mut running = RUNNING.lock().unwrap_or_else(|e| e.into_inner());
     let child = postgres.spawn().map_err(|e| {
         error("unable to start the scratch cluster: cannot run postgres").with_source(e)
@@ -261,13 +327,62 @@ impl ScratchCluster {
         }
     }
 
-    /// A DSN for the cluster's `database`, over its private socket.
+    /// A DSN for the cluster's `database`, over its private socket, as its superuser.
     pub fn dsn(&self, database: &str) -> String {
         format!(
             "host={} port={PORT} user={} dbname={database}",
             self.dir.path().display(),
             self.superuser
         )
+    }
+
+    /// A DSN for the drill's checks: as the reader role once `add_reader` made it.
+    pub fn check_dsn(&self, database: &str) -> String {
+        format!(
+            "host={} port={PORT} user={} dbname={database}",
+            self.dir.path().display(),
+            self.reader.as_deref().unwrap_or(&self.superuser)
+        )
+    }
+
+    /// Makes the role the checks run as: it logs in and reads all data, statistics and
+    /// settings (`pg_read_all_data`, `pg_monitor`), and is no superuser, so a check cannot
+    /// read the host's files, run programs or reach another process's environment as the
+    /// server's user. Says why not where the server has no `pg_read_all_data` (before 14):
+    /// the checks then run as the superuser.
+    pub async fn add_reader(&mut self) -> Result<Option<String>> {
+        let client = Connection::from_dsn(&self.dsn("postgres"))?
+            .connect()
+            .await?;
+        let version: i32 = client
+            .query_one("select current_setting('server_version_num')::int", &[])
+            .await
+            .map_err(|e| error("unable to read the scratch cluster's version").with_source(e))?
+            .get(0);
+        if version < 140000 {
+            return Ok(Some(
+                "the checks ran as the scratch cluster's superuser: PostgreSQL before 14 has no pg_read_all_data role".to_string(),
+            ));
+        }
+        // Apart from every role the backup brought along.
+        let unique = {
+            use std::hash::{BuildHasher, Hasher};
+            let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
+            hasher.write_u32(std::process::id());
+            hasher.finish() as u32
+        };
+        let name = format!("lifeboat_check_{unique:08x}");
+        client
+            .batch_execute(&format!(
+                "create role {name} login nosuperuser nocreatedb nocreaterole noreplication; \
+                 grant pg_read_all_data, pg_monitor to {name}"
+            ))
+            .await
+            .map_err(|e| {
+                error("unable to create the checks' role in the scratch cluster").with_source(e)
+            })?;
+        self.reader = Some(name);
+        Ok(None)
     }
 
     pub fn dir(&self) -> &Path {
@@ -329,6 +444,96 @@ impl Drop for ScratchCluster {
         self.stop();
         let _ = std::fs::remove_dir_all(self.dir.path());
     }
+}
+
+/// Removes the scratch directories in `base` left by drills that were killed (their lock
+/// is free), first stopping a postmaster still running in one; says what it removed.
+fn remove_abandoned(base: &Path) -> Vec<String> {
+    let Ok(entries) = std::fs::read_dir(base) else {
+        return Vec::new();
+    };
+    let mut said = Vec::new();
+    for entry in entries.filter_map(std::result::Result::ok) {
+        let name = entry.file_name();
+        if !name.to_string_lossy().starts_with(PREFIX) {
+            continue;
+        }
+        let path = entry.path();
+        let Ok(dir) = rustix::fs::open(
+            &path,
+            rustix::fs::OFlags::DIRECTORY
+                | rustix::fs::OFlags::RDONLY
+                | rustix::fs::OFlags::NOFOLLOW
+                | rustix::fs::OFlags::CLOEXEC,
+            rustix::fs::Mode::empty(),
+        ) else {
+            continue;
+        };
+        let owner = rustix::fs::openat(
+            &dir,
+            OWNER_FILE,
+            rustix::fs::OFlags::RDONLY | rustix::fs::OFlags::NOFOLLOW | rustix::fs::OFlags::CLOEXEC,
+            rustix::fs::Mode::empty(),
+        );
+        let Ok(owner) = owner else {
+            continue;
+        };
+        if rustix::fs::flock(&dir, rustix::fs::FlockOperation::NonBlockingLockExclusive).is_err() {
+            continue;
+        }
+        let mut was = String::new();
+        let _ = std::io::Read::read_to_string(
+            &mut std::io::Read::take(std::fs::File::from(owner), 200),
+            &mut was,
+        );
+        let stopped = stop_abandoned_postmaster(&path);
+        if std::fs::remove_dir_all(&path).is_ok() {
+            said.push(format!(
+                "removed the scratch directory '{}' of a drill that was stopped before it ended ({}){stopped}",
+                path.display(),
+                was.trim()
+            ));
+        }
+    }
+    said
+}
+
+/// Stops (immediate shutdown, then SIGKILL after 10 s) the postmaster still running in the
+/// abandoned scratch directory `dir`, if its pid file names one whose command line is that
+/// directory's; says so.
+fn stop_abandoned_postmaster(dir: &Path) -> String {
+    let Ok(pid_file) = std::fs::read_to_string(dir.join("data").join("postmaster.pid")) else {
+        return String::new();
+    };
+    let Some(pid) = pid_file
+        .lines()
+        .next()
+        .and_then(|line| line.trim().parse::<i32>().ok())
+        .filter(|pid| *pid > 1)
+    else {
+        return String::new();
+    };
+    let is_its_postmaster = std::fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|cmdline| {
+        let data = dir.join("data");
+        cmdline
+            .split(|b| *b == 0)
+            .any(|arg| arg == data.as_os_str().as_encoded_bytes())
+    });
+    if !is_its_postmaster {
+        return String::new();
+    }
+    // SAFETY: kill(2) on a pid whose command line names the abandoned directory.
+    unsafe { libc::kill(pid, libc::SIGQUIT) };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while Path::new(&format!("/proc/{pid}")).exists() {
+        if Instant::now() > deadline {
+            // SAFETY: as above.
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    format!("; stopped its postmaster, pid {pid}")
 }
 
 fn as_owner(command: &mut Command, owner: Option<(u32, u32)>) {

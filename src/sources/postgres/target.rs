@@ -71,20 +71,51 @@ impl Target {
         Ok(row.is_some())
     }
 
-    /// Whether `database` holds no table, view, sequence or index outside the system schemas.
-    pub async fn database_is_empty(&self, database: &str) -> Result<bool> {
+    /// What `database` holds that someone made, as phrases ("3 tables, views, sequences or
+    /// indexes", "1 large objects"); empty for a database as `CREATE DATABASE` leaves it (a
+    /// comment does not count: `postgres` has one from initdb, and the restore sets the
+    /// source's).
+    /// A database that is not empty is never replaced without `--clean`, which keeps it.
+    pub async fn database_contents(&self, database: &str) -> Result<Vec<String>> {
         let other = self.connection.with_database(database);
         let client = other.connect().await?;
+        let user = "n.nspname not in ('pg_catalog', 'information_schema') \
+                    and n.nspname not like 'pg\\_toast%' and n.nspname not like 'pg\\_temp%'";
         let row = client
             .query_one(
-                "select count(*) from pg_class c join pg_namespace n on n.oid = c.relnamespace \
-                 where n.nspname not in ('pg_catalog', 'information_schema') \
-                 and n.nspname not like 'pg\\_toast%' and n.nspname not like 'pg\\_temp%'",
+                &format!(
+                    "select \
+                     (select count(*) from pg_class c join pg_namespace n on n.oid = c.relnamespace where {user}), \
+                     (select count(*) from pg_proc p join pg_namespace n on n.oid = p.pronamespace where {user}), \
+                     (select count(*) from pg_type t join pg_namespace n on n.oid = t.typnamespace \
+                        where {user} and t.typrelid = 0 and t.typcategory <> 'A'), \
+                     (select count(*) from pg_largeobject_metadata), \
+                     (select count(*) from pg_extension where extname <> 'plpgsql'), \
+                     (select count(*) from pg_namespace n where {user} and n.nspname <> 'public'), \
+                     (select count(*) from pg_db_role_setting s join pg_database d on d.oid = s.setdatabase \
+                        where d.datname = current_database())"
+                ),
                 &[],
             )
             .await
-            .map_err(|e| query_error(&other, "look for existing tables", e))?;
-        Ok(row.get::<_, i64>(0) == 0)
+            .map_err(|e| query_error(&other, "look for what the database holds", e))?;
+        let kinds = [
+            "tables, views, sequences or indexes",
+            "functions or procedures",
+            "types",
+            "large objects",
+            "extensions",
+            "schemas",
+            "settings (ALTER DATABASE/ROLE ... SET)",
+        ];
+        Ok(kinds
+            .iter()
+            .enumerate()
+            .filter_map(|(index, kind)| {
+                let count = row.get::<_, i64>(index);
+                (count > 0).then(|| format!("{count} {kind}"))
+            })
+            .collect())
     }
 
     /// The roles of the server that may log in.
