@@ -101,6 +101,36 @@ async fn a_flipped_byte_is_found_by_verify_and_refused_by_restore() {
     let into = work.path().join("restore-from-s3");
     restore_from(&config, "s3", &into).assert_code(0);
     tree::assert_same(&source, &into.join(source.strip_prefix("/").unwrap()));
+    // A drill from any repository passes on the S3 copy, and its report says the local one
+    // is damaged: a PASS never hides a copy that could not serve.
+    let drill = work.path().join("any.toml");
+    std::fs::write(
+        &drill,
+        format!(
+            "name = \"any\"\njob = \"config\"\n\n[[check]]\nname = \"there\"\npath = \"{}\"\nexists = true\n",
+            source.display()
+        ),
+    )
+    .unwrap();
+    let drilled = lifeboat(
+        &config,
+        &[
+            "drill",
+            "run",
+            drill.to_str().unwrap(),
+            "--format",
+            "json",
+            "--report-dir",
+            work.path().join("reports").to_str().unwrap(),
+        ],
+    );
+    drilled.assert_code(0);
+    let report: serde_json::Value = serde_json::from_str(&drilled.stdout).unwrap();
+    let warnings = report["reports"][0]["warnings"].to_string();
+    assert!(
+        warnings.contains("served by repository 's3'") && warnings.contains("'local' failed"),
+        "{warnings}"
+    );
 
     // Damage the S3 copy too.
     let client = server.client();

@@ -396,3 +396,37 @@ fn keys_that_cannot_serve_are_refused_by_name() {
     );
     run.assert_code(0);
 }
+
+/// Code the backup carries runs while the drill loads it (here a CHECK constraint's
+/// function, which runs a program when it runs as a superuser): as root, the scratch
+/// cluster is the system user lifeboat-scratch's, never `postgres`, whom the production
+/// servers run as.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn code_in_the_backup_runs_as_the_scratch_user_alone() {
+    if !crate::common::is_root() {
+        return;
+    }
+    let source = Postgres::start();
+    source.psql("postgres", "create database app");
+    source.psql(
+        "app",
+        "create table public.ran_as (name text); \
+         create function public.record_user(int) returns boolean language plpgsql as $$ \
+           begin if (select rolsuper from pg_roles where rolname = current_user) then \
+             execute 'copy public.ran_as from program ''id -un'''; end if; return true; end $$; \
+         create table public.guarded (id int check (public.record_user(id))); \
+         insert into public.guarded values (1)",
+    );
+    let work = tempfile::tempdir().unwrap();
+    let config = crate::common::maindb_config(work.path(), &source, &["app"], "");
+    lifeboat(&config, &["backup", "maindb"]).assert_code(0);
+    let file = work.path().join("ran-as.toml");
+    std::fs::write(
+        &file,
+        "name = \"ran-as\"\njob = \"maindb\"\ndatabase = \"app\"\n\n\
+         [[check]]\nname = \"loaded as\"\nsql = \"select string_agg(name, ',' order by name) from public.ran_as where name <> 'postgres'\"\nexpect = \"= lifeboat-scratch\"\n",
+    )
+    .unwrap();
+    let run = drill_run(&config, &file, &work.path().join("reports"));
+    run.assert_code(0);
+}

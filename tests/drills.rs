@@ -636,10 +636,10 @@ expect = "non-empty"
     // a drill file cannot set), and the database there stays as it is.
     let kept = target.data_fingerprint("app");
     let run = run_against(&file, &target.password);
-    run.assert_code(2);
+    run.assert_code(1);
     assert!(
         run.stderr
-            .contains("target: database 'app' exists there already")
+            .contains("on its target, database 'app' exists already")
             && run.stderr.contains("drop 'app' on that server first")
             && !run.stderr.contains("--as")
             && !run.stderr.contains("--clean"),
@@ -654,7 +654,7 @@ expect = "non-empty"
         "app",
         "select lo_from_bytea(424242, 'precious'); create function keep() returns int language sql as 'select 1'",
     );
-    run_against(&file, &target.password).assert_code(2);
+    run_against(&file, &target.password).assert_code(1);
     assert_eq!(
         target.psql(
             "app",

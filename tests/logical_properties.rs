@@ -485,3 +485,62 @@ async fn plaintext_and_secrets_stay_with_lifeboat() {
         );
     }
 }
+
+/// The heartbeat goes into a database that anyone with CREATEDB may own: a schema or table
+/// named lifeboat.heartbeat made there by another role (with a trigger that would run as
+/// the backup role, a superuser) is refused before a row is written.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_heartbeat_table_another_role_made_is_refused() {
+    let cluster = Postgres::start();
+    cluster.psql("postgres", "create role app login createdb");
+    cluster.psql("postgres", "create database shop2 owner app");
+    cluster.psql(
+        "shop2",
+        "set role app; \
+         create schema lifeboat; \
+         create table lifeboat.heartbeat (job text primary key, at timestamptz not null); \
+         create table lifeboat.ran_as (who text); \
+         create function lifeboat.hook() returns trigger language plpgsql as \
+           $$begin insert into lifeboat.ran_as values (current_user); return new; end$$; \
+         create trigger hook before insert on lifeboat.heartbeat \
+           for each row execute function lifeboat.hook()",
+    );
+    let work = tempfile::tempdir().unwrap();
+    let password_file = cluster.password_file(work.path(), &cluster.password);
+    let config = write_config(
+        work.path(),
+        &format!(
+            "{}{}",
+            local_repository("local", &work.path().join("repo")),
+            postgres_job(
+                "shop2",
+                &cluster.dsn("shop2"),
+                &password_file,
+                "heartbeat = true"
+            )
+        ),
+    );
+    let refused = lifeboat(&config, &["heartbeat", "shop2"]);
+    refused.assert_code(1);
+    assert!(
+        refused.stderr.contains("refusing to write the heartbeat")
+            && refused.stderr.contains("belongs to role 'app'"),
+        "{}",
+        refused.stderr
+    );
+    assert_eq!(
+        cluster.psql(
+            "shop2",
+            "select (select count(*) from lifeboat.ran_as) + (select count(*) from lifeboat.heartbeat)"
+        ),
+        "0"
+    );
+
+    // Made again by lifeboat itself, it is written.
+    cluster.psql("shop2", "drop schema lifeboat cascade");
+    lifeboat(&config, &["heartbeat", "shop2"]).assert_code(0);
+    assert_eq!(
+        cluster.psql("shop2", "select count(*) from lifeboat.heartbeat"),
+        "1"
+    );
+}

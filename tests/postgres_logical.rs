@@ -171,9 +171,36 @@ async fn logical_backup_restores_identical_databases_from_local_and_s3() {
             .stderr
             .contains("unable to restore into database 'app'")
             && again.stderr.contains("already holds")
-            && again.stderr.contains("tables, views, sequences or indexes"),
+            && again
+                .stderr
+                .contains("relations (tables, views, sequences, indexes)"),
         "{}",
         again.stderr
+    );
+    // Nor one without a table that holds what someone made there (here a publication, a
+    // foreign server and default privileges): it would be dropped after the swap.
+    first.psql("postgres", "create database made");
+    first.psql(
+        "made",
+        "create publication everything; create foreign data wrapper w; create server s foreign data wrapper w; \
+         alter default privileges grant select on tables to public",
+    );
+    let made = restore_into(
+        &config,
+        &first,
+        &["--from", "local", "--database", "app", "--as", "made"],
+    );
+    made.assert_code(1);
+    assert!(
+        made.stderr.contains("1 publications")
+            && made.stderr.contains("1 foreign servers")
+            && made.stderr.contains("1 default privileges"),
+        "{}",
+        made.stderr
+    );
+    assert_eq!(
+        first.psql("made", "select count(*) from pg_publication"),
+        "1"
     );
     first.psql(
         "app",

@@ -540,6 +540,7 @@ async fn run_postgres(
     )
     .await?;
     clock.stages(started, &restored.stages);
+    warnings.extend(restored.passed_over.iter().cloned());
 
     let started = Instant::now();
     let default_database = drill
@@ -650,10 +651,14 @@ async fn refuse_existing_databases(drill: &Drill, manifest: &Manifest, dsn: &str
         .filter(|d| drill.database.as_deref().is_none_or(|wanted| wanted == *d));
     for database in databases {
         if target.database_exists(database).await? {
-            return Err(Error::config(format!(
-                "invalid drill file '{}': target: database '{database}' exists there already, and a drill restores only into databases it creates (and drops again)",
-                drill.path.display()
-            ))
+            return Err(Error::new(
+                ErrorKind::Target,
+                format!(
+                    "unable to run drill '{}' (drill file '{}'): on its target, database '{database}' exists already, and a drill restores only into databases it creates (and drops again)",
+                    drill.name,
+                    drill.path.display()
+                ),
+            )
             .with_hint(format!(
                 "drop '{database}' on that server first, name a server without it, or leave target out to restore into a scratch cluster"
             )));
@@ -828,7 +833,8 @@ async fn run_physical(
             .iter()
             .fold(e, |e, warning| e.with_hint(warning.clone()))
     })?;
-    let mut warnings = relayed.warnings;
+    let mut warnings = restored.passed_over.clone();
+    warnings.extend(relayed.warnings);
     warnings.extend(cluster.add_reader().await?);
 
     let started = Instant::now();
@@ -940,7 +946,7 @@ async fn run_redis(
         target: "a scratch redis-server on loopback (removed after the drill)".into(),
         checks,
         marker,
-        warnings: Vec::new(),
+        warnings: restored.passed_over,
     })
 }
 
@@ -990,7 +996,7 @@ async fn run_files(config: &Config, drill: &Drill, clock: &mut Clock) -> Result<
         target: "a scratch directory (removed after the drill)".into(),
         checks,
         marker: None,
-        warnings: Vec::new(),
+        warnings: restored.passed_over,
     })
 }
 

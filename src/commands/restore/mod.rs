@@ -129,6 +129,10 @@ pub struct RestoreReport {
     /// replay to the end must get to (a drill checks it, and ends replay there).
     #[serde(skip)]
     pub archive_end: Option<crate::continuity::Point>,
+    /// Of `warnings`, the objects a repository could not serve that another one then did:
+    /// a drill's report names them.
+    #[serde(skip)]
+    pub passed_over: Vec<String>,
 }
 
 impl fmt::Display for RestoreReport {
@@ -256,7 +260,8 @@ impl Selected {
                 repositories.push(repository.clone());
             }
         }
-        warnings.extend(self.warnings.into_inner().expect("warnings lock"));
+        let passed_over = self.warnings.into_inner().expect("warnings lock");
+        warnings.extend(passed_over.iter().cloned());
         RestoreReport {
             job: self.manifest.job.clone(),
             id: self.manifest.id.clone(),
@@ -273,6 +278,7 @@ impl Selected {
             duration: self.started.elapsed(),
             warnings,
             archive_end: None,
+            passed_over,
         }
     }
 }

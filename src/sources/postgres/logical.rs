@@ -7,7 +7,7 @@ use std::process::Command;
 use chrono::{DateTime, Utc};
 
 use super::{Binaries, ChildAuth, Connection, query_error};
-use crate::error::Result;
+use crate::error::{Error, ErrorKind, Result};
 
 #[derive(Debug, Clone)]
 pub struct ServerInfo {
@@ -97,9 +97,12 @@ pub async fn discover(connection: &Connection) -> Result<(ServerInfo, Databases)
 /// Upserts `lifeboat.heartbeat(job, at)` so a restored database can tell how fresh it is.
 pub async fn write_heartbeat(connection: &Connection, job: &str) -> Result<DateTime<Utc>> {
     let client = connection.connect().await?;
+    // The database may belong to anyone who could create it: nothing in it is looked up by
+    // an unqualified name (a function in a schema of theirs first on search_path).
     client
         .batch_execute(
-            "create schema if not exists lifeboat; \
+            "set search_path = pg_catalog, pg_temp; \
+             create schema if not exists lifeboat; \
              create table if not exists lifeboat.heartbeat (job text primary key, at timestamptz not null)",
         )
         .await
@@ -107,9 +110,54 @@ pub async fn write_heartbeat(connection: &Connection, job: &str) -> Result<DateT
             query_error(connection, "create the table lifeboat.heartbeat", e)
                 .with_hint("grant the backup role CREATE on the database, or set heartbeat = false")
         })?;
+    // A schema or table another role made first could hold a trigger, a rule or a default
+    // that would run that role's code as the backup role, often a superuser.
     let row = client
         .query_one(
-            "insert into lifeboat.heartbeat (job, at) values ($1, now()) \
+            "select n.nspowner::regrole::text, \
+                    (select r.rolsuper or r.rolname = current_user from pg_roles r where r.oid = n.nspowner), \
+                    c.relowner::regrole::text, \
+                    (select r.rolsuper or r.rolname = current_user from pg_roles r where r.oid = c.relowner), \
+                    c.relkind::text, \
+                    (select count(*) from pg_trigger t where t.tgrelid = c.oid and not t.tgisinternal) \
+                      + (select count(*) from pg_rewrite w where w.ev_class = c.oid) \
+             from pg_class c join pg_namespace n on n.oid = c.relnamespace \
+             where n.nspname = 'lifeboat' and c.relname = 'heartbeat'",
+            &[],
+        )
+        .await
+        .map_err(|e| query_error(connection, "check the table lifeboat.heartbeat", e))?;
+    let (schema_owner, schema_trusted): (String, bool) = (row.get(0), row.get(1));
+    let (table_owner, table_trusted): (String, bool) = (row.get(2), row.get(3));
+    let (kind, hooks): (String, i64) = (row.get(4), row.get(5));
+    let problem = if !schema_trusted {
+        Some(format!(
+            "the schema lifeboat belongs to role '{schema_owner}'"
+        ))
+    } else if !table_trusted {
+        Some(format!(
+            "the table lifeboat.heartbeat belongs to role '{table_owner}'"
+        ))
+    } else if kind != "r" {
+        Some("lifeboat.heartbeat is not a plain table".to_string())
+    } else if hooks > 0 {
+        Some("lifeboat.heartbeat has triggers or rules".to_string())
+    } else {
+        None
+    };
+    if let Some(problem) = problem {
+        return Err(Error::new(
+            ErrorKind::Source,
+            format!(
+                "refusing to write the heartbeat on {}: {problem}, not the backup role or a superuser; another role's code there would run as the backup role",
+                connection.describe()
+            ),
+        )
+        .with_hint("drop the schema lifeboat in that database (it holds only the heartbeat; lifeboat makes it again), or set heartbeat = false"));
+    }
+    let row = client
+        .query_one(
+            "insert into lifeboat.heartbeat (job, at) values ($1, pg_catalog.now()) \
              on conflict (job) do update set at = excluded.at returning at",
             &[&job],
         )

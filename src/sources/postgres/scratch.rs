@@ -27,6 +27,8 @@ pub struct ScratchCluster {
     superuser: String,
     /// The role the drill's checks run as: they read everything and are no superuser.
     reader: Option<String>,
+    /// Why the cluster does not run as a user of its own, if it does not.
+    user_warning: Option<String>,
 }
 
 /// What scratch directories are called in `$TMPDIR`.
@@ -79,24 +81,50 @@ fn error(message: impl Into<String>) -> Error {
     Error::new(ErrorKind::Target, message)
 }
 
-/// The uid and gid of `postgres`, when running as root.
-fn run_as() -> Result<Option<(u32, u32)>> {
+/// The system user scratch servers run as when lifeboat runs as root: one of their own, so
+/// that what runs in them (a check, or code the restored data carries, such as a function a
+/// CHECK constraint calls during the load) cannot reach the production server's processes
+/// and files as `postgres` could.
+pub const SCRATCH_USER: &str = "lifeboat-scratch";
+
+/// A user's uid and gid.
+type Ids = (u32, u32);
+
+/// The uid and gid scratch servers run as, when running as root: `lifeboat-scratch`, else
+/// `postgres` with a warning saying what that exposes and how to make the user.
+fn run_as() -> Result<(Option<Ids>, Option<String>)> {
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } != 0 {
-        return Ok(None);
+        return Ok((None, None));
     }
-    let name = std::ffi::CString::new("postgres").expect("no NUL");
+    if let Some(ids) = user_ids(SCRATCH_USER) {
+        return Ok((Some(ids), None));
+    }
+    let Some(ids) = user_ids("postgres") else {
+        return Err(error(format!(
+            "unable to create a scratch PostgreSQL cluster as root: there is no '{SCRATCH_USER}' or 'postgres' user to own it"
+        ))
+        .with_hint(format!(
+            "create the user: useradd --system --user-group --no-create-home --home-dir /nonexistent --shell /usr/sbin/nologin {SCRATCH_USER}"
+        )));
+    };
+    Ok((
+        Some(ids),
+        Some(format!(
+            "the scratch cluster ran as 'postgres', the user production servers run as, so code in the restored data could reach them; create the user '{SCRATCH_USER}' (useradd --system --user-group --no-create-home --home-dir /nonexistent --shell /usr/sbin/nologin {SCRATCH_USER}) and drills use it"
+        )),
+    ))
+}
+
+fn user_ids(name: &str) -> Option<(u32, u32)> {
+    let name = std::ffi::CString::new(name).ok()?;
     // SAFETY: getpwnam with a valid C string; the result is read before any other call.
     let entry = unsafe { libc::getpwnam(name.as_ptr()) };
     if entry.is_null() {
-        return Err(error(
-            "unable to create a scratch PostgreSQL cluster as root: there is no 'postgres' user to own it",
-        )
-        .with_hint("install the PostgreSQL server package, or run the drill as an ordinary user"));
+        return None;
     }
     // SAFETY: a non-null entry from getpwnam.
-    let (uid, gid) = unsafe { ((*entry).pw_uid, (*entry).pw_gid) };
-    Ok(Some((uid, gid)))
+    Some(unsafe { ((*entry).pw_uid, (*entry).pw_gid) })
 }
 
 /// A private directory for a scratch cluster, before it runs: `data` inside it is made by
@@ -106,13 +134,15 @@ pub struct ScratchDir {
     dir: tempfile::TempDir,
     held: std::os::fd::OwnedFd,
     owner: Option<(u32, u32)>,
+    /// Why the cluster's user is not one of its own, for the drill's report.
+    warning: Option<String>,
 }
 
 impl ScratchDir {
     /// In $TMPDIR; as root it belongs to `postgres`, who runs the cluster. Scratch
     /// directories of drills that were killed are removed first (and named).
     pub fn create() -> Result<ScratchDir> {
-        let owner = run_as()?;
+        let (owner, warning) = run_as()?;
         let base = std::env::var_os("TMPDIR")
             .map(PathBuf::from)
             .unwrap_or_else(std::env::temp_dir);
@@ -173,22 +203,45 @@ impl ScratchDir {
             )
         })
         .map_err(unusable)?;
+        // The data directory is made here, the cluster user's, whatever fills it (initdb,
+        // or a physical restore, which gives what it writes to the directory's owner).
+        rustix::fs::mkdirat(&held, "data", rustix::fs::Mode::from_raw_mode(0o700))
+            .map_err(|e| unusable(e.into()))?;
         if let Some((uid, gid)) = owner {
-            rustix::fs::fchown(
+            let data = rustix::fs::openat(
                 &held,
-                Some(rustix::fs::Uid::from_raw(uid)),
-                Some(rustix::fs::Gid::from_raw(gid)),
-            )
+                "data",
+                rustix::fs::OFlags::DIRECTORY
+                    | rustix::fs::OFlags::RDONLY
+                    | rustix::fs::OFlags::NOFOLLOW
+                    | rustix::fs::OFlags::CLOEXEC,
+                rustix::fs::Mode::empty(),
+            );
+            data.and_then(|data| {
+                for fd in [&held, &data] {
+                    rustix::fs::fchown(
+                        fd,
+                        Some(rustix::fs::Uid::from_raw(uid)),
+                        Some(rustix::fs::Gid::from_raw(gid)),
+                    )?;
+                }
+                Ok(())
+            })
             .map_err(|e| {
                 error(format!(
-                    "unable to give '{}' to postgres",
+                    "unable to give '{}' to the scratch cluster's user",
                     dir.path().display()
                 ))
                 .with_source(std::io::Error::from(e))
             })?;
         }
         crate::interrupt::remove_on_interrupt(dir.path());
-        Ok(ScratchDir { dir, held, owner })
+        Ok(ScratchDir {
+            dir,
+            held,
+            owner,
+            warning,
+        })
     }
 
     pub fn data_dir(&self) -> PathBuf {
@@ -197,6 +250,11 @@ impl ScratchDir {
 
     pub fn path(&self) -> &Path {
         self.dir.path()
+    }
+
+    /// Why the cluster does not run as a user of its own, if it does not.
+    pub fn warning(&self) -> Option<String> {
+        self.warning.clone()
     }
 
     /// Who runs the cluster, when lifeboat (as root) does not.
@@ -219,6 +277,7 @@ impl ScratchDir {
             postmaster: Some(child),
             superuser: superuser.to_string(),
             reader: None,
+            user_warning: self.warning,
         })
     }
 }
@@ -348,9 +407,11 @@ impl ScratchCluster {
     /// Makes the role the checks run as: it logs in and reads all data, statistics and
     /// settings (`pg_read_all_data`, `pg_monitor`), and is no superuser, so a check cannot
     /// read the host's files, run programs or reach another process's environment as the
-    /// server's user. Says why not where the server has no `pg_read_all_data` (before 14):
-    /// the checks then run as the superuser.
-    pub async fn add_reader(&mut self) -> Result<Option<String>> {
+    /// server's user. Returns the warnings for the report: where the server has no
+    /// `pg_read_all_data` (before 14) the checks run as the superuser, and where the
+    /// cluster runs as `postgres` (see `run_as`).
+    pub async fn add_reader(&mut self) -> Result<Vec<String>> {
+        let mut warnings: Vec<String> = self.user_warning.iter().cloned().collect();
         let client = Connection::from_dsn(&self.dsn("postgres"))?
             .connect()
             .await?;
@@ -360,9 +421,10 @@ impl ScratchCluster {
             .map_err(|e| error("unable to read the scratch cluster's version").with_source(e))?
             .get(0);
         if version < 140000 {
-            return Ok(Some(
+            warnings.push(
                 "the checks ran as the scratch cluster's superuser: PostgreSQL before 14 has no pg_read_all_data role".to_string(),
-            ));
+            );
+            return Ok(warnings);
         }
         // Apart from every role the backup brought along.
         let unique = {
@@ -382,7 +444,7 @@ impl ScratchCluster {
                 error("unable to create the checks' role in the scratch cluster").with_source(e)
             })?;
         self.reader = Some(name);
-        Ok(None)
+        Ok(warnings)
     }
 
     pub fn dir(&self) -> &Path {

@@ -71,45 +71,71 @@ impl Target {
         Ok(row.is_some())
     }
 
-    /// What `database` holds that someone made, as phrases ("3 tables, views, sequences or
-    /// indexes", "1 large objects"); empty for a database as `CREATE DATABASE` leaves it (a
-    /// comment does not count: `postgres` has one from initdb, and the restore sets the
-    /// source's).
-    /// A database that is not empty is never replaced without `--clean`, which keeps it.
+    /// What `database` holds that someone made, as phrases ("3 relations (tables, views,
+    /// sequences, indexes)", "1 large objects"); empty for a database as `CREATE DATABASE`
+    /// leaves it. Everything initdb made has an oid below 16384 (FirstNormalObjectId), so
+    /// every object of these kinds at or above it was made since. A comment, the owner and
+    /// the database's privileges do not count: `postgres` has a comment from initdb, and
+    /// the restore sets the source's.
     pub async fn database_contents(&self, database: &str) -> Result<Vec<String>> {
+        const KINDS: &[(&str, &str)] = &[
+            ("pg_class", "relations (tables, views, sequences, indexes)"),
+            ("pg_proc", "functions or procedures"),
+            ("pg_type", "types"),
+            ("pg_namespace", "schemas"),
+            ("pg_largeobject_metadata", "large objects"),
+            ("pg_extension", "extensions"),
+            ("pg_operator", "operators"),
+            ("pg_opclass", "operator classes"),
+            ("pg_opfamily", "operator families"),
+            ("pg_collation", "collations"),
+            ("pg_conversion", "conversions"),
+            ("pg_cast", "casts"),
+            ("pg_ts_config", "text search configurations"),
+            ("pg_ts_dict", "text search dictionaries"),
+            ("pg_ts_parser", "text search parsers"),
+            ("pg_ts_template", "text search templates"),
+            ("pg_am", "access methods"),
+            ("pg_language", "languages"),
+            ("pg_foreign_data_wrapper", "foreign data wrappers"),
+            ("pg_foreign_server", "foreign servers"),
+            ("pg_default_acl", "default privileges"),
+            ("pg_publication", "publications"),
+            ("pg_event_trigger", "event triggers"),
+            ("pg_transform", "transforms"),
+            ("pg_statistic_ext", "extended statistics"),
+        ];
         let other = self.connection.with_database(database);
         let client = other.connect().await?;
-        let user = "n.nspname not in ('pg_catalog', 'information_schema') \
-                    and n.nspname not like 'pg\\_toast%' and n.nspname not like 'pg\\_temp%'";
+        let counts: Vec<String> = KINDS
+            .iter()
+            .map(|(catalog, _)| {
+                let made = match *catalog {
+                    // Any oid: a large object's is the caller's choice.
+                    "pg_largeobject_metadata" => "true",
+                    // The schemas of temporary tables outlive their sessions.
+                    "pg_namespace" => "oid >= 16384 and nspname !~ '^pg_(toast_)?temp_'",
+                    _ => "oid >= 16384",
+                };
+                format!("(select count(*) from pg_catalog.{catalog} where {made})")
+            })
+            .collect();
         let row = client
             .query_one(
                 &format!(
-                    "select \
-                     (select count(*) from pg_class c join pg_namespace n on n.oid = c.relnamespace where {user}), \
-                     (select count(*) from pg_proc p join pg_namespace n on n.oid = p.pronamespace where {user}), \
-                     (select count(*) from pg_type t join pg_namespace n on n.oid = t.typnamespace \
-                        where {user} and t.typrelid = 0 and t.typcategory <> 'A'), \
-                     (select count(*) from pg_largeobject_metadata), \
-                     (select count(*) from pg_extension where extname <> 'plpgsql'), \
-                     (select count(*) from pg_namespace n where {user} and n.nspname <> 'public'), \
-                     (select count(*) from pg_db_role_setting s join pg_database d on d.oid = s.setdatabase \
-                        where d.datname = current_database())"
+                    "select {}, (select count(*) from pg_catalog.pg_db_role_setting s \
+                       join pg_catalog.pg_database d on d.oid = s.setdatabase \
+                       where d.datname = pg_catalog.current_database())",
+                    counts.join(", ")
                 ),
                 &[],
             )
             .await
             .map_err(|e| query_error(&other, "look for what the database holds", e))?;
-        let kinds = [
-            "tables, views, sequences or indexes",
-            "functions or procedures",
-            "types",
-            "large objects",
-            "extensions",
-            "schemas",
-            "settings (ALTER DATABASE/ROLE ... SET)",
-        ];
-        Ok(kinds
+        Ok(KINDS
             .iter()
+            .map(|(_, kind)| *kind)
+            .chain(["settings (ALTER DATABASE/ROLE ... SET)"])
             .enumerate()
             .filter_map(|(index, kind)| {
                 let count = row.get::<_, i64>(index);
