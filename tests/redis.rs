@@ -197,6 +197,12 @@ fn round_trip(diskless: &str, form: &str) {
             .unwrap()
             .starts_with('7')
     );
+    let shown = lifeboat(&config, &["show", "latest", "--job", JOB]);
+    assert!(
+        shown.stdout.contains("server          Redis 7"),
+        "{}",
+        shown.stdout
+    );
 
     let (_scratch, mut restored) = restore_into_scratch(&config);
     let actual = snapshot(&mut restored);

@@ -386,6 +386,8 @@ async fn probe_lock(repository: &Repository, wanted: bool) -> Result<Option<Stri
     match (support, wanted) {
         (LockSupport::Unsupported, false) => Ok(None),
         (LockSupport::Unsupported, true) => Err("object_lock is set but this repository cannot lock objects".to_string()),
+        (LockSupport::NotImplemented, false) => Ok(Some("Object Lock: not available (the server does not implement it; backups can be deleted with the repository's credentials)".to_string())),
+        (LockSupport::NotImplemented, true) => Err("object_lock is set but this S3 server does not implement Object Lock (it answered NotImplemented): backups are NOT immutable here".to_string()),
         (LockSupport::NotEnabled, false) => Ok(Some("Object Lock: not enabled on the bucket (backups can be deleted with the repository's credentials)".to_string())),
         (LockSupport::NotEnabled, true) => Err("object_lock is set but the bucket does not have Object Lock enabled: backups are NOT immutable; create the bucket with Object Lock enabled".to_string()),
         (LockSupport::NotEnforced, false) => Ok(Some("Object Lock: the bucket says enabled but a locked probe could be deleted; this server does not enforce it".to_string())),

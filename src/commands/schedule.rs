@@ -246,14 +246,21 @@ pub fn cron_fields(calendar: &str) -> Option<String> {
     if time.next().is_some() || !matches!(second, "0" | "00") {
         return None;
     }
+    // systemd's `START/STEP` repeats within the field's range, as cron's `START-MAX/STEP`
+    // does (`*/STEP` from 0): `*:0/15` is `*/15`.
     let number = |text: &str, max: u32| -> Option<String> {
         if text == "*" {
             return Some("*".to_string());
         }
-        text.parse::<u32>()
-            .ok()
-            .filter(|n| *n <= max)
-            .map(|n| n.to_string())
+        let single = |text: &str| text.parse::<u32>().ok().filter(|n| *n <= max);
+        if let Some((start, step)) = text.split_once('/') {
+            let (start, step) = (single(start)?, single(step).filter(|s| *s > 0)?);
+            return Some(match start {
+                0 => format!("*/{step}"),
+                _ => format!("{start}-{max}/{step}"),
+            });
+        }
+        single(text).map(|n| n.to_string())
     };
     let minute = number(minute, 59).filter(|m| m != "*")?;
     let hour = number(hour, 23)?;
@@ -387,6 +394,9 @@ mod tests {
             ("*-*-* *:30:00", "30 * * * *"),
             ("Mon *-*-* 04:00:00", "0 4 * * 1"),
             ("sunday 23:45", "45 23 * * 0"),
+            ("*:0/15", "*/15 * * * *"),
+            ("*-*-* *:5/20:00", "5-59/20 * * * *"),
+            ("*-*-* 0/6:30", "30 */6 * * *"),
         ] {
             assert_eq!(cron_fields(calendar).as_deref(), Some(fields), "{calendar}");
         }
@@ -395,7 +405,8 @@ mod tests {
             "*-*-01 03:00:00",
             "Mon..Fri 04:00",
             "*-*-* 25:00",
-            "*:0/15",
+            "*:0/0",
+            "*:0/75",
             "every day",
         ] {
             assert_eq!(cron_fields(calendar), None, "{calendar}");

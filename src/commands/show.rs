@@ -77,7 +77,14 @@ impl fmt::Display for ShowReport {
         writeln!(f, "host            {}", m.host)?;
         writeln!(f, "lifeboat        {}", m.tool_version)?;
         if let Some(version) = &m.source.server_version {
-            writeln!(f, "server          PostgreSQL {version}")?;
+            let server = if m.kind.starts_with("redis") {
+                "Redis"
+            } else if m.kind.starts_with("postgres") {
+                "PostgreSQL"
+            } else {
+                "version"
+            };
+            writeln!(f, "server          {server} {version}")?;
         }
         if let Some(identifier) = &m.source.system_identifier {
             writeln!(f, "system id       {identifier}")?;

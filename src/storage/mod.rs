@@ -111,6 +111,9 @@ pub enum Deletion {
 pub enum LockSupport {
     /// The backend has no notion of locks (a local directory).
     Unsupported,
+    /// The S3 server does not implement Object Lock (it answers `NotImplemented`, HTTP 501,
+    /// as Garage does).
+    NotImplemented,
     /// The bucket does not have Object Lock enabled.
     NotEnabled,
     /// The server accepted a locked write but let the probe be deleted: the lock is not real.

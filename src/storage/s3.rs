@@ -766,7 +766,19 @@ impl Store for S3Store {
             Err(e) if matches!(status(&e), Some(404) | Some(400)) => {
                 return Ok(LockSupport::NotEnabled);
             }
-            Err(e) => return Err(sdk_error("read the Object Lock configuration of", "", e)),
+            Err(e)
+                if status(&e) == Some(501)
+                    || e.as_service_error().and_then(|s| s.code()) == Some("NotImplemented") =>
+            {
+                return Ok(LockSupport::NotImplemented);
+            }
+            Err(e) => {
+                return Err(sdk_error(
+                    "read the Object Lock configuration of bucket",
+                    &self.bucket,
+                    e,
+                ));
+            }
         }
         // The configuration can say Enabled on a server that ignores lock headers: write a
         // probe locked for a few seconds and try to delete that very version.
