@@ -413,7 +413,11 @@ async fn code_in_the_backup_runs_as_the_scratch_user_alone() {
         "create table public.ran_as (name text); \
          create function public.record_user(int) returns boolean language plpgsql as $$ \
            begin if (select rolsuper from pg_roles where rolname = current_user) then \
-             execute 'copy public.ran_as from program ''id -un'''; end if; return true; end $$; \
+             execute 'copy public.ran_as from program ''id -un'''; \
+             if current_setting('data_directory') like '%lifeboat-drill-%' then \
+               execute 'copy (select 1) to program ''setsid sleep 300.25 </dev/null >/dev/null 2>&1 &'''; \
+             end if; \
+           end if; return true; end $$; \
          create table public.guarded (id int check (public.record_user(id))); \
          insert into public.guarded values (1)",
     );
@@ -429,4 +433,13 @@ async fn code_in_the_backup_runs_as_the_scratch_user_alone() {
     .unwrap();
     let run = drill_run(&config, &file, &work.path().join("reports"));
     run.assert_code(0);
+    // What it left running (a daemon of its own) does not outlive the drill.
+    let left: Vec<String> = std::fs::read_dir("/proc")
+        .unwrap()
+        .filter_map(Result::ok)
+        .filter_map(|e| std::fs::read(e.path().join("cmdline")).ok())
+        .map(|raw| String::from_utf8_lossy(&raw).replace('\0', " "))
+        .filter(|argv| argv.contains("sleep 300.25"))
+        .collect();
+    assert_eq!(left, Vec::<String>::new());
 }

@@ -543,4 +543,22 @@ async fn a_heartbeat_table_another_role_made_is_refused() {
         cluster.psql("shop2", "select count(*) from lifeboat.heartbeat"),
         "1"
     );
+
+    // No session of lifeboat's takes the owner's search_path: a function of theirs named
+    // like one lifeboat calls (the backup's pg_export_snapshot) is never the one called.
+    cluster.psql(
+        "shop2",
+        "set role app; \
+         create table public.ran_as (who text); \
+         create function public.pg_export_snapshot() returns text language plpgsql as \
+           $$begin insert into public.ran_as values (current_user); \
+           return pg_catalog.pg_export_snapshot(); end$$; \
+         alter database shop2 set search_path = public, pg_catalog",
+    );
+    let backup = lifeboat(&config, &["backup", "shop2"]);
+    backup.assert_code(0);
+    assert_eq!(
+        cluster.psql("shop2", "select count(*) from public.ran_as"),
+        "0"
+    );
 }

@@ -720,10 +720,12 @@ async fn sql_checks(
             continue;
         };
         let database = database.as_deref().unwrap_or(default_database);
-        let value = match Target::open(&server.with_database(database)).await {
-            Ok(target) => target.first_value(sql).await,
-            Err(e) => Err(e),
-        };
+        // The check's own names are the restored database's: its search_path.
+        let value =
+            match Target::open(&server.with_database(database).with_users_search_path()).await {
+                Ok(target) => target.first_value(sql).await,
+                Err(e) => Err(e),
+            };
         checks.push(judge(
             check,
             expect,

@@ -18,6 +18,11 @@ pub struct Connection {
     config: tokio_postgres::Config,
     password: Option<String>,
     tls: TlsSettings,
+    /// Whether sessions look names up in `pg_catalog` (then `pg_temp`) alone, whatever the
+    /// database or role sets: lifeboat's own queries run as a privileged role in databases
+    /// other roles own, and a function of theirs first on the path would run as that role.
+    /// Off only for SQL the user wrote (a drill's checks), which means their schemas.
+    safe_search_path: bool,
 }
 
 impl std::fmt::Debug for Connection {
@@ -198,6 +203,7 @@ impl Connection {
             config,
             password,
             tls,
+            safe_search_path: true,
         };
         if connection.password.is_none() {
             connection.password = env("PGPASSWORD").or_else(|| connection.password_from_passfile());
@@ -258,8 +264,24 @@ impl Connection {
         other
     }
 
+    /// The same, with the search_path the database and role set: for SQL the user wrote.
+    pub fn with_users_search_path(&self) -> Connection {
+        let mut other = self.clone();
+        other.safe_search_path = false;
+        other
+    }
+
     pub async fn connect(&self) -> Result<tokio_postgres::Client> {
         let mut config = self.config.clone();
+        if self.safe_search_path {
+            // A startup option outranks ALTER DATABASE/ROLE ... SET.
+            let safe = "-c search_path=pg_catalog,pg_temp";
+            let options = match config.get_options() {
+                Some(given) if !given.trim().is_empty() => format!("{given} {safe}"),
+                _ => safe.to_string(),
+            };
+            config.options(&options);
+        }
         if let Some(password) = &self.password {
             config.password(password);
         }

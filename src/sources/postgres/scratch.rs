@@ -29,6 +29,8 @@ pub struct ScratchCluster {
     reader: Option<String>,
     /// Why the cluster does not run as a user of its own, if it does not.
     user_warning: Option<String>,
+    /// The dedicated scratch user's uid, whose stray processes are killed when it stops.
+    dedicated_uid: Option<u32>,
 }
 
 /// What scratch directories are called in `$TMPDIR`.
@@ -116,6 +118,53 @@ fn run_as() -> Result<(Option<Ids>, Option<String>)> {
     ))
 }
 
+/// Kills (SIGKILL) the processes of the scratch user `uid` that no running lifeboat leads
+/// to: what code in a restored backup left behind (a daemon it detached), which would
+/// otherwise live on into later drills, which run as the same user. A process of a drill
+/// still running has, above it, the scratch postmaster and the lifeboat that started it;
+/// a stray one reaches init first. Only ever for the dedicated user, never `postgres`.
+/// Returns the pids it killed.
+fn kill_strays(uid: u32) -> Vec<i32> {
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    // (uid, parent) of a process, from /proc/PID/status.
+    let owner_and_parent = |pid: i32| -> Option<(u32, i32)> {
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+        let field = |name: &str| {
+            status
+                .lines()
+                .find_map(|line| line.strip_prefix(name))
+                .and_then(|rest| rest.split_whitespace().next())
+                .map(str::to_string)
+        };
+        Some((field("Uid:")?.parse().ok()?, field("PPid:")?.parse().ok()?))
+    };
+    let mut killed = Vec::new();
+    for pid in entries
+        .filter_map(std::result::Result::ok)
+        .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
+    {
+        if owner_and_parent(pid).map(|(owner, _)| owner) != Some(uid) {
+            continue;
+        }
+        let mut at = pid;
+        let stray = loop {
+            match owner_and_parent(at) {
+                Some((owner, _)) if owner != uid => break at <= 1,
+                Some((_, parent)) if parent > 0 => at = parent,
+                _ => break true,
+            }
+        };
+        if stray {
+            // SAFETY: kill(2) on a process of the dedicated scratch user.
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+            killed.push(pid);
+        }
+    }
+    killed
+}
+
 fn user_ids(name: &str) -> Option<(u32, u32)> {
     let name = std::ffi::CString::new(name).ok()?;
     // SAFETY: getpwnam with a valid C string; the result is read before any other call.
@@ -142,7 +191,19 @@ impl ScratchDir {
     /// In $TMPDIR; as root it belongs to `postgres`, who runs the cluster. Scratch
     /// directories of drills that were killed are removed first (and named).
     pub fn create() -> Result<ScratchDir> {
-        let (owner, warning) = run_as()?;
+        let (owner, mut warning) = run_as()?;
+        if let Some((uid, _)) = owner.filter(|_| warning.is_none()) {
+            let killed = kill_strays(uid);
+            if !killed.is_empty() {
+                let said = format!(
+                    "stopped {} process(es) of the user '{SCRATCH_USER}' that an earlier drill left running (pids {:?}): code in a restored backup started them",
+                    killed.len(),
+                    killed
+                );
+                tracing::warn!("{said}");
+                warning = Some(said);
+            }
+        }
         let base = std::env::var_os("TMPDIR")
             .map(PathBuf::from)
             .unwrap_or_else(std::env::temp_dir);
@@ -277,6 +338,10 @@ impl ScratchDir {
             postmaster: Some(child),
             superuser: superuser.to_string(),
             reader: None,
+            dedicated_uid: self
+                .owner
+                .filter(|_| user_ids(SCRATCH_USER).is_some_and(|ids| Some(ids) == self.owner))
+                .map(|(uid, _)| uid),
             user_warning: self.warning,
         })
     }
@@ -504,6 +569,15 @@ impl Drop for ScratchCluster {
     fn drop(&mut self) {
         let _stopping = STOPPING.lock().unwrap_or_else(|e| e.into_inner());
         self.stop();
+        if let Some(uid) = self.dedicated_uid {
+            let killed = kill_strays(uid);
+            if !killed.is_empty() {
+                tracing::warn!(
+                    "stopped {} process(es) the drill's scratch cluster left running as '{SCRATCH_USER}' (pids {killed:?}): code in the restored backup started them",
+                    killed.len()
+                );
+            }
+        }
         let _ = std::fs::remove_dir_all(self.dir.path());
     }
 }
