@@ -415,7 +415,7 @@ async fn code_in_the_backup_runs_as_the_scratch_user_alone() {
            begin if (select rolsuper from pg_roles where rolname = current_user) then \
              execute 'copy public.ran_as from program ''id -un'''; \
              if current_setting('data_directory') like '%lifeboat-drill-%' then \
-               execute 'copy (select 1) to program ''setsid sleep 300.25 </dev/null >/dev/null 2>&1 &'''; \
+               execute 'copy (select 1) to program ''cat >/dev/null; setsid sleep 300.25 </dev/null >/dev/null 2>&1 &'''; \
              end if; \
            end if; return true; end $$; \
          create table public.guarded (id int check (public.record_user(id))); \
