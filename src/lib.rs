@@ -18,6 +18,7 @@
 //! - [`keys`]: age identities and recipients.
 //! - [`pax`]: extended attributes and ACLs as the PAX records of a tar entry.
 //! - [`lock`]: per-job run locks that a killed run never leaves behind.
+//! - [`interrupt`]: what SIGINT, SIGTERM and SIGHUP stop and remove before lifeboat exits.
 //! - [`metrics`]: Prometheus textfile metrics for alerting.
 //! - [`retention`]: which backups a retention policy keeps, and why (pure).
 //! - [`config`], [`error`]: the config file and the one public error with its exit code.

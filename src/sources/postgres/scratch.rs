@@ -33,6 +33,12 @@ pub struct ScratchCluster {
     dedicated_uid: Option<u32>,
 }
 
+/// How lifeboat opens a scratch directory: never through a link its owner put in its place.
+const DIRECTORY_NOFOLLOW: rustix::fs::OFlags = rustix::fs::OFlags::DIRECTORY
+    .union(rustix::fs::OFlags::RDONLY)
+    .union(rustix::fs::OFlags::NOFOLLOW)
+    .union(rustix::fs::OFlags::CLOEXEC);
+
 /// What scratch directories are called in `$TMPDIR`.
 const PREFIX: &str = "lifeboat-drill-";
 /// Inside a scratch directory made by a lifeboat that locks it: only those are ever taken
@@ -230,19 +236,12 @@ impl ScratchDir {
             ))
             .with_source(e)
         };
-        let held = rustix::fs::open(
-            dir.path(),
-            rustix::fs::OFlags::DIRECTORY
-                | rustix::fs::OFlags::RDONLY
-                | rustix::fs::OFlags::NOFOLLOW
-                | rustix::fs::OFlags::CLOEXEC,
-            rustix::fs::Mode::empty(),
-        )
-        .and_then(|fd| {
-            rustix::fs::flock(&fd, rustix::fs::FlockOperation::LockExclusive)?;
-            Ok(fd)
-        })
-        .map_err(|e| unusable(e.into()))?;
+        let held = rustix::fs::open(dir.path(), DIRECTORY_NOFOLLOW, rustix::fs::Mode::empty())
+            .and_then(|fd| {
+                rustix::fs::flock(&fd, rustix::fs::FlockOperation::LockExclusive)?;
+                Ok(fd)
+            })
+            .map_err(|e| unusable(e.into()))?;
         let host = hostname::get()
             .map(|name| name.to_string_lossy().into_owned())
             .unwrap_or_default();
@@ -269,15 +268,8 @@ impl ScratchDir {
         rustix::fs::mkdirat(&held, "data", rustix::fs::Mode::from_raw_mode(0o700))
             .map_err(|e| unusable(e.into()))?;
         if let Some((uid, gid)) = owner {
-            let data = rustix::fs::openat(
-                &held,
-                "data",
-                rustix::fs::OFlags::DIRECTORY
-                    | rustix::fs::OFlags::RDONLY
-                    | rustix::fs::OFlags::NOFOLLOW
-                    | rustix::fs::OFlags::CLOEXEC,
-                rustix::fs::Mode::empty(),
-            );
+            let data =
+                rustix::fs::openat(&held, "data", DIRECTORY_NOFOLLOW, rustix::fs::Mode::empty());
             data.and_then(|data| {
                 for fd in [&held, &data] {
                     rustix::fs::fchown(
@@ -595,14 +587,7 @@ fn remove_abandoned(base: &Path) -> Vec<String> {
             continue;
         }
         let path = entry.path();
-        let Ok(dir) = rustix::fs::open(
-            &path,
-            rustix::fs::OFlags::DIRECTORY
-                | rustix::fs::OFlags::RDONLY
-                | rustix::fs::OFlags::NOFOLLOW
-                | rustix::fs::OFlags::CLOEXEC,
-            rustix::fs::Mode::empty(),
-        ) else {
+        let Ok(dir) = rustix::fs::open(&path, DIRECTORY_NOFOLLOW, rustix::fs::Mode::empty()) else {
             continue;
         };
         let owner = rustix::fs::openat(
