@@ -25,6 +25,16 @@ pub fn backup_prefix(job: &str, id: &str) -> String {
     format!("jobs/{job}/backups/{id}/")
 }
 
+/// A files backup's one object: the tar stream of its paths.
+pub const FILES_OBJECT: &str = "files.tar.zst";
+/// A physical backup's data directory, as a tar stream.
+pub const BASE_OBJECT: &str = "base.tar.zst";
+
+/// Whether the object of this logical name is a tar stream, which a restore unpacks.
+pub fn holds_tar(logical_name: &str) -> bool {
+    logical_name == FILES_OBJECT || logical_name == BASE_OBJECT
+}
+
 pub fn object_key(job: &str, id: &str, object: &str) -> String {
     format!("jobs/{job}/backups/{id}/{object}")
 }

@@ -16,6 +16,7 @@
 //! - [`wal`]: LSNs, timelines and WAL file names, for physical backups and the WAL archive.
 //! - [`continuity`]: how far the WAL archive carries a backup (timeline path, gaps).
 //! - [`keys`]: age identities and recipients.
+//! - [`archive`]: the rules a tar archive's entries meet before a restore writes them.
 //! - [`pax`]: extended attributes and ACLs as the PAX records of a tar entry.
 //! - [`lock`]: per-job run locks that a killed run never leaves behind.
 //! - [`interrupt`]: what SIGINT, SIGTERM and SIGHUP stop and remove before lifeboat exits.
@@ -24,6 +25,7 @@
 //! - [`config`], [`error`]: the config file and the one public error with its exit code.
 //! - [`progress`]: how long transfers report progress to whoever renders it.
 
+pub mod archive;
 pub mod commands;
 pub mod config;
 pub mod continuity;

@@ -497,3 +497,133 @@ fn entries_a_backup_cannot_keep_are_named_and_the_rest_restores() {
     )
     .assert_code(0);
 }
+
+/// The newest `files.tar.zst` of `job` under `repo`.
+fn newest_object(repo: &Path, job: &str) -> std::path::PathBuf {
+    let mut objects: Vec<_> = walkdir::WalkDir::new(repo.join("jobs").join(job))
+        .into_iter()
+        .filter_map(Result::ok)
+        .filter(|e| e.file_name() == "files.tar.zst")
+        .map(|e| e.into_path())
+        .collect();
+    objects.sort();
+    objects.pop().unwrap()
+}
+
+/// Configured paths mean what they mean to tar: a symlink is stored as the link, unless the
+/// path ends with '/' (or `follow = true`), when the directory it points to is stored under
+/// the path's name; a path listed twice or inside another is stored once. Each backup
+/// verifies, restores, and unpacks with `zstd -d | tar -x` into the same tree; a path beneath
+/// a link another path stores is refused before anything is read.
+#[test]
+fn configured_paths_mean_what_they_mean_to_tar() {
+    let work = tempfile::tempdir().unwrap();
+    let source = work.path().join("src");
+    let app = source.join("opt/app");
+    tree::write_file(&app.join("releases/5/conf/a.conf"), b"a = 5\n", 0o644);
+    std::os::unix::fs::symlink("releases/5", app.join("current")).unwrap();
+    let etc = source.join("etc");
+    tree::write_file(&etc.join("app/x.conf"), b"x\n", 0o600);
+    tree::write_file(&etc.join("y.conf"), b"y\n", 0o644);
+    let current = app.join("current");
+    let job = |name: &str, paths: &[String], extra: &str| {
+        let paths: Vec<String> = paths.iter().map(|p| format!("\"{p}\"")).collect();
+        format!(
+            "[[job]]\nname = \"{name}\"\nkind = \"files\"\npaths = [{}]\n{extra}\n",
+            paths.join(", ")
+        )
+    };
+    let shown = |p: &Path| p.display().to_string();
+    let repo = work.path().join("repo");
+    let config = write_config(
+        work.path(),
+        &[
+            local_repository("local", &repo),
+            job("link", &[shown(&current)], ""),
+            job("slash", &[format!("{}/", shown(&current))], ""),
+            job("follow", &[shown(&current)], "follow = true"),
+            job(
+                "overlap",
+                &[shown(&etc), shown(&etc.join("app")), shown(&etc)],
+                "",
+            ),
+            job("beneath", &[shown(&app), shown(&current.join("conf"))], ""),
+        ]
+        .concat(),
+    );
+
+    let check = lifeboat(&config, &["check"]);
+    for line in [
+        "stored as the link only".to_string(),
+        format!(
+            "the directory '{}' is stored under the name '{}'",
+            shown(&std::fs::canonicalize(app.join("releases/5")).unwrap()),
+            shown(&current)
+        ),
+        format!("note: path '{}/app' lies inside", shown(&etc)),
+        format!("a symlink that path '{}' stores as a link", shown(&app)),
+    ] {
+        assert!(check.stdout.contains(&line), "{line}: {}", check.stdout);
+    }
+    let refused = lifeboat(&config, &["backup", "beneath"]);
+    refused.assert_code(1);
+    assert!(
+        refused
+            .stderr
+            .contains("a restore would find the link where this path needs a directory")
+            && refused
+                .stderr
+                .contains(&format!("list '{}/'", shown(&current))),
+        "{}",
+        refused.stderr
+    );
+
+    for name in ["link", "slash", "follow", "overlap"] {
+        let backup = lifeboat(&config, &["backup", name]);
+        backup.assert_code(0);
+        lifeboat(&config, &["verify", name, "--deep"]).assert_code(0);
+        let into = work.path().join(format!("restored-{name}"));
+        lifeboat(
+            &config,
+            &["restore", name, "--into", into.to_str().unwrap()],
+        )
+        .assert_code(0);
+        let object = newest_object(&repo, name);
+        let unpacked = work.path().join(format!("unpacked-{name}"));
+        std::fs::create_dir(&unpacked).unwrap();
+        run_command(Command::new("sh").arg("-c").arg(format!(
+            "zstd -dc '{}' | tar -xpf - -C '{}'",
+            object.display(),
+            unpacked.display()
+        )))
+        .assert_code(0);
+        let listing = run_command(Command::new("sh").arg("-c").arg(format!(
+            "zstd -dc '{}' | tar -tf - | sort | uniq -d",
+            object.display()
+        )));
+        assert_eq!(listing.stdout, "", "{name}: entries stored twice");
+        for tree in [&into, &unpacked] {
+            let restored_current = restored_root(tree, &current);
+            match name {
+                "link" => assert_eq!(
+                    std::fs::read_link(&restored_current).unwrap(),
+                    Path::new("releases/5"),
+                    "{name} in {}",
+                    tree.display()
+                ),
+                "slash" | "follow" => {
+                    let kind = std::fs::symlink_metadata(&restored_current).unwrap();
+                    assert!(kind.is_dir(), "{name} in {}", tree.display());
+                    assert_eq!(
+                        std::fs::read(restored_current.join("conf/a.conf")).unwrap(),
+                        b"a = 5\n"
+                    );
+                }
+                _ => {
+                    tree::assert_same(&etc, &restored_root(tree, &etc));
+                    assert!(backup.stdout.contains("its entries are stored once"));
+                }
+            }
+        }
+    }
+}

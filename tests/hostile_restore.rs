@@ -482,6 +482,20 @@ fn run_every_attack(unprivileged: bool) {
                     run.code, run.stderr
                 ));
             }
+            // What the restore refuses, `verify --deep` refuses, naming the same entry,
+            // without writing anything.
+            if forge && !unprivileged {
+                let verify = run_command(
+                    binary_command(&rig.binary, &rig.config).args(["verify", "--deep"]),
+                );
+                let refusal = format!("REFUSED  {object_key}: refusing {expected}");
+                if verify.code != 1 || !verify.stdout.contains(&refusal) {
+                    findings.push(format!(
+                        "{case}: expected verify --deep to exit 1 with '{refusal}', got {}: {}{}",
+                        verify.code, verify.stdout, verify.stderr
+                    ));
+                }
+            }
             let left: Vec<_> = match std::fs::read_dir(&target) {
                 Ok(entries) => entries.map(|e| e.unwrap().file_name()).collect(),
                 Err(_) => Vec::new(),
@@ -697,6 +711,8 @@ fn tar_with_records(
     header.set_entry_type(kind);
     header.set_mode(0o644);
     header.set_mtime(1_000);
+    header.set_uid(0);
+    header.set_gid(0);
     let body: &[u8] = if kind == tar::EntryType::Regular {
         b"data\n"
     } else {

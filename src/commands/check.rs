@@ -172,16 +172,15 @@ async fn check_source(config: &Config, job: &JobConfig) -> Result<Vec<String>> {
             )])
         }
         JobSource::Files(files) => {
-            for path in &files.paths {
-                std::fs::symlink_metadata(path).map_err(|e| {
-                    Error::new(
-                        ErrorKind::Source,
-                        format!("unable to read path '{}'", path.display()),
-                    )
-                    .with_source(e)
-                })?;
-            }
-            Ok(Vec::new())
+            let roots = crate::sources::files::roots(files);
+            crate::sources::files::check_roots(&job.name, &roots)?;
+            let mut lines = roots
+                .roots
+                .iter()
+                .map(|root| crate::sources::files::describe(&job.name, root))
+                .collect::<Result<Vec<_>>>()?;
+            lines.extend(roots.notes.iter().map(|note| format!("note: {note}")));
+            Ok(lines)
         }
         JobSource::Postgres(postgres) => {
             let server =

@@ -39,6 +39,10 @@ pub struct ObjectCheck {
     /// Copies that could not be read (the repository failed or timed out mid-way), by
     /// repository: not checked, so neither intact nor damaged.
     pub unreadable_in: Vec<(String, String)>,
+    /// A tar object whose intact copy a restore would refuse: the first entry it refuses,
+    /// and why. Every copy holds the same bytes, so none would do better.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub refused: Option<String>,
 }
 
 impl ObjectCheck {
@@ -83,6 +87,11 @@ impl VerifyReport {
         self.checks.iter().map(|c| c.unreadable_in.len()).sum()
     }
 
+    /// Intact objects a restore would refuse.
+    pub fn refused(&self) -> impl Iterator<Item = &ObjectCheck> {
+        self.checks.iter().filter(|c| c.refused.is_some())
+    }
+
     /// Ok if every copy read is intact. An object with no intact copy is a failure; damaged
     /// copies with an intact one elsewhere, or a repository that could not be read, leave the
     /// backups restorable but degraded.
@@ -112,6 +121,16 @@ impl VerifyReport {
                 format!("{lost} damaged object(s) in {place}"),
             )
             .with_hint("restore from another repository with `--from`, and take a new backup"));
+        }
+        let refused = self.refused().count();
+        if refused > 0 {
+            return Err(Error::new(
+                ErrorKind::Verification,
+                format!(
+                    "{refused} object(s) match their checksums but hold an archive a restore refuses, so their backups cannot be restored"
+                ),
+            )
+            .with_hint("the REFUSED lines name the entry; take a new backup, and restore from an older one meanwhile"));
         }
         if unread > 0 {
             return Err(Error::new(
@@ -273,6 +292,7 @@ async fn verify_backup(
         intact_in: None,
         damaged_in: Vec::new(),
         unreadable_in: Vec::new(),
+        refused: None,
     };
     let mut manifest = None;
     for repository in sources {
@@ -300,6 +320,7 @@ async fn verify_backup(
             intact_in: None,
             damaged_in: Vec::new(),
             unreadable_in: Vec::new(),
+            refused: None,
         };
         if object.is_encrypted() && keyring.is_none() {
             stored_only += 1;
@@ -307,8 +328,9 @@ async fn verify_backup(
         for repository in sources {
             match check_object(repository, &manifest, object, keyring).await {
                 Err(e) if e.kind() == ErrorKind::Key => return Err(e),
-                Ok(()) => {
+                Ok(refused) => {
                     check.intact_in = Some(repository.name.clone());
+                    check.refused = refused;
                     break;
                 }
                 Err(e) => {
@@ -323,21 +345,40 @@ async fn verify_backup(
 }
 
 /// Both checksums of one copy; only the stored one for an encrypted object without keys.
+/// A tar object read whole is checked entry by entry as a restore checks it too: the
+/// refusal, when its checksums match, is returned.
 async fn check_object(
     repository: &Repository,
     manifest: &Manifest,
     object: &ObjectEntry,
     keyring: Option<&Keyring>,
-) -> Result<()> {
+) -> Result<Option<String>> {
     match keyring {
-        None if object.is_encrypted() => check_stored(repository, manifest, object).await,
+        None if object.is_encrypted() => check_stored(repository, manifest, object)
+            .await
+            .map(|()| None),
         _ => {
             let keyring = keyring.cloned().unwrap_or_default();
-            read_object(repository, manifest, object, &keyring, |raw| {
-                std::io::copy(raw, &mut std::io::sink())
+            let tar = crate::layout::holds_tar(object.logical_name());
+            read_object(repository, manifest, object, &keyring, move |raw| {
+                let checked = tar.then(|| crate::archive::check_archive(raw));
+                // The rest (the archive's padding, or all of it): the checksums cover it,
+                // and they decide before a refusal is believed.
+                std::io::copy(raw, &mut std::io::sink())?;
+                match checked {
+                    Some(Err(e))
+                        if matches!(
+                            e.kind(),
+                            std::io::ErrorKind::InvalidData | std::io::ErrorKind::UnexpectedEof
+                        ) =>
+                    {
+                        Ok(Some(e.to_string()))
+                    }
+                    Some(Err(e)) => Err(e),
+                    _ => Ok(None),
+                }
             })
             .await
-            .map(|_| ())
         }
     }
 }
@@ -357,6 +398,10 @@ impl fmt::Display for VerifyReport {
                         false => writeln!(f, "{label} {key}: {problem}")?,
                     }
                 }
+            }
+            if let Some(why) = &check.refused {
+                writeln!(f, "REFUSED  {key}: {why}")?;
+                continue;
             }
             match (&check.intact_in, several) {
                 (Some(repository), true) => writeln!(f, "ok       {key} in '{repository}'")?,

@@ -201,9 +201,22 @@ pub struct PostgresJob {
 
 #[derive(Debug, Clone)]
 pub struct FilesJob {
+    /// As written: a trailing '/' says a symlink in the path's place is followed.
     pub paths: Vec<PathBuf>,
+    /// Every path's symlink is followed, trailing '/' or not.
+    pub follow: bool,
     pub include: Vec<String>,
     pub exclude: Vec<String>,
+}
+
+impl FilesJob {
+    /// Whether a symlink at the configured `path` is stored as the directory (or file) it
+    /// points to, under the path's own name, rather than as the link: a trailing '/', as
+    /// tar and rsync read it, or `follow = true`.
+    pub fn follows(&self, path: &Path) -> bool {
+        use std::os::unix::ffi::OsStrExt;
+        self.follow || (path.as_os_str().len() > 1 && path.as_os_str().as_bytes().ends_with(b"/"))
+    }
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -827,6 +840,7 @@ fn validate_job(index: usize, job: raw::RawJob) -> Result<JobConfig, Problem> {
         ("paths", !job.paths.is_empty()),
         ("include", !job.include.is_empty()),
         ("exclude", !job.exclude.is_empty()),
+        ("follow", job.follow.is_some()),
     ];
     let refuse_fields = |fields: &[(&str, bool)], kind: &str| -> Result<(), Problem> {
         match fields.iter().find(|(_, set)| *set) {
@@ -842,6 +856,7 @@ fn validate_job(index: usize, job: raw::RawJob) -> Result<JobConfig, Problem> {
             JobSource::Files(validate_files_job(
                 &at,
                 job.paths,
+                job.follow.unwrap_or(false),
                 job.include,
                 job.exclude,
             )?)
@@ -874,6 +889,7 @@ fn validate_job(index: usize, job: raw::RawJob) -> Result<JobConfig, Problem> {
 fn validate_files_job(
     at: &dyn Fn(&str) -> String,
     paths: Vec<PathBuf>,
+    follow: bool,
     include: Vec<String>,
     exclude: Vec<String>,
 ) -> Result<FilesJob, Problem> {
@@ -891,34 +907,46 @@ fn validate_files_job(
                 path.display()
             ));
         }
-    }
-    // A path inside another would be stored twice, and its second copy refused on restore.
-    for (index, path) in paths.iter().enumerate() {
-        for (other_index, other) in paths.iter().enumerate() {
-            if index != other_index
-                && path.starts_with(other)
-                && (index > other_index || path != other)
-            {
-                return Err(format!(
-                    "{}: \"{}\" lies inside \"{}\", which is backed up whole; leave it out",
-                    at("paths"),
-                    path.display(),
-                    other.display()
-                ));
-            }
+        if path
+            .components()
+            .any(|c| c == std::path::Component::ParentDir)
+        {
+            return Err(format!(
+                "{}: \"{}\" holds '..', which names another place once a symlink is on the way; write the path it means",
+                at("paths"),
+                path.display()
+            ));
         }
     }
-    for (field, globs) in [("include", &include), ("exclude", &exclude)] {
+    for globs in [("include", &include), ("exclude", &exclude)] {
+        let (field, globs) = globs;
         for glob in globs {
             globset::Glob::new(glob)
                 .map_err(|e| format!("{}: invalid glob \"{glob}\": {e}", at(field)))?;
         }
     }
-    Ok(FilesJob {
+    let job = FilesJob {
         paths,
+        follow,
         include,
         exclude,
-    })
+    };
+    // The same path written twice, once followed and once not, asks for a link and a
+    // directory of one name; no restore could make both.
+    for (index, path) in job.paths.iter().enumerate() {
+        for other in &job.paths[..index] {
+            let same = path.components().eq(other.components());
+            if same && job.follows(path) != job.follows(other) {
+                return Err(format!(
+                    "{}: \"{}\" and \"{}\" name one path, once to store the symlink and once what it points to; keep one",
+                    at("paths"),
+                    other.display(),
+                    path.display()
+                ));
+            }
+        }
+    }
+    Ok(job)
 }
 
 fn validate_postgres_job(
@@ -1305,27 +1333,41 @@ mod tests {
     }
 
     #[test]
-    fn a_files_path_inside_another_is_refused() {
-        for paths in [
-            r#"["/etc", "/etc/nginx/"]"#,
-            r#"["/etc/nginx", "/etc"]"#,
-            r#"["/etc", "/etc"]"#,
+    fn files_paths_a_restore_could_not_make_are_refused() {
+        for (paths, expected) in [
+            (r#"["/etc/app", "/etc/app/"]"#, "name one path"),
+            (r#"["/opt/app/../etc"]"#, "holds '..'"),
         ] {
             let err = parse(&format!(
                 "{LOCAL}[[job]]\nname = \"conf\"\nkind = \"files\"\npaths = {paths}\n"
             ))
             .unwrap_err();
             assert!(
-                err.message().contains("job[0] (conf).paths: ")
-                    && err.message().contains("lies inside"),
+                err.message().contains("job[0] (conf).paths: ") && err.message().contains(expected),
                 "{paths}: {}",
                 err.message()
             );
         }
-        parse(&format!(
-            "{LOCAL}[[job]]\nname = \"conf\"\nkind = \"files\"\npaths = [\"/etc\", \"/etcetera\"]\n"
+        // Overlapping paths are merged when the archive is written; follow = true makes
+        // the trailing '/' moot.
+        for paths in [
+            r#"["/etc", "/etc/nginx/"]"#,
+            r#"["/etc", "/etc"]"#,
+            r#"["/etc", "/etcetera"]"#,
+        ] {
+            parse(&format!(
+                "{LOCAL}[[job]]\nname = \"conf\"\nkind = \"files\"\npaths = {paths}\n"
+            ))
+            .unwrap();
+        }
+        let config = parse(&format!(
+            "{LOCAL}[[job]]\nname = \"conf\"\nkind = \"files\"\nfollow = true\npaths = [\"/opt/app\", \"/opt/app/\"]\n"
         ))
         .unwrap();
+        let JobSource::Files(job) = &config.jobs[0].source else {
+            panic!("a files job")
+        };
+        assert!(job.follows(Path::new("/opt/app")));
     }
 
     #[test]

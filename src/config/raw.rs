@@ -93,6 +93,7 @@ pub struct RawJob {
     pub include: Vec<String>,
     #[serde(default)]
     pub exclude: Vec<String>,
+    pub follow: Option<bool>,
     // postgres
     pub mode: Option<String>,
     pub dsn: Option<String>,

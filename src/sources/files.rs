@@ -9,6 +9,7 @@ use std::path::{Path, PathBuf};
 
 use globset::{Glob, GlobSet, GlobSetBuilder};
 
+use crate::archive::{self, EntryKind};
 use crate::config::FilesJob;
 use crate::error::{Error, ErrorKind, Result};
 use crate::manifest::{MAX_NOT_STORED, NotStored};
@@ -38,6 +39,8 @@ pub struct ArchiveSummary {
     /// and the first [`MAX_NOT_STORED`] of them.
     pub not_stored: u64,
     pub not_stored_entries: Vec<NotStored>,
+    /// Paths listed twice or inside another, each stored once.
+    pub notes: Vec<String>,
 }
 
 impl ArchiveSummary {
@@ -155,6 +158,145 @@ impl PathFilter {
     }
 }
 
+/// One configured path, as the archive is written from it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Root {
+    /// As configured (a trailing '/' kept), for messages.
+    pub configured: PathBuf,
+    /// Normal names only: where it is read, and (without the '/') its archive name.
+    pub path: PathBuf,
+    /// A symlink in its place is stored as what it points to, under `path`'s name.
+    pub follow: bool,
+}
+
+/// The paths an archive is written from, each once, outer ones first; and what was merged.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Roots {
+    pub roots: Vec<Root>,
+    pub notes: Vec<String>,
+}
+
+/// The job's paths, each once and in the order their archive names sort: a path listed
+/// twice is read once, and one inside another is read on its own and left out of the
+/// other's walk, so that every entry is stored once.
+pub fn roots(job: &FilesJob) -> Roots {
+    let mut all: Vec<Root> = job
+        .paths
+        .iter()
+        .map(|configured| Root {
+            configured: configured.clone(),
+            path: Path::new("/").join(archive_name(configured)),
+            follow: job.follows(configured),
+        })
+        .collect();
+    all.sort_by(|a, b| a.path.cmp(&b.path));
+    let mut roots: Roots = Roots::default();
+    for root in all {
+        if let Some(same) = roots.roots.iter().find(|r| r.path == root.path) {
+            roots.notes.push(format!(
+                "path '{}' is listed twice (also as '{}'); it is stored once",
+                root.configured.display(),
+                same.configured.display()
+            ));
+            continue;
+        }
+        if let Some(outer) = roots.roots.iter().find(|r| root.path.starts_with(&r.path)) {
+            roots.notes.push(format!(
+                "path '{}' lies inside '{}'; its entries are stored once",
+                root.configured.display(),
+                outer.configured.display()
+            ));
+        }
+        roots.roots.push(root);
+    }
+    roots
+}
+
+/// Fails, before anything is read, on a path that does not exist and on a path beneath
+/// a symlink that another path stores as a link: no restore writes beneath a link.
+pub fn check_roots(job_name: &str, roots: &Roots) -> Result<()> {
+    for root in &roots.roots {
+        std::fs::symlink_metadata(&root.path)
+            .map_err(|e| source_error(job_name, "read path", &root.configured, e))?;
+        for outer in roots.roots.iter().filter(|o| o.path != root.path) {
+            if !root.path.starts_with(&outer.path) {
+                continue;
+            }
+            // Every directory from the outer path down to this one's parent is stored as
+            // what it is: a symlink among them is stored as a link, unless it is a followed
+            // path of its own.
+            for ancestor in root.path.ancestors().skip(1) {
+                if !ancestor.starts_with(&outer.path) {
+                    break;
+                }
+                let followed = roots.roots.iter().any(|r| r.path == ancestor && r.follow);
+                let is_link = std::fs::symlink_metadata(ancestor).is_ok_and(|m| m.is_symlink());
+                if is_link && !followed {
+                    return Err(Error::new(
+                        ErrorKind::Source,
+                        format!(
+                            "path '{}' of job '{job_name}' lies beneath '{}', a symlink that path '{}' stores as a link; a restore would find the link where this path needs a directory",
+                            root.configured.display(),
+                            ancestor.display(),
+                            outer.configured.display()
+                        ),
+                    )
+                    .with_hint(format!(
+                        "list '{}/' to store the directory the link points to, or leave '{}' out",
+                        ancestor.display(),
+                        root.configured.display()
+                    )));
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// What one path is, as `check` shows it: a directory, a file, or a symlink and whether
+/// the link or what it points to is stored.
+pub fn describe(job_name: &str, root: &Root) -> Result<String> {
+    let metadata = std::fs::symlink_metadata(&root.path)
+        .map_err(|e| source_error(job_name, "read path", &root.configured, e))?;
+    let through = root
+        .path
+        .ancestors()
+        .skip(1)
+        .find(|a| std::fs::symlink_metadata(a).is_ok_and(|m| m.is_symlink()))
+        .map(|link| format!(", reached through the symlink '{}'", link.display()))
+        .unwrap_or_default();
+    let shown = root.configured.display();
+    if !metadata.is_symlink() {
+        let kind = if metadata.is_dir() {
+            "a directory"
+        } else {
+            "a file"
+        };
+        return Ok(format!("path '{shown}': {kind}{through}"));
+    }
+    let target = std::fs::read_link(&root.path)
+        .map_err(|e| source_error(job_name, "read the symlink", &root.configured, e))?;
+    if !root.follow {
+        return Ok(format!(
+            "path '{shown}': a symlink to '{}', stored as the link only{through} (end the path with '/', or set follow = true, to store what it points to)",
+            target.display()
+        ));
+    }
+    let resolved = std::fs::canonicalize(&root.path)
+        .map_err(|e| source_error(job_name, "follow the symlink", &root.configured, e))?;
+    let kind = if resolved.is_dir() {
+        "the directory"
+    } else {
+        "the file"
+    };
+    Ok(format!(
+        "path '{shown}': a symlink to '{}'; {kind} '{}' is stored under the name '{}'{through}",
+        target.display(),
+        resolved.display(),
+        root.path.display()
+    ))
+}
+
 fn archive_name(path: &Path) -> PathBuf {
     path.components()
         .filter(|c| matches!(c, std::path::Component::Normal(_)))
@@ -204,26 +346,66 @@ impl<R: Read> Read for ExactReader<R> {
     }
 }
 
-/// Writes the tar stream of `job`'s paths into `out`.
+/// A directory's metadata and attribute records, read whole before a byte of its entry is
+/// written: one removed meanwhile is passed over without leaving half an entry behind. A
+/// followed path's own directory is read through its symlink.
+fn read_directory(path: &Path, follow: bool) -> io::Result<(std::fs::Metadata, Vec<pax::Record>)> {
+    if !follow {
+        let metadata = std::fs::symlink_metadata(path)?;
+        return Ok((metadata, pax::read(Inode::Path(path))?));
+    }
+    use std::os::fd::AsFd;
+    use std::os::unix::fs::OpenOptionsExt;
+    let directory = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_DIRECTORY)
+        .open(path)?;
+    let metadata = directory.metadata()?;
+    let records = pax::read(Inode::Open(directory.as_fd()))?;
+    Ok((metadata, records))
+}
+
+/// Writes the tar stream of `job`'s paths into `out`. Every entry is admitted into the
+/// same [`archive::Tree`] a restore checks entries with before it is written: what the
+/// restore would refuse fails the backup instead, naming it.
 pub fn write_archive(
     job_name: &str,
     job: &FilesJob,
     out: &mut dyn Write,
 ) -> Result<ArchiveSummary> {
     let filter = PathFilter::new(&job.include, &job.exclude)?;
+    let roots = roots(job);
+    check_roots(job_name, &roots)?;
+    let root_paths: std::collections::HashSet<&Path> =
+        roots.roots.iter().map(|r| r.path.as_path()).collect();
     let mut builder = tar::Builder::new(out);
     builder.follow_symlinks(false);
     builder.mode(tar::HeaderMode::Complete);
-    let mut summary = ArchiveSummary::default();
+    let mut summary = ArchiveSummary {
+        notes: roots.notes.clone(),
+        ..ArchiveSummary::default()
+    };
+    let mut tree = archive::Tree::new();
+    let mut admit = |name: &Path, kind: &EntryKind, path: &Path| {
+        tree.admit(name, name, kind).map_err(|e| {
+            Error::new(
+                ErrorKind::Source,
+                format!(
+                    "unable to store '{}' for job '{job_name}': a restore would refuse it",
+                    path.display()
+                ),
+            )
+            .with_source(e)
+        })
+    };
     // The archive name each multiply-linked file was first stored under: later names of the
     // same inode are stored as hard links to it, so the data is stored, and restored, once.
     let mut linked: std::collections::HashMap<(u64, u64), PathBuf> = Default::default();
 
-    for root in &job.paths {
-        std::fs::symlink_metadata(root)
-            .map_err(|e| source_error(job_name, "read path", root, e))?;
-        let mut walker = walkdir::WalkDir::new(root)
+    for root in &roots.roots {
+        let mut walker = walkdir::WalkDir::new(&root.path)
             .follow_links(false)
+            .follow_root_links(root.follow)
             .sort_by_file_name()
             .into_iter();
         while let Some(entry) = walker.next() {
@@ -233,7 +415,7 @@ pub fn write_archive(
                     let path = e
                         .path()
                         .map(Path::to_path_buf)
-                        .unwrap_or_else(|| root.clone());
+                        .unwrap_or_else(|| root.path.clone());
                     // Removed since its directory was read (a temporary file, a rotated
                     // log), or too long a path: not the configured path itself.
                     let passed = e.depth() > 0
@@ -248,14 +430,23 @@ pub fn write_archive(
                 }
             };
             let path = entry.path();
-            if entry.depth() > 0 && filter.excluded(path) {
-                if entry.file_type().is_dir() {
+            // walkdir walks a followed path's target but names the path itself a symlink.
+            let followed = entry.depth() == 0 && root.follow && entry.path_is_symlink();
+            let file_type = match followed {
+                true => std::fs::metadata(path)
+                    .map_err(|e| source_error(job_name, "follow the symlink", &root.configured, e))?
+                    .file_type(),
+                false => entry.file_type(),
+            };
+            // Another configured path, read on its own: stored once, as that path says.
+            let another_root = entry.depth() > 0 && root_paths.contains(path);
+            if another_root || (entry.depth() > 0 && filter.excluded(path)) {
+                if file_type.is_dir() {
                     walker.skip_current_dir();
                 }
                 continue;
             }
             let name = archive_name(path);
-            let file_type = entry.file_type();
             if name.components().count() > MAX_DEPTH {
                 if file_type.is_dir() {
                     walker.skip_current_dir();
@@ -264,11 +455,7 @@ pub fn write_archive(
                 continue;
             }
             if file_type.is_dir() {
-                // Read whole before a byte is written: a directory removed meanwhile is
-                // passed over without leaving half an entry in the archive.
-                let read = std::fs::symlink_metadata(path)
-                    .and_then(|metadata| Ok((metadata, pax::read(Inode::Path(path))?)));
-                let (metadata, records) = match read {
+                let (metadata, records) = match read_directory(path, followed) {
                     Ok(read) => read,
                     Err(e) => {
                         walker.skip_current_dir();
@@ -282,6 +469,7 @@ pub fn write_archive(
                     tracing::warn!(path = %path.display(), "skipping a directory replaced while the backup ran");
                     continue;
                 }
+                admit(&name, &EntryKind::Directory, path)?;
                 let mut header = tar::Header::new_gnu();
                 header.set_metadata_in_mode(&metadata, tar::HeaderMode::Complete);
                 header.set_size(0);
@@ -292,12 +480,33 @@ pub fn write_archive(
                 if !filter.included(path) {
                     continue;
                 }
-                // The tar crate reads the link and its metadata before it writes anything.
-                if let Err(e) = builder.append_path_with_name(path, &name) {
-                    pass_over_or_fail(&mut summary, path, e)
-                        .map_err(|e| source_error(job_name, "archive symlink", path, e))?;
+                // Read once, and stored as read: the target checked is the target written.
+                let read = std::fs::symlink_metadata(path)
+                    .and_then(|metadata| Ok((std::fs::read_link(path)?, metadata)));
+                let (target, metadata) = match read {
+                    Ok(read) => read,
+                    Err(e) => {
+                        pass_over_or_fail(&mut summary, path, e)
+                            .map_err(|e| source_error(job_name, "archive symlink", path, e))?;
+                        continue;
+                    }
+                };
+                if !metadata.is_symlink() {
+                    tracing::warn!(path = %path.display(), "skipping a symlink replaced while the backup ran");
                     continue;
                 }
+                if archive::climbs_out(&name, &target) {
+                    summary.pass_over(path, "symlink whose relative target climbs above '/'");
+                    continue;
+                }
+                admit(&name, &EntryKind::Symlink(target.clone()), path)?;
+                let mut header = tar::Header::new_gnu();
+                header.set_metadata_in_mode(&metadata, tar::HeaderMode::Complete);
+                header.set_entry_type(tar::EntryType::Symlink);
+                header.set_size(0);
+                builder
+                    .append_link(&mut header, &name, &target)
+                    .map_err(|e| source_error(job_name, "archive symlink", path, e))?;
             } else if file_type.is_file() {
                 if !filter.included(path) {
                     continue;
@@ -307,12 +516,18 @@ pub fn write_archive(
                 // editor's rename) is stored as what it is now.
                 use std::os::unix::fs::OpenOptionsExt;
                 // Without blocking: a FIFO put in the name's place would wait for a writer.
+                // A followed path's own file is opened through its symlink.
+                let no_follow = if followed { 0 } else { libc::O_NOFOLLOW };
                 let file = match std::fs::OpenOptions::new()
                     .read(true)
-                    .custom_flags(libc::O_NONBLOCK)
+                    .custom_flags(libc::O_NONBLOCK | no_follow)
                     .open(path)
                 {
                     Ok(file) => file,
+                    Err(e) if e.raw_os_error() == Some(libc::ELOOP) => {
+                        tracing::warn!(path = %path.display(), "skipping a file replaced by a symlink while the backup ran");
+                        continue;
+                    }
                     Err(e) => {
                         pass_over_or_fail(&mut summary, path, e)
                             .map_err(|e| source_error(job_name, "read file", path, e))?;
@@ -333,6 +548,7 @@ pub fn write_archive(
                 let inode = (metadata.dev(), metadata.ino());
                 match linked.get(&inode) {
                     Some(first) if metadata.nlink() > 1 => {
+                        admit(&name, &EntryKind::HardLink(first.clone()), path)?;
                         let mut header = tar::Header::new_gnu();
                         header.set_metadata_in_mode(&metadata, tar::HeaderMode::Complete);
                         header.set_entry_type(tar::EntryType::Link);
@@ -342,6 +558,7 @@ pub fn write_archive(
                             .map_err(|e| source_error(job_name, "archive hard link", path, e))?;
                     }
                     _ => {
+                        admit(&name, &EntryKind::File { sparse: false }, path)?;
                         append_file(&mut builder, file, &metadata, &name)
                             .map_err(|e| source_error(job_name, "read file", path, e))?;
                         if metadata.nlink() > 1 {

@@ -8,7 +8,7 @@ use crate::error::Result;
 use crate::manifest::SourceInfo;
 use crate::sources::files;
 
-pub const FILES_OBJECT: &str = "files.tar.zst";
+pub use crate::layout::FILES_OBJECT;
 
 pub(super) async fn capture(context: &Context<'_>, job: &FilesJob) -> Result<Captured> {
     // Files are read over the run; every one is at least as new as this moment.
@@ -21,6 +21,7 @@ pub(super) async fn capture(context: &Context<'_>, job: &FilesJob) -> Result<Cap
             files::write_archive(&job_name, &owned_job, out)
         })
         .await?;
+    let notes = summary.notes.clone();
     Ok(Captured {
         objects: vec![entry],
         source: SourceInfo {
@@ -31,5 +32,6 @@ pub(super) async fn capture(context: &Context<'_>, job: &FilesJob) -> Result<Cap
             ..SourceInfo::default()
         },
         recovery_point: Some(started_at),
+        notes,
     })
 }

@@ -40,6 +40,8 @@ struct Captured {
     /// The newest moment whose data the backup holds; the start of the run when the source
     /// cannot say more precisely.
     recovery_point: Option<DateTime<Utc>>,
+    /// What the run says about how it read the source, beyond what the manifest records.
+    notes: Vec<String>,
 }
 
 /// The repositories one backup goes to, and those it lost on the way (with the cause).
@@ -369,6 +371,7 @@ async fn backup_job(
         source: captured.source,
         objects: captured.objects,
     };
+    let run_notes = captured.notes;
     let mut committed: Vec<Repository> = Vec::new();
     for repository in destinations.live() {
         let outcome = match repository.commit_manifest(&manifest).await {
@@ -400,7 +403,10 @@ async fn backup_job(
         missing: destinations.missing(),
         not_stored: manifest.source.not_stored,
         not_stored_entries: manifest.source.not_stored_entries.clone(),
-        notes: crate::manifest::source_notes(&manifest.source),
+        notes: run_notes
+            .into_iter()
+            .chain(crate::manifest::source_notes(&manifest.source))
+            .collect(),
     })
 }
 

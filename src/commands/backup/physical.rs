@@ -16,7 +16,7 @@ use crate::sources::process;
 use crate::storage::{self, StoreError};
 use crate::wal::{self, ClusterRecord, Lsn, WalFile};
 
-pub const BASE_OBJECT: &str = "base.tar.zst";
+pub use crate::layout::BASE_OBJECT;
 
 pub(super) async fn capture(context: &Context<'_>, job: &PostgresJob) -> Result<Captured> {
     let what = format!("job '{}'", context.job_name);
@@ -124,6 +124,7 @@ pub(super) async fn capture(context: &Context<'_>, job: &PostgresJob) -> Result<
             ..SourceInfo::default()
         },
         recovery_point: Some(recovery_point),
+        notes: Vec::new(),
     })
 }
 

@@ -124,6 +124,7 @@ pub(super) async fn capture(context: &Context<'_>, job: &PostgresJob) -> Result<
             ..SourceInfo::default()
         },
         recovery_point,
+        notes: Vec::new(),
     })
 }
 

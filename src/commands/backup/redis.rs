@@ -73,5 +73,6 @@ pub(super) async fn capture(context: &Context<'_>, job: &RedisJob) -> Result<Cap
             ..SourceInfo::default()
         },
         recovery_point: Some(recovery_point),
+        notes: Vec::new(),
     })
 }

@@ -323,6 +323,7 @@ mod tests {
     fn files() -> JobSource {
         JobSource::Files(FilesJob {
             paths: Vec::new(),
+            follow: false,
             include: Vec::new(),
             exclude: Vec::new(),
         })

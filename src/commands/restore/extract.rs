@@ -28,13 +28,16 @@ use std::collections::{HashMap, HashSet};
 use std::ffi::{OsStr, OsString};
 use std::io::{self, Read};
 use std::os::fd::{AsFd, OwnedFd};
-use std::path::{Component, Path, PathBuf};
+use std::path::{Path, PathBuf};
 
 use rustix::fs::{AtFlags, FileType, Mode, OFlags, RenameFlags, Timespec, Timestamps};
 use rustix::io::Errno;
 
+use crate::archive::{
+    CheckedEntry, EntryKind, Tree, check_entry, ends_inside, for_each_entry, owner_id, plain_names,
+    printable, refused,
+};
 use crate::pax;
-use crate::sources::files::{MAX_DEPTH, MAX_SPARSE_SIZE};
 
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct ExtractSummary {
@@ -112,105 +115,15 @@ impl Ownership {
     }
 
     fn of(&self, header: &tar::Header) -> io::Result<Option<(u32, u32)>> {
-        // An id that does not fit would wrap (2^40 to root), and u32::MAX means "no change"
-        // to fchown.
-        let id = |id: u64, what: &str| {
-            u32::try_from(id)
-                .ok()
-                .filter(|id| *id != u32::MAX)
-                .ok_or_else(|| {
-                    io::Error::new(
-                        io::ErrorKind::InvalidData,
-                        format!("its {what} {id} is not one a file can have"),
-                    )
-                })
-        };
         Ok(match self {
-            Ownership::Archive => Some((id(header.uid()?, "uid")?, id(header.gid()?, "gid")?)),
+            Ownership::Archive => Some((
+                owner_id(header.uid()?, "uid")?,
+                owner_id(header.gid()?, "gid")?,
+            )),
             Ownership::Fixed(uid, gid) => Some((*uid, *gid)),
             Ownership::Unpacker => None,
         })
     }
-}
-
-/// The longest name shown whole in a message; a longer one (an archive can hold names of
-/// any length) is cut, saying how long it was.
-const SHOWN_NAME: usize = 512;
-
-/// A name from an archive, as it may be shown: control characters escaped, so that an
-/// entry cannot write to the terminal that reads the error, and cut when it is long.
-fn printable(path: &Path) -> String {
-    let text = path.to_string_lossy();
-    let mut shown: String = text
-        .chars()
-        .take(SHOWN_NAME)
-        .flat_map(|c| {
-            let escaped: Vec<char> = if c.is_control() {
-                c.escape_default().collect()
-            } else {
-                vec![c]
-            };
-            escaped
-        })
-        .collect();
-    if text.chars().nth(SHOWN_NAME).is_some() {
-        shown.push_str(&format!("… ({} bytes)", path.as_os_str().len()));
-    }
-    shown
-}
-
-fn refused(path: &Path, why: impl std::fmt::Display) -> io::Error {
-    io::Error::new(
-        io::ErrorKind::InvalidData,
-        format!("refusing archive entry '{}': {why}", printable(path)),
-    )
-}
-
-/// An entry's path as plain names; empty for the directory unpacked into itself.
-fn plain_names(path: &Path) -> io::Result<PathBuf> {
-    if path.as_os_str().is_empty() {
-        return Err(refused(path, "empty path"));
-    }
-    let mut names = PathBuf::new();
-    for component in path.components() {
-        match component {
-            Component::Normal(name) => names.push(name),
-            Component::CurDir => {}
-            Component::ParentDir => return Err(refused(path, "path contains '..'")),
-            Component::RootDir | Component::Prefix(_) => {
-                return Err(refused(path, "absolute path"));
-            }
-        }
-    }
-    Ok(names)
-}
-
-/// A relative symlink target, resolved from the link's directory, must stay inside the tree.
-fn check_symlink(path: &Path, target: &Path) -> io::Result<()> {
-    if target.as_os_str().is_empty() {
-        return Err(refused(path, "symlink without a target"));
-    }
-    if target.is_absolute() {
-        return Ok(());
-    }
-    let mut depth = path.components().count() as i64 - 1;
-    for component in target.components() {
-        match component {
-            Component::Normal(_) => depth += 1,
-            Component::ParentDir => depth -= 1,
-            _ => {}
-        }
-        if depth < 0 {
-            return Err(refused(
-                path,
-                format!(
-                    "symlink to '{}' points outside the restore directory",
-                    target.display()
-                ),
-            ));
-        }
-    }
-    Ok(())
 }
 
 fn type_name(mode: u32) -> &'static str {
@@ -548,6 +461,8 @@ static ZEROS: [u8; HOLE_BLOCK] = [0; HOLE_BLOCK];
 struct Unpacker<'a> {
     root: &'a Beneath,
     ownership: Ownership,
+    /// What the entries so far made, by name: what decides the archive's own refusals.
+    tree: Tree,
     /// Every inode this unpacking created: the only ones it sets attributes on or links to.
     created: HashSet<InodeId>,
     directories: Vec<PendingDirectory>,
@@ -665,12 +580,6 @@ impl Unpacker<'_> {
         // A sparse entry keeps its holes: its zeros are not written, so a small archive
         // cannot fill the disk with them, and a sparse file restores sparse.
         let sparse = entry.header().entry_type() == tar::EntryType::GNUSparse;
-        if sparse && entry.size() > MAX_SPARSE_SIZE {
-            return Err(refused(
-                names,
-                format!("a sparse file of {} bytes", entry.size()),
-            ));
-        }
         self.buffer
             .resize(WRITE_SIZE.min(entry.size() as usize).max(1), 0);
         let mut written = 0;
@@ -699,14 +608,7 @@ impl Unpacker<'_> {
             file.set_len(written)?;
         }
         if written != entry.size() {
-            return Err(io::Error::new(
-                io::ErrorKind::UnexpectedEof,
-                format!(
-                    "the archive ends inside '{}': {written} of its {} bytes",
-                    names.display(),
-                    entry.size()
-                ),
-            ));
+            return Err(ends_inside(names, written, entry.size()));
         }
         let header = entry.header();
         // Owner first (a chown clears capabilities and set-id bits), then attributes while
@@ -722,7 +624,6 @@ impl Unpacker<'_> {
     }
 
     fn symlink(&mut self, names: &Path, target: &Path, header: &tar::Header) -> io::Result<()> {
-        check_symlink(names, target)?;
         let owner = self.ownership.of(header)?;
         let mtime = header.mtime()?;
         let (parent, name) = self.parent(names)?;
@@ -746,19 +647,10 @@ impl Unpacker<'_> {
         Ok(())
     }
 
-    /// A hard link to a file this unpacking created earlier in the archive.
+    /// A hard link to a file this unpacking created earlier in the archive; `target` is
+    /// plain names.
     fn hard_link(&mut self, names: &Path, target: &Path) -> io::Result<()> {
-        let target = plain_names(target).map_err(|e| {
-            refused(
-                names,
-                format!(
-                    "hard link to '{}': {}",
-                    target.display(),
-                    e.to_string().rsplit(": ").next().unwrap_or_default()
-                ),
-            )
-        })?;
-        let (source_parent, source_name) = split(&target)?;
+        let (source_parent, source_name) = split(target)?;
         let source = match self.root.directory(names, source_parent, None) {
             Ok(fd) => fd,
             Err(e) if e.kind() == io::ErrorKind::NotFound => {
@@ -806,31 +698,14 @@ impl Unpacker<'_> {
     }
 
     fn entry(&mut self, entry: &mut tar::Entry<'_, &mut dyn Read>) -> io::Result<()> {
-        let raw = entry.path()?.into_owned();
-        let names = plain_names(&raw)?;
-        if names.components().count() > MAX_DEPTH {
-            return Err(refused(
-                &raw,
-                format!("it lies deeper than {MAX_DEPTH} directories"),
-            ));
-        }
-        if names.components().next().is_some_and(|top| {
-            top.as_os_str()
-                .to_string_lossy()
-                .starts_with(".lifeboat-restore-")
-        }) {
-            return Err(refused(
-                &raw,
-                "the name is lifeboat's own, for a restore's staging directory",
-            ));
-        }
-        let kind = entry.header().entry_type();
-        // Old archivers mark directories as regular files with a trailing slash.
-        let is_directory = kind.is_dir() || (kind.is_file() && entry.path_bytes().ends_with(b"/"));
-        if !is_directory && names.as_os_str().is_empty() {
-            return Err(refused(&raw, "it names the restore directory itself"));
-        }
-        let attributes = attributes_of(entry).map_err(|why| refused(&raw, why))?;
+        // What the archive alone says decides first, as `verify --deep` decides it.
+        let CheckedEntry {
+            raw,
+            names,
+            kind,
+            attributes,
+        } = check_entry(entry)?;
+        self.tree.admit(&raw, &names, &kind)?;
         self.ownership
             .of(entry.header())
             .map_err(|e| refused(&raw, e))?;
@@ -850,74 +725,24 @@ impl Unpacker<'_> {
                 ),
             )
         };
-        if is_directory {
-            let header = entry.header().clone();
-            return self.directory(&names, &header, attributes).map_err(named);
+        let header = entry.header().clone();
+        match &kind {
+            EntryKind::Directory => self.directory(&names, &header, attributes),
+            EntryKind::File { .. } => self.file(&names, entry, &attributes),
+            EntryKind::Symlink(target) => self.symlink(&names, target, &header),
+            EntryKind::HardLink(target) => self.hard_link(&names, target),
         }
-        match kind {
-            tar::EntryType::Regular | tar::EntryType::Continuous | tar::EntryType::GNUSparse => {
-                self.file(&names, entry, &attributes).map_err(named)
-            }
-            tar::EntryType::Symlink | tar::EntryType::Link if !attributes.is_empty() => {
-                Err(refused(
-                    &raw,
-                    "a link with extended attributes or ACLs; lifeboat never stores them on links",
-                ))
-            }
-            tar::EntryType::Symlink | tar::EntryType::Link => {
-                let target = entry
-                    .link_name()?
-                    .ok_or_else(|| refused(&raw, "link without a target"))?
-                    .into_owned();
-                let header = entry.header().clone();
-                if kind == tar::EntryType::Symlink {
-                    self.symlink(&names, &target, &header).map_err(named)
-                } else {
-                    self.hard_link(&names, &target).map_err(named)
-                }
-            }
-            tar::EntryType::Char | tar::EntryType::Block => Err(refused(
-                &raw,
-                "a device node; lifeboat never stores them, so this archive was not written by it",
-            )),
-            tar::EntryType::Fifo => Err(refused(
-                &raw,
-                "a FIFO; lifeboat never stores them, so this archive was not written by it",
-            )),
-            other => Err(refused(
-                &raw,
-                format!(
-                    "entry type '{}', which lifeboat never writes",
-                    std::ascii::escape_default(other.as_byte())
-                ),
-            )),
-        }
+        .map_err(named)
     }
-}
-
-/// The extended attributes and ACLs an entry's PAX records carry.
-fn attributes_of(entry: &mut tar::Entry<'_, &mut dyn Read>) -> Result<pax::Attributes, String> {
-    let Some(extensions) = entry.pax_extensions().map_err(|e| e.to_string())? else {
-        return Ok(pax::Attributes::default());
-    };
-    let mut records = Vec::new();
-    for extension in extensions {
-        let extension = extension.map_err(|e| e.to_string())?;
-        let key = extension
-            .key()
-            .map_err(|_| "a PAX record whose keyword is not UTF-8".to_string())?;
-        records.push((key.to_string(), extension.value_bytes().to_vec()));
-    }
-    pax::Attributes::from_records(records.iter().map(|(k, v)| (k.as_str(), v.as_slice())))
 }
 
 /// Unpacks the tar stream `reader` beneath `root`, leaving the directories' attributes to
 /// [`Unpacked::finish`]; directories stay writable by their creator until then.
 pub fn unpack(reader: &mut dyn Read, root: &Beneath, ownership: Ownership) -> io::Result<Unpacked> {
-    let mut archive = tar::Archive::new(reader);
     let mut unpacker = Unpacker {
         root,
         ownership,
+        tree: Tree::new(),
         created: HashSet::new(),
         directories: Vec::new(),
         directory_index: HashMap::new(),
@@ -925,27 +750,14 @@ pub fn unpack(reader: &mut dyn Read, root: &Beneath, ownership: Ownership) -> io
         buffer: Vec::new(),
         summary: ExtractSummary::default(),
     };
-    let mut last: Option<PathBuf> = None;
-    for entry in archive.entries()? {
-        // What the tar reader refuses (a header's checksum, a sparse map) is the archive's
-        // fault, as the entries' own refusals are: say where in it.
-        let mut entry = entry.map_err(|e| {
-            let after = match &last {
-                Some(name) => format!("after entry '{}'", printable(name)),
-                None => "at its first entry".to_string(),
-            };
-            io::Error::new(
-                io::ErrorKind::InvalidData,
-                format!("the archive is malformed {after}: {e}"),
-            )
-        })?;
-        last = Some(entry.path().map(|p| p.into_owned()).unwrap_or_default());
-        unpacker.entry(&mut entry)?;
+    for_each_entry(reader, |entry| {
+        unpacker.entry(entry)?;
         if !entry.header().entry_type().is_dir() {
             unpacker.summary.bytes += entry.size();
         }
         unpacker.summary.entries += 1;
-    }
+        Ok(())
+    })?;
     Ok(Unpacked {
         summary: unpacker.summary,
         directories: unpacker.directories,
