@@ -220,6 +220,34 @@ fn round_trip(diskless: &str, form: &str) {
     let again = lifeboat(&config, &["restore", JOB, "--into", rdb.to_str().unwrap()]);
     again.assert_code(1);
     assert!(again.stderr.contains("it exists"), "{}", again.stderr);
+
+    // Restored by root into redis's directory, the file is the server's to load: owned and
+    // moded as the dump.rdb there, else owned as the directory and private.
+    if crate::common::is_root() {
+        use std::os::unix::fs::{MetadataExt, PermissionsExt};
+        const NOBODY: u32 = 65_534;
+        let served = work.path().join("served");
+        std::fs::create_dir(&served).unwrap();
+        std::os::unix::fs::chown(&served, Some(NOBODY), Some(NOBODY)).unwrap();
+        let into = served.join("from-backup.rdb");
+        lifeboat(&config, &["restore", JOB, "--into", into.to_str().unwrap()]).assert_code(0);
+        let meta = std::fs::metadata(&into).unwrap();
+        assert_eq!(
+            (meta.uid(), meta.gid(), meta.mode() & 0o777),
+            (NOBODY, NOBODY, 0o600)
+        );
+        let dump = served.join("dump.rdb");
+        std::fs::write(&dump, b"REDIS").unwrap();
+        std::os::unix::fs::chown(&dump, Some(NOBODY), Some(0)).unwrap();
+        std::fs::set_permissions(&dump, std::fs::Permissions::from_mode(0o640)).unwrap();
+        let into = served.join("again.rdb");
+        lifeboat(&config, &["restore", JOB, "--into", into.to_str().unwrap()]).assert_code(0);
+        let meta = std::fs::metadata(&into).unwrap();
+        assert_eq!(
+            (meta.uid(), meta.gid(), meta.mode() & 0o777),
+            (NOBODY, 0, 0o640)
+        );
+    }
 }
 
 #[test]
@@ -362,4 +390,237 @@ fn where_sync_is_refused_the_rdb_file_after_bgsave_is_the_fallback() {
     let expected = snapshot(&mut connection);
     let (_scratch, mut restored) = restore_into_scratch(&config);
     assert_eq!(snapshot(&mut restored), expected);
+}
+
+/// A user that may do everything but replicate, like a managed service's; with `no_config`,
+/// not CONFIG either.
+fn user_without_sync(connection: &mut redis::Connection, name: &str, no_config: bool) {
+    let mut command = redis::cmd("ACL");
+    command
+        .arg("SETUSER")
+        .arg(name)
+        .arg("on")
+        .arg(">backup-pw")
+        .arg("~*")
+        .arg("&*")
+        .arg("+@all")
+        .arg("-sync")
+        .arg("-psync");
+    if no_config {
+        command.arg("-config");
+    }
+    let () = command.query(connection).unwrap();
+}
+
+/// With `rdb_path`, the file backed up must be the one the server just saved: a stale file
+/// at another path is refused, naming both paths where CONFIG tells the server's, and both
+/// times where it does not; nothing is committed either way.
+#[test]
+fn a_stale_rdb_file_at_a_wrong_path_is_refused_with_both_paths_or_times() {
+    let source = Redis::start(&[]);
+    let mut connection = source.connection().unwrap();
+    let () = redis::cmd("SET")
+        .arg("k")
+        .arg("v")
+        .query(&mut connection)
+        .unwrap();
+    user_without_sync(&mut connection, "backup", false);
+    user_without_sync(&mut connection, "blind", true);
+    let work = tempfile::tempdir().unwrap();
+    let password_file = work.path().join("redis.pass");
+    write_secret(&password_file, "backup-pw", 0o600);
+    // Yesterday's dump, at a path the server does not save to.
+    let stale = work.path().join("old/dump.rdb");
+    std::fs::create_dir_all(stale.parent().unwrap()).unwrap();
+    let () = redis::cmd("SAVE").query(&mut connection).unwrap();
+    std::fs::copy(source.dir.path().join("dump.rdb"), &stale).unwrap();
+    let two_days_ago = std::time::SystemTime::now() - std::time::Duration::from_secs(2 * 86_400);
+    std::fs::File::options()
+        .write(true)
+        .open(&stale)
+        .unwrap()
+        .set_modified(two_days_ago)
+        .unwrap();
+    for (user, expected) in [
+        (
+            "backup",
+            vec![
+                format!("rdb_path '{}' is not the file", stale.display()),
+                format!("say '{}'", source.dir.path().join("dump.rdb").display()),
+            ],
+        ),
+        (
+            "blind",
+            vec![
+                format!("the RDB file '{}' was last written at", stale.display()),
+                "before the BGSAVE lifeboat asked for at".to_string(),
+                "LASTSAVE".to_string(),
+            ],
+        ),
+    ] {
+        let config = write_config(
+            work.path(),
+            &format!(
+                "{}[[job]]\nname = \"{JOB}\"\nkind = \"redis\"\nurl = \"{}\"\nusername = \"{user}\"\npassword_file = \"{}\"\nrdb_path = \"{}\"\n",
+                local_repository("local", &work.path().join("repo")),
+                source.url(),
+                password_file.display(),
+                stale.display()
+            ),
+        );
+        let run = lifeboat(&config, &["backup", JOB]);
+        run.assert_code(1);
+        for text in &expected {
+            assert!(run.stderr.contains(text), "{user}: {text}: {}", run.stderr);
+        }
+        let list = lifeboat(&config, &["list", JOB, "--format", "json"]);
+        assert!(!list.stdout.contains("\"id\""), "{}", list.stdout);
+    }
+}
+
+/// INFO replication's `master_link_status` of the server at `port`.
+fn link_status(connection: &mut redis::Connection) -> String {
+    let info: String = redis::cmd("INFO")
+        .arg("replication")
+        .query(connection)
+        .unwrap();
+    info.lines()
+        .find_map(|l| l.strip_prefix("master_link_status:"))
+        .unwrap_or_default()
+        .trim()
+        .to_string()
+}
+
+/// A replica is backed up while its link is up, with the recovery point of its primary's
+/// last contact and the heartbeat written to the primary (`primary_url`); without
+/// `primary_url` the heartbeat is skipped with a note. Cut off from its primary, it is
+/// refused, naming the staleness, with no hint to read its file instead.
+#[test]
+fn a_replica_is_backed_up_only_while_its_primary_is_in_touch() {
+    // Pings far apart, so the replica's last contact ages while nothing is written.
+    let mut primary = Redis::start(&["--repl-ping-replica-period", "60"]);
+    let replica = Redis::start(&[
+        "--replicaof",
+        "127.0.0.1",
+        &primary.port.to_string(),
+        "--masterauth",
+        PASSWORD,
+    ]);
+    let mut on_primary = primary.connection().unwrap();
+    let () = redis::cmd("SET")
+        .arg("k")
+        .arg("v")
+        .query(&mut on_primary)
+        .unwrap();
+    let mut on_replica = replica.connection().unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while link_status(&mut on_replica) != "up" {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the replica never linked"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    std::thread::sleep(std::time::Duration::from_secs(3));
+    let work = tempfile::tempdir().unwrap();
+    let password_file = work.path().join("redis.pass");
+    write_secret(&password_file, PASSWORD, 0o600);
+    let config = |primary_url: &str| {
+        write_config(
+            work.path(),
+            &format!(
+                "{}[[job]]\nname = \"{JOB}\"\nkind = \"redis\"\nurl = \"{}\"\npassword_file = \"{}\"\nheartbeat = true\n{primary_url}\n",
+                local_repository("local", &work.path().join("repo")),
+                replica.url(),
+                password_file.display()
+            ),
+        )
+    };
+    let with_primary = config(&format!("primary_url = \"{}\"", primary.url()));
+    let run = lifeboat(&with_primary, &["backup", JOB]);
+    run.assert_code(0);
+    assert!(
+        run.stdout
+            .contains("the recovery point is its primary's last contact"),
+        "{}",
+        run.stdout
+    );
+    let show = lifeboat(
+        &with_primary,
+        &["show", "latest", "--job", JOB, "--format", "json"],
+    );
+    let manifest: serde_json::Value = serde_json::from_str(&show.stdout).unwrap();
+    let time = |field: &str| {
+        chrono::DateTime::parse_from_rfc3339(manifest[field].as_str().unwrap()).unwrap()
+    };
+    let behind = time("started_at") - time("recovery_point");
+    assert!(
+        behind >= chrono::Duration::seconds(2) && behind < chrono::Duration::seconds(30),
+        "{behind}: {manifest}"
+    );
+    // The heartbeat went to the primary, and the backup of the replica holds it.
+    let beat: Option<String> = redis::cmd("GET")
+        .arg(format!("lifeboat:heartbeat:{JOB}"))
+        .query(&mut on_primary)
+        .unwrap();
+    assert!(beat.is_some());
+    let (_scratch, mut restored) = restore_into_scratch(&with_primary);
+    let restored_beat: Option<String> = redis::cmd("GET")
+        .arg(format!("lifeboat:heartbeat:{JOB}"))
+        .query(&mut restored)
+        .unwrap();
+    assert_eq!(restored_beat, beat);
+
+    let without_primary = config("");
+    let run = lifeboat(&without_primary, &["backup", JOB]);
+    run.assert_code(0);
+    assert!(
+        run.stdout.contains("no heartbeat written") && run.stdout.contains("set primary_url"),
+        "{}",
+        run.stdout
+    );
+
+    primary.stop();
+    while link_status(&mut on_replica) != "down" {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the replica never noticed"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    let run = lifeboat(&without_primary, &["backup", JOB]);
+    run.assert_code(1);
+    assert!(
+        run.stderr
+            .contains("is a replica whose link to its primary")
+            && run.stderr.contains("its data may be stale")
+            && !run.stderr.contains("rdb_path"),
+        "{}",
+        run.stderr
+    );
+}
+
+/// A save the server cannot make (here its directory is gone, as when a disk fails or fork
+/// finds no memory) ends SYNC with a closed connection; the error then gives the server's
+/// own status, not only the closed connection.
+#[test]
+fn a_save_the_server_cannot_make_is_reported_with_its_reason() {
+    let source = Redis::start(&["--repl-diskless-sync", "no"]);
+    let mut connection = source.connection().unwrap();
+    let () = redis::cmd("SET")
+        .arg("k")
+        .arg("v")
+        .query(&mut connection)
+        .unwrap();
+    std::fs::remove_dir_all(source.dir.path()).unwrap();
+    let work = tempfile::tempdir().unwrap();
+    let config = redis_config(work.path(), &source.url(), PASSWORD);
+    let run = lifeboat(&config, &["backup", JOB]);
+    run.assert_code(1);
+    assert!(
+        run.stderr.contains("rdb_last_bgsave_status:err")
+            && run.stderr.contains("its log says why"),
+        "{}",
+        run.stderr
+    );
 }

@@ -164,12 +164,23 @@ async fn check_source(config: &Config, job: &JobConfig) -> Result<Vec<String>> {
         JobSource::Redis(redis) => {
             let server = RedisServer::from_job(redis)?;
             let info = server.info().await?;
-            Ok(vec![format!(
+            let mut lines = vec![format!(
                 "Redis {} at {}, {} key(s)",
                 info.version,
                 server.describe(),
                 info.keys
-            )])
+            )];
+            if let Some(replica) = server.replica_of().await? {
+                if let Some(stale) = replica.cut_off(&server) {
+                    return Err(stale);
+                }
+                lines.push(format!(
+                    "a replica of {}, last heard from {} s ago: its backups' recovery point is that contact",
+                    replica.primary,
+                    replica.last_io_seconds.unwrap_or(0)
+                ));
+            }
+            Ok(lines)
         }
         JobSource::Files(files) => {
             let roots = crate::sources::files::roots(files);

@@ -166,6 +166,9 @@ pub struct RedisJob {
     /// Where the server writes its RDB file, for servers that refuse SYNC: lifeboat then
     /// asks for BGSAVE and reads this file once LASTSAVE moves.
     pub rdb_path: Option<PathBuf>,
+    /// The primary of a replica `url` names (`primary_url`), same credentials: where the
+    /// heartbeat is written when the server backed up is a read-only replica.
+    pub primary: Option<(String, u16)>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -386,6 +389,7 @@ fn validate(raw: raw::RawConfig, path: &Path) -> Result<Config, Problem> {
                 password_file: raw.lock_password_file.clone(),
                 heartbeat: false,
                 rdb_path: None,
+                primary: None,
             })
         }
         None if raw.lock_username.is_some() || raw.lock_password_file.is_some() => {
@@ -835,6 +839,7 @@ fn validate_job(index: usize, job: raw::RawJob) -> Result<JobConfig, Problem> {
         ("url", job.url.is_some()),
         ("username", job.username.is_some()),
         ("rdb_path", job.rdb_path.is_some()),
+        ("primary_url", job.primary_url.is_some()),
     ];
     let files_fields = [
         ("paths", !job.paths.is_empty()),
@@ -1071,6 +1076,11 @@ fn validate_redis_job(at: &dyn Fn(&str) -> String, job: &raw::RawJob) -> Result<
         password_file: job.password_file.clone(),
         heartbeat: job.heartbeat.unwrap_or(false),
         rdb_path: job.rdb_path.clone(),
+        primary: job
+            .primary_url
+            .as_deref()
+            .map(|url| parse_redis_url(&at("primary_url"), url))
+            .transpose()?,
     })
 }
 

@@ -106,6 +106,7 @@ pub struct RawJob {
     pub bin_dir: Option<PathBuf>,
     // redis
     pub url: Option<String>,
+    pub primary_url: Option<String>,
     pub username: Option<String>,
     pub rdb_path: Option<PathBuf>,
 }

@@ -16,26 +16,72 @@ pub const RDB_OBJECT: &str = "dump.rdb.zst";
 
 pub(super) async fn capture(context: &Context<'_>, job: &RedisJob) -> Result<Captured> {
     let server = RedisServer::from_job(job)?;
+    let mut notes = Vec::new();
+    let replica_of = server.replica_of().await?;
+    if let Some(stale) = replica_of.as_ref().and_then(|r| r.cut_off(&server)) {
+        return Err(stale);
+    }
     if job.heartbeat {
-        server.write_heartbeat(context.job_name).await?;
+        match (&replica_of, &job.primary) {
+            (None, _) => {
+                server.write_heartbeat(context.job_name).await?;
+            }
+            (Some(_), Some((host, port))) => {
+                let primary = server.at(host, *port);
+                let written = primary.write_heartbeat(context.job_name).await?;
+                if !server.has_heartbeat(context.job_name, written).await? {
+                    notes.push(format!(
+                        "the heartbeat written to the primary {} had not reached this replica after {} s; the backup may not hold it",
+                        primary.describe(),
+                        crate::sources::redis::HEARTBEAT_WAIT.as_secs()
+                    ));
+                }
+            }
+            (Some(replica), None) => notes.push(format!(
+                "no heartbeat written: Redis at {} is a read-only replica of {}; set primary_url on the job to write it there",
+                server.describe(),
+                replica.primary
+            )),
+        }
     }
     let info = server.info().await?;
-    // The RDB holds the data as of the fork the server makes on SYNC, which comes after this.
-    let recovery_point = Utc::now();
+    // The RDB holds the data as of the fork the server makes on SYNC, which comes after this;
+    // a replica's data is as of its primary's last contact.
+    let mut recovery_point = Utc::now();
+    if let Some(replica) = &replica_of {
+        let behind = replica.last_io_seconds.unwrap_or(0);
+        recovery_point -= chrono::Duration::seconds(behind);
+        notes.push(format!(
+            "Redis at {} is a replica of {}: the recovery point is its primary's last contact, {behind} s before the backup started",
+            server.describe(),
+            replica.primary
+        ));
+    }
     tracing::info!(server = %server.describe(), version = %info.version, keys = info.keys, "reading the RDB over a replication connection");
     let refused = Arc::new(AtomicBool::new(false));
+    let cut = Arc::new(AtomicBool::new(false));
     let syncing = server.clone();
-    let saw_refusal = refused.clone();
+    let (saw_refusal, saw_cut) = (refused.clone(), cut.clone());
     let synced = context
         .store(RDB_OBJECT, move |out| {
             syncing.sync_rdb(out).map_err(|e| {
-                if matches!(e, SyncError::Refused(_)) {
-                    saw_refusal.store(true, Ordering::SeqCst);
+                match e {
+                    SyncError::Refused(_) => saw_refusal.store(true, Ordering::SeqCst),
+                    SyncError::Stream(_) => saw_cut.store(true, Ordering::SeqCst),
+                    _ => {}
                 }
                 syncing.sync_error(e)
             })
         })
         .await;
+    // A connection the server closed is most often a save it could not make: say why.
+    let synced = match synced {
+        Err(e) if cut.load(Ordering::SeqCst) => match server.last_save_failure().await {
+            Some(reason) => Err(e.with_hint(reason)),
+            None => Err(e),
+        },
+        other => other,
+    };
     let entry = match (synced, &job.rdb_path) {
         (Ok((entry, synced)), _) => {
             tracing::info!(form = ?synced.form, rdb_version = synced.rdb_version, bytes = synced.size, "RDB received");
@@ -73,6 +119,6 @@ pub(super) async fn capture(context: &Context<'_>, job: &RedisJob) -> Result<Cap
             ..SourceInfo::default()
         },
         recovery_point: Some(recovery_point),
-        notes: Vec::new(),
+        notes,
     })
 }

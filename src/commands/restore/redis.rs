@@ -63,6 +63,7 @@ pub(super) async fn write_rdb(selected: &Selected, dest: &Path) -> Result<u64> {
                 },
             )
             .await?;
+            give_like_the_server(temp.as_file(), &parent).map_err(|e| target_error(dest, e))?;
             temp.as_file_mut()
                 .sync_all()
                 .map_err(|e| target_error(dest, e))?;
@@ -71,6 +72,33 @@ pub(super) async fn write_rdb(selected: &Selected, dest: &Path) -> Result<u64> {
             Ok(size)
         })
         .await
+}
+
+/// Restoring as root, gives the new RDB file the owner and mode of the `dump.rdb` already in
+/// `dir`, else the owner of `dir` and mode 0600: a root-owned file in redis's directory is
+/// one the server cannot load. Anyone else keeps the file as their own.
+fn give_like_the_server(file: &std::fs::File, dir: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::MetadataExt;
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        return Ok(());
+    }
+    let (owner, mode) = match std::fs::symlink_metadata(dir.join("dump.rdb")) {
+        Ok(existing) if existing.is_file() => {
+            ((existing.uid(), existing.gid()), existing.mode() & 0o777)
+        }
+        _ => {
+            let dir = std::fs::metadata(dir)?;
+            ((dir.uid(), dir.gid()), 0o600)
+        }
+    };
+    rustix::fs::fchown(
+        file,
+        Some(rustix::fs::Uid::from_raw(owner.0)),
+        Some(rustix::fs::Gid::from_raw(owner.1)),
+    )?;
+    rustix::fs::fchmod(file, rustix::fs::Mode::from_raw_mode(mode))?;
+    Ok(())
 }
 
 pub(super) async fn restore(

@@ -27,6 +27,9 @@ use crate::error::{Error, ErrorKind, Result};
 
 const AUTH_HINT: &str = "check username and password_file (or REDISCLI_AUTH) for this job";
 
+/// How long a replica is given to receive the heartbeat written to its primary.
+pub const HEARTBEAT_WAIT: Duration = Duration::from_secs(10);
+
 /// The key each backup sets to its start time when `heartbeat = true`.
 pub fn heartbeat_key(job: &str) -> String {
     format!("lifeboat:heartbeat:{job}")
@@ -45,6 +48,70 @@ impl std::fmt::Debug for RedisServer {
         // Never the password.
         write!(f, "RedisServer({})", self.describe())
     }
+}
+
+/// A replica's view of its primary, from INFO replication.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReplicaOf {
+    /// "host:port" of the primary.
+    pub primary: String,
+    pub link_up: bool,
+    /// Seconds since the primary was last heard from, while the link is up.
+    pub last_io_seconds: Option<i64>,
+    /// Seconds since the link went down, while it is down.
+    pub down_seconds: Option<i64>,
+}
+
+impl ReplicaOf {
+    /// The error for backing up `server`, this replica, while its link is down.
+    pub fn cut_off(&self, server: &RedisServer) -> Option<Error> {
+        if self.link_up {
+            return None;
+        }
+        let since = self
+            .down_seconds
+            .map(|s| format!(" for {s} s"))
+            .unwrap_or_default();
+        Some(
+            Error::new(
+                ErrorKind::Source,
+                format!(
+                    "Redis at {} is a replica whose link to its primary {} is down{since}: its data may be stale, so it is not backed up as if it were current",
+                    server.describe(),
+                    self.primary
+                ),
+            )
+            .with_hint(CUT_OFF_HINT),
+        )
+    }
+}
+
+const CUT_OFF_HINT: &str = "back up the primary (or a replica whose link is up: INFO replication, master_link_status:up), or restore this replica's link first";
+
+/// What INFO replication says of the server's role: None for a primary.
+fn parse_replication(text: &str) -> Option<ReplicaOf> {
+    let field = |name: &str| {
+        text.lines()
+            .find_map(|line| line.strip_prefix(name))
+            .map(|value| value.trim().to_string())
+    };
+    if field("role:").as_deref() != Some("slave") {
+        return None;
+    }
+    Some(ReplicaOf {
+        primary: format!(
+            "{}:{}",
+            field("master_host:").unwrap_or_default(),
+            field("master_port:").unwrap_or_default()
+        ),
+        link_up: field("master_link_status:").as_deref() == Some("up"),
+        last_io_seconds: field("master_last_io_seconds_ago:")
+            .and_then(|s| s.parse().ok())
+            .filter(|s: &i64| *s >= 0),
+        down_seconds: field("master_link_down_since_seconds:")
+            .and_then(|s| s.parse().ok())
+            .filter(|s: &i64| *s >= 0),
+    })
 }
 
 #[derive(Debug, Clone)]
@@ -119,6 +186,15 @@ impl RedisServer {
             username: job.username.clone(),
             password,
         })
+    }
+
+    /// The server at `host:port` with this one's credentials (a replica's primary).
+    pub fn at(&self, host: &str, port: u16) -> RedisServer {
+        RedisServer {
+            host: host.to_string(),
+            port,
+            ..self.clone()
+        }
     }
 
     /// A server on loopback without a password: a scratch server.
@@ -205,10 +281,58 @@ impl RedisServer {
         Ok(parse_info(&text))
     }
 
+    /// Whether the server is a replica, and how its link to its primary is.
+    pub async fn replica_of(&self) -> Result<Option<ReplicaOf>> {
+        let mut connection = self.connect().await?;
+        let text: String = redis::cmd("INFO")
+            .arg("replication")
+            .query_async(&mut connection)
+            .await
+            .map_err(|e| error(self, "run INFO replication", e))?;
+        Ok(parse_replication(&text))
+    }
+
+    /// Why the server's last save failed, when it did: the status INFO persistence keeps,
+    /// for an error that would otherwise say only that the connection closed.
+    pub async fn last_save_failure(&self) -> Option<String> {
+        let mut connection = self.connect().await.ok()?;
+        let text: String = redis::cmd("INFO")
+            .arg("persistence")
+            .query_async(&mut connection)
+            .await
+            .ok()?;
+        let persistence = parse_persistence(&text);
+        (!persistence.last_ok).then(|| {
+            "the server's last save failed (INFO persistence: rdb_last_bgsave_status:err); its log says why, often \"Can't save in background: fork: Cannot allocate memory\" (see vm.overcommit_memory) or a full or read-only disk".to_string()
+        })
+    }
+
+    /// The file the server saves its RDB to (`CONFIG GET dir` and `dbfilename`); None where
+    /// CONFIG is not allowed.
+    pub async fn rdb_file(&self) -> Result<Option<std::path::PathBuf>> {
+        let mut connection = self.connect().await?;
+        let mut get = async |name: &str| -> Option<String> {
+            let reply: redis::RedisResult<Vec<String>> = redis::cmd("CONFIG")
+                .arg("GET")
+                .arg(name)
+                .query_async(&mut connection)
+                .await;
+            reply.ok()?.get(1).cloned()
+        };
+        let Some(dir) = get("dir").await else {
+            return Ok(None);
+        };
+        let Some(file) = get("dbfilename").await else {
+            return Ok(None);
+        };
+        Ok(Some(Path::new(&dir).join(file)))
+    }
+
     /// Sets the heartbeat key to now; returns the moment written.
     pub async fn write_heartbeat(&self, job: &str) -> Result<DateTime<Utc>> {
         let mut connection = self.connect().await?;
-        let now = Utc::now();
+        // As precise as it is written, so that reading it back compares equal.
+        let now = chrono::SubsecRound::trunc_subsecs(Utc::now(), 6);
         let _: () = redis::cmd("SET")
             .arg(heartbeat_key(job))
             .arg(now.to_rfc3339_opts(chrono::SecondsFormat::Micros, true))
@@ -216,6 +340,28 @@ impl RedisServer {
             .await
             .map_err(|e| error(self, "write the heartbeat key", e))?;
         Ok(now)
+    }
+
+    /// Whether the heartbeat key holds the moment `written` (or a later one), waiting up to
+    /// [`HEARTBEAT_WAIT`] for replication to bring it.
+    pub async fn has_heartbeat(&self, job: &str, written: DateTime<Utc>) -> Result<bool> {
+        let mut connection = self.connect().await?;
+        let started = Instant::now();
+        loop {
+            let value: Option<String> = redis::cmd("GET")
+                .arg(heartbeat_key(job))
+                .query_async(&mut connection)
+                .await
+                .map_err(|e| error(self, "read the heartbeat key", e))?;
+            let at = value.and_then(|v| DateTime::parse_from_rfc3339(&v).ok());
+            if at.is_some_and(|at| at >= written) {
+                return Ok(true);
+            }
+            if started.elapsed() > HEARTBEAT_WAIT {
+                return Ok(false);
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
     }
 
     /// Streams the RDB over a replication connection into `out` (blocking). The error is
@@ -238,6 +384,7 @@ impl RedisServer {
             SyncError::Refused(_) => Some(
                 "the server (or the user's ACL) does not allow SYNC; set rdb_path on the job to back up through BGSAVE and the server's RDB file instead",
             ),
+            SyncError::CutOff(_) => Some(CUT_OFF_HINT),
             _ => None,
         };
         let err = Error::new(
@@ -255,8 +402,37 @@ impl RedisServer {
     }
 
     /// The fallback where SYNC is refused: BGSAVE, wait until it has finished, then the
-    /// server's RDB file at `rdb_path`, opened for the caller to copy (and check).
+    /// server's RDB file at `rdb_path`, opened for the caller to copy (and check). The file
+    /// must be the one the server saves to, where CONFIG says which, and written by this
+    /// BGSAVE: a stale file at a wrong path would otherwise pass for a fresh backup.
     pub async fn bgsave_rdb(&self, rdb_path: &Path) -> Result<std::fs::File> {
+        let source_error = |what: String| Error::new(ErrorKind::Source, what);
+        match self.rdb_file().await? {
+            Some(saved) => match same_file(&saved, rdb_path) {
+                Some(true) => {}
+                Some(false) => {
+                    return Err(source_error(format!(
+                        "rdb_path '{}' is not the file Redis at {} saves its RDB to: CONFIG GET dir and dbfilename say '{}'",
+                        rdb_path.display(),
+                        self.describe(),
+                        saved.display()
+                    ))
+                    .with_hint("set rdb_path to the file the server saves (or the server's dir and dbfilename to rdb_path's)"));
+                }
+                None => tracing::warn!(
+                    rdb_path = %rdb_path.display(),
+                    server_path = %saved.display(),
+                    "the server saves to a path this host does not have (a container?); the RDB file is judged by its modification time alone"
+                ),
+            },
+            None => tracing::warn!(
+                rdb_path = %rdb_path.display(),
+                "CONFIG GET is not allowed; the RDB file is judged by its modification time alone"
+            ),
+        }
+        // Whole seconds, as file times compare with it: the save forks after this moment,
+        // so the file it writes is modified at or after it.
+        let asked_at = Utc::now().timestamp();
         let mut connection = self.connect().await?;
         let persistence = async |connection: &mut redis::aio::MultiplexedConnection| {
             let text: String = redis::cmd("INFO")
@@ -276,7 +452,7 @@ impl RedisServer {
         // tells.
         let started = Instant::now();
         let mut saw_progress = false;
-        loop {
+        let last_save = loop {
             let now = persistence(&mut connection).await?;
             saw_progress |= now.in_progress;
             let finished = match (now.saves, before.saves) {
@@ -291,7 +467,7 @@ impl RedisServer {
                         "rdb_last_bgsave_status is err; see the server's log",
                     ));
                 }
-                break;
+                break now.last_save;
             }
             if started.elapsed() > Duration::from_secs(6 * 3600) {
                 return Err(error(
@@ -301,8 +477,8 @@ impl RedisServer {
                 ));
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-        std::fs::File::open(rdb_path).map_err(|e| {
+        };
+        let unreadable = |e: std::io::Error| {
             Error::new(
                 ErrorKind::Source,
                 format!(
@@ -312,7 +488,42 @@ impl RedisServer {
                 ),
             )
             .with_source(e)
-        })
+        };
+        let file = std::fs::File::open(rdb_path).map_err(unreadable)?;
+        let modified = file
+            .metadata()
+            .and_then(|m| m.modified())
+            .map_err(unreadable)?;
+        let modified: DateTime<Utc> = modified.into();
+        if modified.timestamp() < asked_at {
+            let at = |seconds: i64| {
+                DateTime::<Utc>::from_timestamp(seconds, 0)
+                    .map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::Secs, true))
+                    .unwrap_or_else(|| seconds.to_string())
+            };
+            return Err(source_error(format!(
+                "the RDB file '{}' was last written at {}, before the BGSAVE lifeboat asked for at {} (the server finished it at {}, LASTSAVE): it is not the file Redis at {} saves, so backing it up would pass old data for new",
+                rdb_path.display(),
+                modified.to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
+                at(asked_at),
+                at(last_save),
+                self.describe()
+            ))
+            .with_hint("set rdb_path to the file named by the server's dir and dbfilename (CONFIG GET dir, CONFIG GET dbfilename)"));
+        }
+        Ok(file)
+    }
+}
+
+/// Whether two paths name one file: by device and inode where both exist, by their names
+/// where neither does; None when only `ours` exists (the server's path is not on this host).
+fn same_file(server: &Path, ours: &Path) -> Option<bool> {
+    use std::os::unix::fs::MetadataExt;
+    match (std::fs::metadata(server), std::fs::metadata(ours)) {
+        (Ok(a), Ok(b)) => Some((a.dev(), a.ino()) == (b.dev(), b.ino())),
+        (Err(_), Err(_)) => Some(server.components().eq(ours.components())),
+        (Ok(_), Err(_)) => Some(false),
+        (Err(_), Ok(_)) => None,
     }
 }
 
@@ -394,6 +605,30 @@ mod tests {
         let old =
             super::parse_persistence("rdb_bgsave_in_progress:1\r\nrdb_last_bgsave_status:err\r\n");
         assert!(old.in_progress && !old.last_ok && old.saves.is_none());
+    }
+
+    #[test]
+    fn info_replication_tells_a_replica_and_its_link() {
+        assert_eq!(
+            super::parse_replication("# Replication\r\nrole:master\r\nconnected_slaves:1\r\n"),
+            None
+        );
+        let up = super::parse_replication(
+            "role:slave\r\nmaster_host:10.0.0.5\r\nmaster_port:6380\r\nmaster_link_status:up\r\nmaster_last_io_seconds_ago:4\r\n",
+        )
+        .unwrap();
+        assert_eq!(
+            (up.primary.as_str(), up.link_up, up.last_io_seconds),
+            ("10.0.0.5:6380", true, Some(4))
+        );
+        let down = super::parse_replication(
+            "role:slave\r\nmaster_host:h\r\nmaster_port:1\r\nmaster_link_status:down\r\nmaster_last_io_seconds_ago:-1\r\nmaster_link_down_since_seconds:93\r\n",
+        )
+        .unwrap();
+        assert_eq!(
+            (down.link_up, down.last_io_seconds, down.down_seconds),
+            (false, None, Some(93))
+        );
     }
 
     #[test]

@@ -42,6 +42,9 @@ pub enum SyncError {
     Auth(String),
     /// The server refused SYNC (managed services, ACLs without the permission).
     Refused(String),
+    /// A replica refused SYNC because its own link to its primary is down: what it holds
+    /// may be stale, and no other way of reading it would make it fresh.
+    CutOff(String),
     /// The connection failed or closed before the payload was whole.
     Stream(String),
     /// The payload arrived but does not hold together as an RDB.
@@ -56,6 +59,10 @@ impl std::fmt::Display for SyncError {
             SyncError::Connect(e) => write!(f, "cannot connect: {e}"),
             SyncError::Auth(reply) => write!(f, "AUTH was refused: {reply}"),
             SyncError::Refused(reply) => write!(f, "SYNC was refused: {reply}"),
+            SyncError::CutOff(reply) => write!(
+                f,
+                "the server is a replica cut off from its primary, so its data may be stale: {reply}"
+            ),
             SyncError::Stream(why) => write!(f, "{why}"),
             SyncError::Invalid(why) => write!(f, "the RDB payload is not valid: {why}"),
             SyncError::Output(e) => write!(f, "{e}"),
@@ -146,6 +153,9 @@ pub fn sync_rdb(
         }
     };
     if let Some(reply) = header.strip_prefix('-') {
+        if reply.starts_with("NOMASTERLINK") {
+            return Err(SyncError::CutOff(reply.to_string()));
+        }
         return Err(SyncError::Refused(reply.to_string()));
     }
     let Some(header) = header.strip_prefix('$') else {
