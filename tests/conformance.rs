@@ -272,3 +272,78 @@ async fn s3_store_conformance() {
     assert!(outside.is_empty(), "keys outside the prefix: {outside:?}");
     assert!(server.open_uploads("conformance").await.is_empty());
 }
+
+/// An object past a thousand parts of `part_size` grows its parts rather than run into S3's
+/// 10,000 only hours later: on a real SeaweedFS, with 5 MiB parts, an object of
+/// `LIFEBOAT_LARGE_OBJECT_MIB` (default 5,200: the second thousand starts) is stored with the
+/// part count and the largest part the schedule gives, and reads back right across the
+/// boundary where the parts double. (`LIFEBOAT_LARGE_OBJECT_MIB=30720` is the 30 GiB run.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn s3_parts_grow_past_a_thousand() {
+    let mib: u64 = std::env::var("LIFEBOAT_LARGE_OBJECT_MIB")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(5_200);
+    let server = SeaweedFs::start().await;
+    server.create_bucket("large").await;
+    let store = S3Store::connect_with_key(
+        &server.settings("large", ""),
+        crate::common::seaweedfs::ACCESS_KEY,
+        crate::common::seaweedfs::SECRET_KEY,
+    )
+    .await;
+    // A MiB of noise, each copy stamped with its index: byte for byte, every MiB differs.
+    let block = Arc::new(noise(MIB, 9));
+    let stamp = {
+        let block = block.clone();
+        move |index: u64| {
+            let mut chunk = block.as_ref().clone();
+            chunk[..8].copy_from_slice(&index.to_le_bytes());
+            Bytes::from(chunk)
+        }
+    };
+    let stamped = stamp.clone();
+    let (sender, stream) = PartStream::channel(4);
+    let feeder = tokio::spawn(async move {
+        for index in 0..mib {
+            if sender.send(stamped(index)).await.is_err() {
+                return;
+            }
+        }
+        let _ = sender.finish().await;
+    });
+    let receipt = store.put("large/object", stream).await.unwrap();
+    feeder.await.unwrap();
+    let total = mib * MIB as u64;
+    let base = 5 * MIB as u64;
+    let (mut parts, mut left, mut largest) = (0, total, 0);
+    while left > 0 {
+        parts += 1;
+        let size = lifeboat::storage::s3::part_size_of(base, parts).min(left);
+        largest = largest.max(size);
+        left -= size;
+    }
+    println!(
+        "{mib} MiB stored in {} parts, the largest {} MiB",
+        receipt.parts,
+        receipt.largest_part / MIB as u64
+    );
+    assert_eq!(
+        (receipt.size, receipt.parts, receipt.largest_part),
+        (total, parts as u32, largest)
+    );
+    assert!(largest > base, "the parts did not grow");
+    assert_eq!(store.head("large/object").await.unwrap().size, total);
+    // Across the first doubling, and at the very end.
+    for at in [1_000 * base - 8, total - 16] {
+        let read = read_all(&store, "large/object", Some(at..at + 16)).await;
+        let expected: Vec<u8> = (at..at + 16)
+            .map(|offset| {
+                let (index, within) = (offset / MIB as u64, (offset % MIB as u64) as usize);
+                stamp(index)[within]
+            })
+            .collect();
+        assert_eq!(read, expected, "bytes at {at}");
+    }
+    store.delete("large/object").await.unwrap();
+}

@@ -17,6 +17,9 @@ const MIN_PART_SIZE: u64 = 5 * 1024 * 1024;
 const MAX_PART_SIZE: u64 = 5 * 1024 * 1024 * 1024;
 const DEFAULT_PART_SIZE: u64 = 8 * 1024 * 1024;
 const DEFAULT_PARTS_IN_FLIGHT: usize = 4;
+/// The most a backup's uploads hold in memory at once: `part_size × parts_in_flight`,
+/// summed over the S3 repositories it writes to at the same time.
+const MAX_UPLOAD_MEMORY: u64 = 8 * 1024 * 1024 * 1024;
 const DEFAULT_MAX_ATTEMPTS: u32 = 5;
 
 #[derive(Debug, Clone)]
@@ -351,6 +354,30 @@ fn validate(raw: raw::RawConfig, path: &Path) -> Result<Config, Problem> {
             ));
         }
         repositories.push(repository);
+    }
+
+    let held: Vec<(String, u64, usize)> = repositories
+        .iter()
+        .filter_map(|r| match &r.location {
+            Location::S3(s3) => Some((r.name.clone(), s3.part_size, s3.parts_in_flight)),
+            Location::Local { .. } => None,
+        })
+        .collect();
+    let total: u64 = held
+        .iter()
+        .map(|(_, size, count)| size.saturating_mul(*count as u64))
+        .sum();
+    if total > MAX_UPLOAD_MEMORY {
+        let terms: Vec<String> = held
+            .iter()
+            .map(|(name, size, count)| format!("{} × {count} ('{name}')", human_bytes(*size)))
+            .collect();
+        return Err(format!(
+            "repository: part_size × parts_in_flight over the S3 repositories is {} = {}, more than the {} a backup may hold in memory for its uploads; lower part_size or parts_in_flight",
+            terms.join(" + "),
+            human_bytes(total),
+            human_bytes(MAX_UPLOAD_MEMORY)
+        ));
     }
 
     let min_repositories = match raw.min_repositories.unwrap_or(1) {
@@ -1142,6 +1169,11 @@ fn parse_duration(field: &str, text: &str) -> Result<Duration, Problem> {
     }
 }
 
+/// A size as the config writes them: "5 GiB".
+fn human_bytes(bytes: u64) -> String {
+    bytesize::ByteSize(bytes).display().iec().to_string()
+}
+
 fn parse_size(field: &str, text: &str) -> Result<u64, Problem> {
     text.trim()
         .parse::<bytesize::ByteSize>()
@@ -1161,6 +1193,32 @@ mod tests {
 
     const LOCAL: &str =
         "[[repository]]\nname = \"local\"\ntype = \"local\"\npath = \"/var/backups\"\n";
+
+    #[test]
+    fn upload_memory_over_the_bound_is_refused_naming_the_product() {
+        let s3 = |name: &str, size: &str, count: usize| {
+            format!(
+                "[[repository]]\nname = \"{name}\"\ntype = \"s3\"\nbucket = \"b\"\nregion = \"r\"\npart_size = \"{size}\"\nparts_in_flight = {count}\n"
+            )
+        };
+        let err = parse(&s3("big", "5GiB", 64)).unwrap_err();
+        assert!(
+            err.message().contains("5.0 GiB × 64 ('big')")
+                && err.message().contains("= 320.0 GiB")
+                && err.message().contains("lower part_size or parts_in_flight"),
+            "{}",
+            err.message()
+        );
+        let err = parse(&format!("{}{}", s3("a", "1GiB", 4), s3("b", "1GiB", 5))).unwrap_err();
+        assert!(err.message().contains("= 9.0 GiB"), "{}", err.message());
+        parse(&format!(
+            "{}{}{LOCAL}",
+            s3("a", "1GiB", 4),
+            s3("b", "1GiB", 4)
+        ))
+        .unwrap();
+        parse(&s3("one", "5GiB", 1)).unwrap();
+    }
 
     #[test]
     fn example_config_is_valid() {

@@ -217,7 +217,11 @@ impl Store for LocalStore {
             .map_err(|e| StoreError::io("rename into place", key, e.error))?;
         self.sync_dir(key, dest.parent().expect("has parent"))
             .await?;
-        Ok(PutReceipt { size })
+        Ok(PutReceipt {
+            size,
+            parts: 1,
+            largest_part: size,
+        })
     }
 
     async fn create_if_absent(&self, key: &str, body: Bytes) -> Result<(), StoreError> {

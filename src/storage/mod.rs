@@ -86,6 +86,9 @@ pub struct ObjectMeta {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct PutReceipt {
     pub size: u64,
+    /// How many parts a multipart upload took (1 for a single request), and the largest.
+    pub parts: u32,
+    pub largest_part: u64,
 }
 
 /// An upload that was started and neither completed nor aborted: an S3 multipart upload,

@@ -46,6 +46,25 @@ const PROBE_LOCK_SECONDS: i64 = 2;
 /// S3 refuses multipart uploads with more parts than this.
 const MAX_PARTS: i32 = 10_000;
 
+/// Parts of the configured size for this many, then twice as large for as many again, and
+/// so on: an object of any size S3 stores (5 TiB) fits 10,000 parts from 5 MiB on, while one
+/// below a thousand parts never grows them.
+const PARTS_PER_SIZE: i32 = 1_000;
+
+/// S3's largest part.
+const LARGEST_PART: u64 = 5 * 1024 * 1024 * 1024;
+
+/// The size of part `number` (from 1) of an upload whose parts start at `base` bytes.
+pub fn part_size_of(base: u64, number: i32) -> u64 {
+    let doublings = ((number.max(1) - 1) / PARTS_PER_SIZE).min(30) as u32;
+    base.saturating_mul(1 << doublings).min(LARGEST_PART)
+}
+
+/// The largest object 10,000 parts starting at `base` bytes hold.
+pub fn largest_object(base: u64) -> u64 {
+    (1..=MAX_PARTS).map(|n| part_size_of(base, n)).sum()
+}
+
 #[derive(Debug, Clone)]
 pub struct S3Store {
     client: Client,
@@ -206,7 +225,11 @@ impl S3Store {
             .send()
             .await
             .map_err(|e| sdk_error("upload", key, e))?;
-        Ok(PutReceipt { size })
+        Ok(PutReceipt {
+            size,
+            parts: 1,
+            largest_part: size,
+        })
     }
 
     async fn upload_part(
@@ -247,16 +270,24 @@ impl S3Store {
         read_ahead: Vec<Bytes>,
         buffer: &mut BytesMut,
         body: &mut PartStream,
-    ) -> Result<(Vec<CompletedPart>, u64), StoreError> {
+    ) -> Result<(Vec<CompletedPart>, PutReceipt), StoreError> {
         let mut in_flight = FuturesUnordered::new();
         let mut completed = Vec::new();
-        let mut size = 0u64;
+        let mut receipt = PutReceipt {
+            size: 0,
+            parts: 0,
+            largest_part: 0,
+        };
         let mut number = 0i32;
         let mut read_ahead = read_ahead.into_iter();
+        // The bytes of parts in flight stay within what the settings hold at the configured
+        // size: as parts grow, fewer go at once (one at least).
+        let budget = self.part_size as u64 * self.parts_in_flight as u64;
         loop {
+            let part_size = part_size_of(self.part_size as u64, number + 1);
             let part = match read_ahead.next() {
                 Some(part) => Some(part),
-                None => next_part(body, key, buffer, self.part_size).await?,
+                None => next_part(body, key, buffer, part_size as usize).await?,
             };
             let Some(part) = part else { break };
             if number == MAX_PARTS {
@@ -264,14 +295,18 @@ impl S3Store {
                     "upload",
                     key,
                     format!(
-                        "the object needs more than {MAX_PARTS} parts; raise part_size for this repository"
+                        "the object is larger than the {} that {MAX_PARTS} parts starting at part_size ({} bytes) hold (S3 stores at most 5 TiB in one object)",
+                        largest_object(self.part_size as u64),
+                        self.part_size
                     ),
                 ));
             }
             number += 1;
-            size += part.len() as u64;
+            receipt.size += part.len() as u64;
+            receipt.largest_part = receipt.largest_part.max(part.len() as u64);
             in_flight.push(self.upload_part(key, full, upload_id, number, part));
-            while in_flight.len() >= self.parts_in_flight {
+            let at_once = (budget / part_size).max(1) as usize;
+            while in_flight.len() >= at_once {
                 let done = in_flight.next().await.expect("not empty")?;
                 completed.push(done);
             }
@@ -280,7 +315,8 @@ impl S3Store {
             completed.push(done?);
         }
         completed.sort_by_key(|part| part.part_number);
-        Ok((completed, size))
+        receipt.parts = number as u32;
+        Ok((completed, receipt))
     }
 
     async fn abort(&self, key: &str, full: &str, upload_id: &str) {
@@ -526,7 +562,7 @@ impl Store for S3Store {
         })?;
 
         let result = async {
-            let (parts, size) = self
+            let (parts, receipt) = self
                 .upload_parts(
                     key,
                     &full,
@@ -549,7 +585,15 @@ impl Store for S3Store {
                 .send()
                 .await
                 .map_err(|e| sdk_error("complete upload of", key, e))?;
-            Ok(PutReceipt { size })
+            if receipt.largest_part > self.part_size as u64 {
+                tracing::info!(
+                    key,
+                    parts = receipt.parts,
+                    largest_part = receipt.largest_part,
+                    "parts grew past part_size to keep the object within 10,000 parts"
+                );
+            }
+            Ok(receipt)
         }
         .await;
         if result.is_err() {
@@ -882,5 +926,35 @@ impl Store for S3Store {
             Err(e) if status(&e) == Some(404) => Ok(()),
             Err(e) => Err(sdk_error("abort upload of", &upload.key, e)),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MIB: u64 = 1024 * 1024;
+
+    #[test]
+    fn parts_double_every_thousand_and_never_pass_five_gib() {
+        assert_eq!(part_size_of(5 * MIB, 1), 5 * MIB);
+        assert_eq!(part_size_of(5 * MIB, 1_000), 5 * MIB);
+        assert_eq!(part_size_of(5 * MIB, 1_001), 10 * MIB);
+        assert_eq!(part_size_of(5 * MIB, 10_000), 512 * 5 * MIB);
+        assert_eq!(part_size_of(4 * 1024 * MIB, 2_001), LARGEST_PART);
+        // From the smallest part S3 takes, 10,000 parts hold about what S3 stores at most.
+        let smallest = largest_object(5 * MIB);
+        assert!(
+            smallest > 4_900_000 * MIB && smallest < 5 * 1024 * 1024 * MIB,
+            "{smallest}"
+        );
+        // 30 GiB at 5 MiB parts: a thousand of 5 MiB, a thousand of 10, then 20 MiB ones.
+        let mut left = 30 * 1024 * MIB;
+        let mut parts = 0;
+        while left > 0 {
+            parts += 1;
+            left = left.saturating_sub(part_size_of(5 * MIB, parts));
+        }
+        assert_eq!(parts, 2_000 + (30 * 1024 - 15_000) / 20);
     }
 }
