@@ -22,6 +22,12 @@ use crate::sources::files::{MAX_DEPTH, MAX_SPARSE_SIZE};
 /// any length) is cut, saying how long it was.
 const SHOWN_NAME: usize = 512;
 
+/// The longest name of one directory entry Linux takes (`NAME_MAX`).
+const NAME_MAX: usize = 255;
+
+/// Linux's `PATH_MAX`, which a symlink's target stays below.
+const PATH_MAX: usize = 4096;
+
 /// The top-level names a restore keeps for its staging directories.
 pub const STAGING_PREFIX: &str = ".lifeboat-restore-";
 
@@ -152,6 +158,16 @@ pub fn owner_id(id: u64, what: &str) -> io::Result<u32> {
 pub fn check_entry<R: Read>(entry: &mut tar::Entry<'_, R>) -> io::Result<CheckedEntry> {
     let raw = entry.path()?.into_owned();
     let names = plain_names(&raw)?;
+    if let Some(long) = names.iter().find(|name| name.len() > NAME_MAX) {
+        return Err(refused(
+            &raw,
+            format!(
+                "its name '{}' is {} bytes long; Linux takes at most {NAME_MAX}",
+                printable(Path::new(long)),
+                long.len()
+            ),
+        ));
+    }
     if names.components().count() > MAX_DEPTH {
         return Err(refused(
             &raw,
@@ -184,6 +200,25 @@ pub fn check_entry<R: Read>(entry: &mut tar::Entry<'_, R>) -> io::Result<Checked
         .map_err(|e| refused(&raw, e))?;
     header.mode().map_err(|e| refused(&raw, e))?;
     header.mtime().map_err(|e| refused(&raw, e))?;
+    if attributes.default_acl.is_some() && !is_directory {
+        return Err(refused(
+            &raw,
+            "a default ACL on what is not a directory; Linux sets them on directories only",
+        ));
+    }
+    // Only files carry data: GNU tar reads the bytes after a link or a directory header as
+    // the next header, so an archive could show it entries this reader never sees.
+    let link = matches!(header_type, tar::EntryType::Symlink | tar::EntryType::Link);
+    if (link || is_directory) && entry.size() > 0 {
+        return Err(refused(
+            &raw,
+            format!(
+                "a {} entry carrying {} bytes; lifeboat never writes one, and other tar readers take such bytes for entries",
+                if is_directory { "directory" } else { "link" },
+                entry.size()
+            ),
+        ));
+    }
     let kind = if is_directory {
         EntryKind::Directory
     } else {
@@ -213,6 +248,15 @@ pub fn check_entry<R: Read>(entry: &mut tar::Entry<'_, R>) -> io::Result<Checked
                     .into_owned();
                 if header_type == tar::EntryType::Symlink {
                     check_symlink(&names, &target)?;
+                    if target.as_os_str().len() >= PATH_MAX {
+                        return Err(refused(
+                            &raw,
+                            format!(
+                                "a symlink target of {} bytes; Linux takes fewer than {PATH_MAX}",
+                                target.as_os_str().len()
+                            ),
+                        ));
+                    }
                     EntryKind::Symlink(target)
                 } else {
                     let linked = plain_names(&target).map_err(|e| {

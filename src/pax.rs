@@ -42,6 +42,9 @@ pub const CAPABILITY: &str = "security.capability";
 /// The longest attribute name Linux takes (`XATTR_NAME_MAX`).
 const MAX_NAME: usize = 255;
 
+/// The largest attribute value Linux takes (`XATTR_SIZE_MAX`).
+const MAX_VALUE: usize = 64 * 1024;
+
 /// Text from an archive as a message shows it: escaped, and cut when long (a record can
 /// be as long as the archive).
 fn shown(text: &str) -> String {
@@ -279,7 +282,15 @@ impl Attributes {
                         .map_err(|_| format!("{key} is not base64"))?;
                     Some((unescape_name(name)?, value))
                 }
-                (None, None) => None,
+                (None, None) if key == ACL_ACCESS || key == ACL_DEFAULT => None,
+                // Anything else changes what another reader makes of the entry (a `path` or
+                // `size` the tar reader and GNU tar weigh differently) or is not lifeboat's.
+                (None, None) => {
+                    return Err(format!(
+                        "a PAX record '{}', which lifeboat never writes",
+                        shown(key)
+                    ));
+                }
             };
             if let Some((name, value)) = xattr {
                 let shown = shown(&String::from_utf8_lossy(&name));
@@ -294,12 +305,28 @@ impl Attributes {
                         "extended attribute '{shown}' is outside the namespaces lifeboat stores (user, trusted, security)"
                     ));
                 }
+                if NAMESPACES.iter().any(|ns| name == ns.as_bytes()) {
+                    return Err(format!(
+                        "extended attribute '{shown}' has no name after its namespace"
+                    ));
+                }
+                if value.len() > MAX_VALUE {
+                    return Err(format!(
+                        "extended attribute '{shown}' holds {} bytes; Linux takes at most {MAX_VALUE}",
+                        value.len()
+                    ));
+                }
+                if name == CAPABILITY.as_bytes() {
+                    check_capability(&value)?;
+                }
                 let name = CString::new(name)
                     .map_err(|_| format!("extended attribute name '{shown}' holds a NUL byte"))?;
                 attributes.xattrs.push((name, value));
             } else if key == ACL_ACCESS || key == ACL_DEFAULT {
                 let text = std::str::from_utf8(value).map_err(|_| format!("{key} is not text"))?;
-                let entries = parse_acl(text).map_err(|why| format!("{key}: {why}"))?;
+                let entries = parse_acl(text)
+                    .and_then(|entries| check_acl(&entries).map(|()| entries))
+                    .map_err(|why| format!("{key}: {why}"))?;
                 let encoded = Some(encode_acl(&entries));
                 if key == ACL_ACCESS {
                     attributes.access_acl = encoded;
@@ -455,6 +482,50 @@ fn acl_text(entries: &[AclEntry]) -> String {
 
 /// Parses the long text form, one entry a line (or a comma), ordered as the kernel wants
 /// them: by tag, then by id.
+/// What the kernel asks of an ACL before it sets one (`posix_acl_valid`): one entry each for
+/// the owner, the group and others, and a mask whenever named users or groups are there.
+/// An empty default ACL is none at all.
+fn check_acl(entries: &[AclEntry]) -> Result<(), String> {
+    if entries.is_empty() {
+        return Ok(());
+    }
+    let count = |tag: Tag| entries.iter().filter(|e| e.tag == tag).count();
+    for (tag, word) in [
+        (Tag::UserObj, "user::"),
+        (Tag::GroupObj, "group::"),
+        (Tag::Other, "other::"),
+    ] {
+        if count(tag) != 1 {
+            return Err(format!("it has no '{word}' entry, which every ACL has"));
+        }
+    }
+    if count(Tag::User) + count(Tag::Group) > 0 && count(Tag::Mask) == 0 {
+        return Err("it names users or groups but has no 'mask::' entry".to_string());
+    }
+    Ok(())
+}
+
+/// A file capability as the kernel takes it (`vfs_cap_data`): its revision, and the size
+/// that revision has.
+fn check_capability(value: &[u8]) -> Result<(), String> {
+    let revision = value
+        .get(..4)
+        .map(|magic| u32::from_le_bytes(magic.try_into().expect("four bytes")) & 0xff00_0000);
+    let size = match revision {
+        Some(0x0100_0000) => 12,
+        Some(0x0200_0000) => 20,
+        Some(0x0300_0000) => 24,
+        _ => return Err(format!("{CAPABILITY} is of no revision Linux knows")),
+    };
+    if value.len() != size {
+        return Err(format!(
+            "{CAPABILITY} is {} bytes long; its revision has {size}",
+            value.len()
+        ));
+    }
+    Ok(())
+}
+
 fn parse_acl(text: &str) -> Result<Vec<AclEntry>, String> {
     let mut entries = Vec::new();
     for line in text.split(['\n', ',']) {
@@ -587,10 +658,13 @@ mod tests {
     fn attribute_names_outside_the_kept_namespaces_are_refused() {
         let records = [("SCHILY.xattr.system.posix_acl_access", &b"x"[..])];
         assert!(Attributes::from_records(records).is_err());
+        // A record lifeboat never writes: GNU tar would read the time, the tar crate not.
         let records = [
             ("SCHILY.xattr.user.a%3Db%25", &b"v"[..]),
             ("mtime", &b"1"[..]),
         ];
+        assert!(Attributes::from_records(records).is_err());
+        let records = [("SCHILY.xattr.user.a%3Db%25", &b"v"[..])];
         let attributes = Attributes::from_records(records).unwrap();
         assert_eq!(attributes.xattrs[0].0.to_str().unwrap(), "user.a=b%");
     }
@@ -601,7 +675,12 @@ mod tests {
         assert_eq!(plain.key, "SCHILY.xattr.user.a%3Db%25");
         // A capability whose bytes hold a newline, and a name with a space.
         for (name, value) in [
-            (&b"security.capability"[..], vec![1, 0, 0, 2, 0x0a, 0, 0, 0]),
+            (&b"security.capability"[..], {
+                let mut v2 = vec![0u8; 20];
+                v2[3] = 2;
+                v2[4] = 0x0a;
+                v2
+            }),
             (&b"user.with space\n"[..], b"v".to_vec()),
         ] {
             let record = xattr_record(name, value.clone());

@@ -627,3 +627,119 @@ fn configured_paths_mean_what_they_mean_to_tar() {
         }
     }
 }
+
+/// What the tree holds comes back as it was, through lifeboat and through GNU tar alike:
+/// times before 1970, link targets byte for byte (`file/.` is not `file`; one longer than a
+/// tar header), and nothing of lifeboat's own repository though it lies inside the path. A
+/// path that names a FIFO, or ends with '/' but names a file, is refused before anything is
+/// read; `/` itself is a path like any other.
+#[test]
+fn old_times_exact_link_targets_and_lifeboats_own_files() {
+    let work = tempfile::tempdir().unwrap();
+    let source = work.path().join("src");
+    tree::write_file(&source.join("d/old"), b"old\n", 0o644);
+    let before_1970 = std::time::UNIX_EPOCH - std::time::Duration::from_secs(86_400 * 365);
+    std::fs::File::options()
+        .write(true)
+        .open(source.join("d/old"))
+        .unwrap()
+        .set_modified(before_1970)
+        .unwrap();
+    let long_target = "t".repeat(150);
+    for (name, target) in [
+        ("dot", "file/."),
+        ("doubled", "a//b"),
+        ("long", long_target.as_str()),
+    ] {
+        std::os::unix::fs::symlink(target, source.join("d").join(name)).unwrap();
+    }
+    let fifo = source.join("fifo");
+    let c_fifo = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
+    // SAFETY: a valid C string.
+    assert_eq!(unsafe { libc::mkfifo(c_fifo.as_ptr(), 0o600) }, 0);
+    let repo = source.join("repo");
+    let shown = |p: &Path| p.display().to_string();
+    let config = write_config(
+        work.path(),
+        &format!(
+            "{}{}[[job]]\nname = \"fifo\"\nkind = \"files\"\npaths = [\"{}\"]\n\n[[job]]\nname = \"slash\"\nkind = \"files\"\npaths = [\"{}/\"]\n\n[[job]]\nname = \"root\"\nkind = \"files\"\npaths = [\"/\"]\nexclude = [\"/*\"]\n",
+            local_repository("local", &repo),
+            files_job("config", &[&source]),
+            shown(&fifo),
+            shown(&source.join("d/old")),
+        ),
+    );
+    let check = lifeboat(&config, &["check"]);
+    assert!(
+        check.stdout.contains("is a fifo")
+            && check.stdout.contains("ends with '/' but names a file"),
+        "{}",
+        check.stdout
+    );
+    lifeboat(&config, &["backup", "fifo"]).assert_code(1);
+    lifeboat(&config, &["backup", "slash"]).assert_code(1);
+    lifeboat(&config, &["backup", "root"]).assert_code(0);
+    let into_root = work.path().join("restored-root");
+    lifeboat(
+        &config,
+        &["restore", "root", "--into", into_root.to_str().unwrap()],
+    )
+    .assert_code(0);
+
+    let first = lifeboat(&config, &["backup", "config"]);
+    first.assert_code(0);
+    assert!(
+        first
+            .stdout
+            .contains(&format!("'{}' is repository 'local'", shown(&repo))),
+        "{}",
+        first.stdout
+    );
+    lifeboat(&config, &["backup", "config"]).assert_code(0);
+    let objects: Vec<u64> = walkdir::WalkDir::new(repo.join("jobs/config"))
+        .into_iter()
+        .filter_map(Result::ok)
+        .filter(|e| e.file_name() == "files.tar.zst")
+        .map(|e| e.metadata().unwrap().len())
+        .collect();
+    assert_eq!(objects.len(), 2);
+    assert_eq!(objects[0], objects[1], "the second backup holds the first");
+    lifeboat(&config, &["verify", "config"]).assert_code(0);
+
+    let into = work.path().join("restored");
+    restore_into(&config, &into).assert_code(0);
+    let object = newest_object(&repo, "config");
+    let unpacked = work.path().join("unpacked");
+    std::fs::create_dir(&unpacked).unwrap();
+    run_command(Command::new("sh").arg("-c").arg(format!(
+        "zstd -dc '{}' | tar -xpf - -C '{}'",
+        object.display(),
+        unpacked.display()
+    )))
+    .assert_code(0);
+    for tree in [&into, &unpacked] {
+        let d = restored_root(tree, &source.join("d"));
+        assert_eq!(
+            std::fs::metadata(d.join("old"))
+                .unwrap()
+                .modified()
+                .unwrap(),
+            before_1970,
+            "{}",
+            tree.display()
+        );
+        for (name, target) in [
+            ("dot", "file/."),
+            ("doubled", "a//b"),
+            ("long", long_target.as_str()),
+        ] {
+            assert_eq!(
+                std::fs::read_link(d.join(name)).unwrap().as_os_str(),
+                target,
+                "{name} in {}",
+                tree.display()
+            );
+        }
+        assert!(!restored_root(tree, &repo).exists());
+    }
+}

@@ -263,6 +263,19 @@ fn attacks(outside: &str, outside_file: &str, fence: &str) -> Vec<(String, Vec<E
             "s/victim".into(),
         ),
         (
+            "a file stored twice".into(),
+            vec![entry(File, "d/twice", None), entry(File, "d/twice", None)],
+            "d/twice".into(),
+        ),
+        (
+            "a symlink then a file of its name".into(),
+            vec![
+                entry(Symlink, "d/a", Some("/etc")),
+                entry(File, "d/a", None),
+            ],
+            "d/a".into(),
+        ),
+        (
             "a hard link through a symlink to a file".into(),
             vec![
                 entry(Symlink, "s", Some(outside_file)),
@@ -737,7 +750,36 @@ fn pax_records_lifeboat_never_writes_are_refused() {
     let target = rig.fence.join("target");
     let file = tar::EntryType::Regular;
     let smuggled: &[u8] = b"x\n22 linkpath=/etc/evil\n";
-    let cases: [(&str, Vec<u8>); 5] = [
+    let mut capability = vec![0u8; 20];
+    capability[3] = 0x02;
+    capability.push(0);
+    // A hard link whose data is a header GNU tar would read as a device node.
+    let hidden = {
+        let mut device = tar::Header::new_ustar();
+        device.set_entry_type(tar::EntryType::Char);
+        device.set_path("a/mem").unwrap();
+        device.set_mode(0o666);
+        device.set_size(0);
+        device.set_cksum();
+        let mut builder = tar::Builder::new(Vec::new());
+        let mut first = tar::Header::new_gnu();
+        first.set_entry_type(tar::EntryType::Regular);
+        first.set_mode(0o644);
+        first.set_size(0);
+        first.set_path("a/first").unwrap();
+        first.set_cksum();
+        builder.append(&first, std::io::empty()).unwrap();
+        let mut link = tar::Header::new_gnu();
+        link.set_entry_type(tar::EntryType::Link);
+        link.set_mode(0o644);
+        link.set_path("a/f").unwrap();
+        link.set_link_name("a/first").unwrap();
+        link.set_size(512);
+        link.set_cksum();
+        builder.append(&link, &device.as_bytes()[..]).unwrap();
+        builder.into_inner().unwrap()
+    };
+    let cases: [(&str, Vec<u8>); 13] = [
         (
             "a raw ACL attribute",
             tar_with_records(
@@ -776,14 +818,76 @@ fn pax_records_lifeboat_never_writes_are_refused() {
                 &[("SCHILY.xattr.user.note", b"x")],
             ),
         ),
+        (
+            "a path record GNU tar reads and the tar crate does not",
+            tar_with_records(file, "a/f", None, &[("path", b"a/f-elsewhere")]),
+        ),
+        (
+            "a default ACL on a file",
+            tar_with_records(
+                file,
+                "a/f",
+                None,
+                &[("SCHILY.acl.default", b"user::rw-,group::r--,other::r--")],
+            ),
+        ),
+        (
+            "an ACL naming a user without a mask",
+            tar_with_records(
+                file,
+                "a/f",
+                None,
+                &[(
+                    "SCHILY.acl.access",
+                    b"user::rw-,user:1000:rwx,group::r--,other::r--",
+                )],
+            ),
+        ),
+        (
+            "a capability of the wrong size",
+            tar_with_records(
+                file,
+                "a/f",
+                None,
+                &[("SCHILY.xattr.security.capability", &capability)],
+            ),
+        ),
+        (
+            "an attribute value over 64 KiB",
+            tar_with_records(
+                file,
+                "a/f",
+                None,
+                &[("SCHILY.xattr.user.big", &[b'v'; 70_000])],
+            ),
+        ),
+        (
+            "an attribute without a name",
+            tar_with_records(file, "a/f", None, &[("SCHILY.xattr.user.", b"x")]),
+        ),
+        ("a hard link carrying a header in its data", hidden),
+        (
+            "a name longer than Linux takes",
+            tar_with_records(file, &format!("a/f/{}", "n".repeat(300)), None, &[]),
+        ),
     ];
     let mut findings = Vec::new();
     for (what, tar) in cases {
         let before = outside_state(&rig.fence, &target);
         rig.plant(&tar, true);
         let run = rig.restore(&target, false);
-        if run.code != 1 || !run.stderr.contains("archive entry 'a/f'") {
+        if run.code != 1 || !run.stderr.contains("archive entry 'a/f") {
             findings.push(format!("{what}: exit {}: {}", run.code, run.stderr));
+        }
+        let verify = run_command(binary_command(&rig.binary, &rig.config).arg("verify"));
+        if verify.code != 1
+            || !verify.stdout.contains("REFUSED")
+            || !verify.stdout.contains("archive entry 'a/f")
+        {
+            findings.push(format!(
+                "{what}: verify exit {}: {}",
+                verify.code, verify.stdout
+            ));
         }
         if outside_state(&rig.fence, &target) != before {
             findings.push(format!("{what}: something outside the target changed"));

@@ -338,19 +338,7 @@ fn where_sync_is_refused_the_rdb_file_after_bgsave_is_the_fallback() {
     let source = Redis::start(&[]);
     let mut connection = source.connection().unwrap();
     populate(&mut connection);
-    // A managed-service-like user: everything but replication.
-    let () = redis::cmd("ACL")
-        .arg("SETUSER")
-        .arg("backup")
-        .arg("on")
-        .arg(">backup-pw")
-        .arg("~*")
-        .arg("&*")
-        .arg("+@all")
-        .arg("-sync")
-        .arg("-psync")
-        .query(&mut connection)
-        .unwrap();
+    user_without_sync(&mut connection, "backup", false);
     let work = tempfile::tempdir().unwrap();
     let password_file = work.path().join("redis.pass");
     write_secret(&password_file, "backup-pw", 0o600);

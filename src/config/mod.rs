@@ -211,6 +211,9 @@ pub struct FilesJob {
     pub paths: Vec<PathBuf>,
     /// Every path's symlink is followed, trailing '/' or not.
     pub follow: bool,
+    /// What lifeboat writes itself (local repositories, the lock directory), by what it is:
+    /// passed over where a path holds it.
+    pub lifeboats_own: Vec<(String, PathBuf)>,
     pub include: Vec<String>,
     pub exclude: Vec<String>,
 }
@@ -220,8 +223,17 @@ impl FilesJob {
     /// points to, under the path's own name, rather than as the link: a trailing '/', as
     /// tar and rsync read it, or `follow = true`.
     pub fn follows(&self, path: &Path) -> bool {
+        self.follow || FilesJob::ends_with_slash(path)
+    }
+
+    /// Whether `path` ends with '/' or '/.' (not '/' itself): to tar and the kernel, the
+    /// directory a symlink there points to.
+    pub fn ends_with_slash(path: &Path) -> bool {
         use std::os::unix::ffi::OsStrExt;
-        self.follow || (path.as_os_str().len() > 1 && path.as_os_str().as_bytes().ends_with(b"/"))
+        let bytes = path.as_os_str().as_bytes();
+        path.components()
+            .any(|c| matches!(c, std::path::Component::Normal(_)))
+            && (bytes.ends_with(b"/") || bytes.ends_with(b"/."))
     }
 }
 
@@ -457,8 +469,21 @@ fn validate(raw: raw::RawConfig, path: &Path) -> Result<Config, Problem> {
 
     let mut names = HashSet::new();
     let mut jobs = Vec::new();
+    // What lifeboat itself writes is never part of a files job: a local repository or the
+    // lock directory beneath a path would otherwise hold every earlier backup again.
+    let own: Vec<(String, PathBuf)> = repositories
+        .iter()
+        .filter_map(|r| match &r.location {
+            Location::Local { path } => Some((format!("repository '{}'", r.name), path.clone())),
+            Location::S3(_) => None,
+        })
+        .chain([("the lock directory".to_string(), lock_dir.clone())])
+        .collect();
     for (index, job) in raw.job.into_iter().enumerate() {
-        let job = validate_job(index, job)?;
+        let mut job = validate_job(index, job)?;
+        if let JobSource::Files(files) = &mut job.source {
+            files.lifeboats_own = own.clone();
+        }
         if !names.insert(job.name.clone()) {
             return Err(format!(
                 "job[{index}].name: duplicate job name \"{}\"",
@@ -957,28 +982,13 @@ fn validate_files_job(
                 .map_err(|e| format!("{}: invalid glob \"{glob}\": {e}", at(field)))?;
         }
     }
-    let job = FilesJob {
+    Ok(FilesJob {
         paths,
         follow,
+        lifeboats_own: Vec::new(),
         include,
         exclude,
-    };
-    // The same path written twice, once followed and once not, asks for a link and a
-    // directory of one name; no restore could make both.
-    for (index, path) in job.paths.iter().enumerate() {
-        for other in &job.paths[..index] {
-            let same = path.components().eq(other.components());
-            if same && job.follows(path) != job.follows(other) {
-                return Err(format!(
-                    "{}: \"{}\" and \"{}\" name one path, once to store the symlink and once what it points to; keep one",
-                    at("paths"),
-                    other.display(),
-                    path.display()
-                ));
-            }
-        }
-    }
-    Ok(job)
+    })
 }
 
 fn validate_postgres_job(
@@ -1402,25 +1412,21 @@ mod tests {
 
     #[test]
     fn files_paths_a_restore_could_not_make_are_refused() {
-        for (paths, expected) in [
-            (r#"["/etc/app", "/etc/app/"]"#, "name one path"),
-            (r#"["/opt/app/../etc"]"#, "holds '..'"),
-        ] {
-            let err = parse(&format!(
-                "{LOCAL}[[job]]\nname = \"conf\"\nkind = \"files\"\npaths = {paths}\n"
-            ))
-            .unwrap_err();
-            assert!(
-                err.message().contains("job[0] (conf).paths: ") && err.message().contains(expected),
-                "{paths}: {}",
-                err.message()
-            );
-        }
+        let err = parse(&format!(
+            "{LOCAL}[[job]]\nname = \"conf\"\nkind = \"files\"\npaths = [\"/opt/app/../etc\"]\n"
+        ))
+        .unwrap_err();
+        assert!(
+            err.message().contains("job[0] (conf).paths: ") && err.message().contains("holds '..'"),
+            "{}",
+            err.message()
+        );
         // Overlapping paths are merged when the archive is written; follow = true makes
         // the trailing '/' moot.
         for paths in [
             r#"["/etc", "/etc/nginx/"]"#,
             r#"["/etc", "/etc"]"#,
+            r#"["/etc/app", "/etc/app/"]"#,
             r#"["/etc", "/etcetera"]"#,
         ] {
             parse(&format!(

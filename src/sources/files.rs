@@ -39,13 +39,46 @@ pub struct ArchiveSummary {
     /// and the first [`MAX_NOT_STORED`] of them.
     pub not_stored: u64,
     pub not_stored_entries: Vec<NotStored>,
-    /// Paths listed twice or inside another, each stored once.
+    /// Paths listed twice or inside another, each stored once; what was stored while it
+    /// changed; paths that stored nothing.
     pub notes: Vec<String>,
+    changed: u64,
+    changed_first: Vec<String>,
 }
 
 impl ArchiveSummary {
+    /// How many files changed while read are named.
+    const NAMED_CHANGED: usize = 10;
+
+    fn changed_while_read(&mut self, path: &Path) {
+        tracing::warn!(path = %archive::printable(path), "file changed as it was read");
+        self.changed += 1;
+        if self.changed_first.len() < Self::NAMED_CHANGED {
+            self.changed_first
+                .push(format!("'{}'", archive::printable(path)));
+        }
+    }
+
+    /// The notes, with the files that changed while read.
+    fn finish(mut self) -> ArchiveSummary {
+        if self.changed > 0 {
+            let more = self.changed - self.changed_first.len() as u64;
+            let more = if more > 0 {
+                format!(" and {more} more")
+            } else {
+                String::new()
+            };
+            self.notes.push(format!(
+                "{} file(s) changed while they were read, so their copies may mix old and new contents: {}{more}",
+                self.changed,
+                self.changed_first.join(", ")
+            ));
+        }
+        self
+    }
+
     fn pass_over(&mut self, path: &Path, kind: &str) {
-        tracing::warn!(path = %path.display(), kind, "not stored");
+        tracing::warn!(path = %archive::printable(path), kind, "not stored");
         self.not_stored += 1;
         if self.not_stored_entries.len() < MAX_NOT_STORED {
             self.not_stored_entries.push(NotStored {
@@ -69,14 +102,18 @@ fn too_long(error: &io::Error) -> bool {
 
 /// What to do when reading `path` failed with `error` before anything of it was written:
 /// pass over an entry removed since its directory was listed, or one whose path is too
-/// long to read (naming it); anything else fails the backup.
+/// long to read (naming it); anything else fails the backup, as does any failure of a
+/// configured path itself (`top`): a backup without it would look whole and be empty.
 fn pass_over_or_fail(
     summary: &mut ArchiveSummary,
     path: &Path,
+    top: bool,
     error: io::Error,
 ) -> io::Result<()> {
-    if vanished(&error) {
-        tracing::warn!(path = %path.display(), "skipping what was removed while the backup ran");
+    if top {
+        Err(error)
+    } else if vanished(&error) {
+        tracing::warn!(path = %archive::printable(path), "skipping what was removed while the backup ran");
         Ok(())
     } else if too_long(&error) {
         summary.pass_over(path, "path longer than the system reads");
@@ -167,6 +204,8 @@ pub struct Root {
     pub path: PathBuf,
     /// A symlink in its place is stored as what it points to, under `path`'s name.
     pub follow: bool,
+    /// Written with a trailing '/' (or '/.'): what it names must be a directory, as to tar.
+    pub slash: bool,
 }
 
 /// The paths an archive is written from, each once, outer ones first; and what was merged.
@@ -174,6 +213,11 @@ pub struct Root {
 pub struct Roots {
     pub roots: Vec<Root>,
     pub notes: Vec<String>,
+    /// One path written both to store a symlink there and to follow it: a conflict where
+    /// it is a symlink, the same path twice where it is not.
+    pub both_ways: Vec<(PathBuf, PathBuf)>,
+    /// What lifeboat writes itself, by what it is, as `FilesJob::lifeboats_own`.
+    pub lifeboats_own: Vec<(String, PathBuf)>,
 }
 
 /// The job's paths, each once and in the order their archive names sort: a path listed
@@ -187,12 +231,27 @@ pub fn roots(job: &FilesJob) -> Roots {
             configured: configured.clone(),
             path: Path::new("/").join(archive_name(configured)),
             follow: job.follows(configured),
+            slash: crate::config::FilesJob::ends_with_slash(configured),
         })
         .collect();
     all.sort_by(|a, b| a.path.cmp(&b.path));
-    let mut roots: Roots = Roots::default();
+    let mut roots = Roots {
+        lifeboats_own: job
+            .lifeboats_own
+            .iter()
+            .map(|(what, path)| (what.clone(), Path::new("/").join(archive_name(path))))
+            .collect(),
+        ..Roots::default()
+    };
     for root in all {
-        if let Some(same) = roots.roots.iter().find(|r| r.path == root.path) {
+        if let Some(same) = roots.roots.iter_mut().find(|r| r.path == root.path) {
+            if same.follow != root.follow {
+                roots
+                    .both_ways
+                    .push((same.configured.clone(), root.configured.clone()));
+                same.follow = true;
+                same.slash |= root.slash;
+            }
             roots.notes.push(format!(
                 "path '{}' is listed twice (also as '{}'); it is stored once",
                 root.configured.display(),
@@ -201,23 +260,119 @@ pub fn roots(job: &FilesJob) -> Roots {
             continue;
         }
         if let Some(outer) = roots.roots.iter().find(|r| root.path.starts_with(&r.path)) {
-            roots.notes.push(format!(
-                "path '{}' lies inside '{}'; its entries are stored once",
-                root.configured.display(),
-                outer.configured.display()
-            ));
+            let is_link = std::fs::symlink_metadata(&root.path).is_ok_and(|m| m.is_symlink());
+            let note = match (
+                root.follow && is_link,
+                root.path.parent() == Some(&outer.path),
+            ) {
+                (true, _) => format!(
+                    "path '{}' lies inside '{}': the symlink '{}' is stored as what it points to, not as a link",
+                    root.configured.display(),
+                    outer.configured.display(),
+                    root.path.display()
+                ),
+                _ => format!(
+                    "path '{}' lies inside '{}'; its entries are stored once",
+                    root.configured.display(),
+                    outer.configured.display()
+                ),
+            };
+            roots.notes.push(note);
         }
         roots.roots.push(root);
     }
     roots
 }
 
-/// Fails, before anything is read, on a path that does not exist and on a path beneath
-/// a symlink that another path stores as a link: no restore writes beneath a link.
+/// The error for a configured path no backup stores as it is written.
+fn path_error(job_name: &str, root: &Root, why: impl std::fmt::Display) -> Error {
+    Error::new(
+        ErrorKind::Source,
+        format!(
+            "path '{}' of job '{job_name}' {why}",
+            archive::printable(&root.configured)
+        ),
+    )
+}
+
+/// Fails, before anything is read, on a path a backup would not store as written: one
+/// that does not exist, is a socket, FIFO or device, ends with '/' but is no directory, is
+/// a symlink whose relative target climbs above '/', lies inside lifeboat's own repository,
+/// is written both followed and not where it is a symlink, or lies beneath a symlink that
+/// another path stores as a link (no restore writes beneath a link).
 pub fn check_roots(job_name: &str, roots: &Roots) -> Result<()> {
     for root in &roots.roots {
-        std::fs::symlink_metadata(&root.path)
+        let metadata = std::fs::symlink_metadata(&root.path)
             .map_err(|e| source_error(job_name, "read path", &root.configured, e))?;
+        if let Some((what, own)) = roots
+            .lifeboats_own
+            .iter()
+            .find(|(_, own)| root.path.starts_with(own))
+        {
+            return Err(path_error(
+                job_name,
+                root,
+                format!(
+                    "lies inside {what} ('{}'), which lifeboat writes itself",
+                    own.display()
+                ),
+            ));
+        }
+        let stored = if metadata.is_symlink() {
+            if let Some((one, other)) = roots
+                .both_ways
+                .iter()
+                .find(|(one, _)| Path::new("/").join(archive_name(one)) == root.path)
+            {
+                return Err(path_error(
+                    job_name,
+                    root,
+                    format!(
+                        "is a symlink, listed both as '{}' (the link) and as '{}' (what it points to); keep one",
+                        one.display(),
+                        other.display()
+                    ),
+                ));
+            }
+            if !root.follow {
+                let target = std::fs::read_link(&root.path)
+                    .map_err(|e| source_error(job_name, "read the symlink", &root.configured, e))?;
+                if archive::climbs_out(&archive_name(&root.path), &target) {
+                    return Err(path_error(
+                        job_name,
+                        root,
+                        format!(
+                            "is a symlink to '{}', which climbs above '/' and no restore makes; end the path with '/' to store what it points to",
+                            target.display()
+                        ),
+                    ));
+                }
+                continue;
+            }
+            std::fs::metadata(&root.path)
+                .map_err(|e| source_error(job_name, "follow the symlink", &root.configured, e))?
+        } else {
+            metadata
+        };
+        if !stored.is_dir() && !stored.is_file() {
+            return Err(path_error(
+                job_name,
+                root,
+                format!(
+                    "is a {}; lifeboat stores no sockets, FIFOs or device nodes",
+                    special_kind(stored.file_type())
+                ),
+            ));
+        }
+        if root.slash && !stored.is_dir() {
+            return Err(path_error(
+                job_name,
+                root,
+                "ends with '/' but names a file, not a directory; write it without '/' (and set follow = true to store what a symlink there points to)",
+            ));
+        }
+    }
+    for root in &roots.roots {
         for outer in roots.roots.iter().filter(|o| o.path != root.path) {
             if !root.path.starts_with(&outer.path) {
                 continue;
@@ -422,7 +577,7 @@ pub fn write_archive(
                         && e.io_error().is_some_and(|io| vanished(io) || too_long(io));
                     if passed {
                         let io = e.into_io_error().expect("an I/O error");
-                        pass_over_or_fail(&mut summary, &path, io)
+                        pass_over_or_fail(&mut summary, &path, false, io)
                             .map_err(|e| source_error(job_name, "read directory", &path, e))?;
                         continue;
                     }
@@ -430,6 +585,17 @@ pub fn write_archive(
                 }
             };
             let path = entry.path();
+            let top = entry.depth() == 0;
+            // Changed from what `check_roots` found: the run must not go on without it.
+            let replaced = |what: &str| {
+                Error::new(
+                    ErrorKind::Source,
+                    format!(
+                        "path '{}' of job '{job_name}' was {what} while the backup ran; nothing of it was stored",
+                        archive::printable(&root.configured)
+                    ),
+                )
+            };
             // walkdir walks a followed path's target but names the path itself a symlink.
             let followed = entry.depth() == 0 && root.follow && entry.path_is_symlink();
             let file_type = match followed {
@@ -439,14 +605,28 @@ pub fn write_archive(
                 false => entry.file_type(),
             };
             // Another configured path, read on its own: stored once, as that path says.
-            let another_root = entry.depth() > 0 && root_paths.contains(path);
-            if another_root || (entry.depth() > 0 && filter.excluded(path)) {
+            let another_root = !top && root_paths.contains(path);
+            if another_root || (!top && filter.excluded(path)) {
                 if file_type.is_dir() {
                     walker.skip_current_dir();
                 }
                 continue;
             }
+            if let Some((what, _)) = roots.lifeboats_own.iter().find(|(_, own)| own == path) {
+                if file_type.is_dir() {
+                    walker.skip_current_dir();
+                }
+                summary.notes.push(format!(
+                    "'{}' is {what}, which lifeboat writes itself: not stored",
+                    archive::printable(path)
+                ));
+                continue;
+            }
             let name = archive_name(path);
+            if name.as_os_str().is_empty() {
+                // '/' itself: the directory a restore unpacks into, which it leaves as it is.
+                continue;
+            }
             if name.components().count() > MAX_DEPTH {
                 if file_type.is_dir() {
                     walker.skip_current_dir();
@@ -459,25 +639,27 @@ pub fn write_archive(
                     Ok(read) => read,
                     Err(e) => {
                         walker.skip_current_dir();
-                        pass_over_or_fail(&mut summary, path, e)
+                        pass_over_or_fail(&mut summary, path, top, e)
                             .map_err(|e| source_error(job_name, "archive directory", path, e))?;
                         continue;
                     }
                 };
                 if !metadata.is_dir() {
+                    if top {
+                        return Err(replaced("replaced"));
+                    }
                     walker.skip_current_dir();
-                    tracing::warn!(path = %path.display(), "skipping a directory replaced while the backup ran");
+                    tracing::warn!(path = %archive::printable(path), "skipping a directory replaced while the backup ran");
                     continue;
                 }
                 admit(&name, &EntryKind::Directory, path)?;
-                let mut header = tar::Header::new_gnu();
-                header.set_metadata_in_mode(&metadata, tar::HeaderMode::Complete);
+                let mut header = header_of(&metadata);
                 header.set_size(0);
                 append_records(&mut builder, &name, &records)
                     .and_then(|()| builder.append_data(&mut header, &name, io::empty()))
                     .map_err(|e| source_error(job_name, "archive directory", path, e))?;
             } else if file_type.is_symlink() {
-                if !filter.included(path) {
+                if !top && !filter.included(path) {
                     continue;
                 }
                 // Read once, and stored as read: the target checked is the target written.
@@ -485,14 +667,22 @@ pub fn write_archive(
                     .and_then(|metadata| Ok((std::fs::read_link(path)?, metadata)));
                 let (target, metadata) = match read {
                     Ok(read) => read,
+                    // No longer a symlink between its lstat and readlink.
+                    Err(e) if e.raw_os_error() == Some(libc::EINVAL) && !top => {
+                        tracing::warn!(path = %archive::printable(path), "skipping a symlink replaced while the backup ran");
+                        continue;
+                    }
                     Err(e) => {
-                        pass_over_or_fail(&mut summary, path, e)
+                        pass_over_or_fail(&mut summary, path, top, e)
                             .map_err(|e| source_error(job_name, "archive symlink", path, e))?;
                         continue;
                     }
                 };
                 if !metadata.is_symlink() {
-                    tracing::warn!(path = %path.display(), "skipping a symlink replaced while the backup ran");
+                    if top {
+                        return Err(replaced("replaced"));
+                    }
+                    tracing::warn!(path = %archive::printable(path), "skipping a symlink replaced while the backup ran");
                     continue;
                 }
                 if archive::climbs_out(&name, &target) {
@@ -500,15 +690,18 @@ pub fn write_archive(
                     continue;
                 }
                 admit(&name, &EntryKind::Symlink(target.clone()), path)?;
-                let mut header = tar::Header::new_gnu();
-                header.set_metadata_in_mode(&metadata, tar::HeaderMode::Complete);
+                let mut header = header_of(&metadata);
                 header.set_entry_type(tar::EntryType::Symlink);
                 header.set_size(0);
-                builder
-                    .append_link(&mut header, &name, &target)
-                    .map_err(|e| source_error(job_name, "archive symlink", path, e))?;
+                append_symlink(
+                    &mut builder,
+                    &mut header,
+                    &name,
+                    target.as_os_str().as_bytes(),
+                )
+                .map_err(|e| source_error(job_name, "archive symlink", path, e))?;
             } else if file_type.is_file() {
-                if !filter.included(path) {
+                if !top && !filter.included(path) {
                     continue;
                 }
                 use std::os::unix::fs::MetadataExt;
@@ -524,12 +717,12 @@ pub fn write_archive(
                     .open(path)
                 {
                     Ok(file) => file,
-                    Err(e) if e.raw_os_error() == Some(libc::ELOOP) => {
-                        tracing::warn!(path = %path.display(), "skipping a file replaced by a symlink while the backup ran");
+                    Err(e) if e.raw_os_error() == Some(libc::ELOOP) && !top => {
+                        tracing::warn!(path = %archive::printable(path), "skipping a file replaced by a symlink while the backup ran");
                         continue;
                     }
                     Err(e) => {
-                        pass_over_or_fail(&mut summary, path, e)
+                        pass_over_or_fail(&mut summary, path, top, e)
                             .map_err(|e| source_error(job_name, "read file", path, e))?;
                         continue;
                     }
@@ -549,8 +742,7 @@ pub fn write_archive(
                 match linked.get(&inode) {
                     Some(first) if metadata.nlink() > 1 => {
                         admit(&name, &EntryKind::HardLink(first.clone()), path)?;
-                        let mut header = tar::Header::new_gnu();
-                        header.set_metadata_in_mode(&metadata, tar::HeaderMode::Complete);
+                        let mut header = header_of(&metadata);
                         header.set_entry_type(tar::EntryType::Link);
                         header.set_size(0);
                         builder
@@ -559,8 +751,22 @@ pub fn write_archive(
                     }
                     _ => {
                         admit(&name, &EntryKind::File { sparse: false }, path)?;
-                        append_file(&mut builder, file, &metadata, &name)
+                        append_file(&mut builder, &file, &metadata, &name)
                             .map_err(|e| source_error(job_name, "read file", path, e))?;
+                        // Written to while read (same size, or it would have failed): the
+                        // copy may mix old and new bytes, as GNU tar warns.
+                        let changed = file.metadata().is_ok_and(|now| {
+                            (now.mtime(), now.mtime_nsec(), now.ctime(), now.ctime_nsec())
+                                != (
+                                    metadata.mtime(),
+                                    metadata.mtime_nsec(),
+                                    metadata.ctime(),
+                                    metadata.ctime_nsec(),
+                                )
+                        });
+                        if changed {
+                            summary.changed_while_read(path);
+                        }
                         if metadata.nlink() > 1 {
                             linked.insert(inode, name.clone());
                         }
@@ -585,7 +791,52 @@ pub fn write_archive(
             )
             .with_source(e)
         })?;
-    Ok(summary)
+    Ok(summary.finish())
+}
+
+/// Stores a symlink to `target` exactly as the link holds it: the tar crate's own
+/// `append_link` tidies targets (`file/.` to `file`, `a//b` to `a/b`), which changes where
+/// some of them lead. A target too long for the header goes first in a GNU long-link entry,
+/// as GNU tar writes it.
+fn append_symlink(
+    builder: &mut tar::Builder<&mut dyn Write>,
+    header: &mut tar::Header,
+    name: &Path,
+    target: &[u8],
+) -> io::Result<()> {
+    let field = header.as_old().linkname.len();
+    if target.len() < field {
+        header.set_link_name_literal(target)?;
+    } else {
+        let mut long = tar::Header::new_gnu();
+        long.as_gnu_mut().expect("a GNU header").name[..13].copy_from_slice(b"././@LongLink");
+        long.set_mode(0o644);
+        long.set_uid(0);
+        long.set_gid(0);
+        long.set_mtime(0);
+        long.set_size(target.len() as u64 + 1);
+        long.set_entry_type(tar::EntryType::GNULongLink);
+        long.set_cksum();
+        builder.append(&long, target.chain(&[0u8][..]))?;
+        header.set_link_name_literal(&target[..field - 1])?;
+    }
+    builder.append_data(header, name, io::empty())
+}
+
+/// A GNU header describing `metadata`: mode, owner, size, and the mtime, which before 1970
+/// is written as GNU tar writes it (base-256, two's complement), not as the tar crate
+/// would (a number past the year 292 billion, which GNU tar refuses).
+fn header_of(metadata: &std::fs::Metadata) -> tar::Header {
+    use std::os::unix::fs::MetadataExt;
+    let mut header = tar::Header::new_gnu();
+    header.set_metadata_in_mode(metadata, tar::HeaderMode::Complete);
+    if metadata.mtime() < 0 {
+        let field = &mut header.as_gnu_mut().expect("a GNU header").mtime;
+        let bytes = i128::from(metadata.mtime()).to_be_bytes();
+        let width = field.len();
+        field.copy_from_slice(&bytes[bytes.len() - width..]);
+    }
+    header
 }
 
 /// Writes a PAX extended header holding `records` for the entry `name` that follows it;
@@ -617,21 +868,20 @@ fn append_records(
 /// it, and a file with holes as a GNU sparse entry, its holes left out.
 fn append_file(
     builder: &mut tar::Builder<&mut dyn Write>,
-    file: File,
+    file: &File,
     metadata: &std::fs::Metadata,
     name: &Path,
 ) -> io::Result<()> {
     use std::os::fd::AsFd;
     append_records(builder, name, &pax::read(Inode::Open(file.as_fd()))?)?;
-    let mut header = tar::Header::new_gnu();
-    header.set_metadata_in_mode(metadata, tar::HeaderMode::Complete);
+    let mut header = header_of(metadata);
     // Large reads: tar copies in 8 KiB steps, which would otherwise be one syscall each. A
     // buffer no larger than the file: a 1 MiB one for each of thousands of small config files
     // cost an mmap and munmap apiece.
     let buffer = (metadata.len() as usize)
         .saturating_add(1)
         .clamp(8 * 1024, READ_BUFFER);
-    let Some(extents) = data_extents(&file, metadata)? else {
+    let Some(extents) = data_extents(file, metadata)? else {
         let reader = ExactReader {
             inner: io::BufReader::with_capacity(buffer, file),
             remaining: metadata.len(),
@@ -663,7 +913,7 @@ fn append_file(
         map.extend_from_slice(extension.as_bytes());
     }
     let data = ExtentReader {
-        file: &file,
+        file,
         extents: extents.into_iter(),
         current: None,
     };

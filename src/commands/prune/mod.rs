@@ -324,6 +324,7 @@ mod tests {
         JobSource::Files(FilesJob {
             paths: Vec::new(),
             follow: false,
+            lifeboats_own: Vec::new(),
             include: Vec::new(),
             exclude: Vec::new(),
         })

@@ -190,9 +190,12 @@ fn inode_of(stat: &rustix::fs::Stat) -> InodeId {
     (stat.st_dev, stat.st_ino)
 }
 
+/// The times to give an inode whose header says `mtime`: the tar reader hands a base-256
+/// field's last eight bytes over as they are, so a time before 1970 (two's complement, as
+/// GNU tar and lifeboat write it) reads back as itself.
 fn timestamps(mtime: u64) -> Timestamps {
     let at = Timespec {
-        tv_sec: mtime.min(i64::MAX as u64) as i64,
+        tv_sec: mtime as i64,
         tv_nsec: 0,
     };
     Timestamps {
