@@ -18,6 +18,27 @@ use lifeboat::error::exit_code;
 use lifeboat::metrics;
 use lifeboat::{Error, Result};
 
+// Everything printed goes through `emit`: a reader that went away (`lifeboat show … | head`)
+// ends the output, never the process with a panic, and the exit code still says how the
+// command went.
+macro_rules! print {
+    ($($arg:tt)*) => { emit(format_args!($($arg)*)) };
+}
+macro_rules! println {
+    ($($arg:tt)*) => { emit(format_args!("{}\n", format_args!($($arg)*))) };
+}
+
+fn emit(text: std::fmt::Arguments<'_>) {
+    use std::io::Write as _;
+    let mut out = std::io::stdout().lock();
+    match out.write_fmt(text).and_then(|()| out.flush()) {
+        Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => {
+            eprintln!("error: unable to write to stdout: {e}");
+        }
+        _ => {}
+    }
+}
+
 #[derive(Parser)]
 #[command(
     name = "lifeboat",

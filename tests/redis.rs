@@ -429,33 +429,79 @@ fn a_stale_rdb_file_at_a_wrong_path_is_refused_with_both_paths_or_times() {
         .unwrap()
         .set_modified(two_days_ago)
         .unwrap();
-    for (user, expected) in [
-        (
-            "backup",
-            vec![
-                format!("rdb_path '{}' is not the file", stale.display()),
-                format!("say '{}'", source.dir.path().join("dump.rdb").display()),
-            ],
-        ),
-        (
-            "blind",
-            vec![
-                format!("the RDB file '{}' was last written at", stale.display()),
-                "before the BGSAVE lifeboat asked for at".to_string(),
-                "LASTSAVE".to_string(),
-            ],
-        ),
-    ] {
-        let config = write_config(
+    // A hard link to the server's last dump: its path is another, its inode the server's
+    // until the next save replaces the file.
+    let linked = work.path().join("linked.rdb");
+    std::fs::hard_link(source.dir.path().join("dump.rdb"), &linked).unwrap();
+    // The stale dump touched to look fresh: the save time it records tells.
+    let touched = work.path().join("touched.rdb");
+    std::fs::copy(&stale, &touched).unwrap();
+    let fifo = work.path().join("fifo.rdb");
+    let c_fifo = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
+    // SAFETY: a valid C string.
+    assert_eq!(unsafe { libc::mkfifo(c_fifo.as_ptr(), 0o600) }, 0);
+    std::thread::sleep(std::time::Duration::from_millis(1_100));
+    let config_for = |user: &str, rdb_path: &Path| {
+        write_config(
             work.path(),
             &format!(
                 "{}[[job]]\nname = \"{JOB}\"\nkind = \"redis\"\nurl = \"{}\"\nusername = \"{user}\"\npassword_file = \"{}\"\nrdb_path = \"{}\"\n",
                 local_repository("local", &work.path().join("repo")),
                 source.url(),
                 password_file.display(),
-                stale.display()
+                rdb_path.display()
             ),
-        );
+        )
+    };
+    for (user, rdb_path, expected) in [
+        (
+            "backup",
+            &stale,
+            vec![
+                format!("rdb_path '{}' is not the file", stale.display()),
+                format!("say '{}'", source.dir.path().join("dump.rdb").display()),
+            ],
+        ),
+        (
+            "backup",
+            &linked,
+            vec![format!("rdb_path '{}' is not the file", linked.display())],
+        ),
+        (
+            "backup",
+            &fifo,
+            vec![format!(
+                "rdb_path '{}' is not a regular file",
+                fifo.display()
+            )],
+        ),
+        (
+            "blind",
+            &stale,
+            vec![
+                format!("the RDB file '{}' was last written at", stale.display()),
+                "before the BGSAVE lifeboat asked for at".to_string(),
+                "LASTSAVE".to_string(),
+            ],
+        ),
+        (
+            "blind",
+            &touched,
+            vec![format!(
+                "the RDB file '{}' says (its ctime field) it was saved at",
+                touched.display()
+            )],
+        ),
+    ] {
+        if rdb_path == &touched {
+            std::fs::File::options()
+                .write(true)
+                .open(&touched)
+                .unwrap()
+                .set_modified(std::time::SystemTime::now() + std::time::Duration::from_secs(5))
+                .unwrap();
+        }
+        let config = config_for(user, rdb_path);
         let run = lifeboat(&config, &["backup", JOB]);
         run.assert_code(1);
         for text in &expected {
@@ -464,6 +510,28 @@ fn a_stale_rdb_file_at_a_wrong_path_is_refused_with_both_paths_or_times() {
         let list = lifeboat(&config, &["list", JOB, "--format", "json"]);
         assert!(!list.stdout.contains("\"id\""), "{}", list.stdout);
     }
+
+    // A save already running (here a slow one) is waited for, then lifeboat's own is made.
+    let () = redis::cmd("CONFIG")
+        .arg("SET")
+        .arg("rdb-key-save-delay")
+        .arg("200000")
+        .query(&mut connection)
+        .unwrap();
+    for n in 0..10 {
+        let () = redis::cmd("SET")
+            .arg(format!("slow{n}"))
+            .arg("v")
+            .query(&mut connection)
+            .unwrap();
+    }
+    let _: redis::Value = redis::cmd("BGSAVE").query(&mut connection).unwrap();
+    let config = config_for("backup", &source.dir.path().join("dump.rdb"));
+    let run = lifeboat(&config, &["backup", JOB]);
+    run.assert_code(0);
+    let (_scratch, mut restored) = restore_into_scratch(&config);
+    let keys: i64 = redis::cmd("DBSIZE").query(&mut restored).unwrap();
+    assert_eq!(keys, 11);
 }
 
 /// INFO replication's `master_link_status` of the server at `port`.
@@ -558,6 +626,24 @@ fn a_replica_is_backed_up_only_while_its_primary_is_in_touch() {
         .query(&mut restored)
         .unwrap();
     assert_eq!(restored_beat, beat);
+
+    // A primary_url that is not what the replica follows would take the heartbeat
+    // elsewhere: refused, naming both.
+    let stranger = Redis::start(&[]);
+    let elsewhere = config(&format!("primary_url = \"{}\"", stranger.url()));
+    let run = lifeboat(&elsewhere, &["backup", JOB]);
+    run.assert_code(1);
+    assert!(
+        run.stderr.contains("which is not the primary")
+            && run.stderr.contains("replication ids differ"),
+        "{}",
+        run.stderr
+    );
+    let beat: Option<String> = redis::cmd("GET")
+        .arg(format!("lifeboat:heartbeat:{JOB}"))
+        .query(&mut stranger.connection().unwrap())
+        .unwrap();
+    assert_eq!(beat, None);
 
     let without_primary = config("");
     let run = lifeboat(&without_primary, &["backup", JOB]);

@@ -180,6 +180,9 @@ async fn check_source(config: &Config, job: &JobConfig) -> Result<Vec<String>> {
                     replica.last_io_seconds.unwrap_or(0)
                 ));
             }
+            if let Some(rdb_path) = &redis.rdb_path {
+                lines.push(crate::sources::redis::check_rdb_path(&server, rdb_path).await?);
+            }
             Ok(lines)
         }
         JobSource::Files(files) => {

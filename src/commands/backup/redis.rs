@@ -23,11 +23,32 @@ pub(super) async fn capture(context: &Context<'_>, job: &RedisJob) -> Result<Cap
     }
     if job.heartbeat {
         match (&replica_of, &job.primary) {
-            (None, _) => {
+            (None, primary) => {
+                if primary.is_some() {
+                    notes.push(format!(
+                        "primary_url is not used: Redis at {} is a primary, and the heartbeat is written there",
+                        server.describe()
+                    ));
+                }
                 server.write_heartbeat(context.job_name).await?;
             }
-            (Some(_), Some((host, port))) => {
+            (Some(replica), Some((host, port))) => {
                 let primary = server.at(host, *port);
+                // The heartbeat must reach this replica: primary_url must be what it follows.
+                let (primary_of, replication_id) = primary.replication_id().await?;
+                if primary_of.is_some() || replication_id != replica.replication_id {
+                    return Err(Error::new(
+                        ErrorKind::Source,
+                        format!(
+                            "primary_url names Redis at {}, which is not the primary Redis at {} follows ({}): their replication ids differ{}",
+                            primary.describe(),
+                            server.describe(),
+                            replica.primary,
+                            if primary_of.is_some() { ", and it is a replica itself" } else { "" }
+                        ),
+                    )
+                    .with_hint("set primary_url to the replica's primary (INFO replication on the replica: master_host, master_port)"));
+                }
                 let written = primary.write_heartbeat(context.job_name).await?;
                 if !server.has_heartbeat(context.job_name, written).await? {
                     notes.push(format!(
@@ -85,6 +106,19 @@ pub(super) async fn capture(context: &Context<'_>, job: &RedisJob) -> Result<Cap
     let entry = match (synced, &job.rdb_path) {
         (Ok((entry, synced)), _) => {
             tracing::info!(form = ?synced.form, rdb_version = synced.rdb_version, bytes = synced.size, "RDB received");
+            // A save the server began before lifeboat asked (SYNC joins a save already
+            // running for another replica) holds nothing newer than its own start.
+            if let Some(saved) = synced
+                .saved_at
+                .filter(|saved| *saved < recovery_point.timestamp())
+                .and_then(|saved| chrono::DateTime::from_timestamp(saved - 1, 0))
+            {
+                recovery_point = recovery_point.min(saved);
+                notes.push(format!(
+                    "the server sent a save it began before lifeboat asked (in the second after {}): the recovery point is that save's start",
+                    saved.to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
+                ));
+            }
             entry
         }
         (Err(e), Some(rdb_path)) if refused.load(Ordering::SeqCst) => {

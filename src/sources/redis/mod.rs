@@ -60,6 +60,8 @@ pub struct ReplicaOf {
     pub last_io_seconds: Option<i64>,
     /// Seconds since the link went down, while it is down.
     pub down_seconds: Option<i64>,
+    /// `master_replid`: the replication id it shares with its primary.
+    pub replication_id: String,
 }
 
 impl ReplicaOf {
@@ -111,6 +113,7 @@ fn parse_replication(text: &str) -> Option<ReplicaOf> {
         down_seconds: field("master_link_down_since_seconds:")
             .and_then(|s| s.parse().ok())
             .filter(|s: &i64| *s >= 0),
+        replication_id: field("master_replid:").unwrap_or_default(),
     })
 }
 
@@ -283,13 +286,24 @@ impl RedisServer {
 
     /// Whether the server is a replica, and how its link to its primary is.
     pub async fn replica_of(&self) -> Result<Option<ReplicaOf>> {
+        Ok(self.replication_id().await?.0)
+    }
+
+    /// Whether the server is a replica, and its replication id (`master_replid`).
+    pub async fn replication_id(&self) -> Result<(Option<ReplicaOf>, String)> {
         let mut connection = self.connect().await?;
         let text: String = redis::cmd("INFO")
             .arg("replication")
             .query_async(&mut connection)
             .await
             .map_err(|e| error(self, "run INFO replication", e))?;
-        Ok(parse_replication(&text))
+        let id = text
+            .lines()
+            .find_map(|line| line.strip_prefix("master_replid:"))
+            .unwrap_or_default()
+            .trim()
+            .to_string();
+        Ok((parse_replication(&text), id))
     }
 
     /// Why the server's last save failed, when it did: the status INFO persistence keeps,
@@ -401,38 +415,14 @@ impl RedisServer {
         }
     }
 
-    /// The fallback where SYNC is refused: BGSAVE, wait until it has finished, then the
-    /// server's RDB file at `rdb_path`, opened for the caller to copy (and check). The file
-    /// must be the one the server saves to, where CONFIG says which, and written by this
-    /// BGSAVE: a stale file at a wrong path would otherwise pass for a fresh backup.
+    /// The fallback where SYNC is refused: BGSAVE (after a save already running ends), wait
+    /// until it has finished, then the server's RDB file at `rdb_path`, opened for the
+    /// caller to copy (and check). The open file must be the one the server saves to, where
+    /// CONFIG says which, and written by this BGSAVE (its time, and the save time the RDB
+    /// itself records): a stale file at a wrong path would otherwise pass for a fresh backup.
     pub async fn bgsave_rdb(&self, rdb_path: &Path) -> Result<std::fs::File> {
-        let source_error = |what: String| Error::new(ErrorKind::Source, what);
-        match self.rdb_file().await? {
-            Some(saved) => match same_file(&saved, rdb_path) {
-                Some(true) => {}
-                Some(false) => {
-                    return Err(source_error(format!(
-                        "rdb_path '{}' is not the file Redis at {} saves its RDB to: CONFIG GET dir and dbfilename say '{}'",
-                        rdb_path.display(),
-                        self.describe(),
-                        saved.display()
-                    ))
-                    .with_hint("set rdb_path to the file the server saves (or the server's dir and dbfilename to rdb_path's)"));
-                }
-                None => tracing::warn!(
-                    rdb_path = %rdb_path.display(),
-                    server_path = %saved.display(),
-                    "the server saves to a path this host does not have (a container?); the RDB file is judged by its modification time alone"
-                ),
-            },
-            None => tracing::warn!(
-                rdb_path = %rdb_path.display(),
-                "CONFIG GET is not allowed; the RDB file is judged by its modification time alone"
-            ),
-        }
-        // Whole seconds, as file times compare with it: the save forks after this moment,
-        // so the file it writes is modified at or after it.
-        let asked_at = Utc::now().timestamp();
+        use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+        let refused = |what: String| Error::new(ErrorKind::Source, what);
         let mut connection = self.connect().await?;
         let persistence = async |connection: &mut redis::aio::MultiplexedConnection| {
             let text: String = redis::cmd("INFO")
@@ -442,15 +432,34 @@ impl RedisServer {
                 .map_err(|e| error(self, "run INFO persistence", e))?;
             Ok::<_, Error>(parse_persistence(&text))
         };
-        let before = persistence(&mut connection).await?;
-        let _: redis::Value = redis::cmd("BGSAVE")
-            .query_async(&mut connection)
-            .await
-            .map_err(|e| error(self, "run BGSAVE", e))?;
+        let started = Instant::now();
+        let too_long = || {
+            (started.elapsed() > Duration::from_secs(6 * 3600))
+                .then(|| error(self, "wait for BGSAVE", "it did not finish in 6 hours"))
+        };
+        // A save already running (a schedule, a replica's sync) is waited for: it is not
+        // this one, and BGSAVE would be refused meanwhile.
+        let (before, asked_at) = loop {
+            let before = persistence(&mut connection).await?;
+            if before.in_progress {
+                if let Some(e) = too_long() {
+                    return Err(e);
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+            let asked_at = std::time::SystemTime::now();
+            let asked: redis::RedisResult<redis::Value> =
+                redis::cmd("BGSAVE").query_async(&mut connection).await;
+            match asked {
+                Ok(_) => break (before, asked_at),
+                Err(e) if e.to_string().contains("already in progress") => continue,
+                Err(e) => return Err(error(self, "run BGSAVE", e)),
+            }
+        };
         // LASTSAVE has whole seconds, so a save that ends within the second it started
         // changes nothing there; the count of saves (Redis 7), or the save seen in progress,
         // tells.
-        let started = Instant::now();
         let mut saw_progress = false;
         let last_save = loop {
             let now = persistence(&mut connection).await?;
@@ -469,12 +478,8 @@ impl RedisServer {
                 }
                 break now.last_save;
             }
-            if started.elapsed() > Duration::from_secs(6 * 3600) {
-                return Err(error(
-                    self,
-                    "wait for BGSAVE",
-                    "it did not finish in 6 hours",
-                ));
+            if let Some(e) = too_long() {
+                return Err(e);
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         };
@@ -489,42 +494,115 @@ impl RedisServer {
             )
             .with_source(e)
         };
-        let file = std::fs::File::open(rdb_path).map_err(unreadable)?;
-        let modified = file
-            .metadata()
-            .and_then(|m| m.modified())
+        // Without blocking: a FIFO at the path would wait for a writer forever.
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NONBLOCK)
+            .open(rdb_path)
             .map_err(unreadable)?;
-        let modified: DateTime<Utc> = modified.into();
-        if modified.timestamp() < asked_at {
-            let at = |seconds: i64| {
-                DateTime::<Utc>::from_timestamp(seconds, 0)
-                    .map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::Secs, true))
-                    .unwrap_or_else(|| seconds.to_string())
-            };
-            return Err(source_error(format!(
-                "the RDB file '{}' was last written at {}, before the BGSAVE lifeboat asked for at {} (the server finished it at {}, LASTSAVE): it is not the file Redis at {} saves, so backing it up would pass old data for new",
+        let opened = file.metadata().map_err(unreadable)?;
+        if !opened.is_file() {
+            return Err(refused(format!(
+                "rdb_path '{}' is not a regular file, so it is not the RDB Redis at {} saves",
                 rdb_path.display(),
-                modified.to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
-                at(asked_at),
-                at(last_save),
+                self.describe()
+            )));
+        }
+        // The file the server saved, asked now that it has: `dbfilename` may have changed.
+        let server_path = self.rdb_file().await?;
+        match &server_path {
+            Some(saved) => match std::fs::metadata(saved) {
+                Ok(server) if (server.dev(), server.ino()) == (opened.dev(), opened.ino()) => {}
+                Err(_) if !saved.parent().is_some_and(Path::exists) => tracing::warn!(
+                    rdb_path = %rdb_path.display(),
+                    server_path = %saved.display(),
+                    "the server saves in a directory this host does not have (a container?); the RDB file is judged by its times alone"
+                ),
+                _ => {
+                    return Err(refused(format!(
+                        "rdb_path '{}' is not the file Redis at {} saves its RDB to: CONFIG GET dir and dbfilename say '{}'",
+                        rdb_path.display(),
+                        self.describe(),
+                        saved.display()
+                    ))
+                    .with_hint("set rdb_path to the file the server saves (or the server's dir and dbfilename to rdb_path's)"));
+                }
+            },
+            None => tracing::warn!(
+                rdb_path = %rdb_path.display(),
+                "CONFIG GET is not allowed; the RDB file is judged by its times alone"
+            ),
+        }
+        let at = |time: DateTime<Utc>| time.to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
+        let lastsave = DateTime::<Utc>::from_timestamp(last_save, 0).unwrap_or_default();
+        let server_named = server_path
+            .map(|p| format!(" (CONFIG names '{}')", p.display()))
+            .unwrap_or_default();
+        let stale = |written: DateTime<Utc>, how: &str| {
+            refused(format!(
+                "the RDB file '{}' {how} {}, before the BGSAVE lifeboat asked for at {} (the server finished it at {}, LASTSAVE): it is not the file Redis at {} saves{server_named}, so backing it up would pass old data for new",
+                rdb_path.display(),
+                at(written),
+                at(asked_at.into()),
+                at(lastsave),
                 self.describe()
             ))
-            .with_hint("set rdb_path to the file named by the server's dir and dbfilename (CONFIG GET dir, CONFIG GET dbfilename)"));
+            .with_hint("set rdb_path to the file named by the server's dir and dbfilename (CONFIG GET dir, CONFIG GET dbfilename)")
+        };
+        // File times lag the clock by up to a tick of the kernel's coarse clock.
+        let modified = opened.modified().map_err(unreadable)?;
+        if modified + Duration::from_millis(20) < asked_at {
+            return Err(stale(modified.into(), "was last written at"));
+        }
+        let mut head = vec![0; rdb::HEAD_LEN];
+        let read = std::os::unix::fs::FileExt::read_at(&file, &mut head, 0).map_err(unreadable)?;
+        let asked_second = DateTime::<Utc>::from(asked_at).timestamp();
+        if let Some(saved) = rdb::saved_at(&head[..read]).filter(|saved| *saved < asked_second) {
+            return Err(stale(
+                DateTime::<Utc>::from_timestamp(saved, 0).unwrap_or_default(),
+                "says (its ctime field) it was saved at",
+            ));
         }
         Ok(file)
     }
 }
 
-/// Whether two paths name one file: by device and inode where both exist, by their names
-/// where neither does; None when only `ours` exists (the server's path is not on this host).
-fn same_file(server: &Path, ours: &Path) -> Option<bool> {
+/// What `check` says of a job's `rdb_path`: the file the server saves to, where CONFIG tells;
+/// an error where it is another file.
+pub async fn check_rdb_path(server: &RedisServer, rdb_path: &Path) -> Result<String> {
     use std::os::unix::fs::MetadataExt;
-    match (std::fs::metadata(server), std::fs::metadata(ours)) {
-        (Ok(a), Ok(b)) => Some((a.dev(), a.ino()) == (b.dev(), b.ino())),
-        (Err(_), Err(_)) => Some(server.components().eq(ours.components())),
-        (Ok(_), Err(_)) => Some(false),
-        (Err(_), Ok(_)) => None,
+    let Some(saved) = server.rdb_file().await? else {
+        return Ok(format!(
+            "rdb_path '{}': CONFIG GET is not allowed, so a backup judges the file by its times alone",
+            rdb_path.display()
+        ));
+    };
+    let same = match (std::fs::metadata(&saved), std::fs::metadata(rdb_path)) {
+        (Ok(a), Ok(b)) => (a.dev(), a.ino()) == (b.dev(), b.ino()),
+        (Err(_), _) if !saved.parent().is_some_and(Path::exists) => {
+            return Ok(format!(
+                "rdb_path '{}': the server saves to '{}', in a directory this host does not have (a container?), so a backup judges the file by its times alone",
+                rdb_path.display(),
+                saved.display()
+            ));
+        }
+        _ => saved.components().eq(rdb_path.components()),
+    };
+    if !same {
+        return Err(Error::new(
+            ErrorKind::Source,
+            format!(
+                "rdb_path '{}' is not the file Redis at {} saves its RDB to: CONFIG GET dir and dbfilename say '{}'",
+                rdb_path.display(),
+                server.describe(),
+                saved.display()
+            ),
+        ));
     }
+    Ok(format!(
+        "rdb_path '{}': the file the server saves to",
+        rdb_path.display()
+    ))
 }
 
 /// What INFO persistence says about RDB saves.

@@ -13,8 +13,78 @@ const EOF_OPCODE: u8 = 0xFF;
 const CHECKSUM_LEN: usize = 8;
 const HEADER_LEN: usize = 9;
 
+/// The opcode of an auxiliary field (`redis-ver`, `ctime`, …), which come first.
+const AUX_OPCODE: u8 = 0xFA;
+
+/// How much of an RDB's start is kept to read its auxiliary fields from: they are a few
+/// dozen bytes, before the first key.
+pub const HEAD_LEN: usize = 4096;
+
+/// When the server began writing this RDB: its `ctime` auxiliary field (seconds since the
+/// epoch, the server's clock), read from the RDB's first bytes `head`. None when the
+/// fields do not hold one (an RDB from before Redis 4).
+pub fn saved_at(head: &[u8]) -> Option<i64> {
+    let mut at = HEADER_LEN;
+    while *head.get(at)? == AUX_OPCODE {
+        at += 1;
+        let (key, next) = rdb_string(head, at)?;
+        let (value, next) = rdb_string(head, next)?;
+        at = next;
+        if key == RdbString::Bytes(b"ctime") {
+            return match value {
+                RdbString::Int(seconds) => Some(seconds),
+                RdbString::Bytes(text) => std::str::from_utf8(text).ok()?.parse().ok(),
+            };
+        }
+    }
+    None
+}
+
+#[derive(Debug, PartialEq, Eq)]
+enum RdbString<'a> {
+    Bytes(&'a [u8]),
+    Int(i64),
+}
+
+/// The RDB string at `at` in `bytes` (length-prefixed, or an integer encoding), and where
+/// the next item starts; None when it runs past `bytes` or is compressed.
+fn rdb_string(bytes: &[u8], at: usize) -> Option<(RdbString<'_>, usize)> {
+    let first = *bytes.get(at)?;
+    let (length, at) = match first >> 6 {
+        0b00 => ((first & 0x3f) as usize, at + 1),
+        0b01 => (
+            (((first & 0x3f) as usize) << 8) | *bytes.get(at + 1)? as usize,
+            at + 2,
+        ),
+        0b10 if first == 0x80 => (
+            u32::from_be_bytes(bytes.get(at + 1..at + 5)?.try_into().ok()?) as usize,
+            at + 5,
+        ),
+        0b10 => return None,
+        _ => {
+            let width = match first & 0x3f {
+                0 => 1,
+                1 => 2,
+                2 => 4,
+                _ => return None,
+            };
+            let raw = bytes.get(at + 1..at + 1 + width)?;
+            let mut le = [0u8; 8];
+            le[..width].copy_from_slice(raw);
+            // Sign-extend what the server wrote as int8, int16 or int32.
+            let shift = 64 - 8 * width as u32;
+            let value = (i64::from_le_bytes(le) << shift) >> shift;
+            return Some((RdbString::Int(value), at + 1 + width));
+        }
+    };
+    let text = bytes.get(at..at.checked_add(length)?)?;
+    Some((RdbString::Bytes(text), at + length))
+}
+
 pub struct RdbCheck {
     header: Vec<u8>,
+    /// The first [`HEAD_LEN`] bytes, for [`saved_at`].
+    head: Vec<u8>,
     digest: Digest<'static, u64, Table<16>>,
     /// The last bytes seen, not yet in the digest: they may be the checksum.
     held: Vec<u8>,
@@ -26,6 +96,7 @@ impl Default for RdbCheck {
     fn default() -> Self {
         RdbCheck {
             header: Vec::with_capacity(HEADER_LEN),
+            head: Vec::new(),
             digest: CRC64.digest(),
             held: Vec::with_capacity(2 * CHECKSUM_LEN),
             last_digested: None,
@@ -40,6 +111,10 @@ impl RdbCheck {
         if self.header.len() < HEADER_LEN {
             let n = (HEADER_LEN - self.header.len()).min(data.len());
             self.header.extend_from_slice(&data[..n]);
+        }
+        if self.head.len() < HEAD_LEN {
+            let n = (HEAD_LEN - self.head.len()).min(data.len());
+            self.head.extend_from_slice(&data[..n]);
         }
         if data.len() >= CHECKSUM_LEN {
             let held = std::mem::take(&mut self.held);
@@ -62,6 +137,11 @@ impl RdbCheck {
             self.digest.update(bytes);
             self.last_digested = Some(last);
         }
+    }
+
+    /// When the server began writing the RDB, as [`saved_at`] reads it.
+    pub fn saved_at(&self) -> Option<i64> {
+        saved_at(&self.head)
     }
 
     /// The RDB version, once the whole payload has been seen and holds together.
@@ -124,6 +204,27 @@ mod tests {
             check.update(piece);
         }
         check.finish()
+    }
+
+    #[test]
+    fn the_save_time_is_read_from_the_auxiliary_fields() {
+        let mut head = b"REDIS0010".to_vec();
+        head.extend_from_slice(&[0xFA, 9]);
+        head.extend_from_slice(b"redis-ver");
+        head.extend_from_slice(&[6]);
+        head.extend_from_slice(b"7.0.15");
+        head.extend_from_slice(&[0xFA, 5]);
+        head.extend_from_slice(b"ctime");
+        head.push(0xC2);
+        head.extend_from_slice(&1_764_160_000u32.to_le_bytes());
+        head.extend_from_slice(&[0xFE, 0x00]);
+        assert_eq!(saved_at(&head), Some(1_764_160_000));
+        assert_eq!(
+            saved_at(&head[..head.len() - 4]),
+            None,
+            "cut inside the field"
+        );
+        assert_eq!(saved_at(&rdb(true)), None, "no auxiliary fields");
     }
 
     #[test]

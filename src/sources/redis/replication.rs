@@ -32,6 +32,8 @@ pub struct Synced {
     pub size: u64,
     pub form: PayloadForm,
     pub rdb_version: u32,
+    /// When the server began writing the RDB (its `ctime` field), by the server's clock.
+    pub saved_at: Option<i64>,
 }
 
 /// Why a sync failed, in the terms the caller words its error with.
@@ -179,11 +181,13 @@ pub fn sync_rdb(
         copy_sized(&mut reader, length, &mut check, out)?;
         (length, PayloadForm::Sized)
     };
+    let saved_at = check.saved_at();
     let rdb_version = check.finish().map_err(SyncError::Invalid)?;
     Ok(Synced {
         size,
         form,
         rdb_version,
+        saved_at,
     })
 }
 
@@ -192,6 +196,17 @@ fn read_some(reader: &mut impl Read, buf: &mut [u8], received: u64) -> Result<us
         match reader.read(buf) {
             Ok(n) => return Ok(n),
             Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                ) =>
+            {
+                return Err(SyncError::Stream(format!(
+                    "no byte of the payload arrived for {} s after {received} bytes: the server stopped sending",
+                    SILENCE.as_secs()
+                )));
+            }
             Err(e) => {
                 return Err(SyncError::Stream(format!(
                     "the connection failed after {received} bytes of the payload: {e}"
