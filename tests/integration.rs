@@ -11,6 +11,7 @@ mod encryption;
 mod failed_backup;
 mod faults;
 mod files_round_trip;
+mod garage;
 mod hostile_restore;
 mod locks;
 mod logical_properties;

@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 pub mod faults;
+pub mod garage;
 pub mod postgres;
 pub mod procs;
 pub mod redis;
