@@ -457,6 +457,8 @@ async fn a_physical_restore_as_postgres_into_its_own_directory_and_onto_a_fresh_
                 header.set_entry_type(tar::EntryType::Symlink);
                 header.set_size(0);
                 header.set_mode(0o777);
+                header.set_uid(0);
+                header.set_gid(0);
                 header.set_mtime(1);
                 builder
                     .append_link(&mut header, &path, "/nonexistent")
