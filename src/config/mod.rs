@@ -86,6 +86,50 @@ pub enum Location {
     S3(Box<S3Settings>),
 }
 
+impl Location {
+    /// Whether two locations are one storage: the same bucket and prefix at the same
+    /// endpoint, or the same directory however it is spelled (and, where both exist, after
+    /// symlinks).
+    pub fn same_storage(&self, other: &Location) -> bool {
+        match (self, other) {
+            (Location::Local { path: a }, Location::Local { path: b }) => {
+                a.components().eq(b.components())
+                    || matches!(
+                        (std::fs::canonicalize(a), std::fs::canonicalize(b)),
+                        (Ok(a), Ok(b)) if a == b
+                    )
+            }
+            (Location::S3(a), Location::S3(b)) => {
+                let endpoint = |s: &S3Settings| {
+                    s.endpoint
+                        .as_deref()
+                        .map(|e| e.trim_end_matches('/').to_ascii_lowercase())
+                };
+                let prefix = |s: &S3Settings| {
+                    s.prefix
+                        .split('/')
+                        .filter(|part| !part.is_empty())
+                        .map(str::to_string)
+                        .collect::<Vec<_>>()
+                };
+                a.bucket == b.bucket
+                    && prefix(a) == prefix(b)
+                    && endpoint(a) == endpoint(b)
+                    && (a.endpoint.is_some() || a.region == b.region)
+            }
+            _ => false,
+        }
+    }
+
+    /// Where it is, for messages: a path, or `s3://bucket/prefix`.
+    pub fn describe(&self) -> String {
+        match self {
+            Location::Local { path } => format!("'{}'", path.display()),
+            Location::S3(s3) => format!("s3://{}/{}", s3.bucket, s3.prefix),
+        }
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum RequestChecksums {
     /// Only the checksums lifeboat computes itself (sha256 per part) are sent.
@@ -368,6 +412,20 @@ fn validate(raw: raw::RawConfig, path: &Path) -> Result<Config, Problem> {
         repositories.push(repository);
     }
 
+    // One storage under two names would count one copy as two, and every backup would
+    // report the second as missing.
+    for (index, repository) in repositories.iter().enumerate() {
+        for earlier in &repositories[..index] {
+            if earlier.location.same_storage(&repository.location) {
+                return Err(format!(
+                    "repository[{index}] ({}): stores where repository '{}' stores ({}); one storage listed twice would count one copy as two: keep one",
+                    repository.name,
+                    earlier.name,
+                    repository.location.describe()
+                ));
+            }
+        }
+    }
     let held: Vec<(String, u64, usize)> = repositories
         .iter()
         .filter_map(|r| match &r.location {
@@ -1205,10 +1263,40 @@ mod tests {
         "[[repository]]\nname = \"local\"\ntype = \"local\"\npath = \"/var/backups\"\n";
 
     #[test]
+    fn one_storage_listed_twice_is_refused_naming_both() {
+        for (first, second) in [
+            (
+                "type = \"local\"\npath = \"/var/backups\"",
+                "type = \"local\"\npath = \"/var//backups/\"",
+            ),
+            (
+                "type = \"s3\"\nbucket = \"b\"\nregion = \"r\"\nprefix = \"p\"",
+                "type = \"s3\"\nbucket = \"b\"\nregion = \"r\"\nprefix = \"p/\"",
+            ),
+        ] {
+            let err = parse(&format!(
+                "[[repository]]\nname = \"one\"\n{first}\n[[repository]]\nname = \"two\"\n{second}\n"
+            ))
+            .unwrap_err();
+            assert!(
+                err.message()
+                    .contains("repository[1] (two): stores where repository 'one' stores"),
+                "{}",
+                err.message()
+            );
+        }
+        parse(
+            "[[repository]]\nname = \"one\"\ntype = \"s3\"\nbucket = \"b\"\nregion = \"r\"\nprefix = \"p\"\n\
+             [[repository]]\nname = \"two\"\ntype = \"s3\"\nbucket = \"b\"\nregion = \"r\"\nprefix = \"q\"\n",
+        )
+        .unwrap();
+    }
+
+    #[test]
     fn upload_memory_over_the_bound_is_refused_naming_the_product() {
         let s3 = |name: &str, size: &str, count: usize| {
             format!(
-                "[[repository]]\nname = \"{name}\"\ntype = \"s3\"\nbucket = \"b\"\nregion = \"r\"\npart_size = \"{size}\"\nparts_in_flight = {count}\n"
+                "[[repository]]\nname = \"{name}\"\ntype = \"s3\"\nbucket = \"{name}\"\nregion = \"r\"\npart_size = \"{size}\"\nparts_in_flight = {count}\n"
             )
         };
         let err = parse(&s3("big", "5GiB", 64)).unwrap_err();
