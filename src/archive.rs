@@ -157,6 +157,10 @@ pub fn owner_id(id: u64, what: &str) -> io::Result<u32> {
 /// Checks what one entry's header says, before anything of it is written.
 pub fn check_entry<R: Read>(entry: &mut tar::Entry<'_, R>) -> io::Result<CheckedEntry> {
     let raw = entry.path()?.into_owned();
+    // A NUL ends a name for the kernel: what it would make is not what the archive names.
+    if entry.path_bytes().contains(&0) {
+        return Err(refused(&raw, "its name holds a NUL byte"));
+    }
     let names = plain_names(&raw)?;
     if let Some(long) = names.iter().find(|name| name.len() > NAME_MAX) {
         return Err(refused(
@@ -246,6 +250,9 @@ pub fn check_entry<R: Read>(entry: &mut tar::Entry<'_, R>) -> io::Result<Checked
                     .link_name()?
                     .ok_or_else(|| refused(&raw, "link without a target"))?
                     .into_owned();
+                if target.as_os_str().as_bytes().contains(&0) {
+                    return Err(refused(&raw, "its link target holds a NUL byte"));
+                }
                 if header_type == tar::EntryType::Symlink {
                     check_symlink(&names, &target)?;
                     if target.as_os_str().len() >= PATH_MAX {

@@ -27,6 +27,13 @@ macro_rules! print {
 macro_rules! println {
     ($($arg:tt)*) => { emit(format_args!("{}\n", format_args!($($arg)*))) };
 }
+// And stderr: a reader of the log that went away must not stop a backup halfway.
+macro_rules! eprintln {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stderr().lock(), $($arg)*);
+    }};
+}
 
 fn emit(text: std::fmt::Arguments<'_>) {
     use std::io::Write as _;
@@ -479,9 +486,12 @@ fn init_logging(cli: &Cli) {
     let filter = tracing_subscriber::EnvFilter::try_from_env("LIFEBOAT_LOG")
         .unwrap_or_else(|_| default.into());
     let on_terminal = std::io::stderr().is_terminal();
+    // A log write that fails (stderr a closed pipe) is dropped: the tracing crate's own
+    // report of it would panic writing to the same stderr.
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_ansi(on_terminal);
+        .with_ansi(on_terminal)
+        .log_internal_errors(false);
     let progress = (on_terminal && !cli.quiet).then(terminal::TerminalProgress::new);
     match (cli.log_format, progress) {
         (LogFormat::Text, Some(progress)) => {

@@ -511,8 +511,8 @@ fn check_capability(value: &[u8]) -> Result<(), String> {
     let revision = value
         .get(..4)
         .map(|magic| u32::from_le_bytes(magic.try_into().expect("four bytes")) & 0xff00_0000);
+    // Revision 1 (12 bytes) is read by no kernel that writes capabilities today.
     let size = match revision {
-        Some(0x0100_0000) => 12,
         Some(0x0200_0000) => 20,
         Some(0x0300_0000) => 24,
         _ => return Err(format!("{CAPABILITY} is of no revision Linux knows")),

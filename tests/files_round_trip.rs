@@ -659,12 +659,16 @@ fn old_times_exact_link_targets_and_lifeboats_own_files() {
     assert_eq!(unsafe { libc::mkfifo(c_fifo.as_ptr(), 0o600) }, 0);
     let repo = source.join("repo");
     let shown = |p: &Path| p.display().to_string();
+    // The same tree through a symlink: the repository inside it is still lifeboat's own.
+    let spelled = work.path().join("spelled");
+    std::os::unix::fs::symlink(&source, &spelled).unwrap();
     let config = write_config(
         work.path(),
         &format!(
-            "{}{}[[job]]\nname = \"fifo\"\nkind = \"files\"\npaths = [\"{}\"]\n\n[[job]]\nname = \"slash\"\nkind = \"files\"\npaths = [\"{}/\"]\n\n[[job]]\nname = \"root\"\nkind = \"files\"\npaths = [\"/\"]\nexclude = [\"/*\"]\n",
+            "{}{}[[job]]\nname = \"spelled\"\nkind = \"files\"\npaths = [\"{}/\"]\n\n[[job]]\nname = \"fifo\"\nkind = \"files\"\npaths = [\"{}\"]\n\n[[job]]\nname = \"slash\"\nkind = \"files\"\npaths = [\"{}/\"]\n\n[[job]]\nname = \"root\"\nkind = \"files\"\npaths = [\"/\"]\nexclude = [\"/*\"]\n",
             local_repository("local", &repo),
             files_job("config", &[&source]),
+            shown(&spelled),
             shown(&fifo),
             shown(&source.join("d/old")),
         ),
@@ -675,6 +679,15 @@ fn old_times_exact_link_targets_and_lifeboats_own_files() {
             && check.stdout.contains("ends with '/' but names a file"),
         "{}",
         check.stdout
+    );
+    let through = lifeboat(&config, &["backup", "spelled"]);
+    through.assert_code(0);
+    assert!(
+        through
+            .stdout
+            .contains("is repository 'local', which lifeboat writes itself"),
+        "{}",
+        through.stdout
     );
     lifeboat(&config, &["backup", "fifo"]).assert_code(1);
     lifeboat(&config, &["backup", "slash"]).assert_code(1);

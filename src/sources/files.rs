@@ -304,10 +304,16 @@ pub fn check_roots(job_name: &str, roots: &Roots) -> Result<()> {
     for root in &roots.roots {
         let metadata = std::fs::symlink_metadata(&root.path)
             .map_err(|e| source_error(job_name, "read path", &root.configured, e))?;
+        let canonical = |p: &Path| std::fs::canonicalize(p).unwrap_or_else(|_| p.to_path_buf());
+        // Where the path is, its own symlink resolved only when it is followed.
+        let resolved = match (root.follow, root.path.parent(), root.path.file_name()) {
+            (false, Some(parent), Some(name)) => canonical(parent).join(name),
+            _ => canonical(&root.path),
+        };
         if let Some((what, own)) = roots
             .lifeboats_own
             .iter()
-            .find(|(_, own)| root.path.starts_with(own))
+            .find(|(_, own)| root.path.starts_with(own) || resolved.starts_with(canonical(own)))
         {
             return Err(path_error(
                 job_name,
@@ -556,8 +562,28 @@ pub fn write_archive(
     // The archive name each multiply-linked file was first stored under: later names of the
     // same inode are stored as hard links to it, so the data is stored, and restored, once.
     let mut linked: std::collections::HashMap<(u64, u64), PathBuf> = Default::default();
+    // lifeboat's own directories by inode: however a path spells its way to one.
+    let own_inodes: std::collections::HashMap<(u64, u64), &str> = roots
+        .lifeboats_own
+        .iter()
+        .filter_map(|(what, path)| {
+            use std::os::unix::fs::MetadataExt;
+            let metadata = std::fs::metadata(path).ok()?;
+            Some(((metadata.dev(), metadata.ino()), what.as_str()))
+        })
+        .collect();
 
     for root in &roots.roots {
+        // What the path is, and what it leads to, before and after the walk: a path moved,
+        // replaced or re-pointed meanwhile (a deploy switching `current`) would give a tree
+        // made of two.
+        let identity = || {
+            use std::os::unix::fs::MetadataExt;
+            let link = std::fs::symlink_metadata(&root.path).ok()?;
+            let target = std::fs::metadata(&root.path).ok()?;
+            Some((link.dev(), link.ino(), target.dev(), target.ino()))
+        };
+        let before = identity();
         let mut walker = walkdir::WalkDir::new(&root.path)
             .follow_links(false)
             .follow_root_links(root.follow)
@@ -651,6 +677,17 @@ pub fn write_archive(
                     walker.skip_current_dir();
                     tracing::warn!(path = %archive::printable(path), "skipping a directory replaced while the backup ran");
                     continue;
+                }
+                {
+                    use std::os::unix::fs::MetadataExt;
+                    if let Some(what) = own_inodes.get(&(metadata.dev(), metadata.ino())) {
+                        walker.skip_current_dir();
+                        summary.notes.push(format!(
+                            "'{}' is {what}, which lifeboat writes itself: not stored",
+                            archive::printable(path)
+                        ));
+                        continue;
+                    }
                 }
                 admit(&name, &EntryKind::Directory, path)?;
                 let mut header = header_of(&metadata);
@@ -779,6 +816,16 @@ pub fn write_archive(
                 continue;
             }
             summary.entries += 1;
+        }
+        if identity().is_none() || identity() != before {
+            return Err(Error::new(
+                ErrorKind::Source,
+                format!(
+                    "path '{}' of job '{job_name}' was moved, removed or replaced while the backup ran, so what was read of it may mix two trees; nothing was committed",
+                    archive::printable(&root.configured)
+                ),
+            )
+            .with_hint("run the backup again once it holds still (a deploy switching a symlink, a rename)"));
         }
     }
     builder
@@ -1045,6 +1092,81 @@ mod tests {
         };
         let err = io::copy(&mut reader, &mut io::sink()).unwrap_err();
         assert_eq!(err.kind(), io::ErrorKind::UnexpectedEof);
+    }
+
+    /// A sink that, at its first write, runs `change` on the tree being archived: as a
+    /// deploy or a rename would, mid-run.
+    struct ChangeOnWrite<F: FnMut()> {
+        change: Option<F>,
+    }
+
+    impl<F: FnMut()> Write for ChangeOnWrite<F> {
+        fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+            if let Some(mut change) = self.change.take() {
+                change();
+            }
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn a_path_moved_or_repointed_mid_run_fails_the_archive() {
+        let work = tempfile::tempdir().unwrap();
+        let root = work.path().join("src");
+        std::fs::create_dir_all(root.join("sub")).unwrap();
+        std::fs::write(root.join("sub/x"), b"x").unwrap();
+        let release = work.path().join("r2");
+        std::fs::create_dir(&release).unwrap();
+        let current = work.path().join("current");
+        std::os::unix::fs::symlink(&root, &current).unwrap();
+        let job = |path: PathBuf| FilesJob {
+            paths: vec![path],
+            follow: false,
+            lifeboats_own: Vec::new(),
+            include: Vec::new(),
+            exclude: Vec::new(),
+        };
+        // A rename, and a symlink switched to another release.
+        let moved = root.clone();
+        let err = write_archive(
+            "j",
+            &job(root.clone()),
+            &mut ChangeOnWrite {
+                change: Some(|| {
+                    std::fs::rename(&moved, moved.with_extension("old")).unwrap();
+                    std::fs::create_dir(&moved).unwrap();
+                }),
+            },
+        )
+        .unwrap_err();
+        assert!(
+            err.message().contains("was moved, removed or replaced"),
+            "{}",
+            err.message()
+        );
+        let mut followed = current.clone().into_os_string();
+        followed.push("/");
+        let err = write_archive(
+            "j",
+            &job(PathBuf::from(followed)),
+            &mut ChangeOnWrite {
+                change: Some(|| {
+                    std::fs::remove_file(&current).unwrap();
+                    std::os::unix::fs::symlink(&release, &current).unwrap();
+                }),
+            },
+        )
+        .unwrap_err();
+        assert!(
+            err.message().contains("was moved, removed or replaced"),
+            "{}",
+            err.message()
+        );
+        // Left alone, the same paths archive.
+        write_archive("j", &job(current.clone()), &mut io::sink()).unwrap();
     }
 
     #[test]

@@ -40,11 +40,15 @@ pub(super) async fn capture(context: &Context<'_>, job: &RedisJob) -> Result<Cap
                     return Err(Error::new(
                         ErrorKind::Source,
                         format!(
-                            "primary_url names Redis at {}, which is not the primary Redis at {} follows ({}): their replication ids differ{}",
+                            "primary_url names Redis at {}, which is not the primary Redis at {} follows ({}): {}",
                             primary.describe(),
                             server.describe(),
                             replica.primary,
-                            if primary_of.is_some() { ", and it is a replica itself" } else { "" }
+                            if primary_of.is_some() {
+                                "it is a replica itself"
+                            } else {
+                                "their replication ids differ"
+                            }
                         ),
                     )
                     .with_hint("set primary_url to the replica's primary (INFO replication on the replica: master_host, master_port)"));

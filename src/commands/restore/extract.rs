@@ -158,7 +158,9 @@ fn set_attributes(
     for (attribute, why) in attributes.apply(fd, without_capabilities) {
         let unprivileged = ownership == Ownership::Unpacker;
         match why {
-            Errno::NOTSUP => summary.not_set(path, &attribute, why),
+            // No support, or no room: ext4 keeps a file's attributes in one block, so a value
+            // another filesystem (XFS) held may not fit. Named, as owners not given are.
+            Errno::NOTSUP | Errno::NOSPC | Errno::TOOBIG => summary.not_set(path, &attribute, why),
             Errno::PERM | Errno::ACCESS if unprivileged => summary.not_set(path, &attribute, why),
             why => {
                 return Err(io::Error::new(

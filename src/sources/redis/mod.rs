@@ -453,7 +453,17 @@ impl RedisServer {
                 redis::cmd("BGSAVE").query_async(&mut connection).await;
             match asked {
                 Ok(_) => break (before, asked_at),
-                Err(e) if e.to_string().contains("already in progress") => continue,
+                // Another save, or an AOF rewrite, holds the one child Redis forks.
+                Err(e)
+                    if e.to_string().contains("already in progress")
+                        || e.to_string().contains("Another child process is active") =>
+                {
+                    if let Some(e) = too_long() {
+                        return Err(e);
+                    }
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
                 Err(e) => return Err(error(self, "run BGSAVE", e)),
             }
         };
