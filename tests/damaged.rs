@@ -245,3 +245,47 @@ fn a_manifest_edited_by_hand_is_found_by_verify_and_refused_by_restore() {
         std::fs::remove_dir_all(&into).unwrap();
     }
 }
+
+/// `show` without `--from` reads every repository: a backup the first lacks, or holds with
+/// an unreadable manifest, is shown from the one that holds it whole, and `latest` is the
+/// newest any of them holds.
+#[test]
+fn show_reads_the_backup_from_whichever_repository_holds_it() {
+    let work = tempfile::tempdir().unwrap();
+    let source = work.path().join("src");
+    tree::write_file(&source.join("a.conf"), b"a\n", 0o644);
+    let (first, second) = (work.path().join("first"), work.path().join("second"));
+    let config = write_config(
+        work.path(),
+        &format!(
+            "{}{}{}",
+            local_repository("first", &first),
+            local_repository("second", &second),
+            files_job("config", &[&source])
+        ),
+    );
+    lifeboat(&config, &["backup", "config"]).assert_code(0);
+    let backups = first.join("jobs/config/backups");
+    let id = std::fs::read_dir(&backups)
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap()
+        .file_name()
+        .into_string()
+        .unwrap();
+    std::fs::write(backups.join(&id).join("manifest.json"), b"{ not json").unwrap();
+    let shown = lifeboat(&config, &["show", &id, "--format", "json"]);
+    shown.assert_code(0);
+    assert!(
+        shown.stdout.contains(&format!("\"id\": \"{id}\"")),
+        "{}",
+        shown.stdout
+    );
+    std::fs::remove_dir_all(backups.join(&id)).unwrap();
+    let latest = lifeboat(&config, &["show", "latest", "--job", "config"]);
+    latest.assert_code(0);
+    assert!(latest.stdout.contains(&id), "{}", latest.stdout);
+    let from_first = lifeboat(&config, &["show", &id, "--from", "first"]);
+    from_first.assert_code(1);
+}

@@ -24,7 +24,12 @@ pub struct ShowReport {
 }
 
 pub async fn run(config: &Config, options: &ShowOptions) -> Result<ShowReport> {
-    let repository = Repository::choose(config, options.from.as_deref()).await?;
+    // Without --from, every repository: a backup only the second one holds (the first was
+    // down when it was taken) is shown as well, and `latest` is the newest any holds.
+    let repositories = match &options.from {
+        Some(from) => vec![Repository::choose(config, Some(from)).await?],
+        None => Repository::open_all(config).await,
+    };
     let jobs: Vec<&str> = match &options.job {
         Some(job) => vec![config.job(job)?.name.as_str()],
         None => config.jobs.iter().map(|j| j.name.as_str()).collect(),
@@ -32,27 +37,60 @@ pub async fn run(config: &Config, options: &ShowOptions) -> Result<ShowReport> {
     if options.backup == "latest" && jobs.len() != 1 {
         return Err(Error::usage("`show latest` needs --job JOB"));
     }
-    let mut found = Vec::new();
+    let mut found: Vec<(&str, String)> = Vec::new();
+    let mut failures: Vec<Error> = Vec::new();
     for job in jobs {
-        match repository.resolve_backup(job, &options.backup).await {
-            Ok(id) => found.push((job, id)),
-            Err(e) if e.kind() == ErrorKind::NotFound => {}
-            Err(e) => return Err(e),
+        let mut ids = Vec::new();
+        for repository in &repositories {
+            match repository.resolve_backup(job, &options.backup).await {
+                Ok(id) => ids.push(id),
+                Err(e) if e.kind() == ErrorKind::NotFound => {}
+                Err(e) => failures.push(e),
+            }
+        }
+        // Ids are UTC seconds: the greatest is the newest.
+        if let Some(id) = ids.into_iter().max() {
+            found.push((job, id));
         }
     }
+    let place = match repositories.as_slice() {
+        [only] => format!("repository '{}'", only.name),
+        _ => "any repository".to_string(),
+    };
     match found.as_slice() {
-        [(job, id)] => Ok(ShowReport {
-            repository: repository.name.clone(),
-            manifest: repository.read_manifest(job, id).await?,
-        }),
-        [] => Err(Error::new(
-            ErrorKind::NotFound,
-            format!(
-                "unable to find backup '{}' in repository '{}'",
-                options.backup, repository.name
-            ),
-        )
-        .with_hint("run `lifeboat list` to see the backups each repository holds")),
+        [(job, id)] => {
+            let mut last = None;
+            for repository in &repositories {
+                match repository.read_manifest(job, id).await {
+                    Ok(manifest) => {
+                        return Ok(ShowReport {
+                            repository: repository.name.clone(),
+                            manifest,
+                        });
+                    }
+                    Err(e) => last = Some(e),
+                }
+            }
+            Err(last.expect("a repository listed the backup"))
+        }
+        [] => match failures.into_iter().next() {
+            // Not found where it could be looked for, and a repository could not be read.
+            Some(failed) if repositories.len() == 1 => Err(failed),
+            failed => {
+                let mut error = Error::new(
+                    ErrorKind::NotFound,
+                    format!("unable to find backup '{}' in {place}", options.backup),
+                )
+                .with_hint("run `lifeboat list` to see the backups each repository holds");
+                if let Some(failed) = failed {
+                    error = error.with_hint(format!(
+                        "a repository could not be read: {}",
+                        failed.chain().join(": ")
+                    ));
+                }
+                Err(error)
+            }
+        },
         several => Err(Error::usage(format!(
             "backup id '{}' exists for several jobs ({}); add --job JOB",
             options.backup,
