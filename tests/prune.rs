@@ -526,3 +526,38 @@ fn prune_refuses_a_plan_that_would_remove_every_backup() {
         ids.into_iter().collect()
     );
 }
+
+/// A backup whose manifest no repository can read is reported as damaged and kept, never
+/// removed as an old backup: what its objects hold may still be recovered.
+#[test]
+fn a_backup_with_an_unreadable_manifest_is_kept_as_damaged() {
+    let work = tempfile::tempdir().unwrap();
+    let tree = work.path().join("etc");
+    std::fs::create_dir_all(&tree).unwrap();
+    std::fs::write(tree.join("app.conf"), "x = 1\n").unwrap();
+    let local = work.path().join("local");
+    let config = write_config(
+        work.path(),
+        &format!(
+            "{}{}\nretention = {{ keep_last = 1 }}\n",
+            local_repository("local", &local),
+            files_job("conf", &[&tree]).trim_end()
+        ),
+    );
+    let old = take_backup(&config, "conf");
+    let new = take_backup(&config, "conf");
+    let manifest = local.join(format!("jobs/conf/backups/{old}/manifest.json"));
+    std::fs::write(&manifest, b"{ damaged").unwrap();
+    let run = lifeboat(&config, &["prune"]);
+    run.assert_code(0);
+    assert!(
+        run.stdout
+            .contains("damaged: no repository holds a readable manifest"),
+        "{}",
+        run.stdout
+    );
+    assert_eq!(
+        manifest_ids(local_listing(&local).keys(), "conf"),
+        [old, new].into_iter().collect()
+    );
+}

@@ -110,7 +110,18 @@ async fn prune_job(
     }
     let committed = survey.committed_ids();
     let verified = verified_ids(&survey, &job.name).await;
-    let decisions = decide(job, &committed, &verified, proofs, now);
+    let mut decisions = decide(job, &committed, &verified, proofs, now);
+    // A manifest no repository can read is damage to report, not an old backup to remove:
+    // what its objects hold may still be recovered.
+    for decision in decisions.iter_mut().filter(|d| !d.keep) {
+        if survey.manifest(&job.name, &decision.id).await.is_none() {
+            decision.keep = true;
+            decision.reasons = vec![format!(
+                "damaged: no repository holds a readable manifest of it; kept for `lifeboat verify {}`",
+                job.name
+            )];
+        }
+    }
     if !committed.is_empty() && decisions.iter().all(|d| !d.keep) {
         outcome.refused = Some(format!(
             "the plan would remove all {} backup(s); nothing was removed",
