@@ -817,7 +817,8 @@ pub fn write_archive(
             }
             summary.entries += 1;
         }
-        if identity().is_none() || identity() != before {
+        let after = identity();
+        if after.is_none() || after != before {
             return Err(Error::new(
                 ErrorKind::Source,
                 format!(

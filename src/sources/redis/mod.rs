@@ -421,7 +421,7 @@ impl RedisServer {
     /// CONFIG says which, and written by this BGSAVE (its time, and the save time the RDB
     /// itself records): a stale file at a wrong path would otherwise pass for a fresh backup.
     pub async fn bgsave_rdb(&self, rdb_path: &Path) -> Result<std::fs::File> {
-        use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+        use std::os::unix::fs::OpenOptionsExt;
         let refused = |what: String| Error::new(ErrorKind::Source, what);
         let mut connection = self.connect().await?;
         let persistence = async |connection: &mut redis::aio::MultiplexedConnection| {
@@ -521,22 +521,14 @@ impl RedisServer {
         // The file the server saved, asked now that it has: `dbfilename` may have changed.
         let server_path = self.rdb_file().await?;
         match &server_path {
-            Some(saved) => match std::fs::metadata(saved) {
-                Ok(server) if (server.dev(), server.ino()) == (opened.dev(), opened.ino()) => {}
-                Err(_) if !saved.parent().is_some_and(Path::exists) => tracing::warn!(
+            Some(saved) => match same_rdb_file(saved, rdb_path, Some(&opened)) {
+                Some(true) => {}
+                Some(false) => return Err(not_the_saved_file(self, rdb_path, saved)),
+                None => tracing::warn!(
                     rdb_path = %rdb_path.display(),
                     server_path = %saved.display(),
                     "the server saves in a directory this host does not have (a container?); the RDB file is judged by its times alone"
                 ),
-                _ => {
-                    return Err(refused(format!(
-                        "rdb_path '{}' is not the file Redis at {} saves its RDB to: CONFIG GET dir and dbfilename say '{}'",
-                        rdb_path.display(),
-                        self.describe(),
-                        saved.display()
-                    ))
-                    .with_hint("set rdb_path to the file the server saves (or the server's dir and dbfilename to rdb_path's)"));
-                }
             },
             None => tracing::warn!(
                 rdb_path = %rdb_path.display(),
@@ -577,37 +569,51 @@ impl RedisServer {
     }
 }
 
+/// Whether `rdb_path` (`ours`, its metadata where it exists) is the file `saved` the server
+/// saves to: by device and inode where both exist, by name where neither does yet; None
+/// where the server's directory is not on this host (Redis in a container).
+fn same_rdb_file(saved: &Path, rdb_path: &Path, ours: Option<&std::fs::Metadata>) -> Option<bool> {
+    use std::os::unix::fs::MetadataExt;
+    match (std::fs::metadata(saved), ours) {
+        (Ok(server), Some(ours)) => Some((server.dev(), server.ino()) == (ours.dev(), ours.ino())),
+        (Err(_), _) if !saved.parent().is_some_and(Path::exists) => None,
+        (Err(_), None) => Some(saved.components().eq(rdb_path.components())),
+        _ => Some(false),
+    }
+}
+
+fn not_the_saved_file(server: &RedisServer, rdb_path: &Path, saved: &Path) -> Error {
+    Error::new(
+        ErrorKind::Source,
+        format!(
+            "rdb_path '{}' is not the file Redis at {} saves its RDB to: CONFIG GET dir and dbfilename say '{}'",
+            rdb_path.display(),
+            server.describe(),
+            saved.display()
+        ),
+    )
+    .with_hint("set rdb_path to the file the server saves (or the server's dir and dbfilename to rdb_path's)")
+}
+
 /// What `check` says of a job's `rdb_path`: the file the server saves to, where CONFIG tells;
 /// an error where it is another file.
 pub async fn check_rdb_path(server: &RedisServer, rdb_path: &Path) -> Result<String> {
-    use std::os::unix::fs::MetadataExt;
     let Some(saved) = server.rdb_file().await? else {
         return Ok(format!(
             "rdb_path '{}': CONFIG GET is not allowed, so a backup judges the file by its times alone",
             rdb_path.display()
         ));
     };
-    let same = match (std::fs::metadata(&saved), std::fs::metadata(rdb_path)) {
-        (Ok(a), Ok(b)) => (a.dev(), a.ino()) == (b.dev(), b.ino()),
-        (Err(_), _) if !saved.parent().is_some_and(Path::exists) => {
+    match same_rdb_file(&saved, rdb_path, std::fs::metadata(rdb_path).ok().as_ref()) {
+        Some(true) => {}
+        Some(false) => return Err(not_the_saved_file(server, rdb_path, &saved)),
+        None => {
             return Ok(format!(
                 "rdb_path '{}': the server saves to '{}', in a directory this host does not have (a container?), so a backup judges the file by its times alone",
                 rdb_path.display(),
                 saved.display()
             ));
         }
-        _ => saved.components().eq(rdb_path.components()),
-    };
-    if !same {
-        return Err(Error::new(
-            ErrorKind::Source,
-            format!(
-                "rdb_path '{}' is not the file Redis at {} saves its RDB to: CONFIG GET dir and dbfilename say '{}'",
-                rdb_path.display(),
-                server.describe(),
-                saved.display()
-            ),
-        ));
     }
     Ok(format!(
         "rdb_path '{}': the file the server saves to",
