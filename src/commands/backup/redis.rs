@@ -114,7 +114,11 @@ pub(super) async fn capture(context: &Context<'_>, job: &RedisJob) -> Result<Cap
             // running for another replica) holds nothing newer than its own start.
             if let Some(saved) = synced
                 .saved_at
-                .filter(|saved| *saved < recovery_point.timestamp())
+                .filter(|saved| {
+                    let lag = chrono::Duration::from_std(crate::sources::redis::COARSE_CLOCK_LAG)
+                        .unwrap_or_default();
+                    *saved < (recovery_point - lag).timestamp()
+                })
                 .and_then(|saved| chrono::DateTime::from_timestamp(saved - 1, 0))
             {
                 recovery_point = recovery_point.min(saved);

@@ -27,6 +27,10 @@ use crate::error::{Error, ErrorKind, Result};
 
 const AUTH_HINT: &str = "check username and password_file (or REDISCLI_AUTH) for this job";
 
+/// How far the kernel's coarse clock (file times, the `time()` Redis records) may lag the
+/// clock lifeboat reads: a tick, and some room.
+pub const COARSE_CLOCK_LAG: Duration = Duration::from_millis(20);
+
 /// How long a replica is given to receive the heartbeat written to its primary.
 pub const HEARTBEAT_WAIT: Duration = Duration::from_secs(10);
 
@@ -551,14 +555,15 @@ impl RedisServer {
             ))
             .with_hint("set rdb_path to the file named by the server's dir and dbfilename (CONFIG GET dir, CONFIG GET dbfilename)")
         };
-        // File times lag the clock by up to a tick of the kernel's coarse clock.
+        // File times, and the `time()` Redis writes as `ctime`, come from the kernel's coarse
+        // clock, which lags the one lifeboat reads by up to a tick.
         let modified = opened.modified().map_err(unreadable)?;
-        if modified + Duration::from_millis(20) < asked_at {
+        if modified + COARSE_CLOCK_LAG < asked_at {
             return Err(stale(modified.into(), "was last written at"));
         }
         let mut head = vec![0; rdb::HEAD_LEN];
         let read = std::os::unix::fs::FileExt::read_at(&file, &mut head, 0).map_err(unreadable)?;
-        let asked_second = DateTime::<Utc>::from(asked_at).timestamp();
+        let asked_second = DateTime::<Utc>::from(asked_at - COARSE_CLOCK_LAG).timestamp();
         if let Some(saved) = rdb::saved_at(&head[..read]).filter(|saved| *saved < asked_second) {
             return Err(stale(
                 DateTime::<Utc>::from_timestamp(saved, 0).unwrap_or_default(),
