@@ -27,6 +27,8 @@ pub enum ErrorKind {
     Locked,
     /// An encrypted object cannot be decrypted: no identity, or none that matches.
     Key,
+    /// This host's clock and a repository's disagree by more than `max_clock_skew`.
+    Clock,
 }
 
 /// Stable process exit codes, documented in the README.

@@ -14,6 +14,9 @@
 use chrono::{DateTime, NaiveDateTime, Utc};
 
 pub const MARKER_KEY: &str = "lifeboat.json";
+/// The key whose request reads a repository's clock: S3 answers a HEAD of it (found or not)
+/// with its time; a local repository makes and removes a temp file beside it.
+pub const CLOCK_PROBE_KEY: &str = "clock-probe";
 pub const MANIFEST_NAME: &str = "manifest.json";
 const ID_FORMAT: &str = "%Y%m%dT%H%M%SZ";
 

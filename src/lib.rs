@@ -10,6 +10,7 @@
 //! - [`transfer`]: one object through the pipeline into every repository, or back out.
 //! - [`sources`]: what produces raw bytes (the `files` job's tar stream).
 //! - [`repository`]: a named store plus markers, manifests and backup ids.
+//! - [`clock`]: each repository's clock against this host's, and the time a run records.
 //! - [`pipeline`]: sha256 → zstd → sha256 in both directions, on blocking threads.
 //! - [`storage`]: the store trait and its backends; aws-sdk-s3 appears only in `storage::s3`.
 //! - [`manifest`], [`layout`]: the commit record and where things live.
@@ -26,6 +27,7 @@
 //! - [`progress`]: how long transfers report progress to whoever renders it.
 
 pub mod archive;
+pub mod clock;
 pub mod commands;
 pub mod config;
 pub mod continuity;

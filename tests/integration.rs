@@ -2,6 +2,7 @@
 
 mod common;
 
+mod clocks;
 mod config_errors;
 mod conformance;
 mod damaged;

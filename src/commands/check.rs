@@ -68,6 +68,12 @@ pub async fn run(config: &Config) -> CheckReport {
             }),
             Err(e) => Err(e),
         };
+        let probed = match probed {
+            Ok(notes) => clock_of(&repository, config.max_clock_skew)
+                .await
+                .map(|clock| notes.into_iter().chain(clock).collect()),
+            Err(e) => Err(e),
+        };
         let (problem, notes) = match probed {
             Ok(notes) => (None, notes),
             Err(e) => (Some(e), Vec::new()),
@@ -381,6 +387,28 @@ async fn probe(repository: &Repository) -> Result<Vec<String>, String> {
         Ok(_) => Err(format!("probe object '{key}' is still there after delete")),
         Err(e) => Err(fail("stat", e)),
     }
+}
+
+/// The repository's clock against this host's: a failure beyond `max_skew`, for backups
+/// would record wrong times and prune would keep the wrong ones.
+async fn clock_of(repository: &Repository, max_skew: Duration) -> Result<Option<String>, String> {
+    let readings = crate::clock::read(std::slice::from_ref(repository)).await;
+    if let Some((_, why)) = readings.unread.first() {
+        return Err(why.clone());
+    }
+    if let Some(beyond) = readings.beyond(max_skew).pop() {
+        return Err(format!(
+            "{beyond}, more than max_clock_skew ({}); fix this host's time sync (`timedatectl status`)",
+            humantime::format_duration(max_skew)
+        ));
+    }
+    Ok(readings.read.first().map(|(_, reading)| {
+        format!(
+            "clock: {:.1}s from this host's (max_clock_skew {})",
+            reading.skew().abs().as_seconds_f64(),
+            humantime::format_duration(max_skew)
+        )
+    }))
 }
 
 /// Whether backups in this repository are really immutable: a failure when `object_lock`

@@ -32,6 +32,11 @@ pub struct ListRow {
     pub incomplete_in: Vec<String>,
     /// Repositories holding none of it (unreachable ones are not counted here).
     pub missing_from: Vec<String>,
+    /// Repositories holding a manifest of it that no repository holds readable: damage for
+    /// `lifeboat verify` to name, not a backup to restore.
+    pub damaged_in: Vec<String>,
+    /// Dated ahead of the repositories' clock: made by a host whose clock ran fast.
+    pub in_the_future: bool,
 }
 
 #[derive(Debug, Serialize)]
@@ -54,6 +59,7 @@ pub async fn run(config: &Config, options: &ListOptions) -> Result<ListReport> {
         None => config.jobs.iter().map(|j| j.name.clone()).collect(),
     };
     let repositories = Repository::open_all(config).await;
+    let now = crate::clock::read(&repositories).await.clock().now();
     let mut rows = Vec::new();
     let mut unreachable = Vec::new();
     for job in &jobs {
@@ -77,26 +83,37 @@ pub async fn run(config: &Config, options: &ListOptions) -> Result<ListReport> {
         for (id, agreed) in ids.iter().zip(agreed) {
             let manifest = manifests.remove(id).flatten();
             let expected = manifest.as_ref().map(inventory::object_sizes).or(agreed);
+            let created_at = manifest
+                .as_ref()
+                .map(|m| m.started_at)
+                .or_else(|| layout::parse_backup_id(id))
+                .unwrap_or_default();
             let mut row = ListRow {
                 job: job.clone(),
                 id: id.clone(),
-                created_at: manifest
-                    .as_ref()
-                    .map(|m| m.started_at)
-                    .or_else(|| layout::parse_backup_id(id))
-                    .unwrap_or_default(),
+                created_at,
+                in_the_future: crate::clock::in_the_future(
+                    layout::parse_backup_id(id)
+                        .unwrap_or(created_at)
+                        .max(created_at),
+                    now,
+                ),
                 stored_size: expected.as_ref().map_or(0, |e| e.values().sum()),
                 objects: expected.as_ref().map_or(0, BTreeMap::len),
                 present_in: Vec::new(),
                 incomplete_in: Vec::new(),
                 missing_from: Vec::new(),
+                damaged_in: Vec::new(),
             };
             for (repository, holdings) in &survey.listed {
                 let holding = holdings.get(id).cloned().unwrap_or_default();
                 let presence = match &expected {
                     Some(expected) => holding.presence_of(expected),
                     // No readable manifest anywhere: nothing to hold it against.
-                    None if holding.manifest => Presence::Incomplete,
+                    None if holding.manifest => {
+                        row.damaged_in.push(repository.name.clone());
+                        continue;
+                    }
                     None => Presence::Missing,
                 };
                 let name = repository.name.clone();
@@ -111,7 +128,7 @@ pub async fn run(config: &Config, options: &ListOptions) -> Result<ListReport> {
     }
     unreachable.dedup();
     Ok(ListReport {
-        now: Utc::now(),
+        now,
         rows,
         unreachable,
     })
@@ -148,6 +165,15 @@ impl fmt::Display for ListReport {
                 if !row.missing_from.is_empty() {
                     presence.push_str(&format!(" (missing from {})", row.missing_from.join(",")));
                 }
+                if !row.damaged_in.is_empty() {
+                    presence.push_str(&format!(
+                        " (DAMAGED: unreadable manifest in {})",
+                        row.damaged_in.join(",")
+                    ));
+                }
+                if row.in_the_future {
+                    presence.push_str(" (dated in the future)");
+                }
                 writeln!(
                     f,
                     "{:<16} {:<18} {:>10} {:>10} {:>7}  {}",
@@ -159,6 +185,22 @@ impl fmt::Display for ListReport {
                     presence
                 )?;
             }
+        }
+        for row in self.rows.iter().filter(|row| !row.damaged_in.is_empty()) {
+            writeln!(
+                f,
+                "warning: backup {} of job '{}' has no readable manifest; run `lifeboat verify {}` to see what is damaged",
+                row.id, row.job, row.job
+            )?;
+        }
+        for row in self.rows.iter().filter(|row| row.in_the_future) {
+            writeln!(
+                f,
+                "warning: backup {} of job '{}' is dated after now ({}): the host that made it had a clock running fast, and it sorts as newer than backups made since",
+                row.id,
+                row.job,
+                self.now.format("%Y-%m-%d %H:%M:%S UTC")
+            )?;
         }
         for (name, reason) in &self.unreachable {
             writeln!(

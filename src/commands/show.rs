@@ -21,6 +21,8 @@ pub struct ShowOptions {
 pub struct ShowReport {
     pub repository: String,
     pub manifest: Manifest,
+    /// The backup is dated ahead of the repositories' clock.
+    pub in_the_future: bool,
 }
 
 pub async fn run(config: &Config, options: &ShowOptions) -> Result<ShowReport> {
@@ -63,8 +65,14 @@ pub async fn run(config: &Config, options: &ShowOptions) -> Result<ShowReport> {
             for repository in &repositories {
                 match repository.read_manifest(job, id).await {
                     Ok(manifest) => {
+                        let now = crate::clock::read(std::slice::from_ref(repository))
+                            .await
+                            .clock()
+                            .now();
+                        let dated = manifest.finished_at.max(manifest.recovery_point);
                         return Ok(ShowReport {
                             repository: repository.name.clone(),
+                            in_the_future: crate::clock::in_the_future(dated, now),
                             manifest,
                         });
                     }
@@ -113,6 +121,13 @@ impl fmt::Display for ShowReport {
         writeln!(f, "finished        {}", m.finished_at.to_rfc3339())?;
         writeln!(f, "recovery point  {}", m.recovery_point.to_rfc3339())?;
         writeln!(f, "host            {}", m.host)?;
+        if self.in_the_future {
+            writeln!(
+                f,
+                "warning         dated in the future: host '{}' had a clock running fast, so this backup sorts as newer than backups made since",
+                m.host
+            )?;
+        }
         writeln!(f, "lifeboat        {}", m.tool_version)?;
         if let Some(version) = &m.source.server_version {
             let server = if m.kind.starts_with("redis") {

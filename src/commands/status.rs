@@ -111,6 +111,9 @@ impl JobStatus {
 pub struct StatusReport {
     pub now: DateTime<Utc>,
     pub state: State,
+    /// This host's clock against each repository's, where they disagree beyond
+    /// `max_clock_skew`: every time this host records or compares is wrong by as much.
+    pub clock_problems: Vec<String>,
     pub jobs: Vec<JobStatus>,
 }
 
@@ -120,7 +123,9 @@ pub async fn run(config: &Config, options: &StatusOptions) -> Result<StatusRepor
         None => config.jobs.iter().collect(),
     };
     let repositories = Repository::open_all(config).await;
-    let now = Utc::now();
+    let clocks = crate::clock::read(&repositories).await;
+    let clock_problems = clocks.beyond(config.max_clock_skew);
+    let now = clocks.clock().now();
     // A drill report that cannot be read leaves the drill columns empty, not the status.
     let drills = history(config, None)
         .await
@@ -128,7 +133,11 @@ pub async fn run(config: &Config, options: &StatusOptions) -> Result<StatusRepor
         .unwrap_or_default();
     let mut report = StatusReport {
         now,
-        state: State::Ok,
+        state: match clock_problems.is_empty() {
+            true => State::Ok,
+            false => State::Critical,
+        },
+        clock_problems,
         jobs: Vec::new(),
     };
     for job in jobs {
@@ -207,6 +216,21 @@ async fn job_status(
                 "newest backup {newest} is missing from {} (run `lifeboat replicate {}`)",
                 status.missing_from.join(", "),
                 job.name
+            ),
+        );
+    }
+    let dated = layout::parse_backup_id(&newest)
+        .unwrap_or(manifest.finished_at)
+        .max(manifest.finished_at)
+        .max(manifest.recovery_point);
+    if crate::clock::in_the_future(dated, now) {
+        status.flag(
+            State::Critical,
+            format!(
+                "newest backup {newest} is dated in the future ({}, now {}): host '{}' made it with a clock running fast, and it sorts as newer than any backup made before then",
+                dated.format("%Y-%m-%d %H:%M:%S UTC"),
+                now.format("%Y-%m-%d %H:%M:%S UTC"),
+                manifest.host
             ),
         );
     }
@@ -382,6 +406,9 @@ async fn newest_wal(survey: &inventory::Survey<'_>, job: &str) -> Option<DateTim
 impl fmt::Display for StatusReport {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let age = |at: DateTime<Utc>| human_duration((self.now - at).to_std().unwrap_or_default());
+        for problem in &self.clock_problems {
+            writeln!(f, "{:<8} clock: {problem}", State::Critical.label())?;
+        }
         for job in &self.jobs {
             write!(f, "{:<8} {}", job.state.label(), job.job)?;
             match (&job.newest_backup, job.exposure_seconds) {

@@ -21,6 +21,8 @@ const DEFAULT_PARTS_IN_FLIGHT: usize = 4;
 /// summed over the S3 repositories it writes to at the same time.
 const MAX_UPLOAD_MEMORY: u64 = 8 * 1024 * 1024 * 1024;
 const DEFAULT_MAX_ATTEMPTS: u32 = 5;
+/// How far a host's clock may be from its repositories' unless the config says otherwise.
+pub const DEFAULT_MAX_CLOCK_SKEW: Duration = Duration::from_secs(120);
 
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -32,6 +34,9 @@ pub struct Config {
     pub repositories: Vec<RepositoryConfig>,
     /// How many repositories must hold a backup for it to count at all.
     pub min_repositories: usize,
+    /// How far this host's clock may be from a repository's before runs that record times
+    /// refuse.
+    pub max_clock_skew: Duration,
     /// Where the per-job run locks live: a local directory, never a network file system.
     pub lock_dir: PathBuf,
     /// A Redis server holding the job locks too, for jobs that several hosts may run.
@@ -460,6 +465,10 @@ fn validate(raw: raw::RawConfig, path: &Path) -> Result<Config, Problem> {
         }
     };
 
+    let max_clock_skew = match &raw.max_clock_skew {
+        Some(text) => parse_duration("max_clock_skew", text)?,
+        None => DEFAULT_MAX_CLOCK_SKEW,
+    };
     let lock_dir = match raw.lock_dir {
         Some(dir) if dir.is_absolute() => dir,
         Some(dir) => {
@@ -558,6 +567,7 @@ fn validate(raw: raw::RawConfig, path: &Path) -> Result<Config, Problem> {
         encryption,
         repositories,
         min_repositories,
+        max_clock_skew,
         lock_dir,
         shared_lock,
         metrics_dir: raw.metrics_dir,

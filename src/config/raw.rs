@@ -11,6 +11,8 @@ pub struct RawConfig {
     pub targets: Option<RawTargets>,
     pub min_repositories: Option<i64>,
     pub lock_dir: Option<PathBuf>,
+    /// How far this host's clock may be from a repository's: "2min".
+    pub max_clock_skew: Option<String>,
     /// `redis://host:port`: a lock shared by every host that runs the same jobs.
     pub lock: Option<String>,
     pub lock_username: Option<String>,

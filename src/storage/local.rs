@@ -14,8 +14,8 @@ use tokio::io::{AsyncReadExt, AsyncSeekExt, AsyncWriteExt};
 use tokio_util::io::ReaderStream;
 
 use super::{
-    ByteStream, IncompleteUpload, ObjectMeta, PartStream, PutReceipt, Store, StoreError,
-    validate_key,
+    ByteStream, ClockReading, IncompleteUpload, ObjectMeta, PartStream, PutReceipt, Store,
+    StoreError, validate_key,
 };
 
 /// Temp files carry this marker in their name; `list` hides them and `list_incomplete`
@@ -342,6 +342,39 @@ impl Store for LocalStore {
             dir = current.parent().map(Path::to_path_buf);
         }
         Ok(())
+    }
+
+    /// The time the file system gives a file it makes now: the host's own clock, unless the
+    /// repository is a network mount whose server keeps the time.
+    async fn clock(&self, probe_key: &str) -> Result<Option<ClockReading>, StoreError> {
+        let dest = self.path_of(probe_key)?;
+        let dir = dest
+            .parent()
+            .expect("keys always have a parent directory")
+            .to_path_buf();
+        let prefix = format!(
+            ".{}{TEMP_MARKER}",
+            dest.file_name().and_then(|n| n.to_str()).unwrap_or("clock")
+        );
+        let owned_key = probe_key.to_string();
+        tokio::task::spawn_blocking(move || {
+            let before = Utc::now();
+            let probe = tempfile::Builder::new()
+                .prefix(&prefix)
+                .tempfile_in(&dir)
+                .map_err(|e| StoreError::io("create clock probe", &owned_key, e))?;
+            let made = probe
+                .as_file()
+                .metadata()
+                .map_err(|e| StoreError::io("stat clock probe", &owned_key, e))?;
+            let after = Utc::now();
+            Ok(modified(&made).map(|remote| ClockReading {
+                local: before + (after - before) / 2,
+                remote,
+            }))
+        })
+        .await
+        .map_err(|e| StoreError::backend("read the clock of", probe_key, e.to_string()))?
     }
 
     async fn list_incomplete(&self, prefix: &str) -> Result<Vec<IncompleteUpload>, StoreError> {

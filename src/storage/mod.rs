@@ -91,6 +91,21 @@ pub struct PutReceipt {
     pub largest_part: u64,
 }
 
+/// A store's own time, read as nearly as the store lets it be: `remote` is what its clock
+/// said at the moment this host's clock said `local`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ClockReading {
+    pub local: DateTime<Utc>,
+    pub remote: DateTime<Utc>,
+}
+
+impl ClockReading {
+    /// How far the store's clock is ahead of this host's (negative: behind).
+    pub fn skew(&self) -> chrono::Duration {
+        self.remote - self.local
+    }
+}
+
 /// An upload that was started and neither completed nor aborted: an S3 multipart upload,
 /// or a local temp file left by a killed process.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -172,6 +187,13 @@ pub trait Store: Send + Sync + fmt::Debug {
     /// Writes, checks and removes a short-lived locked probe under `probe_key`.
     async fn probe_lock(&self, _probe_key: &str) -> Result<LockSupport, StoreError> {
         Ok(LockSupport::Unsupported)
+    }
+
+    /// The store's own clock: an S3 server's `Date` header on a request for `probe_key`
+    /// (which need not exist), a file system's time on a file it makes and removes at once.
+    /// `None` when the store has no clock of its own to read.
+    async fn clock(&self, _probe_key: &str) -> Result<Option<ClockReading>, StoreError> {
+        Ok(None)
     }
 
     /// Uploads under `prefix` that were started and never completed or aborted.

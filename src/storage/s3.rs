@@ -14,8 +14,10 @@ use std::time::Duration;
 use async_trait::async_trait;
 use aws_sdk_s3::Client;
 use aws_sdk_s3::config::http::HttpResponse;
+use aws_sdk_s3::config::interceptors::BeforeDeserializationInterceptorContextRef;
 use aws_sdk_s3::config::retry::RetryConfig;
 use aws_sdk_s3::config::timeout::TimeoutConfig;
+use aws_sdk_s3::config::{ConfigBag, Intercept, RuntimeComponents};
 use aws_sdk_s3::config::{
     Credentials, Region, RequestChecksumCalculation, ResponseChecksumValidation,
 };
@@ -33,8 +35,8 @@ use futures::stream::FuturesUnordered;
 use sha2::{Digest, Sha256};
 
 use super::{
-    ByteStream, Deletion, IncompleteUpload, LockSupport, ObjectMeta, PartStream, PutReceipt, Store,
-    StoreError, validate_key,
+    ByteStream, ClockReading, Deletion, IncompleteUpload, LockSupport, ObjectMeta, PartStream,
+    PutReceipt, Store, StoreError, validate_key,
 };
 use crate::config::{
     ObjectLock, ObjectLockMode, RequestChecksums, S3Settings, ServerSideEncryption,
@@ -366,6 +368,28 @@ fn status<E>(err: &SdkError<E, HttpResponse>) -> Option<u16> {
     err.raw_response().map(|r| r.status().as_u16())
 }
 
+/// Keeps the `Date` header of the response it sees.
+#[derive(Debug, Clone, Default)]
+struct DateHeader(std::sync::Arc<std::sync::Mutex<Option<String>>>);
+
+impl Intercept for DateHeader {
+    fn name(&self) -> &'static str {
+        "lifeboat-date-header"
+    }
+
+    fn read_before_deserialization(
+        &self,
+        context: &BeforeDeserializationInterceptorContextRef<'_>,
+        _components: &RuntimeComponents,
+        _cfg: &mut ConfigBag,
+    ) -> Result<(), aws_sdk_s3::error::BoxError> {
+        if let Some(date) = context.response().headers().get("date") {
+            *self.0.lock().expect("date header lock") = Some(date.to_string());
+        }
+        Ok(())
+    }
+}
+
 fn sdk_error<E>(operation: &'static str, key: &str, err: SdkError<E, HttpResponse>) -> StoreError
 where
     E: std::error::Error + ProvideErrorMetadata + Send + Sync + 'static,
@@ -673,6 +697,43 @@ impl Store for S3Store {
             size: output.content_length.unwrap_or_default().max(0) as u64,
             last_modified: to_utc(output.last_modified.as_ref()),
         })
+    }
+
+    /// The server's `Date` header on a HEAD of `probe_key`, found or not. It has whole
+    /// seconds, so the server's time is taken as the middle of the second it names.
+    async fn clock(&self, probe_key: &str) -> Result<Option<ClockReading>, StoreError> {
+        let full = self.full_key(probe_key)?;
+        let seen = DateHeader::default();
+        let before = Utc::now();
+        let answer = self
+            .client
+            .head_object()
+            .bucket(&self.bucket)
+            .key(&full)
+            .customize()
+            .interceptor(seen.clone())
+            .send()
+            .await;
+        let after = Utc::now();
+        // Any answer has the server's time, a refusal too: a host whose clock is far off has
+        // its first request refused as signed at the wrong time (RequestTimeTooSkewed).
+        let date = seen.0.lock().expect("date header lock").take();
+        let reading = date
+            .and_then(|date| DateTime::parse_from_rfc2822(&date).ok())
+            .map(|date| ClockReading {
+                local: before + (after - before) / 2,
+                remote: date.to_utc() + chrono::Duration::milliseconds(500),
+            });
+        match answer {
+            Err(e) if reading.is_none() => {
+                let e = sdk_error("read the clock with", probe_key, e);
+                match e.is_not_found() {
+                    true => Ok(None),
+                    false => Err(e),
+                }
+            }
+            _ => Ok(reading),
+        }
     }
 
     async fn list(&self, prefix: &str) -> Result<Vec<ObjectMeta>, StoreError> {

@@ -326,14 +326,20 @@ async fn backup_job(
     repositories: &[Repository],
     job: &JobConfig,
 ) -> Result<BackupReport> {
-    let clock = Instant::now();
+    let timer = Instant::now();
     let destinations = Destinations::new(repositories, config.min_repositories);
     for repository in repositories {
         if let Err(cause) = repository.ensure_marker().await {
             destinations.lose(&job.name, &repository.name, cause)?;
         }
     }
-    let started_at = Utc::now();
+    // Ids and times come from the repositories' clock, so that "latest" and retention see
+    // backups in the order they were made whichever host made them.
+    let clock = crate::clock::read(&destinations.live()).await.trusted(
+        config.max_clock_skew,
+        &format!("back up job '{}'", job.name),
+    )?;
+    let started_at = clock.now();
     let id = unused_backup_id(&destinations, &job.name, started_at).await?;
     tracing::Span::current().record("backup", tracing::field::display(&id));
     let options = EncodeOptions {
@@ -357,7 +363,7 @@ async fn backup_job(
         },
         JobSource::Redis(redis_job) => redis::capture(&context, redis_job).await?,
     };
-    let finished_at = Utc::now();
+    let finished_at = clock.now();
     let manifest = Manifest {
         format: FORMAT,
         id: id.clone(),
@@ -365,7 +371,9 @@ async fn backup_job(
         kind: job.kind_name().to_string(),
         started_at,
         finished_at,
-        recovery_point: captured.recovery_point.unwrap_or(started_at),
+        recovery_point: captured
+            .recovery_point
+            .map_or(started_at, |at| clock.correct(at)),
         tool_version: env!("CARGO_PKG_VERSION").to_string(),
         host: host_name(),
         source: captured.source,
@@ -398,7 +406,7 @@ async fn backup_job(
         objects: manifest.objects.len(),
         raw_size: manifest.raw_size(),
         stored_size: manifest.stored_size(),
-        duration: clock.elapsed(),
+        duration: timer.elapsed(),
         repositories: committed.iter().map(|r| r.name.clone()).collect(),
         missing: destinations.missing(),
         not_stored: manifest.source.not_stored,

@@ -62,7 +62,12 @@ pub async fn run(config: &Config, options: &PruneOptions) -> Result<PruneReport>
         held_locks.push(crate::lock::acquire(config, &job.name, "prune").await?);
     }
     let repositories = Repository::open_all(config).await;
-    let now = Utc::now();
+    // Retention counts back from now: with this host's clock wrong, it would keep the wrong
+    // backups.
+    let now = crate::clock::read(&repositories)
+        .await
+        .trusted(config.max_clock_skew, "prune")?
+        .now();
     let proofs = drill_proofs(config, now).await?;
     let mut report = PruneReport {
         dry_run: options.dry_run,
