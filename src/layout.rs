@@ -68,6 +68,16 @@ pub fn verified_key(job: &str, id: &str) -> String {
     format!("jobs/{job}/verified/{id}.json")
 }
 
+/// Where prune records a backup it removed, so that `replicate` never brings it back from
+/// a repository that was out of reach when it went.
+pub fn removed_prefix(job: &str) -> String {
+    format!("jobs/{job}/removed/")
+}
+
+pub fn removed_key(job: &str, id: &str) -> String {
+    format!("jobs/{job}/removed/{id}.json")
+}
+
 pub fn cluster_record_key(job: &str) -> String {
     format!("jobs/{job}/cluster.json")
 }

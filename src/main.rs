@@ -177,6 +177,10 @@ enum Command {
         /// Also read every object each repository holds and replace damaged ones.
         #[arg(long)]
         verify: bool,
+        /// Also fill a repository that lacks its marker while others hold theirs (wiped, or
+        /// new): copy every backup into it, then write its marker.
+        #[arg(long)]
+        reseed: bool,
         #[arg(long, value_enum, default_value_t = OutputFormat::Text)]
         format: OutputFormat,
     },
@@ -712,6 +716,7 @@ async fn run(cli: Cli) -> Result<i32> {
             job,
             dry_run,
             verify,
+            reseed,
             format,
         } => {
             let started_at = chrono::Utc::now();
@@ -722,6 +727,7 @@ async fn run(cli: Cli) -> Result<i32> {
                     job,
                     dry_run,
                     verify,
+                    reseed,
                 },
             )
             .await?;

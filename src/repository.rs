@@ -1,6 +1,7 @@
 //! A repository: a named store plus what lifeboat keeps in it (marker, manifests, objects).
 //! Turns store errors into lifeboat errors that name the repository and the object.
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use bytes::Bytes;
@@ -24,6 +25,63 @@ const CLUSTER_RECORD_LIMIT: u64 = 64 * 1024;
 pub struct Repository {
     pub name: String,
     pub store: Arc<dyn Store>,
+}
+
+/// The error for a repository that lacks its marker while others of the config hold theirs:
+/// it was wiped (a bucket deleted and made again, a volume replaced), or it is new, or the
+/// config points it at the wrong place. Writing into it would hide that.
+pub fn unmarked(repository: &Repository, marked: &[&str]) -> Error {
+    Error::new(
+        ErrorKind::Storage,
+        format!(
+            "repository '{}' ({}) holds no marker '{}' while {} do(es): it was wiped, is new, or is not where the config points",
+            repository.name,
+            repository.store.location(),
+            layout::MARKER_KEY,
+            marked
+                .iter()
+                .map(|name| format!("'{name}'"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        ),
+    )
+    .with_hint(format!(
+        "if it is the right place, `lifeboat replicate --reseed` copies every backup into '{}' and writes its marker",
+        repository.name
+    ))
+}
+
+/// Makes each repository ready to be written: where none of them holds a marker (the first
+/// run of a config) each gets one; where some do, one without is refused (see [`unmarked`])
+/// instead of being quietly marked again. One result per repository, in order.
+pub async fn prepare_markers(repositories: &[Repository]) -> Vec<Result<()>> {
+    let states = futures::future::join_all(repositories.iter().map(|r| r.has_marker())).await;
+    let marked: Vec<&str> = repositories
+        .iter()
+        .zip(&states)
+        .filter(|(_, state)| matches!(state, Ok(true)))
+        .map(|(r, _)| r.name.as_str())
+        .collect();
+    let mut prepared = Vec::with_capacity(repositories.len());
+    for (repository, state) in repositories.iter().zip(states) {
+        prepared.push(match state {
+            Ok(true) => Ok(()),
+            Ok(false) if marked.is_empty() => repository.write_marker().await,
+            Ok(false) => Err(unmarked(repository, &marked)),
+            Err(e) => Err(e),
+        });
+    }
+    prepared
+}
+
+/// What prune left behind when it removed a backup: the record `replicate` honours.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Tombstone {
+    pub id: String,
+    pub removed_at: DateTime<Utc>,
+    pub host: String,
+    /// The repositories it was removed from in that run.
+    pub removed_from: Vec<String>,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -127,15 +185,18 @@ impl Repository {
         }
     }
 
-    /// Writes the repository marker if the repository is new; refuses a repository written
-    /// by a newer, incompatible lifeboat. One read when the marker is there (every run of
-    /// `backup`, and `wal-push` once per new segment, call it).
-    pub async fn ensure_marker(&self) -> Result<()> {
+    /// Whether the repository holds its marker (checked: lifeboat's, of a format this
+    /// lifeboat reads).
+    pub async fn has_marker(&self) -> Result<bool> {
         match storage::get_bytes(self.store.as_ref(), layout::MARKER_KEY).await {
-            Ok(bytes) => return self.check_marker(&bytes),
-            Err(e) if e.is_not_found() => {}
-            Err(e) => return Err(self.error(&format!("read marker '{}'", layout::MARKER_KEY), e)),
+            Ok(bytes) => self.check_marker(&bytes).map(|()| true),
+            Err(e) if e.is_not_found() => Ok(false),
+            Err(e) => Err(self.error(&format!("read marker '{}'", layout::MARKER_KEY), e)),
         }
+    }
+
+    /// Writes a new marker where there is none (another run may have made it meanwhile).
+    pub async fn write_marker(&self) -> Result<()> {
         let marker = Marker {
             format: MARKER_FORMAT,
             created_at: Utc::now(),
@@ -144,13 +205,15 @@ impl Repository {
         let body = Bytes::from(serde_json::to_vec_pretty(&marker).expect("marker serializes"));
         match self.store.create_if_absent(layout::MARKER_KEY, body).await {
             Ok(()) => Ok(()),
-            // Another run made it meanwhile.
-            Err(StoreError::AlreadyExists { .. }) => {
-                let bytes = storage::get_bytes(self.store.as_ref(), layout::MARKER_KEY)
-                    .await
-                    .map_err(|e| self.error(&format!("read marker '{}'", layout::MARKER_KEY), e))?;
-                self.check_marker(&bytes)
-            }
+            Err(StoreError::AlreadyExists { .. }) => match self.has_marker().await? {
+                true => Ok(()),
+                false => Err(self.error(
+                    &format!("write marker '{}'", layout::MARKER_KEY),
+                    StoreError::NotFound {
+                        key: layout::MARKER_KEY.to_string(),
+                    },
+                )),
+            },
             Err(e) => Err(self.error(&format!("write marker '{}'", layout::MARKER_KEY), e)),
         }
     }
@@ -226,7 +289,6 @@ impl Repository {
         if let Some(held) = self.cluster_record(job).await? {
             return Ok(held);
         }
-        self.ensure_marker().await?;
         let key = layout::cluster_record_key(job);
         let body = Bytes::from(serde_json::to_vec_pretty(record).expect("record serializes"));
         match self.store.create_if_absent(&key, body).await {
@@ -237,6 +299,39 @@ impl Repository {
                 .unwrap_or_else(|| record.clone())),
             Err(e) => Err(self.error(&format!("write the cluster record '{key}'"), e)),
         }
+    }
+
+    /// Records that prune removed a backup of `job`. Replaces an earlier record of it.
+    pub async fn write_tombstone(&self, job: &str, tombstone: &Tombstone) -> Result<()> {
+        let key = layout::removed_key(job, &tombstone.id);
+        let body = Bytes::from(serde_json::to_vec_pretty(tombstone).expect("tombstone serializes"));
+        storage::put_bytes(self.store.as_ref(), &key, body)
+            .await
+            .map(|_| ())
+            .map_err(|e| self.error(&format!("write the removal record '{key}'"), e))
+    }
+
+    /// The backups of `job` prune removed, by id, with when the record was written: from
+    /// one listing, since a key names its backup (what a record says is detail for people).
+    pub async fn tombstones(&self, job: &str) -> Result<BTreeMap<String, Option<DateTime<Utc>>>> {
+        let prefix = layout::removed_prefix(job);
+        let listed = self
+            .store
+            .list(&prefix)
+            .await
+            .map_err(|e| self.error(&format!("list the removal records '{prefix}'"), e))?;
+        Ok(listed
+            .into_iter()
+            .filter_map(|object| {
+                let id = object
+                    .key
+                    .strip_prefix(&prefix)?
+                    .strip_suffix(".json")
+                    .filter(|id| layout::parse_backup_id(id).is_some())?
+                    .to_string();
+                Some((id, object.last_modified))
+            })
+            .collect())
     }
 
     /// Ids of the committed backups of `job`, newest first. Directories without a

@@ -23,6 +23,7 @@ mod postgres_physical;
 mod prune;
 mod redis;
 mod regions;
+mod repositories;
 mod runbooks;
 mod schedule;
 mod secrets;

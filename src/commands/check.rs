@@ -51,8 +51,17 @@ impl CheckReport {
 
 pub async fn run(config: &Config) -> CheckReport {
     let mut items = Vec::new();
-    for repository_config in &config.repositories {
-        let repository = Repository::open(repository_config).await;
+    let repositories = Repository::open_all(config).await;
+    let markers = futures::future::join_all(repositories.iter().map(|r| r.has_marker())).await;
+    let marked: Vec<&str> = repositories
+        .iter()
+        .zip(&markers)
+        .filter(|(_, held)| matches!(held, Ok(true)))
+        .map(|(r, _)| r.name.as_str())
+        .collect();
+    for ((repository_config, repository), marker) in
+        config.repositories.iter().zip(&repositories).zip(markers)
+    {
         let what = format!(
             "repository '{}' ({})",
             repository.name,
@@ -60,8 +69,8 @@ pub async fn run(config: &Config) -> CheckReport {
         );
         let lock_wanted =
             matches!(&repository_config.location, Location::S3(s3) if s3.object_lock.is_some());
-        let probed = match probe(&repository).await {
-            Ok(notes) => probe_lock(&repository, lock_wanted).await.map(|lock| {
+        let probed = match probe(repository).await {
+            Ok(notes) => probe_lock(repository, lock_wanted).await.map(|lock| {
                 let mut notes = notes;
                 notes.extend(lock);
                 notes
@@ -69,11 +78,26 @@ pub async fn run(config: &Config) -> CheckReport {
             Err(e) => Err(e),
         };
         let probed = match probed {
-            Ok(notes) => clock_of(&repository, config.max_clock_skew)
+            Ok(notes) => clock_of(repository, config.max_clock_skew)
                 .await
                 .map(|clock| notes.into_iter().chain(clock).collect()),
             Err(e) => Err(e),
         };
+        let probed = probed.and_then(|mut notes: Vec<String>| match marker {
+            Ok(true) => Ok(notes),
+            Ok(false) if marked.is_empty() => {
+                notes.push(format!(
+                    "no marker '{}' yet: the first backup writes it",
+                    layout::MARKER_KEY
+                ));
+                Ok(notes)
+            }
+            Ok(false) => {
+                let unmarked = crate::repository::unmarked(repository, &marked);
+                Err(format!("{}; {}", unmarked, unmarked.hints().join("; ")))
+            }
+            Err(e) => Err(e.chain().join(": ")),
+        });
         let (problem, notes) = match probed {
             Ok(notes) => (None, notes),
             Err(e) => (Some(e), Vec::new()),

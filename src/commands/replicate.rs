@@ -28,6 +28,9 @@ pub struct ReplicateOptions {
     pub dry_run: bool,
     /// Also read every object a repository holds and replace those whose sha256 is wrong.
     pub verify: bool,
+    /// Also fill repositories that lack their marker while others hold theirs, and write
+    /// their marker once every backup is in.
+    pub reseed: bool,
 }
 
 /// One thing done (or, in a dry run, to be done) to a repository.
@@ -59,6 +62,19 @@ pub struct ReplicateReport {
     pub failures: Vec<String>,
     /// Repositories that could not be listed, with the reason.
     pub unreachable: Vec<(String, String)>,
+    /// Backups a repository still holds that were not copied, and why: prune removed them.
+    pub not_copied: Vec<NotCopied>,
+    /// Repositories without a marker that were filled (`--reseed`), and whether the marker
+    /// was written (not in a dry run, nor after a failure).
+    pub reseeded: Vec<(String, bool)>,
+}
+
+/// A backup `replicate` leaves where it is.
+#[derive(Debug, Serialize)]
+pub struct NotCopied {
+    pub job: String,
+    pub id: String,
+    pub why: String,
 }
 
 impl ReplicateReport {
@@ -91,13 +107,40 @@ pub async fn run(config: &Config, options: &ReplicateOptions) -> Result<Replicat
     for job in &jobs {
         held_locks.push(crate::lock::acquire(config, job, "replicate").await?);
     }
-    let repositories = Repository::open_all(config).await;
     let mut report = ReplicateReport {
         dry_run: options.dry_run,
         actions: Vec::new(),
         failures: Vec::new(),
         unreachable: Vec::new(),
+        not_copied: Vec::new(),
+        reseeded: Vec::new(),
     };
+    // A repository without its marker while others hold theirs was wiped (or is new, or
+    // misconfigured): filled only when the operator says so.
+    let all = Repository::open_all(config).await;
+    let markers = futures::future::join_all(all.iter().map(|r| r.has_marker())).await;
+    let marked: Vec<&str> = all
+        .iter()
+        .zip(&markers)
+        .filter(|(_, held)| matches!(held, Ok(true)))
+        .map(|(r, _)| r.name.as_str())
+        .collect();
+    let mut repositories = Vec::with_capacity(all.len());
+    for (repository, held) in all.iter().zip(&markers) {
+        match held {
+            Ok(false) if !marked.is_empty() && !options.reseed => {
+                let unmarked = crate::repository::unmarked(repository, &marked);
+                report
+                    .failures
+                    .push(format!("{unmarked}; {}", unmarked.hints().join("; ")));
+            }
+            Ok(false) if !marked.is_empty() => {
+                report.reseeded.push((repository.name.clone(), false));
+                repositories.push(repository.clone());
+            }
+            _ => repositories.push(repository.clone()),
+        }
+    }
     for job in &jobs {
         let survey = inventory::survey(&repositories, job).await;
         for (name, reason) in &survey.unreachable {
@@ -105,7 +148,36 @@ pub async fn run(config: &Config, options: &ReplicateOptions) -> Result<Replicat
                 report.unreachable.push((name.clone(), reason.clone()));
             }
         }
+        let removed = removal_records(&survey, job, &mut report).await;
         for id in survey.committed_ids() {
+            // Retention let it go: copying it back from a repository that was out of reach
+            // (or whose own plan still keeps it) would undo the prune.
+            if let Some((when, record)) = removed.get(&id) {
+                let (holders, lacking): (Vec<_>, Vec<_>) = survey
+                    .listed
+                    .iter()
+                    .partition(|(_, held)| held.get(&id).is_some_and(|h| h.manifest));
+                if !lacking.is_empty() {
+                    let names = |list: &[&(&Repository, _)]| {
+                        list.iter()
+                            .map(|(r, _)| format!("'{}'", r.name))
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    };
+                    report.not_copied.push(NotCopied {
+                        job: job.clone(),
+                        id: id.clone(),
+                        why: format!(
+                            "not copied into {}: prune removed it{} (record in '{record}'); {} still hold(s) it until its own retention lets it go",
+                            names(&lacking),
+                            when.map(|at| format!(" on {}", at.format("%Y-%m-%d %H:%M UTC")))
+                                .unwrap_or_default(),
+                            names(&holders),
+                        ),
+                    });
+                }
+                continue;
+            }
             let span = tracing::info_span!("replicate", job = %job, backup = %id);
             replicate_backup(job, &id, &survey, options, &mut report)
                 .instrument(span)
@@ -116,7 +188,44 @@ pub async fn run(config: &Config, options: &ReplicateOptions) -> Result<Replicat
             .instrument(tracing::info_span!("replicate", job = %job))
             .await;
     }
+    let failed = !report.failures.is_empty() || !report.unreachable.is_empty();
+    for (name, marked) in &mut report.reseeded {
+        if options.dry_run || failed {
+            continue;
+        }
+        let repository = repositories
+            .iter()
+            .find(|r| &r.name == name)
+            .expect("a reseeded repository is one of them");
+        match repository.write_marker().await {
+            Ok(()) => *marked = true,
+            Err(e) => report.failures.push(e.chain().join(": ")),
+        }
+    }
     Ok(report)
+}
+
+/// The backups of `job` prune removed, from the removal records of every listed repository:
+/// when, and one repository holding the record.
+async fn removal_records(
+    survey: &Survey<'_>,
+    job: &str,
+    report: &mut ReplicateReport,
+) -> BTreeMap<String, (Option<chrono::DateTime<chrono::Utc>>, String)> {
+    let mut removed = BTreeMap::new();
+    for (repository, _) in &survey.listed {
+        match repository.tombstones(job).await {
+            Ok(records) => {
+                for (id, at) in records {
+                    removed
+                        .entry(id)
+                        .or_insert_with(|| (at, repository.name.clone()));
+                }
+            }
+            Err(e) => report.failures.push(e.chain().join(": ")),
+        }
+    }
+    removed
 }
 
 /// Copies into each repository the archived WAL files it lacks. WAL has no manifest: an
@@ -478,6 +587,21 @@ impl fmt::Display for ReplicateReport {
                 action.to
             )?;
         }
+        for (name, marked) in &self.reseeded {
+            match (marked, self.dry_run) {
+                (true, _) => writeln!(f, "reseeded repository '{name}': marker written")?,
+                (false, true) => {
+                    writeln!(f, "would reseed repository '{name}' and write its marker")?
+                }
+                (false, false) => writeln!(
+                    f,
+                    "repository '{name}' not reseeded whole: its marker was not written; run `lifeboat replicate --reseed` again"
+                )?,
+            }
+        }
+        for skipped in &self.not_copied {
+            writeln!(f, "{}/{}: {}", skipped.job, skipped.id, skipped.why)?;
+        }
         for failure in &self.failures {
             writeln!(f, "failed: {failure}")?;
         }
@@ -487,7 +611,7 @@ impl fmt::Display for ReplicateReport {
                 "warning: repository '{name}' could not be listed: {reason}"
             )?;
         }
-        if self.actions.is_empty() && self.failures.is_empty() {
+        if self.actions.is_empty() && self.failures.is_empty() && self.not_copied.is_empty() {
             writeln!(
                 f,
                 "nothing to copy: every reachable repository holds every backup"

@@ -126,6 +126,16 @@ pub async fn run(config: &Config, options: &StatusOptions) -> Result<StatusRepor
     let clocks = crate::clock::read(&repositories).await;
     let clock_problems = clocks.beyond(config.max_clock_skew);
     let now = clocks.clock().now();
+    let markers = futures::future::join_all(repositories.iter().map(|r| r.has_marker())).await;
+    let unmarked: Vec<String> = match markers.iter().any(|m| matches!(m, Ok(true))) {
+        true => repositories
+            .iter()
+            .zip(&markers)
+            .filter(|(_, held)| matches!(held, Ok(false)))
+            .map(|(r, _)| r.name.clone())
+            .collect(),
+        false => Vec::new(),
+    };
     // A drill report that cannot be read leaves the drill columns empty, not the status.
     let drills = history(config, None)
         .await
@@ -141,7 +151,7 @@ pub async fn run(config: &Config, options: &StatusOptions) -> Result<StatusRepor
         jobs: Vec::new(),
     };
     for job in jobs {
-        let status = job_status(config, job, &repositories, &drills, now).await;
+        let status = job_status(config, job, &repositories, &unmarked, &drills, now).await;
         report.state = report.state.max(status.state);
         report.jobs.push(status);
     }
@@ -152,6 +162,7 @@ async fn job_status(
     config: &Config,
     job: &JobConfig,
     repositories: &[Repository],
+    unmarked: &[String],
     drills: &[HistoryRow],
     now: DateTime<Utc>,
 ) -> JobStatus {
@@ -189,7 +200,23 @@ async fn job_status(
         status.flag(State::Unknown, "no repository could be listed".to_string());
         return status;
     }
-    let Some(newest) = survey.committed_ids().pop() else {
+    let committed = survey.committed_ids();
+    for name in unmarked {
+        let held = survey
+            .listed
+            .iter()
+            .find(|(r, _)| &r.name == name)
+            .map_or(0, |(_, held)| held.values().filter(|h| h.manifest).count());
+        status.flag(
+            State::Critical,
+            format!(
+                "repository '{name}' holds no marker '{}' while others do: wiped, or not where the config points; it holds {held} of the {} backup(s) of this job the repositories hold (`lifeboat replicate --reseed` copies them back)",
+                layout::MARKER_KEY,
+                committed.len()
+            ),
+        );
+    }
+    let Some(newest) = committed.last().cloned() else {
         status.flag(State::Critical, "no backup in any repository".to_string());
         return status;
     };

@@ -71,6 +71,9 @@ pub struct VerifyReport {
     pub unreachable: Vec<(String, String)>,
     /// Encrypted objects of which only the stored checksum was checked: no identity.
     pub stored_only: usize,
+    /// Repositories read that are not whole: no marker while others hold theirs (wiped), or
+    /// none of a job's backups while others hold some.
+    pub not_whole: Vec<String>,
 }
 
 impl VerifyReport {
@@ -105,6 +108,17 @@ impl VerifyReport {
                 error = error.with_hint(format!("repository '{name}': {reason}"));
             }
             return Err(error);
+        }
+        if !self.not_whole.is_empty() {
+            return Err(Error::new(
+                ErrorKind::Verification,
+                format!(
+                    "{} repository(ies) do not hold what the others hold: {}",
+                    self.not_whole.len(),
+                    self.not_whole.join("; ")
+                ),
+            )
+            .with_hint("`lifeboat replicate --reseed` copies every backup into a wiped repository and writes its marker"));
         }
         let lost = self.lost().count();
         let place = match self.repositories.as_slice() {
@@ -177,7 +191,28 @@ pub async fn run(config: &Config, options: &VerifyOptions) -> Result<VerifyRepor
         checks: Vec::new(),
         unreachable: Vec::new(),
         stored_only: 0,
+        not_whole: Vec::new(),
     };
+    // Each repository read is judged against all the config names: a wiped one is no
+    // smaller version of the others, and verifying the nothing it holds proves nothing.
+    let all = Repository::open_all(config).await;
+    let markers = futures::future::join_all(all.iter().map(|r| r.has_marker())).await;
+    let marked: Vec<&str> = all
+        .iter()
+        .zip(&markers)
+        .filter(|(_, held)| matches!(held, Ok(true)))
+        .map(|(r, _)| r.name.as_str())
+        .collect();
+    for (repository, held) in all.iter().zip(&markers) {
+        if matches!(held, Ok(false))
+            && !marked.is_empty()
+            && repositories.iter().any(|r| r.name == repository.name)
+        {
+            report
+                .not_whole
+                .push(crate::repository::unmarked(repository, &marked).to_string());
+        }
+    }
     let keyring = Keyring::from_config(config);
     let decrypt = options.deep || keyring.has_identity();
     for job in &jobs {
@@ -198,6 +233,24 @@ pub async fn run(config: &Config, options: &VerifyOptions) -> Result<VerifyRepor
                             .unreachable
                             .push((repository.name.clone(), e.chain().join(": ")));
                     }
+                }
+            }
+        }
+        if let Some((from, held)) = listed.first()
+            && options.from.is_some()
+            && held.is_empty()
+        {
+            for other in all.iter().filter(|r| r.name != from.name) {
+                if let Ok(theirs) = other.backup_ids(job).await
+                    && !theirs.is_empty()
+                {
+                    report.not_whole.push(format!(
+                        "repository '{}' holds no backup of job '{job}' while '{}' holds {}",
+                        from.name,
+                        other.name,
+                        theirs.len()
+                    ));
+                    break;
                 }
             }
         }
@@ -415,6 +468,9 @@ impl fmt::Display for VerifyReport {
                 f,
                 "warning: repository '{name}' could not be listed: {reason}"
             )?;
+        }
+        for problem in &self.not_whole {
+            writeln!(f, "NOT WHOLE {problem}")?;
         }
         if self.stored_only > 0 {
             writeln!(

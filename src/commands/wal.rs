@@ -197,9 +197,26 @@ pub async fn push(config: &Config, options: &WalPushOptions) -> Result<WalPushRe
         missing: Vec::new(),
         duration: Duration::ZERO,
     };
+    // A repository holding WAL holds its marker, so that wal-fetch can tell it lacks a file
+    // from its not being there at all; one wiped while others are marked is not written.
+    let mut marked = Vec::with_capacity(all.len());
+    let prepared = crate::repository::prepare_markers(&all).await;
+    for (repository, prepared) in all.iter().zip(prepared) {
+        match prepared {
+            Ok(()) => marked.push(repository.clone()),
+            Err(e) => {
+                tracing::warn!(repository = %repository.name, error = %e.chain().join(": "), "WAL file not archived here");
+                report
+                    .missing
+                    .push((repository.name.clone(), e.chain().join(": ")));
+            }
+        }
+    }
     let repositories = match &header {
-        Some(header) => same_cluster(&all, &job.name, &file, header, &mut report.missing).await?,
-        None => all.iter().collect(),
+        Some(header) => {
+            same_cluster(&marked, &job.name, &file, header, &mut report.missing).await?
+        }
+        None => marked.iter().collect(),
     };
     let outcomes = futures::future::join_all(
         repositories
@@ -435,9 +452,6 @@ async fn place(
         Err(e) if e.is_not_found() => {}
         Err(e) => return Err(repository.error(&format!("look up '{key}'"), e)),
     }
-    // A repository holding WAL holds its marker, so that wal-fetch can tell it lacks a file
-    // from its not being there at all.
-    repository.ensure_marker().await?;
     match store.create_if_absent(key, body).await {
         Ok(()) => Ok(Placed::Stored),
         Err(StoreError::AlreadyExists { .. }) => {

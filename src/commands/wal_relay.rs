@@ -325,7 +325,7 @@ mod tests {
         let config = Config::parse(&text, &dir.join("lifeboat.toml")).unwrap();
         Repository::open(&config.repositories[0])
             .await
-            .ensure_marker()
+            .write_marker()
             .await
             .unwrap();
         let history = b"1\t0/3000000\tno recovery target specified\n".to_vec();

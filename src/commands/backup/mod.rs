@@ -328,8 +328,9 @@ async fn backup_job(
 ) -> Result<BackupReport> {
     let timer = Instant::now();
     let destinations = Destinations::new(repositories, config.min_repositories);
-    for repository in repositories {
-        if let Err(cause) = repository.ensure_marker().await {
+    let prepared = crate::repository::prepare_markers(repositories).await;
+    for (repository, prepared) in repositories.iter().zip(prepared) {
+        if let Err(cause) = prepared {
             destinations.lose(&job.name, &repository.name, cause)?;
         }
     }

@@ -12,7 +12,7 @@ mod apply;
 mod report;
 mod wal;
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
@@ -22,7 +22,7 @@ use crate::config::{Config, JobConfig, JobSource, PostgresMode, Retention};
 use crate::error::Result;
 use crate::inventory::{self, Survey};
 use crate::layout;
-use crate::repository::Repository;
+use crate::repository::{Repository, Tombstone};
 use crate::retention::{self, Candidate, Decision};
 
 pub use report::{BackupOutcome, JobPrune, Leftover, PruneReport, Retained, StaleUpload};
@@ -30,6 +30,9 @@ pub use wal::{WAL_PAGE, WalFloor, WalPrune, WalRepositoryPrune};
 
 /// A drill that passed proves its backup restores: that backup is kept this long.
 pub const DRILL_PROOF_DAYS: i64 = 100;
+/// How long a removal record outlives the last copy of its backup in the repositories
+/// prune can list: one out of reach for longer is re-seeded, not trusted.
+pub const TOMBSTONE_DAYS: i64 = 90;
 /// Leftovers younger than this may belong to a backup still running.
 pub const DEFAULT_GRACE: Duration = Duration::from_secs(24 * 3600);
 
@@ -61,7 +64,27 @@ pub async fn run(config: &Config, options: &PruneOptions) -> Result<PruneReport>
     for job in &jobs {
         held_locks.push(crate::lock::acquire(config, &job.name, "prune").await?);
     }
-    let repositories = Repository::open_all(config).await;
+    let all = Repository::open_all(config).await;
+    // A repository without its marker while others hold theirs was wiped: what it lacks is
+    // for `replicate --reseed`, and nothing is removed from it.
+    let markers = futures::future::join_all(all.iter().map(|r| r.has_marker())).await;
+    let marked: Vec<&str> = all
+        .iter()
+        .zip(&markers)
+        .filter(|(_, held)| matches!(held, Ok(true)))
+        .map(|(r, _)| r.name.as_str())
+        .collect();
+    let mut repositories = Vec::with_capacity(all.len());
+    let mut unmarked = Vec::new();
+    for (repository, held) in all.iter().zip(&markers) {
+        match held {
+            Ok(false) if !marked.is_empty() => unmarked.push((
+                repository.name.clone(),
+                crate::repository::unmarked(repository, &marked).to_string(),
+            )),
+            _ => repositories.push(repository.clone()),
+        }
+    }
     // Retention counts back from now: with this host's clock wrong, it would keep the wrong
     // backups.
     let now = crate::clock::read(&repositories)
@@ -75,11 +98,11 @@ pub async fn run(config: &Config, options: &PruneOptions) -> Result<PruneReport>
     };
     for job in jobs {
         let span = tracing::info_span!("prune", job = %job.name);
-        report.jobs.push(
-            prune_job(job, &repositories, &proofs, now, options)
-                .instrument(span)
-                .await,
-        );
+        let mut pruned = prune_job(job, &repositories, &proofs, now, options)
+            .instrument(span)
+            .await;
+        pruned.unreachable.extend(unmarked.iter().cloned());
+        report.jobs.push(pruned);
     }
     Ok(report)
 }
@@ -114,38 +137,60 @@ async fn prune_job(
         return outcome;
     }
     let committed = survey.committed_ids();
-    let verified = verified_ids(&survey, &job.name).await;
-    let mut decisions = decide(job, &committed, &verified, proofs, now);
-    // A manifest no repository can read is damage to report, not an old backup to remove:
-    // what its objects hold may still be recovered.
-    for decision in decisions.iter_mut().filter(|d| !d.keep) {
-        if survey.manifest(&job.name, &decision.id).await.is_none() {
-            decision.keep = true;
-            decision.reasons = vec![format!(
-                "damaged: no repository holds a readable manifest of it; kept for `lifeboat verify {}`",
-                job.name
-            )];
+    // Each repository by what it holds itself: one that missed the newest backups (it was
+    // down) keeps its own newest, never losing them because others hold newer ones.
+    let mut damaged: BTreeMap<String, bool> = BTreeMap::new();
+    let mut plans: Vec<Vec<Decision>> = Vec::with_capacity(survey.listed.len());
+    let mut refusals: Vec<String> = Vec::new();
+    for (repository, held) in &survey.listed {
+        let ids: Vec<String> = held
+            .iter()
+            .filter(|(_, holding)| holding.manifest)
+            .map(|(id, _)| id.clone())
+            .collect();
+        let verified = verified_ids(repository, &job.name).await;
+        let mut decisions = decide(job, &ids, &verified, proofs, now);
+        // A manifest no repository can read is damage to report, not an old backup to
+        // remove: what its objects hold may still be recovered.
+        for decision in decisions.iter_mut().filter(|d| !d.keep) {
+            let unreadable = match damaged.get(&decision.id) {
+                Some(unreadable) => *unreadable,
+                None => {
+                    let unreadable = survey.manifest(&job.name, &decision.id).await.is_none();
+                    damaged.insert(decision.id.clone(), unreadable);
+                    unreadable
+                }
+            };
+            if unreadable {
+                decision.keep = true;
+                decision.reasons = vec![format!(
+                    "damaged: no repository holds a readable manifest of it; kept for `lifeboat verify {}`",
+                    job.name
+                )];
+            }
         }
+        if !ids.is_empty() && decisions.iter().all(|d| !d.keep) {
+            refusals.push(format!(
+                "the plan would remove all {} backup(s) repository '{}' holds; nothing was removed there",
+                ids.len(),
+                repository.name
+            ));
+            for decision in &mut decisions {
+                decision.keep = true;
+                decision.reasons = vec!["kept: the plan would remove every backup here".into()];
+            }
+        }
+        plans.push(decisions);
     }
-    if !committed.is_empty() && decisions.iter().all(|d| !d.keep) {
-        outcome.refused = Some(format!(
-            "the plan would remove all {} backup(s); nothing was removed",
-            committed.len()
-        ));
-        outcome.backups = decisions.into_iter().map(BackupOutcome::planned).collect();
-        return outcome;
+    if !refusals.is_empty() {
+        outcome.refused = Some(refusals.join("; "));
     }
+    outcome.backups = merge(&survey, &plans);
     let journal = apply::read_journal(&survey, &job.name).await;
-    let removals: BTreeSet<String> = decisions
-        .iter()
-        .filter(|d| !d.keep)
-        .map(|d| d.id.clone())
-        .collect();
     let committed_set: BTreeSet<&String> = committed.iter().collect();
     let grace = chrono::Duration::from_std(options.grace).unwrap_or(chrono::Duration::MAX);
-    outcome.backups = decisions.into_iter().map(BackupOutcome::planned).collect();
 
-    for (repository, held) in &survey.listed {
+    for ((repository, held), decisions) in survey.listed.iter().zip(&plans) {
         let leftovers: Vec<Leftover> = held
             .iter()
             .filter(|(id, _)| !committed_set.contains(id))
@@ -173,9 +218,10 @@ async fn prune_job(
                 })
             })
             .collect();
-        let held_removals: Vec<&String> = removals
+        let held_removals: Vec<&String> = decisions
             .iter()
-            .filter(|id| held.contains_key(*id))
+            .filter(|d| !d.keep)
+            .map(|d| &d.id)
             .collect();
         apply::remove_from(
             repository,
@@ -195,6 +241,10 @@ async fn prune_job(
             &mut outcome,
         )
         .await;
+    }
+
+    if !options.dry_run {
+        record_removals(&survey, &job.name, now, &mut outcome).await;
     }
 
     if let JobSource::Postgres(postgres) = &job.source
@@ -218,20 +268,91 @@ async fn prune_job(
     outcome
 }
 
-/// Ids with a verify record in any repository.
-async fn verified_ids(survey: &Survey<'_>, job: &str) -> BTreeSet<String> {
-    let prefix = layout::verified_prefix(job);
-    let mut ids = BTreeSet::new();
+/// Writes into every listed repository a removal record of each backup this run removed
+/// anywhere, so `replicate` never copies it back from a repository that was out of reach
+/// (or whose own plan keeps it); and drops records older than [`TOMBSTONE_DAYS`] of backups
+/// no listed repository holds any more.
+async fn record_removals(
+    survey: &Survey<'_>,
+    job: &str,
+    now: DateTime<Utc>,
+    outcome: &mut JobPrune,
+) {
+    let removed: Vec<Tombstone> = outcome
+        .backups
+        .iter()
+        .filter(|b| !b.removed_from.is_empty())
+        .map(|b| Tombstone {
+            id: b.id.clone(),
+            removed_at: now,
+            host: crate::commands::backup::host_name(),
+            removed_from: b.removed_from.clone(),
+        })
+        .collect();
+    let expiry = now - chrono::Duration::days(TOMBSTONE_DAYS);
     for (repository, _) in &survey.listed {
-        let Ok(records) = repository.store.list(&prefix).await else {
+        for tombstone in &removed {
+            match repository.write_tombstone(job, tombstone).await {
+                Ok(()) => outcome.recorded += 1,
+                Err(e) => outcome.failures.push(e.chain().join(": ")),
+            }
+        }
+        let Ok(tombstones) = repository.tombstones(job).await else {
             continue;
         };
-        ids.extend(records.iter().filter_map(|record| {
+        for (id, written) in tombstones {
+            let still_held = survey.listed.iter().any(|(_, held)| held.contains_key(&id));
+            if still_held || written.is_none_or(|at| at > expiry) {
+                continue;
+            }
+            let key = layout::removed_key(job, &id);
+            if let Err(e) = repository.store.delete(&key).await {
+                outcome.failures.push(
+                    repository
+                        .error(&format!("remove the removal record '{key}'"), e)
+                        .chain()
+                        .join(": "),
+                );
+            }
+        }
+    }
+}
+
+/// Ids with a verify record in `repository`: verify found them intact there.
+async fn verified_ids(repository: &Repository, job: &str) -> BTreeSet<String> {
+    let prefix = layout::verified_prefix(job);
+    let Ok(records) = repository.store.list(&prefix).await else {
+        return BTreeSet::new();
+    };
+    records
+        .iter()
+        .filter_map(|record| {
             let name = record.key.strip_prefix(&prefix)?.strip_suffix(".json")?;
             layout::parse_backup_id(name).map(|_| name.to_string())
-        }));
+        })
+        .collect()
+}
+
+/// One row per backup any repository holds, newest first, from the repositories' own plans
+/// (in `survey.listed` order): kept where any plan keeps it, with the reasons of the first
+/// that does and the repositories that keep it.
+fn merge(survey: &Survey<'_>, plans: &[Vec<Decision>]) -> Vec<BackupOutcome> {
+    let mut rows: BTreeMap<String, BackupOutcome> = BTreeMap::new();
+    for ((repository, _), decisions) in survey.listed.iter().zip(plans) {
+        for decision in decisions {
+            let row = rows
+                .entry(decision.id.clone())
+                .or_insert_with(|| BackupOutcome::planned(decision.clone()));
+            if decision.keep {
+                if !row.keep {
+                    row.keep = true;
+                    row.reasons = decision.reasons.clone();
+                }
+                row.kept_in.push(repository.name.clone());
+            }
+        }
     }
-    ids
+    rows.into_values().rev().collect()
 }
 
 /// The retention plan with the protections no policy overrides, newest first.

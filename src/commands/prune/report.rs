@@ -28,6 +28,8 @@ pub struct BackupOutcome {
     pub id: String,
     pub keep: bool,
     pub reasons: Vec<String>,
+    /// Repositories whose own plan keeps it.
+    pub kept_in: Vec<String>,
     /// Repositories it was removed from (or would be, in a dry run).
     pub removed_from: Vec<String>,
     /// Where Object Lock kept it (the whole backup stays, manifest and objects).
@@ -40,6 +42,7 @@ impl BackupOutcome {
             id: decision.id,
             keep: decision.keep,
             reasons: decision.reasons,
+            kept_in: Vec::new(),
             removed_from: Vec::new(),
             retained: Vec::new(),
         }
@@ -80,6 +83,8 @@ pub struct JobPrune {
     /// Why WAL was left alone, when it was.
     pub wal_skipped: Option<String>,
     pub unreachable: Vec<(String, String)>,
+    /// Removal records written (one per removed backup and listed repository).
+    pub recorded: usize,
     /// Removals that failed; the next prune retries them.
     pub failures: Vec<String>,
 }
@@ -95,6 +100,7 @@ impl JobPrune {
             wal: None,
             wal_skipped: None,
             unreachable,
+            recorded: 0,
             failures: Vec::new(),
         }
     }
@@ -182,6 +188,10 @@ impl fmt::Display for PruneReport {
                     backup.id,
                     backup.reasons.join(", ")
                 )?;
+                // Kept in some repositories and not others: each judged by what it holds.
+                if backup.keep && !backup.removed_from.is_empty() {
+                    write!(f, " in {}", backup.kept_in.join(", "))?;
+                }
                 if !backup.removed_from.is_empty() {
                     write!(f, "; {removed} from {}", backup.removed_from.join(", "))?;
                 }
