@@ -152,6 +152,27 @@ impl<'a> Survey<'a> {
             .await
     }
 
+    /// How completely `repository` (holding `holding` of `job/id`) holds the backup that
+    /// `reference` (a manifest read elsewhere) describes, judged by its own manifest where
+    /// it has one: two copies of a backup can name different objects and both be whole
+    /// (`rekey` re-encrypts each repository into objects of its own names).
+    pub async fn presence_in(
+        repository: &Repository,
+        holding: &Holding,
+        job: &str,
+        id: &str,
+        reference: &BTreeMap<String, u64>,
+    ) -> Presence {
+        let presence = holding.presence_of(reference);
+        if presence != Presence::Incomplete || !holding.manifest {
+            return presence;
+        }
+        match own_manifest(repository, job, id).await {
+            Some(own) => holding.presence(&own),
+            None => Presence::Incomplete,
+        }
+    }
+
     /// The first readable manifest of `job/id` in config order: parsed, its exact bytes, and
     /// the repository it came from.
     pub async fn manifest(&self, job: &str, id: &str) -> Option<(Manifest, Bytes, &'a Repository)> {
@@ -169,6 +190,14 @@ impl<'a> Survey<'a> {
         }
         None
     }
+}
+
+/// The manifest of `job/id` that `repository` holds, if it reads.
+pub async fn own_manifest(repository: &Repository, job: &str, id: &str) -> Option<Manifest> {
+    let bytes = storage::get_bytes(repository.store.as_ref(), &layout::manifest_key(job, id))
+        .await
+        .ok()?;
+    Manifest::from_json(&bytes).ok()
 }
 
 #[cfg(test)]

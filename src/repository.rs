@@ -51,24 +51,61 @@ pub fn unmarked(repository: &Repository, marked: &[&str]) -> Error {
     ))
 }
 
-/// Makes each repository ready to be written: where none of them holds a marker (the first
-/// run of a config) each gets one; where some do, one without is refused (see [`unmarked`])
-/// instead of being quietly marked again. One result per repository, in order.
+/// Which of a config's repositories hold their marker.
+pub struct Markers {
+    /// Per repository, in order: whether it holds its marker, or why that is not known.
+    pub held: Vec<Result<bool>>,
+    /// The repositories that hold their marker and something under `jobs/`.
+    holding_data: Vec<String>,
+}
+
+/// Reads every repository's marker; where some lack theirs, also whether the others hold
+/// any data (one short listing each).
+pub async fn read_markers(repositories: &[Repository]) -> Markers {
+    let held = futures::future::join_all(repositories.iter().map(|r| r.has_marker())).await;
+    let mut holding_data = Vec::new();
+    if held.iter().any(|h| matches!(h, Ok(false))) {
+        for (repository, held) in repositories.iter().zip(&held) {
+            if matches!(held, Ok(true))
+                && repository
+                    .store
+                    .list_page("jobs/", None, 1)
+                    .await
+                    .is_ok_and(|page| !page.is_empty())
+            {
+                holding_data.push(repository.name.clone());
+            }
+        }
+    }
+    Markers { held, holding_data }
+}
+
+impl Markers {
+    /// The error for repository `index` of those read when it lacks its marker while
+    /// another holds its own and data: it was wiped, or is new, or misconfigured. A
+    /// repository lacking its marker where no other holds any data has lost nothing.
+    pub fn wiped(&self, repositories: &[Repository], index: usize) -> Option<Error> {
+        let lacks = matches!(self.held.get(index), Some(Ok(false)));
+        let others: Vec<&str> = self.holding_data.iter().map(String::as_str).collect();
+        (lacks && !others.is_empty()).then(|| unmarked(&repositories[index], &others))
+    }
+}
+
+/// Makes each repository ready to be written: one lacking its marker gets one, unless it
+/// was wiped (see [`Markers::wiped`]): that is refused, not quietly marked again. One result
+/// per repository, in order.
 pub async fn prepare_markers(repositories: &[Repository]) -> Vec<Result<()>> {
-    let states = futures::future::join_all(repositories.iter().map(|r| r.has_marker())).await;
-    let marked: Vec<&str> = repositories
-        .iter()
-        .zip(&states)
-        .filter(|(_, state)| matches!(state, Ok(true)))
-        .map(|(r, _)| r.name.as_str())
+    let markers = read_markers(repositories).await;
+    let wiped: Vec<Option<Error>> = (0..repositories.len())
+        .map(|index| markers.wiped(repositories, index))
         .collect();
     let mut prepared = Vec::with_capacity(repositories.len());
-    for (repository, state) in repositories.iter().zip(states) {
-        prepared.push(match state {
-            Ok(true) => Ok(()),
-            Ok(false) if marked.is_empty() => repository.write_marker().await,
-            Ok(false) => Err(unmarked(repository, &marked)),
-            Err(e) => Err(e),
+    for ((repository, held), wiped) in repositories.iter().zip(markers.held).zip(wiped) {
+        prepared.push(match (held, wiped) {
+            (_, Some(wiped)) => Err(wiped),
+            (Ok(true), None) => Ok(()),
+            (Ok(false), None) => repository.write_marker().await,
+            (Err(e), None) => Err(e),
         });
     }
     prepared

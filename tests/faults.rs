@@ -547,6 +547,10 @@ async fn replicate_and_prune_leave_no_manifest_without_its_data() {
             Expect::Fails(&["SlowDown", "dr"]),
         ),
     ];
+    // "dr" joins a config whose primary already holds a backup: an empty repository beside
+    // one holding data is seeded on purpose (`--reseed`), then kept up by plain replicate.
+    lifeboat(&primary_only, &["backup", JOB]).assert_code(0);
+    lifeboat(&rig.config, &["replicate", JOB, "--reseed"]).assert_code(0);
     for (name, rule, expect) in cases {
         lifeboat(&primary_only, &["backup", JOB]).assert_code(0);
         let before = in_dr(&rig);

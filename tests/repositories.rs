@@ -259,3 +259,236 @@ async fn a_wiped_bucket_fails_verify_check_and_status_until_replicate_reseeds_it
         "v4"
     );
 }
+
+/// `lifeboat keygen --output DIR/NAME`: the identity's path and its recipient.
+fn keygen(dir: &Path, name: &str) -> (std::path::PathBuf, String) {
+    let path = dir.join(name);
+    let run = lifeboat(
+        &dir.join("unused.toml"),
+        &["keygen", "--output", path.to_str().unwrap()],
+    );
+    run.assert_code(0);
+    (path, run.stdout.trim().to_string())
+}
+
+fn with_identity(config: &Path, identity: &Path, args: &[&str]) -> crate::common::Run {
+    let mut command = crate::common::lifeboat_command(config);
+    command.env("LIFEBOAT_IDENTITY_FILE", identity).args(args);
+    crate::common::run_command(&mut command)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rekey_with_a_region_down_settles_when_it_is_back() {
+    let mut region_b = SeaweedFs::start().await;
+    region_b.create_bucket("backups").await;
+    let work = tempfile::tempdir().unwrap();
+    let (old_key, old_recipient) = keygen(work.path(), "old.key");
+    let (new_key, new_recipient) = keygen(work.path(), "new.key");
+    let source = work.path().join("app");
+    std::fs::create_dir(&source).unwrap();
+    let config = write_config(
+        work.path(),
+        &format!(
+            "[encryption]\nrecipients = [\"{old_recipient}\"]\n\n{}{}{}",
+            local_repository("a", &work.path().join("a")),
+            region_b.repository("b", "backups", "lifeboat"),
+            files_job("conf", &[&source])
+        ),
+    );
+    for data in ["v1", "v2"] {
+        std::thread::sleep(Duration::from_millis(1100));
+        std::fs::write(source.join("data"), data).unwrap();
+        lifeboat(&config, &["backup", "conf"]).assert_code(0);
+    }
+    let rekey = ["rekey", "--add-recipient", new_recipient.as_str()];
+
+    region_b.stop();
+    with_identity(&config, &old_key, &rekey).assert_code(1);
+    region_b.restart().await;
+
+    // b holds its own copies, whole by its own manifest: nothing to copy into it.
+    let replicate = lifeboat(&config, &["replicate"]);
+    replicate.assert_code(0);
+    assert!(
+        replicate.stdout.contains("nothing to copy"),
+        "{}",
+        replicate.stdout
+    );
+    let rows = listed(&config, "conf");
+    assert!(rows.values().all(|r| r == "a,b"), "{rows:?}");
+
+    // One more rekey finishes b; a is already done.
+    let finish = with_identity(
+        &config,
+        &old_key,
+        &[&rekey[..], &["--format", "json"]].concat(),
+    );
+    finish.assert_code(0);
+    let report: serde_json::Value = serde_json::from_str(&finish.stdout).unwrap();
+    let rekeyed = |report: &serde_json::Value, name: &str| {
+        report["repositories"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|r| r["repository"] == name)
+            .map(|r| r["backups_rekeyed"].as_array().unwrap().len())
+            .unwrap()
+    };
+    assert_eq!(rekeyed(&report, "a"), 0, "{report}");
+    assert_eq!(rekeyed(&report, "b"), 2, "{report}");
+    let rows = listed(&config, "conf");
+    assert!(rows.values().all(|r| r == "a,b"), "{rows:?}");
+
+    // Settled: neither rekey nor replicate changes anything.
+    let again = with_identity(
+        &config,
+        &old_key,
+        &[&rekey[..], &["--format", "json"]].concat(),
+    );
+    again.assert_code(0);
+    let report: serde_json::Value = serde_json::from_str(&again.stdout).unwrap();
+    for repository in report["repositories"].as_array().unwrap() {
+        assert_eq!(
+            repository["backups_rekeyed"].as_array().unwrap().len(),
+            0,
+            "{report}"
+        );
+        assert_eq!(repository["leftovers_removed"], 0, "{report}");
+    }
+    let replicate = lifeboat(&config, &["replicate"]);
+    replicate.assert_code(0);
+    assert!(
+        replicate.stdout.contains("nothing to copy"),
+        "{}",
+        replicate.stdout
+    );
+    // Both copies open with the new key.
+    for from in ["a", "b"] {
+        let into = work.path().join(format!("from-{from}"));
+        with_identity(
+            &config,
+            &new_key,
+            &[
+                "restore",
+                "conf",
+                "--from",
+                from,
+                "--into",
+                into.to_str().unwrap(),
+            ],
+        )
+        .assert_code(0);
+        assert_eq!(
+            std::fs::read_to_string(into.join(source.strip_prefix("/").unwrap()).join("data"))
+                .unwrap(),
+            "v2"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn prune_in_a_versioned_bucket_removes_every_version_of_what_goes() {
+    use aws_sdk_s3::types::{BucketVersioningStatus, VersioningConfiguration};
+    let server = SeaweedFs::start().await;
+    server.create_bucket("backups").await;
+    server
+        .client()
+        .put_bucket_versioning()
+        .bucket("backups")
+        .versioning_configuration(
+            VersioningConfiguration::builder()
+                .status(BucketVersioningStatus::Enabled)
+                .build(),
+        )
+        .send()
+        .await
+        .expect("enable versioning");
+    let work = tempfile::tempdir().unwrap();
+    let source = work.path().join("app");
+    std::fs::create_dir(&source).unwrap();
+    let config = write_config(
+        work.path(),
+        &format!(
+            "{}{}retention = {{ keep_last = 1 }}\n",
+            server.repository("s3", "backups", "lifeboat"),
+            files_job("conf", &[&source])
+        ),
+    );
+    let mut ids = Vec::new();
+    for data in ["v1", "v2", "v3"] {
+        std::thread::sleep(Duration::from_millis(1100));
+        std::fs::write(source.join("data"), data).unwrap();
+        lifeboat(&config, &["backup", "conf"]).assert_code(0);
+        ids.extend(listed(&config, "conf").into_keys().max());
+    }
+    let check = lifeboat(&config, &["check"]);
+    check.assert_code(0);
+    assert!(
+        check.stdout.contains("versioning: Enabled")
+            && check
+                .stdout
+                .contains("lifecycle: NO rule expires noncurrent versions"),
+        "{}",
+        check.stdout
+    );
+
+    let prune = lifeboat(&config, &["prune"]);
+    prune.assert_code(0);
+    assert!(
+        prune.stdout.contains("stored version(s) of what went"),
+        "{}",
+        prune.stdout
+    );
+    // No version and no delete marker of a removed backup's keys is left.
+    let mut left = Vec::new();
+    let client = server.client();
+    let mut key_marker: Option<String> = None;
+    let mut version_marker: Option<String> = None;
+    loop {
+        let page = client
+            .list_object_versions()
+            .bucket("backups")
+            .prefix("lifeboat/jobs/conf/backups/")
+            .set_key_marker(key_marker.clone())
+            .set_version_id_marker(version_marker.clone())
+            .send()
+            .await
+            .unwrap();
+        left.extend(
+            page.versions()
+                .iter()
+                .filter_map(|v| v.key().map(String::from)),
+        );
+        left.extend(
+            page.delete_markers()
+                .iter()
+                .filter_map(|m| m.key().map(String::from)),
+        );
+        if page.is_truncated() != Some(true) {
+            break;
+        }
+        key_marker = page.next_key_marker().map(String::from);
+        version_marker = page.next_version_id_marker().map(String::from);
+    }
+    for removed in &ids[..2] {
+        let stale: Vec<&String> = left
+            .iter()
+            .filter(|k| k.contains(removed.as_str()))
+            .collect();
+        assert!(stale.is_empty(), "versions of removed {removed}: {stale:?}");
+    }
+    assert!(
+        left.iter().any(|k| k.contains(ids[2].as_str())),
+        "the kept backup is there: {left:?}"
+    );
+    let into = work.path().join("restored");
+    lifeboat(
+        &config,
+        &["restore", "conf", "--into", into.to_str().unwrap()],
+    )
+    .assert_code(0);
+    assert_eq!(
+        std::fs::read_to_string(into.join(source.strip_prefix("/").unwrap()).join("data")).unwrap(),
+        "v3"
+    );
+}

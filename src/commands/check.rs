@@ -52,15 +52,9 @@ impl CheckReport {
 pub async fn run(config: &Config) -> CheckReport {
     let mut items = Vec::new();
     let repositories = Repository::open_all(config).await;
-    let markers = futures::future::join_all(repositories.iter().map(|r| r.has_marker())).await;
-    let marked: Vec<&str> = repositories
-        .iter()
-        .zip(&markers)
-        .filter(|(_, held)| matches!(held, Ok(true)))
-        .map(|(r, _)| r.name.as_str())
-        .collect();
-    for ((repository_config, repository), marker) in
-        config.repositories.iter().zip(&repositories).zip(markers)
+    let markers = crate::repository::read_markers(&repositories).await;
+    for (index, (repository_config, repository)) in
+        config.repositories.iter().zip(&repositories).enumerate()
     {
         let what = format!(
             "repository '{}' ({})",
@@ -80,24 +74,32 @@ pub async fn run(config: &Config) -> CheckReport {
         let probed = match probed {
             Ok(notes) => clock_of(repository, config.max_clock_skew)
                 .await
-                .map(|clock| notes.into_iter().chain(clock).collect()),
+                .map(|clock| notes.into_iter().chain(clock).collect::<Vec<String>>()),
             Err(e) => Err(e),
         };
-        let probed = probed.and_then(|mut notes: Vec<String>| match marker {
-            Ok(true) => Ok(notes),
-            Ok(false) if marked.is_empty() => {
-                notes.push(format!(
-                    "no marker '{}' yet: the first backup writes it",
-                    layout::MARKER_KEY
-                ));
+        let probed = match probed {
+            Ok(mut notes) => {
+                notes.extend(versioning_of(repository, lock_wanted).await);
                 Ok(notes)
             }
-            Ok(false) => {
-                let unmarked = crate::repository::unmarked(repository, &marked);
-                Err(format!("{}; {}", unmarked, unmarked.hints().join("; ")))
-            }
-            Err(e) => Err(e.chain().join(": ")),
-        });
+            Err(e) => Err(e),
+        };
+        let wiped = markers.wiped(&repositories, index);
+        let probed =
+            probed.and_then(
+                |mut notes: Vec<String>| match (&markers.held[index], wiped) {
+                    (_, Some(wiped)) => Err(format!("{wiped}; {}", wiped.hints().join("; "))),
+                    (Ok(true), None) => Ok(notes),
+                    (Ok(false), None) => {
+                        notes.push(format!(
+                            "no marker '{}' yet: the first backup writes it",
+                            layout::MARKER_KEY
+                        ));
+                        Ok(notes)
+                    }
+                    (Err(e), None) => Err(e.chain().join(": ")),
+                },
+            );
         let (problem, notes) = match probed {
             Ok(notes) => (None, notes),
             Err(e) => (Some(e), Vec::new()),
@@ -433,6 +435,32 @@ async fn clock_of(repository: &Repository, max_skew: Duration) -> Result<Option<
             humantime::format_duration(max_skew)
         )
     }))
+}
+
+/// Whether the bucket keeps versions: prune then removes every version of what it deletes,
+/// and records lifeboat replaces keep their old versions unless a lifecycle rule expires
+/// them.
+async fn versioning_of(repository: &Repository, locked: bool) -> Vec<String> {
+    let versioning = match repository.store.versioning().await {
+        Ok(Some(versioning)) => versioning,
+        Ok(None) => return Vec::new(),
+        Err(e) => return vec![format!("versioning: could not be read ({e})")],
+    };
+    let mut notes = vec![format!(
+        "versioning: {} (prune removes every stored version of what it deletes)",
+        versioning.status
+    )];
+    if !locked {
+        match versioning.noncurrent_expire {
+            Some(true) => notes.push("lifecycle: a rule expires noncurrent versions".to_string()),
+            Some(false) => notes.push(
+                "lifecycle: NO rule expires noncurrent versions, so records lifeboat replaces (verify records, the prune journal, manifests rekey rewrites) keep every old version; add one (README, \"Retention and prune\")"
+                    .to_string(),
+            ),
+            None => notes.push("lifecycle: the bucket's rules could not be read".to_string()),
+        }
+    }
+    notes
 }
 
 /// Whether backups in this repository are really immutable: a failure when `object_lock`

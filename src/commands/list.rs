@@ -108,7 +108,10 @@ pub async fn run(config: &Config, options: &ListOptions) -> Result<ListReport> {
             for (repository, holdings) in &survey.listed {
                 let holding = holdings.get(id).cloned().unwrap_or_default();
                 let presence = match &expected {
-                    Some(expected) => holding.presence_of(expected),
+                    Some(expected) => {
+                        inventory::Survey::presence_in(repository, &holding, job, id, expected)
+                            .await
+                    }
                     // No readable manifest anywhere: nothing to hold it against.
                     None if holding.manifest => {
                         row.damaged_in.push(repository.name.clone());

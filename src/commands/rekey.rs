@@ -337,7 +337,7 @@ impl Rekey<'_> {
         }
         for object in listed.iter().filter(|o| !named.contains(&o.key)) {
             match store.delete_unless_retained(&object.key).await {
-                Ok(Deletion::Deleted) => outcome.leftovers_removed += 1,
+                Ok(Deletion::Deleted { .. }) => outcome.leftovers_removed += 1,
                 Ok(Deletion::Retained { until }) => outcome.retained.push(match until {
                     Some(until) => format!("{} (until {})", object.key, until.to_rfc3339()),
                     None => format!("{} (legal hold)", object.key),

@@ -15,7 +15,7 @@ use tracing::Instrument;
 use super::human_size;
 use crate::config::Config;
 use crate::error::{Error, ErrorKind, Result};
-use crate::inventory::{self, Survey};
+use crate::inventory::{self, Presence, Survey};
 use crate::layout;
 use crate::manifest::ObjectEntry;
 use crate::pipeline::{CHANNEL_BOUND, Tally};
@@ -118,27 +118,18 @@ pub async fn run(config: &Config, options: &ReplicateOptions) -> Result<Replicat
     // A repository without its marker while others hold theirs was wiped (or is new, or
     // misconfigured): filled only when the operator says so.
     let all = Repository::open_all(config).await;
-    let markers = futures::future::join_all(all.iter().map(|r| r.has_marker())).await;
-    let marked: Vec<&str> = all
-        .iter()
-        .zip(&markers)
-        .filter(|(_, held)| matches!(held, Ok(true)))
-        .map(|(r, _)| r.name.as_str())
-        .collect();
+    let markers = crate::repository::read_markers(&all).await;
     let mut repositories = Vec::with_capacity(all.len());
-    for (repository, held) in all.iter().zip(&markers) {
-        match held {
-            Ok(false) if !marked.is_empty() && !options.reseed => {
-                let unmarked = crate::repository::unmarked(repository, &marked);
-                report
-                    .failures
-                    .push(format!("{unmarked}; {}", unmarked.hints().join("; ")));
-            }
-            Ok(false) if !marked.is_empty() => {
+    for (index, repository) in all.iter().enumerate() {
+        match markers.wiped(&all, index) {
+            Some(wiped) if !options.reseed => report
+                .failures
+                .push(format!("{wiped}; {}", wiped.hints().join("; "))),
+            Some(_) => {
                 report.reseeded.push((repository.name.clone(), false));
                 repositories.push(repository.clone());
             }
-            _ => repositories.push(repository.clone()),
+            None => repositories.push(repository.clone()),
         }
     }
     for job in &jobs {
@@ -344,8 +335,16 @@ async fn replicate_backup(
     };
     for (target, holdings) in listed {
         let holding = holdings.get(id).cloned().unwrap_or_default();
+        // A repository with a manifest of its own is filled to what that manifest names:
+        // copies re-encrypted apart (rekey with a repository down) name different objects,
+        // and each is whole by its own manifest.
+        let own = match holding.manifest && holding.presence(&manifest) != Presence::Complete {
+            true => inventory::own_manifest(target, job, id).await,
+            false => None,
+        };
+        let expected = own.as_ref().unwrap_or(&manifest);
         let mut target_failed = false;
-        for object in &manifest.objects {
+        for object in &expected.objects {
             let key = layout::object_key(job, id, &object.name);
             let kind = if holding.objects.get(&object.name) != Some(&object.size) {
                 ActionKind::Copy

@@ -126,16 +126,11 @@ pub async fn run(config: &Config, options: &StatusOptions) -> Result<StatusRepor
     let clocks = crate::clock::read(&repositories).await;
     let clock_problems = clocks.beyond(config.max_clock_skew);
     let now = clocks.clock().now();
-    let markers = futures::future::join_all(repositories.iter().map(|r| r.has_marker())).await;
-    let unmarked: Vec<String> = match markers.iter().any(|m| matches!(m, Ok(true))) {
-        true => repositories
-            .iter()
-            .zip(&markers)
-            .filter(|(_, held)| matches!(held, Ok(false)))
-            .map(|(r, _)| r.name.clone())
-            .collect(),
-        false => Vec::new(),
-    };
+    let markers = crate::repository::read_markers(&repositories).await;
+    let unmarked: Vec<String> = (0..repositories.len())
+        .filter(|index| markers.wiped(&repositories, *index).is_some())
+        .map(|index| repositories[index].name.clone())
+        .collect();
     // A drill report that cannot be read leaves the drill columns empty, not the status.
     let drills = history(config, None)
         .await
@@ -227,10 +222,15 @@ async fn job_status(
         );
         return status;
     };
+    let expected = inventory::object_sizes(&manifest);
     for (repository, held) in &survey.listed {
-        let presence = held
-            .get(&newest)
-            .map_or(Presence::Missing, |h| h.presence(&manifest));
+        let presence = match held.get(&newest) {
+            Some(holding) => {
+                inventory::Survey::presence_in(repository, holding, &job.name, &newest, &expected)
+                    .await
+            }
+            None => Presence::Missing,
+        };
         match presence {
             Presence::Complete => status.present_in.push(repository.name.clone()),
             _ => status.missing_from.push(repository.name.clone()),

@@ -196,21 +196,12 @@ pub async fn run(config: &Config, options: &VerifyOptions) -> Result<VerifyRepor
     // Each repository read is judged against all the config names: a wiped one is no
     // smaller version of the others, and verifying the nothing it holds proves nothing.
     let all = Repository::open_all(config).await;
-    let markers = futures::future::join_all(all.iter().map(|r| r.has_marker())).await;
-    let marked: Vec<&str> = all
-        .iter()
-        .zip(&markers)
-        .filter(|(_, held)| matches!(held, Ok(true)))
-        .map(|(r, _)| r.name.as_str())
-        .collect();
-    for (repository, held) in all.iter().zip(&markers) {
-        if matches!(held, Ok(false))
-            && !marked.is_empty()
+    let markers = crate::repository::read_markers(&all).await;
+    for (index, repository) in all.iter().enumerate() {
+        if let Some(wiped) = markers.wiped(&all, index)
             && repositories.iter().any(|r| r.name == repository.name)
         {
-            report
-                .not_whole
-                .push(crate::repository::unmarked(repository, &marked).to_string());
+            report.not_whole.push(wiped.to_string());
         }
     }
     let keyring = Keyring::from_config(config);

@@ -118,10 +118,20 @@ pub struct IncompleteUpload {
 /// What `delete_unless_retained` did with an object.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Deletion {
-    /// Removed, or was already gone.
-    Deleted,
+    /// Removed, or was already gone; in a bucket that keeps versions, `versions` stored
+    /// versions (and delete markers) of the key were removed with it.
+    Deleted { versions: u32 },
     /// Left in place: a retention lock or legal hold protects it, until the date if known.
     Retained { until: Option<DateTime<Utc>> },
+}
+
+/// A bucket that keeps versions.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Versioning {
+    /// `Enabled`, or `Suspended` (versions made before are still kept).
+    pub status: String,
+    /// Whether a lifecycle rule expires noncurrent versions; `None` when it could not be read.
+    pub noncurrent_expire: Option<bool>,
 }
 
 /// Whether a store really keeps objects immutable, as found by writing a probe object.
@@ -181,7 +191,15 @@ pub trait Store: Send + Sync + fmt::Debug {
     /// objects are versioned (Object Lock), the version itself is removed, so no hidden copy
     /// stays behind a delete marker. Idempotent.
     async fn delete_unless_retained(&self, key: &str) -> Result<Deletion, StoreError> {
-        self.delete(key).await.map(|()| Deletion::Deleted)
+        self.delete(key)
+            .await
+            .map(|()| Deletion::Deleted { versions: 0 })
+    }
+
+    /// Whether the store keeps old versions of what is replaced or removed, and whether a
+    /// lifecycle rule expires them. `None` where the store has no versions.
+    async fn versioning(&self) -> Result<Option<Versioning>, StoreError> {
+        Ok(None)
     }
 
     /// Writes, checks and removes a short-lived locked probe under `probe_key`.

@@ -36,7 +36,7 @@ use sha2::{Digest, Sha256};
 
 use super::{
     ByteStream, ClockReading, Deletion, IncompleteUpload, LockSupport, ObjectMeta, PartStream,
-    PutReceipt, Store, StoreError, validate_key,
+    PutReceipt, Store, StoreError, Versioning, validate_key,
 };
 use crate::config::{
     ObjectLock, ObjectLockMode, RequestChecksums, S3Settings, ServerSideEncryption,
@@ -81,6 +81,8 @@ pub struct S3Store {
     sse: Option<ServerSideEncryption>,
     /// Which keys are written locked: the repository decides, the store only applies it.
     locked_keys: fn(&str) -> bool,
+    /// Whether the bucket keeps versions, asked once.
+    versioned: std::sync::Arc<tokio::sync::OnceCell<bool>>,
 }
 
 /// A retain-until date to write with an object.
@@ -162,6 +164,7 @@ impl S3Store {
             object_lock: settings.object_lock,
             sse: settings.sse.clone(),
             locked_keys: |_| false,
+            versioned: Default::default(),
         }
     }
 
@@ -170,6 +173,64 @@ impl S3Store {
     pub fn lock_keys(mut self, locked: fn(&str) -> bool) -> S3Store {
         self.locked_keys = locked;
         self
+    }
+
+    /// Whether the bucket keeps versions (enabled, or suspended with versions kept from
+    /// before): asked once. A bucket with Object Lock always does.
+    async fn is_versioned(&self) -> bool {
+        if self.object_lock.is_some() {
+            return true;
+        }
+        *self
+            .versioned
+            .get_or_init(|| async {
+                self.client
+                    .get_bucket_versioning()
+                    .bucket(&self.bucket)
+                    .send()
+                    .await
+                    .is_ok_and(|answer| answer.status().is_some())
+            })
+            .await
+    }
+
+    /// The version ids of every version and delete marker stored under exactly `full`.
+    async fn versions_of(&self, key: &str, full: &str) -> Result<Vec<Option<String>>, StoreError> {
+        let mut versions = Vec::new();
+        let mut key_marker: Option<String> = None;
+        let mut version_marker: Option<String> = None;
+        loop {
+            let page = self
+                .client
+                .list_object_versions()
+                .bucket(&self.bucket)
+                .prefix(full)
+                .set_key_marker(key_marker.clone())
+                .set_version_id_marker(version_marker.clone())
+                .send()
+                .await
+                .map_err(|e| sdk_error("list the versions of", key, e))?;
+            versions.extend(
+                page.versions()
+                    .iter()
+                    .filter(|v| v.key() == Some(full))
+                    .map(|v| v.version_id().map(str::to_string)),
+            );
+            versions.extend(
+                page.delete_markers()
+                    .iter()
+                    .filter(|m| m.key() == Some(full))
+                    .map(|m| m.version_id().map(str::to_string)),
+            );
+            if page.is_truncated() != Some(true) {
+                return Ok(versions);
+            }
+            key_marker = page.next_key_marker().map(str::to_string);
+            version_marker = page.next_version_id_marker().map(str::to_string);
+            if key_marker.is_none() && version_marker.is_none() {
+                return Ok(versions);
+            }
+        }
     }
 
     fn retention_for(&self, key: &str) -> Option<Retention> {
@@ -813,8 +874,11 @@ impl Store for S3Store {
     }
 
     async fn delete_unless_retained(&self, key: &str) -> Result<Deletion, StoreError> {
-        if self.object_lock.is_none() {
-            return self.delete(key).await.map(|()| Deletion::Deleted);
+        if self.object_lock.is_none() && !self.is_versioned().await {
+            return self
+                .delete(key)
+                .await
+                .map(|()| Deletion::Deleted { versions: 0 });
         }
         let full = self.full_key(key)?;
         let head = match self
@@ -825,30 +889,77 @@ impl Store for S3Store {
             .send()
             .await
         {
-            Ok(head) => head,
-            Err(e) if status(&e) == Some(404) => return Ok(Deletion::Deleted),
+            Ok(head) => Some(head),
+            // No current version; older ones may still be stored behind a delete marker.
+            Err(e) if status(&e) == Some(404) => None,
             Err(e) => return Err(sdk_error("stat", key, e)),
         };
-        let until = to_utc(head.object_lock_retain_until_date());
-        let held = head.object_lock_legal_hold_status() == Some(&ObjectLockLegalHoldStatus::On);
+        let until = head
+            .as_ref()
+            .and_then(|head| to_utc(head.object_lock_retain_until_date()));
+        let held = head.as_ref().is_some_and(|head| {
+            head.object_lock_legal_hold_status() == Some(&ObjectLockLegalHoldStatus::On)
+        });
         if held || until.is_some_and(|until| until > Utc::now()) {
             return Ok(Deletion::Retained { until });
         }
-        match self
+        // Every version of the key, the current one with the rest: a delete without a
+        // version id only stacks a delete marker on them, and the data stays (and is billed).
+        let mut versions = self.versions_of(key, &full).await?;
+        if let Some(head) = head.as_ref().filter(|_| versions.is_empty()) {
+            versions.push(head.version_id().map(str::to_string));
+        }
+        let mut removed = 0;
+        for version in versions {
+            match self
+                .client
+                .delete_object()
+                .bucket(&self.bucket)
+                .key(&full)
+                .set_version_id(version)
+                .send()
+                .await
+            {
+                Ok(_) => removed += 1,
+                Err(e) if status(&e) == Some(404) => {}
+                // A lock that HEAD did not show (a bucket default, a clock ahead of the
+                // server's), or an older version still locked.
+                Err(e) if status(&e) == Some(403) => return Ok(Deletion::Retained { until }),
+                Err(e) => return Err(sdk_error("delete", key, e)),
+            }
+        }
+        Ok(Deletion::Deleted { versions: removed })
+    }
+
+    async fn versioning(&self) -> Result<Option<Versioning>, StoreError> {
+        let answer = self
             .client
-            .delete_object()
+            .get_bucket_versioning()
             .bucket(&self.bucket)
-            .key(&full)
-            .set_version_id(head.version_id().map(str::to_string))
+            .send()
+            .await
+            .map_err(|e| sdk_error("read the versioning of bucket", &self.bucket, e))?;
+        let Some(state) = answer.status().map(|s| s.as_str().to_string()) else {
+            return Ok(None);
+        };
+        let noncurrent_expire = match self
+            .client
+            .get_bucket_lifecycle_configuration()
+            .bucket(&self.bucket)
             .send()
             .await
         {
-            Ok(_) => Ok(Deletion::Deleted),
-            Err(e) if status(&e) == Some(404) => Ok(Deletion::Deleted),
-            // A lock that HEAD did not show (a bucket default, a clock ahead of the server's).
-            Err(e) if status(&e) == Some(403) => Ok(Deletion::Retained { until }),
-            Err(e) => Err(sdk_error("delete", key, e)),
-        }
+            Ok(lifecycle) => Some(lifecycle.rules().iter().any(|rule| {
+                rule.status().as_str() == "Enabled"
+                    && rule.noncurrent_version_expiration().is_some()
+            })),
+            Err(e) if status(&e) == Some(404) => Some(false),
+            Err(_) => None,
+        };
+        Ok(Some(Versioning {
+            status: state,
+            noncurrent_expire,
+        }))
     }
 
     async fn probe_lock(&self, probe_key: &str) -> Result<LockSupport, StoreError> {

@@ -25,28 +25,38 @@ struct Journal {
     removing: Vec<String>,
 }
 
-/// Ids an earlier prune was removing, from every repository's journal.
-pub(super) async fn read_journal(survey: &Survey<'_>, job: &str) -> BTreeSet<String> {
+/// Ids an earlier prune was removing, per repository from its own journal.
+pub(super) async fn read_journal(
+    survey: &Survey<'_>,
+    job: &str,
+) -> BTreeMap<String, BTreeSet<String>> {
     let key = layout::prune_journal_key(job);
-    let mut ids = BTreeSet::new();
+    let mut journals = BTreeMap::new();
     for (repository, _) in &survey.listed {
         let Ok(bytes) = storage::get_bytes(repository.store.as_ref(), &key).await else {
             continue;
         };
         match serde_json::from_slice::<Journal>(&bytes) {
-            Ok(journal) => ids.extend(journal.removing),
+            Ok(journal) => {
+                journals.insert(
+                    repository.name.clone(),
+                    journal.removing.into_iter().collect(),
+                );
+            }
             Err(e) => {
                 tracing::warn!(repository = %repository.name, key = %key, error = %e, "unreadable prune journal")
             }
         }
     }
-    ids
+    journals
 }
 
 #[derive(Default)]
 pub(super) struct Removal {
     pub retained: Vec<Retained>,
     pub failures: Vec<String>,
+    /// Stored versions removed with the keys, where the bucket keeps versions.
+    pub versions: u64,
 }
 
 impl Removal {
@@ -66,7 +76,7 @@ pub(super) async fn delete_keys(repository: &Repository, keys: Vec<String>) -> R
             Removal::default(),
             |mut removal, (key, result)| async move {
                 match result {
-                    Ok(Deletion::Deleted) => {}
+                    Ok(Deletion::Deleted { versions }) => removal.versions += u64::from(versions),
                     Ok(Deletion::Retained { until }) => removal.retained.push(Retained {
                         repository: repository.name.clone(),
                         key,
@@ -140,14 +150,17 @@ pub(super) async fn remove_from(
         let mut removal = Removal::default();
         if holding.manifest {
             removal = delete_keys(repository, vec![layout::manifest_key(job, id)]).await;
+            outcome.versions_removed += removal.versions;
         }
         // A manifest that stays (locked, or the delete failed) keeps its objects with it.
         if removal.complete() {
             removal = delete_keys(repository, object_keys(job, id, holding)).await;
+            outcome.versions_removed += removal.versions;
             unfinished |= !removal.complete();
         }
         if removal.complete() {
             removal = delete_keys(repository, vec![layout::verified_key(job, id)]).await;
+            outcome.versions_removed += removal.versions;
         }
         let backup = outcome
             .backups
@@ -166,6 +179,7 @@ pub(super) async fn remove_from(
             object_keys(job, &leftover.id, &held[&leftover.id]),
         )
         .await;
+        outcome.versions_removed += removal.versions;
         leftover.removed = removal.complete();
         unfinished |= !removal.complete();
         leftover.retained = removal.retained;

@@ -67,22 +67,13 @@ pub async fn run(config: &Config, options: &PruneOptions) -> Result<PruneReport>
     let all = Repository::open_all(config).await;
     // A repository without its marker while others hold theirs was wiped: what it lacks is
     // for `replicate --reseed`, and nothing is removed from it.
-    let markers = futures::future::join_all(all.iter().map(|r| r.has_marker())).await;
-    let marked: Vec<&str> = all
-        .iter()
-        .zip(&markers)
-        .filter(|(_, held)| matches!(held, Ok(true)))
-        .map(|(r, _)| r.name.as_str())
-        .collect();
+    let markers = crate::repository::read_markers(&all).await;
     let mut repositories = Vec::with_capacity(all.len());
     let mut unmarked = Vec::new();
-    for (repository, held) in all.iter().zip(&markers) {
-        match held {
-            Ok(false) if !marked.is_empty() => unmarked.push((
-                repository.name.clone(),
-                crate::repository::unmarked(repository, &marked).to_string(),
-            )),
-            _ => repositories.push(repository.clone()),
+    for (index, repository) in all.iter().enumerate() {
+        match markers.wiped(&all, index) {
+            Some(wiped) => unmarked.push((repository.name.clone(), wiped.to_string())),
+            None => repositories.push(repository.clone()),
         }
     }
     // Retention counts back from now: with this host's clock wrong, it would keep the wrong
@@ -186,14 +177,21 @@ async fn prune_job(
         outcome.refused = Some(refusals.join("; "));
     }
     outcome.backups = merge(&survey, &plans);
-    let journal = apply::read_journal(&survey, &job.name).await;
+    let journals = apply::read_journal(&survey, &job.name).await;
+    let journal: BTreeSet<&String> = journals.values().flatten().collect();
+    let no_journal = BTreeSet::new();
     let committed_set: BTreeSet<&String> = committed.iter().collect();
     let grace = chrono::Duration::from_std(options.grace).unwrap_or(chrono::Duration::MAX);
 
     for ((repository, held), decisions) in survey.listed.iter().zip(&plans) {
+        // What an interrupted prune was removing here stays this repository's to finish,
+        // even where another repository still holds the backup (its own plan keeps it).
+        let own_journal = journals.get(&repository.name).unwrap_or(&no_journal);
         let leftovers: Vec<Leftover> = held
             .iter()
-            .filter(|(id, _)| !committed_set.contains(id))
+            .filter(|(id, holding)| {
+                !committed_set.contains(id) || (!holding.manifest && own_journal.contains(*id))
+            })
             .filter_map(|(id, holding)| {
                 let why = if journal.contains(id) {
                     "left by an interrupted prune".to_string()

@@ -85,6 +85,9 @@ pub struct JobPrune {
     pub unreachable: Vec<(String, String)>,
     /// Removal records written (one per removed backup and listed repository).
     pub recorded: usize,
+    /// Stored versions removed with the backups and leftovers, where a bucket keeps
+    /// versions (WAL's are counted in `wal`).
+    pub versions_removed: u64,
     /// Removals that failed; the next prune retries them.
     pub failures: Vec<String>,
 }
@@ -101,6 +104,7 @@ impl JobPrune {
             wal_skipped: None,
             unreachable,
             recorded: 0,
+            versions_removed: 0,
             failures: Vec::new(),
         }
     }
@@ -244,6 +248,16 @@ impl fmt::Display for PruneReport {
             }
             if let Some(wal) = &job.wal {
                 write!(f, "{}", wal.display(self.dry_run))?;
+            }
+            let versions = job.versions_removed
+                + job.wal.as_ref().map_or(0, |wal| {
+                    wal.repositories.iter().map(|r| r.versions).sum::<u64>()
+                });
+            if versions > 0 {
+                writeln!(
+                    f,
+                    "  removed {versions} stored version(s) of what went: the bucket keeps versions, and a plain delete would only hide them"
+                )?;
             }
             if let Some(why) = &job.wal_skipped {
                 writeln!(f, "  WAL left alone: {why}")?;

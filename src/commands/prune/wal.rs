@@ -35,6 +35,8 @@ pub struct WalRepositoryPrune {
     pub kept: usize,
     /// Files Object Lock kept although no backup needs them.
     pub retained: usize,
+    /// Stored versions removed with the files, where the bucket keeps versions.
+    pub versions: u64,
 }
 
 #[derive(Debug, Serialize)]
@@ -147,6 +149,7 @@ pub(super) async fn prune(
             removed: 0,
             kept: 0,
             retained: 0,
+            versions: 0,
         };
         // Page by page, so that memory does not grow with the archive.
         let listed = storage::for_each_page(
@@ -171,6 +174,7 @@ pub(super) async fn prune(
                     removed -= left;
                     outcome.kept += left;
                     outcome.retained += removal.retained.len();
+                    outcome.versions += removal.versions;
                     failures.extend(removal.failures);
                 }
                 outcome.removed += removed;
