@@ -558,6 +558,19 @@ fn a_backup_with_an_unreadable_manifest_is_kept_as_damaged() {
     );
     assert_eq!(
         manifest_ids(local_listing(&local).keys(), "conf"),
-        [old, new].into_iter().collect()
+        [old.clone(), new.clone()].into_iter().collect()
+    );
+
+    // Nor does a damaged newest backup take the retention slot of one that restores.
+    let newest = take_backup(&config, "conf");
+    let manifest = local.join(format!("jobs/conf/backups/{newest}/manifest.json"));
+    std::fs::write(&manifest, b"{ damaged too").unwrap();
+    let run = lifeboat(&config, &["prune"]);
+    run.assert_code(0);
+    assert_eq!(
+        manifest_ids(local_listing(&local).keys(), "conf"),
+        [old, new, newest].into_iter().collect(),
+        "{}",
+        run.stdout
     );
 }

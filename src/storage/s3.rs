@@ -194,8 +194,13 @@ impl S3Store {
             .await
     }
 
-    /// The version ids of every version and delete marker stored under exactly `full`.
-    async fn versions_of(&self, key: &str, full: &str) -> Result<Vec<Option<String>>, StoreError> {
+    /// The version ids of every version and delete marker stored under exactly `full`;
+    /// `None` from a server that does not implement version listing.
+    async fn versions_of(
+        &self,
+        key: &str,
+        full: &str,
+    ) -> Result<Option<Vec<Option<String>>>, StoreError> {
         let mut versions = Vec::new();
         let mut key_marker: Option<String> = None;
         let mut version_marker: Option<String> = None;
@@ -208,8 +213,12 @@ impl S3Store {
                 .set_key_marker(key_marker.clone())
                 .set_version_id_marker(version_marker.clone())
                 .send()
-                .await
-                .map_err(|e| sdk_error("list the versions of", key, e))?;
+                .await;
+            let page = match page {
+                Ok(page) => page,
+                Err(e) if not_implemented(&e) => return Ok(None),
+                Err(e) => return Err(sdk_error("list the versions of", key, e)),
+            };
             versions.extend(
                 page.versions()
                     .iter()
@@ -223,12 +232,12 @@ impl S3Store {
                     .map(|m| m.version_id().map(str::to_string)),
             );
             if page.is_truncated() != Some(true) {
-                return Ok(versions);
+                return Ok(Some(versions));
             }
             key_marker = page.next_key_marker().map(str::to_string);
             version_marker = page.next_version_id_marker().map(str::to_string);
             if key_marker.is_none() && version_marker.is_none() {
-                return Ok(versions);
+                return Ok(Some(versions));
             }
         }
     }
@@ -427,6 +436,16 @@ fn sha256_base64(data: &[u8]) -> String {
 
 fn status<E>(err: &SdkError<E, HttpResponse>) -> Option<u16> {
     err.raw_response().map(|r| r.status().as_u16())
+}
+
+/// The server does not implement the call (HTTP 501, as Garage answers for Object Lock and
+/// version listing).
+fn not_implemented<E>(err: &SdkError<E, HttpResponse>) -> bool
+where
+    E: ProvideErrorMetadata,
+{
+    status(err) == Some(501)
+        || err.as_service_error().and_then(|s| s.code()) == Some("NotImplemented")
 }
 
 /// Keeps the `Date` header of the response it sees.
@@ -905,7 +924,13 @@ impl Store for S3Store {
         }
         // Every version of the key, the current one with the rest: a delete without a
         // version id only stacks a delete marker on them, and the data stays (and is billed).
-        let mut versions = self.versions_of(key, &full).await?;
+        let Some(mut versions) = self.versions_of(key, &full).await? else {
+            // A server that keeps no versions (Garage says it has no version listing).
+            return self
+                .delete(key)
+                .await
+                .map(|()| Deletion::Deleted { versions: 0 });
+        };
         if let Some(head) = head.as_ref().filter(|_| versions.is_empty()) {
             versions.push(head.version_id().map(str::to_string));
         }
@@ -937,8 +962,12 @@ impl Store for S3Store {
             .get_bucket_versioning()
             .bucket(&self.bucket)
             .send()
-            .await
-            .map_err(|e| sdk_error("read the versioning of bucket", &self.bucket, e))?;
+            .await;
+        let answer = match answer {
+            Ok(answer) => answer,
+            Err(e) if not_implemented(&e) => return Ok(None),
+            Err(e) => return Err(sdk_error("read the versioning of bucket", &self.bucket, e)),
+        };
         let Some(state) = answer.status().map(|s| s.as_str().to_string()) else {
             return Ok(None);
         };
@@ -982,10 +1011,7 @@ impl Store for S3Store {
             Err(e) if matches!(status(&e), Some(404) | Some(400)) => {
                 return Ok(LockSupport::NotEnabled);
             }
-            Err(e)
-                if status(&e) == Some(501)
-                    || e.as_service_error().and_then(|s| s.code()) == Some("NotImplemented") =>
-            {
+            Err(e) if not_implemented(&e) => {
                 return Ok(LockSupport::NotImplemented);
             }
             Err(e) => {

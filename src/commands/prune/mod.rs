@@ -128,38 +128,28 @@ async fn prune_job(
         return outcome;
     }
     let committed = survey.committed_ids();
+    // A manifest no repository can read is damage to report, not an old backup to remove
+    // (what its objects hold may still be recovered), nor one that takes a retention slot
+    // from a backup that restores.
+    let readable = survey.manifests(&job.name, &committed).await;
+    let damaged: BTreeSet<&String> = committed
+        .iter()
+        .zip(&readable)
+        .filter(|(_, manifest)| manifest.is_none())
+        .map(|(id, _)| id)
+        .collect();
     // Each repository by what it holds itself: one that missed the newest backups (it was
     // down) keeps its own newest, never losing them because others hold newer ones.
-    let mut damaged: BTreeMap<String, bool> = BTreeMap::new();
     let mut plans: Vec<Vec<Decision>> = Vec::with_capacity(survey.listed.len());
     let mut refusals: Vec<String> = Vec::new();
     for (repository, held) in &survey.listed {
         let ids: Vec<String> = held
             .iter()
-            .filter(|(_, holding)| holding.manifest)
+            .filter(|(id, holding)| holding.manifest && !damaged.contains(id))
             .map(|(id, _)| id.clone())
             .collect();
         let verified = verified_ids(repository, &job.name).await;
         let mut decisions = decide(job, &ids, &verified, proofs, now);
-        // A manifest no repository can read is damage to report, not an old backup to
-        // remove: what its objects hold may still be recovered.
-        for decision in decisions.iter_mut().filter(|d| !d.keep) {
-            let unreadable = match damaged.get(&decision.id) {
-                Some(unreadable) => *unreadable,
-                None => {
-                    let unreadable = survey.manifest(&job.name, &decision.id).await.is_none();
-                    damaged.insert(decision.id.clone(), unreadable);
-                    unreadable
-                }
-            };
-            if unreadable {
-                decision.keep = true;
-                decision.reasons = vec![format!(
-                    "damaged: no repository holds a readable manifest of it; kept for `lifeboat verify {}`",
-                    job.name
-                )];
-            }
-        }
         if !ids.is_empty() && decisions.iter().all(|d| !d.keep) {
             refusals.push(format!(
                 "the plan would remove all {} backup(s) repository '{}' holds; nothing was removed there",
@@ -171,6 +161,19 @@ async fn prune_job(
                 decision.reasons = vec!["kept: the plan would remove every backup here".into()];
             }
         }
+        decisions.extend(
+            held.iter()
+                .filter(|(id, holding)| holding.manifest && damaged.contains(id))
+                .map(|(id, _)| Decision {
+                    id: id.clone(),
+                    at: layout::parse_backup_id(id).unwrap_or_default(),
+                    keep: true,
+                    reasons: vec![format!(
+                        "damaged: no repository holds a readable manifest of it; kept for `lifeboat verify {}`",
+                        job.name
+                    )],
+                }),
+        );
         plans.push(decisions);
     }
     if !refusals.is_empty() {
