@@ -37,6 +37,17 @@ fn local_ids(root: &Path, job: &str) -> Vec<String> {
     ids
 }
 
+/// Writes `data` into the source's one file and backs it up a second after the last
+/// backup (ids have one-second resolution): the run, which exits `code`.
+fn back_up(config: &Path, source: &Path, data: &str, code: i32) -> crate::common::Run {
+    std::thread::sleep(Duration::from_millis(1100));
+    std::fs::write(source.join("data"), data).unwrap();
+    let run = lifeboat(config, &["backup", "conf"]);
+    run.assert_code(code);
+    run
+}
+
+/// What `restore conf ARGS` brings back of the source's one file.
 fn restored(config: &Path, work: &Path, source: &Path, args: &[&str]) -> String {
     let into = work.join(format!("restore-{}", args.join("-")));
     let mut all = vec!["restore", "conf", "--into", into.to_str().unwrap()];
@@ -64,11 +75,8 @@ async fn a_region_that_missed_backups_keeps_its_own_newest_and_replicate_respect
         ),
     );
     let backup = |data: &str, code: i32| {
-        std::thread::sleep(Duration::from_millis(1100));
-        std::fs::write(source.join("data"), data).unwrap();
-        let run = lifeboat(&config, &["backup", "conf"]);
-        run.assert_code(code);
-        run.stdout
+        back_up(&config, &source, data, code)
+            .stdout
             .lines()
             .find_map(|l| l.strip_prefix("backup conf/"))
             .unwrap()
@@ -156,9 +164,7 @@ async fn a_wiped_bucket_fails_verify_check_and_status_until_replicate_reseeds_it
         ),
     );
     for data in ["v1", "v2", "v3"] {
-        std::thread::sleep(Duration::from_millis(1100));
-        std::fs::write(source.join("data"), data).unwrap();
-        lifeboat(&config, &["backup", "conf"]).assert_code(0);
+        back_up(&config, &source, data, 0);
     }
     lifeboat(&config, &["verify"]).assert_code(0);
 
@@ -205,10 +211,7 @@ async fn a_wiped_bucket_fails_verify_check_and_status_until_replicate_reseeds_it
         status.stdout
     );
     // A backup does not quietly mark it again, and neither does replicate unasked.
-    std::fs::write(source.join("data"), "v4").unwrap();
-    std::thread::sleep(Duration::from_millis(1100));
-    let backup = lifeboat(&config, &["backup", "conf"]);
-    backup.assert_code(3);
+    let backup = back_up(&config, &source, "v4", 3);
     assert!(
         backup.stderr.contains("holds no marker"),
         "{}",
@@ -258,21 +261,8 @@ async fn a_wiped_bucket_fails_verify_check_and_status_until_replicate_reseeds_it
     let rows = listed(&config, "conf");
     assert_eq!(rows.len(), 4);
     assert!(rows.values().all(|r| r == "a,b"), "{rows:?}");
-    let into = work.path().join("from-b");
-    lifeboat(
-        &config,
-        &[
-            "restore",
-            "conf",
-            "--from",
-            "b",
-            "--into",
-            into.to_str().unwrap(),
-        ],
-    )
-    .assert_code(0);
     assert_eq!(
-        std::fs::read_to_string(into.join(source.strip_prefix("/").unwrap()).join("data")).unwrap(),
+        restored(&config, work.path(), &source, &["--from", "b"]),
         "v4"
     );
 }
@@ -313,9 +303,7 @@ async fn a_rekey_with_a_region_down_settles_when_it_is_back() {
         ),
     );
     for data in ["v1", "v2"] {
-        std::thread::sleep(Duration::from_millis(1100));
-        std::fs::write(source.join("data"), data).unwrap();
-        lifeboat(&config, &["backup", "conf"]).assert_code(0);
+        back_up(&config, &source, data, 0);
     }
     let rekey = ["rekey", "--add-recipient", new_recipient.as_str()];
 
@@ -433,9 +421,7 @@ async fn prune_in_a_versioned_bucket_removes_every_version_of_what_goes() {
     );
     let mut ids = Vec::new();
     for data in ["v1", "v2", "v3"] {
-        std::thread::sleep(Duration::from_millis(1100));
-        std::fs::write(source.join("data"), data).unwrap();
-        lifeboat(&config, &["backup", "conf"]).assert_code(0);
+        back_up(&config, &source, data, 0);
         ids.extend(listed(&config, "conf").into_keys().max());
     }
     let check = lifeboat(&config, &["check"]);
@@ -498,14 +484,5 @@ async fn prune_in_a_versioned_bucket_removes_every_version_of_what_goes() {
         left.iter().any(|k| k.contains(ids[2].as_str())),
         "the kept backup is there: {left:?}"
     );
-    let into = work.path().join("restored");
-    lifeboat(
-        &config,
-        &["restore", "conf", "--into", into.to_str().unwrap()],
-    )
-    .assert_code(0);
-    assert_eq!(
-        std::fs::read_to_string(into.join(source.strip_prefix("/").unwrap()).join("data")).unwrap(),
-        "v3"
-    );
+    assert_eq!(restored(&config, work.path(), &source, &[]), "v3");
 }
