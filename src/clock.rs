@@ -81,13 +81,27 @@ impl Readings {
     }
 
     /// Each repository whose clock is more than `max` from this host's, described.
+    /// And repositories whose clocks are more than `max` apart: times taken from whichever
+    /// answers first would not sort with those taken from the other.
     pub fn beyond(&self, max: Duration) -> Vec<String> {
         let max = chrono::Duration::from_std(max).unwrap_or(chrono::Duration::MAX);
-        self.read
+        let mut beyond: Vec<String> = self
+            .read
             .iter()
             .filter(|(_, reading)| reading.skew().abs() > max)
             .map(|(name, reading)| describe(name, reading))
-            .collect()
+            .collect();
+        let slowest = self.read.iter().min_by_key(|(_, r)| r.skew());
+        let fastest = self.read.iter().max_by_key(|(_, r)| r.skew());
+        if let (Some((slow, slow_reading)), Some((fast, fast_reading))) = (slowest, fastest)
+            && fast_reading.skew() - slow_reading.skew() > max
+        {
+            beyond.push(format!(
+                "the clocks of repositories '{fast}' and '{slow}' are {} apart",
+                human(fast_reading.skew() - slow_reading.skew())
+            ));
+        }
+        beyond
     }
 
     /// The clock to take times from, or an error naming each repository whose clock is more
@@ -131,16 +145,23 @@ pub fn describe(repository: &str, reading: &ClockReading) -> String {
     )
 }
 
-/// Whole seconds, as humantime writes them: "1h 2s".
-fn human(duration: chrono::Duration) -> String {
-    let seconds = ((duration.num_milliseconds().max(0) + 500) / 1000) as u64;
-    humantime::format_duration(Duration::from_secs(seconds)).to_string()
+/// To the second, as humantime writes it ("1h 2s"); under a minute to the tenth ("0.4s").
+pub fn human(duration: chrono::Duration) -> String {
+    let millis = duration.num_milliseconds().max(0);
+    if millis < 60_000 {
+        return format!("{:.1}s", millis as f64 / 1000.0);
+    }
+    humantime::format_duration(Duration::from_secs(((millis + 500) / 1000) as u64)).to_string()
 }
 
-/// Whether a time a backup records lies ahead of `now` by more than the readings' error: a
-/// backup dated in the future was made by a host whose clock ran fast.
-pub fn in_the_future(at: DateTime<Utc>, now: DateTime<Utc>) -> bool {
-    at - now > RESOLUTION
+/// Whether a time a backup records lies ahead of `now` by more than clocks may differ
+/// (`max_skew`): a host whose clock ran fast made it, or a repository's clock stepped back.
+/// (Ids of backups started within one second run a few seconds ahead by design.)
+pub fn in_the_future(at: DateTime<Utc>, now: DateTime<Utc>, max_skew: Duration) -> bool {
+    let tolerance = chrono::Duration::from_std(max_skew)
+        .unwrap_or(chrono::Duration::MAX)
+        .max(RESOLUTION);
+    at - now > tolerance
 }
 
 #[cfg(test)]
@@ -203,9 +224,29 @@ mod tests {
     }
 
     #[test]
-    fn a_time_more_than_the_error_ahead_is_in_the_future() {
+    fn a_time_more_than_the_allowed_skew_ahead_is_in_the_future() {
         let now = at("2026-12-06T20:00:00Z");
-        assert!(!in_the_future(now + chrono::Duration::seconds(2), now));
-        assert!(in_the_future(now + chrono::Duration::seconds(3), now));
+        let max = DEFAULT_MAX_CLOCK_SKEW;
+        assert!(!in_the_future(
+            now + chrono::Duration::seconds(120),
+            now,
+            max
+        ));
+        assert!(in_the_future(
+            now + chrono::Duration::seconds(121),
+            now,
+            max
+        ));
+    }
+
+    #[test]
+    fn repositories_whose_clocks_disagree_are_named() {
+        let apart = readings(&[("a", 110), ("b", -20)]);
+        let beyond = apart.beyond(DEFAULT_MAX_CLOCK_SKEW);
+        assert_eq!(
+            beyond,
+            ["the clocks of repositories 'a' and 'b' are 2m 10s apart"]
+        );
+        assert!(apart.trusted(DEFAULT_MAX_CLOCK_SKEW, "prune").is_err());
     }
 }

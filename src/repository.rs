@@ -57,6 +57,8 @@ pub struct Markers {
     pub held: Vec<Result<bool>>,
     /// The repositories that hold their marker and something under `jobs/`.
     holding_data: Vec<String>,
+    /// The repositories that hold something under `jobs/` and no marker.
+    unmarked_data: Vec<String>,
 }
 
 /// Reads every repository's marker; where some lack theirs, also whether the others hold
@@ -64,30 +66,60 @@ pub struct Markers {
 pub async fn read_markers(repositories: &[Repository]) -> Markers {
     let held = futures::future::join_all(repositories.iter().map(|r| r.has_marker())).await;
     let mut holding_data = Vec::new();
+    let mut unmarked_data = Vec::new();
     if held.iter().any(|h| matches!(h, Ok(false))) {
         for (repository, held) in repositories.iter().zip(&held) {
-            if matches!(held, Ok(true))
-                && repository
+            let holds_data = || async {
+                repository
                     .store
                     .list_page("jobs/", None, 1)
                     .await
                     .is_ok_and(|page| !page.is_empty())
-            {
-                holding_data.push(repository.name.clone());
+            };
+            match held {
+                Ok(true) if holds_data().await => holding_data.push(repository.name.clone()),
+                Ok(false) if holds_data().await => unmarked_data.push(repository.name.clone()),
+                _ => {}
             }
         }
     }
-    Markers { held, holding_data }
+    Markers {
+        held,
+        holding_data,
+        unmarked_data,
+    }
 }
 
 impl Markers {
     /// The error for repository `index` of those read when it lacks its marker while
     /// another holds its own and data: it was wiped, or is new, or misconfigured. A
     /// repository lacking its marker where no other holds any data has lost nothing.
+    /// One holding data without its marker had the marker removed: it is not marked again
+    /// either.
     pub fn wiped(&self, repositories: &[Repository], index: usize) -> Option<Error> {
-        let lacks = matches!(self.held.get(index), Some(Ok(false)));
+        if !matches!(self.held.get(index), Some(Ok(false))) {
+            return None;
+        }
+        let repository = &repositories[index];
         let others: Vec<&str> = self.holding_data.iter().map(String::as_str).collect();
-        (lacks && !others.is_empty()).then(|| unmarked(&repositories[index], &others))
+        if !others.is_empty() {
+            return Some(unmarked(repository, &others));
+        }
+        self.unmarked_data.contains(&repository.name).then(|| {
+            Error::new(
+                ErrorKind::Storage,
+                format!(
+                    "repository '{}' ({}) holds data under 'jobs/' but no marker '{}': the marker was removed, or the config points at another repository's data",
+                    repository.name,
+                    repository.store.location(),
+                    layout::MARKER_KEY
+                ),
+            )
+            .with_hint(format!(
+                "if it is the right place, `lifeboat replicate --reseed` completes '{}' from the others and writes its marker",
+                repository.name
+            ))
+        })
     }
 }
 
@@ -120,6 +152,9 @@ pub struct Tombstone {
     /// The repositories it was removed from in that run.
     pub removed_from: Vec<String>,
 }
+
+/// The most a removal record may be.
+const TOMBSTONE_LIMIT: u64 = 16 * 1024;
 
 #[derive(Debug, Serialize, Deserialize)]
 struct Marker {
@@ -216,7 +251,10 @@ impl Repository {
                 ),
             )
             .with_hint(
-                "mount it, or check its path (bucket, prefix) in the config; its first backup writes the marker",
+                "mount it, or check its path (bucket, prefix) in the config; the first backup into a config's repositories writes their markers",
+            )
+            .with_hint(
+                "if another repository of the config holds its marker, this one was wiped: `lifeboat replicate --reseed` fills it",
             )),
             Err(e) => Err(self.error(&format!("read marker '{}'", layout::MARKER_KEY), e)),
         }
@@ -346,6 +384,18 @@ impl Repository {
             .await
             .map(|_| ())
             .map_err(|e| self.error(&format!("write the removal record '{key}'"), e))
+    }
+
+    /// The removal record of `job/id`, if it reads as one: a record that does not (empty,
+    /// garbage, naming another backup) is no record.
+    pub async fn read_tombstone(&self, job: &str, id: &str) -> Option<Tombstone> {
+        let key = layout::removed_key(job, id);
+        let bytes = storage::get_range_bytes(self.store.as_ref(), &key, Some(0..TOMBSTONE_LIMIT))
+            .await
+            .ok()?;
+        serde_json::from_slice::<Tombstone>(&bytes)
+            .ok()
+            .filter(|tombstone| tombstone.id == id)
     }
 
     /// The backups of `job` prune removed, by id, with when the record was written: from

@@ -162,6 +162,35 @@ async fn a_host_an_hour_behind_is_refused_and_with_the_limit_raised_its_backups_
     assert_eq!(restored_data(&host_a, work.path(), &source), "B3");
 }
 
+/// A backup left a minute ahead by a repository whose clock ran fast within the limit: the
+/// next backup, newer, still sorts after it; one dated beyond the limit is not followed.
+#[test]
+fn a_new_backup_never_sorts_before_one_already_there_within_the_limit() {
+    let work = tempfile::tempdir().unwrap();
+    let source = work.path().join("app");
+    std::fs::create_dir(&source).unwrap();
+    std::fs::write(source.join("data"), "now").unwrap();
+    let repo = work.path().join("repo");
+    let config = write_config(
+        work.path(),
+        &format!(
+            "{}{}",
+            local_repository("local", &repo),
+            files_job("conf", &[&source])
+        ),
+    );
+    backup_id(&lifeboat(&config, &["backup", "conf"]));
+    let ahead = lifeboat::layout::backup_id(chrono::Utc::now() + chrono::Duration::seconds(60));
+    let far = lifeboat::layout::backup_id(chrono::Utc::now() + chrono::Duration::hours(3));
+    for id in [&ahead, &far] {
+        let dir = repo.join(lifeboat::layout::backup_prefix("conf", id));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("files.tar.zst"), b"left by another host").unwrap();
+    }
+    let next = backup_id(&lifeboat(&config, &["backup", "conf"]));
+    assert!(next > ahead && next < far, "{next} is not between {ahead} and {far}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_host_two_hours_fast_is_critical_and_a_backup_dated_in_the_future_is_named() {
     let work = tempfile::tempdir().unwrap();
@@ -243,5 +272,39 @@ async fn a_host_two_hours_fast_is_critical_and_a_backup_dated_in_the_future_is_n
         shown.stdout.contains("dated in the future"),
         "{}",
         shown.stdout
+    );
+
+    // Retention counts it for no rule: the backups really made since are not pushed out.
+    std::fs::write(
+        &config,
+        format!(
+            "{}{}retention = {{ keep_last = 1 }}\n",
+            local_repository("local", &repo),
+            files_job("conf", &[&source])
+        ),
+    )
+    .unwrap();
+    std::thread::sleep(Duration::from_millis(1100));
+    std::fs::write(source.join("data"), "newer").unwrap();
+    let newer = backup_id(&lifeboat(&config, &["backup", "conf"]));
+    let prune = lifeboat(&config, &["prune"]);
+    prune.assert_code(0);
+    assert!(
+        prune.stdout.contains("dated in the future (now "),
+        "{}",
+        prune.stdout
+    );
+    for kept in [&newer, &manifest.id] {
+        assert!(
+            repo.join(lifeboat::layout::manifest_key("conf", kept))
+                .exists(),
+            "{kept} was removed\n{}",
+            prune.stdout
+        );
+    }
+    assert!(
+        !repo
+            .join(lifeboat::layout::manifest_key("conf", &id))
+            .exists()
     );
 }

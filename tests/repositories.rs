@@ -205,7 +205,7 @@ async fn a_wiped_bucket_fails_verify_check_and_status_until_replicate_reseeds_it
     assert!(
         status
             .stdout
-            .contains("CRITICAL: repository 'b' holds no marker 'lifeboat.json' while others do")
+            .contains("CRITICAL: repository 'b' (s3://backups/lifeboat) holds no marker 'lifeboat.json' while 'a' do(es)")
             && status.stdout.contains("it holds 0 of the 3 backup(s)"),
         "{}",
         status.stdout
@@ -485,4 +485,96 @@ async fn prune_in_a_versioned_bucket_removes_every_version_of_what_goes() {
         "the kept backup is there: {left:?}"
     );
     assert_eq!(restored(&config, work.path(), &source, &[]), "v3");
+}
+
+/// Makes the local repository at `path` unreachable (a regular file where its directory
+/// was) and returns a guard that puts it back.
+struct Unreachable(std::path::PathBuf, std::path::PathBuf);
+
+impl Unreachable {
+    fn make(path: &Path) -> Unreachable {
+        let aside = path.with_extension("aside");
+        std::fs::rename(path, &aside).unwrap();
+        std::fs::write(path, b"not a directory").unwrap();
+        Unreachable(path.to_path_buf(), aside)
+    }
+}
+
+impl Drop for Unreachable {
+    fn drop(&mut self) {
+        std::fs::remove_file(&self.0).unwrap();
+        std::fs::rename(&self.1, &self.0).unwrap();
+    }
+}
+
+#[test]
+fn planted_removal_records_and_a_removed_marker_do_not_stop_replication_or_get_marked_over() {
+    let work = tempfile::tempdir().unwrap();
+    let source = work.path().join("app");
+    std::fs::create_dir(&source).unwrap();
+    let (a, b) = (work.path().join("a"), work.path().join("b"));
+    let config = write_config(
+        work.path(),
+        &format!(
+            "{}{}{}",
+            local_repository("a", &a),
+            local_repository("b", &b),
+            files_job("conf", &[&source])
+        ),
+    );
+    back_up(&config, &source, "v1", 0);
+    let (v2, v3) = {
+        let _down = Unreachable::make(&b);
+        back_up(&config, &source, "v2", 3);
+        back_up(&config, &source, "v3", 3);
+        let mut ids: Vec<String> = local_ids(&a, "conf");
+        let v3 = ids.pop().unwrap();
+        (ids.pop().unwrap(), v3)
+    };
+    // Someone with write access plants records: garbage for v2, and one for the newest.
+    let removed = a.join("jobs/conf/removed");
+    std::fs::create_dir_all(&removed).unwrap();
+    std::fs::write(removed.join(format!("{v2}.json")), b"{garbage").unwrap();
+    std::fs::write(
+        removed.join(format!("{v3}.json")),
+        format!(
+            "{{\"id\":\"{v3}\",\"removed_at\":\"2026-01-01T00:00:00Z\",\"host\":\"x\",\"removed_from\":[\"a\"]}}"
+        ),
+    )
+    .unwrap();
+    let replicate = lifeboat(&config, &["replicate"]);
+    replicate.assert_code(0);
+    assert!(
+        replicate
+            .stdout
+            .contains("names the newest backup of job 'conf'")
+            && replicate
+                .stdout
+                .contains("is no removal record lifeboat wrote"),
+        "{}",
+        replicate.stdout
+    );
+    assert_eq!(local_ids(&b, "conf"), local_ids(&a, "conf"));
+    assert!(local_ids(&b, "conf").contains(&v2) && local_ids(&b, "conf").contains(&v3));
+
+    // b's marker removed while a is out of reach: the next backup does not mark b again.
+    std::fs::remove_file(b.join("lifeboat.json")).unwrap();
+    {
+        let _down = Unreachable::make(&a);
+        let refused = back_up(&config, &source, "v4", 1);
+        assert!(
+            refused
+                .stderr
+                .contains("holds data under 'jobs/' but no marker 'lifeboat.json'"),
+            "{}",
+            refused.stderr
+        );
+    }
+    assert!(!b.join("lifeboat.json").exists());
+    let check = lifeboat(&config, &["check"]);
+    check.assert_code(1);
+    lifeboat(&config, &["verify"]).assert_code(1);
+    lifeboat(&config, &["replicate", "--reseed"]).assert_code(0);
+    assert!(b.join("lifeboat.json").exists());
+    lifeboat(&config, &["verify"]).assert_code(0);
 }

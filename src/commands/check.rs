@@ -428,12 +428,13 @@ async fn clock_of(repository: &Repository, max_skew: Duration) -> Result<Option<
             humantime::format_duration(max_skew)
         ));
     }
-    Ok(readings.read.first().map(|(_, reading)| {
-        format!(
-            "clock: {:.1}s from this host's (max_clock_skew {})",
-            reading.skew().abs().as_seconds_f64(),
+    Ok(Some(match readings.read.first() {
+        Some((_, reading)) => format!(
+            "clock: {} from this host's (max_clock_skew {})",
+            crate::clock::human(reading.skew().abs()),
             humantime::format_duration(max_skew)
-        )
+        ),
+        None => "clock: this repository gives no time to compare with (no Date header); backups take this host's".to_string(),
     }))
 }
 

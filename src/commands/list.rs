@@ -97,6 +97,7 @@ pub async fn run(config: &Config, options: &ListOptions) -> Result<ListReport> {
                         .unwrap_or(created_at)
                         .max(created_at),
                     now,
+                    config.max_clock_skew,
                 ),
                 stored_size: expected.as_ref().map_or(0, |e| e.values().sum()),
                 objects: expected.as_ref().map_or(0, BTreeMap::len),
@@ -199,7 +200,7 @@ impl fmt::Display for ListReport {
         for row in self.rows.iter().filter(|row| row.in_the_future) {
             writeln!(
                 f,
-                "warning: backup {} of job '{}' is dated after now ({}): the host that made it had a clock running fast, and it sorts as newer than backups made since",
+                "warning: backup {} of job '{}' is dated after now ({}): the host that made it had a clock running fast (or a repository's clock stepped back), and it sorts as newer than backups made since",
                 row.id,
                 row.job,
                 self.now.format("%Y-%m-%d %H:%M:%S UTC")

@@ -203,11 +203,31 @@ pub async fn run(config: &Config, options: &RekeyOptions) -> Result<RekeyReport>
         repositories: Vec::new(),
         warnings,
     };
-    for repository in Repository::open_all(config).await {
+    let repositories = Repository::open_all(config).await;
+    let markers = crate::repository::read_markers(&repositories).await;
+    for (index, repository) in repositories.iter().enumerate() {
         let mut outcome = RepositoryRekey {
             repository: repository.name.clone(),
             ..RepositoryRekey::default()
         };
+        // Re-encrypting "nothing" in a repository that is not there, or not whole, would
+        // read as done.
+        let unfit = match (&markers.held[index], markers.wiped(&repositories, index)) {
+            (_, Some(wiped)) => Some(wiped.chain().join(": ")),
+            (Err(e), None) => Some(e.chain().join(": ")),
+            (Ok(false), None) => repository
+                .check_present()
+                .await
+                .err()
+                .map(|e| e.chain().join(": ")),
+            (Ok(true), None) => None,
+        };
+        if let Some(why) = unfit {
+            outcome.failures.push(why);
+            report.repositories.push(outcome);
+            continue;
+        }
+        let repository = repository.clone();
         let rekey = Rekey {
             repository: &repository,
             keyring: &keyring,

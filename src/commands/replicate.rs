@@ -64,6 +64,8 @@ pub struct ReplicateReport {
     pub unreachable: Vec<(String, String)>,
     /// Backups a repository still holds that were not copied, and why: prune removed them.
     pub not_copied: Vec<NotCopied>,
+    /// Removal records not honoured, and why.
+    pub ignored_records: Vec<String>,
     /// Repositories without a marker that were filled (`--reseed`), and whether the marker
     /// was written (not in a dry run, nor after a failure).
     pub reseeded: Vec<(String, bool)>,
@@ -113,6 +115,7 @@ pub async fn run(config: &Config, options: &ReplicateOptions) -> Result<Replicat
         failures: Vec::new(),
         unreachable: Vec::new(),
         not_copied: Vec::new(),
+        ignored_records: Vec::new(),
         reseeded: Vec::new(),
     };
     // A repository without its marker while others hold theirs was wiped (or is new, or
@@ -140,7 +143,9 @@ pub async fn run(config: &Config, options: &ReplicateOptions) -> Result<Replicat
             }
         }
         let removed = removal_records(&survey, job, &mut report).await;
-        for id in survey.committed_ids() {
+        let committed = survey.committed_ids();
+        let newest = committed.last().cloned();
+        for id in committed {
             // Retention let it go: copying it back from a repository that was out of reach
             // (or whose own plan still keeps it) would undo the prune.
             if let Some((when, record)) = removed.get(&id) {
@@ -148,7 +153,14 @@ pub async fn run(config: &Config, options: &ReplicateOptions) -> Result<Replicat
                     .listed
                     .iter()
                     .partition(|(_, held)| held.get(&id).is_some_and(|h| h.manifest));
-                if !lacking.is_empty() {
+                let honoured = match lacking.is_empty() {
+                    true => true,
+                    false => {
+                        honour_record(&survey, job, &id, record, newest.as_deref(), &mut report)
+                            .await
+                    }
+                };
+                if !lacking.is_empty() && honoured {
                     let names = |list: &[&(&Repository, _)]| {
                         list.iter()
                             .map(|(r, _)| format!("'{}'", r.name))
@@ -167,7 +179,9 @@ pub async fn run(config: &Config, options: &ReplicateOptions) -> Result<Replicat
                         ),
                     });
                 }
-                continue;
+                if honoured {
+                    continue;
+                }
             }
             let span = tracing::info_span!("replicate", job = %job, backup = %id);
             replicate_backup(job, &id, &survey, options, &mut report)
@@ -194,6 +208,37 @@ pub async fn run(config: &Config, options: &ReplicateOptions) -> Result<Replicat
         }
     }
     Ok(report)
+}
+
+/// Whether the removal record of `job/id` in repository `record` is one to honour: it reads
+/// as a record of that backup, and that backup is not the job's newest (prune never removes
+/// a repository's newest backup, so such a record was not written by prune). One that is
+/// not is named in the report and ignored: a planted record must not stop replication.
+async fn honour_record(
+    survey: &Survey<'_>,
+    job: &str,
+    id: &str,
+    record: &str,
+    newest: Option<&str>,
+    report: &mut ReplicateReport,
+) -> bool {
+    let key = layout::removed_key(job, id);
+    if newest == Some(id) {
+        report.ignored_records.push(format!(
+            "'{key}' in repository '{record}' names the newest backup of job '{job}', which prune never removes: ignored, and the backup copied"
+        ));
+        return false;
+    }
+    let Some((repository, _)) = survey.listed.iter().find(|(r, _)| r.name == record) else {
+        return true;
+    };
+    if repository.read_tombstone(job, id).await.is_some() {
+        return true;
+    }
+    report.ignored_records.push(format!(
+        "'{key}' in repository '{record}' is no removal record lifeboat wrote (unreadable, or of another backup): ignored, and the backup copied; remove it"
+    ));
+    false
 }
 
 /// The backups of `job` prune removed, from the removal records of every listed repository:
@@ -597,6 +642,9 @@ impl fmt::Display for ReplicateReport {
                     "repository '{name}' not reseeded whole: its marker was not written; run `lifeboat replicate --reseed` again"
                 )?,
             }
+        }
+        for ignored in &self.ignored_records {
+            writeln!(f, "warning: removal record {ignored}")?;
         }
         for skipped in &self.not_copied {
             writeln!(f, "{}/{}: {}", skipped.job, skipped.id, skipped.why)?;

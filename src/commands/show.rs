@@ -72,7 +72,11 @@ pub async fn run(config: &Config, options: &ShowOptions) -> Result<ShowReport> {
                         let dated = manifest.finished_at.max(manifest.recovery_point);
                         return Ok(ShowReport {
                             repository: repository.name.clone(),
-                            in_the_future: crate::clock::in_the_future(dated, now),
+                            in_the_future: crate::clock::in_the_future(
+                                dated,
+                                now,
+                                config.max_clock_skew,
+                            ),
                             manifest,
                         });
                     }
@@ -124,7 +128,7 @@ impl fmt::Display for ShowReport {
         if self.in_the_future {
             writeln!(
                 f,
-                "warning         dated in the future: host '{}' had a clock running fast, so this backup sorts as newer than backups made since",
+                "warning         dated in the future: host '{}' had a clock running fast (or a repository's clock stepped back), so this backup sorts as newer than backups made since",
                 m.host
             )?;
         }

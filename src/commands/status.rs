@@ -127,9 +127,12 @@ pub async fn run(config: &Config, options: &StatusOptions) -> Result<StatusRepor
     let clock_problems = clocks.beyond(config.max_clock_skew);
     let now = clocks.clock().now();
     let markers = crate::repository::read_markers(&repositories).await;
-    let unmarked: Vec<String> = (0..repositories.len())
-        .filter(|index| markers.wiped(&repositories, *index).is_some())
-        .map(|index| repositories[index].name.clone())
+    let unmarked: Vec<(String, String)> = (0..repositories.len())
+        .filter_map(|index| {
+            markers
+                .wiped(&repositories, index)
+                .map(|wiped| (repositories[index].name.clone(), wiped.to_string()))
+        })
         .collect();
     // A drill report that cannot be read leaves the drill columns empty, not the status.
     let drills = history(config, None)
@@ -157,7 +160,7 @@ async fn job_status(
     config: &Config,
     job: &JobConfig,
     repositories: &[Repository],
-    unmarked: &[String],
+    unmarked: &[(String, String)],
     drills: &[HistoryRow],
     now: DateTime<Utc>,
 ) -> JobStatus {
@@ -196,7 +199,7 @@ async fn job_status(
         return status;
     }
     let committed = survey.committed_ids();
-    for name in unmarked {
+    for (name, why) in unmarked {
         let held = survey
             .listed
             .iter()
@@ -205,8 +208,7 @@ async fn job_status(
         status.flag(
             State::Critical,
             format!(
-                "repository '{name}' holds no marker '{}' while others do: wiped, or not where the config points; it holds {held} of the {} backup(s) of this job the repositories hold (`lifeboat replicate --reseed` copies them back)",
-                layout::MARKER_KEY,
+                "{why}; it holds {held} of the {} backup(s) of this job the repositories hold (`lifeboat replicate --reseed` copies them back)",
                 committed.len()
             ),
         );
@@ -250,11 +252,11 @@ async fn job_status(
         .unwrap_or(manifest.finished_at)
         .max(manifest.finished_at)
         .max(manifest.recovery_point);
-    if crate::clock::in_the_future(dated, now) {
+    if crate::clock::in_the_future(dated, now, config.max_clock_skew) {
         status.flag(
             State::Critical,
             format!(
-                "newest backup {newest} is dated in the future ({}, now {}): host '{}' made it with a clock running fast, and it sorts as newer than any backup made before then",
+                "newest backup {newest} is dated in the future ({}, now {}): host '{}' made it with a clock running fast (or a repository's clock stepped back), and it sorts as newer than every backup made since",
                 dated.format("%Y-%m-%d %H:%M:%S UTC"),
                 now.format("%Y-%m-%d %H:%M:%S UTC"),
                 manifest.host

@@ -197,11 +197,15 @@ pub async fn run(config: &Config, options: &VerifyOptions) -> Result<VerifyRepor
     // smaller version of the others, and verifying the nothing it holds proves nothing.
     let all = Repository::open_all(config).await;
     let markers = crate::repository::read_markers(&all).await;
+    let mut unreadable_markers = Vec::new();
     for (index, repository) in all.iter().enumerate() {
-        if let Some(wiped) = markers.wiped(&all, index)
-            && repositories.iter().any(|r| r.name == repository.name)
-        {
+        if !repositories.iter().any(|r| r.name == repository.name) {
+            continue;
+        }
+        if let Some(wiped) = markers.wiped(&all, index) {
             report.not_whole.push(wiped.to_string());
+        } else if let Err(e) = &markers.held[index] {
+            unreadable_markers.push((repository.name.clone(), e.chain().join(": ")));
         }
     }
     let keyring = Keyring::from_config(config);
@@ -289,6 +293,13 @@ pub async fn run(config: &Config, options: &VerifyOptions) -> Result<VerifyRepor
             }
         }
     }
+    // A marker that cannot be read where the repository could be listed: a location that
+    // is not (or no longer) a lifeboat repository, or a broken one; not a whole copy.
+    for (name, why) in unreadable_markers {
+        if !report.unreachable.iter().any(|(n, _)| n == &name) {
+            report.not_whole.push(format!("repository '{name}': {why}"));
+        }
+    }
     Ok(report)
 }
 
@@ -342,6 +353,7 @@ async fn verify_backup(
     for repository in sources {
         match repository.read_manifest(job, id).await {
             Ok(found) => {
+                manifest_check.intact_in = Some(repository.name.clone());
                 manifest = Some(found);
                 break;
             }

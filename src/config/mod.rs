@@ -23,6 +23,8 @@ const MAX_UPLOAD_MEMORY: u64 = 8 * 1024 * 1024 * 1024;
 const DEFAULT_MAX_ATTEMPTS: u32 = 5;
 /// How far a host's clock may be from its repositories' unless the config says otherwise.
 pub const DEFAULT_MAX_CLOCK_SKEW: Duration = Duration::from_secs(120);
+/// Below this, a reading's own error (S3's `Date` has whole seconds) would count as skew.
+const MIN_MAX_CLOCK_SKEW: Duration = Duration::from_secs(2);
 
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -466,7 +468,14 @@ fn validate(raw: raw::RawConfig, path: &Path) -> Result<Config, Problem> {
     };
 
     let max_clock_skew = match &raw.max_clock_skew {
-        Some(text) => parse_duration("max_clock_skew", text)?,
+        Some(text) => match parse_duration("max_clock_skew", text)? {
+            skew if skew < MIN_MAX_CLOCK_SKEW => {
+                return Err(format!(
+                    "max_clock_skew: must be at least 2s, the error of reading a clock (got \"{text}\")"
+                ));
+            }
+            skew => skew,
+        },
         None => DEFAULT_MAX_CLOCK_SKEW,
     };
     let lock_dir = match raw.lock_dir {

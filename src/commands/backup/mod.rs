@@ -110,6 +110,7 @@ impl Destinations {
                 cause.as_ref().map(|cause| MissingFrom {
                     repository: repository.name.clone(),
                     cause: cause.chain().join(": "),
+                    hints: cause.hints().to_vec(),
                 })
             })
             .collect()
@@ -221,6 +222,8 @@ pub struct BackupReport {
 pub struct MissingFrom {
     pub repository: String,
     pub cause: String,
+    /// What to do, where the cause says more than "replicate once it is back".
+    pub hints: Vec<String>,
 }
 
 /// The outcome of every job asked for; one failure does not stop the others.
@@ -265,9 +268,21 @@ impl fmt::Display for BackupReport {
         for missing in &self.missing {
             write!(
                 f,
-                "\nwarning: repository '{}' lacks backup {}/{}: {}\n  run `lifeboat replicate {}` once it is reachable again",
-                missing.repository, self.job, self.id, missing.cause, self.job
+                "\nwarning: repository '{}' lacks backup {}/{}: {}",
+                missing.repository, self.job, self.id, missing.cause
             )?;
+            match missing.hints.as_slice() {
+                [] => write!(
+                    f,
+                    "\n  run `lifeboat replicate {}` once it is reachable again",
+                    self.job
+                )?,
+                hints => {
+                    for hint in hints {
+                        write!(f, "\n  {hint}")?;
+                    }
+                }
+            }
         }
         if let Some(count) = self.not_stored {
             write!(
@@ -341,7 +356,7 @@ async fn backup_job(
         &format!("back up job '{}'", job.name),
     )?;
     let started_at = clock.now();
-    let id = unused_backup_id(&destinations, &job.name, started_at).await?;
+    let id = unused_backup_id(&destinations, &job.name, started_at, config.max_clock_skew).await?;
     tracing::Span::current().record("backup", tracing::field::display(&id));
     let options = EncodeOptions {
         level: config.compression.level,
@@ -419,14 +434,45 @@ async fn backup_job(
     })
 }
 
-/// The id for a backup started at `at`: its UTC second, moved on while any repository
-/// already has something under that id (a committed backup or an interrupted attempt).
+/// The id for a backup started at `at`: its UTC second, moved past any backup a repository
+/// already holds under a later id within `max_skew` of it (made by a host or a repository
+/// whose clock ran ahead, within the limit: this backup is newer and must sort so), then on
+/// while any repository already has something under that id (a committed backup or an
+/// interrupted attempt). A later id beyond `max_skew` is a backup dated in the future:
+/// `status` names it, and it is not followed.
 async fn unused_backup_id(
     destinations: &Destinations,
     job: &str,
     at: chrono::DateTime<Utc>,
+    max_skew: Duration,
 ) -> Result<String> {
+    let horizon = at + chrono::Duration::from_std(max_skew).unwrap_or(chrono::Duration::MAX);
+    let prefix = layout::backups_prefix(job);
     let mut candidate = at;
+    for _ in 0..120 {
+        // '0' sorts after '/': the first key past every key of the candidate's id.
+        let past = format!("{prefix}{}0", layout::backup_id(candidate));
+        let mut later: Option<chrono::DateTime<Utc>> = None;
+        for repository in destinations.live() {
+            match repository.store.list_page(&prefix, Some(&past), 1).await {
+                Ok(page) => {
+                    let held = page.first().and_then(|object| {
+                        let id = object.key.strip_prefix(&prefix)?.split('/').next()?;
+                        layout::parse_backup_id(id)
+                    });
+                    later = later.max(held.filter(|held| *held <= horizon));
+                }
+                Err(e) => {
+                    let cause = repository.error(&format!("list backups of job '{job}'"), e);
+                    destinations.lose(job, &repository.name, cause)?;
+                }
+            }
+        }
+        match later {
+            Some(later) => candidate = later + chrono::Duration::seconds(1),
+            None => break,
+        }
+    }
     for _ in 0..120 {
         let id = layout::backup_id(candidate);
         let mut taken = false;

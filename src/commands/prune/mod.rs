@@ -89,7 +89,7 @@ pub async fn run(config: &Config, options: &PruneOptions) -> Result<PruneReport>
     };
     for job in jobs {
         let span = tracing::info_span!("prune", job = %job.name);
-        let mut pruned = prune_job(job, &repositories, &proofs, now, options)
+        let mut pruned = prune_job(job, &repositories, &proofs, now, config, options)
             .instrument(span)
             .await;
         pruned.unreachable.extend(unmarked.iter().cloned());
@@ -119,6 +119,7 @@ async fn prune_job(
     repositories: &[Repository],
     proofs: &[Proof],
     now: DateTime<Utc>,
+    config: &Config,
     options: &PruneOptions,
 ) -> JobPrune {
     let survey = inventory::survey(repositories, &job.name).await;
@@ -143,9 +144,15 @@ async fn prune_job(
     let mut plans: Vec<Vec<Decision>> = Vec::with_capacity(survey.listed.len());
     let mut refusals: Vec<String> = Vec::new();
     for (repository, held) in &survey.listed {
+        // A backup dated after now would be the newest to every rule, and push out the
+        // backups really made since: it is kept, and counts for none.
+        let future = |id: &str| {
+            layout::parse_backup_id(id)
+                .is_some_and(|at| crate::clock::in_the_future(at, now, config.max_clock_skew))
+        };
         let ids: Vec<String> = held
             .iter()
-            .filter(|(id, holding)| holding.manifest && !damaged.contains(id))
+            .filter(|(id, holding)| holding.manifest && !damaged.contains(id) && !future(id))
             .map(|(id, _)| id.clone())
             .collect();
         let verified = verified_ids(repository, &job.name).await;
@@ -161,6 +168,20 @@ async fn prune_job(
                 decision.reasons = vec!["kept: the plan would remove every backup here".into()];
             }
         }
+        decisions.extend(
+            held.iter()
+                .filter(|(id, holding)| holding.manifest && future(id) && !damaged.contains(id))
+                .map(|(id, _)| Decision {
+                    id: id.clone(),
+                    at: layout::parse_backup_id(id).unwrap_or_default(),
+                    keep: true,
+                    reasons: vec![format!(
+                        "dated in the future (now {}): kept, counted by no rule; see `lifeboat status {}`",
+                        now.format("%Y-%m-%d %H:%M:%S UTC"),
+                        job.name
+                    )],
+                }),
+        );
         decisions.extend(
             held.iter()
                 .filter(|(id, holding)| holding.manifest && damaged.contains(id))

@@ -178,12 +178,20 @@ impl fmt::Display for PruneReport {
         };
         for job in &self.jobs {
             let kept = job.kept().count();
-            writeln!(
+            write!(
                 f,
                 "job {}: keep {kept}, {remove} {}",
                 job.job,
                 job.backups.len() - kept
             )?;
+            let partly = job.kept().filter(|b| !b.removed_from.is_empty()).count();
+            match partly {
+                0 => writeln!(f)?,
+                _ => writeln!(
+                    f,
+                    " ({partly} more kept in some repositories and {removed} from others)"
+                )?,
+            }
             for backup in &job.backups {
                 let action = if backup.keep { "keep" } else { remove };
                 write!(
