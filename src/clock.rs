@@ -73,9 +73,11 @@ impl Readings {
     /// The clock a run takes its times from: the first repository's that answered.
     pub fn clock(&self) -> Clock {
         match self.read.first() {
-            Some((_, reading)) if reading.skew().abs() >= RESOLUTION => Clock {
-                offset: reading.skew(),
-            },
+            Some((_, reading)) if reading.skew().abs() >= RESOLUTION + reading.uncertainty => {
+                Clock {
+                    offset: reading.skew(),
+                }
+            }
             _ => Clock::LOCAL,
         }
     }
@@ -88,13 +90,17 @@ impl Readings {
         let mut beyond: Vec<String> = self
             .read
             .iter()
-            .filter(|(_, reading)| reading.skew().abs() > max)
+            .filter(|(_, reading)| reading.skew().abs() - reading.uncertainty > max)
             .map(|(name, reading)| describe(name, reading))
             .collect();
         let slowest = self.read.iter().min_by_key(|(_, r)| r.skew());
         let fastest = self.read.iter().max_by_key(|(_, r)| r.skew());
         if let (Some((slow, slow_reading)), Some((fast, fast_reading))) = (slowest, fastest)
-            && fast_reading.skew() - slow_reading.skew() > max
+            && fast_reading.skew()
+                - slow_reading.skew()
+                - fast_reading.uncertainty
+                - slow_reading.uncertainty
+                > max
         {
             beyond.push(format!(
                 "the clocks of repositories '{fast}' and '{slow}' are {} apart",
@@ -184,6 +190,7 @@ mod tests {
                         ClockReading {
                             local,
                             remote: local + chrono::Duration::seconds(*seconds),
+                            uncertainty: chrono::Duration::zero(),
                         },
                     )
                 })

@@ -162,14 +162,17 @@ impl<'a> Survey<'a> {
         job: &str,
         id: &str,
         reference: &BTreeMap<String, u64>,
+        described: Option<&Manifest>,
     ) -> Presence {
         let presence = holding.presence_of(reference);
         if presence != Presence::Incomplete || !holding.manifest {
             return presence;
         }
         match own_manifest(repository, job, id).await {
-            Some(own) => holding.presence(&own),
-            None => Presence::Incomplete,
+            Some(own) if described.is_none_or(|described| own.same_backup(described)) => {
+                holding.presence(&own)
+            }
+            _ => Presence::Incomplete,
         }
     }
 

@@ -82,6 +82,35 @@ pub struct SkippedDatabase {
     pub reason: String,
 }
 
+impl Manifest {
+    /// Whether `other` describes the same backup: the same run, holding the same data. Two
+    /// repositories' copies can name different stored objects (`rekey` re-encrypts each on
+    /// its own) yet hold the same raw bytes; two runs that took one id do not.
+    pub fn same_backup(&self, other: &Manifest) -> bool {
+        let contents = |m: &Manifest| {
+            let mut contents: Vec<(String, u64, String)> = m
+                .objects
+                .iter()
+                .map(|o| {
+                    (
+                        o.logical_name().to_string(),
+                        o.raw_size,
+                        o.raw_sha256.clone(),
+                    )
+                })
+                .collect();
+            contents.sort();
+            contents
+        };
+        self.job == other.job
+            && self.id == other.id
+            && self.kind == other.kind
+            && self.started_at == other.started_at
+            && self.host == other.host
+            && contents(self) == contents(other)
+    }
+}
+
 /// What a backup's manifest says is missing from it by design, one line each: for the
 /// backup's report, `show` and restores.
 pub fn source_notes(source: &SourceInfo) -> Vec<String> {

@@ -188,7 +188,10 @@ fn a_new_backup_never_sorts_before_one_already_there_within_the_limit() {
         std::fs::write(dir.join("files.tar.zst"), b"left by another host").unwrap();
     }
     let next = backup_id(&lifeboat(&config, &["backup", "conf"]));
-    assert!(next > ahead && next < far, "{next} is not between {ahead} and {far}");
+    assert!(
+        next > ahead && next < far,
+        "{next} is not between {ahead} and {far}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -110,8 +110,15 @@ pub async fn run(config: &Config, options: &ListOptions) -> Result<ListReport> {
                 let holding = holdings.get(id).cloned().unwrap_or_default();
                 let presence = match &expected {
                     Some(expected) => {
-                        inventory::Survey::presence_in(repository, &holding, job, id, expected)
-                            .await
+                        inventory::Survey::presence_in(
+                            repository,
+                            &holding,
+                            job,
+                            id,
+                            expected,
+                            manifest.as_ref(),
+                        )
+                        .await
                     }
                     // No readable manifest anywhere: nothing to hold it against.
                     None if holding.manifest => {

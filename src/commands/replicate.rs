@@ -387,6 +387,18 @@ async fn replicate_backup(
             true => inventory::own_manifest(target, job, id).await,
             false => None,
         };
+        if let Some(own) = own.as_ref().filter(|own| !own.same_backup(&manifest)) {
+            report.failures.push(format!(
+                "backup {job}/{id}: repository '{}' holds a different backup under this id (started {} on '{}', where '{}' holds one started {} on '{}'): two runs took one id; left as it is for `lifeboat verify`",
+                target.name,
+                own.started_at.to_rfc3339(),
+                own.host,
+                manifest_source.name,
+                manifest.started_at.to_rfc3339(),
+                manifest.host
+            ));
+            continue;
+        }
         let expected = own.as_ref().unwrap_or(&manifest);
         let mut target_failed = false;
         for object in &expected.objects {

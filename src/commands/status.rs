@@ -228,8 +228,15 @@ async fn job_status(
     for (repository, held) in &survey.listed {
         let presence = match held.get(&newest) {
             Some(holding) => {
-                inventory::Survey::presence_in(repository, holding, &job.name, &newest, &expected)
-                    .await
+                inventory::Survey::presence_in(
+                    repository,
+                    holding,
+                    &job.name,
+                    &newest,
+                    &expected,
+                    Some(&manifest),
+                )
+                .await
             }
             None => Presence::Missing,
         };

@@ -97,6 +97,9 @@ pub struct PutReceipt {
 pub struct ClockReading {
     pub local: DateTime<Utc>,
     pub remote: DateTime<Utc>,
+    /// How far off `local` may be from the moment `remote` was taken: half the time the
+    /// reading took (a busy host can take seconds), plus the store's own rounding.
+    pub uncertainty: chrono::Duration,
 }
 
 impl ClockReading {

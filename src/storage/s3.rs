@@ -803,6 +803,7 @@ impl Store for S3Store {
             .map(|date| ClockReading {
                 local: before + (after - before) / 2,
                 remote: date.to_utc() + chrono::Duration::milliseconds(500),
+                uncertainty: (after - before) / 2 + chrono::Duration::milliseconds(500),
             });
         match answer {
             Err(e) if reading.is_none() => {
