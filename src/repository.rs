@@ -95,10 +95,18 @@ impl Markers {
     /// another holds its own and data: it was wiped, or is new, or misconfigured. A
     /// repository lacking its marker where no other holds any data has lost nothing.
     /// One holding data without its marker had the marker removed: it is not marked again
-    /// either.
+    /// either. So is one whose marker is not lifeboat's: it was overwritten, or the config
+    /// points at something else.
     pub fn wiped(&self, repositories: &[Repository], index: usize) -> Option<Error> {
-        if !matches!(self.held.get(index), Some(Ok(false))) {
-            return None;
+        match self.held.get(index) {
+            Some(Ok(false)) => {}
+            Some(Err(e)) if e.kind() == ErrorKind::Verification => {
+                return Some(
+                    Error::new(ErrorKind::Storage, e.to_string())
+                        .with_hint("the repository location holds something that is not a lifeboat repository: check its path (bucket, prefix) in the config"),
+                );
+            }
+            _ => return None,
         }
         let repository = &repositories[index];
         let others: Vec<&str> = self.holding_data.iter().map(String::as_str).collect();
@@ -297,7 +305,7 @@ impl Repository {
     fn check_marker(&self, bytes: &[u8]) -> Result<()> {
         let existing: Marker = serde_json::from_slice(bytes).map_err(|e| {
             Error::new(
-                ErrorKind::Storage,
+                ErrorKind::Verification,
                 format!(
                     "unable to read marker '{}' in repository '{}': {e}",
                     layout::MARKER_KEY,

@@ -577,4 +577,27 @@ fn planted_removal_records_and_a_removed_marker_do_not_stop_replication_or_get_m
     lifeboat(&config, &["replicate", "--reseed"]).assert_code(0);
     assert!(b.join("lifeboat.json").exists());
     lifeboat(&config, &["verify"]).assert_code(0);
+
+    // A marker overwritten with something that is not lifeboat's: named everywhere too.
+    let marker = std::fs::read(b.join("lifeboat.json")).unwrap();
+    std::fs::write(b.join("lifeboat.json"), b"{garbage").unwrap();
+    lifeboat(&config, &["verify"]).assert_code(1);
+    let status = lifeboat(&config, &["status"]);
+    status.assert_code(2);
+    assert!(
+        status
+            .stdout
+            .contains("unable to read marker 'lifeboat.json' in repository 'b'"),
+        "{}",
+        status.stdout
+    );
+    let backup = back_up(&config, &source, "v5", 3);
+    assert!(
+        backup.stderr.contains("repository 'b'"),
+        "{}",
+        backup.stderr
+    );
+    std::fs::write(b.join("lifeboat.json"), marker).unwrap();
+    lifeboat(&config, &["replicate"]).assert_code(0);
+    lifeboat(&config, &["verify"]).assert_code(0);
 }
