@@ -126,7 +126,7 @@ impl Readings {
             ),
         );
         error = error.with_hint(
-            "fix this host's time (`timedatectl status`; chrony or systemd-timesyncd must be synchronised), then run it again",
+            "fix this host's time (`timedatectl status`; chrony or systemd-timesyncd must be synchronised), or, where two repositories disagree, the clock of the one that is wrong; then run it again",
         );
         Err(error.with_hint(
             "if the repository's clock is the wrong one, raise max_clock_skew in the config: lifeboat then takes its times from the first repository",
@@ -160,14 +160,17 @@ pub fn human(duration: chrono::Duration) -> String {
     humantime::format_duration(Duration::from_secs(((millis + 500) / 1000) as u64)).to_string()
 }
 
-/// Whether a time a backup records lies ahead of `now` by more than clocks may differ
-/// (`max_skew`): a host whose clock ran fast made it, or a repository's clock stepped back.
-/// (Ids of backups started within one second run a few seconds ahead by design.)
+/// Whether a time a backup records lies ahead of `now` by more than clocks may differ: a
+/// host whose clock ran fast made it, or a repository's clock stepped back. Two clocks may
+/// each be `max_skew` from this host's, and a new id moves past one held ahead within that
+/// (ids of backups started within one second also run a few seconds ahead): so twice it.
 pub fn in_the_future(at: DateTime<Utc>, now: DateTime<Utc>, max_skew: Duration) -> bool {
     let tolerance = chrono::Duration::from_std(max_skew)
+        .ok()
+        .and_then(|skew| skew.checked_mul(2))
         .unwrap_or(chrono::Duration::MAX)
         .max(RESOLUTION);
-    at - now > tolerance
+    at.signed_duration_since(now) > tolerance
 }
 
 #[cfg(test)]
@@ -235,12 +238,12 @@ mod tests {
         let now = at("2026-12-06T20:00:00Z");
         let max = DEFAULT_MAX_CLOCK_SKEW;
         assert!(!in_the_future(
-            now + chrono::Duration::seconds(120),
+            now + chrono::Duration::seconds(240),
             now,
             max
         ));
         assert!(in_the_future(
-            now + chrono::Duration::seconds(121),
+            now + chrono::Duration::seconds(241),
             now,
             max
         ));

@@ -52,6 +52,23 @@ impl CheckReport {
 pub async fn run(config: &Config) -> CheckReport {
     let mut items = Vec::new();
     let repositories = Repository::open_all(config).await;
+    // Each repository's clock is checked against this host's below; here, against each other.
+    let readings = crate::clock::read(&repositories).await;
+    let apart: Vec<String> = readings
+        .beyond(config.max_clock_skew)
+        .into_iter()
+        .filter(|problem| problem.starts_with("the clocks of repositories"))
+        .collect();
+    if let Some(apart) = apart.first() {
+        items.push(CheckItem {
+            what: "repository clocks".to_string(),
+            problem: Some(format!(
+                "{apart}, more than max_clock_skew ({}): backups would sort by whichever answers first",
+                humantime::format_duration(config.max_clock_skew)
+            )),
+            notes: Vec::new(),
+        });
+    }
     let markers = crate::repository::read_markers(&repositories).await;
     for (index, (repository_config, repository)) in
         config.repositories.iter().zip(&repositories).enumerate()

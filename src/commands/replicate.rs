@@ -232,11 +232,17 @@ async fn honour_record(
     let Some((repository, _)) = survey.listed.iter().find(|(r, _)| r.name == record) else {
         return true;
     };
-    if repository.read_tombstone(job, id).await.is_some() {
+    // Prune removes a backup after it was made: a record dated before is not prune's.
+    let made = layout::parse_backup_id(id);
+    if repository
+        .read_tombstone(job, id)
+        .await
+        .is_some_and(|record| made.is_none_or(|made| record.removed_at >= made))
+    {
         return true;
     }
     report.ignored_records.push(format!(
-        "'{key}' in repository '{record}' is no removal record lifeboat wrote (unreadable, or of another backup): ignored, and the backup copied; remove it"
+        "'{key}' in repository '{record}' is no removal record lifeboat wrote (unreadable, of another backup, or dated before the backup was made): ignored, and the backup copied; remove it"
     ));
     false
 }
@@ -651,7 +657,7 @@ impl fmt::Display for ReplicateReport {
                 }
                 (false, false) => writeln!(
                     f,
-                    "repository '{name}' not reseeded whole: its marker was not written; run `lifeboat replicate --reseed` again"
+                    "repository '{name}' not reseeded whole: its marker was not written (see the failures above; a 'lifeboat.json' that is not lifeboat's must be looked at and removed by hand); then run `lifeboat replicate --reseed` again"
                 )?,
             }
         }

@@ -25,6 +25,8 @@ const DEFAULT_MAX_ATTEMPTS: u32 = 5;
 pub const DEFAULT_MAX_CLOCK_SKEW: Duration = Duration::from_secs(120);
 /// Below this, a reading's own error (S3's `Date` has whole seconds) would count as skew.
 const MIN_MAX_CLOCK_SKEW: Duration = Duration::from_secs(2);
+/// Beyond this, "tolerated" skew would let a backup dated a year ahead pass as the newest.
+const MAX_MAX_CLOCK_SKEW: Duration = Duration::from_secs(86_400);
 
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -472,6 +474,11 @@ fn validate(raw: raw::RawConfig, path: &Path) -> Result<Config, Problem> {
             skew if skew < MIN_MAX_CLOCK_SKEW => {
                 return Err(format!(
                     "max_clock_skew: must be at least 2s, the error of reading a clock (got \"{text}\")"
+                ));
+            }
+            skew if skew > MAX_MAX_CLOCK_SKEW => {
+                return Err(format!(
+                    "max_clock_skew: must be at most 1day; a clock further off is to be fixed, not tolerated (got \"{text}\")"
                 ));
             }
             skew => skew,
@@ -1430,6 +1437,21 @@ mod tests {
             "{}",
             err.message()
         );
+    }
+
+    #[test]
+    fn max_clock_skew_lies_between_a_readings_error_and_a_day() {
+        let repo = "[[repository]]\nname = \"local\"\ntype = \"local\"\npath = \"/r\"\n";
+        for (text, problem) in [
+            ("500ms", "must be at least 2s"),
+            ("2days", "must be at most 1day"),
+            ("99999999999years", "must be at most 1day"),
+        ] {
+            let err = parse(&format!("max_clock_skew = \"{text}\"\n{repo}")).unwrap_err();
+            assert!(err.message().contains(problem), "{text}: {}", err.message());
+        }
+        let config = parse(&format!("max_clock_skew = \"10min\"\n{repo}")).unwrap();
+        assert_eq!(config.max_clock_skew, Duration::from_secs(600));
     }
 
     #[test]

@@ -446,7 +446,10 @@ async fn unused_backup_id(
     at: chrono::DateTime<Utc>,
     max_skew: Duration,
 ) -> Result<String> {
-    let horizon = at + chrono::Duration::from_std(max_skew).unwrap_or(chrono::Duration::MAX);
+    let horizon = chrono::Duration::from_std(max_skew)
+        .ok()
+        .and_then(|skew| at.checked_add_signed(skew))
+        .unwrap_or(chrono::DateTime::<Utc>::MAX_UTC);
     let prefix = layout::backups_prefix(job);
     let mut candidate = at;
     for _ in 0..120 {
