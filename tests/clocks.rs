@@ -3,7 +3,7 @@
 //! backups still sort as they happened; a host two hours fast is CRITICAL in `status`; a
 //! backup dated in the future is named wherever it shows.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
@@ -162,23 +162,30 @@ async fn a_host_an_hour_behind_is_refused_and_with_the_limit_raised_its_backups_
     assert_eq!(restored_data(&host_a, work.path(), &source), "B3");
 }
 
-/// A backup left a minute ahead by a repository whose clock ran fast within the limit: the
-/// next backup, newer, still sorts after it; one dated beyond the limit is not followed.
-#[test]
-fn a_new_backup_never_sorts_before_one_already_there_within_the_limit() {
-    let work = tempfile::tempdir().unwrap();
-    let source = work.path().join("app");
+/// A files job over `WORK/app` (one file, `data`) into the local repository `WORK/repo`:
+/// the source, the repository and the config.
+fn one_local_repository(work: &Path) -> (PathBuf, PathBuf, PathBuf) {
+    let source = work.join("app");
     std::fs::create_dir(&source).unwrap();
     std::fs::write(source.join("data"), "now").unwrap();
-    let repo = work.path().join("repo");
+    let repo = work.join("repo");
     let config = write_config(
-        work.path(),
+        work,
         &format!(
             "{}{}",
             local_repository("local", &repo),
             files_job("conf", &[&source])
         ),
     );
+    (source, repo, config)
+}
+
+/// A backup left a minute ahead by a repository whose clock ran fast within the limit: the
+/// next backup, newer, still sorts after it; one dated beyond the limit is not followed.
+#[test]
+fn a_new_backup_never_sorts_before_one_already_there_within_the_limit() {
+    let work = tempfile::tempdir().unwrap();
+    let (_, repo, config) = one_local_repository(work.path());
     backup_id(&lifeboat(&config, &["backup", "conf"]));
     let ahead = lifeboat::layout::backup_id(chrono::Utc::now() + chrono::Duration::seconds(60));
     let far = lifeboat::layout::backup_id(chrono::Utc::now() + chrono::Duration::hours(3));
@@ -197,18 +204,7 @@ fn a_new_backup_never_sorts_before_one_already_there_within_the_limit() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_host_two_hours_fast_is_critical_and_a_backup_dated_in_the_future_is_named() {
     let work = tempfile::tempdir().unwrap();
-    let source = work.path().join("app");
-    std::fs::create_dir(&source).unwrap();
-    std::fs::write(source.join("data"), "now").unwrap();
-    let repo = work.path().join("repo");
-    let config = write_config(
-        work.path(),
-        &format!(
-            "{}{}",
-            local_repository("local", &repo),
-            files_job("conf", &[&source])
-        ),
-    );
+    let (source, repo, config) = one_local_repository(work.path());
     let id = backup_id(&lifeboat(&config, &["backup", "conf"]));
 
     let fast = on_host("+2h", &config, &["status", "conf"]);
