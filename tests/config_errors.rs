@@ -115,3 +115,18 @@ fn keygen_writes_a_private_identity_once_and_prints_its_recipient() {
     );
     assert_eq!(std::fs::read_to_string(&key).unwrap(), text);
 }
+
+#[test]
+fn an_endpoint_with_userinfo_is_refused_naming_the_host_it_would_reach() {
+    let run = check_with(
+        "[[repository]]\nname = \"dr\"\ntype = \"s3\"\nbucket = \"b\"\nregion = \"r\"\nendpoint = \"http://127.0.0.1:9000@192.0.2.2\"\n",
+    );
+    run.assert_code(2);
+    assert!(
+        run.stderr.contains(
+            "repository[0] (dr).endpoint: must not hold a user or password (got \"http://127.0.0.1:9000@192.0.2.2\", whose host is \"192.0.2.2\")"
+        ),
+        "{}",
+        run.stderr
+    );
+}

@@ -882,25 +882,38 @@ fn validate_object_lock(field: &str, lock: raw::RawObjectLock) -> Result<ObjectL
 }
 
 /// TLS is not optional off this machine: plain http is accepted for loopback endpoints only,
-/// which is where S3-compatible test servers and local gateways live.
+/// which is where S3-compatible test servers and local gateways live. The endpoint is read
+/// with a URL parser, as the HTTP client reads it, so that the host judged is the host
+/// connected to: `http://127.0.0.1:9000@192.0.2.2` names 192.0.2.2, with a user and password
+/// before it. Credentials never go in the endpoint (the AWS chain supplies them).
 fn validate_endpoint(field: &str, endpoint: &str) -> Result<(), Problem> {
-    let (scheme, rest) = endpoint.split_once("://").ok_or_else(|| {
-        format!("{field}: must be a URL such as \"https://s3.example.com\" (got \"{endpoint}\")")
+    let url = url::Url::parse(endpoint).map_err(|e| {
+        format!(
+            "{field}: must be a URL such as \"https://s3.example.com\" (got \"{endpoint}\": {e})"
+        )
     })?;
-    let authority = rest.split('/').next().unwrap_or_default();
-    let host = if let Some(v6) = authority.strip_prefix('[') {
-        v6.split(']').next().unwrap_or_default()
-    } else {
-        authority
-            .rsplit_once(':')
-            .map_or(authority, |(host, _)| host)
-    };
-    if host.is_empty() {
-        return Err(format!("{field}: has no host (got \"{endpoint}\")"));
+    if !url.username().is_empty() || url.password().is_some() {
+        return Err(format!(
+            "{field}: must not hold a user or password (got \"{endpoint}\", whose host is \"{}\"); the AWS credential chain supplies them",
+            url.host_str().unwrap_or_default()
+        ));
     }
-    match scheme {
+    if url.query().is_some() || url.fragment().is_some() {
+        return Err(format!(
+            "{field}: must not have a query or fragment (got \"{endpoint}\")"
+        ));
+    }
+    let Some(host) = url.host() else {
+        return Err(format!("{field}: has no host (got \"{endpoint}\")"));
+    };
+    let loopback = match host {
+        url::Host::Domain(name) => name == "localhost",
+        url::Host::Ipv4(ip) => ip.is_loopback(),
+        url::Host::Ipv6(ip) => ip.is_loopback(),
+    };
+    match url.scheme() {
         "https" => Ok(()),
-        "http" if is_loopback_host(host) => Ok(()),
+        "http" if loopback => Ok(()),
         "http" => Err(format!(
             "{field}: plain http is only allowed for loopback endpoints; use https (got \"{endpoint}\")"
         )),
@@ -908,13 +921,6 @@ fn validate_endpoint(field: &str, endpoint: &str) -> Result<(), Problem> {
             "{field}: scheme must be https (got \"{endpoint}\")"
         )),
     }
-}
-
-fn is_loopback_host(host: &str) -> bool {
-    host == "localhost"
-        || host
-            .parse::<std::net::IpAddr>()
-            .is_ok_and(|ip| ip.is_loopback())
 }
 
 fn validate_job(index: usize, job: raw::RawJob) -> Result<JobConfig, Problem> {
@@ -1605,6 +1611,36 @@ mod tests {
             "{}",
             err.message()
         );
+        // The host connected to is the one after the userinfo, whatever precedes it.
+        for (endpoint, problem) in [
+            (
+                "http://127.0.0.1:9000@192.0.2.2",
+                "must not hold a user or password (got \"http://127.0.0.1:9000@192.0.2.2\", whose host is \"192.0.2.2\")",
+            ),
+            (
+                "https://key:secret@s3.example.com",
+                "must not hold a user or password",
+            ),
+            (
+                "http://localhost.example.com:8333",
+                "plain http is only allowed for loopback",
+            ),
+            (
+                "http://127.0.0.1:8333/?x=1",
+                "must not have a query or fragment",
+            ),
+            ("ftp://127.0.0.1", "scheme must be https"),
+            ("127.0.0.1:8333", "must be a URL"),
+            ("http://", "must be a URL"),
+        ] {
+            let err = parse(&repo(endpoint)).unwrap_err();
+            assert!(
+                err.message().contains(problem),
+                "{endpoint}: {}",
+                err.message()
+            );
+        }
+        assert!(parse(&repo("http://LOCALHOST:8333")).is_ok());
     }
 
     #[test]
