@@ -238,7 +238,7 @@ enum Command {
         dry_run: bool,
         /// Age after which a backup directory without a manifest, or an unfinished upload,
         /// counts as abandoned (a running backup is younger).
-        #[arg(long, default_value = "24h", value_parser = humantime::parse_duration)]
+        #[arg(long, default_value = "24h", value_parser = lifeboat::config::bounded_duration)]
         grace: std::time::Duration,
         #[arg(long, value_enum, default_value_t = OutputFormat::Text)]
         format: OutputFormat,
@@ -345,7 +345,7 @@ struct PostgresRestoreArgs {
     #[arg(long)]
     terminate_sessions: bool,
     /// How long the swap waits for the sessions on a database being replaced to end.
-    #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
+    #[arg(long, default_value = "30s", value_parser = lifeboat::config::bounded_duration)]
     swap_wait: std::time::Duration,
     /// Do not restore ownership and privileges.
     #[arg(long)]

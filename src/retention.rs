@@ -101,7 +101,10 @@ pub fn plan(backups: &[Candidate], now: DateTime<Utc>, policy: &Retention) -> Ve
         }
     }
     if let Some(within) = policy.keep_within {
-        let since = now - chrono::Duration::from_std(within).unwrap_or(chrono::Duration::MAX);
+        let since = chrono::Duration::from_std(within)
+            .ok()
+            .and_then(|within| now.checked_sub_signed(within))
+            .unwrap_or(DateTime::<Utc>::MIN_UTC);
         for decision in decisions.iter_mut().filter(|d| d.at > since) {
             decision
                 .reasons

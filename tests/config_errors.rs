@@ -130,3 +130,35 @@ fn an_endpoint_with_userinfo_is_refused_naming_the_host_it_would_reach() {
         run.stderr
     );
 }
+
+#[test]
+fn a_duration_too_long_for_the_calendar_is_a_usage_error_not_a_panic() {
+    let work = tempfile::tempdir().unwrap();
+    let config = write_config(
+        work.path(),
+        &format!(
+            "{LOCAL}[[job]]\nname = \"conf\"\nkind = \"files\"\npaths = [\"/etc/hostname\"]\nretention = {{ keep_within = \"99999999999years\" }}\n"
+        ),
+    );
+    for args in [&["check"][..], &["prune"]] {
+        let run = lifeboat(&config, args);
+        run.assert_code(2);
+        assert!(
+            run.stderr
+                .contains("job[0] (conf).retention.keep_within: must be at most 100 years"),
+            "{args:?}: {}",
+            run.stderr
+        );
+    }
+    // And on the command line.
+    let plain_dir = work.path().join("plain");
+    std::fs::create_dir(&plain_dir).unwrap();
+    let plain = write_config(&plain_dir, LOCAL);
+    let run = lifeboat(&plain, &["prune", "--grace", "99999999999years"]);
+    run.assert_code(2);
+    assert!(
+        run.stderr.contains("must be at most 100 years"),
+        "{}",
+        run.stderr
+    );
+}

@@ -1258,13 +1258,26 @@ fn duration_field(field: &str, text: Option<&str>, default: &str) -> Result<Dura
 }
 
 fn parse_duration(field: &str, text: &str) -> Result<Duration, Problem> {
-    match humantime::parse_duration(text) {
+    match bounded_duration(text) {
         Ok(d) if !d.is_zero() => Ok(d),
         Ok(_) => Err(format!(
             "{field}: must be longer than zero (got \"{text}\")"
         )),
+        Err(e) => Err(format!("{field}: {e}")),
+    }
+}
+
+/// The longest duration lifeboat takes anywhere (config, drill files, the command line): a
+/// longer one is a typo, and would overflow the time arithmetic it feeds.
+pub const LONGEST_DURATION: Duration = Duration::from_secs(100 * 365 * 86_400);
+
+/// A duration as people write them ("4h", "90min", "1h 30min"), at most [`LONGEST_DURATION`].
+pub fn bounded_duration(text: &str) -> Result<Duration, String> {
+    match humantime::parse_duration(text) {
+        Ok(d) if d <= LONGEST_DURATION => Ok(d),
+        Ok(_) => Err(format!("must be at most 100 years (got \"{text}\")")),
         Err(e) => Err(format!(
-            "{field}: invalid duration \"{text}\" ({e}); write it like \"4h\", \"90min\" or \"1h 30min\""
+            "invalid duration \"{text}\" ({e}); write it like \"4h\", \"90min\" or \"1h 30min\""
         )),
     }
 }
@@ -1446,12 +1459,30 @@ mod tests {
     }
 
     #[test]
+    fn a_duration_longer_than_a_century_is_refused_naming_its_field() {
+        let text = "[[repository]]\nname = \"local\"\ntype = \"local\"\npath = \"/r\"\n\
+                    [[job]]\nname = \"conf\"\nkind = \"files\"\npaths = [\"/etc\"]\n\
+                    retention = { keep_within = \"99999999999years\" }\n";
+        let err = parse(text).unwrap_err();
+        assert!(
+            err.message().contains(
+                "job[0] (conf).retention.keep_within: must be at most 100 years (got \"99999999999years\")"
+            ),
+            "{}",
+            err.message()
+        );
+        assert!(bounded_duration("100years").is_err());
+        assert!(bounded_duration("99years").is_ok());
+        assert_eq!(bounded_duration("36500days").unwrap(), LONGEST_DURATION);
+    }
+
+    #[test]
     fn max_clock_skew_lies_between_a_readings_error_and_a_day() {
         let repo = "[[repository]]\nname = \"local\"\ntype = \"local\"\npath = \"/r\"\n";
         for (text, problem) in [
             ("500ms", "must be at least 2s"),
             ("2days", "must be at most 1day"),
-            ("99999999999years", "must be at most 1day"),
+            ("99999999999years", "must be at most 100 years"),
         ] {
             let err = parse(&format!("max_clock_skew = \"{text}\"\n{repo}")).unwrap_err();
             assert!(err.message().contains(problem), "{text}: {}", err.message());

@@ -195,17 +195,10 @@ fn duration(
     let Some(value) = value else {
         return Ok(humantime::parse_duration(default).expect("default durations parse"));
     };
-    match humantime::parse_duration(value.get_ref()) {
+    match crate::config::bounded_duration(value.get_ref()) {
         Ok(d) if !d.is_zero() => Ok(d),
         Ok(_) => Err(source.error(value.span(), field, "must be longer than zero")),
-        Err(e) => Err(source.error(
-            value.span(),
-            field,
-            format!(
-                "invalid duration \"{}\" ({e}); write it like \"4h\", \"90min\" or \"1h 30min\"",
-                value.get_ref()
-            ),
-        )),
+        Err(e) => Err(source.error(value.span(), field, e)),
     }
 }
 
