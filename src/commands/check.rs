@@ -89,8 +89,7 @@ pub async fn run(config: &Config) -> CheckReport {
             Err(e) => Err(e),
         };
         let probed = match probed {
-            Ok(notes) => clock_of(repository, config.max_clock_skew)
-                .await
+            Ok(notes) => clock_of(&readings.of(&repository.name), config.max_clock_skew)
                 .map(|clock| notes.into_iter().chain(clock).collect::<Vec<String>>()),
             Err(e) => Err(e),
         };
@@ -434,8 +433,10 @@ async fn probe(repository: &Repository) -> Result<Vec<String>, String> {
 
 /// The repository's clock against this host's: a failure beyond `max_skew`, for backups
 /// would record wrong times and prune would keep the wrong ones.
-async fn clock_of(repository: &Repository, max_skew: Duration) -> Result<Option<String>, String> {
-    let readings = crate::clock::read(std::slice::from_ref(repository)).await;
+fn clock_of(
+    readings: &crate::clock::Readings,
+    max_skew: Duration,
+) -> Result<Option<String>, String> {
     if let Some((_, why)) = readings.unread.first() {
         return Err(why.clone());
     }
