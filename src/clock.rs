@@ -70,24 +70,6 @@ pub async fn read(repositories: &[Repository]) -> Readings {
 }
 
 impl Readings {
-    /// The readings of repository `name` alone.
-    pub fn of(&self, name: &str) -> Readings {
-        Readings {
-            read: self
-                .read
-                .iter()
-                .filter(|(n, _)| n == name)
-                .cloned()
-                .collect(),
-            unread: self
-                .unread
-                .iter()
-                .filter(|(n, _)| n == name)
-                .cloned()
-                .collect(),
-        }
-    }
-
     /// The clock a run takes its times from: the first repository's that answered.
     pub fn clock(&self) -> Clock {
         match self.read.first() {

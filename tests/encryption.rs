@@ -15,13 +15,31 @@ use sha2::{Digest, Sha256};
 use crate::common::postgres::{Postgres, free_port};
 use crate::common::redis::Redis;
 use crate::common::{
-    SeaweedFs, files_job, keygen, lifeboat, lifeboat_command, local_repository, postgres_job,
-    procs, run_command, tree, with_identity, write_config, write_secret,
+    Run, SeaweedFs, files_job, lifeboat, lifeboat_command, local_repository, postgres_job, procs,
+    run_command, tree, write_config, write_secret,
 };
 use crate::postgres_physical::{JOB as PHYSICAL_JOB, Restored, archiving_cluster, shared_work_dir};
 
 const BUCKET: &str = "backups";
 const PREFIX: &str = "lifeboat";
+
+/// `lifeboat keygen --output DIR/NAME`: the identity's path and its recipient.
+fn keygen(dir: &Path, name: &str) -> (PathBuf, String) {
+    let path = dir.join(name);
+    let run = lifeboat(
+        &dir.join("unused.toml"),
+        &["keygen", "--output", path.to_str().unwrap()],
+    );
+    run.assert_code(0);
+    (path, run.stdout.trim().to_string())
+}
+
+/// Runs lifeboat with `LIFEBOAT_IDENTITY_FILE` set to `identity`.
+fn with_identity(config: &Path, identity: &Path, args: &[&str]) -> Run {
+    let mut command = lifeboat_command(config);
+    command.env("LIFEBOAT_IDENTITY_FILE", identity).args(args);
+    run_command(&mut command)
+}
 
 fn sha256_hex(bytes: &[u8]) -> String {
     hex::encode(Sha256::digest(bytes))

@@ -6,9 +6,7 @@ use std::collections::BTreeMap;
 use std::path::Path;
 use std::time::Duration;
 
-use crate::common::{
-    SeaweedFs, files_job, keygen, lifeboat, local_repository, with_identity, write_config,
-};
+use crate::common::{SeaweedFs, files_job, lifeboat, local_repository, write_config};
 
 /// `lifeboat list JOB` as id → the REPOSITORIES column (`a,c (missing from b)`).
 fn listed(config: &Path, job: &str) -> BTreeMap<String, String> {
@@ -267,6 +265,23 @@ async fn a_wiped_bucket_fails_verify_check_and_status_until_replicate_reseeds_it
         restored(&config, work.path(), &source, &["--from", "b"]),
         "v4"
     );
+}
+
+/// `lifeboat keygen --output DIR/NAME`: the identity's path and its recipient.
+fn keygen(dir: &Path, name: &str) -> (std::path::PathBuf, String) {
+    let path = dir.join(name);
+    let run = lifeboat(
+        &dir.join("unused.toml"),
+        &["keygen", "--output", path.to_str().unwrap()],
+    );
+    run.assert_code(0);
+    (path, run.stdout.trim().to_string())
+}
+
+fn with_identity(config: &Path, identity: &Path, args: &[&str]) -> crate::common::Run {
+    let mut command = crate::common::lifeboat_command(config);
+    command.env("LIFEBOAT_IDENTITY_FILE", identity).args(args);
+    crate::common::run_command(&mut command)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

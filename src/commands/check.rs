@@ -89,7 +89,8 @@ pub async fn run(config: &Config) -> CheckReport {
             Err(e) => Err(e),
         };
         let probed = match probed {
-            Ok(notes) => clock_of(&readings.of(&repository.name), config.max_clock_skew)
+            Ok(notes) => clock_of(repository, config.max_clock_skew)
+                .await
                 .map(|clock| notes.into_iter().chain(clock).collect::<Vec<String>>()),
             Err(e) => Err(e),
         };
@@ -433,10 +434,8 @@ async fn probe(repository: &Repository) -> Result<Vec<String>, String> {
 
 /// The repository's clock against this host's: a failure beyond `max_skew`, for backups
 /// would record wrong times and prune would keep the wrong ones.
-fn clock_of(
-    readings: &crate::clock::Readings,
-    max_skew: Duration,
-) -> Result<Option<String>, String> {
+async fn clock_of(repository: &Repository, max_skew: Duration) -> Result<Option<String>, String> {
+    let readings = crate::clock::read(std::slice::from_ref(repository)).await;
     if let Some((_, why)) = readings.unread.first() {
         return Err(why.clone());
     }

@@ -71,24 +71,6 @@ pub fn lifeboat(config: &Path, args: &[&str]) -> Run {
     Run::from_output(output)
 }
 
-/// `lifeboat keygen --output DIR/NAME`: the identity's path and its recipient.
-pub fn keygen(dir: &Path, name: &str) -> (PathBuf, String) {
-    let path = dir.join(name);
-    let run = lifeboat(
-        &dir.join("unused.toml"),
-        &["keygen", "--output", path.to_str().unwrap()],
-    );
-    run.assert_code(0);
-    (path, run.stdout.trim().to_string())
-}
-
-/// Runs lifeboat with `LIFEBOAT_IDENTITY_FILE` set to `identity`.
-pub fn with_identity(config: &Path, identity: &Path, args: &[&str]) -> Run {
-    let mut command = lifeboat_command(config);
-    command.env("LIFEBOAT_IDENTITY_FILE", identity).args(args);
-    run_command(&mut command)
-}
-
 pub fn run_command(command: &mut Command) -> Run {
     // A binary copied just now can be "busy": a child another test forked meanwhile holds the
     // copy's descriptor until its own exec closes it.
