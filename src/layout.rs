@@ -68,6 +68,15 @@ pub fn verified_key(job: &str, id: &str) -> String {
     format!("jobs/{job}/verified/{id}.json")
 }
 
+/// Where a run claims a backup id before it writes anything under it (see `claim`).
+pub fn claims_prefix(job: &str) -> String {
+    format!("jobs/{job}/claims/")
+}
+
+pub fn claim_key(job: &str, id: &str) -> String {
+    format!("jobs/{job}/claims/{id}.json")
+}
+
 /// Where prune records a backup it removed, so that `replicate` never brings it back from
 /// a repository that was out of reach when it went.
 pub fn removed_prefix(job: &str) -> String {

@@ -27,6 +27,7 @@
 //! - [`progress`]: how long transfers report progress to whoever renders it.
 
 pub mod archive;
+pub mod claim;
 pub mod clock;
 pub mod commands;
 pub mod config;

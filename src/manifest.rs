@@ -208,9 +208,23 @@ impl ObjectEntry {
         digests: &Digests,
         recipients: Option<&crate::keys::Recipients>,
     ) -> ObjectEntry {
+        ObjectEntry::stored_as(logical, None, digests, recipients)
+    }
+
+    /// Like `stored`, under a name unique to the run `tag` when given (see `claim`):
+    /// `app.dump.zst.runTAG`, `app.dump.zst.runTAG.age`.
+    pub fn stored_as(
+        logical: &str,
+        tag: Option<&str>,
+        digests: &Digests,
+        recipients: Option<&crate::keys::Recipients>,
+    ) -> ObjectEntry {
         let mut entry = ObjectEntry::zstd(logical, digests);
+        if let Some(tag) = tag {
+            entry.name = format!("{logical}.{tag}");
+        }
         if let Some(recipients) = recipients {
-            entry.name = encrypted_name(logical, None);
+            entry.name = encrypted_name(logical, tag);
             entry.encryption = Some(crate::keys::AGE.to_string());
             entry.recipients = recipients.texts().to_vec();
         }
@@ -218,13 +232,18 @@ impl ObjectEntry {
     }
 
     /// What the object is, whatever its stored name: `app.dump.zst` for `app.dump.zst`,
-    /// `app.dump.zst.age` and `app.dump.zst.20261126T030000Z.age` (re-encrypted by `rekey`).
+    /// `app.dump.zst.age`, `app.dump.zst.20261126T030000Z.age` (re-encrypted by `rekey`) and
+    /// `app.dump.zst.runTAG[.age]` (stored under a name unique to its run).
     pub fn logical_name(&self) -> &str {
-        let Some(sealed) = self.name.strip_suffix(".age") else {
-            return &self.name;
-        };
+        let encrypted = self.name.strip_suffix(".age");
+        let sealed = encrypted.unwrap_or(&self.name);
         match sealed.rsplit_once('.') {
-            Some((logical, stamp)) if crate::layout::parse_backup_id(stamp).is_some() => logical,
+            Some((logical, stamp))
+                if crate::claim::is_run_tag(stamp)
+                    || (encrypted.is_some() && crate::layout::parse_backup_id(stamp).is_some()) =>
+            {
+                logical
+            }
             _ => sealed,
         }
     }
@@ -422,5 +441,11 @@ mod tests {
         // A dot in a database's name is not a generation.
         entry.name = "my.db.dump.zst.age".to_string();
         assert_eq!(entry.logical_name(), "my.db.dump.zst");
+        let tag = crate::claim::run_tag();
+        let tagged = ObjectEntry::stored_as("app.dump.zst", Some(&tag), &Digests::default(), None);
+        assert_eq!(tagged.name, format!("app.dump.zst.{tag}"));
+        assert_eq!(tagged.logical_name(), "app.dump.zst");
+        entry.name = encrypted_name("app.dump.zst", Some(&tag));
+        assert_eq!(entry.logical_name(), "app.dump.zst");
     }
 }

@@ -27,6 +27,7 @@ mod repositories;
 mod runbooks;
 mod schedule;
 mod secrets;
+mod shared_writers;
 mod status;
 mod tls;
 mod wal_archive;

@@ -341,6 +341,10 @@ async fn a_prune_killed_halfway_leaves_every_manifest_whole_and_the_next_one_fin
     let abandoned = local.join(format!("jobs/{FILES}/backups/20200102T000000Z"));
     std::fs::create_dir_all(&abandoned).unwrap();
     std::fs::write(abandoned.join("files.tar.zst"), b"half a backup").unwrap();
+    // And the claim on a backup id its run, killed, never released.
+    let claims = local.join(format!("jobs/{FILES}/claims"));
+    std::fs::create_dir_all(&claims).unwrap();
+    std::fs::write(claims.join("20200103T000000Z.json"), b"{}").unwrap();
     std::thread::sleep(Duration::from_secs(3));
 
     let run = lifeboat(&config, &["prune", "--grace", "2s"]);
@@ -355,6 +359,13 @@ async fn a_prune_killed_halfway_leaves_every_manifest_whole_and_the_next_one_fin
         "{}",
         run.stdout
     );
+    assert!(
+        run.stdout
+            .contains("claim of backup id 20200103T000000Z in 'local' left by a run that did not finish: removed"),
+        "{}",
+        run.stdout
+    );
+    assert!(!claims.join("20200103T000000Z.json").exists());
     check_whole().await;
     let kept: BTreeSet<String> = ids[ids.len() - 2..].iter().cloned().collect();
     let local_keys = local_listing(&local);

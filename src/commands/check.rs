@@ -411,7 +411,7 @@ async fn probe(repository: &Repository) -> Result<Vec<String>, String> {
         match store.create_if_absent(&conditional, body.clone()).await {
             Err(StoreError::AlreadyExists { .. }) => notes.push("conditional create: enforced".to_string()),
             Ok(()) => notes.push(
-                "conditional create: NOT enforced by this server (If-None-Match ignored); never run two backups of one job at once"
+                "conditional create: NOT enforced by this server (If-None-Match ignored); two runs of one job in the same second store under names unique to each run and the later one may fail with a conflict"
                     .to_string(),
             ),
             Err(e) => return Err(fail("create", e)),

@@ -13,6 +13,7 @@ use chrono::{DateTime, Utc};
 use serde::Serialize;
 use tracing::Instrument;
 
+use crate::claim::{Claim, Claimed};
 use crate::commands::{human_duration, human_size};
 use crate::config::{Config, JobConfig, JobSource, PostgresMode};
 use crate::error::{Error, ErrorKind, Result, exit_code};
@@ -122,6 +123,9 @@ struct Context<'a> {
     destinations: &'a Destinations,
     job_name: &'a str,
     id: &'a str,
+    /// Set where some repository could not make the id this run's alone: objects are then
+    /// stored under names unique to the run (see `claim`).
+    tag: Option<&'a str>,
     options: EncodeOptions,
 }
 
@@ -155,7 +159,7 @@ impl Context<'_> {
     }
 
     fn entry(&self, object: &str, digests: &Digests) -> ObjectEntry {
-        ObjectEntry::stored(object, digests, self.options.recipients.as_ref())
+        ObjectEntry::stored_as(object, self.tag, digests, self.options.recipients.as_ref())
     }
 }
 
@@ -357,7 +361,58 @@ async fn backup_job(
     )?;
     let started_at = clock.now();
     let id = unused_backup_id(&destinations, &job.name, started_at, config.max_clock_skew).await?;
+    let (claim, claimed) = claim_backup_id(&destinations, &job.name, &id, &clock).await?;
+    let id = claim.id.clone();
     tracing::Span::current().record("backup", tracing::field::display(&id));
+    let outcome = write_backup(
+        config,
+        job,
+        &destinations,
+        (&clock, started_at),
+        &claim,
+        &claimed,
+    )
+    .await;
+    for repository in &claimed.won {
+        repository.release_claim(&job.name, &claim).await;
+    }
+    let (manifest, committed, run_notes) = outcome?;
+    Ok(BackupReport {
+        job: job.name.clone(),
+        id,
+        objects: manifest.objects.len(),
+        raw_size: manifest.raw_size(),
+        stored_size: manifest.stored_size(),
+        duration: timer.elapsed(),
+        repositories: committed.iter().map(|r| r.name.clone()).collect(),
+        missing: destinations.missing(),
+        not_stored: manifest.source.not_stored,
+        not_stored_entries: manifest.source.not_stored_entries.clone(),
+        notes: run_notes
+            .into_iter()
+            .chain(crate::manifest::source_notes(&manifest.source))
+            .collect(),
+    })
+}
+
+/// Where this run holds its claim, and whether any repository let it be claimed twice.
+struct ClaimedIn {
+    won: Vec<Repository>,
+    /// The repositories that do not honour conditional create (see `claim`).
+    shared: Vec<String>,
+}
+
+/// Writes the objects and commits the manifest; returns the manifest, where it was
+/// committed, and the run's notes.
+async fn write_backup(
+    config: &Config,
+    job: &JobConfig,
+    destinations: &Destinations,
+    (clock, started_at): (&crate::clock::Clock, DateTime<Utc>),
+    claim: &Claim,
+    claimed: &ClaimedIn,
+) -> Result<(Manifest, Vec<Repository>, Vec<String>)> {
+    let id = &claim.id;
     let options = EncodeOptions {
         level: config.compression.level,
         threads: config.compression.threads,
@@ -366,9 +421,10 @@ async fn backup_job(
     tracing::info!(job = %job.name, id = %id, "backup started");
 
     let context = Context {
-        destinations: &destinations,
+        destinations,
         job_name: &job.name,
-        id: &id,
+        id,
+        tag: (!claimed.shared.is_empty()).then_some(claim.run.as_str()),
         options,
     };
     let captured = match &job.source {
@@ -391,14 +447,13 @@ async fn backup_job(
             .recovery_point
             .map_or(started_at, |at| clock.correct(at)),
         tool_version: env!("CARGO_PKG_VERSION").to_string(),
-        host: host_name(),
+        host: claim.host.clone(),
         source: captured.source,
         objects: captured.objects,
     };
-    let run_notes = captured.notes;
     let mut committed: Vec<Repository> = Vec::new();
     for repository in destinations.live() {
-        let outcome = match repository.commit_manifest(&manifest).await {
+        let outcome = match commit(&repository, &manifest, claim, claimed).await {
             Ok(()) => {
                 committed.push(repository);
                 Ok(())
@@ -408,7 +463,7 @@ async fn backup_job(
         if let Err(error) = outcome {
             // Too few repositories hold it for the backup to count: it counts nowhere.
             for repository in &committed {
-                let key = layout::manifest_key(&job.name, &id);
+                let key = layout::manifest_key(&job.name, id);
                 if let Err(e) = repository.store.delete(&key).await {
                     tracing::error!(repository = %repository.name, key = %key, error = %e, "unable to withdraw the manifest");
                 }
@@ -416,30 +471,99 @@ async fn backup_job(
             return Err(error);
         }
     }
-    Ok(BackupReport {
-        job: job.name.clone(),
-        id,
-        objects: manifest.objects.len(),
-        raw_size: manifest.raw_size(),
-        stored_size: manifest.stored_size(),
-        duration: timer.elapsed(),
-        repositories: committed.iter().map(|r| r.name.clone()).collect(),
-        missing: destinations.missing(),
-        not_stored: manifest.source.not_stored,
-        not_stored_entries: manifest.source.not_stored_entries.clone(),
-        notes: run_notes
-            .into_iter()
-            .chain(crate::manifest::source_notes(&manifest.source))
-            .collect(),
-    })
+    Ok((manifest, committed, captured.notes))
 }
 
-/// The id for a backup started at `at`: its UTC second, moved past any backup a repository
-/// already holds under a later id within `max_skew` of it (made by a host or a repository
-/// whose clock ran ahead, within the limit: this backup is newer and must sort so), then on
-/// while any repository already has something under that id (a committed backup or an
-/// interrupted attempt). A later id beyond `max_skew` is a backup dated in the future:
-/// `status` names it, and it is not followed.
+/// Commits `manifest` to one repository. Where the repository does not honour conditional
+/// create, the claim is read before and the manifest after: another run that took the id
+/// there at the same time makes this a conflict, never a backup that silently is not.
+async fn commit(
+    repository: &Repository,
+    manifest: &Manifest,
+    claim: &Claim,
+    claimed: &ClaimedIn,
+) -> Result<()> {
+    let shared = claimed.shared.contains(&repository.name);
+    let lost = |by: Option<Claim>| {
+        crate::claim::conflict(&manifest.job, &manifest.id, &repository.name, by.as_ref())
+    };
+    let key = layout::manifest_key(&manifest.job, &manifest.id);
+    if shared
+        && (!repository.still_claimed(&manifest.job, claim).await
+            || repository.store.head(&key).await.is_ok())
+    {
+        return Err(lost(
+            repository.read_claim(&manifest.job, &manifest.id).await,
+        ));
+    }
+    repository.commit_manifest(manifest).await?;
+    if shared {
+        let stored = crate::storage::get_bytes(repository.store.as_ref(), &key).await;
+        if stored.ok().as_deref() != Some(manifest.to_json().as_slice()) {
+            return Err(lost(
+                repository.read_claim(&manifest.job, &manifest.id).await,
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Claims the first id from `first` on that every live repository lets this run have (see
+/// `claim`): another run's claim, or anything stored under an id, moves it to the next second.
+async fn claim_backup_id(
+    destinations: &Destinations,
+    job: &str,
+    first: &str,
+    clock: &crate::clock::Clock,
+) -> Result<(Claim, ClaimedIn)> {
+    let run = crate::claim::run_tag();
+    let host = host_name();
+    let mut candidate = layout::parse_backup_id(first).expect("ids parse");
+    for _ in 0..120 {
+        let claim = Claim::new(&layout::backup_id(candidate), &host, &run, clock.now());
+        let mut claimed = ClaimedIn {
+            won: Vec::new(),
+            shared: Vec::new(),
+        };
+        let mut taken = false;
+        for repository in destinations.live() {
+            match repository.claim(job, &claim).await {
+                Ok(Claimed::Won { exclusive }) => {
+                    if !exclusive {
+                        claimed.shared.push(repository.name.clone());
+                    }
+                    claimed.won.push(repository);
+                }
+                Ok(Claimed::Taken { by }) => {
+                    if let Some(by) = by {
+                        tracing::info!(job = %job, id = %claim.id, host = %by.host, run = %by.run, "backup id claimed by another run; trying the next second");
+                    }
+                    taken = true;
+                    break;
+                }
+                Err(cause) => destinations.lose(job, &repository.name, cause)?,
+            }
+        }
+        if !taken {
+            return Ok((claim, claimed));
+        }
+        for repository in &claimed.won {
+            repository.release_claim(job, &claim).await;
+        }
+        candidate += chrono::Duration::seconds(1);
+    }
+    Err(Error::new(
+        ErrorKind::Storage,
+        format!("unable to claim a backup id for job '{job}' near {first}"),
+    )
+    .with_hint("another run is claiming every id; look for runs of this job on other hosts"))
+}
+
+/// The first id for a backup started at `at`: its UTC second, moved past any backup a
+/// repository already holds under a later id within `max_skew` of it (made by a host or a
+/// repository whose clock ran ahead, within the limit: this backup is newer and must sort
+/// so). A later id beyond `max_skew` is a backup dated in the future: `status` names it, and
+/// it is not followed. Whether the id is free is for its claim to find out.
 async fn unused_backup_id(
     destinations: &Destinations,
     job: &str,
@@ -476,34 +600,7 @@ async fn unused_backup_id(
             None => break,
         }
     }
-    for _ in 0..120 {
-        let id = layout::backup_id(candidate);
-        let mut taken = false;
-        for repository in destinations.live() {
-            match repository
-                .store
-                .list(&layout::backup_prefix(job, &id))
-                .await
-            {
-                Ok(existing) => taken |= !existing.is_empty(),
-                Err(e) => {
-                    let cause = repository.error(&format!("list backup '{job}/{id}'"), e);
-                    destinations.lose(job, &repository.name, cause)?;
-                }
-            }
-        }
-        if !taken {
-            return Ok(id);
-        }
-        candidate += chrono::Duration::seconds(1);
-    }
-    Err(Error::new(
-        ErrorKind::Storage,
-        format!(
-            "unable to find a free backup id for job '{job}' near {}",
-            layout::backup_id(at)
-        ),
-    ))
+    Ok(layout::backup_id(candidate))
 }
 
 pub(crate) fn host_name() -> String {

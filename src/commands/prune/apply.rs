@@ -10,7 +10,7 @@ use chrono::{DateTime, Utc};
 use futures::StreamExt;
 use serde::{Deserialize, Serialize};
 
-use super::report::{JobPrune, Leftover, Retained, StaleUpload};
+use super::report::{JobPrune, Leftover, Retained, StaleClaim, StaleUpload};
 use crate::inventory::{Holding, Survey};
 use crate::layout;
 use crate::repository::Repository;
@@ -239,6 +239,53 @@ pub(super) async fn abort_stale_uploads(
             key: upload.key,
             initiated: upload.initiated,
             aborted,
+        });
+    }
+}
+
+/// Removes the claims on backup ids (see `claim`) written before `before`: a run still
+/// claiming is younger, and a finished run removed its own.
+pub(super) async fn remove_stale_claims(
+    repository: &Repository,
+    job: &str,
+    before: DateTime<Utc>,
+    dry_run: bool,
+    outcome: &mut JobPrune,
+) {
+    let claims = match repository.claims(job).await {
+        Ok(claims) => claims,
+        Err(e) => {
+            outcome.failures.push(e.chain().join(": "));
+            return;
+        }
+    };
+    let prefix = layout::claims_prefix(job);
+    for (key, written) in claims {
+        let id = key
+            .strip_prefix(&prefix)
+            .and_then(|name| name.strip_suffix(".json"))
+            .unwrap_or(&key)
+            .to_string();
+        let claimed_at = written.or_else(|| layout::parse_backup_id(&id));
+        if claimed_at.is_none_or(|at| at >= before) {
+            continue;
+        }
+        let removed = !dry_run
+            && match repository.store.delete(&key).await {
+                Ok(()) => true,
+                Err(e) => {
+                    outcome.failures.push(format!(
+                        "removing the claim '{key}' from repository '{}': {e}",
+                        repository.name
+                    ));
+                    false
+                }
+            };
+        outcome.stale_claims.push(StaleClaim {
+            repository: repository.name.clone(),
+            id,
+            written,
+            removed,
         });
     }
 }

@@ -25,7 +25,9 @@ use crate::layout;
 use crate::repository::{Repository, Tombstone};
 use crate::retention::{self, Candidate, Decision};
 
-pub use report::{BackupOutcome, JobPrune, Leftover, PruneReport, Retained, StaleUpload};
+pub use report::{
+    BackupOutcome, JobPrune, Leftover, PruneReport, Retained, StaleClaim, StaleUpload,
+};
 pub use wal::{WAL_PAGE, WalFloor, WalPrune, WalRepositoryPrune};
 
 /// A drill that passed proves its backup restores: that backup is kept this long.
@@ -256,6 +258,14 @@ async fn prune_job(
         )
         .await;
         apply::abort_stale_uploads(
+            repository,
+            &job.name,
+            now - grace,
+            options.dry_run,
+            &mut outcome,
+        )
+        .await;
+        apply::remove_stale_claims(
             repository,
             &job.name,
             now - grace,

@@ -70,6 +70,15 @@ pub struct StaleUpload {
     pub aborted: bool,
 }
 
+/// A claim on a backup id (see `claim`) older than the grace period: its run was killed.
+#[derive(Debug, Serialize)]
+pub struct StaleClaim {
+    pub repository: String,
+    pub id: String,
+    pub written: Option<DateTime<Utc>>,
+    pub removed: bool,
+}
+
 #[derive(Debug, Serialize)]
 pub struct JobPrune {
     pub job: String,
@@ -79,6 +88,7 @@ pub struct JobPrune {
     pub backups: Vec<BackupOutcome>,
     pub leftovers: Vec<Leftover>,
     pub stale_uploads: Vec<StaleUpload>,
+    pub stale_claims: Vec<StaleClaim>,
     pub wal: Option<WalPrune>,
     /// Why WAL was left alone, when it was.
     pub wal_skipped: Option<String>,
@@ -100,6 +110,7 @@ impl JobPrune {
             backups: Vec::new(),
             leftovers: Vec::new(),
             stale_uploads: Vec::new(),
+            stale_claims: Vec::new(),
             wal: None,
             wal_skipped: None,
             unreachable,
@@ -252,6 +263,18 @@ impl fmt::Display for PruneReport {
                     f,
                     "  incomplete upload of {} in '{}' started {started}: {done}",
                     upload.key, upload.repository
+                )?;
+            }
+            for claim in &job.stale_claims {
+                let done = if claim.removed || self.dry_run {
+                    removed
+                } else {
+                    "not removed"
+                };
+                writeln!(
+                    f,
+                    "  claim of backup id {} in '{}' left by a run that did not finish: {done}",
+                    claim.id, claim.repository
                 )?;
             }
             if let Some(wal) = &job.wal {
