@@ -141,7 +141,8 @@ impl Repository {
             return;
         }
         let key = layout::claim_key(job, &claim.id);
-        if let Err(e) = self.store.delete(&key).await {
+        // Every version of it, where the bucket keeps versions: a claim is no history.
+        if let Err(e) = self.store.delete_unless_retained(&key).await {
             tracing::warn!(repository = %self.name, key = %key, error = %e, "unable to remove the claim of a backup id; prune removes it");
         }
     }

@@ -91,7 +91,18 @@ pub fn cluster_record_key(job: &str) -> String {
     format!("jobs/{job}/cluster.json")
 }
 
-pub fn prune_journal_key(job: &str) -> String {
+/// Where each prune run keeps its journal: one key per run, so two hosts pruning at once
+/// never replace or remove each other's.
+pub fn prune_journals_prefix(job: &str) -> String {
+    format!("jobs/{job}/prune/")
+}
+
+pub fn prune_journal_key(job: &str, run: &str) -> String {
+    format!("jobs/{job}/prune/{run}.json")
+}
+
+/// The one journal of repositories written before journals were kept per run.
+pub fn legacy_prune_journal_key(job: &str) -> String {
     format!("jobs/{job}/prune.json")
 }
 
@@ -176,7 +187,7 @@ mod tests {
             "jobs/db/wal/00000001/000000010000000000000003.zst"
         ));
         assert!(!is_backup_data(&verified_key("db", "20261126T030000Z")));
-        assert!(!is_backup_data(&prune_journal_key("db")));
+        assert!(!is_backup_data(&prune_journal_key("db", "run0")));
         assert!(!is_backup_data(&drill_report_key("q", "20261126T030000Z")));
         assert!(!is_backup_data(MARKER_KEY));
     }

@@ -176,7 +176,9 @@ async fn prune_keeps_exactly_the_plan_in_three_repositories_and_kept_backups_sti
         );
         assert_eq!(held_ids(after.keys(), JOB), kept, "objects in {bucket}");
         assert!(
-            !after.keys().any(|k| k.ends_with("/prune.json")),
+            !after
+                .keys()
+                .any(|k| k.ends_with("/prune.json") || k.contains("/prune/")),
             "the journal of a finished prune is gone"
         );
         let wal = wal_names(&after);
@@ -375,7 +377,11 @@ async fn a_prune_killed_halfway_leaves_every_manifest_whole_and_the_next_one_fin
         let listing = region.listing(BUCKET, "").await;
         assert_eq!(manifest_ids(listing.keys(), FILES), kept);
         assert_eq!(held_ids(listing.keys(), FILES), kept);
-        assert!(!listing.keys().any(|k| k.ends_with("/prune.json")));
+        assert!(
+            !listing
+                .keys()
+                .any(|k| k.ends_with("/prune.json") || k.contains("/prune/"))
+        );
         assert!(region.open_uploads(BUCKET).await.is_empty());
     }
     // The kept backups restore byte for byte.

@@ -29,7 +29,6 @@ use crate::manifest::Manifest;
 use crate::repository::Repository;
 use crate::sources::postgres::{Binaries, Connection, ScratchCluster, ScratchDir, Target, logical};
 use crate::sources::redis::ScratchRedis;
-use crate::storage;
 use file::CheckKind;
 
 pub struct DrillOptions {
@@ -475,8 +474,10 @@ async fn store_everywhere(config: &Config, report: &mut DrillReport) {
     let body =
         bytes::Bytes::from(serde_json::to_vec_pretty(&*report).expect("the report serializes"));
     for repository in Repository::open_all(config).await {
-        match storage::put_bytes(repository.store.as_ref(), &key, body.clone()).await {
-            Ok(_) => report.stored_in.push(repository.name.clone()),
+        // Run ids differ per run; created only if absent all the same, so that no report
+        // ever replaces another.
+        match repository.store.create_if_absent(&key, body.clone()).await {
+            Ok(()) => report.stored_in.push(repository.name.clone()),
             Err(e) => report.warnings.push(
                 repository
                     .error(&format!("store the drill report '{key}'"), e)

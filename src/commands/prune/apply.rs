@@ -25,27 +25,50 @@ struct Journal {
     removing: Vec<String>,
 }
 
-/// Ids an earlier prune was removing, per repository from its own journal.
-pub(super) async fn read_journal(
-    survey: &Survey<'_>,
-    job: &str,
-) -> BTreeMap<String, BTreeSet<String>> {
-    let key = layout::prune_journal_key(job);
+/// What earlier prunes were removing in one repository, from their journals.
+#[derive(Debug, Default)]
+pub(super) struct Journals {
+    pub removing: BTreeSet<String>,
+    /// The journals read: the prune that finishes their work removes them.
+    keys: Vec<String>,
+}
+
+impl Journals {
+    pub fn keys(&self) -> &[String] {
+        &self.keys
+    }
+}
+
+/// What earlier prunes were removing, per repository from its own journals (one per run,
+/// and the single journal older versions kept).
+pub(super) async fn read_journal(survey: &Survey<'_>, job: &str) -> BTreeMap<String, Journals> {
     let mut journals = BTreeMap::new();
     for (repository, _) in &survey.listed {
-        let Ok(bytes) = storage::get_bytes(repository.store.as_ref(), &key).await else {
-            continue;
-        };
-        match serde_json::from_slice::<Journal>(&bytes) {
-            Ok(journal) => {
-                journals.insert(
-                    repository.name.clone(),
-                    journal.removing.into_iter().collect(),
-                );
-            }
+        let store = repository.store.as_ref();
+        let prefix = layout::prune_journals_prefix(job);
+        let mut keys: Vec<String> = match store.list(&prefix).await {
+            Ok(listed) => listed.into_iter().map(|o| o.key).collect(),
             Err(e) => {
-                tracing::warn!(repository = %repository.name, key = %key, error = %e, "unreadable prune journal")
+                tracing::warn!(repository = %repository.name, prefix = %prefix, error = %e, "unable to list prune journals");
+                Vec::new()
             }
+        };
+        keys.push(layout::legacy_prune_journal_key(job));
+        let mut found = Journals::default();
+        for key in keys {
+            let Ok(bytes) = storage::get_bytes(store, &key).await else {
+                continue;
+            };
+            match serde_json::from_slice::<Journal>(&bytes) {
+                Ok(journal) => found.removing.extend(journal.removing),
+                Err(e) => {
+                    tracing::warn!(repository = %repository.name, key = %key, error = %e, "unreadable prune journal")
+                }
+            }
+            found.keys.push(key);
+        }
+        if !found.keys.is_empty() {
+            journals.insert(repository.name.clone(), found);
         }
     }
     journals
@@ -101,18 +124,39 @@ fn object_keys(job: &str, id: &str, holding: &Holding) -> Vec<String> {
         .collect()
 }
 
-/// Removes `removals` (committed backups the plan lets go) and `leftovers` from one
-/// repository, recording what happened in `outcome`.
+/// What one prune run removes from one repository: `removals` (committed backups the plan
+/// lets go) and `leftovers`, of what the repository `held`.
+pub(super) struct Removing<'a> {
+    pub held: &'a BTreeMap<String, Holding>,
+    pub removals: &'a [&'a String],
+    pub leftovers: Vec<Leftover>,
+    /// This run's tag, which names its journal, and the earlier journals it finishes.
+    pub run: &'a str,
+    pub earlier_journals: &'a [String],
+}
+
+/// Removes what `removing` names from one repository, recording what happened in `outcome`.
 pub(super) async fn remove_from(
     repository: &Repository,
     job: &str,
-    held: &BTreeMap<String, Holding>,
-    removals: &[&String],
-    leftovers: Vec<Leftover>,
+    removing: Removing<'_>,
     dry_run: bool,
     outcome: &mut JobPrune,
 ) {
+    let Removing {
+        held,
+        removals,
+        leftovers,
+        run,
+        earlier_journals,
+    } = removing;
     if removals.is_empty() && leftovers.is_empty() {
+        // Journals of prunes whose work is all gone already.
+        if !dry_run {
+            for key in earlier_journals {
+                let _ = repository.store.delete_unless_retained(key).await;
+            }
+        }
         return;
     }
     if dry_run {
@@ -124,7 +168,7 @@ pub(super) async fn remove_from(
         outcome.leftovers.extend(leftovers);
         return;
     }
-    let journal_key = layout::prune_journal_key(job);
+    let journal_key = layout::prune_journal_key(job, run);
     let journal = Journal {
         started_at: Utc::now(),
         removing: removals
@@ -186,11 +230,17 @@ pub(super) async fn remove_from(
         outcome.failures.extend(removal.failures);
         outcome.leftovers.push(leftover);
     }
-    if !unfinished && let Err(e) = repository.store.delete_unless_retained(&journal_key).await {
-        outcome.failures.push(format!(
-            "removing the prune journal '{journal_key}' from repository '{}': {e}",
-            repository.name
-        ));
+    if unfinished {
+        return;
+    }
+    // This run finished what the earlier journals named too: they were read into its plan.
+    for key in std::iter::once(&journal_key).chain(earlier_journals) {
+        if let Err(e) = repository.store.delete_unless_retained(key).await {
+            outcome.failures.push(format!(
+                "removing the prune journal '{key}' from repository '{}': {e}",
+                repository.name
+            ));
+        }
     }
 }
 
@@ -271,8 +321,8 @@ pub(super) async fn remove_stale_claims(
             continue;
         }
         let removed = !dry_run
-            && match repository.store.delete(&key).await {
-                Ok(()) => true,
+            && match repository.store.delete_unless_retained(&key).await {
+                Ok(_) => true,
                 Err(e) => {
                     outcome.failures.push(format!(
                         "removing the claim '{key}' from repository '{}': {e}",

@@ -204,8 +204,9 @@ async fn prune_job(
     }
     outcome.backups = merge(&survey, &plans);
     let journals = apply::read_journal(&survey, &job.name).await;
-    let journal: BTreeSet<&String> = journals.values().flatten().collect();
-    let no_journal = BTreeSet::new();
+    let journal: BTreeSet<&String> = journals.values().flat_map(|j| &j.removing).collect();
+    let no_journal = apply::Journals::default();
+    let run = crate::claim::run_tag();
     let committed_set: BTreeSet<&String> = committed.iter().collect();
     let grace = chrono::Duration::from_std(options.grace).unwrap_or(chrono::Duration::MAX);
 
@@ -216,7 +217,8 @@ async fn prune_job(
         let leftovers: Vec<Leftover> = held
             .iter()
             .filter(|(id, holding)| {
-                !committed_set.contains(id) || (!holding.manifest && own_journal.contains(*id))
+                !committed_set.contains(id)
+                    || (!holding.manifest && own_journal.removing.contains(*id))
             })
             .filter_map(|(id, holding)| {
                 let why = if journal.contains(id) {
@@ -250,9 +252,13 @@ async fn prune_job(
         apply::remove_from(
             repository,
             &job.name,
-            held,
-            &held_removals,
-            leftovers,
+            apply::Removing {
+                held,
+                removals: &held_removals,
+                leftovers,
+                run: &run,
+                earlier_journals: own_journal.keys(),
+            },
             options.dry_run,
             &mut outcome,
         )
