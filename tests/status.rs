@@ -146,3 +146,78 @@ fn status_of_an_unreadable_config_is_unknown() {
     let missing = work.path().join("missing.toml");
     lifeboat(&missing, &["status"]).assert_code(3);
 }
+
+/// `list` and `status` judge a backup by its objects: with one repository and the newest
+/// backup's object moved away (or cut short), `list` shows it incomplete and `status` measures
+/// the RPO from the backup before it, CRITICAL, until the object is back.
+#[test]
+fn a_backup_whose_object_is_gone_is_not_counted_by_list_or_status() {
+    let work = tempfile::tempdir().unwrap();
+    let tree = work.path().join("etc");
+    std::fs::create_dir_all(&tree).unwrap();
+    std::fs::write(tree.join("app.conf"), "listen = 8080\n").unwrap();
+    let repo = work.path().join("repo");
+    let config = write_config(
+        work.path(),
+        &format!(
+            "[targets]\nrto = \"1h\"\nrpo = \"1h\"\n\n{}{}",
+            local_repository("local", &repo),
+            files_job("conf", &[&tree])
+        ),
+    );
+    let backup = || {
+        let run = lifeboat(&config, &["backup", "conf"]);
+        run.assert_code(0);
+        run.stdout
+            .lines()
+            .find_map(|l| l.strip_prefix("backup conf/")?.split(' ').next())
+            .unwrap()
+            .to_string()
+    };
+    let older = backup();
+    std::thread::sleep(Duration::from_millis(1100));
+    let newest = backup();
+    let (run, json) = status(&config);
+    run.assert_code(1); // no drill yet: WARNING, with the newest counted
+    assert_eq!(json["jobs"][0]["newest_backup"], newest.as_str(), "{json}");
+
+    let object = repo.join(format!("jobs/conf/backups/{newest}/files.tar.zst"));
+    let aside = work.path().join("aside");
+    std::fs::rename(&object, &aside).unwrap();
+    let list = lifeboat(&config, &["list", "conf"]);
+    list.assert_code(0);
+    let row = |id: &str| {
+        list.stdout
+            .lines()
+            .find(|l| l.contains(id))
+            .unwrap_or_else(|| panic!("{id} not listed: {}", list.stdout))
+            .to_string()
+    };
+    assert!(
+        row(&newest).contains("(incomplete in local)"),
+        "{}",
+        list.stdout
+    );
+    assert!(row(&older).ends_with(" local"), "{}", list.stdout);
+    let (run, json) = status(&config);
+    run.assert_code(2);
+    assert!(
+        run.stdout.contains(&format!(
+            "backup(s) {newest} complete in no repository (an object missing or at the wrong size): they restore nowhere; RPO is measured from {older}"
+        )),
+        "{}",
+        run.stdout
+    );
+    assert_eq!(json["jobs"][0]["newest_backup"], older.as_str(), "{json}");
+
+    // Back, but cut short: still not counted.
+    let bytes = std::fs::read(&aside).unwrap();
+    std::fs::write(&object, &bytes[..bytes.len() - 1]).unwrap();
+    let (run, json) = status(&config);
+    run.assert_code(2);
+    assert_eq!(json["jobs"][0]["newest_backup"], older.as_str(), "{json}");
+    std::fs::write(&object, &bytes).unwrap();
+    let (run, json) = status(&config);
+    run.assert_code(1);
+    assert_eq!(json["jobs"][0]["newest_backup"], newest.as_str(), "{json}");
+}

@@ -213,38 +213,73 @@ async fn job_status(
             ),
         );
     }
-    let Some(newest) = committed.last().cloned() else {
+    if committed.is_empty() {
         status.flag(State::Critical, "no backup in any repository".to_string());
         return status;
-    };
-    let Some((manifest, _, _)) = survey.manifest(&job.name, &newest).await else {
+    }
+    // A backup counts from the newest one complete somewhere: one whose object is missing or
+    // at the wrong size in every repository restores nowhere, and RPO is measured past it.
+    let mut incomplete: Vec<String> = Vec::new();
+    let mut chosen = None;
+    for id in committed.iter().rev() {
+        let Some((manifest, _, _)) = survey.manifest(&job.name, id).await else {
+            status.flag(
+                State::Unknown,
+                format!("the manifest of backup {id} could not be read"),
+            );
+            return status;
+        };
+        let expected = inventory::object_sizes(&manifest);
+        let (mut present_in, mut missing_from) = (Vec::new(), Vec::new());
+        for (repository, held) in &survey.listed {
+            let presence = match held.get(id) {
+                Some(holding) => {
+                    inventory::Survey::presence_in(
+                        repository,
+                        holding,
+                        &job.name,
+                        id,
+                        &expected,
+                        Some(&manifest),
+                    )
+                    .await
+                }
+                None => Presence::Missing,
+            };
+            match presence {
+                Presence::Complete => present_in.push(repository.name.clone()),
+                _ => missing_from.push(repository.name.clone()),
+            }
+        }
+        if present_in.is_empty() {
+            incomplete.push(id.clone());
+            continue;
+        }
+        status.present_in = present_in;
+        status.missing_from = missing_from;
+        chosen = Some((id.clone(), manifest));
+        break;
+    }
+    if !incomplete.is_empty() {
         status.flag(
-            State::Unknown,
-            format!("the manifest of the newest backup {newest} could not be read"),
+            State::Critical,
+            format!(
+                "backup(s) {} complete in no repository (an object missing or at the wrong size): they restore nowhere{}",
+                incomplete.join(", "),
+                match &chosen {
+                    Some((id, _)) => format!("; RPO is measured from {id}, the newest backup complete somewhere"),
+                    None => String::new(),
+                }
+            ),
+        );
+    }
+    let Some((newest, manifest)) = chosen else {
+        status.flag(
+            State::Critical,
+            "no backup is complete in any repository".to_string(),
         );
         return status;
     };
-    let expected = inventory::object_sizes(&manifest);
-    for (repository, held) in &survey.listed {
-        let presence = match held.get(&newest) {
-            Some(holding) => {
-                inventory::Survey::presence_in(
-                    repository,
-                    holding,
-                    &job.name,
-                    &newest,
-                    &expected,
-                    Some(&manifest),
-                )
-                .await
-            }
-            None => Presence::Missing,
-        };
-        match presence {
-            Presence::Complete => status.present_in.push(repository.name.clone()),
-            _ => status.missing_from.push(repository.name.clone()),
-        }
-    }
     if !status.missing_from.is_empty() {
         status.flag(
             State::Warning,
