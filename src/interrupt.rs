@@ -1,14 +1,30 @@
-//! What an interrupted restore or drill (SIGINT, SIGTERM) must not leave behind: scratch
-//! clusters and staging directories. The work itself may be blocked in a child process and
-//! cannot unwind in time, so a task of its own catches the signal, removes what is
-//! registered here, and exits 130.
+//! What an interrupted run (SIGINT, SIGTERM, SIGHUP) must not leave behind: scratch
+//! clusters and staging directories of a restore or drill, temp files and open multipart
+//! uploads of a backup, prune, replicate, rekey or wal-push. The work itself may be blocked in
+//! a child process and cannot unwind in time, so a task of its own catches the signal, undoes
+//! what is registered here, logs one line saying so, and exits as a shell reports the signal:
+//! 130 for SIGINT, 143 for SIGTERM, 129 for SIGHUP.
 
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 static DIRECTORIES: Mutex<Vec<PathBuf>> = Mutex::new(Vec::new());
+static FILES: Mutex<Vec<PathBuf>> = Mutex::new(Vec::new());
 static INTERRUPTED: AtomicBool = AtomicBool::new(false);
+thread_local! {
+    /// Set on the thread that logs the interrupt's own line.
+    static REPORTING: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Whether a log line may be written now: once the run is interrupted, only the interrupt's
+/// own line is, so that what the stopped work fails with does not bury it.
+pub fn may_log() -> bool {
+    !INTERRUPTED.load(Ordering::SeqCst) || REPORTING.with(|r| r.get())
+}
+
+/// The signal that interrupted the run, once one did.
+static SIGNAL: std::sync::atomic::AtomicI32 = std::sync::atomic::AtomicI32::new(0);
 /// Held while the cleanup runs, so the run's own error path cannot exit before it is done.
 static CLEANING: Mutex<()> = Mutex::new(());
 
@@ -32,6 +48,72 @@ pub fn remove_on_interrupt(dir: &Path) {
 
 pub fn forget(dir: &Path) {
     directories().retain(|d| d != dir);
+}
+
+fn files() -> std::sync::MutexGuard<'static, Vec<PathBuf>> {
+    FILES.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Removes the file `path` (a temp file being written) if the run is interrupted, until
+/// `forget_file` is called for it.
+pub fn remove_file_on_interrupt(path: &Path) {
+    files().push(path.to_path_buf());
+}
+
+pub fn forget_file(path: &Path) {
+    files().retain(|f| f != path);
+}
+
+/// A temp file the interrupt cleanup removes while this lives (a signal ends the process
+/// without running destructors); dropped once the file is renamed into place or gone.
+pub struct RemovedOnInterrupt(PathBuf);
+
+impl RemovedOnInterrupt {
+    pub fn new(path: &Path) -> RemovedOnInterrupt {
+        remove_file_on_interrupt(path);
+        RemovedOnInterrupt(path.to_path_buf())
+    }
+}
+
+impl Drop for RemovedOnInterrupt {
+    fn drop(&mut self) {
+        forget_file(&self.0);
+    }
+}
+
+/// Work to undo that needs the network: an open multipart upload to abort, a claim to
+/// release. Run, with a time limit, before the rest of the cleanup.
+type AsyncUndo = Box<dyn FnOnce() -> futures::future::BoxFuture<'static, ()> + Send>;
+static ASYNC_UNDO: Mutex<Vec<(u64, &'static str, AsyncUndo)>> = Mutex::new(Vec::new());
+
+/// How long the cleanup waits for the network (aborting uploads) before it exits anyway:
+/// systemd sends SIGKILL 90 s after SIGTERM by default.
+const ASYNC_UNDO_LIMIT: std::time::Duration = std::time::Duration::from_secs(20);
+
+/// Runs `undo` (what it does, for the log: "upload(s) aborted") if the run is interrupted while
+/// the guard lives; dropping the guard forgets it.
+#[must_use = "the undo is forgotten when the guard is dropped"]
+pub struct AsyncUndoGuard(u64);
+
+pub fn undo_async_on_interrupt(
+    what: &'static str,
+    undo: impl FnOnce() -> futures::future::BoxFuture<'static, ()> + Send + 'static,
+) -> AsyncUndoGuard {
+    let id = NEXT_UNDO.fetch_add(1, Ordering::SeqCst);
+    ASYNC_UNDO
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .push((id, what, Box::new(undo)));
+    AsyncUndoGuard(id)
+}
+
+impl Drop for AsyncUndoGuard {
+    fn drop(&mut self) {
+        ASYNC_UNDO
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .retain(|(id, _, _)| *id != self.0);
+    }
 }
 
 /// Work to undo if the run is interrupted, beyond files: a database a restore was loading
@@ -60,44 +142,84 @@ impl Drop for UndoGuard {
     }
 }
 
-/// The exit code of an interrupted run, as shells report a SIGINT.
+/// The exit code of a run SIGINT interrupted, as shells report it (SIGTERM: 143).
 pub const EXIT_INTERRUPTED: i32 = 130;
 
-/// If the run was interrupted, waits for the cleanup and exits 130: the run's own failure
-/// (a child that lost its scratch cluster) is a consequence, not the story.
-pub fn exit_if_interrupted() {
-    if INTERRUPTED.load(Ordering::SeqCst) {
-        drop(CLEANING.lock().unwrap_or_else(|e| e.into_inner()));
-        std::process::exit(EXIT_INTERRUPTED);
+/// The exit code of a run `signal` ended: 128 + its number, as shells report it.
+fn exit_code_of(signal: i32) -> i32 {
+    if signal == 0 {
+        EXIT_INTERRUPTED
+    } else {
+        128 + signal
     }
 }
 
-/// Starts the task that cleans up on SIGINT, SIGTERM or SIGHUP. Call once, inside the runtime.
-pub fn install() {
-    tokio::spawn(async {
-        use tokio::signal::unix::{SignalKind, signal};
-        let (Ok(mut interrupt), Ok(mut terminate), Ok(mut hangup)) = (
-            signal(SignalKind::interrupt()),
-            signal(SignalKind::terminate()),
-            // The terminal went away (an SSH session dropped): the same clean stop.
-            signal(SignalKind::hangup()),
-        ) else {
-            tracing::warn!(
-                "unable to catch SIGINT/SIGTERM: an interrupted run may leave scratch files"
-            );
-            return;
+/// If the run was interrupted, waits for the cleanup and exits as the signal says: the run's
+/// own failure (a child that lost its scratch cluster) is a consequence, not the story.
+pub fn exit_if_interrupted() {
+    if INTERRUPTED.load(Ordering::SeqCst) {
+        // The cleanup task exits the process once it is done (uploads aborted over the
+        // network first); this only ends a wait that went on too long.
+        std::thread::sleep(ASYNC_UNDO_LIMIT * 3);
+        drop(CLEANING.lock().unwrap_or_else(|e| e.into_inner()));
+        std::process::exit(exit_code_of(SIGNAL.load(Ordering::SeqCst)));
+    }
+}
+
+/// `exit_if_interrupted` for async code: waits without holding a runtime thread.
+pub async fn end_if_interrupted() {
+    if INTERRUPTED.load(Ordering::SeqCst) {
+        tokio::time::sleep(ASYNC_UNDO_LIMIT * 3).await;
+        exit_if_interrupted();
+    }
+}
+
+pub fn is_interrupted() -> bool {
+    INTERRUPTED.load(Ordering::SeqCst)
+}
+
+/// Starts the task that cleans up on SIGINT, SIGTERM or SIGHUP during `command` (for the
+/// log line). Call once, inside the runtime.
+pub fn install(command: String) {
+    use tokio::signal::unix::{SignalKind, signal};
+    // Registered here, before the task first runs: a signal from now on is caught.
+    let (Ok(mut interrupt), Ok(mut terminate), Ok(mut hangup)) = (
+        signal(SignalKind::interrupt()),
+        signal(SignalKind::terminate()),
+        // The terminal went away (an SSH session dropped): the same clean stop.
+        signal(SignalKind::hangup()),
+    ) else {
+        tracing::warn!(
+            "unable to catch SIGINT/SIGTERM: an interrupted run may leave temp files behind"
+        );
+        return;
+    };
+    tokio::spawn(async move {
+        let (signo, name) = tokio::select! {
+            _ = interrupt.recv() => (libc::SIGINT, "SIGINT"),
+            _ = terminate.recv() => (libc::SIGTERM, "SIGTERM"),
+            _ = hangup.recv() => (libc::SIGHUP, "SIGHUP"),
         };
-        tokio::select! {
-            _ = interrupt.recv() => {}
-            _ = terminate.recv() => {}
-            _ = hangup.recv() => {}
+        SIGNAL.store(signo, Ordering::SeqCst);
+        INTERRUPTED.store(true, Ordering::SeqCst);
+        let mut undone: std::collections::BTreeMap<&'static str, usize> = Default::default();
+        // Twice: an upload being opened while the first pass ran is registered by the second.
+        for _ in 0..2 {
+            let undos = std::mem::take(&mut *ASYNC_UNDO.lock().unwrap_or_else(|e| e.into_inner()));
+            let mut pending = Vec::new();
+            for (_, what, undo) in undos {
+                *undone.entry(what).or_default() += 1;
+                pending.push(undo());
+            }
+            let _ =
+                tokio::time::timeout(ASYNC_UNDO_LIMIT, futures::future::join_all(pending)).await;
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
         }
-        let _ = tokio::task::spawn_blocking(|| {
+        let _ = tokio::task::spawn_blocking(move || {
             let _moving = hold_off();
             let cleaning = CLEANING.lock().unwrap_or_else(|e| e.into_inner());
-            INTERRUPTED.store(true, Ordering::SeqCst);
-            tracing::error!("interrupted: removing scratch clusters and staging directories");
             let clusters = crate::sources::postgres::take_scratch_clusters();
+            let scratch_clusters = clusters.len();
             crate::sources::process::kill_all();
             let undos = std::mem::take(&mut *UNDO.lock().unwrap_or_else(|e| e.into_inner()));
             for (_, undo) in undos {
@@ -105,11 +227,41 @@ pub fn install() {
             }
             crate::sources::postgres::stop_scratch_clusters(clusters);
             crate::sources::redis::stop_all_scratch_servers();
-            for dir in std::mem::take(&mut *directories()) {
+            let directories = std::mem::take(&mut *directories());
+            for dir in &directories {
                 let _ = std::fs::remove_dir_all(dir);
             }
+            let files = std::mem::take(&mut *files());
+            for file in &files {
+                let _ = std::fs::remove_file(file);
+            }
+            let mut cleaned: Vec<String> = undone
+                .iter()
+                .map(|(what, count)| format!("{count} {what}"))
+                .collect();
+            if !files.is_empty() {
+                cleaned.push(format!("{} temp file(s) removed", files.len()));
+            }
+            if scratch_clusters > 0 {
+                cleaned.push(format!("{scratch_clusters} scratch cluster(s) stopped"));
+            }
+            if !directories.is_empty() {
+                cleaned.push(format!(
+                    "{} scratch or staging director(ies) removed",
+                    directories.len()
+                ));
+            }
+            REPORTING.with(|r| r.set(true));
+            tracing::error!(
+                "{command} interrupted by {name}: {}; exiting {}",
+                match cleaned.is_empty() {
+                    true => "nothing to clean up".to_string(),
+                    false => cleaned.join(", "),
+                },
+                exit_code_of(signo)
+            );
             drop(cleaning);
-            std::process::exit(EXIT_INTERRUPTED);
+            std::process::exit(exit_code_of(signo));
         })
         .await;
     });

@@ -455,7 +455,12 @@ impl PhysicalRestoreArgs {
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let matches = <Cli as clap::CommandFactory>::command().get_matches();
+    let command_name = matches.subcommand_name().unwrap_or("lifeboat").to_string();
+    let cli = match <Cli as clap::FromArgMatches>::from_arg_matches(&matches) {
+        Ok(cli) => cli,
+        Err(e) => e.exit(),
+    };
     init_logging(&cli);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -469,7 +474,11 @@ fn main() -> ExitCode {
             );
         }
     };
-    let outcome = runtime.block_on(run(cli));
+    let outcome = runtime.block_on(async {
+        // Before any work: a run stopped at any moment cleans up after itself.
+        lifeboat::interrupt::install(command_name);
+        run(cli).await
+    });
     lifeboat::interrupt::exit_if_interrupted();
     let code = match outcome {
         Ok(code) => code,
@@ -492,6 +501,7 @@ fn init_logging(cli: &Cli) {
     let on_terminal = std::io::stderr().is_terminal();
     // A log write that fails (stderr a closed pipe) is dropped: the tracing crate's own
     // report of it would panic writing to the same stderr.
+    use tracing_subscriber::fmt::writer::MakeWriterExt;
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_ansi(on_terminal)
@@ -500,11 +510,14 @@ fn init_logging(cli: &Cli) {
     match (cli.log_format, progress) {
         (LogFormat::Text, Some(progress)) => {
             lifeboat::progress::install(Box::new(progress.clone()));
-            builder.with_target(false).with_writer(progress).init()
+            builder
+                .with_target(false)
+                .with_writer(progress.with_filter(|_| lifeboat::interrupt::may_log()))
+                .init()
         }
         (LogFormat::Text, None) => builder
             .with_target(false)
-            .with_writer(std::io::stderr)
+            .with_writer(std::io::stderr.with_filter(|_| lifeboat::interrupt::may_log()))
             .init(),
         // One object per line, the span fields (job, backup) flattened into each.
         (LogFormat::Json, _) => builder
@@ -512,7 +525,7 @@ fn init_logging(cli: &Cli) {
             .flatten_event(true)
             .with_current_span(false)
             .with_span_list(true)
-            .with_writer(std::io::stderr)
+            .with_writer(std::io::stderr.with_filter(|_| lifeboat::interrupt::may_log()))
             .init(),
     }
 }
@@ -688,7 +701,6 @@ async fn run(cli: Cli) -> Result<i32> {
                     format,
                 },
         } => {
-            lifeboat::interrupt::install();
             let started_at = chrono::Utc::now();
             let report = drill::run(
                 &config,
@@ -864,7 +876,6 @@ async fn run(cli: Cli) -> Result<i32> {
                 start_scratch,
                 identity_file: None,
             };
-            lifeboat::interrupt::install();
             let report = restore::run(&config, &options).await?;
             println!("{report}");
         }

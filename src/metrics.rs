@@ -235,6 +235,7 @@ pub fn write_atomic(dir: &Path, name: &str, text: &str) -> Result<()> {
         .prefix(".lifeboat-")
         .tempfile_in(dir)
         .map_err(fail)?;
+    let _registered = crate::interrupt::RemovedOnInterrupt::new(file.path());
     file.write_all(text.as_bytes()).map_err(fail)?;
     file.as_file().sync_all().map_err(fail)?;
     // Readable by the collector, which usually runs as another user.

@@ -28,6 +28,7 @@ mod runbooks;
 mod schedule;
 mod secrets;
 mod shared_writers;
+mod signals;
 mod status;
 mod tls;
 mod wal_archive;

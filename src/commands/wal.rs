@@ -730,6 +730,7 @@ fn write_decoded(
             let mut temp = tempfile::Builder::new()
                 .prefix(".lifeboat-wal-fetch-")
                 .tempfile_in(parent)?;
+            let _registered = crate::interrupt::RemovedOnInterrupt::new(temp.path());
             let size = decode_checked(stored, identities, temp.as_file_mut(), file)?;
             temp.persist(dest).map_err(|e| e.error)?;
             Ok(size)

@@ -44,7 +44,14 @@ impl LocalStore {
         key: &str,
         dest: &Path,
         mut body: PartStream,
-    ) -> Result<(tempfile::TempPath, u64), StoreError> {
+    ) -> Result<
+        (
+            tempfile::TempPath,
+            u64,
+            crate::interrupt::RemovedOnInterrupt,
+        ),
+        StoreError,
+    > {
         let dir = dest.parent().expect("keys always have a parent directory");
         tokio::fs::create_dir_all(dir)
             .await
@@ -64,6 +71,7 @@ impl LocalStore {
         .map_err(|e| StoreError::backend("create temp file for", key, e.to_string()))?
         .map_err(|e| StoreError::io("create temp file for", key, e))?;
         let (file, temp_path) = temp.into_parts();
+        let registered = crate::interrupt::RemovedOnInterrupt::new(&temp_path);
         let mut file = tokio::fs::File::from_std(file);
         let mut size = 0u64;
         while let Some(chunk) = body.next(key).await? {
@@ -75,7 +83,7 @@ impl LocalStore {
         file.sync_all()
             .await
             .map_err(|e| StoreError::io("fsync", key, e))?;
-        Ok((temp_path, size))
+        Ok((temp_path, size, registered))
     }
 
     async fn sync_dir(&self, key: &str, dir: &Path) -> Result<(), StoreError> {
@@ -209,7 +217,7 @@ impl Store for LocalStore {
 
     async fn put(&self, key: &str, body: PartStream) -> Result<PutReceipt, StoreError> {
         let dest = self.path_of(key)?;
-        let (temp, size) = self.write_temp(key, &dest, body).await?;
+        let (temp, size, _registered) = self.write_temp(key, &dest, body).await?;
         let dest_owned = dest.clone();
         tokio::task::spawn_blocking(move || temp.persist(&dest_owned))
             .await
@@ -226,7 +234,7 @@ impl Store for LocalStore {
 
     async fn create_if_absent(&self, key: &str, body: Bytes) -> Result<(), StoreError> {
         let dest = self.path_of(key)?;
-        let (temp, _) = self
+        let (temp, _, _registered) = self
             .write_temp(key, &dest, PartStream::from_bytes(body))
             .await?;
         // link(2) fails with EEXIST atomically, which rename(2) would not.

@@ -664,6 +664,22 @@ impl Store for S3Store {
         let upload_id = created.upload_id.ok_or_else(|| {
             StoreError::backend("start upload of", key, "the server returned no upload id")
         })?;
+        // A run stopped by a signal aborts the upload on its way out.
+        let _abort_on_interrupt = {
+            let (client, bucket) = (self.client.clone(), self.bucket.clone());
+            let (full, upload_id) = (full.clone(), upload_id.clone());
+            crate::interrupt::undo_async_on_interrupt("upload(s) aborted", move || {
+                Box::pin(async move {
+                    let _ = client
+                        .abort_multipart_upload()
+                        .bucket(bucket)
+                        .key(full)
+                        .upload_id(upload_id)
+                        .send()
+                        .await;
+                })
+            })
+        };
 
         let result = async {
             let (parts, receipt) = self

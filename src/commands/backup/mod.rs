@@ -363,6 +363,16 @@ async fn backup_job(
     let id = unused_backup_id(&destinations, &job.name, started_at, config.max_clock_skew).await?;
     let (claim, claimed) = claim_backup_id(&destinations, &job.name, &id, &clock).await?;
     let id = claim.id.clone();
+    let _release_on_interrupt = {
+        let (won, claim, job) = (claimed.won.clone(), claim.clone(), job.name.clone());
+        crate::interrupt::undo_async_on_interrupt("claim(s) released", move || {
+            Box::pin(async move {
+                for repository in &won {
+                    repository.release_claim(&job, &claim).await;
+                }
+            })
+        })
+    };
     tracing::Span::current().record("backup", tracing::field::display(&id));
     let outcome = write_backup(
         config,

@@ -190,7 +190,7 @@ async fn run_drill(
             Err(e) => e,
         };
     // An interrupted drill ends as interrupted; there is nothing to judge.
-    crate::interrupt::exit_if_interrupted();
+    crate::interrupt::end_if_interrupted().await;
     let secrets = configured_secrets(config);
     let why = report::kept_text(&err.chain().join(": "), &secrets);
     let mut report = DrillReport {

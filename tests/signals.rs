@@ -1,0 +1,169 @@
+//! A run stopped by SIGTERM (what `systemctl stop` sends) at any moment: backups to a local
+//! and an S3 repository, and prunes. Each stopped run exits 143 with one log line saying what
+//! it cleaned, leaves no temp file, no open multipart upload and no claim, and the next run
+//! succeeds with every backup whole.
+
+use std::path::Path;
+use std::process::{Child, Stdio};
+use std::time::{Duration, Instant};
+
+use crate::common::{
+    Run, SeaweedFs, files_job, lifeboat, lifeboat_command, local_repository, tree,
+};
+
+/// Starts `lifeboat ARGS` and sends it SIGTERM after `delay`: how it ended.
+fn stopped_after(config: &Path, args: &[&str], delay: Duration) -> Run {
+    let child: Child = lifeboat_command(config)
+        .args(args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(delay);
+    // SAFETY: kill(2) on the lifeboat this test started.
+    unsafe {
+        libc::kill(child.id() as i32, libc::SIGTERM);
+    }
+    Run::from_output(child.wait_with_output().unwrap())
+}
+
+/// Temp files (`.NAME.lifeboat-tmp-*`) anywhere under `root`.
+fn temp_files(root: &Path) -> Vec<String> {
+    walkdir::WalkDir::new(root)
+        .into_iter()
+        .filter_map(Result::ok)
+        .map(|e| e.path().display().to_string())
+        .filter(|p| p.contains(".lifeboat-tmp-"))
+        .collect()
+}
+
+/// A run stopped by SIGTERM: exit 143, and the interrupt's line is the last thing logged
+/// and the only warning or error.
+fn assert_stopped_cleanly(run: &Run, command: &str) {
+    assert_eq!(run.code, 143, "{}\n{}", run.stdout, run.stderr);
+    let lines: Vec<&str> = run.stderr.lines().collect();
+    let last = lines.last().copied().unwrap_or_default();
+    assert!(
+        last.contains(&format!("{command} interrupted by SIGTERM")) && last.contains("exiting 143"),
+        "{}",
+        run.stderr
+    );
+    let loud = lines
+        .iter()
+        .filter(|l| l.contains(" WARN ") || l.contains(" ERROR ") || l.starts_with("error"))
+        .count();
+    assert_eq!(loud, 1, "{}", run.stderr);
+}
+
+/// No temp file in the local repository, no open upload and no claim in either.
+async fn nothing_left(s3: &SeaweedFs, local: &Path, what: &str) {
+    assert_eq!(temp_files(local), Vec::<String>::new(), "{what}");
+    assert_eq!(
+        s3.open_uploads("stop").await,
+        Vec::<String>::new(),
+        "{what}"
+    );
+    assert_eq!(
+        s3.keys("stop", "lb/jobs/conf/claims/").await,
+        Vec::<String>::new(),
+        "{what}"
+    );
+    let claims = local.join("jobs/conf/claims");
+    assert_eq!(
+        std::fs::read_dir(&claims).map(|d| d.count()).unwrap_or(0),
+        0,
+        "{what}"
+    );
+}
+
+/// Delays spread over `span`, the same on every run of the test (so a failure reproduces).
+fn moments(count: usize, span: Duration) -> Vec<Duration> {
+    let mut state: u64 = 0x9e37_79b9_7f4a_7c15;
+    (0..count)
+        .map(|_| {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            span.mul_f64(0.05 + 0.9 * (state % 1000) as f64 / 1000.0)
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_during_backup_and_prune_leaves_nothing_behind() {
+    let s3 = SeaweedFs::start().await;
+    s3.create_bucket("stop").await;
+    let work = tempfile::tempdir().unwrap();
+    let source = work.path().join("src");
+    tree::build(&source, 20, 0);
+    // Several parts of 5 MiB each way: long enough to be stopped in the middle.
+    tree::write_file(
+        &source.join("big.bin"),
+        &tree::noise(40 * 1024 * 1024, 7),
+        0o640,
+    );
+    let local = work.path().join("local");
+    let config = crate::common::write_config(
+        work.path(),
+        &format!(
+            "{}{}{}retention = {{ keep_last = 1 }}\n",
+            local_repository("local", &local),
+            s3.repository("s3", "stop", "lb"),
+            files_job("conf", &[&source])
+        ),
+    );
+    let started = Instant::now();
+    lifeboat(&config, &["backup", "conf"]).assert_code(0);
+    let backup_takes = started.elapsed();
+
+    let mut stopped = 0;
+    for (round, delay) in moments(10, backup_takes).into_iter().enumerate() {
+        let run = stopped_after(&config, &["backup", "conf"], delay);
+        if run.code == 0 {
+            // It finished first: a backup like any other.
+            continue;
+        }
+        stopped += 1;
+        assert_stopped_cleanly(&run, "backup");
+        nothing_left(
+            &s3,
+            &local,
+            &format!("backup round {round}, stopped after {delay:?}"),
+        )
+        .await;
+    }
+    assert!(
+        stopped >= 7,
+        "only {stopped} of 10 backups were stopped in time"
+    );
+    lifeboat(&config, &["backup", "conf"]).assert_code(0);
+    lifeboat(&config, &["verify", "conf"]).assert_code(0);
+
+    // Prunes, each with backups to remove.
+    for (round, delay) in moments(5, Duration::from_millis(400))
+        .into_iter()
+        .enumerate()
+    {
+        lifeboat(&config, &["backup", "conf"]).assert_code(0);
+        let run = stopped_after(&config, &["prune", "conf", "--grace", "1s"], delay);
+        if run.code != 0 {
+            assert_stopped_cleanly(&run, "prune");
+        }
+        nothing_left(
+            &s3,
+            &local,
+            &format!("prune round {round}, stopped after {delay:?}"),
+        )
+        .await;
+        // What it left, the next prune finishes; every backup it kept is whole.
+        lifeboat(&config, &["prune", "conf", "--grace", "1s"]).assert_code(0);
+        lifeboat(&config, &["verify", "conf"]).assert_code(0);
+    }
+    let into = work.path().join("restored");
+    lifeboat(
+        &config,
+        &["restore", "conf", "--into", into.to_str().unwrap()],
+    )
+    .assert_code(0);
+    tree::assert_same(&source, &into.join(source.strip_prefix("/").unwrap()));
+}
