@@ -22,6 +22,8 @@ pub const MANIFESTS_IN_FLIGHT: usize = 32;
 #[derive(Debug, Default, Clone)]
 pub struct Holding {
     pub manifest: bool,
+    /// Whether the manifest's signature (`manifest.json.minisig`) is there.
+    pub signature: bool,
     /// Object name → stored size.
     pub objects: BTreeMap<String, u64>,
     /// When the newest of its keys was written, where the store says.
@@ -91,6 +93,8 @@ pub async fn holdings(repository: &Repository, job: &str) -> Result<BTreeMap<Str
         holding.newest = holding.newest.max(object.last_modified);
         if name == layout::MANIFEST_NAME {
             holding.manifest = true;
+        } else if name == layout::MANIFEST_SIGNATURE_NAME {
+            holding.signature = true;
         } else {
             holding.objects.insert(name.to_string(), object.size);
         }
@@ -187,8 +191,11 @@ impl<'a> Survey<'a> {
             let Ok(bytes) = storage::get_bytes(repository.store.as_ref(), &key).await else {
                 continue;
             };
-            if let Ok(manifest) = Manifest::from_json(&bytes) {
-                return Some((manifest, bytes, *repository));
+            match repository.trusted_manifest(&key, &bytes).await {
+                Ok(manifest) => return Some((manifest, bytes, *repository)),
+                Err(problem) => {
+                    tracing::warn!(repository = %repository.name, key = %key, problem = %problem, "manifest not used")
+                }
             }
         }
         None
@@ -197,10 +204,11 @@ impl<'a> Survey<'a> {
 
 /// The manifest of `job/id` that `repository` holds, if it reads.
 pub async fn own_manifest(repository: &Repository, job: &str, id: &str) -> Option<Manifest> {
-    let bytes = storage::get_bytes(repository.store.as_ref(), &layout::manifest_key(job, id))
+    let key = layout::manifest_key(job, id);
+    let bytes = storage::get_bytes(repository.store.as_ref(), &key)
         .await
         .ok()?;
-    Manifest::from_json(&bytes).ok()
+    repository.trusted_manifest(&key, &bytes).await.ok()
 }
 
 #[cfg(test)]

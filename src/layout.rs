@@ -18,6 +18,8 @@ pub const MARKER_KEY: &str = "lifeboat.json";
 /// with its time; a local repository makes and removes a temp file beside it.
 pub const CLOCK_PROBE_KEY: &str = "clock-probe";
 pub const MANIFEST_NAME: &str = "manifest.json";
+/// The manifest's signature, when backups are signed (see `signing`).
+pub const MANIFEST_SIGNATURE_NAME: &str = "manifest.json.minisig";
 const ID_FORMAT: &str = "%Y%m%dT%H%M%SZ";
 
 pub fn backups_prefix(job: &str) -> String {

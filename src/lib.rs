@@ -45,6 +45,7 @@ pub mod pipeline;
 pub mod progress;
 pub mod repository;
 pub mod retention;
+pub mod signing;
 pub mod sources;
 pub mod storage;
 pub mod transfer;

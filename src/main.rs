@@ -184,11 +184,16 @@ enum Command {
         #[arg(long, value_enum, default_value_t = OutputFormat::Text)]
         format: OutputFormat,
     },
-    /// Write a new age identity (mode 0600) and print its recipient (public key).
+    /// Write a new age identity (mode 0600) and print its recipient (public key); with
+    /// --signing, a manifest signing key (and FILE.pub) and print its public key.
     Keygen {
-        /// The identity file to create; never replaced.
+        /// The key file to create; never replaced.
         #[arg(long, short)]
         output: PathBuf,
+        /// An Ed25519 signing key in minisign's format, for `[signing] key_file`; its public
+        /// key goes in `trusted_signers` (and `minisign -P`).
+        #[arg(long)]
+        signing: bool,
     },
     /// Re-encrypt stored backups and WAL to the config's recipients plus --add-recipient,
     /// minus --remove-recipient (needs an identity that opens them).
@@ -622,7 +627,21 @@ async fn run(cli: Cli) -> Result<i32> {
         );
         return Ok(exit_code::SUCCESS);
     }
-    if let Command::Keygen { output } = &cli.command {
+    if let Command::Keygen {
+        output,
+        signing: true,
+    } = &cli.command
+    {
+        let public = lifeboat::signing::keygen(output)?;
+        eprintln!(
+            "wrote signing key '{}' (mode 0600) and its public key '{}.pub'; keep the signing key on backup hosts only, and put the public key in trusted_signers",
+            output.display(),
+            output.display()
+        );
+        println!("{public}");
+        return Ok(exit_code::SUCCESS);
+    }
+    if let Command::Keygen { output, .. } = &cli.command {
         let recipient = lifeboat::keys::keygen(output)?;
         eprintln!(
             "wrote identity '{}' (mode 0600); keep a copy offline, it is the only way to read what is encrypted to it alone",

@@ -25,6 +25,8 @@ const CLUSTER_RECORD_LIMIT: u64 = 64 * 1024;
 pub struct Repository {
     pub name: String,
     pub store: Arc<dyn Store>,
+    /// Whose signatures a manifest read from here must carry (see `signing`).
+    pub trust: Arc<crate::signing::Trust>,
 }
 
 /// The error for a repository that lacks its marker while others of the config hold theirs:
@@ -184,14 +186,19 @@ impl Repository {
         Repository {
             name: config.name.clone(),
             store,
+            trust: Arc::default(),
         }
     }
 
-    /// Every configured repository, in config order (which is restore preference).
+    /// Every configured repository, in config order (which is restore preference), each
+    /// requiring the signatures the config trusts.
     pub async fn open_all(config: &Config) -> Vec<Repository> {
+        let trust = Arc::new(config.signing.trust.clone());
         let mut repositories = Vec::with_capacity(config.repositories.len());
         for repository in &config.repositories {
-            repositories.push(Repository::open(repository).await);
+            let mut opened = Repository::open(repository).await;
+            opened.trust = trust.clone();
+            repositories.push(opened);
         }
         repositories
     }
@@ -202,7 +209,9 @@ impl Repository {
             Some(name) => config.repository(name)?,
             None => &config.repositories[0],
         };
-        Ok(Repository::open(chosen).await)
+        let mut opened = Repository::open(chosen).await;
+        opened.trust = Arc::new(config.signing.trust.clone());
+        Ok(opened)
     }
 
     /// The repositories a restore may read, in config order: the one `from` names, else all,
@@ -446,24 +455,59 @@ impl Repository {
         Ok(ids)
     }
 
+    /// The signature beside `key`, if there is one.
+    pub async fn signature_of(&self, key: &str) -> Result<Option<Bytes>> {
+        let signature = crate::signing::signature_key(key);
+        match storage::get_range_bytes(
+            self.store.as_ref(),
+            &signature,
+            Some(0..crate::signing::SIGNATURE_LIMIT),
+        )
+        .await
+        {
+            Ok(bytes) => Ok(Some(bytes)),
+            Err(e) if e.is_not_found() => Ok(None),
+            Err(e) => Err(self.error(&format!("read signature '{signature}'"), e)),
+        }
+    }
+
+    /// `bytes`, read from `key`, parsed as a manifest once its signature is checked (where
+    /// `trusted_signers` asks for one): the error says why not.
+    pub async fn trusted_manifest(
+        &self,
+        key: &str,
+        bytes: &[u8],
+    ) -> std::result::Result<Manifest, String> {
+        if self.trust.required() {
+            let signature = self.signature_of(key).await.map_err(|e| e.to_string())?;
+            self.trust
+                .check(bytes, signature.as_deref())
+                .map_err(|untrusted| untrusted.to_string())?;
+        }
+        Manifest::from_json(bytes)
+    }
+
     pub async fn read_manifest(&self, job: &str, id: &str) -> Result<Manifest> {
         let key = layout::manifest_key(job, id);
         let bytes = storage::get_bytes(self.store.as_ref(), &key)
             .await
             .map_err(|e| self.error(&format!("read manifest '{key}'"), e))?;
-        let manifest = Manifest::from_json(&bytes).map_err(|problem| {
-            Error::new(
-                ErrorKind::Verification,
-                format!(
-                    "unable to read manifest '{key}' in repository '{}': {problem}",
+        let manifest = self
+            .trusted_manifest(&key, &bytes)
+            .await
+            .map_err(|problem| {
+                Error::new(
+                    ErrorKind::Verification,
+                    format!(
+                        "unable to read manifest '{key}' in repository '{}': {problem}",
+                        self.name
+                    ),
+                )
+                .with_hint(format!(
+                    "run `lifeboat verify {job} --from {}` to list damaged backups",
                     self.name
-                ),
-            )
-            .with_hint(format!(
-                "run `lifeboat verify {job} --from {}` to list damaged backups",
-                self.name
-            ))
-        })?;
+                ))
+            })?;
         if manifest.job != job || manifest.id != id {
             return Err(Error::new(
                 ErrorKind::Verification,
@@ -476,24 +520,76 @@ impl Repository {
         Ok(manifest)
     }
 
-    /// Writes the manifest: the commit point. Never replaces a committed manifest.
-    pub async fn commit_manifest(&self, manifest: &Manifest) -> Result<()> {
+    /// Writes the manifest: the commit point. Never replaces a committed manifest. Signed by
+    /// `signer` when given: the signature is written first, so a committed manifest always
+    /// has it.
+    pub async fn commit_manifest(
+        &self,
+        manifest: &Manifest,
+        signer: Option<&crate::signing::Signer>,
+    ) -> Result<()> {
         let key = layout::manifest_key(&manifest.job, &manifest.id);
+        let bytes = Bytes::from(manifest.to_json());
+        self.write_signature(&key, &bytes, signer).await?;
         self.store
-            .create_if_absent(&key, Bytes::from(manifest.to_json()))
+            .create_if_absent(&key, bytes)
             .await
             .map_err(|e| self.error(&format!("write manifest '{key}'"), e))
     }
 
     /// Replaces the committed manifest of a backup: `rekey` only, once every object the
     /// new one names is stored and checked. A reader sees the old manifest or the new one,
-    /// and both point to objects that are there.
-    pub async fn replace_manifest(&self, manifest: &Manifest) -> Result<()> {
+    /// and both point to objects that are there. Without `signer`, a signature of the old
+    /// manifest is removed: it no longer matches.
+    pub async fn replace_manifest(
+        &self,
+        manifest: &Manifest,
+        signer: Option<&crate::signing::Signer>,
+    ) -> Result<()> {
         let key = layout::manifest_key(&manifest.job, &manifest.id);
-        storage::put_bytes(self.store.as_ref(), &key, Bytes::from(manifest.to_json()))
+        let bytes = Bytes::from(manifest.to_json());
+        self.write_signature(&key, &bytes, signer).await?;
+        storage::put_bytes(self.store.as_ref(), &key, bytes)
+            .await
+            .map_err(|e| self.error(&format!("replace manifest '{key}'"), e))?;
+        if signer.is_none() {
+            let signature = crate::signing::signature_key(&key);
+            self.store
+                .delete_unless_retained(&signature)
+                .await
+                .map_err(|e| self.error(&format!("remove the stale signature '{signature}'"), e))?;
+        }
+        Ok(())
+    }
+
+    /// Writes `signer`'s signature of `bytes`, the object at `key`, beside it.
+    async fn write_signature(
+        &self,
+        key: &str,
+        bytes: &[u8],
+        signer: Option<&crate::signing::Signer>,
+    ) -> Result<()> {
+        let Some(signer) = signer else {
+            return Ok(());
+        };
+        let signature = crate::signing::signature_key(key);
+        let signed = signer.sign(bytes, key)?;
+        storage::put_bytes(self.store.as_ref(), &signature, Bytes::from(signed))
             .await
             .map(|_| ())
-            .map_err(|e| self.error(&format!("replace manifest '{key}'"), e))
+            .map_err(|e| self.error(&format!("write signature '{signature}'"), e))
+    }
+
+    /// Copies the signature of the object at `key` from `source`, if it has one.
+    pub async fn copy_signature_from(&self, source: &Repository, key: &str) -> Result<()> {
+        let Some(signed) = source.signature_of(key).await? else {
+            return Ok(());
+        };
+        let signature = crate::signing::signature_key(key);
+        storage::put_bytes(self.store.as_ref(), &signature, signed)
+            .await
+            .map(|_| ())
+            .map_err(|e| self.error(&format!("write signature '{signature}'"), e))
     }
 
     pub async fn open_object(&self, job: &str, id: &str, object: &str) -> Result<ByteStream> {

@@ -162,3 +162,51 @@ fn a_duration_too_long_for_the_calendar_is_a_usage_error_not_a_panic() {
         run.stderr
     );
 }
+
+#[test]
+fn signing_keys_are_checked_where_they_are_configured() {
+    let run = check_with(&format!(
+        "[signing]\ntrusted_signers = [\"RWQnotakey\"]\n{LOCAL}"
+    ));
+    run.assert_code(2);
+    assert!(
+        run.stderr
+            .contains("signing.trusted_signers[0]: not a minisign public key (\"RWQnotakey\")"),
+        "{}",
+        run.stderr
+    );
+    // A signing key that trusted_signers would refuse signs nothing.
+    let work = tempfile::tempdir().unwrap();
+    let key = work.path().join("signing.key");
+    let other = work.path().join("other.key");
+    lifeboat(
+        &work.path().join("none.toml"),
+        &["keygen", "--signing", "--output", key.to_str().unwrap()],
+    )
+    .assert_code(0);
+    let trusted = lifeboat(
+        &work.path().join("none.toml"),
+        &["keygen", "--signing", "--output", other.to_str().unwrap()],
+    );
+    // Never replaced.
+    lifeboat(
+        &work.path().join("none.toml"),
+        &["keygen", "--signing", "--output", key.to_str().unwrap()],
+    )
+    .assert_code(1);
+    let config = write_config(
+        work.path(),
+        &format!(
+            "[signing]\nkey_file = \"signing.key\"\ntrusted_signers = [\"{}\"]\n{LOCAL}[[job]]\nname = \"conf\"\nkind = \"files\"\npaths = [\"/etc/hostname\"]\n",
+            trusted.stdout.trim()
+        ),
+    );
+    let run = lifeboat(&config, &["backup", "conf"]);
+    assert_ne!(run.code, 0);
+    assert!(
+        run.stderr.contains("is not among signing.trusted_signers"),
+        "{}",
+        run.stderr
+    );
+    assert!(!std::path::Path::new("/tmp/lifeboat-never-written/jobs").exists());
+}

@@ -29,6 +29,7 @@ mod schedule;
 mod secrets;
 mod shared_writers;
 mod signals;
+mod signing;
 mod status;
 mod tls;
 mod wal_archive;

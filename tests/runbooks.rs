@@ -629,9 +629,22 @@ async fn without_lifeboat_runbook_restores_with_standard_tools_alone() {
         &["keygen", "--output", identity.to_str().unwrap()],
     );
     keygen.assert_code(0);
+    let signing_key = keys.path().join("signing.key");
+    let signer = lifeboat(
+        &keys.path().join("none.toml"),
+        &[
+            "keygen",
+            "--signing",
+            "--output",
+            signing_key.to_str().unwrap(),
+        ],
+    );
+    signer.assert_code(0);
+    let signer = signer.stdout.trim().to_string();
     let deployment = PostgresDeployment::start_with(&format!(
-        "[encryption]\nrecipients = [\"{}\"]\n\n",
-        keygen.stdout.trim()
+        "[encryption]\nrecipients = [\"{}\"]\n\n[signing]\nkey_file = \"{}\"\ntrusted_signers = [\"{signer}\"]\n\n",
+        keygen.stdout.trim(),
+        signing_key.display()
     ))
     .await;
     let target = &deployment.target;
@@ -642,6 +655,7 @@ async fn without_lifeboat_runbook_restores_with_standard_tools_alone() {
             ("S3_ENDPOINT", deployment.s3.endpoint.clone()),
             ("IDENTITY", identity.display().to_string()),
             ("DATABASE", "app".to_string()),
+            ("SIGNER", signer.clone()),
             ("PGHOST", "127.0.0.1".to_string()),
             ("PGPORT", target.port.to_string()),
             ("PGUSER", "postgres".to_string()),
@@ -652,6 +666,11 @@ async fn without_lifeboat_runbook_restores_with_standard_tools_alone() {
     .unwrap_or_else(|e| panic!("{e}"));
     // The objects were the encrypted ones, and each checked out against the manifest.
     assert!(steps.contains("app.dump.zst.age: OK"), "{steps}");
+    // The manifest was checked against the signing key with minisign itself.
+    assert!(
+        steps.contains("Signature and comment signature verified"),
+        "{steps}"
+    );
     deployment.assert_restored();
 }
 

@@ -67,8 +67,12 @@ pub async fn run(config: &Config, options: &ListOptions) -> Result<ListReport> {
         unreachable.extend(survey.unreachable.iter().cloned());
         let mut ids = survey.committed_ids();
         ids.reverse();
-        let agreed: Vec<Option<BTreeMap<String, u64>>> =
-            ids.iter().map(|id| agreed_objects(&survey, id)).collect();
+        // Where signatures are required, every manifest is read: a listing cannot tell a
+        // signed one from a planted one.
+        let agreed: Vec<Option<BTreeMap<String, u64>>> = ids
+            .iter()
+            .map(|id| agreed_objects(&survey, id).filter(|_| !config.signing.trust.required()))
+            .collect();
         let unsettled: Vec<String> = ids
             .iter()
             .zip(&agreed)

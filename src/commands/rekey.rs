@@ -196,6 +196,14 @@ pub async fn run(config: &Config, options: &RekeyOptions) -> Result<RekeyReport>
         held_locks.push(crate::lock::acquire(config, &job.name, "rekey").await?);
     }
     let keyring = Keyring::from_config(config);
+    // A rekeyed manifest is a new one: signed again, or refused where signatures are required.
+    let signer = config.signing.signer()?;
+    if signer.is_none() && config.signing.trust.required() {
+        return Err(Error::usage(
+            "rekey replaces manifests, and trusted_signers requires them signed: this host has no signing.key_file",
+        )
+        .with_hint("run rekey on a backup host, which holds the signing key"));
+    }
     let stamp = layout::backup_id(chrono::Utc::now());
     let mut report = RekeyReport {
         dry_run: options.dry_run,
@@ -233,6 +241,7 @@ pub async fn run(config: &Config, options: &RekeyOptions) -> Result<RekeyReport>
             keyring: &keyring,
             recipients: &recipients,
             stamp: &stamp,
+            signer: signer.as_ref(),
             dry_run: options.dry_run,
         };
         for job in &jobs {
@@ -256,6 +265,7 @@ struct Rekey<'a> {
     keyring: &'a Keyring,
     recipients: &'a Recipients,
     stamp: &'a str,
+    signer: Option<&'a crate::signing::Signer>,
     dry_run: bool,
 }
 
@@ -318,7 +328,9 @@ impl Rekey<'_> {
             objects,
             ..manifest
         };
-        self.repository.replace_manifest(&rekeyed).await?;
+        self.repository
+            .replace_manifest(&rekeyed, self.signer)
+            .await?;
         outcome.backups_rekeyed.push(rekeyed.id.clone());
         self.remove_unnamed(&rekeyed, outcome).await
     }
@@ -343,6 +355,10 @@ impl Rekey<'_> {
             .iter()
             .map(|o| layout::object_key(&manifest.job, &manifest.id, &o.name))
             .chain([layout::manifest_key(&manifest.job, &manifest.id)])
+            .chain([crate::signing::signature_key(&layout::manifest_key(
+                &manifest.job,
+                &manifest.id,
+            ))])
             .collect();
         let open = store.list_incomplete(&prefix).await.map_err(|e| {
             self.repository

@@ -468,6 +468,11 @@ async fn replicate_backup(
         if !holding.manifest {
             let key = layout::manifest_key(job, id);
             if !options.dry_run {
+                // The copy keeps its signature, written first as at the backup.
+                if let Err(e) = target.copy_signature_from(manifest_source, &key).await {
+                    report.failures.push(e.chain().join(": "));
+                    continue;
+                }
                 let written = target
                     .store
                     .create_if_absent(&key, manifest_bytes.clone())

@@ -220,14 +220,13 @@ async fn job_status(
     // A backup counts from the newest one complete somewhere: one whose object is missing or
     // at the wrong size in every repository restores nowhere, and RPO is measured past it.
     let mut incomplete: Vec<String> = Vec::new();
+    let mut unreadable: Vec<String> = Vec::new();
     let mut chosen = None;
     for id in committed.iter().rev() {
         let Some((manifest, _, _)) = survey.manifest(&job.name, id).await else {
-            status.flag(
-                State::Unknown,
-                format!("the manifest of backup {id} could not be read"),
-            );
-            return status;
+            // Damaged everywhere, or (with trusted_signers) not signed by a trusted key.
+            unreadable.push(id.clone());
+            continue;
         };
         let expected = inventory::object_sizes(&manifest);
         let (mut present_in, mut missing_from) = (Vec::new(), Vec::new());
@@ -270,6 +269,16 @@ async fn job_status(
                     Some((id, _)) => format!("; RPO is measured from {id}, the newest backup complete somewhere"),
                     None => String::new(),
                 }
+            ),
+        );
+    }
+    if !unreadable.is_empty() {
+        status.flag(
+            State::Critical,
+            format!(
+                "backup(s) {}: no repository holds a manifest that reads (damaged, or not signed by a trusted key); run `lifeboat verify {}`",
+                unreadable.join(", "),
+                job.name
             ),
         );
     }

@@ -35,6 +35,8 @@ pub struct Config {
     pub compression: Compression,
     /// age encryption of every stored object, when configured.
     pub encryption: Option<Encryption>,
+    /// Signed manifests: the key this host signs with, and the keys readers accept.
+    pub signing: Signing,
     pub repositories: Vec<RepositoryConfig>,
     /// How many repositories must hold a backup for it to count at all.
     pub min_repositories: usize,
@@ -59,6 +61,38 @@ pub struct Encryption {
     /// Public keys (`age1…`) every object is encrypted to, in the order configured.
     pub recipients: crate::keys::Recipients,
     pub identity_file: Option<PathBuf>,
+}
+
+/// `[signing]`: see `signing`.
+#[derive(Debug, Clone, Default)]
+pub struct Signing {
+    /// The secret key this host signs manifests with (backup hosts only).
+    pub key_file: Option<PathBuf>,
+    /// The public keys whose signatures readers accept; empty: none required.
+    pub trust: crate::signing::Trust,
+}
+
+impl Signing {
+    /// The key this host signs with, when it has one; refused when `trusted_signers` would
+    /// refuse what it signs.
+    pub fn signer(&self) -> crate::error::Result<Option<crate::signing::Signer>> {
+        let Some(path) = &self.key_file else {
+            return Ok(None);
+        };
+        let signer = crate::signing::Signer::load(path)?;
+        if self.trust.required() && !self.trust.trusts(&signer.public_key()) {
+            return Err(crate::error::Error::usage(format!(
+                "signing.key_file '{}' (key {}) is not among signing.trusted_signers: what it signs would be refused",
+                path.display(),
+                signer.key_id()
+            ))
+            .with_hint(format!(
+                "add its public key \"{}\" to trusted_signers",
+                signer.public_key()
+            )));
+        }
+        Ok(Some(signer))
+    }
 }
 
 /// Calendar expressions in systemd's OnCalendar syntax (`hourly`, `*-*-* 03:00:00`).
@@ -550,6 +584,26 @@ fn validate(raw: raw::RawConfig, path: &Path) -> Result<Config, Problem> {
         .map(|encryption| validate_encryption(encryption, base))
         .transpose()?;
 
+    let signing = match raw.signing {
+        None => Signing::default(),
+        Some(raw) => {
+            let mut keys = Vec::new();
+            for (index, text) in raw.trusted_signers.iter().enumerate() {
+                keys.push(
+                    crate::signing::parse_public_key(text)
+                        .map_err(|e| format!("signing.trusted_signers[{index}]: {e}"))?,
+                );
+            }
+            if raw.key_file.is_none() && keys.is_empty() {
+                return Err("signing: set key_file (to sign), trusted_signers (to require signatures), or both; `lifeboat keygen --signing --output FILE` makes a key".into());
+            }
+            Signing {
+                key_file: raw.key_file.map(|f| base.join(f)),
+                trust: crate::signing::Trust::new(keys),
+            }
+        }
+    };
+
     let mut names = HashSet::new();
     let mut jobs = Vec::new();
     // What lifeboat itself writes is never part of a files job: a local repository or the
@@ -581,6 +635,7 @@ fn validate(raw: raw::RawConfig, path: &Path) -> Result<Config, Problem> {
         targets,
         compression: Compression { level, threads },
         encryption,
+        signing,
         repositories,
         min_repositories,
         max_clock_skew,

@@ -21,6 +21,7 @@ pub struct RawConfig {
     pub schedule: Option<RawSchedule>,
     pub compression: Option<RawCompression>,
     pub encryption: Option<RawEncryption>,
+    pub signing: Option<RawSigning>,
     #[serde(default)]
     pub repository: Vec<RawRepository>,
     #[serde(default)]
@@ -41,6 +42,14 @@ pub struct RawEncryption {
     pub recipients: Vec<String>,
     pub recipients_file: Option<PathBuf>,
     pub identity_file: Option<PathBuf>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawSigning {
+    pub key_file: Option<PathBuf>,
+    #[serde(default)]
+    pub trusted_signers: Vec<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]

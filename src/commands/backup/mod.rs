@@ -346,6 +346,7 @@ async fn backup_job(
     job: &JobConfig,
 ) -> Result<BackupReport> {
     let timer = Instant::now();
+    let signer = config.signing.signer()?;
     let destinations = Destinations::new(repositories, config.min_repositories);
     let prepared = crate::repository::prepare_markers(repositories).await;
     for (repository, prepared) in repositories.iter().zip(prepared) {
@@ -379,8 +380,8 @@ async fn backup_job(
         job,
         &destinations,
         (&clock, started_at),
-        &claim,
-        &claimed,
+        (&claim, &claimed),
+        signer.as_ref(),
     )
     .await;
     for repository in &claimed.won {
@@ -419,8 +420,8 @@ async fn write_backup(
     job: &JobConfig,
     destinations: &Destinations,
     (clock, started_at): (&crate::clock::Clock, DateTime<Utc>),
-    claim: &Claim,
-    claimed: &ClaimedIn,
+    (claim, claimed): (&Claim, &ClaimedIn),
+    signer: Option<&crate::signing::Signer>,
 ) -> Result<(Manifest, Vec<Repository>, Vec<String>)> {
     let id = &claim.id;
     let options = EncodeOptions {
@@ -463,7 +464,7 @@ async fn write_backup(
     };
     let mut committed: Vec<Repository> = Vec::new();
     for repository in destinations.live() {
-        let outcome = match commit(&repository, &manifest, claim, claimed).await {
+        let outcome = match commit(&repository, &manifest, claim, claimed, signer).await {
             Ok(()) => {
                 committed.push(repository);
                 Ok(())
@@ -492,6 +493,7 @@ async fn commit(
     manifest: &Manifest,
     claim: &Claim,
     claimed: &ClaimedIn,
+    signer: Option<&crate::signing::Signer>,
 ) -> Result<()> {
     let shared = claimed.shared.contains(&repository.name);
     let lost = |by: Option<Claim>| {
@@ -506,7 +508,7 @@ async fn commit(
             repository.read_claim(&manifest.job, &manifest.id).await,
         ));
     }
-    repository.commit_manifest(manifest).await?;
+    repository.commit_manifest(manifest, signer).await?;
     if shared {
         let stored = crate::storage::get_bytes(repository.store.as_ref(), &key).await;
         if stored.ok().as_deref() != Some(manifest.to_json().as_slice()) {

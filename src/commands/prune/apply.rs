@@ -116,10 +116,13 @@ pub(super) async fn delete_keys(repository: &Repository, keys: Vec<String>) -> R
         .await
 }
 
+/// The keys of a backup besides its manifest: its objects, and the manifest's signature.
 fn object_keys(job: &str, id: &str, holding: &Holding) -> Vec<String> {
     holding
         .objects
         .keys()
+        .map(String::as_str)
+        .chain(holding.signature.then_some(layout::MANIFEST_SIGNATURE_NAME))
         .map(|name| layout::object_key(job, id, name))
         .collect()
 }

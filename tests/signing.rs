@@ -1,0 +1,243 @@
+//! Signed manifests against a bucket writer: a backup signed by the trusted key restores and
+//! `minisign -Vm` accepts it; a manifest changed and re-sealed by hand, one left unsigned, one
+//! signed by another key, and one with another backup's signature beside it are each refused
+//! by restore, verify, drill and replicate, naming the object — and `minisign` refuses the
+//! changed one too.
+
+use std::path::{Path, PathBuf};
+
+use sha2::{Digest, Sha256};
+
+use crate::common::{Run, files_job, lifeboat, local_repository, write_config};
+
+fn keygen(dir: &Path, name: &str) -> (PathBuf, String) {
+    let path = dir.join(name);
+    let run = lifeboat(
+        &dir.join("none.toml"),
+        &["keygen", "--signing", "--output", path.to_str().unwrap()],
+    );
+    run.assert_code(0);
+    (path, run.stdout.trim().to_string())
+}
+
+fn minisign_verifies(manifest: &Path, public_key: &str) -> bool {
+    std::process::Command::new("minisign")
+        .args(["-Vm", manifest.to_str().unwrap(), "-P", public_key])
+        .output()
+        .expect("minisign is installed by .ci/setup")
+        .status
+        .success()
+}
+
+/// `manifest` with `host` changed and its seal recomputed, as the README says how.
+fn resealed(manifest: &[u8]) -> Vec<u8> {
+    let text = String::from_utf8(manifest.to_vec()).unwrap();
+    let edited = regex::Regex::new(r#""host": "[^"]*""#)
+        .unwrap()
+        .replace(&text, r#""host": "attacker""#)
+        .into_owned();
+    let seal = regex::Regex::new(r#""manifest_sha256": "([0-9a-f]{64})""#).unwrap();
+    let zeroed = seal
+        .replace(
+            &edited,
+            format!(r#""manifest_sha256": "{}""#, "0".repeat(64)),
+        )
+        .into_owned();
+    let sum = hex::encode(Sha256::digest(zeroed.as_bytes()));
+    seal.replace(&zeroed, format!(r#""manifest_sha256": "{sum}""#))
+        .into_owned()
+        .into_bytes()
+}
+
+fn assert_refused(run: &Run, what: &str, object: &str, why: &str) {
+    assert_eq!(run.code, 1, "{what}: {}\n{}", run.stdout, run.stderr);
+    let said = format!("{}{}", run.stdout, run.stderr);
+    assert!(
+        said.contains(object) && said.contains(why),
+        "{what}: expected '{object}' and '{why}' in:\n{said}"
+    );
+}
+
+#[test]
+fn only_manifests_signed_by_a_trusted_key_are_used() {
+    let work = tempfile::tempdir().unwrap();
+    let (key, public) = keygen(work.path(), "signing.key");
+    let (other_key, _) = keygen(work.path(), "other.key");
+    let source = work.path().join("etc");
+    std::fs::create_dir_all(&source).unwrap();
+    let conf = source.join("app.conf");
+    std::fs::write(&conf, "listen = 8080\n").unwrap();
+    let (a, b) = (work.path().join("a"), work.path().join("b"));
+    let config = write_config(
+        work.path(),
+        &format!(
+            "[signing]\nkey_file = \"{}\"\ntrusted_signers = [\"{public}\"]\n\n{}{}{}",
+            key.display(),
+            local_repository("a", &a),
+            local_repository("b", &b),
+            files_job("conf", &[&source])
+        ),
+    );
+    let drill = work.path().join("drill.toml");
+    std::fs::write(
+        &drill,
+        format!(
+            "name = \"signed\"\njob = \"conf\"\nbackup = \"latest\"\n\n[[check]]\nname = \"config back\"\npath = \"{}\"\ncontains = \"listen\"\n",
+            conf.display()
+        ),
+    )
+    .unwrap();
+    let drill_run = || {
+        lifeboat(
+            &config,
+            &[
+                "drill",
+                "run",
+                drill.to_str().unwrap(),
+                "--report-dir",
+                work.path().join("reports").to_str().unwrap(),
+            ],
+        )
+    };
+    let backup = || {
+        let run = lifeboat(&config, &["backup", "conf"]);
+        run.assert_code(0);
+        run.stdout
+            .lines()
+            .find_map(|l| l.strip_prefix("backup conf/")?.split(' ').next())
+            .unwrap()
+            .to_string()
+    };
+    let first = backup();
+    std::thread::sleep(std::time::Duration::from_millis(1100));
+    let id = backup();
+    let dir = |root: &Path, id: &str| root.join(format!("jobs/conf/backups/{id}"));
+    let object = format!("jobs/conf/backups/{id}/manifest.json");
+
+    // Genuine: everything takes it, and so does minisign.
+    assert!(minisign_verifies(
+        &dir(&a, &id).join("manifest.json"),
+        &public
+    ));
+    lifeboat(&config, &["verify", "conf"]).assert_code(0);
+    drill_run().assert_code(0);
+    let into = work.path().join("restored");
+    lifeboat(
+        &config,
+        &["restore", "conf", "--into", into.to_str().unwrap()],
+    )
+    .assert_code(0);
+
+    let genuine = std::fs::read(dir(&a, &id).join("manifest.json")).unwrap();
+    let genuine_signature = std::fs::read(dir(&a, &id).join("manifest.json.minisig")).unwrap();
+    let other_signer = lifeboat::signing::Signer::load(&other_key).unwrap();
+    let first_signature = std::fs::read(dir(&a, &first).join("manifest.json.minisig")).unwrap();
+    // (manifest, signature) as a bucket writer leaves them, and what each is refused for.
+    let cases: Vec<(&str, Vec<u8>, Option<Vec<u8>>, &str)> = vec![
+        (
+            "re-sealed by hand",
+            resealed(&genuine),
+            Some(genuine_signature.clone()),
+            "does not match it",
+        ),
+        ("unsigned", genuine.clone(), None, "it is not signed"),
+        (
+            "signed by another key",
+            resealed(&genuine),
+            Some(other_signer.sign(&resealed(&genuine), &object).unwrap()),
+            "which is not in trusted_signers",
+        ),
+        (
+            "another backup's signature",
+            genuine.clone(),
+            Some(first_signature),
+            "does not match it",
+        ),
+    ];
+    let plant = |root: &Path, manifest: &[u8], signature: &Option<Vec<u8>>| {
+        let at = dir(root, &id);
+        std::fs::write(at.join("manifest.json"), manifest).unwrap();
+        let signature_path = at.join("manifest.json.minisig");
+        match signature {
+            Some(bytes) => std::fs::write(&signature_path, bytes).unwrap(),
+            None => {
+                let _ = std::fs::remove_file(&signature_path);
+            }
+        }
+    };
+    for (what, manifest, signature, why) in &cases {
+        for root in [&a, &b] {
+            plant(root, manifest, signature);
+        }
+        let into = work
+            .path()
+            .join(format!("restored-{}", what.replace(' ', "-")));
+        assert_refused(
+            &lifeboat(
+                &config,
+                &[
+                    "restore",
+                    "conf",
+                    "--backup",
+                    &id,
+                    "--into",
+                    into.to_str().unwrap(),
+                ],
+            ),
+            &format!("restore, {what}"),
+            &object,
+            why,
+        );
+        assert!(!into.exists(), "restore, {what}: something was written");
+        assert_refused(
+            &lifeboat(&config, &["verify", "conf"]),
+            &format!("verify, {what}"),
+            &object,
+            why,
+        );
+        let drill = drill_run();
+        assert_eq!(
+            drill.code, 1,
+            "drill, {what}: {}\n{}",
+            drill.stdout, drill.stderr
+        );
+        // list and status do not count it: the newest backup is the one before.
+        let list = lifeboat(&config, &["list", "conf"]);
+        assert!(
+            list.stdout
+                .lines()
+                .any(|l| l.contains(&id) && l.contains("DAMAGED")),
+            "list, {what}: {}",
+            list.stdout
+        );
+        let status = lifeboat(&config, &["status", "--format", "json"]);
+        assert_eq!(status.code, 2, "status, {what}: {}", status.stdout);
+        let status: serde_json::Value = serde_json::from_str(&status.stdout).unwrap();
+        assert_eq!(status["jobs"][0]["newest_backup"], first.as_str(), "{what}");
+        // Replicate copies nothing of it into a repository that lacks it.
+        std::fs::remove_dir_all(dir(&b, &id)).unwrap();
+        let replicate = lifeboat(&config, &["replicate", "conf"]);
+        assert_refused(&replicate, &format!("replicate, {what}"), &object, why);
+        assert!(
+            !dir(&b, &id).join("manifest.json").exists(),
+            "replicate, {what}: copied"
+        );
+        std::fs::create_dir_all(dir(&b, &id)).unwrap();
+        for entry in std::fs::read_dir(dir(&a, &id)).unwrap() {
+            let entry = entry.unwrap();
+            std::fs::copy(entry.path(), dir(&b, &id).join(entry.file_name())).unwrap();
+        }
+    }
+    // The changed manifest fails minisign as it fails lifeboat.
+    plant(&a, &resealed(&genuine), &Some(genuine_signature.clone()));
+    assert!(!minisign_verifies(
+        &dir(&a, &id).join("manifest.json"),
+        &public
+    ));
+    // Put back, it is trusted again everywhere.
+    for root in [&a, &b] {
+        plant(root, &genuine, &Some(genuine_signature.clone()));
+    }
+    lifeboat(&config, &["verify", "conf"]).assert_code(0);
+    lifeboat(&config, &["replicate", "conf"]).assert_code(0);
+}
