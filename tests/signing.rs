@@ -49,6 +49,9 @@ fn resealed(manifest: &[u8]) -> Vec<u8> {
         .into_bytes()
 }
 
+/// What a bucket writer leaves: (what, manifest, signature beside it, why it is refused).
+type Case = (&'static str, Vec<u8>, Option<Vec<u8>>, &'static str);
+
 fn assert_refused(run: &Run, what: &str, object: &str, why: &str) {
     assert_eq!(run.code, 1, "{what}: {}\n{}", run.stdout, run.stderr);
     let said = format!("{}{}", run.stdout, run.stderr);
@@ -133,7 +136,7 @@ fn only_manifests_signed_by_a_trusted_key_are_used() {
     let other_signer = lifeboat::signing::Signer::load(&other_key).unwrap();
     let first_signature = std::fs::read(dir(&a, &first).join("manifest.json.minisig")).unwrap();
     // (manifest, signature) as a bucket writer leaves them, and what each is refused for.
-    let cases: Vec<(&str, Vec<u8>, Option<Vec<u8>>, &str)> = vec![
+    let cases: Vec<Case> = vec![
         (
             "re-sealed by hand",
             resealed(&genuine),
