@@ -140,3 +140,37 @@ impl std::error::Error for Error {
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// `text` with its control characters escaped (`\n`, `\u{1b}`), so that a name taken from a
+/// source or a repository (a file named "x\nERROR …") can neither start a line of its own in
+/// a log, a report or an error message nor drive the terminal that shows it.
+pub fn escape_controls(text: &str) -> std::borrow::Cow<'_, str> {
+    if !text.chars().any(char::is_control) {
+        return std::borrow::Cow::Borrowed(text);
+    }
+    std::borrow::Cow::Owned(
+        text.chars()
+            .map(|c| match c {
+                '\n' => "\\n".to_string(),
+                '\r' => "\\r".to_string(),
+                '\t' => "\\t".to_string(),
+                c if c.is_control() => format!("\\u{{{:x}}}", c as u32),
+                c => c.to_string(),
+            })
+            .collect(),
+    )
+}
+
+#[cfg(test)]
+mod escape_tests {
+    use super::escape_controls;
+
+    #[test]
+    fn control_characters_are_escaped_and_plain_text_is_left_alone() {
+        assert_eq!(escape_controls("plain 'name' ü"), "plain 'name' ü");
+        assert_eq!(
+            escape_controls("evil\nERROR forged\r\t\u{1b}[31m"),
+            "evil\\nERROR forged\\r\\t\\u{1b}[31m"
+        );
+    }
+}

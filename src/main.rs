@@ -517,12 +517,16 @@ fn init_logging(cli: &Cli) {
             lifeboat::progress::install(Box::new(progress.clone()));
             builder
                 .with_target(false)
-                .with_writer(progress.with_filter(|_| lifeboat::interrupt::may_log()))
+                .with_writer(terminal::Escaping(
+                    progress.with_filter(|_| lifeboat::interrupt::may_log()),
+                ))
                 .init()
         }
         (LogFormat::Text, None) => builder
             .with_target(false)
-            .with_writer(std::io::stderr.with_filter(|_| lifeboat::interrupt::may_log()))
+            .with_writer(terminal::Escaping(
+                std::io::stderr.with_filter(|_| lifeboat::interrupt::may_log()),
+            ))
             .init(),
         // One object per line, the span fields (job, backup) flattened into each.
         (LogFormat::Json, _) => builder
@@ -541,15 +545,16 @@ fn report_error(error: &Error) -> ExitCode {
 }
 
 fn print_error(error: &Error) {
+    use lifeboat::error::escape_controls;
     let mut chain = error.chain().into_iter();
     if let Some(first) = chain.next() {
-        eprintln!("error: {first}");
+        eprintln!("error: {}", escape_controls(&first));
     }
     for cause in chain {
-        eprintln!("caused by: {cause}");
+        eprintln!("caused by: {}", escape_controls(&cause));
     }
     for hint in error.hints() {
-        eprintln!("hint: {hint}");
+        eprintln!("hint: {}", escape_controls(hint));
     }
 }
 

@@ -85,3 +85,41 @@ impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for TerminalProgress {
         }
     }
 }
+
+/// Wraps a log writer so that each line is written with its control characters escaped
+/// (see `escape_controls`) but the newline that ends it: a text log line is one line,
+/// whatever names it carries.
+pub struct Escaping<M>(pub M);
+
+pub struct EscapingWriter<W>(W);
+
+impl<W: Write> Write for EscapingWriter<W> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let text = String::from_utf8_lossy(buf);
+        let (line, end) = match text.strip_suffix('\n') {
+            Some(line) => (line, "\n"),
+            None => (text.as_ref(), ""),
+        };
+        let escaped = lifeboat::error::escape_controls(line);
+        self.0.write_all(format!("{escaped}{end}").as_bytes())?;
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.0.flush()
+    }
+}
+
+impl<'a, M: tracing_subscriber::fmt::MakeWriter<'a>> tracing_subscriber::fmt::MakeWriter<'a>
+    for Escaping<M>
+{
+    type Writer = EscapingWriter<M::Writer>;
+
+    fn make_writer(&'a self) -> Self::Writer {
+        EscapingWriter(self.0.make_writer())
+    }
+
+    fn make_writer_for(&'a self, meta: &tracing::Metadata<'_>) -> Self::Writer {
+        EscapingWriter(self.0.make_writer_for(meta))
+    }
+}

@@ -143,14 +143,24 @@ where
     }
     let (digests, value) = match produced {
         Ok(produced) => produced,
-        // The source failed, or stopped because every repository had: the first
-        // repository's own error is the cause in that case.
+        // The source failed, or stopped because every repository had (a full disk, a
+        // read-only one: the source then sees only that nobody reads what it writes): the
+        // first repository's own error is the cause in that case. A source that fails on its
+        // own leaves the uploads abandoned, not failed.
         Err(source_failure) => {
-            let store_failure = outcomes.into_iter().find_map(|o| o.err().flatten());
-            return Err(match source_failure.kind() {
-                ErrorKind::Storage => store_failure.unwrap_or(source_failure),
-                _ => source_failure,
-            });
+            let store_failures: Vec<Error> = outcomes
+                .into_iter()
+                .filter_map(|o| o.err().flatten())
+                .collect();
+            let every_store_failed = store_failures.len() == repositories.len();
+            let store_failure = store_failures.into_iter().next();
+            return Err(
+                match (source_failure.kind(), every_store_failed, store_failure) {
+                    (ErrorKind::Storage, _, Some(store_failure))
+                    | (_, true, Some(store_failure)) => store_failure,
+                    _ => source_failure,
+                },
+            );
         }
     };
     let mut failed = Vec::new();

@@ -138,6 +138,51 @@ pub async fn run(config: &Config) -> CheckReport {
             notes,
         });
     }
+    if config.signing.key_file.is_some() || config.signing.trust.required() {
+        let (problem, notes) = match config.signing.signer() {
+            Ok(signer) => (
+                None,
+                signer
+                    .map(|signer| format!("signs manifests with key {}", signer.key_id()))
+                    .into_iter()
+                    .chain(config.signing.trust.required().then(|| {
+                        "trusted_signers set: manifests not signed by one of them are refused"
+                            .to_string()
+                    }))
+                    .collect(),
+            ),
+            Err(e) => (Some(e.chain().join(": ")), Vec::new()),
+        };
+        items.push(CheckItem {
+            what: "signing".to_string(),
+            problem,
+            notes,
+        });
+    }
+    if config.jobs.iter().any(|j| j.schedule.is_some())
+        || config.schedules.prune.is_some()
+        || config.schedules.replicate.is_some()
+        || !config.schedules.drills.is_empty()
+    {
+        let (problem, notes) = match crate::commands::schedule::validate(config) {
+            Ok(notes) => (None, notes),
+            Err(e) => (
+                Some(
+                    e.chain()
+                        .into_iter()
+                        .chain(e.hints().iter().cloned())
+                        .collect::<Vec<_>>()
+                        .join(": "),
+                ),
+                Vec::new(),
+            ),
+        };
+        items.push(CheckItem {
+            what: "schedules".to_string(),
+            problem,
+            notes,
+        });
+    }
     for job in &config.jobs {
         let (problem, notes) = match check_source(config, job).await {
             Ok(notes) => (None, notes),

@@ -132,6 +132,27 @@ fn absolute(path: &Path) -> PathBuf {
     path.canonicalize().unwrap_or_else(|_| path.to_path_buf())
 }
 
+/// Every schedule the config asks for, checked as `lifeboat schedule` checks it before it
+/// writes a unit: for `check`, so that a bad expression is found before the timers are made.
+pub fn validate(config: &Config) -> Result<Vec<String>> {
+    let planned = plan(config)?;
+    let mut checked_by_systemd = 0;
+    for scheduled in &planned {
+        checked_by_systemd += usize::from(systemd_accepts(scheduled)?);
+    }
+    let mut notes = Vec::new();
+    if !planned.is_empty() {
+        notes.push(match checked_by_systemd {
+            0 => format!(
+                "{} schedule(s); systemd-analyze is not installed, so systemd's reading of them is not checked",
+                planned.len()
+            ),
+            n => format!("{n} schedule(s), each accepted by systemd-analyze calendar"),
+        });
+    }
+    Ok(notes)
+}
+
 /// Asks `systemd-analyze calendar` whether systemd accepts `calendar`; Ok(false) when the
 /// tool is not installed.
 fn systemd_accepts(scheduled: &Scheduled) -> Result<bool> {

@@ -769,6 +769,14 @@ fn validate_repository(
                     path.display()
                 ));
             }
+            // A file where the repository should be: every write would fail deep in a run.
+            if std::fs::symlink_metadata(&path).is_ok_and(|meta| !meta.is_dir()) && !path.is_dir() {
+                return Err(format!(
+                    "{}: '{}' is a file, not a directory",
+                    at("path"),
+                    path.display()
+                ));
+            }
             Location::Local { path }
         }
         "s3" => {
@@ -1342,7 +1350,8 @@ fn human_bytes(bytes: u64) -> String {
     bytesize::ByteSize(bytes).display().iec().to_string()
 }
 
-fn parse_size(field: &str, text: &str) -> Result<u64, Problem> {
+/// A size ("64MiB"), or a problem naming `field`.
+pub fn parse_size(field: &str, text: &str) -> Result<u64, Problem> {
     text.trim()
         .parse::<bytesize::ByteSize>()
         .map(|size| size.as_u64())

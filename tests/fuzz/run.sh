@@ -10,7 +10,7 @@ cd "$(dirname "$0")"
 seconds="${1:-600}"
 shift || true
 targets=("$@")
-[ ${#targets[@]} -gt 0 ] || targets=(config drill_file manifest tar_restore rdb_check wal_name)
+[ ${#targets[@]} -gt 0 ] || targets=(config drill_file manifest tar_restore rdb_check wal_name durations_and_sizes)
 cargo +nightly fuzz build --fuzz-dir . --sanitizer none
 run() {
     local target="$1"

@@ -333,7 +333,9 @@ pub async fn run(config: &Config, options: &BackupOptions) -> Result<BackupSumma
         };
         match &outcome {
             Ok(report) => tracing::info!(job = %report.job, id = %report.id, "backup committed"),
-            Err(e) => tracing::error!(job = %job.name, error = %e, "backup failed"),
+            Err(e) => {
+                tracing::error!(job = %job.name, error = %e.chain().join(": "), "backup failed")
+            }
         }
         outcomes.push((job.name.clone(), outcome));
     }
