@@ -244,3 +244,73 @@ fn only_manifests_signed_by_a_trusted_key_are_used() {
     lifeboat(&config, &["verify", "conf"]).assert_code(0);
     lifeboat(&config, &["replicate", "conf"]).assert_code(0);
 }
+
+/// Timeline history files steer a recovery: with signing they are signed by `wal-push`, and a
+/// restore host that requires signatures fetches only a signed one — a planted history file
+/// stops recovery (exit 255) naming it instead of sending it down another timeline.
+#[test]
+fn history_files_are_signed_and_a_planted_one_is_refused() {
+    let work = tempfile::tempdir().unwrap();
+    let (key, public) = keygen(work.path(), "signing.key");
+    let (a, b) = (work.path().join("a"), work.path().join("b"));
+    let job = "[[job]]\nname = \"db\"\nkind = \"postgres\"\nmode = \"physical\"\ndsn = \"postgresql://postgres@127.0.0.1:9/postgres\"\n";
+    let config = write_config(
+        work.path(),
+        &format!(
+            "[signing]\nkey_file = \"{}\"\ntrusted_signers = [\"{public}\"]\n\n{}{}{job}",
+            key.display(),
+            local_repository("a", &a),
+            local_repository("b", &b),
+        ),
+    );
+    let pg_wal = work.path().join("pg_wal");
+    std::fs::create_dir_all(&pg_wal).unwrap();
+    let history = pg_wal.join("00000002.history");
+    std::fs::write(&history, "1\t0/3000000\tno recovery target specified\n").unwrap();
+    lifeboat(&config, &["wal-push", history.to_str().unwrap()]).assert_code(0);
+    let stored = "jobs/db/wal/00000002/00000002.history.zst";
+    for root in [&a, &b] {
+        assert!(root.join(format!("{stored}.minisig")).exists());
+    }
+    let fetch = |name: &str| {
+        let dest = work.path().join(format!("fetched-{name}"));
+        let _ = std::fs::remove_file(&dest);
+        let run = lifeboat(&config, &["wal-fetch", name, dest.to_str().unwrap()]);
+        (run, dest)
+    };
+    let (run, dest) = fetch("00000002.history");
+    run.assert_code(0);
+    assert_eq!(
+        std::fs::read(&dest).unwrap(),
+        std::fs::read(&history).unwrap()
+    );
+
+    // A history file for timeline 3, planted unsigned in both repositories.
+    let planted = format!("1\t0/3000000\tno recovery target specified\n2\t0/5000000\tplanted\n");
+    let compressed = zstd::encode_all(planted.as_bytes(), 3).unwrap();
+    for root in [&a, &b] {
+        let at = root.join("jobs/db/wal/00000003/00000003.history.zst");
+        std::fs::create_dir_all(at.parent().unwrap()).unwrap();
+        std::fs::write(&at, &compressed).unwrap();
+    }
+    let (run, dest) = fetch("00000003.history");
+    run.assert_code(255);
+    assert!(
+        run.stderr
+            .contains("jobs/db/wal/00000003/00000003.history.zst")
+            && run.stderr.contains("it is not signed"),
+        "{}",
+        run.stderr
+    );
+    assert!(!dest.exists(), "nothing was handed to PostgreSQL");
+
+    // A genuine one with its signature swapped for another file's: refused too.
+    std::fs::copy(
+        a.join(format!("{stored}.minisig")),
+        a.join("jobs/db/wal/00000003/00000003.history.zst.minisig"),
+    )
+    .unwrap();
+    let (run, _) = fetch("00000003.history");
+    run.assert_code(255);
+    assert!(run.stderr.contains("does not match it"), "{}", run.stderr);
+}

@@ -364,6 +364,10 @@ async fn copy_wal(source: &Repository, target: &Repository, key: &str) -> Result
             )
             .with_source(e)
         })?;
+    // A signed history file keeps its signature (segments are not signed).
+    if key.contains(".history.") || key.contains(".backup.") {
+        target.copy_signature_from(source, key).await?;
+    }
     match target.store.create_if_absent(key, stored).await {
         Ok(()) | Err(storage::StoreError::AlreadyExists { .. }) => Ok(()),
         Err(e) => Err(target.error(&format!("store '{key}'"), e)),

@@ -218,11 +218,22 @@ pub async fn push(config: &Config, options: &WalPushOptions) -> Result<WalPushRe
         }
         None => marked.iter().collect(),
     };
-    let outcomes = futures::future::join_all(
-        repositories
-            .iter()
-            .map(|repository| place(repository, &key, &file, body.clone(), &raw_sha256)),
-    )
+    // Timeline and backup history files steer a recovery: with a signing key they are
+    // signed, so that a restore host that requires signatures takes no planted one.
+    let signer = match signed_kind(&file) {
+        true => config.signing.signer()?,
+        false => None,
+    };
+    let outcomes = futures::future::join_all(repositories.iter().map(|repository| {
+        place(
+            repository,
+            &key,
+            &file,
+            body.clone(),
+            &raw_sha256,
+            signer.as_ref(),
+        )
+    }))
     .await;
 
     let mut conflict = None;
@@ -445,20 +456,54 @@ async fn place(
     file: &WalFile,
     body: Bytes,
     raw_sha256: &str,
+    signer: Option<&crate::signing::Signer>,
 ) -> Result<Placed> {
     let store = repository.store.as_ref();
-    match store.head(key).await {
-        Ok(_) => return same_as_archived(repository, key, file, raw_sha256).await,
-        Err(e) if e.is_not_found() => {}
+    let placed = match store.head(key).await {
+        Ok(_) => same_as_archived(repository, key, file, raw_sha256).await?,
+        Err(e) if e.is_not_found() => match store.create_if_absent(key, body).await {
+            Ok(()) => Placed::Stored,
+            Err(StoreError::AlreadyExists { .. }) => {
+                same_as_archived(repository, key, file, raw_sha256).await?
+            }
+            Err(e) => return Err(repository.error(&format!("store '{key}'"), e)),
+        },
         Err(e) => return Err(repository.error(&format!("look up '{key}'"), e)),
+    };
+    if let Some(signer) = signer {
+        sign_archived(repository, key, signer).await?;
     }
-    match store.create_if_absent(key, body).await {
-        Ok(()) => Ok(Placed::Stored),
-        Err(StoreError::AlreadyExists { .. }) => {
-            same_as_archived(repository, key, file, raw_sha256).await
-        }
-        Err(e) => Err(repository.error(&format!("store '{key}'"), e)),
+    Ok(placed)
+}
+
+/// Whether files of this kind are signed (see `push`): history files, not segments.
+fn signed_kind(file: &WalFile) -> bool {
+    matches!(file.kind, WalFileKind::History | WalFileKind::BackupLabel)
+}
+
+/// Signs the object archived at `key` as it is stored (which may be an earlier push's
+/// bytes), unless its signature by `signer` is already there.
+async fn sign_archived(
+    repository: &Repository,
+    key: &str,
+    signer: &crate::signing::Signer,
+) -> Result<()> {
+    let stored = storage::get_bytes(repository.store.as_ref(), key)
+        .await
+        .map_err(|e| repository.error(&format!("read the archived '{key}'"), e))?;
+    let own = crate::signing::Trust::new(vec![
+        crate::signing::parse_public_key(&signer.public_key()).expect("its own key parses"),
+    ]);
+    let present = repository.signature_of(key).await?;
+    if own.check(&stored, present.as_deref()).is_ok() {
+        return Ok(());
     }
+    let signature = crate::signing::signature_key(key);
+    let signed = signer.sign(&stored, key)?;
+    storage::put_bytes(repository.store.as_ref(), &signature, Bytes::from(signed))
+        .await
+        .map(|_| ())
+        .map_err(|e| repository.error(&format!("write signature '{signature}'"), e))
 }
 
 async fn same_as_archived(
@@ -623,6 +668,25 @@ pub async fn fetch(config: &Config, options: &WalFetchOptions) -> Result<WalFetc
                 continue;
             }
         };
+        if signed_kind(&file) && repository.trust.required() {
+            let signature = match repository.signature_of(&key).await {
+                Ok(signature) => signature,
+                Err(e) => {
+                    failures.push(e);
+                    continue;
+                }
+            };
+            if let Err(untrusted) = repository.trust.check(&stored, signature.as_deref()) {
+                failures.push(Error::new(
+                    ErrorKind::Verification,
+                    format!(
+                        "unable to trust '{key}' in repository '{}': {untrusted}",
+                        repository.name
+                    ),
+                ));
+                continue;
+            }
+        }
         let identities = match keys::is_age(&stored) {
             true => Some(keyring.identities(&format!(
                 "WAL file '{key}' in repository '{}'",

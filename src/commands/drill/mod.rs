@@ -473,7 +473,21 @@ async fn store_everywhere(config: &Config, report: &mut DrillReport) {
     let key = crate::layout::drill_report_key(&report.drill, &report.report_id());
     let body =
         bytes::Bytes::from(serde_json::to_vec_pretty(&*report).expect("the report serializes"));
+    // Signed where this host holds a signing key (a drill host usually does not: reports
+    // are not required to be signed).
+    let signature = match config.signing.signer() {
+        Ok(Some(signer)) => signer.sign(&body, &key).ok().map(bytes::Bytes::from),
+        _ => None,
+    };
     for repository in Repository::open_all(config).await {
+        if let Some(signature) = &signature {
+            let _ = crate::storage::put_bytes(
+                repository.store.as_ref(),
+                &crate::signing::signature_key(&key),
+                signature.clone(),
+            )
+            .await;
+        }
         // Run ids differ per run; created only if absent all the same, so that no report
         // ever replaces another.
         match repository.store.create_if_absent(&key, body.clone()).await {

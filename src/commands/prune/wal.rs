@@ -161,8 +161,9 @@ pub(super) async fn prune(
                 let unneeded: Vec<String> = page
                     .into_iter()
                     .filter(|object| {
-                        layout::wal_file_of_key(job, &object.key)
-                            .is_some_and(|f| !floors.needed(&f))
+                        // A backup history file's signature goes with it.
+                        let key = object.key.strip_suffix(".minisig").unwrap_or(&object.key);
+                        layout::wal_file_of_key(job, key).is_some_and(|f| !floors.needed(&f))
                     })
                     .map(|object| object.key)
                     .collect();
