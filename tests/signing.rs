@@ -286,7 +286,7 @@ fn history_files_are_signed_and_a_planted_one_is_refused() {
     );
 
     // A history file for timeline 3, planted unsigned in both repositories.
-    let planted = format!("1\t0/3000000\tno recovery target specified\n2\t0/5000000\tplanted\n");
+    let planted = "1\t0/3000000\tno recovery target specified\n2\t0/5000000\tplanted\n";
     let compressed = zstd::encode_all(planted.as_bytes(), 3).unwrap();
     for root in [&a, &b] {
         let at = root.join("jobs/db/wal/00000003/00000003.history.zst");
