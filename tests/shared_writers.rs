@@ -90,12 +90,7 @@ fn contend(
             let run = Run::from_output(child.wait_with_output().unwrap());
             match run.code {
                 0 => {
-                    let id = run
-                        .stdout
-                        .lines()
-                        .find_map(|l| l.strip_prefix("backup conf/")?.split(' ').next())
-                        .unwrap_or_else(|| panic!("no id in: {}", run.stdout))
-                        .to_string();
+                    let id = crate::common::committed_id(&run, "conf");
                     committed.push(Committed {
                         writer: n,
                         round,

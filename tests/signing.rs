@@ -102,15 +102,7 @@ fn only_manifests_signed_by_a_trusted_key_are_used() {
             ],
         )
     };
-    let backup = || {
-        let run = lifeboat(&config, &["backup", "conf"]);
-        run.assert_code(0);
-        run.stdout
-            .lines()
-            .find_map(|l| l.strip_prefix("backup conf/")?.split(' ').next())
-            .unwrap()
-            .to_string()
-    };
+    let backup = || crate::common::back_up(&config, "conf");
     let first = backup();
     std::thread::sleep(std::time::Duration::from_millis(1100));
     let id = backup();

@@ -165,15 +165,7 @@ fn a_backup_whose_object_is_gone_is_not_counted_by_list_or_status() {
             files_job("conf", &[&tree])
         ),
     );
-    let backup = || {
-        let run = lifeboat(&config, &["backup", "conf"]);
-        run.assert_code(0);
-        run.stdout
-            .lines()
-            .find_map(|l| l.strip_prefix("backup conf/")?.split(' ').next())
-            .unwrap()
-            .to_string()
-    };
+    let backup = || crate::common::back_up(&config, "conf");
     let older = backup();
     std::thread::sleep(Duration::from_millis(1100));
     let newest = backup();

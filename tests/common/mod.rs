@@ -43,6 +43,23 @@ impl Run {
     }
 }
 
+/// The id of the backup of `job` a `backup` run reports as committed.
+pub fn committed_id(run: &Run, job: &str) -> String {
+    let prefix = format!("backup {job}/");
+    run.stdout
+        .lines()
+        .find_map(|l| l.strip_prefix(&prefix)?.split(' ').next())
+        .unwrap_or_else(|| panic!("no committed backup of {job} in: {}", run.stdout))
+        .to_string()
+}
+
+/// Backs up `job` (which must succeed); the id committed.
+pub fn back_up(config: &Path, job: &str) -> String {
+    let run = lifeboat(config, &["backup", job]);
+    run.assert_code(0);
+    committed_id(&run, job)
+}
+
 pub fn lifeboat_command(config: &Path) -> Command {
     binary_command(Path::new(env!("CARGO_BIN_EXE_lifeboat")), config)
 }
