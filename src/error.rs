@@ -141,11 +141,20 @@ impl std::error::Error for Error {
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
+/// Unicode's line and paragraph separators (which some viewers break lines at) and the
+/// marks that reorder text on screen.
+fn is_line_or_direction_mark(c: char) -> bool {
+    matches!(c, '\u{2028}' | '\u{2029}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}')
+}
+
 /// `text` with its control characters escaped (`\n`, `\u{1b}`), so that a name taken from a
 /// source or a repository (a file named "x\nERROR …") can neither start a line of its own in
 /// a log, a report or an error message nor drive the terminal that shows it.
 pub fn escape_controls(text: &str) -> std::borrow::Cow<'_, str> {
-    if !text.chars().any(char::is_control) {
+    if !text
+        .chars()
+        .any(|c| c.is_control() || is_line_or_direction_mark(c))
+    {
         return std::borrow::Cow::Borrowed(text);
     }
     std::borrow::Cow::Owned(
@@ -154,7 +163,9 @@ pub fn escape_controls(text: &str) -> std::borrow::Cow<'_, str> {
                 '\n' => "\\n".to_string(),
                 '\r' => "\\r".to_string(),
                 '\t' => "\\t".to_string(),
-                c if c.is_control() => format!("\\u{{{:x}}}", c as u32),
+                c if c.is_control() || is_line_or_direction_mark(c) => {
+                    format!("\\u{{{:x}}}", c as u32)
+                }
                 c => c.to_string(),
             })
             .collect(),
@@ -171,6 +182,10 @@ mod escape_tests {
         assert_eq!(
             escape_controls("evil\nERROR forged\r\t\u{1b}[31m"),
             "evil\\nERROR forged\\r\\t\\u{1b}[31m"
+        );
+        assert_eq!(
+            escape_controls("a\u{2028}b\u{202e}c"),
+            "a\\u{2028}b\\u{202e}c"
         );
     }
 }

@@ -23,6 +23,15 @@ pub fn may_log() -> bool {
     !INTERRUPTED.load(Ordering::SeqCst) || REPORTING.with(|r| r.get())
 }
 
+/// What the run finished before a signal came (a committed backup): the interrupt's line
+/// says so, so that a stop after the commit point is not read as a lost backup.
+static DONE: Mutex<Vec<String>> = Mutex::new(Vec::new());
+
+/// Records that `what` is done for good ("backup conf/20261126T030000Z committed").
+pub fn done(what: String) {
+    DONE.lock().unwrap_or_else(|e| e.into_inner()).push(what);
+}
+
 /// The signal that interrupted the run, once one did.
 static SIGNAL: std::sync::atomic::AtomicI32 = std::sync::atomic::AtomicI32::new(0);
 /// Held while the cleanup runs, so the run's own error path cannot exit before it is done.
@@ -251,9 +260,14 @@ pub fn install(command: String) {
                     directories.len()
                 ));
             }
+            let done = std::mem::take(&mut *DONE.lock().unwrap_or_else(|e| e.into_inner()));
             REPORTING.with(|r| r.set(true));
             tracing::error!(
-                "{command} interrupted by {name}: {}; exiting {}",
+                "{command} interrupted by {name}: {}{}; exiting {}",
+                match done.is_empty() {
+                    true => String::new(),
+                    false => format!("done before it: {}; ", done.join(", ")),
+                },
                 match cleaned.is_empty() {
                     true => "nothing to clean up".to_string(),
                     false => cleaned.join(", "),

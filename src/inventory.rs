@@ -191,7 +191,7 @@ impl<'a> Survey<'a> {
             let Ok(bytes) = storage::get_bytes(repository.store.as_ref(), &key).await else {
                 continue;
             };
-            match repository.trusted_manifest(&key, &bytes).await {
+            match repository.trusted_manifest(job, id, &bytes).await {
                 Ok(manifest) => return Some((manifest, bytes, *repository)),
                 Err(problem) => {
                     tracing::warn!(repository = %repository.name, key = %key, problem = %problem, "manifest not used")
@@ -208,7 +208,7 @@ pub async fn own_manifest(repository: &Repository, job: &str, id: &str) -> Optio
     let bytes = storage::get_bytes(repository.store.as_ref(), &key)
         .await
         .ok()?;
-    repository.trusted_manifest(&key, &bytes).await.ok()
+    repository.trusted_manifest(job, id, &bytes).await.ok()
 }
 
 #[cfg(test)]

@@ -471,20 +471,30 @@ impl Repository {
         }
     }
 
-    /// `bytes`, read from `key`, parsed as a manifest once its signature is checked (where
-    /// `trusted_signers` asks for one): the error says why not.
+    /// `bytes`, read as the manifest of `job/id`, once its signature is checked (where
+    /// `trusted_signers` asks for one) and it names that backup: a manifest copied under
+    /// another id or job (a replay) is not that backup. The error says why not.
     pub async fn trusted_manifest(
         &self,
-        key: &str,
+        job: &str,
+        id: &str,
         bytes: &[u8],
     ) -> std::result::Result<Manifest, String> {
+        let key = layout::manifest_key(job, id);
         if self.trust.required() {
-            let signature = self.signature_of(key).await.map_err(|e| e.to_string())?;
+            let signature = self.signature_of(&key).await.map_err(|e| e.to_string())?;
             self.trust
-                .check(bytes, signature.as_deref())
+                .check(bytes, signature.as_deref(), &key)
                 .map_err(|untrusted| untrusted.to_string())?;
         }
-        Manifest::from_json(bytes)
+        let manifest = Manifest::from_json(bytes)?;
+        if manifest.job != job || manifest.id != id {
+            return Err(format!(
+                "it describes backup '{}/{}', not the one its key names",
+                manifest.job, manifest.id
+            ));
+        }
+        Ok(manifest)
     }
 
     pub async fn read_manifest(&self, job: &str, id: &str) -> Result<Manifest> {
@@ -492,8 +502,7 @@ impl Repository {
         let bytes = storage::get_bytes(self.store.as_ref(), &key)
             .await
             .map_err(|e| self.error(&format!("read manifest '{key}'"), e))?;
-        let manifest = self
-            .trusted_manifest(&key, &bytes)
+        self.trusted_manifest(job, id, &bytes)
             .await
             .map_err(|problem| {
                 Error::new(
@@ -507,17 +516,7 @@ impl Repository {
                     "run `lifeboat verify {job} --from {}` to list damaged backups",
                     self.name
                 ))
-            })?;
-        if manifest.job != job || manifest.id != id {
-            return Err(Error::new(
-                ErrorKind::Verification,
-                format!(
-                    "unable to use manifest '{key}' in repository '{}': it describes backup '{}/{}'",
-                    self.name, manifest.job, manifest.id
-                ),
-            ));
-        }
-        Ok(manifest)
+            })
     }
 
     /// Writes the manifest: the commit point. Never replaces a committed manifest. Signed by
@@ -530,7 +529,7 @@ impl Repository {
     ) -> Result<()> {
         let key = layout::manifest_key(&manifest.job, &manifest.id);
         let bytes = Bytes::from(manifest.to_json());
-        self.write_signature(&key, &bytes, signer).await?;
+        self.write_signature(&key, &bytes, signer, false).await?;
         self.store
             .create_if_absent(&key, bytes)
             .await
@@ -548,7 +547,7 @@ impl Repository {
     ) -> Result<()> {
         let key = layout::manifest_key(&manifest.job, &manifest.id);
         let bytes = Bytes::from(manifest.to_json());
-        self.write_signature(&key, &bytes, signer).await?;
+        self.write_signature(&key, &bytes, signer, true).await?;
         storage::put_bytes(self.store.as_ref(), &key, bytes)
             .await
             .map_err(|e| self.error(&format!("replace manifest '{key}'"), e))?;
@@ -562,22 +561,28 @@ impl Repository {
         Ok(())
     }
 
-    /// Writes `signer`'s signature of `bytes`, the object at `key`, beside it.
+    /// Writes `signer`'s signature of `bytes`, the object at `key`, beside it: replacing one
+    /// there only when `replace` (a rekeyed manifest), so that a run which lost its claim
+    /// cannot overwrite a committed backup's signature.
     async fn write_signature(
         &self,
         key: &str,
         bytes: &[u8],
         signer: Option<&crate::signing::Signer>,
+        replace: bool,
     ) -> Result<()> {
         let Some(signer) = signer else {
             return Ok(());
         };
         let signature = crate::signing::signature_key(key);
-        let signed = signer.sign(bytes, key)?;
-        storage::put_bytes(self.store.as_ref(), &signature, Bytes::from(signed))
-            .await
-            .map(|_| ())
-            .map_err(|e| self.error(&format!("write signature '{signature}'"), e))
+        let signed = Bytes::from(signer.sign(bytes, key)?);
+        let written = match replace {
+            true => storage::put_bytes(self.store.as_ref(), &signature, signed)
+                .await
+                .map(|_| ()),
+            false => self.store.create_if_absent(&signature, signed).await,
+        };
+        written.map_err(|e| self.error(&format!("write signature '{signature}'"), e))
     }
 
     /// Copies the signature of the object at `key` from `source`, if it has one.

@@ -19,6 +19,11 @@ pub fn signature_key(key: &str) -> String {
     format!("{key}.minisig")
 }
 
+/// The trusted comment of a signature of the object at `key` (relative to the repository).
+fn signed_as(key: &str) -> String {
+    format!("lifeboat {key}")
+}
+
 /// The most a signature file may be (minisign's are about 300 bytes).
 pub const SIGNATURE_LIMIT: u64 = 4096;
 
@@ -88,8 +93,12 @@ pub fn keygen(path: &Path) -> Result<String> {
         )
         .with_hint("a key file is never replaced; choose another path"));
     }
-    write(path, secret_box.into_string(), 0o600)?;
-    write(&public_path, public_box.into_string(), 0o644)?;
+    let line_ended = |text: String| match text.ends_with('\n') {
+        true => text,
+        false => text + "\n",
+    };
+    write(path, line_ended(secret_box.into_string()), 0o600)?;
+    write(&public_path, line_ended(public_box.into_string()), 0o644)?;
     Ok(public)
 }
 
@@ -137,10 +146,10 @@ impl Signer {
         key_id(self.public.keynum())
     }
 
-    /// The signature file of `data`, whose object is `what` (kept in the trusted comment,
-    /// which the signature covers too).
-    pub fn sign(&self, data: &[u8], what: &str) -> Result<Vec<u8>> {
-        let comment = format!("lifeboat {what}");
+    /// The signature file of `data`, the object at `key` (kept in the trusted comment, which
+    /// the signature covers too, so that it holds there alone).
+    pub fn sign(&self, data: &[u8], key: &str) -> Result<Vec<u8>> {
+        let comment = signed_as(key);
         minisign::sign(
             Some(&self.public),
             &self.secret,
@@ -149,7 +158,7 @@ impl Signer {
             Some(&format!("signature from lifeboat key {}", self.key_id())),
         )
         .map(|signature| signature.into_string().into_bytes())
-        .map_err(|e| Error::new(ErrorKind::Usage, format!("unable to sign '{what}': {e}")))
+        .map_err(|e| Error::new(ErrorKind::Usage, format!("unable to sign '{key}': {e}")))
     }
 }
 
@@ -167,6 +176,9 @@ pub enum Untrusted {
     OtherKey(String),
     /// Signed by a trusted key (its id), but not this content.
     Mismatch(String),
+    /// A trusted key's (its id) signature of this content as another object (its key): a
+    /// genuine object copied to where it does not belong.
+    Elsewhere(String, String),
     /// The signature object is not a minisign signature.
     Unreadable(String),
 }
@@ -182,6 +194,11 @@ impl std::fmt::Display for Untrusted {
             Untrusted::Mismatch(id) => write!(
                 f,
                 "its signature (key {id}) does not match it: it was changed after it was signed, or the signature is another object's"
+            ),
+            Untrusted::Elsewhere(id, signed_as) => write!(
+                f,
+                "it was signed (key {id}) as '{}', not as this object: a copy moved here",
+                crate::error::escape_controls(signed_as)
             ),
             Untrusted::Unreadable(why) => write!(f, "its signature is unreadable: {why}"),
         }
@@ -208,12 +225,14 @@ impl Trust {
             .any(|(_, key)| key.to_base64() == public_key)
     }
 
-    /// Whether `signature` is a trusted key's signature of `data`; always so when no key
-    /// is required.
+    /// Whether `signature` is a trusted key's signature of `data` as the object at `key`
+    /// (the trusted comment, which the signature covers, names it: a genuine signed object
+    /// copied under another name is not trusted there); always so when no key is required.
     pub fn check(
         &self,
         data: &[u8],
         signature: Option<&[u8]>,
+        key: &str,
     ) -> std::result::Result<(), Untrusted> {
         if !self.required() {
             return Ok(());
@@ -226,11 +245,22 @@ impl Trust {
         let signature =
             SignatureBox::from_string(text).map_err(|e| Untrusted::Unreadable(e.to_string()))?;
         let id = key_id(signature.keynum());
-        let Some((_, key)) = self.keys.iter().find(|(known, _)| *known == id) else {
+        let Some((_, public)) = self.keys.iter().find(|(known, _)| *known == id) else {
             return Err(Untrusted::OtherKey(id));
         };
-        minisign::verify(key, &signature, Cursor::new(data), true, false, false)
-            .map_err(|_| Untrusted::Mismatch(id))
+        minisign::verify(public, &signature, Cursor::new(data), true, false, false)
+            .map_err(|_| Untrusted::Mismatch(id.clone()))?;
+        match signature.trusted_comment() {
+            Ok(comment) if comment == signed_as(key) => Ok(()),
+            Ok(comment) => Err(Untrusted::Elsewhere(
+                id,
+                comment
+                    .strip_prefix("lifeboat ")
+                    .unwrap_or(&comment)
+                    .to_string(),
+            )),
+            Err(e) => Err(Untrusted::Unreadable(e.to_string())),
+        }
     }
 }
 
@@ -252,27 +282,33 @@ mod tests {
         assert!(keygen(&path).is_err(), "a key file is never replaced");
         let signer = Signer::load(&path).unwrap();
         assert_eq!(signer.public_key(), public);
-        let signature = signer
-            .sign(b"manifest", "jobs/a/backups/1/manifest.json")
-            .unwrap();
+        let key = "jobs/a/backups/1/manifest.json";
+        let signature = signer.sign(b"manifest", key).unwrap();
         let trust = Trust::new(vec![parse_public_key(&public).unwrap()]);
-        assert_eq!(trust.check(b"manifest", Some(&signature)), Ok(()));
+        assert_eq!(trust.check(b"manifest", Some(&signature), key), Ok(()));
         assert!(matches!(
-            trust.check(b"manifesT", Some(&signature)),
+            trust.check(b"manifesT", Some(&signature), key),
             Err(Untrusted::Mismatch(_))
         ));
-        assert_eq!(trust.check(b"manifest", None), Err(Untrusted::Unsigned));
+        assert!(matches!(
+            trust.check(b"manifest", Some(&signature), "jobs/a/backups/2/manifest.json"),
+            Err(Untrusted::Elsewhere(_, signed)) if signed == key
+        ));
+        assert_eq!(
+            trust.check(b"manifest", None, key),
+            Err(Untrusted::Unsigned)
+        );
         let other = dir.path().join("other.key");
         let other_public = keygen(&other).unwrap();
         let other_trust = Trust::new(vec![parse_public_key(&other_public).unwrap()]);
         assert!(matches!(
-            other_trust.check(b"manifest", Some(&signature)),
+            other_trust.check(b"manifest", Some(&signature), key),
             Err(Untrusted::OtherKey(id)) if id == signer.key_id()
         ));
         assert!(matches!(
-            trust.check(b"manifest", Some(b"garbage")),
+            trust.check(b"manifest", Some(b"garbage"), key),
             Err(Untrusted::Unreadable(_))
         ));
-        assert_eq!(Trust::default().check(b"anything", None), Ok(()));
+        assert_eq!(Trust::default().check(b"anything", None, key), Ok(()));
     }
 }

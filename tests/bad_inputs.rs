@@ -133,6 +133,15 @@ fn a_file_name_cannot_forge_a_log_line() {
         .status()
         .unwrap();
     assert!(made.success());
+    // And one whose name would pass for more fields of the line.
+    let fields = source.join("x kind=\"regular file\" error=disk_failed");
+    assert!(
+        std::process::Command::new("mkfifo")
+            .arg(&fields)
+            .status()
+            .unwrap()
+            .success()
+    );
     let config = write_config(
         work.path(),
         &format!(
@@ -154,6 +163,14 @@ fn a_file_name_cannot_forge_a_log_line() {
     assert!(
         text.stderr.contains("evil\\n2026-12-07T03:00:00"),
         "the name, escaped:\n{}",
+        text.stderr
+    );
+    assert!(
+        text.stderr.contains(&format!(
+            "path=\"{}/x kind=\\\"regular file\\\" error=disk_failed\"",
+            source.display()
+        )),
+        "the name, quoted as one field:\n{}",
         text.stderr
     );
     let json = lifeboat(&config, &["backup", "conf", "--log-format", "json"]);
@@ -210,4 +227,32 @@ fn a_full_repository_is_named_with_its_os_error() {
         .map(|e| e.path().display().to_string())
         .collect();
     assert_eq!(leftovers, Vec::<String>::new());
+
+    // A disk already full: the small writes (claim, marker, manifest) fail as loudly.
+    let fill = small.join("fill");
+    let filled = std::process::Command::new("dd")
+        .args(["if=/dev/zero", &format!("of={}", fill.display()), "bs=1M"])
+        .stderr(std::process::Stdio::null())
+        .status()
+        .unwrap();
+    assert!(!filled.success(), "dd stops when the disk is full");
+    std::fs::remove_file(source.join("big.bin")).unwrap();
+    std::fs::write(source.join("small.conf"), "listen = 8080\n").unwrap();
+    let run = lifeboat(&config, &["backup", "conf"]);
+    assert_eq!(run.code, 1, "{}\n{}", run.stdout, run.stderr);
+    assert!(
+        run.stderr.contains("'small'") && run.stderr.contains("No space left on device"),
+        "{}",
+        run.stderr
+    );
+    std::fs::remove_file(&fill).unwrap();
+    let empty: Vec<_> = walkdir::WalkDir::new(&small)
+        .into_iter()
+        .filter_map(Result::ok)
+        .filter(|e| e.file_type().is_file() && e.metadata().unwrap().len() == 0)
+        .map(|e| e.path().display().to_string())
+        .collect();
+    assert_eq!(empty, Vec::<String>::new(), "empty files left behind");
+    let list = lifeboat(&config, &["list", "conf"]);
+    assert!(list.stdout.contains("no backups"), "{}", list.stdout);
 }

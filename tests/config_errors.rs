@@ -124,11 +124,17 @@ fn an_endpoint_with_userinfo_is_refused_naming_the_host_it_would_reach() {
     run.assert_code(2);
     assert!(
         run.stderr.contains(
-            "repository[0] (dr).endpoint: must not hold a user or password (got \"http://127.0.0.1:9000@192.0.2.2\", whose host is \"192.0.2.2\")"
+            "repository[0] (dr).endpoint: must not hold a user or password (it holds something before '@', and would reach \"http://192.0.2.2/\", whose host is \"192.0.2.2\")"
         ),
         "{}",
         run.stderr
     );
+    // What stands before '@' may be a password: it is never repeated.
+    let run = check_with(
+        "[[repository]]\nname = \"dr\"\ntype = \"s3\"\nbucket = \"b\"\nregion = \"r\"\nendpoint = \"http://user:s3cr3tPW@127.0.0.1:18333\"\n",
+    );
+    run.assert_code(2);
+    assert!(!run.stderr.contains("s3cr3tPW"), "{}", run.stderr);
 }
 
 #[test]

@@ -346,7 +346,16 @@ async fn a_prune_killed_halfway_leaves_every_manifest_whole_and_the_next_one_fin
     // And the claim on a backup id its run, killed, never released.
     let claims = local.join(format!("jobs/{FILES}/claims"));
     std::fs::create_dir_all(&claims).unwrap();
-    std::fs::write(claims.join("20200103T000000Z.json"), b"{}").unwrap();
+    let claim = claims.join("20200103T000000Z.json");
+    std::fs::write(&claim, b"{}").unwrap();
+    // Written two hours ago: prune never takes a claim younger than an hour.
+    filetime::set_file_mtime(
+        &claim,
+        filetime::FileTime::from_unix_time(chrono::Utc::now().timestamp() - 7200, 0),
+    )
+    .unwrap();
+    let young = claims.join("20200104T000000Z.json");
+    std::fs::write(&young, b"{}").unwrap();
     std::thread::sleep(Duration::from_secs(3));
 
     let run = lifeboat(&config, &["prune", "--grace", "2s"]);
@@ -367,7 +376,11 @@ async fn a_prune_killed_halfway_leaves_every_manifest_whole_and_the_next_one_fin
         "{}",
         run.stdout
     );
-    assert!(!claims.join("20200103T000000Z.json").exists());
+    assert!(!claim.exists());
+    assert!(
+        young.exists(),
+        "a claim written a moment ago stays, whatever --grace says"
+    );
     check_whole().await;
     let kept: BTreeSet<String> = ids[ids.len() - 2..].iter().cloned().collect();
     let local_keys = local_listing(&local);

@@ -487,15 +487,15 @@ async fn prune_in_a_versioned_bucket_removes_every_version_of_what_goes() {
     assert_eq!(restored(&config, work.path(), &source, &[]), "v3");
 }
 
-/// Makes the local repository at `path` unreachable (a regular file where its directory
-/// was) and returns a guard that puts it back.
+/// Makes the local repository at `path` unreachable (a link to nowhere where its directory
+/// was, as a mount whose volume is gone) and returns a guard that puts it back.
 struct Unreachable(std::path::PathBuf, std::path::PathBuf);
 
 impl Unreachable {
     fn make(path: &Path) -> Unreachable {
         let aside = path.with_extension("aside");
         std::fs::rename(path, &aside).unwrap();
-        std::fs::write(path, b"not a directory").unwrap();
+        std::os::unix::fs::symlink("/nonexistent/lifeboat-volume", path).unwrap();
         Unreachable(path.to_path_buf(), aside)
     }
 }

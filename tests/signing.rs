@@ -235,6 +235,67 @@ fn only_manifests_signed_by_a_trusted_key_are_used() {
     }
     lifeboat(&config, &["verify", "conf"]).assert_code(0);
     lifeboat(&config, &["replicate", "conf"]).assert_code(0);
+
+    // A genuine backup, manifest and signature, copied under a newer id (a replay): no
+    // reader takes it for a backup, and retention gives it no slot.
+    let replay = {
+        let at = chrono::NaiveDateTime::parse_from_str(&id, "%Y%m%dT%H%M%SZ").unwrap()
+            + chrono::Duration::seconds(1);
+        at.format("%Y%m%dT%H%M%SZ").to_string()
+    };
+    for root in [&a, &b] {
+        std::fs::create_dir_all(dir(root, &replay)).unwrap();
+        for entry in std::fs::read_dir(dir(root, &id)).unwrap() {
+            let entry = entry.unwrap();
+            std::fs::copy(entry.path(), dir(root, &replay).join(entry.file_name())).unwrap();
+        }
+    }
+    let list = lifeboat(&config, &["list", "conf"]);
+    assert!(
+        list.stdout
+            .lines()
+            .any(|l| l.contains(&replay) && l.contains("DAMAGED")),
+        "{}",
+        list.stdout
+    );
+    let status = lifeboat(&config, &["status", "--format", "json"]);
+    let status: serde_json::Value = serde_json::from_str(&status.stdout).unwrap();
+    assert_eq!(status["jobs"][0]["newest_backup"], id.as_str());
+    let keep_one = work.path().join("keep-one");
+    std::fs::create_dir_all(&keep_one).unwrap();
+    let pruning = write_config(
+        &keep_one,
+        &format!(
+            "[signing]\ntrusted_signers = [\"{public}\"]\n\n{}{}{}retention = {{ keep_last = 1 }}\n",
+            local_repository("a", &a),
+            local_repository("b", &b),
+            files_job("conf", &[&source])
+        ),
+    );
+    lifeboat(&pruning, &["prune", "conf"]).assert_code(0);
+    for root in [&a, &b] {
+        assert!(
+            dir(root, &id).join("manifest.json").exists(),
+            "the newest genuine backup stays"
+        );
+        assert!(
+            !dir(root, &first).join("manifest.json").exists(),
+            "the older one goes"
+        );
+    }
+    let into = work.path().join("after-prune");
+    lifeboat(
+        &config,
+        &[
+            "restore",
+            "conf",
+            "--backup",
+            &id,
+            "--into",
+            into.to_str().unwrap(),
+        ],
+    )
+    .assert_code(0);
 }
 
 /// Timeline history files steer a recovery: with signing they are signed by `wal-push`, and a
@@ -305,4 +366,19 @@ fn history_files_are_signed_and_a_planted_one_is_refused() {
     let (run, _) = fetch("00000003.history");
     run.assert_code(255);
     assert!(run.stderr.contains("does not match it"), "{}", run.stderr);
+
+    // The genuine timeline-2 history and its signature, copied into the timeline-3 slot:
+    // signed, but as another file.
+    for root in [&a, &b] {
+        let slot = root.join("jobs/db/wal/00000003/00000003.history.zst");
+        std::fs::copy(root.join(stored), &slot).unwrap();
+        std::fs::copy(
+            root.join(format!("{stored}.minisig")),
+            root.join("jobs/db/wal/00000003/00000003.history.zst.minisig"),
+        )
+        .unwrap();
+    }
+    let (run, _) = fetch("00000003.history");
+    run.assert_code(255);
+    assert!(run.stderr.contains("a copy moved here"), "{}", run.stderr);
 }

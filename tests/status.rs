@@ -212,4 +212,24 @@ fn a_backup_whose_object_is_gone_is_not_counted_by_list_or_status() {
     let (run, json) = status(&config);
     run.assert_code(1);
     assert_eq!(json["jobs"][0]["newest_backup"], newest.as_str(), "{json}");
+
+    // The older backup copied whole under a newer id (a replay, or a slip of `cp -r`): its
+    // manifest names another backup, so nothing counts it.
+    let replay = repo.join("jobs/conf/backups/20991231T235959Z");
+    std::fs::create_dir_all(&replay).unwrap();
+    for entry in std::fs::read_dir(repo.join(format!("jobs/conf/backups/{older}"))).unwrap() {
+        let entry = entry.unwrap();
+        std::fs::copy(entry.path(), replay.join(entry.file_name())).unwrap();
+    }
+    let (run, json) = status(&config);
+    run.assert_code(2);
+    assert_eq!(json["jobs"][0]["newest_backup"], newest.as_str(), "{json}");
+    let list = lifeboat(&config, &["list", "conf"]);
+    assert!(
+        list.stdout
+            .lines()
+            .any(|l| l.contains("20991231T235959Z") && l.contains("DAMAGED")),
+        "{}",
+        list.stdout
+    );
 }

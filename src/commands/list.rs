@@ -47,12 +47,10 @@ pub struct ListReport {
     pub unreachable: Vec<(String, String)>,
 }
 
-/// Rows come from one listing per repository. A manifest is written into a repository only
-/// after every object it names is stored there, so where the repositories holding a
-/// backup's manifest agree on its objects and their sizes, that listing is the backup; its
-/// manifest is read only where they disagree or hold a manifest without objects. Reading
-/// every manifest cost a GET per backup: with 10,000 backups most of the time went to the
-/// S3 server answering them. `verify` reads everything.
+/// Rows come from one listing per repository and every backup's manifest (32 read at a
+/// time): the listing says what is there, the manifest what should be, and only both tell
+/// an object cut short, a manifest copied under another id, or (with `trusted_signers`) a
+/// planted one. `verify` reads the objects too.
 pub async fn run(config: &Config, options: &ListOptions) -> Result<ListReport> {
     let jobs: Vec<String> = match &options.job {
         Some(name) => vec![config.job(name)?.name.clone()],
@@ -67,26 +65,18 @@ pub async fn run(config: &Config, options: &ListOptions) -> Result<ListReport> {
         unreachable.extend(survey.unreachable.iter().cloned());
         let mut ids = survey.committed_ids();
         ids.reverse();
-        // Where signatures are required, every manifest is read: a listing cannot tell a
-        // signed one from a planted one.
-        let agreed: Vec<Option<BTreeMap<String, u64>>> = ids
-            .iter()
-            .map(|id| agreed_objects(&survey, id).filter(|_| !config.signing.trust.required()))
-            .collect();
-        let unsettled: Vec<String> = ids
-            .iter()
-            .zip(&agreed)
-            .filter(|(_, agreed)| agreed.is_none())
-            .map(|(id, _)| id.clone())
-            .collect();
+        // Every manifest is read: a listing alone cannot tell an object cut short from a
+        // whole one, a manifest copied under another id from its own, or a planted one from
+        // a signed one.
+        let unsettled = ids.clone();
         let mut manifests: BTreeMap<String, Option<Manifest>> = unsettled
             .iter()
             .cloned()
             .zip(survey.manifests(job, &unsettled).await)
             .collect();
-        for (id, agreed) in ids.iter().zip(agreed) {
+        for id in &ids {
             let manifest = manifests.remove(id).flatten();
-            let expected = manifest.as_ref().map(inventory::object_sizes).or(agreed);
+            let expected = manifest.as_ref().map(inventory::object_sizes);
             let created_at = manifest
                 .as_ref()
                 .map(|m| m.started_at)
@@ -147,18 +137,6 @@ pub async fn run(config: &Config, options: &ListOptions) -> Result<ListReport> {
         rows,
         unreachable,
     })
-}
-
-/// The objects (name → stored size) every repository holding the manifest of `id` agrees
-/// on; None when they differ, or one holds the manifest without objects.
-fn agreed_objects(survey: &inventory::Survey<'_>, id: &str) -> Option<BTreeMap<String, u64>> {
-    let mut holders = survey
-        .listed
-        .iter()
-        .filter_map(|(_, held)| held.get(id))
-        .filter(|holding| holding.manifest);
-    let first = &holders.next()?.objects;
-    (!first.is_empty() && holders.all(|other| &other.objects == first)).then(|| first.clone())
 }
 
 impl fmt::Display for ListReport {

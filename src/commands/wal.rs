@@ -495,7 +495,7 @@ async fn sign_archived(
         crate::signing::parse_public_key(&signer.public_key()).expect("its own key parses"),
     ]);
     let present = repository.signature_of(key).await?;
-    if own.check(&stored, present.as_deref()).is_ok() {
+    if own.check(&stored, present.as_deref(), key).is_ok() {
         return Ok(());
     }
     let signature = crate::signing::signature_key(key);
@@ -676,7 +676,7 @@ pub async fn fetch(config: &Config, options: &WalFetchOptions) -> Result<WalFetc
                     continue;
                 }
             };
-            if let Err(untrusted) = repository.trust.check(&stored, signature.as_deref()) {
+            if let Err(untrusted) = repository.trust.check(&stored, signature.as_deref(), &key) {
                 failures.push(Error::new(
                     ErrorKind::Verification,
                     format!(

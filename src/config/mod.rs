@@ -770,7 +770,7 @@ fn validate_repository(
                 ));
             }
             // A file where the repository should be: every write would fail deep in a run.
-            if std::fs::symlink_metadata(&path).is_ok_and(|meta| !meta.is_dir()) && !path.is_dir() {
+            if std::fs::metadata(&path).is_ok_and(|meta| meta.is_file()) {
                 return Err(format!(
                     "{}: '{}' is a file, not a directory",
                     at("path"),
@@ -950,20 +950,27 @@ fn validate_object_lock(field: &str, lock: raw::RawObjectLock) -> Result<ObjectL
 /// connected to: `http://127.0.0.1:9000@192.0.2.2` names 192.0.2.2, with a user and password
 /// before it. Credentials never go in the endpoint (the AWS chain supplies them).
 fn validate_endpoint(field: &str, endpoint: &str) -> Result<(), Problem> {
+    // Echoed in errors only when nothing in it can be a password.
+    let shown = match endpoint.contains('@') {
+        true => "an endpoint with '@' in it, not repeated here".to_string(),
+        false => format!("\"{endpoint}\""),
+    };
     let url = url::Url::parse(endpoint).map_err(|e| {
-        format!(
-            "{field}: must be a URL such as \"https://s3.example.com\" (got \"{endpoint}\": {e})"
-        )
+        format!("{field}: must be a URL such as \"https://s3.example.com\" (got {shown}: {e})")
     })?;
     if !url.username().is_empty() || url.password().is_some() {
+        // Named without what stands before '@': it may be a secret.
+        let mut shown = url.clone();
+        let _ = shown.set_username("");
+        let _ = shown.set_password(None);
         return Err(format!(
-            "{field}: must not hold a user or password (got \"{endpoint}\", whose host is \"{}\"); the AWS credential chain supplies them",
+            "{field}: must not hold a user or password (it holds something before '@', and would reach \"{shown}\", whose host is \"{}\"); the AWS credential chain supplies credentials",
             url.host_str().unwrap_or_default()
         ));
     }
     if url.query().is_some() || url.fragment().is_some() {
         return Err(format!(
-            "{field}: must not have a query or fragment (got \"{endpoint}\")"
+            "{field}: must not have a query or fragment (got {shown})"
         ));
     }
     let Some(host) = url.host() else {
@@ -1331,8 +1338,9 @@ fn parse_duration(field: &str, text: &str) -> Result<Duration, Problem> {
 }
 
 /// The longest duration lifeboat takes anywhere (config, drill files, the command line): a
-/// longer one is a typo, and would overflow the time arithmetic it feeds.
-pub const LONGEST_DURATION: Duration = Duration::from_secs(100 * 365 * 86_400);
+/// longer one is a typo, and would overflow the time arithmetic it feeds. A year is 365.25
+/// days, as humantime reads "100y".
+pub const LONGEST_DURATION: Duration = Duration::from_secs(100 * 31_557_600);
 
 /// A duration as people write them ("4h", "90min", "1h 30min"), at most [`LONGEST_DURATION`].
 pub fn bounded_duration(text: &str) -> Result<Duration, String> {
@@ -1710,7 +1718,7 @@ mod tests {
         for (endpoint, problem) in [
             (
                 "http://127.0.0.1:9000@192.0.2.2",
-                "must not hold a user or password (got \"http://127.0.0.1:9000@192.0.2.2\", whose host is \"192.0.2.2\")",
+                "must not hold a user or password (it holds something before '@', and would reach \"http://192.0.2.2/\", whose host is \"192.0.2.2\")",
             ),
             (
                 "https://key:secret@s3.example.com",

@@ -51,7 +51,7 @@ impl ArchiveSummary {
     const NAMED_CHANGED: usize = 10;
 
     fn changed_while_read(&mut self, path: &Path) {
-        tracing::warn!(path = %archive::printable(path), "file changed as it was read");
+        tracing::warn!(path = ?path, "file changed as it was read");
         self.changed += 1;
         if self.changed_first.len() < Self::NAMED_CHANGED {
             self.changed_first
@@ -78,7 +78,7 @@ impl ArchiveSummary {
     }
 
     fn pass_over(&mut self, path: &Path, kind: &str) {
-        tracing::warn!(path = %archive::printable(path), kind, "not stored");
+        tracing::warn!(path = ?path, kind, "not stored");
         self.not_stored += 1;
         if self.not_stored_entries.len() < MAX_NOT_STORED {
             self.not_stored_entries.push(NotStored {
@@ -113,7 +113,7 @@ fn pass_over_or_fail(
     if top {
         Err(error)
     } else if vanished(&error) {
-        tracing::warn!(path = %archive::printable(path), "skipping what was removed while the backup ran");
+        tracing::warn!(path = ?path, "skipping what was removed while the backup ran");
         Ok(())
     } else if too_long(&error) {
         summary.pass_over(path, "path longer than the system reads");
@@ -675,7 +675,7 @@ pub fn write_archive(
                         return Err(replaced("replaced"));
                     }
                     walker.skip_current_dir();
-                    tracing::warn!(path = %archive::printable(path), "skipping a directory replaced while the backup ran");
+                    tracing::warn!(path = ?path, "skipping a directory replaced while the backup ran");
                     continue;
                 }
                 {
@@ -706,7 +706,7 @@ pub fn write_archive(
                     Ok(read) => read,
                     // No longer a symlink between its lstat and readlink.
                     Err(e) if e.raw_os_error() == Some(libc::EINVAL) && !top => {
-                        tracing::warn!(path = %archive::printable(path), "skipping a symlink replaced while the backup ran");
+                        tracing::warn!(path = ?path, "skipping a symlink replaced while the backup ran");
                         continue;
                     }
                     Err(e) => {
@@ -719,7 +719,7 @@ pub fn write_archive(
                     if top {
                         return Err(replaced("replaced"));
                     }
-                    tracing::warn!(path = %archive::printable(path), "skipping a symlink replaced while the backup ran");
+                    tracing::warn!(path = ?path, "skipping a symlink replaced while the backup ran");
                     continue;
                 }
                 if archive::climbs_out(&name, &target) {
@@ -755,7 +755,7 @@ pub fn write_archive(
                 {
                     Ok(file) => file,
                     Err(e) if e.raw_os_error() == Some(libc::ELOOP) && !top => {
-                        tracing::warn!(path = %archive::printable(path), "skipping a file replaced by a symlink while the backup ran");
+                        tracing::warn!(path = ?path, "skipping a file replaced by a symlink while the backup ran");
                         continue;
                     }
                     Err(e) => {

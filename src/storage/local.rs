@@ -53,23 +53,33 @@ impl LocalStore {
         StoreError,
     > {
         let dir = dest.parent().expect("keys always have a parent directory");
-        tokio::fs::create_dir_all(dir)
-            .await
-            .map_err(|e| StoreError::io("create directory for", key, e))?;
         let file_name = dest
             .file_name()
             .and_then(|n| n.to_str())
             .unwrap_or("object");
-        let dir_owned = dir.to_path_buf();
         let prefix = format!(".{file_name}{TEMP_MARKER}");
-        let temp = tokio::task::spawn_blocking(move || {
-            tempfile::Builder::new()
-                .prefix(&prefix)
-                .tempfile_in(dir_owned)
-        })
-        .await
-        .map_err(|e| StoreError::backend("create temp file for", key, e.to_string()))?
-        .map_err(|e| StoreError::io("create temp file for", key, e))?;
+        // Another writer's delete removes a directory it leaves empty (see `delete`), maybe
+        // between our making it and our temp file landing in it: make it again then.
+        let mut attempts = 0;
+        let temp = loop {
+            attempts += 1;
+            tokio::fs::create_dir_all(dir)
+                .await
+                .map_err(|e| StoreError::io("create directory for", key, e))?;
+            let (dir_owned, prefix) = (dir.to_path_buf(), prefix.clone());
+            let made = tokio::task::spawn_blocking(move || {
+                tempfile::Builder::new()
+                    .prefix(&prefix)
+                    .tempfile_in(dir_owned)
+            })
+            .await
+            .map_err(|e| StoreError::backend("create temp file for", key, e.to_string()))?;
+            match made {
+                Ok(temp) => break temp,
+                Err(e) if e.kind() == io::ErrorKind::NotFound && attempts < 5 => continue,
+                Err(e) => return Err(StoreError::io("create temp file for", key, e)),
+            }
+        };
         let (file, temp_path) = temp.into_parts();
         let registered = crate::interrupt::RemovedOnInterrupt::new(&temp_path);
         let mut file = tokio::fs::File::from_std(file);
@@ -80,6 +90,11 @@ impl LocalStore {
                 .map_err(|e| StoreError::io("write", key, e))?;
             size += chunk.len() as u64;
         }
+        // tokio's File writes in the background and keeps a failed write's error (ENOSPC on
+        // a full disk) for the next flush: sync_all alone would not report it.
+        file.flush()
+            .await
+            .map_err(|e| StoreError::io("write", key, e))?;
         file.sync_all()
             .await
             .map_err(|e| StoreError::io("fsync", key, e))?;

@@ -484,6 +484,15 @@ async fn write_backup(
             return Err(error);
         }
     }
+    crate::interrupt::done(format!(
+        "backup {}/{id} committed in {}",
+        job.name,
+        committed
+            .iter()
+            .map(|r| r.name.as_str())
+            .collect::<Vec<_>>()
+            .join(", ")
+    ));
     Ok((manifest, committed, captured.notes))
 }
 

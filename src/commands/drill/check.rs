@@ -135,9 +135,73 @@ impl std::fmt::Display for PathExpectation {
     }
 }
 
+/// `path` (as written in a drill file: `/etc/app.conf`) inside the restored tree at `root`,
+/// resolved as if `root` were `/`: `..` stops at it, and a symlink (absolute or relative) is
+/// followed within it, so a check never reads this host's files through a restored link.
+/// The last component is followed only when `follow_last`. None past 40 links.
+pub fn resolve_in_root(root: &Path, path: &Path, follow_last: bool) -> Option<std::path::PathBuf> {
+    use std::collections::VecDeque;
+    use std::path::Component;
+    let mut pending: VecDeque<std::ffi::OsString> = path
+        .components()
+        .filter_map(|c| match c {
+            Component::Normal(name) => Some(name.to_os_string()),
+            Component::ParentDir => Some("..".into()),
+            _ => None,
+        })
+        .collect();
+    let mut resolved: Vec<std::ffi::OsString> = Vec::new();
+    let mut links = 0;
+    while let Some(name) = pending.pop_front() {
+        if name == ".." {
+            resolved.pop();
+            continue;
+        }
+        let candidate: std::path::PathBuf = std::iter::once(root.as_os_str())
+            .chain(resolved.iter().map(|c| c.as_os_str()))
+            .chain([name.as_os_str()])
+            .collect();
+        let is_link =
+            std::fs::symlink_metadata(&candidate).is_ok_and(|meta| meta.file_type().is_symlink());
+        if !is_link || (pending.is_empty() && !follow_last) {
+            resolved.push(name);
+            continue;
+        }
+        links += 1;
+        if links > 40 {
+            return None;
+        }
+        let target = std::fs::read_link(&candidate).ok()?;
+        if target.is_absolute() {
+            resolved.clear();
+        }
+        for component in target.components().rev() {
+            match component {
+                Component::Normal(part) => pending.push_front(part.to_os_string()),
+                Component::ParentDir => pending.push_front("..".into()),
+                _ => {}
+            }
+        }
+    }
+    Some(
+        std::iter::once(root.as_os_str())
+            .chain(resolved.iter().map(|c| c.as_os_str()))
+            .collect(),
+    )
+}
+
 impl PathExpectation {
-    /// Checks `path`; returns whether it holds and what was found.
-    pub fn check(&self, path: &Path) -> (bool, String) {
+    /// Checks `path` (as a drill file writes it) in the tree restored at `root`; returns
+    /// whether it holds and what was found.
+    pub fn check(&self, root: &Path, path: &Path) -> (bool, String) {
+        let follow_last = !matches!(self, PathExpectation::Exists(_));
+        let Some(path) = resolve_in_root(root, path, follow_last) else {
+            return (
+                false,
+                "unreadable: too many levels of symbolic links".to_string(),
+            );
+        };
+        let path = path.as_path();
         match self {
             PathExpectation::Exists(wanted) => {
                 let exists = std::fs::symlink_metadata(path).is_ok();
@@ -167,6 +231,39 @@ impl PathExpectation {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn check_paths_resolve_inside_the_restored_tree() {
+        let root = tempfile::tempdir().unwrap();
+        let r = root.path();
+        std::fs::create_dir_all(r.join("etc")).unwrap();
+        std::fs::write(r.join("etc/hostname"), "restored\n").unwrap();
+        std::os::unix::fs::symlink("/etc/hostname", r.join("etc/absolute")).unwrap();
+        std::os::unix::fs::symlink("../etc/hostname", r.join("etc/relative")).unwrap();
+        std::os::unix::fs::symlink("/etc", r.join("etcdir")).unwrap();
+        std::os::unix::fs::symlink("loop", r.join("loop")).unwrap();
+        let contains = PathExpectation::Contains("restored".into());
+        for path in [
+            "/etc/hostname",
+            "/etc/absolute",
+            "/etc/relative",
+            "/etcdir/hostname",
+            "/../../../../etc/hostname",
+        ] {
+            assert_eq!(
+                contains.check(r, Path::new(path)),
+                (true, "found".to_string()),
+                "{path}"
+            );
+        }
+        // Nothing of this host's is read: its /etc/passwd is not in the tree.
+        let passwd = PathExpectation::Exists(true);
+        assert!(!passwd.check(r, Path::new("/../../etc/passwd")).0);
+        assert!(!contains.check(r, Path::new("/etcdir/passwd")).0);
+        assert!(!contains.check(r, Path::new("/loop")).0);
+        // A link itself exists, wherever it points.
+        assert!(passwd.check(r, Path::new("/etc/absolute")).0);
+    }
 
     #[test]
     fn expectations_parse_and_hold() {

@@ -996,8 +996,7 @@ async fn run_files(config: &Config, drill: &Drill, clock: &mut Clock) -> Result<
             ));
             continue;
         };
-        let relative = path.strip_prefix("/").unwrap_or(path);
-        let (passed, returned) = expect.check(&into.join(relative));
+        let (passed, returned) = expect.check(&into, path);
         checks.push(CheckResult {
             name: check.name.clone(),
             passed,

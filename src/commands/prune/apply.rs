@@ -296,8 +296,13 @@ pub(super) async fn abort_stale_uploads(
     }
 }
 
-/// Removes the claims on backup ids (see `claim`) written before `before`: a run still
-/// claiming is younger, and a finished run removed its own.
+/// However short `--grace`, a claim younger than this stays: its run may still be writing
+/// (the claim is all that keeps another run out of its backup).
+const CLAIM_MIN_AGE: chrono::Duration = chrono::Duration::hours(1);
+
+/// Removes the claims on backup ids (see `claim`) written before `before` and at least
+/// [`CLAIM_MIN_AGE`] ago: a run still claiming is younger, and a finished run removed its own.
+/// Only claims named as lifeboat names them (`ID.json`, a regular object) are touched.
 pub(super) async fn remove_stale_claims(
     repository: &Repository,
     job: &str,
@@ -313,12 +318,16 @@ pub(super) async fn remove_stale_claims(
         }
     };
     let prefix = layout::claims_prefix(job);
+    let before = before.min(Utc::now() - CLAIM_MIN_AGE);
     for (key, written) in claims {
-        let id = key
+        let Some(id) = key
             .strip_prefix(&prefix)
             .and_then(|name| name.strip_suffix(".json"))
-            .unwrap_or(&key)
-            .to_string();
+            .filter(|id| layout::parse_backup_id(id).is_some())
+            .map(str::to_string)
+        else {
+            continue;
+        };
         let claimed_at = written.or_else(|| layout::parse_backup_id(&id));
         if claimed_at.is_none_or(|at| at >= before) {
             continue;
