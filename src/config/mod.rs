@@ -1543,9 +1543,11 @@ mod tests {
             "{}",
             err.message()
         );
-        assert!(bounded_duration("100years").is_err());
-        assert!(bounded_duration("99years").is_ok());
-        assert_eq!(bounded_duration("36500days").unwrap(), LONGEST_DURATION);
+        // A year as humantime reads it: 365.25 days.
+        assert_eq!(bounded_duration("100years").unwrap(), LONGEST_DURATION);
+        assert!(bounded_duration("100y").is_ok());
+        assert!(bounded_duration("100years 1s").is_err());
+        assert!(bounded_duration("36525days 1s").is_err());
     }
 
     #[test]
