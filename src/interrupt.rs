@@ -63,10 +63,38 @@ fn files() -> std::sync::MutexGuard<'static, Vec<PathBuf>> {
     FILES.lock().unwrap_or_else(|e| e.into_inner())
 }
 
+/// Set once the cleanup took the temp files to remove: one registered later is removed at
+/// once (its writer fails, which no longer matters).
+static FILES_TAKEN: AtomicBool = AtomicBool::new(false);
+/// Temp files being made and not yet registered; the cleanup waits for them.
+static CREATING: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+/// Held while a temp file is made and registered (see `creating`).
+pub struct Creating(());
+
+impl Drop for Creating {
+    fn drop(&mut self) {
+        CREATING.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+/// Announces a temp file about to be made: None once the run is interrupted (make nothing
+/// new), else a guard to hold until the file is registered with `remove_file_on_interrupt`.
+pub fn creating() -> Option<Creating> {
+    CREATING.fetch_add(1, Ordering::SeqCst);
+    let guard = Creating(());
+    (!INTERRUPTED.load(Ordering::SeqCst)).then_some(guard)
+}
+
 /// Removes the file `path` (a temp file being written) if the run is interrupted, until
 /// `forget_file` is called for it.
 pub fn remove_file_on_interrupt(path: &Path) {
-    files().push(path.to_path_buf());
+    let mut files = files();
+    if FILES_TAKEN.load(Ordering::SeqCst) {
+        let _ = std::fs::remove_file(path);
+        return;
+    }
+    files.push(path.to_path_buf());
 }
 
 pub fn forget_file(path: &Path) {
@@ -212,9 +240,15 @@ pub fn install(command: String) {
         SIGNAL.store(signo, Ordering::SeqCst);
         INTERRUPTED.store(true, Ordering::SeqCst);
         let mut undone: std::collections::BTreeMap<&'static str, usize> = Default::default();
-        // Twice: an upload being opened while the first pass ran is registered by the second.
-        for _ in 0..2 {
+        // Until a pass finds none: an upload being opened while a pass ran is registered for
+        // the next (a backup registers its claim from the start, so it always gets a second
+        // pass). A run with nothing registered (a restore) goes straight on to stop its
+        // children, as fast as the signal came.
+        for _ in 0..4 {
             let undos = std::mem::take(&mut *ASYNC_UNDO.lock().unwrap_or_else(|e| e.into_inner()));
+            if undos.is_empty() {
+                break;
+            }
             let mut pending = Vec::new();
             for (_, what, undo) in undos {
                 *undone.entry(what).or_default() += 1;
@@ -240,7 +274,18 @@ pub fn install(command: String) {
             for dir in &directories {
                 let _ = std::fs::remove_dir_all(dir);
             }
-            let files = std::mem::take(&mut *files());
+            // Temp files being made now are registered (and so removed) within moments.
+            let waited = std::time::Instant::now();
+            while CREATING.load(Ordering::SeqCst) > 0
+                && waited.elapsed() < std::time::Duration::from_secs(2)
+            {
+                std::thread::sleep(std::time::Duration::from_millis(5));
+            }
+            let files = {
+                let mut registered = files();
+                FILES_TAKEN.store(true, Ordering::SeqCst);
+                std::mem::take(&mut *registered)
+            };
             for file in &files {
                 let _ = std::fs::remove_file(file);
             }

@@ -60,6 +60,10 @@ impl LocalStore {
         let prefix = format!(".{file_name}{TEMP_MARKER}");
         // Another writer's delete removes a directory it leaves empty (see `delete`), maybe
         // between our making it and our temp file landing in it: make it again then.
+        // Nothing new once the run is interrupted; a temp file being made is waited for.
+        let Some(_creating) = crate::interrupt::creating() else {
+            return Err(StoreError::backend("write", key, "the run was interrupted"));
+        };
         let mut attempts = 0;
         let temp = loop {
             attempts += 1;
@@ -82,6 +86,7 @@ impl LocalStore {
         };
         let (file, temp_path) = temp.into_parts();
         let registered = crate::interrupt::RemovedOnInterrupt::new(&temp_path);
+        drop(_creating);
         let mut file = tokio::fs::File::from_std(file);
         let mut size = 0u64;
         while let Some(chunk) = body.next(key).await? {
