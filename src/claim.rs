@@ -94,7 +94,11 @@ impl Repository {
         let exclusive = match self.store.create_if_absent(&key, claim.to_bytes()).await {
             Err(StoreError::AlreadyExists { .. }) => true,
             Ok(()) => false,
-            Err(e) => return Err(self.error(&format!("claim backup id '{key}'"), e)),
+            Err(e) => {
+                // The claim is there (a full disk fails the second write): not left behind.
+                self.release_claim(job, claim).await;
+                return Err(self.error(&format!("claim backup id '{key}'"), e));
+            }
         };
         if !exclusive {
             let held = self.read_claim(job, &claim.id).await;

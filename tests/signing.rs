@@ -381,4 +381,38 @@ fn history_files_are_signed_and_a_planted_one_is_refused() {
     let (run, _) = fetch("00000003.history");
     run.assert_code(255);
     assert!(run.stderr.contains("a copy moved here"), "{}", run.stderr);
+
+    // Replicate spreads no untrusted history file: with it gone from b, nothing comes back.
+    let slot = "jobs/db/wal/00000003/00000003.history.zst";
+    std::fs::remove_file(b.join(slot)).unwrap();
+    std::fs::remove_file(b.join(format!("{slot}.minisig"))).unwrap();
+    let replicate = lifeboat(&config, &["replicate", "db"]);
+    assert_eq!(
+        replicate.code, 1,
+        "{}\n{}",
+        replicate.stdout, replicate.stderr
+    );
+    assert!(
+        !b.join(slot).exists(),
+        "an untrusted history file was copied"
+    );
+    // A genuine one stored without its signature gets it back from the other repository.
+    std::fs::remove_file(b.join(format!("{stored}.minisig"))).unwrap();
+    let _ = lifeboat(&config, &["replicate", "db"]);
+    assert!(b.join(format!("{stored}.minisig")).exists());
+    let (run, _) = {
+        let dest = work.path().join("fetched-from-b");
+        let run = lifeboat(
+            &config,
+            &[
+                "wal-fetch",
+                "00000002.history",
+                dest.to_str().unwrap(),
+                "--from",
+                "b",
+            ],
+        );
+        (run, dest)
+    };
+    run.assert_code(0);
 }

@@ -272,7 +272,16 @@ struct Rekey<'a> {
 impl Rekey<'_> {
     async fn job(&self, job: &str, outcome: &mut RepositoryRekey) -> Result<()> {
         for id in self.repository.backup_ids(job).await? {
-            let manifest = self.repository.read_manifest(job, &id).await?;
+            // One manifest that does not read (damaged, planted, unsigned) is that backup's
+            // failure: the others are still re-encrypted, so a bucket writer cannot keep a
+            // leaked key in use by planting one.
+            let manifest = match self.repository.read_manifest(job, &id).await {
+                Ok(manifest) => manifest,
+                Err(e) => {
+                    outcome.failures.push(e.chain().join(": "));
+                    continue;
+                }
+            };
             match self.backup(manifest, outcome).await {
                 Ok(()) => {}
                 Err(e) if e.kind() == ErrorKind::Key => return Err(e),

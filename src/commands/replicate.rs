@@ -280,16 +280,26 @@ async fn replicate_wal(
 ) {
     let prefix = layout::wal_prefix(job);
     let mut listed: Vec<(&Repository, BTreeMap<String, u64>)> = Vec::new();
+    // Per repository, the history files that have their signature beside them.
+    let mut signed: Vec<BTreeSet<String>> = Vec::new();
     for repository in repositories {
         match repository.store.list(&prefix).await {
-            Ok(objects) => listed.push((
-                repository,
-                objects
-                    .into_iter()
-                    .filter(|o| layout::wal_file_of_key(job, &o.key).is_some())
-                    .map(|o| (o.key, o.size))
-                    .collect(),
-            )),
+            Ok(objects) => {
+                signed.push(
+                    objects
+                        .iter()
+                        .filter_map(|o| o.key.strip_suffix(".minisig").map(str::to_string))
+                        .collect(),
+                );
+                listed.push((
+                    repository,
+                    objects
+                        .into_iter()
+                        .filter(|o| layout::wal_file_of_key(job, &o.key).is_some())
+                        .map(|o| (o.key, o.size))
+                        .collect(),
+                ))
+            }
             Err(e) => report.failures.push(
                 repository
                     .error(&format!("list the WAL archive '{prefix}'"), e)
@@ -301,8 +311,23 @@ async fn replicate_wal(
     let every_key: BTreeSet<&String> = listed.iter().flat_map(|(_, keys)| keys.keys()).collect();
     for key in every_key {
         let name = key.rsplit('/').next().unwrap_or_default().to_string();
-        for (target, held) in &listed {
+        for (index, (target, held)) in listed.iter().enumerate() {
             if held.contains_key(key) {
+                // A history file stored without its signature (the signature's write failed
+                // there) gets it from a repository that has it.
+                let source = listed
+                    .iter()
+                    .zip(&signed)
+                    .find(|((_, keys), signed)| keys.contains_key(key) && signed.contains(key))
+                    .map(|((r, _), _)| *r);
+                if is_signed_kind(key)
+                    && !signed[index].contains(key)
+                    && let Some(source) = source
+                    && !options.dry_run
+                    && let Err(e) = target.copy_signature_from(source, key).await
+                {
+                    report.failures.push(e.chain().join(": "));
+                }
                 continue;
             }
             let sources: Vec<&Repository> = listed
@@ -324,6 +349,7 @@ async fn replicate_wal(
             };
             if !options.dry_run {
                 let mut copied = false;
+                let mut last_error = None;
                 for source in &sources {
                     match copy_wal(source, target, key).await {
                         Ok(()) => {
@@ -333,13 +359,16 @@ async fn replicate_wal(
                         }
                         Err(e) => {
                             tracing::warn!(key = %key, from = %source.name, to = %target.name, error = %e.chain().join(": "), "WAL copy failed; trying the next repository");
+                            last_error = Some(e.chain().join(": "));
                         }
                     }
                 }
                 if !copied {
                     report.failures.push(format!(
-                        "WAL {job}/{name}: unable to copy it into repository '{}': no other repository could provide an intact copy",
-                        target.name
+                        "WAL {job}/{}: unable to copy it into repository '{}': {}",
+                        crate::error::escape_controls(&name),
+                        target.name,
+                        last_error.unwrap_or_else(|| "no other repository holds it".to_string())
                     ));
                     continue;
                 }
@@ -347,6 +376,11 @@ async fn replicate_wal(
             report.actions.push(action);
         }
     }
+}
+
+/// Whether the WAL object at `key` is a history file, which wal-push signs.
+fn is_signed_kind(key: &str) -> bool {
+    key.contains(".history.") || key.contains(".backup.")
 }
 
 async fn copy_wal(source: &Repository, target: &Repository, key: &str) -> Result<()> {
@@ -364,8 +398,24 @@ async fn copy_wal(source: &Repository, target: &Repository, key: &str) -> Result
             )
             .with_source(e)
         })?;
-    // A signed history file keeps its signature (segments are not signed).
-    if key.contains(".history.") || key.contains(".backup.") {
+    // A history file keeps its signature (segments are not signed); where signatures are
+    // required, one that is not trusted is copied nowhere.
+    if is_signed_kind(key) {
+        if source.trust.required() {
+            let signature = source.signature_of(key).await?;
+            source
+                .trust
+                .check(&stored, signature.as_deref(), key)
+                .map_err(|untrusted| {
+                    Error::new(
+                        ErrorKind::Verification,
+                        format!(
+                            "unable to trust '{key}' in repository '{}': {untrusted}",
+                            source.name
+                        ),
+                    )
+                })?;
+        }
         target.copy_signature_from(source, key).await?;
     }
     match target.store.create_if_absent(key, stored).await {
@@ -653,7 +703,7 @@ impl fmt::Display for ReplicateReport {
                 verb(action.what),
                 action.job,
                 action.id,
-                action.object,
+                crate::error::escape_controls(&action.object),
                 human_size(action.bytes),
                 action.to
             )?;

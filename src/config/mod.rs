@@ -951,8 +951,9 @@ fn validate_object_lock(field: &str, lock: raw::RawObjectLock) -> Result<ObjectL
 /// before it. Credentials never go in the endpoint (the AWS chain supplies them).
 fn validate_endpoint(field: &str, endpoint: &str) -> Result<(), Problem> {
     // Echoed in errors only when nothing in it can be a password.
-    let shown = match endpoint.contains('@') {
-        true => "an endpoint with '@' in it, not repeated here".to_string(),
+    let shown = match endpoint.contains(['@', '?', '#']) {
+        true => "an endpoint with '@', '?' or '#' in it, not repeated here: it may hold a secret"
+            .to_string(),
         false => format!("\"{endpoint}\""),
     };
     let url = url::Url::parse(endpoint).map_err(|e| {
@@ -1283,9 +1284,21 @@ fn validate_redis_job(at: &dyn Fn(&str) -> String, job: &raw::RawJob) -> Result<
 
 /// Host and port of `redis://host[:port][/db]`; never credentials, which belong in files.
 fn parse_redis_url(field: &str, url: &str) -> Result<(String, u16), Problem> {
+    // Echoed in errors only when nothing in it can be a password.
+    let shown = match url.contains(['@', '?', '#']) {
+        true => {
+            "a URL with '@', '?' or '#' in it, not repeated here: it may hold a secret".to_string()
+        }
+        false => format!("\"{url}\""),
+    };
+    if url.contains(['?', '#']) {
+        return Err(format!(
+            "{field}: must be redis://host[:port][/db] (got {shown}); credentials go in the username and password_file fields"
+        ));
+    }
     let rest = url.strip_prefix("redis://").ok_or_else(|| {
         format!(
-            "{field}: must start with redis:// (got \"{url}\"); TLS (rediss://) is not supported yet"
+            "{field}: must start with redis:// (got {shown}); TLS (rediss://) is not supported yet"
         )
     })?;
     let authority = rest.split('/').next().unwrap_or_default();

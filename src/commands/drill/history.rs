@@ -76,14 +76,17 @@ pub async fn history(config: &Config, name: Option<&str>) -> Result<DrillHistory
             tracing::warn!(key = %key, "unreadable drill report");
             continue;
         };
+        // A report is read from a bucket: its texts are shown, so none may start a line or
+        // drive the terminal.
+        let shown = |text: String| crate::error::escape_controls(&text).into_owned();
         rows.push(HistoryRow {
-            drill: report.drill,
+            drill: shown(report.drill),
             declared_at: report.declared_at,
             passed: report.passed,
             rto_seconds: report.rto.measured_seconds,
             rpo_seconds: report.rpo.measured_seconds,
-            job: report.job,
-            backup: report.backup,
+            job: shown(report.job),
+            backup: shown(report.backup),
             restored_bytes: report.restored_bytes,
             restore_seconds: report.restore_seconds,
             kept_in: repositories.iter().map(|r| r.name.clone()).collect(),

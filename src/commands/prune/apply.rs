@@ -247,11 +247,34 @@ pub(super) async fn remove_from(
     }
 }
 
-/// Aborts uploads of `job` started before `before`: a backup still running is younger.
+/// The backup ids of `job` a run claimed in `repository` less than [`CLAIM_MIN_AGE`] ago:
+/// that run may still be writing them, whatever `--grace` says.
+pub(super) async fn live_claims(
+    repository: &Repository,
+    job: &str,
+    now: DateTime<Utc>,
+) -> BTreeSet<String> {
+    let prefix = layout::claims_prefix(job);
+    repository
+        .claims(job)
+        .await
+        .unwrap_or_default()
+        .into_iter()
+        .filter(|(_, written)| written.is_none_or(|at| at > now - CLAIM_MIN_AGE))
+        .filter_map(|(key, _)| {
+            key.strip_prefix(&prefix)?
+                .strip_suffix(".json")
+                .map(str::to_string)
+        })
+        .collect()
+}
+
+/// Aborts uploads of `job` started before `before`: a backup still running is younger, and
+/// one whose id is claimed (`live`) is left to its run.
 pub(super) async fn abort_stale_uploads(
     repository: &Repository,
     job: &str,
-    before: DateTime<Utc>,
+    (before, live): (DateTime<Utc>, &BTreeSet<String>),
     dry_run: bool,
     outcome: &mut JobPrune,
 ) {
@@ -269,9 +292,13 @@ pub(super) async fn abort_stale_uploads(
             return;
         }
     };
+    let claimed = |key: &str| {
+        live.iter()
+            .any(|id| key.starts_with(&layout::backup_prefix(job, id)))
+    };
     for upload in uploads
         .into_iter()
-        .filter(|u| u.initiated.is_some_and(|at| at < before))
+        .filter(|u| u.initiated.is_some_and(|at| at < before) && !claimed(&u.key))
     {
         let aborted = if dry_run {
             false

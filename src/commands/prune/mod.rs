@@ -210,12 +210,17 @@ async fn prune_job(
     let committed_set: BTreeSet<&String> = committed.iter().collect();
     let grace = chrono::Duration::from_std(options.grace).unwrap_or(chrono::Duration::MAX);
 
+    if !options.dry_run {
+        record_intent(&survey, &job.name, now, &plans, &mut outcome).await;
+    }
     for ((repository, held), decisions) in survey.listed.iter().zip(&plans) {
         // What an interrupted prune was removing here stays this repository's to finish,
         // even where another repository still holds the backup (its own plan keeps it).
         let own_journal = journals.get(&repository.name).unwrap_or(&no_journal);
+        let live = apply::live_claims(repository, &job.name, now).await;
         let leftovers: Vec<Leftover> = held
             .iter()
+            .filter(|(id, _)| !live.contains(*id))
             .filter(|(id, holding)| {
                 !committed_set.contains(id)
                     || (!holding.manifest && own_journal.removing.contains(*id))
@@ -266,7 +271,7 @@ async fn prune_job(
         apply::abort_stale_uploads(
             repository,
             &job.name,
-            now - grace,
+            (now - grace, &live),
             options.dry_run,
             &mut outcome,
         )
@@ -327,12 +332,31 @@ async fn record_removals(
             removed_from: b.removed_from.clone(),
         })
         .collect();
+    // What the plan removed nowhere (Object Lock kept it, a delete failed) is not removed:
+    // its record of intent (`record_intent`) goes.
+    let not_removed: Vec<String> = outcome
+        .backups
+        .iter()
+        .filter(|b| !b.keep && b.removed_from.is_empty())
+        .map(|b| b.id.clone())
+        .collect();
     let expiry = now - chrono::Duration::days(TOMBSTONE_DAYS);
     for (repository, _) in &survey.listed {
         for tombstone in &removed {
             match repository.write_tombstone(job, tombstone).await {
                 Ok(()) => outcome.recorded += 1,
                 Err(e) => outcome.failures.push(e.chain().join(": ")),
+            }
+        }
+        for id in &not_removed {
+            let key = layout::removed_key(job, id);
+            if let Err(e) = repository.store.delete_unless_retained(&key).await {
+                outcome.failures.push(
+                    repository
+                        .error(&format!("remove the removal record '{key}'"), e)
+                        .chain()
+                        .join(": "),
+                );
             }
         }
         let Ok(tombstones) = repository.tombstones(job).await else {
@@ -351,6 +375,41 @@ async fn record_removals(
                         .chain()
                         .join(": "),
                 );
+            }
+        }
+    }
+}
+
+/// Before anything is removed, records in every listed repository each backup the plans
+/// remove somewhere: a prune stopped halfway (a signal, a crash) has then already told
+/// `replicate` not to copy back what it had removed from one repository and not yet from
+/// another. `record_removals` rewrites the records with what was done.
+async fn record_intent(
+    survey: &Survey<'_>,
+    job: &str,
+    now: DateTime<Utc>,
+    plans: &[Vec<crate::retention::Decision>],
+    outcome: &mut JobPrune,
+) {
+    let mut removing: BTreeMap<&str, Vec<String>> = BTreeMap::new();
+    for ((repository, _), decisions) in survey.listed.iter().zip(plans) {
+        for decision in decisions.iter().filter(|d| !d.keep) {
+            removing
+                .entry(&decision.id)
+                .or_default()
+                .push(repository.name.clone());
+        }
+    }
+    for (id, removed_from) in removing {
+        let tombstone = Tombstone {
+            id: id.to_string(),
+            removed_at: now,
+            host: crate::commands::backup::host_name(),
+            removed_from,
+        };
+        for (repository, _) in &survey.listed {
+            if let Err(e) = repository.write_tombstone(job, &tombstone).await {
+                outcome.failures.push(e.chain().join(": "));
             }
         }
     }

@@ -262,7 +262,8 @@ impl fmt::Display for PruneReport {
                 writeln!(
                     f,
                     "  incomplete upload of {} in '{}' started {started}: {done}",
-                    upload.key, upload.repository
+                    crate::error::escape_controls(&upload.key),
+                    upload.repository
                 )?;
             }
             for claim in &job.stale_claims {
