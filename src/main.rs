@@ -546,6 +546,10 @@ fn report_error(error: &Error) -> ExitCode {
 
 fn print_error(error: &Error) {
     use lifeboat::error::escape_controls;
+    // A run stopped by a signal fails as a consequence; the interrupt's own line tells it.
+    if lifeboat::interrupt::is_interrupted() {
+        return;
+    }
     let mut chain = error.chain().into_iter();
     if let Some(first) = chain.next() {
         eprintln!("error: {}", escape_controls(&first));
