@@ -33,6 +33,10 @@ pub struct Claim {
     /// Random and unique to the run: what tells two runs of one host apart.
     pub run: String,
     pub claimed_at: DateTime<Utc>,
+    /// The claiming process, so that `prune` on the same host can tell a run that was killed
+    /// from one still writing (0 when unknown).
+    #[serde(default)]
+    pub pid: u32,
 }
 
 /// How a claim in one repository went.
@@ -70,7 +74,20 @@ impl Claim {
             host: host.to_string(),
             run: run.to_string(),
             claimed_at: at,
+            pid: std::process::id(),
         }
+    }
+
+    /// Whether the claiming run is known to be gone: it ran on `this_host` and its process
+    /// no longer exists. A run on another host is never known to be gone.
+    pub fn run_is_gone(&self, this_host: &str) -> bool {
+        if self.host != this_host || self.pid == 0 {
+            return false;
+        }
+        // SAFETY: kill(2) with signal 0 sends nothing; it only asks whether the pid exists.
+        let alive = unsafe { libc::kill(self.pid as libc::pid_t, 0) } == 0
+            || std::io::Error::last_os_error().raw_os_error() == Some(libc::EPERM);
+        !alive
     }
 
     fn to_bytes(&self) -> Bytes {

@@ -255,18 +255,29 @@ pub(super) async fn live_claims(
     now: DateTime<Utc>,
 ) -> BTreeSet<String> {
     let prefix = layout::claims_prefix(job);
-    repository
-        .claims(job)
-        .await
-        .unwrap_or_default()
-        .into_iter()
-        .filter(|(_, written)| written.is_none_or(|at| at > now - CLAIM_MIN_AGE))
-        .filter_map(|(key, _)| {
-            key.strip_prefix(&prefix)?
-                .strip_suffix(".json")
-                .map(str::to_string)
-        })
-        .collect()
+    let this_host = crate::commands::backup::host_name();
+    let mut live = BTreeSet::new();
+    for (key, written) in repository.claims(job).await.unwrap_or_default() {
+        let Some(id) = key
+            .strip_prefix(&prefix)
+            .and_then(|name| name.strip_suffix(".json"))
+        else {
+            continue;
+        };
+        if written.is_some_and(|at| at <= now - CLAIM_MIN_AGE) {
+            continue;
+        }
+        // A run of this host that was killed (SIGKILL, a crash) holds nothing.
+        if repository
+            .read_claim(job, id)
+            .await
+            .is_some_and(|claim| claim.run_is_gone(&this_host))
+        {
+            continue;
+        }
+        live.insert(id.to_string());
+    }
+    live
 }
 
 /// Aborts uploads of `job` started before `before`: a backup still running is younger, and
@@ -345,7 +356,8 @@ pub(super) async fn remove_stale_claims(
         }
     };
     let prefix = layout::claims_prefix(job);
-    let before = before.min(Utc::now() - CLAIM_MIN_AGE);
+    let this_host = crate::commands::backup::host_name();
+    let floor = Utc::now() - CLAIM_MIN_AGE;
     for (key, written) in claims {
         let Some(id) = key
             .strip_prefix(&prefix)
@@ -357,6 +369,15 @@ pub(super) async fn remove_stale_claims(
         };
         let claimed_at = written.or_else(|| layout::parse_backup_id(&id));
         if claimed_at.is_none_or(|at| at >= before) {
+            continue;
+        }
+        // Younger than the floor, only a claim whose run is known to be gone goes.
+        if claimed_at.is_some_and(|at| at > floor)
+            && !repository
+                .read_claim(job, &id)
+                .await
+                .is_some_and(|claim| claim.run_is_gone(&this_host))
+        {
             continue;
         }
         let removed = !dry_run
