@@ -10,6 +10,8 @@
 //! - [`transfer`]: one object through the pipeline into every repository, or back out.
 //! - [`sources`]: what produces raw bytes (the `files` job's tar stream).
 //! - [`repository`]: a named store plus markers, manifests and backup ids.
+//! - [`claim`]: how a run makes a backup id its own before writing under it.
+//! - [`signing`]: minisign signatures of manifests and history files, and whose are trusted.
 //! - [`clock`]: each repository's clock against this host's, and the time a run records.
 //! - [`pipeline`]: sha256 → zstd → sha256 in both directions, on blocking threads.
 //! - [`storage`]: the store trait and its backends; aws-sdk-s3 appears only in `storage::s3`.

@@ -197,14 +197,7 @@ fn only_manifests_signed_by_a_trusted_key_are_used() {
             drill.stdout, drill.stderr
         );
         // list and status do not count it: the newest backup is the one before.
-        let list = lifeboat(&config, &["list", "conf"]);
-        assert!(
-            list.stdout
-                .lines()
-                .any(|l| l.contains(&id) && l.contains("DAMAGED")),
-            "list, {what}: {}",
-            list.stdout
-        );
+        crate::common::assert_listed_damaged(&config, "conf", &id, what);
         let status = lifeboat(&config, &["status", "--format", "json"]);
         assert_eq!(status.code, 2, "status, {what}: {}", status.stdout);
         let status: serde_json::Value = serde_json::from_str(&status.stdout).unwrap();
@@ -250,14 +243,7 @@ fn only_manifests_signed_by_a_trusted_key_are_used() {
             std::fs::copy(entry.path(), dir(root, &replay).join(entry.file_name())).unwrap();
         }
     }
-    let list = lifeboat(&config, &["list", "conf"]);
-    assert!(
-        list.stdout
-            .lines()
-            .any(|l| l.contains(&replay) && l.contains("DAMAGED")),
-        "{}",
-        list.stdout
-    );
+    crate::common::assert_listed_damaged(&config, "conf", &replay, "a replay");
     let status = lifeboat(&config, &["status", "--format", "json"]);
     let status: serde_json::Value = serde_json::from_str(&status.stdout).unwrap();
     assert_eq!(status["jobs"][0]["newest_backup"], id.as_str());

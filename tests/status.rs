@@ -224,12 +224,5 @@ fn a_backup_whose_object_is_gone_is_not_counted_by_list_or_status() {
     let (run, json) = status(&config);
     run.assert_code(2);
     assert_eq!(json["jobs"][0]["newest_backup"], newest.as_str(), "{json}");
-    let list = lifeboat(&config, &["list", "conf"]);
-    assert!(
-        list.stdout
-            .lines()
-            .any(|l| l.contains("20991231T235959Z") && l.contains("DAMAGED")),
-        "{}",
-        list.stdout
-    );
+    crate::common::assert_listed_damaged(&config, "conf", "20991231T235959Z", "a replay");
 }

@@ -60,6 +60,19 @@ pub fn back_up(config: &Path, job: &str) -> String {
     committed_id(&run, job)
 }
 
+/// `lifeboat list JOB` shows backup `id` as DAMAGED (`what` says which case, on failure).
+#[track_caller]
+pub fn assert_listed_damaged(config: &Path, job: &str, id: &str, what: &str) {
+    let list = lifeboat(config, &["list", job]);
+    assert!(
+        list.stdout
+            .lines()
+            .any(|l| l.contains(id) && l.contains("DAMAGED")),
+        "list, {what}: {}",
+        list.stdout
+    );
+}
+
 pub fn lifeboat_command(config: &Path) -> Command {
     binary_command(Path::new(env!("CARGO_BIN_EXE_lifeboat")), config)
 }
