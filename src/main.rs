@@ -231,6 +231,10 @@ enum Command {
     Status {
         /// Only this job.
         job: Option<String>,
+        /// Also rewrite lifeboat.prom in metrics_dir, as the status timer does: the state
+        /// then stays fresh on a host where nothing else runs for a day.
+        #[arg(long)]
+        write_metrics: bool,
         #[arg(long, value_enum, default_value_t = OutputFormat::Text)]
         format: OutputFormat,
     },
@@ -562,22 +566,29 @@ fn print_error(error: &Error) {
     }
 }
 
-/// Metrics after a command that changed state (when `metrics_dir` is set).
+/// Metrics after a command that changed state (when `metrics_dir` is set), however it ended.
 async fn record_run(
     config: &Config,
     command: &str,
     job: &str,
     started_at: chrono::DateTime<chrono::Utc>,
-    success: bool,
+    outcome: &Result<()>,
 ) {
     let run = metrics::RunRecord {
         command,
         job,
-        success,
+        exit_code: exit_code_of(outcome),
         started_at,
         finished_at: chrono::Utc::now(),
     };
     metrics::record(config, &[run]).await;
+}
+
+fn exit_code_of(outcome: &Result<()>) -> i32 {
+    match outcome {
+        Ok(()) => exit_code::SUCCESS,
+        Err(e) => e.kind().exit_code(),
+    }
 }
 
 /// Prints a report. A reader that went away (`lifeboat list | head`) is no error of the
@@ -712,7 +723,11 @@ async fn run(cli: Cli) -> Result<i32> {
                 .map(|(job, outcome)| metrics::RunRecord {
                     command: "backup",
                     job,
-                    success: matches!(outcome, Ok(report) if report.missing.is_empty()),
+                    exit_code: match outcome {
+                        Ok(report) if report.missing.is_empty() => exit_code::SUCCESS,
+                        Ok(_) => exit_code::DEGRADED,
+                        Err(e) => e.kind().exit_code(),
+                    },
                     started_at,
                     finished_at,
                 })
@@ -730,6 +745,8 @@ async fn run(cli: Cli) -> Result<i32> {
                 },
         } => {
             let started_at = chrono::Utc::now();
+            // A drill that cannot even start is recorded under the job its file names.
+            let job = drill::Drill::load(&file).ok().map(|drill| drill.job);
             let report = drill::run(
                 &config,
                 &drill::DrillOptions {
@@ -738,13 +755,19 @@ async fn run(cli: Cli) -> Result<i32> {
                     each_repository,
                 },
             )
-            .await?;
-            print(&report, format);
-            let passed = report.reports.iter().all(|r| r.passed);
-            if let Some(first) = report.reports.first() {
-                record_run(&config, "drill", &first.job, started_at, passed).await;
+            .await;
+            let job = match &report {
+                Ok(report) => report.reports.first().map(|r| r.job.clone()).or(job),
+                Err(_) => job,
+            };
+            let outcome = report.and_then(|report| {
+                print(&report, format);
+                report.into_outcome()
+            });
+            if let Some(job) = job {
+                record_run(&config, "drill", &job, started_at, &outcome).await;
             }
-            report.into_outcome()?;
+            outcome?;
         }
         Command::Drill {
             action: DrillAction::History { name, format },
@@ -761,7 +784,7 @@ async fn run(cli: Cli) -> Result<i32> {
         } => {
             let started_at = chrono::Utc::now();
             let label = job.clone().unwrap_or_else(|| "all".to_string());
-            let report = replicate::run(
+            let outcome = replicate::run(
                 &config,
                 &replicate::ReplicateOptions {
                     job,
@@ -770,11 +793,13 @@ async fn run(cli: Cli) -> Result<i32> {
                     reseed,
                 },
             )
-            .await?;
-            print(&report, format);
-            let outcome = report.outcome();
+            .await
+            .and_then(|report| {
+                print(&report, format);
+                report.outcome()
+            });
             if !dry_run {
-                record_run(&config, "replicate", &label, started_at, outcome.is_ok()).await;
+                record_run(&config, "replicate", &label, started_at, &outcome).await;
             }
             outcome?;
         }
@@ -799,7 +824,31 @@ async fn run(cli: Cli) -> Result<i32> {
             };
             print!("{}", schedule::run(&config, &options).await?);
         }
-        Command::Status { job, format } => {
+        Command::Status {
+            job,
+            write_metrics,
+            format,
+        } => {
+            let metrics_dir = match (write_metrics, &job, &config.metrics_dir) {
+                (false, _, _) => None,
+                (true, Some(_), _) => {
+                    print_error(&Error::usage(
+                        "--write-metrics rewrites every job's state; leave out the job",
+                    ));
+                    return Ok(status::State::Unknown.exit_code());
+                }
+                (true, None, None) => {
+                    print_error(
+                        &Error::usage(format!(
+                            "--write-metrics: '{}' sets no metrics_dir",
+                            config.path.display()
+                        ))
+                        .with_hint("set `metrics_dir` (node_exporter's textfile directory)"),
+                    );
+                    return Ok(status::State::Unknown.exit_code());
+                }
+                (true, None, Some(dir)) => Some(dir.clone()),
+            };
             let report = match status::run(&config, &status::StatusOptions { job }).await {
                 Ok(report) => report,
                 Err(e) => {
@@ -808,6 +857,16 @@ async fn run(cli: Cli) -> Result<i32> {
                 }
             };
             print(&report, format);
+            if let Some(dir) = metrics_dir
+                && let Err(e) = metrics::write_status(&dir, &report)
+            {
+                // The state is what a monitor reads from the exit code; unwritten metrics
+                // make it UNKNOWN, as the collector will see nothing new.
+                print_error(&e);
+                return Ok(status::State::Unknown
+                    .exit_code()
+                    .max(report.state.exit_code()));
+            }
             return Ok(report.state.exit_code());
         }
         Command::Prune {
@@ -823,11 +882,12 @@ async fn run(cli: Cli) -> Result<i32> {
                 dry_run,
                 grace,
             };
-            let report = prune::run(&config, &options).await?;
-            print(&report, format);
-            let outcome = report.outcome();
+            let outcome = prune::run(&config, &options).await.and_then(|report| {
+                print(&report, format);
+                report.outcome()
+            });
             if !dry_run {
-                record_run(&config, "prune", &label, started_at, outcome.is_ok()).await;
+                record_run(&config, "prune", &label, started_at, &outcome).await;
             }
             outcome?;
         }
@@ -912,8 +972,14 @@ async fn run(cli: Cli) -> Result<i32> {
             println!("heartbeat {job}: {}", at.to_rfc3339());
         }
         Command::WalPush { path, job } => {
-            let report = wal::push(&config, &wal::WalPushOptions { path, job }).await?;
-            println!("{report}");
+            let archived_for = wal::physical_job(&config, job.as_deref())
+                .map(|j| j.name.clone())
+                .ok();
+            let pushed = wal::push(&config, &wal::WalPushOptions { path, job }).await;
+            if let Some(job) = archived_for {
+                metrics::record_wal_push(&config, &job, pushed.is_ok(), chrono::Utc::now());
+            }
+            println!("{}", pushed?);
         }
         Command::WalFetch {
             name,
@@ -941,15 +1007,20 @@ async fn run(cli: Cli) -> Result<i32> {
             deep,
             format,
         } => {
+            let started_at = chrono::Utc::now();
+            let label = job.clone().unwrap_or_else(|| "all".to_string());
             let options = verify::VerifyOptions {
                 job,
                 backup,
                 from,
                 deep,
             };
-            let report = verify::run(&config, &options).await?;
-            print(&report, format);
-            report.outcome()?;
+            let outcome = verify::run(&config, &options).await.and_then(|report| {
+                print(&report, format);
+                report.outcome()
+            });
+            record_run(&config, "verify", &label, started_at, &outcome).await;
+            outcome?;
         }
     }
     Ok(exit_code::SUCCESS)

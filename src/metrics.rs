@@ -1,8 +1,13 @@
 //! Prometheus metrics in node_exporter's textfile format, for alerting: what the repositories
-//! say (from `status`: newest backup, its presence per repository, WAL, RPO exposure, last
-//! drill, projected RTO) in `lifeboat.prom`, and how each command's last run on this host
-//! ended in `lifeboat-COMMAND-JOB.prom`. Files are replaced atomically (written beside, then
+//! say (from `status`: newest backup, its presence per repository, WAL, the restorable point,
+//! last drill, projected RTO) in `lifeboat.prom`, how each command's last run on this host
+//! ended in `lifeboat-COMMAND-JOB.prom`, and how archiving goes in `lifeboat-wal-JOB.prom`
+//! (rewritten by every `wal-push`). Files are replaced atomically (written beside, then
 //! renamed), so the collector never reads half a file.
+//!
+//! Every moment is exported as a timestamp, never as an age: an age is only as fresh as the
+//! last run that wrote it, so rules compute ages with `time()`, and they go on growing when
+//! the timers, or the host, stop.
 
 use std::fmt::Write as _;
 use std::io::Write as _;
@@ -121,6 +126,11 @@ pub fn render_status(report: &StatusReport) -> String {
         &per_job(&|job| job.gap_free_wal_at.map(seconds)),
     );
     out.family(
+        "lifeboat_restorable_timestamp_seconds",
+        "The newest point the job can be restored to: its newest complete backup's recovery point, or for physical jobs the end of the WAL recovery from it reaches without a gap. Alert on time() minus this.",
+        &per_job(&|job| job.restorable_point.map(seconds)),
+    );
+    out.family(
         "lifeboat_rpo_exposure_seconds",
         "Data (as time) a disaster now would lose: age of the newest restorable point.",
         &per_job(&|job| job.exposure_seconds),
@@ -185,7 +195,9 @@ pub fn render_status(report: &StatusReport) -> String {
 pub struct RunRecord<'a> {
     pub command: &'a str,
     pub job: &'a str,
-    pub success: bool,
+    /// The exit code the run ended with, as the README's table gives them: alerts tell a
+    /// lock held by another run (75) from a failure.
+    pub exit_code: i32,
     pub started_at: DateTime<Utc>,
     pub finished_at: DateTime<Utc>,
 }
@@ -202,7 +214,12 @@ pub fn render_run(run: &RunRecord) -> String {
     out.family(
         "lifeboat_last_run_success",
         "1 if the last run of the command for the job succeeded (exit 0), else 0.",
-        &[(labels.clone(), if run.success { 1.0 } else { 0.0 })],
+        &[(labels.clone(), if run.exit_code == 0 { 1.0 } else { 0.0 })],
+    );
+    out.family(
+        "lifeboat_last_run_exit_code",
+        "The exit code of the last run of the command for the job (75: another run held the job's lock).",
+        &[(labels.clone(), f64::from(run.exit_code))],
     );
     out.family(
         "lifeboat_last_run_timestamp_seconds",
@@ -215,6 +232,85 @@ pub fn render_run(run: &RunRecord) -> String {
         &[(labels, duration)],
     );
     out.text
+}
+
+/// The file `wal-push` keeps for a job.
+fn wal_file_name(job: &str) -> String {
+    format!("lifeboat-wal-{job}.prom")
+}
+
+/// What the previous `wal-push` of the job left in its file; nothing when there is none or
+/// it does not read (a run that cannot read it starts the counts again).
+fn read_wal_state(dir: &Path, job: &str) -> (Option<f64>, Option<f64>, f64) {
+    let text = std::fs::read_to_string(dir.join(wal_file_name(job))).unwrap_or_default();
+    let value = |name: &str| -> Option<f64> {
+        text.lines()
+            .filter(|line| !line.starts_with('#'))
+            .find_map(|line| {
+                let (series, value) = line.rsplit_once(' ')?;
+                let family = series.split('{').next()?;
+                (family == name).then(|| value.parse::<f64>().ok())?
+            })
+            .filter(|v| v.is_finite())
+    };
+    (
+        value("lifeboat_wal_push_last_success_timestamp_seconds"),
+        value("lifeboat_wal_push_last_failure_timestamp_seconds"),
+        value("lifeboat_wal_push_consecutive_failures").unwrap_or(0.0),
+    )
+}
+
+/// `lifeboat-wal-JOB.prom` after a `wal-push` that `succeeded` or not at `at`: when archiving
+/// last succeeded and failed, and how many pushes in a row failed (PostgreSQL retries the
+/// same file until it is archived, so three failures are one segment stuck and pg_wal
+/// growing on the server).
+pub fn render_wal_push(
+    job: &str,
+    last_success: Option<f64>,
+    last_failure: Option<f64>,
+    consecutive_failures: f64,
+) -> String {
+    let mut out = Exposition::default();
+    let labels = vec![("job", job)];
+    let some = |value: Option<f64>| -> Vec<(Vec<(&str, &str)>, f64)> {
+        value.map(|v| (labels.clone(), v)).into_iter().collect()
+    };
+    out.family(
+        "lifeboat_wal_push_last_success_timestamp_seconds",
+        "When wal-push last archived a file of the job (or found it archived already) in every repository.",
+        &some(last_success),
+    );
+    out.family(
+        "lifeboat_wal_push_last_failure_timestamp_seconds",
+        "When wal-push of the job last failed.",
+        &some(last_failure),
+    );
+    out.family(
+        "lifeboat_wal_push_consecutive_failures",
+        "wal-push runs of the job that failed since the last that succeeded.",
+        &[(labels.clone(), consecutive_failures)],
+    );
+    out.text
+}
+
+/// After every `wal-push`, cheaply: one small file read and replaced. Best effort, as
+/// [`record`]: archiving goes on whatever happens here.
+pub fn record_wal_push(config: &Config, job: &str, succeeded: bool, at: DateTime<Utc>) {
+    let Some(dir) = &config.metrics_dir else {
+        return;
+    };
+    let (mut last_success, mut last_failure, mut failures) = read_wal_state(dir, job);
+    if succeeded {
+        last_success = Some(seconds(at));
+        failures = 0.0;
+    } else {
+        last_failure = Some(seconds(at));
+        failures += 1.0;
+    }
+    let text = render_wal_push(job, last_success, last_failure, failures);
+    if let Err(e) = write_atomic(dir, &wal_file_name(job), &text) {
+        tracing::warn!(error = %e.chain().join(": "), "metrics not written");
+    }
 }
 
 /// Replaces `dir/name` with `text` atomically.
@@ -259,10 +355,16 @@ pub async fn record(config: &Config, runs: &[RunRecord<'_>]) {
     }
     let options = status::StatusOptions { job: None };
     written = match status::run(config, &options).await {
-        Ok(report) => written.and(write_atomic(dir, "lifeboat.prom", &render_status(&report))),
+        Ok(report) => written.and(write_status(dir, &report)),
         Err(e) => written.and(Err(e)),
     };
     if let Err(e) = written {
         tracing::warn!(error = %e.chain().join(": "), "metrics not written");
     }
+}
+
+/// `lifeboat.prom` from a status report: what `status --write-metrics` (the status timer)
+/// does, so the state is refreshed even on a host where nothing else runs for a day.
+pub fn write_status(dir: &Path, report: &StatusReport) -> Result<()> {
+    write_atomic(dir, "lifeboat.prom", &render_status(report))
 }

@@ -5,7 +5,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 
-use crate::common::{files_job, lifeboat, local_repository, write_config};
+use crate::common::{files_job, lifeboat, local_repository, tree, write_config};
 
 /// Parses a metrics file, insisting that every sample line is understood.
 fn parse(path: &Path) -> Vec<prometheus_parse::Sample> {
@@ -93,6 +93,19 @@ fn metrics_are_valid_exposition_and_match_the_manifest() {
         .unwrap();
     let newest = value(&state, "lifeboat_backup_newest_timestamp_seconds", &job);
     assert!((newest - recovery_point.timestamp_micros() as f64 / 1e6).abs() < 1e-3);
+    // What the RPO alert reads, as a moment: its age is computed by Prometheus from time().
+    assert_eq!(
+        value(&state, "lifeboat_restorable_timestamp_seconds", &job),
+        newest
+    );
+    // The status timer rewrites the state alone, when nothing else runs.
+    std::fs::remove_file(metrics.join("lifeboat.prom")).unwrap();
+    lifeboat(&config, &["status", "--write-metrics"]).assert_code(0);
+    let rewritten = parse(&metrics.join("lifeboat.prom"));
+    assert_eq!(
+        value(&rewritten, "lifeboat_restorable_timestamp_seconds", &job),
+        newest
+    );
     let objects = manifest["objects"].as_array().unwrap();
     let sum = |field: &str| {
         objects
@@ -164,22 +177,78 @@ fn metrics_are_valid_exposition_and_match_the_manifest() {
         .into()
     );
 
+    // The exit code tells a failure from a lock held by another run, which pages nobody.
+    assert_eq!(
+        value(&backup_run, "lifeboat_last_run_exit_code", &labels),
+        1.0
+    );
+    let locked_config = work.path().join("locked.toml");
+    std::fs::write(
+        &locked_config,
+        std::fs::read_to_string(&config).unwrap().replacen(
+            "metrics_dir",
+            &format!(
+                "lock_dir = \"{}\"\nmetrics_dir",
+                work.path().join("locks").display()
+            ),
+            1,
+        ),
+    )
+    .unwrap();
+    let loaded = lifeboat::config::Config::load(&locked_config).unwrap();
+    let lock = lifeboat::lock::lock_path(&loaded, "conf");
+    std::fs::create_dir_all(lock.parent().unwrap()).unwrap();
+    let held = std::fs::File::create(&lock).unwrap();
+    held.lock().unwrap();
+    lifeboat(&locked_config, &["backup", "conf"]).assert_code(75);
+    drop(held);
+    let locked_run = parse(&metrics.join("lifeboat-backup-conf.prom"));
+    assert_eq!(
+        value(&locked_run, "lifeboat_last_run_exit_code", &labels),
+        75.0
+    );
+
+    let archiving = wal_push_metrics(work.path(), &metrics);
+
     // Every metric the shipped alert rules use is one of these.
     let written: BTreeSet<String> = state
         .iter()
         .chain(&backup_run)
+        .chain(&locked_run)
+        .chain(&archiving)
         .map(|s| s.metric.clone())
         .collect();
     let rules_path = Path::new(env!("CARGO_MANIFEST_DIR")).join("runbooks/alerts.yml");
     let rules: serde_norway::Value =
         serde_norway::from_str(&std::fs::read_to_string(&rules_path).unwrap()).unwrap();
     let rules = rules["groups"][0]["rules"].as_sequence().unwrap();
+    let alerts_md =
+        std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("runbooks/alerts.md"))
+            .unwrap();
     let mut alerts = BTreeMap::new();
     for rule in rules {
         let name = rule["alert"].as_str().unwrap();
         let expr = rule["expr"].as_str().unwrap();
         assert!(rule["labels"]["severity"].as_str().is_some(), "{name}");
         assert!(rule["annotations"]["summary"].as_str().is_some(), "{name}");
+        // Every alert leads to its section of runbooks/alerts.md.
+        let runbook = rule["annotations"]["runbook_url"]
+            .as_str()
+            .unwrap_or_default();
+        let section = format!(
+            "runbooks/alerts.md#{}-{}",
+            name.to_lowercase(),
+            rule["labels"]["severity"].as_str().unwrap()
+        );
+        assert_eq!(runbook, section, "{name}'s runbook_url");
+        assert!(
+            alerts_md.lines().any(|l| l
+                == format!(
+                    "## {name} ({})",
+                    rule["labels"]["severity"].as_str().unwrap()
+                )),
+            "runbooks/alerts.md has no heading for {runbook}"
+        );
         for used in expr
             .split(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
             .filter(|word| word.starts_with("lifeboat_"))
@@ -193,6 +262,8 @@ fn metrics_are_valid_exposition_and_match_the_manifest() {
     }
     for wanted in [
         "LifeboatRPOBreached",
+        "LifeboatWALArchivingFailing",
+        "LifeboatNeverDrilled",
         "LifeboatBackupFailing",
         "LifeboatRegionMissingBackup",
         "LifeboatNoPassingDrill",
@@ -200,4 +271,127 @@ fn metrics_are_valid_exposition_and_match_the_manifest() {
     ] {
         assert!(alerts.contains_key(wanted), "{wanted}");
     }
+}
+
+/// `wal-push` keeps `lifeboat-wal-JOB.prom`: when archiving last worked and failed, and how
+/// many pushes in a row failed, so a stuck `archive_command` (pg_wal filling) alerts.
+fn wal_push_metrics(work: &Path, metrics: &Path) -> Vec<prometheus_parse::Sample> {
+    let config = work.join("archive.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "metrics_dir = \"{}\"\n{}[[job]]\nname = \"db\"\nkind = \"postgres\"\nmode = \"physical\"\ndsn = \"postgresql://postgres@127.0.0.1:9/postgres\"\n",
+            metrics.display(),
+            local_repository("wal", &work.join("wal-repo")),
+        ),
+    )
+    .unwrap();
+    let pg_wal = work.join("pg_wal");
+    std::fs::create_dir_all(&pg_wal).unwrap();
+    let push = |name: &str, bytes: &[u8]| {
+        let path = pg_wal.join(name);
+        std::fs::write(&path, bytes).unwrap();
+        lifeboat(
+            &config,
+            &["wal-push", "--job", "db", path.to_str().unwrap()],
+        )
+    };
+    let file = metrics.join("lifeboat-wal-db.prom");
+    let job = [("job", "db")];
+    let first = "000000010000000000000005";
+    let before = chrono::Utc::now().timestamp() as f64;
+    push(first, &tree::wal_segment(first, tree::FAKE_SYSTEM, 5)).assert_code(0);
+    let archived = parse(&file);
+    let success = value(
+        &archived,
+        "lifeboat_wal_push_last_success_timestamp_seconds",
+        &job,
+    );
+    assert!(success >= before, "{success} < {before}");
+    assert_eq!(
+        value(&archived, "lifeboat_wal_push_consecutive_failures", &job),
+        0.0
+    );
+
+    // PostgreSQL retries the segment it could not archive: three failures in a row.
+    let next = "000000010000000000000006";
+    for failures in 1..=3 {
+        push(next, b"not a WAL segment").assert_code(1);
+        let failing = parse(&file);
+        assert_eq!(
+            value(&failing, "lifeboat_wal_push_consecutive_failures", &job),
+            f64::from(failures)
+        );
+        assert_eq!(
+            value(
+                &failing,
+                "lifeboat_wal_push_last_success_timestamp_seconds",
+                &job
+            ),
+            success,
+            "a failure keeps when archiving last worked"
+        );
+    }
+    let failing = parse(&file);
+    assert!(
+        value(
+            &failing,
+            "lifeboat_wal_push_last_failure_timestamp_seconds",
+            &job
+        ) >= success
+    );
+    push(next, &tree::wal_segment(next, tree::FAKE_SYSTEM, 6)).assert_code(0);
+    let recovered = parse(&file);
+    assert_eq!(
+        value(&recovered, "lifeboat_wal_push_consecutive_failures", &job),
+        0.0
+    );
+    failing.into_iter().chain(recovered).collect()
+}
+
+/// The promtool that `.ci/setup` extracts from Debian's prometheus package (the server is
+/// not installed), else one on PATH.
+fn promtool() -> std::path::PathBuf {
+    let bundled = Path::new(env!("CARGO_MANIFEST_DIR")).join(".tools/prometheus/bin/promtool");
+    if bundled.exists() {
+        return bundled;
+    }
+    let found = std::env::var_os("PATH").and_then(|path| {
+        std::env::split_paths(&path)
+            .map(|dir| dir.join("promtool"))
+            .find(|p| p.exists())
+    });
+    found.expect(
+        "promtool is needed to test the alert rules; run `bash .ci/setup` (it extracts it into .tools/prometheus)",
+    )
+}
+
+/// The rules, evaluated by Prometheus' own engine against the disasters they exist for
+/// (`tests/alerts/alerts.test.yml`): the timers stop and the files freeze, wal-push fails
+/// three times, a job is never drilled, a backup finds its lock held.
+#[test]
+fn alert_rules_fire_on_the_disasters_they_exist_for() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let checked = std::process::Command::new(promtool())
+        .args(["check", "rules"])
+        .arg(root.join("runbooks/alerts.yml"))
+        .output()
+        .unwrap();
+    assert!(
+        checked.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&checked.stdout),
+        String::from_utf8_lossy(&checked.stderr)
+    );
+    let tested = std::process::Command::new(promtool())
+        .args(["test", "rules", "alerts.test.yml"])
+        .current_dir(root.join("tests/alerts"))
+        .output()
+        .unwrap();
+    assert!(
+        tested.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&tested.stdout),
+        String::from_utf8_lossy(&tested.stderr)
+    );
 }

@@ -201,3 +201,65 @@ fn a_bad_calendar_is_refused_naming_its_origin() {
         run.stderr
     );
 }
+
+/// A job backed up daily against a 1h RPO is in breach for 23 hours a day: `check` says so
+/// (a warning: the config works) with the figures, and a schedule that meets the RPO, or a
+/// looser RPO, is quiet. The example config `init` writes is consistent.
+#[test]
+fn check_warns_when_a_schedule_cannot_meet_the_rpo() {
+    require_systemd_analyze();
+    let work = tempfile::tempdir().unwrap();
+    let tree = work.path().join("etc");
+    std::fs::create_dir_all(&tree).unwrap();
+    let config_with = |calendar: &str, rpo: &str| {
+        write_config(
+            work.path(),
+            &format!(
+                "[targets]\nrpo = \"{rpo}\"\n\n{}{}schedule = \"{calendar}\"\n",
+                local_repository("local", &work.path().join("repo")),
+                files_job("conf", &[&tree]).trim_end().to_string() + "\n"
+            ),
+        )
+    };
+    let warning = "warning: schedule \"daily\" leaves up to 1day between backups (plus up to 5m of randomized delay), longer than the RPO of 1h";
+    let run = lifeboat(&config_with("daily", "1h"), &["check"]);
+    run.assert_code(0);
+    assert!(
+        run.stdout.contains("WARNING  job 'conf' (files)\n"),
+        "{}",
+        run.stdout
+    );
+    assert!(run.stdout.contains(warning), "{}", run.stdout);
+    // Weekdays only: the weekend is the longest gap, which the first runs do not show.
+    let run = lifeboat(&config_with("Mon..Fri *:0/30", "1h"), &["check"]);
+    run.assert_code(0);
+    assert!(
+        run.stdout
+            .contains("leaves up to 2days 30m between backups"),
+        "{}",
+        run.stdout
+    );
+    for (calendar, rpo) in [("*:0/30", "1h"), ("daily", "2d")] {
+        let run = lifeboat(&config_with(calendar, rpo), &["check"]);
+        run.assert_code(0);
+        assert!(
+            !run.stdout.contains("WARNING"),
+            "{calendar} against {rpo}: {}",
+            run.stdout
+        );
+    }
+
+    let example = work.path().join("example.toml");
+    lifeboat(&example, &["init"]).assert_code(0);
+    let run = lifeboat(&example, &["check"]);
+    assert!(
+        !run.stdout.contains("warning: schedule"),
+        "the example config's schedules do not meet its own RPO:\n{}",
+        run.stdout
+    );
+    assert!(
+        run.stdout.contains("job 'config' (files)"),
+        "{}",
+        run.stdout
+    );
+}

@@ -23,6 +23,8 @@ pub struct CheckItem {
     pub what: String,
     pub problem: Option<String>,
     pub notes: Vec<String>,
+    /// What works but will not hold the targets: printed as WARNING, not a failure.
+    pub warnings: Vec<String>,
 }
 
 #[derive(Debug, Serialize)]
@@ -67,6 +69,7 @@ pub async fn run(config: &Config) -> CheckReport {
                 humantime::format_duration(config.max_clock_skew)
             )),
             notes: Vec::new(),
+            warnings: Vec::new(),
         });
     }
     let markers = crate::repository::read_markers(&repositories).await;
@@ -125,6 +128,7 @@ pub async fn run(config: &Config) -> CheckReport {
             what,
             problem,
             notes,
+            warnings: Vec::new(),
         });
     }
     if config.encryption.is_some() {
@@ -136,6 +140,7 @@ pub async fn run(config: &Config) -> CheckReport {
             what: "encryption (age)".to_string(),
             problem,
             notes,
+            warnings: Vec::new(),
         });
     }
     if config.signing.key_file.is_some() || config.signing.trust.required() {
@@ -157,6 +162,7 @@ pub async fn run(config: &Config) -> CheckReport {
             what: "signing".to_string(),
             problem,
             notes,
+            warnings: Vec::new(),
         });
     }
     if config.jobs.iter().any(|j| j.schedule.is_some())
@@ -181,6 +187,7 @@ pub async fn run(config: &Config) -> CheckReport {
             what: "schedules".to_string(),
             problem,
             notes,
+            warnings: Vec::new(),
         });
     }
     for job in &config.jobs {
@@ -188,10 +195,15 @@ pub async fn run(config: &Config) -> CheckReport {
             Ok(notes) => (None, notes),
             Err(e) => (Some(e.chain().join(": ")), Vec::new()),
         };
+        let mut warnings = schedule_against_rpo(config, job);
+        if problem.is_none() {
+            warnings.extend(heartbeat_warnings(job).await);
+        }
         items.push(CheckItem {
             what: format!("job '{}' ({})", job.name, job.kind_name()),
             problem,
             notes,
+            warnings,
         });
     }
     CheckReport {
@@ -199,6 +211,76 @@ pub async fn run(config: &Config) -> CheckReport {
         items,
     }
 }
+
+/// A schedule whose runs are further apart than the RPO keeps the job in breach between
+/// them: found here, not by the alert a day later. Physical jobs are exempt: their RPO is
+/// the WAL archive's.
+fn schedule_against_rpo(config: &Config, job: &JobConfig) -> Vec<String> {
+    use crate::commands::schedule::{BACKUP_RANDOMIZED_DELAY, longest_gap};
+    let physical =
+        matches!(&job.source, JobSource::Postgres(p) if p.mode == PostgresMode::Physical);
+    let Some(calendar) = job.schedule.as_deref().filter(|_| !physical) else {
+        return Vec::new();
+    };
+    let rpo = config.targets.rpo;
+    let Some(gap) = longest_gap(calendar) else {
+        return Vec::new();
+    };
+    let worst = gap + BACKUP_RANDOMIZED_DELAY;
+    if worst <= rpo {
+        return Vec::new();
+    }
+    let human = |d: Duration| humantime::format_duration(d).to_string();
+    vec![format!(
+        "schedule \"{calendar}\" leaves up to {} between backups (plus up to {} of randomized delay), longer than the RPO of {}: the newest backup outgrows the RPO before each run, and `status` and the RPO alert say so; schedule the job at least every {}, or raise [targets] rpo",
+        human(gap),
+        human(BACKUP_RANDOMIZED_DELAY),
+        human(rpo),
+        human(
+            rpo.saturating_sub(BACKUP_RANDOMIZED_DELAY)
+                .max(Duration::from_secs(60))
+        ),
+    )]
+}
+
+/// A physical job's RPO is read from the archive: an idle database archives nothing, and
+/// reads as a breach, unless a heartbeat timer writes a row every minute.
+async fn heartbeat_warnings(job: &JobConfig) -> Vec<String> {
+    let JobSource::Postgres(postgres) = &job.source else {
+        return Vec::new();
+    };
+    if postgres.mode != PostgresMode::Physical {
+        return Vec::new();
+    }
+    let timer = format!("lifeboat-heartbeat-{}.timer", job.name);
+    if !postgres.heartbeat {
+        return vec![format!(
+            "no heartbeat: an idle database archives no WAL, so its RPO reads as breached; set `heartbeat = true` and install the heartbeat timer ({timer}, from `lifeboat schedule systemd`)"
+        )];
+    }
+    let Ok(server) =
+        Connection::from_settings(&format!("job '{}'", job.name), &postgres.connection)
+    else {
+        return Vec::new();
+    };
+    match logical::heartbeat_age(&server, &job.name).await {
+        Ok(Some(age)) if age <= HEARTBEAT_MAX_AGE.as_secs_f64() => Vec::new(),
+        Ok(Some(age)) => vec![format!(
+            "the newest heartbeat is {} old: the heartbeat timer ({timer}) is not running; `lifeboat schedule systemd --install` makes it",
+            humantime::format_duration(Duration::from_secs(age.max(0.0) as u64))
+        )],
+        Ok(None) => vec![format!(
+            "no heartbeat written yet: install the heartbeat timer ({timer}, from `lifeboat schedule systemd --install`), which writes one every minute"
+        )],
+        Err(e) => vec![format!(
+            "the heartbeat could not be read: {}",
+            e.chain().join(": ")
+        )],
+    }
+}
+
+/// The heartbeat timer fires every minute; this leaves room for a late run or two.
+const HEARTBEAT_MAX_AGE: Duration = Duration::from_secs(5 * 60);
 
 /// The recipients parse, and an identity configured on this host (if any) opens what is
 /// encrypted to them: found now, not at the restore that needs it.
@@ -558,8 +640,12 @@ impl fmt::Display for CheckReport {
         writeln!(f, "ok       config '{}'", self.config)?;
         for item in &self.items {
             match &item.problem {
-                None => writeln!(f, "ok       {}", item.what)?,
+                None if item.warnings.is_empty() => writeln!(f, "ok       {}", item.what)?,
+                None => writeln!(f, "WARNING  {}", item.what)?,
                 Some(problem) => writeln!(f, "FAILED   {}: {problem}", item.what)?,
+            }
+            for warning in &item.warnings {
+                writeln!(f, "         warning: {warning}")?;
             }
             for note in &item.notes {
                 writeln!(f, "         {note}")?;

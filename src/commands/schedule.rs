@@ -7,6 +7,7 @@
 use std::fmt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
+use std::time::Duration;
 
 use serde::Serialize;
 
@@ -187,6 +188,70 @@ fn randomized_delay(work: Work) -> &'static str {
         Work::Backup => "5min",
         Work::Maintenance => "15min",
         Work::Drill => "1h",
+    }
+}
+
+/// The randomized delay of a backup timer, which the newest backup's age can reach on top of
+/// the longest gap between two planned runs.
+pub const BACKUP_RANDOMIZED_DELAY: Duration = Duration::from_secs(5 * 60);
+
+/// How many planned runs are read to find the longest gap: a week of runs every five
+/// minutes, so that a weekend pause shows.
+const GAP_ITERATIONS: usize = 3000;
+
+/// The longest time between two planned runs of `calendar`, as systemd computes them; for
+/// the named expressions without systemd-analyze too. None when it cannot be known here.
+pub fn longest_gap(calendar: &str) -> Option<Duration> {
+    let named = |days: u64| Some(Duration::from_secs(days * 86_400));
+    let fallback = match calendar.trim() {
+        "minutely" => Some(Duration::from_secs(60)),
+        "hourly" => Some(Duration::from_secs(3600)),
+        "daily" => named(1),
+        "weekly" => named(7),
+        "monthly" => named(31),
+        "quarterly" => named(92),
+        "semiannually" => named(184),
+        "yearly" | "annually" => named(366),
+        _ => None,
+    };
+    let output = Command::new("systemd-analyze")
+        .env("TZ", "UTC")
+        .args([
+            "calendar",
+            &format!("--iterations={GAP_ITERATIONS}"),
+            calendar,
+        ])
+        .output();
+    let Ok(output) = output
+        .map_err(|_| ())
+        .and_then(|o| match o.status.success() {
+            true => Ok(o),
+            false => Err(()),
+        })
+    else {
+        return fallback;
+    };
+    let elapses: Vec<chrono::NaiveDateTime> = String::from_utf8_lossy(&output.stdout)
+        .lines()
+        .filter_map(|line| {
+            let (key, value) = line.split_once(": ")?;
+            let key = key.trim();
+            if key != "Next elapse" && !key.starts_with("Iter.") {
+                return None;
+            }
+            let mut words = value.split_whitespace().skip(1);
+            let (date, time) = (words.next()?, words.next()?);
+            chrono::NaiveDateTime::parse_from_str(&format!("{date} {time}"), "%Y-%m-%d %H:%M:%S")
+                .ok()
+        })
+        .collect();
+    match elapses.len() {
+        // One planned run (a date in the past or a single day): no gap to speak of.
+        0 | 1 => fallback,
+        _ => elapses
+            .windows(2)
+            .filter_map(|pair| (pair[1] - pair[0]).to_std().ok())
+            .max(),
     }
 }
 

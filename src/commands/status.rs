@@ -89,6 +89,9 @@ pub struct JobStatus {
     /// Physical jobs: the first segment no repository holds, when the archive goes on after
     /// it.
     pub wal_gap: Option<String>,
+    /// The newest point a restore reaches: the recovery point of the newest complete backup,
+    /// or, for physical jobs, the end of the WAL recovery from it replays without a gap.
+    pub restorable_point: Option<DateTime<Utc>>,
     /// How much data (as time) a disaster now would lose.
     pub exposure_seconds: Option<f64>,
     pub rpo_target_seconds: f64,
@@ -177,6 +180,7 @@ async fn job_status(
         newest_wal_at: None,
         gap_free_wal_at: None,
         wal_gap: None,
+        restorable_point: None,
         exposure_seconds: None,
         rpo_target_seconds: config.targets.rpo.as_secs_f64(),
         present_in: Vec::new(),
@@ -377,6 +381,7 @@ async fn job_status(
             ),
         }
     }
+    status.restorable_point = Some(restorable);
     let exposure = (now - restorable).to_std().unwrap_or_default();
     status.exposure_seconds = Some(exposure.as_secs_f64());
     judge_against(

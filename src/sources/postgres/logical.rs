@@ -95,6 +95,46 @@ pub async fn discover(connection: &Connection) -> Result<(ServerInfo, Databases)
 }
 
 /// Upserts `lifeboat.heartbeat(job, at)` so a restored database can tell how fresh it is.
+/// How long ago the job's heartbeat row was last written, by the server's clock; None when
+/// there is no row (or no table) yet. For `check`: a physical job's heartbeat timer runs.
+pub async fn heartbeat_age(connection: &Connection, job: &str) -> Result<Option<f64>> {
+    let client = connection.connect().await?;
+    // Read only from a table of this role or a superuser: a view, or a table another role
+    // owns, could run that role's code as ours.
+    let found = client
+        .query_opt(
+            "select c.relkind::text, \
+                    (select r.rolsuper or r.rolname = current_user from pg_catalog.pg_roles r where r.oid = c.relowner) \
+             from pg_catalog.pg_class c join pg_catalog.pg_namespace n on n.oid = c.relnamespace \
+             where n.nspname = 'lifeboat' and c.relname = 'heartbeat'",
+            &[],
+        )
+        .await
+        .map_err(|e| query_error(connection, "look for the table lifeboat.heartbeat", e))?;
+    let Some(found) = found else {
+        return Ok(None);
+    };
+    let (kind, trusted): (String, bool) = (found.get(0), found.get(1));
+    if kind != "r" || !trusted {
+        return Err(Error::new(
+            ErrorKind::Source,
+            format!(
+                "{}: lifeboat.heartbeat is not a table of this role or a superuser; heartbeats refuse it too",
+                connection.describe()
+            ),
+        ));
+    }
+    let row = client
+        .query_opt(
+            "select extract(epoch from (pg_catalog.now() - at))::float8 \
+             from lifeboat.heartbeat where job = $1",
+            &[&job],
+        )
+        .await
+        .map_err(|e| query_error(connection, "read lifeboat.heartbeat", e))?;
+    Ok(row.map(|row| row.get(0)))
+}
+
 pub async fn write_heartbeat(connection: &Connection, job: &str) -> Result<DateTime<Utc>> {
     let client = connection.connect().await?;
     // The database may belong to anyone who could create it: nothing in it is looked up by
