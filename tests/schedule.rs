@@ -45,6 +45,17 @@ fn require_systemd_analyze() {
 fn installed_units_pass_systemd_analyze_verify() {
     let work = tempfile::tempdir().unwrap();
     let config = scheduled_config(work.path(), "*-*-* 03:00:00");
+    // A physical job with a heartbeat, and metrics for the status timer to refresh.
+    let metrics = work.path().join("metrics");
+    std::fs::write(
+        &config,
+        format!(
+            "metrics_dir = \"{}\"\n{}\n[[job]]\nname = \"pitr\"\nkind = \"postgres\"\nmode = \"physical\"\ndsn = \"postgresql://backup@127.0.0.1:9/postgres\"\nheartbeat = true\nschedule = \"daily\"\n",
+            metrics.display(),
+            std::fs::read_to_string(&config).unwrap()
+        ),
+    )
+    .unwrap();
     let units = work.path().join("units");
     std::fs::create_dir_all(&units).unwrap();
     let run = lifeboat(
@@ -68,25 +79,47 @@ fn installed_units_pass_systemd_analyze_verify() {
         [
             "lifeboat-backup-conf.service",
             "lifeboat-backup-conf.timer",
+            "lifeboat-backup-pitr.service",
+            "lifeboat-backup-pitr.timer",
             "lifeboat-drill-quarterly.service",
             "lifeboat-drill-quarterly.timer",
+            "lifeboat-failure@.service",
+            "lifeboat-heartbeat-pitr.service",
+            "lifeboat-heartbeat-pitr.timer",
             "lifeboat-prune.service",
             "lifeboat-prune.timer",
             "lifeboat-replicate.service",
             "lifeboat-replicate.timer",
+            "lifeboat-status.service",
+            "lifeboat-status.timer",
+            "lifeboat-verify-conf.service",
+            "lifeboat-verify-conf.timer",
+            "lifeboat-verify-pitr.service",
+            "lifeboat-verify-pitr.timer",
         ]
     );
     let read = |name: &str| std::fs::read_to_string(units.join(name)).unwrap();
+    let has = |unit: &str, line: &str| unit.lines().any(|l| l == line);
     let backup = read("lifeboat-backup-conf.service");
     for line in [
         "Type=oneshot",
+        "User=lifeboat",
+        "Group=lifeboat",
+        "EnvironmentFile=-/etc/lifeboat/environment",
+        "OnFailure=lifeboat-failure@%n.service",
+        "SuccessExitStatus=75",
         "Nice=10",
         "IOSchedulingClass=best-effort",
-        "ProtectSystem=full",
+        "ProtectSystem=strict",
+        &format!("ReadWritePaths=-{}", work.path().join("repo").display()),
+        &format!("ReadWritePaths=-{}", metrics.display()),
         "PrivateTmp=true",
         "NoNewPrivileges=true",
+        "UMask=0077",
+        // A files job reads what other users own, and needs nothing else of root.
+        "CapabilityBoundingSet=CAP_DAC_READ_SEARCH",
     ] {
-        assert!(backup.lines().any(|l| l == line), "{line} in\n{backup}");
+        assert!(has(&backup, line), "{line} in\n{backup}");
     }
     assert!(
         backup.contains(&format!(
@@ -95,10 +128,9 @@ fn installed_units_pass_systemd_analyze_verify() {
         )),
         "{backup}"
     );
-    assert!(
-        !read("lifeboat-prune.service").contains("Nice="),
-        "only backups are niced"
-    );
+    let prune = read("lifeboat-prune.service");
+    assert!(!prune.contains("Nice="), "only backups are niced");
+    assert!(has(&prune, "CapabilityBoundingSet="), "{prune}");
     let timer = read("lifeboat-backup-conf.timer");
     for line in [
         "OnCalendar=*-*-* 03:00:00",
@@ -106,9 +138,24 @@ fn installed_units_pass_systemd_analyze_verify() {
         "RandomizedDelaySec=5min",
         "WantedBy=timers.target",
     ] {
-        assert!(timer.lines().any(|l| l == line), "{line} in\n{timer}");
+        assert!(has(&timer, line), "{line} in\n{timer}");
     }
     assert!(read("lifeboat-drill-quarterly.timer").contains("OnCalendar=quarterly\n"));
+    // The physical job's heartbeat every minute, on time; the newest backup verified weekly;
+    // the state refreshed every 15 minutes, a WARNING being no failure of the unit.
+    let heartbeat = read("lifeboat-heartbeat-pitr.timer");
+    assert!(has(&heartbeat, "OnCalendar=minutely"), "{heartbeat}");
+    assert!(!heartbeat.contains("RandomizedDelaySec"), "{heartbeat}");
+    assert!(read("lifeboat-heartbeat-pitr.service").contains(" heartbeat pitr\n"));
+    assert!(has(
+        &read("lifeboat-verify-pitr.timer"),
+        "OnCalendar=weekly"
+    ));
+    assert!(read("lifeboat-verify-pitr.service").contains(" verify pitr --backup latest\n"));
+    let status = read("lifeboat-status.service");
+    assert!(status.contains(" status --write-metrics\n"), "{status}");
+    assert!(has(&status, "SuccessExitStatus=1"), "{status}");
+    assert!(has(&read("lifeboat-status.timer"), "OnCalendar=*:0/15"));
 
     require_systemd_analyze();
     let verify = |paths: &[std::path::PathBuf]| {
@@ -128,8 +175,44 @@ fn installed_units_pass_systemd_analyze_verify() {
     // The check has teeth: the same timer with a calendar systemd cannot read fails it.
     let broken = units.join("broken.timer");
     std::fs::write(&broken, timer.replace("*-*-* 03:00:00", "at three-ish")).unwrap();
-    std::fs::write(units.join("broken.service"), backup).unwrap();
+    std::fs::write(units.join("broken.service"), &backup).unwrap();
     assert!(!verify(&[broken]).status.success());
+
+    // systemd's own exposure score of each service: 0 is locked down, 10 is a root shell.
+    // Below 3 is what systemd calls "OK"; a root service with no hardening scores 9.6.
+    for name in names
+        .iter()
+        .filter(|n| n.ends_with(".service") && !n.contains('@'))
+    {
+        let exposure = exposure(&units.join(name));
+        assert!(exposure < 3.0, "{name}: exposure {exposure}");
+    }
+    let unhardened = units.join("plain.service");
+    std::fs::write(
+        &unhardened,
+        "[Service]\nType=oneshot\nExecStart=/bin/true\n",
+    )
+    .unwrap();
+    assert!(exposure(&unhardened) > 9.0);
+}
+
+/// `systemd-analyze security --offline`'s overall exposure level of a unit file.
+fn exposure(unit: &Path) -> f64 {
+    let output = Command::new("systemd-analyze")
+        .args(["security", "--offline=true"])
+        .arg(unit)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&output.stdout);
+    let line = text
+        .lines()
+        .find(|l| l.contains("Overall exposure level"))
+        .unwrap_or_else(|| panic!("no exposure level for {}:\n{text}", unit.display()));
+    line.split(": ")
+        .nth(1)
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("unreadable: {line}"))
 }
 
 /// When systemd would next fire `calendar`, in UTC, as "YYYY-MM-DD HH:MM:SS".
@@ -157,8 +240,15 @@ fn cron_lines_parse_and_fire_when_the_timers_would() {
     let run = lifeboat(&config, &["schedule", "cron"]);
     run.assert_code(0);
     let lines: Vec<&str> = run.stdout.lines().filter(|l| !l.starts_with('#')).collect();
-    assert_eq!(lines.len(), 4, "{}", run.stdout);
-    let calendars = ["Mon *-*-* 04:15:00", "daily", "*-*-* *:30:00", "quarterly"];
+    assert_eq!(lines.len(), 6, "{}", run.stdout);
+    let calendars = [
+        "Mon *-*-* 04:15:00",
+        "weekly",
+        "daily",
+        "*-*-* *:30:00",
+        "quarterly",
+        "*:0/15",
+    ];
     let now = chrono::Utc::now();
     for (line, calendar) in lines.iter().zip(calendars) {
         let fields: Vec<&str> = line.split_whitespace().collect();

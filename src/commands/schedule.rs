@@ -1,8 +1,16 @@
 //! `lifeboat schedule systemd|cron`: timer units or crontab lines from the schedules in the
-//! config — each job's `schedule` (backup), `[schedule] prune` and `replicate`, and the
-//! `schedule` of each drill file listed in `[schedule] drills`. Calendar expressions use
-//! systemd's OnCalendar syntax and are checked with `systemd-analyze calendar` where it is
-//! installed; cron gets the expressions it can say exactly, and an error for the rest.
+//! config — each job's `schedule` (backup) and a verify of its newest backup
+//! (`[schedule] verify`), a minutely heartbeat for each physical job with `heartbeat = true`,
+//! `[schedule] prune` and `replicate`, the `schedule` of each drill file listed in
+//! `[schedule] drills`, and a status run (`[schedule] status`) that refreshes the metrics and
+//! fails its unit when a job is CRITICAL. Calendar expressions use systemd's OnCalendar
+//! syntax and are checked with `systemd-analyze calendar` where it is installed; cron gets
+//! the expressions it can say exactly, and an error for the rest.
+//!
+//! The services run as `[schedule] user` (not root), read credentials from
+//! `[schedule] environment_file`, may write only what lifeboat writes (local repositories,
+//! metrics, locks, their state directory), and start the failure hook
+//! `lifeboat-failure@.service` when they fail.
 
 use std::fmt;
 use std::path::{Path, PathBuf};
@@ -12,7 +20,7 @@ use std::time::Duration;
 use serde::Serialize;
 
 use super::drill::Drill;
-use crate::config::Config;
+use crate::config::{Config, JobSource, Location, PostgresMode};
 use crate::error::{Error, ErrorKind, Result};
 
 pub const SYSTEMD_UNIT_DIR: &str = "/etc/systemd/system";
@@ -38,7 +46,15 @@ pub enum Work {
     Backup,
     Maintenance,
     Drill,
+    /// Every minute, on time: an idle database still archives WAL.
+    Heartbeat,
+    /// `status`: reads the repositories, fails its unit on CRITICAL.
+    Monitor,
 }
+
+/// The failure hook every service names in `OnFailure=`: a template, one instance per
+/// failed unit.
+pub const FAILURE_HOOK: &str = "lifeboat-failure@";
 
 /// One scheduled command.
 #[derive(Debug, Clone, Serialize)]
@@ -52,6 +68,8 @@ pub struct Scheduled {
     pub origin: String,
     pub calendar: String,
     pub work: Work,
+    /// Reads files other users own (files jobs' backups): CAP_DAC_READ_SEARCH, nothing more.
+    pub reads_everything: bool,
 }
 
 #[derive(Debug, Serialize)]
@@ -85,6 +103,38 @@ pub fn plan(config: &Config) -> Result<Vec<Scheduled>> {
                 origin: format!("job '{}' schedule", job.name),
                 calendar: calendar.clone(),
                 work: Work::Backup,
+                reads_everything: matches!(job.source, JobSource::Files(_)),
+            });
+            if let Some(verify) = &config.schedules.verify {
+                planned.push(Scheduled {
+                    name: format!("lifeboat-verify-{}", job.name),
+                    description: format!(
+                        "lifeboat verify of the newest backup of job {}",
+                        job.name
+                    ),
+                    args: vec![
+                        "verify".to_string(),
+                        job.name.clone(),
+                        "--backup".to_string(),
+                        "latest".to_string(),
+                    ],
+                    origin: "schedule.verify".to_string(),
+                    calendar: verify.clone(),
+                    work: Work::Maintenance,
+                    reads_everything: false,
+                });
+            }
+        }
+        if matches!(&job.source, JobSource::Postgres(p) if p.mode == PostgresMode::Physical && p.heartbeat)
+        {
+            planned.push(Scheduled {
+                name: format!("lifeboat-heartbeat-{}", job.name),
+                description: format!("lifeboat heartbeat of job {}", job.name),
+                args: vec!["heartbeat".to_string(), job.name.clone()],
+                origin: format!("job '{}' heartbeat", job.name),
+                calendar: "minutely".to_string(),
+                work: Work::Heartbeat,
+                reads_everything: false,
             });
         }
     }
@@ -100,6 +150,7 @@ pub fn plan(config: &Config) -> Result<Vec<Scheduled>> {
                 origin: format!("schedule.{command}"),
                 calendar: calendar.clone(),
                 work: Work::Maintenance,
+                reads_everything: false,
             });
         }
     }
@@ -124,6 +175,28 @@ pub fn plan(config: &Config) -> Result<Vec<Scheduled>> {
             origin: format!("drill file '{}' schedule", path.display()),
             calendar,
             work: Work::Drill,
+            reads_everything: false,
+        });
+    }
+    // Only beside something else scheduled: a config with no timer is run by hand.
+    if let Some(calendar) = config
+        .schedules
+        .status
+        .as_ref()
+        .filter(|_| !planned.is_empty())
+    {
+        let mut args = vec!["status".to_string()];
+        if config.metrics_dir.is_some() {
+            args.push("--write-metrics".to_string());
+        }
+        planned.push(Scheduled {
+            name: "lifeboat-status".to_string(),
+            description: "lifeboat status of every job".to_string(),
+            args,
+            origin: "schedule.status".to_string(),
+            calendar: calendar.clone(),
+            work: Work::Monitor,
+            reads_everything: false,
         });
     }
     Ok(planned)
@@ -183,11 +256,13 @@ fn systemd_accepts(scheduled: &Scheduled) -> Result<bool> {
 
 /// Spread over this much after the planned time, so that many hosts do not hit the
 /// repositories in the same second.
-fn randomized_delay(work: Work) -> &'static str {
+fn randomized_delay(work: Work) -> Option<&'static str> {
     match work {
-        Work::Backup => "5min",
-        Work::Maintenance => "15min",
-        Work::Drill => "1h",
+        Work::Backup => Some("5min"),
+        Work::Maintenance => Some("15min"),
+        Work::Drill => Some("1h"),
+        Work::Monitor => Some("1min"),
+        Work::Heartbeat => None,
     }
 }
 
@@ -255,34 +330,150 @@ pub fn longest_gap(calendar: &str) -> Option<Duration> {
     }
 }
 
-pub fn service_unit(scheduled: &Scheduled, exe: &Path, config: &Path) -> String {
+/// What every service of one config shares: who runs it, where its credentials are, what
+/// it may write.
+pub struct UnitSettings {
+    pub exe: PathBuf,
+    pub config: PathBuf,
+    pub user: Option<String>,
+    pub environment_file: PathBuf,
+    /// Local repositories, metrics_dir, the lock directory: everything else is read-only.
+    pub writable: Vec<PathBuf>,
+}
+
+impl UnitSettings {
+    pub fn of(config: &Config, exe: &Path) -> UnitSettings {
+        let mut writable: Vec<PathBuf> = config
+            .repositories
+            .iter()
+            .filter_map(|r| match &r.location {
+                Location::Local { path } => Some(path.clone()),
+                Location::S3(_) => None,
+            })
+            .chain(config.metrics_dir.clone())
+            // The directory that holds the lock directory: under /run it is made again after
+            // each boot, by the first run.
+            .chain([config
+                .lock_dir
+                .parent()
+                .unwrap_or(&config.lock_dir)
+                .to_path_buf()])
+            .collect();
+        writable.sort();
+        writable.dedup();
+        UnitSettings {
+            exe: exe.to_path_buf(),
+            config: absolute(&config.path),
+            user: config.schedules.user.clone(),
+            environment_file: config.schedules.environment_file.clone(),
+            writable,
+        }
+    }
+}
+
+/// A path in a unit file: systemd reads `%` as a specifier and splits on spaces.
+fn unit_path(path: &Path) -> String {
+    let text = path.display().to_string().replace('%', "%%");
+    match text.contains(char::is_whitespace) {
+        true => format!("\"{text}\""),
+        false => text,
+    }
+}
+
+pub fn service_unit(scheduled: &Scheduled, settings: &UnitSettings) -> String {
     let mut unit = format!(
-        "[Unit]\nDescription={}\nDocumentation=file://{}\nWants=network-online.target\nAfter=network-online.target\n\n\
+        "[Unit]\nDescription={}\nDocumentation=file://{}\nWants=network-online.target\nAfter=network-online.target\nOnFailure={FAILURE_HOOK}%n.service\n\n\
          [Service]\nType=oneshot\nExecStart={} --config {} {}\n",
         scheduled.description,
-        config.display(),
-        exe.display(),
-        config.display(),
+        unit_path(&settings.config),
+        unit_path(&settings.exe),
+        unit_path(&settings.config),
         scheduled.args.join(" ")
     );
+    // 75: another run of the job holds its lock and does the work. For status, 1 is
+    // WARNING: only CRITICAL and UNKNOWN start the failure hook.
+    unit.push_str(match scheduled.work {
+        Work::Monitor => "SuccessExitStatus=1\n",
+        Work::Heartbeat => "",
+        _ => "SuccessExitStatus=75\n",
+    });
+    if let Some(user) = &settings.user {
+        unit.push_str(&format!("User={user}\nGroup={user}\n"));
+    }
+    // `-`: a host whose credentials come from an instance role has no such file.
+    unit.push_str(&format!(
+        "EnvironmentFile=-{}\n",
+        unit_path(&settings.environment_file)
+    ));
     if scheduled.work == Work::Backup {
         unit.push_str("Nice=10\nIOSchedulingClass=best-effort\nIOSchedulingPriority=7\n");
     }
     // Drill reports are written relative to the working directory: a state directory that
     // systemd creates, not the root of the file system.
-    unit.push_str("StateDirectory=lifeboat\nWorkingDirectory=/var/lib/lifeboat\n");
-    unit.push_str("ProtectSystem=full\nPrivateTmp=true\nNoNewPrivileges=true\n");
+    unit.push_str("StateDirectory=lifeboat\nWorkingDirectory=/var/lib/lifeboat\nUMask=0077\n");
+    unit.push_str("ProtectSystem=strict\n");
+    for path in &settings.writable {
+        unit.push_str(&format!("ReadWritePaths=-{}\n", unit_path(path)));
+    }
+    let capabilities = match scheduled.reads_everything {
+        // A files job's paths belong to other users; reading them is all it needs of root.
+        true => "CAP_DAC_READ_SEARCH",
+        false => "",
+    };
+    unit.push_str(&format!(
+        "CapabilityBoundingSet={capabilities}\nAmbientCapabilities={capabilities}\n"
+    ));
+    unit.push_str(
+        "ProtectHome=read-only\nPrivateTmp=true\nPrivateDevices=true\nNoNewPrivileges=true\n\
+         ProtectKernelTunables=true\nProtectKernelModules=true\nProtectKernelLogs=true\n\
+         ProtectControlGroups=true\nProtectClock=true\nProtectHostname=true\nProtectProc=invisible\n\
+         RestrictSUIDSGID=true\nRestrictRealtime=true\nRestrictNamespaces=true\nLockPersonality=true\n\
+         RemoveIPC=true\nPrivateMounts=true\nSystemCallArchitectures=native\nSystemCallFilter=@system-service\n\
+         SystemCallErrorNumber=EPERM\nRestrictAddressFamilies=AF_UNIX AF_INET AF_INET6\n",
+    );
     unit
 }
 
 pub fn timer_unit(scheduled: &Scheduled) -> String {
-    format!(
-        "[Unit]\nDescription={} ({})\n\n[Timer]\nOnCalendar={}\nPersistent=true\nRandomizedDelaySec={}\nAccuracySec=1min\n\n[Install]\nWantedBy=timers.target\n",
-        scheduled.description,
-        scheduled.calendar,
-        scheduled.calendar,
-        randomized_delay(scheduled.work)
-    )
+    let mut unit = format!(
+        "[Unit]\nDescription={} ({})\n\n[Timer]\nOnCalendar={}\n",
+        scheduled.description, scheduled.calendar, scheduled.calendar,
+    );
+    match randomized_delay(scheduled.work) {
+        Some(delay) => unit.push_str(&format!(
+            "Persistent=true\nRandomizedDelaySec={delay}\nAccuracySec=1min\n"
+        )),
+        // A missed heartbeat is not made up at boot; it is simply the next minute's.
+        None => unit.push_str("AccuracySec=1s\n"),
+    }
+    unit.push_str("\n[Install]\nWantedBy=timers.target\n");
+    unit
+}
+
+/// `lifeboat-failure@.service`: started by a failed service with its name as the instance.
+/// It runs `[schedule] on_failure` with that name, or logs an error line for the journal's
+/// watchers; either way the metrics have recorded the run.
+pub fn failure_hook_unit(config: &Config, settings: &UnitSettings) -> String {
+    let exec = match &config.schedules.on_failure {
+        Some(command) => format!("{} %i", command.replace('%', "%%")),
+        None => {
+            "/usr/bin/logger --priority daemon.err --tag lifeboat \"%i failed: journalctl -u %i\""
+                .to_string()
+        }
+    };
+    let mut unit = format!(
+        "[Unit]\nDescription=lifeboat: report that %i failed\nDocumentation=file://{}\n\n\
+         [Service]\nType=oneshot\nExecStart={exec}\n",
+        unit_path(&settings.config)
+    );
+    if let Some(user) = &settings.user {
+        unit.push_str(&format!("User={user}\nGroup={user}\n"));
+    }
+    unit.push_str(&format!(
+        "EnvironmentFile=-{}\nNoNewPrivileges=true\nPrivateTmp=true\nProtectSystem=strict\nProtectHome=read-only\n",
+        unit_path(&settings.environment_file)
+    ));
+    unit
 }
 
 /// The cron fields (minute hour day-of-month month day-of-week) for the OnCalendar
@@ -365,7 +556,7 @@ pub async fn run(config: &Config, options: &ScheduleOptions) -> Result<ScheduleR
     let exe = std::env::current_exe().map_err(|e| {
         Error::new(ErrorKind::Source, "unable to find the lifeboat binary").with_source(e)
     })?;
-    let config_path = absolute(&config.path);
+    let settings = UnitSettings::of(config, &exe);
     let mut report = ScheduleReport {
         format: match options.format {
             Format::Systemd => "systemd",
@@ -379,9 +570,10 @@ pub async fn run(config: &Config, options: &ScheduleOptions) -> Result<ScheduleR
     }
     match options.format {
         Format::Cron => {
-            report
-                .text
-                .push_str("# lifeboat schedules; install with `crontab -e` (as root)\n");
+            report.text.push_str(&format!(
+                "# lifeboat schedules; install with `crontab -u {} -e`\n",
+                settings.user.as_deref().unwrap_or("root")
+            ));
             for scheduled in &planned {
                 let fields = cron_fields(&scheduled.calendar).ok_or_else(|| {
                     Error::usage(format!(
@@ -393,7 +585,7 @@ pub async fn run(config: &Config, options: &ScheduleOptions) -> Result<ScheduleR
                 report.text.push_str(&format!(
                     "{fields} {} --config {} -q {}\n",
                     exe.display(),
-                    config_path.display(),
+                    settings.config.display(),
                     scheduled.args.join(" ")
                 ));
             }
@@ -403,20 +595,24 @@ pub async fn run(config: &Config, options: &ScheduleOptions) -> Result<ScheduleR
                 report.text.push_str(&format!(
                     "# {0}.service\n{1}\n# {0}.timer\n{2}\n",
                     scheduled.name,
-                    service_unit(scheduled, &exe, &config_path),
+                    service_unit(scheduled, &settings),
                     timer_unit(scheduled)
                 ));
             }
+            report.text.push_str(&format!(
+                "# {FAILURE_HOOK}.service\n{}",
+                failure_hook_unit(config, &settings)
+            ));
         }
-        Format::Systemd => install(&planned, &exe, &config_path, options, &mut report)?,
+        Format::Systemd => install(config, &planned, &settings, options, &mut report)?,
     }
     Ok(report)
 }
 
 fn install(
+    config: &Config,
     planned: &[Scheduled],
-    exe: &Path,
-    config: &Path,
+    settings: &UnitSettings,
     options: &ScheduleOptions,
     report: &mut ScheduleReport,
 ) -> Result<()> {
@@ -432,11 +628,14 @@ fn install(
     for scheduled in planned {
         let service = options.unit_dir.join(format!("{}.service", scheduled.name));
         let timer = options.unit_dir.join(format!("{}.timer", scheduled.name));
-        write(&service, &service_unit(scheduled, exe, config))?;
+        write(&service, &service_unit(scheduled, settings))?;
         write(&timer, &timer_unit(scheduled))?;
         report.written.push(service.display().to_string());
         report.written.push(timer.display().to_string());
     }
+    let hook = options.unit_dir.join(format!("{FAILURE_HOOK}.service"));
+    write(&hook, &failure_hook_unit(config, settings))?;
+    report.written.push(hook.display().to_string());
     if options.unit_dir != Path::new(SYSTEMD_UNIT_DIR) {
         return Ok(());
     }

@@ -102,7 +102,24 @@ pub struct Schedules {
     pub replicate: Option<String>,
     /// Drill files, each with its own `schedule`.
     pub drills: Vec<PathBuf>,
+    /// `verify JOB --backup latest` of each job with a backup schedule; None: no verify timer.
+    pub verify: Option<String>,
+    /// `status` (rewriting lifeboat.prom where metrics_dir is set); None: no status timer.
+    pub status: Option<String>,
+    /// The user (and group of that name) the units run as; None: root.
+    pub user: Option<String>,
+    /// Read by every unit for credentials (`AWS_*`, `LIFEBOAT_IDENTITY_FILE`, …) when it exists.
+    pub environment_file: PathBuf,
+    /// A program the failure hook runs with the failed unit's name as its one argument.
+    pub on_failure: Option<String>,
 }
+
+pub const DEFAULT_VERIFY_SCHEDULE: &str = "weekly";
+pub const DEFAULT_STATUS_SCHEDULE: &str = "*:0/15";
+pub const DEFAULT_UNIT_USER: &str = "lifeboat";
+pub const DEFAULT_ENVIRONMENT_FILE: &str = "/etc/lifeboat/environment";
+/// Written for `verify`/`status` to say there is no such timer.
+const NO_SCHEDULE: &str = "off";
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Targets {
@@ -567,16 +584,62 @@ fn validate(raw: raw::RawConfig, path: &Path) -> Result<Config, Problem> {
     for (field, value) in [
         ("schedule.prune", &raw_schedule.prune),
         ("schedule.replicate", &raw_schedule.replicate),
+        ("schedule.verify", &raw_schedule.verify),
+        ("schedule.status", &raw_schedule.status),
+        ("schedule.user", &raw_schedule.user),
+        ("schedule.on_failure", &raw_schedule.on_failure),
     ] {
         if value.as_ref().is_some_and(|v| v.trim().is_empty()) {
             return Err(format!("{field}: must not be empty"));
         }
     }
+    if let Some(user) = &raw_schedule.user
+        && !user
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+    {
+        return Err(format!(
+            "schedule.user: \"{user}\" is not a user name (letters, digits, '-', '_', '.')"
+        ));
+    }
+    if let Some(file) = raw_schedule
+        .environment_file
+        .as_ref()
+        .filter(|f| !f.is_absolute())
+    {
+        return Err(format!(
+            "schedule.environment_file: must be an absolute path (got \"{}\")",
+            file.display()
+        ));
+    }
+    if let Some(command) = &raw_schedule.on_failure
+        && !command.starts_with('/')
+    {
+        return Err(format!(
+            "schedule.on_failure: must start with the program's absolute path (got \"{command}\")"
+        ));
+    }
+    let off_or = |value: Option<String>, default: &str| match value {
+        Some(v) if v.trim() == NO_SCHEDULE => None,
+        Some(v) => Some(v),
+        None => Some(default.to_string()),
+    };
     let base = path.parent().unwrap_or(Path::new("."));
     let schedules = Schedules {
         prune: raw_schedule.prune,
         replicate: raw_schedule.replicate,
         drills: raw_schedule.drills.iter().map(|d| base.join(d)).collect(),
+        verify: off_or(raw_schedule.verify, DEFAULT_VERIFY_SCHEDULE),
+        status: off_or(raw_schedule.status, DEFAULT_STATUS_SCHEDULE),
+        user: match raw_schedule.user {
+            Some(user) if user == "root" => None,
+            Some(user) => Some(user),
+            None => Some(DEFAULT_UNIT_USER.to_string()),
+        },
+        environment_file: raw_schedule
+            .environment_file
+            .unwrap_or_else(|| PathBuf::from(DEFAULT_ENVIRONMENT_FILE)),
+        on_failure: raw_schedule.on_failure,
     };
 
     let encryption = raw
@@ -1391,6 +1454,47 @@ mod tests {
 
     const LOCAL: &str =
         "[[repository]]\nname = \"local\"\ntype = \"local\"\npath = \"/var/backups\"\n";
+
+    #[test]
+    fn unit_settings_default_to_a_user_and_refuse_what_systemd_would_misread() {
+        let config = parse(LOCAL).unwrap();
+        assert_eq!(config.schedules.user.as_deref(), Some(DEFAULT_UNIT_USER));
+        assert_eq!(config.schedules.verify.as_deref(), Some("weekly"));
+        let config = parse(&format!(
+            "[schedule]\nuser = \"root\"\nverify = \"off\"\nstatus = \"off\"\n{LOCAL}"
+        ))
+        .unwrap();
+        assert_eq!(
+            (
+                config.schedules.user,
+                config.schedules.verify,
+                config.schedules.status
+            ),
+            (None, None, None)
+        );
+        for (setting, wanted) in [
+            (
+                "user = \"life boat\"",
+                "schedule.user: \"life boat\" is not a user name",
+            ),
+            (
+                "on_failure = \"page-oncall\"",
+                "schedule.on_failure: must start with the program's absolute path",
+            ),
+            (
+                "environment_file = \"env\"",
+                "schedule.environment_file: must be an absolute path",
+            ),
+            ("verify = \"\"", "schedule.verify: must not be empty"),
+        ] {
+            let err = parse(&format!("[schedule]\n{setting}\n{LOCAL}")).unwrap_err();
+            assert!(
+                err.message().contains(wanted),
+                "{setting}: {}",
+                err.message()
+            );
+        }
+    }
 
     #[test]
     fn one_storage_listed_twice_is_refused_naming_both() {

@@ -141,4 +141,9 @@ pub struct RawSchedule {
     pub replicate: Option<String>,
     #[serde(default)]
     pub drills: Vec<PathBuf>,
+    pub verify: Option<String>,
+    pub status: Option<String>,
+    pub user: Option<String>,
+    pub environment_file: Option<PathBuf>,
+    pub on_failure: Option<String>,
 }
