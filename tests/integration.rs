@@ -19,6 +19,7 @@ mod locks;
 mod logical_properties;
 mod logical_swap;
 mod metrics;
+mod policies;
 mod postgres_logical;
 mod postgres_physical;
 mod prune;

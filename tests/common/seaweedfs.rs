@@ -20,6 +20,15 @@ pub struct SeaweedFs {
     pub data: tempfile::TempDir,
     ports: [u16; 5],
     pub endpoint: String,
+    /// `-s3.config`: the identities (and their policies) the server knows.
+    s3_config: String,
+}
+
+/// The one identity every test uses: may do everything.
+fn admin_identity() -> String {
+    format!(
+        r#"{{"name":"admin","credentials":[{{"accessKey":"{ACCESS_KEY}","secretKey":"{SECRET_KEY}"}}],"actions":["Admin","Read","Write","List","Tagging"]}}"#
+    )
 }
 
 fn weed_binary() -> PathBuf {
@@ -66,12 +75,27 @@ fn allocate_ports() -> [u16; 5] {
 
 impl SeaweedFs {
     pub async fn start() -> SeaweedFs {
+        SeaweedFs::start_with_identities(&[], &[]).await
+    }
+
+    /// With more identities beside the admin one (JSON objects of SeaweedFS's `-s3.config`:
+    /// `{"name":…,"credentials":[…],"policyNames":[…]}`) and the IAM policies they name
+    /// (`{"name":…,"document":{…}}`), which SeaweedFS enforces as AWS does.
+    pub async fn start_with_identities(identities: &[String], policies: &[String]) -> SeaweedFs {
         let data = tempfile::tempdir().unwrap();
+        let identities: Vec<String> = std::iter::once(admin_identity())
+            .chain(identities.iter().cloned())
+            .collect();
         let mut server = SeaweedFs {
             child: None,
             data,
             ports: [0; 5],
             endpoint: String::new(),
+            s3_config: format!(
+                r#"{{"identities":[{}],"policies":[{}]}}"#,
+                identities.join(","),
+                policies.join(",")
+            ),
         };
         for attempt in 0..5 {
             server.ports = allocate_ports();
@@ -92,10 +116,7 @@ impl SeaweedFs {
 
     fn spawn(&mut self) {
         let dir = self.data.path();
-        let identities = format!(
-            r#"{{"identities":[{{"name":"admin","credentials":[{{"accessKey":"{ACCESS_KEY}","secretKey":"{SECRET_KEY}"}}],"actions":["Admin","Read","Write","List","Tagging"]}}]}}"#
-        );
-        std::fs::write(dir.join("s3.json"), identities).unwrap();
+        std::fs::write(dir.join("s3.json"), &self.s3_config).unwrap();
         std::fs::create_dir_all(dir.join("data")).unwrap();
         let log = std::fs::File::create(dir.join("weed.log")).unwrap();
         let [s3, master, volume, filer, admin] = self.ports;
@@ -122,6 +143,9 @@ impl SeaweedFs {
             ))
             .arg(format!("-s3.localSocket={}", dir.join("s3.sock").display()))
             .env("TMPDIR", dir)
+            // SeaweedFS makes AWS_ACCESS_KEY_ID an admin identity of its own.
+            .env_remove("AWS_ACCESS_KEY_ID")
+            .env_remove("AWS_SECRET_ACCESS_KEY")
             .stdin(Stdio::null())
             .stdout(log.try_clone().unwrap())
             .stderr(log)
@@ -251,12 +275,23 @@ impl SeaweedFs {
     }
 
     pub fn client(&self) -> Client {
+        self.client_as(ACCESS_KEY, SECRET_KEY)
+    }
+
+    /// A client with the credentials of another identity.
+    pub fn client_as(&self, access_key: &str, secret_key: &str) -> Client {
         let config = aws_sdk_s3::config::Builder::new()
             .behavior_version(BehaviorVersion::latest())
             .region(Region::new(REGION))
             .endpoint_url(&self.endpoint)
             .force_path_style(true)
-            .credentials_provider(Credentials::new(ACCESS_KEY, SECRET_KEY, None, None, "test"))
+            .credentials_provider(Credentials::new(
+                access_key.to_string(),
+                secret_key.to_string(),
+                None,
+                None,
+                "test",
+            ))
             .build();
         Client::from_conf(config)
     }
