@@ -350,6 +350,10 @@ struct PostgresRestoreArgs {
     /// With --clean: drop the replaced database once the swap is done instead of keeping it.
     #[arg(long, requires = "clean")]
     drop_previous: bool,
+    /// With --clean on the very server the backup was taken from: replace its databases,
+    /// losing what was written since the backup. Refused without this.
+    #[arg(long, requires = "clean")]
+    yes_this_is_the_source: bool,
     /// End the sessions still connected to a database being replaced, when the swap comes.
     #[arg(long)]
     terminate_sessions: bool,
@@ -945,6 +949,7 @@ async fn run(cli: Cli) -> Result<i32> {
                 globals: postgres.globals,
                 clean: postgres.clean,
                 drop_previous: postgres.drop_previous,
+                yes_this_is_the_source: postgres.yes_this_is_the_source,
                 keep_login: postgres.keep_login,
                 terminate_sessions: postgres.terminate_sessions,
                 swap_wait: postgres.swap_wait,

@@ -7,7 +7,7 @@ use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
 
 use crate::common::postgres::{Postgres, bin_dir};
-use crate::common::{lifeboat, lifeboat_command};
+use crate::common::{lifeboat, lifeboat_command, run_command};
 
 /// Per table of `database`: its row count and an order-independent sum of its rows' hashes.
 /// Cheap enough to take fifteen times over three million rows.
@@ -71,6 +71,8 @@ fn restore_clean(config: &Path, target: &Postgres, extra: &[&str]) -> Child {
         .env("TMPDIR", tmp)
         .args(["restore", "maindb", "--database", "app", "--clean"])
         .args(["--target", &target.dsn("postgres")])
+        // Every test here rolls the job's own source back, as after a bad migration.
+        .arg("--yes-this-is-the-source")
         .args(extra)
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -275,6 +277,26 @@ async fn a_clean_restore_waits_a_bounded_time_for_sessions_then_changes_nothing(
         "update shop.customers set name = 'live' where id = 1",
     );
     let live = row_checksums(&cluster, "app");
+
+    // The target is the job's own source: --clean would roll the live primary back to the
+    // backup. Refused unless said in so many words, before anything is loaded.
+    let refused = run_command(
+        lifeboat_command(&config)
+            .env("PGPASSWORD", &cluster.password)
+            .args(["restore", "maindb", "--database", "app", "--clean"])
+            .args(["--target", &cluster.dsn("postgres")]),
+    );
+    assert_ne!(refused.code, 0);
+    assert!(
+        refused.stderr.contains("refusing --clean on")
+            && refused.stderr.contains("it is the server backup maindb/")
+            && refused.stderr.contains("--yes-this-is-the-source")
+            && refused.stderr.contains("--as NAME_restored"),
+        "{}",
+        refused.stderr
+    );
+    assert_eq!(row_checksums(&cluster, "app"), live);
+    assert!(databases_like(&cluster, "app\\_%").is_empty());
 
     // A session sits in an open transaction on the live database.
     let mut session = open_transaction(&cluster, "app", "select count(*) from shop.customers");

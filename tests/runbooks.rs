@@ -325,22 +325,28 @@ fn files_in(dir: &str, extension: &str) -> Vec<PathBuf> {
 }
 
 /// Every runbook, and the test that runs it.
-const EXECUTED: [&str; 8] = [
+const EXECUTED: [&str; 12] = [
     "alerts.md",
+    "bad-change.md",
+    "compromised-bucket.md",
     "config-restore.md",
+    "lost-backup-host.md",
     "postgres-point-in-time.md",
     "postgres-restore-latest.md",
     "quarterly-drill.md",
     "redis-restore.md",
     "region-outage.md",
+    "service-failover.md",
     "without-lifeboat.md",
 ];
 
 #[test]
 fn every_runbook_has_steps_the_tests_run() {
+    // README.md is the index: what you see, and which runbook it leads to.
     let present: Vec<String> = files_in(RUNBOOKS, "md")
         .iter()
         .map(|p| p.file_name().unwrap().to_string_lossy().into_owned())
+        .filter(|name| name != "README.md")
         .collect();
     assert_eq!(
         present, EXECUTED,
@@ -360,6 +366,16 @@ fn every_runbook_has_steps_the_tests_run() {
             "no test runs {runbook}"
         );
     }
+    // The index at the top of runbooks/README.md leads to every runbook, and to nothing else.
+    let index = std::fs::read_to_string(Path::new(RUNBOOKS).join("README.md")).unwrap();
+    let linked = regex::Regex::new(r"\]\(([a-z-]+\.md)\)").unwrap();
+    let mut led_to: Vec<String> = linked
+        .captures_iter(&index)
+        .map(|c| c[1].to_string())
+        .collect();
+    led_to.sort();
+    led_to.dedup();
+    assert_eq!(led_to, EXECUTED, "runbooks/README.md's table");
 }
 
 #[test]
@@ -473,6 +489,16 @@ async fn config_restore_runbook_puts_the_backed_up_files_back() {
     files.sort();
     std::fs::write(&files[0], b"garbage").unwrap();
     std::fs::remove_file(&files[1]).unwrap();
+    let damaged = work.path().join("damaged");
+    assert!(
+        Command::new("cp")
+            .arg("-a")
+            .arg(&live)
+            .arg(&damaged)
+            .status()
+            .unwrap()
+            .success()
+    );
 
     let restore_dir = work.path().join("restore-config");
     run_runbook(
@@ -486,6 +512,19 @@ async fn config_restore_runbook_puts_the_backed_up_files_back() {
     )
     .unwrap_or_else(|e| panic!("{e}"));
     tree::assert_same(&original, &live);
+    // What was live before the restore went over it is kept, exactly.
+    let kept: Vec<PathBuf> = std::fs::read_dir(work.path())
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| {
+            p.file_name()
+                .unwrap()
+                .to_string_lossy()
+                .starts_with("restore-config.live-before-")
+        })
+        .collect();
+    assert_eq!(kept.len(), 1, "{kept:?}");
+    tree::assert_same(&damaged, &kept[0].join(live.strip_prefix("/").unwrap()));
 
     // The drill the runbook links, its /etc/nginx being the scratch tree here.
     let drill = work.path().join("config-files.toml");
@@ -711,6 +750,7 @@ async fn point_in_time_runbook_brings_back_a_dropped_table() {
             ("RECOVERY_TIME", before_damage.clone()),
             ("DATA_DIR", data_dir.display().to_string()),
             ("PORT", port.to_string()),
+            ("DATABASE", "postgres".to_string()),
             ("PGPASSWORD", source.password.clone()),
         ],
         work.path(),
@@ -819,6 +859,7 @@ fn redis_restore_runbook_brings_the_sessions_back_into_the_live_server() {
             ("REDISCLI_AUTH", PASSWORD.to_string()),
             ("REDIS_PORT", live.port.to_string()),
             ("REDIS_START", start),
+            ("REDIS_STOP", format!("redis-cli -p {} shutdown", live.port)),
         ],
         work.path(),
     );
@@ -875,4 +916,307 @@ async fn quarterly_drill_runbook_runs_reads_and_files_a_drill() {
     assert!(check.success());
     let report = files_in(evidence.to_str().unwrap(), "md").pop().unwrap();
     keep_if_recording(&std::fs::read_to_string(report).unwrap());
+}
+
+/// Rows of the tables a bad change hits, as a checksum: what must come back.
+fn orders_fingerprint(cluster: &Postgres) -> String {
+    ["shop.orders", "shop.order_lines"]
+        .iter()
+        .map(|table| {
+            cluster.psql(
+                "app",
+                &format!("select count(*) || ' ' || md5(string_agg(t::text, ',' order by t::text)) from {table} t"),
+            )
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+/// A "migration" deletes every new order (and, cascading, their lines) on the live server;
+/// orders keep coming in after it. The runbook backs up the damage, finds the backup from
+/// before, restores it beside the live database and copies the lost rows back: the live
+/// database then holds every row it had before the change and every one written since.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_change_runbook_brings_back_what_a_migration_deleted_and_keeps_what_came_since() {
+    let deployment = PostgresDeployment::start().await;
+    let source = &deployment.source;
+    let before = orders_fingerprint(source);
+    std::thread::sleep(std::time::Duration::from_millis(1100));
+    let change_time = source.psql(
+        "postgres",
+        "select to_char(clock_timestamp() at time zone 'UTC', 'YYYY-MM-DD HH24:MI:SS')",
+    );
+    std::thread::sleep(std::time::Duration::from_millis(1100));
+    source.psql("app", "delete from shop.orders where status = 'new'");
+    source.psql(
+        "app",
+        "insert into shop.orders (customer_id, created_at, total, status) values (1, now(), 9.99, 'paid')",
+    );
+    let newest = source.psql("app", "select max(id) from shop.orders");
+    assert_ne!(orders_fingerprint(source), before);
+
+    let printed = run_runbook(
+        &Path::new(RUNBOOKS).join("bad-change.md"),
+        &[
+            ("LIFEBOAT_CONFIG", deployment.config.display().to_string()),
+            ("CHANGE_TIME", change_time),
+            ("TARGET_DSN", source.dsn("postgres")),
+            ("APP_DSN", source.dsn("app")),
+            ("SIDE_DSN", source.dsn("app_before_change")),
+            (
+                "TABLES",
+                "shop.orders=id shop.order_lines=order_id,line".to_string(),
+            ),
+            ("PGPASSWORD", source.password.clone()),
+        ],
+        deployment.work.path(),
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    // The damaged state was backed up first, and was not the one restored.
+    let ids: Vec<&str> = printed
+        .lines()
+        .filter_map(|l| l.strip_prefix("last backup before the change: "))
+        .collect();
+    assert_eq!(ids.len(), 1, "{printed}");
+    // Every row from before the change, and the order written after it.
+    source.psql(
+        "app",
+        &format!("delete from shop.orders where id = {newest}"),
+    );
+    assert_eq!(orders_fingerprint(source), before);
+    assert_eq!(
+        source.psql(
+            "postgres",
+            "select count(*) from pg_database where datname = 'app_before_change'"
+        ),
+        "0"
+    );
+}
+
+/// Ransomware in the primary region: every stored backup object there is overwritten. The
+/// runbook finds the intact repository, restores from it and repairs the primary.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn compromised_bucket_runbook_restores_from_the_intact_region_and_repairs_the_other() {
+    let deployment = PostgresDeployment::start().await;
+    let s3 = &deployment.s3;
+    let objects: Vec<String> = s3
+        .keys("backups-primary", "lifeboat/jobs/maindb/backups/")
+        .await
+        .into_iter()
+        .filter(|k| k.ends_with(".zst"))
+        .collect();
+    assert!(!objects.is_empty());
+    for key in &objects {
+        s3.client()
+            .put_object()
+            .bucket("backups-primary")
+            .key(key)
+            .body(b"your files are encrypted; pay".to_vec().into())
+            .send()
+            .await
+            .unwrap();
+    }
+    let printed = deployment.run("compromised-bucket.md");
+    assert!(printed.contains("damaged"), "{printed}");
+    deployment.assert_restored();
+    for key in &objects {
+        assert_eq!(
+            s3.object("backups-primary", key).await,
+            s3.object("backups-dr", key).await,
+            "{key} repaired"
+        );
+    }
+}
+
+/// Break-glass from an empty directory: the config copy and the escrow key (which takes two
+/// people to open) from the DR bucket, then a restore of encrypted backups from it alone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lost_backup_host_runbook_restores_from_what_the_dr_region_keeps() {
+    let keys = tempfile::tempdir().unwrap();
+    let none = keys.path().join("none.toml");
+    let keygen = |name: &str| {
+        let path = keys.path().join(name);
+        let run = lifeboat(&none, &["keygen", "--output", path.to_str().unwrap()]);
+        run.assert_code(0);
+        (path, run.stdout.trim().to_string())
+    };
+    let (escrow, escrow_recipient) = keygen("escrow.key");
+    let (alice, alice_recipient) = keygen("alice.key");
+    let (bob, bob_recipient) = keygen("bob.key");
+    let deployment = PostgresDeployment::start_with(&format!(
+        "[encryption]\nrecipients = [\"{escrow_recipient}\"]\n\n"
+    ))
+    .await;
+    // What was prepared beforehand: the config and the escrow key, encrypted to Bob, then
+    // to Alice.
+    let sealed = Command::new("bash")
+        .arg("-c")
+        .arg(format!(
+            "age -r {bob_recipient} '{}' | age -r {alice_recipient}",
+            escrow.display()
+        ))
+        .output()
+        .unwrap();
+    assert!(sealed.status.success());
+    let s3 = &deployment.s3;
+    for (key, body) in [
+        (
+            "break-glass/lifeboat.toml",
+            std::fs::read(&deployment.config).unwrap(),
+        ),
+        ("break-glass/escrow.key.age", sealed.stdout),
+    ] {
+        s3.client()
+            .put_object()
+            .bucket("backups-dr")
+            .key(key)
+            .body(body.into())
+            .send()
+            .await
+            .unwrap();
+    }
+    // The primary region, and the host with its config, are gone.
+    s3.delete_bucket_entirely("backups-primary").await;
+    std::fs::remove_file(&deployment.config).unwrap();
+
+    let fresh = tempfile::tempdir().unwrap();
+    let printed = run_runbook(
+        &Path::new(RUNBOOKS).join("lost-backup-host.md"),
+        &[
+            ("BREAK_GLASS", "s3://backups-dr/break-glass".to_string()),
+            ("S3_ENDPOINT", s3.endpoint.clone()),
+            ("ALICE_KEY", alice.display().to_string()),
+            ("BOB_KEY", bob.display().to_string()),
+            ("TARGET_DSN", deployment.target.dsn("postgres")),
+            ("PGPASSWORD", deployment.target.password.clone()),
+        ],
+        fresh.path(),
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    assert!(printed.lines().any(|l| l == "app"), "{printed}");
+    deployment.assert_restored();
+    // The opened key is not left behind.
+    assert!(!fresh.path().join("escrow.key").exists());
+    assert!(!fresh.path().join("escrow.key.bob.age").exists());
+}
+
+/// The whole service into the DR region: the database, the sessions into a new Redis, the
+/// configuration onto a new host, then the job re-pointed at the new primary and backed up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn service_failover_runbook_brings_every_part_back_and_backs_up_the_new_primary() {
+    use crate::common::redis::{PASSWORD, Redis, snapshot};
+    let deployment = PostgresDeployment::start().await;
+    let work = deployment.work.path();
+    let sessions = Redis::start(&[]);
+    let mut connection = sessions.connection().unwrap();
+    for index in 0..200 {
+        let () = redis::cmd("SET")
+            .arg(format!("session:{index}"))
+            .arg(format!("user-{index}"))
+            .query(&mut connection)
+            .unwrap();
+    }
+    let nginx = work.join("old-host/etc/nginx");
+    tree::build(&nginx, 20, 0);
+    let redis_password = work.join("redis.pass");
+    crate::common::write_secret(&redis_password, PASSWORD, 0o600);
+    let old_dsn = deployment.source.dsn("postgres");
+    let mut config = std::fs::read_to_string(&deployment.config).unwrap();
+    config.push_str(&format!(
+        "[[job]]\nname = \"sessions\"\nkind = \"redis\"\nurl = \"{}\"\npassword_file = \"{}\"\n\n{}",
+        sessions.url(),
+        redis_password.display(),
+        files_job("config", &[&nginx])
+    ));
+    std::fs::write(&deployment.config, config).unwrap();
+    for job in ["sessions", "config"] {
+        lifeboat(&deployment.config, &["backup", job]).assert_code(0);
+    }
+    let expected_sessions = snapshot(&mut connection);
+    // The old host is gone; the new one has an empty /etc/nginx of its own.
+    let original_nginx = work.join("original-nginx");
+    assert!(
+        Command::new("cp")
+            .arg("-a")
+            .arg(&nginx)
+            .arg(&original_nginx)
+            .status()
+            .unwrap()
+            .success()
+    );
+    std::fs::remove_dir_all(&nginx).unwrap();
+    // The new primary was provisioned with the backup role's credentials, as the old one.
+    let password_file = deployment.config.parent().unwrap().join("pgpass-new");
+    crate::common::write_secret(&password_file, &deployment.target.password, 0o600);
+    let text = std::fs::read_to_string(&deployment.config).unwrap();
+    let old_password_file = text
+        .lines()
+        .find_map(|l| l.strip_prefix("password_file = \""))
+        .map(|rest| rest.trim_end_matches('"').to_string())
+        .unwrap();
+    std::fs::copy(&password_file, &old_password_file).unwrap();
+
+    // The new Redis in the DR region: stopped until the RDB is in its directory.
+    let new_redis_dir = tempfile::tempdir().unwrap();
+    let redis_port = crate::common::postgres::free_port();
+    let pidfile = new_redis_dir.path().join("redis.pid");
+    let redis_conf = new_redis_dir.path().join("redis.conf");
+    std::fs::write(
+        &redis_conf,
+        format!(
+            "port {redis_port}\nbind 127.0.0.1\ndir \"{}\"\nsave \"\"\nappendonly no\nrequirepass \"{}\"\ndaemonize yes\npidfile \"{}\"\nlogfile \"{}\"\n",
+            new_redis_dir.path().display(),
+            PASSWORD.replace('\\', "\\\\"),
+            pidfile.display(),
+            new_redis_dir.path().join("redis.log").display()
+        ),
+    )
+    .unwrap();
+    let start = format!("redis-server {}", redis_conf.display());
+    let _new_redis = StopByPidfile(pidfile);
+    let config_dir = nginx.clone();
+    let mut env = deployment.env();
+    env.extend([
+        ("REDIS_DIR", new_redis_dir.path().display().to_string()),
+        ("REDIS_PORT", redis_port.to_string()),
+        ("REDIS_START", start),
+        ("REDISCLI_AUTH", PASSWORD.to_string()),
+        (
+            "RESTORE_DIR",
+            work.join("restore-config").display().to_string(),
+        ),
+        ("CONFIG_DIR", config_dir.display().to_string()),
+        ("OLD_DSN", old_dsn),
+    ]);
+    let printed = run_runbook(&Path::new(RUNBOOKS).join("service-failover.md"), &env, work)
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert!(printed.contains("failover declared"), "{printed}");
+    // Every row; the heartbeat row alone moved on, written by the backup of the new primary.
+    let without_heartbeat = |fingerprint: String| -> Vec<String> {
+        fingerprint
+            .lines()
+            .filter(|l| !l.starts_with("lifeboat.heartbeat "))
+            .map(str::to_string)
+            .collect()
+    };
+    assert_eq!(
+        without_heartbeat(deployment.target.data_fingerprint("app")),
+        without_heartbeat(deployment.source.data_fingerprint("app"))
+    );
+    assert_eq!(
+        snapshot(&mut crate::common::redis::connect(redis_port)),
+        expected_sessions
+    );
+    tree::assert_same(&original_nginx, &config_dir);
+    // The job now backs up the new primary: its newest backup came from the new server.
+    let show = lifeboat(
+        &deployment.config,
+        &["show", "latest", "--job", "maindb", "--format", "json"],
+    );
+    let manifest: serde_json::Value = serde_json::from_str(&show.stdout).unwrap();
+    let new_system = deployment.target.psql(
+        "postgres",
+        "select system_identifier::text from pg_control_system()",
+    );
+    assert_eq!(manifest["source"]["system_identifier"], new_system.as_str());
 }

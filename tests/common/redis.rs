@@ -103,6 +103,18 @@ impl Drop for Redis {
     }
 }
 
+/// A connection to a redis-server on loopback `port` that uses [`PASSWORD`] and was
+/// started by someone else (a runbook).
+pub fn connect(port: u16) -> redis::Connection {
+    redis::Client::open(format!(
+        "redis://:{}@127.0.0.1:{port}/",
+        urlencoding(PASSWORD)
+    ))
+    .unwrap()
+    .get_connection()
+    .unwrap()
+}
+
 fn urlencoding(text: &str) -> String {
     text.bytes()
         .map(|b| match b {

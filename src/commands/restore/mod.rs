@@ -70,6 +70,9 @@ pub struct PostgresRestoreOptions {
     pub clean: bool,
     /// Drop the replaced database after the swap instead of keeping it.
     pub drop_previous: bool,
+    /// With `clean`: the target is the very server the backup was taken from, and replacing
+    /// its databases (losing what was written since) is intended.
+    pub yes_this_is_the_source: bool,
     /// End the sessions on a database being replaced when the swap comes.
     pub terminate_sessions: bool,
     /// How long the swap waits for those sessions to end (zero: the default, 30 s).

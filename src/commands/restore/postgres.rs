@@ -20,7 +20,7 @@ use super::{KeptDatabase, PostgresRestoreOptions, RestoreReport, Selected, Table
 use crate::commands::backup::GLOBALS_OBJECT;
 use crate::error::{Error, ErrorKind, Result};
 use crate::keys::Identity;
-use crate::manifest::ObjectEntry;
+use crate::manifest::{Manifest, ObjectEntry};
 use crate::pipeline;
 use crate::repository::Repository;
 use crate::sources::postgres::{
@@ -60,6 +60,41 @@ struct Loaded {
     /// leftover (its pid gone here, or reused, or on a host of the same name) cannot drop
     /// a database someone is connected to.
     hold: Option<tokio_postgres::Client>,
+}
+
+/// `--clean` replaces databases; on the server the backup was taken from, that is the live
+/// primary rolled back to the backup, everything written since gone. That happens only when
+/// asked for in so many words, never from a `--target` pasted from the wrong terminal.
+async fn refuse_replacing_the_source(
+    admin: &Target,
+    server: &Connection,
+    manifest: &Manifest,
+    options: &PostgresRestoreOptions,
+) -> Result<()> {
+    let Some(source) = &manifest.source.system_identifier else {
+        return Ok(());
+    };
+    let Some(target) = admin.system_identifier().await else {
+        tracing::warn!(
+            target = %server.describe(),
+            "could not read the target's system identifier (pg_control_system()): it is not checked against the backup's source"
+        );
+        return Ok(());
+    };
+    if &target != source || options.yes_this_is_the_source {
+        return Ok(());
+    }
+    Err(Error::new(
+        ErrorKind::Target,
+        format!(
+            "refusing --clean on {}: it is the server backup {}/{} was taken from (system identifier {source}), so its databases would be rolled back to {} and everything written since lost",
+            server.describe(),
+            manifest.job,
+            manifest.id,
+            manifest.recovery_point.format("%Y-%m-%d %H:%M:%S UTC")
+        ),
+    )
+    .with_hint("restore beside the live database instead (--database NAME --as NAME_restored) and copy back what is needed (runbooks/bad-change.md); to replace it all the same, add --yes-this-is-the-source"))
 }
 
 pub(super) async fn restore(
@@ -140,6 +175,9 @@ pub(super) async fn restore(
             target_database,
             existing,
         });
+    }
+    if plan.iter().any(|p| p.existing == Existing::Holding) {
+        refuse_replacing_the_source(&admin, &server, manifest, options).await?;
     }
     // A database cannot be renamed by a session connected to it.
     if plan
