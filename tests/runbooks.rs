@@ -726,6 +726,26 @@ async fn point_in_time_runbook_brings_back_a_dropped_table() {
         "insert into orders select generate_series(1, 500)",
     );
     lifeboat(&config, &["backup", JOB]).assert_code(0);
+    // The heartbeat timer's rows, one before the moment the drill recovers to (3 s after
+    // the backup), one after it, which the drill must not bring back.
+    let recovery_point: chrono::DateTime<chrono::Utc> = serde_json::from_str::<serde_json::Value>(
+        &lifeboat(
+            &config,
+            &["show", "latest", "--job", JOB, "--format", "json"],
+        )
+        .stdout,
+    )
+    .unwrap()["recovery_point"]
+        .as_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    lifeboat(&config, &["heartbeat", JOB]).assert_code(0);
+    let after_target = recovery_point + chrono::Duration::seconds(4);
+    if let Ok(wait) = (after_target - chrono::Utc::now()).to_std() {
+        std::thread::sleep(wait);
+    }
+    lifeboat(&config, &["heartbeat", JOB]).assert_code(0);
     source.psql(
         "postgres",
         "insert into orders select generate_series(501, 700)",
@@ -763,7 +783,26 @@ async fn point_in_time_runbook_brings_back_a_dropped_table() {
         "700|700",
         "every row committed before {before_damage}"
     );
-    run_drill(&config, &Path::new(DRILLS).join("point-in-time.toml"));
+    // The shipped drill, recovering to 3 s after the backup instead of 2 minutes.
+    let drill = work.path().join("point-in-time.toml");
+    std::fs::write(
+        &drill,
+        std::fs::read_to_string(Path::new(DRILLS).join("point-in-time.toml"))
+            .unwrap()
+            .replace(
+                "to_time = \"2min after the backup\"",
+                "to_time = \"3s after the backup\"",
+            ),
+    )
+    .unwrap();
+    // It passes (every check, the heartbeat written after the moment absent), and says
+    // where it recovered to.
+    let report = run_drill(&config, &drill);
+    let target = (recovery_point + chrono::Duration::seconds(3)).format("%Y-%m-%d %H:%M:%S");
+    assert!(
+        report.contains(&format!("recovered to {target}")),
+        "{report}"
+    );
 }
 
 #[test]

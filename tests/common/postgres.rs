@@ -412,6 +412,8 @@ insert into shop.order_lines
     select i, 1, 'SKU-' || i, i % 5, case when i % 4 = 0 then null else decode(md5(i::text), 'hex') end
     from generate_series(1, 50000) i;
 select setval('shop.invoice_numbers', 4242);
+-- A live shop: its newest order is from now, as a drill's freshness check expects.
+update shop.orders set created_at = now() where id = (select max(id) from shop.orders);
 select lo_from_bytea(0, convert_to('large object ✓ payload', 'UTF8'));
 grant select on shop.customers to app_reader;
 reset role;

@@ -38,8 +38,52 @@ pub struct Drill {
     pub rpo: Duration,
     /// When `lifeboat schedule` runs it: a systemd calendar expression (`quarterly`).
     pub schedule: Option<String>,
+    /// Physical jobs: recover to this moment instead of the end of the archive.
+    pub to_time: Option<DrillTime>,
     pub checks: Vec<Check>,
 }
+
+/// The moment a physical drill recovers to: a fixed one, or one that moves with the backup
+/// drilled, so that a scheduled drill proves a point inside the archive, not only its end.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DrillTime {
+    At(chrono::DateTime<chrono::Utc>),
+    AfterBackup(Duration),
+}
+
+impl DrillTime {
+    fn parse(text: &str) -> std::result::Result<DrillTime, String> {
+        if let Some(after) = text.trim().strip_suffix("after the backup") {
+            return crate::config::bounded_duration(after.trim())
+                .map(DrillTime::AfterBackup)
+                .map_err(|e| format!("\"{text}\": {e}"));
+        }
+        chrono::DateTime::parse_from_rfc3339(text.trim())
+            .map(|at| DrillTime::At(at.to_utc()))
+            .map_err(|_| {
+                format!(
+                    "\"{text}\" is neither an RFC 3339 time (2026-12-07T14:01:00Z) nor \"DURATION after the backup\" (\"90s after the backup\")"
+                )
+            })
+    }
+
+    /// The moment itself, for a backup whose data is from `recovery_point`.
+    pub fn resolve(
+        &self,
+        recovery_point: chrono::DateTime<chrono::Utc>,
+    ) -> chrono::DateTime<chrono::Utc> {
+        match self {
+            DrillTime::At(at) => *at,
+            DrillTime::AfterBackup(after) => {
+                recovery_point
+                    + chrono::Duration::from_std(*after).unwrap_or(chrono::Duration::zero())
+            }
+        }
+    }
+}
+
+/// In a check's SQL, replaced by the moment a `to_time` drill recovered to (RFC 3339, UTC).
+pub const RECOVERY_TARGET_PLACEHOLDER: &str = "{recovery_target}";
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum DrillTarget {
@@ -143,6 +187,7 @@ struct RawDrill {
     rto: Option<Spanned<String>>,
     rpo: Option<Spanned<String>>,
     schedule: Option<Spanned<String>>,
+    to_time: Option<Spanned<String>>,
     #[serde(default)]
     check: Vec<Spanned<RawCheck>>,
 }
@@ -335,6 +380,23 @@ impl Drill {
                 kind,
             });
         }
+        let to_time = match &raw.to_time {
+            None => None,
+            Some(text) => Some(
+                DrillTime::parse(text.get_ref())
+                    .map_err(|problem| source.error(text.span(), "to_time", problem))?,
+            ),
+        };
+        let placeholder_without_target = checks.iter().find(|c| {
+            matches!(&c.kind, CheckKind::Sql { sql, .. } if sql.contains(RECOVERY_TARGET_PLACEHOLDER))
+        });
+        if let (None, Some(check)) = (&to_time, placeholder_without_target) {
+            return Err(Error::config(format!(
+                "invalid drill file '{}': check '{}': {RECOVERY_TARGET_PLACEHOLDER} is the moment `to_time` recovers to, and the drill sets no to_time",
+                path.display(),
+                check.name
+            )));
+        }
         if markers > 1 {
             return Err(Error::config(format!(
                 "invalid drill file '{}': check: only one check may be the rpo_marker ({markers} are)",
@@ -367,6 +429,7 @@ impl Drill {
                 }
                 schedule => schedule.map(|s| s.into_inner()),
             },
+            to_time,
             checks,
         })
     }
@@ -391,6 +454,40 @@ mod tests {
         assert_eq!(drill.rto, Duration::from_secs(4 * 3600));
         assert_eq!(drill.rpo, Duration::from_secs(3600));
         assert_eq!(drill.checks.len(), 2);
+    }
+
+    #[test]
+    fn to_time_is_a_moment_or_a_duration_after_the_backup() {
+        let drill = |to_time: &str| {
+            parse(&format!(
+                "name = \"pitr\"\njob = \"db\"\nto_time = \"{to_time}\"\n\n[[check]]\nname = \"c\"\nsql = \"select count(*) from t where at > '{{recovery_target}}'\"\nexpect = \"= 0\"\n"
+            ))
+        };
+        let backup = chrono::DateTime::parse_from_rfc3339("2026-12-07T03:00:00Z")
+            .unwrap()
+            .to_utc();
+        let after = drill("90s after the backup").unwrap().to_time.unwrap();
+        assert_eq!(after, DrillTime::AfterBackup(Duration::from_secs(90)));
+        assert_eq!(
+            after.resolve(backup).to_rfc3339(),
+            "2026-12-07T03:01:30+00:00"
+        );
+        let at = drill("2026-12-07T14:01:00Z").unwrap().to_time.unwrap();
+        assert_eq!(at.resolve(backup).to_rfc3339(), "2026-12-07T14:01:00+00:00");
+        let err = drill("yesterday").unwrap_err();
+        assert!(
+            err.message()
+                .contains("line 3: to_time: \"yesterday\" is neither"),
+            "{}",
+            err.message()
+        );
+        // The placeholder needs a target to stand for.
+        let err = parse("name = \"x\"\njob = \"db\"\n\n[[check]]\nname = \"c\"\nsql = \"select '{recovery_target}'\"\n").unwrap_err();
+        assert!(
+            err.message().contains("the drill sets no to_time"),
+            "{}",
+            err.message()
+        );
     }
 
     #[test]

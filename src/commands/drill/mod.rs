@@ -317,6 +317,16 @@ async fn attempt_drill(
     clock.phase("find backup", started);
     *found = Some(manifest.clone());
 
+    let physical =
+        matches!(&job.source, JobSource::Postgres(p) if p.mode == PostgresMode::Physical);
+    if drill.to_time.is_some() && !physical {
+        return Err(Error::config(format!(
+            "invalid drill file '{}': to_time: job '{}' is a {} job; only a physical job recovers to a moment",
+            drill.path.display(),
+            job.name,
+            job.kind_name()
+        )));
+    }
     let outcome = match &job.source {
         JobSource::Postgres(postgres) if postgres.mode == PostgresMode::Physical => {
             run_physical(config, drill, &manifest, postgres, clock).await?
@@ -355,7 +365,9 @@ async fn attempt_drill(
             "the backup's recovery_point".to_string(),
         ),
     };
-    let rpo = (declared_at - rpo_marker).to_std().unwrap_or_default();
+    let rpo = (outcome.rpo_to.unwrap_or(declared_at) - rpo_marker)
+        .to_std()
+        .unwrap_or_default();
     let checks_pass = outcome.checks.iter().all(|c| c.passed);
     let secrets = configured_secrets(config);
     let report = DrillReport {
@@ -511,6 +523,9 @@ struct Outcome {
     checks: Vec<CheckResult>,
     /// The newest data restored, and how it was found.
     marker: Option<(DateTime<Utc>, String)>,
+    /// What the RPO is measured to: the moment a `to_time` drill recovered to (data after
+    /// it was not asked for), else the disaster's declaration.
+    rpo_to: Option<DateTime<Utc>>,
     warnings: Vec<String>,
 }
 
@@ -579,7 +594,7 @@ async fn run_postgres(
         }
         None => dsn.clone(),
     };
-    let checked = sql_checks(drill, &check_dsn, &default_database, heartbeat).await;
+    let checked = sql_checks(drill, &check_dsn, &default_database, heartbeat, None).await;
     clock.phase("checks", started);
     drop(scratch);
     if let DrillTarget::Dsn(_) = &drill.target {
@@ -617,6 +632,7 @@ async fn run_postgres(
         },
         checks,
         marker,
+        rpo_to: None,
         warnings,
     })
 }
@@ -716,6 +732,7 @@ async fn sql_checks(
     dsn: &str,
     default_database: &str,
     heartbeat: bool,
+    recovery_target: Option<DateTime<Utc>>,
 ) -> Result<(Vec<CheckResult>, Option<(DateTime<Utc>, String)>)> {
     let server = Connection::from_dsn(dsn)?;
     let mut checks = Vec::new();
@@ -735,10 +752,17 @@ async fn sql_checks(
             continue;
         };
         let database = database.as_deref().unwrap_or(default_database);
+        let sql = match recovery_target {
+            Some(at) => sql.replace(
+                file::RECOVERY_TARGET_PLACEHOLDER,
+                &at.to_rfc3339_opts(chrono::SecondsFormat::Micros, true),
+            ),
+            None => sql.clone(),
+        };
         // The check's own names are the restored database's: its search_path.
         let value =
             match Target::open(&server.with_database(database).with_users_search_path()).await {
-                Ok(target) => target.first_value(sql).await,
+                Ok(target) => target.first_value(&sql).await,
                 Err(e) => Err(e),
             };
         checks.push(judge(
@@ -786,13 +810,20 @@ async fn run_physical(
     let scratch = ScratchDir::create()?;
     // The scratch server replays WAL through lifeboat: the credentials stay here.
     let relay = WalRelay::bind(scratch.path(), scratch.owner())?;
+    let recovery_target = drill
+        .to_time
+        .as_ref()
+        .map(|to| to.resolve(manifest.recovery_point));
     let started = Instant::now();
     let restored = restore::run(
         config,
         &RestoreOptions {
             physical: Some(PhysicalRestoreOptions {
                 data_dir: scratch.data_dir(),
-                target: RecoveryTarget::EndOfArchive,
+                target: match recovery_target {
+                    Some(at) => RecoveryTarget::Time(at),
+                    None => RecoveryTarget::EndOfArchive,
+                },
                 start: false,
                 port: None,
                 keep_archiving: false,
@@ -864,6 +895,7 @@ async fn run_physical(
         &cluster.check_dsn("postgres"),
         &default_database,
         job.heartbeat,
+        recovery_target,
     )
     .await?;
     clock.phase("checks", started);
@@ -882,11 +914,18 @@ async fn run_physical(
             .sum::<f64>()
             + replay.as_secs_f64(),
         repositories,
-        target: format!(
-            "a scratch PostgreSQL cluster recovered to the end of the WAL archive as listed at the start, {replayed} (removed after the drill)"
-        ),
+        target: match recovery_target {
+            Some(at) => format!(
+                "a scratch PostgreSQL cluster recovered to {}, {replayed} (removed after the drill)",
+                at.format("%Y-%m-%d %H:%M:%S%.6f UTC")
+            ),
+            None => format!(
+                "a scratch PostgreSQL cluster recovered to the end of the WAL archive as listed at the start, {replayed} (removed after the drill)"
+            ),
+        },
         checks,
         marker,
+        rpo_to: recovery_target,
         warnings,
     })
 }
@@ -963,6 +1002,7 @@ async fn run_redis(
         target: "a scratch redis-server on loopback (removed after the drill)".into(),
         checks,
         marker,
+        rpo_to: None,
         warnings: restored.passed_over,
     })
 }
@@ -1012,6 +1052,7 @@ async fn run_files(config: &Config, drill: &Drill, clock: &mut Clock) -> Result<
         target: "a scratch directory (removed after the drill)".into(),
         checks,
         marker: None,
+        rpo_to: None,
         warnings: restored.passed_over,
     })
 }
