@@ -353,3 +353,52 @@ fn check_warns_when_a_schedule_cannot_meet_the_rpo() {
         run.stdout
     );
 }
+
+/// A newline in any value a unit is made of would start a directive of its own (`Unit=` in a
+/// timer, `ExecStartPre=` in a service): refused, named, and nothing written.
+#[test]
+fn a_value_that_would_add_a_line_to_a_unit_is_refused() {
+    let work = tempfile::tempdir().unwrap();
+    let tree = work.path().join("etc");
+    std::fs::create_dir_all(&tree).unwrap();
+    for (setting, named) in [
+        ("prune = \"daily\\nUnit=evil.service\"", "schedule.prune"),
+        (
+            "prune = \"weekly\"\non_failure = \"/bin/true\\nExecStartPre=/bin/sh -c evil\"",
+            "schedule.on_failure",
+        ),
+        (
+            "prune = \"weekly\"\nenvironment_file = \"/etc/lifeboat/env\\nExecStartPre=/bin/evil\"",
+            "schedule.environment_file",
+        ),
+    ] {
+        let config = write_config(
+            work.path(),
+            &format!(
+                "[schedule]\n{setting}\n\n{}{}",
+                local_repository("local", &work.path().join("repo")),
+                files_job("conf", &[&tree])
+            ),
+        );
+        let units = work.path().join("units");
+        std::fs::create_dir_all(&units).unwrap();
+        let run = lifeboat(
+            &config,
+            &[
+                "schedule",
+                "systemd",
+                "--install",
+                "--unit-dir",
+                units.to_str().unwrap(),
+            ],
+        );
+        run.assert_code(2);
+        assert!(
+            run.stderr.contains(&format!("{named}: "))
+                && run.stderr.contains("holds a control character"),
+            "{setting}: {}",
+            run.stderr
+        );
+        assert_eq!(std::fs::read_dir(&units).unwrap().count(), 0, "{setting}");
+    }
+}

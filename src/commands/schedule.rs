@@ -373,11 +373,87 @@ impl UnitSettings {
 
 /// A path in a unit file: systemd reads `%` as a specifier and splits on spaces.
 fn unit_path(path: &Path) -> String {
+    prefixed_unit_path("", path)
+}
+
+/// `prefix` (`-`: ignore if missing) goes inside the quotes systemd unquotes.
+fn prefixed_unit_path(prefix: &str, path: &Path) -> String {
     let text = path.display().to_string().replace('%', "%%");
     match text.contains(char::is_whitespace) {
-        true => format!("\"{text}\""),
-        false => text,
+        true => format!("\"{prefix}{text}\""),
+        false => format!("{prefix}{text}"),
     }
+}
+
+/// Every value a unit file is made of is one line of it: a control character (a newline
+/// above all) in a path, a calendar or a command would start a directive of its own —
+/// `ExecStartPre=` in a service, `Unit=` in a timer. Such a value is refused, named.
+fn refuse_unit_injection(
+    planned: &[Scheduled],
+    settings: &UnitSettings,
+    config: &Config,
+) -> Result<()> {
+    let mut values: Vec<(String, String)> = vec![
+        (
+            "the config path".to_string(),
+            settings.config.display().to_string(),
+        ),
+        (
+            "the lifeboat binary's path".to_string(),
+            settings.exe.display().to_string(),
+        ),
+        (
+            "schedule.environment_file".to_string(),
+            settings.environment_file.display().to_string(),
+        ),
+    ];
+    values.extend(
+        settings
+            .user
+            .iter()
+            .map(|u| ("schedule.user".to_string(), u.clone())),
+    );
+    values.extend(
+        config
+            .schedules
+            .on_failure
+            .iter()
+            .map(|c| ("schedule.on_failure".to_string(), c.clone())),
+    );
+    values.extend(settings.writable.iter().map(|p| {
+        (
+            "a local repository, metrics_dir or lock_dir".to_string(),
+            p.display().to_string(),
+        )
+    }));
+    for scheduled in planned {
+        values.push((scheduled.origin.clone(), scheduled.calendar.clone()));
+        values.extend(
+            scheduled
+                .args
+                .iter()
+                .map(|a| (scheduled.origin.clone(), a.clone())),
+        );
+    }
+    for (what, value) in values {
+        if value.chars().any(char::is_control) {
+            return Err(Error::config(format!(
+                "{what}: {value:?} holds a control character, which would end its line of a unit file"
+            )));
+        }
+    }
+    if settings
+        .environment_file
+        .display()
+        .to_string()
+        .contains(char::is_whitespace)
+    {
+        return Err(Error::config(format!(
+            "schedule.environment_file: '{}' holds a space, which EnvironmentFile= cannot take",
+            settings.environment_file.display()
+        )));
+    }
+    Ok(())
 }
 
 pub fn service_unit(scheduled: &Scheduled, settings: &UnitSettings) -> String {
@@ -413,7 +489,10 @@ pub fn service_unit(scheduled: &Scheduled, settings: &UnitSettings) -> String {
     unit.push_str("StateDirectory=lifeboat\nWorkingDirectory=/var/lib/lifeboat\nUMask=0077\n");
     unit.push_str("ProtectSystem=strict\n");
     for path in &settings.writable {
-        unit.push_str(&format!("ReadWritePaths=-{}\n", unit_path(path)));
+        unit.push_str(&format!(
+            "ReadWritePaths={}\n",
+            prefixed_unit_path("-", path)
+        ));
     }
     let capabilities = match scheduled.reads_everything {
         // A files job's paths belong to other users; reading them is all it needs of root.
@@ -565,6 +644,7 @@ pub async fn run(config: &Config, options: &ScheduleOptions) -> Result<ScheduleR
         written: Vec::new(),
         text: String::new(),
     };
+    refuse_unit_injection(&planned, &settings, config)?;
     for scheduled in &planned {
         systemd_accepts(scheduled)?;
     }
