@@ -372,26 +372,26 @@ fn promtool() -> std::path::PathBuf {
 #[test]
 fn alert_rules_fire_on_the_disasters_they_exist_for() {
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
-    let checked = std::process::Command::new(promtool())
-        .args(["check", "rules"])
-        .arg(root.join("runbooks/alerts.yml"))
-        .output()
-        .unwrap();
-    assert!(
-        checked.status.success(),
-        "{}{}",
-        String::from_utf8_lossy(&checked.stdout),
-        String::from_utf8_lossy(&checked.stderr)
-    );
-    let tested = std::process::Command::new(promtool())
-        .args(["test", "rules", "alerts.test.yml"])
-        .current_dir(root.join("tests/alerts"))
-        .output()
-        .unwrap();
-    assert!(
-        tested.status.success(),
-        "{}{}",
-        String::from_utf8_lossy(&tested.stdout),
-        String::from_utf8_lossy(&tested.stderr)
-    );
+    let rules = root.join("runbooks/alerts.yml");
+    for (args, dir) in [
+        (
+            vec!["check", "rules", rules.to_str().unwrap()],
+            root.to_path_buf(),
+        ),
+        (
+            vec!["test", "rules", "alerts.test.yml"],
+            root.join("tests/alerts"),
+        ),
+    ] {
+        let run = crate::common::run_command(
+            std::process::Command::new(promtool())
+                .args(&args)
+                .current_dir(dir),
+        );
+        assert_eq!(
+            run.code, 0,
+            "promtool {args:?}: {}{}",
+            run.stdout, run.stderr
+        );
+    }
 }

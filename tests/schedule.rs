@@ -29,6 +29,20 @@ fn scheduled_config(work: &Path, backup_calendar: &str) -> std::path::PathBuf {
     )
 }
 
+/// `lifeboat schedule systemd --install --unit-dir UNITS`.
+fn install_units(config: &Path, units: &Path) -> crate::common::Run {
+    lifeboat(
+        config,
+        &[
+            "schedule",
+            "systemd",
+            "--install",
+            "--unit-dir",
+            units.to_str().unwrap(),
+        ],
+    )
+}
+
 /// `systemd-analyze` is the independent judge of units and calendars; `.ci/setup` installs
 /// it, and its absence fails the test rather than skipping the check.
 fn require_systemd_analyze() {
@@ -58,16 +72,7 @@ fn installed_units_pass_systemd_analyze_verify() {
     .unwrap();
     let units = work.path().join("units");
     std::fs::create_dir_all(&units).unwrap();
-    let run = lifeboat(
-        &config,
-        &[
-            "schedule",
-            "systemd",
-            "--install",
-            "--unit-dir",
-            units.to_str().unwrap(),
-        ],
-    );
+    let run = install_units(&config, &units);
     run.assert_code(0);
     let mut names: Vec<String> = std::fs::read_dir(&units)
         .unwrap()
@@ -382,16 +387,7 @@ fn a_value_that_would_add_a_line_to_a_unit_is_refused() {
         );
         let units = work.path().join("units");
         std::fs::create_dir_all(&units).unwrap();
-        let run = lifeboat(
-            &config,
-            &[
-                "schedule",
-                "systemd",
-                "--install",
-                "--unit-dir",
-                units.to_str().unwrap(),
-            ],
-        );
+        let run = install_units(&config, &units);
         run.assert_code(2);
         assert!(
             run.stderr.contains(&format!("{named}: "))
