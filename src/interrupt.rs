@@ -240,23 +240,26 @@ pub fn install(command: String) {
         SIGNAL.store(signo, Ordering::SeqCst);
         INTERRUPTED.store(true, Ordering::SeqCst);
         let mut undone: std::collections::BTreeMap<&'static str, usize> = Default::default();
-        // Until a pass finds none: an upload being opened while a pass ran is registered for
-        // the next (a backup registers its claim from the start, so it always gets a second
-        // pass). A run with nothing registered (a restore) goes straight on to stop its
-        // children, as fast as the signal came.
-        for _ in 0..4 {
+        // Until nothing is registered and nothing is being opened: an upload whose request
+        // was in flight when the signal came registers its abort when the answer arrives (it
+        // holds a `creating` guard until then). A run with nothing registered (a restore)
+        // goes straight on to stop its children, as fast as the signal came.
+        let deadline = tokio::time::Instant::now() + ASYNC_UNDO_LIMIT;
+        loop {
             let undos = std::mem::take(&mut *ASYNC_UNDO.lock().unwrap_or_else(|e| e.into_inner()));
             if undos.is_empty() {
-                break;
+                if CREATING.load(Ordering::SeqCst) == 0 || tokio::time::Instant::now() > deadline {
+                    break;
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+                continue;
             }
             let mut pending = Vec::new();
             for (_, what, undo) in undos {
                 *undone.entry(what).or_default() += 1;
                 pending.push(undo());
             }
-            let _ =
-                tokio::time::timeout(ASYNC_UNDO_LIMIT, futures::future::join_all(pending)).await;
-            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            let _ = tokio::time::timeout_at(deadline, futures::future::join_all(pending)).await;
         }
         let _ = tokio::task::spawn_blocking(move || {
             let _moving = hold_off();

@@ -648,6 +648,15 @@ impl Store for S3Store {
         };
 
         let retention = self.retention_for(key);
+        // Held until the abort is registered: a signal while the upload is being opened
+        // makes the cleanup wait for it, so that it is aborted too, not left open.
+        let Some(opening) = crate::interrupt::creating() else {
+            return Err(StoreError::backend(
+                "start upload of",
+                key,
+                "the run is being stopped",
+            ));
+        };
         let created = self
             .client
             .create_multipart_upload()
@@ -680,6 +689,7 @@ impl Store for S3Store {
                 })
             })
         };
+        drop(opening);
 
         let result = async {
             let (parts, receipt) = self
