@@ -297,6 +297,28 @@ async fn a_clean_restore_waits_a_bounded_time_for_sessions_then_changes_nothing(
     );
     assert_eq!(row_checksums(&cluster, "app"), live);
     assert!(databases_like(&cluster, "app\\_%").is_empty());
+    // A role that may not read the system identifier cannot tell the source from another
+    // server: refused all the same.
+    cluster.psql(
+        "postgres",
+        "revoke execute on function pg_control_system() from public; \
+         create role clean_runner login createdb password 'clean-runner-pw'",
+    );
+    let blind = run_command(
+        lifeboat_command(&config)
+            .env("PGPASSWORD", "clean-runner-pw")
+            .args(["restore", "maindb", "--database", "app", "--clean"])
+            .args(["--target", &cluster.dsn_as("clean_runner", "postgres")]),
+    );
+    assert_ne!(blind.code, 0);
+    assert!(
+        blind
+            .stderr
+            .contains("its system identifier cannot be read"),
+        "{}",
+        blind.stderr
+    );
+    assert_eq!(row_checksums(&cluster, "app"), live);
 
     // A session sits in an open transaction on the live database.
     let mut session = open_transaction(&cluster, "app", "select count(*) from shop.customers");

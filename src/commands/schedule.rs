@@ -385,6 +385,20 @@ fn prefixed_unit_path(prefix: &str, path: &Path) -> String {
     }
 }
 
+/// One word of an `ExecStart=` line as systemd will split and expand it: `%` is a specifier,
+/// `$` a variable, `\\` an escape, whitespace a separator.
+fn exec_word(text: &str) -> String {
+    let escaped = text
+        .replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('%', "%%")
+        .replace('$', "$$");
+    match escaped.contains(char::is_whitespace) {
+        true => format!("\"{escaped}\""),
+        false => escaped,
+    }
+}
+
 /// Every value a unit file is made of is one line of it: a control character (a newline
 /// above all) in a path, a calendar or a command would start a directive of its own —
 /// `ExecStartPre=` in a service, `Unit=` in a timer. Such a value is refused, named.
@@ -462,9 +476,14 @@ pub fn service_unit(scheduled: &Scheduled, settings: &UnitSettings) -> String {
          [Service]\nType=oneshot\nExecStart={} --config {} {}\n",
         scheduled.description,
         unit_path(&settings.config),
-        unit_path(&settings.exe),
-        unit_path(&settings.config),
-        scheduled.args.join(" ")
+        exec_word(&settings.exe.display().to_string()),
+        exec_word(&settings.config.display().to_string()),
+        scheduled
+            .args
+            .iter()
+            .map(|a| exec_word(a))
+            .collect::<Vec<_>>()
+            .join(" ")
     );
     // 75: another run of the job holds its lock and does the work. For status, 1 is
     // WARNING: only CRITICAL and UNKNOWN start the failure hook.
@@ -473,7 +492,13 @@ pub fn service_unit(scheduled: &Scheduled, settings: &UnitSettings) -> String {
         Work::Heartbeat => "",
         _ => "SuccessExitStatus=75\n",
     });
-    if let Some(user) = &settings.user {
+    // A drill runs as root so that its scratch cluster runs as `lifeboat-scratch`: code in
+    // the restored data then reaches neither this user's keys nor the production servers.
+    if let Some(user) = settings
+        .user
+        .as_ref()
+        .filter(|_| scheduled.work != Work::Drill)
+    {
         unit.push_str(&format!("User={user}\nGroup={user}\n"));
     }
     // `-`: a host whose credentials come from an instance role has no such file.
@@ -487,31 +512,38 @@ pub fn service_unit(scheduled: &Scheduled, settings: &UnitSettings) -> String {
     // Drill reports are written relative to the working directory: a state directory that
     // systemd creates, not the root of the file system.
     unit.push_str("StateDirectory=lifeboat\nWorkingDirectory=/var/lib/lifeboat\nUMask=0077\n");
-    unit.push_str("ProtectSystem=strict\n");
     for path in &settings.writable {
         unit.push_str(&format!(
             "ReadWritePaths={}\n",
             prefixed_unit_path("-", path)
         ));
     }
-    let capabilities = match scheduled.reads_everything {
+    let capabilities = match (scheduled.work, scheduled.reads_everything) {
+        // The drill's root makes the scratch cluster's directory, hands it to the scratch
+        // user, starts the server as that user and kills what it leaves behind; a files
+        // drill restores owners, modes and file capabilities.
+        (Work::Drill, _) => {
+            "CAP_CHOWN CAP_DAC_OVERRIDE CAP_DAC_READ_SEARCH CAP_FOWNER CAP_SETUID CAP_SETGID CAP_KILL CAP_SETFCAP"
+        }
         // A files job's paths belong to other users; reading them is all it needs of root.
-        true => "CAP_DAC_READ_SEARCH",
-        false => "",
+        (_, true) => "CAP_DAC_READ_SEARCH",
+        (_, false) => "",
     };
-    unit.push_str(&format!(
-        "CapabilityBoundingSet={capabilities}\nAmbientCapabilities={capabilities}\n"
-    ));
-    unit.push_str(
-        "ProtectHome=read-only\nPrivateTmp=true\nPrivateDevices=true\nNoNewPrivileges=true\n\
-         ProtectKernelTunables=true\nProtectKernelModules=true\nProtectKernelLogs=true\n\
-         ProtectControlGroups=true\nProtectClock=true\nProtectHostname=true\nProtectProc=invisible\n\
-         RestrictSUIDSGID=true\nRestrictRealtime=true\nRestrictNamespaces=true\nLockPersonality=true\n\
-         RemoveIPC=true\nPrivateMounts=true\nSystemCallArchitectures=native\nSystemCallFilter=@system-service\n\
-         SystemCallErrorNumber=EPERM\nRestrictAddressFamilies=AF_UNIX AF_INET AF_INET6\n",
-    );
+    unit.push_str(&format!("CapabilityBoundingSet={capabilities}\n"));
+    if scheduled.work != Work::Drill {
+        unit.push_str(&format!("AmbientCapabilities={capabilities}\n"));
+    }
+    unit.push_str(HARDENING);
     unit
 }
+
+/// What every unit forgoes, beyond its user and its writable paths.
+const HARDENING: &str = "ProtectSystem=strict\nProtectHome=read-only\nPrivateTmp=true\nPrivateDevices=true\n\
+    NoNewPrivileges=true\nProtectKernelTunables=true\nProtectKernelModules=true\nProtectKernelLogs=true\n\
+    ProtectControlGroups=true\nProtectClock=true\nProtectHostname=true\nProtectProc=invisible\n\
+    RestrictSUIDSGID=true\nRestrictRealtime=true\nRestrictNamespaces=true\nLockPersonality=true\n\
+    RemoveIPC=true\nPrivateMounts=true\nSystemCallArchitectures=native\nSystemCallFilter=@system-service\n\
+    SystemCallErrorNumber=EPERM\nRestrictAddressFamilies=AF_UNIX AF_INET AF_INET6\n";
 
 pub fn timer_unit(scheduled: &Scheduled) -> String {
     let mut unit = format!(
@@ -548,10 +580,9 @@ pub fn failure_hook_unit(config: &Config, settings: &UnitSettings) -> String {
     if let Some(user) = &settings.user {
         unit.push_str(&format!("User={user}\nGroup={user}\n"));
     }
-    unit.push_str(&format!(
-        "EnvironmentFile=-{}\nNoNewPrivileges=true\nPrivateTmp=true\nProtectSystem=strict\nProtectHome=read-only\n",
-        unit_path(&settings.environment_file)
-    ));
+    // No EnvironmentFile: the hook is handed no storage credential or key it does not need.
+    unit.push_str("UMask=0077\nCapabilityBoundingSet=\nAmbientCapabilities=\n");
+    unit.push_str(HARDENING);
     unit
 }
 

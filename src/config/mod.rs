@@ -593,10 +593,12 @@ fn validate(raw: raw::RawConfig, path: &Path) -> Result<Config, Problem> {
             return Err(format!("{field}: must not be empty"));
         }
     }
+    // A number would be a uid to systemd (`User=0` is root), not a name.
     if let Some(user) = &raw_schedule.user
-        && !user
+        && (!user
             .chars()
             .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+            || user.chars().all(|c| c.is_ascii_digit()))
     {
         return Err(format!(
             "schedule.user: \"{user}\" is not a user name (letters, digits, '-', '_', '.')"

@@ -74,14 +74,24 @@ async fn refuse_replacing_the_source(
     let Some(source) = &manifest.source.system_identifier else {
         return Ok(());
     };
-    let Some(target) = admin.system_identifier().await else {
-        tracing::warn!(
-            target = %server.describe(),
-            "could not read the target's system identifier (pg_control_system()): it is not checked against the backup's source"
-        );
+    if options.yes_this_is_the_source {
         return Ok(());
+    }
+    // Not knowing is no licence: a role that may not read pg_control_system() on the very
+    // source would otherwise roll it back.
+    let Some(target) = admin.system_identifier().await else {
+        return Err(Error::new(
+            ErrorKind::Target,
+            format!(
+                "refusing --clean on {}: its system identifier cannot be read (pg_control_system() is not allowed to this role), so it cannot be told apart from the server backup {}/{} was taken from",
+                server.describe(),
+                manifest.job,
+                manifest.id
+            ),
+        )
+        .with_hint("connect as a role that may run pg_control_system() (a superuser, or one granted EXECUTE on it), restore beside the live database instead (--database NAME --as NAME_restored), or add --yes-this-is-the-source if this may be the source and replacing it is intended"));
     };
-    if &target != source || options.yes_this_is_the_source {
+    if &target != source {
         return Ok(());
     }
     Err(Error::new(

@@ -103,7 +103,13 @@ type Ids = (u32, u32);
 fn run_as() -> Result<(Option<Ids>, Option<String>)> {
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } != 0 {
-        return Ok((None, None));
+        let me = std::env::var("USER").unwrap_or_else(|_| "this user".to_string());
+        return Ok((
+            None,
+            Some(format!(
+                "the scratch cluster ran as '{me}', the user lifeboat runs as, so code in the restored data ran with its rights (its keys, password files and credentials); run drills as root, which runs the scratch cluster as the user '{SCRATCH_USER}'"
+            )),
+        ));
     }
     if let Some(ids) = user_ids(SCRATCH_USER) {
         return Ok((Some(ids), None));
