@@ -959,7 +959,7 @@ async fn quarterly_drill_runbook_runs_reads_and_files_a_drill() {
 
 /// Rows of the tables a bad change hits, as a checksum: what must come back.
 fn orders_fingerprint(cluster: &Postgres) -> String {
-    ["shop.orders", "shop.order_lines"]
+    ["shop.orders", "shop.order_lines", "shop.events"]
         .iter()
         .map(|table| {
             cluster.psql(
@@ -979,6 +979,14 @@ fn orders_fingerprint(cluster: &Postgres) -> String {
 async fn bad_change_runbook_brings_back_what_a_migration_deleted_and_keeps_what_came_since() {
     let deployment = PostgresDeployment::start().await;
     let source = &deployment.source;
+    // Columns a plain copy trips over: one generated, one an identity always generated.
+    source.psql(
+        "app",
+        "alter table shop.orders add column total_x2 numeric generated always as (total * 2) stored; \
+         create table shop.events (id int generated always as identity primary key, note text); \
+         insert into shop.events (note) select 'event ' || i from generate_series(1, 100) i",
+    );
+    lifeboat(&deployment.config, &["backup", "maindb"]).assert_code(0);
     let before = orders_fingerprint(source);
     std::thread::sleep(std::time::Duration::from_millis(1100));
     let change_time = source.psql(
@@ -987,6 +995,7 @@ async fn bad_change_runbook_brings_back_what_a_migration_deleted_and_keeps_what_
     );
     std::thread::sleep(std::time::Duration::from_millis(1100));
     source.psql("app", "delete from shop.orders where status = 'new'");
+    source.psql("app", "delete from shop.events where id % 2 = 0");
     source.psql(
         "app",
         "insert into shop.orders (customer_id, created_at, total, status) values (1, now(), 9.99, 'paid')",
@@ -1004,7 +1013,7 @@ async fn bad_change_runbook_brings_back_what_a_migration_deleted_and_keeps_what_
             ("SIDE_DSN", source.dsn("app_before_change")),
             (
                 "TABLES",
-                "shop.orders=id shop.order_lines=order_id,line".to_string(),
+                "shop.orders=id shop.order_lines=order_id,line shop.events=id".to_string(),
             ),
             ("PGPASSWORD", source.password.clone()),
         ],
@@ -1055,7 +1064,27 @@ async fn compromised_bucket_runbook_restores_from_the_intact_region_and_repairs_
             .await
             .unwrap();
     }
-    let printed = deployment.run("compromised-bucket.md");
+    // The key was stolen after the backup: nothing was written since.
+    std::thread::sleep(std::time::Duration::from_millis(1100));
+    let since = chrono::Utc::now().format("%Y-%m-%dT%H:%M:%SZ").to_string();
+    let mut env = deployment.env();
+    env.extend([
+        ("COMPROMISED_SINCE", since),
+        ("S3_ENDPOINT", s3.endpoint.clone()),
+        ("PRIMARY", "s3://backups-primary/lifeboat".to_string()),
+        ("DR", "s3://backups-dr/lifeboat".to_string()),
+    ]);
+    let printed = run_runbook(
+        &Path::new(RUNBOOKS).join("compromised-bucket.md"),
+        &env,
+        deployment.work.path(),
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    let id = lifeboat(&deployment.config, &["list", "maindb"]).stdout;
+    assert!(
+        printed.contains("newest backup stored before the compromise: 20"),
+        "{printed}\n{id}"
+    );
     assert!(printed.contains("damaged"), "{printed}");
     deployment.assert_restored();
     for key in &objects {
@@ -1226,6 +1255,7 @@ async fn service_failover_runbook_brings_every_part_back_and_backs_up_the_new_pr
         ),
         ("CONFIG_DIR", config_dir.display().to_string()),
         ("OLD_DSN", old_dsn),
+        ("NEW_DSN", deployment.target.dsn("postgres")),
     ]);
     let printed = run_runbook(&Path::new(RUNBOOKS).join("service-failover.md"), &env, work)
         .unwrap_or_else(|e| panic!("{e}"));
