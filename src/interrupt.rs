@@ -182,6 +182,11 @@ impl Drop for UndoGuard {
 /// The exit code of a run SIGINT interrupted, as shells report it (SIGTERM: 143).
 pub const EXIT_INTERRUPTED: i32 = 130;
 
+/// The exit code the run ends with, once interrupted: 128 + the signal's number.
+pub fn exit_code() -> i32 {
+    exit_code_of(SIGNAL.load(Ordering::SeqCst))
+}
+
 /// The exit code of a run `signal` ended: 128 + its number, as shells report it.
 fn exit_code_of(signal: i32) -> i32 {
     if signal == 0 {

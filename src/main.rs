@@ -588,6 +588,31 @@ async fn record_run(
     metrics::record(config, &[run]).await;
 }
 
+/// A run a signal stops ends in the interrupt's cleanup, never back here: its run files are
+/// written there (exit 130/143/129), so that a timeout that kills every night's backup shows.
+fn record_if_interrupted(
+    config: &Config,
+    command: &'static str,
+    jobs: Vec<String>,
+    started_at: chrono::DateTime<chrono::Utc>,
+) -> Option<lifeboat::interrupt::UndoGuard> {
+    let dir = config.metrics_dir.clone()?;
+    Some(lifeboat::interrupt::undo_on_interrupt(move || {
+        let finished_at = chrono::Utc::now();
+        for job in &jobs {
+            let run = metrics::RunRecord {
+                command,
+                job,
+                exit_code: lifeboat::interrupt::exit_code(),
+                started_at,
+                finished_at,
+            };
+            let name = format!("lifeboat-{command}-{job}.prom");
+            let _ = metrics::write_atomic(&dir, &name, &metrics::render_run(&run));
+        }
+    }))
+}
+
 fn exit_code_of(outcome: &Result<()>) -> i32 {
     match outcome {
         Ok(()) => exit_code::SUCCESS,
@@ -691,6 +716,13 @@ async fn run(cli: Cli) -> Result<i32> {
             print_error(&e);
             return Ok(exit_code::STOP_RECOVERY);
         }
+        // Every segment fails from now on: the archiving alert must hear of it.
+        Err(e) if matches!(cli.command, Command::WalPush { .. }) => {
+            if let Command::WalPush { job, .. } = &cli.command {
+                metrics::record_wal_push_unloaded(&cli.config, job.as_deref(), chrono::Utc::now());
+            }
+            return Err(e);
+        }
         // A monitoring system reads 2 as CRITICAL; a status that cannot even be read is UNKNOWN.
         Err(e) if matches!(cli.command, Command::Status { .. }) => {
             print_error(&e);
@@ -707,6 +739,11 @@ async fn run(cli: Cli) -> Result<i32> {
         }
         Command::Backup { job, all: _ } => {
             let started_at = chrono::Utc::now();
+            let jobs: Vec<String> = match &job {
+                Some(job) => vec![job.clone()],
+                None => config.jobs.iter().map(|j| j.name.clone()).collect(),
+            };
+            let _recorded = record_if_interrupted(&config, "backup", jobs, started_at);
             let summary = backup::run(
                 &config,
                 &backup::BackupOptions {
@@ -751,6 +788,8 @@ async fn run(cli: Cli) -> Result<i32> {
             let started_at = chrono::Utc::now();
             // A drill that cannot even start is recorded under the job its file names.
             let job = drill::Drill::load(&file).ok().map(|drill| drill.job);
+            let _recorded =
+                record_if_interrupted(&config, "drill", job.iter().cloned().collect(), started_at);
             let report = drill::run(
                 &config,
                 &drill::DrillOptions {
@@ -788,6 +827,8 @@ async fn run(cli: Cli) -> Result<i32> {
         } => {
             let started_at = chrono::Utc::now();
             let label = job.clone().unwrap_or_else(|| "all".to_string());
+            let _recorded = (!dry_run)
+                .then(|| record_if_interrupted(&config, "replicate", vec![label.clone()], started_at));
             let outcome = replicate::run(
                 &config,
                 &replicate::ReplicateOptions {
@@ -881,6 +922,8 @@ async fn run(cli: Cli) -> Result<i32> {
         } => {
             let started_at = chrono::Utc::now();
             let label = job.clone().unwrap_or_else(|| "all".to_string());
+            let _recorded = (!dry_run)
+                .then(|| record_if_interrupted(&config, "prune", vec![label.clone()], started_at));
             let options = prune::PruneOptions {
                 job,
                 dry_run,
@@ -1014,6 +1057,7 @@ async fn run(cli: Cli) -> Result<i32> {
         } => {
             let started_at = chrono::Utc::now();
             let label = job.clone().unwrap_or_else(|| "all".to_string());
+            let _recorded = record_if_interrupted(&config, "verify", vec![label.clone()], started_at);
             let options = verify::VerifyOptions {
                 job,
                 backup,

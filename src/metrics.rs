@@ -296,9 +296,48 @@ pub fn render_wal_push(
 /// After every `wal-push`, cheaply: one small file read and replaced. Best effort, as
 /// [`record`]: archiving goes on whatever happens here.
 pub fn record_wal_push(config: &Config, job: &str, succeeded: bool, at: DateTime<Utc>) {
-    let Some(dir) = &config.metrics_dir else {
+    if let Some(dir) = &config.metrics_dir {
+        record_wal_push_in(dir, job, succeeded, at);
+    }
+}
+
+/// A `wal-push` whose config does not load (a typo in an edit, a key this version does not
+/// know) fails every segment: the failure is counted all the same, in the `metrics_dir` and
+/// for the job the file names (its `--job`, else its one physical job), read leniently.
+pub fn record_wal_push_unloaded(config_path: &Path, job: Option<&str>, at: DateTime<Utc>) {
+    let Ok(text) = std::fs::read_to_string(config_path) else {
         return;
     };
+    let Ok(table) = text.parse::<toml::Table>() else {
+        return;
+    };
+    let Some(dir) = table
+        .get("metrics_dir")
+        .and_then(|d| d.as_str())
+        .map(Path::new)
+        .filter(|d| d.is_absolute())
+    else {
+        return;
+    };
+    let physical: Vec<&str> = table
+        .get("job")
+        .and_then(|jobs| jobs.as_array())
+        .into_iter()
+        .flatten()
+        .filter(|job| job.get("mode").and_then(|m| m.as_str()) == Some("physical"))
+        .filter_map(|job| job.get("name").and_then(|n| n.as_str()))
+        .collect();
+    let job = match (job, physical.as_slice()) {
+        (Some(job), _) => job,
+        (None, [only]) => only,
+        _ => return,
+    };
+    if crate::config::validate_name("job", job).is_ok() {
+        record_wal_push_in(dir, job, false, at);
+    }
+}
+
+fn record_wal_push_in(dir: &Path, job: &str, succeeded: bool, at: DateTime<Utc>) {
     let (mut last_success, mut last_failure, mut failures) = read_wal_state(dir, job);
     if succeeded {
         last_success = Some(seconds(at));

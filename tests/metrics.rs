@@ -340,6 +340,16 @@ fn wal_push_metrics(work: &Path, metrics: &Path) -> Vec<prometheus_parse::Sample
             &job
         ) >= success
     );
+    // A config that no longer loads (a key this version does not know) fails every push:
+    // counted all the same.
+    let good_config = std::fs::read_to_string(&config).unwrap();
+    std::fs::write(&config, format!("bogus_key = 1\n{good_config}")).unwrap();
+    push(next, &tree::wal_segment(next, tree::FAKE_SYSTEM, 6)).assert_code(2);
+    assert_eq!(
+        value(&parse(&file), "lifeboat_wal_push_consecutive_failures", &job),
+        4.0
+    );
+    std::fs::write(&config, good_config).unwrap();
     push(next, &tree::wal_segment(next, tree::FAKE_SYSTEM, 6)).assert_code(0);
     let recovered = parse(&file);
     assert_eq!(

@@ -103,10 +103,12 @@ async fn sigterm_during_backup_and_prune_leaves_nothing_behind() {
         0o640,
     );
     let local = work.path().join("local");
+    let metrics = work.path().join("metrics");
     let config = crate::common::write_config(
         work.path(),
         &format!(
-            "{}{}{}retention = {{ keep_last = 1 }}\n",
+            "metrics_dir = \"{}\"\n{}{}{}retention = {{ keep_last = 1 }}\n",
+            metrics.display(),
             local_repository("local", &local),
             s3.repository("s3", "stop", "lb"),
             files_job("conf", &[&source])
@@ -132,6 +134,12 @@ async fn sigterm_during_backup_and_prune_leaves_nothing_behind() {
         }
         stopped += 1;
         assert_stopped_cleanly(&run, "backup");
+        // The run says how it ended, for the alert on failing backups: by SIGTERM.
+        let recorded = std::fs::read_to_string(metrics.join("lifeboat-backup-conf.prom")).unwrap();
+        assert!(
+            recorded.contains("lifeboat_last_run_exit_code{command=\"backup\",job=\"conf\"} 143\n"),
+            "round {round}: {recorded}"
+        );
         nothing_left(
             &s3,
             &local,
