@@ -827,8 +827,9 @@ async fn run(cli: Cli) -> Result<i32> {
         } => {
             let started_at = chrono::Utc::now();
             let label = job.clone().unwrap_or_else(|| "all".to_string());
-            let _recorded = (!dry_run)
-                .then(|| record_if_interrupted(&config, "replicate", vec![label.clone()], started_at));
+            let _recorded = (!dry_run).then(|| {
+                record_if_interrupted(&config, "replicate", vec![label.clone()], started_at)
+            });
             let outcome = replicate::run(
                 &config,
                 &replicate::ReplicateOptions {
@@ -1057,7 +1058,8 @@ async fn run(cli: Cli) -> Result<i32> {
         } => {
             let started_at = chrono::Utc::now();
             let label = job.clone().unwrap_or_else(|| "all".to_string());
-            let _recorded = record_if_interrupted(&config, "verify", vec![label.clone()], started_at);
+            let _recorded =
+                record_if_interrupted(&config, "verify", vec![label.clone()], started_at);
             let options = verify::VerifyOptions {
                 job,
                 backup,

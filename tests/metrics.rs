@@ -346,7 +346,11 @@ fn wal_push_metrics(work: &Path, metrics: &Path) -> Vec<prometheus_parse::Sample
     std::fs::write(&config, format!("bogus_key = 1\n{good_config}")).unwrap();
     push(next, &tree::wal_segment(next, tree::FAKE_SYSTEM, 6)).assert_code(2);
     assert_eq!(
-        value(&parse(&file), "lifeboat_wal_push_consecutive_failures", &job),
+        value(
+            &parse(&file),
+            "lifeboat_wal_push_consecutive_failures",
+            &job
+        ),
         4.0
     );
     std::fs::write(&config, good_config).unwrap();

@@ -339,6 +339,15 @@ fn check_warns_when_a_schedule_cannot_meet_the_rpo() {
         "{}",
         run.stdout
     );
+    // A date runs once (or never again): no repetition meets any RPO.
+    let run = lifeboat(&config_with("2020-01-01 00:00:00", "1h"), &["check"]);
+    run.assert_code(0);
+    assert!(
+        run.stdout
+            .contains("warning: schedule \"2020-01-01 00:00:00\" runs at most once more"),
+        "{}",
+        run.stdout
+    );
     for (calendar, rpo) in [("*:0/30", "1h"), ("daily", "2d")] {
         let run = lifeboat(&config_with(calendar, rpo), &["check"]);
         run.assert_code(0);

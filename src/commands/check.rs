@@ -216,30 +216,42 @@ pub async fn run(config: &Config) -> CheckReport {
 /// them: found here, not by the alert a day later. Physical jobs are exempt: their RPO is
 /// the WAL archive's.
 fn schedule_against_rpo(config: &Config, job: &JobConfig) -> Vec<String> {
-    use crate::commands::schedule::{BACKUP_RANDOMIZED_DELAY, longest_gap};
+    use crate::commands::schedule::{BACKUP_RANDOMIZED_DELAY, Gap, longest_gap};
     let physical =
         matches!(&job.source, JobSource::Postgres(p) if p.mode == PostgresMode::Physical);
     let Some(calendar) = job.schedule.as_deref().filter(|_| !physical) else {
         return Vec::new();
     };
     let rpo = config.targets.rpo;
-    let Some(gap) = longest_gap(calendar) else {
-        return Vec::new();
+    let human = |d: Duration| humantime::format_duration(d).to_string();
+    let gap = match longest_gap(calendar) {
+        None => return Vec::new(),
+        Some(Gap::AtMostOnce) => {
+            return vec![format!(
+                "schedule \"{calendar}\" runs at most once more (a date, not a repetition): after that the newest backup only ages past the RPO of {}; write a repetition such as \"*:0/30\" or \"daily\"",
+                human(rpo)
+            )];
+        }
+        Some(Gap::Every(gap)) => gap,
     };
-    let worst = gap + BACKUP_RANDOMIZED_DELAY;
-    if worst <= rpo {
+    if gap + BACKUP_RANDOMIZED_DELAY <= rpo {
         return Vec::new();
     }
-    let human = |d: Duration| humantime::format_duration(d).to_string();
+    let advice = match rpo.checked_sub(BACKUP_RANDOMIZED_DELAY) {
+        Some(room) if room >= Duration::from_secs(60) => format!(
+            "schedule the job at least every {}, or raise [targets] rpo",
+            human(room)
+        ),
+        _ => format!(
+            "no timer meets an RPO that short (the timers add up to {} of randomized delay): raise [targets] rpo, or for PostgreSQL use a physical job, whose WAL archiving holds the RPO",
+            human(BACKUP_RANDOMIZED_DELAY)
+        ),
+    };
     vec![format!(
-        "schedule \"{calendar}\" leaves up to {} between backups (plus up to {} of randomized delay), longer than the RPO of {}: the newest backup outgrows the RPO before each run, and `status` and the RPO alert say so; schedule the job at least every {}, or raise [targets] rpo",
+        "schedule \"{calendar}\" leaves up to {} between backups (plus up to {} of randomized delay), longer than the RPO of {}: the newest backup outgrows the RPO before each run, and `status` and the RPO alert say so; {advice}",
         human(gap),
         human(BACKUP_RANDOMIZED_DELAY),
         human(rpo),
-        human(
-            rpo.saturating_sub(BACKUP_RANDOMIZED_DELAY)
-                .max(Duration::from_secs(60))
-        ),
     )]
 }
 

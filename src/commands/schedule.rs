@@ -274,9 +274,23 @@ pub const BACKUP_RANDOMIZED_DELAY: Duration = Duration::from_secs(5 * 60);
 /// minutes, so that a weekend pause shows.
 const GAP_ITERATIONS: usize = 3000;
 
+/// How often a calendar runs, at worst.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Gap {
+    /// At least this often.
+    Every(Duration),
+    /// Once more at most (a date), or never again (a date gone by).
+    AtMostOnce,
+}
+
 /// The longest time between two planned runs of `calendar`, as systemd computes them; for
 /// the named expressions without systemd-analyze too. None when it cannot be known here.
-pub fn longest_gap(calendar: &str) -> Option<Duration> {
+pub fn longest_gap(calendar: &str) -> Option<Gap> {
+    every(calendar).map(|gap| gap.map_or(Gap::AtMostOnce, Gap::Every))
+}
+
+/// `Some(None)`: systemd plans at most one more run.
+fn every(calendar: &str) -> Option<Option<Duration>> {
     let named = |days: u64| Some(Duration::from_secs(days * 86_400));
     let fallback = match calendar.trim() {
         "minutely" => Some(Duration::from_secs(60)),
@@ -304,7 +318,7 @@ pub fn longest_gap(calendar: &str) -> Option<Duration> {
             false => Err(()),
         })
     else {
-        return fallback;
+        return fallback.map(Some);
     };
     let elapses: Vec<chrono::NaiveDateTime> = String::from_utf8_lossy(&output.stdout)
         .lines()
@@ -321,12 +335,14 @@ pub fn longest_gap(calendar: &str) -> Option<Duration> {
         })
         .collect();
     match elapses.len() {
-        // One planned run (a date in the past or a single day): no gap to speak of.
-        0 | 1 => fallback,
-        _ => elapses
-            .windows(2)
-            .filter_map(|pair| (pair[1] - pair[0]).to_std().ok())
-            .max(),
+        // A date: one more run, or none (it has passed).
+        0 | 1 => Some(None),
+        _ => Some(
+            elapses
+                .windows(2)
+                .filter_map(|pair| (pair[1] - pair[0]).to_std().ok())
+                .max(),
+        ),
     }
 }
 

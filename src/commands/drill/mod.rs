@@ -117,6 +117,19 @@ struct Stopped {
 
 pub async fn run(config: &Config, options: &DrillOptions) -> Result<DrillRun> {
     let mut drill = Drill::load(&options.file)?;
+    // A drill file that cannot work is refused before any disaster is declared: it leaves
+    // no FAIL report in the repositories, which status would read as a failed drill.
+    if drill.to_time.is_some() {
+        let job = config.job(&drill.job)?;
+        if !matches!(&job.source, JobSource::Postgres(p) if p.mode == PostgresMode::Physical) {
+            return Err(Error::config(format!(
+                "invalid drill file '{}': to_time: job '{}' is a {} job; only a physical job recovers to a moment",
+                drill.path.display(),
+                job.name,
+                job.kind_name()
+            )));
+        }
+    }
     let mut run = DrillRun::default();
     if !options.each_repository {
         run.add(run_once(config, &drill, &options.report_dir, None).await);
@@ -317,16 +330,6 @@ async fn attempt_drill(
     clock.phase("find backup", started);
     *found = Some(manifest.clone());
 
-    let physical =
-        matches!(&job.source, JobSource::Postgres(p) if p.mode == PostgresMode::Physical);
-    if drill.to_time.is_some() && !physical {
-        return Err(Error::config(format!(
-            "invalid drill file '{}': to_time: job '{}' is a {} job; only a physical job recovers to a moment",
-            drill.path.display(),
-            job.name,
-            job.kind_name()
-        )));
-    }
     let outcome = match &job.source {
         JobSource::Postgres(postgres) if postgres.mode == PostgresMode::Physical => {
             run_physical(config, drill, &manifest, postgres, clock).await?
