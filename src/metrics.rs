@@ -308,33 +308,81 @@ pub fn record_wal_push_unloaded(config_path: &Path, job: Option<&str>, at: DateT
     let Ok(text) = std::fs::read_to_string(config_path) else {
         return;
     };
-    let Ok(table) = text.parse::<toml::Table>() else {
-        return;
+    let (dir, physical) = match text.parse::<toml::Table>() {
+        Ok(table) => (
+            table
+                .get("metrics_dir")
+                .and_then(|d| d.as_str())
+                .map(str::to_string),
+            table
+                .get("job")
+                .and_then(|jobs| jobs.as_array())
+                .into_iter()
+                .flatten()
+                .filter(|job| job.get("mode").and_then(|m| m.as_str()) == Some("physical"))
+                .filter_map(|job| job.get("name").and_then(|n| n.as_str()))
+                .map(str::to_string)
+                .collect(),
+        ),
+        // Not even TOML (an unterminated string): line by line, for what can still be read.
+        Err(_) => scan_unparsed(&text),
     };
-    let Some(dir) = table
-        .get("metrics_dir")
-        .and_then(|d| d.as_str())
-        .map(Path::new)
+    let Some(dir) = dir
+        .map(std::path::PathBuf::from)
         .filter(|d| d.is_absolute())
     else {
         return;
     };
-    let physical: Vec<&str> = table
-        .get("job")
-        .and_then(|jobs| jobs.as_array())
-        .into_iter()
-        .flatten()
-        .filter(|job| job.get("mode").and_then(|m| m.as_str()) == Some("physical"))
-        .filter_map(|job| job.get("name").and_then(|n| n.as_str()))
-        .collect();
     let job = match (job, physical.as_slice()) {
-        (Some(job), _) => job,
-        (None, [only]) => only,
+        (Some(job), _) => job.to_string(),
+        (None, [only]) => only.clone(),
         _ => return,
     };
-    if crate::config::validate_name("job", job).is_ok() {
-        record_wal_push_in(dir, job, false, at);
+    if crate::config::validate_name("job", &job).is_ok() {
+        record_wal_push_in(&dir, &job, false, at);
     }
+}
+
+/// `metrics_dir = "…"` and the names of the `[[job]]` tables that say `mode = "physical"`,
+/// read from the lines of a config that does not parse.
+fn scan_unparsed(text: &str) -> (Option<String>, Vec<String>) {
+    let value = |line: &str, key: &str| -> Option<String> {
+        let (name, rest) = line.split_once('=')?;
+        (name.trim() == key).then_some(())?;
+        let rest = rest.trim().strip_prefix('"')?;
+        Some(rest.split_once('"')?.0.to_string())
+    };
+    let mut dir = None;
+    let mut physical = Vec::new();
+    let mut in_job: Option<(Option<String>, bool)> = None;
+    let mut in_table = false;
+    for line in text.lines().map(str::trim) {
+        if line.starts_with('[') {
+            if let Some((Some(name), true)) = in_job.take() {
+                physical.push(name);
+            }
+            in_table = true;
+            if line == "[[job]]" {
+                in_job = Some((None, false));
+            }
+            continue;
+        }
+        if !in_table && dir.is_none() {
+            dir = value(line, "metrics_dir");
+        }
+        if let Some((name, mode)) = in_job.as_mut() {
+            if let Some(found) = value(line, "name") {
+                *name = Some(found);
+            }
+            if value(line, "mode").as_deref() == Some("physical") {
+                *mode = true;
+            }
+        }
+    }
+    if let Some((Some(name), true)) = in_job {
+        physical.push(name);
+    }
+    (dir, physical)
 }
 
 fn record_wal_push_in(dir: &Path, job: &str, succeeded: bool, at: DateTime<Utc>) {
@@ -406,4 +454,22 @@ pub async fn record(config: &Config, runs: &[RunRecord<'_>]) {
 /// does, so the state is refreshed even on a host where nothing else runs for a day.
 pub fn write_status(dir: &Path, report: &StatusReport) -> Result<()> {
     write_atomic(dir, "lifeboat.prom", &render_status(report))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_config_that_is_not_even_toml_still_names_its_metrics_dir_and_physical_job() {
+        let text = "metrics_dir = \"/var/lib/metrics\"\n[targets]\nrpo = \"1h\n\n[[job]]\nname = \"conf\"\nkind = \"files\"\n\n[[job]]\nname = \"pitr\"\nmode = \"physical\"\nmetrics_dir = \"/elsewhere\"\n";
+        assert!(text.parse::<toml::Table>().is_err());
+        assert_eq!(
+            scan_unparsed(text),
+            (
+                Some("/var/lib/metrics".to_string()),
+                vec!["pitr".to_string()]
+            )
+        );
+    }
 }

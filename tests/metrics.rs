@@ -353,6 +353,17 @@ fn wal_push_metrics(work: &Path, metrics: &Path) -> Vec<prometheus_parse::Sample
         ),
         4.0
     );
+    // Nor TOML at all (a quote left open in an edit).
+    std::fs::write(&config, format!("{good_config}\n[targets]\nrpo = \"1h\n")).unwrap();
+    push(next, &tree::wal_segment(next, tree::FAKE_SYSTEM, 6)).assert_code(2);
+    assert_eq!(
+        value(
+            &parse(&file),
+            "lifeboat_wal_push_consecutive_failures",
+            &job
+        ),
+        5.0
+    );
     std::fs::write(&config, good_config).unwrap();
     push(next, &tree::wal_segment(next, tree::FAKE_SYSTEM, 6)).assert_code(0);
     let recovered = parse(&file);

@@ -1066,13 +1066,15 @@ async fn compromised_bucket_runbook_restores_from_the_intact_region_and_repairs_
     }
     // The key was stolen after the backup: nothing was written since.
     std::thread::sleep(std::time::Duration::from_millis(1100));
-    let since = chrono::Utc::now().format("%Y-%m-%dT%H:%M:%SZ").to_string();
+    let since = chrono::Utc::now().format("%Y-%m-%dT%H:%M:%S").to_string();
     let mut env = deployment.env();
     env.extend([
         ("COMPROMISED_SINCE", since),
         ("S3_ENDPOINT", s3.endpoint.clone()),
         ("PRIMARY", "s3://backups-primary/lifeboat".to_string()),
         ("DR", "s3://backups-dr/lifeboat".to_string()),
+        ("INTACT", "dr".to_string()),
+        ("INTACT_URL", "s3://backups-dr/lifeboat".to_string()),
     ]);
     let printed = run_runbook(
         &Path::new(RUNBOOKS).join("compromised-bucket.md"),

@@ -348,6 +348,19 @@ fn check_warns_when_a_schedule_cannot_meet_the_rpo() {
         "{}",
         run.stdout
     );
+    // A repetition limited to one year stops: after its last run, nothing.
+    use chrono::Datelike;
+    let next_year = chrono::Utc::now().year() + 1;
+    let limited = format!("{next_year}-*-* 03:00:00");
+    let run = lifeboat(&config_with(&limited, "2d"), &["check"]);
+    run.assert_code(0);
+    assert!(
+        run.stdout.contains(&format!(
+            "warning: schedule \"{limited}\" stops: its last run is {next_year}-12-31 03:00 UTC"
+        )),
+        "{}",
+        run.stdout
+    );
     for (calendar, rpo) in [("*:0/30", "1h"), ("daily", "2d")] {
         let run = lifeboat(&config_with(calendar, rpo), &["check"]);
         run.assert_code(0);
@@ -399,13 +412,28 @@ fn a_value_that_would_add_a_line_to_a_unit_is_refused() {
                 files_job("conf", &[&tree])
             ),
         );
-        let units = work.path().join("units");
+        refused(&config, named, setting);
+    }
+    // A backslash ends a path's line by joining the next one to it; a quote ends its quoting.
+    for path in ["/srv/backups\\", "/srv/back\" /bin/evil \""] {
+        let config = write_config(
+            work.path(),
+            &format!(
+                "[schedule]\nprune = \"weekly\"\n\n[[repository]]\nname = \"local\"\ntype = \"local\"\npath = {path:?}\n\n{}",
+                files_job("conf", &[&tree])
+            ),
+        );
+        refused(&config, "a local repository, metrics_dir or lock_dir", path);
+    }
+    fn refused(config: &Path, named: &str, setting: &str) {
+        let units = config.parent().unwrap().join("units");
         std::fs::create_dir_all(&units).unwrap();
-        let run = install_units(&config, &units);
+        let run = install_units(config, &units);
         run.assert_code(2);
         assert!(
             run.stderr.contains(&format!("{named}: "))
-                && run.stderr.contains("holds a control character"),
+                && (run.stderr.contains("holds a control character")
+                    || run.stderr.contains("holds a quote or a backslash")),
             "{setting}: {}",
             run.stderr
         );

@@ -232,6 +232,13 @@ fn schedule_against_rpo(config: &Config, job: &JobConfig) -> Vec<String> {
                 human(rpo)
             )];
         }
+        Some(Gap::Ends(last)) => {
+            return vec![format!(
+                "schedule \"{calendar}\" stops: its last run is {} UTC, and the newest backup only ages past the RPO of {} after it; leave the year or the day out",
+                last.format("%Y-%m-%d %H:%M"),
+                human(rpo)
+            )];
+        }
         Some(Gap::Every(gap)) => gap,
     };
     if gap + BACKUP_RANDOMIZED_DELAY <= rpo {

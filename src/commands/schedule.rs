@@ -281,16 +281,31 @@ pub enum Gap {
     Every(Duration),
     /// Once more at most (a date), or never again (a date gone by).
     AtMostOnce,
+    /// Repeats, but no more after this moment (a year or a day named in it).
+    Ends(chrono::NaiveDateTime),
 }
 
 /// The longest time between two planned runs of `calendar`, as systemd computes them; for
 /// the named expressions without systemd-analyze too. None when it cannot be known here.
 pub fn longest_gap(calendar: &str) -> Option<Gap> {
-    every(calendar).map(|gap| gap.map_or(Gap::AtMostOnce, Gap::Every))
+    every(calendar).map(|gap| match gap {
+        Planned::Repeats(gap) => Gap::Every(gap),
+        Planned::Ends(last) => Gap::Ends(last),
+        Planned::Once => Gap::AtMostOnce,
+    })
 }
 
+enum Planned {
+    Repeats(Duration),
+    Ends(chrono::NaiveDateTime),
+    Once,
+}
+
+/// systemd plans no run after 2199: a schedule that reaches it repeats for good.
+const SYSTEMD_LAST_YEAR: i32 = 2190;
+
 /// `Some(None)`: systemd plans at most one more run.
-fn every(calendar: &str) -> Option<Option<Duration>> {
+fn every(calendar: &str) -> Option<Planned> {
     let named = |days: u64| Some(Duration::from_secs(days * 86_400));
     let fallback = match calendar.trim() {
         "minutely" => Some(Duration::from_secs(60)),
@@ -318,7 +333,7 @@ fn every(calendar: &str) -> Option<Option<Duration>> {
             false => Err(()),
         })
     else {
-        return fallback.map(Some);
+        return fallback.map(Planned::Repeats);
     };
     let elapses: Vec<chrono::NaiveDateTime> = String::from_utf8_lossy(&output.stdout)
         .lines()
@@ -334,15 +349,18 @@ fn every(calendar: &str) -> Option<Option<Duration>> {
                 .ok()
         })
         .collect();
-    match elapses.len() {
+    use chrono::Datelike;
+    match elapses.as_slice() {
         // A date: one more run, or none (it has passed).
-        0 | 1 => Some(None),
-        _ => Some(
-            elapses
-                .windows(2)
-                .filter_map(|pair| (pair[1] - pair[0]).to_std().ok())
-                .max(),
-        ),
+        [] | [_] => Some(Planned::Once),
+        [.., last] if elapses.len() < GAP_ITERATIONS && last.year() < SYSTEMD_LAST_YEAR => {
+            Some(Planned::Ends(*last))
+        }
+        _ => elapses
+            .windows(2)
+            .filter_map(|pair| (pair[1] - pair[0]).to_std().ok())
+            .max()
+            .map(Planned::Repeats),
     }
 }
 
@@ -399,6 +417,23 @@ fn prefixed_unit_path(prefix: &str, path: &Path) -> String {
         true => format!("\"{prefix}{text}\""),
         false => format!("{prefix}{text}"),
     }
+}
+
+/// A `file://` URL of `path` for `Documentation=`: percent-encoded, the `%` doubled for
+/// systemd's specifiers.
+fn file_url(path: &Path) -> String {
+    let encoded: String = path
+        .display()
+        .to_string()
+        .bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'/' | b'.' | b'_' | b'~' | b'-' => {
+                (b as char).to_string()
+            }
+            _ => format!("%{b:02X}"),
+        })
+        .collect();
+    format!("file://{}", encoded.replace('%', "%%"))
 }
 
 /// One word of an `ExecStart=` line as systemd will split and expand it: `%` is a specifier,
@@ -465,6 +500,21 @@ fn refuse_unit_injection(
                 .map(|a| (scheduled.origin.clone(), a.clone())),
         );
     }
+    // A path in ReadWritePaths= or EnvironmentFile= cannot hold a quote, and a backslash at
+    // the end of a line joins the next one to it.
+    let paths = settings
+        .writable
+        .iter()
+        .map(|p| ("a local repository, metrics_dir or lock_dir", p))
+        .chain([("schedule.environment_file", &settings.environment_file)]);
+    for (what, path) in paths {
+        let text = path.display().to_string();
+        if text.contains(['"', '\\']) {
+            return Err(Error::config(format!(
+                "{what}: {text:?} holds a quote or a backslash, which a unit file's path cannot"
+            )));
+        }
+    }
     for (what, value) in values {
         if value.chars().any(char::is_control) {
             return Err(Error::config(format!(
@@ -488,10 +538,10 @@ fn refuse_unit_injection(
 
 pub fn service_unit(scheduled: &Scheduled, settings: &UnitSettings) -> String {
     let mut unit = format!(
-        "[Unit]\nDescription={}\nDocumentation=file://{}\nWants=network-online.target\nAfter=network-online.target\nOnFailure={FAILURE_HOOK}%n.service\n\n\
+        "[Unit]\nDescription={}\nDocumentation={}\nWants=network-online.target\nAfter=network-online.target\nOnFailure={FAILURE_HOOK}%n.service\n\n\
          [Service]\nType=oneshot\nExecStart={} --config {} {}\n",
         scheduled.description,
-        unit_path(&settings.config),
+        file_url(&settings.config),
         exec_word(&settings.exe.display().to_string()),
         exec_word(&settings.config.display().to_string()),
         scheduled
@@ -589,9 +639,9 @@ pub fn failure_hook_unit(config: &Config, settings: &UnitSettings) -> String {
         }
     };
     let mut unit = format!(
-        "[Unit]\nDescription=lifeboat: report that %i failed\nDocumentation=file://{}\n\n\
+        "[Unit]\nDescription=lifeboat: report that %i failed\nDocumentation={}\n\n\
          [Service]\nType=oneshot\nExecStart={exec}\n",
-        unit_path(&settings.config)
+        file_url(&settings.config)
     );
     if let Some(user) = &settings.user {
         unit.push_str(&format!("User={user}\nGroup={user}\n"));

@@ -598,10 +598,10 @@ fn validate(raw: raw::RawConfig, path: &Path) -> Result<Config, Problem> {
         && (!user
             .chars()
             .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
-            || user.chars().all(|c| c.is_ascii_digit()))
+            || !user.starts_with(|c: char| c.is_ascii_alphabetic() || c == '_'))
     {
         return Err(format!(
-            "schedule.user: \"{user}\" is not a user name (letters, digits, '-', '_', '.')"
+            "schedule.user: \"{user}\" is not a user name (a letter or '_', then letters, digits, '-', '_', '.')"
         ));
     }
     if let Some(file) = raw_schedule
@@ -1488,6 +1488,8 @@ mod tests {
                 "schedule.environment_file: must be an absolute path",
             ),
             ("verify = \"\"", "schedule.verify: must not be empty"),
+            ("user = \"0\"", "schedule.user: \"0\" is not a user name"),
+            ("user = \"-0\"", "schedule.user: \"-0\" is not a user name"),
         ] {
             let err = parse(&format!("[schedule]\n{setting}\n{LOCAL}")).unwrap_err();
             assert!(

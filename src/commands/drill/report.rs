@@ -352,6 +352,12 @@ impl DrillReport {
                 secs(self.rto.target_seconds)
             ));
         }
+        if !self.warnings.is_empty() {
+            out.push_str("\n## Warnings\n\n");
+            for warning in &self.warnings {
+                out.push_str(&format!("- {}\n", md(warning)));
+            }
+        }
         out.push_str(&format!(
             "\n## Backup and environment\n\n- restored {} ({} stored), {throughput}\n- server version: {}\n- lifeboat {} on {}\n- drill file: {}\n",
             human_size(self.restored_bytes),
@@ -419,8 +425,18 @@ td,th{{border:1px solid #ccc;padding:4px 8px;text-align:left}}svg text{{font-siz
 <p>Declared at {declared} (t0). Job <code>{job}</code>, backup <code>{backup}</code> from {repositories}; restored into {target}. RPO measured to {marker} ({marker_source}).</p>\
 <h2>Timeline</h2><svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{width}\" height=\"{height}\" role=\"img\" aria-label=\"phase timeline\">{bars}</svg>\
 <h2>Checks</h2><table><tr><th>check</th><th>expected</th><th>returned</th><th>passed</th></tr>{checks}</table>\
-<p>lifeboat {version} on {host}; drill file <code>{file}</code>; proves <code>{runbook}</code>.</p></body></html>\n",
+{warnings}<p>lifeboat {version} on {host}; drill file <code>{file}</code>; proves <code>{runbook}</code>.</p></body></html>\n",
             name = escape(&self.drill),
+            warnings = match self.warnings.is_empty() {
+                true => String::new(),
+                false => format!(
+                    "<h2>Warnings</h2><ul>{}</ul>",
+                    self.warnings
+                        .iter()
+                        .map(|w| format!("<li>{}</li>", escape(w)))
+                        .collect::<String>()
+                ),
+            },
             verdict = self.verdict(),
             description = escape(self.description.as_deref().unwrap_or("")),
             rto_target = secs(self.rto.target_seconds),
