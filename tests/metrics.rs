@@ -340,30 +340,21 @@ fn wal_push_metrics(work: &Path, metrics: &Path) -> Vec<prometheus_parse::Sample
             &job
         ) >= success
     );
-    // A config that no longer loads (a key this version does not know) fails every push:
-    // counted all the same.
+    // A config that no longer loads fails every push: counted all the same, whether it holds
+    // a key this version does not know or is not even TOML (a quote left open in an edit).
     let good_config = std::fs::read_to_string(&config).unwrap();
-    std::fs::write(&config, format!("bogus_key = 1\n{good_config}")).unwrap();
-    push(next, &tree::wal_segment(next, tree::FAKE_SYSTEM, 6)).assert_code(2);
-    assert_eq!(
-        value(
-            &parse(&file),
-            "lifeboat_wal_push_consecutive_failures",
-            &job
-        ),
-        4.0
-    );
-    // Nor TOML at all (a quote left open in an edit).
-    std::fs::write(&config, format!("{good_config}\n[targets]\nrpo = \"1h\n")).unwrap();
-    push(next, &tree::wal_segment(next, tree::FAKE_SYSTEM, 6)).assert_code(2);
-    assert_eq!(
-        value(
-            &parse(&file),
-            "lifeboat_wal_push_consecutive_failures",
-            &job
-        ),
-        5.0
-    );
+    for (failures, broken) in [
+        (4.0, format!("bogus_key = 1\n{good_config}")),
+        (5.0, format!("{good_config}\n[targets]\nrpo = \"1h\n")),
+    ] {
+        std::fs::write(&config, broken).unwrap();
+        push(next, &tree::wal_segment(next, tree::FAKE_SYSTEM, 6)).assert_code(2);
+        let counted = parse(&file);
+        assert_eq!(
+            value(&counted, "lifeboat_wal_push_consecutive_failures", &job),
+            failures
+        );
+    }
     std::fs::write(&config, good_config).unwrap();
     push(next, &tree::wal_segment(next, tree::FAKE_SYSTEM, 6)).assert_code(0);
     let recovered = parse(&file);
