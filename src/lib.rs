@@ -22,6 +22,7 @@
 //! - [`archive`]: the rules a tar archive's entries meet before a restore writes them.
 //! - [`pax`]: extended attributes and ACLs as the PAX records of a tar entry.
 //! - [`lock`]: per-job run locks that a killed run never leaves behind.
+//! - [`host`]: this host's name, as the records lifeboat leaves carry it.
 //! - [`interrupt`]: what SIGINT, SIGTERM and SIGHUP stop and remove before lifeboat exits.
 //! - [`metrics`]: Prometheus textfile metrics for alerting.
 //! - [`retention`]: which backups a retention policy keeps, and why (pure).
@@ -35,6 +36,7 @@ pub mod commands;
 pub mod config;
 pub mod continuity;
 pub mod error;
+pub mod host;
 pub mod interrupt;
 pub mod inventory;
 pub mod keys;

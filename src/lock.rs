@@ -153,7 +153,7 @@ impl Holder {
     fn me(command: &str) -> Holder {
         Holder {
             pid: std::process::id(),
-            host: crate::commands::backup::host_name(),
+            host: crate::host::name(),
             command: command.to_string(),
             started_at: Utc::now(),
         }
@@ -161,7 +161,7 @@ impl Holder {
 
     /// A holder on this host whose process no longer exists.
     fn is_gone(&self) -> bool {
-        if self.host != crate::commands::backup::host_name() {
+        if self.host != crate::host::name() {
             return false;
         }
         let Ok(pid) = libc::pid_t::try_from(self.pid) else {

@@ -530,7 +530,7 @@ async fn probe(repository: &Repository) -> Result<Vec<String>, String> {
     let store = repository.store.as_ref();
     let token = format!(
         "{}-{}-{}",
-        crate::commands::backup::host_name(),
+        crate::host::name(),
         std::process::id(),
         chrono::Utc::now().timestamp_nanos_opt().unwrap_or_default()
     );

@@ -540,7 +540,7 @@ async fn claim_backup_id(
     clock: &crate::clock::Clock,
 ) -> Result<(Claim, ClaimedIn)> {
     let run = crate::claim::run_tag();
-    let host = host_name();
+    let host = crate::host::name();
     let mut candidate = layout::parse_backup_id(first).expect("ids parse");
     for _ in 0..120 {
         let claim = Claim::new(&layout::backup_id(candidate), &host, &run, clock.now());
@@ -624,11 +624,4 @@ async fn unused_backup_id(
         }
     }
     Ok(layout::backup_id(candidate))
-}
-
-pub(crate) fn host_name() -> String {
-    hostname::get()
-        .ok()
-        .and_then(|name| name.into_string().ok())
-        .unwrap_or_else(|| "unknown".to_string())
 }

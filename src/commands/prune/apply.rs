@@ -255,7 +255,7 @@ pub(super) async fn live_claims(
     now: DateTime<Utc>,
 ) -> BTreeSet<String> {
     let prefix = layout::claims_prefix(job);
-    let this_host = crate::commands::backup::host_name();
+    let this_host = crate::host::name();
     let mut live = BTreeSet::new();
     for (key, written) in repository.claims(job).await.unwrap_or_default() {
         let Some(id) = key
@@ -356,7 +356,7 @@ pub(super) async fn remove_stale_claims(
         }
     };
     let prefix = layout::claims_prefix(job);
-    let this_host = crate::commands::backup::host_name();
+    let this_host = crate::host::name();
     let floor = Utc::now() - CLAIM_MIN_AGE;
     for (key, written) in claims {
         let Some(id) = key

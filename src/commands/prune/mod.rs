@@ -328,7 +328,7 @@ async fn record_removals(
         .map(|b| Tombstone {
             id: b.id.clone(),
             removed_at: now,
-            host: crate::commands::backup::host_name(),
+            host: crate::host::name(),
             removed_from: b.removed_from.clone(),
         })
         .collect();
@@ -404,7 +404,7 @@ async fn record_intent(
         let tombstone = Tombstone {
             id: id.to_string(),
             removed_at: now,
-            host: crate::commands::backup::host_name(),
+            host: crate::host::name(),
             removed_from,
         };
         for (repository, _) in &survey.listed {

@@ -561,7 +561,7 @@ async fn create_copy(
                 context.backup,
                 planned.target_database,
                 std::process::id(),
-                crate::commands::backup::host_name(),
+                crate::host::name(),
                 chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
             );
             admin
@@ -1036,7 +1036,7 @@ async fn leftovers(admin: &Target) -> Vec<String> {
         if !ours {
             continue;
         }
-        if loader_is_gone(&comment, &crate::commands::backup::host_name()) {
+        if loader_is_gone(&comment, &crate::host::name()) {
             match admin
                 .execute(&format!("drop database {}", quote_identifier(&name)))
                 .await
