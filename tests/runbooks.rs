@@ -465,15 +465,7 @@ async fn config_restore_runbook_puts_the_backed_up_files_back() {
     )
     .unwrap();
     let original = work.path().join("original");
-    assert!(
-        Command::new("cp")
-            .arg("-a")
-            .arg(&live)
-            .arg(&original)
-            .status()
-            .unwrap()
-            .success()
-    );
+    copy_tree(&live, &original);
     let config = write_config(
         work.path(),
         &format!(
@@ -490,15 +482,7 @@ async fn config_restore_runbook_puts_the_backed_up_files_back() {
     std::fs::write(&files[0], b"garbage").unwrap();
     std::fs::remove_file(&files[1]).unwrap();
     let damaged = work.path().join("damaged");
-    assert!(
-        Command::new("cp")
-            .arg("-a")
-            .arg(&live)
-            .arg(&damaged)
-            .status()
-            .unwrap()
-            .success()
-    );
+    copy_tree(&live, &damaged);
 
     let restore_dir = work.path().join("restore-config");
     run_runbook(
@@ -537,6 +521,22 @@ async fn config_restore_runbook_puts_the_backed_up_files_back() {
     .unwrap();
     let report = run_drill(&config, &drill);
     assert!(report.contains("| nginx main config is back |"), "{report}");
+}
+
+/// `cp -a FROM TO`: a tree kept as it was, owners, modes and times included.
+fn copy_tree(from: &Path, to: &Path) {
+    let copied = Command::new("cp")
+        .arg("-a")
+        .arg(from)
+        .arg(to)
+        .status()
+        .unwrap();
+    assert!(
+        copied.success(),
+        "cp -a {} {}",
+        from.display(),
+        to.display()
+    );
 }
 
 fn walk(dir: &Path) -> Vec<PathBuf> {
@@ -1205,15 +1205,7 @@ async fn service_failover_runbook_brings_every_part_back_and_backs_up_the_new_pr
     let expected_sessions = snapshot(&mut connection);
     // The old host is gone; the new one has an empty /etc/nginx of its own.
     let original_nginx = work.join("original-nginx");
-    assert!(
-        Command::new("cp")
-            .arg("-a")
-            .arg(&nginx)
-            .arg(&original_nginx)
-            .status()
-            .unwrap()
-            .success()
-    );
+    copy_tree(&nginx, &original_nginx);
     std::fs::remove_dir_all(&nginx).unwrap();
     // The new primary was provisioned with the backup role's credentials, as the old one.
     let password_file = deployment.config.parent().unwrap().join("pgpass-new");
