@@ -389,11 +389,16 @@ impl Store for LocalStore {
             // A busy host can stall between the two looks at its clock: the best of three.
             let mut best: Option<ClockReading> = None;
             for _ in 0..3 {
+                // A signal while the probe exists removes it: nothing is left behind.
+                let Some(_creating) = crate::interrupt::creating() else {
+                    return Ok(best);
+                };
                 let before = Utc::now();
                 let probe = tempfile::Builder::new()
                     .prefix(&prefix)
                     .tempfile_in(&dir)
                     .map_err(|e| StoreError::io("create clock probe", &owned_key, e))?;
+                let _removed = crate::interrupt::RemovedOnInterrupt::new(probe.path());
                 let made = probe
                     .as_file()
                     .metadata()
