@@ -16,7 +16,16 @@ use std::os::unix::ffi::OsStrExt;
 use std::path::{Component, Path, PathBuf};
 
 use crate::pax;
-use crate::sources::files::{MAX_DEPTH, MAX_SPARSE_SIZE};
+
+/// The deepest entry a restore makes, counted in archive names (the absolute path without
+/// its `/`). Configuration trees and data directories are a few levels deep; each level costs
+/// a restore a directory walk per entry and a descriptor while removing. A backup passes over
+/// deeper entries, naming them, rather than store what no restore would make.
+pub const MAX_DEPTH: usize = 128;
+
+/// The largest sparse file stored and restored: ext4's largest file. A restore reads its
+/// holes as zeros from the tar reader, so a larger one would keep it busy for days.
+pub const MAX_SPARSE_SIZE: u64 = 16 << 40;
 
 /// The longest name shown whole in a message; a longer one (an archive can hold names of
 /// any length) is cut, saying how long it was.

@@ -50,23 +50,6 @@ pub enum Claimed {
     Taken { by: Option<Claim> },
 }
 
-/// A tag unique to this run: `run` and 16 hex digits, from the system's random source.
-pub fn run_tag() -> String {
-    let mut bytes = [0u8; 8];
-    if getrandom::fill(&mut bytes).is_err() {
-        // Without a random source, the time in nanoseconds and the pid still differ per run.
-        let nanos = Utc::now().timestamp_nanos_opt().unwrap_or_default() as u64;
-        bytes = (nanos ^ (u64::from(std::process::id()) << 40)).to_be_bytes();
-    }
-    format!("run{}", hex::encode(bytes))
-}
-
-/// Whether `text` is a tag `run_tag` makes.
-pub fn is_run_tag(text: &str) -> bool {
-    text.strip_prefix("run")
-        .is_some_and(|hex| hex.len() == 16 && hex.bytes().all(|b| b.is_ascii_hexdigit()))
-}
-
 impl Claim {
     pub fn new(id: &str, host: &str, run: &str, at: DateTime<Utc>) -> Claim {
         Claim {
@@ -198,19 +181,4 @@ pub fn conflict(job: &str, id: &str, repository: &str, by: Option<&Claim>) -> Er
     .with_hint(
         "this repository does not honour conditional create, so two runs of one job must not start in the same second: take `lock = \"redis://…\"`, or run again",
     )
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn run_tags_are_recognised_and_differ() {
-        let (a, b) = (run_tag(), run_tag());
-        assert!(is_run_tag(&a) && is_run_tag(&b), "{a} {b}");
-        assert_ne!(a, b);
-        assert!(!is_run_tag("run0123"));
-        assert!(!is_run_tag("20261126T030000Z"));
-        assert!(!is_run_tag("runzzzzzzzzzzzzzzzz"));
-    }
 }

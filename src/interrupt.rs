@@ -32,6 +32,48 @@ pub fn done(what: String) {
     DONE.lock().unwrap_or_else(|e| e.into_inner()).push(what);
 }
 
+/// When a teardown runs in an interrupt's cleanup. The steps run in this order, with the
+/// registered undos between `Kill` and `Stop`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Step {
+    /// Before any child is killed: a module takes over the scratch servers its owners would
+    /// otherwise stop in a hurry once their clients die.
+    Seize,
+    /// The child processes.
+    Kill,
+    /// After the undos: the scratch servers seized before.
+    Stop,
+}
+
+/// A module's part of the cleanup; what it returns ("2 scratch cluster(s) stopped") goes
+/// into the interrupt's line.
+pub type Teardown = fn() -> Option<String>;
+
+static TEARDOWNS: Mutex<Vec<(Step, Teardown)>> = Mutex::new(Vec::new());
+
+/// Has `teardown` run at `step` of an interrupt's cleanup. A module that starts processes
+/// calls this as it starts one; calling it again changes nothing.
+pub fn at_interrupt(step: Step, teardown: Teardown) {
+    let mut teardowns = TEARDOWNS.lock().unwrap_or_else(|e| e.into_inner());
+    if !teardowns
+        .iter()
+        .any(|(s, t)| *s == step && std::ptr::fn_addr_eq(*t, teardown))
+    {
+        teardowns.push((step, teardown));
+    }
+}
+
+fn tear_down(step: Step) -> Vec<String> {
+    let teardowns: Vec<Teardown> = TEARDOWNS
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .iter()
+        .filter(|(s, _)| *s == step)
+        .map(|(_, t)| *t)
+        .collect();
+    teardowns.into_iter().filter_map(|t| t()).collect()
+}
+
 /// The signal that interrupted the run, once one did.
 static SIGNAL: std::sync::atomic::AtomicI32 = std::sync::atomic::AtomicI32::new(0);
 /// Held while the cleanup runs, so the run's own error path cannot exit before it is done.
@@ -269,15 +311,13 @@ pub fn install(command: String) {
         let _ = tokio::task::spawn_blocking(move || {
             let _moving = hold_off();
             let cleaning = CLEANING.lock().unwrap_or_else(|e| e.into_inner());
-            let clusters = crate::sources::postgres::take_scratch_clusters();
-            let scratch_clusters = clusters.len();
-            crate::sources::process::kill_all();
+            let mut stopped = tear_down(Step::Seize);
+            stopped.extend(tear_down(Step::Kill));
             let undos = std::mem::take(&mut *UNDO.lock().unwrap_or_else(|e| e.into_inner()));
             for (_, undo) in undos {
                 undo();
             }
-            crate::sources::postgres::stop_scratch_clusters(clusters);
-            crate::sources::redis::stop_all_scratch_servers();
+            stopped.extend(tear_down(Step::Stop));
             let directories = std::mem::take(&mut *directories());
             for dir in &directories {
                 let _ = std::fs::remove_dir_all(dir);
@@ -304,9 +344,7 @@ pub fn install(command: String) {
             if !files.is_empty() {
                 cleaned.push(format!("{} temp file(s) removed", files.len()));
             }
-            if scratch_clusters > 0 {
-                cleaned.push(format!("{scratch_clusters} scratch cluster(s) stopped"));
-            }
+            cleaned.extend(stopped);
             if !directories.is_empty() {
                 cleaned.push(format!(
                     "{} scratch or staging director(ies) removed",

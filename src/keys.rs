@@ -38,11 +38,6 @@ impl std::fmt::Debug for Recipients {
 }
 
 impl Recipients {
-    /// The recipients of `[encryption]`, or None when objects are stored unencrypted.
-    pub fn from_config(config: &crate::config::Config) -> Option<Recipients> {
-        config.encryption.as_ref().map(|e| e.recipients.clone())
-    }
-
     pub fn parse(texts: &[String]) -> std::result::Result<Recipients, String> {
         let keys = texts
             .iter()
@@ -187,16 +182,12 @@ impl std::fmt::Debug for Keyring {
 }
 
 impl Keyring {
-    /// `LIFEBOAT_IDENTITY_FILE` if set, else `[encryption] identity_file`, else none.
-    pub fn from_config(config: &crate::config::Config) -> Keyring {
+    /// `LIFEBOAT_IDENTITY_FILE` if set, else the configured `identity_file`, else none.
+    pub fn from_env_or(identity_file: Option<PathBuf>) -> Keyring {
         if let Some(path) = std::env::var_os(IDENTITY_ENV).filter(|p| !p.is_empty()) {
             return Keyring::from_file(PathBuf::from(path), IDENTITY_ENV);
         }
-        match config
-            .encryption
-            .as_ref()
-            .and_then(|e| e.identity_file.clone())
-        {
+        match identity_file {
             Some(path) => Keyring::from_file(path, "identity_file in [encryption]"),
             None => Keyring::default(),
         }

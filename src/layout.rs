@@ -34,6 +34,28 @@ pub fn backup_prefix(job: &str, id: &str) -> String {
 pub const FILES_OBJECT: &str = "files.tar.zst";
 /// A physical backup's data directory, as a tar stream.
 pub const BASE_OBJECT: &str = "base.tar.zst";
+/// A logical PostgreSQL backup's roles and tablespaces (pg_dumpall --globals-only).
+pub const GLOBALS_OBJECT: &str = "globals.sql.zst";
+/// A Redis backup's one object: the RDB file.
+pub const RDB_OBJECT: &str = "dump.rdb.zst";
+
+/// `app` → `app.dump.zst`; bytes outside `[A-Za-z0-9_.-]` (and a leading '.') are
+/// percent-encoded, so any database name makes a safe object name.
+pub fn database_object_name(database: &str) -> String {
+    let mut name = String::new();
+    for (index, byte) in database.bytes().enumerate() {
+        let plain = byte.is_ascii_alphanumeric()
+            || byte == b'_'
+            || byte == b'-'
+            || (byte == b'.' && index > 0);
+        if plain {
+            name.push(byte as char);
+        } else {
+            name.push_str(&format!("%{byte:02X}"));
+        }
+    }
+    format!("{name}.dump.zst")
+}
 
 /// Whether the object of this logical name is a tar stream, which a restore unpacks.
 pub fn holds_tar(logical_name: &str) -> bool {
@@ -163,6 +185,23 @@ pub fn manifest_backup_id<'k>(job: &str, key: &'k str) -> Option<&'k str> {
     (name == MANIFEST_NAME && parse_backup_id(id).is_some()).then_some(id)
 }
 
+/// A tag unique to this run: `run` and 16 hex digits, from the system's random source.
+pub fn run_tag() -> String {
+    let mut bytes = [0u8; 8];
+    if getrandom::fill(&mut bytes).is_err() {
+        // Without a random source, the time in nanoseconds and the pid still differ per run.
+        let nanos = Utc::now().timestamp_nanos_opt().unwrap_or_default() as u64;
+        bytes = (nanos ^ (u64::from(std::process::id()) << 40)).to_be_bytes();
+    }
+    format!("run{}", hex::encode(bytes))
+}
+
+/// Whether `text` is a tag `run_tag` makes.
+pub fn is_run_tag(text: &str) -> bool {
+    text.strip_prefix("run")
+        .is_some_and(|hex| hex.len() == 16 && hex.bytes().all(|b| b.is_ascii_hexdigit()))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -212,5 +251,15 @@ mod tests {
             manifest_backup_id("db", "jobs/db/backups/x/manifest.json"),
             None
         );
+    }
+
+    #[test]
+    fn run_tags_are_recognised_and_differ() {
+        let (a, b) = (run_tag(), run_tag());
+        assert!(is_run_tag(&a) && is_run_tag(&b), "{a} {b}");
+        assert_ne!(a, b);
+        assert!(!is_run_tag("run0123"));
+        assert!(!is_run_tag("20261126T030000Z"));
+        assert!(!is_run_tag("runzzzzzzzzzzzzzzzz"));
     }
 }

@@ -239,7 +239,7 @@ impl ObjectEntry {
         let sealed = encrypted.unwrap_or(&self.name);
         match sealed.rsplit_once('.') {
             Some((logical, stamp))
-                if crate::claim::is_run_tag(stamp)
+                if crate::layout::is_run_tag(stamp)
                     || (encrypted.is_some() && crate::layout::parse_backup_id(stamp).is_some()) =>
             {
                 logical
@@ -441,7 +441,7 @@ mod tests {
         // A dot in a database's name is not a generation.
         entry.name = "my.db.dump.zst.age".to_string();
         assert_eq!(entry.logical_name(), "my.db.dump.zst");
-        let tag = crate::claim::run_tag();
+        let tag = crate::layout::run_tag();
         let tagged = ObjectEntry::stored_as("app.dump.zst", Some(&tag), &Digests::default(), None);
         assert_eq!(tagged.name, format!("app.dump.zst.{tag}"));
         assert_eq!(tagged.logical_name(), "app.dump.zst");

@@ -15,9 +15,9 @@ use std::path::Path;
 
 use chrono::{DateTime, Utc};
 
-use crate::commands::status::{self, StatusReport};
 use crate::config::Config;
 use crate::error::{Error, ErrorKind, Result};
+use crate::status::StatusReport;
 
 /// Metrics text under construction: each family's HELP and TYPE once, then its samples.
 #[derive(Default)]
@@ -61,7 +61,7 @@ fn seconds(at: DateTime<Utc>) -> f64 {
 pub fn render_status(report: &StatusReport) -> String {
     let mut out = Exposition::default();
     type Samples<'a> = Vec<(Vec<(&'a str, &'a str)>, f64)>;
-    let per_job = |value: &dyn Fn(&crate::commands::status::JobStatus) -> Option<f64>| -> Samples {
+    let per_job = |value: &dyn Fn(&crate::status::JobStatus) -> Option<f64>| -> Samples {
         report
             .jobs
             .iter()
@@ -150,7 +150,7 @@ pub fn render_status(report: &StatusReport) -> String {
         "RTO of a restore of the newest backup at the last drill's restore rate.",
         &per_job(&|job| job.projected_rto_seconds),
     );
-    let drill = |value: &dyn Fn(&crate::commands::status::LastDrill) -> f64| -> Samples {
+    let drill = |value: &dyn Fn(&crate::status::LastDrill) -> f64| -> Samples {
         report
             .jobs
             .iter()
@@ -428,26 +428,14 @@ pub fn write_atomic(dir: &Path, name: &str, text: &str) -> Result<()> {
     Ok(())
 }
 
-/// After a command that changed state: each run's outcome, then the state of every job as
-/// the repositories now show it. Best effort: the command succeeded or failed whatever
-/// happens here, so a failure is a warning, not its outcome. Nothing without `metrics_dir`.
-pub async fn record(config: &Config, runs: &[RunRecord<'_>]) {
-    let Some(dir) = &config.metrics_dir else {
-        return;
-    };
+/// Each run's outcome, in its own file (`lifeboat-COMMAND-JOB.prom`).
+pub fn write_runs(dir: &Path, runs: &[RunRecord<'_>]) -> Result<()> {
     let mut written = Ok(());
     for run in runs {
         let name = format!("lifeboat-{}-{}.prom", run.command, run.job);
         written = written.and(write_atomic(dir, &name, &render_run(run)));
     }
-    let options = status::StatusOptions { job: None };
-    written = match status::run(config, &options).await {
-        Ok(report) => written.and(write_status(dir, &report)),
-        Err(e) => written.and(Err(e)),
-    };
-    if let Err(e) = written {
-        tracing::warn!(error = %e.chain().join(": "), "metrics not written");
-    }
+    written
 }
 
 /// `lifeboat.prom` from a status report: what `status --write-metrics` (the status timer)

@@ -460,7 +460,7 @@ fn entries_a_backup_cannot_keep_are_named_and_the_rest_restores() {
     let source = work.path().join("src");
     tree::write_file(&source.join("app.conf"), b"kept\n", 0o644);
     let mut deep = source.join("deep");
-    for _ in 0..lifeboat::sources::files::MAX_DEPTH {
+    for _ in 0..lifeboat::archive::MAX_DEPTH {
         deep.push("d");
     }
     tree::write_file(&deep.join("f"), b"too deep\n", 0o644);

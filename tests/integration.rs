@@ -2,6 +2,7 @@
 
 mod common;
 
+mod architecture;
 mod bad_inputs;
 mod clocks;
 mod config_errors;

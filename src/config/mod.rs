@@ -353,6 +353,21 @@ pub struct Retention {
 }
 
 impl Config {
+    /// The recipients of `[encryption]`, or None when objects are stored unencrypted.
+    pub fn recipients(&self) -> Option<crate::keys::Recipients> {
+        self.encryption.as_ref().map(|e| e.recipients.clone())
+    }
+
+    /// The identities that open stored objects: `LIFEBOAT_IDENTITY_FILE` if set, else
+    /// `[encryption] identity_file`, else none.
+    pub fn keyring(&self) -> crate::keys::Keyring {
+        crate::keys::Keyring::from_env_or(
+            self.encryption
+                .as_ref()
+                .and_then(|e| e.identity_file.clone()),
+        )
+    }
+
     /// Reads and validates the config file at `path`.
     pub fn load(path: &Path) -> Result<Config> {
         let text = std::fs::read_to_string(path).map_err(|e| {

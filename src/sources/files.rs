@@ -9,23 +9,13 @@ use std::path::{Path, PathBuf};
 
 use globset::{Glob, GlobSet, GlobSetBuilder};
 
-use crate::archive::{self, EntryKind};
+use crate::archive::{self, EntryKind, MAX_DEPTH, MAX_SPARSE_SIZE};
 use crate::config::FilesJob;
 use crate::error::{Error, ErrorKind, Result};
 use crate::manifest::{MAX_NOT_STORED, NotStored};
 use crate::pax::{self, Inode};
 
 const READ_BUFFER: usize = 1024 * 1024;
-
-/// The deepest entry a restore makes, counted in archive names (the absolute path without
-/// its `/`). Configuration trees and data directories are a few levels deep; each level costs
-/// a restore a directory walk per entry and a descriptor while removing. A backup passes over
-/// deeper entries, naming them, rather than store what no restore would make.
-pub const MAX_DEPTH: usize = 128;
-
-/// The largest sparse file stored and restored: ext4's largest file. A restore reads its
-/// holes as zeros from the tar reader, so a larger one would keep it busy for days.
-pub const MAX_SPARSE_SIZE: u64 = 16 << 40;
 
 /// The most data extents a sparse file is stored with; one with more is stored whole, holes
 /// as zeros, because the tar reader's time grows with the square of their number.

@@ -114,8 +114,8 @@ fn running() -> std::sync::MutexGuard<'static, Vec<u32>> {
 }
 
 /// Kills every child started through this module that has not been reaped, with its
-/// process group. For an interrupted run, before it cleans up.
-pub fn kill_all() {
+/// process group: an interrupt's step before its undos.
+fn kill_all() -> Option<String> {
     for pid in running().drain(..) {
         // SAFETY: kill(2) on children this process started and has not reaped (a pid
         // leaves RUNNING before it is reaped, see `reap`). A child in its own group is
@@ -127,6 +127,7 @@ pub fn kill_all() {
             libc::kill(pid as libc::pid_t, libc::SIGKILL);
         }
     }
+    None
 }
 
 /// Waits for `child` to exit, takes it out of RUNNING, then reaps it: until it is reaped
@@ -168,6 +169,7 @@ fn spawn_registered(command: &mut Command) -> io::Result<std::process::Child> {
     let mut running = running();
     let child = command.spawn()?;
     running.push(child.id());
+    crate::interrupt::at_interrupt(crate::interrupt::Step::Kill, kill_all);
     Ok(child)
 }
 

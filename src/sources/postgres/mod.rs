@@ -17,10 +17,7 @@ mod tls;
 
 pub use binaries::Binaries;
 pub use connection::{ChildAuth, Connection};
-pub use scratch::{
-    ScratchCluster, ScratchDir, stop_taken as stop_scratch_clusters,
-    take_all as take_scratch_clusters,
-};
+pub use scratch::{ScratchCluster, ScratchDir};
 pub use target::{Session, Target};
 
 /// "unable to {what} on user@host:port/db", caused by the server's error.

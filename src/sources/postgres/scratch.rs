@@ -46,7 +46,7 @@ const PREFIX: &str = "lifeboat-drill-";
 const OWNER_FILE: &str = "lifeboat-drill.owner";
 
 /// Every scratch cluster running in this process (postmaster pid, directory), so that an
-/// interrupted drill can still remove them: `stop_all` runs from a signal handler's task
+/// interrupted drill can still remove them: `stop_seized` runs from a signal handler's task
 /// while the drill itself may be blocked waiting on pg_restore.
 static RUNNING: Mutex<Vec<(u32, PathBuf)>> = Mutex::new(Vec::new());
 
@@ -54,16 +54,32 @@ static RUNNING: Mutex<Vec<(u32, PathBuf)>> = Mutex::new(Vec::new());
 /// does not end the process halfway through.
 static STOPPING: Mutex<()> = Mutex::new(());
 
-/// The running scratch clusters, taken from their owners: from now on an owner that drops
-/// its cluster leaves the stopping to `stop_taken`. For an interrupt, first of all, so that
-/// what it does next (killing the clients) cannot hurry an owner into a stop of its own.
-pub fn take_all() -> Vec<(u32, PathBuf)> {
-    std::mem::take(&mut *RUNNING.lock().unwrap_or_else(|e| e.into_inner()))
+/// The clusters an interrupt took from their owners, for it to stop after its undos.
+static SEIZED: Mutex<Vec<(u32, PathBuf)>> = Mutex::new(Vec::new());
+
+/// An interrupt's first step: the running scratch clusters, taken from their owners. From
+/// now on an owner that drops its cluster leaves the stopping to `stop_seized`, so that what
+/// the interrupt does next (killing the clients) cannot hurry an owner into a stop of its own.
+fn seize_all() -> Option<String> {
+    let taken = std::mem::take(&mut *RUNNING.lock().unwrap_or_else(|e| e.into_inner()));
+    SEIZED
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .extend(taken);
+    None
 }
 
-/// Stops the scratch clusters `take_all` took (fast shutdown, SIGKILL after 30 s) and
+/// An interrupt's last step: the seized clusters stopped.
+fn stop_seized() -> Option<String> {
+    let seized = std::mem::take(&mut *SEIZED.lock().unwrap_or_else(|e| e.into_inner()));
+    let count = seized.len();
+    stop_taken(seized);
+    (count > 0).then(|| format!("{count} scratch cluster(s) stopped"))
+}
+
+/// Stops the scratch clusters `seize_all` took (fast shutdown, SIGKILL after 30 s) and
 /// removes their directories; then waits for an owner still stopping its own.
-pub fn stop_taken(taken: Vec<(u32, PathBuf)>) {
+fn stop_taken(taken: Vec<(u32, PathBuf)>) {
     for (pid, dir) in taken {
         // SAFETY: kill(2) and waitpid(2) on the pid of a postmaster this process started
         // and has not reaped (it is removed from RUNNING before its owner reaps it).
@@ -385,6 +401,8 @@ fn spawn_postmaster(
         error("unable to start the scratch cluster: cannot run postgres").with_source(e)
     })?;
     running.push((child.id(), dir.to_path_buf()));
+    crate::interrupt::at_interrupt(crate::interrupt::Step::Seize, seize_all);
+    crate::interrupt::at_interrupt(crate::interrupt::Step::Stop, stop_seized);
     Ok(child)
 }
 
@@ -554,7 +572,7 @@ impl ScratchCluster {
         };
         let mut running = RUNNING.lock().unwrap_or_else(|e| e.into_inner());
         let Some(index) = running.iter().position(|(pid, _)| *pid == child.id()) else {
-            // An interrupt's `stop_all` took it over (and reaps it).
+            // An interrupt's `seize_all` took it over (and `stop_seized` reaps it).
             return;
         };
         running.remove(index);

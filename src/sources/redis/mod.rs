@@ -18,9 +18,7 @@ use redis::{ConnectionAddr, IntoConnectionInfo, RedisConnectionInfo};
 
 pub use rdb::RdbCheck;
 pub use replication::{PayloadForm, SyncError, Synced};
-pub use scratch::{
-    PASSWORD_FILE as SCRATCH_PASSWORD_FILE, ScratchRedis, stop_all as stop_all_scratch_servers,
-};
+pub use scratch::{PASSWORD_FILE as SCRATCH_PASSWORD_FILE, ScratchRedis};
 
 use crate::config::RedisJob;
 use crate::error::{Error, ErrorKind, Result};

@@ -14,14 +14,16 @@ use crate::error::{Error, ErrorKind, Result};
 /// Pids of the scratch servers running in this process, for an interrupted run to stop.
 static RUNNING: std::sync::Mutex<Vec<u32>> = std::sync::Mutex::new(Vec::new());
 
-/// Stops every scratch redis-server this process started and still runs (SIGTERM).
-pub fn stop_all() {
+/// An interrupt's last step: every scratch redis-server this process started and still runs
+/// stopped (SIGTERM).
+fn stop_all() -> Option<String> {
     for pid in std::mem::take(&mut *RUNNING.lock().unwrap_or_else(|e| e.into_inner())) {
         // SAFETY: kill(2) on the pid of a redis-server this process started.
         unsafe {
             libc::kill(pid as i32, libc::SIGTERM);
         }
     }
+    None
 }
 
 fn forget_pid(pid: u32) {
@@ -117,6 +119,7 @@ impl ScratchRedis {
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
                 .push(child.id());
+            crate::interrupt::at_interrupt(crate::interrupt::Step::Stop, stop_all);
             scratch.child = Some(child);
             match scratch.wait_loaded().await {
                 Ok(()) => return Ok(scratch),

@@ -6,6 +6,6 @@ use libfuzzer_sys::fuzz_target;
 fuzz_target!(|data: &[u8]| {
     if let Ok(text) = std::str::from_utf8(data) {
         let _ =
-            lifeboat::commands::drill::Drill::parse(text, std::path::Path::new("/fuzz/drill.toml"));
+            lifeboat::drill::Drill::parse(text, std::path::Path::new("/fuzz/drill.toml"));
     }
 });

@@ -99,7 +99,7 @@ fuzz_target!(|data: &[u8]| {
     // An attribute for an archive to change or remove, where the filesystem keeps them.
     let _ = set_attribute(&fence.join("outside-file"), "user.origin", b"fence");
     let before = outside(scratch.path(), &root);
-    let restored = lifeboat::commands::restore::extract_tar(&mut &data[..], &root);
+    let restored = lifeboat::restore::extract_tar(&mut &data[..], &root);
     // What verify passes, a restore writes: the archive's own rules decide both.
     let checked = lifeboat::archive::check_archive(&mut &data[..]);
     if let (Err(e), Ok(_)) = (&restored, &checked) {
