@@ -76,60 +76,8 @@ pub async fn run(config: &Config) -> CheckReport {
     for (index, (repository_config, repository)) in
         config.repositories.iter().zip(&repositories).enumerate()
     {
-        let what = format!(
-            "repository '{}' ({})",
-            repository.name,
-            repository.store.location()
-        );
-        let lock_wanted =
-            matches!(&repository_config.location, Location::S3(s3) if s3.object_lock.is_some());
-        let probed = match probe(repository).await {
-            Ok(notes) => probe_lock(repository, lock_wanted).await.map(|lock| {
-                let mut notes = notes;
-                notes.extend(lock);
-                notes
-            }),
-            Err(e) => Err(e),
-        };
-        let probed = match probed {
-            Ok(notes) => clock_of(repository, config.max_clock_skew)
-                .await
-                .map(|clock| notes.into_iter().chain(clock).collect::<Vec<String>>()),
-            Err(e) => Err(e),
-        };
-        let probed = match probed {
-            Ok(mut notes) => {
-                notes.extend(versioning_of(repository, lock_wanted).await);
-                Ok(notes)
-            }
-            Err(e) => Err(e),
-        };
-        let wiped = markers.wiped(&repositories, index);
-        let probed =
-            probed.and_then(
-                |mut notes: Vec<String>| match (&markers.held[index], wiped) {
-                    (_, Some(wiped)) => Err(format!("{wiped}; {}", wiped.hints().join("; "))),
-                    (Ok(true), None) => Ok(notes),
-                    (Ok(false), None) => {
-                        notes.push(format!(
-                            "no marker '{}' yet: the first backup writes it",
-                            layout::MARKER_KEY
-                        ));
-                        Ok(notes)
-                    }
-                    (Err(e), None) => Err(e.chain().join(": ")),
-                },
-            );
-        let (problem, notes) = match probed {
-            Ok(notes) => (None, notes),
-            Err(e) => (Some(e), Vec::new()),
-        };
-        items.push(CheckItem {
-            what,
-            problem,
-            notes,
-            warnings: Vec::new(),
-        });
+        let place = (&repositories[..], &markers, index);
+        items.push(check_repository(config, repository_config, repository, place).await);
     }
     if config.encryption.is_some() {
         let (problem, notes) = match check_encryption(config) {
@@ -143,28 +91,7 @@ pub async fn run(config: &Config) -> CheckReport {
             warnings: Vec::new(),
         });
     }
-    if config.signing.key_file.is_some() || config.signing.trust.required() {
-        let (problem, notes) = match config.signing.signer() {
-            Ok(signer) => (
-                None,
-                signer
-                    .map(|signer| format!("signs manifests with key {}", signer.key_id()))
-                    .into_iter()
-                    .chain(config.signing.trust.required().then(|| {
-                        "trusted_signers set: manifests not signed by one of them are refused"
-                            .to_string()
-                    }))
-                    .collect(),
-            ),
-            Err(e) => (Some(e.chain().join(": ")), Vec::new()),
-        };
-        items.push(CheckItem {
-            what: "signing".to_string(),
-            problem,
-            notes,
-            warnings: Vec::new(),
-        });
-    }
+    items.extend(signing_item(config));
     if config.jobs.iter().any(|j| j.schedule.is_some())
         || config.schedules.prune.is_some()
         || config.schedules.replicate.is_some()
@@ -210,6 +137,95 @@ pub async fn run(config: &Config) -> CheckReport {
         config: config.path.display().to_string(),
         items,
     }
+}
+
+/// One repository: reachable, writable, its Object Lock, clock, versioning and marker.
+async fn check_repository(
+    config: &Config,
+    repository_config: &crate::config::RepositoryConfig,
+    repository: &Repository,
+    (repositories, markers, index): (&[Repository], &crate::repository::Markers, usize),
+) -> CheckItem {
+    let what = format!(
+        "repository '{}' ({})",
+        repository.name,
+        repository.store.location()
+    );
+    let lock_wanted =
+        matches!(&repository_config.location, Location::S3(s3) if s3.object_lock.is_some());
+    let probed = match probe(repository).await {
+        Ok(notes) => probe_lock(repository, lock_wanted).await.map(|lock| {
+            let mut notes = notes;
+            notes.extend(lock);
+            notes
+        }),
+        Err(e) => Err(e),
+    };
+    let probed = match probed {
+        Ok(notes) => clock_of(repository, config.max_clock_skew)
+            .await
+            .map(|clock| notes.into_iter().chain(clock).collect::<Vec<String>>()),
+        Err(e) => Err(e),
+    };
+    let probed = match probed {
+        Ok(mut notes) => {
+            notes.extend(versioning_of(repository, lock_wanted).await);
+            Ok(notes)
+        }
+        Err(e) => Err(e),
+    };
+    let wiped = markers.wiped(repositories, index);
+    let probed = probed.and_then(
+        |mut notes: Vec<String>| match (&markers.held[index], wiped) {
+            (_, Some(wiped)) => Err(format!("{wiped}; {}", wiped.hints().join("; "))),
+            (Ok(true), None) => Ok(notes),
+            (Ok(false), None) => {
+                notes.push(format!(
+                    "no marker '{}' yet: the first backup writes it",
+                    layout::MARKER_KEY
+                ));
+                Ok(notes)
+            }
+            (Err(e), None) => Err(e.chain().join(": ")),
+        },
+    );
+    let (problem, notes) = match probed {
+        Ok(notes) => (None, notes),
+        Err(e) => (Some(e), Vec::new()),
+    };
+    CheckItem {
+        what,
+        problem,
+        notes,
+        warnings: Vec::new(),
+    }
+}
+
+/// The signing key and trusted signers, when either is set.
+fn signing_item(config: &Config) -> Option<CheckItem> {
+    if config.signing.key_file.is_none() && !config.signing.trust.required() {
+        return None;
+    }
+    let (problem, notes) = match config.signing.signer() {
+        Ok(signer) => (
+            None,
+            signer
+                .map(|signer| format!("signs manifests with key {}", signer.key_id()))
+                .into_iter()
+                .chain(config.signing.trust.required().then(|| {
+                    "trusted_signers set: manifests not signed by one of them are refused"
+                        .to_string()
+                }))
+                .collect(),
+        ),
+        Err(e) => (Some(e.chain().join(": ")), Vec::new()),
+    };
+    Some(CheckItem {
+        what: "signing".to_string(),
+        problem,
+        notes,
+        warnings: Vec::new(),
+    })
 }
 
 /// A schedule whose runs are further apart than the RPO keeps the job in breach between

@@ -57,10 +57,48 @@ fn seconds(at: DateTime<Utc>) -> f64 {
     at.timestamp_micros() as f64 / 1e6
 }
 
+type Samples<'a> = Vec<(Vec<(&'a str, &'a str)>, f64)>;
+
+/// Each job's last drill: when, whether it passed, what it measured.
+fn drill_families(out: &mut Exposition, report: &StatusReport) {
+    let drill = |value: &dyn Fn(&crate::status::LastDrill) -> f64| -> Samples {
+        report
+            .jobs
+            .iter()
+            .filter_map(|job| {
+                let last = job.last_drill.as_ref()?;
+                Some((
+                    vec![("job", job.job.as_str()), ("drill", last.drill.as_str())],
+                    value(last),
+                ))
+            })
+            .collect()
+    };
+    out.family(
+        "lifeboat_drill_last_timestamp_seconds",
+        "When the job's last drill declared its disaster.",
+        &drill(&|d| seconds(d.declared_at)),
+    );
+    out.family(
+        "lifeboat_drill_last_passed",
+        "1 if the job's last drill passed, 0 if it failed.",
+        &drill(&|d| if d.passed { 1.0 } else { 0.0 }),
+    );
+    out.family(
+        "lifeboat_drill_last_rto_seconds",
+        "RTO measured by the job's last drill.",
+        &drill(&|d| d.rto_seconds),
+    );
+    out.family(
+        "lifeboat_drill_last_rpo_seconds",
+        "RPO measured by the job's last drill.",
+        &drill(&|d| d.rpo_seconds),
+    );
+}
+
 /// `lifeboat.prom`: the state of every job as the repositories show it.
 pub fn render_status(report: &StatusReport) -> String {
     let mut out = Exposition::default();
-    type Samples<'a> = Vec<(Vec<(&'a str, &'a str)>, f64)>;
     let per_job = |value: &dyn Fn(&crate::status::JobStatus) -> Option<f64>| -> Samples {
         report
             .jobs
@@ -150,39 +188,7 @@ pub fn render_status(report: &StatusReport) -> String {
         "RTO of a restore of the newest backup at the last drill's restore rate.",
         &per_job(&|job| job.projected_rto_seconds),
     );
-    let drill = |value: &dyn Fn(&crate::status::LastDrill) -> f64| -> Samples {
-        report
-            .jobs
-            .iter()
-            .filter_map(|job| {
-                let last = job.last_drill.as_ref()?;
-                Some((
-                    vec![("job", job.job.as_str()), ("drill", last.drill.as_str())],
-                    value(last),
-                ))
-            })
-            .collect()
-    };
-    out.family(
-        "lifeboat_drill_last_timestamp_seconds",
-        "When the job's last drill declared its disaster.",
-        &drill(&|d| seconds(d.declared_at)),
-    );
-    out.family(
-        "lifeboat_drill_last_passed",
-        "1 if the job's last drill passed, 0 if it failed.",
-        &drill(&|d| if d.passed { 1.0 } else { 0.0 }),
-    );
-    out.family(
-        "lifeboat_drill_last_rto_seconds",
-        "RTO measured by the job's last drill.",
-        &drill(&|d| d.rto_seconds),
-    );
-    out.family(
-        "lifeboat_drill_last_rpo_seconds",
-        "RPO measured by the job's last drill.",
-        &drill(&|d| d.rpo_seconds),
-    );
+    drill_families(&mut out, report);
     out.family(
         "lifeboat_status_timestamp_seconds",
         "When these metrics were read from the repositories.",

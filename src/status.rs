@@ -14,8 +14,9 @@ use crate::config::{Config, JobConfig, JobSource, PostgresMode};
 use crate::drill::{HistoryRow, history};
 use crate::error::Result;
 use crate::human::human_duration;
-use crate::inventory::{self, Presence};
+use crate::inventory::{self, Presence, Survey};
 use crate::layout;
+use crate::manifest::Manifest;
 use crate::repository::Repository;
 use crate::storage::{self, ObjectMeta};
 
@@ -159,6 +160,35 @@ pub async fn run(config: &Config, options: &StatusOptions) -> Result<StatusRepor
     Ok(report)
 }
 
+impl JobStatus {
+    /// Nothing known yet: OK until a check flags a problem.
+    fn new(job: &JobConfig, config: &Config) -> JobStatus {
+        JobStatus {
+            job: job.name.clone(),
+            kind: job.kind_name(),
+            state: State::Ok,
+            problems: Vec::new(),
+            newest_backup: None,
+            recovery_point: None,
+            newest_raw_bytes: None,
+            newest_stored_bytes: None,
+            newest_duration_seconds: None,
+            newest_wal_at: None,
+            gap_free_wal_at: None,
+            wal_gap: None,
+            restorable_point: None,
+            exposure_seconds: None,
+            rpo_target_seconds: config.targets.rpo.as_secs_f64(),
+            present_in: Vec::new(),
+            missing_from: Vec::new(),
+            unreachable: Vec::new(),
+            last_drill: None,
+            projected_rto_seconds: None,
+            rto_target_seconds: config.targets.rto.as_secs_f64(),
+        }
+    }
+}
+
 async fn job_status(
     config: &Config,
     job: &JobConfig,
@@ -167,29 +197,7 @@ async fn job_status(
     drills: &[HistoryRow],
     now: DateTime<Utc>,
 ) -> JobStatus {
-    let mut status = JobStatus {
-        job: job.name.clone(),
-        kind: job.kind_name(),
-        state: State::Ok,
-        problems: Vec::new(),
-        newest_backup: None,
-        recovery_point: None,
-        newest_raw_bytes: None,
-        newest_stored_bytes: None,
-        newest_duration_seconds: None,
-        newest_wal_at: None,
-        gap_free_wal_at: None,
-        wal_gap: None,
-        restorable_point: None,
-        exposure_seconds: None,
-        rpo_target_seconds: config.targets.rpo.as_secs_f64(),
-        present_in: Vec::new(),
-        missing_from: Vec::new(),
-        unreachable: Vec::new(),
-        last_drill: None,
-        projected_rto_seconds: None,
-        rto_target_seconds: config.targets.rto.as_secs_f64(),
-    };
+    let mut status = JobStatus::new(job, config);
     let survey = inventory::survey(repositories, &job.name).await;
     status.unreachable = survey.unreachable.iter().map(|(n, _)| n.clone()).collect();
     for (name, reason) in &survey.unreachable {
@@ -221,13 +229,84 @@ async fn job_status(
         status.flag(State::Critical, "no backup in any repository".to_string());
         return status;
     }
+    let Some((newest, manifest)) = newest_complete(&survey, &job.name, &mut status).await else {
+        return status;
+    };
+    if !status.missing_from.is_empty() {
+        status.flag(
+            State::Warning,
+            format!(
+                "newest backup {newest} is missing from {} (run `lifeboat replicate {}`)",
+                status.missing_from.join(", "),
+                job.name
+            ),
+        );
+    }
+    let dated = layout::parse_backup_id(&newest)
+        .unwrap_or(manifest.finished_at)
+        .max(manifest.finished_at)
+        .max(manifest.recovery_point);
+    if crate::clock::in_the_future(dated, now, config.max_clock_skew) {
+        status.flag(
+            State::Critical,
+            format!(
+                "newest backup {newest} is dated in the future ({}, now {}): host '{}' made it with a clock running fast (or a repository's clock stepped back), and it sorts as newer than every backup made since",
+                dated.format("%Y-%m-%d %H:%M:%S UTC"),
+                now.format("%Y-%m-%d %H:%M:%S UTC"),
+                manifest.host
+            ),
+        );
+    }
+    status.newest_backup = Some(newest.clone());
+    status.recovery_point = Some(manifest.recovery_point);
+    status.newest_raw_bytes = Some(manifest.raw_size());
+    status.newest_stored_bytes = Some(manifest.objects.iter().map(|o| o.size).sum());
+    status.newest_duration_seconds = Some(
+        (manifest.finished_at - manifest.started_at)
+            .to_std()
+            .unwrap_or_default()
+            .as_secs_f64(),
+    );
+    let mut restorable = manifest.recovery_point;
+    if matches!(&job.source, JobSource::Postgres(p) if p.mode == PostgresMode::Physical) {
+        restorable = wal_reach(&survey, &job.name, &newest, &manifest, &mut status).await;
+    }
+    status.restorable_point = Some(restorable);
+    let exposure = (now - restorable).to_std().unwrap_or_default();
+    status.exposure_seconds = Some(exposure.as_secs_f64());
+    judge_against(
+        &mut status,
+        "RPO",
+        exposure,
+        config.targets.rpo,
+        "newest restorable point is",
+    );
+
+    judge_drill(
+        &mut status,
+        drills.iter().find(|row| row.job == job.name),
+        &manifest,
+        config,
+        now,
+    );
+    status
+}
+
+/// The newest backup complete in some repository, with the repositories it is complete
+/// in; the newer ones that restore nowhere are flagged.
+async fn newest_complete(
+    survey: &Survey<'_>,
+    job: &str,
+    status: &mut JobStatus,
+) -> Option<(String, Manifest)> {
+    let committed = survey.committed_ids();
     // A backup counts from the newest one complete somewhere: one whose object is missing or
     // at the wrong size in every repository restores nowhere, and RPO is measured past it.
     let mut incomplete: Vec<String> = Vec::new();
     let mut unreadable: Vec<String> = Vec::new();
     let mut chosen = None;
     for id in committed.iter().rev() {
-        let Some((manifest, _, _)) = survey.manifest(&job.name, id).await else {
+        let Some((manifest, _, _)) = survey.manifest(job, id).await else {
             // Damaged everywhere, or (with trusted_signers) not signed by a trusted key.
             unreadable.push(id.clone());
             continue;
@@ -240,7 +319,7 @@ async fn job_status(
                     inventory::Survey::presence_in(
                         repository,
                         holding,
-                        &job.name,
+                        job,
                         id,
                         &expected,
                         Some(&manifest),
@@ -282,122 +361,95 @@ async fn job_status(
             format!(
                 "backup(s) {}: no repository holds a manifest that reads (damaged, or not signed by a trusted key); run `lifeboat verify {}`",
                 unreadable.join(", "),
-                job.name
+                job
             ),
         );
     }
-    let Some((newest, manifest)) = chosen else {
+    if chosen.is_none() {
         status.flag(
             State::Critical,
             "no backup is complete in any repository".to_string(),
         );
-        return status;
-    };
-    if !status.missing_from.is_empty() {
-        status.flag(
-            State::Warning,
-            format!(
-                "newest backup {newest} is missing from {} (run `lifeboat replicate {}`)",
-                status.missing_from.join(", "),
-                job.name
-            ),
-        );
     }
-    let dated = layout::parse_backup_id(&newest)
-        .unwrap_or(manifest.finished_at)
-        .max(manifest.finished_at)
-        .max(manifest.recovery_point);
-    if crate::clock::in_the_future(dated, now, config.max_clock_skew) {
-        status.flag(
+    chosen
+}
+
+/// How far the WAL archive carries the newest backup of a physical job: the restorable
+/// point, with gaps and unfollowable timelines flagged.
+async fn wal_reach(
+    survey: &Survey<'_>,
+    job: &str,
+    newest: &str,
+    manifest: &Manifest,
+    status: &mut JobStatus,
+) -> DateTime<Utc> {
+    let mut restorable = manifest.recovery_point;
+    status.newest_wal_at = newest_wal(survey, job).await;
+    let listed: Vec<Repository> = survey.listed.iter().map(|(r, _)| (*r).clone()).collect();
+    match crate::continuity::reach_of_manifest(&listed, manifest, Default::default(), None).await {
+        Ok(Some((reach, _, _))) => {
+            status.gap_free_wal_at = reach.gap_free_end.as_ref().and_then(|end| end.stored_at);
+            if let Some(lost) = reach.lost_range() {
+                let end = reach.gap_free_end.as_ref();
+                status.flag(
+                    State::Critical,
+                    format!(
+                        "WAL archive gap: segment {} is in no repository, so recovery from {newest} stops at the end of {} (stored {}) and the WAL archived after it, {lost}, cannot be replayed",
+                        reach.first_missing,
+                        end.map_or("its first segment", |end| end.name.as_str()),
+                        crate::continuity::describe_time(end.and_then(|end| end.stored_at))
+                    ),
+                );
+                status.wal_gap = Some(reach.first_missing.clone());
+            }
+            if let Some(unfollowed) = &reach.unfollowed {
+                status.flag(
+                    State::Critical,
+                    format!(
+                        "WAL of a later timeline is archived (from {unfollowed}) but its history file, {}.history, or one before it, is in no repository: recovery cannot follow it",
+                        &unfollowed[..8]
+                    ),
+                );
+            }
+            restorable = restorable.max(status.gap_free_wal_at.unwrap_or(restorable));
+        }
+        Ok(None) => {
+            restorable = restorable.max(status.newest_wal_at.unwrap_or(restorable));
+        }
+        // What the archive holds contradicts the backup: that is known, not unknown.
+        Err(e) if e.kind() == crate::error::ErrorKind::Verification => status.flag(
             State::Critical,
             format!(
-                "newest backup {newest} is dated in the future ({}, now {}): host '{}' made it with a clock running fast (or a repository's clock stepped back), and it sorts as newer than every backup made since",
-                dated.format("%Y-%m-%d %H:%M:%S UTC"),
-                now.format("%Y-%m-%d %H:%M:%S UTC"),
-                manifest.host
+                "the newest backup {newest} cannot be recovered along the archive: {}",
+                e.chain().join(": ")
             ),
-        );
+        ),
+        Err(e) => status.flag(
+            State::Unknown,
+            format!(
+                "the WAL archive's continuity could not be checked: {}",
+                e.chain().join(": ")
+            ),
+        ),
     }
-    status.newest_backup = Some(newest.clone());
-    status.recovery_point = Some(manifest.recovery_point);
-    status.newest_raw_bytes = Some(manifest.raw_size());
-    status.newest_stored_bytes = Some(manifest.objects.iter().map(|o| o.size).sum());
-    status.newest_duration_seconds = Some(
-        (manifest.finished_at - manifest.started_at)
-            .to_std()
-            .unwrap_or_default()
-            .as_secs_f64(),
-    );
-    let mut restorable = manifest.recovery_point;
-    if matches!(&job.source, JobSource::Postgres(p) if p.mode == PostgresMode::Physical) {
-        status.newest_wal_at = newest_wal(&survey, &job.name).await;
-        let listed: Vec<Repository> = survey.listed.iter().map(|(r, _)| (*r).clone()).collect();
-        match crate::continuity::reach_of_manifest(&listed, &manifest, Default::default(), None)
-            .await
-        {
-            Ok(Some((reach, _, _))) => {
-                status.gap_free_wal_at = reach.gap_free_end.as_ref().and_then(|end| end.stored_at);
-                if let Some(lost) = reach.lost_range() {
-                    let end = reach.gap_free_end.as_ref();
-                    status.flag(
-                        State::Critical,
-                        format!(
-                            "WAL archive gap: segment {} is in no repository, so recovery from {newest} stops at the end of {} (stored {}) and the WAL archived after it, {lost}, cannot be replayed",
-                            reach.first_missing,
-                            end.map_or("its first segment", |end| end.name.as_str()),
-                            crate::continuity::describe_time(end.and_then(|end| end.stored_at))
-                        ),
-                    );
-                    status.wal_gap = Some(reach.first_missing.clone());
-                }
-                if let Some(unfollowed) = &reach.unfollowed {
-                    status.flag(
-                        State::Critical,
-                        format!(
-                            "WAL of a later timeline is archived (from {unfollowed}) but its history file, {}.history, or one before it, is in no repository: recovery cannot follow it",
-                            &unfollowed[..8]
-                        ),
-                    );
-                }
-                restorable = restorable.max(status.gap_free_wal_at.unwrap_or(restorable));
-            }
-            Ok(None) => {
-                restorable = restorable.max(status.newest_wal_at.unwrap_or(restorable));
-            }
-            // What the archive holds contradicts the backup: that is known, not unknown.
-            Err(e) if e.kind() == crate::error::ErrorKind::Verification => status.flag(
-                State::Critical,
-                format!(
-                    "the newest backup {newest} cannot be recovered along the archive: {}",
-                    e.chain().join(": ")
-                ),
-            ),
-            Err(e) => status.flag(
-                State::Unknown,
-                format!(
-                    "the WAL archive's continuity could not be checked: {}",
-                    e.chain().join(": ")
-                ),
-            ),
-        }
-    }
-    status.restorable_point = Some(restorable);
-    let exposure = (now - restorable).to_std().unwrap_or_default();
-    status.exposure_seconds = Some(exposure.as_secs_f64());
-    judge_against(
-        &mut status,
-        "RPO",
-        exposure,
-        config.targets.rpo,
-        "newest restorable point is",
-    );
+    restorable
+}
 
-    let Some(drill) = drills.iter().find(|row| row.job == job.name) else {
+/// The last drill of the job: how old, whether it passed, and the restore time it projects
+/// for the newest backup.
+fn judge_drill(
+    status: &mut JobStatus,
+    drill: Option<&HistoryRow>,
+    manifest: &Manifest,
+    config: &Config,
+    now: DateTime<Utc>,
+) {
+    let Some(drill) = drill else {
         status.flag(
             State::Warning,
             "no drill on record: these backups are not proven to restore".to_string(),
         );
-        return status;
+        return;
     };
     status.last_drill = Some(LastDrill {
         drill: drill.drill.clone(),
@@ -433,14 +485,13 @@ async fn job_status(
             drill.rto_seconds - drill.restore_seconds + manifest.raw_size() as f64 / rate;
         status.projected_rto_seconds = Some(projected);
         judge_against(
-            &mut status,
+            status,
             "RTO",
             Duration::from_secs_f64(projected.max(0.0)),
             config.targets.rto,
             "projected restore of the newest backup takes",
         );
     }
-    status
 }
 
 /// CRITICAL past the target, WARNING past 80% of it.

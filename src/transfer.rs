@@ -121,26 +121,7 @@ where
     let produced = producer.await.unwrap_or_else(|e| {
         Err(Error::new(ErrorKind::Source, "the backup source stopped unexpectedly").with_source(e))
     });
-    // Each repository's outcome: stored (with the size it took), or why not. An upload the
-    // producer abandoned is no fault of the repository.
-    let mut outcomes: Vec<std::result::Result<u64, Option<Error>>> = Vec::new();
-    for (repository, upload) in repositories.iter().zip(uploads) {
-        outcomes.push(match upload.await {
-            Ok(Ok(receipt)) => Ok(receipt.size),
-            Ok(Err(StoreError::Abandoned { .. })) => Err(None),
-            Ok(Err(e)) => Err(Some(repository.error(&format!("store object '{key}'"), e))),
-            Err(e) => Err(Some(
-                Error::new(
-                    ErrorKind::Storage,
-                    format!(
-                        "unable to store object '{key}' in repository '{}'",
-                        repository.name
-                    ),
-                )
-                .with_source(e),
-            )),
-        });
-    }
+    let outcomes = upload_outcomes(repositories, uploads, key).await;
     let (digests, value) = match produced {
         Ok(produced) => produced,
         // The source failed, or stopped because every repository had (a full disk, a
@@ -194,6 +175,36 @@ where
         value,
         failed,
     })
+}
+
+/// Each repository's outcome: stored (with the size it took), or why not. An upload the
+/// producer abandoned is no fault of the repository (`Err(None)`).
+async fn upload_outcomes(
+    repositories: &[Repository],
+    uploads: Vec<
+        tokio::task::JoinHandle<std::result::Result<crate::storage::PutReceipt, StoreError>>,
+    >,
+    key: &str,
+) -> Vec<std::result::Result<u64, Option<Error>>> {
+    let mut outcomes: Vec<std::result::Result<u64, Option<Error>>> = Vec::new();
+    for (repository, upload) in repositories.iter().zip(uploads) {
+        outcomes.push(match upload.await {
+            Ok(Ok(receipt)) => Ok(receipt.size),
+            Ok(Err(StoreError::Abandoned { .. })) => Err(None),
+            Ok(Err(e)) => Err(Some(repository.error(&format!("store object '{key}'"), e))),
+            Err(e) => Err(Some(
+                Error::new(
+                    ErrorKind::Storage,
+                    format!(
+                        "unable to store object '{key}' in repository '{}'",
+                        repository.name
+                    ),
+                )
+                .with_source(e),
+            )),
+        });
+    }
+    outcomes
 }
 
 /// "jobs/db/backups/ID/app.dump.zst" → "db/ID/app.dump.zst", for progress lines.

@@ -249,26 +249,12 @@ pub async fn run(config: &Config, options: &VerifyOptions) -> Result<VerifyRepor
                 }
             }
         }
-        let mut ids: Vec<String> = listed.iter().flat_map(|(_, ids)| ids.clone()).collect();
-        ids.sort_unstable_by(|a, b| b.cmp(a));
-        ids.dedup();
-        let ids = match options.backup.as_deref() {
-            None => ids,
-            Some("latest") => ids.into_iter().take(1).collect(),
-            Some(wanted) if ids.iter().any(|id| id == wanted) => vec![wanted.to_string()],
-            Some(wanted) => {
-                return Err(Error::new(
-                    ErrorKind::NotFound,
-                    format!(
-                        "unable to find backup '{wanted}' of job '{job}' in {}",
-                        report.repositories.join(", ")
-                    ),
-                )
-                .with_hint(format!(
-                    "run `lifeboat list {job}` to see the backups each repository holds"
-                )));
-            }
-        };
+        let ids = chosen_ids(
+            &listed,
+            options.backup.as_deref(),
+            job,
+            &report.repositories,
+        )?;
         for id in ids {
             report.backups += 1;
             let sources: Vec<&Repository> = listed
@@ -301,6 +287,34 @@ pub async fn run(config: &Config, options: &VerifyOptions) -> Result<VerifyRepor
         }
     }
     Ok(report)
+}
+
+/// The backups to verify, newest first: every id any repository listed, the newest, or
+/// the one `wanted`.
+fn chosen_ids(
+    listed: &[(&Repository, Vec<String>)],
+    wanted: Option<&str>,
+    job: &str,
+    repositories: &[String],
+) -> Result<Vec<String>> {
+    let mut ids: Vec<String> = listed.iter().flat_map(|(_, ids)| ids.clone()).collect();
+    ids.sort_unstable_by(|a, b| b.cmp(a));
+    ids.dedup();
+    match wanted {
+        None => Ok(ids),
+        Some("latest") => Ok(ids.into_iter().take(1).collect()),
+        Some(wanted) if ids.iter().any(|id| id == wanted) => Ok(vec![wanted.to_string()]),
+        Some(wanted) => Err(Error::new(
+            ErrorKind::NotFound,
+            format!(
+                "unable to find backup '{wanted}' of job '{job}' in {}",
+                repositories.join(", ")
+            ),
+        )
+        .with_hint(format!(
+            "run `lifeboat list {job}` to see the backups each repository holds"
+        ))),
+    }
 }
 
 /// When a backup last checked out intact: `prune` never removes the newest such backup.

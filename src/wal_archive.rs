@@ -136,40 +136,9 @@ enum Placed {
 pub async fn push(config: &Config, options: &WalPushOptions) -> Result<WalPushReport> {
     let clock = Instant::now();
     let job = physical_job(config, options.job.as_deref())?;
-    let name = options
-        .path
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    let file = wal_file(&name)?;
-    let raw = tokio::fs::read(&options.path).await.map_err(|e| {
-        Error::new(
-            ErrorKind::Source,
-            format!(
-                "unable to read WAL file '{}' for job '{}'",
-                options.path.display(),
-                job.name
-            ),
-        )
-        .with_source(e)
-    })?;
+    let (file, raw, header) = read_checked(&options.path, &job.name).await?;
+    let name = file.name.clone();
     let raw_size = raw.len() as u64;
-    let header = match file.kind {
-        WalFileKind::Segment | WalFileKind::Partial => {
-            Some(wal::check_segment(&file, &raw).map_err(|problem| {
-                refusal(&file, &job.name, &problem).with_hint(format!(
-                    "PostgreSQL keeps the file and calls again; look at '{}' (a damaged disk, a file copied in by hand, a pg_wal of another cluster)",
-                    options.path.display()
-                ))
-            })?)
-        }
-        WalFileKind::History => {
-            wal::check_history(file.timeline, &raw)
-                .map_err(|problem| refusal(&file, &job.name, &format!("it is no timeline history: {problem}")))?;
-            None
-        }
-        WalFileKind::BackupLabel => None,
-    };
     let level = config.compression.level;
     let threads = config.compression.threads;
     let recipients = match encrypts(config, &file) {
@@ -278,6 +247,47 @@ pub async fn push(config: &Config, options: &WalPushOptions) -> Result<WalPushRe
     }
     report.duration = clock.elapsed();
     Ok(report)
+}
+
+/// The WAL file at `path`, read whole and checked to be what its name says: a segment of
+/// this cluster's kind (its page header), or a timeline history.
+async fn read_checked(
+    path: &std::path::Path,
+    job: &str,
+) -> Result<(WalFile, Vec<u8>, Option<wal::SegmentHeader>)> {
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let file = wal_file(&name)?;
+    let raw = tokio::fs::read(&path).await.map_err(|e| {
+        Error::new(
+            ErrorKind::Source,
+            format!(
+                "unable to read WAL file '{}' for job '{}'",
+                path.display(),
+                job
+            ),
+        )
+        .with_source(e)
+    })?;
+    let header = match file.kind {
+        WalFileKind::Segment | WalFileKind::Partial => {
+            Some(wal::check_segment(&file, &raw).map_err(|problem| {
+                refusal(&file, job, &problem).with_hint(format!(
+                    "PostgreSQL keeps the file and calls again; look at '{}' (a damaged disk, a file copied in by hand, a pg_wal of another cluster)",
+                    path.display()
+                ))
+            })?)
+        }
+        WalFileKind::History => {
+            wal::check_history(file.timeline, &raw)
+                .map_err(|problem| refusal(&file, job, &format!("it is no timeline history: {problem}")))?;
+            None
+        }
+        WalFileKind::BackupLabel => None,
+    };
+    Ok((file, raw, header))
 }
 
 fn refusal(file: &WalFile, job: &str, problem: &str) -> Error {

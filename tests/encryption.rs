@@ -525,20 +525,62 @@ async fn an_encrypted_physical_backup_and_its_wal_replay_with_the_key_and_only_w
             .unwrap()
             .success()
     );
-    let rekey = with_identity(
+    let rekey_args = [
+        "rekey",
+        "--add-recipient",
+        &new_recipient,
+        "--remove-recipient",
+        &recipient,
+        // Away from the key this host holds: a new key proven elsewhere.
+        "--force",
+        "--format",
+        "json",
+    ];
+    // The plan a dry run prints is what the rekey then re-encrypts.
+    let planned = with_identity(
         &config,
         &identity,
-        &[
-            "rekey",
-            "--add-recipient",
-            &new_recipient,
-            "--remove-recipient",
-            &recipient,
-            // Away from the key this host holds: a new key proven elsewhere.
-            "--force",
-        ],
+        &[&rekey_args[..], &["--dry-run"]].concat(),
     );
+    planned.assert_code(0);
+    let rekey = with_identity(&config, &identity, &rekey_args);
     rekey.assert_code(0);
+    let planned: serde_json::Value = serde_json::from_str(&planned.stdout).unwrap();
+    let done: serde_json::Value = serde_json::from_str(&rekey.stdout).unwrap();
+    let plan_of = |report: &serde_json::Value| -> Vec<serde_json::Value> {
+        let fields = [
+            "repository",
+            "backups_rekeyed",
+            "backups_already",
+            "objects_rekeyed",
+        ];
+        let wal = ["wal_rekeyed", "wal_already", "failures"];
+        report["repositories"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|r| {
+                fields
+                    .iter()
+                    .chain(&wal)
+                    .map(|f| (f.to_string(), r[f].clone()))
+                    .collect()
+            })
+            .collect()
+    };
+    assert_eq!(plan_of(&planned), plan_of(&done), "{done:#}");
+    assert_eq!(planned["recipients"], done["recipients"]);
+    assert!(
+        done["repositories"][0]["wal_rekeyed"].as_u64().unwrap() > 0,
+        "{done:#}"
+    );
+    assert!(
+        !done["repositories"][0]["backups_rekeyed"]
+            .as_array()
+            .unwrap()
+            .is_empty(),
+        "{done:#}"
+    );
     let mut sealed: Vec<String> = region
         .keys(BUCKET, &format!("{PREFIX}/jobs/{PHYSICAL_JOB}/"))
         .await

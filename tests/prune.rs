@@ -121,6 +121,19 @@ async fn prune_keeps_exactly_the_plan_in_three_repositories_and_kept_backups_sti
             .to_string()
     };
 
+    // What an interrupted backup left: objects and no manifest.
+    let leftover = "20200101T000000Z";
+    east.client()
+        .put_object()
+        .bucket(BUCKET)
+        .key(format!(
+            "{PREFIX}/jobs/{JOB}/backups/{leftover}/base.tar.zst"
+        ))
+        .body(b"partial".to_vec().into())
+        .send()
+        .await
+        .unwrap();
+
     let mut before = Vec::new();
     for (region, bucket) in buckets {
         before.push(region.listing(bucket, "").await);
@@ -157,14 +170,40 @@ async fn prune_keeps_exactly_the_plan_in_three_repositories_and_kept_backups_sti
         );
     }
 
-    let run = lifeboat(&config, &["prune"]);
+    // The plan a dry run prints is the one the prune then carries out, item by item.
+    let prune = ["prune", "--grace", "0s", "--format", "json"];
+    let planned = lifeboat(&config, &[&prune[..], &["--dry-run"]].concat());
+    planned.assert_code(0);
+    let run = lifeboat(&config, &prune);
     run.assert_code(0);
+    let (planned, done): (serde_json::Value, serde_json::Value) = (
+        serde_json::from_str(&planned.stdout).unwrap(),
+        serde_json::from_str(&run.stdout).unwrap(),
+    );
+    assert_eq!(planned["dry_run"], true);
+    assert_eq!(done["dry_run"], false);
+    assert_eq!(plan_of(&planned), plan_of(&done));
+    let backups = done["jobs"][0]["backups"].as_array().unwrap();
     assert!(
-        run.stdout
-            .lines()
-            .any(|l| l.contains(&verified) && l.contains("newest verified")),
-        "{}",
-        run.stdout
+        backups.iter().any(|b| b["id"] == verified.as_str()
+            && b["reasons"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|r| r == "newest verified")),
+        "{done:#}"
+    );
+    let removed_wal: u64 = done["jobs"][0]["wal"]["repositories"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["removed"].as_u64().unwrap())
+        .sum();
+    assert!(removed_wal > 0, "{done:#}");
+    let leftovers = done["jobs"][0]["leftovers"].as_array().unwrap();
+    assert!(
+        leftovers.len() == 1 && leftovers[0]["id"] == leftover && leftovers[0]["removed"] == true,
+        "{done:#}"
     );
     let kept: BTreeSet<String> = [ids[1].clone(), ids[3].clone()].into();
     for (region, bucket) in buckets {
@@ -204,6 +243,34 @@ async fn prune_keeps_exactly_the_plan_in_three_repositories_and_kept_backups_sti
             "rows after restoring {id} and replaying the archive"
         );
     }
+}
+
+/// A prune report without what only applying it tells (what was done, retained, failed):
+/// the plan it carried out.
+fn plan_of(report: &serde_json::Value) -> serde_json::Value {
+    let mut plan = report.clone();
+    plan.as_object_mut().unwrap().remove("dry_run");
+    for job in plan["jobs"].as_array_mut().unwrap() {
+        let job = job.as_object_mut().unwrap();
+        for done in ["recorded", "versions_removed", "failures"] {
+            job.remove(done);
+        }
+        let drop = |items: &mut serde_json::Value, fields: &[&str]| {
+            for item in items.as_array_mut().into_iter().flatten() {
+                for field in fields {
+                    item.as_object_mut().unwrap().remove(*field);
+                }
+            }
+        };
+        drop(&mut job["backups"], &["retained"]);
+        drop(&mut job["leftovers"], &["removed", "retained"]);
+        drop(&mut job["stale_uploads"], &["aborted"]);
+        drop(&mut job["stale_claims"], &["removed"]);
+        if job["wal"].is_object() {
+            drop(&mut job["wal"]["repositories"], &["retained", "versions"]);
+        }
+    }
+    plan
 }
 
 /// Every manifest in the listing names objects that are there at their recorded size.

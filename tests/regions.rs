@@ -171,12 +171,35 @@ async fn a_region_lost_mid_backup_is_named_and_replicated_when_back() {
         "a dry run copies nothing"
     );
 
-    let replicate = lifeboat(&config, &["replicate", "maindb"]);
+    // The plan a dry run prints is what replicate then does, action by action.
+    let planned = lifeboat(
+        &config,
+        &["replicate", "maindb", "--dry-run", "--format", "json"],
+    );
+    planned.assert_code(0);
+    let replicate = lifeboat(&config, &["replicate", "maindb", "--format", "json"]);
     replicate.assert_code(0);
+    let (planned, done): (serde_json::Value, serde_json::Value) = (
+        serde_json::from_str(&planned.stdout).unwrap(),
+        serde_json::from_str(&replicate.stdout).unwrap(),
+    );
+    assert_eq!(
+        (&planned["dry_run"], &done["dry_run"]),
+        (&true.into(), &false.into())
+    );
+    assert_eq!(planned["actions"], done["actions"], "{done:#}");
+    let actions = done["actions"].as_array().unwrap();
     assert!(
-        replicate.stdout.contains("manifest.json") && replicate.stdout.contains("into 'b'"),
-        "{}",
-        replicate.stdout
+        actions
+            .iter()
+            .any(|a| a["object"] == "manifest.json" && a["to"] == "b" && a["what"] == "copy"),
+        "{done:#}"
+    );
+    assert!(
+        actions
+            .iter()
+            .any(|a| a["what"] == "abort_upload" && a["to"] == "b"),
+        "{done:#}"
     );
     assert_eq!(s3_objects(&region_b).await, local_objects(&repo));
     assert!(

@@ -21,52 +21,7 @@ pub(super) async fn capture(context: &Context<'_>, job: &RedisJob) -> Result<Cap
         return Err(stale);
     }
     if job.heartbeat {
-        match (&replica_of, &job.primary) {
-            (None, primary) => {
-                if primary.is_some() {
-                    notes.push(format!(
-                        "primary_url is not used: Redis at {} is a primary, and the heartbeat is written there",
-                        server.describe()
-                    ));
-                }
-                server.write_heartbeat(context.job_name).await?;
-            }
-            (Some(replica), Some((host, port))) => {
-                let primary = server.at(host, *port);
-                // The heartbeat must reach this replica: primary_url must be what it follows.
-                let (primary_of, replication_id) = primary.replication_id().await?;
-                if primary_of.is_some() || replication_id != replica.replication_id {
-                    return Err(Error::new(
-                        ErrorKind::Source,
-                        format!(
-                            "primary_url names Redis at {}, which is not the primary Redis at {} follows ({}): {}",
-                            primary.describe(),
-                            server.describe(),
-                            replica.primary,
-                            if primary_of.is_some() {
-                                "it is a replica itself"
-                            } else {
-                                "their replication ids differ"
-                            }
-                        ),
-                    )
-                    .with_hint("set primary_url to the replica's primary (INFO replication on the replica: master_host, master_port)"));
-                }
-                let written = primary.write_heartbeat(context.job_name).await?;
-                if !server.has_heartbeat(context.job_name, written).await? {
-                    notes.push(format!(
-                        "the heartbeat written to the primary {} had not reached this replica after {} s; the backup may not hold it",
-                        primary.describe(),
-                        crate::sources::redis::HEARTBEAT_WAIT.as_secs()
-                    ));
-                }
-            }
-            (Some(replica), None) => notes.push(format!(
-                "no heartbeat written: Redis at {} is a read-only replica of {}; set primary_url on the job to write it there",
-                server.describe(),
-                replica.primary
-            )),
-        }
+        notes.extend(heartbeat(&server, replica_of.as_ref(), job, context.job_name).await?);
     }
     let info = server.info().await?;
     // The RDB holds the data as of the fork the server makes on SYNC, which comes after this;
@@ -162,4 +117,63 @@ pub(super) async fn capture(context: &Context<'_>, job: &RedisJob) -> Result<Cap
         recovery_point: Some(recovery_point),
         notes,
     })
+}
+
+/// Writes the heartbeat the backup's recovery point is read from: into the server itself,
+/// or, for a replica, into the primary it follows (checked to be that primary). What the
+/// report should say about it is returned.
+async fn heartbeat(
+    server: &RedisServer,
+    replica_of: Option<&crate::sources::redis::ReplicaOf>,
+    job: &RedisJob,
+    job_name: &str,
+) -> Result<Vec<String>> {
+    let mut notes = Vec::new();
+    match (replica_of, &job.primary) {
+        (None, primary) => {
+            if primary.is_some() {
+                notes.push(format!(
+                    "primary_url is not used: Redis at {} is a primary, and the heartbeat is written there",
+                    server.describe()
+                ));
+            }
+            server.write_heartbeat(job_name).await?;
+        }
+        (Some(replica), Some((host, port))) => {
+            let primary = server.at(host, *port);
+            // The heartbeat must reach this replica: primary_url must be what it follows.
+            let (primary_of, replication_id) = primary.replication_id().await?;
+            if primary_of.is_some() || replication_id != replica.replication_id {
+                return Err(Error::new(
+                    ErrorKind::Source,
+                    format!(
+                        "primary_url names Redis at {}, which is not the primary Redis at {} follows ({}): {}",
+                        primary.describe(),
+                        server.describe(),
+                        replica.primary,
+                        if primary_of.is_some() {
+                            "it is a replica itself"
+                        } else {
+                            "their replication ids differ"
+                        }
+                    ),
+                )
+                .with_hint("set primary_url to the replica's primary (INFO replication on the replica: master_host, master_port)"));
+            }
+            let written = primary.write_heartbeat(job_name).await?;
+            if !server.has_heartbeat(job_name, written).await? {
+                notes.push(format!(
+                    "the heartbeat written to the primary {} had not reached this replica after {} s; the backup may not hold it",
+                    primary.describe(),
+                    crate::sources::redis::HEARTBEAT_WAIT.as_secs()
+                ));
+            }
+        }
+        (Some(replica), None) => notes.push(format!(
+            "no heartbeat written: Redis at {} is a read-only replica of {}; set primary_url on the job to write it there",
+            server.describe(),
+            replica.primary
+        )),
+    }
+    Ok(notes)
 }

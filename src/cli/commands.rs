@@ -67,11 +67,20 @@ pub fn without_config(cli: &Cli) -> Result<Option<i32>> {
 pub async fn dispatch(config: &Config, command: Command) -> Result<i32> {
     match command {
         Command::Init { .. } | Command::Keygen { .. } => unreachable!("run without a config"),
-        Command::Check => {
-            let report = check::run(config).await;
-            print!("{report}");
-            report.outcome()?;
-        }
+        Command::Check
+        | Command::Schedule { .. }
+        | Command::Status { .. }
+        | Command::List { .. }
+        | Command::Show { .. }
+        | Command::Heartbeat { .. }
+        | Command::WalFetch { .. } => report_state(config, command).await,
+        _ => change_state(config, command).await,
+    }
+}
+
+/// The commands that change what repositories (or a data directory) hold.
+async fn change_state(config: &Config, command: Command) -> Result<i32> {
+    match command {
         Command::Backup { job, all: _ } => return backup(config, job).await,
         Command::Drill {
             action:
@@ -107,16 +116,6 @@ pub async fn dispatch(config: &Config, command: Command) -> Result<i32> {
             };
             replicate(config, options, format).await?;
         }
-        Command::Schedule {
-            format,
-            install,
-            unit_dir,
-        } => schedule(config, format, install, unit_dir).await?,
-        Command::Status {
-            job,
-            write_metrics,
-            format,
-        } => return Ok(status(config, job, write_metrics, format).await),
         Command::Prune {
             job,
             dry_run,
@@ -149,24 +148,6 @@ pub async fn dispatch(config: &Config, command: Command) -> Result<i32> {
             report(&rekeyed, format);
             rekeyed.outcome()?;
         }
-        Command::List { job, format } => report(
-            &list::run(config, &list::ListOptions { job }).await?,
-            format,
-        ),
-        Command::Show {
-            backup,
-            job,
-            from,
-            format,
-        } => {
-            let shown = show::run(config, &show::ShowOptions { backup, job, from }).await?;
-            match format {
-                OutputFormat::Text => print!("{shown}"),
-                OutputFormat::Json => {
-                    print!("{}", String::from_utf8_lossy(&shown.manifest.to_json()))
-                }
-            }
-        }
         Command::Restore {
             job,
             backup,
@@ -189,12 +170,69 @@ pub async fn dispatch(config: &Config, command: Command) -> Result<i32> {
             };
             println!("{}", restore::run(config, &options).await?);
         }
+        Command::WalPush { path, job } => {
+            wal_push(config, wal::WalPushOptions { path, job }).await?
+        }
+        Command::Verify {
+            job,
+            backup,
+            from,
+            deep,
+            format,
+        } => {
+            let options = verify::VerifyOptions {
+                job,
+                backup,
+                from,
+                deep,
+            };
+            verify(config, options, format).await?;
+        }
+        _ => unreachable!("dispatched by state"),
+    }
+    Ok(exit_code::SUCCESS)
+}
+
+/// The commands that read and report (and heartbeat, schedule, wal-fetch, which write
+/// outside the repositories' backups).
+async fn report_state(config: &Config, command: Command) -> Result<i32> {
+    match command {
+        Command::Check => {
+            let report = check::run(config).await;
+            print!("{report}");
+            report.outcome()?;
+        }
+        Command::Schedule {
+            format,
+            install,
+            unit_dir,
+        } => schedule(config, format, install, unit_dir).await?,
+        Command::Status {
+            job,
+            write_metrics,
+            format,
+        } => return Ok(status(config, job, write_metrics, format).await),
+        Command::List { job, format } => report(
+            &list::run(config, &list::ListOptions { job }).await?,
+            format,
+        ),
+        Command::Show {
+            backup,
+            job,
+            from,
+            format,
+        } => {
+            let shown = show::run(config, &show::ShowOptions { backup, job, from }).await?;
+            match format {
+                OutputFormat::Text => print!("{shown}"),
+                OutputFormat::Json => {
+                    print!("{}", String::from_utf8_lossy(&shown.manifest.to_json()))
+                }
+            }
+        }
         Command::Heartbeat { job } => {
             let at = heartbeat::run(config, &job).await?;
             println!("heartbeat {job}: {}", at.to_rfc3339());
-        }
-        Command::WalPush { path, job } => {
-            wal_push(config, wal::WalPushOptions { path, job }).await?
         }
         Command::WalFetch {
             name,
@@ -215,21 +253,7 @@ pub async fn dispatch(config: &Config, command: Command) -> Result<i32> {
             };
             return Ok(wal_fetch_exit_code(wal::fetch(config, &options).await));
         }
-        Command::Verify {
-            job,
-            backup,
-            from,
-            deep,
-            format,
-        } => {
-            let options = verify::VerifyOptions {
-                job,
-                backup,
-                from,
-                deep,
-            };
-            verify(config, options, format).await?;
-        }
+        _ => unreachable!("dispatched by state"),
     }
     Ok(exit_code::SUCCESS)
 }

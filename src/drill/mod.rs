@@ -19,7 +19,7 @@ pub use file::{Drill, DrillTarget};
 pub use history::{DrillHistory, HistoryRow, history};
 pub use report::{CheckResult, DrillReport, Measured, Phase, Projection};
 
-use crate::config::{Config, JobSource, PostgresJob, PostgresMode};
+use crate::config::{Config, JobConfig, JobSource, PostgresJob, PostgresMode};
 use crate::error::{Error, ErrorKind, Result};
 use crate::manifest::Manifest;
 use crate::repository::Repository;
@@ -293,27 +293,7 @@ async fn attempt_drill(
             e.message()
         ))
     })?;
-    let mut warnings = Vec::new();
-    if let JobSource::Postgres(postgres) = &job.source
-        && postgres.mode == PostgresMode::Physical
-        && postgres.heartbeat
-    {
-        // The newest heartbeat the archive delivers is the real data loss of the WAL
-        // pipeline at t0: write one now, as the minutely timer would.
-        let written =
-            match Connection::from_settings(&format!("job '{}'", job.name), &postgres.connection) {
-                Ok(server) => logical::write_heartbeat(&server, &job.name)
-                    .await
-                    .map(|_| ()),
-                Err(e) => Err(e),
-            };
-        if let Err(e) = written {
-            warnings.push(format!(
-                "unable to write a heartbeat to the source before t0: {}",
-                e.chain().join(": ")
-            ));
-        }
-    }
+    let warnings = heartbeat_before_t0(job).await;
     let declared_at = Utc::now();
     clock.t0 = Instant::now();
     tracing::info!(drill = %drill.name, job = %drill.job, "drill started");
@@ -330,26 +310,7 @@ async fn attempt_drill(
     clock.phase("find backup", started);
     *found = Some(manifest.clone());
 
-    let outcome = match &job.source {
-        JobSource::Postgres(postgres) if postgres.mode == PostgresMode::Physical => {
-            run_physical(config, drill, &manifest, postgres, clock).await?
-        }
-        JobSource::Postgres(postgres) => {
-            run_postgres(
-                config,
-                drill,
-                &manifest,
-                postgres.bin_dir.as_deref(),
-                postgres.heartbeat,
-                clock,
-            )
-            .await?
-        }
-        JobSource::Files(_) => run_files(config, drill, clock).await?,
-        JobSource::Redis(redis) => {
-            run_redis(config, drill, &manifest, redis.heartbeat, clock).await?
-        }
-    };
+    let outcome = restore_and_check(config, drill, job, &manifest, clock).await?;
     let rto = clock.t0.elapsed();
     let projection = project(
         config,
@@ -418,6 +379,62 @@ async fn attempt_drill(
     store_everywhere(config, &mut report).await;
     report.write(report_dir)?;
     Ok(report)
+}
+
+/// The newest heartbeat the archive delivers is the real data loss of the WAL pipeline at
+/// t0: a physical job's drill writes one now, as the minutely timer would. What failed is a
+/// warning for the report.
+async fn heartbeat_before_t0(job: &JobConfig) -> Vec<String> {
+    let mut warnings = Vec::new();
+    if let JobSource::Postgres(postgres) = &job.source
+        && postgres.mode == PostgresMode::Physical
+        && postgres.heartbeat
+    {
+        let written =
+            match Connection::from_settings(&format!("job '{}'", job.name), &postgres.connection) {
+                Ok(server) => logical::write_heartbeat(&server, &job.name)
+                    .await
+                    .map(|_| ()),
+                Err(e) => Err(e),
+            };
+        if let Err(e) = written {
+            warnings.push(format!(
+                "unable to write a heartbeat to the source before t0: {}",
+                e.chain().join(": ")
+            ));
+        }
+    }
+    warnings
+}
+
+/// Restores the backup the way its job's kind restores, and runs the drill's checks.
+async fn restore_and_check(
+    config: &Config,
+    drill: &Drill,
+    job: &JobConfig,
+    manifest: &Manifest,
+    clock: &mut Clock,
+) -> Result<Outcome> {
+    Ok(match &job.source {
+        JobSource::Postgres(postgres) if postgres.mode == PostgresMode::Physical => {
+            run_physical(config, drill, manifest, postgres, clock).await?
+        }
+        JobSource::Postgres(postgres) => {
+            run_postgres(
+                config,
+                drill,
+                manifest,
+                postgres.bin_dir.as_deref(),
+                postgres.heartbeat,
+                clock,
+            )
+            .await?
+        }
+        JobSource::Files(_) => run_files(config, drill, clock).await?,
+        JobSource::Redis(redis) => {
+            run_redis(config, drill, manifest, redis.heartbeat, clock).await?
+        }
+    })
 }
 
 /// The secrets lifeboat was given, to keep out of reports: the passwords in the environment
@@ -821,42 +838,14 @@ async fn run_physical(
     let restored = restore::run(
         config,
         &RestoreOptions {
-            physical: Some(PhysicalRestoreOptions {
-                data_dir: scratch.data_dir(),
-                target: match recovery_target {
-                    Some(at) => RecoveryTarget::Time(at),
-                    None => RecoveryTarget::EndOfArchive,
-                },
-                start: false,
-                port: None,
-                keep_archiving: false,
-                accept_gap: false,
-                timeline: Default::default(),
-                from: None,
-                exclude: Vec::new(),
-                bin_dir: None,
-                wal_relay: Some(relay.socket().to_path_buf()),
-            }),
+            physical: Some(scratch_recovery(&scratch, &relay, recovery_target)),
             ..restore_options(drill, &manifest.id)
         },
     )
     .await?;
     clock.stages(started, &restored.stages);
 
-    let relay_source = RelaySource {
-        job: Some(drill.job.clone()),
-        from: drill.from.clone(),
-        exclude: drill.exclude.clone(),
-        identity_file: drill.identity_file.clone(),
-        archive_end: restored.archive_end.as_ref().and_then(|end| {
-            Some(ArchiveEnd {
-                name: end.name.clone(),
-                segment: end.segment,
-                timeline: crate::wal::WalFile::parse(&end.name)?.timeline,
-                segment_size: manifest.source.wal_segment_size?,
-            })
-        }),
-    };
+    let relay_source = relay_source(drill, manifest, restored.archive_end.as_ref());
     let started = Instant::now();
     // The relay serves until the server has promoted: nothing after that (a check least of
     // all) fetches WAL.
@@ -931,6 +920,54 @@ async fn run_physical(
         rpo_to: recovery_target,
         warnings,
     })
+}
+
+/// What the drill's relay serves the scratch server: this drill's repositories and keys,
+/// up to the end of the archive the restore planned to reach.
+fn relay_source(
+    drill: &Drill,
+    manifest: &Manifest,
+    archive_end: Option<&crate::continuity::Point>,
+) -> RelaySource {
+    RelaySource {
+        job: Some(drill.job.clone()),
+        from: drill.from.clone(),
+        exclude: drill.exclude.clone(),
+        identity_file: drill.identity_file.clone(),
+        archive_end: archive_end.and_then(|end| {
+            Some(ArchiveEnd {
+                name: end.name.clone(),
+                segment: end.segment,
+                timeline: crate::wal::WalFile::parse(&end.name)?.timeline,
+                segment_size: manifest.source.wal_segment_size?,
+            })
+        }),
+    }
+}
+
+/// A physical restore into the scratch directory, fetching WAL through the drill's relay,
+/// to `recovery_target` or the end of the archive; the drill starts the server itself.
+fn scratch_recovery(
+    scratch: &ScratchDir,
+    relay: &WalRelay,
+    recovery_target: Option<DateTime<Utc>>,
+) -> PhysicalRestoreOptions {
+    PhysicalRestoreOptions {
+        data_dir: scratch.data_dir(),
+        target: match recovery_target {
+            Some(at) => RecoveryTarget::Time(at),
+            None => RecoveryTarget::EndOfArchive,
+        },
+        start: false,
+        port: None,
+        keep_archiving: false,
+        accept_gap: false,
+        timeline: Default::default(),
+        from: None,
+        exclude: Vec::new(),
+        bin_dir: None,
+        wal_relay: Some(relay.socket().to_path_buf()),
+    }
 }
 
 /// A Redis drill: the RDB restored and loaded into a scratch redis-server on loopback,

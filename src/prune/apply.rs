@@ -1,74 +1,59 @@
-//! Removal in one repository, in the order that keeps every manifest whole: the journal
-//! first (so an interrupted prune is finished by the next one instead of waiting out the
-//! grace period), then per backup its manifest, its objects and its verify record, then
-//! the leftovers; the journal goes last.
+//! A job's plan carried out. Per repository, in the order that keeps every manifest whole:
+//! the journal first (so an interrupted prune is finished by the next one instead of waiting
+//! out the grace period), then per backup its manifest, its objects and its verify record,
+//! then the leftovers; the journal goes last. Then stale uploads and claims, the removal
+//! records, and the WAL no kept backup needs.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 
 use bytes::Bytes;
 use chrono::{DateTime, Utc};
-use serde::{Deserialize, Serialize};
 
+use super::TOMBSTONE_DAYS;
 use super::delete::{Removal, delete_keys};
-use super::report::{JobPrune, Leftover, StaleClaim, StaleUpload};
-use crate::inventory::{Holding, Survey};
+use super::journal::Journal;
+use super::plan::{JobPlan, RepositoryPlan};
+use super::report::{JobPrune, StaleUpload};
+use super::wal;
+use crate::inventory::Holding;
 use crate::layout;
-use crate::repository::Repository;
+use crate::repository::Tombstone;
 use crate::storage;
 
-#[derive(Debug, Serialize, Deserialize)]
-struct Journal {
-    started_at: DateTime<Utc>,
-    removing: Vec<String>,
-}
-
-/// What earlier prunes were removing in one repository, from their journals.
-#[derive(Debug, Default)]
-pub(super) struct Journals {
-    pub removing: BTreeSet<String>,
-    /// The journals read: the prune that finishes their work removes them.
-    keys: Vec<String>,
-}
-
-impl Journals {
-    pub fn keys(&self) -> &[String] {
-        &self.keys
+/// Does what `plan` says and reports what each item came to.
+pub(super) async fn apply(plan: JobPlan, now: DateTime<Utc>) -> JobPrune {
+    let mut outcome = JobPrune::new(&plan.job, plan.unreachable.clone());
+    outcome.refused = plan.refused.clone();
+    outcome.backups = plan.backups.clone();
+    if plan.repositories.is_empty() {
+        return outcome;
     }
-}
-
-/// What earlier prunes were removing, per repository from its own journals (one per run,
-/// and the single journal older versions kept).
-pub(super) async fn read_journal(survey: &Survey<'_>, job: &str) -> BTreeMap<String, Journals> {
-    let mut journals = BTreeMap::new();
-    for (repository, _) in &survey.listed {
-        let store = repository.store.as_ref();
-        let prefix = layout::prune_journals_prefix(job);
-        let mut keys: Vec<String> = match store.list(&prefix).await {
-            Ok(listed) => listed.into_iter().map(|o| o.key).collect(),
-            Err(e) => {
-                tracing::warn!(repository = %repository.name, prefix = %prefix, error = %e, "unable to list prune journals");
-                Vec::new()
-            }
-        };
-        keys.push(layout::legacy_prune_journal_key(job));
-        let mut found = Journals::default();
-        for key in keys {
-            let Ok(bytes) = storage::get_bytes(store, &key).await else {
-                continue;
-            };
-            match serde_json::from_slice::<Journal>(&bytes) {
-                Ok(journal) => found.removing.extend(journal.removing),
-                Err(e) => {
-                    tracing::warn!(repository = %repository.name, key = %key, error = %e, "unreadable prune journal")
-                }
-            }
-            found.keys.push(key);
-        }
-        if !found.keys.is_empty() {
-            journals.insert(repository.name.clone(), found);
-        }
+    record_intent(&plan, now, &mut outcome).await;
+    let run = layout::run_tag();
+    for planned in &plan.repositories {
+        outcome.failures.extend(planned.failures.iter().cloned());
+        remove_from(planned, &plan.job, &run, &mut outcome).await;
+        abort_uploads(planned, &mut outcome).await;
+        remove_claims(planned, &mut outcome).await;
     }
-    journals
+    record_removals(&plan, now, &mut outcome).await;
+    match &plan.wal {
+        Some(Ok(floors)) => {
+            let repositories: Vec<_> = plan.repositories.iter().map(|p| &p.repository).collect();
+            let pruned = wal::prune(
+                &repositories,
+                &plan.job,
+                floors,
+                wal::Mode::Remove,
+                &mut outcome.failures,
+            )
+            .await;
+            outcome.wal = Some(pruned);
+        }
+        Some(Err(why)) => outcome.wal_skipped = Some(why.clone()),
+        None => {}
+    }
+    outcome
 }
 
 /// The keys of a backup besides its manifest: its objects, and the manifest's signature.
@@ -82,57 +67,25 @@ fn object_keys(job: &str, id: &str, holding: &Holding) -> Vec<String> {
         .collect()
 }
 
-/// What one prune run removes from one repository: `removals` (committed backups the plan
-/// lets go) and `leftovers`, of what the repository `held`.
-pub(super) struct Removing<'a> {
-    pub held: &'a BTreeMap<String, Holding>,
-    pub removals: &'a [&'a String],
-    pub leftovers: Vec<Leftover>,
-    /// This run's tag, which names its journal, and the earlier journals it finishes.
-    pub run: &'a str,
-    pub earlier_journals: &'a [String],
-}
-
-/// Removes what `removing` names from one repository, recording what happened in `outcome`.
-pub(super) async fn remove_from(
-    repository: &Repository,
-    job: &str,
-    removing: Removing<'_>,
-    dry_run: bool,
-    outcome: &mut JobPrune,
-) {
-    let Removing {
-        held,
-        removals,
-        leftovers,
-        run,
-        earlier_journals,
-    } = removing;
-    if removals.is_empty() && leftovers.is_empty() {
+/// Removes the backups and leftovers `planned` names from its repository, recording what
+/// happened in `outcome`.
+async fn remove_from(planned: &RepositoryPlan, job: &str, run: &str, outcome: &mut JobPrune) {
+    let repository = &planned.repository;
+    if planned.removals.is_empty() && planned.leftovers.is_empty() {
         // Journals of prunes whose work is all gone already.
-        if !dry_run {
-            for key in earlier_journals {
-                let _ = repository.store.delete_unless_retained(key).await;
-            }
+        for key in &planned.earlier_journals {
+            let _ = repository.store.delete_unless_retained(key).await;
         }
-        return;
-    }
-    if dry_run {
-        for id in removals {
-            if let Some(backup) = outcome.backups.iter_mut().find(|b| &&b.id == id) {
-                backup.removed_from.push(repository.name.clone());
-            }
-        }
-        outcome.leftovers.extend(leftovers);
         return;
     }
     let journal_key = layout::prune_journal_key(job, run);
     let journal = Journal {
         started_at: Utc::now(),
-        removing: removals
+        removing: planned
+            .removals
             .iter()
-            .map(|id| id.to_string())
-            .chain(leftovers.iter().map(|l| l.id.clone()))
+            .map(|(id, _)| id.clone())
+            .chain(planned.leftovers.iter().map(|(l, _)| l.id.clone()))
             .collect(),
     };
     let body = Bytes::from(serde_json::to_vec_pretty(&journal).expect("journal serializes"));
@@ -143,12 +96,10 @@ pub(super) async fn remove_from(
         ));
         return;
     }
-
     // Whether some id lost its manifest here but kept objects: the journal then stays, so the
     // next prune finishes it without waiting out the grace period.
     let mut unfinished = false;
-    for id in removals {
-        let holding = &held[id.as_str()];
+    for (id, holding) in &planned.removals {
         let mut removal = Removal::default();
         if holding.manifest {
             removal = delete_keys(repository, vec![layout::manifest_key(job, id)]).await;
@@ -167,7 +118,7 @@ pub(super) async fn remove_from(
         let backup = outcome
             .backups
             .iter_mut()
-            .find(|b| &&b.id == id)
+            .find(|b| &b.id == id)
             .expect("every removal is in the plan");
         if removal.complete() {
             backup.removed_from.push(repository.name.clone());
@@ -175,15 +126,12 @@ pub(super) async fn remove_from(
         backup.retained.extend(removal.retained);
         outcome.failures.extend(removal.failures);
     }
-    for mut leftover in leftovers {
-        let removal = delete_keys(
-            repository,
-            object_keys(job, &leftover.id, &held[&leftover.id]),
-        )
-        .await;
+    for (leftover, holding) in &planned.leftovers {
+        let removal = delete_keys(repository, object_keys(job, &leftover.id, holding)).await;
         outcome.versions_removed += removal.versions;
-        leftover.removed = removal.complete();
         unfinished |= !removal.complete();
+        let mut leftover = leftover.clone();
+        leftover.removed = removal.complete();
         leftover.retained = removal.retained;
         outcome.failures.extend(removal.failures);
         outcome.leftovers.push(leftover);
@@ -192,7 +140,7 @@ pub(super) async fn remove_from(
         return;
     }
     // This run finished what the earlier journals named too: they were read into its plan.
-    for key in std::iter::once(&journal_key).chain(earlier_journals) {
+    for key in std::iter::once(&journal_key).chain(&planned.earlier_journals) {
         if let Err(e) = repository.store.delete_unless_retained(key).await {
             outcome.failures.push(format!(
                 "removing the prune journal '{key}' from repository '{}': {e}",
@@ -202,155 +150,141 @@ pub(super) async fn remove_from(
     }
 }
 
-/// The backup ids of `job` a run claimed in `repository` less than [`CLAIM_MIN_AGE`] ago:
-/// that run may still be writing them, whatever `--grace` says.
-pub(super) async fn live_claims(
-    repository: &Repository,
-    job: &str,
-    now: DateTime<Utc>,
-) -> BTreeSet<String> {
-    let prefix = layout::claims_prefix(job);
-    let this_host = crate::host::name();
-    let mut live = BTreeSet::new();
-    for (key, written) in repository.claims(job).await.unwrap_or_default() {
-        let Some(id) = key
-            .strip_prefix(&prefix)
-            .and_then(|name| name.strip_suffix(".json"))
-        else {
-            continue;
-        };
-        if written.is_some_and(|at| at <= now - CLAIM_MIN_AGE) {
-            continue;
-        }
-        // A run of this host that was killed (SIGKILL, a crash) holds nothing.
-        if repository
-            .read_claim(job, id)
-            .await
-            .is_some_and(|claim| claim.run_is_gone(&this_host))
-        {
-            continue;
-        }
-        live.insert(id.to_string());
-    }
-    live
-}
-
-/// Aborts uploads of `job` started before `before`: a backup still running is younger, and
-/// one whose id is claimed (`live`) is left to its run.
-pub(super) async fn abort_stale_uploads(
-    repository: &Repository,
-    job: &str,
-    (before, live): (DateTime<Utc>, &BTreeSet<String>),
-    dry_run: bool,
-    outcome: &mut JobPrune,
-) {
-    let uploads = match repository
-        .store
-        .list_incomplete(&format!("jobs/{job}/"))
-        .await
-    {
-        Ok(uploads) => uploads,
-        Err(e) => {
-            outcome.failures.push(format!(
-                "listing incomplete uploads in repository '{}': {e}",
-                repository.name
-            ));
-            return;
-        }
-    };
-    let claimed = |key: &str| {
-        live.iter()
-            .any(|id| key.starts_with(&layout::backup_prefix(job, id)))
-    };
-    for upload in uploads
-        .into_iter()
-        .filter(|u| u.initiated.is_some_and(|at| at < before) && !claimed(&u.key))
-    {
-        let aborted = if dry_run {
-            false
-        } else {
-            match repository.store.abort_incomplete(&upload).await {
-                Ok(()) => true,
-                Err(e) => {
-                    outcome.failures.push(format!(
-                        "aborting the upload of '{}' in repository '{}': {e}",
-                        upload.key, repository.name
-                    ));
-                    false
-                }
+async fn abort_uploads(planned: &RepositoryPlan, outcome: &mut JobPrune) {
+    let repository = &planned.repository;
+    for upload in &planned.stale_uploads {
+        let aborted = match repository.store.abort_incomplete(upload).await {
+            Ok(()) => true,
+            Err(e) => {
+                outcome.failures.push(format!(
+                    "aborting the upload of '{}' in repository '{}': {e}",
+                    upload.key, repository.name
+                ));
+                false
             }
         };
         outcome.stale_uploads.push(StaleUpload {
             repository: repository.name.clone(),
-            key: upload.key,
+            key: upload.key.clone(),
             initiated: upload.initiated,
             aborted,
         });
     }
 }
 
-/// However short `--grace`, a claim younger than this stays: its run may still be writing
-/// (the claim is all that keeps another run out of its backup).
-const CLAIM_MIN_AGE: chrono::Duration = chrono::Duration::hours(1);
+async fn remove_claims(planned: &RepositoryPlan, outcome: &mut JobPrune) {
+    let repository = &planned.repository;
+    for (claim, key) in &planned.stale_claims {
+        let removed = match repository.store.delete_unless_retained(key).await {
+            Ok(_) => true,
+            Err(e) => {
+                outcome.failures.push(format!(
+                    "removing the claim '{key}' from repository '{}': {e}",
+                    repository.name
+                ));
+                false
+            }
+        };
+        let mut claim = claim.clone();
+        claim.removed = removed;
+        outcome.stale_claims.push(claim);
+    }
+}
 
-/// Removes the claims on backup ids (see `claim`) written before `before` and at least
-/// [`CLAIM_MIN_AGE`] ago: a run still claiming is younger, and a finished run removed its own.
-/// Only claims named as lifeboat names them (`ID.json`, a regular object) are touched.
-pub(super) async fn remove_stale_claims(
-    repository: &Repository,
-    job: &str,
-    before: DateTime<Utc>,
-    dry_run: bool,
-    outcome: &mut JobPrune,
-) {
-    let claims = match repository.claims(job).await {
-        Ok(claims) => claims,
-        Err(e) => {
-            outcome.failures.push(e.chain().join(": "));
-            return;
+/// Before anything is removed, records in every listed repository each backup the plan
+/// removes somewhere: a prune stopped halfway (a signal, a crash) has then already told
+/// `replicate` not to copy back what it had removed from one repository and not yet from
+/// another. `record_removals` rewrites the records with what was done.
+async fn record_intent(plan: &JobPlan, now: DateTime<Utc>, outcome: &mut JobPrune) {
+    let mut removing: BTreeMap<&str, Vec<String>> = BTreeMap::new();
+    for planned in &plan.repositories {
+        for (id, _) in &planned.removals {
+            removing
+                .entry(id)
+                .or_default()
+                .push(planned.repository.name.clone());
         }
-    };
-    let prefix = layout::claims_prefix(job);
-    let this_host = crate::host::name();
-    let floor = Utc::now() - CLAIM_MIN_AGE;
-    for (key, written) in claims {
-        let Some(id) = key
-            .strip_prefix(&prefix)
-            .and_then(|name| name.strip_suffix(".json"))
-            .filter(|id| layout::parse_backup_id(id).is_some())
-            .map(str::to_string)
-        else {
+    }
+    for (id, removed_from) in removing {
+        let tombstone = Tombstone {
+            id: id.to_string(),
+            removed_at: now,
+            host: crate::host::name(),
+            removed_from,
+        };
+        for planned in &plan.repositories {
+            if let Err(e) = planned
+                .repository
+                .write_tombstone(&plan.job, &tombstone)
+                .await
+            {
+                outcome.failures.push(e.chain().join(": "));
+            }
+        }
+    }
+}
+
+/// Writes into every listed repository a removal record of each backup this run removed
+/// anywhere, so `replicate` never copies it back from a repository that was out of reach
+/// (or whose own plan keeps it); and drops records older than [`TOMBSTONE_DAYS`] of backups
+/// no listed repository holds any more.
+async fn record_removals(plan: &JobPlan, now: DateTime<Utc>, outcome: &mut JobPrune) {
+    let job = plan.job.as_str();
+    let removed: Vec<Tombstone> = outcome
+        .backups
+        .iter()
+        .filter(|b| !b.removed_from.is_empty())
+        .map(|b| Tombstone {
+            id: b.id.clone(),
+            removed_at: now,
+            host: crate::host::name(),
+            removed_from: b.removed_from.clone(),
+        })
+        .collect();
+    // What the plan removed nowhere (Object Lock kept it, a delete failed) is not removed:
+    // its record of intent (`record_intent`) goes.
+    let not_removed: Vec<String> = outcome
+        .backups
+        .iter()
+        .filter(|b| !b.keep && b.removed_from.is_empty())
+        .map(|b| b.id.clone())
+        .collect();
+    let expiry = now - chrono::Duration::days(TOMBSTONE_DAYS);
+    for planned in &plan.repositories {
+        let repository = &planned.repository;
+        for tombstone in &removed {
+            match repository.write_tombstone(job, tombstone).await {
+                Ok(()) => outcome.recorded += 1,
+                Err(e) => outcome.failures.push(e.chain().join(": ")),
+            }
+        }
+        for id in &not_removed {
+            let key = layout::removed_key(job, id);
+            if let Err(e) = repository.store.delete_unless_retained(&key).await {
+                outcome.failures.push(
+                    repository
+                        .error(&format!("remove the removal record '{key}'"), e)
+                        .chain()
+                        .join(": "),
+                );
+            }
+        }
+        let Ok(tombstones) = repository.tombstones(job).await else {
             continue;
         };
-        let claimed_at = written.or_else(|| layout::parse_backup_id(&id));
-        if claimed_at.is_none_or(|at| at >= before) {
-            continue;
+        for (id, written) in tombstones {
+            if plan.held_ids.contains(&id) || written.is_none_or(|at| at > expiry) {
+                continue;
+            }
+            let key = layout::removed_key(job, &id);
+            if let Err(e) = repository.store.delete(&key).await {
+                outcome.failures.push(
+                    repository
+                        .error(&format!("remove the removal record '{key}'"), e)
+                        .chain()
+                        .join(": "),
+                );
+            }
         }
-        // Younger than the floor, only a claim whose run is known to be gone goes.
-        if claimed_at.is_some_and(|at| at > floor)
-            && !repository
-                .read_claim(job, &id)
-                .await
-                .is_some_and(|claim| claim.run_is_gone(&this_host))
-        {
-            continue;
-        }
-        let removed = !dry_run
-            && match repository.store.delete_unless_retained(&key).await {
-                Ok(_) => true,
-                Err(e) => {
-                    outcome.failures.push(format!(
-                        "removing the claim '{key}' from repository '{}': {e}",
-                        repository.name
-                    ));
-                    false
-                }
-            };
-        outcome.stale_claims.push(StaleClaim {
-            repository: repository.name.clone(),
-            id,
-            written,
-            removed,
-        });
     }
 }

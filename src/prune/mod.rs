@@ -10,6 +10,8 @@
 
 mod apply;
 mod delete;
+mod journal;
+mod plan;
 mod report;
 mod wal;
 
@@ -21,11 +23,12 @@ use tracing::Instrument;
 
 use crate::config::{Config, JobConfig, JobSource, PostgresMode, Retention};
 use crate::error::Result;
-use crate::inventory::{self, Survey};
+use crate::inventory::Survey;
 use crate::layout;
-use crate::repository::{Repository, Tombstone};
+use crate::repository::Repository;
 use crate::retention::{self, Candidate, Decision};
 
+pub use plan::{JobPlan, RepositoryPlan};
 pub use report::{
     BackupOutcome, JobPrune, Leftover, PruneReport, Retained, StaleClaim, StaleUpload, WalFloor,
     WalPrune, WalRepositoryPrune,
@@ -38,6 +41,9 @@ pub const DRILL_PROOF_DAYS: i64 = 100;
 pub const TOMBSTONE_DAYS: i64 = 90;
 /// Leftovers younger than this may belong to a backup still running.
 pub const DEFAULT_GRACE: Duration = Duration::from_secs(24 * 3600);
+/// However short `--grace`, a claim younger than this stays: its run may still be writing
+/// (the claim is all that keeps another run out of its backup).
+const CLAIM_MIN_AGE: chrono::Duration = chrono::Duration::hours(1);
 
 pub struct PruneOptions {
     pub job: Option<String>,
@@ -49,23 +55,41 @@ pub struct PruneOptions {
 
 /// A passing drill of a backup, from the drill reports in the repositories.
 #[derive(Debug, Clone)]
-struct Proof {
+pub(super) struct Proof {
     job: String,
     backup: String,
     drill: String,
     declared_at: DateTime<Utc>,
 }
 
+/// A prune, decided: per job what goes from which repository and why, from what the
+/// repositories hold before anything is removed. It holds the jobs' locks until it is
+/// applied or dropped. `--dry-run` prints `preview`; `apply` carries out the same plan.
+pub struct PrunePlan {
+    pub jobs: Vec<JobPlan>,
+    now: DateTime<Utc>,
+    _locks: Vec<crate::lock::JobLock>,
+}
+
 pub async fn run(config: &Config, options: &PruneOptions) -> Result<PruneReport> {
+    let plan = plan(config, options).await?;
+    Ok(match options.dry_run {
+        true => plan.preview().await,
+        false => plan.apply().await,
+    })
+}
+
+/// Decides the prune of `options.job` (or every job); reads only.
+pub async fn plan(config: &Config, options: &PruneOptions) -> Result<PrunePlan> {
     let jobs: Vec<&JobConfig> = match &options.job {
         Some(name) => vec![config.job(name)?],
         None => config.jobs.iter().collect(),
     };
     // Every job's lock first: a backup or replicate of a job must not run while its
     // backups are being removed.
-    let mut held_locks = Vec::with_capacity(jobs.len());
+    let mut locks = Vec::with_capacity(jobs.len());
     for job in &jobs {
-        held_locks.push(crate::lock::acquire(config, &job.name, "prune").await?);
+        locks.push(crate::lock::acquire(config, &job.name, "prune").await?);
     }
     let all = Repository::open_all(config).await;
     // A repository without its marker while others hold theirs was wiped: what it lacks is
@@ -86,19 +110,63 @@ pub async fn run(config: &Config, options: &PruneOptions) -> Result<PruneReport>
         .trusted(config.max_clock_skew, "prune")?
         .now();
     let proofs = drill_proofs(config, now).await?;
-    let mut report = PruneReport {
-        dry_run: options.dry_run,
-        jobs: Vec::new(),
-    };
+    let grace = chrono::Duration::from_std(options.grace).unwrap_or(chrono::Duration::MAX);
+    let mut planned = Vec::with_capacity(jobs.len());
     for job in jobs {
         let span = tracing::info_span!("prune", job = %job.name);
-        let mut pruned = prune_job(job, &repositories, &proofs, now, config, options)
+        let mut job_plan = plan::plan_job(job, &repositories, &proofs, now, config, grace)
             .instrument(span)
             .await;
-        pruned.unreachable.extend(unmarked.iter().cloned());
-        report.jobs.push(pruned);
+        job_plan.unreachable.extend(unmarked.iter().cloned());
+        planned.push(job_plan);
     }
-    Ok(report)
+    Ok(PrunePlan {
+        jobs: planned,
+        now,
+        _locks: locks,
+    })
+}
+
+impl PrunePlan {
+    /// What applying the plan would do, changing nothing: the WAL files the plan's floors
+    /// leave behind are counted, a page at a time.
+    pub async fn preview(self) -> PruneReport {
+        let mut jobs = Vec::with_capacity(self.jobs.len());
+        for plan in &self.jobs {
+            let mut report = plan.report();
+            if let Some(Ok(floors)) = &plan.wal {
+                let repositories: Vec<_> =
+                    plan.repositories.iter().map(|p| &p.repository).collect();
+                let counted = wal::prune(
+                    &repositories,
+                    &plan.job,
+                    floors,
+                    wal::Mode::Count,
+                    &mut report.failures,
+                )
+                .await;
+                report.wal = Some(counted);
+            }
+            jobs.push(report);
+        }
+        PruneReport {
+            dry_run: true,
+            jobs,
+        }
+    }
+
+    /// Carries out the plan, job by job, and reports what each item came to.
+    pub async fn apply(self) -> PruneReport {
+        let mut jobs = Vec::with_capacity(self.jobs.len());
+        for plan in self.jobs {
+            let span = tracing::info_span!("prune", job = %plan.job);
+            jobs.push(apply::apply(plan, self.now).instrument(span).await);
+        }
+        PruneReport {
+            dry_run: false,
+            jobs,
+        }
+    }
 }
 
 async fn drill_proofs(config: &Config, now: DateTime<Utc>) -> Result<Vec<Proof>> {
@@ -117,307 +185,8 @@ async fn drill_proofs(config: &Config, now: DateTime<Utc>) -> Result<Vec<Proof>>
         .collect())
 }
 
-async fn prune_job(
-    job: &JobConfig,
-    repositories: &[Repository],
-    proofs: &[Proof],
-    now: DateTime<Utc>,
-    config: &Config,
-    options: &PruneOptions,
-) -> JobPrune {
-    let survey = inventory::survey(repositories, &job.name).await;
-    let mut outcome = JobPrune::new(&job.name, survey.unreachable.clone());
-    if survey.listed.is_empty() {
-        outcome.refused = Some("no repository could be listed".to_string());
-        return outcome;
-    }
-    let committed = survey.committed_ids();
-    // A manifest no repository can read is damage to report, not an old backup to remove
-    // (what its objects hold may still be recovered), nor one that takes a retention slot
-    // from a backup that restores.
-    let readable = survey.manifests(&job.name, &committed).await;
-    let damaged: BTreeSet<&String> = committed
-        .iter()
-        .zip(&readable)
-        .filter(|(_, manifest)| manifest.is_none())
-        .map(|(id, _)| id)
-        .collect();
-    // Each repository by what it holds itself: one that missed the newest backups (it was
-    // down) keeps its own newest, never losing them because others hold newer ones.
-    let mut plans: Vec<Vec<Decision>> = Vec::with_capacity(survey.listed.len());
-    let mut refusals: Vec<String> = Vec::new();
-    for (repository, held) in &survey.listed {
-        // A backup dated after now would be the newest to every rule, and push out the
-        // backups really made since: it is kept, and counts for none.
-        let future = |id: &str| {
-            layout::parse_backup_id(id)
-                .is_some_and(|at| crate::clock::in_the_future(at, now, config.max_clock_skew))
-        };
-        let ids: Vec<String> = held
-            .iter()
-            .filter(|(id, holding)| holding.manifest && !damaged.contains(id) && !future(id))
-            .map(|(id, _)| id.clone())
-            .collect();
-        let verified = verified_ids(repository, &job.name).await;
-        let mut decisions = decide(job, &ids, &verified, proofs, now);
-        if !ids.is_empty() && decisions.iter().all(|d| !d.keep) {
-            refusals.push(format!(
-                "the plan would remove all {} backup(s) repository '{}' holds; nothing was removed there",
-                ids.len(),
-                repository.name
-            ));
-            for decision in &mut decisions {
-                decision.keep = true;
-                decision.reasons = vec!["kept: the plan would remove every backup here".into()];
-            }
-        }
-        decisions.extend(
-            held.iter()
-                .filter(|(id, holding)| holding.manifest && future(id) && !damaged.contains(id))
-                .map(|(id, _)| Decision {
-                    id: id.clone(),
-                    at: layout::parse_backup_id(id).unwrap_or_default(),
-                    keep: true,
-                    reasons: vec![format!(
-                        "dated in the future (now {}): kept, counted by no rule; see `lifeboat status {}`",
-                        now.format("%Y-%m-%d %H:%M:%S UTC"),
-                        job.name
-                    )],
-                }),
-        );
-        decisions.extend(
-            held.iter()
-                .filter(|(id, holding)| holding.manifest && damaged.contains(id))
-                .map(|(id, _)| Decision {
-                    id: id.clone(),
-                    at: layout::parse_backup_id(id).unwrap_or_default(),
-                    keep: true,
-                    reasons: vec![format!(
-                        "damaged: no repository holds a readable manifest of it; kept for `lifeboat verify {}`",
-                        job.name
-                    )],
-                }),
-        );
-        plans.push(decisions);
-    }
-    if !refusals.is_empty() {
-        outcome.refused = Some(refusals.join("; "));
-    }
-    outcome.backups = merge(&survey, &plans);
-    let journals = apply::read_journal(&survey, &job.name).await;
-    let journal: BTreeSet<&String> = journals.values().flat_map(|j| &j.removing).collect();
-    let no_journal = apply::Journals::default();
-    let run = crate::layout::run_tag();
-    let committed_set: BTreeSet<&String> = committed.iter().collect();
-    let grace = chrono::Duration::from_std(options.grace).unwrap_or(chrono::Duration::MAX);
-
-    if !options.dry_run {
-        record_intent(&survey, &job.name, now, &plans, &mut outcome).await;
-    }
-    for ((repository, held), decisions) in survey.listed.iter().zip(&plans) {
-        // What an interrupted prune was removing here stays this repository's to finish,
-        // even where another repository still holds the backup (its own plan keeps it).
-        let own_journal = journals.get(&repository.name).unwrap_or(&no_journal);
-        let live = apply::live_claims(repository, &job.name, now).await;
-        let leftovers: Vec<Leftover> = held
-            .iter()
-            .filter(|(id, _)| !live.contains(*id))
-            .filter(|(id, holding)| {
-                !committed_set.contains(id)
-                    || (!holding.manifest && own_journal.removing.contains(*id))
-            })
-            .filter_map(|(id, holding)| {
-                let why = if journal.contains(id) {
-                    "left by an interrupted prune".to_string()
-                } else {
-                    let started = layout::parse_backup_id(id)?;
-                    let written = holding.newest.unwrap_or(started).max(started);
-                    if now - written < grace {
-                        return None;
-                    }
-                    format!(
-                        "no manifest, last written {}",
-                        written.format("%Y-%m-%d %H:%M:%S UTC")
-                    )
-                };
-                Some(Leftover {
-                    repository: repository.name.clone(),
-                    id: id.clone(),
-                    objects: holding.objects.len(),
-                    why,
-                    removed: false,
-                    retained: Vec::new(),
-                })
-            })
-            .collect();
-        let held_removals: Vec<&String> = decisions
-            .iter()
-            .filter(|d| !d.keep)
-            .map(|d| &d.id)
-            .collect();
-        apply::remove_from(
-            repository,
-            &job.name,
-            apply::Removing {
-                held,
-                removals: &held_removals,
-                leftovers,
-                run: &run,
-                earlier_journals: own_journal.keys(),
-            },
-            options.dry_run,
-            &mut outcome,
-        )
-        .await;
-        apply::abort_stale_uploads(
-            repository,
-            &job.name,
-            (now - grace, &live),
-            options.dry_run,
-            &mut outcome,
-        )
-        .await;
-        apply::remove_stale_claims(
-            repository,
-            &job.name,
-            now - grace,
-            options.dry_run,
-            &mut outcome,
-        )
-        .await;
-    }
-
-    if !options.dry_run {
-        record_removals(&survey, &job.name, now, &mut outcome).await;
-    }
-
-    if let JobSource::Postgres(postgres) = &job.source
-        && postgres.mode == PostgresMode::Physical
-    {
-        match wal::floors(&survey, &job.name, &outcome.backups).await {
-            Ok(floors) => {
-                let pruned = wal::prune(
-                    &survey,
-                    &job.name,
-                    floors,
-                    options.dry_run,
-                    &mut outcome.failures,
-                )
-                .await;
-                outcome.wal = Some(pruned);
-            }
-            Err(why) => outcome.wal_skipped = Some(why),
-        }
-    }
-    outcome
-}
-
-/// Writes into every listed repository a removal record of each backup this run removed
-/// anywhere, so `replicate` never copies it back from a repository that was out of reach
-/// (or whose own plan keeps it); and drops records older than [`TOMBSTONE_DAYS`] of backups
-/// no listed repository holds any more.
-async fn record_removals(
-    survey: &Survey<'_>,
-    job: &str,
-    now: DateTime<Utc>,
-    outcome: &mut JobPrune,
-) {
-    let removed: Vec<Tombstone> = outcome
-        .backups
-        .iter()
-        .filter(|b| !b.removed_from.is_empty())
-        .map(|b| Tombstone {
-            id: b.id.clone(),
-            removed_at: now,
-            host: crate::host::name(),
-            removed_from: b.removed_from.clone(),
-        })
-        .collect();
-    // What the plan removed nowhere (Object Lock kept it, a delete failed) is not removed:
-    // its record of intent (`record_intent`) goes.
-    let not_removed: Vec<String> = outcome
-        .backups
-        .iter()
-        .filter(|b| !b.keep && b.removed_from.is_empty())
-        .map(|b| b.id.clone())
-        .collect();
-    let expiry = now - chrono::Duration::days(TOMBSTONE_DAYS);
-    for (repository, _) in &survey.listed {
-        for tombstone in &removed {
-            match repository.write_tombstone(job, tombstone).await {
-                Ok(()) => outcome.recorded += 1,
-                Err(e) => outcome.failures.push(e.chain().join(": ")),
-            }
-        }
-        for id in &not_removed {
-            let key = layout::removed_key(job, id);
-            if let Err(e) = repository.store.delete_unless_retained(&key).await {
-                outcome.failures.push(
-                    repository
-                        .error(&format!("remove the removal record '{key}'"), e)
-                        .chain()
-                        .join(": "),
-                );
-            }
-        }
-        let Ok(tombstones) = repository.tombstones(job).await else {
-            continue;
-        };
-        for (id, written) in tombstones {
-            let still_held = survey.listed.iter().any(|(_, held)| held.contains_key(&id));
-            if still_held || written.is_none_or(|at| at > expiry) {
-                continue;
-            }
-            let key = layout::removed_key(job, &id);
-            if let Err(e) = repository.store.delete(&key).await {
-                outcome.failures.push(
-                    repository
-                        .error(&format!("remove the removal record '{key}'"), e)
-                        .chain()
-                        .join(": "),
-                );
-            }
-        }
-    }
-}
-
-/// Before anything is removed, records in every listed repository each backup the plans
-/// remove somewhere: a prune stopped halfway (a signal, a crash) has then already told
-/// `replicate` not to copy back what it had removed from one repository and not yet from
-/// another. `record_removals` rewrites the records with what was done.
-async fn record_intent(
-    survey: &Survey<'_>,
-    job: &str,
-    now: DateTime<Utc>,
-    plans: &[Vec<crate::retention::Decision>],
-    outcome: &mut JobPrune,
-) {
-    let mut removing: BTreeMap<&str, Vec<String>> = BTreeMap::new();
-    for ((repository, _), decisions) in survey.listed.iter().zip(plans) {
-        for decision in decisions.iter().filter(|d| !d.keep) {
-            removing
-                .entry(&decision.id)
-                .or_default()
-                .push(repository.name.clone());
-        }
-    }
-    for (id, removed_from) in removing {
-        let tombstone = Tombstone {
-            id: id.to_string(),
-            removed_at: now,
-            host: crate::host::name(),
-            removed_from,
-        };
-        for (repository, _) in &survey.listed {
-            if let Err(e) = repository.write_tombstone(job, &tombstone).await {
-                outcome.failures.push(e.chain().join(": "));
-            }
-        }
-    }
-}
-
 /// Ids with a verify record in `repository`: verify found them intact there.
-async fn verified_ids(repository: &Repository, job: &str) -> BTreeSet<String> {
+pub(super) async fn verified_ids(repository: &Repository, job: &str) -> BTreeSet<String> {
     let prefix = layout::verified_prefix(job);
     let Ok(records) = repository.store.list(&prefix).await else {
         return BTreeSet::new();
@@ -434,7 +203,7 @@ async fn verified_ids(repository: &Repository, job: &str) -> BTreeSet<String> {
 /// One row per backup any repository holds, newest first, from the repositories' own plans
 /// (in `survey.listed` order): kept where any plan keeps it, with the reasons of the first
 /// that does and the repositories that keep it.
-fn merge(survey: &Survey<'_>, plans: &[Vec<Decision>]) -> Vec<BackupOutcome> {
+pub(super) fn merge(survey: &Survey<'_>, plans: &[Vec<Decision>]) -> Vec<BackupOutcome> {
     let mut rows: BTreeMap<String, BackupOutcome> = BTreeMap::new();
     for ((repository, _), decisions) in survey.listed.iter().zip(plans) {
         for decision in decisions {
@@ -454,7 +223,7 @@ fn merge(survey: &Survey<'_>, plans: &[Vec<Decision>]) -> Vec<BackupOutcome> {
 }
 
 /// The retention plan with the protections no policy overrides, newest first.
-fn decide(
+pub(super) fn decide(
     job: &JobConfig,
     committed: &[String],
     verified: &BTreeSet<String>,

@@ -22,7 +22,7 @@ pub struct Retained {
     pub until: Option<DateTime<Utc>>,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Clone, Serialize)]
 pub struct BackupOutcome {
     pub id: String,
     pub keep: bool,
@@ -49,7 +49,7 @@ impl BackupOutcome {
 }
 
 /// Keys under a backup id that no repository has a manifest for.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Clone, Serialize)]
 pub struct Leftover {
     pub repository: String,
     pub id: String,
@@ -70,7 +70,7 @@ pub struct StaleUpload {
 }
 
 /// A claim on a backup id (see `claim`) older than the grace period: its run was killed.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Clone, Serialize)]
 pub struct StaleClaim {
     pub repository: String,
     pub id: String,
@@ -180,6 +180,95 @@ fn until(retained: &[Retained]) -> String {
     }
 }
 
+/// One backup's line: kept or removed, why, and where.
+fn write_backup(
+    f: &mut fmt::Formatter<'_>,
+    backup: &BackupOutcome,
+    (remove, removed): (&str, &str),
+) -> fmt::Result {
+    let action = if backup.keep { "keep" } else { remove };
+    write!(
+        f,
+        "  {}  {action:<12}  {}",
+        backup.id,
+        backup.reasons.join(", ")
+    )?;
+    // Kept in some repositories and not others: each judged by what it holds.
+    if backup.keep && !backup.removed_from.is_empty() {
+        write!(f, " in {}", backup.kept_in.join(", "))?;
+    }
+    if !backup.removed_from.is_empty() {
+        write!(f, "; {removed} from {}", backup.removed_from.join(", "))?;
+    }
+    if !backup.retained.is_empty() {
+        let mut places: Vec<&str> = backup
+            .retained
+            .iter()
+            .map(|r| r.repository.as_str())
+            .collect();
+        places.dedup();
+        write!(
+            f,
+            "; RETAINED in {} {} (Object Lock)",
+            places.join(", "),
+            until(&backup.retained)
+        )?;
+    }
+    writeln!(f)?;
+    Ok(())
+}
+
+/// What interrupted runs left: backup directories, uploads, claims.
+fn write_cleanup(
+    f: &mut fmt::Formatter<'_>,
+    job: &JobPrune,
+    dry_run: bool,
+    (removed, abort): (&str, &str),
+) -> fmt::Result {
+    for leftover in &job.leftovers {
+        write!(
+            f,
+            "  leftover {} in '{}': {} object(s), {}",
+            leftover.id, leftover.repository, leftover.objects, leftover.why
+        )?;
+        match (leftover.retained.is_empty(), leftover.removed || dry_run) {
+            (false, _) => writeln!(f, ": RETAINED {}", until(&leftover.retained))?,
+            (true, true) => writeln!(f, ": {removed}")?,
+            (true, false) => writeln!(f, ": not removed")?,
+        }
+    }
+    for upload in &job.stale_uploads {
+        let started = upload
+            .initiated
+            .map(|at| at.format("%Y-%m-%d %H:%M:%S UTC").to_string())
+            .unwrap_or_else(|| "at an unknown time".to_string());
+        let done = if upload.aborted || dry_run {
+            abort
+        } else {
+            "not aborted"
+        };
+        writeln!(
+            f,
+            "  incomplete upload of {} in '{}' started {started}: {done}",
+            crate::error::escape_controls(&upload.key),
+            upload.repository
+        )?;
+    }
+    for claim in &job.stale_claims {
+        let done = if claim.removed || dry_run {
+            removed
+        } else {
+            "not removed"
+        };
+        writeln!(
+            f,
+            "  claim of backup id {} in '{}' left by a run that did not finish: {done}",
+            claim.id, claim.repository
+        )?;
+    }
+    Ok(())
+}
+
 impl fmt::Display for PruneReport {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let (remove, removed, abort) = match self.dry_run {
@@ -203,80 +292,9 @@ impl fmt::Display for PruneReport {
                 )?,
             }
             for backup in &job.backups {
-                let action = if backup.keep { "keep" } else { remove };
-                write!(
-                    f,
-                    "  {}  {action:<12}  {}",
-                    backup.id,
-                    backup.reasons.join(", ")
-                )?;
-                // Kept in some repositories and not others: each judged by what it holds.
-                if backup.keep && !backup.removed_from.is_empty() {
-                    write!(f, " in {}", backup.kept_in.join(", "))?;
-                }
-                if !backup.removed_from.is_empty() {
-                    write!(f, "; {removed} from {}", backup.removed_from.join(", "))?;
-                }
-                if !backup.retained.is_empty() {
-                    let mut places: Vec<&str> = backup
-                        .retained
-                        .iter()
-                        .map(|r| r.repository.as_str())
-                        .collect();
-                    places.dedup();
-                    write!(
-                        f,
-                        "; RETAINED in {} {} (Object Lock)",
-                        places.join(", "),
-                        until(&backup.retained)
-                    )?;
-                }
-                writeln!(f)?;
+                write_backup(f, backup, (remove, removed))?;
             }
-            for leftover in &job.leftovers {
-                write!(
-                    f,
-                    "  leftover {} in '{}': {} object(s), {}",
-                    leftover.id, leftover.repository, leftover.objects, leftover.why
-                )?;
-                match (
-                    leftover.retained.is_empty(),
-                    leftover.removed || self.dry_run,
-                ) {
-                    (false, _) => writeln!(f, ": RETAINED {}", until(&leftover.retained))?,
-                    (true, true) => writeln!(f, ": {removed}")?,
-                    (true, false) => writeln!(f, ": not removed")?,
-                }
-            }
-            for upload in &job.stale_uploads {
-                let started = upload
-                    .initiated
-                    .map(|at| at.format("%Y-%m-%d %H:%M:%S UTC").to_string())
-                    .unwrap_or_else(|| "at an unknown time".to_string());
-                let done = if upload.aborted || self.dry_run {
-                    abort
-                } else {
-                    "not aborted"
-                };
-                writeln!(
-                    f,
-                    "  incomplete upload of {} in '{}' started {started}: {done}",
-                    crate::error::escape_controls(&upload.key),
-                    upload.repository
-                )?;
-            }
-            for claim in &job.stale_claims {
-                let done = if claim.removed || self.dry_run {
-                    removed
-                } else {
-                    "not removed"
-                };
-                writeln!(
-                    f,
-                    "  claim of backup id {} in '{}' left by a run that did not finish: {done}",
-                    claim.id, claim.repository
-                )?;
-            }
+            write_cleanup(f, job, self.dry_run, (removed, abort))?;
             if let Some(wal) = &job.wal {
                 write!(f, "{}", wal.display(self.dry_run))?;
             }

@@ -8,11 +8,14 @@ use super::delete::delete_keys;
 use super::report::{BackupOutcome, WalFloor, WalPrune, WalRepositoryPrune};
 use crate::inventory::Survey;
 use crate::layout;
+use crate::repository::Repository;
 use crate::storage::{self, ObjectMeta};
 use crate::wal::{WalFile, WalFileKind};
 
 use crate::wal_archive::WAL_PAGE;
 
+/// Where replay of the kept backups starts, per timeline: the WAL below it goes.
+#[derive(Debug)]
 pub struct Floors {
     floors: Vec<WalFloor>,
     segment_size: u64,
@@ -100,17 +103,26 @@ pub(super) async fn floors(
     })
 }
 
-/// Removes, in every listed repository, the WAL files `floors` does not need.
+/// Whether `prune` removes the WAL files no kept backup needs, or only counts them (a dry
+/// run): the files are listed a page at a time, so that memory does not grow with the
+/// archive, and the plan holds the rule they go by rather than their names.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Mode {
+    Count,
+    Remove,
+}
+
+/// Removes (or counts), in each repository, the WAL files `floors` does not need.
 pub(super) async fn prune(
-    survey: &Survey<'_>,
+    repositories: &[&Repository],
     job: &str,
-    floors: Floors,
-    dry_run: bool,
+    floors: &Floors,
+    mode: Mode,
     failures: &mut Vec<String>,
 ) -> WalPrune {
     let prefix = layout::wal_prefix(job);
-    let mut repositories = Vec::new();
-    for (repository, _) in &survey.listed {
+    let mut outcomes = Vec::new();
+    for repository in repositories {
         let mut outcome = WalRepositoryPrune {
             repository: repository.name.clone(),
             removed: 0,
@@ -136,7 +148,7 @@ pub(super) async fn prune(
                     .collect();
                 let mut removed = unneeded.len();
                 outcome.kept += total - removed;
-                if !dry_run {
+                if mode == Mode::Remove {
                     let removal = delete_keys(repository, unneeded).await;
                     let left = removal.retained.len() + removal.failures.len();
                     removed -= left;
@@ -155,11 +167,11 @@ pub(super) async fn prune(
                 repository.name
             ));
         }
-        repositories.push(outcome);
+        outcomes.push(outcome);
     }
     WalPrune {
-        floors: floors.floors,
-        repositories,
+        floors: floors.floors.clone(),
+        repositories: outcomes,
     }
 }
 

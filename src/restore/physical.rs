@@ -197,6 +197,21 @@ pub(super) async fn plan_replay(
             "copy {timeline}.history into a repository from wherever it survives, or say --timeline current to recover along the backup's own timeline and leave the later one behind"
         )));
     }
+    let mut plan = check_target(job, options, &reach, &end, &gap, &unreachable)?;
+    plan.notes.push(reached);
+    Ok(plan)
+}
+
+/// What the recovery target asks of the archive the backup is carried by (`reach`, ending
+/// gap-free at `end`): refused when it lies past a gap or past the archived WAL.
+fn check_target(
+    job: &str,
+    options: &PhysicalRestoreOptions,
+    reach: &continuity::Reach,
+    end: &Point,
+    gap: &dyn Fn(&str) -> Error,
+    unreachable: &dyn Fn(Error) -> Error,
+) -> Result<ReplayPlan> {
     let mut plan = ReplayPlan::default();
     match options.target {
         RecoveryTarget::EndOfArchive if reach.resumes_at.is_some() => {
@@ -244,7 +259,6 @@ pub(super) async fn plan_replay(
             }
         }
     }
-    plan.notes.push(reached);
     Ok(plan)
 }
 
@@ -281,30 +295,7 @@ pub(super) async fn restore(
 
     let mut warnings = target.warnings();
     warnings.extend(plan.warnings);
-    if !inherited.is_empty() {
-        warnings.push(format!(
-            "removed recovery settings the base backup carried (this restore sets its own): {}",
-            inherited.join(", ")
-        ));
-    }
-    if options.wal_relay.is_none() {
-        warnings.push(format!(
-            "the restored server fetches WAL with `lifeboat wal-fetch` as its own user: that user needs to read '{}'{} and the repositories' credentials",
-            source.config_path.display(),
-            match &source.identity_file {
-                Some(identity) => format!(
-                    ", the identity file '{}' (its own, mode 0600)",
-                    identity.display()
-                ),
-                None => String::new(),
-            }
-        ));
-    }
-    if !options.keep_archiving {
-        warnings.push(
-            "archive_mode is off in the restored cluster; when it becomes the primary, turn it on with its own job".to_string(),
-        );
-    }
+    warnings.extend(setup_warnings(options, source, &inherited));
     let mut restored = vec![format!(
         "base backup {} replaying to {}",
         selected.manifest.id,
@@ -378,6 +369,41 @@ pub(super) async fn restore(
     );
     report.archive_end = plan.end_of_archive;
     Ok(report)
+}
+
+/// What the operator must know about the restored cluster's setup: settings replaced, who
+/// fetches WAL with which credentials, archiving off.
+fn setup_warnings(
+    options: &PhysicalRestoreOptions,
+    source: &WalSource,
+    inherited: &[String],
+) -> Vec<String> {
+    let mut warnings = Vec::new();
+    if !inherited.is_empty() {
+        warnings.push(format!(
+            "removed recovery settings the base backup carried (this restore sets its own): {}",
+            inherited.join(", ")
+        ));
+    }
+    if options.wal_relay.is_none() {
+        warnings.push(format!(
+            "the restored server fetches WAL with `lifeboat wal-fetch` as its own user: that user needs to read '{}'{} and the repositories' credentials",
+            source.config_path.display(),
+            match &source.identity_file {
+                Some(identity) => format!(
+                    ", the identity file '{}' (its own, mode 0600)",
+                    identity.display()
+                ),
+                None => String::new(),
+            }
+        ));
+    }
+    if !options.keep_archiving {
+        warnings.push(
+            "archive_mode is off in the restored cluster; when it becomes the primary, turn it on with its own job".to_string(),
+        );
+    }
+    warnings
 }
 
 /// The server binaries of the backup's major version: a data directory only starts with
@@ -564,30 +590,9 @@ fn fetch_command(exe: &Path, options: &PhysicalRestoreOptions, source: &WalSourc
     fetch
 }
 
-/// Writes the recovery settings into the restored data directory, replacing any the base
-/// backup carried; returns what it removed (settings, and a `standby.signal`).
-fn configure_recovery(
-    target: &Target,
-    options: &PhysicalRestoreOptions,
-    source: &WalSource,
-    owner: Option<(u32, u32)>,
-) -> Result<Vec<String>> {
-    let exe = std::env::current_exe().map_err(|e| {
-        Error::new(
-            ErrorKind::Target,
-            "unable to find the lifeboat binary for restore_command",
-        )
-        .with_source(e)
-    })?;
-    let mut fetch = match &options.wal_relay {
-        Some(socket) => format!(
-            "{} wal-fetch --via {}",
-            shell_word(&exe.to_string_lossy()),
-            shell_word(&socket.to_string_lossy())
-        ),
-        None => fetch_command(&exe, options, source),
-    };
-    fetch.push_str(" %f %p");
+/// The lines appended to `postgresql.auto.conf`: how to fetch WAL (`fetch`), where to stop,
+/// and what the restored server does with WAL of its own.
+fn recovery_settings(options: &PhysicalRestoreOptions, fetch: &str) -> String {
     let mut settings = format!(
         "\n{RESTORE_MARK} at {}: replay WAL from the archive, then promote.\n",
         Utc::now().to_rfc3339()
@@ -595,7 +600,7 @@ fn configure_recovery(
     let mut set = |name: &str, value: String| {
         writeln!(settings, "{name} = {value}").expect("writing to a String");
     };
-    set("restore_command", conf_string(&fetch));
+    set("restore_command", conf_string(fetch));
     let chosen = match options.target {
         RecoveryTarget::EndOfArchive => None,
         RecoveryTarget::Time(_) => Some("recovery_target_time"),
@@ -636,6 +641,34 @@ fn configure_recovery(
     if let Some(port) = options.port {
         set("port", port.to_string());
     }
+    settings
+}
+
+/// Writes the recovery settings into the restored data directory, replacing any the base
+/// backup carried; returns what it removed (settings, and a `standby.signal`).
+fn configure_recovery(
+    target: &Target,
+    options: &PhysicalRestoreOptions,
+    source: &WalSource,
+    owner: Option<(u32, u32)>,
+) -> Result<Vec<String>> {
+    let exe = std::env::current_exe().map_err(|e| {
+        Error::new(
+            ErrorKind::Target,
+            "unable to find the lifeboat binary for restore_command",
+        )
+        .with_source(e)
+    })?;
+    let mut fetch = match &options.wal_relay {
+        Some(socket) => format!(
+            "{} wal-fetch --via {}",
+            shell_word(&exe.to_string_lossy()),
+            shell_word(&socket.to_string_lossy())
+        ),
+        None => fetch_command(&exe, options, source),
+    };
+    fetch.push_str(" %f %p");
+    let settings = recovery_settings(options, &fetch);
     // Through handles beneath the data directory, never through a symlink the base backup
     // may hold in their place.
     let into = &target.path;
