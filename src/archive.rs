@@ -170,33 +170,7 @@ pub fn check_entry<R: Read>(entry: &mut tar::Entry<'_, R>) -> io::Result<Checked
     if entry.path_bytes().contains(&0) {
         return Err(refused(&raw, "its name holds a NUL byte"));
     }
-    let names = plain_names(&raw)?;
-    if let Some(long) = names.iter().find(|name| name.len() > NAME_MAX) {
-        return Err(refused(
-            &raw,
-            format!(
-                "its name '{}' is {} bytes long; Linux takes at most {NAME_MAX}",
-                printable(Path::new(long)),
-                long.len()
-            ),
-        ));
-    }
-    if names.components().count() > MAX_DEPTH {
-        return Err(refused(
-            &raw,
-            format!("it lies deeper than {MAX_DEPTH} directories"),
-        ));
-    }
-    if names.components().next().is_some_and(|top| {
-        top.as_os_str()
-            .to_string_lossy()
-            .starts_with(STAGING_PREFIX)
-    }) {
-        return Err(refused(
-            &raw,
-            "the name is lifeboat's own, for a restore's staging directory",
-        ));
-    }
+    let names = checked_names(&raw)?;
     let header_type = entry.header().entry_type();
     // Old archivers mark directories as regular files with a trailing slash.
     let is_directory =
@@ -254,43 +228,7 @@ pub fn check_entry<R: Read>(entry: &mut tar::Entry<'_, R>) -> io::Result<Checked
                     "a link with extended attributes or ACLs; lifeboat never stores them on links",
                 ));
             }
-            tar::EntryType::Symlink | tar::EntryType::Link => {
-                let target = entry
-                    .link_name()?
-                    .ok_or_else(|| refused(&raw, "link without a target"))?
-                    .into_owned();
-                if target.as_os_str().as_bytes().contains(&0) {
-                    return Err(refused(&raw, "its link target holds a NUL byte"));
-                }
-                if header_type == tar::EntryType::Symlink {
-                    check_symlink(&names, &target)?;
-                    if target.as_os_str().len() >= PATH_MAX {
-                        return Err(refused(
-                            &raw,
-                            format!(
-                                "a symlink target of {} bytes; Linux takes fewer than {PATH_MAX}",
-                                target.as_os_str().len()
-                            ),
-                        ));
-                    }
-                    EntryKind::Symlink(target)
-                } else {
-                    let linked = plain_names(&target).map_err(|e| {
-                        refused(
-                            &raw,
-                            format!(
-                                "hard link to '{}': {}",
-                                printable(&target),
-                                e.to_string().rsplit(": ").next().unwrap_or_default()
-                            ),
-                        )
-                    })?;
-                    if linked.as_os_str().is_empty() {
-                        return Err(refused(&raw, "hard link to the restore directory itself"));
-                    }
-                    EntryKind::HardLink(linked)
-                }
-            }
+            tar::EntryType::Symlink | tar::EntryType::Link => link_kind(entry, &raw, &names)?,
             tar::EntryType::Char | tar::EntryType::Block => {
                 return Err(refused(
                     &raw,
@@ -320,6 +258,82 @@ pub fn check_entry<R: Read>(entry: &mut tar::Entry<'_, R>) -> io::Result<Checked
         kind,
         attributes,
     })
+}
+
+/// A symlink or hard link entry: its target checked as the link would be made.
+fn link_kind<R: Read>(
+    entry: &mut tar::Entry<'_, R>,
+    raw: &Path,
+    names: &Path,
+) -> io::Result<EntryKind> {
+    let target = entry
+        .link_name()?
+        .ok_or_else(|| refused(raw, "link without a target"))?
+        .into_owned();
+    if target.as_os_str().as_bytes().contains(&0) {
+        return Err(refused(raw, "its link target holds a NUL byte"));
+    }
+    if entry.header().entry_type() == tar::EntryType::Symlink {
+        check_symlink(names, &target)?;
+        if target.as_os_str().len() >= PATH_MAX {
+            return Err(refused(
+                raw,
+                format!(
+                    "a symlink target of {} bytes; Linux takes fewer than {PATH_MAX}",
+                    target.as_os_str().len()
+                ),
+            ));
+        }
+        Ok(EntryKind::Symlink(target))
+    } else {
+        let linked = plain_names(&target).map_err(|e| {
+            refused(
+                raw,
+                format!(
+                    "hard link to '{}': {}",
+                    printable(&target),
+                    e.to_string().rsplit(": ").next().unwrap_or_default()
+                ),
+            )
+        })?;
+        if linked.as_os_str().is_empty() {
+            return Err(refused(raw, "hard link to the restore directory itself"));
+        }
+        Ok(EntryKind::HardLink(linked))
+    }
+}
+
+/// The entry's name as plain names under the restore directory: each short enough for
+/// Linux, not too deep, and not lifeboat's own staging directory.
+fn checked_names(raw: &Path) -> io::Result<PathBuf> {
+    let names = plain_names(raw)?;
+    if let Some(long) = names.iter().find(|name| name.len() > NAME_MAX) {
+        return Err(refused(
+            raw,
+            format!(
+                "its name '{}' is {} bytes long; Linux takes at most {NAME_MAX}",
+                printable(Path::new(long)),
+                long.len()
+            ),
+        ));
+    }
+    if names.components().count() > MAX_DEPTH {
+        return Err(refused(
+            raw,
+            format!("it lies deeper than {MAX_DEPTH} directories"),
+        ));
+    }
+    if names.components().next().is_some_and(|top| {
+        top.as_os_str()
+            .to_string_lossy()
+            .starts_with(STAGING_PREFIX)
+    }) {
+        return Err(refused(
+            raw,
+            "the name is lifeboat's own, for a restore's staging directory",
+        ));
+    }
+    Ok(names)
 }
 
 /// The extended attributes and ACLs an entry's PAX records carry.

@@ -30,6 +30,40 @@ pub fn backup_prefix(job: &str, id: &str) -> String {
     format!("jobs/{job}/backups/{id}/")
 }
 
+/// What a backup is of, and so how it restores. The manifest keeps it as text, so that one
+/// written by a later lifeboat with a kind this one does not know still lists, prunes and
+/// verifies; only its restore is refused, naming the kind.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BackupKind {
+    Files,
+    PostgresLogical,
+    PostgresPhysical,
+    Redis,
+}
+
+impl BackupKind {
+    /// As manifests and reports name it.
+    pub fn name(self) -> &'static str {
+        match self {
+            BackupKind::Files => "files",
+            BackupKind::PostgresLogical => "postgres-logical",
+            BackupKind::PostgresPhysical => "postgres-physical",
+            BackupKind::Redis => "redis",
+        }
+    }
+
+    pub fn parse(name: &str) -> Option<BackupKind> {
+        [
+            BackupKind::Files,
+            BackupKind::PostgresLogical,
+            BackupKind::PostgresPhysical,
+            BackupKind::Redis,
+        ]
+        .into_iter()
+        .find(|kind| kind.name() == name)
+    }
+}
+
 /// A files backup's one object: the tar stream of its paths.
 pub const FILES_OBJECT: &str = "files.tar.zst";
 /// A physical backup's data directory, as a tar stream.

@@ -16,6 +16,8 @@ pub const FORMAT: u32 = 1;
 const SEAL_FIELD: &str = "manifest_sha256";
 const UNSEALED: &str = "0000000000000000000000000000000000000000000000000000000000000000";
 
+pub use crate::layout::BackupKind;
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Manifest {
@@ -83,6 +85,11 @@ pub struct SkippedDatabase {
 }
 
 impl Manifest {
+    /// The kind of backup, where this lifeboat knows it.
+    pub fn backup_kind(&self) -> Option<BackupKind> {
+        BackupKind::parse(&self.kind)
+    }
+
     /// Whether `other` describes the same backup: the same run, holding the same data. Two
     /// repositories' copies can name different stored objects (`rekey` re-encrypts each on
     /// its own) yet hold the same raw bytes; two runs that took one id do not.

@@ -226,33 +226,6 @@ fn identities_for(
     keyring.identities(place).map(Some)
 }
 
-/// Checks, by reading only its header, that `keyring` opens the encrypted `object`: a
-/// restore finds out it has the wrong key before it touches anything.
-pub async fn check_key(
-    repository: &Repository,
-    manifest: &Manifest,
-    object: &ObjectEntry,
-    keyring: &Keyring,
-) -> Result<()> {
-    let key = layout::object_key(&manifest.job, &manifest.id, &object.name);
-    let place = format!("object '{key}' in repository '{}'", repository.name);
-    let Some(identities) = identities_for(keyring, object, &place)? else {
-        return Ok(());
-    };
-    let header =
-        storage::get_range_bytes(repository.store.as_ref(), &key, Some(0..keys::HEADER_READ))
-            .await
-            .map_err(|e| repository.error(&format!("read object '{key}'"), e))?;
-    match keys::open(&header[..], &identities) {
-        Ok(_) => Ok(()),
-        Err(OpenError::NoMatchingKey) => Err(keyring.no_match(&place, &object.recipients)),
-        Err(OpenError::Damaged(problem)) => Err(Error::new(
-            ErrorKind::Verification,
-            format!("damaged {place}: {problem}"),
-        )),
-    }
-}
-
 /// A stored object opened for a blocking reader, with what decrypting it needs.
 struct Opened {
     key: String,
@@ -262,184 +235,212 @@ struct Opened {
     reader: SyncIoBridge<StreamReader<BoxStream<'static, io::Result<bytes::Bytes>>, bytes::Bytes>>,
 }
 
-async fn open_stored(
-    repository: &Repository,
-    manifest: &Manifest,
-    object: &ObjectEntry,
-    keyring: &Keyring,
-) -> Result<Opened> {
-    let key = layout::object_key(&manifest.job, &manifest.id, &object.name);
-    let place = format!("object '{key}' in repository '{}'", repository.name);
-    let identities = identities_for(keyring, object, &place)?;
-    let stream = repository
-        .open_object(&manifest.job, &manifest.id, &object.name)
+/// One object of a backup as a repository stores it: what a restore, verify or rekey
+/// reads, checks or re-encrypts.
+#[derive(Clone, Copy)]
+pub struct StoredObject<'a> {
+    pub repository: &'a Repository,
+    pub manifest: &'a Manifest,
+    pub object: &'a ObjectEntry,
+}
+
+impl StoredObject<'_> {
+    async fn open(&self, keyring: &Keyring) -> Result<Opened> {
+        let StoredObject {
+            repository,
+            manifest,
+            object,
+        } = *self;
+        let key = layout::object_key(&manifest.job, &manifest.id, &object.name);
+        let place = format!("object '{key}' in repository '{}'", repository.name);
+        let identities = identities_for(keyring, object, &place)?;
+        let stream = repository
+            .open_object(&manifest.job, &manifest.id, &object.name)
+            .await?;
+        let reader = SyncIoBridge::new(StreamReader::new(stream.map_err(io::Error::other).boxed()));
+        Ok(Opened {
+            key,
+            place,
+            identities,
+            reader,
+        })
+    }
+
+    /// Checks, by reading only its header, that `keyring` opens the encrypted `object`: a
+    /// restore finds out it has the wrong key before it touches anything.
+    pub async fn check_key(&self, keyring: &Keyring) -> Result<()> {
+        let StoredObject {
+            repository,
+            manifest,
+            object,
+        } = *self;
+        let key = layout::object_key(&manifest.job, &manifest.id, &object.name);
+        let place = format!("object '{key}' in repository '{}'", repository.name);
+        let Some(identities) = identities_for(keyring, object, &place)? else {
+            return Ok(());
+        };
+        let header =
+            storage::get_range_bytes(repository.store.as_ref(), &key, Some(0..keys::HEADER_READ))
+                .await
+                .map_err(|e| repository.error(&format!("read object '{key}'"), e))?;
+        match keys::open(&header[..], &identities) {
+            Ok(_) => Ok(()),
+            Err(OpenError::NoMatchingKey) => Err(keyring.no_match(&place, &object.recipients)),
+            Err(OpenError::Damaged(problem)) => Err(Error::new(
+                ErrorKind::Verification,
+                format!("damaged {place}: {problem}"),
+            )),
+        }
+    }
+
+    /// Streams one object of `manifest` from `repository` through the decode pipeline into
+    /// `consume` (on a blocking thread), decrypting it with `keyring` when it is encrypted.
+    /// Returns Ok only when both checksums match.
+    pub async fn read<T, F>(&self, keyring: &Keyring, consume: F) -> Result<T>
+    where
+        T: Send + 'static,
+        F: FnOnce(&mut dyn Read) -> io::Result<T> + Send + 'static,
+    {
+        let StoredObject {
+            manifest, object, ..
+        } = *self;
+        let Opened {
+            key,
+            place,
+            identities,
+            reader,
+        } = self.open(keyring).await?;
+        let expected = object.digests();
+        let label = format!("restore {}", object.name);
+        let outcome = tokio::task::spawn_blocking(move || {
+            decode_with_progress(reader, &expected, identities.as_deref(), &label, consume)
+        })
+        .await
+        .map_err(|e| {
+            Error::new(ErrorKind::Storage, format!("unable to read object '{key}'")).with_source(e)
+        })?;
+        outcome.map_err(|e| decode_failure(place, &manifest.job, object, keyring, e))
+    }
+
+    /// Re-encrypts `object` of `manifest` in `repository` to `recipients`, streaming: its zstd
+    /// stream is decrypted with `keyring` (when it is encrypted), encrypted again and stored as
+    /// `new_name` beside it, while it is decompressed on the way to check the raw checksum.
+    /// Returns the new object's entry; the old object is left for the caller to remove once
+    /// the manifest names the new one.
+    pub async fn reseal(
+        &self,
+        keyring: &Keyring,
+        recipients: &Recipients,
+        new_name: &str,
+    ) -> Result<ObjectEntry> {
+        let StoredObject {
+            repository,
+            manifest,
+            object,
+        } = *self;
+        let new_key = layout::object_key(&manifest.job, &manifest.id, new_name);
+        let Opened {
+            place,
+            identities,
+            reader,
+            ..
+        } = self.open(keyring).await?;
+        let expected = object.digests();
+        let (job, entry, failure_keyring) = (manifest.job.clone(), object.clone(), keyring.clone());
+        let failure_place = place.clone();
+        let stored = store_precompressed_object(
+            std::slice::from_ref(repository),
+            &new_key,
+            Some(recipients.clone()),
+            Box::new(io::sink()),
+            move |out| {
+                pipeline::copy_unsealed(
+                    reader,
+                    &expected,
+                    identities.as_deref().map(Vec::as_slice),
+                    out,
+                )
+                .map_err(|e| decode_failure(failure_place, &job, &entry, &failure_keyring, e))
+            },
+        )
         .await?;
-    let reader = SyncIoBridge::new(StreamReader::new(stream.map_err(io::Error::other).boxed()));
-    Ok(Opened {
-        key,
-        place,
-        identities,
-        reader,
-    })
-}
+        let digests = stored.digests;
+        if (digests.raw_size, digests.raw_sha256.as_str())
+            != (object.raw_size, object.raw_sha256.as_str())
+        {
+            let _ = repository.store.delete(&new_key).await;
+            return Err(Error::new(
+                ErrorKind::Verification,
+                format!(
+                    "unable to re-encrypt {place}: it decodes to {} bytes with sha256 {}, the manifest says {} bytes with {}",
+                    digests.raw_size, digests.raw_sha256, object.raw_size, object.raw_sha256
+                ),
+            ));
+        }
+        let mut entry = ObjectEntry::stored(object.logical_name(), &digests, Some(recipients));
+        entry.name = new_name.to_string();
+        entry.database = object.database.clone();
+        Ok(entry)
+    }
 
-/// Streams one object of `manifest` from `repository` through the decode pipeline into
-/// `consume` (on a blocking thread), decrypting it with `keyring` when it is encrypted.
-/// Returns Ok only when both checksums match.
-pub async fn read_object<T, F>(
-    repository: &Repository,
-    manifest: &Manifest,
-    object: &ObjectEntry,
-    keyring: &Keyring,
-    consume: F,
-) -> Result<T>
-where
-    T: Send + 'static,
-    F: FnOnce(&mut dyn Read) -> io::Result<T> + Send + 'static,
-{
-    let Opened {
-        key,
-        place,
-        identities,
-        reader,
-    } = open_stored(repository, manifest, object, keyring).await?;
-    let expected = object.digests();
-    let label = format!("restore {}", object.name);
-    let outcome = tokio::task::spawn_blocking(move || {
-        decode_with_progress(reader, &expected, identities.as_deref(), &label, consume)
-    })
-    .await
-    .map_err(|e| {
-        Error::new(ErrorKind::Storage, format!("unable to read object '{key}'")).with_source(e)
-    })?;
-    outcome.map_err(|e| decode_failure(place, &manifest.job, object, keyring, e))
-}
+    /// Downloads one object of `manifest` as it is stored (compressed) into `file` (made by the
+    /// caller, in a directory it holds), checking its stored size and sha256. For restores that
+    /// stage before they decode.
+    pub async fn download(&self, file: std::fs::File) -> Result<()> {
+        self.copy(Box::new(file), "download").await
+    }
 
-/// Re-encrypts `object` of `manifest` in `repository` to `recipients`, streaming: its zstd
-/// stream is decrypted with `keyring` (when it is encrypted), encrypted again and stored as
-/// `new_name` beside it, while it is decompressed on the way to check the raw checksum.
-/// Returns the new object's entry; the old object is left for the caller to remove once
-/// the manifest names the new one.
-pub async fn reseal_object(
-    repository: &Repository,
-    manifest: &Manifest,
-    object: &ObjectEntry,
-    keyring: &Keyring,
-    recipients: &Recipients,
-    new_name: &str,
-) -> Result<ObjectEntry> {
-    let new_key = layout::object_key(&manifest.job, &manifest.id, new_name);
-    let Opened {
-        place,
-        identities,
-        reader,
-        ..
-    } = open_stored(repository, manifest, object, keyring).await?;
-    let expected = object.digests();
-    let (job, entry, failure_keyring) = (manifest.job.clone(), object.clone(), keyring.clone());
-    let failure_place = place.clone();
-    let stored = store_precompressed_object(
-        std::slice::from_ref(repository),
-        &new_key,
-        Some(recipients.clone()),
-        Box::new(io::sink()),
-        move |out| {
-            pipeline::copy_unsealed(
+    /// Reads one object of `manifest` as it is stored and checks its stored size and sha256
+    /// only: what can be checked of an encrypted object without its key.
+    pub async fn check_stored(&self) -> Result<()> {
+        self.copy(Box::new(io::sink()), "verify").await
+    }
+
+    async fn copy(&self, out: Box<dyn Write + Send>, verb: &str) -> Result<()> {
+        let StoredObject {
+            repository,
+            manifest,
+            object,
+        } = *self;
+        let key = layout::object_key(&manifest.job, &manifest.id, &object.name);
+        let file = out;
+        let stream = repository
+            .open_object(&manifest.job, &manifest.id, &object.name)
+            .await?;
+        let reader = SyncIoBridge::new(StreamReader::new(stream.map_err(io::Error::other)));
+        let expected = object.digests();
+        let label = format!("{verb} {}", object.name);
+        let outcome = tokio::task::spawn_blocking(move || {
+            let mut task = progress::start(&label, Some(expected.size));
+            let mut out = io::BufWriter::with_capacity(pipeline::CHUNK_SIZE, file);
+            let outcome = pipeline::copy_stored(
                 reader,
                 &expected,
-                identities.as_deref().map(Vec::as_slice),
-                out,
+                &mut CountingWriter {
+                    inner: &mut out,
+                    task: task.as_mut(),
+                },
+            );
+            task.finish();
+            outcome
+        })
+        .await
+        .map_err(|e| {
+            Error::new(ErrorKind::Storage, format!("unable to read object '{key}'")).with_source(e)
+        })?;
+        outcome.map(|_| ()).map_err(|e| {
+            decode_failure(
+                format!("object '{key}' in repository '{}'", repository.name),
+                &manifest.job,
+                object,
+                &Keyring::default(),
+                e,
             )
-            .map_err(|e| decode_failure(failure_place, &job, &entry, &failure_keyring, e))
-        },
-    )
-    .await?;
-    let digests = stored.digests;
-    if (digests.raw_size, digests.raw_sha256.as_str())
-        != (object.raw_size, object.raw_sha256.as_str())
-    {
-        let _ = repository.store.delete(&new_key).await;
-        return Err(Error::new(
-            ErrorKind::Verification,
-            format!(
-                "unable to re-encrypt {place}: it decodes to {} bytes with sha256 {}, the manifest says {} bytes with {}",
-                digests.raw_size, digests.raw_sha256, object.raw_size, object.raw_sha256
-            ),
-        ));
+        })
     }
-    let mut entry = ObjectEntry::stored(object.logical_name(), &digests, Some(recipients));
-    entry.name = new_name.to_string();
-    entry.database = object.database.clone();
-    Ok(entry)
 }
 
-/// Downloads one object of `manifest` as it is stored (compressed) into `file` (made by the
-/// caller, in a directory it holds), checking its stored size and sha256. For restores that
-/// stage before they decode.
-pub async fn download_object(
-    repository: &Repository,
-    manifest: &Manifest,
-    object: &ObjectEntry,
-    file: std::fs::File,
-) -> Result<()> {
-    copy_object(repository, manifest, object, Box::new(file), "download").await
-}
-
-/// Reads one object of `manifest` as it is stored and checks its stored size and sha256
-/// only: what can be checked of an encrypted object without its key.
-pub async fn check_stored(
-    repository: &Repository,
-    manifest: &Manifest,
-    object: &ObjectEntry,
-) -> Result<()> {
-    copy_object(repository, manifest, object, Box::new(io::sink()), "verify").await
-}
-
-async fn copy_object(
-    repository: &Repository,
-    manifest: &Manifest,
-    object: &ObjectEntry,
-    out: Box<dyn Write + Send>,
-    verb: &str,
-) -> Result<()> {
-    let key = layout::object_key(&manifest.job, &manifest.id, &object.name);
-    let file = out;
-    let stream = repository
-        .open_object(&manifest.job, &manifest.id, &object.name)
-        .await?;
-    let reader = SyncIoBridge::new(StreamReader::new(stream.map_err(io::Error::other)));
-    let expected = object.digests();
-    let label = format!("{verb} {}", object.name);
-    let outcome = tokio::task::spawn_blocking(move || {
-        let mut task = progress::start(&label, Some(expected.size));
-        let mut out = io::BufWriter::with_capacity(pipeline::CHUNK_SIZE, file);
-        let outcome = pipeline::copy_stored(
-            reader,
-            &expected,
-            &mut CountingWriter {
-                inner: &mut out,
-                task: task.as_mut(),
-            },
-        );
-        task.finish();
-        outcome
-    })
-    .await
-    .map_err(|e| {
-        Error::new(ErrorKind::Storage, format!("unable to read object '{key}'")).with_source(e)
-    })?;
-    outcome.map(|_| ()).map_err(|e| {
-        decode_failure(
-            format!("object '{key}' in repository '{}'", repository.name),
-            &manifest.job,
-            object,
-            &Keyring::default(),
-            e,
-        )
-    })
-}
-
-/// An object that `download_object` staged at `path` from `repository`.
+/// An object that `StoredObject::download` staged at `path` from `repository`.
 #[derive(Clone, Copy)]
 pub struct StagedObject<'a> {
     pub path: &'a Path,

@@ -16,7 +16,7 @@ use crate::error::{Error, ErrorKind, Result};
 use crate::keys::Keyring;
 use crate::manifest::{Manifest, ObjectEntry};
 use crate::repository::Repository;
-use crate::transfer::{check_stored, read_object};
+use crate::transfer::StoredObject;
 
 pub struct VerifyOptions {
     pub job: Option<String>,
@@ -423,32 +423,36 @@ async fn check_object(
     object: &ObjectEntry,
     keyring: Option<&Keyring>,
 ) -> Result<Option<String>> {
+    let stored = StoredObject {
+        repository,
+        manifest,
+        object,
+    };
     match keyring {
-        None if object.is_encrypted() => check_stored(repository, manifest, object)
-            .await
-            .map(|()| None),
+        None if object.is_encrypted() => stored.check_stored().await.map(|()| None),
         _ => {
             let keyring = keyring.cloned().unwrap_or_default();
             let tar = crate::layout::holds_tar(object.logical_name());
-            read_object(repository, manifest, object, &keyring, move |raw| {
-                let checked = tar.then(|| crate::archive::check_archive(raw));
-                // The rest (the archive's padding, or all of it): the checksums cover it,
-                // and they decide before a refusal is believed.
-                std::io::copy(raw, &mut std::io::sink())?;
-                match checked {
-                    Some(Err(e))
-                        if matches!(
-                            e.kind(),
-                            std::io::ErrorKind::InvalidData | std::io::ErrorKind::UnexpectedEof
-                        ) =>
-                    {
-                        Ok(Some(e.to_string()))
+            stored
+                .read(&keyring, move |raw| {
+                    let checked = tar.then(|| crate::archive::check_archive(raw));
+                    // The rest (the archive's padding, or all of it): the checksums cover it,
+                    // and they decide before a refusal is believed.
+                    std::io::copy(raw, &mut std::io::sink())?;
+                    match checked {
+                        Some(Err(e))
+                            if matches!(
+                                e.kind(),
+                                std::io::ErrorKind::InvalidData | std::io::ErrorKind::UnexpectedEof
+                            ) =>
+                        {
+                            Ok(Some(e.to_string()))
+                        }
+                        Some(Err(e)) => Err(e),
+                        _ => Ok(None),
                     }
-                    Some(Err(e)) => Err(e),
-                    _ => Ok(None),
-                }
-            })
-            .await
+                })
+                .await
         }
     }
 }

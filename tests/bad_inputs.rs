@@ -4,7 +4,7 @@
 
 use std::path::Path;
 
-use crate::common::{Run, Tmpfs, files_job, lifeboat, local_repository, write_config};
+use crate::common::{Run, Scenario, Tmpfs, files_job, lifeboat, local_repository, write_config};
 
 /// One bad input: what it is, the config, the command, and what must come of it.
 struct Case<'a> {
@@ -142,14 +142,10 @@ fn a_file_name_cannot_forge_a_log_line() {
             .unwrap()
             .success()
     );
-    let config = write_config(
-        work.path(),
-        &format!(
-            "{}{}",
-            local_repository("r", &work.path().join("repo")),
-            files_job("conf", &[&source])
-        ),
-    );
+    let config = Scenario::new(work.path())
+        .local("r", &work.path().join("repo"))
+        .files_job("conf", &[&source])
+        .write();
     let text = lifeboat(&config, &["backup", "conf"]);
     text.assert_code(0);
     for line in text.stdout.lines().chain(text.stderr.lines()) {
@@ -199,14 +195,10 @@ fn a_full_repository_is_named_with_its_os_error() {
         &crate::common::tree::noise(30 * 1024 * 1024, 11),
         0o644,
     );
-    let config = write_config(
-        work.path(),
-        &format!(
-            "{}{}",
-            local_repository("small", &small),
-            files_job("conf", &[&source])
-        ),
-    );
+    let config = Scenario::new(work.path())
+        .local("small", &small)
+        .files_job("conf", &[&source])
+        .write();
     let run = lifeboat(&config, &["backup", "conf"]);
     run.assert_code(1);
     assert!(
@@ -251,5 +243,5 @@ fn a_full_repository_is_named_with_its_os_error() {
         .collect();
     assert_eq!(empty, Vec::<String>::new(), "empty files left behind");
     let list = lifeboat(&config, &["list", "conf"]);
-    assert!(list.stdout.contains("no backups"), "{}", list.stdout);
+    list.assert_stdout_has("no backups");
 }

@@ -8,7 +8,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use crate::common::{
-    Run, SeaweedFs, files_job, lifeboat, lifeboat_command, local_repository, run_command,
+    Run, Scenario, SeaweedFs, files_job, lifeboat, lifeboat_command, local_repository, run_command,
     write_config,
 };
 
@@ -125,7 +125,7 @@ async fn a_host_an_hour_behind_is_refused_and_with_the_limit_raised_its_backups_
     );
     let prune = on_host("-1h", &host_b_strict, &["prune"]);
     prune.assert_code(1);
-    assert!(prune.stderr.contains("unable to prune"), "{}", prune.stderr);
+    prune.assert_stderr_has("unable to prune");
 
     // With the limit raised, B takes its times from the repository: backups alternate with
     // A's and sort as they were made.
@@ -169,14 +169,10 @@ fn one_local_repository(work: &Path) -> (PathBuf, PathBuf, PathBuf) {
     std::fs::create_dir(&source).unwrap();
     std::fs::write(source.join("data"), "now").unwrap();
     let repo = work.join("repo");
-    let config = write_config(
-        work,
-        &format!(
-            "{}{}",
-            local_repository("local", &repo),
-            files_job("conf", &[&source])
-        ),
-    );
+    let config = Scenario::new(work)
+        .local("local", &repo)
+        .files_job("conf", &[&source])
+        .write();
     (source, repo, config)
 }
 
@@ -249,29 +245,17 @@ async fn a_host_two_hours_fast_is_critical_and_a_backup_dated_in_the_future_is_n
 
     let status = lifeboat(&config, &["status", "conf"]);
     status.assert_code(2);
-    assert!(
-        status.stdout.contains(&format!(
-            "newest backup {} is dated in the future",
-            manifest.id
-        )),
-        "{}",
-        status.stdout
-    );
+    status.assert_stdout_has(format!(
+        "newest backup {} is dated in the future",
+        manifest.id
+    ));
     let listed = lifeboat(&config, &["list", "conf"]);
-    assert!(
-        listed.stdout.contains(&format!(
-            "warning: backup {} of job 'conf' is dated after now",
-            manifest.id
-        )),
-        "{}",
-        listed.stdout
-    );
+    listed.assert_stdout_has(format!(
+        "warning: backup {} of job 'conf' is dated after now",
+        manifest.id
+    ));
     let shown = lifeboat(&config, &["show", &manifest.id]);
-    assert!(
-        shown.stdout.contains("dated in the future"),
-        "{}",
-        shown.stdout
-    );
+    shown.assert_stdout_has("dated in the future");
 
     // Retention counts it for no rule: the backups really made since are not pushed out.
     std::fs::write(
@@ -288,11 +272,7 @@ async fn a_host_two_hours_fast_is_critical_and_a_backup_dated_in_the_future_is_n
     let newer = backup_id(&lifeboat(&config, &["backup", "conf"]));
     let prune = lifeboat(&config, &["prune"]);
     prune.assert_code(0);
-    assert!(
-        prune.stdout.contains("dated in the future (now "),
-        "{}",
-        prune.stdout
-    );
+    prune.assert_stdout_has("dated in the future (now ");
     for kept in [&newer, &manifest.id] {
         assert!(
             repo.join(lifeboat::layout::manifest_key("conf", kept))

@@ -15,12 +15,8 @@ const LOCAL: &str =
 fn unknown_key_is_a_usage_error_naming_the_key() {
     let run = check_with(&format!("{LOCAL}compresion_level = 3\n"));
     run.assert_code(2);
-    assert!(
-        run.stderr.contains("unknown field `compresion_level`"),
-        "{}",
-        run.stderr
-    );
-    assert!(run.stderr.contains("lifeboat.toml"), "{}", run.stderr);
+    run.assert_stderr_has("unknown field `compresion_level`");
+    run.assert_stderr_has("lifeboat.toml");
 }
 
 #[test]
@@ -52,12 +48,8 @@ fn a_missing_config_file_says_how_to_make_one() {
     let work = tempfile::tempdir().unwrap();
     let run = lifeboat(&work.path().join("absent.toml"), &["list"]);
     run.assert_code(2);
-    assert!(
-        run.stderr.contains("unable to read config file"),
-        "{}",
-        run.stderr
-    );
-    assert!(run.stderr.contains("init"), "{}", run.stderr);
+    run.assert_stderr_has("unable to read config file");
+    run.assert_stderr_has("init");
 }
 
 #[test]
@@ -69,7 +61,7 @@ fn init_writes_a_config_that_loads_and_never_overwrites() {
     lifeboat::config::Config::parse(&text, &path).expect("the written example loads");
     let again = lifeboat(&path, &["init"]);
     again.assert_code(2);
-    assert!(again.stderr.contains("already exists"), "{}", again.stderr);
+    again.assert_stderr_has("already exists");
 }
 
 #[test]
@@ -108,11 +100,7 @@ fn keygen_writes_a_private_identity_once_and_prints_its_recipient() {
         &["keygen", "--output", key.to_str().unwrap()],
     );
     again.assert_code(1);
-    assert!(
-        again.stderr.contains("unable to create identity file"),
-        "{}",
-        again.stderr
-    );
+    again.assert_stderr_has("unable to create identity file");
     assert_eq!(std::fs::read_to_string(&key).unwrap(), text);
 }
 
@@ -122,13 +110,7 @@ fn an_endpoint_with_userinfo_is_refused_naming_the_host_it_would_reach() {
         "[[repository]]\nname = \"dr\"\ntype = \"s3\"\nbucket = \"b\"\nregion = \"r\"\nendpoint = \"http://127.0.0.1:9000@192.0.2.2\"\n",
     );
     run.assert_code(2);
-    assert!(
-        run.stderr.contains(
-            "repository[0] (dr).endpoint: must not hold a user or password (it holds something before '@', and would reach \"http://192.0.2.2/\", whose host is \"192.0.2.2\")"
-        ),
-        "{}",
-        run.stderr
-    );
+    run.assert_stderr_has("repository[0] (dr).endpoint: must not hold a user or password (it holds something before '@', and would reach \"http://192.0.2.2/\", whose host is \"192.0.2.2\")");
     // What stands before '@' may be a password: it is never repeated.
     let run = check_with(
         "[[repository]]\nname = \"dr\"\ntype = \"s3\"\nbucket = \"b\"\nregion = \"r\"\nendpoint = \"http://user:s3cr3tPW@127.0.0.1:18333\"\n",
@@ -162,11 +144,7 @@ fn a_duration_too_long_for_the_calendar_is_a_usage_error_not_a_panic() {
     let plain = write_config(&plain_dir, LOCAL);
     let run = lifeboat(&plain, &["prune", "--grace", "99999999999years"]);
     run.assert_code(2);
-    assert!(
-        run.stderr.contains("must be at most 100 years"),
-        "{}",
-        run.stderr
-    );
+    run.assert_stderr_has("must be at most 100 years");
 }
 
 #[test]
@@ -209,10 +187,6 @@ fn signing_keys_are_checked_where_they_are_configured() {
     );
     let run = lifeboat(&config, &["backup", "conf"]);
     assert_ne!(run.code, 0);
-    assert!(
-        run.stderr.contains("is not among signing.trusted_signers"),
-        "{}",
-        run.stderr
-    );
+    run.assert_stderr_has("is not among signing.trusted_signers");
     assert!(!std::path::Path::new("/tmp/lifeboat-never-written/jobs").exists());
 }

@@ -5,7 +5,7 @@ use std::path::Path;
 
 use aws_sdk_s3::primitives::ByteStream;
 
-use crate::common::{SeaweedFs, files_job, lifeboat, local_repository, tree, write_config};
+use crate::common::{Scenario, SeaweedFs, lifeboat, tree};
 
 fn flip_middle_byte(data: &mut [u8]) {
     let middle = data.len() / 2;
@@ -25,19 +25,15 @@ fn restore_from(config: &Path, repository: &str, into: &Path) -> crate::common::
 fn assert_damage_is_caught(config: &Path, work: &Path, repository: &str, object_key: &str) {
     let verify = lifeboat(config, &["verify", "config", "--from", repository]);
     verify.assert_code(1);
-    assert!(
-        verify.stdout.contains(&format!("DAMAGED  {object_key}")),
-        "{}",
-        verify.stdout
-    );
+    verify.assert_stdout_has(format!("DAMAGED  {object_key}"));
     let summary = format!("1 damaged object(s) in repository '{repository}'");
-    assert!(verify.stderr.contains(&summary), "{}", verify.stderr);
+    verify.assert_stderr_has(&summary);
 
     let into = work.join(format!("restore-from-damaged-{repository}"));
     let restore = restore_from(config, repository, &into);
     restore.assert_code(1);
     let message = format!("damaged object '{object_key}' in repository '{repository}'");
-    assert!(restore.stderr.contains(&message), "{}", restore.stderr);
+    restore.assert_stderr_has(&message);
     // It reads from that repository alone: no word of another one to read from.
     assert!(
         !restore.stderr.contains("reading from"),
@@ -68,15 +64,11 @@ async fn a_flipped_byte_is_found_by_verify_and_refused_by_restore() {
     let work = tempfile::tempdir().unwrap();
     let source = work.path().join("src");
     tree::build(&source, 50, 2 * 1024 * 1024);
-    let config = write_config(
-        work.path(),
-        &format!(
-            "{}{}{}",
-            local_repository("local", &work.path().join("repo")),
-            server.repository("s3", "backups", "lb"),
-            files_job("config", &[&source])
-        ),
-    );
+    let config = Scenario::new(work.path())
+        .local("local", &work.path().join("repo"))
+        .raw(&server.repository("s3", "backups", "lb"))
+        .files_job("config", &[&source])
+        .write();
     lifeboat(&config, &["backup", "config"]).assert_code(0);
     lifeboat(&config, &["verify", "--from", "local"]).assert_code(0);
     lifeboat(&config, &["verify", "--from", "s3"]).assert_code(0);
@@ -164,15 +156,11 @@ fn a_manifest_edited_by_hand_is_found_by_verify_and_refused_by_restore() {
     let work = tempfile::tempdir().unwrap();
     let source = work.path().join("src");
     tree::build(&source, 20, 0);
-    let config = write_config(
-        work.path(),
-        &format!(
-            "{}{}{}",
-            local_repository("a", &work.path().join("a")),
-            local_repository("b", &work.path().join("b")),
-            files_job("config", &[&source])
-        ),
-    );
+    let config = Scenario::new(work.path())
+        .local("a", &work.path().join("a"))
+        .local("b", &work.path().join("b"))
+        .files_job("config", &[&source])
+        .write();
     lifeboat(&config, &["backup", "config"]).assert_code(0);
     let id = std::fs::read_dir(work.path().join("a/jobs/config/backups"))
         .unwrap()
@@ -255,15 +243,11 @@ fn show_reads_the_backup_from_whichever_repository_holds_it() {
     let source = work.path().join("src");
     tree::write_file(&source.join("a.conf"), b"a\n", 0o644);
     let (first, second) = (work.path().join("first"), work.path().join("second"));
-    let config = write_config(
-        work.path(),
-        &format!(
-            "{}{}{}",
-            local_repository("first", &first),
-            local_repository("second", &second),
-            files_job("config", &[&source])
-        ),
-    );
+    let config = Scenario::new(work.path())
+        .local("first", &first)
+        .local("second", &second)
+        .files_job("config", &[&source])
+        .write();
     lifeboat(&config, &["backup", "config"]).assert_code(0);
     let backups = first.join("jobs/config/backups");
     let id = std::fs::read_dir(&backups)
@@ -277,15 +261,11 @@ fn show_reads_the_backup_from_whichever_repository_holds_it() {
     std::fs::write(backups.join(&id).join("manifest.json"), b"{ not json").unwrap();
     let shown = lifeboat(&config, &["show", &id, "--format", "json"]);
     shown.assert_code(0);
-    assert!(
-        shown.stdout.contains(&format!("\"id\": \"{id}\"")),
-        "{}",
-        shown.stdout
-    );
+    shown.assert_stdout_has(format!("\"id\": \"{id}\""));
     std::fs::remove_dir_all(backups.join(&id)).unwrap();
     let latest = lifeboat(&config, &["show", "latest", "--job", "config"]);
     latest.assert_code(0);
-    assert!(latest.stdout.contains(&id), "{}", latest.stdout);
+    latest.assert_stdout_has(&id);
     let from_first = lifeboat(&config, &["show", &id, "--from", "first"]);
     from_first.assert_code(1);
 }

@@ -7,7 +7,9 @@ use std::io::Write;
 use std::path::Path;
 
 use crate::common::postgres::Postgres;
-use crate::common::{lifeboat, lifeboat_command, local_repository, run_command, write_config};
+use crate::common::{
+    Scenario, lifeboat, lifeboat_command, local_repository, run_command, write_config,
+};
 
 fn drill_run(config: &Path, file: &Path, reports: &Path) -> crate::common::Run {
     run_command(
@@ -40,14 +42,10 @@ fn every_run_keeps_its_report_and_a_refused_one_leaves_a_failed_report() {
     std::fs::create_dir_all(&source).unwrap();
     std::fs::write(source.join("app.conf"), "listen 80;\n").unwrap();
     let repo = work.path().join("repo");
-    let config = write_config(
-        work.path(),
-        &format!(
-            "{}{}",
-            local_repository("local", &repo),
-            crate::common::files_job("config", &[&source])
-        ),
-    );
+    let config = Scenario::new(work.path())
+        .local("local", &repo)
+        .files_job("config", &[&source])
+        .write();
     lifeboat(&config, &["backup", "config"]).assert_code(0);
     let file = work.path().join("files.toml");
     std::fs::write(
@@ -121,7 +119,7 @@ fn every_run_keeps_its_report_and_a_refused_one_leaves_a_failed_report() {
             .arg(&refused_reports),
     );
     run.assert_code(1);
-    assert!(run.stderr.contains("the FAILED report"), "{}", run.stderr);
+    run.assert_stderr_has("the FAILED report");
     let written = reports_in(&refused_reports, "json");
     assert_eq!(written.len(), 1, "{written:?}");
     let report: serde_json::Value =
@@ -140,7 +138,7 @@ fn every_run_keeps_its_report_and_a_refused_one_leaves_a_failed_report() {
     );
     let history = lifeboat(&config, &["drill", "history", "missing"]);
     history.assert_code(0);
-    assert!(history.stdout.contains("FAIL"), "{}", history.stdout);
+    history.assert_stdout_has("FAIL");
 
     // A script reading `--format json` gets the FAILED report too, not an empty stdout.
     let run = run_command(

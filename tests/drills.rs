@@ -7,9 +7,7 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
 use crate::common::postgres::Postgres;
-use crate::common::{
-    Run, lifeboat_command, local_repository, postgres_job, procs, run_command, write_config,
-};
+use crate::common::{Run, Scenario, lifeboat_command, procs, run_command};
 
 fn drill(config: &Path, file: &Path, reports: &Path, tmp: &Path) -> Run {
     run_command(
@@ -61,20 +59,16 @@ async fn drills_restore_check_measure_and_clean_up() {
     let tmp = scratch_tmp(work.path());
     let reports = work.path().join("reports");
     let password_file = source.password_file(work.path(), &source.password);
-    let config = write_config(
-        work.path(),
-        &format!(
-            "{}{}{}",
-            local_repository("primary", &work.path().join("primary")),
-            local_repository("dr", &work.path().join("dr")),
-            postgres_job(
-                "maindb",
-                &source.dsn("postgres"),
-                &password_file,
-                "databases = [\"app\"]\nheartbeat = true"
-            )
-        ),
-    );
+    let config = Scenario::new(work.path())
+        .local("primary", &work.path().join("primary"))
+        .local("dr", &work.path().join("dr"))
+        .postgres_job(
+            "maindb",
+            &source.dsn("postgres"),
+            &password_file,
+            "databases = [\"app\"]\nheartbeat = true",
+        )
+        .write();
     crate::common::lifeboat(&config, &["backup", "maindb"]).assert_code(0);
     let heartbeat = source.psql(
         "app",
@@ -106,11 +100,7 @@ expect = "~ Ærøskøbing"
     .unwrap();
     let run = drill(&config, &file, &reports, &tmp);
     run.assert_code(0);
-    assert!(
-        run.stdout.contains("drill region-loss: PASS"),
-        "{}",
-        run.stdout
-    );
+    run.assert_stdout_has("drill region-loss: PASS");
     let report = report_json(&reports);
     assert_eq!(report["passed"], true);
     assert_eq!(report["repositories"], serde_json::json!(["dr"]));
@@ -230,11 +220,7 @@ expect = "~ Ærøskøbing"
         "{}",
         run.stdout
     );
-    assert!(
-        run.stderr.contains("drill 'too-many' failed"),
-        "{}",
-        run.stderr
-    );
+    run.assert_stderr_has("drill 'too-many' failed");
     assert!(leftovers(&tmp).is_empty(), "{:?}", leftovers(&tmp));
 
     // A backup older than the RPO target fails on RPO, and says so.
@@ -283,14 +269,10 @@ expect = "~ Ærøskøbing"
     .unwrap();
     let run = drill(&config, &bad, &reports, &tmp);
     run.assert_code(2);
-    assert!(
-        run.stderr.contains(&format!(
-            "invalid drill file '{}', line 7: check[0].expect",
-            bad.display()
-        )),
-        "{}",
-        run.stderr
-    );
+    run.assert_stderr_has(format!(
+        "invalid drill file '{}', line 7: check[0].expect",
+        bad.display()
+    ));
 }
 
 /// Processes whose command line mentions `path`.
@@ -313,19 +295,15 @@ async fn an_interrupted_drill_leaves_no_scratch_cluster_behind() {
     let work = tempfile::tempdir().unwrap();
     let tmp = scratch_tmp(work.path());
     let password_file = source.password_file(work.path(), &source.password);
-    let config = write_config(
-        work.path(),
-        &format!(
-            "{}{}",
-            local_repository("local", &work.path().join("repo")),
-            postgres_job(
-                "maindb",
-                &source.dsn("postgres"),
-                &password_file,
-                "databases = [\"app\"]"
-            )
-        ),
-    );
+    let config = Scenario::new(work.path())
+        .local("local", &work.path().join("repo"))
+        .postgres_job(
+            "maindb",
+            &source.dsn("postgres"),
+            &password_file,
+            "databases = [\"app\"]",
+        )
+        .write();
     crate::common::lifeboat(&config, &["backup", "maindb"]).assert_code(0);
     let file = work.path().join("interrupted.toml");
     std::fs::write(
@@ -434,14 +412,10 @@ fn a_files_drill_checks_the_restored_tree() {
     std::fs::create_dir_all(&source).unwrap();
     let config_text = "server { listen 80; }\n";
     std::fs::write(source.join("nginx.conf"), config_text).unwrap();
-    let config = write_config(
-        work.path(),
-        &format!(
-            "{}{}",
-            local_repository("local", &work.path().join("repo")),
-            crate::common::files_job("config", &[&source])
-        ),
-    );
+    let config = Scenario::new(work.path())
+        .local("local", &work.path().join("repo"))
+        .files_job("config", &[&source])
+        .write();
     crate::common::lifeboat(&config, &["backup", "config"]).assert_code(0);
     let conf = source.join("nginx.conf");
     let sha = hex::encode(<sha2::Sha256 as sha2::Digest>::digest(
@@ -468,11 +442,7 @@ fn a_files_drill_checks_the_restored_tree() {
             .arg(&reports),
     );
     run.assert_code(0);
-    assert!(
-        run.stdout.contains("drill config-files: PASS"),
-        "{}",
-        run.stdout
-    );
+    run.assert_stdout_has("drill config-files: PASS");
 
     write_drill(&format!(
         "\n[[check]]\nname = \"no stray file\"\npath = \"{}\"\nexists = true\n",
@@ -504,19 +474,15 @@ async fn a_drill_into_a_server_writes_nothing_with_its_checks_and_drops_what_it_
     let tmp = scratch_tmp(work.path());
     let reports = work.path().join("reports");
     let password_file = source.password_file(work.path(), &source.password);
-    let config = write_config(
-        work.path(),
-        &format!(
-            "{}{}",
-            local_repository("primary", &work.path().join("primary")),
-            postgres_job(
-                "maindb",
-                &source.dsn("postgres"),
-                &password_file,
-                "databases = [\"app\"]"
-            )
-        ),
-    );
+    let config = Scenario::new(work.path())
+        .local("primary", &work.path().join("primary"))
+        .postgres_job(
+            "maindb",
+            &source.dsn("postgres"),
+            &password_file,
+            "databases = [\"app\"]",
+        )
+        .write();
     crate::common::lifeboat(&config, &["backup", "maindb"]).assert_code(0);
     let target = Postgres::start();
     target.psql(
@@ -668,11 +634,7 @@ expect = "non-empty"
     let file = drill_file("into-source", &source.dsn("postgres"), false);
     let run = run_against(&file, &source.password);
     run.assert_code(2);
-    assert!(
-        run.stderr.contains("it is the job's own source server"),
-        "{}",
-        run.stderr
-    );
+    run.assert_stderr_has("it is the job's own source server");
     assert_eq!(source.data_fingerprint("app"), before);
     assert_eq!(databases(&source), "1");
 }

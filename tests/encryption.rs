@@ -15,8 +15,8 @@ use sha2::{Digest, Sha256};
 use crate::common::postgres::{Postgres, free_port};
 use crate::common::redis::Redis;
 use crate::common::{
-    Run, SeaweedFs, files_job, lifeboat, lifeboat_command, local_repository, postgres_job, procs,
-    run_command, tree, write_config, write_secret,
+    Run, Scenario, SeaweedFs, files_job, lifeboat, lifeboat_command, local_repository,
+    postgres_job, procs, run_command, tree, write_config, write_secret,
 };
 use crate::postgres_physical::{JOB as PHYSICAL_JOB, Restored, archiving_cluster, shared_work_dir};
 
@@ -176,11 +176,7 @@ async fn encrypted_files_postgres_and_redis_backups_restore_only_with_a_recipien
     );
     let mismatched = with_identity(&config, &stranger, &["check"]);
     mismatched.assert_code(1);
-    assert!(
-        mismatched.stdout.contains("matches none of the recipients"),
-        "{}",
-        mismatched.stdout
-    );
+    mismatched.assert_stdout_has("matches none of the recipients");
 
     // Backing up needs no identity at all: the backup host holds public keys only.
     for job in ["conf", "maindb", "sessions"] {
@@ -210,7 +206,7 @@ async fn encrypted_files_postgres_and_redis_backups_restore_only_with_a_recipien
         "{}",
         wrong.stderr
     );
-    assert!(wrong.stderr.contains(&escrow_recipient), "{}", wrong.stderr);
+    wrong.assert_stderr_has(&escrow_recipient);
     assert!(!into.exists(), "a refused restore created its target");
     let keyless = lifeboat(&config, &["restore", "conf", "--into", into_arg]);
     keyless.assert_code(1);
@@ -306,11 +302,7 @@ async fn encrypted_files_postgres_and_redis_backups_restore_only_with_a_recipien
     };
     let escrow_drill = drill("escrow-key", "escrow.key");
     escrow_drill.assert_code(0);
-    assert!(
-        escrow_drill.stdout.contains("drill escrow-key: PASS"),
-        "{}",
-        escrow_drill.stdout
-    );
+    escrow_drill.assert_stdout_has("drill escrow-key: PASS");
     let wrong_drill = drill("wrong-key", "stranger.key");
     wrong_drill.assert_code(1);
     assert!(
@@ -355,7 +347,7 @@ async fn encrypted_files_postgres_and_redis_backups_restore_only_with_a_recipien
     std::fs::write(&local_object, damaged).unwrap();
     let found = lifeboat(&config, &["verify", "conf", "--from", "local"]);
     found.assert_code(1);
-    assert!(found.stdout.contains("DAMAGED"), "{}", found.stdout);
+    found.assert_stdout_has("DAMAGED");
 }
 
 /// The `lifeboat-wal` note in an encrypted WAL object's header: its raw sha256.
@@ -435,11 +427,7 @@ async fn an_encrypted_physical_backup_and_its_wal_replay_with_the_key_and_only_w
     std::fs::write(&segment, &different).unwrap();
     let conflict = lifeboat(&config, &["wal-push", "--job", PHYSICAL_JOB, seg_arg]);
     conflict.assert_code(1);
-    assert!(
-        conflict.stderr.contains("already holds a different file"),
-        "{}",
-        conflict.stderr
-    );
+    conflict.assert_stderr_has("already holds a different file");
 
     // A stranger's key: refused before the data directory is made.
     let data_dir = work.path().join("restored");
@@ -455,11 +443,7 @@ async fn an_encrypted_physical_backup_and_its_wal_replay_with_the_key_and_only_w
     ];
     let wrong = with_identity(&config, &stranger, &restore_args);
     wrong.assert_code(1);
-    assert!(
-        wrong.stderr.contains("does not match any recipient"),
-        "{}",
-        wrong.stderr
-    );
+    wrong.assert_stderr_has("does not match any recipient");
     assert!(!data_dir.exists());
     // wal-fetch with the wrong key stops recovery rather than ending it quietly.
     let fetched = work.path().join("fetched");
@@ -471,11 +455,7 @@ async fn an_encrypted_physical_backup_and_its_wal_replay_with_the_key_and_only_w
         .arg(&fetched);
     let fetch = run_command(&mut fetch);
     fetch.assert_code(255);
-    assert!(
-        fetch.stderr.contains("does not match any recipient"),
-        "{}",
-        fetch.stderr
-    );
+    fetch.assert_stderr_has("does not match any recipient");
     assert!(!fetched.exists());
 
     let _restored = Restored(data_dir.clone());
@@ -508,11 +488,7 @@ async fn an_encrypted_physical_backup_and_its_wal_replay_with_the_key_and_only_w
             .arg(work.path().join("reports")),
     );
     drilled.assert_code(0);
-    assert!(
-        drilled.stdout.contains("drill encrypted: PASS"),
-        "{}",
-        drilled.stdout
-    );
+    drilled.assert_stdout_has("drill encrypted: PASS");
 
     // Key rotation: the base backup and every archived segment move to the new key; the
     // old key opens none of them, and a restore with the new key alone replays them all.
@@ -813,11 +789,7 @@ async fn rekey_moves_every_backup_to_the_new_key_and_a_kill_never_strands_one() 
         ],
     );
     finished.assert_code(0);
-    assert!(
-        finished.stdout.contains("warning: [encryption]"),
-        "{}",
-        finished.stdout
-    );
+    finished.assert_stdout_has("warning: [encryption]");
     // Only the new key reads anything now, and nothing but what manifests name is left.
     for repository in ["local", "s3"] {
         for (id, sha) in &expected {
@@ -930,19 +902,11 @@ async fn s3_server_side_encryption_is_asked_for_every_object_written() {
             "{key}"
         );
     }
-    let bad = write_config(
-        work.path(),
-        &format!(
-            "{}{}",
-            repository.replace("sse = \"AES256\"", "sse = \"rot13\""),
-            files_job("conf", &[&source])
-        ),
-    );
+    let bad = Scenario::new(work.path())
+        .raw(&repository.replace("sse = \"AES256\"", "sse = \"rot13\""))
+        .files_job("conf", &[&source])
+        .write();
     let refused = lifeboat(&bad, &["backup", "conf"]);
     refused.assert_code(2);
-    assert!(
-        refused.stderr.contains("repository[0] (s3).sse: must be \"AES256\", \"aws:kms\" or \"aws:kms:dsse\" (got \"rot13\")"),
-        "{}",
-        refused.stderr
-    );
+    refused.assert_stderr_has("repository[0] (s3).sse: must be \"AES256\", \"aws:kms\" or \"aws:kms:dsse\" (got \"rot13\")");
 }

@@ -6,8 +6,7 @@ use std::os::unix::process::CommandExt;
 use std::path::Path;
 
 use crate::common::{
-    Run, SeaweedFs, binary_command, files_job, is_root, lifeboat_command, local_repository,
-    run_command, tree, write_config,
+    Run, Scenario, SeaweedFs, binary_command, is_root, lifeboat_command, run_command, tree,
 };
 
 const NOBODY: u32 = 65_534;
@@ -59,28 +58,20 @@ async fn an_unreadable_file_midway_commits_nothing_anywhere() {
     let unreadable = source.join("z-unreadable.conf");
     tree::write_file(&unreadable, b"secret = 1\n", 0o000);
 
-    let config = write_config(
-        work.path(),
-        &format!(
-            "{}{}{}",
-            local_repository("local", &repo),
-            server.repository("s3", "backups", "lb"),
-            files_job("config", &[&source])
-        ),
-    );
+    let config = Scenario::new(work.path())
+        .local("local", &repo)
+        .raw(&server.repository("s3", "backups", "lb"))
+        .files_job("config", &[&source])
+        .write();
     std::fs::set_permissions(&config, std::fs::Permissions::from_mode(0o644)).unwrap();
 
     let run = backup_as_unprivileged(&config);
     run.assert_code(1);
-    assert!(
-        run.stderr.contains(&format!(
-            "error: unable to read file '{}' for job 'config'",
-            unreadable.display()
-        )),
-        "{}",
-        run.stderr
-    );
-    assert!(run.stderr.contains("Permission denied"), "{}", run.stderr);
+    run.assert_stderr_has(format!(
+        "error: unable to read file '{}' for job 'config'",
+        unreadable.display()
+    ));
+    run.assert_stderr_has("Permission denied");
 
     assert!(
         files_named(&repo, |name| name == "manifest.json").is_empty(),
@@ -99,7 +90,7 @@ async fn an_unreadable_file_midway_commits_nothing_anywhere() {
 
     let list = run_command(lifeboat_command(&config).args(["list", "config"]));
     list.assert_code(0);
-    assert!(list.stdout.contains("no backups"), "{}", list.stdout);
+    list.assert_stdout_has("no backups");
 
     // Fixed, the next run succeeds.
     std::fs::set_permissions(&unreadable, std::fs::Permissions::from_mode(0o644)).unwrap();

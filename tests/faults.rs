@@ -730,11 +730,7 @@ async fn wal_push_and_drill_retry_transient_faults_and_fail_loudly_on_lasting_on
     // The next drill, with the faults gone, passes.
     let again = lifeboat(&rig.config, &run);
     assert_eq!(again.code, 0, "{}{}", again.stdout, again.stderr);
-    assert!(
-        again.stdout.contains("drill conf: PASS"),
-        "{}",
-        again.stdout
-    );
+    again.assert_stdout_has("drill conf: PASS");
     rig.assert_whole("wal-push and drill").await;
     rig.print_table("wal-push and drill");
 }
@@ -867,11 +863,7 @@ async fn process_faults_a_server_down_a_full_disk_a_read_only_target_lose_nothin
     assert!(killed, "the restore ended before it could be killed");
     let second = second.into_inner().unwrap();
     second.assert_code(1);
-    assert!(
-        second.stderr.contains("another restore into it is running"),
-        "{}",
-        second.stderr
-    );
+    second.assert_stderr_has("another restore into it is running");
     let left: Vec<String> = std::fs::read_dir(&into)
         .unwrap()
         .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
@@ -898,7 +890,7 @@ async fn process_faults_a_server_down_a_full_disk_a_read_only_target_lose_nothin
     );
     next.assert_code(0);
     let said = format!("removed '{}'", into.join(&left[0]).display());
-    assert!(next.stdout.contains(&said), "{}", next.stdout);
+    next.assert_stdout_has(&said);
     assert!(!into.join(&left[0]).exists());
     tree::assert_same(
         &rig.source,

@@ -5,7 +5,7 @@ use std::path::Path;
 use std::process::Command;
 
 use crate::common::{
-    SeaweedFs, Tmpfs, files_job, is_root, lifeboat, local_repository, run_command, tree,
+    Scenario, SeaweedFs, Tmpfs, files_job, is_root, lifeboat, local_repository, run_command, tree,
     write_config,
 };
 
@@ -15,14 +15,10 @@ fn restored_root(into: &Path, source: &Path) -> std::path::PathBuf {
 
 /// The config of a files job `config` over `source`, into a local repository under `work`.
 fn local_files_config(work: &Path, source: &Path) -> std::path::PathBuf {
-    write_config(
-        work,
-        &format!(
-            "{}{}",
-            local_repository("local", &work.join("repo")),
-            files_job("config", &[source])
-        ),
-    )
+    Scenario::new(work)
+        .local("local", &work.join("repo"))
+        .files_job("config", &[source])
+        .write()
 }
 
 /// `restore config --into into`.
@@ -41,26 +37,18 @@ async fn tree_of_a_thousand_files_restores_exactly_from_local_and_s3() {
     let source = work.path().join("etc-app");
     tree::build(&source, 1_000, 100 * 1024 * 1024);
 
-    let config = write_config(
-        work.path(),
-        &format!(
-            "{}{}{}",
-            local_repository("local", &work.path().join("repo")),
-            server.repository("s3", "backups", "lifeboat"),
-            files_job("config", &[&source])
-        ),
-    );
+    let config = Scenario::new(work.path())
+        .local("local", &work.path().join("repo"))
+        .raw(&server.repository("s3", "backups", "lifeboat"))
+        .files_job("config", &[&source])
+        .write();
     let backup = lifeboat(&config, &["backup", "config"]);
     backup.assert_code(0);
-    assert!(
-        backup.stdout.contains("repositories: local, s3"),
-        "{}",
-        backup.stdout
-    );
+    backup.assert_stdout_has("repositories: local, s3");
 
     let list = lifeboat(&config, &["list", "config"]);
     list.assert_code(0);
-    assert!(list.stdout.contains("local,s3"), "{}", list.stdout);
+    list.assert_stdout_has("local,s3");
 
     for repository in ["local", "s3"] {
         let into = work.path().join(format!("restored-{repository}"));
@@ -116,7 +104,7 @@ fn restore_refuses_a_directory_that_is_not_empty() {
     tree::write_file(&into.join("keep.me"), b"precious\n", 0o644);
     let run = restore_into(&config, &into);
     run.assert_code(1);
-    assert!(run.stderr.contains("is not empty"), "{}", run.stderr);
+    run.assert_stderr_has("is not empty");
     assert_eq!(std::fs::read(into.join("keep.me")).unwrap(), b"precious\n");
     assert_eq!(std::fs::read_dir(&into).unwrap().count(), 1);
 
@@ -130,7 +118,7 @@ fn restore_refuses_a_directory_that_is_not_empty() {
     );
     let run = restore_into(&config, &lookalike);
     run.assert_code(1);
-    assert!(run.stderr.contains("is not empty"), "{}", run.stderr);
+    run.assert_stderr_has("is not empty");
     assert_eq!(
         std::fs::read(lookalike.join(".lifeboat-restore-notes/todo")).unwrap(),
         b"mine\n"
@@ -164,7 +152,7 @@ fn restore_refuses_a_directory_that_is_not_empty() {
     tree::write_file(&staging.join(".lifeboat-staging"), b"", 0o600);
     let run = restore_into(&config, &partial);
     run.assert_code(1);
-    assert!(run.stderr.contains("is not empty"), "{}", run.stderr);
+    run.assert_stderr_has("is not empty");
     assert_eq!(
         std::fs::read(partial.join("tmp/added-since")).unwrap(),
         b"mine\n"
@@ -182,7 +170,7 @@ fn restore_refuses_a_directory_that_is_not_empty() {
     std::fs::write(staging.join("moving"), b"lost+found\0").unwrap();
     let run = restore_into(&config, &volume);
     run.assert_code(1);
-    assert!(run.stderr.contains("is not empty"), "{}", run.stderr);
+    run.assert_stderr_has("is not empty");
     assert!(volume.join("lost+found/#1234").exists());
 
     // A relative target, as typed at a shell.
@@ -205,28 +193,20 @@ fn backup_all_keeps_going_after_a_failed_job() {
     let good = work.path().join("good");
     tree::write_file(&good.join("a.conf"), b"a = 1\n", 0o644);
     let missing = work.path().join("missing");
-    let config = write_config(
-        work.path(),
-        &format!(
-            "{}{}{}",
-            local_repository("local", &work.path().join("repo")),
-            files_job("broken", &[&missing]),
-            files_job("good", &[&good])
-        ),
-    );
+    let config = Scenario::new(work.path())
+        .local("local", &work.path().join("repo"))
+        .files_job("broken", &[&missing])
+        .files_job("good", &[&good])
+        .write();
     let run = lifeboat(&config, &["backup", "--all"]);
     run.assert_code(1);
-    assert!(
-        run.stderr.contains(&format!(
-            "unable to read path '{}' for job 'broken'",
-            missing.display()
-        )),
-        "{}",
-        run.stderr
-    );
-    assert!(run.stdout.contains("backup good/"), "{}", run.stdout);
+    run.assert_stderr_has(format!(
+        "unable to read path '{}' for job 'broken'",
+        missing.display()
+    ));
+    run.assert_stdout_has("backup good/");
     let list = lifeboat(&config, &["list"]);
-    assert!(list.stdout.contains("good "), "{}", list.stdout);
+    list.assert_stdout_has("good ");
     assert!(!list.stdout.contains("broken "), "{}", list.stdout);
 }
 
@@ -356,7 +336,7 @@ fn attributes_acls_links_and_holes_restore_as_they_were() {
     let backup = lifeboat(&config, &["backup", "config"]);
     backup.assert_code(0);
     for name in ["app/control.fifo' (fifo)", "app/admin.sock' (socket)"] {
-        assert!(backup.stdout.contains(name), "{}", backup.stdout);
+        backup.assert_stdout_has(name);
     }
     let object = walkdir::WalkDir::new(work.path().join("repo"))
         .into_iter()
@@ -481,11 +461,7 @@ fn entries_a_backup_cannot_keep_are_named_and_the_rest_restores() {
     let into = work.path().join("restored");
     let restore = restore_into(&config, &into);
     restore.assert_code(0);
-    assert!(
-        restore.stdout.contains("2 entries are not in the backup"),
-        "{}",
-        restore.stdout
-    );
+    restore.assert_stdout_has("2 entries are not in the backup");
     let root = restored_root(&into, &source);
     assert_eq!(std::fs::read(root.join("app.conf")).unwrap(), b"kept\n");
     // The temporary directory cannot remove what it cannot reach by path.

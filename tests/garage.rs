@@ -6,7 +6,7 @@
 use std::path::Path;
 
 use crate::common::garage::{self, Garage};
-use crate::common::{Run, files_job, run_command, tree, write_config};
+use crate::common::{Run, Scenario, run_command, tree};
 
 /// `lifeboat ARGS` with Garage's key.
 fn on_garage(config: &Path, args: &[&str]) -> Run {
@@ -30,21 +30,13 @@ fn garage_checks_backs_up_and_restores_without_object_lock() {
         &tree::noise(12 * 1024 * 1024, 3),
         0o640,
     );
-    let config = write_config(
-        work.path(),
-        &format!(
-            "{}{}",
-            server.repository("garage", "lifeboat", ""),
-            files_job("config", &[&source])
-        ),
-    );
+    let config = Scenario::new(work.path())
+        .raw(&server.repository("garage", "lifeboat", ""))
+        .files_job("config", &[&source])
+        .write();
     let check = on_garage(&config, &["check"]);
     check.assert_code(0);
-    assert!(
-        check.stdout.contains("Object Lock: not available"),
-        "{}",
-        check.stdout
-    );
+    check.assert_stdout_has("Object Lock: not available");
 
     on_garage(&config, &["backup", "config"]).assert_code(0);
     on_garage(&config, &["verify", "config", "--deep"]).assert_code(0);
@@ -56,18 +48,14 @@ fn garage_checks_backs_up_and_restores_without_object_lock() {
     .assert_code(0);
     tree::assert_same(&source, &into.join(source.strip_prefix("/").unwrap()));
 
-    let locked = write_config(
-        work.path(),
-        &format!(
-            "{}{}",
-            server.repository(
-                "garage",
-                "lifeboat",
-                "object_lock = { mode = \"governance\", days = 1 }"
-            ),
-            files_job("config", &[&source])
-        ),
-    );
+    let locked = Scenario::new(work.path())
+        .raw(&server.repository(
+            "garage",
+            "lifeboat",
+            "object_lock = { mode = \"governance\", days = 1 }",
+        ))
+        .files_job("config", &[&source])
+        .write();
     let check = on_garage(&locked, &["check"]);
     check.assert_code(1);
     assert!(

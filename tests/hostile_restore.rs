@@ -14,10 +14,7 @@ use std::path::{Path, PathBuf};
 
 use sha2::{Digest, Sha256};
 
-use crate::common::{
-    Run, Tmpfs, binary_command, files_job, is_root, local_repository, run_command, tree,
-    write_config,
-};
+use crate::common::{Run, Scenario, Tmpfs, binary_command, is_root, run_command, tree};
 
 const NOBODY: u32 = 65_534;
 
@@ -327,14 +324,10 @@ impl Rig {
         let source = work.path().join("src");
         tree::write_file(&source.join("app.conf"), b"a = 1\n", 0o644);
         let repo = work.path().join("repo");
-        let config = write_config(
-            work.path(),
-            &format!(
-                "{}{}",
-                local_repository("local", &repo),
-                files_job("config", &[&source])
-            ),
-        );
+        let config = Scenario::new(work.path())
+            .local("local", &repo)
+            .files_job("config", &[&source])
+            .write();
         std::fs::set_permissions(&config, std::fs::Permissions::from_mode(0o644)).unwrap();
         // The checkout may sit where the unprivileged user cannot enter.
         let binary = work.path().join("lifeboat");
@@ -937,11 +930,7 @@ fn attributes_that_need_root_are_named_when_restored_unprivileged() {
             .args(["-d", "-m", "-"])
             .arg(target.join("f")),
     );
-    assert!(
-        attributes.stdout.contains("user.note=\"kept\""),
-        "{}",
-        attributes.stdout
-    );
+    attributes.assert_stdout_has("user.note=\"kept\"");
     assert!(
         !attributes.stdout.contains("trusted.origin"),
         "{}",
@@ -952,6 +941,6 @@ fn attributes_that_need_root_are_named_when_restored_unprivileged() {
             .arg("-n")
             .arg(target.join("f")),
     );
-    assert!(acl.stdout.contains("user:0:r--"), "{}", acl.stdout);
+    acl.assert_stdout_has("user:0:r--");
     assert_eq!(std::fs::read(target.join("f")).unwrap(), b"data\n");
 }

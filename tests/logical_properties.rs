@@ -10,8 +10,8 @@ use std::time::Duration;
 
 use crate::common::postgres::Postgres;
 use crate::common::{
-    lifeboat, lifeboat_command, local_repository, maindb_config, postgres_job, procs, run_command,
-    write_config, write_secret,
+    Scenario, lifeboat, lifeboat_command, local_repository, maindb_config, postgres_job, procs,
+    run_command, write_config, write_secret,
 };
 
 /// `pg_dumpall --no-role-passwords` of `cluster`, without the random `\restrict` keys and
@@ -140,12 +140,8 @@ async fn a_least_privilege_backup_says_what_it_lacks_and_restores_no_login_witho
     }
     let show = lifeboat(&config, &["show", "latest", "--job", "maindb"]);
     show.assert_code(0);
-    assert!(show.stdout.contains("no role passwords"), "{}", show.stdout);
-    assert!(
-        show.stdout.contains("'nolimit' was not backed up"),
-        "{}",
-        show.stdout
-    );
+    show.assert_stdout_has("no role passwords");
+    show.assert_stdout_has("'nolimit' was not backed up");
 
     // Large objects are not pg_read_all_data's: the failure names the grant.
     source.psql("lodb", "select lo_from_bytea(0, 'hello')");
@@ -162,11 +158,7 @@ async fn a_least_privilege_backup_says_what_it_lacks_and_restores_no_login_witho
     let target = Postgres::start();
     let run = restore(&config, &target, &["--globals", "--database", "app"]);
     run.assert_code(0);
-    assert!(
-        run.stdout.contains("created NOLOGIN: 'appuser', 'backup'"),
-        "{}",
-        run.stdout
-    );
+    run.assert_stdout_has("created NOLOGIN: 'appuser', 'backup'");
     assert_eq!(
         target.psql(
             "postgres",
@@ -507,19 +499,15 @@ async fn a_heartbeat_table_another_role_made_is_refused() {
     );
     let work = tempfile::tempdir().unwrap();
     let password_file = cluster.password_file(work.path(), &cluster.password);
-    let config = write_config(
-        work.path(),
-        &format!(
-            "{}{}",
-            local_repository("local", &work.path().join("repo")),
-            postgres_job(
-                "shop2",
-                &cluster.dsn("shop2"),
-                &password_file,
-                "heartbeat = true"
-            )
-        ),
-    );
+    let config = Scenario::new(work.path())
+        .local("local", &work.path().join("repo"))
+        .postgres_job(
+            "shop2",
+            &cluster.dsn("shop2"),
+            &password_file,
+            "heartbeat = true",
+        )
+        .write();
     let refused = lifeboat(&config, &["heartbeat", "shop2"]);
     refused.assert_code(1);
     assert!(

@@ -6,10 +6,7 @@ use std::path::Path;
 use std::process::Stdio;
 
 use crate::common::postgres::Postgres;
-use crate::common::{
-    SeaweedFs, lifeboat, lifeboat_command, local_repository, postgres_job, procs, write_config,
-    write_secret,
-};
+use crate::common::{Scenario, SeaweedFs, lifeboat, lifeboat_command, procs, write_secret};
 
 /// `lifeboat restore` of a postgres job into `target`, with the target's password in the
 /// environment as an operator would have it.
@@ -30,20 +27,16 @@ async fn logical_backup_restores_identical_databases_from_local_and_s3() {
     source.create_app_database(1_000_000);
     let work = tempfile::tempdir().unwrap();
     let password_file = source.password_file(work.path(), &source.password);
-    let config = write_config(
-        work.path(),
-        &format!(
-            "{}{}{}",
-            local_repository("local", &work.path().join("repo")),
-            s3.repository("s3", "backups", "lifeboat"),
-            postgres_job(
-                "maindb",
-                &source.dsn("postgres"),
-                &password_file,
-                "heartbeat = true"
-            )
-        ),
-    );
+    let config = Scenario::new(work.path())
+        .local("local", &work.path().join("repo"))
+        .raw(&s3.repository("s3", "backups", "lifeboat"))
+        .postgres_job(
+            "maindb",
+            &source.dsn("postgres"),
+            &password_file,
+            "heartbeat = true",
+        )
+        .write();
 
     // Back up at the most verbose log level, watching every child's argv.
     let log_path = work.path().join("backup.log");
@@ -278,26 +271,22 @@ async fn failed_pg_dump_commits_nothing_and_quotes_pg_dump() {
     let superuser_password = source.password_file(work.path(), &source.password);
     let limited_password = work.path().join("limited.pass");
     write_secret(&limited_password, "limited-pw", 0o600);
-    let config = write_config(
-        work.path(),
-        &format!(
-            "{}{}{}{}",
-            local_repository("local", &repo),
-            s3.repository("s3", "backups", "lifeboat"),
-            postgres_job(
-                "maindb",
-                &source.dsn("postgres"),
-                &superuser_password,
-                "databases = [\"app\"]"
-            ),
-            postgres_job(
-                "limited",
-                &source.dsn_as("limited", "app"),
-                &limited_password,
-                "databases = [\"app\"]"
-            ),
-        ),
-    );
+    let config = Scenario::new(work.path())
+        .local("local", &repo)
+        .raw(&s3.repository("s3", "backups", "lifeboat"))
+        .postgres_job(
+            "maindb",
+            &source.dsn("postgres"),
+            &superuser_password,
+            "databases = [\"app\"]",
+        )
+        .postgres_job(
+            "limited",
+            &source.dsn_as("limited", "app"),
+            &limited_password,
+            "databases = [\"app\"]",
+        )
+        .write();
     let nothing_committed = || async {
         let local: Vec<_> = walkdir::WalkDir::new(&repo)
             .into_iter()
@@ -365,19 +354,15 @@ async fn failed_pg_dump_commits_nothing_and_quotes_pg_dump() {
         std::os::unix::fs::PermissionsExt::from_mode(0o755),
     )
     .unwrap();
-    let old_config = write_config(
-        &old_bin,
-        &format!(
-            "{}{}",
-            local_repository("local", &repo),
-            postgres_job(
-                "maindb",
-                &source.dsn("postgres"),
-                &superuser_password,
-                &format!("bin_dir = \"{}\"", old_bin.display())
-            ),
-        ),
-    );
+    let old_config = Scenario::new(&old_bin)
+        .local("local", &repo)
+        .postgres_job(
+            "maindb",
+            &source.dsn("postgres"),
+            &superuser_password,
+            &format!("bin_dir = \"{}\"", old_bin.display()),
+        )
+        .write();
     let run = lifeboat(&old_config, &["backup", "maindb"]);
     run.assert_code(1);
     assert!(
@@ -386,11 +371,7 @@ async fn failed_pg_dump_commits_nothing_and_quotes_pg_dump() {
         "{}",
         run.stderr
     );
-    assert!(
-        run.stderr.contains("install postgresql-client-15"),
-        "{}",
-        run.stderr
-    );
+    run.assert_stderr_has("install postgresql-client-15");
     nothing_committed().await;
 
     // The next normal run succeeds.
@@ -403,19 +384,15 @@ fn a_password_file_readable_by_others_is_refused() {
     let work = tempfile::tempdir().unwrap();
     let password_file = work.path().join("pg.pass");
     write_secret(&password_file, "secret", 0o644);
-    let config = write_config(
-        work.path(),
-        &format!(
-            "{}{}",
-            local_repository("local", &work.path().join("repo")),
-            postgres_job(
-                "maindb",
-                "postgresql://backup@127.0.0.1:1/postgres",
-                &password_file,
-                ""
-            )
-        ),
-    );
+    let config = Scenario::new(work.path())
+        .local("local", &work.path().join("repo"))
+        .postgres_job(
+            "maindb",
+            "postgresql://backup@127.0.0.1:1/postgres",
+            &password_file,
+            "",
+        )
+        .write();
     let run = lifeboat(&config, &["backup", "maindb"]);
     run.assert_code(2);
     assert!(
@@ -424,7 +401,7 @@ fn a_password_file_readable_by_others_is_refused() {
         "{}",
         run.stderr
     );
-    assert!(run.stderr.contains("chmod 600"), "{}", run.stderr);
+    run.assert_stderr_has("chmod 600");
 }
 
 fn database_exists(cluster: &Postgres, name: &str) -> bool {
@@ -475,19 +452,15 @@ async fn failed_restores_leave_the_target_as_it_was() {
     let work = tempfile::tempdir().unwrap();
     let repo = work.path().join("repo");
     let password_file = source.password_file(work.path(), &source.password);
-    let config = write_config(
-        work.path(),
-        &format!(
-            "{}{}",
-            local_repository("local", &repo),
-            postgres_job(
-                "maindb",
-                &source.dsn("postgres"),
-                &password_file,
-                "databases = [\"app\"]"
-            )
-        ),
-    );
+    let config = Scenario::new(work.path())
+        .local("local", &repo)
+        .postgres_job(
+            "maindb",
+            &source.dsn("postgres"),
+            &password_file,
+            "databases = [\"app\"]",
+        )
+        .write();
     lifeboat(&config, &["backup", "maindb"]).assert_code(0);
     let target = Postgres::start();
     let roles = "select count(*) from pg_roles where rolname like 'app_%'";
@@ -497,12 +470,8 @@ async fn failed_restores_leave_the_target_as_it_was() {
     // both roles and the ways out.
     let run = restore_into(&config, &target, &["--database", "app"]);
     run.assert_code(1);
-    assert!(
-        run.stderr.contains(
-            "roles the server lacks: 'app_owner' (database app), 'app_reader' (database app)"
-        ),
-        "{}",
-        run.stderr
+    run.assert_stderr_has(
+        "roles the server lacks: 'app_owner' (database app), 'app_reader' (database app)",
     );
     assert!(
         run.stderr.contains("--globals") && run.stderr.contains("--no-owner"),
@@ -529,7 +498,7 @@ async fn failed_restores_leave_the_target_as_it_was() {
         "{}",
         run.stderr
     );
-    assert!(run.stderr.contains("were dropped"), "{}", run.stderr);
+    run.assert_stderr_has("were dropped");
     assert!(!run.stderr.contains("--globals"), "{}", run.stderr);
     assert!(!database_exists(&target, "app"));
     target.psql("postgres", "drop role app_owner; drop role app_reader");

@@ -276,11 +276,7 @@ async fn point_in_time_recovery_keeps_exactly_the_rows_committed_before_the_targ
         ],
     );
     early.assert_code(1);
-    assert!(
-        early.stderr.contains("that ends before 2020-01-01"),
-        "{}",
-        early.stderr
-    );
+    early.assert_stderr_has("that ends before 2020-01-01");
     assert!(!work.path().join("too-early").exists());
 
     // The data directory must be empty.
@@ -289,7 +285,7 @@ async fn point_in_time_recovery_keeps_exactly_the_rows_committed_before_the_targ
         &["restore", JOB, "--data-dir", data_dir.to_str().unwrap()],
     );
     occupied.assert_code(1);
-    assert!(occupied.stderr.contains("not empty"), "{}", occupied.stderr);
+    occupied.assert_stderr_has("not empty");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -325,13 +321,7 @@ async fn recovery_to_the_end_of_the_archive_reproduces_the_source_data() {
     let _restored = Restored(data_dir.clone());
     let restore = restore_started(&config, &data_dir, port, &[]);
     restore.assert_code(0);
-    assert!(
-        restore.stdout.contains(
-            "removed recovery settings the base backup carried (this restore sets its own): recovery_target_time, recovery_target_action"
-        ),
-        "{}",
-        restore.stdout
-    );
+    restore.assert_stdout_has("removed recovery settings the base backup carried (this restore sets its own): recovery_target_time, recovery_target_action");
     let restored = Postgres::attach(port, &source.password);
     let actual = restored.data_fingerprint("app");
     // Every table's rows (and the large objects) are identical. Sequences are WAL-logged
@@ -518,11 +508,7 @@ async fn a_physical_restore_as_postgres_into_its_own_directory_and_onto_a_fresh_
         &["restore", JOB, "--data-dir", data_dir.to_str().unwrap()],
     );
     run.assert_code(1);
-    assert!(
-        run.stderr.contains("unable to set up recovery"),
-        "{}",
-        run.stderr
-    );
+    run.assert_stderr_has("unable to set up recovery");
     assert!(
         !data_dir.exists(),
         "a failed restore left its data directory"
@@ -608,11 +594,7 @@ async fn wal_push_keeps_the_archive_command_promises_with_a_region_down() {
 
     let first = lifeboat(&config, &["wal-push", segment_arg]);
     first.assert_code(0);
-    assert!(
-        first.stdout.contains("stored in region1, region2"),
-        "{}",
-        first.stdout
-    );
+    first.assert_stdout_has("stored in region1, region2");
     let stored = region1.object(BUCKET, &key).await;
     assert_eq!(region2.object(BUCKET, &key).await, stored);
     assert_eq!(
@@ -710,7 +692,7 @@ async fn wal_push_keeps_the_archive_command_promises_with_a_region_down() {
         ],
     );
     unsure.assert_code(255);
-    assert!(unsure.stderr.contains("region2"), "{}", unsure.stderr);
+    unsure.assert_stderr_has("region2");
 
     // Back up: replicate copies the segment region 2 missed.
     region2.restart().await;
@@ -729,11 +711,7 @@ async fn wal_push_keeps_the_archive_command_promises_with_a_region_down() {
     );
     let settled = lifeboat(&config, &["replicate", JOB]);
     settled.assert_code(0);
-    assert!(
-        settled.stdout.contains("nothing to copy"),
-        "{}",
-        settled.stdout
-    );
+    settled.assert_stdout_has("nothing to copy");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -747,12 +725,8 @@ async fn a_cluster_without_archiving_is_refused_with_the_setting_to_change() {
     let config = physical_config(work.path(), &[&region], source.port, &password_file, "");
     let run = lifeboat(&config, &["backup", JOB]);
     run.assert_code(1);
-    assert!(run.stderr.contains("archive_mode is off"), "{}", run.stderr);
-    assert!(
-        run.stderr.contains("archive_command = 'lifeboat --config"),
-        "{}",
-        run.stderr
-    );
+    run.assert_stderr_has("archive_mode is off");
+    run.assert_stderr_has("archive_command = 'lifeboat --config");
     assert!(region.manifest_keys(BUCKET).await.is_empty());
     let check = lifeboat(&config, &["check"]);
     check.assert_code(1);
@@ -810,11 +784,7 @@ async fn a_backup_of_another_cluster_into_the_job_is_refused() {
         "{}",
         refused.stderr
     );
-    assert!(
-        refused.stderr.contains("a job of its own"),
-        "{}",
-        refused.stderr
-    );
+    refused.assert_stderr_has("a job of its own");
     assert_eq!(region.manifest_keys(BUCKET).await, manifests);
 }
 
@@ -868,11 +838,7 @@ async fn a_gap_in_the_archive_is_refused_named_and_filled_from_another_region() 
         "{}",
         refused.stderr
     );
-    assert!(
-        refused.stderr.contains("--accept-gap"),
-        "{}",
-        refused.stderr
-    );
+    refused.assert_stderr_has("--accept-gap");
     assert!(!only_region1.exists(), "a refused restore wrote the target");
 
     // A drill of region 1 fails on the gap: it proves nothing about the lost rows.
@@ -912,14 +878,10 @@ async fn a_gap_in_the_archive_is_refused_named_and_filled_from_another_region() 
         &["--from", "region1", "--accept-gap"],
     );
     accepted.assert_code(0);
-    assert!(
-        accepted.stdout.contains(&format!(
+    accepted.assert_stdout_has(format!(
             "--accept-gap: recovering to the gap: WAL segment {lost} is in no repository, so recovery ends with {}",
             batches[0]
-        )),
-        "{}",
-        accepted.stdout
-    );
+        ));
     assert_eq!(rows(port), "100");
 
     // Both regions: the segment is read where it survives, and every row comes back.
@@ -947,13 +909,9 @@ async fn a_gap_in_the_archive_is_refused_named_and_filled_from_another_region() 
         |field: &str| chrono::DateTime::parse_from_rfc3339(job[field].as_str().unwrap()).unwrap();
     assert!(at("gap_free_wal_at") < at("newest_wal_at"), "{job}");
     let text = lifeboat(&config, &["status"]);
-    assert!(
-        text.stdout.contains(&format!(
-            "WAL archive gap: segment {lost} is in no repository"
-        )),
-        "{}",
-        text.stdout
-    );
+    text.assert_stdout_has(format!(
+        "WAL archive gap: segment {lost} is in no repository"
+    ));
 }
 
 /// A segment that is there but does not replay (an older lifeboat stored it unchecked, or
@@ -1063,14 +1021,10 @@ async fn a_recovery_that_ends_before_the_archive_does_fails() {
     replace(&region2, genuine.clone()).await;
     let (_last, run, _) = restore("last-zeroed", &[]);
     run.assert_code(1);
-    assert!(
-        run.stderr.contains(&format!(
-            "short of the end of the archive, {} (stored",
-            batches[2]
-        )),
-        "{}",
-        run.stderr
-    );
+    run.assert_stderr_has(format!(
+        "short of the end of the archive, {} (stored",
+        batches[2]
+    ));
     for region in [&region1, &region2] {
         region
             .client()
@@ -1288,11 +1242,7 @@ async fn targets_on_either_side_of_a_timeline_branch_pick_the_backup_on_their_pa
         .min()
         .unwrap();
     let first_id = first_backup.rsplit('/').nth(1).unwrap();
-    assert!(
-        run.stdout.contains(&format!("base backup {first_id}")),
-        "{}",
-        run.stdout
-    );
+    run.assert_stdout_has(format!("base backup {first_id}"));
     // 1..200 from timeline 1 up to the branch, then 1001..1100 from timeline 2.
     assert_eq!(
         ids(&Postgres::attach(port2, &source.password)),
@@ -1337,7 +1287,7 @@ async fn targets_on_either_side_of_a_timeline_branch_pick_the_backup_on_their_pa
 
     // The old primary's backup is named for what it is.
     let status = lifeboat(&config, &["status"]);
-    assert!(status.stdout.contains("split brain"), "{}", status.stdout);
+    status.assert_stdout_has("split brain");
 
     // Timeline 2's history lost: `latest` cannot find timeline 2, and says so rather than
     // end on timeline 1 in silence.
@@ -1361,11 +1311,7 @@ async fn targets_on_either_side_of_a_timeline_branch_pick_the_backup_on_their_pa
         run.stderr
     );
     let status = lifeboat(&config, &["status"]);
-    assert!(
-        status.stdout.contains("its history file, 00000002.history"),
-        "{}",
-        status.stdout
-    );
+    status.assert_stdout_has("its history file, 00000002.history");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -427,16 +427,8 @@ async fn a_prune_killed_halfway_leaves_every_manifest_whole_and_the_next_one_fin
 
     let run = lifeboat(&config, &["prune", "--grace", "2s"]);
     run.assert_code(0);
-    assert!(
-        run.stdout.contains("incomplete upload of"),
-        "{}",
-        run.stdout
-    );
-    assert!(
-        run.stdout.contains("leftover 20200102T000000Z in 'local'"),
-        "{}",
-        run.stdout
-    );
+    run.assert_stdout_has("incomplete upload of");
+    run.assert_stdout_has("leftover 20200102T000000Z in 'local'");
     assert!(
         run.stdout
             .contains("claim of backup id 20200103T000000Z in 'local' left by a run that did not finish: removed"),
@@ -517,11 +509,7 @@ async fn object_lock_keeps_locked_backups_and_prune_reports_them_retained() {
     );
     let check = lifeboat(&config, &["check"]);
     check.assert_code(0);
-    assert!(
-        check.stdout.contains("Object Lock: enforced"),
-        "{}",
-        check.stdout
-    );
+    check.assert_stdout_has("Object Lock: enforced");
 
     let mut ids = Vec::new();
     for n in 0..3 {
@@ -573,7 +561,7 @@ async fn object_lock_keeps_locked_backups_and_prune_reports_them_retained() {
     assert!(versions.delete_markers().is_empty(), "{versions:?}");
     let list = lifeboat(&config, &["list", "conf"]);
     for id in &ids {
-        assert!(list.stdout.contains(id.as_str()), "{}", list.stdout);
+        list.assert_stdout_has(id.as_str());
     }
 
     // Configured, but the bucket cannot lock: check says so instead of trusting it.
@@ -589,11 +577,7 @@ async fn object_lock_keeps_locked_backups_and_prune_reports_them_retained() {
     );
     let check = lifeboat(&plain, &["check"]);
     check.assert_code(1);
-    assert!(
-        check.stdout.contains("does not have Object Lock enabled"),
-        "{}",
-        check.stdout
-    );
+    check.assert_stdout_has("does not have Object Lock enabled");
 }
 
 #[test]
@@ -616,8 +600,8 @@ fn prune_refuses_a_plan_that_would_remove_every_backup() {
     std::thread::sleep(Duration::from_secs(3));
     let run = lifeboat(&config, &["prune"]);
     run.assert_code(1);
-    assert!(run.stderr.contains("prune refused"), "{}", run.stderr);
-    assert!(run.stdout.contains("REFUSED"), "{}", run.stdout);
+    run.assert_stderr_has("prune refused");
+    run.assert_stdout_has("REFUSED");
     assert_eq!(
         manifest_ids(local_listing(&local).keys(), "conf"),
         ids.into_iter().collect()

@@ -198,11 +198,7 @@ fn round_trip(diskless: &str, form: &str) {
             .starts_with('7')
     );
     let shown = lifeboat(&config, &["show", "latest", "--job", JOB]);
-    assert!(
-        shown.stdout.contains("server          Redis 7"),
-        "{}",
-        shown.stdout
-    );
+    shown.assert_stdout_has("server          Redis 7");
 
     let (_scratch, mut restored) = restore_into_scratch(&config);
     let actual = snapshot(&mut restored);
@@ -219,7 +215,7 @@ fn round_trip(diskless: &str, form: &str) {
     assert!(std::fs::read(&rdb).unwrap().starts_with(b"REDIS"));
     let again = lifeboat(&config, &["restore", JOB, "--into", rdb.to_str().unwrap()]);
     again.assert_code(1);
-    assert!(again.stderr.contains("it exists"), "{}", again.stderr);
+    again.assert_stderr_has("it exists");
 
     // Restored by root into redis's directory, the file is the server's to load: owned and
     // moded as the dump.rdb there, else owned as the directory and private.
@@ -370,11 +366,7 @@ fn where_sync_is_refused_the_rdb_file_after_bgsave_is_the_fallback() {
     );
     let fallback = lifeboat(&config, &["backup", JOB]);
     fallback.assert_code(0);
-    assert!(
-        fallback.stderr.contains("falling back to BGSAVE"),
-        "{}",
-        fallback.stderr
-    );
+    fallback.assert_stderr_has("falling back to BGSAVE");
     let expected = snapshot(&mut connection);
     let (_scratch, mut restored) = restore_into_scratch(&config);
     assert_eq!(snapshot(&mut restored), expected);

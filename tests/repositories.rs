@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 use std::path::Path;
 use std::time::Duration;
 
-use crate::common::{SeaweedFs, files_job, lifeboat, local_repository, write_config};
+use crate::common::{Scenario, SeaweedFs, files_job, lifeboat, local_repository, write_config};
 
 /// `lifeboat list JOB` as id → the REPOSITORIES column (`a,c (missing from b)`).
 fn listed(config: &Path, job: &str) -> BTreeMap<String, String> {
@@ -120,13 +120,9 @@ async fn a_region_that_missed_backups_keeps_its_own_newest_and_replicate_respect
         plan.stdout
     );
     for removed in &ids[1..3] {
-        assert!(
-            plan.stdout.contains(&format!(
-                "conf/{removed}: not copied into 'a', 'c': prune removed it on "
-            )),
-            "{}",
-            plan.stdout
-        );
+        plan.assert_stdout_has(format!(
+            "conf/{removed}: not copied into 'a', 'c': prune removed it on "
+        ));
     }
     lifeboat(&config, &["replicate"]).assert_code(0);
     assert_eq!(local_ids(&a, "conf"), ids[3..5]);
@@ -142,7 +138,7 @@ async fn a_region_that_missed_backups_keeps_its_own_newest_and_replicate_respect
     assert!(settled.values().all(|r| r == "a,b,c"), "{settled:?}");
     let again = lifeboat(&config, &["replicate"]);
     again.assert_code(0);
-    assert!(again.stdout.contains("nothing to copy"), "{}", again.stdout);
+    again.assert_stdout_has("nothing to copy");
     assert_eq!(restored(&config, work.path(), &source, &[]), "v5");
 }
 
@@ -154,15 +150,11 @@ async fn a_wiped_bucket_fails_verify_check_and_status_until_replicate_reseeds_it
     let source = work.path().join("app");
     std::fs::create_dir(&source).unwrap();
     let a = work.path().join("a");
-    let config = write_config(
-        work.path(),
-        &format!(
-            "{}{}{}",
-            local_repository("a", &a),
-            region_b.repository("b", "backups", "lifeboat"),
-            files_job("conf", &[&source])
-        ),
-    );
+    let config = Scenario::new(work.path())
+        .local("a", &a)
+        .raw(&region_b.repository("b", "backups", "lifeboat"))
+        .files_job("conf", &[&source])
+        .write();
     for data in ["v1", "v2", "v3"] {
         back_up(&config, &source, data, 0);
     }
@@ -212,18 +204,10 @@ async fn a_wiped_bucket_fails_verify_check_and_status_until_replicate_reseeds_it
     );
     // A backup does not quietly mark it again, and neither does replicate unasked.
     let backup = back_up(&config, &source, "v4", 3);
-    assert!(
-        backup.stderr.contains("holds no marker"),
-        "{}",
-        backup.stderr
-    );
+    backup.assert_stderr_has("holds no marker");
     let replicate = lifeboat(&config, &["replicate"]);
     replicate.assert_code(1);
-    assert!(
-        replicate.stdout.contains("replicate --reseed"),
-        "{}",
-        replicate.stdout
-    );
+    replicate.assert_stdout_has("replicate --reseed");
     lifeboat(&config, &["verify"]).assert_code(1);
 
     let reseed = lifeboat(&config, &["replicate", "--reseed"]);
@@ -314,11 +298,7 @@ async fn a_rekey_with_a_region_down_settles_when_it_is_back() {
     // b holds its own copies, whole by its own manifest: nothing to copy into it.
     let replicate = lifeboat(&config, &["replicate"]);
     replicate.assert_code(0);
-    assert!(
-        replicate.stdout.contains("nothing to copy"),
-        "{}",
-        replicate.stdout
-    );
+    replicate.assert_stdout_has("nothing to copy");
     let rows = listed(&config, "conf");
     assert!(rows.values().all(|r| r == "a,b"), "{rows:?}");
 
@@ -362,11 +342,7 @@ async fn a_rekey_with_a_region_down_settles_when_it_is_back() {
     }
     let replicate = lifeboat(&config, &["replicate"]);
     replicate.assert_code(0);
-    assert!(
-        replicate.stdout.contains("nothing to copy"),
-        "{}",
-        replicate.stdout
-    );
+    replicate.assert_stdout_has("nothing to copy");
     // Both copies open with the new key.
     for from in ["a", "b"] {
         let into = work.path().join(format!("from-{from}"));
@@ -437,11 +413,7 @@ async fn prune_in_a_versioned_bucket_removes_every_version_of_what_goes() {
 
     let prune = lifeboat(&config, &["prune"]);
     prune.assert_code(0);
-    assert!(
-        prune.stdout.contains("stored version(s) of what went"),
-        "{}",
-        prune.stdout
-    );
+    prune.assert_stdout_has("stored version(s) of what went");
     // No version and no delete marker of a removed backup's keys is left.
     let mut left = Vec::new();
     let client = server.client();
@@ -513,15 +485,11 @@ fn planted_removal_records_and_a_removed_marker_do_not_stop_replication_or_get_m
     let source = work.path().join("app");
     std::fs::create_dir(&source).unwrap();
     let (a, b) = (work.path().join("a"), work.path().join("b"));
-    let config = write_config(
-        work.path(),
-        &format!(
-            "{}{}{}",
-            local_repository("a", &a),
-            local_repository("b", &b),
-            files_job("conf", &[&source])
-        ),
-    );
+    let config = Scenario::new(work.path())
+        .local("a", &a)
+        .local("b", &b)
+        .files_job("conf", &[&source])
+        .write();
     back_up(&config, &source, "v1", 0);
     let (v2, v3) = {
         let _down = Unreachable::make(&b);
@@ -553,6 +521,10 @@ fn planted_removal_records_and_a_removed_marker_do_not_stop_replication_or_get_m
                 .contains("is no removal record lifeboat wrote"),
         "{}",
         replicate.stdout
+    );
+    eprintln!(
+        "REPLICATE OUT:\n{}\nERR:\n{}",
+        replicate.stdout, replicate.stderr
     );
     assert_eq!(local_ids(&b, "conf"), local_ids(&a, "conf"));
     assert!(local_ids(&b, "conf").contains(&v2) && local_ids(&b, "conf").contains(&v3));
@@ -592,11 +564,7 @@ fn planted_removal_records_and_a_removed_marker_do_not_stop_replication_or_get_m
         status.stdout
     );
     let backup = back_up(&config, &source, "v5", 3);
-    assert!(
-        backup.stderr.contains("repository 'b'"),
-        "{}",
-        backup.stderr
-    );
+    backup.assert_stderr_has("repository 'b'");
     std::fs::write(b.join("lifeboat.json"), marker).unwrap();
     lifeboat(&config, &["replicate"]).assert_code(0);
     lifeboat(&config, &["verify"]).assert_code(0);

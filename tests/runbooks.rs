@@ -8,7 +8,9 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use crate::common::postgres::Postgres;
-use crate::common::{SeaweedFs, files_job, lifeboat, postgres_job, seaweedfs, tree, write_config};
+use crate::common::{
+    Scenario, SeaweedFs, files_job, lifeboat, postgres_job, seaweedfs, tree, write_config,
+};
 
 const RUNBOOKS: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/runbooks");
 const DRILLS: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/drills");
@@ -466,15 +468,11 @@ async fn config_restore_runbook_puts_the_backed_up_files_back() {
     .unwrap();
     let original = work.path().join("original");
     copy_tree(&live, &original);
-    let config = write_config(
-        work.path(),
-        &format!(
-            "{}{}{}",
-            s3.repository("primary", "backups-primary", "lifeboat"),
-            s3.repository("dr", "backups-dr", "lifeboat"),
-            files_job("config", &[&live])
-        ),
-    );
+    let config = Scenario::new(work.path())
+        .raw(&s3.repository("primary", "backups-primary", "lifeboat"))
+        .raw(&s3.repository("dr", "backups-dr", "lifeboat"))
+        .files_job("config", &[&live])
+        .write();
     lifeboat(&config, &["backup", "config"]).assert_code(0);
     // The damage: a file overwritten, one removed.
     let mut files: Vec<PathBuf> = walk(&live);

@@ -282,23 +282,15 @@ fn a_bad_calendar_is_refused_naming_its_origin() {
     let config = scheduled_config(work.path(), "at three-ish");
     let run = lifeboat(&config, &["schedule", "systemd"]);
     run.assert_code(2);
-    assert!(
-        run.stderr.contains(
-            "job 'conf' schedule: \"at three-ish\" is not a valid systemd calendar expression"
-        ),
-        "{}",
-        run.stderr
+    run.assert_stderr_has(
+        "job 'conf' schedule: \"at three-ish\" is not a valid systemd calendar expression",
     );
     // Valid for systemd, but no cron line says it exactly.
     let config = scheduled_config(work.path(), "Mon..Fri *-*-* 04:00:00");
     let run = lifeboat(&config, &["schedule", "cron"]);
     run.assert_code(2);
-    assert!(
-        run.stderr.contains(
-            "job 'conf' schedule: \"Mon..Fri *-*-* 04:00:00\" has no exact cron equivalent"
-        ),
-        "{}",
-        run.stderr
+    run.assert_stderr_has(
+        "job 'conf' schedule: \"Mon..Fri *-*-* 04:00:00\" has no exact cron equivalent",
     );
 }
 
@@ -324,12 +316,8 @@ fn check_warns_when_a_schedule_cannot_meet_the_rpo() {
     let warning = "warning: schedule \"daily\" leaves up to 1day between backups (plus up to 5m of randomized delay), longer than the RPO of 1h";
     let run = lifeboat(&config_with("daily", "1h"), &["check"]);
     run.assert_code(0);
-    assert!(
-        run.stdout.contains("WARNING  job 'conf' (files)\n"),
-        "{}",
-        run.stdout
-    );
-    assert!(run.stdout.contains(warning), "{}", run.stdout);
+    run.assert_stdout_has("WARNING  job 'conf' (files)\n");
+    run.assert_stdout_has(warning);
     // Weekdays only: the weekend is the longest gap, which the first runs do not show.
     let run = lifeboat(&config_with("Mon..Fri *:0/30", "1h"), &["check"]);
     run.assert_code(0);
@@ -354,13 +342,9 @@ fn check_warns_when_a_schedule_cannot_meet_the_rpo() {
     let limited = format!("{next_year}-*-* 03:00:00");
     let run = lifeboat(&config_with(&limited, "2d"), &["check"]);
     run.assert_code(0);
-    assert!(
-        run.stdout.contains(&format!(
-            "warning: schedule \"{limited}\" stops: its last run is {next_year}-12-31 03:00 UTC"
-        )),
-        "{}",
-        run.stdout
-    );
+    run.assert_stdout_has(format!(
+        "warning: schedule \"{limited}\" stops: its last run is {next_year}-12-31 03:00 UTC"
+    ));
     for (calendar, rpo) in [("*:0/30", "1h"), ("daily", "2d")] {
         let run = lifeboat(&config_with(calendar, rpo), &["check"]);
         run.assert_code(0);
@@ -379,11 +363,7 @@ fn check_warns_when_a_schedule_cannot_meet_the_rpo() {
         "the example config's schedules do not meet its own RPO:\n{}",
         run.stdout
     );
-    assert!(
-        run.stdout.contains("job 'config' (files)"),
-        "{}",
-        run.stdout
-    );
+    run.assert_stdout_has("job 'config' (files)");
 }
 
 /// A newline in any value a unit is made of would start a directive of its own (`Unit=` in a

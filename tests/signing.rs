@@ -351,7 +351,7 @@ fn history_files_are_signed_and_a_planted_one_is_refused() {
     .unwrap();
     let (run, _) = fetch("00000003.history");
     run.assert_code(255);
-    assert!(run.stderr.contains("does not match it"), "{}", run.stderr);
+    run.assert_stderr_has("does not match it");
 
     // The genuine timeline-2 history and its signature, copied into the timeline-3 slot:
     // signed, but as another file.
@@ -366,7 +366,7 @@ fn history_files_are_signed_and_a_planted_one_is_refused() {
     }
     let (run, _) = fetch("00000003.history");
     run.assert_code(255);
-    assert!(run.stderr.contains("a copy moved here"), "{}", run.stderr);
+    run.assert_stderr_has("a copy moved here");
 
     // Replicate spreads no untrusted history file: with it gone from b, nothing comes back.
     let slot = "jobs/db/wal/00000003/00000003.history.zst";

@@ -95,22 +95,14 @@ fn status_follows_the_rpo_and_the_last_drill_with_nagios_codes() {
     let (run, json) = status(&config);
     run.assert_code(1);
     assert_eq!(json["state"], "WARNING");
-    assert!(
-        run.stdout.contains("WARNING: newest restorable point is"),
-        "{}",
-        run.stdout
-    );
+    run.assert_stdout_has("WARNING: newest restorable point is");
 
     // Past the RPO: CRITICAL.
     sleep_until(recovery_point, RPO_SECONDS + 1);
     let (run, json) = status(&config);
     run.assert_code(2);
     assert_eq!(json["state"], "CRITICAL");
-    assert!(
-        run.stdout.contains("CRITICAL: RPO breached"),
-        "{}",
-        run.stdout
-    );
+    run.assert_stdout_has("CRITICAL: RPO breached");
 
     // A fresh backup, but the last drill failed: CRITICAL all the same.
     std::fs::write(&app_conf, "listen = 9090\n").unwrap();
@@ -193,13 +185,9 @@ fn a_backup_whose_object_is_gone_is_not_counted_by_list_or_status() {
     assert!(row(&older).ends_with(" local"), "{}", list.stdout);
     let (run, json) = status(&config);
     run.assert_code(2);
-    assert!(
-        run.stdout.contains(&format!(
+    run.assert_stdout_has(format!(
             "backup(s) {newest} complete in no repository (an object missing or at the wrong size): they restore nowhere; RPO is measured from {older}"
-        )),
-        "{}",
-        run.stdout
-    );
+        ));
     assert_eq!(json["jobs"][0]["newest_backup"], older.as_str(), "{json}");
 
     // Back, but cut short: still not counted.

@@ -8,9 +8,7 @@ use std::path::Path;
 use std::process::Command;
 
 use crate::common::postgres::Postgres;
-use crate::common::{
-    Run, lifeboat_command, local_repository, postgres_job, run_command, write_config,
-};
+use crate::common::{Run, Scenario, lifeboat_command, run_command};
 
 fn openssl(dir: &Path, args: &[&str]) {
     let status = Command::new("openssl")
@@ -97,14 +95,10 @@ fn certificates(dir: &Path) {
 fn backup_with(work: &Path, source: &Postgres, dsn: &str) -> Run {
     let dir = tempfile::tempdir_in(work).unwrap();
     let password_file = source.password_file(dir.path(), &source.password);
-    let config = write_config(
-        dir.path(),
-        &format!(
-            "{}{}",
-            local_repository("local", &dir.path().join("repo")),
-            postgres_job("maindb", dsn, &password_file, "databases = [\"app\"]")
-        ),
-    );
+    let config = Scenario::new(dir.path())
+        .local("local", &dir.path().join("repo"))
+        .postgres_job("maindb", dsn, &password_file, "databases = [\"app\"]")
+        .write();
     let mut command = lifeboat_command(&config);
     command.args(["backup", "maindb"]);
     run_command(&mut command)
@@ -176,14 +170,10 @@ fn postgres_connections_honour_sslmode_up_to_verify_full() {
     // verify-ca (the chain only) accepts.
     let by_address = backup_with(work.path(), &source, &dsn("127.0.0.1", "verify-full", &ca));
     by_address.assert_code(1);
-    assert!(
-        by_address.stderr.contains("certificate"),
-        "{}",
-        by_address.stderr
-    );
+    by_address.assert_stderr_has("certificate");
     backup_with(work.path(), &source, &dsn("127.0.0.1", "verify-ca", &ca)).assert_code(0);
     // Without TLS the server turns lifeboat away: the passes above were over TLS.
     let plain = backup_with(work.path(), &source, &dsn("localhost", "disable", &ca));
     plain.assert_code(1);
-    assert!(plain.stderr.contains("no encryption"), "{}", plain.stderr);
+    plain.assert_stderr_has("no encryption");
 }

@@ -341,11 +341,7 @@ fn one_bad_cluster_record_does_not_stop_archiving_into_the_others() {
     let name = "000000010000000000000009";
     let refused = push(9, tree::FAKE_SYSTEM + 1);
     refused.assert_code(1);
-    assert!(
-        refused.stderr.contains("repository 'b' records the same"),
-        "{}",
-        refused.stderr
-    );
+    refused.assert_stderr_has("repository 'b' records the same");
     assert!(!a.join(format!("jobs/db/wal/00000001/{name}.zst")).exists());
     assert!(!b.join(format!("jobs/db/wal/00000001/{name}.zst")).exists());
 }

@@ -2,7 +2,22 @@
 //! validated into [`Config`], whose values are ready to use. Every validation error names the
 //! file, the field and the value. Depends only on `error`.
 
+mod job;
 mod raw;
+mod repository;
+mod values;
+
+use job::parse_redis_url;
+pub use job::{
+    FilesJob, JobConfig, JobSource, PostgresConnection, PostgresJob, PostgresMode, RedisJob,
+    Retention,
+};
+pub use repository::{
+    Location, ObjectLock, ObjectLockMode, RepositoryConfig, RequestChecksums, S3Settings,
+    ServerSideEncryption,
+};
+pub use values::{LONGEST_DURATION, bounded_duration, parse_size};
+use values::{duration_field, parse_duration};
 
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
@@ -13,14 +28,6 @@ use crate::error::{Error, Result};
 pub const DEFAULT_CONFIG_PATH: &str = "/etc/lifeboat/lifeboat.toml";
 pub const EXAMPLE: &str = include_str!("example.toml");
 
-const MIN_PART_SIZE: u64 = 5 * 1024 * 1024;
-const MAX_PART_SIZE: u64 = 5 * 1024 * 1024 * 1024;
-const DEFAULT_PART_SIZE: u64 = 8 * 1024 * 1024;
-const DEFAULT_PARTS_IN_FLIGHT: usize = 4;
-/// The most a backup's uploads hold in memory at once: `part_size × parts_in_flight`,
-/// summed over the S3 repositories it writes to at the same time.
-const MAX_UPLOAD_MEMORY: u64 = 8 * 1024 * 1024 * 1024;
-const DEFAULT_MAX_ATTEMPTS: u32 = 5;
 /// How far a host's clock may be from its repositories' unless the config says otherwise.
 pub const DEFAULT_MAX_CLOCK_SKEW: Duration = Duration::from_secs(120);
 /// Below this, a reading's own error (S3's `Date` has whole seconds) would count as skew.
@@ -134,224 +141,6 @@ pub struct Compression {
     pub threads: u32,
 }
 
-#[derive(Debug, Clone)]
-pub struct RepositoryConfig {
-    pub name: String,
-    pub location: Location,
-}
-
-#[derive(Debug, Clone)]
-pub enum Location {
-    Local { path: PathBuf },
-    S3(Box<S3Settings>),
-}
-
-impl Location {
-    /// Whether two locations are one storage: the same bucket and prefix at the same
-    /// endpoint, or the same directory however it is spelled (and, where both exist, after
-    /// symlinks).
-    pub fn same_storage(&self, other: &Location) -> bool {
-        match (self, other) {
-            (Location::Local { path: a }, Location::Local { path: b }) => {
-                a.components().eq(b.components())
-                    || matches!(
-                        (std::fs::canonicalize(a), std::fs::canonicalize(b)),
-                        (Ok(a), Ok(b)) if a == b
-                    )
-            }
-            (Location::S3(a), Location::S3(b)) => {
-                let endpoint = |s: &S3Settings| {
-                    s.endpoint
-                        .as_deref()
-                        .map(|e| e.trim_end_matches('/').to_ascii_lowercase())
-                };
-                let prefix = |s: &S3Settings| {
-                    s.prefix
-                        .split('/')
-                        .filter(|part| !part.is_empty())
-                        .map(str::to_string)
-                        .collect::<Vec<_>>()
-                };
-                a.bucket == b.bucket
-                    && prefix(a) == prefix(b)
-                    && endpoint(a) == endpoint(b)
-                    && (a.endpoint.is_some() || a.region == b.region)
-            }
-            _ => false,
-        }
-    }
-
-    /// Where it is, for messages: a path, or `s3://bucket/prefix`.
-    pub fn describe(&self) -> String {
-        match self {
-            Location::Local { path } => format!("'{}'", path.display()),
-            Location::S3(s3) => format!("s3://{}/{}", s3.bucket, s3.prefix),
-        }
-    }
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum RequestChecksums {
-    /// Only the checksums lifeboat computes itself (sha256 per part) are sent.
-    WhenRequired,
-    /// Also the SDK's default checksum trailers; some S3-compatible servers reject these.
-    WhenSupported,
-}
-
-#[derive(Debug, Clone)]
-pub struct S3Settings {
-    pub bucket: String,
-    /// Empty, or ends without a slash: keys are `PREFIX/...`.
-    pub prefix: String,
-    pub region: String,
-    pub endpoint: Option<String>,
-    pub path_style: bool,
-    pub profile: Option<String>,
-    pub part_size: u64,
-    pub parts_in_flight: usize,
-    pub max_attempts: u32,
-    /// How long one attempt of a request may take, its body included, before it is retried.
-    pub attempt_timeout: Duration,
-    /// How long a download may receive nothing before it is abandoned as stalled.
-    pub stall_timeout: Duration,
-    pub request_checksums: RequestChecksums,
-    /// Backups and WAL written with a retain-until date, so that a stolen credential cannot
-    /// delete or overwrite them before it passes.
-    pub object_lock: Option<ObjectLock>,
-    /// Server-side encryption asked of S3 for every object written.
-    pub sse: Option<ServerSideEncryption>,
-}
-
-/// S3 server-side encryption, passed through as `x-amz-server-side-encryption` (and the
-/// KMS key id): the bucket's keys at rest, on top of (or instead of) lifeboat's own age.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ServerSideEncryption {
-    /// "AES256", "aws:kms" or "aws:kms:dsse".
-    pub algorithm: String,
-    pub kms_key_id: Option<String>,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ObjectLockMode {
-    /// Users with `s3:BypassGovernanceRetention` can still remove objects.
-    Governance,
-    /// Nobody, not even the account root, can remove objects before the date.
-    Compliance,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct ObjectLock {
-    pub mode: ObjectLockMode,
-    pub days: u32,
-}
-
-#[derive(Debug, Clone)]
-pub struct JobConfig {
-    pub name: String,
-    pub schedule: Option<String>,
-    pub retention: Option<Retention>,
-    pub source: JobSource,
-}
-
-#[derive(Debug, Clone)]
-pub enum JobSource {
-    Files(FilesJob),
-    Postgres(PostgresJob),
-    Redis(RedisJob),
-}
-
-/// A Redis server, backed up over a replication connection.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct RedisJob {
-    /// `redis://host:port[/db]`: never a password.
-    pub host: String,
-    pub port: u16,
-    pub username: Option<String>,
-    /// Else REDISCLI_AUTH, else no AUTH.
-    pub password_file: Option<PathBuf>,
-    pub heartbeat: bool,
-    /// Where the server writes its RDB file, for servers that refuse SYNC: lifeboat then
-    /// asks for BGSAVE and reads this file once LASTSAVE moves.
-    pub rdb_path: Option<PathBuf>,
-    /// The primary of a replica `url` names (`primary_url`), same credentials: where the
-    /// heartbeat is written when the server backed up is a read-only replica.
-    pub primary: Option<(String, u16)>,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum PostgresMode {
-    /// pg_dump per database plus the globals.
-    Logical,
-    /// A pg_basebackup tar stream, with WAL archived continuously by `wal-push`.
-    Physical,
-}
-
-/// Where and how to reach a PostgreSQL server. Either a `dsn` (URL or key=value) or the
-/// separate fields; the password never comes from here but from `password_file`,
-/// PGPASSWORD or a passfile.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct PostgresConnection {
-    pub dsn: Option<String>,
-    pub host: Option<String>,
-    pub port: Option<u16>,
-    pub user: Option<String>,
-    pub dbname: Option<String>,
-    pub password_file: Option<PathBuf>,
-}
-
-#[derive(Debug, Clone)]
-pub struct PostgresJob {
-    pub mode: PostgresMode,
-    pub connection: PostgresConnection,
-    /// None: every database that accepts connections and is not a template.
-    pub databases: Option<Vec<String>>,
-    pub bin_dir: Option<PathBuf>,
-    pub heartbeat: bool,
-}
-
-#[derive(Debug, Clone)]
-pub struct FilesJob {
-    /// As written: a trailing '/' says a symlink in the path's place is followed.
-    pub paths: Vec<PathBuf>,
-    /// Every path's symlink is followed, trailing '/' or not.
-    pub follow: bool,
-    /// What lifeboat writes itself (local repositories, the lock directory), by what it is:
-    /// passed over where a path holds it.
-    pub lifeboats_own: Vec<(String, PathBuf)>,
-    pub include: Vec<String>,
-    pub exclude: Vec<String>,
-}
-
-impl FilesJob {
-    /// Whether a symlink at the configured `path` is stored as the directory (or file) it
-    /// points to, under the path's own name, rather than as the link: a trailing '/', as
-    /// tar and rsync read it, or `follow = true`.
-    pub fn follows(&self, path: &Path) -> bool {
-        self.follow || FilesJob::ends_with_slash(path)
-    }
-
-    /// Whether `path` ends with '/' or '/.' (not '/' itself): to tar and the kernel, the
-    /// directory a symlink there points to.
-    pub fn ends_with_slash(path: &Path) -> bool {
-        use std::os::unix::ffi::OsStrExt;
-        let bytes = path.as_os_str().as_bytes();
-        path.components()
-            .any(|c| matches!(c, std::path::Component::Normal(_)))
-            && (bytes.ends_with(b"/") || bytes.ends_with(b"/."))
-    }
-}
-
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct Retention {
-    pub keep_last: Option<u32>,
-    pub keep_hourly: Option<u32>,
-    pub keep_daily: Option<u32>,
-    pub keep_weekly: Option<u32>,
-    pub keep_monthly: Option<u32>,
-    pub keep_yearly: Option<u32>,
-    pub keep_within: Option<Duration>,
-}
-
 impl Config {
     /// The recipients of `[encryption]`, or None when objects are stored unencrypted.
     pub fn recipients(&self) -> Option<crate::keys::Recipients> {
@@ -427,23 +216,6 @@ impl Config {
     }
 }
 
-impl JobConfig {
-    pub fn kind_name(&self) -> &'static str {
-        match self.source {
-            JobSource::Files(_) => "files",
-            JobSource::Postgres(PostgresJob {
-                mode: PostgresMode::Logical,
-                ..
-            }) => "postgres-logical",
-            JobSource::Postgres(PostgresJob {
-                mode: PostgresMode::Physical,
-                ..
-            }) => "postgres-physical",
-            JobSource::Redis(_) => "redis",
-        }
-    }
-}
-
 /// A validation problem: the dotted field path and what is wrong with its value.
 type Problem = String;
 
@@ -471,59 +243,7 @@ fn validate(raw: raw::RawConfig, path: &Path) -> Result<Config, Problem> {
         }
     };
 
-    if raw.repository.is_empty() {
-        return Err("repository: at least one [[repository]] is required".into());
-    }
-    let mut names = HashSet::new();
-    let mut repositories = Vec::new();
-    for (index, repo) in raw.repository.into_iter().enumerate() {
-        let repository = validate_repository(index, repo)?;
-        if !names.insert(repository.name.clone()) {
-            return Err(format!(
-                "repository[{index}].name: duplicate repository name \"{}\"",
-                repository.name
-            ));
-        }
-        repositories.push(repository);
-    }
-
-    // One storage under two names would count one copy as two, and every backup would
-    // report the second as missing.
-    for (index, repository) in repositories.iter().enumerate() {
-        for earlier in &repositories[..index] {
-            if earlier.location.same_storage(&repository.location) {
-                return Err(format!(
-                    "repository[{index}] ({}): stores where repository '{}' stores ({}); one storage listed twice would count one copy as two: keep one",
-                    repository.name,
-                    earlier.name,
-                    repository.location.describe()
-                ));
-            }
-        }
-    }
-    let held: Vec<(String, u64, usize)> = repositories
-        .iter()
-        .filter_map(|r| match &r.location {
-            Location::S3(s3) => Some((r.name.clone(), s3.part_size, s3.parts_in_flight)),
-            Location::Local { .. } => None,
-        })
-        .collect();
-    let total: u64 = held
-        .iter()
-        .map(|(_, size, count)| size.saturating_mul(*count as u64))
-        .sum();
-    if total > MAX_UPLOAD_MEMORY {
-        let terms: Vec<String> = held
-            .iter()
-            .map(|(name, size, count)| format!("{} × {count} ('{name}')", human_bytes(*size)))
-            .collect();
-        return Err(format!(
-            "repository: part_size × parts_in_flight over the S3 repositories is {} = {}, more than the {} a backup may hold in memory for its uploads; lower part_size or parts_in_flight",
-            terms.join(" + "),
-            human_bytes(total),
-            human_bytes(MAX_UPLOAD_MEMORY)
-        ));
-    }
+    let repositories = repository::validate_all(raw.repository)?;
 
     let min_repositories = match raw.min_repositories.unwrap_or(1) {
         n if n >= 1 && n as usize <= repositories.len() => n as usize,
@@ -561,33 +281,7 @@ fn validate(raw: raw::RawConfig, path: &Path) -> Result<Config, Problem> {
         }
         None => default_lock_dir(),
     };
-    let shared_lock = match &raw.lock {
-        Some(url) => {
-            let (host, port) = parse_redis_url("lock", url)?;
-            if let Some(path) = raw.lock_password_file.as_ref().filter(|p| !p.is_absolute()) {
-                return Err(format!(
-                    "lock_password_file: must be an absolute path (got \"{}\")",
-                    path.display()
-                ));
-            }
-            Some(RedisJob {
-                host,
-                port,
-                username: raw.lock_username.clone(),
-                password_file: raw.lock_password_file.clone(),
-                heartbeat: false,
-                rdb_path: None,
-                primary: None,
-            })
-        }
-        None if raw.lock_username.is_some() || raw.lock_password_file.is_some() => {
-            return Err(
-                "lock_username, lock_password_file: only valid with lock = \"redis://...\""
-                    .to_string(),
-            );
-        }
-        None => None,
-    };
+    let shared_lock = validate_shared_lock(&raw.lock, &raw.lock_username, &raw.lock_password_file)?;
     if let Some(dir) = raw.metrics_dir.as_ref().filter(|d| !d.is_absolute()) {
         return Err(format!(
             "metrics_dir: must be an absolute path (got \"{}\")",
@@ -595,7 +289,47 @@ fn validate(raw: raw::RawConfig, path: &Path) -> Result<Config, Problem> {
         ));
     }
 
-    let raw_schedule = raw.schedule.unwrap_or_default();
+    let base = path.parent().unwrap_or(Path::new("."));
+    let schedules = validate_schedules(raw.schedule.unwrap_or_default(), base)?;
+
+    let encryption = raw
+        .encryption
+        .map(|encryption| validate_encryption(encryption, base))
+        .transpose()?;
+
+    let signing = validate_signing(raw.signing, base)?;
+
+    // What lifeboat itself writes is never part of a files job: a local repository or the
+    // lock directory beneath a path would otherwise hold every earlier backup again.
+    let own: Vec<(String, PathBuf)> = repositories
+        .iter()
+        .filter_map(|r| match &r.location {
+            Location::Local { path } => Some((format!("repository '{}'", r.name), path.clone())),
+            Location::S3(_) => None,
+        })
+        .chain([("the lock directory".to_string(), lock_dir.clone())])
+        .collect();
+    let jobs = job::validate_all(raw.job, &own)?;
+
+    Ok(Config {
+        path: path.to_path_buf(),
+        targets,
+        compression: Compression { level, threads },
+        encryption,
+        signing,
+        repositories,
+        min_repositories,
+        max_clock_skew,
+        lock_dir,
+        shared_lock,
+        metrics_dir: raw.metrics_dir,
+        schedules,
+        jobs,
+    })
+}
+
+/// `[schedule]`: the calendars of the maintenance timers, and who the units run as.
+fn validate_schedules(raw_schedule: raw::RawSchedule, base: &Path) -> Result<Schedules, Problem> {
     for (field, value) in [
         ("schedule.prune", &raw_schedule.prune),
         ("schedule.replicate", &raw_schedule.replicate),
@@ -641,8 +375,7 @@ fn validate(raw: raw::RawConfig, path: &Path) -> Result<Config, Problem> {
         Some(v) => Some(v),
         None => Some(default.to_string()),
     };
-    let base = path.parent().unwrap_or(Path::new("."));
-    let schedules = Schedules {
+    Ok(Schedules {
         prune: raw_schedule.prune,
         replicate: raw_schedule.replicate,
         drills: raw_schedule.drills.iter().map(|d| base.join(d)).collect(),
@@ -657,14 +390,47 @@ fn validate(raw: raw::RawConfig, path: &Path) -> Result<Config, Problem> {
             .environment_file
             .unwrap_or_else(|| PathBuf::from(DEFAULT_ENVIRONMENT_FILE)),
         on_failure: raw_schedule.on_failure,
-    };
+    })
+}
 
-    let encryption = raw
-        .encryption
-        .map(|encryption| validate_encryption(encryption, base))
-        .transpose()?;
+/// `lock = "redis://…"`: the lock shared by hosts that back up one job.
+fn validate_shared_lock(
+    lock: &Option<String>,
+    username: &Option<String>,
+    password_file: &Option<PathBuf>,
+) -> Result<Option<RedisJob>, Problem> {
+    Ok(match lock {
+        Some(url) => {
+            let (host, port) = parse_redis_url("lock", url)?;
+            if let Some(path) = password_file.as_ref().filter(|p| !p.is_absolute()) {
+                return Err(format!(
+                    "lock_password_file: must be an absolute path (got \"{}\")",
+                    path.display()
+                ));
+            }
+            Some(RedisJob {
+                host,
+                port,
+                username: username.clone(),
+                password_file: password_file.clone(),
+                heartbeat: false,
+                rdb_path: None,
+                primary: None,
+            })
+        }
+        None if username.is_some() || password_file.is_some() => {
+            return Err(
+                "lock_username, lock_password_file: only valid with lock = \"redis://...\""
+                    .to_string(),
+            );
+        }
+        None => None,
+    })
+}
 
-    let signing = match raw.signing {
+/// `[signing]`: the key this host signs with, and whose signatures it requires.
+fn validate_signing(raw: Option<raw::RawSigning>, base: &Path) -> Result<Signing, Problem> {
+    Ok(match raw {
         None => Signing::default(),
         Some(raw) => {
             let mut keys = Vec::new();
@@ -682,48 +448,6 @@ fn validate(raw: raw::RawConfig, path: &Path) -> Result<Config, Problem> {
                 trust: crate::signing::Trust::new(keys),
             }
         }
-    };
-
-    let mut names = HashSet::new();
-    let mut jobs = Vec::new();
-    // What lifeboat itself writes is never part of a files job: a local repository or the
-    // lock directory beneath a path would otherwise hold every earlier backup again.
-    let own: Vec<(String, PathBuf)> = repositories
-        .iter()
-        .filter_map(|r| match &r.location {
-            Location::Local { path } => Some((format!("repository '{}'", r.name), path.clone())),
-            Location::S3(_) => None,
-        })
-        .chain([("the lock directory".to_string(), lock_dir.clone())])
-        .collect();
-    for (index, job) in raw.job.into_iter().enumerate() {
-        let mut job = validate_job(index, job)?;
-        if let JobSource::Files(files) = &mut job.source {
-            files.lifeboats_own = own.clone();
-        }
-        if !names.insert(job.name.clone()) {
-            return Err(format!(
-                "job[{index}].name: duplicate job name \"{}\"",
-                job.name
-            ));
-        }
-        jobs.push(job);
-    }
-
-    Ok(Config {
-        path: path.to_path_buf(),
-        targets,
-        compression: Compression { level, threads },
-        encryption,
-        signing,
-        repositories,
-        min_repositories,
-        max_clock_skew,
-        lock_dir,
-        shared_lock,
-        metrics_dir: raw.metrics_dir,
-        schedules,
-        jobs,
     })
 }
 
@@ -797,668 +521,6 @@ pub(crate) fn validate_name(field: &str, name: &str) -> Result<(), Problem> {
             "{field}: must be 1-64 characters of letters, digits, '-', '_' or '.', not starting with '.' (got \"{name}\")"
         ))
     }
-}
-
-fn validate_repository(
-    index: usize,
-    repo: raw::RawRepository,
-) -> Result<RepositoryConfig, Problem> {
-    let at = |field: &str| match &repo.name {
-        Some(name) => format!("repository[{index}] ({name}).{field}"),
-        None => format!("repository[{index}].{field}"),
-    };
-    let name = repo
-        .name
-        .clone()
-        .ok_or_else(|| format!("{}: is required", at("name")))?;
-    validate_name(&at("name"), &name)?;
-    let kind = repo
-        .r#type
-        .as_deref()
-        .ok_or_else(|| format!("{}: is required (\"s3\" or \"local\")", at("type")))?;
-
-    let s3_only = [
-        ("bucket", repo.bucket.is_some()),
-        ("prefix", repo.prefix.is_some()),
-        ("region", repo.region.is_some()),
-        ("endpoint", repo.endpoint.is_some()),
-        ("path_style", repo.path_style.is_some()),
-        ("profile", repo.profile.is_some()),
-        ("part_size", repo.part_size.is_some()),
-        ("parts_in_flight", repo.parts_in_flight.is_some()),
-        ("max_attempts", repo.max_attempts.is_some()),
-        ("attempt_timeout", repo.attempt_timeout.is_some()),
-        ("stall_timeout", repo.stall_timeout.is_some()),
-        ("request_checksums", repo.request_checksums.is_some()),
-        ("object_lock", repo.object_lock.is_some()),
-        ("sse", repo.sse.is_some()),
-        ("sse_kms_key_id", repo.sse_kms_key_id.is_some()),
-    ];
-    let location = match kind {
-        "local" => {
-            if let Some((field, _)) = s3_only.iter().find(|(_, set)| *set) {
-                return Err(format!("{}: only valid for type = \"s3\"", at(field)));
-            }
-            let path = repo
-                .path
-                .ok_or_else(|| format!("{}: is required for type = \"local\"", at("path")))?;
-            if !path.is_absolute() {
-                return Err(format!(
-                    "{}: must be an absolute path (got \"{}\")",
-                    at("path"),
-                    path.display()
-                ));
-            }
-            // A file where the repository should be: every write would fail deep in a run.
-            if std::fs::metadata(&path).is_ok_and(|meta| meta.is_file()) {
-                return Err(format!(
-                    "{}: '{}' is a file, not a directory",
-                    at("path"),
-                    path.display()
-                ));
-            }
-            Location::Local { path }
-        }
-        "s3" => {
-            if repo.path.is_some() {
-                return Err(format!("{}: only valid for type = \"local\"", at("path")));
-            }
-            let bucket = repo
-                .bucket
-                .ok_or_else(|| format!("{}: is required for type = \"s3\"", at("bucket")))?;
-            if bucket.trim().is_empty() {
-                return Err(format!("{}: must not be empty", at("bucket")));
-            }
-            let region = repo
-                .region
-                .ok_or_else(|| format!("{}: is required for type = \"s3\"", at("region")))?;
-            if region.trim().is_empty() {
-                return Err(format!("{}: must not be empty", at("region")));
-            }
-            let prefix = repo
-                .prefix
-                .unwrap_or_default()
-                .trim_matches('/')
-                .to_string();
-            if prefix.split('/').any(|part| part == ".." || part == ".") {
-                return Err(format!(
-                    "{}: must not contain '.' or '..' segments (got \"{prefix}\")",
-                    at("prefix")
-                ));
-            }
-            if let Some(endpoint) = &repo.endpoint {
-                validate_endpoint(&at("endpoint"), endpoint)?;
-            }
-            let part_size = match repo.part_size.as_deref() {
-                None => DEFAULT_PART_SIZE,
-                Some(text) => parse_size(&at("part_size"), text)?,
-            };
-            if part_size < MIN_PART_SIZE {
-                return Err(format!(
-                    "{}: must be at least 5 MiB (got {part_size})",
-                    at("part_size")
-                ));
-            }
-            if part_size > MAX_PART_SIZE {
-                return Err(format!(
-                    "{}: must be at most 5 GiB (got {part_size})",
-                    at("part_size")
-                ));
-            }
-            let parts_in_flight = repo.parts_in_flight.unwrap_or(DEFAULT_PARTS_IN_FLIGHT);
-            if !(1..=64).contains(&parts_in_flight) {
-                return Err(format!(
-                    "{}: must be between 1 and 64 (got {parts_in_flight})",
-                    at("parts_in_flight")
-                ));
-            }
-            let max_attempts = repo.max_attempts.unwrap_or(DEFAULT_MAX_ATTEMPTS);
-            if !(1..=20).contains(&max_attempts) {
-                return Err(format!(
-                    "{}: must be between 1 and 20 (got {max_attempts})",
-                    at("max_attempts")
-                ));
-            }
-            // A part of 5 GiB at 20 MiB/s takes over four minutes.
-            let attempt_timeout = duration_field(
-                &at("attempt_timeout"),
-                repo.attempt_timeout.as_deref(),
-                "5min",
-            )?;
-            let stall_timeout =
-                duration_field(&at("stall_timeout"), repo.stall_timeout.as_deref(), "2min")?;
-            let request_checksums = match repo.request_checksums.as_deref() {
-                None | Some("when_required") => RequestChecksums::WhenRequired,
-                Some("when_supported") => RequestChecksums::WhenSupported,
-                Some(other) => {
-                    return Err(format!(
-                        "{}: must be \"when_required\" or \"when_supported\" (got \"{other}\")",
-                        at("request_checksums")
-                    ));
-                }
-            };
-            let object_lock = repo
-                .object_lock
-                .map(|lock| validate_object_lock(&at("object_lock"), lock))
-                .transpose()?;
-            let sse = match (repo.sse, repo.sse_kms_key_id) {
-                (None, None) => None,
-                (None, Some(_)) => {
-                    return Err(format!(
-                        "{}: only valid with sse = \"aws:kms\" or \"aws:kms:dsse\"",
-                        at("sse_kms_key_id")
-                    ));
-                }
-                (Some(algorithm), kms_key_id) => {
-                    if !["AES256", "aws:kms", "aws:kms:dsse"].contains(&algorithm.as_str()) {
-                        return Err(format!(
-                            "{}: must be \"AES256\", \"aws:kms\" or \"aws:kms:dsse\" (got \"{algorithm}\")",
-                            at("sse")
-                        ));
-                    }
-                    if kms_key_id.is_some() && algorithm == "AES256" {
-                        return Err(format!(
-                            "{}: only valid with sse = \"aws:kms\" or \"aws:kms:dsse\"",
-                            at("sse_kms_key_id")
-                        ));
-                    }
-                    Some(ServerSideEncryption {
-                        algorithm,
-                        kms_key_id,
-                    })
-                }
-            };
-            Location::S3(Box::new(S3Settings {
-                bucket,
-                prefix,
-                region,
-                endpoint: repo.endpoint,
-                path_style: repo.path_style.unwrap_or(false),
-                profile: repo.profile,
-                part_size,
-                parts_in_flight,
-                max_attempts,
-                attempt_timeout,
-                stall_timeout,
-                request_checksums,
-                object_lock,
-                sse,
-            }))
-        }
-        other => {
-            return Err(format!(
-                "{}: must be \"s3\" or \"local\" (got \"{other}\")",
-                at("type")
-            ));
-        }
-    };
-    Ok(RepositoryConfig { name, location })
-}
-
-fn validate_object_lock(field: &str, lock: raw::RawObjectLock) -> Result<ObjectLock, Problem> {
-    let mode = match lock.mode.as_deref() {
-        Some("governance") => ObjectLockMode::Governance,
-        Some("compliance") => ObjectLockMode::Compliance,
-        Some(other) => {
-            return Err(format!(
-                "{field}.mode: must be \"governance\" or \"compliance\" (got \"{other}\")"
-            ));
-        }
-        None => {
-            return Err(format!(
-                "{field}.mode: is required (\"governance\" or \"compliance\")"
-            ));
-        }
-    };
-    let days = lock
-        .days
-        .ok_or_else(|| format!("{field}.days: is required (days each backup stays locked)"))?;
-    if !(1..=36_500).contains(&days) {
-        return Err(format!(
-            "{field}.days: must be between 1 and 36500 (got {days})"
-        ));
-    }
-    Ok(ObjectLock {
-        mode,
-        days: days as u32,
-    })
-}
-
-/// TLS is not optional off this machine: plain http is accepted for loopback endpoints only,
-/// which is where S3-compatible test servers and local gateways live. The endpoint is read
-/// with a URL parser, as the HTTP client reads it, so that the host judged is the host
-/// connected to: `http://127.0.0.1:9000@192.0.2.2` names 192.0.2.2, with a user and password
-/// before it. Credentials never go in the endpoint (the AWS chain supplies them).
-fn validate_endpoint(field: &str, endpoint: &str) -> Result<(), Problem> {
-    // Echoed in errors only when nothing in it can be a password.
-    let shown = match endpoint.contains(['@', '?', '#']) {
-        true => "an endpoint with '@', '?' or '#' in it, not repeated here: it may hold a secret"
-            .to_string(),
-        false => format!("\"{endpoint}\""),
-    };
-    let url = url::Url::parse(endpoint).map_err(|e| {
-        format!("{field}: must be a URL such as \"https://s3.example.com\" (got {shown}: {e})")
-    })?;
-    if !url.username().is_empty() || url.password().is_some() {
-        // Named without what stands before '@': it may be a secret.
-        let mut shown = url.clone();
-        let _ = shown.set_username("");
-        let _ = shown.set_password(None);
-        return Err(format!(
-            "{field}: must not hold a user or password (it holds something before '@', and would reach \"{shown}\", whose host is \"{}\"); the AWS credential chain supplies credentials",
-            url.host_str().unwrap_or_default()
-        ));
-    }
-    if url.query().is_some() || url.fragment().is_some() {
-        return Err(format!(
-            "{field}: must not have a query or fragment (got {shown})"
-        ));
-    }
-    let Some(host) = url.host() else {
-        return Err(format!("{field}: has no host (got \"{endpoint}\")"));
-    };
-    let loopback = match host {
-        url::Host::Domain(name) => name == "localhost",
-        url::Host::Ipv4(ip) => ip.is_loopback(),
-        url::Host::Ipv6(ip) => ip.is_loopback(),
-    };
-    match url.scheme() {
-        "https" => Ok(()),
-        "http" if loopback => Ok(()),
-        "http" => Err(format!(
-            "{field}: plain http is only allowed for loopback endpoints; use https (got \"{endpoint}\")"
-        )),
-        _ => Err(format!(
-            "{field}: scheme must be https (got \"{endpoint}\")"
-        )),
-    }
-}
-
-fn validate_job(index: usize, job: raw::RawJob) -> Result<JobConfig, Problem> {
-    let at = |field: &str| match &job.name {
-        Some(name) => format!("job[{index}] ({name}).{field}"),
-        None => format!("job[{index}].{field}"),
-    };
-    let name = job
-        .name
-        .clone()
-        .ok_or_else(|| format!("{}: is required", at("name")))?;
-    validate_name(&at("name"), &name)?;
-    let kind = job.kind.as_deref().ok_or_else(|| {
-        format!(
-            "{}: is required (\"files\", \"postgres\" or \"redis\")",
-            at("kind")
-        )
-    })?;
-    let retention = job
-        .retention
-        .as_ref()
-        .map(|r| -> Result<Retention, Problem> {
-            Ok(Retention {
-                keep_last: r.keep_last,
-                keep_hourly: r.keep_hourly,
-                keep_daily: r.keep_daily,
-                keep_weekly: r.keep_weekly,
-                keep_monthly: r.keep_monthly,
-                keep_yearly: r.keep_yearly,
-                keep_within: r
-                    .keep_within
-                    .as_deref()
-                    .map(|text| parse_duration(&at("retention.keep_within"), text))
-                    .transpose()?,
-            })
-        })
-        .transpose()?;
-    if let Some(schedule) = &job.schedule
-        && schedule.trim().is_empty()
-    {
-        return Err(format!("{}: must not be empty", at("schedule")));
-    }
-    let postgres_only = [
-        ("mode", job.mode.is_some()),
-        ("dsn", job.dsn.is_some()),
-        ("host", job.host.is_some()),
-        ("port", job.port.is_some()),
-        ("user", job.user.is_some()),
-        ("dbname", job.dbname.is_some()),
-        ("databases", job.databases.is_some()),
-        ("bin_dir", job.bin_dir.is_some()),
-    ];
-    let server_fields = [
-        ("password_file", job.password_file.is_some()),
-        ("heartbeat", job.heartbeat.is_some()),
-    ];
-    let redis_only = [
-        ("url", job.url.is_some()),
-        ("username", job.username.is_some()),
-        ("rdb_path", job.rdb_path.is_some()),
-        ("primary_url", job.primary_url.is_some()),
-    ];
-    let files_fields = [
-        ("paths", !job.paths.is_empty()),
-        ("include", !job.include.is_empty()),
-        ("exclude", !job.exclude.is_empty()),
-        ("follow", job.follow.is_some()),
-    ];
-    let refuse_fields = |fields: &[(&str, bool)], kind: &str| -> Result<(), Problem> {
-        match fields.iter().find(|(_, set)| *set) {
-            Some((field, _)) => Err(format!("{}: not valid for kind = \"{kind}\"", at(field))),
-            None => Ok(()),
-        }
-    };
-    let source = match kind {
-        "files" => {
-            refuse_fields(&postgres_only, "files")?;
-            refuse_fields(&server_fields, "files")?;
-            refuse_fields(&redis_only, "files")?;
-            JobSource::Files(validate_files_job(
-                &at,
-                job.paths,
-                job.follow.unwrap_or(false),
-                job.include,
-                job.exclude,
-            )?)
-        }
-        "postgres" => {
-            refuse_fields(&files_fields, "postgres")?;
-            refuse_fields(&redis_only, "postgres")?;
-            JobSource::Postgres(validate_postgres_job(&at, &job)?)
-        }
-        "redis" => {
-            refuse_fields(&files_fields, "redis")?;
-            refuse_fields(&postgres_only, "redis")?;
-            JobSource::Redis(validate_redis_job(&at, &job)?)
-        }
-        other => {
-            return Err(format!(
-                "{}: unknown kind \"{other}\" (supported: \"files\", \"postgres\", \"redis\")",
-                at("kind")
-            ));
-        }
-    };
-    Ok(JobConfig {
-        name,
-        schedule: job.schedule,
-        retention,
-        source,
-    })
-}
-
-fn validate_files_job(
-    at: &dyn Fn(&str) -> String,
-    paths: Vec<PathBuf>,
-    follow: bool,
-    include: Vec<String>,
-    exclude: Vec<String>,
-) -> Result<FilesJob, Problem> {
-    if paths.is_empty() {
-        return Err(format!(
-            "{}: at least one path is required for kind = \"files\"",
-            at("paths")
-        ));
-    }
-    for path in &paths {
-        if !path.is_absolute() {
-            return Err(format!(
-                "{}: must be absolute paths (got \"{}\")",
-                at("paths"),
-                path.display()
-            ));
-        }
-        if path
-            .components()
-            .any(|c| c == std::path::Component::ParentDir)
-        {
-            return Err(format!(
-                "{}: \"{}\" holds '..', which names another place once a symlink is on the way; write the path it means",
-                at("paths"),
-                path.display()
-            ));
-        }
-    }
-    for globs in [("include", &include), ("exclude", &exclude)] {
-        let (field, globs) = globs;
-        for glob in globs {
-            globset::Glob::new(glob)
-                .map_err(|e| format!("{}: invalid glob \"{glob}\": {e}", at(field)))?;
-        }
-    }
-    Ok(FilesJob {
-        paths,
-        follow,
-        lifeboats_own: Vec::new(),
-        include,
-        exclude,
-    })
-}
-
-fn validate_postgres_job(
-    at: &dyn Fn(&str) -> String,
-    job: &raw::RawJob,
-) -> Result<PostgresJob, Problem> {
-    let mode = match job.mode.as_deref() {
-        None | Some("logical") => PostgresMode::Logical,
-        Some("physical") => PostgresMode::Physical,
-        Some(other) => {
-            return Err(format!(
-                "{}: must be \"logical\" or \"physical\" (got \"{other}\")",
-                at("mode")
-            ));
-        }
-    };
-    if let Some(dsn) = &job.dsn {
-        if let Some((field, _)) = [
-            ("host", job.host.is_some()),
-            ("port", job.port.is_some()),
-            ("user", job.user.is_some()),
-            ("dbname", job.dbname.is_some()),
-        ]
-        .iter()
-        .find(|(_, set)| *set)
-        {
-            return Err(format!(
-                "{}: set either dsn or {field}, not both",
-                at(field)
-            ));
-        }
-        if dsn.trim().is_empty() {
-            return Err(format!("{}: must not be empty", at("dsn")));
-        }
-        if dsn_has_password(dsn) {
-            return Err(format!(
-                "{}: must not contain a password; put it in a file named by password_file, or in PGPASSWORD or a passfile",
-                at("dsn")
-            ));
-        }
-    }
-    if let Some(path) = &job.password_file
-        && !path.is_absolute()
-    {
-        return Err(format!(
-            "{}: must be an absolute path (got \"{}\")",
-            at("password_file"),
-            path.display()
-        ));
-    }
-    if let Some(path) = &job.bin_dir
-        && !path.is_absolute()
-    {
-        return Err(format!(
-            "{}: must be an absolute path (got \"{}\")",
-            at("bin_dir"),
-            path.display()
-        ));
-    }
-    if mode == PostgresMode::Physical && job.databases.is_some() {
-        return Err(format!(
-            "{}: not valid for mode = \"physical\", which backs up the whole cluster",
-            at("databases")
-        ));
-    }
-    if let Some(databases) = &job.databases {
-        if databases.is_empty() {
-            return Err(format!(
-                "{}: must name at least one database, or be left out for all",
-                at("databases")
-            ));
-        }
-        if let Some(empty) = databases.iter().find(|d| d.is_empty()) {
-            return Err(format!(
-                "{}: database names must not be empty (got \"{empty}\")",
-                at("databases")
-            ));
-        }
-    }
-    Ok(PostgresJob {
-        mode,
-        connection: PostgresConnection {
-            dsn: job.dsn.clone(),
-            host: job.host.clone(),
-            port: job.port,
-            user: job.user.clone(),
-            dbname: job.dbname.clone(),
-            password_file: job.password_file.clone(),
-        },
-        databases: job.databases.clone(),
-        bin_dir: job.bin_dir.clone(),
-        heartbeat: job.heartbeat.unwrap_or(false),
-    })
-}
-
-fn validate_redis_job(at: &dyn Fn(&str) -> String, job: &raw::RawJob) -> Result<RedisJob, Problem> {
-    let url = job.url.as_deref().ok_or_else(|| {
-        format!(
-            "{}: is required for kind = \"redis\" (\"redis://host:6379\")",
-            at("url")
-        )
-    })?;
-    let (host, port) = parse_redis_url(&at("url"), url)?;
-    for (field, path) in [
-        ("password_file", &job.password_file),
-        ("rdb_path", &job.rdb_path),
-    ] {
-        if let Some(path) = path
-            && !path.is_absolute()
-        {
-            return Err(format!(
-                "{}: must be an absolute path (got \"{}\")",
-                at(field),
-                path.display()
-            ));
-        }
-    }
-    Ok(RedisJob {
-        host,
-        port,
-        username: job.username.clone(),
-        password_file: job.password_file.clone(),
-        heartbeat: job.heartbeat.unwrap_or(false),
-        rdb_path: job.rdb_path.clone(),
-        primary: job
-            .primary_url
-            .as_deref()
-            .map(|url| parse_redis_url(&at("primary_url"), url))
-            .transpose()?,
-    })
-}
-
-/// Host and port of `redis://host[:port][/db]`; never credentials, which belong in files.
-fn parse_redis_url(field: &str, url: &str) -> Result<(String, u16), Problem> {
-    // Echoed in errors only when nothing in it can be a password.
-    let shown = match url.contains(['@', '?', '#']) {
-        true => {
-            "a URL with '@', '?' or '#' in it, not repeated here: it may hold a secret".to_string()
-        }
-        false => format!("\"{url}\""),
-    };
-    if url.contains(['?', '#']) {
-        return Err(format!(
-            "{field}: must be redis://host[:port][/db] (got {shown}); credentials go in the username and password_file fields"
-        ));
-    }
-    let rest = url.strip_prefix("redis://").ok_or_else(|| {
-        format!(
-            "{field}: must start with redis:// (got {shown}); TLS (rediss://) is not supported yet"
-        )
-    })?;
-    let authority = rest.split('/').next().unwrap_or_default();
-    if authority.contains('@') {
-        return Err(format!(
-            "{field}: must not hold a user or password; set the username and password_file fields"
-        ));
-    }
-    let (host, port) = match authority.rsplit_once(':') {
-        Some((host, port)) => (
-            host,
-            port.parse::<u16>()
-                .map_err(|_| format!("{field}: invalid port \"{port}\""))?,
-        ),
-        None => (authority, 6379),
-    };
-    let host = host.trim_start_matches('[').trim_end_matches(']');
-    if host.is_empty() {
-        return Err(format!("{field}: has no host (got \"{url}\")"));
-    }
-    Ok((host.to_string(), port))
-}
-
-/// A password in a DSN would end up in config backups, logs and child argv.
-fn dsn_has_password(dsn: &str) -> bool {
-    if let Some((_, rest)) = dsn.split_once("://") {
-        let authority = rest.split(['/', '?']).next().unwrap_or_default();
-        let userinfo = authority
-            .rsplit_once('@')
-            .map(|(userinfo, _)| userinfo)
-            .unwrap_or_default();
-        return userinfo.contains(':') || rest.contains("password=");
-    }
-    dsn.split_whitespace()
-        .any(|pair| pair.trim_start().starts_with("password"))
-}
-
-fn duration_field(field: &str, text: Option<&str>, default: &str) -> Result<Duration, Problem> {
-    parse_duration(field, text.unwrap_or(default))
-}
-
-fn parse_duration(field: &str, text: &str) -> Result<Duration, Problem> {
-    match bounded_duration(text) {
-        Ok(d) if !d.is_zero() => Ok(d),
-        Ok(_) => Err(format!(
-            "{field}: must be longer than zero (got \"{text}\")"
-        )),
-        Err(e) => Err(format!("{field}: {e}")),
-    }
-}
-
-/// The longest duration lifeboat takes anywhere (config, drill files, the command line): a
-/// longer one is a typo, and would overflow the time arithmetic it feeds. A year is 365.25
-/// days, as humantime reads "100y".
-pub const LONGEST_DURATION: Duration = Duration::from_secs(100 * 31_557_600);
-
-/// A duration as people write them ("4h", "90min", "1h 30min"), at most [`LONGEST_DURATION`].
-pub fn bounded_duration(text: &str) -> Result<Duration, String> {
-    match humantime::parse_duration(text) {
-        Ok(d) if d <= LONGEST_DURATION => Ok(d),
-        Ok(_) => Err(format!("must be at most 100 years (got \"{text}\")")),
-        Err(e) => Err(format!(
-            "invalid duration \"{text}\" ({e}); write it like \"4h\", \"90min\" or \"1h 30min\""
-        )),
-    }
-}
-
-/// A size as the config writes them: "5 GiB".
-fn human_bytes(bytes: u64) -> String {
-    bytesize::ByteSize(bytes).display().iec().to_string()
-}
-
-/// A size ("64MiB"), or a problem naming `field`.
-pub fn parse_size(field: &str, text: &str) -> Result<u64, Problem> {
-    text.trim()
-        .parse::<bytesize::ByteSize>()
-        .map(|size| size.as_u64())
-        .map_err(|_| {
-            format!("{field}: invalid size \"{text}\"; write it like \"8MiB\" or \"64MiB\"")
-        })
 }
 
 #[cfg(test)]

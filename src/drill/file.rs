@@ -100,6 +100,22 @@ pub struct Check {
     pub kind: CheckKind,
 }
 
+impl Check {
+    /// Whether the drill's RPO is measured from what this check returns.
+    pub fn is_rpo_marker(&self) -> bool {
+        matches!(
+            self.kind,
+            CheckKind::Sql {
+                rpo_marker: true,
+                ..
+            } | CheckKind::Redis {
+                rpo_marker: true,
+                ..
+            }
+        )
+    }
+}
+
 /// The Redis commands a check may run: they read keys or the server's state and write
 /// nothing, reach no other host and touch no file (not CONFIG, SAVE, REPLICAOF, MIGRATE,
 /// MODULE, DEBUG, EVAL or anything that writes a key).
@@ -288,97 +304,9 @@ impl Drill {
         let mut checks = Vec::new();
         let mut markers = 0;
         for (index, spanned) in raw.check.iter().enumerate() {
-            let field = |name: &str| format!("check[{index}].{name}");
-            let check = spanned.get_ref();
-            let expectation = || match &check.expect {
-                None => Ok(Expectation::NonEmpty),
-                Some(text) => Expectation::parse(text.get_ref())
-                    .map_err(|problem| source.error(text.span(), &field("expect"), problem)),
-            };
-            let kind = match (&check.sql, &check.path, &check.redis) {
-                (None, None, Some(command)) => {
-                    let expect = expectation()?;
-                    markers += check.rpo_marker as usize;
-                    let command: Vec<String> = command
-                        .get_ref()
-                        .split_whitespace()
-                        .map(str::to_string)
-                        .collect();
-                    let span = check.redis.as_ref().expect("matched").span();
-                    let Some(name) = command.first() else {
-                        return Err(source.error(span, &field("redis"), "is empty"));
-                    };
-                    if !is_read_only(name) {
-                        return Err(source.error(
-                            span,
-                            &field("redis"),
-                            format!(
-                                "'{name}' is not a read-only command; a check reads what was restored and changes nothing (one of: {})",
-                                READ_ONLY_REDIS.join(", ")
-                            ),
-                        ));
-                    }
-                    CheckKind::Redis {
-                        command,
-                        expect,
-                        rpo_marker: check.rpo_marker,
-                    }
-                }
-                (Some(sql), None, None) => {
-                    let expect = expectation()?;
-                    markers += check.rpo_marker as usize;
-                    if sql.get_ref().trim().is_empty() {
-                        return Err(source.error(sql.span(), &field("sql"), "is empty"));
-                    }
-                    CheckKind::Sql {
-                        sql: sql.get_ref().clone(),
-                        database: check.database.clone(),
-                        expect,
-                        rpo_marker: check.rpo_marker,
-                    }
-                }
-                (None, Some(path), None) => {
-                    let expect = match (&check.sha256, &check.contains, check.exists) {
-                        (Some(sha), None, None | Some(true)) => {
-                            let hex = sha.get_ref().to_ascii_lowercase();
-                            if hex.len() != 64 || !hex.bytes().all(|b| b.is_ascii_hexdigit()) {
-                                return Err(source.error(
-                                    sha.span(),
-                                    &field("sha256"),
-                                    "must be 64 hex digits",
-                                ));
-                            }
-                            PathExpectation::Sha256(hex)
-                        }
-                        (None, Some(text), None | Some(true)) => {
-                            PathExpectation::Contains(text.clone())
-                        }
-                        (None, None, exists) => PathExpectation::Exists(exists.unwrap_or(true)),
-                        _ => {
-                            return Err(source.error(
-                                path.span(),
-                                &field("path"),
-                                "takes one of sha256, contains or exists",
-                            ));
-                        }
-                    };
-                    CheckKind::Path {
-                        path: PathBuf::from(path.get_ref()),
-                        expect,
-                    }
-                }
-                _ => {
-                    return Err(source.error(
-                        spanned.span(),
-                        &format!("check[{index}]"),
-                        "needs one of sql, redis (each with expect) or path",
-                    ));
-                }
-            };
-            checks.push(Check {
-                name: check.name.get_ref().clone(),
-                kind,
-            });
+            let check = parse_check(&source, index, spanned)?;
+            markers += check.is_rpo_marker() as usize;
+            checks.push(check);
         }
         let to_time = match &raw.to_time {
             None => None,
@@ -433,6 +361,104 @@ impl Drill {
             checks,
         })
     }
+}
+
+/// One `[[check]]`: SQL or a Redis command (each with what it must return), or a path.
+fn parse_check(source: &Source<'_>, index: usize, spanned: &Spanned<RawCheck>) -> Result<Check> {
+    let field = |name: &str| format!("check[{index}].{name}");
+    let check = spanned.get_ref();
+    let expectation = || match &check.expect {
+        None => Ok(Expectation::NonEmpty),
+        Some(text) => Expectation::parse(text.get_ref())
+            .map_err(|problem| source.error(text.span(), &field("expect"), problem)),
+    };
+    let kind = match (&check.sql, &check.path, &check.redis) {
+        (None, None, Some(command)) => {
+            let expect = expectation()?;
+            let command: Vec<String> = command
+                .get_ref()
+                .split_whitespace()
+                .map(str::to_string)
+                .collect();
+            let span = check.redis.as_ref().expect("matched").span();
+            let Some(name) = command.first() else {
+                return Err(source.error(span, &field("redis"), "is empty"));
+            };
+            if !is_read_only(name) {
+                return Err(source.error(
+                    span,
+                    &field("redis"),
+                    format!(
+                        "'{name}' is not a read-only command; a check reads what was restored and changes nothing (one of: {})",
+                        READ_ONLY_REDIS.join(", ")
+                    ),
+                ));
+            }
+            CheckKind::Redis {
+                command,
+                expect,
+                rpo_marker: check.rpo_marker,
+            }
+        }
+        (Some(sql), None, None) => {
+            let expect = expectation()?;
+            if sql.get_ref().trim().is_empty() {
+                return Err(source.error(sql.span(), &field("sql"), "is empty"));
+            }
+            CheckKind::Sql {
+                sql: sql.get_ref().clone(),
+                database: check.database.clone(),
+                expect,
+                rpo_marker: check.rpo_marker,
+            }
+        }
+        (None, Some(path), None) => {
+            let expect = path_expectation(source, check, path, &field("sha256"), &field("path"))?;
+            CheckKind::Path {
+                path: PathBuf::from(path.get_ref()),
+                expect,
+            }
+        }
+        _ => {
+            return Err(source.error(
+                spanned.span(),
+                &format!("check[{index}]"),
+                "needs one of sql, redis (each with expect) or path",
+            ));
+        }
+    };
+    Ok(Check {
+        name: check.name.get_ref().clone(),
+        kind,
+    })
+}
+
+/// What a path check expects: a sha256, some text, or that it exists (or not).
+fn path_expectation(
+    source: &Source<'_>,
+    check: &RawCheck,
+    path: &Spanned<String>,
+    sha_field: &str,
+    path_field: &str,
+) -> Result<PathExpectation> {
+    Ok(match (&check.sha256, &check.contains, check.exists) {
+        (Some(sha), None, None | Some(true)) => {
+            let hex = sha.get_ref().to_ascii_lowercase();
+            if hex.len() != 64 || !hex.bytes().all(|b| b.is_ascii_hexdigit()) {
+                return Err(source.error(sha.span(), sha_field, "must be 64 hex digits"));
+            }
+            PathExpectation::Sha256(hex)
+        }
+        (None, Some(text), None | Some(true)) => PathExpectation::Contains(text.clone()),
+        (None, None, exists) => PathExpectation::Exists(exists.unwrap_or(true)),
+        _ => {
+            return Err(source.error(
+                path.span(),
+                path_field,
+                "takes one of sha256, contains or exists",
+            ));
+        }
+    })
 }
 
 #[cfg(test)]

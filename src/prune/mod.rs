@@ -62,12 +62,20 @@ pub(super) struct Proof {
     declared_at: DateTime<Utc>,
 }
 
-/// A prune, decided: per job what goes from which repository and why, from what the
-/// repositories hold before anything is removed. It holds the jobs' locks until it is
-/// applied or dropped. `--dry-run` prints `preview`; `apply` carries out the same plan.
+/// A prune, prepared: the jobs (their locks held until it is applied or dropped), the
+/// repositories to prune, and the moment retention counts back from. Each job's plan — what
+/// goes from which repository and why — is decided by [`PrunePlan::plan_job`] from what the
+/// repositories hold just before it is carried out: `--dry-run` prints it, `apply` carries
+/// out the same.
 pub struct PrunePlan {
-    pub jobs: Vec<JobPlan>,
+    jobs: Vec<JobConfig>,
+    repositories: Vec<Repository>,
+    /// Repositories without their marker, and why: nothing is removed from them.
+    unmarked: Vec<(String, String)>,
+    proofs: Vec<Proof>,
     now: DateTime<Utc>,
+    grace: chrono::Duration,
+    max_clock_skew: Duration,
     _locks: Vec<crate::lock::JobLock>,
 }
 
@@ -79,7 +87,7 @@ pub async fn run(config: &Config, options: &PruneOptions) -> Result<PruneReport>
     })
 }
 
-/// Decides the prune of `options.job` (or every job); reads only.
+/// Takes the jobs' locks, sorts the repositories and reads the time; reads only.
 pub async fn plan(config: &Config, options: &PruneOptions) -> Result<PrunePlan> {
     let jobs: Vec<&JobConfig> = match &options.job {
         Some(name) => vec![config.job(name)?],
@@ -109,30 +117,41 @@ pub async fn plan(config: &Config, options: &PruneOptions) -> Result<PrunePlan> 
         .await
         .trusted(config.max_clock_skew, "prune")?
         .now();
-    let proofs = drill_proofs(config, now).await?;
-    let grace = chrono::Duration::from_std(options.grace).unwrap_or(chrono::Duration::MAX);
-    let mut planned = Vec::with_capacity(jobs.len());
-    for job in jobs {
-        let span = tracing::info_span!("prune", job = %job.name);
-        let mut job_plan = plan::plan_job(job, &repositories, &proofs, now, config, grace)
-            .instrument(span)
-            .await;
-        job_plan.unreachable.extend(unmarked.iter().cloned());
-        planned.push(job_plan);
-    }
     Ok(PrunePlan {
-        jobs: planned,
+        jobs: jobs.into_iter().cloned().collect(),
+        proofs: drill_proofs(config, now).await?,
+        repositories,
+        unmarked,
         now,
+        grace: chrono::Duration::from_std(options.grace).unwrap_or(chrono::Duration::MAX),
+        max_clock_skew: config.max_clock_skew,
         _locks: locks,
     })
 }
 
 impl PrunePlan {
+    /// What goes of one job, from what the repositories hold now; reads only.
+    pub async fn plan_job(&self, job: &JobConfig) -> JobPlan {
+        let span = tracing::info_span!("prune", job = %job.name);
+        let rules = plan::Rules {
+            proofs: &self.proofs,
+            now: self.now,
+            grace: self.grace,
+            max_clock_skew: self.max_clock_skew,
+        };
+        let mut planned = plan::plan_job(job, &self.repositories, rules)
+            .instrument(span)
+            .await;
+        planned.unreachable.extend(self.unmarked.iter().cloned());
+        planned
+    }
+
     /// What applying the plan would do, changing nothing: the WAL files the plan's floors
     /// leave behind are counted, a page at a time.
     pub async fn preview(self) -> PruneReport {
         let mut jobs = Vec::with_capacity(self.jobs.len());
-        for plan in &self.jobs {
+        for job in &self.jobs {
+            let plan = self.plan_job(job).await;
             let mut report = plan.report();
             if let Some(Ok(floors)) = &plan.wal {
                 let repositories: Vec<_> =
@@ -155,10 +174,11 @@ impl PrunePlan {
         }
     }
 
-    /// Carries out the plan, job by job, and reports what each item came to.
+    /// Plans and carries out each job in turn, and reports what each item came to.
     pub async fn apply(self) -> PruneReport {
         let mut jobs = Vec::with_capacity(self.jobs.len());
-        for plan in self.jobs {
+        for job in &self.jobs {
+            let plan = self.plan_job(job).await;
             let span = tracing::info_span!("prune", job = %plan.job);
             jobs.push(apply::apply(plan, self.now).instrument(span).await);
         }

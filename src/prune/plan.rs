@@ -10,7 +10,7 @@ use super::journal::{self, Journals};
 use super::report::{BackupOutcome, JobPrune, Leftover, StaleClaim, StaleUpload};
 use super::wal::{self, Floors};
 use super::{CLAIM_MIN_AGE, Proof, decide, merge, verified_ids};
-use crate::config::{Config, JobConfig, JobSource, PostgresMode};
+use crate::config::{JobConfig, JobSource, PostgresMode};
 use crate::inventory::{self, Holding, Survey};
 use crate::layout;
 use crate::repository::Repository;
@@ -84,15 +84,28 @@ impl JobPlan {
     }
 }
 
+/// What a job's plan is decided by besides what the repositories hold.
+pub(super) struct Rules<'a> {
+    /// Passing drills, whose backups are kept.
+    pub proofs: &'a [Proof],
+    pub now: DateTime<Utc>,
+    /// How old an uncommitted directory or upload must be to count as abandoned.
+    pub grace: chrono::Duration,
+    pub max_clock_skew: std::time::Duration,
+}
+
 /// Decides one job's prune; reads only.
 pub(super) async fn plan_job(
     job: &JobConfig,
     repositories: &[Repository],
-    proofs: &[Proof],
-    now: DateTime<Utc>,
-    config: &Config,
-    grace: chrono::Duration,
+    rules: Rules<'_>,
 ) -> JobPlan {
+    let Rules {
+        proofs,
+        now,
+        grace,
+        max_clock_skew,
+    } = rules;
     let survey = inventory::survey(repositories, &job.name).await;
     let mut plan = JobPlan {
         job: job.name.clone(),
@@ -111,7 +124,7 @@ pub(super) async fn plan_job(
         plan.refused = Some("no repository could be listed".to_string());
         return plan;
     }
-    let (decisions, refusals) = decisions(job, &survey, proofs, now, config).await;
+    let (decisions, refusals) = decisions(job, &survey, proofs, now, max_clock_skew).await;
     if !refusals.is_empty() {
         plan.refused = Some(refusals.join("; "));
     }
@@ -168,7 +181,7 @@ async fn decisions(
     survey: &Survey<'_>,
     proofs: &[Proof],
     now: DateTime<Utc>,
-    config: &Config,
+    max_clock_skew: std::time::Duration,
 ) -> (Vec<Vec<Decision>>, Vec<String>) {
     let committed = survey.committed_ids();
     // A manifest no repository can read is damage to report, not an old backup to remove
@@ -185,7 +198,7 @@ async fn decisions(
     // really made since: it is kept, and counts for none.
     let future = |id: &str| {
         layout::parse_backup_id(id)
-            .is_some_and(|at| crate::clock::in_the_future(at, now, config.max_clock_skew))
+            .is_some_and(|at| crate::clock::in_the_future(at, now, max_clock_skew))
     };
     let kept = |id: &String, why: String| Decision {
         id: id.clone(),

@@ -12,7 +12,7 @@ use crate::layout;
 use crate::manifest::{Manifest, encrypted_name};
 use crate::repository::Repository;
 use crate::storage::{self, Deletion};
-use crate::transfer::reseal_object;
+use crate::transfer::StoredObject;
 
 /// What a rekey writes with, in one repository.
 pub(super) struct Rekey<'a> {
@@ -28,7 +28,20 @@ impl Rekey<'_> {
     /// re-encrypted) is returned: it fails everywhere alike. Others are recorded.
     pub async fn job(&self, planned: JobRekey, outcome: &mut RepositoryRekey) -> Result<()> {
         outcome.failures.extend(planned.failures);
-        for (manifest, stale) in planned.backups {
+        for (id, _) in planned.backups {
+            // Read again now: the manifest replaced is the one that is there.
+            let manifest = match self.repository.read_manifest(&planned.job, &id).await {
+                Ok(manifest) => manifest,
+                Err(e) => {
+                    outcome.failures.push(e.chain().join(": "));
+                    continue;
+                }
+            };
+            let stale = manifest
+                .objects
+                .iter()
+                .filter(|o| !is_current(o, self.recipients))
+                .count();
             match self.backup(manifest, stale, outcome).await {
                 Ok(()) => {}
                 Err(e) if e.kind() == ErrorKind::Key => return Err(e),
@@ -67,15 +80,14 @@ impl Rekey<'_> {
                 continue;
             }
             let new_name = encrypted_name(object.logical_name(), Some(self.stamp));
-            let entry = reseal_object(
-                self.repository,
-                &manifest,
+            let stored = StoredObject {
+                repository: self.repository,
+                manifest: &manifest,
                 object,
-                self.keyring,
-                self.recipients,
-                &new_name,
-            )
-            .await?;
+            };
+            let entry = stored
+                .reseal(self.keyring, self.recipients, &new_name)
+                .await?;
             tracing::info!(backup = %manifest.id, object = %object.name, new = %entry.name, "re-encrypted");
             objects.push(entry);
             outcome.objects_rekeyed += 1;

@@ -28,8 +28,8 @@ use crate::layout;
 use crate::repository::Repository;
 
 use apply::Rekey;
+pub use plan::JobRekey;
 use plan::set_of;
-pub use plan::{JobRekey, RepositoryPlan};
 
 pub struct RekeyOptions {
     pub job: Option<String>,
@@ -184,13 +184,16 @@ fn refuse_locking_out(config: &Config, texts: &[String]) -> Result<()> {
     .with_hint("if that other key is safe and tested (`lifeboat drill` with it), pass --force"))
 }
 
-/// A rekey, decided: per repository and job what is re-encrypted, from the manifests and
-/// WAL notes before anything is written. It holds the jobs' locks until applied or dropped.
-/// `--dry-run` prints `preview`; `apply` carries out the same plan.
+/// A rekey, prepared: the recipients, the jobs (their locks held until it is applied or
+/// dropped), and the repositories fit to rekey. What is re-encrypted in one repository for
+/// one job is decided by [`RekeyPlan::plan_job`] from its manifests and WAL notes just
+/// before it is done: `--dry-run` prints it, `apply` carries out the same.
 pub struct RekeyPlan {
     pub recipients: Recipients,
     pub warnings: Vec<String>,
-    pub repositories: Vec<RepositoryPlan>,
+    jobs: Vec<String>,
+    /// Each repository, and why nothing is done there (not there, not whole), when so.
+    repositories: Vec<(Repository, Option<String>)>,
     keyring: Keyring,
     signer: Option<crate::signing::Signer>,
     /// Names the new objects, one per run.
@@ -201,12 +204,12 @@ pub struct RekeyPlan {
 pub async fn run(config: &Config, options: &RekeyOptions) -> Result<RekeyReport> {
     let plan = plan(config, options).await?;
     match options.dry_run {
-        true => Ok(plan.preview()),
+        true => Ok(plan.preview().await),
         false => plan.apply().await,
     }
 }
 
-/// Decides what `rekey` re-encrypts; reads only.
+/// Takes the jobs' locks, checks the signing key and each repository; reads only.
 pub async fn plan(config: &Config, options: &RekeyOptions) -> Result<RekeyPlan> {
     let jobs: Vec<&JobConfig> = match &options.job {
         Some(name) => vec![config.job(name)?],
@@ -226,13 +229,13 @@ pub async fn plan(config: &Config, options: &RekeyOptions) -> Result<RekeyPlan> 
         )
         .with_hint("run rekey on a backup host, which holds the signing key"));
     }
-    let repositories = Repository::open_all(config).await;
-    let markers = crate::repository::read_markers(&repositories).await;
-    let mut planned = Vec::with_capacity(repositories.len());
-    for (index, repository) in repositories.iter().enumerate() {
+    let all = Repository::open_all(config).await;
+    let markers = crate::repository::read_markers(&all).await;
+    let mut repositories = Vec::with_capacity(all.len());
+    for (index, repository) in all.iter().enumerate() {
         // Re-encrypting "nothing" in a repository that is not there, or not whole, would
         // read as done.
-        let unfit = match (&markers.held[index], markers.wiped(&repositories, index)) {
+        let unfit = match (&markers.held[index], markers.wiped(&all, index)) {
             (_, Some(wiped)) => Some(wiped.chain().join(": ")),
             (Err(e), None) => Some(e.chain().join(": ")),
             (Ok(false), None) => repository
@@ -242,27 +245,13 @@ pub async fn plan(config: &Config, options: &RekeyOptions) -> Result<RekeyPlan> 
                 .map(|e| e.chain().join(": ")),
             (Ok(true), None) => None,
         };
-        let mut repository_plan = RepositoryPlan {
-            repository: repository.clone(),
-            unfit,
-            jobs: Vec::new(),
-        };
-        if repository_plan.unfit.is_none() {
-            for job in &jobs {
-                let span =
-                    tracing::info_span!("rekey", job = %job.name, repository = %repository.name);
-                let job_plan = plan::plan_job(repository, &job.name, &recipients)
-                    .instrument(span)
-                    .await;
-                repository_plan.jobs.push(job_plan);
-            }
-        }
-        planned.push(repository_plan);
+        repositories.push((repository.clone(), unfit));
     }
     Ok(RekeyPlan {
         recipients,
         warnings,
-        repositories: planned,
+        jobs: jobs.iter().map(|j| j.name.clone()).collect(),
+        repositories,
         keyring: config.keyring(),
         signer,
         stamp: layout::backup_id(chrono::Utc::now()),
@@ -271,6 +260,14 @@ pub async fn plan(config: &Config, options: &RekeyOptions) -> Result<RekeyPlan> 
 }
 
 impl RekeyPlan {
+    /// What is re-encrypted of `job` in `repository`, from what it holds now; reads only.
+    pub async fn plan_job(&self, repository: &Repository, job: &str) -> JobRekey {
+        let span = tracing::info_span!("rekey", job = %job, repository = %repository.name);
+        plan::plan_job(repository, job, &self.recipients)
+            .instrument(span)
+            .await
+    }
+
     fn report(&self, dry_run: bool) -> RekeyReport {
         RekeyReport {
             dry_run,
@@ -281,53 +278,55 @@ impl RekeyPlan {
     }
 
     /// What applying the plan would re-encrypt, changing nothing.
-    pub fn preview(self) -> RekeyReport {
+    pub async fn preview(self) -> RekeyReport {
         let mut report = self.report(true);
-        for planned in &self.repositories {
+        for (repository, unfit) in &self.repositories {
             let mut outcome = RepositoryRekey {
-                repository: planned.repository.name.clone(),
+                repository: repository.name.clone(),
                 ..RepositoryRekey::default()
             };
-            outcome.failures.extend(planned.unfit.clone());
-            for job in &planned.jobs {
-                outcome.failures.extend(job.failures.iter().cloned());
-                for (manifest, stale) in &job.backups {
+            outcome.failures.extend(unfit.clone());
+            for job in self.jobs.iter().filter(|_| unfit.is_none()) {
+                let planned = self.plan_job(repository, job).await;
+                outcome.failures.extend(planned.failures);
+                for (id, stale) in planned.backups {
                     match stale {
                         0 => outcome.backups_already += 1,
                         _ => {
-                            outcome.backups_rekeyed.push(manifest.id.clone());
+                            outcome.backups_rekeyed.push(id);
                             outcome.objects_rekeyed += stale;
                         }
                     }
                 }
-                outcome.wal_rekeyed += job.wal.len();
-                outcome.wal_already += job.wal_already;
+                outcome.wal_rekeyed += planned.wal.len();
+                outcome.wal_already += planned.wal_already;
             }
             report.repositories.push(outcome);
         }
         report
     }
 
-    /// Carries out the plan. A key that opens nothing fails everywhere alike: the run stops
-    /// at the first such error.
+    /// Plans and carries out each job in each repository in turn. A key that opens nothing
+    /// fails everywhere alike: the run stops at the first such error.
     pub async fn apply(self) -> Result<RekeyReport> {
         let mut report = self.report(false);
-        for planned in self.repositories {
+        for (repository, unfit) in &self.repositories {
             let mut outcome = RepositoryRekey {
-                repository: planned.repository.name.clone(),
+                repository: repository.name.clone(),
                 ..RepositoryRekey::default()
             };
-            outcome.failures.extend(planned.unfit);
+            outcome.failures.extend(unfit.clone());
             let rekey = Rekey {
-                repository: &planned.repository,
+                repository,
                 keyring: &self.keyring,
                 recipients: &self.recipients,
                 stamp: &self.stamp,
                 signer: self.signer.as_ref(),
             };
-            for job in planned.jobs {
-                let span = tracing::info_span!("rekey", job = %job.job, repository = %planned.repository.name);
-                rekey.job(job, &mut outcome).instrument(span).await?;
+            for job in self.jobs.iter().filter(|_| unfit.is_none()) {
+                let planned = self.plan_job(repository, job).await;
+                let span = tracing::info_span!("rekey", job = %job, repository = %repository.name);
+                rekey.job(planned, &mut outcome).instrument(span).await?;
             }
             report.repositories.push(outcome);
         }

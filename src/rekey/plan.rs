@@ -7,24 +7,17 @@ use std::collections::BTreeSet;
 use crate::error::{Error, ErrorKind, Result};
 use crate::keys::{self, Recipients, WalNote};
 use crate::layout;
-use crate::manifest::{Manifest, ObjectEntry};
+use crate::manifest::ObjectEntry;
 use crate::repository::Repository;
 use crate::storage;
-
-/// One repository's part of a rekey.
-pub struct RepositoryPlan {
-    pub repository: Repository,
-    /// Why nothing is done here (not there, not whole), when so.
-    pub unfit: Option<String>,
-    pub jobs: Vec<JobRekey>,
-}
 
 /// One job in one repository.
 pub struct JobRekey {
     pub job: String,
     /// Every backup whose manifest reads, and how many of its objects are on other
-    /// recipients (none: only what an interrupted rekey left is removed).
-    pub backups: Vec<(Manifest, usize)>,
+    /// recipients (none: only what an interrupted rekey left is removed). Applying reads
+    /// each manifest again just before re-encrypting: it replaces the one it read.
+    pub backups: Vec<(String, usize)>,
     /// Encrypted WAL segments on other recipients, with the note each carries.
     pub wal: Vec<(String, WalNote)>,
     pub wal_already: usize,
@@ -67,7 +60,7 @@ pub(super) async fn plan_job(
                             .iter()
                             .filter(|o| !is_current(o, recipients))
                             .count();
-                        planned.backups.push((manifest, stale));
+                        planned.backups.push((manifest.id, stale));
                     }
                     Err(e) => planned.failures.push(e.chain().join(": ")),
                 }

@@ -4,7 +4,7 @@
 use futures::StreamExt;
 
 use super::plan::{BackupFill, JobCopies, SignatureCopy, WalCopy, is_signed_kind};
-use super::{Action, ReplicateReport};
+use super::{Action, NotCopied, ReplicateReport};
 use crate::error::{Error, ErrorKind, Result};
 use crate::layout;
 use crate::manifest::ObjectEntry;
@@ -31,6 +31,7 @@ pub(super) async fn apply(job: &str, copies: JobCopies, report: &mut ReplicateRe
 async fn fill_backup(fill: &BackupFill, report: &mut ReplicateReport) {
     let (job, id, target) = (&fill.job, &fill.id, &fill.target);
     let mut actions = fill.actions().into_iter();
+    let mut failed = false;
     for copy in &fill.objects {
         let mut action = actions.next().expect("an action per object");
         let key = layout::object_key(job, id, &copy.object.name);
@@ -52,14 +53,34 @@ async fn fill_backup(fill: &BackupFill, report: &mut ReplicateReport) {
                 "backup {job}/{id}: unable to copy object '{}' into repository '{}': no other repository could provide an intact copy",
                 copy.object.name, target.name
             ));
-            return;
+            // The other objects still go in; the manifest does not.
+            failed = true;
+            continue;
         }
         tracing::info!(key = %key, from = ?action.from, to = %target.name, "copied");
         report.actions.push(action);
     }
+    if failed {
+        return;
+    }
     if let Some(copy) = &fill.manifest {
         let action = actions.next().expect("an action for the manifest");
         let key = layout::manifest_key(job, id);
+        // A prune elsewhere may have let it go since the plan was made (it records that
+        // before it removes anything): the copy must not bring it back.
+        if !fill.record_ignored
+            && let Some(record) = removed_since(fill, &copy.source).await
+        {
+            report.not_copied.push(NotCopied {
+                job: job.clone(),
+                id: id.clone(),
+                why: format!(
+                    "not copied into '{}': prune removed it while replicate ran (record in '{record}'); what was copied of it is left for prune",
+                    target.name
+                ),
+            });
+            return;
+        }
         // The copy keeps its signature, written first as at the backup.
         if let Err(e) = target.copy_signature_from(&copy.source, &key).await {
             report.failures.push(e.chain().join(": "));
@@ -93,6 +114,21 @@ async fn fill_backup(fill: &BackupFill, report: &mut ReplicateReport) {
             ),
         }
     }
+}
+
+/// The repository (the target, or the manifest's source) holding a removal record of the
+/// backup `fill` fills in, if one does.
+async fn removed_since(fill: &BackupFill, source: &Repository) -> Option<String> {
+    for repository in [&fill.target, source] {
+        if repository
+            .read_tombstone(&fill.job, &fill.id)
+            .await
+            .is_some()
+        {
+            return Some(repository.name.clone());
+        }
+    }
+    None
 }
 
 async fn copy_signature(copy: &SignatureCopy, report: &mut ReplicateReport) {

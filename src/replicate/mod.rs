@@ -98,28 +98,32 @@ impl ReplicateReport {
     }
 }
 
-/// A replication, decided: per job what each repository gets and from where, from what the
-/// repositories hold before anything is copied. It holds the jobs' locks until applied or
-/// dropped. `--dry-run` prints `preview`; `apply` carries out the same plan.
+/// A replication, prepared: the jobs (their locks held until it is applied or dropped), the
+/// repositories to fill, and those left alone. Each job's copies are decided by
+/// [`ReplicatePlan::plan_job`] from what the repositories hold at that moment, just before
+/// they are made: `--dry-run` prints them, `apply` makes them.
 pub struct ReplicatePlan {
-    pub jobs: Vec<(String, JobCopies)>,
+    pub jobs: Vec<String>,
+    repositories: Vec<Repository>,
     /// Repositories without their marker that are filled (`--reseed`); their marker is
     /// written once every copy succeeded.
     pub reseed: Vec<Repository>,
     /// Repositories left alone, and why (wiped, and no `--reseed`).
     pub refused: Vec<String>,
+    /// Read every object a repository holds and replace the damaged (`--verify`).
+    verify: bool,
     _locks: Vec<crate::lock::JobLock>,
 }
 
 pub async fn run(config: &Config, options: &ReplicateOptions) -> Result<ReplicateReport> {
     let plan = plan(config, options).await?;
     Ok(match options.dry_run {
-        true => plan.preview(),
+        true => plan.preview().await,
         false => plan.apply().await,
     })
 }
 
-/// Decides what `replicate` copies; reads only.
+/// Takes the jobs' locks and sorts the repositories; reads only.
 pub async fn plan(config: &Config, options: &ReplicateOptions) -> Result<ReplicatePlan> {
     let jobs: Vec<String> = match &options.job {
         Some(name) => vec![config.job(name)?.name.clone()],
@@ -147,26 +151,28 @@ pub async fn plan(config: &Config, options: &ReplicateOptions) -> Result<Replica
             None => repositories.push(repository.clone()),
         }
     }
-    let mut planned = Vec::with_capacity(jobs.len());
-    for job in jobs {
-        let span = tracing::info_span!("replicate", job = %job);
-        let copies = plan::plan_job(&job, &repositories, options)
-            .instrument(span)
-            .await;
-        planned.push((job, copies));
-    }
     Ok(ReplicatePlan {
-        jobs: planned,
+        jobs,
+        repositories,
         reseed,
         refused,
+        verify: options.verify,
         _locks: locks,
     })
 }
 
 impl ReplicatePlan {
-    /// The report before anything is done, and the findings of planning in it.
+    /// What one job's repositories get, from what they hold now. `read_objects`: read every
+    /// object a repository holds to find the damaged ones (`--verify`, when applying).
+    pub async fn plan_job(&self, job: &str, read_objects: bool) -> JobCopies {
+        let span = tracing::info_span!("replicate", job = %job);
+        plan::plan_job(job, &self.repositories, read_objects)
+            .instrument(span)
+            .await
+    }
+
     fn report(&self, dry_run: bool) -> ReplicateReport {
-        let mut report = ReplicateReport {
+        ReplicateReport {
             dry_run,
             actions: Vec::new(),
             failures: self.refused.clone(),
@@ -178,45 +184,30 @@ impl ReplicatePlan {
                 .iter()
                 .map(|r| (r.name.clone(), false))
                 .collect(),
-        };
-        for (_, copies) in &self.jobs {
-            for (name, reason) in &copies.unreachable {
-                if !report.unreachable.iter().any(|(n, _)| n == name) {
-                    report.unreachable.push((name.clone(), reason.clone()));
-                }
-            }
-            report.failures.extend(copies.failures.iter().cloned());
-            report.not_copied.extend(copies.not_copied.iter().cloned());
-            report
-                .ignored_records
-                .extend(copies.ignored_records.iter().cloned());
+        }
+    }
+
+    /// Every copy and abort the plan makes, job by job, changing nothing. Objects are not
+    /// read for damage (`--verify`): a dry run stays a matter of listings.
+    pub async fn preview(self) -> ReplicateReport {
+        let mut report = self.report(true);
+        for job in &self.jobs {
+            let copies = self.plan_job(job, false).await;
+            report.actions.extend(copies.actions());
+            copies.findings_into(&mut report);
         }
         report
     }
 
-    /// Every copy and abort the plan makes, in order: what a dry run prints.
-    pub fn actions(&self) -> Vec<Action> {
-        self.jobs
-            .iter()
-            .flat_map(|(_, copies)| {
-                let backups = copies.backups.iter().flat_map(|fill| fill.actions());
-                backups.chain(copies.wal.iter().map(|copy| copy.action()))
-            })
-            .collect()
-    }
-
-    pub fn preview(self) -> ReplicateReport {
-        let mut report = self.report(true);
-        report.actions = self.actions();
-        report
-    }
-
-    /// Carries out the plan; a reseeded repository gets its marker only if nothing failed.
+    /// Plans and makes each job's copies in turn; a reseeded repository gets its marker
+    /// only if nothing failed.
     pub async fn apply(self) -> ReplicateReport {
         let mut report = self.report(false);
-        for (job, copies) in self.jobs {
+        for job in &self.jobs {
+            let copies = self.plan_job(job, self.verify).await;
+            copies.findings_into(&mut report);
             let span = tracing::info_span!("replicate", job = %job);
-            apply::apply(&job, copies, &mut report)
+            apply::apply(job, copies, &mut report)
                 .instrument(span)
                 .await;
         }

@@ -8,7 +8,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use bytes::Bytes;
 use futures::StreamExt;
 
-use super::{Action, ActionKind, NotCopied, ReplicateOptions};
+use super::{Action, ActionKind, NotCopied, ReplicateReport};
 use crate::inventory::{self, Presence, Survey};
 use crate::layout;
 use crate::manifest::ObjectEntry;
@@ -25,6 +25,9 @@ pub struct BackupFill {
     pub objects: Vec<ObjectCopy>,
     pub manifest: Option<ManifestCopy>,
     pub open_uploads: Vec<IncompleteUpload>,
+    /// A removal record of it was read while planning and judged not prune's (planted,
+    /// or naming the newest backup): one found before the manifest is written is that one.
+    pub record_ignored: bool,
 }
 
 pub struct ObjectCopy {
@@ -65,6 +68,31 @@ pub struct JobCopies {
     pub ignored_records: Vec<String>,
     pub failures: Vec<String>,
     pub unreachable: Vec<(String, String)>,
+}
+
+impl JobCopies {
+    /// Every copy and abort, in the order they are made: what a dry run prints.
+    pub fn actions(&self) -> Vec<Action> {
+        let backups = self.backups.iter().flat_map(|fill| fill.actions());
+        backups
+            .chain(self.wal.iter().map(|copy| copy.action()))
+            .collect()
+    }
+
+    /// What planning found (unreachable repositories, failures, backups left alone) into
+    /// the report.
+    pub fn findings_into(&self, report: &mut ReplicateReport) {
+        for (name, reason) in &self.unreachable {
+            if !report.unreachable.iter().any(|(n, _)| n == name) {
+                report.unreachable.push((name.clone(), reason.clone()));
+            }
+        }
+        report.failures.extend(self.failures.iter().cloned());
+        report.not_copied.extend(self.not_copied.iter().cloned());
+        report
+            .ignored_records
+            .extend(self.ignored_records.iter().cloned());
+    }
 }
 
 impl BackupFill {
@@ -122,7 +150,7 @@ pub fn upload_name(upload: &IncompleteUpload) -> &str {
 pub(super) async fn plan_job(
     job: &str,
     repositories: &[Repository],
-    options: &ReplicateOptions,
+    read_objects: bool,
 ) -> JobCopies {
     let survey = inventory::survey(repositories, job).await;
     let mut planned = JobCopies {
@@ -135,7 +163,8 @@ pub(super) async fn plan_job(
     for id in committed {
         // Retention let it go: copying it back from a repository that was out of reach (or
         // whose own plan still keeps it) would undo the prune.
-        if let Some((when, record)) = removed.get(&id)
+        let record = removed.get(&id);
+        if let Some((when, record)) = record
             && honoured(
                 &survey,
                 job,
@@ -148,7 +177,11 @@ pub(super) async fn plan_job(
         {
             continue;
         }
-        plan_backup(job, &id, &survey, options, &mut planned).await;
+        let first = planned.backups.len();
+        plan_backup(job, &id, &survey, read_objects, &mut planned).await;
+        for fill in &mut planned.backups[first..] {
+            fill.record_ignored = record.is_some();
+        }
     }
     let reachable: Vec<&Repository> = survey.listed.iter().map(|(r, _)| *r).collect();
     plan_wal(job, &reachable, &mut planned).await;
@@ -259,7 +292,7 @@ async fn plan_backup(
     job: &str,
     id: &str,
     survey: &Survey<'_>,
-    options: &ReplicateOptions,
+    read_objects: bool,
     planned: &mut JobCopies,
 ) {
     let listed = &survey.listed;
@@ -298,12 +331,13 @@ async fn plan_backup(
             objects: Vec::new(),
             manifest: None,
             open_uploads: Vec::new(),
+            record_ignored: false,
         };
         for object in &expected.objects {
             let key = layout::object_key(job, id, &object.name);
             let what = if holding.objects.get(&object.name) != Some(&object.size) {
                 ActionKind::Copy
-            } else if options.verify && !intact(target, &key, object).await {
+            } else if read_objects && !intact(target, &key, object).await {
                 ActionKind::Replace
             } else {
                 continue;

@@ -17,7 +17,7 @@ use super::staging::{HIDDEN_PREFIX, Staging, contents, remove_abandoned, remove_
 use super::{ExtractSummary, RestoreReport, Selected, extract};
 use crate::error::{Error, ErrorKind, Result};
 use crate::layout::FILES_OBJECT;
-use crate::transfer::{StagedObject, download_object};
+use crate::transfer::{StagedObject, StoredObject};
 
 pub(super) async fn restore(selected: Selected, into: &Path) -> Result<RestoreReport> {
     let target = Target::prepare(into)?;
@@ -244,7 +244,12 @@ pub(super) async fn unpack(
                 staging.remove(name).map_err(|e| target_error(into, e))?;
             }
             let file = staging.create_file(&object.name)?;
-            download_object(repository, manifest, &object, file).await?;
+            let stored = StoredObject {
+                repository,
+                manifest,
+                object: &object,
+            };
+            stored.download(file).await?;
             let stored = staging.open_file(&object.name)?;
             let tree = Beneath::create_at(staging.fd(), TREE, staging.path(TREE))
                 .map_err(|e| target_error(into, e))?;

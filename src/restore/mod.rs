@@ -23,9 +23,9 @@ use crate::error::{Error, ErrorKind, Result};
 use crate::human::{human_duration, human_size};
 use crate::keys::Keyring;
 use crate::layout;
-use crate::manifest::Manifest;
+use crate::manifest::{BackupKind, Manifest};
 use crate::repository::Repository;
-use crate::transfer::check_key;
+use crate::transfer::StoredObject;
 
 pub use extract::ExtractSummary;
 /// The tar restore path on its own: what the fuzz tests drive.
@@ -240,7 +240,12 @@ impl Selected {
             self.manifest.job, self.manifest.id
         ))?;
         self.read_from_any(&object.name, async |repository| {
-            check_key(repository, &self.manifest, object, &self.keyring).await
+            let stored = StoredObject {
+                repository,
+                manifest: &self.manifest,
+                object,
+            };
+            stored.check_key(&self.keyring).await
         })
         .await?;
         self.served.lock().expect("served lock").clear();
@@ -536,8 +541,9 @@ async fn restore_selected(
     selected: Selected,
     (id, listed): (&str, Option<crate::continuity::ArchiveListing>),
 ) -> Result<RestoreReport> {
-    match selected.manifest.kind.as_str() {
-        "files" => {
+    let kind = selected.manifest.backup_kind();
+    match kind {
+        Some(BackupKind::Files) => {
             let into = options.into.as_deref().ok_or_else(|| {
                 Error::usage(format!(
                     "restoring the files job '{}' needs --into DIR",
@@ -546,15 +552,17 @@ async fn restore_selected(
             })?;
             files::restore(selected, into).await
         }
-        "postgres-logical" => {
+        Some(BackupKind::PostgresLogical) => {
             let mut postgres_options = options.postgres.clone();
             if let crate::config::JobSource::Postgres(job) = &job.source {
                 postgres_options.bin_dir = job.bin_dir.clone();
             }
             postgres::restore(selected, &postgres_options).await
         }
-        "redis" => redis::restore(selected, options.into.as_deref(), options.start_scratch).await,
-        "postgres-physical" => {
+        Some(BackupKind::Redis) => {
+            redis::restore(selected, options.into.as_deref(), options.start_scratch).await
+        }
+        Some(BackupKind::PostgresPhysical) => {
             let mut physical_options = options.physical.clone().ok_or_else(|| {
                 Error::usage(format!(
                     "restoring the physical postgres job '{}' needs --data-dir DIR",
@@ -588,12 +596,13 @@ async fn restore_selected(
                 .await?;
             physical::restore(selected, &physical_options, &source, plan).await
         }
-        other => Err(Error::new(
+        None => Err(Error::new(
             ErrorKind::Verification,
             format!(
-                "unable to restore backup '{}/{id}': lifeboat {} cannot restore kind '{other}'",
+                "unable to restore backup '{}/{id}': lifeboat {} cannot restore kind '{}'",
                 job.name,
-                env!("CARGO_PKG_VERSION")
+                env!("CARGO_PKG_VERSION"),
+                selected.manifest.kind
             ),
         )),
     }

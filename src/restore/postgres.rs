@@ -112,6 +112,69 @@ pub(super) async fn restore(
     options: &PostgresRestoreOptions,
 ) -> Result<RestoreReport> {
     let manifest = &selected.manifest;
+    // Plan, and refuse what must be refused, before anything is downloaded.
+    let mut plan = plan(manifest, options).await?;
+    let staged = stage(&selected, &plan, options).await?;
+    check_roles(
+        &plan.admin,
+        &plan.server,
+        &plan.backup,
+        (&plan.databases, &staged.dumps, &staged.entries),
+        staged.globals.as_deref(),
+        options.no_owner,
+    )
+    .await?;
+    let load_started = std::time::Instant::now();
+    let mut loaded = load(&selected, &mut plan, &staged, options).await?;
+    let kept = swap_in(&mut plan, &mut loaded, options).await?;
+
+    let mut restored = describe(&plan.databases, &loaded.tables, &kept);
+    if staged.globals.is_some() {
+        restored.insert(0, "globals".to_string());
+    }
+    let bytes = plan
+        .databases
+        .iter()
+        .map(|p| p.object.raw_size)
+        .sum::<u64>()
+        + plan.globals.map_or(0, |g| g.raw_size);
+    let stages = vec![
+        ("download and verify".to_string(), staged.took),
+        ("load (pg_restore)".to_string(), load_started.elapsed()),
+    ];
+    let created = plan
+        .databases
+        .iter()
+        .filter(|p| p.existing == Existing::Absent)
+        .map(|p| p.target_database.clone())
+        .collect();
+    let (target, warnings) = (plan.server.describe(), std::mem::take(&mut plan.warnings));
+    drop(plan);
+    let mut report = selected.report(target, restored, bytes, warnings, stages);
+    report.created_databases = created;
+    report.kept_databases = kept;
+    report.tables = loaded.tables;
+    Ok(report)
+}
+
+/// What a restore will do, decided before anything is downloaded: the server, each
+/// database of the backup and what it meets there, the globals, what to warn of.
+struct RestorePlan<'a> {
+    backup: String,
+    server: Connection,
+    admin: Target,
+    databases: Vec<Planned<'a>>,
+    globals: Option<&'a ObjectEntry>,
+    binaries: Binaries,
+    warnings: Vec<String>,
+}
+
+/// Reads the target server and refuses what must be refused: a database that holds data
+/// without `--clean`, replacing the source without saying so, too little room.
+async fn plan<'a>(
+    manifest: &'a Manifest,
+    options: &PostgresRestoreOptions,
+) -> Result<RestorePlan<'a>> {
     let backup = format!("{}/{}", manifest.job, manifest.id);
     let dsn = options.target.as_deref().ok_or_else(|| {
         Error::usage(format!(
@@ -127,70 +190,12 @@ pub(super) async fn restore(
     }
     let mut server = Connection::from_dsn(dsn)?;
     let mut admin = Target::open(&server).await?;
-
-    // Plan, and refuse what must be refused, before anything is downloaded.
-    let dumps: Vec<&ObjectEntry> = manifest
-        .objects
-        .iter()
-        .filter(|o| o.database.is_some())
-        .filter(|o| {
-            options
-                .database
-                .as_ref()
-                .is_none_or(|wanted| o.database.as_ref() == Some(wanted))
-        })
-        .collect();
-    if dumps.is_empty() {
-        let wanted = options.database.as_deref().unwrap_or("any");
-        return Err(Error::new(
-            ErrorKind::NotFound,
-            format!("unable to find database '{wanted}' in backup '{backup}'"),
-        )
-        .with_hint(format!(
-            "the backup holds: {}",
-            manifest.source.databases.join(", ")
-        )));
-    }
-    let mut plan = Vec::new();
-    for object in dumps {
-        let source_database = object.database.clone().expect("filtered");
-        let target_database = options
-            .rename_to
-            .clone()
-            .unwrap_or_else(|| source_database.clone());
-        let (existing, contents) = match admin.database_exists(&target_database).await? {
-            false => (Existing::Absent, Vec::new()),
-            true => {
-                let contents = admin.database_contents(&target_database).await?;
-                match contents.is_empty() {
-                    true => (Existing::Empty, contents),
-                    false => (Existing::Holding, contents),
-                }
-            }
-        };
-        if existing == Existing::Holding && !options.clean {
-            return Err(Error::new(
-                ErrorKind::Target,
-                format!(
-                    "unable to restore into database '{target_database}' on {}: it already holds {}",
-                    server.describe(),
-                    contents.join(", ")
-                ),
-            )
-            .with_hint("restore under another name with --as NAME, or pass --clean to replace it (the database there now is kept beside the restored one)"));
-        }
-        plan.push(Planned {
-            object,
-            source_database,
-            target_database,
-            existing,
-        });
-    }
-    if plan.iter().any(|p| p.existing == Existing::Holding) {
+    let databases = plan_databases(manifest, &backup, &admin, &server, options).await?;
+    if databases.iter().any(|p| p.existing == Existing::Holding) {
         refuse_replacing_the_source(&admin, &server, manifest, options).await?;
     }
     // A database cannot be renamed by a session connected to it.
-    if plan
+    if databases
         .iter()
         .any(|p| p.existing != Existing::Absent && p.target_database == server.database())
     {
@@ -229,8 +234,8 @@ pub(super) async fn restore(
             )
         }));
     }
-    warnings.extend(check_server_room(&admin, &server, &plan).await?);
-    for planned in plan.iter().filter(|p| p.existing != Existing::Absent) {
+    warnings.extend(check_server_room(&admin, &server, &databases).await?);
+    for planned in databases.iter().filter(|p| p.existing != Existing::Absent) {
         let sessions = admin.sessions_on(&planned.target_database).await?;
         if !sessions.is_empty() && !options.terminate_sessions {
             tracing::warn!(
@@ -242,45 +247,135 @@ pub(super) async fn restore(
             );
         }
     }
+    Ok(RestorePlan {
+        backup,
+        server,
+        admin,
+        databases,
+        globals,
+        binaries,
+        warnings,
+    })
+}
 
-    // Fetch and verify everything into staging before the server is touched: the dumps as
-    // stored, to be decoded into pg_restore as they load; or decompressed, when pg_restore
-    // loads the tables in parallel from one file.
+/// Each database of the backup asked for, under the name it is restored as, and what that
+/// name meets on the server.
+async fn plan_databases<'a>(
+    manifest: &'a Manifest,
+    backup: &str,
+    admin: &Target,
+    server: &Connection,
+    options: &PostgresRestoreOptions,
+) -> Result<Vec<Planned<'a>>> {
+    let dumps: Vec<&ObjectEntry> = manifest
+        .objects
+        .iter()
+        .filter(|o| o.database.is_some())
+        .filter(|o| {
+            options
+                .database
+                .as_ref()
+                .is_none_or(|wanted| o.database.as_ref() == Some(wanted))
+        })
+        .collect();
+    if dumps.is_empty() {
+        let wanted = options.database.as_deref().unwrap_or("any");
+        return Err(Error::new(
+            ErrorKind::NotFound,
+            format!("unable to find database '{wanted}' in backup '{backup}'"),
+        )
+        .with_hint(format!(
+            "the backup holds: {}",
+            manifest.source.databases.join(", ")
+        )));
+    }
+    let mut planned = Vec::new();
+    for object in dumps {
+        let source_database = object.database.clone().expect("filtered");
+        let target_database = options
+            .rename_to
+            .clone()
+            .unwrap_or_else(|| source_database.clone());
+        let (existing, contents) = match admin.database_exists(&target_database).await? {
+            false => (Existing::Absent, Vec::new()),
+            true => {
+                let contents = admin.database_contents(&target_database).await?;
+                match contents.is_empty() {
+                    true => (Existing::Empty, contents),
+                    false => (Existing::Holding, contents),
+                }
+            }
+        };
+        if existing == Existing::Holding && !options.clean {
+            return Err(Error::new(
+                ErrorKind::Target,
+                format!(
+                    "unable to restore into database '{target_database}' on {}: it already holds {}",
+                    server.describe(),
+                    contents.join(", ")
+                ),
+            )
+            .with_hint("restore under another name with --as NAME, or pass --clean to replace it (the database there now is kept beside the restored one)"));
+        }
+        planned.push(Planned {
+            object,
+            source_database,
+            target_database,
+            existing,
+        });
+    }
+    Ok(planned)
+}
+
+/// Every dump (and the globals) fetched and verified into staging, before the server is
+/// touched.
+struct StagedDumps {
+    /// Holds the staging directory until the restore is done with it.
+    _staging: Staging,
+    globals: Option<PathBuf>,
+    dumps: Vec<Staged>,
+    entries: Vec<Option<archive::DatabaseEntries>>,
+    took: std::time::Duration,
+}
+
+/// Fetches and verifies the dumps into staging: as stored, to be decoded into pg_restore as
+/// they load; or decompressed, when pg_restore loads the tables in parallel from one file.
+async fn stage(
+    selected: &Selected,
+    plan: &RestorePlan<'_>,
+    options: &PostgresRestoreOptions,
+) -> Result<StagedDumps> {
+    let manifest = &selected.manifest;
     let decompress = options.parallel_data;
     let needed = plan
+        .databases
         .iter()
         .map(|p| match decompress {
             true => p.object.raw_size,
             false => p.object.size,
         })
         .sum::<u64>()
-        + globals.map_or(0, |g| g.raw_size);
+        + plan.globals.map_or(0, |g| g.raw_size);
     let staging_started = std::time::Instant::now();
     let staging = Staging::prepare(options.staging_dir.as_deref(), needed)?;
-    let globals_file = match globals {
-        Some(object) => Some(
-            selected
-                .read_from_any(&object.name, async |repository| {
-                    staging
-                        .fetch(repository, manifest, object, &selected.keyring)
-                        .await
-                })
-                .await?,
-        ),
+    let fetch = async |object: &ObjectEntry| {
+        selected
+            .read_from_any(&object.name, async |repository| {
+                staging
+                    .fetch(repository, manifest, object, &selected.keyring)
+                    .await
+            })
+            .await
+    };
+    let globals = match plan.globals {
+        Some(object) => Some(fetch(object).await?),
         None => None,
     };
-    let mut staged = Vec::new();
-    for planned in &plan {
-        let started = std::time::Instant::now();
+    let mut dumps = Vec::new();
+    for planned in &plan.databases {
         let object = planned.object;
         let dump = if decompress {
-            let path = selected
-                .read_from_any(&object.name, async |repository| {
-                    staging
-                        .fetch(repository, manifest, object, &selected.keyring)
-                        .await
-                })
-                .await?;
+            let path = fetch(object).await?;
             fill_offsets(&path).await;
             Staged::Seekable(path)
         } else {
@@ -290,7 +385,7 @@ pub(super) async fn restore(
                     Ok((path, repository.clone()))
                 })
                 .await?;
-            let toc = staging.path(&format!("{}.toc", planned.object.name));
+            let toc = staging.path(&format!("{}.toc", object.name));
             let identities = match object.is_encrypted() {
                 true => Some(selected.keyring.identities(&object.name)?),
                 false => None,
@@ -308,32 +403,44 @@ pub(super) async fn restore(
                 served_by,
             }
         };
-        let elapsed = started.elapsed();
-        tracing::debug!(object = %planned.object.name, ?elapsed, "staged");
-        staged.push(dump);
+        tracing::debug!(object = %object.name, "staged");
+        dumps.push(dump);
     }
+    let entries = dumps.iter().map(Staged::database_entries).collect();
+    Ok(StagedDumps {
+        _staging: staging,
+        globals,
+        dumps,
+        entries,
+        took: staging_started.elapsed(),
+    })
+}
 
-    let staged_in = staging_started.elapsed();
-    let entries: Vec<Option<archive::DatabaseEntries>> =
-        staged.iter().map(Staged::database_entries).collect();
-    check_roles(
-        &admin,
-        &server,
-        &backup,
-        (&plan, &staged, &entries),
-        globals_file.as_deref(),
-        options.no_owner,
-    )
-    .await?;
-    let load_started = std::time::Instant::now();
+/// The databases loaded beside their targets, waiting for the swap.
+struct LoadedAll {
+    loaded: Vec<Loaded>,
+    tables: Vec<TableRows>,
+    comments: Vec<String>,
+    /// Names this restore gave (or will give) databases, and the stamp in them.
+    taken: Vec<String>,
+    stamp: String,
+}
 
-    // Write into the server: each database into a new one beside its target, then all of
-    // them swapped in at once. Until the swap nothing the server had is touched.
-    let auth = server.child_auth()?;
-    if let Some(file) = &globals_file {
-        let present = admin.role_names().await?;
-        let can_login = admin.login_role_names().await?;
-        let passwordless = manifest
+/// Writes into the server: the globals, then each database into a new one beside its
+/// target. Until the swap nothing the server had is touched; a failure drops what was
+/// loaded.
+async fn load(
+    selected: &Selected,
+    plan: &mut RestorePlan<'_>,
+    staged: &StagedDumps,
+    options: &PostgresRestoreOptions,
+) -> Result<LoadedAll> {
+    let auth = plan.server.child_auth()?;
+    if let Some(file) = &staged.globals {
+        let present = plan.admin.role_names().await?;
+        let can_login = plan.admin.login_role_names().await?;
+        let passwordless = selected
+            .manifest
             .source
             .without_role_passwords
             .then_some(TargetRoles {
@@ -341,93 +448,126 @@ pub(super) async fn restore(
                 can_login: &can_login,
                 keep_login: options.keep_login,
             });
-        warnings.extend(apply_globals(
-            &binaries,
-            &server,
+        plan.warnings.extend(apply_globals(
+            &plan.binaries,
+            &plan.server,
             &auth,
             file,
             passwordless,
         )?);
     }
-    let stamp = chrono::Utc::now().format("%Y%m%d_%H%M%S").to_string();
-    let mut taken: Vec<String> = Vec::new();
-    let mut loaded: Vec<Loaded> = Vec::new();
-    let mut tables = Vec::new();
-    let mut comments = Vec::new();
-    for ((planned, dump), entries) in plan.iter().zip(&staged).zip(&entries) {
+    let mut all = LoadedAll {
+        loaded: Vec::new(),
+        tables: Vec::new(),
+        comments: Vec::new(),
+        taken: Vec::new(),
+        stamp: chrono::Utc::now().format("%Y%m%d_%H%M%S").to_string(),
+    };
+    let admin = &plan.admin;
+    let loading = plan
+        .databases
+        .iter()
+        .zip(&staged.dumps)
+        .zip(&staged.entries);
+    for ((planned, dump), entries) in loading {
         let context = LoadContext {
-            admin: &admin,
-            server: &server,
-            binaries: &binaries,
+            admin,
+            server: &plan.server,
+            binaries: &plan.binaries,
             auth: &auth,
             options,
-            backup: &backup,
-            selected: &selected,
+            backup: &plan.backup,
+            selected,
         };
         let created = create_copy(
             &context,
             planned,
             entries.as_ref(),
-            &stamp,
-            &mut taken,
-            &mut warnings,
+            &all.stamp,
+            &mut all.taken,
+            &mut plan.warnings,
         )
         .await;
         let (copy, properties) = match created {
             Ok(created) => created,
             Err(err) => {
-                let hint = drop_loaded(&admin, &loaded).await;
+                let hint = drop_loaded(admin, &all.loaded).await;
                 return Err(err.with_hint(hint));
             }
         };
         // From here on it is this restore's to drop if anything fails or stops it.
-        loaded.push(Loaded {
-            undo: drop_on_interrupt(&binaries, &server, &auth, &copy),
+        all.loaded.push(Loaded {
+            undo: drop_on_interrupt(&plan.binaries, &plan.server, &auth, &copy),
             name: copy.clone(),
-            hold: server.with_database(&copy).connect().await.ok(),
+            hold: plan.server.with_database(&copy).connect().await.ok(),
         });
-        let outcome = load_one(context, planned, dump, &copy, &properties, &mut warnings).await;
+        let outcome = load_one(
+            context,
+            planned,
+            dump,
+            &copy,
+            &properties,
+            &mut plan.warnings,
+        )
+        .await;
         match outcome {
-            Ok(counted) => tables.extend(counted.into_iter().map(|(table, rows)| TableRows {
-                database: planned.target_database.clone(),
-                table,
-                rows,
-            })),
+            Ok(counted) => all
+                .tables
+                .extend(counted.into_iter().map(|(table, rows)| TableRows {
+                    database: planned.target_database.clone(),
+                    table,
+                    rows,
+                })),
             Err(err) => {
-                let hint = drop_loaded(&admin, &loaded).await;
-                let err = err.with_hint(hint);
-                let said = err.chain().join("\n");
-                return Err(
-                    if err.kind() != ErrorKind::Verification
-                        && said.contains("role")
-                        && said.contains("does not exist")
-                    {
-                        err.with_hint(
-                            "restore the roles first with --globals, or ignore ownership with --no-owner",
-                        )
-                    } else {
-                        err
-                    },
-                );
+                let hint = drop_loaded(admin, &all.loaded).await;
+                return Err(role_hint(err.with_hint(hint)));
             }
         }
-        comments.extend(properties.comment);
+        all.comments.extend(properties.comment);
     }
+    Ok(all)
+}
 
-    // The swap: every replaced database renamed aside and every copy renamed into place, in
-    // one transaction, so that the server has all of this restore or none of it.
+/// A load that failed on a missing role: say how to have it.
+fn role_hint(err: Error) -> Error {
+    let said = err.chain().join("\n");
+    if err.kind() != ErrorKind::Verification
+        && said.contains("role")
+        && said.contains("does not exist")
+    {
+        err.with_hint("restore the roles first with --globals, or ignore ownership with --no-owner")
+    } else {
+        err
+    }
+}
+
+/// The swap: every replaced database renamed aside and every copy renamed into place, in
+/// one transaction, so that the server has all of this restore or none of it. Then the
+/// replaced databases are dropped (empty ones, or all with `--drop-previous`) or kept.
+async fn swap_in(
+    plan: &mut RestorePlan<'_>,
+    all: &mut LoadedAll,
+    options: &PostgresRestoreOptions,
+) -> Result<Vec<KeptDatabase>> {
+    let admin = &plan.admin;
     let mut renames = Vec::new();
     let mut previous = Vec::new();
-    for planned in &plan {
+    for planned in &plan.databases {
         if planned.existing != Existing::Absent {
-            let before =
-                free_name(&admin, &planned.target_database, "before", &stamp, &taken).await?;
-            taken.push(before.clone());
+            let before = free_name(
+                admin,
+                &planned.target_database,
+                "before",
+                &all.stamp,
+                &all.taken,
+            )
+            .await?;
+            all.taken.push(before.clone());
             renames.push((planned.target_database.clone(), before.clone()));
             previous.push((planned, before));
         }
     }
-    for (planned, copy) in plan.iter().zip(&loaded) {
+    for (planned, copy) in plan.databases.iter().zip(&all.loaded) {
         renames.push((copy.name.clone(), planned.target_database.clone()));
     }
     let replaced: Vec<String> = previous
@@ -435,20 +575,19 @@ pub(super) async fn restore(
         .map(|(p, _)| p.target_database.clone())
         .collect();
     let swap_plan = SwapPlan {
-        comments: &comments,
+        comments: &all.comments,
         renames: &renames,
         replaced: &replaced,
     };
-    if let Err(err) = swap(&admin, &server, swap_plan, &mut loaded, options).await {
-        let hint = drop_loaded(&admin, &loaded).await;
+    if let Err(err) = swap(admin, &plan.server, swap_plan, &mut all.loaded, options).await {
+        let hint = drop_loaded(admin, &all.loaded).await;
         return Err(err.with_hint(hint));
     }
-
     let mut kept = Vec::new();
     for (planned, before) in previous {
         if planned.existing == Existing::Empty || options.drop_previous {
             if let Err(e) = admin.drop_database(&before).await {
-                warnings.push(format!(
+                plan.warnings.push(format!(
                     "unable to drop the replaced database, kept as '{before}': {}",
                     e.chain().join(": ")
                 ));
@@ -464,8 +603,13 @@ pub(super) async fn restore(
             });
         }
     }
+    Ok(kept)
+}
 
-    let mut restored: Vec<String> = plan
+/// One line per restored database: under which name, how many tables and rows, what became
+/// of the database it replaced.
+fn describe(databases: &[Planned<'_>], tables: &[TableRows], kept: &[KeptDatabase]) -> Vec<String> {
+    databases
         .iter()
         .map(|planned| {
             let name = if planned.source_database == planned.target_database {
@@ -489,27 +633,7 @@ pub(super) async fn restore(
             };
             format!("{name} ({count} tables, {rows} rows{replaced})")
         })
-        .collect();
-    if globals_file.is_some() {
-        restored.insert(0, "globals".to_string());
-    }
-    let bytes =
-        plan.iter().map(|p| p.object.raw_size).sum::<u64>() + globals.map_or(0, |g| g.raw_size);
-    let stages = vec![
-        ("download and verify".to_string(), staged_in),
-        ("load (pg_restore)".to_string(), load_started.elapsed()),
-    ];
-    let created = plan
-        .iter()
-        .filter(|p| p.existing == Existing::Absent)
-        .map(|p| p.target_database.clone())
-        .collect();
-    drop(plan);
-    let mut report = selected.report(server.describe(), restored, bytes, warnings, stages);
-    report.created_databases = created;
-    report.kept_databases = kept;
-    report.tables = tables;
-    Ok(report)
+        .collect()
 }
 
 /// What loading one database needs from the restore around it.

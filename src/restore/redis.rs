@@ -10,7 +10,7 @@ use super::{RestoreReport, Selected};
 use crate::error::{Error, ErrorKind, Result};
 use crate::layout::RDB_OBJECT;
 use crate::sources::redis::{ScratchRedis, copy_rdb_file};
-use crate::transfer::read_object;
+use crate::transfer::StoredObject;
 
 /// Writes the verified RDB of the selected backup into `dest`, which must not exist.
 pub(super) async fn write_rdb(selected: &Selected, dest: &Path) -> Result<u64> {
@@ -50,19 +50,19 @@ pub(super) async fn write_rdb(selected: &Selected, dest: &Path) -> Result<u64> {
                 .as_file()
                 .try_clone()
                 .map_err(|e| target_error(dest, e))?;
-            let size = read_object(
+            let stored = StoredObject {
                 repository,
                 manifest,
-                &object,
-                &selected.keyring,
-                move |raw| {
+                object: &object,
+            };
+            let size = stored
+                .read(&selected.keyring, move |raw| {
                     let mut out = std::io::BufWriter::new(file);
                     let (size, _) = copy_rdb_file(raw, &mut out)?;
                     out.into_inner().map_err(|e| e.into_error())?.sync_all()?;
                     Ok(size)
-                },
-            )
-            .await?;
+                })
+                .await?;
             give_like_the_server(temp.as_file(), &parent).map_err(|e| target_error(dest, e))?;
             temp.as_file_mut()
                 .sync_all()

@@ -22,7 +22,7 @@ use crate::human::human_size;
 use crate::keys::Keyring;
 use crate::manifest::{Manifest, ObjectEntry};
 use crate::repository::Repository;
-use crate::transfer::{download_object, read_object};
+use crate::transfer::StoredObject;
 
 /// Room kept free beyond the staged bytes, so a restore does not fill the disk to the brim.
 const MARGIN: u64 = 64 * 1024 * 1024;
@@ -497,7 +497,12 @@ impl Staging {
             Error::new(ErrorKind::Target, "unable to clear the staging directory").with_source(e)
         })?;
         let file = self.create_file(&object.name)?;
-        download_object(repository, manifest, object, file).await?;
+        let stored = StoredObject {
+            repository,
+            manifest,
+            object,
+        };
+        stored.download(file).await?;
         Ok(self.path(&object.name))
     }
 
@@ -519,12 +524,18 @@ impl Staging {
             Error::new(ErrorKind::Target, "unable to clear the staging directory").with_source(e)
         })?;
         let file = self.create_file(&name)?;
-        read_object(repository, manifest, object, keyring, move |raw| {
-            let mut out = BufWriter::with_capacity(1024 * 1024, file);
-            std::io::copy(raw, &mut out)?;
-            out.flush()
-        })
-        .await?;
+        let stored = StoredObject {
+            repository,
+            manifest,
+            object,
+        };
+        stored
+            .read(keyring, move |raw| {
+                let mut out = BufWriter::with_capacity(1024 * 1024, file);
+                std::io::copy(raw, &mut out)?;
+                out.flush()
+            })
+            .await?;
         Ok(self.path(&name))
     }
 }

@@ -527,43 +527,101 @@ pub fn write_archive(
     let filter = PathFilter::new(&job.include, &job.exclude)?;
     let roots = roots(job);
     check_roots(job_name, &roots)?;
-    let root_paths: std::collections::HashSet<&Path> =
-        roots.roots.iter().map(|r| r.path.as_path()).collect();
     let mut builder = tar::Builder::new(out);
     builder.follow_symlinks(false);
     builder.mode(tar::HeaderMode::Complete);
-    let mut summary = ArchiveSummary {
-        notes: roots.notes.clone(),
-        ..ArchiveSummary::default()
+    let mut writer = ArchiveWriter {
+        job_name,
+        builder,
+        summary: ArchiveSummary {
+            notes: roots.notes.clone(),
+            ..ArchiveSummary::default()
+        },
+        tree: archive::Tree::new(),
+        linked: Default::default(),
+        // lifeboat's own directories by inode: however a path spells its way to one.
+        own_inodes: roots
+            .lifeboats_own
+            .iter()
+            .filter_map(|(what, path)| {
+                use std::os::unix::fs::MetadataExt;
+                let metadata = std::fs::metadata(path).ok()?;
+                Some(((metadata.dev(), metadata.ino()), what.clone()))
+            })
+            .collect(),
     };
-    let mut tree = archive::Tree::new();
-    let mut admit = |name: &Path, kind: &EntryKind, path: &Path| {
-        tree.admit(name, name, kind).map_err(|e| {
+    for root in &roots.roots {
+        writer.walk(root, &roots, &filter)?;
+    }
+    let ArchiveWriter {
+        builder, summary, ..
+    } = writer;
+    builder
+        .into_inner()
+        .and_then(|out| out.flush())
+        .map_err(|e| {
+            Error::new(
+                ErrorKind::Source,
+                format!("unable to finish the archive for job '{job_name}'"),
+            )
+            .with_source(e)
+        })?;
+    Ok(summary.finish())
+}
+
+/// What the walk does after an entry.
+enum Next {
+    /// The entry is in the archive.
+    Stored,
+    /// Passed over (said so where it matters); the walk goes on.
+    Passed,
+    /// A directory passed over with all beneath it.
+    SkipDir,
+}
+
+/// The archive being written, and what it has seen so far.
+struct ArchiveWriter<'a, 'w> {
+    job_name: &'a str,
+    builder: tar::Builder<&'w mut dyn Write>,
+    summary: ArchiveSummary,
+    tree: archive::Tree,
+    /// The archive name each multiply-linked file was first stored under: later names of
+    /// the same inode are stored as hard links to it, so the data is stored, and restored,
+    /// once.
+    linked: std::collections::HashMap<(u64, u64), PathBuf>,
+    own_inodes: std::collections::HashMap<(u64, u64), String>,
+}
+
+impl ArchiveWriter<'_, '_> {
+    fn admit(&mut self, name: &Path, kind: &EntryKind, path: &Path) -> Result<()> {
+        self.tree.admit(name, name, kind).map_err(|e| {
             Error::new(
                 ErrorKind::Source,
                 format!(
-                    "unable to store '{}' for job '{job_name}': a restore would refuse it",
-                    path.display()
+                    "unable to store '{}' for job '{}': a restore would refuse it",
+                    path.display(),
+                    self.job_name
                 ),
             )
             .with_source(e)
         })
-    };
-    // The archive name each multiply-linked file was first stored under: later names of the
-    // same inode are stored as hard links to it, so the data is stored, and restored, once.
-    let mut linked: std::collections::HashMap<(u64, u64), PathBuf> = Default::default();
-    // lifeboat's own directories by inode: however a path spells its way to one.
-    let own_inodes: std::collections::HashMap<(u64, u64), &str> = roots
-        .lifeboats_own
-        .iter()
-        .filter_map(|(what, path)| {
-            use std::os::unix::fs::MetadataExt;
-            let metadata = std::fs::metadata(path).ok()?;
-            Some(((metadata.dev(), metadata.ino()), what.as_str()))
-        })
-        .collect();
+    }
 
-    for root in &roots.roots {
+    /// The root changed from what `check_roots` found: the run must not go on without it.
+    fn replaced(&self, root: &Root, what: &str) -> Error {
+        Error::new(
+            ErrorKind::Source,
+            format!(
+                "path '{}' of job '{}' was {what} while the backup ran; nothing of it was stored",
+                archive::printable(&root.configured),
+                self.job_name
+            ),
+        )
+    }
+
+    /// Walks one configured path into the archive.
+    fn walk(&mut self, root: &Root, roots: &Roots, filter: &PathFilter) -> Result<()> {
+        let job_name = self.job_name;
         // What the path is, and what it leads to, before and after the walk: a path moved,
         // replaced or re-pointed meanwhile (a deploy switching `current`) would give a tree
         // made of two.
@@ -593,219 +651,19 @@ pub fn write_archive(
                         && e.io_error().is_some_and(|io| vanished(io) || too_long(io));
                     if passed {
                         let io = e.into_io_error().expect("an I/O error");
-                        pass_over_or_fail(&mut summary, &path, false, io)
+                        pass_over_or_fail(&mut self.summary, &path, false, io)
                             .map_err(|e| source_error(job_name, "read directory", &path, e))?;
                         continue;
                     }
                     return Err(source_error(job_name, "read directory", &path, e));
                 }
             };
-            let path = entry.path();
-            let top = entry.depth() == 0;
-            // Changed from what `check_roots` found: the run must not go on without it.
-            let replaced = |what: &str| {
-                Error::new(
-                    ErrorKind::Source,
-                    format!(
-                        "path '{}' of job '{job_name}' was {what} while the backup ran; nothing of it was stored",
-                        archive::printable(&root.configured)
-                    ),
-                )
-            };
-            // walkdir walks a followed path's target but names the path itself a symlink.
-            let followed = entry.depth() == 0 && root.follow && entry.path_is_symlink();
-            let file_type = match followed {
-                true => std::fs::metadata(path)
-                    .map_err(|e| source_error(job_name, "follow the symlink", &root.configured, e))?
-                    .file_type(),
-                false => entry.file_type(),
-            };
-            // Another configured path, read on its own: stored once, as that path says.
-            let another_root = !top && root_paths.contains(path);
-            if another_root || (!top && filter.excluded(path)) {
-                if file_type.is_dir() {
-                    walker.skip_current_dir();
-                }
-                continue;
+            let next = self.entry(&entry, root, roots, filter)?;
+            match next {
+                Next::Stored => self.summary.entries += 1,
+                Next::Passed => {}
+                Next::SkipDir => walker.skip_current_dir(),
             }
-            if let Some((what, _)) = roots.lifeboats_own.iter().find(|(_, own)| own == path) {
-                if file_type.is_dir() {
-                    walker.skip_current_dir();
-                }
-                summary.notes.push(format!(
-                    "'{}' is {what}, which lifeboat writes itself: not stored",
-                    archive::printable(path)
-                ));
-                continue;
-            }
-            let name = archive_name(path);
-            if name.as_os_str().is_empty() {
-                // '/' itself: the directory a restore unpacks into, which it leaves as it is.
-                continue;
-            }
-            if name.components().count() > MAX_DEPTH {
-                if file_type.is_dir() {
-                    walker.skip_current_dir();
-                }
-                summary.pass_over(path, &format!("deeper than {MAX_DEPTH} directories"));
-                continue;
-            }
-            if file_type.is_dir() {
-                let (metadata, records) = match read_directory(path, followed) {
-                    Ok(read) => read,
-                    Err(e) => {
-                        walker.skip_current_dir();
-                        pass_over_or_fail(&mut summary, path, top, e)
-                            .map_err(|e| source_error(job_name, "archive directory", path, e))?;
-                        continue;
-                    }
-                };
-                if !metadata.is_dir() {
-                    if top {
-                        return Err(replaced("replaced"));
-                    }
-                    walker.skip_current_dir();
-                    tracing::warn!(path = ?path, "skipping a directory replaced while the backup ran");
-                    continue;
-                }
-                {
-                    use std::os::unix::fs::MetadataExt;
-                    if let Some(what) = own_inodes.get(&(metadata.dev(), metadata.ino())) {
-                        walker.skip_current_dir();
-                        summary.notes.push(format!(
-                            "'{}' is {what}, which lifeboat writes itself: not stored",
-                            archive::printable(path)
-                        ));
-                        continue;
-                    }
-                }
-                admit(&name, &EntryKind::Directory, path)?;
-                let mut header = header_of(&metadata);
-                header.set_size(0);
-                append_records(&mut builder, &name, &records)
-                    .and_then(|()| builder.append_data(&mut header, &name, io::empty()))
-                    .map_err(|e| source_error(job_name, "archive directory", path, e))?;
-            } else if file_type.is_symlink() {
-                if !top && !filter.included(path) {
-                    continue;
-                }
-                // Read once, and stored as read: the target checked is the target written.
-                let read = std::fs::symlink_metadata(path)
-                    .and_then(|metadata| Ok((std::fs::read_link(path)?, metadata)));
-                let (target, metadata) = match read {
-                    Ok(read) => read,
-                    // No longer a symlink between its lstat and readlink.
-                    Err(e) if e.raw_os_error() == Some(libc::EINVAL) && !top => {
-                        tracing::warn!(path = ?path, "skipping a symlink replaced while the backup ran");
-                        continue;
-                    }
-                    Err(e) => {
-                        pass_over_or_fail(&mut summary, path, top, e)
-                            .map_err(|e| source_error(job_name, "archive symlink", path, e))?;
-                        continue;
-                    }
-                };
-                if !metadata.is_symlink() {
-                    if top {
-                        return Err(replaced("replaced"));
-                    }
-                    tracing::warn!(path = ?path, "skipping a symlink replaced while the backup ran");
-                    continue;
-                }
-                if archive::climbs_out(&name, &target) {
-                    summary.pass_over(path, "symlink whose relative target climbs above '/'");
-                    continue;
-                }
-                admit(&name, &EntryKind::Symlink(target.clone()), path)?;
-                let mut header = header_of(&metadata);
-                header.set_entry_type(tar::EntryType::Symlink);
-                header.set_size(0);
-                append_symlink(
-                    &mut builder,
-                    &mut header,
-                    &name,
-                    target.as_os_str().as_bytes(),
-                )
-                .map_err(|e| source_error(job_name, "archive symlink", path, e))?;
-            } else if file_type.is_file() {
-                if !top && !filter.included(path) {
-                    continue;
-                }
-                use std::os::unix::fs::MetadataExt;
-                // The open file decides: a name replaced since the directory was read (an
-                // editor's rename) is stored as what it is now.
-                use std::os::unix::fs::OpenOptionsExt;
-                // Without blocking: a FIFO put in the name's place would wait for a writer.
-                // A followed path's own file is opened through its symlink.
-                let no_follow = if followed { 0 } else { libc::O_NOFOLLOW };
-                let file = match std::fs::OpenOptions::new()
-                    .read(true)
-                    .custom_flags(libc::O_NONBLOCK | no_follow)
-                    .open(path)
-                {
-                    Ok(file) => file,
-                    Err(e) if e.raw_os_error() == Some(libc::ELOOP) && !top => {
-                        tracing::warn!(path = ?path, "skipping a file replaced by a symlink while the backup ran");
-                        continue;
-                    }
-                    Err(e) => {
-                        pass_over_or_fail(&mut summary, path, top, e)
-                            .map_err(|e| source_error(job_name, "read file", path, e))?;
-                        continue;
-                    }
-                };
-                let metadata = file
-                    .metadata()
-                    .map_err(|e| source_error(job_name, "read file", path, e))?;
-                if !metadata.is_file() {
-                    summary.pass_over(path, special_kind(metadata.file_type()));
-                    continue;
-                }
-                if metadata.len() > MAX_SPARSE_SIZE {
-                    summary.pass_over(path, "file larger than 16 TiB");
-                    continue;
-                }
-                let inode = (metadata.dev(), metadata.ino());
-                match linked.get(&inode) {
-                    Some(first) if metadata.nlink() > 1 => {
-                        admit(&name, &EntryKind::HardLink(first.clone()), path)?;
-                        let mut header = header_of(&metadata);
-                        header.set_entry_type(tar::EntryType::Link);
-                        header.set_size(0);
-                        builder
-                            .append_link(&mut header, &name, first)
-                            .map_err(|e| source_error(job_name, "archive hard link", path, e))?;
-                    }
-                    _ => {
-                        admit(&name, &EntryKind::File { sparse: false }, path)?;
-                        append_file(&mut builder, &file, &metadata, &name)
-                            .map_err(|e| source_error(job_name, "read file", path, e))?;
-                        // Written to while read (same size, or it would have failed): the
-                        // copy may mix old and new bytes, as GNU tar warns.
-                        let changed = file.metadata().is_ok_and(|now| {
-                            (now.mtime(), now.mtime_nsec(), now.ctime(), now.ctime_nsec())
-                                != (
-                                    metadata.mtime(),
-                                    metadata.mtime_nsec(),
-                                    metadata.ctime(),
-                                    metadata.ctime_nsec(),
-                                )
-                        });
-                        if changed {
-                            summary.changed_while_read(path);
-                        }
-                        if metadata.nlink() > 1 {
-                            linked.insert(inode, name.clone());
-                        }
-                    }
-                }
-            } else {
-                if filter.included(path) {
-                    summary.pass_over(path, special_kind(file_type));
-                }
-                continue;
-            }
-            summary.entries += 1;
         }
         let after = identity();
         if after.is_none() || after != before {
@@ -818,18 +676,227 @@ pub fn write_archive(
             )
             .with_hint("run the backup again once it holds still (a deploy switching a symlink, a rename)"));
         }
+        Ok(())
     }
-    builder
-        .into_inner()
-        .and_then(|out| out.flush())
-        .map_err(|e| {
-            Error::new(
-                ErrorKind::Source,
-                format!("unable to finish the archive for job '{job_name}'"),
-            )
-            .with_source(e)
-        })?;
-    Ok(summary.finish())
+
+    /// One entry of the walk: left out (another root, excluded, lifeboat's own, too deep),
+    /// or stored as what it is.
+    fn entry(
+        &mut self,
+        entry: &walkdir::DirEntry,
+        root: &Root,
+        roots: &Roots,
+        filter: &PathFilter,
+    ) -> Result<Next> {
+        let path = entry.path();
+        let top = entry.depth() == 0;
+        // walkdir walks a followed path's target but names the path itself a symlink.
+        let followed = top && root.follow && entry.path_is_symlink();
+        let file_type = match followed {
+            true => std::fs::metadata(path)
+                .map_err(|e| {
+                    source_error(self.job_name, "follow the symlink", &root.configured, e)
+                })?
+                .file_type(),
+            false => entry.file_type(),
+        };
+        let skip = match file_type.is_dir() {
+            true => Next::SkipDir,
+            false => Next::Passed,
+        };
+        // Another configured path, read on its own: stored once, as that path says.
+        let another_root = !top && roots.roots.iter().any(|r| r.path == path);
+        if another_root || (!top && filter.excluded(path)) {
+            return Ok(skip);
+        }
+        if let Some((what, _)) = roots.lifeboats_own.iter().find(|(_, own)| own == path) {
+            self.summary.notes.push(format!(
+                "'{}' is {what}, which lifeboat writes itself: not stored",
+                archive::printable(path)
+            ));
+            return Ok(skip);
+        }
+        let name = archive_name(path);
+        if name.as_os_str().is_empty() {
+            // '/' itself: the directory a restore unpacks into, which it leaves as it is.
+            return Ok(Next::Passed);
+        }
+        if name.components().count() > MAX_DEPTH {
+            self.summary
+                .pass_over(path, &format!("deeper than {MAX_DEPTH} directories"));
+            return Ok(skip);
+        }
+        if file_type.is_dir() {
+            self.directory(path, &name, root, (top, followed))
+        } else if file_type.is_symlink() {
+            if !top && !filter.included(path) {
+                return Ok(Next::Passed);
+            }
+            self.symlink(path, &name, root, top)
+        } else if file_type.is_file() {
+            if !top && !filter.included(path) {
+                return Ok(Next::Passed);
+            }
+            self.file(path, &name, top, followed)
+        } else {
+            if filter.included(path) {
+                self.summary.pass_over(path, special_kind(file_type));
+            }
+            Ok(Next::Passed)
+        }
+    }
+
+    fn directory(
+        &mut self,
+        path: &Path,
+        name: &Path,
+        root: &Root,
+        (top, followed): (bool, bool),
+    ) -> Result<Next> {
+        let job_name = self.job_name;
+        let (metadata, records) = match read_directory(path, followed) {
+            Ok(read) => read,
+            Err(e) => {
+                pass_over_or_fail(&mut self.summary, path, top, e)
+                    .map_err(|e| source_error(job_name, "archive directory", path, e))?;
+                return Ok(Next::SkipDir);
+            }
+        };
+        if !metadata.is_dir() {
+            if top {
+                return Err(self.replaced(root, "replaced"));
+            }
+            tracing::warn!(path = ?path, "skipping a directory replaced while the backup ran");
+            return Ok(Next::SkipDir);
+        }
+        {
+            use std::os::unix::fs::MetadataExt;
+            if let Some(what) = self.own_inodes.get(&(metadata.dev(), metadata.ino())) {
+                self.summary.notes.push(format!(
+                    "'{}' is {what}, which lifeboat writes itself: not stored",
+                    archive::printable(path)
+                ));
+                return Ok(Next::SkipDir);
+            }
+        }
+        self.admit(name, &EntryKind::Directory, path)?;
+        let mut header = header_of(&metadata);
+        header.set_size(0);
+        append_records(&mut self.builder, name, &records)
+            .and_then(|()| self.builder.append_data(&mut header, name, io::empty()))
+            .map_err(|e| source_error(job_name, "archive directory", path, e))?;
+        Ok(Next::Stored)
+    }
+
+    fn symlink(&mut self, path: &Path, name: &Path, root: &Root, top: bool) -> Result<Next> {
+        let job_name = self.job_name;
+        // Read once, and stored as read: the target checked is the target written.
+        let read = std::fs::symlink_metadata(path)
+            .and_then(|metadata| Ok((std::fs::read_link(path)?, metadata)));
+        let (target, metadata) = match read {
+            Ok(read) => read,
+            // No longer a symlink between its lstat and readlink.
+            Err(e) if e.raw_os_error() == Some(libc::EINVAL) && !top => {
+                tracing::warn!(path = ?path, "skipping a symlink replaced while the backup ran");
+                return Ok(Next::Passed);
+            }
+            Err(e) => {
+                pass_over_or_fail(&mut self.summary, path, top, e)
+                    .map_err(|e| source_error(job_name, "archive symlink", path, e))?;
+                return Ok(Next::Passed);
+            }
+        };
+        if !metadata.is_symlink() {
+            if top {
+                return Err(self.replaced(root, "replaced"));
+            }
+            tracing::warn!(path = ?path, "skipping a symlink replaced while the backup ran");
+            return Ok(Next::Passed);
+        }
+        if archive::climbs_out(name, &target) {
+            self.summary
+                .pass_over(path, "symlink whose relative target climbs above '/'");
+            return Ok(Next::Passed);
+        }
+        self.admit(name, &EntryKind::Symlink(target.clone()), path)?;
+        let mut header = header_of(&metadata);
+        header.set_entry_type(tar::EntryType::Symlink);
+        header.set_size(0);
+        append_symlink(
+            &mut self.builder,
+            &mut header,
+            name,
+            target.as_os_str().as_bytes(),
+        )
+        .map_err(|e| source_error(job_name, "archive symlink", path, e))?;
+        Ok(Next::Stored)
+    }
+
+    fn file(&mut self, path: &Path, name: &Path, top: bool, followed: bool) -> Result<Next> {
+        use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+        let job_name = self.job_name;
+        // The open file decides: a name replaced since the directory was read (an editor's
+        // rename) is stored as what it is now. Without blocking: a FIFO put in the name's
+        // place would wait for a writer. A followed path's own file is opened through its
+        // symlink.
+        let no_follow = if followed { 0 } else { libc::O_NOFOLLOW };
+        let file = match std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NONBLOCK | no_follow)
+            .open(path)
+        {
+            Ok(file) => file,
+            Err(e) if e.raw_os_error() == Some(libc::ELOOP) && !top => {
+                tracing::warn!(path = ?path, "skipping a file replaced by a symlink while the backup ran");
+                return Ok(Next::Passed);
+            }
+            Err(e) => {
+                pass_over_or_fail(&mut self.summary, path, top, e)
+                    .map_err(|e| source_error(job_name, "read file", path, e))?;
+                return Ok(Next::Passed);
+            }
+        };
+        let metadata = file
+            .metadata()
+            .map_err(|e| source_error(job_name, "read file", path, e))?;
+        if !metadata.is_file() {
+            self.summary
+                .pass_over(path, special_kind(metadata.file_type()));
+            return Ok(Next::Passed);
+        }
+        if metadata.len() > MAX_SPARSE_SIZE {
+            self.summary.pass_over(path, "file larger than 16 TiB");
+            return Ok(Next::Passed);
+        }
+        let inode = (metadata.dev(), metadata.ino());
+        if let Some(first) = self.linked.get(&inode).filter(|_| metadata.nlink() > 1) {
+            let first = first.clone();
+            self.admit(name, &EntryKind::HardLink(first.clone()), path)?;
+            let mut header = header_of(&metadata);
+            header.set_entry_type(tar::EntryType::Link);
+            header.set_size(0);
+            self.builder
+                .append_link(&mut header, name, &first)
+                .map_err(|e| source_error(job_name, "archive hard link", path, e))?;
+            return Ok(Next::Stored);
+        }
+        self.admit(name, &EntryKind::File { sparse: false }, path)?;
+        append_file(&mut self.builder, &file, &metadata, name)
+            .map_err(|e| source_error(job_name, "read file", path, e))?;
+        // Written to while read (same size, or it would have failed): the copy may mix old
+        // and new bytes, as GNU tar warns.
+        let stamps = |m: &std::fs::Metadata| (m.mtime(), m.mtime_nsec(), m.ctime(), m.ctime_nsec());
+        if file
+            .metadata()
+            .is_ok_and(|now| stamps(&now) != stamps(&metadata))
+        {
+            self.summary.changed_while_read(path);
+        }
+        if metadata.nlink() > 1 {
+            self.linked.insert(inode, name.to_path_buf());
+        }
+        Ok(Next::Stored)
+    }
 }
 
 /// Stores a symlink to `target` exactly as the link holds it: the tar crate's own

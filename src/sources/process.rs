@@ -166,10 +166,12 @@ fn forget_pid(pid: u32) {
 }
 
 fn spawn_registered(command: &mut Command) -> io::Result<std::process::Child> {
+    // Before the child exists: an interrupt from now on kills it (waiting on RUNNING while
+    // it starts).
+    crate::interrupt::at_interrupt(crate::interrupt::Step::Kill, kill_all);
     let mut running = running();
     let child = command.spawn()?;
     running.push(child.id());
-    crate::interrupt::at_interrupt(crate::interrupt::Step::Kill, kill_all);
     Ok(child)
 }
 

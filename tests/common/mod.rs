@@ -41,6 +41,30 @@ impl Run {
         );
         self
     }
+
+    /// The run's stderr holds `text`.
+    #[track_caller]
+    pub fn assert_stderr_has(&self, text: impl AsRef<str>) -> &Run {
+        let text = text.as_ref();
+        assert!(
+            self.stderr.contains(text),
+            "stderr lacks {text:?}\n--- stderr\n{}",
+            self.stderr
+        );
+        self
+    }
+
+    /// The run's stdout holds `text`.
+    #[track_caller]
+    pub fn assert_stdout_has(&self, text: impl AsRef<str>) -> &Run {
+        let text = text.as_ref();
+        assert!(
+            self.stdout.contains(text),
+            "stdout lacks {text:?}\n--- stdout\n{}",
+            self.stdout
+        );
+        self
+    }
 }
 
 /// The id of the backup of `job` a `backup` run reports as committed.
@@ -113,6 +137,55 @@ pub fn run_command(command: &mut Command) -> Run {
         }
     }
     panic!("the binary stayed busy for a second");
+}
+
+/// A config built piece by piece, then written as `lifeboat.toml` into its directory:
+/// `Scenario::new(work).local("primary", &dir).postgres_job(…).write()`. Pieces come out in
+/// the order they were added (a `[table]` after the jobs would take their keys).
+#[must_use]
+pub struct Scenario {
+    dir: PathBuf,
+    text: String,
+}
+
+impl Scenario {
+    pub fn new(dir: &Path) -> Scenario {
+        Scenario {
+            dir: dir.to_path_buf(),
+            text: String::new(),
+        }
+    }
+
+    /// A local repository `name` at `path`.
+    pub fn local(self, name: &str, path: &Path) -> Scenario {
+        self.raw(&local_repository(name, path))
+    }
+
+    /// A logical PostgreSQL job (see [`postgres_job`]).
+    pub fn postgres_job(
+        self,
+        name: &str,
+        dsn: &str,
+        password_file: &Path,
+        extra: &str,
+    ) -> Scenario {
+        self.raw(&postgres_job(name, dsn, password_file, extra))
+    }
+
+    /// A files job backing up `paths`.
+    pub fn files_job(self, name: &str, paths: &[&Path]) -> Scenario {
+        self.raw(&files_job(name, paths))
+    }
+
+    /// Any other piece of config: an S3 repository's block, a table, keys of the last job.
+    pub fn raw(mut self, text: &str) -> Scenario {
+        self.text.push_str(text);
+        self
+    }
+
+    pub fn write(self) -> PathBuf {
+        write_config(&self.dir, &self.text)
+    }
 }
 
 pub fn write_config(dir: &Path, text: &str) -> PathBuf {

@@ -396,13 +396,15 @@ fn spawn_postmaster(
                 .open(dir.join("postgres.log"))
                 .map_err(|e| error("unable to create the scratch cluster's log").with_source(e))?,
         );
+    // Before the postmaster exists: an interrupt from now on seizes and stops it (waiting
+    // on RUNNING while it starts).
+    crate::interrupt::at_interrupt(crate::interrupt::Step::Seize, seize_all);
+    crate::interrupt::at_interrupt(crate::interrupt::Step::Stop, stop_seized);
     let mut running = RUNNING.lock().unwrap_or_else(|e| e.into_inner());
     let child = postgres.spawn().map_err(|e| {
         error("unable to start the scratch cluster: cannot run postgres").with_source(e)
     })?;
     running.push((child.id(), dir.to_path_buf()));
-    crate::interrupt::at_interrupt(crate::interrupt::Step::Seize, seize_all);
-    crate::interrupt::at_interrupt(crate::interrupt::Step::Stop, stop_seized);
     Ok(child)
 }
 

@@ -417,14 +417,9 @@ impl RedisServer {
         }
     }
 
-    /// The fallback where SYNC is refused: BGSAVE (after a save already running ends), wait
-    /// until it has finished, then the server's RDB file at `rdb_path`, opened for the
-    /// caller to copy (and check). The open file must be the one the server saves to, where
-    /// CONFIG says which, and written by this BGSAVE (its time, and the save time the RDB
-    /// itself records): a stale file at a wrong path would otherwise pass for a fresh backup.
-    pub async fn bgsave_rdb(&self, rdb_path: &Path) -> Result<std::fs::File> {
-        use std::os::unix::fs::OpenOptionsExt;
-        let refused = |what: String| Error::new(ErrorKind::Source, what);
+    /// Runs a BGSAVE of its own (after a save already running ends) and waits until it has
+    /// finished: when it was asked for, and the LASTSAVE it finished at.
+    async fn bgsave(&self) -> Result<(std::time::SystemTime, i64)> {
         let mut connection = self.connect().await?;
         let persistence = async |connection: &mut redis::aio::MultiplexedConnection| {
             let text: String = redis::cmd("INFO")
@@ -495,6 +490,18 @@ impl RedisServer {
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         };
+        Ok((asked_at, last_save))
+    }
+
+    /// The fallback where SYNC is refused: BGSAVE (after a save already running ends), wait
+    /// until it has finished, then the server's RDB file at `rdb_path`, opened for the
+    /// caller to copy (and check). The open file must be the one the server saves to, where
+    /// CONFIG says which, and written by this BGSAVE (its time, and the save time the RDB
+    /// itself records): a stale file at a wrong path would otherwise pass for a fresh backup.
+    pub async fn bgsave_rdb(&self, rdb_path: &Path) -> Result<std::fs::File> {
+        use std::os::unix::fs::OpenOptionsExt;
+        let refused = |what: String| Error::new(ErrorKind::Source, what);
+        let (asked_at, last_save) = self.bgsave().await?;
         let unreadable = |e: std::io::Error| {
             Error::new(
                 ErrorKind::Source,

@@ -114,12 +114,15 @@ impl ScratchRedis {
         for _ in 0..5 {
             scratch.port =
                 free_port().map_err(|e| error("unable to find a free port").with_source(e))?;
-            let child = spawn(&path, scratch.port)?;
-            RUNNING
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .push(child.id());
+            // Before the server exists: an interrupt from now on stops it.
             crate::interrupt::at_interrupt(crate::interrupt::Step::Stop, stop_all);
+            // Held across the spawn: an interrupt's stop waits for the pid to be recorded.
+            let child = {
+                let mut running = RUNNING.lock().unwrap_or_else(|e| e.into_inner());
+                let child = spawn(&path, scratch.port)?;
+                running.push(child.id());
+                child
+            };
             scratch.child = Some(child);
             match scratch.wait_loaded().await {
                 Ok(()) => return Ok(scratch),
