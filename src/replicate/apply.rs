@@ -26,8 +26,9 @@ pub(super) async fn apply(job: &str, copies: JobCopies, report: &mut ReplicateRe
     }
 }
 
-/// The objects, then the manifest, then the open uploads of one backup in one repository;
-/// the first failure stops the rest.
+/// The objects, then the manifest, then the open uploads of one backup in one repository.
+/// An object that cannot be copied leaves the manifest and the uploads alone (the other
+/// objects still go in).
 async fn fill_backup(fill: &BackupFill, report: &mut ReplicateReport) {
     let (job, id, target) = (&fill.job, &fill.id, &fill.target);
     let mut actions = fill.actions().into_iter();
@@ -117,14 +118,17 @@ async fn fill_backup(fill: &BackupFill, report: &mut ReplicateReport) {
 }
 
 /// The repository (the target, or the manifest's source) holding a removal record of the
-/// backup `fill` fills in, if one does.
+/// backup `fill` fills in that prune could have written, if one does: by the rules
+/// planning judges records by, not one naming the job's newest backup (prune never removes
+/// it) nor one dated before the backup was made.
 async fn removed_since(fill: &BackupFill, source: &Repository) -> Option<String> {
+    if fill.newest {
+        return None;
+    }
+    let made = layout::parse_backup_id(&fill.id);
     for repository in [&fill.target, source] {
-        if repository
-            .read_tombstone(&fill.job, &fill.id)
-            .await
-            .is_some()
-        {
+        let record = repository.read_tombstone(&fill.job, &fill.id).await;
+        if record.is_some_and(|record| made.is_none_or(|made| record.removed_at >= made)) {
             return Some(repository.name.clone());
         }
     }

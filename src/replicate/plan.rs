@@ -28,6 +28,8 @@ pub struct BackupFill {
     /// A removal record of it was read while planning and judged not prune's (planted,
     /// or naming the newest backup): one found before the manifest is written is that one.
     pub record_ignored: bool,
+    /// The job's newest backup, which prune never removes.
+    pub newest: bool,
 }
 
 pub struct ObjectCopy {
@@ -181,6 +183,7 @@ pub(super) async fn plan_job(
         plan_backup(job, &id, &survey, read_objects, &mut planned).await;
         for fill in &mut planned.backups[first..] {
             fill.record_ignored = record.is_some();
+            fill.newest = newest.as_ref() == Some(&id);
         }
     }
     let reachable: Vec<&Repository> = survey.listed.iter().map(|(r, _)| *r).collect();
@@ -332,6 +335,7 @@ async fn plan_backup(
             manifest: None,
             open_uploads: Vec::new(),
             record_ignored: false,
+            newest: false,
         };
         for object in &expected.objects {
             let key = layout::object_key(job, id, &object.name);

@@ -373,6 +373,7 @@ async fn stage(
     };
     let mut dumps = Vec::new();
     for planned in &plan.databases {
+        let started = std::time::Instant::now();
         let object = planned.object;
         let dump = if decompress {
             let path = fetch(object).await?;
@@ -403,16 +404,18 @@ async fn stage(
                 served_by,
             }
         };
-        tracing::debug!(object = %object.name, "staged");
+        let elapsed = started.elapsed();
+        tracing::debug!(object = %object.name, ?elapsed, "staged");
         dumps.push(dump);
     }
+    let took = staging_started.elapsed();
     let entries = dumps.iter().map(Staged::database_entries).collect();
     Ok(StagedDumps {
         _staging: staging,
         globals,
         dumps,
         entries,
-        took: staging_started.elapsed(),
+        took,
     })
 }
 
@@ -554,14 +557,21 @@ async fn swap_in(
     let mut previous = Vec::new();
     for planned in &plan.databases {
         if planned.existing != Existing::Absent {
-            let before = free_name(
+            let named = free_name(
                 admin,
                 &planned.target_database,
                 "before",
                 &all.stamp,
                 &all.taken,
             )
-            .await?;
+            .await;
+            let before = match named {
+                Ok(before) => before,
+                Err(err) => {
+                    let hint = drop_loaded(admin, &all.loaded).await;
+                    return Err(err.with_hint(hint));
+                }
+            };
             all.taken.push(before.clone());
             renames.push((planned.target_database.clone(), before.clone()));
             previous.push((planned, before));
