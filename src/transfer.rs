@@ -245,14 +245,26 @@ pub struct StoredObject<'a> {
 }
 
 impl StoredObject<'_> {
+    fn key(&self) -> String {
+        layout::object_key(&self.manifest.job, &self.manifest.id, &self.object.name)
+    }
+
+    /// "object 'KEY' in repository 'NAME'", for messages.
+    fn place(&self) -> String {
+        format!(
+            "object '{}' in repository '{}'",
+            self.key(),
+            self.repository.name
+        )
+    }
+
     async fn open(&self, keyring: &Keyring) -> Result<Opened> {
         let StoredObject {
             repository,
             manifest,
             object,
         } = *self;
-        let key = layout::object_key(&manifest.job, &manifest.id, &object.name);
-        let place = format!("object '{key}' in repository '{}'", repository.name);
+        let (key, place) = (self.key(), self.place());
         let identities = identities_for(keyring, object, &place)?;
         let stream = repository
             .open_object(&manifest.job, &manifest.id, &object.name)
@@ -270,12 +282,9 @@ impl StoredObject<'_> {
     /// restore finds out it has the wrong key before it touches anything.
     pub async fn check_key(&self, keyring: &Keyring) -> Result<()> {
         let StoredObject {
-            repository,
-            manifest,
-            object,
+            repository, object, ..
         } = *self;
-        let key = layout::object_key(&manifest.job, &manifest.id, &object.name);
-        let place = format!("object '{key}' in repository '{}'", repository.name);
+        let (key, place) = (self.key(), self.place());
         let Some(identities) = identities_for(keyring, object, &place)? else {
             return Ok(());
         };
@@ -402,7 +411,7 @@ impl StoredObject<'_> {
             manifest,
             object,
         } = *self;
-        let key = layout::object_key(&manifest.job, &manifest.id, &object.name);
+        let key = self.key();
         let file = out;
         let stream = repository
             .open_object(&manifest.job, &manifest.id, &object.name)
@@ -429,13 +438,7 @@ impl StoredObject<'_> {
             Error::new(ErrorKind::Storage, format!("unable to read object '{key}'")).with_source(e)
         })?;
         outcome.map(|_| ()).map_err(|e| {
-            decode_failure(
-                format!("object '{key}' in repository '{}'", repository.name),
-                &manifest.job,
-                object,
-                &Keyring::default(),
-                e,
-            )
+            decode_failure(self.place(), &manifest.job, object, &Keyring::default(), e)
         })
     }
 }

@@ -3,7 +3,9 @@
 
 use futures::StreamExt;
 
-use super::plan::{BackupFill, JobCopies, SignatureCopy, WalCopy, is_signed_kind};
+use super::plan::{
+    BackupFill, JobCopies, SignatureCopy, WalCopy, holds_prune_record, is_signed_kind,
+};
 use super::{Action, NotCopied, ReplicateReport};
 use crate::error::{Error, ErrorKind, Result};
 use crate::layout;
@@ -125,10 +127,8 @@ async fn removed_since(fill: &BackupFill, source: &Repository) -> Option<String>
     if fill.newest {
         return None;
     }
-    let made = layout::parse_backup_id(&fill.id);
     for repository in [&fill.target, source] {
-        let record = repository.read_tombstone(&fill.job, &fill.id).await;
-        if record.is_some_and(|record| made.is_none_or(|made| record.removed_at >= made)) {
+        if holds_prune_record(repository, &fill.job, &fill.id).await {
             return Some(repository.name.clone());
         }
     }

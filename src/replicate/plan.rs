@@ -253,19 +253,23 @@ async fn honour_record(
     let Some((repository, _)) = survey.listed.iter().find(|(r, _)| r.name == record) else {
         return true;
     };
-    // Prune removes a backup after it was made: a record dated before is not prune's.
-    let made = layout::parse_backup_id(id);
-    if repository
-        .read_tombstone(job, id)
-        .await
-        .is_some_and(|record| made.is_none_or(|made| record.removed_at >= made))
-    {
+    if holds_prune_record(repository, job, id).await {
         return true;
     }
     planned.ignored_records.push(format!(
         "'{key}' in repository '{record}' is no removal record lifeboat wrote (unreadable, of another backup, or dated before the backup was made): ignored, and the backup copied; remove it"
     ));
     false
+}
+
+/// Whether `repository` holds a removal record of `job/id` that prune could have written:
+/// one that reads, dated after the backup was made (prune removes a backup only after).
+pub async fn holds_prune_record(repository: &Repository, job: &str, id: &str) -> bool {
+    let made = layout::parse_backup_id(id);
+    repository
+        .read_tombstone(job, id)
+        .await
+        .is_some_and(|record| made.is_none_or(|made| record.removed_at >= made))
 }
 
 /// The backups of `job` prune removed, from the removal records of every listed repository:
