@@ -16,7 +16,7 @@ use crate::storage::{self, ObjectMeta};
 use crate::wal::{self, Lsn, WalFile, WalFileKind};
 
 /// WAL keys listed at a time.
-const PAGE: usize = 10_000;
+pub const PAGE: usize = 10_000;
 
 /// The WAL files of one job that any of a set of repositories holds.
 #[derive(Debug, Default)]
@@ -61,7 +61,7 @@ impl ArchiveListing {
         listing
     }
 
-    fn add(&mut self, file: &WalFile, segment_size: u64, stored_at: Option<DateTime<Utc>>) {
+    pub fn add(&mut self, file: &WalFile, segment_size: u64, stored_at: Option<DateTime<Utc>>) {
         match file.kind {
             WalFileKind::Segment => {
                 if let Some(segment) = file.segment(segment_size) {
@@ -79,8 +79,17 @@ impl ArchiveListing {
         }
     }
 
-    fn stored(&self, timeline: u32, segment: u64) -> Option<Option<DateTime<Utc>>> {
+    pub fn stored(&self, timeline: u32, segment: u64) -> Option<Option<DateTime<Utc>>> {
         self.segments.get(&(timeline, segment)).copied()
+    }
+
+    /// Every segment listed: (timeline, segment number) and when it was stored, in order.
+    pub fn segments(&self) -> impl Iterator<Item = ((u32, u64), Option<DateTime<Utc>>)> + '_ {
+        self.segments.iter().map(|(at, stored)| (*at, *stored))
+    }
+
+    pub fn holds_history(&self, timeline: u32) -> bool {
+        self.histories.contains(&timeline)
     }
 
     /// The newest timeline PostgreSQL's `recovery_target_timeline = 'latest'` finds from
@@ -251,16 +260,20 @@ pub fn describe_time(at: Option<DateTime<Utc>>) -> String {
     at.map_or_else(|| "at an unknown time".to_string(), |at| at.to_rfc3339())
 }
 
+/// The timeline segment `segment` must come from on `path`: the newest that has begun by
+/// then.
+pub fn timeline_at(path: &[Span], segment: u64) -> u32 {
+    path.iter()
+        .rev()
+        .find(|span| span.begins <= segment)
+        .map_or(path[0].timeline, |span| span.timeline)
+}
+
 /// Walks the archive along `path` from segment `first`: which timeline each segment must
 /// come from (the newest on the path that has begun by then), how far it runs unbroken,
 /// and what lies beyond.
 pub fn reach(listing: &ArchiveListing, path: &[Span], first: u64, segment_size: u64) -> Reach {
-    let timeline_of = |segment: u64| {
-        path.iter()
-            .rev()
-            .find(|span| span.begins <= segment)
-            .map_or(path[0].timeline, |span| span.timeline)
-    };
+    let timeline_of = |segment: u64| timeline_at(path, segment);
     let point = |segment: u64, stored_at| Point {
         name: wal::segment_name(timeline_of(segment), segment, segment_size),
         segment,

@@ -8,6 +8,8 @@
 //! jobs/JOB/verified/BACKUP_ID.json             the last `verify` that found it intact
 //! jobs/JOB/prune.json                          backups a `prune` is removing, until it ends
 //! jobs/JOB/cluster.json                        the cluster whose WAL the job archives
+//! jobs/JOB/archive-proof.json                  what `verify --archive` proved of the WAL
+//! jobs/JOB/sample.json                         where `verify --sample` stands in its rotation
 //! drills/DRILL/TIMESTAMP.json                  drill reports, kept with the backups
 //! ```
 
@@ -143,6 +145,16 @@ pub fn removed_prefix(job: &str) -> String {
 
 pub fn removed_key(job: &str, id: &str) -> String {
     format!("jobs/{job}/removed/{id}.json")
+}
+
+/// What `verify --archive` last proved of this repository's WAL archive of `job`.
+pub fn archive_proof_key(job: &str) -> String {
+    format!("jobs/{job}/archive-proof.json")
+}
+
+/// Where `verify --sample`'s rotation through this repository's objects of `job` stands.
+pub fn sample_state_key(job: &str) -> String {
+    format!("jobs/{job}/sample.json")
 }
 
 pub fn cluster_record_key(job: &str) -> String {

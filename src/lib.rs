@@ -14,7 +14,7 @@
 //!
 //! ```text
 //! engines:    metrics check status rekey prune schedule drill restore backup verify replicate list show init heartbeat wal_relay wal_archive
-//! repository: repository claim clock continuity inventory lock transfer sources
+//! repository: window repository claim clock continuity inventory lock transfer sources
 //! objects:    manifest pipeline storage
 //! config:     config retention keys signing
 //! base:       error human host progress calendar wal pax archive layout interrupt
@@ -40,6 +40,8 @@
 //! - [`clock`]: each repository's clock against this host's, and the time a run records.
 //! - [`continuity`]: how far the WAL archive carries a backup (timeline path, gaps).
 //! - [`inventory`]: the backups a repository holds, complete or not.
+//! - [`window`]: what each repository restores a job to, and the gaps between; what
+//!   `verify --archive` last proved of its WAL.
 //! - [`lock`]: per-job run locks that a killed run never leaves behind.
 //!
 //! Objects and where they go:
@@ -107,5 +109,6 @@ pub mod verify;
 pub mod wal;
 pub mod wal_archive;
 pub mod wal_relay;
+pub mod window;
 
 pub use error::{Error, ErrorKind, Result};

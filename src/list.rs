@@ -14,6 +14,7 @@ use crate::inventory::{self, Presence};
 use crate::layout;
 use crate::manifest::Manifest;
 use crate::repository::Repository;
+use crate::window::Window;
 
 pub struct ListOptions {
     pub job: Option<String>,
@@ -39,10 +40,20 @@ pub struct ListRow {
     pub in_the_future: bool,
 }
 
+/// What one repository restores one job to.
+#[derive(Debug, Serialize)]
+pub struct JobWindow {
+    pub job: String,
+    #[serde(flatten)]
+    pub window: Window,
+}
+
 #[derive(Debug, Serialize)]
 pub struct ListReport {
     pub now: DateTime<Utc>,
     pub rows: Vec<ListRow>,
+    /// Each repository's restorable window of each job, judged by what it holds alone.
+    pub windows: Vec<JobWindow>,
     /// Repositories that could not be listed, with the reason.
     pub unreachable: Vec<(String, String)>,
 }
@@ -59,10 +70,21 @@ pub async fn run(config: &Config, options: &ListOptions) -> Result<ListReport> {
     let repositories = Repository::open_all(config).await;
     let now = crate::clock::read(&repositories).await.clock().now();
     let mut rows = Vec::new();
+    let mut windows = Vec::new();
     let mut unreachable = Vec::new();
     for job in &jobs {
         let survey = inventory::survey(&repositories, job).await;
         unreachable.extend(survey.unreachable.iter().cloned());
+        let kind = config.job(job)?.backup_kind();
+        for (repository, _) in &survey.listed {
+            // A window that cannot be read leaves the rows as they are; status says why.
+            if let Ok((window, _)) = crate::window::of_repository(repository, job, kind).await {
+                windows.push(JobWindow {
+                    job: job.clone(),
+                    window,
+                });
+            }
+        }
         let mut ids = survey.committed_ids();
         ids.reverse();
         // Every manifest is read: a listing alone cannot tell an object cut short from a
@@ -135,6 +157,7 @@ pub async fn run(config: &Config, options: &ListOptions) -> Result<ListReport> {
     Ok(ListReport {
         now,
         rows,
+        windows,
         unreachable,
     })
 }
@@ -177,6 +200,12 @@ impl fmt::Display for ListReport {
                     row.objects,
                     presence
                 )?;
+            }
+        }
+        for JobWindow { job, window } in &self.windows {
+            writeln!(f, "{job}: {}", window.summary())?;
+            for gap in &window.gaps {
+                writeln!(f, "  GAP {}", gap.describe(&window.repository))?;
             }
         }
         for row in self.rows.iter().filter(|row| !row.damaged_in.is_empty()) {

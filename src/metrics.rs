@@ -188,6 +188,7 @@ pub fn render_status(report: &StatusReport) -> String {
         "RTO of a restore of the newest backup at the last drill's restore rate.",
         &per_job(&|job| job.projected_rto_seconds),
     );
+    window_families(&mut out, report);
     drill_families(&mut out, report);
     out.family(
         "lifeboat_status_timestamp_seconds",
@@ -195,6 +196,62 @@ pub fn render_status(report: &StatusReport) -> String {
         &[(vec![], seconds(report.now))],
     );
     out.text
+}
+
+/// Each repository's restorable window of each job.
+fn window_families(out: &mut Exposition, report: &StatusReport) {
+    let per_window = |value: &dyn Fn(&crate::window::Window) -> Option<f64>| -> Samples {
+        report
+            .jobs
+            .iter()
+            .flat_map(|job| {
+                job.windows.iter().filter_map(move |window| {
+                    value(window).map(|v| {
+                        (
+                            vec![
+                                ("job", job.job.as_str()),
+                                ("repository", window.repository.as_str()),
+                            ],
+                            v,
+                        )
+                    })
+                })
+            })
+            .collect()
+    };
+    out.family(
+        "lifeboat_window_start_timestamp_seconds",
+        "The earliest point the repository alone restores the job to: its oldest complete backup (physical: whose WAL is whole).",
+        &per_window(&|w| w.earliest.map(seconds)),
+    );
+    out.family(
+        "lifeboat_window_end_timestamp_seconds",
+        "The latest point the repository alone restores the job to: its newest complete backup, or the end of the WAL reached without a gap.",
+        &per_window(&|w| w.latest.map(seconds)),
+    );
+    out.family(
+        "lifeboat_window_gaps",
+        "Gaps in the repository's restorable window: runs of missing WAL or missing timeline history files. Alert when above 0.",
+        &per_window(&|w| Some(w.gaps.len() as f64)),
+    );
+    out.family(
+        "lifeboat_archive_verified_timestamp_seconds",
+        "When `lifeboat verify --archive` last found the repository's WAL archive of the job continuous and intact; 0 if never.",
+        &per_window(&|w| w.segments.map(|_| w.verified_at.map_or(0.0, seconds))),
+    );
+    let promises: Samples = report
+        .jobs
+        .iter()
+        .filter_map(|job| {
+            job.retention_promise_seconds
+                .map(|promise| (vec![("job", job.job.as_str())], promise))
+        })
+        .collect();
+    out.family(
+        "lifeboat_retention_promise_seconds",
+        "How far back the retention policy keeps backups (its longest time rule); compare with the window's length.",
+        &promises,
+    );
 }
 
 /// How one run of a command on this host ended.

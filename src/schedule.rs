@@ -124,6 +124,25 @@ pub fn plan(config: &Config) -> Result<Vec<Scheduled>> {
                     work: Work::Maintenance,
                     reads_everything: false,
                 });
+                // What is new in the WAL archive since the last run, and every gap.
+                if job.backup_kind() == crate::layout::BackupKind::PostgresPhysical {
+                    planned.push(Scheduled {
+                        name: format!("lifeboat-verify-archive-{}", job.name),
+                        description: format!(
+                            "lifeboat verify of the WAL archive of job {}",
+                            job.name
+                        ),
+                        args: vec![
+                            "verify".to_string(),
+                            "--archive".to_string(),
+                            job.name.clone(),
+                        ],
+                        origin: "schedule.verify".to_string(),
+                        calendar: verify.clone(),
+                        work: Work::Maintenance,
+                        reads_everything: false,
+                    });
+                }
             }
         }
         if matches!(&job.source, JobSource::Postgres(p) if p.mode == PostgresMode::Physical && p.heartbeat)

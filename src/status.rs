@@ -19,6 +19,7 @@ use crate::layout;
 use crate::manifest::Manifest;
 use crate::repository::Repository;
 use crate::storage::{self, ObjectMeta};
+use crate::window::Window;
 
 /// Share of a target that turns OK into WARNING.
 const WARN_AT: f64 = 0.8;
@@ -102,6 +103,11 @@ pub struct JobStatus {
     pub last_drill: Option<LastDrill>,
     pub projected_rto_seconds: Option<f64>,
     pub rto_target_seconds: f64,
+    /// What each repository restores the job to, judged by what it holds alone.
+    pub windows: Vec<Window>,
+    /// How far back the retention policy keeps backups, as time (the longest of its
+    /// time-based rules); None when it keeps by count only.
+    pub retention_promise_seconds: Option<f64>,
 }
 
 impl JobStatus {
@@ -185,6 +191,12 @@ impl JobStatus {
             last_drill: None,
             projected_rto_seconds: None,
             rto_target_seconds: config.targets.rto.as_secs_f64(),
+            windows: Vec::new(),
+            retention_promise_seconds: job
+                .retention
+                .as_ref()
+                .and_then(|retention| retention.promise())
+                .map(|promise| promise.as_secs_f64()),
         }
     }
 }
@@ -289,7 +301,44 @@ async fn job_status(
         config,
         now,
     );
+    judge_windows(&mut status, &survey, job).await;
     status
+}
+
+/// Each repository's restorable window: a gap in one is CRITICAL even while another holds
+/// what it lacks, because it may be the region that survives.
+async fn judge_windows(status: &mut JobStatus, survey: &Survey<'_>, job: &JobConfig) {
+    for (repository, _) in &survey.listed {
+        match crate::window::of_repository(repository, &job.name, job.backup_kind()).await {
+            Ok((window, _)) => {
+                for gap in &window.gaps {
+                    status.flag(
+                        State::Critical,
+                        format!(
+                            "{} (`lifeboat replicate {}` copies it from a repository that holds it; runbooks/archive-gap.md)",
+                            gap.describe(&window.repository),
+                            job.name
+                        ),
+                    );
+                }
+                for problem in &window.problems {
+                    status.flag(
+                        State::Warning,
+                        format!("repository '{}': {problem}", window.repository),
+                    );
+                }
+                status.windows.push(window);
+            }
+            Err(e) => status.flag(
+                State::Unknown,
+                format!(
+                    "the restorable window in repository '{}' could not be read: {}",
+                    repository.name,
+                    e.chain().join(": ")
+                ),
+            ),
+        }
+    }
 }
 
 /// The newest backup complete in some repository, with the repositories it is complete
@@ -582,6 +631,9 @@ impl fmt::Display for StatusReport {
                 )?;
             }
             writeln!(f)?;
+            for window in &job.windows {
+                writeln!(f, "  {}", window.summary())?;
+            }
             let mut problems: Vec<&(State, String)> = job.problems.iter().collect();
             problems.sort_by_key(|(state, _)| std::cmp::Reverse(*state));
             for (state, problem) in problems {

@@ -3,6 +3,7 @@
 mod common;
 
 mod architecture;
+mod archive_window;
 mod bad_inputs;
 mod clocks;
 mod config_errors;

@@ -92,7 +92,7 @@ fn server_now(source: &Postgres) -> String {
 
 /// Writes the source's archiving (set on its command line) into `postgresql.auto.conf`, so
 /// that a copy restored with --keep-archiving archives too.
-fn archive_from_restored_copies(source: &Postgres) {
+pub(crate) fn archive_from_restored_copies(source: &Postgres) {
     let archive_command = source.psql("postgres", "show archive_command");
     source.psql("postgres", "alter system set archive_mode = on");
     source.psql(
@@ -105,7 +105,7 @@ fn archive_from_restored_copies(source: &Postgres) {
 }
 
 /// Inserts ids `from..=to` into the table `events`.
-fn insert_events(server: &Postgres, from: u32, to: u32) {
+pub(crate) fn insert_events(server: &Postgres, from: u32, to: u32) {
     server.psql(
         "postgres",
         &format!("insert into events select generate_series({from}, {to})"),
@@ -530,7 +530,7 @@ async fn a_physical_restore_as_postgres_into_its_own_directory_and_onto_a_fresh_
 }
 
 /// The uid and gid of the `postgres` user.
-fn postgres_user() -> (u32, u32) {
+pub(crate) fn postgres_user() -> (u32, u32) {
     let out = std::process::Command::new("id")
         .arg("postgres")
         .output()

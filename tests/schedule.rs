@@ -97,6 +97,8 @@ fn installed_units_pass_systemd_analyze_verify() {
             "lifeboat-replicate.timer",
             "lifeboat-status.service",
             "lifeboat-status.timer",
+            "lifeboat-verify-archive-pitr.service",
+            "lifeboat-verify-archive-pitr.timer",
             "lifeboat-verify-conf.service",
             "lifeboat-verify-conf.timer",
             "lifeboat-verify-pitr.service",

@@ -120,6 +120,18 @@ pub enum Command {
         /// (LIFEBOAT_IDENTITY_FILE or identity_file in [encryption]).
         #[arg(long)]
         deep: bool,
+        /// Physical jobs: prove the WAL archive of each repository continuous from every
+        /// kept base backup to its end, naming each gap and the recovery range it cuts,
+        /// and read the WAL files the last run did not prove.
+        #[arg(long, conflicts_with = "backup")]
+        archive: bool,
+        /// With --archive: read every WAL file again, not only the new ones.
+        #[arg(long, requires = "archive")]
+        full: bool,
+        /// Read the next P% slice of every repository's objects (backups and WAL), so that
+        /// each object is read once every 100/P runs; the rotation is kept in the repository.
+        #[arg(long, value_name = "P%", value_parser = lifeboat::verify::sample::parse_percent, conflicts_with_all = ["backup", "archive"])]
+        sample: Option<u32>,
         #[arg(long, value_enum, default_value_t = OutputFormat::Text)]
         format: OutputFormat,
     },

@@ -175,10 +175,55 @@ async fn change_state(config: &Config, command: Command) -> Result<i32> {
         }
         Command::Verify {
             job,
+            from,
+            deep,
+            sample: Some(percent),
+            format,
+            ..
+        } => {
+            let options = verify::sample::SampleOptions {
+                job,
+                from,
+                percent,
+                deep,
+            };
+            let started_at = chrono::Utc::now();
+            let label = options.job.clone().unwrap_or_else(|| "all".to_string());
+            let _recorded =
+                record_if_interrupted(config, "verify-sample", vec![label.clone()], started_at);
+            let outcome = verify::sample::run(config, &options)
+                .await
+                .and_then(|sampled| {
+                    report(&sampled, format);
+                    sampled.outcome()
+                });
+            record_run(config, "verify-sample", &label, started_at, &outcome).await;
+            outcome?;
+        }
+        Command::Verify {
+            job,
+            from,
+            deep,
+            archive: true,
+            full,
+            format,
+            ..
+        } => {
+            let options = verify::archive::ArchiveOptions {
+                job,
+                from,
+                deep,
+                full,
+            };
+            verify_archive(config, options, format).await?;
+        }
+        Command::Verify {
+            job,
             backup,
             from,
             deep,
             format,
+            ..
         } => {
             let options = verify::VerifyOptions {
                 job,
@@ -477,5 +522,24 @@ async fn verify(
         verified.outcome()
     });
     record_run(config, "verify", &label, started_at, &outcome).await;
+    outcome
+}
+
+async fn verify_archive(
+    config: &Config,
+    options: verify::archive::ArchiveOptions,
+    format: OutputFormat,
+) -> Result<()> {
+    let started_at = chrono::Utc::now();
+    let label = options.job.clone().unwrap_or_else(|| "all".to_string());
+    let _recorded =
+        record_if_interrupted(config, "verify-archive", vec![label.clone()], started_at);
+    let outcome = verify::archive::run(config, &options)
+        .await
+        .and_then(|verified| {
+            report(&verified, format);
+            verified.outcome()
+        });
+    record_run(config, "verify-archive", &label, started_at, &outcome).await;
     outcome
 }

@@ -115,6 +115,31 @@ pub struct Retention {
     pub keep_within: Option<Duration>,
 }
 
+impl Retention {
+    /// How far back the policy keeps backups once it has run that long: the longest of its
+    /// time rules (`keep_daily = 7` keeps one a day back to six days ago). None for a
+    /// policy that keeps by count alone, which promises no span of time.
+    pub fn promise(&self) -> Option<Duration> {
+        const HOUR: u64 = 3600;
+        let span = |count: Option<u32>, period: u64| {
+            count
+                .filter(|count| *count > 1)
+                .map(|count| Duration::from_secs(u64::from(count - 1) * period))
+        };
+        [
+            span(self.keep_hourly, HOUR),
+            span(self.keep_daily, 24 * HOUR),
+            span(self.keep_weekly, 7 * 24 * HOUR),
+            span(self.keep_monthly, 30 * 24 * HOUR),
+            span(self.keep_yearly, 365 * 24 * HOUR),
+            self.keep_within,
+        ]
+        .into_iter()
+        .flatten()
+        .max()
+    }
+}
+
 impl JobConfig {
     /// The kind of backup the job makes.
     pub fn backup_kind(&self) -> BackupKind {

@@ -6,6 +6,9 @@
 //! An encrypted object is decrypted too when an identity is at hand (`--deep` insists on
 //! one); without one only its stored checksum is checked, and the report says so.
 
+pub mod archive;
+pub mod sample;
+
 use std::fmt;
 
 use serde::Serialize;
@@ -417,7 +420,7 @@ async fn verify_backup(
 /// Both checksums of one copy; only the stored one for an encrypted object without keys.
 /// A tar object read whole is checked entry by entry as a restore checks it too: the
 /// refusal, when its checksums match, is returned.
-async fn check_object(
+pub(super) async fn check_object(
     repository: &Repository,
     manifest: &Manifest,
     object: &ObjectEntry,

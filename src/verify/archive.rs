@@ -1,0 +1,518 @@
+//! `lifeboat verify --archive [JOB]`: proves, per repository and per physical job, that the
+//! WAL archive carries every kept base backup to the end of the archive: each gap (a run of
+//! missing segments, a missing timeline history) is named with the recovery range it cuts,
+//! and every file not yet proven is read and checked: a segment decodes to a replayable
+//! segment of its name (an encrypted one is decrypted when an identity is at hand, else its
+//! note of the raw sha256 is all that is checked), a history file reads as one and, with
+//! `trusted_signers`, carries a trusted signature. What checked out is recorded in the
+//! repository (see `window::ArchiveProof`), so that the next run reads only what is new;
+//! `--full` reads everything again.
+
+use std::fmt;
+use std::io::Read;
+use std::sync::Arc;
+
+use futures::StreamExt;
+use serde::Serialize;
+
+use crate::config::{Config, JobConfig, JobSource, PostgresMode};
+use crate::error::{Error, ErrorKind, Result};
+use crate::keys::{self, Identity};
+use crate::pipeline::Tally;
+use crate::repository::Repository;
+use crate::storage;
+use crate::wal::{self, WalFile, WalFileKind};
+use crate::window::{self, ArchiveProof, ListedFile, Window};
+
+/// Files read at once: a segment is held stored and decoded while it is checked.
+const FILES_IN_FLIGHT: usize = 2;
+/// The most a timeline history or backup label file decodes to.
+const SMALL_FILE_LIMIT: u64 = 1 << 20;
+
+pub struct ArchiveOptions {
+    pub job: Option<String>,
+    pub from: Option<String>,
+    /// Decrypt encrypted segments too, failing when no identity is configured.
+    pub deep: bool,
+    /// Read every file again, not only those the last run did not prove.
+    pub full: bool,
+}
+
+/// One physical job's archive in one repository.
+#[derive(Debug, Serialize)]
+pub struct ArchiveCheck {
+    pub job: String,
+    pub repository: String,
+    pub files_listed: usize,
+    /// Files read and checked by this run.
+    pub files_read: usize,
+    pub bytes_read: u64,
+    /// Files the last runs proved and this one did not read again.
+    pub proven_before: usize,
+    /// Whether every file was read (`--full`, or no usable record of an earlier run).
+    pub full: bool,
+    /// Files whose copy here is damaged, and why.
+    pub damaged: Vec<(String, String)>,
+    /// Files that could not be read (the repository failed mid-way): not checked.
+    pub unreadable: Vec<(String, String)>,
+    /// Encrypted segments checked by their note of the raw sha256 only: no identity.
+    pub stored_only: usize,
+    pub window: Window,
+    /// The record of what was proven, when it could not be used or kept.
+    pub warnings: Vec<String>,
+}
+
+impl ArchiveCheck {
+    fn whole(&self) -> bool {
+        self.window.gaps.is_empty()
+            && self.window.problems.is_empty()
+            && self.damaged.is_empty()
+            && self.unreadable.is_empty()
+    }
+}
+
+#[derive(Debug, Serialize)]
+pub struct ArchiveReport {
+    pub checks: Vec<ArchiveCheck>,
+    /// Repositories that could not be listed, by job, with the reason.
+    pub unreachable: Vec<(String, String)>,
+}
+
+impl ArchiveReport {
+    /// Ok when every archive read is continuous and intact; a gap or a damaged file fails
+    /// (exit 1): some moment cannot be recovered from that repository alone.
+    pub fn outcome(&self) -> Result<()> {
+        let gaps: usize = self.checks.iter().map(|c| c.window.gaps.len()).sum();
+        let damaged: usize = self.checks.iter().map(|c| c.damaged.len()).sum();
+        if gaps > 0 || damaged > 0 {
+            let mut error = Error::new(
+                ErrorKind::Verification,
+                format!(
+                    "the WAL archive is not whole: {gaps} gap(s) and {damaged} damaged file(s)"
+                ),
+            );
+            for check in &self.checks {
+                for gap in &check.window.gaps {
+                    error = error.with_hint(format!(
+                        "job '{}': {}",
+                        check.job,
+                        gap.describe(&check.repository)
+                    ));
+                }
+            }
+            if gaps > 0 {
+                error = error.with_hint("`lifeboat replicate JOB` copies what a repository lacks from one that holds it; a new base backup (`lifeboat backup JOB`) starts a window past a gap no repository can fill (runbooks/archive-gap.md)");
+            }
+            if damaged > 0 {
+                error = error.with_hint("remove the damaged copy the DAMAGED line names from its repository, then `lifeboat replicate JOB` copies it from a repository whose copy checks out (`lifeboat verify --archive --from NAME` says which do)");
+            }
+            return Err(error);
+        }
+        let problems: usize = self.checks.iter().map(|c| c.window.problems.len()).sum();
+        if problems > 0 {
+            return Err(Error::new(
+                ErrorKind::Verification,
+                format!(
+                    "{problems} part(s) of the window could not be judged (the problem lines say which)"
+                ),
+            ));
+        }
+        let unreadable: usize = self.checks.iter().map(|c| c.unreadable.len()).sum();
+        if unreadable > 0 || !self.unreachable.is_empty() {
+            let mut error = Error::new(
+                ErrorKind::Storage,
+                format!(
+                    "{unreadable} WAL file(s) could not be read and {} repository(ies) could not be listed, so they were not checked",
+                    self.unreachable.len()
+                ),
+            );
+            for (name, reason) in &self.unreachable {
+                error = error.with_hint(format!("repository '{name}': {reason}"));
+            }
+            return Err(error
+                .with_hint("run `lifeboat verify --archive` again when the repositories answer"));
+        }
+        Ok(())
+    }
+}
+
+fn is_physical(job: &JobConfig) -> bool {
+    matches!(&job.source, JobSource::Postgres(p) if p.mode == PostgresMode::Physical)
+}
+
+pub async fn run(config: &Config, options: &ArchiveOptions) -> Result<ArchiveReport> {
+    let jobs: Vec<&JobConfig> = match &options.job {
+        Some(name) => {
+            let job = config.job(name)?;
+            if !is_physical(job) {
+                return Err(Error::usage(format!(
+                    "job '{name}' is not a physical postgres job, so it has no WAL archive to verify"
+                ))
+                .with_hint(format!("`lifeboat verify {name}` re-reads its backups")));
+            }
+            vec![job]
+        }
+        None => config.jobs.iter().filter(|job| is_physical(job)).collect(),
+    };
+    if jobs.is_empty() {
+        return Err(Error::usage(format!(
+            "'{}' has no physical postgres job, so there is no WAL archive to verify",
+            config.path.display()
+        )));
+    }
+    let repositories = match &options.from {
+        Some(_) => vec![Repository::choose(config, options.from.as_deref()).await?],
+        None => Repository::open_all(config).await,
+    };
+    let keyring = config.keyring();
+    let identities = match options.deep || keyring.has_identity() {
+        true => Some(keyring.identities("the WAL archive")?),
+        false => None,
+    };
+    let signer = config.signing.signer();
+    let now = crate::clock::read(&repositories).await.clock().now();
+    let mut report = ArchiveReport {
+        checks: Vec::new(),
+        unreachable: Vec::new(),
+    };
+    for job in jobs {
+        for repository in &repositories {
+            let context = Context {
+                job: &job.name,
+                repository,
+                identities: identities.clone(),
+                full: options.full,
+                now,
+            };
+            match check_repository(&context).await {
+                Ok((mut check, proof)) => {
+                    keep_proof(&context, &mut check, &proof, &signer).await;
+                    report.checks.push(check);
+                }
+                Err(e) if options.from.is_some() => return Err(e),
+                Err(e) => report
+                    .unreachable
+                    .push((repository.name.clone(), e.chain().join(": "))),
+            }
+        }
+    }
+    Ok(report)
+}
+
+struct Context<'a> {
+    job: &'a str,
+    repository: &'a Repository,
+    identities: Option<Arc<Vec<Identity>>>,
+    full: bool,
+    now: chrono::DateTime<chrono::Utc>,
+}
+
+/// The window of one repository, and every file in it the last runs did not prove, read.
+async fn check_repository(context: &Context<'_>) -> Result<(ArchiveCheck, ArchiveProof)> {
+    let (window, archive) = window::of_repository(
+        context.repository,
+        context.job,
+        crate::layout::BackupKind::PostgresPhysical,
+    )
+    .await?;
+    let archive = archive.expect("a physical job's window lists its archive");
+    let mut check = ArchiveCheck {
+        job: context.job.to_string(),
+        repository: context.repository.name.clone(),
+        files_listed: archive.files.len(),
+        files_read: 0,
+        bytes_read: 0,
+        proven_before: 0,
+        full: true,
+        damaged: Vec::new(),
+        unreadable: Vec::new(),
+        stored_only: 0,
+        window,
+        warnings: Vec::new(),
+    };
+    let previous = match window::read_proof(context.repository, context.job).await {
+        Ok(proof) => proof.filter(|p| p.segment_size == archive.segment_size),
+        Err(e) => {
+            check.warnings.push(format!(
+                "{}; every file is read again",
+                e.chain().join(": ")
+            ));
+            None
+        }
+    };
+    let (mut proven, to_read): (Vec<&ListedFile>, Vec<&ListedFile>) =
+        match (&previous, context.full) {
+            (Some(proof), false) => archive.files.iter().partition(|f| proof.holds(f)),
+            _ => (Vec::new(), archive.files.iter().collect()),
+        };
+    check.full = to_read.len() == archive.files.len();
+    check.proven_before = proven.len();
+    let segment_size = archive.segment_size;
+    let results: Vec<(&ListedFile, std::result::Result<Checked, Failure>)> =
+        futures::stream::iter(to_read)
+            .map(|listed| async move {
+                let identities = context.identities.clone();
+                let checked =
+                    check_file(context.repository, identities, listed, segment_size).await;
+                (listed, checked)
+            })
+            .buffered(FILES_IN_FLIGHT)
+            .collect()
+            .await;
+    for (listed, result) in results {
+        match result {
+            Ok(checked) => {
+                check.files_read += 1;
+                check.bytes_read += listed.size;
+                check.stored_only += usize::from(checked == Checked::NoteOnly);
+                proven.push(listed);
+            }
+            Err(Failure::Damaged(why)) => {
+                check.files_read += 1;
+                check.bytes_read += listed.size;
+                check.damaged.push((listed.key.clone(), why));
+            }
+            Err(Failure::Unreadable(why)) => check.unreadable.push((listed.key.clone(), why)),
+        }
+    }
+    let mut proof = ArchiveProof::of(context.job, segment_size, &proven);
+    proof.checked_at = Some(context.now);
+    proof.full_at = match check.full {
+        true => Some(context.now),
+        false => previous.as_ref().and_then(|p| p.full_at),
+    };
+    proof.verified_at = match check.whole() {
+        true => Some(context.now),
+        false => previous.as_ref().and_then(|p| p.verified_at),
+    };
+    check.window.verified_at = proof.verified_at;
+    Ok((check, proof))
+}
+
+/// Keeps what this run proved in the repository; one that cannot take it is a warning,
+/// because the archive itself is what it is.
+async fn keep_proof(
+    context: &Context<'_>,
+    check: &mut ArchiveCheck,
+    proof: &ArchiveProof,
+    signer: &Result<Option<crate::signing::Signer>>,
+) {
+    let signer = match signer {
+        Ok(signer) => signer.as_ref(),
+        Err(e) => {
+            check.warnings.push(format!(
+                "the record of what was proven is kept unsigned: {}",
+                e.chain().join(": ")
+            ));
+            None
+        }
+    };
+    if let Err(e) = window::write_proof(context.repository, proof, signer).await {
+        check.warnings.push(format!(
+            "the record of what was proven could not be kept, so the next run reads these files again: {}",
+            e.chain().join(": ")
+        ));
+    }
+}
+
+#[derive(Debug, PartialEq, Eq)]
+pub(super) enum Checked {
+    Whole,
+    /// An encrypted segment read without an identity: its note of the raw sha256 is there.
+    NoteOnly,
+}
+
+pub(super) enum Failure {
+    Damaged(String),
+    Unreadable(String),
+}
+
+/// Reads one archived file from `repository` and checks it, as far as this host can
+/// (decrypting with `identities` when given).
+pub(super) async fn check_file(
+    repository: &Repository,
+    identities: Option<Arc<Vec<Identity>>>,
+    listed: &ListedFile,
+    segment_size: u64,
+) -> std::result::Result<Checked, Failure> {
+    let limit = match listed.file.kind {
+        WalFileKind::Segment | WalFileKind::Partial => segment_size,
+        WalFileKind::History | WalFileKind::BackupLabel => SMALL_FILE_LIMIT,
+    };
+    // zstd and age add little: a stored file much larger than what it holds is not one.
+    if listed.size > limit + limit / 8 + 4096 {
+        return Err(Failure::Damaged(format!(
+            "it is {} bytes stored, more than a file of its kind holds",
+            listed.size
+        )));
+    }
+    let stored = match storage::get_bytes(repository.store.as_ref(), &listed.key).await {
+        Ok(stored) => stored,
+        Err(e) => {
+            return Err(Failure::Unreadable(
+                repository
+                    .error(&format!("read '{}'", listed.key), e)
+                    .chain()
+                    .join(": "),
+            ));
+        }
+    };
+    if matches!(
+        listed.file.kind,
+        WalFileKind::History | WalFileKind::BackupLabel
+    ) && repository.trust.required()
+    {
+        let signature = repository
+            .signature_of(&listed.key)
+            .await
+            .map_err(|e| Failure::Unreadable(e.chain().join(": ")))?;
+        repository
+            .trust
+            .check(&stored, signature.as_deref(), &listed.key)
+            .map_err(|untrusted| Failure::Damaged(format!("untrusted: {untrusted}")))?;
+    }
+    let file = listed.file.clone();
+    tokio::task::spawn_blocking(move || check_stored(&stored, &file, identities.as_deref(), limit))
+        .await
+        .map_err(|e| Failure::Unreadable(format!("the check stopped: {e}")))?
+        .map_err(Failure::Damaged)
+}
+
+/// What `stored` holds, checked: decoded (decrypted first when `identities` are given) to at
+/// most `limit` bytes, and a segment, history or label of its name.
+fn check_stored(
+    stored: &[u8],
+    file: &WalFile,
+    identities: Option<&Vec<Identity>>,
+    limit: u64,
+) -> std::result::Result<Checked, String> {
+    let encrypted = keys::is_age(stored);
+    let note = encrypted.then(|| keys::read_wal_note(stored));
+    let raw = match (encrypted, identities) {
+        (false, _) => decode_limited(stored, limit)?,
+        (true, Some(identities)) => {
+            let plain =
+                keys::open(stored, identities).map_err(|e| format!("it does not decrypt: {e}"))?;
+            decode_limited(plain, limit)?
+        }
+        (true, None) => {
+            return match note.flatten() {
+                Some(_) => Ok(Checked::NoteOnly),
+                None => {
+                    Err("it is encrypted without lifeboat's note of its raw sha256".to_string())
+                }
+            };
+        }
+    };
+    match file.kind {
+        WalFileKind::Segment | WalFileKind::Partial => {
+            wal::check_segment(file, &raw)?;
+        }
+        WalFileKind::History => {
+            wal::check_history(file.timeline, &raw)?;
+        }
+        WalFileKind::BackupLabel => {}
+    }
+    if let Some(note) = note {
+        let mut tally = Tally::default();
+        tally.update(&raw);
+        let (_, sha256) = tally.finish();
+        match note {
+            Some(note) if note.raw_sha256 == sha256 => {}
+            Some(_) => {
+                return Err(
+                    "what it decrypts to does not match its note of the raw sha256".to_string(),
+                );
+            }
+            None => {
+                return Err("it is encrypted without lifeboat's note of its raw sha256".to_string());
+            }
+        }
+    }
+    Ok(Checked::Whole)
+}
+
+/// A zstd frame's content, refused past `limit` bytes: a hostile frame that expands without
+/// end stops there.
+fn decode_limited(stored: impl Read, limit: u64) -> std::result::Result<Vec<u8>, String> {
+    let decoder =
+        zstd::stream::read::Decoder::new(stored).map_err(|e| format!("it does not decode: {e}"))?;
+    let mut raw = Vec::new();
+    decoder
+        .take(limit + 1)
+        .read_to_end(&mut raw)
+        .map_err(|e| format!("it does not decode: {e}"))?;
+    if raw.len() as u64 > limit {
+        return Err(format!("it decodes to more than {limit} bytes"));
+    }
+    Ok(raw)
+}
+
+impl fmt::Display for ArchiveReport {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for check in &self.checks {
+            let window = &check.window;
+            writeln!(
+                f,
+                "job '{}' in repository '{}': {} WAL file(s), {} read ({} proven before{}), {} damaged",
+                check.job,
+                check.repository,
+                check.files_listed,
+                check.files_read,
+                check.proven_before,
+                if check.full { ", all read" } else { "" },
+                check.damaged.len()
+            )?;
+            match (window.earliest, window.latest) {
+                (Some(earliest), Some(latest)) => writeln!(
+                    f,
+                    "  restorable from {} to {} ({} complete backup(s))",
+                    window::human_time(earliest),
+                    window::human_time(latest),
+                    window.backups
+                )?,
+                _ => writeln!(
+                    f,
+                    "  nothing restorable: no complete base backup whose WAL is whole"
+                )?,
+            }
+            for gap in &window.gaps {
+                writeln!(f, "  GAP      {}", gap.describe(&check.repository))?;
+            }
+            for (key, why) in &check.damaged {
+                writeln!(f, "  DAMAGED  {key}: {why}")?;
+            }
+            for (key, why) in &check.unreadable {
+                writeln!(f, "  UNREADABLE {key}: {why}")?;
+            }
+            for problem in &window.problems {
+                writeln!(f, "  problem: {problem}")?;
+            }
+            for warning in &check.warnings {
+                writeln!(f, "  warning: {warning}")?;
+            }
+            if check.stored_only > 0 {
+                writeln!(
+                    f,
+                    "  note: {} encrypted segment(s) checked by their note of the raw sha256 only: no identity file; set {} (`--deep` insists on it)",
+                    check.stored_only,
+                    keys::IDENTITY_ENV
+                )?;
+            }
+        }
+        for (name, reason) in &self.unreachable {
+            writeln!(
+                f,
+                "warning: repository '{name}' could not be read: {reason}"
+            )?;
+        }
+        let gaps: usize = self.checks.iter().map(|c| c.window.gaps.len()).sum();
+        let damaged: usize = self.checks.iter().map(|c| c.damaged.len()).sum();
+        let read: usize = self.checks.iter().map(|c| c.files_read).sum();
+        writeln!(
+            f,
+            "verified {} WAL archive(s): {gaps} gap(s), {damaged} damaged file(s), {read} file(s) read",
+            self.checks.len()
+        )
+    }
+}
