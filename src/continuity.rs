@@ -152,6 +152,9 @@ pub fn path_from_history(
     Some(path)
 }
 
+/// The most a timeline history file holds, stored or decoded: a line per ancestor timeline.
+pub const HISTORY_LIMIT: u64 = 1 << 20;
+
 /// Reads the history file of `timeline` from the first repository that holds a readable
 /// copy.
 pub async fn read_history(
@@ -164,7 +167,13 @@ pub async fn read_history(
     let mut problems = Vec::new();
     for repository in repositories {
         for key in layout::wal_keys(job, &file, false) {
-            let stored = match storage::get_bytes(repository.store.as_ref(), &key).await {
+            let stored = match storage::get_range_bytes(
+                repository.store.as_ref(),
+                &key,
+                Some(0..HISTORY_LIMIT + 1),
+            )
+            .await
+            {
                 Ok(stored) => stored,
                 Err(e) if e.is_not_found() => continue,
                 Err(e) => {
@@ -172,9 +181,11 @@ pub async fn read_history(
                     continue;
                 }
             };
-            let entries = zstd::stream::decode_all(&stored[..])
-                .map_err(|e| format!("it does not decode: {e}"))
-                .and_then(|raw| wal::check_history(timeline, &raw));
+            let entries = match stored.len() as u64 > HISTORY_LIMIT {
+                true => Err(format!("it is stored in more than {HISTORY_LIMIT} bytes")),
+                false => wal::decode_limited(&stored[..], HISTORY_LIMIT),
+            }
+            .and_then(|raw| wal::check_history(timeline, &raw));
             match entries {
                 Ok(entries) => return Ok(entries),
                 Err(problem) => problems.push(Error::new(

@@ -222,6 +222,7 @@ async fn job_status(
         status.flag(State::Unknown, "no repository could be listed".to_string());
         return status;
     }
+    judge_windows(&mut status, &survey, job).await;
     let committed = survey.committed_ids();
     for (name, why) in unmarked {
         let held = survey
@@ -301,7 +302,6 @@ async fn job_status(
         config,
         now,
     );
-    judge_windows(&mut status, &survey, job).await;
     status
 }
 

@@ -109,6 +109,23 @@ impl WalFile {
 }
 
 /// A size PostgreSQL allows for WAL segments: a power of two from 1 MiB to 1 GiB.
+/// The content of a stored WAL archive file (a zstd frame), refused past `limit` bytes: a
+/// hostile frame that expands without end stops there, before it is in memory.
+pub fn decode_limited(stored: impl std::io::Read, limit: u64) -> Result<Vec<u8>, String> {
+    use std::io::Read;
+    let decoder =
+        zstd::stream::read::Decoder::new(stored).map_err(|e| format!("it does not decode: {e}"))?;
+    let mut raw = Vec::new();
+    decoder
+        .take(limit + 1)
+        .read_to_end(&mut raw)
+        .map_err(|e| format!("it does not decode: {e}"))?;
+    if raw.len() as u64 > limit {
+        return Err(format!("it decodes to more than {limit} bytes"));
+    }
+    Ok(raw)
+}
+
 pub fn is_segment_size(size: u64) -> bool {
     size.is_power_of_two() && (1 << 20..=1 << 30).contains(&size)
 }

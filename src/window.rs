@@ -11,7 +11,7 @@
 //! that repository (`jobs/JOB/archive-proof.json`), signed where the host holds a signing
 //! key, so that a nightly run reads only what is new and `status` says when it was proven.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 
 use bytes::Bytes;
 use chrono::{DateTime, Utc};
@@ -29,8 +29,8 @@ use crate::wal::{self, Lsn, WalFile};
 
 /// The segment size assumed for listing an archive no backup describes.
 const DEFAULT_SEGMENT_SIZE: u64 = 16 << 20;
-/// The largest proof record read: ranges, not names, so even a long archive is small.
-const PROOF_LIMIT: u64 = 16 << 20;
+/// The largest proof record read: about 60 bytes a file, so a million WAL files.
+const PROOF_LIMIT: u64 = 64 << 20;
 
 /// A run of missing WAL, or a missing timeline history, and the moments it makes
 /// impossible to recover to.
@@ -49,16 +49,23 @@ pub struct Gap {
     pub lost_to: Option<DateTime<Utc>>,
     /// Backups that need WAL in the gap to become consistent: they do not restore here.
     pub backups_broken: Vec<String>,
+    /// A history file that is there but does not read, and why: as good as missing.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub unreadable: Option<String>,
 }
 
 impl Gap {
     /// "segment A is missing (…): point-in-time recovery from T to U is impossible in
     /// repository 'r'".
     pub fn describe(&self, repository: &str) -> String {
-        let what = match self.segments {
-            0 => format!("timeline history file {} is missing", self.first_missing),
-            1 => format!("WAL segment {} is missing", self.first_missing),
-            n => format!(
+        let what = match (self.segments, &self.unreadable) {
+            (0, Some(why)) => format!(
+                "timeline history file {} does not read ({why})",
+                self.first_missing
+            ),
+            (0, None) => format!("timeline history file {} is missing", self.first_missing),
+            (1, _) => format!("WAL segment {} is missing", self.first_missing),
+            (n, _) => format!(
                 "WAL segments {} to {} are missing ({n} segments)",
                 self.first_missing, self.last_missing
             ),
@@ -143,10 +150,6 @@ impl Window {
             _ => {}
         }
         text
-    }
-
-    pub fn seconds(&self) -> Option<f64> {
-        Some((self.latest? - self.earliest?).num_milliseconds() as f64 / 1000.0)
     }
 }
 
@@ -297,22 +300,50 @@ pub async fn of_repository(
         .await
         .ok()
         .flatten()
-        .and_then(|proof| proof.verified_at);
+        .and_then(|proof| proof.verified_at)
+        // A time ahead of this host's by more than any clock drifts is a planted one.
+        .filter(|at| *at <= Utc::now() + chrono::Duration::hours(1));
     let Some(oldest_timeline) = backups.iter().map(|b| b.timeline).min() else {
         return Ok((window, Some(archive)));
     };
-    let to = archive.listing.latest_timeline(oldest_timeline);
-    let history = match to > oldest_timeline {
-        true => match continuity::read_history(std::slice::from_ref(repository), job, to).await {
-            Ok(history) => history,
+    let mut to = archive.listing.latest_timeline(oldest_timeline);
+    let mut history = Vec::new();
+    if to > oldest_timeline {
+        match continuity::read_history(std::slice::from_ref(repository), job, to).await {
+            Ok(read) => history = read,
+            // As good as missing: recovery cannot follow the timeline it describes.
             Err(e) => {
-                window.problems.push(e.chain().join(": "));
-                Vec::new()
+                let why = std::iter::once(e.message().to_string())
+                    .chain(e.hints().iter().cloned())
+                    .collect::<Vec<_>>()
+                    .join("; ");
+                window.gaps.push(Gap {
+                    first_missing: format!("{to:08X}.history"),
+                    last_missing: format!("{to:08X}.history"),
+                    segments: 0,
+                    lost_from: archive
+                        .listing
+                        .segments()
+                        .filter(|((timeline, _), _)| *timeline >= to)
+                        .filter_map(|(_, stored)| stored)
+                        .min(),
+                    lost_to: None,
+                    backups_broken: Vec::new(),
+                    unreadable: Some(why),
+                });
+                to = oldest_timeline;
             }
-        },
-        false => Vec::new(),
-    };
+        }
+    }
+    let unreadable_history = window.gaps.iter().any(|gap| gap.unreadable.is_some());
     physical_window(&mut window, &archive, &backups, (&history, to));
+    if unreadable_history {
+        // The timelines from the unreadable history on are cut off by that gap already;
+        // another "missing" history named past it would be invented.
+        window
+            .gaps
+            .retain(|gap| gap.segments > 0 || gap.unreadable.is_some());
+    }
     Ok((window, Some(archive)))
 }
 
@@ -371,37 +402,49 @@ pub fn physical_window(
         }
         expected = segment + 1;
     }
-    if present.is_empty() {
-        holes.push((start, start));
+    // Past the end of the archive, nothing is a gap unless a backup needs it to become
+    // consistent: then that backup does not restore.
+    if let Some(needed) = on_path.iter().map(|(backup, _)| backup.last).max()
+        && needed >= expected
+    {
+        holes.push((expected, needed));
     }
+    let breaks = |backup: &BaseBackup| {
+        holes
+            .iter()
+            .any(|(first, last)| backup.first <= *last && backup.last >= *first)
+    };
+    let restorable: Vec<&BaseBackup> = on_path
+        .iter()
+        .map(|(backup, _)| *backup)
+        .filter(|backup| !breaks(backup))
+        .collect();
+    // Nothing was restorable before the first backup that restores.
+    let window_start = restorable.iter().map(|b| b.consistent_at).min();
     for (first, last) in &holes {
         window.gaps.push(Gap {
             first_missing: name(*first),
             last_missing: name(*last),
             segments: last - first + 1,
-            lost_from: (*first > start).then(|| stored_at(first - 1)).flatten(),
-            lost_to: on_path
+            lost_from: (*first > start)
+                .then(|| stored_at(first - 1))
+                .flatten()
+                .zip(window_start)
+                .map(|(at, start)| at.max(start)),
+            lost_to: restorable
                 .iter()
-                .filter(|(backup, _)| backup.first > *last)
-                .map(|(backup, _)| backup.consistent_at)
+                .filter(|backup| backup.first > *last)
+                .map(|backup| backup.consistent_at)
                 .min(),
             backups_broken: on_path
                 .iter()
                 .filter(|(backup, _)| backup.first <= *last && backup.last >= *first)
                 .map(|(backup, _)| backup.id.clone())
                 .collect(),
+            unreadable: None,
         });
     }
-    let restorable: Vec<&BaseBackup> = on_path
-        .iter()
-        .map(|(backup, _)| *backup)
-        .filter(|backup| {
-            !holes
-                .iter()
-                .any(|(first, last)| backup.first <= *last && backup.last >= *first)
-        })
-        .collect();
-    window.earliest = restorable.iter().map(|b| b.consistent_at).min();
+    window.earliest = window_start;
     if let Some(newest) = restorable.iter().max_by_key(|b| (b.first, b.consistent_at)) {
         let end = match holes.iter().find(|(first, _)| *first > newest.last) {
             Some((first, _)) => stored_at(first - 1),
@@ -422,7 +465,8 @@ pub fn physical_window(
             (a, b) => a.or(b),
         };
     }
-    if count > 0 {
+    let named = |name: &str| window.gaps.iter().any(|gap| gap.first_missing == name);
+    if count > 0 && !named(&format!("{:08X}.history", to + 1)) {
         let history = format!("{:08X}.history", to + 1);
         window.gaps.push(Gap {
             first_missing: history.clone(),
@@ -431,6 +475,7 @@ pub fn physical_window(
             lost_from: first_stored,
             lost_to: None,
             backups_broken: Vec::new(),
+            unreadable: None,
         });
     }
 }
@@ -447,70 +492,54 @@ pub struct ArchiveProof {
     pub checked_at: Option<DateTime<Utc>>,
     /// The last run that read every file (`--full`), or the first.
     pub full_at: Option<DateTime<Utc>>,
-    /// The newest time a proven file was stored at, as the repository lists it: a file
-    /// listed as stored later was replaced since, and is read again.
-    pub proven_through: Option<DateTime<Utc>>,
-    /// Proven segments per timeline (8 hex digits), as inclusive ranges of segment numbers.
-    pub segments: BTreeMap<String, Vec<(u64, u64)>>,
-    /// Other proven files (history, backup label, partial segment), by name.
-    pub files: BTreeSet<String>,
+    /// Each proven file (its key below `jobs/JOB/wal/`) with its stored size and the time it
+    /// was stored, in milliseconds, as the listing showed them when it was read (a file
+    /// listed with another size or time was replaced since, and is read again), and whether
+    /// what it holds was checked (an encrypted one read without a key was not).
+    pub files: BTreeMap<String, (u64, i64, bool)>,
+}
+
+/// A listed file as the proof names it (its timeline directory and stored name), with its
+/// size and stored time.
+fn proof_entry(listed: &ListedFile) -> (&str, (u64, i64)) {
+    let mut slashes = listed.key.rmatch_indices('/').map(|(at, _)| at);
+    let name = match (slashes.next(), slashes.next()) {
+        (Some(_), Some(before)) => &listed.key[before + 1..],
+        _ => listed.key.as_str(),
+    };
+    let stored = listed
+        .stored_at
+        .map_or(i64::MIN, |at| at.timestamp_millis());
+    (name, (listed.size, stored))
 }
 
 impl ArchiveProof {
-    pub fn holds(&self, listed: &ListedFile) -> bool {
-        if listed
-            .stored_at
-            .zip(self.proven_through)
-            .is_some_and(|(stored, through)| stored > through)
-        {
-            return false;
-        }
-        match listed.file.segment(self.segment_size) {
-            Some(segment) if listed.file.kind == wal::WalFileKind::Segment => self
-                .segments
-                .get(&format!("{:08X}", listed.file.timeline))
-                .is_some_and(|ranges| {
-                    ranges
-                        .iter()
-                        .any(|(first, last)| *first <= segment && segment <= *last)
-                }),
-            _ => self.files.contains(&listed.file.name),
-        }
+    /// Whether `listed` is a file this proof proved, unchanged since, and (when `content`)
+    /// checked down to what it holds.
+    pub fn holds(&self, listed: &ListedFile, content: bool) -> bool {
+        let (name, entry) = proof_entry(listed);
+        listed.stored_at.is_some()
+            && self.files.get(name).is_some_and(|(size, stored, checked)| {
+                (*size, *stored) == entry && (*checked || !content)
+            })
     }
 
-    /// The record of exactly `proven` (listed files that checked out, now or before).
-    pub fn of(job: &str, segment_size: u64, proven: &[&ListedFile]) -> ArchiveProof {
-        let mut proof = ArchiveProof {
-            format: 1,
+    /// The record of exactly `proven`: listed files that checked out, now or before, and
+    /// whether what each holds was checked.
+    pub fn of(job: &str, segment_size: u64, proven: &[(&ListedFile, bool)]) -> ArchiveProof {
+        ArchiveProof {
+            format: 2,
             job: job.to_string(),
             segment_size,
+            files: proven
+                .iter()
+                .map(|(listed, checked)| {
+                    let (name, (size, stored)) = proof_entry(listed);
+                    (name.to_string(), (size, stored, *checked))
+                })
+                .collect(),
             ..Default::default()
-        };
-        let mut numbers: BTreeMap<String, Vec<u64>> = BTreeMap::new();
-        for listed in proven {
-            proof.proven_through = proof.proven_through.max(listed.stored_at);
-            match listed.file.segment(segment_size) {
-                Some(segment) if listed.file.kind == wal::WalFileKind::Segment => numbers
-                    .entry(format!("{:08X}", listed.file.timeline))
-                    .or_default()
-                    .push(segment),
-                _ => {
-                    proof.files.insert(listed.file.name.clone());
-                }
-            }
         }
-        for (timeline, mut segments) in numbers {
-            segments.sort_unstable();
-            let mut ranges: Vec<(u64, u64)> = Vec::new();
-            for segment in segments {
-                match ranges.last_mut() {
-                    Some((_, last)) if *last + 1 >= segment => *last = (*last).max(segment),
-                    _ => ranges.push((segment, segment)),
-                }
-            }
-            proof.segments.insert(timeline, ranges);
-        }
-        proof
     }
 }
 
@@ -525,6 +554,15 @@ pub async fn read_proof(repository: &Repository, job: &str) -> Result<Option<Arc
             Err(e) if e.is_not_found() => return Ok(None),
             Err(e) => return Err(repository.error(&format!("read '{key}'"), e)),
         };
+    if bytes.len() as u64 >= PROOF_LIMIT {
+        return Err(Error::new(
+            ErrorKind::Verification,
+            format!(
+                "the archive proof '{key}' in repository '{}' is not used: it is larger than {PROOF_LIMIT} bytes",
+                repository.name
+            ),
+        ));
+    }
     let untrusted = |why: String| {
         Error::new(
             ErrorKind::Verification,
@@ -541,9 +579,12 @@ pub async fn read_proof(repository: &Repository, job: &str) -> Result<Option<Arc
             .check(&bytes, signature.as_deref(), &key)
             .map_err(|untrusted_because| untrusted(untrusted_because.to_string()))?;
     }
+    if bytes.len() as u64 >= PROOF_LIMIT {
+        return Err(untrusted(format!("it is larger than {PROOF_LIMIT} bytes")));
+    }
     let proof: ArchiveProof =
         serde_json::from_slice(&bytes).map_err(|e| untrusted(e.to_string()))?;
-    if proof.format != 1 || proof.job != job {
+    if proof.format != 2 || proof.job != job {
         return Err(untrusted(format!(
             "it is a record of format {} for job '{}'",
             proof.format, proof.job
@@ -560,7 +601,7 @@ pub async fn write_proof(
     signer: Option<&crate::signing::Signer>,
 ) -> Result<()> {
     let key = layout::archive_proof_key(&proof.job);
-    let body = Bytes::from(serde_json::to_vec_pretty(proof).expect("the proof serializes"));
+    let body = Bytes::from(serde_json::to_vec(proof).expect("the proof serializes"));
     if let Some(signer) = signer {
         let signature = crate::signing::signature_key(&key);
         storage::put_bytes(
@@ -699,6 +740,26 @@ mod tests {
     }
 
     #[test]
+    fn a_backup_whose_own_last_segments_are_missing_is_a_gap_at_the_end() {
+        let names: Vec<String> = (2..=12).map(segment).collect();
+        let files: Vec<(&str, i64)> = names.iter().map(|n| (n.as_str(), 1)).collect();
+        let archive = archive_of(&files);
+        let backups = [backup("a", 2, 3, 3), backup("b", 12, 14, 9)];
+        let window = window_of(&archive, &backups);
+        assert_eq!(window.gaps.len(), 1, "{window:?}");
+        let gap = &window.gaps[0];
+        assert_eq!(
+            (gap.first_missing.as_str(), gap.last_missing.as_str()),
+            (segment(13).as_str(), segment(14).as_str())
+        );
+        assert_eq!(gap.backups_broken, ["b"]);
+        assert_eq!(gap.lost_to, None);
+        // The window ends with the last segment held, reached from the first backup.
+        assert_eq!(window.earliest, at(3));
+        assert_eq!(window.latest, at(1).max(at(3)));
+    }
+
+    #[test]
     fn a_later_timeline_without_its_history_is_a_gap() {
         let mut names: Vec<String> = (2..=4).map(segment).collect();
         names.push(wal::segment_name(2, 4, MB16));
@@ -716,21 +777,44 @@ mod tests {
     }
 
     #[test]
-    fn a_proof_holds_what_it_proved_and_nothing_stored_after() {
+    fn a_proof_holds_what_it_proved_unchanged_and_nothing_else() {
         let names: Vec<String> = [2, 3, 4, 7].into_iter().map(segment).collect();
         let mut files: Vec<(&str, i64)> = names.iter().map(|n| (n.as_str(), 1)).collect();
         files.push(("00000002.history", 1));
         let archive = archive_of(&files);
-        let all: Vec<&ListedFile> = archive.files.iter().collect();
+        let all: Vec<(&ListedFile, bool)> = archive
+            .files
+            .iter()
+            .map(|listed| (listed, !listed.key.ends_with("07.zst")))
+            .collect();
         let proof = ArchiveProof::of("j", MB16, &all);
-        assert_eq!(proof.segments["00000001"], [(2, 4), (7, 7)]);
-        assert!(proof.files.contains("00000002.history"));
-        assert!(archive.files.iter().all(|listed| proof.holds(listed)));
-        let mut replaced = archive.files[0].clone();
-        replaced.stored_at = at(2);
-        assert!(!proof.holds(&replaced));
+        assert!(proof.files.contains_key("00000002/00000002.history.zst"));
+        assert!(
+            archive
+                .files
+                .iter()
+                .all(|listed| proof.holds(listed, false))
+        );
+        // One read without its key: proven unchanged, its content not checked.
+        let unchecked = archive
+            .files
+            .iter()
+            .find(|l| l.key.ends_with("07.zst"))
+            .unwrap();
+        assert!(!proof.holds(unchecked, true));
+        assert!(proof.holds(&archive.files[0], true));
+        // Stored again later, or earlier (a copy that kept an old time), or at another size.
+        for change in [
+            |l: &mut ListedFile| l.stored_at = at(2),
+            |l: &mut ListedFile| l.stored_at = at(0),
+            |l: &mut ListedFile| l.size += 1,
+        ] {
+            let mut replaced = archive.files[0].clone();
+            change(&mut replaced);
+            assert!(!proof.holds(&replaced, false));
+        }
         let mut unproven = archive.files[0].clone();
-        unproven.file = WalFile::parse(&segment(5)).unwrap();
-        assert!(!proof.holds(&unproven));
+        unproven.key = unproven.key.replace(&segment(2), &segment(5));
+        assert!(!proof.holds(&unproven, false));
     }
 }

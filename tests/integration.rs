@@ -25,6 +25,7 @@ mod policies;
 mod postgres_logical;
 mod postgres_physical;
 mod prune;
+mod random_drills;
 mod redis;
 mod regions;
 mod repositories;

@@ -53,7 +53,7 @@ fn metrics_are_valid_exposition_and_match_the_manifest() {
             metrics.display(),
             local_repository("one", &work.path().join("one")),
             local_repository("two", &work.path().join("two")),
-            files_job("conf", &[&tree])
+            files_job("conf", &[&tree]) + "retention = { keep_daily = 7 }\n"
         ),
     );
     lifeboat(&config, &["backup", "conf"]).assert_code(0);
@@ -93,6 +93,22 @@ fn metrics_are_valid_exposition_and_match_the_manifest() {
         .unwrap();
     let newest = value(&state, "lifeboat_backup_newest_timestamp_seconds", &job);
     assert!((newest - recovery_point.timestamp_micros() as f64 / 1e6).abs() < 1e-3);
+    // Each repository's window is the one backup; retention promises six days back.
+    for repository in ["one", "two"] {
+        let window = [("job", "conf"), ("repository", repository)];
+        assert_eq!(
+            value(&state, "lifeboat_window_start_timestamp_seconds", &window),
+            newest
+        );
+        assert_eq!(
+            value(&state, "lifeboat_window_end_timestamp_seconds", &window),
+            newest
+        );
+    }
+    assert_eq!(
+        value(&state, "lifeboat_retention_promise_seconds", &job),
+        6.0 * 86400.0
+    );
     // What the RPO alert reads, as a moment: its age is computed by Prometheus from time().
     assert_eq!(
         value(&state, "lifeboat_restorable_timestamp_seconds", &job),
@@ -362,7 +378,20 @@ fn wal_push_metrics(work: &Path, metrics: &Path) -> Vec<prometheus_parse::Sample
         value(&recovered, "lifeboat_wal_push_consecutive_failures", &job),
         0.0
     );
-    failing.into_iter().chain(recovered).collect()
+    // Each repository's window, before any base backup: its archive never verified.
+    lifeboat(&config, &["status", "--write-metrics"]);
+    let state = parse(&metrics.join("lifeboat.prom"));
+    let repository = [("job", "db"), ("repository", "wal")];
+    assert_eq!(
+        value(
+            &state,
+            "lifeboat_archive_verified_timestamp_seconds",
+            &repository
+        ),
+        0.0
+    );
+    assert_eq!(value(&state, "lifeboat_window_gaps", &repository), 0.0);
+    failing.into_iter().chain(recovered).chain(state).collect()
 }
 
 /// The promtool that `.ci/setup` extracts from Debian's prometheus package (the server is

@@ -223,7 +223,7 @@ async fn read_backup_history(
                 continue;
             }
         };
-        let text = zstd::stream::decode_all(&stored[..])
+        let text = crate::wal::decode_limited(&stored[..], crate::continuity::HISTORY_LIMIT)
             .map(|raw| String::from_utf8_lossy(&raw).into_owned());
         if let Some(stop) = text
             .ok()

@@ -126,7 +126,7 @@ pub enum Command {
         #[arg(long, conflicts_with = "backup")]
         archive: bool,
         /// With --archive: read every WAL file again, not only the new ones.
-        #[arg(long, requires = "archive")]
+        #[arg(long, requires = "archive", conflicts_with = "sample")]
         full: bool,
         /// Read the next P% slice of every repository's objects (backups and WAL), so that
         /// each object is read once every 100/P runs; the rotation is kept in the repository.
@@ -276,6 +276,10 @@ pub enum DrillAction {
         /// Run the drill once per repository holding the backup, each reading from it alone.
         #[arg(long)]
         each_repository: bool,
+        /// The seed of a random drill (`backup = "random"`, `to_time = "random"`): the
+        /// report gives each run's; the same seed draws the same point from the same window.
+        #[arg(long)]
+        seed: Option<u64>,
         #[arg(long, value_enum, default_value_t = OutputFormat::Text)]
         format: OutputFormat,
     },

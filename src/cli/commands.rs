@@ -88,6 +88,7 @@ async fn change_state(config: &Config, command: Command) -> Result<i32> {
                     file,
                     report_dir,
                     each_repository,
+                    seed,
                     format,
                 },
         } => {
@@ -95,6 +96,7 @@ async fn change_state(config: &Config, command: Command) -> Result<i32> {
                 file,
                 report_dir,
                 each_repository,
+                seed,
             };
             drill_run(config, options, format).await?;
         }

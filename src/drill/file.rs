@@ -40,8 +40,17 @@ pub struct Drill {
     pub schedule: Option<String>,
     /// Physical jobs: recover to this moment instead of the end of the archive.
     pub to_time: Option<DrillTime>,
+    /// Run `pg_amcheck --heapallindexed` on every restored database (scratch targets).
+    pub amcheck: bool,
     pub checks: Vec<Check>,
+    /// The seed a run draws `backup = "random"` or `to_time = "random"` from, and what it
+    /// drew.
+    pub seed: Option<u64>,
+    pub drawn: Option<super::random::Draw>,
 }
+
+/// `backup = "random"`: a random complete backup of the restorable window.
+pub const RANDOM: &str = "random";
 
 /// The moment a physical drill recovers to: a fixed one, or one that moves with the backup
 /// drilled, so that a scheduled drill proves a point inside the archive, not only its end.
@@ -49,10 +58,15 @@ pub struct Drill {
 pub enum DrillTime {
     At(chrono::DateTime<chrono::Utc>),
     AfterBackup(Duration),
+    /// A random moment of the restorable window, drawn from the run's seed.
+    Random,
 }
 
 impl DrillTime {
     fn parse(text: &str) -> std::result::Result<DrillTime, String> {
+        if text.trim() == RANDOM {
+            return Ok(DrillTime::Random);
+        }
         if let Some(after) = text.trim().strip_suffix("after the backup") {
             return crate::config::bounded_duration(after.trim())
                 .map(DrillTime::AfterBackup)
@@ -67,17 +81,19 @@ impl DrillTime {
             })
     }
 
-    /// The moment itself, for a backup whose data is from `recovery_point`.
+    /// The moment itself, for a backup whose data is from `recovery_point`; None for a
+    /// random one, which the run draws before it restores.
     pub fn resolve(
         &self,
         recovery_point: chrono::DateTime<chrono::Utc>,
-    ) -> chrono::DateTime<chrono::Utc> {
+    ) -> Option<chrono::DateTime<chrono::Utc>> {
         match self {
-            DrillTime::At(at) => *at,
-            DrillTime::AfterBackup(after) => {
+            DrillTime::At(at) => Some(*at),
+            DrillTime::AfterBackup(after) => Some(
                 recovery_point
-                    + chrono::Duration::from_std(*after).unwrap_or(chrono::Duration::zero())
-            }
+                    + chrono::Duration::from_std(*after).unwrap_or(chrono::Duration::zero()),
+            ),
+            DrillTime::Random => None,
         }
     }
 }
@@ -204,6 +220,8 @@ struct RawDrill {
     rpo: Option<Spanned<String>>,
     schedule: Option<Spanned<String>>,
     to_time: Option<Spanned<String>>,
+    #[serde(default)]
+    amcheck: bool,
     #[serde(default)]
     check: Vec<Spanned<RawCheck>>,
 }
@@ -358,7 +376,10 @@ impl Drill {
                 schedule => schedule.map(|s| s.into_inner()),
             },
             to_time,
+            amcheck: raw.amcheck,
             checks,
+            seed: None,
+            drawn: None,
         })
     }
 }
@@ -493,13 +514,17 @@ mod tests {
             .unwrap()
             .to_utc();
         let after = drill("90s after the backup").unwrap().to_time.unwrap();
+        assert_eq!(drill("random").unwrap().to_time, Some(DrillTime::Random));
         assert_eq!(after, DrillTime::AfterBackup(Duration::from_secs(90)));
         assert_eq!(
-            after.resolve(backup).to_rfc3339(),
+            after.resolve(backup).unwrap().to_rfc3339(),
             "2026-12-07T03:01:30+00:00"
         );
         let at = drill("2026-12-07T14:01:00Z").unwrap().to_time.unwrap();
-        assert_eq!(at.resolve(backup).to_rfc3339(), "2026-12-07T14:01:00+00:00");
+        assert_eq!(
+            at.resolve(backup).unwrap().to_rfc3339(),
+            "2026-12-07T14:01:00+00:00"
+        );
         let err = drill("yesterday").unwrap_err();
         assert!(
             err.message()

@@ -7,6 +7,7 @@
 mod check;
 mod file;
 mod history;
+mod random;
 mod report;
 
 use std::path::{Path, PathBuf};
@@ -37,6 +38,9 @@ pub struct DrillOptions {
     pub report_dir: PathBuf,
     /// Run the drill once per repository holding the backup, each reading from it alone.
     pub each_repository: bool,
+    /// The seed of a random drill's draw: the same seed draws the same point from the same
+    /// window. None: a new one.
+    pub seed: Option<u64>,
 }
 
 /// Times the phases of a drill from t0.
@@ -130,10 +134,36 @@ pub async fn run(config: &Config, options: &DrillOptions) -> Result<DrillRun> {
             )));
         }
     }
+    if drill.amcheck {
+        let job = config.job(&drill.job)?;
+        let postgres = matches!(job.source, JobSource::Postgres(_));
+        if !postgres || drill.target != DrillTarget::Scratch {
+            return Err(Error::config(format!(
+                "invalid drill file '{}': amcheck: only a postgres drill into a scratch cluster runs it (the amcheck extension is created in every restored database, which a server someone uses must not get)",
+                drill.path.display()
+            )));
+        }
+    }
+    if random::wants_draw(&drill) {
+        random::refuse_unprovable(config, &drill)?;
+        drill.seed = Some(options.seed.unwrap_or_else(random::new_seed));
+    }
     let mut run = DrillRun::default();
     if !options.each_repository {
         run.add(run_once(config, &drill, &options.report_dir, None).await);
         return Ok(run);
+    }
+    // One draw for every repository; one that fails is drawn again by the run, which fails
+    // with a FAILED report saying why.
+    if let Some(seed) = drill.seed {
+        let job = config.job(&drill.job)?;
+        match random::draw(config, &drill, job, seed).await {
+            Ok((drawn, _)) => drill = drawn,
+            Err(_) => {
+                run.add(run_once(config, &drill, &options.report_dir, None).await);
+                return Ok(run);
+            }
+        }
     }
     // The same backup from each repository that holds it, each on its own: one that stops
     // does not keep the others from their proof.
@@ -263,6 +293,7 @@ async fn run_drill(
         stored_in: Vec::new(),
         warnings: Vec::new(),
         failure: Some(why),
+        random: drill.drawn.clone(),
     };
     store_everywhere(config, &mut report).await;
     if let Err(e) = report.write(report_dir) {
@@ -293,6 +324,19 @@ async fn attempt_drill(
             e.message()
         ))
     })?;
+    // Drawn before the disaster is declared: the draw is no part of the RTO. One that
+    // cannot be made (no window, no room in it) fails the drill like a missing backup.
+    let drawn;
+    let drill = match (drill.seed, &drill.drawn) {
+        (Some(seed), None) => {
+            drawn = random::draw(config, drill, job, seed).await?.0;
+            &drawn
+        }
+        _ => drill,
+    };
+    if let Some(draw) = &drill.drawn {
+        tracing::info!(drill = %drill.name, "{}", draw.describe());
+    }
     let warnings = heartbeat_before_t0(job).await;
     let declared_at = Utc::now();
     clock.t0 = Instant::now();
@@ -322,6 +366,7 @@ async fn attempt_drill(
     )
     .await;
 
+    let marked = outcome.marker.is_some();
     let (rpo_marker, marker_source) = match outcome.marker {
         Some((at, source)) => (at, source),
         None => (
@@ -332,7 +377,32 @@ async fn attempt_drill(
     let rpo = (outcome.rpo_to.unwrap_or(declared_at) - rpo_marker)
         .to_std()
         .unwrap_or_default();
-    let checks_pass = outcome.checks.iter().all(|c| c.passed);
+    let mut checks = outcome.checks;
+    // A recovery to a moment proves that moment only if nothing written after it came
+    // back: the newest data must be at or before it (and within the RPO of it, above).
+    if let Some(to) = outcome.rpo_to.filter(|_| !marked && drill.drawn.is_some()) {
+        checks.push(CheckResult {
+            name: "recovered to the moment, not past it".to_string(),
+            passed: false,
+            expected: format!(
+                "the heartbeat row or an rpo_marker check at or before {}",
+                to.format("%Y-%m-%d %H:%M:%S%.6f UTC")
+            ),
+            returned: "neither was restored: where recovery stopped is unknown".to_string(),
+        });
+    }
+    if let Some(to) = outcome.rpo_to.filter(|_| marked) {
+        checks.push(CheckResult {
+            name: "recovered to the moment, not past it".to_string(),
+            passed: rpo_marker <= to,
+            expected: format!(
+                "{marker_source} at or before {}",
+                to.format("%Y-%m-%d %H:%M:%S%.6f UTC")
+            ),
+            returned: rpo_marker.format("%Y-%m-%d %H:%M:%S%.6f UTC").to_string(),
+        });
+    }
+    let checks_pass = checks.iter().all(|c| c.passed);
     let secrets = configured_secrets(config);
     let report = DrillReport {
         run_id: DrillReport::new_run_id(declared_at),
@@ -355,8 +425,7 @@ async fn attempt_drill(
         rpo_marker,
         rpo_marker_source: marker_source,
         phases: std::mem::take(&mut clock.phases),
-        checks: outcome
-            .checks
+        checks: checks
             .into_iter()
             .map(|check| check.kept(&secrets))
             .collect(),
@@ -373,6 +442,7 @@ async fn attempt_drill(
         stored_in: Vec::new(),
         warnings,
         failure: None,
+        random: drill.drawn.clone(),
     };
     let mut report = report.judged(checks_pass);
     report.warnings.extend(outcome.warnings);
@@ -564,7 +634,7 @@ async fn run_postgres(
             let binaries = Binaries::find(bin_dir, manifest.server_major().unwrap_or(0))?;
             let cluster = ScratchCluster::start(&binaries).await?;
             let dsn = cluster.dsn("postgres");
-            (Some(cluster), dsn)
+            (Some((cluster, binaries)), dsn)
         }
         DrillTarget::Dsn(dsn) => {
             warnings.extend(refuse_the_source(drill, manifest, dsn).await?);
@@ -607,14 +677,27 @@ async fn run_postgres(
         .unwrap_or_else(|| "postgres".to_string());
     // On a scratch cluster the checks run as a role that reads everything and is no
     // superuser; on a DSN target, as the drill's own user.
+    let mut amchecked = Vec::new();
     let check_dsn = match scratch.as_mut() {
-        Some(cluster) => {
+        Some((cluster, binaries)) => {
             warnings.extend(cluster.add_reader().await?);
+            amchecked = amcheck_phase(drill, cluster, binaries, clock).await?;
             cluster.check_dsn("postgres")
         }
         None => dsn.clone(),
     };
-    let checked = sql_checks(drill, &check_dsn, &default_database, heartbeat, None).await;
+    // The amcheck phase is timed on its own; the checks' starts after it.
+    let started = if drill.amcheck {
+        Instant::now()
+    } else {
+        started
+    };
+    let checked = sql_checks(drill, &check_dsn, &default_database, heartbeat, None)
+        .await
+        .map(|(mut checks, marker)| {
+            checks.extend(amchecked);
+            (checks, marker)
+        });
     clock.phase("checks", started);
     drop(scratch);
     if let DrillTarget::Dsn(_) = &drill.target {
@@ -745,6 +828,40 @@ async fn drop_restored(dsn: &str, databases: &[String]) -> Vec<String> {
     said
 }
 
+/// `amcheck = true`: pg_amcheck over every restored database, as its own timed phase; each
+/// corrupt relation it names is a failed check.
+async fn amcheck_phase(
+    drill: &Drill,
+    cluster: &ScratchCluster,
+    binaries: &Binaries,
+    clock: &mut Clock,
+) -> Result<Vec<CheckResult>> {
+    if !drill.amcheck {
+        return Ok(Vec::new());
+    }
+    let started = Instant::now();
+    let findings = cluster.amcheck(binaries).await?;
+    clock.phase("amcheck", started);
+    let expected = "no corruption (pg_amcheck --heapallindexed)".to_string();
+    if findings.is_empty() {
+        return Ok(vec![CheckResult {
+            name: "amcheck".to_string(),
+            passed: true,
+            expected,
+            returned: "no corruption in any database".to_string(),
+        }]);
+    }
+    Ok(findings
+        .into_iter()
+        .map(|finding| CheckResult {
+            name: "amcheck".to_string(),
+            passed: false,
+            expected: expected.clone(),
+            returned: finding,
+        })
+        .collect())
+}
+
 /// Runs a postgres drill's SQL checks against `dsn`; also finds the RPO marker: the check
 /// marked as one, else (with `heartbeat`) the job's heartbeat row.
 async fn sql_checks(
@@ -819,6 +936,15 @@ async fn run_physical(
     job: &PostgresJob,
     clock: &mut Clock,
 ) -> Result<Outcome> {
+    if drill.to_time == Some(file::DrillTime::Random) {
+        return Err(Error::new(
+            ErrorKind::Usage,
+            format!(
+                "drill '{}': to_time = \"random\" reached the restore without a moment drawn",
+                drill.name
+            ),
+        ));
+    }
     if drill.target != DrillTarget::Scratch {
         return Err(Error::config(format!(
             "invalid drill file '{}': target: a physical backup restores into a scratch cluster only; leave target out",
@@ -833,7 +959,7 @@ async fn run_physical(
     let recovery_target = drill
         .to_time
         .as_ref()
-        .map(|to| to.resolve(manifest.recovery_point));
+        .and_then(|to| to.resolve(manifest.recovery_point));
     let started = Instant::now();
     let restored = restore::run(
         config,
@@ -876,13 +1002,14 @@ async fn run_physical(
     let mut warnings = restored.passed_over.clone();
     warnings.extend(relayed.warnings);
     warnings.extend(cluster.add_reader().await?);
+    let amchecked = amcheck_phase(drill, &cluster, &binaries, clock).await?;
 
     let started = Instant::now();
     let default_database = drill
         .database
         .clone()
         .unwrap_or_else(|| server.database().to_string());
-    let (checks, marker) = sql_checks(
+    let (mut checks, marker) = sql_checks(
         drill,
         &cluster.check_dsn("postgres"),
         &default_database,
@@ -891,6 +1018,7 @@ async fn run_physical(
     )
     .await?;
     clock.phase("checks", started);
+    checks.extend(amchecked);
     drop(cluster);
     let mut repositories = restored.repositories;
     for repository in relayed.repositories {

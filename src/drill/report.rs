@@ -173,6 +173,9 @@ pub struct DrillReport {
     /// Why a drill that failed before it had anything to judge failed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub failure: Option<String>,
+    /// What a random drill drew, with its seed (`drill run --seed N` draws it again).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub random: Option<super::random::Draw>,
 }
 
 fn secs(seconds: f64) -> String {
@@ -536,6 +539,9 @@ impl fmt::Display for DrillReport {
                 "{mark} check '{}': expected {}, got {}",
                 check.name, check.expected, check.returned
             )?;
+        }
+        if let Some(draw) = &self.random {
+            writeln!(f, "{}", draw.describe())?;
         }
         writeln!(
             f,

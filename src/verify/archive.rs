@@ -9,13 +9,12 @@
 //! `--full` reads everything again.
 
 use std::fmt;
-use std::io::Read;
 use std::sync::Arc;
 
 use futures::StreamExt;
 use serde::Serialize;
 
-use crate::config::{Config, JobConfig, JobSource, PostgresMode};
+use crate::config::{Config, JobConfig};
 use crate::error::{Error, ErrorKind, Result};
 use crate::keys::{self, Identity};
 use crate::pipeline::Tally;
@@ -57,6 +56,9 @@ pub struct ArchiveCheck {
     pub unreadable: Vec<(String, String)>,
     /// Encrypted segments checked by their note of the raw sha256 only: no identity.
     pub stored_only: usize,
+    /// Files removed between the listing and their reading (a prune at the same time): the
+    /// window was judged with them, so this run proves nothing whole.
+    pub vanished: usize,
     pub window: Window,
     /// The record of what was proven, when it could not be used or kept.
     pub warnings: Vec<String>,
@@ -64,8 +66,10 @@ pub struct ArchiveCheck {
 
 impl ArchiveCheck {
     fn whole(&self) -> bool {
-        self.window.gaps.is_empty()
+        self.window.backups > 0
+            && self.window.gaps.is_empty()
             && self.window.problems.is_empty()
+            && self.vanished == 0
             && self.damaged.is_empty()
             && self.unreadable.is_empty()
     }
@@ -76,12 +80,25 @@ pub struct ArchiveReport {
     pub checks: Vec<ArchiveCheck>,
     /// Repositories that could not be listed, by job, with the reason.
     pub unreachable: Vec<(String, String)>,
+    /// Repositories without their marker while others hold theirs: not checked.
+    pub not_whole: Vec<String>,
 }
 
 impl ArchiveReport {
     /// Ok when every archive read is continuous and intact; a gap or a damaged file fails
     /// (exit 1): some moment cannot be recovered from that repository alone.
     pub fn outcome(&self) -> Result<()> {
+        if !self.not_whole.is_empty() {
+            return Err(Error::new(
+                ErrorKind::Verification,
+                format!(
+                    "{} repository(ies) do not hold what the others hold: {}",
+                    self.not_whole.len(),
+                    self.not_whole.join("; ")
+                ),
+            )
+            .with_hint("`lifeboat replicate --reseed` copies every backup and the WAL into a wiped repository and writes its marker"));
+        }
         let gaps: usize = self.checks.iter().map(|c| c.window.gaps.len()).sum();
         let damaged: usize = self.checks.iter().map(|c| c.damaged.len()).sum();
         if gaps > 0 || damaged > 0 {
@@ -137,7 +154,7 @@ impl ArchiveReport {
 }
 
 fn is_physical(job: &JobConfig) -> bool {
-    matches!(&job.source, JobSource::Postgres(p) if p.mode == PostgresMode::Physical)
+    job.backup_kind() == crate::layout::BackupKind::PostgresPhysical
 }
 
 pub async fn run(config: &Config, options: &ArchiveOptions) -> Result<ArchiveReport> {
@@ -174,9 +191,33 @@ pub async fn run(config: &Config, options: &ArchiveOptions) -> Result<ArchiveRep
     let mut report = ArchiveReport {
         checks: Vec::new(),
         unreachable: Vec::new(),
+        not_whole: Vec::new(),
     };
+    // A repository without its marker (wiped, or a mount point with nothing mounted) is
+    // judged not whole and written nothing, even when none of the others has one either.
+    let mut wiped = Vec::new();
+    for repository in &repositories {
+        match repository.has_marker().await {
+            Ok(true) => {}
+            Ok(false) => {
+                wiped.push(repository.name.clone());
+                report.not_whole.push(format!(
+                    "repository '{}' holds no marker ({}): it was wiped, or is not a lifeboat repository",
+                    repository.name,
+                    crate::layout::MARKER_KEY
+                ));
+            }
+            Err(e) => {
+                wiped.push(repository.name.clone());
+                report
+                    .unreachable
+                    .push((repository.name.clone(), e.chain().join(": ")));
+            }
+        }
+    }
     for job in jobs {
-        for repository in &repositories {
+        let first_check = report.checks.len();
+        for repository in repositories.iter().filter(|r| !wiped.contains(&r.name)) {
             let context = Context {
                 job: &job.name,
                 repository,
@@ -195,8 +236,33 @@ pub async fn run(config: &Config, options: &ArchiveOptions) -> Result<ArchiveRep
                     .push((repository.name.clone(), e.chain().join(": "))),
             }
         }
+        judge_against_each_other(&mut report.checks[first_check..]);
     }
     Ok(report)
+}
+
+/// One repository holding nothing restorable of a job while another holds backups is no
+/// smaller version of it.
+fn judge_against_each_other(checks: &mut [ArchiveCheck]) {
+    let Some((holder, held)) = checks
+        .iter()
+        .find(|c| c.window.backups > 0)
+        .map(|c| (c.repository.clone(), c.window.backups))
+    else {
+        for check in checks.iter_mut() {
+            check.window.problems.push(format!(
+                "no repository holds a complete base backup of job '{}': nothing is restorable, so there is no window to prove",
+                check.job
+            ));
+        }
+        return;
+    };
+    for check in checks.iter_mut().filter(|c| c.window.backups == 0) {
+        check.window.problems.push(format!(
+            "it holds no complete backup of job '{}' while '{holder}' holds {held}",
+            check.job
+        ));
+    }
 }
 
 struct Context<'a> {
@@ -227,6 +293,7 @@ async fn check_repository(context: &Context<'_>) -> Result<(ArchiveCheck, Archiv
         damaged: Vec::new(),
         unreadable: Vec::new(),
         stored_only: 0,
+        vanished: 0,
         window,
         warnings: Vec::new(),
     };
@@ -240,11 +307,19 @@ async fn check_repository(context: &Context<'_>) -> Result<(ArchiveCheck, Archiv
             None
         }
     };
-    let (mut proven, to_read): (Vec<&ListedFile>, Vec<&ListedFile>) =
-        match (&previous, context.full) {
-            (Some(proof), false) => archive.files.iter().partition(|f| proof.holds(f)),
-            _ => (Vec::new(), archive.files.iter().collect()),
-        };
+    // With a key at hand, a file proven by its note alone is read again, to be decrypted.
+    let content = context.identities.is_some();
+    let (held, to_read): (Vec<&ListedFile>, Vec<&ListedFile>) = match (&previous, context.full) {
+        (Some(proof), false) => archive.files.iter().partition(|f| proof.holds(f, content)),
+        _ => (Vec::new(), archive.files.iter().collect()),
+    };
+    let mut proven: Vec<(&ListedFile, bool)> = held
+        .into_iter()
+        .map(|listed| {
+            let checked = previous.as_ref().is_some_and(|p| p.holds(listed, true));
+            (listed, checked)
+        })
+        .collect();
     check.full = to_read.len() == archive.files.len();
     check.proven_before = proven.len();
     let segment_size = archive.segment_size;
@@ -265,15 +340,27 @@ async fn check_repository(context: &Context<'_>) -> Result<(ArchiveCheck, Archiv
                 check.files_read += 1;
                 check.bytes_read += listed.size;
                 check.stored_only += usize::from(checked == Checked::NoteOnly);
-                proven.push(listed);
+                proven.push((listed, checked == Checked::Whole));
             }
             Err(Failure::Damaged(why)) => {
                 check.files_read += 1;
                 check.bytes_read += listed.size;
                 check.damaged.push((listed.key.clone(), why));
             }
+            Err(Failure::Vanished) => {
+                check.vanished += 1;
+                check.warnings.push(format!(
+                    "'{}' was removed after it was listed (a prune running at the same time); not checked, and the window is judged again by the next run",
+                    listed.key
+                ));
+            }
             Err(Failure::Unreadable(why)) => check.unreadable.push((listed.key.clone(), why)),
         }
+    }
+    if check.window.backups == 0 && check.files_listed > 0 {
+        check.window.problems.push(
+            "WAL is archived here but no complete base backup it would replay from".to_string(),
+        );
     }
     let mut proof = ArchiveProof::of(context.job, segment_size, &proven);
     proof.checked_at = Some(context.now);
@@ -307,6 +394,11 @@ async fn keep_proof(
             None
         }
     };
+    if signer.is_none() && context.repository.trust.required() {
+        check.warnings.push(
+            "this host holds no signing key, so the record of what was proven is not trusted (trusted_signers) and every run reads every file; run `verify --archive` where [signing] key_file is set".to_string(),
+        );
+    }
     if let Err(e) = window::write_proof(context.repository, proof, signer).await {
         check.warnings.push(format!(
             "the record of what was proven could not be kept, so the next run reads these files again: {}",
@@ -323,6 +415,8 @@ pub(super) enum Checked {
 }
 
 pub(super) enum Failure {
+    /// Removed since it was listed: nothing to judge.
+    Vanished,
     Damaged(String),
     Unreadable(String),
 }
@@ -348,6 +442,7 @@ pub(super) async fn check_file(
     }
     let stored = match storage::get_bytes(repository.store.as_ref(), &listed.key).await {
         Ok(stored) => stored,
+        Err(e) if e.is_not_found() => return Err(Failure::Vanished),
         Err(e) => {
             return Err(Failure::Unreadable(
                 repository
@@ -389,11 +484,11 @@ fn check_stored(
     let encrypted = keys::is_age(stored);
     let note = encrypted.then(|| keys::read_wal_note(stored));
     let raw = match (encrypted, identities) {
-        (false, _) => decode_limited(stored, limit)?,
+        (false, _) => wal::decode_limited(stored, limit)?,
         (true, Some(identities)) => {
             let plain =
                 keys::open(stored, identities).map_err(|e| format!("it does not decrypt: {e}"))?;
-            decode_limited(plain, limit)?
+            wal::decode_limited(plain, limit)?
         }
         (true, None) => {
             return match note.flatten() {
@@ -430,22 +525,6 @@ fn check_stored(
         }
     }
     Ok(Checked::Whole)
-}
-
-/// A zstd frame's content, refused past `limit` bytes: a hostile frame that expands without
-/// end stops there.
-fn decode_limited(stored: impl Read, limit: u64) -> std::result::Result<Vec<u8>, String> {
-    let decoder =
-        zstd::stream::read::Decoder::new(stored).map_err(|e| format!("it does not decode: {e}"))?;
-    let mut raw = Vec::new();
-    decoder
-        .take(limit + 1)
-        .read_to_end(&mut raw)
-        .map_err(|e| format!("it does not decode: {e}"))?;
-    if raw.len() as u64 > limit {
-        return Err(format!("it decodes to more than {limit} bytes"));
-    }
-    Ok(raw)
 }
 
 impl fmt::Display for ArchiveReport {
@@ -505,6 +584,9 @@ impl fmt::Display for ArchiveReport {
                 f,
                 "warning: repository '{name}' could not be read: {reason}"
             )?;
+        }
+        for problem in &self.not_whole {
+            writeln!(f, "NOT WHOLE {problem}")?;
         }
         let gaps: usize = self.checks.iter().map(|c| c.window.gaps.len()).sum();
         let damaged: usize = self.checks.iter().map(|c| c.damaged.len()).sum();

@@ -192,6 +192,16 @@ async fn sample_repository(
     now: DateTime<Utc>,
 ) -> Result<SampleCheck> {
     let (repository, job) = (reader.repository, reader.job);
+    if !repository.has_marker().await? {
+        return Err(Error::new(
+            ErrorKind::Verification,
+            format!(
+                "repository '{}' holds no marker ({}): it was wiped, or is not a lifeboat repository; nothing was sampled or written there",
+                repository.name,
+                layout::MARKER_KEY
+            ),
+        ));
+    }
     let holdings = inventory::holdings(repository, job).await?;
     let mut objects: Vec<(String, Sampled)> = Vec::new();
     for (id, holding) in holdings.iter().filter(|(_, h)| h.manifest) {
@@ -265,6 +275,9 @@ async fn sample_repository(
                 check.stored_only += usize::from(stored_only);
             }
             Err(Failure::Damaged(why)) => check.damaged.push((key.clone(), why)),
+            Err(Failure::Vanished) => check.warnings.push(format!(
+                "'{key}' was removed after it was listed (a prune running at the same time); not checked"
+            )),
             Err(Failure::Unreadable(why)) => check.unreadable.push((key.clone(), why)),
         }
     }
@@ -280,7 +293,8 @@ async fn sample_repository(
     let proven = objects
         .iter()
         .filter(|(key, _)| {
-            state.proven_at[slice_of(key, slices) as usize].is_some_and(|at| at >= since)
+            state.proven_at[slice_of(key, slices) as usize]
+                .is_some_and(|at| at >= since && at <= now)
         })
         .count();
     check.proven_share = match objects.len() {
@@ -320,7 +334,8 @@ async fn read_one(
 ) -> std::result::Result<(u64, bool), Failure> {
     let (repository, job) = (reader.repository, reader.job);
     let judged = |e: Error| match e.kind() {
-        ErrorKind::Verification | ErrorKind::NotFound => Failure::Damaged(e.chain().join(": ")),
+        ErrorKind::NotFound => Failure::Vanished,
+        ErrorKind::Verification => Failure::Damaged(e.chain().join(": ")),
         _ => Failure::Unreadable(e.chain().join(": ")),
     };
     match object {
@@ -336,8 +351,16 @@ async fn read_one(
         }
         Sampled::Object { id, name } => {
             if !manifests.contains_key(id) {
-                let manifest = repository.read_manifest(job, id).await.ok();
-                manifests.insert(id.clone(), manifest);
+                match repository.read_manifest(job, id).await {
+                    Ok(manifest) => manifests.insert(id.clone(), Some(manifest)),
+                    // Not known damaged: the repository failed; the next run tries again.
+                    Err(e)
+                        if !matches!(e.kind(), ErrorKind::Verification | ErrorKind::NotFound) =>
+                    {
+                        return Err(Failure::Unreadable(e.chain().join(": ")));
+                    }
+                    Err(_) => manifests.insert(id.clone(), None),
+                };
             }
             let Some(manifest) = manifests.get(id).and_then(Option::as_ref) else {
                 return Err(Failure::Damaged(format!(
