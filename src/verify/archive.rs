@@ -89,15 +89,7 @@ impl ArchiveReport {
     /// (exit 1): some moment cannot be recovered from that repository alone.
     pub fn outcome(&self) -> Result<()> {
         if !self.not_whole.is_empty() {
-            return Err(Error::new(
-                ErrorKind::Verification,
-                format!(
-                    "{} repository(ies) do not hold what the others hold: {}",
-                    self.not_whole.len(),
-                    self.not_whole.join("; ")
-                ),
-            )
-            .with_hint("`lifeboat replicate --reseed` copies every backup and the WAL into a wiped repository and writes its marker"));
+            return Err(super::not_whole(&self.not_whole));
         }
         let gaps: usize = self.checks.iter().map(|c| c.window.gaps.len()).sum();
         let damaged: usize = self.checks.iter().map(|c| c.damaged.len()).sum();

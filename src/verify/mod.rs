@@ -113,15 +113,7 @@ impl VerifyReport {
             return Err(error);
         }
         if !self.not_whole.is_empty() {
-            return Err(Error::new(
-                ErrorKind::Verification,
-                format!(
-                    "{} repository(ies) do not hold what the others hold: {}",
-                    self.not_whole.len(),
-                    self.not_whole.join("; ")
-                ),
-            )
-            .with_hint("`lifeboat replicate --reseed` copies every backup into a wiped repository and writes its marker"));
+            return Err(not_whole(&self.not_whole));
         }
         let lost = self.lost().count();
         let place = match self.repositories.as_slice() {
@@ -177,6 +169,20 @@ impl VerifyReport {
         }
         Err(error)
     }
+}
+
+/// The failure of a run that met repositories not whole (wiped, or holding none of what the
+/// others hold): what it proved of the others says nothing of them.
+fn not_whole(problems: &[String]) -> Error {
+    Error::new(
+        ErrorKind::Verification,
+        format!(
+            "{} repository(ies) do not hold what the others hold: {}",
+            problems.len(),
+            problems.join("; ")
+        ),
+    )
+    .with_hint("`lifeboat replicate --reseed` copies every backup and the WAL into a wiped repository and writes its marker")
 }
 
 pub async fn run(config: &Config, options: &VerifyOptions) -> Result<VerifyReport> {
