@@ -285,6 +285,20 @@ async fn job_status(
         restorable = wal_reach(&survey, &job.name, &newest, &manifest, &mut status).await;
     }
     status.restorable_point = Some(restorable);
+    // A WAL file stored with a clock running fast would hold the exposure at zero, and the
+    // RPO alert silent, until that time came.
+    if restorable > manifest.recovery_point
+        && crate::clock::in_the_future(restorable, now, config.max_clock_skew)
+    {
+        status.flag(
+            State::Critical,
+            format!(
+                "the newest restorable point is dated in the future ({}, now {}): WAL stored by a clock running fast (a repository's, or a host's writing into a local one); the exposure cannot be measured until it is replaced",
+                restorable.format("%Y-%m-%d %H:%M:%S UTC"),
+                now.format("%Y-%m-%d %H:%M:%S UTC")
+            ),
+        );
+    }
     let exposure = (now - restorable).to_std().unwrap_or_default();
     status.exposure_seconds = Some(exposure.as_secs_f64());
     judge_against(

@@ -830,10 +830,26 @@ fn decode_checked(
     out: &mut std::fs::File,
     file: &WalFile,
 ) -> std::io::Result<u64> {
+    // A hostile frame that expands without end stops at what a file of its kind holds,
+    // before it fills the restore host's disk.
+    let limit = match file.kind {
+        WalFileKind::Segment | WalFileKind::Partial => 1 << 30,
+        WalFileKind::History | WalFileKind::BackupLabel => crate::continuity::HISTORY_LIMIT,
+    };
+    let copy_limited = |from: &mut dyn std::io::Read, out: &mut std::fs::File| {
+        let decoder = zstd::stream::read::Decoder::new(from)?;
+        let copied = std::io::copy(&mut std::io::Read::take(decoder, limit + 1), out)?;
+        if copied > limit {
+            return Err(std::io::Error::other(format!(
+                "it decodes to more than {limit} bytes"
+            )));
+        }
+        Ok(copied)
+    };
     let decoded = match identities {
-        None => zstd::stream::copy_decode(stored, &mut *out),
+        None => copy_limited(&mut &stored[..], &mut *out).map(|_| ()),
         Some(identities) => match keys::open(stored, identities) {
-            Ok(plain) => zstd::stream::copy_decode(plain, &mut *out),
+            Ok(mut plain) => copy_limited(&mut plain, &mut *out).map(|_| ()),
             Err(keys::OpenError::NoMatchingKey) => {
                 return Err(std::io::Error::new(
                     std::io::ErrorKind::PermissionDenied,

@@ -202,6 +202,25 @@ pub struct RepositoryArchive {
     pub segment_size: u64,
 }
 
+impl RepositoryArchive {
+    /// The archive without the files `drop` picks; None when it picks none.
+    pub fn without(&self, drop: impl Fn(&ListedFile) -> bool) -> Option<RepositoryArchive> {
+        if !self.files.iter().any(&drop) {
+            return None;
+        }
+        let mut kept = RepositoryArchive {
+            segment_size: self.segment_size,
+            ..Default::default()
+        };
+        for listed in self.files.iter().filter(|listed| !drop(listed)) {
+            kept.listing
+                .add(&listed.file, kept.segment_size, listed.stored_at);
+            kept.files.push(listed.clone());
+        }
+        Some(kept)
+    }
+}
+
 /// Lists the WAL of `job` that `repository` holds, paged.
 pub async fn list_archive(
     repository: &Repository,
@@ -267,6 +286,18 @@ pub async fn of_repository(
     job: &str,
     kind: BackupKind,
 ) -> Result<(Window, Option<RepositoryArchive>)> {
+    of_repository_without(repository, job, kind, &[]).await
+}
+
+/// The window with the WAL files `unusable` (keys) taken for missing: copies `verify
+/// --archive` found damaged or gone. Those its proof records as damaged, still stored as
+/// they were found, count as missing too: recovery stops at them as at a gap.
+pub async fn of_repository_without(
+    repository: &Repository,
+    job: &str,
+    kind: BackupKind,
+    unusable: &[String],
+) -> Result<(Window, Option<RepositoryArchive>)> {
     let manifests = complete_backups(repository, job).await?;
     let mut window = Window::empty(repository);
     window.backups = manifests.len();
@@ -289,22 +320,26 @@ pub async fn of_repository(
             )),
         }
     }
-    let archive = list_archive(
+    let listed = list_archive(
         repository,
         job,
         segment_size.unwrap_or(DEFAULT_SEGMENT_SIZE),
     )
     .await?;
+    let proof = read_proof(repository, job).await.ok().flatten();
+    // The window is judged without the unusable copies; the listing returned holds them,
+    // for `verify --archive` to read again.
+    let usable = listed.without(|listed| {
+        unusable.contains(&listed.key) || proof.as_ref().is_some_and(|p| p.found_damaged(listed))
+    });
+    let archive = usable.as_ref().unwrap_or(&listed);
     window.segments = Some(archive.listing.segments().count());
-    window.verified_at = read_proof(repository, job)
-        .await
-        .ok()
-        .flatten()
+    window.verified_at = proof
         .and_then(|proof| proof.verified_at)
         // A time ahead of this host's by more than any clock drifts is a planted one.
         .filter(|at| *at <= Utc::now() + chrono::Duration::hours(1));
     let Some(oldest_timeline) = backups.iter().map(|b| b.timeline).min() else {
-        return Ok((window, Some(archive)));
+        return Ok((window, Some(listed)));
     };
     let mut to = archive.listing.latest_timeline(oldest_timeline);
     let mut history = Vec::new();
@@ -336,7 +371,7 @@ pub async fn of_repository(
         }
     }
     let unreadable_history = window.gaps.iter().any(|gap| gap.unreadable.is_some());
-    physical_window(&mut window, &archive, &backups, (&history, to));
+    physical_window(&mut window, archive, &backups, (&history, to));
     if unreadable_history {
         // The timelines from the unreadable history on are cut off by that gap already;
         // another "missing" history named past it would be invented.
@@ -344,7 +379,7 @@ pub async fn of_repository(
             .gaps
             .retain(|gap| gap.segments > 0 || gap.unreadable.is_some());
     }
-    Ok((window, Some(archive)))
+    Ok((window, Some(listed)))
 }
 
 /// Fills `window` from the archive and the base backups, following the timelines to `to`
@@ -497,6 +532,10 @@ pub struct ArchiveProof {
     /// listed with another size or time was replaced since, and is read again), and whether
     /// what it holds was checked (an encrypted one read without a key was not).
     pub files: BTreeMap<String, (u64, i64, bool)>,
+    /// Files found damaged, with their size and stored time then: until they are replaced,
+    /// the window counts them missing.
+    #[serde(default)]
+    pub damaged: BTreeMap<String, (u64, i64)>,
 }
 
 /// A listed file as the proof names it (its timeline directory and stored name), with its
@@ -522,6 +561,24 @@ impl ArchiveProof {
             && self.files.get(name).is_some_and(|(size, stored, checked)| {
                 (*size, *stored) == entry && (*checked || !content)
             })
+    }
+
+    /// Whether `listed` is a copy found damaged, not replaced since.
+    pub fn found_damaged(&self, listed: &ListedFile) -> bool {
+        let (name, entry) = proof_entry(listed);
+        self.damaged.get(name) == Some(&entry)
+    }
+
+    /// Records `damaged` (listed files found damaged) as such.
+    pub fn with_damaged(mut self, damaged: &[&ListedFile]) -> ArchiveProof {
+        self.damaged = damaged
+            .iter()
+            .map(|listed| {
+                let (name, entry) = proof_entry(listed);
+                (name.to_string(), entry)
+            })
+            .collect();
+        self
     }
 
     /// The record of exactly `proven`: listed files that checked out, now or before, and

@@ -283,6 +283,16 @@ async fn every_regions_window_is_proven_and_its_gaps_named_repaired_and_read_aga
     let vault_check = check_of(&checks, "vault");
     assert_eq!(vault_check["files_read"], vault_check["files_listed"]);
     assert_eq!(vault_check["damaged"].as_array().unwrap().len(), 1);
+    // Recovery from the vault would stop at the damaged copy: a gap there, and in status.
+    assert_eq!(
+        vault_check["window"]["gaps"][0]["first_missing"],
+        segments[10].as_str(),
+        "{vault_check}"
+    );
+    lifeboat(&config, &["status"]).assert_stdout_has(format!(
+        "WAL segment {} is missing: point-in-time recovery from ",
+        segments[10]
+    ));
     // The way the hint says: the damaged copy removed, replicate brings an intact one.
     std::fs::remove_file(&damaged).unwrap();
     lifeboat(&config, &["replicate", JOB]).assert_code(0);

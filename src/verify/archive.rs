@@ -315,6 +315,8 @@ async fn check_repository(context: &Context<'_>) -> Result<(ArchiveCheck, Archiv
     check.full = to_read.len() == archive.files.len();
     check.proven_before = proven.len();
     let segment_size = archive.segment_size;
+    let mut damaged_files: Vec<&ListedFile> = Vec::new();
+    let mut gone: Vec<String> = Vec::new();
     let results: Vec<(&ListedFile, std::result::Result<Checked, Failure>)> =
         futures::stream::iter(to_read)
             .map(|listed| async move {
@@ -338,9 +340,12 @@ async fn check_repository(context: &Context<'_>) -> Result<(ArchiveCheck, Archiv
                 check.files_read += 1;
                 check.bytes_read += listed.size;
                 check.damaged.push((listed.key.clone(), why));
+                damaged_files.push(listed);
+                gone.push(listed.key.clone());
             }
             Err(Failure::Vanished) => {
                 check.vanished += 1;
+                gone.push(listed.key.clone());
                 check.warnings.push(format!(
                     "'{}' was removed after it was listed (a prune running at the same time); not checked, and the window is judged again by the next run",
                     listed.key
@@ -349,12 +354,25 @@ async fn check_repository(context: &Context<'_>) -> Result<(ArchiveCheck, Archiv
             Err(Failure::Unreadable(why)) => check.unreadable.push((listed.key.clone(), why)),
         }
     }
+    // Recovery stops at a damaged copy as at a missing one, and a file gone since the listing
+    // may leave a gap: the window is judged again without them.
+    if !gone.is_empty() {
+        let (window, _) = window::of_repository_without(
+            context.repository,
+            context.job,
+            crate::layout::BackupKind::PostgresPhysical,
+            &gone,
+        )
+        .await?;
+        check.window = window;
+    }
     if check.window.backups == 0 && check.files_listed > 0 {
         check.window.problems.push(
             "WAL is archived here but no complete base backup it would replay from".to_string(),
         );
     }
-    let mut proof = ArchiveProof::of(context.job, segment_size, &proven);
+    let mut proof =
+        ArchiveProof::of(context.job, segment_size, &proven).with_damaged(&damaged_files);
     proof.checked_at = Some(context.now);
     proof.full_at = match check.full {
         true => Some(context.now),
