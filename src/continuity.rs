@@ -96,8 +96,10 @@ impl ArchiveListing {
     /// `from`: it probes `from + 1`, `from + 2`, … while a history file is archived.
     pub fn latest_timeline(&self, from: u32) -> u32 {
         let mut newest = from;
-        while self.histories.contains(&(newest + 1)) {
-            newest += 1;
+        while let Some(next) = newest.checked_add(1)
+            && self.histories.contains(&next)
+        {
+            newest = next;
         }
         newest
     }

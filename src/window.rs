@@ -460,7 +460,7 @@ pub fn physical_window(
         window.gaps.push(Gap {
             first_missing: name(*first),
             last_missing: name(*last),
-            segments: last - first + 1,
+            segments: (last - first).saturating_add(1),
             lost_from: (*first > start)
                 .then(|| stored_at(first - 1))
                 .flatten()
@@ -501,8 +501,8 @@ pub fn physical_window(
         };
     }
     let named = |name: &str| window.gaps.iter().any(|gap| gap.first_missing == name);
-    if count > 0 && !named(&format!("{:08X}.history", to + 1)) {
-        let history = format!("{:08X}.history", to + 1);
+    if count > 0 && !named(&format!("{:08X}.history", to.saturating_add(1))) {
+        let history = format!("{:08X}.history", to.saturating_add(1));
         window.gaps.push(Gap {
             first_missing: history.clone(),
             last_missing: history,

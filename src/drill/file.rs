@@ -5,6 +5,7 @@ use std::ops::Range;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use chrono::{DateTime, Utc};
 use serde::Deserialize;
 use toml::Spanned;
 
@@ -46,11 +47,49 @@ pub struct Drill {
     /// The seed a run draws `backup = "random"` or `to_time = "random"` from, and what it
     /// drew.
     pub seed: Option<u64>,
-    pub drawn: Option<super::random::Draw>,
+    pub drawn: Option<Draw>,
 }
 
 /// `backup = "random"`: a random complete backup of the restorable window.
 pub const RANDOM: &str = "random";
+
+/// What a random drill drew, and from what.
+#[derive(Debug, Clone, serde::Serialize, Deserialize)]
+pub struct Draw {
+    pub seed: u64,
+    /// The repository whose window the draw was made in.
+    pub repository: String,
+    pub window_from: DateTime<Utc>,
+    pub window_to: DateTime<Utc>,
+    /// The backup drawn, when `backup = "random"`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub backup: Option<String>,
+    /// The moment drawn, when `to_time = "random"`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub to_time: Option<DateTime<Utc>>,
+}
+
+impl Draw {
+    pub fn describe(&self) -> String {
+        let mut text = format!(
+            "random draw (seed {}) in the window of repository '{}', {} to {}",
+            self.seed,
+            self.repository,
+            crate::window::human_time(self.window_from),
+            crate::window::human_time(self.window_to)
+        );
+        if let Some(backup) = &self.backup {
+            text.push_str(&format!(": backup {backup}"));
+        }
+        if let Some(at) = self.to_time {
+            text.push_str(&format!(
+                ": recovery to {}",
+                at.format("%Y-%m-%d %H:%M:%S%.3f UTC")
+            ));
+        }
+        text
+    }
+}
 
 /// The moment a physical drill recovers to: a fixed one, or one that moves with the backup
 /// drilled, so that a scheduled drill proves a point inside the archive, not only its end.

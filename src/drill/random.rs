@@ -6,52 +6,13 @@
 //! keeps; `drill run --seed N` draws the same point from the same window.
 
 use chrono::{DateTime, Duration, Utc};
-use serde::{Deserialize, Serialize};
 
-use super::file::{Drill, DrillTime, RANDOM};
+use super::file::{Draw, Drill, DrillTime, RANDOM};
 use crate::config::{Config, JobConfig};
 use crate::error::{Error, ErrorKind, Result};
 use crate::layout::BackupKind;
 use crate::repository::Repository;
 use crate::window::{self, Window};
-
-/// What a random drill drew, and from what.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct Draw {
-    pub seed: u64,
-    /// The repository whose window the draw was made in.
-    pub repository: String,
-    pub window_from: DateTime<Utc>,
-    pub window_to: DateTime<Utc>,
-    /// The backup drawn, when `backup = "random"`.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub backup: Option<String>,
-    /// The moment drawn, when `to_time = "random"`.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub to_time: Option<DateTime<Utc>>,
-}
-
-impl Draw {
-    pub fn describe(&self) -> String {
-        let mut text = format!(
-            "random draw (seed {}) in the window of repository '{}', {} to {}",
-            self.seed,
-            self.repository,
-            window::human_time(self.window_from),
-            window::human_time(self.window_to)
-        );
-        if let Some(backup) = &self.backup {
-            text.push_str(&format!(": backup {backup}"));
-        }
-        if let Some(at) = self.to_time {
-            text.push_str(&format!(
-                ": recovery to {}",
-                at.format("%Y-%m-%d %H:%M:%S%.3f UTC")
-            ));
-        }
-        text
-    }
-}
 
 /// Whether `drill` asks for a draw.
 pub fn wants_draw(drill: &Drill) -> bool {

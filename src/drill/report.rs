@@ -175,7 +175,7 @@ pub struct DrillReport {
     pub failure: Option<String>,
     /// What a random drill drew, with its seed (`drill run --seed N` draws it again).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub random: Option<super::random::Draw>,
+    pub random: Option<super::file::Draw>,
 }
 
 fn secs(seconds: f64) -> String {
