@@ -14,6 +14,7 @@ Targets, for nothing new: under 10 s and under 64 MiB peak RSS.
 """
 
 import argparse
+import hashlib
 import json
 import os
 import shutil
@@ -73,13 +74,18 @@ def build(root: Path, segments: int):
     (root / "lifeboat.json").write_text(
         json.dumps({"format": 1, "created_at": "2026-01-01T00:00:00Z", "created_by": "bench"}))
     add_segments(root, 0, segments)
+    # Each base backup: an empty tar stream (two zero blocks), stored as lifeboat stores it.
+    raw = bytes(1024)
+    stored = subprocess.run(["zstd", "-q", "-c"], input=raw, stdout=subprocess.PIPE, check=True).stdout
+    digests = {"size": len(stored), "sha256": hashlib.sha256(stored).hexdigest(),
+               "raw_size": len(raw), "raw_sha256": hashlib.sha256(raw).hexdigest()}
     for index in range(BACKUPS):
         first = 2 + index * (segments // BACKUPS)
         backup_id = f"2026010{index // 10 + 1}T{index % 10:02d}0000Z"
         stamp = f"2026-01-0{index // 10 + 1}T{index % 10:02d}:00:00Z"
         directory = job / "backups" / backup_id
         directory.mkdir(parents=True)
-        (directory / "base.tar.zst").write_bytes(b"base")
+        (directory / "base.tar.zst").write_bytes(stored)
         manifest = {
             "format": 1, "id": backup_id, "job": "db", "kind": "postgres-physical",
             "started_at": stamp, "finished_at": stamp, "recovery_point": stamp,
@@ -91,12 +97,16 @@ def build(root: Path, segments: int):
                 "first_wal": segment_name(1, first), "last_wal": segment_name(1, first + 1),
                 "wal_segment_size": SEGMENT_SIZE,
             },
-            "objects": [{
-                "name": "base.tar.zst", "size": 4, "sha256": "0" * 64, "raw_size": 4,
-                "raw_sha256": "0" * 64, "compression": "zstd", "encryption": None,
-            }],
+            "objects": [{"name": "base.tar.zst", **digests, "compression": "zstd", "encryption": None}],
         }
-        (directory / "manifest.json").write_text(json.dumps(manifest))
+        (directory / "manifest.json").write_text(sealed(manifest))
+
+
+def sealed(manifest: dict) -> str:
+    """The manifest's text with its seal: the sha256 of the text with the seal as 64 zeros."""
+    unsealed = json.dumps(manifest)[:-1] + ', "manifest_sha256": "' + "0" * 64 + '"}\n'
+    digest = hashlib.sha256(unsealed.encode()).hexdigest()
+    return unsealed.replace("0" * 64 + '"}', digest + '"}')
 
 
 def add_segments(root: Path, first: int, count: int):
@@ -110,7 +120,7 @@ def main():
     parser.add_argument("--segments", type=int, default=10_000)
     parser.add_argument("--runs", type=int, default=3)
     args = parser.parse_args()
-    require("aws")
+    require("aws", "zstd")
     work = Path(tempfile.mkdtemp(prefix="lifeboat-archive-bench-", dir=ROOT / "target"))
     region = Region("region", work)
     env = dict(os.environ, LIFEBOAT_LOG="error", AWS_ACCESS_KEY_ID=ACCESS_KEY,
@@ -127,8 +137,11 @@ def main():
         config.write_text(f"{s3}{job}")
         lifeboat = [str(LIFEBOAT), "-q", "--config"]
         # Into the region through lifeboat itself: each segment is decoded and checked on the way.
-        subprocess.run(lifeboat + [str(seed_config), "replicate", "db"], env=env, check=True,
-                       stdout=subprocess.DEVNULL)
+        # A new region: --reseed copies everything and writes its marker.
+        copied = subprocess.run(lifeboat + [str(seed_config), "replicate", "--reseed", "db"], env=env,
+                                capture_output=True, text=True)
+        if copied.returncode != 0:
+            sys.exit(f"replicate into the region failed:\n{copied.stdout}{copied.stderr}")
         verify = lifeboat + [str(config), "verify", "--archive"]
         listing = ["aws", "--endpoint-url", region.endpoint, "s3api", "list-objects-v2",
                    "--bucket", "bench", "--prefix", "lifeboat/jobs/db/wal/", "--query", "KeyCount"]

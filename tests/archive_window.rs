@@ -397,3 +397,136 @@ async fn a_ten_percent_sample_reads_every_object_of_every_repository_once_per_cy
         "the damaged object's slice counts as proven: {share}"
     );
 }
+
+/// A 16 MiB segment of timeline `timeline` as a WAL switch leaves it: PostgreSQL 15's long
+/// page header, then zeros; stored as lifeboat stores it.
+fn switched_segment(timeline: u32, segment: u64) -> Vec<u8> {
+    let size: u32 = 16 << 20;
+    let header = [
+        &0xD110u16.to_le_bytes()[..],
+        &2u16.to_le_bytes(),
+        &timeline.to_le_bytes(),
+        &(segment * u64::from(size)).to_le_bytes(),
+        &0u32.to_le_bytes(),
+        &[0; 4],
+        &crate::common::tree::FAKE_SYSTEM.to_le_bytes(),
+        &size.to_le_bytes(),
+        &8192u32.to_le_bytes(),
+    ]
+    .concat();
+    let mut raw = vec![0u8; size as usize];
+    raw[..header.len()].copy_from_slice(&header);
+    zstd::encode_all(&raw[..], 1).unwrap()
+}
+
+fn segment_name(timeline: u32, segment: u64) -> String {
+    format!("{timeline:08X}{:08X}{:08X}", segment / 256, segment % 256)
+}
+
+/// A local repository of the physical job `db` written by hand: its marker, one base backup
+/// needing segments `needs`, and the segments `held`.
+fn hand_made(root: &Path, needs: (u64, u64), held: &[u64]) -> std::path::PathBuf {
+    let job = root.join("repo/jobs/db");
+    let wal = job.join("wal/00000001");
+    std::fs::create_dir_all(&wal).unwrap();
+    std::fs::write(
+        root.join("repo/lifeboat.json"),
+        r#"{"format":1,"created_at":"2026-01-01T00:00:00Z","created_by":"test"}"#,
+    )
+    .unwrap();
+    let backup = job.join("backups/20260101T000000Z");
+    std::fs::create_dir_all(&backup).unwrap();
+    std::fs::write(backup.join("base.tar.zst"), b"base").unwrap();
+    let manifest = serde_json::json!({
+        "format": 1, "id": "20260101T000000Z", "job": "db", "kind": "postgres-physical",
+        "started_at": "2026-01-01T00:00:00Z", "finished_at": "2026-01-01T00:00:00Z",
+        "recovery_point": "2026-01-01T00:00:00Z", "tool_version": "test", "host": "test",
+        "source": {
+            "server_version": "15", "system_identifier": crate::common::tree::FAKE_SYSTEM.to_string(),
+            "databases": [], "start_lsn": format!("0/{:X}", needs.0 << 24),
+            "stop_lsn": format!("0/{:X}", (needs.1 << 24) + 0x100), "timeline": 1,
+            "first_wal": segment_name(1, needs.0), "last_wal": segment_name(1, needs.1),
+            "wal_segment_size": 16 << 20
+        },
+        "objects": [{"name": "base.tar.zst", "size": 4, "sha256": "0".repeat(64), "raw_size": 4,
+                     "raw_sha256": "0".repeat(64), "compression": "zstd", "encryption": null}]
+    });
+    let manifest: lifeboat::manifest::Manifest = serde_json::from_value(manifest).unwrap();
+    std::fs::write(backup.join("manifest.json"), manifest.to_json()).unwrap();
+    for segment in held {
+        std::fs::write(
+            wal.join(format!("{}.zst", segment_name(1, *segment))),
+            switched_segment(1, *segment),
+        )
+        .unwrap();
+    }
+    crate::common::write_config(
+        root,
+        &format!(
+            "{}[[job]]\nname = \"db\"\nkind = \"postgres\"\nmode = \"physical\"\ndsn = \"postgresql://postgres@127.0.0.1:9/postgres\"\n",
+            local_repository("repo", &root.join("repo"))
+        ),
+    )
+}
+
+/// What a hostile or broken repository holds must never read as whole: a backup short of
+/// the WAL it needs to become consistent, a history file that expands without end, a
+/// repository without its marker.
+#[test]
+fn a_broken_archive_is_never_proven_whole() {
+    let work = tempfile::tempdir().unwrap();
+    // The backup needs segments 2 to 4; 4 never arrived.
+    let config = hand_made(work.path(), (2, 4), &[2, 3]);
+    let run = lifeboat(&config, &["verify", "--archive"]);
+    run.assert_code(1);
+    run.assert_stdout_has(format!(
+        "GAP      WAL segment {} is missing: point-in-time recovery from its oldest backup on (until a new base backup) is impossible in repository 'repo'; backup(s) 20260101T000000Z do not restore from it at all",
+        segment_name(1, 4)
+    ));
+    run.assert_stdout_has("nothing restorable");
+    lifeboat(&config, &["status"]).assert_code(2);
+
+    // A history file that decodes to 64 MiB: refused within its limit, named, no abort.
+    std::fs::write(
+        work.path()
+            .join("repo/jobs/db/wal/00000001/")
+            .join(format!("{}.zst", segment_name(1, 4))),
+        switched_segment(1, 4),
+    )
+    .unwrap();
+    let history = work.path().join("repo/jobs/db/wal/00000002");
+    std::fs::create_dir_all(&history).unwrap();
+    std::fs::write(
+        history.join("00000002.history.zst"),
+        zstd::encode_all(&vec![b'1'; 64 << 20][..], 19).unwrap(),
+    )
+    .unwrap();
+    std::fs::write(
+        history.join(format!("{}.zst", segment_name(2, 5))),
+        switched_segment(2, 5),
+    )
+    .unwrap();
+    let status = lifeboat(&config, &["status"]);
+    status.assert_code(2);
+    status.assert_stdout_has("timeline history file 00000002.history does not read (");
+    status.assert_stdout_has("decodes to more than 1048576 bytes");
+    let run = lifeboat(&config, &["verify", "--archive"]);
+    run.assert_code(1);
+    run.assert_stdout_has(
+        "DAMAGED  jobs/db/wal/00000002/00000002.history.zst: it decodes to more than 1048576 bytes",
+    );
+    run.assert_stdout_has("GAP      timeline history file 00000002.history is missing");
+    std::fs::remove_dir_all(&history).unwrap();
+    lifeboat(&config, &["verify", "--archive"]).assert_code(0);
+
+    // Wiped: no marker, and nothing written into it.
+    std::fs::remove_dir_all(work.path().join("repo")).unwrap();
+    std::fs::create_dir(work.path().join("repo")).unwrap();
+    let run = lifeboat(&config, &["verify", "--archive"]);
+    run.assert_code(1);
+    run.assert_stdout_has("NOT WHOLE repository 'repo' holds no marker (lifeboat.json)");
+    assert_eq!(
+        std::fs::read_dir(work.path().join("repo")).unwrap().count(),
+        0
+    );
+}
