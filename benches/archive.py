@@ -92,14 +92,18 @@ def build(root: Path, segments: int):
             "tool_version": "bench", "host": "bench",
             "source": {
                 "server_version": "15", "system_identifier": str(SYSTEM), "databases": [],
-                "start_lsn": f"0/{first * SEGMENT_SIZE:X}",
-                "stop_lsn": f"0/{(first + 1) * SEGMENT_SIZE + 0x100:X}", "timeline": 1,
+                "start_lsn": lsn(first * SEGMENT_SIZE),
+                "stop_lsn": lsn((first + 1) * SEGMENT_SIZE + 0x100), "timeline": 1,
                 "first_wal": segment_name(1, first), "last_wal": segment_name(1, first + 1),
                 "wal_segment_size": SEGMENT_SIZE,
             },
             "objects": [{"name": "base.tar.zst", **digests, "compression": "zstd", "encryption": None}],
         }
         (directory / "manifest.json").write_text(sealed(manifest))
+
+
+def lsn(position: int) -> str:
+    return f"{position >> 32:X}/{position & 0xFFFFFFFF:X}"
 
 
 def sealed(manifest: dict) -> str:
