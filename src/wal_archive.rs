@@ -405,6 +405,9 @@ fn compress(
             encoder.set_pledged_src_size(Some(raw.len() as u64))?;
             if threads > 1 {
                 encoder.multithread(threads)?;
+                encoder.set_parameter(zstd::zstd_safe::CParameter::JobSize(
+                    crate::pipeline::ZSTD_JOB_SIZE,
+                ))?;
             }
             encoder.write_all(raw)?;
             encoder.finish()

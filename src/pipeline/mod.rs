@@ -12,7 +12,7 @@ mod decode;
 mod encode;
 
 pub use decode::{DecodeError, copy_stored, copy_unsealed, decode, decode_unchecked};
-pub use encode::{EncodeOptions, ObjectWriter};
+pub use encode::{EncodeOptions, ObjectWriter, ZSTD_JOB_SIZE};
 
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
