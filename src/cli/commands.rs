@@ -189,18 +189,14 @@ async fn change_state(config: &Config, command: Command) -> Result<i32> {
                 percent,
                 deep,
             };
-            let started_at = chrono::Utc::now();
-            let label = options.job.clone().unwrap_or_else(|| "all".to_string());
-            let _recorded =
-                record_if_interrupted(config, "verify-sample", vec![label.clone()], started_at);
-            let outcome = verify::sample::run(config, &options)
-                .await
-                .and_then(|sampled| {
-                    report(&sampled, format);
-                    sampled.outcome()
-                });
-            record_run(config, "verify-sample", &label, started_at, &outcome).await;
-            outcome?;
+            recorded_verify(
+                config,
+                ("verify-sample", options.job.as_deref()),
+                format,
+                verify::sample::run(config, &options),
+                verify::sample::SampleReport::outcome,
+            )
+            .await?;
         }
         Command::Verify {
             job,
@@ -217,7 +213,14 @@ async fn change_state(config: &Config, command: Command) -> Result<i32> {
                 deep,
                 full,
             };
-            verify_archive(config, options, format).await?;
+            recorded_verify(
+                config,
+                ("verify-archive", options.job.as_deref()),
+                format,
+                verify::archive::run(config, &options),
+                verify::archive::ArchiveReport::outcome,
+            )
+            .await?;
         }
         Command::Verify {
             job,
@@ -233,7 +236,14 @@ async fn change_state(config: &Config, command: Command) -> Result<i32> {
                 from,
                 deep,
             };
-            verify(config, options, format).await?;
+            recorded_verify(
+                config,
+                ("verify", options.job.as_deref()),
+                format,
+                verify::run(config, &options),
+                verify::VerifyReport::outcome,
+            )
+            .await?;
         }
         _ => unreachable!("dispatched by state"),
     }
@@ -511,37 +521,22 @@ fn wal_fetch_exit_code(fetched: Result<wal::WalFetchOutcome>) -> i32 {
     }
 }
 
-async fn verify(
+/// Runs one of verify's engines as `command` for `job` (all jobs when None): its metrics
+/// are recorded however it ends, its report printed, and its judgement returned.
+async fn recorded_verify<R: std::fmt::Display + serde::Serialize>(
     config: &Config,
-    options: verify::VerifyOptions,
+    (command, job): (&'static str, Option<&str>),
     format: OutputFormat,
+    run: impl std::future::Future<Output = Result<R>>,
+    judge: impl FnOnce(&R) -> Result<()>,
 ) -> Result<()> {
     let started_at = chrono::Utc::now();
-    let label = options.job.clone().unwrap_or_else(|| "all".to_string());
-    let _recorded = record_if_interrupted(config, "verify", vec![label.clone()], started_at);
-    let outcome = verify::run(config, &options).await.and_then(|verified| {
+    let label = job.unwrap_or("all").to_string();
+    let _recorded = record_if_interrupted(config, command, vec![label.clone()], started_at);
+    let outcome = run.await.and_then(|verified| {
         report(&verified, format);
-        verified.outcome()
+        judge(&verified)
     });
-    record_run(config, "verify", &label, started_at, &outcome).await;
-    outcome
-}
-
-async fn verify_archive(
-    config: &Config,
-    options: verify::archive::ArchiveOptions,
-    format: OutputFormat,
-) -> Result<()> {
-    let started_at = chrono::Utc::now();
-    let label = options.job.clone().unwrap_or_else(|| "all".to_string());
-    let _recorded =
-        record_if_interrupted(config, "verify-archive", vec![label.clone()], started_at);
-    let outcome = verify::archive::run(config, &options)
-        .await
-        .and_then(|verified| {
-            report(&verified, format);
-            verified.outcome()
-        });
-    record_run(config, "verify-archive", &label, started_at, &outcome).await;
+    record_run(config, command, &label, started_at, &outcome).await;
     outcome
 }
