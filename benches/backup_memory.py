@@ -2,7 +2,8 @@
 """Peak RSS of a logical backup of data that does not compress away (the `realistic` set of
 benches/datasets.py: random text, numerics, timestamps and bytea, about 3-5x with zstd),
 into one SeaweedFS region, into two regions and a local repository, and into a local
-repository alone; two binaries alternating runs, in one command:
+repository alone, and of a restore from one region; two binaries alternating runs, in one
+command:
 
     python3 benches/backup_memory.py --baseline OLD_BINARY [--candidate NEW_BINARY]
                                      [--realistic-mib 750] [--runs 3]
@@ -29,12 +30,12 @@ from regions import ACCESS_KEY, SECRET_KEY, Region  # noqa: E402
 WORK = DATA.parent / "backup-memory"
 
 
-def run(binary, config, env):
-    """(peak RSS MiB, wall s) of one backup, from GNU time."""
+def run(binary, config, env, command=("backup", "bench")):
+    """(peak RSS MiB, wall s) of one run, from GNU time (a restore's includes pg_restore's)."""
     out = subprocess.run(["/usr/bin/time", "-f", "BENCH %M %e", binary, "-q", "--config", str(config),
-                          "backup", "bench"], env=env, capture_output=True, text=True)
+                          *command], env=env, capture_output=True, text=True)
     if out.returncode != 0:
-        sys.exit(f"backup failed ({binary}):\n{out.stdout}{out.stderr}")
+        sys.exit(f"{command[0]} failed ({binary}):\n{out.stdout}{out.stderr}")
     line = [l for l in out.stderr.splitlines() if l.startswith("BENCH ")][-1].split()
     return int(line[1]) / 1024, float(line[2])
 
@@ -90,6 +91,24 @@ def main():
                 size = f"{stored[name] >> 20} MiB" if name in stored else "-"
                 print(f"  {label:26} {name:10} {max(rss):10.0f}MiB {statistics.median(rss):6.0f}MiB "
                       f"{wall:11.2f}s {size:>12}")
+        # A logical restore of the newest backup from one region into a database beside the
+        # source; it is dropped after each run.
+        config = WORK / "lifeboat.toml"
+        config.write_text(configs["one S3 region"])
+        label = "restore from one S3 region"
+        samples = {name: [] for name in binaries}
+        for index in range(args.runs):
+            order = list(binaries.items()) if index % 2 == 0 else list(reversed(binaries.items()))
+            for name, binary in order:
+                samples[name].append(run(binary, config, env, (
+                    "restore", "bench", "--target", cluster.dsn("postgres"), "--database", "bench",
+                    "--as", "restored")))
+                cluster.psql("drop database restored")
+        for name in binaries:
+            rss = [r for r, _ in samples[name]]
+            wall = statistics.median(w for _, w in samples[name])
+            print(f"  {label:26} {name:10} {max(rss):10.0f}MiB {statistics.median(rss):6.0f}MiB "
+                  f"{wall:11.2f}s {'-':>12}")
     finally:
         for region in regions:
             region.stop()

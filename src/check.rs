@@ -11,6 +11,7 @@ use serde::Serialize;
 
 use crate::config::{Config, JobConfig, JobSource, Location, PostgresJob, PostgresMode};
 use crate::error::{Error, ErrorKind, Result};
+use crate::human::human_size;
 use crate::layout;
 use crate::repository::Repository;
 use crate::sources::postgres::{Binaries, Connection, logical, physical};
@@ -79,6 +80,7 @@ pub async fn run(config: &Config) -> CheckReport {
         let place = (&repositories[..], &markers, index);
         items.push(check_repository(config, repository_config, repository, place).await);
     }
+    items.push(memory_item(config));
     if config.encryption.is_some() {
         let (problem, notes) = match check_encryption(config) {
             Ok(notes) => (None, notes),
@@ -202,6 +204,50 @@ async fn check_repository(
 }
 
 /// The signing key and trusted signers, when either is set.
+/// What a backup of this config holds in memory at most, term by term, so that a host's
+/// memory limit (a systemd `MemoryMax=`, a container's) can be set from it.
+fn memory_item(config: &Config) -> CheckItem {
+    let bound = crate::backup::memory_bound(config);
+    let s3: Vec<String> = config
+        .repositories
+        .iter()
+        .filter_map(|r| match &r.location {
+            Location::S3(s3) => Some(format!(
+                "{} × {} ('{}')",
+                human_size(s3.part_size),
+                s3.parts_in_flight,
+                r.name
+            )),
+            Location::Local { .. } => None,
+        })
+        .collect();
+    let parts = if s3.is_empty() {
+        String::new()
+    } else {
+        format!(
+            " + {} of S3 parts ({})",
+            human_size(bound.parts),
+            s3.join(" + ")
+        )
+    };
+    CheckItem {
+        what: format!(
+            "memory: a backup holds at most about {}",
+            human_size(bound.total())
+        ),
+        problem: None,
+        notes: vec![format!(
+            "{} program + {} zstd ({} thread(s) at level {}) + {} queued chunks{parts}",
+            human_size(bound.program),
+            human_size(bound.compression),
+            config.compression.threads,
+            config.compression.level,
+            human_size(bound.queued),
+        )],
+        warnings: Vec::new(),
+    }
+}
+
 fn signing_item(config: &Config) -> Option<CheckItem> {
     if config.signing.key_file.is_none() && !config.signing.trust.required() {
         return None;

@@ -20,6 +20,7 @@ mod hostile_restore;
 mod locks;
 mod logical_properties;
 mod logical_swap;
+mod memory;
 mod metrics;
 mod policies;
 mod postgres_logical;

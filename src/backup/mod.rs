@@ -28,6 +28,52 @@ mod physical;
 mod postgres;
 mod redis;
 
+/// What a backup holds in memory at most, by its settings, and what each term is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct MemoryBound {
+    /// The program, its runtime and the source's reader.
+    pub program: u64,
+    /// zstd's workers: their tables and the input and output of the job each compresses.
+    pub compression: u64,
+    /// The chunks queued for the repositories. Every repository is sent the same chunks in
+    /// the same order, so their queues hold the newest ones, counted once.
+    pub queued: u64,
+    /// `part_size × parts_in_flight` of each S3 repository. Regions that keep pace upload
+    /// the same chunks and hold them once; this counts each region's parts as its own, as
+    /// when one region lags the others.
+    pub parts: u64,
+}
+
+impl MemoryBound {
+    pub fn total(&self) -> u64 {
+        self.program + self.compression + self.queued + self.parts
+    }
+}
+
+const PROGRAM_MEMORY: u64 = 24 << 20;
+/// One zstd worker at level 3: its tables, its 2 MiB job (`pipeline::ZSTD_JOB_SIZE`) and
+/// the job's output. Higher levels hold more (zstd's window grows to 8 MiB at level 19).
+const MEMORY_PER_COMPRESSION_THREAD: u64 = 6 << 20;
+
+/// Peak memory of a backup into every repository of `config`: a bound from the settings,
+/// which `check` prints and the README derives.
+pub fn memory_bound(config: &Config) -> MemoryBound {
+    let parts = config
+        .repositories
+        .iter()
+        .map(|repository| match &repository.location {
+            crate::config::Location::S3(s3) => s3.part_size * s3.parts_in_flight as u64,
+            crate::config::Location::Local { .. } => 0,
+        })
+        .sum();
+    MemoryBound {
+        program: PROGRAM_MEMORY,
+        compression: MEMORY_PER_COMPRESSION_THREAD * u64::from(config.compression.threads.max(1)),
+        queued: (crate::pipeline::CHANNEL_BOUND as u64 + 1) * crate::pipeline::CHUNK_SIZE as u64,
+        parts,
+    }
+}
+
 /// What one job's source stored, for its manifest.
 struct Captured {
     objects: Vec<ObjectEntry>,

@@ -25,6 +25,9 @@ use std::time::Duration;
 
 use crate::error::{Error, Result};
 
+/// `compression.threads = 0`: one per core, up to this many.
+pub const DEFAULT_MAX_THREADS: usize = 4;
+
 pub const DEFAULT_CONFIG_PATH: &str = "/etc/lifeboat/lifeboat.toml";
 pub const EXAMPLE: &str = include_str!("example.toml");
 
@@ -234,7 +237,10 @@ fn validate(raw: raw::RawConfig, path: &Path) -> Result<Config, Problem> {
         ));
     }
     let threads = match compression.threads.unwrap_or(0) {
-        0 => std::thread::available_parallelism().map_or(1, |n| n.get() as u32),
+        // More workers than this compress faster than pg_dump, a tar or a network feeds
+        // them, and each one holds about 6 MiB (see `backup::memory_bound`).
+        0 => std::thread::available_parallelism()
+            .map_or(1, |n| n.get().min(DEFAULT_MAX_THREADS) as u32),
         n if n <= 256 => n,
         n => {
             return Err(format!(

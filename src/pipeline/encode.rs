@@ -378,10 +378,17 @@ impl StoredSink {
 impl Write for StoredSink {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
         self.tally.update(buf);
-        self.pending.extend_from_slice(buf);
-        if self.pending.len() >= CHUNK_SIZE {
-            self.send_pending()?;
-            self.pending.reserve(CHUNK_SIZE);
+        // Chunks are cut at exactly CHUNK_SIZE: one allocation each, never grown by a copy.
+        let mut rest = buf;
+        while !rest.is_empty() {
+            let room = CHUNK_SIZE - self.pending.len();
+            let (now, later) = rest.split_at(room.min(rest.len()));
+            self.pending.extend_from_slice(now);
+            rest = later;
+            if self.pending.len() == CHUNK_SIZE {
+                self.send_pending()?;
+                self.pending.reserve(CHUNK_SIZE);
+            }
         }
         Ok(buf.len())
     }

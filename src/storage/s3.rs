@@ -28,11 +28,13 @@ use aws_sdk_s3::types::{
     ObjectLockMode as SdkLockMode,
 };
 use base64::Engine;
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use chrono::{DateTime, Utc};
 use futures::StreamExt;
 use futures::stream::FuturesUnordered;
 use sha2::{Digest, Sha256};
+
+mod part;
 
 use super::{
     ByteStream, ClockReading, Deletion, IncompleteUpload, LockSupport, ObjectMeta, PartStream,
@@ -41,6 +43,7 @@ use super::{
 use crate::config::{
     ObjectLock, ObjectLockMode, RequestChecksums, S3Settings, ServerSideEncryption,
 };
+use part::{Part, Parts};
 
 /// How long `probe_lock` locks its probe object: it waits this long to remove it.
 const PROBE_LOCK_SECONDS: i64 = 2;
@@ -280,7 +283,7 @@ impl S3Store {
         &self,
         key: &str,
         full: &str,
-        body: Bytes,
+        body: Part,
     ) -> Result<PutReceipt, StoreError> {
         let size = body.len() as u64;
         let retention = self.retention_for(key);
@@ -292,8 +295,9 @@ impl S3Store {
             .set_object_lock_retain_until_date(retention.map(|r| r.until))
             .set_server_side_encryption(self.sse_algorithm())
             .set_ssekms_key_id(self.sse_kms_key_id())
-            .checksum_sha256(sha256_base64(&body))
-            .body(SdkByteStream::from(body))
+            .checksum_sha256(body.sha256_base64())
+            .content_length(size as i64)
+            .body(body.body())
             .send()
             .await
             .map_err(|e| sdk_error("upload", key, e))?;
@@ -310,9 +314,10 @@ impl S3Store {
         full: &str,
         upload_id: &str,
         number: i32,
-        body: Bytes,
+        body: Part,
     ) -> Result<CompletedPart, StoreError> {
-        let checksum = sha256_base64(&body);
+        let checksum = body.sha256_base64();
+        let length = body.len() as i64;
         let output = self
             .client
             .upload_part()
@@ -321,7 +326,8 @@ impl S3Store {
             .upload_id(upload_id)
             .part_number(number)
             .checksum_sha256(&checksum)
-            .body(SdkByteStream::from(body))
+            .content_length(length)
+            .body(body.body())
             .send()
             .await
             .map_err(|e| sdk_error("upload part of", key, e))?;
@@ -339,9 +345,8 @@ impl S3Store {
         key: &str,
         full: &str,
         upload_id: &str,
-        read_ahead: Vec<Bytes>,
-        buffer: &mut BytesMut,
-        body: &mut PartStream,
+        read_ahead: Vec<Part>,
+        body: &mut Parts,
     ) -> Result<(Vec<CompletedPart>, PutReceipt), StoreError> {
         let mut in_flight = FuturesUnordered::new();
         let mut completed = Vec::new();
@@ -359,7 +364,7 @@ impl S3Store {
             let part_size = part_size_of(self.part_size as u64, number + 1);
             let part = match read_ahead.next() {
                 Some(part) => Some(part),
-                None => next_part(body, key, buffer, part_size as usize).await?,
+                None => body.next(key, part_size as usize).await?,
             };
             let Some(part) = part else { break };
             if number == MAX_PARTS {
@@ -406,28 +411,6 @@ impl S3Store {
             tracing::warn!(key, upload_id, error = %describe(&e), "unable to abort multipart upload; prune will remove it");
         }
     }
-}
-
-/// Fills one part of `part_size` bytes from the body; a shorter part only at the end.
-async fn next_part(
-    body: &mut PartStream,
-    key: &str,
-    buffer: &mut BytesMut,
-    part_size: usize,
-) -> Result<Option<Bytes>, StoreError> {
-    while buffer.len() < part_size {
-        match body.next(key).await? {
-            // A chunk that is exactly one part passes through without a copy.
-            Some(chunk) if buffer.is_empty() && chunk.len() == part_size => return Ok(Some(chunk)),
-            Some(chunk) => buffer.extend_from_slice(&chunk),
-            None => break,
-        }
-    }
-    if buffer.is_empty() {
-        return Ok(None);
-    }
-    let take = buffer.len().min(part_size);
-    Ok(Some(buffer.split_to(take).freeze()))
 }
 
 fn sha256_base64(data: &[u8]) -> String {
@@ -631,18 +614,18 @@ impl Store for S3Store {
         format!("s3://{}/{}", self.bucket, self.prefix.trim_end_matches('/'))
     }
 
-    async fn put(&self, key: &str, mut body: PartStream) -> Result<PutReceipt, StoreError> {
+    async fn put(&self, key: &str, body: PartStream) -> Result<PutReceipt, StoreError> {
         let full = self.full_key(key)?;
-        let mut buffer = BytesMut::new();
-        let Some(first) = next_part(&mut body, key, &mut buffer, self.part_size).await? else {
-            return self.put_single(key, &full, Bytes::new()).await;
+        let mut body = Parts::new(body);
+        let Some(first) = body.next(key, self.part_size).await? else {
+            return self.put_single(key, &full, Part::default()).await;
         };
         if first.len() < self.part_size {
             // The whole body fits one part: one request, nothing to abort.
             return self.put_single(key, &full, first).await;
         }
         // Peek: if the body ends right at one part, a single PutObject still suffices.
-        let second = next_part(&mut body, key, &mut buffer, self.part_size).await?;
+        let second = body.next(key, self.part_size).await?;
         let Some(second) = second else {
             return self.put_single(key, &full, first).await;
         };
@@ -693,14 +676,7 @@ impl Store for S3Store {
 
         let result = async {
             let (parts, receipt) = self
-                .upload_parts(
-                    key,
-                    &full,
-                    &upload_id,
-                    vec![first, second],
-                    &mut buffer,
-                    &mut body,
-                )
+                .upload_parts(key, &full, &upload_id, vec![first, second], &mut body)
                 .await?;
             self.client
                 .complete_multipart_upload()
