@@ -124,15 +124,17 @@ def percentile(values, fraction):
 
 
 def wal_push(cluster, config, region, args):
-    """Real segments from the cluster's pg_wal, pushed one process per segment as
-    archive_command does, under fresh names so that every push stores."""
+    """Real segments the cluster archived (decompressed from the bench job's repository),
+    pushed one process per segment as archive_command does, into a fresh job under their
+    own names (wal-push refuses a segment whose header is not where its name says)."""
     segments_dir = WORK / "segments"
     segments_dir.mkdir()
-    pg_wal = cluster.dir / "data" / "pg_wal"
-    real = sorted((p for p in pg_wal.iterdir() if len(p.name) == 24), key=lambda p: p.stat().st_mtime)
-    real = real[-args.segments:]
-    for number, source in enumerate(real):
-        shutil.copyfile(source, segments_dir / f"0000000A{number:016X}")
+    cluster.psql("select pg_switch_wal()")
+    time.sleep(2)
+    archived = sorted((WORK / "repo" / "jobs" / "bench" / "wal").glob("*/" + "?" * 24 + ".zst"))
+    for source in archived[-args.segments:]:
+        subprocess.run(["zstd", "-q", "-d", "-f", str(source), "-o", str(segments_dir / source.stem)],
+                       check=True)
     segments = sorted(segments_dir.iterdir())
     env = dict(os.environ, LIFEBOAT_LOG="error", AWS_ACCESS_KEY_ID=ACCESS_KEY,
                AWS_SECRET_ACCESS_KEY=SECRET_KEY)

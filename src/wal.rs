@@ -253,63 +253,150 @@ impl SegmentHeader {
 /// ancestor (a new timeline's first segment is a copy of its parent's), and the size the
 /// header gives (a `.partial` file may be shorter). Says what does not match.
 pub fn check_segment(file: &WalFile, bytes: &[u8]) -> std::result::Result<SegmentHeader, String> {
-    let header = SegmentHeader::read(bytes)?;
-    let size = bytes.len() as u64;
-    match file.kind {
-        WalFileKind::Segment if size != header.segment_size => {
-            return Err(format!(
-                "it is {size} bytes long and its header gives segments of {} bytes: it is cut short or padded",
-                header.segment_size
-            ));
-        }
-        WalFileKind::Partial if size > header.segment_size => {
-            return Err(format!(
-                "it is {size} bytes long, more than the {} bytes its header gives a segment",
-                header.segment_size
-            ));
-        }
-        _ => {}
-    }
-    let Some(segment) = file.segment(header.segment_size) else {
-        return Err(format!(
-            "its name is no segment of {} bytes",
-            header.segment_size
-        ));
-    };
-    let expected = segment * header.segment_size;
-    if header.page_address != expected {
-        let holds = header.page_address / header.segment_size;
-        return Err(format!(
-            "its header says it holds the WAL at {} (segment {}), not {} as its name says",
-            Lsn(header.page_address),
-            segment_name(file.timeline, holds, header.segment_size),
-            Lsn(expected)
-        ));
-    }
-    if header.timeline == 0 || header.timeline > file.timeline {
-        return Err(format!(
-            "its header says timeline {}, which cannot lead to timeline {} in its name",
-            header.timeline, file.timeline
-        ));
-    }
-    check_pages(file, bytes, &header)?;
-    Ok(header)
+    let mut check = SegmentCheck::new(file);
+    check.feed(bytes);
+    check.finish()
 }
 
+/// `check_segment` over a file read piece by piece, in pieces of any size: the same verdict,
+/// without the whole segment in memory.
+///
 /// Every page of a segment starts with a header, which PostgreSQL writes as it reaches each
-/// page, up to where a WAL switch ended the segment: the rest is zeros. Each header must carry the segment's magic, its own address, and a timeline that never
-/// goes back and never passes the name's. A `.partial` file ends where its timeline did, and
-/// what follows is whatever the recycled file held: its pages are read up to the first one
-/// that is not the next.
-fn check_pages(
-    file: &WalFile,
-    bytes: &[u8],
-    header: &SegmentHeader,
-) -> std::result::Result<(), String> {
-    let block = header.block_size as usize;
-    let mut timeline = header.timeline;
-    for (index, page) in bytes.chunks(block).enumerate().skip(1) {
-        let address = header.page_address + (index * block) as u64;
+/// page, up to where a WAL switch ended the segment: the rest is zeros. Each header must
+/// carry the segment's magic, its own address, and a timeline that never goes back and never
+/// passes the name's. A `.partial` file ends where its timeline did, and what follows is
+/// whatever the recycled file held: its pages are read up to the first one that is not the
+/// next.
+pub struct SegmentCheck<'f> {
+    file: &'f WalFile,
+    /// The first bytes, until they hold the long header.
+    start: Vec<u8>,
+    header: Option<std::result::Result<SegmentHeader, String>>,
+    /// The newest timeline a page header has given so far.
+    timeline: u32,
+    /// The bytes of a page that began in an earlier piece.
+    page: Vec<u8>,
+    /// Bytes fed so far.
+    size: u64,
+    pages: Pages,
+}
+
+enum Pages {
+    Checking,
+    /// A WAL switch ended the segment at this byte: only zeros may follow.
+    Zeros,
+    /// A `.partial` file's timeline ended: what follows is not read.
+    Ended,
+    Damaged(String),
+}
+
+impl<'f> SegmentCheck<'f> {
+    pub fn new(file: &'f WalFile) -> SegmentCheck<'f> {
+        SegmentCheck {
+            file,
+            start: Vec::with_capacity(LONG_HEADER_SIZE),
+            header: None,
+            timeline: 0,
+            page: Vec::new(),
+            size: 0,
+            pages: Pages::Checking,
+        }
+    }
+
+    pub fn feed(&mut self, mut bytes: &[u8]) {
+        if self.header.is_none() {
+            let take = (LONG_HEADER_SIZE - self.start.len()).min(bytes.len());
+            self.start.extend_from_slice(&bytes[..take]);
+            if self.start.len() == LONG_HEADER_SIZE {
+                let header = SegmentHeader::read(&self.start);
+                match &header {
+                    Ok(header) => self.timeline = header.timeline,
+                    // Without a header there are no pages to check; `finish` says why.
+                    Err(_) => self.pages = Pages::Ended,
+                }
+                self.header = Some(header);
+            } else {
+                // Nothing is checked before the header is whole; it lies within the first
+                // page, which is not checked as a page.
+                self.size += bytes.len() as u64;
+                return;
+            }
+        }
+        let block = match &self.header {
+            Some(Ok(header)) => u64::from(header.block_size),
+            _ => u64::MAX,
+        };
+        while !bytes.is_empty() {
+            let at = self.size;
+            match &self.pages {
+                Pages::Checking => {}
+                Pages::Zeros => {
+                    if let Some(nonzero) = bytes.iter().position(|b| *b != 0) {
+                        let at = at + nonzero as u64;
+                        let header = self.header.as_ref().and_then(|h| h.as_ref().ok());
+                        // Pages are read before `finish` holds the address to the name: a hostile
+                        // one must not overflow.
+                        let address = header.map_or(0, |h| h.page_address).wrapping_add(at);
+                        self.pages = Pages::Damaged(format!(
+                            "it holds data at byte {at} (WAL {}) after the empty pages that end it: the segment is damaged",
+                            Lsn(address)
+                        ));
+                    }
+                    self.size += bytes.len() as u64;
+                    return;
+                }
+                Pages::Ended | Pages::Damaged(_) => {
+                    self.size += bytes.len() as u64;
+                    return;
+                }
+            }
+            // The first page holds the long header, checked on its own.
+            if at < block {
+                let skip = (block - at).min(bytes.len() as u64) as usize;
+                self.size += skip as u64;
+                bytes = &bytes[skip..];
+                continue;
+            }
+            let block = block as usize;
+            if self.page.is_empty() && bytes.len() >= block {
+                let (page, rest) = bytes.split_at(block);
+                self.check_page(at, page);
+                self.size += block as u64;
+                bytes = rest;
+                continue;
+            }
+            let take = (block - self.page.len()).min(bytes.len());
+            self.page.extend_from_slice(&bytes[..take]);
+            self.size += take as u64;
+            bytes = &bytes[take..];
+            if self.page.len() == block {
+                let page = std::mem::take(&mut self.page);
+                self.check_page(self.size - block as u64, &page);
+            }
+        }
+    }
+
+    /// Whether reading on can change the verdict: not once the file has no header, or is
+    /// longer than the segment its header gives.
+    pub fn settled(&self) -> bool {
+        match &self.header {
+            Some(Ok(header)) => self.size > header.segment_size,
+            Some(Err(_)) => true,
+            None => false,
+        }
+    }
+
+    /// Reading stopped once `settled`: the file is `length` bytes long, for the verdict.
+    pub fn stopped_at(&mut self, length: u64) {
+        self.size = self.size.max(length);
+    }
+
+    /// Checks the page that starts at byte `at`.
+    fn check_page(&mut self, at: u64, page: &[u8]) {
+        let Some(Ok(header)) = &self.header else {
+            return;
+        };
+        let address = header.page_address.wrapping_add(at);
         let problem = match page.get(..SHORT_HEADER_SIZE) {
             None => Some("is cut short".to_string()),
             Some(page) => {
@@ -323,41 +410,81 @@ fn check_pages(
                     ))
                 } else if page_address != address {
                     Some(format!("says it is at {}", Lsn(page_address)))
-                } else if page_timeline < timeline || page_timeline > file.timeline {
+                } else if page_timeline < self.timeline || page_timeline > self.file.timeline {
                     Some(format!("says timeline {page_timeline}"))
                 } else {
-                    timeline = page_timeline;
+                    self.timeline = page_timeline;
                     None
                 }
             }
         };
-        match (problem, file.kind) {
-            (None, _) => {}
-            (Some(_), WalFileKind::Partial) => break,
+        self.pages = match (problem, self.file.kind) {
+            (None, _) => Pages::Checking,
+            (Some(_), WalFileKind::Partial) => Pages::Ended,
             // A WAL switch leaves the rest of the segment zeroed, headers and all.
-            (Some(_), _) if page.iter().all(|b| *b == 0) => {
-                let rest = &bytes[index * block..];
-                return match rest.iter().position(|b| *b != 0) {
-                    None => Ok(()),
-                    Some(at) => {
-                        let at = index * block + at;
-                        Err(format!(
-                            "it holds data at byte {at} (WAL {}) after the empty pages that end it: the segment is damaged",
-                            Lsn(header.page_address + at as u64)
-                        ))
-                    }
-                };
-            }
-            (Some(problem), _) => {
+            (Some(_), _) if page.iter().all(|b| *b == 0) => Pages::Zeros,
+            (Some(problem), _) => Pages::Damaged(format!(
+                "its page at byte {at} (WAL {}) {problem}: the segment is damaged past its first page",
+                Lsn(address)
+            )),
+        };
+    }
+
+    /// The verdict on everything fed: the header, the size it gives, the name, and the pages.
+    pub fn finish(mut self) -> std::result::Result<SegmentHeader, String> {
+        let header = match self.header.take() {
+            Some(header) => header?,
+            None => return SegmentHeader::read(&self.start),
+        };
+        let size = self.size;
+        match self.file.kind {
+            WalFileKind::Segment if size != header.segment_size => {
                 return Err(format!(
-                    "its page at byte {} (WAL {}) {problem}: the segment is damaged past its first page",
-                    index * block,
-                    Lsn(address)
+                    "it is {size} bytes long and its header gives segments of {} bytes: it is cut short or padded",
+                    header.segment_size
                 ));
             }
+            WalFileKind::Partial if size > header.segment_size => {
+                return Err(format!(
+                    "it is {size} bytes long, more than the {} bytes its header gives a segment",
+                    header.segment_size
+                ));
+            }
+            _ => {}
+        }
+        let Some(segment) = self.file.segment(header.segment_size) else {
+            return Err(format!(
+                "its name is no segment of {} bytes",
+                header.segment_size
+            ));
+        };
+        let expected = segment * header.segment_size;
+        if header.page_address != expected {
+            let holds = header.page_address / header.segment_size;
+            return Err(format!(
+                "its header says it holds the WAL at {} (segment {}), not {} as its name says",
+                Lsn(header.page_address),
+                segment_name(self.file.timeline, holds, header.segment_size),
+                Lsn(expected)
+            ));
+        }
+        if header.timeline == 0 || header.timeline > self.file.timeline {
+            return Err(format!(
+                "its header says timeline {}, which cannot lead to timeline {} in its name",
+                header.timeline, self.file.timeline
+            ));
+        }
+        // The last page, when the file ends within it.
+        if matches!(self.pages, Pages::Checking) && !self.page.is_empty() {
+            let page = std::mem::take(&mut self.page);
+            let at = size - page.len() as u64;
+            self.check_page(at, &page);
+        }
+        match self.pages {
+            Pages::Damaged(problem) => Err(problem),
+            Pages::Checking | Pages::Zeros | Pages::Ended => Ok(header),
         }
     }
-    Ok(())
 }
 
 /// The most a timeline history file may be: one short line per ancestor.
@@ -475,7 +602,7 @@ fn describe_release(magic: u16) -> String {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     #[test]
@@ -586,6 +713,62 @@ mod tests {
         let mut odd_size = good.clone();
         odd_size[32..36].copy_from_slice(&(3u32 << 20).to_le_bytes());
         assert!(refused(&odd_size, name).contains("segment size of 3145728"));
+    }
+
+    #[test]
+    fn a_segment_checked_piece_by_piece_gets_the_verdict_it_gets_whole() {
+        let mb16 = 16 << 20;
+        let name = "000000010000000000000006";
+        let partial_name = "000000010000000000000006.partial";
+        let good = segment_bytes(1, 6, 42, mb16);
+        let mut damaged = good.clone();
+        damaged[3 * 8192..4 * 8192].fill(0x77);
+        let mut switched = good.clone();
+        switched[4 * 8192..].fill(0);
+        let mut switched_then_data = switched.clone();
+        switched_then_data[7 * 8192 + 100] = 1;
+        let mut recycled_tail = good.clone();
+        recycled_tail[9 * 8192..].fill(0x33);
+        let mut long = good.clone();
+        long.push(0);
+        let mut last_page_short = good[..5 * 8192 + 30].to_vec();
+        last_page_short[5 * 8192 + 9] = 0x55;
+        let mut far_address = good[..4 * 8192].to_vec();
+        far_address[8..16].copy_from_slice(&(u64::MAX - 100).to_le_bytes());
+        let cases: Vec<(&str, &[u8])> = vec![
+            (name, &far_address),
+            (name, &[]),
+            (name, &good[..20]),
+            (name, &good),
+            (name, &good[..8 << 20]),
+            ("000000010000000000000010", &good),
+            (name, &damaged),
+            (name, &switched),
+            (name, &switched_then_data),
+            (name, &recycled_tail),
+            (partial_name, &recycled_tail),
+            (partial_name, &long),
+            (partial_name, &good[..1 << 20]),
+            (partial_name, &last_page_short),
+            (partial_name, &good[..5 * 8192 + 10]),
+        ];
+        for (name, bytes) in cases {
+            let file = WalFile::parse(name).unwrap();
+            let whole = format!("{:?}", check_segment(&file, bytes));
+            for piece in [7, 40, 41, 8191, 8192, 8193, 100_000, 1 << 20] {
+                let mut check = SegmentCheck::new(&file);
+                for chunk in bytes.chunks(piece) {
+                    check.feed(chunk);
+                }
+                let pieces = format!("{:?}", check.finish());
+                assert_eq!(
+                    pieces,
+                    whole,
+                    "{name}, {} bytes in pieces of {piece}",
+                    bytes.len()
+                );
+            }
+        }
     }
 
     #[test]

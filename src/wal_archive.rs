@@ -15,12 +15,14 @@ use serde::Serialize;
 
 use crate::config::{Config, JobConfig, JobSource, PostgresMode};
 use crate::error::{Error, ErrorKind, Result};
-use crate::keys::{self, Identity, Keyring, Recipients, WalNote};
+use crate::keys::{self, Identity, Keyring};
 use crate::layout;
 use crate::pipeline::Tally;
 use crate::repository::Repository;
 use crate::storage::{self, StoreError};
 use crate::wal::{self, ClusterRecord, WalFile, WalFileKind};
+
+mod prepare;
 
 /// WAL keys listed and removed at a time.
 pub const WAL_PAGE: usize = 10_000;
@@ -136,27 +138,63 @@ enum Placed {
 pub async fn push(config: &Config, options: &WalPushOptions) -> Result<WalPushReport> {
     let clock = Instant::now();
     let job = physical_job(config, options.job.as_deref())?;
-    let (file, raw, header) = read_checked(&options.path, &job.name).await?;
-    let name = file.name.clone();
-    let raw_size = raw.len() as u64;
+    let name = options
+        .path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let file = wal_file(&name)?;
     let level = config.compression.level;
-    let threads = config.compression.threads;
     let recipients = match encrypts(config, &file) {
         true => config.recipients(),
         false => None,
     };
     let encrypted = recipients.is_some();
-    let (body, raw_sha256) =
-        tokio::task::spawn_blocking(move || compress(&raw, level, threads, recipients.as_ref()))
-            .await
-            .map_err(|e| Error::new(ErrorKind::Source, "the compressor stopped").with_source(e))?
-            .map_err(|e| {
-                Error::new(
-                    ErrorKind::Source,
-                    format!("unable to compress WAL file '{name}'"),
-                )
-                .with_source(e)
-            })?;
+    let prepared = {
+        let (path, file) = (options.path.clone(), file.clone());
+        tokio::task::spawn_blocking(move || {
+            prepare::prepare(&path, &file, level, recipients.as_ref())
+        })
+        .await
+        .map_err(|e| Error::new(ErrorKind::Source, "the compressor stopped").with_source(e))?
+    };
+    let prepared = match prepared {
+        Ok(prepared) => prepared,
+        Err(prepare::Trouble::Read(e)) => {
+            return Err(Error::new(
+                ErrorKind::Source,
+                format!(
+                    "unable to read WAL file '{}' for job '{}'",
+                    options.path.display(),
+                    job.name
+                ),
+            )
+            .with_source(e));
+        }
+        Err(prepare::Trouble::Refused(problem)) => {
+            let refused = refusal(&file, &job.name, &problem);
+            return Err(match file.kind {
+                WalFileKind::Segment | WalFileKind::Partial => refused.with_hint(format!(
+                    "PostgreSQL keeps the file and calls again; look at '{}' (a damaged disk, a file copied in by hand, a pg_wal of another cluster)",
+                    options.path.display()
+                )),
+                WalFileKind::History | WalFileKind::BackupLabel => refused,
+            });
+        }
+        Err(prepare::Trouble::Compress(e)) => {
+            return Err(Error::new(
+                ErrorKind::Source,
+                format!("unable to compress WAL file '{name}'"),
+            )
+            .with_source(e));
+        }
+    };
+    let prepare::Prepared {
+        body,
+        raw_size,
+        raw_sha256,
+        header,
+    } = prepared;
     let key = layout::wal_key(&job.name, &file, encrypted);
     let all = Repository::open_all(config).await;
     let mut report = WalPushReport {
@@ -247,47 +285,6 @@ pub async fn push(config: &Config, options: &WalPushOptions) -> Result<WalPushRe
     }
     report.duration = clock.elapsed();
     Ok(report)
-}
-
-/// The WAL file at `path`, read whole and checked to be what its name says: a segment of
-/// this cluster's kind (its page header), or a timeline history.
-async fn read_checked(
-    path: &std::path::Path,
-    job: &str,
-) -> Result<(WalFile, Vec<u8>, Option<wal::SegmentHeader>)> {
-    let name = path
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    let file = wal_file(&name)?;
-    let raw = tokio::fs::read(&path).await.map_err(|e| {
-        Error::new(
-            ErrorKind::Source,
-            format!(
-                "unable to read WAL file '{}' for job '{}'",
-                path.display(),
-                job
-            ),
-        )
-        .with_source(e)
-    })?;
-    let header = match file.kind {
-        WalFileKind::Segment | WalFileKind::Partial => {
-            Some(wal::check_segment(&file, &raw).map_err(|problem| {
-                refusal(&file, job, &problem).with_hint(format!(
-                    "PostgreSQL keeps the file and calls again; look at '{}' (a damaged disk, a file copied in by hand, a pg_wal of another cluster)",
-                    path.display()
-                ))
-            })?)
-        }
-        WalFileKind::History => {
-            wal::check_history(file.timeline, &raw)
-                .map_err(|problem| refusal(&file, job, &format!("it is no timeline history: {problem}")))?;
-            None
-        }
-        WalFileKind::BackupLabel => None,
-    };
-    Ok((file, raw, header))
 }
 
 fn refusal(file: &WalFile, job: &str, problem: &str) -> Error {
@@ -382,53 +379,6 @@ async fn same_cluster<'r>(
         .iter()
         .filter(|repository| usable.iter().any(|u| std::ptr::eq(*u, *repository)))
         .collect())
-}
-
-/// The stored form of a WAL file (a zstd frame with its checksum, encrypted to
-/// `recipients` with a `WalNote` when given) and the raw sha256.
-fn compress(
-    raw: &[u8],
-    level: i32,
-    threads: u32,
-    recipients: Option<&Recipients>,
-) -> std::io::Result<(Bytes, String)> {
-    let (compressed, raw_sha256) = std::thread::scope(|scope| {
-        let hashing = scope.spawn(|| {
-            let mut tally = Tally::default();
-            tally.update(raw);
-            tally.finish().1
-        });
-        let compressed = (|| {
-            let mut encoder =
-                zstd::stream::write::Encoder::new(Vec::with_capacity(raw.len() / 4), level)?;
-            encoder.include_checksum(true)?;
-            encoder.set_pledged_src_size(Some(raw.len() as u64))?;
-            if threads > 1 {
-                encoder.multithread(threads)?;
-                encoder.set_parameter(zstd::zstd_safe::CParameter::JobSize(
-                    crate::pipeline::ZSTD_JOB_SIZE,
-                ))?;
-            }
-            encoder.write_all(raw)?;
-            encoder.finish()
-        })();
-        (compressed, hashing.join().expect("hashing does not panic"))
-    });
-    let compressed = compressed?;
-    let Some(recipients) = recipients else {
-        return Ok((Bytes::from(compressed), raw_sha256));
-    };
-    let note = WalNote {
-        raw_sha256: raw_sha256.clone(),
-        fingerprint: recipients.fingerprint(),
-    };
-    let mut sealed = Vec::with_capacity(compressed.len() + 1024);
-    let mut writer = recipients
-        .encryptor(Some(&note))?
-        .wrap_output(&mut sealed)?;
-    writer.write_all(&compressed)?;
-    writer.finish()?;
-    Ok((Bytes::from(sealed), raw_sha256))
 }
 
 /// The raw sha256 of a stored WAL object: from its `WalNote` when it is encrypted (the
