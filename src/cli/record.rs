@@ -11,6 +11,10 @@ pub async fn record(config: &Config, runs: &[metrics::RunRecord<'_>]) {
     let Some(dir) = &config.metrics_dir else {
         return;
     };
+    // A signal came while the run was ending (its failure may be the signal's doing: an
+    // upload the cleanup aborted): the cleanup records the run as the signal ended it, and
+    // this one must not write over that with its own code.
+    lifeboat::interrupt::end_if_interrupted().await;
     let runs_written = metrics::write_runs(dir, runs);
     let status_written = match status::run(config, &status::StatusOptions { job: None }).await {
         Ok(report) => metrics::write_status(dir, &report),
