@@ -40,6 +40,25 @@ def run(binary, config, env, command=("backup", "bench")):
     return int(line[1]) / 1024, float(line[2])
 
 
+def alternate(binaries, runs, one_run):
+    """{name: [sample, …]}: `runs` samples of `one_run(name, binary)` per binary, the order
+    of the binaries reversed every other round."""
+    samples = {name: [] for name in binaries}
+    for index in range(runs):
+        order = list(binaries.items()) if index % 2 == 0 else list(reversed(binaries.items()))
+        for name, binary in order:
+            samples[name].append(one_run(name, binary))
+    return samples
+
+
+def print_rows(label, samples, stored):
+    for name, taken in samples.items():
+        rss = [r for r, _ in taken]
+        wall = statistics.median(w for _, w in taken)
+        print(f"  {label:26} {name:10} {max(rss):10.0f}MiB {statistics.median(rss):6.0f}MiB "
+              f"{wall:11.2f}s {stored.get(name, '-'):>12}")
+
+
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--baseline", required=True, help="the lifeboat binary before the change")
@@ -74,41 +93,31 @@ def main():
         for label, text in configs.items():
             config = WORK / "lifeboat.toml"
             config.write_text(text)
-            samples = {name: [] for name in binaries}
             stored = {}
-            for index in range(args.runs):
-                order = list(binaries.items()) if index % 2 == 0 else list(reversed(binaries.items()))
-                for name, binary in order:
-                    # The backups go, the marker stays: a repository without it while the
-                    # regions hold theirs is a wiped one, which a backup does not write to.
-                    shutil.rmtree(local / "jobs", ignore_errors=True)
-                    samples[name].append(run(binary, config, env))
-                    if "local" in label:
-                        stored[name] = sum(p.stat().st_size for p in local.rglob("*.zst"))
-            for name in binaries:
-                rss = [r for r, _ in samples[name]]
-                wall = statistics.median(w for _, w in samples[name])
-                size = f"{stored[name] >> 20} MiB" if name in stored else "-"
-                print(f"  {label:26} {name:10} {max(rss):10.0f}MiB {statistics.median(rss):6.0f}MiB "
-                      f"{wall:11.2f}s {size:>12}")
+
+            def backup(name, binary):
+                # The backups go, the marker stays: a repository without it while the
+                # regions hold theirs is a wiped one, which a backup does not write to.
+                shutil.rmtree(local / "jobs", ignore_errors=True)
+                sample = run(binary, config, env)
+                if "local" in label:
+                    stored[name] = sum(p.stat().st_size for p in local.rglob("*.zst"))
+                return sample
+
+            samples = alternate(binaries, args.runs, backup)
+            print_rows(label, samples, {name: f"{size >> 20} MiB" for name, size in stored.items()})
         # A logical restore of the newest backup from one region into a database beside the
         # source; it is dropped after each run.
         config = WORK / "lifeboat.toml"
         config.write_text(configs["one S3 region"])
-        label = "restore from one S3 region"
-        samples = {name: [] for name in binaries}
-        for index in range(args.runs):
-            order = list(binaries.items()) if index % 2 == 0 else list(reversed(binaries.items()))
-            for name, binary in order:
-                samples[name].append(run(binary, config, env, (
-                    "restore", "bench", "--target", cluster.dsn("postgres"), "--database", "bench",
-                    "--as", "restored")))
-                cluster.psql("drop database restored")
-        for name in binaries:
-            rss = [r for r, _ in samples[name]]
-            wall = statistics.median(w for _, w in samples[name])
-            print(f"  {label:26} {name:10} {max(rss):10.0f}MiB {statistics.median(rss):6.0f}MiB "
-                  f"{wall:11.2f}s {'-':>12}")
+
+        def restore(_name, binary):
+            sample = run(binary, config, env, ("restore", "bench", "--target", cluster.dsn("postgres"),
+                                               "--database", "bench", "--as", "restored"))
+            cluster.psql("drop database restored")
+            return sample
+
+        print_rows("restore from one S3 region", alternate(binaries, args.runs, restore), {})
     finally:
         for region in regions:
             region.stop()
