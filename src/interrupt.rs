@@ -101,6 +101,24 @@ pub fn forget(dir: &Path) {
     directories().retain(|d| d != dir);
 }
 
+/// Makes a directory with `make` and has it removed if the run is interrupted (`path` says
+/// where `make` put it), with no moment between the two a signal could fall into: the
+/// cleanup waits for a directory being made, and once the run is interrupted none is made.
+pub fn make_dir_removed_on_interrupt<T>(
+    make: impl FnOnce() -> std::io::Result<T>,
+    path: impl FnOnce(&T) -> PathBuf,
+) -> std::io::Result<T> {
+    let Some(_creating) = creating() else {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::Interrupted,
+            "the run is being interrupted",
+        ));
+    };
+    let made = make()?;
+    remove_on_interrupt(&path(&made));
+    Ok(made)
+}
+
 fn files() -> std::sync::MutexGuard<'static, Vec<PathBuf>> {
     FILES.lock().unwrap_or_else(|e| e.into_inner())
 }
@@ -318,16 +336,17 @@ pub fn install(command: String) {
                 undo();
             }
             stopped.extend(tear_down(Step::Stop));
-            let directories = std::mem::take(&mut *directories());
-            for dir in &directories {
-                let _ = std::fs::remove_dir_all(dir);
-            }
-            // Temp files being made now are registered (and so removed) within moments.
+            // Temp files and directories being made now are registered (and so removed)
+            // within moments.
             let waited = std::time::Instant::now();
             while CREATING.load(Ordering::SeqCst) > 0
                 && waited.elapsed() < std::time::Duration::from_secs(2)
             {
                 std::thread::sleep(std::time::Duration::from_millis(5));
+            }
+            let directories = std::mem::take(&mut *directories());
+            for dir in &directories {
+                let _ = std::fs::remove_dir_all(dir);
             }
             let files = {
                 let mut registered = files();

@@ -230,6 +230,13 @@ async fn a_clean_restore_stopped_at_any_moment_leaves_the_live_database_as_it_wa
                     Vec::<String>::new(),
                     "{what}: {stderr}"
                 );
+                // Nor a staging directory, however early the signal came: the next restore's
+                // "while staging" would take it for its own.
+                let left: Vec<_> = std::fs::read_dir(work.path().join("tmp"))
+                    .unwrap()
+                    .map(|e| e.unwrap().file_name())
+                    .collect();
+                assert_eq!(left, Vec::<std::ffi::OsString>::new(), "{what}: {stderr}");
             }
         }
     }

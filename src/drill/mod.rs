@@ -1176,13 +1176,13 @@ async fn run_redis(
 }
 
 async fn run_files(config: &Config, drill: &Drill, clock: &mut Clock) -> Result<Outcome> {
-    let scratch = tempfile::Builder::new()
-        .prefix("lifeboat-drill-")
-        .tempdir()
-        .map_err(|e| {
-            Error::new(ErrorKind::Target, "unable to create a scratch directory").with_source(e)
-        })?;
-    crate::interrupt::remove_on_interrupt(scratch.path());
+    let scratch = crate::interrupt::make_dir_removed_on_interrupt(
+        || tempfile::Builder::new().prefix("lifeboat-drill-").tempdir(),
+        |dir| dir.path().to_path_buf(),
+    )
+    .map_err(|e| {
+        Error::new(ErrorKind::Target, "unable to create a scratch directory").with_source(e)
+    })?;
     let into = scratch.path().join("restored");
     let started = Instant::now();
     let restored = restore::run(

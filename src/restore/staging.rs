@@ -254,6 +254,14 @@ pub(super) fn remove_abandoned(
 /// unique suffix, locks it, then marks it as staging.
 fn create_locked(base: BorrowedFd<'_>, base_path: &Path, prefix: &str) -> std::io::Result<Staging> {
     let base = base.try_clone_to_owned()?;
+    // Held from the mkdir until the directory is registered: a signal in between would
+    // otherwise leave it behind.
+    let Some(_creating) = crate::interrupt::creating() else {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::Interrupted,
+            "the run is being interrupted",
+        ));
+    };
     for attempt in 0u32.. {
         let unique = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
@@ -267,6 +275,8 @@ fn create_locked(base: BorrowedFd<'_>, base_path: &Path, prefix: &str) -> std::i
             Err(Errno::EXIST) if attempt < 100 => continue,
             Err(e) => return Err(e.into()),
         }
+        let path = base_path.join(&name);
+        crate::interrupt::remove_on_interrupt(&path);
         let dir = rustix::fs::openat(&base, &name, DIRECTORY, Mode::empty())?;
         rustix::fs::flock(&dir, FlockOperation::LockExclusive)?;
         // The umask may have narrowed it; nobody else ever may read what is staged.
@@ -277,8 +287,6 @@ fn create_locked(base: BorrowedFd<'_>, base_path: &Path, prefix: &str) -> std::i
             OFlags::WRONLY | OFlags::CREATE | OFlags::EXCL | OFlags::NOFOLLOW | OFlags::CLOEXEC,
             Mode::from_raw_mode(0o600),
         )?;
-        let path = base_path.join(&name);
-        crate::interrupt::remove_on_interrupt(&path);
         return Ok(Staging {
             base,
             name,

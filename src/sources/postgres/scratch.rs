@@ -240,17 +240,22 @@ impl ScratchDir {
         }
         // tempfile makes directories with the umask's mode; this one holds the restored data
         // and the cluster's socket, which trusts whoever reaches it: its owner's alone.
-        let dir = tempfile::Builder::new()
-            .prefix(PREFIX)
-            .permissions(std::os::unix::fs::PermissionsExt::from_mode(0o700))
-            .tempdir_in(&base)
-            .map_err(|e| {
-                error(format!(
-                    "unable to create a scratch cluster directory in '{}'",
-                    base.display()
-                ))
-                .with_source(e)
-            })?;
+        let dir = crate::interrupt::make_dir_removed_on_interrupt(
+            || {
+                tempfile::Builder::new()
+                    .prefix(PREFIX)
+                    .permissions(std::os::unix::fs::PermissionsExt::from_mode(0o700))
+                    .tempdir_in(&base)
+            },
+            |dir| dir.path().to_path_buf(),
+        )
+        .map_err(|e| {
+            error(format!(
+                "unable to create a scratch cluster directory in '{}'",
+                base.display()
+            ))
+            .with_source(e)
+        })?;
         let unusable = |e: std::io::Error| {
             error(format!(
                 "unable to set up the scratch cluster directory '{}'",
@@ -310,7 +315,6 @@ impl ScratchDir {
                 .with_source(std::io::Error::from(e))
             })?;
         }
-        crate::interrupt::remove_on_interrupt(dir.path());
         Ok(ScratchDir {
             dir,
             held,

@@ -83,14 +83,18 @@ impl ScratchRedis {
     /// A private directory in $TMPDIR to restore the RDB into, as `dump.rdb`.
     pub fn prepare() -> Result<(tempfile::TempDir, PathBuf)> {
         // tempfile makes directories with the umask's mode: this one holds restored data.
-        let dir = tempfile::Builder::new()
-            .prefix("lifeboat-redis-")
-            .permissions(std::os::unix::fs::PermissionsExt::from_mode(0o700))
-            .tempdir()
-            .map_err(|e| {
-                error("unable to create a scratch directory for redis-server").with_source(e)
-            })?;
-        crate::interrupt::remove_on_interrupt(dir.path());
+        let dir = crate::interrupt::make_dir_removed_on_interrupt(
+            || {
+                tempfile::Builder::new()
+                    .prefix("lifeboat-redis-")
+                    .permissions(std::os::unix::fs::PermissionsExt::from_mode(0o700))
+                    .tempdir()
+            },
+            |dir| dir.path().to_path_buf(),
+        )
+        .map_err(|e| {
+            error("unable to create a scratch directory for redis-server").with_source(e)
+        })?;
         let rdb = dir.path().join("dump.rdb");
         Ok((dir, rdb))
     }
