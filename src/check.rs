@@ -230,6 +230,20 @@ fn memory_item(config: &Config) -> CheckItem {
             s3.join(" + ")
         )
     };
+    let reads = config
+        .repositories
+        .iter()
+        .filter_map(|r| match &r.location {
+            Location::S3(s3) => Some(format!(
+                "a restore from '{}' holds at most about {}: {} + {} × {} ranges read ahead",
+                r.name,
+                human_size(crate::restore::memory_bound(r)),
+                human_size(crate::restore::RESTORE_MEMORY),
+                human_size(s3.part_size),
+                s3.download_concurrency
+            )),
+            Location::Local { .. } => None,
+        });
     CheckItem {
         what: format!(
             "memory: a backup holds at most about {}",
@@ -243,7 +257,10 @@ fn memory_item(config: &Config) -> CheckItem {
             config.compression.threads,
             config.compression.level,
             human_size(bound.queued),
-        )],
+        )]
+        .into_iter()
+        .chain(reads)
+        .collect(),
         warnings: Vec::new(),
     }
 }

@@ -20,6 +20,10 @@ const COMPLETE_UPLOAD: &str = "uploadId=";
 const MANIFEST: &str = "manifest.json";
 const OBJECT: &str = ".tar.zst";
 const LISTING: &str = "list-type=2";
+/// Where a lasting cut ends every answer: a range of a part (5 MiB) gets three tries
+/// (max_attempts), 3 MiB in all, so it never completes. A cut after 2 MiB would: each try
+/// goes on from where the last one stopped.
+const LASTING_CUT: u64 = 1 << 20;
 
 #[derive(Debug, Clone, Copy)]
 enum Expect {
@@ -402,7 +406,7 @@ async fn restore_and_verify_resume_or_retry_transient_faults_and_name_lasting_on
     let lasting: Vec<(&str, Rule, &'static [&'static str])> = vec![
         (
             "restore: the object always cut after 2 MiB",
-            Rule::always("GET", OBJECT, Fault::CutResponseAfter(2 << 20)),
+            Rule::always("GET", OBJECT, Fault::CutResponseAfter(LASTING_CUT)),
             &["files.tar.zst"],
         ),
         (
@@ -448,7 +452,7 @@ async fn restore_and_verify_resume_or_retry_transient_faults_and_name_lasting_on
                 ),
                 (
                     "verify: the object always cut",
-                    Rule::always("GET", OBJECT, Fault::CutResponseAfter(2 << 20)),
+                    Rule::always("GET", OBJECT, Fault::CutResponseAfter(LASTING_CUT)),
                     Expect::Fails(&["files.tar.zst"]),
                 ),
                 (
@@ -469,6 +473,115 @@ async fn restore_and_verify_resume_or_retry_transient_faults_and_name_lasting_on
     rig.assert_whole("restore and verify").await;
     rig.assert_every_backup_restores();
     rig.print_table("restore and verify");
+}
+
+/// A large object is read as ranged GETs of a part each, several in flight: a range cut
+/// midway is resumed on its own and the result is the object byte for byte; every range is
+/// pinned to the ETag of the first, so an object replaced meanwhile fails the read instead of
+/// handing on a mix of two versions.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_large_object_is_read_as_ranges_each_resumed_and_all_of_one_version() {
+    let mut rig = Rig::start().await;
+    lifeboat(&rig.config, &["backup", JOB]).assert_code(0);
+    let key = rig
+        .s3
+        .keys(BUCKET, "lifeboat/")
+        .await
+        .into_iter()
+        .find(|k| k.ends_with(OBJECT))
+        .unwrap();
+    let stored = rig.s3.object(BUCKET, &key).await;
+    let ranges = stored.len().div_ceil(5 << 20);
+    assert!(ranges >= 3, "the object is {} bytes", stored.len());
+    let into = rig.work.path().join("restored");
+    let restore = ["restore", JOB, "--into", into.to_str().unwrap()];
+    let restored_tree = into.join(rig.source.strip_prefix("/").unwrap());
+    let gets = |rig: &Rig| rig.proxy.count("GET", OBJECT);
+
+    // One GET per part-sized range; one in all with download_concurrency = 1.
+    let before = gets(&rig);
+    lifeboat(&rig.config, &restore).assert_code(0);
+    assert_eq!(gets(&rig) - before, ranges);
+    tree::assert_same(&rig.source, &restored_tree);
+    std::fs::remove_dir_all(&into).unwrap();
+    let single = rig.work.path().join("single");
+    std::fs::create_dir(&single).unwrap();
+    let single = write_config(
+        &single,
+        &std::fs::read_to_string(&rig.config)
+            .unwrap()
+            .replace("max_attempts", "download_concurrency = 1\nmax_attempts"),
+    );
+    let before = gets(&rig);
+    lifeboat(&single, &restore).assert_code(0);
+    assert_eq!(gets(&rig) - before, 1);
+    tree::assert_same(&rig.source, &restored_tree);
+    std::fs::remove_dir_all(&into).unwrap();
+
+    // The second range cut after 1 MiB: that range alone is asked again, from where it was cut.
+    let before = gets(&rig);
+    let run = rig
+        .case(
+            "restore: the second range cut after 1 MiB",
+            &restore,
+            vec![Rule::once("GET", OBJECT, Fault::CutResponseAfter(1 << 20)).after(1)],
+            Expect::Recovers,
+        )
+        .await;
+    run.assert_stderr_has("resuming from there");
+    assert_eq!(gets(&rig) - before, ranges + 1);
+    tree::assert_same(&rig.source, &restored_tree);
+    std::fs::remove_dir_all(&into).unwrap();
+
+    // The object replaced while its later ranges are on their way: the read fails, naming
+    // it, and nothing is restored.
+    rig.proxy.set(vec![
+        Rule::always("GET", OBJECT, Fault::Delay(Duration::from_secs(3))).after(1),
+    ]);
+    let before = gets(&rig);
+    let child = crate::common::lifeboat_command(&rig.config)
+        .args(restore)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while gets(&rig) - before < 2 && std::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let mut replaced = stored.clone();
+    replaced[stored.len() - 1] ^= 1;
+    rig.s3
+        .client()
+        .put_object()
+        .bucket(BUCKET)
+        .key(&key)
+        .body(replaced.into())
+        .send()
+        .await
+        .unwrap();
+    let output = child.wait_with_output().unwrap();
+    rig.proxy.clear();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("replaced while it was being downloaded") && stderr.contains(OBJECT),
+        "{stderr}"
+    );
+    assert!(!into.exists());
+
+    // Put back, the object restores again.
+    rig.s3
+        .client()
+        .put_object()
+        .bucket(BUCKET)
+        .key(&key)
+        .body(stored.into())
+        .send()
+        .await
+        .unwrap();
+    lifeboat(&rig.config, &restore).assert_code(0);
+    tree::assert_same(&rig.source, &restored_tree);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -716,7 +829,7 @@ async fn wal_push_and_drill_retry_transient_faults_and_fail_loudly_on_lasting_on
             ),
             (
                 "drill: the object always cut",
-                Rule::always("GET", OBJECT, Fault::CutResponseAfter(2 << 20)),
+                Rule::always("GET", OBJECT, Fault::CutResponseAfter(LASTING_CUT)),
                 Expect::Fails(&["files.tar.zst"]),
             ),
             (

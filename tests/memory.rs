@@ -100,10 +100,11 @@ async fn a_backup_into_two_regions_and_a_local_repository_stays_within_its_memor
         bound >> 20
     );
 
-    // Both regions were sent the same shared chunks: each restores the tree byte for byte.
+    // Both regions were sent the same shared chunks: each restores the tree byte for byte,
+    // reading ranges ahead within their bound.
     for region in ["a", "b"] {
         let into = work.path().join(format!("restored-{region}"));
-        let run = lifeboat(
+        let (code, peak) = peak_rss(
             &config,
             &[
                 "restore",
@@ -114,8 +115,20 @@ async fn a_backup_into_two_regions_and_a_local_repository_stays_within_its_memor
                 into.to_str().unwrap(),
             ],
         );
-        run.assert_code(0);
+        assert_eq!(code, 0, "the restore from {region} failed");
         tree::assert_same(&source, &into.join(source.strip_prefix("/").unwrap()));
+        let repository = loaded
+            .repositories
+            .iter()
+            .find(|r| r.name == region)
+            .unwrap();
+        let bound = lifeboat::restore::memory_bound(repository);
+        assert!(
+            peak <= bound + bound / 4,
+            "restore from {region}: peak RSS {} MiB, more than the bound {} MiB + 25%",
+            peak >> 20,
+            bound >> 20
+        );
     }
     lifeboat(&config, &["verify", "data"]).assert_code(0);
 }

@@ -822,6 +822,32 @@ mod tests {
     }
 
     #[test]
+    fn download_concurrency_is_bounded_and_only_for_s3() {
+        let s3 = "[[repository]]\nname = \"dr\"\ntype = \"s3\"\nbucket = \"b\"\nregion = \"r\"\n";
+        for (value, refused) in [("0", true), ("65", true), ("1", false), ("64", false)] {
+            let outcome = parse(&format!("{s3}download_concurrency = {value}\n"));
+            match refused {
+                true => assert!(
+                    outcome.as_ref().unwrap_err().message().contains(&format!(
+                        "repository[0] (dr).download_concurrency: must be between 1 and 64 (got {value})"
+                    )),
+                    "{value}"
+                ),
+                false => assert!(outcome.is_ok(), "{value}"),
+            }
+        }
+        let local = parse(
+            "[[repository]]\nname = \"l\"\ntype = \"local\"\npath = \"/srv/b\"\ndownload_concurrency = 8\n",
+        );
+        assert!(
+            local
+                .unwrap_err()
+                .message()
+                .contains("repository[0] (l).download_concurrency: only valid for type = \"s3\"")
+        );
+    }
+
+    #[test]
     fn duplicate_names_are_refused() {
         let err = parse(&format!("{LOCAL}{LOCAL}")).unwrap_err();
         assert!(

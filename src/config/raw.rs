@@ -73,6 +73,7 @@ pub struct RawRepository {
     pub profile: Option<String>,
     pub part_size: Option<String>,
     pub parts_in_flight: Option<usize>,
+    pub download_concurrency: Option<usize>,
     pub max_attempts: Option<u32>,
     pub attempt_timeout: Option<String>,
     pub stall_timeout: Option<String>,

@@ -11,6 +11,9 @@ const MIN_PART_SIZE: u64 = 5 * 1024 * 1024;
 const MAX_PART_SIZE: u64 = 5 * 1024 * 1024 * 1024;
 const DEFAULT_PART_SIZE: u64 = 8 * 1024 * 1024;
 const DEFAULT_PARTS_IN_FLIGHT: usize = 4;
+/// Ranged GETs of one object in flight: one S3 stream gets 50-200 MB/s, so a terabyte read
+/// through one takes the whole RTO budget.
+const DEFAULT_DOWNLOAD_CONCURRENCY: usize = 8;
 /// The most a backup's uploads hold in memory at once: `part_size × parts_in_flight`,
 /// summed over the S3 repositories it writes to at the same time.
 const MAX_UPLOAD_MEMORY: u64 = 8 * 1024 * 1024 * 1024;
@@ -90,6 +93,9 @@ pub struct S3Settings {
     pub profile: Option<String>,
     pub part_size: u64,
     pub parts_in_flight: usize,
+    /// A large object is read as this many ranged GETs of `part_size` in flight, and
+    /// reassembled in order: a download holds at most `part_size × download_concurrency`.
+    pub download_concurrency: usize,
     pub max_attempts: u32,
     /// How long one attempt of a request may take, its body included, before it is retried.
     pub attempt_timeout: Duration,
@@ -214,6 +220,7 @@ fn validate_repository(
         ("profile", repo.profile.is_some()),
         ("part_size", repo.part_size.is_some()),
         ("parts_in_flight", repo.parts_in_flight.is_some()),
+        ("download_concurrency", repo.download_concurrency.is_some()),
         ("max_attempts", repo.max_attempts.is_some()),
         ("attempt_timeout", repo.attempt_timeout.is_some()),
         ("stall_timeout", repo.stall_timeout.is_some()),
@@ -312,6 +319,15 @@ fn s3_location(repo: raw::RawRepository, at: &dyn Fn(&str) -> String) -> Result<
             at("parts_in_flight")
         ));
     }
+    let download_concurrency = repo
+        .download_concurrency
+        .unwrap_or(DEFAULT_DOWNLOAD_CONCURRENCY);
+    if !(1..=64).contains(&download_concurrency) {
+        return Err(format!(
+            "{}: must be between 1 and 64 (got {download_concurrency})",
+            at("download_concurrency")
+        ));
+    }
     let max_attempts = repo.max_attempts.unwrap_or(DEFAULT_MAX_ATTEMPTS);
     if !(1..=20).contains(&max_attempts) {
         return Err(format!(
@@ -351,6 +367,7 @@ fn s3_location(repo: raw::RawRepository, at: &dyn Fn(&str) -> String) -> Result<
         profile: repo.profile,
         part_size,
         parts_in_flight,
+        download_concurrency,
         max_attempts,
         attempt_timeout,
         stall_timeout,

@@ -34,6 +34,7 @@ use futures::StreamExt;
 use futures::stream::FuturesUnordered;
 use sha2::{Digest, Sha256};
 
+mod download;
 mod part;
 
 use super::{
@@ -43,6 +44,7 @@ use super::{
 use crate::config::{
     ObjectLock, ObjectLockMode, RequestChecksums, S3Settings, ServerSideEncryption,
 };
+use download::Download;
 use part::{Part, Parts};
 
 /// How long `probe_lock` locks its probe object: it waits this long to remove it.
@@ -78,6 +80,7 @@ pub struct S3Store {
     prefix: String,
     part_size: usize,
     parts_in_flight: usize,
+    download_concurrency: usize,
     max_attempts: u32,
     stall_timeout: Duration,
     object_lock: Option<ObjectLock>,
@@ -162,6 +165,7 @@ impl S3Store {
             prefix,
             part_size: settings.part_size as usize,
             parts_in_flight: settings.parts_in_flight,
+            download_concurrency: settings.download_concurrency,
             max_attempts: settings.max_attempts,
             stall_timeout: settings.stall_timeout,
             object_lock: settings.object_lock,
@@ -506,104 +510,6 @@ fn cause_chain(error: &dyn std::error::Error) -> String {
     text
 }
 
-/// One object being downloaded. The SDK retries a request until its response headers
-/// arrive; a body cut or stalled after that is resumed here, with a ranged GET from the
-/// first byte not yet received, pinned to the same object version by its ETag.
-struct Download {
-    client: Client,
-    bucket: String,
-    full_key: String,
-    key: String,
-    /// The offset of the next byte to hand on.
-    next: u64,
-    /// The end of the range asked for (exclusive); None: the end of the object.
-    end: Option<u64>,
-    etag: Option<String>,
-    body: Option<SdkByteStream>,
-    resumes_left: u32,
-    stall_timeout: Duration,
-}
-
-impl Download {
-    /// Sends the GET for the bytes from `next`; false when the range is past the end.
-    async fn open(&mut self) -> Result<bool, StoreError> {
-        let range = match self.end {
-            Some(end) => Some(format!("bytes={}-{}", self.next, end - 1)),
-            None if self.next > 0 => Some(format!("bytes={}-", self.next)),
-            None => None,
-        };
-        let result = self
-            .client
-            .get_object()
-            .bucket(&self.bucket)
-            .key(&self.full_key)
-            .set_range(range)
-            .set_if_match(self.etag.clone())
-            .send()
-            .await;
-        match result {
-            Ok(output) => {
-                if self.etag.is_none() {
-                    self.etag = output.e_tag().map(str::to_string);
-                }
-                self.body = Some(output.body);
-                Ok(true)
-            }
-            Err(e) if status(&e) == Some(416) => Ok(false),
-            Err(e) if status(&e) == Some(412) => Err(StoreError::backend(
-                "download",
-                &self.key,
-                "the object was replaced while it was being downloaded; run the command again",
-            )),
-            Err(e) => Err(sdk_error("download", &self.key, e)),
-        }
-    }
-
-    /// The next piece of the body; None at its end (or after an error was handed on).
-    async fn next_chunk(&mut self) -> Option<Result<Bytes, StoreError>> {
-        loop {
-            let body = self.body.as_mut()?;
-            let failure = match tokio::time::timeout(self.stall_timeout, body.next()).await {
-                Ok(Some(Ok(bytes))) => {
-                    self.next += bytes.len() as u64;
-                    return Some(Ok(bytes));
-                }
-                Ok(None) => {
-                    self.body = None;
-                    return None;
-                }
-                Ok(Some(Err(e))) => cause_chain(&e),
-                // The SDK's timeouts end when the response headers arrive; a body that stops
-                // flowing would otherwise hang a restore forever.
-                Err(_) => format!(
-                    "no data for {}; the connection stalled (stall_timeout)",
-                    humantime::format_duration(self.stall_timeout)
-                ),
-            };
-            self.body = None;
-            if self.end.is_some_and(|end| self.next >= end) {
-                // Every byte asked for arrived before the connection failed.
-                return None;
-            }
-            if self.resumes_left == 0 {
-                return Some(Err(StoreError::backend("download", &self.key, failure)));
-            }
-            self.resumes_left -= 1;
-            tracing::warn!(
-                key = %self.key,
-                offset = self.next,
-                "download interrupted ({failure}); resuming from there"
-            );
-            tokio::time::sleep(Duration::from_millis(200)).await;
-            match self.open().await {
-                Ok(true) => {}
-                Ok(false) => return None,
-                Err(e) => return Some(Err(e)),
-            }
-        }
-    }
-}
-
 fn to_utc(time: Option<&aws_sdk_s3::primitives::DateTime>) -> Option<DateTime<Utc>> {
     time.and_then(|t| DateTime::<Utc>::from_timestamp(t.secs(), t.subsec_nanos()))
 }
@@ -741,7 +647,7 @@ impl Store for S3Store {
             Some(range) => (range.start, Some(range.end)),
             None => (0, None),
         };
-        let mut download = Download {
+        let download = Download {
             client: self.client.clone(),
             bucket: self.bucket.clone(),
             full_key: full,
@@ -749,19 +655,12 @@ impl Store for S3Store {
             next: start,
             end,
             etag: None,
+            total: None,
             body: None,
             resumes_left: self.max_attempts.saturating_sub(1),
             stall_timeout: self.stall_timeout,
         };
-        if !download.open().await? {
-            // A range past the end of the object is empty, as it is for the local store.
-            return Ok(futures::stream::empty().boxed());
-        }
-        let stream = futures::stream::unfold(download, |mut download| async move {
-            let item = download.next_chunk().await?;
-            Some((item, download))
-        });
-        Ok(stream.boxed())
+        download::get(download, self.part_size as u64, self.download_concurrency).await
     }
 
     async fn head(&self, key: &str) -> Result<ObjectMeta, StoreError> {

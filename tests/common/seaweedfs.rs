@@ -315,6 +315,7 @@ impl SeaweedFs {
             profile: None,
             part_size: 5 * 1024 * 1024,
             parts_in_flight: 4,
+            download_concurrency: 8,
             max_attempts: 3,
             attempt_timeout: std::time::Duration::from_secs(300),
             stall_timeout: std::time::Duration::from_secs(120),
