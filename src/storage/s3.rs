@@ -656,6 +656,7 @@ impl Store for S3Store {
             end,
             etag: None,
             total: None,
+            whole: false,
             body: None,
             resumes_left: self.max_attempts.saturating_sub(1),
             stall_timeout: self.stall_timeout,

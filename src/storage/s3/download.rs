@@ -11,6 +11,8 @@ use std::collections::VecDeque;
 use std::time::Duration;
 
 use aws_sdk_s3::Client;
+use aws_sdk_s3::config::interceptors::BeforeDeserializationInterceptorContextRef;
+use aws_sdk_s3::config::{ConfigBag, Intercept, RuntimeComponents};
 use aws_sdk_s3::primitives::ByteStream as SdkByteStream;
 use bytes::{Bytes, BytesMut};
 use futures::StreamExt;
@@ -34,6 +36,8 @@ pub(super) struct Download {
     pub(super) etag: Option<String>,
     /// The object's size, from the first ranged response's Content-Range.
     pub(super) total: Option<u64>,
+    /// The last answer had no Content-Range: the server sent the whole object.
+    pub(super) whole: bool,
     pub(super) body: Option<SdkByteStream>,
     pub(super) resumes_left: u32,
     pub(super) stall_timeout: Duration,
@@ -51,6 +55,7 @@ impl Download {
             end: Some(end),
             etag: self.etag.clone(),
             total: self.total,
+            whole: false,
             body: None,
             resumes_left: self.resumes_left,
             stall_timeout: self.stall_timeout,
@@ -58,12 +63,18 @@ impl Download {
     }
 
     /// Sends the GET for the bytes from `next`; false when the range is past the end.
+    ///
+    /// The answer must be what was asked: the bytes from `next` (a 206 whose Content-Range
+    /// starts there), or, for a read from the first byte, the whole object (a 200, from a
+    /// server that ignores Range); of the same object version and size as the first answer.
+    /// Anything else is refused before a byte of it is handed on.
     async fn open(&mut self) -> Result<bool, StoreError> {
         let range = match self.end {
             Some(end) => Some(format!("bytes={}-{}", self.next, end - 1)),
             None if self.next > 0 => Some(format!("bytes={}-", self.next)),
             None => None,
         };
+        let seen = StatusSeen::default();
         let result = self
             .client
             .get_object()
@@ -71,27 +82,76 @@ impl Download {
             .key(&self.full_key)
             .set_range(range)
             .set_if_match(self.etag.clone())
+            .customize()
+            .interceptor(seen.clone())
             .send()
             .await;
-        match result {
-            Ok(output) => {
-                if self.etag.is_none() {
-                    self.etag = output.e_tag().map(str::to_string);
+        let output = match result {
+            Ok(output) => output,
+            Err(e) if status(&e) == Some(416) => return Ok(false),
+            Err(e) if status(&e) == Some(412) => return Err(self.replaced()),
+            Err(e) => return Err(sdk_error("download", &self.key, e)),
+        };
+        let refuse = |what: String| Err(StoreError::backend("download", &self.key, what));
+        let answered = match seen.get() {
+            206 => match output.content_range().and_then(parse_content_range) {
+                Some((from, Some(total))) if from == self.next => total,
+                _ => {
+                    return refuse(format!(
+                        "asked for the bytes from {}, the server answered {:?} (Content-Range)",
+                        self.next,
+                        output.content_range().unwrap_or("nothing")
+                    ));
                 }
-                if self.total.is_none() {
-                    self.total = output.content_range().and_then(size_in_content_range);
-                }
-                self.body = Some(output.body);
-                Ok(true)
+            },
+            200 if self.next == 0 => match output.content_length() {
+                Some(length) if length >= 0 => length as u64,
+                _ => return refuse("the server did not say the object's size".to_string()),
+            },
+            code => {
+                return refuse(format!(
+                    "asked for the bytes from {}, the server answered HTTP {code}",
+                    self.next
+                ));
             }
-            Err(e) if status(&e) == Some(416) => Ok(false),
-            Err(e) if status(&e) == Some(412) => Err(StoreError::backend(
-                "download",
-                &self.key,
-                "the object was replaced while it was being downloaded; run the command again",
-            )),
-            Err(e) => Err(sdk_error("download", &self.key, e)),
+        };
+        if self.total.is_some_and(|total| total != answered) {
+            return refuse(format!(
+                "the object's size changed while it was read ({} bytes, then {answered})",
+                self.total.unwrap_or_default()
+            ));
         }
+        let etag = output.e_tag().map(str::to_string);
+        if self.etag.is_some() && etag != self.etag {
+            // A server that ignores If-Match would hand on another version's bytes.
+            return Err(self.replaced());
+        }
+        self.whole = seen.get() == 200;
+        self.total = Some(answered);
+        self.etag = etag;
+        self.body = Some(output.body);
+        Ok(true)
+    }
+
+    fn replaced(&self) -> StoreError {
+        StoreError::backend(
+            "download",
+            &self.key,
+            "the object was replaced while it was being downloaded; run the command again",
+        )
+    }
+
+    /// Where the bytes this download hands on end: the end asked for, or the object's.
+    fn expected_end(&self) -> Option<u64> {
+        match (self.end, self.total) {
+            (Some(end), Some(total)) => Some(end.min(total)),
+            (end, total) => end.or(total),
+        }
+    }
+
+    /// Whether the bytes handed on stopped before the end of what was asked.
+    fn ended_short(&self) -> bool {
+        self.expected_end().is_some_and(|end| self.next < end)
     }
 
     /// The next piece of the body; None at its end (or after an error was handed on).
@@ -99,13 +159,24 @@ impl Download {
         loop {
             let body = self.body.as_mut()?;
             let failure = match tokio::time::timeout(self.stall_timeout, body.next()).await {
-                Ok(Some(Ok(bytes))) => {
+                Ok(Some(Ok(mut bytes))) => {
+                    if let Some(end) = self.end {
+                        let room = end.saturating_sub(self.next);
+                        if bytes.len() as u64 > room {
+                            // More than was asked for: the rest is not this range's.
+                            bytes.truncate(room as usize);
+                            self.body = None;
+                            if bytes.is_empty() {
+                                return None;
+                            }
+                        }
+                    }
                     self.next += bytes.len() as u64;
                     return Some(Ok(bytes));
                 }
                 Ok(None) => {
                     self.body = None;
-                    return None;
+                    return self.ended_short().then(|| Err(self.short()));
                 }
                 Ok(Some(Err(e))) => cause_chain(&e),
                 // The SDK's timeouts end when the response headers arrive; a body that stops
@@ -132,7 +203,7 @@ impl Download {
             tokio::time::sleep(Duration::from_millis(200)).await;
             match self.open().await {
                 Ok(true) => {}
-                Ok(false) => return None,
+                Ok(false) => return self.ended_short().then(|| Err(self.short())),
                 Err(e) => return Some(Err(e)),
             }
         }
@@ -148,9 +219,47 @@ impl Download {
     }
 }
 
-/// The size after the slash of a Content-Range such as `bytes 0-8388607/134217728`.
-fn size_in_content_range(header: &str) -> Option<u64> {
-    header.rsplit_once('/')?.1.trim().parse().ok()
+/// Records the HTTP status of the one request it is attached to: the SDK's output does not
+/// say whether a GET was answered 200 or 206.
+#[derive(Debug, Clone, Default)]
+struct StatusSeen(std::sync::Arc<std::sync::atomic::AtomicU16>);
+
+impl StatusSeen {
+    fn get(&self) -> u16 {
+        self.0.load(std::sync::atomic::Ordering::SeqCst)
+    }
+}
+
+impl Intercept for StatusSeen {
+    fn name(&self) -> &'static str {
+        "lifeboat-status"
+    }
+
+    fn read_before_deserialization(
+        &self,
+        context: &BeforeDeserializationInterceptorContextRef<'_>,
+        _components: &RuntimeComponents,
+        _cfg: &mut ConfigBag,
+    ) -> Result<(), aws_sdk_s3::error::BoxError> {
+        self.0.store(
+            context.response().status().as_u16(),
+            std::sync::atomic::Ordering::SeqCst,
+        );
+        Ok(())
+    }
+}
+
+/// The first byte and the object's size (None: `*`, unknown) of a Content-Range such as
+/// `bytes 0-8388607/134217728`; None when it is not one.
+fn parse_content_range(header: &str) -> Option<(u64, Option<u64>)> {
+    let (range, total) = header.trim().strip_prefix("bytes ")?.split_once('/')?;
+    let (first, last) = range.split_once('-')?;
+    let (first, last): (u64, u64) = (first.parse().ok()?, last.parse().ok()?);
+    let total = match total {
+        "*" => None,
+        total => Some(total.parse::<u64>().ok()?),
+    };
+    (first <= last && total.is_none_or(|total| last < total)).then_some((first, total))
 }
 
 /// Reads what `download` asks for (its `next` and `end`, not yet opened), in ranges of
@@ -175,12 +284,13 @@ pub(super) async fn get(
     if !download.open().await? {
         return empty();
     }
-    let Some(total) = download.total else {
+    if download.whole {
         // The server sent the whole object for the range (it ignores Range): read it as
-        // one stream, for the bytes that were asked.
+        // one stream, up to the end asked for.
         download.end = asked_end;
         return Ok(download.into_stream());
-    };
+    }
+    let total = download.total.unwrap_or_default();
     let stop = asked_end.map_or(total, |end| end.min(total));
     let first_end = download.end.unwrap_or(stop).min(stop);
     download.end = Some(first_end);
@@ -249,8 +359,20 @@ impl Ranges {
                     return Some(Err(e));
                 }
                 None => {
-                    if let Ok(buffer) = (&mut front.task).await {
-                        self.spare.push(buffer);
+                    match (&mut front.task).await {
+                        Ok(buffer) => self.spare.push(buffer),
+                        // A range whose task died ended without its bytes: the stream must
+                        // not go on past the gap.
+                        Err(e) => {
+                            let failed = StoreError::backend(
+                                "download",
+                                &self.template.key,
+                                format!("a range of the object was lost: {e}"),
+                            );
+                            self.in_flight.clear();
+                            self.next_start = self.stop;
+                            return Some(Err(failed));
+                        }
                     }
                     self.in_flight.pop_front();
                     self.fill();
@@ -339,16 +461,28 @@ impl Download {
 
 #[cfg(test)]
 mod tests {
-    use super::size_in_content_range;
+    use super::parse_content_range;
 
     #[test]
-    fn the_size_is_read_from_a_content_range() {
+    fn a_content_range_gives_the_first_byte_and_the_size() {
         assert_eq!(
-            size_in_content_range("bytes 0-8388607/134217728"),
-            Some(134_217_728)
+            parse_content_range("bytes 0-8388607/134217728"),
+            Some((0, Some(134_217_728)))
         );
-        assert_eq!(size_in_content_range("bytes */42"), Some(42));
-        assert_eq!(size_in_content_range("bytes 0-9/*"), None);
-        assert_eq!(size_in_content_range("garbage"), None);
+        assert_eq!(
+            parse_content_range("bytes 8388608-16777215/*"),
+            Some((8_388_608, None))
+        );
+        for nonsense in [
+            "bytes */42",
+            "bytes 9-0/42",
+            "bytes 0-42/42",
+            "bytes -1-3/9",
+            "items 0-9/10",
+            "garbage",
+            "bytes 0-9/ten",
+        ] {
+            assert_eq!(parse_content_range(nonsense), None, "{nonsense}");
+        }
     }
 }
