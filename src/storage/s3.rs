@@ -435,13 +435,24 @@ where
         || err.as_service_error().and_then(|s| s.code()) == Some("NotImplemented")
 }
 
-/// Keeps the `Date` header of the response it sees.
+/// What the SDK's output does not say about the one answer it is attached to: its HTTP
+/// status (a GET's 200 or 206) and its `Date` header.
 #[derive(Debug, Clone, Default)]
-struct DateHeader(std::sync::Arc<std::sync::Mutex<Option<String>>>);
+struct ResponseSeen(std::sync::Arc<std::sync::Mutex<(u16, Option<String>)>>);
 
-impl Intercept for DateHeader {
+impl ResponseSeen {
+    fn status(&self) -> u16 {
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).0
+    }
+
+    fn take_date(&self) -> Option<String> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).1.take()
+    }
+}
+
+impl Intercept for ResponseSeen {
     fn name(&self) -> &'static str {
-        "lifeboat-date-header"
+        "lifeboat-response-seen"
     }
 
     fn read_before_deserialization(
@@ -450,9 +461,11 @@ impl Intercept for DateHeader {
         _components: &RuntimeComponents,
         _cfg: &mut ConfigBag,
     ) -> Result<(), aws_sdk_s3::error::BoxError> {
-        if let Some(date) = context.response().headers().get("date") {
-            *self.0.lock().expect("date header lock") = Some(date.to_string());
-        }
+        let response = context.response();
+        *self.0.lock().unwrap_or_else(|e| e.into_inner()) = (
+            response.status().as_u16(),
+            response.headers().get("date").map(str::to_string),
+        );
         Ok(())
     }
 }
@@ -685,7 +698,7 @@ impl Store for S3Store {
     /// seconds, so the server's time is taken as the middle of the second it names.
     async fn clock(&self, probe_key: &str) -> Result<Option<ClockReading>, StoreError> {
         let full = self.full_key(probe_key)?;
-        let seen = DateHeader::default();
+        let seen = ResponseSeen::default();
         let before = Utc::now();
         let answer = self
             .client
@@ -699,7 +712,7 @@ impl Store for S3Store {
         let after = Utc::now();
         // Any answer has the server's time, a refusal too: a host whose clock is far off has
         // its first request refused as signed at the wrong time (RequestTimeTooSkewed).
-        let date = seen.0.lock().expect("date header lock").take();
+        let date = seen.take_date();
         let reading = date
             .and_then(|date| DateTime::parse_from_rfc2822(&date).ok())
             .map(|date| ClockReading {

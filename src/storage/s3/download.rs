@@ -11,14 +11,12 @@ use std::collections::VecDeque;
 use std::time::Duration;
 
 use aws_sdk_s3::Client;
-use aws_sdk_s3::config::interceptors::BeforeDeserializationInterceptorContextRef;
-use aws_sdk_s3::config::{ConfigBag, Intercept, RuntimeComponents};
 use aws_sdk_s3::primitives::ByteStream as SdkByteStream;
 use bytes::{Bytes, BytesMut};
 use futures::StreamExt;
 use tokio::sync::mpsc;
 
-use super::{cause_chain, sdk_error, status};
+use super::{ResponseSeen, cause_chain, sdk_error, status};
 use crate::storage::{ByteStream, StoreError};
 
 /// One object (or one range of it) being downloaded. The SDK retries a request until its
@@ -74,7 +72,7 @@ impl Download {
             None if self.next > 0 => Some(format!("bytes={}-", self.next)),
             None => None,
         };
-        let seen = StatusSeen::default();
+        let seen = ResponseSeen::default();
         let result = self
             .client
             .get_object()
@@ -93,7 +91,7 @@ impl Download {
             Err(e) => return Err(sdk_error("download", &self.key, e)),
         };
         let refuse = |what: String| Err(StoreError::backend("download", &self.key, what));
-        let answered = match seen.get() {
+        let answered = match seen.status() {
             206 => match output.content_range().and_then(parse_content_range) {
                 Some((from, Some(total))) if from == self.next => total,
                 _ => {
@@ -126,7 +124,7 @@ impl Download {
             // A server that ignores If-Match would hand on another version's bytes.
             return Err(self.replaced());
         }
-        self.whole = seen.get() == 200;
+        self.whole = seen.status() == 200;
         self.total = Some(answered);
         self.etag = etag;
         self.body = Some(output.body);
@@ -160,7 +158,7 @@ impl Download {
             let body = self.body.as_mut()?;
             let failure = match tokio::time::timeout(self.stall_timeout, body.next()).await {
                 Ok(Some(Ok(mut bytes))) => {
-                    if let Some(end) = self.end {
+                    if let Some(end) = self.expected_end() {
                         let room = end.saturating_sub(self.next);
                         if bytes.len() as u64 > room {
                             // More than was asked for: the rest is not this range's.
@@ -216,36 +214,6 @@ impl Download {
             Some((item, download))
         })
         .boxed()
-    }
-}
-
-/// Records the HTTP status of the one request it is attached to: the SDK's output does not
-/// say whether a GET was answered 200 or 206.
-#[derive(Debug, Clone, Default)]
-struct StatusSeen(std::sync::Arc<std::sync::atomic::AtomicU16>);
-
-impl StatusSeen {
-    fn get(&self) -> u16 {
-        self.0.load(std::sync::atomic::Ordering::SeqCst)
-    }
-}
-
-impl Intercept for StatusSeen {
-    fn name(&self) -> &'static str {
-        "lifeboat-status"
-    }
-
-    fn read_before_deserialization(
-        &self,
-        context: &BeforeDeserializationInterceptorContextRef<'_>,
-        _components: &RuntimeComponents,
-        _cfg: &mut ConfigBag,
-    ) -> Result<(), aws_sdk_s3::error::BoxError> {
-        self.0.store(
-            context.response().status().as_u16(),
-            std::sync::atomic::Ordering::SeqCst,
-        );
-        Ok(())
     }
 }
 
@@ -449,8 +417,8 @@ impl Download {
             "download",
             &self.key,
             format!(
-                "the range ending at byte {} ended at byte {} of an object of {} bytes; the object changed while it was read, run the command again",
-                self.end.unwrap_or_default(),
+                "the read that was to end at byte {} ended at byte {} of an object of {} bytes; the object changed while it was read, run the command again",
+                self.expected_end().unwrap_or_default(),
                 self.next,
                 self.total
                     .map_or_else(|| "unknown".to_string(), |t| t.to_string())
