@@ -2,7 +2,7 @@
 """Physical backups and WAL archiving, against what an SRE would run instead, on the same
 cluster, alternating runs, in one command:
 
-    python3 benches/physical.py [--scale 100] [--runs 3] [--segments 30]
+    python3 benches/physical.py [--scale 100] [--runs 3] [--segments 30] [--only base|wal-push]
 
 Uses the pgbench cluster of benches/postgres.py (target/bench/postgres/cluster-sSCALE), started
 with archive_mode = on and archive_command = `lifeboat wal-push`, and prints median wall and
@@ -12,9 +12,9 @@ CPU time, peak RSS and the ratios:
                vs pgBackRest full backup (posix repo, compress-type=zst, level 3,
                   process-max=2, start-fast)                                  target <= 1.0
   wal-push     per-segment latency (median, p95, max) of `lifeboat wal-push` over real
-               16 MiB segments copied from the cluster's pg_wal, into a local repository and
-               into SeaweedFS; beside it `zstd -T0 -3` of the same segment to a file.
-               Median target <= 100 ms.
+               16 MiB segments the cluster archived, into a local repository, into
+               SeaweedFS and into both; beside it `zstd -T0 -3` of the same segment to a file.
+               Median target <= 30 ms to a local repository; peak RSS <= 24 MiB.
 Both pg_basebackup runs wait for the last segment to be archived by the same
 archive_command; pgBackRest runs with archive-check=n, so it does not wait.
 """
@@ -49,6 +49,7 @@ def main():
     parser.add_argument("--scale", type=int, default=100)
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--segments", type=int, default=30)
+    parser.add_argument("--only", choices=["base", "wal-push"], help="one part only")
     args = parser.parse_args()
     require("zstd", "pgbackrest", "aws", "/usr/bin/time", str(WEED), str(PG_BIN / "pg_basebackup"))
 
@@ -67,9 +68,11 @@ def main():
     give_to_postgres(WORK)
     regions = []
     try:
-        base_backups(cluster, config, args)
-        regions = [Region("wal", WORK)]
-        wal_push(cluster, config, regions[0], args)
+        if args.only != "wal-push":
+            base_backups(cluster, config, args)
+        if args.only != "base":
+            regions = [Region("wal", WORK)]
+            wal_push(cluster, config, regions[0], args)
     finally:
         for region in regions:
             region.stop()
@@ -129,9 +132,23 @@ def wal_push(cluster, config, region, args):
     own names (wal-push refuses a segment whose header is not where its name says)."""
     segments_dir = WORK / "segments"
     segments_dir.mkdir()
+    wal = WORK / "repo" / "jobs" / "bench" / "wal"
+
+    def archived():
+        return sorted(wal.glob("*/" + "?" * 24 + ".zst"))
+
+    # Real WAL, as many segments as asked: rows of random-looking text written until the
+    # cluster archived enough (about 100 MiB of WAL per round).
+    cluster.psql("create table if not exists walfill (id bigint, note text)")
+    while len(archived()) < args.segments + 2:
+        cluster.psql("insert into walfill select g, md5(g::text) || md5((g + 1)::text) "
+                     "from generate_series(1, 700000) g")
+        cluster.psql("select pg_switch_wal()")
+        time.sleep(1)
+    cluster.psql("drop table walfill")
     cluster.psql("select pg_switch_wal()")
     time.sleep(2)
-    archived = sorted((WORK / "repo" / "jobs" / "bench" / "wal").glob("*/" + "?" * 24 + ".zst"))
+    archived = archived()
     for source in archived[-args.segments:]:
         subprocess.run(["zstd", "-q", "-d", "-f", str(source), "-o", str(segments_dir / source.stem)],
                        check=True)
@@ -139,12 +156,14 @@ def wal_push(cluster, config, region, args):
     env = dict(os.environ, LIFEBOAT_LOG="error", AWS_ACCESS_KEY_ID=ACCESS_KEY,
                AWS_SECRET_ACCESS_KEY=SECRET_KEY)
     job = '[[job]]\nname = "walbench"\nkind = "postgres"\nmode = "physical"\ndsn = "postgresql://x@127.0.0.1/x"\n'
+    local = f'[[repository]]\nname = "local"\ntype = "local"\npath = "{WORK / "walrepo"}"\n\n'
     targets = {
-        "local repository": f'[[repository]]\nname = "local"\ntype = "local"\npath = "{WORK / "walrepo"}"\n\n',
+        "local repository": local,
         "SeaweedFS (S3 on loopback)": region.repository(),
+        "local + SeaweedFS": local + region.repository(),
     }
-    print(f"wal-push: {len(segments)} real 16 MiB segments from pg_wal, one process each")
-    print(f"  {'':44} {'median':>10} {'p95':>10} {'max':>10} {'ratio':>8}")
+    print(f"wal-push: {len(segments)} real 16 MiB segments the cluster archived, one process each")
+    print(f"  {'':44} {'median':>10} {'p95':>10} {'max':>10} {'ratio':>8} {'peak RSS':>9}")
     baseline = []
     for segment in segments:
         started = time.perf_counter()
@@ -152,8 +171,8 @@ def wal_push(cluster, config, region, args):
         baseline.append(time.perf_counter() - started)
     reference = statistics.median(baseline)
     row("zstd -T0 -3 SEG -o file (reference)", baseline, reference)
-    for label, repository in targets.items():
-        path = WORK / f"walbench-{len(label)}.toml"
+    for index, (label, repository) in enumerate(targets.items()):
+        path = WORK / f"walbench-{index}.toml"
         path.write_text("[compression]\nlevel = 3\n\n" + repository + job)
         latencies = []
         for segment in segments:
@@ -161,16 +180,25 @@ def wal_push(cluster, config, region, args):
             subprocess.run([str(LIFEBOAT), "--config", str(path), "wal-push", str(segment)], env=env,
                            check=True, stdout=subprocess.DEVNULL)
             latencies.append(time.perf_counter() - started)
-        row(f"lifeboat wal-push → {label}", latencies, reference)
-        median = statistics.median(latencies) * 1000
-        verdict = "within" if median <= 100 else "OVER"
-        print(f"  {'':44} median {median:.0f} ms (target <= 100 ms: {verdict})")
+        # The peak RSS from GNU time, in pushes of their own into a job of their own (GNU
+        # time adds its fork to the latency, so the timed pushes above go without it).
+        measured = WORK / f"walbench-rss-{index}.toml"
+        measured.write_text(path.read_text().replace('"walbench"', f'"walrss{index}"'))
+        peaks = [measure([str(LIFEBOAT), "--config", str(measured), "wal-push", str(segment)],
+                         env=env)[2] for segment in segments[:10]]
+        row(f"lifeboat wal-push → {label}", latencies, reference, max(peaks) / 1024)
+        if label == "local repository":
+            median = statistics.median(latencies) * 1000
+            verdict = "within" if median <= 30 and max(peaks) <= 24 << 10 else "OVER"
+            print(f"  {'':44} median {median:.0f} ms, peak {max(peaks) >> 10} MiB "
+                  f"(target <= 30 ms, <= 24 MiB: {verdict})")
 
 
-def row(label, latencies, reference):
+def row(label, latencies, reference, peak_mib=None):
     median = statistics.median(latencies)
+    peak = "" if peak_mib is None else f" {peak_mib:6.0f}MiB"
     print(f"  {label:44} {median * 1000:8.0f}ms {percentile(latencies, 0.95) * 1000:8.0f}ms "
-          f"{max(latencies) * 1000:8.0f}ms {median / reference:7.2f}x")
+          f"{max(latencies) * 1000:8.0f}ms {median / reference:7.2f}x{peak}")
 
 
 if __name__ == "__main__":
