@@ -533,6 +533,23 @@ async fn a_large_object_is_read_as_ranges_each_resumed_and_all_of_one_version() 
     tree::assert_same(&rig.source, &restored_tree);
     std::fs::remove_dir_all(&into).unwrap();
 
+    // A later range (the first is asked alone) answered as a server that ignores Range
+    // would (200, no Content-Range): refused before a byte of it is handed on, naming the
+    // object; nothing is restored.
+    let run = rig
+        .case(
+            "restore: a later range answered 200 without Content-Range",
+            &restore,
+            vec![Rule::once("GET", OBJECT, Fault::RangeIgnored).after(2)],
+            Expect::Fails(&[
+                OBJECT,
+                "asked for the bytes from ",
+                "the server answered HTTP 200",
+            ]),
+        )
+        .await;
+    assert!(!into.exists(), "{}", run.stderr);
+
     // The object replaced while its later ranges are on their way: the read fails, naming
     // it, and nothing is restored.
     rig.proxy.set(vec![

@@ -25,6 +25,9 @@ pub enum Fault {
     StallResponseAfter(u64),
     /// Take the request and never answer.
     Stall,
+    /// Forward the request and answer its 206 as a 200 without a Content-Range, as a server
+    /// or middlebox that ignores Range would (the body is still the range's).
+    RangeIgnored,
 }
 
 /// Which requests a fault hits: the method, a piece of the target (path and query), how many
@@ -292,6 +295,15 @@ async fn serve(
     let to_client = async move {
         let Some((response_head, pending)) = read_head(&mut server_read).await? else {
             return Ok::<(), std::io::Error>(());
+        };
+        let response_head = match fault {
+            Some(Fault::RangeIgnored) => response_head
+                .replacen("206 Partial Content", "200 OK", 1)
+                .split("\r\n")
+                .filter(|l| !l.to_ascii_lowercase().starts_with("content-range:"))
+                .collect::<Vec<_>>()
+                .join("\r\n"),
+            _ => response_head,
         };
         client_write
             .write_all(closing(&response_head).as_bytes())
