@@ -182,3 +182,57 @@ async fn sigterm_during_backup_and_prune_leaves_nothing_behind() {
     .assert_code(0);
     tree::assert_same(&source, &into.join(source.strip_prefix("/").unwrap()));
 }
+
+/// A files restore stopped by SIGTERM or SIGINT while it stages leaves nothing behind: not
+/// its staging, and not the directory it made for the restore.
+#[test]
+fn a_files_restore_stopped_while_it_stages_removes_the_directory_it_made() {
+    let work = tempfile::tempdir().unwrap();
+    let source = work.path().join("etc/app");
+    tree::build(&source, 10, 0);
+    tree::write_file(&source.join("large.bin"), &tree::noise(64 << 20, 3), 0o640);
+    let config = crate::common::write_config(
+        work.path(),
+        &format!(
+            "{}{}",
+            local_repository("local", &work.path().join("repo")),
+            files_job("conf", &[&source])
+        ),
+    );
+    lifeboat(&config, &["backup", "conf"]).assert_code(0);
+    for signal in [libc::SIGTERM, libc::SIGINT] {
+        let into = work.path().join(format!("restored-{signal}"));
+        let mut child = lifeboat_command(&config)
+            .args(["restore", "conf", "--into", into.to_str().unwrap()])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let staging = || {
+            std::fs::read_dir(&into).is_ok_and(|mut entries| {
+                entries.any(|e| {
+                    e.unwrap()
+                        .file_name()
+                        .to_string_lossy()
+                        .starts_with(".lifeboat-restore-")
+                })
+            })
+        };
+        while !staging() && Instant::now() < deadline && child.try_wait().unwrap().is_none() {
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        assert!(staging(), "the restore never staged");
+        // SAFETY: kill(2) on the lifeboat this test started.
+        unsafe {
+            libc::kill(child.id() as i32, signal);
+        }
+        let run = Run::from_output(child.wait_with_output().unwrap());
+        assert_eq!(run.code, 128 + signal, "{}", run.stderr);
+        assert!(
+            !into.exists(),
+            "a restore stopped by signal {signal} left {:?}",
+            std::fs::read_dir(&into).map(|d| d.count())
+        );
+    }
+}

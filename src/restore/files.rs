@@ -67,6 +67,17 @@ impl Target {
     /// checks that it is empty but for an empty `lost+found` (a freshly made filesystem's)
     /// and the staging of restores that were stopped before they ended, which it removes.
     pub(super) fn prepare(into: &Path) -> Result<Target> {
+        // A directory this restore makes is removed again if the run is interrupted before
+        // its tree is in place; registered under the guard, so no signal falls in between.
+        let Some(creating) = crate::interrupt::creating() else {
+            return Err(target_error(
+                into,
+                std::io::Error::new(
+                    std::io::ErrorKind::Interrupted,
+                    "the run is being interrupted",
+                ),
+            ));
+        };
         let created = match std::fs::create_dir(into) {
             Ok(()) => true,
             Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => false,
@@ -76,6 +87,10 @@ impl Target {
             }
             Err(e) => return Err(target_error(into, e)),
         };
+        if created {
+            crate::interrupt::remove_on_interrupt(into);
+        }
+        drop(creating);
         let dir = Beneath::open_target(into).map_err(|e| {
             // O_NOFOLLOW|O_DIRECTORY on a symlink says ELOOP or ENOTDIR, as the kernel likes.
             let is_symlink =
@@ -100,6 +115,7 @@ impl Target {
             };
             if created {
                 let _ = std::fs::remove_dir(into);
+                crate::interrupt::forget(into);
             }
             err
         })?;
@@ -188,6 +204,7 @@ impl Target {
             }
             if self.created {
                 let _ = std::fs::remove_dir(&self.path);
+                crate::interrupt::forget(&self.path);
             }
         }
         outcome
@@ -298,11 +315,16 @@ pub(super) async fn unpack(
     let placed = {
         let _moving = crate::interrupt::hold_off();
         let mut moved = target.moved.lock().expect("moved lock");
-        target
+        let placed = target
             .dir
             .move_up(&tree, |names| staging.write_journal(names), &mut moved)
             .and_then(|()| staging.close_journal())
-            .and_then(|()| unpacked.finish(&target.dir))
+            .and_then(|()| unpacked.finish(&target.dir));
+        // The tree is in place: an interrupt from now on leaves it there.
+        if placed.is_ok() {
+            crate::interrupt::forget(&target.path);
+        }
+        placed
     };
     drop(staging);
     placed.map_err(|e| target_error(into, e))
