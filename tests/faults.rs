@@ -550,6 +550,29 @@ async fn a_large_object_is_read_as_ranges_each_resumed_and_all_of_one_version() 
         .await;
     assert!(!into.exists(), "{}", run.stderr);
 
+    // Every answer trickling 1 KiB a second, never quiet for a whole stall_timeout (3 s):
+    // each try of a range ends at attempt_timeout (4 s), and after max_attempts the read
+    // fails naming the object, instead of taking days.
+    let started = std::time::Instant::now();
+    let run = rig
+        .case(
+            "restore: every answer trickles 1 KiB a second",
+            &restore,
+            vec![Rule::always(
+                "GET",
+                OBJECT,
+                Fault::Trickle(Duration::from_secs(1)),
+            )],
+            Expect::Fails(&[OBJECT, "attempt_timeout"]),
+        )
+        .await;
+    assert!(
+        started.elapsed() < Duration::from_secs(60),
+        "{}",
+        run.stderr
+    );
+    assert!(!into.exists(), "{}", run.stderr);
+
     // The object replaced while its later ranges are on their way: the read fails, naming
     // it, and nothing is restored.
     rig.proxy.set(vec![

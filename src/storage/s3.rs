@@ -83,6 +83,7 @@ pub struct S3Store {
     download_concurrency: usize,
     max_attempts: u32,
     stall_timeout: Duration,
+    attempt_timeout: Duration,
     object_lock: Option<ObjectLock>,
     sse: Option<ServerSideEncryption>,
     /// Which keys are written locked: the repository decides, the store only applies it.
@@ -168,6 +169,7 @@ impl S3Store {
             download_concurrency: settings.download_concurrency,
             max_attempts: settings.max_attempts,
             stall_timeout: settings.stall_timeout,
+            attempt_timeout: settings.attempt_timeout,
             object_lock: settings.object_lock,
             sse: settings.sse.clone(),
             locked_keys: |_| false,
@@ -673,8 +675,16 @@ impl Store for S3Store {
             body: None,
             resumes_left: self.max_attempts.saturating_sub(1),
             stall_timeout: self.stall_timeout,
+            attempt_timeout: None,
+            attempt_started: std::time::Instant::now(),
         };
-        download::get(download, self.part_size as u64, self.download_concurrency).await
+        download::get(
+            download,
+            self.part_size as u64,
+            self.download_concurrency,
+            self.attempt_timeout,
+        )
+        .await
     }
 
     async fn head(&self, key: &str) -> Result<ObjectMeta, StoreError> {

@@ -28,6 +28,9 @@ pub enum Fault {
     /// Forward the request and answer its 206 as a 200 without a Content-Range, as a server
     /// or middlebox that ignores Range would (the body is still the range's).
     RangeIgnored,
+    /// Forward the request and relay the response body 1 KiB at a time, this long apart:
+    /// never quiet long enough to count as a stall.
+    Trickle(Duration),
 }
 
 /// Which requests a fault hits: the method, a piece of the target (path and query), how many
@@ -308,6 +311,18 @@ async fn serve(
         client_write
             .write_all(closing(&response_head).as_bytes())
             .await?;
+        if let Some(Fault::Trickle(pause)) = fault {
+            client_write.write_all(&pending).await?;
+            let mut piece = [0u8; 1024];
+            loop {
+                let read = server_read.read(&mut piece).await?;
+                if read == 0 {
+                    return Ok(());
+                }
+                client_write.write_all(&piece[..read]).await?;
+                tokio::time::sleep(pause).await;
+            }
+        }
         let cut = relay(&mut server_read, &mut client_write, pending, response_limit).await?;
         match (cut, stall) {
             (true, true) => std::future::pending::<()>().await,

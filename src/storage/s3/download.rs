@@ -39,6 +39,12 @@ pub(super) struct Download {
     pub(super) body: Option<SdkByteStream>,
     pub(super) resumes_left: u32,
     pub(super) stall_timeout: Duration,
+    /// How long one try of a range may take, its body included (`attempt_timeout`, which
+    /// bounds a part's upload the same way); None for a single stream of a whole object.
+    /// Without it a server trickling a byte every `stall_timeout` holds a restore forever.
+    pub(super) attempt_timeout: Option<Duration>,
+    /// When the current try was sent.
+    pub(super) attempt_started: std::time::Instant,
 }
 
 impl Download {
@@ -57,6 +63,8 @@ impl Download {
             body: None,
             resumes_left: self.resumes_left,
             stall_timeout: self.stall_timeout,
+            attempt_timeout: self.attempt_timeout,
+            attempt_started: std::time::Instant::now(),
         }
     }
 
@@ -73,6 +81,7 @@ impl Download {
             None => None,
         };
         let seen = ResponseSeen::default();
+        self.attempt_started = std::time::Instant::now();
         let result = self
             .client
             .get_object()
@@ -156,7 +165,11 @@ impl Download {
     async fn next_chunk(&mut self) -> Option<Result<Bytes, StoreError>> {
         loop {
             let body = self.body.as_mut()?;
-            let failure = match tokio::time::timeout(self.stall_timeout, body.next()).await {
+            let attempt_left = self
+                .attempt_timeout
+                .map(|limit| limit.saturating_sub(self.attempt_started.elapsed()));
+            let wait = attempt_left.map_or(self.stall_timeout, |left| left.min(self.stall_timeout));
+            let failure = match tokio::time::timeout(wait, body.next()).await {
                 Ok(Some(Ok(mut bytes))) => {
                     if let Some(end) = self.expected_end() {
                         let room = end.saturating_sub(self.next);
@@ -179,6 +192,10 @@ impl Download {
                 Ok(Some(Err(e))) => cause_chain(&e),
                 // The SDK's timeouts end when the response headers arrive; a body that stops
                 // flowing would otherwise hang a restore forever.
+                Err(_) if wait < self.stall_timeout => format!(
+                    "the range was not received within {} (attempt_timeout)",
+                    humantime::format_duration(self.attempt_timeout.unwrap_or_default())
+                ),
                 Err(_) => format!(
                     "no data for {}; the connection stalled (stall_timeout)",
                     humantime::format_duration(self.stall_timeout)
@@ -236,6 +253,7 @@ pub(super) async fn get(
     mut download: Download,
     part_size: u64,
     concurrency: usize,
+    attempt_timeout: Duration,
 ) -> Result<ByteStream, StoreError> {
     let empty = || Ok(futures::stream::empty().boxed());
     if concurrency <= 1 {
@@ -265,6 +283,7 @@ pub(super) async fn get(
     if first_end >= stop {
         return Ok(download.into_stream());
     }
+    download.attempt_timeout = Some(attempt_timeout);
     let mut ranges = Ranges {
         template: download.range(first_end, first_end),
         next_start: first_end,
