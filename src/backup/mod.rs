@@ -404,6 +404,14 @@ async fn backup_job(
     )?;
     let started_at = clock.now();
     let id = unused_backup_id(&destinations, &job.name, started_at, config.max_clock_skew).await?;
+    // Held until the claim's release is registered: an interrupt while a claim is being
+    // written waits for the answer, then releases it, instead of leaving it behind.
+    let Some(claiming) = crate::interrupt::creating() else {
+        return Err(Error::new(
+            ErrorKind::Storage,
+            format!("back up job '{}': the run is being interrupted", job.name),
+        ));
+    };
     let (claim, claimed) = claim_backup_id(&destinations, &job.name, &id, &clock).await?;
     let id = claim.id.clone();
     let _release_on_interrupt = {
@@ -416,6 +424,7 @@ async fn backup_job(
             })
         })
     };
+    drop(claiming);
     tracing::Span::current().record("backup", tracing::field::display(&id));
     let outcome = write_backup(
         config,
