@@ -156,6 +156,22 @@ impl Download {
         }
     }
 
+    /// The error of a range that ended before its end: the object is not the size its first
+    /// response said, and the bytes after this point would land at the wrong offsets.
+    fn short(&self) -> StoreError {
+        StoreError::backend(
+            "download",
+            &self.key,
+            format!(
+                "the read that was to end at byte {} ended at byte {} of an object of {} bytes; the object changed while it was read, run the command again",
+                self.expected_end().unwrap_or_default(),
+                self.next,
+                self.total
+                    .map_or_else(|| "unknown".to_string(), |t| t.to_string())
+            ),
+        )
+    }
+
     /// Whether the bytes handed on stopped before the end of what was asked.
     fn ended_short(&self) -> bool {
         self.expected_end().is_some_and(|end| self.next < end)
@@ -412,9 +428,6 @@ impl RangeTask {
                     return buffer;
                 }
             }
-            if download.end.is_some_and(|end| download.next != end) {
-                let _ = sender.send(Err(download.short()));
-            }
             tracing::debug!(key = %download.key, from, to = download.next, took = ?started.elapsed(), "range downloaded");
             buffer
         });
@@ -425,24 +438,6 @@ impl RangeTask {
 impl Drop for RangeTask {
     fn drop(&mut self) {
         self.task.abort();
-    }
-}
-
-impl Download {
-    /// The error of a range that ended before its end: the object is not the size its first
-    /// response said, and the bytes after this point would land at the wrong offsets.
-    fn short(&self) -> StoreError {
-        StoreError::backend(
-            "download",
-            &self.key,
-            format!(
-                "the read that was to end at byte {} ended at byte {} of an object of {} bytes; the object changed while it was read, run the command again",
-                self.expected_end().unwrap_or_default(),
-                self.next,
-                self.total
-                    .map_or_else(|| "unknown".to_string(), |t| t.to_string())
-            ),
-        )
     }
 }
 
