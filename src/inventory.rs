@@ -233,6 +233,7 @@ mod tests {
                     sha256: String::new(),
                     raw_size: 0,
                     raw_sha256: String::new(),
+                    ..Digests::default()
                 },
             ));
         }

@@ -286,6 +286,7 @@ mod tests {
                     sha256: String::new(),
                     raw_size: size as u64,
                     raw_sha256: String::new(),
+                    ..Digests::default()
                 },
             ));
             let object = layout::object_key("conf", &id, "files.tar.zst");

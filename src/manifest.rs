@@ -191,6 +191,10 @@ pub struct ObjectEntry {
     /// Postgres logical backups: the database this object is the dump of.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub database: Option<String>,
+    /// Objects of more than one block: digests of the stored bytes block by block, which a
+    /// restore checks as it downloads (see `pipeline::BlockDigests`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub block_digests: Option<crate::pipeline::BlockDigests>,
 }
 
 impl ObjectEntry {
@@ -205,6 +209,7 @@ impl ObjectEntry {
             encryption: None,
             recipients: Vec::new(),
             database: None,
+            block_digests: digests.block_digests.clone(),
         }
     }
 
@@ -265,6 +270,7 @@ impl ObjectEntry {
             sha256: self.sha256.clone(),
             raw_size: self.raw_size,
             raw_sha256: self.raw_sha256.clone(),
+            block_digests: self.block_digests.clone(),
         }
     }
 }
@@ -350,6 +356,11 @@ impl Manifest {
                 && object.name != crate::layout::MANIFEST_NAME;
             if !valid_name {
                 return Err(format!("object name '{}' is not allowed", object.name));
+            }
+            if let Some(blocks) = &object.block_digests {
+                blocks
+                    .check_shape(object.size)
+                    .map_err(|e| format!("object '{}': {e}", object.name))?;
             }
         }
         Ok(manifest)

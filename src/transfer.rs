@@ -396,16 +396,34 @@ impl StoredObject<'_> {
     /// caller, in a directory it holds), checking its stored size and sha256. For restores that
     /// stage before they decode.
     pub async fn download(&self, file: std::fs::File) -> Result<()> {
-        self.copy(Box::new(file), "download").await
+        self.download_checked(file, &pipeline::Checked::default())
+            .await
+    }
+
+    /// Like [`StoredObject::download`], telling `checked` how far the file is written and
+    /// checked as it goes, for a [`StagedObject::decode_following`] of it; it stops once that
+    /// reader gave up.
+    pub async fn download_checked(
+        &self,
+        file: std::fs::File,
+        checked: &pipeline::Checked,
+    ) -> Result<()> {
+        self.copy(Box::new(file), "download", checked.clone()).await
     }
 
     /// Reads one object of `manifest` as it is stored and checks its stored size and sha256
     /// only: what can be checked of an encrypted object without its key.
     pub async fn check_stored(&self) -> Result<()> {
-        self.copy(Box::new(io::sink()), "verify").await
+        self.copy(Box::new(io::sink()), "verify", pipeline::Checked::default())
+            .await
     }
 
-    async fn copy(&self, out: Box<dyn Write + Send>, verb: &str) -> Result<()> {
+    async fn copy(
+        &self,
+        out: Box<dyn Write + Send>,
+        verb: &str,
+        checked: pipeline::Checked,
+    ) -> Result<()> {
         let StoredObject {
             repository,
             manifest,
@@ -413,9 +431,16 @@ impl StoredObject<'_> {
         } = *self;
         let key = self.key();
         let file = out;
-        let stream = repository
+        let stream = match repository
             .open_object(&manifest.job, &manifest.id, &object.name)
-            .await?;
+            .await
+        {
+            Ok(stream) => stream,
+            Err(e) => {
+                checked.fail();
+                return Err(e);
+            }
+        };
         let reader = SyncIoBridge::new(StreamReader::new(stream.map_err(io::Error::other)));
         let expected = object.digests();
         let label = format!("{verb} {}", object.name);
@@ -429,6 +454,7 @@ impl StoredObject<'_> {
                     inner: &mut out,
                     task: task.as_mut(),
                 },
+                &checked,
             );
             task.finish();
             outcome
@@ -500,6 +526,43 @@ impl StagedObject<'_> {
             &label,
             consume,
         );
+        outcome.map_err(|e| {
+            decode_failure(
+                self.place(),
+                &self.manifest.job,
+                self.object,
+                self.keyring,
+                e,
+            )
+        })
+    }
+
+    /// Decodes the staged copy opened as `file` into `consume` while
+    /// [`StoredObject::download_checked`] still writes it, never reading past what `checked`
+    /// says is checked, and checking the decompressed bytes. Returns Ok only when the whole
+    /// object was downloaded and checked, and the decompressed bytes match.
+    pub fn decode_following<T>(
+        &self,
+        file: std::fs::File,
+        checked: pipeline::Checked,
+        consume: impl FnOnce(&mut dyn Read) -> io::Result<T>,
+    ) -> Result<T> {
+        let identities = identities_for(self.keyring, self.object, &self.place())?;
+        let label = format!("restore {}", self.object.name);
+        let expected = self.object.digests();
+        let mut task = progress::start(&label, Some(expected.raw_size));
+        let outcome = pipeline::decode_checked_stored(
+            pipeline::FollowingReader::new(file, checked),
+            &expected,
+            identities.as_deref().map(Vec::as_slice),
+            |raw| {
+                consume(&mut CountingReader {
+                    inner: raw,
+                    task: task.as_mut(),
+                })
+            },
+        );
+        task.finish();
         outcome.map_err(|e| {
             decode_failure(
                 self.place(),

@@ -269,3 +269,63 @@ fn show_reads_the_backup_from_whichever_repository_holds_it() {
     let from_first = lifeboat(&config, &["show", &id, "--from", "first"]);
     from_first.assert_code(1);
 }
+
+/// An object of several blocks is checked block by block as it downloads, and unpacked only
+/// as far as it matched: a byte flipped in its last block, or a manifest whose block digest
+/// does not match an intact object, fails the restore with the block named and leaves no
+/// target, and `verify` finds the same.
+#[test]
+fn a_block_that_does_not_match_its_digest_fails_the_restore_and_verify() {
+    let work = tempfile::tempdir().unwrap();
+    let source = work.path().join("src");
+    tree::build(&source, 20, 20 << 20);
+    let repo = work.path().join("repo");
+    let config = Scenario::new(work.path())
+        .local("local", &repo)
+        .files_job("config", &[&source])
+        .write();
+    lifeboat(&config, &["backup", "config"]).assert_code(0);
+    let id = std::fs::read_dir(repo.join("jobs/config/backups"))
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap()
+        .file_name();
+    let object_key = format!("jobs/config/backups/{}/files.tar.zst", id.to_str().unwrap());
+    let manifest_path = repo.join(&object_key).with_file_name("manifest.json");
+    let manifest: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&manifest_path).unwrap()).unwrap();
+    let blocks = &manifest["objects"][0]["block_digests"];
+    assert_eq!(blocks["sha256"].as_array().unwrap().len(), 3, "{manifest}");
+
+    // The last block's digest no longer matches the intact object.
+    let intact_manifest = std::fs::read(&manifest_path).unwrap();
+    crate::common::edit_manifest_object(&repo, "files.tar.zst", |object| {
+        object["block_digests"]["sha256"][1] = serde_json::json!("ab".repeat(32));
+    });
+    let verify = lifeboat(&config, &["verify", "config"]);
+    verify.assert_code(1);
+    verify.assert_stdout_has(format!("DAMAGED  {object_key}"));
+    verify.assert_stderr_has("do not match block digest 2 of 3");
+    let into = work.path().join("restored");
+    let restore = restore_from(&config, "local", &into);
+    restore.assert_code(1);
+    restore.assert_stderr_has("do not match block digest 2 of 3");
+    assert!(!into.exists(), "the target was created");
+
+    // A byte flipped in the object's last block, under its own manifest.
+    std::fs::write(&manifest_path, intact_manifest).unwrap();
+    let object = repo.join(&object_key);
+    let mut bytes = std::fs::read(&object).unwrap();
+    let last = bytes.len() - 100;
+    bytes[last] ^= 0x20;
+    std::fs::write(&object, &bytes).unwrap();
+    assert_damage_is_caught(&config, work.path(), "local", &object_key);
+    let restore = restore_from(&config, "local", &into);
+    restore.assert_stderr_has("do not match block digest 3 of 3");
+
+    bytes[last] ^= 0x20;
+    std::fs::write(&object, &bytes).unwrap();
+    restore_from(&config, "local", &into).assert_code(0);
+    tree::assert_same(&source, &into.join(source.strip_prefix("/").unwrap()));
+}

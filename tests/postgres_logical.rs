@@ -6,7 +6,9 @@ use std::path::Path;
 use std::process::Stdio;
 
 use crate::common::postgres::Postgres;
-use crate::common::{Scenario, SeaweedFs, lifeboat, lifeboat_command, procs, write_secret};
+use crate::common::{
+    Scenario, SeaweedFs, edit_manifest_object, lifeboat, lifeboat_command, procs, write_secret,
+};
 
 /// `lifeboat restore` of a postgres job into `target`, with the target's password in the
 /// environment as an operator would have it.
@@ -409,40 +411,6 @@ fn database_exists(cluster: &Postgres, name: &str) -> bool {
         "postgres",
         &format!("select count(*) from pg_database where datname = '{name}'"),
     ) == "1"
-}
-
-/// The one `objects[]` entry of the latest local manifest named `name`, edited by `edit`,
-/// and the manifest sealed again as lifeboat seals it (its `manifest_sha256` is the sha256
-/// of the manifest with that value as 64 zeros): damage the seal cannot see.
-fn edit_manifest_object(repo: &Path, name: &str, edit: impl FnOnce(&mut serde_json::Value)) {
-    let manifest_path = walkdir::WalkDir::new(repo)
-        .into_iter()
-        .filter_map(Result::ok)
-        .find(|e| e.file_name() == "manifest.json")
-        .expect("a committed manifest")
-        .into_path();
-    let mut manifest: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(&manifest_path).unwrap()).unwrap();
-    let object = manifest["objects"]
-        .as_array_mut()
-        .unwrap()
-        .iter_mut()
-        .find(|o| o["name"] == name)
-        .expect("the object is in the manifest");
-    edit(object);
-    let zeros = "0".repeat(64);
-    manifest["manifest_sha256"] = serde_json::json!(zeros);
-    let unsealed = serde_json::to_string_pretty(&manifest).unwrap();
-    let seal = {
-        use sha2::Digest;
-        hex::encode(sha2::Sha256::digest(unsealed.as_bytes()))
-    };
-    let field = |value: &str| format!("\"manifest_sha256\": \"{value}\"");
-    std::fs::write(
-        &manifest_path,
-        unsealed.replacen(&field(&zeros), &field(&seal), 1),
-    )
-    .unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -5,7 +5,7 @@
 use std::io::{self, Read};
 use std::sync::{Arc, Mutex};
 
-use super::{Digests, Tally};
+use super::{BlockCheck, Checked, Digests, Tally};
 use crate::keys::{self, Identity, OpenError};
 
 #[derive(Debug, thiserror::Error)]
@@ -27,8 +27,35 @@ pub enum DecodeError {
 /// decoder stops (a damaged object must still be recognised as damaged, not as a zstd error).
 struct Tap<R> {
     inner: R,
-    tally: Tally,
+    /// None when the stored bytes were checked before (a staged copy being decoded).
+    tally: Option<Tally>,
+    blocks: Option<BlockCheck>,
     error: Option<String>,
+}
+
+impl<R> Tap<R> {
+    fn new(inner: R, expected: &Digests, check_stored: bool) -> Tap<R> {
+        Tap {
+            inner,
+            tally: check_stored.then(Tally::default),
+            blocks: check_stored.then(|| block_check(expected)).flatten(),
+            error: None,
+        }
+    }
+
+    fn update(&mut self, data: &[u8]) {
+        if let Some(tally) = &mut self.tally {
+            tally.update(data);
+        }
+        if let Some(blocks) = &mut self.blocks {
+            blocks.update(data);
+        }
+    }
+}
+
+fn block_check(expected: &Digests) -> Option<BlockCheck> {
+    let blocks = expected.block_digests.clone()?;
+    Some(BlockCheck::new(blocks, expected.size))
 }
 
 struct TapReader<R>(Arc<Mutex<Tap<R>>>);
@@ -38,7 +65,7 @@ impl<R: Read> Read for TapReader<R> {
         let mut tap = self.0.lock().expect("tap lock");
         match tap.inner.read(buf) {
             Ok(n) => {
-                tap.tally.update(&buf[..n]);
+                tap.update(&buf[..n]);
                 Ok(n)
             }
             Err(e) => {
@@ -240,8 +267,14 @@ fn finish_tap<R: Read>(tap: Arc<Mutex<Tap<R>>>, expected: &Digests) -> Result<()
     if let Some(error) = tap.error.take() {
         return Err(DecodeError::Download(io::Error::other(error)));
     }
-    compare("stored", expected.size, &expected.sha256, tap.tally)
-        .map_err(DecodeError::StoredMismatch)
+    if let Some(tally) = tap.tally {
+        compare("stored", expected.size, &expected.sha256, tally)
+            .map_err(DecodeError::StoredMismatch)?;
+    }
+    match tap.blocks.as_ref().and_then(BlockCheck::failure) {
+        Some(failure) => Err(DecodeError::StoredMismatch(failure.to_string())),
+        None => Ok(()),
+    }
 }
 
 /// Copies the zstd stream inside `stored` (decrypted with `identities` when given) into
@@ -253,11 +286,7 @@ pub fn copy_unsealed<R: Read>(
     identities: Option<&[Identity]>,
     out: &mut dyn io::Write,
 ) -> Result<(), DecodeError> {
-    let tap = Arc::new(Mutex::new(Tap {
-        inner: stored,
-        tally: Tally::default(),
-        error: None,
-    }));
+    let tap = Arc::new(Mutex::new(Tap::new(stored, expected, true)));
     let copied = (|| -> Result<(), Failure> {
         let mut unsealed =
             Unsealed::open(TapReader(tap.clone()), identities).map_err(Failure::Key)?;
@@ -288,11 +317,34 @@ pub fn decode<R, T>(
 where
     R: Read + Send,
 {
-    let tap = Arc::new(Mutex::new(Tap {
-        inner: stored,
-        tally: Tally::default(),
-        error: None,
-    }));
+    decode_inner(stored, expected, true, identities, consume)
+}
+
+/// Like [`decode`], for stored bytes already checked against `expected` (a staged copy, read
+/// as far as its download checked it): only the decompressed bytes are checked.
+pub fn decode_checked_stored<R, T>(
+    stored: R,
+    expected: &Digests,
+    identities: Option<&[Identity]>,
+    consume: impl FnOnce(&mut dyn Read) -> io::Result<T>,
+) -> Result<T, DecodeError>
+where
+    R: Read + Send,
+{
+    decode_inner(stored, expected, false, identities, consume)
+}
+
+fn decode_inner<R, T>(
+    stored: R,
+    expected: &Digests,
+    check_stored: bool,
+    identities: Option<&[Identity]>,
+    consume: impl FnOnce(&mut dyn Read) -> io::Result<T>,
+) -> Result<T, DecodeError>
+where
+    R: Read + Send,
+{
+    let tap = Arc::new(Mutex::new(Tap::new(stored, expected, check_stored)));
     let consumed = (|| -> Result<(T, Tally), Failure> {
         let unsealed = Unsealed::open(TapReader(tap.clone()), identities).map_err(Failure::Key)?;
         let decoder = AtMost {
@@ -365,14 +417,34 @@ pub fn decode_unchecked<R: Read>(
     zstd::stream::read::Decoder::new(unsealed)
 }
 
-/// Copies `stored` into `out` as it is, checking its size and sha256 against `expected`:
-/// the download half of decoding, for a restore that stages the compressed object first.
+/// Copies `stored` into `out` as it is, checking its size and sha256 against `expected`, and
+/// its block digests when it has them, stopping at the first block that does not match: the
+/// download half of decoding, for a restore that stages the compressed object first.
+/// `checked` is told how far what reached `out` (flushed) is checked, and that all of it is
+/// at the end; a reader following it may then decode while the rest downloads. Once its
+/// reader gave up, the copy stops.
 pub fn copy_stored<R: Read>(
+    stored: R,
+    expected: &Digests,
+    out: &mut dyn io::Write,
+    checked: &Checked,
+) -> Result<u64, DecodeError> {
+    let copied = copy_checking(stored, expected, out, checked);
+    match &copied {
+        Ok(size) => checked.complete(*size),
+        Err(_) => checked.fail(),
+    }
+    copied
+}
+
+fn copy_checking<R: Read>(
     mut stored: R,
     expected: &Digests,
     out: &mut dyn io::Write,
+    checked: &Checked,
 ) -> Result<u64, DecodeError> {
     let mut tally = Tally::default();
+    let mut blocks = block_check(expected);
     let mut buffer = vec![0u8; super::CHUNK_SIZE];
     loop {
         let n = match stored.read(&mut buffer) {
@@ -383,6 +455,22 @@ pub fn copy_stored<R: Read>(
         };
         tally.update(&buffer[..n]);
         out.write_all(&buffer[..n]).map_err(DecodeError::Consumer)?;
+        if let Some(blocks) = &mut blocks {
+            let before = blocks.checked();
+            blocks.update(&buffer[..n]);
+            if let Some(failure) = blocks.failure() {
+                return Err(DecodeError::StoredMismatch(failure.to_string()));
+            }
+            if blocks.checked() > before {
+                out.flush().map_err(DecodeError::Consumer)?;
+                checked.advance(blocks.checked());
+            }
+        }
+        if checked.is_abandoned() {
+            return Err(DecodeError::Consumer(io::Error::other(
+                "what reads the object stopped",
+            )));
+        }
     }
     out.flush().map_err(DecodeError::Consumer)?;
     compare("stored", expected.size, &expected.sha256, tally)
@@ -395,7 +483,7 @@ struct TapReaderOwned<'a, R>(&'a mut Tap<R>);
 impl<R: Read> Read for TapReaderOwned<'_, R> {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         let n = self.0.inner.read(buf)?;
-        self.0.tally.update(&buf[..n]);
+        self.0.update(&buf[..n]);
         Ok(n)
     }
 }
@@ -484,12 +572,13 @@ mod tests {
         let (mut stored, digests) = encode(&sample());
         let mut copy = Vec::new();
         assert_eq!(
-            copy_stored(&stored[..], &digests, &mut copy).unwrap(),
+            copy_stored(&stored[..], &digests, &mut copy, &Checked::default()).unwrap(),
             digests.size
         );
         assert_eq!(copy, stored);
         stored[10] ^= 0x80;
-        let err = copy_stored(&stored[..], &digests, &mut Vec::new()).unwrap_err();
+        let err =
+            copy_stored(&stored[..], &digests, &mut Vec::new(), &Checked::default()).unwrap_err();
         assert!(matches!(err, DecodeError::StoredMismatch(_)), "{err}");
     }
 

@@ -4,7 +4,7 @@ use std::io::{self, Write};
 
 use bytes::BytesMut;
 
-use super::{CHUNK_SIZE, Digests, Tally};
+use super::{BlockHasher, CHUNK_SIZE, Digests, Tally};
 use crate::keys::Recipients;
 use crate::storage::PartSender;
 
@@ -199,6 +199,7 @@ impl ObjectWriter {
             sha256,
             raw_size,
             raw_sha256,
+            block_digests: sink.blocks.finish(),
         })
     }
 }
@@ -335,6 +336,7 @@ impl RawDecoder {
 
 struct StoredSink {
     tally: Tally,
+    blocks: Box<BlockHasher>,
     pending: BytesMut,
     /// One per repository, None once that repository stopped receiving.
     senders: Vec<Option<PartSender>>,
@@ -351,6 +353,7 @@ impl StoredSink {
     fn new(senders: Vec<PartSender>) -> StoredSink {
         StoredSink {
             tally: Tally::default(),
+            blocks: Box::default(),
             pending: BytesMut::with_capacity(CHUNK_SIZE),
             senders: senders.into_iter().map(Some).collect(),
         }
@@ -378,6 +381,7 @@ impl StoredSink {
 impl Write for StoredSink {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
         self.tally.update(buf);
+        self.blocks.update(buf);
         // Chunks are cut at exactly CHUNK_SIZE: one allocation each, never grown by a copy.
         let mut rest = buf;
         while !rest.is_empty() {

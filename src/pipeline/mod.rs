@@ -8,11 +8,19 @@
 //! bounds are the backpressure, which keeps memory bounded whatever the size of the stream.
 //! Depends on `storage::parts` only.
 
+mod blocks;
 mod decode;
 mod encode;
+mod follow;
 
-pub use decode::{DecodeError, copy_stored, copy_unsealed, decode, decode_unchecked};
+pub use blocks::{BLOCK_SIZE, BlockDigests};
+pub(crate) use blocks::{BlockCheck, BlockHasher};
+
+pub use decode::{
+    DecodeError, copy_stored, copy_unsealed, decode, decode_checked_stored, decode_unchecked,
+};
 pub use encode::{EncodeOptions, ObjectWriter, ZSTD_JOB_SIZE};
+pub use follow::{Checked, FollowingReader};
 
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
@@ -29,6 +37,9 @@ pub struct Digests {
     pub sha256: String,
     pub raw_size: u64,
     pub raw_sha256: String,
+    /// The stored bytes' digests block by block, for objects of more than one block.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub block_digests: Option<BlockDigests>,
 }
 
 /// A running SHA-256 and byte count.

@@ -17,6 +17,7 @@ use super::staging::{HIDDEN_PREFIX, Staging, contents, remove_abandoned, remove_
 use super::{ExtractSummary, RestoreReport, Selected, extract};
 use crate::error::{Error, ErrorKind, Result};
 use crate::layout::FILES_OBJECT;
+use crate::pipeline;
 use crate::transfer::{StagedObject, StoredObject};
 
 pub(super) async fn restore(selected: Selected, into: &Path) -> Result<RestoreReport> {
@@ -266,38 +267,57 @@ pub(super) async fn unpack(
                 manifest,
                 object: &object,
             };
-            stored.download(file).await?;
-            let stored = staging.open_file(&object.name)?;
+            let staged = staging.open_file(&object.name)?;
             let tree = Beneath::create_at(staging.fd(), TREE, staging.path(TREE))
                 .map_err(|e| target_error(into, e))?;
+            // Unpacked while it downloads, never past what matched its block digests (the
+            // whole of it, for an object without them).
+            let checked = pipeline::Checked::default();
             let (repository, manifest, object) =
                 (repository.clone(), manifest.clone(), object.clone());
             let (keyring, staged_path) = (selected.keyring.clone(), staged_path.clone());
-            tokio::task::spawn_blocking(move || {
-                let staged = StagedObject {
+            let reader_checked = checked.clone();
+            let unpacking = tokio::task::spawn_blocking(move || {
+                let staged_object = StagedObject {
                     path: &staged_path,
                     repository: &repository,
                     manifest: &manifest,
                     object: &object,
                     keyring: &keyring,
                 };
-                let mut unpacked =
-                    staged.decode_file(stored, |raw| extract::unpack(raw, &tree, ownership))?;
-                // Everything but the top directories, whose attributes would stop them from
-                // moving (a directory moves only while its owner may write it).
+                let unpacked = staged_object
+                    .decode_following(staged, reader_checked.clone(), |raw| {
+                        extract::unpack(raw, &tree, ownership)
+                    })
+                    .and_then(|mut unpacked| {
+                        // Everything but the top directories, whose attributes would stop
+                        // them from moving (a directory moves only while its owner may
+                        // write it).
+                        unpacked
+                            .finish_nested(&tree)
+                            .map_err(|e| target_error(tree.path(), e))?;
+                        Ok(unpacked)
+                    });
+                if unpacked.is_err() {
+                    reader_checked.abandon();
+                }
                 unpacked
-                    .finish_nested(&tree)
-                    .map_err(|e| target_error(tree.path(), e))?;
-                Ok(unpacked)
-            })
-            .await
-            .map_err(|e| {
+            });
+            let downloaded = stored.download_checked(file, &checked).await;
+            let unpacked = unpacking.await.map_err(|e| {
                 Error::new(
                     ErrorKind::Target,
                     format!("unable to restore into '{}'", into.display()),
                 )
                 .with_source(e)
-            })?
+            })?;
+            // A download that failed explains whatever the unpacking then said; one stopped
+            // because the unpacking failed does not.
+            match (downloaded, unpacked) {
+                (Err(_), Err(unpacking)) if checked.is_abandoned() => Err(unpacking),
+                (Err(e), _) => Err(e),
+                (Ok(()), unpacked) => unpacked,
+            }
         })
         .await
         .map_err(|e| match e.kind() {

@@ -1,0 +1,178 @@
+//! Decoding a staged object while it is still being downloaded, never ahead of its checks:
+//! the download writes the stored bytes into a staged file and says how far they matched
+//! their block digests; a [`FollowingReader`] reads the same file up to that point and waits
+//! for more. Nothing unchecked is ever read.
+
+use std::io::{self, Read};
+use std::sync::{Arc, Condvar, Mutex};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum State {
+    Downloading,
+    /// Every byte is written and checked.
+    Complete,
+    /// The download failed: the reader stops with an error.
+    Failed,
+    /// The reader gave up: the download stops.
+    Abandoned,
+}
+
+#[derive(Debug)]
+struct Progress {
+    checked: u64,
+    state: State,
+}
+
+/// How far a staged file is checked, shared by its download and its reader.
+#[derive(Debug, Clone)]
+pub struct Checked(Arc<(Mutex<Progress>, Condvar)>);
+
+impl Default for Checked {
+    fn default() -> Checked {
+        Checked(Arc::new((
+            Mutex::new(Progress {
+                checked: 0,
+                state: State::Downloading,
+            }),
+            Condvar::new(),
+        )))
+    }
+}
+
+impl Checked {
+    fn update(&self, change: impl FnOnce(&mut Progress)) {
+        let (progress, changed) = &*self.0;
+        change(&mut progress.lock().expect("progress lock"));
+        changed.notify_all();
+    }
+
+    /// The first `bytes` of the file are written, flushed to it and checked.
+    pub fn advance(&self, bytes: u64) {
+        self.update(|p| p.checked = p.checked.max(bytes));
+    }
+
+    /// The whole file is written and checked, `size` bytes.
+    pub fn complete(&self, size: u64) {
+        self.update(|p| {
+            p.checked = size;
+            p.state = State::Complete;
+        });
+    }
+
+    /// The download failed; what it wrote must not be read further.
+    pub fn fail(&self) {
+        self.update(|p| {
+            if p.state == State::Downloading {
+                p.state = State::Failed;
+            }
+        });
+    }
+
+    /// The reader stopped; the download need not go on.
+    pub fn abandon(&self) {
+        self.update(|p| {
+            if p.state == State::Downloading {
+                p.state = State::Abandoned;
+            }
+        });
+    }
+
+    pub fn is_abandoned(&self) -> bool {
+        self.0.0.lock().expect("progress lock").state == State::Abandoned
+    }
+
+    /// Waits until bytes past `at` are checked; returns how many there are from `at`, or 0
+    /// at the end of a complete file.
+    fn wait_past(&self, at: u64) -> io::Result<u64> {
+        let (progress, changed) = &*self.0;
+        let mut progress = progress.lock().expect("progress lock");
+        loop {
+            if progress.checked > at {
+                return Ok(progress.checked - at);
+            }
+            match progress.state {
+                State::Downloading => progress = changed.wait(progress).expect("progress lock"),
+                State::Complete => return Ok(0),
+                State::Failed | State::Abandoned => {
+                    return Err(io::Error::other(
+                        "the download of the object stopped before its end",
+                    ));
+                }
+            }
+        }
+    }
+}
+
+/// Reads a staged file only as far as [`Checked`] says it is checked, waiting for the rest.
+pub struct FollowingReader<R> {
+    file: R,
+    checked: Checked,
+    at: u64,
+}
+
+impl<R: Read> FollowingReader<R> {
+    pub fn new(file: R, checked: Checked) -> FollowingReader<R> {
+        FollowingReader {
+            file,
+            checked,
+            at: 0,
+        }
+    }
+}
+
+impl<R: Read> Read for FollowingReader<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        if buf.is_empty() {
+            return Ok(0);
+        }
+        let ready = self.checked.wait_past(self.at)?;
+        let want = buf.len().min(usize::try_from(ready).unwrap_or(usize::MAX));
+        let n = self.file.read(&mut buf[..want])?;
+        if n == 0 && want > 0 {
+            return Err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                "the staged file is shorter than what was checked of it",
+            ));
+        }
+        self.at += n as u64;
+        Ok(n)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn nothing_past_the_checked_point_is_read_and_a_failed_download_is_an_error() {
+        let data: Vec<u8> = (0..100u8).collect();
+        let checked = Checked::default();
+        let reader_side = checked.clone();
+        let source = data.clone();
+        let reader = std::thread::spawn(move || {
+            let mut reader = FollowingReader::new(&source[..], reader_side);
+            let mut seen = Vec::new();
+            let mut buf = [0u8; 64];
+            loop {
+                match reader.read(&mut buf) {
+                    Ok(0) => return Ok(seen),
+                    Ok(n) => seen.push(n),
+                    Err(e) => return Err((seen, e)),
+                }
+            }
+        });
+        checked.advance(30);
+        checked.fail();
+        let (seen, _) = reader.join().unwrap().unwrap_err();
+        assert_eq!(seen, vec![30]);
+
+        let checked = Checked::default();
+        checked.advance(40);
+        checked.complete(100);
+        let mut all = Vec::new();
+        FollowingReader::new(&data[..], checked)
+            .read_to_end(&mut all)
+            .unwrap();
+        assert_eq!(all, data);
+    }
+}
