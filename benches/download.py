@@ -6,8 +6,8 @@ request by a round trip, as a cross-region S3 link does. In one command, alterna
 
     python3 benches/download.py [--size-mib 2048] [--rate-mib 25] [--delay-ms 40] [--runs 3]
 
-Rows: a lifeboat restore with 8 ranged GETs in flight (the default) and with 1 (one GET
-stream, as before ranged downloads), a lifeboat verify with 8 and with 1 (the same reads and
+Rows: a lifeboat restore with 8 ranged GETs in flight (the default), with 1 (one GET
+stream, as before ranged downloads) and with 10 (as many as `aws s3 cp` uses), a lifeboat verify with 8 and with 1 (the same reads and
 checksums, nothing extracted), and `aws s3 cp` of the same object to a file (it also downloads in
 parallel, 10 ranges of 8 MiB). Prints median wall time, peak RSS, every run, and the ratios:
   restore, 8 ranges vs 1           target >= 6x faster
@@ -152,7 +152,7 @@ def main():
             check=True).stdout)
         through = region.repository().replace(region.endpoint, proxy.endpoint)
         configs = {}
-        for ranges in (8, 1):
+        for ranges in (8, 1, 10):
             config = WORK / f"ranges-{ranges}.toml"
             config.write_text(through.replace("path_style = true\n",
                                               f"path_style = true\ndownload_concurrency = {ranges}\n") + job)
@@ -194,10 +194,10 @@ def main():
             rss = max(r for _, r in samples[label])
             print(f"  {label:40} {medians[label]:13.2f}s {stored / 1e6 / medians[label]:7.1f} "
                   f"{rss:6.0f}MiB   {', '.join(f'{w:.1f}' for w in walls)}")
-        eight, one, checked, checked_one, copied = (medians[label] for label in labels)
+        eight, one, ten, checked, checked_one, copied = (medians[label] for label in labels)
         print(f"  restore speed-up, 8 ranges vs 1: {one / eight:.2f}x (target >= 6)")
-        print(f"  restore speed vs aws s3 cp: {copied / eight:.2f}x (target >= 0.9; the restore "
-              "stages and checks the object before it extracts it)")
+        print(f"  restore speed vs aws s3 cp: {copied / eight:.2f}x (target >= 0.9)")
+        print(f"  restore speed vs aws s3 cp, both with 10 connections: {copied / ten:.2f}x")
         print(f"  verify speed-up, 8 ranges vs 1: {checked_one / checked:.2f}x (the reads alone)")
         print(f"  verify speed vs aws s3 cp: {copied / checked:.2f}x (the same reads and both "
               "checksums, nothing written)")

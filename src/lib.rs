@@ -17,7 +17,7 @@
 //! repository: window repository claim clock continuity inventory lock transfer sources
 //! objects:    manifest pipeline storage
 //! config:     config retention keys signing
-//! base:       error human host progress calendar wal pax archive layout interrupt
+//! base:       error human host progress calendar wal pax archive layout interrupt rto_model
 //! ```
 //!
 //! # Modules
@@ -66,6 +66,8 @@
 //!   [`pax`]: extended attributes and ACLs as PAX records.
 //! - [`interrupt`]: what SIGINT, SIGTERM and SIGHUP stop and remove before lifeboat exits;
 //!   modules that start processes register their part with it.
+//! - [`rto_model`]: a drill's restore split into fixed time and per-byte rates, scaled to a
+//!   larger backup (pure).
 
 pub mod archive;
 pub mod backup;
@@ -98,6 +100,7 @@ pub mod replicate;
 pub mod repository;
 pub mod restore;
 pub mod retention;
+pub mod rto_model;
 pub mod schedule;
 pub mod show;
 pub mod signing;

@@ -542,10 +542,30 @@ fn judge_drill(
             ),
         );
     }
-    if drill.restore_seconds > 0.0 && drill.restored_bytes > 0 {
-        let rate = drill.restored_bytes as f64 / drill.restore_seconds;
-        let projected =
-            drill.rto_seconds - drill.restore_seconds + manifest.raw_size() as f64 / rate;
+    // A files or physical drill's rates scale the bytes apart from its fixed time; a logical
+    // drill (or a report from before rates) scales its whole restore time.
+    let projected = match &drill.rates {
+        Some(rates) => {
+            let projected = rates.project(manifest.stored_size(), manifest.raw_size());
+            if projected.is_none() {
+                status.flag(
+                    State::Warning,
+                    format!(
+                        "last drill '{}' restored too little to measure a download rate: the RTO of the newest backup ({} stored) is not projected; drill a larger backup",
+                        drill.drill,
+                        crate::human::human_size(manifest.stored_size())
+                    ),
+                );
+            }
+            projected
+        }
+        None if drill.restore_seconds > 0.0 && drill.restored_bytes > 0 => {
+            let rate = drill.restored_bytes as f64 / drill.restore_seconds;
+            Some(drill.rto_seconds - drill.restore_seconds + manifest.raw_size() as f64 / rate)
+        }
+        None => None,
+    };
+    if let Some(projected) = projected {
         status.projected_rto_seconds = Some(projected);
         judge_against(
             status,

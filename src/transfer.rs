@@ -395,7 +395,7 @@ impl StoredObject<'_> {
     /// Downloads one object of `manifest` as it is stored (compressed) into `file` (made by the
     /// caller, in a directory it holds), checking its stored size and sha256. For restores that
     /// stage before they decode.
-    pub async fn download(&self, file: std::fs::File) -> Result<()> {
+    pub async fn download(&self, file: std::fs::File) -> Result<Downloaded> {
         self.download_checked(file, &pipeline::Checked::default())
             .await
     }
@@ -407,7 +407,7 @@ impl StoredObject<'_> {
         &self,
         file: std::fs::File,
         checked: &pipeline::Checked,
-    ) -> Result<()> {
+    ) -> Result<Downloaded> {
         self.copy(Box::new(file), "download", checked.clone()).await
     }
 
@@ -416,6 +416,7 @@ impl StoredObject<'_> {
     pub async fn check_stored(&self) -> Result<()> {
         self.copy(Box::new(io::sink()), "verify", pipeline::Checked::default())
             .await
+            .map(|_| ())
     }
 
     async fn copy(
@@ -423,7 +424,7 @@ impl StoredObject<'_> {
         out: Box<dyn Write + Send>,
         verb: &str,
         checked: pipeline::Checked,
-    ) -> Result<()> {
+    ) -> Result<Downloaded> {
         let StoredObject {
             repository,
             manifest,
@@ -431,6 +432,7 @@ impl StoredObject<'_> {
         } = *self;
         let key = self.key();
         let file = out;
+        let started = std::time::Instant::now();
         let stream = match repository
             .open_object(&manifest.job, &manifest.id, &object.name)
             .await
@@ -447,8 +449,12 @@ impl StoredObject<'_> {
         let outcome = tokio::task::spawn_blocking(move || {
             let mut task = progress::start(&label, Some(expected.size));
             let mut out = io::BufWriter::with_capacity(pipeline::CHUNK_SIZE, file);
+            let mut reader = FirstByte {
+                inner: reader,
+                at: None,
+            };
             let outcome = pipeline::copy_stored(
-                reader,
+                &mut reader,
                 &expected,
                 &mut CountingWriter {
                     inner: &mut out,
@@ -457,15 +463,46 @@ impl StoredObject<'_> {
                 &checked,
             );
             task.finish();
-            outcome
+            let first_byte = reader.at.map_or(started.elapsed(), |at| at - started);
+            outcome.map(|_| (started.elapsed(), first_byte))
         })
         .await
         .map_err(|e| {
             Error::new(ErrorKind::Storage, format!("unable to read object '{key}'")).with_source(e)
         })?;
-        outcome.map(|_| ()).map_err(|e| {
+        let (seconds, first_byte) = outcome.map_err(|e| {
             decode_failure(self.place(), &manifest.job, object, &Keyring::default(), e)
+        })?;
+        Ok(Downloaded {
+            seconds: seconds.as_secs_f64(),
+            first_byte_seconds: first_byte.as_secs_f64(),
+            streams: repository.store.read_ahead().streams_for(object.size),
         })
+    }
+}
+
+/// How a download went: what an RTO projection scales (see `rto_model`).
+#[derive(Debug, Clone, Copy)]
+pub struct Downloaded {
+    pub seconds: f64,
+    pub first_byte_seconds: f64,
+    /// Ranges that were read at once.
+    pub streams: u32,
+}
+
+/// A reader that notes when its first byte came.
+struct FirstByte<R> {
+    inner: R,
+    at: Option<std::time::Instant>,
+}
+
+impl<R: Read> Read for FirstByte<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        if n > 0 && self.at.is_none() {
+            self.at = Some(std::time::Instant::now());
+        }
+        Ok(n)
     }
 }
 

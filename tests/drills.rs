@@ -463,6 +463,115 @@ fn a_files_drill_checks_the_restored_tree() {
     );
 }
 
+/// A files drill measures its download and unpacking apart from the rest of its RTO: the
+/// report's rates add up to the RTO, and `status` projects a larger newest backup from those
+/// rates (start-up once, bytes at the measured rates), not from the drill's whole time. A
+/// drill too small to measure a download rate projects nothing for a larger backup, and
+/// `status` says so.
+#[test]
+fn a_drill_projects_a_larger_backup_from_its_rates() {
+    let work = tempfile::tempdir().unwrap();
+    let source = work.path().join("data");
+    std::fs::create_dir_all(&source).unwrap();
+    std::fs::write(source.join("small.conf"), "x = 1\n").unwrap();
+    let config = Scenario::new(work.path())
+        .local("local", &work.path().join("repo"))
+        .files_job("data", &[&source])
+        .write();
+    let file = work.path().join("data.toml");
+    std::fs::write(
+        &file,
+        format!(
+            "name = \"data\"\njob = \"data\"\n\n[[check]]\nname = \"there\"\npath = \"{}\"\nexists = true\n",
+            source.join("small.conf").display()
+        ),
+    )
+    .unwrap();
+    let reports = work.path().join("reports");
+    let drill = || {
+        let run = run_command(
+            lifeboat_command(&config)
+                .args(["drill", "run", "--format", "json", "--report-dir"])
+                .arg(&reports)
+                .arg(&file),
+        );
+        run.assert_code(0);
+        let json: serde_json::Value = serde_json::from_str(&run.stdout).unwrap();
+        json["reports"][0].clone()
+    };
+    let status = || {
+        let run = crate::common::lifeboat(&config, &["status", "--format", "json"]);
+        let json: serde_json::Value = serde_json::from_str(&run.stdout).unwrap();
+        (run, json["jobs"][0].clone())
+    };
+    let grow = |name: &str, mib: usize, seed: u64| {
+        std::fs::write(
+            source.join(name),
+            crate::common::tree::noise(mib << 20, seed),
+        )
+        .unwrap();
+        crate::common::lifeboat(&config, &["backup", "data"]).assert_code(0);
+    };
+
+    // Too small to tell: no projection for a backup larger than the drill could tell about.
+    crate::common::lifeboat(&config, &["backup", "data"]).assert_code(0);
+    let tiny = drill();
+    assert_eq!(
+        tiny["projection"]["rates"]["stream_bytes_per_second"],
+        serde_json::Value::Null,
+        "{tiny}"
+    );
+    grow("large.bin", 12, 1);
+    let (run, job) = status();
+    assert_eq!(
+        job["projected_rto_seconds"],
+        serde_json::Value::Null,
+        "{job}"
+    );
+    run.assert_stdout_has("too little to measure a download rate");
+
+    // A drill of 12 MiB measures its rates, which with its fixed time make its RTO.
+    let measured = drill();
+    let rates = &measured["projection"]["rates"];
+    let number = |value: &serde_json::Value| value.as_f64().unwrap_or_else(|| panic!("{measured}"));
+    let (fixed, per_byte) = (
+        number(&rates["fixed_seconds"]),
+        number(&rates["per_byte_seconds"]),
+    );
+    let rto = number(&measured["rto"]["measured_seconds"]);
+    assert!((fixed + per_byte - rto).abs() < 1e-6, "{measured}");
+    let stream = number(&rates["stream_bytes_per_second"]);
+    let unpack = number(&rates["unpack_bytes_per_second"]);
+
+    // A newest backup four times as large: the fixed time once, the bytes at the rates.
+    grow("larger.bin", 36, 2);
+    let show = crate::common::lifeboat(
+        &config,
+        &["show", "latest", "--job", "data", "--format", "json"],
+    );
+    let manifest: serde_json::Value = serde_json::from_str(&show.stdout).unwrap();
+    let total = |field: &str| -> f64 {
+        manifest["objects"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|o| o[field].as_f64().unwrap())
+            .sum()
+    };
+    let expected = fixed + (total("size") / stream).max(total("raw_size") / unpack);
+    let (_, job) = status();
+    let projected = number(&job["projected_rto_seconds"]);
+    assert!(
+        (projected - expected).abs() < 1e-6 * expected,
+        "{projected} against {expected}: {job}"
+    );
+    let linear = rto / number(&measured["restored_bytes"]) * total("raw_size");
+    assert!(
+        projected < linear,
+        "{projected} is the whole drill time scaled ({linear})"
+    );
+}
+
 /// A drill with a DSN target: its checks run read-only (a check that writes fails and
 /// writes nothing), the database it restored is dropped when it ends unless `keep = true`,
 /// and a target that is the job's own source server is refused before anything is restored.

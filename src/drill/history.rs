@@ -27,6 +27,9 @@ pub struct HistoryRow {
     /// What the restore moved and how long it took: the rate a projected RTO uses.
     pub restored_bytes: u64,
     pub restore_seconds: f64,
+    /// A files or physical drill's rates apart from its fixed time (see `rto_model`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rates: Option<crate::rto_model::RestoreRates>,
     /// The repositories keeping this report.
     pub kept_in: Vec<String>,
 }
@@ -89,6 +92,7 @@ pub async fn history(config: &Config, name: Option<&str>) -> Result<DrillHistory
             backup: shown(report.backup),
             restored_bytes: report.restored_bytes,
             restore_seconds: report.restore_seconds,
+            rates: report.projection.and_then(|p| p.rates),
             kept_in: repositories.iter().map(|r| r.name.clone()).collect(),
         });
     }

@@ -356,15 +356,7 @@ async fn attempt_drill(
 
     let outcome = restore_and_check(config, drill, job, &manifest, clock).await?;
     let rto = clock.t0.elapsed();
-    let projection = project(
-        config,
-        &job.name,
-        &manifest,
-        outcome.restore_seconds,
-        rto,
-        drill.rto,
-    )
-    .await;
+    let projection = project(config, &job.name, &manifest, &outcome, rto, drill.rto).await;
 
     let marked = outcome.marker.is_some();
     let (rpo_marker, marker_source) = match outcome.marker {
@@ -541,16 +533,19 @@ fn configured_secrets(config: &Config) -> Vec<String> {
     secrets
 }
 
-/// What the measured restore rate means for a full restore of the job's newest backup: a
-/// drill on an old or small backup still says whether production would meet the RTO.
+/// What the measured restore means for a full restore of the job's newest backup: a drill
+/// on an old or small backup still says whether production would meet the RTO. A files or
+/// physical restore measured its download and unpacking apart from the rest, and the model
+/// scales only those (see `rto_model`); a logical one scales its whole restore time.
 async fn project(
     config: &Config,
     job: &str,
     restored: &Manifest,
-    restore_seconds: f64,
+    outcome: &Outcome,
     rto: std::time::Duration,
     target: std::time::Duration,
 ) -> Option<Projection> {
+    let restore_seconds = outcome.restore_seconds;
     if restore_seconds <= 0.0 || restored.raw_size() == 0 {
         return None;
     }
@@ -558,14 +553,35 @@ async fn project(
     let newest = restore::find_backup(config, job, "latest", None, &[])
         .await
         .ok()?;
-    let projected_restore = newest.raw_size() as f64 / rate;
-    let rto_seconds = rto.as_secs_f64() - restore_seconds + projected_restore;
+    let rates = outcome.transfer.as_ref().map(|transfer| {
+        let read_ahead = outcome
+            .repositories
+            .first()
+            .and_then(|name| config.repositories.iter().find(|r| &r.name == name))
+            .map(restore::read_ahead)
+            .unwrap_or(crate::storage::ReadAhead {
+                streams: 1,
+                range_bytes: u64::MAX,
+            });
+        crate::rto_model::RestoreRates::measured(
+            rto.as_secs_f64(),
+            transfer,
+            read_ahead.streams,
+            read_ahead.range_bytes,
+        )
+    });
+    let rto_seconds = match &rates {
+        Some(rates) => rates.project(newest.stored_size(), newest.raw_size())?,
+        None => rto.as_secs_f64() - restore_seconds + newest.raw_size() as f64 / rate,
+    };
     Some(Projection {
         raw_bytes: newest.raw_size(),
+        stored_bytes: newest.stored_size(),
         backup: newest.id,
         bytes_per_second: rate,
         rto_seconds,
         meets_target: rto_seconds <= target.as_secs_f64(),
+        rates,
     })
 }
 
@@ -607,6 +623,8 @@ async fn store_everywhere(config: &Config, report: &mut DrillReport) {
 /// What restoring and checking produced.
 struct Outcome {
     repositories: Vec<String>,
+    /// A files or physical restore's download and unpacking, measured.
+    transfer: Option<crate::rto_model::Transfer>,
     /// Seconds the restore itself took (download, verify, load).
     restore_seconds: f64,
     target: String,
@@ -727,6 +745,7 @@ async fn run_postgres(
     }
     let (checks, marker) = checked?;
     Ok(Outcome {
+        transfer: restored.transfer.clone(),
         restore_seconds: restored.stages.iter().map(|(_, d)| d.as_secs_f64()).sum(),
         repositories: restored.repositories,
         target: match &drill.target {
@@ -1027,6 +1046,7 @@ async fn run_physical(
         }
     }
     Ok(Outcome {
+        transfer: restored.transfer.clone(),
         restore_seconds: restored
             .stages
             .iter()
@@ -1160,6 +1180,7 @@ async fn run_redis(
     clock.phase("checks", started);
     drop(scratch);
     Ok(Outcome {
+        transfer: restored.transfer.clone(),
         restore_seconds: restored
             .stages
             .iter()
@@ -1215,6 +1236,7 @@ async fn run_files(config: &Config, drill: &Drill, clock: &mut Clock) -> Result<
     clock.phase("checks", started);
     crate::interrupt::forget(scratch.path());
     Ok(Outcome {
+        transfer: restored.transfer.clone(),
         restore_seconds: restored.stages.iter().map(|(_, d)| d.as_secs_f64()).sum(),
         repositories: restored.repositories,
         target: "a scratch directory (removed after the drill)".into(),

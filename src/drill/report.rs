@@ -114,10 +114,43 @@ impl Measured {
 pub struct Projection {
     pub backup: String,
     pub raw_bytes: u64,
+    #[serde(default)]
+    pub stored_bytes: u64,
+    /// The drill's whole restore rate (restored bytes over restore time).
     pub bytes_per_second: f64,
-    /// The RTO a full restore of that backup would take at the measured rate.
+    /// The RTO a full restore of that backup would take.
     pub rto_seconds: f64,
     pub meets_target: bool,
+    /// A files or physical drill's rates, apart from its fixed time: what the projection
+    /// scaled (absent from logical drills and reports from before them).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rates: Option<crate::rto_model::RestoreRates>,
+}
+
+impl Projection {
+    /// What the projection rests on, in words.
+    pub fn basis(&self) -> String {
+        let Some(rates) = &self.rates else {
+            return format!(
+                "at the measured {}/s",
+                human_size(self.bytes_per_second as u64)
+            );
+        };
+        match rates.stream_bytes_per_second {
+            Some(stream) => format!(
+                "from {} of fixed time, downloads at {}/s per stream with up to {} in flight{}",
+                secs(rates.fixed_seconds),
+                human_size(stream as u64),
+                rates.streams,
+                rates
+                    .unpack_bytes_per_second
+                    .map(|unpack| format!(" and unpacking at {}/s", human_size(unpack as u64)))
+                    .unwrap_or_default()
+            ),
+            None => "as measured (the drill's backup was too small to measure a download rate)"
+                .to_string(),
+        }
+    }
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -346,8 +379,8 @@ impl DrillReport {
         };
         if let Some(projection) = &self.projection {
             out.push_str(&format!(
-                "\n## Projection\n\nAt the measured {}/s, a full restore of the newest backup {} ({}) would make the RTO {} — {} the {} target. (Not part of the verdict.)\n",
-                human_size(projection.bytes_per_second as u64),
+                "\n## Projection\n\n{}, a full restore of the newest backup {} ({}) would make the RTO {} — {} the {} target. (Not part of the verdict.)\n",
+                md(&projection.basis()),
                 md(&projection.backup),
                 human_size(projection.raw_bytes),
                 secs(projection.rto_seconds),
@@ -558,12 +591,12 @@ impl fmt::Display for DrillReport {
         if let Some(projection) = &self.projection {
             writeln!(
                 f,
-                "projected RTO for the newest backup {} ({}) at the measured {}/s: {} (target {})",
+                "projected RTO for the newest backup {} ({}): {} (target {}; {})",
                 projection.backup,
                 human_size(projection.raw_bytes),
-                human_size(projection.bytes_per_second as u64),
                 secs(projection.rto_seconds),
-                secs(self.rto.target_seconds)
+                secs(self.rto.target_seconds),
+                projection.basis()
             )?;
         }
         writeln!(

@@ -21,6 +21,8 @@ enum State {
 struct Progress {
     checked: u64,
     state: State,
+    /// How long the reader waited for the download.
+    waited: std::time::Duration,
 }
 
 /// How far a staged file is checked, shared by its download and its reader.
@@ -33,6 +35,7 @@ impl Default for Checked {
             Mutex::new(Progress {
                 checked: 0,
                 state: State::Downloading,
+                waited: std::time::Duration::ZERO,
             }),
             Condvar::new(),
         )))
@@ -81,6 +84,12 @@ impl Checked {
         self.0.0.lock().expect("progress lock").state == State::Abandoned
     }
 
+    /// How long the reader waited for bytes to be checked: the part of its time that was
+    /// the download's, not its own.
+    pub fn waited(&self) -> std::time::Duration {
+        self.0.0.lock().expect("progress lock").waited
+    }
+
     /// Waits until bytes past `at` are checked; returns how many there are from `at`, or 0
     /// at the end of a complete file.
     fn wait_past(&self, at: u64) -> io::Result<u64> {
@@ -91,7 +100,11 @@ impl Checked {
                 return Ok(progress.checked - at);
             }
             match progress.state {
-                State::Downloading => progress = changed.wait(progress).expect("progress lock"),
+                State::Downloading => {
+                    let since = std::time::Instant::now();
+                    progress = changed.wait(progress).expect("progress lock");
+                    progress.waited += since.elapsed();
+                }
                 State::Complete => return Ok(0),
                 State::Failed | State::Abandoned => {
                     return Err(io::Error::other(

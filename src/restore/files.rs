@@ -1,9 +1,10 @@
 //! Restoring a tar object (a `files` backup, a base backup) into a directory. The target is
 //! opened once, never through a symlink in its place, and everything after happens beneath
 //! that handle: the stored object is downloaded into a private staging directory *inside*
-//! the target and its sha256 checked there, before a byte of it is decoded; then it is
-//! decoded and unpacked beneath the staging directory (never through a symlink), its raw
-//! sha256 checked at the end, and only then moved into place. A damaged or forged object
+//! the target and checked there, before a byte of it is decoded: each stretch is decoded and
+//! unpacked beneath the staging directory (never through a symlink) once it matched its block
+//! digest, while the rest still downloads (an object without them, once its whole sha256
+//! matched); the raw sha256 is checked at the end, and only then is the tree moved into place. A damaged or forged object
 //! changes nothing anywhere, and staging inside the target means no rename crosses a
 //! filesystem (a freshly mounted volume) and whoever may write the target may restore into
 //! it (`postgres` into its own directory). The target must be new or empty: lifeboat never
@@ -23,7 +24,7 @@ use crate::transfer::{StagedObject, StoredObject};
 pub(super) async fn restore(selected: Selected, into: &Path) -> Result<RestoreReport> {
     let target = Target::prepare(into)?;
     let started = std::time::Instant::now();
-    let summary = target
+    let (summary, transfer) = target
         .undo_on_error(unpack(
             &selected,
             FILES_OBJECT,
@@ -41,13 +42,15 @@ pub(super) async fn restore(selected: Selected, into: &Path) -> Result<RestoreRe
         ));
     }
     warnings.extend(summary.attributes_not_restored());
-    Ok(selected.report(
+    let mut report = selected.report(
         target_name,
         vec![format!("{} entries", summary.entries)],
         summary.bytes,
         warnings,
         vec![("download, verify and unpack".to_string(), started.elapsed())],
-    ))
+    );
+    report.transfer = Some(transfer);
+    Ok(report)
 }
 
 /// A restore's target directory, new or empty, held open, and what preparing it did.
@@ -232,7 +235,7 @@ pub(super) async fn unpack(
     name: &str,
     target: &Target,
     ownership: Ownership,
-) -> Result<ExtractSummary> {
+) -> Result<(ExtractSummary, crate::rto_model::Transfer)> {
     let into = &target.path;
     let manifest = &selected.manifest;
     let object = manifest
@@ -273,11 +276,13 @@ pub(super) async fn unpack(
             // Unpacked while it downloads, never past what matched its block digests (the
             // whole of it, for an object without them).
             let checked = pipeline::Checked::default();
+            let (stored_bytes, raw_bytes) = (object.size, object.raw_size);
             let (repository, manifest, object) =
                 (repository.clone(), manifest.clone(), object.clone());
             let (keyring, staged_path) = (selected.keyring.clone(), staged_path.clone());
             let reader_checked = checked.clone();
             let unpacking = tokio::task::spawn_blocking(move || {
+                let started = std::time::Instant::now();
                 let staged_object = StagedObject {
                     path: &staged_path,
                     repository: &repository,
@@ -301,7 +306,8 @@ pub(super) async fn unpack(
                 if unpacked.is_err() {
                     reader_checked.abandon();
                 }
-                unpacked
+                let busy = started.elapsed().saturating_sub(reader_checked.waited());
+                unpacked.map(|unpacked| (unpacked, busy))
             });
             let downloaded = stored.download_checked(file, &checked).await;
             let unpacked = unpacking.await.map_err(|e| {
@@ -316,7 +322,17 @@ pub(super) async fn unpack(
             match (downloaded, unpacked) {
                 (Err(_), Err(unpacking)) if checked.is_abandoned() => Err(unpacking),
                 (Err(e), _) => Err(e),
-                (Ok(()), unpacked) => unpacked,
+                (Ok(downloaded), unpacked) => unpacked.map(|(unpacked, busy)| {
+                    let transfer = crate::rto_model::Transfer {
+                        stored_bytes,
+                        raw_bytes,
+                        download_seconds: downloaded.seconds,
+                        first_byte_seconds: downloaded.first_byte_seconds,
+                        streams: downloaded.streams,
+                        unpack_seconds: busy.as_secs_f64(),
+                    };
+                    (unpacked, transfer)
+                }),
             }
         })
         .await
@@ -328,6 +344,7 @@ pub(super) async fn unpack(
             )),
             _ => e,
         })?;
+    let (unpacked, transfer) = unpacked;
     let tree: PathBuf = [staging.name(), OsString::from(TREE).as_os_str()]
         .iter()
         .collect();
@@ -347,7 +364,9 @@ pub(super) async fn unpack(
         placed
     };
     drop(staging);
-    placed.map_err(|e| target_error(into, e))
+    placed
+        .map(|summary| (summary, transfer))
+        .map_err(|e| target_error(into, e))
 }
 
 /// The staging directory's subdirectory that an object is unpacked into.

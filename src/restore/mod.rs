@@ -136,6 +136,10 @@ pub struct RestoreReport {
     /// a drill's report names them.
     #[serde(skip)]
     pub passed_over: Vec<String>,
+    /// How the download and unpacking of a tar object went: what a drill's RTO projection
+    /// scales.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub transfer: Option<crate::rto_model::Transfer>,
 }
 
 impl fmt::Display for RestoreReport {
@@ -287,6 +291,7 @@ impl Selected {
             warnings,
             archive_end: None,
             passed_over,
+            transfer: None,
         }
     }
 }
@@ -402,6 +407,20 @@ pub fn memory_bound(repository: &crate::config::RepositoryConfig) -> u64 {
             crate::config::Location::S3(s3) => s3.part_size * s3.download_concurrency as u64,
             crate::config::Location::Local { .. } => 0,
         }
+}
+
+/// How a restore from `repository` reads a large object: how many ranges of which size.
+pub fn read_ahead(repository: &crate::config::RepositoryConfig) -> crate::storage::ReadAhead {
+    match &repository.location {
+        crate::config::Location::S3(s3) => crate::storage::ReadAhead {
+            streams: u32::try_from(s3.download_concurrency).unwrap_or(u32::MAX),
+            range_bytes: s3.part_size,
+        },
+        crate::config::Location::Local { .. } => crate::storage::ReadAhead {
+            streams: 1,
+            range_bytes: u64::MAX,
+        },
+    }
 }
 
 pub async fn find_backup(

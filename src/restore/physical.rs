@@ -273,7 +273,7 @@ pub(super) async fn restore(
     let target = Target::prepare(into)?;
     let mut stages = Vec::new();
     let clock = Instant::now();
-    let (bytes, owner, inherited) = target
+    let (bytes, transfer, owner, inherited) = target
         .undo_on_error(async {
             // Private before anything is moved into it, as PostgreSQL wants it anyway.
             rustix::fs::fchmod(target.dir.fd(), rustix::fs::Mode::from_raw_mode(0o700))
@@ -283,12 +283,10 @@ pub(super) async fn restore(
                 Some((uid, gid)) => Ownership::Fixed(uid, gid),
                 None => Ownership::Unpacker,
             };
-            let bytes = unpack(&selected, BASE_OBJECT, &target, ownership)
-                .await?
-                .bytes;
+            let (unpacked, transfer) = unpack(&selected, BASE_OBJECT, &target, ownership).await?;
             // A data directory that cannot be set up is no restore: it is removed again.
             let inherited = configure_recovery(&target, options, source, owner)?;
-            Ok((bytes, owner, inherited))
+            Ok((unpacked.bytes, transfer, owner, inherited))
         })
         .await?;
     stages.push(("download, verify and unpack".to_string(), clock.elapsed()));
@@ -368,6 +366,7 @@ pub(super) async fn restore(
         stages,
     );
     report.archive_end = plan.end_of_archive;
+    report.transfer = Some(transfer);
     Ok(report)
 }
 

@@ -153,10 +153,35 @@ pub enum LockSupport {
     Enforced,
 }
 
+/// How a store reads a large object: as ranges of `range_bytes`, `streams` at once.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ReadAhead {
+    pub streams: u32,
+    pub range_bytes: u64,
+}
+
+impl ReadAhead {
+    /// Streams in flight while reading an object of `size` bytes.
+    pub fn streams_for(&self, size: u64) -> u32 {
+        let ranges = size.div_ceil(self.range_bytes.max(1)).max(1);
+        u32::try_from(ranges)
+            .unwrap_or(u32::MAX)
+            .min(self.streams.max(1))
+    }
+}
+
 #[async_trait]
 pub trait Store: Send + Sync + fmt::Debug {
     /// Where this store keeps its objects, for messages: `s3://bucket/prefix` or a path.
     fn location(&self) -> String;
+
+    /// How a large object is read: ranges of this many bytes, this many in flight at once.
+    fn read_ahead(&self) -> ReadAhead {
+        ReadAhead {
+            streams: 1,
+            range_bytes: u64::MAX,
+        }
+    }
 
     /// Stores the whole body under `key`, replacing any object there. Atomic: readers see the
     /// old object or the complete new one, never a part. If the body is abandoned (its sender

@@ -535,6 +535,13 @@ impl Store for S3Store {
         format!("s3://{}/{}", self.bucket, self.prefix.trim_end_matches('/'))
     }
 
+    fn read_ahead(&self) -> super::ReadAhead {
+        super::ReadAhead {
+            streams: u32::try_from(self.download_concurrency).unwrap_or(u32::MAX),
+            range_bytes: self.part_size as u64,
+        }
+    }
+
     async fn put(&self, key: &str, body: PartStream) -> Result<PutReceipt, StoreError> {
         let full = self.full_key(key)?;
         let mut body = Parts::new(body);
