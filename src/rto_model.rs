@@ -45,8 +45,8 @@ pub struct RestoreRates {
     pub unpack_bytes_per_second: Option<f64>,
     /// The drill's own per-byte time: what a backup too small to measure rates on takes.
     pub per_byte_seconds: f64,
-    /// What the repository that served the drill reads at once: ranges of `range_bytes`,
-    /// `streams` of them.
+    /// What the repository that served the drill reads at once: ranges of `range_bytes`
+    /// (0: whole objects), `streams` of them.
     pub streams: u32,
     pub range_bytes: u64,
 }

@@ -561,7 +561,7 @@ async fn project(
             .map(restore::read_ahead)
             .unwrap_or(crate::storage::ReadAhead {
                 streams: 1,
-                range_bytes: u64::MAX,
+                range_bytes: 0,
             });
         crate::rto_model::RestoreRates::measured(
             rto.as_secs_f64(),

@@ -418,7 +418,7 @@ pub fn read_ahead(repository: &crate::config::RepositoryConfig) -> crate::storag
         },
         crate::config::Location::Local { .. } => crate::storage::ReadAhead {
             streams: 1,
-            range_bytes: u64::MAX,
+            range_bytes: 0,
         },
     }
 }

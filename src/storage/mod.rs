@@ -153,7 +153,8 @@ pub enum LockSupport {
     Enforced,
 }
 
-/// How a store reads a large object: as ranges of `range_bytes`, `streams` at once.
+/// How a store reads a large object: as ranges of `range_bytes`, `streams` at once; 0
+/// bytes: whole, in one read.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ReadAhead {
     pub streams: u32,
@@ -179,7 +180,7 @@ pub trait Store: Send + Sync + fmt::Debug {
     fn read_ahead(&self) -> ReadAhead {
         ReadAhead {
             streams: 1,
-            range_bytes: u64::MAX,
+            range_bytes: 0,
         }
     }
 
