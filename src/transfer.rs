@@ -322,7 +322,14 @@ impl StoredObject<'_> {
         let expected = object.digests();
         let label = format!("restore {}", object.name);
         let outcome = tokio::task::spawn_blocking(move || {
-            decode_with_progress(reader, &expected, identities.as_deref(), &label, consume)
+            decode_with_progress(
+                reader,
+                &expected,
+                pipeline::StoredCheck::Check,
+                identities.as_deref(),
+                &label,
+                consume,
+            )
         })
         .await
         .map_err(|e| {
@@ -554,24 +561,7 @@ impl StagedObject<'_> {
         file: std::fs::File,
         consume: impl FnOnce(&mut dyn Read) -> io::Result<T>,
     ) -> Result<T> {
-        let identities = identities_for(self.keyring, self.object, &self.place())?;
-        let label = format!("restore {}", self.object.name);
-        let outcome = decode_with_progress(
-            file,
-            &self.object.digests(),
-            identities.as_deref(),
-            &label,
-            consume,
-        );
-        outcome.map_err(|e| {
-            decode_failure(
-                self.place(),
-                &self.manifest.job,
-                self.object,
-                self.keyring,
-                e,
-            )
-        })
+        self.decode_staged(file, pipeline::StoredCheck::Check, consume)
     }
 
     /// Decodes the staged copy opened as `file` into `consume` while
@@ -584,22 +574,29 @@ impl StagedObject<'_> {
         checked: pipeline::Checked,
         consume: impl FnOnce(&mut dyn Read) -> io::Result<T>,
     ) -> Result<T> {
+        self.decode_staged(
+            pipeline::FollowingReader::new(file, checked),
+            pipeline::StoredCheck::AlreadyChecked,
+            consume,
+        )
+    }
+
+    fn decode_staged<R: Read + Send, T>(
+        &self,
+        stored: R,
+        stored_check: pipeline::StoredCheck,
+        consume: impl FnOnce(&mut dyn Read) -> io::Result<T>,
+    ) -> Result<T> {
         let identities = identities_for(self.keyring, self.object, &self.place())?;
         let label = format!("restore {}", self.object.name);
-        let expected = self.object.digests();
-        let mut task = progress::start(&label, Some(expected.raw_size));
-        let outcome = pipeline::decode_checked_stored(
-            pipeline::FollowingReader::new(file, checked),
-            &expected,
-            identities.as_deref().map(Vec::as_slice),
-            |raw| {
-                consume(&mut CountingReader {
-                    inner: raw,
-                    task: task.as_mut(),
-                })
-            },
+        let outcome = decode_with_progress(
+            stored,
+            &self.object.digests(),
+            stored_check,
+            identities.as_deref(),
+            &label,
+            consume,
         );
-        task.finish();
         outcome.map_err(|e| {
             decode_failure(
                 self.place(),
@@ -641,17 +638,24 @@ impl StagedObject<'_> {
 fn decode_with_progress<R: Read + Send, T>(
     stored: R,
     expected: &Digests,
+    stored_check: pipeline::StoredCheck,
     identities: Option<&Vec<Identity>>,
     label: &str,
     consume: impl FnOnce(&mut dyn Read) -> io::Result<T>,
 ) -> std::result::Result<T, DecodeError> {
     let mut task = progress::start(label, Some(expected.raw_size));
-    let outcome = pipeline::decode(stored, expected, identities.map(Vec::as_slice), |raw| {
-        consume(&mut CountingReader {
-            inner: raw,
-            task: task.as_mut(),
-        })
-    });
+    let outcome = pipeline::decode_checking(
+        stored,
+        expected,
+        stored_check,
+        identities.map(Vec::as_slice),
+        |raw| {
+            consume(&mut CountingReader {
+                inner: raw,
+                task: task.as_mut(),
+            })
+        },
+    );
     task.finish();
     outcome
 }

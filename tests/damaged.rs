@@ -12,6 +12,17 @@ fn flip_middle_byte(data: &mut [u8]) {
     data[middle] ^= 0x20;
 }
 
+/// The id of the one backup of job `config` in the local repository at `repo`.
+fn only_backup(repo: &Path) -> String {
+    let mut ids = std::fs::read_dir(repo.join("jobs/config/backups")).unwrap();
+    ids.next()
+        .unwrap()
+        .unwrap()
+        .file_name()
+        .into_string()
+        .unwrap()
+}
+
 fn restore_from(config: &Path, repository: &str, into: &Path) -> crate::common::Run {
     let into = into.to_str().unwrap();
     lifeboat(
@@ -73,14 +84,8 @@ async fn a_flipped_byte_is_found_by_verify_and_refused_by_restore() {
     lifeboat(&config, &["verify", "--from", "local"]).assert_code(0);
     lifeboat(&config, &["verify", "--from", "s3"]).assert_code(0);
 
-    let backups = work.path().join("repo/jobs/config/backups");
-    let id = std::fs::read_dir(backups)
-        .unwrap()
-        .next()
-        .unwrap()
-        .unwrap()
-        .file_name();
-    let object_key = format!("jobs/config/backups/{}/files.tar.zst", id.to_str().unwrap());
+    let id = only_backup(&work.path().join("repo"));
+    let object_key = format!("jobs/config/backups/{id}/files.tar.zst");
 
     // Damage the local copy.
     let local_object = work.path().join("repo").join(&object_key);
@@ -162,13 +167,8 @@ fn a_manifest_edited_by_hand_is_found_by_verify_and_refused_by_restore() {
         .files_job("config", &[&source])
         .write();
     lifeboat(&config, &["backup", "config"]).assert_code(0);
-    let id = std::fs::read_dir(work.path().join("a/jobs/config/backups"))
-        .unwrap()
-        .next()
-        .unwrap()
-        .unwrap()
-        .file_name();
-    let key = format!("jobs/config/backups/{}/manifest.json", id.to_str().unwrap());
+    let id = only_backup(&work.path().join("a"));
+    let key = format!("jobs/config/backups/{id}/manifest.json");
     let original = std::fs::read_to_string(work.path().join("a").join(&key)).unwrap();
     // Something for the renamed entry to point at.
     let object_dir = work
@@ -250,14 +250,7 @@ fn show_reads_the_backup_from_whichever_repository_holds_it() {
         .write();
     lifeboat(&config, &["backup", "config"]).assert_code(0);
     let backups = first.join("jobs/config/backups");
-    let id = std::fs::read_dir(&backups)
-        .unwrap()
-        .next()
-        .unwrap()
-        .unwrap()
-        .file_name()
-        .into_string()
-        .unwrap();
+    let id = only_backup(&first);
     std::fs::write(backups.join(&id).join("manifest.json"), b"{ not json").unwrap();
     let shown = lifeboat(&config, &["show", &id, "--format", "json"]);
     shown.assert_code(0);
@@ -285,13 +278,7 @@ fn a_block_that_does_not_match_its_digest_fails_the_restore_and_verify() {
         .files_job("config", &[&source])
         .write();
     lifeboat(&config, &["backup", "config"]).assert_code(0);
-    let id = std::fs::read_dir(repo.join("jobs/config/backups"))
-        .unwrap()
-        .next()
-        .unwrap()
-        .unwrap()
-        .file_name();
-    let object_key = format!("jobs/config/backups/{}/files.tar.zst", id.to_str().unwrap());
+    let object_key = format!("jobs/config/backups/{}/files.tar.zst", only_backup(&repo));
     let manifest_path = repo.join(&object_key).with_file_name("manifest.json");
     let manifest: serde_json::Value =
         serde_json::from_slice(&std::fs::read(&manifest_path).unwrap()).unwrap();

@@ -317,33 +317,30 @@ pub fn decode<R, T>(
 where
     R: Read + Send,
 {
-    decode_inner(stored, expected, true, identities, consume)
+    decode_checking(stored, expected, StoredCheck::Check, identities, consume)
 }
 
-/// Like [`decode`], for stored bytes already checked against `expected` (a staged copy, read
-/// as far as its download checked it): only the decompressed bytes are checked.
-pub fn decode_checked_stored<R, T>(
+/// Whether [`decode_checking`] checks the stored bytes too.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StoredCheck {
+    Check,
+    /// A staged copy, read only as far as its download checked it: only the decompressed
+    /// bytes are checked.
+    AlreadyChecked,
+}
+
+/// [`decode`], checking the stored bytes or not as `stored_check` says.
+pub fn decode_checking<R, T>(
     stored: R,
     expected: &Digests,
+    stored_check: StoredCheck,
     identities: Option<&[Identity]>,
     consume: impl FnOnce(&mut dyn Read) -> io::Result<T>,
 ) -> Result<T, DecodeError>
 where
     R: Read + Send,
 {
-    decode_inner(stored, expected, false, identities, consume)
-}
-
-fn decode_inner<R, T>(
-    stored: R,
-    expected: &Digests,
-    check_stored: bool,
-    identities: Option<&[Identity]>,
-    consume: impl FnOnce(&mut dyn Read) -> io::Result<T>,
-) -> Result<T, DecodeError>
-where
-    R: Read + Send,
-{
+    let check_stored = stored_check == StoredCheck::Check;
     let tap = Arc::new(Mutex::new(Tap::new(stored, expected, check_stored)));
     let consumed = (|| -> Result<(T, Tally), Failure> {
         let unsealed = Unsealed::open(TapReader(tap.clone()), identities).map_err(Failure::Key)?;

@@ -17,7 +17,7 @@ pub use blocks::{BLOCK_SIZE, BlockDigests};
 pub(crate) use blocks::{BlockCheck, BlockHasher};
 
 pub use decode::{
-    DecodeError, copy_stored, copy_unsealed, decode, decode_checked_stored, decode_unchecked,
+    DecodeError, StoredCheck, copy_stored, copy_unsealed, decode, decode_checking, decode_unchecked,
 };
 pub use encode::{EncodeOptions, ObjectWriter, ZSTD_JOB_SIZE};
 pub use follow::{Checked, FollowingReader};
