@@ -13,7 +13,6 @@ use crate::error::Result;
 use crate::layout;
 use crate::manifest::Manifest;
 use crate::repository::Repository;
-use crate::storage;
 
 /// How many manifests [`Survey::manifests`] reads at once.
 pub const MANIFESTS_IN_FLIGHT: usize = 32;
@@ -188,7 +187,7 @@ impl<'a> Survey<'a> {
             if !held.get(id).is_some_and(|h| h.manifest) {
                 continue;
             }
-            let Ok(bytes) = storage::get_bytes(repository.store.as_ref(), &key).await else {
+            let Ok(bytes) = repository.manifest_bytes(job, id).await else {
                 continue;
             };
             match repository.trusted_manifest(job, id, &bytes).await {
@@ -204,10 +203,7 @@ impl<'a> Survey<'a> {
 
 /// The manifest of `job/id` that `repository` holds, if it reads.
 pub async fn own_manifest(repository: &Repository, job: &str, id: &str) -> Option<Manifest> {
-    let key = layout::manifest_key(job, id);
-    let bytes = storage::get_bytes(repository.store.as_ref(), &key)
-        .await
-        .ok()?;
+    let bytes = repository.manifest_bytes(job, id).await.ok()?;
     repository.trusted_manifest(job, id, &bytes).await.ok()
 }
 

@@ -165,6 +165,9 @@ pub struct Tombstone {
 
 /// The most a removal record may be.
 const TOMBSTONE_LIMIT: u64 = 16 * 1024;
+/// The longest manifest read: one names every object of a backup, and an object's block
+/// digests take at most about 68 KB, so a manifest of two hundred dumps of terabytes fits.
+pub const MANIFEST_LIMIT: u64 = 16 << 20;
 
 #[derive(Debug, Serialize, Deserialize)]
 struct Marker {
@@ -481,6 +484,12 @@ impl Repository {
         bytes: &[u8],
     ) -> std::result::Result<Manifest, String> {
         let key = layout::manifest_key(job, id);
+        if bytes.len() as u64 > MANIFEST_LIMIT {
+            return Err(format!(
+                "it is over {} (no manifest lifeboat writes is)",
+                crate::human::human_size(MANIFEST_LIMIT)
+            ));
+        }
         if self.trust.required() {
             let signature = self.signature_of(&key).await.map_err(|e| e.to_string())?;
             self.trust
@@ -497,9 +506,22 @@ impl Repository {
         Ok(manifest)
     }
 
+    /// The bytes of the manifest of `job/id`, read no further than any manifest lifeboat
+    /// writes can be long: a larger object (planted, or damaged) is read only that far, and
+    /// `trusted_manifest` refuses it.
+    pub async fn manifest_bytes(
+        &self,
+        job: &str,
+        id: &str,
+    ) -> std::result::Result<Bytes, storage::StoreError> {
+        let key = layout::manifest_key(job, id);
+        storage::get_range_bytes(self.store.as_ref(), &key, Some(0..MANIFEST_LIMIT + 1)).await
+    }
+
     pub async fn read_manifest(&self, job: &str, id: &str) -> Result<Manifest> {
         let key = layout::manifest_key(job, id);
-        let bytes = storage::get_bytes(self.store.as_ref(), &key)
+        let bytes = self
+            .manifest_bytes(job, id)
             .await
             .map_err(|e| self.error(&format!("read manifest '{key}'"), e))?;
         self.trusted_manifest(job, id, &bytes)

@@ -316,3 +316,26 @@ fn a_block_that_does_not_match_its_digest_fails_the_restore_and_verify() {
     restore_from(&config, "local", &into).assert_code(0);
     tree::assert_same(&source, &into.join(source.strip_prefix("/").unwrap()));
 }
+
+/// A manifest longer than any lifeboat writes (planted in a bucket) is read only as far as
+/// the limit and refused, naming it, instead of being parsed whole by every `list`.
+#[test]
+fn a_manifest_over_the_limit_is_refused_unread() {
+    let work = tempfile::tempdir().unwrap();
+    let source = work.path().join("src");
+    tree::write_file(&source.join("a.conf"), b"a\n", 0o644);
+    let repo = work.path().join("repo");
+    let config = Scenario::new(work.path())
+        .local("local", &repo)
+        .files_job("config", &[&source])
+        .write();
+    lifeboat(&config, &["backup", "config"]).assert_code(0);
+    let id = only_backup(&repo);
+    let manifest = repo.join(format!("jobs/config/backups/{id}/manifest.json"));
+    let mut planted = std::fs::read(&manifest).unwrap();
+    planted.resize(17 << 20, b' ');
+    std::fs::write(&manifest, planted).unwrap();
+    let shown = lifeboat(&config, &["show", &id, "--from", "local"]);
+    shown.assert_code(1);
+    shown.assert_stderr_has("it is over 16.0 MiB");
+}

@@ -183,6 +183,73 @@ async fn sigterm_during_backup_and_prune_leaves_nothing_behind() {
     tree::assert_same(&source, &into.join(source.strip_prefix("/").unwrap()));
 }
 
+/// A files restore of many files stopped while it unpacks them leaves nothing behind: the
+/// cleanup removes the staging tree only once no entry is being made, and none is made after.
+#[test]
+fn a_files_restore_stopped_while_it_unpacks_leaves_nothing_behind() {
+    let work = tempfile::tempdir().unwrap();
+    let source = work.path().join("etc/app");
+    tree::build(&source, 20_000, 0);
+    let config = crate::common::write_config(
+        work.path(),
+        &format!(
+            "{}{}",
+            local_repository("local", &work.path().join("repo")),
+            files_job("conf", &[&source])
+        ),
+    );
+    lifeboat(&config, &["backup", "conf"]).assert_code(0);
+    let mut stopped = 0;
+    for (round, signal) in [libc::SIGTERM, libc::SIGINT, libc::SIGTERM, libc::SIGINT]
+        .into_iter()
+        .enumerate()
+    {
+        let into = work.path().join(format!("restored-{round}"));
+        let mut child = lifeboat_command(&config)
+            .args(["restore", "conf", "--into", into.to_str().unwrap()])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        // Entries under the staging directory's tree: the unpacking has begun.
+        let unpacking = || {
+            let Ok(entries) = std::fs::read_dir(&into) else {
+                return false;
+            };
+            entries.filter_map(Result::ok).any(|staging| {
+                std::fs::read_dir(staging.path().join("tree"))
+                    .is_ok_and(|mut tree| tree.next().is_some())
+            })
+        };
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while !unpacking() && Instant::now() < deadline && child.try_wait().unwrap().is_none() {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        assert!(unpacking(), "the restore never unpacked");
+        std::thread::sleep(Duration::from_millis(20 * round as u64));
+        // SAFETY: kill(2) on the lifeboat this test started.
+        unsafe {
+            libc::kill(child.id() as i32, signal);
+        }
+        let run = Run::from_output(child.wait_with_output().unwrap());
+        if run.code == 0 {
+            // It ended before the signal came; nothing to judge.
+            continue;
+        }
+        assert_eq!(run.code, 128 + signal, "{}", run.stderr);
+        stopped += 1;
+        assert!(
+            !into.exists(),
+            "a restore stopped by signal {signal} while it unpacked left {} entries",
+            walkdir::WalkDir::new(&into).into_iter().count()
+        );
+    }
+    assert!(
+        stopped >= 2,
+        "only {stopped} of 4 restores were stopped mid-way"
+    );
+}
+
 /// A files restore stopped by SIGTERM or SIGINT while it stages leaves nothing behind: not
 /// its staging, and not the directory it made for the restore.
 #[test]

@@ -46,9 +46,21 @@ impl BlockDigests {
         if self.blocks_per_digest == 0 {
             return Err("blocks_per_digest is 0".to_string());
         }
+        if size <= self.block_size {
+            return Err(format!(
+                "an object of {size} bytes is one block of {}, which takes no block digests",
+                self.block_size
+            ));
+        }
         let blocks = size.div_ceil(self.block_size);
         let digests = blocks.div_ceil(self.blocks_per_digest);
-        if size <= self.block_size || self.sha256.len() as u64 != digests {
+        if digests > MAX_DIGESTS {
+            return Err(format!(
+                "{digests} block digests of {} blocks each would be needed, more than the {MAX_DIGESTS} lifeboat records",
+                self.blocks_per_digest
+            ));
+        }
+        if self.sha256.len() as u64 != digests {
             return Err(format!(
                 "{} block digests do not cover {size} bytes in blocks of {} ({} per digest)",
                 self.sha256.len(),
@@ -59,9 +71,11 @@ impl BlockDigests {
         if let Some(bad) = self
             .sha256
             .iter()
-            .find(|d| d.len() != 64 || !d.bytes().all(|b| b.is_ascii_hexdigit()))
+            .find(|d| d.len() != 64 || !d.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')))
         {
-            return Err(format!("block digest '{bad}' is not a sha256"));
+            return Err(format!(
+                "block digest '{bad}' is not a sha256 in lower-case hex"
+            ));
         }
         Ok(())
     }
@@ -213,9 +227,9 @@ impl BlockCheck {
             self.checked = self.read;
         } else {
             self.failure = Some(format!(
-                "bytes {}–{} do not match block digest {} of {}",
+                "the {} bytes from byte {} do not match block digest {} of {}",
+                self.read - self.checked,
                 self.checked,
-                self.read,
                 index + 1,
                 self.expected.sha256.len()
             ));

@@ -731,6 +731,14 @@ impl Unpacker<'_> {
             )
         };
         let header = entry.header().clone();
+        // An interrupt's cleanup removes the staging tree once no entry is being made; once
+        // it began, none is: it would race the removal and be left behind.
+        let Some(_creating) = crate::interrupt::creating() else {
+            return Err(io::Error::new(
+                io::ErrorKind::Interrupted,
+                "the run is being interrupted",
+            ));
+        };
         match &kind {
             EntryKind::Directory => self.directory(&names, &header, attributes),
             EntryKind::File { .. } => self.file(&names, entry, &attributes),
