@@ -61,11 +61,14 @@ impl RestoreRates {
         range_bytes: u64,
     ) -> RestoreRates {
         let moving = transfer.download_seconds - transfer.first_byte_seconds;
-        let stream_bytes_per_second = (transfer.stored_bytes >= MIN_MEASURED_BYTES && moving > 0.0)
-            .then(|| transfer.stored_bytes as f64 / moving / f64::from(transfer.streams.max(1)));
-        let unpack_bytes_per_second = (transfer.raw_bytes >= MIN_MEASURED_BYTES
-            && transfer.unpack_seconds > 0.0)
-            .then(|| transfer.raw_bytes as f64 / transfer.unpack_seconds);
+        // A rate that is not a positive finite number measured nothing (and would not survive
+        // the report's JSON).
+        let rate = |bytes: u64, seconds: f64, streams: u32| {
+            Some(bytes as f64 / seconds / f64::from(streams.max(1)))
+                .filter(|rate| bytes >= MIN_MEASURED_BYTES && rate.is_finite() && *rate > 0.0)
+        };
+        let stream_bytes_per_second = rate(transfer.stored_bytes, moving, transfer.streams);
+        let unpack_bytes_per_second = rate(transfer.raw_bytes, transfer.unpack_seconds, 1);
         let per_byte = moving.max(transfer.unpack_seconds).max(0.0);
         RestoreRates {
             fixed_seconds: (rto_seconds - per_byte).max(0.0),
@@ -135,6 +138,22 @@ mod tests {
         };
         assert_eq!(rates.project(2 * MIB, 0), Some(2.0));
         assert_eq!(rates.project(16 * MIB, 0), Some(8.0));
+    }
+
+    #[test]
+    fn no_time_measured_is_no_rate() {
+        let transfer = Transfer {
+            stored_bytes: 10 * MIB,
+            raw_bytes: 10 * MIB,
+            download_seconds: 0.0,
+            first_byte_seconds: 0.0,
+            streams: 0,
+            unpack_seconds: 0.0,
+        };
+        let rates = RestoreRates::measured(1.0, &transfer, 1, 0);
+        assert_eq!(rates.stream_bytes_per_second, None);
+        assert_eq!(rates.unpack_bytes_per_second, None);
+        assert!(serde_json::to_string(&rates).is_ok());
     }
 
     #[test]
