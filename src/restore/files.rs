@@ -310,6 +310,11 @@ pub(super) async fn unpack(
                 unpacked.map(|unpacked| (unpacked, busy))
             });
             let downloaded = stored.download_checked(file, &checked).await;
+            if downloaded.is_err() {
+                // However the download ended (its thread may have died before it could say
+                // so), the reader must not wait for more.
+                checked.fail();
+            }
             let unpacked = unpacking.await.map_err(|e| {
                 Error::new(
                     ErrorKind::Target,
