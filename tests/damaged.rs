@@ -12,6 +12,18 @@ fn flip_middle_byte(data: &mut [u8]) {
     data[middle] ^= 0x20;
 }
 
+/// The config of a files job `config` over `source`, backed up once into the local repository
+/// `work/repo`, and that repository.
+fn backed_up_locally(work: &Path, source: &Path) -> (std::path::PathBuf, std::path::PathBuf) {
+    let repo = work.join("repo");
+    let config = Scenario::new(work)
+        .local("local", &repo)
+        .files_job("config", &[source])
+        .write();
+    lifeboat(&config, &["backup", "config"]).assert_code(0);
+    (config, repo)
+}
+
 /// The id of the one backup of job `config` in the local repository at `repo`.
 fn only_backup(repo: &Path) -> String {
     let mut ids = std::fs::read_dir(repo.join("jobs/config/backups")).unwrap();
@@ -272,12 +284,7 @@ fn a_block_that_does_not_match_its_digest_fails_the_restore_and_verify() {
     let work = tempfile::tempdir().unwrap();
     let source = work.path().join("src");
     tree::build(&source, 20, 20 << 20);
-    let repo = work.path().join("repo");
-    let config = Scenario::new(work.path())
-        .local("local", &repo)
-        .files_job("config", &[&source])
-        .write();
-    lifeboat(&config, &["backup", "config"]).assert_code(0);
+    let (config, repo) = backed_up_locally(work.path(), &source);
     let object_key = format!("jobs/config/backups/{}/files.tar.zst", only_backup(&repo));
     let manifest_path = repo.join(&object_key).with_file_name("manifest.json");
     let manifest: serde_json::Value =
@@ -324,12 +331,7 @@ fn a_manifest_over_the_limit_is_refused_unread() {
     let work = tempfile::tempdir().unwrap();
     let source = work.path().join("src");
     tree::write_file(&source.join("a.conf"), b"a\n", 0o644);
-    let repo = work.path().join("repo");
-    let config = Scenario::new(work.path())
-        .local("local", &repo)
-        .files_job("config", &[&source])
-        .write();
-    lifeboat(&config, &["backup", "config"]).assert_code(0);
+    let (config, repo) = backed_up_locally(work.path(), &source);
     let id = only_backup(&repo);
     let manifest = repo.join(format!("jobs/config/backups/{id}/manifest.json"));
     let mut planted = std::fs::read(&manifest).unwrap();

@@ -3,7 +3,7 @@
 //! it cleaned, leaves no temp file, no open multipart upload and no claim, and the next run
 //! succeeds with every backup whole.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
 
@@ -183,22 +183,29 @@ async fn sigterm_during_backup_and_prune_leaves_nothing_behind() {
     tree::assert_same(&source, &into.join(source.strip_prefix("/").unwrap()));
 }
 
+/// The config of a files job `conf` over the tree `fill` makes under `work/etc/app`, backed up
+/// once into the local repository `work/repo`.
+fn backed_up_conf(work: &Path, fill: impl FnOnce(&Path)) -> PathBuf {
+    let source = work.join("etc/app");
+    fill(&source);
+    let config = crate::common::write_config(
+        work,
+        &format!(
+            "{}{}",
+            local_repository("local", &work.join("repo")),
+            files_job("conf", &[&source])
+        ),
+    );
+    lifeboat(&config, &["backup", "conf"]).assert_code(0);
+    config
+}
+
 /// A files restore of many files stopped while it unpacks them leaves nothing behind: the
 /// cleanup removes the staging tree only once no entry is being made, and none is made after.
 #[test]
 fn a_files_restore_stopped_while_it_unpacks_leaves_nothing_behind() {
     let work = tempfile::tempdir().unwrap();
-    let source = work.path().join("etc/app");
-    tree::build(&source, 20_000, 0);
-    let config = crate::common::write_config(
-        work.path(),
-        &format!(
-            "{}{}",
-            local_repository("local", &work.path().join("repo")),
-            files_job("conf", &[&source])
-        ),
-    );
-    lifeboat(&config, &["backup", "conf"]).assert_code(0);
+    let config = backed_up_conf(work.path(), |source| tree::build(source, 20_000, 0));
     let mut stopped = 0;
     for (round, signal) in [libc::SIGTERM, libc::SIGINT, libc::SIGTERM, libc::SIGINT]
         .into_iter()
@@ -255,18 +262,10 @@ fn a_files_restore_stopped_while_it_unpacks_leaves_nothing_behind() {
 #[test]
 fn a_files_restore_stopped_while_it_stages_removes_the_directory_it_made() {
     let work = tempfile::tempdir().unwrap();
-    let source = work.path().join("etc/app");
-    tree::build(&source, 10, 0);
-    tree::write_file(&source.join("large.bin"), &tree::noise(64 << 20, 3), 0o640);
-    let config = crate::common::write_config(
-        work.path(),
-        &format!(
-            "{}{}",
-            local_repository("local", &work.path().join("repo")),
-            files_job("conf", &[&source])
-        ),
-    );
-    lifeboat(&config, &["backup", "conf"]).assert_code(0);
+    let config = backed_up_conf(work.path(), |source| {
+        tree::build(source, 10, 0);
+        tree::write_file(&source.join("large.bin"), &tree::noise(64 << 20, 3), 0o640);
+    });
     for signal in [libc::SIGTERM, libc::SIGINT] {
         let into = work.path().join(format!("restored-{signal}"));
         let mut child = lifeboat_command(&config)
