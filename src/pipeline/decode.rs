@@ -34,11 +34,12 @@ struct Tap<R> {
 }
 
 impl<R> Tap<R> {
-    fn new(inner: R, expected: &Digests, check_stored: bool) -> Tap<R> {
+    fn new(inner: R, expected: &Digests, stored_check: StoredCheck) -> Tap<R> {
+        let check = stored_check == StoredCheck::Check;
         Tap {
             inner,
-            tally: check_stored.then(Tally::default),
-            blocks: check_stored.then(|| block_check(expected)).flatten(),
+            tally: check.then(Tally::default),
+            blocks: check.then(|| block_check(expected)).flatten(),
             error: None,
         }
     }
@@ -286,7 +287,7 @@ pub fn copy_unsealed<R: Read>(
     identities: Option<&[Identity]>,
     out: &mut dyn io::Write,
 ) -> Result<(), DecodeError> {
-    let tap = Arc::new(Mutex::new(Tap::new(stored, expected, true)));
+    let tap = Arc::new(Mutex::new(Tap::new(stored, expected, StoredCheck::Check)));
     let copied = (|| -> Result<(), Failure> {
         let mut unsealed =
             Unsealed::open(TapReader(tap.clone()), identities).map_err(Failure::Key)?;
@@ -340,8 +341,7 @@ pub fn decode_checking<R, T>(
 where
     R: Read + Send,
 {
-    let check_stored = stored_check == StoredCheck::Check;
-    let tap = Arc::new(Mutex::new(Tap::new(stored, expected, check_stored)));
+    let tap = Arc::new(Mutex::new(Tap::new(stored, expected, stored_check)));
     let consumed = (|| -> Result<(T, Tally), Failure> {
         let unsealed = Unsealed::open(TapReader(tap.clone()), identities).map_err(Failure::Key)?;
         let decoder = AtMost {

@@ -4,10 +4,10 @@
 //! the target and checked there, before a byte of it is decoded: each stretch is decoded and
 //! unpacked beneath the staging directory (never through a symlink) once it matched its block
 //! digest, while the rest still downloads (an object without them, once its whole sha256
-//! matched); the raw sha256 is checked at the end, and only then is the tree moved into place. A damaged or forged object
-//! changes nothing anywhere, and staging inside the target means no rename crosses a
-//! filesystem (a freshly mounted volume) and whoever may write the target may restore into
-//! it (`postgres` into its own directory). The target must be new or empty: lifeboat never
+//! matched); the raw sha256 is checked at the end, and only then is the tree moved into
+//! place. A damaged or forged object changes nothing anywhere, and staging inside the target
+//! means no rename crosses a filesystem (a freshly mounted volume) and whoever may write the
+//! target may restore into it (`postgres` into its own directory). The target must be new or empty: lifeboat never
 //! overwrites files in place.
 
 use std::ffi::OsString;
