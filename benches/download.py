@@ -107,13 +107,14 @@ class ThrottlingProxy:
 
 
 def timed(argv, env):
-    """(wall s, peak RSS MiB) from GNU time."""
-    out = subprocess.run(["/usr/bin/time", "-f", "BENCH %e %M", *argv], env=env,
+    """(wall s, peak RSS MiB, CPU s) from GNU time."""
+    out = subprocess.run(["/usr/bin/time", "-f", "BENCH %e %M %U %S", *argv], env=env,
                          capture_output=True, text=True)
     if out.returncode != 0:
         sys.exit(f"failed: {' '.join(map(str, argv))}\n{out.stdout}{out.stderr}")
-    wall, rss = [l for l in out.stderr.splitlines() if l.startswith("BENCH ")][-1].split()[1:]
-    return float(wall), int(rss) / 1024
+    wall, rss, user, system = [l for l in out.stderr.splitlines()
+                               if l.startswith("BENCH ")][-1].split()[1:]
+    return float(wall), int(rss) / 1024, float(user) + float(system)
 
 
 def main():
@@ -122,6 +123,8 @@ def main():
     parser.add_argument("--rate-mib", type=float, default=25)
     parser.add_argument("--delay-ms", type=float, default=40)
     parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--only", action="append", default=[],
+                        help="only the rows whose label contains this (repeatable); no ratios")
     args = parser.parse_args()
     require("aws", "/usr/bin/time")
     shutil.rmtree(WORK, ignore_errors=True)
@@ -180,20 +183,25 @@ def main():
             return sample
 
         labels = [*configs, *verifies, aws]
+        if args.only:
+            labels = [label for label in labels if any(o in label for o in args.only)]
         samples = {label: [] for label in labels}
         for index in range(args.runs):
             for label in (labels if index % 2 == 0 else reversed(labels)):
                 samples[label].append(run(label))
         print(f"restore of {stored >> 20} MiB stored (files, incompressible) through a proxy at "
               f"{args.rate_mib:g} MiB/s and {args.delay_ms:g} ms per connection, {args.runs} runs each")
-        print(f"  {'':40} {'wall (median)':>14} {'MB/s':>7} {'peak RSS':>9}   runs")
+        print(f"  {'':40} {'wall (median)':>14} {'MB/s':>7} {'peak RSS':>9} {'CPU':>6}   runs")
         medians = {}
         for label in labels:
-            walls = [w for w, _ in samples[label]]
+            walls = [w for w, _, _ in samples[label]]
             medians[label] = statistics.median(walls)
-            rss = max(r for _, r in samples[label])
+            rss = max(r for _, r, _ in samples[label])
+            cpu = statistics.median(c for _, _, c in samples[label])
             print(f"  {label:40} {medians[label]:13.2f}s {stored / 1e6 / medians[label]:7.1f} "
-                  f"{rss:6.0f}MiB   {', '.join(f'{w:.1f}' for w in walls)}")
+                  f"{rss:6.0f}MiB {cpu:5.1f}s   {', '.join(f'{w:.1f}' for w in walls)}")
+        if args.only:
+            return
         eight, one, ten, checked, checked_one, copied = (medians[label] for label in labels)
         print(f"  restore speed-up, 8 ranges vs 1: {one / eight:.2f}x (target >= 6)")
         print(f"  restore speed vs aws s3 cp: {copied / eight:.2f}x (target >= 0.9)")

@@ -400,8 +400,9 @@ impl StoredObject<'_> {
     }
 
     /// Downloads one object of `manifest` as it is stored (compressed) into `file` (made by the
-    /// caller, in a directory it holds), checking its stored size and sha256. For restores that
-    /// stage before they decode.
+    /// caller, in a directory it holds, open to read and write: the checks read back what
+    /// arrived), checking its stored size and sha256. For restores that stage before they
+    /// decode.
     pub async fn download(&self, file: std::fs::File) -> Result<Downloaded> {
         self.download_checked(file, &pipeline::Checked::default())
             .await
@@ -410,27 +411,114 @@ impl StoredObject<'_> {
     /// Like [`StoredObject::download`], telling `checked` how far the file is written and
     /// checked as it goes, for a [`StagedObject::decode_following`] of it; it stops once that
     /// reader gave up.
+    ///
+    /// The ranges of the object are written where they belong as they arrive, several at
+    /// once, none waiting for the one before it; the checks follow the part of the file that
+    /// has arrived from its first byte, reading it back.
     pub async fn download_checked(
         &self,
         file: std::fs::File,
         checked: &pipeline::Checked,
     ) -> Result<Downloaded> {
-        self.copy(Box::new(file), "download", checked.clone()).await
+        let started = std::time::Instant::now();
+        let place = self.place();
+        let staged_error = |e: io::Error| {
+            Error::new(
+                ErrorKind::Target,
+                format!("unable to write the staged copy of {place}"),
+            )
+            .with_source(e)
+        };
+        let reader = match file.try_clone() {
+            Ok(reader) => reader,
+            Err(e) => {
+                checked.fail();
+                return Err(staged_error(e));
+            }
+        };
+        let arrived = pipeline::Checked::default();
+        let checking = self.check(
+            Box::new(pipeline::FollowingReader::new(reader, arrived.clone())),
+            Box::new(io::sink()),
+            "download",
+            checked.clone(),
+            started,
+        );
+        let (store, key, size) = (self.repository.store.clone(), self.key(), self.object.size);
+        let (writer_arrived, writer_checked) = (arrived.clone(), checked.clone());
+        let writing = tokio::task::spawn_blocking(move || {
+            write_pieces(
+                store.as_ref(),
+                &key,
+                size,
+                &file,
+                &writer_arrived,
+                &writer_checked,
+            )
+        });
+        let wrote = writing
+            .await
+            .unwrap_or_else(|e| Err(Staging::Lost(e.to_string())));
+        match &wrote {
+            Ok(()) => arrived.complete(size),
+            Err(_) => arrived.fail(),
+        }
+        let checked_outcome = checking.await;
+        match wrote {
+            Ok(()) => checked_outcome,
+            Err(failure) => {
+                checked.fail();
+                Err(match failure {
+                    Staging::Store(e) => self
+                        .repository
+                        .error(&format!("read object '{}'", self.key()), e),
+                    Staging::Write(e) => staged_error(e),
+                    Staging::Lost(why) => Error::new(
+                        ErrorKind::Storage,
+                        format!("unable to download {place}: {why}"),
+                    ),
+                    // The check failed or the reader stopped; either says why.
+                    Staging::Stopped => match checked_outcome {
+                        Err(e) => e,
+                        Ok(_) => Error::new(
+                            ErrorKind::Target,
+                            format!("the download of {place} was stopped: what read it gave up"),
+                        ),
+                    },
+                })
+            }
+        }
     }
 
     /// Reads one object of `manifest` as it is stored and checks its stored size and sha256
     /// only: what can be checked of an encrypted object without its key.
     pub async fn check_stored(&self) -> Result<()> {
-        self.copy(Box::new(io::sink()), "verify", pipeline::Checked::default())
-            .await
-            .map(|_| ())
+        let started = std::time::Instant::now();
+        let stream = self
+            .repository
+            .open_object(&self.manifest.job, &self.manifest.id, &self.object.name)
+            .await?;
+        let reader = SyncIoBridge::new(StreamReader::new(stream.map_err(io::Error::other)));
+        self.check(
+            Box::new(reader),
+            Box::new(io::sink()),
+            "verify",
+            pipeline::Checked::default(),
+            started,
+        )
+        .await
+        .map(|_| ())
     }
 
-    async fn copy(
+    /// Copies `stored` into `out`, checking it against the manifest's digests (and telling
+    /// `checked` how far it is checked), on a thread of its own.
+    async fn check(
         &self,
+        stored: Box<dyn Read + Send>,
         out: Box<dyn Write + Send>,
         verb: &str,
         checked: pipeline::Checked,
+        started: std::time::Instant,
     ) -> Result<Downloaded> {
         let StoredObject {
             repository,
@@ -438,26 +526,13 @@ impl StoredObject<'_> {
             object,
         } = *self;
         let key = self.key();
-        let file = out;
-        let started = std::time::Instant::now();
-        let stream = match repository
-            .open_object(&manifest.job, &manifest.id, &object.name)
-            .await
-        {
-            Ok(stream) => stream,
-            Err(e) => {
-                checked.fail();
-                return Err(e);
-            }
-        };
-        let reader = SyncIoBridge::new(StreamReader::new(stream.map_err(io::Error::other)));
         let expected = object.digests();
         let label = format!("{verb} {}", object.name);
         let outcome = tokio::task::spawn_blocking(move || {
             let mut task = progress::start(&label, Some(expected.size));
-            let mut out = io::BufWriter::with_capacity(pipeline::CHUNK_SIZE, file);
+            let mut out = io::BufWriter::with_capacity(pipeline::CHUNK_SIZE, out);
             let mut reader = FirstByte {
-                inner: reader,
+                inner: stored,
                 at: None,
             };
             let outcome = pipeline::copy_stored(
@@ -486,6 +561,75 @@ impl StoredObject<'_> {
             streams: repository.store.read_ahead().streams_for(object.size),
         })
     }
+}
+
+/// Why writing an object's pieces into its staged file stopped.
+enum Staging {
+    Store(StoreError),
+    Write(io::Error),
+    /// The thread writing them died.
+    Lost(String),
+    /// The check of what arrived failed, or what reads the staged file gave up.
+    Stopped,
+}
+
+/// Writes the pieces of `key`, `size` bytes, into `file` where each belongs, telling
+/// `arrived` how much of the file has arrived from its first byte. Pieces that overlap or
+/// reach past `size` are refused before they are written: a store (or a server) that sends
+/// them is not sending the object that was stored. Runs on a blocking thread.
+fn write_pieces(
+    store: &dyn storage::Store,
+    key: &str,
+    size: u64,
+    file: &std::fs::File,
+    arrived: &pipeline::Checked,
+    checked: &pipeline::Checked,
+) -> std::result::Result<(), Staging> {
+    use std::os::unix::fs::FileExt;
+    let runtime = tokio::runtime::Handle::current();
+    let mut pieces = runtime
+        .block_on(store.get_pieces(key, size))
+        .map_err(Staging::Store)?;
+    let mut received = pipeline::Arrived::default();
+    while let Some(piece) = runtime.block_on(pieces.next()) {
+        let (at, bytes) = piece.map_err(Staging::Store)?;
+        let range = at..at.saturating_add(bytes.len() as u64);
+        if range.end > size {
+            return Err(Staging::Store(StoreError::backend(
+                "download",
+                key,
+                format!("the object holds more than the {size} bytes its manifest says"),
+            )));
+        }
+        let prefix = received.add(range.clone()).map_err(|_| {
+            Staging::Store(StoreError::backend(
+                "download",
+                key,
+                format!(
+                    "the bytes from {} to {} came twice; the object changed while it was read, run the command again",
+                    range.start, range.end
+                ),
+            ))
+        })?;
+        file.write_all_at(&bytes, at).map_err(Staging::Write)?;
+        if let Some(prefix) = prefix {
+            arrived.advance(prefix);
+        }
+        if checked.is_stopped() {
+            return Err(Staging::Stopped);
+        }
+    }
+    if received.prefix() < size {
+        return Err(Staging::Store(StoreError::backend(
+            "download",
+            key,
+            format!(
+                "the object ended after {} of the {size} bytes its manifest says",
+                received.prefix()
+            ),
+        )));
+    }
+    Ok(())
 }
 
 /// How a download went: what an RTO projection scales (see `rto_model`).

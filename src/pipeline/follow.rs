@@ -84,6 +84,15 @@ impl Checked {
         self.0.0.lock().expect("progress lock").state == State::Abandoned
     }
 
+    /// Whether the download failed (its check did) or the reader gave up: nothing more
+    /// written will be read.
+    pub fn is_stopped(&self) -> bool {
+        matches!(
+            self.0.0.lock().expect("progress lock").state,
+            State::Failed | State::Abandoned
+        )
+    }
+
     /// How long the reader waited for bytes to be checked: the part of its time that was
     /// the download's, not its own.
     pub fn waited(&self) -> std::time::Duration {
@@ -152,9 +161,73 @@ impl<R: Read> Read for FollowingReader<R> {
     }
 }
 
+/// Part of a range had arrived before.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Overlap;
+
+/// Which bytes of a file written out of order have arrived: the ranges written so far,
+/// merged, and so how far it is whole from its first byte.
+#[derive(Debug, Default)]
+pub struct Arrived {
+    /// Start to end (exclusive) of each run of arrived bytes; runs neither touch nor overlap.
+    runs: std::collections::BTreeMap<u64, u64>,
+}
+
+impl Arrived {
+    /// How many bytes from the first have all arrived.
+    pub fn prefix(&self) -> u64 {
+        self.runs.get(&0).copied().unwrap_or(0)
+    }
+
+    /// Notes that `range` arrived; the new prefix when it grew. Err: some of it had already
+    /// arrived.
+    pub fn add(&mut self, range: std::ops::Range<u64>) -> Result<Option<u64>, Overlap> {
+        if range.is_empty() {
+            return Ok(None);
+        }
+        let before = self.prefix();
+        let (mut start, mut end) = (range.start, range.end);
+        if let Some((&prior_start, &prior_end)) = self.runs.range(..=start).next_back() {
+            if prior_end > start {
+                return Err(Overlap);
+            }
+            if prior_end == start {
+                start = prior_start;
+            }
+        }
+        if let Some((&next_start, &next_end)) = self.runs.range(range.start..).next() {
+            if next_start < end {
+                return Err(Overlap);
+            }
+            if next_start == end {
+                self.runs.remove(&next_start);
+                end = next_end;
+            }
+        }
+        self.runs.insert(start, end);
+        let after = self.prefix();
+        Ok((after > before).then_some(after))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn arrived_ranges_merge_into_a_prefix_and_overlaps_are_refused() {
+        let mut arrived = Arrived::default();
+        assert_eq!(arrived.add(10..20), Ok(None));
+        assert_eq!(arrived.add(30..40), Ok(None));
+        assert_eq!(arrived.add(15..25), Err(Overlap));
+        assert_eq!(arrived.add(5..11), Err(Overlap));
+        assert_eq!(arrived.add(0..10), Ok(Some(20)));
+        assert_eq!(arrived.add(20..30), Ok(Some(40)));
+        assert_eq!(arrived.add(39..41), Err(Overlap));
+        assert_eq!(arrived.add(40..40), Ok(None));
+        assert_eq!(arrived.runs.len(), 1);
+        assert_eq!(arrived.prefix(), 40);
+    }
 
     #[test]
     fn nothing_past_the_checked_point_is_read_and_a_failed_download_is_an_error() {

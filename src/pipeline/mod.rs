@@ -20,7 +20,7 @@ pub use decode::{
     DecodeError, StoredCheck, copy_stored, copy_unsealed, decode, decode_checking, decode_unchecked,
 };
 pub use encode::{EncodeOptions, ObjectWriter, ZSTD_JOB_SIZE};
-pub use follow::{Checked, FollowingReader};
+pub use follow::{Arrived, Checked, FollowingReader};
 
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};

@@ -420,12 +420,13 @@ impl Staging {
         &self.path
     }
 
-    /// A new file `name` in the staging directory, readable by this user alone.
+    /// A new file `name` in the staging directory, readable by this user alone, open to read
+    /// and write.
     pub(super) fn create_file(&self, name: &str) -> Result<std::fs::File> {
         rustix::fs::openat(
             &self.dir,
             name,
-            OFlags::WRONLY | OFlags::CREATE | OFlags::EXCL | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+            OFlags::RDWR | OFlags::CREATE | OFlags::EXCL | OFlags::NOFOLLOW | OFlags::CLOEXEC,
             Mode::from_raw_mode(0o600),
         )
         .map(std::fs::File::from)

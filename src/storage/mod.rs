@@ -24,6 +24,10 @@ type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
 /// A stream of an object's bytes, in the order stored.
 pub type ByteStream = BoxStream<'static, Result<Bytes, StoreError>>;
 
+/// An object's bytes as pieces, each with the offset it starts at, in no set order: several
+/// ranges arrive at once, and none waits for the one before it.
+pub type PieceStream = BoxStream<'static, Result<(u64, Bytes), StoreError>>;
+
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     #[error("object '{key}' does not exist")]
@@ -197,6 +201,14 @@ pub trait Store: Send + Sync + fmt::Debug {
     /// Streams the object, or the byte `range` of it (end exclusive). `NotFound` if missing.
     async fn get(&self, key: &str, range: Option<Range<u64>>) -> Result<ByteStream, StoreError>;
 
+    /// The whole object, which should be `size` bytes, as pieces at their offsets: for a
+    /// reader that writes them into a file where they belong. Each byte comes once; a
+    /// reader must still check that the pieces cover `size` bytes and no more. A store that
+    /// reads ranges at once refuses an object of another size before handing on a byte.
+    async fn get_pieces(&self, key: &str, _size: u64) -> Result<PieceStream, StoreError> {
+        Ok(in_order(self.get(key, None).await?))
+    }
+
     /// Size and time of the object. `NotFound` if missing.
     async fn head(&self, key: &str) -> Result<ObjectMeta, StoreError>;
 
@@ -286,6 +298,20 @@ pub async fn for_each_page(
         after = Some(last.key.clone());
         each(page).await;
     }
+}
+
+/// The pieces of a stream read in order from its first byte.
+pub fn in_order(stream: ByteStream) -> PieceStream {
+    stream
+        .scan(0u64, |offset, item| {
+            let piece = item.map(|bytes| {
+                let at = *offset;
+                *offset += bytes.len() as u64;
+                (at, bytes)
+            });
+            futures::future::ready(Some(piece))
+        })
+        .boxed()
 }
 
 /// Stores a small in-memory object.

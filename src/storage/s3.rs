@@ -39,7 +39,7 @@ mod part;
 
 use super::{
     ByteStream, ClockReading, Deletion, IncompleteUpload, LockSupport, ObjectMeta, PartStream,
-    PutReceipt, Store, StoreError, Versioning, validate_key,
+    PieceStream, PutReceipt, Store, StoreError, Versioning, validate_key,
 };
 use crate::config::{
     ObjectLock, ObjectLockMode, RequestChecksums, S3Settings, ServerSideEncryption,
@@ -283,6 +283,26 @@ impl S3Store {
 
     fn relative_key<'k>(&self, full: &'k str) -> Option<&'k str> {
         full.strip_prefix(self.prefix.as_str())
+    }
+
+    /// A download of the bytes of `key` from `start` to `end` (None: its end), not yet sent.
+    fn download(&self, key: &str, start: u64, end: Option<u64>) -> Result<Download, StoreError> {
+        Ok(Download {
+            client: self.client.clone(),
+            bucket: self.bucket.clone(),
+            full_key: self.full_key(key)?,
+            key: key.to_string(),
+            next: start,
+            end,
+            etag: None,
+            total: None,
+            whole: false,
+            body: None,
+            resumes_left: self.max_attempts.saturating_sub(1),
+            stall_timeout: self.stall_timeout,
+            attempt_timeout: None,
+            attempt_started: std::time::Instant::now(),
+        })
     }
 
     async fn put_single(
@@ -663,30 +683,24 @@ impl Store for S3Store {
     }
 
     async fn get(&self, key: &str, range: Option<Range<u64>>) -> Result<ByteStream, StoreError> {
-        let full = self.full_key(key)?;
         let (start, end) = match &range {
             Some(range) if range.end <= range.start => return Ok(futures::stream::empty().boxed()),
             Some(range) => (range.start, Some(range.end)),
             None => (0, None),
         };
-        let download = Download {
-            client: self.client.clone(),
-            bucket: self.bucket.clone(),
-            full_key: full,
-            key: key.to_string(),
-            next: start,
-            end,
-            etag: None,
-            total: None,
-            whole: false,
-            body: None,
-            resumes_left: self.max_attempts.saturating_sub(1),
-            stall_timeout: self.stall_timeout,
-            attempt_timeout: None,
-            attempt_started: std::time::Instant::now(),
-        };
         download::get(
-            download,
+            self.download(key, start, end)?,
+            self.part_size as u64,
+            self.download_concurrency,
+            self.attempt_timeout,
+        )
+        .await
+    }
+
+    async fn get_pieces(&self, key: &str, size: u64) -> Result<PieceStream, StoreError> {
+        download::get_pieces(
+            self.download(key, 0, None)?,
+            size,
             self.part_size as u64,
             self.download_concurrency,
             self.attempt_timeout,

@@ -17,7 +17,7 @@ use futures::StreamExt;
 use tokio::sync::mpsc;
 
 use super::{ResponseSeen, cause_chain, sdk_error, status};
-use crate::storage::{ByteStream, StoreError};
+use crate::storage::{ByteStream, PieceStream, StoreError, in_order};
 
 /// One object (or one range of it) being downloaded. The SDK retries a request until its
 /// response headers arrive; a body cut or stalled after that is resumed here, with a ranged
@@ -318,6 +318,91 @@ pub(super) async fn get(
         Some((item, ranges))
     });
     Ok(stream.boxed())
+}
+
+/// Reads the whole object `download` names, which should be `size` bytes, as ranges of
+/// `part_size` with `concurrency` of them in flight, each piece handed on as it arrives with
+/// its offset. Unlike [`get`], no range waits for the one before it: a slow range holds up
+/// nothing but itself, and nothing is held back in memory.
+pub(super) async fn get_pieces(
+    mut download: Download,
+    size: u64,
+    part_size: u64,
+    concurrency: usize,
+    attempt_timeout: Duration,
+) -> Result<PieceStream, StoreError> {
+    if concurrency <= 1 || size <= part_size {
+        return Ok(in_order(
+            get(download, part_size, 1, attempt_timeout).await?,
+        ));
+    }
+    download.end = Some(part_size);
+    if !download.open().await? {
+        return Err(download.short());
+    }
+    if download.total != Some(size) {
+        // Ranges of an object of another size would be written where its bytes do not
+        // belong, or past the end of what the manifest says there is.
+        return Err(StoreError::backend(
+            "download",
+            &download.key,
+            format!(
+                "the object is {} bytes, its manifest says {size}; it is not the object that was stored",
+                download.total.unwrap_or_default()
+            ),
+        ));
+    }
+    if download.whole {
+        // The server ignores Range and sent the whole object: read it as one stream.
+        download.end = None;
+        return Ok(in_order(download.into_stream()));
+    }
+    download.attempt_timeout = Some(attempt_timeout);
+    let template = download.range(0, 0);
+    let rest = (part_size..size)
+        .step_by(usize::try_from(part_size).unwrap_or(usize::MAX))
+        .map(move |start| {
+            range_pieces(template.range(start, start.saturating_add(part_size).min(size)))
+        });
+    Ok(
+        futures::stream::iter(std::iter::once(range_pieces(download)).chain(rest))
+            .flatten_unordered(concurrency)
+            .boxed(),
+    )
+}
+
+/// How much of a range is gathered into one piece: a write, and a wake-up of the reader,
+/// per piece instead of per frame of the server's answer.
+const PIECE_BYTES: usize = 1 << 20;
+
+/// One range's pieces with their offsets, opening it first unless it is open.
+fn range_pieces(download: Download) -> PieceStream {
+    let opened = download.body.is_some();
+    futures::stream::unfold(Some((download, opened)), |state| async move {
+        let (mut download, opened) = state?;
+        if !opened {
+            let opened = match download.open().await {
+                Ok(true) => Ok(()),
+                Ok(false) => Err(download.short()),
+                Err(e) => Err(e),
+            };
+            if let Err(e) = opened {
+                return Some((Err(e), None));
+            }
+        }
+        let at = download.next;
+        let mut piece = BytesMut::new();
+        while piece.len() < PIECE_BYTES {
+            match download.next_chunk().await {
+                Some(Ok(bytes)) => piece.extend_from_slice(&bytes),
+                Some(Err(e)) => return Some((Err(e), None)),
+                None if piece.is_empty() => return None,
+                None => return Some((Ok((at, piece.freeze())), None)),
+            }
+        }
+        Some((Ok((at, piece.freeze())), Some((download, true))))
+    })
+    .boxed()
 }
 
 /// The ranges of one object still to hand on, in order.
