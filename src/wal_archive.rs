@@ -22,7 +22,10 @@ use crate::repository::Repository;
 use crate::storage::{self, StoreError};
 use crate::wal::{self, ClusterRecord, WalFile, WalFileKind};
 
+mod prefetch;
 mod prepare;
+
+pub use prefetch::{Pass, SPOOL_NAME, Spool, run_pass};
 
 /// WAL keys listed and removed at a time.
 pub const WAL_PAGE: usize = 10_000;
@@ -608,116 +611,222 @@ pub enum WalFetchOutcome {
 /// copy into `options.dest`, atomically. `NotArchived` when at least one repository said it
 /// does not have the file and none had it; an error when no repository could tell.
 pub async fn fetch(config: &Config, options: &WalFetchOptions) -> Result<WalFetchOutcome> {
-    let job = physical_job(config, options.job.as_deref())?;
+    wal_file(&options.name)?;
+    WalReader::open(config, &options.source())
+        .await?
+        .fetch(&options.name, &options.dest)
+        .await
+}
+
+/// `wal-fetch` as PostgreSQL runs it: [`fetch`], with the job's prefetch (see [`prefetch`]).
+/// A segment a pass fetched is handed over from the spool; once a segment is served, the
+/// spool drops what recovery is past, and a pass starts for the segments after it.
+pub async fn fetch_ahead(config: &Config, options: &WalFetchOptions) -> Result<WalFetchOutcome> {
     let file = wal_file(&options.name)?;
-    let candidates = layout::wal_keys(&job.name, &file, encrypts(config, &file));
-    let keyring = match &options.identity_file {
-        Some(path) => Keyring::from_file(path.clone(), "--identity-file"),
-        None => config.keyring(),
+    let job = physical_job(config, options.job.as_deref())?;
+    let depth = match &job.source {
+        JobSource::Postgres(postgres) => postgres.wal_prefetch,
+        _ => 0,
     };
-    let repositories =
-        Repository::readable(config, options.from.as_deref(), &options.exclude).await?;
-    let mut answered_missing = false;
-    let mut failures = Vec::new();
-    for repository in &repositories {
-        let (key, stored) = match find_wal(repository, &candidates).await {
-            Ok(Some(found)) => found,
-            // Lacking the file proves it was not archived only where the repository is
-            // there to say so.
-            Ok(None) => {
-                match repository.check_present().await {
-                    Ok(()) => answered_missing = true,
-                    Err(e) => failures.push(e),
-                }
-                continue;
-            }
-            Err(e) => {
-                failures.push(e);
-                continue;
-            }
+    let dest = match &options.dest {
+        WalDestination::Path(dest) if depth > 0 && file.kind == WalFileKind::Segment => {
+            dest.clone()
+        }
+        _ => return fetch(config, options).await,
+    };
+    let spool = Spool::beside(&dest);
+    let (waiting, name, into) = (spool.clone(), options.name.clone(), dest.clone());
+    let spooled = tokio::task::spawn_blocking(move || waiting.take(&name, &into))
+        .await
+        .ok()
+        .flatten();
+    let outcome = match spooled {
+        Some(size) => WalFetchOutcome::Fetched {
+            repository: "prefetched".to_string(),
+            size,
+            passed_over: Vec::new(),
+        },
+        None => fetch(config, options).await?,
+    };
+    if let WalFetchOutcome::Fetched { size, .. } = &outcome {
+        spool.prune(&file, *size);
+        let pass = Pass {
+            after: options.name.clone(),
+            segment_size: *size,
+            depth,
         };
-        if signed_kind(&file) && repository.trust.required() {
-            let signature = match repository.signature_of(&key).await {
-                Ok(signature) => signature,
+        let started = std::env::current_exe()
+            .and_then(|exe| spool.start(&exe, &config.path, &options.source(), &pass));
+        if let Err(e) = started {
+            tracing::warn!(
+                spool = %spool.dir().display(),
+                "unable to start fetching WAL ahead: {e}; each segment is fetched when asked for"
+            );
+        }
+    }
+    Ok(outcome)
+}
+
+/// Where `wal-fetch` reads: its options but the file and its destination.
+#[derive(Debug, Clone, Default)]
+pub struct WalSourceOptions {
+    pub job: Option<String>,
+    pub from: Option<String>,
+    pub exclude: Vec<String>,
+    pub identity_file: Option<PathBuf>,
+}
+
+impl WalFetchOptions {
+    pub fn source(&self) -> WalSourceOptions {
+        WalSourceOptions {
+            job: self.job.clone(),
+            from: self.from.clone(),
+            exclude: self.exclude.clone(),
+            identity_file: self.identity_file.clone(),
+        }
+    }
+}
+
+/// The repositories and keys WAL is fetched with, opened once for several files.
+pub struct WalReader<'c> {
+    config: &'c Config,
+    pub job: &'c JobConfig,
+    keyring: Keyring,
+    repositories: Vec<Repository>,
+}
+
+impl<'c> WalReader<'c> {
+    pub async fn open(config: &'c Config, source: &WalSourceOptions) -> Result<WalReader<'c>> {
+        let job = physical_job(config, source.job.as_deref())?;
+        let keyring = match &source.identity_file {
+            Some(path) => Keyring::from_file(path.clone(), "--identity-file"),
+            None => config.keyring(),
+        };
+        let repositories =
+            Repository::readable(config, source.from.as_deref(), &source.exclude).await?;
+        Ok(WalReader {
+            config,
+            job,
+            keyring,
+            repositories,
+        })
+    }
+
+    /// Fetches `name` as [`fetch`] does.
+    pub async fn fetch(&self, name: &str, dest: &WalDestination) -> Result<WalFetchOutcome> {
+        let WalReader {
+            config,
+            job,
+            keyring,
+            repositories,
+        } = self;
+        let file = wal_file(name)?;
+        let candidates = layout::wal_keys(&job.name, &file, encrypts(config, &file));
+        let mut answered_missing = false;
+        let mut failures = Vec::new();
+        for repository in repositories {
+            let (key, stored) = match find_wal(repository, &candidates).await {
+                Ok(Some(found)) => found,
+                // Lacking the file proves it was not archived only where the repository is
+                // there to say so.
+                Ok(None) => {
+                    match repository.check_present().await {
+                        Ok(()) => answered_missing = true,
+                        Err(e) => failures.push(e),
+                    }
+                    continue;
+                }
                 Err(e) => {
                     failures.push(e);
                     continue;
                 }
             };
-            if let Err(untrusted) = repository.trust.check(&stored, signature.as_deref(), &key) {
-                failures.push(Error::new(
-                    ErrorKind::Verification,
-                    format!(
-                        "unable to trust '{key}' in repository '{}': {untrusted}",
-                        repository.name
-                    ),
-                ));
-                continue;
+            if signed_kind(&file) && repository.trust.required() {
+                let signature = match repository.signature_of(&key).await {
+                    Ok(signature) => signature,
+                    Err(e) => {
+                        failures.push(e);
+                        continue;
+                    }
+                };
+                if let Err(untrusted) = repository.trust.check(&stored, signature.as_deref(), &key)
+                {
+                    failures.push(Error::new(
+                        ErrorKind::Verification,
+                        format!(
+                            "unable to trust '{key}' in repository '{}': {untrusted}",
+                            repository.name
+                        ),
+                    ));
+                    continue;
+                }
             }
-        }
-        let identities = match keys::is_age(&stored) {
-            true => Some(keyring.identities(&format!(
-                "WAL file '{key}' in repository '{}'",
-                repository.name
-            ))?),
-            false => None,
-        };
-        let dest = options.dest.try_clone().map_err(|e| {
-            Error::new(
-                ErrorKind::Target,
-                format!("unable to write WAL file {}", options.dest.describe()),
-            )
-            .with_source(e)
-        })?;
-        let wanted = file.clone();
-        let written = tokio::task::spawn_blocking(move || {
-            write_decoded(
-                &stored,
-                identities.as_deref().map(Vec::as_slice),
-                &dest,
-                &wanted,
-            )
-        })
-        .await
-        .map_err(|e| Error::new(ErrorKind::Storage, "the decompressor stopped").with_source(e))?;
-        match written {
-            Ok(size) => {
-                return Ok(WalFetchOutcome::Fetched {
-                    repository: repository.name.clone(),
-                    size,
-                    passed_over: failures.iter().map(|e| e.chain().join(": ")).collect(),
-                });
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => {
-                return Err(keyring.no_match(
-                    &format!("WAL file '{key}' in repository '{}'", repository.name),
-                    &[],
-                ));
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::InvalidData => failures.push(
+            let identities = match keys::is_age(&stored) {
+                true => Some(keyring.identities(&format!(
+                    "WAL file '{key}' in repository '{}'",
+                    repository.name
+                ))?),
+                false => None,
+            };
+            let into = dest.try_clone().map_err(|e| {
                 Error::new(
-                    ErrorKind::Verification,
-                    format!("damaged '{key}' in repository '{}'", repository.name),
-                )
-                .with_source(e),
-            ),
-            Err(e) => {
-                return Err(Error::new(
                     ErrorKind::Target,
-                    format!("unable to write WAL file {}", options.dest.describe()),
+                    format!("unable to write WAL file {}", dest.describe()),
                 )
-                .with_source(e));
+                .with_source(e)
+            })?;
+            let wanted = file.clone();
+            let written = tokio::task::spawn_blocking(move || {
+                write_decoded(
+                    &stored,
+                    identities.as_deref().map(Vec::as_slice),
+                    &into,
+                    &wanted,
+                )
+            })
+            .await
+            .map_err(|e| {
+                Error::new(ErrorKind::Storage, "the decompressor stopped").with_source(e)
+            })?;
+            match written {
+                Ok(size) => {
+                    return Ok(WalFetchOutcome::Fetched {
+                        repository: repository.name.clone(),
+                        size,
+                        passed_over: failures.iter().map(|e| e.chain().join(": ")).collect(),
+                    });
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => {
+                    return Err(keyring.no_match(
+                        &format!("WAL file '{key}' in repository '{}'", repository.name),
+                        &[],
+                    ));
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::InvalidData => failures.push(
+                    Error::new(
+                        ErrorKind::Verification,
+                        format!("damaged '{key}' in repository '{}'", repository.name),
+                    )
+                    .with_source(e),
+                ),
+                Err(e) => {
+                    return Err(Error::new(
+                        ErrorKind::Target,
+                        format!("unable to write WAL file {}", dest.describe()),
+                    )
+                    .with_source(e));
+                }
             }
         }
+        if failures.is_empty() || (answered_missing && failures.iter().all(is_unreachable)) {
+            return Ok(WalFetchOutcome::NotArchived);
+        }
+        let mut failures = failures.into_iter();
+        let first = failures.next().expect("not empty");
+        Err(failures.fold(first, |error, other| {
+            error.with_hint(other.chain().join(": "))
+        }))
     }
-    if failures.is_empty() || (answered_missing && failures.iter().all(is_unreachable)) {
-        return Ok(WalFetchOutcome::NotArchived);
-    }
-    let mut failures = failures.into_iter();
-    let first = failures.next().expect("not empty");
-    Err(failures.fold(first, |error, other| {
-        error.with_hint(other.chain().join(": "))
-    }))
 }
 
 /// The first of `candidates` that `repository` holds, with its bytes; None when it holds
@@ -760,7 +869,7 @@ fn write_decoded(
                 .filter(|p| !p.as_os_str().is_empty())
                 .unwrap_or(Path::new("."));
             let mut temp = tempfile::Builder::new()
-                .prefix(".lifeboat-wal-fetch-")
+                .prefix(prefetch::TEMP_PREFIX)
                 .tempfile_in(parent)?;
             let _registered = crate::interrupt::RemovedOnInterrupt::new(temp.path());
             let size = decode_checked(stored, identities, temp.as_file_mut(), file)?;

@@ -340,6 +340,8 @@ async fn recovery_to_the_end_of_the_archive_reproduces_the_source_data() {
     }
     // The restored cluster does not write a new timeline into the job's archive.
     assert_eq!(restored.psql("postgres", "show archive_mode"), "off");
+    // What wal-fetch fetched ahead went with the end of recovery (recovery_end_command).
+    assert!(!data_dir.join("pg_wal/.lifeboat-prefetch").exists());
 }
 
 /// The two ways a DR restore meets its disk: as the `postgres` user into a directory it

@@ -388,3 +388,156 @@ fn wal_push_refuses_a_history_that_is_none() {
         )
         .assert_code(0);
 }
+
+/// The spool `wal-fetch` fetches ahead into, beside the file PostgreSQL asks for.
+fn spool_of(pg_wal: &std::path::Path) -> std::path::PathBuf {
+    pg_wal.join(".lifeboat-prefetch")
+}
+
+/// The names in `dir`, sorted; none when it is not there.
+fn names_in(dir: &std::path::Path) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(dir)
+        .map(|entries| {
+            entries
+                .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+                .collect()
+        })
+        .unwrap_or_default();
+    names.sort();
+    names
+}
+
+/// Waits until the prefetch pass has left the spool holding exactly `segments` (besides its
+/// lock file and the note of the segment served last, and with no temp file of a fetch in
+/// progress).
+fn wait_for_spool(spool: &std::path::Path, segments: &[&str]) {
+    let mut expected: Vec<String> = segments.iter().map(|s| s.to_string()).collect();
+    expected.sort();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    loop {
+        let mut names = names_in(spool);
+        names.retain(|name| name != ".lock" && name != ".served");
+        if names == expected {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the spool holds {names:?}, not {expected:?}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+}
+
+/// `wal-fetch` of one segment starts a pass that fetches the next ones into the spool, each
+/// checked; the next calls are served from it, byte for byte, and what recovery is past
+/// leaves it. A damaged archived segment is never named in the spool: its call fetches it
+/// and refuses it. `wal-prefetch --clear` (the restore's recovery_end_command) removes it.
+#[test]
+fn wal_fetch_serves_the_segments_a_pass_fetched_ahead_and_never_an_unchecked_one() {
+    let archive = Archive::new();
+    let name = |n: u64| format!("00000001{n:016X}");
+    let segment = |n: u64| tree::wal_segment(&name(n), tree::FAKE_SYSTEM, n);
+    for n in 6..=0xC {
+        archive.push(&name(n), &segment(n)).assert_code(0);
+    }
+    // Segment 0xA damaged in the archive: valid zstd, but not the segment under its name.
+    let damaged = archive
+        .repository
+        .join(format!("jobs/db/wal/00000001/{}.zst", name(0xA)));
+    std::fs::write(&damaged, zstd::encode_all(&segment(0xB)[..], 1).unwrap()).unwrap();
+    // Left by a pass that was killed.
+    let pg_wal = archive.work.path().join("restored/pg_wal");
+    let spool = spool_of(&pg_wal);
+    std::fs::create_dir_all(&spool).unwrap();
+    std::fs::write(spool.join(".lifeboat-wal-fetch-left"), b"junk").unwrap();
+
+    let with_depth = |depth: u32| {
+        let text = std::fs::read_to_string(&archive.config).unwrap();
+        let text = text
+            .lines()
+            .filter(|l| !l.starts_with("wal_prefetch"))
+            .collect::<Vec<_>>()
+            .join("\n");
+        std::fs::write(&archive.config, format!("{text}\nwal_prefetch = {depth}\n")).unwrap();
+    };
+    with_depth(4);
+    let asked = pg_wal.join("RECOVERYXLOG");
+    let fetch = |n: u64| {
+        lifeboat(
+            &archive.config,
+            &[
+                "wal-fetch",
+                "--job",
+                "db",
+                &name(n),
+                asked.to_str().unwrap(),
+            ],
+        )
+    };
+    fetch(5).assert_code(0);
+    assert_eq!(std::fs::read(&asked).unwrap(), segment(5));
+    // 6 to 9, but 0xA (damaged) left out; the killed pass's temp file is gone.
+    wait_for_spool(&spool, &[&name(6), &name(7), &name(8), &name(9)]);
+    for n in 6..=9 {
+        assert_eq!(std::fs::read(spool.join(name(n))).unwrap(), segment(n));
+    }
+
+    // Served from the spool: the archive's copy of 6 is gone, and 6 still comes back whole.
+    std::fs::remove_file(
+        archive
+            .repository
+            .join(format!("jobs/db/wal/00000001/{}.zst", name(6))),
+    )
+    .unwrap();
+    fetch(6).assert_code(0);
+    assert_eq!(std::fs::read(&asked).unwrap(), segment(6));
+    // The pass after 6 fetches 0xA again and refuses it again.
+    wait_for_spool(&spool, &[&name(7), &name(8), &name(9)]);
+    fetch(7).assert_code(0);
+    assert_eq!(std::fs::read(&asked).unwrap(), segment(7));
+    // After 7: 8 and 9 kept, 0xB fetched, 0xA still refused.
+    wait_for_spool(&spool, &[&name(8), &name(9), &name(0xB)]);
+    fetch(9).assert_code(0);
+    assert_eq!(std::fs::read(&asked).unwrap(), segment(9));
+    // 8 is behind recovery now; 0xC is fetched.
+    wait_for_spool(&spool, &[&name(0xB), &name(0xC)]);
+    let refused = fetch(0xA);
+    refused.assert_code(255);
+    assert!(
+        refused
+            .stderr
+            .contains(&format!("damaged 'jobs/db/wal/00000001/{}.zst'", name(0xA))),
+        "{}",
+        refused.stderr
+    );
+    assert_eq!(std::fs::read(&asked).unwrap(), segment(9));
+
+    // Another timeline served: the first one's segments go.
+    let other = "00000002000000000000000D";
+    archive
+        .push(other, &tree::wal_segment(other, tree::FAKE_SYSTEM, 0xD))
+        .assert_code(0);
+    lifeboat(
+        &archive.config,
+        &["wal-fetch", "--job", "db", other, asked.to_str().unwrap()],
+    )
+    .assert_code(0);
+    wait_for_spool(&spool, &[]);
+
+    lifeboat(
+        &archive.config,
+        &[
+            "wal-prefetch",
+            "--clear",
+            "--spool",
+            spool.to_str().unwrap(),
+        ],
+    )
+    .assert_code(0);
+    assert!(!spool.exists());
+
+    // Off: nothing is fetched ahead.
+    with_depth(0);
+    fetch(0xB).assert_code(0);
+    assert!(!spool.exists());
+}

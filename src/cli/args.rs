@@ -262,6 +262,29 @@ pub enum Command {
         #[arg(long, value_name = "SOCKET", conflicts_with_all = ["job", "from", "exclude", "identity_file"])]
         via: Option<PathBuf>,
     },
+    /// Fetches the WAL segments after the one wal-fetch served last into its spool (started
+    /// by wal-fetch itself), or removes the spool once recovery ends (--clear, the
+    /// recovery_end_command a restore writes).
+    #[command(name = "wal-prefetch", hide = true)]
+    WalPrefetch {
+        /// The spool directory.
+        #[arg(long)]
+        spool: PathBuf,
+        /// How many segments to fetch ahead.
+        #[arg(long, required_unless_present = "clear")]
+        depth: Option<u32>,
+        #[arg(long)]
+        job: Option<String>,
+        #[arg(long)]
+        from: Option<String>,
+        #[arg(long)]
+        exclude: Vec<String>,
+        #[arg(long)]
+        identity_file: Option<PathBuf>,
+        /// Remove the spool, after the pass that may be running.
+        #[arg(long, conflicts_with_all = ["depth", "job", "from", "exclude", "identity_file"])]
+        clear: bool,
+    },
 }
 
 #[derive(Subcommand)]

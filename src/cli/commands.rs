@@ -15,8 +15,8 @@ use super::args::{Cli, Command, DrillAction, OutputFormat, ScheduleFormat};
 use super::record::{record, record_if_interrupted, record_run};
 use super::render::{print_error, report};
 
-/// The commands that need no config: `init`, `keygen`, and `wal-fetch --via` (which asks a
-/// drill's relay). None when the command needs the config.
+/// The commands that need no config: `init`, `keygen`, `wal-fetch --via` (which asks a
+/// drill's relay) and `wal-prefetch --clear`. None when the command needs the config.
 pub fn without_config(cli: &Cli) -> Result<Option<i32>> {
     match &cli.command {
         Command::Init { force } => {
@@ -59,6 +59,17 @@ pub fn without_config(cli: &Cli) -> Result<Option<i32>> {
             let fetched = lifeboat::wal_relay::fetch_via(socket, name, dest);
             return Ok(Some(wal_fetch_exit_code(fetched)));
         }
+        Command::WalPrefetch {
+            spool, clear: true, ..
+        } => {
+            wal::Spool::at(spool.clone()).clear().map_err(|e| {
+                Error::new(
+                    lifeboat::ErrorKind::Target,
+                    format!("unable to remove the WAL spool '{}'", spool.display()),
+                )
+                .with_source(e)
+            })?;
+        }
         _ => return Ok(None),
     }
     Ok(Some(exit_code::SUCCESS))
@@ -73,7 +84,8 @@ pub async fn dispatch(config: &Config, command: Command) -> Result<i32> {
         | Command::List { .. }
         | Command::Show { .. }
         | Command::Heartbeat { .. }
-        | Command::WalFetch { .. } => report_state(config, command).await,
+        | Command::WalFetch { .. }
+        | Command::WalPrefetch { .. } => report_state(config, command).await,
         _ => change_state(config, command).await,
     }
 }
@@ -308,7 +320,27 @@ async fn report_state(config: &Config, command: Command) -> Result<i32> {
                 exclude,
                 identity_file,
             };
-            return Ok(wal_fetch_exit_code(wal::fetch(config, &options).await));
+            return Ok(wal_fetch_exit_code(
+                wal::fetch_ahead(config, &options).await,
+            ));
+        }
+        Command::WalPrefetch {
+            spool,
+            depth,
+            job,
+            from,
+            exclude,
+            identity_file,
+            clear: _,
+        } => {
+            let source = wal::WalSourceOptions {
+                job,
+                from,
+                exclude,
+                identity_file,
+            };
+            let depth = depth.unwrap_or_default();
+            wal::run_pass(config, &wal::Spool::at(spool), &source, depth).await?;
         }
         _ => unreachable!("dispatched by state"),
     }

@@ -8,6 +8,11 @@ use super::values::parse_duration;
 use super::{Problem, raw, validate_name};
 use crate::layout::BackupKind;
 
+/// Segments fetched ahead of replay unless `wal_prefetch` says otherwise.
+pub const DEFAULT_WAL_PREFETCH: u32 = 8;
+/// The most: the spool holds this many segments (a GiB of 16 MiB ones).
+pub const MAX_WAL_PREFETCH: u32 = 64;
+
 #[derive(Debug, Clone)]
 pub struct JobConfig {
     pub name: String,
@@ -70,6 +75,9 @@ pub struct PostgresJob {
     pub databases: Option<Vec<String>>,
     pub bin_dir: Option<PathBuf>,
     pub heartbeat: bool,
+    /// Physical: how many segments after the one `wal-fetch` served it fetches ahead, in
+    /// the background; 0: none.
+    pub wal_prefetch: u32,
 }
 
 #[derive(Debug, Clone)]
@@ -236,6 +244,7 @@ fn validate_job(index: usize, job: raw::RawJob) -> Result<JobConfig, Problem> {
         ("dbname", job.dbname.is_some()),
         ("databases", job.databases.is_some()),
         ("bin_dir", job.bin_dir.is_some()),
+        ("wal_prefetch", job.wal_prefetch.is_some()),
     ];
     let server_fields = [
         ("password_file", job.password_file.is_some()),
@@ -408,6 +417,20 @@ fn validate_postgres_job(
             at("databases")
         ));
     }
+    if let Some(depth) = job.wal_prefetch {
+        if mode != PostgresMode::Physical {
+            return Err(format!(
+                "{}: only valid for mode = \"physical\", whose WAL is fetched by restore_command",
+                at("wal_prefetch")
+            ));
+        }
+        if depth > MAX_WAL_PREFETCH {
+            return Err(format!(
+                "{}: must be between 0 (off) and {MAX_WAL_PREFETCH} (got {depth})",
+                at("wal_prefetch")
+            ));
+        }
+    }
     if let Some(databases) = &job.databases {
         if databases.is_empty() {
             return Err(format!(
@@ -435,6 +458,7 @@ fn validate_postgres_job(
         databases: job.databases.clone(),
         bin_dir: job.bin_dir.clone(),
         heartbeat: job.heartbeat.unwrap_or(false),
+        wal_prefetch: job.wal_prefetch.unwrap_or(DEFAULT_WAL_PREFETCH),
     })
 }
 

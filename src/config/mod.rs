@@ -9,8 +9,8 @@ mod values;
 
 use job::parse_redis_url;
 pub use job::{
-    FilesJob, JobConfig, JobSource, PostgresConnection, PostgresJob, PostgresMode, RedisJob,
-    Retention,
+    DEFAULT_WAL_PREFETCH, FilesJob, JobConfig, JobSource, MAX_WAL_PREFETCH, PostgresConnection,
+    PostgresJob, PostgresMode, RedisJob, Retention,
 };
 pub use repository::{
     Location, ObjectLock, ObjectLockMode, RepositoryConfig, RequestChecksums, S3Settings,

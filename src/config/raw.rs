@@ -116,6 +116,7 @@ pub struct RawJob {
     pub password_file: Option<PathBuf>,
     pub databases: Option<Vec<String>>,
     pub bin_dir: Option<PathBuf>,
+    pub wal_prefetch: Option<u32>,
     // redis
     pub url: Option<String>,
     pub primary_url: Option<String>,

@@ -361,6 +361,7 @@ mod tests {
             databases: None,
             bin_dir: None,
             heartbeat: false,
+            wal_prefetch: 0,
         })
     }
 

@@ -591,7 +591,7 @@ fn fetch_command(exe: &Path, options: &PhysicalRestoreOptions, source: &WalSourc
 
 /// The lines appended to `postgresql.auto.conf`: how to fetch WAL (`fetch`), where to stop,
 /// and what the restored server does with WAL of its own.
-fn recovery_settings(options: &PhysicalRestoreOptions, fetch: &str) -> String {
+fn recovery_settings(options: &PhysicalRestoreOptions, fetch: &str, end: Option<&str>) -> String {
     let mut settings = format!(
         "\n{RESTORE_MARK} at {}: replay WAL from the archive, then promote.\n",
         Utc::now().to_rfc3339()
@@ -600,6 +600,9 @@ fn recovery_settings(options: &PhysicalRestoreOptions, fetch: &str) -> String {
         writeln!(settings, "{name} = {value}").expect("writing to a String");
     };
     set("restore_command", conf_string(fetch));
+    if let Some(end) = end {
+        set("recovery_end_command", conf_string(end));
+    }
     let chosen = match options.target {
         RecoveryTarget::EndOfArchive => None,
         RecoveryTarget::Time(_) => Some("recovery_target_time"),
@@ -667,7 +670,17 @@ fn configure_recovery(
         None => fetch_command(&exe, options, source),
     };
     fetch.push_str(" %f %p");
-    let settings = recovery_settings(options, &fetch);
+    // What wal-fetch fetched ahead of replay and recovery did not ask for (see
+    // `wal_archive::prefetch`); the spool is in pg_wal, and the command runs in the data
+    // directory.
+    let clear_spool = options.wal_relay.is_none().then(|| {
+        format!(
+            "{} wal-prefetch --clear --spool {}",
+            shell_word(&exe.to_string_lossy()),
+            shell_word(&format!("pg_wal/{}", crate::wal_archive::SPOOL_NAME))
+        )
+    });
+    let settings = recovery_settings(options, &fetch, clear_spool.as_deref());
     // Through handles beneath the data directory, never through a symlink the base backup
     // may hold in their place.
     let into = &target.path;
