@@ -586,6 +586,15 @@ fn write_pieces(
     checked: &pipeline::Checked,
 ) -> std::result::Result<(), Staging> {
     use std::os::unix::fs::FileExt;
+    // Room for the whole object up front: ranges written out of order then land in extents
+    // laid out in order, and a full disk fails here, before a byte is downloaded. Where the
+    // filesystem cannot allocate ahead, the writes allocate as they go.
+    if size > 0 {
+        match rustix::fs::fallocate(file, rustix::fs::FallocateFlags::empty(), 0, size) {
+            Ok(()) | Err(rustix::io::Errno::OPNOTSUPP) => {}
+            Err(e) => return Err(Staging::Write(e.into())),
+        }
+    }
     let runtime = tokio::runtime::Handle::current();
     let mut pieces = runtime
         .block_on(store.get_pieces(key, size))

@@ -25,7 +25,7 @@ use crate::wal::{self, ClusterRecord, WalFile, WalFileKind};
 mod prefetch;
 mod prepare;
 
-pub use prefetch::{Pass, SPOOL_NAME, Spool, run_pass};
+pub use prefetch::{SPOOL_NAME, Spool, run_pass, source_key};
 
 /// WAL keys listed and removed at a time.
 pub const WAL_PAGE: usize = 10_000;
@@ -576,12 +576,19 @@ pub enum WalDestination {
     /// An open file, rewritten from its start: a relay's unnamed one, which has no path
     /// another user could swap and nothing to leave behind.
     File(std::fs::File),
+    /// A path in a prefetch spool: like `Path`, but synced before it gets its name and its
+    /// directory after, so that after a power loss the name holds the whole checked segment
+    /// or nothing. A spooled segment is served long after it was checked, perhaps after a
+    /// crash, and the call that serves it does not check it again.
+    Spooled(PathBuf),
 }
 
 impl WalDestination {
     fn describe(&self) -> String {
         match self {
-            WalDestination::Path(path) => format!("'{}'", path.display()),
+            WalDestination::Path(path) | WalDestination::Spooled(path) => {
+                format!("'{}'", path.display())
+            }
             WalDestination::File(_) => "the relay's unnamed file".to_string(),
         }
     }
@@ -589,6 +596,7 @@ impl WalDestination {
     fn try_clone(&self) -> std::io::Result<WalDestination> {
         Ok(match self {
             WalDestination::Path(path) => WalDestination::Path(path.clone()),
+            WalDestination::Spooled(path) => WalDestination::Spooled(path.clone()),
             WalDestination::File(file) => WalDestination::File(file.try_clone()?),
         })
     }
@@ -634,7 +642,8 @@ pub async fn fetch_ahead(config: &Config, options: &WalFetchOptions) -> Result<W
         }
         _ => return fetch(config, options).await,
     };
-    let spool = Spool::beside(&dest);
+    let source = options.source();
+    let spool = Spool::beside(&dest, prefetch::source_key(&config.path, &source));
     let (waiting, name, into) = (spool.clone(), options.name.clone(), dest.clone());
     let spooled = tokio::task::spawn_blocking(move || waiting.take(&name, &into))
         .await
@@ -650,13 +659,9 @@ pub async fn fetch_ahead(config: &Config, options: &WalFetchOptions) -> Result<W
     };
     if let WalFetchOutcome::Fetched { size, .. } = &outcome {
         spool.prune(&file, *size);
-        let pass = Pass {
-            after: options.name.clone(),
-            segment_size: *size,
-            depth,
-        };
-        let started = std::env::current_exe()
-            .and_then(|exe| spool.start(&exe, &config.path, &options.source(), &pass));
+        let pass = spool.pass_after(&options.name, *size, depth);
+        let started =
+            std::env::current_exe().and_then(|exe| spool.start(&exe, &config.path, &source, &pass));
         if let Err(e) = started {
             tracing::warn!(
                 spool = %spool.dir().display(),
@@ -863,8 +868,8 @@ fn write_decoded(
     file: &WalFile,
 ) -> std::io::Result<u64> {
     match dest {
-        WalDestination::Path(dest) => {
-            let parent = dest
+        WalDestination::Path(path) | WalDestination::Spooled(path) => {
+            let parent = path
                 .parent()
                 .filter(|p| !p.as_os_str().is_empty())
                 .unwrap_or(Path::new("."));
@@ -873,7 +878,14 @@ fn write_decoded(
                 .tempfile_in(parent)?;
             let _registered = crate::interrupt::RemovedOnInterrupt::new(temp.path());
             let size = decode_checked(stored, identities, temp.as_file_mut(), file)?;
-            temp.persist(dest).map_err(|e| e.error)?;
+            let spooled = matches!(dest, WalDestination::Spooled(_));
+            if spooled {
+                temp.as_file().sync_all()?;
+            }
+            temp.persist(path).map_err(|e| e.error)?;
+            if spooled {
+                std::fs::File::open(parent)?.sync_all()?;
+            }
             Ok(size)
         }
         WalDestination::File(out) => {

@@ -394,6 +394,16 @@ fn spool_of(pg_wal: &std::path::Path) -> std::path::PathBuf {
     pg_wal.join(".lifeboat-prefetch")
 }
 
+/// The spooled copy of segment `name`.
+fn spooled(spool: &std::path::Path, name: &str) -> std::path::PathBuf {
+    let found: Vec<String> = names_in(spool)
+        .into_iter()
+        .filter(|n| n.starts_with(&format!("{name}.")))
+        .collect();
+    assert_eq!(found.len(), 1, "{found:?}");
+    spool.join(&found[0])
+}
+
 /// The names in `dir`, sorted; none when it is not there.
 fn names_in(dir: &std::path::Path) -> Vec<String> {
     let mut names: Vec<String> = std::fs::read_dir(dir)
@@ -415,8 +425,16 @@ fn wait_for_spool(spool: &std::path::Path, segments: &[&str]) {
     expected.sort();
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
     loop {
-        let mut names = names_in(spool);
-        names.retain(|name| name != ".lock" && name != ".served");
+        // Segments are spooled as NAME.OPTIONS, OPTIONS naming the options that fetched them.
+        let mut names: Vec<String> = names_in(spool)
+            .into_iter()
+            .filter(|name| name != ".lock" && name != ".served")
+            .map(|name| match name.split_once('.') {
+                Some((segment, _)) if !segment.is_empty() => segment.to_string(),
+                _ => name,
+            })
+            .collect();
+        names.sort();
         if names == expected {
             return;
         }
@@ -479,16 +497,35 @@ fn wal_fetch_serves_the_segments_a_pass_fetched_ahead_and_never_an_unchecked_one
     // 6 to 9, but 0xA (damaged) left out; the killed pass's temp file is gone.
     wait_for_spool(&spool, &[&name(6), &name(7), &name(8), &name(9)]);
     for n in 6..=9 {
-        assert_eq!(std::fs::read(spool.join(name(n))).unwrap(), segment(n));
+        assert_eq!(
+            std::fs::read(spooled(&spool, &name(n))).unwrap(),
+            segment(n)
+        );
     }
 
-    // Served from the spool: the archive's copy of 6 is gone, and 6 still comes back whole.
+    // Served from the spool: the archive's copy of 6 is gone, and 6 still comes back whole,
+    // but only to a call with the options that fetched it: one reading `--from` a repository
+    // is answered by that repository alone.
     std::fs::remove_file(
         archive
             .repository
             .join(format!("jobs/db/wal/00000001/{}.zst", name(6))),
     )
     .unwrap();
+    lifeboat(
+        &archive.config,
+        &[
+            "wal-fetch",
+            "--job",
+            "db",
+            "--from",
+            "local",
+            &name(6),
+            asked.to_str().unwrap(),
+        ],
+    )
+    .assert_code(1);
+    assert_eq!(std::fs::read(&asked).unwrap(), segment(5));
     fetch(6).assert_code(0);
     assert_eq!(std::fs::read(&asked).unwrap(), segment(6));
     // The pass after 6 fetches 0xA again and refuses it again.

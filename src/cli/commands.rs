@@ -62,13 +62,15 @@ pub fn without_config(cli: &Cli) -> Result<Option<i32>> {
         Command::WalPrefetch {
             spool, clear: true, ..
         } => {
-            wal::Spool::at(spool.clone()).clear().map_err(|e| {
-                Error::new(
-                    lifeboat::ErrorKind::Target,
-                    format!("unable to remove the WAL spool '{}'", spool.display()),
-                )
-                .with_source(e)
-            })?;
+            wal::Spool::at(spool.clone(), String::new())
+                .clear()
+                .map_err(|e| {
+                    Error::new(
+                        lifeboat::ErrorKind::Target,
+                        format!("unable to remove the WAL spool '{}'", spool.display()),
+                    )
+                    .with_source(e)
+                })?;
         }
         _ => return Ok(None),
     }
@@ -340,7 +342,8 @@ async fn report_state(config: &Config, command: Command) -> Result<i32> {
                 identity_file,
             };
             let depth = depth.unwrap_or_default();
-            wal::run_pass(config, &wal::Spool::at(spool), &source, depth).await?;
+            let key = wal::source_key(&config.path, &source);
+            wal::run_pass(config, &wal::Spool::at(spool, key), &source, depth).await?;
         }
         _ => unreachable!("dispatched by state"),
     }

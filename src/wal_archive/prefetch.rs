@@ -46,19 +46,50 @@ pub(super) const TEMP_PREFIX: &str = ".lifeboat-wal-fetch-";
 const FETCHES_AT_ONCE: usize = 4;
 /// How often a call waiting for a pass looks for its segment.
 const POLL: Duration = Duration::from_millis(5);
+/// The longest a call waits for a pass to fetch its segment, or `--clear` for a pass to
+/// end: a pass stuck on a stalled store must not hold up recovery or its end.
+const PATIENCE: Duration = Duration::from_secs(60);
 
-/// A spool of prefetched segments.
+/// A spool of prefetched segments, as the calls with one set of options see it.
 #[derive(Debug, Clone)]
 pub struct Spool {
     dir: PathBuf,
+    /// Which options (config, job, repositories, identity) fetched a segment is part of its
+    /// name there: a call with other options (`--from` another repository, `--exclude` a
+    /// compromised one) is never served what was read under the first ones.
+    source: String,
 }
 
-/// What a pass fetches: the segments after `after` on its timeline, `depth` of them.
+/// What a pass fetches: the segments after `after` on its timeline, `depth` of them, with
+/// the options `source` names.
 #[derive(Debug, Clone)]
 pub struct Pass {
     pub after: String,
     pub segment_size: u64,
     pub depth: u32,
+    pub source: String,
+}
+
+/// The name of a set of options in a spool: the first 16 hex digits of their sha256.
+pub fn source_key(config: &Path, source: &WalSourceOptions) -> String {
+    use sha2::Digest;
+    let mut hasher = sha2::Sha256::new();
+    let identity = source
+        .identity_file
+        .as_ref()
+        .map(|path| std::path::absolute(path).unwrap_or_else(|_| path.clone()));
+    let config = std::path::absolute(config).unwrap_or_else(|_| config.to_path_buf());
+    for part in [
+        Some(config.to_string_lossy().into_owned()),
+        source.job.clone(),
+        source.from.clone(),
+        Some(source.exclude.join("\n")),
+        identity.map(|path| path.to_string_lossy().into_owned()),
+    ] {
+        hasher.update(part.unwrap_or_default().as_bytes());
+        hasher.update([0]);
+    }
+    hex::encode(&hasher.finalize()[..8])
 }
 
 impl Pass {
@@ -78,29 +109,53 @@ impl Pass {
 }
 
 impl Spool {
-    /// The spool beside `dest`, the path PostgreSQL passes as %p.
-    pub fn beside(dest: &Path) -> Spool {
+    /// The spool beside `dest`, the path PostgreSQL passes as %p, for the calls whose
+    /// options `source` names.
+    pub fn beside(dest: &Path, source: String) -> Spool {
         let parent = dest
             .parent()
             .filter(|p| !p.as_os_str().is_empty())
             .unwrap_or(Path::new("."));
-        Spool {
-            dir: parent.join(SPOOL_NAME),
-        }
+        Spool::at(parent.join(SPOOL_NAME), source)
     }
 
-    pub fn at(dir: PathBuf) -> Spool {
-        Spool { dir }
+    pub fn at(dir: PathBuf, source: String) -> Spool {
+        Spool { dir, source }
     }
 
     pub fn dir(&self) -> &Path {
         &self.dir
     }
 
+    /// The pass that fetches the `depth` segments after `served` (of `segment_size` bytes)
+    /// with this spool's options.
+    pub fn pass_after(&self, served: &str, segment_size: u64, depth: u32) -> Pass {
+        Pass {
+            after: served.to_string(),
+            segment_size,
+            depth,
+            source: self.source.clone(),
+        }
+    }
+
+    /// Where a pass with this spool's options puts segment `name`.
+    fn path_of(&self, name: &str) -> PathBuf {
+        self.dir.join(format!("{name}.{}", self.source))
+    }
+
+    /// Whether the spool is a directory of its own: not a link to one elsewhere.
+    fn is_real(&self) -> bool {
+        fs::symlink_metadata(&self.dir).is_ok_and(|m| m.file_type().is_dir())
+    }
+
     /// Hands `name` over to `dest` when a pass fetched it: its size. When a pass is fetching
-    /// it now, waits for that pass first. None: fetch it yourself.
+    /// it now, waits for that pass first, for a while. None: fetch it yourself.
     pub fn take(&self, name: &str, dest: &Path) -> Option<u64> {
-        let spooled = self.dir.join(name);
+        if !self.is_real() {
+            return None;
+        }
+        let spooled = self.path_of(name);
+        let deadline = std::time::Instant::now() + PATIENCE;
         loop {
             // A link or anything but a plain file was not put there by a pass.
             if fs::symlink_metadata(&spooled).is_ok_and(|m| m.file_type().is_file()) {
@@ -112,8 +167,13 @@ impl Spool {
                     }
                 };
             }
+            let fetching = |pass: &Pass| {
+                pass.source == self.source && pass.segments().iter().any(|s| s == name)
+            };
             match self.running_pass() {
-                Some(pass) if pass.segments().iter().any(|s| s == name) => std::thread::sleep(POLL),
+                Some(pass) if fetching(&pass) && std::time::Instant::now() < deadline => {
+                    std::thread::sleep(POLL)
+                }
                 _ => {
                     // The pass may have named it just before it let go of its lock.
                     if fs::symlink_metadata(&spooled).is_ok_and(|m| m.file_type().is_file()) {
@@ -126,7 +186,8 @@ impl Spool {
     }
 
     /// Drops what recovery will not ask for once it was served `served` (a segment): the
-    /// segments up to it on its timeline, and every other timeline's.
+    /// segments up to it on its timeline, every other timeline's, and those fetched with
+    /// other options.
     pub fn prune(&self, served: &WalFile, segment_size: u64) {
         let Some(upto) = served.segment(segment_size) else {
             return;
@@ -136,14 +197,16 @@ impl Spool {
         };
         for entry in entries.flatten() {
             let name = entry.file_name();
-            let Some(file) = name
+            let Some((file, source)) = name
                 .to_str()
-                .and_then(WalFile::parse)
-                .filter(|f| f.kind == WalFileKind::Segment)
+                .and_then(|name| name.split_once('.'))
+                .and_then(|(segment, source)| Some((WalFile::parse(segment)?, source)))
+                .filter(|(f, _)| f.kind == WalFileKind::Segment)
             else {
                 continue;
             };
-            let stale = file.timeline != served.timeline
+            let stale = source != self.source
+                || file.timeline != served.timeline
                 || file.segment(segment_size).is_none_or(|s| s <= upto);
             if stale {
                 let _ = fs::remove_file(entry.path());
@@ -206,15 +269,20 @@ impl Spool {
         let staged = self
             .dir
             .join(format!("{SERVED_NAME}.{}", std::process::id()));
-        fs::write(&staged, format!("{} {}", served.after, served.segment_size))?;
+        fs::write(
+            &staged,
+            format!("{} {} {}", served.after, served.segment_size, self.source),
+        )?;
         fs::rename(&staged, self.dir.join(SERVED_NAME))
     }
 
-    /// The segment served last and its size.
+    /// The segment served last and its size, when a call with this spool's options served
+    /// it.
     fn served(&self) -> Option<(String, u64)> {
         let said = fs::read_to_string(self.dir.join(SERVED_NAME)).ok()?;
-        let (name, size) = said.split_once(' ')?;
-        Some((name.to_string(), size.trim().parse().ok()?))
+        let mut words = said.split_whitespace();
+        let (name, size) = (words.next()?, words.next()?.parse().ok()?);
+        (words.next()? == self.source).then(|| (name.to_string(), size))
     }
 
     /// Makes the spool, readable by this user alone, unless it is there.
@@ -248,6 +316,9 @@ impl Spool {
 
     /// The pass that holds the spool's lock now, as it wrote itself into the lock file.
     fn running_pass(&self) -> Option<Pass> {
+        if !self.is_real() {
+            return None;
+        }
         let mut lock = self.open_lock().ok()?;
         if rustix::fs::flock(&lock, FlockOperation::NonBlockingLockShared).is_ok() {
             return None;
@@ -259,6 +330,7 @@ impl Spool {
             after: words.next()?.to_string(),
             segment_size: words.next()?.parse().ok()?,
             depth: words.next()?.parse().ok()?,
+            source: words.next()?.to_string(),
         })
     }
 
@@ -281,7 +353,27 @@ impl Spool {
     fn describe(lock: &mut fs::File, pass: &Pass) -> io::Result<()> {
         lock.set_len(0)?;
         lock.rewind()?;
-        write!(lock, "{} {} {}", pass.after, pass.segment_size, pass.depth)
+        write!(
+            lock,
+            "{} {} {} {}",
+            pass.after, pass.segment_size, pass.depth, pass.source
+        )
+    }
+
+    /// Whether the filesystem has room for what `pass` fetches twice over: segments fetched
+    /// ahead must never be what fills the disk that recovery writes.
+    fn has_room_for(&self, pass: &Pass) -> bool {
+        let needed = 2 * u64::from(pass.depth) * pass.segment_size;
+        match rustix::fs::statvfs(&self.dir) {
+            Ok(stat) => {
+                let free = stat.f_bavail.saturating_mul(stat.f_frsize);
+                if free < needed {
+                    tracing::debug!(free, needed, "too little room to fetch WAL ahead");
+                }
+                free >= needed
+            }
+            Err(_) => false,
+        }
     }
 
     /// Removes what a killed pass left: its temp files.
@@ -309,8 +401,15 @@ impl Spool {
             Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
             Err(e) => return Err(e),
         }
+        // A pass stuck on a stalled store must not hold up the end of recovery: once it had
+        // its time, the spool goes from under it (its next rename fails).
         let lock = self.open_lock()?;
-        rustix::fs::flock(&lock, FlockOperation::LockExclusive)?;
+        let deadline = std::time::Instant::now() + PATIENCE;
+        while rustix::fs::flock(&lock, FlockOperation::NonBlockingLockExclusive).is_err()
+            && std::time::Instant::now() < deadline
+        {
+            std::thread::sleep(Duration::from_millis(50));
+        }
         fs::remove_dir_all(&self.dir)
     }
 }
@@ -336,6 +435,9 @@ pub async fn run_pass(
         )
         .with_source(e)
     };
+    if !spool.is_real() {
+        return Ok(());
+    }
     let mut reader = None;
     let mut tried = std::collections::HashSet::new();
     loop {
@@ -350,15 +452,16 @@ pub async fn run_pass(
                 after,
                 segment_size,
                 depth,
+                source: spool.source.clone(),
             };
             Spool::describe(&mut lock, &pass).map_err(locking)?;
             let wanted: Vec<String> = pass
                 .segments()
                 .into_iter()
                 .filter(|name| !tried.contains(name))
-                .filter(|name| fs::symlink_metadata(spool.dir().join(name)).is_err())
+                .filter(|name| fs::symlink_metadata(spool.path_of(name)).is_err())
                 .collect();
-            if wanted.is_empty() {
+            if wanted.is_empty() || !spool.has_room_for(&pass) {
                 break;
             }
             if reader.is_none() {
@@ -380,7 +483,7 @@ pub async fn run_pass(
 async fn fetch_into(reader: &WalReader<'_>, spool: &Spool, wanted: Vec<String>) -> Vec<String> {
     let fetched: Vec<(String, Result<WalFetchOutcome>)> = futures::stream::iter(wanted)
         .map(|name| async move {
-            let dest = WalDestination::Path(spool.dir().join(&name));
+            let dest = WalDestination::Spooled(spool.path_of(&name));
             let outcome = reader.fetch(&name, &dest).await;
             (name, outcome)
         })
@@ -397,7 +500,7 @@ async fn fetch_into(reader: &WalReader<'_>, spool: &Spool, wanted: Vec<String>) 
             }) if !passed_over.is_empty() => {
                 // A copy passed over (damaged, unreachable) is news for the server's log:
                 // the call that needs this segment fetches it and says so.
-                let _ = fs::remove_file(spool.dir().join(&name));
+                let _ = fs::remove_file(spool.path_of(&name));
                 tracing::debug!(%name, %repository, "left to wal-fetch: {}", passed_over.join("; "));
                 left_out.push(name);
             }
@@ -428,6 +531,7 @@ mod tests {
             after: "0000000200000001000000FE".to_string(),
             segment_size: mb16,
             depth: 3,
+            source: "k".to_string(),
         };
         assert_eq!(
             pass.segments(),
@@ -445,15 +549,16 @@ mod tests {
     }
 
     #[test]
-    fn served_segments_and_other_timelines_leave_the_spool() {
+    fn served_segments_other_timelines_and_other_options_leave_the_spool() {
         let dir = tempfile::tempdir().unwrap();
-        let spool = Spool::at(dir.path().to_path_buf());
+        let spool = Spool::at(dir.path().to_path_buf(), "k".to_string());
         let mb16 = 16 << 20;
         for name in [
-            "000000010000000000000004",
-            "000000010000000000000005",
-            "000000010000000000000006",
-            "000000020000000000000007",
+            "000000010000000000000004.k",
+            "000000010000000000000005.k",
+            "000000010000000000000006.k",
+            "000000010000000000000007.other",
+            "000000020000000000000007.k",
             ".lifeboat-wal-fetch-x",
         ] {
             fs::write(dir.path().join(name), b"x").unwrap();
@@ -465,7 +570,10 @@ mod tests {
             .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
             .collect();
         left.sort();
-        assert_eq!(left, [".lifeboat-wal-fetch-x", "000000010000000000000006"]);
+        assert_eq!(
+            left,
+            [".lifeboat-wal-fetch-x", "000000010000000000000006.k"]
+        );
         spool.remove_temps();
         assert!(!dir.path().join(".lifeboat-wal-fetch-x").exists());
     }

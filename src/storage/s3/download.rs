@@ -358,17 +358,110 @@ pub(super) async fn get_pieces(
         return Ok(in_order(download.into_stream()));
     }
     download.attempt_timeout = Some(attempt_timeout);
-    let template = download.range(0, 0);
-    let rest = (part_size..size)
-        .step_by(usize::try_from(part_size).unwrap_or(usize::MAX))
-        .map(move |start| {
-            range_pieces(template.range(start, start.saturating_add(part_size).min(size)))
-        });
+    let ranges = OutOfOrder {
+        template: download.range(0, 0),
+        first: Some(download),
+        size,
+        part_size,
+        concurrency,
+    };
+    let (sender, receiver) = mpsc::channel(concurrency);
+    let task = tokio::spawn(ranges.run(sender));
+    let forwarding = Forwarding { receiver, task };
     Ok(
-        futures::stream::iter(std::iter::once(range_pieces(download)).chain(rest))
-            .flatten_unordered(concurrency)
-            .boxed(),
+        futures::stream::unfold(forwarding, |mut forwarding| async move {
+            let piece = forwarding.receiver.recv().await?;
+            Some((piece, forwarding))
+        })
+        .boxed(),
     )
+}
+
+/// The ranges of one object read out of order, by a task of their own that hands each piece
+/// on through a channel: the connections keep flowing while the reader writes what it was
+/// handed (each body is read only when polled).
+struct OutOfOrder {
+    template: Download,
+    /// The first range, already open.
+    first: Option<Download>,
+    size: u64,
+    part_size: u64,
+    concurrency: usize,
+}
+
+/// A range's piece, or the end of range number N.
+enum RangeItem {
+    Piece(Result<(u64, Bytes), StoreError>),
+    Done(usize),
+}
+
+impl OutOfOrder {
+    /// How far past the oldest unfinished range a new one may start, in ranges: a finished
+    /// range's connection moves on without waiting for a slow one before it, but no further
+    /// than this, so the part of the object that has arrived from its first byte (what can
+    /// be checked and unpacked) never lags far behind the download.
+    fn window(&self) -> usize {
+        2 * self.concurrency
+    }
+
+    async fn run(mut self, sender: mpsc::Sender<Result<(u64, Bytes), StoreError>>) {
+        let count = usize::try_from(self.size.div_ceil(self.part_size)).unwrap_or(usize::MAX);
+        let mut finished = vec![false; count];
+        let mut active = futures::stream::SelectAll::new();
+        let (mut started, mut running, mut oldest) = (0usize, 0usize, 0usize);
+        loop {
+            while running < self.concurrency && started < count && started < oldest + self.window()
+            {
+                let download = match self.first.take() {
+                    Some(first) => first,
+                    None => {
+                        let start = started as u64 * self.part_size;
+                        let end = start.saturating_add(self.part_size).min(self.size);
+                        self.template.range(start, end)
+                    }
+                };
+                let number = started;
+                active.push(
+                    range_pieces(download)
+                        .map(RangeItem::Piece)
+                        .chain(futures::stream::once(
+                            async move { RangeItem::Done(number) },
+                        ))
+                        .boxed(),
+                );
+                started += 1;
+                running += 1;
+            }
+            match active.next().await {
+                Some(RangeItem::Piece(piece)) => {
+                    let failed = piece.is_err();
+                    if sender.send(piece).await.is_err() || failed {
+                        return;
+                    }
+                }
+                Some(RangeItem::Done(number)) => {
+                    finished[number] = true;
+                    running -= 1;
+                    while oldest < count && finished[oldest] {
+                        oldest += 1;
+                    }
+                }
+                None => return,
+            }
+        }
+    }
+}
+
+/// The receiving end of [`OutOfOrder::run`]; the task reading the pieces ends with it.
+struct Forwarding {
+    receiver: mpsc::Receiver<Result<(u64, Bytes), StoreError>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for Forwarding {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
 }
 
 /// How much of a range is gathered into one piece: a write, and a wake-up of the reader,
