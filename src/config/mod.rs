@@ -848,6 +848,36 @@ mod tests {
     }
 
     #[test]
+    fn wal_prefetch_is_bounded_and_only_for_physical_jobs() {
+        let job = "[[job]]\nname = \"db\"\nkind = \"postgres\"\ndsn = \"host=db1\"\n";
+        let physical = format!("{LOCAL}{job}mode = \"physical\"\n");
+        let depth_of = |config: &Config| match &config.jobs[0].source {
+            JobSource::Postgres(postgres) => postgres.wal_prefetch,
+            _ => unreachable!(),
+        };
+        assert_eq!(depth_of(&parse(&physical).unwrap()), DEFAULT_WAL_PREFETCH);
+        for (value, refused) in [("65", true), ("0", false), ("64", false)] {
+            let outcome = parse(&format!("{physical}wal_prefetch = {value}\n"));
+            match refused {
+                true => assert!(
+                    outcome.as_ref().unwrap_err().message().contains(&format!(
+                        "job[0] (db).wal_prefetch: must be between 0 (off) and 64 (got {value})"
+                    )),
+                    "{value}"
+                ),
+                false => assert_eq!(depth_of(&outcome.unwrap()), value.parse::<u32>().unwrap()),
+            }
+        }
+        let logical = parse(&format!("{LOCAL}{job}wal_prefetch = 8\n"));
+        assert!(
+            logical
+                .unwrap_err()
+                .message()
+                .contains("job[0] (db).wal_prefetch: only valid for mode = \"physical\""),
+        );
+    }
+
+    #[test]
     fn duplicate_names_are_refused() {
         let err = parse(&format!("{LOCAL}{LOCAL}")).unwrap_err();
         assert!(
