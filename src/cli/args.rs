@@ -244,19 +244,8 @@ pub enum Command {
         name: String,
         /// Where to write it, as PostgreSQL passes %p.
         dest: PathBuf,
-        /// The physical job (default: the only physical job).
-        #[arg(long)]
-        job: Option<String>,
-        /// Read only from this repository.
-        #[arg(long)]
-        from: Option<String>,
-        /// Never read from this repository (repeatable).
-        #[arg(long)]
-        exclude: Vec<String>,
-        /// Decrypt with this identity file (default: LIFEBOAT_IDENTITY_FILE, else the
-        /// config's identity_file).
-        #[arg(long)]
-        identity_file: Option<PathBuf>,
+        #[command(flatten)]
+        source: WalSourceArgs,
         /// Fetch through a drill's WAL relay socket instead, reading no config and holding
         /// no credential (what a drill writes into its scratch server's restore_command).
         #[arg(long, value_name = "SOCKET", conflicts_with_all = ["job", "from", "exclude", "identity_file"])]
@@ -273,18 +262,41 @@ pub enum Command {
         /// How many segments to fetch ahead.
         #[arg(long, required_unless_present = "clear")]
         depth: Option<u32>,
-        #[arg(long)]
-        job: Option<String>,
-        #[arg(long)]
-        from: Option<String>,
-        #[arg(long)]
-        exclude: Vec<String>,
-        #[arg(long)]
-        identity_file: Option<PathBuf>,
+        #[command(flatten)]
+        source: WalSourceArgs,
         /// Remove the spool, after the pass that may be running.
         #[arg(long, conflicts_with_all = ["depth", "job", "from", "exclude", "identity_file"])]
         clear: bool,
     },
+}
+
+/// Where `wal-fetch` (and the prefetch it starts) reads WAL from.
+#[derive(clap::Args)]
+pub struct WalSourceArgs {
+    /// The physical job (default: the only physical job).
+    #[arg(long)]
+    pub job: Option<String>,
+    /// Read only from this repository.
+    #[arg(long)]
+    pub from: Option<String>,
+    /// Never read from this repository (repeatable).
+    #[arg(long)]
+    pub exclude: Vec<String>,
+    /// Decrypt with this identity file (default: LIFEBOAT_IDENTITY_FILE, else the
+    /// config's identity_file).
+    #[arg(long)]
+    pub identity_file: Option<PathBuf>,
+}
+
+impl From<WalSourceArgs> for lifeboat::wal_archive::WalSourceOptions {
+    fn from(args: WalSourceArgs) -> Self {
+        lifeboat::wal_archive::WalSourceOptions {
+            job: args.job,
+            from: args.from,
+            exclude: args.exclude,
+            identity_file: args.identity_file,
+        }
+    }
 }
 
 #[derive(Subcommand)]

@@ -308,19 +308,17 @@ async fn report_state(config: &Config, command: Command) -> Result<i32> {
         Command::WalFetch {
             name,
             dest,
-            job,
-            from,
-            exclude,
-            identity_file,
+            source,
             via: _,
         } => {
+            let source = wal::WalSourceOptions::from(source);
             let options = wal::WalFetchOptions {
                 name,
                 dest: wal::WalDestination::Path(dest),
-                job,
-                from,
-                exclude,
-                identity_file,
+                job: source.job,
+                from: source.from,
+                exclude: source.exclude,
+                identity_file: source.identity_file,
             };
             return Ok(wal_fetch_exit_code(
                 wal::fetch_ahead(config, &options).await,
@@ -329,18 +327,10 @@ async fn report_state(config: &Config, command: Command) -> Result<i32> {
         Command::WalPrefetch {
             spool,
             depth,
-            job,
-            from,
-            exclude,
-            identity_file,
+            source,
             clear: _,
         } => {
-            let source = wal::WalSourceOptions {
-                job,
-                from,
-                exclude,
-                identity_file,
-            };
+            let source = wal::WalSourceOptions::from(source);
             let depth = depth.unwrap_or_default();
             let key = wal::source_key(&config.path, &source);
             wal::run_pass(config, &wal::Spool::at(spool, key), &source, depth).await?;
