@@ -410,7 +410,19 @@ impl Spool {
         {
             std::thread::sleep(Duration::from_millis(50));
         }
-        fs::remove_dir_all(&self.dir)
+        // A pass started just before (by the last call of recovery) may be making its lock
+        // file as the spool goes: that is over within a few tries.
+        let mut tries = 0;
+        loop {
+            match fs::remove_dir_all(&self.dir) {
+                Err(e) if e.kind() == io::ErrorKind::DirectoryNotEmpty && tries < 20 => {
+                    tries += 1;
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+                Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+                done => return done,
+            }
+        }
     }
 }
 
