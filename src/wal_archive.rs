@@ -658,7 +658,7 @@ pub async fn fetch_ahead(config: &Config, options: &WalFetchOptions) -> Result<W
         None => fetch(config, options).await?,
     };
     if let WalFetchOutcome::Fetched { size, .. } = &outcome {
-        spool.prune(&file, *size);
+        spool.prune(&file, *size, depth);
         let pass = spool.pass_after(&options.name, *size, depth);
         let started =
             std::env::current_exe().and_then(|exe| spool.start(&exe, &config.path, &source, &pass));
@@ -801,7 +801,7 @@ impl<'c> WalReader<'c> {
                         passed_over: failures.iter().map(|e| e.chain().join(": ")).collect(),
                     });
                 }
-                Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => {
+                Err(e) if e.get_ref().is_some_and(|inner| inner.is::<NoMatchingKey>()) => {
                     return Err(keyring.no_match(
                         &format!("WAL file '{key}' in repository '{}'", repository.name),
                         &[],
@@ -823,8 +823,18 @@ impl<'c> WalReader<'c> {
                 }
             }
         }
-        if failures.is_empty() || (answered_missing && failures.iter().all(is_unreachable)) {
+        if answered_missing && failures.iter().all(is_unreachable) {
             return Ok(WalFetchOutcome::NotArchived);
+        }
+        if failures.is_empty() {
+            // No repository was asked (`--from` and `--exclude` left none): nothing said
+            // the file is not archived, and taking it for the end of the archive would end
+            // recovery where it stands.
+            return Err(Error::usage(format!(
+                "no repository of '{}' is left to read WAL file '{name}' from",
+                config.path.display()
+            ))
+            .with_hint("check --from and --exclude in restore_command"));
         }
         let mut failures = failures.into_iter();
         let first = failures.next().expect("not empty");
@@ -860,7 +870,8 @@ fn is_unreachable(error: &Error) -> bool {
 /// partial segment under the real name. It is not synced: PostgreSQL replays it as soon as this returns and,
 /// after a crash, fetches it from the archive again, so nothing needs it to outlive a power
 /// loss, and syncing 16 MiB took longer than decoding it (pgBackRest's archive-get does not
-/// sync either). A key that does not open it is PermissionDenied.
+/// sync either). A key that does not open it is [`NoMatchingKey`]; a copy that is no such file
+/// is InvalidData; anything else failed writing it.
 fn write_decoded(
     stored: &[u8],
     identities: Option<&[Identity]>,
@@ -897,6 +908,36 @@ fn write_decoded(
     }
 }
 
+/// No identity opens an encrypted WAL file.
+#[derive(Debug)]
+struct NoMatchingKey;
+
+impl fmt::Display for NoMatchingKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("no matching key")
+    }
+}
+
+impl std::error::Error for NoMatchingKey {}
+
+/// A writer that keeps the error of a write that failed, apart from the reader's.
+struct WriteFailure<'a, W> {
+    inner: W,
+    failed: &'a mut Option<std::io::Error>,
+}
+
+impl<W: Write> Write for WriteFailure<'_, W> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.inner.write(buf).inspect_err(|e| {
+            *self.failed = Some(std::io::Error::new(e.kind(), e.to_string()));
+        })
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.inner.flush()
+    }
+}
+
 /// Decodes `stored` into `out` (empty, at its start) and checks what it decoded to.
 fn decode_checked(
     stored: &[u8],
@@ -910,9 +951,16 @@ fn decode_checked(
         WalFileKind::Segment | WalFileKind::Partial => 1 << 30,
         WalFileKind::History | WalFileKind::BackupLabel => crate::continuity::HISTORY_LIMIT,
     };
-    let copy_limited = |from: &mut dyn std::io::Read, out: &mut std::fs::File| {
+    // A write that fails (a full disk) is the target's fault, not the copy's: it is handed
+    // on as it is, where a failure to decode says the copy is damaged.
+    let mut write_failed = None;
+    let mut copy_limited = |from: &mut dyn std::io::Read, out: &mut std::fs::File| {
         let decoder = zstd::stream::read::Decoder::new(from)?;
-        let copied = std::io::copy(&mut std::io::Read::take(decoder, limit + 1), out)?;
+        let mut writer = WriteFailure {
+            inner: out,
+            failed: &mut write_failed,
+        };
+        let copied = std::io::copy(&mut std::io::Read::take(decoder, limit + 1), &mut writer)?;
         if copied > limit {
             return Err(std::io::Error::other(format!(
                 "it decodes to more than {limit} bytes"
@@ -925,14 +973,14 @@ fn decode_checked(
         Some(identities) => match keys::open(stored, identities) {
             Ok(mut plain) => copy_limited(&mut plain, &mut *out).map(|_| ()),
             Err(keys::OpenError::NoMatchingKey) => {
-                return Err(std::io::Error::new(
-                    std::io::ErrorKind::PermissionDenied,
-                    "no matching key",
-                ));
+                return Err(std::io::Error::other(NoMatchingKey));
             }
             Err(e) => Err(std::io::Error::other(e)),
         },
     };
+    if let Some(write) = write_failed {
+        return Err(write);
+    }
     decoded.map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))?;
     let size = out.metadata()?.len();
     // What PostgreSQL would take for the end of WAL must not reach it: a copy that is no

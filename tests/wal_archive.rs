@@ -492,6 +492,21 @@ fn wal_fetch_serves_the_segments_a_pass_fetched_ahead_and_never_an_unchecked_one
             ],
         )
     };
+    // Options that leave no repository to ask are no "not archived".
+    let none_left = lifeboat(
+        &archive.config,
+        &[
+            "wal-fetch",
+            "--job",
+            "db",
+            "--exclude",
+            "local",
+            &name(5),
+            asked.to_str().unwrap(),
+        ],
+    );
+    none_left.assert_code(255);
+    none_left.assert_stderr_has("no repository of");
     fetch(5).assert_code(0);
     assert_eq!(std::fs::read(&asked).unwrap(), segment(5));
     // 6 to 9, but 0xA (damaged) left out; the killed pass's temp file is gone.
@@ -538,6 +553,18 @@ fn wal_fetch_serves_the_segments_a_pass_fetched_ahead_and_never_an_unchecked_one
     assert_eq!(std::fs::read(&asked).unwrap(), segment(9));
     // 8 is behind recovery now; 0xC is fetched.
     wait_for_spool(&spool, &[&name(0xB), &name(0xC)]);
+    // The config changed (a repository removed, another identity: here a comment): what was
+    // fetched under the old one is not served, and 0xB is not archived any more.
+    std::fs::remove_file(
+        archive
+            .repository
+            .join(format!("jobs/db/wal/00000001/{}.zst", name(0xB))),
+    )
+    .unwrap();
+    let text = std::fs::read_to_string(&archive.config).unwrap();
+    std::fs::write(&archive.config, format!("# changed\n{text}")).unwrap();
+    fetch(0xB).assert_code(1);
+    assert_eq!(std::fs::read(&asked).unwrap(), segment(9));
     let refused = fetch(0xA);
     refused.assert_code(255);
     assert!(
@@ -575,6 +602,7 @@ fn wal_fetch_serves_the_segments_a_pass_fetched_ahead_and_never_an_unchecked_one
 
     // Off: nothing is fetched ahead.
     with_depth(0);
-    fetch(0xB).assert_code(0);
+    fetch(0xC).assert_code(0);
+    assert_eq!(std::fs::read(&asked).unwrap(), segment(0xC));
     assert!(!spool.exists());
 }

@@ -70,10 +70,13 @@ pub struct Pass {
     pub source: String,
 }
 
-/// The name of a set of options in a spool: the first 16 hex digits of their sha256.
+/// The name of a set of options in a spool: the first 16 hex digits of the sha256 of them
+/// and of what the config file says (a repository removed from it, another identity file).
 pub fn source_key(config: &Path, source: &WalSourceOptions) -> String {
     use sha2::Digest;
     let mut hasher = sha2::Sha256::new();
+    hasher.update(fs::read(config).unwrap_or_default());
+    hasher.update([0]);
     let identity = source
         .identity_file
         .as_ref()
@@ -157,8 +160,17 @@ impl Spool {
         let spooled = self.path_of(name);
         let deadline = std::time::Instant::now() + PATIENCE;
         loop {
-            // A link or anything but a plain file was not put there by a pass.
-            if fs::symlink_metadata(&spooled).is_ok_and(|m| m.file_type().is_file()) {
+            // A link or anything but a plain file was not put there by a pass, nor a file of
+            // another size than the segments served (a spool damaged after a pass wrote it).
+            if let Ok(meta) = fs::symlink_metadata(&spooled)
+                && meta.file_type().is_file()
+            {
+                let whole = wal::is_segment_size(meta.len())
+                    && self.served().is_none_or(|(_, size)| size == meta.len());
+                if !whole {
+                    let _ = fs::remove_file(&spooled);
+                    return None;
+                }
                 return match fs::rename(&spooled, dest) {
                     Ok(()) => fs::metadata(dest).ok().map(|m| m.len()),
                     Err(e) => {
@@ -186,9 +198,9 @@ impl Spool {
     }
 
     /// Drops what recovery will not ask for once it was served `served` (a segment): the
-    /// segments up to it on its timeline, every other timeline's, and those fetched with
-    /// other options.
-    pub fn prune(&self, served: &WalFile, segment_size: u64) {
+    /// segments up to it on its timeline, those more than `depth` past it (recovery went
+    /// back), every other timeline's, and those fetched with other options.
+    pub fn prune(&self, served: &WalFile, segment_size: u64, depth: u32) {
         let Some(upto) = served.segment(segment_size) else {
             return;
         };
@@ -207,7 +219,9 @@ impl Spool {
             };
             let stale = source != self.source
                 || file.timeline != served.timeline
-                || file.segment(segment_size).is_none_or(|s| s <= upto);
+                || file
+                    .segment(segment_size)
+                    .is_none_or(|s| s <= upto || s > upto + u64::from(depth));
             if stale {
                 let _ = fs::remove_file(entry.path());
             }
@@ -569,14 +583,24 @@ mod tests {
             "000000010000000000000004.k",
             "000000010000000000000005.k",
             "000000010000000000000006.k",
+            "00000001000000000000000A.k",
             "000000010000000000000007.other",
             "000000020000000000000007.k",
             ".lifeboat-wal-fetch-x",
         ] {
             fs::write(dir.path().join(name), b"x").unwrap();
         }
+        let names = || fs::read_dir(dir.path()).unwrap().count();
+        let served = WalFile::parse("000000010000000000000003").unwrap();
+        spool.prune(&served, mb16, 8);
+        assert_eq!(
+            names(),
+            5,
+            "this timeline's and options' segments ahead, and the temp"
+        );
+        // Recovery went on to 5 (with a window of 1): 4, 5 and 0A are out of it.
         let served = WalFile::parse("000000010000000000000005").unwrap();
-        spool.prune(&served, mb16);
+        spool.prune(&served, mb16, 1);
         let mut left: Vec<String> = fs::read_dir(dir.path())
             .unwrap()
             .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
