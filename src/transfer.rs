@@ -473,6 +473,13 @@ impl StoredObject<'_> {
                         .repository
                         .error(&format!("read object '{}'", self.key()), e),
                     Staging::Write(e) => staged_error(e),
+                    Staging::Damaged(detail) => decode_failure(
+                        place.clone(),
+                        &self.manifest.job,
+                        self.object,
+                        &Keyring::default(),
+                        DecodeError::StoredMismatch(detail),
+                    ),
                     Staging::Lost(why) => Error::new(
                         ErrorKind::Storage,
                         format!("unable to download {place}: {why}"),
@@ -566,6 +573,8 @@ impl StoredObject<'_> {
 /// Why writing an object's pieces into its staged file stopped.
 enum Staging {
     Store(StoreError),
+    /// The object is not the size its manifest says.
+    Damaged(String),
     Write(io::Error),
     /// The thread writing them died.
     Lost(String),
@@ -604,10 +613,8 @@ fn write_pieces(
         let (at, bytes) = piece.map_err(Staging::Store)?;
         let range = at..at.saturating_add(bytes.len() as u64);
         if range.end > size {
-            return Err(Staging::Store(StoreError::backend(
-                "download",
-                key,
-                format!("the object holds more than the {size} bytes its manifest says"),
+            return Err(Staging::Damaged(format!(
+                "stored size is more than the {size} bytes the manifest says"
             )));
         }
         let prefix = received.add(range.clone()).map_err(|_| {
@@ -629,13 +636,9 @@ fn write_pieces(
         }
     }
     if received.prefix() < size {
-        return Err(Staging::Store(StoreError::backend(
-            "download",
-            key,
-            format!(
-                "the object ended after {} of the {size} bytes its manifest says",
-                received.prefix()
-            ),
+        return Err(Staging::Damaged(format!(
+            "stored size is {} bytes, the manifest says {size}",
+            received.prefix()
         )));
     }
     Ok(())
