@@ -22,7 +22,8 @@
 //!
 //! # Modules
 //!
-//! Engines, one per command (`wal_archive` is `wal-push` and `wal-fetch`):
+//! Engines, one per command (`wal_archive` is `wal-push`, `wal-fetch` and the `wal-prefetch`
+//! it starts):
 //! - [`backup`], [`restore`], [`drill`], [`prune`], [`replicate`], [`rekey`], [`verify`]:
 //!   the commands that read or change what repositories hold.
 //! - [`status`], [`list`], [`show`], [`check`]: what the repositories and sources say.

@@ -559,13 +559,7 @@ fn archived_copy(stored: &[u8], file: &WalFile) -> std::io::Result<ArchivedCopy>
 pub struct WalFetchOptions {
     pub name: String,
     pub dest: WalDestination,
-    pub job: Option<String>,
-    /// Read only from this repository.
-    pub from: Option<String>,
-    /// Never read from these repositories.
-    pub exclude: Vec<String>,
-    /// Decrypt with this identity file (the restore's), else as the config says.
-    pub identity_file: Option<PathBuf>,
+    pub source: WalSourceOptions,
 }
 
 /// Where `fetch` writes the file it found.
@@ -620,7 +614,7 @@ pub enum WalFetchOutcome {
 /// does not have the file and none had it; an error when no repository could tell.
 pub async fn fetch(config: &Config, options: &WalFetchOptions) -> Result<WalFetchOutcome> {
     wal_file(&options.name)?;
-    WalReader::open(config, &options.source())
+    WalReader::open(config, &options.source)
         .await?
         .fetch(&options.name, &options.dest)
         .await
@@ -631,7 +625,7 @@ pub async fn fetch(config: &Config, options: &WalFetchOptions) -> Result<WalFetc
 /// spool drops what recovery is past, and a pass starts for the segments after it.
 pub async fn fetch_ahead(config: &Config, options: &WalFetchOptions) -> Result<WalFetchOutcome> {
     let file = wal_file(&options.name)?;
-    let job = physical_job(config, options.job.as_deref())?;
+    let job = physical_job(config, options.source.job.as_deref())?;
     let depth = match &job.source {
         JobSource::Postgres(postgres) => postgres.wal_prefetch,
         _ => 0,
@@ -642,8 +636,8 @@ pub async fn fetch_ahead(config: &Config, options: &WalFetchOptions) -> Result<W
         }
         _ => return fetch(config, options).await,
     };
-    let source = options.source();
-    let spool = Spool::beside(&dest, prefetch::source_key(&config.path, &source));
+    let source = &options.source;
+    let spool = Spool::beside(&dest, prefetch::source_key(&config.path, source));
     let (waiting, name, into) = (spool.clone(), options.name.clone(), dest.clone());
     let spooled = tokio::task::spawn_blocking(move || waiting.take(&name, &into))
         .await
@@ -661,7 +655,7 @@ pub async fn fetch_ahead(config: &Config, options: &WalFetchOptions) -> Result<W
         spool.prune(&file, *size, depth);
         let pass = spool.pass_after(&options.name, *size, depth);
         let started =
-            std::env::current_exe().and_then(|exe| spool.start(&exe, &config.path, &source, &pass));
+            std::env::current_exe().and_then(|exe| spool.start(&exe, &config.path, source, &pass));
         if let Err(e) = started {
             tracing::warn!(
                 spool = %spool.dir().display(),
@@ -675,21 +669,14 @@ pub async fn fetch_ahead(config: &Config, options: &WalFetchOptions) -> Result<W
 /// Where `wal-fetch` reads: its options but the file and its destination.
 #[derive(Debug, Clone, Default)]
 pub struct WalSourceOptions {
+    /// The physical job (default: the only one).
     pub job: Option<String>,
+    /// Read only from this repository.
     pub from: Option<String>,
+    /// Never read from these repositories.
     pub exclude: Vec<String>,
+    /// Decrypt with this identity file (the restore's), else as the config says.
     pub identity_file: Option<PathBuf>,
-}
-
-impl WalFetchOptions {
-    pub fn source(&self) -> WalSourceOptions {
-        WalSourceOptions {
-            job: self.job.clone(),
-            from: self.from.clone(),
-            exclude: self.exclude.clone(),
-            identity_file: self.identity_file.clone(),
-        }
-    }
 }
 
 /// The repositories and keys WAL is fetched with, opened once for several files.

@@ -18,7 +18,9 @@ use tokio::net::{UnixListener, UnixStream};
 
 use crate::config::Config;
 use crate::error::{Error, ErrorKind, Result};
-use crate::wal_archive::{self as wal, WalDestination, WalFetchOptions, WalFetchOutcome};
+use crate::wal_archive::{
+    self as wal, WalDestination, WalFetchOptions, WalFetchOutcome, WalSourceOptions,
+};
 
 /// The longest request line: a WAL file name is 40 characters at most (a backup history
 /// file), so anything longer is no request.
@@ -163,10 +165,12 @@ impl WalRelay {
         let options = WalFetchOptions {
             name: name.to_string(),
             dest: WalDestination::File(staged.try_clone()?),
-            job: source.job.clone(),
-            from: source.from.clone(),
-            exclude: source.exclude.clone(),
-            identity_file: source.identity_file.clone(),
+            source: WalSourceOptions {
+                job: source.job.clone(),
+                from: source.from.clone(),
+                exclude: source.exclude.clone(),
+                identity_file: source.identity_file.clone(),
+            },
         };
         let answer = match wal::fetch(config, &options).await {
             Ok(WalFetchOutcome::Fetched {

@@ -311,14 +311,10 @@ async fn report_state(config: &Config, command: Command) -> Result<i32> {
             source,
             via: _,
         } => {
-            let source = wal::WalSourceOptions::from(source);
             let options = wal::WalFetchOptions {
                 name,
                 dest: wal::WalDestination::Path(dest),
-                job: source.job,
-                from: source.from,
-                exclude: source.exclude,
-                identity_file: source.identity_file,
+                source: source.into(),
             };
             return Ok(wal_fetch_exit_code(
                 wal::fetch_ahead(config, &options).await,
